@@ -1,0 +1,141 @@
+"""Reference models that ship with dlopt: real weights and real data from installable packages.
+
+Importing this package needs neither torch nor the weight packages; each model's module is imported
+only when it is asked for, and says which extra to install when something is missing.
+
+Every reference model provides
+- `build()` -> (torch module, example inputs as {input name: tensor}), the export contract;
+- `example_inputs(batch, seq_len)` for other shapes;
+- `calibration_data(n)` -> iterator of {input name: numpy array}, one sample per item, batch 1;
+- `evaluate(runner)` -> {metric name: value} on real data, where `runner` maps a feed dict of
+  numpy arrays to {output name: numpy array} (an ONNX Runtime session or a torch module).
+"""
+
+if __name__ != "dlopt.models":  # imported as a top-level 'models' from the repo root: a second copy
+    raise ImportError("import this package as dlopt.models (pip install -e . first)")
+
+import importlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dlopt.errors import InputError, MissingDependencyError
+
+Runner = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReferenceModel:
+    name: str
+    module: str  # dlopt.models.<module> implements build / example_inputs / calibration_data / evaluate
+    description: str
+    parameters_millions: float
+    inputs: str
+    outputs: str
+    metrics: tuple[str, ...]
+    extra: str = "models"
+    heavy: bool = False  # slow to load: its heavy tests run only with DLOPT_HEAVY=1
+
+    def _impl(self):
+        try:
+            return importlib.import_module(f"dlopt.models.{self.module}")
+        except ModuleNotFoundError as e:
+            if e.name and e.name.split(".")[0] == "dlopt":
+                raise
+            raise MissingDependencyError(
+                f"reference model {self.name!r} needs the package {e.name!r}",
+                f"pip install 'dlopt[{self.extra}]' (install torch==2.13.0 first for the CPU build)",
+            ) from e
+
+    def build(self) -> tuple[Any, dict[str, Any]]:
+        return self._impl().build()
+
+    def example_inputs(self, batch: int = 1, seq_len: int | None = None) -> dict[str, Any]:
+        return self._impl().example_inputs(batch=batch, seq_len=seq_len)
+
+    def calibration_data(self, n: int = 100) -> Iterator[dict[str, np.ndarray]]:
+        return self._impl().calibration_data(n)
+
+    def evaluate(self, runner: Runner) -> dict[str, float]:
+        return self._impl().evaluate(runner)
+
+    def export_options(self) -> dict[str, Any]:
+        """Per-model export settings (dynamic axes, tolerances, exporter) the export stage honours."""
+        return dict(getattr(self._impl(), "EXPORT_OPTIONS", {}))
+
+
+REFERENCE_MODELS: dict[str, ReferenceModel] = {
+    m.name: m
+    for m in (
+        ReferenceModel(
+            name="minilm", module="minilm",
+            description="all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 384 hidden)",
+            parameters_millions=22.7,
+            inputs="input_ids, attention_mask int64 [batch, seq]",
+            outputs="embedding float32 [batch, 384], L2-normalized mean pooling",
+            metrics=("pang_lee_accuracy", "lee50_pearson", "cosine_vs_reference"),
+        ),
+        ReferenceModel(
+            name="efficientnet-lite0", module="efficientnet_lite0",
+            description="EfficientNet-Lite0 ImageNet-1k classifier (mobile CNN)",
+            parameters_millions=4.65,
+            inputs="image float32 [batch, 3, 224, 224], (x/255-0.5)/0.5",
+            outputs="logits float32 [batch, 1000]",
+            metrics=("top1_agreement", "logit_sqnr_db"),
+        ),
+        ReferenceModel(
+            name="fashion-cnn", module="fashion_cnn",
+            description="small CNN trained deterministically on Fashion-MNIST (cached after first training)",
+            parameters_millions=0.0,  # filled in by the module's docs; tiny
+            inputs="image float32 [batch, 1, 28, 28], x/255",
+            outputs="logits float32 [batch, 10]",
+            metrics=("test_top1",),
+        ),
+        ReferenceModel(
+            name="smollm2", module="smollm2",
+            description="SmolLM2-135M-Instruct decoder LM in FP32 (input ids -> logits, no KV cache)",
+            parameters_millions=134.5,
+            inputs="input_ids, attention_mask int64 [batch, seq]",
+            outputs="logits float32 [batch, seq, 49152]",
+            metrics=("perplexity",),
+            heavy=True,
+        ),
+    )
+}
+
+
+def get_reference_model(name: str) -> ReferenceModel:
+    try:
+        return REFERENCE_MODELS[name]
+    except KeyError:
+        known = ", ".join(REFERENCE_MODELS)
+        raise InputError(f"unknown reference model {name!r}", f"known models: {known}") from None
+
+
+def onnx_runner(session) -> Runner:
+    """Adapt an onnxruntime.InferenceSession to the Runner interface the evaluators take."""
+    names = [o.name for o in session.get_outputs()]
+    input_names = {i.name for i in session.get_inputs()}
+
+    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in input_names})))
+
+    return run
+
+
+def torch_runner(module, output_names: tuple[str, ...]) -> Runner:
+    """Adapt a torch module taking keyword tensors to the Runner interface."""
+    import torch
+
+    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            out = module(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()})
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return {n: o.detach().cpu().numpy() for n, o in zip(output_names, outs)}
+
+    return run
+
+
+__all__ = ["REFERENCE_MODELS", "ReferenceModel", "Runner", "get_reference_model", "onnx_runner", "torch_runner"]
