@@ -25,6 +25,8 @@ def check_output_path(path: str | os.PathLike) -> Path:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.exists():
         raise InputError(f"output directory {parent} does not exist", "create it first")
+    if not parent.is_dir():
+        raise InputError(f"output path {out}: {parent} is not a directory", "choose another -o path")
     if not os.access(parent, os.W_OK):
         raise InputError(f"output directory {parent} is not writable", "choose another -o path")
     return out
@@ -36,7 +38,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     A crash or an exception leaves no half-written file at `path`."""
     out = check_output_path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
+    except OSError as e:
+        raise InputError(f"cannot write {out}: {e.strerror or e}", "choose another -o path") from e
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -1,0 +1,511 @@
+"""Export a PyTorch model to ONNX and prove the ONNX model equal to its source.
+
+The export is only as good as its verification: after onnx.checker and shape inference, ONNX Runtime's
+outputs are compared with torch's on the example inputs and on inputs of other batch sizes and
+sequence lengths, so a dynamic axis that was silently baked in as a constant fails here, not in
+production.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import io
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from dlopt.errors import InputError, MissingDependencyError, StageError, VerificationError
+from dlopt.report import environment, format_table
+from dlopt.stage import StageResult, config_to_dict
+
+Exporter = Literal["dynamo", "torchscript"]
+EXPORTERS: tuple[Exporter, ...] = ("dynamo", "torchscript")
+DEFAULT_OPSET = 18
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    opset: int = DEFAULT_OPSET
+    exporter: Exporter = "dynamo"
+    fallback: bool = True  # try the other exporter, announced, when the chosen one fails
+    dynamic_shapes: bool = True  # batch axis, plus the sequence axis of token inputs
+    atol: float | None = None  # None: the source's own tolerance, else 1e-4
+    rtol: float | None = None  # None: the source's own tolerance, else 1e-3
+    verify_batches: tuple[int, ...] = (1, 3)
+    verify_seq_lens: tuple[int, ...] = (7, 33)
+    allow_mismatch: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSource:
+    """A torch module with named example inputs: what every export starts from.
+
+    `make_inputs(batch, seq_len)` builds inputs of other shapes for verification; when a source does
+    not provide one, inputs are resampled from the example's value ranges."""
+
+    name: str
+    module: Any
+    example_inputs: dict[str, Any]
+    output_names: tuple[str, ...] | None = None
+    dynamic_axes: dict[str, dict[int, str]] | None = None
+    make_inputs: Callable[[int, int | None], dict[str, Any]] | None = None
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+
+def _require_torch():
+    try:
+        import torch
+    except ModuleNotFoundError as e:
+        raise MissingDependencyError(
+            "exporting from PyTorch needs torch",
+            "pip install torch==2.13.0 (the CPU build) then pip install 'dlopt[torch]'",
+        ) from e
+    return torch
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving SOURCE: a reference model name, path/to/file.py:build, or package.module:build
+# ---------------------------------------------------------------------------------------------
+
+def load_source(spec: str) -> ModelSource:
+    """Turn the SOURCE argument of `dlopt export` into a ModelSource."""
+    from dlopt.models import REFERENCE_MODELS
+
+    if spec in REFERENCE_MODELS:
+        return _reference_source(spec)
+    if ":" not in spec:
+        known = ", ".join(REFERENCE_MODELS)
+        raise InputError(f"unknown model {spec!r}",
+                         f"give a reference model ({known}) or a factory as path/to/file.py:build or package.module:build")
+    target, _, func_name = spec.rpartition(":")
+    factory = _load_factory(target, func_name, spec)
+    _require_torch()
+    try:
+        built = factory()
+    except Exception as e:  # a user's factory may raise anything: report it as their input's fault
+        raise InputError(f"factory {spec} raised {type(e).__name__}: {e}",
+                         "run it by hand to debug (or add --debug for the traceback)") from e
+    return _source_from_factory_result(spec, built)
+
+
+def _reference_source(name: str) -> ModelSource:
+    from dlopt.models import get_reference_model
+
+    ref = get_reference_model(name)
+    module, example = ref.build()
+    options = ref.export_options()
+    return ModelSource(
+        name=name,
+        module=module,
+        example_inputs=dict(example),
+        output_names=tuple(options["output_names"]) if "output_names" in options else None,
+        dynamic_axes=options.get("dynamic_axes"),
+        make_inputs=lambda batch, seq_len: ref.example_inputs(batch=batch, seq_len=seq_len),
+        atol=options.get("atol", 1e-4),
+        rtol=options.get("rtol", 1e-3),
+    )
+
+
+def _load_factory(target: str, func_name: str, spec: str) -> Callable[[], Any]:
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target)
+        if not path.is_file():
+            raise InputError(f"factory file {path} does not exist", "check the path in FILE.py:FUNCTION")
+        module_name = f"_dlopt_factory_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise InputError(f"cannot import {path} as Python", "the factory file must be a .py module")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            raise InputError(f"importing factory file {path} raised {type(e).__name__}: {e}",
+                             "fix the file (add --debug for the traceback)") from e
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as e:
+            raise InputError(f"factory module {target!r} cannot be imported ({e})",
+                             "is it installed, or on PYTHONPATH?") from e
+        except Exception as e:
+            raise InputError(f"importing factory module {target!r} raised {type(e).__name__}: {e}",
+                             "fix the module (add --debug for the traceback)") from e
+    factory = getattr(module, func_name, None)
+    if factory is None:
+        raise InputError(f"factory {spec}: {target} has no attribute {func_name!r}",
+                         "the part after ':' must name a function in that module")
+    if not callable(factory):
+        raise InputError(f"factory {spec} is not callable", "it must be a function returning (module, inputs)")
+    return factory
+
+
+def _source_from_factory_result(spec: str, built: Any) -> ModelSource:
+    torch = _require_torch()
+    contract = "a factory returns (torch.nn.Module, example inputs) or (module, inputs, options dict)"
+    if not isinstance(built, (tuple, list)) or len(built) not in (2, 3):
+        raise InputError(f"factory {spec} returned {type(built).__name__}", contract)
+    module, inputs = built[0], built[1]
+    options = dict(built[2]) if len(built) == 3 and built[2] is not None else {}
+    if not isinstance(module, torch.nn.Module):
+        raise InputError(f"factory {spec} returned {type(module).__name__} where a torch.nn.Module was expected",
+                         contract)
+    inputs = _name_inputs(module, inputs, spec)
+    unknown = set(options) - {"output_names", "dynamic_axes", "atol", "rtol", "make_inputs"}
+    if unknown:
+        raise InputError(f"factory {spec} options have unknown keys {sorted(unknown)}",
+                         "allowed: output_names, dynamic_axes, atol, rtol, make_inputs")
+    return ModelSource(
+        name=spec,
+        module=module.eval(),
+        example_inputs=inputs,
+        output_names=tuple(options["output_names"]) if "output_names" in options else None,
+        dynamic_axes=options.get("dynamic_axes"),
+        make_inputs=options.get("make_inputs"),
+        atol=float(options.get("atol", 1e-4)),
+        rtol=float(options.get("rtol", 1e-3)),
+    )
+
+
+def _name_inputs(module, inputs: Any, spec: str) -> dict[str, Any]:
+    """Example inputs as {forward parameter name: tensor}; names become the ONNX input names."""
+    torch = _require_torch()
+    if isinstance(inputs, Mapping):
+        named = dict(inputs)
+    else:
+        tensors = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        params = [p.name for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(params) < len(tensors):
+            raise InputError(f"factory {spec} gave {len(tensors)} inputs but forward() takes {len(params)}",
+                             "return the inputs as a dict {forward argument name: tensor}")
+        named = dict(zip(params, tensors))
+    for name, value in named.items():
+        if not isinstance(value, torch.Tensor):
+            raise InputError(f"factory {spec}: example input {name!r} is {type(value).__name__}, not a tensor",
+                             "example inputs must be torch tensors")
+    return named
+
+
+# ---------------------------------------------------------------------------------------------
+# Dynamic axes and verification inputs
+# ---------------------------------------------------------------------------------------------
+
+def _is_token_input(tensor) -> bool:
+    return tensor.dim() == 2 and not tensor.dtype.is_floating_point
+
+
+def default_dynamic_axes(inputs: Mapping[str, Any]) -> dict[str, dict[int, str]]:
+    """Batch axis 0 for every input; axis 1 ("seq") for integer [batch, seq] token inputs."""
+    axes: dict[str, dict[int, str]] = {}
+    for name, tensor in inputs.items():
+        if tensor.dim() == 0:
+            continue
+        axes[name] = {0: "batch"}
+        if _is_token_input(tensor):
+            axes[name][1] = "seq"
+    return axes
+
+
+def _export_ready_inputs(inputs: dict[str, Any], axes: dict[str, dict[int, str]]) -> dict[str, Any]:
+    """torch.export specializes dimensions of size 0 and 1: grow dynamic axes of size 1 to 2."""
+    torch = _require_torch()
+    ready = {}
+    for name, tensor in inputs.items():
+        for axis in axes.get(name, {}):
+            if tensor.shape[axis] == 1:
+                tensor = torch.cat([tensor, tensor], dim=axis)
+        ready[name] = tensor
+    return ready
+
+
+def _resample_inputs(example: dict[str, Any], axes: dict[str, dict[int, str]], batch: int,
+                     seq_len: int | None, rng: np.random.Generator) -> dict[str, Any]:
+    """Inputs of a new batch size / sequence length drawn from the example's value ranges."""
+    torch = _require_torch()
+    sizes = {"batch": batch}
+    if seq_len is not None:
+        sizes["seq"] = seq_len
+    out = {}
+    for name, tensor in example.items():
+        shape = list(tensor.shape)
+        for axis, dim_name in axes.get(name, {}).items():
+            if dim_name in sizes:
+                shape[axis] = sizes[dim_name]
+        values = tensor.detach().cpu().numpy()
+        if tensor.dtype.is_floating_point:
+            mean, std = float(values.mean()), float(values.std()) or 1.0
+            array = rng.normal(mean, std, size=shape).astype(values.dtype)
+        elif tensor.dtype == torch.bool:
+            array = rng.integers(0, 2, size=shape).astype(bool) if values.min() != values.max() \
+                else np.full(shape, bool(values.flat[0]))
+        else:
+            array = rng.integers(int(values.min()), int(values.max()) + 1, size=shape).astype(values.dtype)
+        out[name] = torch.from_numpy(array)
+    return out
+
+
+def verification_cases(source: ModelSource, axes: dict[str, dict[int, str]], config: ExportConfig
+                       ) -> list[tuple[str, dict[str, Any]]]:
+    """The example, plus inputs of other batch sizes and (for token models) sequence lengths."""
+    cases = [("example", dict(source.example_inputs))]
+    dim_names = {d for per_input in axes.values() for d in per_input.values()}
+    if not config.dynamic_shapes or "batch" not in dim_names:
+        return cases
+    has_seq = "seq" in dim_names
+    rng = np.random.default_rng(config.seed)
+    shapes = [(b, None) for b in config.verify_batches] if not has_seq else \
+        [(b, s) for b, s in zip(config.verify_batches, config.verify_seq_lens)]
+    for batch, seq_len in shapes:
+        label = f"b{batch}" + (f" s{seq_len}" if seq_len else "")
+        if source.make_inputs is not None:
+            inputs = dict(source.make_inputs(batch, seq_len))
+        else:
+            inputs = _resample_inputs(source.example_inputs, axes, batch, seq_len, rng)
+        cases.append((label, inputs))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# The exporters
+# ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch.onnx prints progress and many warnings to stdout/stderr; keep them for --debug only."""
+    loggers = [logging.getLogger(n) for n in ("torch", "torch.onnx", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    sink = io.StringIO()
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            yield sink
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _run_exporter(exporter: Exporter, source: ModelSource, inputs: dict[str, Any],
+                  axes: dict[str, dict[int, str]], output_names: list[str], opset: int):
+    torch = _require_torch()
+    import onnx
+
+    module = source.module
+    with _quiet_exporter(), torch.no_grad():
+        if exporter == "dynamo":
+            dynamic_shapes = {name: dict(axes.get(name, {})) or None for name in inputs} if axes else None
+            program = torch.onnx.export(module, (), kwargs=inputs, dynamo=True, opset_version=opset,
+                                        dynamic_shapes=dynamic_shapes, output_names=output_names,
+                                        verbose=False, optimize=True)
+            return program.model_proto
+        # torchscript: positional arguments in forward()'s order
+        params = list(inspect.signature(module.forward).parameters)
+        ordered = [n for n in params if n in inputs]
+        output_axes = {n: {0: "batch"} for n in output_names} if axes else {}
+        buffer = io.BytesIO()
+        torch.onnx.export(module, tuple(inputs[n] for n in ordered), buffer, dynamo=False,
+                          opset_version=opset, input_names=ordered, output_names=output_names,
+                          dynamic_axes={**{n: a for n, a in axes.items() if n in ordered}, **output_axes},
+                          do_constant_folding=True)
+        return onnx.load_model_from_string(buffer.getvalue())
+
+
+def _count_outputs(source: ModelSource) -> int:
+    torch = _require_torch()
+    with torch.no_grad():
+        out = source.module(**source.example_inputs)
+    return len(out) if isinstance(out, (tuple, list)) else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OutputDiff:
+    case: str
+    output: str
+    shape: tuple[int, ...]
+    max_abs_diff: float
+    max_rel_diff: float
+    atol: float
+    rtol: float
+    passed: bool
+
+
+def _torch_outputs(source: ModelSource, inputs: dict[str, Any]) -> list[np.ndarray]:
+    torch = _require_torch()
+    with torch.no_grad():
+        out = source.module(**inputs)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [o.detach().cpu().numpy() for o in outs]
+
+
+def compare_outputs(case: str, names: list[str], expected: list[np.ndarray], actual: list[np.ndarray],
+                    atol: float, rtol: float) -> list[OutputDiff]:
+    """Per-output check |actual - expected| <= atol + rtol * |expected| (numpy.allclose's rule)."""
+    diffs = []
+    for name, want, got in zip(names, expected, actual):
+        if want.shape != got.shape:
+            diffs.append(OutputDiff(case, name, tuple(got.shape), float("inf"), float("inf"), atol, rtol, False))
+            continue
+        want64, got64 = want.astype(np.float64), got.astype(np.float64)
+        err = np.abs(want64 - got64)
+        finite = bool(np.isfinite(got64).all() or np.array_equal(np.isfinite(got64), np.isfinite(want64)))
+        max_abs = float(np.nanmax(err)) if err.size else 0.0
+        significant = np.abs(want64) > atol  # relative error is meaningless next to zero
+        max_rel = float(np.max(err[significant] / np.abs(want64[significant]))) if significant.any() else 0.0
+        passed = finite and bool(np.all(err <= atol + rtol * np.abs(want64)))
+        diffs.append(OutputDiff(case, name, tuple(want.shape), max_abs, max_rel, atol, rtol, passed))
+    return diffs
+
+
+def verify_onnx(model, source: ModelSource, cases: list[tuple[str, dict[str, Any]]], atol: float, rtol: float
+                ) -> list[OutputDiff]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise StageError(f"ONNX Runtime cannot load the exported model: {e}",
+                         "try --exporter torchscript or another --opset") from e
+    input_names = [i.name for i in session.get_inputs()]
+    output_names = [o.name for o in session.get_outputs()]
+    diffs = []
+    for label, inputs in cases:
+        feeds = {n: inputs[n].detach().cpu().numpy() for n in input_names}
+        try:
+            actual = session.run(None, feeds)
+        except Exception as e:
+            shapes = ", ".join(f"{n}{list(v.shape)}" for n, v in feeds.items())
+            raise VerificationError(f"the exported model fails on inputs {shapes} ({label}): {e}",
+                                    "an axis may have been exported as a constant; try --static-shapes "
+                                    "or the other --exporter") from e
+        diffs += compare_outputs(label, output_names, _torch_outputs(source, inputs), actual, atol, rtol)
+    return diffs
+
+
+def diff_table(diffs: list[OutputDiff]) -> str:
+    rows = [(d.case, d.output, "x".join(map(str, d.shape)), d.max_abs_diff, d.max_rel_diff,
+             f"{d.atol:g}/{d.rtol:g}", "pass" if d.passed else "FAIL") for d in diffs]
+    return format_table(["inputs", "output", "shape", "max abs diff", "max rel diff", "atol/rtol", "result"], rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+def export(source: ModelSource, config: ExportConfig = ExportConfig(),
+           log: Callable[[str], None] = lambda message: None) -> StageResult:
+    """Export `source` to ONNX and verify it. Raises VerificationError on a mismatch unless allowed.
+
+    The report holds the exporter actually used, the opset, input/output shapes and the diff table."""
+    _require_torch()
+    if config.exporter not in EXPORTERS:
+        raise InputError(f"unknown exporter {config.exporter!r}", f"choose one of {', '.join(EXPORTERS)}")
+    if not 7 <= config.opset <= 23:
+        raise InputError(f"opset {config.opset} is out of range", "use an opset between 7 and 23; 18 is the default")
+    source.module.eval()
+    atol = config.atol if config.atol is not None else source.atol
+    rtol = config.rtol if config.rtol is not None else source.rtol
+
+    axes: dict[str, dict[int, str]] = {}
+    if config.dynamic_shapes:
+        axes = {n: dict(a) for n, a in (source.dynamic_axes or default_dynamic_axes(source.example_inputs)).items()}
+    n_outputs = _count_outputs(source)
+    output_names = list(source.output_names or (["output"] if n_outputs == 1 else
+                                                [f"output_{i}" for i in range(n_outputs)]))
+    if len(output_names) != n_outputs:
+        raise InputError(f"{source.name}: {len(output_names)} output names for {n_outputs} outputs",
+                         "give one name per output")
+    export_inputs = _export_ready_inputs(source.example_inputs, axes)
+
+    order = [config.exporter] + ([e for e in EXPORTERS if e != config.exporter] if config.fallback else [])
+    failures: dict[str, str] = {}
+    model = None
+    started = time.perf_counter()
+    for exporter in order:
+        if failures:
+            log(f"{order[0]} exporter failed ({failures[order[0]].splitlines()[0][:200]}); "
+                f"falling back to the {exporter} exporter")
+        try:
+            model = _run_exporter(exporter, source, export_inputs, axes, output_names, config.opset)
+            model = _finish(model)
+            break
+        except Exception as e:  # any exporter failure is worth a fallback; the reasons are all reported
+            failures[exporter] = f"{type(e).__name__}: {e}"
+            model = None
+    if model is None:
+        details = "; ".join(f"{k}: {v.splitlines()[0][:300]}" for k, v in failures.items())
+        raise StageError(f"export of {source.name} failed ({details})",
+                         "try --static-shapes, another --opset, or run with --debug")
+    export_seconds = time.perf_counter() - started
+
+    cases = verification_cases(source, axes, config)
+    diffs = verify_onnx(model, source, cases, atol, rtol)
+    passed = all(d.passed for d in diffs)
+    log(diff_table(diffs))
+    report = {
+        "stage": "export",
+        "source": source.name,
+        "exporter": exporter,
+        "exporter_failures": failures,
+        "opset": config.opset,
+        "config": config_to_dict(config),
+        "dynamic_axes": {n: {str(k): v for k, v in a.items()} for n, a in axes.items()},
+        "inputs": [_value_info(v) for v in model.graph.input],
+        "outputs": [_value_info(v) for v in model.graph.output],
+        "verification": {"passed": passed, "atol": atol, "rtol": rtol,
+                         "diffs": [d.__dict__ | {"shape": list(d.shape)} for d in diffs]},
+        "export_seconds": round(export_seconds, 3),
+        "parameters": int(sum(p.numel() for p in source.module.parameters())),
+        "environment": environment(),
+    }
+    if not passed and not config.allow_mismatch:
+        failed = sorted({f"{d.output} ({d.case})" for d in diffs if not d.passed})
+        raise VerificationError(f"ONNX Runtime's outputs differ from torch's beyond atol={atol:g}, rtol={rtol:g}: "
+                                f"{', '.join(failed)}",
+                                "no model was written; see the table above, try the other --exporter, "
+                                "or pass --allow-mismatch to write it anyway")
+    return StageResult(model=model, report=report)
+
+
+def _finish(model):
+    """onnx.checker, then shape inference kept in the model (later stages use the inferred shapes)."""
+    import onnx
+
+    if model.ByteSize() < 2**31 - 1:
+        onnx.checker.check_model(model)
+        model = onnx.shape_inference.infer_shapes(model, check_type=True, data_prop=True)
+    return model
+
+
+def _value_info(value) -> dict[str, Any]:
+    import onnx
+
+    tensor_type = value.type.tensor_type
+    return {
+        "name": value.name,
+        "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name,
+        "shape": [d.dim_param if d.dim_param else d.dim_value for d in tensor_type.shape.dim],
+    }
+
+
+__all__ = ["DEFAULT_OPSET", "EXPORTERS", "ExportConfig", "ModelSource", "OutputDiff", "compare_outputs",
+           "default_dynamic_axes", "diff_table", "export", "load_source", "verify_onnx"]

@@ -1,0 +1,49 @@
+"""The public Python API: everything the CLI does, as functions. The CLI only parses and prints."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dlopt.fileio import check_output_path, save_onnx_atomic, write_json_atomic
+
+
+@dataclass(frozen=True)
+class WrittenModel:
+    model_path: Path
+    report_path: Path
+    report: dict[str, Any]
+
+
+def report_path_for(model_path: str | os.PathLike, stage: str) -> Path:
+    """Where a stage's JSON report goes: beside the model, `NAME.<stage>.json`."""
+    path = Path(model_path)
+    stem = path.name[:-5] if path.name.endswith(".onnx") else path.name
+    return path.with_name(f"{stem}.{stage}.json")
+
+
+def export_model(source, output: str | os.PathLike, config=None,
+                 log: Callable[[str], None] = lambda message: None) -> WrittenModel:
+    """Export SOURCE (a reference model name, "file.py:build", "pkg.module:build" or a ModelSource) to
+    ONNX at `output`, verified against torch; writes the model and its JSON report atomically.
+
+    Raises VerificationError (and writes nothing) when outputs differ, unless config.allow_mismatch."""
+    from dlopt.optimize.export import ExportConfig, ModelSource, export, load_source
+
+    config = config or ExportConfig()
+    out = check_output_path(output)  # fail before minutes of work, not after
+    if not isinstance(source, ModelSource):
+        log(f"loading {source}")
+        source = load_source(source)
+    log(f"exporting {source.name} with the {config.exporter} exporter, opset {config.opset}")
+    result = export(source, config, log=log)
+    save_onnx_atomic(result.model, out)
+    report = result.report | {"output": str(out), "bytes": out.stat().st_size}
+    report_path = write_json_atomic(report_path_for(out, "export"), report)
+    return WrittenModel(out, report_path, report)
+
+
+__all__ = ["WrittenModel", "export_model", "report_path_for"]
