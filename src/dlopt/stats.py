@@ -1,0 +1,161 @@
+"""Statistics for latency samples: summaries, warm-up detection, and bootstrap confidence intervals.
+
+Every random draw takes an explicit seed, so a report can be recomputed bit for bit from its samples.
+
+Why medians and a paired bootstrap: latency distributions on shared machines are skewed with long
+right tails (preemption, frequency changes), so the median is the robust centre and the mean is
+reported beside it. When several models are measured interleaved (A B A B …), sample i of A and
+sample i of B come from the same moment of the machine's life; resampling whole rounds (pairs)
+keeps that pairing, so slow phases of the machine move both numerator and denominator together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_BOOTSTRAP = 2000
+
+
+@dataclass(frozen=True, kw_only=True)
+class Summary:
+    """Order statistics and moments of one sample (same unit as the input)."""
+
+    n: int
+    median: float
+    p90: float
+    p99: float
+    mean: float
+    std: float  # sample standard deviation (ddof=1); 0 for a single value
+    min: float
+    max: float
+
+    def as_dict(self, scale: float = 1.0) -> dict[str, float | int]:
+        return {"n": self.n, "median": self.median * scale, "p90": self.p90 * scale, "p99": self.p99 * scale,
+                "mean": self.mean * scale, "std": self.std * scale, "min": self.min * scale,
+                "max": self.max * scale}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Interval:
+    """A point estimate with a two-sided confidence interval."""
+
+    estimate: float
+    low: float
+    high: float
+    confidence: float
+    n: int  # samples (or rounds, for paired estimates) it rests on
+    method: str
+
+    @property
+    def relative_width(self) -> float:
+        """(high - low) / estimate: the CI width as a fraction of the estimate."""
+        return (self.high - self.low) / abs(self.estimate) if self.estimate else float("inf")
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        return {"estimate": self.estimate, "low": self.low, "high": self.high, "confidence": self.confidence,
+                "n": self.n, "method": self.method, "relative_width": self.relative_width}
+
+
+def _as_samples(samples: Sequence[float] | np.ndarray, what: str = "samples") -> np.ndarray:
+    x = np.asarray(samples, dtype=np.float64).ravel()
+    if x.size == 0:
+        raise ValueError(f"{what}: no samples")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{what}: samples contain NaN or infinity")
+    return x
+
+
+def summarize(samples: Sequence[float] | np.ndarray) -> Summary:
+    """Median, p90, p99 (linear interpolation between order statistics, numpy's default), mean, std, min, max."""
+    x = _as_samples(samples)
+    p50, p90, p99 = np.percentile(x, [50, 90, 99])
+    return Summary(n=int(x.size), median=float(p50), p90=float(p90), p99=float(p99), mean=float(x.mean()),
+                   std=float(x.std(ddof=1)) if x.size > 1 else 0.0, min=float(x.min()), max=float(x.max()))
+
+
+def has_settled(samples: Sequence[float] | np.ndarray, *, window: int = 5, tolerance: float = 0.05) -> bool:
+    """True when the median of the last `window` samples is within `tolerance` (relative) of the
+    median of the `window` before them: the first-run costs (allocation, caches, lazy kernels,
+    autotuning) are over and the latency has stopped drifting."""
+    x = np.asarray(samples, dtype=np.float64)
+    if window < 1:
+        raise ValueError("window must be at least 1")
+    if x.size < 2 * window:
+        return False
+    last = float(np.median(x[-window:]))
+    before = float(np.median(x[-2 * window:-window]))
+    if last <= 0:
+        return before <= 0
+    return abs(last - before) / last <= tolerance
+
+
+def _bootstrap_indices(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
+    return rng.integers(0, n, size=(n_boot, n), dtype=np.int64 if n > 2**31 - 1 else np.int32)
+
+
+def _percentile_interval(estimate: float, replicates: np.ndarray, confidence: float, n: int, method: str
+                         ) -> Interval:
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(replicates, [alpha, 1.0 - alpha])
+    return Interval(estimate=float(estimate), low=float(low), high=float(high), confidence=confidence, n=n,
+                    method=method)
+
+
+def _check(confidence: float, n_boot: int) -> None:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n_boot < 100:
+        raise ValueError(f"n_boot must be at least 100, got {n_boot}")
+
+
+def bootstrap_ci(samples: Sequence[float] | np.ndarray, *, statistic: Callable[..., np.ndarray] = np.median,
+                 confidence: float = 0.95, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> Interval:
+    """Percentile-bootstrap CI of `statistic` (a numpy reducer taking `axis=`) of one sample."""
+    _check(confidence, n_boot)
+    x = _as_samples(samples)
+    rng = np.random.default_rng(seed)
+    replicates = statistic(x[_bootstrap_indices(rng, x.size, n_boot)], axis=1)
+    return _percentile_interval(float(statistic(x)), replicates, confidence, x.size,
+                                f"percentile bootstrap of the {getattr(statistic, '__name__', 'statistic')}")
+
+
+def ratio_ci(baseline: Sequence[float] | np.ndarray, other: Sequence[float] | np.ndarray, *,
+             statistic: Callable[..., np.ndarray] = np.median, paired: bool = True, confidence: float = 0.95,
+             n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> Interval:
+    """CI of statistic(other) / statistic(baseline), e.g. the latency ratio INT8 / FP32.
+
+    `paired=True` resamples rounds: baseline[i] and other[i] must come from the same interleaved
+    round (equal lengths). `paired=False` resamples the two samples independently."""
+    _check(confidence, n_boot)
+    a = _as_samples(baseline, "baseline")
+    b = _as_samples(other, "other")
+    if float(statistic(a)) <= 0:
+        raise ValueError("baseline statistic is not positive: a ratio is undefined")
+    rng = np.random.default_rng(seed)
+    estimate = float(statistic(b)) / float(statistic(a))
+    name = getattr(statistic, "__name__", "statistic")
+    # Resample in chunks so a long run (thousands of rounds) does not allocate n_boot x n at once.
+    chunk = max(1, min(n_boot, 20_000_000 // max(a.size, b.size)))
+    replicates = np.empty(n_boot)
+    for start in range(0, n_boot, chunk):
+        count = min(chunk, n_boot - start)
+        if paired:
+            if a.size != b.size:
+                raise ValueError(f"paired samples need equal lengths, got {a.size} and {b.size}")
+            idx = _bootstrap_indices(rng, a.size, count)
+            sa, sb = statistic(a[idx], axis=1), statistic(b[idx], axis=1)
+        else:
+            sa = statistic(a[_bootstrap_indices(rng, a.size, count)], axis=1)
+            sb = statistic(b[_bootstrap_indices(rng, b.size, count)], axis=1)
+        replicates[start:start + count] = sb / sa
+    method = f"{'paired' if paired else 'independent'} percentile bootstrap of the ratio of {name}s"
+    return _percentile_interval(estimate, replicates, confidence, int(min(a.size, b.size)), method)
+
+
+__all__ = ["DEFAULT_BOOTSTRAP", "Interval", "Summary", "bootstrap_ci", "has_settled", "ratio_ci", "summarize"]

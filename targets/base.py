@@ -1,0 +1,235 @@
+"""The interface every execution target implements, and the session and input placement they share.
+
+A target says what it is (name, ONNX Runtime provider names, precisions), whether it can run here
+(`is_available()` -> (bool, reason)), and builds sessions. The bench harness and the eval code only
+talk to this interface: they never branch on a target's name.
+
+Two things here exist because ONNX Runtime gets them wrong by default:
+- asked for an execution provider it lacks, PyPI onnxruntime only warns and runs on the CPU. So
+  `create_session` reads `session.get_providers()` back and raises TargetUnavailableError on such a
+  silent fallback, unless the caller allows it, in which case the session is labelled as CPU;
+- `session.run(feeds)` copies inputs host->device and outputs device->host on every call. `bind()`
+  places the inputs on the target's device once (IO binding) and leaves the outputs there, so a
+  timed loop of `BoundRun()` calls measures the model and nothing else.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from dlopt.errors import InputError, TargetUnavailableError
+
+GRAPH_OPT_LEVELS = ("disable", "basic", "extended", "all")
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class TargetSession:
+    """An ONNX Runtime session plus what it really runs on (read back from the session, not assumed)."""
+
+    session: Any  # onnxruntime.InferenceSession
+    target: str  # the target that was asked for
+    runs_on: str  # the target the work really runs on: `target`, or "cpu" after an allowed fallback
+    requested_providers: tuple[str, ...]
+    active_providers: tuple[str, ...]
+    device_type: str  # where bound inputs and outputs live: "cpu" or "cuda"
+    device_id: int
+    load_s: float  # wall time to create the session (graph optimization included)
+    threads: int
+    graph_opt_level: str
+    provider_options: Mapping[str, str] = field(default_factory=dict)
+    source: Any = None  # the path or bytes the session was built from (a CUDA graph needs a probe session)
+
+    @property
+    def fell_back(self) -> bool:
+        return self.runs_on != self.target
+
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+
+class BoundRun:
+    """One model with its inputs bound on the target's device; calling it runs the model once.
+
+    The call is what the harness times: inputs were copied to the device when binding, outputs stay
+    on the device (fetch them with `outputs()`, outside the timed loop). With `output_shapes` the
+    outputs are preallocated too, which a CUDA graph needs (its replays write to fixed addresses).
+    """
+
+    def __init__(self, handle: TargetSession, feeds: Mapping[str, np.ndarray],
+                 output_shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]] | None = None):
+        import onnxruntime as ort
+
+        self.handle = handle
+        session = handle.session
+        expected = set(handle.input_names())
+        missing = expected - set(feeds)
+        if missing:
+            raise InputError(f"no data for model input(s) {sorted(missing)}",
+                             f"the model's inputs are {sorted(expected)}")
+        self._binding = session.io_binding()
+        # The OrtValues must outlive the binding: on the CPU they wrap the numpy buffers without a copy.
+        self._inputs = {}
+        for name in handle.input_names():
+            array = np.ascontiguousarray(feeds[name])
+            value = ort.OrtValue.ortvalue_from_numpy(array, handle.device_type, handle.device_id)
+            self._inputs[name] = (array, value)
+            self._binding.bind_ortvalue_input(name, value)
+        self._outputs = {}
+        for name in handle.output_names():
+            if output_shapes is not None:
+                shape, dtype = output_shapes[name]
+                value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, handle.device_type,
+                                                                  handle.device_id)
+                self._outputs[name] = value
+                self._binding.bind_ortvalue_output(name, value)
+            else:
+                self._binding.bind_output(name, handle.device_type, handle.device_id)
+        self._session = session
+
+    def __call__(self) -> None:
+        self._session.run_with_iobinding(self._binding)
+
+    def outputs(self) -> dict[str, np.ndarray]:
+        """The outputs of the last run, copied to host memory."""
+        arrays = self._binding.copy_outputs_to_cpu()
+        return dict(zip(self.handle.output_names(), arrays))
+
+    def output_shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Shapes and dtypes of the last run's outputs (to preallocate them for a CUDA graph)."""
+        return {name: (tuple(a.shape), a.dtype) for name, a in self.outputs().items()}
+
+
+class Target:
+    """Base of the execution targets. Subclasses set the class attributes and `is_available`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    providers: ClassVar[tuple[str, ...]]  # priority order; the first one must really be active
+    precisions: ClassVar[tuple[str, ...]]  # precisions this target runs with its own kernels
+    device_type: ClassVar[str] = "cpu"
+    # Whether the calling thread's CPU time measures a one-thread run faithfully. True for CPU
+    # kernels run on the calling thread; False where the work happens elsewhere (a GPU).
+    cpu_time_measures_work: ClassVar[bool] = True
+
+    def is_available(self) -> tuple[bool, str]:
+        raise NotImplementedError
+
+    def default_clock(self, threads: int) -> str:
+        """'cpu' (thread CPU time) where it measures the whole run, else 'wall'.
+
+        With more than one intra-op thread, work runs on pool threads that the calling thread's CPU
+        time does not see, so only wall time is honest there."""
+        return "cpu" if self.cpu_time_measures_work and threads == 1 else "wall"
+
+    def provider_options(self, *, device_id: int = 0, cuda_graph: bool = False,
+                         extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Options for this target's first provider. CPU takes none."""
+        if cuda_graph:
+            raise InputError(f"target {self.name!r} has no CUDA graphs", "use --target cuda, or drop --cuda-graph")
+        return dict(extra or {})
+
+    def device_name(self, device_id: int = 0) -> str:
+        return self.description
+
+    def memory_in_use(self, device_id: int = 0) -> int | None:
+        """Bytes in use on the target's device (None where the device is the host: see process RSS)."""
+        return None
+
+    def require_available(self) -> None:
+        ok, reason = self.is_available()
+        if not ok:
+            raise TargetUnavailableError(f"target {self.name!r} is not available here: {reason}",
+                                         "use --target cpu, or --allow-fallback to run on the CPU labelled as such")
+
+    def create_session(self, model: str | Path | bytes, *, threads: int = 1, graph_opt_level: str = "all",
+                       provider_options: Mapping[str, str] | None = None, allow_fallback: bool = False,
+                       device_id: int = 0, check_available: bool = True) -> TargetSession:
+        """Build a session for `model` (a path or serialized bytes) on this target.
+
+        Raises TargetUnavailableError when the target cannot run here or ONNX Runtime silently put the
+        session on another provider; with `allow_fallback` the session is returned labelled as CPU."""
+        import onnxruntime as ort
+
+        if threads < 1:
+            raise InputError(f"threads must be at least 1, got {threads}", "pass --threads 1 or more")
+        if graph_opt_level not in GRAPH_OPT_LEVELS:
+            raise InputError(f"unknown graph optimization level {graph_opt_level!r}",
+                             f"choose one of {', '.join(GRAPH_OPT_LEVELS)}")
+        fallback_only = False
+        if check_available:
+            ok, reason = self.is_available()
+            if not ok:
+                if not allow_fallback:
+                    self.require_available()
+                fallback_only = True  # allowed: build it on the CPU, labelled as such
+        options = _session_options(threads, graph_opt_level)
+        first = self.providers[0]
+        if fallback_only:
+            requested: list[Any] = [CPU_PROVIDER]
+        else:
+            first_options = dict(provider_options or {})
+            if first != CPU_PROVIDER or first_options:
+                requested = [(first, first_options)] + [p for p in self.providers[1:]]
+            else:
+                requested = list(self.providers)
+        source = str(model) if isinstance(model, Path) else model
+        start = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                # "Specified provider ... is not in available provider names": checked below, as an error
+                warnings.simplefilter("ignore", UserWarning)
+                session = ort.InferenceSession(source, sess_options=options, providers=requested)
+        except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, NotImplemented …)
+            label = source if isinstance(source, str) else "the model"
+            raise InputError(f"onnxruntime cannot load {label} on target {self.name!r}: {str(e).strip()[:400]}",
+                             "check the model with `python -m onnx.checker`, or try another --target") from e
+        load_s = time.perf_counter() - start
+        active = tuple(session.get_providers())
+        runs_on = self.name
+        if active[0] != first:
+            if not allow_fallback:
+                raise TargetUnavailableError(
+                    f"target {self.name!r} asked onnxruntime for {first} but the session runs on "
+                    f"{', '.join(active)} (a silent fallback: results would be CPU numbers)",
+                    f"install a build of onnxruntime with {first} (and its libraries), or pass "
+                    "--allow-fallback to measure on the CPU labelled as such")
+            runs_on = "cpu"
+        names = tuple(p if isinstance(p, str) else p[0] for p in requested)
+        return TargetSession(session=session, target=self.name, runs_on=runs_on, requested_providers=names,
+                             active_providers=active, device_type=self.device_type if runs_on == self.name else "cpu",
+                             device_id=device_id, load_s=load_s, threads=threads, graph_opt_level=graph_opt_level,
+                             provider_options=dict(provider_options or {}) if not fallback_only else {},
+                             source=source)
+
+    def bind(self, handle: TargetSession, feeds: Mapping[str, np.ndarray]) -> BoundRun:
+        """Place `feeds` on the session's device once; the returned callable runs the model."""
+        return BoundRun(handle, feeds)
+
+
+def _session_options(threads: int, graph_opt_level: str):
+    import onnxruntime as ort
+
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = levels[graph_opt_level]
+    options.log_severity_level = 3  # errors only: provider warnings are turned into our own errors
+    return options

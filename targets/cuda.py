@@ -1,0 +1,169 @@
+"""The CUDA target: onnxruntime-gpu's CUDA execution provider, with IO binding and optional CUDA graphs.
+
+What makes its numbers trustworthy:
+- `is_available()` does not trust the provider list: onnxruntime-gpu lists CUDAExecutionProvider even
+  where the CUDA or cuDNN libraries or the driver are missing, and then falls back to the CPU. It
+  builds a one-node session and reads back which provider took it.
+- inputs are copied to the GPU once when binding and outputs stay there (IO binding), so the timed
+  call has no host<->device copies; ONNX Runtime synchronizes the stream at the end of each run, so
+  the wall time of a call covers the GPU work.
+- with `cuda_graph=True` the whole graph is captured once and replayed (ONNX Runtime's
+  `enable_cuda_graph`), which removes the per-kernel launch cost that dominates small batches. CUDA
+  graphs need every input and output at a fixed device address, so outputs are preallocated from the
+  shapes of one run on a plain probe session, and every node must run on the CUDA EP.
+- GPU memory is read from NVML (the driver's library), device-wide.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Mapping
+from typing import ClassVar
+
+import numpy as np
+
+from dlopt.errors import InputError
+from dlopt.targets.base import CPU_PROVIDER, BoundRun, Target, TargetSession
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+class CudaTarget(Target):
+    name: ClassVar[str] = "cuda"
+    description: ClassVar[str] = "ONNX Runtime CUDA execution provider (onnxruntime-gpu)"
+    providers: ClassVar[tuple[str, ...]] = (CUDA_PROVIDER, CPU_PROVIDER)
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "bf16", "int4")
+    device_type: ClassVar[str] = "cuda"
+    # The calling thread mostly waits for the GPU (or spins on it): its CPU time measures nothing useful.
+    cpu_time_measures_work: ClassVar[bool] = False
+
+    def is_available(self) -> tuple[bool, str]:
+        return _probe_cuda()
+
+    def provider_options(self, *, device_id: int = 0, cuda_graph: bool = False,
+                         extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        options = {"device_id": str(device_id)}
+        if cuda_graph:
+            options["enable_cuda_graph"] = "1"
+        options.update({k: str(v) for k, v in (extra or {}).items()})
+        return options
+
+    def bind(self, handle: TargetSession, feeds: Mapping[str, np.ndarray]) -> BoundRun:
+        if handle.fell_back or handle.provider_options.get("enable_cuda_graph") != "1":
+            return BoundRun(handle, feeds)
+        # A CUDA graph replays into fixed output buffers: learn the output shapes from one run of a
+        # plain session on the same device, then preallocate them for the graph session.
+        plain = {k: v for k, v in handle.provider_options.items() if k != "enable_cuda_graph"}
+        probe = self.create_session(handle.source, threads=handle.threads, graph_opt_level=handle.graph_opt_level,
+                                    provider_options=plain, device_id=handle.device_id, check_available=False)
+        probe_run = BoundRun(probe, feeds)
+        probe_run()
+        shapes = probe_run.output_shapes()
+        del probe_run, probe
+        bound = BoundRun(handle, feeds, output_shapes=shapes)
+        try:
+            bound()  # the first run captures the graph: fail here, clearly, rather than in the timed loop
+        except Exception as e:  # onnxruntime's own exception types
+            raise InputError(f"CUDA graph capture failed: {str(e).strip()[:300]}",
+                             "CUDA graphs need every node on the CUDA EP and static shapes; "
+                             "run without --cuda-graph") from e
+        return bound
+
+    def device_name(self, device_id: int = 0) -> str:
+        return _nvml_device_name(device_id) or "CUDA device"
+
+    def memory_in_use(self, device_id: int = 0) -> int | None:
+        return _nvml_memory_used(device_id)
+
+
+@functools.lru_cache(maxsize=1)
+def _probe_cuda() -> tuple[bool, str]:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        return False, f"onnxruntime cannot be imported ({e})"
+    available = ort.get_available_providers()
+    if CUDA_PROVIDER not in available:
+        return False, (f"onnxruntime {ort.__version__} here has no {CUDA_PROVIDER} (providers: "
+                       f"{', '.join(available)}); install onnxruntime-gpu instead of onnxruntime on a machine "
+                       "with an NVIDIA GPU")
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:  # onnxruntime-gpu >= 1.21: load CUDA/cuDNN from the nvidia-* wheels if present
+        try:
+            preload()
+        except Exception:  # noqa: BLE001 - preloading is best effort; the probe below decides
+            pass
+    import warnings
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, onnx.IR_VERSION)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
+                                           providers=[CUDA_PROVIDER, CPU_PROVIDER])
+    except Exception as e:  # noqa: BLE001 - any failure means "not available", with its reason
+        return False, f"the CUDA execution provider failed to start: {str(e).strip()[:300]}"
+    active = session.get_providers()
+    if not active or active[0] != CUDA_PROVIDER:
+        return False, (f"onnxruntime lists {CUDA_PROVIDER} but a session fell back to {', '.join(active)}: "
+                       "no GPU, no driver, or the CUDA/cuDNN libraries are missing "
+                       "(pip install 'onnxruntime-gpu[cuda,cudnn]')")
+    name = _nvml_device_name(0)
+    return True, f"onnxruntime {ort.__version__} {CUDA_PROVIDER}" + (f" on {name}" if name else "")
+
+
+class _NvmlMemory(ctypes.Structure):
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+
+@functools.lru_cache(maxsize=1)
+def _nvml():
+    try:
+        lib = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+    if lib.nvmlInit_v2() != 0:
+        return None
+    return lib
+
+
+def _nvml_handle(device_id: int):
+    lib = _nvml()
+    if lib is None:
+        return None, None
+    handle = ctypes.c_void_p()
+    if lib.nvmlDeviceGetHandleByIndex_v2(ctypes.c_uint(device_id), ctypes.byref(handle)) != 0:
+        return lib, None
+    return lib, handle
+
+
+def _nvml_memory_used(device_id: int) -> int | None:
+    """Bytes in use on the GPU, all processes (NVML indexes devices as the driver does, which can
+    differ from CUDA's order when CUDA_VISIBLE_DEVICES reorders them)."""
+    lib, handle = _nvml_handle(device_id)
+    if handle is None:
+        return None
+    memory = _NvmlMemory()
+    if lib.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) != 0:
+        return None
+    return int(memory.used)
+
+
+def _nvml_device_name(device_id: int) -> str | None:
+    lib, handle = _nvml_handle(device_id)
+    if handle is None:
+        return None
+    buffer = ctypes.create_string_buffer(96)
+    if lib.nvmlDeviceGetName(handle, buffer, ctypes.c_uint(96)) != 0:
+        return None
+    return buffer.value.decode(errors="replace")
