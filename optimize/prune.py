@@ -1,0 +1,494 @@
+"""Structured pruning that makes models faster, and unstructured pruning reported for what it is.
+
+Structured pruning removes whole channels, attention heads or FFN units, so the tensors (and the ONNX
+model) really shrink; it is built on Torch-Pruning's dependency graph, which finds every layer whose
+shape must change with a removed channel. Unstructured pruning (torch.nn.utils.prune) only writes
+zeros: the model keeps its shapes, size and speed, and compresses better. Its report says so and
+makes no speed claim.
+
+Never pruned: the layer that produces the model's output (the classifier: pruning it would remove
+classes) and the layers named in `ignore` (their output channels are kept; their inputs may shrink
+with the layer that feeds them).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import gzip
+import io
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from dlopt.errors import InputError, MissingDependencyError, StageError
+from dlopt.stage import StageResult, config_to_dict
+
+Structure = Literal["auto", "channels", "heads", "ffn", "heads+ffn", "unstructured"]
+STRUCTURES: tuple[str, ...] = ("auto", "channels", "heads", "ffn", "heads+ffn", "unstructured")
+Importance = Literal["magnitude", "taylor", "lamp", "random"]
+IMPORTANCES: tuple[str, ...] = ("magnitude", "taylor", "lamp", "random")
+
+# Attributes that hold an attention module's head count, and the names of its q/k/v projections.
+_HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
+_QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"),
+              ("to_q", "to_k", "to_v"))
+_HEAD_WIDTH_ATTRS = ("all_head_size", "inner_dim")  # attention widths that shrink with the heads
+
+CHECKPOINT_FORMAT = "dlopt-pruned-v1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneConfig:
+    ratio: float = 0.5  # fraction of channels / heads / FFN units (or of weights, unstructured) removed
+    structure: Structure = "auto"  # auto: heads+ffn for transformers, channels otherwise
+    importance: Importance = "magnitude"  # how channels are ranked (taylor needs gradient batches)
+    global_pruning: bool = False  # rank across layers (uneven widths) instead of the same ratio per layer
+    ignore: tuple[str, ...] = ()  # module names whose output channels are kept
+    round_to: int | None = None  # keep channel counts multiples of this (e.g. 8 for SIMD-friendly widths)
+
+
+def _require_torch_pruning():
+    try:
+        import torch
+        import torch_pruning
+    except ModuleNotFoundError as e:
+        raise MissingDependencyError(f"pruning needs the package {e.name!r}",
+                                     "pip install torch==2.13.0 torch-pruning==1.6.0") from e
+    return torch, torch_pruning
+
+
+def check_config(config: PruneConfig) -> None:
+    if config.structure not in STRUCTURES:
+        raise InputError(f"unknown pruning structure {config.structure!r}", f"choose one of {', '.join(STRUCTURES)}")
+    if config.importance not in IMPORTANCES:
+        raise InputError(f"unknown importance {config.importance!r}", f"choose one of {', '.join(IMPORTANCES)}")
+    if not isinstance(config.ratio, (int, float)) or not 0.0 < config.ratio < 1.0:
+        raise InputError(f"pruning ratio {config.ratio!r} is out of range",
+                         "give a fraction strictly between 0 and 1, e.g. --ratio 0.5")
+    if config.round_to is not None and config.round_to < 1:
+        raise InputError(f"round_to {config.round_to} must be a positive channel count", "e.g. --round-to 8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the layers: output layer, attention modules, FFN
+# ---------------------------------------------------------------------------------------------
+
+def _first_tensor(out: Any):
+    """The tensor a model outputs first: tensors, tuples/lists, dicts and HF ModelOutputs."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
+        return out.logits
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)) and out:
+        return _first_tensor(out[0])
+    raise InputError(f"the model returned {type(out).__name__}, not a tensor",
+                     "its forward() must return a tensor, a tuple of tensors or a ModelOutput")
+
+
+def run_module(module, inputs: Mapping[str, Any]):
+    return module(**inputs)
+
+
+def output_layer_name(module, example_inputs: Mapping[str, Any]) -> str | None:
+    """The last Linear/Conv layer to run: the classifier (or the layer whose width is the output's).
+
+    Found by running the model once with forward hooks rather than by name, so it works for any model."""
+    import torch
+
+    order: list[str] = []
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: order.append(name))
+             for name, m in module.named_modules()
+             if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))]
+    try:
+        with torch.no_grad():
+            run_module(module, example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order[-1] if order else None
+
+
+@dataclass(frozen=True)
+class AttentionModule:
+    name: str
+    module: Any
+    qkv: tuple[Any, Any, Any]
+    head_attr: str
+
+    @property
+    def heads(self) -> int:
+        return int(getattr(self.module, self.head_attr))
+
+
+def find_attention(module) -> list[AttentionModule]:
+    """Attention modules with separate q/k/v Linear layers and a head-count attribute.
+
+    nn.MultiheadAttention packs q/k/v into one parameter: its heads cannot be removed this way."""
+    import torch
+
+    found = []
+    for name, m in module.named_modules():
+        head_attr = next((a for a in _HEAD_COUNT_ATTRS if isinstance(getattr(m, a, None), int)), None)
+        if head_attr is None:
+            continue
+        for names in _QKV_NAMES:
+            layers = tuple(getattr(m, n, None) for n in names)
+            if all(isinstance(layer, torch.nn.Linear) for layer in layers):
+                found.append(AttentionModule(name, m, layers, head_attr))
+                break
+    return found
+
+
+def _real_layer(m) -> bool:
+    """A module of the user's model, not one of Torch-Pruning's stand-ins for functional ops."""
+    return not type(m).__module__.startswith("torch_pruning")
+
+
+def find_ffn(module, graph, skip: set) -> list[tuple[str, Any, Any]]:
+    """(name, up, down) Linear pairs of feed-forward blocks: up's outputs feed only down's inputs
+    (through element-wise ops such as the activation) and down maps back to up's input width."""
+    import torch
+    import torch_pruning as tp
+
+    pairs = []
+    for name, up in module.named_modules():
+        if not isinstance(up, torch.nn.Linear) or up in skip:
+            continue
+        group = graph.get_pruning_group(up, tp.prune_linear_out_channels, idxs=[0])
+        layers = [(dep.target.module, graph.is_out_channel_pruning_fn(dep.handler)) for dep, _ in group
+                  if _real_layer(dep.target.module)]
+        outs = [m for m, is_out in layers if is_out]
+        ins = [m for m, is_out in layers if not is_out]
+        if outs == [up] and len(ins) == 1 and isinstance(ins[0], torch.nn.Linear) \
+                and ins[0].out_features == up.in_features and ins[0] is not up:
+            pairs.append((name, up, ins[0]))
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting
+# ---------------------------------------------------------------------------------------------
+
+def count_macs_params(module, example_inputs: Mapping[str, Any]) -> tuple[int, int]:
+    import contextlib
+
+    _, tp = _require_torch_pruning()
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a warning for keyword-only inputs
+        macs, params = tp.utils.count_ops_and_params(module, dict(example_inputs))
+    return int(macs), int(params)
+
+
+def _layer_shapes(module) -> dict[str, list[int]]:
+    return {n: list(m.weight.shape) for n, m in module.named_modules()
+            if _real_layer(m) and getattr(m, "weight", None) is not None and hasattr(m.weight, "shape")}
+
+
+def _importance(config: PruneConfig):
+    _, tp = _require_torch_pruning()
+    if config.importance == "magnitude":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if config.importance == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    if config.importance == "lamp":
+        return tp.importance.LAMPImportance(p=2)
+    return tp.importance.RandomImportance()
+
+
+def _resolve_ignored(module, names: Iterable[str]) -> list[Any]:
+    modules = dict(module.named_modules())
+    resolved = []
+    for name in names:
+        if name not in modules or name == "":
+            close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else \
+                "names are module paths as in model.named_modules(), e.g. features.3 or classifier"
+            raise InputError(f"--ignore: the model has no layer named {name!r}", hint)
+        resolved.append(modules[name])
+    return resolved
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+GradientBatches = Iterable[tuple[Mapping[str, Any], Any]]
+
+
+def prune(module, example_inputs: Mapping[str, Any], config: PruneConfig = PruneConfig(), *,
+          gradient_batches: GradientBatches | None = None) -> StageResult:
+    """Prune a copy of `module` (the input is not modified). Returns the pruned module and a report.
+
+    `example_inputs` are the keyword inputs of forward(), used to trace the dependency graph and count
+    MACs. `gradient_batches` are (inputs, labels or None) pairs, needed by importance="taylor": the
+    loss is cross-entropy with labels, else the squared output (a label-free first-order saliency)."""
+    torch, tp = _require_torch_pruning()
+    check_config(config)
+    if not isinstance(module, torch.nn.Module):
+        raise InputError(f"prune takes a torch.nn.Module, got {type(module).__name__}", "load the model first")
+    inputs = dict(example_inputs)
+    model = copy.deepcopy(module).eval()
+    ignored = _resolve_ignored(model, config.ignore)
+    output_layer = output_layer_name(model, inputs)
+    with torch.no_grad():
+        out_before = _first_tensor(run_module(model, inputs))
+    macs_before, params_before = count_macs_params(model, inputs)
+    shapes_before = _layer_shapes(model)
+
+    if config.structure == "unstructured":
+        report = _prune_unstructured(model, config, output_layer, ignored)
+    else:
+        report = _prune_structured(model, inputs, config, output_layer, ignored, gradient_batches)
+
+    with torch.no_grad():
+        out_after = _first_tensor(run_module(model, inputs))
+    if out_after.shape != out_before.shape:  # the output layer is ignored: this would be a bug here
+        raise StageError(f"pruning changed the output shape {list(out_before.shape)} -> {list(out_after.shape)}",
+                         "add the output layer to --ignore and report this")
+    macs_after, params_after = count_macs_params(model, inputs)
+    shapes_after = _layer_shapes(model)
+    changed = [{"layer": n, "before": shapes_before[n], "after": shapes_after.get(n)}
+               for n in shapes_before if shapes_before[n] != shapes_after.get(n)]
+    report = {
+        "stage": "prune",
+        "config": config_to_dict(config),
+        "output_layer": output_layer,
+        "ignored": list(config.ignore),
+        "parameters_before": params_before,
+        "parameters_after": params_after,
+        "macs_before": macs_before,
+        "macs_after": macs_after,
+        "changed_layers": changed,
+        **report,
+    }
+    return StageResult(model=model, report=report)
+
+
+def _prune_structured(model, inputs, config: PruneConfig, output_layer: str | None, ignored: list,
+                      gradient_batches: GradientBatches | None) -> dict[str, Any]:
+    torch, tp = _require_torch_pruning()
+    modules = dict(model.named_modules())
+    ignored = list(ignored) + ([modules[output_layer]] if output_layer else [])
+    attention = find_attention(model)
+    structure = config.structure
+    if structure == "auto":
+        structure = "heads+ffn" if attention else "channels"
+    want_heads = structure in ("heads", "heads+ffn")
+    want_ffn = structure in ("ffn", "heads+ffn")
+    if want_heads and not attention:
+        raise InputError("--structure heads: the model has no attention module with separate q/k/v Linear layers "
+                         "and a head count",
+                         "nn.MultiheadAttention packs q/k/v into one weight; use --structure ffn or channels")
+
+    num_heads: dict[Any, int] = {}
+    ratio_dict: dict[Any, float] = {}
+    qkv_layers = {layer for a in attention for layer in a.qkv}
+    if want_heads:
+        for a in attention:
+            removed = math.ceil(config.ratio * a.heads)
+            if removed >= a.heads:
+                raise InputError(f"ratio {config.ratio} would remove all {a.heads} heads of {a.name}",
+                                 f"use a ratio below {(a.heads - 1) / a.heads:.3f}")
+            for layer in a.qkv:
+                num_heads[layer] = a.heads
+            # Torch-Pruning 1.6 removes heads only inside a width-pruning scope that prunes something;
+            # head dims are kept (prune_head_dims=False), so this ratio only opens that scope.
+            ratio_dict[a.qkv[0]] = config.ratio
+    if want_ffn:
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=inputs)
+        ffn = [(n, up, down) for n, up, down in find_ffn(model, graph, skip=qkv_layers | set(ignored))]
+        if not ffn:
+            raise InputError("--structure ffn: found no feed-forward block (Linear -> activation -> Linear back "
+                             "to the input width)", "use --structure channels")
+        for _, up, _ in ffn:
+            ratio_dict[up] = config.ratio
+    default_ratio = config.ratio if structure == "channels" else 0.0
+
+    importance = _importance(config)
+    pruner = tp.pruner.BasePruner(
+        model, inputs, importance=importance, global_pruning=config.global_pruning,
+        pruning_ratio=default_ratio, pruning_ratio_dict=ratio_dict or None, ignored_layers=ignored,
+        round_to=config.round_to, num_heads=dict(num_heads), prune_num_heads=want_heads, prune_head_dims=False,
+        head_pruning_ratio=config.ratio if want_heads else 0.0,
+        # fresh dicts: Torch-Pruning 1.6 mutates these default arguments, leaking state between pruners
+        in_channel_groups={}, out_channel_groups={},
+        output_transform=lambda out: _first_tensor(out).float().sum(),
+    )
+    if config.importance == "taylor":
+        _accumulate_gradients(model, inputs, gradient_batches)
+    heads_before = {a.name: a.heads for a in attention}
+    pruner.step()
+    model.zero_grad(set_to_none=True)
+    # the attention modules keep their own head count: make it match the pruned q/k/v
+    for a in attention:
+        if a.qkv[0] in pruner.num_heads:
+            setattr(a.module, a.head_attr, int(pruner.num_heads[a.qkv[0]]))
+        for attr in _HEAD_WIDTH_ATTRS:
+            if isinstance(getattr(a.module, attr, None), int):
+                setattr(a.module, attr, int(a.qkv[0].out_features))
+    heads = {a.name: {"before": heads_before[a.name], "after": a.heads} for a in attention}
+    return {
+        "structure": structure,
+        "attention_heads": heads,
+        "pruning_history": [list(h) for h in pruner.pruning_history()],
+        "module_attributes": {a.name: {a.head_attr: a.heads,
+                                       **{k: getattr(a.module, k) for k in _HEAD_WIDTH_ATTRS
+                                          if isinstance(getattr(a.module, k, None), int)}}
+                              for a in attention},
+        "speedup_claim": "structured: tensors shrink, latency falls; measure it with the bench harness",
+    }
+
+
+def _accumulate_gradients(model, inputs, gradient_batches: GradientBatches | None) -> None:
+    torch, _ = _require_torch_pruning()
+    if gradient_batches is None:
+        raise InputError("importance 'taylor' needs data to compute gradients",
+                         "give calibration data, or use --importance magnitude")
+    model.zero_grad(set_to_none=True)
+    n = 0
+    for batch_inputs, labels in gradient_batches:
+        out = _first_tensor(run_module(model, batch_inputs))
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(out, labels)
+        else:
+            loss = out.float().pow(2).mean()
+        loss.backward()
+        n += 1
+    if n == 0:
+        raise InputError("importance 'taylor' got an empty data iterator", "give at least one batch")
+
+
+def _prune_unstructured(model, config: PruneConfig, output_layer: str | None, ignored: list) -> dict[str, Any]:
+    """Global magnitude pruning of Linear/Conv weights with torch.nn.utils.prune, made permanent.
+
+    Zeros are still stored and multiplied: the report gives sparsity and compressed size, no speedup."""
+    torch, _ = _require_torch_pruning()
+    from torch.nn.utils import prune as torch_prune
+
+    skip = set(ignored)
+    params = [(m, "weight") for n, m in model.named_modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
+              and n != output_layer and m not in skip]
+    if not params:
+        raise InputError("no Linear or Conv layer left to prune", "check --ignore")
+    dense_bytes = _gzip_size(model)
+    torch_prune.global_unstructured(params, pruning_method=torch_prune.L1Unstructured, amount=float(config.ratio))
+    for m, name in params:
+        torch_prune.remove(m, name)
+    zeros = sum(int((m.weight == 0).sum()) for m, _ in params)
+    total = sum(m.weight.numel() for m, _ in params)
+    all_params = sum(p.numel() for p in model.parameters())
+    all_zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    sparse_bytes = _gzip_size(model)
+    return {
+        "structure": "unstructured",
+        "sparsity_pruned_layers": zeros / total,
+        "sparsity_all_parameters": all_zeros / all_params,
+        "dense_bytes": _raw_size(model),
+        "gzip_bytes_before": dense_bytes,
+        "gzip_bytes_after": sparse_bytes,
+        "compression_ratio": dense_bytes / sparse_bytes,
+        "speedup_claim": None,
+        "note": "unstructured sparsity: zeros are still stored and multiplied, so dense runtimes (ONNX Runtime, "
+                "torch) run at the same speed; only the compressed (gzip) size falls",
+    }
+
+
+def _state_bytes(model) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def _raw_size(model) -> int:
+    return len(_state_bytes(model))
+
+
+def _gzip_size(model) -> int:
+    return len(gzip.compress(_state_bytes(model), compresslevel=6, mtime=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: the source's name, Torch-Pruning's history and the weights
+# ---------------------------------------------------------------------------------------------
+# A pruned model's classes are the source's, with other shapes, so it cannot be rebuilt from a
+# state_dict alone. Pickling the whole module breaks for factories loaded from files. The checkpoint
+# instead records how to rebuild it: build the source, replay the pruning history, load the weights.
+
+@dataclass(frozen=True, kw_only=True)
+class PrunedCheckpoint:
+    source: str  # the SOURCE spec the model was built from (reference model or factory)
+    pruning_history: list = field(default_factory=list)
+    module_attributes: dict[str, dict[str, int]] = field(default_factory=dict)
+    state_dict: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(path: str | Path, module, source: str, report: Mapping[str, Any]) -> Path:
+    import torch
+
+    from dlopt.fileio import atomic_path
+
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "source": source,
+        "pruning_history": report.get("pruning_history", []),
+        "module_attributes": report.get("module_attributes", {}),
+        "state_dict": module.state_dict(),
+        "report": {k: v for k, v in report.items() if k != "pruning_history"},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def read_checkpoint(path: str | Path) -> PrunedCheckpoint:
+    import pickle
+
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"checkpoint {p} does not exist", "give the .pt file written by `dlopt prune`")
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise InputError(f"{p} is not a dlopt checkpoint ({type(e).__name__})",
+                         "give the .pt file written by `dlopt prune` or `dlopt distill`") from e
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{p} is not a dlopt pruned-model checkpoint",
+                         "give the .pt file written by `dlopt prune` or `dlopt distill`")
+    return PrunedCheckpoint(source=payload["source"], pruning_history=payload["pruning_history"],
+                            module_attributes=payload["module_attributes"], state_dict=payload["state_dict"],
+                            report=payload.get("report", {}))
+
+
+def rebuild(checkpoint: PrunedCheckpoint, module, example_inputs: Mapping[str, Any]):
+    """Apply a checkpoint to a freshly built (unpruned) source module, in place; returns it."""
+    _, tp = _require_torch_pruning()
+    if checkpoint.pruning_history:
+        graph = tp.DependencyGraph().build_dependency(module, example_inputs=dict(example_inputs))
+        graph.load_pruning_history([tuple(h) for h in checkpoint.pruning_history])
+    modules = dict(module.named_modules())
+    for name, attrs in checkpoint.module_attributes.items():
+        for attr, value in attrs.items():
+            setattr(modules[name], attr, value)
+    try:
+        module.load_state_dict(checkpoint.state_dict)
+    except RuntimeError as e:
+        raise InputError(f"the checkpoint's weights do not fit {checkpoint.source} after replaying its pruning "
+                         f"({str(e).splitlines()[0]})", "the source model changed since it was pruned") from e
+    return module.eval()
+
+
+__all__ = ["CHECKPOINT_FORMAT", "IMPORTANCES", "STRUCTURES", "AttentionModule", "PruneConfig", "PrunedCheckpoint",
+           "check_config", "count_macs_params", "find_attention", "find_ffn", "output_layer_name", "prune",
+           "read_checkpoint", "rebuild", "save_checkpoint"]
