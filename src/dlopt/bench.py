@@ -1,0 +1,719 @@
+"""The latency harness behind `dlopt bench` (and the gate, which drives `InterleavedSampler` itself).
+
+How a measurement goes, and why:
+1. Each model is loaded on the target (`Target.create_session`, which refuses a silent fallback to
+   the CPU); its size on disk, session-creation time and the memory it added (process RSS, and device
+   memory on a GPU) are recorded.
+2. Per batch size, the inputs are generated (or read from --data) and bound on the device once
+   (`Target.bind`), so the timed call is the model and nothing else.
+3. Warm-up runs all models round-robin until each one's latency has settled (the median of the last
+   5 runs within 5 % of the 5 before), not for a fixed count: first runs pay for allocation, lazy
+   initialisation and autotuning, and how many runs that takes depends on the model and target.
+   It stops at a cap (a quarter of the budget) and says so when latencies never settled.
+4. Timed rounds run the models interleaved, A B C A B C …, until the time budget or the round count
+   is reached. Interleaving puts every model through the same machine states (other jobs, frequency,
+   thermal), so their ratio is fair even when absolute times drift; garbage collection is off in
+   the loop. Each call records wall time and the calling thread's CPU time.
+5. Ratios to the first model are the median over rounds of (model time / first model's time in the
+   same round), with a bootstrap 95 % confidence interval over rounds (dlopt.stats.ratio_ci): the
+   two runs of a round share the machine's state, so its quotient cancels most of the noise.
+
+Which clock decides: with one intra-op thread on the CPU the work runs on the calling thread, and its
+CPU time leaves out time the thread spent descheduled. On a shared machine that is far steadier than
+wall time (spreads of ~2 % against 35-61 % seen on a busy 2-core CI box) and the ratio of CPU times is
+the ratio of work done. With more threads, pool threads' time is invisible to the calling thread, and
+on a GPU the thread only waits: wall time is the honest clock there. `clock="auto"` picks accordingly.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import re
+import resource
+import time
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dlopt.errors import InputError
+from dlopt.stats import DEFAULT_BOOTSTRAP, RATIO_METHODS, Interval, Summary, has_settled, ratio_ci, summarize
+
+SCHEMA_NAME = "dlopt.bench"
+SCHEMA_VERSION = 1
+CLOCKS = ("cpu", "wall")
+DEFAULT_BUDGET_S = 30.0
+DEFAULT_SEQ_LEN = 128
+
+ClockFn = Callable[[], tuple[float, float]]  # -> (wall seconds, calling thread's CPU seconds)
+ProgressFn = Callable[[str, float], None]  # (what is happening, fraction done of the whole measurement)
+
+
+def read_clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.thread_time()
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    target: str = "cpu"
+    threads: int = 1
+    batch_sizes: tuple[int, ...] = (1,)
+    seq_len: int = DEFAULT_SEQ_LEN  # for dynamic axes other than the first (the batch axis)
+    budget_s: float = DEFAULT_BUDGET_S  # warm-up + timed rounds, all batch sizes together; loading excluded
+    rounds: int | None = None  # a fixed number of timed rounds per batch size instead of the budget
+    min_rounds: int = 20  # even when the budget is spent
+    clock: str = "auto"  # "cpu", "wall", or "auto" (the target's choice for this thread count)
+    warmup_window: int = 5
+    warmup_tolerance: float = 0.05
+    warmup_max_fraction: float = 0.25  # of each batch size's share of the budget
+    graph_opt_level: str = "all"
+    allow_fallback: bool = False
+    cuda_graph: bool = False
+    device_id: int = 0
+    confidence: float = 0.95
+    ratio_method: str = "round-median"  # see dlopt.stats.ratio_ci
+    n_boot: int = DEFAULT_BOOTSTRAP
+    seed: int = 0
+
+
+def validate_config(config: BenchConfig) -> None:
+    if config.threads < 1:
+        raise InputError(f"--threads must be at least 1, got {config.threads}", "pass --threads 1 or more")
+    if not config.batch_sizes or any(b < 1 for b in config.batch_sizes):
+        raise InputError(f"batch sizes must be positive integers, got {list(config.batch_sizes)}",
+                         "e.g. --batch 1,8,32")
+    if config.seq_len < 1:
+        raise InputError(f"--seq-len must be at least 1, got {config.seq_len}", "e.g. --seq-len 128")
+    if config.rounds is None and config.budget_s <= 0:
+        raise InputError(f"the time budget must be positive, got {config.budget_s} s", "e.g. --budget 30s")
+    if config.rounds is not None and config.rounds < 2:
+        raise InputError(f"--rounds must be at least 2, got {config.rounds}", "e.g. --rounds 200")
+    if config.clock not in (*CLOCKS, "auto"):
+        raise InputError(f"unknown clock {config.clock!r}", "choose cpu, wall or auto")
+    if config.ratio_method not in RATIO_METHODS:
+        raise InputError(f"unknown ratio method {config.ratio_method!r}", f"choose {', '.join(RATIO_METHODS)}")
+    if not 0.5 <= config.confidence < 1.0:
+        raise InputError(f"confidence must be in [0.5, 1), got {config.confidence}", "e.g. 0.95")
+
+
+def parse_duration(text: str) -> float:
+    """'30', '30s', '1.5m', '500ms' -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|min)?\s*", str(text))
+    if not match:
+        raise InputError(f"cannot read {text!r} as a duration", "write e.g. 30s, 2m or 500ms")
+    value = float(match.group(1))
+    return value * {"ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, None: 1.0}[match.group(2)]
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """'1,8,32' -> (1, 8, 32)."""
+    try:
+        sizes = tuple(int(part) for part in str(text).split(",") if part.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or any(b < 1 for b in sizes):
+        raise InputError(f"cannot read batch sizes from {text!r}", "write positive integers, e.g. --batch 1,8,32")
+    return sizes
+
+
+# --------------------------------------------------------------------------- the sequential API
+
+
+@dataclass(frozen=True, kw_only=True)
+class WarmupReport:
+    rounds: int
+    seconds: float
+    settled: bool
+
+
+class InterleavedSampler:
+    """Runs several prepared models round-robin and keeps every timing; more rounds can be added at
+    any time, and the ratio's bootstrap CI asked for in between. This is the sequential API the gate
+    drives ("measure A and B interleaved, add rounds, give me the CI so far").
+
+    A class and not a function because its state (the samples so far) is the point: the caller
+    decides when to stop from the statistics of what was measured.
+
+    `runners` are zero-argument callables that run one model once (e.g. `Target.bind(...)` results).
+    """
+
+    def __init__(self, runners: Sequence[Callable[[], object]], *, clock: ClockFn = read_clocks):
+        if not runners:
+            raise ValueError("nothing to measure")
+        self._runners = list(runners)
+        self._clock = clock
+        self._timed: dict[str, list[list[float]]] = {c: [[] for _ in runners] for c in CLOCKS}
+        self._warm: dict[str, list[list[float]]] = {c: [[] for _ in runners] for c in CLOCKS}
+
+    @property
+    def rounds(self) -> int:
+        return len(self._timed["wall"][0])
+
+    @property
+    def models(self) -> int:
+        return len(self._runners)
+
+    def _round(self, store: dict[str, list[list[float]]]) -> None:
+        clock = self._clock
+        for i, run in enumerate(self._runners):
+            wall0, cpu0 = clock()
+            run()
+            wall1, cpu1 = clock()
+            store["wall"][i].append(wall1 - wall0)
+            store["cpu"][i].append(cpu1 - cpu0)
+
+    def warm_up(self, *, max_seconds: float, clock: str = "wall", window: int = 5, tolerance: float = 0.05,
+                on_round: Callable[[float], None] | None = None) -> WarmupReport:
+        """Run rounds (not kept as samples) until every model's `clock` latency has settled, or
+        `max_seconds` have passed (then `settled` is False). At least 2 * window rounds."""
+        _check_clock(clock)
+        start = time.perf_counter()
+        rounds = 0
+        settled = False
+        with _gc_paused():
+            while True:
+                self._round(self._warm)
+                rounds += 1
+                elapsed = time.perf_counter() - start
+                if on_round is not None:
+                    on_round(min(1.0, elapsed / max_seconds) if max_seconds > 0 else 1.0)
+                settled = all(has_settled(s, window=window, tolerance=tolerance) for s in self._warm[clock])
+                if settled or elapsed >= max_seconds:
+                    break
+        return WarmupReport(rounds=rounds, seconds=time.perf_counter() - start, settled=settled)
+
+    def run_rounds(self, n: int, *, on_round: Callable[[float], None] | None = None) -> None:
+        """Add `n` timed rounds."""
+        with _gc_paused():
+            for k in range(n):
+                self._round(self._timed)
+                if on_round is not None:
+                    on_round((k + 1) / n)
+
+    def run_for(self, seconds: float, *, min_rounds: int = 0, max_rounds: int | None = None,
+                on_round: Callable[[float], None] | None = None) -> int:
+        """Add timed rounds for `seconds` of wall time (at least `min_rounds`); returns rounds added."""
+        start = time.perf_counter()
+        added = 0
+        with _gc_paused():
+            while True:
+                elapsed = time.perf_counter() - start
+                if added >= min_rounds and (elapsed >= seconds or (max_rounds is not None and added >= max_rounds)):
+                    break
+                self._round(self._timed)
+                added += 1
+                if on_round is not None:
+                    on_round(min(1.0, (time.perf_counter() - start) / seconds) if seconds > 0 else 1.0)
+        return added
+
+    def samples(self, index: int, clock: str = "wall") -> np.ndarray:
+        """Timed latencies of model `index` in seconds, in round order."""
+        _check_clock(clock)
+        return np.asarray(self._timed[clock][index], dtype=np.float64)
+
+    def warmup_samples(self, index: int, clock: str = "wall") -> np.ndarray:
+        _check_clock(clock)
+        return np.asarray(self._warm[clock][index], dtype=np.float64)
+
+    def summary(self, index: int, clock: str = "wall") -> Summary:
+        return summarize(self.samples(index, clock))
+
+    def ratio(self, index: int, clock: str = "wall", *, baseline: int = 0, method: str = "round-median",
+              confidence: float = 0.95, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> Interval:
+        """Latency of model `index` relative to model `baseline` over the rounds so far, with a
+        bootstrap CI over rounds (dlopt.stats.ratio_ci; default: median of per-round ratios)."""
+        return ratio_ci(self.samples(baseline, clock), self.samples(index, clock), method=method, paired=True,
+                        confidence=confidence, n_boot=n_boot, seed=seed)
+
+
+class _gc_paused:
+    """Garbage collection off inside a timed loop (as timeit does): a collection is not the model's cost."""
+
+    def __enter__(self):
+        self._was = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc):
+        if self._was:
+            gc.enable()
+
+
+def _check_clock(clock: str) -> None:
+    if clock not in CLOCKS:
+        raise ValueError(f"unknown clock {clock!r} (choose {', '.join(CLOCKS)})")
+
+
+# --------------------------------------------------------------------------- inputs
+
+_NUMPY_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
+}
+TOKEN_VOCAB = 1000  # token ids drawn from [0, 1000): inside every real vocabulary
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    type: str  # onnxruntime's type string, e.g. "tensor(int64)"
+    shape: tuple[int | str | None, ...]
+
+
+def input_specs(session) -> list[InputSpec]:
+    return [InputSpec(i.name, i.type, tuple(i.shape)) for i in session.get_inputs()]
+
+
+def resolve_shape(spec: InputSpec, batch: int, seq_len: int) -> tuple[int, ...]:
+    """Dynamic first axis -> batch; other dynamic axes -> seq_len; a fixed first axis must equal batch."""
+    dims = []
+    for axis, dim in enumerate(spec.shape):
+        dynamic = not isinstance(dim, int) or dim < 0
+        if axis == 0:
+            if dynamic:
+                dims.append(batch)
+            elif dim != batch:
+                raise InputError(f"input {spec.name!r} has a fixed batch of {dim}, cannot run batch {batch}",
+                                 f"use --batch {dim}, or export the model with a dynamic batch axis")
+            else:
+                dims.append(dim)
+        else:
+            dims.append(seq_len if dynamic else dim)
+    return tuple(dims)
+
+
+def make_inputs(specs: Sequence[InputSpec], *, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs from the model's input metadata: floats ~ N(0, 1); integer inputs named like
+    *mask* -> ones, *type_ids* -> zeros, *position* -> 0..T-1, other integers (token ids) ->
+    uniform in [0, 1000); bools -> True. Each input's draw depends on (seed, name) only, so two
+    variants of one model get identical inputs."""
+    feeds = {}
+    for spec in specs:
+        if spec.type not in _NUMPY_TYPES:
+            raise InputError(f"input {spec.name!r} has type {spec.type}, which bench cannot generate",
+                             "pass real inputs with --data inputs.npz")
+        dtype = np.dtype(_NUMPY_TYPES[spec.type])
+        shape = resolve_shape(spec, batch, seq_len)
+        rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
+        lowered = spec.name.lower()
+        if dtype == np.bool_:
+            value = np.ones(shape, dtype)
+        elif np.issubdtype(dtype, np.floating):
+            value = rng.standard_normal(shape).astype(dtype)
+        elif "mask" in lowered:
+            value = np.ones(shape, dtype)
+        elif "type" in lowered:
+            value = np.zeros(shape, dtype)
+        elif "position" in lowered and len(shape) >= 1:
+            value = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
+        else:
+            high = min(TOKEN_VOCAB, int(np.iinfo(dtype).max) + 1)
+            value = rng.integers(0, high, size=shape, dtype=dtype)
+        feeds[spec.name] = value
+    return feeds
+
+
+def load_data(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Arrays from an .npz file (keys = input names), with errors that name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"data file {p} does not exist", "give an .npz file with one array per model input")
+    try:
+        with np.load(p, allow_pickle=False) as archive:
+            return {k: archive[k] for k in archive.files}
+    except (ValueError, OSError, zlib.error) as e:
+        raise InputError(f"{p} is not a readable .npz file ({e})", "write it with numpy.savez") from e
+
+
+def feeds_from_data(specs: Sequence[InputSpec], data: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """The model's inputs taken from `data`, cast to the model's types where that loses nothing."""
+    feeds = {}
+    for spec in specs:
+        if spec.name not in data:
+            raise InputError(f"{source} has no array {spec.name!r} for the model's input",
+                             f"its arrays: {', '.join(sorted(data)) or 'none'}; the model needs "
+                             f"{', '.join(s.name for s in specs)}")
+        array = np.asarray(data[spec.name])
+        want = np.dtype(_NUMPY_TYPES.get(spec.type, array.dtype))
+        if array.dtype != want:
+            if not np.can_cast(array.dtype, want, casting="same_kind"):
+                raise InputError(f"{source}: array {spec.name!r} is {array.dtype}, the model wants {want}",
+                                 "save it with the model's dtype")
+            array = array.astype(want)
+        if len(array.shape) != len(spec.shape) or any(
+                isinstance(d, int) and d >= 0 and d != s for d, s in zip(spec.shape, array.shape)):
+            raise InputError(f"{source}: array {spec.name!r} has shape {list(array.shape)}, the model wants "
+                             f"{[d if isinstance(d, int) else '?' for d in spec.shape]}", "fix the data's shape")
+        feeds[spec.name] = array
+    return feeds
+
+
+# --------------------------------------------------------------------------- models and the whole run
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    label: str
+    path: Path
+    size_bytes: int  # the .onnx file plus its external data files
+    sha256: str
+    handle: Any  # dlopt.targets.TargetSession
+    rss_added_bytes: int  # process RSS growth from creating the session
+    device_added_bytes: int | None  # device memory growth from creating the session (GPU), None on the host
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """One model at one batch size: its samples (seconds) per clock and the derived numbers."""
+
+    samples: Mapping[str, np.ndarray]
+    summaries: Mapping[str, Summary]
+    ratios: Mapping[str, Interval | None]  # to the first model; None for the first
+    first_run_s: float  # wall time of the very first run at this batch (cold: allocation, autotuning)
+    rss_added_bytes: int  # process RSS growth from binding the inputs and the first run
+    device_added_bytes: int | None  # the same on the device (GPU); None on the host
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    batch: int
+    input_shapes: Mapping[str, tuple[int, ...]]
+    rounds: int
+    seconds: float
+    warmup: WarmupReport
+    models: tuple[ModelRun, ...]
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    config: BenchConfig
+    clock: str
+    clock_reason: str
+    target: Mapping[str, Any]
+    models: tuple[LoadedModel, ...]
+    batches: tuple[BatchRun, ...]
+    peak_rss_bytes: int
+    machine: Mapping[str, Any]
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def to_dict(self) -> dict[str, Any]:
+        from dlopt.report import environment
+        from dlopt.stage import config_to_dict
+
+        def run_dict(run: ModelRun, model: LoadedModel, batch: int) -> dict[str, Any]:
+            median = run.summaries[self.clock].median
+            return {
+                "model": model.label,
+                "latency_ms": {c: run.summaries[c].as_dict(1e3) for c in CLOCKS},
+                "first_run_ms": run.first_run_s * 1e3,
+                "rss_added_bytes": run.rss_added_bytes,
+                "device_added_bytes": run.device_added_bytes,
+                "throughput_per_s": batch / median if median > 0 else None,
+                "ratio": {c: (run.ratios[c].as_dict() if run.ratios[c] is not None else None) for c in CLOCKS},
+                "samples_ms": {c: np.round(run.samples[c] * 1e3, 6).tolist() for c in CLOCKS},
+            }
+
+        return {
+            "schema": SCHEMA_NAME,
+            "schema_version": SCHEMA_VERSION,
+            "created": self.created,
+            "config": config_to_dict(self.config),
+            "clock": self.clock,
+            "clock_reason": self.clock_reason,
+            "target": dict(self.target),
+            "machine": dict(self.machine),
+            "environment": environment(),
+            "models": [{
+                "label": m.label, "path": str(m.path), "size_bytes": m.size_bytes, "sha256": m.sha256,
+                "load_s": m.handle.load_s, "rss_added_bytes": m.rss_added_bytes,
+                "device_added_bytes": m.device_added_bytes, "runs_on": m.handle.runs_on,
+                "providers": list(m.handle.active_providers),
+            } for m in self.models],
+            "batches": [{
+                "batch": b.batch,
+                "input_shapes": {k: list(v) for k, v in b.input_shapes.items()},
+                "rounds": b.rounds,
+                "seconds": b.seconds,
+                "warmup": {"rounds": b.warmup.rounds, "seconds": b.warmup.seconds, "settled": b.warmup.settled},
+                "results": [run_dict(r, m, b.batch) for r, m in zip(b.models, self.models)],
+            } for b in self.batches],
+            "peak_rss_bytes": self.peak_rss_bytes,
+        }
+
+
+def choose_clock(config: BenchConfig, target) -> tuple[str, str]:
+    if config.clock != "auto":
+        return config.clock, "chosen with --clock"
+    clock = target.default_clock(config.threads)
+    if clock == "cpu":
+        return clock, "auto: one thread on the CPU, where thread CPU time is steadier than wall time"
+    if not target.cpu_time_measures_work:
+        return clock, f"auto: on {target.name} the calling thread waits for the device; wall time measures the work"
+    return clock, f"auto: {config.threads} threads; pool threads' CPU time is invisible to the caller, so wall time"
+
+
+def machine_fingerprint(threads: int, target=None, device_id: int = 0) -> dict[str, Any]:
+    """What a latency number depends on besides the model: stored with results so that numbers from
+    another machine are recognised as such."""
+    import platform
+
+    import onnxruntime as ort
+    import psutil
+
+    from dlopt.targets.cpu import cpu_model_name
+
+    flags = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        match = re.search(r"^flags\s*:\s*(.*)$", cpuinfo.read_text(errors="replace"), re.MULTILINE)
+        flags = " ".join(sorted(match.group(1).split())) if match else ""
+    fingerprint = {
+        "cpu_model": cpu_model_name(),
+        "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
+        "logical_cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "machine": platform.machine(),
+        "onnxruntime": ort.__version__,
+        "threads": threads,
+    }
+    if target is not None:
+        fingerprint["device"] = target.device_name(device_id)
+    return fingerprint
+
+
+def _file_facts(path: Path) -> tuple[int, str]:
+    """Bytes on disk (with external data files) and the sha256 of the .onnx file."""
+    from dlopt.fileio import load_onnx
+
+    model = load_onnx(path, load_external_data=False)  # clear errors for missing or corrupt files
+    size = path.stat().st_size
+    seen = set()
+    from onnx.external_data_helper import _get_all_tensors
+
+    for tensor in _get_all_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value not in seen:
+                seen.add(entry.value)
+                data_file = path.parent / entry.value
+                if data_file.exists():
+                    size += data_file.stat().st_size
+    del model
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return size, digest.hexdigest()
+
+
+def _labels(paths: Sequence[Path]) -> list[str]:
+    labels = [p.name for p in paths]
+    if len(set(labels)) < len(labels):  # same file names in different folders: use the paths
+        labels = [str(p) for p in paths]
+    counts: dict[str, int] = {}
+    out = []
+    for label in labels:  # the same file twice (an A/A check): number them
+        counts[label] = counts.get(label, 0) + 1
+        out.append(label if counts[label] == 1 else f"{label}#{counts[label]}")
+    return out
+
+
+def load_models(paths: Sequence[str | os.PathLike], config: BenchConfig,
+                progress: ProgressFn | None = None) -> tuple[Any, list[LoadedModel]]:
+    """Check the files, create a session per model on the target; returns (target, models)."""
+    import psutil
+
+    from dlopt.targets import get_target
+
+    target = get_target(config.target)
+    if not paths:
+        raise InputError("no model to benchmark", "give one or more .onnx files")
+    resolved = [Path(p) for p in paths]
+    facts = [_file_facts(p) for p in resolved]  # all files checked before any slow work
+    if not config.allow_fallback:
+        target.require_available()
+    provider_options = target.provider_options(device_id=config.device_id, cuda_graph=config.cuda_graph)
+    process = psutil.Process()
+    loaded = []
+    for path, label, (size, digest) in zip(resolved, _labels(resolved), facts):
+        if progress is not None:
+            progress(f"loading {label}", 0.0)
+        rss_before = process.memory_info().rss
+        device_before = target.memory_in_use(config.device_id)
+        handle = target.create_session(path, threads=config.threads, graph_opt_level=config.graph_opt_level,
+                                       provider_options=provider_options, allow_fallback=config.allow_fallback,
+                                       device_id=config.device_id)
+        device_after = target.memory_in_use(config.device_id)
+        loaded.append(LoadedModel(
+            label=label, path=path, size_bytes=size, sha256=digest, handle=handle,
+            rss_added_bytes=max(0, process.memory_info().rss - rss_before),
+            device_added_bytes=(device_after - device_before) if None not in (device_before, device_after) else None,
+        ))
+    return target, loaded
+
+
+def benchmark(paths: Sequence[str | os.PathLike], config: BenchConfig = BenchConfig(), *,
+              data: Mapping[str, np.ndarray] | None = None, data_source: str = "--data",
+              progress: ProgressFn | None = None) -> BenchResult:
+    """Measure one or more models on `config.target`, interleaved, at each batch size.
+
+    With `data`, its arrays are the inputs (their batch is whatever they hold; config.batch_sizes
+    is then ignored). Raises InputError / TargetUnavailableError on bad input or a target that
+    cannot run here."""
+    validate_config(config)
+    target, models = load_models(paths, config, progress)
+    runs_on = {m.handle.runs_on for m in models}
+    from dlopt.targets import get_target
+
+    # After an allowed fallback the work runs on the CPU: the clock is chosen for where it runs.
+    clock, clock_reason = choose_clock(config, get_target(sorted(runs_on)[0]) if len(runs_on) == 1 else target)
+    target_facts = {
+        "name": target.name,
+        "runs_on": sorted(runs_on)[0] if len(runs_on) == 1 else "mixed",
+        "fell_back": any(m.handle.fell_back for m in models),
+        "providers": list(models[0].handle.active_providers),
+        "device": target.device_name(config.device_id) if not any(m.handle.fell_back for m in models)
+        else "host CPU (fallback)",
+        "cuda_graph": config.cuda_graph,
+        "threads": config.threads,
+        "graph_opt_level": config.graph_opt_level,
+    }
+    batches = (None,) if data is not None else config.batch_sizes
+    share = (config.budget_s / len(batches)) if config.rounds is None else None
+    batch_runs = []
+    for k, batch in enumerate(batches):
+        def report(what: str, fraction: float, _k=k) -> None:
+            if progress is not None:
+                progress(what, (_k + min(1.0, fraction)) / len(batches))
+
+        batch_runs.append(_measure_batch(target, models, config, batch, data, data_source, clock, share, report))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return BenchResult(config=config, clock=clock, clock_reason=clock_reason, target=target_facts,
+                       models=tuple(models), batches=tuple(batch_runs), peak_rss_bytes=int(peak),
+                       machine=machine_fingerprint(config.threads, target, config.device_id))
+
+
+def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, batch: int | None,
+                   data: Mapping[str, np.ndarray] | None, data_source: str, clock: str, share: float | None,
+                   report: ProgressFn) -> BatchRun:
+    import psutil
+
+    process = psutil.Process()
+    runners = []
+    first_run_s: list[float] = []
+    rss_added: list[int] = []
+    device_added: list[int | None] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    for m in models:
+        specs = input_specs(m.handle.session)
+        if data is not None:
+            feeds = feeds_from_data(specs, data, data_source)
+        else:
+            feeds = make_inputs(specs, batch=batch, seq_len=config.seq_len, seed=config.seed)
+        shapes.update({k: tuple(v.shape) for k, v in feeds.items()})
+        report(f"binding {m.label}", 0.0)
+        rss_before = process.memory_info().rss
+        device_before = target.memory_in_use(config.device_id)
+        bound = target.bind(m.handle, feeds)
+        start = time.perf_counter()
+        bound()  # the first run allocates the session's buffers: it belongs to the model's memory
+        first_run_s.append(time.perf_counter() - start)
+        device_after = target.memory_in_use(config.device_id)
+        rss_added.append(max(0, process.memory_info().rss - rss_before))
+        device_added.append(device_after - device_before if None not in (device_before, device_after) else None)
+        runners.append(bound)
+    effective_batch = batch if batch is not None else int(next(iter(shapes.values()))[0]) if shapes else 1
+    sampler = InterleavedSampler(runners)
+    start = time.perf_counter()
+    if config.rounds is None:
+        warm_cap = share * config.warmup_max_fraction
+    else:
+        warm_cap = 30.0  # a fixed round count has no budget; still, never warm up forever
+    label = f"batch {effective_batch}"
+    warm = sampler.warm_up(max_seconds=warm_cap, clock=clock, window=config.warmup_window,
+                           tolerance=config.warmup_tolerance,
+                           on_round=lambda f: report(f"{label}: warming up", 0.1 * f))
+    if config.rounds is not None:
+        sampler.run_rounds(config.rounds, on_round=lambda f: report(f"{label}: measuring", 0.1 + 0.9 * f))
+    else:
+        remaining = max(0.0, share - (time.perf_counter() - start))
+        sampler.run_for(remaining, min_rounds=config.min_rounds,
+                        on_round=lambda f: report(f"{label}: measuring", 0.1 + 0.9 * f))
+    seconds = time.perf_counter() - start
+    results = []
+    for i in range(len(models)):
+        samples = {c: sampler.samples(i, c) for c in CLOCKS}
+        ratios = {c: (sampler.ratio(i, c, method=config.ratio_method, confidence=config.confidence,
+                                    n_boot=config.n_boot, seed=config.seed)
+                      if i > 0 else None) for c in CLOCKS}
+        results.append(ModelRun(samples=samples, summaries={c: summarize(samples[c]) for c in CLOCKS},
+                                ratios=ratios, first_run_s=first_run_s[i], rss_added_bytes=rss_added[i],
+                                device_added_bytes=device_added[i]))
+    report(f"{label}: done", 1.0)
+    return BatchRun(batch=effective_batch, input_shapes=shapes, rounds=sampler.rounds, seconds=seconds,
+                    warmup=warm, models=tuple(results))
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def format_result(result: BenchResult) -> str:
+    """The latency table (one row per model and batch size) and the models table, as text."""
+    from dlopt.report import format_table
+
+    clock = result.clock
+    other = "wall" if clock == "cpu" else "cpu"
+    confidence = int(round(result.config.confidence * 100))
+    headers = ["model", "batch", f"median ms ({clock})", "p90", "p99", "mean", "std", "min",
+               f"median ms ({other})", "items/s", "ratio", f"{confidence}% CI"]
+    rows = []
+    for b in result.batches:
+        for m, r in zip(result.models, b.models):
+            s = r.summaries[clock]
+            ratio = r.ratios[clock]
+            rows.append([m.label, b.batch, s.median * 1e3, s.p90 * 1e3, s.p99 * 1e3, s.mean * 1e3, s.std * 1e3,
+                         s.min * 1e3, r.summaries[other].median * 1e3,
+                         f"{b.batch / s.median:.1f}" if s.median > 0 else "nan",
+                         "1 (base)" if ratio is None else f"{ratio.estimate:.3f}",
+                         "" if ratio is None else f"[{ratio.low:.3f}, {ratio.high:.3f}]"])
+    # Memory a model added: its session, plus the buffers of its first run at the first batch size.
+    first = result.batches[0].models
+    show_device = any(m.device_added_bytes is not None for m in result.models)
+    model_headers = ["model", "size MB", "load ms", "first run ms", "RSS +MB"] + (
+        ["device +MB"] if show_device else []) + ["runs on", "providers"]
+    model_rows = []
+    for m, r in zip(result.models, first):
+        row = [m.label, m.size_bytes / 1e6, m.handle.load_s * 1e3, r.first_run_s * 1e3,
+               (m.rss_added_bytes + r.rss_added_bytes) / 1e6]
+        if show_device:
+            both = (m.device_added_bytes, r.device_added_bytes)
+            row.append(sum(both) / 1e6 if None not in both else "n/a")
+        row += [m.handle.runs_on, ",".join(p.replace("ExecutionProvider", "") for p in m.handle.active_providers)]
+        model_rows.append(row)
+    t = result.target
+    lines = [
+        f"target {t['name']} on {t['device']}, {result.config.threads} thread(s), graph optimization "
+        f"{result.config.graph_opt_level}" + (", CUDA graph" if result.config.cuda_graph else ""),
+        f"clock: {clock} ({result.clock_reason})",
+    ]
+    if t["fell_back"]:
+        lines.append(f"WARNING: {t['name']} is not available here; these are CPU numbers (--allow-fallback)")
+    for b in result.batches:
+        shapes = ", ".join(f"{k}{list(v)}" for k, v in b.input_shapes.items())
+        lines.append(f"batch {b.batch}: {b.rounds} interleaved rounds in {b.seconds:.1f} s; warm-up "
+                     f"{b.warmup.rounds} rounds, {'settled' if b.warmup.settled else 'NOT settled (capped)'}; "
+                     f"inputs {shapes}")
+    return "\n".join([format_table(headers, rows), "", format_table(model_headers, model_rows), "", *lines,
+                      f"peak RSS of this process: {result.peak_rss_bytes / 1e6:.0f} MB"])
+
+
+__all__ = ["BenchConfig", "BenchResult", "InterleavedSampler", "InputSpec", "SCHEMA_VERSION", "WarmupReport",
+           "benchmark", "choose_clock", "feeds_from_data", "format_result", "input_specs", "load_data",
+           "load_models", "machine_fingerprint", "make_inputs", "parse_batch_sizes", "parse_duration", "resolve_shape",
+           "validate_config"]
