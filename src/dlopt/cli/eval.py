@@ -1,0 +1,66 @@
+"""dlopt eval: accuracy metrics of a model on data or with a reference model's real evaluator."""
+
+from __future__ import annotations
+
+import click
+
+from dlopt.cli._common import echo_err
+
+
+@click.command("eval", short_help="Accuracy of a model (top1, cosine, SQNR, MSE, or a reference model's task metrics).")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="An .npz with one array per model input, optionally `labels` (class indices) and the "
+                   "expected output (named like the output, or `expected`).")
+@click.option("--metric", "metrics", multiple=True,
+              help="top1, cosine, sqnr or mse; repeat or comma-separate. [default: top1]")
+@click.option("--reference", type=click.Path(dir_okay=True), default=None,
+              help="A reference .onnx (e.g. the FP32 source) run on the same inputs; metrics are shown beside its own.")
+@click.option("--model", "reference_model", default=None,
+              help="Use this reference model's real evaluator and data instead of --data (e.g. minilm).")
+@click.option("--output", default=None, help="Which model output the metrics read (default: the first).")
+@click.option("--target", default="cpu", show_default=True, help="Execution target: cpu or cuda.")
+@click.option("--threads", type=int, default=0, show_default=True, help="Intra-op threads (0: all cores).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per run over --data.")
+@click.option("--allow-fallback", is_flag=True, help="Run on the CPU if the target is not available here.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the result as JSON.")
+def command(model, data, metrics, reference, reference_model, output, target, threads, batch_size, allow_fallback,
+            json_path):
+    """Evaluate MODEL (.onnx) and print its metrics beside the reference's.
+
+    \b
+    On data:        dlopt eval int8.onnx --data val.npz --metric top1,sqnr --reference fp32.onnx
+    Real evaluator: dlopt eval int8.onnx --model minilm --reference fp32.onnx
+
+    \b
+    top1     fraction of argmax equal to `labels` (and, with a reference, top1_agreement: argmax
+             equal to the reference's)
+    cosine   mean per-sample cosine similarity to the reference output
+    sqnr     20*log10(|ref| / |ref - out|) in dB over the whole output
+    mse      mean squared error to the reference output
+    """
+    from dlopt.errors import InputError
+    from dlopt.evaluate import EvalConfig, evaluate_data, evaluate_reference_model, format_eval, validate_metrics
+    from dlopt.fileio import check_output_path, write_json_atomic
+
+    if json_path:
+        check_output_path(json_path)
+    if (data is None) == (reference_model is None):
+        raise InputError("give either --data FILE.npz or --model NAME",
+                         "--data evaluates on your arrays; --model uses a reference model's evaluator")
+    names = tuple(m.strip() for part in metrics for m in part.split(",") if m.strip())
+    if reference_model and names:
+        raise InputError("--metric applies to --data", f"--model {reference_model} reports its own task metrics")
+    config = EvalConfig(metrics=validate_metrics(names or ("top1",)) if data else ("top1",), target=target,
+                        threads=threads, batch_size=batch_size, output=output, allow_fallback=allow_fallback)
+    if threads < 0:
+        raise InputError(f"--threads must be 0 or more, got {threads}", "0 uses all cores")
+    if data:
+        result = evaluate_data(model, data, config, reference=reference)
+    else:
+        echo_err(f"evaluating {model} with the {reference_model} evaluator")
+        result = evaluate_reference_model(model, reference_model, config, reference=reference)
+    click.echo(format_eval(result))
+    if json_path:
+        write_json_atomic(json_path, result.to_dict())
+        echo_err(f"wrote {json_path}")

@@ -1,0 +1,297 @@
+"""`dlopt eval`: the accuracy side of a model, beside its reference's.
+
+Two ways to evaluate:
+- on data: an .npz with one array per model input (plus optional `labels`), and metrics that
+  compare the model's output with the labels (top1) or with a reference model's output on the same
+  inputs (top1 agreement, cosine, SQNR, MSE); without --reference, an array named like the output
+  (or `expected`) in the .npz is the reference output;
+- with a reference model's own evaluator (`--model minilm`): its real task metrics on its real
+  data (dlopt.models), for the model and, with --reference, for the reference model too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dlopt.errors import InputError
+
+METRICS = ("top1", "cosine", "sqnr", "mse")
+LABELS_KEY = "labels"
+EXPECTED_KEY = "expected"
+
+
+# --------------------------------------------------------------------------- the metrics
+
+
+def _pair(output: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(output, dtype=np.float64)
+    r = np.asarray(reference, dtype=np.float64)
+    if y.shape != r.shape:
+        raise InputError(f"output shape {list(y.shape)} differs from the reference's {list(r.shape)}",
+                         "compare models with the same outputs")
+    return y, r
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of samples whose argmax over the last axis equals the label. `labels` are class
+    indices [N], or scores of the same shape as `logits` (then: top-1 agreement of the two)."""
+    scores = np.asarray(logits)
+    if scores.ndim < 2:
+        raise InputError(f"top1 needs scores of shape [N, classes], got {list(scores.shape)}",
+                         "choose --output with the class scores")
+    predicted = scores.reshape(scores.shape[0], -1).argmax(axis=1)
+    target = np.asarray(labels)
+    if target.shape == scores.shape:
+        target = target.reshape(target.shape[0], -1).argmax(axis=1)
+    target = target.reshape(-1)
+    if target.shape[0] != predicted.shape[0]:
+        raise InputError(f"{target.shape[0]} labels for {predicted.shape[0]} samples", "give one label per sample")
+    return float(np.mean(predicted == target))
+
+
+def cosine(output: np.ndarray, reference: np.ndarray) -> float:
+    """Mean over samples (first axis) of the cosine similarity of the flattened outputs."""
+    y, r = _pair(output, reference)
+    y = y.reshape(y.shape[0], -1) if y.ndim > 1 else y.reshape(1, -1)
+    r = r.reshape(r.shape[0], -1) if r.ndim > 1 else r.reshape(1, -1)
+    norms = np.linalg.norm(y, axis=1) * np.linalg.norm(r, axis=1)
+    dots = np.sum(y * r, axis=1)
+    # Two zero vectors are identical (1); a zero against a non-zero vector shares no direction (0).
+    both_zero = (np.linalg.norm(y, axis=1) == 0) & (np.linalg.norm(r, axis=1) == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sims = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where(both_zero, 1.0, 0.0))
+    return float(np.mean(sims))
+
+
+def sqnr_db(output: np.ndarray, reference: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio 20 * log10(||reference|| / ||reference - output||), in dB;
+    inf when the outputs are equal."""
+    y, r = _pair(output, reference)
+    noise = float(np.linalg.norm(r - y))
+    signal = float(np.linalg.norm(r))
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return 20.0 * float(np.log10(signal / noise))
+
+
+def mse(output: np.ndarray, reference: np.ndarray) -> float:
+    y, r = _pair(output, reference)
+    return float(np.mean((y - r) ** 2))
+
+
+_COMPARE = {"cosine": cosine, "sqnr": sqnr_db, "mse": mse}
+_HIGHER_IS_BETTER = {"top1": True, "top1_agreement": True, "cosine": True, "sqnr": True, "mse": False}
+
+
+# --------------------------------------------------------------------------- running and results
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    metrics: tuple[str, ...] = ("top1",)
+    target: str = "cpu"
+    threads: int = 0  # 0: all cores (evaluation is not timed)
+    batch_size: int = 32
+    output: str | None = None  # which model output the metrics read; default: the first
+    allow_fallback: bool = False
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    metric: str
+    value: float
+    reference: float | None  # the reference model's value on the same task, where that means something
+    note: str = ""
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.reference is None else self.value - self.reference
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    model: str
+    reference: str | None
+    source: str  # the data file, or "reference model NAME"
+    samples: int | None
+    rows: tuple[MetricRow, ...]
+    runs_on: str
+    config: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        from dlopt.report import environment
+        from dlopt.stage import config_to_dict
+
+        return {
+            "schema": "dlopt.eval", "schema_version": 1, "model": self.model, "reference": self.reference,
+            "source": self.source, "samples": self.samples, "runs_on": self.runs_on,
+            "config": config_to_dict(self.config),
+            "metrics": [{"metric": r.metric, "value": _json_float(r.value), "reference": _json_float(r.reference),
+                         "delta": _json_float(r.delta), "note": r.note} for r in self.rows],
+            "environment": environment(),
+        }
+
+    def value(self, metric: str) -> float:
+        for row in self.rows:
+            if row.metric == metric:
+                return row.value
+        raise KeyError(metric)
+
+
+def _json_float(value: float | None) -> float | str | None:
+    if value is None:
+        return None
+    if np.isinf(value) or np.isnan(value):
+        return str(value)  # JSON has no inf/nan
+    return float(value)
+
+
+def validate_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+    if not metrics:
+        raise InputError("no metric chosen", f"pass --metric with one of {', '.join(METRICS)}")
+    for m in metrics:
+        if m not in METRICS:
+            raise InputError(f"unknown metric {m!r}", f"choose from {', '.join(METRICS)}")
+    return tuple(dict.fromkeys(metrics))
+
+
+def _open(path: str | os.PathLike, config: EvalConfig):
+    from dlopt.fileio import load_onnx
+    from dlopt.targets import get_target
+
+    target = get_target(config.target)
+    load_onnx(path, load_external_data=False)  # clear errors for missing or corrupt files
+    threads = config.threads or (os.cpu_count() or 1)
+    provider_options = target.provider_options()
+    return target.create_session(path, threads=threads, provider_options=provider_options,
+                                 allow_fallback=config.allow_fallback)
+
+
+def run_batched(handle, feeds: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """Run the model over the first axis of `feeds` in chunks (a fixed batch axis sets the chunk)."""
+    from dlopt.bench import input_specs
+
+    specs = input_specs(handle.session)
+    counts = {name: int(np.asarray(a).shape[0]) for name, a in feeds.items() if np.asarray(a).ndim > 0}
+    if len(set(counts.values())) > 1:
+        raise InputError(f"the data's arrays hold different numbers of samples: {counts}",
+                         "give every input the same first dimension")
+    n = next(iter(counts.values())) if counts else 1
+    fixed = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
+    step = fixed.pop() if len(fixed) == 1 else batch_size
+    if n % step and fixed:
+        raise InputError(f"{n} samples do not split into the model's fixed batch of {step}",
+                         f"give a multiple of {step} samples")
+    names = handle.output_names()
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for start in range(0, n, step):
+        part = {k: v[start:start + step] for k, v in feeds.items()}
+        for name, out in zip(names, handle.session.run(None, part)):
+            chunks[name].append(out)
+    return {name: np.concatenate(parts, axis=0) for name, parts in chunks.items()}
+
+
+def _pick_output(outputs: Mapping[str, np.ndarray], wanted: str | None, what: str) -> tuple[str, np.ndarray]:
+    if wanted is None:
+        name = next(iter(outputs))
+        return name, outputs[name]
+    if wanted not in outputs:
+        raise InputError(f"{what} has no output {wanted!r}", f"its outputs: {', '.join(outputs)}")
+    return wanted, outputs[wanted]
+
+
+def evaluate_data(model: str | os.PathLike, data: str | os.PathLike, config: EvalConfig = EvalConfig(), *,
+                  reference: str | os.PathLike | None = None) -> EvalResult:
+    """Metrics of `model` on the inputs in the .npz `data` (see the module docstring)."""
+    from dlopt.bench import feeds_from_data, input_specs, load_data
+
+    metrics = validate_metrics(config.metrics)
+    if config.batch_size < 1:
+        raise InputError(f"batch size must be at least 1, got {config.batch_size}", "e.g. --batch-size 32")
+    arrays = load_data(data)
+    handle = _open(model, config)
+    feeds = feeds_from_data(input_specs(handle.session), arrays, str(data))
+    out_name, output = _pick_output(run_batched(handle, feeds, config.batch_size), config.output, str(model))
+    ref_output = None
+    ref_handle = None
+    if reference is not None:
+        ref_handle = _open(reference, config)
+        ref_feeds = feeds_from_data(input_specs(ref_handle.session), arrays, str(data))
+        ref_outputs = run_batched(ref_handle, ref_feeds, config.batch_size)
+        _, ref_output = _pick_output(ref_outputs, out_name if out_name in ref_outputs else None, str(reference))
+    elif out_name in arrays or EXPECTED_KEY in arrays:
+        ref_output = arrays[out_name] if out_name in arrays else arrays[EXPECTED_KEY]
+    labels = arrays.get(LABELS_KEY)
+    rows = []
+    for metric in metrics:
+        if metric == "top1":
+            if labels is None and ref_output is None:
+                raise InputError(f"top1 needs labels: {data} has no {LABELS_KEY!r} array and no reference",
+                                 f"add a {LABELS_KEY!r} array of class indices, or pass --reference REF.onnx")
+            if labels is not None:
+                ref_value = top1(ref_output, labels) if reference is not None else None
+                rows.append(MetricRow("top1", top1(output, labels), ref_value, f"vs {LABELS_KEY}"))
+            if ref_output is not None:
+                rows.append(MetricRow("top1_agreement", top1(output, ref_output), None,
+                                      "argmax equal to the reference's"))
+            continue
+        if ref_output is None:
+            raise InputError(f"{metric} compares with a reference output, and there is none",
+                             f"pass --reference REF.onnx, or store the expected output in {data} "
+                             f"as {out_name!r} or {EXPECTED_KEY!r}")
+        rows.append(MetricRow(metric, _COMPARE[metric](output, ref_output), None,
+                              "vs reference model" if reference is not None else "vs expected output in data"))
+    n = int(np.asarray(next(iter(feeds.values()))).shape[0]) if feeds else None
+    return EvalResult(model=str(model), reference=str(reference) if reference else None, source=str(data),
+                      samples=n, rows=tuple(rows), runs_on=handle.runs_on, config=config)
+
+
+def evaluate_reference_model(model: str | os.PathLike, name: str, config: EvalConfig = EvalConfig(), *,
+                             reference: str | os.PathLike | None = None) -> EvalResult:
+    """The reference model `name`'s real evaluator (its task metrics on its real data) run on the
+    ONNX `model`, and on `reference` for comparison."""
+    from dlopt.models import get_reference_model, onnx_runner
+
+    spec = get_reference_model(name)
+    handle = _open(model, config)
+    values = spec.evaluate(onnx_runner(handle.session))
+    ref_values: Mapping[str, float] = {}
+    if reference is not None:
+        ref_handle = _open(reference, config)
+        ref_values = spec.evaluate(onnx_runner(ref_handle.session))
+    rows = tuple(MetricRow(metric, float(value), float(ref_values[metric]) if metric in ref_values else None)
+                 for metric, value in values.items())
+    return EvalResult(model=str(model), reference=str(reference) if reference else None,
+                      source=f"reference model {name}", samples=None, rows=rows, runs_on=handle.runs_on,
+                      config=config)
+
+
+def format_eval(result: EvalResult) -> str:
+    from dlopt.report import format_table
+
+    model_label = Path(result.model).name
+    ref_label = Path(result.reference).name if result.reference else "reference"
+    if ref_label == model_label:
+        ref_label = f"{ref_label} (reference)"
+    rows = []
+    for r in result.rows:
+        better = ""
+        if r.delta is not None and r.delta != 0 and r.metric in _HIGHER_IS_BETTER:
+            better = "better" if (r.delta > 0) == _HIGHER_IS_BETTER[r.metric] else "worse"
+        rows.append([r.metric, r.value, "" if r.reference is None else r.reference,
+                     "" if r.delta is None else f"{r.delta:+.4g} {better}".strip(), r.note])
+    table = format_table(["metric", model_label, ref_label, "delta", "note"], rows)
+    samples = f", {result.samples} samples" if result.samples is not None else ""
+    return f"{table}\n\nsource: {result.source}{samples}; ran on {result.runs_on}"
+
+
+__all__ = ["EvalConfig", "EvalResult", "METRICS", "MetricRow", "cosine", "evaluate_data", "evaluate_reference_model",
+           "format_eval", "mse", "run_batched", "sqnr_db", "top1", "validate_metrics"]
