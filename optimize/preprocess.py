@@ -1,0 +1,255 @@
+"""Graph pre-processing before quantization: transformer fusions, constant folding, shape inference.
+
+Each step runs on a copy, then the step's output is run against its input through ONNX Runtime on
+the same feeds (calibration samples when given, else synthesized ones); a step whose outputs differ
+beyond atol + rtol·|expected| is rejected, reported, and its input kept. A step is never trusted
+blindly: ORT's fusions are pattern matches and a mismatched pattern can change numerics.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from dlopt.optimize.calibration import Feeds, graph_inputs
+from dlopt.stage import StageResult, config_to_dict
+
+Fusion = Literal["auto", "on", "off"]
+
+# ops that only ORT's transformer fusions create: seeing one means the graph is already fused
+FUSED_TRANSFORMER_OPS = {"Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization",
+                         "BiasGelu", "FastGelu", "QAttention"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreprocessConfig:
+    transformer_fusion: Fusion = "auto"  # auto: fuse graphs that look like BERT-style encoders
+    model_type: str = "bert"  # onnxruntime.transformers.optimizer model type
+    num_heads: int = 0  # 0: detected from the graph by ORT
+    hidden_size: int = 0
+    constant_folding: bool = True
+    shape_inference: bool = True
+    check_samples: int = 2
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+
+def looks_like_transformer(model) -> bool:
+    ops = [n.op_type for n in model.graph.node]
+    if FUSED_TRANSFORMER_OPS & set(ops):
+        return True
+    names = {i.name for i in graph_inputs(model)}
+    return ops.count("Softmax") >= 1 and ops.count("MatMul") >= 4 and ("input_ids" in names or "Gather" in ops)
+
+
+def op_counts(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+# -- running and comparing --------------------------------------------------------------------------
+def make_session(model, threads: int = 1, optimization: str = "all"):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                   "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
+    payload = model.SerializeToString() if model.ByteSize() < 2**31 - 1 else None
+    if payload is None:
+        raise ValueError("models over 2 GiB must be run from a file")
+    return ort.InferenceSession(payload, so, providers=["CPUExecutionProvider"])
+
+
+def synthetic_feeds(model, count: int = 2, seq_len: int = 16, seed: int = 0) -> list[Feeds]:
+    """Inputs for a numerical check when no data is given: token-like ids for integer inputs
+    (in [0, 1000), a mask of ones for names containing 'mask'), normal floats otherwise."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(count):
+        sample = {}
+        for spec in graph_inputs(model):
+            shape = tuple(d if d is not None and d > 0 else (1 if axis == 0 else seq_len)
+                          for axis, d in enumerate(spec.shape))
+            if np.issubdtype(spec.dtype, np.integer):
+                sample[spec.name] = (np.ones(shape, spec.dtype) if "mask" in spec.name
+                                     else rng.integers(0, 1000, shape).astype(spec.dtype))
+            elif spec.dtype == np.bool_:
+                sample[spec.name] = np.ones(shape, np.bool_)
+            else:
+                sample[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        feeds.append(sample)
+    return feeds
+
+
+def check_feeds(model, data: Iterable[Mapping[str, np.ndarray]] | None, count: int) -> list[Feeds]:
+    if data is not None:
+        taken = []
+        for feeds in data:
+            taken.append(dict(feeds))
+            if len(taken) >= count:
+                break
+        if taken:
+            return taken
+    return synthetic_feeds(model, count)
+
+
+def run_outputs(session, feeds_list: list[Feeds]) -> list[list[np.ndarray]]:
+    names = {i.name for i in session.get_inputs()}
+    return [session.run(None, {k: v for k, v in f.items() if k in names}) for f in feeds_list]
+
+
+def max_deviation(expected: list[list[np.ndarray]], actual: list[list[np.ndarray]], atol: float, rtol: float
+                  ) -> tuple[bool, float]:
+    """(within tolerance, largest absolute difference) over every output of every sample."""
+    ok, worst = True, 0.0
+    for exp_outs, act_outs in zip(expected, actual):
+        for e, a in zip(exp_outs, act_outs):
+            if e.shape != a.shape:
+                return False, float("inf")
+            if not np.issubdtype(e.dtype, np.floating):
+                ok &= bool(np.array_equal(e, a))
+                continue
+            diff = np.abs(e.astype(np.float64) - a.astype(np.float64))
+            if not np.all(np.isfinite(a) == np.isfinite(e)):
+                return False, float("inf")
+            diff = np.nan_to_num(diff)
+            worst = max(worst, float(diff.max(initial=0.0)))
+            ok &= bool(np.all(diff <= atol + rtol * np.abs(np.nan_to_num(e))))
+    return ok, worst
+
+
+# -- the steps ----------------------------------------------------------------------------------------
+def detect_attention_shape(model) -> tuple[int, int]:
+    """(num_heads, hidden_size) of a BERT-style graph, 0 where not found.
+
+    Written here because ORT's own detection reads the head count from the Q reshape's shape, and
+    current transformers export `view(batch, seq, -1, head_dim)`: the head count is -1 there. The
+    head size is in that shape and the hidden size is the width of the projection feeding it."""
+    from onnx import numpy_helper
+
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    producer = {out: node for node in model.graph.node for out in node.output}
+    found: dict[tuple[int, int], int] = {}
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2:
+            continue
+        concat = producer.get(node.input[1])
+        if concat is None or concat.op_type != "Concat" or len(concat.input) != 4:
+            continue
+        heads, head_size = (consts.get(concat.input[2]), consts.get(concat.input[3]))
+        if head_size is None or heads is None or head_size.size != 1 or heads.size != 1 or head_size.item() <= 0:
+            continue
+        width = 0
+        src = producer.get(node.input[0])
+        while src is not None and src.op_type in ("Add", "MatMul") and not width:
+            weights = [consts[i] for i in src.input if i in consts and consts[i].ndim == 2]
+            if src.op_type == "MatMul" and weights:
+                width = int(weights[0].shape[1])
+            src = next((producer[i] for i in src.input if i in producer), None)
+        h = int(heads.item()) if heads.item() > 0 else (width // int(head_size.item()) if width else 0)
+        if h > 0:
+            key = (h, h * int(head_size.item()))
+            found[key] = found.get(key, 0) + 1
+    return max(found, key=found.get) if found else (0, 0)
+
+
+def _fuse_transformer(model, config: PreprocessConfig):
+    import logging
+
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    heads, hidden = config.num_heads, config.hidden_size
+    if not heads or not hidden:
+        heads, hidden = detect_attention_shape(model)
+    fused = optimize_model(model, model_type=config.model_type, num_heads=heads, hidden_size=hidden, opt_level=0)
+    stats = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
+    return fused.model, {"fused": stats, "num_heads": heads, "hidden_size": hidden}
+
+
+def _fold_constants(model, config: PreprocessConfig):
+    import onnx
+    import onnxruntime as ort
+
+    # ORT's basic level is constant folding plus redundant-node elimination with standard ops only;
+    # it writes the folded graph back out, which is the best-tested folder available.
+    with tempfile.TemporaryDirectory(prefix="dlopt-fold-") as tmp:
+        out = Path(tmp) / "folded.onnx"
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(out)
+        so.log_severity_level = 3
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        folded = onnx.load_model(str(out))
+    return folded, {"nodes_before": len(model.graph.node), "nodes_after": len(folded.graph.node)}
+
+
+def _infer_shapes(model, config: PreprocessConfig):
+    import onnx
+
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        # symbolic inference knows ORT's contrib ops (Attention, SkipLayerNormalization ...)
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+        engine = "onnxruntime symbolic"
+    except Exception:  # noqa: BLE001 - falls back to ONNX's own inference, which is reported
+        inferred = onnx.shape_inference.infer_shapes(model)
+        engine = "onnx"
+    return inferred, {"engine": engine, "value_infos": len(inferred.graph.value_info)}
+
+
+def preprocess(model, config: PreprocessConfig = PreprocessConfig(),
+               data: Iterable[Mapping[str, np.ndarray]] | None = None) -> StageResult:
+    """Run the enabled steps in order (fusion, constant folding, shape inference), each checked."""
+    feeds = check_feeds(model, data, config.check_samples)
+    reference = run_outputs(make_session(model, optimization="basic"), feeds)
+    steps: list[tuple[str, Any]] = []
+    fuse = config.transformer_fusion == "on" or (config.transformer_fusion == "auto"
+                                                 and looks_like_transformer(model))
+    if fuse and not (FUSED_TRANSFORMER_OPS & {n.op_type for n in model.graph.node}):
+        steps.append(("transformer_fusion", _fuse_transformer))
+    if config.constant_folding:
+        steps.append(("constant_folding", _fold_constants))
+    if config.shape_inference:
+        steps.append(("shape_inference", _infer_shapes))
+
+    report_steps = []
+    current = model
+    for name, step in steps:
+        entry: dict[str, Any] = {"step": name}
+        try:
+            candidate, details = step(current, config)
+            entry.update(details)
+            ok, worst = max_deviation(reference, run_outputs(make_session(candidate, optimization="basic"), feeds),
+                                      config.atol, config.rtol)
+            entry["max_abs_diff"] = worst
+            entry["applied"] = ok
+            if ok:
+                current = candidate
+            else:
+                entry["reason"] = f"outputs moved by {worst:.3g} (> atol {config.atol}, rtol {config.rtol}): rejected"
+        except Exception as e:  # noqa: BLE001 - a failed optional step is reported, the model kept as it was
+            entry.update(applied=False, reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        report_steps.append(entry)
+    report = {"config": config_to_dict(config), "steps": report_steps, "check_feeds": len(feeds),
+              "ops_before": op_counts(model), "ops_after": op_counts(current)}
+    return StageResult(current, report)
+
+
+__all__ = ["FUSED_TRANSFORMER_OPS", "PreprocessConfig", "check_feeds", "looks_like_transformer", "make_session",
+           "max_deviation", "op_counts", "preprocess", "run_outputs", "synthetic_feeds"]
