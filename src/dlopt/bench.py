@@ -514,7 +514,8 @@ def _file_facts(path: Path) -> tuple[int, str]:
 
 def _labels(paths: Sequence[Path]) -> list[str]:
     labels = [p.name for p in paths]
-    if len(set(labels)) < len(labels):  # same file names in different folders: use the paths
+    distinct = {p.resolve() for p in paths}
+    if len({p.name for p in distinct}) < len(distinct):  # same file names in different folders: use paths
         labels = [str(p) for p in paths]
     counts: dict[str, int] = {}
     out = []

@@ -1,0 +1,241 @@
+"""The bench harness: interleaving, warm-up, inputs, a real run on tiny models, JSON schema, CLI."""
+
+import json
+from importlib.resources import files
+
+import jsonschema
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from dlopt.bench import (BenchConfig, InputSpec, InterleavedSampler, benchmark, feeds_from_data, format_result,
+                         make_inputs, parse_batch_sizes, parse_duration, resolve_shape)
+from dlopt.cli import main
+from dlopt.errors import InputError
+
+
+def _chain(path, layers: int, width: int = 128):
+    """`layers` MatMul+Tanh blocks: work proportional to `layers`."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((width, width)).astype(np.float32) * 0.1,
+                                "w")
+    nodes, prev = [], "x"
+    for i in range(layers):
+        nodes += [helper.make_node("MatMul", [prev, "w"], [f"m{i}"]), helper.make_node("Tanh", [f"m{i}"], [f"t{i}"])]
+        prev = f"t{i}"
+    nodes.append(helper.make_node("Identity", [prev], ["y"]))
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def chains(tmp_path_factory):
+    d = tmp_path_factory.mktemp("chains")
+    return _chain(d / "short.onnx", 4), _chain(d / "long.onnx", 12)
+
+
+@pytest.fixture(scope="module")
+def schema():
+    return json.loads(files("dlopt").joinpath("schemas/bench.schema.json").read_text())
+
+
+class _FakeMachine:
+    """A clock that advances only when a fake model runs: each model costs a known time."""
+
+    def __init__(self, costs):
+        self.now = 0.0
+        self.calls = []
+        self.costs = costs
+
+    def clock(self):
+        return self.now, self.now / 2  # CPU time runs at half the wall rate here
+
+    def runner(self, name):
+        def run():
+            self.calls.append(name)
+            self.now += self.costs[name]
+        return run
+
+
+def test_rounds_are_interleaved_in_order():
+    m = _FakeMachine({"A": 1.0, "B": 2.0, "C": 3.0})
+    sampler = InterleavedSampler([m.runner("A"), m.runner("B"), m.runner("C")], clock=m.clock)
+    sampler.run_rounds(3)
+    assert m.calls == list("ABCABCABC")
+    assert sampler.rounds == 3
+    sampler.run_rounds(2)  # more rounds can be added: the gate's sequential use
+    assert m.calls[9:] == list("ABCAB") + ["C"] and sampler.rounds == 5
+
+
+def test_samples_and_ratios_come_from_the_clock():
+    m = _FakeMachine({"A": 1.0, "B": 2.5})
+    sampler = InterleavedSampler([m.runner("A"), m.runner("B")], clock=m.clock)
+    sampler.run_rounds(10)
+    np.testing.assert_array_equal(sampler.samples(1, "wall"), np.full(10, 2.5))
+    np.testing.assert_array_equal(sampler.samples(1, "cpu"), np.full(10, 1.25))
+    r = sampler.ratio(1, "cpu", n_boot=200)
+    assert (r.estimate, r.low, r.high) == pytest.approx((2.5, 2.5, 2.5))
+    assert sampler.summary(0, "wall").median == 1.0
+
+
+def test_warm_up_stops_once_latency_settles_and_is_not_kept():
+    costs = iter([9.0, 5.0, 3.0] + [1.0] * 100)
+    now = [0.0]
+
+    def run():
+        now[0] += next(costs)
+
+    sampler = InterleavedSampler([run], clock=lambda: (now[0], now[0]))
+    report = sampler.warm_up(max_seconds=60, clock="wall", window=3, tolerance=0.05)
+    # windows of 3: [5 3 1 | 1 1 1] -> medians 3 vs 1, not settled; [3 1 1 | 1 1 1] -> 1 vs 1 at round 8
+    assert report.settled and report.rounds == 8
+    assert sampler.rounds == 0 and sampler.warmup_samples(0).size == report.rounds
+
+
+def test_warm_up_is_capped_and_says_it_did_not_settle():
+    flip = [0]
+    now = [0.0]
+
+    def run():
+        flip[0] += 1
+        now[0] += 1.0 if (flip[0] // 3) % 2 else 5.0  # never settles
+
+    sampler = InterleavedSampler([run], clock=lambda: (now[0], now[0]))
+    report = sampler.warm_up(max_seconds=0.05, clock="wall", window=3)
+    assert not report.settled and report.rounds >= 6
+
+
+def test_generated_inputs_follow_the_metadata():
+    specs = [InputSpec("input_ids", "tensor(int64)", ("batch", "seq")),
+             InputSpec("attention_mask", "tensor(int64)", ("batch", "seq")),
+             InputSpec("token_type_ids", "tensor(int64)", ("batch", "seq")),
+             InputSpec("pixel", "tensor(float)", (None, 3, 4, 4))]
+    feeds = make_inputs(specs, batch=2, seq_len=7, seed=1)
+    assert feeds["input_ids"].shape == (2, 7) and feeds["input_ids"].dtype == np.int64
+    assert 0 <= feeds["input_ids"].min() and feeds["input_ids"].max() < 1000
+    assert np.all(feeds["attention_mask"] == 1) and np.all(feeds["token_type_ids"] == 0)
+    assert feeds["pixel"].shape == (2, 3, 4, 4) and feeds["pixel"].dtype == np.float32
+    again = make_inputs(specs[::-1], batch=2, seq_len=7, seed=1)  # order of inputs does not matter
+    np.testing.assert_array_equal(again["pixel"], feeds["pixel"])
+    other = make_inputs(specs, batch=2, seq_len=7, seed=2)
+    assert not np.array_equal(other["pixel"], feeds["pixel"])
+
+
+def test_fixed_batch_axis_is_respected():
+    spec = InputSpec("image", "tensor(float)", (1, 3, 8, 8))
+    assert resolve_shape(spec, 1, 128) == (1, 3, 8, 8)
+    with pytest.raises(InputError, match="fixed batch of 1, cannot run batch 8"):
+        resolve_shape(spec, 8, 128)
+
+
+def test_feeds_from_data_checks_names_types_and_shapes():
+    specs = [InputSpec("x", "tensor(float)", ("batch", 4))]
+    out = feeds_from_data(specs, {"x": np.ones((3, 4), np.float64)}, "d.npz")
+    assert out["x"].dtype == np.float32
+    with pytest.raises(InputError, match="d.npz has no array 'x'"):
+        feeds_from_data(specs, {"y": np.ones((3, 4))}, "d.npz")
+    with pytest.raises(InputError, match="has shape \\[3, 5\\]"):
+        feeds_from_data(specs, {"x": np.ones((3, 5), np.float32)}, "d.npz")
+    with pytest.raises(InputError, match="is int64, the model wants float32|is float"):
+        feeds_from_data([InputSpec("x", "tensor(int64)", ("b",))], {"x": np.ones(3, np.float32)}, "d.npz")
+
+
+@pytest.mark.parametrize("text, seconds", [("30", 30.0), ("30s", 30.0), ("1.5m", 90.0), ("250ms", 0.25)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "soon", "-3s"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(InputError, match="duration"):
+        parse_duration(text)
+
+
+def test_parse_batch_sizes():
+    assert parse_batch_sizes("1,8,32") == (1, 8, 32)
+    for bad in ("0", "a,b", ""):
+        with pytest.raises(InputError, match="batch sizes"):
+            parse_batch_sizes(bad)
+
+
+def test_real_run_ranks_three_times_the_work_correctly(chains, schema):
+    short, long = chains
+    result = benchmark([short, long, short], BenchConfig(batch_sizes=(1, 4), rounds=150, n_boot=500))
+    assert result.clock == "cpu"  # one thread on the CPU target
+    for b in result.batches:
+        assert b.rounds == 150
+        three_x, same = b.models[1].ratios["cpu"], b.models[2].ratios["cpu"]
+        assert 1.8 < three_x.low and three_x.high < 3.6, three_x  # 12 vs 4 blocks (fixed costs dilute it)
+        assert 0.85 < same.estimate < 1.15, same  # the same file measured twice
+        s = b.models[0].summaries["cpu"]
+        assert 0 < s.min <= s.median <= s.p90 <= s.p99 <= s.max
+    assert [m.label for m in result.models] == ["short.onnx", "long.onnx", "short.onnx#2"]
+    assert result.models[0].size_bytes == short.stat().st_size
+    data = result.to_dict()
+    jsonschema.validate(data, schema)
+    assert len(data["batches"][0]["results"][1]["samples_ms"]["cpu"]) == 150
+    table = format_result(result)
+    assert "1 (base)" in table and "long.onnx" in table and "95% CI" in table
+
+
+def test_budget_bounds_the_run(chains):
+    import time
+
+    start = time.perf_counter()
+    result = benchmark([chains[0]], BenchConfig(budget_s=1.0, min_rounds=5, n_boot=200))
+    assert time.perf_counter() - start < 6.0
+    assert result.batches[0].rounds >= 5 and result.batches[0].seconds < 2.0
+
+
+def test_cli_bench_table_and_json(chains, schema, tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", str(chains[0]), str(chains[1]), "--rounds", "30",
+                                       "--batch", "1,2", "--json", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "long.onnx" in result.output and "ratio" in result.output
+    data = json.loads(out.read_text())
+    jsonschema.validate(data, schema)
+    assert [b["batch"] for b in data["batches"]] == [1, 2]
+    assert data["batches"][0]["results"][1]["ratio"]["cpu"]["estimate"] > 1.5
+
+
+def test_cli_bench_with_data_file(chains, tmp_path):
+    data = tmp_path / "in.npz"
+    np.savez(data, x=np.ones((3, 128), np.float32))
+    result = CliRunner().invoke(main, ["bench", str(chains[0]), "--data", str(data), "--rounds", "5", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "x[3, 128]" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.onnx"], "missing.onnx does not exist"),
+    (["{m}", "--budget", "soon"], "cannot read 'soon' as a duration"),
+    (["{m}", "--batch", "0"], "cannot read batch sizes"),
+    (["{m}", "--target", "tpu"], "unknown target 'tpu'"),
+    (["{m}", "--threads", "0"], "--threads must be at least 1"),
+    (["{m}", "--rounds", "1"], "--rounds must be at least 2"),
+    (["{m}", "--data", "{d}", "--batch", "2"], "--data and --batch both given"),
+    (["{m}", "--data", "{bad}"], "not a readable .npz"),
+    (["{m}", "--json", "{nodir}/x.json"], "does not exist"),
+])
+def test_cli_bench_bad_input_exits_2(chains, tmp_path, args, message):
+    d = tmp_path / "in.npz"
+    np.savez(d, x=np.ones((1, 128), np.float32))
+    bad = tmp_path / "bad.npz"
+    bad.write_text("not a zip")
+    subs = {"m": str(chains[0]), "d": str(d), "bad": str(bad), "nodir": str(tmp_path / "nope")}
+    result = CliRunner().invoke(main, ["bench", *[a.format(**subs) for a in args], "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_corrupt_model_file_exits_2(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00\x01garbage")
+    result = CliRunner().invoke(main, ["bench", str(bad), "--no-progress"])
+    assert result.exit_code == 2 and "not a valid ONNX model" in result.output
