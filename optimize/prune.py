@@ -277,8 +277,10 @@ def _prune_structured(model, inputs, config: PruneConfig, output_layer: str | No
     ignored = list(ignored) + ([modules[output_layer]] if output_layer else [])
     attention = find_attention(model)
     structure = config.structure
+    packed_attention = [n for n, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
     if structure == "auto":
-        structure = "heads+ffn" if attention else "channels"
+        # nn.MultiheadAttention packs q/k/v into one weight: its heads cannot be removed, only its FFN
+        structure = "heads+ffn" if attention else ("ffn" if packed_attention else "channels")
     want_heads = structure in ("heads", "heads+ffn")
     want_ffn = structure in ("ffn", "heads+ffn")
     if want_heads and not attention:
@@ -335,6 +337,7 @@ def _prune_structured(model, inputs, config: PruneConfig, output_layer: str | No
     heads = {a.name: {"before": heads_before[a.name], "after": a.heads} for a in attention}
     return {
         "structure": structure,
+        "packed_attention_kept": packed_attention,
         "attention_heads": heads,
         "pruning_history": [list(h) for h in pruner.pruning_history()],
         "module_attributes": {a.name: {a.head_attr: a.heads,
