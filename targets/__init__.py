@@ -8,6 +8,8 @@ from dlopt.errors import InputError  # noqa: E402
 from dlopt.targets.base import BoundRun, Target, TargetSession  # noqa: E402
 from dlopt.targets.cpu import CpuTarget  # noqa: E402
 from dlopt.targets.cuda import CudaTarget  # noqa: E402
+from dlopt.targets.mobile import MobileTarget  # noqa: E402
+from dlopt.targets.xnnpack import XnnpackTarget  # noqa: E402
 
 TARGETS: dict[str, Target] = {}
 
@@ -29,6 +31,8 @@ def get_target(name: str) -> Target:
 
 register_target(CpuTarget())
 register_target(CudaTarget())
+register_target(MobileTarget())
+register_target(XnnpackTarget())
 
-__all__ = ["TARGETS", "BoundRun", "CpuTarget", "CudaTarget", "Target", "TargetSession", "get_target",
-           "register_target"]
+__all__ = ["TARGETS", "BoundRun", "CpuTarget", "CudaTarget", "MobileTarget", "Target", "TargetSession", "get_target",
+           "register_target", "XnnpackTarget"]

@@ -1,0 +1,83 @@
+"""dlopt package: an ONNX model -> a verified bundle for a target (mobile: ORT format)."""
+
+from __future__ import annotations
+
+import click
+
+from dlopt.cli._common import echo_err
+
+
+@click.command("package", short_help="Bundle a model for a target (mobile: ORT format), verified, with a manifest.")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
+@click.option("--target", type=click.Choice(["mobile", "cpu", "cuda"]), default="mobile", show_default=True)
+@click.option("--intended-ep", type=click.Choice(["cpu", "xnnpack", "nnapi", "coreml"]), default=None,
+              help="mobile: the EP the app will use; picks the ORT optimization style (Fixed for cpu/xnnpack, "
+              "Runtime for nnapi/coreml). Default cpu.")
+@click.option("--fix-shape", "fix_shapes", multiple=True, metavar="NAME=DIMS",
+              help="Make an input's shape static, e.g. --fix-shape input_ids=1x128 (repeatable).")
+@click.option("--type-reduction", is_flag=True, help="List kernel types in the operators config (smaller minimal build).")
+@click.option("--no-coverage", is_flag=True, help="Skip the NNAPI/CoreML coverage report.")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="Sample inputs (.npz, one array per input) instead of generated ones.")
+@click.option("--samples", type=int, default=2, show_default=True, help="Generated verification samples.")
+@click.option("--seq-len", type=int, default=16, show_default=True, help="Size of dynamic non-batch axes in samples.")
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Packaged vs source model, absolute.")
+@click.option("--rtol", type=float, default=1e-3, show_default=True, help="Packaged vs source model, relative.")
+@click.option("--measure", "measure_s", type=float, default=2.0, show_default=True,
+              help="Seconds of latency measurement per target (0: none).")
+@click.option("--threads", type=int, default=None, help="Threads for the latency (default: phone-like for mobile).")
+@click.option("--torch-source", default=None, metavar="SOURCE",
+              help="Torch model of MODEL (reference name or path/file.py:build): also lower it to ExecuTorch "
+              ".pte programs for XNNPACK (needs dlopt[mobile]).")
+@click.option("--pte", "pte", default="fp32", show_default=True, help="Precisions of the .pte programs: fp32, int8 or fp32,int8.")
+@click.option("--calibration", default=None, help="Calibration data of MODEL (npz, folder, model:NAME): hashed into the "
+              "manifest, and calibrates an int8 .pte.")
+@click.option("--name", default=None, help="Model name in the manifest (default: the file's stem).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder.")
+def command(model, output, target, intended_ep, fix_shapes, type_reduction, no_coverage, data, samples, seq_len,
+            atol, rtol, measure_s, threads, torch_source, pte, calibration, name, overwrite):
+    """Package MODEL (.onnx) into a bundle folder for a target, verified before it is written.
+
+    For --target mobile the bundle holds the ORT-format model with its reduced-operator config, an
+    NNAPI/CoreML coverage report with advice, sample inputs with the source model's outputs, a model
+    card and manifest.json (sha256 of every file, versions, configs, metrics with the machine they
+    were measured on). The packaged model must match MODEL on the samples, else nothing is written
+    (exit 1). Check a bundle later with `dlopt verify BUNDLE`.
+    """
+    from dlopt.package import PackageConfig, package, summary_table
+    from dlopt.report import format_table
+    from dlopt.targets.mobile import COVERAGE_HEADERS, coverage_table_rows
+
+    feeds = None
+    if data is not None:
+        from dlopt.bench import load_data
+
+        feeds = load_data(data)
+    config = PackageConfig(target=target, intended_ep=intended_ep, fix_shapes=tuple(fix_shapes),
+                           type_reduction=type_reduction, coverage=not no_coverage, samples=samples, seq_len=seq_len,
+                           atol=atol, rtol=rtol, measure_s=measure_s, threads=threads, torch_source=torch_source,
+                           pte_precisions=tuple(p.strip() for p in pte.split(",") if p.strip()),
+                           calibration=calibration, name=name, overwrite=overwrite)
+    result = package(model, output, config, data=feeds, log=echo_err)
+    manifest = result.manifest
+    click.echo(summary_table(manifest))
+    if manifest["coverage"]:
+        import json
+
+        report = json.loads((result.bundle / manifest["coverage"]["file"]).read_text())
+        click.echo("")
+        click.echo(format_table(COVERAGE_HEADERS, coverage_table_rows(report)))
+        for line in report["advice"]:
+            click.echo(f"advice: {line}")
+    if manifest["metrics"]:
+        click.echo("")
+        rows = [[k, v["artifact"], v["threads"], v["clock"], v["latency_ms"]["median"], v["latency_ms"]["p90"],
+                 f"{v['ratio_to_ort']['estimate']:.3f}" if "ratio_to_ort" in v else "-"]
+                for k, v in manifest["metrics"].items()]
+        click.echo(format_table(["target", "artifact", "threads", "clock", "median ms", "p90 ms", "ratio to ORT"], rows))
+        if target == "mobile":
+            click.echo("note: mobile latency is ONNX Runtime's CPU kernels on this host with a phone-like thread "
+                       "count, not a phone")
+    files = ", ".join(f"{f['path']} ({f['bytes'] / 1e6:.2f} MB)" for f in manifest["files"])
+    click.echo(f"wrote {result.bundle}: {files}")

@@ -1,0 +1,215 @@
+"""The `xnnpack` target: a torch model lowered through ExecuTorch to a .pte program for XNNPACK.
+
+PyPI onnxruntime has no XNNPACK execution provider, but ExecuTorch (`pip install 'dlopt[mobile]'`,
+which keeps torch 2.13) lowers a torch model to a .pte program whose operators are delegated to
+XNNPACK and runs it from Python on x86: the same XNNPACK kernels that Android and iOS run, here on
+this host's CPU. FP32 lowers the exported graph as it is; INT8 first quantizes it with ExecuTorch's
+XNNPACKQuantizer (per-channel symmetric weights, per-tensor activations) through torchao's
+prepare_pt2e / convert_pt2e with calibration data.
+
+The source is the torch model (a reference model or a factory), not the ONNX file: ExecuTorch
+lowers torch programs. `dlopt package MODEL.onnx --target mobile --torch-source NAME` puts the .pte
+in the bundle after checking its outputs against the ONNX model.
+
+A .pte program has static shapes (those of the example it was exported with). Its inputs are taken
+positionally in `input_names` order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from dlopt.errors import InputError, MissingDependencyError, StageError
+from dlopt.targets.base import Target, TargetSession
+
+INSTALL_HINT = ("pip install 'dlopt[mobile]' (ExecuTorch; it keeps torch 2.13: install torch==2.13.0 first, "
+                "and pass -c with torch==2.13.0 to be sure pip does not replace it)")
+
+
+@functools.lru_cache(maxsize=1)
+def executorch_status() -> tuple[bool, str]:
+    try:
+        from importlib.metadata import version
+
+        import executorch  # noqa: F401
+        ver = version("executorch")
+    except Exception as e:  # ModuleNotFoundError, or a broken install (wrong torch ABI) raising anything
+        return False, f"ExecuTorch is not installed or cannot be imported ({type(e).__name__}: {str(e)[:150]})"
+    try:
+        with _quiet():
+            from executorch.extension.pybindings import portable_lib  # noqa: F401
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - the runtime library failed to load
+        return False, f"ExecuTorch {ver} is installed but its runtime or XNNPACK backend fails to load ({str(e)[:200]})"
+    return True, f"ExecuTorch {ver}, XNNPACK backend"
+
+
+def require_executorch() -> None:
+    ok, reason = executorch_status()
+    if not ok:
+        raise MissingDependencyError(f"the xnnpack target needs ExecuTorch: {reason}", INSTALL_HINT)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ExecuTorch and torchao print warnings and C++ log lines while importing and lowering."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.redirect_stdout(io.StringIO()):
+                yield
+    finally:
+        logging.disable(previous)
+
+
+class _Positional:
+    """Wraps a module taking keyword tensors so that it takes them positionally, in a fixed order:
+    a .pte program's inputs are a flat list."""
+
+    def __new__(cls, module, input_names: Sequence[str]):
+        import torch
+
+        class Positional(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = module
+                self.names = tuple(input_names)
+
+            def forward(self, *args):
+                out = self.inner(**dict(zip(self.names, args)))
+                if isinstance(out, dict):
+                    out = tuple(out.values())
+                return out
+
+        return Positional().eval()
+
+
+def lower_to_pte(module, example: Mapping[str, Any], *, input_names: Sequence[str], precision: str = "fp32",
+                 calibration: Iterable[Mapping[str, np.ndarray]] | None = None) -> bytes:
+    """Lower a torch module to an ExecuTorch program (bytes) with the XNNPACK backend.
+
+    `example` gives the static input shapes; for `precision="int8"`, `calibration` feeds (at those
+    shapes) set the activation ranges."""
+    require_executorch()
+    import torch
+
+    if precision not in ("fp32", "int8"):
+        raise InputError(f"unknown .pte precision {precision!r}", "choose fp32 or int8")
+    wrapped = _Positional(module, input_names)
+    args = tuple(torch.as_tensor(np.asarray(example[n])) for n in input_names)
+    with _quiet():
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+
+        try:
+            with torch.no_grad():
+                if precision == "int8":
+                    wrapped = _quantize_pt2e(wrapped, args, input_names, calibration)
+                exported = torch.export.export(wrapped, args)
+                program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch()
+        except InputError:
+            raise
+        except Exception as e:  # torch.export / ExecuTorch raise many types
+            raise StageError(f"lowering to ExecuTorch ({precision}) failed: {type(e).__name__}: {str(e)[:400]}",
+                             "the model may use an operator ExecuTorch cannot export; run with --debug") from e
+    return bytes(program.buffer)
+
+
+def _quantize_pt2e(wrapped, args, input_names, calibration):
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    feeds = list(calibration or [])
+    if not feeds:
+        raise InputError("an int8 .pte needs calibration data", "pass --calibration, or use a reference model")
+    graph = torch.export.export(wrapped, args).module()
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(graph, quantizer)
+    for sample in feeds:
+        prepared(*(torch.as_tensor(np.asarray(sample[n])) for n in input_names))
+    return convert_pt2e(prepared)
+
+
+def set_threads(threads: int) -> None:
+    """Size ExecuTorch's thread pool (XNNPACK's work is split over it; 1 runs on the calling thread)."""
+    require_executorch()
+    with _quiet():
+        from executorch.extension.pybindings import portable_lib
+
+    if portable_lib._threadpool_get_thread_count() != threads:
+        portable_lib._unsafe_reset_threadpool(threads)
+
+
+class PteProgram:
+    """A loaded .pte program: `run(feeds)` -> list of numpy outputs."""
+
+    def __init__(self, source: str | os.PathLike | bytes, input_names: Sequence[str]):
+        require_executorch()
+        with _quiet():
+            from executorch.runtime import Runtime
+
+            runtime = Runtime.get()
+        try:
+            data = source if isinstance(source, bytes) else Path(source).read_bytes()
+            self._program = runtime.load_program(data)
+            self._method = self._program.load_method("forward")
+        except Exception as e:  # the runtime's own error types
+            label = "the program" if isinstance(source, bytes) else str(source)
+            raise InputError(f"ExecuTorch cannot load {label}: {str(e)[:300]}", "package it again") from e
+        self.input_names = tuple(input_names)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        import torch
+
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise InputError(f"no data for .pte input(s) {missing}", f"its inputs are {list(self.input_names)}")
+        tensors = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names]
+        outputs = self._method.execute(tensors)
+        return [o.detach().numpy() if hasattr(o, "detach") else np.asarray(o) for o in outputs]
+
+
+class XnnpackTarget(Target):
+    """Registered so that `--target xnnpack` is known and says what it needs; it does not run ONNX
+    sessions (ExecuTorch runs .pte programs lowered from the torch source)."""
+
+    name: ClassVar[str] = "xnnpack"
+    description: ClassVar[str] = ("ExecuTorch .pte program with the XNNPACK backend (the kernels Android/iOS run), "
+                                  "on this host's CPU")
+    providers: ClassVar[tuple[str, ...]] = ()
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "int8")
+    device_type: ClassVar[str] = "cpu"
+    cpu_time_measures_work: ClassVar[bool] = True
+
+    def is_available(self) -> tuple[bool, str]:
+        return executorch_status()
+
+    def require_available(self) -> None:
+        require_executorch()
+
+    def create_session(self, model, **kwargs) -> TargetSession:
+        require_executorch()
+        raise InputError("the xnnpack target runs ExecuTorch programs lowered from the torch model, not ONNX files",
+                         "package with `dlopt package MODEL.onnx --target mobile --torch-source NAME --pte fp32,int8` "
+                         "(NAME: a reference model or path/to/file.py:build); the bundle records the .pte latency "
+                         "next to ONNX Runtime's")
+
+
+__all__ = ["INSTALL_HINT", "PteProgram", "XnnpackTarget", "executorch_status", "lower_to_pte", "require_executorch",
+           "set_threads"]
