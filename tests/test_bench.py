@@ -1,6 +1,7 @@
 """The bench harness: interleaving, warm-up, inputs, a real run on tiny models, JSON schema, CLI."""
 
 import json
+import time
 from importlib.resources import files
 
 import jsonschema
@@ -98,12 +99,13 @@ def test_warm_up_stops_once_latency_settles_and_is_not_kept():
 
 
 def test_warm_up_is_capped_and_says_it_did_not_settle():
-    flip = [0]
+    k = [0]
     now = [0.0]
 
-    def run():
-        flip[0] += 1
-        now[0] += 1.0 if (flip[0] // 3) % 2 else 5.0  # never settles
+    def run():  # keeps getting faster, forever (and slowly enough in real time to hit the cap early)
+        k[0] += 1
+        now[0] += 1000.0 * 0.8 ** k[0]
+        time.sleep(0.005)
 
     sampler = InterleavedSampler([run], clock=lambda: (now[0], now[0]))
     report = sampler.warm_up(max_seconds=0.05, clock="wall", window=3)
@@ -184,8 +186,6 @@ def test_real_run_ranks_three_times_the_work_correctly(chains, schema):
 
 
 def test_budget_bounds_the_run(chains):
-    import time
-
     start = time.perf_counter()
     result = benchmark([chains[0]], BenchConfig(budget_s=1.0, min_rounds=5, n_boot=200))
     assert time.perf_counter() - start < 6.0

@@ -7,8 +7,9 @@ How a measurement goes, and why:
 2. Per batch size, the inputs are generated (or read from --data) and bound on the device once
    (`Target.bind`), so the timed call is the model and nothing else.
 3. Warm-up runs all models round-robin until each one's latency has settled (the median of the last
-   5 runs within 5 % of the 5 before), not for a fixed count: first runs pay for allocation, lazy
-   initialisation and autotuning, and how many runs that takes depends on the model and target.
+   5 runs no more than 5 % below the 5 before: runs stopped getting faster), not for a fixed count:
+   first runs pay for allocation, lazy initialisation and autotuning, and how many runs that takes
+   depends on the model and target.
    It stops at a cap (a quarter of the budget) and says so when latencies never settled.
 4. Timed rounds run the models interleaved, A B C A B C …, until the time budget or the round count
    is reached. Interleaving puts every model through the same machine states (other jobs, frequency,
