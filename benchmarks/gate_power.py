@@ -2,10 +2,14 @@
 
 Builds a MiniLM-sized BERT encoder in ONNX directly (random weights, seeded: 6 layers, hidden 384,
 12 heads, FFN 1536, vocabulary 30522; ~90 MB, the size and shape of all-MiniLM-L6-v2) and slowed
-copies of it that do p % extra work: one extra MatMul from the embedding output, sized to p % of the
-model's multiply-accumulates, whose (reduced) result is an extra graph output so that no optimizer
-can remove it. Each copy's real slowdown is then measured (a long interleaved run against the
-original) and printed beside its nominal one.
+copies of it that do p % extra work: one extra MatMul [T, 384] x [384, W] from the embedding output,
+whose (reduced) result is an extra graph output so that no optimizer can remove it.
+
+Sizing W by multiply-accumulates undershoots (a large MatMul does more MACs per second than the
+encoder's mix of small MatMuls, softmax, layer norms and reshapes: +20 % of the MACs measured as
++12 % of the time), so W is calibrated by time: the extra MatMul alone is timed against the encoder,
+interleaved, and W is scaled so that it costs p % of the encoder's time. Each copy's real slowdown is
+then measured (a long interleaved run against the original) and printed beside its nominal one.
 
 Then it runs the gate, default settings, `--runs` times per level, levels interleaved (run 1 of every
 level, then run 2 …) so that every level sees the same mix of machine states, and prints:
@@ -44,8 +48,8 @@ def model_macs_per_token(seq_len: int) -> int:
     return LAYERS * per_layer
 
 
-def build_bert(*, extra_fraction: float = 0.0, seq_len: int = 128, seed: int = 0):
-    """The encoder as an onnx.ModelProto; with extra_fraction > 0 it does that much more MatMul work."""
+def build_bert(*, extra_width: int = 0, seed: int = 0):
+    """The encoder as an onnx.ModelProto; with extra_width > 0, plus a [T, 384] x [384, extra_width] MatMul."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -114,10 +118,8 @@ def build_bert(*, extra_fraction: float = 0.0, seq_len: int = 128, seed: int = 0
                  p + "ln2", axis=-1, epsilon=1e-12)
     node("Identity", [x], "last_hidden_state")
     outputs = [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", HIDDEN])]
-    if extra_fraction > 0:
-        # extra work: [B, T, H] x [H, W] with T*H*W = extra_fraction * the model's MACs for T tokens
-        width = max(1, round(extra_fraction * model_macs_per_token(seq_len) / HIDDEN))
-        extra = node("MatMul", [embeddings, weight("extra_w", (HIDDEN, width))], "extra_mm")
+    if extra_width > 0:
+        extra = node("MatMul", [embeddings, weight("extra_w", (HIDDEN, extra_width))], "extra_mm")
         node("ReduceMean", [extra, "axis_last"], "extra", keepdims=0)
         outputs.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, ["batch", "seq"]))
     graph = helper.make_graph(nodes, "minilm_sized_bert", [
@@ -130,14 +132,71 @@ def build_bert(*, extra_fraction: float = 0.0, seq_len: int = 128, seed: int = 0
     return model
 
 
-def model_paths(levels: list[float], seq_len: int) -> dict[float, Path]:
+def build_extra_only(width: int, seed: int = 1):
+    """Just the extra work: embeddings [B, T, 384] -> MatMul [384, width] -> mean over the last axis."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array((rng.standard_normal((HIDDEN, width)) * 0.02).astype(np.float32), "extra_w")
+    axis = numpy_helper.from_array(np.array([-1], np.int64), "axis_last")
+    nodes = [helper.make_node("MatMul", ["embeddings", "extra_w"], ["extra_mm"]),
+             helper.make_node("ReduceMean", ["extra_mm", "axis_last"], ["extra"], keepdims=0)]
+    graph = helper.make_graph(nodes, "extra_only",
+                              [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", "seq", HIDDEN])],
+                              [helper.make_tensor_value_info("extra", TensorProto.FLOAT, ["batch", "seq"])],
+                              initializer=[w, axis])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+def _interleaved(paths: list[Path], seq_len: int, seconds: float):
+    from dlopt.bench import BenchConfig, InterleavedSampler, input_specs, load_models, make_inputs
+
+    target, models = load_models(paths, BenchConfig(threads=1, seq_len=seq_len))
+    runners = [target.bind(m.handle, make_inputs(input_specs(m.handle.session), batch=1, seq_len=seq_len, seed=0))
+               for m in models]
+    sampler = InterleavedSampler(runners)
+    sampler.warm_up(max_seconds=min(10.0, seconds / 4), clock="cpu")
+    sampler.run_for(seconds, min_rounds=20)
+    return sampler
+
+
+def calibrate(seq_len: int, seconds: float) -> float:
+    """The extra MatMul width that costs as much thread-CPU time as the whole encoder (so width
+    p * that costs p of it): a probe of the MACs-estimated +20 % width timed against the encoder."""
+    cache = OUT / f"calibration_seq{seq_len}.json"
+    if cache.exists():
+        return float(json.loads(cache.read_text())["width_per_unit"])
+    base = OUT / "bert_base.onnx"
+    if not base.exists():
+        save_onnx_atomic(build_bert(), base)
+    probe_width = round(0.2 * model_macs_per_token(seq_len) / HIDDEN)
+    probe = OUT / f"extra_only_w{probe_width}.onnx"
+    save_onnx_atomic(build_extra_only(probe_width), probe)
+    sampler = _interleaved([base, probe], seq_len, seconds)
+    ratio = sampler.ratio(1, "cpu")
+    width_per_unit = probe_width / ratio.estimate
+    print(f"calibration: extra MatMul of width {probe_width} costs {ratio.estimate:.2%} "
+          f"[{ratio.low:.2%}, {ratio.high:.2%}] of the encoder's CPU time ({sampler.rounds} rounds) -> "
+          f"width {width_per_unit:.0f} per 100 %", file=sys.stderr)
+    cache.write_text(json.dumps({"width_per_unit": width_per_unit, "probe_width": probe_width,
+                                 "probe_ratio": ratio.as_dict(), "rounds": sampler.rounds}))
+    return width_per_unit
+
+
+def model_paths(levels: list[float], seq_len: int, calibration_seconds: float) -> dict[float, Path]:
     OUT.mkdir(parents=True, exist_ok=True)
+    width_per_unit = calibrate(seq_len, calibration_seconds)
     paths = {}
     for level in sorted(set([0.0] + levels)):
-        path = OUT / f"bert_seq{seq_len}_plus{level:g}.onnx"
+        width = round(level / 100 * width_per_unit)
+        path = OUT / (f"bert_plus{level:g}_w{width}.onnx" if width else "bert_base.onnx")
         if not path.exists():
             print(f"building {path.name}", file=sys.stderr)
-            save_onnx_atomic(build_bert(extra_fraction=level / 100, seq_len=seq_len), path)
+            save_onnx_atomic(build_bert(extra_width=width), path)
         paths[level] = path
     return paths
 
@@ -145,18 +204,8 @@ def model_paths(levels: list[float], seq_len: int) -> dict[float, Path]:
 def verify_slowdowns(paths: dict[float, Path], seq_len: int, seconds: float) -> dict[float, tuple[float, float, float]]:
     """The real slowdown of each copy: the base and all copies interleaved for `seconds`,
     ratio of median thread-CPU times with a paired 95 % CI."""
-    from dlopt.bench import BenchConfig, InterleavedSampler, input_specs, load_models, make_inputs
-
     levels = sorted(paths)
-    config = BenchConfig(threads=1, seq_len=seq_len)
-    target, models = load_models([paths[level] for level in levels], config)
-    runners = []
-    for m in models:
-        feeds = make_inputs(input_specs(m.handle.session), batch=1, seq_len=seq_len, seed=0)
-        runners.append(target.bind(m.handle, feeds))
-    sampler = InterleavedSampler(runners)
-    sampler.warm_up(max_seconds=min(10.0, seconds / 4), clock="cpu")
-    sampler.run_for(seconds, min_rounds=20)
+    sampler = _interleaved([paths[level] for level in levels], seq_len, seconds)
     measured = {}
     for i, level in enumerate(levels):
         if i == 0:
@@ -231,6 +280,8 @@ def main() -> None:
     parser.add_argument("--levels", default="0,3,5,10,20", help="extra work in %% (default 0,3,5,10,20)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per input (default 128)")
     parser.add_argument("--budget", type=float, default=60.0, help="the gate's budget in s (default 60, the default)")
+    parser.add_argument("--calibration-seconds", type=float, default=30.0,
+                        help="how long to time the extra MatMul against the encoder (once; cached)")
     parser.add_argument("--verify-seconds", type=float, default=60.0,
                         help="how long to measure the copies' real slowdowns (0: skip)")
     parser.add_argument("--report-only", action="store_true", help="print the table from runs.jsonl and exit")
@@ -245,7 +296,7 @@ def main() -> None:
     if args.report_only:
         print(report(log, measured))
         return
-    paths = model_paths(levels, args.seq_len)
+    paths = model_paths(levels, args.seq_len, args.calibration_seconds)
     if args.verify_seconds > 0:
         measured = verify_slowdowns(paths, args.seq_len, args.verify_seconds)
         measured_file.write_text(json.dumps({str(k): v for k, v in measured.items()}))

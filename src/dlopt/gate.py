@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from dlopt.errors import InputError
-from dlopt.stats import Interval, ratio_ci
+from dlopt.stats import RATIO_METHODS, Interval, ratio_ci
 
 VERDICTS = ("pass", "fail", "inconclusive")
 POLICIES = ("exit-3", "fail", "pass")  # what an inconclusive check does to the exit code
@@ -73,7 +73,9 @@ class GateConfig:
     confidence: float = 0.95  # over the whole sequential run (Bonferroni over the looks)
     looks: int = 8
     first_look_fraction: float = 1 / 32  # of the sampling budget
-    min_rounds: int = 10  # no decision from fewer rounds, except at the last look
+    min_rounds: int = 20  # no decision from fewer rounds, except at the last look (a bootstrap of a
+    # median from a handful of rounds covers less than its nominal level)
+    ratio_method: str = "round-median"  # interleaved mode, see dlopt.stats.ratio_ci; stored mode: median-ratio
     on_inconclusive: str = "exit-3"
     target: str = "cpu"
     threads: int | None = None  # None: 1, or the stored baseline's
@@ -108,6 +110,8 @@ def validate_config(config: GateConfig) -> None:
     if config.on_inconclusive not in POLICIES:
         raise InputError(f"unknown inconclusive policy {config.on_inconclusive!r}",
                          f"choose one of {', '.join(POLICIES)}")
+    if config.ratio_method not in RATIO_METHODS:
+        raise InputError(f"unknown ratio method {config.ratio_method!r}", f"choose one of {', '.join(RATIO_METHODS)}")
     if config.clock not in ("auto", "cpu", "wall"):
         raise InputError(f"unknown clock {config.clock!r}", "choose cpu, wall or auto")
     for name in ("threads", "batch", "seq_len"):
@@ -166,7 +170,7 @@ def judge(interval: Interval, limit: float) -> str:
 def sequential_test(add_round: Callable[[], None], rounds: Callable[[], int],
                     ratio_interval: Callable[[float], Interval], *, limit: float, budget_s: float,
                     looks: int = 8, confidence: float = 0.95, first_look_fraction: float = 1 / 32,
-                    min_rounds: int = 10, now: Callable[[], float] = time.perf_counter,
+                    min_rounds: int = 20, now: Callable[[], float] = time.perf_counter,
                     progress: Callable[[float, Look | None], None] | None = None) -> LatencyOutcome:
     """Add rounds until a look decides or the budget is spent.
 
@@ -247,8 +251,6 @@ class StoredBaseline:
     inputs_from_data: bool
     fingerprint: Mapping[str, Any]
     batches: tuple[StoredBatch, ...]
-    metrics: Mapping[str, float]
-    evaluator: str | None
 
     def batch_run(self, batch: int | None) -> StoredBatch:
         if batch is None:
@@ -261,8 +263,7 @@ class StoredBaseline:
                          "--batch, or save a baseline with `dlopt bench --batch ...`")
 
 
-def baseline_document(result, *, index: int = 0, metrics: Mapping[str, float] | None = None,
-                      evaluator: str | None = None, inputs_from_data: bool = False) -> dict[str, Any]:
+def baseline_document(result, *, index: int = 0, inputs_from_data: bool = False) -> dict[str, Any]:
     """The stored-baseline JSON for model `index` of a dlopt.bench.BenchResult
     (schema: dlopt/schemas/baseline.schema.json)."""
     model = result.models[index]
@@ -289,13 +290,10 @@ def baseline_document(result, *, index: int = 0, metrics: Mapping[str, float] | 
             "rounds": b.rounds,
             "samples_ms": {c: np.round(b.models[index].samples[c] * 1e3, 6).tolist() for c in ("cpu", "wall")},
         } for b in result.batches],
-        "metrics": dict(metrics or {}),
-        "evaluator": evaluator,
     }
 
 
-def save_baseline(path: str | os.PathLike, result, *, index: int = 0, metrics: Mapping[str, float] | None = None,
-                  evaluator: str | None = None, inputs_from_data: bool = False) -> Path:
+def save_baseline(path: str | os.PathLike, result, *, index: int = 0, inputs_from_data: bool = False) -> Path:
     """Write model `index` of a bench result as a stored baseline (atomically); `dlopt bench
     --save-baseline FILE` calls this."""
     from dlopt.fileio import write_json_atomic
@@ -303,8 +301,7 @@ def save_baseline(path: str | os.PathLike, result, *, index: int = 0, metrics: M
     if result.target.get("fell_back"):
         raise InputError(f"not saving {path}: the measurement fell back to the CPU",
                          "save a baseline from a run on the target itself")
-    document = baseline_document(result, index=index, metrics=metrics, evaluator=evaluator,
-                                 inputs_from_data=inputs_from_data)
+    document = baseline_document(result, index=index, inputs_from_data=inputs_from_data)
     return write_json_atomic(path, document)
 
 
@@ -349,19 +346,32 @@ def load_baseline(path: str | os.PathLike) -> StoredBaseline:
         clock = str(measurement["clock"])
         if any(clock not in b.samples_s for b in batches):
             raise bad(f"it has no samples for its own clock {clock!r}")
-        metrics = {str(k): float(v) for k, v in (document.get("metrics") or {}).items()}
         return StoredBaseline(
             path=p, created=str(document.get("created", "")), model=str(model["path"]), sha256=str(model["sha256"]),
             size_bytes=int(model["size_bytes"]), target=str(measurement["target"]),
             threads=int(measurement["threads"]), clock=clock,
             graph_opt_level=str(measurement.get("graph_opt_level", "all")), seq_len=int(measurement["seq_len"]),
             seed=int(measurement["seed"]), inputs_from_data=measurement.get("inputs") == "data",
-            fingerprint=dict(fingerprint), batches=tuple(batches), metrics=metrics,
-            evaluator=document.get("evaluator"))
+            fingerprint=dict(fingerprint), batches=tuple(batches))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         if isinstance(e, InputError):
             raise
         raise bad(f"missing or malformed field ({type(e).__name__}: {e})") from e
+
+
+STORED_SAMPLES_MAX = 1000
+
+
+def thin(samples: np.ndarray, most: int) -> np.ndarray:
+    """At most `most` samples, evenly spaced over the run (so every phase of it stays represented).
+
+    Why: each look bootstraps the median of the stored samples too; from thousands of samples (a
+    fast model's bench run) that costs seconds per look while adding nothing the candidate's far
+    fewer samples could use: the median of 1000 samples is already known to about 4 % of the
+    spread."""
+    if samples.size <= most:
+        return samples
+    return samples[np.linspace(0, samples.size - 1, most).round().astype(int)]
 
 
 def fingerprint_differences(stored: Mapping[str, Any], here: Mapping[str, Any]) -> list[str]:
@@ -459,18 +469,23 @@ def is_baseline_file(path: str | os.PathLike) -> bool:
 
 
 def run_gate(baseline: str | os.PathLike, candidate: str | os.PathLike, config: GateConfig = GateConfig(), *,
-             data: Mapping[str, np.ndarray] | None = None, evaluator: Any = None,
+             data: Mapping[str, np.ndarray] | None = None, evaluator: EvalSpec | None = None,
              progress: ProgressFn | None = None) -> GateResult:
     """Gate CANDIDATE against BASELINE (a model, or a stored-baseline JSON) on latency, and on size and
-    accuracy when their limits are set. `evaluator` is what `dlopt.evaluate` needs to score a model
-    (see `accuracy_check`). Raises InputError (exit 2) on bad input, before any long work."""
+    accuracy when their limits are set (accuracy with `evaluator`). `data`: arrays to time the models
+    on instead of generated inputs. Raises InputError (exit 2) on bad input, before any long work."""
     validate_config(config)
     started = time.perf_counter()
     candidate = Path(candidate)
     stored = load_baseline(baseline) if is_baseline_file(baseline) else None
-    if config.max_accuracy_drop is not None and evaluator is None:
-        raise InputError("--max-accuracy-drop needs an evaluator",
-                         "pass --eval NAME (a reference model) or --eval-data DATA.npz --metric METRIC")
+    if config.max_accuracy_drop is not None:
+        if evaluator is None:
+            raise InputError("--max-accuracy-drop needs an evaluator",
+                             "pass --eval NAME (a reference model) or --eval-data DATA.npz --metric METRIC")
+        if stored is not None:
+            raise InputError(f"an accuracy gate needs the baseline model, and {baseline} is a stored latency baseline",
+                             "pass the baseline .onnx with --baseline, or drop --max-accuracy-drop")
+        validate_eval_spec(evaluator)
     if stored is not None:
         result = _gate_stored(stored, candidate, config, data, evaluator, progress)
     else:
@@ -512,7 +527,7 @@ def _latency_check(outcome: LatencyOutcome, config: GateConfig, base_median_s: f
     change = "n/a" if i is None else f"x{i.estimate:.3f} [{i.low:.3f}, {i.high:.3f}]"
     return Check(name="latency", verdict=outcome.verdict, baseline=base_median_s * 1e3, candidate=cand_median_s * 1e3,
                  change=change, limit=f"<= x{outcome.limit:.3f}",
-                 detail=f"median {clock} ms; {outcome.look_confidence:.2%} CI per look; {outcome.reason}",
+                 detail=f"median {clock} ms; ratio: {outcome.reason} ({outcome.look_confidence:.2%} CI per look)",
                  seconds=outcome.seconds)
 
 
@@ -568,7 +583,8 @@ def _gate_interleaved(baseline: Path, candidate: Path, config: GateConfig, data,
     sampling_budget = max(config.budget_s - warm.seconds, 1e-3)
     outcome = sequential_test(
         lambda: sampler.run_rounds(1), lambda: sampler.rounds,
-        lambda level: sampler.ratio(1, clock, confidence=level, n_boot=config.n_boot, seed=config.seed),
+        lambda level: sampler.ratio(1, clock, method=config.ratio_method, confidence=level, n_boot=config.n_boot,
+                                    seed=config.seed),
         limit=1 + config.max_slowdown, budget_s=sampling_budget, looks=config.looks,
         confidence=config.confidence, first_look_fraction=config.first_look_fraction,
         min_rounds=config.min_rounds, progress=_progress_bridge(progress, config.budget_s, warm.seconds))
@@ -598,9 +614,6 @@ def _gate_stored(stored: StoredBaseline, candidate: Path, config: GateConfig, da
             "comparing absolute latencies across machines measures the machines, not the models",
             "re-measure the baseline model here instead (dlopt gate --baseline BASE.onnx --candidate ...; "
             "the reliable way), or pass --allow-cross-machine to compare anyway")
-    if config.max_accuracy_drop is not None and not stored.metrics:
-        raise InputError(f"baseline {stored.path} carries no accuracy metrics",
-                         "gate against the baseline model (.onnx) to evaluate both, or drop --max-accuracy-drop")
     if stored.inputs_from_data and data is None:
         raise InputError(f"baseline {stored.path} was measured on inputs from a data file",
                          "pass the same file with --data")
@@ -632,18 +645,17 @@ def _gate_stored(stored: StoredBaseline, candidate: Path, config: GateConfig, da
     checks = []
     if config.max_size_growth is not None:
         checks.append(_size_check(stored.size_bytes, model.size_bytes, config.max_size_growth))
-    if evaluator is not None and config.max_accuracy_drop is not None:
-        checks.extend(accuracy_checks_against(stored.metrics, model.path, evaluator, config))
     runner = target.bind(model.handle, feeds)
     runner()
     sampler = InterleavedSampler([runner])
     warm = sampler.warm_up(max_seconds=config.budget_s * config.warmup_max_fraction, clock=clock,
                            on_round=(lambda f: progress("warming up", f * config.warmup_max_fraction))
                            if progress else None)
-    base_samples = stored_batch.samples_s[clock]
+    base_samples = thin(stored_batch.samples_s[clock], STORED_SAMPLES_MAX)
     outcome = sequential_test(
         lambda: sampler.run_rounds(1), lambda: sampler.rounds,
-        lambda level: ratio_ci(base_samples, sampler.samples(0, clock), paired=False, confidence=level,
+        lambda level: ratio_ci(base_samples, sampler.samples(0, clock), method="median-ratio", paired=False,
+                               confidence=level,
                                n_boot=config.n_boot, seed=config.seed),
         limit=1 + config.max_slowdown, budget_s=max(config.budget_s - warm.seconds, 1e-3), looks=config.looks,
         confidence=config.confidence, first_look_fraction=config.first_look_fraction,
@@ -657,16 +669,86 @@ def _gate_stored(stored: StoredBaseline, candidate: Path, config: GateConfig, da
 
 # --------------------------------------------------------------------------- accuracy
 
+# Metrics where smaller is better; every other metric (accuracy, agreement, cosine, correlation, SQNR)
+# is taken as higher-is-better, and its "drop" is baseline - candidate.
+LOWER_IS_BETTER = ("mse", "perplexity", "loss", "error")
+# What a metric computed against the baseline's own output would be for the baseline itself.
+_PERFECT_VS_BASELINE = {"top1_agreement": 1.0, "cosine": 1.0, "mse": 0.0}
 
-def accuracy_checks(baseline: Path, candidate: Path, evaluator: Any, config: GateConfig) -> list[Check]:
-    raise InputError("accuracy gates need dlopt.evaluate, which this installation lacks",
-                     "drop --max-accuracy-drop")
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSpec:
+    """How to score both models: a reference model's real evaluator (`dlopt.models`), or data + metrics
+    (`dlopt.evaluate.evaluate_data`; the candidate is compared with the baseline on the same inputs)."""
+
+    reference_model: str | None = None
+    data: str | None = None
+    metrics: tuple[str, ...] = ("top1",)
+    output: str | None = None
+    target: str = "cpu"
+
+    def describe(self) -> str:
+        if self.reference_model:
+            return f"the {self.reference_model} reference evaluator"
+        return f"{self.data} ({', '.join(self.metrics)})"
 
 
-def accuracy_checks_against(metrics: Mapping[str, float], candidate: Path, evaluator: Any,
-                            config: GateConfig) -> list[Check]:
-    raise InputError("accuracy gates need dlopt.evaluate, which this installation lacks",
-                     "drop --max-accuracy-drop")
+def validate_eval_spec(spec: EvalSpec) -> None:
+    from dlopt.evaluate import validate_metrics
+
+    if (spec.reference_model is None) == (spec.data is None):
+        raise InputError("the accuracy gate needs one evaluator",
+                         "pass --eval NAME (a reference model) or --eval-data DATA.npz --metric METRIC")
+    if spec.reference_model is not None:
+        from dlopt.models import get_reference_model
+
+        get_reference_model(spec.reference_model)  # unknown names fail here, before any measuring
+        return
+    metrics = validate_metrics(spec.metrics)
+    if "sqnr" in metrics:
+        raise InputError("sqnr has no 'drop' against the baseline (the baseline's own SQNR is infinite)",
+                         "gate on cosine, mse or top1 instead (dlopt eval reports SQNR)")
+    if not Path(spec.data).is_file():
+        raise InputError(f"evaluation data {spec.data} does not exist", "give an .npz file with --eval-data")
+
+
+def metric_drop(metric: str, baseline: float, candidate: float) -> float:
+    """How much worse the candidate is, in the metric's units (positive = worse)."""
+    lower_better = any(word in metric.lower() for word in LOWER_IS_BETTER)
+    return candidate - baseline if lower_better else baseline - candidate
+
+
+def accuracy_checks(baseline: Path, candidate: Path, spec: EvalSpec, config: GateConfig) -> list[Check]:
+    """Score both models with `spec` and gate every metric's drop on config.max_accuracy_drop."""
+    from dlopt.evaluate import EvalConfig, evaluate_data, evaluate_reference_model
+
+    started = time.perf_counter()
+    eval_config = EvalConfig(metrics=spec.metrics, target=spec.target, output=spec.output,
+                             allow_fallback=config.allow_fallback)
+    if spec.reference_model is not None:
+        result = evaluate_reference_model(candidate, spec.reference_model, eval_config, reference=baseline)
+    else:
+        result = evaluate_data(candidate, spec.data, eval_config, reference=baseline)
+    seconds = time.perf_counter() - started
+    limit = config.max_accuracy_drop
+    checks = []
+    for row in result.rows:
+        base_value = row.reference if row.reference is not None else _PERFECT_VS_BASELINE.get(row.metric)
+        if base_value is None:
+            continue
+        drop = metric_drop(row.metric, base_value, row.value)
+        if math.isnan(drop):
+            verdict = "fail"
+        else:
+            verdict = "pass" if drop <= limit + 1e-12 else "fail"
+        note = row.note or ("vs the baseline model's score" if row.reference is not None else "")
+        checks.append(Check(name=f"accuracy: {row.metric}", verdict=verdict, baseline=base_value, candidate=row.value,
+                            change=f"drop {drop:+.4g}", limit=f"drop <= {limit:g}",
+                            detail=f"{spec.describe()}; {note}".rstrip("; "), seconds=seconds))
+    if not checks:
+        raise InputError(f"{spec.describe()} gave no metric that compares the two models",
+                         "choose a metric with a baseline value (top1 with labels, cosine, mse)")
+    return checks
 
 
 # --------------------------------------------------------------------------- outputs
@@ -696,7 +778,7 @@ def _context_lines(result: GateResult) -> list[str]:
     o = result.latency
     if o is not None:
         warm = result.warmup or {}
-        lines.append(f"latency: {o.reason}; {len(o.looks)} look(s), {o.rounds} rounds in {o.seconds:.1f} s "
+        lines.append(f"latency: {len(o.looks)} look(s), {o.rounds} rounds in {o.seconds:.1f} s "
                      f"after {warm.get('rounds', 0)} warm-up rounds"
                      + ("" if warm.get("settled", True) else " (latency never settled: capped)"))
     m = result.machine

@@ -53,8 +53,11 @@ def progress_bar(enabled: bool = True):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the full result (every sample) as JSON (schema: dlopt/schemas/bench.schema.json).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--save-baseline", "baseline_path", type=click.Path(dir_okay=False), default=None,
+              help="Also store the FIRST model's samples and this machine's fingerprint as a baseline for "
+                   "`dlopt gate --baseline FILE` (schema: dlopt/schemas/baseline.schema.json).")
 def command(models, target, threads, batch, seq_len, budget, rounds, clock, ratio_method, data, graph_opt,
-            cuda_graph, device_id, allow_fallback, seed, json_path, no_progress):
+            cuda_graph, device_id, allow_fallback, seed, json_path, no_progress, baseline_path):
     """Measure the latency of MODELS (.onnx files) on a target and compare them.
 
     Several models are measured interleaved (A B C A B C ...), so all of them see the same machine
@@ -84,6 +87,8 @@ def command(models, target, threads, batch, seq_len, budget, rounds, clock, rati
 
     if json_path:
         check_output_path(json_path)  # before minutes of measuring, not after
+    if baseline_path:
+        check_output_path(baseline_path)
     if data and batch:
         raise InputError("--data and --batch both given", "the data's arrays set the batch: drop --batch")
     config = BenchConfig(target=target, threads=threads, batch_sizes=parse_batch_sizes(batch or "1"),
@@ -100,3 +105,8 @@ def command(models, target, threads, batch, seq_len, budget, rounds, clock, rati
     if json_path:
         write_json_atomic(json_path, result.to_dict())
         echo_err(f"wrote {json_path}")
+    if baseline_path:
+        from dlopt.gate import save_baseline
+
+        save_baseline(baseline_path, result, inputs_from_data=data is not None)
+        echo_err(f"wrote baseline {baseline_path} ({result.models[0].label})")

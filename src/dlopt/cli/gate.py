@@ -1,0 +1,141 @@
+"""dlopt gate: exit non-zero when a candidate model is slower, less accurate or larger than its baseline."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import click
+
+from dlopt.cli._common import echo_err
+
+
+def parse_fraction(text: str | None, option: str) -> float | None:
+    """'5%' -> 0.05; '0.05' -> 0.05. A bare number of 1 or more is refused as ambiguous."""
+    from dlopt.errors import InputError
+
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*(%?)\s*", str(text))
+    if not match:
+        raise InputError(f"cannot read {option} {text!r}", f"write a percentage, e.g. {option} 5%")
+    value = float(match.group(1))
+    if match.group(2):
+        return value / 100
+    if abs(value) >= 1:
+        raise InputError(f"{option} {text} is ambiguous (percent or fraction?)",
+                         f"write {option} {text}% for percent, or a fraction below 1 such as 0.05")
+    return value
+
+
+@click.command("gate", short_help="CI gate: fail on a real latency, accuracy or size regression, not on noise.")
+@click.option("--baseline", required=True, type=click.Path(dir_okay=True),
+              help="The baseline: a model (.onnx, re-measured here, interleaved with the candidate: the reliable "
+                   "way) or a stored baseline (.json from `dlopt bench --save-baseline`).")
+@click.option("--candidate", required=True, type=click.Path(dir_okay=True), help="The candidate model (.onnx).")
+@click.option("--max-slowdown", default="5%", show_default=True,
+              help="Latency regression allowed: the candidate / baseline ratio may exceed 1 by this much.")
+@click.option("--max-accuracy-drop", type=float, default=None,
+              help="Largest drop allowed in each evaluator metric, in the metric's units (e.g. 0.01 = one "
+                   "point of accuracy). Needs --eval or --eval-data.")
+@click.option("--max-size-growth", default=None, help="Largest growth of the model's bytes on disk, e.g. 10%.")
+@click.option("--eval", "eval_model", default=None,
+              help="Accuracy with a reference model's real evaluator and data (e.g. minilm).")
+@click.option("--eval-data", type=click.Path(dir_okay=False), default=None,
+              help="Accuracy on an .npz (model inputs, optional `labels`); the candidate is compared with the baseline.")
+@click.option("--metric", "metrics", multiple=True, help="With --eval-data: top1, cosine or mse (repeat or "
+              "comma-separate). [default: top1]")
+@click.option("--eval-output", default=None, help="Which output the accuracy metrics read (default: the first).")
+@click.option("--target", default="cpu", show_default=True, help="Execution target: cpu or cuda.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads. [default: 1, or the stored baseline's]")
+@click.option("--batch", type=int, default=None, help="Batch size. [default: 1, or the stored baseline's first]")
+@click.option("--seq-len", type=int, default=None,
+              help="Length of dynamic non-batch axes of generated inputs. [default: 128, or the stored baseline's]")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="Time the models on the arrays of this .npz instead of generated inputs.")
+@click.option("--clock", type=click.Choice(["auto", "cpu", "wall"]), default="auto", show_default=True,
+              help="auto: thread CPU time for one thread on the CPU target (steady on shared machines), else wall.")
+@click.option("--budget", default="60s", show_default=True,
+              help="Longest time for warm-up and sampling (model loading and accuracy not counted).")
+@click.option("--confidence", type=float, default=0.95, show_default=True,
+              help="Confidence of the decision over all looks together.")
+@click.option("--looks", type=int, default=8, show_default=True,
+              help="Planned looks at the data (geometric over the budget); each uses a Bonferroni-corrected CI.")
+@click.option("--on-inconclusive", type=click.Choice(["exit-3", "fail", "pass"]), default="exit-3",
+              show_default=True, help="What an undecided check does when the budget is spent: exit 3, exit 1, "
+                                      "or exit 0.")
+@click.option("--allow-cross-machine", is_flag=True,
+              help="Compare against a stored baseline measured on another machine or setup (unreliable).")
+@click.option("--allow-fallback", is_flag=True, help="If the target cannot run here, measure on the CPU.")
+@click.option("--graph-opt", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
+              show_default=True, help="ONNX Runtime graph optimization level.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of generated inputs and the bootstrap.")
+@click.option("--summary", "summary_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a Markdown report here. Without it, the report is appended to $GITHUB_STEP_SUMMARY "
+                   "when that is set.")
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a JUnit XML report (one test case per check).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the full result (every look of the sequential test) as JSON.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.pass_context
+def command(ctx, baseline, candidate, max_slowdown, max_accuracy_drop, max_size_growth, eval_model, eval_data,
+            metrics, eval_output, target, threads, batch, seq_len, data, clock, budget, confidence, looks,
+            on_inconclusive, allow_cross_machine, allow_fallback, graph_opt, seed, summary_path, junit_path,
+            json_path, no_progress):
+    """Gate a CANDIDATE model against a BASELINE: exit 0 pass, 1 regression, 2 usage or input error,
+    3 inconclusive (with the default --on-inconclusive exit-3).
+
+    Latency: both models run interleaved on this machine and the decision comes from the confidence
+    interval of the latency ratio candidate / baseline: pass when its upper bound is within
+    1 + max-slowdown, fail when its lower bound is above it, and otherwise keep sampling, up to the
+    budget. Looks are planned in advance and Bonferroni-corrected, so stopping at the first decisive
+    look keeps the error rates at (1 - confidence) / 2 each.
+
+    With a stored baseline (.json) only the candidate is measured, against stored samples; the file
+    records the machine (CPU model and flags, cores, onnxruntime version, threads) and the gate
+    refuses another machine's numbers unless --allow-cross-machine.
+
+    \b
+    Examples:
+      dlopt gate --baseline main.onnx --candidate pr.onnx
+      dlopt gate --baseline fp32.onnx --candidate int8.onnx --max-slowdown 0% \\
+                 --eval minilm --max-accuracy-drop 0.01 --junit gate.xml
+      dlopt bench main.onnx --save-baseline base.json
+      dlopt gate --baseline base.json --candidate pr.onnx --max-size-growth 10%
+    """
+    from dlopt.bench import load_data, parse_duration
+    from dlopt.cli.bench import progress_bar
+    from dlopt.errors import InputError
+    from dlopt.fileio import check_output_path
+    from dlopt.gate import EvalSpec, GateConfig, format_text, run_gate, write_outputs
+
+    for path in (summary_path, junit_path, json_path):
+        if path:
+            check_output_path(path)  # before a minute of measuring, not after
+    names = tuple(m.strip() for part in metrics for m in part.split(",") if m.strip())
+    if names and eval_data is None:
+        raise InputError("--metric applies to --eval-data", "pass --eval-data DATA.npz, or drop --metric")
+    evaluator = None
+    if eval_model is not None or eval_data is not None:
+        if max_accuracy_drop is None:
+            raise InputError("--eval/--eval-data given without --max-accuracy-drop",
+                             "say how much drop is allowed, e.g. --max-accuracy-drop 0.01")
+        evaluator = EvalSpec(reference_model=eval_model, data=eval_data, metrics=names or ("top1",),
+                             output=eval_output, target=target)
+    config = GateConfig(max_slowdown=parse_fraction(max_slowdown, "--max-slowdown"),
+                        max_accuracy_drop=max_accuracy_drop,
+                        max_size_growth=parse_fraction(max_size_growth, "--max-size-growth"),
+                        budget_s=parse_duration(budget), confidence=confidence, looks=looks,
+                        on_inconclusive=on_inconclusive, target=target, threads=threads, clock=clock, batch=batch,
+                        seq_len=seq_len, seed=seed, graph_opt_level=graph_opt,
+                        allow_cross_machine=allow_cross_machine, allow_fallback=allow_fallback)
+    arrays = load_data(data) if data else None
+    with progress_bar(enabled=not no_progress) as progress:
+        result = run_gate(baseline, candidate, config, data=arrays, evaluator=evaluator, progress=progress)
+    click.echo(format_text(result))
+    github_summary = os.environ.get("GITHUB_STEP_SUMMARY") or None
+    for path in write_outputs(result, summary=summary_path, junit=junit_path, json_path=json_path,
+                              github_summary=github_summary):
+        echo_err(f"wrote {path}")
+    ctx.exit(result.exit_code)
