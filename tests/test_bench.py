@@ -239,3 +239,21 @@ def test_corrupt_model_file_exits_2(tmp_path):
     bad.write_bytes(b"\x00\x01garbage")
     result = CliRunner().invoke(main, ["bench", str(bad), "--no-progress"])
     assert result.exit_code == 2 and "not a valid ONNX model" in result.output
+
+
+def test_sequential_api_for_the_gate_narrows_the_interval_as_rounds_are_added(chains):
+    from dlopt.bench import bind_models, load_models
+
+    config = BenchConfig()
+    target, models = load_models([chains[0], chains[1]], config)
+    bound = bind_models(target, models, batch=1)
+    assert len(bound.first_run_s) == 2 and bound.input_shapes == {"x": (1, 128)}
+    sampler = InterleavedSampler(bound.runners)
+    sampler.warm_up(max_seconds=2.0, clock="cpu")
+    sampler.run_rounds(20)
+    early = sampler.ratio(1, "cpu", n_boot=500)
+    sampler.run_rounds(300)
+    late = sampler.ratio(1, "cpu", n_boot=500)
+    assert sampler.rounds == 320 and late.n == 320
+    assert late.high - late.low < early.high - early.low
+    assert late.low > 1.8

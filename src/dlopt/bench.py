@@ -601,35 +601,58 @@ def benchmark(paths: Sequence[str | os.PathLike], config: BenchConfig = BenchCon
                        machine=machine_fingerprint(config.threads, target, config.device_id))
 
 
-def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, batch: int | None,
-                   data: Mapping[str, np.ndarray] | None, data_source: str, clock: str, share: float | None,
-                   report: ProgressFn) -> BatchRun:
+@dataclass(frozen=True)
+class BoundModels:
+    """Models with their inputs bound on the device and run once: ready for an InterleavedSampler."""
+
+    runners: tuple[Any, ...]  # dlopt.targets.BoundRun, one per model
+    input_shapes: Mapping[str, tuple[int, ...]]
+    first_run_s: tuple[float, ...]
+    rss_added_bytes: tuple[int, ...]
+    device_added_bytes: tuple[int | None, ...]
+
+
+def bind_models(target, models: Sequence[LoadedModel], *, batch: int | None = 1, seq_len: int = DEFAULT_SEQ_LEN,
+                seed: int = 0, data: Mapping[str, np.ndarray] | None = None, data_source: str = "--data",
+                device_id: int = 0, progress: ProgressFn | None = None) -> BoundModels:
+    """Generate (or take from `data`) each model's inputs, bind them on the target's device and run
+    each model once (its cold first run, timed). The gate's entry point into the harness:
+    `InterleavedSampler(bind_models(target, load_models(paths, config)[1]).runners)`."""
     import psutil
 
     process = psutil.Process()
-    runners = []
-    first_run_s: list[float] = []
-    rss_added: list[int] = []
-    device_added: list[int | None] = []
+    runners, first_run_s, rss_added, device_added = [], [], [], []
     shapes: dict[str, tuple[int, ...]] = {}
     for m in models:
         specs = input_specs(m.handle.session)
         if data is not None:
             feeds = feeds_from_data(specs, data, data_source)
         else:
-            feeds = make_inputs(specs, batch=batch, seq_len=config.seq_len, seed=config.seed)
+            feeds = make_inputs(specs, batch=batch, seq_len=seq_len, seed=seed)
         shapes.update({k: tuple(v.shape) for k, v in feeds.items()})
-        report(f"binding {m.label}", 0.0)
+        if progress is not None:
+            progress(f"binding {m.label}", 0.0)
         rss_before = process.memory_info().rss
-        device_before = target.memory_in_use(config.device_id)
+        device_before = target.memory_in_use(device_id)
         bound = target.bind(m.handle, feeds)
         start = time.perf_counter()
         bound()  # the first run allocates the session's buffers: it belongs to the model's memory
         first_run_s.append(time.perf_counter() - start)
-        device_after = target.memory_in_use(config.device_id)
+        device_after = target.memory_in_use(device_id)
         rss_added.append(max(0, process.memory_info().rss - rss_before))
         device_added.append(device_after - device_before if None not in (device_before, device_after) else None)
         runners.append(bound)
+    return BoundModels(runners=tuple(runners), input_shapes=shapes, first_run_s=tuple(first_run_s),
+                       rss_added_bytes=tuple(rss_added), device_added_bytes=tuple(device_added))
+
+
+def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, batch: int | None,
+                   data: Mapping[str, np.ndarray] | None, data_source: str, clock: str, share: float | None,
+                   report: ProgressFn) -> BatchRun:
+    bound = bind_models(target, models, batch=batch, seq_len=config.seq_len, seed=config.seed, data=data,
+                        data_source=data_source, device_id=config.device_id, progress=report)
+    shapes = bound.input_shapes
+    runners = bound.runners
     effective_batch = batch if batch is not None else int(next(iter(shapes.values()))[0]) if shapes else 1
     sampler = InterleavedSampler(runners)
     start = time.perf_counter()
@@ -655,8 +678,9 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
                                     n_boot=config.n_boot, seed=config.seed)
                       if i > 0 else None) for c in CLOCKS}
         results.append(ModelRun(samples=samples, summaries={c: summarize(samples[c]) for c in CLOCKS},
-                                ratios=ratios, first_run_s=first_run_s[i], rss_added_bytes=rss_added[i],
-                                device_added_bytes=device_added[i]))
+                                ratios=ratios, first_run_s=bound.first_run_s[i],
+                                rss_added_bytes=bound.rss_added_bytes[i],
+                                device_added_bytes=bound.device_added_bytes[i]))
     report(f"{label}: done", 1.0)
     return BatchRun(batch=effective_batch, input_shapes=shapes, rounds=sampler.rounds, seconds=seconds,
                     warmup=warm, models=tuple(results))
@@ -715,7 +739,7 @@ def format_result(result: BenchResult) -> str:
                       f"peak RSS of this process: {result.peak_rss_bytes / 1e6:.0f} MB"])
 
 
-__all__ = ["BenchConfig", "BenchResult", "InterleavedSampler", "InputSpec", "SCHEMA_VERSION", "WarmupReport",
+__all__ = ["BenchConfig", "BenchResult", "BoundModels", "bind_models", "InterleavedSampler", "InputSpec", "SCHEMA_VERSION", "WarmupReport",
            "benchmark", "choose_clock", "feeds_from_data", "format_result", "input_specs", "load_data",
            "load_models", "machine_fingerprint", "make_inputs", "parse_batch_sizes", "parse_duration", "resolve_shape",
            "validate_config"]
