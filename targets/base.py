@@ -154,9 +154,12 @@ class Target:
 
     def create_session(self, model: str | Path | bytes, *, threads: int = 1, graph_opt_level: str = "all",
                        provider_options: Mapping[str, str] | None = None, allow_fallback: bool = False,
-                       device_id: int = 0, check_available: bool = True) -> TargetSession:
+                       device_id: int = 0, check_available: bool = True,
+                       free_dimensions: Mapping[str, int] | None = None) -> TargetSession:
         """Build a session for `model` (a path or serialized bytes) on this target.
 
+        `free_dimensions` fixes named dynamic axes (e.g. {"batch": 1, "seq": 128}), which lets graph
+        optimization fold shape computations away (a CUDA graph needs that).
         Raises TargetUnavailableError when the target cannot run here or ONNX Runtime silently put the
         session on another provider; with `allow_fallback` the session is returned labelled as CPU."""
         import onnxruntime as ort
@@ -174,6 +177,8 @@ class Target:
                     self.require_available()
                 fallback_only = True  # allowed: build it on the CPU, labelled as such
         options = _session_options(threads, graph_opt_level)
+        for dim_name, size in (free_dimensions or {}).items():
+            options.add_free_dimension_override_by_name(dim_name, int(size))
         first = self.providers[0]
         if fallback_only:
             requested: list[Any] = [CPU_PROVIDER]

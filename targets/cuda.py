@@ -10,13 +10,16 @@ What makes its numbers trustworthy:
 - with `cuda_graph=True` the whole graph is captured once and replayed (ONNX Runtime's
   `enable_cuda_graph`), which removes the per-kernel launch cost that dominates small batches. CUDA
   graphs need every input and output at a fixed device address, so outputs are preallocated from the
-  shapes of one run on a plain probe session, and every node must run on the CUDA EP.
+  shapes of one run on the plain session; and every node must run on the CUDA EP, so the graph
+  session is built per input shape with its dynamic axes fixed (free-dimension overrides), which
+  lets ONNX Runtime fold away the shape computations it would otherwise run on the CPU.
 - GPU memory is read from NVML (the driver's library), device-wide.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import ClassVar
@@ -49,25 +52,39 @@ class CudaTarget(Target):
         options.update({k: str(v) for k, v in (extra or {}).items()})
         return options
 
+    def create_session(self, model, *, provider_options: Mapping[str, str] | None = None, **kwargs) -> TargetSession:
+        """As Target.create_session; with enable_cuda_graph in the options, the session made here is a
+        plain one (it gives load time and output shapes), and `bind` builds the graph session once the
+        input shapes are known: with dynamic axes, shape computations run on the CPU EP, which a CUDA
+        graph cannot hold, so the graph session gets those axes fixed and folded away."""
+        options = dict(provider_options or {})
+        graph = options.pop("enable_cuda_graph", "0") == "1"
+        handle = super().create_session(model, provider_options=options, **kwargs)
+        if graph and not handle.fell_back:
+            # a marker for bind(): this session itself has no graph
+            handle = dataclasses.replace(handle, provider_options={**handle.provider_options, "enable_cuda_graph": "1"})
+        return handle
+
     def bind(self, handle: TargetSession, feeds: Mapping[str, np.ndarray]) -> BoundRun:
         if handle.fell_back or handle.provider_options.get("enable_cuda_graph") != "1":
             return BoundRun(handle, feeds)
-        # A CUDA graph replays into fixed output buffers: learn the output shapes from one run of a
-        # plain session on the same device, then preallocate them for the graph session.
-        plain = {k: v for k, v in handle.provider_options.items() if k != "enable_cuda_graph"}
-        probe = self.create_session(handle.source, threads=handle.threads, graph_opt_level=handle.graph_opt_level,
-                                    provider_options=plain, device_id=handle.device_id, check_available=False)
-        probe_run = BoundRun(probe, feeds)
-        probe_run()
-        shapes = probe_run.output_shapes()
-        del probe_run, probe
-        bound = BoundRun(handle, feeds, output_shapes=shapes)
+        # A CUDA graph replays into fixed output buffers: learn the output shapes from one run of the
+        # plain session, then build the graph session with these shapes fixed and preallocate them.
+        probe = BoundRun(handle, feeds)
+        probe()
+        shapes = probe.output_shapes()
+        del probe
+        graph_handle = Target.create_session(
+            self, handle.source, threads=handle.threads, graph_opt_level=handle.graph_opt_level,
+            provider_options=handle.provider_options, device_id=handle.device_id, check_available=False,
+            free_dimensions=free_dimensions(handle.session, feeds))
         try:
-            bound()  # the first run captures the graph: fail here, clearly, rather than in the timed loop
+            bound = BoundRun(graph_handle, feeds, output_shapes=shapes)
+            bound()  # the first runs capture the graph: fail here, clearly, rather than in the timed loop
+            bound()
         except Exception as e:  # onnxruntime's own exception types
             raise InputError(f"CUDA graph capture failed: {str(e).strip()[:300]}",
-                             "CUDA graphs need every node on the CUDA EP and static shapes; "
-                             "run without --cuda-graph") from e
+                             "CUDA graphs need every node on the CUDA EP; run without --cuda-graph") from e
         return bound
 
     def device_name(self, device_id: int = 0) -> str:
@@ -75,6 +92,20 @@ class CudaTarget(Target):
 
     def memory_in_use(self, device_id: int = 0) -> int | None:
         return _nvml_memory_used(device_id)
+
+
+def free_dimensions(session, feeds: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Named dynamic axes of the session's inputs -> their sizes in `feeds` (for dimension overrides)."""
+    sizes: dict[str, int] = {}
+    for spec in session.get_inputs():
+        shape = np.asarray(feeds[spec.name]).shape
+        for dim, size in zip(spec.shape, shape):
+            if isinstance(dim, str) and dim:
+                if sizes.get(dim, size) != size:
+                    raise InputError(f"axis {dim!r} has sizes {sizes[dim]} and {size} in one feed",
+                                     "give inputs whose shared axes agree")
+                sizes[dim] = int(size)
+    return sizes
 
 
 @functools.lru_cache(maxsize=1)

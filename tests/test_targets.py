@@ -173,3 +173,24 @@ def test_cuda_graph_replay_matches_the_cpu():
     for _ in range(3):
         bound()
     np.testing.assert_allclose(bound.outputs()["y"], _reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_free_dimension_overrides_fix_named_axes():
+    from dlopt.targets.cuda import free_dimensions
+
+    handle = CpuTarget().create_session(_mlp_bytes(), free_dimensions={"batch": 5})
+    assert handle.session.get_inputs()[0].shape == [5, 16]
+    plain = CpuTarget().create_session(_mlp_bytes())
+    assert free_dimensions(plain.session, {"x": np.zeros((3, 16), np.float32)}) == {"batch": 3}
+
+
+@needs_no_cuda
+def test_cuda_graph_request_after_allowed_fallback_binds_plainly_on_the_cpu():
+    gpu = CudaTarget()
+    handle = gpu.create_session(_mlp_bytes(), provider_options=gpu.provider_options(cuda_graph=True),
+                                allow_fallback=True)
+    assert handle.fell_back and "enable_cuda_graph" not in handle.provider_options
+    x = np.ones((2, 16), np.float32)
+    bound = gpu.bind(handle, {"x": x})
+    bound()
+    np.testing.assert_allclose(bound.outputs()["y"], _reference(x), rtol=1e-5, atol=1e-6)
