@@ -68,12 +68,12 @@ def command(models, target, threads, batch, seq_len, budget, rounds, clock, rati
     min, throughput (items/s) per batch size, size on disk, load time, first-run time, memory added.
     Inputs are generated from each model's input metadata (seeded), or read with --data.
 
-    \b
-    Clocks: thread CPU time (cpu) counts only the time the calling thread ran, so other jobs on the
-    machine do not inflate it. With --threads 1 on the CPU the whole model runs on that thread and
-    this clock is far steadier than wall time on shared machines (about 2 % spread against 35-60 %
-    seen on a busy 2-core box): it is the default there. With more threads, pool threads' work is
-    invisible to it, and on a GPU the thread only waits: wall time is the default there.
+    Clocks: thread CPU time (cpu) counts only the time the calling thread ran, so time spent
+    descheduled while other jobs run does not inflate it. With --threads 1 on the CPU the whole model
+    runs on that thread, and on shared machines this clock is far steadier than wall time (spreads
+    of 2 % against 35-60 % were seen on a busy 2-core box; under heavy load wall medians were 3.6x
+    the CPU medians): it is the default there. With more threads, pool threads' work is invisible to
+    it, and on a GPU the thread only waits: wall time is the default there.
 
     \b
     Examples:
