@@ -202,7 +202,8 @@ def _infer_shapes(model, config: PreprocessConfig):
     import onnx
 
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        # through the transformers helper: importing onnxruntime.tools imports torch (9 s)
+        from onnxruntime.transformers.shape_infer_helper import SymbolicShapeInference
 
         # symbolic inference knows ORT's contrib ops (Attention, SkipLayerNormalization ...)
         inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)

@@ -1,0 +1,528 @@
+"""Quantization: one entry point (`quantize`) for INT8 (dynamic and static), INT4 and FP16.
+
+INT8 is implemented here on top of ONNX Runtime's quantization tools. What dlopt adds to them:
+- a recipe chosen for the model, the target and the CPU's instruction set, with the reasons printed
+  (`--mode auto`): dynamic per-channel on the fused graph for transformers on x86, static QDQ for
+  CNNs, u8/s8 with reduce_range when the CPU lacks VNNI (its u8·s8 kernel saturates in 16 bits), s8/s8
+  for ARM and for CUDA (TensorRT takes only symmetric int8);
+- checked pre-processing (optimize/preprocess.py);
+- calibration that streams: ORT's calibrators keep every activation of every sample in memory and
+  stack them (which also fails on samples of different lengths). Here each sample is run and folded
+  into ORT's own min/max or histogram collector before the next is read, so memory stays flat and
+  every method takes samples of any length; the ranges then go to ORT's quantizer through its
+  calibration-cache file;
+- an accuracy budget (optimize/sensitivity.py) and a fidelity report against the float model.
+INT4 and FP16 live in optimize/int4.py and optimize/fp16.py; `quantize` dispatches to them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from dlopt.errors import InputError, StageError
+from dlopt.optimize.calibration import CalibrationData, Feeds
+from dlopt.optimize.preprocess import (PreprocessConfig, check_feeds, looks_like_transformer, make_session,
+                                       op_counts, preprocess, run_outputs)
+from dlopt.stage import StageResult, config_to_dict
+
+PRECISIONS = ("int8", "int4", "fp16")
+MODES = ("auto", "dynamic", "static")
+METHODS = ("minmax", "entropy", "percentile")
+TARGETS = ("cpu", "cuda", "arm64", "mobile")
+
+Precision = Literal["int8", "int4", "fp16"]
+Mode = Literal["auto", "dynamic", "static"]
+Method = Literal["minmax", "entropy", "percentile"]
+Target = Literal["cpu", "cuda", "arm64", "mobile"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeConfig:
+    precision: Precision = "int8"
+    mode: Mode = "auto"
+    method: Method | None = None  # static calibration; None: the recipe's choice
+    per_channel: bool = True
+    block_size: int = 32  # int4
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_ops: tuple[str, ...] = ()
+    target: Target = "cpu"
+    preprocess: bool = True  # fusions, constant folding, shape inference (int8), each checked
+    calibration_samples: int | None = None  # cap on samples read; None: all of them
+    percentile: float = 99.999
+    max_accuracy_drop: float | None = None
+    evaluator: str | None = None  # cosine | top1 | sqnr | model:NAME[:metric]; None: cosine or top1
+    fidelity_samples: int = 32
+    int4: Any = None  # an Int4Config from dlopt.optimize.int4; None: built from the options above
+    fp16: Any = None  # an Fp16Config from dlopt.optimize.fp16
+
+
+def validate_config(config: QuantizeConfig) -> None:
+    choices = {"precision": PRECISIONS, "mode": MODES, "target": TARGETS}
+    for name, allowed in choices.items():
+        value = getattr(config, name)
+        if value not in allowed:
+            raise InputError(f"unknown {name} {value!r}", f"choose one of {', '.join(allowed)}")
+    if config.method is not None and config.method not in METHODS:
+        raise InputError(f"unknown calibration method {config.method!r}", f"choose one of {', '.join(METHODS)}")
+    if not 0 < config.percentile <= 100:
+        raise InputError(f"percentile {config.percentile} is out of range", "give a value in (0, 100], e.g. 99.999")
+    if config.max_accuracy_drop is not None and config.max_accuracy_drop < 0:
+        raise InputError(f"--max-accuracy-drop {config.max_accuracy_drop} is negative", "give a drop >= 0")
+    if config.block_size < 16 or config.block_size & (config.block_size - 1):
+        raise InputError(f"block size {config.block_size} is not a power of two >= 16", "use 32, 64 or 128")
+
+
+# -- the CPU and the recipe ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CpuFeatures:
+    machine: str
+    vnni: bool
+    flags: tuple[str, ...]
+
+
+def cpu_features() -> CpuFeatures:
+    machine = platform.machine().lower()
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags.update(line.split(":", 1)[1].split())
+                break
+    interesting = sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8",
+                                                   "asimddp", "i8mm", "fma"})
+    vnni = bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
+    return CpuFeatures(machine, vnni, tuple(interesting))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    mode: Literal["dynamic", "static"]
+    quant_format: Literal["QOperator", "QDQ"]
+    activation_type: Literal["u8", "s8"]
+    weight_type: Literal["u8", "s8"]
+    per_channel: bool
+    reduce_range: bool
+    method: Method
+    fuse_transformer: bool
+    reasons: tuple[str, ...] = ()
+
+
+def choose_recipe(model, config: QuantizeConfig, cpu: CpuFeatures | None = None) -> Recipe:
+    """The INT8 recipe for this model, target and CPU, with a reason for every choice."""
+    cpu = cpu or cpu_features()
+    reasons = []
+    transformer = looks_like_transformer(model)
+    ops = {n.op_type for n in model.graph.node}
+    kind = "transformer" if transformer else ("CNN" if "Conv" in ops else "MLP/other")
+    arm = config.target in ("arm64", "mobile") or cpu.machine in ("aarch64", "arm64")
+    if config.mode != "auto":
+        mode = config.mode
+        reasons.append(f"mode {mode}: asked for")
+    elif config.target == "cuda":
+        mode = "static"
+        reasons.append("static QDQ: the CUDA/TensorRT providers run QDQ graphs, not dynamic quantization")
+    elif transformer:
+        mode = "dynamic"
+        reasons.append("dynamic: transformer activations vary per token and per input; per-call ranges beat "
+                       "calibrated ones (ORT static QDQ loses ~0.2 cosine on MiniLM)")
+    elif config.target == "mobile":
+        mode = "static"
+        reasons.append("static QDQ: mobile providers (XNNPACK, NNAPI, CoreML) take QDQ graphs")
+    else:
+        mode = "static"
+        reasons.append(f"static QDQ: {kind}; activation ranges calibrated once, no per-call quantize cost")
+    fmt = "QOperator" if mode == "dynamic" else "QDQ"
+    if config.target == "cuda" or arm:
+        act, wt, reduce = "s8", "s8", False
+        reasons.append("s8/s8: " + ("TensorRT takes symmetric int8 only" if config.target == "cuda"
+                                    else "ARM int8 dot-product kernels are s8·s8"))
+    elif cpu.vnni:
+        act, wt, reduce = "u8", "s8", False
+        reasons.append(f"u8/s8, full range: the CPU has VNNI ({', '.join(cpu.flags)})")
+    else:
+        act, wt, reduce = "u8", "s8", True
+        reasons.append("u8/s8 with reduce_range (7-bit weights): no VNNI on this CPU "
+                       f"({', '.join(cpu.flags) or 'no flags read'}), its u8·s8 kernel sums pairs in 16 bits "
+                       "and would saturate")
+    if mode == "dynamic":
+        act = "u8"  # DynamicQuantizeLinear produces u8 only
+    per_channel = config.per_channel
+    reasons.append("per-channel weights" if per_channel else "per-tensor weights: asked for")
+    method = config.method or ("percentile" if transformer else "minmax")
+    if mode == "static":
+        reasons.append(f"calibration: {method}" + ("" if config.method else
+                       (" (transformer activations have outliers)" if transformer
+                        else " (ReLU-bounded CNN activations)")))
+    fuse = transformer and config.preprocess
+    if fuse:
+        reasons.append("ORT transformer fusions first: fused Attention/EmbedLayerNorm quantize as whole ops")
+    return Recipe(mode=mode, quant_format=fmt, activation_type=act, weight_type=wt, per_channel=per_channel,
+                  reduce_range=reduce, method=method, fuse_transformer=fuse, reasons=tuple(reasons))
+
+
+# -- calibration (streamed) ---------------------------------------------------------------------------
+def _ort_quant_type(name: str):
+    from onnxruntime.quantization import QuantType
+
+    return {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}[name]
+
+
+def _ort_method(method: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[method]
+
+
+class _OneSample:
+    """An ORT CalibrationDataReader over exactly one sample."""
+
+    def __init__(self, feeds: Feeds):
+        self._feeds: Feeds | None = feeds
+
+    def get_next(self):
+        feeds, self._feeds = self._feeds, None
+        return feeds
+
+
+@contextlib.contextmanager
+def progress_bar(total: int | None, description: str, enabled: bool) -> Iterator[Any]:
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(file=sys.stderr), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
+
+
+def calibrate(model, data: Iterable[Mapping[str, np.ndarray]], *, method: Method = "minmax",
+              op_types: Iterable[str] | None = None, symmetric: bool = False, percentile: float = 99.999,
+              progress: bool = False):
+    """Activation ranges of `model` over `data`, as ORT's TensorsData, one sample in memory at a time."""
+    import onnx
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    extra = {"symmetric": symmetric}
+    if method == "percentile":
+        extra.update(percentile=percentile, num_bins=2048)
+    elif method == "entropy":
+        extra.update(num_bins=512, num_quantized_bins=128)
+    total = len(data) if hasattr(data, "__len__") else None
+    with tempfile.TemporaryDirectory(prefix="dlopt-calib-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=model.ByteSize() > 2**31 - 1)
+        # ORT's histogram collectors print to stdout on every call; dlopt keeps stdout for results
+        with contextlib.redirect_stdout(io.StringIO()):
+            calibrator = create_calibrator(path, list(op_types) if op_types else None,
+                                           augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                           calibrate_method=_ort_method(method), extra_options=extra)
+            count = 0
+            with progress_bar(total, f"calibrating ({method})", progress) as advance:
+                for feeds in data:
+                    calibrator.collect_data(_OneSample(dict(feeds)))
+                    count += 1
+                    advance()
+            if count == 0:
+                raise InputError("calibration data holds no samples", "give at least one sample")
+            ranges = calibrator.compute_data()
+    return ranges, count
+
+
+# -- INT8 -------------------------------------------------------------------------------------------------
+def _default_op_types(recipe: Recipe) -> set[str]:
+    from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
+
+    return set(IntegerOpsRegistry if recipe.mode == "dynamic" else QDQRegistry)
+
+
+def _check_exclusions(model, config: QuantizeConfig) -> None:
+    names = {n.name for n in model.graph.node}
+    unknown = [n for n in config.exclude_nodes if n not in names]
+    if unknown:
+        sample = ", ".join(sorted(n.name for n in model.graph.node if n.name)[:5])
+        raise InputError(f"--exclude-nodes names nodes not in the model: {', '.join(unknown)}",
+                         f"use node names from the graph (e.g. {sample})")
+
+
+def quantize_int8(model, config: QuantizeConfig, recipe: Recipe, data: CalibrationData | None = None, *,
+                  exclude_nodes: Iterable[str] = (), progress: bool = False, ranges=None):
+    """INT8 with ORT's quantizers following `recipe`; returns (model, details). `ranges` reuses a
+    calibration (TensorsData) across the candidates of a budget search."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    op_types = sorted(_default_op_types(recipe) - set(config.exclude_ops))
+    excluded = sorted(set(config.exclude_nodes) | set(exclude_nodes))
+    details: dict[str, Any] = {"op_types_to_quantize": op_types, "nodes_excluded": excluded}
+    with tempfile.TemporaryDirectory(prefix="dlopt-quant-") as tmp:
+        out = Path(tmp) / "quantized.onnx"
+        common = dict(per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+                      weight_type=_ort_quant_type(recipe.weight_type), nodes_to_exclude=excluded,
+                      op_types_to_quantize=op_types)
+        with contextlib.redirect_stdout(io.StringIO()):
+            if recipe.mode == "dynamic":
+                quantize_dynamic(model, str(out), extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT,
+                                                                 "MatMulConstBOnly": True}, **common)
+            else:
+                if ranges is None:
+                    if data is None:
+                        raise InputError("static quantization needs calibration data",
+                                         "pass --calibration DATA (an .npz, a folder, or model:NAME) or --mode dynamic")
+                    ranges, _ = calibrate(model, data, method=recipe.method, op_types=op_types,
+                                          symmetric=recipe.activation_type == "s8", percentile=config.percentile,
+                                          progress=progress)
+                cache = Path(tmp) / "ranges.json"
+                save_tensors_data(ranges, cache)
+                quantize_static(model, str(out), calibration_data_reader=None, calibration_cache_path=str(cache),
+                                quant_format=QuantFormat.QDQ, activation_type=_ort_quant_type(recipe.activation_type),
+                                calibrate_method=_ort_method(recipe.method),
+                                extra_options={"ActivationSymmetric": recipe.activation_type == "s8",
+                                               "WeightSymmetric": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+                                **common)
+        quantized = onnx.load_model(str(out))
+    details["ranges"] = ranges
+    return quantized, details
+
+
+# -- reporting --------------------------------------------------------------------------------------------
+_QUANT_OPS = ("QLinear", "DynamicQuantize", "MatMulInteger", "ConvInteger", "QAttention", "QEmbedLayerNormalization",
+              "QGemm", "MatMulNBits", "GatherBlockQuantized", "DequantizeLinear", "QuantizeLinear")
+
+
+def quantized_nodes(model) -> dict[str, int]:
+    """Quantized compute by op type: QOperator ops by name; in QDQ graphs, each float op fed by a
+    DequantizeLinear is counted as 'QDQ:<op>'. Quantize/DequantizeLinear themselves are listed too."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        key = None
+        if node.op_type.startswith(_QUANT_OPS) or node.op_type in _QUANT_OPS:
+            key = node.op_type
+        elif node.domain in ("", "ai.onnx", "com.microsoft") and any(
+                producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in node.input):
+            key = f"QDQ:{node.op_type}"
+        if key:
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def fidelity(reference_outputs: list[list[np.ndarray]], outputs: list[list[np.ndarray]], names: list[str]
+             ) -> dict[str, dict[str, float]]:
+    """Per output: SQNR in dB over all samples, row-wise cosine mean/min, top-1 agreement for 2-D outputs."""
+    result = {}
+    for i, name in enumerate(names):
+        ref = [r[i].astype(np.float64) for r in reference_outputs]
+        got = [o[i].astype(np.float64) for o in outputs]
+        if not np.issubdtype(reference_outputs[0][i].dtype, np.floating):
+            continue
+        signal = sum(float(np.sum(r * r)) for r in ref)
+        noise = sum(float(np.sum((r - g) ** 2)) for r, g in zip(ref, got))
+        finite = all(np.all(np.isfinite(g)) for g in got)
+        entry = {"sqnr_db": sqnr_db(signal, noise) if finite else float("-inf"), "finite": finite}
+        rows_r = np.concatenate([r.reshape(-1, r.shape[-1]) if r.ndim > 1 else r.reshape(1, -1) for r in ref])
+        rows_g = np.concatenate([g.reshape(-1, g.shape[-1]) if g.ndim > 1 else g.reshape(1, -1) for g in got])
+        denom = np.linalg.norm(rows_r, axis=1) * np.linalg.norm(rows_g, axis=1)
+        cos = np.sum(rows_r * rows_g, axis=1) / np.maximum(denom, 1e-30)
+        entry.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
+        unit_rows = np.allclose(np.linalg.norm(rows_r, axis=1), 1.0, atol=1e-3)  # an embedding, not logits
+        if rows_r.shape[1] > 1 and ref[0].ndim == 2 and not unit_rows:
+            entry["top1_agreement"] = float(np.mean(rows_r.argmax(1) == rows_g.argmax(1)))
+        result[name] = entry
+    return result
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    if noise <= 0:
+        return float("inf")
+    if signal <= 0:
+        return float("-inf")
+    return float(10 * np.log10(signal / noise))
+
+
+# -- the entry point --------------------------------------------------------------------------------------
+def _dispatch_other(model, config: QuantizeConfig, data: CalibrationData | None) -> StageResult:
+    """INT4 and FP16 are implemented in their own modules; their configs are built from the common
+    options unless given whole (config.int4 / config.fp16)."""
+    if config.precision == "int4":
+        from dlopt.optimize import int4 as impl
+
+        sub, cls_name, func = config.int4, "Int4Config", "quantize_int4"
+    else:
+        from dlopt.optimize import fp16 as impl
+
+        sub, cls_name, func = config.fp16, "Fp16Config", "convert_fp16"
+    if sub is None:
+        cls = getattr(impl, cls_name)
+        names = {f.name for f in dataclasses.fields(cls)}
+        common = {"block_size": config.block_size, "exclude_nodes": config.exclude_nodes,
+                  "exclude_ops": config.exclude_ops, "target": config.target}
+        sub = cls(**{k: v for k, v in common.items() if k in names})
+    return getattr(impl, func)(model, sub, data)
+
+
+def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: CalibrationData | None = None, *,
+             progress: bool = False, log=lambda message: None) -> StageResult:
+    """Quantize an onnx.ModelProto (never modified) to config.precision; the report holds the recipe,
+    sizes, quantized nodes by op type, fidelity against the float model and, with a budget, the
+    candidates tried (report['budget']['met'] says whether the budget held)."""
+    validate_config(config)
+    started = time.perf_counter()
+    if isinstance(data, CalibrationData):
+        data.bind(model)
+        if config.calibration_samples is not None:
+            data.limit = min(data.limit or config.calibration_samples, config.calibration_samples)
+    if config.precision != "int8":
+        _check_exclusions(model, config)
+        result = _dispatch_other(model, config, data)
+        report = {"precision": config.precision, "config": config_to_dict(config), **result.report}
+        report.update(_summary(model, result.model, data, config))
+        return StageResult(result.model, report)
+
+    _check_exclusions(model, config)
+    recipe = choose_recipe(model, config)
+    for reason in recipe.reasons:
+        log(f"recipe: {reason}")
+    prepared, pre_report = model, None
+    if config.preprocess:
+        log("pre-processing: " + ("transformer fusions, " if recipe.fuse_transformer else "")
+            + "constant folding, shape inference (each checked against its input)")
+        pre = preprocess(model, PreprocessConfig(transformer_fusion="auto" if recipe.fuse_transformer else "off"),
+                         data)
+        prepared, pre_report = pre.model, pre.report
+        _check_exclusions(prepared, config)  # a fusion may have absorbed an excluded node
+    quantized, details = quantize_int8(prepared, config, recipe, data, progress=progress)
+    ranges = details.pop("ranges")
+    budget = None
+    if config.max_accuracy_drop is not None:
+        from dlopt.optimize.sensitivity import meet_budget
+
+        budget = meet_budget(model, prepared, quantized, config, recipe, data, ranges=ranges, log=log)
+        quantized = budget.pop("model")
+        details["nodes_excluded"] = budget["chosen"]["excluded"]
+    report = {"precision": "int8", "config": config_to_dict(config),
+              "recipe": dataclasses.asdict(recipe) | {"reasons": list(recipe.reasons)},
+              "preprocess": pre_report, **details}
+    if budget is not None:
+        report["budget"] = budget
+    report.update(_summary(model, quantized, data, config))
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    return StageResult(quantized, report)
+
+
+def _summary(original, quantized, data, config: QuantizeConfig) -> dict[str, Any]:
+    feeds = check_feeds(original, data, config.fidelity_samples)
+    reference = run_outputs(make_session(original), feeds)
+    session = make_session(quantized)
+    outputs = run_outputs(session, feeds)
+    names = [o.name for o in session.get_outputs()]
+    if [o.name for o in original.graph.output] != names:
+        raise StageError(f"quantization changed the graph outputs {[o.name for o in original.graph.output]} -> "
+                         f"{names}", "report this model")
+    return {"bytes_before": original.ByteSize(), "bytes_after": quantized.ByteSize(),
+            "quantized_nodes": quantized_nodes(quantized), "ops_after": op_counts(quantized),
+            "fidelity": {"samples": len(feeds), "data": "calibration" if data is not None else "synthetic",
+                         "outputs": fidelity(reference, outputs, names)},
+            "cpu": dataclasses.asdict(cpu_features())}
+
+
+# -- files ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QuantizeOutcome:
+    model_path: Path
+    report_path: Path
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def budget_met(self) -> bool:
+        budget = self.report.get("budget")
+        return budget is None or bool(budget["met"])
+
+
+def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike, config: QuantizeConfig = QuantizeConfig(),
+                  calibration: str | os.PathLike | CalibrationData | None = None, *, progress: bool = False,
+                  log=lambda message: None) -> QuantizeOutcome:
+    """Quantize MODEL.onnx to OUTPUT (atomically) and write the JSON report beside it,
+    `OUTPUT-stem.quantize.json`. The best model is written even when a budget is not met."""
+    from dlopt.fileio import check_output_path, load_onnx, save_onnx_atomic, write_json_atomic
+    from dlopt.optimize.calibration import load_calibration
+    from dlopt.report import environment
+
+    validate_config(config)
+    src, out = Path(model_path), check_output_path(output)
+    if out.resolve() == src.resolve():
+        raise InputError(f"output {out} is the input model", "write to another path; inputs are never modified")
+    model = load_onnx(src)
+    data = load_calibration(calibration, model, limit=config.calibration_samples)
+    result = quantize(model, config, data, progress=progress, log=log)
+    save_onnx_atomic(result.model, out)
+    report = {"input": str(src), "output": str(out), "calibration": data.describe() if data else None,
+              **result.report, "bytes_written": out.stat().st_size, "environment": environment()}
+    stem = out.name[:-5] if out.name.endswith(".onnx") else out.name
+    report_path = write_json_atomic(out.with_name(f"{stem}.quantize.json"), report)
+    return QuantizeOutcome(out, report_path, report)
+
+
+def summary_text(report: Mapping[str, Any]) -> str:
+    """The human summary every run prints."""
+    from dlopt.report import format_table
+
+    lines = [f"size: {report['bytes_before'] / 1e6:.2f} MB -> {report['bytes_after'] / 1e6:.2f} MB "
+             f"({report['bytes_before'] / max(report['bytes_after'], 1):.2f}x smaller)"]
+    recipe = report.get("recipe")
+    if recipe:
+        lines.append(f"recipe: int8 {recipe['mode']} ({recipe['quant_format']}), activations {recipe['activation_type']},"
+                     f" weights {recipe['weight_type']} {'per-channel' if recipe['per_channel'] else 'per-tensor'}"
+                     f"{', reduce_range' if recipe['reduce_range'] else ''}"
+                     f"{', calibration ' + recipe['method'] if recipe['mode'] == 'static' else ''}")
+        lines += [f"  - {r}" for r in recipe["reasons"]]
+    else:
+        lines.append(f"recipe: {report.get('precision')}")
+    pre = report.get("preprocess")
+    if pre:
+        for step in pre["steps"]:
+            state = "applied" if step["applied"] else f"skipped ({step.get('reason', '')})"
+            extra = f" {step['fused']}" if step.get("fused") else ""
+            lines.append(f"pre-processing {step['step']}: {state}{extra}")
+    q = report.get("quantized_nodes", {})
+    lines.append("quantized nodes: " + (", ".join(f"{k} {v}" for k, v in q.items()) or "none"))
+    if report.get("nodes_excluded"):
+        lines.append(f"kept in float: {', '.join(report['nodes_excluded'])}")
+    fid = report.get("fidelity")
+    if fid:
+        rows = [[name, m["sqnr_db"], m["cosine_mean"], m["cosine_min"], m.get("top1_agreement", "-")]
+                for name, m in fid["outputs"].items()]
+        lines.append(f"fidelity vs FP32 on {fid['samples']} {fid['data']} samples:")
+        lines.append(format_table(["output", "SQNR dB", "cos mean", "cos min", "top-1 agree"], rows))
+    budget = report.get("budget")
+    if budget:
+        lines.append(f"accuracy budget ({budget['evaluator']}): FP32 {budget['baseline']:.4f}, allowed drop "
+                     f"{budget['max_drop']}: {'met' if budget['met'] else 'NOT met'}")
+        rows = [[c["excluded_count"], c["score"], c["drop"], c["latency_ms"], c["bytes"] / 1e6,
+                 "yes" if c["within_budget"] else "no", "<-" if c.get("chosen") else ""]
+                for c in budget["candidates"]]
+        lines.append(format_table(["float nodes", "score", "drop", "ms (1 thread)", "MB", "in budget", "chosen"],
+                                  rows))
+    return "\n".join(lines)
+
+
+__all__ = ["CpuFeatures", "METHODS", "MODES", "PRECISIONS", "QuantizeConfig", "QuantizeOutcome", "Recipe", "TARGETS",
+           "calibrate", "choose_recipe", "cpu_features", "fidelity", "quantize", "quantize_file", "quantize_int8",
+           "quantized_nodes", "sqnr_db", "summary_text", "validate_config"]

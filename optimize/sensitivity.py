@@ -1,0 +1,226 @@
+"""The accuracy budget: rank quantized nodes by the noise each adds, keep the worst in float until
+the evaluator's drop is within budget, and prefer the fastest candidate that meets it.
+
+Sensitivity of a node = the noise it adds itself. Both graphs expose every candidate node's input
+and output; with r = ||float - quantized||² / ||float||² measured on both, a node's own contribution
+is r_out - r_in (noise powers add). Measured once on a few samples, so ranking costs two runs of the
+model, not one quantization per node.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dlopt.errors import InputError
+from dlopt.optimize.preprocess import check_feeds, make_session, run_outputs
+
+FIDELITY_EVALUATORS = ("cosine", "top1", "sqnr")
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """score(model) -> float, higher is better; drop = baseline - score, in the metric's units
+    (cosine: 1 - mean cosine; top1: fraction of changed top-1; sqnr: noise/signal power, 0.01 = 20 dB;
+    a reference model's metric: its own units, e.g. accuracy 0.005 = half a point)."""
+
+    name: str
+    score: Callable[[Any], float]
+    baseline: float
+
+
+def _first_float_output(outputs: list[list[np.ndarray]]) -> int:
+    for i, out in enumerate(outputs[0]):
+        if np.issubdtype(out.dtype, np.floating):
+            return i
+    raise InputError("the model has no floating-point output to compare", "use --evaluator model:NAME")
+
+
+def build_evaluator(spec: str | None, original, data: Iterable[Mapping[str, np.ndarray]] | None,
+                    samples: int = 32) -> Evaluator:
+    spec = spec or "cosine"
+    if spec.startswith("model:"):
+        return _reference_evaluator(spec)
+    if spec not in FIDELITY_EVALUATORS:
+        raise InputError(f"unknown evaluator {spec!r}",
+                         f"choose {', '.join(FIDELITY_EVALUATORS)} or model:NAME[:metric]")
+    feeds = check_feeds(original, data, samples)
+    reference = run_outputs(make_session(original), feeds)
+    index = _first_float_output(reference)
+    ref = [r[index].astype(np.float64) for r in reference]
+
+    def score(model) -> float:
+        got = [o[index].astype(np.float64) for o in run_outputs(make_session(model), feeds)]
+        if not all(np.all(np.isfinite(g)) for g in got):
+            return float("-inf")
+        if spec == "sqnr":
+            noise = sum(float(np.sum((r - g) ** 2)) for r, g in zip(ref, got))
+            return 1.0 - noise / max(sum(float(np.sum(r * r)) for r in ref), 1e-30)
+        rows_r = np.concatenate([r.reshape(-1, r.shape[-1]) for r in ref])
+        rows_g = np.concatenate([g.reshape(-1, g.shape[-1]) for g in got])
+        if spec == "top1":
+            return float(np.mean(rows_r.argmax(1) == rows_g.argmax(1)))
+        denom = np.maximum(np.linalg.norm(rows_r, axis=1) * np.linalg.norm(rows_g, axis=1), 1e-30)
+        return float(np.mean(np.sum(rows_r * rows_g, axis=1) / denom))
+
+    return Evaluator(spec, score, 1.0)
+
+
+def _reference_evaluator(spec: str) -> Evaluator:
+    from dlopt.models import get_reference_model, onnx_runner
+
+    parts = spec.split(":")
+    ref = get_reference_model(parts[1])
+    metric = parts[2] if len(parts) > 2 else ref.metrics[0]
+    if metric not in ref.metrics:
+        raise InputError(f"reference model {ref.name!r} has no metric {metric!r}", f"known: {', '.join(ref.metrics)}")
+
+    def score(model) -> float:
+        return float(ref.evaluate(onnx_runner(make_session(model)))[metric])
+
+    # the baseline is filled in by the caller from the float model (one evaluation)
+    return Evaluator(f"model:{ref.name}:{metric}", score, float("nan"))
+
+
+# -- sensitivity -------------------------------------------------------------------------------------
+def _with_outputs(model, names: list[str]):
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    present = {o.name for o in copy.graph.output}
+    for name in names:
+        if name not in present:
+            copy.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return copy
+
+
+def node_sensitivity(float_model, quantized, feeds: list[dict[str, np.ndarray]], op_types: Iterable[str],
+                     exclude: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Candidate nodes of `float_model` (op type in op_types, not excluded) with the noise each adds,
+    most sensitive first. Nodes whose tensors the quantized graph does not keep are skipped."""
+    op_types, exclude = set(op_types), set(exclude)
+    q_tensors = {o for n in quantized.graph.node for o in n.output} | {i.name for i in quantized.graph.input}
+    inits = {t.name for t in float_model.graph.initializer}
+    nodes = []
+    for node in float_model.graph.node:
+        if node.op_type not in op_types or node.name in exclude or not node.output[0] in q_tensors:
+            continue
+        inputs = [i for i in node.input if i and i not in inits and i in q_tensors]
+        nodes.append((node, inputs))
+    if not nodes:
+        return []
+    tensors = sorted({t for node, inputs in nodes for t in [node.output[0], *inputs]})
+    float_outs = run_outputs(make_session(_with_outputs(float_model, tensors), optimization="basic"), feeds)
+    quant_outs = run_outputs(make_session(_with_outputs(quantized, tensors), optimization="basic"), feeds)
+    f_names = [o.name for o in _with_outputs(float_model, tensors).graph.output]
+    q_names = [o.name for o in _with_outputs(quantized, tensors).graph.output]
+    signal: dict[str, float] = {}
+    noise: dict[str, float] = {}
+    for f_out, q_out in zip(float_outs, quant_outs):
+        f_map, q_map = dict(zip(f_names, f_out)), dict(zip(q_names, q_out))
+        for t in tensors:
+            a, b = f_map[t], q_map[t]
+            if not np.issubdtype(a.dtype, np.floating) or a.shape != b.shape:
+                continue
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            signal[t] = signal.get(t, 0.0) + float(np.sum(a64 * a64))
+            noise[t] = noise.get(t, 0.0) + float(np.sum((a64 - b64) ** 2))
+
+    def ratio(t: str) -> float:
+        return noise.get(t, 0.0) / signal[t] if signal.get(t) else 0.0
+
+    ranked = []
+    for node, inputs in nodes:
+        r_out = ratio(node.output[0])
+        r_in = max((ratio(t) for t in inputs), default=0.0)
+        added = max(r_out - r_in, 0.0)
+        ranked.append({"node": node.name, "op_type": node.op_type, "added_noise": added,
+                       "output_sqnr_db": float(-10 * np.log10(r_out)) if r_out > 0 else float("inf")})
+    ranked.sort(key=lambda e: (-e["added_noise"], e["node"]))
+    return ranked
+
+
+# -- the search --------------------------------------------------------------------------------------
+def cpu_latency_ms(model, feeds: dict[str, np.ndarray], repeats: int = 5) -> float:
+    """Median one-thread CPU time of one run: a quick ranking figure, not a benchmark."""
+    session = make_session(model, threads=1)
+    names = {i.name for i in session.get_inputs()}
+    feeds = {k: v for k, v in feeds.items() if k in names}
+    session.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        t = time.thread_time()
+        session.run(None, feeds)
+        times.append(time.thread_time() - t)
+    return float(np.median(times) * 1000)
+
+
+def meet_budget(original, prepared, quantized, config, recipe, data, *, ranges=None,
+                log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """Search for the fastest INT8 model whose evaluator drop is <= config.max_accuracy_drop.
+
+    Returns the report entry with the chosen model under 'model' (popped by the caller)."""
+    from dlopt.optimize.quantize import _default_op_types, quantize_int8
+
+    evaluator = build_evaluator(config.evaluator, original, data, config.fidelity_samples)
+    baseline = evaluator.baseline
+    if baseline != baseline:  # a reference model's metric: measure the float model once
+        baseline = evaluator.score(original)
+    feeds = check_feeds(original, data, min(config.fidelity_samples, 8))
+    op_types = _default_op_types(recipe) - set(config.exclude_ops)
+    ranked = node_sensitivity(prepared, quantized, feeds, op_types, config.exclude_nodes)
+    log(f"budget: {evaluator.name} drop <= {config.max_accuracy_drop} (FP32 {baseline:.4f}); "
+        f"{len(ranked)} nodes ranked by added noise")
+    candidates: list[dict[str, Any]] = []
+    models: dict[int, Any] = {}
+
+    def trial(k: int) -> dict[str, Any]:
+        excluded = [e["node"] for e in ranked[:k]]
+        model = quantized if k == 0 else quantize_int8(prepared, config, recipe, data, exclude_nodes=excluded,
+                                                       ranges=ranges)[0]
+        score = evaluator.score(model)
+        entry = {"excluded_count": k, "excluded": sorted(set(excluded) | set(config.exclude_nodes)),
+                 "score": score, "drop": baseline - score,
+                 "within_budget": baseline - score <= config.max_accuracy_drop,
+                 "latency_ms": cpu_latency_ms(model, feeds[0]), "bytes": model.ByteSize()}
+        log(f"budget: {k} node(s) in float -> {evaluator.name} {score:.4f} (drop {entry['drop']:.4f}), "
+            f"{entry['latency_ms']:.1f} ms")
+        candidates.append(entry)
+        models[k] = model
+        return entry
+
+    first = trial(0)
+    if not first["within_budget"] and ranked:
+        low, k, high = 0, 1, None
+        while True:  # 1, 2, 4 ... nodes in float until the budget holds
+            k = min(k, len(ranked))
+            if trial(k)["within_budget"]:
+                high = k
+                break
+            if k == len(ranked):
+                break
+            low, k = k, k * 2
+        # two bisection steps between the last miss and the first hit: fewer float nodes is faster
+        for _ in range(2):
+            if high is None or high - low <= 1:
+                break
+            mid = (low + high) // 2
+            if trial(mid)["within_budget"]:
+                high = mid
+            else:
+                low = mid
+    within = [c for c in candidates if c["within_budget"]]
+    chosen = (min(within, key=lambda c: (c["latency_ms"], c["excluded_count"])) if within
+              else max(candidates, key=lambda c: (c["score"], -c["excluded_count"])))
+    chosen["chosen"] = True
+    return {"evaluator": evaluator.name, "baseline": baseline, "max_drop": config.max_accuracy_drop,
+            "met": bool(within), "ranking": ranked[:20], "candidates": candidates, "chosen": chosen,
+            "model": models[chosen["excluded_count"]]}
+
+
+__all__ = ["Evaluator", "FIDELITY_EVALUATORS", "build_evaluator", "cpu_latency_ms", "meet_budget", "node_sensitivity"]
