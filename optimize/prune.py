@@ -159,8 +159,8 @@ def find_ffn(module, graph, skip: set) -> list[tuple[str, Any, Any]]:
 
     pairs = []
     for name, up in module.named_modules():
-        if not isinstance(up, torch.nn.Linear) or up in skip:
-            continue
+        if not isinstance(up, torch.nn.Linear) or up in skip or up not in graph.module2node:
+            continue  # (layers inside nn.MultiheadAttention are pruned with it, not on their own)
         group = graph.get_pruning_group(up, tp.prune_linear_out_channels, idxs=[0])
         layers = [(dep.target.module, graph.is_out_channel_pruning_fn(dep.handler)) for dep, _ in group
                   if _real_layer(dep.target.module)]
@@ -492,6 +492,129 @@ def rebuild(checkpoint: PrunedCheckpoint, module, example_inputs: Mapping[str, A
     return module.eval()
 
 
+# ---------------------------------------------------------------------------------------------
+# SOURCE -> directory: what `dlopt prune` does
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PrunedArtifacts:
+    checkpoint: Path
+    onnx: Path
+    report_path: Path
+    report: dict[str, Any]
+    table: str
+    notes: tuple[str, ...]
+
+
+def prepare_output_dir(out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"output path {out_dir} is a file", "-o names a directory")
+    if not out_dir.parent.exists():
+        raise InputError(f"the parent directory of {out_dir} does not exist", "create it first")
+    out_dir.mkdir(exist_ok=True)
+    return out_dir
+
+
+def measure_speedup(baseline_onnx: Path, onnx_path: Path, *, budget_s: float, batch: int = 1,
+                    seq_len: int = 128) -> dict[str, float]:
+    """Latency of `onnx_path` against `baseline_onnx`, one thread, interleaved (dlopt.bench)."""
+    from dlopt.bench import BenchConfig, benchmark
+
+    result = benchmark([baseline_onnx, onnx_path], BenchConfig(threads=1, batch_sizes=(batch,), seq_len=seq_len,
+                                                               budget_s=budget_s))
+    run = result.batches[0]
+    ratio = run.models[1].ratios[result.clock]
+    return {"clock": result.clock, "batch": run.batch, "rounds": run.rounds,
+            "baseline_ms": run.models[0].summaries[result.clock].median * 1e3,
+            "ms": run.models[1].summaries[result.clock].median * 1e3,
+            "speedup": 1.0 / ratio.estimate, "speedup_low": 1.0 / ratio.high, "speedup_high": 1.0 / ratio.low}
+
+
+def _gradient_batches(spec: str, source, n: int = 8):
+    """(inputs, None) batches for taylor importance: the reference model's calibration data, else the example."""
+    import numpy as np
+    import torch
+
+    from dlopt.models import REFERENCE_MODELS
+
+    if spec in REFERENCE_MODELS:
+        samples = list(REFERENCE_MODELS[spec].calibration_data(n))
+        names = samples[0].keys()
+        stacked = {k: torch.from_numpy(np.concatenate([s[k] for s in samples])) for k in names}
+        return [(stacked, None)]
+    return [(dict(source.example_inputs), None)]
+
+
+def prune_to_directory(spec: str, out_dir: Path, config: PruneConfig, *, bench_seconds: float | None = 15.0,
+                       batch: int = 1, seq_len: int = 128,
+                       log: Callable[[str], None] = lambda message: None) -> PrunedArtifacts:
+    """Load SOURCE, prune it, write OUT/pruned.pt + a verified OUT/pruned.onnx + OUT/prune.json.
+
+    Structured: the dense model is exported too (OUT/dense.onnx) and the latency ratio measured.
+    Unstructured: sparsity and gzip sizes, and no latency ratio (there is no speedup to claim)."""
+    import dataclasses
+
+    from dlopt.fileio import save_onnx_atomic, write_bytes_atomic, write_json_atomic
+    from dlopt.optimize.export import ExportConfig, export, load_source
+    from dlopt.report import format_table
+
+    check_config(config)
+    if bench_seconds is not None and bench_seconds <= 0:
+        raise InputError(f"--bench-seconds must be positive, got {bench_seconds}", "or pass --no-bench")
+    out_dir = prepare_output_dir(out_dir)
+    log(f"loading {spec}")
+    source = load_source(spec)
+    gradients = _gradient_batches(spec, source) if config.importance == "taylor" else None
+    log(f"pruning ({config.structure}, ratio {config.ratio}, {config.importance} importance)")
+    result = prune(source.module, source.example_inputs, config, gradient_batches=gradients)
+    report = dict(result.report)
+    log("exporting the pruned model (verified against torch)")
+    pruned_onnx = export(dataclasses.replace(source, module=result.model, name=f"{source.name} (pruned)"),
+                         ExportConfig()).model
+    onnx_path = save_onnx_atomic(pruned_onnx, out_dir / "pruned.onnx")
+    checkpoint = save_checkpoint(out_dir / "pruned.pt", result.model, spec, report)
+    dense_path = out_dir / "dense.onnx"
+    log("exporting the unpruned model for comparison")
+    save_onnx_atomic(export(source, ExportConfig()).model, dense_path)
+
+    r = report
+    rows = [["parameters", r["parameters_before"], r["parameters_after"],
+             f"{r['parameters_after'] / r['parameters_before']:.3f}x"],
+            ["MACs (Linear/Conv)", r["macs_before"], r["macs_after"], f"{r['macs_after'] / r['macs_before']:.3f}x"],
+            ["ONNX MB", dense_path.stat().st_size / 1e6, onnx_path.stat().st_size / 1e6,
+             f"{onnx_path.stat().st_size / dense_path.stat().st_size:.3f}x"]]
+    notes: list[str] = []
+    if config.structure == "unstructured":
+        dense_gz = len(gzip.compress(dense_path.read_bytes(), compresslevel=6, mtime=0))
+        sparse_gz_bytes = gzip.compress(onnx_path.read_bytes(), compresslevel=6, mtime=0)
+        write_bytes_atomic(out_dir / "pruned.onnx.gz", sparse_gz_bytes)
+        report["onnx_gzip_bytes_before"], report["onnx_gzip_bytes_after"] = dense_gz, len(sparse_gz_bytes)
+        rows += [["sparsity (pruned layers)", 0.0, r["sparsity_pruned_layers"], ""],
+                 ["ONNX gzip MB", dense_gz / 1e6, len(sparse_gz_bytes) / 1e6,
+                  f"{len(sparse_gz_bytes) / dense_gz:.3f}x"]]
+        notes.append("no speedup: unstructured pruning keeps every tensor's shape; the zeros are stored and "
+                     "multiplied, so it runs at the dense model's speed. It only compresses better (pruned.onnx.gz).")
+    else:
+        heads = r.get("attention_heads") or {}
+        if heads:
+            before = sum(h["before"] for h in heads.values())
+            after = sum(h["after"] for h in heads.values())
+            rows.append(["attention heads", before, after, f"{after / before:.3f}x"])
+        if bench_seconds is not None:
+            log(f"measuring latency, one thread, interleaved ({bench_seconds:g} s)")
+            speed = measure_speedup(dense_path, onnx_path, budget_s=bench_seconds, batch=batch, seq_len=seq_len)
+            report["latency"] = speed
+            rows.append([f"latency (1 thread) ms, batch {speed['batch']}", speed["baseline_ms"], speed["ms"],
+                         f"{speed['speedup']:.2f}x faster [{speed['speedup_low']:.2f}, {speed['speedup_high']:.2f}]"])
+        notes.append("accuracy is not restored yet: fine-tune with "
+                     f"`dlopt distill --teacher {spec} --student {checkpoint}`")
+    report |= {"source": spec, "checkpoint": str(checkpoint), "onnx": str(onnx_path), "dense_onnx": str(dense_path)}
+    report_path = write_json_atomic(out_dir / "prune.json", report)
+    table = format_table(["", "before", "after", "change"], rows)
+    return PrunedArtifacts(checkpoint, onnx_path, report_path, report, table, tuple(notes))
+
+
 __all__ = ["CHECKPOINT_FORMAT", "IMPORTANCES", "STRUCTURES", "AttentionModule", "PruneConfig", "PrunedCheckpoint",
-           "check_config", "count_macs_params", "find_attention", "find_ffn", "output_layer_name", "prune",
+           "PrunedArtifacts", "check_config", "count_macs_params", "measure_speedup", "prune_to_directory", "find_attention", "find_ffn", "output_layer_name", "prune",
            "read_checkpoint", "rebuild", "save_checkpoint"]
