@@ -345,7 +345,7 @@ def compare(actual: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
     diff = a - r
     noise = float(np.linalg.norm(diff))
     signal = float(np.linalg.norm(r))
-    sqnr = float("inf") if noise == 0 else (20 * np.log10(signal / noise) if signal > 0 else float("-inf"))
+    sqnr = float("inf") if noise == 0 else (float(20 * np.log10(signal / noise)) if signal > 0 else float("-inf"))
     top1 = None
     if a.ndim == 2 and a.shape[1] > 1:
         top1 = float(np.mean(np.argmax(a, axis=1) == np.argmax(r, axis=1)))
@@ -358,7 +358,7 @@ def check_output(actual: np.ndarray, reference: np.ndarray, criterion: Mapping[s
     if "shape_mismatch" in result:
         return result | {"passed": False}
     if "min_sqnr_db" in criterion:
-        passed = result["sqnr_db"] is not None and result["sqnr_db"] >= criterion["min_sqnr_db"]
+        passed = bool(result["sqnr_db"] is not None and result["sqnr_db"] >= criterion["min_sqnr_db"])
     else:
         passed = bool(np.allclose(np.asarray(actual, np.float64), np.asarray(reference, np.float64),
                                   atol=criterion["atol"], rtol=criterion["rtol"]))
