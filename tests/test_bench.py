@@ -257,3 +257,21 @@ def test_sequential_api_for_the_gate_narrows_the_interval_as_rounds_are_added(ch
     assert sampler.rounds == 320 and late.n == 320
     assert late.high - late.low < early.high - early.low
     assert late.low > 1.8
+
+
+def test_cli_clock_and_ratio_method_choices_are_recorded(chains, tmp_path):
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(main, ["bench", str(chains[0]), str(chains[1]), "--rounds", "20", "--clock", "wall",
+                                       "--ratio-method", "median-ratio", "--json", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["clock"] == "wall" and data["clock_reason"] == "chosen with --clock"
+    assert "median(other) / median(baseline)" in data["batches"][0]["results"][1]["ratio"]["wall"]["method"]
+    assert "median ms (wall)" in result.output.splitlines()[0]
+
+
+def test_progress_bar_is_silent_off_a_terminal():
+    from dlopt.cli.bench import progress_bar
+
+    with progress_bar() as report:  # pytest captures stderr: not a terminal
+        report("loading", 0.5)
