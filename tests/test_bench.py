@@ -270,8 +270,9 @@ def test_cli_clock_and_ratio_method_choices_are_recorded(chains, tmp_path):
     assert "median ms (wall)" in result.output.splitlines()[0]
 
 
-def test_progress_bar_is_silent_off_a_terminal():
+def test_progress_bar_is_silent_off_a_terminal(capsys):
     from dlopt.cli.bench import progress_bar
 
     with progress_bar() as report:  # pytest captures stderr: not a terminal
         report("loading", 0.5)
+    assert capsys.readouterr().err == ""  # no control characters in CI logs
