@@ -8,10 +8,8 @@ blindly: ORT's fusions are pattern matches and a mismatched pattern can change n
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -181,21 +179,56 @@ def _fuse_transformer(model, config: PreprocessConfig):
     return fused.model, {"fused": stats, "num_heads": heads, "hidden_size": hidden}
 
 
-def _fold_constants(model, config: PreprocessConfig):
-    import onnx
-    import onnxruntime as ort
+_NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                 "Bernoulli", "If", "Loop", "Scan", "SequenceConstruct"}
+FOLD_LIMIT_ELEMENTS = 1 << 20  # a folded tensor larger than this stays computed (e.g. ConstantOfShape)
 
-    # ORT's basic level is constant folding plus redundant-node elimination with standard ops only;
-    # it writes the folded graph back out, which is the best-tested folder available.
-    with tempfile.TemporaryDirectory(prefix="dlopt-fold-") as tmp:
-        out = Path(tmp) / "folded.onnx"
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        so.optimized_model_filepath = str(out)
-        so.log_severity_level = 3
-        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        folded = onnx.load_model(str(out))
-    return folded, {"nodes_before": len(model.graph.node), "nodes_after": len(folded.graph.node)}
+
+def _fold_constants(model, config: PreprocessConfig):
+    """Replace nodes whose inputs are all constant by initializers; every other node keeps its name.
+
+    Hand-written on purpose: ORT's offline 'basic' level also fuses (MatMul+Add -> Gemm ...) and
+    renames nodes, which would break --exclude-nodes and the sensitivity report's node names."""
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    graph = folded.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    opsets = list(folded.opset_import)
+    keep, folded_count = [], 0
+    for node in graph.node:
+        foldable = (node.domain in ("", "ai.onnx") and node.op_type not in _NOT_FOLDABLE
+                    and all(i in consts for i in node.input if i)
+                    and not any(o in graph_outputs for o in node.output))
+        if foldable:
+            try:
+                mini = helper.make_model(
+                    helper.make_graph([node], "fold", [], [helper.make_empty_tensor_value_info(o) for o in node.output],
+                                      [numpy_helper.from_array(consts[i], i) for i in dict.fromkeys(node.input) if i]),
+                    opset_imports=opsets)
+                values = ReferenceEvaluator(mini).run(None, {})
+                if all(np.asarray(v).size <= FOLD_LIMIT_ELEMENTS for v in values):
+                    for name, value in zip(node.output, values):
+                        consts[name] = np.asarray(value)
+                        graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+                    folded_count += 1
+                    continue
+            except Exception:  # noqa: BLE001 - a node the reference runtime cannot evaluate stays computed
+                pass
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = {i for n in graph.node for i in n.input} | graph_outputs
+    has_subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                        for n in graph.node for a in n.attribute)
+    unused = [] if has_subgraphs else [t for t in graph.initializer if t.name not in used]
+    for t in unused:
+        graph.initializer.remove(t)
+    return folded, {"nodes_before": len(model.graph.node), "nodes_after": len(graph.node), "folded": folded_count}
 
 
 def _infer_shapes(model, config: PreprocessConfig):

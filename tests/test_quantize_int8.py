@@ -1,0 +1,316 @@
+"""INT8 quantization on tiny graphs built in code: fidelity floors, op types, exclusions, recipes,
+determinism, the accuracy budget, and bad input through the API and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from dlopt.cli import main
+from dlopt.errors import InputError
+from dlopt.optimize.calibration import CalibrationData
+from dlopt.optimize.preprocess import make_session
+from dlopt.optimize.quantize import (CpuFeatures, QuantizeConfig, choose_recipe, quantize, quantize_file,
+                                     quantized_nodes, sqnr_db)
+
+SQNR_FLOOR_INT8_DB = 25.0  # 8-bit per-channel weights on well-scaled activations give ~30-40 dB
+
+
+def _init(name, array):
+    return numpy_helper.from_array(np.asarray(array, dtype=np.float32), name)
+
+
+def mlp_model(seed: int = 0, dynamic_seq: bool = False) -> onnx.ModelProto:
+    """x[batch, (seq,) 32] -> MatMul 64 -> Relu -> MatMul 16 -> y."""
+    rng = np.random.default_rng(seed)
+    shape = ["batch", "seq", 32] if dynamic_seq else ["batch", 32]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+             helper.make_node("Add", ["h0", "b1"], ["h1"], name="fc1_bias"),
+             helper.make_node("Relu", ["h1"], ["h2"], name="relu"),
+             helper.make_node("MatMul", ["h2", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [_init("w1", rng.standard_normal((32, 64)) / 6), _init("b1", rng.standard_normal(64) * 0.1),
+         _init("w2", rng.standard_normal((64, 16)) / 8)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def cnn_model(seed: int = 0) -> onnx.ModelProto:
+    """image[batch, 3, 16, 16] -> Conv 8 -> Relu -> Conv 8 -> Relu -> GAP -> Flatten -> Gemm 10."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Conv", ["image", "k1", "c1"], ["a1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "k2", "c2"], ["a2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a2"], ["r2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="head", transB=1)]
+    graph = helper.make_graph(
+        nodes, "cnn", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        [_init("k1", rng.standard_normal((8, 3, 3, 3)) / 4), _init("c1", rng.standard_normal(8) * 0.1),
+         _init("k2", rng.standard_normal((8, 8, 3, 3)) / 8), _init("c2", rng.standard_normal(8) * 0.1),
+         _init("wf", rng.standard_normal((10, 8))), _init("bf", rng.standard_normal(10) * 0.1)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def cnn_data(n: int = 24, seed: int = 1) -> CalibrationData:
+    rng = np.random.default_rng(seed)
+    return CalibrationData.from_arrays({"image": rng.standard_normal((n, 3, 16, 16)).astype(np.float32)},
+                                       source="test images")
+
+
+def mlp_data(n: int = 24, seed: int = 1, varying: bool = False) -> CalibrationData:
+    rng = np.random.default_rng(seed)
+    if varying:
+        return CalibrationData.from_feeds(
+            [{"x": rng.standard_normal((1, int(rng.integers(3, 12)), 32)).astype(np.float32)} for _ in range(n)],
+            source="varying")
+    return CalibrationData.from_arrays({"x": rng.standard_normal((n, 32)).astype(np.float32)}, source="test x")
+
+
+def output_sqnr(original, quantized, feeds) -> float:
+    a = make_session(original).run(None, feeds)[0]
+    b = make_session(quantized).run(None, feeds)[0]
+    return sqnr_db(float(np.sum(a.astype(np.float64) ** 2)), float(np.sum((a - b).astype(np.float64) ** 2)))
+
+
+def float_weights_of(model, node_name: str) -> bool:
+    node = next(n for n in model.graph.node if n.name == node_name)
+    inits = {t.name: t for t in model.graph.initializer}
+    return node.op_type in ("MatMul", "Conv", "Gemm") and any(
+        i in inits and inits[i].data_type == TensorProto.FLOAT for i in node.input)
+
+
+# -- fidelity and structure ------------------------------------------------------------------------
+def test_dynamic_int8_mlp_meets_sqnr_floor_and_uses_integer_ops():
+    model = mlp_model()
+    result = quantize(model, QuantizeConfig(mode="dynamic"), mlp_data())
+    ops = {n.op_type for n in result.model.graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
+    assert "MatMul" not in ops
+    assert [i.name for i in result.model.graph.input] == ["x"]
+    assert [o.name for o in result.model.graph.output] == ["y"]
+    feeds = {"x": np.random.default_rng(5).standard_normal((4, 32)).astype(np.float32)}
+    assert output_sqnr(model, result.model, feeds) >= SQNR_FLOOR_INT8_DB
+    assert result.report["fidelity"]["outputs"]["y"]["sqnr_db"] >= SQNR_FLOOR_INT8_DB
+    assert result.report["quantized_nodes"]["MatMulInteger"] == 2
+    assert result.report["bytes_after"] < result.report["bytes_before"]
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_static_qdq_cnn_every_method(method):
+    model = cnn_model()
+    result = quantize(model, QuantizeConfig(mode="static", method=method), cnn_data())
+    counts = quantized_nodes(result.model)
+    assert counts.get("QDQ:Conv") == 2 and counts.get("QDQ:Gemm") == 1
+    assert counts["QuantizeLinear"] >= 3 and counts["DequantizeLinear"] >= 6
+    feeds = {"image": np.random.default_rng(7).standard_normal((8, 3, 16, 16)).astype(np.float32)}
+    floor = SQNR_FLOOR_INT8_DB if method == "minmax" else 20.0  # clipping methods trade range for resolution
+    assert output_sqnr(model, result.model, feeds) >= floor
+    assert result.report["recipe"]["method"] == method
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_static_calibration_takes_samples_of_different_lengths(method):
+    model = mlp_model(dynamic_seq=True)
+    result = quantize(model, QuantizeConfig(mode="static", method=method), mlp_data(varying=True))
+    assert quantized_nodes(result.model).get("QDQ:MatMul") == 2
+    feeds = {"x": np.random.default_rng(3).standard_normal((2, 7, 32)).astype(np.float32)}
+    assert output_sqnr(model, result.model, feeds) >= 20.0
+
+
+def test_excluded_nodes_and_ops_stay_float():
+    model = mlp_model()
+    result = quantize(model, QuantizeConfig(mode="dynamic", exclude_nodes=("fc2",)), mlp_data())
+    assert float_weights_of(result.model, "fc2")
+    assert result.report["quantized_nodes"]["MatMulInteger"] == 1
+    cnn = quantize(cnn_model(), QuantizeConfig(mode="static", exclude_ops=("Gemm",)), cnn_data())
+    assert float_weights_of(cnn.model, "head")
+    assert "QDQ:Gemm" not in quantized_nodes(cnn.model)
+    assert quantized_nodes(cnn.model)["QDQ:Conv"] == 2
+
+
+def test_same_data_gives_byte_identical_models():
+    for config, make_model, make_data in ((QuantizeConfig(mode="static", method="entropy"), cnn_model, cnn_data),
+                                          (QuantizeConfig(mode="dynamic"), mlp_model, mlp_data)):
+        first = quantize(make_model(), config, make_data()).model.SerializeToString()
+        second = quantize(make_model(), config, make_data()).model.SerializeToString()
+        assert first == second
+    other = quantize(cnn_model(), QuantizeConfig(mode="static"), cnn_data(seed=9)).model.SerializeToString()
+    assert other != quantize(cnn_model(), QuantizeConfig(mode="static"), cnn_data()).model.SerializeToString()
+
+
+def test_input_model_is_not_modified(tmp_path):
+    model = cnn_model()
+    before = model.SerializeToString()
+    quantize(model, QuantizeConfig(mode="static"), cnn_data())
+    assert model.SerializeToString() == before
+    path = tmp_path / "cnn.onnx"
+    onnx.save(model, path)
+    on_disk = path.read_bytes()
+    quantize_file(path, tmp_path / "q.onnx", QuantizeConfig(mode="static"), cnn_data())
+    assert path.read_bytes() == on_disk
+
+
+# -- recipes -------------------------------------------------------------------------------------------
+def transformer_like_model() -> onnx.ModelProto:
+    """Enough of an encoder for the recipe: token ids, an embedding Gather, MatMuls and a Softmax."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["h"], name="embed")]
+    for i in range(4):
+        nodes.append(helper.make_node("MatMul", [f"h{i - 1}" if i else "h", f"w{i}"], [f"h{i}"], name=f"mm{i}"))
+    nodes.append(helper.make_node("Softmax", ["h3"], ["probs"], name="softmax", axis=-1))
+    graph = helper.make_graph(
+        nodes, "tiny_encoder", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, None)],
+        [_init("emb", rng.standard_normal((1000, 16)))] + [_init(f"w{i}", rng.standard_normal((16, 16)) / 4)
+                                                          for i in range(4)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+NO_VNNI = CpuFeatures("x86_64", False, ("avx2", "fma"))
+VNNI = CpuFeatures("x86_64", True, ("avx2", "avx512_vnni", "avx512f"))
+
+
+@pytest.mark.parametrize("model_fn, target, cpu, expected", [
+    (transformer_like_model, "cpu", NO_VNNI, dict(mode="dynamic", weight_type="s8", reduce_range=True)),
+    (transformer_like_model, "cpu", VNNI, dict(mode="dynamic", weight_type="s8", reduce_range=False)),
+    (cnn_model, "cpu", NO_VNNI, dict(mode="static", quant_format="QDQ", activation_type="u8", reduce_range=True)),
+    (cnn_model, "arm64", NO_VNNI, dict(mode="static", activation_type="s8", weight_type="s8", reduce_range=False)),
+    (transformer_like_model, "cuda", VNNI, dict(mode="static", quant_format="QDQ", activation_type="s8")),
+])
+def test_auto_recipe_follows_model_target_and_isa(model_fn, target, cpu, expected):
+    recipe = choose_recipe(model_fn(), QuantizeConfig(target=target), cpu)
+    assert {k: getattr(recipe, k) for k in expected} == expected
+    assert recipe.reasons  # every choice is explained
+
+
+def test_auto_mode_on_a_transformer_like_graph_quantizes_dynamically():
+    result = quantize(transformer_like_model(), QuantizeConfig())
+    assert result.report["recipe"]["mode"] == "dynamic"
+    assert result.report["quantized_nodes"].get("MatMulInteger", 0) >= 4
+
+
+# -- accuracy budget ------------------------------------------------------------------------------------
+def test_budget_keeps_sensitive_nodes_float_until_it_holds():
+    model = mlp_model()
+    full = quantize(model, QuantizeConfig(mode="dynamic", evaluator="sqnr"), mlp_data())
+    noise = 10 ** (-full.report["fidelity"]["outputs"]["y"]["sqnr_db"] / 10)
+    # ask for less noise than full quantization gives: at least one MatMul must stay float
+    config = QuantizeConfig(mode="dynamic", evaluator="sqnr", max_accuracy_drop=noise / 4)
+    result = quantize(model, config, mlp_data())
+    budget = result.report["budget"]
+    assert budget["met"]
+    assert budget["candidates"][0]["excluded_count"] == 0 and not budget["candidates"][0]["within_budget"]
+    assert budget["chosen"]["drop"] <= noise / 4
+    assert 1 <= len(result.report["nodes_excluded"]) <= 2
+    assert all(float_weights_of(result.model, n) for n in result.report["nodes_excluded"])
+    assert [e["node"] for e in budget["ranking"]] and budget["ranking"][0]["added_noise"] > 0
+
+
+def test_budget_already_met_keeps_full_quantization():
+    result = quantize(mlp_model(), QuantizeConfig(mode="dynamic", max_accuracy_drop=0.05), mlp_data())
+    assert result.report["budget"]["met"]
+    assert result.report["nodes_excluded"] == []
+    assert len(result.report["budget"]["candidates"]) == 1
+
+
+def test_cli_budget_unmet_writes_best_model_and_exits_1(tmp_path, monkeypatch):
+    from dlopt.optimize import sensitivity
+
+    def impossible(spec, original, data, samples=32):  # nothing can be within a drop of -1
+        return sensitivity.Evaluator("impossible", lambda model: 0.0, 1.0)
+
+    monkeypatch.setattr(sensitivity, "build_evaluator", impossible)
+    src = tmp_path / "mlp.onnx"
+    onnx.save(mlp_model(), src)
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(main, ["quantize", str(src), "-o", str(out), "--mode", "dynamic",
+                                       "--max-accuracy-drop", "0.5"])
+    assert result.exit_code == 1, result.output
+    assert out.exists() and (tmp_path / "q.quantize.json").exists()
+    assert "NOT met" in result.output and "no candidate met" in result.output
+
+
+# -- CLI and bad input ---------------------------------------------------------------------------------
+def test_cli_writes_model_report_and_summary(tmp_path):
+    src = tmp_path / "cnn.onnx"
+    onnx.save(cnn_model(), src)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, image=np.random.default_rng(0).standard_normal((16, 3, 16, 16)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(main, ["quantize", str(src), "-o", str(out), "--calibration", str(calib),
+                                       "--method", "percentile"])
+    assert result.exit_code == 0, result.output
+    assert "static (QDQ)" in result.output and "QDQ:Conv 2" in result.output and "SQNR dB" in result.output
+    import json
+
+    report = json.loads((tmp_path / "q.quantize.json").read_text())
+    assert report["calibration"]["samples"] == 16
+    assert report["fidelity"]["outputs"]["logits"]["sqnr_db"] >= 20.0
+    assert onnx.load(str(out)).graph.output[0].name == "logits"
+
+
+@pytest.fixture()
+def files(tmp_path):
+    src = tmp_path / "cnn.onnx"
+    onnx.save(cnn_model(), src)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "good.npz", image=rng.standard_normal((4, 3, 16, 16)).astype(np.float32))
+    np.savez(tmp_path / "names.npz", pixels=rng.standard_normal((4, 3, 16, 16)).astype(np.float32))
+    np.savez(tmp_path / "shape.npz", image=rng.standard_normal((4, 3, 8, 8)).astype(np.float32))
+    (tmp_path / "corrupt.onnx").write_bytes(b"\x08\x07not a model at all")
+    return tmp_path
+
+
+BAD_INPUT = [
+    (["--calibration", "{d}/names.npz"], "does not match the model's inputs: missing \\['image'\\]"),
+    (["--calibration", "{d}/shape.npz"], "axis 2 must be 16"),
+    (["--calibration", "{d}/nothing.npz"], "does not exist"),
+    (["--precision", "int3"], "unknown precision 'int3'"),
+    (["--mode", "fast"], "unknown mode 'fast'"),
+    (["--method", "mse", "--calibration", "{d}/good.npz"], "unknown calibration method 'mse'"),
+    (["--target", "tpu"], "unknown target 'tpu'"),
+    (["--exclude-nodes", "conv9"], "not in the model: conv9"),
+    (["--mode", "static"], "static quantization needs calibration data"),
+    (["--max-accuracy-drop", "-1"], "is negative"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT)
+def test_cli_bad_input_exits_2_with_one_line(files, args, message):
+    args = [a.format(d=files) for a in args]
+    result = CliRunner().invoke(main, ["quantize", str(files / "cnn.onnx"), "-o", str(files / "q.onnx"), *args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    import re
+
+    assert re.search(message, result.output), result.output
+    assert not (files / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("model_name, message", [("missing.onnx", "does not exist"),
+                                                 ("corrupt.onnx", "not a valid ONNX model")])
+def test_bad_model_files(files, model_name, message):
+    with pytest.raises(InputError, match=message):
+        quantize_file(files / model_name, files / "q.onnx", QuantizeConfig())
+    result = CliRunner().invoke(main, ["quantize", str(files / model_name), "-o", str(files / "q.onnx")])
+    assert result.exit_code == 2 and message in result.output
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(precision="int2"), "unknown precision"),
+    (dict(method="kl"), "unknown calibration method"),
+    (dict(percentile=0.0), "out of range"),
+    (dict(block_size=48), "not a power of two"),
+])
+def test_api_rejects_bad_config(changes, message):
+    with pytest.raises(InputError, match=message):
+        quantize(cnn_model(), dataclasses.replace(QuantizeConfig(), **changes), cnn_data())
