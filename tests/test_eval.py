@@ -124,6 +124,18 @@ def test_reference_model_evaluator_runs_model_and_reference(files, monkeypatch):
     assert row.delta == -7.0
 
 
+def test_reference_model_evaluator_with_a_model_that_does_not_fit(files, monkeypatch):
+    import dlopt.models
+
+    class _TokenEvaluator:
+        def evaluate(self, runner):
+            return {"m": float(np.mean(runner({"input_ids": np.zeros((1, 4), np.int64)})["y"]))}
+
+    monkeypatch.setattr(dlopt.models, "get_reference_model", lambda name: _TokenEvaluator())
+    with pytest.raises(InputError, match=r"needs input\(s\) \['x'\], which the tokens evaluator does not provide"):
+        evaluate_reference_model(files["same"], "tokens")
+
+
 def test_cli_eval_prints_metrics_beside_the_reference(files, tmp_path):
     out = tmp_path / "eval.json"
     result = CliRunner().invoke(main, ["eval", str(files["noisy"]), "--data", str(files["data"]), "--metric",

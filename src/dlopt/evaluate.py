@@ -261,12 +261,27 @@ def evaluate_reference_model(model: str | os.PathLike, name: str, config: EvalCo
     from dlopt.models import get_reference_model, onnx_runner
 
     spec = get_reference_model(name)
+
+    def runner(path, handle):
+        run = onnx_runner(handle.session)
+        needed = set(handle.input_names())
+
+        def checked(feeds):
+            missing = needed - set(feeds)
+            if missing:  # a model that is not this reference model's: say so, not an onnxruntime traceback
+                raise InputError(f"{path} needs input(s) {sorted(missing)}, which the {name} evaluator does not "
+                                 f"provide (it gives {sorted(feeds)})",
+                                 f"evaluate a model exported from {name} (`dlopt export {name}`), or use --data")
+            return run(feeds)
+
+        return checked
+
     handle = _open(model, config)
-    values = spec.evaluate(onnx_runner(handle.session))
+    values = spec.evaluate(runner(model, handle))
     ref_values: Mapping[str, float] = {}
     if reference is not None:
         ref_handle = _open(reference, config)
-        ref_values = spec.evaluate(onnx_runner(ref_handle.session))
+        ref_values = spec.evaluate(runner(reference, ref_handle))
     rows = tuple(MetricRow(metric, float(value), float(ref_values[metric]) if metric in ref_values else None)
                  for metric, value in values.items())
     return EvalResult(model=str(model), reference=str(reference) if reference else None,
