@@ -20,6 +20,7 @@ from dlopt.gate import (
     GateResult,
     LatencyOutcome,
     Look,
+    Repeated,
     format_markdown,
     judge,
     junit_xml,
@@ -27,6 +28,7 @@ from dlopt.gate import (
     look_schedule,
     metric_drop,
     overall_verdict,
+    runs_per_sample,
     sequential_test,
     write_outputs,
 )
@@ -115,6 +117,25 @@ def test_a_budget_too_small_for_three_rounds_is_inconclusive_and_says_why():
     outcome = simulate(1.00, seed=0, budget=1.0, round_s=0.6)
     assert outcome.verdict == "inconclusive" and outcome.interval is None
     assert "raise --budget" in outcome.reason
+
+
+class _WarmedSampler:
+    models = 2
+
+    def __init__(self, *latencies):
+        self.latencies = latencies
+
+    def warmup_samples(self, index, clock):
+        return np.array([1.0] * 5 + [self.latencies[index]] * 5)  # the first runs were slow
+
+
+@pytest.mark.parametrize("latencies, runs", [((0.050, 0.060), 1), ((0.004, 0.004), 2), ((0.0001, 0.0004), 50),
+                                             ((1e-7, 1e-6), 1000)])
+def test_fast_models_are_timed_in_groups_of_runs(latencies, runs):
+    assert runs_per_sample(_WarmedSampler(*latencies), "cpu") == runs
+    calls = []
+    Repeated(lambda: calls.append(1), runs)()
+    assert len(calls) == runs
 
 
 def _check(verdict: str, name: str = "latency") -> Check:
@@ -270,6 +291,7 @@ def test_same_work_passes_and_double_work_fails_with_reports(models, tmp_path):
     assert report["verdict"] == "fail" and report["latency"]["interval"]["low"] > 1.05
     assert 1.6 < report["latency"]["interval"]["estimate"] < 2.4  # twice the MatMuls
     assert report["latency"]["seconds"] < 20 and report["latency"]["looks"][-1]["verdict"] == "fail"
+    assert any("back-to-back runs" in note for note in report["notes"])  # ~0.1 ms runs, timed in groups
     case = ET.parse(junit).getroot().find("testsuite/testcase[@name='latency']")
     assert case.find("failure").get("type") == "regression"
 
