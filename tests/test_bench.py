@@ -276,3 +276,15 @@ def test_progress_bar_is_silent_off_a_terminal(capsys):
     with progress_bar() as report:  # pytest captures stderr: not a terminal
         report("loading", 0.5)
     assert capsys.readouterr().err == ""  # no control characters in CI logs
+
+
+def test_ort_format_models_are_benchmarked_beside_onnx(chains, tmp_path):
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(chains[0]),
+                    "--output_dir", str(tmp_path)], check=True, capture_output=True)
+    ort_file = tmp_path / "short.ort"
+    result = benchmark([chains[0], ort_file], BenchConfig(rounds=60, n_boot=300))
+    assert result.models[1].size_bytes == ort_file.stat().st_size
+    assert 0.7 < result.batches[0].models[1].ratios["cpu"].estimate < 1.4  # same graph, other container

@@ -493,19 +493,22 @@ def _file_facts(path: Path) -> tuple[int, str]:
     """Bytes on disk (with external data files) and the sha256 of the .onnx file."""
     from dlopt.fileio import load_onnx
 
-    model = load_onnx(path, load_external_data=False)  # clear errors for missing or corrupt files
-    size = path.stat().st_size
-    seen = set()
-    from onnx.external_data_helper import _get_all_tensors
+    if path.suffix == ".ort" and path.is_file():
+        size = path.stat().st_size  # ORT format (mobile): no protobuf to check; onnxruntime checks it
+    else:
+        model = load_onnx(path, load_external_data=False)  # clear errors for missing or corrupt files
+        size = path.stat().st_size
+        seen = set()
+        from onnx.external_data_helper import _get_all_tensors
 
-    for tensor in _get_all_tensors(model):
-        for entry in tensor.external_data:
-            if entry.key == "location" and entry.value not in seen:
-                seen.add(entry.value)
-                data_file = path.parent / entry.value
-                if data_file.exists():
-                    size += data_file.stat().st_size
-    del model
+        for tensor in _get_all_tensors(model):
+            for entry in tensor.external_data:
+                if entry.key == "location" and entry.value not in seen:
+                    seen.add(entry.value)
+                    data_file = path.parent / entry.value
+                    if data_file.exists():
+                        size += data_file.stat().st_size
+        del model
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
