@@ -337,10 +337,11 @@ def distill(teacher, student, data: DistillData, config: DistillConfig = Distill
         raise InputError("--resume needs the checkpoint directory", "give the same -o/--checkpoint-dir as before")
 
     started = time.perf_counter()
-    teacher = teacher.to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher_was_training = teacher.training
+    teacher = teacher.to(device).eval()  # frozen: it only ever runs under no_grad
     student = copy.deepcopy(student).to(device)
+    for p in student.parameters():
+        p.requires_grad_(True)
     output_shape = check_compatible(teacher, student, data, config)
 
     torch.manual_seed(config.seed)  # adapters' initial weights
@@ -366,6 +367,8 @@ def distill(teacher, student, data: DistillData, config: DistillConfig = Distill
 
     fingerprint = data_fingerprint(data)
     state_path = Path(checkpoint_dir) / STATE_FILE if checkpoint_dir is not None else None
+    if state_path is not None and not resume:
+        state_path.parent.mkdir(parents=True, exist_ok=True)
     first_epoch, best_metric, best_state, best_epoch, bad_epochs = 0, -math.inf, None, None, 0
     history: list[dict[str, Any]] = []
     if resume:
@@ -423,6 +426,7 @@ def distill(teacher, student, data: DistillData, config: DistillConfig = Distill
             if caps is not None:
                 caps.close()
 
+    teacher.train(teacher_was_training)
     if best_state is not None:
         student.load_state_dict(best_state)
     student = student.eval().cpu()
@@ -526,5 +530,149 @@ def load_state(path: Path | None, config: DistillConfig, fingerprint: str) -> di
     return state
 
 
-__all__ = ["LOSSES", "DistillConfig", "DistillData", "check_compatible", "data_fingerprint", "distill",
+# ---------------------------------------------------------------------------------------------
+# SOURCE + checkpoint + data -> directory: what `dlopt distill` does
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistilledArtifacts:
+    checkpoint: Path
+    onnx: Path
+    report_path: Path
+    report: dict[str, Any]
+    table: str
+    notes: tuple[str, ...]
+
+
+def load_npz_data(path: Path, example_inputs: Mapping[str, Any], max_samples: int | None = None) -> DistillData:
+    """Arrays named after forward()'s inputs (samples first), plus optional 'labels'."""
+    import numpy as np
+
+    torch = _require_torch()
+    if not path.is_file():
+        raise InputError(f"data file {path} does not exist", "give an .npz file or 'reference'")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except (ValueError, OSError) as e:
+        raise InputError(f"{path} is not a readable .npz file ({type(e).__name__})",
+                         "write it with numpy.savez(path, input_name=array, labels=array)") from e
+    missing = [n for n in example_inputs if n not in arrays]
+    if missing:
+        raise InputError(f"{path} has no array for the model input {missing[0]!r} (it has {sorted(arrays)})",
+                         "name each array after a forward() argument")
+    inputs = {}
+    for name, example in example_inputs.items():
+        inputs[name] = torch.from_numpy(np.ascontiguousarray(arrays[name])).to(example.dtype)
+    labels = torch.from_numpy(arrays["labels"]).long() if "labels" in arrays else None
+    result = DistillData(inputs, labels)
+    check_data(result, str(path))
+    if max_samples is not None:
+        result = result.subset(slice(0, max_samples))
+    return result
+
+
+def reference_training_data(name: str, max_samples: int | None = None) -> DistillData:
+    """A reference model's own training data, from its module's `distillation_data(max_samples)`."""
+    import importlib
+
+    from dlopt.models import get_reference_model
+
+    ref = get_reference_model(name)
+    module = importlib.import_module(f"dlopt.models.{ref.module}")
+    provider = getattr(module, "distillation_data", None)
+    if provider is None:
+        raise InputError(f"--data reference: the reference model {name!r} has no training data to distill on",
+                         "give an .npz file with one array per model input")
+    inputs, labels = provider(max_samples)
+    data = DistillData(dict(inputs), labels)
+    check_data(data, f"{name}'s training data")
+    return data
+
+
+def split_validation(data: DistillData, fraction: float, seed: int) -> tuple[DistillData, DistillData | None]:
+    torch = _require_torch()
+    if not 0.0 <= fraction < 1.0:
+        raise InputError(f"--val-fraction {fraction} is out of range", "give a fraction in [0, 1), e.g. 0.1")
+    n_val = int(round(len(data) * fraction))
+    if n_val == 0:
+        return data, None
+    if n_val >= len(data):
+        raise InputError(f"--val-fraction {fraction} leaves no training samples", "use a smaller fraction")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    return data.subset(order[n_val:]), data.subset(order[:n_val])
+
+
+def distill_to_directory(teacher_spec: str, student_path: Path, data_spec: str, out_dir: Path, *,
+                         epochs: int = 3, temperature: float = 4.0, alpha: float = 0.7, loss: str | None = None,
+                         lr: float | None = None, batch_size: int = 64, max_samples: int | None = None,
+                         val_fraction: float = 0.1, patience: int | None = 2,
+                         hidden_layers: tuple[tuple[str, str], ...] = (), hidden_weight: float = 0.0,
+                         seed: int = 0, device: str = "cpu", resume: bool = False,
+                         bench_seconds: float | None = 15.0, show_progress: bool = True,
+                         log: Callable[[str], None] = lambda message: None) -> DistilledArtifacts:
+    import dataclasses
+
+    from dlopt.fileio import save_onnx_atomic, write_json_atomic
+    from dlopt.optimize.export import ExportConfig, export, load_source
+    from dlopt.optimize.prune import measure_speedup, prepare_output_dir, read_checkpoint, rebuild, save_checkpoint
+    from dlopt.report import format_table
+
+    embedding_teacher = teacher_spec == "minilm"
+    config = DistillConfig(epochs=epochs, temperature=temperature, alpha=alpha,
+                           loss=loss or ("cosine" if embedding_teacher else "kl"),
+                           lr=lr or (1e-4 if embedding_teacher else 1e-3), batch_size=batch_size,
+                           hidden_layers=hidden_layers, hidden_weight=hidden_weight, patience=patience, seed=seed,
+                           device=device)
+    check_config(config)
+    checkpoint = read_checkpoint(student_path)  # fail on a bad checkpoint before loading models
+    if data_spec != "reference" and not Path(data_spec).is_file():
+        raise InputError(f"data file {data_spec} does not exist", "give an .npz file or 'reference'")
+    out_dir = prepare_output_dir(out_dir)
+    log(f"loading the teacher {teacher_spec}")
+    teacher = load_source(teacher_spec)
+    log(f"rebuilding the student from {student_path} (source {checkpoint.source})")
+    student_source = load_source(checkpoint.source) if checkpoint.source != teacher_spec else \
+        dataclasses.replace(teacher, module=copy.deepcopy(teacher.module))
+    student = rebuild(checkpoint, student_source.module, student_source.example_inputs)
+    data = reference_training_data(teacher_spec, max_samples) if data_spec == "reference" else \
+        load_npz_data(Path(data_spec), teacher.example_inputs, max_samples)
+    train, val = split_validation(data, val_fraction, seed)
+    log(f"distilling on {len(train)} samples ({'labeled' if train.labels is not None else 'unlabeled'}), "
+        f"{len(val) if val is not None else 0} held out for early stopping")
+    result = distill(teacher.module, student, train, config, val=val, checkpoint_dir=out_dir, resume=resume,
+                     show_progress=show_progress)
+    report = dict(result.report)
+    log("exporting the student (verified against torch)")
+    onnx_model = export(dataclasses.replace(student_source, module=result.model, name=f"{checkpoint.source} "
+                                            "(distilled)"), ExportConfig()).model
+    onnx_path = save_onnx_atomic(onnx_model, out_dir / "distilled.onnx")
+    saved = save_checkpoint(out_dir / "distilled.pt", result.model, checkpoint.source,
+                            {"pruning_history": checkpoint.pruning_history,
+                             "module_attributes": checkpoint.module_attributes,
+                             "prune": checkpoint.report, "distill": {k: v for k, v in report.items()}})
+    notes = []
+    if bench_seconds is not None:
+        teacher_path = out_dir / "teacher.onnx"
+        log("exporting the teacher for the latency comparison")
+        save_onnx_atomic(export(teacher, ExportConfig()).model, teacher_path)
+        log(f"measuring latency against the teacher, one thread, interleaved ({bench_seconds:g} s)")
+        speed = measure_speedup(teacher_path, onnx_path, budget_s=bench_seconds)
+        report["latency"] = speed
+        notes.append(f"latency (1 thread, batch {speed['batch']}): teacher {speed['baseline_ms']:.3f} ms, student "
+                     f"{speed['ms']:.3f} ms: {speed['speedup']:.2f}x faster [{speed['speedup_low']:.2f}, "
+                     f"{speed['speedup_high']:.2f}]")
+    if report["stopped_early"]:
+        notes.append(f"stopped early after epoch {report['epochs_run']}; kept epoch {report['best_epoch']}")
+    report |= {"teacher": teacher_spec, "student_checkpoint": str(student_path), "data": data_spec,
+               "checkpoint": str(saved), "onnx": str(onnx_path)}
+    report_path = write_json_atomic(out_dir / "distill.json", report)
+    rows = [[h["epoch"], h["train_loss"], h.get("eval_metric") or "", h.get("eval_value"), h["seconds"]]
+            for h in report["history"]]
+    table = format_table(["epoch", "train loss", "eval metric", "value", "seconds"], rows)
+    return DistilledArtifacts(saved, onnx_path, report_path, report, table, tuple(notes))
+
+
+__all__ = ["LOSSES", "DistillConfig", "DistillData", "DistilledArtifacts", "distill_to_directory", "load_npz_data",
+           "reference_training_data", "split_validation", "check_compatible", "data_fingerprint", "distill",
            "embedding_loss", "first_tensor", "kd_loss"]
