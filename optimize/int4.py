@@ -1,0 +1,599 @@
+"""4-bit weight-only quantization: MatMul/Gemm weights -> MatMulNBits, embedding tables -> GatherBlockQuantized.
+
+Built on ONNX Runtime's `MatMulNBitsQuantizer` (round-to-nearest through its C++ block quantizer, HQQ, and
+GPTQ through its neural-compressor port). What dlopt adds around it, and why:
+- Gemm is rewritten to MatMul (+ Add) first: ORT's quantizer only looks at MatMul, so the classifier heads and
+  any 2-D Linear that the exporter emitted as Gemm would otherwise stay FP32.
+- Embedding tables are quantized by dlopt, not by ORT: ORT writes GatherBlockQuantized with INT4/UINT4
+  tensors and therefore forces the whole model to opset 21 without converting its other nodes, which
+  breaks real exports (an opset-17 ReduceL2 with `axes` becomes invalid). The contrib op also takes
+  uint8 data with 4-bit values packed along the last axis, which needs no opset change; that is what is
+  written here. For MiniLM the table is 47 of its 91 MB, so this is what brings the model under 16 MB.
+- Mixed precision by measured sensitivity: with calibration data, every candidate MatMul's output error
+  under 4-bit weights is measured on real activations (SQNR of X·Ŵ against X·W, streamed one sample at a
+  time) and the most sensitive share of the weights (`sensitive_fraction`, by parameter count) is kept at
+  `fallback_bits` (8-bit MatMulNBits by default). A few value and FFN matrices of a BERT carry most of
+  the 4-bit error (outlier activation channels), so a small share buys most of the fidelity back.
+- First/last layers and named nodes can be kept out (`keep_first`/`keep_last`, `exclude_nodes`).
+- The result is checked: it must load in ONNX Runtime, keep the graph's inputs and outputs, and (with
+  data) its fidelity against the float model is in the report, per output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from dlopt.errors import InputError, MissingDependencyError, StageError
+from dlopt.stage import StageResult, config_to_dict
+
+ALGORITHMS = ("rtn", "hqq", "gptq")
+Algorithm = Literal["rtn", "hqq", "gptq"]
+_OP_TYPES = ("MatMul", "Gemm", "Gather")
+_MS_DOMAIN = "com.microsoft"
+# tables smaller than this stay float: quantizing a position or token-type table saves nothing
+_MIN_EMBEDDING_ELEMENTS = 1 << 16
+
+
+@dataclass(frozen=True, kw_only=True)
+class Int4Config:
+    block_size: int = 32  # weights per scale, along the reduction axis; a power of two >= 16
+    symmetric: bool = False  # False: a zero point per block (better fidelity, ~1.5 % larger)
+    algorithm: Algorithm = "rtn"  # rtn: round to nearest; hqq: half-quadratic (needs torch); gptq: needs data
+    quantize_embeddings: bool = True  # Gather on a large constant table -> GatherBlockQuantized (4-bit)
+    embedding_block_size: int | None = None  # None: block_size
+    exclude_nodes: tuple[str, ...] = ()  # kept in float
+    exclude_ops: tuple[str, ...] = ()  # of MatMul, Gemm, Gather: op types left in float
+    keep_first: int = 0  # the first N weight MatMuls (graph order) kept at fallback_bits
+    keep_last: int = 0  # the last N (e.g. an LM head) kept at fallback_bits
+    sensitive_fraction: float = 0.1  # share of MatMul weights (by parameters) kept at fallback_bits, most
+    #                                  sensitive first; needs calibration data (ignored without, with a note)
+    fallback_bits: int = 8  # 8: 8-bit MatMulNBits; 32: float
+    accuracy_level: int | None = None  # MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
+    sensitivity_samples: int = 8  # calibration samples used to rank nodes
+    gptq_samples: int = 16  # calibration samples GPTQ builds its Hessians from
+
+    def __post_init__(self):
+        def bad(what: str, hint: str):
+            raise InputError(f"int4: {what}", hint)
+
+        for name in ("block_size", "embedding_block_size"):
+            value = getattr(self, name)
+            if value is None and name == "embedding_block_size":
+                continue
+            if not isinstance(value, int) or value < 16 or value & (value - 1):
+                bad(f"{name} {value!r} is not a power of two >= 16", "use 16, 32, 64, 128 or 256")
+        if self.algorithm not in ALGORITHMS:
+            bad(f"unknown algorithm {self.algorithm!r}", f"choose one of {', '.join(ALGORITHMS)}")
+        if self.algorithm == "hqq" and self.symmetric:
+            bad("hqq fits a float zero point per block, it cannot be symmetric", "use symmetric=False or rtn/gptq")
+        unknown_ops = sorted(set(self.exclude_ops) - set(_OP_TYPES))
+        if unknown_ops:
+            bad(f"exclude_ops {unknown_ops} are not quantized by int4", f"int4 quantizes {', '.join(_OP_TYPES)}")
+        if self.fallback_bits not in (8, 32):
+            bad(f"fallback_bits {self.fallback_bits!r}", "use 8 (8-bit MatMulNBits) or 32 (float)")
+        if not 0.0 <= self.sensitive_fraction < 1.0:
+            bad(f"sensitive_fraction {self.sensitive_fraction!r} is outside [0, 1)", "e.g. 0.1 keeps 10 % at 8-bit")
+        if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
+            bad(f"accuracy_level {self.accuracy_level!r}", "use 0-4 (4: int8 compute, fastest on CPU)")
+        for name in ("keep_first", "keep_last"):
+            if getattr(self, name) < 0:
+                bad(f"{name} must be >= 0", "give a number of layers")
+        if self.sensitivity_samples < 1 or self.gptq_samples < 1:
+            bad("sample counts must be >= 1", "e.g. sensitivity_samples=8")
+
+
+# -- graph helpers -----------------------------------------------------------------------------------
+def _initializers(model) -> dict[str, Any]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def _is_float_weight(tensor, rank: int = 2) -> bool:
+    from onnx import TensorProto
+
+    return tensor is not None and tensor.data_type == TensorProto.FLOAT and len(tensor.dims) == rank
+
+
+def _attr(node, name: str, default):
+    import onnx
+
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _name_nodes(model) -> None:
+    """ORT's quantizer selects nodes by name: give unnamed nodes unique names."""
+    seen = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in seen:
+                name += "_"
+            node.name = name
+            seen.add(name)
+
+
+def _gemm_to_matmul(model, skip: set[str]) -> list[str]:
+    """Gemm(A, B, C) with a constant 2-D B and no transA -> MatMul(A, alpha·op(B)) (+ Add(beta·C)).
+
+    Exact up to float rounding; returns the names of the rewritten nodes (the MatMul keeps the name)."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = _initializers(model)
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    rewritten, nodes = [], []
+    for node in model.graph.node:
+        b = inits.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) > 1 else None
+        if node.name in skip or not _is_float_weight(b) or _attr(node, "transA", 0):
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(b)
+        if _attr(node, "transB", 0):
+            w = w.T
+        w = np.ascontiguousarray(w * np.float32(_attr(node, "alpha", 1.0)), dtype=np.float32)
+        w_name = f"{b.name}__matmul" if consumers.get(b.name, 0) > 1 else b.name
+        if w_name == b.name:
+            model.graph.initializer.remove(b)
+        model.graph.initializer.append(numpy_helper.from_array(w, w_name))
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = f"{node.output[0]}__matmul" if has_bias else node.output[0]
+        nodes.append(onnx.helper.make_node("MatMul", [node.input[0], w_name], [mm_out], name=node.name))
+        if has_bias:
+            bias = node.input[2]
+            beta = float(_attr(node, "beta", 1.0))
+            if beta != 1.0:
+                c = inits.get(bias)
+                if c is None:
+                    raise InputError(f"Gemm {node.name!r} scales a non-constant bias by beta={beta}",
+                                     f"exclude it: exclude_nodes=({node.name!r},)")
+                scaled = numpy_helper.from_array(numpy_helper.to_array(c) * np.float32(beta), f"{bias}__beta")
+                model.graph.initializer.append(scaled)
+                bias = scaled.name
+            nodes.append(onnx.helper.make_node("Add", [mm_out, bias], [node.output[0]], name=f"{node.name}__bias"))
+        rewritten.append(node.name)
+    if rewritten:
+        model.graph.ClearField("node")
+        model.graph.node.extend(nodes)
+    return rewritten
+
+
+def _weight_matmuls(model) -> list[Any]:
+    """MatMul nodes whose second input is a 2-D float initializer, in graph order."""
+    inits = _initializers(model)
+    return [n for n in model.graph.node
+            if n.op_type == "MatMul" and len(n.input) == 2 and _is_float_weight(inits.get(n.input[1]))]
+
+
+def _embedding_gathers(model, block_size: int) -> tuple[list[Any], list[str]]:
+    """Gathers on axis 0 of a large 2-D float table whose rows split into whole blocks; plus notes on
+    large tables left alone and why."""
+    inits = _initializers(model)
+    found, notes = [], []
+    for node in model.graph.node:
+        if node.op_type != "Gather":
+            continue
+        table = inits.get(node.input[0])
+        if not _is_float_weight(table):
+            continue
+        rows, cols = table.dims
+        if rows * cols < _MIN_EMBEDDING_ELEMENTS:
+            continue
+        if _attr(node, "axis", 0) != 0:
+            notes.append(f"{node.name}: gathers on axis {_attr(node, 'axis', 0)}, left in float")
+        elif cols % block_size:
+            notes.append(f"{node.name}: rows of {cols} do not split into blocks of {block_size}, left in float")
+        else:
+            found.append(node)
+    return found, notes
+
+
+def _ensure_ms_opset(model) -> None:
+    if not any(o.domain == _MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(__import__("onnx").helper.make_opsetid(_MS_DOMAIN, 1))
+
+
+def _drop_unused_initializers(model) -> None:
+    used = {name for node in model.graph.node for name in node.input}
+    used |= {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    if len(keep) != len(model.graph.initializer):
+        model.graph.ClearField("initializer")
+        model.graph.initializer.extend(keep)
+        names = {t.name for t in keep}
+        inputs = [i for i in model.graph.input if i.name in names or i.name in used]
+        model.graph.ClearField("input")
+        model.graph.input.extend(inputs)
+
+
+# -- block quantization in numpy (embeddings, and the error model used to rank nodes) -----------------
+def quantize_blocks(w: np.ndarray, block_size: int, symmetric: bool, bits: int = 4
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round-to-nearest block quantization of w [rows, cols] along its last axis.
+
+    Returns (q uint8 [rows, cols] in [0, 2^bits), scales float32 [rows, cols/block], zero points uint8
+    [rows, cols/block]); w ≈ (q - zp) · scale. Symmetric blocks use zp = 2^(bits-1), the default the
+    contrib ops assume when no zero point is given."""
+    rows, cols = w.shape
+    top = (1 << bits) - 1
+    blocks = w.reshape(rows, cols // block_size, block_size).astype(np.float32)
+    if symmetric:
+        mid = 1 << (bits - 1)
+        amax = np.abs(blocks).max(axis=2)
+        scale = amax / mid
+        zp = np.full(scale.shape, mid, np.float32)
+    else:
+        lo = np.minimum(blocks.min(axis=2), 0.0)
+        hi = np.maximum(blocks.max(axis=2), 0.0)
+        scale = (hi - lo) / top
+        zp = np.clip(np.round(-lo / np.where(scale == 0, 1, scale)), 0, top)
+    safe = np.where(scale == 0, 1, scale)[..., None]
+    q = np.clip(np.round(blocks / safe + zp[..., None]), 0, top).astype(np.uint8)
+    return q.reshape(rows, cols), scale.astype(np.float32), zp.astype(np.uint8)
+
+
+def dequantize_blocks(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, block_size: int) -> np.ndarray:
+    rows, cols = q.shape
+    blocks = q.reshape(rows, cols // block_size, block_size).astype(np.float32) - zp[..., None]
+    return (blocks * scale[..., None]).reshape(rows, cols)
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """Two 4-bit values per byte along the last axis, low nibble first (odd lengths padded)."""
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), q.dtype)], axis=-1)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _quantize_embedding(model, node, block_size: int, symmetric: bool) -> None:
+    """Replace Gather(table, ids) by GatherBlockQuantized on uint8-packed 4-bit data (see module doc)."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = _initializers(model)
+    table = inits[node.input[0]]
+    w = numpy_helper.to_array(table)
+    q, scale, zp = quantize_blocks(w, block_size, symmetric)
+    prefix = f"{table.name}__q4_{node.name}"
+    new_inits = [numpy_helper.from_array(_pack_nibbles(q), f"{prefix}_data"),
+                 numpy_helper.from_array(scale, f"{prefix}_scales")]
+    inputs = [new_inits[0].name, node.input[1], new_inits[1].name]
+    if not symmetric:
+        new_inits.append(numpy_helper.from_array(_pack_nibbles(zp), f"{prefix}_zero_points"))
+        inputs.append(new_inits[2].name)
+    model.graph.initializer.extend(new_inits)
+    replacement = onnx.helper.make_node("GatherBlockQuantized", inputs, list(node.output), name=node.name,
+                                        domain=_MS_DOMAIN, bits=4, block_size=block_size, gather_axis=0,
+                                        quantize_axis=1)
+    position = list(model.graph.node).index(node)
+    model.graph.node.remove(node)
+    model.graph.node.insert(position, replacement)
+
+
+# -- running the float model -------------------------------------------------------------------------
+def _session(model):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise StageError(f"ONNX Runtime cannot load the model: {str(e).splitlines()[0][:300]}",
+                         "report this model") from e
+
+
+def _take(data: Iterable[Mapping[str, np.ndarray]] | None, count: int) -> list[dict[str, np.ndarray]]:
+    feeds = []
+    if data is None:
+        return feeds
+    for sample in data:
+        feeds.append(dict(sample))
+        if len(feeds) >= count:
+            break
+    return feeds
+
+
+def _with_outputs(model, names: list[str]):
+    import onnx
+
+    extended = onnx.ModelProto()
+    extended.CopyFrom(model)
+    existing = {o.name for o in extended.graph.output}
+    for name in names:
+        if name not in existing:
+            extended.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            existing.add(name)
+    return extended
+
+
+def _feed(session, sample: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = {i.name for i in session.get_inputs()}
+    missing = names - set(sample)
+    if missing:
+        raise InputError(f"calibration data lacks inputs {sorted(missing)}",
+                         f"give arrays named {', '.join(sorted(names))}")
+    return {k: v for k, v in sample.items() if k in names}
+
+
+def rank_sensitivity(model, nodes: list[Any], feeds: list[Mapping[str, np.ndarray]], block_size: int,
+                     symmetric: bool) -> dict[str, float]:
+    """SQNR (dB) of each MatMul's output with 4-bit weights against its float output, on real inputs.
+
+    The node's input activations come from the float model (exposed as extra outputs); X·W and
+    X·(W - Ŵ) are accumulated sample by sample, so memory does not grow with the number of samples."""
+    from onnx import numpy_helper
+
+    inits = _initializers(model)
+    weights, errors = {}, {}
+    for node in nodes:
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        k = w.shape[0]
+        pad = (-k) % block_size
+        wt = np.pad(w, ((0, pad), (0, 0))).T  # [N, K'] so that blocks run along K, as MatMulNBits does
+        q, s, z = quantize_blocks(wt, block_size, symmetric)
+        weights[node.name] = w
+        errors[node.name] = (wt - dequantize_blocks(q, s, z, block_size)).T[:k]
+    session = _session(_with_outputs(model, sorted({n.input[0] for n in nodes})))
+    names = [o.name for o in session.get_outputs()]
+    signal = {n.name: 0.0 for n in nodes}
+    noise = {n.name: 0.0 for n in nodes}
+    for sample in feeds:
+        values = dict(zip(names, session.run(None, _feed(session, sample))))
+        for node in nodes:
+            x = values[node.input[0]].astype(np.float32)
+            x = x.reshape(-1, x.shape[-1])
+            signal[node.name] += float(np.square(x @ weights[node.name]).sum())
+            noise[node.name] += float(np.square(x @ errors[node.name]).sum())
+    return {name: (float("inf") if noise[name] == 0 else 10 * np.log10(max(signal[name], 1e-30) / noise[name]))
+            for name in signal}
+
+
+# -- ORT's quantizer ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_ort_quantizer() -> Iterator[None]:
+    """ORT's weight-only quantizer logs every node at INFO and prints a progress bar to stdout."""
+    loggers = [logging.getLogger(n) for n in ("onnxruntime.quantization.matmul_nbits_quantizer",
+                                              "onnxruntime.quantization.neural_compressor.weight_only")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(__import__("io").StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _ort_nbits(model, *, bits: int, config: Int4Config, include: set[str], all_matmuls: set[str]):
+    """Quantize the MatMuls named in `include` with ORT's round-to-nearest (or HQQ) block quantizer."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer)
+
+    if not include:
+        return model
+    if config.algorithm == "hqq" and bits == 4:
+        try:
+            import torch  # noqa: F401  (HQQ runs in torch)
+        except ImportError as e:
+            raise MissingDependencyError("int4 algorithm hqq needs torch", "pip install torch==2.13.0") from e
+        algo = HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=4, op_types_to_quantize=("MatMul",))
+    else:
+        algo = DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=config.symmetric,
+                                            accuracy_level=config.accuracy_level, bits=bits,
+                                            op_types_to_quantize=("MatMul",))
+    quantizer = MatMulNBitsQuantizer(model, algo_config=algo, nodes_to_exclude=sorted(all_matmuls - include))
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _ort_gptq(model, *, config: Int4Config, include: set[str], all_matmuls: set[str],
+              feeds: list[dict[str, np.ndarray]]):
+    """GPTQ (ORT's port of neural-compressor's). Called directly with a weight config naming every node:
+    through MatMulNBitsQuantizer its excluded nodes would still be quantized with a stale config."""
+    from onnxruntime.quantization.neural_compressor.weight_only import gptq_quantize
+
+    scheme = "sym" if config.symmetric else "asym"
+    weight_config = {name: ({"bits": 4, "group_size": config.block_size, "scheme": scheme, "algorithm": "GPTQ"}
+                            if name in include else "fp32") for name in all_matmuls}
+    quantized = gptq_quantize(model, [(f, None) for f in feeds], weight_config=weight_config, num_bits=4,
+                              group_size=config.block_size, scheme=scheme, n_samples=-1,
+                              accuracy_level=config.accuracy_level or 0)
+    return quantized.model if hasattr(quantized, "model") else quantized
+
+
+# -- the stage ---------------------------------------------------------------------------------------
+def _size(model) -> int:
+    return model.ByteSize()
+
+
+def _op_counts(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _quantized_counts(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            key = f"MatMulNBits({_attr(node, 'bits', 4)}-bit)"
+        elif node.op_type == "GatherBlockQuantized":
+            key = f"GatherBlockQuantized({_attr(node, 'bits', 4)}-bit)"
+        else:
+            continue
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def output_fidelity(reference, candidate, feeds: list[Mapping[str, np.ndarray]]) -> dict[str, dict[str, float]]:
+    """Per float output: SQNR (dB) and cosine (mean, min over samples' rows) of candidate vs reference."""
+    ref_s, cand_s = _session(reference), _session(candidate)
+    names = [o.name for o in ref_s.get_outputs()]
+    sig = dict.fromkeys(names, 0.0)
+    err = dict.fromkeys(names, 0.0)
+    cos: dict[str, list[float]] = {n: [] for n in names}
+    finite = dict.fromkeys(names, True)
+    for sample in feeds:
+        for name, a, b in zip(names, ref_s.run(None, _feed(ref_s, sample)), cand_s.run(None, _feed(cand_s, sample))):
+            if not np.issubdtype(a.dtype, np.floating):
+                continue
+            a, b = a.astype(np.float64), b.astype(np.float64)
+            finite[name] &= bool(np.isfinite(b).all())
+            sig[name] += float(np.square(a).sum())
+            err[name] += float(np.square(a - b).sum())
+            a2, b2 = a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1), b.reshape(-1, b.shape[-1]) if b.ndim \
+                else b.reshape(1, 1)
+            den = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
+            cos[name] += list(np.where(den > 0, (a2 * b2).sum(1) / np.where(den > 0, den, 1), 1.0))
+    out = {}
+    for name in names:
+        if not cos[name]:
+            continue
+        sqnr = float("inf") if err[name] == 0 else float(10 * np.log10(max(sig[name], 1e-300) / err[name]))
+        out[name] = {"sqnr_db": round(sqnr, 2), "cosine_mean": round(float(np.mean(cos[name])), 5),
+                     "cosine_min": round(float(np.min(cos[name])), 5), "finite": finite[name]}
+    return out
+
+
+def _select_fallback(candidates: list[Any], sqnr: dict[str, float], fraction: float, params: dict[str, int]
+                     ) -> list[str]:
+    """The most sensitive nodes (lowest SQNR) whose weights fit in `fraction` of all candidate weights."""
+    budget = fraction * sum(params[n.name] for n in candidates)
+    chosen, used = [], 0
+    for name in sorted(sqnr, key=lambda n: sqnr[n]):
+        if used + params[name] <= budget:
+            chosen.append(name)
+            used += params[name]
+    return chosen
+
+
+def quantize_int4(model, config: Int4Config = Int4Config(), data: Iterable[Mapping[str, np.ndarray]] | None = None
+                  ) -> StageResult:
+    """4-bit weight-only quantization of an onnx.ModelProto (never modified); see the module doc.
+
+    `data` (an iterable of feeds, e.g. CalibrationData) is used to rank nodes by sensitivity, for GPTQ,
+    and to measure fidelity against the float model; without it RTN/HQQ still run."""
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        raise InputError(f"int4 takes an onnx.ModelProto, not {type(model).__name__}", "load it with dlopt.fileio")
+    started = time.perf_counter()
+    original = model
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    _name_nodes(model)
+
+    names = {n.name for n in model.graph.node}
+    missing = sorted(set(config.exclude_nodes) - names)
+    if missing:
+        raise InputError(f"int4: exclude_nodes {missing} are not nodes of the model",
+                         "check the names (e.g. with Netron) or drop them")
+    excluded = set(config.exclude_nodes)
+    notes: list[str] = []
+
+    gemms = [] if "Gemm" in config.exclude_ops else _gemm_to_matmul(model, excluded)
+    candidates = [] if "MatMul" in config.exclude_ops else \
+        [n for n in _weight_matmuls(model) if n.name not in excluded]
+    if not candidates:
+        raise InputError("int4: the model has no MatMul or Gemm with a constant 2-D float weight to quantize",
+                         "4-bit weight-only quantization applies to linear layers; use --precision int8 or fp16")
+    feeds = _take(data, max(config.sensitivity_samples, config.gptq_samples))
+    inits = _initializers(model)
+    params = {n.name: int(np.prod(inits[n.input[1]].dims)) for n in candidates}
+
+    fallback: list[str] = []
+    reasons: dict[str, str] = {}
+    order = [n.name for n in candidates]
+    for name in order[:config.keep_first]:
+        reasons[name] = "keep_first"
+    for name in order[len(order) - config.keep_last:] if config.keep_last else []:
+        reasons[name] = "keep_last"
+    sensitivity: dict[str, float] = {}
+    if config.sensitive_fraction > 0:
+        if feeds:
+            sensitivity = rank_sensitivity(model, candidates, feeds[:config.sensitivity_samples],
+                                           config.block_size, config.symmetric)
+            for name in _select_fallback([n for n in candidates if n.name not in reasons],
+                                         {k: v for k, v in sensitivity.items() if k not in reasons},
+                                         config.sensitive_fraction, params):
+                reasons[name] = f"sensitive (4-bit SQNR {sensitivity[name]:.1f} dB)"
+        else:
+            notes.append("no calibration data: nodes were not ranked by sensitivity, all MatMuls are 4-bit")
+    fallback = [n for n in order if n in reasons]
+    four_bit = {n for n in order if n not in reasons}
+    all_matmuls = {n.name for n in _weight_matmuls(model)}
+
+    if config.algorithm == "gptq" and not feeds:
+        raise InputError("int4 algorithm gptq needs calibration data", "pass --calibration, or use rtn or hqq")
+    with _quiet_ort_quantizer():
+        if config.algorithm == "gptq":
+            model = _ort_gptq(model, config=config, include=four_bit, all_matmuls=all_matmuls,
+                              feeds=feeds[:config.gptq_samples])
+        else:
+            model = _ort_nbits(model, bits=4, config=config, include=four_bit, all_matmuls=all_matmuls)
+        if config.fallback_bits == 8 and fallback:
+            model = _ort_nbits(model, bits=8, config=config, include=set(fallback),
+                               all_matmuls={n.name for n in _weight_matmuls(model)})
+    if config.accuracy_level:
+        for node in model.graph.node:  # HQQ and GPTQ do not set it
+            if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+                node.attribute.append(onnx.helper.make_attribute("accuracy_level", config.accuracy_level))
+
+    embeddings: list[str] = []
+    if config.quantize_embeddings and "Gather" not in config.exclude_ops:
+        block = config.embedding_block_size or config.block_size
+        gathers, gather_notes = _embedding_gathers(model, block)
+        notes += gather_notes
+        for node in gathers:
+            if node.name in excluded:
+                continue
+            _quantize_embedding(model, node, block, config.symmetric)
+            embeddings.append(node.name)
+    _ensure_ms_opset(model)
+    _drop_unused_initializers(model)
+
+    session = _session(model)  # must load
+    if [o.name for o in session.get_outputs()] != [o.name for o in original.graph.output]:
+        raise StageError("int4 quantization changed the graph outputs", "report this model")
+    left_float = sorted(all_matmuls - four_bit - (set(fallback) if config.fallback_bits == 8 else set()))
+    report: dict[str, Any] = {
+        "stage": "int4",
+        "config": config_to_dict(config),
+        "algorithm": config.algorithm,
+        "bytes_before": _size(original),
+        "bytes_after": _size(model),
+        "ops_before": _op_counts(original),
+        "ops_after": _op_counts(model),
+        "quantized_nodes": _quantized_counts(model),
+        "gemm_rewritten": gemms,
+        "embeddings_quantized": embeddings,
+        "fallback_nodes": {n: reasons[n] for n in fallback},
+        "fallback_bits": config.fallback_bits,
+        "float_matmuls": left_float,
+        "sensitivity_sqnr_db": {k: round(v, 2) for k, v in sorted(sensitivity.items(), key=lambda kv: kv[1])},
+        "notes": notes,
+    }
+    if feeds:
+        report["fidelity"] = {"samples": len(feeds), "outputs": output_fidelity(original, model, feeds)}
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    return StageResult(model, report)
+
+
+__all__ = ["ALGORITHMS", "Int4Config", "dequantize_blocks", "output_fidelity", "quantize_blocks", "quantize_int4",
+           "rank_sensitivity"]
