@@ -172,7 +172,7 @@ def test_real_run_ranks_three_times_the_work_correctly(chains, schema):
     for b in result.batches:
         assert b.rounds == 150
         three_x, same = b.models[1].ratios["cpu"], b.models[2].ratios["cpu"]
-        assert 1.8 < three_x.low and three_x.high < 3.6, three_x  # 12 vs 4 blocks (fixed costs dilute it)
+        assert 1.4 < three_x.low and three_x.high < 3.6, three_x  # 12 vs 4 blocks (fixed per-run costs dilute it)
         assert 0.85 < same.estimate < 1.15, same  # the same file measured twice
         s = b.models[0].summaries["cpu"]
         assert 0 < s.min <= s.median <= s.p90 <= s.p99 <= s.max
@@ -256,7 +256,7 @@ def test_sequential_api_for_the_gate_narrows_the_interval_as_rounds_are_added(ch
     late = sampler.ratio(1, "cpu", n_boot=500)
     assert sampler.rounds == 320 and late.n == 320
     assert late.high - late.low < early.high - early.low
-    assert late.low > 1.8
+    assert late.low > 1.4  # 12 vs 4 blocks, diluted by fixed per-run costs
 
 
 def test_cli_clock_and_ratio_method_choices_are_recorded(chains, tmp_path):
