@@ -48,6 +48,7 @@ class DistillConfig:
     eval_batch_size: int = 256
     max_batches_per_epoch: int | None = None  # cap an epoch's length (None: the whole training set)
     patience: int | None = 2  # stop after this many epochs without a better eval metric (None: never)
+    freeze: tuple[str, ...] = ()  # student parameters whose names start with these stay fixed (e.g. embeddings)
     seed: int = 0
     device: Literal["cpu", "cuda"] = "cpu"
 
@@ -340,8 +341,8 @@ def distill(teacher, student, data: DistillData, config: DistillConfig = Distill
     teacher_was_training = teacher.training
     teacher = teacher.to(device).eval()  # frozen: it only ever runs under no_grad
     student = copy.deepcopy(student).to(device)
-    for p in student.parameters():
-        p.requires_grad_(True)
+    for name, p in student.named_parameters():
+        p.requires_grad_(not name.startswith(config.freeze) if config.freeze else True)
     output_shape = check_compatible(teacher, student, data, config)
 
     torch.manual_seed(config.seed)  # adapters' initial weights
@@ -360,7 +361,10 @@ def distill(teacher, student, data: DistillData, config: DistillConfig = Distill
     if config.max_batches_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.max_batches_per_epoch)
     total_steps = steps_per_epoch * config.epochs
-    params = list(student.parameters()) + (list(adapters.parameters()) if adapters is not None else [])
+    params = [p for p in student.parameters() if p.requires_grad]
+    params += list(adapters.parameters()) if adapters is not None else []
+    if not params:
+        raise InputError(f"freeze={list(config.freeze)} leaves no student parameter to train", "freeze less")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
