@@ -63,6 +63,12 @@ class _FakeMachine:
         return run
 
 
+def test_schema_is_a_valid_versioned_draft_2020_12_schema(schema):
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema["properties"]["schema_version"] == {"const": 1}
+    assert all("description" in schema["properties"][k] for k in ("clock", "models", "machine", "peak_rss_bytes"))
+
+
 def test_rounds_are_interleaved_in_order():
     m = _FakeMachine({"A": 1.0, "B": 2.0, "C": 3.0})
     sampler = InterleavedSampler([m.runner("A"), m.runner("B"), m.runner("C")], clock=m.clock)
