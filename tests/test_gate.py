@@ -356,6 +356,24 @@ def test_accuracy_gate_on_data_catches_a_damaged_model(tmp_path):
     assert top1["candidate"] == pytest.approx(damaged_top1, abs=1e-6)
     agreement = checks["accuracy: top1_agreement"]  # against the baseline's argmax, which is the label here
     assert agreement["baseline"] == 1.0 and agreement["candidate"] == pytest.approx(damaged_top1, abs=1e-6)
+    # a limit for one metric only: the others are neither gated nor listed
+    common = [c for c in common if c not in ("--max-accuracy-drop", "0.02")]
+    one = gate("--baseline", str(base), "--candidate", str(damaged), *common, "--max-accuracy-drop",
+               f"top1_agreement={1 - damaged_top1 + 0.01:.4f}", "--json", str(report))
+    assert one.exit_code == 0, one.output
+    assert [c["name"] for c in json.loads(report.read_text())["checks"]] == ["latency", "accuracy: top1_agreement"]
+    unknown = gate("--baseline", str(base), "--candidate", str(damaged), *common, "--max-accuracy-drop", "f1=0.1")
+    assert unknown.exit_code == 2 and "reports no metric f1" in unknown.output
+
+
+@pytest.mark.parametrize("values, expected", [
+    (("0.01",), (0.01, ())), (("top1=0.005", "0.02"), (0.02, (("top1", 0.005),))),
+    (("a=1", "b=2"), (None, (("a", 1.0), ("b", 2.0)))),
+])
+def test_accuracy_limits_parse_as_a_default_and_per_metric(values, expected):
+    from dlopt.cli.gate import parse_accuracy_drops
+
+    assert parse_accuracy_drops(values) == expected
 
 
 # --------------------------------------------------------------------------- stored baselines
@@ -447,11 +465,15 @@ def _write(path: Path, text: str) -> Path:
     (["--max-slowdown", "5"], "ambiguous"),
     (["--max-slowdown", "fast"], "cannot read --max-slowdown"),
     (["--max-accuracy-drop", "0.01"], "needs an evaluator"),
+    (["--max-accuracy-drop", "top1=0.01"], "needs an evaluator"),
     (["--eval-data", "x.npz"], "without --max-accuracy-drop"),
     (["--metric", "top1"], "--metric applies to --eval-data"),
     (["--eval", "no-such-model", "--max-accuracy-drop", "0.01"], "unknown reference model"),
     (["--eval-data", "x.npz", "--metric", "sqnr", "--max-accuracy-drop", "1"], "sqnr has no 'drop'"),
     (["--budget", "soon"], "as a duration"),
+    (["--eval-data", "x.npz", "--max-accuracy-drop", "lots"], "cannot read --max-accuracy-drop"),
+    (["--eval-data", "x.npz", "--max-accuracy-drop", "0.1", "--max-accuracy-drop", "0.2"], "given twice"),
+    (["--eval-data", "x.npz", "--max-accuracy-drop", "top1=-0.1"], "must not be negative"),
     (["--looks", "0"], "--looks must be at least 1"),
     (["--target", "tpu"], "unknown target"),
 ])

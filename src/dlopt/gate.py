@@ -67,7 +67,8 @@ class GateConfig:
     Fractions, not percents: max_slowdown=0.05 allows the candidate to be up to 5 % slower."""
 
     max_slowdown: float = 0.05
-    max_accuracy_drop: float | None = None  # absolute drop of each evaluator metric (higher is better)
+    max_accuracy_drop: float | None = None  # absolute drop allowed in every evaluator metric
+    metric_drops: tuple[tuple[str, float], ...] = ()  # (metric, drop) limits that override it for one metric
     max_size_growth: float | None = None  # fraction of the baseline's bytes on disk
     budget_s: float = DEFAULT_BUDGET_S  # warm-up + sampling, wall time; loading the models is extra
     confidence: float = 0.95  # over the whole sequential run (Bonferroni over the looks)
@@ -95,8 +96,10 @@ def validate_config(config: GateConfig) -> None:
     if not 0 <= config.max_slowdown < 10:
         raise InputError(f"--max-slowdown must be between 0% and 1000%, got {config.max_slowdown:.1%}",
                          "e.g. --max-slowdown 5%")
-    if config.max_accuracy_drop is not None and config.max_accuracy_drop < 0:
-        raise InputError(f"--max-accuracy-drop must not be negative, got {config.max_accuracy_drop}",
+    drops = ([config.max_accuracy_drop] if config.max_accuracy_drop is not None else []) + [
+        d for _, d in config.metric_drops]
+    if any(not d >= 0 for d in drops):
+        raise InputError(f"--max-accuracy-drop must not be negative, got {min(drops)}",
                          "e.g. --max-accuracy-drop 0.01")
     if config.max_size_growth is not None and config.max_size_growth < -1:
         raise InputError(f"--max-size-growth must be above -100%, got {config.max_size_growth:.1%}",
@@ -478,7 +481,7 @@ def run_gate(baseline: str | os.PathLike, candidate: str | os.PathLike, config: 
     started = time.perf_counter()
     candidate = Path(candidate)
     stored = load_baseline(baseline) if is_baseline_file(baseline) else None
-    if config.max_accuracy_drop is not None:
+    if accuracy_gated(config):
         if evaluator is None:
             raise InputError("--max-accuracy-drop needs an evaluator",
                              "pass --eval NAME (a reference model) or --eval-data DATA.npz --metric METRIC")
@@ -527,7 +530,7 @@ def _latency_check(outcome: LatencyOutcome, config: GateConfig, base_median_s: f
     change = "n/a" if i is None else f"x{i.estimate:.3f} [{i.low:.3f}, {i.high:.3f}]"
     return Check(name="latency", verdict=outcome.verdict, baseline=base_median_s * 1e3, candidate=cand_median_s * 1e3,
                  change=change, limit=f"<= x{outcome.limit:.3f}",
-                 detail=f"median {clock} ms; ratio: {outcome.reason} ({outcome.look_confidence:.2%} CI per look)",
+                 detail=f"median {clock} ms; {outcome.reason} ({outcome.look_confidence:.2%} CI per look)",
                  seconds=outcome.seconds)
 
 
@@ -592,7 +595,7 @@ def _gate_interleaved(baseline: Path, candidate: Path, config: GateConfig, data,
     checks = []
     if config.max_size_growth is not None:
         checks.append(_size_check(models[0].size_bytes, models[1].size_bytes, config.max_size_growth))
-    if evaluator is not None and config.max_accuracy_drop is not None:
+    if evaluator is not None and accuracy_gated(config):
         if progress:
             progress("evaluating accuracy", 0.0)
         checks.extend(accuracy_checks(models[0].path, models[1].path, evaluator, config))
@@ -685,7 +688,8 @@ def _gate_stored(stored: StoredBaseline, candidate: Path, config: GateConfig, da
     base_samples = thin(stored_batch.samples_s[clock], STORED_SAMPLES_MAX)
     outcome = sequential_test(
         lambda: sampler.run_rounds(1), lambda: sampler.rounds,
-        lambda level: ratio_ci(base_samples, sampler.samples(0, clock), method="median-ratio", paired=False,
+        lambda level: ratio_ci(base_samples, thin(sampler.samples(0, clock), 2 * STORED_SAMPLES_MAX),
+                               method="median-ratio", paired=False,
                                confidence=level,
                                n_boot=config.n_boot, seed=config.seed),
         limit=1 + config.max_slowdown, budget_s=max(config.budget_s - warm.seconds, 1e-3), looks=config.looks,
@@ -743,6 +747,10 @@ def validate_eval_spec(spec: EvalSpec) -> None:
         raise InputError(f"evaluation data {spec.data} does not exist", "give an .npz file with --eval-data")
 
 
+def accuracy_gated(config: GateConfig) -> bool:
+    return config.max_accuracy_drop is not None or bool(config.metric_drops)
+
+
 def metric_drop(metric: str, baseline: float, candidate: float) -> float:
     """How much worse the candidate is, in the metric's units (positive = worse)."""
     lower_better = any(word in metric.lower() for word in LOWER_IS_BETTER)
@@ -750,7 +758,8 @@ def metric_drop(metric: str, baseline: float, candidate: float) -> float:
 
 
 def accuracy_checks(baseline: Path, candidate: Path, spec: EvalSpec, config: GateConfig) -> list[Check]:
-    """Score both models with `spec` and gate every metric's drop on config.max_accuracy_drop."""
+    """Score both models with `spec` and gate each metric's drop on its limit (config.metric_drops, else
+    config.max_accuracy_drop; a metric with neither is not gated and not listed)."""
     from dlopt.evaluate import EvalConfig, evaluate_data, evaluate_reference_model
 
     started = time.perf_counter()
@@ -761,9 +770,16 @@ def accuracy_checks(baseline: Path, candidate: Path, spec: EvalSpec, config: Gat
     else:
         result = evaluate_data(candidate, spec.data, eval_config, reference=baseline)
     seconds = time.perf_counter() - started
-    limit = config.max_accuracy_drop
+    per_metric = dict(config.metric_drops)
+    unknown = sorted(set(per_metric) - {row.metric for row in result.rows})
+    if unknown:
+        raise InputError(f"{spec.describe()} reports no metric {', '.join(unknown)}",
+                         f"it reports: {', '.join(row.metric for row in result.rows)}")
     checks = []
     for row in result.rows:
+        limit = per_metric.get(row.metric, config.max_accuracy_drop)
+        if limit is None:
+            continue
         base_value = row.reference if row.reference is not None else _PERFECT_VS_BASELINE.get(row.metric)
         if base_value is None:
             continue
@@ -809,7 +825,7 @@ def _context_lines(result: GateResult) -> list[str]:
     o = result.latency
     if o is not None:
         warm = result.warmup or {}
-        lines.append(f"latency: {len(o.looks)} look(s), {o.rounds} rounds in {o.seconds:.1f} s "
+        lines.append(f"sequential test: {len(o.looks)} look(s), {o.rounds} rounds in {o.seconds:.1f} s "
                      f"after {warm.get('rounds', 0)} warm-up rounds"
                      + ("" if warm.get("settled", True) else " (latency never settled: capped)"))
     m = result.machine

@@ -28,6 +28,29 @@ def parse_fraction(text: str | None, option: str) -> float | None:
     return value
 
 
+def parse_accuracy_drops(values: tuple[str, ...]) -> tuple[float | None, tuple[tuple[str, float], ...]]:
+    """('0.01', 'top1=0.005') -> (0.01, (('top1', 0.005),))."""
+    from dlopt.errors import InputError
+
+    default = None
+    per_metric = []
+    for value in values:
+        name, _, number = value.rpartition("=")
+        try:
+            drop = float(number)
+        except ValueError:
+            raise InputError(f"cannot read --max-accuracy-drop {value!r}",
+                             "write a number (every metric) or METRIC=NUMBER, e.g. top1=0.01") from None
+        if name:
+            per_metric.append((name.strip(), drop))
+        elif default is not None:
+            raise InputError("--max-accuracy-drop given twice without a metric name",
+                             "give one default, and METRIC=NUMBER for the others")
+        else:
+            default = drop
+    return default, tuple(per_metric)
+
+
 @click.command("gate", short_help="CI gate: fail on a real latency, accuracy or size regression, not on noise.")
 @click.option("--baseline", required=True, type=click.Path(dir_okay=True),
               help="The baseline: a model (.onnx, re-measured here, interleaved with the candidate: the reliable "
@@ -35,9 +58,10 @@ def parse_fraction(text: str | None, option: str) -> float | None:
 @click.option("--candidate", required=True, type=click.Path(dir_okay=True), help="The candidate model (.onnx).")
 @click.option("--max-slowdown", default="5%", show_default=True,
               help="Latency regression allowed: the candidate / baseline ratio may exceed 1 by this much.")
-@click.option("--max-accuracy-drop", type=float, default=None,
-              help="Largest drop allowed in each evaluator metric, in the metric's units (e.g. 0.01 = one "
-                   "point of accuracy). Needs --eval or --eval-data.")
+@click.option("--max-accuracy-drop", "accuracy_drops", multiple=True,
+              help="Largest drop allowed in each evaluator metric, in the metric's units (0.01 = one point of "
+                   "accuracy; for mse or perplexity, a rise), or METRIC=X for one metric (repeatable; metrics "
+                   "without a limit are not gated). Needs --eval or --eval-data.")
 @click.option("--max-size-growth", default=None, help="Largest growth of the model's bytes on disk, e.g. 10%.")
 @click.option("--eval", "eval_model", default=None,
               help="Accuracy with a reference model's real evaluator and data (e.g. minilm).")
@@ -79,7 +103,7 @@ def parse_fraction(text: str | None, option: str) -> float | None:
               help="Write the full result (every look of the sequential test) as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
-def command(ctx, baseline, candidate, max_slowdown, max_accuracy_drop, max_size_growth, eval_model, eval_data,
+def command(ctx, baseline, candidate, max_slowdown, accuracy_drops, max_size_growth, eval_model, eval_data,
             metrics, eval_output, target, threads, batch, seq_len, data, clock, budget, confidence, looks,
             on_inconclusive, allow_cross_machine, allow_fallback, graph_opt, seed, summary_path, junit_path,
             json_path, no_progress):
@@ -116,15 +140,16 @@ def command(ctx, baseline, candidate, max_slowdown, max_accuracy_drop, max_size_
     names = tuple(m.strip() for part in metrics for m in part.split(",") if m.strip())
     if names and eval_data is None:
         raise InputError("--metric applies to --eval-data", "pass --eval-data DATA.npz, or drop --metric")
+    max_accuracy_drop, metric_drops = parse_accuracy_drops(accuracy_drops)
     evaluator = None
     if eval_model is not None or eval_data is not None:
-        if max_accuracy_drop is None:
+        if not accuracy_drops:
             raise InputError("--eval/--eval-data given without --max-accuracy-drop",
                              "say how much drop is allowed, e.g. --max-accuracy-drop 0.01")
         evaluator = EvalSpec(reference_model=eval_model, data=eval_data, metrics=names or ("top1",),
                              output=eval_output, target=target)
     config = GateConfig(max_slowdown=parse_fraction(max_slowdown, "--max-slowdown"),
-                        max_accuracy_drop=max_accuracy_drop,
+                        max_accuracy_drop=max_accuracy_drop, metric_drops=metric_drops,
                         max_size_growth=parse_fraction(max_size_growth, "--max-size-growth"),
                         budget_s=parse_duration(budget), confidence=confidence, looks=looks,
                         on_inconclusive=on_inconclusive, target=target, threads=threads, clock=clock, batch=batch,
