@@ -194,3 +194,27 @@ def test_cuda_graph_request_after_allowed_fallback_binds_plainly_on_the_cpu():
     bound = gpu.bind(handle, {"x": x})
     bound()
     np.testing.assert_allclose(bound.outputs()["y"], _reference(x), rtol=1e-5, atol=1e-6)
+
+
+class _CudaLogicOnCpu(CudaTarget):
+    """The CUDA target's Python logic (graph marker, probe run, free-dimension overrides, preallocated
+    outputs) driven through the CPU EP, so it is tested on machines without a GPU."""
+
+    providers = ("CPUExecutionProvider",)
+    device_type = "cpu"
+    name = "cuda-logic-on-cpu"
+
+    def is_available(self):
+        return True, "test double"
+
+
+def test_cuda_graph_binding_logic_runs_end_to_end_through_the_cpu_ep():
+    target = _CudaLogicOnCpu()
+    handle = target.create_session(_mlp_bytes(), provider_options=target.provider_options(cuda_graph=True))
+    assert handle.provider_options["enable_cuda_graph"] == "1"  # the marker for bind()
+    assert handle.session.get_inputs()[0].shape == ["batch", 16]  # the load-time session stays dynamic
+    x = np.random.default_rng(5).standard_normal((6, 16)).astype(np.float32)
+    bound = target.bind(handle, {"x": x})
+    assert bound.handle is not handle and bound.handle.session.get_inputs()[0].shape == [6, 16]  # fixed axes
+    bound()
+    np.testing.assert_allclose(bound.outputs()["y"], _reference(x), rtol=1e-5, atol=1e-6)
