@@ -325,6 +325,9 @@ def load_baseline(path: str | os.PathLike) -> StoredBaseline:
     def bad(what: str) -> InputError:
         return InputError(f"baseline file {p} is not a dlopt baseline: {what}", hint)
 
+    if isinstance(document, dict) and document.get("schema") == "dlopt.bench":
+        raise InputError(f"baseline file {p} is a `dlopt bench --json` result, not a stored baseline",
+                         "save one with `dlopt bench MODEL.onnx --save-baseline FILE`")
     if not isinstance(document, dict) or document.get("schema") != BASELINE_SCHEMA:
         raise bad(f"its 'schema' is not {BASELINE_SCHEMA!r}")
     if document.get("schema_version") != BASELINE_VERSION:
