@@ -197,31 +197,29 @@ def sequential_test(add_round: Callable[[], None], rounds: Callable[[], int],
             continue
         done = due
         n = rounds()
+
+        def outcome(verdict: str, interval: Interval | None, reason: str) -> LatencyOutcome:
+            return LatencyOutcome(verdict=verdict, limit=limit, interval=interval, looks=tuple(history), rounds=n,
+                                  seconds=elapsed, look_confidence=level, reason=reason)
+
         if n < 3:  # a bootstrap of 1-2 rounds means nothing
-            return LatencyOutcome(verdict="inconclusive", limit=limit, interval=None, looks=tuple(history),
-                                  rounds=n, seconds=elapsed, look_confidence=level,
-                                  reason=f"only {n} round(s) fit in the {budget_s:.0f} s budget: raise --budget")
+            return outcome("inconclusive", None,
+                           f"only {n} round(s) fit in the {budget_s:.3g} s left for sampling: raise --budget")
         interval = ratio_interval(level)
         verdict = judge(interval, limit)
-        look = Look(seconds=elapsed, rounds=n, interval=interval, verdict=verdict)
-        history.append(look)
+        history.append(Look(seconds=elapsed, rounds=n, interval=interval, verdict=verdict))
         if progress is not None:
-            progress(min(1.0, elapsed / budget_s), look)
+            progress(min(1.0, elapsed / budget_s), history[-1])
         ci = f"[{interval.low:.3f}, {interval.high:.3f}]"
         if verdict == "pass":
-            return LatencyOutcome(verdict="pass", limit=limit, interval=interval, looks=tuple(history), rounds=n,
-                                  seconds=elapsed, look_confidence=level,
-                                  reason=f"ratio CI {ci} lies within {limit:.3f} after {n} rounds")
+            return outcome("pass", interval, f"ratio CI {ci} lies within {limit:.3f} after {n} rounds")
         if verdict == "fail":
-            return LatencyOutcome(verdict="fail", limit=limit, interval=interval, looks=tuple(history), rounds=n,
-                                  seconds=elapsed, look_confidence=level,
-                                  reason=f"ratio CI {ci} lies above {limit:.3f} after {n} rounds")
+            return outcome("fail", interval, f"ratio CI {ci} lies above {limit:.3f} after {n} rounds")
         if final:
-            return LatencyOutcome(verdict="inconclusive", limit=limit, interval=interval, looks=tuple(history),
-                                  rounds=n, seconds=elapsed, look_confidence=level,
-                                  reason=f"ratio CI {ci} still contains {limit:.3f} after {n} rounds and the "
-                                         f"{budget_s:.0f} s budget: the difference is within noise of the "
-                                         "threshold (raise --budget to resolve it)")
+            return outcome("inconclusive", interval,
+                           f"ratio CI {ci} still contains {limit:.3f} after {n} rounds and the {budget_s:.3g} s "
+                           "left for sampling: the difference is within noise of the threshold (raise --budget "
+                           "to resolve it)")
 
 
 # --------------------------------------------------------------------------- stored baselines
