@@ -308,10 +308,11 @@ def _run_exporter(exporter: Exporter, source: ModelSource, inputs: dict[str, Any
     with _quiet_exporter(), torch.no_grad():
         if exporter == "dynamo":
             dynamic_shapes = {name: dict(axes.get(name, {})) or None for name in inputs} if axes else None
+            # Output names are set afterwards: the dynamo exporter fails when a requested name is already
+            # taken by an internal value (e.g. an output named "embedding" beside an nn.Embedding node).
             program = torch.onnx.export(module, (), kwargs=inputs, dynamo=True, opset_version=opset,
-                                        dynamic_shapes=dynamic_shapes, output_names=output_names,
-                                        verbose=False, optimize=True)
-            return program.model_proto
+                                        dynamic_shapes=dynamic_shapes, verbose=False, optimize=True)
+            return rename_graph_outputs(program.model_proto, output_names)
         # torchscript: positional arguments in forward()'s order
         params = list(inspect.signature(module.forward).parameters)
         ordered = [n for n in params if n in inputs]
@@ -322,6 +323,35 @@ def _run_exporter(exporter: Exporter, source: ModelSource, inputs: dict[str, Any
                           dynamic_axes={**{n: a for n, a in axes.items() if n in ordered}, **output_axes},
                           do_constant_folding=True)
         return onnx.load_model_from_string(buffer.getvalue())
+
+
+def rename_graph_outputs(model, names: list[str]):
+    """Give the graph outputs `names`, renaming any internal value that already holds one of them."""
+    graph = model.graph
+    if len(names) != len(graph.output):
+        raise StageError(f"the exported graph has {len(graph.output)} outputs, expected {len(names)}")
+    taken = {v for node in graph.node for v in (*node.input, *node.output)}
+    taken |= {v.name for v in graph.input} | {t.name for t in graph.initializer}
+
+    def rename(old: str, new: str) -> None:
+        for node in graph.node:
+            node.input[:] = [new if v == old else v for v in node.input]
+            node.output[:] = [new if v == old else v for v in node.output]
+        for value in (*graph.output, *graph.value_info):
+            if value.name == old:
+                value.name = new
+
+    for output, new in zip(list(graph.output), names):
+        if output.name == new:
+            continue
+        if new in taken:  # an internal value holds the name: move it aside first
+            spare = next(f"{new}_{i}" for i in range(1, 10**6) if f"{new}_{i}" not in taken)
+            rename(new, spare)
+            taken.add(spare)
+        taken.discard(output.name)
+        rename(output.name, new)
+        taken.add(new)
+    return model
 
 
 def _count_outputs(source: ModelSource) -> int:

@@ -224,3 +224,20 @@ def test_cli_export_prints_the_diff_table(factory_file, tmp_path):
     assert result.exit_code == 0, result.output
     assert "max abs diff" in result.output and "pass" in result.output and "FAIL" not in result.output
     assert out.exists()
+
+
+def test_output_named_like_an_internal_value_keeps_the_dynamo_exporter():
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(30, 8)
+
+        def forward(self, input_ids):
+            return torch.nn.functional.normalize(self.embedding(input_ids).mean(1), dim=-1)
+
+    torch.manual_seed(0)
+    source = ModelSource(name="enc", module=Encoder().eval(),
+                         example_inputs={"input_ids": torch.randint(0, 30, (2, 5))}, output_names=("embedding",))
+    result = export(source, ExportConfig(exporter="dynamo", fallback=False))
+    assert [o.name for o in result.model.graph.output] == ["embedding"]
+    assert result.report["exporter"] == "dynamo" and result.report["verification"]["passed"]
