@@ -168,6 +168,7 @@ def detect_attention_shape(model) -> tuple[int, int]:
 def _fuse_transformer(model, config: PreprocessConfig):
     import logging
 
+    from onnx import helper
     from onnxruntime.transformers.optimizer import optimize_model
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
@@ -176,7 +177,12 @@ def _fuse_transformer(model, config: PreprocessConfig):
         heads, hidden = detect_attention_shape(model)
     fused = optimize_model(model, model_type=config.model_type, num_heads=heads, hidden_size=hidden, opt_level=0)
     stats = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
-    return fused.model, {"fused": stats, "num_heads": heads, "hidden_size": hidden}
+    result = fused.model
+    domains = {n.domain for n in result.graph.node} - {"", "ai.onnx"}
+    declared = {o.domain for o in result.opset_import}
+    for domain in sorted(domains - declared):  # the fusions use com.microsoft ops without declaring it
+        result.opset_import.append(helper.make_opsetid(domain, 1))
+    return result, {"fused": stats, "num_heads": heads, "hidden_size": hidden}
 
 
 _NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",

@@ -65,6 +65,8 @@ class QuantizeConfig:
     max_accuracy_drop: float | None = None
     evaluator: str | None = None  # cosine | top1 | sqnr | model:NAME[:metric]; None: cosine or top1
     fidelity_samples: int = 32
+    smoothing: float | None = 0.75  # transformers with calibration data: SmoothQuant alpha; None: off
+    smoothing_samples: int = 64
     int4: Any = None  # an Int4Config from dlopt.optimize.int4; None: built from the options above
     fp16: Any = None  # an Fp16Config from dlopt.optimize.fp16
 
@@ -79,6 +81,8 @@ def validate_config(config: QuantizeConfig) -> None:
         raise InputError(f"unknown calibration method {config.method!r}", f"choose one of {', '.join(METHODS)}")
     if not 0 < config.percentile <= 100:
         raise InputError(f"percentile {config.percentile} is out of range", "give a value in (0, 100], e.g. 99.999")
+    if config.smoothing is not None and not 0 < config.smoothing < 1:
+        raise InputError(f"smoothing alpha {config.smoothing} is out of range", "give a value in (0, 1), e.g. 0.75")
     if config.max_accuracy_drop is not None and config.max_accuracy_drop < 0:
         raise InputError(f"--max-accuracy-drop {config.max_accuracy_drop} is negative", "give a drop >= 0")
     if config.block_size < 16 or config.block_size & (config.block_size - 1):
@@ -117,10 +121,12 @@ class Recipe:
     reduce_range: bool
     method: Method
     fuse_transformer: bool
+    smoothing: float | None = None
     reasons: tuple[str, ...] = ()
 
 
-def choose_recipe(model, config: QuantizeConfig, cpu: CpuFeatures | None = None) -> Recipe:
+def choose_recipe(model, config: QuantizeConfig, cpu: CpuFeatures | None = None, *, has_data: bool = True
+                  ) -> Recipe:
     """The INT8 recipe for this model, target and CPU, with a reason for every choice."""
     cpu = cpu or cpu_features()
     reasons = []
@@ -169,8 +175,96 @@ def choose_recipe(model, config: QuantizeConfig, cpu: CpuFeatures | None = None)
     fuse = transformer and config.preprocess
     if fuse:
         reasons.append("ORT transformer fusions first: fused Attention/EmbedLayerNorm quantize as whole ops")
+    smoothing = None
+    if transformer and config.smoothing is not None:
+        if has_data:
+            smoothing = config.smoothing
+            reasons.append(f"SmoothQuant (alpha {smoothing}) from the calibration data: transformer hidden states "
+                           "have outlier channels that waste a per-tensor activation scale; they are divided out "
+                           "and folded into the weights (exact in float)")
+        else:
+            reasons.append("no SmoothQuant: it needs calibration data (--calibration) to measure activation ranges")
     return Recipe(mode=mode, quant_format=fmt, activation_type=act, weight_type=wt, per_channel=per_channel,
-                  reduce_range=reduce, method=method, fuse_transformer=fuse, reasons=tuple(reasons))
+                  reduce_range=reduce, method=method, fuse_transformer=fuse, smoothing=smoothing,
+                  reasons=tuple(reasons))
+
+
+# -- SmoothQuant ----------------------------------------------------------------------------------------
+SMOOTHABLE_OPS = ("MatMul", "Attention")
+
+
+def smooth_activations(model, data: Iterable[Mapping[str, np.ndarray]], *, alpha: float, samples: int = 64,
+                       exclude: Iterable[str] = ()):
+    """SmoothQuant (Xiao et al., 2023) for the MatMul/Attention nodes with constant 2-D weights.
+
+    For each activation tensor X feeding such nodes, per input channel j:
+    s_j = max|X_j|^alpha / max|W_j|^(1-alpha) (W_j: row j of every weight X feeds), then X·W =
+    (X/s)·(s·W): a Mul by 1/s is inserted on X (one per tensor, a cheap elementwise op) and the
+    weights' rows are scaled by s. Lossless in float; the outlier channels of transformer hidden
+    states no longer set the per-tensor activation scale. Returns (model, report)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from dlopt.optimize.sensitivity import _with_outputs
+
+    exclude = set(exclude)
+    inits = {t.name: t for t in model.graph.initializer}
+    groups: dict[str, list] = {}
+    for node in model.graph.node:
+        if (node.op_type in SMOOTHABLE_OPS and node.name not in exclude and len(node.input) > 1
+                and node.input[1] in inits and len(inits[node.input[1]].dims) == 2 and node.input[0] not in inits):
+            groups.setdefault(node.input[0], []).append(node)
+    if not groups:
+        return model, {"smoothed_tensors": 0}
+    tensors = sorted(groups)
+    session = make_session(_with_outputs(model, tensors), optimization="basic")
+    names = [o.name for o in session.get_outputs()]
+    wanted = {i.name for i in session.get_inputs()}
+    amax: dict[str, np.ndarray] = {}
+    for index, feeds in enumerate(data):
+        if index >= samples:
+            break
+        outs = dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in wanted})))
+        for t in tensors:
+            a = np.abs(outs[t]).reshape(-1, outs[t].shape[-1]).max(axis=0)
+            amax[t] = np.maximum(amax[t], a) if t in amax else a
+    smoothed = onnx.ModelProto()
+    smoothed.CopyFrom(model)
+    weights = {t.name: numpy_helper.to_array(t) for t in smoothed.graph.initializer}
+    muls, factors = {}, []
+    for t in tensors:
+        if t not in amax:
+            continue
+        wmax = np.max([np.abs(weights[n.input[1]]).max(axis=1) for n in groups[t]], axis=0)
+        s = np.maximum(amax[t], 1e-5) ** alpha / np.maximum(wmax, 1e-5) ** (1 - alpha)
+        s = np.clip(s / np.exp(np.mean(np.log(s))), 1e-2, 1e2).astype(np.float32)  # centred: weights keep scale
+        factors.append(float(s.max() / s.min()))
+        scaled = f"{t}/smoothed"
+        inv = f"{t}/smooth_inv_scale"
+        smoothed.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv))
+        muls[t] = helper.make_node("Mul", [t, inv], [scaled], name=f"{t}/smooth")
+        for node in {n.input[1]: n for n in groups[t]}.values():  # a weight shared by two nodes: once
+            name = f"{node.input[1]}/smoothed"
+            smoothed.graph.initializer.append(
+                numpy_helper.from_array((weights[node.input[1]] * s[:, None]).astype(np.float32), name))
+    targets = {n.name for t in muls for n in groups[t]}
+    nodes, placed = [], set()
+    for node in smoothed.graph.node:
+        if node.name in targets and node.input[0] in muls:
+            t = node.input[0]
+            if t not in placed:
+                nodes.append(muls[t])
+                placed.add(t)
+            node.input[0] = muls[t].output[0]
+            node.input[1] = f"{node.input[1]}/smoothed"
+        nodes.append(node)
+    del smoothed.graph.node[:]
+    smoothed.graph.node.extend(nodes)
+    used = {i for n in smoothed.graph.node for i in n.input}
+    for t in [t for t in smoothed.graph.initializer if t.name not in used]:
+        smoothed.graph.initializer.remove(t)
+    return smoothed, {"alpha": alpha, "smoothed_tensors": len(muls), "smoothed_nodes": len(targets),
+                      "max_channel_factor_ratio": max(factors) if factors else 1.0}
 
 
 # -- calibration (streamed) ---------------------------------------------------------------------------
@@ -397,7 +491,7 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
         return StageResult(result.model, report)
 
     _check_exclusions(model, config)
-    recipe = choose_recipe(model, config)
+    recipe = choose_recipe(model, config, has_data=data is not None)
     for reason in recipe.reasons:
         log(f"recipe: {reason}")
     prepared, pre_report = model, None
@@ -408,6 +502,11 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
                          data)
         prepared, pre_report = pre.model, pre.report
         _check_exclusions(prepared, config)  # a fusion may have absorbed an excluded node
+    smooth_report = None
+    if recipe.smoothing is not None and data is not None:
+        log(f"SmoothQuant: measuring activation ranges on {config.smoothing_samples} samples")
+        prepared, smooth_report = smooth_activations(prepared, data, alpha=recipe.smoothing,
+                                                     samples=config.smoothing_samples, exclude=config.exclude_nodes)
     quantized, details = quantize_int8(prepared, config, recipe, data, progress=progress)
     ranges = details.pop("ranges")
     budget = None
@@ -419,7 +518,7 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
         details["nodes_excluded"] = budget["chosen"]["excluded"]
     report = {"precision": "int8", "config": config_to_dict(config),
               "recipe": dataclasses.asdict(recipe) | {"reasons": list(recipe.reasons)},
-              "preprocess": pre_report, **details}
+              "preprocess": pre_report, "smoothing": smooth_report, **details}
     if budget is not None:
         report["budget"] = budget
     report.update(_summary(model, quantized, data, config))
