@@ -294,3 +294,14 @@ def test_ort_format_models_are_benchmarked_beside_onnx(chains, tmp_path):
     result = benchmark([chains[0], ort_file], BenchConfig(rounds=60, n_boot=300))
     assert result.models[1].size_bytes == ort_file.stat().st_size
     assert 0.7 < result.batches[0].models[1].ratios["cpu"].estimate < 1.4  # same graph, other container
+
+
+def test_result_text_states_the_comparison_and_machine_fingerprint(chains):
+    result = benchmark([chains[0], chains[1]], BenchConfig(rounds=40, n_boot=300))
+    text = format_result(result)
+    assert "batch 1: long.onnx takes" in text and "x slower" in text and "95% CI" in text
+    fingerprint = result.machine
+    assert fingerprint["threads"] == 1 and len(fingerprint["cpu_flags_sha256"]) == 16
+    import onnxruntime
+
+    assert fingerprint["onnxruntime"] == onnxruntime.__version__ and fingerprint["logical_cores"] >= 1

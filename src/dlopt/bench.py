@@ -751,6 +751,13 @@ def format_result(result: BenchResult) -> str:
     if t["fell_back"]:
         lines.append(f"WARNING: {t['name']} is not available here; these are CPU numbers (--allow-fallback)")
     for b in result.batches:
+        for m, r in zip(result.models[1:], b.models[1:]):
+            ratio = r.ratios[clock]
+            speed = (f"{1 / ratio.estimate:.2f}x faster" if ratio.estimate < 1 else f"{ratio.estimate:.2f}x slower")
+            verdict = "" if ratio.low > 1 or ratio.high < 1 else " (the CI includes 1: no difference shown)"
+            lines.append(f"batch {b.batch}: {m.label} takes {ratio.estimate:.3f}x the time of {result.models[0].label} "
+                         f"(95% CI {ratio.low:.3f}-{ratio.high:.3f}, {speed}){verdict}")
+    for b in result.batches:
         shapes = ", ".join(f"{k}{list(v)}" for k, v in b.input_shapes.items())
         lines.append(f"batch {b.batch}: {b.rounds} interleaved rounds in {b.seconds:.1f} s; warm-up "
                      f"{b.warmup.rounds} rounds, {'settled' if b.warmup.settled else 'NOT settled (capped)'}; "
