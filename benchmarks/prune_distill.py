@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 
 def log(message: str) -> None:
@@ -177,23 +176,10 @@ def run_fashion(work: Path, args) -> dict:
 # minilm
 # ---------------------------------------------------------------------------------------------------
 
-def sentence_data(max_len: int = 128):
-    """Unlabeled sentences from gensim's corpora (news + a novel; never the evaluation texts)."""
-    import torch
-
-    from dlopt.models import _data, minilm
-    from dlopt.optimize.distill import DistillData
-
-    sentences = _data.corpus_sentences()
-    feeds = minilm.tokenize(sentences, seq_len=max_len)
-    return DistillData({k: torch.from_numpy(v) for k, v in feeds.items()})
-
-
 def run_minilm(work: Path, args) -> dict:
-    import torch
 
     from dlopt.models import get_reference_model
-    from dlopt.optimize.distill import DistillConfig, distill, split_validation
+    from dlopt.optimize.distill import DistillConfig, distill, reference_training_data, split_validation
     from dlopt.optimize.export import load_source
     from dlopt.optimize.prune import PruneConfig, prune
     from dlopt.optimize.quantize import QuantizeConfig, quantize_file
@@ -217,11 +203,10 @@ def run_minilm(work: Path, args) -> dict:
     pruned = prune(teacher, source.example_inputs, PruneConfig(ratio=0.5)).model
     stages.append(("pruned 50 % heads + FFN", export_to(source, pruned, work / "minilm_pruned.onnx"), params(pruned)))
 
-    train, val = split_validation(sentence_data(), 0.1, seed=0)
+    train, val = split_validation(reference_training_data("minilm"), 0.1, seed=0)
     config = DistillConfig(loss="cosine", epochs=args.minilm_epochs, lr=args.minilm_lr, batch_size=32, patience=2,
                            freeze=("bert.embeddings",))
     log(f"distilling: {len(train)} sentences, {config.epochs} epochs max, embeddings frozen")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     result = distill(teacher, pruned, train, config, val=val, show_progress=not args.no_progress)
     distilled = result.model
     log(f"distilled in {result.report['seconds']:.0f} s: " + ", ".join(

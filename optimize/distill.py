@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dlopt.errors import InputError, MissingDependencyError, TargetUnavailableError
+from dlopt.optimize.prune import first_tensor
 from dlopt.stage import StageResult, config_to_dict
 
 Loss = Literal["kl", "cosine", "mse"]
@@ -98,21 +99,6 @@ def embedding_loss(student, teacher, kind: Loss):
     if kind == "cosine":
         return (1.0 - torch.nn.functional.cosine_similarity(student, teacher, dim=-1)).mean()
     return torch.nn.functional.mse_loss(student, teacher)
-
-
-def first_tensor(out: Any):
-    """The first tensor a model outputs (tensor, tuple, dict or HF ModelOutput)."""
-    torch = _require_torch()
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
-        return out.logits
-    if isinstance(out, Mapping):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)) and out:
-        return first_tensor(out[0])
-    raise InputError(f"the model returned {type(out).__name__}, not a tensor",
-                     "its forward() must return a tensor, a tuple of tensors or a ModelOutput")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,22 +562,40 @@ def load_npz_data(path: Path, example_inputs: Mapping[str, Any], max_samples: in
     return result
 
 
-def reference_training_data(name: str, max_samples: int | None = None) -> DistillData:
-    """A reference model's own training data, from its module's `distillation_data(max_samples)`."""
-    import importlib
+def _fashion_training_data() -> DistillData:
+    from dlopt.models import fashion_cnn
 
+    images, labels = fashion_cnn.training_set()
+    return DistillData({"image": images}, labels)
+
+
+def _minilm_sentences(max_len: int = 128) -> DistillData:
+    """Unlabeled running text from gensim's corpora (news, a novel), never the evaluation texts."""
+    torch = _require_torch()
+    from dlopt.models import _data, minilm
+
+    feeds = minilm.tokenize(_data.corpus_sentences(), seq_len=max_len)
+    return DistillData({k: torch.from_numpy(v) for k, v in feeds.items()})
+
+
+_REFERENCE_DATA: dict[str, Callable[[], DistillData]] = {
+    "fashion-cnn": _fashion_training_data,
+    "minilm": _minilm_sentences,
+}
+
+
+def reference_training_data(name: str, max_samples: int | None = None) -> DistillData:
+    """A reference model's training data: Fashion-MNIST's 60,000 labeled training images for
+    fashion-cnn; 2,638 unlabeled sentences of gensim's corpora for minilm."""
     from dlopt.models import get_reference_model
 
-    ref = get_reference_model(name)
-    module = importlib.import_module(f"dlopt.models.{ref.module}")
-    provider = getattr(module, "distillation_data", None)
-    if provider is None:
+    get_reference_model(name)  # unknown names fail with the list of known ones
+    if name not in _REFERENCE_DATA:
         raise InputError(f"--data reference: the reference model {name!r} has no training data to distill on",
-                         "give an .npz file with one array per model input")
-    inputs, labels = provider(max_samples)
-    data = DistillData(dict(inputs), labels)
+                         f"give an .npz file (reference data exists for {', '.join(_REFERENCE_DATA)})")
+    data = _REFERENCE_DATA[name]()
     check_data(data, f"{name}'s training data")
-    return data
+    return data.subset(slice(0, max_samples)) if max_samples is not None else data
 
 
 def split_validation(data: DistillData, fraction: float, seed: int) -> tuple[DistillData, DistillData | None]:
@@ -625,9 +629,9 @@ def distill_to_directory(teacher_spec: str, student_path: Path, data_spec: str, 
     embedding_teacher = teacher_spec == "minilm"
     config = DistillConfig(epochs=epochs, temperature=temperature, alpha=alpha,
                            loss=loss or ("cosine" if embedding_teacher else "kl"),
-                           lr=lr or (1e-4 if embedding_teacher else 1e-3), batch_size=batch_size,
+                           lr=lr or (3e-4 if embedding_teacher else 1e-3), batch_size=batch_size,
                            hidden_layers=hidden_layers, hidden_weight=hidden_weight, patience=patience, seed=seed,
-                           device=device)
+                           device=device, freeze=("bert.embeddings",) if embedding_teacher else ())
     check_config(config)
     checkpoint = read_checkpoint(student_path)  # fail on a bad checkpoint before loading models
     if data_spec != "reference" and not Path(data_spec).is_file():
@@ -679,4 +683,4 @@ def distill_to_directory(teacher_spec: str, student_path: Path, data_spec: str, 
 
 __all__ = ["LOSSES", "DistillConfig", "DistillData", "DistilledArtifacts", "distill_to_directory", "load_npz_data",
            "reference_training_data", "split_validation", "check_compatible", "data_fingerprint", "distill",
-           "embedding_loss", "first_tensor", "kd_loss"]
+           "embedding_loss", "kd_loss"]

@@ -76,7 +76,7 @@ def check_config(config: PruneConfig) -> None:
 # Finding the layers: output layer, attention modules, FFN
 # ---------------------------------------------------------------------------------------------
 
-def _first_tensor(out: Any):
+def first_tensor(out: Any):
     """The tensor a model outputs first: tensors, tuples/lists, dicts and HF ModelOutputs."""
     import torch
 
@@ -87,13 +87,9 @@ def _first_tensor(out: Any):
     if isinstance(out, Mapping):
         out = list(out.values())
     if isinstance(out, (tuple, list)) and out:
-        return _first_tensor(out[0])
+        return first_tensor(out[0])
     raise InputError(f"the model returned {type(out).__name__}, not a tensor",
                      "its forward() must return a tensor, a tuple of tensors or a ModelOutput")
-
-
-def run_module(module, inputs: Mapping[str, Any]):
-    return module(**inputs)
 
 
 def output_layer_name(module, example_inputs: Mapping[str, Any]) -> str | None:
@@ -108,7 +104,7 @@ def output_layer_name(module, example_inputs: Mapping[str, Any]) -> str | None:
              if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))]
     try:
         with torch.no_grad():
-            run_module(module, example_inputs)
+            module(**example_inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -237,7 +233,7 @@ def prune(module, example_inputs: Mapping[str, Any], config: PruneConfig = Prune
     ignored = _resolve_ignored(model, config.ignore)
     output_layer = output_layer_name(model, inputs)
     with torch.no_grad():
-        out_before = _first_tensor(run_module(model, inputs))
+        out_before = first_tensor(model(**inputs))
     macs_before, params_before = count_macs_params(model, inputs)
     shapes_before = _layer_shapes(model)
 
@@ -247,7 +243,7 @@ def prune(module, example_inputs: Mapping[str, Any], config: PruneConfig = Prune
         report = _prune_structured(model, inputs, config, output_layer, ignored, gradient_batches)
 
     with torch.no_grad():
-        out_after = _first_tensor(run_module(model, inputs))
+        out_after = first_tensor(model(**inputs))
     if out_after.shape != out_before.shape:  # the output layer is ignored: this would be a bug here
         raise StageError(f"pruning changed the output shape {list(out_before.shape)} -> {list(out_after.shape)}",
                          "add the output layer to --ignore and report this")
@@ -320,7 +316,7 @@ def _prune_structured(model, inputs, config: PruneConfig, output_layer: str | No
         head_pruning_ratio=config.ratio if want_heads else 0.0,
         # fresh dicts: Torch-Pruning 1.6 mutates these default arguments, leaking state between pruners
         in_channel_groups={}, out_channel_groups={},
-        output_transform=lambda out: _first_tensor(out).float().sum(),
+        output_transform=lambda out: first_tensor(out).float().sum(),
     )
     if config.importance == "taylor":
         _accumulate_gradients(model, inputs, gradient_batches)
@@ -356,7 +352,7 @@ def _accumulate_gradients(model, inputs, gradient_batches: GradientBatches | Non
     model.zero_grad(set_to_none=True)
     n = 0
     for batch_inputs, labels in gradient_batches:
-        out = _first_tensor(run_module(model, batch_inputs))
+        out = first_tensor(model(**batch_inputs))
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(out, labels)
         else:
@@ -616,5 +612,5 @@ def prune_to_directory(spec: str, out_dir: Path, config: PruneConfig, *, bench_s
 
 
 __all__ = ["CHECKPOINT_FORMAT", "IMPORTANCES", "STRUCTURES", "AttentionModule", "PruneConfig", "PrunedCheckpoint",
-           "PrunedArtifacts", "check_config", "count_macs_params", "measure_speedup", "prune_to_directory", "find_attention", "find_ffn", "output_layer_name", "prune",
+           "PrunedArtifacts", "check_config", "count_macs_params", "first_tensor", "measure_speedup", "prune_to_directory", "find_attention", "find_ffn", "output_layer_name", "prune",
            "read_checkpoint", "rebuild", "save_checkpoint"]

@@ -24,7 +24,7 @@ from dlopt.cli._common import echo_err
 @click.option("--loss", type=click.Choice(["kl", "cosine", "mse"]), default=None,
               help="kl for classifiers, cosine or mse for embedding models. [default: cosine for minilm, else kl]")
 @click.option("--lr", type=float, default=None, help="AdamW learning rate, cosine-decayed. [default: 1e-3; "
-              "5e-5 for minilm]")
+              "3e-4 for minilm, whose word embeddings are frozen]")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--max-samples", type=int, default=None, help="Use at most this many training samples.")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
