@@ -570,16 +570,17 @@ def prune_to_directory(spec: str, out_dir: Path, config: PruneConfig, *, bench_s
                          ExportConfig()).model
     onnx_path = save_onnx_atomic(pruned_onnx, out_dir / "pruned.onnx")
     checkpoint = save_checkpoint(out_dir / "pruned.pt", result.model, spec, report)
-    dense_path = out_dir / "dense.onnx"
-    log("exporting the unpruned model for comparison")
-    save_onnx_atomic(export(source, ExportConfig()).model, dense_path)
-
     r = report
     rows = [["parameters", r["parameters_before"], r["parameters_after"],
              f"{r['parameters_after'] / r['parameters_before']:.3f}x"],
-            ["MACs (Linear/Conv)", r["macs_before"], r["macs_after"], f"{r['macs_after'] / r['macs_before']:.3f}x"],
-            ["ONNX MB", dense_path.stat().st_size / 1e6, onnx_path.stat().st_size / 1e6,
-             f"{onnx_path.stat().st_size / dense_path.stat().st_size:.3f}x"]]
+            ["MACs (Linear/Conv)", r["macs_before"], r["macs_after"], f"{r['macs_after'] / r['macs_before']:.3f}x"]]
+    dense_path = None
+    if bench_seconds is not None or config.structure == "unstructured":  # else no comparison needs it
+        dense_path = out_dir / "dense.onnx"
+        log("exporting the unpruned model for comparison")
+        save_onnx_atomic(export(source, ExportConfig()).model, dense_path)
+        rows.append(["ONNX MB", dense_path.stat().st_size / 1e6, onnx_path.stat().st_size / 1e6,
+                     f"{onnx_path.stat().st_size / dense_path.stat().st_size:.3f}x"])
     notes: list[str] = []
     if config.structure == "unstructured":
         dense_gz = len(gzip.compress(dense_path.read_bytes(), compresslevel=6, mtime=0))
@@ -605,7 +606,8 @@ def prune_to_directory(spec: str, out_dir: Path, config: PruneConfig, *, bench_s
                          f"{speed['speedup']:.2f}x faster [{speed['speedup_low']:.2f}, {speed['speedup_high']:.2f}]"])
         notes.append("accuracy is not restored yet: fine-tune with "
                      f"`dlopt distill --teacher {spec} --student {checkpoint}`")
-    report |= {"source": spec, "checkpoint": str(checkpoint), "onnx": str(onnx_path), "dense_onnx": str(dense_path)}
+    report |= {"source": spec, "checkpoint": str(checkpoint), "onnx": str(onnx_path),
+               "dense_onnx": str(dense_path) if dense_path else None}
     report_path = write_json_atomic(out_dir / "prune.json", report)
     table = format_table(["", "before", "after", "change"], rows)
     return PrunedArtifacts(checkpoint, onnx_path, report_path, report, table, tuple(notes))

@@ -308,3 +308,20 @@ def test_cli_bad_input_exits_2(tmp_path, factory, args, message):
     assert result.exit_code == 2, result.output
     assert re.search(message, result.output)
     assert "Traceback" not in result.output
+
+
+@pytest.mark.heavy
+def test_minilm_heads_and_ffn_halved_embedding_width_kept():
+    from dlopt.models import get_reference_model
+
+    module, inputs = get_reference_model("minilm").build()
+    result = prune(module, inputs, PruneConfig(ratio=0.5))
+    layers = result.model.bert.encoder.layer
+    assert len(layers) == 6
+    for layer in layers:
+        assert layer.attention.self.num_attention_heads == 6 and layer.attention.self.query.out_features == 192
+        assert layer.intermediate.dense.out_features == 768 and layer.output.dense.out_features == 384
+    out = result.model(**inputs)
+    assert out.shape == (2, 384)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(2))  # still an L2-normalized embedding
+    assert 0.45 < result.report["macs_after"] / result.report["macs_before"] < 0.55
