@@ -69,6 +69,14 @@ def test_sqnr_and_mse_known_cases():
         mse(np.zeros(3), np.zeros(4))
 
 
+@pytest.mark.parametrize("metric, direction", [("pang_lee_accuracy", True), ("perplexity", False), ("mse", False),
+                                               ("lee50_pearson", True), ("top1_agreement", True), ("latency", None)])
+def test_metric_direction_from_its_name(metric, direction):
+    from dlopt.evaluate import higher_is_better
+
+    assert higher_is_better(metric) is direction
+
+
 def test_on_data_with_labels_and_a_reference(files):
     config = EvalConfig(metrics=("top1", "sqnr", "cosine", "mse"), batch_size=16)
     result = evaluate_data(files["noisy"], files["data"], config, reference=files["ref"])
@@ -122,6 +130,15 @@ def test_reference_model_evaluator_runs_model_and_reference(files, monkeypatch):
     row = result.rows[0]
     assert (row.metric, row.value, row.reference) == ("mean_output", -3.5, 3.5)
     assert row.delta == -7.0
+
+
+def test_table_says_which_way_a_delta_goes(files):
+    from dlopt.evaluate import EvalResult, MetricRow, format_eval
+
+    result = EvalResult(model="int8.onnx", reference="fp32.onnx", source="x", samples=None, runs_on="cpu",
+                        rows=(MetricRow("pang_lee_accuracy", 0.725, 0.735), MetricRow("perplexity", 30.0, 33.0)))
+    lines = format_eval(result).splitlines()
+    assert "-0.01 worse" in lines[2] and "-3 better" in lines[3]
 
 
 def test_reference_model_evaluator_with_a_model_that_does_not_fit(files, monkeypatch):

@@ -88,7 +88,19 @@ def mse(output: np.ndarray, reference: np.ndarray) -> float:
 
 
 _COMPARE = {"cosine": cosine, "sqnr": sqnr_db, "mse": mse}
-_HIGHER_IS_BETTER = {"top1": True, "top1_agreement": True, "cosine": True, "sqnr": True, "mse": False}
+_LOWER_IS_BETTER = ("mse", "perplexity", "loss", "error", "rmse", "mae")
+_HIGHER_IS_BETTER = ("top1", "accuracy", "agreement", "cosine", "sqnr", "pearson", "spearman", "f1", "auc")
+
+
+def higher_is_better(metric: str) -> bool | None:
+    """From the metric's name (reference evaluators name theirs, e.g. pang_lee_accuracy, perplexity);
+    None when the name does not say."""
+    name = metric.lower()
+    if any(word in name for word in _LOWER_IS_BETTER):
+        return False
+    if any(word in name for word in _HIGHER_IS_BETTER):
+        return True
+    return None
 
 
 # --------------------------------------------------------------------------- running and results
@@ -299,8 +311,9 @@ def format_eval(result: EvalResult) -> str:
     rows = []
     for r in result.rows:
         better = ""
-        if r.delta is not None and r.delta != 0 and r.metric in _HIGHER_IS_BETTER:
-            better = "better" if (r.delta > 0) == _HIGHER_IS_BETTER[r.metric] else "worse"
+        direction = higher_is_better(r.metric)
+        if r.delta is not None and r.delta != 0 and direction is not None and np.isfinite(r.delta):
+            better = "better" if (r.delta > 0) == direction else "worse"
         rows.append([r.metric, r.value, "" if r.reference is None else r.reference,
                      "" if r.delta is None else f"{r.delta:+.4g} {better}".strip(), r.note])
     table = format_table(["metric", model_label, ref_label, "delta", "note"], rows)
@@ -309,4 +322,4 @@ def format_eval(result: EvalResult) -> str:
 
 
 __all__ = ["EvalConfig", "EvalResult", "METRICS", "MetricRow", "cosine", "evaluate_data", "evaluate_reference_model",
-           "format_eval", "mse", "run_batched", "sqnr_db", "top1", "validate_metrics"]
+           "format_eval", "higher_is_better", "mse", "run_batched", "sqnr_db", "top1", "validate_metrics"]
