@@ -1,0 +1,520 @@
+"""FP16 conversion that never writes a model which outputs NaN or Inf on the given data.
+
+Built on onnxconverter-common's `convert_float_to_float16` (for `target="cuda"` on BERT-like graphs,
+ONNX Runtime's transformer fusions first and ORT's own float16 converter, the recipe ORT ships for
+fused transformers). What dlopt adds, and why:
+- Automatic FP32 fallback (`auto_fallback`): the float model is run on the data with every
+  intermediate tensor exposed; each node whose output leaves the FP16 range (|x| > 65504) is kept in
+  FP32, and so is each node that reads such a tensor (a Cast to FP16 in between would turn it into Inf).
+  The FP16 model is then run the same way; every node where a NaN/Inf first appears (inputs clean,
+  output not, where the FP32 model was finite) is added to the FP32 list, and the conversion is redone,
+  until the outputs are clean. If they cannot be made clean, StageError: nothing is written.
+- Known converter pitfalls are repaired: a Cast to FLOAT inside the converted region keeps `to=FLOAT`
+  while its output is declared FLOAT16 (ORT refuses the model: seen on transformers' MiniLM export), and
+  constants beyond ±10,000 are clamped by the converter's default (`max_finite_val=1e4`), which changes
+  numbers that FP16 can hold; dlopt clamps at the real FP16 limit, 65504.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from dlopt.errors import InputError, StageError
+from dlopt.stage import StageResult, config_to_dict
+
+FP16_MAX = 65504.0
+FP16_TINY = 2.0**-24  # smallest subnormal; below half of it a value becomes 0
+TARGETS = ("cpu", "cuda", "arm64", "mobile")
+Target = Literal["cpu", "cuda", "arm64", "mobile"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fp16Config:
+    keep_io_types: bool = True  # graph inputs and outputs stay FP32 (Casts inside)
+    exclude_ops: tuple[str, ...] = ()  # op types kept FP32, added to onnxconverter-common's block list
+    exclude_nodes: tuple[str, ...] = ()  # node names kept FP32
+    auto_fallback: bool = True  # keep nodes that overflow or turn NaN/Inf in FP16 in FP32
+    target: Target = "cpu"
+    transformer_fusion: Literal["auto", "on", "off"] = "auto"  # auto: on for target cuda and BERT-like graphs
+    check_samples: int = 8  # samples run to find overflowing nodes (synthetic inputs without data)
+    max_rounds: int = 8  # convert -> run -> block rounds before giving up
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise InputError(f"fp16: unknown target {self.target!r}", f"choose one of {', '.join(TARGETS)}")
+        if self.transformer_fusion not in ("auto", "on", "off"):
+            raise InputError(f"fp16: transformer_fusion {self.transformer_fusion!r}", "use auto, on or off")
+        if self.check_samples < 1 or self.max_rounds < 1:
+            raise InputError("fp16: check_samples and max_rounds must be >= 1", "e.g. check_samples=8")
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+def _copy(model):
+    import onnx
+
+    copied = onnx.ModelProto()
+    copied.CopyFrom(model)
+    return copied
+
+
+def _name_nodes(model) -> None:
+    seen = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in seen:
+                name += "_"
+            node.name = name
+            seen.add(name)
+
+
+def _session(model):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    # intermediate values must be the converted graph's own: no fusions that change precision
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    try:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise StageError(f"ONNX Runtime cannot load the FP16 model: {str(e).splitlines()[0][:300]}",
+                         "exclude the op type named above with exclude_ops, or report this model") from e
+
+
+def _with_all_outputs(model):
+    """A copy of the model whose every node output is also a graph output."""
+    import onnx
+
+    extended = _copy(model)
+    existing = {o.name for o in extended.graph.output}
+    for node in extended.graph.node:
+        for name in node.output:
+            if name and name not in existing:
+                extended.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+                existing.add(name)
+    return extended
+
+
+def _feeds_for(session, sample: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = {i.name for i in session.get_inputs()}
+    missing = names - set(sample)
+    if missing:
+        raise InputError(f"fp16: calibration data lacks inputs {sorted(missing)}",
+                         f"give arrays named {', '.join(sorted(names))}")
+    return {k: v for k, v in sample.items() if k in names}
+
+
+# Below this size an FP16 model is also run by onnx's reference evaluator (numpy, every op in FP16).
+# ONNX Runtime's CPU provider computes most FP16 nodes with float kernels between Casts and drops
+# FP16->FP32 Cast pairs, so an overflow inside the graph does not show there; on a GPU it would.
+EXACT_FP16_LIMIT_BYTES = 4 << 20
+
+
+class _ReferenceRunner:
+    def __init__(self, model):
+        from onnx.reference import ReferenceEvaluator
+
+        self._evaluator = ReferenceEvaluator(model)
+        self._inputs = [i.name for i in model.graph.input]
+        self._outputs = [o.name for o in model.graph.output]
+
+    def get_inputs(self):
+        return [type("Input", (), {"name": n})() for n in self._inputs]
+
+    def get_outputs(self):
+        return [type("Output", (), {"name": n})() for n in self._outputs]
+
+    def run(self, names, feeds):
+        with np.errstate(all="ignore"):
+            return self._evaluator.run(names, feeds)
+
+
+def _runner(model, exact_fp16: bool):
+    if exact_fp16 and model.ByteSize() < EXACT_FP16_LIMIT_BYTES and all(
+            o.domain in ("", "ai.onnx") for o in model.opset_import):
+        try:
+            return _ReferenceRunner(model), True
+        except Exception:  # an op the reference evaluator lacks: ONNX Runtime it is
+            pass
+    return _session(model), False
+
+
+def _scan(model, feeds: list[Mapping[str, np.ndarray]], exact_fp16: bool = False
+          ) -> dict[str, tuple[float, bool, float]]:
+    """(largest |x|, all finite, smallest non-zero |x|) of every float tensor the model computes."""
+    session, _ = _runner(_with_all_outputs(model), exact_fp16)
+    names = [o.name for o in session.get_outputs()]
+    stats: dict[str, tuple[float, bool, float]] = {}
+    for sample in feeds:
+        try:
+            values = session.run(None, _feeds_for(session, sample))
+        except InputError:
+            raise
+        except Exception:  # the reference evaluator failed on this graph: ONNX Runtime it is
+            if not isinstance(session, _ReferenceRunner):
+                raise
+            session = _session(_with_all_outputs(model))
+            values = session.run(None, _feeds_for(session, sample))
+        for name, value in zip(names, values):
+            if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.floating) or value.size == 0:
+                continue
+            magnitude = np.abs(value[np.isfinite(value)])
+            largest = float(magnitude.max(initial=0.0))
+            smallest = float(magnitude[magnitude > 0].min(initial=np.inf))
+            old = stats.get(name, (0.0, True, np.inf))
+            stats[name] = (max(old[0], largest), old[1] and bool(np.isfinite(value).all()), min(old[2], smallest))
+    return stats
+
+
+def _fix_converter_casts(model) -> list[str]:
+    """Casts inside the FP16 region whose `to` still says FLOAT while their output is declared FLOAT16."""
+    from onnx import TensorProto
+
+    declared = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)}
+    fixed = []
+    for node in model.graph.node:
+        if node.op_type != "Cast":
+            continue
+        to = next((a for a in node.attribute if a.name == "to"), None)
+        if to is not None and to.i == TensorProto.FLOAT and declared.get(node.output[0]) == TensorProto.FLOAT16:
+            to.i = TensorProto.FLOAT16
+            fixed.append(node.name)
+    return fixed
+
+
+def _remove_cast_round_trips(model) -> int:
+    """Drop FP32 -> FP16 -> FP32 Cast pairs the converter puts between two FP32-kept nodes.
+
+    They are not harmless: the value is rounded to FP16 on the way, so an underflow or overflow that
+    the FP32 fallback was meant to avoid happens anyway (0/0 = NaN in a kept-FP32 Div)."""
+    from onnx import TensorProto
+
+    def cast_to(node):
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    outputs = {o.name for o in model.graph.output}
+    readers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    rename: dict[str, str] = {}
+    dropped: set[int] = set()
+    for node in model.graph.node:
+        if cast_to(node) != TensorProto.FLOAT16 or node.output[0] in outputs:
+            continue
+        after = readers.get(node.output[0], [])
+        if not after or any(cast_to(r) != TensorProto.FLOAT for r in after):
+            continue
+        dropped.add(id(node))
+        for r in after:
+            dropped.add(id(r))
+            rename[r.output[0]] = node.input[0]
+    if not dropped:
+        return 0
+    kept = [n for n in model.graph.node if id(n) not in dropped]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    model.graph.ClearField("node")
+    model.graph.node.extend(kept)
+    return len(dropped)
+
+
+def _fuse_for_cuda(model) -> tuple[Any, dict[str, Any]]:
+    import logging
+
+    from onnx import helper
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from dlopt.optimize.preprocess import detect_attention_shape
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    heads, hidden = detect_attention_shape(model)
+    fused = optimize_model(_copy(model), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=0,
+                           use_gpu=True)
+    stats = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
+    result = fused.model
+    declared = {o.domain for o in result.opset_import}
+    for domain in sorted({n.domain for n in result.graph.node} - {"", "ai.onnx"} - declared):
+        result.opset_import.append(helper.make_opsetid(domain, 1))
+    return result, {"fused": stats, "num_heads": heads, "hidden_size": hidden}
+
+
+def _split_shared_initializers(model, blocked: set[str]) -> int:
+    """Give FP32-kept nodes their own copy of an initializer they share with FP16 nodes.
+
+    onnxconverter-common keeps a shared initializer FP32 when any reader is blocked, and then hands the
+    FP32 tensor to the FP16 readers too: ORT refuses the model ("bound to different types")."""
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.name)
+    inits = {t.name: t for t in model.graph.initializer}
+    copies = 0
+    for node in model.graph.node:
+        if node.name not in blocked:
+            continue
+        for i, name in enumerate(node.input):
+            if name in inits and readers[name] - blocked:
+                copy = type(inits[name])()
+                copy.CopyFrom(inits[name])
+                copy.name = f"{name}__fp32_{node.name}"
+                model.graph.initializer.append(copy)
+                node.input[i] = copy.name
+                copies += 1
+    return copies
+
+
+def _convert(model, config: Fp16Config, blocked: set[str], use_ort_converter: bool):
+    """One conversion of the (FP32) model with `blocked` nodes kept FP32; the input is not modified."""
+    from onnxconverter_common import float16
+
+    if use_ort_converter:
+        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+    else:
+        DEFAULT_OP_BLOCK_LIST = float16.DEFAULT_OP_BLOCK_LIST  # noqa: N806
+    op_block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(config.exclude_ops))
+    with warnings.catch_warnings(), contextlib.redirect_stdout(__import__("io").StringIO()):
+        warnings.simplefilter("ignore")  # one warning per constant it rounds; the fidelity report says more
+        model = _copy(model)
+        _split_shared_initializers(model, blocked)
+        if use_ort_converter:
+            from onnxruntime.transformers.onnx_model import OnnxModel
+
+            wrapped = OnnxModel(model)
+            wrapped.convert_float_to_float16(keep_io_types=config.keep_io_types, op_block_list=op_block,
+                                             node_block_list=sorted(blocked), max_finite_val=FP16_MAX)
+            converted = wrapped.model
+        else:
+            converted = float16.convert_float_to_float16(model, keep_io_types=config.keep_io_types,
+                                                         op_block_list=op_block, node_block_list=sorted(blocked),
+                                                         max_finite_val=FP16_MAX)
+    fixed = _fix_converter_casts(converted)
+    if _remove_cast_round_trips(converted):
+        fixed.append("removed FP32->FP16->FP32 cast round trips")
+    return converted, fixed
+
+
+# inputs that turn a zero into Inf/NaN: a denominator, a reciprocal, a logarithm
+_ZERO_SENSITIVE = {"Div": (1,), "Reciprocal": (0,), "Log": (0,)}
+
+
+def _overflow_in_fp32(model, stats: Mapping[str, tuple[float, bool, float]]) -> dict[str, str]:
+    """From the FP32 run: nodes whose output leaves the FP16 range and nodes that read such a tensor;
+    and nodes whose output underflows FP16 (non-zero values below 2^-24 flush to zero) where it feeds a
+    denominator, reciprocal or logarithm, with that consumer (0/0 and 1/0 would follow in FP16)."""
+    flagged: dict[str, str] = {}
+    producer = {out: node.name for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        for name in node.output:
+            if name in stats and stats[name][0] > FP16_MAX:
+                flagged.setdefault(node.name, f"output {name} reaches {stats[name][0]:.4g} in FP32")
+        for name in node.input:
+            if name in stats and stats[name][0] > FP16_MAX:
+                flagged.setdefault(node.name, f"reads {name}, which reaches {stats[name][0]:.4g} in FP32")
+        for index in _ZERO_SENSITIVE.get(node.op_type, ()):
+            name = node.input[index] if index < len(node.input) else ""
+            if name in stats and stats[name][2] < FP16_TINY:
+                flagged.setdefault(node.name, f"{node.op_type} of {name}, which underflows FP16 "
+                                              f"({stats[name][2]:.3g} in FP32)")
+                if name in producer:
+                    flagged.setdefault(producer[name], f"output {name} underflows FP16 ({stats[name][2]:.3g}) "
+                                                       f"and feeds {node.op_type} {node.name}")
+    return flagged
+
+
+def _first_non_finite(converted, source, fp16_stats, fp32_stats, blocked: Mapping[str, str]) -> dict[str, str]:
+    """Nodes of the FP16 model where NaN/Inf first appears (clean inputs, non-finite output, finite in
+    FP32), mapped back to original nodes: a Cast the converter inserted stands for the nodes it feeds;
+    a node already kept FP32 stands for the producers of its inputs (their FP16 output underflowed)."""
+    original_names = {n.name for n in source.graph.node}
+    consumers: dict[str, list[str]] = {}
+    producer: dict[str, str] = {}
+    inputs_of: dict[str, list[str]] = {}
+    for node in source.graph.node:
+        inputs_of[node.name] = list(node.input)
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.name)
+        for name in node.output:
+            producer[name] = node.name
+
+    def bad(name: str) -> bool:
+        if name not in fp16_stats or fp16_stats[name][1]:
+            return False
+        return name not in fp32_stats or fp32_stats[name][1]
+
+    sources: dict[str, str] = {}
+    for node in converted.graph.node:
+        out_bad = [n for n in node.output if bad(n)]
+        if not out_bad or any(bad(n) for n in node.input):
+            continue
+        if node.name in blocked:  # already FP32 and still NaN/Inf: a value underflowed upstream
+            frontier, seen = list(inputs_of.get(node.name, [])), set()
+            while frontier:  # the nearest FP16 ancestors
+                tensor = frontier.pop()
+                up = producer.get(tensor)
+                if up is None or up in seen:
+                    continue
+                seen.add(up)
+                if up in blocked:
+                    frontier += inputs_of.get(up, [])
+                else:
+                    sources.setdefault(up, f"upstream of {node.name}, NaN/Inf even in FP32 (FP16 underflow)")
+        elif node.name in original_names:
+            sources.setdefault(node.name, f"output {out_bad[0]} turns NaN/Inf in FP16")
+        else:  # a Cast inserted by the converter: keep the original consumers of its output in FP32
+            for tensor in node.output:
+                for consumer in consumers.get(tensor, []):
+                    sources.setdefault(consumer, f"reads {tensor}, NaN/Inf after a cast to FP16")
+    return sources
+
+
+def _fidelity(reference_session, candidate_session, feeds) -> dict[str, dict[str, float]]:
+    names = [o.name for o in reference_session.get_outputs()]
+    out: dict[str, dict[str, float]] = {}
+    acc = {n: [0.0, 0.0, True] for n in names}
+    for sample in feeds:
+        ref = reference_session.run(None, _feeds_for(reference_session, sample))
+        got = candidate_session.run(None, _feeds_for(candidate_session, sample))
+        for name, a, b in zip(names, ref, got):
+            if not np.issubdtype(np.asarray(a).dtype, np.floating):
+                continue
+            a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            acc[name][0] += float(np.square(a64).sum())
+            acc[name][1] += float(np.square(a64 - b64).sum()) if np.isfinite(b64).all() else float("inf")
+            acc[name][2] &= bool(np.isfinite(b64).all())
+    for name, (signal, noise, finite) in acc.items():
+        if signal == 0 and noise == 0:
+            continue
+        sqnr = float("inf") if noise == 0 else (float("-inf") if not np.isfinite(noise) else
+                                                 float(10 * np.log10(max(signal, 1e-300) / noise)))
+        out[name] = {"sqnr_db": round(sqnr, 2), "finite": finite}
+    return out
+
+
+def _looks_like_transformer(model) -> bool:
+    from dlopt.optimize.preprocess import looks_like_transformer
+
+    return looks_like_transformer(model)
+
+
+# -- the stage ---------------------------------------------------------------------------------------
+def convert_fp16(model, config: Fp16Config = Fp16Config(), data: Iterable[Mapping[str, np.ndarray]] | None = None
+                 ) -> StageResult:
+    """Convert an onnx.ModelProto (never modified) to FP16, keeping in FP32 what FP16 cannot hold.
+
+    `data`: an iterable of feeds (e.g. CalibrationData); without it, synthetic inputs are used for the
+    overflow search, which finds only what those inputs trigger (the report says so)."""
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        raise InputError(f"fp16 takes an onnx.ModelProto, not {type(model).__name__}", "load it with dlopt.fileio")
+    started = time.perf_counter()
+    source = _copy(model)
+    _name_nodes(source)
+    names = {n.name for n in source.graph.node}
+    missing = sorted(set(config.exclude_nodes) - names)
+    if missing:
+        raise InputError(f"fp16: exclude_nodes {missing} are not nodes of the model",
+                         "check the names (e.g. with Netron) or drop them")
+    if not any(t.data_type == onnx.TensorProto.FLOAT for t in source.graph.initializer) and not any(
+            v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in source.graph.input):
+        raise InputError("fp16: the model has no FP32 weights or inputs to convert",
+                         "it may already be FP16; give the FP32 model")
+
+    notes: list[str] = []
+    feeds = []
+    if data is not None:
+        for sample in data:
+            feeds.append(dict(sample))
+            if len(feeds) >= config.check_samples:
+                break
+    if not feeds:
+        from dlopt.optimize.preprocess import synthetic_feeds
+
+        feeds = synthetic_feeds(source, count=min(config.check_samples, 2))
+        notes.append("no calibration data: overflow checked on synthetic inputs only")
+
+    fusion = None
+    use_ort_converter = False
+    wants_fusion = config.transformer_fusion == "on" or (
+        config.transformer_fusion == "auto" and config.target == "cuda" and _looks_like_transformer(source))
+    if wants_fusion:
+        fused, fusion = _fuse_for_cuda(source)
+        if fusion["fused"]:
+            reference, fused_outs = _session(source), _session(fused)
+            check = _fidelity(reference, fused_outs, feeds[:2])
+            if all(v["sqnr_db"] >= 60 for v in check.values()):  # fusions are exact up to float rounding
+                source, use_ort_converter = fused, True
+                fusion["fp32_check_sqnr_db"] = {k: v["sqnr_db"] for k, v in check.items()}
+                _name_nodes(source)
+            else:
+                notes.append(f"transformer fusion changed the FP32 outputs ({check}); not used")
+                fusion = None
+        else:
+            notes.append("transformer fusion found nothing to fuse")
+            fusion = None
+
+    original_names = {n.name for n in source.graph.node}
+    blocked: dict[str, str] = {n: "exclude_nodes" for n in config.exclude_nodes if n in original_names}
+    fp32_stats = _scan(source, feeds)
+    if config.auto_fallback:
+        for name, why in _overflow_in_fp32(source, fp32_stats).items():
+            blocked.setdefault(name, why)
+
+    rounds = []
+    cast_fixes: list[str] = []
+    for round_index in range(config.max_rounds):
+        converted, cast_fixes = _convert(source, config, set(blocked), use_ort_converter)
+        fp16_stats = _scan(converted, feeds, exact_fp16=True)
+        outputs_clean = all(fp16_stats.get(o.name, (0.0, True, 0.0))[1] or not fp32_stats.get(o.name, (0.0, True, 0.0))[1]
+                            for o in converted.graph.output)
+        new = {} if not config.auto_fallback else {
+            k: v for k, v in _first_non_finite(converted, source, fp16_stats, fp32_stats, blocked).items()
+            if k not in blocked}
+        rounds.append({"round": round_index + 1, "fp32_nodes": len(blocked), "outputs_finite": outputs_clean,
+                       "new_fp32_nodes": sorted(new)})
+        if outputs_clean and not new:
+            break
+        if not new:
+            break
+        blocked.update(new)
+    if not outputs_clean:
+        bad = [o.name for o in converted.graph.output if not fp16_stats.get(o.name, (0.0, True, 0.0))[1]]
+        hint = ("set auto_fallback=True" if not config.auto_fallback else
+                "keep more of the model in FP32 with exclude_ops/exclude_nodes, or use int8")
+        raise StageError(f"fp16: outputs {bad} are NaN/Inf on the data after {len(rounds)} rounds", hint)
+
+    reference, candidate = _session(model), _session(converted)
+    report: dict[str, Any] = {
+        "stage": "fp16",
+        "config": config_to_dict(config),
+        "converter": "onnxruntime.transformers float16 (after fusion)" if use_ort_converter
+        else "onnxconverter-common float16",
+        "fusion": fusion,
+        "bytes_before": model.ByteSize(),
+        "bytes_after": converted.ByteSize(),
+        "fp32_nodes": dict(sorted(blocked.items())),
+        "rounds": rounds,
+        "cast_fixes": cast_fixes,
+        "fidelity": {"samples": len(feeds), "outputs": _fidelity(reference, candidate, feeds)},
+        "notes": notes,
+    }
+    if config.target in ("cpu", "arm64") and not use_ort_converter:
+        report["notes"].append("FP16 mainly pays on GPUs; on x86 CPUs ONNX Runtime often runs it slower than FP32")
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    return StageResult(converted, report)
+
+
+__all__ = ["FP16_MAX", "Fp16Config", "convert_fp16"]
