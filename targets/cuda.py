@@ -74,11 +74,12 @@ class CudaTarget(Target):
         probe()
         shapes = probe.output_shapes()
         del probe
-        graph_handle = Target.create_session(
-            self, handle.source, threads=handle.threads, graph_opt_level=handle.graph_opt_level,
-            provider_options=handle.provider_options, device_id=handle.device_id, check_available=False,
-            free_dimensions=free_dimensions(handle.session, feeds))
+        fixed = free_dimensions(handle.session, feeds)
         try:
+            graph_handle = Target.create_session(
+                self, handle.source, threads=handle.threads, graph_opt_level=handle.graph_opt_level,
+                provider_options=handle.provider_options, device_id=handle.device_id, check_available=False,
+                free_dimensions=fixed)
             bound = BoundRun(graph_handle, feeds, output_shapes=shapes)
             bound()  # the first runs capture the graph: fail here, clearly, rather than in the timed loop
             bound()
