@@ -60,8 +60,10 @@ class ReferenceModel:
         except ModuleNotFoundError as e:
             if e.name and e.name.split(".")[0] == "dlopt":
                 raise
+            from dlopt.models._data import pip_name
+
             raise MissingDependencyError(
-                f"reference model {self.name!r} needs the package {e.name!r}",
+                f"reference model {self.name!r} needs the package {pip_name(e.name.split('.')[0])!r}",
                 f"pip install 'dlopt[{self.extra}]' (install torch==2.13.0 first for the CPU build)",
             ) from e
 

