@@ -124,8 +124,11 @@ def test_generated_inputs_follow_the_metadata():
     specs = [InputSpec("input_ids", "tensor(int64)", ("batch", "seq")),
              InputSpec("attention_mask", "tensor(int64)", ("batch", "seq")),
              InputSpec("token_type_ids", "tensor(int64)", ("batch", "seq")),
-             InputSpec("pixel", "tensor(float)", (None, 3, 4, 4))]
+             InputSpec("pixel", "tensor(float)", (None, 3, 4, 4)),
+             InputSpec("half", "tensor(float16)", ("batch", 8)), InputSpec("flag", "tensor(bool)", ("batch",))]
     feeds = make_inputs(specs, batch=2, seq_len=7, seed=1)
+    assert feeds["half"].dtype == np.float16 and feeds["half"].shape == (2, 8)  # FP16 models (CUDA)
+    assert feeds["flag"].dtype == np.bool_ and feeds["flag"].all()
     assert feeds["input_ids"].shape == (2, 7) and feeds["input_ids"].dtype == np.int64
     assert 0 <= feeds["input_ids"].min() and feeds["input_ids"].max() < 1000
     assert np.all(feeds["attention_mask"] == 1) and np.all(feeds["token_type_ids"] == 0)
