@@ -65,6 +65,7 @@ class QuantizeConfig:
     max_accuracy_drop: float | None = None
     evaluator: str | None = None  # cosine | top1 | sqnr | model:NAME[:metric]; None: cosine or top1
     fidelity_samples: int = 32
+    leave_one_out_limit: int = 80  # budget: rank up to this many nodes by re-quantizing without each
     smoothing: float | None = 0.75  # transformers with calibration data: SmoothQuant alpha; None: off
     smoothing_samples: int = 64
     int4: Any = None  # an Int4Config from dlopt.optimize.int4; None: built from the options above
@@ -346,6 +347,13 @@ def _default_op_types(recipe: Recipe) -> set[str]:
     return set(IntegerOpsRegistry if recipe.mode == "dynamic" else QDQRegistry)
 
 
+def _depthwise_weights(model, skip: set[str] = frozenset()) -> list[str]:
+    inits = {t.name for t in model.graph.initializer}
+    return sorted(n.input[1] for n in model.graph.node
+                  if n.op_type == "Conv" and n.input[1] in inits and n.name not in skip
+                  and any(a.name == "group" and a.i > 1 for a in n.attribute))
+
+
 def _check_exclusions(model, config: QuantizeConfig) -> None:
     names = {n.name for n in model.graph.node}
     unknown = [n for n in config.exclude_nodes if n not in names]
@@ -385,11 +393,21 @@ def quantize_int8(model, config: QuantizeConfig, recipe: Recipe, data: Calibrati
                                           progress=progress)
                 cache = Path(tmp) / "ranges.json"
                 save_tensors_data(ranges, cache)
+                overrides = {}
+                if recipe.reduce_range:
+                    # Depthwise convolutions run on MLAS's direct kernel, which accumulates in 32 bits:
+                    # the 16-bit pair saturation that reduce_range guards against cannot happen there,
+                    # so their weights keep all 8 bits (EfficientNet-Lite0: logit SQNR 12.5 -> 13.9 dB).
+                    overrides = {w: [{"quant_type": _ort_quant_type(recipe.weight_type), "symmetric": True,
+                                      "reduce_range": False, "axis": 0}]
+                                 for w in _depthwise_weights(model, skip=set(excluded))}
+                    details["full_range_depthwise_weights"] = len(overrides)
                 quantize_static(model, str(out), calibration_data_reader=None, calibration_cache_path=str(cache),
                                 quant_format=QuantFormat.QDQ, activation_type=_ort_quant_type(recipe.activation_type),
                                 calibrate_method=_ort_method(recipe.method),
                                 extra_options={"ActivationSymmetric": recipe.activation_type == "s8",
-                                               "WeightSymmetric": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+                                               "WeightSymmetric": True, "DefaultTensorType": onnx.TensorProto.FLOAT,
+                                               **({"TensorQuantOverrides": overrides} if overrides else {})},
                                 **common)
         quantized = onnx.load_model(str(out))
     details["ranges"] = ranges
