@@ -314,3 +314,38 @@ def test_bad_model_files(files, model_name, message):
 def test_api_rejects_bad_config(changes, message):
     with pytest.raises(InputError, match=message):
         quantize(cnn_model(), dataclasses.replace(QuantizeConfig(), **changes), cnn_data())
+
+
+# -- SmoothQuant -----------------------------------------------------------------------------------------
+def outlier_model() -> onnx.ModelProto:
+    """x[batch, seq, 32] * per-channel gains (two channels x40, like a transformer's outlier
+    dimensions) -> MatMul 32x32 -> y."""
+    rng = np.random.default_rng(0)
+    gains = np.ones(32, np.float32)
+    gains[[3, 17]] = 40.0
+    nodes = [helper.make_node("Mul", ["x", "gains"], ["h"], name="gain"),
+             helper.make_node("MatMul", ["h", "w"], ["y"], name="proj")]
+    graph = helper.make_graph(
+        nodes, "outliers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [_init("gains", gains), _init("w", rng.standard_normal((32, 32)) / 6)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_smoothquant_is_lossless_in_float_and_lifts_int8_sqnr():
+    from dlopt.optimize.quantize import Recipe, quantize_int8, smooth_activations
+
+    model = outlier_model()
+    rng = np.random.default_rng(2)
+    data = CalibrationData.from_feeds([{"x": rng.standard_normal((1, 16, 32)).astype(np.float32)} for _ in range(16)])
+    smoothed, report = smooth_activations(model, data, alpha=0.75)
+    assert report["smoothed_tensors"] == 1 and report["max_channel_factor_ratio"] > 5
+    feeds = {"x": rng.standard_normal((2, 8, 32)).astype(np.float32)}
+    np.testing.assert_allclose(make_session(smoothed).run(None, feeds)[0], make_session(model).run(None, feeds)[0],
+                               rtol=1e-4, atol=1e-4)
+    recipe = Recipe(mode="dynamic", quant_format="QOperator", activation_type="u8", weight_type="s8",
+                    per_channel=True, reduce_range=True, method="minmax", fuse_transformer=False)
+    plain, _ = quantize_int8(model, QuantizeConfig(), recipe)
+    smooth_q, _ = quantize_int8(smoothed, QuantizeConfig(), recipe)
+    assert output_sqnr(model, smooth_q, feeds) >= output_sqnr(model, plain, feeds) + 6.0
+    assert output_sqnr(model, smooth_q, feeds) >= SQNR_FLOOR_INT8_DB

@@ -1,0 +1,239 @@
+"""dlopt quantize against FP32 and ORT's own quantizers, on the reference models, in one run.
+
+    python benchmarks/quantize.py [--models minilm,efficientnet-lite0,fashion-cnn] [--budget 20]
+                                  [--workdir DIR] [--skip-rss]
+
+Latency: dlopt.bench (one intra-op thread, thread CPU time, models interleaved; ratios are medians of
+per-round quotients against FP32, so they hold on a busy machine). Quality: each reference model's
+own metrics, plus for MiniLM the embedding cosine against FP32 over the 200 evaluation sentences.
+Artifacts are cached in --workdir; delete it to rebuild them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dlopt.report import format_table
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def export(name: str, path: Path, *, eager_attention: bool = False) -> Path:
+    """FP32 ONNX through `dlopt export` (the lead's default exporter, torchscript fallback)."""
+    if path.exists():
+        return path
+    from dlopt.api import export_model
+    from dlopt.optimize.export import ExportConfig, load_source
+
+    source = load_source(name)
+    config = ExportConfig()
+    if eager_attention:
+        # ORT's attention fusion matches the eager attention graph, not the SDPA one transformers
+        # exports by default: without this, Attention/SkipLayerNorm are not fused.
+        source.module.bert.set_attn_implementation("eager")
+        config = ExportConfig(exporter="torchscript")
+    log(f"exporting {name} -> {path}")
+    export_model(source, path, config)
+    return path
+
+
+def dlopt_quantize(src: Path, out: Path, calibration: str | None, **options) -> dict:
+    from dlopt.optimize.quantize import QuantizeConfig, quantize_file
+
+    report_path = out.with_name(out.name[:-5] + ".quantize.json")
+    if out.exists() and report_path.exists():
+        return json.loads(report_path.read_text())
+    log(f"dlopt quantize {src.name} -> {out.name} {options}")
+    return quantize_file(src, out, QuantizeConfig(**options), calibration, log=log).report
+
+
+def ort_dynamic_fused(src: Path, out: Path, num_heads: int, hidden: int) -> None:
+    """The peer recipe from the issue: ORT transformer optimizer, then quantize_dynamic per-channel."""
+    if out.exists():
+        return
+    import onnx
+    from onnxruntime.quantization import quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    fused = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden).model
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(fused, f"{tmp}/fused.onnx")
+        quantize_dynamic(f"{tmp}/fused.onnx", str(out), per_channel=True,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
+def ort_static_default(src: Path, out: Path, name: str, samples: int = 64) -> None:
+    """ORT quantize_static with its defaults (QDQ, u8 activations, s8 per-tensor weights, MinMax)."""
+    if out.exists():
+        return
+    from onnxruntime.quantization import quantize_static
+
+    from dlopt.models import get_reference_model
+
+    feeds = list(get_reference_model(name).calibration_data(samples))
+
+    class Reader:
+        def get_next(self):
+            return feeds.pop(0) if feeds else None
+
+    quantize_static(str(src), str(out), Reader())
+
+
+def latency(paths: dict[str, Path], batches: tuple[int, ...], budget_s: float) -> dict[str, dict[int, tuple]]:
+    """{label: {batch: (median ms, speedup vs the first model, CI low, CI high)}}."""
+    from dlopt.bench import BenchConfig, benchmark
+
+    labels = list(paths)
+    result = benchmark([paths[k] for k in labels], BenchConfig(batch_sizes=batches, seq_len=128, threads=1,
+                                                             clock="cpu", budget_s=budget_s))
+    table: dict[str, dict[int, tuple]] = {k: {} for k in labels}
+    for batch_run in result.batches:
+        for label, run in zip(labels, batch_run.models):
+            ms = run.summaries["cpu"].median * 1e3
+            ratio = run.ratios["cpu"]
+            # ratio = time / FP32 time; speedup is its inverse (the CI bounds swap)
+            speed = (1.0, 1.0, 1.0) if ratio is None else (1 / ratio.estimate, 1 / ratio.high, 1 / ratio.low)
+            table[label][batch_run.batch] = (ms, *speed)
+    return table
+
+
+def session(path: Path):
+    from dlopt.optimize.preprocess import make_session
+    from dlopt.fileio import load_onnx
+
+    return make_session(load_onnx(path))
+
+
+# -- MiniLM -------------------------------------------------------------------------------------------
+def bench_minilm(work: Path, budget_s: float) -> None:
+    from dlopt.models import get_reference_model, onnx_runner
+    from dlopt.models import minilm
+
+    fp32 = export("minilm", work / "minilm_fp32.onnx")
+    eager = export("minilm", work / "minilm_fp32_eager.onnx", eager_attention=True)
+    variants = {"FP32 export": fp32}
+    reports = {}
+    variants["ORT quantize_dynamic per-channel, fused graph"] = work / "minilm_ort_dyn.onnx"
+    ort_dynamic_fused(eager, variants["ORT quantize_dynamic per-channel, fused graph"], 12, 384)
+    for label, src, path, opts in (
+            ("dlopt int8 auto (eager-attention export)", eager, "minilm_int8_auto.onnx", {}),
+            ("dlopt int8 auto (default export)", fp32, "minilm_int8_auto_default.onnx", {}),
+            ("dlopt int8 auto, no SmoothQuant", eager, "minilm_int8_nosq.onnx", {"smoothing": None}),
+            ("dlopt int8 static QDQ u8, percentile", eager, "minilm_int8_static.onnx",
+             {"mode": "static", "method": "percentile"})):
+        reports[label] = dlopt_quantize(src, work / path, "model:minilm", calibration_samples=100, **opts)
+        variants[label] = work / path
+    log("measuring MiniLM latency (b1, b8, seq 128, one thread)")
+    lat = latency(variants, (1, 8), budget_s)
+    texts = list(minilm.evaluation_texts())
+    ref_emb = minilm.embed(onnx_runner(session(fp32)), texts)
+    ref_model = get_reference_model("minilm")
+    rows = []
+    for label, path in variants.items():
+        runner = onnx_runner(session(path))
+        emb = minilm.embed(runner, texts)
+        cos = np.sum(emb * ref_emb, axis=1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref_emb, axis=1))
+        metrics = ref_model.evaluate(runner)
+        rows.append([label, path.stat().st_size / 1e6, f"{lat[label][1][1]:.2f}", f"{lat[label][8][1]:.2f}",
+                     f"{lat[label][1][0]:.1f} / {lat[label][8][0]:.0f}", f"{cos.mean():.4f} / {cos.min():.4f}",
+                     f"{metrics['pang_lee_accuracy']:.3f}", f"{metrics['lee50_pearson']:.3f}"])
+    print("\nMiniLM-L6, seq 128, one thread, thread-CPU-time medians (speedup CI in the JSON)")
+    print(format_table(["variant", "MB", "x b1", "x b8", "ms b1 / b8", "cos mean / min", "Pang-Lee acc",
+                        "Lee50 r"], rows))
+    (work / "minilm_results.json").write_text(json.dumps({"latency": lat, "rows": rows}, indent=1, default=str))
+
+
+# -- CNNs -------------------------------------------------------------------------------------------
+def bench_cnn(name: str, work: Path, budget_s: float) -> None:
+    from dlopt.models import get_reference_model, onnx_runner
+
+    fp32 = export(name, work / f"{name}_fp32.onnx")
+    variants = {"FP32 export": fp32}
+    ort_path = work / f"{name}_ort_static.onnx"
+    ort_static_default(fp32, ort_path, name)
+    variants["ORT quantize_static defaults"] = ort_path
+    runs = [("dlopt int8 auto (static QDQ)", f"{name}_int8_auto.onnx", {})]
+    if name == "efficientnet-lite0":
+        runs.append(("dlopt int8 auto + budget SQNR >= 20 dB", f"{name}_int8_budget.onnx",
+                     {"max_accuracy_drop": 0.01, "evaluator": "sqnr"}))
+    for label, path, opts in runs:
+        dlopt_quantize(fp32, work / path, f"model:{name}", calibration_samples=64, **opts)
+        variants[label] = work / path
+    log(f"measuring {name} latency (b1, one thread)")
+    lat = latency(variants, (1,), budget_s)
+    ref = get_reference_model(name)
+    rows = []
+    for label, path in variants.items():
+        metrics = ref.evaluate(onnx_runner(session(path)))
+        rows.append([label, path.stat().st_size / 1e6, f"{lat[label][1][1]:.2f}", f"{lat[label][1][0]:.2f}",
+                     *[f"{metrics[m]:.4g}" for m in ref.metrics]])
+    print(f"\n{name}, b1, one thread, thread-CPU-time medians")
+    print(format_table(["variant", "MB", "x b1", "ms b1", *ref.metrics], rows))
+
+
+# -- calibration memory -----------------------------------------------------------------------------
+_RSS_CHILD = """
+import resource, sys
+from dlopt.fileio import load_onnx
+from dlopt.optimize.calibration import load_calibration
+from dlopt.optimize.quantize import calibrate
+model = load_onnx(sys.argv[1])
+data = load_calibration("model:minilm", model, limit=int(sys.argv[2]))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+calibrate(model, data, method=sys.argv[3], op_types=["MatMul"])
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def bench_rss(work: Path) -> None:
+    src = export("minilm", work / "minilm_fp32.onnx")
+    rows = []
+    for method in ("minmax", "percentile"):
+        peaks = {}
+        for n in (100, 1000):
+            log(f"calibrating MiniLM on {n} samples ({method}) in a fresh process")
+            out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(src), str(n), method], check=True,
+                                 capture_output=True, text=True).stdout.split()
+            peaks[n] = int(out[-1]) / 1024
+        rows.append([method, peaks[100], peaks[1000], f"{peaks[1000] / peaks[100]:.3f}"])
+    print("\nMiniLM calibration peak RSS (MB), streamed statistics")
+    print(format_table(["method", "100 samples", "1000 samples", "ratio"], rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="minilm,efficientnet-lite0,fashion-cnn")
+    parser.add_argument("--budget", type=float, default=20.0, help="seconds of timing per model group")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "dlopt-bench-quantize"))
+    parser.add_argument("--skip-rss", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    from dlopt.optimize.quantize import cpu_features
+
+    cpu = cpu_features()
+    print(f"CPU: {cpu.machine}, flags {', '.join(cpu.flags)}, VNNI: {'yes' if cpu.vnni else 'no'}")
+    for name in args.models.split(","):
+        if name == "minilm":
+            bench_minilm(work, args.budget)
+        else:
+            bench_cnn(name, work, args.budget)
+    if not args.skip_rss:
+        bench_rss(work)
+
+
+if __name__ == "__main__":
+    main()
