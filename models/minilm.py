@@ -78,28 +78,26 @@ def tokenize(texts: Sequence[str], *, seq_len: int | None = None) -> dict[str, n
     return {name: enc[name].astype(np.int64) for name in INPUT_NAMES}
 
 
-@lru_cache(maxsize=1)
-def _sentence_lengths() -> np.ndarray:
-    enc = tokenizer()(list(_data.corpus_sentences()), truncation=True, max_length=MAX_LENGTH)
-    return np.array([len(ids) for ids in enc["input_ids"]])
-
-
 def example_inputs(batch: int = 1, seq_len: int | None = None) -> dict[str, torch.Tensor]:
-    """Real sentences padded/truncated to `seq_len` tokens (default 16). Even rows are sentences at
-    least seq_len tokens long (truncated, full mask); odd rows about half as long (padded), so every
-    batch of 2 or more exercises the attention mask."""
+    """Real text as [batch, seq_len] tokens (default seq_len 16). Even rows are running text
+    (consecutive sentences) filling all seq_len tokens; odd rows are one sentence cut to at most
+    seq_len // 2 tokens and padded, so every batch of 2 or more exercises the attention mask."""
     seq_len = seq_len or 16
     if seq_len < 2:
         raise ValueError("seq_len must be at least 2 ([CLS] and [SEP])")
-    sentences, lengths = _data.corpus_sentences(), _sentence_lengths()
-    long_ones = [i for i, n in enumerate(lengths) if n >= seq_len]
-    short_ones = [i for i, n in enumerate(lengths) if 2 < n <= max(3, seq_len // 2 + 1)] or long_ones
-    picks = []
+    sentences = _data.corpus_sentences()
+    ids = np.full((batch, seq_len), tokenizer().pad_token_id, dtype=np.int64)
+    mask = np.zeros((batch, seq_len), dtype=np.int64)
     for row in range(batch):
-        pool = long_ones if row % 2 == 0 else short_ones
-        picks.append(pool[(row // 2) % len(pool)])
-    feeds = tokenize([sentences[i] for i in picks], seq_len=seq_len)
-    return {name: torch.from_numpy(feeds[name]) for name in INPUT_NAMES}
+        start = (8 * row) % len(sentences)
+        if row % 2 == 0:
+            text, keep = " ".join(sentences[start:start + 64]), seq_len
+        else:
+            text, keep = sentences[start], max(2, seq_len // 2)
+        tokens = tokenizer()(text, truncation=True, max_length=keep)["input_ids"]
+        ids[row, :len(tokens)] = tokens
+        mask[row, :len(tokens)] = 1
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
 
 def calibration_data(n: int = 100, *, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
