@@ -349,3 +349,12 @@ def test_smoothquant_is_lossless_in_float_and_lifts_int8_sqnr():
     smooth_q, _ = quantize_int8(smoothed, QuantizeConfig(), recipe)
     assert output_sqnr(model, smooth_q, feeds) >= output_sqnr(model, plain, feeds) + 6.0
     assert output_sqnr(model, smooth_q, feeds) >= SQNR_FLOOR_INT8_DB
+
+
+def test_dispatch_to_int4_and_fp16_builds_their_configs_from_the_common_options():
+    int4 = quantize(mlp_model(), QuantizeConfig(precision="int4", block_size=16, exclude_nodes=("fc2",)), mlp_data())
+    assert int4.report["quantized_nodes"].get("MatMulNBits") == 1
+    assert float_weights_of(int4.model, "fc2")
+    fp16 = quantize(mlp_model(), QuantizeConfig(precision="fp16"), mlp_data())
+    assert any(t.data_type == TensorProto.FLOAT16 for t in fp16.model.graph.initializer)
+    assert fp16.report["fidelity"]["outputs"]["y"]["sqnr_db"] >= 40.0
