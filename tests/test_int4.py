@@ -239,3 +239,39 @@ def test_bad_config_is_an_input_error(kwargs, message):
 def test_bad_model_or_data_is_an_input_error(model, config, data, message):
     with pytest.raises(InputError, match=message):
         quantize_int4(model, config, data)
+
+
+# -- dlopt's own 4-bit writer (algorithm "mse") -------------------------------------------------------
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_mse_clip_search_lowers_weight_error_and_its_matmulnbits_is_exact(symmetric):
+    """The clip search never does worse than plain round-to-nearest (ratio 1 is a candidate) and does
+    better on Gaussian weights; the MatMulNBits it writes computes exactly x · dequantized(W)."""
+    from dlopt.optimize.int4 import quantize_blocks_mse
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((48, 96)).astype(np.float32)  # K=96 is not a multiple of 64: padding path
+    plain = dequantize_blocks(*quantize_blocks(w, 32, symmetric), 32)
+    searched = dequantize_blocks(*quantize_blocks_mse(w, 32, symmetric), 32)
+    assert np.square(searched - w).sum() < 0.99 * np.square(plain - w).sum()
+
+    model = lm_model()
+    result = quantize_int4(model, Int4Config(algorithm="mse", symmetric=symmetric, block_size=64,
+                                             sensitive_fraction=0))
+    q = result.model
+    assert ops(q).count("MatMulNBits") == 2 and ops(q).count("GatherBlockQuantized") == 1
+    w1 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w1"))
+    expected_w1 = dequantize_blocks(*quantize_blocks_mse(np.ascontiguousarray(w1.T), 64, symmetric), 64).T
+    q.graph.output.append(helper.make_empty_tensor_value_info("h0"))
+    import onnxruntime as ort
+
+    ids = np.array([[3, 9, 600]], dtype=np.int64)
+    session = ort.InferenceSession(_expose(q, "e").SerializeToString(), providers=["CPUExecutionProvider"])
+    y, e, h0 = session.run(["y", "e", "h0"], {"ids": ids})
+    np.testing.assert_allclose(h0, e @ expected_w1, rtol=1e-4, atol=1e-4)
+    feeds = lm_feeds()
+    assert SQNR_FLOOR_INT4_DB <= sqnr_db(run(model, feeds), run(q, feeds)) <= SQNR_CEILING_INT4_DB
+
+
+def _expose(model, name):
+    model.graph.output.append(helper.make_empty_tensor_value_info(name))
+    return model
