@@ -275,3 +275,28 @@ def test_mse_clip_search_lowers_weight_error_and_its_matmulnbits_is_exact(symmet
 def _expose(model, name):
     model.graph.output.append(helper.make_empty_tensor_value_info(name))
     return model
+
+
+# -- the real model (DLOPT_HEAVY=1): the acceptance numbers ----------------------------------
+@pytest.fixture(scope="module")
+def minilm_fp32():
+    from dlopt.optimize.export import ExportConfig, export, load_source
+
+    return export(load_source("minilm"), ExportConfig()).model
+
+
+@pytest.mark.heavy
+def test_minilm_int4_is_under_16_mb_with_cosine_above_0_98(minilm_fp32):
+    import onnxruntime as ort
+
+    from dlopt.models import get_reference_model, onnx_runner
+    from dlopt.optimize.calibration import load_calibration
+
+    data = load_calibration("model:minilm", minilm_fp32, limit=32)
+    result = quantize_int4(minilm_fp32, Int4Config(), data)
+    assert result.model.ByteSize() <= 16_000_000
+    assert result.report["quantized_nodes"]["GatherBlockQuantized(4-bit)"] >= 1  # the 47 MB table too
+    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    metrics = get_reference_model("minilm").evaluate(onnx_runner(session))
+    assert metrics["cosine_vs_reference"] >= 0.98
+    assert metrics["pang_lee_accuracy"] >= 0.70  # FP32: 0.735
