@@ -151,8 +151,10 @@ def _runner(model, exact_fp16: bool):
 
 def _scan(model, feeds: list[Mapping[str, np.ndarray]], exact_fp16: bool = False
           ) -> dict[str, tuple[float, bool, float]]:
-    """(largest |x|, all finite, smallest non-zero |x|) of every float tensor the model computes."""
-    session, _ = _runner(_with_all_outputs(model), exact_fp16)
+    """(largest |x|, all finite, smallest non-zero |x|) of every float tensor the model computes.
+
+    The key "__exact__" says whether the values came from the reference evaluator (exact FP16)."""
+    session, exact = _runner(_with_all_outputs(model), exact_fp16)
     names = [o.name for o in session.get_outputs()]
     stats: dict[str, tuple[float, bool, float]] = {}
     for sample in feeds:
@@ -163,7 +165,7 @@ def _scan(model, feeds: list[Mapping[str, np.ndarray]], exact_fp16: bool = False
         except Exception:  # the reference evaluator failed on this graph: ONNX Runtime it is
             if not isinstance(session, _ReferenceRunner):
                 raise
-            session = _session(_with_all_outputs(model))
+            session, exact = _session(_with_all_outputs(model)), False
             values = session.run(None, _feeds_for(session, sample))
         for name, value in zip(names, values):
             if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.floating) or value.size == 0:
@@ -173,6 +175,7 @@ def _scan(model, feeds: list[Mapping[str, np.ndarray]], exact_fp16: bool = False
             smallest = float(magnitude[magnitude > 0].min(initial=np.inf))
             old = stats.get(name, (0.0, True, np.inf))
             stats[name] = (max(old[0], largest), old[1] and bool(np.isfinite(value).all()), min(old[2], smallest))
+    stats["__exact__"] = (0.0, exact, 0.0)
     return stats
 
 
@@ -507,6 +510,8 @@ def convert_fp16(model, config: Fp16Config = Fp16Config(), data: Iterable[Mappin
         "bytes_after": converted.ByteSize(),
         "fp32_nodes": dict(sorted(blocked.items())),
         "rounds": rounds,
+        "fp16_check": "onnx reference evaluator (every op computed in FP16)" if fp16_stats["__exact__"][1] else
+        "onnxruntime CPU (computes FP16 nodes in float: the FP32 range scan is what finds overflow)",
         "cast_fixes": cast_fixes,
         "fidelity": {"samples": len(feeds), "outputs": _fidelity(reference, candidate, feeds)},
         "notes": notes,

@@ -5,7 +5,6 @@ exclusions, fidelity floor, bad input."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
@@ -93,6 +92,7 @@ def test_overflowing_node_is_kept_fp32_and_output_is_finite():
     assert all(np.isfinite(o).all() for o in out)
     assert sqnr_db(reference, out) > 40.0
     assert result.report["fidelity"]["outputs"]["y"]["finite"] is True
+    assert result.report["fp16_check"].startswith("onnx reference evaluator")
 
 
 def test_without_fallback_the_same_graph_overflows():
