@@ -1,7 +1,8 @@
 """4-bit weight-only quantization: MatMul/Gemm weights -> MatMulNBits, embedding tables -> GatherBlockQuantized.
 
 Built on ONNX Runtime's `MatMulNBitsQuantizer` (algorithm "rtn": round-to-nearest through its C++ block
-quantizer; "hqq"; "gptq" through its neural-compressor port). What dlopt adds around it, and why:
+quantizer; "hqq": half-quadratic quantization) and its MatMulNBits/GatherBlockQuantized contrib ops.
+What dlopt adds around it, and why:
 - Gemm is rewritten to MatMul (+ Add) first: ORT's quantizer only looks at MatMul, so the classifier heads and
   any 2-D Linear that the exporter emitted as Gemm would otherwise stay FP32.
 - Embedding tables are quantized by dlopt, not by ORT: ORT writes GatherBlockQuantized with INT4/UINT4
@@ -18,6 +19,10 @@ quantizer; "hqq"; "gptq" through its neural-compressor port). What dlopt adds ar
 - Algorithm "mse" (hand-written, same MatMulNBits format): round-to-nearest where each block's range is
   shrunk by the ratio that minimizes its squared error; ORT's RTN always uses the full min/max range.
   Its gain is small (2-3 % lower weight MSE on Gaussian weights) and it is slower, so it is not the default.
+- Algorithm "gptq" (hand-written after ORT's port of neural-compressor's GPTQ, which in ORT 1.32 applies
+  no error compensation at all, see gptq_blocks): the Hessians of all layers are collected in one
+  streamed pass (one model run per sample; ORT's driver runs the model once per layer input per
+  sample: 224 s on MiniLM), and the integer codes GPTQ chose are written directly.
 - First/last layers and named nodes can be kept out (`keep_first`/`keep_last`, `exclude_nodes`).
 - The result is checked: it must load in ONNX Runtime, keep the graph's inputs and outputs, and (with
   data) its fidelity against the float model is in the report, per output.
@@ -330,12 +335,14 @@ def _quantize_embedding(model, node, block_size: int, symmetric: bool, clip_sear
     model.graph.node.insert(position, replacement)
 
 
-def _matmul_nbits_mse(model, include: set[str], config: Int4Config):
-    """4-bit MatMulNBits written by dlopt from quantize_blocks_mse (algorithm 'mse').
+def _matmul_nbits_own(model, include: set[str], config: Int4Config, quantize) -> Any:
+    """4-bit MatMulNBits written by dlopt (algorithms 'mse' and 'gptq').
 
-    The layout is the contrib op's: B [N, K/block, block/2] with two weights per byte along K (low nibble
-    first), scales [N·K/block], zero points packed two per byte [N·ceil(K/block / 2)]; checked against
-    ONNX Runtime's kernel in the tests."""
+    `quantize(node, wt)` gets the weight transposed and zero-padded to whole blocks along K, [N, K'],
+    and returns (codes uint8 [N, K'], scales [N, K'/block], zero points [N, K'/block]) as
+    quantize_blocks does. The layout is the contrib op's: B [N, K'/block, block/2] with two weights per
+    byte along K (low nibble first), scales [N·K'/block], zero points packed two per byte
+    [N·ceil(K'/block / 2)]; checked against ONNX Runtime's kernel in the tests."""
     import onnx
     from onnx import numpy_helper
 
@@ -350,11 +357,11 @@ def _matmul_nbits_mse(model, include: set[str], config: Int4Config):
         k, n = w.shape
         pad = (-k) % block
         wt = np.ascontiguousarray(np.pad(w, ((0, pad), (0, 0))).T)  # [N, K'], blocks along K
-        q, scale, zp = quantize_blocks_mse(wt, block, config.symmetric)
+        q, scale, zp = quantize(node, wt)
         kb = wt.shape[1] // block
         prefix = f"{node.input[1]}__q4_{node.name}"
         new = [numpy_helper.from_array(_pack_nibbles(q.reshape(n, kb, block)), f"{prefix}_B"),
-               numpy_helper.from_array(scale.reshape(-1), f"{prefix}_scales")]
+               numpy_helper.from_array(scale.astype(np.float32).reshape(-1), f"{prefix}_scales")]
         if not config.symmetric:
             new.append(numpy_helper.from_array(_pack_nibbles(zp).reshape(-1), f"{prefix}_zero_points"))
         model.graph.initializer.extend(new)
@@ -366,6 +373,81 @@ def _matmul_nbits_mse(model, include: set[str], config: Int4Config):
     model.graph.ClearField("node")
     model.graph.node.extend(nodes)
     return model
+
+
+def gptq_blocks(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: bool, percdamp: float = 0.01,
+                lazy: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ (Frantar et al. 2022) for w [K, N] given H = 2·XᵀX/n [K, K], K a multiple of block_size.
+
+    Columns of K are quantized in order; each one's rounding error is spread over the columns not yet
+    quantized through the inverse Hessian's Cholesky factor, so the layer's output error, not the weight
+    error, is minimized. A block's scale and zero point are fixed from the (updated) weights when the
+    block starts. Written after ORT's port of neural-compressor's `gptq`, with two differences: the error
+    is spread with rows of the upper Cholesky factor (ORT 1.32 indexes its columns, Hinv[i:, i], which
+    are zero below the diagonal, so its GPTQ compensates nothing and equals plain rounding), and the
+    integer codes and grid are returned as chosen (ORT re-derives a grid from fake-quantized weights).
+    Returns (codes uint8 [N, K], scales [N, K/block], zero points uint8 [N, K/block])."""
+    k, n = w.shape
+    lazy = max(block_size, lazy - lazy % block_size)
+    weights = w.astype(np.float64).copy()
+    h = hessian.astype(np.float64).copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    weights[dead, :] = 0.0
+    h[np.diag_indices(k)] += percdamp * np.mean(np.diag(h))
+    try:
+        hinv = np.linalg.cholesky(np.linalg.inv(h)).T
+    except np.linalg.LinAlgError:  # not positive definite even after damping: plain rounding
+        q, s, z = quantize_blocks(np.ascontiguousarray(w.T), block_size, symmetric)
+        return q, s, z
+    codes = np.zeros((k, n), np.uint8)
+    nb = k // block_size
+    scales = np.zeros((nb, n))
+    zeros = np.zeros((nb, n))
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        block = weights[i1:i2].copy()
+        errors = np.zeros_like(block)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % block_size == 0:  # the group lies inside this lazy block: lazy % block_size == 0
+                group = block[i:i + block_size]
+                g = col // block_size
+                if symmetric:
+                    scales[g] = np.abs(group).max(axis=0) / 8
+                    zeros[g] = 8.0
+                else:
+                    lo = np.minimum(group.min(axis=0), 0.0)
+                    hi = np.maximum(group.max(axis=0), 0.0)
+                    scales[g] = (hi - lo) / 15
+                    zeros[g] = np.clip(np.round(-lo / np.where(scales[g] == 0, 1, scales[g])), 0, 15)
+            g = col // block_size
+            safe = np.where(scales[g] == 0, 1, scales[g])
+            q = np.clip(np.round(block[i] / safe + zeros[g]), 0, 15)
+            codes[col] = q.astype(np.uint8)
+            err = (block[i] - (q - zeros[g]) * scales[g]) / hinv1[i, i]
+            block[i:] -= np.outer(hinv1[i, i:], err)  # a row of the upper Cholesky factor
+            errors[i] = err
+        weights[i2:] -= hinv[i1:i2, i2:].T @ errors
+    return codes.T.copy(), scales.T.astype(np.float32), zeros.T.astype(np.uint8)
+
+
+def collect_hessians(model, nodes: list[Any], feeds: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """H = 2·XᵀX / rows for each distinct MatMul input X, accumulated one sample at a time (one run of
+    the model per sample for all layers; ORT's GPTQ driver runs it once per input per sample)."""
+    inputs = sorted({n.input[0] for n in nodes})
+    session = _session(_with_outputs(model, inputs))
+    names = [o.name for o in session.get_outputs()]
+    sums: dict[str, np.ndarray] = {}
+    rows: dict[str, int] = {}
+    for sample in feeds:
+        values = dict(zip(names, session.run(None, _feed(session, sample))))
+        for name in inputs:
+            x = values[name].astype(np.float64).reshape(-1, values[name].shape[-1])
+            sums[name] = sums.get(name, 0.0) + x.T @ x
+            rows[name] = rows.get(name, 0) + x.shape[0]
+    return {name: 2.0 * sums[name] / max(rows[name], 1) for name in inputs}
 
 
 # -- running the float model -------------------------------------------------------------------------
@@ -486,21 +568,6 @@ def _ort_nbits(model, *, bits: int, config: Int4Config, include: set[str], all_m
     quantizer = MatMulNBitsQuantizer(model, algo_config=algo, nodes_to_exclude=sorted(all_matmuls - include))
     quantizer.process()
     return quantizer.model.model
-
-
-def _ort_gptq(model, *, config: Int4Config, include: set[str], all_matmuls: set[str],
-              feeds: list[dict[str, np.ndarray]]):
-    """GPTQ (ORT's port of neural-compressor's). Called directly with a weight config naming every node:
-    through MatMulNBitsQuantizer its excluded nodes would still be quantized with a stale config."""
-    from onnxruntime.quantization.neural_compressor.weight_only import gptq_quantize
-
-    scheme = "sym" if config.symmetric else "asym"
-    weight_config = {name: ({"bits": 4, "group_size": config.block_size, "scheme": scheme, "algorithm": "GPTQ"}
-                            if name in include else "fp32") for name in all_matmuls}
-    quantized = gptq_quantize(model, [(f, None) for f in feeds], weight_config=weight_config, num_bits=4,
-                              group_size=config.block_size, scheme=scheme, n_samples=-1,
-                              accuracy_level=config.accuracy_level or 0)
-    return quantized.model if hasattr(quantized, "model") else quantized
 
 
 # -- the stage ---------------------------------------------------------------------------------------
@@ -631,10 +698,19 @@ def quantize_int4(model, config: Int4Config = Int4Config(), data: Iterable[Mappi
         raise InputError("int4 algorithm gptq needs calibration data", "pass --calibration, or use rtn or hqq")
     with _quiet_ort_quantizer():
         if config.algorithm == "mse":
-            model = _matmul_nbits_mse(model, four_bit, config)
+            model = _matmul_nbits_own(model, four_bit, config,
+                                      lambda node, wt: quantize_blocks_mse(wt, config.block_size, config.symmetric))
         elif config.algorithm == "gptq":
-            model = _ort_gptq(model, config=config, include=four_bit, all_matmuls=all_matmuls,
-                              feeds=feeds[:config.gptq_samples])
+            hessians = collect_hessians(model, [n for n in candidates if n.name in four_bit],
+                                        feeds[:config.gptq_samples])
+
+            def solve(node, wt):
+                h = hessians[node.input[0]]
+                pad = wt.shape[1] - h.shape[0]
+                h = np.pad(h, ((0, pad), (0, pad)))  # padded rows are dead: no contribution
+                return gptq_blocks(np.ascontiguousarray(wt.T), h, config.block_size, config.symmetric)
+
+            model = _matmul_nbits_own(model, four_bit, config, solve)
         else:
             model = _ort_nbits(model, bits=4, config=config, include=four_bit, all_matmuls=all_matmuls)
         if config.fallback_bits == 8 and fallback:
@@ -685,5 +761,5 @@ def quantize_int4(model, config: Int4Config = Int4Config(), data: Iterable[Mappi
     return StageResult(model, report)
 
 
-__all__ = ["ALGORITHMS", "Int4Config", "dequantize_blocks", "output_fidelity", "quantize_blocks", "quantize_int4",
-           "rank_sensitivity"]
+__all__ = ["ALGORITHMS", "Int4Config", "collect_hessians", "dequantize_blocks", "gptq_blocks", "output_fidelity",
+           "quantize_blocks", "quantize_blocks_mse", "quantize_int4", "rank_sensitivity"]
