@@ -147,7 +147,11 @@ def _quantize_pt2e(wrapped, args, input_names, calibration):
 
 
 def set_threads(threads: int) -> None:
-    """Size ExecuTorch's thread pool (XNNPACK's work is split over it; 1 runs on the calling thread)."""
+    """Size ExecuTorch's thread pool (XNNPACK's work is split over it; 1 runs on the calling thread).
+
+    Programs loaded before a change must not run after it: their XNNPACK delegate keeps a pointer to
+    the old pool, and running them crashes the process (seen with ExecuTorch 1.5). So the pool is
+    sized when a program is loaded (`PteProgram(..., threads=N)`), never in between."""
     require_executorch()
     with _quiet():
         from executorch.extension.pybindings import portable_lib
@@ -157,10 +161,13 @@ def set_threads(threads: int) -> None:
 
 
 class PteProgram:
-    """A loaded .pte program: `run(feeds)` -> list of numpy outputs."""
+    """A loaded .pte program: `run(feeds)` -> list of numpy outputs. With `threads`, ExecuTorch's
+    thread pool is resized first; every program loaded earlier is then invalid (see set_threads)."""
 
-    def __init__(self, source: str | os.PathLike | bytes, input_names: Sequence[str]):
+    def __init__(self, source: str | os.PathLike | bytes, input_names: Sequence[str], *, threads: int | None = None):
         require_executorch()
+        if threads is not None:
+            set_threads(threads)
         with _quiet():
             from executorch.runtime import Runtime
 

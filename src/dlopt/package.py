@@ -430,7 +430,8 @@ def _build_pte(source, staging: Path, config: PackageConfig, feeds_list, expecte
                             calibration=calibration if precision == "int8" else None)
         lower_s = time.perf_counter() - started
         (staging / file_name).write_bytes(data)
-        program = PteProgram(staging / file_name, input_names)
+        # one thread: the latency is compared with ORT's on one thread (see _measure)
+        program = PteProgram(staging / file_name, input_names, threads=1)
         got = [program.run(feeds) for feeds in feeds_list]
         output_names = list(expected[0])
         got = [dict(zip(output_names, outs)) for outs in got]
@@ -534,10 +535,7 @@ def _measure(model_file: Path, built: Mapping[str, Any], config: PackageConfig, 
         "artifact": model_file.name, "threads": threads, "clock": clock,
         "latency_ms": sampler.summary(0, clock).as_dict(1e3),
         "note": target.description, "machine": machine_fingerprint(threads, target)}
-    if pte_programs:
-        from dlopt.targets.xnnpack import set_threads
-
-        set_threads(1)
+    if pte_programs:  # loaded with a one-thread ExecuTorch pool (_build_pte)
         one = _session(model_file, built["session_config"], 1)
         runners = [lambda: one.run(None, dict(feeds))] + [(lambda p=p: p.run(feeds)) for _, p in pte_programs]
         log(f"measuring ORT vs ExecuTorch/XNNPACK, one thread, interleaved ({config.measure_s:g} s)")

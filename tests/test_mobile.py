@@ -1,0 +1,162 @@
+"""The mobile targets: `mobile` (ORT format on the CPU EP, phone-like threads) and `xnnpack`
+(ExecuTorch .pte programs; the tests that lower a model skip when ExecuTorch is not installed)."""
+
+import shutil
+import textwrap
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from dlopt.cli import main
+from dlopt.errors import InputError, MissingDependencyError
+from dlopt.package import PackageConfig, package
+from dlopt.targets import get_target
+from dlopt.targets.mobile import MobileTarget, phone_threads, to_ort_format
+from dlopt.targets.xnnpack import XnnpackTarget, executorch_status
+from dlopt.verify import verify_bundle
+
+from test_package import mlp_model
+
+HAS_EXECUTORCH = executorch_status()[0]
+
+
+@pytest.fixture(scope="module")
+def mlp_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mobile") / "mlp.onnx"
+    onnx.save_model(mlp_model(), str(path))
+    return path
+
+
+def test_targets_are_registered_and_say_what_they_run():
+    mobile, xnnpack = get_target("mobile"), get_target("xnnpack")
+    assert isinstance(mobile, MobileTarget) and isinstance(xnnpack, XnnpackTarget)
+    assert "CPU kernels" in mobile.description and "not a phone" in mobile.description
+    ok, reason = mobile.is_available()
+    assert ok and "no NNAPI/CoreML/XNNPACK EP" in reason
+    assert 1 <= phone_threads() <= 4
+
+
+def test_mobile_session_runs_the_ort_form_with_phone_threads(mlp_path, tmp_path):
+    mobile, cpu = get_target("mobile"), get_target("cpu")
+    handle = mobile.create_session(mlp_path)  # an .onnx file is converted to ORT format first
+    assert handle.threads == phone_threads() and handle.runs_on == "mobile" and not handle.fell_back
+    assert handle.active_providers == ("CPUExecutionProvider",)
+    assert isinstance(handle.source, bytes) and handle.source[4:8] == b"ORTM"
+    converted = to_ort_format(mlp_path, tmp_path, style="Fixed")
+    from_file = mobile.create_session(converted.model, threads=1)
+    reference = cpu.create_session(mlp_path)
+    x = {"x": np.random.default_rng(5).standard_normal((3, 16)).astype(np.float32)}
+    expected = reference.session.run(None, x)[0]
+    for h in (handle, from_file):
+        bound = mobile.bind(h, x)
+        bound()
+        np.testing.assert_allclose(bound.outputs()["y"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mobile_target_in_the_bench_harness(mlp_path):
+    from dlopt.bench import BenchConfig, benchmark
+
+    result = benchmark([mlp_path], BenchConfig(target="mobile", rounds=5, min_rounds=5, budget_s=1.0))
+    assert result.target["name"] == "mobile" and result.target["runs_on"] == "mobile"
+    assert result.batches[0].models[0].summaries[result.clock].median > 0
+
+
+def test_package_records_mobile_latency_with_the_machine(mlp_path, tmp_path):
+    manifest = package(mlp_path, tmp_path / "b", PackageConfig(measure_s=0.4)).manifest
+    mobile = manifest["metrics"]["mobile"]
+    assert mobile["threads"] == phone_threads() and mobile["latency_ms"]["median"] > 0
+    assert mobile["latency_ms"]["n"] >= 10
+    assert mobile["machine"]["threads"] == phone_threads() and mobile["machine"]["cpu_model"]
+    assert "CPU kernels" in mobile["note"]
+
+
+def test_without_executorch_the_xnnpack_target_says_how_to_install(monkeypatch, mlp_path, tmp_path):
+    import dlopt.targets.xnnpack as xnn
+
+    monkeypatch.setattr(xnn, "executorch_status", lambda: (False, "ExecuTorch is not installed"))
+    ok, reason = get_target("xnnpack").is_available()
+    assert not ok and "not installed" in reason
+    with pytest.raises(MissingDependencyError) as info:
+        xnn.require_executorch()
+    assert "dlopt[mobile]" in info.value.hint
+    result = CliRunner().invoke(main, ["package", str(mlp_path), "-o", str(tmp_path / "b"),
+                                       "--torch-source", "x.py:build", "--measure", "0"])
+    assert result.exit_code == 2 and "dlopt[mobile]" in result.output
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.skipif(not HAS_EXECUTORCH, reason="ExecuTorch not installed (pip install 'dlopt[mobile]')")
+def test_xnnpack_target_refuses_onnx_sessions_with_a_pointer(mlp_path):
+    with pytest.raises(InputError, match="torch-source"):
+        get_target("xnnpack").create_session(mlp_path)
+
+
+FACTORY = textwrap.dedent("""
+    import torch
+
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(
+                torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+
+        def forward(self, image):
+            return self.body(image)
+
+
+    def build():
+        torch.manual_seed(0)
+        return Net().eval(), {"image": torch.randn(1, 1, 28, 28)}
+""")
+
+
+@pytest.mark.skipif(not HAS_EXECUTORCH, reason="ExecuTorch not installed (pip install 'dlopt[mobile]')")
+def test_xnnpack_programs_fp32_and_int8_in_a_verified_bundle(tmp_path):
+    import torch
+
+    factory = tmp_path / "net.py"
+    factory.write_text(FACTORY)
+    from dlopt.optimize.export import load_source
+
+    source = load_source(f"{factory}:build")
+    onnx_path = tmp_path / "net.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(source.module, (source.example_inputs["image"],), str(onnx_path), input_names=["image"],
+                          output_names=["logits"], dynamo=False, opset_version=17)
+    config = PackageConfig(torch_source=f"{factory}:build", pte_precisions=("fp32", "int8"), measure_s=0.4,
+                           coverage=False)
+    manifest = package(onnx_path, tmp_path / "b", config).manifest
+    bundle = tmp_path / "b"
+    roles = {f["path"]: f["role"] for f in manifest["files"]}
+    assert roles["model.xnnpack-fp32.pte"] == roles["model.xnnpack-int8.pte"] == "executorch-program"
+    checks = {c["artifact"]: c for c in manifest["verification"]["checks"]}
+    assert checks["model.xnnpack-fp32.pte"]["sqnr_db"] >= 60  # a float lowering: the same function
+    assert 15 <= checks["model.xnnpack-int8.pte"]["sqnr_db"] < checks["model.xnnpack-fp32.pte"]["sqnr_db"]
+    assert checks["model.xnnpack-int8.pte"]["top1_agreement"] == 1.0
+    for label in ("xnnpack-fp32", "xnnpack-int8"):
+        assert manifest["metrics"][label]["threads"] == 1 and manifest["metrics"][label]["ratio_to_ort"]["estimate"] > 0
+
+    from dlopt.targets.xnnpack import PteProgram
+
+    program = PteProgram(bundle / "model.xnnpack-fp32.pte", ["image"])
+    x = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        np.testing.assert_allclose(program.run({"image": x.numpy()})[0], source.module(x).numpy(), rtol=1e-4, atol=1e-5)
+
+    result = verify_bundle(bundle)
+    assert result.passed and {o["artifact"] for o in result.outputs} == {
+        "model.ort", "model.xnnpack-fp32.pte", "model.xnnpack-int8.pte"}
+    tampered = tmp_path / "tampered"
+    shutil.copytree(bundle, tampered)
+    pte = tampered / "model.xnnpack-int8.pte"
+    data = bytearray(pte.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    pte.write_bytes(bytes(data))
+    cli = CliRunner().invoke(main, ["verify", str(tampered)])
+    assert cli.exit_code == 1 and "model.xnnpack-int8.pte: changed" in cli.output
