@@ -143,7 +143,8 @@ def build_extra_only(width: int, seed: int = 1):
     nodes = [helper.make_node("MatMul", ["embeddings", "extra_w"], ["extra_mm"]),
              helper.make_node("ReduceMean", ["extra_mm", "axis_last"], ["extra"], keepdims=0)]
     graph = helper.make_graph(nodes, "extra_only",
-                              [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", "seq", HIDDEN])],
+                              [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT,
+                                                             ["batch", "seq", HIDDEN])],
                               [helper.make_tensor_value_info("extra", TensorProto.FLOAT, ["batch", "seq"])],
                               initializer=[w, axis])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])

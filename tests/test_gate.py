@@ -202,7 +202,8 @@ def test_junit_xml_parses_with_one_testcase_per_check(verdicts, policy, counts, 
         if tag is not None:
             assert name in cases[name].find(tag).get("message")
     properties = {p.get("name"): p.get("value") for p in suite.find("properties")}
-    assert properties["candidate"] == "cand.onnx" and properties["exit_code"] == str(_result(verdicts, policy).exit_code)
+    assert properties["candidate"] == "cand.onnx"
+    assert properties["exit_code"] == str(_result(verdicts, policy).exit_code)
 
 
 def test_markdown_report_is_a_valid_table_with_one_row_per_check():
@@ -482,6 +483,18 @@ def test_usage_errors_exit_2_with_a_message(models, extra, message):
     result = gate("--baseline", str(models["base"]), "--candidate", str(models["same"]), *extra)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_stored_baseline_settings_must_match(models, stored, tmp_path):
+    narrow = _chain(tmp_path / "narrow.onnx", 2, 64)  # its input x is [batch, 64], the baseline's [8, 256]
+    shapes = gate("--baseline", str(stored), "--candidate", str(narrow))
+    assert shapes.exit_code == 2 and "differ from the baseline's x[8, 256]" in shapes.output
+    seq = gate("--baseline", str(stored), "--candidate", str(models["base"]), "--seq-len", "64")
+    assert seq.exit_code == 2 and "seq-len 128" in seq.output
+    batch = gate("--baseline", str(stored), "--candidate", str(models["base"]), "--batch", "3")
+    assert batch.exit_code == 2 and "no measurements at batch 3" in batch.output
+    target = gate("--baseline", str(stored), "--candidate", str(models["base"]), "--target", "cuda")
+    assert target.exit_code == 2 and "measured on target 'cpu'" in target.output
 
 
 def test_accuracy_gate_needs_the_baseline_model_not_a_stored_file(models, stored, tmp_path):

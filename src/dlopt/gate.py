@@ -633,7 +633,7 @@ def _gate_interleaved(baseline: Path, candidate: Path, config: GateConfig, data,
 
 
 def _gate_stored(stored: StoredBaseline, candidate: Path, config: GateConfig, data, evaluator, progress):
-    from dlopt.bench import InterleavedSampler, choose_clock, load_models, machine_fingerprint
+    from dlopt.bench import InterleavedSampler, load_models, machine_fingerprint
     from dlopt.targets import get_target
 
     threads = config.threads or stored.threads
@@ -669,8 +669,9 @@ def _gate_stored(stored: StoredBaseline, candidate: Path, config: GateConfig, da
     common = set(shapes) & set(stored_batch.input_shapes)
     mismatched = [k for k in sorted(common) if shapes[k] != tuple(stored_batch.input_shapes[k])]
     if mismatched:
-        raise InputError(f"the candidate's inputs {', '.join(f'{k}{list(shapes[k])}' for k in mismatched)} differ "
-                         f"from the baseline's {', '.join(f'{k}{list(stored_batch.input_shapes[k])}' for k in mismatched)}",
+        ours = ", ".join(f"{k}{list(shapes[k])}" for k in mismatched)
+        theirs = ", ".join(f"{k}{list(stored_batch.input_shapes[k])}" for k in mismatched)
+        raise InputError(f"the candidate's inputs {ours} differ from the baseline's {theirs}",
                          "gate with the baseline's --batch and --seq-len")
     notes = [f"clock: {clock} (the stored baseline's)",
              "stored baseline: the machine's drift since it was measured is not in the CI; gating against the "

@@ -66,7 +66,8 @@ def parse_accuracy_drops(values: tuple[str, ...]) -> tuple[float | None, tuple[t
 @click.option("--eval", "eval_model", default=None,
               help="Accuracy with a reference model's real evaluator and data (e.g. minilm).")
 @click.option("--eval-data", type=click.Path(dir_okay=False), default=None,
-              help="Accuracy on an .npz (model inputs, optional `labels`); the candidate is compared with the baseline.")
+              help="Accuracy on an .npz (model inputs, optional `labels`); the candidate is compared with the "
+                   "baseline.")
 @click.option("--metric", "metrics", multiple=True, help="With --eval-data: top1, cosine or mse (repeat or "
               "comma-separate). [default: top1]")
 @click.option("--eval-output", default=None, help="Which output the accuracy metrics read (default: the first).")
