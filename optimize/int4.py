@@ -335,6 +335,24 @@ def _quantize_embedding(model, node, block_size: int, symmetric: bool, clip_sear
     model.graph.node.insert(position, replacement)
 
 
+def _progress(items: list[Any], description: str, total: int, counts) -> Iterator[Any]:
+    """Yield items; on a terminal, a progress bar on stderr advancing on the items `counts` selects."""
+    import sys
+
+    if not sys.stderr.isatty() or total < 4:
+        yield from items
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        for item in items:
+            yield item
+            if counts(item):
+                bar.advance(task)
+
+
 def _matmul_nbits_own(model, include: set[str], config: Int4Config, quantize) -> Any:
     """4-bit MatMulNBits written by dlopt (algorithms 'mse' and 'gptq').
 
@@ -349,7 +367,8 @@ def _matmul_nbits_own(model, include: set[str], config: Int4Config, quantize) ->
     inits = _initializers(model)
     block = config.block_size
     nodes = []
-    for node in model.graph.node:
+    for node in _progress(list(model.graph.node), f"int4 {config.algorithm}", total=len(include),
+                          counts=lambda n: n.name in include):
         if node.name not in include:
             nodes.append(node)
             continue
