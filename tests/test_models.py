@@ -25,7 +25,7 @@ PANG_LEE_FP32 = 0.735
 LEE50_FP32 = 0.656
 SMOLLM2_PPL_FP32 = 33.06  # 4,096 tokens in 512-token windows
 SMOLLM2_PPL_1024_FP32 = 31.72  # the first 1,024 tokens only (the cheap version)
-FASHION_TOP1_FLOOR = 0.89
+FASHION_TOP1_FLOOR = 0.895  # measured 0.9024 (TrainConfig defaults, seed 0)
 
 
 @pytest.fixture(scope="session")
