@@ -2,9 +2,10 @@
 
 Three conv blocks (conv3x3 -> BN -> ReLU -> 2x2 max-pool) with 32, 64, 128 channels and a linear
 classifier: wide enough that removing half of the channels makes it measurably faster, small enough
-to train in about a minute on 2 CPU cores (one epoch, one-cycle AdamW: 90.2 % test top-1). The trained weights are cached under
-cache_dir()/fashion-cnn/<key>.pt, the key covering the architecture, the training config, the data
-files' digest and the torch version, so any change retrains.
+to train in about a minute on 2 CPU cores (one epoch, one-cycle AdamW: 90.2 % test top-1). The
+trained weights are cached under cache_dir()/fashion-cnn/<key>.pt, the key covering the
+architecture, the training config, the data files' digest and the torch version, so any change
+retrains.
 
 Reusable by pruning and distillation: `train_loader()` (the 60,000 training images), `fine_tune()`
 (any loss, e.g. a distillation loss against a teacher), `test_accuracy()`.
