@@ -249,3 +249,13 @@ def test_cli_prints_checks_coverage_and_writes_the_bundle(mlp_path, tmp_path):
     assert "model.ort" in result.output and "NNAPI" in result.output and "CoreML-MLProgram" in result.output
     assert "--fix-shape x=1x16" in result.output
     assert os.path.isfile(tmp_path / "b" / "manifest.json")
+
+
+def test_the_manifest_schema_is_itself_valid_and_rejects_a_bad_manifest(mlp_bundle):
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.Draft202012Validator.check_schema(load_schema())
+    bad = json.loads(json.dumps(mlp_bundle.manifest))
+    bad["files"][0]["sha256"] = "not-a-digest"
+    del bad["source"]
+    problems = validate(bad)
+    assert any(p.startswith("files/0/sha256") for p in problems) and any("'source'" in p for p in problems)
