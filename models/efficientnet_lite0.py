@@ -9,8 +9,6 @@ photo. The FP32 reference logits are cached on disk.
 
 from __future__ import annotations
 
-import contextlib
-import io
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
