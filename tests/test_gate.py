@@ -297,6 +297,19 @@ def test_same_work_passes_and_double_work_fails_with_reports(models, tmp_path):
     assert case.find("failure").get("type") == "regression"
 
 
+def test_latency_on_inputs_from_a_data_file(models, tmp_path):
+    data = tmp_path / "inputs.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32))
+    report = tmp_path / "gate.json"
+    result = gate("--baseline", str(models["base"]), "--candidate", str(models["double"]), "--data", str(data),
+                  "--budget", "20s", "--json", str(report))
+    assert result.exit_code == 1, result.output
+    assert json.loads(report.read_text())["latency"]["interval"]["low"] > 1.05
+    missing = gate("--baseline", str(models["base"]), "--candidate", str(models["same"]), "--data",
+                   str(tmp_path / "none.npz"))
+    assert missing.exit_code == 2 and "none.npz does not exist" in missing.output
+
+
 @pytest.mark.parametrize("policy, code", [(None, 3), ("fail", 1), ("pass", 0)])
 def test_inconclusive_follows_the_policy(models, tmp_path, policy, code):
     summary = tmp_path / "summary.md"

@@ -508,15 +508,6 @@ def _bench_config(config: GateConfig, *, threads: int, seq_len: int, batch: int)
                        allow_fallback=config.allow_fallback, device_id=config.device_id, seed=config.seed)
 
 
-def _feeds(handle, bench_config, batch: int, data: Mapping[str, np.ndarray] | None):
-    from dlopt.bench import feeds_from_data, input_specs, make_inputs
-
-    specs = input_specs(handle.session)
-    if data is not None:
-        return feeds_from_data(specs, data, "--data")
-    return make_inputs(specs, batch=batch, seq_len=bench_config.seq_len, seed=bench_config.seed)
-
-
 def _size_check(base_bytes: int, cand_bytes: int, limit: float) -> Check:
     growth = cand_bytes / base_bytes - 1 if base_bytes > 0 else math.inf
     verdict = "pass" if growth <= limit + 1e-12 else "fail"
@@ -582,7 +573,7 @@ def runs_per_sample(sampler, clock: str, min_sample_s: float = MIN_SAMPLE_S) -> 
 
 
 def _gate_interleaved(baseline: Path, candidate: Path, config: GateConfig, data, evaluator, progress):
-    from dlopt.bench import InterleavedSampler, choose_clock, load_models, machine_fingerprint
+    from dlopt.bench import InterleavedSampler, bind_models, choose_clock, load_models, machine_fingerprint
 
     threads = config.threads or 1
     batch = config.batch or 1
@@ -601,9 +592,9 @@ def _gate_interleaved(baseline: Path, candidate: Path, config: GateConfig, data,
             progress("evaluating accuracy", 0.0)
         checks.extend(accuracy_checks(models[0].path, models[1].path, evaluator, config))
 
-    runners = [target.bind(m.handle, _feeds(m.handle, bench_config, batch, data)) for m in models]
-    for run in runners:
-        run()  # the first run allocates buffers; not a sample, not warm-up either
+    # inputs generated (or taken from `data`) and bound on the device, then one cold run each
+    runners = list(bind_models(target, models, batch=batch, seq_len=bench_config.seq_len, seed=config.seed,
+                               data=data, device_id=config.device_id).runners)
     sampler = InterleavedSampler(runners)
     if progress:
         progress("warming up", 0.0)
@@ -633,7 +624,7 @@ def _gate_interleaved(baseline: Path, candidate: Path, config: GateConfig, data,
 
 
 def _gate_stored(stored: StoredBaseline, candidate: Path, config: GateConfig, data, evaluator, progress):
-    from dlopt.bench import InterleavedSampler, load_models, machine_fingerprint
+    from dlopt.bench import InterleavedSampler, bind_models, load_models, machine_fingerprint
     from dlopt.targets import get_target
 
     threads = config.threads or stored.threads
@@ -664,8 +655,9 @@ def _gate_stored(stored: StoredBaseline, candidate: Path, config: GateConfig, da
                          "gate with the same --seed and --seq-len (or leave them unset)")
     target, models = load_models([candidate], bench_config, (lambda what, f: progress(what, 0.0)) if progress else None)
     model = models[0]
-    feeds = _feeds(model.handle, bench_config, batch, data)
-    shapes = {k: tuple(v.shape) for k, v in feeds.items()}
+    bound = bind_models(target, models, batch=batch, seq_len=seq_len, seed=config.seed, data=data,
+                        device_id=config.device_id)
+    shapes = dict(bound.input_shapes)
     common = set(shapes) & set(stored_batch.input_shapes)
     mismatched = [k for k in sorted(common) if shapes[k] != tuple(stored_batch.input_shapes[k])]
     if mismatched:
@@ -681,9 +673,7 @@ def _gate_stored(stored: StoredBaseline, candidate: Path, config: GateConfig, da
     checks = []
     if config.max_size_growth is not None:
         checks.append(_size_check(stored.size_bytes, model.size_bytes, config.max_size_growth))
-    runner = target.bind(model.handle, feeds)
-    runner()
-    sampler = InterleavedSampler([runner])
+    sampler = InterleavedSampler(list(bound.runners))
     warm = sampler.warm_up(max_seconds=config.budget_s * config.warmup_max_fraction, clock=clock,
                            on_round=(lambda f: progress("warming up", f * config.warmup_max_fraction))
                            if progress else None)
