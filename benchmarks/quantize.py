@@ -1,7 +1,7 @@
 """dlopt quantize against FP32 and ORT's own quantizers, on the reference models, in one run.
 
     python benchmarks/quantize.py [--models minilm,efficientnet-lite0,fashion-cnn] [--budget 20]
-                                  [--workdir DIR] [--skip-rss]
+                                  [--workdir DIR] [--skip-rss] [--with-budget]
 
 Latency: dlopt.bench (one intra-op thread, thread CPU time, models interleaved; ratios are medians of
 per-round quotients against FP32, so they hold on a busy machine). Quality: each reference model's
@@ -156,7 +156,7 @@ def bench_minilm(work: Path, budget_s: float) -> None:
 
 
 # -- CNNs -------------------------------------------------------------------------------------------
-def bench_cnn(name: str, work: Path, budget_s: float) -> None:
+def bench_cnn(name: str, work: Path, budget_s: float, with_budget: bool = False) -> None:
     from dlopt.models import get_reference_model, onnx_runner
 
     fp32 = export(name, work / f"{name}_fp32.onnx")
@@ -165,7 +165,7 @@ def bench_cnn(name: str, work: Path, budget_s: float) -> None:
     ort_static_default(fp32, ort_path, name)
     variants["ORT quantize_static defaults"] = ort_path
     runs = [("dlopt int8 auto (static QDQ)", f"{name}_int8_auto.onnx", {})]
-    if name == "efficientnet-lite0":
+    if name == "efficientnet-lite0" and with_budget:  # slow: one re-quantization per node
         runs.append(("dlopt int8 auto + budget SQNR >= 20 dB", f"{name}_int8_budget.onnx",
                      {"max_accuracy_drop": 0.01, "evaluator": "sqnr"}))
     for label, path, opts in runs:
@@ -218,6 +218,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of timing per model group")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "dlopt-bench-quantize"))
     parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--with-budget", action="store_true",
+                        help="also EfficientNet-Lite0 with --max-accuracy-drop 0.01 --evaluator sqnr (slow)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.workdir)
@@ -230,7 +232,7 @@ def main() -> None:
         if name == "minilm":
             bench_minilm(work, args.budget)
         else:
-            bench_cnn(name, work, args.budget)
+            bench_cnn(name, work, args.budget, args.with_budget)
     if not args.skip_rss:
         bench_rss(work)
 

@@ -318,7 +318,8 @@ def calibrate(model, data: Iterable[Mapping[str, np.ndarray]], *, method: Method
     if method == "percentile":
         extra.update(percentile=percentile, num_bins=2048)
     elif method == "entropy":
-        extra.update(num_bins=512, num_quantized_bins=128)
+        # ORT's KL search is pure-Python loops, O(bins^2): 512 bins cost ~4.5 s per tensor, 256 ~0.7 s
+        extra.update(num_bins=256, num_quantized_bins=128)
     total = len(data) if hasattr(data, "__len__") else None
     with tempfile.TemporaryDirectory(prefix="dlopt-calib-") as tmp:
         path = Path(tmp) / "model.onnx"

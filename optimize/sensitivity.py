@@ -21,6 +21,12 @@ from dlopt.optimize.preprocess import check_feeds, make_session, run_outputs
 
 FIDELITY_EVALUATORS = ("cosine", "top1", "sqnr")
 
+# Ops whose quantization is only a range carried through (or folded: a Clip/Relu after a quantized
+# Conv disappears into its output's range). Keeping one of them float alone buys nothing and can
+# cost: a float Clip leaves its quantized producer with the unclipped range. Not budget candidates.
+PASSTHROUGH_OPS = {"Clip", "Relu", "Reshape", "Shape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Split",
+                   "Concat", "Slice", "Pad", "MaxPool", "Resize", "Expand", "Tile"}
+
 
 @dataclass(frozen=True)
 class Evaluator:
@@ -108,13 +114,15 @@ def node_sensitivity(float_model, quantized, feeds: list[dict[str, np.ndarray]],
     inits = {t.name for t in float_model.graph.initializer}
     nodes = []
     for node in float_model.graph.node:
-        if node.op_type not in op_types or node.name in exclude or not node.output[0] in q_tensors:
+        if node.op_type not in op_types or node.op_type in PASSTHROUGH_OPS or node.name in exclude:
             continue
         inputs = [i for i in node.input if i and i not in inits and i in q_tensors]
         nodes.append((node, inputs))
     if not nodes:
         return []
-    tensors = sorted({t for node, inputs in nodes for t in [node.output[0], *inputs]})
+    # a node whose output the quantized graph renamed (fused with its activation) is still a
+    # candidate; its own noise is just not measurable here (leave_one_out measures it)
+    tensors = sorted({t for node, inputs in nodes for t in [node.output[0], *inputs] if t in q_tensors})
     float_outs = run_outputs(make_session(_with_outputs(float_model, tensors), optimization="basic"), feeds)
     quant_outs = run_outputs(make_session(_with_outputs(quantized, tensors), optimization="basic"), feeds)
     f_names = [o.name for o in _with_outputs(float_model, tensors).graph.output]
