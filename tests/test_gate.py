@@ -408,9 +408,10 @@ def test_saved_baseline_follows_its_schema_and_gates(models, stored):
     jsonschema.validate(document, json.loads(SCHEMA.read_text()))
     assert document["fingerprint"]["threads"] == 1 and document["measurement"]["clock"] == "cpu"
     assert document["batches"][0]["input_shapes"] == {"x": [8, 256]}
-    # a stored baseline is compared across time: a wider threshold than the interleaved tests use
+    # a stored baseline is compared across time (see docs/ci-gate.md): a much wider limit than the
+    # interleaved tests use; twice the work must still fail at the default one
     result = gate("--baseline", str(stored), "--candidate", str(models["base"]), "--budget", "20s",
-                  "--max-slowdown", "25%")
+                  "--max-slowdown", "60%")
     assert result.exit_code == 0, result.output
     assert "stored baseline" in result.output and "batch 8" in result.output
     slower = gate("--baseline", str(stored), "--candidate", str(models["double"]), "--budget", "20s")
@@ -428,8 +429,10 @@ def test_another_machines_baseline_is_refused_unless_allowed(models, stored, tmp
     assert "another machine" in refused.output and "Some Other CPU" in refused.output
     assert "re-measure the baseline model" in refused.output and "--allow-cross-machine" in refused.output
     assert "Traceback" not in refused.output
+    # allowed: it measures, and labels the comparison (a wide limit: the latency verdict is not the point,
+    # and a 0.1 ms model's CPU time drifts between two measurements minutes apart on a busy machine)
     allowed = gate("--baseline", str(other), "--candidate", str(models["base"]), "--budget", "20s",
-                   "--max-slowdown", "25%", "--allow-cross-machine")
+                   "--max-slowdown", "100%", "--allow-cross-machine")
     assert allowed.exit_code == 0, allowed.output
     assert "CROSS-MACHINE" in allowed.output
 
