@@ -70,7 +70,8 @@ def main() -> None:
     source = load_source("efficientnet-lite0")
     ref = get_reference_model("efficientnet-lite0")
     calibration = list(ref.calibration_data(args.calibration_samples))
-    example = {k: v.numpy() for k, v in source.example_inputs.items()}
+    # batch 1 (the build() example may hold several photos): a .pte has the example's static shape
+    example = {k: v.numpy() for k, v in ref.example_inputs(batch=1).items()}
     programs = {}
     for precision in ("fp32", "int8"):
         path = args.workdir / f"efficientnet-lite0.xnnpack-{precision}.pte"
