@@ -86,3 +86,13 @@ def test_wheel_carries_the_mapped_packages(tmp_path):
                    "dlopt/targets/__init__.py", "dlopt/models/__init__.py"):
         assert module in names
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+    out = tmp_path / "m.bin"
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(b"x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
