@@ -169,7 +169,8 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
                 raise VerificationError(
                     "the packaged artifacts do not match the source ONNX model: "
                     + "; ".join(f"{c['artifact']} {c['output']}: {_check_text(c)}" for c in failed),
-                    "nothing was written; loosen --atol/--rtol only if the difference is expected")
+                    "nothing was written; loosen --atol/--rtol (ORT model) or --pte-int8-min-sqnr (an int8 .pte "
+                    "against an int8 MODEL compares two different quantizations) only if the difference is expected")
             metrics = _measure(staging / built["file"], built, config, feeds_list[0], pte_programs, log) \
                 if config.measure_s > 0 else {}
         manifest = _manifest(name=name, config=config, source_path=source_path, source=source, model=model,
