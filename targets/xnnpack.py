@@ -189,7 +189,9 @@ class PteProgram:
             raise InputError(f"no data for .pte input(s) {missing}", f"its inputs are {list(self.input_names)}")
         tensors = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names]
         outputs = self._method.execute(tensors)
-        return [o.detach().numpy() if hasattr(o, "detach") else np.asarray(o) for o in outputs]
+        # The output tensors live in the program's planned memory, which the next execute() overwrites:
+        # copy them out (without the copy, a list of runs' outputs all hold the last run's values).
+        return [o.detach().clone().numpy() if hasattr(o, "detach") else np.array(o, copy=True) for o in outputs]
 
 
 class XnnpackTarget(Target):
