@@ -145,9 +145,11 @@ def test_xnnpack_programs_fp32_and_int8_in_a_verified_bundle(tmp_path):
     from dlopt.targets.xnnpack import PteProgram
 
     program = PteProgram(bundle / "model.xnnpack-fp32.pte", ["image"])
-    x = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    xs = [torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(k)) for k in (3, 4)]
+    outs = [program.run({"image": x.numpy()})[0] for x in xs]  # kept across runs: copies, not views
     with torch.no_grad():
-        np.testing.assert_allclose(program.run({"image": x.numpy()})[0], source.module(x).numpy(), rtol=1e-4, atol=1e-5)
+        for x, out in zip(xs, outs):
+            np.testing.assert_allclose(out, source.module(x).numpy(), rtol=1e-4, atol=1e-5)
 
     result = verify_bundle(bundle)
     assert result.passed and {o["artifact"] for o in result.outputs} == {
