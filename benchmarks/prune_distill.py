@@ -165,7 +165,7 @@ def run_fashion(work: Path, args) -> dict:
     final = rows[3]
     checks = [(f"pruned + distilled + INT8 >= 6x faster (batch {b})", final["latency"][str(b)]["speedup"] >= 6.0)
               for b in map(str, args.batches)]
-    checks.append(("test top-1 drop <= 1 point", final["drop"] <= 1.0))
+    checks.append(("test top-1 drop <= 1 point", round(final["drop"], 6) <= 1.0))  # no float-noise failures
     # On a shared machine wall time measures the other jobs; the CPU time this process used is an
     # upper bound of its wall time on a quiet machine with as many cores as it uses threads.
     checks.append(("fashion-cnn benchmark < 10 minutes (CPU time of this process, teacher cached)",
@@ -254,7 +254,7 @@ def run_minilm(work: Path, args) -> dict:
     final = rows[2]
     checks = [(f"pruned + distilled >= 1.6x faster (batch {b})", final["latency"][str(b)]["speedup"] >= 1.6)
               for b in map(str, args.batches)]
-    checks.append(("Pang-Lee drop <= 2 points", final["drop"] <= 2.0))
+    checks.append(("Pang-Lee drop <= 2 points", round(final["drop"], 6) <= 2.0))  # steps of 0.5: 1/200
     for name, ok in checks:
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")
     seconds = time.perf_counter() - started
