@@ -65,14 +65,10 @@ def _copy(model):
 
 
 def _name_nodes(model) -> None:
-    seen = {n.name for n in model.graph.node if n.name}
-    for i, node in enumerate(model.graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
-            while name in seen:
-                name += "_"
-            node.name = name
-            seen.add(name)
+    """Unnamed nodes get unique names (fallback lists name nodes); the same rule as the 4-bit stage."""
+    from dlopt.optimize.int4 import _name_nodes as name_nodes
+
+    name_nodes(model)
 
 
 def _session(model):
