@@ -496,16 +496,9 @@ def _take(data: Iterable[Mapping[str, np.ndarray]] | None, count: int) -> list[d
 
 
 def _with_outputs(model, names: list[str]):
-    import onnx
+    from dlopt.optimize.preprocess import with_outputs
 
-    extended = onnx.ModelProto()
-    extended.CopyFrom(model)
-    existing = {o.name for o in extended.graph.output}
-    for name in names:
-        if name not in existing:
-            extended.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-            existing.add(name)
-    return extended
+    return with_outputs(model, names)
 
 
 def _feed(session, sample: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -293,3 +293,17 @@ def preprocess(model, config: PreprocessConfig = PreprocessConfig(),
 
 __all__ = ["FUSED_TRANSFORMER_OPS", "PreprocessConfig", "check_feeds", "looks_like_transformer", "make_session",
            "max_deviation", "op_counts", "preprocess", "run_outputs", "synthetic_feeds"]
+
+
+def with_outputs(model, names: list[str]):
+    """A copy of `model` that also outputs the tensors `names` (to read intermediate values)."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    present = {o.name for o in copy.graph.output}
+    for name in names:
+        if name not in present:
+            copy.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            present.add(name)
+    return copy

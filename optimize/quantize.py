@@ -206,7 +206,7 @@ def smooth_activations(model, data: Iterable[Mapping[str, np.ndarray]], *, alpha
     import onnx
     from onnx import helper, numpy_helper
 
-    from dlopt.optimize.sensitivity import _with_outputs
+    from dlopt.optimize.preprocess import with_outputs as _with_outputs
 
     exclude = set(exclude)
     inits = {t.name: t for t in model.graph.initializer}

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from dlopt.errors import InputError
-from dlopt.optimize.preprocess import check_feeds, make_session, run_outputs
+from dlopt.optimize.preprocess import check_feeds, make_session, run_outputs, with_outputs
 
 FIDELITY_EVALUATORS = ("cosine", "top1", "sqnr")
 
@@ -93,16 +93,6 @@ def _reference_evaluator(spec: str) -> Evaluator:
 
 
 # -- sensitivity -------------------------------------------------------------------------------------
-def _with_outputs(model, names: list[str]):
-    import onnx
-
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    present = {o.name for o in copy.graph.output}
-    for name in names:
-        if name not in present:
-            copy.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    return copy
 
 
 def node_sensitivity(float_model, quantized, feeds: list[dict[str, np.ndarray]], op_types: Iterable[str],
@@ -123,10 +113,11 @@ def node_sensitivity(float_model, quantized, feeds: list[dict[str, np.ndarray]],
     # a node whose output the quantized graph renamed (fused with its activation) is still a
     # candidate; its own noise is just not measurable here (leave_one_out measures it)
     tensors = sorted({t for node, inputs in nodes for t in [node.output[0], *inputs] if t in q_tensors})
-    float_outs = run_outputs(make_session(_with_outputs(float_model, tensors), optimization="basic"), feeds)
-    quant_outs = run_outputs(make_session(_with_outputs(quantized, tensors), optimization="basic"), feeds)
-    f_names = [o.name for o in _with_outputs(float_model, tensors).graph.output]
-    q_names = [o.name for o in _with_outputs(quantized, tensors).graph.output]
+    float_probe, quant_probe = with_outputs(float_model, tensors), with_outputs(quantized, tensors)
+    float_outs = run_outputs(make_session(float_probe, optimization="basic"), feeds)
+    quant_outs = run_outputs(make_session(quant_probe, optimization="basic"), feeds)
+    f_names = [o.name for o in float_probe.graph.output]
+    q_names = [o.name for o in quant_probe.graph.output]
     signal: dict[str, float] = {}
     noise: dict[str, float] = {}
     for f_out, q_out in zip(float_outs, quant_outs):
