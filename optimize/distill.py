@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from dlopt.errors import InputError, MissingDependencyError, TargetUnavailableError
 from dlopt.optimize.prune import first_tensor
-from dlopt.stage import StageResult, config_to_dict
+from dlopt.stage import StageResult, TorchStageArtifacts, config_to_dict
 
 Loss = Literal["kl", "cosine", "mse"]
 LOSSES: tuple[str, ...] = ("kl", "cosine", "mse")
@@ -524,14 +524,6 @@ def load_state(path: Path | None, config: DistillConfig, fingerprint: str) -> di
 # SOURCE + checkpoint + data -> directory: what `dlopt distill` does
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class DistilledArtifacts:
-    checkpoint: Path
-    onnx: Path
-    report_path: Path
-    report: dict[str, Any]
-    table: str
-    notes: tuple[str, ...]
 
 
 def load_npz_data(path: Path, example_inputs: Mapping[str, Any], max_samples: int | None = None) -> DistillData:
@@ -618,7 +610,7 @@ def distill_to_directory(teacher_spec: str, student_path: Path, data_spec: str, 
                          hidden_layers: tuple[tuple[str, str], ...] = (), hidden_weight: float = 0.0,
                          seed: int = 0, device: str = "cpu", resume: bool = False,
                          bench_seconds: float | None = 15.0, show_progress: bool = True,
-                         log: Callable[[str], None] = lambda message: None) -> DistilledArtifacts:
+                         log: Callable[[str], None] = lambda message: None) -> TorchStageArtifacts:
     import dataclasses
 
     from dlopt.fileio import save_onnx_atomic, write_json_atomic
@@ -678,9 +670,9 @@ def distill_to_directory(teacher_spec: str, student_path: Path, data_spec: str, 
     rows = [[h["epoch"], h["train_loss"], h.get("eval_metric") or "", h.get("eval_value"), h["seconds"]]
             for h in report["history"]]
     table = format_table(["epoch", "train loss", "eval metric", "value", "seconds"], rows)
-    return DistilledArtifacts(saved, onnx_path, report_path, report, table, tuple(notes))
+    return TorchStageArtifacts(saved, onnx_path, report_path, report, table, tuple(notes))
 
 
-__all__ = ["LOSSES", "DistillConfig", "DistillData", "DistilledArtifacts", "distill_to_directory", "load_npz_data",
+__all__ = ["LOSSES", "DistillConfig", "DistillData", "distill_to_directory", "load_npz_data",
            "reference_training_data", "split_validation", "check_compatible", "data_fingerprint", "distill",
            "embedding_loss", "kd_loss"]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dlopt.errors import InputError, MissingDependencyError, StageError
-from dlopt.stage import StageResult, config_to_dict
+from dlopt.stage import StageResult, TorchStageArtifacts, config_to_dict
 
 Structure = Literal["auto", "channels", "heads", "ffn", "heads+ffn", "unstructured"]
 STRUCTURES: tuple[str, ...] = ("auto", "channels", "heads", "ffn", "heads+ffn", "unstructured")
@@ -492,14 +492,6 @@ def rebuild(checkpoint: PrunedCheckpoint, module, example_inputs: Mapping[str, A
 # SOURCE -> directory: what `dlopt prune` does
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class PrunedArtifacts:
-    checkpoint: Path
-    onnx: Path
-    report_path: Path
-    report: dict[str, Any]
-    table: str
-    notes: tuple[str, ...]
 
 
 def prepare_output_dir(out_dir: Path) -> Path:
@@ -544,7 +536,7 @@ def _gradient_batches(spec: str, source, n: int = 8):
 
 def prune_to_directory(spec: str, out_dir: Path, config: PruneConfig, *, bench_seconds: float | None = 15.0,
                        batch: int = 1, seq_len: int = 128,
-                       log: Callable[[str], None] = lambda message: None) -> PrunedArtifacts:
+                       log: Callable[[str], None] = lambda message: None) -> TorchStageArtifacts:
     """Load SOURCE, prune it, write OUT/pruned.pt + a verified OUT/pruned.onnx + OUT/prune.json.
 
     Structured: the dense model is exported too (OUT/dense.onnx) and the latency ratio measured.
@@ -610,9 +602,9 @@ def prune_to_directory(spec: str, out_dir: Path, config: PruneConfig, *, bench_s
                "dense_onnx": str(dense_path) if dense_path else None}
     report_path = write_json_atomic(out_dir / "prune.json", report)
     table = format_table(["", "before", "after", "change"], rows)
-    return PrunedArtifacts(checkpoint, onnx_path, report_path, report, table, tuple(notes))
+    return TorchStageArtifacts(checkpoint, onnx_path, report_path, report, table, tuple(notes))
 
 
 __all__ = ["CHECKPOINT_FORMAT", "IMPORTANCES", "STRUCTURES", "AttentionModule", "PruneConfig", "PrunedCheckpoint",
-           "PrunedArtifacts", "check_config", "count_macs_params", "first_tensor", "measure_speedup", "prune_to_directory", "find_attention", "find_ffn", "output_layer_name", "prune",
+           "check_config", "count_macs_params", "first_tensor", "measure_speedup", "prune_to_directory", "find_attention", "find_ffn", "output_layer_name", "prune",
            "read_checkpoint", "rebuild", "save_checkpoint"]

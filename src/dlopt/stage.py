@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dlopt.errors import InputError
@@ -15,6 +16,18 @@ class StageResult:
 
     model: Any  # onnx.ModelProto for ONNX stages, a torch module for torch stages
     report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TorchStageArtifacts:
+    """What a torch stage (prune, distill) leaves in its output directory, and what it printed."""
+
+    checkpoint: Path
+    onnx: Path
+    report_path: Path
+    report: dict[str, Any]
+    table: str
+    notes: tuple[str, ...]
 
 
 CONFIG_SCHEMA_VERSION = 1
