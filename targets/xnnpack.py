@@ -108,7 +108,12 @@ def lower_to_pte(module, example: Mapping[str, Any], *, input_names: Sequence[st
     if precision not in ("fp32", "int8"):
         raise InputError(f"unknown .pte precision {precision!r}", "choose fp32 or int8")
     wrapped = _Positional(module, input_names)
-    args = tuple(torch.as_tensor(np.asarray(example[n])) for n in input_names)
+    # Contiguous (NCHW) examples: torch.export records each input's memory layout as the program's
+    # dim order, and the ExecuTorch runtime reads an input's bytes in that order without checking
+    # the strides of what it is given. An example in channels-last layout (a numpy HWC image
+    # transposed to CHW keeps HWC memory) made a program that expects NHWC bytes; fed ordinary
+    # NCHW arrays it computed garbage (EfficientNet-Lite0: top-1 wrong, max |diff| 7 on logits).
+    args = tuple(torch.as_tensor(np.asarray(example[n])).contiguous() for n in input_names)
     with _quiet():
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
@@ -180,6 +185,12 @@ class PteProgram:
             label = "the program" if isinstance(source, bytes) else str(source)
             raise InputError(f"ExecuTorch cannot load {label}: {str(e)[:300]}", "package it again") from e
         self.input_names = tuple(input_names)
+        meta = self._method.metadata
+        if meta.num_inputs() != len(self.input_names):
+            raise InputError(f"the program takes {meta.num_inputs()} inputs, not {len(self.input_names)} "
+                             f"({list(self.input_names)})", "name every input of the program, in order")
+        self.input_shapes = tuple(tuple(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs()))
+        self.input_dim_orders = _input_dim_orders(data, len(self.input_names))
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         import torch
@@ -187,11 +198,43 @@ class PteProgram:
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise InputError(f"no data for .pte input(s) {missing}", f"its inputs are {list(self.input_names)}")
-        tensors = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names]
+        tensors = []
+        for name, shape, order in zip(self.input_names, self.input_shapes, self.input_dim_orders):
+            value = np.asarray(feeds[name])
+            if value.shape != shape:
+                raise InputError(f".pte input {name!r} has shape {list(value.shape)}, the program's is {list(shape)}",
+                                 "a .pte program has the static shapes it was lowered with")
+            tensors.append(torch.from_numpy(_in_dim_order(value, order)))
         outputs = self._method.execute(tensors)
         # The output tensors live in the program's planned memory, which the next execute() overwrites:
         # copy them out (without the copy, a list of runs' outputs all hold the last run's values).
         return [o.detach().clone().numpy() if hasattr(o, "detach") else np.array(o, copy=True) for o in outputs]
+
+
+def _input_dim_orders(data: bytes, count: int) -> tuple[tuple[int, ...] | None, ...]:
+    """The memory order (dim order) each input of the program's forward method expects.
+
+    The runtime reads an input's bytes in this order whatever the strides of the tensor it is given
+    (ExecuTorch 1.5), and its Python API does not expose it; it is read from the program itself,
+    through ExecuTorch's (private) flatbuffer reader. None where that reader is unavailable: inputs
+    are then passed contiguous, which is right for the programs lower_to_pte writes."""
+    try:
+        from executorch.exir._serialize._program import deserialize_pte_binary
+
+        pte = deserialize_pte_binary(data)
+        plan = getattr(pte, "program", pte).execution_plan[0]
+        orders = [tuple(plan.values[i].val.dim_order) for i in plan.inputs]
+    except Exception:  # noqa: BLE001 - a private API: its absence or change must not stop a run
+        return (None,) * count
+    return tuple(orders) if len(orders) == count else (None,) * count
+
+
+def _in_dim_order(value: np.ndarray, order: tuple[int, ...] | None) -> np.ndarray:
+    """`value` with the same logical content, its bytes laid out in `order` (e.g. (0, 2, 3, 1):
+    channels-last) and its strides saying so."""
+    if order is None or list(order) == list(range(value.ndim)):
+        return np.ascontiguousarray(value)
+    return np.ascontiguousarray(value.transpose(order)).transpose(np.argsort(order))
 
 
 class XnnpackTarget(Target):
