@@ -36,7 +36,7 @@ DEFAULT_OPSET = 18
 @dataclass(frozen=True, kw_only=True)
 class ExportConfig:
     opset: int = DEFAULT_OPSET
-    exporter: Exporter = "dynamo"
+    exporter: Exporter | None = None  # None: the source's preferred exporter, else dynamo
     fallback: bool = True  # try the other exporter, announced, when the chosen one fails
     dynamic_shapes: bool = True  # batch axis, plus the sequence axis of token inputs
     atol: float | None = None  # None: the source's own tolerance, else 1e-4
@@ -62,6 +62,11 @@ class ModelSource:
     make_inputs: Callable[[int, int | None], dict[str, Any]] | None = None
     atol: float = 1e-4
     rtol: float = 1e-3
+    # The exporter this model exports best with, when it is not the default. BERT-like encoders:
+    # torchscript, because ONNX Runtime's transformer optimizer fuses Attention only in its graph
+    # (the dynamo graph gets LayerNorm/BiasGelu fusions only), and the fused Attention is what
+    # dynamic INT8 turns into QAttention.
+    exporter: Exporter | None = None
 
 
 def _require_torch():
@@ -115,6 +120,7 @@ def _reference_source(name: str) -> ModelSource:
         make_inputs=lambda batch, seq_len: ref.example_inputs(batch=batch, seq_len=seq_len),
         atol=options.get("atol", 1e-4),
         rtol=options.get("rtol", 1e-3),
+        exporter=options.get("exporter"),
     )
 
 
@@ -163,10 +169,13 @@ def _source_from_factory_result(spec: str, built: Any) -> ModelSource:
         raise InputError(f"factory {spec} returned {type(module).__name__} where a torch.nn.Module was expected",
                          contract)
     inputs = _name_inputs(module, inputs, spec)
-    unknown = set(options) - {"output_names", "dynamic_axes", "atol", "rtol", "make_inputs"}
+    unknown = set(options) - {"output_names", "dynamic_axes", "atol", "rtol", "make_inputs", "exporter"}
     if unknown:
         raise InputError(f"factory {spec} options have unknown keys {sorted(unknown)}",
-                         "allowed: output_names, dynamic_axes, atol, rtol, make_inputs")
+                         "allowed: output_names, dynamic_axes, atol, rtol, make_inputs, exporter")
+    if options.get("exporter") not in (None, *EXPORTERS):
+        raise InputError(f"factory {spec} asks for exporter {options['exporter']!r}",
+                         f"choose one of {', '.join(EXPORTERS)}")
     return ModelSource(
         name=spec,
         module=module.eval(),
@@ -176,6 +185,7 @@ def _source_from_factory_result(spec: str, built: Any) -> ModelSource:
         make_inputs=options.get("make_inputs"),
         atol=float(options.get("atol", 1e-4)),
         rtol=float(options.get("rtol", 1e-3)),
+        exporter=options.get("exporter"),
     )
 
 
@@ -447,8 +457,9 @@ def export(source: ModelSource, config: ExportConfig = ExportConfig(),
 
     The report holds the exporter actually used, the opset, input/output shapes and the diff table."""
     _require_torch()
-    if config.exporter not in EXPORTERS:
-        raise InputError(f"unknown exporter {config.exporter!r}", f"choose one of {', '.join(EXPORTERS)}")
+    first = config.exporter or source.exporter or "dynamo"
+    if first not in EXPORTERS:
+        raise InputError(f"unknown exporter {first!r}", f"choose one of {', '.join(EXPORTERS)}")
     if not 7 <= config.opset <= 23:
         raise InputError(f"opset {config.opset} is out of range", "use an opset between 7 and 23; 18 is the default")
     source.module.eval()
@@ -466,7 +477,7 @@ def export(source: ModelSource, config: ExportConfig = ExportConfig(),
                          "give one name per output")
     export_inputs = _export_ready_inputs(source.example_inputs, axes)
 
-    order = [config.exporter] + ([e for e in EXPORTERS if e != config.exporter] if config.fallback else [])
+    order = [first] + ([e for e in EXPORTERS if e != first] if config.fallback else [])
     failures: dict[str, str] = {}
     model = None
     started = time.perf_counter()

@@ -11,7 +11,7 @@ python -m pip install -q -e ".[models]"
 mkdir -p out
 
 # torchscript + eager attention gives the graph ONNX Runtime fuses into Attention ops (faster INT8)
-dlopt export minilm -o out/minilm.onnx --exporter torchscript
+dlopt export minilm -o out/minilm.onnx
 dlopt quantize out/minilm.onnx -o out/minilm.int8.onnx --precision int8 --calibration model:minilm
 dlopt eval out/minilm.onnx --model minilm
 dlopt eval out/minilm.int8.onnx --model minilm

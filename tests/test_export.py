@@ -241,3 +241,25 @@ def test_output_named_like_an_internal_value_keeps_the_dynamo_exporter():
     result = export(source, ExportConfig(exporter="dynamo", fallback=False))
     assert [o.name for o in result.model.graph.output] == ["embedding"]
     assert result.report["exporter"] == "dynamo" and result.report["verification"]["passed"]
+
+
+def test_a_source_s_preferred_exporter_is_the_default_and_an_explicit_one_wins():
+    class Scale(torch.nn.Module):
+        def forward(self, x):
+            return x * 2.0
+
+    source = ModelSource(name="scale", module=Scale().eval(), example_inputs={"x": torch.randn(2, 3)},
+                         exporter="torchscript")
+    assert export(source, ExportConfig(fallback=False)).report["exporter"] == "torchscript"
+    assert export(source, ExportConfig(exporter="dynamo", fallback=False)).report["exporter"] == "dynamo"
+    plain = ModelSource(name="scale", module=Scale().eval(), example_inputs={"x": torch.randn(2, 3)})
+    assert export(plain, ExportConfig(fallback=False)).report["exporter"] == "dynamo"
+
+
+def test_a_factory_naming_an_unknown_exporter_is_a_usage_error(tmp_path):
+    factory = tmp_path / "f.py"
+    factory.write_text("import torch\n"
+                       "def build():\n"
+                       "    return torch.nn.Linear(3, 2), {'x': torch.randn(1, 3)}, {'exporter': 'tflite'}\n")
+    with pytest.raises(InputError, match="exporter 'tflite'"):
+        load_source(f"{factory}:build")

@@ -38,7 +38,9 @@ def export_model(source, output: str | os.PathLike, config=None,
     if not isinstance(source, ModelSource):
         log(f"loading {source}")
         source = load_source(source)
-    log(f"exporting {source.name} with the {config.exporter} exporter, opset {config.opset}")
+    exporter = config.exporter or source.exporter or "dynamo"
+    why = "" if config.exporter or not source.exporter else " (the model's preferred exporter)"
+    log(f"exporting {source.name} with the {exporter} exporter{why}, opset {config.opset}")
     result = export(source, config, log=log)
     save_onnx_atomic(result.model, out)
     report = result.report | {"output": str(out), "bytes": out.stat().st_size}

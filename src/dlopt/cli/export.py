@@ -11,8 +11,10 @@ from dlopt.cli._common import echo_err
 @click.argument("source")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the .onnx model.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 18).")
-@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
-              help="torch.onnx exporter; the other one is tried, announced, if it fails (unless --no-fallback).")
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default=None,
+              help="torch.onnx exporter (default: the model's preferred one, e.g. torchscript for minilm so that "
+              "ONNX Runtime can fuse its attention; else dynamo); the other one is tried, announced, if it fails "
+              "(unless --no-fallback).")
 @click.option("--no-fallback", is_flag=True, help="Fail instead of trying the other exporter.")
 @click.option("--static-shapes", is_flag=True, help="Fix every axis to the example's shape (default: dynamic batch, "
               "plus the sequence axis of token inputs).")
