@@ -69,6 +69,8 @@ class Int4Config:
     accuracy_level: int | None = None  # MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
     sensitivity_samples: int = 8  # calibration samples used to rank nodes
     gptq_samples: int = 16  # calibration samples GPTQ builds its Hessians from
+    gptq_act_order: bool = True  # GPTQ visits inputs by decreasing energy, block grids fixed up front
+    gptq_clip_search: bool = True  # GPTQ block grids by an energy-weighted clip-ratio search, not min/max
 
     def __post_init__(self):
         def bad(what: str, hint: str):
@@ -180,6 +182,45 @@ def _gemm_to_matmul(model, skip: set[str]) -> list[str]:
     return rewritten
 
 
+def _fold_transposed_weights(model, skip: set[str]) -> list[str]:
+    """MatMul(x, Transpose(W)) with W a 2-D float initializer -> MatMul(x, Wᵀ as an initializer).
+
+    A tied LM head exports this way (the embedding table, transposed at run time): without the fold the
+    head stays float and ORT transposes 28 M weights on every run (SmolLM2). Exact; returns the names
+    of the MatMuls whose weight was folded. The Transpose goes when nothing else reads it."""
+    from onnx import numpy_helper
+
+    inits = _initializers(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    folded, dropped = [], set()
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.name in skip or len(node.input) != 2:
+            continue
+        tr = producers.get(node.input[1])
+        if tr is None or tr.op_type != "Transpose" or list(_attr(tr, "perm", [1, 0])) != [1, 0] \
+                or not _is_float_weight(inits.get(tr.input[0])):
+            continue
+        name = f"{tr.input[0]}__transposed"
+        if name not in inits:
+            w = numpy_helper.to_array(inits[tr.input[0]])
+            inits[name] = numpy_helper.from_array(np.ascontiguousarray(w.T), name)
+            model.graph.initializer.append(inits[name])
+        consumers[tr.output[0]] -= 1
+        if consumers[tr.output[0]] == 0:
+            dropped.add(tr.name)
+        node.input[1] = name
+        folded.append(node.name)
+    if dropped:
+        keep = [n for n in model.graph.node if n.name not in dropped]
+        model.graph.ClearField("node")
+        model.graph.node.extend(keep)
+    return folded
+
+
 def _weight_matmuls(model) -> list[Any]:
     """MatMul nodes whose second input is a 2-D float initializer, in graph order."""
     inits = _initializers(model)
@@ -229,28 +270,44 @@ def _drop_unused_initializers(model) -> None:
 
 
 # -- block quantization in numpy (embeddings, and the error model used to rank nodes) -----------------
+def block_grid(blocks: np.ndarray, symmetric: bool, ratio: float = 1.0, bits: int = 4
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point (float arrays, shape blocks.shape[:-1]) of each block along the last axis.
+
+    Symmetric: the zero point is fixed at 2^(bits-1) (what the contrib ops assume without one) and the
+    scale is *signed*, v/-2^(bits-1) for the block's largest-magnitude weight v, so that weight lands
+    exactly on the code that has no positive twin (-8); the other sign gets 7 steps. An unsigned
+    amax/8 would clip a positive extreme to 7/8 of itself (ORT's MLAS quantizer uses the signed
+    scale too). Asymmetric: min/max including zero, an integer zero point. `ratio` < 1 shrinks the
+    range (the clip search of quantize_blocks_mse and of GPTQ)."""
+    top = (1 << bits) - 1
+    if symmetric:
+        mid = 1 << (bits - 1)
+        idx = np.abs(blocks).argmax(axis=-1)[..., None]
+        extreme = np.take_along_axis(blocks, idx, axis=-1)[..., 0]
+        return extreme * (ratio / -mid), np.full(extreme.shape, float(mid))
+    lo = np.minimum(blocks.min(axis=-1), 0.0) * ratio
+    hi = np.maximum(blocks.max(axis=-1), 0.0) * ratio
+    scale = (hi - lo) / top
+    zp = np.clip(np.round(-lo / np.where(scale == 0, 1, scale)), 0, top)
+    return scale, zp
+
+
+def _round_to_grid(blocks: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int = 4) -> np.ndarray:
+    safe = np.where(scale == 0, 1, scale)[..., None]
+    return np.clip(np.round(blocks / safe + zp[..., None]), 0, (1 << bits) - 1)
+
+
 def quantize_blocks(w: np.ndarray, block_size: int, symmetric: bool, bits: int = 4
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Round-to-nearest block quantization of w [rows, cols] along its last axis.
 
     Returns (q uint8 [rows, cols] in [0, 2^bits), scales float32 [rows, cols/block], zero points uint8
-    [rows, cols/block]); w ≈ (q - zp) · scale. Symmetric blocks use zp = 2^(bits-1), the default the
-    contrib ops assume when no zero point is given."""
+    [rows, cols/block]); w ≈ (q - zp) · scale (see block_grid for the grid)."""
     rows, cols = w.shape
-    top = (1 << bits) - 1
     blocks = w.reshape(rows, cols // block_size, block_size).astype(np.float32)
-    if symmetric:
-        mid = 1 << (bits - 1)
-        amax = np.abs(blocks).max(axis=2)
-        scale = amax / mid
-        zp = np.full(scale.shape, mid, np.float32)
-    else:
-        lo = np.minimum(blocks.min(axis=2), 0.0)
-        hi = np.maximum(blocks.max(axis=2), 0.0)
-        scale = (hi - lo) / top
-        zp = np.clip(np.round(-lo / np.where(scale == 0, 1, scale)), 0, top)
-    safe = np.where(scale == 0, 1, scale)[..., None]
-    q = np.clip(np.round(blocks / safe + zp[..., None]), 0, top).astype(np.uint8)
+    scale, zp = block_grid(blocks, symmetric, bits=bits)
+    q = _round_to_grid(blocks, scale, zp, bits).astype(np.uint8)
     return q.reshape(rows, cols), scale.astype(np.float32), zp.astype(np.uint8)
 
 
@@ -261,6 +318,25 @@ def dequantize_blocks(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, block_si
 
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65)
+
+
+def search_grid(blocks: np.ndarray, symmetric: bool, ratios=CLIP_RATIOS, weights: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """block_grid with, per block, the ratio of `ratios` that gives the smallest squared error of the
+    rounded block (each position weighted by `weights`, broadcast against blocks, when given)."""
+    best_err = best_scale = best_zp = None
+    for ratio in ratios:
+        scale, zp = block_grid(blocks, symmetric, ratio)
+        diff = (_round_to_grid(blocks, scale, zp) - zp[..., None]) * scale[..., None] - blocks
+        err = (np.square(diff) if weights is None else np.square(diff) * weights).sum(axis=-1)
+        if best_err is None:
+            best_err, best_scale, best_zp = err, scale, zp
+        else:
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_scale = np.where(better, scale, best_scale)
+            best_zp = np.where(better, zp, best_zp)
+    return best_scale, best_zp
 
 
 def quantize_blocks_mse(w: np.ndarray, block_size: int, symmetric: bool, ratios=CLIP_RATIOS,
@@ -275,31 +351,11 @@ def quantize_blocks_mse(w: np.ndarray, block_size: int, symmetric: bool, ratios=
     z_all = np.empty((rows, nb), np.uint8)
     for start in range(0, rows, rows_per_chunk):
         blocks = w[start:start + rows_per_chunk].reshape(-1, nb, block_size).astype(np.float32)
-        best = None
-        for ratio in ratios:
-            if symmetric:
-                scale = np.abs(blocks).max(axis=2) * ratio / 8
-                zp = np.full(scale.shape, 8.0, np.float32)
-            else:
-                lo = np.minimum(blocks.min(axis=2), 0.0) * ratio
-                hi = np.maximum(blocks.max(axis=2), 0.0) * ratio
-                scale = (hi - lo) / 15
-                zp = np.clip(np.round(-lo / np.where(scale == 0, 1, scale)), 0, 15)
-            safe = np.where(scale == 0, 1, scale)[..., None]
-            q = np.clip(np.round(blocks / safe + zp[..., None]), 0, 15)
-            err = np.square((q - zp[..., None]) * scale[..., None] - blocks).sum(axis=2)
-            if best is None:
-                best = [err, q, scale, zp]
-            else:
-                better = err < best[0]
-                best[0] = np.where(better, err, best[0])
-                best[1] = np.where(better[..., None], q, best[1])
-                best[2] = np.where(better, scale, best[2])
-                best[3] = np.where(better, zp, best[3])
+        scale, zp = search_grid(blocks, symmetric, ratios)
         end = start + blocks.shape[0]
-        q_all[start:end] = best[1].reshape(blocks.shape[0], cols).astype(np.uint8)
-        s_all[start:end] = best[2]
-        z_all[start:end] = best[3].astype(np.uint8)
+        q_all[start:end] = _round_to_grid(blocks, scale, zp).reshape(blocks.shape[0], cols).astype(np.uint8)
+        s_all[start:end] = scale
+        z_all[start:end] = zp.astype(np.uint8)
     return q_all, s_all, z_all
 
 
@@ -394,54 +450,81 @@ def _matmul_nbits_own(model, include: set[str], config: Int4Config, quantize) ->
     return model
 
 
+def gptq_factor(hessian: np.ndarray, percdamp: float = 0.01, act_order: bool = False
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(visiting order of the K inputs, upper Cholesky factor of the damped inverse Hessian in that order,
+    float32) for gptq_blocks; the factor is None when H is not positive definite even after damping."""
+    h = hessian.astype(np.float64).copy()
+    k = h.shape[0]
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    h = h[np.ix_(perm, perm)]
+    h[np.diag_indices(k)] += percdamp * np.mean(np.diag(h))
+    try:
+        hinv = np.linalg.cholesky(np.linalg.inv(h)).T
+    except np.linalg.LinAlgError:
+        return perm, None
+    # the factorization needs float64; the column sweep does not (float32 halves its time)
+    return perm, hinv.astype(np.float32)
+
+
 def gptq_blocks(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: bool, percdamp: float = 0.01,
-                lazy: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                lazy: int = 128, act_order: bool = False, clip_search: bool = False,
+                factor: tuple[np.ndarray, np.ndarray | None] | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ (Frantar et al. 2022) for w [K, N] given H = 2·XᵀX/n [K, K], K a multiple of block_size.
 
     Columns of K are quantized in order; each one's rounding error is spread over the columns not yet
     quantized through the inverse Hessian's Cholesky factor, so the layer's output error, not the weight
-    error, is minimized. A block's scale and zero point are fixed from the (updated) weights when the
-    block starts. Written after ORT's port of neural-compressor's `gptq`, with two differences: the error
-    is spread with rows of the upper Cholesky factor (ORT 1.32 indexes its columns, Hinv[i:, i], which
+    error, is minimized. Written after ORT's port of neural-compressor's `gptq`, with two differences: the
+    error is spread with rows of the upper Cholesky factor (ORT 1.32 indexes its columns, Hinv[i:, i], which
     are zero below the diagonal, so its GPTQ compensates nothing and equals plain rounding), and the
     integer codes and grid are returned as chosen (ORT re-derives a grid from fake-quantized weights).
+
+    Without `act_order` a block's scale and zero point are fixed from the (updated) weights when the
+    block starts. With it, rows are visited by decreasing H diagonal (the inputs with the most energy
+    first, while there is still room to compensate their error) and every block's grid is fixed up front
+    from the original weights ("static groups"), so blocks stay contiguous along K, the MatMulNBits
+    layout. `clip_search` picks each block's range by the clip ratio with the smallest squared error,
+    weighted by the H diagonal (an input's energy), instead of the full min/max. `factor` is
+    gptq_factor(hessian, percdamp, act_order), passed in when several weights share one input (q/k/v).
     Returns (codes uint8 [N, K], scales [N, K/block], zero points uint8 [N, K/block])."""
     k, n = w.shape
     lazy = max(block_size, lazy - lazy % block_size)
-    weights = w.astype(np.float64).copy()
-    h = hessian.astype(np.float64).copy()
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    weights[dead, :] = 0.0
-    h[np.diag_indices(k)] += percdamp * np.mean(np.diag(h))
-    try:
-        hinv = np.linalg.cholesky(np.linalg.inv(h)).T
-    except np.linalg.LinAlgError:  # not positive definite even after damping: plain rounding
-        q, s, z = quantize_blocks(np.ascontiguousarray(w.T), block_size, symmetric)
-        return q, s, z
-    codes = np.zeros((k, n), np.uint8)
+    perm, hinv = factor if factor is not None else gptq_factor(hessian, percdamp, act_order)
+    if hinv is None:  # not positive definite even after damping: plain rounding
+        return quantize_blocks(np.ascontiguousarray(w.T), block_size, symmetric)
+    weights = w.astype(np.float32).copy()
+    energy = np.diag(hessian).astype(np.float64)
+    weights[energy == 0, :] = 0.0  # dead inputs: nothing to reproduce
     nb = k // block_size
-    scales = np.zeros((nb, n))
-    zeros = np.zeros((nb, n))
+    scales = np.zeros((nb, n), np.float32)
+    zeros = np.zeros((nb, n), np.float32)
+
+    def fix_grid(g: int, group: np.ndarray) -> None:  # group [block, N] -> the grid of block g, per column
+        blocks = np.ascontiguousarray(group.T)
+        if clip_search:
+            e = energy[g * block_size:(g + 1) * block_size]
+            scales[g], zeros[g] = search_grid(blocks, symmetric, weights=e / max(e.mean(), 1e-30))
+        else:
+            scales[g], zeros[g] = block_grid(blocks, symmetric)
+
+    if act_order:
+        for g in range(nb):
+            fix_grid(g, weights[g * block_size:(g + 1) * block_size])
+    weights = weights[perm]
+    codes = np.zeros((k, n), np.uint8)
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
         block = weights[i1:i2].copy()
         errors = np.zeros_like(block)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            if col % block_size == 0:  # the group lies inside this lazy block: lazy % block_size == 0
-                group = block[i:i + block_size]
-                g = col // block_size
-                if symmetric:
-                    scales[g] = np.abs(group).max(axis=0) / 8
-                    zeros[g] = 8.0
-                else:
-                    lo = np.minimum(group.min(axis=0), 0.0)
-                    hi = np.maximum(group.max(axis=0), 0.0)
-                    scales[g] = (hi - lo) / 15
-                    zeros[g] = np.clip(np.round(-lo / np.where(scales[g] == 0, 1, scales[g])), 0, 15)
+            col = int(perm[i1 + i])
             g = col // block_size
+            if not act_order and col % block_size == 0:  # the group lies inside this lazy block
+                fix_grid(g, block[i:i + block_size])
             safe = np.where(scales[g] == 0, 1, scales[g])
             q = np.clip(np.round(block[i] / safe + zeros[g]), 0, 15)
             codes[col] = q.astype(np.uint8)
@@ -674,6 +757,7 @@ def quantize_int4(model, config: Int4Config = Int4Config(), data: Iterable[Mappi
     notes: list[str] = []
 
     gemms = [] if "Gemm" in config.exclude_ops else _gemm_to_matmul(model, excluded)
+    transposed = [] if "MatMul" in config.exclude_ops else _fold_transposed_weights(model, excluded)
     candidates = [] if "MatMul" in config.exclude_ops else \
         [n for n in _weight_matmuls(model) if n.name not in excluded]
     if not candidates:
@@ -716,11 +800,18 @@ def quantize_int4(model, config: Int4Config = Int4Config(), data: Iterable[Mappi
             hessians = collect_hessians(model, [n for n in candidates if n.name in four_bit],
                                         feeds[:config.gptq_samples])
 
+            factors: dict[str, Any] = {}  # q, k and v (gate and up) share an input, hence a factorization
+
             def solve(node, wt):
                 h = hessians[node.input[0]]
                 pad = wt.shape[1] - h.shape[0]
                 h = np.pad(h, ((0, pad), (0, pad)))  # padded rows are dead: no contribution
-                return gptq_blocks(np.ascontiguousarray(wt.T), h, config.block_size, config.symmetric)
+                if node.input[0] not in factors:
+                    factors.clear()  # consecutive nodes share; keep one factor in memory
+                    factors[node.input[0]] = gptq_factor(h, act_order=config.gptq_act_order)
+                return gptq_blocks(np.ascontiguousarray(wt.T), h, config.block_size, config.symmetric,
+                                   act_order=config.gptq_act_order, clip_search=config.gptq_clip_search,
+                                   factor=factors[node.input[0]])
 
             model = _matmul_nbits_own(model, four_bit, config, solve)
         else:
@@ -760,6 +851,7 @@ def quantize_int4(model, config: Int4Config = Int4Config(), data: Iterable[Mappi
         "ops_after": _op_counts(model),
         "quantized_nodes": _quantized_counts(model),
         "gemm_rewritten": gemms,
+        "transposed_weights_folded": transposed,
         "embeddings_quantized": embeddings,
         "fallback_nodes": {n: reasons[n] for n in fallback},
         "fallback_bits": config.fallback_bits,
@@ -773,5 +865,5 @@ def quantize_int4(model, config: Int4Config = Int4Config(), data: Iterable[Mappi
     return StageResult(model, report)
 
 
-__all__ = ["ALGORITHMS", "Int4Config", "collect_hessians", "dequantize_blocks", "gptq_blocks", "output_fidelity",
+__all__ = ["ALGORITHMS", "Int4Config", "collect_hessians", "dequantize_blocks", "gptq_blocks", "gptq_factor", "output_fidelity",
            "quantize_blocks", "quantize_blocks_mse", "quantize_int4", "rank_sensitivity"]
