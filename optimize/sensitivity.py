@@ -161,9 +161,11 @@ def leave_one_out(ranked: list[dict[str, Any]], original, prepared, config, reci
         outs = run_outputs(make_session(model), feeds)
         return sum(float(np.sum((r[index].astype(np.float64) - o[index]) ** 2)) for r, o in zip(reference, outs)) / signal
 
-    for entry in ranked:
+    for i, entry in enumerate(ranked, 1):
         model, _ = quantize_int8(prepared, config, recipe, data, exclude_nodes=[entry["node"]], ranges=ranges)
         entry["output_noise_if_float"] = output_noise(model)
+        log(f"budget: ranking {i}/{len(ranked)}: {entry['node']} in float -> output noise "
+            f"{entry['output_noise_if_float']:.3g}")
     log(f"budget: ranked {len(ranked)} nodes by leave-one-out output noise")
     return sorted(ranked, key=lambda e: (e["output_noise_if_float"], e["node"]))
 
@@ -195,14 +197,10 @@ def meet_budget(original, prepared, quantized, config, recipe, data, *, ranges=N
     if baseline != baseline:  # a reference model's metric: measure the float model once
         baseline = evaluator.score(original)
     feeds = check_feeds(original, data, min(config.fidelity_samples, 8))
-    op_types = _default_op_types(recipe) - set(config.exclude_ops)
-    ranked = node_sensitivity(prepared, quantized, feeds, op_types, config.exclude_nodes)
-    if 0 < len(ranked) <= config.leave_one_out_limit:
-        ranked = leave_one_out(ranked, original, prepared, config, recipe, data, feeds, ranges, log)
-    log(f"budget: {evaluator.name} drop <= {config.max_accuracy_drop} (FP32 {baseline:.4f}); "
-        f"{len(ranked)} nodes ranked")
+    log(f"budget: {evaluator.name} drop <= {config.max_accuracy_drop} (FP32 {baseline:.4f})")
     candidates: list[dict[str, Any]] = []
     models: dict[int, Any] = {}
+    ranked: list[dict[str, Any]] = []
 
     def trial(k: int) -> dict[str, Any]:
         excluded = [e["node"] for e in ranked[:k]]
@@ -220,6 +218,14 @@ def meet_budget(original, prepared, quantized, config, recipe, data, *, ranges=N
         return entry
 
     first = trial(0)
+    if not first["within_budget"]:
+        # ranked only when the fully quantized model misses: leave-one-out costs one quantization
+        # per node (minutes on a transformer)
+        op_types = _default_op_types(recipe) - set(config.exclude_ops)
+        ranked = node_sensitivity(prepared, quantized, feeds, op_types, config.exclude_nodes)
+        if 0 < len(ranked) <= config.leave_one_out_limit:
+            ranked = leave_one_out(ranked, original, prepared, config, recipe, data, feeds, ranges, log)
+        log(f"budget: {len(ranked)} nodes ranked")
     if not first["within_budget"] and ranked:
         low, k, high = 0, 1, None
         while True:  # 1, 2, 4 ... nodes in float until the budget holds

@@ -220,6 +220,7 @@ def test_budget_already_met_keeps_full_quantization():
     assert result.report["budget"]["met"]
     assert result.report["nodes_excluded"] == []
     assert len(result.report["budget"]["candidates"]) == 1
+    assert result.report["budget"]["ranking"] == []  # met at once: no node was ranked
 
 
 def test_cli_budget_unmet_writes_best_model_and_exits_1(tmp_path, monkeypatch):
