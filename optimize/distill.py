@@ -497,18 +497,13 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_state(path: Path | None, config: DistillConfig, fingerprint: str) -> dict[str, Any]:
-    import pickle
+    from dlopt.fileio import load_torch_dict
 
-    torch = _require_torch()
+    _require_torch()
     if path is None or not path.is_file():
         raise InputError(f"--resume: no training state at {path}", "run without --resume first")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise InputError(f"--resume: {path} is not a distillation state ({type(e).__name__})",
-                         "delete it and start again without --resume") from e
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise InputError(f"--resume: {path} is not a distillation state", "delete it and run without --resume")
+    state = load_torch_dict(path, kind="distillation state (--resume)", format_tag=STATE_FORMAT,
+                            hint="delete it and start again without --resume")
     if state["config"] != config_to_dict(config):
         changed = sorted(k for k, v in config_to_dict(config)["fields"].items()
                          if state["config"]["fields"].get(k) != v)

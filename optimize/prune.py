@@ -450,21 +450,10 @@ def save_checkpoint(path: str | Path, module, source: str, report: Mapping[str, 
 
 
 def read_checkpoint(path: str | Path) -> PrunedCheckpoint:
-    import pickle
+    from dlopt.fileio import load_torch_dict
 
-    import torch
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"checkpoint {p} does not exist", "give the .pt file written by `dlopt prune`")
-    try:
-        payload = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise InputError(f"{p} is not a dlopt checkpoint ({type(e).__name__})",
-                         "give the .pt file written by `dlopt prune` or `dlopt distill`") from e
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{p} is not a dlopt pruned-model checkpoint",
-                         "give the .pt file written by `dlopt prune` or `dlopt distill`")
+    payload = load_torch_dict(path, kind="dlopt checkpoint", format_tag=CHECKPOINT_FORMAT,
+                              hint="give the .pt file written by `dlopt prune` or `dlopt distill`")
     return PrunedCheckpoint(source=payload["source"], pruning_history=payload["pruning_history"],
                             module_attributes=payload["module_attributes"], state_dict=payload["state_dict"],
                             report=payload.get("report", {}))

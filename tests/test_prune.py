@@ -10,15 +10,7 @@ from click.testing import CliRunner
 torch = pytest.importorskip("torch")
 pytest.importorskip("torch_pruning")
 nn = torch.nn
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models train many times faster on one thread than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from dlopt.errors import InputError  # noqa: E402
 from dlopt.optimize.prune import (PruneConfig, find_attention, output_layer_name, prune,  # noqa: E402

@@ -133,3 +133,22 @@ def load_onnx(path: str | os.PathLike, load_external_data: bool = True):
     if len(model.graph.node) == 0 and len(model.graph.output) == 0:
         raise InputError(f"{p} is not a valid ONNX model (no graph)", "export it again with `dlopt export`")
     return model
+
+
+def load_torch_dict(path: str | os.PathLike, *, kind: str, format_tag: str, hint: str) -> dict[str, Any]:
+    """A dict that dlopt saved with torch.save (weights only, tagged {"format": format_tag}), or an
+    InputError naming the file: missing, unreadable, or not what `kind` describes."""
+    import pickle
+
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{kind} {p} does not exist", hint)
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise InputError(f"{p} is not a {kind} ({type(e).__name__})", hint) from e
+    if not isinstance(payload, dict) or payload.get("format") != format_tag:
+        raise InputError(f"{p} is not a {kind}", hint)
+    return payload
