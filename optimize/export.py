@@ -13,12 +13,10 @@ import importlib
 import importlib.util
 import inspect
 import io
-import logging
 import sys
 import time
-import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -295,18 +293,10 @@ def verification_cases(source: ModelSource, axes: dict[str, dict[int, str]], con
 @contextlib.contextmanager
 def _quiet_exporter():
     """torch.onnx prints progress and many warnings to stdout/stderr; keep them for --debug only."""
-    loggers = [logging.getLogger(n) for n in ("torch", "torch.onnx", "torch.export", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    sink = io.StringIO()
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
-            warnings.simplefilter("ignore")
-            yield sink
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    from dlopt.quiet import quiet_libraries
+
+    with quiet_libraries() as sink:
+        yield sink
 
 
 def _run_exporter(exporter: Exporter, source: ModelSource, inputs: dict[str, Any],

@@ -17,9 +17,7 @@ fused transformers). What dlopt adds, and why:
 
 from __future__ import annotations
 
-import contextlib
 import time
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -27,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from dlopt.errors import InputError, StageError
+from dlopt.quiet import quiet_libraries
 from dlopt.stage import StageResult, config_to_dict
 
 FP16_MAX = 65504.0
@@ -231,17 +230,16 @@ def _remove_cast_round_trips(model) -> int:
 
 
 def _fuse_for_cuda(model) -> tuple[Any, dict[str, Any]]:
-    import logging
 
     from onnx import helper
     from onnxruntime.transformers.optimizer import optimize_model
 
     from dlopt.optimize.preprocess import detect_attention_shape
 
-    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     heads, hidden = detect_attention_shape(model)
-    fused = optimize_model(_copy(model), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=0,
-                           use_gpu=True)
+    with quiet_libraries():
+        fused = optimize_model(_copy(model), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=0,
+                               use_gpu=True)
     stats = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
     result = fused.model
     declared = {o.domain for o in result.opset_import}
@@ -284,8 +282,7 @@ def _convert(model, config: Fp16Config, blocked: set[str], use_ort_converter: bo
     else:
         DEFAULT_OP_BLOCK_LIST = float16.DEFAULT_OP_BLOCK_LIST  # noqa: N806
     op_block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(config.exclude_ops))
-    with warnings.catch_warnings(), contextlib.redirect_stdout(__import__("io").StringIO()):
-        warnings.simplefilter("ignore")  # one warning per constant it rounds; the fidelity report says more
+    with quiet_libraries():  # one warning per constant it rounds; the fidelity report says more
         model = _copy(model)
         _split_shared_initializers(model, blocked)
         if use_ort_converter:

@@ -166,16 +166,17 @@ def detect_attention_shape(model) -> tuple[int, int]:
 
 
 def _fuse_transformer(model, config: PreprocessConfig):
-    import logging
-
     from onnx import helper
     from onnxruntime.transformers.optimizer import optimize_model
 
-    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    from dlopt.quiet import quiet_libraries
+
     heads, hidden = config.num_heads, config.hidden_size
     if not heads or not hidden:
         heads, hidden = detect_attention_shape(model)
-    fused = optimize_model(model, model_type=config.model_type, num_heads=heads, hidden_size=hidden, opt_level=0)
+    with quiet_libraries():
+        fused = optimize_model(model, model_type=config.model_type, num_heads=heads, hidden_size=hidden,
+                               opt_level=0)
     stats = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
     result = fused.model
     domains = {n.domain for n in result.graph.node} - {"", "ai.onnx"}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import os
 import platform
 import sys
@@ -36,6 +35,7 @@ from dlopt.errors import InputError, StageError
 from dlopt.optimize.calibration import CalibrationData, Feeds
 from dlopt.optimize.preprocess import (PreprocessConfig, check_feeds, looks_like_transformer, make_session,
                                        op_counts, preprocess, run_outputs)
+from dlopt.quiet import quiet_libraries
 from dlopt.stage import StageResult, config_to_dict
 
 PRECISIONS = ("int8", "int4", "fp16")
@@ -325,7 +325,7 @@ def calibrate(model, data: Iterable[Mapping[str, np.ndarray]], *, method: Method
         path = Path(tmp) / "model.onnx"
         onnx.save_model(model, str(path), save_as_external_data=model.ByteSize() > 2**31 - 1)
         # ORT's histogram collectors print to stdout on every call; dlopt keeps stdout for results
-        with contextlib.redirect_stdout(io.StringIO()):
+        with quiet_libraries():
             calibrator = create_calibrator(path, list(op_types) if op_types else None,
                                            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                            calibrate_method=_ort_method(method), extra_options=extra)
@@ -380,7 +380,7 @@ def quantize_int8(model, config: QuantizeConfig, recipe: Recipe, data: Calibrati
         common = dict(per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
                       weight_type=_ort_quant_type(recipe.weight_type), nodes_to_exclude=excluded,
                       op_types_to_quantize=op_types)
-        with contextlib.redirect_stdout(io.StringIO()):
+        with quiet_libraries():  # its "run pre-processing" advice: preprocess() did
             if recipe.mode == "dynamic":
                 quantize_dynamic(model, str(out), extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT,
                                                                  "MatMulConstBOnly": True}, **common)
