@@ -3,6 +3,8 @@ Gemm rewriting, exclusions and fallbacks, sensitivity ranking, determinism, bad 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -317,3 +319,49 @@ def test_gptq_lowers_output_error_against_round_to_nearest(symmetric):
     err_rtn = np.linalg.norm(x @ (w - rtn))
     err_gptq = np.linalg.norm(x @ (w - g))
     assert err_gptq < 0.8 * err_rtn
+
+
+# -- tied LM heads, symmetric grids, GPTQ variants --------------------------------------------------------
+def tied_lm_model(seed: int = 0, vocab: int = 512, hidden: int = 64) -> onnx.ModelProto:
+    """ids -> Gather(table) -> MatMul(w) -> MatMul(·, Transpose(table)) -> logits: a tied LM head, exported
+    the way torch's dynamo exporter writes it (the table transposed at run time)."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "w"], ["h"], name="mix"),
+             helper.make_node("Transpose", ["table"], ["table_t"], name="head_t", perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "table_t"], ["logits"], name="head")]
+    graph = helper.make_graph(
+        nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        [_init("table", rng.standard_normal((vocab, hidden)) * 0.5), _init("w", rng.standard_normal((hidden, hidden)) / 8)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("fallback_bits, bits", [(8, 8), (32, 4)])
+def test_tied_lm_head_is_quantized_and_the_table_stored_once(fallback_bits, bits):
+    """The head's Transpose(table) is folded and quantized; the embedding reads the head's codes, so the
+    float table is gone and the file holds the tied weight once. keep_last=1 puts both at 8 bits."""
+    model = tied_lm_model()
+    feeds = [{"ids": np.random.default_rng(2).integers(0, 512, (1, 16)).astype(np.int64)} for _ in range(3)]
+    keep_last = 1 if fallback_bits == 8 else 0
+    config = Int4Config(sensitive_fraction=0, keep_last=keep_last, symmetric=True, exclude_nodes=("mix",))
+    result = quantize_int4(model, config, feeds)
+    q = result.model
+    assert "Transpose" not in ops(q) and ops(q).count("MatMul") == 1 and "Gather" not in ops(q)
+    head = next(n for n in q.graph.node if n.name.startswith("head_Q"))
+    embed = node(q, "embed")
+    assert embed.op_type == "GatherBlockQuantized" and attr(embed, "bits") == attr(head, "bits") == bits
+    assert embed.input[0].startswith("embed__tied") and result.report["embeddings_tied_to_matmul"] == ["embed"]
+    assert not [t.name for t in q.graph.initializer if t.data_type == TensorProto.FLOAT and sorted(t.dims) == [64, 512]]
+    untied = quantize_int4(model, dataclasses.replace(config, share_tied_embeddings=False), feeds).model
+    table_bytes = 512 * 64 * bits / 8
+    assert q.ByteSize() < untied.ByteSize() - 0.9 * table_bytes
+    floor = SQNR_FLOOR_INT8_DB - 3 if bits == 8 else SQNR_FLOOR_INT4_DB - 3  # logits: two quantized factors
+    assert sqnr_db(run(model, feeds), run(q, feeds)) > floor
+    # the embedding rows are exactly the head's dequantized columns
+    q.graph.output.append(helper.make_empty_tensor_value_info("e"))
+    import onnxruntime as ort
+
+    rows = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(["e"], feeds[0])[0]
+    table = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "table"))
+    assert sqnr_db([table[feeds[0]["ids"][0]]], [rows[0]]) > (35.0 if bits == 8 else 17.0)
