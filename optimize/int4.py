@@ -31,6 +31,7 @@ What dlopt adds around it, and why:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -42,8 +43,8 @@ import numpy as np
 from dlopt.errors import InputError, MissingDependencyError, StageError
 from dlopt.stage import StageResult, config_to_dict
 
-ALGORITHMS = ("rtn", "mse", "hqq", "gptq")
-Algorithm = Literal["rtn", "mse", "hqq", "gptq"]
+ALGORITHMS = ("auto", "rtn", "mse", "hqq", "gptq")
+Algorithm = Literal["auto", "rtn", "mse", "hqq", "gptq"]
 _OP_TYPES = ("MatMul", "Gemm", "Gather")
 _MS_DOMAIN = "com.microsoft"
 # tables smaller than this stay float: quantizing a position or token-type table saves nothing
@@ -53,10 +54,12 @@ _MIN_EMBEDDING_ELEMENTS = 1 << 16
 @dataclass(frozen=True, kw_only=True)
 class Int4Config:
     block_size: int = 32  # weights per scale, along the reduction axis; a power of two >= 16
-    symmetric: bool = False  # False: a zero point per block (better fidelity, ~1.5 % larger)
-    algorithm: Algorithm = "rtn"  # rtn: ORT's round to nearest; mse: round to nearest with a per-block clipping
-    #                               range that minimizes squared error (dlopt); hqq: half-quadratic (torch);
-    #                               gptq: error-compensating, needs data
+    symmetric: bool = True  # True: no zero points, a signed scale per block (see block_grid); False: a zero
+    #                         point per block (~1.5 % larger; HQQ needs it)
+    algorithm: Algorithm = "auto"  # auto: gptq with calibration data, else rtn. rtn: ORT's round to nearest;
+    #                                mse: round to nearest with a per-block clipping range that minimizes
+    #                                squared error (dlopt); hqq: half-quadratic (ORT, torch); gptq: dlopt's
+    #                                error-compensating GPTQ, needs data
     quantize_embeddings: bool = True  # Gather on a large constant table -> GatherBlockQuantized (4-bit)
     embedding_block_size: int | None = None  # None: block_size
     share_tied_embeddings: bool = True  # a table that is also a (transposed) MatMul weight, like a tied LM
@@ -64,7 +67,7 @@ class Int4Config:
     exclude_nodes: tuple[str, ...] = ()  # kept in float
     exclude_ops: tuple[str, ...] = ()  # of MatMul, Gemm, Gather: op types left in float
     keep_first: int = 0  # the first N weight MatMuls (graph order) kept at fallback_bits
-    keep_last: int = 0  # the last N (e.g. an LM head) kept at fallback_bits
+    keep_last: int = 1  # the last N (an LM head; with a tied table, the embedding too) kept at fallback_bits
     sensitive_fraction: float = 0.1  # share of MatMul weights (by parameters) kept at fallback_bits, most
     #                                  sensitive first; needs calibration data (ignored without, with a note)
     fallback_bits: int = 8  # 8: 8-bit MatMulNBits; 32: float
@@ -839,6 +842,10 @@ def quantize_int4(model, config: Int4Config = Int4Config(), data: Iterable[Mappi
     four_bit = {n for n in order if n not in reasons}
     all_matmuls = {n.name for n in _weight_matmuls(model)}
 
+    if config.algorithm == "auto":
+        config = dataclasses.replace(config, algorithm="gptq" if feeds else "rtn")
+        if not feeds:
+            notes.append("no calibration data: round-to-nearest; with data, GPTQ (error-compensating) is used")
     if config.algorithm == "gptq" and not feeds:
         raise InputError("int4 algorithm gptq needs calibration data", "pass --calibration, or use rtn or hqq")
     with _quiet_ort_quantizer():

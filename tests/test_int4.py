@@ -88,7 +88,8 @@ def test_int4_quantizes_matmuls_and_embedding_within_sqnr_floor(symmetric):
     model = lm_model()
     before = model.SerializeToString()
     feeds = lm_feeds()
-    result = quantize_int4(model, Int4Config(symmetric=symmetric, sensitive_fraction=0), feeds)
+    result = quantize_int4(model, Int4Config(symmetric=symmetric, algorithm="rtn", sensitive_fraction=0, keep_last=0),
+                           feeds)
     q = result.model
     assert model.SerializeToString() == before  # the input is never modified
     assert ops(q).count("MatMulNBits") == 2 and "MatMul" not in ops(q)
@@ -130,14 +131,15 @@ def test_gemm_rewrite_is_exact_and_gemm_weights_get_quantized():
     assert ops(rewritten) == ["MatMul", "Add"]
     np.testing.assert_allclose(run(rewritten, [{"x": x}])[0], run(model, [{"x": x}])[0], rtol=1e-5, atol=1e-5)
 
-    q = quantize_int4(model, Int4Config(sensitive_fraction=0)).model
+    q = quantize_int4(model, Int4Config(sensitive_fraction=0, keep_last=0)).model
     assert ops(q) == ["MatMulNBits", "Add"]
     assert SQNR_FLOOR_INT4_DB <= sqnr_db(run(model, [{"x": x}]), run(q, [{"x": x}])) <= SQNR_CEILING_INT4_DB
 
 
 def test_excluded_nodes_and_ops_stay_float():
     model = lm_model()
-    q = quantize_int4(model, Int4Config(exclude_nodes=("fc2",), exclude_ops=("Gather",), sensitive_fraction=0)).model
+    q = quantize_int4(model, Int4Config(exclude_nodes=("fc2",), exclude_ops=("Gather",), sensitive_fraction=0,
+                                             keep_last=0)).model
     assert node(q, "fc2").op_type == "MatMul" and node(q, "fc2").input[1] == "w2"
     assert node(q, "embed").op_type == "Gather" and node(q, "embed").input[0] == "table"
     assert node(q, "fc1_Q4").op_type == "MatMulNBits"
@@ -174,12 +176,12 @@ def test_sensitivity_ranking_keeps_the_outlier_layer_at_8_bits():
         if t.name == "w2":
             model.graph.initializer[i].CopyFrom(_init("w2", w2))
     feeds = lm_feeds()
-    result = quantize_int4(model, Int4Config(sensitive_fraction=0.5), feeds)
+    result = quantize_int4(model, Int4Config(sensitive_fraction=0.5, keep_last=0), feeds)
     sqnr = result.report["sensitivity_sqnr_db"]
     assert sqnr["fc2"] < sqnr["fc1"] - 3.0
     assert list(result.report["fallback_nodes"]) == ["fc2"]
     assert attr(node(result.model, "fc2_Q8"), "bits") == 8
-    all4 = quantize_int4(model, Int4Config(sensitive_fraction=0), feeds).model
+    all4 = quantize_int4(model, Int4Config(sensitive_fraction=0, keep_last=0), feeds).model
     reference = run(model, feeds)
     assert sqnr_db(reference, run(result.model, feeds)) > sqnr_db(reference, run(all4, feeds)) + 3.0
 
@@ -188,7 +190,9 @@ def test_sensitivity_ranking_keeps_the_outlier_layer_at_8_bits():
 def test_error_minimizing_algorithms_produce_matmulnbits_within_floor(algorithm):
     model = lm_model()
     feeds = lm_feeds(count=4)
-    result = quantize_int4(model, Int4Config(algorithm=algorithm, sensitive_fraction=0, gptq_samples=4), feeds)
+    config = Int4Config(algorithm=algorithm, symmetric=algorithm != "hqq", sensitive_fraction=0, keep_last=0,
+                        gptq_samples=4)
+    result = quantize_int4(model, config, feeds)
     assert ops(result.model).count("MatMulNBits") == 2 and "MatMul" not in ops(result.model)
     assert SQNR_FLOOR_INT4_DB <= sqnr_db(run(model, feeds), run(result.model, feeds)) <= SQNR_CEILING_INT4_DB
 
