@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import dlopt
 from dlopt.cli import main
 from dlopt.errors import InputError
-from dlopt.fileio import atomic_path, load_onnx
+from dlopt.fileio import atomic_path, load_onnx, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,6 +59,23 @@ def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path):
     with atomic_path(out) as tmp:
         tmp.write_bytes(b"whole")
     assert out.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [out]
+
+
+def test_json_reports_are_standard_json_without_infinity(tmp_path):
+    import json
+
+    import numpy as np
+
+    out = write_json_atomic(tmp_path / "r.json", {"sqnr_db": float("inf"), "noise": [np.float32("nan"), -np.inf],
+                                                  "cos": np.float64(0.5), "shape": np.array([1, 2])})
+    text = out.read_text()
+    assert "Infinity" not in text and "NaN" not in text
+
+    def strict(token):
+        raise ValueError(token)
+
+    assert json.loads(text, parse_constant=strict) == {"sqnr_db": None, "noise": [None, None], "cos": 0.5,
+                                                       "shape": [1, 2]}
 
 
 def test_mapped_folders_cannot_be_imported_as_top_level_packages():

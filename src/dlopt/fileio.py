@@ -67,8 +67,31 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
-    return write_bytes_atomic(path, text.encode())
+    return write_bytes_atomic(path, json_text(obj).encode())
+
+
+def json_text(obj: Any) -> str:
+    """Standard JSON (what every other tool parses): numpy values as Python ones, and the non-finite
+    floats JSON has no words for (an SQNR of identical outputs is inf) written as null."""
+    return json.dumps(finite_for_json(obj), indent=2, sort_keys=False, allow_nan=False, default=_json_default) + "\n"
+
+
+def finite_for_json(value: Any) -> Any:
+    import math
+
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    elif isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_for_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_for_json(v) for v in value]
+    return value
 
 
 def _json_default(value: Any) -> Any:

@@ -31,7 +31,7 @@ import numpy as np
 
 import dlopt
 from dlopt.errors import InputError, VerificationError
-from dlopt.fileio import load_onnx, write_json_atomic
+from dlopt.fileio import finite_for_json, json_text, load_onnx, write_json_atomic
 from dlopt.manifest import MANIFEST_NAME, SAMPLES_NAME, SCHEMA_NAME, SCHEMA_VERSION, file_entries, sha256_file
 from dlopt.report import environment, format_markdown_table, format_table
 from dlopt.stage import config_to_dict
@@ -179,8 +179,8 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
                              artifacts=artifacts, staging=staging)
         (staging / "README.md").write_text(model_card(manifest, coverage_report_path=staging / "coverage.json"))
         manifest["files"] = file_entries(staging, _roles(staging, built, artifacts))
-        manifest = _finite(manifest)
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+        manifest = finite_for_json(manifest)
+        (staging / MANIFEST_NAME).write_text(json_text(manifest))
         _finalize(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -685,25 +685,6 @@ def _calibration_record(spec: str | None, model_path: Path) -> dict[str, Any] | 
         files = hash_path(path)
         record |= {"bytes": files["bytes"], "files": files["files"]}
     return record
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no inf/NaN: an SQNR of identical outputs (inf) is written as null."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot serialize {type(value).__name__}")
 
 
 def model_card(manifest: Mapping[str, Any], coverage_report_path: Path | None = None) -> str:
