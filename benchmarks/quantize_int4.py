@@ -32,7 +32,7 @@ SMOLLM2_VARIANTS = {
     "gptq4": ("dlopt GPTQ sym b32, all 4-bit (head + embedding too)",
               {"symmetric": True, "algorithm": "gptq", "sensitive_fraction": 0.0}),
     "default": ("dlopt default: GPTQ sym b32, tied head/embedding 8-bit", {}),
-    "default_acc4": ("dlopt default + accuracy_level 4 (int8 compute)", {"accuracy_level": 4}),
+    "default_acc4": ("dlopt default + accuracy_level 4 (int8 compute)", {"accuracy_level": 4}),  # from default
     "gptq_asym64": ("dlopt GPTQ asym b64, tied head/embedding 8-bit",
                     {"symmetric": False, "block_size": 64, "algorithm": "gptq"}),
     "gptq_asym128": ("dlopt GPTQ asym b128, tied head/embedding 8-bit",
@@ -78,6 +78,24 @@ def dlopt_int4(src: Path, out: Path, options: dict, calibration: str) -> dict:
     log(f"dlopt int4 {src.name} -> {out.name} {options or '(defaults)'}")
     config = QuantizeConfig(precision="int4", int4=Int4Config(**options) if options else None)
     return quantize_file(src, out, config, calibration, log=log).report
+
+
+def with_accuracy_level(src: Path, out: Path, level: int) -> None:
+    """The same weights with MatMulNBits' accuracy_level set (what Int4Config(accuracy_level=...) writes),
+    without quantizing again."""
+    if out.exists():
+        return
+    import onnx
+
+    from dlopt.fileio import load_onnx, save_onnx_atomic
+
+    model = load_onnx(src)
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            node.ClearField("attribute")
+            node.attribute.extend(kept + [onnx.helper.make_attribute("accuracy_level", level)])
+    save_onnx_atomic(model, out)
 
 
 def ort_rtn(src: Path, out: Path, block_size: int = 32, symmetric: bool = True) -> None:
@@ -137,7 +155,11 @@ def bench_smollm2(work: Path, variants: list[str], tokens: int, budget_s: float)
     for key in variants:
         label, options = SMOLLM2_VARIANTS[key]
         out = work / f"smollm2_{key}.onnx"
-        dlopt_int4(fp32, out, options, "model:smollm2")
+        if key == "default_acc4":
+            dlopt_int4(fp32, work / "smollm2_default.onnx", {}, "model:smollm2")
+            with_accuracy_level(work / "smollm2_default.onnx", out, options["accuracy_level"])
+        else:
+            dlopt_int4(fp32, out, options, "model:smollm2")
         paths[label] = out
     metrics = {}
     for label, path in paths.items():

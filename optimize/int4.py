@@ -73,7 +73,7 @@ class Int4Config:
     fallback_bits: int = 8  # 8: 8-bit MatMulNBits; 32: float
     accuracy_level: int | None = None  # MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
     sensitivity_samples: int = 8  # calibration samples used to rank nodes
-    gptq_samples: int = 16  # calibration samples GPTQ builds its Hessians from
+    gptq_samples: int = 32  # calibration samples GPTQ builds its Hessians from (SmolLM2: 32 x 128 tokens)
     gptq_act_order: bool = True  # GPTQ visits inputs by decreasing energy, block grids fixed up front
     gptq_clip_search: bool = True  # GPTQ block grids by an energy-weighted clip-ratio search, not min/max
 
