@@ -230,22 +230,9 @@ def _remove_cast_round_trips(model) -> int:
 
 
 def _fuse_for_cuda(model) -> tuple[Any, dict[str, Any]]:
+    from dlopt.optimize.preprocess import fuse_transformer
 
-    from onnx import helper
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    from dlopt.optimize.preprocess import detect_attention_shape
-
-    heads, hidden = detect_attention_shape(model)
-    with quiet_libraries():
-        fused = optimize_model(_copy(model), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=0,
-                               use_gpu=True)
-    stats = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
-    result = fused.model
-    declared = {o.domain for o in result.opset_import}
-    for domain in sorted({n.domain for n in result.graph.node} - {"", "ai.onnx"} - declared):
-        result.opset_import.append(helper.make_opsetid(domain, 1))
-    return result, {"fused": stats, "num_heads": heads, "hidden_size": hidden}
+    return fuse_transformer(model, use_gpu=True)
 
 
 def _split_shared_initializers(model, blocked: set[str]) -> int:

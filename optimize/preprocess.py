@@ -166,17 +166,28 @@ def detect_attention_shape(model) -> tuple[int, int]:
 
 
 def _fuse_transformer(model, config: PreprocessConfig):
+    return fuse_transformer(model, config.model_type, config.num_heads, config.hidden_size)
+
+
+def fuse_transformer(model, model_type: str = "bert", num_heads: int = 0, hidden_size: int = 0, *,
+                     use_gpu: bool = False) -> tuple[Any, dict[str, Any]]:
+    """ONNX Runtime's transformer fusions (Attention, EmbedLayerNormalization, ...); heads and width
+    found in the graph when not given. use_gpu: the fusions the CUDA provider has kernels for.
+    `model` is not modified (ORT's optimizer rewrites the proto it is given in place)."""
+    import onnx
     from onnx import helper
     from onnxruntime.transformers.optimizer import optimize_model
 
     from dlopt.quiet import quiet_libraries
 
-    heads, hidden = config.num_heads, config.hidden_size
+    heads, hidden = num_heads, hidden_size
     if not heads or not hidden:
         heads, hidden = detect_attention_shape(model)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
     with quiet_libraries():
-        fused = optimize_model(model, model_type=config.model_type, num_heads=heads, hidden_size=hidden,
-                               opt_level=0)
+        fused = optimize_model(work, model_type=model_type, num_heads=heads, hidden_size=hidden, opt_level=0,
+                               use_gpu=use_gpu)
     stats = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
     result = fused.model
     domains = {n.domain for n in result.graph.node} - {"", "ai.onnx"}

@@ -159,6 +159,38 @@ def test_input_model_is_not_modified(tmp_path):
     assert path.read_bytes() == on_disk
 
 
+def layer_norm_model() -> onnx.ModelProto:
+    """x -> the exporters' unfused LayerNorm subgraph (ReduceMean, Sub, Pow, Sqrt, Div, Mul, Add) -> MatMul."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-1]),
+             helper.make_node("Sub", ["x", "mean"], ["d"]),
+             helper.make_node("Pow", ["d", "two"], ["sq"]),
+             helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1]),
+             helper.make_node("Add", ["var", "eps"], ["var_eps"]),
+             helper.make_node("Sqrt", ["var_eps"], ["std"]),
+             helper.make_node("Div", ["d", "std"], ["normed"]),
+             helper.make_node("Mul", ["normed", "gamma"], ["scaled"]),
+             helper.make_node("Add", ["scaled", "beta"], ["ln"]),
+             helper.make_node("MatMul", ["ln", "w"], ["y"], name="proj")]
+    graph = helper.make_graph(
+        nodes, "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [_init("two", np.array(2.0)), _init("eps", np.array(1e-5)), _init("gamma", rng.standard_normal(16)),
+         _init("beta", rng.standard_normal(16)), _init("w", rng.standard_normal((16, 16)))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_transformer_fusion_leaves_its_input_alone():
+    from dlopt.optimize.preprocess import fuse_transformer
+
+    model = layer_norm_model()
+    before = model.SerializeToString()
+    fused, report = fuse_transformer(model, num_heads=1, hidden_size=16)
+    assert report["fused"].get("LayerNormalization") == 1
+    assert "LayerNormalization" in {n.op_type for n in fused.graph.node}
+    assert model.SerializeToString() == before  # ORT's optimizer rewrites the proto it is given
+
+
 # -- recipes -------------------------------------------------------------------------------------------
 def transformer_like_model() -> onnx.ModelProto:
     """Enough of an encoder for the recipe: token ids, an embedding Gather, MatMuls and a Softmax."""
