@@ -369,3 +369,58 @@ def test_tied_lm_head_is_quantized_and_the_table_stored_once(fallback_bits, bits
     rows = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(["e"], feeds[0])[0]
     table = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "table"))
     assert sqnr_db([table[feeds[0]["ids"][0]]], [rows[0]]) > (35.0 if bits == 8 else 17.0)
+
+
+def test_symmetric_grid_puts_the_extreme_weight_on_minus_8_exactly():
+    """Symmetric codes: zero point 8 for every block, a signed scale that maps each block's largest
+    |w| onto code 0 (value -8·scale) exactly, whichever its sign; an unsigned amax/8 scale would clip a
+    positive extreme to 7/8 of itself."""
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((64, 128)).astype(np.float32)
+    w[0, 5] = 9.0  # a positive extreme in block (0, 0)
+    w[1, 40] = -9.0  # a negative one in block (1, 1)
+    q, scale, zp = quantize_blocks(w, 32, symmetric=True)
+    assert (zp == 8).all() and q.max() <= 15
+    deq = dequantize_blocks(q, scale, zp, 32)
+    assert q[0, 5] == 0 and q[1, 40] == 0
+    assert deq[0, 5] == pytest.approx(9.0, rel=1e-6) and deq[1, 40] == pytest.approx(-9.0, rel=1e-6)
+    assert scale[0, 0] < 0 < scale[1, 1]
+    # within half a step on the grid [-8, 7]·scale; the other sign's tail beyond 7 steps is clipped by < 1 step
+    step = np.repeat(np.abs(scale), 32, axis=1)
+    on_grid = np.abs(w) <= 7.5 * step
+    assert (np.abs(deq - w)[on_grid] <= 0.5 * step[on_grid] + 1e-6).all()
+    assert (np.abs(deq - w) <= step + 1e-6).all()
+    # the written MatMulNBits has no zero-point input (the contrib op's default, 8, is the grid's)
+    q_model = quantize_int4(lm_model(), Int4Config(sensitive_fraction=0, keep_last=0, symmetric=True)).model
+    assert all(len(n.input) == 3 for n in q_model.graph.node if n.op_type == "MatMulNBits")
+
+
+def test_gptq_act_order_and_clip_search_lower_the_output_error_further():
+    """Inputs whose channels differ in energy (as LLM activations do): visiting the strong inputs first
+    and choosing block ranges by energy-weighted error beat plain GPTQ and round-to-nearest."""
+    from dlopt.optimize.int4 import gptq_blocks
+
+    rng = np.random.default_rng(7)
+    k, n = 256, 128
+    mix = np.eye(k) + 0.3 * rng.standard_normal((k, k)) / np.sqrt(k)
+    x = (rng.standard_normal((4096, k)) @ mix) * np.exp(rng.standard_normal(k))
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    h = 2 * x.T @ x / len(x)
+
+    def error(wq):
+        return np.linalg.norm(x @ (w - wq)) / np.linalg.norm(x @ w)
+
+    rtn = error(dequantize_blocks(*quantize_blocks(np.ascontiguousarray(w.T), 32, True), 32).T)
+    plain = error(dequantize_blocks(*gptq_blocks(w, h, 32, True), 32).T)
+    best = error(dequantize_blocks(*gptq_blocks(w, h, 32, True, act_order=True, clip_search=True), 32).T)
+    assert plain < rtn
+    assert best < 0.85 * rtn and best < 0.9 * plain
+
+
+@pytest.mark.parametrize("with_data, algorithm", [(True, "gptq"), (False, "rtn")])
+def test_auto_algorithm_is_gptq_with_data_and_rtn_without(with_data, algorithm):
+    result = quantize_int4(lm_model(), Int4Config(sensitive_fraction=0), lm_feeds() if with_data else None)
+    assert result.report["algorithm"] == algorithm
+    assert any("round-to-nearest" in note for note in result.report["notes"]) is not with_data
+    # keep_last=1 by default: the last MatMul (an LM head in a decoder) is 8-bit
+    assert attr(node(result.model, "fc2_Q8"), "bits") == 8 and attr(node(result.model, "fc1_Q4"), "bits") == 4
