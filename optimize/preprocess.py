@@ -31,6 +31,7 @@ class PreprocessConfig:
     num_heads: int = 0  # 0: detected from the graph by ORT
     hidden_size: int = 0
     constant_folding: bool = True
+    batchnorm_folding: bool = True  # Conv -> BatchNormalization pairs become one Conv
     shape_inference: bool = True
     check_samples: int = 2
     atol: float = 1e-4
@@ -249,6 +250,65 @@ def _fold_constants(model, config: PreprocessConfig):
     return folded, {"nodes_before": len(model.graph.node), "nodes_after": len(graph.node), "folded": folded_count}
 
 
+def _fold_batchnorm(model, config: PreprocessConfig):
+    """Fold every inference BatchNormalization that alone consumes a Conv with constant weights into
+    that Conv (w * g/sqrt(v + eps) per output channel, bias (b - mean) * g/sqrt(v + eps) + beta).
+
+    Needed before quantization, not after: ORT folds BatchNorm only when it builds a session, i.e.
+    after the QDQ nodes are placed, so an unfolded pair quantizes the Conv's pre-BN output with the
+    wrong range and leaves a float BatchNormalization between QLinearConv kernels. The Conv keeps its
+    name and takes the BatchNormalization's output name."""
+    import onnx
+    from onnx import numpy_helper
+
+    folded_model = onnx.ModelProto()
+    folded_model.CopyFrom(model)
+    graph = folded_model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+    producer = {o: n for n in graph.node for o in n.output}
+    drop, replaced, count = set(), set(), 0
+    for bn in graph.node:
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1 or any(
+                a.name == "training_mode" and a.i for a in bn.attribute):
+            continue
+        conv = producer.get(bn.input[0])
+        params = bn.input[1:5]
+        if (conv is None or conv.op_type != "Conv" or len(consumers.get(conv.output[0], [])) != 1
+                or conv.output[0] in graph_outputs or conv.input[1] not in inits
+                or not all(p in inits for p in params)
+                or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits)):
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64) for p in params)
+        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        factor = gamma / np.sqrt(var + eps)
+        bias = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+                if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0]))
+        dtype = numpy_helper.to_array(inits[conv.input[1]]).dtype
+        w_name, b_name = f"{conv.input[1]}/bn_folded", f"{conv.name or conv.output[0]}/bn_folded_bias"
+        graph.initializer.extend([
+            numpy_helper.from_array((w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(dtype), w_name),
+            numpy_helper.from_array(((bias - mean) * factor + beta).astype(dtype), b_name)])
+        replaced.update([*params, *conv.input[1:]])
+        del conv.input[1:]
+        conv.input.extend([w_name, b_name])
+        conv.output[0] = bn.output[0]
+        drop.add(id(bn))
+        count += 1
+    keep = [n for n in graph.node if id(n) not in drop]
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = {i for n in graph.node for i in n.input}
+    for t in [t for t in graph.initializer if t.name in replaced and t.name not in used]:
+        graph.initializer.remove(t)
+    return folded_model, {"folded": count}
+
+
 def _infer_shapes(model, config: PreprocessConfig):
     import onnx
 
@@ -275,6 +335,8 @@ def preprocess(model, config: PreprocessConfig = PreprocessConfig(),
                                                  and looks_like_transformer(model))
     if fuse and not (FUSED_TRANSFORMER_OPS & {n.op_type for n in model.graph.node}):
         steps.append(("transformer_fusion", _fuse_transformer))
+    if config.batchnorm_folding and any(n.op_type == "BatchNormalization" for n in model.graph.node):
+        steps.append(("batchnorm_folding", _fold_batchnorm))
     if config.constant_folding:
         steps.append(("constant_folding", _fold_constants))
     if config.shape_inference:

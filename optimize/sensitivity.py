@@ -145,7 +145,7 @@ def node_sensitivity(float_model, quantized, feeds: list[dict[str, np.ndarray]],
 
 
 def leave_one_out(ranked: list[dict[str, Any]], original, prepared, config, recipe, data, feeds, ranges,
-                  log: Callable[[str], None]) -> list[dict[str, Any]]:
+                  log: Callable[[str], None], layer_stats=None) -> list[dict[str, Any]]:
     """Re-rank by what keeping each node alone in float buys at the model's output (noise power of
     the first float output, relative to FP32). One quantization per node (calibration reused), so
     used up to config.leave_one_out_limit nodes. Needed because a node's own added noise (above)
@@ -162,7 +162,8 @@ def leave_one_out(ranked: list[dict[str, Any]], original, prepared, config, reci
         return sum(float(np.sum((r[index].astype(np.float64) - o[index]) ** 2)) for r, o in zip(reference, outs)) / signal
 
     for i, entry in enumerate(ranked, 1):
-        model, _ = quantize_int8(prepared, config, recipe, data, exclude_nodes=[entry["node"]], ranges=ranges)
+        model, _ = quantize_int8(prepared, config, recipe, data, exclude_nodes=[entry["node"]], ranges=ranges,
+                                 layer_stats=layer_stats)
         entry["output_noise_if_float"] = output_noise(model)
         log(f"budget: ranking {i}/{len(ranked)}: {entry['node']} in float -> output noise "
             f"{entry['output_noise_if_float']:.3g}")
@@ -185,7 +186,7 @@ def cpu_latency_ms(model, feeds: dict[str, np.ndarray], repeats: int = 5) -> flo
     return float(np.median(times) * 1000)
 
 
-def meet_budget(original, prepared, quantized, config, recipe, data, *, ranges=None,
+def meet_budget(original, prepared, quantized, config, recipe, data, *, ranges=None, layer_stats=None,
                 log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Search for the fastest INT8 model whose evaluator drop is <= config.max_accuracy_drop.
 
@@ -205,7 +206,7 @@ def meet_budget(original, prepared, quantized, config, recipe, data, *, ranges=N
     def trial(k: int) -> dict[str, Any]:
         excluded = [e["node"] for e in ranked[:k]]
         model = quantized if k == 0 else quantize_int8(prepared, config, recipe, data, exclude_nodes=excluded,
-                                                       ranges=ranges)[0]
+                                                       ranges=ranges, layer_stats=layer_stats)[0]
         score = evaluator.score(model)
         entry = {"excluded_count": k, "excluded": sorted(set(excluded) | set(config.exclude_nodes)),
                  "score": score, "drop": baseline - score,
@@ -224,7 +225,7 @@ def meet_budget(original, prepared, quantized, config, recipe, data, *, ranges=N
         op_types = _default_op_types(recipe) - set(config.exclude_ops)
         ranked = node_sensitivity(prepared, quantized, feeds, op_types, config.exclude_nodes)
         if 0 < len(ranked) <= config.leave_one_out_limit:
-            ranked = leave_one_out(ranked, original, prepared, config, recipe, data, feeds, ranges, log)
+            ranked = leave_one_out(ranked, original, prepared, config, recipe, data, feeds, ranges, log, layer_stats)
         log(f"budget: {len(ranked)} nodes ranked")
     if not first["within_budget"] and ranked:
         low, k, high = 0, 1, None
