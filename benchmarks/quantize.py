@@ -164,7 +164,10 @@ def bench_cnn(name: str, work: Path, budget_s: float, with_budget: bool = False)
     ort_path = work / f"{name}_ort_static.onnx"
     ort_static_default(fp32, ort_path, name)
     variants["ORT quantize_static defaults"] = ort_path
-    runs = [("dlopt int8 auto (static QDQ)", f"{name}_int8_auto.onnx", {})]
+    runs = [("dlopt int8 auto (static QDQ)", f"{name}_int8_auto.onnx", {}),
+            # the recipe before GPTQ rounding and bias correction, for the before/after comparison
+            ("dlopt int8, minmax + nearest rounding (old auto)", f"{name}_int8_nearest.onnx",
+             {"method": "minmax", "weight_rounding": "nearest", "bias_correction": False})]
     if name == "efficientnet-lite0" and with_budget:  # slow: one re-quantization per node
         runs.append(("dlopt int8 auto + budget SQNR >= 20 dB", f"{name}_int8_budget.onnx",
                      {"max_accuracy_drop": 0.01, "evaluator": "sqnr"}))

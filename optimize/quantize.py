@@ -63,7 +63,7 @@ class QuantizeConfig:
     target: Target = "cpu"
     preprocess: bool = True  # fusions, constant folding, shape inference (int8), each checked
     calibration_samples: int | None = None  # cap on samples read; None: all of them
-    percentile: float = 99.999
+    percentile: float | None = None  # for percentile calibration; None: 99.99 for CNNs, 99.999 otherwise
     max_accuracy_drop: float | None = None
     evaluator: str | None = None  # cosine | top1 | sqnr | model:NAME[:metric]; None: cosine or top1
     fidelity_samples: int = 32
@@ -77,7 +77,7 @@ class QuantizeConfig:
     # static INT8 Conv/Gemm weights: auto = GPTQ with calibration data; nearest = ORT's rounding
     weight_rounding: Rounding = "auto"
     bias_correction: bool = True  # static INT8: fold each Conv/Gemm's mean rounding shift into its bias
-    rounding_samples: int = 32  # calibration samples for the layer statistics of both
+    rounding_samples: int = 64  # calibration samples for the layer statistics of both
     int4: Any = None  # an Int4Config from dlopt.optimize.int4; None: built from the options above
     fp16: Any = None  # an Fp16Config from dlopt.optimize.fp16
 
@@ -90,7 +90,7 @@ def validate_config(config: QuantizeConfig) -> None:
             raise InputError(f"unknown {name} {value!r}", f"choose one of {', '.join(allowed)}")
     if config.method is not None and config.method not in METHODS:
         raise InputError(f"unknown calibration method {config.method!r}", f"choose one of {', '.join(METHODS)}")
-    if not 0 < config.percentile <= 100:
+    if config.percentile is not None and not 0 < config.percentile <= 100:
         raise InputError(f"percentile {config.percentile} is out of range", "give a value in (0, 100], e.g. 99.999")
     if config.smoothing is not None and not 0 < config.smoothing < 1:
         raise InputError(f"smoothing alpha {config.smoothing} is out of range", "give a value in (0, 1), e.g. 0.75")
@@ -139,6 +139,7 @@ class Recipe:
     smoothing: float | None = None
     weight_rounding: Literal["nearest", "gptq"] = "nearest"
     bias_correction: bool = False
+    percentile: float = 99.999
     reasons: tuple[str, ...] = ()
 
 
@@ -185,8 +186,11 @@ def choose_recipe(model, config: QuantizeConfig, cpu: CpuFeatures | None = None,
     per_channel = config.per_channel
     reasons.append("per-channel weights" if per_channel else "per-tensor weights: asked for")
     method = config.method or ("percentile" if transformer or kind == "CNN" else "minmax")
+    # EfficientNet-Lite0 (GPTQ + bias correction): 99.99 -> 19.75 dB, 99.999 -> 19.43, 99.9 -> 17.46
+    percentile = config.percentile or (99.99 if kind == "CNN" and not transformer else 99.999)
     if mode == "static":
-        reasons.append(f"calibration: {method}" + ("" if config.method else
+        reasons.append(f"calibration: {method}" + (f" {percentile}" if method == "percentile" else "")
+                       + ("" if config.method else
                        (" (transformer activations have outliers)" if transformer
                         else " (a few outliers set the range of the residual and projection outputs: "
                              "EfficientNet-Lite0 19.7 vs 18.7 dB with minmax)" if kind == "CNN"
@@ -216,7 +220,8 @@ def choose_recipe(model, config: QuantizeConfig, cpu: CpuFeatures | None = None,
             reasons.append("no SmoothQuant: it needs calibration data (--calibration) to measure activation ranges")
     return Recipe(mode=mode, quant_format=fmt, activation_type=act, weight_type=wt, per_channel=per_channel,
                   reduce_range=reduce, method=method, fuse_transformer=fuse, smoothing=smoothing,
-                  weight_rounding=rounding, bias_correction=bias_correction, reasons=tuple(reasons))
+                  weight_rounding=rounding, bias_correction=bias_correction, percentile=percentile,
+                  reasons=tuple(reasons))
 
 
 # -- SmoothQuant ----------------------------------------------------------------------------------------
@@ -421,7 +426,7 @@ def quantize_int8(model, config: QuantizeConfig, recipe: Recipe, data: Calibrati
                         raise InputError("static quantization needs calibration data",
                                          "pass --calibration DATA (an .npz, a folder, or model:NAME) or --mode dynamic")
                     ranges, _ = calibrate(model, data, method=recipe.method, op_types=op_types,
-                                          symmetric=recipe.activation_type == "s8", percentile=config.percentile,
+                                          symmetric=recipe.activation_type == "s8", percentile=recipe.percentile,
                                           progress=progress)
                 cache = Path(tmp) / "ranges.json"
                 save_tensors_data(ranges, cache)

@@ -342,10 +342,11 @@ def test_gptq_round_is_nearest_rounding_for_uncorrelated_inputs_and_better_for_c
 def test_cnn_recipe_uses_percentile_gptq_and_bias_correction_only_with_data():
     with_data = choose_recipe(cnn_model(), QuantizeConfig(), NO_VNNI)
     assert (with_data.method, with_data.weight_rounding, with_data.bias_correction) == ("percentile", "gptq", True)
+    assert with_data.percentile == 99.99
     without = choose_recipe(cnn_model(), QuantizeConfig(), NO_VNNI, has_data=False)
     assert (without.weight_rounding, without.bias_correction) == ("nearest", False)
     transformer = choose_recipe(transformer_like_model(), QuantizeConfig(mode="static"), NO_VNNI)
-    assert transformer.weight_rounding == "nearest"
+    assert transformer.weight_rounding == "nearest" and transformer.percentile == 99.999
 
 
 # -- accuracy budget ------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
                    ".npz/.npy files, or model:NAME (a reference model's own set).")
 @click.option("--calibration-samples", type=int, default=None, help="Read at most N samples.")
 @click.option("--method", default=None, help="Static calibration: minmax | entropy | percentile (default: recipe's).")
-@click.option("--percentile", type=float, default=99.999, show_default=True, help="For --method percentile.")
+@click.option("--percentile", type=float, default=None,
+              help="For --method percentile (default: 99.99 for CNNs, 99.999 otherwise).")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales.")
 @click.option("--block-size", type=int, default=32, show_default=True, help="int4 block size.")
 @click.option("--exclude-nodes", multiple=True, help="Node names to keep in float (comma-separated or repeated).")
