@@ -134,21 +134,70 @@ def lower_to_pte(module, example: Mapping[str, Any], *, input_names: Sequence[st
 
 def _quantize_pt2e(wrapped, args, input_names, calibration):
     import torch
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer,
-        get_symmetric_quantization_config,
-    )
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     feeds = list(calibration or [])
     if not feeds:
         raise InputError("an int8 .pte needs calibration data", "pass --calibration, or use a reference model")
     graph = torch.export.export(wrapped, args).module()
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    quantizer = _clamp_fusing_quantizer_class()().set_global(get_symmetric_quantization_config(is_per_channel=True))
     prepared = prepare_pt2e(graph, quantizer)
     for sample in feeds:
         prepared(*(torch.as_tensor(np.asarray(sample[n])) for n in input_names))
     return convert_pt2e(prepared)
+
+
+def _clamp_fusing_quantizer_class():
+    """XNNPACKQuantizer that also quantizes conv -> hardtanh (ReLU6, clamp) as one fused unit.
+
+    Why hand-written: ExecuTorch 1.5's XNNPACKQuantizer fuses conv -> relu, but a hardtanh after a
+    conv only shares the conv's output quantization, so the int8 grid spans the conv's raw output
+    (tens on both sides in EfficientNet-Lite0) of which ReLU6 keeps [0, 6]: most of the 256 levels
+    are wasted, and Lite0's int8 logits fell to 5.5 dB SQNR (62 % top-1 agreement with FP32).
+    Annotated like conv -> relu (inputs and weights at the conv, the output observed after the
+    clamp), the grid covers [0, 6], and XNNPACK fuses the clamp into the conv (its
+    FuseActivationPass takes relu and hardtanh), as TFLite does with ReLU6."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+    from torchao.quantization.pt2e.quantizer import (
+        QuantizationAnnotation,
+        get_bias_qspec,
+        get_input_act_qspec,
+        get_output_act_qspec,
+        get_weight_qspec,
+    )
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+    from torchao.quantization.pt2e.utils import _is_conv_node
+
+    import torch
+
+    clamps = (torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default)
+
+    def annotated(node) -> bool:
+        return Q_ANNOTATION_KEY in node.meta and node.meta[Q_ANNOTATION_KEY]._annotated
+
+    class ClampFusingQuantizer(XNNPACKQuantizer):
+        def annotate(self, model):
+            config = self.global_config
+            if config is not None and not config.input_activation.is_dynamic and not config.is_qat:
+                for clamp in model.graph.nodes:
+                    if clamp.op != "call_function" or clamp.target not in clamps:
+                        continue
+                    conv = clamp.args[0]
+                    if not (hasattr(conv, "op") and _is_conv_node(conv)) or len(conv.users) > 1:
+                        continue
+                    inputs = {conv.args[0]: get_input_act_qspec(config), conv.args[1]: get_weight_qspec(config)}
+                    bias = conv.args[2] if len(conv.args) > 2 else None
+                    if hasattr(bias, "op"):
+                        inputs[bias] = get_bias_qspec(config)
+                    if any(annotated(n) for n in (conv, clamp, *inputs)):
+                        continue
+                    conv.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=inputs, _annotated=True)
+                    clamp.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(output_qspec=get_output_act_qspec(config),
+                                                                          _annotated=True)
+            return super().annotate(model)  # the stock patterns skip what is annotated here
+
+    return ClampFusingQuantizer
 
 
 def set_threads(threads: int) -> None:
