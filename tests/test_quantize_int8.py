@@ -339,6 +339,41 @@ def test_gptq_round_is_nearest_rounding_for_uncorrelated_inputs_and_better_for_c
     assert err["gptq"] < 0.5 * err["nearest"]
 
 
+def pair_model(seed: int = 0) -> onnx.ModelProto:
+    """image[batch, 16, 8, 8] -> ReLU6 -> Conv 1x1 8 whose weight rows have large same-sign neighbours
+    (channels 2j, 2j+1): with 8-bit codes and inputs at the top of their range, the pair sums of AVX2's
+    u8*s8 multiply-add (vpmaddubsw) overflow int16 (checked on ORT 1.32: exactly neighbours 2j, 2j+1)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((8, 16, 1, 1)) * 0.2
+    w[:, 0:2] = 1.0
+    w[:, 4:6] = -0.9
+    nodes = [helper.make_node("Clip", ["image", "zero", "six"], ["r"], name="relu6"),
+             helper.make_node("Conv", ["r", "w", "b"], ["y"], name="conv")]
+    graph = helper.make_graph(
+        nodes, "pairs", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 16, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [_init("zero", 0.0), _init("six", 6.0), _init("w", w), _init("b", rng.standard_normal(8) * 0.1)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_no_vnni_recipe_runs_in_integer_kernels_exactly_as_its_qdq_graph_says(monkeypatch):
+    import dlopt.optimize.quantize as q
+
+    monkeypatch.setattr(q, "cpu_features", lambda: NO_VNNI)  # the reduce_range recipe, on any machine
+    model = pair_model()
+    rng = np.random.default_rng(1)
+    data = CalibrationData.from_arrays({"image": rng.uniform(0, 8, (16, 16, 8, 8)).astype(np.float32)},
+                                       source="saturating")
+    result = quantize(model, QuantizeConfig(mode="static"), data)
+    assert result.report["recipe"]["reduce_range"] and result.report["weight_refinement"]["weights_rounded"] == 1
+    feeds = {"image": np.full((2, 16, 8, 8), 6.0, np.float32)}  # every input at its maximum
+    feeds["image"][1, ::2] = 0.0
+    simulated = make_session(result.model, optimization="none").run(None, feeds)[0]  # float QDQ arithmetic
+    real = make_session(result.model).run(None, feeds)[0]  # ORT's fused integer kernels
+    np.testing.assert_allclose(real, simulated, atol=1e-4)  # no int16 saturation: 7-bit dense weights
+    assert output_sqnr(model, result.model, feeds) >= 30.0
+
+
 def test_cnn_recipe_uses_percentile_gptq_and_bias_correction_only_with_data():
     with_data = choose_recipe(cnn_model(), QuantizeConfig(), NO_VNNI)
     assert (with_data.method, with_data.weight_rounding, with_data.bias_correction) == ("percentile", "gptq", True)
