@@ -443,6 +443,13 @@ def test_cli_writes_model_report_and_summary(tmp_path):
     assert report["calibration"]["samples"] == 16
     assert report["fidelity"]["outputs"]["logits"]["sqnr_db"] >= 20.0
     assert onnx.load(str(out)).graph.output[0].name == "logits"
+    assert report["recipe"]["weight_rounding"] == "gptq" and report["weight_refinement"]["weights_rounded"] == 3
+    plain = CliRunner().invoke(main, ["quantize", str(src), "-o", str(tmp_path / "plain.onnx"), "--calibration",
+                                      str(calib), "--weight-rounding", "nearest", "--no-bias-correction"])
+    assert plain.exit_code == 0, plain.output
+    report = json.loads((tmp_path / "plain.quantize.json").read_text())
+    assert (report["recipe"]["weight_rounding"], report["recipe"]["bias_correction"]) == ("nearest", False)
+    assert "weight_refinement" not in report
 
 
 @pytest.fixture()
@@ -468,6 +475,7 @@ BAD_INPUT = [
     (["--exclude-nodes", "conv9"], "not in the model: conv9"),
     (["--mode", "static"], "static quantization needs calibration data"),
     (["--max-accuracy-drop", "-1"], "is negative"),
+    (["--weight-rounding", "adaround", "--calibration", "{d}/good.npz"], "unknown weight rounding 'adaround'"),
 ]
 
 

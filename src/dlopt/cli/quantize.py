@@ -40,8 +40,13 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--smoothquant", "smoothing", type=float, default=None, metavar="ALPHA",
               help="int8 transformers: SmoothQuant with this alpha (e.g. 0.75) from the calibration data. "
                    "Off by default: on MiniLM it did not beat plain dynamic INT8 on the real metrics.")
+@click.option("--weight-rounding", default="auto", show_default=True,
+              help="Static int8 Conv/Gemm weights: auto (GPTQ with calibration data) | gptq | nearest (ORT's).")
+@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
+              help="Static int8: fold each Conv/Gemm's mean weight-rounding shift into its bias.")
 def command(model, output, precision, mode, calibration, calibration_samples, method, percentile, per_channel,
-            block_size, exclude_nodes, exclude_ops, target, no_preprocess, max_accuracy_drop, evaluator, smoothing):
+            block_size, exclude_nodes, exclude_ops, target, no_preprocess, max_accuracy_drop, evaluator, smoothing,
+            weight_rounding, bias_correction):
     """Quantize MODEL.onnx and write OUT.onnx plus OUT.quantize.json beside it.
 
     Prints the recipe and why it was chosen, the size before and after, the quantized nodes by op
@@ -54,7 +59,8 @@ def command(model, output, precision, mode, calibration, calibration_samples, me
                             block_size=block_size, exclude_nodes=_names(exclude_nodes),
                             exclude_ops=_names(exclude_ops), target=target, preprocess=not no_preprocess,
                             calibration_samples=calibration_samples, percentile=percentile,
-                            max_accuracy_drop=max_accuracy_drop, evaluator=evaluator, smoothing=smoothing)
+                            max_accuracy_drop=max_accuracy_drop, evaluator=evaluator, smoothing=smoothing,
+                            weight_rounding=weight_rounding, bias_correction=bias_correction)
     outcome = quantize_file(model, output, config, calibration, progress=True, log=echo_err)
     click.echo(summary_text(outcome.report))
     click.echo(f"wrote {outcome.model_path} ({outcome.report['bytes_written'] / 1e6:.2f} MB)")
