@@ -11,6 +11,8 @@ INT8 is implemented here on top of ONNX Runtime's quantization tools. What dlopt
   into ORT's own min/max or histogram collector before the next is read, so memory stays flat and
   every method takes samples of any length; the ranges then go to ORT's quantizer through its
   calibration-cache file;
+- for static CNNs, weights rounded against the layer's real inputs (GPTQ) and the remaining mean
+  rounding shift folded into the int32 bias, on ORT's own scales (see "weight rounding" below);
 - an accuracy budget (optimize/sensitivity.py) and a fidelity report against the float model.
 INT4 and FP16 live in optimize/int4.py and optimize/fp16.py; `quantize` dispatches to them.
 """
