@@ -27,20 +27,21 @@ from dlopt.report import format_table
 
 # label, Int4Config options; every SmolLM2 recipe here is symmetric or uses blocks of 64+ (honest 4-bit)
 SMOLLM2_VARIANTS = {
-    "rtn4": ("dlopt RTN sym b32, all 4-bit (head + embedding too)",
-             {"symmetric": True, "algorithm": "rtn", "sensitive_fraction": 0.0}),
-    "gptq4": ("dlopt GPTQ sym b32, all 4-bit (head + embedding too)",
-              {"symmetric": True, "algorithm": "gptq", "sensitive_fraction": 0.0}),
-    "default": ("dlopt default: GPTQ sym b32, tied head/embedding 8-bit", {}),
+    "gptq_all4": ("dlopt GPTQ sym b32, all 4-bit (tied head/embedding too)",
+                  {"keep_last": 0, "sensitive_fraction": 0.0}),
+    "rtn": ("dlopt RTN sym b32, tied head/embedding 8-bit", {"algorithm": "rtn", "sensitive_fraction": 0.0}),
+    "gptq_head8": ("dlopt GPTQ sym b32, tied head/embedding 8-bit", {"sensitive_fraction": 0.0}),
+    "default": ("dlopt default: GPTQ sym b32, tied head/embedding + 10 % most sensitive 8-bit", {}),
     "default_acc4": ("dlopt default + accuracy_level 4 (int8 compute)", {"accuracy_level": 4}),  # from default
-    "gptq_asym64": ("dlopt GPTQ asym b64, tied head/embedding 8-bit",
-                    {"symmetric": False, "block_size": 64, "algorithm": "gptq"}),
-    "gptq_asym128": ("dlopt GPTQ asym b128, tied head/embedding 8-bit",
-                     {"symmetric": False, "block_size": 128, "algorithm": "gptq"}),
+    "gptq_asym64": ("dlopt GPTQ asym b64, tied head/embedding + 10 % most sensitive 8-bit",
+                    {"symmetric": False, "block_size": 64}),
+    "gptq_asym128": ("dlopt GPTQ asym b128, tied head/embedding + 10 % most sensitive 8-bit",
+                     {"symmetric": False, "block_size": 128}),
 }
 MINILM_VARIANTS = {
-    "default": ("dlopt default (GPTQ sym b32, 10 % most sensitive at 8-bit)", {}),
-    "rtn_asym": ("dlopt RTN asym b32, 10 % most sensitive at 8-bit", {"symmetric": False, "algorithm": "rtn"}),
+    "default": ("dlopt default: GPTQ sym b32, last MatMul + 10 % most sensitive 8-bit", {}),
+    "rtn_asym": ("last session's default: RTN asym b32, 10 % most sensitive 8-bit",
+                 {"symmetric": False, "algorithm": "rtn", "keep_last": 0}),
 }
 
 
@@ -208,7 +209,7 @@ def bench_minilm(work: Path, variants: list[str], budget_s: float) -> list[list]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm2,minilm")
-    parser.add_argument("--smollm2-variants", default="rtn4,gptq4,default,default_acc4,gptq_asym64")
+    parser.add_argument("--smollm2-variants", default="rtn,gptq_all4,gptq_head8,default,default_acc4,gptq_asym64")
     parser.add_argument("--minilm-variants", default="default,rtn_asym")
     parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "dlopt" / "bench-int4"))
     parser.add_argument("--tokens", type=int, default=4096, help="SmolLM2 evaluation tokens (4096: the full set)")

@@ -16,13 +16,21 @@ What dlopt adds around it, and why:
   `fallback_bits` (8-bit MatMulNBits by default). A few value and FFN matrices of a BERT carry most of
   the 4-bit error (outlier activation channels), so a small share buys most of the fidelity back
   (MiniLM: embedding cosine 0.970 -> 0.982 for +0.5 MB).
+- Symmetric blocks (the default) use a signed scale: the block's largest-magnitude weight lands exactly
+  on code -8, as in ORT's MLAS quantizer (see block_grid); no zero points are stored.
 - Algorithm "mse" (hand-written, same MatMulNBits format): round-to-nearest where each block's range is
   shrunk by the ratio that minimizes its squared error; ORT's RTN always uses the full min/max range.
   Its gain is small (2-3 % lower weight MSE on Gaussian weights) and it is slower, so it is not the default.
 - Algorithm "gptq" (hand-written after ORT's port of neural-compressor's GPTQ, which in ORT 1.32 applies
   no error compensation at all, see gptq_blocks): the Hessians of all layers are collected in one
   streamed pass (one model run per sample; ORT's driver runs the model once per layer input per
-  sample: 224 s on MiniLM), and the integer codes GPTQ chose are written directly.
+  sample: 224 s on MiniLM), and the integer codes GPTQ chose are written directly. Inputs are visited
+  by decreasing energy (act-order) with every block's grid fixed up front, chosen by an energy-weighted
+  clip search; one factorization serves all weights that read the same input (q/k/v, gate/up).
+  "auto" (the default) is GPTQ when calibration data is given, RTN otherwise.
+- Tied LM heads: a MatMul reading Transpose(table) (how torch exports a head tied to the embedding) is
+  folded to a constant weight and quantized; the embedding Gather then reads the head's codes through
+  Reshapes (GatherBlockQuantized), so the table is stored once, at the head's precision.
 - First/last layers and named nodes can be kept out (`keep_first`/`keep_last`, `exclude_nodes`).
 - The result is checked: it must load in ONNX Runtime, keep the graph's inputs and outputs, and (with
   data) its fidelity against the float model is in the report, per output.
