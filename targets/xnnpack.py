@@ -32,6 +32,10 @@ import numpy as np
 from dlopt.errors import InputError, MissingDependencyError, StageError
 from dlopt.targets.base import Target, TargetSession
 
+# Bumped whenever lower_to_pte's output changes numerically, so that caches of .pte files (the
+# benchmarks') are not reused across lowerings. 2: contiguous examples, conv+ReLU6 quantized as one.
+LOWERING_REVISION = 2
+
 INSTALL_HINT = ("pip install 'dlopt[mobile]' (ExecuTorch; it keeps torch 2.13: install torch==2.13.0 first, "
                 "and pass -c with torch==2.13.0 to be sure pip does not replace it)")
 
@@ -149,7 +153,7 @@ def _quantize_pt2e(wrapped, args, input_names, calibration):
 
 
 def _clamp_fusing_quantizer_class():
-    """XNNPACKQuantizer that also quantizes conv -> hardtanh (ReLU6, clamp) as one fused unit.
+    """XNNPACKQuantizer that also quantizes conv -> hardtanh / relu6 (ReLU6, clamp) as one fused unit.
 
     Why hand-written: ExecuTorch 1.5's XNNPACKQuantizer fuses conv -> relu, but a hardtanh after a
     conv only shares the conv's output quantization, so the int8 grid spans the conv's raw output
@@ -171,7 +175,9 @@ def _clamp_fusing_quantizer_class():
 
     import torch
 
-    clamps = (torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default)
+    # nn.ReLU6 exports as hardtanh, F.relu6 as relu6 (which the stock quantizer leaves float)
+    clamps = (torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default, torch.ops.aten.relu6.default,
+              torch.ops.aten.relu6_.default)
 
     def annotated(node) -> bool:
         return Q_ANNOTATION_KEY in node.meta and node.meta[Q_ANNOTATION_KEY]._annotated
@@ -190,7 +196,7 @@ def _clamp_fusing_quantizer_class():
                     bias = conv.args[2] if len(conv.args) > 2 else None
                     if hasattr(bias, "op"):
                         inputs[bias] = get_bias_qspec(config)
-                    if any(annotated(n) for n in (conv, clamp, *inputs)):
+                    if any(annotated(n) for n in (conv, clamp, *list(inputs)[1:])):  # not the input activation
                         continue
                     conv.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=inputs, _annotated=True)
                     clamp.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(output_qspec=get_output_act_qspec(config),
@@ -312,5 +318,5 @@ class XnnpackTarget(Target):
                          "next to ONNX Runtime's")
 
 
-__all__ = ["INSTALL_HINT", "PteProgram", "XnnpackTarget", "executorch_status", "lower_to_pte", "require_executorch",
+__all__ = ["INSTALL_HINT", "LOWERING_REVISION", "PteProgram", "XnnpackTarget", "executorch_status", "lower_to_pte", "require_executorch",
            "set_threads"]

@@ -162,3 +162,108 @@ def test_xnnpack_programs_fp32_and_int8_in_a_verified_bundle(tmp_path):
     pte.write_bytes(bytes(data))
     cli = CliRunner().invoke(main, ["verify", str(tampered)])
     assert cli.exit_code == 1 and "model.xnnpack-int8.pte: changed" in cli.output
+
+
+class _SamePadNet:
+    """A small CNN with TensorFlow-'same' padding (asymmetric F.pad before stride-2 convs, as in
+    EfficientNet-Lite), depthwise convs and ReLU6: the shape of the network that lowered wrongly."""
+
+    def __new__(cls):
+        import torch
+        import torch.nn.functional as F
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.stem = torch.nn.Conv2d(3, 8, 3, stride=2)
+                self.bn = torch.nn.BatchNorm2d(8).eval()
+                self.dw = torch.nn.Conv2d(8, 8, 3, stride=2, groups=8)
+                self.pw = torch.nn.Conv2d(8, 16, 1)
+                self.fc = torch.nn.Linear(16, 10)
+                with torch.no_grad():  # batch-norm statistics that are not the identity
+                    self.bn.running_mean.uniform_(-0.5, 0.5)
+                    self.bn.running_var.uniform_(0.5, 2.0)
+
+            def forward(self, image):
+                x = F.relu6(self.bn(self.stem(F.pad(image, [0, 1, 0, 1]))))  # 'same', stride 2: right/bottom
+                x = F.relu6(self.dw(F.pad(x, [0, 1, 0, 1])))
+                x = F.relu6(self.pw(x))
+                return self.fc(F.adaptive_avg_pool2d(x, 1).view(x.shape[0], -1))
+
+        return Net().eval()
+
+
+def _images(n, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32) for _ in range(n)]
+
+
+@pytest.mark.skipif(not HAS_EXECUTORCH, reason="ExecuTorch not installed (pip install 'dlopt[mobile]')")
+def test_pte_of_a_tf_same_padding_cnn_lowered_from_a_channels_last_example_matches_torch():
+    import torch
+
+    from dlopt.targets.xnnpack import PteProgram, lower_to_pte
+
+    net = _SamePadNet()
+    # An HWC image transposed to CHW keeps HWC memory: the example is channels-last, as the
+    # efficientnet-lite0 photos are. The program must still take ordinary (contiguous) arrays.
+    example = np.ascontiguousarray(_images(1, 0)[0].transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    assert not example.flags["C_CONTIGUOUS"]
+    program = PteProgram(lower_to_pte(net, {"image": example}, input_names=["image"]), ["image"])
+    assert program.input_dim_orders == ((0, 1, 2, 3),) and program.input_shapes == ((1, 3, 32, 32),)
+    xs = _images(3, 1)
+    outs = [program.run({"image": x})[0] for x in xs]
+    with torch.no_grad():
+        expected = [net(torch.from_numpy(x)).numpy() for x in xs]
+    for out, ref in zip(outs, expected):
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match="shape"):
+        program.run({"image": np.zeros((1, 3, 28, 28), np.float32)})
+
+
+@pytest.mark.skipif(not HAS_EXECUTORCH, reason="ExecuTorch not installed (pip install 'dlopt[mobile]')")
+def test_a_channels_last_program_is_fed_in_its_dim_order():
+    """A .pte exported with channels-last inputs (not by dlopt) reads its input bytes as NHWC:
+    PteProgram lays contiguous NCHW arrays out that way instead of letting it read garbage."""
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    from dlopt.targets.xnnpack import PteProgram, _quiet
+
+    net = _SamePadNet()
+    example = torch.from_numpy(_images(1, 2)[0]).to(memory_format=torch.channels_last)
+    with torch.no_grad(), _quiet():
+        exported = torch.export.export(net, (example,))
+        data = bytes(to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
+    program = PteProgram(data, ["image"])
+    assert program.input_dim_orders == ((0, 2, 3, 1),)
+    x = _images(1, 3)[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(program.run({"image": x})[0], net(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_EXECUTORCH, reason="ExecuTorch not installed (pip install 'dlopt[mobile]')")
+def test_int8_quantizes_conv_relu6_as_one_unit():
+    """ReLU6 after a conv is quantized on its [0, 6] output, not on the conv's raw range (the stock
+    XNNPACKQuantizer puts an int8 step between them): no quantize/dequantize between conv and clamp,
+    and the quantized model stays close to torch. (The int8 .pte end to end: the bundle test.)"""
+    import torch
+
+    from dlopt.targets.xnnpack import _Positional, _quantize_pt2e, _quiet
+
+    net = _SamePadNet()
+    calibration = [{"image": x} for x in _images(8, 4)]
+    with torch.no_grad(), _quiet():
+        converted = _quantize_pt2e(_Positional(net, ["image"]), (torch.from_numpy(_images(1, 0)[0]),), ["image"],
+                                   calibration)
+    clamps = [n for n in converted.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.relu6.default]
+    assert len(clamps) == 3 and all(n.args[0].target == torch.ops.aten.conv2d.default for n in clamps)
+    assert all(next(iter(n.users)).target == torch.ops.quantized_decomposed.quantize_per_tensor.default
+               for n in clamps[1:])  # quantized after the clamp (the first one feeds a pad, quantized after it)
+    xs = _images(8, 5)
+    with torch.no_grad():
+        expected = np.concatenate([net(torch.from_numpy(x)).numpy() for x in xs])
+        got = np.concatenate([converted(torch.from_numpy(x)).numpy() for x in xs])
+    assert 20 * np.log10(np.linalg.norm(expected) / np.linalg.norm(expected - got)) >= 25
