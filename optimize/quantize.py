@@ -80,6 +80,7 @@ class QuantizeConfig:
     weight_rounding: Rounding = "auto"
     bias_correction: bool = True  # static INT8: fold each Conv/Gemm's mean rounding shift into its bias
     rounding_samples: int = 64  # calibration samples for the layer statistics of both
+    speed_check: bool = True  # time FP32 vs the result (b1, one thread, ~2 s) and warn when it is slower
     int4: Any = None  # an Int4Config from dlopt.optimize.int4; None: built from the options above
     fp16: Any = None  # an Fp16Config from dlopt.optimize.fp16
 
@@ -611,7 +612,7 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, qmin: int,
     """Integer codes for w [groups, outputs, K] on the fixed grid scale [groups, outputs] (zero point 0),
     rounded GPTQ-style against hessian [groups, K, K]; columns in descending order of H's diagonal
     (act-order), every group at once."""
-    g, o, k = w.shape
+    k = w.shape[2]
     w = w.astype(np.float64).copy()
     h = hessian.astype(np.float64).copy()
     diag = np.diagonal(h, axis1=1, axis2=2).copy()
@@ -798,6 +799,7 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
         result = _dispatch_other(model, config, data)
         report = {"precision": config.precision, "config": config_to_dict(config), **result.report}
         report.update(_summary(model, result.model, data, config))
+        _warn_if_slower(report, log)
         return StageResult(result.model, report)
 
     _check_exclusions(model, config)
@@ -834,24 +836,61 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
     if budget is not None:
         report["budget"] = budget
     report.update(_summary(model, quantized, data, config))
+    _warn_if_slower(report, log)
     report["seconds"] = round(time.perf_counter() - started, 2)
     return StageResult(quantized, report)
 
 
+def speed_check(float_session, quantized_session, feeds: Mapping[str, np.ndarray], *, rounds: int = 21,
+                budget_s: float = 2.0) -> dict[str, Any]:
+    """A quick interleaved latency check of two sessions on one feed (thread CPU time, alternating
+    order, at least 3 and at most `rounds` rounds within ~budget_s): medians and the median of the
+    per-round FP32/quantized ratios. A warning sign for a recipe that made the model slower on this
+    CPU, not a benchmark: `dlopt bench` measures with confidence intervals."""
+    sessions = (float_session, quantized_session)
+    inputs = [{k: v for k, v in feeds.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
+    for s, f in zip(sessions, inputs):
+        s.run(None, f)  # first run: allocations, prepacking
+    times: list[list[float]] = [[], []]
+    deadline = time.perf_counter() + budget_s
+    for r in range(rounds):
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            start = time.thread_time()
+            sessions[i].run(None, inputs[i])
+            times[i].append(time.thread_time() - start)
+        if r >= 2 and time.perf_counter() > deadline:
+            break
+    a, b = np.array(times[0]), np.array(times[1])
+    batch = int(next(iter(feeds.values())).shape[0]) if feeds else 1
+    return {"batch": batch, "threads": 1, "rounds": int(a.size), "float_ms": float(np.median(a) * 1e3),
+            "quantized_ms": float(np.median(b) * 1e3), "speedup": float(np.median(a / np.maximum(b, 1e-9)))}
+
+
 def _summary(original, quantized, data, config: QuantizeConfig) -> dict[str, Any]:
     feeds = check_feeds(original, data, config.fidelity_samples)
-    reference = run_outputs(make_session(original), feeds)
+    float_session = make_session(original)
+    reference = run_outputs(float_session, feeds)
     session = make_session(quantized)
     outputs = run_outputs(session, feeds)
     names = [o.name for o in session.get_outputs()]
     if [o.name for o in original.graph.output] != names:
         raise StageError(f"quantization changed the graph outputs {[o.name for o in original.graph.output]} -> "
                          f"{names}", "report this model")
-    return {"bytes_before": original.ByteSize(), "bytes_after": quantized.ByteSize(),
-            "quantized_nodes": quantized_nodes(quantized), "ops_after": op_counts(quantized),
-            "fidelity": {"samples": len(feeds), "data": "calibration" if data is not None else "synthetic",
-                         "outputs": fidelity(reference, outputs, names)},
-            "cpu": dataclasses.asdict(cpu_features())}
+    summary = {"bytes_before": original.ByteSize(), "bytes_after": quantized.ByteSize(),
+               "quantized_nodes": quantized_nodes(quantized), "ops_after": op_counts(quantized),
+               "fidelity": {"samples": len(feeds), "data": "calibration" if data is not None else "synthetic",
+                            "outputs": fidelity(reference, outputs, names)},
+               "cpu": dataclasses.asdict(cpu_features())}
+    if config.speed_check:
+        summary["speed_check"] = speed_check(float_session, session, feeds[0])
+    return summary
+
+
+def _warn_if_slower(report: Mapping[str, Any], log) -> None:
+    speed = report.get("speed_check")
+    if speed and speed["speedup"] < 0.95:
+        log(f"warning: the quantized model ran {speed['speedup']:.2f}x FP32 speed in a quick check "
+            f"(batch {speed['batch']}, one thread): slower on this CPU; measure with dlopt bench")
 
 
 # -- files ------------------------------------------------------------------------------------------------
@@ -924,6 +963,12 @@ def summary_text(report: Mapping[str, Any]) -> str:
                 for name, m in fid["outputs"].items()]
         lines.append(f"fidelity vs FP32 on {fid['samples']} {fid['data']} samples:")
         lines.append(format_table(["output", "SQNR dB", "cos mean", "cos min", "top-1 agree"], rows))
+    speed = report.get("speed_check")
+    if speed:
+        lines.append(f"speed (quick check, batch {speed['batch']}, one thread, {speed['rounds']} rounds): "
+                     f"{speed['float_ms']:.3g} ms FP32 -> {speed['quantized_ms']:.3g} ms, {speed['speedup']:.2f}x"
+                     f"{' (slower than FP32 on this CPU)' if speed['speedup'] < 0.95 else ''}; "
+                     "dlopt bench measures with confidence intervals")
     budget = report.get("budget")
     if budget:
         lines.append(f"accuracy budget ({budget['evaluator']}): FP32 {budget['baseline']:.4f}, allowed drop "
@@ -936,7 +981,30 @@ def summary_text(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CpuFeatures", "LayerStatistics", "METHODS", "MODES", "PRECISIONS", "QuantizeConfig", "ROUNDINGS",
-           "collect_layer_statistics", "gptq_round", "refine_weights", "QuantizeOutcome", "Recipe", "TARGETS",
-           "calibrate", "choose_recipe", "cpu_features", "fidelity", "quantize", "quantize_file", "quantize_int8",
-           "quantized_nodes", "sqnr_db", "summary_text", "validate_config"]
+__all__ = [
+    "METHODS",
+    "MODES",
+    "PRECISIONS",
+    "ROUNDINGS",
+    "TARGETS",
+    "CpuFeatures",
+    "LayerStatistics",
+    "QuantizeConfig",
+    "QuantizeOutcome",
+    "Recipe",
+    "calibrate",
+    "choose_recipe",
+    "collect_layer_statistics",
+    "cpu_features",
+    "fidelity",
+    "gptq_round",
+    "quantize",
+    "quantize_file",
+    "quantize_int8",
+    "quantized_nodes",
+    "refine_weights",
+    "speed_check",
+    "sqnr_db",
+    "summary_text",
+    "validate_config",
+]

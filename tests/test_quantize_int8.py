@@ -374,6 +374,18 @@ def test_no_vnni_recipe_runs_in_integer_kernels_exactly_as_its_qdq_graph_says(mo
     assert output_sqnr(model, result.model, feeds) >= 30.0
 
 
+def test_every_run_reports_a_quick_interleaved_speed_check():
+    from dlopt.optimize.quantize import summary_text
+
+    result = quantize(cnn_model(), QuantizeConfig(mode="static"), cnn_data())
+    speed = result.report["speed_check"]
+    assert speed["batch"] == 1 and speed["threads"] == 1 and 3 <= speed["rounds"] <= 21
+    assert speed["float_ms"] > 0 and speed["quantized_ms"] > 0 and 0.05 < speed["speedup"] < 20
+    assert "speed (quick check, batch 1, one thread" in summary_text(result.report)
+    quiet = quantize(cnn_model(), QuantizeConfig(mode="static", speed_check=False), cnn_data())
+    assert "speed_check" not in quiet.report
+
+
 def test_cnn_recipe_uses_percentile_gptq_and_bias_correction_only_with_data():
     with_data = choose_recipe(cnn_model(), QuantizeConfig(), NO_VNNI)
     assert (with_data.method, with_data.weight_rounding, with_data.bias_correction) == ("percentile", "gptq", True)
