@@ -204,8 +204,8 @@ def choose_recipe(model, config: QuantizeConfig, cpu: CpuFeatures | None = None,
         bias_correction = config.bias_correction and has_data
         if rounding == "gptq":
             reasons.append("GPTQ weight rounding on the calibration data: folded BatchNorm leaves high-gain filters "
-                           "whose nearest-rounding error is amplified downstream (EfficientNet-Lite0 10.6 -> 18.7 dB "
-                           "with bias correction)")
+                           "whose nearest-rounding error is amplified downstream (EfficientNet-Lite0 logit SQNR "
+                           "10.6 -> 21.2 dB with bias correction and percentile calibration)")
         if bias_correction:
             reasons.append("bias correction: each Conv/Gemm's mean output shift from weight rounding folded into "
                            "its int32 bias")
