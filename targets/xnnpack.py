@@ -117,7 +117,9 @@ def lower_to_pte(module, example: Mapping[str, Any], *, input_names: Sequence[st
     # the strides of what it is given. An example in channels-last layout (a numpy HWC image
     # transposed to CHW keeps HWC memory) made a program that expects NHWC bytes; fed ordinary
     # NCHW arrays it computed garbage (EfficientNet-Lite0: top-1 wrong, max |diff| 7 on logits).
-    args = tuple(torch.as_tensor(np.asarray(example[n])).contiguous() for n in input_names)
+    # Fresh copies, not .contiguous(): that keeps a size-1 axis's stride 0 (numpy's x[:, None]),
+    # which ExecuTorch refuses ("0 in strides is not supported").
+    args = tuple(torch.from_numpy(_standard_layout(example[n])) for n in input_names)
     with _quiet():
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
@@ -284,12 +286,22 @@ def _input_dim_orders(data: bytes, count: int) -> tuple[tuple[int, ...] | None, 
     return tuple(orders) if len(orders) == count else (None,) * count
 
 
+def _standard_layout(value) -> np.ndarray:
+    """`value` row-major with the standard strides of its shape, also on size-1 axes (where
+    np.ascontiguousarray keeps whatever stride it finds, e.g. 0); copied only when needed."""
+    value = np.asarray(value)
+    standard = tuple(int(np.prod(value.shape[k + 1:], dtype=np.int64)) * value.itemsize for k in range(value.ndim))
+    if value.strides == standard:
+        return value  # already so: no copy (it would be timed with every run)
+    return np.array(value, order="C", copy=True)
+
+
 def _in_dim_order(value: np.ndarray, order: tuple[int, ...] | None) -> np.ndarray:
     """`value` with the same logical content, its bytes laid out in `order` (e.g. (0, 2, 3, 1):
     channels-last) and its strides saying so."""
     if order is None or list(order) == list(range(value.ndim)):
-        return np.ascontiguousarray(value)
-    return np.ascontiguousarray(value.transpose(order)).transpose(np.argsort(order))
+        return _standard_layout(value)
+    return _standard_layout(value.transpose(order)).transpose(np.argsort(order))
 
 
 class XnnpackTarget(Target):

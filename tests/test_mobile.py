@@ -207,9 +207,10 @@ def test_pte_of_a_tf_same_padding_cnn_lowered_from_a_channels_last_example_match
 
     net = _SamePadNet()
     # An HWC image transposed to CHW keeps HWC memory: the example is channels-last, as the
-    # efficientnet-lite0 photos are. The program must still take ordinary (contiguous) arrays.
-    example = np.ascontiguousarray(_images(1, 0)[0].transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
-    assert not example.flags["C_CONTIGUOUS"]
+    # efficientnet-lite0 photos are, and its batch axis (added with [None]) has stride 0, as
+    # fashion-cnn's images have on their channel axis. The program must take ordinary arrays.
+    example = np.ascontiguousarray(_images(1, 0)[0][0].transpose(1, 2, 0)).transpose(2, 0, 1)[None]
+    assert not example.flags["C_CONTIGUOUS"] and example.strides[0] == 0
     program = PteProgram(lower_to_pte(net, {"image": example}, input_names=["image"]), ["image"])
     assert program.input_dim_orders == ((0, 1, 2, 3),) and program.input_shapes == ((1, 3, 32, 32),)
     xs = _images(3, 1)
