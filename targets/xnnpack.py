@@ -5,14 +5,17 @@ which keeps torch 2.13) lowers a torch model to a .pte program whose operators a
 XNNPACK and runs it from Python on x86: the same XNNPACK kernels that Android and iOS run, here on
 this host's CPU. FP32 lowers the exported graph as it is; INT8 first quantizes it with ExecuTorch's
 XNNPACKQuantizer (per-channel symmetric weights, per-tensor activations) through torchao's
-prepare_pt2e / convert_pt2e with calibration data.
+prepare_pt2e / convert_pt2e with calibration data, with conv -> ReLU6 quantized as one fused unit
+(see _clamp_fusing_quantizer_class).
 
 The source is the torch model (a reference model or a factory), not the ONNX file: ExecuTorch
 lowers torch programs. `dlopt package MODEL.onnx --target mobile --torch-source NAME` puts the .pte
 in the bundle after checking its outputs against the ONNX model.
 
-A .pte program has static shapes (those of the example it was exported with). Its inputs are taken
-positionally in `input_names` order.
+A .pte program has static shapes (those of the example it was exported with) and a fixed memory
+layout (dim order) per input, which the runtime does not check: lower_to_pte exports from row-major
+copies of the example, and PteProgram lays every input out in the order the program expects. Its
+inputs are taken positionally in `input_names` order.
 """
 
 from __future__ import annotations
