@@ -166,7 +166,9 @@ def _clamp_fusing_quantizer_class():
     are wasted, and Lite0's int8 logits fell to 5.5 dB SQNR (62 % top-1 agreement with FP32).
     Annotated like conv -> relu (inputs and weights at the conv, the output observed after the
     clamp), the grid covers [0, 6], and XNNPACK fuses the clamp into the conv (its
-    FuseActivationPass takes relu and hardtanh), as TFLite does with ReLU6."""
+    FuseActivationPass takes relu and hardtanh), as TFLite does with ReLU6.
+
+    It also keeps integer arithmetic integer before annotation (see transform_for_annotation)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
     from torchao.quantization.pt2e.quantizer import (
         QuantizationAnnotation,
@@ -187,7 +189,25 @@ def _clamp_fusing_quantizer_class():
     def annotated(node) -> bool:
         return Q_ANNOTATION_KEY in node.meta and node.meta[Q_ANNOTATION_KEY]._annotated
 
+    scalar_forms = {torch.ops.aten.add.Tensor: torch.ops.aten.add.Scalar,
+                    torch.ops.aten.mul.Tensor: torch.ops.aten.mul.Scalar}
+
     class ClampFusingQuantizer(XNNPACKQuantizer):
+        def transform_for_annotation(self, model):
+            # The stock transform turns every Python scalar of add/mul into a float tensor constant,
+            # also in integer arithmetic: transformers' attention-mask code (arange(64) + 0, then
+            # used as an index) became float and MiniLM's calibration failed ("tensors used as
+            # indices must be long"). Integer add/mul with a scalar take the exact .Scalar overload,
+            # which the transform leaves alone.
+            for node in model.graph.nodes:
+                if node.op == "call_function" and node.target in scalar_forms and len(node.args) == 2:
+                    tensor, other = node.args
+                    val = getattr(tensor, "meta", {}).get("val")
+                    if not hasattr(other, "op") and val is not None and not val.dtype.is_floating_point:
+                        node.target = scalar_forms[node.target]
+            model.recompile()
+            return super().transform_for_annotation(model)
+
         def annotate(self, model):
             config = self.global_config
             if config is not None and not config.input_activation.is_dynamic and not config.is_qat:
