@@ -15,6 +15,8 @@ Sources (`load_calibration(spec, model)`):
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -288,4 +290,21 @@ def _shape_text(shape: tuple[int | None, ...]) -> str:
     return "[" + ", ".join("?" if d is None or d <= 0 else str(d) for d in shape) + "]"
 
 
-__all__ = ["CalibrationData", "DEFAULT_SAMPLE_COUNT", "Feeds", "InputSpec", "graph_inputs", "load_calibration"]
+@contextlib.contextmanager
+def progress_bar(total: int | None, description: str, enabled: bool) -> Iterator[Any]:
+    """A rich progress bar on stderr over calibration samples; yields advance(). Off: a no-op."""
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(file=sys.stderr), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
+
+
+__all__ = ["CalibrationData", "DEFAULT_SAMPLE_COUNT", "Feeds", "InputSpec", "graph_inputs", "load_calibration",
+           "progress_bar"]
+

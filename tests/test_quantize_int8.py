@@ -320,7 +320,7 @@ def test_gptq_rounding_and_bias_correction_lift_sqnr_over_nearest_rounding():
 
 
 def test_gptq_round_is_nearest_rounding_for_uncorrelated_inputs_and_better_for_correlated_ones():
-    from dlopt.optimize.quantize import gptq_round
+    from dlopt.optimize.rounding import gptq_round
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((1, 6, 32))
