@@ -268,3 +268,30 @@ def test_int8_quantizes_conv_relu6_as_one_unit():
         expected = np.concatenate([net(torch.from_numpy(x)).numpy() for x in xs])
         got = np.concatenate([converted(torch.from_numpy(x)).numpy() for x in xs])
     assert 20 * np.log10(np.linalg.norm(expected) / np.linalg.norm(expected - got)) >= 25
+
+
+@pytest.mark.skipif(not HAS_EXECUTORCH, reason="ExecuTorch not installed (pip install 'dlopt[mobile]')")
+def test_int8_keeps_integer_index_arithmetic_integer():
+    """Integer `arange(n) + 1` used as an index (transformers' mask code does this) must stay an
+    integer through quantization: the stock transform made it a float tensor and calibration failed."""
+    import torch
+
+    from dlopt.targets.xnnpack import _Positional, _quantize_pt2e, _quiet
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            index = torch.arange(4) * 2 + 1  # odd columns
+            return self.fc(x)[:, index]
+
+    net = Net().eval()
+    xs = [np.random.default_rng(k).standard_normal((2, 8)).astype(np.float32) for k in range(4)]
+    with torch.no_grad(), _quiet():
+        converted = _quantize_pt2e(_Positional(net, ["x"]), (torch.from_numpy(xs[0]),), ["x"], [{"x": x} for x in xs])
+        got, expected = converted(torch.from_numpy(xs[1])).numpy(), net(torch.from_numpy(xs[1])).numpy()
+    assert got.shape == (2, 4)
+    assert 20 * np.log10(np.linalg.norm(expected) / np.linalg.norm(expected - got)) >= 25
