@@ -32,7 +32,7 @@ SMOLLM2_VARIANTS = {
     "rtn": ("dlopt RTN sym b32, tied head/embedding 8-bit", {"algorithm": "rtn", "sensitive_fraction": 0.0}),
     "gptq_head8": ("dlopt GPTQ sym b32, tied head/embedding 8-bit", {"sensitive_fraction": 0.0}),
     "default": ("dlopt default: GPTQ sym b32, tied head/embedding + 10 % most sensitive 8-bit", {}),
-    "default_acc4": ("dlopt default + accuracy_level 4 (int8 compute)", {"accuracy_level": 4}),  # from default
+    "default_acc0": ("dlopt default, accuracy_level 0 (fp32 compute)", {"accuracy_level": 0}),  # from default
     "gptq_asym64": ("dlopt GPTQ asym b64, tied head/embedding + 10 % most sensitive 8-bit",
                     {"symmetric": False, "block_size": 64}),
     "gptq_asym128": ("dlopt GPTQ asym b128, tied head/embedding + 10 % most sensitive 8-bit",
@@ -40,8 +40,8 @@ SMOLLM2_VARIANTS = {
 }
 MINILM_VARIANTS = {
     "default": ("dlopt default: GPTQ sym b32, last MatMul + 10 % most sensitive 8-bit", {}),
-    "rtn_asym": ("last session's default: RTN asym b32, 10 % most sensitive 8-bit",
-                 {"symmetric": False, "algorithm": "rtn", "keep_last": 0}),
+    "rtn_asym": ("last session's default: RTN asym b32, 10 % most sensitive 8-bit, fp32 compute",
+                 {"symmetric": False, "algorithm": "rtn", "keep_last": 0, "accuracy_level": None}),
 }
 
 
@@ -156,7 +156,7 @@ def bench_smollm2(work: Path, variants: list[str], tokens: int, budget_s: float)
     for key in variants:
         label, options = SMOLLM2_VARIANTS[key]
         out = work / f"smollm2_{key}.onnx"
-        if key == "default_acc4":
+        if key == "default_acc0":
             dlopt_int4(fp32, work / "smollm2_default.onnx", {}, "model:smollm2")
             with_accuracy_level(work / "smollm2_default.onnx", out, options["accuracy_level"])
         else:
@@ -209,7 +209,7 @@ def bench_minilm(work: Path, variants: list[str], budget_s: float) -> list[list]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm2,minilm")
-    parser.add_argument("--smollm2-variants", default="rtn,gptq_all4,gptq_head8,default,default_acc4,gptq_asym64")
+    parser.add_argument("--smollm2-variants", default="rtn,gptq_all4,gptq_head8,default,default_acc0,gptq_asym64")
     parser.add_argument("--minilm-variants", default="default,rtn_asym")
     parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "dlopt" / "bench-int4"))
     parser.add_argument("--tokens", type=int, default=4096, help="SmolLM2 evaluation tokens (4096: the full set)")
