@@ -32,6 +32,9 @@ What dlopt adds around it, and why:
   folded to a constant weight and quantized; the embedding Gather then reads the head's codes through
   Reshapes (GatherBlockQuantized), so the table is stored once, at the head's precision.
 - First/last layers and named nodes can be kept out (`keep_first`/`keep_last`, `exclude_nodes`).
+- Measured (benchmarks/quantize_int4.py, one run): SmolLM2-135M perplexity 33.06 FP32 -> 35.34 (+6.9 %) with
+  the defaults (GPTQ symmetric block 32, tied head/embedding and the 10 % most sensitive weights at 8 bits,
+  int8 compute), 107.8 MB vs 542.6; RTN on the same grid gives +21 %. MiniLM: 15.1 MB, cosine 0.987.
 - The result is checked: it must load in ONNX Runtime, keep the graph's inputs and outputs, and (with
   data) its fidelity against the float model is in the report, per output.
 """
