@@ -104,16 +104,21 @@ class _Positional:
 
 
 def lower_to_pte(module, example: Mapping[str, Any], *, input_names: Sequence[str], precision: str = "fp32",
-                 calibration: Iterable[Mapping[str, np.ndarray]] | None = None) -> bytes:
+                 calibration: Iterable[Mapping[str, np.ndarray]] | None = None,
+                 int8_activations: str = "static") -> bytes:
     """Lower a torch module to an ExecuTorch program (bytes) with the XNNPACK backend.
 
     `example` gives the static input shapes; for `precision="int8"`, `calibration` feeds (at those
-    shapes) set the activation ranges."""
+    shapes) set the activation ranges. `int8_activations="dynamic"` quantizes only the linear layers,
+    their activations per run (no calibration): the recipe for transformers, whose static per-tensor
+    activations lose the signal (MiniLM: -1.4 dB static, 17.9 dB dynamic)."""
     require_executorch()
     import torch
 
     if precision not in ("fp32", "int8"):
         raise InputError(f"unknown .pte precision {precision!r}", "choose fp32 or int8")
+    if int8_activations not in ("static", "dynamic"):
+        raise InputError(f"unknown int8 activation mode {int8_activations!r}", "choose static or dynamic")
     wrapped = _Positional(module, input_names)
     # Contiguous (NCHW) examples: torch.export records each input's memory layout as the program's
     # dim order, and the ExecuTorch runtime reads an input's bytes in that order without checking
@@ -130,7 +135,8 @@ def lower_to_pte(module, example: Mapping[str, Any], *, input_names: Sequence[st
         try:
             with torch.no_grad():
                 if precision == "int8":
-                    wrapped = _quantize_pt2e(wrapped, args, input_names, calibration)
+                    wrapped = _quantize_pt2e(wrapped, args, input_names, calibration,
+                                             dynamic=int8_activations == "dynamic")
                 exported = torch.export.export(wrapped, args)
                 program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch()
         except InputError:
@@ -141,17 +147,20 @@ def lower_to_pte(module, example: Mapping[str, Any], *, input_names: Sequence[st
     return bytes(program.buffer)
 
 
-def _quantize_pt2e(wrapped, args, input_names, calibration):
+def _quantize_pt2e(wrapped, args, input_names, calibration, *, dynamic: bool = False):
     import torch
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     feeds = list(calibration or [])
-    if not feeds:
+    if not feeds and not dynamic:
         raise InputError("an int8 .pte needs calibration data", "pass --calibration, or use a reference model")
     graph = torch.export.export(wrapped, args).module()
-    quantizer = _clamp_fusing_quantizer_class()().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
+    quantizer = _clamp_fusing_quantizer_class()().set_global(config)
     prepared = prepare_pt2e(graph, quantizer)
+    if dynamic:
+        feeds = feeds[:1] or [dict(zip(input_names, (a.numpy() for a in args)))]  # no ranges to observe
     for sample in feeds:
         prepared(*(torch.as_tensor(np.asarray(sample[n])) for n in input_names))
     return convert_pt2e(prepared)

@@ -316,3 +316,26 @@ def test_a_reference_torch_source_gives_real_samples():
     other = [InputSpec("x", "tensor(float)", ("batch", 16))]  # inputs that do not fit: generated samples
     assert _reference_samples(PackageConfig(torch_source="fashion-cnn"), other) is None
     assert _reference_samples(PackageConfig(torch_source="net.py:build"), specs) is None
+
+
+@pytest.mark.skipif(not HAS_EXECUTORCH, reason="ExecuTorch not installed (pip install 'dlopt[mobile]')")
+def test_dynamic_int8_pte_needs_no_calibration_and_stays_close():
+    import torch
+
+    from dlopt.targets.xnnpack import PteProgram, lower_to_pte
+
+    torch.manual_seed(0)  # nn.Sequential's input is named `input`
+    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.LayerNorm(64),
+                              torch.nn.Linear(64, 16)).eval()
+    xs = [np.random.default_rng(k).standard_normal((4, 32)).astype(np.float32) for k in range(3)]
+    with pytest.raises(InputError, match="calibration"):
+        lower_to_pte(net, {"input": xs[0]}, input_names=["input"], precision="int8")
+    with pytest.raises(InputError, match="static or dynamic"):
+        lower_to_pte(net, {"input": xs[0]}, input_names=["input"], precision="int8", int8_activations="per-token")
+    program = PteProgram(lower_to_pte(net, {"input": xs[0]}, input_names=["input"], precision="int8",
+                                      int8_activations="dynamic"), ["input"])
+    with torch.no_grad():
+        for x in xs:
+            expected, got = net(torch.from_numpy(x)).numpy(), program.run({"input": x})[0]
+            sqnr = 20 * np.log10(np.linalg.norm(expected) / np.linalg.norm(expected - got))
+            assert 25 <= sqnr < 80, sqnr  # quantized (not float), and close
