@@ -16,7 +16,7 @@ from dlopt.errors import InputError
 from dlopt.optimize.calibration import CalibrationData
 from dlopt.optimize.preprocess import make_session
 from dlopt.optimize.quantize import (CpuFeatures, QuantizeConfig, choose_recipe, quantize, quantize_file,
-                                     quantized_nodes, sqnr_db)
+                                     quantized_nodes, sqnr_db, summary_text)
 
 SQNR_FLOOR_INT8_DB = 25.0  # 8-bit per-channel weights on well-scaled activations give ~30-40 dB
 
@@ -222,6 +222,22 @@ def test_auto_recipe_follows_model_target_and_isa(model_fn, target, cpu, expecte
     recipe = choose_recipe(model_fn(), QuantizeConfig(target=target), cpu)
     assert {k: getattr(recipe, k) for k in expected} == expected
     assert recipe.reasons  # every choice is explained
+
+
+def test_a_recipe_for_another_isa_reports_the_qdq_arithmetic_beside_this_host_s_kernels():
+    from dlopt.optimize.quantize import host_kernels_inexact
+
+    arm = choose_recipe(cnn_model(), QuantizeConfig(target="arm64"), NO_VNNI)
+    assert host_kernels_inexact(arm, NO_VNNI) and not host_kernels_inexact(arm, VNNI)
+    assert not host_kernels_inexact(choose_recipe(cnn_model(), QuantizeConfig(), NO_VNNI), NO_VNNI)
+    assert not host_kernels_inexact(arm, CpuFeatures("aarch64", True, ("asimddp",)))
+    result = quantize(cnn_model(), QuantizeConfig(target="arm64"), cnn_data())
+    exact = result.report.get("fidelity_exact_arithmetic")
+    recipe = choose_recipe(cnn_model(), QuantizeConfig(target="arm64"))
+    assert (exact is not None) == host_kernels_inexact(recipe)  # depends on the CPU running the test
+    if exact is not None:
+        assert exact["outputs"]["logits"]["sqnr_db"] >= SQNR_FLOOR_INT8_DB
+        assert "QDQ arithmetic" in summary_text(result.report)
 
 
 def test_auto_mode_on_a_transformer_like_graph_quantizes_dynamically():
