@@ -74,7 +74,9 @@ def preprocess(rgb: np.ndarray, short_side: int = 256, position: str = "center")
     left = {"center": (rw - IMAGE_SIZE) // 2, "top-left": 0, "bottom-left": 0,
             "top-right": rw - IMAGE_SIZE, "bottom-right": rw - IMAGE_SIZE}[position]
     crop = resized[top:top + IMAGE_SIZE, left:left + IMAGE_SIZE]
-    return ((crop / 255.0 - 0.5) / 0.5).transpose(2, 0, 1).astype(np.float32)
+    # contiguous NCHW: astype keeps the transpose's HWC memory order, which torch.export records as the
+    # program's input layout (ExecuTorch then read NCHW arrays as NHWC)
+    return np.ascontiguousarray(((crop / 255.0 - 0.5) / 0.5).transpose(2, 0, 1), dtype=np.float32)
 
 
 @lru_cache(maxsize=1)
@@ -117,7 +119,8 @@ def calibration_data(n: int = 100, *, seed: int = 0) -> Iterator[dict[str, np.nd
             crop = crop[:, ::-1]
         resized = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize(
             (IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC), dtype=np.float32)
-        yield {INPUT_NAME: ((resized / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None].astype(np.float32)}
+        chw = ((resized / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None]
+        yield {INPUT_NAME: np.ascontiguousarray(chw, dtype=np.float32)}
 
 
 # -- evaluation -------------------------------------------------------------------------------------
