@@ -164,6 +164,30 @@ def test_xnnpack_programs_fp32_and_int8_in_a_verified_bundle(tmp_path):
     assert cli.exit_code == 1 and "model.xnnpack-int8.pte: changed" in cli.output
 
 
+@pytest.mark.skipif(not HAS_EXECUTORCH, reason="ExecuTorch not installed (pip install 'dlopt[mobile]')")
+def test_dynamic_int8_pte_in_a_verified_bundle_needs_no_calibration(tmp_path):
+    import torch
+
+    factory = tmp_path / "net.py"
+    factory.write_text(FACTORY)
+    from dlopt.optimize.export import load_source
+
+    source = load_source(f"{factory}:build")
+    onnx_path = tmp_path / "net.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(source.module, (source.example_inputs["image"],), str(onnx_path), input_names=["image"],
+                          output_names=["logits"], dynamo=False, opset_version=17)
+    config = PackageConfig(torch_source=f"{factory}:build", pte_precisions=("int8-dynamic",), measure_s=0,
+                           coverage=False)
+    manifest = package(onnx_path, tmp_path / "b", config).manifest
+    check = {c["artifact"]: c for c in manifest["verification"]["checks"]}["model.xnnpack-int8-dynamic.pte"]
+    assert check["sqnr_db"] >= 15 and check["top1_agreement"] == 1.0
+    artifact = next(a for a in manifest["artifacts"] if a["file"] == "model.xnnpack-int8-dynamic.pte")
+    assert artifact["precision"] == "int8-dynamic" and artifact["calibration_samples"] is None
+    assert verify_bundle(tmp_path / "b").passed
+
+
 class _SamePadNet:
     """A small CNN with TensorFlow-'same' padding (asymmetric F.pad before stride-2 convs, as in
     EfficientNet-Lite), depthwise convs and ReLU6: the shape of the network that lowered wrongly."""

@@ -30,7 +30,9 @@ from dlopt.cli._common import echo_err
 @click.option("--torch-source", default=None, metavar="SOURCE",
               help="Torch model of MODEL (reference name or path/file.py:build): also lower it to ExecuTorch "
               ".pte programs for XNNPACK (needs dlopt[mobile]).")
-@click.option("--pte", "pte", default="fp32", show_default=True, help="Precisions of the .pte programs: fp32, int8 or fp32,int8.")
+@click.option("--pte", "pte", default="fp32", show_default=True,
+              help="Precisions of the .pte programs, comma-separated: fp32, int8 (static, calibrated: CNNs), "
+                   "int8-dynamic (linear layers, activations quantized per run: transformers).")
 @click.option("--pte-int8-min-sqnr", type=float, default=15.0, show_default=True,
               help="Floor on the int8 .pte's SQNR (dB) against MODEL's outputs on the samples.")
 @click.option("--calibration", default=None, help="Calibration data of MODEL (npz, folder, model:NAME): hashed into the "
