@@ -579,9 +579,8 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
               "preprocess": pre_report, "smoothing": smooth_report, **details}
     if budget is not None:
         report["budget"] = budget
-    report.update(_summary(model, quantized, data, config))
-    if host_kernels_inexact(recipe):
-        report["fidelity_exact_arithmetic"] = _exact_fidelity(model, quantized, data, config)
+    report.update(_summary(model, quantized, data, config, exact_arithmetic=host_kernels_inexact(recipe)))
+    if "fidelity_exact_arithmetic" in report:
         log(f"note: {report['fidelity_exact_arithmetic']['why']}")
     _warn_if_slower(report, log)
     report["seconds"] = round(time.perf_counter() - started, 2)
@@ -598,17 +597,6 @@ def host_kernels_inexact(recipe: Recipe, cpu: CpuFeatures | None = None) -> bool
     return recipe.mode == "static" and not recipe.reduce_range and x86 and not cpu.vnni
 
 
-def _exact_fidelity(original, quantized, data, config: QuantizeConfig) -> dict[str, Any]:
-    """Fidelity of the QDQ graph's own arithmetic: run with graph optimizations off, so ORT executes
-    DequantizeLinear -> float op -> QuantizeLinear instead of fusing them into its int8 kernels."""
-    feeds = check_feeds(original, data, config.fidelity_samples)
-    reference = run_outputs(make_session(original), feeds)
-    session = make_session(quantized, optimization="none")
-    outputs = fidelity(reference, run_outputs(session, feeds), [o.name for o in session.get_outputs()])
-    return {"samples": len(feeds), "outputs": outputs,
-            "why": f"this x86 CPU has no VNNI: its int8 kernels overflow the full-range weights of the "
-                   f"{config.target} recipe, so the fidelity above is this host's; the QDQ arithmetic itself, "
-                   "what the target's int8 kernels compute, is below"}
 
 
 def speed_check(float_session, quantized_session, feeds: Mapping[str, np.ndarray], *, rounds: int = 21,
@@ -636,7 +624,11 @@ def speed_check(float_session, quantized_session, feeds: Mapping[str, np.ndarray
             "quantized_ms": float(np.median(b) * 1e3), "speedup": float(np.median(a / np.maximum(b, 1e-9)))}
 
 
-def _summary(original, quantized, data, config: QuantizeConfig) -> dict[str, Any]:
+def _summary(original, quantized, data, config: QuantizeConfig, *, exact_arithmetic: bool = False
+             ) -> dict[str, Any]:
+    """Sizes, quantized nodes, fidelity vs the float model on this host's kernels and, with
+    exact_arithmetic, also of the QDQ graph's own arithmetic: graph optimizations off, so ORT runs
+    DequantizeLinear -> float op -> QuantizeLinear instead of its fused int8 kernels."""
     feeds = check_feeds(original, data, config.fidelity_samples)
     float_session = make_session(original)
     reference = run_outputs(float_session, feeds)
@@ -651,6 +643,13 @@ def _summary(original, quantized, data, config: QuantizeConfig) -> dict[str, Any
                "fidelity": {"samples": len(feeds), "data": "calibration" if data is not None else "synthetic",
                             "outputs": fidelity(reference, outputs, names)},
                "cpu": dataclasses.asdict(cpu_features())}
+    if exact_arithmetic:
+        exact = run_outputs(make_session(quantized, optimization="none"), feeds)
+        summary["fidelity_exact_arithmetic"] = {
+            "samples": len(feeds), "outputs": fidelity(reference, exact, names),
+            "why": f"this x86 CPU has no VNNI: its int8 kernels overflow the full-range weights of the "
+                   f"{config.target} recipe, so the fidelity above is this host's; the QDQ arithmetic itself, "
+                   "what the target's int8 kernels compute, is below"}
     if config.speed_check:
         summary["speed_check"] = speed_check(float_session, session, feeds[0])
     return summary
@@ -727,18 +726,19 @@ def summary_text(report: Mapping[str, Any]) -> str:
     lines.append("quantized nodes: " + (", ".join(f"{k} {v}" for k, v in q.items()) or "none"))
     if report.get("nodes_excluded"):
         lines.append(f"kept in float: {', '.join(report['nodes_excluded'])}")
+    def fidelity_table(outputs: Mapping[str, Mapping[str, Any]]) -> str:
+        rows = [[name, m["sqnr_db"], m["cosine_mean"], m["cosine_min"], m.get("top1_agreement", "-")]
+                for name, m in outputs.items()]
+        return format_table(["output", "SQNR dB", "cos mean", "cos min", "top-1 agree"], rows)
+
     fid = report.get("fidelity")
     if fid:
-        rows = [[name, m["sqnr_db"], m["cosine_mean"], m["cosine_min"], m.get("top1_agreement", "-")]
-                for name, m in fid["outputs"].items()]
         lines.append(f"fidelity vs FP32 on {fid['samples']} {fid['data']} samples:")
-        lines.append(format_table(["output", "SQNR dB", "cos mean", "cos min", "top-1 agree"], rows))
+        lines.append(fidelity_table(fid["outputs"]))
     exact = report.get("fidelity_exact_arithmetic")
     if exact:
-        rows = [[name, m["sqnr_db"], m["cosine_mean"], m["cosine_min"], m.get("top1_agreement", "-")]
-                for name, m in exact["outputs"].items()]
         lines.append(f"note: {exact['why']}:")
-        lines.append(format_table(["output", "SQNR dB", "cos mean", "cos min", "top-1 agree"], rows))
+        lines.append(fidelity_table(exact["outputs"]))
     speed = report.get("speed_check")
     if speed:
         lines.append(f"speed (quick check, batch {speed['batch']}, one thread, {speed['rounds']} rounds): "
