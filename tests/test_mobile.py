@@ -115,20 +115,28 @@ FACTORY = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not HAS_EXECUTORCH, reason="ExecuTorch not installed (pip install 'dlopt[mobile]')")
-def test_xnnpack_programs_fp32_and_int8_in_a_verified_bundle(tmp_path):
+def _factory_and_onnx(tmp_path):
+    """FACTORY written to tmp_path, its ModelSource, and its ONNX export (the MODEL of a bundle)."""
     import torch
+
+    from dlopt.optimize.export import load_source
 
     factory = tmp_path / "net.py"
     factory.write_text(FACTORY)
-    from dlopt.optimize.export import load_source
-
     source = load_source(f"{factory}:build")
     onnx_path = tmp_path / "net.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(source.module, (source.example_inputs["image"],), str(onnx_path), input_names=["image"],
                           output_names=["logits"], dynamo=False, opset_version=17)
+    return factory, source, onnx_path
+
+
+@pytest.mark.skipif(not HAS_EXECUTORCH, reason="ExecuTorch not installed (pip install 'dlopt[mobile]')")
+def test_xnnpack_programs_fp32_and_int8_in_a_verified_bundle(tmp_path):
+    import torch
+
+    factory, source, onnx_path = _factory_and_onnx(tmp_path)
     config = PackageConfig(torch_source=f"{factory}:build", pte_precisions=("fp32", "int8"), measure_s=0.4,
                            coverage=False)
     manifest = package(onnx_path, tmp_path / "b", config).manifest
@@ -166,18 +174,7 @@ def test_xnnpack_programs_fp32_and_int8_in_a_verified_bundle(tmp_path):
 
 @pytest.mark.skipif(not HAS_EXECUTORCH, reason="ExecuTorch not installed (pip install 'dlopt[mobile]')")
 def test_dynamic_int8_pte_in_a_verified_bundle_needs_no_calibration(tmp_path):
-    import torch
-
-    factory = tmp_path / "net.py"
-    factory.write_text(FACTORY)
-    from dlopt.optimize.export import load_source
-
-    source = load_source(f"{factory}:build")
-    onnx_path = tmp_path / "net.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(source.module, (source.example_inputs["image"],), str(onnx_path), input_names=["image"],
-                          output_names=["logits"], dynamo=False, opset_version=17)
+    factory, _, onnx_path = _factory_and_onnx(tmp_path)
     config = PackageConfig(torch_source=f"{factory}:build", pte_precisions=("int8-dynamic",), measure_s=0,
                            coverage=False)
     manifest = package(onnx_path, tmp_path / "b", config).manifest
