@@ -459,18 +459,13 @@ def _progress(items: list[Any], description: str, total: int, counts) -> Iterato
     """Yield items; on a terminal, a progress bar on stderr advancing on the items `counts` selects."""
     import sys
 
-    if not sys.stderr.isatty() or total < 4:
-        yield from items
-        return
-    from rich.console import Console
-    from rich.progress import Progress
+    from dlopt.optimize.calibration import progress_bar
 
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=total)
+    with progress_bar(total, description, sys.stderr.isatty() and total >= 4) as advance:
         for item in items:
             yield item
             if counts(item):
-                bar.advance(task)
+                advance()
 
 
 def _matmul_nbits_own(model, include: set[str], config: Int4Config, quantize) -> Any:
