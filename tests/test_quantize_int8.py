@@ -232,12 +232,27 @@ def test_a_recipe_for_another_isa_reports_the_qdq_arithmetic_beside_this_host_s_
     assert not host_kernels_inexact(choose_recipe(cnn_model(), QuantizeConfig(), NO_VNNI), NO_VNNI)
     assert not host_kernels_inexact(arm, CpuFeatures("aarch64", True, ("asimddp",)))
     result = quantize(cnn_model(), QuantizeConfig(target="arm64"), cnn_data())
-    exact = result.report.get("fidelity_exact_arithmetic")
     recipe = choose_recipe(cnn_model(), QuantizeConfig(target="arm64"))
-    assert (exact is not None) == host_kernels_inexact(recipe)  # depends on the CPU running the test
-    if exact is not None:
-        assert exact["outputs"]["logits"]["sqnr_db"] >= SQNR_FLOOR_INT8_DB
-        assert "QDQ arithmetic" in summary_text(result.report)
+    # on this CPU or not: whether the report carries it follows host_kernels_inexact
+    assert ("fidelity_exact_arithmetic" in result.report) == host_kernels_inexact(recipe)
+    from dlopt.optimize.quantize import _summary
+
+    summary = _summary(cnn_model(), result.model, cnn_data(), QuantizeConfig(target="arm64", speed_check=False),
+                       exact_arithmetic=True)
+    exact = summary["fidelity_exact_arithmetic"]
+    assert exact["samples"] == summary["fidelity"]["samples"]
+    assert exact["outputs"]["logits"]["sqnr_db"] >= SQNR_FLOOR_INT8_DB
+    assert exact["outputs"]["logits"]["sqnr_db"] >= summary["fidelity"]["outputs"]["logits"]["sqnr_db"] - 0.5
+    assert "QDQ arithmetic" in summary_text(summary | {"precision": "int8"})
+
+
+def test_smoothquant_is_off_by_default_and_on_when_asked():
+    data = CalibrationData.from_feeds([{"input_ids": np.arange(8, dtype=np.int64).reshape(1, 8) * (k + 1)}
+                                       for k in range(4)])
+    plain = quantize(transformer_like_model(), QuantizeConfig(), data)
+    assert plain.report["smoothing"] is None and plain.report["recipe"]["smoothing"] is None
+    smoothed = quantize(transformer_like_model(), QuantizeConfig(smoothing=0.75), data)
+    assert smoothed.report["recipe"]["smoothing"] == 0.75 and smoothed.report["smoothing"]["smoothed_tensors"] >= 1
 
 
 def test_auto_mode_on_a_transformer_like_graph_quantizes_dynamically():
