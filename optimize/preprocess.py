@@ -290,7 +290,9 @@ def _fold_batchnorm(model, config: PreprocessConfig):
         bias = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
                 if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0]))
         dtype = numpy_helper.to_array(inits[conv.input[1]]).dtype
-        w_name, b_name = f"{conv.input[1]}/bn_folded", f"{conv.name or conv.output[0]}/bn_folded_bias"
+        # named after the Conv: two Convs sharing one weight, each with its own BatchNorm, get two
+        key = conv.name or conv.output[0]
+        w_name, b_name = f"{key}/bn_folded_weight", f"{key}/bn_folded_bias"
         graph.initializer.extend([
             numpy_helper.from_array((w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(dtype), w_name),
             numpy_helper.from_array(((bias - mean) * factor + beta).astype(dtype), b_name)])
