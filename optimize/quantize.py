@@ -51,6 +51,7 @@ Mode = Literal["auto", "dynamic", "static"]
 Method = Literal["minmax", "entropy", "percentile"]
 Target = Literal["cpu", "cuda", "arm64", "mobile"]
 Rounding = Literal["auto", "nearest", "gptq"]
+LayerNormForm = Literal["auto", "fused", "unfused"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,6 +82,9 @@ class QuantizeConfig:
     bias_correction: bool = True  # static INT8: fold each Conv/Gemm's mean rounding shift into its bias
     rounding_samples: int = 64  # calibration samples for the layer statistics of both
     speed_check: bool = True  # time FP32 vs the result (b1, one thread, ~2 s) and warn when it is slower
+    # target cpu: residual sums before LayerNorms written so that ORT does not fuse them into its
+    # SkipLayerNormalization when that measures slower here (dlopt.optimize.kernel_choice); auto: timed
+    layernorm_form: LayerNormForm = "auto"
     int4: Any = None  # an Int4Config from dlopt.optimize.int4; None: built from the options above
     fp16: Any = None  # an Fp16Config from dlopt.optimize.fp16
 
@@ -101,6 +105,8 @@ def validate_config(config: QuantizeConfig) -> None:
         raise InputError(f"--max-accuracy-drop {config.max_accuracy_drop} is negative", "give a drop >= 0")
     if config.weight_rounding not in ROUNDINGS:
         raise InputError(f"unknown weight rounding {config.weight_rounding!r}", f"choose one of {', '.join(ROUNDINGS)}")
+    if config.layernorm_form not in ("auto", "fused", "unfused"):
+        raise InputError(f"unknown layernorm form {config.layernorm_form!r}", "choose one of auto, fused, unfused")
     if config.rounding_samples < 1:
         raise InputError(f"rounding samples {config.rounding_samples} must be >= 1", "e.g. 32")
     if config.block_size < 16 or config.block_size & (config.block_size - 1):
@@ -542,9 +548,10 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
         _check_exclusions(model, config)
         result = _dispatch_other(model, config, data)
         report = {"precision": config.precision, "config": config_to_dict(config), **result.report}
-        report.update(_summary(model, result.model, data, config))
+        result_model, report["kernel_choice"] = _choose_kernels(result.model, config, log)
+        report.update(_summary(model, result_model, data, config))
         _warn_if_slower(report, log)
-        return StageResult(result.model, report)
+        return StageResult(result_model, report)
 
     _check_exclusions(model, config)
     recipe = choose_recipe(model, config, has_data=data is not None)
@@ -579,12 +586,26 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
               "preprocess": pre_report, "smoothing": smooth_report, **details}
     if budget is not None:
         report["budget"] = budget
+    quantized, report["kernel_choice"] = _choose_kernels(quantized, config, log)
     report.update(_summary(model, quantized, data, config, exact_arithmetic=host_kernels_inexact(recipe)))
     if "fidelity_exact_arithmetic" in report:
         log(f"note: {report['fidelity_exact_arithmetic']['why']}")
     _warn_if_slower(report, log)
     report["seconds"] = round(time.perf_counter() - started, 2)
     return StageResult(quantized, report)
+
+
+def _choose_kernels(model, config: QuantizeConfig, log) -> tuple[Any, dict[str, Any] | None]:
+    """Equivalent graph forms timed on this host (only for target cpu: a phone or a GPU runs other
+    kernels than the ones measurable here)."""
+    if config.target != "cpu":
+        return model, None
+    from dlopt.optimize.kernel_choice import KernelChoiceConfig, choose_layernorm_form
+
+    result = choose_layernorm_form(model, KernelChoiceConfig(layernorm=config.layernorm_form))
+    if result.report["sites"]:
+        log(f"kernel choice: {result.report['decision']}")
+    return result.model, result.report
 
 
 def host_kernels_inexact(recipe: Recipe, cpu: CpuFeatures | None = None) -> bool:
@@ -726,6 +747,10 @@ def summary_text(report: Mapping[str, Any]) -> str:
     lines.append("quantized nodes: " + (", ".join(f"{k} {v}" for k, v in q.items()) or "none"))
     if report.get("nodes_excluded"):
         lines.append(f"kept in float: {', '.join(report['nodes_excluded'])}")
+    kernels = report.get("kernel_choice")
+    if kernels and kernels["sites"]:
+        lines.append(f"kernel choice: {kernels['decision']}")
+
     def fidelity_table(outputs: Mapping[str, Mapping[str, Any]]) -> str:
         rows = [[name, m["sqnr_db"], m["cosine_mean"], m["cosine_min"], m.get("top1_agreement", "-")]
                 for name, m in outputs.items()]

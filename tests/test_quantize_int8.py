@@ -550,6 +550,7 @@ def test_bad_model_files(files, model_name, message):
     (dict(block_size=48), "not a power of two"),
     (dict(weight_rounding="adaround"), "unknown weight rounding"),
     (dict(rounding_samples=0), "rounding samples"),
+    (dict(layernorm_form="skip"), "unknown layernorm form"),
 ])
 def test_api_rejects_bad_config(changes, message):
     with pytest.raises(InputError, match=message):

@@ -44,9 +44,12 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
               help="Static int8 Conv/Gemm weights: auto (GPTQ with calibration data) | gptq | nearest (ORT's).")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
               help="Static int8: fold each Conv/Gemm's mean weight-rounding shift into its bias.")
+@click.option("--layernorm", "layernorm_form", default="auto", show_default=True,
+              help="Target cpu: auto (time ORT's fused SkipLayerNormalization against Sum + LayerNormalization "
+                   "here and write the faster form) | fused | unfused.")
 def command(model, output, precision, mode, calibration, calibration_samples, method, percentile, per_channel,
             block_size, exclude_nodes, exclude_ops, target, no_preprocess, max_accuracy_drop, evaluator, smoothing,
-            weight_rounding, bias_correction):
+            weight_rounding, bias_correction, layernorm_form):
     """Quantize MODEL.onnx and write OUT.onnx plus OUT.quantize.json beside it.
 
     Prints the recipe and why it was chosen, the size before and after, the quantized nodes by op
@@ -60,7 +63,8 @@ def command(model, output, precision, mode, calibration, calibration_samples, me
                             exclude_ops=_names(exclude_ops), target=target, preprocess=not no_preprocess,
                             calibration_samples=calibration_samples, percentile=percentile,
                             max_accuracy_drop=max_accuracy_drop, evaluator=evaluator, smoothing=smoothing,
-                            weight_rounding=weight_rounding, bias_correction=bias_correction)
+                            weight_rounding=weight_rounding, bias_correction=bias_correction,
+                            layernorm_form=layernorm_form)
     outcome = quantize_file(model, output, config, calibration, progress=True, log=echo_err)
     click.echo(summary_text(outcome.report))
     click.echo(f"wrote {outcome.model_path} ({outcome.report['bytes_written'] / 1e6:.2f} MB)")
