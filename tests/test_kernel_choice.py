@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
-
 from dlopt.optimize.kernel_choice import (
     KernelChoiceConfig,
     choose_layernorm_form,
     find_layernorm_sites,
     time_layernorm_forms,
 )
+from onnx import TensorProto, helper, numpy_helper
 
 HIDDEN = 32
 
@@ -20,7 +19,7 @@ HIDDEN = 32
 def _residual_block_model(opset: int = 17):
     """x -> MatMul -> Add(x) -> LayerNorm -> SkipLayerNorm(with beta, bias; its sum output used) -> y."""
     rng = np.random.default_rng(0)
-    init = lambda name, *shape: numpy_helper.from_array(  # noqa: E731
+    init = lambda name, *shape: numpy_helper.from_array(
         rng.normal(0, 0.3, shape).astype(np.float32) + (1.0 if name.startswith("gamma") else 0.0), name)
     nodes = [
         helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
