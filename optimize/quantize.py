@@ -459,7 +459,7 @@ def quantize_int8(model, config: QuantizeConfig, recipe: Recipe, data: Calibrati
     return quantized, details
 
 
-# ORT's session-time WeightBiasQuantization (every optimization level, ORT >= 1.20) quantizes a float
+# ORT's session-time WeightBiasQuantization (every optimization level, even basic; ORT 1.32 here) quantizes a float
 # Conv / ConvTranspose / Gemm whose input 0 comes from a per-tensor DequantizeLinear and whose output reaches
 # a QuantizeLinear (through Relu/Clip at most): exactly what a node excluded from a QDQ graph looks like.
 # It does so with per-tensor weights, so an excluded node ran in int8 anyway, and worse than the per-channel
