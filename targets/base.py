@@ -155,13 +155,15 @@ class Target:
     def create_session(self, model: str | Path | bytes, *, threads: int = 1, graph_opt_level: str = "all",
                        provider_options: Mapping[str, str] | None = None, allow_fallback: bool = False,
                        device_id: int = 0, check_available: bool = True,
-                       free_dimensions: Mapping[str, int] | None = None) -> TargetSession:
+                       free_dimensions: Mapping[str, int] | None = None,
+                       profile_prefix: str | None = None) -> TargetSession:
         """Build a session for `model` (a path or serialized bytes) on this target.
 
         `free_dimensions` fixes named dynamic axes (e.g. {"batch": 1, "seq": 128}), which lets graph
         optimization fold shape computations away (a CUDA graph needs that).
         Raises TargetUnavailableError when the target cannot run here or ONNX Runtime silently put the
-        session on another provider; with `allow_fallback` the session is returned labelled as CPU."""
+        session on another provider; with `allow_fallback` the session is returned labelled as CPU.
+        `profile_prefix`: ONNX Runtime's profiler on, its trace written under this prefix (dlopt.profile)."""
         import onnxruntime as ort
 
         if threads < 1:
@@ -179,6 +181,9 @@ class Target:
         options = _session_options(threads, graph_opt_level)
         for dim_name, size in (free_dimensions or {}).items():
             options.add_free_dimension_override_by_name(dim_name, int(size))
+        if profile_prefix is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         first = self.providers[0]
         if fallback_only:
             requested: list[Any] = [CPU_PROVIDER]

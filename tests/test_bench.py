@@ -196,6 +196,38 @@ def test_real_run_ranks_three_times_the_work_correctly(chains, schema):
     assert "1 (base)" in table and "long.onnx" in table and "95% CI" in table
 
 
+def test_profile_attributes_the_time_to_the_op_types_that_ran(chains, schema):
+    short, long = chains
+    result = benchmark([short, long], BenchConfig(batch_sizes=(4,), rounds=20, n_boot=200, profile=True,
+                                                  profile_runs=12))
+    short_profile, long_profile = (r.profile for r in result.batches[0].models)
+    for profile, blocks in ((short_profile, 4), (long_profile, 12)):
+        by_op = {t.op_type: t for t in profile}
+        assert by_op["MatMul"].nodes == blocks and by_op["Tanh"].nodes == blocks
+        assert sum(t.share for t in profile) == pytest.approx(1.0)
+        assert all(t.ms_per_run > 0 and t.provider == "CPUExecutionProvider" for t in profile)
+        assert [t.ms_per_run for t in profile] == sorted((t.ms_per_run for t in profile), reverse=True)
+    data = result.to_dict()
+    jsonschema.validate(data, schema)
+    assert data["batches"][0]["results"][0]["profile"][0]["op_type"] in ("MatMul", "Tanh")
+    assert "where the time goes: long.onnx, batch 4" in format_result(result)
+    plain = benchmark([short], BenchConfig(rounds=5, n_boot=50)).to_dict()
+    assert "profile" not in plain["batches"][0]["results"][0]
+
+
+def test_op_times_skips_non_kernel_events_and_averages_per_run():
+    from dlopt.profile import op_times
+
+    events = [{"cat": "Session", "name": "model_run", "dur": 900},
+              {"cat": "Node", "name": "mm_kernel_time", "dur": 300, "args": {"op_name": "MatMul", "provider": "CPU"}},
+              {"cat": "Node", "name": "mm_fence_before", "dur": 5, "args": {"op_name": "MatMul"}},
+              {"cat": "Node", "name": "mm_kernel_time", "dur": 500, "args": {"op_name": "MatMul", "provider": "CPU"}},
+              {"cat": "Node", "name": "t_kernel_time", "dur": 200, "args": {"op_name": "Tanh", "provider": "CPU"}}]
+    rows = op_times(events, runs=2)
+    assert [(r.op_type, r.nodes) for r in rows] == [("MatMul", 1), ("Tanh", 1)]
+    assert rows[0].ms_per_run == pytest.approx(0.4) and rows[0].share == pytest.approx(0.8)
+
+
 def test_budget_bounds_the_run(chains):
     start = time.perf_counter()
     result = benchmark([chains[0]], BenchConfig(budget_s=1.0, min_rounds=5, n_boot=200))

@@ -87,6 +87,8 @@ class BenchConfig:
     ratio_method: str = "round-median"  # see dlopt.stats.ratio_ci
     n_boot: int = DEFAULT_BOOTSTRAP
     seed: int = 0
+    profile: bool = False  # after timing, ORT's kernel profile summed by op type (dlopt.profile)
+    profile_runs: int = 22  # profiled runs per model and batch size; the first two are not counted
 
 
 def validate_config(config: BenchConfig) -> None:
@@ -105,6 +107,8 @@ def validate_config(config: BenchConfig) -> None:
         raise InputError(f"unknown clock {config.clock!r}", "choose cpu, wall or auto")
     if config.ratio_method not in RATIO_METHODS:
         raise InputError(f"unknown ratio method {config.ratio_method!r}", f"choose {', '.join(RATIO_METHODS)}")
+    if config.profile and config.profile_runs < 3:
+        raise InputError(f"profile runs must be at least 3, got {config.profile_runs}", "e.g. 22")
     if not 0.5 <= config.confidence < 1.0:
         raise InputError(f"confidence must be in [0.5, 1), got {config.confidence}", "e.g. 0.95")
 
@@ -395,6 +399,7 @@ class ModelRun:
     first_run_s: float  # wall time of the very first run at this batch (cold: allocation, autotuning)
     rss_added_bytes: int  # process RSS growth from binding the inputs and the first run
     device_added_bytes: int | None  # the same on the device (GPU); None on the host
+    profile: tuple[Any, ...] | None = None  # dlopt.profile.OpTime rows with BenchConfig.profile
 
 
 @dataclass(frozen=True)
@@ -434,6 +439,7 @@ class BenchResult:
                 "throughput_per_s": batch / median if median > 0 else None,
                 "ratio": {c: (run.ratios[c].as_dict() if run.ratios[c] is not None else None) for c in CLOCKS},
                 "samples_ms": {c: np.round(run.samples[c] * 1e3, 6).tolist() for c in CLOCKS},
+                **({"profile": [t.as_dict() for t in run.profile]} if run.profile is not None else {}),
             }
 
         return {
@@ -646,6 +652,15 @@ class BoundModels:
     device_added_bytes: tuple[int | None, ...]
 
 
+def model_feeds(model: LoadedModel, *, batch: int | None, seq_len: int, seed: int,
+                data: Mapping[str, np.ndarray] | None, data_source: str = "--data") -> dict[str, np.ndarray]:
+    """The inputs a model is measured on: taken from `data`, or generated (seeded) for `batch`."""
+    specs = input_specs(model.handle.session)
+    if data is not None:
+        return feeds_from_data(specs, data, data_source)
+    return make_inputs(specs, batch=batch, seq_len=seq_len, seed=seed)
+
+
 def bind_models(target, models: Sequence[LoadedModel], *, batch: int | None = 1, seq_len: int = DEFAULT_SEQ_LEN,
                 seed: int = 0, data: Mapping[str, np.ndarray] | None = None, data_source: str = "--data",
                 device_id: int = 0, progress: ProgressFn | None = None) -> BoundModels:
@@ -658,11 +673,7 @@ def bind_models(target, models: Sequence[LoadedModel], *, batch: int | None = 1,
     runners, first_run_s, rss_added, device_added = [], [], [], []
     shapes: dict[str, tuple[int, ...]] = {}
     for m in models:
-        specs = input_specs(m.handle.session)
-        if data is not None:
-            feeds = feeds_from_data(specs, data, data_source)
-        else:
-            feeds = make_inputs(specs, batch=batch, seq_len=seq_len, seed=seed)
+        feeds = model_feeds(m, batch=batch, seq_len=seq_len, seed=seed, data=data, data_source=data_source)
         shapes.update({k: tuple(v.shape) for k, v in feeds.items()})
         if progress is not None:
             progress(f"binding {m.label}", 0.0)
@@ -705,6 +716,17 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
         sampler.run_for(remaining, min_rounds=config.min_rounds,
                         on_round=lambda f: report(f"{label}: measuring", 0.1 + 0.9 * f))
     seconds = time.perf_counter() - start
+    profiles: list[tuple[Any, ...] | None] = [None] * len(models)
+    if config.profile:
+        from dlopt.profile import profile_session
+
+        for i, m in enumerate(models):
+            report(f"{label}: profiling {m.label}", 1.0)
+            feeds = model_feeds(m, batch=batch, seq_len=config.seq_len, seed=config.seed, data=data,
+                                data_source=data_source)
+            profiles[i] = tuple(profile_session(target, m.path, feeds, runs=config.profile_runs,
+                                                threads=config.threads, graph_opt_level=config.graph_opt_level,
+                                                device_id=config.device_id, allow_fallback=config.allow_fallback))
     results = []
     for i in range(len(models)):
         samples = {c: sampler.samples(i, c) for c in CLOCKS}
@@ -714,7 +736,7 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
         results.append(ModelRun(samples=samples, summaries={c: summarize(samples[c]) for c in CLOCKS},
                                 ratios=ratios, first_run_s=bound.first_run_s[i],
                                 rss_added_bytes=bound.rss_added_bytes[i],
-                                device_added_bytes=bound.device_added_bytes[i]))
+                                device_added_bytes=bound.device_added_bytes[i], profile=profiles[i]))
     report(f"{label}: done", 1.0)
     return BatchRun(batch=effective_batch, input_shapes=shapes, rounds=sampler.rounds, seconds=seconds,
                     warmup=warm, models=tuple(results))
@@ -777,10 +799,31 @@ def format_result(result: BenchResult) -> str:
                      f"{b.warmup.rounds} rounds, {'settled' if b.warmup.settled else 'NOT settled (capped)'}; "
                      f"inputs {shapes}")
     return "\n".join([format_table(headers, rows), "", format_table(model_headers, model_rows), "", *lines,
-                      f"peak RSS of this process: {result.peak_rss_bytes / 1e6:.0f} MB"])
+                      f"peak RSS of this process: {result.peak_rss_bytes / 1e6:.0f} MB", *_profile_tables(result)])
 
 
-__all__ = ["BenchConfig", "BenchResult", "BoundModels", "bind_models", "InterleavedSampler", "InputSpec", "SCHEMA_VERSION", "WarmupReport",
+def _profile_tables(result: BenchResult, top: int = 8) -> list[str]:
+    """With --profile: per batch size and model, the op types that took the most kernel time."""
+    from dlopt.report import format_table
+
+    out = []
+    for b in result.batches:
+        for m, r in zip(result.models, b.models):
+            if not r.profile:
+                continue
+            rows = [[t.op_type, t.nodes, t.ms_per_run, f"{100 * t.share:.1f}"] for t in r.profile[:top]]
+            rest = r.profile[top:]
+            if rest:
+                rows.append([f"({len(rest)} other op types)", sum(t.nodes for t in rest),
+                             sum(t.ms_per_run for t in rest), f"{100 * sum(t.share for t in rest):.1f}"])
+            title = (f"where the time goes: {m.label}, batch {b.batch} (ONNX Runtime's kernel profile, "
+                     f"{result.config.profile_runs - 2} runs; wall time per run)")
+            out += ["", title,
+                    format_table(["op type", "nodes", "ms / run", "% of kernel time"], rows)]
+    return out
+
+
+__all__ = ["BenchConfig", "BenchResult", "BoundModels", "bind_models", "model_feeds", "InterleavedSampler", "InputSpec", "SCHEMA_VERSION", "WarmupReport",
            "benchmark", "choose_clock", "feeds_from_data", "format_result", "input_specs", "load_data",
            "load_models", "machine_fingerprint", "make_inputs", "parse_batch_sizes", "parse_duration", "resolve_shape",
            "validate_config"]

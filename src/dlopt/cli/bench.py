@@ -53,11 +53,13 @@ def progress_bar(enabled: bool = True):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the full result (every sample) as JSON (schema: dlopt/schemas/bench.schema.json).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--profile", is_flag=True,
+              help="After timing, show where the time goes: ONNX Runtime's kernel profile summed by op type.")
 @click.option("--save-baseline", "baseline_path", type=click.Path(dir_okay=False), default=None,
               help="Also store the FIRST model's samples and this machine's fingerprint as a baseline for "
                    "`dlopt gate --baseline FILE` (schema: dlopt/schemas/baseline.schema.json).")
 def command(models, target, threads, batch, seq_len, budget, rounds, clock, ratio_method, data, graph_opt,
-            cuda_graph, device_id, allow_fallback, seed, json_path, no_progress, baseline_path):
+            cuda_graph, device_id, allow_fallback, seed, json_path, no_progress, profile, baseline_path):
     """Measure the latency of MODELS (.onnx files) on a target and compare them.
 
     Several models are measured interleaved (A B C A B C ...), so all of them see the same machine
@@ -94,7 +96,7 @@ def command(models, target, threads, batch, seq_len, budget, rounds, clock, rati
     config = BenchConfig(target=target, threads=threads, batch_sizes=parse_batch_sizes(batch or "1"),
                          seq_len=seq_len, budget_s=parse_duration(budget), rounds=rounds, clock=clock,
                          ratio_method=ratio_method, graph_opt_level=graph_opt, cuda_graph=cuda_graph,
-                         device_id=device_id, allow_fallback=allow_fallback, seed=seed)
+                         device_id=device_id, allow_fallback=allow_fallback, seed=seed, profile=profile)
     arrays = load_data(data) if data else None
     with progress_bar(enabled=not no_progress) as progress:
         result = benchmark(models, config, data=arrays, data_source=str(data) if data else "--data",
