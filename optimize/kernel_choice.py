@@ -72,7 +72,10 @@ def find_layernorm_sites(model) -> dict[str, list]:
             skips.append(node)
         elif node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx"):
             add = producer.get(node.input[0])
-            if (add is not None and add.op_type == "Add" and add.domain in ("", "ai.onnx")
+            # an Add between DequantizeLinear nodes is a QDQ-quantized Add, for ORT's QLinearAdd: not ours
+            dequantized = add is not None and any(
+                producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in add.input)
+            if (add is not None and add.op_type == "Add" and add.domain in ("", "ai.onnx") and not dequantized
                     and len(consumers.get(add.output[0], [])) == 1 and add.output[0] not in graph_outputs
                     and len(node.input) > 1 and _float_initializer(model, node.input[1]) is not None):
                 adds.append(add)

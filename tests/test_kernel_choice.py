@@ -127,3 +127,17 @@ def test_quantize_writes_the_chosen_form_and_reports_it():
     kept = quantize(model, QuantizeConfig(mode="dynamic", layernorm_form="fused", speed_check=False, preprocess=False))
     assert kept.report["kernel_choice"]["rewritten"] == 0
     assert "SkipLayerNormalization" in [n.op_type for n in kept.model.graph.node]
+
+
+def test_a_qdq_quantized_add_is_left_to_ort():
+    model = _residual_block_model()
+    scale = numpy_helper.from_array(np.array(0.05, np.float32), "h_scale")
+    zero = numpy_helper.from_array(np.array(128, np.uint8), "h_zero")
+    model.graph.initializer.extend([scale, zero])
+    nodes = list(model.graph.node)
+    quantize_h = helper.make_node("QuantizeLinear", ["h", "h_scale", "h_zero"], ["h_q"], name="q")
+    dequantize_h = helper.make_node("DequantizeLinear", ["h_q", "h_scale", "h_zero"], ["h_dq"], name="dq")
+    nodes[1].input[0] = "h_dq"  # residual_add now reads a dequantized tensor, as in a static QDQ graph
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[:1] + [quantize_h, dequantize_h] + nodes[1:])
+    assert find_layernorm_sites(model)["add"] == []
