@@ -62,6 +62,8 @@ class PackageConfig:
     pte_int8_min_sqnr_db: float = 15.0  # ... an int8 one (a lossy quantization) to this one
     calibration: str | None = None  # calibration data of the model (npz, folder, model:NAME): hashed into the manifest
     pte_calibration_samples: int = 32  # samples for the int8 .pte's calibration
+    pte_weight_rounding: str = "gptq"  # int8 .pte weights: gptq (on the calibration data) | nearest (stock)
+    pte_bias_correction: bool = True  # int8 .pte: fold each conv/linear's mean rounding shift into its bias
     name: str | None = None  # model name in the manifest and model card (default: the file's stem)
     overwrite: bool = False  # replace an existing bundle folder
 
@@ -97,6 +99,11 @@ def validate_config(config: PackageConfig) -> None:
     bad = [p for p in config.pte_precisions if p not in PTE_PRECISIONS]
     if bad:
         raise InputError(f"unknown .pte precision(s) {bad}", f"choose from {', '.join(PTE_PRECISIONS)}")
+    from dlopt.targets.xnnpack import WEIGHT_ROUNDINGS
+
+    if config.pte_weight_rounding not in WEIGHT_ROUNDINGS:
+        raise InputError(f"unknown .pte weight rounding {config.pte_weight_rounding!r}",
+                         f"choose {' or '.join(WEIGHT_ROUNDINGS)}")
     if config.torch_source is not None and config.target != "mobile":
         raise InputError("--torch-source (ExecuTorch/XNNPACK programs) is for --target mobile",
                          "use --target mobile, or drop --torch-source")
@@ -454,7 +461,8 @@ def _build_pte(source, staging: Path, config: PackageConfig, feeds_list, expecte
         data = lower_to_pte(source.module, feeds_list[0], input_names=input_names,
                             precision="fp32" if precision == "fp32" else "int8",
                             calibration=calibration if precision == "int8" else None,
-                            int8_activations="dynamic" if precision == "int8-dynamic" else "static")
+                            int8_activations="dynamic" if precision == "int8-dynamic" else "static",
+                            weight_rounding=config.pte_weight_rounding, bias_correction=config.pte_bias_correction)
         lower_s = time.perf_counter() - started
         (staging / file_name).write_bytes(data)
         # one thread: the latency is compared with ORT's on one thread (see _measure)
@@ -467,7 +475,9 @@ def _build_pte(source, staging: Path, config: PackageConfig, feeds_list, expecte
         artifacts.append({"file": file_name, "runtime": f"executorch {_executorch_version()}", "backend": "xnnpack",
                           "precision": precision, "input_names": input_names,
                           "torch_source": config.torch_source, "lower_s": round(lower_s, 2),
-                          "calibration_samples": len(calibration) if precision == "int8" else None})
+                          "calibration_samples": len(calibration) if precision == "int8" else None,
+                          "weight_rounding": config.pte_weight_rounding if precision == "int8" else None,
+                          "bias_correction": config.pte_bias_correction if precision == "int8" else None})
         programs.append((f"xnnpack-{precision}", program))
     return artifacts, checks, programs
 

@@ -35,12 +35,18 @@ from dlopt.cli._common import echo_err
                    "int8-dynamic (linear layers, activations quantized per run: transformers).")
 @click.option("--pte-int8-min-sqnr", type=float, default=15.0, show_default=True,
               help="Floor on the int8 .pte's SQNR (dB) against MODEL's outputs on the samples.")
+@click.option("--pte-weight-rounding", type=click.Choice(["gptq", "nearest"]), default="gptq", show_default=True,
+              help="int8 .pte weights: GPTQ-rounded against each layer's inputs on the calibration data, or "
+              "nearest (the stock XNNPACKQuantizer).")
+@click.option("--pte-no-bias-correction", is_flag=True,
+              help="int8 .pte: do not fold each layer's mean weight-rounding shift into its bias.")
 @click.option("--calibration", default=None, help="Calibration data of MODEL (npz, folder, model:NAME): hashed into the "
               "manifest, and calibrates an int8 .pte.")
 @click.option("--name", default=None, help="Model name in the manifest (default: the file's stem).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder.")
 def command(model, output, target, intended_ep, fix_shapes, type_reduction, no_coverage, data, samples, seq_len,
-            atol, rtol, measure_s, threads, torch_source, pte, pte_int8_min_sqnr, calibration, name, overwrite):
+            atol, rtol, measure_s, threads, torch_source, pte, pte_int8_min_sqnr, pte_weight_rounding,
+            pte_no_bias_correction, calibration, name, overwrite):
     """Package MODEL (.onnx) into a bundle folder for a target, verified before it is written.
 
     For --target mobile the bundle holds the ORT-format model with its reduced-operator config, an
@@ -62,7 +68,8 @@ def command(model, output, target, intended_ep, fix_shapes, type_reduction, no_c
                            type_reduction=type_reduction, coverage=not no_coverage, samples=samples, seq_len=seq_len,
                            atol=atol, rtol=rtol, measure_s=measure_s, threads=threads, torch_source=torch_source,
                            pte_precisions=tuple(p.strip() for p in pte.split(",") if p.strip()),
-                           pte_int8_min_sqnr_db=pte_int8_min_sqnr, calibration=calibration, name=name,
+                           pte_int8_min_sqnr_db=pte_int8_min_sqnr, pte_weight_rounding=pte_weight_rounding,
+                           pte_bias_correction=not pte_no_bias_correction, calibration=calibration, name=name,
                            overwrite=overwrite)
     result = package(model, output, config, data=feeds, log=echo_err)
     manifest = result.manifest
