@@ -479,3 +479,40 @@ def test_package_config_rejects_an_unknown_pte_weight_rounding(tmp_path):
     result = CliRunner().invoke(main, ["package", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "b"),
                                        "--pte-weight-rounding", "adaround"])
     assert result.exit_code == 2 and "adaround" in result.output
+
+
+@pytest.mark.parametrize("channels, outputs, kernel, stride, pad, dilation, groups", [
+    (8, 8, 3, 2, 1, 1, 8),  # depthwise, strided
+    (6, 4, 3, 1, 1, 2, 2),  # grouped, dilated
+    (8, 16, 1, 1, 0, 1, 1),  # pointwise
+    (8, 16, 1, 2, 0, 1, 1),  # pointwise, strided
+    (3, 4, 5, 2, 2, 1, 1),
+])
+def test_torch_layer_statistics_match_the_onnx_paths_patches(channels, outputs, kernel, stride, pad, dilation, groups):
+    """The int8 .pte's layer statistics (torch unfold) equal those optimize/rounding.py takes from its
+    own numpy im2col of the same conv: H = sum x x^T per group, the sums and the row count."""
+    import torch
+    from onnx import helper
+
+    from dlopt.optimize.rounding import LayerStatistics, _patches
+    from dlopt.targets.xnnpack import _add_layer_input
+
+    x = np.random.default_rng(0).standard_normal((2, channels, 11, 13)).astype(np.float32)
+    shape = (outputs, channels // groups, kernel, kernel)
+    stats = LayerStatistics({}, {}, {}, 0)
+    conv = ((stride, stride), (pad, pad), (dilation, dilation), groups)
+    for _ in range(2):  # accumulated over two batches
+        _add_layer_input(stats, "conv", torch.from_numpy(x), shape, conv)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], strides=[stride] * 2, pads=[pad] * 4, dilations=[dilation] * 2,
+                            group=groups)
+    p = _patches(x, node, shape).astype(np.float64)
+    np.testing.assert_allclose(stats.hessian["conv"], 2 * np.matmul(p.transpose(0, 2, 1), p), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(stats.total["conv"], 2 * p.sum(axis=1), rtol=1e-5, atol=1e-3)
+    out = torch.nn.functional.conv2d(torch.from_numpy(x), torch.zeros(shape), stride=stride, padding=pad,
+                                     dilation=dilation, groups=groups)
+    assert stats.rows["conv"] == 2 * p.shape[1] == 2 * out.shape[0] * out.shape[2] * out.shape[3]
+    linear = LayerStatistics({}, {}, {}, 0)
+    rows = x.reshape(-1, 13)
+    _add_layer_input(linear, "fc", torch.from_numpy(x), (5, 13), None)
+    np.testing.assert_allclose(linear.hessian["fc"][0], rows.T.astype(np.float64) @ rows, rtol=1e-5, atol=1e-3)
+    assert linear.rows["fc"] == rows.shape[0]
