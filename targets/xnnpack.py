@@ -333,8 +333,8 @@ def _refine_int8_weights(prepared, layers: Sequence[_WeightLayer], stats, *, gpt
     quantizer rounds every weight to the nearest grid point, and on BatchNorm-folded CNNs the
     rounding error of high-gain zero-sum depthwise filters becomes an output offset that later
     layers amplify (EfficientNet-Lite0 int8 .pte: 16.0 dB logit SQNR). The new float weight of a
-    channel is code * scale for GPTQ's codes, with the channel's largest-magnitude element kept at
-    its original value, so that:
+    channel is code * scale for GPTQ's codes, except the channel's largest-magnitude element, kept at
+    its original value (code +-127, whatever GPTQ chose for it), so that:
     - the observer (PerChannelMinMaxObserver, symmetric, quant range [-127, 127]) computes the same
       scale, max(|w|) / 127 (floored at its eps), since the largest |w| of the channel is unchanged
       and every other element is clipped to at most that magnitude;
@@ -344,7 +344,7 @@ def _refine_int8_weights(prepared, layers: Sequence[_WeightLayer], stats, *, gpt
     Both are checked here, not assumed: the observer is re-run on the new weight, and a channel
     whose scale moved keeps its original (nearest-rounded) weights. The bias correction uses the
     codes the quantizer will actually produce: b' = b - (W_q - W) . E[x] per output channel (a layer
-    without a bias gets one). Statistics are taken on the float model (not sequentially on the
+    without a bias gets one; one whose bias is computed in the graph is left uncorrected). Statistics are taken on the float model (not sequentially on the
     already-rounded layers), as optimize/rounding.py does for ONNX Runtime."""
     import torch
 
@@ -388,8 +388,7 @@ def _refine_int8_weights(prepared, layers: Sequence[_WeightLayer], stats, *, gpt
                 mean = stats.total[name] / max(stats.rows[name], 1)  # [groups, K]
                 error = (quantized.double() - w.double()).reshape(groups, outputs // groups, -1).numpy()
                 shift = torch.from_numpy(np.einsum("gok,gk->go", error, mean).reshape(-1))
-                _add_bias(prepared, layer.node, -shift.float())
-                corrected += 1
+                corrected += _add_bias(prepared, layer.node, -shift.float())
             if new is not w:
                 _set_param(prepared, layer.weight, new.contiguous())
                 observer.reset_min_max_vals()
@@ -407,14 +406,15 @@ def _observed_scale(observer, weight):
     return probe.calculate_qparams()[0].to(weight.dtype)
 
 
-def _add_bias(prepared, node, delta) -> None:
-    """bias += delta for a conv2d / linear node; a new bias parameter when it has none."""
+def _add_bias(prepared, node, delta) -> bool:
+    """bias += delta for a conv2d / linear node (a new bias parameter when it has none); False, and
+    nothing changed, when its bias is computed rather than a parameter."""
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     if hasattr(bias, "op"):
         if bias.op != "get_attr":
-            raise StageError(f"bias of {node.name} is computed, not a parameter", "lower with bias_correction=False")
+            return False
         _set_param(prepared, bias.target, _get_attr(prepared, bias.target).detach() + delta)
-        return
+        return True
     target = f"_dlopt_bias_{node.name}"
     _set_param(prepared, target, delta)
     with prepared.graph.inserting_before(node):
@@ -424,6 +424,7 @@ def _add_bias(prepared, node, delta) -> None:
     node.args = tuple(args)
     if "bias" in node.kwargs:
         node.kwargs = {k: v for k, v in node.kwargs.items() if k != "bias"}
+    return True
 
 
 def _clamp_fusing_quantizer_class():
