@@ -147,6 +147,8 @@ def test_xnnpack_programs_fp32_and_int8_in_a_verified_bundle(tmp_path):
     assert checks["model.xnnpack-fp32.pte"]["sqnr_db"] >= 60  # a float lowering: the same function
     assert 15 <= checks["model.xnnpack-int8.pte"]["sqnr_db"] < checks["model.xnnpack-fp32.pte"]["sqnr_db"]
     assert checks["model.xnnpack-int8.pte"]["top1_agreement"] == 1.0
+    int8 = next(a for a in manifest["artifacts"] if a["file"] == "model.xnnpack-int8.pte")
+    assert int8["weight_rounding"] == "gptq" and int8["bias_correction"] is True  # the int8 default, recorded
     for label in ("xnnpack-fp32", "xnnpack-int8"):
         assert manifest["metrics"][label]["threads"] == 1 and manifest["metrics"][label]["ratio_to_ort"]["estimate"] > 0
 
