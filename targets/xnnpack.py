@@ -112,7 +112,7 @@ class _Positional:
 def lower_to_pte(module, example: Mapping[str, Any], *, input_names: Sequence[str], precision: str = "fp32",
                  calibration: Iterable[Mapping[str, np.ndarray]] | None = None,
                  int8_activations: str = "static", weight_rounding: str = "gptq", bias_correction: bool = True,
-                 rounding_samples: int = 64) -> bytes:
+                 rounding_samples: int = 64, report: dict[str, Any] | None = None) -> bytes:
     """Lower a torch module to an ExecuTorch program (bytes) with the XNNPACK backend.
 
     `example` gives the static input shapes; for `precision="int8"`, `calibration` feeds (at those
@@ -123,7 +123,9 @@ def lower_to_pte(module, example: Mapping[str, Any], *, input_names: Sequence[st
     Static int8 only: `weight_rounding="gptq"` rounds each conv/linear weight GPTQ-style against its
     input statistics on the first `rounding_samples` calibration feeds, and `bias_correction` folds
     the mean output shift of the rounding into the bias (see _refine_int8_weights);
-    `weight_rounding="nearest", bias_correction=False` is the stock XNNPACKQuantizer lowering."""
+    `weight_rounding="nearest", bias_correction=False` is the stock XNNPACKQuantizer lowering.
+    `report`, when given, receives "weight_refinement": the layers rounded, biases corrected and
+    channels kept at nearest rounding (None when nothing was refined)."""
     require_executorch()
     import torch
 
@@ -151,9 +153,12 @@ def lower_to_pte(module, example: Mapping[str, Any], *, input_names: Sequence[st
         try:
             with torch.no_grad():
                 if precision == "int8":
-                    wrapped = _quantize_pt2e(wrapped, args, input_names, calibration,
-                                             dynamic=int8_activations == "dynamic", weight_rounding=weight_rounding,
-                                             bias_correction=bias_correction, rounding_samples=rounding_samples)
+                    wrapped, refinement = _quantize_pt2e(
+                        wrapped, args, input_names, calibration, dynamic=int8_activations == "dynamic",
+                        weight_rounding=weight_rounding, bias_correction=bias_correction,
+                        rounding_samples=rounding_samples)
+                    if report is not None:
+                        report["weight_refinement"] = refinement
                 exported = torch.export.export(wrapped, args)
                 program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch()
         except InputError:
@@ -188,10 +193,11 @@ def _quantize_pt2e(wrapped, args, input_names, calibration, *, dynamic: bool = F
             recorder.run(*inputs)  # the same forward (observers included), also recording layer inputs
         else:
             prepared(*inputs)
+    refinement = None
     if recorder is not None:
-        _refine_int8_weights(prepared, layers, recorder.stats, gptq=weight_rounding == "gptq",
-                             bias_correction=bias_correction)
-    return convert_pt2e(prepared)
+        refinement = _refine_int8_weights(prepared, layers, recorder.stats, gptq=weight_rounding == "gptq",
+                                          bias_correction=bias_correction)
+    return convert_pt2e(prepared), refinement
 
 
 @dataclass(frozen=True)

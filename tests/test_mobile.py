@@ -149,6 +149,8 @@ def test_xnnpack_programs_fp32_and_int8_in_a_verified_bundle(tmp_path):
     assert checks["model.xnnpack-int8.pte"]["top1_agreement"] == 1.0
     int8 = next(a for a in manifest["artifacts"] if a["file"] == "model.xnnpack-int8.pte")
     assert int8["weight_rounding"] == "gptq" and int8["bias_correction"] is True  # the int8 default, recorded
+    refinement = int8["weight_refinement"]  # what the rounding did: every quantized layer rounded here
+    assert refinement["weights_rounded"] >= 1 and refinement["weights_rounded"] >= refinement["biases_corrected"] >= 1
     for label in ("xnnpack-fp32", "xnnpack-int8"):
         assert manifest["metrics"][label]["threads"] == 1 and manifest["metrics"][label]["ratio_to_ort"]["estimate"] > 0
 
@@ -280,8 +282,8 @@ def test_int8_quantizes_conv_relu6_as_one_unit():
     net = _SamePadNet()
     calibration = [{"image": x} for x in _images(8, 4)]
     with torch.no_grad(), _quiet():
-        converted = _quantize_pt2e(_Positional(net, ["image"]), (torch.from_numpy(_images(1, 0)[0]),), ["image"],
-                                   calibration)
+        converted, _ = _quantize_pt2e(_Positional(net, ["image"]), (torch.from_numpy(_images(1, 0)[0]),),
+                                      ["image"], calibration)
     clamps = [n for n in converted.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.relu6.default]
     assert len(clamps) == 3 and all(n.args[0].target == torch.ops.aten.conv2d.default for n in clamps)
     assert all(next(iter(n.users)).target == torch.ops.quantized_decomposed.quantize_per_tensor.default
@@ -314,7 +316,8 @@ def test_int8_keeps_integer_index_arithmetic_integer():
     net = Net().eval()
     xs = [np.random.default_rng(k).standard_normal((2, 8)).astype(np.float32) for k in range(4)]
     with torch.no_grad(), _quiet():
-        converted = _quantize_pt2e(_Positional(net, ["x"]), (torch.from_numpy(xs[0]),), ["x"], [{"x": x} for x in xs])
+        converted, _ = _quantize_pt2e(_Positional(net, ["x"]), (torch.from_numpy(xs[0]),), ["x"],
+                                      [{"x": x} for x in xs])
         got, expected = converted(torch.from_numpy(xs[1])).numpy(), net(torch.from_numpy(xs[1])).numpy()
     assert got.shape == (2, 4)
     assert 20 * np.log10(np.linalg.norm(expected) / np.linalg.norm(expected - got)) >= 25
@@ -457,7 +460,7 @@ def test_gptq_rounding_keeps_the_quantizers_per_channel_scales():
 
     def weights(**options):
         with torch.no_grad(), _quiet():
-            converted = _quantize_pt2e(_Positional(net, ["image"]), example, ["image"], calibration, **options)
+            converted, _ = _quantize_pt2e(_Positional(net, ["image"]), example, ["image"], calibration, **options)
         found = []
         for node in converted.graph.nodes:
             if node.op == "call_function" and node.target == torch.ops.quantized_decomposed.dequantize_per_channel.default:

@@ -456,13 +456,15 @@ def _build_pte(source, staging: Path, config: PackageConfig, feeds_list, expecte
         file_name = f"model.xnnpack-{precision}.pte"
         log(f"lowering {source.name} to ExecuTorch ({precision}, XNNPACK backend)")
         started = time.perf_counter()
+        lowering: dict[str, Any] = {}
         # int8-dynamic quantizes the linear layers only, activations per run: transformers, whose
         # static per-tensor activations measured -1.4 dB on MiniLM (25.8 dB dynamic)
         data = lower_to_pte(source.module, feeds_list[0], input_names=input_names,
                             precision="fp32" if precision == "fp32" else "int8",
                             calibration=calibration if precision == "int8" else None,
                             int8_activations="dynamic" if precision == "int8-dynamic" else "static",
-                            weight_rounding=config.pte_weight_rounding, bias_correction=config.pte_bias_correction)
+                            weight_rounding=config.pte_weight_rounding, bias_correction=config.pte_bias_correction,
+                            report=lowering)
         lower_s = time.perf_counter() - started
         (staging / file_name).write_bytes(data)
         # one thread: the latency is compared with ORT's on one thread (see _measure)
@@ -477,7 +479,8 @@ def _build_pte(source, staging: Path, config: PackageConfig, feeds_list, expecte
                           "torch_source": config.torch_source, "lower_s": round(lower_s, 2),
                           "calibration_samples": len(calibration) if precision == "int8" else None,
                           "weight_rounding": config.pte_weight_rounding if precision == "int8" else None,
-                          "bias_correction": config.pte_bias_correction if precision == "int8" else None})
+                          "bias_correction": config.pte_bias_correction if precision == "int8" else None,
+                          "weight_refinement": lowering.get("weight_refinement")})
         programs.append((f"xnnpack-{precision}", program))
     return artifacts, checks, programs
 
