@@ -228,6 +228,18 @@ def test_op_times_skips_non_kernel_events_and_averages_per_run():
     assert rows[0].ms_per_run == pytest.approx(0.4) and rows[0].share == pytest.approx(0.8)
 
 
+def test_profile_drops_the_warm_up_runs():
+    from dlopt.profile import _drop_first_runs
+
+    events = []
+    for run, start in enumerate((0, 100, 200)):
+        events.append({"cat": "Node", "name": "mm_kernel_time", "ts": start + 10, "dur": 50 - 10 * run,
+                       "args": {"op_name": "MatMul"}})
+        events.append({"cat": "Session", "name": "model_run", "ts": start, "dur": 80})
+    kept = _drop_first_runs(events, 2)
+    assert [e["dur"] for e in kept if e["cat"] == "Node"] == [30]  # only the third run's kernel
+
+
 def test_budget_bounds_the_run(chains):
     start = time.perf_counter()
     result = benchmark([chains[0]], BenchConfig(budget_s=1.0, min_rounds=5, n_boot=200))
