@@ -92,7 +92,7 @@ class LayerStatistics:
 
 
 @contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
+def one_blas_thread() -> Iterator[None]:
     # OpenBLAS's threads spin against ORT's on a busy machine: the small matmuls here ran 100x slower
     try:
         from threadpoolctl import threadpool_limits
@@ -126,7 +126,7 @@ def collect_layer_statistics(model, data: Iterable[Mapping[str, np.ndarray]], *,
     session = make_session(with_outputs(model, tensors), optimization="basic")
     wanted = {i.name for i in session.get_inputs()}
     skip: set[str] = set()
-    with _one_blas_thread(), progress_bar(samples, "layer statistics", progress) as advance:
+    with one_blas_thread(), progress_bar(samples, "layer statistics", progress) as advance:
         for index, feeds in enumerate(data):
             if index >= samples:
                 break
@@ -203,7 +203,7 @@ def refine_weights(quantized, float_model, stats: LayerStatistics, *, rounding: 
     producer = {o: n for n in quantized.graph.node for o in n.output}
     by_name = {n.name: n for n in float_model.graph.node}
     rounded = corrected = 0
-    with _one_blas_thread():
+    with one_blas_thread():
         for node in quantized.graph.node:
             source = by_name.get(node.name)
             if source is None or source.op_type not in REFINED_OPS or source.name not in stats.hessian:
@@ -255,5 +255,5 @@ def refine_weights(quantized, float_model, stats: LayerStatistics, *, rounding: 
             "statistics_samples": stats.samples}
 
 
-__all__ = ["LayerStatistics", "REFINED_OPS", "collect_layer_statistics", "gptq_round", "refinable_nodes",
+__all__ = ["LayerStatistics", "REFINED_OPS", "collect_layer_statistics", "gptq_round", "one_blas_thread", "refinable_nodes",
            "refine_weights"]

@@ -354,10 +354,10 @@ def _refine_int8_weights(prepared, layers: Sequence[_WeightLayer], stats, *, gpt
     already-rounded layers), as optimize/rounding.py does for ONNX Runtime."""
     import torch
 
-    from dlopt.optimize.rounding import _one_blas_thread, gptq_round
+    from dlopt.optimize.rounding import one_blas_thread, gptq_round
 
     rounded = corrected = kept = 0
-    with _one_blas_thread():
+    with one_blas_thread():
         for layer in layers:
             name = layer.node.name
             if name not in stats.hessian:
