@@ -255,5 +255,5 @@ def refine_weights(quantized, float_model, stats: LayerStatistics, *, rounding: 
             "statistics_samples": stats.samples}
 
 
-__all__ = ["LayerStatistics", "REFINED_OPS", "collect_layer_statistics", "gptq_round", "one_blas_thread", "refinable_nodes",
-           "refine_weights"]
+__all__ = ["LayerStatistics", "REFINED_OPS", "collect_layer_statistics", "gptq_round", "one_blas_thread",
+           "refinable_nodes", "refine_weights"]
