@@ -52,6 +52,9 @@ Method = Literal["minmax", "entropy", "percentile"]
 Target = Literal["cpu", "cuda", "arm64", "mobile"]
 Rounding = Literal["auto", "nearest", "gptq"]
 LayerNormForm = Literal["auto", "fused", "unfused"]
+# the JSON report beside every quantized model: documented in dlopt/schemas/quantize.schema.json
+REPORT_SCHEMA = "dlopt.quantize"
+REPORT_SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -623,7 +626,9 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
     if config.precision != "int8":
         _check_exclusions(model, config)
         result = _dispatch_other(model, config, data)
-        report = {"precision": config.precision, "config": config_to_dict(config), **result.report}
+        # the precision's own config (Int4Config / Fp16Config) beside the QuantizeConfig it was built from
+        report = {**{k: v for k, v in result.report.items() if k != "config"}, "precision": config.precision,
+                  "config": config_to_dict(config), f"{config.precision}_config": result.report.get("config")}
         result_model, report["kernel_choice"] = _choose_kernels(result.model, config, log)
         report.update(_summary(model, result_model, data, config))
         _warn_if_slower(report, log)
@@ -789,7 +794,8 @@ def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike, conf
     data = load_calibration(calibration, model, limit=config.calibration_samples)
     result = quantize(model, config, data, progress=progress, log=log)
     save_onnx_atomic(result.model, out)
-    report = {"input": str(src), "output": str(out), "calibration": data.describe() if data else None,
+    report = {"schema": REPORT_SCHEMA, "schema_version": REPORT_SCHEMA_VERSION, "input": str(src), "output": str(out),
+              "calibration": data.describe() if data else None,
               **result.report, "bytes_written": out.stat().st_size, "environment": environment()}
     stem = out.name[:-5] if out.name.endswith(".onnx") else out.name
     report_path = write_json_atomic(out.with_name(f"{stem}.quantize.json"), report)

@@ -517,6 +517,29 @@ def test_cli_writes_model_report_and_summary(tmp_path):
     assert "weight_refinement" not in report
 
 
+@pytest.mark.parametrize("model_fn, config, data_fn", [
+    (cnn_model, QuantizeConfig(mode="static", exclude_nodes=("conv2",)), cnn_data),  # static, shielded node
+    (mlp_model, QuantizeConfig(mode="dynamic", max_accuracy_drop=0.5), mlp_data),  # with a budget
+    (mlp_model, QuantizeConfig(precision="int4"), None),
+    (mlp_model, QuantizeConfig(precision="fp16"), mlp_data),
+], ids=["int8-static", "int8-budget", "int4", "fp16"])
+def test_every_report_follows_its_documented_schema(tmp_path, model_fn, config, data_fn):
+    import json
+    from importlib.resources import files
+
+    import jsonschema
+
+    schema = json.loads(files("dlopt").joinpath("schemas/quantize.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    src = tmp_path / "m.onnx"
+    onnx.save(model_fn(), src)
+    outcome = quantize_file(src, tmp_path / "q.onnx", config, data_fn() if data_fn else None)
+    report = json.loads(outcome.report_path.read_text())
+    jsonschema.validate(report, schema)
+    assert (report["schema"], report["schema_version"], report["precision"]) == ("dlopt.quantize", 1,
+                                                                                  config.precision)
+
+
 @pytest.fixture()
 def files(tmp_path):
     src = tmp_path / "cnn.onnx"

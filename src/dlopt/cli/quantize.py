@@ -50,7 +50,7 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
 def command(model, output, precision, mode, calibration, calibration_samples, method, percentile, per_channel,
             block_size, exclude_nodes, exclude_ops, target, no_preprocess, max_accuracy_drop, evaluator, smoothing,
             weight_rounding, bias_correction, layernorm_form):
-    """Quantize MODEL.onnx and write OUT.onnx plus OUT.quantize.json beside it.
+    """Quantize MODEL.onnx and write OUT.onnx plus OUT.quantize.json beside it (schema: dlopt/schemas/quantize.schema.json).
 
     Prints the recipe and why it was chosen, the size before and after, the quantized nodes by op
     type and the fidelity against the float model. The input model is never modified; the output is
