@@ -18,7 +18,6 @@ fast one) and float32 LayerNorms.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +26,7 @@ import numpy as np
 from dlopt.stage import StageResult, config_to_dict
 
 LayerNormForm = Literal["auto", "fused", "unfused"]
+LAYERNORM_FORMS = ("auto", "fused", "unfused")
 MS_DOMAIN = "com.microsoft"
 
 
@@ -98,32 +98,26 @@ def _timing_models(hidden: int, rows: int):
     unfused = helper.make_graph([helper.make_node("Sum", ["x", "skip"], ["s"]),
                                  helper.make_node("LayerNormalization", ["s", "gamma", "beta"], ["y"], axis=-1,
                                                   epsilon=1e-12)], "unfused", inputs, output, inits)
-    return [onnx.helper.make_model(g, opset_imports=opsets).SerializeToString() for g in (fused, unfused)]
+    return [onnx.helper.make_model(g, opset_imports=opsets) for g in (fused, unfused)]
 
 
 def time_layernorm_forms(hidden: int, config: KernelChoiceConfig = KernelChoiceConfig()) -> dict[str, float]:
     """Median microseconds of the fused and the unfused form on this host (one thread, CPU time of the
     calling thread, the two interleaved round by round), and the median per-round ratio fused/unfused."""
-    import onnxruntime as ort
+    from dlopt.bench import InterleavedSampler
+    from dlopt.optimize.preprocess import make_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    sessions = [ort.InferenceSession(m, options, providers=["CPUExecutionProvider"])
-                for m in _timing_models(hidden, config.rows)]
+    sessions = [make_session(m, threads=1) for m in _timing_models(hidden, config.rows)]
     rng = np.random.default_rng(1)
     feeds = {n: rng.standard_normal((1, config.rows, hidden)).astype(np.float32) for n in ("x", "skip")}
     for session in sessions:
         for _ in range(5):
             session.run(None, feeds)
-    times: list[list[float]] = [[], []]
-    for _ in range(config.rounds):
-        for i, session in enumerate(sessions):
-            started = time.thread_time()
-            for _ in range(config.runs_per_round):
-                session.run(None, feeds)
-            times[i].append((time.thread_time() - started) / config.runs_per_round * 1e6)
-    ratios = [f / max(u, 1e-9) for f, u in zip(*times)]
+    runs = config.runs_per_round
+    sampler = InterleavedSampler([lambda s=s: [s.run(None, feeds) for _ in range(runs)] for s in sessions])
+    sampler.run_rounds(config.rounds)
+    times = [sampler.samples(i, "cpu") / runs * 1e6 for i in range(2)]
+    ratios = times[0] / np.maximum(times[1], 1e-9)
     return {"fused_us": float(np.median(times[0])), "unfused_us": float(np.median(times[1])),
             "ratio": float(np.median(ratios))}
 
@@ -201,4 +195,4 @@ def choose_layernorm_form(model, config: KernelChoiceConfig = KernelChoiceConfig
     return StageResult(copy, report)
 
 
-__all__ = ["KernelChoiceConfig", "choose_layernorm_form", "find_layernorm_sites", "time_layernorm_forms"]
+__all__ = ["LAYERNORM_FORMS", "KernelChoiceConfig", "choose_layernorm_form", "find_layernorm_sites", "time_layernorm_forms"]

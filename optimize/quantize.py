@@ -34,6 +34,7 @@ import numpy as np
 
 from dlopt.errors import InputError, StageError
 from dlopt.optimize.calibration import CalibrationData, Feeds, progress_bar
+from dlopt.optimize.kernel_choice import LAYERNORM_FORMS, LayerNormForm
 from dlopt.optimize.rounding import LayerStatistics, collect_layer_statistics, refine_weights
 from dlopt.optimize.preprocess import (PreprocessConfig, check_feeds, looks_like_transformer, make_session,
                                        op_counts, preprocess, run_outputs)
@@ -51,7 +52,6 @@ Mode = Literal["auto", "dynamic", "static"]
 Method = Literal["minmax", "entropy", "percentile"]
 Target = Literal["cpu", "cuda", "arm64", "mobile"]
 Rounding = Literal["auto", "nearest", "gptq"]
-LayerNormForm = Literal["auto", "fused", "unfused"]
 # the JSON report beside every quantized model: documented in dlopt/schemas/quantize.schema.json
 REPORT_SCHEMA = "dlopt.quantize"
 REPORT_SCHEMA_VERSION = 1
@@ -108,8 +108,8 @@ def validate_config(config: QuantizeConfig) -> None:
         raise InputError(f"--max-accuracy-drop {config.max_accuracy_drop} is negative", "give a drop >= 0")
     if config.weight_rounding not in ROUNDINGS:
         raise InputError(f"unknown weight rounding {config.weight_rounding!r}", f"choose one of {', '.join(ROUNDINGS)}")
-    if config.layernorm_form not in ("auto", "fused", "unfused"):
-        raise InputError(f"unknown layernorm form {config.layernorm_form!r}", "choose one of auto, fused, unfused")
+    if config.layernorm_form not in LAYERNORM_FORMS:
+        raise InputError(f"unknown layernorm form {config.layernorm_form!r}", f"choose one of {', '.join(LAYERNORM_FORMS)}")
     if config.rounding_samples < 1:
         raise InputError(f"rounding samples {config.rounding_samples} must be >= 1", "e.g. 32")
     if config.block_size < 16 or config.block_size & (config.block_size - 1):
@@ -699,28 +699,21 @@ def host_kernels_inexact(recipe: Recipe, cpu: CpuFeatures | None = None) -> bool
     return recipe.mode == "static" and not recipe.reduce_range and x86 and not cpu.vnni
 
 
-
-
 def speed_check(float_session, quantized_session, feeds: Mapping[str, np.ndarray], *, rounds: int = 21,
                 budget_s: float = 2.0) -> dict[str, Any]:
     """A quick interleaved latency check of two sessions on one feed (thread CPU time, alternating
     order, at least 3 and at most `rounds` rounds within ~budget_s): medians and the median of the
     per-round FP32/quantized ratios. A warning sign for a recipe that made the model slower on this
     CPU, not a benchmark: `dlopt bench` measures with confidence intervals."""
+    from dlopt.bench import InterleavedSampler
+
     sessions = (float_session, quantized_session)
     inputs = [{k: v for k, v in feeds.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
     for s, f in zip(sessions, inputs):
         s.run(None, f)  # first run: allocations, prepacking
-    times: list[list[float]] = [[], []]
-    deadline = time.perf_counter() + budget_s
-    for r in range(rounds):
-        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-            start = time.thread_time()
-            sessions[i].run(None, inputs[i])
-            times[i].append(time.thread_time() - start)
-        if r >= 2 and time.perf_counter() > deadline:
-            break
-    a, b = np.array(times[0]), np.array(times[1])
+    sampler = InterleavedSampler([lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, inputs)])
+    sampler.run_for(budget_s, min_rounds=3, max_rounds=rounds)
+    a, b = sampler.samples(0, "cpu"), sampler.samples(1, "cpu")
     batch = int(next(iter(feeds.values())).shape[0]) if feeds else 1
     return {"batch": batch, "threads": 1, "rounds": int(a.size), "float_ms": float(np.median(a) * 1e3),
             "quantized_ms": float(np.median(b) * 1e3), "speedup": float(np.median(a / np.maximum(b, 1e-9)))}
