@@ -123,8 +123,9 @@ def time_layernorm_forms(hidden: int, config: KernelChoiceConfig = KernelChoiceC
 
 
 def _rewrite(model, skips: list, adds: list) -> int:
-    import onnx
     from onnx import helper
+
+    from dlopt.optimize.preprocess import replace_nodes
 
     add_names = {id(n) for n in adds}
     skip_names = {id(n) for n in skips}
@@ -144,11 +145,8 @@ def _rewrite(model, skips: list, adds: list) -> int:
             nodes.append(helper.make_node("LayerNormalization", [summed, gamma] + ([beta] if beta else []),
                                           [node.output[0]], name=node.name, axis=-1, epsilon=epsilon))
         else:
-            kept = onnx.NodeProto()
-            kept.CopyFrom(node)  # the graph's own node list is cleared below
-            nodes.append(kept)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+            nodes.append(node)
+    replace_nodes(model.graph, nodes)
     return len(adds) + len(skips)
 
 

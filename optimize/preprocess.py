@@ -53,6 +53,15 @@ def op_counts(model) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def replace_nodes(graph, nodes) -> None:
+    """Make `nodes` (in this order) the node list of `graph`, e.g. after a rewrite. Nodes taken from
+    `graph` itself may be passed: protobuf keeps a message removed from a repeated field alive as a
+    detached copy, and extend() copies each node back in."""
+    nodes = list(nodes)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 # -- running and comparing --------------------------------------------------------------------------
 def make_session(model, threads: int = 1, optimization: str = "all"):
     import onnxruntime as ort
@@ -239,8 +248,7 @@ def _fold_constants(model, config: PreprocessConfig):
             except Exception:  # noqa: BLE001 - a node the reference runtime cannot evaluate stays computed
                 pass
         keep.append(node)
-    del graph.node[:]
-    graph.node.extend(keep)
+    replace_nodes(graph, keep)
     used = {i for n in graph.node for i in n.input} | graph_outputs
     has_subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                         for n in graph.node for a in n.attribute)
@@ -302,9 +310,7 @@ def _fold_batchnorm(model, config: PreprocessConfig):
         conv.output[0] = bn.output[0]
         drop.add(id(bn))
         count += 1
-    keep = [n for n in graph.node if id(n) not in drop]
-    del graph.node[:]
-    graph.node.extend(keep)
+    replace_nodes(graph, [n for n in graph.node if id(n) not in drop])
     used = {i for n in graph.node for i in n.input}
     for t in [t for t in graph.initializer if t.name in replaced and t.name not in used]:
         graph.initializer.remove(t)
@@ -368,7 +374,7 @@ def preprocess(model, config: PreprocessConfig = PreprocessConfig(),
 
 
 __all__ = ["FUSED_TRANSFORMER_OPS", "PreprocessConfig", "check_feeds", "looks_like_transformer", "make_session",
-           "max_deviation", "op_counts", "preprocess", "run_outputs", "synthetic_feeds"]
+           "max_deviation", "op_counts", "preprocess", "replace_nodes", "run_outputs", "synthetic_feeds"]
 
 
 def with_outputs(model, names: list[str]):

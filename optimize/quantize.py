@@ -37,7 +37,7 @@ from dlopt.optimize.calibration import CalibrationData, Feeds, progress_bar
 from dlopt.optimize.kernel_choice import LAYERNORM_FORMS, LayerNormForm
 from dlopt.optimize.rounding import LayerStatistics, collect_layer_statistics, refine_weights
 from dlopt.optimize.preprocess import (PreprocessConfig, check_feeds, looks_like_transformer, make_session,
-                                       op_counts, preprocess, run_outputs)
+                                       op_counts, preprocess, replace_nodes, run_outputs)
 from dlopt.quiet import quiet_libraries
 from dlopt.stage import StageResult, config_to_dict
 
@@ -305,8 +305,7 @@ def smooth_activations(model, data: Iterable[Mapping[str, np.ndarray]], *, alpha
             node.input[0] = muls[t].output[0]
             node.input[1] = f"{node.input[1]}/smoothed"
         nodes.append(node)
-    del smoothed.graph.node[:]
-    smoothed.graph.node.extend(nodes)
+    replace_nodes(smoothed.graph, nodes)
     used = {i for n in smoothed.graph.node for i in n.input}
     for t in [t for t in smoothed.graph.initializer if t.name not in used]:
         smoothed.graph.initializer.remove(t)
@@ -481,7 +480,6 @@ def shield_float_nodes(model, names: Iterable[str]) -> list[str]:
     """Give each named float Conv/ConvTranspose/Gemm fed by a per-tensor DequantizeLinear its own
     per-channel DequantizeLinear (same scale and zero point on every channel), in place; returns the
     names of the nodes shielded. See the comment above for why."""
-    import onnx
     from onnx import helper, numpy_helper
 
     wanted = set(names)
@@ -528,11 +526,8 @@ def shield_float_nodes(model, names: Iterable[str]) -> list[str]:
         for node in model.graph.node:
             if id(node) in before:
                 ordered.append(before[id(node)])
-            kept = onnx.NodeProto()
-            kept.CopyFrom(node)
-            ordered.append(kept)
-        del model.graph.node[:]
-        model.graph.node.extend(ordered)
+            ordered.append(node)
+        replace_nodes(model.graph, ordered)
     return shielded
 
 
