@@ -52,6 +52,7 @@ from typing import Any, Literal
 import numpy as np
 
 from dlopt.errors import InputError, MissingDependencyError, StageError
+from dlopt.optimize.rounding import gptq_factor
 from dlopt.stage import StageResult, config_to_dict
 
 ALGORITHMS = ("auto", "rtn", "mse", "hqq", "gptq")
@@ -507,25 +508,6 @@ def _matmul_nbits_own(model, include: set[str], config: Int4Config, quantize) ->
     model.graph.ClearField("node")
     model.graph.node.extend(nodes)
     return model
-
-
-def gptq_factor(hessian: np.ndarray, percdamp: float = 0.01, act_order: bool = False
-                ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(visiting order of the K inputs, upper Cholesky factor of the damped inverse Hessian in that order,
-    float32) for gptq_blocks; the factor is None when H is not positive definite even after damping."""
-    h = hessian.astype(np.float64).copy()
-    k = h.shape[0]
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
-    h = h[np.ix_(perm, perm)]
-    h[np.diag_indices(k)] += percdamp * np.mean(np.diag(h))
-    try:
-        hinv = np.linalg.cholesky(np.linalg.inv(h)).T
-    except np.linalg.LinAlgError:
-        return perm, None
-    # the factorization needs float64; the column sweep does not (float32 halves its time)
-    return perm, hinv.astype(np.float32)
 
 
 def gptq_blocks(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: bool, percdamp: float = 0.01,

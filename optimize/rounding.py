@@ -155,6 +155,35 @@ def collect_layer_statistics(model, data: Iterable[Mapping[str, np.ndarray]], *,
     return stats
 
 
+def gptq_factor(hessian: np.ndarray, percdamp: float = 0.01, act_order: bool = False, dtype=np.float32
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The GPTQ preliminaries shared by the int8 rounding here and optimize/int4.py's gptq_blocks: for
+    hessian [K, K] (or a batch [G, K, K]), the visiting order of the K inputs (by decreasing H diagonal
+    with act_order, else 0..K-1) and the upper Cholesky factor of the damped inverse Hessian in that
+    order, as `dtype`. Inputs that were always zero get a unit diagonal (their weights are free). The
+    factor is None when H is not positive definite even after damping."""
+    h = np.array(hessian, dtype=np.float64)  # a copy
+    single = h.ndim == 2
+    if single:
+        h = h[None]
+    k = h.shape[-1]
+    gi, ki = np.nonzero(np.diagonal(h, axis1=1, axis2=2) <= 0)
+    h[gi, ki, ki] = 1.0
+    diag = np.diagonal(h, axis1=1, axis2=2).copy()
+    order = (np.argsort(-diag, axis=1, kind="stable") if act_order
+             else np.broadcast_to(np.arange(k), diag.shape).copy())
+    h = np.take_along_axis(np.take_along_axis(h, order[:, :, None], axis=1), order[:, None, :], axis=2)
+    h[:, np.arange(k), np.arange(k)] += percdamp * diag.mean(axis=1, keepdims=True)
+    try:
+        # the factorization needs float64; a column sweep may not (float32 halves int4's)
+        upper = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1).astype(dtype)
+    except np.linalg.LinAlgError:
+        upper = None
+    if single:
+        return order[0], None if upper is None else upper[0]
+    return order, upper
+
+
 def gptq_round(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, qmin: int, qmax: int,
                damp: float = 0.01) -> np.ndarray:
     """Integer codes for w [groups, outputs, K] on the fixed grid scale [groups, outputs] (zero point 0),
@@ -162,22 +191,10 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, qmin: int,
     (act-order), every group at once."""
     k = w.shape[2]
     w = w.astype(np.float64).copy()
-    h = hessian.astype(np.float64).copy()
-    diag = np.diagonal(h, axis1=1, axis2=2).copy()
-    dead = diag <= 0
-    if dead.any():  # inputs that were always zero: their weights are free, round them to 0
-        gi, ki = np.nonzero(dead)
-        h[gi, ki, ki] = 1.0
-        w[gi, :, ki] = 0.0
-        diag = np.diagonal(h, axis1=1, axis2=2).copy()
-    order = np.argsort(-diag, axis=1, kind="stable")
-    h = np.take_along_axis(np.take_along_axis(h, order[:, :, None], axis=1), order[:, None, :], axis=2)
+    gi, ki = np.nonzero(np.diagonal(hessian, axis1=1, axis2=2) <= 0)
+    w[gi, :, ki] = 0.0  # inputs that were always zero: their weights are free, round them to 0
+    order, u = gptq_factor(hessian, damp, act_order=True, dtype=np.float64)
     w = np.take_along_axis(w, order[:, None, :], axis=2)
-    h[:, np.arange(k), np.arange(k)] += damp * diag.mean(axis=1, keepdims=True)
-    try:
-        u = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)  # upper factor of H^-1
-    except np.linalg.LinAlgError:
-        u = None
     s = np.where(scale > 0, scale, 1.0).astype(np.float64)
     q = np.empty_like(w)
     for i in range(k):
@@ -255,5 +272,5 @@ def refine_weights(quantized, float_model, stats: LayerStatistics, *, rounding: 
             "statistics_samples": stats.samples}
 
 
-__all__ = ["LayerStatistics", "REFINED_OPS", "collect_layer_statistics", "gptq_round", "one_blas_thread",
+__all__ = ["LayerStatistics", "REFINED_OPS", "collect_layer_statistics", "gptq_factor", "gptq_round", "one_blas_thread",
            "refinable_nodes", "refine_weights"]
