@@ -22,12 +22,8 @@ inputs are taken positionally in `input_names` order.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
-import logging
 import os
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from dlopt.errors import InputError, MissingDependencyError, StageError
+from dlopt.quiet import quiet_libraries  # ExecuTorch and torchao print while importing and lowering
 from dlopt.targets.base import Target, TargetSession
 
 # Bumped whenever lower_to_pte's output changes numerically, so that caches of .pte files (the
@@ -59,7 +56,7 @@ def executorch_status() -> tuple[bool, str]:
     except Exception as e:  # ModuleNotFoundError, or a broken install (wrong torch ABI) raising anything
         return False, f"ExecuTorch is not installed or cannot be imported ({type(e).__name__}: {str(e)[:150]})"
     try:
-        with _quiet():
+        with quiet_libraries():
             from executorch.extension.pybindings import portable_lib  # noqa: F401
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # noqa: F401
     except Exception as e:  # noqa: BLE001 - the runtime library failed to load
@@ -71,20 +68,6 @@ def require_executorch() -> None:
     ok, reason = executorch_status()
     if not ok:
         raise MissingDependencyError(f"the xnnpack target needs ExecuTorch: {reason}", INSTALL_HINT)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """ExecuTorch and torchao print warnings and C++ log lines while importing and lowering."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with contextlib.redirect_stdout(io.StringIO()):
-                yield
-    finally:
-        logging.disable(previous)
 
 
 class _Positional:
@@ -146,7 +129,7 @@ def lower_to_pte(module, example: Mapping[str, Any], *, input_names: Sequence[st
     # Fresh copies, not .contiguous(): that keeps a size-1 axis's stride 0 (numpy's x[:, None]),
     # which ExecuTorch refuses ("0 in strides is not supported").
     args = tuple(torch.from_numpy(_standard_layout(example[n])) for n in input_names)
-    with _quiet():
+    with quiet_libraries():
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
 
@@ -514,7 +497,7 @@ def set_threads(threads: int) -> None:
     the old pool, and running them crashes the process (seen with ExecuTorch 1.5). So the pool is
     sized when a program is loaded (`PteProgram(..., threads=N)`), never in between."""
     require_executorch()
-    with _quiet():
+    with quiet_libraries():
         from executorch.extension.pybindings import portable_lib
 
     if portable_lib._threadpool_get_thread_count() != threads:
@@ -529,7 +512,7 @@ class PteProgram:
         require_executorch()
         if threads is not None:
             set_threads(threads)
-        with _quiet():
+        with quiet_libraries():
             from executorch.runtime import Runtime
 
             runtime = Runtime.get()

@@ -256,11 +256,12 @@ def test_a_channels_last_program_is_fed_in_its_dim_order():
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    from dlopt.targets.xnnpack import PteProgram, _quiet
+    from dlopt.quiet import quiet_libraries
+    from dlopt.targets.xnnpack import PteProgram
 
     net = _SamePadNet()
     example = torch.from_numpy(_images(1, 2)[0]).to(memory_format=torch.channels_last)
-    with torch.no_grad(), _quiet():
+    with torch.no_grad(), quiet_libraries():
         exported = torch.export.export(net, (example,))
         data = bytes(to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
     program = PteProgram(data, ["image"])
@@ -277,11 +278,12 @@ def test_int8_quantizes_conv_relu6_as_one_unit():
     and the quantized model stays close to torch. (The int8 .pte end to end: the bundle test.)"""
     import torch
 
-    from dlopt.targets.xnnpack import _Positional, _quantize_pt2e, _quiet
+    from dlopt.quiet import quiet_libraries
+    from dlopt.targets.xnnpack import _Positional, _quantize_pt2e
 
     net = _SamePadNet()
     calibration = [{"image": x} for x in _images(8, 4)]
-    with torch.no_grad(), _quiet():
+    with torch.no_grad(), quiet_libraries():
         converted, _ = _quantize_pt2e(_Positional(net, ["image"]), (torch.from_numpy(_images(1, 0)[0]),),
                                       ["image"], calibration)
     clamps = [n for n in converted.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.relu6.default]
@@ -301,7 +303,8 @@ def test_int8_keeps_integer_index_arithmetic_integer():
     integer through quantization: the stock transform made it a float tensor and calibration failed."""
     import torch
 
-    from dlopt.targets.xnnpack import _Positional, _quantize_pt2e, _quiet
+    from dlopt.quiet import quiet_libraries
+    from dlopt.targets.xnnpack import _Positional, _quantize_pt2e
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -315,7 +318,7 @@ def test_int8_keeps_integer_index_arithmetic_integer():
 
     net = Net().eval()
     xs = [np.random.default_rng(k).standard_normal((2, 8)).astype(np.float32) for k in range(4)]
-    with torch.no_grad(), _quiet():
+    with torch.no_grad(), quiet_libraries():
         converted, _ = _quantize_pt2e(_Positional(net, ["x"]), (torch.from_numpy(xs[0]),), ["x"],
                                       [{"x": x} for x in xs])
         got, expected = converted(torch.from_numpy(xs[1])).numpy(), net(torch.from_numpy(xs[1])).numpy()
@@ -452,14 +455,15 @@ def test_gptq_rounding_keeps_the_quantizers_per_channel_scales():
     lowering's, while the int8 codes differ (measured: 11-19 % of each layer's codes, by one step)."""
     import torch
 
-    from dlopt.targets.xnnpack import _Positional, _quantize_pt2e, _quiet
+    from dlopt.quiet import quiet_libraries
+    from dlopt.targets.xnnpack import _Positional, _quantize_pt2e
 
     net = _folded_bn_cnn()
     calibration = [{"image": x[None]} for x in _smooth_images(16, 1)]
     example = (torch.from_numpy(_smooth_images(1, 7)),)
 
     def weights(**options):
-        with torch.no_grad(), _quiet():
+        with torch.no_grad(), quiet_libraries():
             converted, _ = _quantize_pt2e(_Positional(net, ["image"]), example, ["image"], calibration, **options)
         found = []
         for node in converted.graph.nodes:
