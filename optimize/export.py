@@ -8,7 +8,6 @@ production.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -23,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from dlopt.errors import InputError, MissingDependencyError, StageError, VerificationError
+from dlopt.quiet import quiet_libraries
 from dlopt.report import environment, format_table
 from dlopt.stage import StageResult, config_to_dict
 
@@ -290,22 +290,13 @@ def verification_cases(source: ModelSource, axes: dict[str, dict[int, str]], con
 # The exporters
 # ---------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _quiet_exporter():
-    """torch.onnx prints progress and many warnings to stdout/stderr; keep them for --debug only."""
-    from dlopt.quiet import quiet_libraries
-
-    with quiet_libraries() as sink:
-        yield sink
-
-
 def _run_exporter(exporter: Exporter, source: ModelSource, inputs: dict[str, Any],
                   axes: dict[str, dict[int, str]], output_names: list[str], opset: int):
     torch = _require_torch()
     import onnx
 
     module = source.module
-    with _quiet_exporter(), torch.no_grad():
+    with quiet_libraries(), torch.no_grad():  # torch.onnx's progress output and warnings: --debug only
         if exporter == "dynamo":
             dynamic_shapes = {name: dict(axes.get(name, {})) or None for name in inputs} if axes else None
             # Output names are set afterwards: the dynamo exporter fails when a requested name is already
