@@ -50,9 +50,9 @@ class Workload:
     input_names: tuple[str, ...]
     example: Callable[[], dict[str, np.ndarray]]
     evaluation: Callable[[], tuple[str, list[dict[str, np.ndarray]]]]
-    calibration: Callable[[int], list[dict[str, np.ndarray]]]
+    calibration: Callable[[int], list[dict[str, np.ndarray]]] | None = None  # static int8 only
     classifier: bool = True
-    int8_activations: str = "static"  # "dynamic" for transformers (see lower_to_pte)
+    int8_activations: str = "static"  # "dynamic" for transformers (see lower_to_pte): no calibration
 
 
 def _efficientnet() -> Workload:
@@ -88,17 +88,10 @@ def _minilm() -> Workload:
     def evaluation(n: int = 100):
         return f"{n} sentences x {MINILM_SEQ_LEN} tokens", fixed(minilm.evaluation_texts()[:n])
 
-    def calibration(n: int):
-        from dlopt.models import _data
-
-        sentences = _data.corpus_sentences()
-        order = np.random.default_rng(0).permutation(len(sentences))[:n]
-        return fixed([sentences[i] for i in order])
-
     return Workload(model="minilm", input_names=minilm.INPUT_NAMES,
                     example=lambda: {k: v.numpy() for k, v in
                                      minilm.example_inputs(batch=1, seq_len=MINILM_SEQ_LEN).items()},
-                    evaluation=evaluation, calibration=calibration, classifier=False, int8_activations="dynamic")
+                    evaluation=evaluation, classifier=False, int8_activations="dynamic")
 
 
 WORKLOADS = {"efficientnet-lite0": _efficientnet, "fashion-cnn": _fashion_cnn, "minilm": _minilm}
@@ -135,7 +128,7 @@ def ensure_programs(workdir: Path, work: Workload, calibration_samples: int, rou
         source = source or load_source(work.model)
         _log(f"lowering {work.model} to ExecuTorch/XNNPACK {precision}")
         started = time.perf_counter()
-        calibration = work.calibration(calibration_samples) if precision == "int8" else None
+        calibration = work.calibration(calibration_samples) if precision == "int8" and work.calibration else None
         data = lower_to_pte(source.module, work.example(), input_names=work.input_names, precision=precision,
                             calibration=calibration, int8_activations=work.int8_activations,
                             weight_rounding=rounding, bias_correction=rounding == "gptq")
