@@ -6,12 +6,12 @@
 For each reference model: builds (or reuses, in --workdir) the FP32 ONNX export and its INT8
 quantization (`dlopt quantize`'s auto recipe for this CPU, calibrated on the model's own calibration
 data: static QDQ for the CNNs, dynamic for minilm; not the `--target mobile` recipe, whose s8
-activations measured 1.7 dB SQNR on EfficientNet-Lite0 in this x86 host's kernels), lowers the same torch model through ExecuTorch with the
-XNNPACK backend in FP32 and INT8 (XNNPACKQuantizer, calibrated on the same data, with GPTQ-rounded
-weights and bias correction, lower_to_pte's default; `--int8-rounding nearest`: the stock nearest
-rounding, EfficientNet-Lite0 16.0 dB instead of 22.9 dB logit SQNR; for minilm its dynamic recipe,
-int8 linear layers with activations quantized per run: static per-tensor
-activations measured -1.4 dB SQNR there), then:
+activations measured 1.7 dB SQNR on EfficientNet-Lite0 in this x86 host's kernels), lowers the same
+torch model through ExecuTorch with the XNNPACK backend in FP32 and INT8 (XNNPACKQuantizer,
+calibrated on the same data, with GPTQ-rounded weights and bias correction, lower_to_pte's default;
+`--int8-rounding nearest`: the stock nearest rounding, EfficientNet-Lite0 16.0 dB instead of
+22.9 dB logit SQNR; for minilm its dynamic recipe, int8 linear layers with activations quantized
+per run, no calibration: static per-tensor activations measured -1.4 dB SQNR there), then:
 - output agreement against the FP32 ONNX model on real data (efficientnet-lite0: every view of the
   photos shipped with scikit-image / scikit-learn / matplotlib; fashion-cnn: Fashion-MNIST test
   images; minilm: Pang-Lee sentences at a fixed length): top-1 agreement (classifiers) and output

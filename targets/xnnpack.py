@@ -333,8 +333,9 @@ def _refine_int8_weights(prepared, layers: Sequence[_WeightLayer], stats, *, gpt
     Both are checked here, not assumed: the observer is re-run on the new weight, and a channel
     whose scale moved keeps its original (nearest-rounded) weights. The bias correction uses the
     codes the quantizer will actually produce: b' = b - (W_q - W) . E[x] per output channel (a layer
-    without a bias gets one; one whose bias is computed in the graph is left uncorrected). Statistics are taken on the float model (not sequentially on the
-    already-rounded layers), as optimize/rounding.py does for ONNX Runtime."""
+    without a bias gets one; one whose bias is computed in the graph is left uncorrected).
+    Statistics are taken on the float model (not sequentially on the already-rounded layers), as
+    optimize/rounding.py does for ONNX Runtime."""
     import torch
 
     from dlopt.optimize.rounding import one_blas_thread, gptq_round
@@ -612,5 +613,5 @@ class XnnpackTarget(Target):
                          "next to ONNX Runtime's")
 
 
-__all__ = ["INSTALL_HINT", "LOWERING_REVISION", "PteProgram", "WEIGHT_ROUNDINGS", "XnnpackTarget", "executorch_status", "lower_to_pte", "require_executorch",
-           "set_threads"]
+__all__ = ["INSTALL_HINT", "LOWERING_REVISION", "PteProgram", "WEIGHT_ROUNDINGS", "XnnpackTarget", "executorch_status",
+           "lower_to_pte", "require_executorch", "set_threads"]
