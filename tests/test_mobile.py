@@ -490,6 +490,12 @@ def test_package_config_rejects_an_unknown_pte_weight_rounding(tmp_path):
     result = CliRunner().invoke(main, ["package", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "b"),
                                        "--pte-weight-rounding", "adaround"])
     assert result.exit_code == 2 and "adaround" in result.output
+    # the CLI spells the choices out (it must import fast, without dlopt.targets): the same as the library's
+    from dlopt.cli.package import command
+    from dlopt.targets.xnnpack import WEIGHT_ROUNDINGS
+
+    option = next(p for p in command.params if p.name == "pte_weight_rounding")
+    assert tuple(option.type.choices) == WEIGHT_ROUNDINGS and option.default == PackageConfig().pte_weight_rounding
 
 
 @pytest.mark.parametrize("channels, outputs, kernel, stride, pad, dilation, groups", [
