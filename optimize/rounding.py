@@ -90,6 +90,15 @@ class LayerStatistics:
     samples: int
     solved: dict[tuple, np.ndarray] = field(default_factory=dict)
 
+    def add(self, name: str, hessian: np.ndarray, total: np.ndarray, rows: int) -> None:
+        """Accumulate one batch of a node's input rows: its x x^T sum, x sum and row count."""
+        if name in self.hessian:
+            self.hessian[name] += hessian
+            self.total[name] += total
+            self.rows[name] += rows
+        else:
+            self.hessian[name], self.total[name], self.rows[name] = hessian, total, rows
+
 
 @contextlib.contextmanager
 def one_blas_thread() -> Iterator[None]:
@@ -141,12 +150,7 @@ def collect_layer_statistics(model, data: Iterable[Mapping[str, np.ndarray]], *,
                 p = np.ascontiguousarray(p, dtype=np.float32)
                 h = np.matmul(np.ascontiguousarray(p.transpose(0, 2, 1)), p).astype(np.float64)
                 s = p.sum(axis=1, dtype=np.float64)
-                if node.name in stats.hessian:
-                    stats.hessian[node.name] += h
-                    stats.total[node.name] += s
-                    stats.rows[node.name] += p.shape[1]
-                else:
-                    stats.hessian[node.name], stats.total[node.name], stats.rows[node.name] = h, s, p.shape[1]
+                stats.add(node.name, h, s, p.shape[1])
             stats.samples += 1
             advance()
     for name in skip:

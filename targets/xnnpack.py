@@ -304,13 +304,7 @@ def _add_layer_input(stats, name: str, x, weight_shape: Sequence[int],
         cols = cols.reshape(x.shape[0], groups, -1, cols.shape[-1])
     h = torch.matmul(cols, cols.transpose(2, 3)).sum(dim=0).double().numpy()  # [groups, K, K]
     total = cols.sum(dim=(0, 3), dtype=torch.float64).numpy()  # [groups, K]
-    count = cols.shape[0] * cols.shape[3]
-    if name in stats.hessian:
-        stats.hessian[name] += h
-        stats.total[name] += total
-        stats.rows[name] += count
-    else:
-        stats.hessian[name], stats.total[name], stats.rows[name] = h, total, count
+    stats.add(name, h, total, cols.shape[0] * cols.shape[3])
 
 
 def _refine_int8_weights(prepared, layers: Sequence[_WeightLayer], stats, *, gptq: bool,
