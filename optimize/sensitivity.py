@@ -76,6 +76,26 @@ def build_evaluator(spec: str | None, original, data: Iterable[Mapping[str, np.n
     return Evaluator(spec, score, 1.0)
 
 
+def floor_evaluator(original, feeds: list[dict[str, np.ndarray]], floor_db: float, *,
+                    optimization: str = "all") -> Evaluator:
+    """score(model) = the lowest SQNR in dB over the float outputs on `feeds` (the held-out samples),
+    -inf when any value is not finite; baseline = the floor, so drop = floor - score and a model meets
+    the floor at max_drop 0. `optimization` "none" scores the QDQ graph's own arithmetic."""
+    from dlopt.optimize.quantize import fidelity
+
+    reference = run_outputs(make_session(original), feeds)
+    names = [o.name for o in original.graph.output]
+
+    def score(model) -> float:
+        outputs = run_outputs(make_session(model, optimization=optimization), feeds)
+        measured = fidelity(reference, outputs, names).values()
+        if not measured:
+            raise InputError("the model has no floating-point output to compare", "use --evaluator model:NAME")
+        return min(m["sqnr_db"] if m["finite"] else float("-inf") for m in measured)
+
+    return Evaluator(f"lowest output SQNR dB on {len(feeds)} samples", score, floor_db)
+
+
 def _reference_evaluator(spec: str) -> Evaluator:
     from dlopt.models import get_reference_model, onnx_runner
 
@@ -187,18 +207,25 @@ def cpu_latency_ms(model, feeds: dict[str, np.ndarray], repeats: int = 5) -> flo
 
 
 def meet_budget(original, prepared, quantized, config, recipe, data, *, ranges=None, layer_stats=None,
+                evaluator: Evaluator | None = None, max_drop: float | None = None,
+                eval_feeds: list[dict[str, np.ndarray]] | None = None, max_float_share: float = 1.0,
                 log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    """Search for the fastest INT8 model whose evaluator drop is <= config.max_accuracy_drop.
+    """Search for the fastest INT8 model whose evaluator drop is <= max_drop (default
+    config.max_accuracy_drop). The evaluator (default: config.evaluator's) scores on `eval_feeds`, the
+    samples held out from calibration, when given; nodes are ranked on the calibration data. At most
+    max_float_share of the ranked nodes are tried in float.
 
     Returns the report entry with the chosen model under 'model' (popped by the caller)."""
     from dlopt.optimize.quantize import _default_op_types, quantize_int8
 
-    evaluator = build_evaluator(config.evaluator, original, data, config.fidelity_samples)
+    if evaluator is None:
+        evaluator = build_evaluator(config.evaluator, original, eval_feeds or data, config.fidelity_samples)
+    max_drop = config.max_accuracy_drop if max_drop is None else max_drop
     baseline = evaluator.baseline
     if baseline != baseline:  # a reference model's metric: measure the float model once
         baseline = evaluator.score(original)
     feeds = check_feeds(original, data, min(config.fidelity_samples, 8))
-    log(f"budget: {evaluator.name} drop <= {config.max_accuracy_drop} (FP32 {baseline:.4f})")
+    log(f"budget: {evaluator.name} drop <= {max_drop} (baseline {baseline:.4f})")
     candidates: list[dict[str, Any]] = []
     models: dict[int, Any] = {}
     ranked: list[dict[str, Any]] = []
@@ -210,7 +237,7 @@ def meet_budget(original, prepared, quantized, config, recipe, data, *, ranges=N
         score = evaluator.score(model)
         entry = {"excluded_count": k, "excluded": sorted(set(excluded) | set(config.exclude_nodes)),
                  "score": score, "drop": baseline - score,
-                 "within_budget": baseline - score <= config.max_accuracy_drop,
+                 "within_budget": baseline - score <= max_drop,
                  "latency_ms": cpu_latency_ms(model, feeds[0]), "bytes": model.ByteSize()}
         log(f"budget: {k} node(s) in float -> {evaluator.name} {score:.4f} (drop {entry['drop']:.4f}), "
             f"{entry['latency_ms']:.1f} ms")
@@ -227,14 +254,15 @@ def meet_budget(original, prepared, quantized, config, recipe, data, *, ranges=N
         if 0 < len(ranked) <= config.leave_one_out_limit:
             ranked = leave_one_out(ranked, original, prepared, config, recipe, data, feeds, ranges, log, layer_stats)
         log(f"budget: {len(ranked)} nodes ranked")
-    if not first["within_budget"] and ranked:
+    most = min(len(ranked), int(len(ranked) * max_float_share))
+    if not first["within_budget"] and most > 0:
         low, k, high = 0, 1, None
         while True:  # 1, 2, 4 ... nodes in float until the budget holds
-            k = min(k, len(ranked))
+            k = min(k, most)
             if trial(k)["within_budget"]:
                 high = k
                 break
-            if k == len(ranked):
+            if k == most:
                 break
             low, k = k, k * 2
         # two bisection steps between the last miss and the first hit: fewer float nodes is faster
@@ -250,9 +278,10 @@ def meet_budget(original, prepared, quantized, config, recipe, data, *, ranges=N
     chosen = (min(within, key=lambda c: (c["latency_ms"], c["excluded_count"])) if within
               else max(candidates, key=lambda c: (c["score"], -c["excluded_count"])))
     chosen["chosen"] = True
-    return {"evaluator": evaluator.name, "baseline": baseline, "max_drop": config.max_accuracy_drop,
-            "met": bool(within), "ranking": ranked[:20], "candidates": candidates, "chosen": chosen,
+    return {"evaluator": evaluator.name, "baseline": baseline, "max_drop": max_drop,
+            "met": bool(within), "ranked_nodes": len(ranked), "max_float_nodes": most, "ranking": ranked[:20], "candidates": candidates, "chosen": chosen,
             "model": models[chosen["excluded_count"]]}
 
 
-__all__ = ["Evaluator", "FIDELITY_EVALUATORS", "build_evaluator", "cpu_latency_ms", "meet_budget", "node_sensitivity"]
+__all__ = ["Evaluator", "FIDELITY_EVALUATORS", "build_evaluator", "cpu_latency_ms", "floor_evaluator", "meet_budget",
+           "node_sensitivity"]

@@ -474,7 +474,7 @@ def test_budget_already_met_keeps_full_quantization():
     assert result.report["budget"]["ranking"] == []  # met at once: no node was ranked
 
 
-def test_cli_budget_unmet_writes_best_model_and_exits_1(tmp_path, monkeypatch):
+def test_cli_budget_unmet_keeps_best_model_as_failed_and_exits_1(tmp_path, monkeypatch):
     from dlopt.optimize import sensitivity
 
     def impossible(spec, original, data, samples=32):  # nothing can be within a drop of -1
@@ -487,8 +487,10 @@ def test_cli_budget_unmet_writes_best_model_and_exits_1(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["quantize", str(src), "-o", str(out), "--mode", "dynamic",
                                        "--max-accuracy-drop", "0.5"])
     assert result.exit_code == 1, result.output
-    assert out.exists() and (tmp_path / "q.quantize.json").exists()
-    assert "NOT met" in result.output and "no candidate met" in result.output
+    assert not out.exists() and not (tmp_path / "q.quantize.json").exists()  # never at OUT
+    assert (tmp_path / "q.failed.onnx").exists() and (tmp_path / "q.failed.quantize.json").exists()
+    assert "NOT met" in result.output and "impossible drop" in result.output and "Traceback" not in result.output
+    assert "failed verification" in result.output and "q.failed.onnx" in result.output
 
 
 # -- CLI and bad input ---------------------------------------------------------------------------------

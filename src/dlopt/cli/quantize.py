@@ -22,6 +22,16 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
               help="Calibration data: an .npz (arrays named by input, first axis = samples), a folder of "
                    ".npz/.npy files, or model:NAME (a reference model's own set).")
 @click.option("--calibration-samples", type=int, default=None, help="Read at most N samples.")
+@click.option("--eval-data", default=None,
+              help="Held-out samples to measure fidelity on (same formats as --calibration). Default: the last "
+                   "20 % of --calibration (at least 4, at most half and 32) are held out and not calibrated on.")
+@click.option("--holdout", type=float, default=0.2, show_default=True,
+              help="Share of the --calibration samples held out for the fidelity check (without --eval-data).")
+@click.option("--min-sqnr", "min_sqnr_db", type=float, default=None, metavar="DB",
+              help="Fidelity floor: the lowest SQNR of every float output on the held-out samples (default: "
+                   "int8 15, int4 10, fp16 30 dB). Below it int8 keeps the noisiest nodes in float until it "
+                   "holds; a result still below it is kept as OUT.failed.onnx and dlopt exits 1.")
+@click.option("--no-recover", is_flag=True, help="Below the floor, fail at once instead of keeping nodes in float.")
 @click.option("--method", default=None, help="Static calibration: minmax | entropy | percentile (default: recipe's).")
 @click.option("--percentile", type=float, default=None,
               help="For --method percentile (default: 99.99 for CNNs, 99.999 otherwise).")
@@ -47,16 +57,19 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--layernorm", "layernorm_form", default="auto", show_default=True,
               help="Target cpu: auto (time ORT's fused SkipLayerNormalization against Sum + LayerNormalization "
                    "here and write the faster form) | fused | unfused.")
-def command(model, output, precision, mode, calibration, calibration_samples, method, percentile, per_channel,
+def command(model, output, precision, mode, calibration, calibration_samples, eval_data, holdout, min_sqnr_db,
+            no_recover, method, percentile, per_channel,
             block_size, exclude_nodes, exclude_ops, target, no_preprocess, max_accuracy_drop, evaluator, smoothing,
             weight_rounding, bias_correction, layernorm_form):
     """Quantize MODEL.onnx and write OUT.onnx plus OUT.quantize.json beside it (schema: dlopt/schemas/quantize.schema.json).
 
     Prints the recipe and why it was chosen, the size before and after, the quantized nodes by op
-    type and the fidelity against the float model. The input model is never modified; the output is
-    written atomically.
+    type and the fidelity against the float model on samples held out from calibration. The input
+    model is never modified; the output is written atomically, and only when every float output meets
+    the fidelity floor (and --max-accuracy-drop, if given): otherwise the best effort is kept as
+    OUT.failed.onnx, a table says what failed and why, and the exit code is 1.
     """
-    from dlopt.optimize.quantize import QuantizeConfig, quantize_file, summary_text
+    from dlopt.optimize.quantize import QuantizeConfig, failure_error, quantize_file, summary_text
 
     config = QuantizeConfig(precision=precision, mode=mode, method=method, per_channel=per_channel,
                             block_size=block_size, exclude_nodes=_names(exclude_nodes),
@@ -64,12 +77,12 @@ def command(model, output, precision, mode, calibration, calibration_samples, me
                             calibration_samples=calibration_samples, percentile=percentile,
                             max_accuracy_drop=max_accuracy_drop, evaluator=evaluator, smoothing=smoothing,
                             weight_rounding=weight_rounding, bias_correction=bias_correction,
-                            layernorm_form=layernorm_form)
-    outcome = quantize_file(model, output, config, calibration, progress=True, log=echo_err)
+                            layernorm_form=layernorm_form, min_sqnr_db=min_sqnr_db, holdout=holdout,
+                            recover=not no_recover)
+    outcome = quantize_file(model, output, config, calibration, eval_data=eval_data, progress=True, log=echo_err)
     click.echo(summary_text(outcome.report))
-    click.echo(f"wrote {outcome.model_path} ({outcome.report['bytes_written'] / 1e6:.2f} MB)")
+    click.echo(f"{'wrote' if outcome.passed else 'kept the best effort (FAILED) as'} {outcome.model_path} "
+               f"({outcome.report['bytes_written'] / 1e6:.2f} MB)")
     click.echo(f"report: {outcome.report_path}")
-    if not outcome.budget_met:
-        echo_err(f"error: no candidate met --max-accuracy-drop {max_accuracy_drop}; "
-                 "the best one found was written")
-        raise click.exceptions.Exit(1)
+    if not outcome.passed:
+        raise failure_error(outcome)
