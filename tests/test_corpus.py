@@ -47,6 +47,16 @@ def x_data(n: int = 20, seed: int = 1, outlier: bool = False) -> dict[str, np.nd
     return {"x": x}
 
 
+def _check_schema(report) -> None:
+    from importlib.resources import files
+
+    import jsonschema
+
+    schema = json.loads(files("dlopt").joinpath("schemas/quantize.schema.json").read_text())
+    jsonschema.validate(report, schema)
+    assert {"holdout", "verdict"} <= set(report)
+
+
 PER_TENSOR_STATIC = ["--precision", "int8", "--mode", "static", "--per-tensor", "--method", "minmax",
                      "--weight-rounding", "nearest", "--no-bias-correction"]
 
@@ -111,6 +121,7 @@ def test_below_the_floor_exits_1_and_keeps_the_best_effort_as_failed(tmp_path):
     assert "output y SQNR dB" in result.output and "of the output's power" in result.output
     assert "error: the quantized model failed verification on 4 held-out samples" in result.output
     assert str(failed) in result.output
+    _check_schema(report)
 
 
 def test_below_the_floor_recovers_by_keeping_the_noisy_node_in_float(tmp_path):
@@ -127,6 +138,7 @@ def test_below_the_floor_recovers_by_keeping_the_noisy_node_in_float(tmp_path):
     assert report["verdict"]["recovered_nodes"] == report["nodes_excluded"] == ["fc1"]
     assert report["fidelity"]["outputs"]["y"]["sqnr_db"] >= 15.0
     assert "kept in float to get there" in result.output
+    _check_schema(report)
 
 
 def test_a_floor_set_by_the_user_fails_what_the_default_passes(tmp_path):
