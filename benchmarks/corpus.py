@@ -3,8 +3,8 @@
     python benchmarks/corpus.py [--models ppocrv4-det,magika] [--precisions int8,int8-nodata,fp16,int4]
                                 [--budget 3] [--no-recover] [--calibration-samples N] [--json out.json]
 
-Variants: int8 auto with the model's calibration split, int8 auto without data, fp16, and int4 for
-models with MatMul nodes. Every row: the status dlopt's CLI would exit with (0 passed; 1 below its
+Variants: int8 auto with the model's calibration split, int8 auto without data, fp16 and int4 (for
+models with MatMul/Gemm nodes) with the calibration split (their checks run on it). Every row: the status dlopt's CLI would exit with (0 passed; 1 below its
 fidelity floor, best effort kept as .failed; or the error a stage raised, as a row, never a crash),
 size, the lowest output SQNR on the held-out split (never calibrated on), the task metric on the
 held-out split (binarized map agreement and false text for detectors, class agreement for
@@ -39,7 +39,7 @@ def run_variant(entry, model, variant: str, calibration, held_out, args) -> dict
     precision = "int8" if variant.startswith("int8") else variant
     config = QuantizeConfig(precision=precision, recover=not args.no_recover, speed_check=False,
                             calibration_samples=args.calibration_samples)
-    data = None if variant in ("int8-nodata", "fp16") else CalibrationData.from_feeds(
+    data = None if variant == "int8-nodata" else CalibrationData.from_feeds(
         [s.feeds for s in calibration], source=f"{entry.name}:calibration")
     eval_data = CalibrationData.from_feeds([s.feeds for s in held_out], source=f"{entry.name}:heldout")
     row = {"model": entry.name, "variant": variant}
