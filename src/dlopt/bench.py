@@ -13,8 +13,8 @@ How a measurement goes, and why:
    It stops at a cap (a quarter of the budget) and says so when latencies never settled.
 4. Very fast models are timed in groups: from the warm-up latencies, each sample is `runs_per_sample`
    back-to-back runs (at least ~1 ms of work), so the clocks' own cost and resolution do not dominate
-   a sample and the CI has real width. Timed rounds run the models interleaved, every model once per round, until the time budget or
-   the round count is reached; the order rotates (A B C, B C A, C A B, …) so no model always runs
+   a sample and the CI has real width. Timed rounds run the models interleaved, every model once per
+   round, until the time budget or the round count is reached; the order rotates (A B C, B C A, C A B, …) so no model always runs
    in the same position. Interleaving puts every model through the same machine states (other jobs, frequency,
    thermal), so their ratio is fair even when absolute times drift; garbage collection is off in
    the loop. Each call records wall time and the calling thread's CPU time.
@@ -710,7 +710,8 @@ class _Deadline:
         if self.at is None:
             self._progress(what, fraction)
         else:
-            self._progress(f"{what}, {max(0.0, self.at - now):.0f} s left", min(1.0, (now - self.started) / self.budget_s))
+            self._progress(f"{what}, {max(0.0, self.at - now):.0f} s left",
+                           min(1.0, (now - self.started) / self.budget_s))
 
 
 def benchmark(paths: Sequence[str | os.PathLike], config: BenchConfig = BenchConfig(), *,
@@ -838,7 +839,8 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
         remaining = max(0.0, share - (time.perf_counter() - start))
         expected = min(config.max_samples, remaining / max(sum(run_s) * repeat, 1e-6))
         statistics_s = 2 * (len(models) - 1) * config.n_boot * expected * BOOTSTRAP_S_PER_ELEMENT
-        profile_s = sum(m.handle.load_s + config.profile_runs * t for m, t in zip(models, run_s)) if config.profile else 0.0
+        profile_s = (sum(m.handle.load_s + config.profile_runs * t for m, t in zip(models, run_s))
+                     if config.profile else 0.0)
         remaining = max(0.0, remaining - statistics_s - profile_s)
         sampler.run_for(remaining, min_rounds=MIN_TIMED_ROUNDS,
                         on_round=lambda f: report(f"{label}: measuring", 0.1 + 0.9 * f))

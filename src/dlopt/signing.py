@@ -147,7 +147,8 @@ def load_public_key(path: str | os.PathLike):
         raise InputError(f"{path} is not a PEM public key ({e})",
                          "give the public key file (.pub) `dlopt keygen` wrote") from e
     if not isinstance(key, Ed25519PublicKey):
-        raise InputError(f"trusted key {path} is a {type(key).__name__}, not Ed25519", "give a key made by `dlopt keygen`")
+        raise InputError(f"trusted key {path} is a {type(key).__name__}, not Ed25519",
+                         "give a key made by `dlopt keygen`")
     return key
 
 
@@ -166,7 +167,8 @@ def sign(manifest_bytes: bytes, private_key) -> bytes:
     return (json.dumps(record, indent=2) + "\n").encode()
 
 
-def check_signature(manifest_bytes: bytes, manifest: dict[str, Any], signature_path: Path, trusted_key) -> SignatureCheck:
+def check_signature(manifest_bytes: bytes, manifest: dict[str, Any], signature_path: Path,
+                    trusted_key) -> SignatureCheck:
     """Is `manifest_bytes` signed by `trusted_key`? The signature decides; the recorded fingerprints
     only make the message say whether another key signed or the manifest changed after signing."""
     from cryptography.exceptions import InvalidSignature
@@ -184,7 +186,8 @@ def check_signature(manifest_bytes: bytes, manifest: dict[str, Any], signature_p
     except InvalidSignature:
         claimed = record.get("key_fingerprint") if isinstance(record, dict) else None
         if isinstance(claimed, str) and claimed != trusted:
-            return SignatureCheck("bad", f"signed by another key ({claimed[:16]}…), not the trusted key ({trusted[:16]}…)")
+            return SignatureCheck("bad", f"signed by another key ({claimed[:16]}…), "
+                                         f"not the trusted key ({trusted[:16]}…)")
         return SignatureCheck("bad", "the signature does not match: manifest.json changed after it was signed")
     recorded = (manifest.get("signature") or {}).get("key_fingerprint")
     if recorded != trusted:  # a valid signature over a manifest naming another signer: refuse the contradiction

@@ -97,8 +97,8 @@ class VerifyResult:
         return found
 
 
-def verify_bundle(bundle: str | os.PathLike, *, check_outputs: bool = True, trusted_key: str | os.PathLike | None = None,
-                  tolerance: Tolerance = Tolerance()) -> VerifyResult:
+def verify_bundle(bundle: str | os.PathLike, *, check_outputs: bool = True,
+                  trusted_key: str | os.PathLike | None = None, tolerance: Tolerance = Tolerance()) -> VerifyResult:
     """Check a bundle; returns the full result (see `passed`). `trusted_key`: a public key PEM
     (`dlopt keygen`); the manifest must carry its signature. Raises InputError for a path that is not
     a folder or an unreadable key, VerificationError only for a manifest that cannot be read at all."""
