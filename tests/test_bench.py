@@ -241,10 +241,16 @@ def test_profile_drops_the_warm_up_runs():
 
 
 def test_budget_bounds_the_run(chains):
+    seen = []
     start = time.perf_counter()
-    result = benchmark([chains[0]], BenchConfig(budget_s=1.0, min_rounds=5, n_boot=200))
+    result = benchmark([chains[0]], BenchConfig(budget_s=1.0, min_rounds=5, n_boot=200),
+                       progress=lambda what, fraction: seen.append((what, fraction)))
     assert time.perf_counter() - start < 1.1
     assert result.batches[0].rounds >= 5 and result.batches[0].seconds < 1.0
+    # the progress shows the time left, and its fraction is the budget's share spent
+    assert seen and all(what.endswith(" s left") for what, _ in seen)
+    fractions = [f for _, f in seen]
+    assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1.0
 
 
 def test_a_sub_millisecond_model_keeps_the_budget_and_gets_a_ci_of_real_width(chains, schema):

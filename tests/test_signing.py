@@ -211,6 +211,17 @@ def test_package_with_a_bad_signing_key_writes_nothing(tmp_path, keys, key, mess
     assert sorted(os.listdir(tmp_path)) == ["mlp.onnx"]
 
 
+def test_package_refuses_a_signing_key_inside_the_bundle_it_replaces(tmp_path, keys):
+    onnx.save_model(mlp_model(), str(tmp_path / "mlp.onnx"))
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    shutil.copyfile(keys["key"], bundle / "signer.key")
+    cli = CliRunner().invoke(main, ["package", str(tmp_path / "mlp.onnx"), "-o", str(bundle), "--measure", "0",
+                                    "--overwrite", "--sign-key", str(bundle / "signer.key")])
+    assert cli.exit_code == 2 and "inside the bundle folder" in cli.output
+    assert (bundle / "signer.key").read_bytes() == keys["key"].read_bytes()
+
+
 def test_verify_with_an_unreadable_trusted_key_is_an_input_error(bundle, keys):
     cli = _verify(bundle, "--trusted-key", str(keys["key"]))
     assert cli.exit_code == 2 and "not a PEM public key" in cli.output

@@ -131,6 +131,9 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
         private_key = load_private_key(sign_key)
     source_path = Path(model_path)
     out = _check_bundle_path(Path(output), config.overwrite)
+    if sign_key is not None and Path(out).resolve() in Path(sign_key).resolve().parents:
+        raise InputError(f"the signing key {sign_key} lies inside the bundle folder {out}",
+                         "keep keys outside bundles: the bundle is replaced, and the key would be lost or shipped")
     source = load_onnx(source_path)
     from dlopt.targets.mobile import external_data_files
 
