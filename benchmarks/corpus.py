@@ -4,12 +4,13 @@
                                 [--budget 3] [--no-recover] [--calibration-samples N] [--json out.json]
 
 Variants: int8 auto with the model's calibration split, int8 auto without data, fp16 and int4 (for
-models with MatMul/Gemm nodes) with the calibration split (their checks run on it). Every row: the status dlopt's CLI would exit with (0 passed; 1 below its
-fidelity floor, best effort kept as .failed; or the error a stage raised, as a row, never a crash),
-size, the lowest output SQNR on the held-out split (never calibrated on), the task metric on the
-held-out split (binarized map agreement and false text for detectors, class agreement for
-classifiers), and the one-thread speed ratio to FP32 on the first held-out sample: thread CPU time,
-FP32 and the variant interleaved (dlopt.bench.InterleavedSampler via quantize.speed_check).
+models with MatMul/Gemm nodes) with the calibration split (their checks run on it). Every row: the
+status dlopt's CLI would exit with (0 passed; 1 below its fidelity floor, best effort kept as
+.failed; or the error a stage raised, as a row, never a crash), size, the lowest output SQNR on the
+held-out split (never calibrated on), the task metric on the held-out split (binarized map agreement
+and false text for detectors, class agreement for classifiers), and the one-thread speed ratio to
+FP32 on the first held-out sample: thread CPU time, FP32 and the variant interleaved
+(dlopt.bench.InterleavedSampler via quantize.speed_check).
 """
 
 from __future__ import annotations

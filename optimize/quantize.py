@@ -751,7 +751,8 @@ def split_holdout(data: CalibrationData | None, eval_data: CalibrationData | Non
     a third of its detections on other photos: fidelity on calibration samples flatters."""
     if eval_data is not None:
         feeds = [dict(f) for _, f in zip(range(config.fidelity_samples), eval_data)]
-        return data, feeds, {"data": "eval-data", "source": eval_data.source, "held_out_indices": list(range(len(feeds))),
+        return data, feeds, {"data": "eval-data", "source": eval_data.source,
+                             "held_out_indices": list(range(len(feeds))),
                              "calibration_samples": len(data) if data is not None else 0, "warning": None}
     if data is None:
         return None, None, {"data": "synthetic", "source": None, "held_out_indices": [], "calibration_samples": 0,
@@ -788,7 +789,8 @@ def verdict(report: Mapping[str, Any], floor: float) -> dict[str, Any]:
         chosen = budget["chosen"]
         failures.append({"check": f"{budget['evaluator']} drop", "measured": chosen["drop"],
                          "required": f"<= {budget['max_drop']:g}",
-                         "why": f"best of {len(budget['candidates'])} candidates, {chosen['excluded_count']} node(s) in float"})
+                         "why": f"best of {len(budget['candidates'])} candidates, "
+                                f"{chosen['excluded_count']} node(s) in float"})
     recovery = report.get("floor_recovery")
     if recovery is not None and failures:
         for row in failures:
@@ -861,7 +863,8 @@ def _summary(original, quantized, data, config: QuantizeConfig, *, feeds: list[F
                          f"{names}", "report this model")
     summary = {"bytes_before": original.ByteSize(), "bytes_after": quantized.ByteSize(),
                "quantized_nodes": quantized_nodes(quantized), "ops_after": op_counts(quantized),
-               "fidelity": {"samples": len(feeds), "data": holdout["data"], "outputs": fidelity(reference, outputs, names)},
+               "fidelity": {"samples": len(feeds), "data": holdout["data"],
+                            "outputs": fidelity(reference, outputs, names)},
                "holdout": {k: v for k, v in holdout.items() if k != "warning"},
                "cpu": dataclasses.asdict(cpu_features())}
     if exact_arithmetic:

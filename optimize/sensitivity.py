@@ -279,7 +279,8 @@ def meet_budget(original, prepared, quantized, config, recipe, data, *, ranges=N
               else max(candidates, key=lambda c: (c["score"], -c["excluded_count"])))
     chosen["chosen"] = True
     return {"evaluator": evaluator.name, "baseline": baseline, "max_drop": max_drop,
-            "met": bool(within), "ranked_nodes": len(ranked), "max_float_nodes": most, "ranking": ranked[:20], "candidates": candidates, "chosen": chosen,
+            "met": bool(within), "ranked_nodes": len(ranked), "max_float_nodes": most, "ranking": ranked[:20],
+            "candidates": candidates, "chosen": chosen,
             "model": models[chosen["excluded_count"]]}
 
 
