@@ -749,6 +749,8 @@ def split_holdout(data: CalibrationData | None, eval_data: CalibrationData | Non
     of `data` are held out (deterministic: the same samples every run) and the rest calibrate.
     Measured on the samples it was calibrated on, a detector reported 34 dB and then kept fewer than
     a third of its detections on other photos: fidelity on calibration samples flatters."""
+    if data is not None and not isinstance(data, CalibrationData):  # a plain list of feeds
+        data = CalibrationData.from_feeds(list(data), source="data")
     if eval_data is not None:
         feeds = [dict(f) for _, f in zip(range(config.fidelity_samples), eval_data)]
         return data, feeds, {"data": "eval-data", "source": eval_data.source,
