@@ -62,7 +62,8 @@ def run_variant(entry, model, variant: str, calibration, held_out, args) -> dict
                min_sqnr_db=min((m["sqnr_db"] for m in outputs.values()), default=None),
                floor_db=verdict["floor_sqnr_db"], float_nodes=len(report.get("nodes_excluded") or []),
                seconds=time.perf_counter() - started, verdict=verdict,
-               recovery=[(c["excluded_count"], c["score"]) for c in report.get("floor_recovery", {}).get("candidates", [])])
+               recovery=[(c["excluded_count"], c["score"])
+                         for c in report.get("floor_recovery", {}).get("candidates", [])])
     float_session, session = make_session(model), make_session(result.model)
     reference, got = run_samples(float_session, held_out), run_samples(session, held_out)
     row["task"] = entry.task_metrics(reference, got, held_out)
