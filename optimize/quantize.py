@@ -35,6 +35,7 @@ import numpy as np
 from dlopt.errors import InputError, StageError
 from dlopt.optimize.calibration import CalibrationData, Feeds, progress_bar
 from dlopt.optimize.kernel_choice import LAYERNORM_FORMS, LayerNormForm
+from dlopt.optimize.normalize import NormalizeConfig, normalize
 from dlopt.optimize.rounding import LayerStatistics, collect_layer_statistics, refine_weights
 from dlopt.optimize.preprocess import (PreprocessConfig, check_feeds, looks_like_transformer, make_session,
                                        op_counts, preprocess, replace_nodes, run_outputs)
@@ -42,13 +43,13 @@ from dlopt.quiet import quiet_libraries
 from dlopt.stage import StageResult, config_to_dict
 
 PRECISIONS = ("int8", "int4", "fp16")
-MODES = ("auto", "dynamic", "static")
+MODES = ("auto", "dynamic", "static", "weight-only")
 METHODS = ("minmax", "entropy", "percentile")
 ROUNDINGS = ("auto", "nearest", "gptq")
 TARGETS = ("cpu", "cuda", "arm64", "mobile")
 
 Precision = Literal["int8", "int4", "fp16"]
-Mode = Literal["auto", "dynamic", "static"]
+Mode = Literal["auto", "dynamic", "static", "weight-only"]
 Method = Literal["minmax", "entropy", "percentile"]
 Target = Literal["cpu", "cuda", "arm64", "mobile"]
 Rounding = Literal["auto", "nearest", "gptq"]
@@ -140,9 +141,9 @@ def cpu_features() -> CpuFeatures:
 
 @dataclass(frozen=True, kw_only=True)
 class Recipe:
-    mode: Literal["dynamic", "static"]
+    mode: Literal["dynamic", "static", "weight-only"]
     quant_format: Literal["QOperator", "QDQ"]
-    activation_type: Literal["u8", "s8"]
+    activation_type: Literal["u8", "s8", "float"]  # float: weight-only, activations are not quantized
     weight_type: Literal["u8", "s8"]
     per_channel: bool
     reduce_range: bool
@@ -155,18 +156,34 @@ class Recipe:
     reasons: tuple[str, ...] = ()
 
 
-def choose_recipe(model, config: QuantizeConfig, cpu: CpuFeatures | None = None, *, has_data: bool = True
-                  ) -> Recipe:
-    """The INT8 recipe for this model, target and CPU, with a reason for every choice."""
+def choose_recipe(model, config: QuantizeConfig, cpu: CpuFeatures | None = None, *, has_data: bool = True,
+                  normalization: Mapping[str, Any] | None = None) -> Recipe:
+    """The INT8 recipe for this model, target and CPU, with a reason for every choice.
+    `normalization`: the report of dlopt.optimize.normalize on this model (its opset upgrade)."""
+    from dlopt.optimize.normalize import PER_CHANNEL_OPSET, all_graphs, default_opset, upgrade_failure
+
     cpu = cpu or cpu_features()
     reasons = []
     transformer = looks_like_transformer(model)
-    ops = {n.op_type for n in model.graph.node}
-    kind = "transformer" if transformer else ("CNN" if "Conv" in ops else "MLP/other")
+    ops = {n.op_type for g in all_graphs(model.graph) for n in g.node}
+    convs = ops & {"Conv", "ConvTranspose"}
+    kind = "transformer" if transformer else ("CNN" if convs else "MLP/other")
     arm = config.target in ("arm64", "mobile") or cpu.machine in ("aarch64", "arm64")
     if config.mode != "auto":
         mode = config.mode
         reasons.append(f"mode {mode}: asked for")
+    elif not has_data and not transformer and (convs or config.target == "cuda"):
+        mode = "weight-only"
+        needs = (f"static INT8 for this {kind} ({', '.join(sorted(convs))})" if convs
+                 else "the CUDA/TensorRT providers run static QDQ, not dynamic quantization, and static INT8")
+        reasons.append(f"weight-only: {needs} needs calibration data to set activation ranges (pass --calibration "
+                       "DATA: an .npz, a folder, or model:NAME); without it the weights are stored int8 and "
+                       "dequantized to float before each op: ~4x smaller weights, float compute, no speedup (ONNX Runtime "
+                       "runs each DequantizeLinear per call unless the session sets session.disable_quant_qdq=1)")
+    elif not has_data and not transformer:
+        mode = "dynamic"
+        reasons.append(f"dynamic: no calibration data, and this {kind} model's MatMul/Gemm layers need none: "
+                       "activations are quantized per call (--calibration DATA allows static QDQ)")
     elif config.target == "cuda":
         mode = "static"
         reasons.append("static QDQ: the CUDA/TensorRT providers run QDQ graphs, not dynamic quantization")
@@ -181,7 +198,11 @@ def choose_recipe(model, config: QuantizeConfig, cpu: CpuFeatures | None = None,
         mode = "static"
         reasons.append(f"static QDQ: {kind}; activation ranges calibrated once, no per-call quantize cost")
     fmt = "QOperator" if mode == "dynamic" else "QDQ"
-    if config.target == "cuda" or arm:
+    if mode == "weight-only":
+        act, wt, reduce = "float", "s8", False
+        reasons.append("s8 weights, full 8-bit range: they are dequantized to float, so no int8 kernel's "
+                       "accumulation limits apply")
+    elif config.target == "cuda" or arm:
         act, wt, reduce = "s8", "s8", False
         reasons.append("s8/s8: " + ("TensorRT takes symmetric int8 only" if config.target == "cuda"
                                     else "ARM int8 dot-product kernels are s8·s8"))
@@ -196,7 +217,19 @@ def choose_recipe(model, config: QuantizeConfig, cpu: CpuFeatures | None = None,
     if mode == "dynamic":
         act = "u8"  # DynamicQuantizeLinear produces u8 only
     per_channel = config.per_channel
-    reasons.append("per-channel weights" if per_channel else "per-tensor weights: asked for")
+    opset = default_opset(model)
+    before = (normalization or {}).get("opset", {}).get("before", opset)
+    if before < opset:
+        reasons.append(f"opset {before} upgraded to {opset} with onnx's version converter (checked: outputs "
+                       "equal to the original's)")
+    if per_channel and mode != "dynamic" and opset < PER_CHANNEL_OPSET:
+        per_channel = False
+        why = upgrade_failure(normalization)
+        reasons.append(f"per-tensor weights: opset {opset} has no per-channel DequantizeLinear (axis came in opset "
+                       f"{PER_CHANNEL_OPSET})" + (f", and the upgrade to opset {PER_CHANNEL_OPSET} was rejected: {why}"
+                                                  if why else ""))
+    else:
+        reasons.append("per-channel weights" if per_channel else "per-tensor weights: asked for")
     method = config.method or ("percentile" if transformer or kind == "CNN" else "minmax")
     # EfficientNet-Lite0 (GPTQ + bias correction): 99.99 -> 19.75 dB, 99.999 -> 19.43, 99.9 -> 17.46
     percentile = config.percentile or (99.99 if kind == "CNN" and not transformer else 99.999)
@@ -376,6 +409,10 @@ def calibrate(model, data: Iterable[Mapping[str, np.ndarray]], *, method: Method
 def _default_op_types(recipe: Recipe) -> set[str]:
     from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 
+    from dlopt.optimize.weight_only import WEIGHT_INPUTS
+
+    if recipe.mode == "weight-only":
+        return set(WEIGHT_INPUTS)
     return set(IntegerOpsRegistry if recipe.mode == "dynamic" else QDQRegistry)
 
 
@@ -405,9 +442,18 @@ def quantize_int8(model, config: QuantizeConfig, recipe: Recipe, data: Calibrati
     from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
 
+    from dlopt.optimize.normalize import all_graphs, topological_sort
+    from dlopt.optimize.weight_only import WEIGHT_INPUTS, WeightOnlyConfig, quantize_weights_int8
+
     op_types = sorted(_default_op_types(recipe) - set(config.exclude_ops))
     excluded = sorted(set(config.exclude_nodes) | set(exclude_nodes))
     details: dict[str, Any] = {"op_types_to_quantize": op_types, "nodes_excluded": excluded}
+    weight_only = WeightOnlyConfig(per_channel=recipe.per_channel, exclude_nodes=tuple(excluded),
+                                   op_types=tuple(sorted(set(WEIGHT_INPUTS) - set(config.exclude_ops))))
+    if recipe.mode == "weight-only":
+        result = quantize_weights_int8(model, weight_only)
+        details.update(weight_only=result.report, ranges=ranges, layer_stats=layer_stats)
+        return result.model, details
     with tempfile.TemporaryDirectory(prefix="dlopt-quant-") as tmp:
         out = Path(tmp) / "quantized.onnx"
         common = dict(per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
@@ -415,8 +461,10 @@ def quantize_int8(model, config: QuantizeConfig, recipe: Recipe, data: Calibrati
                       op_types_to_quantize=op_types)
         with quiet_libraries():  # its "run pre-processing" advice: preprocess() did
             if recipe.mode == "dynamic":
+                # EnableSubgraph: If/Loop/Scan bodies are quantized too (ORT's QOperator quantizer only)
                 quantize_dynamic(model, str(out), extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT,
-                                                                 "MatMulConstBOnly": True}, **common)
+                                                                 "MatMulConstBOnly": True, "EnableSubgraph": True},
+                                 **common)
             else:
                 if ranges is None:
                     if data is None:
@@ -444,6 +492,15 @@ def quantize_int8(model, config: QuantizeConfig, recipe: Recipe, data: Calibrati
                                                **({"TensorQuantOverrides": overrides} if overrides else {})},
                                 **common)
         quantized = onnx.load_model(str(out))
+    for graph in all_graphs(quantized.graph):  # ORT appends outer quantize nodes after the If/Loop reading them
+        topological_sort(graph)
+    # What ORT's quantizers leave float: GRU/RNN (no integer kernel), LSTM where DynamicQuantizeLSTM did not
+    # apply, and, in static QDQ (whose quantizer does not enter subgraphs), every weight inside If/Loop/Scan
+    # bodies: their weights become int8 with a DequantizeLinear in front (weight-only).
+    leftovers = quantize_weights_int8(quantized, dataclasses.replace(weight_only, scope="leftovers"))
+    if leftovers.report["weights"]:
+        quantized = leftovers.model
+        details["weight_only"] = leftovers.report
     if recipe.mode == "static":
         details["float_nodes_shielded"] = shield_float_nodes(quantized, excluded + _excluded_by_op(quantized, config))
     if recipe.mode == "static" and (recipe.weight_rounding == "gptq" or recipe.bias_correction):
@@ -537,11 +594,14 @@ _QUANT_OPS = ("QLinear", "DynamicQuantize", "MatMulInteger", "ConvInteger", "QAt
 
 
 def quantized_nodes(model) -> dict[str, int]:
-    """Quantized compute by op type: QOperator ops by name; in QDQ graphs, each float op fed by a
-    DequantizeLinear is counted as 'QDQ:<op>'. Quantize/DequantizeLinear themselves are listed too."""
-    producer = {o: n for n in model.graph.node for o in n.output}
+    """Quantized compute by op type, subgraphs included: QOperator ops by name; in QDQ graphs, each
+    float op fed by a DequantizeLinear is counted as 'QDQ:<op>'. Quantize/DequantizeLinear themselves
+    are listed too."""
+    from dlopt.optimize.normalize import all_graphs
+
+    producer = {o: n for g in all_graphs(model.graph) for n in g.node for o in n.output}
     counts: dict[str, int] = {}
-    for node in model.graph.node:
+    for node in (n for g in all_graphs(model.graph) for n in g.node):
         key = None
         if node.op_type.startswith(_QUANT_OPS) or node.op_type in _QUANT_OPS:
             key = node.op_type
@@ -630,15 +690,20 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
         return StageResult(result_model, report)
 
     _check_exclusions(model, config)
-    recipe = choose_recipe(model, config, has_data=data is not None)
+    # Constant-node weights to initializers, opset >= 13: what ORT's quantizers assume, each step checked
+    normalized = normalize(model, NormalizeConfig(), data)
+    for step in normalized.report["steps"]:
+        log(f"graph normalization {step['step']}: " + ("applied" if step["applied"] else
+                                                       f"not applied ({step.get('reason', '')})"))
+    recipe = choose_recipe(normalized.model, config, has_data=data is not None, normalization=normalized.report)
     for reason in recipe.reasons:
         log(f"recipe: {reason}")
-    prepared, pre_report = model, None
+    prepared, pre_report = normalized.model, None
     if config.preprocess:
         log("pre-processing: " + ("transformer fusions, " if recipe.fuse_transformer else "")
             + "constant folding, shape inference (each checked against its input)")
-        pre = preprocess(model, PreprocessConfig(transformer_fusion="auto" if recipe.fuse_transformer else "off"),
-                         data)
+        pre = preprocess(prepared, PreprocessConfig(transformer_fusion="auto" if recipe.fuse_transformer else "off",
+                                                    gemm_to_matmul=recipe.mode == "dynamic"), data)
         prepared, pre_report = pre.model, pre.report
         _check_exclusions(prepared, config)  # a fusion may have absorbed an excluded node
     smooth_report = None
@@ -659,7 +724,7 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
         details["nodes_excluded"] = budget["chosen"]["excluded"]
     report = {"precision": "int8", "config": config_to_dict(config),
               "recipe": dataclasses.asdict(recipe) | {"reasons": list(recipe.reasons)},
-              "preprocess": pre_report, "smoothing": smooth_report, **details}
+              "normalization": normalized.report, "preprocess": pre_report, "smoothing": smooth_report, **details}
     if budget is not None:
         report["budget"] = budget
     quantized, report["kernel_choice"] = _choose_kernels(quantized, config, log)
@@ -813,6 +878,11 @@ def summary_text(report: Mapping[str, Any]) -> str:
             state = "applied" if step["applied"] else f"skipped ({step.get('reason', '')})"
             extra = f" {step['fused']}" if step.get("fused") else ""
             lines.append(f"pre-processing {step['step']}: {state}{extra}")
+    wo = report.get("weight_only")
+    if wo:
+        lines.append(f"weight-only int8 ({'per-channel' if wo['per_channel'] else 'per-tensor'}): {wo['weights']} "
+                     f"weights of {', '.join(f'{k} {v}' for k, v in wo['nodes'].items())}, "
+                     f"{wo['float_bytes'] / 1e6:.2f} MB -> {wo['int8_bytes'] / 1e6:.2f} MB; compute stays float")
     q = report.get("quantized_nodes", {})
     lines.append("quantized nodes: " + (", ".join(f"{k} {v}" for k, v in q.items()) or "none"))
     if report.get("nodes_excluded"):

@@ -17,7 +17,8 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 @click.option("--precision", default="int8", show_default=True, help="int8 | int4 | fp16.")
 @click.option("--mode", default="auto", show_default=True,
-              help="int8: auto (recipe from the model, target and CPU; printed) | dynamic | static.")
+              help="int8: auto (recipe from the model, target and CPU; printed) | dynamic | static | weight-only "
+                   "(int8 weights, float compute: for size, needs no data).")
 @click.option("--calibration", default=None,
               help="Calibration data: an .npz (arrays named by input, first axis = samples), a folder of "
                    ".npz/.npy files, or model:NAME (a reference model's own set).")
