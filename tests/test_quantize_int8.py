@@ -520,9 +520,10 @@ def test_cli_writes_model_report_and_summary(tmp_path):
 @pytest.mark.parametrize("model_fn, config, data_fn", [
     (cnn_model, QuantizeConfig(mode="static", exclude_nodes=("conv2",)), cnn_data),  # static, shielded node
     (mlp_model, QuantizeConfig(mode="dynamic", max_accuracy_drop=0.5), mlp_data),  # with a budget
+    (cnn_model, QuantizeConfig(), None),  # no data: weight-only, with the normalization report
     (mlp_model, QuantizeConfig(precision="int4"), None),
     (mlp_model, QuantizeConfig(precision="fp16"), mlp_data),
-], ids=["int8-static", "int8-budget", "int4", "fp16"])
+], ids=["int8-static", "int8-budget", "int8-weight-only", "int4", "fp16"])
 def test_every_report_follows_its_documented_schema(tmp_path, model_fn, config, data_fn):
     import json
     from importlib.resources import files
