@@ -19,6 +19,7 @@ subgraph quantization appends the outer quantize nodes after the If/Loop that re
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -115,18 +116,27 @@ def topological_sort(graph) -> None:
         for sub in subgraphs(node):
             reads |= _outer_reads(sub)
         needs.append({producer[r] for r in reads if r in producer})
-    order, done, pending = [], set(), list(range(len(graph.node)))
-    while pending:
-        ready = [i for i in pending if needs[i] <= done]
-        if not ready:  # a cycle or a value from nowhere: leave the rest as they were (the checker will say)
-            order.extend(pending)
-            break
-        first = ready[0]  # the earliest ready node: keeps the original order wherever it was valid
-        order.append(first)
-        done.add(first)
-        pending.remove(first)
-    if order != list(range(len(graph.node))):
-        replace_nodes(graph, [graph.node[i] for i in order])
+    if all(all(p < index for p in wanted) for index, wanted in enumerate(needs)):
+        return  # already in order
+    # Kahn's algorithm, always taking the earliest ready node: keeps the original order wherever it was valid
+    waiting = [len(wanted) for wanted in needs]
+    users: dict[int, list[int]] = {}
+    for index, wanted in enumerate(needs):
+        for p in wanted:
+            users.setdefault(p, []).append(index)
+    ready = [index for index, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(index)
+        for user in users.get(index, ()):
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, user)
+    placed = set(order)
+    order += [i for i in range(len(graph.node)) if i not in placed]  # a cycle: left as it was (the checker says)
+    replace_nodes(graph, [graph.node[i] for i in order])
 
 
 # -- the steps ----------------------------------------------------------------------------------------

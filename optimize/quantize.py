@@ -172,10 +172,10 @@ def choose_recipe(model, config: QuantizeConfig, cpu: CpuFeatures | None = None,
     if config.mode != "auto":
         mode = config.mode
         reasons.append(f"mode {mode}: asked for")
-    elif not has_data and not transformer and (convs or config.target == "cuda"):
+    elif not has_data and (config.target == "cuda" or (convs and not transformer)):
         mode = "weight-only"
-        needs = (f"static INT8 for this {kind} ({', '.join(sorted(convs))})" if convs
-                 else "the CUDA/TensorRT providers run static QDQ, not dynamic quantization, and static INT8")
+        needs = ("the CUDA/TensorRT providers run static QDQ, not dynamic quantization, and static INT8"
+                 if config.target == "cuda" else f"static INT8 for this {kind} ({', '.join(sorted(convs))})")
         reasons.append(f"weight-only: {needs} needs calibration data to set activation ranges (pass --calibration "
                        "DATA: an .npz, a folder, or model:NAME); without it the weights are stored int8 and "
                        "dequantized to float before each op: ~4x smaller weights, float compute, no speedup (ONNX Runtime "
@@ -424,7 +424,9 @@ def _depthwise_weights(model, skip: set[str] = frozenset()) -> list[str]:
 
 
 def _check_exclusions(model, config: QuantizeConfig) -> None:
-    names = {n.name for n in model.graph.node}
+    from dlopt.optimize.normalize import all_graphs
+
+    names = {n.name for g in all_graphs(model.graph) for n in g.node}  # ORT's quantizers exclude in subgraphs too
     unknown = [n for n in config.exclude_nodes if n not in names]
     if unknown:
         sample = ", ".join(sorted(n.name for n in model.graph.node if n.name)[:5])
@@ -442,7 +444,7 @@ def quantize_int8(model, config: QuantizeConfig, recipe: Recipe, data: Calibrati
     from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
 
-    from dlopt.optimize.normalize import all_graphs, topological_sort
+    from dlopt.optimize.normalize import topological_sort
     from dlopt.optimize.weight_only import WEIGHT_INPUTS, WeightOnlyConfig, quantize_weights_int8
 
     op_types = sorted(_default_op_types(recipe) - set(config.exclude_ops))
@@ -492,8 +494,7 @@ def quantize_int8(model, config: QuantizeConfig, recipe: Recipe, data: Calibrati
                                                **({"TensorQuantOverrides": overrides} if overrides else {})},
                                 **common)
         quantized = onnx.load_model(str(out))
-    for graph in all_graphs(quantized.graph):  # ORT appends outer quantize nodes after the If/Loop reading them
-        topological_sort(graph)
+    topological_sort(quantized.graph)  # ORT appends outer quantize nodes after the If/Loop reading them
     # What ORT's quantizers leave float: GRU/RNN (no integer kernel), LSTM where DynamicQuantizeLSTM did not
     # apply, and, in static QDQ (whose quantizer does not enter subgraphs), every weight inside If/Loop/Scan
     # bodies: their weights become int8 with a DequantizeLinear in front (weight-only).

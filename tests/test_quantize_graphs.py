@@ -275,6 +275,21 @@ def test_static_qdq_gives_if_branch_weights_int8_with_a_dequantize_inside_the_br
     assert min(_if_sqnr(model, result.model)) >= SQNR_FLOOR_INT8_DB
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_a_node_inside_a_branch_can_be_kept_float_by_name(mode):
+    model = if_model("local")
+    rng = np.random.default_rng(3)
+    data = CalibrationData.from_feeds([{"x": rng.standard_normal((1, 32)).astype(np.float32),
+                                        "flag": np.array(i % 2 == 0)} for i in range(4)])
+    result = quantize(model, QuantizeConfig(mode=mode, exclude_nodes=("then_matmul",), speed_check=False), data)
+    branches = _branch_ops(result.model)
+    assert branches["then_branch"] == ["MatMul"]  # float, its weight a float initializer
+    assert branches["else_branch"] != ["MatMul"]
+    then = next(a.g for a in next(n for n in result.model.graph.node if n.op_type == "If").attribute
+                if a.name == "then_branch")
+    assert [t.data_type for t in then.initializer] == [TensorProto.FLOAT]
+
+
 def test_a_loop_body_matmul_with_a_constant_weight_is_quantized():
     model = loop_model()
     result = quantize(model, QuantizeConfig(speed_check=False))
@@ -371,6 +386,18 @@ def test_a_conv_model_without_data_gets_weight_only_int8_and_is_told_about_calib
     assert out.stat().st_size < src.stat().st_size / 3  # int8 weights on disk
     feeds = {"image": images(4, seed=7)}
     assert _sqnr(_outputs(model, feeds)[0], _outputs(quantized, feeds)[0]) >= SQNR_FLOOR_WEIGHT_ONLY_DB
+
+
+@pytest.mark.parametrize("model_fn, target, mode", [
+    (mlp, "cpu", "dynamic"), (mlp, "mobile", "dynamic"), (mlp, "cuda", "weight-only"),  # CUDA runs no dynamic
+    (cnn, "cpu", "weight-only"), (cnn, "arm64", "weight-only"),
+])
+def test_auto_without_data_picks_a_recipe_that_needs_none(model_fn, target, mode):
+    recipe = choose_recipe(model_fn(), QuantizeConfig(target=target), has_data=False)
+    assert recipe.mode == mode
+    assert "calibration" in recipe.reasons[0]
+    with_data = choose_recipe(model_fn(), QuantizeConfig(target=target), has_data=True)
+    assert with_data.mode != "weight-only"
 
 
 def test_static_mode_asked_without_data_is_still_an_input_error(tmp_path):
