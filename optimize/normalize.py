@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from dlopt.optimize.preprocess import check_feeds, make_session, op_counts, replace_nodes, run_checked_steps, run_outputs
+from dlopt.optimize.preprocess import (check_feeds, make_session, op_counts, replace_nodes, run_checked_steps,
+                                       run_outputs)
 from dlopt.stage import StageResult, config_to_dict
 
 PER_CHANNEL_OPSET = 13  # DequantizeLinear/QuantizeLinear `axis` (per-channel scales) exist from opset 13

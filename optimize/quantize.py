@@ -178,8 +178,9 @@ def choose_recipe(model, config: QuantizeConfig, cpu: CpuFeatures | None = None,
                  if config.target == "cuda" else f"static INT8 for this {kind} ({', '.join(sorted(convs))})")
         reasons.append(f"weight-only: {needs} needs calibration data to set activation ranges (pass --calibration "
                        "DATA: an .npz, a folder, or model:NAME); without it the weights are stored int8 and "
-                       "dequantized to float before each op: ~4x smaller weights, float compute, no speedup (ONNX Runtime "
-                       "runs each DequantizeLinear per call unless the session sets session.disable_quant_qdq=1)")
+                       "dequantized to float before each op: ~4x smaller weights, float compute, no speedup "
+                       "(ONNX Runtime runs each DequantizeLinear per call unless the session sets "
+                       "session.disable_quant_qdq=1)")
     elif not has_data and not transformer:
         mode = "dynamic"
         reasons.append(f"dynamic: no calibration data, and this {kind} model's MatMul/Gemm layers need none: "

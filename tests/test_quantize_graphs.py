@@ -55,8 +55,9 @@ def cnn(opset: int = 17, seed: int = 0) -> onnx.ModelProto:
     inits = {"k1": rng.standard_normal((8, 3, 3, 3)) / 4, "c1": rng.standard_normal(8) * 0.1,
              "k2": rng.standard_normal((8, 8, 3, 3)) / 8, "c2": rng.standard_normal(8) * 0.1,
              "wf": rng.standard_normal((10, 8)), "bf": rng.standard_normal(10) * 0.1}
-    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 16, 16])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 16, 16])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
+    graph = helper.make_graph(nodes, "cnn", [image], [logits],
                               [numpy_helper.from_array(_f32(v), k) for k, v in inits.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     onnx.checker.check_model(model)
@@ -136,11 +137,13 @@ def loop_model() -> onnx.ModelProto:
          helper.make_node("MatMul", ["h_in", "w"], ["p"], name="step_matmul"),
          helper.make_node("Tanh", ["p"], ["h_out"], name="step_tanh"),
          helper.make_node("Identity", ["cond_in"], ["cond_out"], name="cond_pass")], "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
          helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["batch", 32])],
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
          helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["batch", 32])])
-    graph = helper.make_graph([helper.make_node("Loop", ["trip", "", "x"], ["y"], name="loop", body=body)], "loop_model",
+    loop = helper.make_node("Loop", ["trip", "", "x"], ["y"], name="loop", body=body)
+    graph = helper.make_graph([loop], "loop_model",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])],
                               [numpy_helper.from_array(np.array(3, np.int64), "trip")])
@@ -155,7 +158,8 @@ def recurrent_model(op: str, hidden: int = 32, features: int = 16) -> onnx.Model
     rng = np.random.default_rng(0)
     gates = {"LSTM": 4, "GRU": 3}[op]
     state_inputs = ["h0", "c0"] if op == "LSTM" else ["h0"]
-    nodes = [helper.make_node(op, ["x", "W", "R", "B", "", *state_inputs], ["Y", "Y_h"], name="rnn", hidden_size=hidden),
+    nodes = [helper.make_node(op, ["x", "W", "R", "B", "", *state_inputs], ["Y", "Y_h"], name="rnn",
+                              hidden_size=hidden),
              helper.make_node("Squeeze", ["Y_h", "axis0"], ["h"], name="squeeze"),
              helper.make_node("MatMul", ["h", "wo"], ["y"], name="head")]
     inits = [numpy_helper.from_array(_f32(rng.standard_normal((1, gates * hidden, features)) / 4), "W"),
@@ -165,8 +169,8 @@ def recurrent_model(op: str, hidden: int = 32, features: int = 16) -> onnx.Model
              numpy_helper.from_array(_f32(rng.standard_normal((hidden, 8)) / 5), "wo")]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["seq", "batch", features])]
     inputs += [helper.make_tensor_value_info(s, TensorProto.FLOAT, [1, "batch", hidden]) for s in state_inputs]
-    graph = helper.make_graph(nodes, "recurrent", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
-                              inits)
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])
+    graph = helper.make_graph(nodes, "recurrent", inputs, [output], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
     return model
@@ -344,13 +348,15 @@ def test_recurrent_layers_with_state_inputs_are_quantized(op, expected):
 def test_integer_inputs_that_are_not_token_ids_do_not_make_a_transformer():
     """Softmax and four MatMuls beside an integer input read only by a Shape-like Gather: not an encoder."""
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("MatMul", [f"h{i - 1}" if i else "x", f"w{i}"], [f"h{i}"], name=f"mm{i}") for i in range(4)]
+    nodes = [helper.make_node("MatMul", [f"h{i - 1}" if i else "x", f"w{i}"], [f"h{i}"], name=f"mm{i}")
+             for i in range(4)]
     nodes += [helper.make_node("Softmax", ["h3"], ["p"], name="softmax", axis=-1),
               helper.make_node("Gather", ["p", "index"], ["y"], name="pick", axis=1)]
     graph = helper.make_graph(nodes, "picker", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16]),
                                                 helper.make_tensor_value_info("index", TensorProto.INT64, [2])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
-                              [numpy_helper.from_array(_f32(rng.standard_normal((16, 16)) / 4), f"w{i}") for i in range(4)])
+                              [numpy_helper.from_array(_f32(rng.standard_normal((16, 16)) / 4), f"w{i}")
+                               for i in range(4)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     assert not looks_like_transformer(model)
     recipe = choose_recipe(model, QuantizeConfig(), has_data=False)
