@@ -107,18 +107,18 @@ def quantize_weights_int8(model, config: WeightOnlyConfig = WeightOnlyConfig()) 
     nodes_by_op: dict[str, int] = {}
     stats = {"weights": 0, "float_bytes": 0, "int8_bytes": 0}
 
-    def owner_of(name: str, chain: list[Any]):
-        """The initializer `name` as seen from the innermost graph of `chain` (None if a value shadows it)."""
-        for graph in reversed(chain):
-            init = next((t for t in graph.initializer if t.name == name), None)
-            if init is not None:
-                return graph, init
-            if name in {i.name for i in graph.input} or any(name in n.output for n in graph.node):
+    def owner_of(name: str, chain: list[tuple[dict[str, Any], set[str]]]):
+        """The initializer `name` as seen from the innermost scope of `chain` (None if a value shadows it)."""
+        for inits, values in reversed(chain):
+            if name in inits:
+                return inits[name]
+            if name in values:
                 return None
         return None
 
-    def visit(graph, chain: list[Any], inside: bool) -> None:
-        chain = [*chain, graph]
+    def visit(graph, chain: list[tuple[dict[str, Any], set[str]]], inside: bool) -> None:
+        values = {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
+        chain = [*chain, ({t.name: t for t in graph.initializer}, values)]
         new_nodes, local_dq = [], {}
         for node in graph.node:
             for sub in subgraphs(node):
@@ -129,10 +129,9 @@ def quantize_weights_int8(model, config: WeightOnlyConfig = WeightOnlyConfig()) 
                 for index in WEIGHT_INPUTS[node.op_type]:
                     if index >= len(node.input) or not node.input[index]:
                         continue
-                    found = owner_of(node.input[index], chain)
-                    if found is None or found[1].data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+                    init = owner_of(node.input[index], chain)
+                    if init is None or init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
                         continue
-                    _, init = found
                     weight = numpy_helper.to_array(init)
                     axis = _axis(node, weight) if per_channel else None
                     channels = weight.shape[axis] if axis is not None else 1
