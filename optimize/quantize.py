@@ -694,9 +694,9 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
     _check_exclusions(model, config)
     # Constant-node weights to initializers, opset >= 13: what ORT's quantizers assume, each step checked
     normalized = normalize(model, NormalizeConfig(), data)
-    for step in normalized.report["steps"]:
-        log(f"graph normalization {step['step']}: " + ("applied" if step["applied"] else
-                                                       f"not applied ({step.get('reason', '')})"))
+    if normalized.report["steps"]:
+        log("graph normalization: " + ", ".join(s["step"] + ("" if s["applied"] else " (not applied)")
+                                                for s in normalized.report["steps"]))
     recipe = choose_recipe(normalized.model, config, has_data=data is not None, normalization=normalized.report)
     for reason in recipe.reasons:
         log(f"recipe: {reason}")
@@ -874,6 +874,11 @@ def summary_text(report: Mapping[str, Any]) -> str:
         lines += [f"  - {r}" for r in recipe["reasons"]]
     else:
         lines.append(f"recipe: {report.get('precision')}")
+    for step in (report.get("normalization") or {}).get("steps", []):
+        state = "applied" if step["applied"] else f"not applied ({step.get('reason', '')})"
+        lines.append(f"graph normalization {step['step']}: {state}"
+                     + (f" ({step['moved']} tensors)" if step["applied"] and "moved" in step else "")
+                     + (f" (opset {step['from']} -> {step['to']})" if step["applied"] and "to" in step else ""))
     pre = report.get("preprocess")
     if pre:
         for step in pre["steps"]:
