@@ -682,7 +682,10 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
             data.limit = min(data.limit or config.calibration_samples, config.calibration_samples)
     if config.precision != "int8":
         _check_exclusions(model, config)
-        result = _dispatch_other(model, config, data)
+        source = model
+        if config.precision == "int4":  # MatMulNBits too quantizes initializers only; its op needs no opset 13
+            source = normalize(model, NormalizeConfig(min_opset=0), data).model
+        result = _dispatch_other(source, config, data)
         # the precision's own config (Int4Config / Fp16Config) beside the QuantizeConfig it was built from
         report = {**{k: v for k, v in result.report.items() if k != "config"}, "precision": config.precision,
                   "config": config_to_dict(config), f"{config.precision}_config": result.report.get("config")}

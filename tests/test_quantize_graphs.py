@@ -254,6 +254,14 @@ def test_constant_node_weights_are_quantized_without_preprocessing():
     assert _sqnr(_outputs(model, feeds)[0], _outputs(result.model, feeds)[0]) >= SQNR_FLOOR_INT8_DB
 
 
+def test_constant_node_weights_are_quantized_to_4_bits_too():
+    model = mlp(constants=True)
+    result = quantize(model, QuantizeConfig(precision="int4", speed_check=False))
+    assert result.report["quantized_nodes"] == {"MatMulNBits": 2}
+    feeds = {"x": np.random.default_rng(2).standard_normal((4, 32)).astype(np.float32)}
+    assert _sqnr(_outputs(model, feeds)[0], _outputs(result.model, feeds)[0]) >= 15.0  # 4-bit: ~22 dB here
+
+
 # -- subgraphs --------------------------------------------------------------------------------------------
 def _branch_ops(model) -> dict[str, list[str]]:
     node = next(n for n in model.graph.node if n.op_type == "If")
