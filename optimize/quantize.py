@@ -5,6 +5,11 @@ INT8 is implemented here on top of ONNX Runtime's quantization tools. What dlopt
   (`--mode auto`): dynamic per-channel on the fused graph for transformers on x86, static QDQ for
   CNNs, u8/s8 with reduce_range when the CPU lacks VNNI (its u8·s8 kernel saturates in 16 bits), s8/s8
   for ARM and for CUDA (TensorRT takes only symmetric int8);
+- graph normalization first (optimize/normalize.py): Constant-node weights to initializers, opset >= 13 for
+  per-channel scales, each checked; a failed upgrade means per-tensor weights, said in the recipe;
+- without calibration data, what works without it: dynamic for MatMul/Gemm models, weight-only int8
+  (optimize/weight_only.py) for conv models; weight-only also for what ORT's quantizers leave float
+  (GRU/RNN, and If/Loop/Scan bodies in static QDQ; dynamic enters them through ORT's EnableSubgraph);
 - checked pre-processing (optimize/preprocess.py);
 - calibration that streams: ORT's calibrators keep every activation of every sample in memory and
   stack them (which also fails on samples of different lengths). Here each sample is run and folded
