@@ -110,10 +110,44 @@ def make_session(model, threads: int = 1, optimization: str = "all"):
     return ort.InferenceSession(payload, so, providers=["CPUExecutionProvider"])
 
 
+def index_bounds(model) -> dict[str, int]:
+    """For integer graph inputs that index a constant table (Gather on an initializer, directly or
+    through Cast/Reshape/Squeeze/Unsqueeze/Flatten/Identity): the smallest table length along the
+    gathered axis. Synthetic ids must stay below it, or the model does not run (an index into a
+    10-row table is not a token id in [0, 1000))."""
+    from onnx import helper
+
+    integer_inputs = {i.name for i in graph_inputs(model) if np.issubdtype(i.dtype, np.integer)}
+    tables = {t.name: list(t.dims) for t in model.graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    bounds: dict[str, int] = {}
+    for name in integer_inputs:
+        frontier, seen = [name], set()
+        while frontier:
+            value = frontier.pop()
+            seen.add(value)
+            for node in consumers.get(value, []):
+                if node.op_type in ("Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity") \
+                        and node.input[0] == value:
+                    frontier.extend(o for o in node.output if o not in seen)
+                elif node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == value \
+                        and node.input[0] in tables:
+                    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+                    dims = tables[node.input[0]]
+                    if dims and -len(dims) <= axis < len(dims):
+                        bounds[name] = min(bounds.get(name, dims[axis]), dims[axis])
+    return bounds
+
+
 def synthetic_feeds(model, count: int = 2, seq_len: int = 16, seed: int = 0) -> list[Feeds]:
     """Inputs for a numerical check when no data is given: token-like ids for integer inputs
-    (in [0, 1000), a mask of ones for names containing 'mask'), normal floats otherwise."""
+    (in [0, 1000), below the table length for inputs that index a constant table (`index_bounds`),
+    a mask of ones for names containing 'mask'), normal floats otherwise."""
     rng = np.random.default_rng(seed)
+    bounds = index_bounds(model)
     feeds = []
     for _ in range(count):
         sample = {}
@@ -122,7 +156,8 @@ def synthetic_feeds(model, count: int = 2, seq_len: int = 16, seed: int = 0) -> 
                           for axis, d in enumerate(spec.shape))
             if np.issubdtype(spec.dtype, np.integer):
                 sample[spec.name] = (np.ones(shape, spec.dtype) if "mask" in spec.name
-                                     else rng.integers(0, 1000, shape).astype(spec.dtype))
+                                     else rng.integers(0, min(1000, bounds.get(spec.name, 1000)),
+                                                       shape).astype(spec.dtype))
             elif spec.dtype == np.bool_:
                 sample[spec.name] = np.ones(shape, np.bool_)
             else:

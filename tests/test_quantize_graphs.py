@@ -371,6 +371,27 @@ def test_integer_inputs_that_are_not_token_ids_do_not_make_a_transformer():
     assert recipe.mode == "dynamic" and not recipe.fuse_transformer
 
 
+def test_an_integer_index_into_a_small_table_gets_synthetic_ids_the_model_runs_on():
+    """Without data, ids for an input that indexes a 10-row table stay below 10 (token-like ids up to 1000
+    made ORT fail: 'indices element out of data bounds')."""
+    from dlopt.optimize.preprocess import index_bounds, synthetic_feeds
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Cast", ["slot"], ["slot64"], name="cast", to=TensorProto.INT64),
+             helper.make_node("Gather", ["table", "slot64"], ["e"], name="pick"),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "lookup", [helper.make_tensor_value_info("slot", TensorProto.INT32, ["batch"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+                              [numpy_helper.from_array(_f32(rng.standard_normal((10, 16))), "table"),
+                               numpy_helper.from_array(_f32(rng.standard_normal((16, 8)) / 4), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert index_bounds(model) == {"slot": 10}
+    assert all(f["slot"].max() < 10 for f in synthetic_feeds(model, count=4))
+    result = quantize(model, QuantizeConfig(speed_check=False))
+    assert result.report["recipe"]["mode"] == "dynamic"
+    assert result.report["quantized_nodes"].get("MatMulInteger") == 1
+
+
 # -- no calibration data ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("gemm", [False, True])
 def test_readme_headline_command_on_a_plain_mlp_gives_dynamic_int8(tmp_path, gemm):
