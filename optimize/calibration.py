@@ -19,43 +19,15 @@ import contextlib
 import sys
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dlopt.errors import InputError
-
-Feeds = dict[str, np.ndarray]
+from dlopt.inputs import Feeds, InputSpec, graph_inputs
 
 DEFAULT_SAMPLE_COUNT = 100
-
-# ONNX TensorProto element type -> numpy dtype, for the inputs calibration data can feed
-_ONNX_TO_NUMPY = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64,
-                  9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a graph input accepts: element type and shape (ints for fixed dims, None for symbolic)."""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | None, ...]
-
-
-def graph_inputs(model) -> list[InputSpec]:
-    """The real inputs of an onnx.ModelProto (initializers listed as inputs in old opsets excluded)."""
-    inits = {t.name for t in model.graph.initializer}
-    specs = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
-        specs.append(InputSpec(vi.name, np.dtype(_ONNX_TO_NUMPY.get(tt.elem_type, np.float32)), dims))
-    return specs
 
 
 class CalibrationData:
@@ -270,24 +242,23 @@ def _check_sample(feeds: Mapping[str, np.ndarray], specs: list[InputSpec], sourc
         if arr.ndim != len(spec.shape):
             raise InputError(
                 f"calibration data {source} (sample {index}): input {name!r} has shape {list(arr.shape)}, "
-                f"the model expects rank {len(spec.shape)} {_shape_text(spec.shape)}",
+                f"the model expects rank {len(spec.shape)} {spec.shape_text()}",
                 "the first axis of each array is the sample axis; each sample keeps the model's rank")
-        for axis, (got, want) in enumerate(zip(arr.shape, spec.shape)):
-            if want is not None and want > 0 and got != want:
+        for axis, got in enumerate(arr.shape):
+            want = spec.fixed(axis)
+            if want is not None and got != want:
                 raise InputError(
                     f"calibration data {source} (sample {index}): input {name!r} has shape {list(arr.shape)}, "
-                    f"the model expects {_shape_text(spec.shape)} (axis {axis} must be {want})",
+                    f"the model expects {spec.shape_text()} (axis {axis} must be {want})",
                     "resize or re-export the samples to the model's input shape")
+        if spec.dtype is None:
+            continue
         if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind") and arr.dtype != spec.dtype:
             raise InputError(
                 f"calibration data {source} (sample {index}): input {name!r} is {arr.dtype}, "
                 f"the model expects {spec.dtype}", f"convert the arrays with .astype({spec.dtype.name!r})")
         if arr.dtype != spec.dtype:
             feeds[name] = arr.astype(spec.dtype)  # type: ignore[index]
-
-
-def _shape_text(shape: tuple[int | None, ...]) -> str:
-    return "[" + ", ".join("?" if d is None or d <= 0 else str(d) for d in shape) + "]"
 
 
 @contextlib.contextmanager

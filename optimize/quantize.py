@@ -36,8 +36,11 @@ from dlopt.errors import InputError, StageError
 from dlopt.optimize.calibration import CalibrationData, Feeds, progress_bar
 from dlopt.optimize.kernel_choice import LAYERNORM_FORMS, LayerNormForm
 from dlopt.optimize.rounding import LayerStatistics, collect_layer_statistics, refine_weights
-from dlopt.optimize.preprocess import (PreprocessConfig, check_feeds, looks_like_transformer, make_session,
-                                       op_counts, preprocess, replace_nodes, run_outputs)
+from dlopt.fidelity import compare_runs
+from dlopt.fidelity import report as fidelity_report
+from dlopt.optimize.preprocess import (PreprocessConfig, check_feeds, looks_like_transformer, op_counts, preprocess,
+                                       replace_nodes)
+from dlopt.sessions import cpu_session, run_outputs
 from dlopt.quiet import quiet_libraries
 from dlopt.stage import StageResult, config_to_dict
 
@@ -73,6 +76,7 @@ class QuantizeConfig:
     max_accuracy_drop: float | None = None
     evaluator: str | None = None  # cosine | top1 | sqnr | model:NAME[:metric]; None: cosine or top1
     fidelity_samples: int = 32
+    input_shapes: tuple[str, ...] = ()  # NAME=DxD...: the shapes of synthetic inputs (--input-shape)
     leave_one_out_limit: int = 80  # budget: rank up to this many nodes by re-quantizing without each
     # SmoothQuant alpha for transformers with calibration data; None: off. Off by default: on MiniLM
     # (dynamic INT8, 7-bit weights, this AVX2 CPU) alpha 0.75 gave embedding cosine 0.9916 vs 0.9908
@@ -264,7 +268,7 @@ def smooth_activations(model, data: Iterable[Mapping[str, np.ndarray]], *, alpha
     if not groups:
         return model, {"smoothed_tensors": 0}
     tensors = sorted(groups)
-    session = make_session(_with_outputs(model, tensors), optimization="basic")
+    session = cpu_session(_with_outputs(model, tensors), graph_opt_level="basic")
     names = [o.name for o in session.get_outputs()]
     wanted = {i.name for i in session.get_inputs()}
     amax: dict[str, np.ndarray] = {}
@@ -553,39 +557,6 @@ def quantized_nodes(model) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def fidelity(reference_outputs: list[list[np.ndarray]], outputs: list[list[np.ndarray]], names: list[str]
-             ) -> dict[str, dict[str, float]]:
-    """Per output: SQNR in dB over all samples, row-wise cosine mean/min, top-1 agreement for 2-D outputs."""
-    result = {}
-    for i, name in enumerate(names):
-        ref = [r[i].astype(np.float64) for r in reference_outputs]
-        got = [o[i].astype(np.float64) for o in outputs]
-        if not np.issubdtype(reference_outputs[0][i].dtype, np.floating):
-            continue
-        signal = sum(float(np.sum(r * r)) for r in ref)
-        noise = sum(float(np.sum((r - g) ** 2)) for r, g in zip(ref, got))
-        finite = all(np.all(np.isfinite(g)) for g in got)
-        entry = {"sqnr_db": sqnr_db(signal, noise) if finite else float("-inf"), "finite": finite}
-        rows_r = np.concatenate([r.reshape(-1, r.shape[-1]) if r.ndim > 1 else r.reshape(1, -1) for r in ref])
-        rows_g = np.concatenate([g.reshape(-1, g.shape[-1]) if g.ndim > 1 else g.reshape(1, -1) for g in got])
-        denom = np.linalg.norm(rows_r, axis=1) * np.linalg.norm(rows_g, axis=1)
-        cos = np.sum(rows_r * rows_g, axis=1) / np.maximum(denom, 1e-30)
-        entry.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
-        unit_rows = np.allclose(np.linalg.norm(rows_r, axis=1), 1.0, atol=1e-3)  # an embedding, not logits
-        if rows_r.shape[1] > 1 and ref[0].ndim == 2 and not unit_rows:
-            entry["top1_agreement"] = float(np.mean(rows_r.argmax(1) == rows_g.argmax(1)))
-        result[name] = entry
-    return result
-
-
-def sqnr_db(signal: float, noise: float) -> float:
-    if noise <= 0:
-        return float("inf")
-    if signal <= 0:
-        return float("-inf")
-    return float(10 * np.log10(signal / noise))
-
-
 # -- the entry point --------------------------------------------------------------------------------------
 def _dispatch_other(model, config: QuantizeConfig, data: CalibrationData | None) -> StageResult:
     """INT4 and FP16 are implemented in their own modules; their configs are built from the common
@@ -602,7 +573,7 @@ def _dispatch_other(model, config: QuantizeConfig, data: CalibrationData | None)
         cls = getattr(impl, cls_name)
         names = {f.name for f in dataclasses.fields(cls)}
         common = {"block_size": config.block_size, "exclude_nodes": config.exclude_nodes,
-                  "exclude_ops": config.exclude_ops, "target": config.target}
+                  "exclude_ops": config.exclude_ops, "target": config.target, "input_shapes": config.input_shapes}
         sub = cls(**{k: v for k, v in common.items() if k in names})
     return getattr(impl, func)(model, sub, data)
 
@@ -637,7 +608,8 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
     if config.preprocess:
         log("pre-processing: " + ("transformer fusions, " if recipe.fuse_transformer else "")
             + "constant folding, shape inference (each checked against its input)")
-        pre = preprocess(model, PreprocessConfig(transformer_fusion="auto" if recipe.fuse_transformer else "off"),
+        pre = preprocess(model, PreprocessConfig(transformer_fusion="auto" if recipe.fuse_transformer else "off",
+                                                input_shapes=config.input_shapes),
                          data)
         prepared, pre_report = pre.model, pre.report
         _check_exclusions(prepared, config)  # a fusion may have absorbed an excluded node
@@ -719,10 +691,10 @@ def _summary(original, quantized, data, config: QuantizeConfig, *, exact_arithme
     """Sizes, quantized nodes, fidelity vs the float model on this host's kernels and, with
     exact_arithmetic, also of the QDQ graph's own arithmetic: graph optimizations off, so ORT runs
     DequantizeLinear -> float op -> QuantizeLinear instead of its fused int8 kernels."""
-    feeds = check_feeds(original, data, config.fidelity_samples)
-    float_session = make_session(original)
+    feeds = check_feeds(original, data, config.fidelity_samples, config.input_shapes)
+    float_session = cpu_session(original)
     reference = run_outputs(float_session, feeds)
-    session = make_session(quantized)
+    session = cpu_session(quantized)
     outputs = run_outputs(session, feeds)
     names = [o.name for o in session.get_outputs()]
     if [o.name for o in original.graph.output] != names:
@@ -731,12 +703,12 @@ def _summary(original, quantized, data, config: QuantizeConfig, *, exact_arithme
     summary = {"bytes_before": original.ByteSize(), "bytes_after": quantized.ByteSize(),
                "quantized_nodes": quantized_nodes(quantized), "ops_after": op_counts(quantized),
                "fidelity": {"samples": len(feeds), "data": "calibration" if data is not None else "synthetic",
-                            "outputs": fidelity(reference, outputs, names)},
+                            "outputs": fidelity_report(compare_runs(reference, outputs, names))},
                "cpu": dataclasses.asdict(cpu_features())}
     if exact_arithmetic:
-        exact = run_outputs(make_session(quantized, optimization="none"), feeds)
+        exact = run_outputs(cpu_session(quantized, graph_opt_level="disable"), feeds)
         summary["fidelity_exact_arithmetic"] = {
-            "samples": len(feeds), "outputs": fidelity(reference, exact, names),
+            "samples": len(feeds), "outputs": fidelity_report(compare_runs(reference, exact, names)),
             "why": f"this x86 CPU has no VNNI: its int8 kernels overflow the full-range weights of the "
                    f"{config.target} recipe, so the fidelity above is this host's; the QDQ arithmetic itself, "
                    "what the target's int8 kernels compute, is below"}
@@ -865,14 +837,12 @@ __all__ = [
     "calibrate",
     "choose_recipe",
     "cpu_features",
-    "fidelity",
     "host_kernels_inexact",
     "quantize",
     "quantize_file",
     "quantize_int8",
     "quantized_nodes",
     "speed_check",
-    "sqnr_db",
     "summary_text",
     "validate_config",
 ]

@@ -51,6 +51,7 @@ class PackageConfig:
     samples: int = 2  # verification samples stored in the bundle
     batch: int = 1
     seq_len: int = 16  # size of dynamic axes other than the batch in generated samples
+    input_shapes: tuple[str, ...] = ()  # NAME=DxD...: shapes of generated samples (--input-shape)
     atol: float = 1e-4  # packaged model vs source ONNX (a lossless conversion)
     rtol: float = 1e-3
     seed: int = 0
@@ -75,6 +76,7 @@ class PackageResult:
 
 
 def validate_config(config: PackageConfig) -> None:
+    from dlopt.inputs import parse_input_shapes
     from dlopt.targets.mobile import INTENDED_EPS, parse_fix_shape
 
     if config.target not in PACKAGE_TARGETS:
@@ -86,6 +88,7 @@ def validate_config(config: PackageConfig) -> None:
             raise InputError(f"unknown intended EP {config.intended_ep!r}", f"choose one of {', '.join(INTENDED_EPS)}")
     for text in config.fix_shapes:
         parse_fix_shape(text)
+    parse_input_shapes(config.input_shapes)
     if config.samples < 1:
         raise InputError(f"samples must be at least 1, got {config.samples}", "pass --samples 1 or more")
     if config.batch < 1 or config.seq_len < 1:
@@ -286,19 +289,20 @@ def _build_model(prepared: Path, staging: Path, config: PackageConfig, log: Log)
 
 def _sample_inputs(model_path: Path, config: PackageConfig,
                    data: Mapping[str, np.ndarray] | None) -> list[dict[str, np.ndarray]]:
-    import onnxruntime as ort
+    from dlopt.fileio import load_onnx
+    from dlopt.inputs import feeds_from_arrays, parse_input_shapes, session_inputs, synthetic_feeds, value_ranges
 
-    from dlopt.bench import feeds_from_data, input_specs, make_inputs
-
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    specs = input_specs(session)
+    session = _session(model_path, {})
+    specs = session_inputs(session)
     if data is not None:
-        return [feeds_from_data(specs, data, "--data")]
+        return [feeds_from_arrays(specs, data, "--data")]
     real = _reference_samples(config, specs)
     if real is not None:
         return real
-    return [make_inputs(specs, batch=config.batch, seq_len=config.seq_len, seed=config.seed + k)
-            for k in range(config.samples)]
+    return synthetic_feeds(specs, count=config.samples, batch=config.batch, seq_len=config.seq_len,
+                           seed=config.seed, overrides=parse_input_shapes(config.input_shapes),
+                           ranges=value_ranges(load_onnx(model_path, load_external_data=False)),
+                           run=lambda feeds: session.run(None, feeds))
 
 
 def _reference_samples(config: PackageConfig, specs) -> list[dict[str, np.ndarray]] | None:
@@ -321,19 +325,11 @@ def _reference_samples(config: PackageConfig, specs) -> list[dict[str, np.ndarra
 
 
 def _session(model: Path, session_config: Mapping[str, str], threads: int = 1):
-    import onnxruntime as ort
+    from dlopt.sessions import cpu_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    for key, value in session_config.items():
-        options.add_session_config_entry(key, value)
-    try:
-        return ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime's own exception types
-        raise VerificationError(f"onnxruntime cannot load {model.name}: {str(e).strip()[:300]}",
-                                "the file is damaged or was written by an incompatible version") from e
+    return cpu_session(model, threads=threads, graph_opt_level="all", config_entries=session_config,
+                       error=VerificationError,
+                       hint="the file is damaged or was written by an incompatible version")
 
 
 def _run_onnx(model_path: Path, feeds_list: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
@@ -365,21 +361,17 @@ def read_samples(path: Path) -> tuple[list[dict[str, np.ndarray]], list[dict[str
 
 
 def compare(actual: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
-    """Difference measures of one output: max abs diff, SQNR of `actual` against `reference` in dB
-    (20·log10(‖ref‖/‖ref−act‖), inf when equal) and, for [batch, classes] outputs, top-1 agreement."""
-    a = np.asarray(actual, dtype=np.float64)
-    r = np.asarray(reference, dtype=np.float64)
+    """Difference measures of one output (dlopt.fidelity): max abs diff, SQNR of `actual` against
+    `reference` in dB (inf when equal) and, for [batch, classes] outputs, top-1 agreement."""
+    from dlopt.fidelity import compare_arrays
+
+    a, r = np.asarray(actual), np.asarray(reference)
     if a.shape != r.shape:
         return {"shape_mismatch": [list(a.shape), list(r.shape)], "max_abs_diff": float("inf"), "sqnr_db": None,
                 "top1_agreement": None}
-    diff = a - r
-    noise = float(np.linalg.norm(diff))
-    signal = float(np.linalg.norm(r))
-    sqnr = float("inf") if noise == 0 else (float(20 * np.log10(signal / noise)) if signal > 0 else float("-inf"))
-    top1 = None
-    if a.ndim == 2 and a.shape[1] > 1:
-        top1 = float(np.mean(np.argmax(a, axis=1) == np.argmax(r, axis=1)))
-    return {"max_abs_diff": float(np.max(np.abs(diff))) if diff.size else 0.0, "sqnr_db": sqnr, "top1_agreement": top1}
+    measured = compare_arrays(a, r)
+    return {"max_abs_diff": measured.max_abs_diff, "sqnr_db": measured.sqnr_db,
+            "top1_agreement": measured.top1_agreement}
 
 
 def check_output(actual: np.ndarray, reference: np.ndarray, criterion: Mapping[str, float]) -> dict[str, Any]:
