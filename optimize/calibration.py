@@ -9,7 +9,9 @@ consumer in dlopt handles one sample at a time.
 Sources (`load_calibration(spec, model)`):
 - `data.npz`: arrays named by input, first axis = samples (all samples of one array share a shape);
 - a folder of `.npz` files (each like the above, read in sorted name order; use one file per sample
-  when lengths vary) and/or `.npy` files (single-input models only: first axis = samples);
+  when lengths vary), or of `.npy` files (single-input models only: first axis = samples), or of
+  images (.jpg, .png ...: single-input image models; one sample per file, pre-processed as an
+  `ImagePreprocess` declares, see dlopt.images);
 - `model:NAME`: a reference model's own calibration set (`dlopt.models`), e.g. `model:minilm`.
 """
 
@@ -25,7 +27,9 @@ from typing import Any
 import numpy as np
 
 from dlopt.errors import InputError
+from dlopt.images import ImagePreprocess, ImageTarget, image_feeds, image_files, image_target
 from dlopt.inputs import Feeds, InputSpec, graph_inputs
+from dlopt.stage import config_to_dict
 
 DEFAULT_SAMPLE_COUNT = 100
 
@@ -89,10 +93,12 @@ class CalibrationData:
 
 
 def load_calibration(spec: str | Path | CalibrationData | None, model=None, *,
-                     limit: int | None = None) -> CalibrationData | None:
+                     limit: int | None = None, image: ImagePreprocess | None = None) -> CalibrationData | None:
     """Turn a user's `--calibration` value into CalibrationData, checked against `model` if given.
 
-    `limit` caps the number of samples read (and sets how many a `model:NAME` set generates)."""
+    `limit` caps the number of samples read (and sets how many a `model:NAME` set generates);
+    `image` is how a folder of images becomes the model's input (dlopt.images; default: pixels/255,
+    RGB, the model's size and layout)."""
     if spec is None or isinstance(spec, CalibrationData):
         data = spec
     elif str(spec).startswith("model:"):
@@ -102,7 +108,7 @@ def load_calibration(spec: str | Path | CalibrationData | None, model=None, *,
         if not path.exists():
             raise InputError(f"calibration data {path} does not exist",
                              "give an .npz file, a folder of .npy/.npz files, or model:NAME")
-        data = _folder(path, limit) if path.is_dir() else _npz_file(path, limit)
+        data = _folder(path, limit, image) if path.is_dir() else _npz_file(path, limit)
     if data is not None and model is not None:
         data.bind(model)
     return data
@@ -192,16 +198,45 @@ class _NpyData(CalibrationData):
         return super().bind(model)
 
 
-def _folder(path: Path, limit: int | None) -> CalibrationData:
+class _ImageData(CalibrationData):
+    """Image files: which input they feed, at what size and layout, is known once bound to the model."""
+
+    def __init__(self, files: list[Path], source: str, limit: int | None, config: ImagePreprocess):
+        super().__init__(self._unbound, source=source, count=len(files), limit=limit)
+        self.files, self.image = files, config
+        self.target: ImageTarget | None = None
+
+    def _unbound(self) -> Iterator[Feeds]:
+        raise InputError(f"the images in {self.source} are read for a model: bind them to it first",
+                         "pass the model to load_calibration(spec, model)")
+
+    def bind(self, model) -> CalibrationData:
+        self.target = image_target(model, self.image, self.source)
+        self._open_stream = lambda: image_feeds(self.files, self.target, self.image)
+        return super().bind(model)
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        if self.target is not None:
+            described["images"] = {"input": self.target.name, "layout": self.target.layout,
+                                   "size": list(self.target.size), "channels": self.target.channels,
+                                   "preprocess": config_to_dict(self.image)}
+        return described
+
+
+def _folder(path: Path, limit: int | None, image: ImagePreprocess | None = None) -> CalibrationData:
     npz = sorted(path.glob("*.npz"))
     npy = sorted(path.glob("*.npy"))
-    if npz and npy:
-        raise InputError(f"calibration folder {path} mixes .npz and .npy files", "use one kind")
+    images = image_files(path)
+    if sum(map(bool, (npz, npy, images))) > 1:
+        raise InputError(f"calibration folder {path} mixes .npz, .npy and image files", "use one kind")
     if npy:
         return _npy_files(npy, str(path), limit)
+    if images:
+        return _ImageData(images, str(path), limit, image or ImagePreprocess())
     if not npz:
-        raise InputError(f"calibration folder {path} holds no .npz or .npy files",
-                         "put one .npz per sample (arrays named by input) in it")
+        raise InputError(f"calibration folder {path} holds no .npz, .npy or image files",
+                         "put one .npz per sample (arrays named by input), or images (.jpg/.png), in it")
     count = sum(_npz_sample_count(f) for f in npz)
 
     def stream() -> Iterator[Feeds]:

@@ -77,6 +77,7 @@ class QuantizeConfig:
     evaluator: str | None = None  # cosine | top1 | sqnr | model:NAME[:metric]; None: cosine or top1
     fidelity_samples: int = 32
     input_shapes: tuple[str, ...] = ()  # NAME=DxD...: the shapes of synthetic inputs (--input-shape)
+    image: Any = None  # a dlopt.images.ImagePreprocess: how a folder of images is fed; None: its defaults
     leave_one_out_limit: int = 80  # budget: rank up to this many nodes by re-quantizing without each
     # SmoothQuant alpha for transformers with calibration data; None: off. Off by default: on MiniLM
     # (dynamic INT8, 7-bit weights, this AVX2 CPU) alpha 0.75 gave embedding cosine 0.9916 vs 0.9908
@@ -703,6 +704,7 @@ def _summary(original, quantized, data, config: QuantizeConfig, *, exact_arithme
     summary = {"bytes_before": original.ByteSize(), "bytes_after": quantized.ByteSize(),
                "quantized_nodes": quantized_nodes(quantized), "ops_after": op_counts(quantized),
                "fidelity": {"samples": len(feeds), "data": "calibration" if data is not None else "synthetic",
+                            "input_shapes": {k: list(np.shape(v)) for k, v in feeds[0].items()},
                             "outputs": fidelity_report(compare_runs(reference, outputs, names))},
                "cpu": dataclasses.asdict(cpu_features())}
     if exact_arithmetic:
@@ -751,7 +753,7 @@ def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike, conf
     if out.resolve() == src.resolve():
         raise InputError(f"output {out} is the input model", "write to another path; inputs are never modified")
     model = load_onnx(src)
-    data = load_calibration(calibration, model, limit=config.calibration_samples)
+    data = load_calibration(calibration, model, limit=config.calibration_samples, image=config.image)
     result = quantize(model, config, data, progress=progress, log=log)
     save_onnx_atomic(result.model, out)
     report = {"schema": REPORT_SCHEMA, "schema_version": REPORT_SCHEMA_VERSION, "input": str(src), "output": str(out),

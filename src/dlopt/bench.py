@@ -570,6 +570,7 @@ def model_feeds(model: LoadedModel, *, batch: int | None, seq_len: int, seed: in
     dlopt.inputs (free sizes that the model runs on, `input_shapes` as --input-shape gives them)."""
     from dlopt.fileio import load_onnx
     from dlopt.inputs import feeds_from_arrays, session_inputs, synthetic_feeds, value_ranges
+    from dlopt.sessions import trial_run
 
     session = model.handle.session
     specs = session_inputs(session)
@@ -578,7 +579,7 @@ def model_feeds(model: LoadedModel, *, batch: int | None, seq_len: int, seed: in
     # an ORT-format file has no ONNX graph to read the integer inputs' ranges from
     ranges = {} if model.path.suffix == ".ort" else value_ranges(load_onnx(model.path, load_external_data=False))
     return synthetic_feeds(specs, batch=batch, seq_len=seq_len, seed=seed, overrides=input_shapes, ranges=ranges,
-                           run=lambda feeds: session.run(None, feeds))[0]
+                           run=lambda feeds: trial_run(session, feeds))[0]
 
 
 def bind_models(target, models: Sequence[LoadedModel], *, batch: int | None = 1, seq_len: int = DEFAULT_SEQ_LEN,

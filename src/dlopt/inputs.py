@@ -6,9 +6,10 @@ pre-processing and fp16 checks) makes them here, with one rule:
 - Shapes. A fixed dimension keeps its value. `--input-shape name=1x3x640x640` gives an input's
   whole shape (repeatable, one per input); its free dimensions take those values, and a named
   free dimension (an ONNX `dim_param`) takes the same value in every input that shares the name.
-  Otherwise the batch axis (axis 0) gets the verb's batch; the height and width of a 4-D float
-  input (NCHW when axis 1 is a fixed 1, 3 or 4 channels, NHWC when axis 3 is) get an image size,
-  and every other free axis the sequence length.
+  A verb with a batch option (bench, gate, package) sets a free batch axis (axis 0) to it, also
+  in a given shape; otherwise it is 1. The height and width of a 4-D float input (NCHW when axis
+  1 is a fixed 1, 3 or 4 channels, NHWC when axis 3 is) get an image size, and every other free
+  axis the sequence length.
 - Sizes that run. A model may accept only some sizes (a detector with two downsampling paths
   added together needs multiples of 32). With a way to run the float model, the candidates are
   tried in order, images 224, 256, 320, 640 and sequences the verb's length then 32, 64, 128, 256,
@@ -196,7 +197,7 @@ def _shape_candidates(specs: Sequence[InputSpec], *, batch: int | None, seq_len:
     return candidates
 
 
-def resolve_shapes(specs: Sequence[InputSpec], *, batch: int | None = DEFAULT_BATCH, seq_len: int = 16,
+def resolve_shapes(specs: Sequence[InputSpec], *, batch: int | None = None, seq_len: int = 16,
                    overrides: Mapping[str, Shape] | None = None) -> dict[str, Shape]:
     """The first candidate shapes (no model run): what `synthetic_feeds` tries first."""
     overrides = dict(overrides or {})
@@ -308,7 +309,7 @@ def make_feeds(specs: Sequence[InputSpec], shapes: Mapping[str, Shape], *, seed:
     return feeds
 
 
-def synthetic_feeds(specs: Sequence[InputSpec], *, count: int = 1, batch: int | None = DEFAULT_BATCH,
+def synthetic_feeds(specs: Sequence[InputSpec], *, count: int = 1, batch: int | None = None,
                     seq_len: int = 16, seed: int = 0, overrides: Mapping[str, Shape] | None = None,
                     ranges: Mapping[str, tuple[int, int]] | None = None,
                     run: Callable[[Feeds], object] | None = None) -> list[Feeds]:
@@ -342,18 +343,18 @@ def synthetic_feeds(specs: Sequence[InputSpec], *, count: int = 1, batch: int | 
     return [make_feeds(specs, chosen, seed=seed + k, ranges=ranges) for k in range(count)]
 
 
-def model_feeds(model, *, count: int = 1, batch: int | None = DEFAULT_BATCH, seq_len: int = 16, seed: int = 0,
+def model_feeds(model, *, count: int = 1, batch: int | None = None, seq_len: int = 16, seed: int = 0,
                 overrides: Mapping[str, Shape] | None = None, check: bool = True) -> list[Feeds]:
     """Synthetic samples for an onnx.ModelProto that its float model runs on (`check`: tried through
     a CPU session of the model, see `synthetic_feeds`)."""
-    from dlopt.sessions import cpu_session
+    from dlopt.sessions import cpu_session, trial_run
 
     specs = graph_inputs(model)
     run = None
     if check and _has_free_dims(specs, overrides):
         session = cpu_session(model, graph_opt_level="basic", error=InputError,
                               hint="check the model with `python -m onnx.checker`")
-        run = lambda feeds: session.run(None, feeds)  # noqa: E731
+        run = lambda feeds: trial_run(session, feeds)  # noqa: E731
     return synthetic_feeds(specs, count=count, batch=batch, seq_len=seq_len, seed=seed, overrides=overrides,
                            ranges=value_ranges(model), run=run)
 

@@ -291,6 +291,7 @@ def _sample_inputs(model_path: Path, config: PackageConfig,
                    data: Mapping[str, np.ndarray] | None) -> list[dict[str, np.ndarray]]:
     from dlopt.fileio import load_onnx
     from dlopt.inputs import feeds_from_arrays, parse_input_shapes, session_inputs, synthetic_feeds, value_ranges
+    from dlopt.sessions import trial_run
 
     session = _session(model_path, {})
     specs = session_inputs(session)
@@ -302,7 +303,7 @@ def _sample_inputs(model_path: Path, config: PackageConfig,
     return synthetic_feeds(specs, count=config.samples, batch=config.batch, seq_len=config.seq_len,
                            seed=config.seed, overrides=parse_input_shapes(config.input_shapes),
                            ranges=value_ranges(load_onnx(model_path, load_external_data=False)),
-                           run=lambda feeds: session.run(None, feeds))
+                           run=lambda feeds: trial_run(session, feeds))
 
 
 def _reference_samples(config: PackageConfig, specs) -> list[dict[str, np.ndarray]] | None:

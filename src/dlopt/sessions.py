@@ -82,9 +82,20 @@ def feeds_for(session, sample: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
     return {n: sample[n] for n in names}
 
 
+def trial_run(session, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run once without ONNX Runtime logging a failure to stderr: for trying whether a model runs on
+    some inputs (dlopt.inputs tries candidate shapes), where a failure is expected and handled."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # fatal only
+    return session.run(None, dict(feeds), options)
+
+
 def run_outputs(session, feeds_list: Sequence[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]]:
     """Every output of `session` on each sample, in the session's output order."""
     return [session.run(None, feeds_for(session, f)) for f in feeds_list]
 
 
-__all__ = ["CPU_PROVIDER", "GRAPH_OPT_LEVELS", "cpu_session", "feeds_for", "run_outputs", "session_options"]
+__all__ = ["CPU_PROVIDER", "GRAPH_OPT_LEVELS", "cpu_session", "feeds_for", "run_outputs", "session_options",
+           "trial_run"]
