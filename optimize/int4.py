@@ -52,7 +52,7 @@ from typing import Any, Literal
 import numpy as np
 
 from dlopt.errors import InputError, MissingDependencyError, StageError
-from dlopt.fidelity import compare_sessions
+from dlopt.fidelity import compare_sessions, sqnr_from_energy
 from dlopt.fidelity import report as fidelity_report
 from dlopt.inputs import take_samples
 from dlopt.optimize.rounding import gptq_factor
@@ -637,8 +637,7 @@ def rank_sensitivity(model, nodes: list[Any], feeds: list[Mapping[str, np.ndarra
             x = x.reshape(-1, x.shape[-1])
             signal[node.name] += float(np.square(x @ weights[node.name]).sum())
             noise[node.name] += float(np.square(x @ errors[node.name]).sum())
-    return {name: (float("inf") if noise[name] == 0 else 10 * np.log10(max(signal[name], 1e-30) / noise[name]))
-            for name in signal}
+    return {name: sqnr_from_energy(signal[name], noise[name]) for name in signal}
 
 
 # -- ORT's quantizer ----------------------------------------------------------------------------------
