@@ -174,6 +174,16 @@ def test_cosine_is_per_sample_and_batching_does_not_change_it():
     assert cosine(np.zeros((1, 3)), np.zeros((1, 3))) == 1.0 and cosine(np.ones((1, 3)), np.zeros((1, 3))) == 0.0
 
 
+def test_top1_agreement_for_class_scores_not_for_embeddings():
+    rng = np.random.default_rng(0)
+    embeddings = rng.standard_normal((6, 8))
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    confident = np.eye(8)[[0, 1, 2, 3, 4, 5]] * 0.999 + 0.001 / 8  # softmax rows: L2 norm ~1, all >= 0
+    flipped = confident[[1, 0, 2, 3, 4, 5]]
+    assert compare_arrays(embeddings * 1.01, embeddings).top1_agreement is None
+    assert compare_arrays(flipped, confident).top1_agreement == pytest.approx(4 / 6)
+
+
 def test_quantize_report_and_eval_agree_on_the_same_model_and_data(tmp_path):
     """The issue's 0.082 vs 0.209: quantize and eval now compute fidelity with one rule."""
     from dlopt.evaluate import EvalConfig, evaluate_data

@@ -12,7 +12,7 @@ The rules, per output:
 - SQNR: 10·log10(Σ‖reference‖² / Σ‖reference − output‖²) in dB over every sample and element;
   inf when they are equal, -inf when the output has NaN/Inf or the reference is all zeros;
 - top-1 agreement: the fraction of samples whose argmax over the flattened sample equals the
-  reference's; reported for [N, classes] outputs (classes > 1, rows not unit-norm embeddings);
+  reference's; reported for [N, classes] outputs (classes > 1; not for L2-normalized embeddings);
 - max_abs_diff: the largest |output − reference| over every element.
 Only floating-point outputs are compared; integer outputs (indices, labels) are left out.
 """
@@ -85,10 +85,12 @@ def top1_agreement(output: np.ndarray, reference: np.ndarray) -> float:
 
 
 def looks_like_classes(reference: np.ndarray) -> bool:
-    """[N, classes] scores (classes > 1) whose rows are not unit-norm embeddings."""
-    r = np.asarray(reference)
-    return r.ndim == 2 and r.shape[1] > 1 and not np.allclose(np.linalg.norm(r.astype(np.float64), axis=1), 1.0,
-                                                               atol=1e-3)
+    """[N, classes] scores (classes > 1) that are not L2-normalized embeddings (unit-norm rows with
+    negative entries; a confident softmax also has rows of norm ~1, but no negative entries)."""
+    r = np.asarray(reference, dtype=np.float64)
+    if r.ndim != 2 or r.shape[1] < 2:
+        return False
+    return not (np.allclose(np.linalg.norm(r, axis=1), 1.0, atol=1e-3) and bool((r < 0).any()))
 
 
 @dataclass(frozen=True)
