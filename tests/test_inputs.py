@@ -116,6 +116,8 @@ def test_no_runnable_shape_is_an_input_error_asking_for_input_shape():
         model_feeds(fixed_height_model())
     feeds = model_feeds(fixed_height_model(), overrides=parse_input_shapes(["x=2x3x48x100"]))
     assert feeds[0]["x"].shape == (2, 3, 48, 100)
+    with pytest.raises(InputError, match=r"does not run on --input-shape x=2x3x40x100 \(.*broadcast"):
+        model_feeds(fixed_height_model(), overrides=parse_input_shapes(["x=2x3x40x100"]))
 
 
 def test_named_dims_are_shared_and_overrides_propagate():
@@ -234,7 +236,7 @@ def test_bench_input_shape_and_runnable_default(tmp_path):
     assert dict(shaped.batches[0].input_shapes) == {"x": (1, 3, 128, 192)}
     cli = CliRunner().invoke(main, ["bench", str(tmp_path / "m.onnx"), "--rounds", "3", "--no-progress",
                                     "--input-shape", "x=1x3x100x64"])
-    assert cli.exit_code == 2 and "runs on none" in cli.output
+    assert cli.exit_code == 2 and "does not run on --input-shape x=1x3x100x64 (Add node" in cli.output
 
 
 # -- images -------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ pre-processing and fp16 checks) makes them here, with one rule:
 from __future__ import annotations
 
 import itertools
+import re
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -328,7 +329,7 @@ def synthetic_feeds(specs: Sequence[InputSpec], *, count: int = 1, batch: int | 
         try:
             run(first)
         except Exception as e:  # onnxruntime raises its own exception types on shapes it cannot run
-            failures.append((shapes, str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__))
+            failures.append((shapes, _run_error(e)))
             continue
         chosen = shapes
         break
@@ -337,10 +338,22 @@ def synthetic_feeds(specs: Sequence[InputSpec], *, count: int = 1, batch: int | 
         names = ", ".join(f"{s.name} {s.shape_text()}" for s in free) or ", ".join(s.name for s in specs)
         tried = "; ".join(" ".join(f"{n}={'x'.join(map(str, sh))}" for n, sh in shapes.items())
                           for shapes, _ in failures[:4])
+        if len(candidates) == 1 and overrides:
+            raise InputError(f"the float model does not run on --input-shape {tried} ({failures[-1][1]})",
+                             "give a shape the model accepts, or real data")
         raise InputError(f"the float model runs on none of the synthetic input shapes tried for {names} "
                          f"(tried {tried}; last error: {failures[-1][1]})",
                          "give the shape with --input-shape NAME=1x3x640x640, or real data")
     return [make_feeds(specs, chosen, seed=seed + k, ranges=ranges) for k in range(count)]
+
+
+def _run_error(error: Exception) -> str:
+    """ONNX Runtime's failure in a few words: the node and the status message, without the source
+    path and C++ signature it starts with."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    node = re.search(r"running (\S+) node\. Name:'([^']*)'", text)
+    status = re.sub(r"^\S+:\d+ [^()]*\([^)]*\) ", "", text.split("Status Message:")[-1].strip())
+    return (f"{node.group(1)} node {node.group(2)!r}: " if node else "") + status[:200]
 
 
 def model_feeds(model, *, count: int = 1, batch: int | None = None, seq_len: int = 16, seed: int = 0,
@@ -351,7 +364,7 @@ def model_feeds(model, *, count: int = 1, batch: int | None = None, seq_len: int
 
     specs = graph_inputs(model)
     run = None
-    if check and _has_free_dims(specs, overrides):
+    if check and (overrides or _has_free_dims(specs, overrides)):  # a user's shape is tried too
         session = cpu_session(model, graph_opt_level="basic", error=InputError,
                               hint="check the model with `python -m onnx.checker`")
         run = lambda feeds: trial_run(session, feeds)  # noqa: E731
