@@ -91,6 +91,11 @@ class CalibrationData:
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "samples": len(self)}
 
+    @property
+    def needs_model(self) -> bool:
+        """True when samples can be read only once bound to the model (images, bare .npy arrays)."""
+        return False
+
 
 def load_calibration(spec: str | Path | CalibrationData | None, model=None, *,
                      limit: int | None = None, image: ImagePreprocess | None = None) -> CalibrationData | None:
@@ -187,6 +192,10 @@ def _npy_files(files: list[Path], source: str, limit: int | None) -> Calibration
 class _NpyData(CalibrationData):
     """Bare .npy arrays carry no input name: valid only for single-input models."""
 
+    @property
+    def needs_model(self) -> bool:
+        return self._specs is None
+
     def bind(self, model) -> CalibrationData:
         specs = graph_inputs(model)
         if len(specs) != 1:
@@ -205,6 +214,10 @@ class _ImageData(CalibrationData):
         super().__init__(self._unbound, source=source, count=len(files), limit=limit)
         self.files, self.image = files, config
         self.target: ImageTarget | None = None
+
+    @property
+    def needs_model(self) -> bool:
+        return self.target is None
 
     def _unbound(self) -> Iterator[Feeds]:
         raise InputError(f"the images in {self.source} are read for a model: bind them to it first",

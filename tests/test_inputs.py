@@ -304,3 +304,14 @@ def test_unreadable_image_names_the_file(tmp_path, photos):
                                        "--mode", "static", "--calibration", str(folder)])
     assert result.exit_code == 2 and "broken.jpg cannot be read" in result.output
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_package_records_an_image_folder_read_for_the_models_input(tmp_path, photos):
+    import json
+
+    onnx.save(conv_map_model(), tmp_path / "m.onnx")
+    result = CliRunner().invoke(main, ["package", str(tmp_path / "m.onnx"), "--target", "cpu", "-o",
+                                       str(tmp_path / "bundle"), "--calibration", str(photos), "--measure", "0"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["calibration"]
+    assert record["samples"] == 6 and record["files"] == 6 and len(record["sha256"]) == 64

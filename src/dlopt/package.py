@@ -172,7 +172,7 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
             artifacts, pte_checks, pte_programs = [], [], []
             if torch_source is not None:
                 artifacts, pte_checks, pte_programs = _build_pte(torch_source, staging, config, feeds_list, expected,
-                                                                 log)
+                                                                 log, source_path)
             checks += pte_checks
             failed = [c for c in checks if not c["passed"]]
             if failed:
@@ -439,12 +439,12 @@ def _load_torch_source(config: PackageConfig):
     return load_source(config.torch_source)
 
 
-def _build_pte(source, staging: Path, config: PackageConfig, feeds_list, expected, log: Log):
+def _build_pte(source, staging: Path, config: PackageConfig, feeds_list, expected, log: Log, model_path: Path):
     from dlopt.targets.xnnpack import PteProgram, lower_to_pte
 
     artifacts, checks, programs = [], [], []
     input_names = list(feeds_list[0])
-    calibration = _pte_calibration(source, config, feeds_list)
+    calibration = _pte_calibration(source, config, feeds_list, model_path)
     for precision in config.pte_precisions:
         file_name = f"model.xnnpack-{precision}.pte"
         log(f"lowering {source.name} to ExecuTorch ({precision}, XNNPACK backend)")
@@ -478,19 +478,17 @@ def _build_pte(source, staging: Path, config: PackageConfig, feeds_list, expecte
     return artifacts, checks, programs
 
 
-def _pte_calibration(source, config: PackageConfig, feeds_list) -> list[dict[str, np.ndarray]]:
+def _pte_calibration(source, config: PackageConfig, feeds_list, model_path: Path) -> list[dict[str, np.ndarray]]:
     """Calibration feeds for an int8 .pte: --calibration if given, else the reference model's own set
     (at the samples' shapes where it has a sequence axis), else the samples."""
     if "int8" not in config.pte_precisions:
         return []
-    from dlopt.optimize.calibration import load_calibration
-
     shapes = {k: v.shape for k, v in feeds_list[0].items()}
     spec = config.calibration or (f"model:{config.torch_source}" if _is_reference(config.torch_source) else None)
     if spec is None:
         return [dict(f) for f in feeds_list]
     feeds = []
-    for sample in load_calibration(spec, limit=config.pte_calibration_samples):
+    for sample in _load_calibration(spec, model_path, limit=config.pte_calibration_samples):
         fitted = _fit_to_shapes(sample, shapes)
         if fitted is not None:
             feeds.append(fitted)
@@ -690,6 +688,16 @@ def _stage_reports(source_path: Path) -> dict[str, Any]:
     return found
 
 
+def _load_calibration(spec: str, model_path: Path, limit: int | None = None):
+    """The calibration data of MODEL; a folder of images is read for the model's image input."""
+    from dlopt.optimize.calibration import load_calibration
+
+    data = load_calibration(spec, limit=limit)
+    if data is not None and data.needs_model:
+        data.bind(load_onnx(model_path, load_external_data=False))
+    return data
+
+
 def _calibration_record(spec: str | None, model_path: Path) -> dict[str, Any] | None:
     """A content hash of the calibration samples (names, dtypes, shapes, bytes, in order), so the
     same data in another file format or folder hashes the same."""
@@ -697,9 +705,7 @@ def _calibration_record(spec: str | None, model_path: Path) -> dict[str, Any] | 
         return None
     import hashlib
 
-    from dlopt.optimize.calibration import load_calibration
-
-    data = load_calibration(spec)
+    data = _load_calibration(spec, model_path)
     digest = hashlib.sha256()
     count = 0
     for sample in data:
