@@ -882,7 +882,6 @@ def _profile_tables(result: BenchResult, top: int = 8) -> list[str]:
     return out
 
 
-__all__ = ["BenchConfig", "BenchResult", "BoundModels", "bind_models", "model_feeds", "InterleavedSampler", "SCHEMA_VERSION", "WarmupReport",
-           "benchmark", "choose_clock", "format_result", "load_data",
-           "load_models", "machine_fingerprint", "parse_batch_sizes", "parse_duration",
-           "validate_config"]
+__all__ = ["BenchConfig", "BenchResult", "BoundModels", "bind_models", "model_feeds", "InterleavedSampler",
+           "SCHEMA_VERSION", "WarmupReport", "benchmark", "choose_clock", "format_result", "load_data",
+           "load_models", "machine_fingerprint", "parse_batch_sizes", "parse_duration", "validate_config"]

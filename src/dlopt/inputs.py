@@ -203,11 +203,11 @@ def resolve_shapes(specs: Sequence[InputSpec], *, batch: int | None = None, seq_
     """The first candidate shapes (no model run): what `synthetic_feeds` tries first."""
     overrides = dict(overrides or {})
     check_input_shapes(specs, overrides)
-    _check_fixed_batch(specs, batch, overrides)
+    _check_fixed_batch(specs, batch)
     return _shape_candidates(specs, batch=batch, seq_len=seq_len, overrides=overrides)[0]
 
 
-def _check_fixed_batch(specs: Sequence[InputSpec], batch: int | None, overrides: Mapping[str, Shape]) -> None:
+def _check_fixed_batch(specs: Sequence[InputSpec], batch: int | None) -> None:
     if batch is None:
         return
     for spec in specs:
@@ -318,7 +318,7 @@ def synthetic_feeds(specs: Sequence[InputSpec], *, count: int = 1, batch: int | 
     sample), the first shape candidate it runs on is taken; an InputError when none runs."""
     overrides = dict(overrides or {})
     check_input_shapes(specs, overrides)
-    _check_fixed_batch(specs, batch, overrides)
+    _check_fixed_batch(specs, batch)
     candidates = _shape_candidates(specs, batch=batch, seq_len=seq_len, overrides=overrides)
     chosen, failures = None, []
     for shapes in candidates:
@@ -404,6 +404,6 @@ def take_samples(data: Iterable[Mapping[str, np.ndarray]] | None, count: int) ->
     return [dict(f) for f in itertools.islice(data, count)] if data is not None else []
 
 
-__all__ = ["DEFAULT_BATCH", "Feeds", "IMAGE_SIZES", "InputSpec", "Shape", "TOKEN_VOCAB", "check_input_shapes", "feeds_from_arrays",
-           "graph_inputs", "image_axes", "make_feeds", "model_feeds", "parse_input_shapes", "resolve_shapes",
-           "session_inputs", "synthetic_feeds", "take_samples", "value_ranges"]
+__all__ = ["DEFAULT_BATCH", "Feeds", "IMAGE_SIZES", "InputSpec", "Shape", "TOKEN_VOCAB", "check_input_shapes",
+           "feeds_from_arrays", "graph_inputs", "image_axes", "make_feeds", "model_feeds", "parse_input_shapes",
+           "resolve_shapes", "session_inputs", "synthetic_feeds", "take_samples", "value_ranges"]

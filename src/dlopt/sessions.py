@@ -78,7 +78,8 @@ def feeds_for(session, sample: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
     names = [i.name for i in session.get_inputs()]
     missing = [n for n in names if n not in sample]
     if missing:
-        raise InputError(f"the data lacks inputs {sorted(missing)} of the model", f"give arrays named {', '.join(names)}")
+        raise InputError(f"the data lacks inputs {sorted(missing)} of the model",
+                         f"give arrays named {', '.join(names)}")
     return {n: sample[n] for n in names}
 
 

@@ -51,7 +51,7 @@ def _startup_s() -> float:
 @click.option("--threads", type=int, default=1, show_default=True, help="ONNX Runtime intra-op threads.")
 @click.option("--batch", "batch", default=None, help="Batch sizes, comma-separated (e.g. 1,8,32). [default: 1]")
 @click.option("--seq-len", type=int, default=128, show_default=True,
-              help="Length of every dynamic axis other than the batch axis (token inputs).")
+              help="Length of dynamic axes other than the batch axis and an image's height/width (token inputs).")
 @click.option("--budget", default="30s", show_default=True,
               help="Wall time of the whole run: loading, warm-up, timed rounds, statistics.")
 @click.option("--rounds", type=int, default=None, help="Run exactly this many timed rounds per batch size instead.")

@@ -75,7 +75,8 @@ def parse_accuracy_drops(values: tuple[str, ...]) -> tuple[float | None, tuple[t
 @click.option("--threads", type=int, default=None, help="Intra-op threads. [default: 1, or the stored baseline's]")
 @click.option("--batch", type=int, default=None, help="Batch size. [default: 1, or the stored baseline's first]")
 @click.option("--seq-len", type=int, default=None,
-              help="Length of dynamic non-batch axes of generated inputs. [default: 128, or the stored baseline's]")
+              help="Length of dynamic non-batch, non-image axes of generated inputs. [default: 128, or the stored "
+                   "baseline's]")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
               help="Time the models on the arrays of this .npz instead of generated inputs.")
 @click.option("--clock", type=click.Choice(["auto", "cpu", "wall"]), default="auto", show_default=True,

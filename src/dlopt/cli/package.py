@@ -21,7 +21,8 @@ from dlopt.cli._common import echo_err, input_shape_option
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
               help="Sample inputs (.npz, one array per input) instead of generated ones.")
 @click.option("--samples", type=int, default=2, show_default=True, help="Generated verification samples.")
-@click.option("--seq-len", type=int, default=16, show_default=True, help="Size of dynamic non-batch axes in samples.")
+@click.option("--seq-len", type=int, default=16, show_default=True,
+              help="Size of dynamic non-batch, non-image axes in samples.")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Packaged vs source model, absolute.")
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="Packaged vs source model, relative.")
 @click.option("--measure", "measure_s", type=float, default=2.0, show_default=True,
