@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from dlopt.optimize.preprocess import (check_feeds, make_session, op_counts, replace_nodes, run_checked_steps,
-                                       run_outputs)
+from dlopt.optimize.preprocess import check_feeds, op_counts, replace_nodes, run_checked_steps
+from dlopt.sessions import cpu_session, run_outputs
 from dlopt.stage import StageResult, config_to_dict
 
 PER_CHANNEL_OPSET = 13  # DequantizeLinear/QuantizeLinear `axis` (per-channel scales) exist from opset 13
@@ -38,6 +38,7 @@ class NormalizeConfig:
     constants_to_initializers: bool = True
     min_opset: int = PER_CHANNEL_OPSET  # upgrade the default domain to at least this; 0: never
     check_samples: int = 2
+    input_shapes: tuple[str, ...] = ()  # --input-shape NAME=DxD... for the synthetic check samples
     # lossless rewrites: outputs must match their input this closely (the upgrade measured bit-exact on
     # PP-OCRv4 det and cls)
     atol: float = 1e-5
@@ -195,8 +196,8 @@ def normalize(model, config: NormalizeConfig = NormalizeConfig(),
         steps.append(("opset_upgrade", _upgrade_opset))
     current, report_steps = model, []
     if steps:
-        feeds = check_feeds(model, data, config.check_samples)
-        reference = run_outputs(make_session(model, optimization="basic"), feeds)
+        feeds = check_feeds(model, data, config.check_samples, config.input_shapes)
+        reference = run_outputs(cpu_session(model, graph_opt_level="basic"), feeds)
         current, report_steps = run_checked_steps(model, steps, config, feeds, reference, config.atol, config.rtol)
     report = {"config": config_to_dict(config), "steps": report_steps,
               "opset": {"before": default_opset(model), "after": default_opset(current)}}

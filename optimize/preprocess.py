@@ -14,7 +14,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from dlopt.optimize.calibration import Feeds, graph_inputs
+from dlopt.fidelity import within_tolerance
+from dlopt.inputs import Feeds, graph_inputs, model_feeds, parse_input_shapes, take_samples
+from dlopt.sessions import cpu_session, run_outputs
 from dlopt.stage import StageResult, config_to_dict
 
 Fusion = Literal["auto", "on", "off"]
@@ -39,6 +41,7 @@ class PreprocessConfig:
     check_samples: int = 2
     atol: float = 1e-4
     rtol: float = 1e-3
+    input_shapes: tuple[str, ...] = ()  # --input-shape NAME=DxD... for the synthetic check samples
 
 
 def looks_like_transformer(model) -> bool:
@@ -93,114 +96,13 @@ def replace_nodes(graph, nodes) -> None:
     graph.node.extend(nodes)
 
 
-# -- running and comparing --------------------------------------------------------------------------
-def make_session(model, threads: int = 1, optimization: str = "all"):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                   "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
-    payload = model.SerializeToString() if model.ByteSize() < 2**31 - 1 else None
-    if payload is None:
-        raise ValueError("models over 2 GiB must be run from a file")
-    return ort.InferenceSession(payload, so, providers=["CPUExecutionProvider"])
-
-
-def index_bounds(model) -> dict[str, int]:
-    """For integer graph inputs that index a constant table (Gather on an initializer, directly or
-    through Cast/Reshape/Squeeze/Unsqueeze/Flatten/Identity): the smallest table length along the
-    gathered axis. Synthetic ids must stay below it, or the model does not run (an index into a
-    10-row table is not a token id in [0, 1000))."""
-    from onnx import helper
-
-    integer_inputs = {i.name for i in graph_inputs(model) if np.issubdtype(i.dtype, np.integer)}
-    tables = {t.name: list(t.dims) for t in model.graph.initializer}
-    consumers: dict[str, list[Any]] = {}
-    for node in model.graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
-    bounds: dict[str, int] = {}
-    for name in integer_inputs:
-        frontier, seen = [name], set()
-        while frontier:
-            value = frontier.pop()
-            seen.add(value)
-            for node in consumers.get(value, []):
-                if node.op_type in ("Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity") \
-                        and node.input[0] == value:
-                    frontier.extend(o for o in node.output if o not in seen)
-                elif node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == value \
-                        and node.input[0] in tables:
-                    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
-                    dims = tables[node.input[0]]
-                    if dims and -len(dims) <= axis < len(dims):
-                        bounds[name] = min(bounds.get(name, dims[axis]), dims[axis])
-    return bounds
-
-
-def synthetic_feeds(model, count: int = 2, seq_len: int = 16, seed: int = 0) -> list[Feeds]:
-    """Inputs for a numerical check when no data is given: token-like ids for integer inputs
-    (in [0, 1000), below the table length for inputs that index a constant table (`index_bounds`),
-    a mask of ones for names containing 'mask'), normal floats otherwise."""
-    rng = np.random.default_rng(seed)
-    bounds = index_bounds(model)
-    feeds = []
-    for _ in range(count):
-        sample = {}
-        for spec in graph_inputs(model):
-            shape = tuple(d if d is not None and d > 0 else (1 if axis == 0 else seq_len)
-                          for axis, d in enumerate(spec.shape))
-            if np.issubdtype(spec.dtype, np.integer):
-                sample[spec.name] = (np.ones(shape, spec.dtype) if "mask" in spec.name
-                                     else rng.integers(0, min(1000, bounds.get(spec.name, 1000)),
-                                                       shape).astype(spec.dtype))
-            elif spec.dtype == np.bool_:
-                sample[spec.name] = np.ones(shape, np.bool_)
-            else:
-                sample[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        feeds.append(sample)
-    return feeds
-
-
-def check_feeds(model, data: Iterable[Mapping[str, np.ndarray]] | None, count: int) -> list[Feeds]:
-    if data is not None:
-        taken = []
-        for feeds in data:
-            taken.append(dict(feeds))
-            if len(taken) >= count:
-                break
-        if taken:
-            return taken
-    return synthetic_feeds(model, count)
-
-
-def run_outputs(session, feeds_list: list[Feeds]) -> list[list[np.ndarray]]:
-    names = {i.name for i in session.get_inputs()}
-    return [session.run(None, {k: v for k, v in f.items() if k in names}) for f in feeds_list]
-
-
-def max_deviation(expected: list[list[np.ndarray]], actual: list[list[np.ndarray]], atol: float, rtol: float
-                  ) -> tuple[bool, float]:
-    """(within tolerance, largest absolute difference) over every output of every sample."""
-    ok, worst = True, 0.0
-    for exp_outs, act_outs in zip(expected, actual):
-        for e, a in zip(exp_outs, act_outs):
-            if e.shape != a.shape:
-                return False, float("inf")
-            if not np.issubdtype(e.dtype, np.floating):
-                ok &= bool(np.array_equal(e, a))
-                continue
-            diff = np.abs(e.astype(np.float64) - a.astype(np.float64))
-            if not np.all(np.isfinite(a) == np.isfinite(e)):
-                return False, float("inf")
-            diff = np.nan_to_num(diff)
-            worst = max(worst, float(diff.max(initial=0.0)))
-            ok &= bool(np.all(diff <= atol + rtol * np.abs(np.nan_to_num(e))))
-    return ok, worst
+# -- the samples every check runs on ------------------------------------------------------------------
+def check_feeds(model, data: Iterable[Mapping[str, np.ndarray]] | None, count: int,
+                input_shapes: tuple[str, ...] = ()) -> list[Feeds]:
+    """Up to `count` samples of `data`; without data, synthetic samples that the float model runs on
+    (dlopt.inputs; `input_shapes` as the user's `--input-shape` values)."""
+    taken = take_samples(data, count)
+    return taken or model_feeds(model, count=count, overrides=parse_input_shapes(input_shapes))
 
 
 # -- the steps ----------------------------------------------------------------------------------------
@@ -473,8 +375,8 @@ def run_checked_steps(model, steps, config, feeds: list[Feeds], reference: list[
                 entry.update(applied=False, reason=entry.get("reason", "nothing to do"))
                 report_steps.append(entry)
                 continue
-            ok, worst = max_deviation(reference, run_outputs(make_session(candidate, optimization="basic"), feeds),
-                                      atol, rtol)
+            outputs = run_outputs(cpu_session(candidate, graph_opt_level="basic"), feeds)
+            ok, worst = within_tolerance(reference, outputs, atol, rtol)
             entry["max_abs_diff"] = worst
             entry["applied"] = ok
             if ok:
@@ -490,8 +392,8 @@ def run_checked_steps(model, steps, config, feeds: list[Feeds], reference: list[
 def preprocess(model, config: PreprocessConfig = PreprocessConfig(),
                data: Iterable[Mapping[str, np.ndarray]] | None = None) -> StageResult:
     """Run the enabled steps in order (fusion, constant folding, shape inference), each checked."""
-    feeds = check_feeds(model, data, config.check_samples)
-    reference = run_outputs(make_session(model, optimization="basic"), feeds)
+    feeds = check_feeds(model, data, config.check_samples, config.input_shapes)
+    reference = run_outputs(cpu_session(model, graph_opt_level="basic"), feeds)
     steps: list[tuple[str, Any]] = []
     fuse = config.transformer_fusion == "on" or (config.transformer_fusion == "auto"
                                                  and looks_like_transformer(model))
@@ -513,8 +415,7 @@ def preprocess(model, config: PreprocessConfig = PreprocessConfig(),
 
 
 __all__ = ["FUSED_TRANSFORMER_OPS", "PreprocessConfig", "check_feeds", "embeds_tokens", "looks_like_transformer",
-           "make_session", "max_deviation", "op_counts", "preprocess", "replace_nodes", "run_checked_steps",
-           "run_outputs", "synthetic_feeds"]
+           "op_counts", "preprocess", "replace_nodes", "run_checked_steps"]
 
 
 def with_outputs(model, names: list[str]):

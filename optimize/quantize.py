@@ -42,8 +42,11 @@ from dlopt.optimize.calibration import CalibrationData, Feeds, progress_bar
 from dlopt.optimize.kernel_choice import LAYERNORM_FORMS, LayerNormForm
 from dlopt.optimize.normalize import NormalizeConfig, normalize
 from dlopt.optimize.rounding import LayerStatistics, collect_layer_statistics, refine_weights
-from dlopt.optimize.preprocess import (PreprocessConfig, check_feeds, looks_like_transformer, make_session,
-                                       op_counts, preprocess, replace_nodes, run_outputs)
+from dlopt.fidelity import compare_runs
+from dlopt.fidelity import report as fidelity_report
+from dlopt.optimize.preprocess import (PreprocessConfig, check_feeds, looks_like_transformer, op_counts, preprocess,
+                                       replace_nodes)
+from dlopt.sessions import cpu_session, run_outputs
 from dlopt.quiet import quiet_libraries
 from dlopt.stage import StageResult, config_to_dict
 
@@ -79,6 +82,8 @@ class QuantizeConfig:
     max_accuracy_drop: float | None = None
     evaluator: str | None = None  # cosine | top1 | sqnr | model:NAME[:metric]; None: cosine or top1
     fidelity_samples: int = 32
+    input_shapes: tuple[str, ...] = ()  # NAME=DxD...: the shapes of synthetic inputs (--input-shape)
+    image: Any = None  # a dlopt.images.ImagePreprocess: how a folder of images is fed; None: its defaults
     leave_one_out_limit: int = 80  # budget: rank up to this many nodes by re-quantizing without each
     # SmoothQuant alpha for transformers with calibration data; None: off. Off by default: on MiniLM
     # (dynamic INT8, 7-bit weights, this AVX2 CPU) alpha 0.75 gave embedding cosine 0.9916 vs 0.9908
@@ -303,7 +308,7 @@ def smooth_activations(model, data: Iterable[Mapping[str, np.ndarray]], *, alpha
     if not groups:
         return model, {"smoothed_tensors": 0}
     tensors = sorted(groups)
-    session = make_session(_with_outputs(model, tensors), optimization="basic")
+    session = cpu_session(_with_outputs(model, tensors), graph_opt_level="basic")
     names = [o.name for o in session.get_outputs()]
     wanted = {i.name for i in session.get_inputs()}
     amax: dict[str, np.ndarray] = {}
@@ -620,39 +625,6 @@ def quantized_nodes(model) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def fidelity(reference_outputs: list[list[np.ndarray]], outputs: list[list[np.ndarray]], names: list[str]
-             ) -> dict[str, dict[str, float]]:
-    """Per output: SQNR in dB over all samples, row-wise cosine mean/min, top-1 agreement for 2-D outputs."""
-    result = {}
-    for i, name in enumerate(names):
-        ref = [r[i].astype(np.float64) for r in reference_outputs]
-        got = [o[i].astype(np.float64) for o in outputs]
-        if not np.issubdtype(reference_outputs[0][i].dtype, np.floating):
-            continue
-        signal = sum(float(np.sum(r * r)) for r in ref)
-        noise = sum(float(np.sum((r - g) ** 2)) for r, g in zip(ref, got))
-        finite = all(np.all(np.isfinite(g)) for g in got)
-        entry = {"sqnr_db": sqnr_db(signal, noise) if finite else float("-inf"), "finite": finite}
-        rows_r = np.concatenate([r.reshape(-1, r.shape[-1]) if r.ndim > 1 else r.reshape(1, -1) for r in ref])
-        rows_g = np.concatenate([g.reshape(-1, g.shape[-1]) if g.ndim > 1 else g.reshape(1, -1) for g in got])
-        denom = np.linalg.norm(rows_r, axis=1) * np.linalg.norm(rows_g, axis=1)
-        cos = np.sum(rows_r * rows_g, axis=1) / np.maximum(denom, 1e-30)
-        entry.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
-        unit_rows = np.allclose(np.linalg.norm(rows_r, axis=1), 1.0, atol=1e-3)  # an embedding, not logits
-        if rows_r.shape[1] > 1 and ref[0].ndim == 2 and not unit_rows:
-            entry["top1_agreement"] = float(np.mean(rows_r.argmax(1) == rows_g.argmax(1)))
-        result[name] = entry
-    return result
-
-
-def sqnr_db(signal: float, noise: float) -> float:
-    if noise <= 0:
-        return float("inf")
-    if signal <= 0:
-        return float("-inf")
-    return float(10 * np.log10(signal / noise))
-
-
 # -- the entry point --------------------------------------------------------------------------------------
 def _dispatch_other(model, config: QuantizeConfig, data: CalibrationData | None) -> StageResult:
     """INT4 and FP16 are implemented in their own modules; their configs are built from the common
@@ -669,7 +641,7 @@ def _dispatch_other(model, config: QuantizeConfig, data: CalibrationData | None)
         cls = getattr(impl, cls_name)
         names = {f.name for f in dataclasses.fields(cls)}
         common = {"block_size": config.block_size, "exclude_nodes": config.exclude_nodes,
-                  "exclude_ops": config.exclude_ops, "target": config.target}
+                  "exclude_ops": config.exclude_ops, "target": config.target, "input_shapes": config.input_shapes}
         sub = cls(**{k: v for k, v in common.items() if k in names})
     return getattr(impl, func)(model, sub, data)
 
@@ -689,7 +661,7 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
         _check_exclusions(model, config)
         source = model
         if config.precision == "int4":  # MatMulNBits too quantizes initializers only; its op needs no opset 13
-            source = normalize(model, NormalizeConfig(min_opset=0), data).model
+            source = normalize(model, NormalizeConfig(min_opset=0, input_shapes=config.input_shapes), data).model
         result = _dispatch_other(source, config, data)
         # the precision's own config (Int4Config / Fp16Config) beside the QuantizeConfig it was built from
         report = {**{k: v for k, v in result.report.items() if k != "config"}, "precision": config.precision,
@@ -701,7 +673,7 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
 
     _check_exclusions(model, config)
     # Constant-node weights to initializers, opset >= 13: what ORT's quantizers assume, each step checked
-    normalized = normalize(model, NormalizeConfig(), data)
+    normalized = normalize(model, NormalizeConfig(input_shapes=config.input_shapes), data)
     if normalized.report["steps"]:
         log("graph normalization: " + ", ".join(s["step"] + ("" if s["applied"] else " (not applied)")
                                                 for s in normalized.report["steps"]))
@@ -713,7 +685,8 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
         log("pre-processing: " + ("transformer fusions, " if recipe.fuse_transformer else "")
             + "constant folding, shape inference (each checked against its input)")
         pre = preprocess(prepared, PreprocessConfig(transformer_fusion="auto" if recipe.fuse_transformer else "off",
-                                                    gemm_to_matmul=recipe.mode == "dynamic"), data)
+                                                    gemm_to_matmul=recipe.mode == "dynamic",
+                                                    input_shapes=config.input_shapes), data)
         prepared, pre_report = pre.model, pre.report
         _check_exclusions(prepared, config)  # a fusion may have absorbed an excluded node
     smooth_report = None
@@ -794,10 +767,10 @@ def _summary(original, quantized, data, config: QuantizeConfig, *, exact_arithme
     """Sizes, quantized nodes, fidelity vs the float model on this host's kernels and, with
     exact_arithmetic, also of the QDQ graph's own arithmetic: graph optimizations off, so ORT runs
     DequantizeLinear -> float op -> QuantizeLinear instead of its fused int8 kernels."""
-    feeds = check_feeds(original, data, config.fidelity_samples)
-    float_session = make_session(original)
+    feeds = check_feeds(original, data, config.fidelity_samples, config.input_shapes)
+    float_session = cpu_session(original)
     reference = run_outputs(float_session, feeds)
-    session = make_session(quantized)
+    session = cpu_session(quantized)
     outputs = run_outputs(session, feeds)
     names = [o.name for o in session.get_outputs()]
     if [o.name for o in original.graph.output] != names:
@@ -806,12 +779,13 @@ def _summary(original, quantized, data, config: QuantizeConfig, *, exact_arithme
     summary = {"bytes_before": original.ByteSize(), "bytes_after": quantized.ByteSize(),
                "quantized_nodes": quantized_nodes(quantized), "ops_after": op_counts(quantized),
                "fidelity": {"samples": len(feeds), "data": "calibration" if data is not None else "synthetic",
-                            "outputs": fidelity(reference, outputs, names)},
+                            "input_shapes": {k: list(np.shape(v)) for k, v in feeds[0].items()},
+                            "outputs": fidelity_report(compare_runs(reference, outputs, names))},
                "cpu": dataclasses.asdict(cpu_features())}
     if exact_arithmetic:
-        exact = run_outputs(make_session(quantized, optimization="none"), feeds)
+        exact = run_outputs(cpu_session(quantized, graph_opt_level="disable"), feeds)
         summary["fidelity_exact_arithmetic"] = {
-            "samples": len(feeds), "outputs": fidelity(reference, exact, names),
+            "samples": len(feeds), "outputs": fidelity_report(compare_runs(reference, exact, names)),
             "why": f"this x86 CPU has no VNNI: its int8 kernels overflow the full-range weights of the "
                    f"{config.target} recipe, so the fidelity above is this host's; the QDQ arithmetic itself, "
                    "what the target's int8 kernels compute, is below"}
@@ -854,7 +828,7 @@ def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike, conf
     if out.resolve() == src.resolve():
         raise InputError(f"output {out} is the input model", "write to another path; inputs are never modified")
     model = load_onnx(src)
-    data = load_calibration(calibration, model, limit=config.calibration_samples)
+    data = load_calibration(calibration, model, limit=config.calibration_samples, image=config.image)
     result = quantize(model, config, data, progress=progress, log=log)
     save_onnx_atomic(result.model, out)
     report = {"schema": REPORT_SCHEMA, "schema_version": REPORT_SCHEMA_VERSION, "input": str(src), "output": str(out),
@@ -950,14 +924,12 @@ __all__ = [
     "calibrate",
     "choose_recipe",
     "cpu_features",
-    "fidelity",
     "host_kernels_inexact",
     "quantize",
     "quantize_file",
     "quantize_int8",
     "quantized_nodes",
     "speed_check",
-    "sqnr_db",
     "summary_text",
     "validate_config",
 ]

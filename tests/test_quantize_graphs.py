@@ -18,8 +18,10 @@ from onnx import TensorProto, helper, numpy_helper
 from dlopt.cli import main
 from dlopt.optimize.calibration import CalibrationData
 from dlopt.optimize.normalize import NormalizeConfig, default_opset, normalize, subgraph_nodes
-from dlopt.optimize.preprocess import looks_like_transformer, make_session
-from dlopt.optimize.quantize import QuantizeConfig, choose_recipe, quantize, sqnr_db
+from dlopt.optimize.preprocess import looks_like_transformer
+from dlopt.fidelity import sqnr_db
+from dlopt.optimize.quantize import QuantizeConfig, choose_recipe, quantize
+from dlopt.sessions import cpu_session
 
 SQNR_FLOOR_INT8_DB = 25.0  # 8-bit weights on well-scaled activations: ~30-40 dB measured on these graphs
 SQNR_FLOOR_WEIGHT_ONLY_DB = 30.0  # only the weights' rounding: 37-44 dB measured
@@ -30,12 +32,11 @@ def _f32(array) -> np.ndarray:
 
 
 def _sqnr(reference: np.ndarray, got: np.ndarray) -> float:
-    r, g = reference.astype(np.float64), got.astype(np.float64)
-    return sqnr_db(float(np.sum(r * r)), float(np.sum((r - g) ** 2)))
+    return sqnr_db(got, reference)
 
 
 def _outputs(model, feeds) -> list[np.ndarray]:
-    return make_session(model).run(None, feeds)
+    return cpu_session(model).run(None, feeds)
 
 
 def _ops(graph) -> list[str]:
@@ -372,9 +373,9 @@ def test_integer_inputs_that_are_not_token_ids_do_not_make_a_transformer():
 
 
 def test_an_integer_index_into_a_small_table_gets_synthetic_ids_the_model_runs_on():
-    """Without data, ids for an input that indexes a 10-row table stay below 10 (token-like ids up to 1000
-    made ORT fail: 'indices element out of data bounds')."""
-    from dlopt.optimize.preprocess import index_bounds, synthetic_feeds
+    """Without data, ids for an input that indexes a 10-row table (through a Cast) stay below 10:
+    token-like ids up to 1000 made ORT fail ('indices element out of data bounds')."""
+    from dlopt.inputs import model_feeds, value_ranges
 
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Cast", ["slot"], ["slot64"], name="cast", to=TensorProto.INT64),
@@ -385,8 +386,8 @@ def test_an_integer_index_into_a_small_table_gets_synthetic_ids_the_model_runs_o
                               [numpy_helper.from_array(_f32(rng.standard_normal((10, 16))), "table"),
                                numpy_helper.from_array(_f32(rng.standard_normal((16, 8)) / 4), "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    assert index_bounds(model) == {"slot": 10}
-    assert all(f["slot"].max() < 10 for f in synthetic_feeds(model, count=4))
+    assert value_ranges(model) == {"slot": (0, 10)}
+    assert all(f["slot"].max() < 10 for f in model_feeds(model, count=4))
     result = quantize(model, QuantizeConfig(speed_check=False))
     assert result.report["recipe"]["mode"] == "dynamic"
     assert result.report["quantized_nodes"].get("MatMulInteger") == 1
