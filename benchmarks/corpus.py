@@ -33,7 +33,7 @@ def log(message: str) -> None:
 def run_variant(entry, model, variant: str, calibration, held_out, args) -> dict:
     from dlopt.errors import DlOptError
     from dlopt.optimize.calibration import CalibrationData
-    from dlopt.optimize.preprocess import make_session
+    from dlopt.sessions import cpu_session
     from dlopt.optimize.quantize import QuantizeConfig, quantize, speed_check
     from dlopt.models.corpus import run_samples
 
@@ -64,7 +64,7 @@ def run_variant(entry, model, variant: str, calibration, held_out, args) -> dict
                seconds=time.perf_counter() - started, verdict=verdict,
                recovery=[(c["excluded_count"], c["score"])
                          for c in report.get("floor_recovery", {}).get("candidates", [])])
-    float_session, session = make_session(model), make_session(result.model)
+    float_session, session = cpu_session(model), cpu_session(result.model)
     reference, got = run_samples(float_session, held_out), run_samples(session, held_out)
     row["task"] = entry.task_metrics(reference, got, held_out)
     speed = speed_check(float_session, session, held_out[0].feeds, rounds=400, budget_s=args.budget)

@@ -32,7 +32,7 @@ import importlib.util
 import math
 import os
 import sysconfig
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -425,13 +425,10 @@ def get_corpus_model(name: str) -> CorpusModel:
 
 def run_samples(session, samples: Sequence[Sample]) -> list[list[np.ndarray]]:
     """Outputs of an onnxruntime session on each sample."""
-    names = {i.name for i in session.get_inputs()}
-    return [session.run(None, {k: v for k, v in s.feeds.items() if k in names}) for s in samples]
+    from dlopt.sessions import run_outputs
 
-
-def feeds_of(samples: Sequence[Sample]) -> list[Mapping[str, np.ndarray]]:
-    return [s.feeds for s in samples]
+    return run_outputs(session, [s.feeds for s in samples])
 
 
 __all__ = ["CORPUS", "CorpusModel", "DETECTOR_THRESHOLD", "SPLITS", "Sample", "classifier_agreement",
-           "detector_agreement", "detector_input", "feeds_of", "get_corpus_model", "magika_features", "run_samples"]
+           "detector_agreement", "detector_input", "get_corpus_model", "magika_features", "run_samples"]

@@ -213,11 +213,11 @@ def test_corpus_model_meets_its_floor_on_held_out_data_or_exits_1(tmp_path, name
 @pytest.mark.parametrize("name", CI_MODELS)
 def test_corpus_task_metric_is_exact_against_itself_and_sees_a_changed_answer(name):
     from dlopt.models.corpus import run_samples
-    from dlopt.optimize.preprocess import make_session
+    from dlopt.sessions import cpu_session
 
     model = _corpus(name)
     samples = model.samples("heldout", 8)
-    reference = run_samples(make_session(onnx.load(str(model.model_path()))), samples)
+    reference = run_samples(cpu_session(onnx.load(str(model.model_path()))), samples)
     same = model.task_metrics(reference, reference, samples)
     assert same["class_agreement"] == 1.0
     flipped = [[-r[0]] for r in reference]  # every argmax moves
