@@ -173,12 +173,7 @@ def _save_samples(samples, folder) -> None:
         np.savez(folder / f"{i:03d}.npz", **s.feeds)
 
 
-# opset-11 models quantized per-channel: ORT writes DequantizeLinear(axis=...), which opset 11 lacks
-# (issue 12, item 5: the opset upgrade lands separately); a traceback until then, so expected to fail
-_OPSET11_PER_CHANNEL = pytest.mark.xfail(reason="per-channel int8 on opset 11 makes an invalid graph (issue 12 item 5)",
-                                         strict=False)
-CI_CASES = [pytest.param(name, precision, marks=_OPSET11_PER_CHANNEL if precision == "int8" and "cls" in name else ())
-            for name in CI_MODELS for precision in ("int8", "fp16")]
+CI_CASES = [(name, precision) for name in CI_MODELS for precision in ("int8", "fp16")]
 
 
 @pytest.mark.parametrize("name, precision", CI_CASES)
