@@ -120,6 +120,7 @@ def main() -> int:
                           "-" if sqnr is None else f"{sqnr:.1f} (floor {row['floor_db']:g})",
                           row.get("float_nodes", "-"), task_text(entry, row.get("task")),
                           f"{row['speedup']:.2f}x" if "speedup" in row else "-"])
+            log("  " + " | ".join(str(c) for c in table[-1]))
     print(format_table(["model", "variant", "status", "MB", "held-out min SQNR dB", "float nodes", "task (held-out)",
                         "speed vs FP32 (1 thread)"], table))
     if args.json:
