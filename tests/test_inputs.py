@@ -195,12 +195,13 @@ def test_quantize_report_and_eval_agree_on_the_same_model_and_data(tmp_path):
     np.savez(tmp_path / "cal.npz", image=images)
     onnx.save(conv_map_model(), tmp_path / "m.onnx")
     result = CliRunner().invoke(main, ["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"),
-                                       "--mode", "static", "--per-tensor", "--calibration", str(tmp_path / "cal.npz")])
+                                       "--mode", "static", "--per-tensor", "--calibration", str(tmp_path / "cal.npz"),
+                                       "--eval-data", str(tmp_path / "cal.npz")])  # fidelity on the same 8 samples
     assert result.exit_code == 0, result.output
     import json
 
     reported = json.loads((tmp_path / "q.quantize.json").read_text())["fidelity"]
-    assert reported["samples"] == 8 and reported["data"] == "calibration"
+    assert reported["samples"] == 8 and reported["data"] == "eval-data"
     entry = reported["outputs"]["map"]
     evaluated = evaluate_data(tmp_path / "q.onnx", tmp_path / "cal.npz",
                               EvalConfig(metrics=("cosine", "sqnr"), batch_size=3), reference=tmp_path / "m.onnx")
@@ -272,7 +273,9 @@ def test_image_folder_calibration_quantizes_a_cnn(tmp_path, photos):
     assert report["calibration"]["samples"] == 6
     assert (images["input"], images["layout"], images["size"], images["channels"]) == ("image", "nchw", [32, 32], 3)
     assert images["preprocess"]["fields"]["mean"] == [0.5, 0.5, 0.5]
-    assert report["fidelity"]["data"] == "calibration" and report["fidelity"]["samples"] == 6
+    # the last 3 photos are held out: calibrated on 3, fidelity measured on the other 3
+    assert report["fidelity"]["data"] == "held-out" and report["fidelity"]["samples"] == 3
+    assert report["holdout"]["held_out_indices"] == [3, 4, 5] and report["holdout"]["calibration_samples"] == 3
     assert report["fidelity"]["outputs"]["map"]["sqnr_db"] >= 20
     assert any(k.startswith("QDQ:Conv") or k == "QLinearConv" for k in report["quantized_nodes"])
 

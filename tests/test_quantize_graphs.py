@@ -477,7 +477,8 @@ def test_pp_ocrv4_detector_opset_12_quantizes_per_channel_to_a_valid_graph():
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (4, 1, 3, 64, 64)).astype(np.float32)  # normalized (x/255 - 0.5)/0.5
     data = CalibrationData.from_feeds([{"x": s} for s in x], source="uniform images")
-    config = QuantizeConfig(speed_check=False, fidelity_samples=2, rounding_samples=4)
+    # the graph's structure is under test: no recovery of the fidelity floor on these noise images
+    config = QuantizeConfig(speed_check=False, fidelity_samples=2, rounding_samples=4, recover=False)
     static = quantize(model, config, data)
     onnx.checker.check_model(static.model)
     norm = static.report["normalization"]
