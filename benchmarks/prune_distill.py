@@ -39,9 +39,9 @@ def ort_runner(path: Path):
 
     from dlopt.models import onnx_runner
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return onnx_runner(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
+    from dlopt.runtime import session_options
+
+    return onnx_runner(ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"]))
 
 
 def export_to(source, module, path: Path) -> Path:

@@ -117,11 +117,9 @@ def ort_rtn(src: Path, out: Path, block_size: int = 32, symmetric: bool = True) 
 def session(path: Path):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    from dlopt.runtime import session_options
+
+    return ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
 
 
 def latency(paths: dict[str, Path], seq_len: int, budget_s: float) -> dict[str, float]:

@@ -399,10 +399,10 @@ def verify_onnx(model, source: ModelSource, cases: list[tuple[str, dict[str, Any
                 ) -> list[OutputDiff]:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    from dlopt.runtime import session_options
+
     try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
     except Exception as e:
         raise StageError(f"ONNX Runtime cannot load the exported model: {e}",
                          "try --exporter torchscript or another --opset") from e

@@ -73,12 +73,10 @@ def _name_nodes(model) -> None:
 def _session(model):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    from dlopt.runtime import session_options
+
     # intermediate values must be the converted graph's own: no fusions that change precision
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so = session_options(1, "basic")
     try:
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types

@@ -597,10 +597,9 @@ def collect_hessians(model, nodes: list[Any], feeds: list[Mapping[str, np.ndarra
 def _session(model):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    from dlopt.runtime import session_options
+
+    so = session_options(1)
     try:
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types

@@ -66,13 +66,9 @@ def replace_nodes(graph, nodes) -> None:
 def make_session(model, threads: int = 1, optimization: str = "all"):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                   "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
+    from dlopt.runtime import session_options
+
+    so = session_options(threads, optimization)
     payload = model.SerializeToString() if model.ByteSize() < 2**31 - 1 else None
     if payload is None:
         raise ValueError("models over 2 GiB must be run from a file")

@@ -228,18 +228,7 @@ class Target:
 
 
 def _session_options(threads: int, graph_opt_level: str):
-    import onnxruntime as ort
+    from dlopt.runtime import session_options
 
-    levels = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = levels[graph_opt_level]
-    options.log_severity_level = 3  # errors only: provider warnings are turned into our own errors
-    return options
+    # errors-only logging: provider warnings are turned into our own errors
+    return session_options(threads, graph_opt_level)

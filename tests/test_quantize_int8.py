@@ -434,9 +434,23 @@ def test_every_run_reports_a_quick_interleaved_speed_check():
     speed = result.report["speed_check"]
     assert speed["batch"] == 1 and speed["threads"] == 1 and 3 <= speed["rounds"] <= 21
     assert speed["float_ms"] > 0 and speed["quantized_ms"] > 0 and 0.05 < speed["speedup"] < 20
-    assert "speed (quick check, batch 1, one thread" in summary_text(result.report)
+    assert speed["input_shapes"] == {"image": [1, 3, 16, 16]} and speed["padding"] is None
+    assert "speed (quick check, inputs image[1, 3, 16, 16], one thread" in summary_text(result.report)
+    assert result.report["session"]["session_config"] == {"session.set_denormal_as_zero": "1"}
     quiet = quantize(cnn_model(), QuantizeConfig(mode="static", speed_check=False), cnn_data())
     assert "speed_check" not in quiet.report
+
+
+def test_the_speed_check_times_token_inputs_padded_as_tokenizers_pad_them():
+    from dlopt.optimize.quantize import summary_text
+
+    ids = np.arange(1, 13, dtype=np.int64)[None]  # one 12-token sample, as calibration sentences come
+    data = CalibrationData.from_feeds([{"input_ids": ids}], source="twelve tokens")
+    result = quantize(transformer_like_model(), QuantizeConfig(mode="dynamic"), data)
+    speed = result.report["speed_check"]
+    assert speed["input_shapes"] == {"input_ids": [1, 128]}
+    assert speed["padding"] == {"inputs": ["input_ids"], "tokens": 12, "padded_to": 128}
+    assert "inputs input_ids[1, 128] (12 real tokens padded to 128)" in summary_text(result.report)
 
 
 def test_cnn_recipe_uses_percentile_gptq_and_bias_correction_only_with_data():

@@ -489,6 +489,8 @@ def machine_fingerprint(threads: int, target=None, device_id: int = 0) -> dict[s
     import onnxruntime as ort
     import psutil
 
+    from dlopt.optimize.quantize import cpu_features
+    from dlopt.runtime import isa_line
     from dlopt.targets.cpu import cpu_model_name
 
     flags = ""
@@ -498,6 +500,7 @@ def machine_fingerprint(threads: int, target=None, device_id: int = 0) -> dict[s
         flags = " ".join(sorted(match.group(1).split())) if match else ""
     fingerprint = {
         "cpu_model": cpu_model_name(),
+        "cpu_isa": isa_line(cpu_features()),
         "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
         "logical_cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
@@ -552,17 +555,12 @@ def _labels(paths: Sequence[Path]) -> list[str]:
 
 def _initialize_runtime() -> None:
     """Create and run a one-node session first, so that ONNX Runtime's one-time process setup (its
-    environment, kernel registries, allocators: tens of MB) is not counted as the first model's memory."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
+    environment, kernel registries, allocators: tens of MB) is not counted as the first model's memory,
+    and so that the process's first session carries dlopt's session configuration (denormals flushed on
+    the calling thread: see dlopt.runtime)."""
+    from dlopt.runtime import initialize
 
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "init",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    session.run(None, {"x": np.ones(1, np.float32)})
+    initialize()
 
 
 def load_models(paths: Sequence[str | os.PathLike], config: BenchConfig,
@@ -608,6 +606,8 @@ def benchmark(paths: Sequence[str | os.PathLike], config: BenchConfig = BenchCon
     With `data`, its arrays are the inputs (their batch is whatever they hold; config.batch_sizes
     is then ignored). Raises InputError / TargetUnavailableError on bad input or a target that
     cannot run here."""
+    from dlopt.runtime import runtime_report
+
     validate_config(config)
     target, models = load_models(paths, config, progress)
     runs_on = {m.handle.runs_on for m in models}
@@ -625,6 +625,7 @@ def benchmark(paths: Sequence[str | os.PathLike], config: BenchConfig = BenchCon
         "cuda_graph": config.cuda_graph,
         "threads": config.threads,
         "graph_opt_level": config.graph_opt_level,
+        "session": runtime_report(),
     }
     batches = (None,) if data is not None else config.batch_sizes
     share = (config.budget_s / len(batches)) if config.rounds is None else None
@@ -783,7 +784,12 @@ def format_result(result: BenchResult) -> str:
         f"target {t['name']} on {t['device']}, {result.config.threads} thread(s), graph optimization "
         f"{result.config.graph_opt_level}" + (", CUDA graph" if result.config.cuda_graph else ""),
         f"clock: {clock} ({result.clock_reason})",
+        f"CPU: {result.machine.get('cpu_model')}, {result.machine.get('cpu_isa')}",
     ]
+    session = t.get("session")
+    if session:
+        entries = ", ".join(f"{k}={v}" for k, v in session["session_config"].items())
+        lines.append(f"session config: {entries}; denormals {session['denormals']}")
     if t["fell_back"]:
         lines.append(f"WARNING: {t['name']} is not available here; these are CPU numbers (--allow-fallback)")
     for b in result.batches:

@@ -289,8 +289,9 @@ def _sample_inputs(model_path: Path, config: PackageConfig,
     import onnxruntime as ort
 
     from dlopt.bench import feeds_from_data, input_specs, make_inputs
+    from dlopt.runtime import session_options
 
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model_path), session_options(1), providers=["CPUExecutionProvider"])
     specs = input_specs(session)
     if data is not None:
         return [feeds_from_data(specs, data, "--data")]
@@ -323,10 +324,9 @@ def _reference_samples(config: PackageConfig, specs) -> list[dict[str, np.ndarra
 def _session(model: Path, session_config: Mapping[str, str], threads: int = 1):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    from dlopt.runtime import session_options
+
+    options = session_options(threads)
     for key, value in session_config.items():
         options.add_session_config_entry(key, value)
     try:
@@ -542,6 +542,33 @@ def _executorch_version() -> str:
 # Metrics
 # ---------------------------------------------------------------------------------------------
 
+def _threads(config: PackageConfig) -> int:
+    """Intra-op threads the bundle is measured with and recommends: --threads, else the target's own
+    (phone-like for mobile, 1 otherwise)."""
+    if config.threads:
+        return config.threads
+    if config.target == "mobile":
+        from dlopt.targets.mobile import phone_threads
+
+        return phone_threads()
+    from dlopt.targets import get_target
+
+    return getattr(get_target(config.target), "default_threads", 1)
+
+
+def recommended_session(built: Mapping[str, Any], config: PackageConfig) -> dict[str, Any]:
+    """The session configuration a bundle recommends to its users: the entries its model must be loaded
+    with plus dlopt's own (denormals flushed: see dlopt.runtime), and the threads it was measured with."""
+    from dlopt.runtime import SESSION_CONFIG
+
+    return {"session_config": {**SESSION_CONFIG, **built["session_config"]}, "intra_op_num_threads": _threads(config),
+            "inter_op_num_threads": 1,
+            "first_session_rule": "ONNX Runtime applies session.set_denormal_as_zero to a session's intra-op pool "
+                                  "threads, but to the thread that creates sessions only from the process's FIRST "
+                                  "session: create a session with it before any other, and call run() from that "
+                                  "thread (or set FTZ/DAZ on your own threads)"}
+
+
 def _measure(model_file: Path, built: Mapping[str, Any], config: PackageConfig, feeds: Mapping[str, np.ndarray],
              pte_programs, log: Log) -> dict[str, Any]:
     """Latency of the packaged model on its target (phone-like threads for mobile), and, with .pte
@@ -555,11 +582,7 @@ def _measure(model_file: Path, built: Mapping[str, Any], config: PackageConfig, 
     if not available:
         log(f"no latency for target {config.target}: {reason}")
         return metrics
-    threads = config.threads or getattr(target, "default_threads", 1)
-    if config.target == "mobile":
-        from dlopt.targets.mobile import phone_threads
-
-        threads = config.threads or phone_threads()
+    threads = _threads(config)
     handle = target.create_session(model_file, threads=threads) if not built["session_config"] else None
     if handle is None:  # Runtime-style ORT models need their session config: the CPU EP, as the mobile target
         session = _session(model_file, built["session_config"], threads)
@@ -638,7 +661,8 @@ def _manifest(*, name, config, source_path, source, model, built, fixed, calibra
             "session_config": built["session_config"], "operators_config": built["operators_config"],
             "fixed_shapes": {k: list(v) for k, v in fixed.items()},
         },
-        "runtime": {"onnxruntime": ort.__version__, "ort_format_version": built["ort_format_version"]},
+        "runtime": {"onnxruntime": ort.__version__, "ort_format_version": built["ort_format_version"],
+                    "recommended_session": recommended_session(built, config)},
         "opset": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
         "ir_version": model.ir_version,
         "inputs": _tensor_infos([i for i in model.graph.input if i.name not in inits]),
@@ -726,6 +750,37 @@ def _calibration_record(spec: str | None, model_path: Path) -> dict[str, Any] | 
     return record
 
 
+def _loading_section(m: Mapping[str, Any]) -> list[str]:
+    """How to load the model with the session configuration it was checked and measured with, in Python
+    and C++, and why the process's first session matters (see dlopt.runtime)."""
+    model = m["model"]
+    recommended = m["runtime"].get("recommended_session") or {"session_config": model["session_config"],
+                                                              "intra_op_num_threads": 1, "inter_op_num_threads": 1}
+    entries = recommended["session_config"]
+    threads = recommended["intra_op_num_threads"]
+    python = "".join(f'\nso.add_session_config_entry("{k}", "{v}")' for k, v in entries.items())
+    cpp = "".join(f'\nso.AddConfigEntry("{k}", "{v}");' for k, v in entries.items())
+    lines = ["## Loading", "",
+             f"Recommended session configuration (threads {threads}, one inter-op thread): "
+             + ", ".join(f"`{k}={v}`" for k, v in entries.items()) + ".", "",
+             "```python", "import onnxruntime as ort", "so = ort.SessionOptions()",
+             f"so.intra_op_num_threads = {threads}" + python,
+             f'session = ort.InferenceSession("{model["file"]}", so)', "```", "",
+             "```cpp", '#include <onnxruntime_cxx_api.h>', "Ort::Env env;", "Ort::SessionOptions so;",
+             f"so.SetIntraOpNumThreads({threads});" + cpp,
+             f'Ort::Session session(env, ORT_TSTR("{model["file"]}"), so);', "```", ""]
+    if "session.set_denormal_as_zero" in entries:
+        lines += ["`session.set_denormal_as_zero` flushes denormal floats to zero (padded inputs make Softmax produce "
+                  "them, and each costs a slow microcode assist on x86). ONNX Runtime applies it to the session's "
+                  "intra-op pool threads, but to the thread that creates sessions only once per process, from the "
+                  "**first** session created: make this session (or a tiny one with the same entry) the process's "
+                  "first, and call `run()` from that thread. With one intra-op thread the calling thread does all "
+                  "the work. On threads of your own, set the MXCSR bits yourself (C++: "
+                  "`_MM_SET_FLUSH_ZERO_MODE(_MM_FLUSH_ZERO_ON); _MM_SET_DENORMALS_ZERO_MODE(_MM_DENORMALS_ZERO_ON);`).",
+                  ""]
+    return lines
+
+
 def model_card(manifest: Mapping[str, Any], coverage_report_path: Path | None = None) -> str:
     """README.md of a bundle: what it is, how to load it, how it was checked, how fast it ran where."""
     m = manifest
@@ -751,10 +806,7 @@ def model_card(manifest: Mapping[str, Any], coverage_report_path: Path | None = 
                                     + [["output", t["name"], t["dtype"], t["shape"]] for t in m["outputs"]]), ""]
     opsets = ", ".join(f"{k} {v}" for k, v in m["opset"].items())
     lines += [f"Opsets: {opsets}.", ""]
-    if model["format"] == "ort":
-        config = "".join(f'\nso.add_session_config_entry("{k}", "{v}")' for k, v in model["session_config"].items())
-        lines += ["## Loading", "", "```python", "import onnxruntime as ort", "so = ort.SessionOptions()" + config,
-                  f'session = ort.InferenceSession("{model["file"]}", so)', "```", ""]
+    lines += _loading_section(m)
     lines += ["## Verification", "",
               f"Checked against the source ONNX model on {m['verification']['samples']} sample(s) before the bundle "
               "was written:", "",
