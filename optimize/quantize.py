@@ -34,7 +34,7 @@ import numpy as np
 
 from dlopt.errors import InputError, StageError
 from dlopt.optimize.calibration import CalibrationData, Feeds, graph_inputs, progress_bar
-from dlopt.optimize.kernel_choice import LAYERNORM_FORMS, LayerNormForm
+from dlopt.optimize.kernel_choice import LAYERNORM_FORMS, NODE_FORMS, LayerNormForm, NodeForms
 from dlopt.optimize.rounding import LayerStatistics, collect_layer_statistics, refine_weights
 from dlopt.optimize.preprocess import (PreprocessConfig, check_feeds, looks_like_transformer, make_session,
                                        op_counts, preprocess, replace_nodes, run_outputs)
@@ -89,6 +89,9 @@ class QuantizeConfig:
     # target cpu: residual sums before LayerNorms written so that ORT does not fuse them into its
     # SkipLayerNormalization when that measures slower here (dlopt.optimize.kernel_choice); auto: timed
     layernorm_form: LayerNormForm = "auto"
+    # target cpu, static INT8: node classes (depthwise, pointwise, dense, small-channel conv, gemm) whose
+    # INT8 kernels time slower here than float stay float, if the whole model then runs faster; int8: all
+    node_forms: NodeForms = "auto"
     int4: Any = None  # an Int4Config from dlopt.optimize.int4; None: built from the options above
     fp16: Any = None  # an Fp16Config from dlopt.optimize.fp16
 
@@ -109,6 +112,8 @@ def validate_config(config: QuantizeConfig) -> None:
         raise InputError(f"--max-accuracy-drop {config.max_accuracy_drop} is negative", "give a drop >= 0")
     if config.weight_rounding not in ROUNDINGS:
         raise InputError(f"unknown weight rounding {config.weight_rounding!r}", f"choose one of {', '.join(ROUNDINGS)}")
+    if config.node_forms not in NODE_FORMS:
+        raise InputError(f"unknown node forms {config.node_forms!r}", f"choose one of {', '.join(NODE_FORMS)}")
     if config.layernorm_form not in LAYERNORM_FORMS:
         raise InputError(f"unknown layernorm form {config.layernorm_form!r}", f"choose one of {', '.join(LAYERNORM_FORMS)}")
     if config.rounding_samples < 1:
@@ -658,11 +663,17 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
                              layer_stats=layer_stats, log=log)
         quantized = budget.pop("model")
         details["nodes_excluded"] = budget["chosen"]["excluded"]
+    node_forms = None
+    if recipe.mode == "static" and config.target == "cpu":
+        quantized, node_forms = _choose_node_forms(prepared, quantized, config, recipe, data, ranges, layer_stats,
+                                                   details, log)
     report = {"precision": "int8", "config": config_to_dict(config),
               "recipe": dataclasses.asdict(recipe) | {"reasons": list(recipe.reasons)},
               "preprocess": pre_report, "smoothing": smooth_report, **details}
     if budget is not None:
         report["budget"] = budget
+    if node_forms is not None:
+        report["node_forms"] = node_forms
     quantized, report["kernel_choice"] = _choose_kernels(quantized, config, log)
     report.update(_summary(model, quantized, data, config, exact_arithmetic=host_kernels_inexact(recipe)))
     if "fidelity_exact_arithmetic" in report:
@@ -670,6 +681,32 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
     _warn_if_slower(report, log)
     report["seconds"] = round(time.perf_counter() - started, 2)
     return StageResult(quantized, report)
+
+
+def _choose_node_forms(prepared, quantized, config: QuantizeConfig, recipe: Recipe, data, ranges, layer_stats,
+                       details: dict[str, Any], log) -> tuple[Any, dict[str, Any]]:
+    """INT8 or float per node class, timed here (dlopt.optimize.kernel_choice.choose_node_forms). Speed
+    decides only where accuracy allows: nodes the accuracy budget kept float stay float, and speed can
+    only add float nodes (a float node computes what the source computes)."""
+    from dlopt.optimize.kernel_choice import NodeFormConfig, choose_node_forms
+
+    excluded = list(details.get("nodes_excluded") or [])
+    requantized: dict[str, Any] = {}
+
+    def requantize(names: list[str]):
+        model, more = quantize_int8(prepared, config, recipe, data, exclude_nodes=excluded + names, ranges=ranges,
+                                    layer_stats=layer_stats)
+        requantized.update({k: v for k, v in more.items() if k not in ("ranges", "layer_stats")})
+        return model
+
+    feeds = check_feeds(prepared, data, 1)[0]
+    result = choose_node_forms(prepared, quantized, feeds, requantize, NodeFormConfig(forms=config.node_forms))
+    if result.report["classes"] or config.node_forms == "int8":
+        log(f"node forms: {result.report['decision']}")
+    if result.report["kept"]:
+        details.update(requantized)  # shielded nodes, weight refinement: those of the model kept
+        details["nodes_excluded"] = sorted(set(excluded) | set(result.report["float_nodes"]))
+    return result.model, result.report
 
 
 def _choose_kernels(model, config: QuantizeConfig, log) -> tuple[Any, dict[str, Any] | None]:
@@ -859,6 +896,14 @@ def summary_text(report: Mapping[str, Any]) -> str:
     lines.append("quantized nodes: " + (", ".join(f"{k} {v}" for k, v in q.items()) or "none"))
     if report.get("nodes_excluded"):
         lines.append(f"kept in float: {', '.join(report['nodes_excluded'])}")
+    forms = report.get("node_forms")
+    if forms:
+        lines.append(f"node forms: {forms['decision']}")
+        rows = [[k, len(t["nodes"]), t["float_us"], t["int8_us"], t["ratio"],
+                 "float" if forms["kept"] and k in forms["float_classes"] else "int8"]
+                for k, t in forms["classes"].items()]
+        if rows:
+            lines.append(format_table(["node class", "nodes", "float us", "int8 us", "int8/float", "runs as"], rows))
     kernels = report.get("kernel_choice")
     if kernels and kernels["sites"]:
         lines.append(f"kernel choice: {kernels['decision']}")

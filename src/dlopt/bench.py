@@ -340,8 +340,15 @@ def make_inputs(specs: Sequence[InputSpec], *, batch: int, seq_len: int, seed: i
     return feeds
 
 
-def load_data(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Arrays from an .npz file (keys = input names), with errors that name the file."""
+def load_data(path: str | os.PathLike, *, samples: int = 64, seq_len: int = DEFAULT_SEQ_LEN
+              ) -> dict[str, np.ndarray]:
+    """Arrays from an .npz file (keys = input names), with errors that name the file; or, for
+    `model:NAME`, `samples` real inputs of that reference model (dlopt.models: padded sentences at
+    seq_len, photos, test images)."""
+    if str(path).startswith("model:"):
+        from dlopt.models import get_reference_model
+
+        return get_reference_model(str(path)[len("model:"):]).benchmark_inputs(samples, seq_len=seq_len)
     p = Path(path)
     if not p.is_file():
         raise InputError(f"data file {p} does not exist", "give an .npz file with one array per model input")
@@ -410,6 +417,8 @@ class BatchRun:
     seconds: float
     warmup: WarmupReport
     models: tuple[ModelRun, ...]
+    data_batches: int = 0  # real batches from --data cycled through, one per call (0: generated inputs)
+    padding: float | None = None  # share of padding tokens (mask 0) in the timed inputs; None: no mask input
 
 
 @dataclass(frozen=True)
@@ -422,6 +431,7 @@ class BenchResult:
     batches: tuple[BatchRun, ...]
     peak_rss_bytes: int
     machine: Mapping[str, Any]
+    data_source: str | None = None  # where real inputs came from (--data), None: generated
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -461,6 +471,8 @@ class BenchResult:
             "batches": [{
                 "batch": b.batch,
                 "input_shapes": {k: list(v) for k, v in b.input_shapes.items()},
+                "data_batches": b.data_batches,
+                "padding": b.padding,
                 "rounds": b.rounds,
                 "seconds": b.seconds,
                 "warmup": {"rounds": b.warmup.rounds, "seconds": b.warmup.seconds, "settled": b.warmup.settled},
@@ -603,8 +615,8 @@ def benchmark(paths: Sequence[str | os.PathLike], config: BenchConfig = BenchCon
               progress: ProgressFn | None = None) -> BenchResult:
     """Measure one or more models on `config.target`, interleaved, at each batch size.
 
-    With `data`, its arrays are the inputs (their batch is whatever they hold; config.batch_sizes
-    is then ignored). Raises InputError / TargetUnavailableError on bad input or a target that
+    With `data`, its arrays are the inputs: at each batch size b, consecutive batches of b samples,
+    one per timed call in turn (real samples, one batch at a time). Raises InputError / TargetUnavailableError on bad input or a target that
     cannot run here."""
     from dlopt.runtime import runtime_report
 
@@ -627,7 +639,7 @@ def benchmark(paths: Sequence[str | os.PathLike], config: BenchConfig = BenchCon
         "graph_opt_level": config.graph_opt_level,
         "session": runtime_report(),
     }
-    batches = (None,) if data is not None else config.batch_sizes
+    batches = config.batch_sizes
     share = (config.budget_s / len(batches)) if config.rounds is None else None
     batch_runs = []
     for k, batch in enumerate(batches):
@@ -639,7 +651,8 @@ def benchmark(paths: Sequence[str | os.PathLike], config: BenchConfig = BenchCon
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # KiB
     return BenchResult(config=config, clock=clock, clock_reason=clock_reason, target=target_facts,
                        models=tuple(models), batches=tuple(batch_runs), peak_rss_bytes=int(peak),
-                       machine=machine_fingerprint(config.threads, target, config.device_id))
+                       machine=machine_fingerprint(config.threads, target, config.device_id),
+                       data_source=data_source if data is not None else None)
 
 
 @dataclass(frozen=True)
@@ -651,15 +664,79 @@ class BoundModels:
     first_run_s: tuple[float, ...]
     rss_added_bytes: tuple[int, ...]
     device_added_bytes: tuple[int | None, ...]
+    data_batches: int = 0  # real batches cycled through, one per call (0: generated inputs)
+    padding: float | None = None  # share of masked-out (padding) tokens in the timed inputs; None: no mask input
+
+
+MAX_DATA_BATCHES = 32  # real batches bound per model and cycled through (device memory stays small)
+
+
+def data_batches(specs: Sequence[InputSpec], data: Mapping[str, np.ndarray], source: str, batch: int | None
+                 ) -> list[dict[str, np.ndarray]]:
+    """`data` cut along its first axis into consecutive batches of `batch` samples (at most
+    MAX_DATA_BATCHES; a remainder shorter than `batch` is left out), each checked against the model's
+    inputs. `batch` None: all of `data` as one batch."""
+    if batch is None:
+        return [feeds_from_data(specs, data, source)]
+    rows = {int(np.shape(data[s.name])[0]) for s in specs if s.name in data and np.ndim(data[s.name]) > 0}
+    if len(rows) > 1:
+        raise InputError(f"{source}: the model's input arrays hold different numbers of samples {sorted(rows)}",
+                         "give every input the same first (batch) axis")
+    count = rows.pop() if rows else 0
+    if count < batch:
+        raise InputError(f"{source} holds {count} sample(s), fewer than batch {batch}",
+                         "give more samples, or a smaller --batch")
+    return [feeds_from_data(specs, {k: v[i * batch:(i + 1) * batch] if np.ndim(v) > 0 else v
+                                    for k, v in data.items()}, source)
+            for i in range(min(count // batch, MAX_DATA_BATCHES))]
+
+
+def model_feed_batches(model: LoadedModel, *, batch: int | None, seq_len: int, seed: int,
+                       data: Mapping[str, np.ndarray] | None, data_source: str = "--data"
+                       ) -> list[dict[str, np.ndarray]]:
+    """The inputs a model is measured on: real batches of `batch` samples from `data` (one per timed call,
+    in turn), or one generated (seeded) batch."""
+    specs = input_specs(model.handle.session)
+    if data is not None:
+        return data_batches(specs, data, data_source, batch)
+    return [make_inputs(specs, batch=batch, seq_len=seq_len, seed=seed)]
 
 
 def model_feeds(model: LoadedModel, *, batch: int | None, seq_len: int, seed: int,
                 data: Mapping[str, np.ndarray] | None, data_source: str = "--data") -> dict[str, np.ndarray]:
-    """The inputs a model is measured on: taken from `data`, or generated (seeded) for `batch`."""
-    specs = input_specs(model.handle.session)
-    if data is not None:
-        return feeds_from_data(specs, data, data_source)
-    return make_inputs(specs, batch=batch, seq_len=seq_len, seed=seed)
+    """The first of model_feed_batches: the inputs of one call."""
+    return model_feed_batches(model, batch=batch, seq_len=seq_len, seed=seed, data=data, data_source=data_source)[0]
+
+
+def padding_share(feeds_list: Sequence[Mapping[str, np.ndarray]]) -> float | None:
+    """The share of padding tokens (attention mask 0) over `feeds_list`; None when no integer input is
+    named like a mask."""
+    masks = [np.asarray(v) for f in feeds_list for k, v in f.items()
+             if "mask" in k.lower() and np.issubdtype(np.asarray(v).dtype, np.integer)]
+    if not masks:
+        return None
+    return float(1 - np.mean(np.concatenate([m.ravel() != 0 for m in masks])))
+
+
+def padding_note(padding: float | None) -> str:
+    return f", {100 * padding:.0f} % of tokens padding" if padding else ""
+
+
+class CyclingRun:
+    """Bound runs of one model on several real batches; each call runs the next batch in turn, so a
+    timed loop covers the data one batch at a time (in an interleaved round every model sees the same one)."""
+
+    def __init__(self, runs: Sequence[Any]):
+        self.runs = list(runs)
+        self._next = 0
+
+    def __call__(self) -> None:
+        run = self.runs[self._next]
+        self._next = (self._next + 1) % len(self.runs)
+        run()
+
+    def outputs(self) -> dict[str, np.ndarray]:
+        return self.runs[(self._next - 1) % len(self.runs)].outputs()
 
 
 def bind_models(target, models: Sequence[LoadedModel], *, batch: int | None = 1, seq_len: int = DEFAULT_SEQ_LEN,
@@ -673,14 +750,21 @@ def bind_models(target, models: Sequence[LoadedModel], *, batch: int | None = 1,
     process = psutil.Process()
     runners, first_run_s, rss_added, device_added = [], [], [], []
     shapes: dict[str, tuple[int, ...]] = {}
+    data_count, all_feeds = 1, []
     for m in models:
-        feeds = model_feeds(m, batch=batch, seq_len=seq_len, seed=seed, data=data, data_source=data_source)
-        shapes.update({k: tuple(v.shape) for k, v in feeds.items()})
+        feeds_list = model_feed_batches(m, batch=batch, seq_len=seq_len, seed=seed, data=data,
+                                        data_source=data_source)
+        data_count = len(feeds_list)
+        all_feeds = feeds_list
+        shapes.update({k: tuple(v.shape) for k, v in feeds_list[0].items()})
         if progress is not None:
             progress(f"binding {m.label}", 0.0)
         rss_before = process.memory_info().rss
         device_before = target.memory_in_use(device_id)
-        bound = target.bind(m.handle, feeds)
+        runs = [target.bind(m.handle, feeds) for feeds in feeds_list]
+        bound = runs[0] if len(runs) == 1 else CyclingRun(runs)
+        for run in runs[1:]:
+            run()  # every batch's buffers allocated before timing (the cycle starts again at the first)
         start = time.perf_counter()
         bound()  # the first run allocates the session's buffers: it belongs to the model's memory
         first_run_s.append(time.perf_counter() - start)
@@ -689,7 +773,8 @@ def bind_models(target, models: Sequence[LoadedModel], *, batch: int | None = 1,
         device_added.append(device_after - device_before if None not in (device_before, device_after) else None)
         runners.append(bound)
     return BoundModels(runners=tuple(runners), input_shapes=shapes, first_run_s=tuple(first_run_s),
-                       rss_added_bytes=tuple(rss_added), device_added_bytes=tuple(device_added))
+                       rss_added_bytes=tuple(rss_added), device_added_bytes=tuple(device_added),
+                       data_batches=data_count if data is not None else 0, padding=padding_share(all_feeds))
 
 
 def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, batch: int | None,
@@ -740,7 +825,7 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
                                 device_added_bytes=bound.device_added_bytes[i], profile=profiles[i]))
     report(f"{label}: done", 1.0)
     return BatchRun(batch=effective_batch, input_shapes=shapes, rounds=sampler.rounds, seconds=seconds,
-                    warmup=warm, models=tuple(results))
+                    warmup=warm, models=tuple(results), data_batches=bound.data_batches, padding=bound.padding)
 
 
 # --------------------------------------------------------------------------- tables
@@ -801,9 +886,11 @@ def format_result(result: BenchResult) -> str:
                          f"(95% CI {ratio.low:.3f}-{ratio.high:.3f}, {speed}){verdict}")
     for b in result.batches:
         shapes = ", ".join(f"{k}{list(v)}" for k, v in b.input_shapes.items())
+        source = (f"{b.data_batches} real batch(es) from {result.data_source}, one per call in turn"
+                  if b.data_batches else "generated")
         lines.append(f"batch {b.batch}: {b.rounds} interleaved rounds in {b.seconds:.1f} s; warm-up "
                      f"{b.warmup.rounds} rounds, {'settled' if b.warmup.settled else 'NOT settled (capped)'}; "
-                     f"inputs {shapes}")
+                     f"inputs {shapes} ({source}{padding_note(b.padding)})")
     return "\n".join([format_table(headers, rows), "", format_table(model_headers, model_rows), "", *lines,
                       f"peak RSS of this process: {result.peak_rss_bytes / 1e6:.0f} MB", *_profile_tables(result)])
 

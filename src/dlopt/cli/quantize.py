@@ -47,9 +47,12 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--layernorm", "layernorm_form", default="auto", show_default=True,
               help="Target cpu: auto (time ORT's fused SkipLayerNormalization against Sum + LayerNormalization "
                    "here and write the faster form) | fused | unfused.")
+@click.option("--node-forms", "node_forms", default="auto", show_default=True,
+              help="Target cpu, static int8: auto (time each node class, e.g. depthwise or 1-3-channel convs, in "
+                   "INT8 and float here and keep float where INT8 is slower, if the whole model gains) | int8.")
 def command(model, output, precision, mode, calibration, calibration_samples, method, percentile, per_channel,
             block_size, exclude_nodes, exclude_ops, target, no_preprocess, max_accuracy_drop, evaluator, smoothing,
-            weight_rounding, bias_correction, layernorm_form):
+            weight_rounding, bias_correction, layernorm_form, node_forms):
     """Quantize MODEL.onnx and write OUT.onnx plus OUT.quantize.json beside it (schema: dlopt/schemas/quantize.schema.json).
 
     Prints the recipe and why it was chosen, the size before and after, the quantized nodes by op
@@ -64,7 +67,7 @@ def command(model, output, precision, mode, calibration, calibration_samples, me
                             calibration_samples=calibration_samples, percentile=percentile,
                             max_accuracy_drop=max_accuracy_drop, evaluator=evaluator, smoothing=smoothing,
                             weight_rounding=weight_rounding, bias_correction=bias_correction,
-                            layernorm_form=layernorm_form)
+                            layernorm_form=layernorm_form, node_forms=node_forms)
     outcome = quantize_file(model, output, config, calibration, progress=True, log=echo_err)
     click.echo(summary_text(outcome.report))
     click.echo(f"wrote {outcome.model_path} ({outcome.report['bytes_written'] / 1e6:.2f} MB)")
