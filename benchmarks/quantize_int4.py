@@ -213,6 +213,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="SmolLM2 evaluation tokens (4096: the full set)")
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of latency measurement per model")
     args = parser.parse_args()
+    from dlopt.runtime import cpu_label
+
+    print(f"CPU: {cpu_label()}")  # every figure below was measured on it
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
