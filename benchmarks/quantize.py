@@ -158,7 +158,8 @@ def bench_minilm(work: Path, budget_s: float) -> None:
         rows.append([label, path.stat().st_size / 1e6, f"{lat[label][1][1]:.2f}", f"{lat[label][8][1]:.2f}",
                      f"{lat[label][1][0]:.1f} / {lat[label][8][0]:.0f}", f"{cos.mean():.4f} / {cos.min():.4f}",
                      f"{metrics['pang_lee_accuracy']:.3f}", f"{metrics['lee50_pearson']:.3f}"])
-    print("\nMiniLM-L6, real sentences padded to 128 tokens, one thread, thread-CPU-time medians (speedup CI in the JSON)")
+    print("\nMiniLM-L6, real sentences padded to 128 tokens, one thread, thread-CPU-time medians "
+          "(speedup CI in the JSON)")
     print(format_table(["variant", "MB", "x b1", "x b8", "ms b1 / b8", "cos mean / min", "Pang-Lee acc",
                         "Lee50 r"], rows))
     (work / "minilm_results.json").write_text(json.dumps({"latency": lat, "rows": rows}, indent=1, default=str))

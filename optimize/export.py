@@ -402,7 +402,8 @@ def verify_onnx(model, source: ModelSource, cases: list[tuple[str, dict[str, Any
     from dlopt.runtime import session_options
 
     try:
-        session = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model.SerializeToString(), session_options(1),
+                                       providers=["CPUExecutionProvider"])
     except Exception as e:
         raise StageError(f"ONNX Runtime cannot load the exported model: {e}",
                          "try --exporter torchscript or another --opset") from e

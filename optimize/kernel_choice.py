@@ -383,8 +383,9 @@ def time_models(models: Sequence[Any], feeds: Sequence[Mapping[str, np.ndarray]]
     return [float(np.median(sampler.samples(i, "cpu"))) / runs_per_round * 1e6 for i in range(len(models))]
 
 
-def time_node_classes(float_model, qdq_model, feeds: Mapping[str, np.ndarray], config: NodeFormConfig = NodeFormConfig(),
-                      *, timer: Timer | None = None) -> dict[str, dict[str, Any]]:
+def time_node_classes(float_model, qdq_model, feeds: Mapping[str, np.ndarray],
+                      config: NodeFormConfig = NodeFormConfig(), *, timer: Timer | None = None
+                      ) -> dict[str, dict[str, Any]]:
     """{node class: {nodes, float_us, int8_us, ratio (int8/float)}}: each class's quantized nodes timed
     side by side in both forms, on the activations `feeds` produce in the float model (the model's own
     shapes and values)."""
@@ -456,5 +457,6 @@ def choose_node_forms(float_model, qdq_model, feeds: Mapping[str, np.ndarray],
 
 
 __all__ = ["LAYERNORM_FORMS", "NODE_CLASSES", "NODE_FORMS", "KernelChoiceConfig", "NodeFormConfig", "QuantizedNode",
-           "choose_layernorm_form", "choose_node_forms", "find_layernorm_sites", "float_classes", "node_class", "node_form_models",
+           "choose_layernorm_form", "choose_node_forms", "find_layernorm_sites", "float_classes", "node_class",
+           "node_form_models",
            "quantized_nodes_by_class", "time_layernorm_forms", "time_models", "time_node_classes"]

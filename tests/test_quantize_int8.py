@@ -138,13 +138,15 @@ def test_excluded_nodes_and_ops_stay_float():
 
 
 def test_same_data_gives_byte_identical_models():
-    for config, make_model, make_data in ((QuantizeConfig(mode="static", node_forms="int8", method="percentile"), cnn_model, cnn_data),
+    for config, make_model, make_data in ((QuantizeConfig(mode="static", node_forms="int8", method="percentile"),
+                                           cnn_model, cnn_data),
                                           (QuantizeConfig(mode="dynamic"), mlp_model, mlp_data)):
         first = quantize(make_model(), config, make_data()).model.SerializeToString()
         second = quantize(make_model(), config, make_data()).model.SerializeToString()
         assert first == second
-    other = quantize(cnn_model(), QuantizeConfig(mode="static", node_forms="int8"), cnn_data(seed=9)).model.SerializeToString()
-    assert other != quantize(cnn_model(), QuantizeConfig(mode="static", node_forms="int8"), cnn_data()).model.SerializeToString()
+    pinned = QuantizeConfig(mode="static", node_forms="int8")
+    other = quantize(cnn_model(), pinned, cnn_data(seed=9)).model.SerializeToString()
+    assert other != quantize(cnn_model(), pinned, cnn_data()).model.SerializeToString()
 
 
 def test_input_model_is_not_modified(tmp_path):
@@ -535,7 +537,8 @@ def test_cli_writes_model_report_and_summary(tmp_path):
 
 
 @pytest.mark.parametrize("model_fn, config, data_fn", [
-    (cnn_model, QuantizeConfig(mode="static", node_forms="int8", exclude_nodes=("conv2",)), cnn_data),  # static, shielded node
+    # static, shielded node
+    (cnn_model, QuantizeConfig(mode="static", node_forms="int8", exclude_nodes=("conv2",)), cnn_data),
     (mlp_model, QuantizeConfig(mode="dynamic", max_accuracy_drop=0.5), mlp_data),  # with a budget
     (mlp_model, QuantizeConfig(precision="int4"), None),
     (mlp_model, QuantizeConfig(precision="fp16"), mlp_data),

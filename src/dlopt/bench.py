@@ -616,8 +616,8 @@ def benchmark(paths: Sequence[str | os.PathLike], config: BenchConfig = BenchCon
     """Measure one or more models on `config.target`, interleaved, at each batch size.
 
     With `data`, its arrays are the inputs: at each batch size b, consecutive batches of b samples,
-    one per timed call in turn (real samples, one batch at a time). Raises InputError / TargetUnavailableError on bad input or a target that
-    cannot run here."""
+    one per timed call in turn (real samples, one batch at a time). Raises InputError /
+    TargetUnavailableError on bad input or a target that cannot run here."""
     from dlopt.runtime import runtime_report
 
     validate_config(config)
