@@ -299,3 +299,11 @@ def test_quantize_reports_the_node_forms_and_keeps_the_faster_model(monkeypatch)
     assert stem.input[1] in {t.name for t in result.model.graph.initializer}  # float weights
     text = summary_text(result.report)
     assert "node forms: 1 node(s) kept in float (small-channel conv)" in text and "runs as" in text
+    import json
+    from importlib.resources import files
+
+    import jsonschema
+
+    schema = json.loads(files("dlopt").joinpath("schemas/quantize.schema.json").read_text())
+    jsonschema.validate(json.loads(json.dumps(result.report["node_forms"], default=str)),
+                        schema["properties"]["node_forms"])
