@@ -174,7 +174,9 @@ def bench_cnn(name: str, work: Path, budget_s: float, with_budget: bool = False)
     ort_path = work / f"{name}_ort_static.onnx"
     ort_static_default(fp32, ort_path, name)
     variants["ORT quantize_static defaults"] = ort_path
-    runs = [("dlopt int8 auto (static QDQ)", f"{name}_int8_auto.onnx", {}),
+    runs = [("dlopt int8 auto (static QDQ, node forms timed here)", f"{name}_int8_auto.onnx", {}),
+            # every node INT8: what the per-node kernel choice is measured against
+            ("dlopt int8 auto, --node-forms int8", f"{name}_int8_allint8.onnx", {"node_forms": "int8"}),
             # the recipe before GPTQ rounding and bias correction, for the before/after comparison
             ("dlopt int8, minmax + nearest rounding (old auto)", f"{name}_int8_nearest.onnx",
              {"method": "minmax", "weight_rounding": "nearest", "bias_correction": False})]
