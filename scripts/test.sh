@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install dlopt with its test extras on a fresh machine and run the test suite.
-# Used by the README's test command and by CI (.ci/run).
+# Used by the README's test command and by CI (.ci/run). Installs into the active virtual environment,
+# else into the project's .venv (created with python3 on first use): see scripts/venv.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/venv.sh
 
 if command -v apt-get >/dev/null && [ ! -d /usr/share/datasets/fashion-mnist ]; then
   # Fashion-MNIST (real labelled images for the fashion-cnn reference model) comes from Debian.

@@ -241,10 +241,63 @@ def test_profile_drops_the_warm_up_runs():
 
 
 def test_budget_bounds_the_run(chains):
+    seen = []
     start = time.perf_counter()
-    result = benchmark([chains[0]], BenchConfig(budget_s=1.0, min_rounds=5, n_boot=200))
-    assert time.perf_counter() - start < 6.0
-    assert result.batches[0].rounds >= 5 and result.batches[0].seconds < 2.0
+    result = benchmark([chains[0]], BenchConfig(budget_s=1.0, min_rounds=5, n_boot=200),
+                       progress=lambda what, fraction: seen.append((what, fraction)))
+    assert time.perf_counter() - start < 1.1
+    assert result.batches[0].rounds >= 5 and result.batches[0].seconds < 1.0
+    # the progress shows the time left, and its fraction is the budget's share spent
+    assert seen and all(what.endswith(" s left") for what, _ in seen)
+    fractions = [f for _, f in seen]
+    assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1.0
+
+
+def test_a_sub_millisecond_model_keeps_the_budget_and_gets_a_ci_of_real_width(chains, schema):
+    """Everything (sessions, warm-up, rounds, bootstrap) ends within the budget + 10 %; runs of
+    microseconds are timed in groups, so the ratio's CI has width, and stored samples stay capped."""
+    config = BenchConfig(budget_s=2.0, max_samples=200)
+    start = time.perf_counter()
+    result = benchmark([chains[0], chains[1]], config, started=start)
+    wall = time.perf_counter() - start
+    assert wall <= 2.2, f"{wall:.2f} s for a 2 s budget"
+    b = result.batches[0]
+    assert b.models[0].summaries["cpu"].median < 1e-3  # the model is sub-millisecond per run
+    assert b.runs_per_sample > 1 and b.models[0].summaries["cpu"].median * b.runs_per_sample >= 0.9e-3
+    assert b.samples <= 200 and b.rounds >= b.samples  # merged past the cap, every round still counted
+    assert b.rounds >= config.min_rounds
+    ratio = b.models[1].ratios["cpu"]
+    assert ratio.high > ratio.low and 1.4 < ratio.estimate < 3.6, ratio
+    data = result.to_dict()
+    jsonschema.validate(data, schema)
+    entry = data["batches"][0]
+    assert entry["runs_per_sample"] == b.runs_per_sample and entry["samples"] == b.samples
+    assert len(entry["results"][1]["samples_ms"]["cpu"]) == b.samples
+    assert f"each sample the mean of {b.runs_per_sample} runs" in format_result(result)
+
+
+def test_stored_samples_are_capped_by_merging_adjacent_rounds():
+    m = _FakeMachine({"A": 1.0, "B": 3.0})
+    costs = iter(range(1, 100))
+
+    def a():
+        m.calls.append("A")
+        m.now += next(costs)
+    sampler = InterleavedSampler([a, m.runner("B")], clock=m.clock, max_samples=4)
+    sampler.run_rounds(9)
+    # rounds 1-4 fill the cap and merge pairwise (1.5, 3.5); then each sample is the mean of two rounds
+    # (5.5, 7.5), the cap is full again and merges (2.5, 6.5); round 9 starts a sample of four rounds
+    assert sampler.timed_rounds == 9 and sampler.merged == 4 and sampler.rounds == 2
+    np.testing.assert_allclose(sampler.samples(0, "wall"), [2.5, 6.5])
+    np.testing.assert_allclose(sampler.samples(1, "wall"), [3.0, 3.0])
+    assert sampler.ratio(1, "wall", n_boot=100).n == 2  # pairs stay pairs
+
+
+def test_run_for_does_not_start_a_round_that_would_end_past_its_time():
+    sampler = InterleavedSampler([lambda: time.sleep(0.15)])
+    start = time.perf_counter()
+    sampler.run_for(0.5)
+    assert time.perf_counter() - start <= 0.5 and sampler.rounds == 3
 
 
 def test_cli_bench_table_and_json(chains, schema, tmp_path):

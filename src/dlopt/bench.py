@@ -11,11 +11,18 @@ How a measurement goes, and why:
    first runs pay for allocation, lazy initialisation and autotuning, and how many runs that takes
    depends on the model and target.
    It stops at a cap (a quarter of the budget) and says so when latencies never settled.
-4. Timed rounds run the models interleaved, every model once per round, until the time budget or
-   the round count is reached; the order rotates (A B C, B C A, C A B, …) so no model always runs
+4. Very fast models are timed in groups: from the warm-up latencies, each sample is `runs_per_sample`
+   back-to-back runs (at least ~1 ms of work), so the clocks' own cost and resolution do not dominate
+   a sample and the CI has real width. Timed rounds run the models interleaved, every model once per
+   round, until the time budget or the round count is reached; the order rotates (A B C, B C A, C A B, …) so no model always runs
    in the same position. Interleaving puts every model through the same machine states (other jobs, frequency,
    thermal), so their ratio is fair even when absolute times drift; garbage collection is off in
    the loop. Each call records wall time and the calling thread's CPU time.
+   The budget is one deadline for everything (session setup, binding, warm-up, timed rounds and the
+   bootstrap), from the moment `benchmark` is called (the CLI: from the process start): a round is not
+   started when it would end past the deadline. Stored samples are capped (`max_samples`): when the cap
+   is reached, adjacent rounds are merged pairwise (their mean, the pairing kept), so memory and the
+   bootstrap's cost stay bounded however fast the model.
 5. Ratios to the first model are the median over rounds of (model time / first model's time in the
    same round), with a bootstrap 95 % confidence interval over rounds (dlopt.stats.ratio_ci): the
    two runs of a round share the machine's state, so its quotient cancels most of the noise.
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import math
 import os
 import re
 import resource
@@ -57,6 +65,7 @@ SCHEMA_VERSION = 1
 CLOCKS = ("cpu", "wall")
 DEFAULT_BUDGET_S = 30.0
 DEFAULT_SEQ_LEN = 128
+MIN_TIMED_ROUNDS = 3  # even past the deadline: fewer cannot give a ratio's CI
 
 ClockFn = Callable[[], tuple[float, float]]  # -> (wall seconds, calling thread's CPU seconds)
 ProgressFn = Callable[[str, float], None]  # (what is happening, fraction done of the whole measurement)
@@ -72,9 +81,11 @@ class BenchConfig:
     threads: int = 1
     batch_sizes: tuple[int, ...] = (1,)
     seq_len: int = DEFAULT_SEQ_LEN  # for dynamic axes other than the first (the batch axis)
-    budget_s: float = DEFAULT_BUDGET_S  # warm-up + timed rounds, all batch sizes together; loading excluded
+    budget_s: float = DEFAULT_BUDGET_S  # wall time of the whole run: loading, warm-up, timed rounds, statistics
     rounds: int | None = None  # a fixed number of timed rounds per batch size instead of the budget
-    min_rounds: int = 20  # even when the budget is spent
+    min_rounds: int = 20  # fewer fit in the budget: the run says so (it still stops at the deadline)
+    min_sample_s: float = 1e-3  # a sample is at least this much work: faster models run several times per sample
+    max_samples: int = 2000  # per model and batch size; more rounds are merged pairwise (budget runs only)
     clock: str = "auto"  # "cpu", "wall", or "auto" (the target's choice for this thread count)
     warmup_window: int = 5
     warmup_tolerance: float = 0.05
@@ -101,6 +112,8 @@ def validate_config(config: BenchConfig) -> None:
         raise InputError(f"--seq-len must be at least 1, got {config.seq_len}", "e.g. --seq-len 128")
     if config.rounds is None and config.budget_s <= 0:
         raise InputError(f"the time budget must be positive, got {config.budget_s} s", "e.g. --budget 30s")
+    if config.max_samples < 2 or config.min_sample_s < 0:
+        raise InputError("max_samples must be at least 2 and min_sample_s non-negative", "use the defaults")
     if config.rounds is not None and config.rounds < 2:
         raise InputError(f"--rounds must be at least 2, got {config.rounds}", "e.g. --rounds 200")
     if config.clock not in (*CLOCKS, "auto"):
@@ -153,20 +166,51 @@ class InterleavedSampler:
     decides when to stop from the statistics of what was measured.
 
     `runners` are zero-argument callables that run one model once (e.g. `Target.bind(...)` results).
+    `max_samples`: when that many samples are stored, adjacent ones are merged pairwise (each pair's
+    mean, for every model and clock alike, so the rounds' pairing is kept), and from then on each new
+    sample is the mean of as many consecutive rounds: memory and the bootstrap's cost stay bounded
+    while the whole run still counts. `merged` says how many rounds a sample averages (the last
+    rounds of a run that do not fill a sample are not stored).
     """
 
-    def __init__(self, runners: Sequence[Callable[[], object]], *, clock: ClockFn = read_clocks):
+    WARM_KEPT = 4096  # warm-up samples kept per model (the latest): only the last few decide anything
+
+    def __init__(self, runners: Sequence[Callable[[], object]], *, clock: ClockFn = read_clocks,
+                 max_samples: int | None = None):
         if not runners:
             raise ValueError("nothing to measure")
+        if max_samples is not None and max_samples < 2:
+            raise ValueError("max_samples must be at least 2")
         self._runners = list(runners)
         self._clock = clock
         self._timed: dict[str, list[list[float]]] = {c: [[] for _ in runners] for c in CLOCKS}
         self._warm: dict[str, list[list[float]]] = {c: [[] for _ in runners] for c in CLOCKS}
         self._rounds_started = 0
+        self._max_samples = max_samples - max_samples % 2 if max_samples is not None else None
+        self._pending: dict[str, list[list[float]]] = {c: [[] for _ in runners] for c in CLOCKS}
+        self.merged = 1  # rounds averaged into each stored sample
+        self.timed_rounds = 0  # rounds run, before any merging
 
     @property
     def rounds(self) -> int:
+        """Stored samples per model (timed rounds, or merged groups of them)."""
         return len(self._timed["wall"][0])
+
+    def _timed_round(self) -> None:
+        self._round(self._pending)
+        self.timed_rounds += 1
+        if len(self._pending["wall"][0]) < self.merged:
+            return
+        for clock, per_model in self._pending.items():
+            for i, values in enumerate(per_model):
+                self._timed[clock][i].append(sum(values) / len(values))
+                values.clear()
+        if self._max_samples is not None and self.rounds >= self._max_samples:
+            for per_model in self._timed.values():
+                for i, values in enumerate(per_model):
+                    x = np.asarray(values, dtype=np.float64)
+                    per_model[i] = ((x[0::2] + x[1::2]) / 2.0).tolist()
+            self.merged *= 2
 
     @property
     def models(self) -> int:
@@ -203,7 +247,12 @@ class InterleavedSampler:
                 elapsed = time.perf_counter() - start
                 if on_round is not None:
                     on_round(min(1.0, elapsed / max_seconds) if max_seconds > 0 else 1.0)
-                settled = all(has_settled(s, window=window, tolerance=tolerance) for s in self._warm[clock])
+                settled = all(has_settled(s[-2 * window:], window=window, tolerance=tolerance)
+                              for s in self._warm[clock])
+                if len(self._warm["wall"][0]) > 2 * self.WARM_KEPT:
+                    for per_model in self._warm.values():
+                        for values in per_model:
+                            del values[:-self.WARM_KEPT]
                 if settled or elapsed >= max_seconds:
                     break
         return WarmupReport(rounds=rounds, seconds=time.perf_counter() - start, settled=settled)
@@ -212,22 +261,26 @@ class InterleavedSampler:
         """Add `n` timed rounds."""
         with _gc_paused():
             for k in range(n):
-                self._round(self._timed)
+                self._timed_round()
                 if on_round is not None:
                     on_round((k + 1) / n)
 
     def run_for(self, seconds: float, *, min_rounds: int = 0, max_rounds: int | None = None,
                 on_round: Callable[[float], None] | None = None) -> int:
-        """Add timed rounds for `seconds` of wall time (at least `min_rounds`); returns rounds added."""
+        """Add timed rounds for at most `seconds` of wall time (but at least `min_rounds`); returns
+        rounds added. A round is not started when, as long as the slowest so far, it would end late."""
         start = time.perf_counter()
         added = 0
+        longest = 0.0
         with _gc_paused():
             while True:
                 elapsed = time.perf_counter() - start
-                if added >= min_rounds and (elapsed >= seconds or (max_rounds is not None and added >= max_rounds)):
+                if added >= min_rounds and (elapsed + longest > seconds
+                                            or (max_rounds is not None and added >= max_rounds)):
                     break
-                self._round(self._timed)
+                self._timed_round()
                 added += 1
+                longest = max(longest, time.perf_counter() - start - elapsed)
                 if on_round is not None:
                     on_round(min(1.0, (time.perf_counter() - start) / seconds) if seconds > 0 else 1.0)
         return added
@@ -250,6 +303,31 @@ class InterleavedSampler:
         bootstrap CI over rounds (dlopt.stats.ratio_ci; default: median of per-round ratios)."""
         return ratio_ci(self.samples(baseline, clock), self.samples(index, clock), method=method, paired=True,
                         confidence=confidence, n_boot=n_boot, seed=seed)
+
+
+class Repeated:
+    """Runs `run` `times` times back to back: one timed sample of a very fast model.
+
+    Why: a model that runs in microseconds gives thousands of rounds a second; bootstrapping all of
+    them (n_boot x rounds) would soon cost more than the measuring, the clocks' own overhead and
+    resolution become part of each sample (a CI of zero width), and storing them grows without bound.
+    Grouping keeps a sample at a chosen minimum of work (`runs_per_sample`), as timeit does."""
+
+    def __init__(self, run: Callable[[], object], times: int):
+        self.run, self.times = run, times
+
+    def __call__(self) -> None:
+        for _ in range(self.times):
+            self.run()
+
+
+def runs_per_sample(sampler: InterleavedSampler, clock: str, min_sample_s: float, max_runs: int = 1000) -> int:
+    """How many runs make one sample of at least `min_sample_s`, from the fastest model's settled
+    warm-up latency (the median of its last 5 warm-up runs)."""
+    fastest = min(float(np.median(sampler.warmup_samples(i, clock)[-5:])) for i in range(sampler.models))
+    if fastest <= 0:
+        return max_runs
+    return max(1, min(max_runs, math.ceil(min_sample_s / fastest)))
 
 
 class _gc_paused:
@@ -419,6 +497,8 @@ class BatchRun:
     models: tuple[ModelRun, ...]
     data_batches: int = 0  # real batches from --data cycled through, one per call (0: generated inputs)
     padding: float | None = None  # share of padding tokens (mask 0) in the timed inputs; None: no mask input
+    runs_per_sample: int = 1  # runs whose mean latency is one stored sample (grouped runs x merged rounds)
+    samples: int | None = None  # stored samples per model (rounds, or fewer when rounds were merged)
 
 
 @dataclass(frozen=True)
@@ -474,6 +554,8 @@ class BenchResult:
                 "data_batches": b.data_batches,
                 "padding": b.padding,
                 "rounds": b.rounds,
+                "samples": b.rounds if b.samples is None else b.samples,
+                "runs_per_sample": b.runs_per_sample,
                 "seconds": b.seconds,
                 "warmup": {"rounds": b.warmup.rounds, "seconds": b.warmup.seconds, "settled": b.warmup.settled},
                 "results": [run_dict(r, m, b.batch) for r, m in zip(b.models, self.models)],
@@ -610,18 +692,53 @@ def load_models(paths: Sequence[str | os.PathLike], config: BenchConfig,
     return target, loaded
 
 
+FINISH_RESERVE_S = 0.15  # after the last batch: the machine fingerprint, the result's tables and JSON
+BOOTSTRAP_S_PER_ELEMENT = 5e-8  # a ratio's bootstrap costs about n_boot x samples x this (2-core EPYC, busy)
+
+
+class _Deadline:
+    """The budget as one deadline for the whole run, and the progress callback that shows the time left
+    (throttled: a fast model's rounds must not each pay for redrawing a progress bar)."""
+
+    def __init__(self, config: BenchConfig, started: float | None, progress: ProgressFn | None):
+        self.started = time.perf_counter() if started is None else started
+        self.at = self.started + config.budget_s if config.rounds is None else None
+        self.budget_s = config.budget_s
+        self._progress = progress
+        self._last = -1.0
+
+    def left(self) -> float:
+        return math.inf if self.at is None else self.at - time.perf_counter()
+
+    def report(self, what: str, fraction: float) -> None:
+        if self._progress is None:
+            return
+        now = time.perf_counter()
+        if now - self._last < 0.1 and fraction < 1.0:
+            return
+        self._last = now
+        if self.at is None:
+            self._progress(what, fraction)
+        else:
+            self._progress(f"{what}, {max(0.0, self.at - now):.0f} s left",
+                           min(1.0, (now - self.started) / self.budget_s))
+
+
 def benchmark(paths: Sequence[str | os.PathLike], config: BenchConfig = BenchConfig(), *,
               data: Mapping[str, np.ndarray] | None = None, data_source: str = "--data",
-              progress: ProgressFn | None = None) -> BenchResult:
+              progress: ProgressFn | None = None, started: float | None = None) -> BenchResult:
     """Measure one or more models on `config.target`, interleaved, at each batch size.
 
     With `data`, its arrays are the inputs: at each batch size b, consecutive batches of b samples,
-    one per timed call in turn (real samples, one batch at a time). Raises InputError /
-    TargetUnavailableError on bad input or a target that cannot run here."""
+    one per timed call in turn (real samples, one batch at a time). Without `config.rounds`, the whole
+    call ends within `config.budget_s` of `started` (a time.perf_counter() value; default: now),
+    loading and statistics included. Raises InputError / TargetUnavailableError on bad input or a
+    target that cannot run here."""
     from dlopt.runtime import runtime_report
 
     validate_config(config)
-    target, models = load_models(paths, config, progress)
+    deadline = _Deadline(config, started, progress)
+    target, models = load_models(paths, config, deadline.report)
     runs_on = {m.handle.runs_on for m in models}
     from dlopt.targets import get_target
 
@@ -640,13 +757,13 @@ def benchmark(paths: Sequence[str | os.PathLike], config: BenchConfig = BenchCon
         "session": runtime_report(),
     }
     batches = config.batch_sizes
-    share = (config.budget_s / len(batches)) if config.rounds is None else None
     batch_runs = []
     for k, batch in enumerate(batches):
         def report(what: str, fraction: float, _k=k) -> None:
-            if progress is not None:
-                progress(what, (_k + min(1.0, fraction)) / len(batches))
+            deadline.report(what, (_k + min(1.0, fraction)) / len(batches))
 
+        # what is left of the budget, shared equally by the batch sizes still to measure
+        share = None if deadline.at is None else max(0.0, deadline.left() - FINISH_RESERVE_S) / (len(batches) - k)
         batch_runs.append(_measure_batch(target, models, config, batch, data, data_source, clock, share, report))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # KiB
     return BenchResult(config=config, clock=clock, clock_reason=clock_reason, target=target_facts,
@@ -780,26 +897,39 @@ def bind_models(target, models: Sequence[LoadedModel], *, batch: int | None = 1,
 def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, batch: int | None,
                    data: Mapping[str, np.ndarray] | None, data_source: str, clock: str, share: float | None,
                    report: ProgressFn) -> BatchRun:
+    bind_started = time.perf_counter()
     bound = bind_models(target, models, batch=batch, seq_len=config.seq_len, seed=config.seed, data=data,
                         data_source=data_source, device_id=config.device_id, progress=report)
     shapes = bound.input_shapes
     runners = bound.runners
     effective_batch = batch if batch is not None else int(next(iter(shapes.values()))[0]) if shapes else 1
-    sampler = InterleavedSampler(runners)
+    warm_sampler = InterleavedSampler(runners)
     start = time.perf_counter()
-    if config.rounds is None:
+    if share is not None:  # `share` started before binding: the batch ends at `share` from then
+        share = max(0.0, share - (start - bind_started))
         warm_cap = share * config.warmup_max_fraction
     else:
         warm_cap = 30.0  # a fixed round count has no budget; still, never warm up forever
     label = f"batch {effective_batch}"
-    warm = sampler.warm_up(max_seconds=warm_cap, clock=clock, window=config.warmup_window,
-                           tolerance=config.warmup_tolerance,
-                           on_round=lambda f: report(f"{label}: warming up", 0.1 * f))
+    warm = warm_sampler.warm_up(max_seconds=warm_cap, clock=clock, window=config.warmup_window,
+                                tolerance=config.warmup_tolerance,
+                                on_round=lambda f: report(f"{label}: warming up", 0.1 * f))
+    repeat = runs_per_sample(warm_sampler, clock, config.min_sample_s)
+    sampler = InterleavedSampler([Repeated(run, repeat) if repeat > 1 else run for run in runners],
+                                 max_samples=config.max_samples if config.rounds is None else None)
     if config.rounds is not None:
         sampler.run_rounds(config.rounds, on_round=lambda f: report(f"{label}: measuring", 0.1 + 0.9 * f))
     else:
+        # kept for after the rounds: the bootstrap of every ratio (its cost grows with the samples that
+        # will be stored), and the kernel profile if asked for
+        run_s = [float(np.median(warm_sampler.warmup_samples(i, "wall")[-5:])) for i in range(len(models))]
         remaining = max(0.0, share - (time.perf_counter() - start))
-        sampler.run_for(remaining, min_rounds=config.min_rounds,
+        expected = min(config.max_samples, remaining / max(sum(run_s) * repeat, 1e-6))
+        statistics_s = 2 * (len(models) - 1) * config.n_boot * expected * BOOTSTRAP_S_PER_ELEMENT
+        profile_s = (sum(m.handle.load_s + config.profile_runs * t for m, t in zip(models, run_s))
+                     if config.profile else 0.0)
+        remaining = max(0.0, remaining - statistics_s - profile_s)
+        sampler.run_for(remaining, min_rounds=MIN_TIMED_ROUNDS,
                         on_round=lambda f: report(f"{label}: measuring", 0.1 + 0.9 * f))
     seconds = time.perf_counter() - start
     profiles: list[tuple[Any, ...] | None] = [None] * len(models)
@@ -815,7 +945,7 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
                                                 device_id=config.device_id, allow_fallback=config.allow_fallback))
     results = []
     for i in range(len(models)):
-        samples = {c: sampler.samples(i, c) for c in CLOCKS}
+        samples = {c: sampler.samples(i, c) / repeat for c in CLOCKS}  # seconds per run
         ratios = {c: (sampler.ratio(i, c, method=config.ratio_method, confidence=config.confidence,
                                     n_boot=config.n_boot, seed=config.seed)
                       if i > 0 else None) for c in CLOCKS}
@@ -824,8 +954,9 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
                                 rss_added_bytes=bound.rss_added_bytes[i],
                                 device_added_bytes=bound.device_added_bytes[i], profile=profiles[i]))
     report(f"{label}: done", 1.0)
-    return BatchRun(batch=effective_batch, input_shapes=shapes, rounds=sampler.rounds, seconds=seconds,
-                    warmup=warm, models=tuple(results), data_batches=bound.data_batches, padding=bound.padding)
+    return BatchRun(batch=effective_batch, input_shapes=shapes, rounds=sampler.timed_rounds, seconds=seconds,
+                    warmup=warm, models=tuple(results), runs_per_sample=repeat * sampler.merged,
+                    samples=sampler.rounds, data_batches=bound.data_batches, padding=bound.padding)
 
 
 # --------------------------------------------------------------------------- tables
@@ -886,11 +1017,16 @@ def format_result(result: BenchResult) -> str:
                          f"(95% CI {ratio.low:.3f}-{ratio.high:.3f}, {speed}){verdict}")
     for b in result.batches:
         shapes = ", ".join(f"{k}{list(v)}" for k, v in b.input_shapes.items())
+        grouped = (f" (each sample the mean of {b.runs_per_sample} runs, {b.samples} samples)"
+                   if b.runs_per_sample > 1 else "")
         source = (f"{b.data_batches} real batch(es) from {result.data_source}, one per call in turn"
                   if b.data_batches else "generated")
-        lines.append(f"batch {b.batch}: {b.rounds} interleaved rounds in {b.seconds:.1f} s; warm-up "
+        lines.append(f"batch {b.batch}: {b.rounds} interleaved rounds in {b.seconds:.1f} s{grouped}; warm-up "
                      f"{b.warmup.rounds} rounds, {'settled' if b.warmup.settled else 'NOT settled (capped)'}; "
                      f"inputs {shapes} ({source}{padding_note(b.padding)})")
+        if result.config.rounds is None and b.rounds < result.config.min_rounds:
+            lines.append(f"batch {b.batch}: only {b.rounds} rounds fit in the budget: the CI is wide; "
+                         "give a longer --budget")
     return "\n".join([format_table(headers, rows), "", format_table(model_headers, model_rows), "", *lines,
                       f"peak RSS of this process: {result.peak_rss_bytes / 1e6:.0f} MB", *_profile_tables(result)])
 

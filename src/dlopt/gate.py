@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from dlopt.bench import Repeated, runs_per_sample
 from dlopt.errors import InputError
 from dlopt.stats import RATIO_METHODS, Interval, ratio_ci
 
@@ -546,30 +547,7 @@ def _progress_bridge(progress: ProgressFn | None, budget_s: float, offset_s: flo
     return on_progress
 
 
-MIN_SAMPLE_S = 0.005
-
-
-class Repeated:
-    """Runs `run` `times` times back to back: one timed sample of a very fast model.
-
-    Why: a model that runs in microseconds gives thousands of rounds a second; every look
-    bootstraps all of them (n_boot x rounds), which would soon cost more than the measuring, and
-    the clocks' own overhead becomes part of each sample. Grouping keeps a sample at >= 5 ms."""
-
-    def __init__(self, run: Callable[[], object], times: int):
-        self.run, self.times = run, times
-
-    def __call__(self) -> None:
-        for _ in range(self.times):
-            self.run()
-
-
-def runs_per_sample(sampler, clock: str, min_sample_s: float = MIN_SAMPLE_S) -> int:
-    """How many runs make one sample, from the fastest model's settled warm-up latency."""
-    fastest = min(float(np.median(sampler.warmup_samples(i, clock)[-5:])) for i in range(sampler.models))
-    if fastest <= 0:
-        return 1000
-    return max(1, min(1000, math.ceil(min_sample_s / fastest)))
+MIN_SAMPLE_S = 0.005  # the gate's samples: each look bootstraps all of them, so fewer, longer ones
 
 
 def _gate_interleaved(baseline: Path, candidate: Path, config: GateConfig, data, evaluator, progress):
@@ -601,7 +579,7 @@ def _gate_interleaved(baseline: Path, candidate: Path, config: GateConfig, data,
     warm = sampler.warm_up(max_seconds=config.budget_s * config.warmup_max_fraction, clock=clock,
                            on_round=(lambda f: progress("warming up", f * config.warmup_max_fraction))
                            if progress else None)
-    repeat = runs_per_sample(sampler, clock)
+    repeat = runs_per_sample(sampler, clock, MIN_SAMPLE_S)
     if repeat > 1:
         sampler = InterleavedSampler([Repeated(run, repeat) for run in runners])
         notes.append(f"each sample is {repeat} back-to-back runs (runs under {MIN_SAMPLE_S * 1e3:g} ms are "

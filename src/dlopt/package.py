@@ -8,6 +8,7 @@ A bundle is a folder:
     model.xnnpack-<precision>.pte  with --torch-source: ExecuTorch programs for the XNNPACK backend
     README.md                      a model card
     manifest.json                  every file's sha256 and bytes, versions, configs, hashes, metrics
+    manifest.sig                   with a signing key: Ed25519 signature of manifest.json's bytes
 
 It is built in a temporary folder beside the destination and renamed into place only after the
 packaged model has loaded and matched the source ONNX model on the samples: a failed check or a
@@ -32,7 +33,8 @@ import numpy as np
 import dlopt
 from dlopt.errors import InputError, VerificationError
 from dlopt.fileio import finite_for_json, json_text, load_onnx, write_json_atomic
-from dlopt.manifest import MANIFEST_NAME, SAMPLES_NAME, SCHEMA_NAME, SCHEMA_VERSION, file_entries, sha256_file
+from dlopt.manifest import (MANIFEST_NAME, SAMPLES_NAME, SCHEMA_NAME, SCHEMA_VERSION, SIGNATURE_NAME, file_entries,
+                            sha256_file)
 from dlopt.report import environment, format_markdown_table, format_table
 from dlopt.stage import config_to_dict
 
@@ -114,15 +116,24 @@ def validate_config(config: PackageConfig) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def package(model_path: str | os.PathLike, output: str | os.PathLike, config: PackageConfig = PackageConfig(), *,
-            data: Mapping[str, np.ndarray] | None = None, log: Log = lambda message: None) -> PackageResult:
+            data: Mapping[str, np.ndarray] | None = None, sign_key: str | os.PathLike | None = None,
+            log: Log = lambda message: None) -> PackageResult:
     """Build a verified bundle for `config.target` from the ONNX model at `model_path` in `output`.
 
-    `data` ({input name: array}, first axis = batch) replaces generated sample inputs. Raises
-    InputError for bad input, VerificationError (nothing written) when the packaged model does not
-    match the source."""
+    `data` ({input name: array}, first axis = batch) replaces generated sample inputs. `sign_key`
+    (an Ed25519 private key PEM, `dlopt keygen`) signs the manifest. Raises InputError for bad input,
+    VerificationError (nothing written) when the packaged model does not match the source."""
     validate_config(config)
+    private_key = None
+    if sign_key is not None:  # read the key before any long work; its path is not recorded anywhere
+        from dlopt.signing import load_private_key
+
+        private_key = load_private_key(sign_key)
     source_path = Path(model_path)
     out = _check_bundle_path(Path(output), config.overwrite)
+    if sign_key is not None and Path(out).resolve() in Path(sign_key).resolve().parents:
+        raise InputError(f"the signing key {sign_key} lies inside the bundle folder {out}",
+                         "keep keys outside bundles: the bundle is replaced, and the key would be lost or shipped")
     source = load_onnx(source_path)
     from dlopt.targets.mobile import external_data_files
 
@@ -184,10 +195,20 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
                              built=built, fixed=fixed, calibration=calibration, stage_configs=stage_configs,
                              checks=checks, samples=len(feeds_list), coverage=coverage, metrics=metrics,
                              artifacts=artifacts, staging=staging)
+        if private_key is not None:
+            from dlopt.signing import signer_record
+
+            manifest["signature"] = signer_record(private_key)
         (staging / "README.md").write_text(model_card(manifest, coverage_report_path=staging / "coverage.json"))
         manifest["files"] = file_entries(staging, _roles(staging, built, artifacts))
         manifest = finite_for_json(manifest)
-        (staging / MANIFEST_NAME).write_text(json_text(manifest))
+        manifest_bytes = json_text(manifest).encode()
+        (staging / MANIFEST_NAME).write_bytes(manifest_bytes)
+        if private_key is not None:
+            from dlopt.signing import sign
+
+            (staging / SIGNATURE_NAME).write_bytes(sign(manifest_bytes, private_key))
+            log(f"signed the manifest with key {manifest['signature']['key_fingerprint'][:16]}…")
         _finalize(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -678,6 +699,7 @@ def _manifest(*, name, config, source_path, source, model, built, fixed, calibra
         "metrics": metrics,
         "artifacts": artifacts,
         "environment": environment(),
+        "signature": None,  # the signer's record when signed (package(sign_key=...))
     }
 
 
@@ -787,8 +809,12 @@ def model_card(manifest: Mapping[str, Any], coverage_report_path: Path | None = 
     model = m["model"]
     lines = [f"# {m['name']} ({m['target']} bundle)", "",
              f"Built by dlopt {m['dlopt_version']} on {m['created']} from `{m['source']['file']}` "
-             f"(sha256 `{m['source']['sha256'][:16]}…`). Check it with `dlopt verify <this folder>`.", "",
-             "## Files", ""]
+             f"(sha256 `{m['source']['sha256'][:16]}…`). Check it with `dlopt verify <this folder>`.", ""]
+    if m.get("signature"):
+        lines += [f"Signed: `{m['signature']['file']}` holds an Ed25519 signature of `manifest.json` by the key with "
+                  f"fingerprint `{m['signature']['key_fingerprint']}`; check who signed it with "
+                  "`dlopt verify <this folder> --trusted-key KEY.pub`.", ""]
+    lines += ["## Files", ""]
     lines.append(f"- `{model['file']}`: the model ({model['format'].upper()} format"
                  + (f", ORT format version {m['runtime']['ort_format_version']}, {model['optimization_style']} "
                     f"optimization style for the {model['intended_ep']} EP" if model["format"] == "ort" else "")

@@ -44,9 +44,11 @@ from dlopt.cli._common import echo_err
               "manifest, and calibrates an int8 .pte.")
 @click.option("--name", default=None, help="Model name in the manifest (default: the file's stem).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder.")
+@click.option("--sign-key", type=click.Path(dir_okay=False), default=None, metavar="KEY",
+              help="Ed25519 private key (`dlopt keygen`): sign the manifest (manifest.sig).")
 def command(model, output, target, intended_ep, fix_shapes, type_reduction, no_coverage, data, samples, seq_len,
             atol, rtol, measure_s, threads, torch_source, pte, pte_int8_min_sqnr, pte_weight_rounding,
-            pte_no_bias_correction, calibration, name, overwrite):
+            pte_no_bias_correction, calibration, name, overwrite, sign_key):
     """Package MODEL (.onnx) into a bundle folder for a target, verified before it is written.
 
     For --target mobile the bundle holds the ORT-format model with its reduced-operator config, an
@@ -71,7 +73,7 @@ def command(model, output, target, intended_ep, fix_shapes, type_reduction, no_c
                            pte_int8_min_sqnr_db=pte_int8_min_sqnr, pte_weight_rounding=pte_weight_rounding,
                            pte_bias_correction=not pte_no_bias_correction, calibration=calibration, name=name,
                            overwrite=overwrite)
-    result = package(model, output, config, data=feeds, log=echo_err)
+    result = package(model, output, config, data=feeds, sign_key=sign_key, log=echo_err)
     manifest = result.manifest
     click.echo(summary_table(manifest))
     if manifest["coverage"]:
