@@ -324,6 +324,10 @@ def test_cli_bench_times_data_one_batch_at_a_time_at_the_batch_sizes_asked(chain
     jsonschema.validate(document, schema)
     assert [(b["batch"], b["data_batches"], b["input_shapes"]) for b in document["batches"]] == [
         (1, 9, {"x": [1, 128]}), (4, 2, {"x": [4, 128]})]
+    # the session configuration every model ran with, and the CPU the figures came from
+    assert document["target"]["session"]["session_config"] == {"session.set_denormal_as_zero": "1"}
+    assert "session config: session.set_denormal_as_zero=1; denormals " in result.output
+    assert f"CPU: {document['machine']['cpu_model']}, {document['machine']['cpu_isa']}" in result.output
 
 
 def test_bound_data_batches_are_run_in_turn(chains):
