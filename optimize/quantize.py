@@ -899,7 +899,7 @@ def summary_text(report: Mapping[str, Any]) -> str:
     forms = report.get("node_forms")
     if forms:
         lines.append(f"node forms: {forms['decision']}")
-        rows = [[k, len(t["nodes"]), t["float_us"], t["int8_us"], t["ratio"],
+        rows = [[k, len(t["nodes"]), f"{t['float_us']:.0f}", f"{t['int8_us']:.0f}", f"{t['ratio']:.2f}",
                  "float" if forms["kept"] and k in forms["float_classes"] else "int8"]
                 for k, t in forms["classes"].items()]
         if rows:
