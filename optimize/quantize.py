@@ -40,6 +40,7 @@ from dlopt.optimize.preprocess import (PreprocessConfig, check_feeds, looks_like
                                        op_counts, preprocess, replace_nodes, run_outputs)
 from dlopt.quiet import quiet_libraries
 from dlopt.runtime import cpu_label, runtime_report
+from dlopt.runtime import initialize as initialize_runtime
 from dlopt.stage import StageResult, config_to_dict
 
 PRECISIONS = ("int8", "int4", "fp16")
@@ -620,6 +621,9 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
     candidates tried (report['budget']['met'] says whether the budget held)."""
     validate_config(config)
     started = time.perf_counter()
+    # before ORT's own sessions (its calibrator, its transformer optimizer), which would otherwise be the
+    # process's first and leave denormals unflushed on this thread for the checks and timings below
+    initialize_runtime()
     if isinstance(data, CalibrationData):
         data.bind(model)
         if config.calibration_samples is not None:
