@@ -871,6 +871,8 @@ def bind_models(target, models: Sequence[LoadedModel], *, batch: int | None = 1,
     for m in models:
         feeds_list = model_feed_batches(m, batch=batch, seq_len=seq_len, seed=seed, data=data,
                                         data_source=data_source)
+        if m.handle.provider_options.get("enable_cuda_graph") == "1":
+            feeds_list = feeds_list[:1]  # each bound CUDA graph is a session of its own: one real batch
         data_count = len(feeds_list)
         all_feeds = feeds_list
         shapes.update({k: tuple(v.shape) for k, v in feeds_list[0].items()})
