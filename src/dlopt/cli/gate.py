@@ -77,7 +77,8 @@ def parse_accuracy_drops(values: tuple[str, ...]) -> tuple[float | None, tuple[t
 @click.option("--seq-len", type=int, default=None,
               help="Length of dynamic non-batch axes of generated inputs. [default: 128, or the stored baseline's]")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
-              help="Time the models on the arrays of this .npz instead of generated inputs.")
+              help="Time the models on real inputs instead of generated ones: the arrays of this .npz, or "
+                   "model:NAME for a reference model's real data; one batch of --batch samples per call, in turn.")
 @click.option("--clock", type=click.Choice(["auto", "cpu", "wall"]), default="auto", show_default=True,
               help="auto: thread CPU time for one thread on the CPU target (steady on shared machines), else wall.")
 @click.option("--budget", default="60s", show_default=True,
@@ -156,7 +157,7 @@ def command(ctx, baseline, candidate, max_slowdown, accuracy_drops, max_size_gro
                         on_inconclusive=on_inconclusive, target=target, threads=threads, clock=clock, batch=batch,
                         seq_len=seq_len, seed=seed, graph_opt_level=graph_opt,
                         allow_cross_machine=allow_cross_machine, allow_fallback=allow_fallback)
-    arrays = load_data(data) if data else None
+    arrays = load_data(data, samples=8 * (batch or 1), seq_len=seq_len or 128) if data else None
     with progress_bar(enabled=not no_progress) as progress:
         result = run_gate(baseline, candidate, config, data=arrays, evaluator=evaluator, progress=progress)
     click.echo(format_text(result))
