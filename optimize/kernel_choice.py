@@ -280,7 +280,10 @@ def _subgraph(model, keep_nodes: list, inputs: list[tuple[str, int, tuple[int, .
     from onnx import helper
 
     inits = {t.name: t for t in model.graph.initializer}
-    rename = lambda n: f"{prefix}{n}" if n else n  # noqa: E731
+
+    def rename(name: str) -> str:
+        return f"{prefix}{name}" if name else name  # "" is an omitted optional input: kept as is
+
     nodes, used = [], []
     for node in keep_nodes:
         copy = helper.make_node(node.op_type, [rename(i) for i in node.input], [rename(o) for o in node.output],
