@@ -47,10 +47,11 @@ def child(args) -> None:
 
     from dlopt import runtime
     from dlopt.bench import InterleavedSampler
+    from dlopt.sessions import session_options
 
     flush = args.child == "on"
     runtime.initialize(denormal_as_zero=flush)  # this process's first session decides the calling thread
-    sessions = [ort.InferenceSession(str(p), runtime.session_options(1, denormal_as_zero=flush),
+    sessions = [ort.InferenceSession(str(p), session_options(denormal_as_zero=flush),
                                      providers=["CPUExecutionProvider"]) for p in (args.fp32, args.int8)]
     out = {"flushed": runtime.flush_denormals(), "cells": []}
     for kind in ("padded real sentences", "random ids, mask all ones"):

@@ -35,13 +35,10 @@ def log(message: str) -> None:
 
 
 def ort_runner(path: Path):
-    import onnxruntime as ort
-
     from dlopt.models import onnx_runner
+    from dlopt.sessions import cpu_session
 
-    from dlopt.runtime import session_options
-
-    return onnx_runner(ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"]))
+    return onnx_runner(cpu_session(path))
 
 
 def export_to(source, module, path: Path) -> Path:

@@ -115,11 +115,9 @@ def ort_rtn(src: Path, out: Path, block_size: int = 32, symmetric: bool = True) 
 
 
 def session(path: Path):
-    import onnxruntime as ort
+    from dlopt.sessions import cpu_session
 
-    from dlopt.runtime import session_options
-
-    return ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
+    return cpu_session(path)
 
 
 def latency(paths: dict[str, Path], seq_len: int, budget_s: float) -> dict[str, float]:

@@ -106,9 +106,9 @@ def time_layernorm_forms(hidden: int, config: KernelChoiceConfig = KernelChoiceC
     """Median microseconds of the fused and the unfused form on this host (one thread, CPU time of the
     calling thread, the two interleaved round by round), and the median per-round ratio fused/unfused."""
     from dlopt.bench import InterleavedSampler
-    from dlopt.optimize.preprocess import make_session
+    from dlopt.sessions import cpu_session
 
-    sessions = [make_session(m, threads=1) for m in _timing_models(hidden, config.rows)]
+    sessions = [cpu_session(m, threads=1) for m in _timing_models(hidden, config.rows)]
     rng = np.random.default_rng(1)
     feeds = {n: rng.standard_normal((1, config.rows, hidden)).astype(np.float32) for n in ("x", "skip")}
     for session in sessions:
@@ -374,9 +374,9 @@ def time_models(models: Sequence[Any], feeds: Sequence[Mapping[str, np.ndarray]]
     """Median microseconds per run of each model on its feeds (one thread, CPU time of the calling thread,
     the models interleaved round by round)."""
     from dlopt.bench import InterleavedSampler
-    from dlopt.optimize.preprocess import make_session
+    from dlopt.sessions import cpu_session
 
-    sessions = [make_session(m, threads=1) for m in models]
+    sessions = [cpu_session(m) for m in models]
     for session, f in zip(sessions, feeds):
         for _ in range(2):
             session.run(None, dict(f))
@@ -392,13 +392,14 @@ def time_node_classes(float_model, qdq_model, feeds: Mapping[str, np.ndarray],
     """{node class: {nodes, float_us, int8_us, ratio (int8/float)}}: each class's quantized nodes timed
     side by side in both forms, on the activations `feeds` produce in the float model (the model's own
     shapes and values)."""
-    from dlopt.optimize.preprocess import make_session, with_outputs
+    from dlopt.optimize.preprocess import with_outputs
+    from dlopt.sessions import cpu_session
 
     classes = quantized_nodes_by_class(float_model, qdq_model)
     if not classes:
         return {}
     names = sorted({n.activation for nodes in classes.values() for n in nodes})
-    session = make_session(with_outputs(float_model, names))
+    session = cpu_session(with_outputs(float_model, names))
     inputs = {i.name for i in session.get_inputs()}
     values = dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in inputs})))
     timer = timer or (lambda m, f: time_models(m, f, rounds=config.rounds, runs_per_round=config.runs_per_round))

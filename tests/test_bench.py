@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from dlopt.bench import (BenchConfig, InputSpec, InterleavedSampler, benchmark, feeds_from_data, format_result,
-                         make_inputs, parse_batch_sizes, parse_duration, resolve_shape)
+from dlopt.bench import BenchConfig, InterleavedSampler, benchmark, format_result, parse_batch_sizes, parse_duration
+from dlopt.inputs import InputSpec, feeds_from_arrays, make_feeds, resolve_shapes
 from dlopt.cli import main
 from dlopt.errors import InputError
 
@@ -121,41 +121,42 @@ def test_warm_up_is_capped_and_says_it_did_not_settle():
 
 
 def test_generated_inputs_follow_the_metadata():
-    specs = [InputSpec("input_ids", "tensor(int64)", ("batch", "seq")),
-             InputSpec("attention_mask", "tensor(int64)", ("batch", "seq")),
-             InputSpec("token_type_ids", "tensor(int64)", ("batch", "seq")),
-             InputSpec("pixel", "tensor(float)", (None, 3, 4, 4)),
-             InputSpec("half", "tensor(float16)", ("batch", 8)), InputSpec("flag", "tensor(bool)", ("batch",))]
-    feeds = make_inputs(specs, batch=2, seq_len=7, seed=1)
+    specs = [InputSpec("input_ids", np.dtype(np.int64), ("batch", "seq")),
+             InputSpec("attention_mask", np.dtype(np.int64), ("batch", "seq")),
+             InputSpec("token_type_ids", np.dtype(np.int64), ("batch", "seq")),
+             InputSpec("pixel", np.dtype(np.float32), (None, 3, 4, 4)),
+             InputSpec("half", np.dtype(np.float16), ("batch", 8)), InputSpec("flag", np.dtype(np.bool_), ("batch",))]
+    shapes = resolve_shapes(specs, batch=2, seq_len=7)
+    feeds = make_feeds(specs, shapes, seed=1)
     assert feeds["half"].dtype == np.float16 and feeds["half"].shape == (2, 8)  # FP16 models (CUDA)
     assert feeds["flag"].dtype == np.bool_ and feeds["flag"].all()
     assert feeds["input_ids"].shape == (2, 7) and feeds["input_ids"].dtype == np.int64
     assert 0 <= feeds["input_ids"].min() and feeds["input_ids"].max() < 1000
     assert np.all(feeds["attention_mask"] == 1) and np.all(feeds["token_type_ids"] == 0)
     assert feeds["pixel"].shape == (2, 3, 4, 4) and feeds["pixel"].dtype == np.float32
-    again = make_inputs(specs[::-1], batch=2, seq_len=7, seed=1)  # order of inputs does not matter
+    again = make_feeds(specs[::-1], shapes, seed=1)  # order of inputs does not matter
     np.testing.assert_array_equal(again["pixel"], feeds["pixel"])
-    other = make_inputs(specs, batch=2, seq_len=7, seed=2)
+    other = make_feeds(specs, shapes, seed=2)
     assert not np.array_equal(other["pixel"], feeds["pixel"])
 
 
 def test_fixed_batch_axis_is_respected():
-    spec = InputSpec("image", "tensor(float)", (1, 3, 8, 8))
-    assert resolve_shape(spec, 1, 128) == (1, 3, 8, 8)
+    spec = InputSpec("image", np.dtype(np.float32), (1, 3, 8, 8))
+    assert resolve_shapes([spec], batch=1, seq_len=128) == {"image": (1, 3, 8, 8)}
     with pytest.raises(InputError, match="fixed batch of 1, cannot run batch 8"):
-        resolve_shape(spec, 8, 128)
+        resolve_shapes([spec], batch=8, seq_len=128)
 
 
 def test_feeds_from_data_checks_names_types_and_shapes():
-    specs = [InputSpec("x", "tensor(float)", ("batch", 4))]
-    out = feeds_from_data(specs, {"x": np.ones((3, 4), np.float64)}, "d.npz")
+    specs = [InputSpec("x", np.dtype(np.float32), ("batch", 4))]
+    out = feeds_from_arrays(specs, {"x": np.ones((3, 4), np.float64)}, "d.npz")
     assert out["x"].dtype == np.float32
     with pytest.raises(InputError, match="d.npz has no array 'x'"):
-        feeds_from_data(specs, {"y": np.ones((3, 4))}, "d.npz")
+        feeds_from_arrays(specs, {"y": np.ones((3, 4))}, "d.npz")
     with pytest.raises(InputError, match="has shape \\[3, 5\\]"):
-        feeds_from_data(specs, {"x": np.ones((3, 5), np.float32)}, "d.npz")
+        feeds_from_arrays(specs, {"x": np.ones((3, 5), np.float32)}, "d.npz")
     with pytest.raises(InputError, match="is int64, the model wants float32|is float"):
-        feeds_from_data([InputSpec("x", "tensor(int64)", ("b",))], {"x": np.ones(3, np.float32)}, "d.npz")
+        feeds_from_arrays([InputSpec("x", np.dtype(np.int64), ("b",))], {"x": np.ones(3, np.float32)}, "d.npz")
 
 
 @pytest.mark.parametrize("text, seconds", [("30", 30.0), ("30s", 30.0), ("1.5m", 90.0), ("250ms", 0.25)])

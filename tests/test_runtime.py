@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from dlopt.runtime import SESSION_CONFIG, isa_line, session_options
+from dlopt.runtime import SESSION_CONFIG, isa_line
+from dlopt.sessions import session_options
 from dlopt.optimize.quantize import CpuFeatures
 
 PROBE = """
@@ -31,13 +32,17 @@ def test_denormals_are_flushed_on_the_calling_thread_only_when_the_first_session
 
 
 def test_session_options_carry_the_config_and_the_level():
-    options = session_options(3, "basic")
+    options = session_options(threads=3, graph_opt_level="basic")
     assert options.intra_op_num_threads == 3 and options.inter_op_num_threads == 1
     for key, value in SESSION_CONFIG.items():
         assert options.get_session_config_entry(key) == value
-    assert session_options(1, "none").graph_optimization_level.name == "ORT_DISABLE_ALL"
+    assert session_options(graph_opt_level="disable").graph_optimization_level.name == "ORT_DISABLE_ALL"
+    # a stage's own entries come on top of dlopt's
+    both = session_options(config_entries={"session.enable_saved_runtime_optimizations": "1"})
+    assert both.get_session_config_entry("session.enable_saved_runtime_optimizations") == "1"
+    assert both.get_session_config_entry("session.set_denormal_as_zero") == "1"
     with pytest.raises(Exception, match="does not have configuration with key"):
-        session_options(1, denormal_as_zero=False).get_session_config_entry("session.set_denormal_as_zero")
+        session_options(denormal_as_zero=False).get_session_config_entry("session.set_denormal_as_zero")
 
 
 @pytest.mark.parametrize("cpu, line", [

@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from dlopt.errors import InputError
+from dlopt.inputs import parse_input_shapes
 from dlopt.stats import DEFAULT_BOOTSTRAP, RATIO_METHODS, Interval, Summary, has_settled, ratio_ci, summarize
 
 SCHEMA_NAME = "dlopt.bench"
@@ -81,6 +82,7 @@ class BenchConfig:
     threads: int = 1
     batch_sizes: tuple[int, ...] = (1,)
     seq_len: int = DEFAULT_SEQ_LEN  # for dynamic axes other than the first (the batch axis)
+    input_shapes: tuple[str, ...] = ()  # NAME=DxD...: shapes of generated inputs (--input-shape)
     budget_s: float = DEFAULT_BUDGET_S  # wall time of the whole run: loading, warm-up, timed rounds, statistics
     rounds: int | None = None  # a fixed number of timed rounds per batch size instead of the budget
     min_rounds: int = 20  # fewer fit in the budget: the run says so (it still stops at the deadline)
@@ -124,6 +126,7 @@ def validate_config(config: BenchConfig) -> None:
         raise InputError(f"profile runs must be at least 3, got {config.profile_runs}", "e.g. 22")
     if not 0.5 <= config.confidence < 1.0:
         raise InputError(f"confidence must be in [0.5, 1), got {config.confidence}", "e.g. 0.95")
+    parse_input_shapes(config.input_shapes)
 
 
 def parse_duration(text: str) -> float:
@@ -349,75 +352,6 @@ def _check_clock(clock: str) -> None:
 
 # --------------------------------------------------------------------------- inputs
 
-_NUMPY_TYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
-    "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
-}
-TOKEN_VOCAB = 1000  # token ids drawn from [0, 1000): inside every real vocabulary
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    name: str
-    type: str  # onnxruntime's type string, e.g. "tensor(int64)"
-    shape: tuple[int | str | None, ...]
-
-
-def input_specs(session) -> list[InputSpec]:
-    return [InputSpec(i.name, i.type, tuple(i.shape)) for i in session.get_inputs()]
-
-
-def resolve_shape(spec: InputSpec, batch: int, seq_len: int) -> tuple[int, ...]:
-    """Dynamic first axis -> batch; other dynamic axes -> seq_len; a fixed first axis must equal batch."""
-    dims = []
-    for axis, dim in enumerate(spec.shape):
-        dynamic = not isinstance(dim, int) or dim < 0
-        if axis == 0:
-            if dynamic:
-                dims.append(batch)
-            elif dim != batch:
-                raise InputError(f"input {spec.name!r} has a fixed batch of {dim}, cannot run batch {batch}",
-                                 f"use --batch {dim}, or export the model with a dynamic batch axis")
-            else:
-                dims.append(dim)
-        else:
-            dims.append(seq_len if dynamic else dim)
-    return tuple(dims)
-
-
-def make_inputs(specs: Sequence[InputSpec], *, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded inputs from the model's input metadata: floats ~ N(0, 1); integer inputs named like
-    *mask* -> ones, *type_ids* -> zeros, *position* -> 0..T-1, other integers (token ids) ->
-    uniform in [0, 1000); bools -> True. Each input's draw depends on (seed, name) only, so two
-    variants of one model get identical inputs."""
-    feeds = {}
-    for spec in specs:
-        if spec.type not in _NUMPY_TYPES:
-            raise InputError(f"input {spec.name!r} has type {spec.type}, which bench cannot generate",
-                             "pass real inputs with --data inputs.npz")
-        dtype = np.dtype(_NUMPY_TYPES[spec.type])
-        shape = resolve_shape(spec, batch, seq_len)
-        rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
-        lowered = spec.name.lower()
-        if dtype == np.bool_:
-            value = np.ones(shape, dtype)
-        elif np.issubdtype(dtype, np.floating):
-            value = rng.standard_normal(shape).astype(dtype)
-        elif "mask" in lowered:
-            value = np.ones(shape, dtype)
-        elif "type" in lowered:
-            value = np.zeros(shape, dtype)
-        elif "position" in lowered and len(shape) >= 1:
-            value = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
-        else:
-            high = min(TOKEN_VOCAB, int(np.iinfo(dtype).max) + 1)
-            value = rng.integers(0, high, size=shape, dtype=dtype)
-        feeds[spec.name] = value
-    return feeds
-
-
 def load_data(path: str | os.PathLike, *, samples: int = 64, seq_len: int = DEFAULT_SEQ_LEN
               ) -> dict[str, np.ndarray]:
     """Arrays from an .npz file (keys = input names), with errors that name the file; or, for
@@ -435,29 +369,6 @@ def load_data(path: str | os.PathLike, *, samples: int = 64, seq_len: int = DEFA
             return {k: archive[k] for k in archive.files}
     except (ValueError, OSError, zlib.error) as e:
         raise InputError(f"{p} is not a readable .npz file ({e})", "write it with numpy.savez") from e
-
-
-def feeds_from_data(specs: Sequence[InputSpec], data: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
-    """The model's inputs taken from `data`, cast to the model's types where that loses nothing."""
-    feeds = {}
-    for spec in specs:
-        if spec.name not in data:
-            raise InputError(f"{source} has no array {spec.name!r} for the model's input",
-                             f"its arrays: {', '.join(sorted(data)) or 'none'}; the model needs "
-                             f"{', '.join(s.name for s in specs)}")
-        array = np.asarray(data[spec.name])
-        want = np.dtype(_NUMPY_TYPES.get(spec.type, array.dtype))
-        if array.dtype != want:
-            if not np.can_cast(array.dtype, want, casting="same_kind"):
-                raise InputError(f"{source}: array {spec.name!r} is {array.dtype}, the model wants {want}",
-                                 "save it with the model's dtype")
-            array = array.astype(want)
-        if len(array.shape) != len(spec.shape) or any(
-                isinstance(d, int) and d >= 0 and d != s for d, s in zip(spec.shape, array.shape)):
-            raise InputError(f"{source}: array {spec.name!r} has shape {list(array.shape)}, the model wants "
-                             f"{[d if isinstance(d, int) else '?' for d in spec.shape]}", "fix the data's shape")
-        feeds[spec.name] = array
-    return feeds
 
 
 # --------------------------------------------------------------------------- models and the whole run
@@ -788,13 +699,15 @@ class BoundModels:
 MAX_DATA_BATCHES = 32  # real batches bound per model and cycled through (device memory stays small)
 
 
-def data_batches(specs: Sequence[InputSpec], data: Mapping[str, np.ndarray], source: str, batch: int | None
+def data_batches(specs: Sequence[Any], data: Mapping[str, np.ndarray], source: str, batch: int | None
                  ) -> list[dict[str, np.ndarray]]:
     """`data` cut along its first axis into consecutive batches of `batch` samples (at most
     MAX_DATA_BATCHES; a remainder shorter than `batch` is left out), each checked against the model's
-    inputs. `batch` None: all of `data` as one batch."""
+    inputs (`specs`: dlopt.inputs.session_inputs). `batch` None: all of `data` as one batch."""
+    from dlopt.inputs import feeds_from_arrays
+
     if batch is None:
-        return [feeds_from_data(specs, data, source)]
+        return [feeds_from_arrays(specs, data, source)]
     rows = {int(np.shape(data[s.name])[0]) for s in specs if s.name in data and np.ndim(data[s.name]) > 0}
     if len(rows) > 1:
         raise InputError(f"{source}: the model's input arrays hold different numbers of samples {sorted(rows)}",
@@ -803,26 +716,41 @@ def data_batches(specs: Sequence[InputSpec], data: Mapping[str, np.ndarray], sou
     if count < batch:
         raise InputError(f"{source} holds {count} sample(s), fewer than batch {batch}",
                          "give more samples, or a smaller --batch")
-    return [feeds_from_data(specs, {k: v[i * batch:(i + 1) * batch] if np.ndim(v) > 0 else v
-                                    for k, v in data.items()}, source)
+    return [feeds_from_arrays(specs, {k: v[i * batch:(i + 1) * batch] if np.ndim(v) > 0 else v
+                                      for k, v in data.items()}, source)
             for i in range(min(count // batch, MAX_DATA_BATCHES))]
 
 
 def model_feed_batches(model: LoadedModel, *, batch: int | None, seq_len: int, seed: int,
-                       data: Mapping[str, np.ndarray] | None, data_source: str = "--data"
-                       ) -> list[dict[str, np.ndarray]]:
+                       data: Mapping[str, np.ndarray] | None, data_source: str = "--data",
+                       input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> list[dict[str, np.ndarray]]:
     """The inputs a model is measured on: real batches of `batch` samples from `data` (one per timed call,
-    in turn), or one generated (seeded) batch."""
-    specs = input_specs(model.handle.session)
+    in turn), or one generated (seeded) batch (model_feeds)."""
     if data is not None:
-        return data_batches(specs, data, data_source, batch)
-    return [make_inputs(specs, batch=batch, seq_len=seq_len, seed=seed)]
+        from dlopt.inputs import session_inputs
+
+        return data_batches(session_inputs(model.handle.session), data, data_source, batch)
+    return [model_feeds(model, batch=batch, seq_len=seq_len, seed=seed, data=None, input_shapes=input_shapes)]
 
 
 def model_feeds(model: LoadedModel, *, batch: int | None, seq_len: int, seed: int,
-                data: Mapping[str, np.ndarray] | None, data_source: str = "--data") -> dict[str, np.ndarray]:
-    """The first of model_feed_batches: the inputs of one call."""
-    return model_feed_batches(model, batch=batch, seq_len=seq_len, seed=seed, data=data, data_source=data_source)[0]
+                data: Mapping[str, np.ndarray] | None, data_source: str = "--data",
+                input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+    """The inputs of one timed call: the first batch of `data` (see model_feed_batches), or generated
+    (seeded) for `batch` by dlopt.inputs (free sizes that the model runs on, `input_shapes` as
+    --input-shape gives them)."""
+    from dlopt.fileio import load_onnx
+    from dlopt.inputs import session_inputs, synthetic_feeds, value_ranges
+    from dlopt.sessions import trial_run
+
+    session = model.handle.session
+    specs = session_inputs(session)
+    if data is not None:
+        return data_batches(specs, data, data_source, batch)[0]
+    # an ORT-format file has no ONNX graph to read the integer inputs' ranges from
+    ranges = {} if model.path.suffix == ".ort" else value_ranges(load_onnx(model.path, load_external_data=False))
+    return synthetic_feeds(specs, batch=batch, seq_len=seq_len, seed=seed, overrides=input_shapes, ranges=ranges,
+                           run=lambda feeds: trial_run(session, feeds))[0]
 
 
 def padding_share(feeds_list: Sequence[Mapping[str, np.ndarray]]) -> float | None:
@@ -858,7 +786,8 @@ class CyclingRun:
 
 def bind_models(target, models: Sequence[LoadedModel], *, batch: int | None = 1, seq_len: int = DEFAULT_SEQ_LEN,
                 seed: int = 0, data: Mapping[str, np.ndarray] | None = None, data_source: str = "--data",
-                device_id: int = 0, progress: ProgressFn | None = None) -> BoundModels:
+                device_id: int = 0, progress: ProgressFn | None = None,
+                input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> BoundModels:
     """Generate (or take from `data`) each model's inputs, bind them on the target's device and run
     each model once (its cold first run, timed). The gate's entry point into the harness:
     `InterleavedSampler(bind_models(target, load_models(paths, config)[1]).runners)`."""
@@ -870,7 +799,7 @@ def bind_models(target, models: Sequence[LoadedModel], *, batch: int | None = 1,
     data_count, all_feeds = 1, []
     for m in models:
         feeds_list = model_feed_batches(m, batch=batch, seq_len=seq_len, seed=seed, data=data,
-                                        data_source=data_source)
+                                        data_source=data_source, input_shapes=input_shapes)
         if m.handle.provider_options.get("enable_cuda_graph") == "1":
             feeds_list = feeds_list[:1]  # each bound CUDA graph is a session of its own: one real batch
         data_count = len(feeds_list)
@@ -901,7 +830,8 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
                    report: ProgressFn) -> BatchRun:
     bind_started = time.perf_counter()
     bound = bind_models(target, models, batch=batch, seq_len=config.seq_len, seed=config.seed, data=data,
-                        data_source=data_source, device_id=config.device_id, progress=report)
+                        data_source=data_source, device_id=config.device_id, progress=report,
+                        input_shapes=parse_input_shapes(config.input_shapes))
     shapes = bound.input_shapes
     runners = bound.runners
     effective_batch = batch if batch is not None else int(next(iter(shapes.values()))[0]) if shapes else 1
@@ -1054,7 +984,6 @@ def _profile_tables(result: BenchResult, top: int = 8) -> list[str]:
     return out
 
 
-__all__ = ["BenchConfig", "BenchResult", "BoundModels", "bind_models", "model_feeds", "InterleavedSampler", "InputSpec", "SCHEMA_VERSION", "WarmupReport",
-           "benchmark", "choose_clock", "feeds_from_data", "format_result", "input_specs", "load_data",
-           "load_models", "machine_fingerprint", "make_inputs", "parse_batch_sizes", "parse_duration", "resolve_shape",
-           "validate_config"]
+__all__ = ["BenchConfig", "BenchResult", "BoundModels", "bind_models", "model_feeds", "InterleavedSampler",
+           "SCHEMA_VERSION", "WarmupReport", "benchmark", "choose_clock", "format_result", "load_data",
+           "load_models", "machine_fingerprint", "parse_batch_sizes", "parse_duration", "validate_config"]

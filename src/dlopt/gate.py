@@ -45,6 +45,7 @@ import numpy as np
 
 from dlopt.bench import Repeated, runs_per_sample
 from dlopt.errors import InputError
+from dlopt.inputs import parse_input_shapes
 from dlopt.stats import RATIO_METHODS, Interval, ratio_ci
 
 VERDICTS = ("pass", "fail", "inconclusive")
@@ -84,6 +85,7 @@ class GateConfig:
     clock: str = "auto"  # "cpu", "wall", or the target's choice ("auto"; a stored baseline's clock)
     batch: int | None = None  # None: 1, or the stored baseline's first batch size
     seq_len: int | None = None  # None: 128, or the stored baseline's
+    input_shapes: tuple[str, ...] = ()  # NAME=DxD...: shapes of generated inputs (--input-shape)
     seed: int = 0
     graph_opt_level: str = "all"
     warmup_max_fraction: float = 0.2  # of the budget
@@ -122,6 +124,7 @@ def validate_config(config: GateConfig) -> None:
         value = getattr(config, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}", "e.g. 1")
+    parse_input_shapes(config.input_shapes)
 
 
 # --------------------------------------------------------------------------- the sequential test
@@ -572,7 +575,8 @@ def _gate_interleaved(baseline: Path, candidate: Path, config: GateConfig, data,
 
     # inputs generated (or taken from `data`) and bound on the device, then one cold run each
     runners = list(bind_models(target, models, batch=batch, seq_len=bench_config.seq_len, seed=config.seed,
-                               data=data, device_id=config.device_id).runners)
+                               data=data, device_id=config.device_id,
+                               input_shapes=parse_input_shapes(config.input_shapes)).runners)
     sampler = InterleavedSampler(runners)
     if progress:
         progress("warming up", 0.0)
@@ -634,7 +638,7 @@ def _gate_stored(stored: StoredBaseline, candidate: Path, config: GateConfig, da
     target, models = load_models([candidate], bench_config, (lambda what, f: progress(what, 0.0)) if progress else None)
     model = models[0]
     bound = bind_models(target, models, batch=batch, seq_len=seq_len, seed=config.seed, data=data,
-                        device_id=config.device_id)
+                        device_id=config.device_id, input_shapes=parse_input_shapes(config.input_shapes))
     shapes = dict(bound.input_shapes)
     common = set(shapes) & set(stored_batch.input_shapes)
     mismatched = [k for k in sorted(common) if shapes[k] != tuple(stored_batch.input_shapes[k])]

@@ -10,7 +10,7 @@ options of the FIRST session created (a `std::call_once` in InferenceSession's i
 clears them there when that first session lacks the option. With one intra-op thread the caller does all
 the work, so a process whose first session lacks the option keeps denormals for good.
 
-So every session dlopt creates carries the option (`session_options`), and `flush_denormals()` checks what
+So every session dlopt creates carries the option (dlopt.sessions.session_options), and `flush_denormals()` checks what
 really holds on the calling thread by running a one-node graph whose exact result is a denormal. The option
 is always on rather than timed per CPU: it removes microcode assists and adds no work, so it cannot make
 a kernel slower (measured no slower here: benchmarks/denormals.py), and the calling thread's state cannot
@@ -28,32 +28,6 @@ import numpy as np
 # What every dlopt session sets, what bundles record as their recommended session configuration
 DENORMAL_KEY = "session.set_denormal_as_zero"
 SESSION_CONFIG: dict[str, str] = {DENORMAL_KEY: "1"}
-
-_LEVEL_ALIASES = {"none": "disable"}
-
-
-def session_options(threads: int = 1, graph_opt_level: str = "all", *, denormal_as_zero: bool = True):
-    """onnxruntime.SessionOptions as dlopt builds them: `threads` intra-op threads, one inter-op thread,
-    sequential execution, errors-only logging, the graph optimization level (disable/none, basic,
-    extended, all) and SESSION_CONFIG (`denormal_as_zero=False` leaves the denormal option out: only
-    for measuring what it does, in a process of its own)."""
-    import onnxruntime as ort
-
-    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = levels[_LEVEL_ALIASES.get(graph_opt_level, graph_opt_level)]
-    options.log_severity_level = 3
-    for key, value in SESSION_CONFIG.items():
-        if key != DENORMAL_KEY or denormal_as_zero:
-            options.add_session_config_entry(key, value)
-    return options
-
 
 def _denormal_probe():
     """A one-node graph y = x * 0.5: fed 2e-38 (a normal float), its exact result 1e-38 is a denormal,
@@ -79,8 +53,10 @@ def initialize(*, denormal_as_zero: bool = True) -> None:
 def _first_session(denormal_as_zero: bool) -> bool:
     import onnxruntime as ort
 
+    from dlopt.sessions import session_options
+
     session = ort.InferenceSession(_denormal_probe().SerializeToString(),
-                                   session_options(1, denormal_as_zero=denormal_as_zero),
+                                   session_options(denormal_as_zero=denormal_as_zero),
                                    providers=["CPUExecutionProvider"])
     out = session.run(None, {"x": np.full(4, 2e-38, np.float32)})[0]
     return bool(np.all(out == 0))
@@ -91,8 +67,10 @@ def flush_denormals() -> bool:
     by running the probe graph: the process's first session decided it (see the module docstring)."""
     import onnxruntime as ort
 
+    from dlopt.sessions import session_options
+
     initialize()
-    session = ort.InferenceSession(_denormal_probe().SerializeToString(), session_options(1),
+    session = ort.InferenceSession(_denormal_probe().SerializeToString(), session_options(),
                                    providers=["CPUExecutionProvider"])
     return bool(np.all(session.run(None, {"x": np.full(4, 2e-38, np.float32)})[0] == 0))
 
@@ -133,4 +111,4 @@ def isa_line(cpu) -> str:
 
 
 __all__ = ["DENORMAL_KEY", "SESSION_CONFIG", "cpu_label", "flush_denormals", "initialize",
-           "isa_line", "runtime_report", "session_options"]
+           "isa_line", "runtime_report"]

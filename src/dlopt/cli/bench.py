@@ -6,7 +6,7 @@ import contextlib
 
 import click
 
-from dlopt.cli._common import echo_err
+from dlopt.cli._common import echo_err, input_shape_option
 
 
 @contextlib.contextmanager
@@ -51,7 +51,7 @@ def _startup_s() -> float:
 @click.option("--threads", type=int, default=1, show_default=True, help="ONNX Runtime intra-op threads.")
 @click.option("--batch", "batch", default=None, help="Batch sizes, comma-separated (e.g. 1,8,32). [default: 1]")
 @click.option("--seq-len", type=int, default=128, show_default=True,
-              help="Length of every dynamic axis other than the batch axis (token inputs).")
+              help="Length of dynamic axes other than the batch axis and an image's height/width (token inputs).")
 @click.option("--budget", default="30s", show_default=True,
               help="Wall time of the whole run: loading, warm-up, timed rounds, statistics.")
 @click.option("--rounds", type=int, default=None, help="Run exactly this many timed rounds per batch size instead.")
@@ -79,8 +79,10 @@ def _startup_s() -> float:
 @click.option("--save-baseline", "baseline_path", type=click.Path(dir_okay=False), default=None,
               help="Also store the FIRST model's samples and this machine's fingerprint as a baseline for "
                    "`dlopt gate --baseline FILE` (schema: dlopt/schemas/baseline.schema.json).")
+@input_shape_option
 def command(models, target, threads, batch, seq_len, budget, rounds, clock, ratio_method, data, graph_opt,
-            cuda_graph, device_id, allow_fallback, seed, json_path, no_progress, profile, baseline_path):
+            cuda_graph, device_id, allow_fallback, seed, json_path, no_progress, profile, baseline_path,
+            input_shapes):
     """Measure the latency of MODELS (.onnx files) on a target and compare them.
 
     Several models are measured interleaved (A B C A B C ...), so all of them see the same machine
@@ -89,8 +91,9 @@ def command(models, target, threads, batch, seq_len, budget, rounds, clock, rati
 
     Warm-up runs until latencies settle (not a fixed count). Per model: median, p90, p99, mean, std,
     min, throughput (items/s) per batch size, size on disk, load time, first-run time, memory added.
-    Inputs are generated from each model's input metadata (seeded), or real ones are read with --data
-    (an .npz, or model:NAME), timed one batch at a time at each --batch size.
+    Inputs are generated from each model's input metadata (seeded; free sizes that the model runs
+    on, or --input-shape), or real ones are read with --data (an .npz, or model:NAME), timed one batch
+    at a time at each --batch size.
 
     Clocks: thread CPU time (cpu) counts only the time the calling thread ran, so time spent
     descheduled while other jobs run does not inflate it. With --threads 1 on the CPU the whole model
@@ -120,7 +123,8 @@ def command(models, target, threads, batch, seq_len, budget, rounds, clock, rati
     config = BenchConfig(target=target, threads=threads, batch_sizes=parse_batch_sizes(batch or "1"),
                          seq_len=seq_len, budget_s=parse_duration(budget), rounds=rounds, clock=clock,
                          ratio_method=ratio_method, graph_opt_level=graph_opt, cuda_graph=cuda_graph,
-                         device_id=device_id, allow_fallback=allow_fallback, seed=seed, profile=profile)
+                         device_id=device_id, allow_fallback=allow_fallback, seed=seed, profile=profile,
+                         input_shapes=input_shapes)
     arrays = load_data(data, samples=max(config.batch_sizes) * 8, seq_len=seq_len) if data else None
     with progress_bar(enabled=not no_progress) as progress:
         result = benchmark(models, config, data=arrays, data_source=str(data) if data else "--data",
