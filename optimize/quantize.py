@@ -785,6 +785,10 @@ def host_kernels_inexact(recipe: Recipe, cpu: CpuFeatures | None = None) -> bool
     return recipe.mode == "static" and not recipe.reduce_range and x86 and not cpu.vnni
 
 
+def _fixed(dim) -> bool:
+    return isinstance(dim, int) and dim > 0
+
+
 def padded_feed(model, feeds: Mapping[str, np.ndarray], seq_len: int | None = None
                 ) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
     """`feeds` with their token axis padded to `seq_len` (default: dlopt bench's DEFAULT_SEQ_LEN), the
@@ -797,7 +801,7 @@ def padded_feed(model, feeds: Mapping[str, np.ndarray], seq_len: int | None = No
     seq_len = seq_len or DEFAULT_SEQ_LEN
     specs = {s.name: s for s in graph_inputs(model)}
     token = [k for k, v in feeds.items() if k in specs and np.issubdtype(np.asarray(v).dtype, np.integer)
-             and len(specs[k].shape) >= 2 and specs[k].shape[1] is None and np.asarray(v).ndim >= 2]
+             and len(specs[k].shape) >= 2 and not _fixed(specs[k].shape[1]) and np.asarray(v).ndim >= 2]
     lengths = {int(np.asarray(feeds[k]).shape[1]) for k in token}
     if not token or len(lengths) != 1 or next(iter(lengths)) >= seq_len:
         return dict(feeds), None

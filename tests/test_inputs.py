@@ -195,7 +195,8 @@ def test_quantize_report_and_eval_agree_on_the_same_model_and_data(tmp_path):
     np.savez(tmp_path / "cal.npz", image=images)
     onnx.save(conv_map_model(), tmp_path / "m.onnx")
     result = CliRunner().invoke(main, ["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"),
-                                       "--mode", "static", "--per-tensor", "--calibration", str(tmp_path / "cal.npz")])
+                                       "--mode", "static", "--per-tensor", "--calibration", str(tmp_path / "cal.npz"),
+                                       "--node-forms", "int8"])
     assert result.exit_code == 0, result.output
     import json
 
@@ -264,7 +265,7 @@ def test_image_folder_calibration_quantizes_a_cnn(tmp_path, photos):
 
     onnx.save(conv_map_model(), tmp_path / "m.onnx")
     args = ["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"), "--mode", "static",
-            "--calibration", str(photos), "--image-mean", "0.5,0.5,0.5", "--image-std", "0.5"]
+            "--calibration", str(photos), "--image-mean", "0.5,0.5,0.5", "--image-std", "0.5", "--node-forms", "int8"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "q.quantize.json").read_text())
