@@ -29,11 +29,11 @@ CHILD_FLAG = "--child"
 
 
 def _feeds(session, kind: str, batch: int, seq_len: int) -> dict[str, np.ndarray]:
-    from dlopt.bench import input_specs, make_inputs
+    from dlopt.inputs import session_inputs, synthetic_feeds
 
-    specs = input_specs(session)
-    if kind == "random ids, mask all ones":
-        return make_inputs(specs, batch=batch, seq_len=seq_len, seed=0)
+    specs = session_inputs(session)
+    if kind == "random ids, mask all ones":  # what dlopt bench generates for it
+        return synthetic_feeds(specs, batch=batch, seq_len=seq_len, seed=0)[0]
     from dlopt.models import minilm
 
     texts = [t for t in minilm.evaluation_texts()][:batch]
