@@ -283,7 +283,11 @@ def _check_sample(feeds: Mapping[str, np.ndarray], specs: list[InputSpec], sourc
                 f"calibration data {source} (sample {index}): input {name!r} is {arr.dtype}, "
                 f"the model expects {spec.dtype}", f"convert the arrays with .astype({spec.dtype.name!r})")
         if arr.dtype != spec.dtype:
-            feeds[name] = arr.astype(spec.dtype)  # type: ignore[index]
+            feeds[name] = arr = arr.astype(spec.dtype)  # type: ignore[index]
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            raise InputError(f"calibration data {source} (sample {index}): input {name!r} holds {bad} NaN or "
+                             "infinite value(s)", "remove or fix those samples; calibration needs finite inputs")
 
 
 def _shape_text(shape: tuple[int | None, ...]) -> str:

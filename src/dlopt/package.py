@@ -31,7 +31,7 @@ import numpy as np
 
 import dlopt
 from dlopt.errors import InputError, VerificationError
-from dlopt.fileio import finite_for_json, json_text, load_onnx, write_json_atomic
+from dlopt.fileio import finite_for_json, guard_outputs, guard_source_spec, json_text, load_onnx, write_json_atomic
 from dlopt.manifest import MANIFEST_NAME, SAMPLES_NAME, SCHEMA_NAME, SCHEMA_VERSION, file_entries, sha256_file
 from dlopt.report import environment, format_markdown_table, format_table
 from dlopt.stage import config_to_dict
@@ -122,6 +122,9 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
     match the source."""
     validate_config(config)
     source_path = Path(model_path)
+    calibration_path = config.calibration if config.calibration and not config.calibration.startswith("model:") \
+        else None
+    guard_outputs([source_path, calibration_path, guard_source_spec(config.torch_source)], [output])
     out = _check_bundle_path(Path(output), config.overwrite)
     source = load_onnx(source_path)
     from dlopt.targets.mobile import external_data_files
@@ -141,7 +144,7 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
                             if isinstance(r.get("calibration"), dict) and "sha256" in r["calibration"]), None)
     torch_source = _load_torch_source(config) if config.torch_source else None  # fail early on a bad source
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-{os.getpid()}-", dir=out.parent))
     try:
         with tempfile.TemporaryDirectory(prefix="dlopt-package-") as work_dir:
             work = Path(work_dir)
@@ -201,16 +204,51 @@ def _check_bundle_path(out: Path, overwrite: bool) -> Path:
         raise InputError(f"output directory {parent} does not exist", "create it first")
     if not os.access(parent, os.W_OK):
         raise InputError(f"output directory {parent} is not writable", "choose another -o path")
+    _recover_killed_runs(out)
     if out.exists():
         if not out.is_dir():
             raise InputError(f"bundle path {out} is a file", "give a folder name for the bundle")
-        if any(out.iterdir()) and not overwrite:
-            raise InputError(f"bundle folder {out} exists and is not empty", "pass --overwrite, or choose another -o")
+        if any(out.iterdir()):
+            if not overwrite:
+                raise InputError(f"bundle folder {out} exists and is not empty", "pass --overwrite, or choose another -o")
+            if not is_bundle(out):
+                raise InputError(f"--overwrite: {out} is not a dlopt bundle (no manifest.json written by dlopt "
+                                 "package), so it is not replaced", "choose another -o, or empty the folder yourself")
     return out
 
 
+def is_bundle(folder: Path) -> bool:
+    """True when `folder` holds a manifest that `dlopt package` wrote (what --overwrite may replace)."""
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("schema") == SCHEMA_NAME
+
+
+def _recover_killed_runs(out: Path) -> None:
+    """Clean up after runs for `out` that were killed (SIGKILL, a power cut): remove their staging
+    folders, and put back a bundle that one moved aside (`.NAME.old-PID`) but never replaced."""
+    from dlopt.fileio import glob_escape, stale_pid
+
+    for path in sorted(out.parent.glob(f".{glob_escape(out.name)}.*")):
+        if not path.is_dir():
+            continue
+        if stale_pid(path.name, f".{out.name}.building-"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif stale_pid(path.name, f".{out.name}.old-"):
+            if out.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.rename(path, out)
+
+
 def _finalize(staging: Path, out: Path) -> None:
-    """Rename the finished bundle into place; an old bundle is moved aside first and removed after."""
+    """Rename the finished bundle into place; an old bundle is moved aside first and removed after.
+    SIGINT/SIGTERM wait until both renames are done; a run killed between them leaves the old bundle
+    at `.NAME.old-PID`, which the next run for NAME puts back (see _recover_killed_runs)."""
+    from dlopt.fileio import record_written, signals_held
+
     umask = os.umask(0)
     os.umask(umask)
     # mkdtemp/mkstemp create private (0700/0600) entries: give the bundle the user's usual permissions
@@ -218,15 +256,17 @@ def _finalize(staging: Path, out: Path) -> None:
     for path in staging.rglob("*"):
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
     old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-    try:
-        os.rename(staging, out)
-    except OSError:
-        if old is not None:
-            os.rename(old, out)
-        raise
+    with signals_held():
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+        try:
+            os.rename(staging, out)
+        except OSError:
+            if old is not None:
+                os.rename(old, out)
+            raise
+        record_written(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -85,12 +85,12 @@ def command(models, target, threads, batch, seq_len, budget, rounds, clock, rati
     """
     from dlopt.bench import BenchConfig, benchmark, format_result, load_data, parse_batch_sizes, parse_duration
     from dlopt.errors import InputError
-    from dlopt.fileio import check_output_path, write_json_atomic
+    from dlopt.fileio import check_output_path, guard_outputs, write_json_atomic
 
-    if json_path:
-        check_output_path(json_path)  # before minutes of measuring, not after
-    if baseline_path:
-        check_output_path(baseline_path)
+    for path in (json_path, baseline_path):
+        if path:
+            check_output_path(path)  # before minutes of measuring, not after
+    guard_outputs([*models, data], [json_path, baseline_path])
     if data and batch:
         raise InputError("--data and --batch both given", "the data's arrays set the batch: drop --batch")
     config = BenchConfig(target=target, threads=threads, batch_sizes=parse_batch_sizes(batch or "1"),
