@@ -222,19 +222,31 @@ def _write_error(e: OSError, out: Path) -> DlOptError:
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back (they are delivered when the block ends)."""
+    """Hold SIGINT and SIGTERM back until the block ends, then act on the first that came.
+
+    Python-level handlers, not a signal mask: a mask holds a signal only for the thread that sets it,
+    and the kernel hands a process-directed signal to any other thread (ONNX Runtime's and torch's
+    pools), whose arrival Python then acts on in the main thread at once."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    pending: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, lambda signum, frame: pending.append(signum)) for signum in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            handler = previous[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(pending[0])
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ import numpy as np
 
 import dlopt
 from dlopt.errors import InputError, VerificationError
-from dlopt.fileio import finite_for_json, guard_outputs, guard_source_spec, json_text, load_onnx, write_json_atomic
+from dlopt.fileio import finite_for_json, guard_outputs, guard_source_spec, json_text, load_onnx
 from dlopt.manifest import MANIFEST_NAME, SAMPLES_NAME, SCHEMA_NAME, SCHEMA_VERSION, file_entries, sha256_file
 from dlopt.report import environment, format_markdown_table, format_table
 from dlopt.stage import config_to_dict
@@ -167,7 +167,7 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
                 log("checking NNAPI and CoreML coverage")
                 sample_shapes = {k: list(v.shape) for k, v in feeds_list[0].items()}
                 report = coverage_report(model, sample_shapes=sample_shapes, model_label=str(source_path))
-                write_json_atomic(staging / "coverage.json", report)
+                (staging / "coverage.json").write_text(json_text(report))  # staging is private: no temp needed
                 coverage = _coverage_summary(report)
             artifacts, pte_checks, pte_programs = [], [], []
             if torch_source is not None:
@@ -267,8 +267,8 @@ def _finalize(staging: Path, out: Path) -> None:
                 os.rename(old, out)
             raise
         record_written(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _parse_fix_shapes(texts: Iterable[str]) -> list[tuple[str, tuple[int, ...]]]:
