@@ -131,7 +131,8 @@ def factory_file(spec: str) -> Path:
     try:
         found = importlib.util.find_spec(target)
     except (ImportError, ValueError) as e:
-        raise InputError(f"factory module {target!r} cannot be found ({e})", "is it installed, or on PYTHONPATH?") from e
+        raise InputError(f"factory module {target!r} cannot be found ({e})",
+                         "is it installed, or on PYTHONPATH?") from e
     if found is None or not found.origin or not found.has_location:
         raise InputError(f"factory module {target!r} cannot be found", "is it installed, or on PYTHONPATH?")
     return Path(found.origin)

@@ -434,11 +434,11 @@ class PrunedCheckpoint:
 
 def source_file(spec: str) -> Path | None:
     """The Python file a factory SOURCE runs (path/to/file.py:build, or package.module:build's
-    module file); None for a reference model."""
+    module file); None for a reference model (or any other name, which load_source then judges)."""
     from dlopt.models import REFERENCE_MODELS
     from dlopt.optimize.export import factory_file
 
-    return None if spec in REFERENCE_MODELS else factory_file(spec)
+    return None if spec in REFERENCE_MODELS or ":" not in spec else factory_file(spec)
 
 
 def pinned_source(spec: str) -> tuple[str, str | None]:
@@ -461,7 +461,8 @@ def checked_source(checkpoint: PrunedCheckpoint, checkpoint_path: str | Path) ->
     whatever code it now holds). The user can name the source explicitly instead (--student-source)."""
     from dlopt.manifest import sha256_file
 
-    hint = "pass --student-source FILE.py:FUNCTION (or package.module:FUNCTION) to build the student from a source you name"
+    hint = ("pass --student-source FILE.py:FUNCTION (or package.module:FUNCTION) to build the student from a "
+            "source you name")
     path = source_file(checkpoint.source)
     if path is None:
         return checkpoint.source
@@ -651,5 +652,6 @@ def _prune_into(spec: str, out_dir: Path, outputs, config: PruneConfig, *, bench
 
 
 __all__ = ["CHECKPOINT_FORMAT", "IMPORTANCES", "STRUCTURES", "AttentionModule", "PruneConfig", "PrunedCheckpoint",
-           "check_config", "checked_source", "count_macs_params", "first_tensor", "measure_speedup", "prune_to_directory", "find_attention", "find_ffn", "output_layer_name", "prune",
+           "check_config", "checked_source", "count_macs_params", "first_tensor", "measure_speedup",
+           "prune_to_directory", "find_attention", "find_ffn", "output_layer_name", "prune",
            "pinned_source", "read_checkpoint", "rebuild", "save_checkpoint", "source_file"]

@@ -5,7 +5,6 @@ report, the message says what was written, and the next run removes what a kille
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys

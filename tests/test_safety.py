@@ -132,7 +132,7 @@ DISTILL = ["distill", "--teacher", "net.py:build", "--student", "ckpt/pruned.pt"
 
 GUARDED = [
     # (arguments, the message)
-    (["quantize", "ext.onnx", "-o", "weights.bin", "--mode", "dynamic"], "output weights.bin is the input .*weights.bin"),
+    (["quantize", "ext.onnx", "-o", "weights.bin", "--mode", "dynamic"], "weights.bin is the input .*weights.bin"),
     (["quantize", "m.onnx", "-o", "m.onnx", "--mode", "dynamic"], "output m.onnx is the input"),
     (["quantize", "m.onnx", "-o", "out/../m.onnx", "--mode", "dynamic"], "is the input .*m.onnx"),
     (["quantize", "m.onnx", "-o", "link.onnx", "--mode", "dynamic"], "output link.onnx is the input .*m.onnx"),

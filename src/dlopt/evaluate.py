@@ -276,7 +276,8 @@ def _sample_count(feeds: Mapping[str, np.ndarray], data) -> int | None:
     return counts[0] if counts else None
 
 
-def data_warnings(feeds: Mapping[str, np.ndarray], labels: np.ndarray | None, output: np.ndarray, data) -> tuple[str, ...]:
+def data_warnings(feeds: Mapping[str, np.ndarray], labels: np.ndarray | None, output: np.ndarray,
+                  data) -> tuple[str, ...]:
     """What makes metrics on `data` doubtful: non-finite inputs or outputs, labels that name no class."""
     found = []
     for name, array in feeds.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import tempfile
@@ -70,10 +71,11 @@ def guard_outputs(inputs: Iterable[str | os.PathLike | None], outputs: Iterable[
     a factory's .py file); outputs are every file or folder it may write, reports included. Paths
     are compared resolved (symlinks, `..`, relative paths), and existing files also by inode (hard
     links). None entries are skipped, so callers pass optional options as they are."""
+    outputs = [o for o in outputs if o is not None]
+    if not outputs:
+        return  # nothing will be written: no need to read the inputs' external-data lists
     sources = [f for i in inputs if i is not None for f in input_files(i)]
     for output in outputs:
-        if output is None:
-            continue
         out = Path(output).resolve()
         for source in sources:
             if out == source or (out.exists() and source.exists() and os.path.samefile(out, source)):
@@ -81,7 +83,7 @@ def guard_outputs(inputs: Iterable[str | os.PathLike | None], outputs: Iterable[
             elif out in source.parents:
                 what = f"contains the input {source}"
             elif source in out.parents:
-                what = f"lies inside the input folder {source}"
+                what = f"lies inside the input {source}"
             else:
                 continue
             raise InputError(f"output {output} {what}", "write to another path; inputs are never modified")
@@ -142,7 +144,7 @@ def remove_stale_temps(out: Path) -> list[Path]:
     removed = []
     parent = out.parent if str(out.parent) else Path(".")
     try:
-        candidates = list(parent.glob(f".{glob_escape(out.name)}.*.tmp"))
+        candidates = list(parent.glob(f".{glob.escape(out.name)}.*.tmp"))
     except OSError:
         return removed
     for path in candidates:
@@ -151,12 +153,6 @@ def remove_stale_temps(out: Path) -> list[Path]:
                 path.unlink()
                 removed.append(path)
     return removed
-
-
-def glob_escape(name: str) -> str:
-    import glob
-
-    return glob.escape(name)
 
 
 class StagedOutputs:

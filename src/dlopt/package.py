@@ -210,7 +210,8 @@ def _check_bundle_path(out: Path, overwrite: bool) -> Path:
             raise InputError(f"bundle path {out} is a file", "give a folder name for the bundle")
         if any(out.iterdir()):
             if not overwrite:
-                raise InputError(f"bundle folder {out} exists and is not empty", "pass --overwrite, or choose another -o")
+                raise InputError(f"bundle folder {out} exists and is not empty",
+                                 "pass --overwrite, or choose another -o")
             if not is_bundle(out):
                 raise InputError(f"--overwrite: {out} is not a dlopt bundle (no manifest.json written by dlopt "
                                  "package), so it is not replaced", "choose another -o, or empty the folder yourself")
@@ -229,9 +230,11 @@ def is_bundle(folder: Path) -> bool:
 def _recover_killed_runs(out: Path) -> None:
     """Clean up after runs for `out` that were killed (SIGKILL, a power cut): remove their staging
     folders, and put back a bundle that one moved aside (`.NAME.old-PID`) but never replaced."""
-    from dlopt.fileio import glob_escape, stale_pid
+    import glob
 
-    for path in sorted(out.parent.glob(f".{glob_escape(out.name)}.*")):
+    from dlopt.fileio import stale_pid
+
+    for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.*")):
         if not path.is_dir():
             continue
         if stale_pid(path.name, f".{out.name}.building-"):

@@ -44,8 +44,8 @@ from dlopt.cli._common import echo_err
               help="Budget of the latency measurement against the teacher (one thread, interleaved).")
 @click.option("--no-bench", is_flag=True, help="Skip the latency measurement.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def command(teacher, student, student_source, data, output, epochs, temperature, alpha, loss, lr, batch_size, max_samples,
-            val_fraction, patience, hidden, hidden_weight, seed, device, resume, bench_seconds, no_bench,
+def command(teacher, student, student_source, data, output, epochs, temperature, alpha, loss, lr, batch_size,
+            max_samples, val_fraction, patience, hidden, hidden_weight, seed, device, resume, bench_seconds, no_bench,
             no_progress):
     """Distill TEACHER into the pruned STUDENT on DATA; writes the student as a checkpoint and ONNX.
 
