@@ -154,11 +154,10 @@ def build_extra_only(width: int, seed: int = 1):
 
 
 def _interleaved(paths: list[Path], seq_len: int, seconds: float):
-    from dlopt.bench import BenchConfig, InterleavedSampler, input_specs, load_models, make_inputs
+    from dlopt.bench import BenchConfig, InterleavedSampler, load_models, model_feeds
 
     target, models = load_models(paths, BenchConfig(threads=1, seq_len=seq_len))
-    runners = [target.bind(m.handle, make_inputs(input_specs(m.handle.session), batch=1, seq_len=seq_len, seed=0))
-               for m in models]
+    runners = [target.bind(m.handle, model_feeds(m, batch=1, seq_len=seq_len, seed=0, data=None)) for m in models]
     sampler = InterleavedSampler(runners)
     sampler.warm_up(max_seconds=min(10.0, seconds / 4), clock="cpu")
     sampler.run_for(seconds, min_rounds=20)

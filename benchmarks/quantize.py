@@ -102,10 +102,10 @@ def latency(paths: dict[str, Path], batches: tuple[int, ...], budget_s: float) -
 
 
 def session(path: Path):
-    from dlopt.optimize.preprocess import make_session
     from dlopt.fileio import load_onnx
+    from dlopt.sessions import cpu_session
 
-    return make_session(load_onnx(path))
+    return cpu_session(load_onnx(path))
 
 
 # -- MiniLM -------------------------------------------------------------------------------------------

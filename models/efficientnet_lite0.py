@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dlopt.fidelity import sqnr_db
 from dlopt.models import _data
 
 EXPORT_OPTIONS = {"output_names": ["logits"], "atol": 1e-4, "rtol": 1e-3}
@@ -147,13 +148,6 @@ def reference_logits() -> np.ndarray:
     return _data.cached_arrays("efficientnet-lite0", key, compute)["logits"]
 
 
-def sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
-    """20·log10(‖reference‖ / ‖reference − actual‖); +inf when they are equal."""
-    noise = float(np.linalg.norm((reference.astype(np.float64) - actual.astype(np.float64)).ravel()))
-    signal = float(np.linalg.norm(reference.astype(np.float64).ravel()))
-    return float("inf") if noise == 0 else 20.0 * np.log10(signal / noise)
-
-
 def evaluate(runner, *, batch_size: int = 16) -> dict[str, float]:
     """top1_agreement and logit_sqnr_db of `runner` vs the FP32 torch model, over every view of
     every photo (18 photos x 6 views = 108 images)."""
@@ -161,7 +155,7 @@ def evaluate(runner, *, batch_size: int = 16) -> dict[str, float]:
     got = _run(runner, evaluation_images()[1], batch_size)
     return {
         "top1_agreement": float(np.mean(ref.argmax(axis=1) == got.argmax(axis=1))),
-        "logit_sqnr_db": sqnr_db(ref, got),
+        "logit_sqnr_db": sqnr_db(got, ref),
     }
 
 

@@ -9,7 +9,9 @@ consumer in dlopt handles one sample at a time.
 Sources (`load_calibration(spec, model)`):
 - `data.npz`: arrays named by input, first axis = samples (all samples of one array share a shape);
 - a folder of `.npz` files (each like the above, read in sorted name order; use one file per sample
-  when lengths vary) and/or `.npy` files (single-input models only: first axis = samples);
+  when lengths vary), or of `.npy` files (single-input models only: first axis = samples), or of
+  images (.jpg, .png ...: single-input image models; one sample per file, pre-processed as an
+  `ImagePreprocess` declares, see dlopt.images);
 - `model:NAME`: a reference model's own calibration set (`dlopt.models`), e.g. `model:minilm`.
 """
 
@@ -19,43 +21,17 @@ import contextlib
 import sys
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dlopt.errors import InputError
-
-Feeds = dict[str, np.ndarray]
+from dlopt.images import ImagePreprocess, ImageTarget, image_feeds, image_files, image_target
+from dlopt.inputs import Feeds, InputSpec, graph_inputs
+from dlopt.stage import config_to_dict
 
 DEFAULT_SAMPLE_COUNT = 100
-
-# ONNX TensorProto element type -> numpy dtype, for the inputs calibration data can feed
-_ONNX_TO_NUMPY = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64,
-                  9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a graph input accepts: element type and shape (ints for fixed dims, None for symbolic)."""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | None, ...]
-
-
-def graph_inputs(model) -> list[InputSpec]:
-    """The real inputs of an onnx.ModelProto (initializers listed as inputs in old opsets excluded)."""
-    inits = {t.name for t in model.graph.initializer}
-    specs = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
-        specs.append(InputSpec(vi.name, np.dtype(_ONNX_TO_NUMPY.get(tt.elem_type, np.float32)), dims))
-    return specs
 
 
 class CalibrationData:
@@ -115,12 +91,19 @@ class CalibrationData:
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "samples": len(self)}
 
+    @property
+    def needs_model(self) -> bool:
+        """True when samples can be read only once bound to the model (images, bare .npy arrays)."""
+        return False
+
 
 def load_calibration(spec: str | Path | CalibrationData | None, model=None, *,
-                     limit: int | None = None) -> CalibrationData | None:
+                     limit: int | None = None, image: ImagePreprocess | None = None) -> CalibrationData | None:
     """Turn a user's `--calibration` value into CalibrationData, checked against `model` if given.
 
-    `limit` caps the number of samples read (and sets how many a `model:NAME` set generates)."""
+    `limit` caps the number of samples read (and sets how many a `model:NAME` set generates);
+    `image` is how a folder of images becomes the model's input (dlopt.images; default: pixels/255,
+    RGB, the model's size and layout)."""
     if spec is None or isinstance(spec, CalibrationData):
         data = spec
     elif str(spec).startswith("model:"):
@@ -130,7 +113,7 @@ def load_calibration(spec: str | Path | CalibrationData | None, model=None, *,
         if not path.exists():
             raise InputError(f"calibration data {path} does not exist",
                              "give an .npz file, a folder of .npy/.npz files, or model:NAME")
-        data = _folder(path, limit) if path.is_dir() else _npz_file(path, limit)
+        data = _folder(path, limit, image) if path.is_dir() else _npz_file(path, limit)
     if data is not None and model is not None:
         data.bind(model)
     return data
@@ -209,6 +192,10 @@ def _npy_files(files: list[Path], source: str, limit: int | None) -> Calibration
 class _NpyData(CalibrationData):
     """Bare .npy arrays carry no input name: valid only for single-input models."""
 
+    @property
+    def needs_model(self) -> bool:
+        return self._specs is None
+
     def bind(self, model) -> CalibrationData:
         specs = graph_inputs(model)
         if len(specs) != 1:
@@ -220,16 +207,49 @@ class _NpyData(CalibrationData):
         return super().bind(model)
 
 
-def _folder(path: Path, limit: int | None) -> CalibrationData:
+class _ImageData(CalibrationData):
+    """Image files: which input they feed, at what size and layout, is known once bound to the model."""
+
+    def __init__(self, files: list[Path], source: str, limit: int | None, config: ImagePreprocess):
+        super().__init__(self._unbound, source=source, count=len(files), limit=limit)
+        self.files, self.image = files, config
+        self.target: ImageTarget | None = None
+
+    @property
+    def needs_model(self) -> bool:
+        return self.target is None
+
+    def _unbound(self) -> Iterator[Feeds]:
+        raise InputError(f"the images in {self.source} are read for a model: bind them to it first",
+                         "pass the model to load_calibration(spec, model)")
+
+    def bind(self, model) -> CalibrationData:
+        self.target = image_target(model, self.image, self.source)
+        self._open_stream = lambda: image_feeds(self.files, self.target, self.image)
+        return super().bind(model)
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        if self.target is not None:
+            described["images"] = {"input": self.target.name, "layout": self.target.layout,
+                                   "size": list(self.target.size), "channels": self.target.channels,
+                                   "preprocess": config_to_dict(self.image)}
+        return described
+
+
+def _folder(path: Path, limit: int | None, image: ImagePreprocess | None = None) -> CalibrationData:
     npz = sorted(path.glob("*.npz"))
     npy = sorted(path.glob("*.npy"))
-    if npz and npy:
-        raise InputError(f"calibration folder {path} mixes .npz and .npy files", "use one kind")
+    images = image_files(path)
+    if sum(map(bool, (npz, npy, images))) > 1:
+        raise InputError(f"calibration folder {path} mixes .npz, .npy and image files", "use one kind")
     if npy:
         return _npy_files(npy, str(path), limit)
+    if images:
+        return _ImageData(images, str(path), limit, image or ImagePreprocess())
     if not npz:
-        raise InputError(f"calibration folder {path} holds no .npz or .npy files",
-                         "put one .npz per sample (arrays named by input) in it")
+        raise InputError(f"calibration folder {path} holds no .npz, .npy or image files",
+                         "put one .npz per sample (arrays named by input), or images (.jpg/.png), in it")
     count = sum(_npz_sample_count(f) for f in npz)
 
     def stream() -> Iterator[Feeds]:
@@ -270,28 +290,25 @@ def _check_sample(feeds: Mapping[str, np.ndarray], specs: list[InputSpec], sourc
         if arr.ndim != len(spec.shape):
             raise InputError(
                 f"calibration data {source} (sample {index}): input {name!r} has shape {list(arr.shape)}, "
-                f"the model expects rank {len(spec.shape)} {_shape_text(spec.shape)}",
+                f"the model expects rank {len(spec.shape)} {spec.shape_text()}",
                 "the first axis of each array is the sample axis; each sample keeps the model's rank")
-        for axis, (got, want) in enumerate(zip(arr.shape, spec.shape)):
-            if want is not None and want > 0 and got != want:
+        for axis, got in enumerate(arr.shape):
+            want = spec.fixed(axis)
+            if want is not None and got != want:
                 raise InputError(
                     f"calibration data {source} (sample {index}): input {name!r} has shape {list(arr.shape)}, "
-                    f"the model expects {_shape_text(spec.shape)} (axis {axis} must be {want})",
+                    f"the model expects {spec.shape_text()} (axis {axis} must be {want})",
                     "resize or re-export the samples to the model's input shape")
-        if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind") and arr.dtype != spec.dtype:
-            raise InputError(
-                f"calibration data {source} (sample {index}): input {name!r} is {arr.dtype}, "
-                f"the model expects {spec.dtype}", f"convert the arrays with .astype({spec.dtype.name!r})")
-        if arr.dtype != spec.dtype:
+        if spec.dtype is not None and arr.dtype != spec.dtype:
+            if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
+                raise InputError(
+                    f"calibration data {source} (sample {index}): input {name!r} is {arr.dtype}, "
+                    f"the model expects {spec.dtype}", f"convert the arrays with .astype({spec.dtype.name!r})")
             feeds[name] = arr = arr.astype(spec.dtype)  # type: ignore[index]
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
             raise InputError(f"calibration data {source} (sample {index}): input {name!r} holds {bad} NaN or "
                              "infinite value(s)", "remove or fix those samples; calibration needs finite inputs")
-
-
-def _shape_text(shape: tuple[int | None, ...]) -> str:
-    return "[" + ", ".join("?" if d is None or d <= 0 else str(d) for d in shape) + "]"
 
 
 @contextlib.contextmanager

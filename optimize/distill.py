@@ -139,6 +139,11 @@ def check_data(data: DistillData, what: str) -> None:
         raise InputError(f"{what} is empty", "give at least one sample")
     if data.labels is not None and int(data.labels.shape[0]) != n:
         raise InputError(f"{what}: {int(data.labels.shape[0])} labels for {n} samples", "one label per sample")
+    for name, tensor in data.inputs.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int(tensor.numel() - torch.isfinite(tensor).sum())
+            raise InputError(f"{what}: input {name!r} holds {bad} NaN or infinite value(s)",
+                             "remove or fix those samples; training needs finite inputs")
 
 
 def check_compatible(teacher, student, data: DistillData, config: DistillConfig) -> tuple[int, ...]:

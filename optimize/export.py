@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import inspect
 import io
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -413,15 +414,10 @@ def compare_outputs(case: str, names: list[str], expected: list[np.ndarray], act
 
 def verify_onnx(model, source: ModelSource, cases: list[tuple[str, dict[str, Any]]], atol: float, rtol: float
                 ) -> list[OutputDiff]:
-    import onnxruntime as ort
+    from dlopt.sessions import cpu_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise StageError(f"ONNX Runtime cannot load the exported model: {e}",
-                         "try --exporter torchscript or another --opset") from e
+    session = cpu_session(model, threads=os.cpu_count() or 1, error=StageError,
+                          hint="try --exporter torchscript or another --opset")
     input_names = [i.name for i in session.get_inputs()]
     output_names = [o.name for o in session.get_outputs()]
     diffs = []

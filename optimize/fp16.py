@@ -25,7 +25,11 @@ from typing import Any, Literal
 import numpy as np
 
 from dlopt.errors import InputError, StageError
+from dlopt.fidelity import compare_sessions
+from dlopt.fidelity import report as fidelity_report
+from dlopt.inputs import model_feeds, parse_input_shapes, take_samples
 from dlopt.quiet import quiet_libraries
+from dlopt.sessions import cpu_session, feeds_for
 from dlopt.stage import StageResult, config_to_dict
 
 FP16_MAX = 65504.0
@@ -44,6 +48,7 @@ class Fp16Config:
     transformer_fusion: Literal["auto", "on", "off"] = "auto"  # auto: on for target cuda and BERT-like graphs
     check_samples: int = 8  # samples run to find overflowing nodes (synthetic inputs without data)
     max_rounds: int = 8  # convert -> run -> block rounds before giving up
+    input_shapes: tuple[str, ...] = ()  # NAME=DxD...: shapes of the synthetic inputs without data
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -71,19 +76,10 @@ def _name_nodes(model) -> None:
 
 
 def _session(model):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    # intermediate values must be the converted graph's own: no fusions that change precision
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    try:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise StageError(f"ONNX Runtime cannot load the FP16 model: {str(e).splitlines()[0][:300]}",
-                         "exclude the op type named above with exclude_ops, or report this model") from e
+    # basic optimizations only: intermediate values must be the converted graph's own, no fusions
+    # that change precision
+    return cpu_session(model, graph_opt_level="basic", error=StageError,
+                       hint="exclude the op type named above with exclude_ops, or report this model")
 
 
 def _with_all_outputs(model):
@@ -98,15 +94,6 @@ def _with_all_outputs(model):
                 extended.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
                 existing.add(name)
     return extended
-
-
-def _feeds_for(session, sample: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    names = {i.name for i in session.get_inputs()}
-    missing = names - set(sample)
-    if missing:
-        raise InputError(f"fp16: calibration data lacks inputs {sorted(missing)}",
-                         f"give arrays named {', '.join(sorted(names))}")
-    return {k: v for k, v in sample.items() if k in names}
 
 
 # Below this size an FP16 model is also run by onnx's reference evaluator (numpy, every op in FP16).
@@ -154,14 +141,14 @@ def _scan(model, feeds: list[Mapping[str, np.ndarray]], exact_fp16: bool = False
     stats: dict[str, tuple[float, bool, float]] = {}
     for sample in feeds:
         try:
-            values = session.run(None, _feeds_for(session, sample))
+            values = session.run(None, feeds_for(session, sample))
         except InputError:
             raise
         except Exception:  # the reference evaluator failed on this graph: ONNX Runtime it is
             if not isinstance(session, _ReferenceRunner):
                 raise
             session, exact = _session(_with_all_outputs(model)), False
-            values = session.run(None, _feeds_for(session, sample))
+            values = session.run(None, feeds_for(session, sample))
         for name, value in zip(names, values):
             if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.floating) or value.size == 0:
                 continue
@@ -363,29 +350,6 @@ def _first_non_finite(converted, source, fp16_stats, fp32_stats, blocked: Mappin
     return sources
 
 
-def _fidelity(reference_session, candidate_session, feeds) -> dict[str, dict[str, float]]:
-    names = [o.name for o in reference_session.get_outputs()]
-    out: dict[str, dict[str, float]] = {}
-    acc = {n: [0.0, 0.0, True] for n in names}
-    for sample in feeds:
-        ref = reference_session.run(None, _feeds_for(reference_session, sample))
-        got = candidate_session.run(None, _feeds_for(candidate_session, sample))
-        for name, a, b in zip(names, ref, got):
-            if not np.issubdtype(np.asarray(a).dtype, np.floating):
-                continue
-            a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-            acc[name][0] += float(np.square(a64).sum())
-            acc[name][1] += float(np.square(a64 - b64).sum()) if np.isfinite(b64).all() else float("inf")
-            acc[name][2] &= bool(np.isfinite(b64).all())
-    for name, (signal, noise, finite) in acc.items():
-        if signal == 0 and noise == 0:
-            continue
-        sqnr = float("inf") if noise == 0 else (float("-inf") if not np.isfinite(noise) else
-                                                 float(10 * np.log10(max(signal, 1e-300) / noise)))
-        out[name] = {"sqnr_db": round(sqnr, 2), "finite": finite}
-    return out
-
-
 def _looks_like_transformer(model) -> bool:
     from dlopt.optimize.preprocess import looks_like_transformer
 
@@ -417,16 +381,10 @@ def convert_fp16(model, config: Fp16Config = Fp16Config(), data: Iterable[Mappin
                          "it may already be FP16; give the FP32 model")
 
     notes: list[str] = []
-    feeds = []
-    if data is not None:
-        for sample in data:
-            feeds.append(dict(sample))
-            if len(feeds) >= config.check_samples:
-                break
+    feeds = take_samples(data, config.check_samples)
     if not feeds:
-        from dlopt.optimize.preprocess import synthetic_feeds
-
-        feeds = synthetic_feeds(source, count=min(config.check_samples, 2))
+        feeds = model_feeds(source, count=min(config.check_samples, 2),
+                            overrides=parse_input_shapes(config.input_shapes))
         notes.append("no calibration data: overflow checked on synthetic inputs only")
 
     fusion = None
@@ -437,13 +395,13 @@ def convert_fp16(model, config: Fp16Config = Fp16Config(), data: Iterable[Mappin
         fused, fusion = _fuse_for_cuda(source)
         if fusion["fused"]:
             reference, fused_outs = _session(source), _session(fused)
-            check = _fidelity(reference, fused_outs, feeds[:2])
-            if all(v["sqnr_db"] >= 60 for v in check.values()):  # fusions are exact up to float rounding
+            check = compare_sessions(reference, fused_outs, feeds[:2])
+            if all(v.sqnr_db >= 60 for v in check.values()):  # fusions are exact up to float rounding
                 source, use_ort_converter = fused, True
-                fusion["fp32_check_sqnr_db"] = {k: v["sqnr_db"] for k, v in check.items()}
+                fusion["fp32_check_sqnr_db"] = {k: v.sqnr_db for k, v in check.items()}
                 _name_nodes(source)
             else:
-                notes.append(f"transformer fusion changed the FP32 outputs ({check}); not used")
+                notes.append(f"transformer fusion changed the FP32 outputs ({fidelity_report(check)}); not used")
                 fusion = None
         else:
             notes.append("transformer fusion found nothing to fuse")
@@ -493,7 +451,7 @@ def convert_fp16(model, config: Fp16Config = Fp16Config(), data: Iterable[Mappin
         "fp16_check": "onnx reference evaluator (every op computed in FP16)" if fp16_stats["__exact__"][1] else
         "onnxruntime CPU (computes FP16 nodes in float: the FP32 range scan is what finds overflow)",
         "cast_fixes": cast_fixes,
-        "fidelity": {"samples": len(feeds), "outputs": _fidelity(reference, candidate, feeds)},
+        "fidelity": {"samples": len(feeds), "outputs": fidelity_report(compare_sessions(reference, candidate, feeds))},
         "notes": notes,
     }
     if config.target in ("cpu", "arm64") and not use_ort_converter:

@@ -52,7 +52,11 @@ from typing import Any, Literal
 import numpy as np
 
 from dlopt.errors import InputError, MissingDependencyError, StageError
+from dlopt.fidelity import compare_sessions, sqnr_from_energy
+from dlopt.fidelity import report as fidelity_report
+from dlopt.inputs import take_samples
 from dlopt.optimize.rounding import gptq_factor
+from dlopt.sessions import cpu_session, feeds_for
 from dlopt.stage import StageResult, config_to_dict
 
 ALGORITHMS = ("auto", "rtn", "mse", "hqq", "gptq")
@@ -585,7 +589,7 @@ def collect_hessians(model, nodes: list[Any], feeds: list[Mapping[str, np.ndarra
     sums: dict[str, np.ndarray] = {}
     rows: dict[str, int] = {}
     for sample in feeds:
-        values = dict(zip(names, session.run(None, _feed(session, sample))))
+        values = dict(zip(names, session.run(None, feeds_for(session, sample))))
         for name in inputs:
             x = values[name].astype(np.float64).reshape(-1, values[name].shape[-1])
             sums[name] = sums.get(name, 0.0) + x.T @ x
@@ -595,43 +599,13 @@ def collect_hessians(model, nodes: list[Any], feeds: list[Mapping[str, np.ndarra
 
 # -- running the float model -------------------------------------------------------------------------
 def _session(model):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    try:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise StageError(f"ONNX Runtime cannot load the model: {str(e).splitlines()[0][:300]}",
-                         "report this model") from e
-
-
-def _take(data: Iterable[Mapping[str, np.ndarray]] | None, count: int) -> list[dict[str, np.ndarray]]:
-    feeds = []
-    if data is None:
-        return feeds
-    for sample in data:
-        feeds.append(dict(sample))
-        if len(feeds) >= count:
-            break
-    return feeds
+    return cpu_session(model, error=StageError, hint="report this model")
 
 
 def _with_outputs(model, names: list[str]):
     from dlopt.optimize.preprocess import with_outputs
 
     return with_outputs(model, names)
-
-
-def _feed(session, sample: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    names = {i.name for i in session.get_inputs()}
-    missing = names - set(sample)
-    if missing:
-        raise InputError(f"calibration data lacks inputs {sorted(missing)}",
-                         f"give arrays named {', '.join(sorted(names))}")
-    return {k: v for k, v in sample.items() if k in names}
 
 
 def rank_sensitivity(model, nodes: list[Any], feeds: list[Mapping[str, np.ndarray]], block_size: int,
@@ -657,14 +631,13 @@ def rank_sensitivity(model, nodes: list[Any], feeds: list[Mapping[str, np.ndarra
     signal = {n.name: 0.0 for n in nodes}
     noise = {n.name: 0.0 for n in nodes}
     for sample in feeds:
-        values = dict(zip(names, session.run(None, _feed(session, sample))))
+        values = dict(zip(names, session.run(None, feeds_for(session, sample))))
         for node in nodes:
             x = values[node.input[0]].astype(np.float32)
             x = x.reshape(-1, x.shape[-1])
             signal[node.name] += float(np.square(x @ weights[node.name]).sum())
             noise[node.name] += float(np.square(x @ errors[node.name]).sum())
-    return {name: (float("inf") if noise[name] == 0 else 10 * np.log10(max(signal[name], 1e-30) / noise[name]))
-            for name in signal}
+    return {name: sqnr_from_energy(signal[name], noise[name]) for name in signal}
 
 
 # -- ORT's quantizer ----------------------------------------------------------------------------------
@@ -731,36 +704,6 @@ def _quantized_counts(model) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def output_fidelity(reference, candidate, feeds: list[Mapping[str, np.ndarray]]) -> dict[str, dict[str, float]]:
-    """Per float output: SQNR (dB) and cosine (mean, min over samples' rows) of candidate vs reference."""
-    ref_s, cand_s = _session(reference), _session(candidate)
-    names = [o.name for o in ref_s.get_outputs()]
-    sig = dict.fromkeys(names, 0.0)
-    err = dict.fromkeys(names, 0.0)
-    cos: dict[str, list[float]] = {n: [] for n in names}
-    finite = dict.fromkeys(names, True)
-    for sample in feeds:
-        for name, a, b in zip(names, ref_s.run(None, _feed(ref_s, sample)), cand_s.run(None, _feed(cand_s, sample))):
-            if not np.issubdtype(a.dtype, np.floating):
-                continue
-            a, b = a.astype(np.float64), b.astype(np.float64)
-            finite[name] &= bool(np.isfinite(b).all())
-            sig[name] += float(np.square(a).sum())
-            err[name] += float(np.square(a - b).sum())
-            a2, b2 = a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1), b.reshape(-1, b.shape[-1]) if b.ndim \
-                else b.reshape(1, 1)
-            den = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
-            cos[name] += list(np.where(den > 0, (a2 * b2).sum(1) / np.where(den > 0, den, 1), 1.0))
-    out = {}
-    for name in names:
-        if not cos[name]:
-            continue
-        sqnr = float("inf") if err[name] == 0 else float(10 * np.log10(max(sig[name], 1e-300) / err[name]))
-        out[name] = {"sqnr_db": round(sqnr, 2), "cosine_mean": round(float(np.mean(cos[name])), 5),
-                     "cosine_min": round(float(np.min(cos[name])), 5), "finite": finite[name]}
-    return out
-
-
 def _select_fallback(candidates: list[Any], sqnr: dict[str, float], fraction: float, params: dict[str, int]
                      ) -> list[str]:
     """The most sensitive nodes (lowest SQNR) whose weights fit in `fraction` of all candidate weights."""
@@ -804,7 +747,7 @@ def quantize_int4(model, config: Int4Config = Int4Config(), data: Iterable[Mappi
     if not candidates:
         raise InputError("int4: the model has no MatMul or Gemm with a constant 2-D float weight to quantize",
                          "4-bit weight-only quantization applies to linear layers; use --precision int8 or fp16")
-    feeds = _take(data, max(config.sensitivity_samples, config.gptq_samples))
+    feeds = take_samples(data, max(config.sensitivity_samples, config.gptq_samples))
     inits = _initializers(model)
     params = {n.name: int(np.prod(inits[n.input[1]].dims)) for n in candidates}
 
@@ -910,10 +853,11 @@ def quantize_int4(model, config: Int4Config = Int4Config(), data: Iterable[Mappi
         "notes": notes,
     }
     if feeds:
-        report["fidelity"] = {"samples": len(feeds), "outputs": output_fidelity(original, model, feeds)}
+        report["fidelity"] = {"samples": len(feeds),
+                              "outputs": fidelity_report(compare_sessions(_session(original), session, feeds))}
     report["seconds"] = round(time.perf_counter() - started, 2)
     return StageResult(model, report)
 
 
-__all__ = ["ALGORITHMS", "Int4Config", "collect_hessians", "dequantize_blocks", "gptq_blocks", "gptq_factor", "output_fidelity",
+__all__ = ["ALGORITHMS", "Int4Config", "collect_hessians", "dequantize_blocks", "gptq_blocks", "gptq_factor",
            "quantize_blocks", "quantize_blocks_mse", "quantize_int4", "rank_sensitivity"]

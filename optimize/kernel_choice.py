@@ -105,9 +105,9 @@ def time_layernorm_forms(hidden: int, config: KernelChoiceConfig = KernelChoiceC
     """Median microseconds of the fused and the unfused form on this host (one thread, CPU time of the
     calling thread, the two interleaved round by round), and the median per-round ratio fused/unfused."""
     from dlopt.bench import InterleavedSampler
-    from dlopt.optimize.preprocess import make_session
+    from dlopt.sessions import cpu_session
 
-    sessions = [make_session(m, threads=1) for m in _timing_models(hidden, config.rows)]
+    sessions = [cpu_session(m, threads=1) for m in _timing_models(hidden, config.rows)]
     rng = np.random.default_rng(1)
     feeds = {n: rng.standard_normal((1, config.rows, hidden)).astype(np.float32) for n in ("x", "skip")}
     for session in sessions:

@@ -14,7 +14,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from dlopt.optimize.calibration import Feeds, graph_inputs
+from dlopt.fidelity import within_tolerance
+from dlopt.inputs import Feeds, graph_inputs, model_feeds, parse_input_shapes, take_samples
+from dlopt.sessions import cpu_session, run_outputs
 from dlopt.stage import StageResult, config_to_dict
 
 Fusion = Literal["auto", "on", "off"]
@@ -33,17 +35,49 @@ class PreprocessConfig:
     constant_folding: bool = True
     batchnorm_folding: bool = True  # Conv -> BatchNormalization pairs become one Conv
     shape_inference: bool = True
+    # dynamic INT8: Gemm with a constant B rewritten as MatMul (+ Add), which ORT's dynamic quantizer has an
+    # integer kernel for (it quantizes MatMul, not Gemm: an MLP exported with Gemm would stay float)
+    gemm_to_matmul: bool = False
     check_samples: int = 2
     atol: float = 1e-4
     rtol: float = 1e-3
+    input_shapes: tuple[str, ...] = ()  # --input-shape NAME=DxD... for the synthetic check samples
 
 
 def looks_like_transformer(model) -> bool:
+    """Fused attention ops, or a Softmax, at least four MatMuls and token embeddings: an input named
+    input_ids or a table lookup of integer inputs (`embeds_tokens`). Not any Gather: exporters write
+    Shape -> Gather for every dynamic reshape, and integer inputs that are not token ids (indices,
+    steps, state counters) are no evidence of one either."""
     ops = [n.op_type for n in model.graph.node]
     if FUSED_TRANSFORMER_OPS & set(ops):
         return True
     names = {i.name for i in graph_inputs(model)}
-    return ops.count("Softmax") >= 1 and ops.count("MatMul") >= 4 and ("input_ids" in names or "Gather" in ops)
+    return (ops.count("Softmax") >= 1 and ops.count("MatMul") >= 4
+            and ("input_ids" in names or embeds_tokens(model)))
+
+
+def embeds_tokens(model) -> bool:
+    """Whether a graph input of integer type indexes a 2-D float table (a Gather on an initializer,
+    directly or through Cast/Reshape/Squeeze/Unsqueeze/Identity): a token embedding."""
+    from onnx import TensorProto
+
+    integer_inputs = {i.name for i in graph_inputs(model) if np.issubdtype(i.dtype, np.integer)}
+    tables = {t.name for t in model.graph.initializer
+              if len(t.dims) == 2 and t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type != "Gather" or node.input[0] not in tables:
+            continue
+        source = node.input[1]
+        for _ in range(4):
+            if source in integer_inputs:
+                return True
+            step = producer.get(source)
+            if step is None or step.op_type not in ("Cast", "Reshape", "Squeeze", "Unsqueeze", "Identity"):
+                break
+            source = step.input[0]
+    return False
 
 
 def op_counts(model) -> dict[str, int]:
@@ -62,79 +96,13 @@ def replace_nodes(graph, nodes) -> None:
     graph.node.extend(nodes)
 
 
-# -- running and comparing --------------------------------------------------------------------------
-def make_session(model, threads: int = 1, optimization: str = "all"):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                   "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
-    payload = model.SerializeToString() if model.ByteSize() < 2**31 - 1 else None
-    if payload is None:
-        raise ValueError("models over 2 GiB must be run from a file")
-    return ort.InferenceSession(payload, so, providers=["CPUExecutionProvider"])
-
-
-def synthetic_feeds(model, count: int = 2, seq_len: int = 16, seed: int = 0) -> list[Feeds]:
-    """Inputs for a numerical check when no data is given: token-like ids for integer inputs
-    (in [0, 1000), a mask of ones for names containing 'mask'), normal floats otherwise."""
-    rng = np.random.default_rng(seed)
-    feeds = []
-    for _ in range(count):
-        sample = {}
-        for spec in graph_inputs(model):
-            shape = tuple(d if d is not None and d > 0 else (1 if axis == 0 else seq_len)
-                          for axis, d in enumerate(spec.shape))
-            if np.issubdtype(spec.dtype, np.integer):
-                sample[spec.name] = (np.ones(shape, spec.dtype) if "mask" in spec.name
-                                     else rng.integers(0, 1000, shape).astype(spec.dtype))
-            elif spec.dtype == np.bool_:
-                sample[spec.name] = np.ones(shape, np.bool_)
-            else:
-                sample[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        feeds.append(sample)
-    return feeds
-
-
-def check_feeds(model, data: Iterable[Mapping[str, np.ndarray]] | None, count: int) -> list[Feeds]:
-    if data is not None:
-        taken = []
-        for feeds in data:
-            taken.append(dict(feeds))
-            if len(taken) >= count:
-                break
-        if taken:
-            return taken
-    return synthetic_feeds(model, count)
-
-
-def run_outputs(session, feeds_list: list[Feeds]) -> list[list[np.ndarray]]:
-    names = {i.name for i in session.get_inputs()}
-    return [session.run(None, {k: v for k, v in f.items() if k in names}) for f in feeds_list]
-
-
-def max_deviation(expected: list[list[np.ndarray]], actual: list[list[np.ndarray]], atol: float, rtol: float
-                  ) -> tuple[bool, float]:
-    """(within tolerance, largest absolute difference) over every output of every sample."""
-    ok, worst = True, 0.0
-    for exp_outs, act_outs in zip(expected, actual):
-        for e, a in zip(exp_outs, act_outs):
-            if e.shape != a.shape:
-                return False, float("inf")
-            if not np.issubdtype(e.dtype, np.floating):
-                ok &= bool(np.array_equal(e, a))
-                continue
-            diff = np.abs(e.astype(np.float64) - a.astype(np.float64))
-            if not np.all(np.isfinite(a) == np.isfinite(e)):
-                return False, float("inf")
-            diff = np.nan_to_num(diff)
-            worst = max(worst, float(diff.max(initial=0.0)))
-            ok &= bool(np.all(diff <= atol + rtol * np.abs(np.nan_to_num(e))))
-    return ok, worst
+# -- the samples every check runs on ------------------------------------------------------------------
+def check_feeds(model, data: Iterable[Mapping[str, np.ndarray]] | None, count: int,
+                input_shapes: tuple[str, ...] = ()) -> list[Feeds]:
+    """Up to `count` samples of `data`; without data, synthetic samples that the float model runs on
+    (dlopt.inputs; `input_shapes` as the user's `--input-shape` values)."""
+    taken = take_samples(data, count)
+    return taken or model_feeds(model, count=count, overrides=parse_input_shapes(input_shapes))
 
 
 # -- the steps ----------------------------------------------------------------------------------------
@@ -317,9 +285,67 @@ def _fold_batchnorm(model, config: PreprocessConfig):
     return folded_model, {"folded": count}
 
 
+def _gemm_to_matmul(model, config: PreprocessConfig):
+    """Each Gemm (transA 0) whose B is an initializer becomes MatMul(A, alpha*B') named like the Gemm
+    (so --exclude-nodes names still hold), plus Add(beta*C) when it has C. B' is B, or B transposed
+    for transB: the transposition is done once here, not per call."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    graph = rewritten.graph
+    inits = {t.name: t for t in graph.initializer}
+    nodes, count = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "Gemm" or attrs.get("transA", 0) or node.input[1] not in inits:
+            nodes.append(node)
+            continue
+        key = node.name or node.output[0]
+        b = numpy_helper.to_array(inits[node.input[1]])
+        b = (b.T if attrs.get("transB", 0) else b) * np.asarray(attrs.get("alpha", 1.0), b.dtype)
+        weight = f"{key}/matmul_weight"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(b), weight))
+        has_c = len(node.input) > 2 and node.input[2]
+        product = f"{key}/matmul_output" if has_c else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=node.name))
+        if has_c:
+            c = node.input[2]
+            beta = attrs.get("beta", 1.0)
+            if beta != 1.0:
+                if c not in inits:
+                    nodes.append(helper.make_node("Mul", [c, f"{key}/beta"], [f"{key}/scaled_c"],
+                                                  name=f"{key}/beta_scale"))
+                    graph.initializer.append(numpy_helper.from_array(np.asarray(beta, np.float32), f"{key}/beta"))
+                else:
+                    scaled = numpy_helper.to_array(inits[c]) * beta
+                    graph.initializer.append(numpy_helper.from_array(scaled.astype(np.float32), f"{key}/scaled_c"))
+                c = f"{key}/scaled_c"
+            nodes.append(helper.make_node("Add", [product, c], [node.output[0]], name=f"{key}/bias"))
+        count += 1
+    if not count:
+        return model, {"rewritten": 0}
+    replace_nodes(graph, nodes)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    has_subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                        for n in graph.node for a in n.attribute)
+    if not has_subgraphs:
+        for t in [t for t in graph.initializer if t.name not in used]:
+            graph.initializer.remove(t)
+    return rewritten, {"rewritten": count}
+
+
 def _infer_shapes(model, config: PreprocessConfig):
+    """ORT's symbolic inference where the graph has its contrib ops (fused transformers), which onnx's
+    own inference does not know; onnx's everywhere else: the symbolic one simplifies every Resize's
+    output size with sympy, which took 60 s on the PP-OCRv4 text detector (6 Resize nodes) against
+    under a second for onnx's, and the quantizer needs the element types, which both give."""
     import onnx
 
+    if not any(n.domain == "com.microsoft" for n in model.graph.node):
+        inferred = onnx.shape_inference.infer_shapes(model)
+        return inferred, {"engine": "onnx", "value_infos": len(inferred.graph.value_info)}
     try:
         # through the transformers helper: importing onnxruntime.tools imports torch (9 s)
         from onnxruntime.transformers.shape_infer_helper import SymbolicShapeInference
@@ -333,11 +359,41 @@ def _infer_shapes(model, config: PreprocessConfig):
     return inferred, {"engine": engine, "value_infos": len(inferred.graph.value_info)}
 
 
+def run_checked_steps(model, steps, config, feeds: list[Feeds], reference: list[list[np.ndarray]], atol: float,
+                      rtol: float) -> tuple[Any, list[dict[str, Any]]]:
+    """Apply each (name, step(model, config) -> (model, details)) in order on a copy; keep a step's
+    output only if it runs on `feeds` within atol + rtol*|reference| of `reference`, else report why
+    it was rejected and go on from its input. Returns (model, one report entry per step)."""
+    report_steps = []
+    current = model
+    for name, step in steps:
+        entry: dict[str, Any] = {"step": name}
+        try:
+            candidate, details = step(current, config)
+            entry.update(details)
+            if candidate is current:  # nothing to do: nothing to check
+                entry.update(applied=False, reason=entry.get("reason", "nothing to do"))
+                report_steps.append(entry)
+                continue
+            outputs = run_outputs(cpu_session(candidate, graph_opt_level="basic"), feeds)
+            ok, worst = within_tolerance(reference, outputs, atol, rtol)
+            entry["max_abs_diff"] = worst
+            entry["applied"] = ok
+            if ok:
+                current = candidate
+            else:
+                entry["reason"] = f"outputs moved by {worst:.3g} (> atol {atol}, rtol {rtol}): rejected"
+        except Exception as e:  # noqa: BLE001 - a failed optional step is reported, the model kept as it was
+            entry.update(applied=False, reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        report_steps.append(entry)
+    return current, report_steps
+
+
 def preprocess(model, config: PreprocessConfig = PreprocessConfig(),
                data: Iterable[Mapping[str, np.ndarray]] | None = None) -> StageResult:
     """Run the enabled steps in order (fusion, constant folding, shape inference), each checked."""
-    feeds = check_feeds(model, data, config.check_samples)
-    reference = run_outputs(make_session(model, optimization="basic"), feeds)
+    feeds = check_feeds(model, data, config.check_samples, config.input_shapes)
+    reference = run_outputs(cpu_session(model, graph_opt_level="basic"), feeds)
     steps: list[tuple[str, Any]] = []
     fuse = config.transformer_fusion == "on" or (config.transformer_fusion == "auto"
                                                  and looks_like_transformer(model))
@@ -347,34 +403,19 @@ def preprocess(model, config: PreprocessConfig = PreprocessConfig(),
         steps.append(("batchnorm_folding", _fold_batchnorm))
     if config.constant_folding:
         steps.append(("constant_folding", _fold_constants))
+    if config.gemm_to_matmul and any(n.op_type == "Gemm" for n in model.graph.node):
+        steps.append(("gemm_to_matmul", _gemm_to_matmul))
     if config.shape_inference:
         steps.append(("shape_inference", _infer_shapes))
 
-    report_steps = []
-    current = model
-    for name, step in steps:
-        entry: dict[str, Any] = {"step": name}
-        try:
-            candidate, details = step(current, config)
-            entry.update(details)
-            ok, worst = max_deviation(reference, run_outputs(make_session(candidate, optimization="basic"), feeds),
-                                      config.atol, config.rtol)
-            entry["max_abs_diff"] = worst
-            entry["applied"] = ok
-            if ok:
-                current = candidate
-            else:
-                entry["reason"] = f"outputs moved by {worst:.3g} (> atol {config.atol}, rtol {config.rtol}): rejected"
-        except Exception as e:  # noqa: BLE001 - a failed optional step is reported, the model kept as it was
-            entry.update(applied=False, reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        report_steps.append(entry)
+    current, report_steps = run_checked_steps(model, steps, config, feeds, reference, config.atol, config.rtol)
     report = {"config": config_to_dict(config), "steps": report_steps, "check_feeds": len(feeds),
               "ops_before": op_counts(model), "ops_after": op_counts(current)}
     return StageResult(current, report)
 
 
-__all__ = ["FUSED_TRANSFORMER_OPS", "PreprocessConfig", "check_feeds", "looks_like_transformer", "make_session",
-           "max_deviation", "op_counts", "preprocess", "replace_nodes", "run_outputs", "synthetic_feeds"]
+__all__ = ["FUSED_TRANSFORMER_OPS", "PreprocessConfig", "check_feeds", "embeds_tokens", "looks_like_transformer",
+           "op_counts", "preprocess", "replace_nodes", "run_checked_steps"]
 
 
 def with_outputs(model, names: list[str]):

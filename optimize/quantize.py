@@ -5,6 +5,11 @@ INT8 is implemented here on top of ONNX Runtime's quantization tools. What dlopt
   (`--mode auto`): dynamic per-channel on the fused graph for transformers on x86, static QDQ for
   CNNs, u8/s8 with reduce_range when the CPU lacks VNNI (its u8·s8 kernel saturates in 16 bits), s8/s8
   for ARM and for CUDA (TensorRT takes only symmetric int8);
+- graph normalization first (optimize/normalize.py): Constant-node weights to initializers, opset >= 13 for
+  per-channel scales, each checked; a failed upgrade means per-tensor weights, said in the recipe;
+- without calibration data, what works without it: dynamic for MatMul/Gemm models, weight-only int8
+  (optimize/weight_only.py) for conv models; weight-only also for what ORT's quantizers leave float
+  (GRU/RNN, and If/Loop/Scan bodies in static QDQ; dynamic enters them through ORT's EnableSubgraph);
 - checked pre-processing (optimize/preprocess.py);
 - calibration that streams: ORT's calibrators keep every activation of every sample in memory and
   stack them (which also fails on samples of different lengths). Here each sample is run and folded
@@ -35,20 +40,24 @@ import numpy as np
 from dlopt.errors import InputError, StageError
 from dlopt.optimize.calibration import CalibrationData, Feeds, progress_bar
 from dlopt.optimize.kernel_choice import LAYERNORM_FORMS, LayerNormForm
+from dlopt.optimize.normalize import NormalizeConfig, normalize
 from dlopt.optimize.rounding import LayerStatistics, collect_layer_statistics, refine_weights
-from dlopt.optimize.preprocess import (PreprocessConfig, check_feeds, looks_like_transformer, make_session,
-                                       op_counts, preprocess, replace_nodes, run_outputs)
+from dlopt.fidelity import compare_runs
+from dlopt.fidelity import report as fidelity_report
+from dlopt.optimize.preprocess import (PreprocessConfig, check_feeds, looks_like_transformer, op_counts, preprocess,
+                                       replace_nodes)
+from dlopt.sessions import cpu_session, run_outputs
 from dlopt.quiet import quiet_libraries
 from dlopt.stage import StageResult, config_to_dict
 
 PRECISIONS = ("int8", "int4", "fp16")
-MODES = ("auto", "dynamic", "static")
+MODES = ("auto", "dynamic", "static", "weight-only")
 METHODS = ("minmax", "entropy", "percentile")
 ROUNDINGS = ("auto", "nearest", "gptq")
 TARGETS = ("cpu", "cuda", "arm64", "mobile")
 
 Precision = Literal["int8", "int4", "fp16"]
-Mode = Literal["auto", "dynamic", "static"]
+Mode = Literal["auto", "dynamic", "static", "weight-only"]
 Method = Literal["minmax", "entropy", "percentile"]
 Target = Literal["cpu", "cuda", "arm64", "mobile"]
 Rounding = Literal["auto", "nearest", "gptq"]
@@ -73,6 +82,8 @@ class QuantizeConfig:
     max_accuracy_drop: float | None = None
     evaluator: str | None = None  # cosine | top1 | sqnr | model:NAME[:metric]; None: cosine or top1
     fidelity_samples: int = 32
+    input_shapes: tuple[str, ...] = ()  # NAME=DxD...: the shapes of synthetic inputs (--input-shape)
+    image: Any = None  # a dlopt.images.ImagePreprocess: how a folder of images is fed; None: its defaults
     leave_one_out_limit: int = 80  # budget: rank up to this many nodes by re-quantizing without each
     # SmoothQuant alpha for transformers with calibration data; None: off. Off by default: on MiniLM
     # (dynamic INT8, 7-bit weights, this AVX2 CPU) alpha 0.75 gave embedding cosine 0.9916 vs 0.9908
@@ -140,9 +151,9 @@ def cpu_features() -> CpuFeatures:
 
 @dataclass(frozen=True, kw_only=True)
 class Recipe:
-    mode: Literal["dynamic", "static"]
+    mode: Literal["dynamic", "static", "weight-only"]
     quant_format: Literal["QOperator", "QDQ"]
-    activation_type: Literal["u8", "s8"]
+    activation_type: Literal["u8", "s8", "float"]  # float: weight-only, activations are not quantized
     weight_type: Literal["u8", "s8"]
     per_channel: bool
     reduce_range: bool
@@ -155,18 +166,35 @@ class Recipe:
     reasons: tuple[str, ...] = ()
 
 
-def choose_recipe(model, config: QuantizeConfig, cpu: CpuFeatures | None = None, *, has_data: bool = True
-                  ) -> Recipe:
-    """The INT8 recipe for this model, target and CPU, with a reason for every choice."""
+def choose_recipe(model, config: QuantizeConfig, cpu: CpuFeatures | None = None, *, has_data: bool = True,
+                  normalization: Mapping[str, Any] | None = None) -> Recipe:
+    """The INT8 recipe for this model, target and CPU, with a reason for every choice.
+    `normalization`: the report of dlopt.optimize.normalize on this model (its opset upgrade)."""
+    from dlopt.optimize.normalize import PER_CHANNEL_OPSET, all_graphs, default_opset, upgrade_failure
+
     cpu = cpu or cpu_features()
     reasons = []
     transformer = looks_like_transformer(model)
-    ops = {n.op_type for n in model.graph.node}
-    kind = "transformer" if transformer else ("CNN" if "Conv" in ops else "MLP/other")
+    ops = {n.op_type for g in all_graphs(model.graph) for n in g.node}
+    convs = ops & {"Conv", "ConvTranspose"}
+    kind = "transformer" if transformer else ("CNN" if convs else "MLP/other")
     arm = config.target in ("arm64", "mobile") or cpu.machine in ("aarch64", "arm64")
     if config.mode != "auto":
         mode = config.mode
         reasons.append(f"mode {mode}: asked for")
+    elif not has_data and (config.target == "cuda" or (convs and not transformer)):
+        mode = "weight-only"
+        needs = ("the CUDA/TensorRT providers run static QDQ, not dynamic quantization, and static INT8"
+                 if config.target == "cuda" else f"static INT8 for this {kind} ({', '.join(sorted(convs))})")
+        reasons.append(f"weight-only: {needs} needs calibration data to set activation ranges (pass --calibration "
+                       "DATA: an .npz, a folder, or model:NAME); without it the weights are stored int8 and "
+                       "dequantized to float before each op: ~4x smaller weights, float compute, no speedup "
+                       "(ONNX Runtime runs each DequantizeLinear per call unless the session sets "
+                       "session.disable_quant_qdq=1)")
+    elif not has_data and not transformer:
+        mode = "dynamic"
+        reasons.append(f"dynamic: no calibration data, and this {kind} model's MatMul/Gemm layers need none: "
+                       "activations are quantized per call (--calibration DATA allows static QDQ)")
     elif config.target == "cuda":
         mode = "static"
         reasons.append("static QDQ: the CUDA/TensorRT providers run QDQ graphs, not dynamic quantization")
@@ -181,7 +209,11 @@ def choose_recipe(model, config: QuantizeConfig, cpu: CpuFeatures | None = None,
         mode = "static"
         reasons.append(f"static QDQ: {kind}; activation ranges calibrated once, no per-call quantize cost")
     fmt = "QOperator" if mode == "dynamic" else "QDQ"
-    if config.target == "cuda" or arm:
+    if mode == "weight-only":
+        act, wt, reduce = "float", "s8", False
+        reasons.append("s8 weights, full 8-bit range: they are dequantized to float, so no int8 kernel's "
+                       "accumulation limits apply")
+    elif config.target == "cuda" or arm:
         act, wt, reduce = "s8", "s8", False
         reasons.append("s8/s8: " + ("TensorRT takes symmetric int8 only" if config.target == "cuda"
                                     else "ARM int8 dot-product kernels are s8·s8"))
@@ -196,7 +228,19 @@ def choose_recipe(model, config: QuantizeConfig, cpu: CpuFeatures | None = None,
     if mode == "dynamic":
         act = "u8"  # DynamicQuantizeLinear produces u8 only
     per_channel = config.per_channel
-    reasons.append("per-channel weights" if per_channel else "per-tensor weights: asked for")
+    opset = default_opset(model)
+    before = (normalization or {}).get("opset", {}).get("before", opset)
+    if before < opset:
+        reasons.append(f"opset {before} upgraded to {opset} with onnx's version converter (checked: outputs "
+                       "equal to the original's)")
+    if per_channel and mode != "dynamic" and opset < PER_CHANNEL_OPSET:
+        per_channel = False
+        why = upgrade_failure(normalization)
+        reasons.append(f"per-tensor weights: opset {opset} has no per-channel DequantizeLinear (axis came in opset "
+                       f"{PER_CHANNEL_OPSET})" + (f", and the upgrade to opset {PER_CHANNEL_OPSET} was rejected: {why}"
+                                                  if why else ""))
+    else:
+        reasons.append("per-channel weights" if per_channel else "per-tensor weights: asked for")
     method = config.method or ("percentile" if transformer or kind == "CNN" else "minmax")
     # EfficientNet-Lite0 (GPTQ + bias correction): 99.99 -> 19.75 dB, 99.999 -> 19.43, 99.9 -> 17.46
     percentile = config.percentile or (99.99 if kind == "CNN" and not transformer else 99.999)
@@ -264,7 +308,7 @@ def smooth_activations(model, data: Iterable[Mapping[str, np.ndarray]], *, alpha
     if not groups:
         return model, {"smoothed_tensors": 0}
     tensors = sorted(groups)
-    session = make_session(_with_outputs(model, tensors), optimization="basic")
+    session = cpu_session(_with_outputs(model, tensors), graph_opt_level="basic")
     names = [o.name for o in session.get_outputs()]
     wanted = {i.name for i in session.get_inputs()}
     amax: dict[str, np.ndarray] = {}
@@ -383,6 +427,10 @@ def calibrate(model, data: Iterable[Mapping[str, np.ndarray]], *, method: Method
 def _default_op_types(recipe: Recipe) -> set[str]:
     from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 
+    from dlopt.optimize.weight_only import WEIGHT_INPUTS
+
+    if recipe.mode == "weight-only":
+        return set(WEIGHT_INPUTS)
     return set(IntegerOpsRegistry if recipe.mode == "dynamic" else QDQRegistry)
 
 
@@ -394,7 +442,9 @@ def _depthwise_weights(model, skip: set[str] = frozenset()) -> list[str]:
 
 
 def _check_exclusions(model, config: QuantizeConfig) -> None:
-    names = {n.name for n in model.graph.node}
+    from dlopt.optimize.normalize import all_graphs
+
+    names = {n.name for g in all_graphs(model.graph) for n in g.node}  # ORT's quantizers exclude in subgraphs too
     unknown = [n for n in config.exclude_nodes if n not in names]
     if unknown:
         sample = ", ".join(sorted(n.name for n in model.graph.node if n.name)[:5])
@@ -412,9 +462,18 @@ def quantize_int8(model, config: QuantizeConfig, recipe: Recipe, data: Calibrati
     from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
 
+    from dlopt.optimize.normalize import topological_sort
+    from dlopt.optimize.weight_only import WEIGHT_INPUTS, WeightOnlyConfig, quantize_weights_int8
+
     op_types = sorted(_default_op_types(recipe) - set(config.exclude_ops))
     excluded = sorted(set(config.exclude_nodes) | set(exclude_nodes))
     details: dict[str, Any] = {"op_types_to_quantize": op_types, "nodes_excluded": excluded}
+    weight_only = WeightOnlyConfig(per_channel=recipe.per_channel, exclude_nodes=tuple(excluded),
+                                   op_types=tuple(sorted(set(WEIGHT_INPUTS) - set(config.exclude_ops))))
+    if recipe.mode == "weight-only":
+        result = quantize_weights_int8(model, weight_only)
+        details.update(weight_only=result.report, ranges=ranges, layer_stats=layer_stats)
+        return result.model, details
     with tempfile.TemporaryDirectory(prefix="dlopt-quant-") as tmp:
         out = Path(tmp) / "quantized.onnx"
         common = dict(per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
@@ -422,8 +481,10 @@ def quantize_int8(model, config: QuantizeConfig, recipe: Recipe, data: Calibrati
                       op_types_to_quantize=op_types)
         with quiet_libraries():  # its "run pre-processing" advice: preprocess() did
             if recipe.mode == "dynamic":
+                # EnableSubgraph: If/Loop/Scan bodies are quantized too (ORT's QOperator quantizer only)
                 quantize_dynamic(model, str(out), extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT,
-                                                                 "MatMulConstBOnly": True}, **common)
+                                                                 "MatMulConstBOnly": True, "EnableSubgraph": True},
+                                 **common)
             else:
                 if ranges is None:
                     if data is None:
@@ -451,6 +512,14 @@ def quantize_int8(model, config: QuantizeConfig, recipe: Recipe, data: Calibrati
                                                **({"TensorQuantOverrides": overrides} if overrides else {})},
                                 **common)
         quantized = onnx.load_model(str(out))
+    topological_sort(quantized.graph)  # ORT appends outer quantize nodes after the If/Loop reading them
+    # What ORT's quantizers leave float: GRU/RNN (no integer kernel), LSTM where DynamicQuantizeLSTM did not
+    # apply, and, in static QDQ (whose quantizer does not enter subgraphs), every weight inside If/Loop/Scan
+    # bodies: their weights become int8 with a DequantizeLinear in front (weight-only).
+    leftovers = quantize_weights_int8(quantized, dataclasses.replace(weight_only, scope="leftovers"))
+    if leftovers.report["weights"]:
+        quantized = leftovers.model
+        details["weight_only"] = leftovers.report
     if recipe.mode == "static":
         details["float_nodes_shielded"] = shield_float_nodes(quantized, excluded + _excluded_by_op(quantized, config))
     if recipe.mode == "static" and (recipe.weight_rounding == "gptq" or recipe.bias_correction):
@@ -544,11 +613,14 @@ _QUANT_OPS = ("QLinear", "DynamicQuantize", "MatMulInteger", "ConvInteger", "QAt
 
 
 def quantized_nodes(model) -> dict[str, int]:
-    """Quantized compute by op type: QOperator ops by name; in QDQ graphs, each float op fed by a
-    DequantizeLinear is counted as 'QDQ:<op>'. Quantize/DequantizeLinear themselves are listed too."""
-    producer = {o: n for n in model.graph.node for o in n.output}
+    """Quantized compute by op type, subgraphs included: QOperator ops by name; in QDQ graphs, each
+    float op fed by a DequantizeLinear is counted as 'QDQ:<op>'. Quantize/DequantizeLinear themselves
+    are listed too."""
+    from dlopt.optimize.normalize import all_graphs
+
+    producer = {o: n for g in all_graphs(model.graph) for n in g.node for o in n.output}
     counts: dict[str, int] = {}
-    for node in model.graph.node:
+    for node in (n for g in all_graphs(model.graph) for n in g.node):
         key = None
         if node.op_type.startswith(_QUANT_OPS) or node.op_type in _QUANT_OPS:
             key = node.op_type
@@ -558,39 +630,6 @@ def quantized_nodes(model) -> dict[str, int]:
         if key:
             counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))
-
-
-def fidelity(reference_outputs: list[list[np.ndarray]], outputs: list[list[np.ndarray]], names: list[str]
-             ) -> dict[str, dict[str, float]]:
-    """Per output: SQNR in dB over all samples, row-wise cosine mean/min, top-1 agreement for 2-D outputs."""
-    result = {}
-    for i, name in enumerate(names):
-        ref = [r[i].astype(np.float64) for r in reference_outputs]
-        got = [o[i].astype(np.float64) for o in outputs]
-        if not np.issubdtype(reference_outputs[0][i].dtype, np.floating):
-            continue
-        signal = sum(float(np.sum(r * r)) for r in ref)
-        noise = sum(float(np.sum((r - g) ** 2)) for r, g in zip(ref, got))
-        finite = all(np.all(np.isfinite(g)) for g in got)
-        entry = {"sqnr_db": sqnr_db(signal, noise) if finite else float("-inf"), "finite": finite}
-        rows_r = np.concatenate([r.reshape(-1, r.shape[-1]) if r.ndim > 1 else r.reshape(1, -1) for r in ref])
-        rows_g = np.concatenate([g.reshape(-1, g.shape[-1]) if g.ndim > 1 else g.reshape(1, -1) for g in got])
-        denom = np.linalg.norm(rows_r, axis=1) * np.linalg.norm(rows_g, axis=1)
-        cos = np.sum(rows_r * rows_g, axis=1) / np.maximum(denom, 1e-30)
-        entry.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
-        unit_rows = np.allclose(np.linalg.norm(rows_r, axis=1), 1.0, atol=1e-3)  # an embedding, not logits
-        if rows_r.shape[1] > 1 and ref[0].ndim == 2 and not unit_rows:
-            entry["top1_agreement"] = float(np.mean(rows_r.argmax(1) == rows_g.argmax(1)))
-        result[name] = entry
-    return result
-
-
-def sqnr_db(signal: float, noise: float) -> float:
-    if noise <= 0:
-        return float("inf")
-    if signal <= 0:
-        return float("-inf")
-    return float(10 * np.log10(signal / noise))
 
 
 # -- the entry point --------------------------------------------------------------------------------------
@@ -609,7 +648,7 @@ def _dispatch_other(model, config: QuantizeConfig, data: CalibrationData | None)
         cls = getattr(impl, cls_name)
         names = {f.name for f in dataclasses.fields(cls)}
         common = {"block_size": config.block_size, "exclude_nodes": config.exclude_nodes,
-                  "exclude_ops": config.exclude_ops, "target": config.target}
+                  "exclude_ops": config.exclude_ops, "target": config.target, "input_shapes": config.input_shapes}
         sub = cls(**{k: v for k, v in common.items() if k in names})
     return getattr(impl, func)(model, sub, data)
 
@@ -627,7 +666,10 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
             data.limit = min(data.limit or config.calibration_samples, config.calibration_samples)
     if config.precision != "int8":
         _check_exclusions(model, config)
-        result = _dispatch_other(model, config, data)
+        source = model
+        if config.precision == "int4":  # MatMulNBits too quantizes initializers only; its op needs no opset 13
+            source = normalize(model, NormalizeConfig(min_opset=0, input_shapes=config.input_shapes), data).model
+        result = _dispatch_other(source, config, data)
         # the precision's own config (Int4Config / Fp16Config) beside the QuantizeConfig it was built from
         report = {**{k: v for k, v in result.report.items() if k != "config"}, "precision": config.precision,
                   "config": config_to_dict(config), f"{config.precision}_config": result.report.get("config")}
@@ -637,15 +679,21 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
         return StageResult(result_model, report)
 
     _check_exclusions(model, config)
-    recipe = choose_recipe(model, config, has_data=data is not None)
+    # Constant-node weights to initializers, opset >= 13: what ORT's quantizers assume, each step checked
+    normalized = normalize(model, NormalizeConfig(input_shapes=config.input_shapes), data)
+    if normalized.report["steps"]:
+        log("graph normalization: " + ", ".join(s["step"] + ("" if s["applied"] else " (not applied)")
+                                                for s in normalized.report["steps"]))
+    recipe = choose_recipe(normalized.model, config, has_data=data is not None, normalization=normalized.report)
     for reason in recipe.reasons:
         log(f"recipe: {reason}")
-    prepared, pre_report = model, None
+    prepared, pre_report = normalized.model, None
     if config.preprocess:
         log("pre-processing: " + ("transformer fusions, " if recipe.fuse_transformer else "")
             + "constant folding, shape inference (each checked against its input)")
-        pre = preprocess(model, PreprocessConfig(transformer_fusion="auto" if recipe.fuse_transformer else "off"),
-                         data)
+        pre = preprocess(prepared, PreprocessConfig(transformer_fusion="auto" if recipe.fuse_transformer else "off",
+                                                    gemm_to_matmul=recipe.mode == "dynamic",
+                                                    input_shapes=config.input_shapes), data)
         prepared, pre_report = pre.model, pre.report
         _check_exclusions(prepared, config)  # a fusion may have absorbed an excluded node
     smooth_report = None
@@ -666,7 +714,7 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
         details["nodes_excluded"] = budget["chosen"]["excluded"]
     report = {"precision": "int8", "config": config_to_dict(config),
               "recipe": dataclasses.asdict(recipe) | {"reasons": list(recipe.reasons)},
-              "preprocess": pre_report, "smoothing": smooth_report, **details}
+              "normalization": normalized.report, "preprocess": pre_report, "smoothing": smooth_report, **details}
     if budget is not None:
         report["budget"] = budget
     quantized, report["kernel_choice"] = _choose_kernels(quantized, config, log)
@@ -726,10 +774,10 @@ def _summary(original, quantized, data, config: QuantizeConfig, *, exact_arithme
     """Sizes, quantized nodes, fidelity vs the float model on this host's kernels and, with
     exact_arithmetic, also of the QDQ graph's own arithmetic: graph optimizations off, so ORT runs
     DequantizeLinear -> float op -> QuantizeLinear instead of its fused int8 kernels."""
-    feeds = check_feeds(original, data, config.fidelity_samples)
-    float_session = make_session(original)
+    feeds = check_feeds(original, data, config.fidelity_samples, config.input_shapes)
+    float_session = cpu_session(original)
     reference = run_outputs(float_session, feeds)
-    session = make_session(quantized)
+    session = cpu_session(quantized)
     outputs = run_outputs(session, feeds)
     names = [o.name for o in session.get_outputs()]
     if [o.name for o in original.graph.output] != names:
@@ -738,12 +786,13 @@ def _summary(original, quantized, data, config: QuantizeConfig, *, exact_arithme
     summary = {"bytes_before": original.ByteSize(), "bytes_after": quantized.ByteSize(),
                "quantized_nodes": quantized_nodes(quantized), "ops_after": op_counts(quantized),
                "fidelity": {"samples": len(feeds), "data": "calibration" if data is not None else "synthetic",
-                            "outputs": fidelity(reference, outputs, names)},
+                            "input_shapes": {k: list(np.shape(v)) for k, v in feeds[0].items()},
+                            "outputs": fidelity_report(compare_runs(reference, outputs, names))},
                "cpu": dataclasses.asdict(cpu_features())}
     if exact_arithmetic:
-        exact = run_outputs(make_session(quantized, optimization="none"), feeds)
+        exact = run_outputs(cpu_session(quantized, graph_opt_level="disable"), feeds)
         summary["fidelity_exact_arithmetic"] = {
-            "samples": len(feeds), "outputs": fidelity(reference, exact, names),
+            "samples": len(feeds), "outputs": fidelity_report(compare_runs(reference, exact, names)),
             "why": f"this x86 CPU has no VNNI: its int8 kernels overflow the full-range weights of the "
                    f"{config.target} recipe, so the fidelity above is this host's; the QDQ arithmetic itself, "
                    "what the target's int8 kernels compute, is below"}
@@ -789,7 +838,7 @@ def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike, conf
         not str(calibration).startswith("model:") else None
     guard_outputs([src, calibration_path], [out, report_path])
     model = load_onnx(src)
-    data = load_calibration(calibration, model, limit=config.calibration_samples)
+    data = load_calibration(calibration, model, limit=config.calibration_samples, image=config.image)
     result = quantize(model, config, data, progress=progress, log=log)
     # The model and its report are renamed into place together: never a new model beside an old report.
     with staged_outputs() as outputs:
@@ -818,12 +867,22 @@ def summary_text(report: Mapping[str, Any]) -> str:
         lines += [f"  - {r}" for r in recipe["reasons"]]
     else:
         lines.append(f"recipe: {report.get('precision')}")
+    for step in (report.get("normalization") or {}).get("steps", []):
+        state = "applied" if step["applied"] else f"not applied ({step.get('reason', '')})"
+        lines.append(f"graph normalization {step['step']}: {state}"
+                     + (f" ({step['moved']} tensors)" if step["applied"] and "moved" in step else "")
+                     + (f" (opset {step['from']} -> {step['to']})" if step["applied"] and "to" in step else ""))
     pre = report.get("preprocess")
     if pre:
         for step in pre["steps"]:
             state = "applied" if step["applied"] else f"skipped ({step.get('reason', '')})"
             extra = f" {step['fused']}" if step.get("fused") else ""
             lines.append(f"pre-processing {step['step']}: {state}{extra}")
+    wo = report.get("weight_only")
+    if wo:
+        lines.append(f"weight-only int8 ({'per-channel' if wo['per_channel'] else 'per-tensor'}): {wo['weights']} "
+                     f"weights of {', '.join(f'{k} {v}' for k, v in wo['nodes'].items())}, "
+                     f"{wo['float_bytes'] / 1e6:.2f} MB -> {wo['int8_bytes'] / 1e6:.2f} MB; compute stays float")
     q = report.get("quantized_nodes", {})
     lines.append("quantized nodes: " + (", ".join(f"{k} {v}" for k, v in q.items()) or "none"))
     if report.get("nodes_excluded"):
@@ -876,14 +935,12 @@ __all__ = [
     "calibrate",
     "choose_recipe",
     "cpu_features",
-    "fidelity",
     "host_kernels_inexact",
     "quantize",
     "quantize_file",
     "quantize_int8",
     "quantized_nodes",
     "speed_check",
-    "sqnr_db",
     "summary_text",
     "validate_config",
 ]

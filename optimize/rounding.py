@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from dlopt.optimize.calibration import progress_bar
-from dlopt.optimize.preprocess import make_session
+from dlopt.sessions import cpu_session
 
 REFINED_OPS = ("Conv", "Gemm")
 
@@ -132,7 +132,7 @@ def collect_layer_statistics(model, data: Iterable[Mapping[str, np.ndarray]], *,
     stats = LayerStatistics({}, {}, {}, 0)
     if not nodes:
         return stats
-    session = make_session(with_outputs(model, tensors), optimization="basic")
+    session = cpu_session(with_outputs(model, tensors), graph_opt_level="basic")
     wanted = {i.name for i in session.get_inputs()}
     skip: set[str] = set()
     with one_blas_thread(), progress_bar(samples, "layer statistics", progress) as advance:

@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from dlopt.errors import InputError
-from dlopt.optimize.preprocess import check_feeds, make_session, run_outputs, with_outputs
+from dlopt.fidelity import cosine_per_sample, sample_rows
+from dlopt.optimize.preprocess import check_feeds, with_outputs
+from dlopt.sessions import cpu_session, run_outputs
 
 FIDELITY_EVALUATORS = ("cosine", "top1", "sqnr")
 
@@ -47,31 +49,31 @@ def _first_float_output(outputs: list[list[np.ndarray]]) -> int:
 
 
 def build_evaluator(spec: str | None, original, data: Iterable[Mapping[str, np.ndarray]] | None,
-                    samples: int = 32) -> Evaluator:
+                    samples: int = 32, input_shapes: tuple[str, ...] = ()) -> Evaluator:
+    """cosine, top1 and sqnr compare the first float output with the float model's, per sample as
+    dlopt.fidelity defines it; model:NAME[:metric] runs a reference model's evaluator."""
     spec = spec or "cosine"
     if spec.startswith("model:"):
         return _reference_evaluator(spec)
     if spec not in FIDELITY_EVALUATORS:
         raise InputError(f"unknown evaluator {spec!r}",
                          f"choose {', '.join(FIDELITY_EVALUATORS)} or model:NAME[:metric]")
-    feeds = check_feeds(original, data, samples)
-    reference = run_outputs(make_session(original), feeds)
+    feeds = check_feeds(original, data, samples, input_shapes)
+    reference = run_outputs(cpu_session(original), feeds)
     index = _first_float_output(reference)
     ref = [r[index].astype(np.float64) for r in reference]
 
     def score(model) -> float:
-        got = [o[index].astype(np.float64) for o in run_outputs(make_session(model), feeds)]
+        got = [o[index].astype(np.float64) for o in run_outputs(cpu_session(model), feeds)]
         if not all(np.all(np.isfinite(g)) for g in got):
             return float("-inf")
         if spec == "sqnr":
             noise = sum(float(np.sum((r - g) ** 2)) for r, g in zip(ref, got))
             return 1.0 - noise / max(sum(float(np.sum(r * r)) for r in ref), 1e-30)
-        rows_r = np.concatenate([r.reshape(-1, r.shape[-1]) for r in ref])
-        rows_g = np.concatenate([g.reshape(-1, g.shape[-1]) for g in got])
         if spec == "top1":
-            return float(np.mean(rows_r.argmax(1) == rows_g.argmax(1)))
-        denom = np.maximum(np.linalg.norm(rows_r, axis=1) * np.linalg.norm(rows_g, axis=1), 1e-30)
-        return float(np.mean(np.sum(rows_r * rows_g, axis=1) / denom))
+            return float(np.mean(np.concatenate([sample_rows(r).argmax(1) == sample_rows(g).argmax(1)
+                                                 for r, g in zip(ref, got)])))
+        return float(np.mean(np.concatenate([cosine_per_sample(g, r) for r, g in zip(ref, got)])))
 
     return Evaluator(spec, score, 1.0)
 
@@ -86,7 +88,7 @@ def _reference_evaluator(spec: str) -> Evaluator:
         raise InputError(f"reference model {ref.name!r} has no metric {metric!r}", f"known: {', '.join(ref.metrics)}")
 
     def score(model) -> float:
-        return float(ref.evaluate(onnx_runner(make_session(model)))[metric])
+        return float(ref.evaluate(onnx_runner(cpu_session(model)))[metric])
 
     # the baseline is filled in by the caller from the float model (one evaluation)
     return Evaluator(f"model:{ref.name}:{metric}", score, float("nan"))
@@ -114,8 +116,8 @@ def node_sensitivity(float_model, quantized, feeds: list[dict[str, np.ndarray]],
     # candidate; its own noise is just not measurable here (leave_one_out measures it)
     tensors = sorted({t for node, inputs in nodes for t in [node.output[0], *inputs] if t in q_tensors})
     float_probe, quant_probe = with_outputs(float_model, tensors), with_outputs(quantized, tensors)
-    float_outs = run_outputs(make_session(float_probe, optimization="basic"), feeds)
-    quant_outs = run_outputs(make_session(quant_probe, optimization="basic"), feeds)
+    float_outs = run_outputs(cpu_session(float_probe, graph_opt_level="basic"), feeds)
+    quant_outs = run_outputs(cpu_session(quant_probe, graph_opt_level="basic"), feeds)
     f_names = [o.name for o in float_probe.graph.output]
     q_names = [o.name for o in quant_probe.graph.output]
     signal: dict[str, float] = {}
@@ -153,12 +155,12 @@ def leave_one_out(ranked: list[dict[str, Any]], original, prepared, config, reci
     most although their local noise is small."""
     from dlopt.optimize.quantize import quantize_int8
 
-    reference = run_outputs(make_session(original), feeds)
+    reference = run_outputs(cpu_session(original), feeds)
     index = _first_float_output(reference)
     signal = sum(float(np.sum(r[index].astype(np.float64) ** 2)) for r in reference)
 
     def output_noise(model) -> float:
-        outs = run_outputs(make_session(model), feeds)
+        outs = run_outputs(cpu_session(model), feeds)
         return sum(float(np.sum((r[index].astype(np.float64) - o[index]) ** 2)) for r, o in zip(reference, outs)) / signal
 
     for i, entry in enumerate(ranked, 1):
@@ -174,7 +176,7 @@ def leave_one_out(ranked: list[dict[str, Any]], original, prepared, config, reci
 # -- the search --------------------------------------------------------------------------------------
 def cpu_latency_ms(model, feeds: dict[str, np.ndarray], repeats: int = 5) -> float:
     """Median one-thread CPU time of one run: a quick ranking figure, not a benchmark."""
-    session = make_session(model, threads=1)
+    session = cpu_session(model, threads=1)
     names = {i.name for i in session.get_inputs()}
     feeds = {k: v for k, v in feeds.items() if k in names}
     session.run(None, feeds)
@@ -193,11 +195,12 @@ def meet_budget(original, prepared, quantized, config, recipe, data, *, ranges=N
     Returns the report entry with the chosen model under 'model' (popped by the caller)."""
     from dlopt.optimize.quantize import _default_op_types, quantize_int8
 
-    evaluator = build_evaluator(config.evaluator, original, data, config.fidelity_samples)
+    evaluator = build_evaluator(config.evaluator, original, data, config.fidelity_samples,
+                                input_shapes=config.input_shapes)
     baseline = evaluator.baseline
     if baseline != baseline:  # a reference model's metric: measure the float model once
         baseline = evaluator.score(original)
-    feeds = check_feeds(original, data, min(config.fidelity_samples, 8))
+    feeds = check_feeds(original, data, min(config.fidelity_samples, 8), config.input_shapes)
     log(f"budget: {evaluator.name} drop <= {config.max_accuracy_drop} (FP32 {baseline:.4f})")
     candidates: list[dict[str, Any]] = []
     models: dict[int, Any] = {}

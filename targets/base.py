@@ -25,9 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from dlopt.errors import InputError, TargetUnavailableError
-
-GRAPH_OPT_LEVELS = ("disable", "basic", "extended", "all")
-CPU_PROVIDER = "CPUExecutionProvider"
+from dlopt.sessions import CPU_PROVIDER, session_options
 
 
 @dataclass(frozen=True)
@@ -166,11 +164,6 @@ class Target:
         `profile_prefix`: ONNX Runtime's profiler on, its trace written under this prefix (dlopt.profile)."""
         import onnxruntime as ort
 
-        if threads < 1:
-            raise InputError(f"threads must be at least 1, got {threads}", "pass --threads 1 or more")
-        if graph_opt_level not in GRAPH_OPT_LEVELS:
-            raise InputError(f"unknown graph optimization level {graph_opt_level!r}",
-                             f"choose one of {', '.join(GRAPH_OPT_LEVELS)}")
         fallback_only = False
         if check_available:
             ok, reason = self.is_available()
@@ -178,7 +171,7 @@ class Target:
                 if not allow_fallback:
                     self.require_available()
                 fallback_only = True  # allowed: build it on the CPU, labelled as such
-        options = _session_options(threads, graph_opt_level)
+        options = session_options(threads=threads, graph_opt_level=graph_opt_level)
         for dim_name, size in (free_dimensions or {}).items():
             options.add_free_dimension_override_by_name(dim_name, int(size))
         if profile_prefix is not None:
@@ -225,21 +218,3 @@ class Target:
     def bind(self, handle: TargetSession, feeds: Mapping[str, np.ndarray]) -> BoundRun:
         """Place `feeds` on the session's device once; the returned callable runs the model."""
         return BoundRun(handle, feeds)
-
-
-def _session_options(threads: int, graph_opt_level: str):
-    import onnxruntime as ort
-
-    levels = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = levels[graph_opt_level]
-    options.log_severity_level = 3  # errors only: provider warnings are turned into our own errors
-    return options

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from dlopt.bench import (BenchConfig, InputSpec, InterleavedSampler, benchmark, feeds_from_data, format_result,
-                         make_inputs, parse_batch_sizes, parse_duration, resolve_shape)
+from dlopt.bench import BenchConfig, InterleavedSampler, benchmark, format_result, parse_batch_sizes, parse_duration
+from dlopt.inputs import InputSpec, feeds_from_arrays, make_feeds, resolve_shapes
 from dlopt.cli import main
 from dlopt.errors import InputError
 
@@ -121,41 +121,42 @@ def test_warm_up_is_capped_and_says_it_did_not_settle():
 
 
 def test_generated_inputs_follow_the_metadata():
-    specs = [InputSpec("input_ids", "tensor(int64)", ("batch", "seq")),
-             InputSpec("attention_mask", "tensor(int64)", ("batch", "seq")),
-             InputSpec("token_type_ids", "tensor(int64)", ("batch", "seq")),
-             InputSpec("pixel", "tensor(float)", (None, 3, 4, 4)),
-             InputSpec("half", "tensor(float16)", ("batch", 8)), InputSpec("flag", "tensor(bool)", ("batch",))]
-    feeds = make_inputs(specs, batch=2, seq_len=7, seed=1)
+    specs = [InputSpec("input_ids", np.dtype(np.int64), ("batch", "seq")),
+             InputSpec("attention_mask", np.dtype(np.int64), ("batch", "seq")),
+             InputSpec("token_type_ids", np.dtype(np.int64), ("batch", "seq")),
+             InputSpec("pixel", np.dtype(np.float32), (None, 3, 4, 4)),
+             InputSpec("half", np.dtype(np.float16), ("batch", 8)), InputSpec("flag", np.dtype(np.bool_), ("batch",))]
+    shapes = resolve_shapes(specs, batch=2, seq_len=7)
+    feeds = make_feeds(specs, shapes, seed=1)
     assert feeds["half"].dtype == np.float16 and feeds["half"].shape == (2, 8)  # FP16 models (CUDA)
     assert feeds["flag"].dtype == np.bool_ and feeds["flag"].all()
     assert feeds["input_ids"].shape == (2, 7) and feeds["input_ids"].dtype == np.int64
     assert 0 <= feeds["input_ids"].min() and feeds["input_ids"].max() < 1000
     assert np.all(feeds["attention_mask"] == 1) and np.all(feeds["token_type_ids"] == 0)
     assert feeds["pixel"].shape == (2, 3, 4, 4) and feeds["pixel"].dtype == np.float32
-    again = make_inputs(specs[::-1], batch=2, seq_len=7, seed=1)  # order of inputs does not matter
+    again = make_feeds(specs[::-1], shapes, seed=1)  # order of inputs does not matter
     np.testing.assert_array_equal(again["pixel"], feeds["pixel"])
-    other = make_inputs(specs, batch=2, seq_len=7, seed=2)
+    other = make_feeds(specs, shapes, seed=2)
     assert not np.array_equal(other["pixel"], feeds["pixel"])
 
 
 def test_fixed_batch_axis_is_respected():
-    spec = InputSpec("image", "tensor(float)", (1, 3, 8, 8))
-    assert resolve_shape(spec, 1, 128) == (1, 3, 8, 8)
+    spec = InputSpec("image", np.dtype(np.float32), (1, 3, 8, 8))
+    assert resolve_shapes([spec], batch=1, seq_len=128) == {"image": (1, 3, 8, 8)}
     with pytest.raises(InputError, match="fixed batch of 1, cannot run batch 8"):
-        resolve_shape(spec, 8, 128)
+        resolve_shapes([spec], batch=8, seq_len=128)
 
 
 def test_feeds_from_data_checks_names_types_and_shapes():
-    specs = [InputSpec("x", "tensor(float)", ("batch", 4))]
-    out = feeds_from_data(specs, {"x": np.ones((3, 4), np.float64)}, "d.npz")
+    specs = [InputSpec("x", np.dtype(np.float32), ("batch", 4))]
+    out = feeds_from_arrays(specs, {"x": np.ones((3, 4), np.float64)}, "d.npz")
     assert out["x"].dtype == np.float32
     with pytest.raises(InputError, match="d.npz has no array 'x'"):
-        feeds_from_data(specs, {"y": np.ones((3, 4))}, "d.npz")
+        feeds_from_arrays(specs, {"y": np.ones((3, 4))}, "d.npz")
     with pytest.raises(InputError, match="has shape \\[3, 5\\]"):
-        feeds_from_data(specs, {"x": np.ones((3, 5), np.float32)}, "d.npz")
+        feeds_from_arrays(specs, {"x": np.ones((3, 5), np.float32)}, "d.npz")
     with pytest.raises(InputError, match="is int64, the model wants float32|is float"):
-        feeds_from_data([InputSpec("x", "tensor(int64)", ("b",))], {"x": np.ones(3, np.float32)}, "d.npz")
+        feeds_from_arrays([InputSpec("x", np.dtype(np.int64), ("b",))], {"x": np.ones(3, np.float32)}, "d.npz")
 
 
 @pytest.mark.parametrize("text, seconds", [("30", 30.0), ("30s", 30.0), ("1.5m", 90.0), ("250ms", 0.25)])
@@ -241,10 +242,63 @@ def test_profile_drops_the_warm_up_runs():
 
 
 def test_budget_bounds_the_run(chains):
+    seen = []
     start = time.perf_counter()
-    result = benchmark([chains[0]], BenchConfig(budget_s=1.0, min_rounds=5, n_boot=200))
-    assert time.perf_counter() - start < 6.0
-    assert result.batches[0].rounds >= 5 and result.batches[0].seconds < 2.0
+    result = benchmark([chains[0]], BenchConfig(budget_s=1.0, min_rounds=5, n_boot=200),
+                       progress=lambda what, fraction: seen.append((what, fraction)))
+    assert time.perf_counter() - start < 1.1
+    assert result.batches[0].rounds >= 5 and result.batches[0].seconds < 1.0
+    # the progress shows the time left, and its fraction is the budget's share spent
+    assert seen and all(what.endswith(" s left") for what, _ in seen)
+    fractions = [f for _, f in seen]
+    assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1.0
+
+
+def test_a_sub_millisecond_model_keeps_the_budget_and_gets_a_ci_of_real_width(chains, schema):
+    """Everything (sessions, warm-up, rounds, bootstrap) ends within the budget + 10 %; runs of
+    microseconds are timed in groups, so the ratio's CI has width, and stored samples stay capped."""
+    config = BenchConfig(budget_s=2.0, max_samples=200)
+    start = time.perf_counter()
+    result = benchmark([chains[0], chains[1]], config, started=start)
+    wall = time.perf_counter() - start
+    assert wall <= 2.2, f"{wall:.2f} s for a 2 s budget"
+    b = result.batches[0]
+    assert b.models[0].summaries["cpu"].median < 1e-3  # the model is sub-millisecond per run
+    assert b.runs_per_sample > 1 and b.models[0].summaries["cpu"].median * b.runs_per_sample >= 0.9e-3
+    assert b.samples <= 200 and b.rounds >= b.samples  # merged past the cap, every round still counted
+    assert b.rounds >= config.min_rounds
+    ratio = b.models[1].ratios["cpu"]
+    assert ratio.high > ratio.low and 1.4 < ratio.estimate < 3.6, ratio
+    data = result.to_dict()
+    jsonschema.validate(data, schema)
+    entry = data["batches"][0]
+    assert entry["runs_per_sample"] == b.runs_per_sample and entry["samples"] == b.samples
+    assert len(entry["results"][1]["samples_ms"]["cpu"]) == b.samples
+    assert f"each sample the mean of {b.runs_per_sample} runs" in format_result(result)
+
+
+def test_stored_samples_are_capped_by_merging_adjacent_rounds():
+    m = _FakeMachine({"A": 1.0, "B": 3.0})
+    costs = iter(range(1, 100))
+
+    def a():
+        m.calls.append("A")
+        m.now += next(costs)
+    sampler = InterleavedSampler([a, m.runner("B")], clock=m.clock, max_samples=4)
+    sampler.run_rounds(9)
+    # rounds 1-4 fill the cap and merge pairwise (1.5, 3.5); then each sample is the mean of two rounds
+    # (5.5, 7.5), the cap is full again and merges (2.5, 6.5); round 9 starts a sample of four rounds
+    assert sampler.timed_rounds == 9 and sampler.merged == 4 and sampler.rounds == 2
+    np.testing.assert_allclose(sampler.samples(0, "wall"), [2.5, 6.5])
+    np.testing.assert_allclose(sampler.samples(1, "wall"), [3.0, 3.0])
+    assert sampler.ratio(1, "wall", n_boot=100).n == 2  # pairs stay pairs
+
+
+def test_run_for_does_not_start_a_round_that_would_end_past_its_time():
+    sampler = InterleavedSampler([lambda: time.sleep(0.15)])
+    start = time.perf_counter()
+    sampler.run_for(0.5)
+    assert time.perf_counter() - start <= 0.5 and sampler.rounds == 3
 
 
 def test_cli_bench_table_and_json(chains, schema, tmp_path):

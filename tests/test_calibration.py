@@ -95,7 +95,7 @@ BAD = [
      two_input_model, "'ids' is float32, the model expects int64"),
     (lambda d: d / "missing.npz", two_input_model, "does not exist"),
     (lambda d: (d / "bad.npz").write_bytes(b"garbage") and d / "bad.npz", two_input_model, "not a readable .npz"),
-    (lambda d: (d / "empty").mkdir() or d / "empty", two_input_model, "holds no .npz or .npy"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", two_input_model, "holds no .npz, .npy or image files"),
     (lambda d: (d / "one").mkdir() or np.save(d / "one" / "a.npy", np.ones((2, 4))) or d / "one", two_input_model,
      "model has 2 inputs"),
     (lambda d: "model:no-such-model", two_input_model, "unknown reference model 'no-such-model'"),

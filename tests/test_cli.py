@@ -100,8 +100,14 @@ def test_wheel_carries_the_mapped_packages(tmp_path):
     wheel, = tmp_path.glob("dlopt-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("dlopt/__init__.py", "dlopt/cli/__init__.py", "dlopt/optimize/export.py",
-                   "dlopt/targets/__init__.py", "dlopt/models/__init__.py"):
+                   "dlopt/targets/__init__.py", "dlopt/models/__init__.py", "dlopt/schemas/manifest.schema.json",
+                   "dlopt/schemas/bench.schema.json"):
         assert module in names
+    # no setuptools warnings of the project's own making (license form, undeclared packages)
+    log = run.stdout + run.stderr
+    for warning in ("project.license` as a TOML table is deprecated", "is absent from the `packages` configuration",
+                    "SetuptoolsDeprecationWarning"):
+        assert warning not in log
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
 
 

@@ -10,7 +10,8 @@ from onnx import TensorProto, helper
 
 from dlopt.cli import main
 from dlopt.errors import InputError
-from dlopt.evaluate import EvalConfig, cosine, evaluate_data, evaluate_reference_model, mse, sqnr_db, top1
+from dlopt.evaluate import EvalConfig, evaluate_data, evaluate_reference_model, top1
+from dlopt.fidelity import cosine, mse, sqnr_db
 
 
 def _scale_model(path, factor: float, noise: float = 0.0):

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dlopt.cli import main
 from dlopt.errors import InputError
 from dlopt.gate import (
+    MIN_SAMPLE_S,
     Check,
     GateConfig,
     GateResult,
@@ -132,7 +133,7 @@ class _WarmedSampler:
 @pytest.mark.parametrize("latencies, runs", [((0.050, 0.060), 1), ((0.004, 0.004), 2), ((0.0001, 0.0004), 50),
                                              ((1e-7, 1e-6), 1000)])
 def test_fast_models_are_timed_in_groups_of_runs(latencies, runs):
-    assert runs_per_sample(_WarmedSampler(*latencies), "cpu") == runs
+    assert runs_per_sample(_WarmedSampler(*latencies), "cpu", MIN_SAMPLE_S) == runs
     calls = []
     Repeated(lambda: calls.append(1), runs)()
     assert len(calls) == runs

@@ -331,20 +331,20 @@ def test_int8_keeps_integer_index_arithmetic_integer():
 def test_a_reference_torch_source_gives_real_samples():
     """`--torch-source fashion-cnn` (a reference model): the verification samples are its real test
     images, not N(0, 1) noise (an int8 .pte is checked on the kind of data it was calibrated on)."""
-    from dlopt.bench import InputSpec
+    from dlopt.inputs import InputSpec
     from dlopt.models import get_reference_model
     from dlopt.package import _reference_samples
 
     ref = get_reference_model("fashion-cnn")
     if ref.missing_requirements():
         pytest.skip(f"fashion-cnn needs {ref.missing_requirements()}")
-    specs = [InputSpec("image", "tensor(float)", ("batch", 1, 28, 28))]
+    specs = [InputSpec("image", np.dtype(np.float32), ("batch", 1, 28, 28))]
     samples = _reference_samples(PackageConfig(torch_source="fashion-cnn", samples=2), specs)
     expected = ref.example_inputs(batch=2)["image"].numpy()
     assert [s["image"].shape for s in samples] == [(1, 1, 28, 28)] * 2
     np.testing.assert_array_equal(np.concatenate([s["image"] for s in samples]), expected)
     assert 0.0 <= expected.min() and expected.max() <= 1.0 and expected.std() > 0.1  # images in [0, 1]
-    other = [InputSpec("x", "tensor(float)", ("batch", 16))]  # inputs that do not fit: generated samples
+    other = [InputSpec("x", np.dtype(np.float32), ("batch", 16))]  # inputs that do not fit: generated samples
     assert _reference_samples(PackageConfig(torch_source="fashion-cnn"), other) is None
     assert _reference_samples(PackageConfig(torch_source="net.py:build"), specs) is None
 

@@ -114,7 +114,6 @@ def test_efficientnet_sqnr_and_agreement_measure_noise():
     metrics = eff.evaluate(noisy)
     assert metrics["logit_sqnr_db"] == pytest.approx(20.0, abs=0.5)
     assert 0.5 < metrics["top1_agreement"] < 1.0
-    assert eff.sqnr_db(ref, ref) == float("inf")
 
 
 def test_fashion_cnn_fp32_test_accuracy(built):

@@ -14,9 +14,10 @@ from onnx import TensorProto, helper, numpy_helper
 from dlopt.cli import main
 from dlopt.errors import InputError
 from dlopt.optimize.calibration import CalibrationData
-from dlopt.optimize.preprocess import make_session
+from dlopt.fidelity import sqnr_from_energy
 from dlopt.optimize.quantize import (CpuFeatures, QuantizeConfig, choose_recipe, quantize, quantize_file,
-                                     quantized_nodes, sqnr_db, summary_text)
+                                     quantized_nodes, summary_text)
+from dlopt.sessions import cpu_session
 
 SQNR_FLOOR_INT8_DB = 25.0  # 8-bit per-channel weights on well-scaled activations give ~30-40 dB
 
@@ -76,9 +77,9 @@ def mlp_data(n: int = 12, seed: int = 1, varying: bool = False) -> CalibrationDa
 
 
 def output_sqnr(original, quantized, feeds) -> float:
-    a = make_session(original).run(None, feeds)[0]
-    b = make_session(quantized).run(None, feeds)[0]
-    return sqnr_db(float(np.sum(a.astype(np.float64) ** 2)), float(np.sum((a - b).astype(np.float64) ** 2)))
+    a = cpu_session(original).run(None, feeds)[0]
+    b = cpu_session(quantized).run(None, feeds)[0]
+    return sqnr_from_energy(float(np.sum(a.astype(np.float64) ** 2)), float(np.sum((a - b).astype(np.float64) ** 2)))
 
 
 def float_weights_of(model, node_name: str) -> bool:
@@ -421,8 +422,8 @@ def test_no_vnni_recipe_runs_in_integer_kernels_exactly_as_its_qdq_graph_says(mo
     assert result.report["recipe"]["reduce_range"] and result.report["weight_refinement"]["weights_rounded"] == 1
     feeds = {"image": np.full((2, 16, 8, 8), 6.0, np.float32)}  # every input at its maximum
     feeds["image"][1, ::2] = 0.0
-    simulated = make_session(result.model, optimization="none").run(None, feeds)[0]  # float QDQ arithmetic
-    real = make_session(result.model).run(None, feeds)[0]  # ORT's fused integer kernels
+    simulated = cpu_session(result.model, graph_opt_level="disable").run(None, feeds)[0]  # float QDQ arithmetic
+    real = cpu_session(result.model).run(None, feeds)[0]  # ORT's fused integer kernels
     np.testing.assert_allclose(real, simulated, atol=1e-4)  # no int16 saturation: 7-bit dense weights
     assert output_sqnr(model, result.model, feeds) >= 30.0
 
@@ -477,7 +478,7 @@ def test_budget_already_met_keeps_full_quantization():
 def test_cli_budget_unmet_writes_best_model_and_exits_1(tmp_path, monkeypatch):
     from dlopt.optimize import sensitivity
 
-    def impossible(spec, original, data, samples=32):  # nothing can be within a drop of -1
+    def impossible(spec, original, data, samples=32, input_shapes=()):  # nothing can be within a drop of -1
         return sensitivity.Evaluator("impossible", lambda model: 0.0, 1.0)
 
     monkeypatch.setattr(sensitivity, "build_evaluator", impossible)
@@ -520,9 +521,10 @@ def test_cli_writes_model_report_and_summary(tmp_path):
 @pytest.mark.parametrize("model_fn, config, data_fn", [
     (cnn_model, QuantizeConfig(mode="static", exclude_nodes=("conv2",)), cnn_data),  # static, shielded node
     (mlp_model, QuantizeConfig(mode="dynamic", max_accuracy_drop=0.5), mlp_data),  # with a budget
+    (cnn_model, QuantizeConfig(), None),  # no data: weight-only, with the normalization report
     (mlp_model, QuantizeConfig(precision="int4"), None),
     (mlp_model, QuantizeConfig(precision="fp16"), mlp_data),
-], ids=["int8-static", "int8-budget", "int4", "fp16"])
+], ids=["int8-static", "int8-budget", "int8-weight-only", "int4", "fp16"])
 def test_every_report_follows_its_documented_schema(tmp_path, model_fn, config, data_fn):
     import json
     from importlib.resources import files
@@ -627,7 +629,7 @@ def test_smoothquant_is_lossless_in_float_and_lifts_int8_sqnr():
     smoothed, report = smooth_activations(model, data, alpha=0.75)
     assert report["smoothed_tensors"] == 1 and report["max_channel_factor_ratio"] > 5
     feeds = {"x": rng.standard_normal((2, 8, 32)).astype(np.float32)}
-    np.testing.assert_allclose(make_session(smoothed).run(None, feeds)[0], make_session(model).run(None, feeds)[0],
+    np.testing.assert_allclose(cpu_session(smoothed).run(None, feeds)[0], cpu_session(model).run(None, feeds)[0],
                                rtol=1e-4, atol=1e-4)
     recipe = Recipe(mode="dynamic", quant_format="QOperator", activation_type="u8", weight_type="s8",
                     per_channel=True, reduce_range=True, method="minmax", fuse_transformer=False)

@@ -11,11 +11,18 @@ How a measurement goes, and why:
    first runs pay for allocation, lazy initialisation and autotuning, and how many runs that takes
    depends on the model and target.
    It stops at a cap (a quarter of the budget) and says so when latencies never settled.
-4. Timed rounds run the models interleaved, every model once per round, until the time budget or
-   the round count is reached; the order rotates (A B C, B C A, C A B, …) so no model always runs
+4. Very fast models are timed in groups: from the warm-up latencies, each sample is `runs_per_sample`
+   back-to-back runs (at least ~1 ms of work), so the clocks' own cost and resolution do not dominate
+   a sample and the CI has real width. Timed rounds run the models interleaved, every model once per
+   round, until the time budget or the round count is reached; the order rotates (A B C, B C A, C A B, …) so no model always runs
    in the same position. Interleaving puts every model through the same machine states (other jobs, frequency,
    thermal), so their ratio is fair even when absolute times drift; garbage collection is off in
    the loop. Each call records wall time and the calling thread's CPU time.
+   The budget is one deadline for everything (session setup, binding, warm-up, timed rounds and the
+   bootstrap), from the moment `benchmark` is called (the CLI: from the process start): a round is not
+   started when it would end past the deadline. Stored samples are capped (`max_samples`): when the cap
+   is reached, adjacent rounds are merged pairwise (their mean, the pairing kept), so memory and the
+   bootstrap's cost stay bounded however fast the model.
 5. Ratios to the first model are the median over rounds of (model time / first model's time in the
    same round), with a bootstrap 95 % confidence interval over rounds (dlopt.stats.ratio_ci): the
    two runs of a round share the machine's state, so its quotient cancels most of the noise.
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import math
 import os
 import re
 import resource
@@ -50,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from dlopt.errors import InputError
+from dlopt.inputs import parse_input_shapes
 from dlopt.stats import DEFAULT_BOOTSTRAP, RATIO_METHODS, Interval, Summary, has_settled, ratio_ci, summarize
 
 SCHEMA_NAME = "dlopt.bench"
@@ -57,6 +66,7 @@ SCHEMA_VERSION = 1
 CLOCKS = ("cpu", "wall")
 DEFAULT_BUDGET_S = 30.0
 DEFAULT_SEQ_LEN = 128
+MIN_TIMED_ROUNDS = 3  # even past the deadline: fewer cannot give a ratio's CI
 
 ClockFn = Callable[[], tuple[float, float]]  # -> (wall seconds, calling thread's CPU seconds)
 ProgressFn = Callable[[str, float], None]  # (what is happening, fraction done of the whole measurement)
@@ -72,9 +82,12 @@ class BenchConfig:
     threads: int = 1
     batch_sizes: tuple[int, ...] = (1,)
     seq_len: int = DEFAULT_SEQ_LEN  # for dynamic axes other than the first (the batch axis)
-    budget_s: float = DEFAULT_BUDGET_S  # warm-up + timed rounds, all batch sizes together; loading excluded
+    input_shapes: tuple[str, ...] = ()  # NAME=DxD...: shapes of generated inputs (--input-shape)
+    budget_s: float = DEFAULT_BUDGET_S  # wall time of the whole run: loading, warm-up, timed rounds, statistics
     rounds: int | None = None  # a fixed number of timed rounds per batch size instead of the budget
-    min_rounds: int = 20  # even when the budget is spent
+    min_rounds: int = 20  # fewer fit in the budget: the run says so (it still stops at the deadline)
+    min_sample_s: float = 1e-3  # a sample is at least this much work: faster models run several times per sample
+    max_samples: int = 2000  # per model and batch size; more rounds are merged pairwise (budget runs only)
     clock: str = "auto"  # "cpu", "wall", or "auto" (the target's choice for this thread count)
     warmup_window: int = 5
     warmup_tolerance: float = 0.05
@@ -101,6 +114,8 @@ def validate_config(config: BenchConfig) -> None:
         raise InputError(f"--seq-len must be at least 1, got {config.seq_len}", "e.g. --seq-len 128")
     if config.rounds is None and config.budget_s <= 0:
         raise InputError(f"the time budget must be positive, got {config.budget_s} s", "e.g. --budget 30s")
+    if config.max_samples < 2 or config.min_sample_s < 0:
+        raise InputError("max_samples must be at least 2 and min_sample_s non-negative", "use the defaults")
     if config.rounds is not None and config.rounds < 2:
         raise InputError(f"--rounds must be at least 2, got {config.rounds}", "e.g. --rounds 200")
     if config.clock not in (*CLOCKS, "auto"):
@@ -111,6 +126,7 @@ def validate_config(config: BenchConfig) -> None:
         raise InputError(f"profile runs must be at least 3, got {config.profile_runs}", "e.g. 22")
     if not 0.5 <= config.confidence < 1.0:
         raise InputError(f"confidence must be in [0.5, 1), got {config.confidence}", "e.g. 0.95")
+    parse_input_shapes(config.input_shapes)
 
 
 def parse_duration(text: str) -> float:
@@ -153,20 +169,51 @@ class InterleavedSampler:
     decides when to stop from the statistics of what was measured.
 
     `runners` are zero-argument callables that run one model once (e.g. `Target.bind(...)` results).
+    `max_samples`: when that many samples are stored, adjacent ones are merged pairwise (each pair's
+    mean, for every model and clock alike, so the rounds' pairing is kept), and from then on each new
+    sample is the mean of as many consecutive rounds: memory and the bootstrap's cost stay bounded
+    while the whole run still counts. `merged` says how many rounds a sample averages (the last
+    rounds of a run that do not fill a sample are not stored).
     """
 
-    def __init__(self, runners: Sequence[Callable[[], object]], *, clock: ClockFn = read_clocks):
+    WARM_KEPT = 4096  # warm-up samples kept per model (the latest): only the last few decide anything
+
+    def __init__(self, runners: Sequence[Callable[[], object]], *, clock: ClockFn = read_clocks,
+                 max_samples: int | None = None):
         if not runners:
             raise ValueError("nothing to measure")
+        if max_samples is not None and max_samples < 2:
+            raise ValueError("max_samples must be at least 2")
         self._runners = list(runners)
         self._clock = clock
         self._timed: dict[str, list[list[float]]] = {c: [[] for _ in runners] for c in CLOCKS}
         self._warm: dict[str, list[list[float]]] = {c: [[] for _ in runners] for c in CLOCKS}
         self._rounds_started = 0
+        self._max_samples = max_samples - max_samples % 2 if max_samples is not None else None
+        self._pending: dict[str, list[list[float]]] = {c: [[] for _ in runners] for c in CLOCKS}
+        self.merged = 1  # rounds averaged into each stored sample
+        self.timed_rounds = 0  # rounds run, before any merging
 
     @property
     def rounds(self) -> int:
+        """Stored samples per model (timed rounds, or merged groups of them)."""
         return len(self._timed["wall"][0])
+
+    def _timed_round(self) -> None:
+        self._round(self._pending)
+        self.timed_rounds += 1
+        if len(self._pending["wall"][0]) < self.merged:
+            return
+        for clock, per_model in self._pending.items():
+            for i, values in enumerate(per_model):
+                self._timed[clock][i].append(sum(values) / len(values))
+                values.clear()
+        if self._max_samples is not None and self.rounds >= self._max_samples:
+            for per_model in self._timed.values():
+                for i, values in enumerate(per_model):
+                    x = np.asarray(values, dtype=np.float64)
+                    per_model[i] = ((x[0::2] + x[1::2]) / 2.0).tolist()
+            self.merged *= 2
 
     @property
     def models(self) -> int:
@@ -203,7 +250,12 @@ class InterleavedSampler:
                 elapsed = time.perf_counter() - start
                 if on_round is not None:
                     on_round(min(1.0, elapsed / max_seconds) if max_seconds > 0 else 1.0)
-                settled = all(has_settled(s, window=window, tolerance=tolerance) for s in self._warm[clock])
+                settled = all(has_settled(s[-2 * window:], window=window, tolerance=tolerance)
+                              for s in self._warm[clock])
+                if len(self._warm["wall"][0]) > 2 * self.WARM_KEPT:
+                    for per_model in self._warm.values():
+                        for values in per_model:
+                            del values[:-self.WARM_KEPT]
                 if settled or elapsed >= max_seconds:
                     break
         return WarmupReport(rounds=rounds, seconds=time.perf_counter() - start, settled=settled)
@@ -212,22 +264,26 @@ class InterleavedSampler:
         """Add `n` timed rounds."""
         with _gc_paused():
             for k in range(n):
-                self._round(self._timed)
+                self._timed_round()
                 if on_round is not None:
                     on_round((k + 1) / n)
 
     def run_for(self, seconds: float, *, min_rounds: int = 0, max_rounds: int | None = None,
                 on_round: Callable[[float], None] | None = None) -> int:
-        """Add timed rounds for `seconds` of wall time (at least `min_rounds`); returns rounds added."""
+        """Add timed rounds for at most `seconds` of wall time (but at least `min_rounds`); returns
+        rounds added. A round is not started when, as long as the slowest so far, it would end late."""
         start = time.perf_counter()
         added = 0
+        longest = 0.0
         with _gc_paused():
             while True:
                 elapsed = time.perf_counter() - start
-                if added >= min_rounds and (elapsed >= seconds or (max_rounds is not None and added >= max_rounds)):
+                if added >= min_rounds and (elapsed + longest > seconds
+                                            or (max_rounds is not None and added >= max_rounds)):
                     break
-                self._round(self._timed)
+                self._timed_round()
                 added += 1
+                longest = max(longest, time.perf_counter() - start - elapsed)
                 if on_round is not None:
                     on_round(min(1.0, (time.perf_counter() - start) / seconds) if seconds > 0 else 1.0)
         return added
@@ -252,6 +308,31 @@ class InterleavedSampler:
                         confidence=confidence, n_boot=n_boot, seed=seed)
 
 
+class Repeated:
+    """Runs `run` `times` times back to back: one timed sample of a very fast model.
+
+    Why: a model that runs in microseconds gives thousands of rounds a second; bootstrapping all of
+    them (n_boot x rounds) would soon cost more than the measuring, the clocks' own overhead and
+    resolution become part of each sample (a CI of zero width), and storing them grows without bound.
+    Grouping keeps a sample at a chosen minimum of work (`runs_per_sample`), as timeit does."""
+
+    def __init__(self, run: Callable[[], object], times: int):
+        self.run, self.times = run, times
+
+    def __call__(self) -> None:
+        for _ in range(self.times):
+            self.run()
+
+
+def runs_per_sample(sampler: InterleavedSampler, clock: str, min_sample_s: float, max_runs: int = 1000) -> int:
+    """How many runs make one sample of at least `min_sample_s`, from the fastest model's settled
+    warm-up latency (the median of its last 5 warm-up runs)."""
+    fastest = min(float(np.median(sampler.warmup_samples(i, clock)[-5:])) for i in range(sampler.models))
+    if fastest <= 0:
+        return max_runs
+    return max(1, min(max_runs, math.ceil(min_sample_s / fastest)))
+
+
 class _gc_paused:
     """Garbage collection off inside a timed loop (as timeit does): a collection is not the model's cost."""
 
@@ -271,75 +352,6 @@ def _check_clock(clock: str) -> None:
 
 # --------------------------------------------------------------------------- inputs
 
-_NUMPY_TYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
-    "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
-}
-TOKEN_VOCAB = 1000  # token ids drawn from [0, 1000): inside every real vocabulary
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    name: str
-    type: str  # onnxruntime's type string, e.g. "tensor(int64)"
-    shape: tuple[int | str | None, ...]
-
-
-def input_specs(session) -> list[InputSpec]:
-    return [InputSpec(i.name, i.type, tuple(i.shape)) for i in session.get_inputs()]
-
-
-def resolve_shape(spec: InputSpec, batch: int, seq_len: int) -> tuple[int, ...]:
-    """Dynamic first axis -> batch; other dynamic axes -> seq_len; a fixed first axis must equal batch."""
-    dims = []
-    for axis, dim in enumerate(spec.shape):
-        dynamic = not isinstance(dim, int) or dim < 0
-        if axis == 0:
-            if dynamic:
-                dims.append(batch)
-            elif dim != batch:
-                raise InputError(f"input {spec.name!r} has a fixed batch of {dim}, cannot run batch {batch}",
-                                 f"use --batch {dim}, or export the model with a dynamic batch axis")
-            else:
-                dims.append(dim)
-        else:
-            dims.append(seq_len if dynamic else dim)
-    return tuple(dims)
-
-
-def make_inputs(specs: Sequence[InputSpec], *, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded inputs from the model's input metadata: floats ~ N(0, 1); integer inputs named like
-    *mask* -> ones, *type_ids* -> zeros, *position* -> 0..T-1, other integers (token ids) ->
-    uniform in [0, 1000); bools -> True. Each input's draw depends on (seed, name) only, so two
-    variants of one model get identical inputs."""
-    feeds = {}
-    for spec in specs:
-        if spec.type not in _NUMPY_TYPES:
-            raise InputError(f"input {spec.name!r} has type {spec.type}, which bench cannot generate",
-                             "pass real inputs with --data inputs.npz")
-        dtype = np.dtype(_NUMPY_TYPES[spec.type])
-        shape = resolve_shape(spec, batch, seq_len)
-        rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
-        lowered = spec.name.lower()
-        if dtype == np.bool_:
-            value = np.ones(shape, dtype)
-        elif np.issubdtype(dtype, np.floating):
-            value = rng.standard_normal(shape).astype(dtype)
-        elif "mask" in lowered:
-            value = np.ones(shape, dtype)
-        elif "type" in lowered:
-            value = np.zeros(shape, dtype)
-        elif "position" in lowered and len(shape) >= 1:
-            value = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
-        else:
-            high = min(TOKEN_VOCAB, int(np.iinfo(dtype).max) + 1)
-            value = rng.integers(0, high, size=shape, dtype=dtype)
-        feeds[spec.name] = value
-    return feeds
-
-
 def load_data(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Arrays from an .npz file (keys = input names), with errors that name the file."""
     p = Path(path)
@@ -350,29 +362,6 @@ def load_data(path: str | os.PathLike) -> dict[str, np.ndarray]:
             return {k: archive[k] for k in archive.files}
     except (ValueError, OSError, zlib.error) as e:
         raise InputError(f"{p} is not a readable .npz file ({e})", "write it with numpy.savez") from e
-
-
-def feeds_from_data(specs: Sequence[InputSpec], data: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
-    """The model's inputs taken from `data`, cast to the model's types where that loses nothing."""
-    feeds = {}
-    for spec in specs:
-        if spec.name not in data:
-            raise InputError(f"{source} has no array {spec.name!r} for the model's input",
-                             f"its arrays: {', '.join(sorted(data)) or 'none'}; the model needs "
-                             f"{', '.join(s.name for s in specs)}")
-        array = np.asarray(data[spec.name])
-        want = np.dtype(_NUMPY_TYPES.get(spec.type, array.dtype))
-        if array.dtype != want:
-            if not np.can_cast(array.dtype, want, casting="same_kind"):
-                raise InputError(f"{source}: array {spec.name!r} is {array.dtype}, the model wants {want}",
-                                 "save it with the model's dtype")
-            array = array.astype(want)
-        if len(array.shape) != len(spec.shape) or any(
-                isinstance(d, int) and d >= 0 and d != s for d, s in zip(spec.shape, array.shape)):
-            raise InputError(f"{source}: array {spec.name!r} has shape {list(array.shape)}, the model wants "
-                             f"{[d if isinstance(d, int) else '?' for d in spec.shape]}", "fix the data's shape")
-        feeds[spec.name] = array
-    return feeds
 
 
 # --------------------------------------------------------------------------- models and the whole run
@@ -410,6 +399,8 @@ class BatchRun:
     seconds: float
     warmup: WarmupReport
     models: tuple[ModelRun, ...]
+    runs_per_sample: int = 1  # runs whose mean latency is one stored sample (grouped runs x merged rounds)
+    samples: int | None = None  # stored samples per model (rounds, or fewer when rounds were merged)
 
 
 @dataclass(frozen=True)
@@ -462,6 +453,8 @@ class BenchResult:
                 "batch": b.batch,
                 "input_shapes": {k: list(v) for k, v in b.input_shapes.items()},
                 "rounds": b.rounds,
+                "samples": b.rounds if b.samples is None else b.samples,
+                "runs_per_sample": b.runs_per_sample,
                 "seconds": b.seconds,
                 "warmup": {"rounds": b.warmup.rounds, "seconds": b.warmup.seconds, "settled": b.warmup.settled},
                 "results": [run_dict(r, m, b.batch) for r, m in zip(b.models, self.models)],
@@ -600,16 +593,50 @@ def load_models(paths: Sequence[str | os.PathLike], config: BenchConfig,
     return target, loaded
 
 
+FINISH_RESERVE_S = 0.15  # after the last batch: the machine fingerprint, the result's tables and JSON
+BOOTSTRAP_S_PER_ELEMENT = 5e-8  # a ratio's bootstrap costs about n_boot x samples x this (2-core EPYC, busy)
+
+
+class _Deadline:
+    """The budget as one deadline for the whole run, and the progress callback that shows the time left
+    (throttled: a fast model's rounds must not each pay for redrawing a progress bar)."""
+
+    def __init__(self, config: BenchConfig, started: float | None, progress: ProgressFn | None):
+        self.started = time.perf_counter() if started is None else started
+        self.at = self.started + config.budget_s if config.rounds is None else None
+        self.budget_s = config.budget_s
+        self._progress = progress
+        self._last = -1.0
+
+    def left(self) -> float:
+        return math.inf if self.at is None else self.at - time.perf_counter()
+
+    def report(self, what: str, fraction: float) -> None:
+        if self._progress is None:
+            return
+        now = time.perf_counter()
+        if now - self._last < 0.1 and fraction < 1.0:
+            return
+        self._last = now
+        if self.at is None:
+            self._progress(what, fraction)
+        else:
+            self._progress(f"{what}, {max(0.0, self.at - now):.0f} s left",
+                           min(1.0, (now - self.started) / self.budget_s))
+
+
 def benchmark(paths: Sequence[str | os.PathLike], config: BenchConfig = BenchConfig(), *,
               data: Mapping[str, np.ndarray] | None = None, data_source: str = "--data",
-              progress: ProgressFn | None = None) -> BenchResult:
+              progress: ProgressFn | None = None, started: float | None = None) -> BenchResult:
     """Measure one or more models on `config.target`, interleaved, at each batch size.
 
     With `data`, its arrays are the inputs (their batch is whatever they hold; config.batch_sizes
-    is then ignored). Raises InputError / TargetUnavailableError on bad input or a target that
-    cannot run here."""
+    is then ignored). Without `config.rounds`, the whole call ends within `config.budget_s` of
+    `started` (a time.perf_counter() value; default: now), loading and statistics included. Raises
+    InputError / TargetUnavailableError on bad input or a target that cannot run here."""
     validate_config(config)
-    target, models = load_models(paths, config, progress)
+    deadline = _Deadline(config, started, progress)
+    target, models = load_models(paths, config, deadline.report)
     runs_on = {m.handle.runs_on for m in models}
     from dlopt.targets import get_target
 
@@ -627,13 +654,13 @@ def benchmark(paths: Sequence[str | os.PathLike], config: BenchConfig = BenchCon
         "graph_opt_level": config.graph_opt_level,
     }
     batches = (None,) if data is not None else config.batch_sizes
-    share = (config.budget_s / len(batches)) if config.rounds is None else None
     batch_runs = []
     for k, batch in enumerate(batches):
         def report(what: str, fraction: float, _k=k) -> None:
-            if progress is not None:
-                progress(what, (_k + min(1.0, fraction)) / len(batches))
+            deadline.report(what, (_k + min(1.0, fraction)) / len(batches))
 
+        # what is left of the budget, shared equally by the batch sizes still to measure
+        share = None if deadline.at is None else max(0.0, deadline.left() - FINISH_RESERVE_S) / (len(batches) - k)
         batch_runs.append(_measure_batch(target, models, config, batch, data, data_source, clock, share, report))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # KiB
     return BenchResult(config=config, clock=clock, clock_reason=clock_reason, target=target_facts,
@@ -653,17 +680,28 @@ class BoundModels:
 
 
 def model_feeds(model: LoadedModel, *, batch: int | None, seq_len: int, seed: int,
-                data: Mapping[str, np.ndarray] | None, data_source: str = "--data") -> dict[str, np.ndarray]:
-    """The inputs a model is measured on: taken from `data`, or generated (seeded) for `batch`."""
-    specs = input_specs(model.handle.session)
+                data: Mapping[str, np.ndarray] | None, data_source: str = "--data",
+                input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+    """The inputs a model is measured on: taken from `data`, or generated (seeded) for `batch` by
+    dlopt.inputs (free sizes that the model runs on, `input_shapes` as --input-shape gives them)."""
+    from dlopt.fileio import load_onnx
+    from dlopt.inputs import feeds_from_arrays, session_inputs, synthetic_feeds, value_ranges
+    from dlopt.sessions import trial_run
+
+    session = model.handle.session
+    specs = session_inputs(session)
     if data is not None:
-        return feeds_from_data(specs, data, data_source)
-    return make_inputs(specs, batch=batch, seq_len=seq_len, seed=seed)
+        return feeds_from_arrays(specs, data, data_source)
+    # an ORT-format file has no ONNX graph to read the integer inputs' ranges from
+    ranges = {} if model.path.suffix == ".ort" else value_ranges(load_onnx(model.path, load_external_data=False))
+    return synthetic_feeds(specs, batch=batch, seq_len=seq_len, seed=seed, overrides=input_shapes, ranges=ranges,
+                           run=lambda feeds: trial_run(session, feeds))[0]
 
 
 def bind_models(target, models: Sequence[LoadedModel], *, batch: int | None = 1, seq_len: int = DEFAULT_SEQ_LEN,
                 seed: int = 0, data: Mapping[str, np.ndarray] | None = None, data_source: str = "--data",
-                device_id: int = 0, progress: ProgressFn | None = None) -> BoundModels:
+                device_id: int = 0, progress: ProgressFn | None = None,
+                input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> BoundModels:
     """Generate (or take from `data`) each model's inputs, bind them on the target's device and run
     each model once (its cold first run, timed). The gate's entry point into the harness:
     `InterleavedSampler(bind_models(target, load_models(paths, config)[1]).runners)`."""
@@ -673,7 +711,8 @@ def bind_models(target, models: Sequence[LoadedModel], *, batch: int | None = 1,
     runners, first_run_s, rss_added, device_added = [], [], [], []
     shapes: dict[str, tuple[int, ...]] = {}
     for m in models:
-        feeds = model_feeds(m, batch=batch, seq_len=seq_len, seed=seed, data=data, data_source=data_source)
+        feeds = model_feeds(m, batch=batch, seq_len=seq_len, seed=seed, data=data, data_source=data_source,
+                            input_shapes=input_shapes)
         shapes.update({k: tuple(v.shape) for k, v in feeds.items()})
         if progress is not None:
             progress(f"binding {m.label}", 0.0)
@@ -694,26 +733,40 @@ def bind_models(target, models: Sequence[LoadedModel], *, batch: int | None = 1,
 def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, batch: int | None,
                    data: Mapping[str, np.ndarray] | None, data_source: str, clock: str, share: float | None,
                    report: ProgressFn) -> BatchRun:
+    bind_started = time.perf_counter()
     bound = bind_models(target, models, batch=batch, seq_len=config.seq_len, seed=config.seed, data=data,
-                        data_source=data_source, device_id=config.device_id, progress=report)
+                        data_source=data_source, device_id=config.device_id, progress=report,
+                        input_shapes=parse_input_shapes(config.input_shapes))
     shapes = bound.input_shapes
     runners = bound.runners
     effective_batch = batch if batch is not None else int(next(iter(shapes.values()))[0]) if shapes else 1
-    sampler = InterleavedSampler(runners)
+    warm_sampler = InterleavedSampler(runners)
     start = time.perf_counter()
-    if config.rounds is None:
+    if share is not None:  # `share` started before binding: the batch ends at `share` from then
+        share = max(0.0, share - (start - bind_started))
         warm_cap = share * config.warmup_max_fraction
     else:
         warm_cap = 30.0  # a fixed round count has no budget; still, never warm up forever
     label = f"batch {effective_batch}"
-    warm = sampler.warm_up(max_seconds=warm_cap, clock=clock, window=config.warmup_window,
-                           tolerance=config.warmup_tolerance,
-                           on_round=lambda f: report(f"{label}: warming up", 0.1 * f))
+    warm = warm_sampler.warm_up(max_seconds=warm_cap, clock=clock, window=config.warmup_window,
+                                tolerance=config.warmup_tolerance,
+                                on_round=lambda f: report(f"{label}: warming up", 0.1 * f))
+    repeat = runs_per_sample(warm_sampler, clock, config.min_sample_s)
+    sampler = InterleavedSampler([Repeated(run, repeat) if repeat > 1 else run for run in runners],
+                                 max_samples=config.max_samples if config.rounds is None else None)
     if config.rounds is not None:
         sampler.run_rounds(config.rounds, on_round=lambda f: report(f"{label}: measuring", 0.1 + 0.9 * f))
     else:
+        # kept for after the rounds: the bootstrap of every ratio (its cost grows with the samples that
+        # will be stored), and the kernel profile if asked for
+        run_s = [float(np.median(warm_sampler.warmup_samples(i, "wall")[-5:])) for i in range(len(models))]
         remaining = max(0.0, share - (time.perf_counter() - start))
-        sampler.run_for(remaining, min_rounds=config.min_rounds,
+        expected = min(config.max_samples, remaining / max(sum(run_s) * repeat, 1e-6))
+        statistics_s = 2 * (len(models) - 1) * config.n_boot * expected * BOOTSTRAP_S_PER_ELEMENT
+        profile_s = (sum(m.handle.load_s + config.profile_runs * t for m, t in zip(models, run_s))
+                     if config.profile else 0.0)
+        remaining = max(0.0, remaining - statistics_s - profile_s)
+        sampler.run_for(remaining, min_rounds=MIN_TIMED_ROUNDS,
                         on_round=lambda f: report(f"{label}: measuring", 0.1 + 0.9 * f))
     seconds = time.perf_counter() - start
     profiles: list[tuple[Any, ...] | None] = [None] * len(models)
@@ -729,7 +782,7 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
                                                 device_id=config.device_id, allow_fallback=config.allow_fallback))
     results = []
     for i in range(len(models)):
-        samples = {c: sampler.samples(i, c) for c in CLOCKS}
+        samples = {c: sampler.samples(i, c) / repeat for c in CLOCKS}  # seconds per run
         ratios = {c: (sampler.ratio(i, c, method=config.ratio_method, confidence=config.confidence,
                                     n_boot=config.n_boot, seed=config.seed)
                       if i > 0 else None) for c in CLOCKS}
@@ -738,8 +791,9 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
                                 rss_added_bytes=bound.rss_added_bytes[i],
                                 device_added_bytes=bound.device_added_bytes[i], profile=profiles[i]))
     report(f"{label}: done", 1.0)
-    return BatchRun(batch=effective_batch, input_shapes=shapes, rounds=sampler.rounds, seconds=seconds,
-                    warmup=warm, models=tuple(results))
+    return BatchRun(batch=effective_batch, input_shapes=shapes, rounds=sampler.timed_rounds, seconds=seconds,
+                    warmup=warm, models=tuple(results), runs_per_sample=repeat * sampler.merged,
+                    samples=sampler.rounds)
 
 
 # --------------------------------------------------------------------------- tables
@@ -795,9 +849,14 @@ def format_result(result: BenchResult) -> str:
                          f"(95% CI {ratio.low:.3f}-{ratio.high:.3f}, {speed}){verdict}")
     for b in result.batches:
         shapes = ", ".join(f"{k}{list(v)}" for k, v in b.input_shapes.items())
-        lines.append(f"batch {b.batch}: {b.rounds} interleaved rounds in {b.seconds:.1f} s; warm-up "
+        grouped = (f" (each sample the mean of {b.runs_per_sample} runs, {b.samples} samples)"
+                   if b.runs_per_sample > 1 else "")
+        lines.append(f"batch {b.batch}: {b.rounds} interleaved rounds in {b.seconds:.1f} s{grouped}; warm-up "
                      f"{b.warmup.rounds} rounds, {'settled' if b.warmup.settled else 'NOT settled (capped)'}; "
                      f"inputs {shapes}")
+        if result.config.rounds is None and b.rounds < result.config.min_rounds:
+            lines.append(f"batch {b.batch}: only {b.rounds} rounds fit in the budget: the CI is wide; "
+                         "give a longer --budget")
     return "\n".join([format_table(headers, rows), "", format_table(model_headers, model_rows), "", *lines,
                       f"peak RSS of this process: {result.peak_rss_bytes / 1e6:.0f} MB", *_profile_tables(result)])
 
@@ -823,7 +882,6 @@ def _profile_tables(result: BenchResult, top: int = 8) -> list[str]:
     return out
 
 
-__all__ = ["BenchConfig", "BenchResult", "BoundModels", "bind_models", "model_feeds", "InterleavedSampler", "InputSpec", "SCHEMA_VERSION", "WarmupReport",
-           "benchmark", "choose_clock", "feeds_from_data", "format_result", "input_specs", "load_data",
-           "load_models", "machine_fingerprint", "make_inputs", "parse_batch_sizes", "parse_duration", "resolve_shape",
-           "validate_config"]
+__all__ = ["BenchConfig", "BenchResult", "BoundModels", "bind_models", "model_feeds", "InterleavedSampler",
+           "SCHEMA_VERSION", "WarmupReport", "benchmark", "choose_clock", "format_result", "load_data",
+           "load_models", "machine_fingerprint", "parse_batch_sizes", "parse_duration", "validate_config"]

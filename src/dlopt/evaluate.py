@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from dlopt.errors import InputError
+from dlopt.fidelity import cosine, mse, sample_rows, sqnr_db, top1_agreement  # the one implementation
+from dlopt.inputs import session_inputs
 
 METRICS = ("top1", "cosine", "sqnr", "mse")
 LABELS_KEY = "labels"
@@ -29,62 +31,22 @@ EXPECTED_KEY = "expected"
 # --------------------------------------------------------------------------- the metrics
 
 
-def _pair(output: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(output, dtype=np.float64)
-    r = np.asarray(reference, dtype=np.float64)
-    if y.shape != r.shape:
-        raise InputError(f"output shape {list(y.shape)} differs from the reference's {list(r.shape)}",
-                         "compare models with the same outputs")
-    return y, r
-
-
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of samples whose argmax over the last axis equals the label. `labels` are class
-    indices [N], or scores of the same shape as `logits` (then: top-1 agreement of the two)."""
+    """Fraction of samples (first axis) whose argmax over the flattened sample equals the label.
+    `labels` are class indices [N], or scores of the same shape as `logits` (then: top-1 agreement
+    of the two, dlopt.fidelity.top1_agreement)."""
     scores = np.asarray(logits)
     if scores.ndim < 2:
         raise InputError(f"top1 needs scores of shape [N, classes], got {list(scores.shape)}",
                          "choose --output with the class scores")
-    predicted = scores.reshape(scores.shape[0], -1).argmax(axis=1)
     target = np.asarray(labels)
     if target.shape == scores.shape:
-        target = target.reshape(target.shape[0], -1).argmax(axis=1)
+        return top1_agreement(scores, target)
+    predicted = sample_rows(scores).argmax(axis=1)
     target = target.reshape(-1)
     if target.shape[0] != predicted.shape[0]:
         raise InputError(f"{target.shape[0]} labels for {predicted.shape[0]} samples", "give one label per sample")
     return float(np.mean(predicted == target))
-
-
-def cosine(output: np.ndarray, reference: np.ndarray) -> float:
-    """Mean over samples (first axis) of the cosine similarity of the flattened outputs."""
-    y, r = _pair(output, reference)
-    y = y.reshape(y.shape[0], -1) if y.ndim > 1 else y.reshape(1, -1)
-    r = r.reshape(r.shape[0], -1) if r.ndim > 1 else r.reshape(1, -1)
-    norms = np.linalg.norm(y, axis=1) * np.linalg.norm(r, axis=1)
-    dots = np.sum(y * r, axis=1)
-    # Two zero vectors are identical (1); a zero against a non-zero vector shares no direction (0).
-    both_zero = (np.linalg.norm(y, axis=1) == 0) & (np.linalg.norm(r, axis=1) == 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sims = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where(both_zero, 1.0, 0.0))
-    return float(np.mean(sims))
-
-
-def sqnr_db(output: np.ndarray, reference: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio 20 * log10(||reference|| / ||reference - output||), in dB;
-    inf when the outputs are equal."""
-    y, r = _pair(output, reference)
-    noise = float(np.linalg.norm(r - y))
-    signal = float(np.linalg.norm(r))
-    if noise == 0.0:
-        return float("inf")
-    if signal == 0.0:
-        return float("-inf")
-    return 20.0 * float(np.log10(signal / noise))
-
-
-def mse(output: np.ndarray, reference: np.ndarray) -> float:
-    y, r = _pair(output, reference)
-    return float(np.mean((y - r) ** 2))
 
 
 _COMPARE = {"cosine": cosine, "sqnr": sqnr_db, "mse": mse}
@@ -191,15 +153,13 @@ def _open(path: str | os.PathLike, config: EvalConfig):
 
 def run_batched(handle, feeds: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
     """Run the model over the first axis of `feeds` in chunks (a fixed batch axis sets the chunk)."""
-    from dlopt.bench import input_specs
-
-    specs = input_specs(handle.session)
+    specs = session_inputs(handle.session)
     counts = {name: int(np.asarray(a).shape[0]) for name, a in feeds.items() if np.asarray(a).ndim > 0}
     if len(set(counts.values())) > 1:
         raise InputError(f"the data's arrays hold different numbers of samples: {counts}",
                          "give every input the same first dimension")
     n = next(iter(counts.values())) if counts else 1
-    fixed = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
+    fixed = {s.fixed(0) for s in specs if s.shape and s.fixed(0)}
     step = fixed.pop() if len(fixed) == 1 else batch_size
     if n % step and fixed:
         raise InputError(f"{n} samples do not split into the model's fixed batch of {step}",
@@ -225,21 +185,22 @@ def _pick_output(outputs: Mapping[str, np.ndarray], wanted: str | None, what: st
 def evaluate_data(model: str | os.PathLike, data: str | os.PathLike, config: EvalConfig = EvalConfig(), *,
                   reference: str | os.PathLike | None = None) -> EvalResult:
     """Metrics of `model` on the inputs in the .npz `data` (see the module docstring)."""
-    from dlopt.bench import feeds_from_data, input_specs, load_data
+    from dlopt.bench import load_data
+    from dlopt.inputs import feeds_from_arrays
 
     metrics = validate_metrics(config.metrics)
     if config.batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {config.batch_size}", "e.g. --batch-size 32")
     arrays = load_data(data)
     handle = _open(model, config)
-    feeds = feeds_from_data(input_specs(handle.session), arrays, str(data))
+    feeds = feeds_from_arrays(session_inputs(handle.session), arrays, str(data))
     n = _sample_count(feeds, data)
     out_name, output = _pick_output(run_batched(handle, feeds, config.batch_size), config.output, str(model))
     ref_output = None
     ref_handle = None
     if reference is not None:
         ref_handle = _open(reference, config)
-        ref_feeds = feeds_from_data(input_specs(ref_handle.session), arrays, str(data))
+        ref_feeds = feeds_from_arrays(session_inputs(ref_handle.session), arrays, str(data))
         ref_outputs = run_batched(ref_handle, ref_feeds, config.batch_size)
         _, ref_output = _pick_output(ref_outputs, out_name if out_name in ref_outputs else None, str(reference))
     elif out_name in arrays or EXPECTED_KEY in arrays:
@@ -357,5 +318,5 @@ def format_eval(result: EvalResult) -> str:
     return f"{table}\n\nsource: {result.source}{samples}; ran on {result.runs_on}"
 
 
-__all__ = ["EvalConfig", "EvalResult", "METRICS", "MetricRow", "cosine", "evaluate_data", "evaluate_reference_model",
-           "format_eval", "higher_is_better", "mse", "run_batched", "sqnr_db", "top1", "validate_metrics"]
+__all__ = ["EvalConfig", "EvalResult", "METRICS", "MetricRow", "evaluate_data", "evaluate_reference_model",
+           "format_eval", "higher_is_better", "run_batched", "top1", "validate_metrics"]

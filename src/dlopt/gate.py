@@ -43,7 +43,9 @@ from typing import Any
 
 import numpy as np
 
+from dlopt.bench import Repeated, runs_per_sample
 from dlopt.errors import InputError
+from dlopt.inputs import parse_input_shapes
 from dlopt.stats import RATIO_METHODS, Interval, ratio_ci
 
 VERDICTS = ("pass", "fail", "inconclusive")
@@ -83,6 +85,7 @@ class GateConfig:
     clock: str = "auto"  # "cpu", "wall", or the target's choice ("auto"; a stored baseline's clock)
     batch: int | None = None  # None: 1, or the stored baseline's first batch size
     seq_len: int | None = None  # None: 128, or the stored baseline's
+    input_shapes: tuple[str, ...] = ()  # NAME=DxD...: shapes of generated inputs (--input-shape)
     seed: int = 0
     graph_opt_level: str = "all"
     warmup_max_fraction: float = 0.2  # of the budget
@@ -121,6 +124,7 @@ def validate_config(config: GateConfig) -> None:
         value = getattr(config, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}", "e.g. 1")
+    parse_input_shapes(config.input_shapes)
 
 
 # --------------------------------------------------------------------------- the sequential test
@@ -552,30 +556,7 @@ def _progress_bridge(progress: ProgressFn | None, budget_s: float, offset_s: flo
     return on_progress
 
 
-MIN_SAMPLE_S = 0.005
-
-
-class Repeated:
-    """Runs `run` `times` times back to back: one timed sample of a very fast model.
-
-    Why: a model that runs in microseconds gives thousands of rounds a second; every look
-    bootstraps all of them (n_boot x rounds), which would soon cost more than the measuring, and
-    the clocks' own overhead becomes part of each sample. Grouping keeps a sample at >= 5 ms."""
-
-    def __init__(self, run: Callable[[], object], times: int):
-        self.run, self.times = run, times
-
-    def __call__(self) -> None:
-        for _ in range(self.times):
-            self.run()
-
-
-def runs_per_sample(sampler, clock: str, min_sample_s: float = MIN_SAMPLE_S) -> int:
-    """How many runs make one sample, from the fastest model's settled warm-up latency."""
-    fastest = min(float(np.median(sampler.warmup_samples(i, clock)[-5:])) for i in range(sampler.models))
-    if fastest <= 0:
-        return 1000
-    return max(1, min(1000, math.ceil(min_sample_s / fastest)))
+MIN_SAMPLE_S = 0.005  # the gate's samples: each look bootstraps all of them, so fewer, longer ones
 
 
 def _gate_interleaved(baseline: Path, candidate: Path, config: GateConfig, data, evaluator, progress):
@@ -600,14 +581,15 @@ def _gate_interleaved(baseline: Path, candidate: Path, config: GateConfig, data,
 
     # inputs generated (or taken from `data`) and bound on the device, then one cold run each
     runners = list(bind_models(target, models, batch=batch, seq_len=bench_config.seq_len, seed=config.seed,
-                               data=data, device_id=config.device_id).runners)
+                               data=data, device_id=config.device_id,
+                               input_shapes=parse_input_shapes(config.input_shapes)).runners)
     sampler = InterleavedSampler(runners)
     if progress:
         progress("warming up", 0.0)
     warm = sampler.warm_up(max_seconds=config.budget_s * config.warmup_max_fraction, clock=clock,
                            on_round=(lambda f: progress("warming up", f * config.warmup_max_fraction))
                            if progress else None)
-    repeat = runs_per_sample(sampler, clock)
+    repeat = runs_per_sample(sampler, clock, MIN_SAMPLE_S)
     if repeat > 1:
         sampler = InterleavedSampler([Repeated(run, repeat) for run in runners])
         notes.append(f"each sample is {repeat} back-to-back runs (runs under {MIN_SAMPLE_S * 1e3:g} ms are "
@@ -662,7 +644,7 @@ def _gate_stored(stored: StoredBaseline, candidate: Path, config: GateConfig, da
     target, models = load_models([candidate], bench_config, (lambda what, f: progress(what, 0.0)) if progress else None)
     model = models[0]
     bound = bind_models(target, models, batch=batch, seq_len=seq_len, seed=config.seed, data=data,
-                        device_id=config.device_id)
+                        device_id=config.device_id, input_shapes=parse_input_shapes(config.input_shapes))
     shapes = dict(bound.input_shapes)
     common = set(shapes) & set(stored_batch.input_shapes)
     mismatched = [k for k in sorted(common) if shapes[k] != tuple(stored_batch.input_shapes[k])]

@@ -7,7 +7,10 @@ come from, is it intact, and how fast was it where?" without the machine that bu
 - the ONNX Runtime version and ORT-format version that wrote the model, its opsets, inputs and outputs;
 - the configs that produced it (the package config plus the stage reports found beside the source),
   the source model's sha256, the calibration data's hash;
-- verification results and metrics per target, each with the machine fingerprint it was measured on.
+- verification results and metrics per target, each with the machine fingerprint it was measured on;
+- with `dlopt package --sign-key`, the signer's key fingerprint: manifest.sig beside it holds an
+  Ed25519 signature of the manifest's exact bytes (dlopt.signing). The hashes prove integrity only;
+  the signature, checked with `dlopt verify --trusted-key`, proves origin.
 
 The JSON Schema is `dlopt/schemas/manifest.schema.json`. Version 1; a compatible change (a new
 optional field) keeps the version, a removed or re-meant field raises it.
@@ -28,6 +31,7 @@ from dlopt.errors import InputError, VerificationError
 SCHEMA_NAME = "dlopt.manifest"
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"  # dlopt.signing: made after the manifest, so not listed in it
 SAMPLES_NAME = "samples.npz"
 _CHUNK = 1 << 20
 
@@ -67,7 +71,7 @@ def file_entries(bundle: Path, roles: dict[str, str]) -> list[dict[str, Any]]:
     entries = []
     for path in sorted(p for p in bundle.rglob("*") if p.is_file()):
         rel = path.relative_to(bundle).as_posix()
-        if rel == MANIFEST_NAME:
+        if rel in (MANIFEST_NAME, SIGNATURE_NAME):
             continue
         entries.append({"path": rel, "role": roles.get(rel, "other"), "bytes": path.stat().st_size,
                         "sha256": sha256_file(path)})
@@ -111,7 +115,13 @@ def _validate_required(manifest: dict[str, Any]) -> list[str]:
 
 
 def read_manifest(bundle: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a bundle folder, parsed and schema-checked.
+    """The manifest of a bundle folder, parsed and schema-checked (see `read_manifest_bytes`)."""
+    return read_manifest_bytes(bundle)[1]
+
+
+def read_manifest_bytes(bundle: str | os.PathLike) -> tuple[bytes, dict[str, Any]]:
+    """The manifest's exact bytes (what a signature covers) and, parsed from those same bytes and
+    schema-checked, the manifest.
 
     A missing folder is the user's input error (exit 2); a folder without a readable, valid manifest
     is a bundle that fails verification (exit 1): it was tampered with or is not a bundle."""
@@ -123,8 +133,9 @@ def read_manifest(bundle: str | os.PathLike) -> dict[str, Any]:
     path = root / MANIFEST_NAME
     if not path.is_file():
         raise VerificationError(f"{path} is missing", "this is not a dlopt bundle, or its manifest was removed")
+    raw = path.read_bytes()
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(raw.decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise VerificationError(f"{path} is not valid JSON ({e})", "the manifest was damaged; package again") from e
     if not isinstance(manifest, dict):
@@ -133,7 +144,7 @@ def read_manifest(bundle: str | os.PathLike) -> dict[str, Any]:
     if problems:
         raise VerificationError(f"{path} does not match the manifest schema: {'; '.join(problems[:5])}",
                                 "the manifest was damaged or written by another dlopt version")
-    return manifest
+    return raw, manifest
 
 
 def check_files(bundle: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -161,10 +172,11 @@ def check_files(bundle: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
                 rows.append({"path": rel, "status": "ok", "detail": f"{entry['bytes']} bytes"})
     for path in sorted(p for p in bundle.rglob("*") if p.is_file() or p.is_symlink()):
         rel = path.relative_to(bundle).as_posix()
-        if rel != MANIFEST_NAME and rel not in listed:
+        if rel not in (MANIFEST_NAME, SIGNATURE_NAME) and rel not in listed:
             rows.append({"path": rel, "status": "unlisted", "detail": "not in the manifest"})
     return rows
 
 
-__all__ = ["MANIFEST_NAME", "SAMPLES_NAME", "SCHEMA_NAME", "SCHEMA_VERSION", "check_files", "file_entries",
-           "hash_path", "load_schema", "read_manifest", "sha256_file", "sha256_files", "validate"]
+__all__ = ["MANIFEST_NAME", "SAMPLES_NAME", "SCHEMA_NAME", "SCHEMA_VERSION", "SIGNATURE_NAME", "check_files",
+           "file_entries", "hash_path", "load_schema", "read_manifest", "read_manifest_bytes", "sha256_file",
+           "sha256_files", "validate"]

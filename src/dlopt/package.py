@@ -8,6 +8,7 @@ A bundle is a folder:
     model.xnnpack-<precision>.pte  with --torch-source: ExecuTorch programs for the XNNPACK backend
     README.md                      a model card
     manifest.json                  every file's sha256 and bytes, versions, configs, hashes, metrics
+    manifest.sig                   with a signing key: Ed25519 signature of manifest.json's bytes
 
 It is built in a temporary folder beside the destination and renamed into place only after the
 packaged model has loaded and matched the source ONNX model on the samples: a failed check or a
@@ -32,7 +33,8 @@ import numpy as np
 import dlopt
 from dlopt.errors import InputError, VerificationError
 from dlopt.fileio import finite_for_json, guard_outputs, guard_source_spec, json_text, load_onnx
-from dlopt.manifest import MANIFEST_NAME, SAMPLES_NAME, SCHEMA_NAME, SCHEMA_VERSION, file_entries, sha256_file
+from dlopt.manifest import (MANIFEST_NAME, SAMPLES_NAME, SCHEMA_NAME, SCHEMA_VERSION, SIGNATURE_NAME, file_entries,
+                            sha256_file)
 from dlopt.report import environment, format_markdown_table, format_table
 from dlopt.stage import config_to_dict
 
@@ -51,6 +53,7 @@ class PackageConfig:
     samples: int = 2  # verification samples stored in the bundle
     batch: int = 1
     seq_len: int = 16  # size of dynamic axes other than the batch in generated samples
+    input_shapes: tuple[str, ...] = ()  # NAME=DxD...: shapes of generated samples (--input-shape)
     atol: float = 1e-4  # packaged model vs source ONNX (a lossless conversion)
     rtol: float = 1e-3
     seed: int = 0
@@ -75,6 +78,7 @@ class PackageResult:
 
 
 def validate_config(config: PackageConfig) -> None:
+    from dlopt.inputs import parse_input_shapes
     from dlopt.targets.mobile import INTENDED_EPS, parse_fix_shape
 
     if config.target not in PACKAGE_TARGETS:
@@ -86,6 +90,7 @@ def validate_config(config: PackageConfig) -> None:
             raise InputError(f"unknown intended EP {config.intended_ep!r}", f"choose one of {', '.join(INTENDED_EPS)}")
     for text in config.fix_shapes:
         parse_fix_shape(text)
+    parse_input_shapes(config.input_shapes)
     if config.samples < 1:
         raise InputError(f"samples must be at least 1, got {config.samples}", "pass --samples 1 or more")
     if config.batch < 1 or config.seq_len < 1:
@@ -114,18 +119,27 @@ def validate_config(config: PackageConfig) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def package(model_path: str | os.PathLike, output: str | os.PathLike, config: PackageConfig = PackageConfig(), *,
-            data: Mapping[str, np.ndarray] | None = None, log: Log = lambda message: None) -> PackageResult:
+            data: Mapping[str, np.ndarray] | None = None, sign_key: str | os.PathLike | None = None,
+            log: Log = lambda message: None) -> PackageResult:
     """Build a verified bundle for `config.target` from the ONNX model at `model_path` in `output`.
 
-    `data` ({input name: array}, first axis = batch) replaces generated sample inputs. Raises
-    InputError for bad input, VerificationError (nothing written) when the packaged model does not
-    match the source."""
+    `data` ({input name: array}, first axis = batch) replaces generated sample inputs. `sign_key`
+    (an Ed25519 private key PEM, `dlopt keygen`) signs the manifest. Raises InputError for bad input,
+    VerificationError (nothing written) when the packaged model does not match the source."""
     validate_config(config)
+    private_key = None
+    if sign_key is not None:  # read the key before any long work; its path is not recorded anywhere
+        from dlopt.signing import load_private_key
+
+        private_key = load_private_key(sign_key)
     source_path = Path(model_path)
     calibration_path = config.calibration if config.calibration and not config.calibration.startswith("model:") \
         else None
     guard_outputs([source_path, calibration_path, guard_source_spec(config.torch_source)], [output])
     out = _check_bundle_path(Path(output), config.overwrite)
+    if sign_key is not None and Path(out).resolve() in Path(sign_key).resolve().parents:
+        raise InputError(f"the signing key {sign_key} lies inside the bundle folder {out}",
+                         "keep keys outside bundles: the bundle is replaced, and the key would be lost or shipped")
     source = load_onnx(source_path)
     from dlopt.targets.mobile import external_data_files
 
@@ -172,7 +186,7 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
             artifacts, pte_checks, pte_programs = [], [], []
             if torch_source is not None:
                 artifacts, pte_checks, pte_programs = _build_pte(torch_source, staging, config, feeds_list, expected,
-                                                                 log)
+                                                                 log, source_path)
             checks += pte_checks
             failed = [c for c in checks if not c["passed"]]
             if failed:
@@ -187,10 +201,20 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
                              built=built, fixed=fixed, calibration=calibration, stage_configs=stage_configs,
                              checks=checks, samples=len(feeds_list), coverage=coverage, metrics=metrics,
                              artifacts=artifacts, staging=staging)
+        if private_key is not None:
+            from dlopt.signing import signer_record
+
+            manifest["signature"] = signer_record(private_key)
         (staging / "README.md").write_text(model_card(manifest, coverage_report_path=staging / "coverage.json"))
         manifest["files"] = file_entries(staging, _roles(staging, built, artifacts))
         manifest = finite_for_json(manifest)
-        (staging / MANIFEST_NAME).write_text(json_text(manifest))
+        manifest_bytes = json_text(manifest).encode()
+        (staging / MANIFEST_NAME).write_bytes(manifest_bytes)
+        if private_key is not None:
+            from dlopt.signing import sign
+
+            (staging / SIGNATURE_NAME).write_bytes(sign(manifest_bytes, private_key))
+            log(f"signed the manifest with key {manifest['signature']['key_fingerprint'][:16]}…")
         _finalize(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -329,19 +353,21 @@ def _build_model(prepared: Path, staging: Path, config: PackageConfig, log: Log)
 
 def _sample_inputs(model_path: Path, config: PackageConfig,
                    data: Mapping[str, np.ndarray] | None) -> list[dict[str, np.ndarray]]:
-    import onnxruntime as ort
+    from dlopt.fileio import load_onnx
+    from dlopt.inputs import feeds_from_arrays, parse_input_shapes, session_inputs, synthetic_feeds, value_ranges
+    from dlopt.sessions import trial_run
 
-    from dlopt.bench import feeds_from_data, input_specs, make_inputs
-
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    specs = input_specs(session)
+    session = _session(model_path, {})
+    specs = session_inputs(session)
     if data is not None:
-        return [feeds_from_data(specs, data, "--data")]
+        return [feeds_from_arrays(specs, data, "--data")]
     real = _reference_samples(config, specs)
     if real is not None:
         return real
-    return [make_inputs(specs, batch=config.batch, seq_len=config.seq_len, seed=config.seed + k)
-            for k in range(config.samples)]
+    return synthetic_feeds(specs, count=config.samples, batch=config.batch, seq_len=config.seq_len,
+                           seed=config.seed, overrides=parse_input_shapes(config.input_shapes),
+                           ranges=value_ranges(load_onnx(model_path, load_external_data=False)),
+                           run=lambda feeds: trial_run(session, feeds))
 
 
 def _reference_samples(config: PackageConfig, specs) -> list[dict[str, np.ndarray]] | None:
@@ -364,19 +390,11 @@ def _reference_samples(config: PackageConfig, specs) -> list[dict[str, np.ndarra
 
 
 def _session(model: Path, session_config: Mapping[str, str], threads: int = 1):
-    import onnxruntime as ort
+    from dlopt.sessions import cpu_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    for key, value in session_config.items():
-        options.add_session_config_entry(key, value)
-    try:
-        return ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime's own exception types
-        raise VerificationError(f"onnxruntime cannot load {model.name}: {str(e).strip()[:300]}",
-                                "the file is damaged or was written by an incompatible version") from e
+    return cpu_session(model, threads=threads, graph_opt_level="all", config_entries=session_config,
+                       error=VerificationError,
+                       hint="the file is damaged or was written by an incompatible version")
 
 
 def _run_onnx(model_path: Path, feeds_list: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
@@ -408,21 +426,17 @@ def read_samples(path: Path) -> tuple[list[dict[str, np.ndarray]], list[dict[str
 
 
 def compare(actual: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
-    """Difference measures of one output: max abs diff, SQNR of `actual` against `reference` in dB
-    (20·log10(‖ref‖/‖ref−act‖), inf when equal) and, for [batch, classes] outputs, top-1 agreement."""
-    a = np.asarray(actual, dtype=np.float64)
-    r = np.asarray(reference, dtype=np.float64)
+    """Difference measures of one output (dlopt.fidelity): max abs diff, SQNR of `actual` against
+    `reference` in dB (inf when equal) and, for [batch, classes] outputs, top-1 agreement."""
+    from dlopt.fidelity import compare_arrays
+
+    a, r = np.asarray(actual), np.asarray(reference)
     if a.shape != r.shape:
         return {"shape_mismatch": [list(a.shape), list(r.shape)], "max_abs_diff": float("inf"), "sqnr_db": None,
                 "top1_agreement": None}
-    diff = a - r
-    noise = float(np.linalg.norm(diff))
-    signal = float(np.linalg.norm(r))
-    sqnr = float("inf") if noise == 0 else (float(20 * np.log10(signal / noise)) if signal > 0 else float("-inf"))
-    top1 = None
-    if a.ndim == 2 and a.shape[1] > 1:
-        top1 = float(np.mean(np.argmax(a, axis=1) == np.argmax(r, axis=1)))
-    return {"max_abs_diff": float(np.max(np.abs(diff))) if diff.size else 0.0, "sqnr_db": sqnr, "top1_agreement": top1}
+    measured = compare_arrays(a, r)
+    return {"max_abs_diff": measured.max_abs_diff, "sqnr_db": measured.sqnr_db,
+            "top1_agreement": measured.top1_agreement}
 
 
 def check_output(actual: np.ndarray, reference: np.ndarray, criterion: Mapping[str, float]) -> dict[str, Any]:
@@ -489,12 +503,12 @@ def _load_torch_source(config: PackageConfig):
     return load_source(config.torch_source)
 
 
-def _build_pte(source, staging: Path, config: PackageConfig, feeds_list, expected, log: Log):
+def _build_pte(source, staging: Path, config: PackageConfig, feeds_list, expected, log: Log, model_path: Path):
     from dlopt.targets.xnnpack import PteProgram, lower_to_pte
 
     artifacts, checks, programs = [], [], []
     input_names = list(feeds_list[0])
-    calibration = _pte_calibration(source, config, feeds_list)
+    calibration = _pte_calibration(source, config, feeds_list, model_path)
     for precision in config.pte_precisions:
         file_name = f"model.xnnpack-{precision}.pte"
         log(f"lowering {source.name} to ExecuTorch ({precision}, XNNPACK backend)")
@@ -528,19 +542,17 @@ def _build_pte(source, staging: Path, config: PackageConfig, feeds_list, expecte
     return artifacts, checks, programs
 
 
-def _pte_calibration(source, config: PackageConfig, feeds_list) -> list[dict[str, np.ndarray]]:
+def _pte_calibration(source, config: PackageConfig, feeds_list, model_path: Path) -> list[dict[str, np.ndarray]]:
     """Calibration feeds for an int8 .pte: --calibration if given, else the reference model's own set
     (at the samples' shapes where it has a sequence axis), else the samples."""
     if "int8" not in config.pte_precisions:
         return []
-    from dlopt.optimize.calibration import load_calibration
-
     shapes = {k: v.shape for k, v in feeds_list[0].items()}
     spec = config.calibration or (f"model:{config.torch_source}" if _is_reference(config.torch_source) else None)
     if spec is None:
         return [dict(f) for f in feeds_list]
     feeds = []
-    for sample in load_calibration(spec, limit=config.pte_calibration_samples):
+    for sample in _load_calibration(spec, model_path, limit=config.pte_calibration_samples):
         fitted = _fit_to_shapes(sample, shapes)
         if fitted is not None:
             feeds.append(fitted)
@@ -697,6 +709,7 @@ def _manifest(*, name, config, source_path, source, model, built, fixed, calibra
         "metrics": metrics,
         "artifacts": artifacts,
         "environment": environment(),
+        "signature": None,  # the signer's record when signed (package(sign_key=...))
     }
 
 
@@ -740,6 +753,16 @@ def _stage_reports(source_path: Path) -> dict[str, Any]:
     return found
 
 
+def _load_calibration(spec: str, model_path: Path, limit: int | None = None):
+    """The calibration data of MODEL; a folder of images is read for the model's image input."""
+    from dlopt.optimize.calibration import load_calibration
+
+    data = load_calibration(spec, limit=limit)
+    if data is not None and data.needs_model:
+        data.bind(load_onnx(model_path, load_external_data=False))
+    return data
+
+
 def _calibration_record(spec: str | None, model_path: Path) -> dict[str, Any] | None:
     """A content hash of the calibration samples (names, dtypes, shapes, bytes, in order), so the
     same data in another file format or folder hashes the same."""
@@ -747,9 +770,7 @@ def _calibration_record(spec: str | None, model_path: Path) -> dict[str, Any] | 
         return None
     import hashlib
 
-    from dlopt.optimize.calibration import load_calibration
-
-    data = load_calibration(spec)
+    data = _load_calibration(spec, model_path)
     digest = hashlib.sha256()
     count = 0
     for sample in data:
@@ -775,8 +796,12 @@ def model_card(manifest: Mapping[str, Any], coverage_report_path: Path | None = 
     model = m["model"]
     lines = [f"# {m['name']} ({m['target']} bundle)", "",
              f"Built by dlopt {m['dlopt_version']} on {m['created']} from `{m['source']['file']}` "
-             f"(sha256 `{m['source']['sha256'][:16]}…`). Check it with `dlopt verify <this folder>`.", "",
-             "## Files", ""]
+             f"(sha256 `{m['source']['sha256'][:16]}…`). Check it with `dlopt verify <this folder>`.", ""]
+    if m.get("signature"):
+        lines += [f"Signed: `{m['signature']['file']}` holds an Ed25519 signature of `manifest.json` by the key with "
+                  f"fingerprint `{m['signature']['key_fingerprint']}`; check who signed it with "
+                  "`dlopt verify <this folder> --trusted-key KEY.pub`.", ""]
+    lines += ["## Files", ""]
     lines.append(f"- `{model['file']}`: the model ({model['format'].upper()} format"
                  + (f", ORT format version {m['runtime']['ort_format_version']}, {model['optimization_style']} "
                     f"optimization style for the {model['intended_ep']} EP" if model["format"] == "ort" else "")

@@ -2,24 +2,77 @@
 what the source model computed?
 
 1. The manifest is read and checked against its JSON Schema.
-2. Every file is re-hashed: a missing file, a changed byte (size or sha256) or a file the manifest
+2. With a trusted public key, the manifest's signature (manifest.sig) must be that key's signature
+   of the manifest's exact bytes. Without one, nothing proves who wrote the manifest: whoever can
+   change the bundle can rewrite its hashes and samples too, so the check is of integrity (accidents),
+   not origin.
+3. Every file is re-hashed: a missing file, a changed byte (size or sha256) or a file the manifest
    does not list is a failure.
-3. Only when every file is intact, the model (and each .pte program, where ExecuTorch is installed)
-   is run on the stored sample inputs and compared with the source model's stored outputs under the
-   criterion the manifest recorded. A model that no longer loads is a failure, not a crash.
+4. Only when the signature (if checked) and every file are intact, the model (and each .pte program,
+   where ExecuTorch is installed) is run on the stored sample inputs and compared with the source
+   model's stored outputs. The tolerance is verify's own (`Tolerance`: the package defaults, or the
+   user's --atol/--rtol); the criterion recorded in the manifest can only tighten it, never loosen it,
+   because an unsigned manifest is editable by anyone. A model that no longer loads is a failure, not
+   a crash.
 Any failure raises VerificationError (exit code 1) after the whole report is built.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dlopt.errors import VerificationError
-from dlopt.manifest import check_files, read_manifest
+from dlopt.errors import InputError, VerificationError
+from dlopt.manifest import SIGNATURE_NAME, check_files, read_manifest_bytes
+from dlopt.package import PackageConfig
 from dlopt.report import format_table
+from dlopt.signing import SignatureCheck
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tolerance:
+    """What verify accepts. The ORT model: allclose within atol/rtol (by default `dlopt package`'s
+    own defaults, a lossless conversion). A .pte program: an SQNR floor per precision, as at packaging.
+    `explicit`: the user chose atol/rtol, so they are used as given; otherwise a tighter criterion
+    recorded in the manifest is used instead, a looser one never."""
+
+    atol: float = PackageConfig.atol
+    rtol: float = PackageConfig.rtol
+    explicit: bool = False
+    pte_fp32_min_sqnr_db: float = PackageConfig.pte_fp32_min_sqnr_db
+    pte_int8_min_sqnr_db: float = PackageConfig.pte_int8_min_sqnr_db
+
+    def __post_init__(self):
+        for name in ("atol", "rtol"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise InputError(f"--{name} must be a finite number >= 0, got {value}", f"pass e.g. --{name} 1e-4")
+
+    def model_criterion(self, recorded: Mapping[str, Any] | None) -> dict[str, float]:
+        criterion = {"atol": self.atol, "rtol": self.rtol}
+        if not self.explicit:
+            for key in criterion:
+                value = _number(recorded, key)
+                if value is not None and value >= 0:
+                    criterion[key] = min(criterion[key], value)
+        return criterion
+
+    def pte_criterion(self, precision: Any, recorded: Mapping[str, Any] | None) -> dict[str, float]:
+        # an unknown precision gets the strictest floor; the label is only as trustworthy as the manifest
+        floor = self.pte_int8_min_sqnr_db if precision in ("int8", "int8-dynamic") else self.pte_fp32_min_sqnr_db
+        value = _number(recorded, "min_sqnr_db")
+        return {"min_sqnr_db": max(floor, value) if value is not None else floor}
+
+
+def _number(recorded: Mapping[str, Any] | None, key: str) -> float | None:
+    value = recorded.get(key) if isinstance(recorded, Mapping) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -29,33 +82,51 @@ class VerifyResult:
     files: list[dict[str, Any]]
     outputs: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    signature: SignatureCheck | None = None  # None: no trusted key given, origin not checked
 
     @property
     def passed(self) -> bool:
-        return all(f["status"] == "ok" for f in self.files) and all(o["passed"] for o in self.outputs)
+        return (all(f["status"] == "ok" for f in self.files) and all(o["passed"] for o in self.outputs)
+                and (self.signature is None or self.signature.passed))
 
     def problems(self) -> list[str]:
-        found = [f"{f['path']}: {f['status']} ({f['detail']})" for f in self.files if f["status"] != "ok"]
+        found = [] if self.signature is None or self.signature.passed else [f"signature: {self.signature.detail}"]
+        found += [f"{f['path']}: {f['status']} ({f['detail']})" for f in self.files if f["status"] != "ok"]
         found += [f"{o['artifact']} {o['output']}: {o.get('detail') or 'outputs differ'}"
                   for o in self.outputs if not o["passed"]]
         return found
 
 
-def verify_bundle(bundle: str | os.PathLike, *, check_outputs: bool = True) -> VerifyResult:
-    """Check a bundle; returns the full result (see `passed`). Raises InputError for a path that is not
-    a folder, VerificationError only for a manifest that cannot be read at all."""
+def verify_bundle(bundle: str | os.PathLike, *, check_outputs: bool = True,
+                  trusted_key: str | os.PathLike | None = None, tolerance: Tolerance = Tolerance()) -> VerifyResult:
+    """Check a bundle; returns the full result (see `passed`). `trusted_key`: a public key PEM
+    (`dlopt keygen`); the manifest must carry its signature. Raises InputError for a path that is not
+    a folder or an unreadable key, VerificationError only for a manifest that cannot be read at all."""
     root = Path(bundle)
-    manifest = read_manifest(root)
+    key = None
+    if trusted_key is not None:
+        from dlopt.signing import load_public_key
+
+        key = load_public_key(trusted_key)
+    raw, manifest = read_manifest_bytes(root)
+    signature = None
+    if key is not None:
+        from dlopt.signing import check_signature
+
+        signature = check_signature(raw, manifest, root / SIGNATURE_NAME, key)
     files = check_files(root, manifest)
-    result = VerifyResult(bundle=root, manifest=manifest, files=files)
+    result = VerifyResult(bundle=root, manifest=manifest, files=files, signature=signature)
     if not check_outputs:
+        return result
+    if signature is not None and not signature.passed:
+        result.skipped.append("outputs not re-checked: the manifest is not signed by the trusted key")
         return result
     if any(f["status"] != "ok" for f in files):
         result.skipped.append("outputs not re-checked: files failed their hash check")
         return result
-    result.outputs.extend(_check_model(root, manifest))
+    result.outputs.extend(_check_model(root, manifest, tolerance))
     for artifact in manifest.get("artifacts", []):
-        rows, skipped = _check_pte(root, manifest, artifact)
+        rows, skipped = _check_pte(root, manifest, artifact, tolerance)
         result.outputs.extend(rows)
         if skipped:
             result.skipped.append(skipped)
@@ -66,16 +137,25 @@ def _recorded_criteria(manifest: dict[str, Any]) -> dict[tuple[str, str], dict[s
     return {(c["artifact"], c["output"]): c["criterion"] for c in manifest["verification"]["checks"]}
 
 
-def _check_model(root: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+def _recorded_criterion(manifest: dict[str, Any], artifact: str) -> dict[str, Any] | None:
+    """The tightest criterion the manifest records for `artifact` (only ever used to tighten)."""
+    found = [c for (a, _), c in _recorded_criteria(manifest).items() if a == artifact and isinstance(c, dict)]
+    if not found:
+        return None
+    tightest: dict[str, Any] = {}
+    for key, pick in (("atol", min), ("rtol", min), ("min_sqnr_db", max)):
+        values = [v for v in (_number(c, key) for c in found) if v is not None]
+        if values:
+            tightest[key] = pick(values)
+    return tightest
+
+
+def _check_model(root: Path, manifest: dict[str, Any], tolerance: Tolerance) -> list[dict[str, Any]]:
     from dlopt.package import read_samples, verify_outputs
 
     model = manifest["model"]
     inputs, expected = read_samples(root / manifest["verification"]["samples_file"])
-    criteria = _recorded_criteria(manifest)
-    criterion = next((c for (a, _), c in criteria.items() if a == model["file"]), None)
-    if criterion is None:
-        return [{"artifact": model["file"], "output": "-", "passed": False,
-                 "detail": "the manifest records no criterion for the model"}]
+    criterion = tolerance.model_criterion(_recorded_criterion(manifest, model["file"]))
     try:
         return verify_outputs(root / model["file"], model["session_config"], inputs, expected, criterion,
                               artifact=model["file"])
@@ -86,7 +166,8 @@ def _check_model(root: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
                  "detail": f"running it failed: {type(e).__name__}: {str(e)[:200]}"}]
 
 
-def _check_pte(root: Path, manifest: dict[str, Any], artifact: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
+def _check_pte(root: Path, manifest: dict[str, Any], artifact: dict[str, Any],
+               tolerance: Tolerance) -> tuple[list[dict[str, Any]], str | None]:
     from dlopt.package import _checks, read_samples
     from dlopt.targets.xnnpack import executorch_status
 
@@ -96,11 +177,8 @@ def _check_pte(root: Path, manifest: dict[str, Any], artifact: dict[str, Any]) -
     from dlopt.targets.xnnpack import PteProgram
 
     inputs, expected = read_samples(root / manifest["verification"]["samples_file"])
-    criteria = _recorded_criteria(manifest)
-    criterion = next((c for (a, _), c in criteria.items() if a == artifact["file"]), None)
-    if criterion is None:
-        return [{"artifact": artifact["file"], "output": "-", "passed": False,
-                 "detail": "the manifest records no criterion for it"}], None
+    criterion = tolerance.pte_criterion(artifact.get("precision"),
+                                        _recorded_criterion(manifest, artifact["file"]))
     try:
         program = PteProgram(root / artifact["file"], artifact["input_names"])
         names = list(expected[0])
@@ -124,4 +202,15 @@ def format_result(result: VerifyResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["VerifyResult", "format_result", "verify_bundle"]
+def origin_text(result: VerifyResult) -> str:
+    """One line on who wrote the manifest: checked against the trusted key, or plainly not checked."""
+    if result.signature is not None:
+        return f"signature: {result.signature.detail}"
+    signer = result.manifest.get("signature")
+    named = (f"; the manifest names signer {signer['key_fingerprint'][:16]}…, check it with --trusted-key KEY.pub"
+             if isinstance(signer, dict) and "key_fingerprint" in signer else "")
+    return ("note: integrity only: the files match the manifest, but nothing checked who wrote the manifest "
+            f"(anyone who can edit the bundle can rewrite it){named}")
+
+
+__all__ = ["Tolerance", "VerifyResult", "format_result", "origin_text", "verify_bundle"]

@@ -7,7 +7,7 @@ import re
 
 import click
 
-from dlopt.cli._common import echo_err
+from dlopt.cli._common import echo_err, input_shape_option
 
 
 def parse_fraction(text: str | None, option: str) -> float | None:
@@ -75,7 +75,8 @@ def parse_accuracy_drops(values: tuple[str, ...]) -> tuple[float | None, tuple[t
 @click.option("--threads", type=int, default=None, help="Intra-op threads. [default: 1, or the stored baseline's]")
 @click.option("--batch", type=int, default=None, help="Batch size. [default: 1, or the stored baseline's first]")
 @click.option("--seq-len", type=int, default=None,
-              help="Length of dynamic non-batch axes of generated inputs. [default: 128, or the stored baseline's]")
+              help="Length of dynamic non-batch, non-image axes of generated inputs. [default: 128, or the stored "
+                   "baseline's]")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
               help="Time the models on the arrays of this .npz instead of generated inputs.")
 @click.option("--clock", type=click.Choice(["auto", "cpu", "wall"]), default="auto", show_default=True,
@@ -103,11 +104,12 @@ def parse_accuracy_drops(values: tuple[str, ...]) -> tuple[float | None, tuple[t
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write the full result (every look of the sequential test) as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@input_shape_option
 @click.pass_context
 def command(ctx, baseline, candidate, max_slowdown, accuracy_drops, max_size_growth, eval_model, eval_data,
             metrics, eval_output, target, threads, batch, seq_len, data, clock, budget, confidence, looks,
             on_inconclusive, allow_cross_machine, allow_fallback, graph_opt, seed, summary_path, junit_path,
-            json_path, no_progress):
+            json_path, no_progress, input_shapes):
     """Gate a CANDIDATE model against a BASELINE: exit 0 pass, 1 regression, 2 usage or input error,
     3 inconclusive (with the default --on-inconclusive exit-3).
 
@@ -156,7 +158,7 @@ def command(ctx, baseline, candidate, max_slowdown, accuracy_drops, max_size_gro
                         max_size_growth=parse_fraction(max_size_growth, "--max-size-growth"),
                         budget_s=parse_duration(budget), confidence=confidence, looks=looks,
                         on_inconclusive=on_inconclusive, target=target, threads=threads, clock=clock, batch=batch,
-                        seq_len=seq_len, seed=seed, graph_opt_level=graph_opt,
+                        seq_len=seq_len, input_shapes=input_shapes, seed=seed, graph_opt_level=graph_opt,
                         allow_cross_machine=allow_cross_machine, allow_fallback=allow_fallback)
     arrays = load_data(data) if data else None
     with progress_bar(enabled=not no_progress) as progress:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dlopt.cli._common import echo_err
+from dlopt.cli._common import echo_err, input_shape_option
 
 
 @click.command("package", short_help="Bundle a model for a target (mobile: ORT format), verified, with a manifest.")
@@ -21,7 +21,8 @@ from dlopt.cli._common import echo_err
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
               help="Sample inputs (.npz, one array per input) instead of generated ones.")
 @click.option("--samples", type=int, default=2, show_default=True, help="Generated verification samples.")
-@click.option("--seq-len", type=int, default=16, show_default=True, help="Size of dynamic non-batch axes in samples.")
+@click.option("--seq-len", type=int, default=16, show_default=True,
+              help="Size of dynamic non-batch, non-image axes in samples.")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Packaged vs source model, absolute.")
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="Packaged vs source model, relative.")
 @click.option("--measure", "measure_s", type=float, default=2.0, show_default=True,
@@ -44,9 +45,12 @@ from dlopt.cli._common import echo_err
               "manifest, and calibrates an int8 .pte.")
 @click.option("--name", default=None, help="Model name in the manifest (default: the file's stem).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder.")
+@click.option("--sign-key", type=click.Path(dir_okay=False), default=None, metavar="KEY",
+              help="Ed25519 private key (`dlopt keygen`): sign the manifest (manifest.sig).")
+@input_shape_option
 def command(model, output, target, intended_ep, fix_shapes, type_reduction, no_coverage, data, samples, seq_len,
             atol, rtol, measure_s, threads, torch_source, pte, pte_int8_min_sqnr, pte_weight_rounding,
-            pte_no_bias_correction, calibration, name, overwrite):
+            pte_no_bias_correction, calibration, name, overwrite, sign_key, input_shapes):
     """Package MODEL (.onnx) into a bundle folder for a target, verified before it is written.
 
     For --target mobile the bundle holds the ORT-format model with its reduced-operator config, an
@@ -62,7 +66,9 @@ def command(model, output, target, intended_ep, fix_shapes, type_reduction, no_c
     feeds = None
     if data is not None:
         from dlopt.bench import load_data
+        from dlopt.fileio import guard_outputs
 
+        guard_outputs([data], [output])  # the library guards MODEL, --calibration and --torch-source
         feeds = load_data(data)
     config = PackageConfig(target=target, intended_ep=intended_ep, fix_shapes=tuple(fix_shapes),
                            type_reduction=type_reduction, coverage=not no_coverage, samples=samples, seq_len=seq_len,
@@ -70,8 +76,8 @@ def command(model, output, target, intended_ep, fix_shapes, type_reduction, no_c
                            pte_precisions=tuple(p.strip() for p in pte.split(",") if p.strip()),
                            pte_int8_min_sqnr_db=pte_int8_min_sqnr, pte_weight_rounding=pte_weight_rounding,
                            pte_bias_correction=not pte_no_bias_correction, calibration=calibration, name=name,
-                           overwrite=overwrite)
-    result = package(model, output, config, data=feeds, log=echo_err)
+                           overwrite=overwrite, input_shapes=input_shapes)
+    result = package(model, output, config, data=feeds, sign_key=sign_key, log=echo_err)
     manifest = result.manifest
     click.echo(summary_table(manifest))
     if manifest["coverage"]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dlopt.cli._common import echo_err
+from dlopt.cli._common import echo_err, image_options, image_preprocess, input_shape_option
 
 
 def _names(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -17,10 +17,12 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 @click.option("--precision", default="int8", show_default=True, help="int8 | int4 | fp16.")
 @click.option("--mode", default="auto", show_default=True,
-              help="int8: auto (recipe from the model, target and CPU; printed) | dynamic | static.")
+              help="int8: auto (recipe from the model, target and CPU; printed) | dynamic | static | weight-only "
+                   "(int8 weights, float compute: for size, needs no data).")
 @click.option("--calibration", default=None,
               help="Calibration data: an .npz (arrays named by input, first axis = samples), a folder of "
-                   ".npz/.npy files, or model:NAME (a reference model's own set).")
+                   ".npz/.npy files or of images (.jpg/.png, see --image-*), or model:NAME (a reference "
+                   "model's own set).")
 @click.option("--calibration-samples", type=int, default=None, help="Read at most N samples.")
 @click.option("--method", default=None, help="Static calibration: minmax | entropy | percentile (default: recipe's).")
 @click.option("--percentile", type=float, default=None,
@@ -47,9 +49,12 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--layernorm", "layernorm_form", default="auto", show_default=True,
               help="Target cpu: auto (time ORT's fused SkipLayerNormalization against Sum + LayerNormalization "
                    "here and write the faster form) | fused | unfused.")
+@input_shape_option
+@image_options
 def command(model, output, precision, mode, calibration, calibration_samples, method, percentile, per_channel,
             block_size, exclude_nodes, exclude_ops, target, no_preprocess, max_accuracy_drop, evaluator, smoothing,
-            weight_rounding, bias_correction, layernorm_form):
+            weight_rounding, bias_correction, layernorm_form, input_shapes, image_size, image_layout, image_scale,
+            image_mean, image_std, image_bgr):
     """Quantize MODEL.onnx and write OUT.onnx plus OUT.quantize.json beside it (schema: dlopt/schemas/quantize.schema.json).
 
     Prints the recipe and why it was chosen, the size before and after, the quantized nodes by op
@@ -64,7 +69,9 @@ def command(model, output, precision, mode, calibration, calibration_samples, me
                             calibration_samples=calibration_samples, percentile=percentile,
                             max_accuracy_drop=max_accuracy_drop, evaluator=evaluator, smoothing=smoothing,
                             weight_rounding=weight_rounding, bias_correction=bias_correction,
-                            layernorm_form=layernorm_form)
+                            layernorm_form=layernorm_form, input_shapes=input_shapes,
+                            image=image_preprocess(image_size, image_layout, image_scale, image_mean, image_std,
+                                                   image_bgr))
     outcome = quantize_file(model, output, config, calibration, progress=True, log=echo_err)
     click.echo(summary_text(outcome.report))
     click.echo(f"wrote {outcome.model_path} ({outcome.report['bytes_written'] / 1e6:.2f} MB)")

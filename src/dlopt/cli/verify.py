@@ -1,4 +1,4 @@
-"""dlopt verify: re-check a bundle's hashes and outputs."""
+"""dlopt verify: re-check a bundle's hashes and outputs, and with a trusted key who signed it."""
 
 from __future__ import annotations
 
@@ -8,23 +8,40 @@ import click
 @click.command("verify", short_help="Re-check a bundle: every file's sha256, no extra files, outputs vs the source's.")
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--hashes-only", is_flag=True, help="Check files only, do not run the model.")
-def command(bundle, hashes_only):
+@click.option("--trusted-key", type=click.Path(dir_okay=False), default=None, metavar="PUB",
+              help="Public key (`dlopt keygen`) that must have signed the manifest; without it only integrity "
+              "is checked, not origin.")
+@click.option("--atol", type=float, default=None,
+              help="Model vs the stored source outputs, absolute (default 1e-4, or the manifest's if tighter).")
+@click.option("--rtol", type=float, default=None,
+              help="Model vs the stored source outputs, relative (default 1e-3, or the manifest's if tighter).")
+def command(bundle, hashes_only, trusted_key, atol, rtol):
     """Verify BUNDLE (a folder written by `dlopt package`).
 
     Exit code 0 when every file matches the manifest (none missing, none changed, none added) and the
-    model still reproduces the source model's stored outputs within the recorded tolerance; 1 on any
-    tampering or mismatch; 2 when BUNDLE is not a folder.
+    model still reproduces the source model's stored outputs within tolerance; 1 on a mismatch, or
+    with --trusted-key on a missing or bad signature or one by another key; 2 when BUNDLE is not a
+    folder or the key cannot be read.
+
+    Without --trusted-key this checks integrity, not origin: whoever can edit the bundle can also
+    rewrite its manifest. The tolerance is verify's own (--atol/--rtol, else the package defaults);
+    a criterion recorded in the manifest can only tighten it.
     """
     from dlopt.errors import VerificationError
-    from dlopt.verify import format_result, verify_bundle
+    from dlopt.verify import Tolerance, format_result, origin_text, verify_bundle
 
-    result = verify_bundle(bundle, check_outputs=not hashes_only)
+    defaults = Tolerance()
+    tolerance = Tolerance(atol=defaults.atol if atol is None else atol, rtol=defaults.rtol if rtol is None else rtol,
+                          explicit=atol is not None or rtol is not None)
+    result = verify_bundle(bundle, check_outputs=not hashes_only, trusted_key=trusted_key, tolerance=tolerance)
     click.echo(format_result(result))
+    click.echo(origin_text(result))
     if not result.passed:
         problems = result.problems()
         raise VerificationError(f"bundle {bundle} failed verification: {'; '.join(problems[:4])}"
                                 + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""),
                                 "do not ship it; package it again from the source model")
     m = result.manifest
+    origin = "signed by the trusted key" if result.signature is not None else "integrity only, origin not checked"
     click.echo(f"ok: {bundle} ({m['name']}, {m['target']}, {len(result.files)} files, built by dlopt "
-               f"{m['dlopt_version']} with onnxruntime {m['runtime']['onnxruntime']})")
+               f"{m['dlopt_version']} with onnxruntime {m['runtime']['onnxruntime']}; {origin})")

@@ -1,0 +1,218 @@
+"""Graph normalization before INT8: what ONNX Runtime's quantizers assume of a graph, made true and checked.
+
+- Weights held in Constant nodes become initializers, in If/Loop/Scan subgraphs too: ORT's
+  quantizers only quantize initializers, so a weight in a Constant node stays float (PP-OCR's
+  exported models hold every Conv weight that way).
+- Opsets below 13 are upgraded with onnx's version converter: per-channel weights need
+  DequantizeLinear's `axis`, which opset 13 introduced; ORT's quantizer writes it anyway and the
+  graph is invalid ("Unrecognized attribute: axis for operator DequantizeLinear").
+
+Each step runs on a copy and is kept only if the result passes onnx's checker (the upgrade) and
+runs through ONNX Runtime with outputs within a tight tolerance of its input on the same feeds
+(`dlopt.optimize.preprocess.run_checked_steps`); a rejected step is reported with its reason, and
+the recipe reads it (a failed upgrade means per-tensor weights, said so in the recipe's reasons).
+
+Also here: `topological_sort`, which orders a graph whose subgraphs read outer values (ORT's
+subgraph quantization appends the outer quantize nodes after the If/Loop that reads them), and
+`subgraph_nodes`, the nodes that sit inside subgraphs.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dlopt.optimize.preprocess import check_feeds, op_counts, replace_nodes, run_checked_steps
+from dlopt.sessions import cpu_session, run_outputs
+from dlopt.stage import StageResult, config_to_dict
+
+PER_CHANNEL_OPSET = 13  # DequantizeLinear/QuantizeLinear `axis` (per-channel scales) exist from opset 13
+
+
+@dataclass(frozen=True, kw_only=True)
+class NormalizeConfig:
+    constants_to_initializers: bool = True
+    min_opset: int = PER_CHANNEL_OPSET  # upgrade the default domain to at least this; 0: never
+    check_samples: int = 2
+    input_shapes: tuple[str, ...] = ()  # --input-shape NAME=DxD... for the synthetic check samples
+    # lossless rewrites: outputs must match their input this closely (the upgrade measured bit-exact on
+    # PP-OCRv4 det and cls)
+    atol: float = 1e-5
+    rtol: float = 1e-4
+
+
+def default_opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def subgraphs(node) -> Iterator[Any]:
+    """The graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
+    import onnx
+
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def all_graphs(graph) -> Iterator[Any]:
+    """`graph` and every subgraph under it, depth first."""
+    yield graph
+    for node in graph.node:
+        for sub in subgraphs(node):
+            yield from all_graphs(sub)
+
+
+def subgraph_nodes(model, op_types: Iterable[str] | None = None) -> list[tuple[str, Any]]:
+    """(owner path, node) for the nodes inside subgraphs (e.g. 'branch/then_branch'), optionally of
+    these op types."""
+    import onnx
+
+    wanted = set(op_types) if op_types is not None else None
+    found: list[tuple[str, Any]] = []
+
+    def visit(graph, path: str) -> None:
+        for node in graph.node:
+            for attr in node.attribute:
+                subs = ([attr.g] if attr.type == onnx.AttributeProto.GRAPH
+                        else list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else [])
+                for sub in subs:
+                    where = f"{path}{node.name or node.op_type}/{attr.name}"
+                    found.extend((where, n) for n in sub.node if wanted is None or n.op_type in wanted)
+                    visit(sub, where + "/")
+
+    visit(model.graph, "")
+    return found
+
+
+def _outer_reads(graph) -> set[str]:
+    """Names a graph reads that it does not define itself: its subgraph nodes' implicit inputs."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {o for n in graph.node for o in n.output}
+    reads = set()
+    for node in graph.node:
+        reads.update(i for i in node.input if i)
+        for sub in subgraphs(node):
+            reads |= _outer_reads(sub)
+    return reads - defined
+
+
+def topological_sort(graph) -> None:
+    """Order `graph`'s nodes (and each subgraph's, in place) so that every value, including the
+    outer values a subgraph reads, is produced before it is used; stable for already-sorted graphs.
+
+    Hand-written: ORT's ONNXModel.topological_sort ignores the implicit inputs of If/Loop/Scan, which
+    are exactly what goes out of order here."""
+    for node in graph.node:
+        for sub in subgraphs(node):
+            topological_sort(sub)
+    producer = {o: index for index, n in enumerate(graph.node) for o in n.output if o}
+    needs: list[set[int]] = []
+    for node in graph.node:
+        reads = {i for i in node.input if i}
+        for sub in subgraphs(node):
+            reads |= _outer_reads(sub)
+        needs.append({producer[r] for r in reads if r in producer})
+    if all(all(p < index for p in wanted) for index, wanted in enumerate(needs)):
+        return  # already in order
+    # Kahn's algorithm, always taking the earliest ready node: keeps the original order wherever it was valid
+    waiting = [len(wanted) for wanted in needs]
+    users: dict[int, list[int]] = {}
+    for index, wanted in enumerate(needs):
+        for p in wanted:
+            users.setdefault(p, []).append(index)
+    ready = [index for index, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(index)
+        for user in users.get(index, ()):
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, user)
+    placed = set(order)
+    order += [i for i in range(len(graph.node)) if i not in placed]  # a cycle: left as it was (the checker says)
+    replace_nodes(graph, [graph.node[i] for i in order])
+
+
+# -- the steps ----------------------------------------------------------------------------------------
+def _constants_to_initializers(model, config: NormalizeConfig):
+    """Every Constant node holding a tensor (`value`) becomes an initializer of its own graph, named
+    after its output (kept a node when that output is also the graph's output)."""
+    import onnx
+
+    moved = 0
+    converted = onnx.ModelProto()
+    converted.CopyFrom(model)
+    for graph in all_graphs(converted.graph):
+        outputs = {o.name for o in graph.output}
+        keep = []
+        for node in graph.node:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None \
+                    and node.output[0] not in outputs:
+                tensor = graph.initializer.add()
+                tensor.CopyFrom(value)
+                tensor.name = node.output[0]
+                moved += 1
+            else:
+                keep.append(node)
+        if len(keep) != len(graph.node):
+            replace_nodes(graph, keep)
+    if not moved:
+        return model, {"moved": 0}
+    if converted.ir_version < 4:  # before IR 4 every initializer must also be a graph input
+        converted.ir_version = 4
+    return converted, {"moved": moved}
+
+
+def _upgrade_opset(model, config: NormalizeConfig):
+    import onnx
+    from onnx import version_converter
+
+    before = default_opset(model)
+    if not config.min_opset or before >= config.min_opset:
+        return model, {"from": before, "to": before}
+    upgraded = version_converter.convert_version(model, config.min_opset)
+    onnx.checker.check_model(upgraded)
+    return upgraded, {"from": before, "to": default_opset(upgraded)}
+
+
+def normalize(model, config: NormalizeConfig = NormalizeConfig(),
+              data: Iterable[Mapping[str, np.ndarray]] | None = None) -> StageResult:
+    """Run the enabled steps (Constant weights to initializers, opset upgrade), each checked; the
+    report holds each step and the opset before and after."""
+    steps: list[tuple[str, Any]] = []
+    if config.constants_to_initializers and any(
+            n.op_type == "Constant" for g in all_graphs(model.graph) for n in g.node):
+        steps.append(("constants_to_initializers", _constants_to_initializers))
+    if config.min_opset and default_opset(model) < config.min_opset:
+        steps.append(("opset_upgrade", _upgrade_opset))
+    current, report_steps = model, []
+    if steps:
+        feeds = check_feeds(model, data, config.check_samples, config.input_shapes)
+        reference = run_outputs(cpu_session(model, graph_opt_level="basic"), feeds)
+        current, report_steps = run_checked_steps(model, steps, config, feeds, reference, config.atol, config.rtol)
+    report = {"config": config_to_dict(config), "steps": report_steps,
+              "opset": {"before": default_opset(model), "after": default_opset(current)}}
+    if current is not model:
+        report["ops_after"] = op_counts(current)
+    return StageResult(current, report)
+
+
+def upgrade_failure(report: Mapping[str, Any] | None) -> str | None:
+    """Why the opset upgrade in a normalize() report was rejected; None when it was not tried or held."""
+    for step in (report or {}).get("steps", []):
+        if step["step"] == "opset_upgrade" and not step.get("applied"):
+            return step.get("reason", "rejected")
+    return None
+
+
+__all__ = ["PER_CHANNEL_OPSET", "NormalizeConfig", "all_graphs", "default_opset", "normalize", "subgraph_nodes",
+           "subgraphs", "topological_sort", "upgrade_failure"]

@@ -1,0 +1,176 @@
+"""Image files as model inputs: a declared pre-processing, so that a CNN's user gives a folder of
+photos (`--calibration DIR_OF_IMAGES`) instead of writing .npz files.
+
+Each image is decoded with Pillow, converted to the model's channel count (RGB, or L for one
+channel, RGBA for four), resized to (height, width) with bilinear filtering (aspect ratio not
+kept), and turned into float32 values
+
+    x = (pixel · scale − mean) / std            per channel, pixels 0..255, channels RGB or BGR
+
+laid out NCHW or NHWC with a batch axis of 1. The size is the model's fixed input size, or
+`size` when the model's height/width are free; the layout is read from the model's input shape
+(a fixed 1, 3 or 4 on axis 1: NCHW; on axis 3: NHWC) unless given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dlopt.errors import InputError, MissingDependencyError
+from dlopt.inputs import InputSpec, graph_inputs, image_axes
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+LAYOUTS = ("auto", "nchw", "nhwc")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImagePreprocess:
+    """How image files become a model's input (the formula in the module doc)."""
+
+    size: tuple[int, int] | None = None  # (height, width); None: the model's fixed input size
+    layout: str = "auto"  # auto | nchw | nhwc
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = (0.0,)  # one value, or one per channel
+    std: tuple[float, ...] = (1.0,)
+    bgr: bool = False  # channels in B, G, R order (OpenCV-trained models, e.g. PaddleOCR's)
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise InputError(f"unknown image layout {self.layout!r}", f"choose one of {', '.join(LAYOUTS)}")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            raise InputError(f"image size {self.size} is not HEIGHTxWIDTH", "e.g. --image-size 640x640")
+        if not self.mean or not self.std:
+            raise InputError("image mean and std need at least one value", "e.g. --image-mean 0.5,0.5,0.5")
+        if any(s == 0 for s in self.std):
+            raise InputError(f"image std {self.std} has a zero", "give non-zero standard deviations")
+        if not self.scale > 0:
+            raise InputError(f"image scale {self.scale} must be positive", "e.g. --image-scale 1/255")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'640x480' -> (640, 480) (height, width); '224' -> (224, 224)."""
+    try:
+        parts = tuple(int(p) for p in str(text).lower().split("x"))
+    except ValueError:
+        parts = ()
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise InputError(f"image size {text!r} is not HEIGHTxWIDTH", "e.g. --image-size 640x640")
+    return parts  # type: ignore[return-value]
+
+
+def parse_floats(text: str, what: str) -> tuple[float, ...]:
+    """'0.5,0.5,0.5' -> (0.5, 0.5, 0.5); fractions such as 1/255 are accepted."""
+    try:
+        return tuple(parse_number(p) for p in str(text).split(",") if p.strip())
+    except InputError:
+        raise InputError(f"{what} {text!r} is not a comma-separated list of numbers", f"e.g. {what} 0.5,0.5,0.5") \
+            from None
+
+
+def parse_number(text: str) -> float:
+    """'0.0039', '1/255' -> float."""
+    head, sep, tail = str(text).strip().partition("/")
+    try:
+        return float(head) / float(tail) if sep else float(head)
+    except (ValueError, ZeroDivisionError):
+        raise InputError(f"{text!r} is not a number", "e.g. 1/255 or 0.5") from None
+
+
+@dataclass(frozen=True)
+class ImageTarget:
+    """The model input the images feed, with the resolved layout, size and channel count."""
+
+    name: str
+    layout: str  # nchw | nhwc
+    size: tuple[int, int]
+    channels: int
+    dtype: np.dtype
+
+
+def image_target(model, config: ImagePreprocess, source: str) -> ImageTarget:
+    """The one image input of an onnx.ModelProto and how to lay images out for it."""
+    specs = graph_inputs(model)
+    if len(specs) != 1:
+        raise InputError(f"images in {source} can feed a model with one input; this one has "
+                         f"{', '.join(s.name for s in specs)}", "save an .npz with one array per input instead")
+    spec = specs[0]
+    if len(spec.shape) != 4 or spec.dtype is None or not np.issubdtype(spec.dtype, np.floating):
+        raise InputError(f"images in {source} cannot feed input {spec.name!r} {spec.shape_text()}: it is not a "
+                         "4-D float image batch", "give the data as .npz")
+    layout = config.layout if config.layout != "auto" else _layout(spec, source)
+    h_axis, w_axis, c_axis = (2, 3, 1) if layout == "nchw" else (1, 2, 3)
+    channels = spec.fixed(c_axis) or 3
+    if channels not in (1, 3, 4):
+        raise InputError(f"input {spec.name!r} {spec.shape_text()} has {channels} channels on its {layout} "
+                         "channel axis; images have 1, 3 or 4", "set --image-layout, or give .npz data")
+    fixed = (spec.fixed(h_axis), spec.fixed(w_axis))
+    if config.size is not None:
+        for axis, want, got in ((h_axis, fixed[0], config.size[0]), (w_axis, fixed[1], config.size[1])):
+            if want is not None and want != got:
+                raise InputError(f"--image-size {config.size[0]}x{config.size[1]} does not fit input {spec.name!r} "
+                                 f"{spec.shape_text()} (axis {axis} is fixed at {want})",
+                                 "drop --image-size to use the model's size")
+        size = config.size
+    elif None in fixed:
+        raise InputError(f"input {spec.name!r} {spec.shape_text()} has a free height/width: the images' size "
+                         "is not known", "give it with --image-size HEIGHTxWIDTH, e.g. 640x640")
+    else:
+        size = (int(fixed[0]), int(fixed[1]))
+    for what, values in (("mean", config.mean), ("std", config.std)):
+        if len(values) not in (1, channels):
+            raise InputError(f"image {what} has {len(values)} values; the input has {channels} channels",
+                             f"give 1 or {channels} values")
+    return ImageTarget(spec.name, layout, size, channels, spec.dtype)
+
+
+def _layout(spec: InputSpec, source: str) -> str:
+    axes = image_axes(spec)
+    if axes is None:
+        raise InputError(f"the layout of input {spec.name!r} {spec.shape_text()} for the images in {source} "
+                         "is ambiguous", "give --image-layout nchw or nhwc")
+    return "nchw" if axes == (2, 3) else "nhwc"
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_image(path: Path, target: ImageTarget, config: ImagePreprocess) -> np.ndarray:
+    """One image file as a [1, C, H, W] or [1, H, W, C] array (the module doc's formula)."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as e:
+        raise MissingDependencyError("reading images needs Pillow", 'pip install "dlopt[images]"') from e
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[target.channels]
+    height, width = target.size
+    try:
+        with Image.open(path) as image:
+            pixels = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+            array = np.asarray(pixels, dtype=np.float32)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InputError(f"image {path} cannot be read ({type(e).__name__}: {str(e)[:120]})",
+                         "remove it from the folder or convert it to PNG/JPEG") from e
+    array = array.reshape(height, width, target.channels)
+    if config.bgr and target.channels >= 3:
+        array = array[..., [2, 1, 0, *range(3, target.channels)]]
+    mean = np.asarray(config.mean, np.float32)
+    std = np.asarray(config.std, np.float32)
+    array = (array * np.float32(config.scale) - mean) / std
+    if target.layout == "nchw":
+        array = array.transpose(2, 0, 1)
+    return np.ascontiguousarray(array[None]).astype(target.dtype, copy=False)
+
+
+def image_feeds(files: Iterable[Path], target: ImageTarget, config: ImagePreprocess):
+    for path in files:
+        yield {target.name: load_image(path, target, config)}
+
+
+__all__ = ["IMAGE_SUFFIXES", "ImagePreprocess", "ImageTarget", "LAYOUTS", "image_feeds", "image_files",
+           "image_target", "load_image", "parse_floats", "parse_number", "parse_size"]
