@@ -421,6 +421,13 @@ def calibrate(model, data: Iterable[Mapping[str, np.ndarray]], *, method: Method
             if count == 0:
                 raise InputError("calibration data holds no samples", "give at least one sample")
             ranges = calibrator.compute_data()
+    for name in ranges:
+        bounds = getattr(ranges[name], "range_value", None)
+        if bounds is not None and not np.isfinite(np.asarray(bounds, dtype=np.float64)).all():
+            source = getattr(data, "source", "the calibration data")
+            raise InputError(f"the model's tensor {name!r} is NaN or infinite on the calibration data {source}",
+                             "check the model and the data; keep the node that makes it in float "
+                             "(--exclude-nodes) or use --mode dynamic")
     return ranges, count
 
 
@@ -907,23 +914,27 @@ def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike, conf
                   log=lambda message: None) -> QuantizeOutcome:
     """Quantize MODEL.onnx to OUTPUT (atomically) and write the JSON report beside it,
     `OUTPUT-stem.quantize.json`. The best model is written even when a budget is not met."""
-    from dlopt.fileio import check_output_path, load_onnx, save_onnx_atomic, write_json_atomic
+    from dlopt.api import report_path_for
+    from dlopt.fileio import check_output_path, guard_outputs, json_text, load_onnx, stage_onnx, staged_outputs
     from dlopt.optimize.calibration import load_calibration
     from dlopt.report import environment
 
     validate_config(config)
     src, out = Path(model_path), check_output_path(output)
-    if out.resolve() == src.resolve():
-        raise InputError(f"output {out} is the input model", "write to another path; inputs are never modified")
+    report_path = check_output_path(report_path_for(out, "quantize"))
+    calibration_path = calibration if isinstance(calibration, (str, os.PathLike)) and \
+        not str(calibration).startswith("model:") else None
+    guard_outputs([src, calibration_path], [out, report_path])
     model = load_onnx(src)
     data = load_calibration(calibration, model, limit=config.calibration_samples, image=config.image)
     result = quantize(model, config, data, progress=progress, log=log)
-    save_onnx_atomic(result.model, out)
-    report = {"schema": REPORT_SCHEMA, "schema_version": REPORT_SCHEMA_VERSION, "input": str(src), "output": str(out),
-              "calibration": data.describe() if data else None,
-              **result.report, "bytes_written": out.stat().st_size, "environment": environment()}
-    stem = out.name[:-5] if out.name.endswith(".onnx") else out.name
-    report_path = write_json_atomic(out.with_name(f"{stem}.quantize.json"), report)
+    # The model and its report are renamed into place together: never a new model beside an old report.
+    with staged_outputs() as outputs:
+        model_tmp = stage_onnx(result.model, out, outputs)
+        report = {"schema": REPORT_SCHEMA, "schema_version": REPORT_SCHEMA_VERSION, "input": str(src),
+                  "output": str(out), "calibration": data.describe() if data else None,
+                  **result.report, "bytes_written": model_tmp.stat().st_size, "environment": environment()}
+        outputs.stage(report_path).write_text(json_text(report))
     return QuantizeOutcome(out, report_path, report)
 
 

@@ -233,8 +233,15 @@ def test_an_existing_bundle_is_kept_unless_overwrite(mlp_path, tmp_path):
     with pytest.raises(InputError, match="exists and is not empty"):
         package(mlp_path, out, PackageConfig(**FAST))
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces a bundle, never a folder of the user's own files (issue 13)
+    with pytest.raises(InputError, match="is not a dlopt bundle"):
+        package(mlp_path, out, PackageConfig(overwrite=True, **FAST))
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    package(mlp_path, out, PackageConfig(**FAST))
+    (out / "README.md").write_text("edited")
     package(mlp_path, out, PackageConfig(overwrite=True, **FAST))
-    assert not (out / "keep.txt").exists() and (out / "model.ort").exists()
+    assert (out / "README.md").read_text() != "edited" and (out / "model.ort").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 import dlopt
 from dlopt.errors import InputError, VerificationError
-from dlopt.fileio import finite_for_json, json_text, load_onnx, write_json_atomic
+from dlopt.fileio import finite_for_json, guard_outputs, guard_source_spec, json_text, load_onnx
 from dlopt.manifest import (MANIFEST_NAME, SAMPLES_NAME, SCHEMA_NAME, SCHEMA_VERSION, SIGNATURE_NAME, file_entries,
                             sha256_file)
 from dlopt.report import environment, format_markdown_table, format_table
@@ -133,6 +133,9 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
 
         private_key = load_private_key(sign_key)
     source_path = Path(model_path)
+    calibration_path = config.calibration if config.calibration and not config.calibration.startswith("model:") \
+        else None
+    guard_outputs([source_path, calibration_path, guard_source_spec(config.torch_source)], [output])
     out = _check_bundle_path(Path(output), config.overwrite)
     if sign_key is not None and Path(out).resolve() in Path(sign_key).resolve().parents:
         raise InputError(f"the signing key {sign_key} lies inside the bundle folder {out}",
@@ -155,7 +158,7 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
                             if isinstance(r.get("calibration"), dict) and "sha256" in r["calibration"]), None)
     torch_source = _load_torch_source(config) if config.torch_source else None  # fail early on a bad source
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-{os.getpid()}-", dir=out.parent))
     try:
         with tempfile.TemporaryDirectory(prefix="dlopt-package-") as work_dir:
             work = Path(work_dir)
@@ -178,7 +181,7 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
                 log("checking NNAPI and CoreML coverage")
                 sample_shapes = {k: list(v.shape) for k, v in feeds_list[0].items()}
                 report = coverage_report(model, sample_shapes=sample_shapes, model_label=str(source_path))
-                write_json_atomic(staging / "coverage.json", report)
+                (staging / "coverage.json").write_text(json_text(report))  # staging is private: no temp needed
                 coverage = _coverage_summary(report)
             artifacts, pte_checks, pte_programs = [], [], []
             if torch_source is not None:
@@ -225,16 +228,54 @@ def _check_bundle_path(out: Path, overwrite: bool) -> Path:
         raise InputError(f"output directory {parent} does not exist", "create it first")
     if not os.access(parent, os.W_OK):
         raise InputError(f"output directory {parent} is not writable", "choose another -o path")
+    _recover_killed_runs(out)
     if out.exists():
         if not out.is_dir():
             raise InputError(f"bundle path {out} is a file", "give a folder name for the bundle")
-        if any(out.iterdir()) and not overwrite:
-            raise InputError(f"bundle folder {out} exists and is not empty", "pass --overwrite, or choose another -o")
+        if any(out.iterdir()):
+            if not overwrite:
+                raise InputError(f"bundle folder {out} exists and is not empty",
+                                 "pass --overwrite, or choose another -o")
+            if not is_bundle(out):
+                raise InputError(f"--overwrite: {out} is not a dlopt bundle (no manifest.json written by dlopt "
+                                 "package), so it is not replaced", "choose another -o, or empty the folder yourself")
     return out
 
 
+def is_bundle(folder: Path) -> bool:
+    """True when `folder` holds a manifest that `dlopt package` wrote (what --overwrite may replace)."""
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("schema") == SCHEMA_NAME
+
+
+def _recover_killed_runs(out: Path) -> None:
+    """Clean up after runs for `out` that were killed (SIGKILL, a power cut): remove their staging
+    folders, and put back a bundle that one moved aside (`.NAME.old-PID`) but never replaced."""
+    import glob
+
+    from dlopt.fileio import stale_pid
+
+    for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.*")):
+        if not path.is_dir():
+            continue
+        if stale_pid(path.name, f".{out.name}.building-"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif stale_pid(path.name, f".{out.name}.old-"):
+            if out.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.rename(path, out)
+
+
 def _finalize(staging: Path, out: Path) -> None:
-    """Rename the finished bundle into place; an old bundle is moved aside first and removed after."""
+    """Rename the finished bundle into place; an old bundle is moved aside first and removed after.
+    SIGINT/SIGTERM wait until both renames are done; a run killed between them leaves the old bundle
+    at `.NAME.old-PID`, which the next run for NAME puts back (see _recover_killed_runs)."""
+    from dlopt.fileio import record_written, signals_held
+
     umask = os.umask(0)
     os.umask(umask)
     # mkdtemp/mkstemp create private (0700/0600) entries: give the bundle the user's usual permissions
@@ -242,17 +283,19 @@ def _finalize(staging: Path, out: Path) -> None:
     for path in staging.rglob("*"):
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
     old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-    try:
-        os.rename(staging, out)
-    except OSError:
+    with signals_held():
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+        try:
+            os.rename(staging, out)
+        except OSError:
+            if old is not None:
+                os.rename(old, out)
+            raise
+        record_written(out)
         if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _parse_fix_shapes(texts: Iterable[str]) -> list[tuple[str, tuple[int, ...]]]:

@@ -114,12 +114,12 @@ def command(models, target, threads, batch, seq_len, budget, rounds, clock, rati
     # and the process's exit (freeing the sessions, the interpreter's teardown: 0.2-0.4 s on a busy box)
     started = time.perf_counter() - _startup_s() - EXIT_RESERVE_S
     from dlopt.bench import BenchConfig, benchmark, format_result, load_data, parse_batch_sizes, parse_duration
-    from dlopt.fileio import check_output_path, write_json_atomic
+    from dlopt.fileio import check_output_path, guard_outputs, write_json_atomic
 
-    if json_path:
-        check_output_path(json_path)  # before minutes of measuring, not after
-    if baseline_path:
-        check_output_path(baseline_path)
+    for path in (json_path, baseline_path):
+        if path:
+            check_output_path(path)  # before minutes of measuring, not after
+    guard_outputs([*models, data], [json_path, baseline_path])
     config = BenchConfig(target=target, threads=threads, batch_sizes=parse_batch_sizes(batch or "1"),
                          seq_len=seq_len, budget_s=parse_duration(budget), rounds=rounds, clock=clock,
                          ratio_method=ratio_method, graph_opt_level=graph_opt, cuda_graph=cuda_graph,

@@ -135,12 +135,14 @@ def command(ctx, baseline, candidate, max_slowdown, accuracy_drops, max_size_gro
     from dlopt.bench import load_data, parse_duration
     from dlopt.cli.bench import progress_bar
     from dlopt.errors import InputError
-    from dlopt.fileio import check_output_path
+    from dlopt.fileio import check_output_path, guard_outputs
     from dlopt.gate import EvalSpec, GateConfig, format_text, run_gate, write_outputs
 
     for path in (summary_path, junit_path, json_path):
         if path:
             check_output_path(path)  # before a minute of measuring, not after
+    github_summary = os.environ.get("GITHUB_STEP_SUMMARY") or None
+    guard_outputs([baseline, candidate, data, eval_data], [summary_path, junit_path, json_path, github_summary])
     names = tuple(m.strip() for part in metrics for m in part.split(",") if m.strip())
     if names and eval_data is None:
         raise InputError("--metric applies to --eval-data", "pass --eval-data DATA.npz, or drop --metric")
@@ -163,7 +165,6 @@ def command(ctx, baseline, candidate, max_slowdown, accuracy_drops, max_size_gro
     with progress_bar(enabled=not no_progress) as progress:
         result = run_gate(baseline, candidate, config, data=arrays, evaluator=evaluator, progress=progress)
     click.echo(format_text(result))
-    github_summary = os.environ.get("GITHUB_STEP_SUMMARY") or None
     for path in write_outputs(result, summary=summary_path, junit=junit_path, json_path=json_path,
                               github_summary=github_summary):
         echo_err(f"wrote {path}")
