@@ -136,6 +136,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--cuda", action="store_true", help="also measure on the CUDA target and torch eager")
     args = parser.parse_args()
+    from dlopt.runtime import cpu_label
+
+    print(f"CPU: {cpu_label()}")  # every figure below was measured on it
 
     fp32 = fp32_model()
     int8 = int8_model(fp32)

@@ -311,6 +311,9 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="print the table from runs.jsonl and exit")
     parser.add_argument("--fresh", action="store_true", help="start a new runs.jsonl")
     args = parser.parse_args()
+    from dlopt.runtime import cpu_label
+
+    print(f"CPU: {cpu_label()}")  # every figure below was measured on it
     levels = [float(v) for v in args.levels.split(",")]
     log = OUT / "runs.jsonl"
     measured_file = OUT / f"measured_seq{args.seq_len}.json"

@@ -218,7 +218,8 @@ def main() -> None:
         rows += model_rows
         notes.append(note)
     machine = machine_fingerprint(1, get_target("mobile"))
-    print(f"ONE thread, batch 1; CPU {machine['cpu_model']}; onnxruntime {machine['onnxruntime']}; "
+    print(f"ONE thread, batch 1; CPU {machine['cpu_model']}, {machine['cpu_isa']}; "
+          f"onnxruntime {machine['onnxruntime']}; "
           f"{executorch_status()[1]}")
     print(format_table(["model", "variant", "median ms (cpu)", "p90 ms (cpu)", "ratio to ORT INT8 [95% CI]",
                         "top-1 agree vs FP32", "SQNR dB vs FP32"], rows))

@@ -35,13 +35,10 @@ def log(message: str) -> None:
 
 
 def ort_runner(path: Path):
-    import onnxruntime as ort
-
     from dlopt.models import onnx_runner
+    from dlopt.sessions import cpu_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return onnx_runner(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
+    return onnx_runner(cpu_session(path))
 
 
 def export_to(source, module, path: Path) -> Path:
@@ -61,11 +58,14 @@ def params(module) -> int:
     return int(sum(p.numel() for p in module.parameters()))
 
 
-def measure(paths: list[Path], *, batch: int, seq_len: int, budget_s: float) -> list[dict]:
-    """One interleaved run over all models: [{ms, speedup, low, high}] with the first as the base."""
-    from dlopt.bench import BenchConfig, benchmark
+def measure(paths: list[Path], *, batch: int, seq_len: int, budget_s: float, reference: str) -> list[dict]:
+    """One interleaved run over all models: [{ms, speedup, low, high}] with the first as the base, on the
+    reference model's real inputs (test images; real sentences padded to seq_len), one batch per call."""
+    from dlopt.bench import BenchConfig, benchmark, load_data
 
-    result = benchmark(paths, BenchConfig(threads=1, batch_sizes=(batch,), seq_len=seq_len, budget_s=budget_s))
+    data = load_data(f"model:{reference}", samples=4 * batch, seq_len=seq_len)
+    result = benchmark(paths, BenchConfig(threads=1, batch_sizes=(batch,), seq_len=seq_len, budget_s=budget_s),
+                       data=data, data_source=f"model:{reference}")
     run = result.batches[0]
     out = []
     for r in run.models:
@@ -154,7 +154,8 @@ def run_fashion(work: Path, args) -> dict:
     latency = {}
     for batch in args.batches:
         log(f"latency, batch {batch}: all stages interleaved, one thread")
-        latency[str(batch)] = measure([p for _, p, _ in stages], batch=batch, seq_len=1, budget_s=args.bench_seconds)
+        latency[str(batch)] = measure([p for _, p, _ in stages], batch=batch, seq_len=1, budget_s=args.bench_seconds,
+                                        reference="fashion-cnn")
     rows = [{"stage": name, "metric": m, "drop": 100 * (metrics[0] - m), "params": n,
              "mb": path.stat().st_size / 1e6, "gzip_mb": gzip_mb(path),
              "latency": {b: latency[b][i] for b in latency}}
@@ -238,6 +239,7 @@ def run_minilm(work: Path, args) -> dict:
     for batch in args.batches:
         log(f"latency, batch {batch}, seq {args.seq_len}: all stages interleaved, one thread")
         latency[str(batch)] = measure([p for _, p, _ in stages], batch=batch, seq_len=args.seq_len,
+                                      reference="minilm",
                                       budget_s=args.bench_seconds)
     base = results[0]["pang_lee_accuracy"]
     rows = [{"stage": name, "metric": r["pang_lee_accuracy"], "drop": 100 * (base - r["pang_lee_accuracy"]),
@@ -277,6 +279,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    from dlopt.runtime import cpu_label
+
+    print(f"CPU: {cpu_label()}")  # every figure below was measured on it
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)

@@ -83,13 +83,18 @@ def ort_static_default(src: Path, out: Path, name: str, samples: int = 64) -> No
     quantize_static(str(src), str(out), Reader())
 
 
-def latency(paths: dict[str, Path], batches: tuple[int, ...], budget_s: float) -> dict[str, dict[int, tuple]]:
-    """{label: {batch: (median ms, speedup vs the first model, CI low, CI high)}}."""
-    from dlopt.bench import BenchConfig, benchmark
+def latency(paths: dict[str, Path], batches: tuple[int, ...], budget_s: float, reference: str
+            ) -> dict[str, dict[int, tuple]]:
+    """{label: {batch: (median ms, speedup vs the first model, CI low, CI high)}}, on the reference model's
+    real inputs (MiniLM: real sentences padded to 128 tokens; CNNs: photos, test images), one batch per call."""
+    from dlopt.bench import BenchConfig, benchmark, format_result, load_data
 
     labels = list(paths)
+    data = load_data(f"model:{reference}", samples=4 * max(batches), seq_len=128)
     result = benchmark([paths[k] for k in labels], BenchConfig(batch_sizes=batches, seq_len=128, threads=1,
-                                                             clock="cpu", budget_s=budget_s))
+                                                             clock="cpu", budget_s=budget_s),
+                       data=data, data_source=f"model:{reference}")
+    print(format_result(result).split("\n\n")[-1])  # CPU, session config, inputs with shapes and padding
     table: dict[str, dict[int, tuple]] = {k: {} for k in labels}
     for batch_run in result.batches:
         for label, run in zip(labels, batch_run.models):
@@ -140,7 +145,7 @@ def bench_minilm(work: Path, budget_s: float) -> None:
         reports[label] = dlopt_quantize(src, work / path, "model:minilm", calibration_samples=100, **opts)
         variants[label] = work / path
     log("measuring MiniLM latency (b1, b8, seq 128, one thread)")
-    lat = latency(variants, (1, 8), budget_s)
+    lat = latency(variants, (1, 8), budget_s, "minilm")
     texts = list(minilm.evaluation_texts())
     ref_emb = minilm.embed(onnx_runner(session(fp32)), texts)
     ref_model = get_reference_model("minilm")
@@ -153,7 +158,8 @@ def bench_minilm(work: Path, budget_s: float) -> None:
         rows.append([label, path.stat().st_size / 1e6, f"{lat[label][1][1]:.2f}", f"{lat[label][8][1]:.2f}",
                      f"{lat[label][1][0]:.1f} / {lat[label][8][0]:.0f}", f"{cos.mean():.4f} / {cos.min():.4f}",
                      f"{metrics['pang_lee_accuracy']:.3f}", f"{metrics['lee50_pearson']:.3f}"])
-    print("\nMiniLM-L6, seq 128, one thread, thread-CPU-time medians (speedup CI in the JSON)")
+    print("\nMiniLM-L6, real sentences padded to 128 tokens, one thread, thread-CPU-time medians "
+          "(speedup CI in the JSON)")
     print(format_table(["variant", "MB", "x b1", "x b8", "ms b1 / b8", "cos mean / min", "Pang-Lee acc",
                         "Lee50 r"], rows))
     (work / "minilm_results.json").write_text(json.dumps({"latency": lat, "rows": rows}, indent=1, default=str))
@@ -168,7 +174,9 @@ def bench_cnn(name: str, work: Path, budget_s: float, with_budget: bool = False)
     ort_path = work / f"{name}_ort_static.onnx"
     ort_static_default(fp32, ort_path, name)
     variants["ORT quantize_static defaults"] = ort_path
-    runs = [("dlopt int8 auto (static QDQ)", f"{name}_int8_auto.onnx", {}),
+    runs = [("dlopt int8 auto (static QDQ, node forms timed here)", f"{name}_int8_auto.onnx", {}),
+            # every node INT8: what the per-node kernel choice is measured against
+            ("dlopt int8 auto, --node-forms int8", f"{name}_int8_allint8.onnx", {"node_forms": "int8"}),
             # the recipe before GPTQ rounding and bias correction, for the before/after comparison
             ("dlopt int8, minmax + nearest rounding (old auto)", f"{name}_int8_nearest.onnx",
              {"method": "minmax", "weight_rounding": "nearest", "bias_correction": False})]
@@ -179,14 +187,14 @@ def bench_cnn(name: str, work: Path, budget_s: float, with_budget: bool = False)
         dlopt_quantize(fp32, work / path, f"model:{name}", calibration_samples=64, **opts)
         variants[label] = work / path
     log(f"measuring {name} latency (b1, one thread)")
-    lat = latency(variants, (1,), budget_s)
+    lat = latency(variants, (1,), budget_s, name)
     ref = get_reference_model(name)
     rows = []
     for label, path in variants.items():
         metrics = ref.evaluate(onnx_runner(session(path)))
         rows.append([label, path.stat().st_size / 1e6, f"{lat[label][1][1]:.2f}", f"{lat[label][1][0]:.2f}",
                      *[f"{metrics[m]:.4g}" for m in ref.metrics]])
-    print(f"\n{name}, b1, one thread, thread-CPU-time medians")
+    print(f"\n{name}, b1 (real images), one thread, thread-CPU-time medians")
     print(format_table(["variant", "MB", "x b1", "ms b1", *ref.metrics], rows))
 
 
@@ -240,10 +248,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    from dlopt.optimize.quantize import cpu_features
+    from dlopt.runtime import cpu_label
 
-    cpu = cpu_features()
-    print(f"CPU: {cpu.machine}, flags {', '.join(cpu.flags)}, VNNI: {'yes' if cpu.vnni else 'no'}")
+    print(f"CPU: {cpu_label()}")  # every figure below was measured on it
     for name in args.models.split(","):
         if name == "minilm":
             bench_minilm(work, args.budget)

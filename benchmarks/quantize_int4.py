@@ -115,13 +115,9 @@ def ort_rtn(src: Path, out: Path, block_size: int = 32, symmetric: bool = True) 
 
 
 def session(path: Path):
-    import onnxruntime as ort
+    from dlopt.sessions import cpu_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return cpu_session(path)
 
 
 def latency(paths: dict[str, Path], seq_len: int, budget_s: float) -> dict[str, float]:
@@ -215,6 +211,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="SmolLM2 evaluation tokens (4096: the full set)")
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of latency measurement per model")
     args = parser.parse_args()
+    from dlopt.runtime import cpu_label
+
+    print(f"CPU: {cpu_label()}")  # every figure below was measured on it
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     rows = []

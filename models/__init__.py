@@ -7,6 +7,7 @@ Every reference model provides
 - `build()` -> (torch module, example inputs as {input name: tensor}), the export contract;
 - `example_inputs(batch, seq_len)` for other shapes;
 - `calibration_data(n)` -> iterator of {input name: numpy array}, one sample per item, batch 1;
+- optionally `benchmark_inputs(n, seq_len)` -> real inputs to time (default: `example_inputs`);
 - `evaluate(runner)` -> {metric name: value} on real data, where `runner` maps a feed dict of
   numpy arrays to {output name: numpy array} (an ONNX Runtime session or a torch module).
 """
@@ -75,6 +76,15 @@ class ReferenceModel:
 
     def calibration_data(self, n: int = 100) -> Iterator[dict[str, np.ndarray]]:
         return self._impl().calibration_data(n)
+
+    def benchmark_inputs(self, n: int, seq_len: int | None = None) -> dict[str, np.ndarray]:
+        """`n` real samples as numpy arrays [n, ...], what a latency figure should be measured on: the
+        module's own `benchmark_inputs` (MiniLM: real sentences padded to seq_len, as a tokenizer pads
+        a batch), else its example inputs (photos, test images)."""
+        impl = self._impl()
+        if hasattr(impl, "benchmark_inputs"):
+            return impl.benchmark_inputs(n, seq_len=seq_len)
+        return {k: np.asarray(v) for k, v in impl.example_inputs(batch=n, seq_len=seq_len).items()}
 
     def evaluate(self, runner: Runner, **options: Any) -> dict[str, float]:
         """`options` go to the module's evaluate (e.g. smollm2's max_tokens for a cheaper run)."""

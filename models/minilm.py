@@ -105,6 +105,14 @@ def example_inputs(batch: int = 1, seq_len: int | None = None) -> dict[str, torc
     return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
 
+def benchmark_inputs(n: int, seq_len: int | None = None) -> dict[str, np.ndarray]:
+    """`n` real sentences (the Pang-Lee evaluation set, cycled) tokenized and padded to seq_len (default
+    128), as a tokenizer pads a batch: the padded input users run, with its masked positions (Softmax
+    over them produced denormals that cost ~5 ms per call on a Xeon: see dlopt.runtime)."""
+    texts = evaluation_texts()
+    return tokenize([texts[i % len(texts)] for i in range(n)], seq_len=seq_len or 128)
+
+
 def calibration_data(n: int = 100, *, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """`n` sentences of running text (news and a novel, not the evaluation texts) in a seeded random
     order, each tokenized without padding: input_ids and attention_mask [1, its own length]."""

@@ -299,14 +299,16 @@ def _check_sample(feeds: Mapping[str, np.ndarray], specs: list[InputSpec], sourc
                     f"calibration data {source} (sample {index}): input {name!r} has shape {list(arr.shape)}, "
                     f"the model expects {spec.shape_text()} (axis {axis} must be {want})",
                     "resize or re-export the samples to the model's input shape")
-        if spec.dtype is None:
-            continue
-        if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind") and arr.dtype != spec.dtype:
-            raise InputError(
-                f"calibration data {source} (sample {index}): input {name!r} is {arr.dtype}, "
-                f"the model expects {spec.dtype}", f"convert the arrays with .astype({spec.dtype.name!r})")
-        if arr.dtype != spec.dtype:
-            feeds[name] = arr.astype(spec.dtype)  # type: ignore[index]
+        if spec.dtype is not None and arr.dtype != spec.dtype:
+            if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
+                raise InputError(
+                    f"calibration data {source} (sample {index}): input {name!r} is {arr.dtype}, "
+                    f"the model expects {spec.dtype}", f"convert the arrays with .astype({spec.dtype.name!r})")
+            feeds[name] = arr = arr.astype(spec.dtype)  # type: ignore[index]
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            raise InputError(f"calibration data {source} (sample {index}): input {name!r} holds {bad} NaN or "
+                             "infinite value(s)", "remove or fix those samples; calibration needs finite inputs")
 
 
 @contextlib.contextmanager

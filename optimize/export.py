@@ -123,6 +123,22 @@ def _reference_source(name: str) -> ModelSource:
     )
 
 
+def factory_file(spec: str) -> Path:
+    """The .py file a factory SOURCE (path/to/file.py:build or package.module:build) runs, as given
+    (not resolved); its module's file for a module spec, found without running the module itself."""
+    target = spec.rpartition(":")[0]
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        return Path(target)
+    try:
+        found = importlib.util.find_spec(target)
+    except (ImportError, ValueError) as e:
+        raise InputError(f"factory module {target!r} cannot be found ({e})",
+                         "is it installed, or on PYTHONPATH?") from e
+    if found is None or not found.origin or not found.has_location:
+        raise InputError(f"factory module {target!r} cannot be found", "is it installed, or on PYTHONPATH?")
+    return Path(found.origin)
+
+
 def _load_factory(target: str, func_name: str, spec: str) -> Callable[[], Any]:
     if target.endswith(".py") or "/" in target or "\\" in target:
         path = Path(target)

@@ -18,6 +18,7 @@ fast one) and float32 LayerNorms.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -193,4 +194,273 @@ def choose_layernorm_form(model, config: KernelChoiceConfig = KernelChoiceConfig
     return StageResult(copy, report)
 
 
-__all__ = ["LAYERNORM_FORMS", "KernelChoiceConfig", "choose_layernorm_form", "find_layernorm_sites", "time_layernorm_forms"]
+# -- per-node INT8 or float in static QDQ graphs ----------------------------------------------------
+# INT8 is not faster for every node on every CPU. On this 2-core AMD EPYC (AVX2, no VNNI) EfficientNet-
+# Lite0's depthwise convs ran 0.64-0.97x their float speed in INT8 and its 1-3-channel convs 0.46-0.66x,
+# while dense convs gained 1.3-1.75x; fashion-cnn's one-channel first conv took 3.07 ms in INT8 against
+# 0.62 ms in float at batch 64. So each class of quantized node is timed in both forms, in the model's own
+# shapes, and a class whose INT8 form is slower here is proposed for float. Mixing float into an INT8 chain
+# costs Q/DQ pairs and layout transposes, so the caller keeps the proposal only if the whole model, timed
+# before and after, is faster (dlopt.optimize.quantize).
+NodeForms = Literal["auto", "int8"]
+NODE_FORMS = ("auto", "int8")
+NODE_CLASSES = ("depthwise conv", "pointwise conv", "dense conv", "small-channel conv", "gemm")
+QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
+
+# (models, feeds) -> median microseconds per model, the models timed interleaved
+Timer = Callable[[Sequence[Any], Sequence[Mapping[str, np.ndarray]]], list[float]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeFormConfig:
+    forms: NodeForms = "auto"  # auto: float where INT8 times slower here; int8: every quantizable node INT8
+    min_gain: float = 1.15  # a class goes float when its INT8 form takes this much longer than float
+    whole_min_gain: float = 1.03  # ... and the whole model with those nodes in float is this much faster
+    rounds: int = 7
+    runs_per_round: int = 3
+
+
+def node_class(op_type: str, weight_shape: Sequence[int], group: int = 1) -> str:
+    """The kernel class of a quantizable node: Gemm/MatMul -> 'gemm'; a Conv by its weight [O, I/g, k...]:
+    one input channel per group -> depthwise, 1-3 input channels -> small-channel, 1x1 -> pointwise,
+    else dense."""
+    if op_type != "Conv":
+        return "gemm"
+    per_group = int(weight_shape[1])
+    if group > 1 and per_group == 1:
+        return "depthwise conv"
+    if per_group * group <= 3:
+        return "small-channel conv"
+    if all(int(k) == 1 for k in weight_shape[2:]):
+        return "pointwise conv"
+    return "dense conv"
+
+
+@dataclass(frozen=True)
+class QuantizedNode:
+    name: str
+    op_type: str
+    node_class: str
+    activation: str  # the float model's input tensor of the node
+    quantized_input: str  # the QDQ graph's quantized tensor that feeds the node's input DequantizeLinear
+
+
+def quantized_nodes_by_class(float_model, qdq_model) -> dict[str, list[QuantizedNode]]:
+    """The Conv/Gemm/MatMul nodes that run in INT8 in `qdq_model` (activation and constant weight both
+    dequantized), grouped by node_class, with the same-named node in `float_model`."""
+    from onnx import numpy_helper
+
+    producer = {o: n for n in qdq_model.graph.node for o in n.output}
+    q_inits = {t.name for t in qdq_model.graph.initializer}
+    f_inits = {t.name: t for t in float_model.graph.initializer}
+    f_nodes = {n.name: n for n in float_model.graph.node if n.name}
+    found: dict[str, list[QuantizedNode]] = {}
+    for node in qdq_model.graph.node:
+        if node.op_type not in QUANTIZED_OPS or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        act, weight = producer.get(node.input[0]), producer.get(node.input[1])
+        if (act is None or weight is None or act.op_type != "DequantizeLinear" or weight.op_type != "DequantizeLinear"
+                or weight.input[0] not in q_inits or node.name not in f_nodes):
+            continue
+        original = f_nodes[node.name]
+        if len(original.input) < 2 or original.input[1] not in f_inits:
+            continue
+        shape = numpy_helper.to_array(f_inits[original.input[1]]).shape
+        group = next((a.i for a in original.attribute if a.name == "group"), 1)
+        kind = node_class(node.op_type, shape, group)
+        found.setdefault(kind, []).append(QuantizedNode(node.name, node.op_type, kind, original.input[0],
+                                                        act.input[0]))
+    return found
+
+
+def _subgraph(model, keep_nodes: list, inputs: list[tuple[str, int, tuple[int, ...]]], outputs: list[str],
+              prefix: str):
+    """Nodes of `model` renamed with `prefix` (tensors too), with their initializers; `inputs` become graph
+    inputs (name, onnx elem type, shape); `outputs` graph outputs of unknown shape."""
+    from onnx import helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+
+    def rename(name: str) -> str:
+        return f"{prefix}{name}" if name else name  # "" is an omitted optional input: kept as is
+
+    nodes, used = [], []
+    for node in keep_nodes:
+        copy = helper.make_node(node.op_type, [rename(i) for i in node.input], [rename(o) for o in node.output],
+                                name=rename(node.name), domain=node.domain)
+        copy.attribute.extend(node.attribute)
+        nodes.append(copy)
+        for i in node.input:
+            if i in inits and i not in used:
+                used.append(i)
+    initializers = []
+    for name in used:
+        tensor = type(inits[name])()
+        tensor.CopyFrom(inits[name])
+        tensor.name = rename(name)
+        initializers.append(tensor)
+    graph_inputs = [helper.make_tensor_value_info(rename(n), t, list(shape)) for n, t, shape in inputs]
+    graph_outputs = [helper.make_empty_tensor_value_info(rename(o)) for o in outputs]
+    return nodes, initializers, graph_inputs, graph_outputs
+
+
+def node_form_models(float_model, qdq_model, nodes: Sequence[QuantizedNode],
+                     activations: Mapping[str, np.ndarray]) -> tuple[list, list[dict[str, np.ndarray]]]:
+    """Two models holding `nodes` side by side, each with its own input: the float form (the float
+    model's node, and a Relu/Clip right after it that the QDQ graph folded away) fed real float
+    activations, and the INT8 form (input DequantizeLinear, weight/bias DequantizeLinear, the node, its
+    output QuantizeLinear: what ORT fuses into QLinearConv / QGemm) fed those activations quantized.
+    Returns ([float model, int8 model], [float feeds, int8 feeds])."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    f_consumers: dict[str, list] = {}
+    for n in float_model.graph.node:
+        for i in n.input:
+            f_consumers.setdefault(i, []).append(n)
+    q_consumers: dict[str, list] = {}
+    for n in qdq_model.graph.node:
+        for i in n.input:
+            q_consumers.setdefault(i, []).append(n)
+    q_producer = {o: n for n in qdq_model.graph.node for o in n.output}
+    q_inits = {t.name: numpy_helper.to_array(t) for t in qdq_model.graph.initializer}
+    f_by_name = {n.name: n for n in float_model.graph.node}
+    q_by_name = {n.name: n for n in qdq_model.graph.node}
+    parts = {"float": ([], [], [], []), "int8": ([], [], [], [])}
+    feeds: dict[str, dict[str, np.ndarray]] = {"float": {}, "int8": {}}
+    for k, qn in enumerate(nodes):
+        x = np.asarray(activations[qn.activation], np.float32)
+        # float form
+        f_node = f_by_name[qn.name]
+        keep, out = [f_node], f_node.output[0]
+        after = f_consumers.get(out, [])
+        if len(after) == 1 and after[0].op_type in ("Relu", "Clip") and out not in q_consumers:
+            keep.append(after[0])  # the QDQ graph folded it into the output's quantization range
+            out = after[0].output[0]
+        built = _subgraph(float_model, keep, [(qn.activation, onnx.TensorProto.FLOAT, x.shape)], [out], f"n{k}_")
+        for part, items in zip(parts["float"], built):
+            part.extend(items)
+        feeds["float"][f"n{k}_{qn.activation}"] = x
+        # int8 form
+        q_node = q_by_name[qn.name]
+        dq_in = q_producer[q_node.input[0]]
+        scale, zero = q_inits[dq_in.input[1]], q_inits[dq_in.input[2]]
+        info = np.iinfo(zero.dtype)
+        xq = np.clip(np.rint(x / scale) + zero.astype(np.int32), info.min, info.max).astype(zero.dtype)
+        keep = [dq_in] + [q_producer[i] for i in q_node.input[1:] if i in q_producer] + [q_node]
+        out = q_node.output[0]
+        after = q_consumers.get(out, [])
+        if len(after) == 1 and after[0].op_type == "QuantizeLinear":
+            keep.append(after[0])
+            out = after[0].output[0]
+        elem = helper.np_dtype_to_tensor_dtype(zero.dtype)
+        built = _subgraph(qdq_model, keep, [(dq_in.input[0], elem, xq.shape)], [out], f"n{k}_")
+        for part, items in zip(parts["int8"], built):
+            part.extend(items)
+        feeds["int8"][f"n{k}_{dq_in.input[0]}"] = xq
+    models = []
+    for form in ("float", "int8"):
+        nodes_, inits, ins, outs = parts[form]
+        graph = helper.make_graph(nodes_, f"{form}_forms", ins, outs, inits)
+        source = float_model if form == "float" else qdq_model
+        model = helper.make_model(graph, opset_imports=list(source.opset_import))
+        model.ir_version = source.ir_version
+        models.append(model)
+    return models, [feeds["float"], feeds["int8"]]
+
+
+def time_models(models: Sequence[Any], feeds: Sequence[Mapping[str, np.ndarray]], *, rounds: int = 7,
+                runs_per_round: int = 3) -> list[float]:
+    """Median microseconds per run of each model on its feeds (one thread, CPU time of the calling thread,
+    the models interleaved round by round)."""
+    from dlopt.bench import InterleavedSampler
+    from dlopt.sessions import cpu_session
+
+    sessions = [cpu_session(m) for m in models]
+    for session, f in zip(sessions, feeds):
+        for _ in range(2):
+            session.run(None, dict(f))
+    sampler = InterleavedSampler([lambda s=s, f=f: [s.run(None, dict(f)) for _ in range(runs_per_round)]
+                                  for s, f in zip(sessions, feeds)])
+    sampler.run_rounds(rounds)
+    return [float(np.median(sampler.samples(i, "cpu"))) / runs_per_round * 1e6 for i in range(len(models))]
+
+
+def time_node_classes(float_model, qdq_model, feeds: Mapping[str, np.ndarray],
+                      config: NodeFormConfig = NodeFormConfig(), *, timer: Timer | None = None
+                      ) -> dict[str, dict[str, Any]]:
+    """{node class: {nodes, float_us, int8_us, ratio (int8/float)}}: each class's quantized nodes timed
+    side by side in both forms, on the activations `feeds` produce in the float model (the model's own
+    shapes and values)."""
+    from dlopt.optimize.preprocess import with_outputs
+    from dlopt.sessions import cpu_session
+
+    classes = quantized_nodes_by_class(float_model, qdq_model)
+    if not classes:
+        return {}
+    names = sorted({n.activation for nodes in classes.values() for n in nodes})
+    session = cpu_session(with_outputs(float_model, names))
+    inputs = {i.name for i in session.get_inputs()}
+    values = dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in inputs})))
+    timer = timer or (lambda m, f: time_models(m, f, rounds=config.rounds, runs_per_round=config.runs_per_round))
+    timing = {}
+    for kind in NODE_CLASSES:
+        nodes = classes.get(kind, [])
+        if not nodes:
+            continue
+        models, form_feeds = node_form_models(float_model, qdq_model, nodes, values)
+        float_us, int8_us = timer(models, form_feeds)
+        timing[kind] = {"nodes": [n.name for n in nodes], "float_us": round(float_us, 2), "int8_us": round(int8_us, 2),
+                        "ratio": round(int8_us / max(float_us, 1e-9), 3)}
+    return timing
+
+
+def float_classes(timing: Mapping[str, Mapping[str, Any]], config: NodeFormConfig = NodeFormConfig()) -> list[str]:
+    """The node classes whose INT8 form measured at least config.min_gain times slower than float."""
+    return [kind for kind, t in timing.items() if t["ratio"] >= config.min_gain]
+
+
+def choose_node_forms(float_model, qdq_model, feeds: Mapping[str, np.ndarray],
+                      requantize: Callable[[list[str]], Any], config: NodeFormConfig = NodeFormConfig(), *,
+                      timer: Timer | None = None) -> StageResult:
+    """`qdq_model` (a static QDQ quantization of `float_model`), or, where it measures faster here, the
+    model `requantize(names)` returns with the nodes of the classes whose INT8 form timed slower kept in
+    float (quantize passes its own quantize_int8 with those names excluded and shielded). Both the
+    per-class timing and the whole-model check use `timer` (default: time_models)."""
+    timer = timer or (lambda m, f: time_models(m, f, rounds=config.rounds, runs_per_round=config.runs_per_round))
+    report: dict[str, Any] = {"config": config_to_dict(config), "classes": {}, "float_classes": [], "float_nodes": [],
+                              "kept": False}
+    if config.forms == "int8":
+        report["decision"] = "every quantizable node INT8 (asked)"
+        return StageResult(qdq_model, report)
+    timing = time_node_classes(float_model, qdq_model, feeds, config, timer=timer)
+    report["classes"] = timing
+    slower = float_classes(timing, config)
+    report["float_classes"] = slower
+    if not timing:
+        report["decision"] = "nothing to choose: no static INT8 Conv/Gemm/MatMul"
+        return StageResult(qdq_model, report)
+    summary = "; ".join(f"{k} int8/float {t['ratio']:.2f}x" for k, t in timing.items())
+    if not slower:
+        report["decision"] = f"all INT8: no node class timed {config.min_gain}x slower in INT8 here ({summary})"
+        return StageResult(qdq_model, report)
+    names = [n for k in slower for n in timing[k]["nodes"]]
+    mixed = requantize(names)
+    int8_us, mixed_us = timer([qdq_model, mixed], [feeds, feeds])
+    gain = int8_us / max(mixed_us, 1e-9)
+    report["whole_model"] = {"int8_us": round(int8_us, 2), "mixed_us": round(mixed_us, 2), "gain": round(gain, 3)}
+    if gain < config.whole_min_gain:
+        report["decision"] = (f"all INT8: {', '.join(slower)} timed slower in INT8 ({summary}), but the whole model "
+                              f"with them in float ran {gain:.2f}x (below {config.whole_min_gain}x: the Q/DQ "
+                              "pairs and layout changes around float nodes cost what they saved)")
+        return StageResult(qdq_model, report)
+    report.update(kept=True, float_nodes=names)
+    report["decision"] = (f"{len(names)} node(s) kept in float ({', '.join(slower)}): INT8 timed slower here "
+                          f"({summary}); whole model {gain:.2f}x faster than all INT8")
+    return StageResult(mixed, report)
+
+
+__all__ = ["LAYERNORM_FORMS", "NODE_CLASSES", "NODE_FORMS", "KernelChoiceConfig", "NodeFormConfig", "QuantizedNode",
+           "choose_layernorm_form", "choose_node_forms", "find_layernorm_sites", "float_classes", "node_class",
+           "node_form_models",
+           "quantized_nodes_by_class", "time_layernorm_forms", "time_models", "time_node_classes"]

@@ -424,28 +424,82 @@ def _gzip_size(model) -> int:
 
 @dataclass(frozen=True, kw_only=True)
 class PrunedCheckpoint:
-    source: str  # the SOURCE spec the model was built from (reference model or factory)
+    source: str  # the SOURCE spec the model was built from (reference model or factory; files absolute)
     pruning_history: list = field(default_factory=list)
     module_attributes: dict[str, dict[str, int]] = field(default_factory=dict)
     state_dict: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    source_sha256: str | None = None  # of the factory's .py file when saved; None for reference models
 
 
-def save_checkpoint(path: str | Path, module, source: str, report: Mapping[str, Any]) -> Path:
+def source_file(spec: str) -> Path | None:
+    """The Python file a factory SOURCE runs (path/to/file.py:build, or package.module:build's
+    module file); None for a reference model (or any other name, which load_source then judges)."""
+    from dlopt.models import REFERENCE_MODELS
+    from dlopt.optimize.export import factory_file
+
+    return None if spec in REFERENCE_MODELS or ":" not in spec else factory_file(spec)
+
+
+def pinned_source(spec: str) -> tuple[str, str | None]:
+    """(SOURCE with a file path made absolute and resolved, sha256 of the file it runs), as recorded
+    in a checkpoint: it then works from any folder, and distill can tell when the file changed."""
+    from dlopt.manifest import sha256_file
+
+    path = source_file(spec)
+    if path is None:
+        return spec, None
+    target, _, func = spec.rpartition(":")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        spec = f"{path.resolve()}:{func}"
+    return spec, sha256_file(path)
+
+
+def checked_source(checkpoint: PrunedCheckpoint, checkpoint_path: str | Path) -> str:
+    """The checkpoint's SOURCE, once its file is known to be the one it was pruned from: a file that
+    is missing, changed since, or not hashed in the checkpoint is never imported (it would run
+    whatever code it now holds). The user can name the source explicitly instead (--student-source)."""
+    from dlopt.manifest import sha256_file
+
+    hint = ("pass --student-source FILE.py:FUNCTION (or package.module:FUNCTION) to build the student from a "
+            "source you name")
+    path = source_file(checkpoint.source)
+    if path is None:
+        return checkpoint.source
+    if not path.is_file():
+        raise InputError(f"checkpoint {checkpoint_path}: its source file {path} does not exist", hint)
+    if checkpoint.source_sha256 is None:
+        raise InputError(f"checkpoint {checkpoint_path} records no sha256 of its source {checkpoint.source}, so it "
+                         "is not imported", hint)
+    if sha256_file(path) != checkpoint.source_sha256:
+        raise InputError(f"checkpoint {checkpoint_path}: its source file {path} changed since the checkpoint was "
+                         "saved (sha256 differs), so it is not imported", hint)
+    return checkpoint.source
+
+
+def save_checkpoint(path: str | Path, module, source: str, report: Mapping[str, Any], *,
+                    outputs=None) -> Path:
+    """Write a checkpoint of `module` pruned from SOURCE (atomically, or staged in `outputs`, a
+    dlopt.fileio.StagedOutputs, to be committed with the files written beside it)."""
     import torch
 
-    from dlopt.fileio import atomic_path
+    from dlopt.fileio import staged_outputs
 
+    source, source_sha256 = pinned_source(source)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "source": source,
+        "source_sha256": source_sha256,
         "pruning_history": report.get("pruning_history", []),
         "module_attributes": report.get("module_attributes", {}),
         "state_dict": module.state_dict(),
         "report": {k: v for k, v in report.items() if k != "pruning_history"},
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    if outputs is not None:
+        torch.save(payload, outputs.stage(path))
+    else:
+        with staged_outputs() as own:
+            torch.save(payload, own.stage(path))
     return Path(path)
 
 
@@ -456,7 +510,7 @@ def read_checkpoint(path: str | Path) -> PrunedCheckpoint:
                               hint="give the .pt file written by `dlopt prune` or `dlopt distill`")
     return PrunedCheckpoint(source=payload["source"], pruning_history=payload["pruning_history"],
                             module_attributes=payload["module_attributes"], state_dict=payload["state_dict"],
-                            report=payload.get("report", {}))
+                            report=payload.get("report", {}), source_sha256=payload.get("source_sha256"))
 
 
 def rebuild(checkpoint: PrunedCheckpoint, module, example_inputs: Mapping[str, Any]):
@@ -481,16 +535,6 @@ def rebuild(checkpoint: PrunedCheckpoint, module, example_inputs: Mapping[str, A
 # SOURCE -> directory: what `dlopt prune` does
 # ---------------------------------------------------------------------------------------------
 
-
-
-def prepare_output_dir(out_dir: Path) -> Path:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"output path {out_dir} is a file", "-o names a directory")
-    if not out_dir.parent.exists():
-        raise InputError(f"the parent directory of {out_dir} does not exist", "create it first")
-    out_dir.mkdir(exist_ok=True)
-    return out_dir
 
 
 def measure_speedup(baseline_onnx: Path, onnx_path: Path, *, budget_s: float, batch: int = 1,
@@ -529,17 +573,28 @@ def prune_to_directory(spec: str, out_dir: Path, config: PruneConfig, *, bench_s
     """Load SOURCE, prune it, write OUT/pruned.pt + a verified OUT/pruned.onnx + OUT/prune.json.
 
     Structured: the dense model is exported too (OUT/dense.onnx) and the latency ratio measured.
-    Unstructured: sparsity and gzip sizes, and no latency ratio (there is no speedup to claim)."""
-    import dataclasses
-
-    from dlopt.fileio import save_onnx_atomic, write_bytes_atomic, write_json_atomic
-    from dlopt.optimize.export import ExportConfig, export, load_source
-    from dlopt.report import format_table
+    Unstructured: sparsity and gzip sizes, and no latency ratio (there is no speedup to claim).
+    The files are renamed into place together at the end: a failed or interrupted run leaves the
+    folder as it was (and removes it again when it created it)."""
+    from dlopt.fileio import guard_outputs, guard_source_spec, output_folder, staged_outputs
 
     check_config(config)
     if bench_seconds is not None and bench_seconds <= 0:
         raise InputError(f"--bench-seconds must be positive, got {bench_seconds}", "or pass --no-bench")
-    out_dir = prepare_output_dir(out_dir)
+    guard_outputs([guard_source_spec(spec)], [out_dir])
+    with output_folder(out_dir) as out_dir, staged_outputs() as outputs:
+        return _prune_into(spec, out_dir, outputs, config, bench_seconds=bench_seconds, batch=batch,
+                           seq_len=seq_len, log=log)
+
+
+def _prune_into(spec: str, out_dir: Path, outputs, config: PruneConfig, *, bench_seconds: float | None, batch: int,
+                seq_len: int, log: Callable[[str], None]) -> TorchStageArtifacts:
+    import dataclasses
+
+    from dlopt.fileio import json_text, stage_onnx
+    from dlopt.optimize.export import ExportConfig, export, load_source
+    from dlopt.report import format_table
+
     log(f"loading {spec}")
     source = load_source(spec)
     gradients = _gradient_batches(spec, source) if config.importance == "taylor" else None
@@ -549,24 +604,25 @@ def prune_to_directory(spec: str, out_dir: Path, config: PruneConfig, *, bench_s
     log("exporting the pruned model (verified against torch)")
     pruned_onnx = export(dataclasses.replace(source, module=result.model, name=f"{source.name} (pruned)"),
                          ExportConfig()).model
-    onnx_path = save_onnx_atomic(pruned_onnx, out_dir / "pruned.onnx")
-    checkpoint = save_checkpoint(out_dir / "pruned.pt", result.model, spec, report)
+    onnx_path = out_dir / "pruned.onnx"
+    onnx_tmp = stage_onnx(pruned_onnx, onnx_path, outputs)
+    checkpoint = save_checkpoint(out_dir / "pruned.pt", result.model, spec, report, outputs=outputs)
     r = report
     rows = [["parameters", r["parameters_before"], r["parameters_after"],
              f"{r['parameters_after'] / r['parameters_before']:.3f}x"],
             ["MACs (Linear/Conv)", r["macs_before"], r["macs_after"], f"{r['macs_after'] / r['macs_before']:.3f}x"]]
-    dense_path = None
+    dense_path = dense_tmp = None
     if bench_seconds is not None or config.structure == "unstructured":  # else no comparison needs it
         dense_path = out_dir / "dense.onnx"
         log("exporting the unpruned model for comparison")
-        save_onnx_atomic(export(source, ExportConfig()).model, dense_path)
-        rows.append(["ONNX MB", dense_path.stat().st_size / 1e6, onnx_path.stat().st_size / 1e6,
-                     f"{onnx_path.stat().st_size / dense_path.stat().st_size:.3f}x"])
+        dense_tmp = stage_onnx(export(source, ExportConfig()).model, dense_path, outputs)
+        rows.append(["ONNX MB", dense_tmp.stat().st_size / 1e6, onnx_tmp.stat().st_size / 1e6,
+                     f"{onnx_tmp.stat().st_size / dense_tmp.stat().st_size:.3f}x"])
     notes: list[str] = []
     if config.structure == "unstructured":
-        dense_gz = len(gzip.compress(dense_path.read_bytes(), compresslevel=6, mtime=0))
-        sparse_gz_bytes = gzip.compress(onnx_path.read_bytes(), compresslevel=6, mtime=0)
-        write_bytes_atomic(out_dir / "pruned.onnx.gz", sparse_gz_bytes)
+        dense_gz = len(gzip.compress(dense_tmp.read_bytes(), compresslevel=6, mtime=0))
+        sparse_gz_bytes = gzip.compress(onnx_tmp.read_bytes(), compresslevel=6, mtime=0)
+        outputs.stage(out_dir / "pruned.onnx.gz").write_bytes(sparse_gz_bytes)
         report["onnx_gzip_bytes_before"], report["onnx_gzip_bytes_after"] = dense_gz, len(sparse_gz_bytes)
         rows += [["sparsity (pruned layers)", 0.0, r["sparsity_pruned_layers"], ""],
                  ["ONNX gzip MB", dense_gz / 1e6, len(sparse_gz_bytes) / 1e6,
@@ -581,7 +637,7 @@ def prune_to_directory(spec: str, out_dir: Path, config: PruneConfig, *, bench_s
             rows.append(["attention heads", before, after, f"{after / before:.3f}x"])
         if bench_seconds is not None:
             log(f"measuring latency, one thread, interleaved ({bench_seconds:g} s)")
-            speed = measure_speedup(dense_path, onnx_path, budget_s=bench_seconds, batch=batch, seq_len=seq_len)
+            speed = measure_speedup(dense_tmp, onnx_tmp, budget_s=bench_seconds, batch=batch, seq_len=seq_len)
             report["latency"] = speed
             rows.append([f"latency (1 thread) ms, batch {speed['batch']}", speed["baseline_ms"], speed["ms"],
                          f"{speed['speedup']:.2f}x faster [{speed['speedup_low']:.2f}, {speed['speedup_high']:.2f}]"])
@@ -589,11 +645,13 @@ def prune_to_directory(spec: str, out_dir: Path, config: PruneConfig, *, bench_s
                      f"`dlopt distill --teacher {spec} --student {checkpoint}`")
     report |= {"source": spec, "checkpoint": str(checkpoint), "onnx": str(onnx_path),
                "dense_onnx": str(dense_path) if dense_path else None}
-    report_path = write_json_atomic(out_dir / "prune.json", report)
+    report_path = out_dir / "prune.json"
+    outputs.stage(report_path).write_text(json_text(report))
     table = format_table(["", "before", "after", "change"], rows)
     return TorchStageArtifacts(checkpoint, onnx_path, report_path, report, table, tuple(notes))
 
 
 __all__ = ["CHECKPOINT_FORMAT", "IMPORTANCES", "STRUCTURES", "AttentionModule", "PruneConfig", "PrunedCheckpoint",
-           "check_config", "count_macs_params", "first_tensor", "measure_speedup", "prune_to_directory", "find_attention", "find_ffn", "output_layer_name", "prune",
-           "read_checkpoint", "rebuild", "save_checkpoint"]
+           "check_config", "checked_source", "count_macs_params", "first_tensor", "measure_speedup",
+           "prune_to_directory", "find_attention", "find_ffn", "output_layer_name", "prune",
+           "pinned_source", "read_checkpoint", "rebuild", "save_checkpoint", "source_file"]

@@ -32,7 +32,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +41,8 @@ import numpy as np
 
 from dlopt.errors import InputError, StageError, VerificationError
 from dlopt.optimize.calibration import CalibrationData, Feeds, progress_bar
-from dlopt.optimize.kernel_choice import LAYERNORM_FORMS, LayerNormForm
+from dlopt.inputs import graph_inputs
+from dlopt.optimize.kernel_choice import LAYERNORM_FORMS, NODE_FORMS, LayerNormForm, NodeForms
 from dlopt.optimize.normalize import NormalizeConfig, normalize
 from dlopt.optimize.rounding import LayerStatistics, collect_layer_statistics, refine_weights
 from dlopt.fidelity import compare_runs
@@ -50,6 +51,8 @@ from dlopt.optimize.preprocess import (PreprocessConfig, check_feeds, looks_like
                                        replace_nodes)
 from dlopt.sessions import cpu_session, run_outputs
 from dlopt.quiet import quiet_libraries
+from dlopt.runtime import cpu_label, runtime_report
+from dlopt.runtime import initialize as initialize_runtime
 from dlopt.stage import StageResult, config_to_dict
 
 PRECISIONS = ("int8", "int4", "fp16")
@@ -122,6 +125,9 @@ class QuantizeConfig:
     # target cpu: residual sums before LayerNorms written so that ORT does not fuse them into its
     # SkipLayerNormalization when that measures slower here (dlopt.optimize.kernel_choice); auto: timed
     layernorm_form: LayerNormForm = "auto"
+    # target cpu, static INT8: node classes (depthwise, pointwise, dense, small-channel conv, gemm) whose
+    # INT8 kernels time slower here than float stay float, if the whole model then runs faster; int8: all
+    node_forms: NodeForms = "auto"
     int4: Any = None  # an Int4Config from dlopt.optimize.int4; None: built from the options above
     fp16: Any = None  # an Fp16Config from dlopt.optimize.fp16
 
@@ -146,6 +152,8 @@ def validate_config(config: QuantizeConfig) -> None:
         raise InputError(f"--max-accuracy-drop {config.max_accuracy_drop} is negative", "give a drop >= 0")
     if config.weight_rounding not in ROUNDINGS:
         raise InputError(f"unknown weight rounding {config.weight_rounding!r}", f"choose one of {', '.join(ROUNDINGS)}")
+    if config.node_forms not in NODE_FORMS:
+        raise InputError(f"unknown node forms {config.node_forms!r}", f"choose one of {', '.join(NODE_FORMS)}")
     if config.layernorm_form not in LAYERNORM_FORMS:
         raise InputError(f"unknown layernorm form {config.layernorm_form!r}", f"choose one of {', '.join(LAYERNORM_FORMS)}")
     if config.rounding_samples < 1:
@@ -440,6 +448,13 @@ def calibrate(model, data: Iterable[Mapping[str, np.ndarray]], *, method: Method
             if count == 0:
                 raise InputError("calibration data holds no samples", "give at least one sample")
             ranges = calibrator.compute_data()
+    for name in ranges:
+        bounds = getattr(ranges[name], "range_value", None)
+        if bounds is not None and not np.isfinite(np.asarray(bounds, dtype=np.float64)).all():
+            source = getattr(data, "source", "the calibration data")
+            raise InputError(f"the model's tensor {name!r} is NaN or infinite on the calibration data {source}",
+                             "check the model and the data; keep the node that makes it in float "
+                             "(--exclude-nodes) or use --mode dynamic")
     return ranges, count
 
 
@@ -684,6 +699,9 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
     `report['verdict']['passed']`; quantize_file and the CLI act on it."""
     validate_config(config)
     started = time.perf_counter()
+    # before ORT's own sessions (its calibrator, its transformer optimizer), which would otherwise be the
+    # process's first and leave denormals unflushed on this thread for the checks and timings below
+    initialize_runtime()
     if isinstance(data, CalibrationData):
         data.bind(model)
         if config.calibration_samples is not None:
@@ -759,6 +777,10 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
                                    max_float_share=RECOVERY_MAX_FLOAT_SHARE, log=log)
             quantized = recovery.pop("model")
             details["nodes_excluded"] = recovery["chosen"]["excluded"]
+    node_forms = None
+    if recipe.mode == "static" and config.target == "cpu":
+        quantized, node_forms = _choose_node_forms(prepared, quantized, config, recipe, data, ranges, layer_stats,
+                                                   details, log)
     report = {"precision": "int8", "config": config_to_dict(config),
               "recipe": dataclasses.asdict(recipe) | {"reasons": list(recipe.reasons)},
               "normalization": normalized.report, "preprocess": pre_report, "smoothing": smooth_report, **details}
@@ -766,6 +788,8 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
         report["budget"] = budget
     if recovery is not None:
         report["floor_recovery"] = recovery
+    if node_forms is not None:
+        report["node_forms"] = node_forms
     quantized, report["kernel_choice"] = _choose_kernels(quantized, config, log)
     report.update(_summary(model, quantized, data, config, feeds=held_out, holdout=holdout, exact_arithmetic=exact))
     if "fidelity_exact_arithmetic" in report:
@@ -774,6 +798,32 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
     _warn_if_slower(report, log)
     report["seconds"] = round(time.perf_counter() - started, 2)
     return StageResult(quantized, report)
+
+
+def _choose_node_forms(prepared, quantized, config: QuantizeConfig, recipe: Recipe, data, ranges, layer_stats,
+                       details: dict[str, Any], log) -> tuple[Any, dict[str, Any]]:
+    """INT8 or float per node class, timed here (dlopt.optimize.kernel_choice.choose_node_forms). Speed
+    decides only where accuracy allows: nodes the accuracy budget kept float stay float, and speed can
+    only add float nodes (a float node computes what the source computes)."""
+    from dlopt.optimize.kernel_choice import NodeFormConfig, choose_node_forms
+
+    excluded = list(details.get("nodes_excluded") or [])
+    requantized: dict[str, Any] = {}
+
+    def requantize(names: list[str]):
+        model, more = quantize_int8(prepared, config, recipe, data, exclude_nodes=excluded + names, ranges=ranges,
+                                    layer_stats=layer_stats)
+        requantized.update({k: v for k, v in more.items() if k not in ("ranges", "layer_stats")})
+        return model
+
+    feeds = check_feeds(prepared, data, 1)[0]
+    result = choose_node_forms(prepared, quantized, feeds, requantize, NodeFormConfig(forms=config.node_forms))
+    if result.report["classes"] or config.node_forms == "int8":
+        log(f"node forms: {result.report['decision']}")
+    if result.report["kept"]:
+        details.update(requantized)  # shielded nodes, weight refinement: those of the model kept
+        details["nodes_excluded"] = sorted(set(excluded) | set(result.report["float_nodes"]))
+    return result.model, result.report
 
 
 # -- held-out fidelity and the verdict ----------------------------------------------------------------
@@ -873,8 +923,38 @@ def host_kernels_inexact(recipe: Recipe, cpu: CpuFeatures | None = None) -> bool
     return recipe.mode == "static" and not recipe.reduce_range and x86 and not cpu.vnni
 
 
+def _fixed(dim) -> bool:
+    return isinstance(dim, int) and dim > 0
+
+
+def padded_feed(model, feeds: Mapping[str, np.ndarray], seq_len: int | None = None
+                ) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
+    """`feeds` with their token axis padded to `seq_len` (default: dlopt bench's DEFAULT_SEQ_LEN), the
+    shape users run: tokenizers pad batches to a fixed length. Only integer inputs whose axis 1 is
+    dynamic in the graph are padded, with 0 (masks are 0 on the padding: ids and type ids there are
+    masked out). Returns (feeds, what was padded or None). Timed unpadded, a short calibration sentence
+    gave MiniLM 3.43x at seq 16 in this check where dlopt bench gave 2.97x at seq 128 (on a Xeon)."""
+    from dlopt.bench import DEFAULT_SEQ_LEN
+
+    seq_len = seq_len or DEFAULT_SEQ_LEN
+    specs = {s.name: s for s in graph_inputs(model)}
+    token = [k for k, v in feeds.items() if k in specs and np.issubdtype(np.asarray(v).dtype, np.integer)
+             and len(specs[k].shape) >= 2 and not _fixed(specs[k].shape[1]) and np.asarray(v).ndim >= 2]
+    lengths = {int(np.asarray(feeds[k]).shape[1]) for k in token}
+    if not token or len(lengths) != 1 or next(iter(lengths)) >= seq_len:
+        return dict(feeds), None
+    length = next(iter(lengths))
+    out = dict(feeds)
+    for k in token:
+        array = np.asarray(feeds[k])
+        widths = [(0, 0)] * array.ndim
+        widths[1] = (0, seq_len - length)
+        out[k] = np.pad(array, widths, constant_values=0)
+    return out, {"inputs": sorted(token), "tokens": length, "padded_to": seq_len}
+
+
 def speed_check(float_session, quantized_session, feeds: Mapping[str, np.ndarray], *, rounds: int = 21,
-                budget_s: float = 2.0) -> dict[str, Any]:
+                budget_s: float = 2.0, padding: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A quick interleaved latency check of two sessions on one feed (thread CPU time, alternating
     order, at least 3 and at most `rounds` rounds within ~budget_s): medians and the median of the
     per-round FP32/quantized ratios. A warning sign for a recipe that made the model slower on this
@@ -890,7 +970,18 @@ def speed_check(float_session, quantized_session, feeds: Mapping[str, np.ndarray
     a, b = sampler.samples(0, "cpu"), sampler.samples(1, "cpu")
     batch = int(next(iter(feeds.values())).shape[0]) if feeds else 1
     return {"batch": batch, "threads": 1, "rounds": int(a.size), "float_ms": float(np.median(a) * 1e3),
-            "quantized_ms": float(np.median(b) * 1e3), "speedup": float(np.median(a / np.maximum(b, 1e-9)))}
+            "quantized_ms": float(np.median(b) * 1e3), "speedup": float(np.median(a / np.maximum(b, 1e-9))),
+            "input_shapes": {k: list(np.asarray(v).shape) for k, v in inputs[0].items()},
+            "padding": dict(padding) if padding else None}
+
+
+def feed_description(shapes: Mapping[str, Sequence[int]], padding: Mapping[str, Any] | None = None) -> str:
+    """'input_ids[1, 128], attention_mask[1, 128] (12 real tokens padded to 128)': the shapes a speed
+    figure was measured on, and the padding where there is any."""
+    text = ", ".join(f"{k}{list(v)}" for k, v in shapes.items())
+    if padding:
+        text += f" ({padding['tokens']} real tokens padded to {padding['padded_to']})"
+    return text
 
 
 def _summary(original, quantized, data, config: QuantizeConfig, *, feeds: list[Feeds] | None = None,
@@ -926,7 +1017,10 @@ def _summary(original, quantized, data, config: QuantizeConfig, *, feeds: list[F
                    f"{config.target} recipe, so the fidelity above is this host's; the QDQ arithmetic itself, "
                    "what the target's int8 kernels compute, is below"}
     if config.speed_check:
-        summary["speed_check"] = speed_check(float_session, session, feeds[0])
+        timed, padding = padded_feed(original, feeds[0])
+        summary["speed_check"] = speed_check(float_session, session, timed, padding=padding)
+    summary["session"] = runtime_report()
+    summary["cpu_label"] = cpu_label()
     return summary
 
 
@@ -934,7 +1028,8 @@ def _warn_if_slower(report: Mapping[str, Any], log) -> None:
     speed = report.get("speed_check")
     if speed and speed["speedup"] < 0.95:
         log(f"warning: the quantized model ran {speed['speedup']:.2f}x FP32 speed in a quick check "
-            f"(batch {speed['batch']}, one thread): slower on this CPU; measure with dlopt bench")
+            f"(inputs {feed_description(speed['input_shapes'], speed.get('padding'))}, one thread): slower on "
+            f"this CPU; measure with dlopt bench")
 
 
 # -- files ------------------------------------------------------------------------------------------------
@@ -972,30 +1067,35 @@ def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike, conf
     A result that fails its verdict (an output below the fidelity floor, a budget not met) is not
     written to OUTPUT: it is kept as OUTPUT-stem.failed.onnx with OUTPUT-stem.failed.quantize.json,
     and the outcome says so (`passed` False); the CLI then exits 1."""
-    from dlopt.fileio import check_output_path, load_onnx, save_onnx_atomic, write_json_atomic
+    from dlopt.api import report_path_for
+    from dlopt.fileio import check_output_path, guard_outputs, json_text, load_onnx, stage_onnx, staged_outputs
     from dlopt.optimize.calibration import load_calibration
     from dlopt.report import environment
 
     validate_config(config)
     src, out = Path(model_path), check_output_path(output)
-    if out.resolve() == src.resolve():
-        raise InputError(f"output {out} is the input model", "write to another path; inputs are never modified")
+    report_path = check_output_path(report_path_for(out, "quantize"))
+    failed = failed_path(out)
+    failed_report = report_path_for(failed, "quantize")
+
+    def named_path(spec):
+        return spec if isinstance(spec, (str, os.PathLike)) and not str(spec).startswith("model:") else None
+
+    guard_outputs([src, named_path(calibration), named_path(eval_data)], [out, report_path, failed, failed_report])
     model = load_onnx(src)
     data = load_calibration(calibration, model, limit=config.calibration_samples, image=config.image)
     held = (load_calibration(eval_data, model, limit=config.fidelity_samples, image=config.image)
             if eval_data is not None else None)
     result = quantize(model, config, data, eval_data=held, progress=progress, log=log)
-    passed = bool(result.report["verdict"]["passed"])
-    if not passed:
-        out = failed_path(out)
-        if out.resolve() == src.resolve():
-            raise InputError(f"{out} is the input model", "write to another path; inputs are never modified")
-    save_onnx_atomic(result.model, out)
-    report = {"schema": REPORT_SCHEMA, "schema_version": REPORT_SCHEMA_VERSION, "input": str(src), "output": str(out),
-              "calibration": data.describe() if data else None,
-              **result.report, "bytes_written": out.stat().st_size, "environment": environment()}
-    stem = out.name[:-5] if out.name.endswith(".onnx") else out.name
-    report_path = write_json_atomic(out.with_name(f"{stem}.quantize.json"), report)
+    if not result.report["verdict"]["passed"]:  # kept under a marked name, never at OUTPUT
+        out, report_path = failed, failed_report
+    # The model and its report are renamed into place together: never a new model beside an old report.
+    with staged_outputs() as outputs:
+        model_tmp = stage_onnx(result.model, out, outputs)
+        report = {"schema": REPORT_SCHEMA, "schema_version": REPORT_SCHEMA_VERSION, "input": str(src),
+                  "output": str(out), "calibration": data.describe() if data else None,
+                  **result.report, "bytes_written": model_tmp.stat().st_size, "environment": environment()}
+        outputs.stage(report_path).write_text(json_text(report))
     return QuantizeOutcome(out, report_path, report)
 
 
@@ -1051,6 +1151,14 @@ def summary_text(report: Mapping[str, Any]) -> str:
     lines.append("quantized nodes: " + (", ".join(f"{k} {v}" for k, v in q.items()) or "none"))
     if report.get("nodes_excluded"):
         lines.append(f"kept in float: {', '.join(report['nodes_excluded'])}")
+    forms = report.get("node_forms")
+    if forms:
+        lines.append(f"node forms: {forms['decision']}")
+        rows = [[k, len(t["nodes"]), f"{t['float_us']:.0f}", f"{t['int8_us']:.0f}", f"{t['ratio']:.2f}",
+                 "float" if forms["kept"] and k in forms["float_classes"] else "int8"]
+                for k, t in forms["classes"].items()]
+        if rows:
+            lines.append(format_table(["node class", "nodes", "float us", "int8 us", "int8/float", "runs as"], rows))
     kernels = report.get("kernel_choice")
     if kernels and kernels["sites"]:
         lines.append(f"kernel choice: {kernels['decision']}")
@@ -1070,10 +1178,15 @@ def summary_text(report: Mapping[str, Any]) -> str:
         lines.append(fidelity_table(exact["outputs"]))
     speed = report.get("speed_check")
     if speed:
-        lines.append(f"speed (quick check, batch {speed['batch']}, one thread, {speed['rounds']} rounds): "
+        lines.append(f"speed (quick check, inputs {feed_description(speed['input_shapes'], speed.get('padding'))}, "
+                     f"one thread, {speed['rounds']} rounds, {report.get('cpu_label', 'this CPU')}): "
                      f"{speed['float_ms']:.3g} ms FP32 -> {speed['quantized_ms']:.3g} ms, {speed['speedup']:.2f}x"
                      f"{' (slower than FP32 on this CPU)' if speed['speedup'] < 0.95 else ''}; "
                      "dlopt bench measures with confidence intervals")
+    session = report.get("session")
+    if session:
+        entries = ", ".join(f"{k}={v}" for k, v in session["session_config"].items())
+        lines.append(f"sessions: {entries}; denormals {session['denormals']}")
     budget = report.get("budget")
     if budget:
         lines.append(f"accuracy budget ({budget['evaluator']}): FP32 {budget['baseline']:.4f}, allowed drop "

@@ -136,7 +136,9 @@ def _probe_cuda() -> tuple[bool, str]:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, onnx.IR_VERSION)
-    options = ort.SessionOptions()
+    from dlopt.sessions import session_options
+
+    options = session_options()  # this probe may be the process's first session: it must carry dlopt's config
     options.log_severity_level = 4
     try:
         with warnings.catch_warnings():

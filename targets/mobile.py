@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from dlopt.errors import InputError, StageError
+from dlopt.fileio import external_data_files  # noqa: F401 (part of this module's API)
 from dlopt.targets.base import CPU_PROVIDER, Target, TargetSession
 
 # Android and iOS apps typically give ONNX Runtime the big cores: 4 on most current phones. Capped
@@ -174,18 +175,6 @@ def _copy_with_external_data(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
     for location in external_data_files(model):
         shutil.copyfile(src.parent / location, dst.parent / location)
-
-
-def external_data_files(model) -> list[str]:
-    from onnx.external_data_helper import _get_all_tensors
-
-    found = []
-    for tensor in _get_all_tensors(model):
-        if tensor.HasField("data_location") and tensor.data_location == 1:
-            for entry in tensor.external_data:
-                if entry.key == "location" and entry.value not in found:
-                    found.append(entry.value)
-    return found
 
 
 def ort_format_version(path: Path) -> str:

@@ -313,12 +313,63 @@ def test_cli_bench_table_and_json(chains, schema, tmp_path):
     assert data["batches"][0]["results"][1]["ratio"]["cpu"]["estimate"] > 1.5
 
 
-def test_cli_bench_with_data_file(chains, tmp_path):
-    data = tmp_path / "in.npz"
-    np.savez(data, x=np.ones((3, 128), np.float32))
-    result = CliRunner().invoke(main, ["bench", str(chains[0]), "--data", str(data), "--rounds", "5", "--no-progress"])
+def test_cli_bench_times_data_one_batch_at_a_time_at_the_batch_sizes_asked(chains, tmp_path, schema):
+    data, out = tmp_path / "in.npz", tmp_path / "r.json"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((9, 128)).astype(np.float32))
+    result = CliRunner().invoke(main, ["bench", str(chains[0]), "--data", str(data), "--batch", "1,4", "--rounds", "5",
+                                       "--no-progress", "--json", str(out)])
     assert result.exit_code == 0, result.output
-    assert "x[3, 128]" in result.output
+    assert f"inputs x[1, 128] (9 real batch(es) from {data}, one per call in turn)" in result.output
+    assert f"inputs x[4, 128] (2 real batch(es) from {data}, one per call in turn)" in result.output
+    document = json.loads(out.read_text())
+    jsonschema.validate(document, schema)
+    assert [(b["batch"], b["data_batches"], b["input_shapes"]) for b in document["batches"]] == [
+        (1, 9, {"x": [1, 128]}), (4, 2, {"x": [4, 128]})]
+    # the session configuration every model ran with, and the CPU the figures came from
+    assert document["target"]["session"]["session_config"] == {"session.set_denormal_as_zero": "1"}
+    assert "session config: session.set_denormal_as_zero=1; denormals " in result.output
+    assert f"CPU: {document['machine']['cpu_model']}, {document['machine']['cpu_isa']}" in result.output
+
+
+def test_bound_data_batches_are_run_in_turn(chains):
+    import onnxruntime as ort
+
+    from dlopt.bench import BenchConfig, bind_models, load_models
+
+    x = np.random.default_rng(1).standard_normal((6, 128)).astype(np.float32)
+    target, models = load_models([chains[0]], BenchConfig())
+    runner = bind_models(target, models, batch=2, data={"x": x}).runners[0]  # ran batch 0 once
+    reference = ort.InferenceSession(str(chains[0]), providers=["CPUExecutionProvider"])
+    for k in (1, 2, 0, 1):
+        runner()
+        np.testing.assert_allclose(runner.outputs()["y"], reference.run(None, {"x": x[2 * k:2 * k + 2]})[0],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def _masked_model(path):
+    """ids, attention_mask [batch, seq] int64 -> y = float(ids) * float(mask)."""
+    nodes = [helper.make_node("Cast", ["input_ids"], ["i"], to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["i", "m"], ["y"])]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
+              for n in ("input_ids", "attention_mask")]
+    graph = helper.make_graph(nodes, "masked", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_speed_lines_state_the_shapes_and_the_padding_of_real_token_inputs(tmp_path):
+    model, data = _masked_model(tmp_path / "m.onnx"), tmp_path / "tokens.npz"
+    mask = np.zeros((4, 8), np.int64)
+    mask[:, :6] = 1  # 6 real tokens padded to 8: a quarter of the tokens are padding
+    np.savez(data, input_ids=np.arange(32, dtype=np.int64).reshape(4, 8) * mask, attention_mask=mask)
+    result = CliRunner().invoke(main, ["bench", str(model), "--data", str(data), "--batch", "2", "--rounds", "3",
+                                       "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert ("inputs input_ids[2, 8], attention_mask[2, 8] (2 real batch(es) from "
+            f"{data}, one per call in turn, 25 % of tokens padding)") in result.output
 
 
 @pytest.mark.parametrize("args, message", [
@@ -328,7 +379,7 @@ def test_cli_bench_with_data_file(chains, tmp_path):
     (["{m}", "--target", "tpu"], "unknown target 'tpu'"),
     (["{m}", "--threads", "0"], "--threads must be at least 1"),
     (["{m}", "--rounds", "1"], "--rounds must be at least 2"),
-    (["{m}", "--data", "{d}", "--batch", "2"], "--data and --batch both given"),
+    (["{m}", "--data", "{d}", "--batch", "2"], "holds 1 sample(s), fewer than batch 2"),
     (["{m}", "--data", "{bad}"], "not a readable .npz"),
     (["{m}", "--json", "{nodir}/x.json"], "does not exist"),
 ])

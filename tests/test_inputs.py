@@ -196,6 +196,7 @@ def test_quantize_report_and_eval_agree_on_the_same_model_and_data(tmp_path):
     onnx.save(conv_map_model(), tmp_path / "m.onnx")
     result = CliRunner().invoke(main, ["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"),
                                        "--mode", "static", "--per-tensor", "--calibration", str(tmp_path / "cal.npz"),
+                                       "--node-forms", "int8",
                                        "--eval-data", str(tmp_path / "cal.npz")])  # fidelity on the same 8 samples
     assert result.exit_code == 0, result.output
     import json
@@ -265,7 +266,7 @@ def test_image_folder_calibration_quantizes_a_cnn(tmp_path, photos):
 
     onnx.save(conv_map_model(), tmp_path / "m.onnx")
     args = ["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"), "--mode", "static",
-            "--calibration", str(photos), "--image-mean", "0.5,0.5,0.5", "--image-std", "0.5"]
+            "--calibration", str(photos), "--image-mean", "0.5,0.5,0.5", "--image-std", "0.5", "--node-forms", "int8"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "q.quantize.json").read_text())

@@ -141,3 +141,169 @@ def test_a_qdq_quantized_add_is_left_to_ort():
     del model.graph.node[:]
     model.graph.node.extend(nodes[:1] + [quantize_h, dequantize_h] + nodes[1:])
     assert find_layernorm_sites(model)["add"] == []
+
+
+# -- per-node INT8 or float in static QDQ graphs ------------------------------------------------------
+import pytest  # noqa: E402
+
+from dlopt.optimize.kernel_choice import (  # noqa: E402
+    NodeFormConfig,
+    choose_node_forms,
+    node_class,
+    quantized_nodes_by_class,
+    time_node_classes,
+)
+
+
+@pytest.mark.parametrize("op, shape, group, expected", [
+    ("Conv", (16, 1, 3, 3), 16, "depthwise conv"),
+    ("Conv", (32, 16, 1, 1), 1, "pointwise conv"),
+    ("Conv", (32, 16, 3, 3), 1, "dense conv"),
+    ("Conv", (32, 3, 3, 3), 1, "small-channel conv"),
+    ("Conv", (8, 1, 5, 5), 1, "small-channel conv"),  # one input channel, not grouped: fashion-cnn's first conv
+    ("Gemm", (10, 64), 1, "gemm"),
+    ("MatMul", (64, 10), 1, "gemm"),
+])
+def test_node_classes(op, shape, group, expected):
+    assert node_class(op, shape, group) == expected
+
+
+def _mobile_block_model():
+    """image[b, 3, 12, 12] -> stem conv 3->16 -> Relu -> depthwise 3x3 -> Relu -> pointwise 16->24 -> GAP ->
+    Flatten -> Gemm 10: one node of each class."""
+    rng = np.random.default_rng(0)
+    init = lambda name, *shape: numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+    nodes = [helper.make_node("Conv", ["image", "k0", "b0"], ["a0"], name="stem", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a0"], ["r0"], name="relu0"),
+             helper.make_node("Conv", ["r0", "k1", "b1"], ["a1"], name="dwconv", pads=[1, 1, 1, 1], group=16),
+             helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "k2", "b2"], ["a2"], name="pwconv"),
+             helper.make_node("GlobalAveragePool", ["a2"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="head", transB=1)]
+    graph = helper.make_graph(
+        nodes, "mobile_block", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 12, 12])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        [init("k0", 16, 3, 3, 3), init("b0", 16), init("k1", 16, 1, 3, 3), init("b1", 16), init("k2", 24, 16, 1, 1),
+         init("b2", 24), init("wf", 10, 24), init("bf", 10)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _images(n, seed):
+    return np.random.default_rng(seed).standard_normal((n, 3, 12, 12)).astype(np.float32)
+
+
+def _fake_timer(int8_cost, float_cost, boundary_cost=0.0):
+    """A timer that prices each Conv/Gemm by its class and form (INT8 when its weight is dequantized), plus
+    `boundary_cost` per float node fed by a DequantizeLinear (the Q/DQ pair around a float node)."""
+    def cost(model):
+        producer = {o: n for n in model.graph.node for o in n.output}
+        inits = {t.name: t for t in model.graph.initializer}
+        total = 0.0
+        for node in model.graph.node:
+            if node.op_type not in ("Conv", "Gemm", "MatMul"):
+                continue
+            w = producer.get(node.input[1])
+            int8 = w is not None and w.op_type == "DequantizeLinear"
+            dims = list(inits[w.input[0] if int8 else node.input[1]].dims)
+            kind = node_class(node.op_type, dims, next((a.i for a in node.attribute if a.name == "group"), 1))
+            total += (int8_cost if int8 else float_cost).get(kind, 1.0)
+            x = producer.get(node.input[0])
+            if not int8 and x is not None and x.op_type == "DequantizeLinear":
+                total += boundary_cost
+        return total
+
+    return lambda models, feeds: [cost(m) for m in models]
+
+
+def _quantized(model, exclude=()):
+    from dlopt.optimize.calibration import CalibrationData
+    from dlopt.optimize.quantize import QuantizeConfig, choose_recipe, quantize_int8
+
+    config = QuantizeConfig(mode="static", method="minmax", weight_rounding="nearest", bias_correction=False,
+                            node_forms="int8", speed_check=False)
+    data = CalibrationData.from_arrays({"image": _images(8, 1)}, source="images")
+    data.bind(model)
+    recipe = choose_recipe(model, config)
+    return lambda names=(): quantize_int8(model, config, recipe, data, exclude_nodes=list(exclude) + list(names))[0]
+
+
+def _ran_ops(model, tmp_path):
+    return _session_ops(model, tmp_path)
+
+
+def test_quantized_nodes_are_classified_by_kernel():
+    model = _mobile_block_model()
+    classes = quantized_nodes_by_class(model, _quantized(model)())
+    assert {k: [n.name for n in v] for k, v in classes.items()} == {
+        "small-channel conv": ["stem"], "depthwise conv": ["dwconv"], "pointwise conv": ["pwconv"], "gemm": ["head"]}
+
+
+def test_a_class_whose_int8_form_is_slower_stays_float_when_the_whole_model_gains(tmp_path):
+    model = _mobile_block_model()
+    requantize = _quantized(model)
+    qdq = requantize()
+    timer = _fake_timer(int8_cost={"depthwise conv": 5.0}, float_cost={"depthwise conv": 1.0}, boundary_cost=0.5)
+    result = choose_node_forms(model, qdq, {"image": _images(1, 2)}, requantize, NodeFormConfig(), timer=timer)
+    report = result.report
+    assert report["float_classes"] == ["depthwise conv"] and report["kept"] and report["float_nodes"] == ["dwconv"]
+    assert report["classes"]["depthwise conv"]["ratio"] == 5.0 and report["classes"]["gemm"]["ratio"] == 1.0
+    assert report["whole_model"]["gain"] == pytest.approx(4.0 / 1.5 * 1.0 / 1.0, rel=0.5)
+    assert "1 node(s) kept in float (depthwise conv)" in report["decision"]
+    ran = _ran_ops(result.model, tmp_path)  # ORT runs the depthwise conv in float, the others in INT8
+    assert ran.count("QLinearConv") == 2 and ran.count("Conv") + ran.count("FusedConv") == 1
+    assert model.SerializeToString() == _mobile_block_model().SerializeToString()
+
+
+def test_the_choice_is_reverted_when_the_whole_model_is_not_faster():
+    model = _mobile_block_model()
+    requantize = _quantized(model)
+    qdq = requantize()
+    # the depthwise conv is slower in INT8, but the Q/DQ pair around it as a float node costs more
+    timer = _fake_timer(int8_cost={"depthwise conv": 2.0}, float_cost={"depthwise conv": 1.0}, boundary_cost=2.0)
+    result = choose_node_forms(model, qdq, {"image": _images(1, 2)}, requantize, NodeFormConfig(), timer=timer)
+    assert result.report["float_classes"] == ["depthwise conv"] and not result.report["kept"]
+    assert result.model is qdq and "all INT8" in result.report["decision"]
+
+
+def test_int8_forms_asked_skips_the_timing():
+    model = _mobile_block_model()
+    qdq = _quantized(model)()
+    result = choose_node_forms(model, qdq, {"image": _images(1, 2)}, lambda names: pytest.fail("requantized"),
+                               NodeFormConfig(forms="int8"), timer=lambda m, f: pytest.fail("timed"))
+    assert result.model is qdq and result.report["decision"] == "every quantizable node INT8 (asked)"
+
+
+def test_both_forms_are_really_timed_in_the_models_shapes():
+    model = _mobile_block_model()
+    timing = time_node_classes(model, _quantized(model)(), {"image": _images(2, 3)},
+                               NodeFormConfig(rounds=3, runs_per_round=2))
+    assert set(timing) == {"small-channel conv", "depthwise conv", "pointwise conv", "gemm"}
+    for t in timing.values():
+        assert t["float_us"] > 0 and t["int8_us"] > 0 and t["ratio"] == pytest.approx(t["int8_us"] / t["float_us"],
+                                                                                      rel=1e-2)
+
+
+def test_quantize_reports_the_node_forms_and_keeps_the_faster_model(monkeypatch):
+    import dlopt.optimize.kernel_choice as kc
+    from dlopt.optimize.calibration import CalibrationData
+    from dlopt.optimize.quantize import QuantizeConfig, quantize, summary_text
+
+    monkeypatch.setattr(kc, "time_models", lambda models, feeds, **_: _fake_timer(
+        {"small-channel conv": 4.0}, {"small-channel conv": 1.0}, 0.5)(models, feeds))
+    data = CalibrationData.from_arrays({"image": _images(8, 1)}, source="images")
+    result = quantize(_mobile_block_model(), QuantizeConfig(mode="static", speed_check=False), data)
+    forms = result.report["node_forms"]
+    assert forms["kept"] and forms["float_nodes"] == ["stem"] and result.report["nodes_excluded"] == ["stem"]
+    stem = next(n for n in result.model.graph.node if n.name == "stem")
+    assert stem.input[1] in {t.name for t in result.model.graph.initializer}  # float weights
+    text = summary_text(result.report)
+    assert "node forms: 1 node(s) kept in float (small-channel conv)" in text and "runs as" in text
+    import json
+    from importlib.resources import files
+
+    import jsonschema
+
+    schema = json.loads(files("dlopt").joinpath("schemas/quantize.schema.json").read_text())
+    jsonschema.validate(json.loads(json.dumps(result.report["node_forms"], default=str)),
+                        schema["properties"]["node_forms"])

@@ -203,6 +203,18 @@ def test_image_example_inputs(name, shape, batch):
         assert -1.0 <= float(image.min()) and float(image.max()) <= 1.0
 
 
+def test_benchmark_inputs_are_real_padded_sentences_and_real_images():
+    from dlopt.bench import load_data
+
+    tokens = load_data("model:minilm", samples=6, seq_len=64)
+    assert {k: (v.shape, v.dtype) for k, v in tokens.items()} == {
+        "input_ids": ((6, 64), np.int64), "attention_mask": ((6, 64), np.int64)}
+    assert (tokens["input_ids"][:, 0] == 101).all()  # [CLS]: each row one sentence, padded to 64
+    assert 0 < tokens["attention_mask"].mean() < 1 and (tokens["input_ids"][tokens["attention_mask"] == 0] == 0).all()
+    images = load_data("model:efficientnet-lite0", samples=2)
+    assert images["image"].shape == (2, 3, 224, 224) and images["image"].std() > 0.1
+
+
 def test_minilm_calibration_data_is_deterministic_and_of_varying_length():
     ref = get_reference_model("minilm")
     first = list(ref.calibration_data(1000))

@@ -162,6 +162,37 @@ def test_cpu_bundle_keeps_the_onnx_file(mlp_path, tmp_path):
     assert not (result.bundle / "coverage.json").exists()
 
 
+def test_bundle_records_the_recommended_session_configuration_and_a_snippet_that_loads_it(mlp_path, tmp_path):
+    result = package(mlp_path, tmp_path / "b", PackageConfig(target="cpu", threads=2, intended_ep=None, **FAST))
+    recommended = result.manifest["runtime"]["recommended_session"]
+    assert recommended["session_config"] == {"session.set_denormal_as_zero": "1"}
+    assert recommended["intra_op_num_threads"] == 2 and recommended["inter_op_num_threads"] == 1
+    assert "FIRST" in recommended["first_session_rule"]
+    assert validate(json.loads((result.bundle / "manifest.json").read_text())) == []
+    card = (result.bundle / "README.md").read_text()
+    assert 'so.add_session_config_entry("session.set_denormal_as_zero", "1")' in card
+    assert 'so.AddConfigEntry("session.set_denormal_as_zero", "1");' in card and "so.SetIntraOpNumThreads(2);" in card
+    assert "**first** session" in card
+    # the card's Python snippet loads the bundled model as written
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    cwd = os.getcwd()
+    try:
+        os.chdir(result.bundle)
+        exec(snippet, scope)
+    finally:
+        os.chdir(cwd)
+    session = scope["session"]
+    assert session.get_session_options().intra_op_num_threads == 2
+    assert session.get_session_options().get_session_config_entry("session.set_denormal_as_zero") == "1"
+
+
+def test_a_runtime_style_bundle_recommends_its_own_entries_and_dlopts(mlp_path, tmp_path):
+    result = package(mlp_path, tmp_path / "b", PackageConfig(intended_ep="nnapi", **FAST))
+    assert result.manifest["runtime"]["recommended_session"]["session_config"] == {
+        "session.set_denormal_as_zero": "1", "session.enable_saved_runtime_optimizations": "1"}
+
+
 def test_stage_reports_and_calibration_hash_are_recorded(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save_model(mlp_model(), str(path))
@@ -202,8 +233,15 @@ def test_an_existing_bundle_is_kept_unless_overwrite(mlp_path, tmp_path):
     with pytest.raises(InputError, match="exists and is not empty"):
         package(mlp_path, out, PackageConfig(**FAST))
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces a bundle, never a folder of the user's own files (issue 13)
+    with pytest.raises(InputError, match="is not a dlopt bundle"):
+        package(mlp_path, out, PackageConfig(overwrite=True, **FAST))
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    package(mlp_path, out, PackageConfig(**FAST))
+    (out / "README.md").write_text("edited")
     package(mlp_path, out, PackageConfig(overwrite=True, **FAST))
-    assert not (out / "keep.txt").exists() and (out / "model.ort").exists()
+    assert (out / "README.md").read_text() != "edited" and (out / "model.ort").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
 
 

@@ -186,7 +186,7 @@ def _dequantize_axes(model) -> list[int | None]:
 def test_an_opset_12_model_is_upgraded_and_quantized_per_channel():
     model = cnn(opset=12)
     data = CalibrationData.from_arrays({"image": images()}, source="images")
-    result = quantize(model, QuantizeConfig(mode="static", speed_check=False), data)
+    result = quantize(model, QuantizeConfig(mode="static", speed_check=False, node_forms="int8"), data)
     onnx.checker.check_model(result.model, full_check=True)
     norm = result.report["normalization"]
     assert norm["opset"] == {"before": 12, "after": 13}
@@ -224,7 +224,7 @@ def test_a_rejected_opset_upgrade_falls_back_to_per_tensor_and_says_why(monkeypa
     monkeypatch.setattr(version_converter, "convert_version", converter)
     model = cnn(opset=12)
     data = CalibrationData.from_arrays({"image": images()}, source="images")
-    result = quantize(model, QuantizeConfig(mode="static", speed_check=False), data)
+    result = quantize(model, QuantizeConfig(mode="static", speed_check=False, node_forms="int8"), data)
     onnx.checker.check_model(result.model, full_check=True)  # valid: no axis at opset 12
     assert result.report["normalization"]["opset"] == {"before": 12, "after": 12}
     assert result.report["recipe"]["per_channel"] is False
@@ -293,7 +293,7 @@ def test_static_qdq_gives_if_branch_weights_int8_with_a_dequantize_inside_the_br
     rng = np.random.default_rng(3)
     data = CalibrationData.from_feeds([{"x": rng.standard_normal((1, 32)).astype(np.float32),
                                         "flag": np.array(i % 2 == 0)} for i in range(8)])
-    result = quantize(model, QuantizeConfig(mode="static", speed_check=False), data)
+    result = quantize(model, QuantizeConfig(mode="static", speed_check=False, node_forms="int8"), data)
     onnx.checker.check_model(result.model, full_check=True)
     for ops in _branch_ops(result.model).values():
         assert ops == ["DequantizeLinear", "MatMul"]
@@ -309,7 +309,7 @@ def test_a_node_inside_a_branch_can_be_kept_float_by_name(mode):
     rng = np.random.default_rng(3)
     data = CalibrationData.from_feeds([{"x": rng.standard_normal((1, 32)).astype(np.float32),
                                         "flag": np.array(i % 2 == 0)} for i in range(4)])
-    result = quantize(model, QuantizeConfig(mode=mode, exclude_nodes=("then_matmul",), speed_check=False), data)
+    result = quantize(model, QuantizeConfig(mode=mode, exclude_nodes=("then_matmul",), speed_check=False, node_forms="int8"), data)
     branches = _branch_ops(result.model)
     assert branches["then_branch"] == ["MatMul"]  # float, its weight a float initializer
     assert branches["else_branch"] != ["MatMul"]
@@ -454,7 +454,8 @@ def test_auto_without_data_picks_a_recipe_that_needs_none(model_fn, target, mode
 def test_static_mode_asked_without_data_is_still_an_input_error(tmp_path):
     src = tmp_path / "cnn.onnx"
     onnx.save(cnn(), src)
-    result = CliRunner().invoke(main, ["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--mode", "static"])
+    result = CliRunner().invoke(main, ["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--mode", "static",
+                                       "--node-forms", "int8"])
     assert result.exit_code == 2 and "static quantization needs calibration data" in result.output
 
 
@@ -477,8 +478,10 @@ def test_pp_ocrv4_detector_opset_12_quantizes_per_channel_to_a_valid_graph():
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (4, 1, 3, 64, 64)).astype(np.float32)  # normalized (x/255 - 0.5)/0.5
     data = CalibrationData.from_feeds([{"x": s} for s in x], source="uniform images")
-    # the graph's structure is under test: no recovery of the fidelity floor on these noise images
-    config = QuantizeConfig(speed_check=False, fidelity_samples=2, rounding_samples=4, recover=False)
+    # node_forms int8: the graph checked is the quantizer's, not a per-CPU choice of float nodes; and no
+    # recovery of the fidelity floor on these noise images
+    config = QuantizeConfig(speed_check=False, fidelity_samples=2, rounding_samples=4, node_forms="int8",
+                            recover=False)
     static = quantize(model, config, data)
     onnx.checker.check_model(static.model)
     norm = static.report["normalization"]

@@ -218,3 +218,16 @@ def test_cuda_graph_binding_logic_runs_end_to_end_through_the_cpu_ep():
     assert bound.handle is not handle and bound.handle.session.get_inputs()[0].shape == [6, 16]  # fixed axes
     bound()
     np.testing.assert_allclose(bound.outputs()["y"], _reference(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("vendor, family, model, core", [
+    ("AuthenticAMD", 23, 1, "Zen/Zen+"),      # EPYC 7001 (Naples): 256-bit AVX2 split in two
+    ("AuthenticAMD", 23, 49, "Zen 2"),        # EPYC 7002 (Rome)
+    ("AuthenticAMD", 25, 1, "Zen 3"),         # EPYC 7003 (Milan)
+    ("AuthenticAMD", 25, 17, "Zen 4"),        # EPYC 9004 (Genoa)
+    ("GenuineIntel", 6, 143, None),           # Intel names carry their model number
+])
+def test_cpu_core_names_tell_amd_generations_apart(vendor, family, model, core):
+    from dlopt.targets.cpu import core_name
+
+    assert core_name(vendor, family, model) == core

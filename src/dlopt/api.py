@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dlopt.fileio import check_output_path, save_onnx_atomic, write_json_atomic
+from dlopt.fileio import check_output_path, guard_outputs, guard_source_spec, json_text, stage_onnx, staged_outputs
 
 
 @dataclass(frozen=True)
@@ -35,16 +35,20 @@ def export_model(source, output: str | os.PathLike, config=None,
 
     config = config or ExportConfig()
     out = check_output_path(output)  # fail before minutes of work, not after
+    report_path = check_output_path(report_path_for(out, "export"))
     if not isinstance(source, ModelSource):
+        guard_outputs([guard_source_spec(source)], [out, report_path])
         log(f"loading {source}")
         source = load_source(source)
     exporter = config.exporter or source.exporter or "dynamo"
     why = "" if config.exporter or not source.exporter else " (the model's preferred exporter)"
     log(f"exporting {source.name} with the {exporter} exporter{why}, opset {config.opset}")
     result = export(source, config, log=log)
-    save_onnx_atomic(result.model, out)
-    report = result.report | {"output": str(out), "bytes": out.stat().st_size}
-    report_path = write_json_atomic(report_path_for(out, "export"), report)
+    # The model and its report are renamed into place together: never a new model beside an old report.
+    with staged_outputs() as outputs:
+        model_tmp = stage_onnx(result.model, out, outputs)
+        report = result.report | {"output": str(out), "bytes": model_tmp.stat().st_size}
+        outputs.stage(report_path).write_text(json_text(report))
     return WrittenModel(out, report_path, report)
 
 

@@ -352,8 +352,15 @@ def _check_clock(clock: str) -> None:
 
 # --------------------------------------------------------------------------- inputs
 
-def load_data(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Arrays from an .npz file (keys = input names), with errors that name the file."""
+def load_data(path: str | os.PathLike, *, samples: int = 64, seq_len: int = DEFAULT_SEQ_LEN
+              ) -> dict[str, np.ndarray]:
+    """Arrays from an .npz file (keys = input names), with errors that name the file; or, for
+    `model:NAME`, `samples` real inputs of that reference model (dlopt.models: padded sentences at
+    seq_len, photos, test images)."""
+    if str(path).startswith("model:"):
+        from dlopt.models import get_reference_model
+
+        return get_reference_model(str(path)[len("model:"):]).benchmark_inputs(samples, seq_len=seq_len)
     p = Path(path)
     if not p.is_file():
         raise InputError(f"data file {p} does not exist", "give an .npz file with one array per model input")
@@ -399,6 +406,8 @@ class BatchRun:
     seconds: float
     warmup: WarmupReport
     models: tuple[ModelRun, ...]
+    data_batches: int = 0  # real batches from --data cycled through, one per call (0: generated inputs)
+    padding: float | None = None  # share of padding tokens (mask 0) in the timed inputs; None: no mask input
     runs_per_sample: int = 1  # runs whose mean latency is one stored sample (grouped runs x merged rounds)
     samples: int | None = None  # stored samples per model (rounds, or fewer when rounds were merged)
 
@@ -413,6 +422,7 @@ class BenchResult:
     batches: tuple[BatchRun, ...]
     peak_rss_bytes: int
     machine: Mapping[str, Any]
+    data_source: str | None = None  # where real inputs came from (--data), None: generated
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -452,6 +462,8 @@ class BenchResult:
             "batches": [{
                 "batch": b.batch,
                 "input_shapes": {k: list(v) for k, v in b.input_shapes.items()},
+                "data_batches": b.data_batches,
+                "padding": b.padding,
                 "rounds": b.rounds,
                 "samples": b.rounds if b.samples is None else b.samples,
                 "runs_per_sample": b.runs_per_sample,
@@ -482,6 +494,8 @@ def machine_fingerprint(threads: int, target=None, device_id: int = 0) -> dict[s
     import onnxruntime as ort
     import psutil
 
+    from dlopt.optimize.quantize import cpu_features
+    from dlopt.runtime import isa_line
     from dlopt.targets.cpu import cpu_model_name
 
     flags = ""
@@ -491,6 +505,7 @@ def machine_fingerprint(threads: int, target=None, device_id: int = 0) -> dict[s
         flags = " ".join(sorted(match.group(1).split())) if match else ""
     fingerprint = {
         "cpu_model": cpu_model_name(),
+        "cpu_isa": isa_line(cpu_features()),
         "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
         "logical_cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
@@ -545,17 +560,12 @@ def _labels(paths: Sequence[Path]) -> list[str]:
 
 def _initialize_runtime() -> None:
     """Create and run a one-node session first, so that ONNX Runtime's one-time process setup (its
-    environment, kernel registries, allocators: tens of MB) is not counted as the first model's memory."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
+    environment, kernel registries, allocators: tens of MB) is not counted as the first model's memory,
+    and so that the process's first session carries dlopt's session configuration (denormals flushed on
+    the calling thread: see dlopt.runtime)."""
+    from dlopt.runtime import initialize
 
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "init",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    session.run(None, {"x": np.ones(1, np.float32)})
+    initialize()
 
 
 def load_models(paths: Sequence[str | os.PathLike], config: BenchConfig,
@@ -630,10 +640,13 @@ def benchmark(paths: Sequence[str | os.PathLike], config: BenchConfig = BenchCon
               progress: ProgressFn | None = None, started: float | None = None) -> BenchResult:
     """Measure one or more models on `config.target`, interleaved, at each batch size.
 
-    With `data`, its arrays are the inputs (their batch is whatever they hold; config.batch_sizes
-    is then ignored). Without `config.rounds`, the whole call ends within `config.budget_s` of
-    `started` (a time.perf_counter() value; default: now), loading and statistics included. Raises
-    InputError / TargetUnavailableError on bad input or a target that cannot run here."""
+    With `data`, its arrays are the inputs: at each batch size b, consecutive batches of b samples,
+    one per timed call in turn (real samples, one batch at a time). Without `config.rounds`, the whole
+    call ends within `config.budget_s` of `started` (a time.perf_counter() value; default: now),
+    loading and statistics included. Raises InputError / TargetUnavailableError on bad input or a
+    target that cannot run here."""
+    from dlopt.runtime import runtime_report
+
     validate_config(config)
     deadline = _Deadline(config, started, progress)
     target, models = load_models(paths, config, deadline.report)
@@ -652,8 +665,9 @@ def benchmark(paths: Sequence[str | os.PathLike], config: BenchConfig = BenchCon
         "cuda_graph": config.cuda_graph,
         "threads": config.threads,
         "graph_opt_level": config.graph_opt_level,
+        "session": runtime_report(),
     }
-    batches = (None,) if data is not None else config.batch_sizes
+    batches = config.batch_sizes
     batch_runs = []
     for k, batch in enumerate(batches):
         def report(what: str, fraction: float, _k=k) -> None:
@@ -665,7 +679,8 @@ def benchmark(paths: Sequence[str | os.PathLike], config: BenchConfig = BenchCon
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # KiB
     return BenchResult(config=config, clock=clock, clock_reason=clock_reason, target=target_facts,
                        models=tuple(models), batches=tuple(batch_runs), peak_rss_bytes=int(peak),
-                       machine=machine_fingerprint(config.threads, target, config.device_id))
+                       machine=machine_fingerprint(config.threads, target, config.device_id),
+                       data_source=data_source if data is not None else None)
 
 
 @dataclass(frozen=True)
@@ -677,25 +692,96 @@ class BoundModels:
     first_run_s: tuple[float, ...]
     rss_added_bytes: tuple[int, ...]
     device_added_bytes: tuple[int | None, ...]
+    data_batches: int = 0  # real batches cycled through, one per call (0: generated inputs)
+    padding: float | None = None  # share of masked-out (padding) tokens in the timed inputs; None: no mask input
+
+
+MAX_DATA_BATCHES = 32  # real batches bound per model and cycled through (device memory stays small)
+
+
+def data_batches(specs: Sequence[Any], data: Mapping[str, np.ndarray], source: str, batch: int | None
+                 ) -> list[dict[str, np.ndarray]]:
+    """`data` cut along its first axis into consecutive batches of `batch` samples (at most
+    MAX_DATA_BATCHES; a remainder shorter than `batch` is left out), each checked against the model's
+    inputs (`specs`: dlopt.inputs.session_inputs). `batch` None: all of `data` as one batch."""
+    from dlopt.inputs import feeds_from_arrays
+
+    if batch is None:
+        return [feeds_from_arrays(specs, data, source)]
+    rows = {int(np.shape(data[s.name])[0]) for s in specs if s.name in data and np.ndim(data[s.name]) > 0}
+    if len(rows) > 1:
+        raise InputError(f"{source}: the model's input arrays hold different numbers of samples {sorted(rows)}",
+                         "give every input the same first (batch) axis")
+    count = rows.pop() if rows else 0
+    if count < batch:
+        raise InputError(f"{source} holds {count} sample(s), fewer than batch {batch}",
+                         "give more samples, or a smaller --batch")
+    return [feeds_from_arrays(specs, {k: v[i * batch:(i + 1) * batch] if np.ndim(v) > 0 else v
+                                      for k, v in data.items()}, source)
+            for i in range(min(count // batch, MAX_DATA_BATCHES))]
+
+
+def model_feed_batches(model: LoadedModel, *, batch: int | None, seq_len: int, seed: int,
+                       data: Mapping[str, np.ndarray] | None, data_source: str = "--data",
+                       input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> list[dict[str, np.ndarray]]:
+    """The inputs a model is measured on: real batches of `batch` samples from `data` (one per timed call,
+    in turn), or one generated (seeded) batch (model_feeds)."""
+    if data is not None:
+        from dlopt.inputs import session_inputs
+
+        return data_batches(session_inputs(model.handle.session), data, data_source, batch)
+    return [model_feeds(model, batch=batch, seq_len=seq_len, seed=seed, data=None, input_shapes=input_shapes)]
 
 
 def model_feeds(model: LoadedModel, *, batch: int | None, seq_len: int, seed: int,
                 data: Mapping[str, np.ndarray] | None, data_source: str = "--data",
                 input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
-    """The inputs a model is measured on: taken from `data`, or generated (seeded) for `batch` by
-    dlopt.inputs (free sizes that the model runs on, `input_shapes` as --input-shape gives them)."""
+    """The inputs of one timed call: the first batch of `data` (see model_feed_batches), or generated
+    (seeded) for `batch` by dlopt.inputs (free sizes that the model runs on, `input_shapes` as
+    --input-shape gives them)."""
     from dlopt.fileio import load_onnx
-    from dlopt.inputs import feeds_from_arrays, session_inputs, synthetic_feeds, value_ranges
+    from dlopt.inputs import session_inputs, synthetic_feeds, value_ranges
     from dlopt.sessions import trial_run
 
     session = model.handle.session
     specs = session_inputs(session)
     if data is not None:
-        return feeds_from_arrays(specs, data, data_source)
+        return data_batches(specs, data, data_source, batch)[0]
     # an ORT-format file has no ONNX graph to read the integer inputs' ranges from
     ranges = {} if model.path.suffix == ".ort" else value_ranges(load_onnx(model.path, load_external_data=False))
     return synthetic_feeds(specs, batch=batch, seq_len=seq_len, seed=seed, overrides=input_shapes, ranges=ranges,
                            run=lambda feeds: trial_run(session, feeds))[0]
+
+
+def padding_share(feeds_list: Sequence[Mapping[str, np.ndarray]]) -> float | None:
+    """The share of padding tokens (attention mask 0) over `feeds_list`; None when no integer input is
+    named like a mask."""
+    masks = [np.asarray(v) for f in feeds_list for k, v in f.items()
+             if "mask" in k.lower() and np.issubdtype(np.asarray(v).dtype, np.integer)]
+    if not masks:
+        return None
+    return float(1 - np.mean(np.concatenate([m.ravel() != 0 for m in masks])))
+
+
+def padding_note(padding: float | None) -> str:
+    return f", {100 * padding:.0f} % of tokens padding" if padding else ""
+
+
+class CyclingRun:
+    """Bound runs of one model on several real batches; each call runs the next batch in turn, so a
+    timed loop covers the data one batch at a time (in an interleaved round every model sees the same one)."""
+
+    def __init__(self, runs: Sequence[Any]):
+        self.runs = list(runs)
+        self._next = 0
+
+    def __call__(self) -> None:
+        run = self.runs[self._next]
+        self._next = (self._next + 1) % len(self.runs)
+        run()
+
+    def outputs(self) -> dict[str, np.ndarray]:
+        return self.runs[(self._next - 1) % len(self.runs)].outputs()
 
 
 def bind_models(target, models: Sequence[LoadedModel], *, batch: int | None = 1, seq_len: int = DEFAULT_SEQ_LEN,
@@ -710,15 +796,23 @@ def bind_models(target, models: Sequence[LoadedModel], *, batch: int | None = 1,
     process = psutil.Process()
     runners, first_run_s, rss_added, device_added = [], [], [], []
     shapes: dict[str, tuple[int, ...]] = {}
+    data_count, all_feeds = 1, []
     for m in models:
-        feeds = model_feeds(m, batch=batch, seq_len=seq_len, seed=seed, data=data, data_source=data_source,
-                            input_shapes=input_shapes)
-        shapes.update({k: tuple(v.shape) for k, v in feeds.items()})
+        feeds_list = model_feed_batches(m, batch=batch, seq_len=seq_len, seed=seed, data=data,
+                                        data_source=data_source, input_shapes=input_shapes)
+        if m.handle.provider_options.get("enable_cuda_graph") == "1":
+            feeds_list = feeds_list[:1]  # each bound CUDA graph is a session of its own: one real batch
+        data_count = len(feeds_list)
+        all_feeds = feeds_list
+        shapes.update({k: tuple(v.shape) for k, v in feeds_list[0].items()})
         if progress is not None:
             progress(f"binding {m.label}", 0.0)
         rss_before = process.memory_info().rss
         device_before = target.memory_in_use(device_id)
-        bound = target.bind(m.handle, feeds)
+        runs = [target.bind(m.handle, feeds) for feeds in feeds_list]
+        bound = runs[0] if len(runs) == 1 else CyclingRun(runs)
+        for run in runs[1:]:
+            run()  # every batch's buffers allocated before timing (the cycle starts again at the first)
         start = time.perf_counter()
         bound()  # the first run allocates the session's buffers: it belongs to the model's memory
         first_run_s.append(time.perf_counter() - start)
@@ -727,7 +821,8 @@ def bind_models(target, models: Sequence[LoadedModel], *, batch: int | None = 1,
         device_added.append(device_after - device_before if None not in (device_before, device_after) else None)
         runners.append(bound)
     return BoundModels(runners=tuple(runners), input_shapes=shapes, first_run_s=tuple(first_run_s),
-                       rss_added_bytes=tuple(rss_added), device_added_bytes=tuple(device_added))
+                       rss_added_bytes=tuple(rss_added), device_added_bytes=tuple(device_added),
+                       data_batches=data_count if data is not None else 0, padding=padding_share(all_feeds))
 
 
 def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, batch: int | None,
@@ -793,7 +888,7 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
     report(f"{label}: done", 1.0)
     return BatchRun(batch=effective_batch, input_shapes=shapes, rounds=sampler.timed_rounds, seconds=seconds,
                     warmup=warm, models=tuple(results), runs_per_sample=repeat * sampler.merged,
-                    samples=sampler.rounds)
+                    samples=sampler.rounds, data_batches=bound.data_batches, padding=bound.padding)
 
 
 # --------------------------------------------------------------------------- tables
@@ -837,7 +932,12 @@ def format_result(result: BenchResult) -> str:
         f"target {t['name']} on {t['device']}, {result.config.threads} thread(s), graph optimization "
         f"{result.config.graph_opt_level}" + (", CUDA graph" if result.config.cuda_graph else ""),
         f"clock: {clock} ({result.clock_reason})",
+        f"CPU: {result.machine.get('cpu_model')}, {result.machine.get('cpu_isa')}",
     ]
+    session = t.get("session")
+    if session:
+        entries = ", ".join(f"{k}={v}" for k, v in session["session_config"].items())
+        lines.append(f"session config: {entries}; denormals {session['denormals']}")
     if t["fell_back"]:
         lines.append(f"WARNING: {t['name']} is not available here; these are CPU numbers (--allow-fallback)")
     for b in result.batches:
@@ -851,9 +951,11 @@ def format_result(result: BenchResult) -> str:
         shapes = ", ".join(f"{k}{list(v)}" for k, v in b.input_shapes.items())
         grouped = (f" (each sample the mean of {b.runs_per_sample} runs, {b.samples} samples)"
                    if b.runs_per_sample > 1 else "")
+        source = (f"{b.data_batches} real batch(es) from {result.data_source}, one per call in turn"
+                  if b.data_batches else "generated")
         lines.append(f"batch {b.batch}: {b.rounds} interleaved rounds in {b.seconds:.1f} s{grouped}; warm-up "
                      f"{b.warmup.rounds} rounds, {'settled' if b.warmup.settled else 'NOT settled (capped)'}; "
-                     f"inputs {shapes}")
+                     f"inputs {shapes} ({source}{padding_note(b.padding)})")
         if result.config.rounds is None and b.rounds < result.config.min_rounds:
             lines.append(f"batch {b.batch}: only {b.rounds} rounds fit in the budget: the CI is wide; "
                          "give a longer --budget")

@@ -99,6 +99,7 @@ class EvalResult:
     rows: tuple[MetricRow, ...]
     runs_on: str
     config: EvalConfig = field(default_factory=EvalConfig)
+    warnings: tuple[str, ...] = ()  # what makes the numbers doubtful (NaN inputs, labels out of range)
 
     def to_dict(self) -> dict[str, Any]:
         from dlopt.report import environment
@@ -110,6 +111,7 @@ class EvalResult:
             "config": config_to_dict(self.config),
             "metrics": [{"metric": r.metric, "value": _json_float(r.value), "reference": _json_float(r.reference),
                          "delta": _json_float(r.delta), "note": r.note} for r in self.rows],
+            "warnings": list(self.warnings),
             "environment": environment(),
         }
 
@@ -192,6 +194,7 @@ def evaluate_data(model: str | os.PathLike, data: str | os.PathLike, config: Eva
     arrays = load_data(data)
     handle = _open(model, config)
     feeds = feeds_from_arrays(session_inputs(handle.session), arrays, str(data))
+    n = _sample_count(feeds, data)
     out_name, output = _pick_output(run_batched(handle, feeds, config.batch_size), config.output, str(model))
     ref_output = None
     ref_handle = None
@@ -222,9 +225,42 @@ def evaluate_data(model: str | os.PathLike, data: str | os.PathLike, config: Eva
                              f"as {out_name!r} or {EXPECTED_KEY!r}")
         rows.append(MetricRow(metric, _COMPARE[metric](output, ref_output), None,
                               "vs reference model" if reference is not None else "vs expected output in data"))
-    n = int(np.asarray(next(iter(feeds.values()))).shape[0]) if feeds else None
     return EvalResult(model=str(model), reference=str(reference) if reference else None, source=str(data),
-                      samples=n, rows=tuple(rows), runs_on=handle.runs_on, config=config)
+                      samples=n, rows=tuple(rows), runs_on=handle.runs_on, config=config,
+                      warnings=data_warnings(feeds, labels, output, data))
+
+
+def _sample_count(feeds: Mapping[str, np.ndarray], data) -> int | None:
+    counts = [int(np.asarray(a).shape[0]) for a in feeds.values() if np.asarray(a).ndim > 0]
+    if counts and min(counts) == 0:
+        raise InputError(f"data file {data} holds no samples (its arrays have 0 rows)", "give at least one sample")
+    return counts[0] if counts else None
+
+
+def data_warnings(feeds: Mapping[str, np.ndarray], labels: np.ndarray | None, output: np.ndarray,
+                  data) -> tuple[str, ...]:
+    """What makes metrics on `data` doubtful: non-finite inputs or outputs, labels that name no class."""
+    found = []
+    for name, array in feeds.items():
+        array = np.asarray(array)
+        if np.issubdtype(array.dtype, np.floating):
+            bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+            if bad:
+                found.append(f"{data}: input {name!r} holds {bad} NaN or infinite value(s); metrics on those "
+                             "samples mean little")
+    out = np.asarray(output)
+    if np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
+        found.append(f"the model's output holds {out.size - int(np.count_nonzero(np.isfinite(out)))} NaN or "
+                     "infinite value(s)")
+    if labels is not None and out.ndim >= 2 and np.asarray(labels).shape != out.shape:
+        target = np.asarray(labels).reshape(-1)
+        classes = int(np.prod(out.shape[1:]))
+        if np.issubdtype(target.dtype, np.number):
+            outside = int(np.count_nonzero((target < 0) | (target >= classes) | (target != np.round(target))))
+            if outside:
+                found.append(f"{data}: {outside} label(s) are not a class index in [0, {classes}); top1 counts "
+                             "them as wrong")
+    return tuple(found)
 
 
 def evaluate_reference_model(model: str | os.PathLike, name: str, config: EvalConfig = EvalConfig(), *,

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from dlopt.errors import InputError
+from dlopt.errors import DlOptError, InputError
 
 # protobuf cannot serialize a single message over 2 GiB; above this, weights go to external data.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
@@ -32,32 +33,269 @@ def check_output_path(path: str | os.PathLike) -> Path:
     return out
 
 
+# -- inputs are never outputs ------------------------------------------------------------------------
+
+def input_files(path: str | os.PathLike) -> list[Path]:
+    """The files an input consists of, resolved: the path itself, plus an ONNX model's external-data
+    files (which an output must not overwrite either)."""
+    p = Path(path)
+    found = [p.resolve()]
+    if p.is_file() and p.suffix.lower() == ".onnx":
+        try:
+            import onnx
+
+            model = onnx.load_model(str(p), load_external_data=False)
+        except Exception:  # an unreadable model is reported by the verb that loads it, with its own message
+            return found
+        found += [(p.parent / location).resolve() for location in external_data_files(model)]
+    return found
+
+
+def external_data_files(model) -> list[str]:
+    """The `location`s (relative to the model's folder) of an ONNX model's external-data files."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    found = []
+    for tensor in _get_all_tensors(model):
+        if tensor.HasField("data_location") and tensor.data_location == 1:
+            for entry in tensor.external_data:
+                if entry.key == "location" and entry.value not in found:
+                    found.append(entry.value)
+    return found
+
+
+def guard_outputs(inputs: Iterable[str | os.PathLike | None], outputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse, before anything is written, an output that is, contains or lies inside an input.
+
+    Inputs are files or folders the verb reads (an ONNX model with its external data, a data file,
+    a factory's .py file); outputs are every file or folder it may write, reports included. Paths
+    are compared resolved (symlinks, `..`, relative paths), and existing files also by inode (hard
+    links). None entries are skipped, so callers pass optional options as they are."""
+    outputs = [o for o in outputs if o is not None]
+    if not outputs:
+        return  # nothing will be written: no need to read the inputs' external-data lists
+    sources = [f for i in inputs if i is not None for f in input_files(i)]
+    for output in outputs:
+        out = Path(output).resolve()
+        for source in sources:
+            if out == source or (out.exists() and source.exists() and os.path.samefile(out, source)):
+                what = f"is the input {source}"
+            elif out in source.parents:
+                what = f"contains the input {source}"
+            elif source in out.parents:
+                what = f"lies inside the input {source}"
+            else:
+                continue
+            raise InputError(f"output {output} {what}", "write to another path; inputs are never modified")
+
+
+def guard_source_spec(spec: str | None) -> Path | None:
+    """The file a model SOURCE reads (`path/to/file.py:build` -> path/to/file.py), for guard_outputs."""
+    if not spec or ":" not in spec:
+        return None
+    target = spec.rpartition(":")[0]
+    return Path(target) if target.endswith(".py") or "/" in target or "\\" in target else None
+
+
+# -- writing outputs: staged beside their final path, renamed into place together -------------------------
+#
+# A temp file is named `.NAME.<pid>-<random>.tmp` beside NAME. A run killed by SIGKILL (or a power
+# cut) cannot remove its own; the next run writing NAME removes those whose process is gone. SIGINT
+# and SIGTERM are held back while a set of outputs is renamed into place, so an interrupt never
+# leaves a new model beside a stale report; what each run renamed into place is recorded for the
+# CLI's "interrupted" message.
+
+_written: list[Path] = []
+
+
+def written_paths() -> list[Path]:
+    """Outputs this process renamed into place since the last `reset_written()`."""
+    return list(_written)
+
+
+def reset_written() -> None:
+    _written.clear()
+
+
+def record_written(path: Path) -> None:
+    """Note an output renamed into place (for the CLI's message when a run is interrupted)."""
+    _written.append(Path(path))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def stale_pid(name: str, prefix: str) -> bool:
+    """True when `name` is `<prefix><pid>-...` and that process is gone (a killed run's leftover)."""
+    rest = name[len(prefix):] if name.startswith(prefix) else ""
+    pid_text = rest.split("-", 1)[0]
+    return pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text))
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Remove the temp files that killed runs left beside `out` (see above); returns them."""
+    removed = []
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        candidates = list(parent.glob(f".{glob.escape(out.name)}.*.tmp"))
+    except OSError:
+        return removed
+    for path in candidates:
+        if stale_pid(path.name, f".{out.name}.") and path.is_file():
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+class StagedOutputs:
+    """Outputs of one result, each written to a temp file beside its final path, then renamed into
+    place together by `commit()` with SIGINT/SIGTERM held back. Use through `staged_outputs()`."""
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path]] = []
+
+    @property
+    def main(self) -> Path | None:
+        return self._staged[0][1] if self._staged else None
+
+    def stage(self, path: str | os.PathLike) -> Path:
+        """A temp path to write `path`'s content to."""
+        out = check_output_path(path)
+        remove_stale_temps(out)
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}-", suffix=".tmp",
+                                            dir=out.parent if str(out.parent) else ".")
+        except OSError as e:
+            raise InputError(f"cannot write {out}: {e.strerror or e}", "choose another -o path") from e
+        os.close(fd)
+        self._staged.append((Path(tmp_name), out))
+        return Path(tmp_name)
+
+    def commit(self) -> list[Path]:
+        """Rename every staged file into place; the first staged is the main one (the model). Earlier
+        files of the set that the new ones replace are removed first, so even a SIGKILL between two
+        renames leaves no new model beside an old report, only a missing report."""
+        umask = os.umask(0)
+        os.umask(umask)
+        with signals_held():
+            try:
+                for tmp, _ in self._staged:
+                    # mkstemp creates the file 0600; give the output the permissions an ordinary write would
+                    os.chmod(tmp, 0o666 & ~umask)
+                for _, out in self._staged[1:]:
+                    if out.is_file() or out.is_symlink():
+                        out.unlink()
+                for tmp, out in self._staged:
+                    os.replace(tmp, out)
+                    _written.append(out)
+            except OSError as e:
+                raise _write_error(e, self._staged[0][1]) from e
+        done = [out for _, out in self._staged]
+        self._staged.clear()
+        return done
+
+    def discard(self) -> None:
+        for tmp, _ in self._staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        self._staged.clear()
+
+
+def _write_error(e: OSError, out: Path) -> DlOptError:
+    if e.errno == errno.ENOSPC:
+        return InputError(f"disk full while writing {out}", "free space and run again")
+    return InputError(f"cannot write {out}: {e.strerror or e}",
+                      "check that the path is not a folder, read-only or on a read-only file system")
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back until the block ends, then act on the first that came.
+
+    Python-level handlers, not a signal mask: a mask holds a signal only for the thread that sets it,
+    and the kernel hands a process-directed signal to any other thread (ONNX Runtime's and torch's
+    pools), whose arrival Python then acts on in the main thread at once."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, lambda signum, frame: pending.append(signum)) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            handler = previous[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(pending[0])
+
+
+@contextlib.contextmanager
+def staged_outputs() -> Iterator[StagedOutputs]:
+    """Stage several outputs and rename them into place together only if the block succeeds: a crash,
+    an exception or an interrupt leaves no half-written file and no new file beside a stale one."""
+    outputs = StagedOutputs()
+    try:
+        yield outputs
+        outputs.commit()
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InputError(f"disk full while writing {outputs.main}", "free space and run again") from e
+        raise
+    finally:
+        outputs.discard()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
 
     A crash or an exception leaves no half-written file at `path`."""
-    out = check_output_path(path)
+    with staged_outputs() as outputs:
+        yield outputs.stage(path)
+
+
+@contextlib.contextmanager
+def output_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """The -o FOLDER of a verb that writes several files: checked, created when missing, and removed
+    again if the verb fails (bad input, a crash, an interrupt) before anything was written into it."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output path {out} is a file", "-o names a folder")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        what = "does not exist" if not parent.exists() else "is not a folder"
+        raise InputError(f"the parent of the output folder {out}, {parent}, {what}", "choose another -o path")
+    created = not out.exists()
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
+        out.mkdir(exist_ok=True)
     except OSError as e:
-        raise InputError(f"cannot write {out}: {e.strerror or e}", "choose another -o path") from e
-    os.close(fd)
-    tmp = Path(tmp_name)
+        raise InputError(f"cannot create the output folder {out}: {e.strerror or e}",
+                         "choose a writable -o path") from e
+    if not os.access(out, os.W_OK):
+        raise InputError(f"output folder {out} is not writable", "choose another -o path")
     try:
-        yield tmp
-        # mkstemp creates the file 0600; give the output the permissions an ordinary write would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, out)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise InputError(f"disk full while writing {out}", "free space and run again") from e
+        yield out
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty: files written before the failure stay
         raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -108,26 +346,34 @@ def _json_default(value: Any) -> Any:
 
 def save_onnx_atomic(model, path: str | os.PathLike) -> Path:
     """Save an onnx.ModelProto atomically; models over 2 GiB get their weights in PATH.data."""
+    with staged_outputs() as outputs:
+        stage_onnx(model, path, outputs)
+    return Path(path)
+
+
+def stage_onnx(model, path: str | os.PathLike, outputs: StagedOutputs) -> Path:
+    """Write `model` to a temp file of `outputs` that becomes `path` on commit (models over 2 GiB:
+    their weights to PATH.data, staged too). Returns the temp model file."""
     import onnx
 
     out = Path(path)
+    tmp = outputs.stage(out)
     if model.ByteSize() < PROTOBUF_LIMIT_BYTES:
-        return write_bytes_atomic(out, model.SerializeToString())
-    # External data is written beside the temp file under its final name, then the model is renamed.
+        tmp.write_bytes(model.SerializeToString())
+        return tmp
+    # The data file is written under a temp name; the graph is pointed at its final name, which it
+    # will have once committed.
     data_name = out.name + ".data"
-    with atomic_path(out) as tmp:
-        data_tmp = out.parent / (data_name + ".tmp")
-        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_tmp.name, size_threshold=1024)
-        # the graph refers to the data file by name: point it at the final name before the renames
-        reloaded = onnx.load_model(str(tmp), load_external_data=False)
-        for tensor in _external_tensors(reloaded):
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = data_name
-        tmp.write_bytes(reloaded.SerializeToString())
-        os.replace(data_tmp, out.parent / data_name)
-    return out
+    data_tmp = outputs.stage(out.parent / data_name)
+    onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_tmp.name, size_threshold=1024)
+    reloaded = onnx.load_model(str(tmp), load_external_data=False)
+    for tensor in _external_tensors(reloaded):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = data_name
+    tmp.write_bytes(reloaded.SerializeToString())
+    return tmp
 
 
 def _external_tensors(model):
@@ -137,7 +383,8 @@ def _external_tensors(model):
 
 
 def load_onnx(path: str | os.PathLike, load_external_data: bool = True):
-    """Load an ONNX model, turning every way that can fail into an InputError naming the file."""
+    """Load an ONNX model, turning every way that can fail into an InputError naming the file:
+    missing, not a model, external data missing, operators that ONNX does not define."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -147,7 +394,7 @@ def load_onnx(path: str | os.PathLike, load_external_data: bool = True):
     if p.is_dir():
         raise InputError(f"model path {p} is a directory, not an .onnx file", "give the .onnx file itself")
     try:
-        model = onnx.load_model(str(p), load_external_data=load_external_data)
+        model = onnx.load_model(str(p), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as e:
         raise InputError(f"{p} is not a valid ONNX model ({type(e).__name__})",
                          "export it again with `dlopt export`") from e
@@ -155,7 +402,45 @@ def load_onnx(path: str | os.PathLike, load_external_data: bool = True):
         raise InputError(f"cannot read {p}: {e.strerror or e}", "check the file and its permissions") from e
     if len(model.graph.node) == 0 and len(model.graph.output) == 0:
         raise InputError(f"{p} is not a valid ONNX model (no graph)", "export it again with `dlopt export`")
+    check_known_ops(model, p)
+    external = external_data_files(model)
+    missing = [location for location in external if not (p.parent / location).is_file()]
+    if missing:
+        raise InputError(f"{p}: its external data file {p.parent / missing[0]} is missing",
+                         "keep the data file(s) beside the model, under the name the model records")
+    if load_external_data and external:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        try:
+            load_external_data_for_model(model, str(p.parent))
+        except (ValueError, RuntimeError, OSError, onnx.checker.ValidationError) as e:
+            raise InputError(f"cannot read the external data of {p} ({type(e).__name__}: {e})",
+                             "keep the data file(s) beside the model, unchanged") from e
     return model
+
+
+def check_known_ops(model, path: str | os.PathLike) -> None:
+    """Refuse operators of the standard ONNX domains that ONNX does not define (a typo, an exporter's
+    private op): every later step would fail on them with a runtime error far from the cause."""
+    import onnx
+
+    local = {(f.domain, f.name) for f in model.functions}
+    unknown = sorted({n.op_type for n in _all_nodes(model.graph)
+                      if n.domain in ("", "ai.onnx", "ai.onnx.ml") and (n.domain, n.op_type) not in local
+                      and not onnx.defs.has(n.op_type, "ai.onnx.ml" if n.domain == "ai.onnx.ml" else "")})
+    if unknown:
+        raise InputError(f"{path} uses operator(s) that ONNX does not define: {', '.join(unknown)}",
+                         "export the model again with standard operators")
+
+
+def _all_nodes(graph):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.g is not None and attr.HasField("g"):
+                yield from _all_nodes(attr.g)
+            for sub in attr.graphs:
+                yield from _all_nodes(sub)
 
 
 def load_torch_dict(path: str | os.PathLike, *, kind: str, format_tag: str, hint: str) -> dict[str, Any]:

@@ -351,6 +351,12 @@ def load_baseline(path: str | os.PathLike) -> StoredBaseline:
                                        samples_s=samples))
         if not batches:
             raise bad("it holds no measurements")
+        for b in batches:
+            if b.batch < 1 or any(d < 1 for shape in b.input_shapes.values() for d in shape):
+                raise bad(f"batch {b.batch}: the batch size and input shapes {b.input_shapes} must be positive")
+        for field_name in ("threads", "seq_len"):
+            if int(measurement[field_name]) < 1:
+                raise bad(f"its measurement {field_name} {measurement[field_name]} is not positive")
         clock = str(measurement["clock"])
         if any(clock not in b.samples_s for b in batches):
             raise bad(f"it has no samples for its own clock {clock!r}")
@@ -763,6 +769,7 @@ def accuracy_checks(baseline: Path, candidate: Path, spec: EvalSpec, config: Gat
         else:
             verdict = "pass" if drop <= limit + 1e-12 else "fail"
         note = row.note or ("vs the baseline model's score" if row.reference is not None else "")
+        note = "; ".join([note, *(f"warning: {w}" for w in result.warnings)]).strip("; ")
         checks.append(Check(name=f"accuracy: {row.metric}", verdict=verdict, baseline=base_value, candidate=row.value,
                             change=f"drop {drop:+.4g}", limit=f"drop <= {limit:g}",
                             detail=f"{spec.describe()}; {note}".rstrip("; "),

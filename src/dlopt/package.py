@@ -32,7 +32,7 @@ import numpy as np
 
 import dlopt
 from dlopt.errors import InputError, VerificationError
-from dlopt.fileio import finite_for_json, json_text, load_onnx, write_json_atomic
+from dlopt.fileio import finite_for_json, guard_outputs, guard_source_spec, json_text, load_onnx
 from dlopt.manifest import (MANIFEST_NAME, SAMPLES_NAME, SCHEMA_NAME, SCHEMA_VERSION, SIGNATURE_NAME, file_entries,
                             sha256_file)
 from dlopt.report import environment, format_markdown_table, format_table
@@ -133,6 +133,9 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
 
         private_key = load_private_key(sign_key)
     source_path = Path(model_path)
+    calibration_path = config.calibration if config.calibration and not config.calibration.startswith("model:") \
+        else None
+    guard_outputs([source_path, calibration_path, guard_source_spec(config.torch_source)], [output])
     out = _check_bundle_path(Path(output), config.overwrite)
     if sign_key is not None and Path(out).resolve() in Path(sign_key).resolve().parents:
         raise InputError(f"the signing key {sign_key} lies inside the bundle folder {out}",
@@ -155,7 +158,7 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
                             if isinstance(r.get("calibration"), dict) and "sha256" in r["calibration"]), None)
     torch_source = _load_torch_source(config) if config.torch_source else None  # fail early on a bad source
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-{os.getpid()}-", dir=out.parent))
     try:
         with tempfile.TemporaryDirectory(prefix="dlopt-package-") as work_dir:
             work = Path(work_dir)
@@ -178,7 +181,7 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
                 log("checking NNAPI and CoreML coverage")
                 sample_shapes = {k: list(v.shape) for k, v in feeds_list[0].items()}
                 report = coverage_report(model, sample_shapes=sample_shapes, model_label=str(source_path))
-                write_json_atomic(staging / "coverage.json", report)
+                (staging / "coverage.json").write_text(json_text(report))  # staging is private: no temp needed
                 coverage = _coverage_summary(report)
             artifacts, pte_checks, pte_programs = [], [], []
             if torch_source is not None:
@@ -225,16 +228,54 @@ def _check_bundle_path(out: Path, overwrite: bool) -> Path:
         raise InputError(f"output directory {parent} does not exist", "create it first")
     if not os.access(parent, os.W_OK):
         raise InputError(f"output directory {parent} is not writable", "choose another -o path")
+    _recover_killed_runs(out)
     if out.exists():
         if not out.is_dir():
             raise InputError(f"bundle path {out} is a file", "give a folder name for the bundle")
-        if any(out.iterdir()) and not overwrite:
-            raise InputError(f"bundle folder {out} exists and is not empty", "pass --overwrite, or choose another -o")
+        if any(out.iterdir()):
+            if not overwrite:
+                raise InputError(f"bundle folder {out} exists and is not empty",
+                                 "pass --overwrite, or choose another -o")
+            if not is_bundle(out):
+                raise InputError(f"--overwrite: {out} is not a dlopt bundle (no manifest.json written by dlopt "
+                                 "package), so it is not replaced", "choose another -o, or empty the folder yourself")
     return out
 
 
+def is_bundle(folder: Path) -> bool:
+    """True when `folder` holds a manifest that `dlopt package` wrote (what --overwrite may replace)."""
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("schema") == SCHEMA_NAME
+
+
+def _recover_killed_runs(out: Path) -> None:
+    """Clean up after runs for `out` that were killed (SIGKILL, a power cut): remove their staging
+    folders, and put back a bundle that one moved aside (`.NAME.old-PID`) but never replaced."""
+    import glob
+
+    from dlopt.fileio import stale_pid
+
+    for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.*")):
+        if not path.is_dir():
+            continue
+        if stale_pid(path.name, f".{out.name}.building-"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif stale_pid(path.name, f".{out.name}.old-"):
+            if out.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.rename(path, out)
+
+
 def _finalize(staging: Path, out: Path) -> None:
-    """Rename the finished bundle into place; an old bundle is moved aside first and removed after."""
+    """Rename the finished bundle into place; an old bundle is moved aside first and removed after.
+    SIGINT/SIGTERM wait until both renames are done; a run killed between them leaves the old bundle
+    at `.NAME.old-PID`, which the next run for NAME puts back (see _recover_killed_runs)."""
+    from dlopt.fileio import record_written, signals_held
+
     umask = os.umask(0)
     os.umask(umask)
     # mkdtemp/mkstemp create private (0700/0600) entries: give the bundle the user's usual permissions
@@ -242,17 +283,19 @@ def _finalize(staging: Path, out: Path) -> None:
     for path in staging.rglob("*"):
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
     old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-    try:
-        os.rename(staging, out)
-    except OSError:
+    with signals_held():
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+        try:
+            os.rename(staging, out)
+        except OSError:
+            if old is not None:
+                os.rename(old, out)
+            raise
+        record_written(out)
         if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _parse_fix_shapes(texts: Iterable[str]) -> list[tuple[str, tuple[int, ...]]]:
@@ -554,6 +597,33 @@ def _executorch_version() -> str:
 # Metrics
 # ---------------------------------------------------------------------------------------------
 
+def _threads(config: PackageConfig) -> int:
+    """Intra-op threads the bundle is measured with and recommends: --threads, else the target's own
+    (phone-like for mobile, 1 otherwise)."""
+    if config.threads:
+        return config.threads
+    if config.target == "mobile":
+        from dlopt.targets.mobile import phone_threads
+
+        return phone_threads()
+    from dlopt.targets import get_target
+
+    return getattr(get_target(config.target), "default_threads", 1)
+
+
+def recommended_session(built: Mapping[str, Any], config: PackageConfig) -> dict[str, Any]:
+    """The session configuration a bundle recommends to its users: the entries its model must be loaded
+    with plus dlopt's own (denormals flushed: see dlopt.runtime), and the threads it was measured with."""
+    from dlopt.runtime import SESSION_CONFIG
+
+    return {"session_config": {**SESSION_CONFIG, **built["session_config"]}, "intra_op_num_threads": _threads(config),
+            "inter_op_num_threads": 1,
+            "first_session_rule": "ONNX Runtime applies session.set_denormal_as_zero to a session's intra-op pool "
+                                  "threads, but to the thread that creates sessions only from the process's FIRST "
+                                  "session: create a session with it before any other, and call run() from that "
+                                  "thread (or set FTZ/DAZ on your own threads)"}
+
+
 def _measure(model_file: Path, built: Mapping[str, Any], config: PackageConfig, feeds: Mapping[str, np.ndarray],
              pte_programs, log: Log) -> dict[str, Any]:
     """Latency of the packaged model on its target (phone-like threads for mobile), and, with .pte
@@ -567,11 +637,7 @@ def _measure(model_file: Path, built: Mapping[str, Any], config: PackageConfig, 
     if not available:
         log(f"no latency for target {config.target}: {reason}")
         return metrics
-    threads = config.threads or getattr(target, "default_threads", 1)
-    if config.target == "mobile":
-        from dlopt.targets.mobile import phone_threads
-
-        threads = config.threads or phone_threads()
+    threads = _threads(config)
     handle = target.create_session(model_file, threads=threads) if not built["session_config"] else None
     if handle is None:  # Runtime-style ORT models need their session config: the CPU EP, as the mobile target
         session = _session(model_file, built["session_config"], threads)
@@ -650,7 +716,8 @@ def _manifest(*, name, config, source_path, source, model, built, fixed, calibra
             "session_config": built["session_config"], "operators_config": built["operators_config"],
             "fixed_shapes": {k: list(v) for k, v in fixed.items()},
         },
-        "runtime": {"onnxruntime": ort.__version__, "ort_format_version": built["ort_format_version"]},
+        "runtime": {"onnxruntime": ort.__version__, "ort_format_version": built["ort_format_version"],
+                    "recommended_session": recommended_session(built, config)},
         "opset": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
         "ir_version": model.ir_version,
         "inputs": _tensor_infos([i for i in model.graph.input if i.name not in inits]),
@@ -747,6 +814,37 @@ def _calibration_record(spec: str | None, model_path: Path) -> dict[str, Any] | 
     return record
 
 
+def _loading_section(m: Mapping[str, Any]) -> list[str]:
+    """How to load the model with the session configuration it was checked and measured with, in Python
+    and C++, and why the process's first session matters (see dlopt.runtime)."""
+    model = m["model"]
+    recommended = m["runtime"].get("recommended_session") or {"session_config": model["session_config"],
+                                                              "intra_op_num_threads": 1, "inter_op_num_threads": 1}
+    entries = recommended["session_config"]
+    threads = recommended["intra_op_num_threads"]
+    python = "".join(f'\nso.add_session_config_entry("{k}", "{v}")' for k, v in entries.items())
+    cpp = "".join(f'\nso.AddConfigEntry("{k}", "{v}");' for k, v in entries.items())
+    lines = ["## Loading", "",
+             f"Recommended session configuration (threads {threads}, one inter-op thread): "
+             + ", ".join(f"`{k}={v}`" for k, v in entries.items()) + ".", "",
+             "```python", "import onnxruntime as ort", "so = ort.SessionOptions()",
+             f"so.intra_op_num_threads = {threads}" + python,
+             f'session = ort.InferenceSession("{model["file"]}", so)', "```", "",
+             "```cpp", '#include <onnxruntime_cxx_api.h>', "Ort::Env env;", "Ort::SessionOptions so;",
+             f"so.SetIntraOpNumThreads({threads});" + cpp,
+             f'Ort::Session session(env, ORT_TSTR("{model["file"]}"), so);', "```", ""]
+    if "session.set_denormal_as_zero" in entries:
+        lines += ["`session.set_denormal_as_zero` flushes denormal floats to zero (padded inputs make Softmax produce "
+                  "them, and each costs a slow microcode assist on x86). ONNX Runtime applies it to the session's "
+                  "intra-op pool threads, but to the thread that creates sessions only once per process, from the "
+                  "**first** session created: make this session (or a tiny one with the same entry) the process's "
+                  "first, and call `run()` from that thread. With one intra-op thread the calling thread does all "
+                  "the work. On threads of your own, set the MXCSR bits yourself (C++: "
+                  "`_MM_SET_FLUSH_ZERO_MODE(_MM_FLUSH_ZERO_ON); _MM_SET_DENORMALS_ZERO_MODE(_MM_DENORMALS_ZERO_ON);`).",
+                  ""]
+    return lines
+
+
 def model_card(manifest: Mapping[str, Any], coverage_report_path: Path | None = None) -> str:
     """README.md of a bundle: what it is, how to load it, how it was checked, how fast it ran where."""
     m = manifest
@@ -776,10 +874,7 @@ def model_card(manifest: Mapping[str, Any], coverage_report_path: Path | None = 
                                     + [["output", t["name"], t["dtype"], t["shape"]] for t in m["outputs"]]), ""]
     opsets = ", ".join(f"{k} {v}" for k, v in m["opset"].items())
     lines += [f"Opsets: {opsets}.", ""]
-    if model["format"] == "ort":
-        config = "".join(f'\nso.add_session_config_entry("{k}", "{v}")' for k, v in model["session_config"].items())
-        lines += ["## Loading", "", "```python", "import onnxruntime as ort", "so = ort.SessionOptions()" + config,
-                  f'session = ort.InferenceSession("{model["file"]}", so)', "```", ""]
+    lines += _loading_section(m)
     lines += ["## Verification", "",
               f"Checked against the source ONNX model on {m['verification']['samples']} sample(s) before the bundle "
               "was written:", "",

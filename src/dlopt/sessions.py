@@ -22,9 +22,13 @@ _PROTOBUF_LIMIT = 2**31 - 1
 
 
 def session_options(*, threads: int = 1, graph_opt_level: str = "all",
-                    config_entries: Mapping[str, str] | None = None):
+                    config_entries: Mapping[str, str] | None = None, denormal_as_zero: bool = True):
     """SessionOptions with dlopt's defaults: `threads` intra-op threads, one inter-op thread,
-    sequential execution, errors-only logging (dlopt reports what matters itself)."""
+    sequential execution, errors-only logging (dlopt reports what matters itself), and
+    dlopt.runtime.SESSION_CONFIG (denormals flushed to zero; `denormal_as_zero=False` leaves that
+    out: only for measuring what it does, in a process of its own) before `config_entries`."""
+    from dlopt.runtime import DENORMAL_KEY, SESSION_CONFIG
+
     import onnxruntime as ort
 
     if threads < 1:
@@ -44,7 +48,8 @@ def session_options(*, threads: int = 1, graph_opt_level: str = "all",
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = levels[graph_opt_level]
     options.log_severity_level = 3
-    for key, value in (config_entries or {}).items():
+    entries = {k: v for k, v in SESSION_CONFIG.items() if k != DENORMAL_KEY or denormal_as_zero}
+    for key, value in {**entries, **(config_entries or {})}.items():
         options.add_session_config_entry(key, value)
     return options
 

@@ -6,8 +6,10 @@ verb is adding a file. They must import quickly: torch and onnxruntime are impor
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
+import signal
 import sys
 import traceback
 
@@ -36,19 +38,88 @@ class _VerbGroup(click.Group):
         return self._verbs().get(name)
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except DlOptError as e:
-            debug = ctx.obj and ctx.obj.get("debug")
-            if debug:
-                traceback.print_exc()
-            click.echo(f"error: {e.message}", err=True)
-            if e.hint:
-                click.echo(f"hint: {e.hint}", err=True)
-            ctx.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written", err=True)
-            ctx.exit(130)
+        from dlopt.fileio import reset_written
+
+        reset_written()
+        with _sigterm_as_interrupt() as received:
+            try:
+                return super().invoke(ctx)
+            except DlOptError as e:
+                if _debug(ctx):
+                    traceback.print_exc()
+                click.echo(f"error: {e.message}", err=True)
+                if e.hint:
+                    click.echo(f"hint: {e.hint}", err=True)
+                ctx.exit(e.exit_code)
+            except KeyboardInterrupt:
+                click.echo(f"interrupted{' (SIGTERM)' if received else ''}: {_written_text()}", err=True)
+                ctx.exit(128 + (signal.SIGTERM if received else signal.SIGINT))
+            except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+                raise
+            except Exception as e:  # a bug: one line and a saved traceback, not a wall of text
+                if _debug(ctx):
+                    traceback.print_exc()
+                verb = ctx.invoked_subcommand or "dlopt"
+                text = (str(e).strip().splitlines() or [""])[0][:300]
+                click.echo(f"internal error in {verb}: {type(e).__name__}: {text}", err=True)
+                log = _save_debug_log(verb)
+                click.echo(f"hint: this is a bug in dlopt; the full traceback is in {log}"
+                           + ("" if _debug(ctx) else " (or run again with --debug)"), err=True)
+                ctx.exit(1)
+
+
+def _debug(ctx) -> bool:
+    return bool(ctx.obj and ctx.obj.get("debug"))
+
+
+def _written_text() -> str:
+    from dlopt.fileio import written_paths
+
+    written = written_paths()
+    if not written:
+        return "nothing was written"
+    return ("wrote only " + ", ".join(str(p) for p in written)
+            + " (each complete; the other outputs were not written)")
+
+
+def _save_debug_log(verb: str) -> str:
+    """Write the current exception's traceback to $TMPDIR/dlopt-debug-<time>-<pid>.log; its path."""
+    import os
+    import platform
+    import tempfile
+    import time
+
+    path = os.path.join(tempfile.gettempdir(), f"dlopt-debug-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+    try:
+        with open(path, "w") as f:
+            f.write(f"dlopt {dlopt.__version__}, Python {platform.python_version()}, {platform.platform()}\n")
+            f.write(f"command: {' '.join(sys.argv)}\nverb: {verb}\n\n")
+            f.write(traceback.format_exc())
+    except OSError as e:
+        return f"(not saved: {e.strerror or e})"
+    return path
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (kill, a CI timeout, docker stop) interrupts like SIGINT: temp files are removed and
+    nothing half-written is left. Yields a list that holds the signal once one arrived."""
+    import threading
+
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_VerbGroup, context_settings={"help_option_names": ["-h", "--help"]})

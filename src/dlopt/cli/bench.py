@@ -61,7 +61,9 @@ def _startup_s() -> float:
 @click.option("--ratio-method", type=click.Choice(["round-median", "round-geomean", "median-ratio"]),
               default="round-median", show_default=True, help="How the ratio to the first model is estimated.")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
-              help="An .npz file with one array per model input, used instead of generated inputs.")
+              help="Real inputs instead of generated ones: an .npz file with one array per model input, or "
+                   "model:NAME for a reference model's real data (padded sentences, photos). Timed one batch "
+                   "of --batch samples per call, batch after batch.")
 @click.option("--graph-opt", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
               show_default=True, help="ONNX Runtime graph optimization level.")
 @click.option("--cuda-graph", is_flag=True, help="cuda target: capture the model in a CUDA graph and replay it.")
@@ -90,7 +92,8 @@ def command(models, target, threads, batch, seq_len, budget, rounds, clock, rati
     Warm-up runs until latencies settle (not a fixed count). Per model: median, p90, p99, mean, std,
     min, throughput (items/s) per batch size, size on disk, load time, first-run time, memory added.
     Inputs are generated from each model's input metadata (seeded; free sizes that the model runs
-    on, or --input-shape), or read with --data.
+    on, or --input-shape), or real ones are read with --data (an .npz, or model:NAME), timed one batch
+    at a time at each --batch size.
 
     Clocks: thread CPU time (cpu) counts only the time the calling thread ran, so time spent
     descheduled while other jobs run does not inflate it. With --threads 1 on the CPU the whole model
@@ -111,21 +114,18 @@ def command(models, target, threads, batch, seq_len, budget, rounds, clock, rati
     # and the process's exit (freeing the sessions, the interpreter's teardown: 0.2-0.4 s on a busy box)
     started = time.perf_counter() - _startup_s() - EXIT_RESERVE_S
     from dlopt.bench import BenchConfig, benchmark, format_result, load_data, parse_batch_sizes, parse_duration
-    from dlopt.errors import InputError
-    from dlopt.fileio import check_output_path, write_json_atomic
+    from dlopt.fileio import check_output_path, guard_outputs, write_json_atomic
 
-    if json_path:
-        check_output_path(json_path)  # before minutes of measuring, not after
-    if baseline_path:
-        check_output_path(baseline_path)
-    if data and batch:
-        raise InputError("--data and --batch both given", "the data's arrays set the batch: drop --batch")
+    for path in (json_path, baseline_path):
+        if path:
+            check_output_path(path)  # before minutes of measuring, not after
+    guard_outputs([*models, data], [json_path, baseline_path])
     config = BenchConfig(target=target, threads=threads, batch_sizes=parse_batch_sizes(batch or "1"),
                          seq_len=seq_len, budget_s=parse_duration(budget), rounds=rounds, clock=clock,
                          ratio_method=ratio_method, graph_opt_level=graph_opt, cuda_graph=cuda_graph,
                          device_id=device_id, allow_fallback=allow_fallback, seed=seed, profile=profile,
                          input_shapes=input_shapes)
-    arrays = load_data(data) if data else None
+    arrays = load_data(data, samples=max(config.batch_sizes) * 8, seq_len=seq_len) if data else None
     with progress_bar(enabled=not no_progress) as progress:
         result = benchmark(models, config, data=arrays, data_source=str(data) if data else "--data",
                            progress=progress, started=started)

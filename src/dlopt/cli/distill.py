@@ -11,6 +11,9 @@ from dlopt.cli._common import echo_err
 @click.option("--teacher", required=True, help="The teacher: a reference model or a factory path/to/file.py:build.")
 @click.option("--student", required=True, type=click.Path(dir_okay=False),
               help="The student: a checkpoint written by `dlopt prune` (or by an earlier `dlopt distill`).")
+@click.option("--student-source", default=None, metavar="SOURCE",
+              help="Rebuild the student from this source (path/file.py:build, package.module:build or a reference "
+                   "model) instead of the one its checkpoint records; needed when that file moved or changed.")
 @click.option("--data", required=True,
               help="Training data: an .npz file with one array per forward() input (samples first) and optionally "
                    "'labels'; or 'reference' for the teacher reference model's own training data (fashion-cnn: "
@@ -41,8 +44,8 @@ from dlopt.cli._common import echo_err
               help="Budget of the latency measurement against the teacher (one thread, interleaved).")
 @click.option("--no-bench", is_flag=True, help="Skip the latency measurement.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def command(teacher, student, data, output, epochs, temperature, alpha, loss, lr, batch_size, max_samples,
-            val_fraction, patience, hidden, hidden_weight, seed, device, resume, bench_seconds, no_bench,
+def command(teacher, student, student_source, data, output, epochs, temperature, alpha, loss, lr, batch_size,
+            max_samples, val_fraction, patience, hidden, hidden_weight, seed, device, resume, bench_seconds, no_bench,
             no_progress):
     """Distill TEACHER into the pruned STUDENT on DATA; writes the student as a checkpoint and ONNX.
 
@@ -50,6 +53,9 @@ def command(teacher, student, data, output, epochs, temperature, alpha, loss, lr
     cross-entropy when the data has labels; unlabeled data trains on the teacher alone. Embedding
     models use cosine or MSE against the teacher's embedding. Training is seeded and saved after
     every epoch: --resume continues an interrupted run and ends where an uninterrupted one would.
+
+    The student's source is the one its checkpoint records, imported only if that file still has
+    the sha256 recorded with it; otherwise name it with --student-source.
     """
     from pathlib import Path
 
@@ -67,7 +73,7 @@ def command(teacher, student, data, output, epochs, temperature, alpha, loss, lr
         lr=lr, batch_size=batch_size, max_samples=max_samples, val_fraction=val_fraction,
         patience=patience or None, hidden_layers=tuple(pairs), hidden_weight=hidden_weight if pairs else 0.0,
         seed=seed, device=device, resume=resume, bench_seconds=None if no_bench else bench_seconds,
-        show_progress=not no_progress, log=echo_err)
+        show_progress=not no_progress, student_source=student_source, log=echo_err)
     click.echo(written.table)
     for line in written.notes:
         click.echo(line)

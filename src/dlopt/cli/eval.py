@@ -41,10 +41,11 @@ def command(model, data, metrics, reference, reference_model, output, target, th
     """
     from dlopt.errors import InputError
     from dlopt.evaluate import EvalConfig, evaluate_data, evaluate_reference_model, format_eval, validate_metrics
-    from dlopt.fileio import check_output_path, write_json_atomic
+    from dlopt.fileio import check_output_path, guard_outputs, write_json_atomic
 
     if json_path:
         check_output_path(json_path)
+        guard_outputs([model, data, reference], [json_path])
     if (data is None) == (reference_model is None):
         raise InputError("give either --data FILE.npz or --model NAME",
                          "--data evaluates on your arrays; --model uses a reference model's evaluator")
@@ -61,6 +62,8 @@ def command(model, data, metrics, reference, reference_model, output, target, th
         echo_err(f"evaluating {model} with the {reference_model} evaluator")
         result = evaluate_reference_model(model, reference_model, config, reference=reference)
     click.echo(format_eval(result))
+    for warning in result.warnings:
+        echo_err(f"warning: {warning}")
     if json_path:
         write_json_atomic(json_path, result.to_dict())
         echo_err(f"wrote {json_path}")

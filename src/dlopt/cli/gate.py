@@ -78,7 +78,8 @@ def parse_accuracy_drops(values: tuple[str, ...]) -> tuple[float | None, tuple[t
               help="Length of dynamic non-batch, non-image axes of generated inputs. [default: 128, or the stored "
                    "baseline's]")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
-              help="Time the models on the arrays of this .npz instead of generated inputs.")
+              help="Time the models on real inputs instead of generated ones: the arrays of this .npz, or "
+                   "model:NAME for a reference model's real data; one batch of --batch samples per call, in turn.")
 @click.option("--clock", type=click.Choice(["auto", "cpu", "wall"]), default="auto", show_default=True,
               help="auto: thread CPU time for one thread on the CPU target (steady on shared machines), else wall.")
 @click.option("--budget", default="60s", show_default=True,
@@ -134,12 +135,14 @@ def command(ctx, baseline, candidate, max_slowdown, accuracy_drops, max_size_gro
     from dlopt.bench import load_data, parse_duration
     from dlopt.cli.bench import progress_bar
     from dlopt.errors import InputError
-    from dlopt.fileio import check_output_path
+    from dlopt.fileio import check_output_path, guard_outputs
     from dlopt.gate import EvalSpec, GateConfig, format_text, run_gate, write_outputs
 
     for path in (summary_path, junit_path, json_path):
         if path:
             check_output_path(path)  # before a minute of measuring, not after
+    github_summary = os.environ.get("GITHUB_STEP_SUMMARY") or None
+    guard_outputs([baseline, candidate, data, eval_data], [summary_path, junit_path, json_path, github_summary])
     names = tuple(m.strip() for part in metrics for m in part.split(",") if m.strip())
     if names and eval_data is None:
         raise InputError("--metric applies to --eval-data", "pass --eval-data DATA.npz, or drop --metric")
@@ -158,11 +161,10 @@ def command(ctx, baseline, candidate, max_slowdown, accuracy_drops, max_size_gro
                         on_inconclusive=on_inconclusive, target=target, threads=threads, clock=clock, batch=batch,
                         seq_len=seq_len, input_shapes=input_shapes, seed=seed, graph_opt_level=graph_opt,
                         allow_cross_machine=allow_cross_machine, allow_fallback=allow_fallback)
-    arrays = load_data(data) if data else None
+    arrays = load_data(data, samples=8 * (batch or 1), seq_len=seq_len or 128) if data else None
     with progress_bar(enabled=not no_progress) as progress:
         result = run_gate(baseline, candidate, config, data=arrays, evaluator=evaluator, progress=progress)
     click.echo(format_text(result))
-    github_summary = os.environ.get("GITHUB_STEP_SUMMARY") or None
     for path in write_outputs(result, summary=summary_path, junit=junit_path, json_path=json_path,
                               github_summary=github_summary):
         echo_err(f"wrote {path}")

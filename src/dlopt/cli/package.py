@@ -66,7 +66,9 @@ def command(model, output, target, intended_ep, fix_shapes, type_reduction, no_c
     feeds = None
     if data is not None:
         from dlopt.bench import load_data
+        from dlopt.fileio import guard_outputs
 
+        guard_outputs([data], [output])  # the library guards MODEL, --calibration and --torch-source
         feeds = load_data(data)
     config = PackageConfig(target=target, intended_ep=intended_ep, fix_shapes=tuple(fix_shapes),
                            type_reduction=type_reduction, coverage=not no_coverage, samples=samples, seq_len=seq_len,
