@@ -213,8 +213,9 @@ def test_package_with_a_bad_signing_key_writes_nothing(tmp_path, keys, key, mess
 
 def test_package_refuses_a_signing_key_inside_the_bundle_it_replaces(tmp_path, keys):
     onnx.save_model(mlp_model(), str(tmp_path / "mlp.onnx"))
-    bundle = tmp_path / "b"
-    bundle.mkdir()
+    bundle = tmp_path / "b"  # a real bundle, so that --overwrite would replace it
+    first = CliRunner().invoke(main, ["package", str(tmp_path / "mlp.onnx"), "-o", str(bundle), "--measure", "0"])
+    assert first.exit_code == 0, first.output
     shutil.copyfile(keys["key"], bundle / "signer.key")
     cli = CliRunner().invoke(main, ["package", str(tmp_path / "mlp.onnx"), "-o", str(bundle), "--measure", "0",
                                     "--overwrite", "--sign-key", str(bundle / "signer.key")])
