@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from test_safety import mlp_model
 
 # Runs the CLI after patching one point to send the process a signal (the hook lives here, not in dlopt).
 DRIVER = r'''
@@ -63,21 +63,6 @@ main(args, prog_name="dlopt")
 '''
 
 EXIT = {"SIGINT": 130, "SIGTERM": 143, "SIGKILL": -signal.SIGKILL}
-
-
-def mlp_model() -> onnx.ModelProto:
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((16, 64)).astype(np.float32), "w1"),
-             numpy_helper.from_array(rng.standard_normal((64, 4)).astype(np.float32), "w2")]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("MatMul", ["r", "w2"], ["y"])]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
 
 
 def dlopt(folder: Path, *args: str, signal_name: str | None = None, point: str | None = None):
