@@ -209,6 +209,17 @@ def _name_inputs(module, inputs: Any, spec: str) -> dict[str, Any]:
     torch = _require_torch()
     if isinstance(inputs, Mapping):
         named = dict(inputs)
+        try:  # the names must be forward()'s: an nn.Sequential's forward takes one positional `input`
+            signature = inspect.signature(module.forward)
+            signature.bind(**named)
+        except TypeError as e:
+            raise InputError(
+                f"factory {spec}: {type(module).__name__}.forward{signature} cannot take the example inputs "
+                f"{sorted(named)} as keyword arguments ({e})",
+                "name each example input after a forward() parameter, or return them as a tuple in forward()'s "
+                "order (for an nn.Sequential: (tensor,))") from e
+        except ValueError:
+            pass  # no introspectable signature (a builtin or C++ module): the first call tells
     else:
         tensors = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
         params = [p.name for p in inspect.signature(module.forward).parameters.values()
@@ -364,8 +375,13 @@ def rename_graph_outputs(model, names: list[str]):
 
 def _count_outputs(source: ModelSource) -> int:
     torch = _require_torch()
-    with torch.no_grad():
-        out = source.module(**source.example_inputs)
+    try:
+        with torch.no_grad():
+            out = source.module(**source.example_inputs)
+    except Exception as e:  # the user's module on the user's example inputs: their model or inputs are wrong
+        raise InputError(f"{source.name}: {type(source.module).__name__}.forward failed on the factory's example "
+                         f"inputs ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                         "check that the example inputs' names, shapes and dtypes are what forward() expects") from e
     return len(out) if isinstance(out, (tuple, list)) else 1
 
 

@@ -157,6 +157,12 @@ FACTORY = textwrap.dedent('''
     def wrong_type():
         return "not a model", {}
 
+    def sequential_with_a_dict():
+        return torch.nn.Sequential(torch.nn.Linear(6, 3)), {"x": torch.randn(2, 6)}
+
+    def wrong_width():
+        return Net().eval(), (torch.randn(1, 7),)
+
     not_callable = 3
 ''')
 
@@ -187,6 +193,9 @@ def test_factory_options_name_outputs_and_set_tolerance(factory_file):
     (["{factory}:raises"], "raised RuntimeError: weights missing"),
     (["{factory}:wrong_type"], "returned str where a torch.nn.Module was expected"),
     (["{factory}:not_callable"], "is not callable"),
+    (["{factory}:sequential_with_a_dict"],
+     r"Sequential.forward\(input\) cannot take the example inputs \['x'\] as keyword arguments"),
+    (["{factory}:wrong_width"], r"Net.forward failed on the factory's example inputs \(RuntimeError: mat1"),
     (["no_such_pkg_xyz.mod:build"], "factory module 'no_such_pkg_xyz.mod' cannot be imported"),
     (["resnet9000"], "unknown model 'resnet9000'"),
     (["{factory}:build", "--opset", "3"], "opset 3 is out of range"),
