@@ -269,6 +269,6 @@ def test_a_factory_naming_an_unknown_exporter_is_a_usage_error(tmp_path):
     factory = tmp_path / "f.py"
     factory.write_text("import torch\n"
                        "def build():\n"
-                       "    return torch.nn.Linear(3, 2), {'x': torch.randn(1, 3)}, {'exporter': 'tflite'}\n")
+                       "    return torch.nn.Linear(3, 2), {'input': torch.randn(1, 3)}, {'exporter': 'tflite'}\n")
     with pytest.raises(InputError, match="exporter 'tflite'"):
         load_source(f"{factory}:build")
