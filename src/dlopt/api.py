@@ -52,13 +52,13 @@ def export_model(source, output: str | os.PathLike, config=None,
     return WrittenModel(out, report_path, report)
 
 
-def quantize_model(model_path: str | os.PathLike, output: str | os.PathLike, config=None, calibration=None,
-                   log: Callable[[str], None] = lambda message: None):
+def quantize_model(model_path: str | os.PathLike, output: str | os.PathLike, config=None, calibration=None, *,
+                   eval_data=None, log: Callable[[str], None] = lambda message: None):
     """Quantize MODEL.onnx to `output` (INT8/INT4/FP16 per config, a QuantizeConfig); writes the model
     and `NAME.quantize.json` atomically. See dlopt.optimize.quantize.quantize_file."""
     from dlopt.optimize.quantize import QuantizeConfig, quantize_file
 
-    return quantize_file(model_path, output, config or QuantizeConfig(), calibration, log=log)
+    return quantize_file(model_path, output, config or QuantizeConfig(), calibration, eval_data=eval_data, log=log)
 
 
 __all__ = ["WrittenModel", "export_model", "quantize_model", "report_path_for"]

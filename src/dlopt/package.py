@@ -120,11 +120,12 @@ def validate_config(config: PackageConfig) -> None:
 
 def package(model_path: str | os.PathLike, output: str | os.PathLike, config: PackageConfig = PackageConfig(), *,
             data: Mapping[str, np.ndarray] | None = None, sign_key: str | os.PathLike | None = None,
-            log: Log = lambda message: None) -> PackageResult:
+            lineage: Sequence[Mapping[str, Any]] | None = None, log: Log = lambda message: None) -> PackageResult:
     """Build a verified bundle for `config.target` from the ONNX model at `model_path` in `output`.
 
     `data` ({input name: array}, first axis = batch) replaces generated sample inputs. `sign_key`
-    (an Ed25519 private key PEM, `dlopt keygen`) signs the manifest. Raises InputError for bad input,
+    (an Ed25519 private key PEM, `dlopt keygen`) signs the manifest. `lineage` (from `dlopt run`: each
+    stage that made the model, with its config, input and output sha256 and cache key) is recorded in it. Raises InputError for bad input,
     VerificationError (nothing written) when the packaged model does not match the source."""
     validate_config(config)
     private_key = None
@@ -201,6 +202,8 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
                              built=built, fixed=fixed, calibration=calibration, stage_configs=stage_configs,
                              checks=checks, samples=len(feeds_list), coverage=coverage, metrics=metrics,
                              artifacts=artifacts, staging=staging)
+        if lineage is not None:  # before signing: the signature covers it
+            manifest["lineage"] = [dict(step) for step in lineage]
         if private_key is not None:
             from dlopt.signing import signer_record
 

@@ -1,0 +1,41 @@
+"""dlopt run: a recipe's stages, each output cached by content."""
+
+from __future__ import annotations
+
+import click
+
+from dlopt.cli._common import echo_err
+
+
+def cache_dir_option(command):
+    return click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+                        help="Stage cache folder [default: $DLOPT_CACHE_DIR, else ~/.cache/dlopt/stages].")(command)
+
+
+@click.command("run", short_help="Run a recipe (source, data, target, stages) with a content-addressed stage cache.")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Where to write the result: an .onnx model, or a bundle folder when the last stage is package.")
+@click.option("--force", default=None, metavar="STAGE",
+              help="Redo this stage (its kind or 1-based index) and every stage after it, cached or not.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder at -o.")
+@cache_dir_option
+def command(recipe, output, force, overwrite, cache_dir):
+    """Run RECIPE (TOML): a source model, its data, a target and an ordered list of [[stage]] tables
+    (export, quantize, package) with their config keys. See recipes/ and the README.
+
+    Each stage's output is cached under a key made of the sha256 of its input artifact, its config,
+    its data and the host facts that change it (ISA class, onnxruntime and dlopt versions); a re-run
+    takes cached stages from there. A final package stage records every stage in the manifest's lineage.
+    """
+    from dlopt.recipe import load_recipe, run_recipe
+    from dlopt.report import format_table
+    from dlopt.stagecache import StageCache, default_cache_dir
+
+    parsed = load_recipe(recipe)
+    cache = StageCache(cache_dir or default_cache_dir())
+    result = run_recipe(parsed, output, cache=cache, force=force, overwrite=overwrite, log=echo_err)
+    rows = [[r.stage.index, r.stage.kind, "cached" if r.cached else "ran", f"{r.seconds:.2f}", r.key[:12],
+             r.output_sha256[:12]] for r in result.stages]
+    click.echo(format_table(["#", "stage", "status", "seconds", "cache key", "output sha256"], rows))
+    click.echo(f"wrote {result.output} (cache {cache.root})")

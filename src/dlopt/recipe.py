@@ -1,0 +1,467 @@
+"""`dlopt run recipe.toml`: a source model, its data, a target and an ordered list of stages, each
+stage's output cached by content (dlopt.stagecache).
+
+    source = "minilm"                 # a reference model, file.py:build, package.module:build, or an .onnx
+    target = "cpu"                    # the default `target` of every stage that has one
+    calibration = "model:minilm"      # optional: .npz, a folder, model:NAME (as `dlopt quantize` takes it)
+    eval_data = "heldout.npz"         # optional: where quantize measures fidelity
+    name = "minilm-int8"              # optional: the bundle's model name
+
+    [[stage]]
+    kind = "export"                   # then ExportConfig's keys
+    [[stage]]
+    kind = "quantize"                 # QuantizeConfig's keys; `image` is a table of ImagePreprocess keys
+    mode = "dynamic"
+    [[stage]]
+    kind = "package"                  # PackageConfig's keys; must be the last stage
+
+Relative paths are relative to the recipe's folder. A stage's cache key is the sha256 of the input
+artifact (or the torch source's file), the stage's config dict, the data's hash and the host facts that
+change the result (see `host_facts`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dlopt
+from dlopt.errors import InputError
+from dlopt.manifest import hash_path, sha256_file
+from dlopt.stage import config_to_dict
+from dlopt.stagecache import Entry, StageCache, cache_key
+
+STAGE_KINDS = ("export", "quantize", "package")
+TOP_KEYS = ("source", "target", "calibration", "eval_data", "name", "stage")
+# prune and distill are not recipe stages yet: they train a torch model (not an ONNX artifact) from a
+# task's data and write checkpoints, so their cache input and output are not one artifact file.
+Log = Callable[[str], None]
+
+
+def _config_classes() -> dict[str, type]:
+    from dlopt.optimize.export import ExportConfig
+    from dlopt.optimize.quantize import QuantizeConfig
+    from dlopt.package import PackageConfig
+
+    return {"export": ExportConfig, "quantize": QuantizeConfig, "package": PackageConfig}
+
+
+def _nested_classes() -> dict[str, type]:
+    """Config fields that hold a config dataclass; in TOML, a table of its keys."""
+    from dlopt.images import ImagePreprocess
+    from dlopt.optimize.fp16 import Fp16Config
+    from dlopt.optimize.int4 import Int4Config
+
+    return {"image": ImagePreprocess, "int4": Int4Config, "fp16": Fp16Config}
+
+
+def known_config_types() -> dict[str, type]:
+    """Every config type a recipe may hold, by name (for dlopt.stage.config_from_dict)."""
+    classes = list(_config_classes().values()) + list(_nested_classes().values())
+    return {cls.__name__: cls for cls in classes}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    index: int  # 1-based
+    kind: str
+    config: Any
+    line: int | None  # of its [[stage]] header in the recipe
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    source: str  # an absolute .onnx path, or a torch source spec
+    target: str | None
+    calibration: str | None
+    eval_data: str | None
+    name: str | None
+    stages: tuple[StageSpec, ...]
+
+    @property
+    def onnx_source(self) -> bool:
+        return self.source.endswith(".onnx")
+
+
+def _stage_lines(text: str) -> list[int]:
+    """Line numbers of the `[[stage]]` headers, in order (tomllib reports no positions)."""
+    return [n for n, line in enumerate(text.splitlines(), 1) if re.match(r"\s*\[\[\s*stage\s*\]\]", line)]
+
+
+def _key_line(text: str, start: int | None, key: str) -> int | None:
+    """The line of `key = ...` in the table that starts at line `start` (the top level when None)."""
+    lines = text.splitlines()
+    for n in range(start or 1, len(lines) + 1):
+        line = lines[n - 1]
+        if n > (start or 0) and re.match(r"\s*\[", line):
+            break
+        if re.match(rf"\s*{re.escape(key)}\s*=", line) or re.match(rf"\s*\[\s*{re.escape(key)}\s*\]", line):
+            return n
+    return start
+
+
+def _where(path: Path, line: int | None) -> str:
+    return f"{path}:{line}" if line else str(path)
+
+
+def _resolve(base: Path, spec: str | None) -> str | None:
+    """A relative path in the recipe is relative to the recipe's folder; model:NAME and module specs stay."""
+    if spec is None or spec.startswith("model:"):
+        return spec
+    path_part, sep, func = spec.rpartition(":") if ".py:" in spec else (spec, "", "")
+    candidate = Path(path_part).expanduser()
+    if candidate.is_absolute():
+        return str(candidate) + sep + func
+    if (base / candidate).exists() or "/" in path_part or path_part.endswith((".onnx", ".py", ".npz")):
+        return str((base / candidate).resolve()) + sep + func
+    return spec  # a reference model name or package.module:build
+
+
+def build_config(kind: str, keys: Mapping[str, Any], *, where: str, target: str | None = None) -> Any:
+    """The stage's frozen config from its TOML keys; unknown keys are input errors naming `where`."""
+    cls = _config_classes()[kind]
+    return _build(cls, dict(keys), where=where, defaults={"target": target} if target else {})
+
+
+def _build(cls: type, keys: dict[str, Any], *, where: str, defaults: Mapping[str, Any] | None = None) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(keys) - set(fields))
+    if unknown:
+        raise InputError(f"{where}: unknown {cls.__name__} key(s) {', '.join(unknown)}",
+                         f"known keys: {', '.join(sorted(fields))}")
+    values = {k: v for k, v in (defaults or {}).items() if k in fields}
+    nested = _nested_classes()
+    for key, value in keys.items():
+        if key in nested and isinstance(value, dict):
+            value = _build(nested[key], value, where=f"{where} [{key}]")
+        elif isinstance(value, list):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        values[key] = value
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise InputError(f"{where}: {cls.__name__}: {e}", "check the stage's keys") from e
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and check a recipe: every stage's config is built (and validated) before any work."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise InputError(f"cannot read the recipe {path}: {e.strerror or e}", "check the path") from e
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{path}: not valid TOML: {e}", "fix the recipe's syntax") from e
+    unknown = sorted(set(data) - set(TOP_KEYS))
+    if unknown:
+        raise InputError(f"{_where(path, _key_line(text, None, unknown[0]))}: unknown recipe key(s) "
+                         f"{', '.join(unknown)}", f"known: {', '.join(TOP_KEYS)}")
+    if not isinstance(data.get("source"), str):
+        raise InputError(f"{path}: no source", 'add source = "model.onnx" (or a torch source such as "minilm")')
+    base = path.resolve().parent
+    raw_stages = data.get("stage", [])
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise InputError(f"{path}: no stages", 'add [[stage]] tables, e.g. [[stage]] kind = "quantize"')
+    lines = _stage_lines(text)
+    stages = []
+    for i, raw in enumerate(raw_stages, 1):
+        line = lines[i - 1] if i <= len(lines) else None
+        where = f"{_where(path, line)} (stage {i})"
+        keys = dict(raw)
+        kind = keys.pop("kind", None)
+        if kind not in STAGE_KINDS:
+            where = f"{_where(path, _key_line(text, line, 'kind') if kind is not None else line)} (stage {i})"
+            raise InputError(f"{where}: unknown stage kind {kind!r}", f"choose one of {', '.join(STAGE_KINDS)}")
+        for key in ("calibration", "torch_source"):
+            if isinstance(keys.get(key), str):
+                keys[key] = _resolve(base, keys[key])
+        config = build_config(kind, keys, where=where, target=data.get("target"))
+        stages.append(StageSpec(i, kind, config, line))
+    recipe = Recipe(path=path, source=_resolve(base, data["source"]), target=data.get("target"),
+                    calibration=_resolve(base, data.get("calibration")), eval_data=_resolve(base, data.get("eval_data")),
+                    name=data.get("name"), stages=tuple(stages))
+    _check_order(recipe)
+    return recipe
+
+
+def _check_order(recipe: Recipe) -> None:
+    from dlopt.optimize.quantize import validate_config as validate_quantize
+    from dlopt.package import validate_config as validate_package
+
+    for stage in recipe.stages:
+        where = f"{_where(recipe.path, stage.line)} (stage {stage.index}, {stage.kind})"
+        first = stage.index == 1
+        if stage.kind == "export" and not (first and not recipe.onnx_source):
+            raise InputError(f"{where}: export takes the torch source and must be the first stage",
+                             "drop it for an .onnx source, or move it first")
+        if stage.kind != "export" and first and not recipe.onnx_source:
+            raise InputError(f"{where}: the source {recipe.source} is a torch model; the first stage must export it",
+                             'add [[stage]] kind = "export" first')
+        if stage.kind == "package" and stage.index != len(recipe.stages):
+            raise InputError(f"{where}: package makes a bundle, not a model: it must be the last stage",
+                             "move it last")
+        try:
+            if stage.kind == "quantize":
+                validate_quantize(stage.config)
+            elif stage.kind == "package":
+                validate_package(stage.config)
+        except InputError as e:
+            raise InputError(f"{where}: {e.message}", e.hint) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache keys
+# ---------------------------------------------------------------------------------------------
+
+def host_facts(kind: str, config: Any) -> dict[str, Any]:
+    """The facts of this host that change a stage's output. CPU quantization times kernel choices
+    (LayerNorm forms, node forms) on this CPU, so its ISA class is in the key."""
+    import onnxruntime as ort
+
+    facts: dict[str, Any] = {"dlopt": dlopt.__version__, "onnxruntime": ort.__version__}
+    if kind == "export":
+        import torch
+
+        facts["torch"] = torch.__version__
+    if kind == "quantize" and getattr(config, "target", None) == "cpu":
+        from dlopt.optimize.quantize import cpu_features
+        from dlopt.runtime import isa_line
+
+        facts["isa"] = isa_line(cpu_features())
+    return facts
+
+
+def artifact_hash(model_path: Path) -> str:
+    """sha256 of an ONNX file and its external data files (in order), or of a bundle folder."""
+    if model_path.is_dir():
+        return hash_path(model_path)["sha256"]
+    from dlopt.fileio import external_data_files, load_onnx
+
+    external = external_data_files(load_onnx(model_path, load_external_data=False))
+    if not external:
+        return sha256_file(model_path)
+    import hashlib
+
+    digest = hashlib.sha256(sha256_file(model_path).encode())
+    for name in external:
+        digest.update(name.encode() + b"\0" + sha256_file(model_path.parent / name).encode())
+    return digest.hexdigest()
+
+
+def source_hash(spec: str) -> str:
+    """A torch source's identity: its factory file's bytes (file.py:build, package.module:build), or,
+    for a reference model, its name with this dlopt's version (the factory ships with dlopt)."""
+    import hashlib
+    import importlib.util
+
+    if ".py:" in spec:
+        file = Path(spec.rpartition(":")[0])
+    elif ":" in spec:
+        found = importlib.util.find_spec(spec.partition(":")[0])
+        file = Path(found.origin) if found and found.origin else None
+    else:
+        file = None
+    body = f"{spec}\0{sha256_file(file) if file and file.is_file() else dlopt.__version__}"
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def data_hash(spec: str | None) -> str | None:
+    """The data's hash: a file's bytes, or a folder's listing and bytes; model:NAME is the reference
+    model's own set, fixed by the dlopt version."""
+    if spec is None:
+        return None
+    if spec.startswith("model:"):
+        return f"{spec}@{dlopt.__version__}"
+    return hash_path(spec)["sha256"]
+
+
+def _stage_data(recipe: Recipe, stage: StageSpec) -> dict[str, str | None]:
+    if stage.kind == "quantize":
+        return {"calibration": data_hash(recipe.calibration), "eval_data": data_hash(recipe.eval_data)}
+    if stage.kind == "package":
+        return {"calibration": data_hash(stage.config.calibration)}
+    return {}
+
+
+def _prepared(recipe: Recipe, stage: StageSpec) -> Any:
+    """The config the stage runs with: the package stage gets the recipe's name and calibration."""
+    if stage.kind == "package":
+        changes = {}
+        if stage.config.name is None:
+            changes["name"] = recipe.name or recipe.path.stem
+        if stage.config.calibration is None and recipe.calibration:
+            changes["calibration"] = recipe.calibration
+        return dataclasses.replace(stage.config, **changes)
+    return stage.config
+
+
+def key_inputs(recipe: Recipe, stage: StageSpec, input_sha256: str, upstream: list[dict[str, Any]] | None = None
+               ) -> dict[str, Any]:
+    config = _prepared(recipe, stage)
+    inputs = {"kind": stage.kind, "config": config_to_dict(config), "input_sha256": input_sha256,
+              "data": _stage_data(recipe, dataclasses.replace(stage, config=config)),
+              "host": host_facts(stage.kind, config)}
+    if stage.kind == "package":
+        inputs["lineage"] = upstream  # the bundle's manifest records them
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StageRun:
+    stage: StageSpec
+    key: str
+    cached: bool
+    seconds: float
+    input_sha256: str
+    output_sha256: str
+    entry: Entry
+
+    def lineage(self) -> dict[str, Any]:
+        return {"index": self.stage.index, "kind": self.stage.kind,
+                "config": self.entry.info["inputs"]["config"], "input_sha256": self.input_sha256,
+                "output_sha256": self.output_sha256, "cache_key": self.key}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    output: Path
+    stages: tuple[StageRun, ...]
+
+
+def force_from(recipe: Recipe, force: str | None) -> int | None:
+    """The 1-based index of the first stage to redo for --force (a stage kind or index)."""
+    if force is None:
+        return None
+    if force.isdigit() and 1 <= int(force) <= len(recipe.stages):
+        return int(force)
+    for stage in recipe.stages:
+        if stage.kind == force:
+            return stage.index
+    raise InputError(f"--force {force}: {recipe.path} has no such stage",
+                     f"give a stage kind ({', '.join(s.kind for s in recipe.stages)}) or index 1-{len(recipe.stages)}")
+
+
+def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: str | None = None,
+               overwrite: bool = False, log: Log = lambda message: None) -> RunResult:
+    """Run the recipe's stages, each from the cache when its key is there, and write the last stage's
+    artifact to `output` (an .onnx file, or a bundle folder when the last stage is package)."""
+    from dlopt.fileio import check_output_path, guard_outputs, guard_source_spec
+
+    out = Path(output)
+    last = recipe.stages[-1].kind
+    if last == "package":
+        if out.exists() and not overwrite:
+            raise InputError(f"output folder {out} exists", "pass --overwrite to replace it, or choose another -o")
+    else:
+        check_output_path(out)
+    source_file = Path(recipe.source) if recipe.onnx_source else guard_source_spec(recipe.source)
+    data_paths = [s for s in (recipe.calibration, recipe.eval_data) if s and not s.startswith("model:")]
+    guard_outputs([recipe.path, source_file, *data_paths], [out])
+    redo = force_from(recipe, force)
+
+    artifact: Path | None = Path(recipe.source) if recipe.onnx_source else None
+    input_sha = artifact_hash(artifact) if artifact else source_hash(recipe.source)
+    runs: list[StageRun] = []
+    for stage in recipe.stages:
+        label = f"stage {stage.index}/{len(recipe.stages)} {stage.kind}"
+        start = time.perf_counter()
+        inputs = key_inputs(recipe, stage, input_sha, [r.lineage() for r in runs])
+        key = cache_key(inputs)
+        entry = None if redo is not None and stage.index >= redo else cache.get(key)
+        cached = entry is not None
+        if entry is None:
+            log(f"{label}: running (key {key[:12]})")
+            entry = _run_stage(recipe, stage, artifact, key, inputs, cache, [r.lineage() for r in runs], log)
+        produced = _artifact_of(entry)
+        seconds = time.perf_counter() - start
+        output_sha = entry.info["output_sha256"]
+        log(f"{label}: {'cached' if cached else 'done'} in {seconds:.2f} s (key {key[:12]})")
+        runs.append(StageRun(stage, key, cached, seconds, input_sha, output_sha, entry))
+        artifact, input_sha = produced, output_sha
+    _deliver(artifact, out, bundle=last == "package", overwrite=overwrite)
+    return RunResult(out, tuple(runs))
+
+
+def _artifact_of(entry: Entry) -> Path:
+    return entry.path / entry.info["artifact"]
+
+
+def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, key: str, inputs: Mapping[str, Any],
+               cache: StageCache, lineage: list[dict[str, Any]], log: Log) -> Entry:
+    config = _prepared(recipe, stage)
+    with cache.building(key) as staging:
+        if stage.kind == "export":
+            from dlopt.api import export_model
+
+            written = export_model(recipe.source, staging / "model.onnx", config, log=log)
+            produced, report = written.model_path, written.report
+        elif stage.kind == "quantize":
+            from dlopt.api import quantize_model
+            from dlopt.optimize.quantize import failure_error
+
+            outcome = quantize_model(artifact, staging / "model.onnx", config, recipe.calibration,
+                                     eval_data=recipe.eval_data, log=log)
+            if not outcome.passed:
+                raise failure_error(outcome)
+            produced, report = outcome.model_path, outcome.report
+        else:
+            from dlopt.package import package
+
+            result = package(artifact, staging / "bundle", config, lineage=lineage, log=log)
+            produced, report = result.bundle, {"verification": result.manifest["verification"]}
+        summary = {k: report[k] for k in ("verdict", "verification", "bytes_written", "bytes", "recipe")
+                   if k in report}
+        info = {"kind": stage.kind, "inputs": dict(inputs), "artifact": produced.name,
+                "output_sha256": artifact_hash(produced), "source": recipe.source, "recipe": str(recipe.path),
+                "report": summary}
+        return cache.commit(key, staging, info)
+
+
+def _deliver(artifact: Path, out: Path, *, bundle: bool, overwrite: bool) -> None:
+    """Copy the last artifact out of the cache: a bundle folder (renamed into place whole), or a model
+    with its stage report beside it (renamed together)."""
+    import os
+    import tempfile
+
+    if bundle:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.copying-{os.getpid()}-", dir=out.parent or "."))
+        try:
+            copy = staging / "bundle"
+            shutil.copytree(artifact, copy)
+            if out.exists() and overwrite:
+                old = out.parent / f".{out.name}.old-{os.getpid()}"
+                os.rename(out, old)
+                os.rename(copy, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(copy, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return
+    from dlopt.api import report_path_for
+    from dlopt.fileio import external_data_files, load_onnx, staged_outputs
+
+    external = external_data_files(load_onnx(artifact, load_external_data=False))
+    if external:
+        raise InputError(f"{artifact.name} keeps its weights in external data files",
+                         "end the recipe with a package stage, which bundles them")
+    with staged_outputs() as outputs:
+        shutil.copyfile(artifact, outputs.stage(out))
+        reports = sorted(artifact.parent.glob(f"{artifact.name[:-5]}.*.json"))
+        for report in reports:
+            stage = report.name[len(artifact.name[:-5]) + 1:-len(".json")]
+            shutil.copyfile(report, outputs.stage(report_path_for(out, stage)))
