@@ -188,7 +188,8 @@ def load_recipe(path: str | Path) -> Recipe:
         config = build_config(kind, keys, where=where, target=data.get("target"))
         stages.append(StageSpec(i, kind, config, line))
     recipe = Recipe(path=path, source=_resolve(base, data["source"]), target=data.get("target"),
-                    calibration=_resolve(base, data.get("calibration")), eval_data=_resolve(base, data.get("eval_data")),
+                    calibration=_resolve(base, data.get("calibration")),
+                    eval_data=_resolve(base, data.get("eval_data")),
                     name=data.get("name"), stages=tuple(stages))
     _check_order(recipe)
     return recipe
