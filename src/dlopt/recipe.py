@@ -227,19 +227,27 @@ def _check_order(recipe: Recipe) -> None:
 def host_facts(kind: str, config: Any) -> dict[str, Any]:
     """The facts of this host that change a stage's output. CPU quantization times kernel choices
     (LayerNorm forms, node forms) on this CPU, so its ISA class is in the key."""
-    import onnxruntime as ort
-
-    facts: dict[str, Any] = {"dlopt": dlopt.__version__, "onnxruntime": ort.__version__}
+    facts: dict[str, Any] = {"dlopt": dlopt.__version__, "onnxruntime": _version("onnxruntime")}
     if kind == "export":
-        import torch
-
-        facts["torch"] = torch.__version__
+        facts["torch"] = _version("torch")
     if kind == "quantize" and getattr(config, "target", None) == "cpu":
         from dlopt.optimize.quantize import cpu_features
         from dlopt.runtime import isa_line
 
         facts["isa"] = isa_line(cpu_features())
     return facts
+
+
+def _version(module: str) -> str:
+    """A package's version without importing it (torch takes seconds to import: a warm run should not)."""
+    import importlib.metadata
+
+    for dist in ((module, "onnxruntime-gpu") if module == "onnxruntime" else (module,)):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return __import__(module).__version__
 
 
 def artifact_hash(model_path: Path) -> str:
