@@ -224,3 +224,15 @@ def test_cache_ls_and_prune(work):
     assert StageCache(cache_dir).entries() == []
     bad = CliRunner().invoke(main, ["cache", "prune", "--max-size", "lots", "--cache-dir", cache_dir])
     assert bad.exit_code == 2 and "--max-size 2GB" in bad.stderr
+
+
+def test_an_existing_folder_is_replaced_only_when_it_is_a_bundle(work):
+    (work / "out").mkdir()
+    (work / "out" / "notes.txt").write_text("mine")
+    refused = run(work)
+    assert refused.exit_code == 2 and "exists and is not empty" in refused.stderr
+    refused = run(work, "--overwrite")
+    assert refused.exit_code == 2 and "is not a dlopt bundle" in refused.stderr
+    assert (work / "out" / "notes.txt").read_text() == "mine"
+    (work / "out" / "notes.txt").unlink()
+    assert run(work).exit_code == 0 and (work / "out" / "manifest.json").is_file()

@@ -137,7 +137,7 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
     calibration_path = config.calibration if config.calibration and not config.calibration.startswith("model:") \
         else None
     guard_outputs([source_path, calibration_path, guard_source_spec(config.torch_source)], [output])
-    out = _check_bundle_path(Path(output), config.overwrite)
+    out = check_bundle_path(Path(output), config.overwrite)
     if sign_key is not None and Path(out).resolve() in Path(sign_key).resolve().parents:
         raise InputError(f"the signing key {sign_key} lies inside the bundle folder {out}",
                          "keep keys outside bundles: the bundle is replaced, and the key would be lost or shipped")
@@ -218,14 +218,14 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
 
             (staging / SIGNATURE_NAME).write_bytes(sign(manifest_bytes, private_key))
             log(f"signed the manifest with key {manifest['signature']['key_fingerprint'][:16]}…")
-        _finalize(staging, out)
+        finalize_bundle(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return PackageResult(bundle=out, manifest=manifest)
 
 
-def _check_bundle_path(out: Path, overwrite: bool) -> Path:
+def check_bundle_path(out: Path, overwrite: bool) -> Path:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"output directory {parent} does not exist", "create it first")
@@ -273,7 +273,7 @@ def _recover_killed_runs(out: Path) -> None:
                 os.rename(path, out)
 
 
-def _finalize(staging: Path, out: Path) -> None:
+def finalize_bundle(staging: Path, out: Path) -> None:
     """Rename the finished bundle into place; an old bundle is moved aside first and removed after.
     SIGINT/SIGTERM wait until both renames are done; a run killed between them leaves the old bundle
     at `.NAME.old-PID`, which the next run for NAME puts back (see _recover_killed_runs)."""

@@ -373,8 +373,9 @@ def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: 
     out = Path(output)
     last = recipe.stages[-1].kind
     if last == "package":
-        if out.exists() and not overwrite:
-            raise InputError(f"output folder {out} exists", "pass --overwrite to replace it, or choose another -o")
+        from dlopt.package import check_bundle_path
+
+        check_bundle_path(out, overwrite)  # the rules of `dlopt package -o` (--overwrite replaces only a bundle)
     else:
         check_output_path(out)
     source_file = Path(recipe.source) if recipe.onnx_source else guard_source_spec(recipe.source)
@@ -401,7 +402,7 @@ def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: 
         log(f"{label}: {'cached' if cached else 'done'} in {seconds:.2f} s (key {key[:12]})")
         runs.append(StageRun(stage, key, cached, seconds, input_sha, output_sha, entry))
         artifact, input_sha = produced, output_sha
-    _deliver(artifact, out, bundle=last == "package", overwrite=overwrite)
+    _deliver(artifact, out, bundle=last == "package")
     return RunResult(out, tuple(runs))
 
 
@@ -440,26 +441,22 @@ def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, key: str
         return cache.commit(key, staging, info)
 
 
-def _deliver(artifact: Path, out: Path, *, bundle: bool, overwrite: bool) -> None:
+def _deliver(artifact: Path, out: Path, *, bundle: bool) -> None:
     """Copy the last artifact out of the cache: a bundle folder (renamed into place whole), or a model
     with its stage report beside it (renamed together)."""
     import os
     import tempfile
 
     if bundle:
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.copying-{os.getpid()}-", dir=out.parent or "."))
+        from dlopt.package import finalize_bundle
+
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-{os.getpid()}-", dir=out.parent))
         try:
-            copy = staging / "bundle"
-            shutil.copytree(artifact, copy)
-            if out.exists() and overwrite:
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
-                os.rename(out, old)
-                os.rename(copy, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(copy, out)
-        finally:
+            shutil.copytree(artifact, staging, dirs_exist_ok=True)
+            finalize_bundle(staging, out)
+        except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            raise
         return
     from dlopt.api import report_path_for
     from dlopt.fileio import external_data_files, load_onnx, staged_outputs
