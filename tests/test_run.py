@@ -203,6 +203,8 @@ def test_onnx_output_and_a_failed_stage_leaves_no_entry(work):
     (work / "f.toml").write_text(QUANTIZE_ONLY + "min_sqnr_db = 200.0\nrecover = false\n")
     failed = run(work, recipe="f.toml", out="f.onnx")
     assert failed.exit_code == 1, failed.output
+    assert "f.toml stage 1/1 quantize: the quantized model failed verification" in failed.stderr
+    assert f"kept as {work / 'f.failed.onnx'}" in failed.stderr and (work / "f.failed.onnx").is_file()
     cache = StageCache(work / "cache")
     assert len(cache.entries()) == 1
     assert sorted(p.name for p in cache.root.iterdir() if p.name.startswith(".")) == []

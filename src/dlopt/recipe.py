@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import dlopt
-from dlopt.errors import InputError
+from dlopt.errors import DlOptError, InputError
 from dlopt.manifest import hash_path, sha256_file
 from dlopt.stage import config_to_dict
 from dlopt.stagecache import Entry, StageCache, cache_key
@@ -395,7 +395,13 @@ def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: 
         cached = entry is not None
         if entry is None:
             log(f"{label}: running (key {key[:12]})")
-            entry = _run_stage(recipe, stage, artifact, key, inputs, cache, [r.lineage() for r in runs], log)
+            try:
+                entry = _run_stage(recipe, stage, artifact, out, key, inputs, cache, [r.lineage() for r in runs],
+                                   log)
+            except DlOptError as e:  # which stage failed, after which: "stage 2/3 quantize (after export): ..."
+                after = f" (after {', '.join(r.stage.kind for r in runs)})" if runs else ""
+                e.message = f"{recipe.path} {label}{after}: {e.message}"  # same class: same exit code
+                raise
         produced = _artifact_of(entry)
         seconds = time.perf_counter() - start
         output_sha = entry.info["output_sha256"]
@@ -410,7 +416,7 @@ def _artifact_of(entry: Entry) -> Path:
     return entry.path / entry.info["artifact"]
 
 
-def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, key: str, inputs: Mapping[str, Any],
+def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Path, key: str, inputs: Mapping[str, Any],
                cache: StageCache, lineage: list[dict[str, Any]], log: Log) -> Entry:
     config = _prepared(recipe, stage)
     with cache.building(key) as staging:
@@ -425,8 +431,8 @@ def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, key: str
 
             outcome = quantize_model(artifact, staging / "model.onnx", config, recipe.calibration,
                                      eval_data=recipe.eval_data, log=log)
-            if not outcome.passed:
-                raise failure_error(outcome)
+            if not outcome.passed:  # the best effort goes beside -o, as `dlopt quantize` keeps it; never cached
+                raise failure_error(_keep_failed(outcome, out))
             produced, report = outcome.model_path, outcome.report
         else:
             from dlopt.package import package
@@ -439,6 +445,19 @@ def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, key: str
                 "output_sha256": artifact_hash(produced), "source": recipe.source, "recipe": str(recipe.path),
                 "report": summary}
         return cache.commit(key, staging, info)
+
+
+def _keep_failed(outcome: Any, out: Path) -> Any:
+    """Copy a failed quantize stage's model and report out of its staging folder to OUT.failed.onnx."""
+    from dlopt.api import report_path_for
+    from dlopt.fileio import staged_outputs
+    from dlopt.optimize.quantize import failed_path
+
+    kept = failed_path(out)
+    with staged_outputs() as outputs:
+        shutil.copyfile(outcome.model_path, outputs.stage(kept))
+        shutil.copyfile(outcome.report_path, outputs.stage(report_path_for(kept, "quantize")))
+    return dataclasses.replace(outcome, model_path=kept, report_path=report_path_for(kept, "quantize"))
 
 
 def _deliver(artifact: Path, out: Path, *, bundle: bool) -> None:
