@@ -171,7 +171,7 @@ def test_lineage_in_the_manifest(work):
     (lambda t: t.replace('kind = "quantize"', 'kind = "quantise"'),
      r"r\.toml:6 \(stage 1\): unknown stage kind 'quantise'"),
     (lambda t: t.replace("measure_s = 0", "measure_s = 0\nmesure = 1"),
-     r"r\.toml:10 \(stage 2\): unknown PackageConfig key\(s\) mesure"),
+     r"r\.toml:13 \(stage 2, package\): unknown PackageConfig key\(s\) mesure"),
     (lambda t: "sorce = 1\n" + t, r"r\.toml:1: unknown recipe key\(s\) sorce"),
     (lambda t: t.replace('source = "mlp.onnx"', 'source = "minilm"'),
      r"r\.toml:5 \(stage 1, quantize\): the source minilm is a torch model"),

@@ -182,6 +182,12 @@ def load_recipe(path: str | Path) -> Recipe:
         if kind not in STAGE_KINDS:
             where = f"{_where(path, _key_line(text, line, 'kind') if kind is not None else line)} (stage {i})"
             raise InputError(f"{where}: unknown stage kind {kind!r}", f"choose one of {', '.join(STAGE_KINDS)}")
+        fields = {f.name for f in dataclasses.fields(_config_classes()[kind])}
+        unknown = sorted(set(keys) - fields)
+        if unknown:
+            raise InputError(f"{_where(path, _key_line(text, line, unknown[0]))} (stage {i}, {kind}): unknown "
+                             f"{_config_classes()[kind].__name__} key(s) {', '.join(unknown)}",
+                             f"known keys: {', '.join(sorted(fields))}")
         for key in ("calibration", "torch_source"):
             if isinstance(keys.get(key), str):
                 keys[key] = _resolve(base, keys[key])
