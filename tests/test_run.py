@@ -238,3 +238,11 @@ def test_an_existing_folder_is_replaced_only_when_it_is_a_bundle(work):
     assert (work / "out" / "notes.txt").read_text() == "mine"
     (work / "out" / "notes.txt").unlink()
     assert run(work).exit_code == 0 and (work / "out" / "manifest.json").is_file()
+
+
+def test_cache_dir_from_the_environment(work, monkeypatch):
+    monkeypatch.setenv("DLOPT_CACHE_DIR", str(work / "envcache"))
+    (work / "q.toml").write_text(QUANTIZE_ONLY)
+    result = CliRunner().invoke(main, ["run", str(work / "q.toml"), "-o", str(work / "q.onnx")])
+    assert result.exit_code == 0, result.output
+    assert [e.kind for e in StageCache(work / "envcache").entries()] == ["quantize"]
