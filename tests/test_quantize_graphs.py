@@ -22,6 +22,7 @@ from dlopt.optimize.preprocess import looks_like_transformer
 from dlopt.fidelity import sqnr_db
 from dlopt.optimize.quantize import QuantizeConfig, choose_recipe, quantize
 from dlopt.sessions import cpu_session
+from test_quantize_int8 import cnn_model
 
 SQNR_FLOOR_INT8_DB = 25.0  # 8-bit weights on well-scaled activations: ~30-40 dB measured on these graphs
 SQNR_FLOOR_WEIGHT_ONLY_DB = 30.0  # only the weights' rounding: 37-44 dB measured
@@ -44,23 +45,8 @@ def _ops(graph) -> list[str]:
 
 
 def cnn(opset: int = 17, seed: int = 0) -> onnx.ModelProto:
-    """image[batch, 3, 16, 16] -> Conv 8 -> Relu -> Conv 8 -> Relu -> GAP -> Flatten -> Gemm 10."""
-    rng = np.random.default_rng(seed)
-    nodes = [helper.make_node("Conv", ["image", "k1", "c1"], ["a1"], name="conv1", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
-             helper.make_node("Conv", ["r1", "k2", "c2"], ["a2"], name="conv2", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["a2"], ["r2"], name="relu2"),
-             helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
-             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
-             helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="head", transB=1)]
-    inits = {"k1": rng.standard_normal((8, 3, 3, 3)) / 4, "c1": rng.standard_normal(8) * 0.1,
-             "k2": rng.standard_normal((8, 8, 3, 3)) / 8, "c2": rng.standard_normal(8) * 0.1,
-             "wf": rng.standard_normal((10, 8)), "bf": rng.standard_normal(10) * 0.1}
-    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 16, 16])
-    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
-    graph = helper.make_graph(nodes, "cnn", [image], [logits],
-                              [numpy_helper.from_array(_f32(v), k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    """test_quantize_int8's CNN (Conv 8 -> Relu -> Conv 8 -> Relu -> GAP -> Flatten -> Gemm 10) at `opset`."""
+    model = cnn_model(seed=seed, opset=opset)
     onnx.checker.check_model(model)
     return model
 

@@ -42,7 +42,7 @@ def mlp_model(seed: int = 0, dynamic_seq: bool = False) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def cnn_model(seed: int = 0) -> onnx.ModelProto:
+def cnn_model(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
     """image[batch, 3, 16, 16] -> Conv 8 -> Relu -> Conv 8 -> Relu -> GAP -> Flatten -> Gemm 10."""
     rng = np.random.default_rng(seed)
     nodes = [helper.make_node("Conv", ["image", "k1", "c1"], ["a1"], name="conv1", pads=[1, 1, 1, 1]),
@@ -54,11 +54,11 @@ def cnn_model(seed: int = 0) -> onnx.ModelProto:
              helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="head", transB=1)]
     graph = helper.make_graph(
         nodes, "cnn", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 16, 16])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
         [_init("k1", rng.standard_normal((8, 3, 3, 3)) / 4), _init("c1", rng.standard_normal(8) * 0.1),
          _init("k2", rng.standard_normal((8, 8, 3, 3)) / 8), _init("c2", rng.standard_normal(8) * 0.1),
          _init("wf", rng.standard_normal((10, 8))), _init("bf", rng.standard_normal(10) * 0.1)])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def cnn_data(n: int = 12, seed: int = 1) -> CalibrationData:
