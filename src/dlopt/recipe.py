@@ -26,11 +26,15 @@ import dataclasses
 import re
 import shutil
 import time
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli package (a dependency there)
+    import tomli as tomllib
 
 import dlopt
 from dlopt.errors import DlOptError, InputError
