@@ -1,0 +1,96 @@
+"""Where `dlopt optimize` runs its work: candidate transforms and accuracy checks fan out over workers,
+latency is measured on one machine of the target's class, never while other work shares its cores.
+
+Two kinds of work, two calls:
+- `map(fn, items)`: independent, CPU-heavy jobs (quantize a candidate, measure its fidelity). They may
+  run at once, in any worker; results come back in the order of `items`.
+- `measure(fn, *args, target_class=...)`: a latency measurement. It runs alone on one worker of the
+  target's class (the local executor: in this process, after every `map` has finished), so the
+  interleaved FP32-vs-candidate timings of one call all come from the same cores.
+
+`fn` must be a module-level function and its arguments and result picklable (they cross processes).
+Artifacts are exchanged as paths under the stage cache, which every worker must see (a local folder
+for the process pool; a shared folder, or the executor's own transfer, on a cluster).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Protocol, TypeVar
+
+from dlopt.errors import InputError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+EXECUTOR_KINDS = ("local", "ray")
+
+
+class Executor(Protocol):
+    name: str
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """fn(item) for every item, possibly at once; results in the order of `items`."""
+
+    def measure(self, fn: Callable[..., R], *args: Any, target_class: str) -> R:
+        """fn(*args) alone on one worker of `target_class` (timings must not share cores with other work)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What ran the work, for reports: kind, workers, address, nodes."""
+
+    def close(self) -> None:
+        ...
+
+
+class LocalExecutor:
+    """A pool of worker processes on this machine (spawned, not forked: forking a process that has
+    started ONNX Runtime or torch thread pools can deadlock the child)."""
+
+    name = "local"
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = max(1, workers or os.cpu_count() or 1)
+        self._pool: ProcessPoolExecutor | None = None
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        items = list(items)
+        if self.workers == 1 or len(items) <= 1:
+            return [fn(item) for item in items]
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return list(self._pool.map(fn, items))
+
+    def measure(self, fn: Callable[..., R], *args: Any, target_class: str) -> R:
+        # `map` returns only when all its jobs are done, so nothing else runs on this machine's workers now.
+        return fn(*args)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.name, "workers": self.workers, "address": None, "nodes": 1}
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __enter__(self) -> LocalExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_executor(kind: str = "local", *, address: str | None = None, workers: int | None = None) -> Executor:
+    """The executor `--executor KIND [--address ADDR] [--workers N]` asks for."""
+    if kind == "local":
+        if address:
+            raise InputError("--address is for --executor ray", "drop --address, or add --executor ray")
+        return LocalExecutor(workers)
+    if kind == "ray":
+        from dlopt.ray_executor import RayExecutor  # Ray is an optional extra: imported only when asked for
+
+        return RayExecutor(address=address, workers=workers)
+    raise InputError(f"unknown executor {kind!r}", f"choose one of: {', '.join(EXECUTOR_KINDS)}")
+
