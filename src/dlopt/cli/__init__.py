@@ -16,7 +16,7 @@ import traceback
 import click
 
 import dlopt
-from dlopt.errors import DlOptError
+from dlopt.errors import DlOptError, render
 
 
 class _VerbGroup(click.Group):
@@ -47,9 +47,9 @@ class _VerbGroup(click.Group):
             except DlOptError as e:
                 if _debug(ctx):
                     traceback.print_exc()
-                click.echo(f"error: {e.message}", err=True)
+                click.echo(f"error: {render(e.message, 'cli')}", err=True)
                 if e.hint:
-                    click.echo(f"hint: {e.hint}", err=True)
+                    click.echo(f"hint: {render(e.hint, 'cli')}", err=True)
                 ctx.exit(e.exit_code)
             except KeyboardInterrupt:
                 click.echo(f"interrupted{' (SIGTERM)' if received else ''}: {_written_text()}", err=True)
