@@ -25,7 +25,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +277,7 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     deadline = TRANSFORM_SHARE * config.time_budget_s
     evaluated, skipped = _evaluate_all(executor, ctx, candidates, clock, deadline)
     evaluated = {"fp32": base, **evaluated}
+    skipped += torch_only_skipped(ctx.torch_source)
     all_candidates = {c.name: c for c in [fp32, *candidates]}
 
     def drop_of(r: Evaluated) -> float | None:
