@@ -1,5 +1,5 @@
 """The self-contained HTML report of a `dlopt optimize` run: an inline SVG plot of the candidates
-(latency ratio x accuracy drop, marker area ~ size; the front in FRONT_COLOR, joined by a line), the
+(latency ratio x accuracy drop, marker area ~ size; the front in FRONT_COLOR), the
 table, and every candidate's recipe and the reason it was chosen, kept, dropped or skipped. No script,
 no stylesheet or font from the network: it opens the same offline."""
 
@@ -59,11 +59,8 @@ def plot_svg(candidates: Sequence[Mapping[str, Any]], chosen: str | None) -> str
                  'latency / FP32 (one thread, batch 1, thread CPU time) - lower is faster</text>'
                  f'<text x="16" y="{(top + bottom) / 2}" font-size="12" text-anchor="middle" '
                  f'transform="rotate(-90 16 {(top + bottom) / 2})">accuracy drop (points)</text>')
-    front = sorted((c for c in timed if c.get("on_front")), key=lambda c: c["latency_ratio"])
-    if len(front) > 1:
-        path = " ".join(f"{sx(c['latency_ratio']):.1f},{sy(c['drop_points']):.1f}" for c in front)
-        parts.append(f'<polyline points="{path}" fill="none" stroke="{FRONT_COLOR}" stroke-width="2" '
-                     'stroke-dasharray="6 4"/>')
+    # No line joins the front's markers: the front is three-dimensional (size too), so neighbours in
+    # this projection need not be neighbours on the front.
     for c in sorted(timed, key=lambda c: bool(c.get("on_front"))):  # front markers drawn on top
         radius = 6 + 10 * math.sqrt((c.get("bytes") or 1) / biggest)
         color = FRONT_COLOR if c.get("on_front") else OTHER_COLOR
@@ -72,7 +69,9 @@ def plot_svg(candidates: Sequence[Mapping[str, Any]], chosen: str | None) -> str
         parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{radius:.1f}" fill="{color}"{ring}>'
                      f'<title>{_esc(c["name"])}: {c["latency_ratio"]:.3f} x FP32, drop {c["drop_points"]:.3g} points, '
                      f'{(c.get("bytes") or 0) / 1e6:.2f} MB</title></circle>'
-                     f'<text x="{x + radius + 3:.1f}" y="{y - 3:.1f}" font-size="11">{_esc(c["name"])}</text>')
+                     + (f'<text x="{x - radius - 3:.1f}" y="{y - 3:.1f}" font-size="11" text-anchor="end">'
+                        if x > left + 0.75 * (right - left) else f'<text x="{x + radius + 3:.1f}" y="{y - 3:.1f}" font-size="11">')
+                     + f'{_esc(c["name"])}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
