@@ -163,3 +163,19 @@ def test_bad_input_is_one_line_and_exit_2(search, args, message):
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (work / "bad.bundle").exists()
+
+
+def test_what_does_not_fit_the_time_budget_is_skipped_with_the_reason(search, tmp_path):
+    from dlopt.verify import verify_bundle
+
+    work, _ = search
+    for name in ("cnn.onnx", "calib.npz", "eval.npz"):
+        (tmp_path / name).write_bytes((work / name).read_bytes())
+    result = run_optimize(tmp_path, "tight.bundle", "--time-budget", "0.1s")  # an empty cache: nothing to reuse
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    skipped = {c["name"]: c["reason"] for c in data["candidates"] if c["status"] == "skipped"}
+    assert {"int8-auto", "int4", "fp16"} <= set(skipped) and "time budget" in skipped["int8-auto"]
+    assert data["cache"]["evaluations_run"] == 1 and data["chosen"] == "fp32" and data["front"] == ["fp32"]
+    assert "time budget" in data["server"]["skipped"]
+    assert verify_bundle(tmp_path / "tight.bundle").passed
