@@ -155,7 +155,7 @@ def _context(model: str, config: OptimizeConfig, cache_root: Path) -> tuple[Sear
 def _evaluate_all(executor, ctx: SearchContext, candidates: Sequence[Candidate], clock: _Clock,
                   deadline_s: float) -> tuple[dict[str, Evaluated], list[Skipped]]:
     """Cached evaluations first (no work), then the rest in chunks of the executor's width, started
-    only while they can finish before `deadline_s` (the mean time of those done so far is the estimate)."""
+    only while they can finish before `deadline_s` (the slowest of those done so far is the estimate)."""
     results: dict[str, Evaluated] = {}
     todo = []
     for c in candidates:
@@ -170,11 +170,11 @@ def _evaluate_all(executor, ctx: SearchContext, candidates: Sequence[Candidate],
     spent: list[float] = []
     while todo:
         chunk, todo = todo[:width], todo[width:]
-        estimate = sum(spent) / len(spent) if spent else 0.0
+        estimate = max(spent, default=0.0)  # the slowest so far: a chunk runs to its end once started
         if clock.elapsed() + estimate > deadline_s:
             for c in chunk + todo:
                 skipped.append(Skipped(c.name, f"the time budget: transforms stop at {deadline_s:.0f} s of "
-                                               f"{clock.budget_s:.0f} s (about {estimate:.0f} s each so far)",
+                                               f"{clock.budget_s:.0f} s (up to {estimate:.0f} s each so far)",
                                        tuple(c.recipe())))
             clock.log(f"time budget: skipping {', '.join(c.name for c in chunk + todo)}")
             break
