@@ -171,7 +171,7 @@ def test_what_does_not_fit_the_time_budget_is_skipped_with_the_reason(search, tm
     work, _ = search
     for name in ("cnn.onnx", "calib.npz", "eval.npz"):
         (tmp_path / name).write_bytes((work / name).read_bytes())
-    result = run_optimize(tmp_path, "tight.bundle", "--time-budget", "0.1s")  # an empty cache: nothing to reuse
+    result = run_optimize(tmp_path, "tight.bundle", "--time-budget", "0.001s")  # an empty cache: nothing to reuse
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     skipped = {c["name"]: c["reason"] for c in data["candidates"] if c["status"] == "skipped"}
@@ -179,3 +179,10 @@ def test_what_does_not_fit_the_time_budget_is_skipped_with_the_reason(search, tm
     assert data["cache"]["evaluations_run"] == 1 and data["chosen"] == "fp32" and data["front"] == ["fp32"]
     assert "time budget" in data["server"]["skipped"]
     assert verify_bundle(tmp_path / "tight.bundle").passed
+    # the same search again: the cached plan skips the same candidates (a warm re-run does not extend it)
+    again = run_optimize(tmp_path, "tight.bundle", "--time-budget", "0.001s", "--overwrite")
+    assert again.exit_code == 0, again.stderr
+    repeat = json.loads(again.stdout)
+    assert repeat["cache"]["evaluations_run"] == 0 and repeat["front"] == data["front"]
+    assert all("first run of this search" in c["reason"] for c in repeat["candidates"]
+               if c["status"] == "skipped" and c["name"] in skipped and "time budget" in skipped[c["name"]])

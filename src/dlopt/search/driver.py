@@ -62,7 +62,7 @@ class OptimizeConfig:
     overwrite: bool = False
     package_measure_s: float = 2.0
     latency_budget_s: float | None = None  # the interleaved latency run; None: 6 s + 4 s per timed model
-    throughput_budget_s: float | None = None  # per thread count (all batch sizes); None: 1.5 s per batch size + 2 s
+    throughput_budget_s: float | None = None  # per (threads, batch) bench run; None: 3 s
 
 
 @dataclass(frozen=True)
@@ -152,25 +152,68 @@ def _context(model: str, config: OptimizeConfig, cache_root: Path) -> tuple[Sear
 # --------------------------------------------------------------------------- evaluating
 
 
+def _plan_key(ctx: SearchContext, config: OptimizeConfig) -> str:
+    """The key of a search's plan: what its time budget left out (see _evaluate_all)."""
+    from dlopt.recipe import data_hash, host_facts
+    from dlopt.stagecache import cache_key
+
+    return cache_key({"kind": "optimize-plan", "source": ctx.source_id, "target": ctx.target,
+                      "evaluator": ctx.evaluator, "time_budget_s": config.time_budget_s,
+                      "max_accuracy_drop": config.max_accuracy_drop,
+                      "data": {"calibration": data_hash(ctx.calibration), "eval_data": data_hash(ctx.eval_data)},
+                      "host": host_facts("quantize", ctx)})
+
+
+def _load_plan(ctx: SearchContext, key: str) -> dict[str, str]:
+    import json
+
+    entry = ctx.cache.get(key)
+    if entry is None:
+        return {}
+    try:
+        return dict(json.loads((entry.path / "result.json").read_text())["skipped"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _store_plan(ctx: SearchContext, key: str, skipped: Sequence[Skipped]) -> None:
+    import json
+
+    with ctx.cache.building(key) as staging:
+        (staging / "result.json").write_text(json.dumps({"skipped": {s.name: s.reason for s in skipped}}, indent=1))
+        ctx.cache.commit(key, staging, {"kind": "optimize-plan", "inputs": {"kind": "optimize-plan"},
+                                        "artifact": "result.json", "source": ctx.source,
+                                        "recipe": f"dlopt optimize {ctx.name}", "report": {}})
+
+
 def _evaluate_all(executor, ctx: SearchContext, candidates: Sequence[Candidate], clock: _Clock,
-                  deadline_s: float) -> tuple[dict[str, Evaluated], list[Skipped]]:
+                  deadline_s: float, planned: dict[str, str] | None = None
+                  ) -> tuple[dict[str, Evaluated], list[Skipped]]:
     """Cached evaluations first (no work), then the rest in chunks of the executor's width, started
-    only while they can finish before `deadline_s` (the slowest of those done so far is the estimate)."""
+    only while they can finish before `deadline_s` (the slowest of those done so far is the estimate).
+    `planned`: what an earlier run of this same search (same time budget) skipped for time; skipped
+    again, so that a warm re-run repeats the search it is cached from instead of extending it."""
     results: dict[str, Evaluated] = {}
     todo = []
+    skipped: list[Skipped] = []
     for c in candidates:
         found = cached_evaluation(ctx, c)
         if found is not None:
             results[c.name] = found
             clock.log(f"{c.name}: cached ({'ok' if found.ok else 'failed'})")
+        elif planned and c.name in planned:
+            skipped.append(Skipped(c.name, f"{planned[c.name]} (in the first run of this search; another "
+                                           "--time-budget searches further)", tuple(c.recipe())))
         else:
             todo.append(c)
-    skipped: list[Skipped] = []
     width = max(1, int(executor.describe().get("workers") or 1))
     spent: list[float] = []
     while todo:
-        chunk, todo = todo[:width], todo[width:]
         estimate = max(spent, default=0.0)  # the slowest so far: a chunk runs to its end once started
+        rounds = -(-len(todo) // width)
+        # all at once when all of them fit (workers never wait for a chunk's slowest), else one chunk
+        chunk, todo = (todo, []) if spent and clock.elapsed() + estimate * rounds <= deadline_s else (todo[:width],
+                                                                                                         todo[width:])
         if clock.elapsed() + estimate > deadline_s:
             for c in chunk + todo:
                 skipped.append(Skipped(c.name, f"the time budget: transforms stop at {deadline_s:.0f} s of "
@@ -217,14 +260,14 @@ def timing_plan(rows: dict[str, dict[str, Any]], max_drop: float) -> list[str]:
 def _server_search(executor, ctx: SearchContext, row: dict[str, Any], config: OptimizeConfig,
                    clock: _Clock, reserve_s: float) -> dict[str, Any]:
     threads = config.thread_counts or tuple(t for t in (1, 2, 4, 8, 16, 32, 64) if t <= (os.cpu_count() or 1))
-    per_thread_s = config.throughput_budget_s or 1.5 * len(config.batch_sizes) + 2.0
-    needed = per_thread_s * len(threads)
+    per_run_s = config.throughput_budget_s or 3.0
+    needed = per_run_s * len(config.batch_sizes) * len(threads)  # at most: larger batches stop when they do not pay
     if clock.left() - reserve_s < needed:
         return {"skipped": f"the time budget: {clock.left():.0f} s left, about {needed + reserve_s:.0f} s needed "
                            "for the batch/thread search and the bundle"}
     clock.log(f"throughput search for {row['name']}: batch {list(config.batch_sizes)} x threads {list(threads)}")
     body = executor.measure(measure_throughput, ctx, row["artifact"], row["output_sha256"], config.batch_sizes,
-                            threads, per_thread_s, target_class=ctx.target)
+                            threads, per_run_s, config.max_latency_ms, target_class=ctx.target)
     limit = config.max_latency_ms
     allowed = [r for r in body["rows"] if r.get("items_per_s") and (limit is None or r["p90_ms"] <= limit)]
     best = max(allowed, key=lambda r: (r["items_per_s"], -r["threads"], -r["batch"]), default=None)
@@ -275,7 +318,9 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     transformer = looks_like_transformer(load_onnx(base.artifact, load_external_data=False))
     candidates = base_candidates(target=ctx.target, transformer=transformer)[1:]
     deadline = TRANSFORM_SHARE * config.time_budget_s
-    evaluated, skipped = _evaluate_all(executor, ctx, candidates, clock, deadline)
+    plan_key = _plan_key(ctx, config)
+    planned = _load_plan(ctx, plan_key)
+    evaluated, skipped = _evaluate_all(executor, ctx, candidates, clock, deadline, planned)
     evaluated = {"fp32": base, **evaluated}
     skipped += torch_only_skipped(ctx.torch_source)
     all_candidates = {c.name: c for c in [fp32, *candidates]}
@@ -288,13 +333,15 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     if over:
         retries = [with_exclusions(c, max_drop_metric=max_drop / scale, evaluator=ctx.evaluator)
                    for c in over[:EXCLUSION_TRIES]]
-        more, more_skipped = _evaluate_all(executor, ctx, retries, clock, deadline)
+        more, more_skipped = _evaluate_all(executor, ctx, retries, clock, deadline, planned)
         evaluated.update(more)
         skipped += more_skipped
         all_candidates.update({c.name: c for c in retries})
     else:
         skipped.append(Skipped("int8 float-node exclusions", "no INT8 candidate missed the accuracy budget: keeping "
                                "nodes in float could only make one slower"))
+    if not planned:
+        _store_plan(ctx, plan_key, [s for s in skipped if s.reason.startswith("the time budget")])
     phases["evaluate_s"] = time.perf_counter() - t0
 
     rows: dict[str, dict[str, Any]] = {}
