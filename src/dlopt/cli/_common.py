@@ -8,6 +8,12 @@ def echo_err(message: str) -> None:
     click.echo(message, err=True)
 
 
+def cache_dir_option(command):
+    """--cache-dir: the stage cache of `dlopt run` and `dlopt cache`."""
+    return click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+                        help="Stage cache folder [default: $DLOPT_CACHE_DIR, else ~/.cache/dlopt/stages].")(command)
+
+
 def input_shape_option(command):
     """--input-shape NAME=DxD... (repeatable): every verb that makes inputs takes it (dlopt.inputs)."""
     return click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxD...",
