@@ -417,7 +417,8 @@ _LAZY = {
     "Tolerance": "dlopt.verify", "VerifyResult": "dlopt.verify", "format_verify": "dlopt.verify:format_result",
     "origin_text": "dlopt.verify", "verification_error": "dlopt.verify", "verified_text": "dlopt.verify",
     "RunResult": "dlopt.recipe", "StageCache": "dlopt.stagecache", "Entry": "dlopt.stagecache",
-    "Fp32Evaluation": "dlopt.models",
+    "Fp32Evaluation": "dlopt.models", "ImagePreprocess": "dlopt.images",
+    "reset_written": "dlopt.fileio", "written_paths": "dlopt.fileio",  # what an interrupted command had written
     "ExportConfig": "dlopt.optimize.export", "DEFAULT_OPSET": "dlopt.optimize.export",
 }
 

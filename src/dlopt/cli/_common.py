@@ -42,8 +42,7 @@ def image_options(command):
 
 def image_preprocess(image_size, image_layout, image_scale, image_mean, image_std, image_bgr):
     """The ImagePreprocess the --image-* options declare."""
-    from dlopt.images import ImagePreprocess, parse_floats, parse_number, parse_size
+    from dlopt.api import ImagePreprocess
 
-    return ImagePreprocess(size=parse_size(image_size) if image_size else None, layout=image_layout.lower(),
-                           scale=parse_number(image_scale), mean=parse_floats(image_mean, "--image-mean"),
-                           std=parse_floats(image_std, "--image-std"), bgr=image_bgr)
+    return ImagePreprocess.from_text(size=image_size, layout=image_layout, scale=image_scale, mean=image_mean,
+                                     std=image_std, bgr=image_bgr)
