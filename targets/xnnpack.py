@@ -33,7 +33,7 @@ import numpy as np
 
 from dlopt.errors import InputError, MissingDependencyError, StageError
 from dlopt.quiet import quiet_libraries  # ExecuTorch and torchao print while importing and lowering
-from dlopt.targets.base import Target, TargetSession
+from dlopt.targets.base import Int8Form, Target, TargetSession
 
 # Bumped whenever lower_to_pte's output changes numerically, so that caches of .pte files (the
 # benchmarks') are not reused across lowerings. 2: contiguous examples, conv+ReLU6 quantized as one.
@@ -592,6 +592,12 @@ class XnnpackTarget(Target):
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "int8")
     device_type: ClassVar[str] = "cpu"
     cpu_time_measures_work: ClassVar[bool] = True
+    runtime: ClassVar[str] = "executorch"
+    # XNNPACKQuantizer (PT2E): s8 activations, symmetric per-channel s8 weights; dynamic for linear layers.
+    int8: ClassVar[Int8Form | None] = Int8Form(dynamic=True, activation="s8", per_channel=True,
+                                               note="XNNPACK's int8 kernels are s8·s8 (PT2E XNNPACKQuantizer)")
+    # No bundle of its own: `dlopt package --target mobile --torch-source` puts its .pte in the mobile bundle.
+    package_formats: ClassVar[tuple[str, ...]] = ()
 
     def is_available(self) -> tuple[bool, str]:
         return executorch_status()

@@ -37,15 +37,17 @@ from dlopt.manifest import (MANIFEST_NAME, SAMPLES_NAME, SCHEMA_NAME, SCHEMA_VER
                             sha256_file)
 from dlopt.report import environment, format_markdown_table, format_table
 from dlopt.stage import config_to_dict
+from dlopt.targets import target_names
 
-PACKAGE_TARGETS = ("mobile", "cpu", "cuda")
+# The targets `dlopt package` builds a bundle for: those that declare package formats.
+PACKAGE_TARGETS = tuple(target_names(package=True))
 PTE_PRECISIONS = ("fp32", "int8", "int8-dynamic")  # int8-dynamic: linear layers, activations per run
 Log = Callable[[str], None]
 
 
 @dataclass(frozen=True, kw_only=True)
 class PackageConfig:
-    target: str = "mobile"  # mobile | cpu | cuda
+    target: str = "mobile"  # one of PACKAGE_TARGETS: mobile | cpu | cuda
     intended_ep: str | None = None  # mobile: cpu | xnnpack | nnapi | coreml (picks the ORT optimization style)
     fix_shapes: tuple[str, ...] = ()  # "input_ids=1x128": make dynamic input shapes static
     type_reduction: bool = False  # mobile: list kernel types in the operators config too
@@ -81,8 +83,9 @@ def validate_config(config: PackageConfig) -> None:
     from dlopt.inputs import parse_input_shapes
     from dlopt.targets.mobile import INTENDED_EPS, parse_fix_shape
 
-    if config.target not in PACKAGE_TARGETS:
-        raise InputError(f"unknown package target {config.target!r}", f"choose one of {', '.join(PACKAGE_TARGETS)}")
+    packagable = target_names(package=True)
+    if config.target not in packagable:
+        raise InputError(f"unknown package target {config.target!r}", f"choose one of {', '.join(packagable)}")
     if config.intended_ep is not None:
         if config.target != "mobile":
             raise InputError(f"--intended-ep is for --target mobile, not {config.target}", "drop --intended-ep")
