@@ -107,7 +107,7 @@ def validate_config(config: PackageConfig) -> None:
     bad = [p for p in config.pte_precisions if p not in PTE_PRECISIONS]
     if bad:
         raise InputError(f"unknown .pte precision(s) {bad}", f"choose from {', '.join(PTE_PRECISIONS)}")
-    from dlopt.targets.xnnpack import WEIGHT_ROUNDINGS
+    from dlopt.optimize.pt2e import WEIGHT_ROUNDINGS
 
     if config.pte_weight_rounding not in WEIGHT_ROUNDINGS:
         raise InputError(f"unknown .pte weight rounding {config.pte_weight_rounding!r}",
@@ -510,7 +510,8 @@ def _load_torch_source(config: PackageConfig):
 
 
 def _build_pte(source, staging: Path, config: PackageConfig, feeds_list, expected, log: Log, model_path: Path):
-    from dlopt.targets.xnnpack import PteProgram, lower_to_pte
+    from dlopt.optimize.pt2e import lower_to_pte
+    from dlopt.targets.xnnpack import PteProgram
 
     artifacts, checks, programs = [], [], []
     input_names = list(feeds_list[0])
