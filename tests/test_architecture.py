@@ -41,11 +41,9 @@ CLI_EXCEPTIONS = {
 # (c) core modules that still import a stage directly (a module name covers its submodules, for the
 # packages h-split makes of bench, gate and package).
 CORE_EXCEPTIONS = {
-    "dlopt.bench": "reads CPU flags with optimize.quantize.cpu_features: h-split's one cpuinfo reader replaces it",
-    "dlopt.package": "loads torch sources and calibration data through optimize: the Package stage adapter "
-                     "(bundle_stage, h-stages) takes these over",
+    "dlopt.package": "loads torch sources, calibration data and the PT2E lowering through optimize: the Package "
+                     "stage adapter (bundle_stage, h-stages) takes these over",
     "dlopt.recipe": "builds stage configs and runs stages directly: h-stages moves it onto the Stage registry",
-    "dlopt.runtime": "reads CPU flags with optimize.quantize.cpu_features: switch to dlopt.targets' cpuinfo reader",
 }
 
 
