@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dlopt.cli._common import echo_err
-from dlopt.cli.run import cache_dir_option
+from dlopt.cli._common import cache_dir_option, echo_err
 
 
 @click.command("optimize", short_help="Search quantization recipes; Pareto front, verified bundle, HTML report.")
@@ -45,10 +44,7 @@ def command(model, target, max_accuracy_drop, time_budget, max_latency, calibrat
     as a verified bundle, and searches its batch size and thread count for throughput under
     --max-latency. Every stage output and evaluation is cached: a re-run redoes nothing.
     """
-    from dlopt.api import optimize_model
-    from dlopt.bench import parse_duration
-    from dlopt.fileio import json_text
-    from dlopt.search import OptimizeConfig
+    from dlopt.api import OptimizeConfig, json_text, optimize_model, optimize_text, parse_duration
 
     config = OptimizeConfig(target=target, max_accuracy_drop=max_accuracy_drop, time_budget_s=parse_duration(time_budget),
                             max_latency_ms=max_latency, evaluator=evaluator, calibration=calibration,
@@ -58,35 +54,4 @@ def command(model, target, max_accuracy_drop, time_budget, max_latency, calibrat
     if as_json:
         click.echo(json_text(outcome.result), nl=False)
         return
-    click.echo(format_front(outcome.result))
-
-
-def format_front(result) -> str:
-    from dlopt.report import format_table
-
-    def num(v, fmt=".3g"):
-        return "-" if v is None else format(v, fmt)
-
-    rows = []
-    for c in result["candidates"]:
-        ci = c.get("latency_ci")
-        rows.append([c["name"], c["status"], num(c["drop_points"]),
-                     "-" if c["latency_ratio"] is None else f"{c['latency_ratio']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]",
-                     num(c["median_ms"]), num(c["bytes"] / 1e6 if c["bytes"] else None, ".2f"),
-                     "yes" if c["cached"] else "no"])
-    latency = result["latency"]
-    lines = [format_table(["candidate", "status", "drop (pts)", "latency/FP32 [95% CI]", "ms", "MB", "cached"], rows),
-             f"front: {', '.join(result['front'])}",
-             f"latency: {latency.get('clock')}, {latency.get('threads')} thread, batch {latency.get('batch')}, "
-             f"inputs {latency.get('input_shapes')} ({latency.get('data')}); CPU: {result['cpu']}"]
-    server = result.get("server") or {}
-    best = server.get("best")
-    if best:
-        lines.append(f"serving: batch {best['batch']}, {best['threads']} thread(s): {best['items_per_s']:.1f} items/s, "
-                     f"p90 {best['p90_ms']:.3g} ms ({server['why']})")
-    elif server:
-        lines.append(f"serving: {server.get('skipped') or server.get('why')}")
-    lines.append(f"chosen: {result['chosen']} -> {result['bundle']} ({'verified' if result['verified'] else 'NOT verified'})"
-                 f"; {result['seconds']:.1f} s; evaluations cached {result['cache']['evaluations_cached']}, "
-                 f"run {result['cache']['evaluations_run']}" + (f"; report {result['report']}" if result['report'] else ""))
-    return "\n".join(lines)
+    click.echo(optimize_text(outcome.result))

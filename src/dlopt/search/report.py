@@ -146,3 +146,35 @@ def render_report(result: Mapping[str, Any]) -> str:
             f"marker area ~ model size.</p><h2>Candidates</h2>{_table(result['candidates'])}"
             f"<h2>Serving (batch size x threads)</h2>{_server(result.get('server'))}"
             f"<h2>Recipes and reasons</h2>{_recipes(result['candidates'])}</body></html>\n")
+
+
+def front_text(result: Mapping[str, Any]) -> str:
+    """The table `dlopt optimize` prints: every candidate, the front, how latency was measured, the choice."""
+    from dlopt.report import format_table
+
+    def num(v, fmt=".3g"):
+        return "-" if v is None else format(v, fmt)
+
+    rows = []
+    for c in result["candidates"]:
+        ci = c.get("latency_ci")
+        rows.append([c["name"], c["status"], num(c["drop_points"]),
+                     "-" if c["latency_ratio"] is None else f"{c['latency_ratio']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]",
+                     num(c["median_ms"]), num(c["bytes"] / 1e6 if c["bytes"] else None, ".2f"),
+                     "yes" if c["cached"] else "no"])
+    latency = result["latency"]
+    lines = [format_table(["candidate", "status", "drop (pts)", "latency/FP32 [95% CI]", "ms", "MB", "cached"], rows),
+             f"front: {', '.join(result['front'])}",
+             f"latency: {latency.get('clock')}, {latency.get('threads')} thread, batch {latency.get('batch')}, "
+             f"inputs {latency.get('input_shapes')} ({latency.get('data')}); CPU: {result['cpu']}"]
+    server = result.get("server") or {}
+    best = server.get("best")
+    if best:
+        lines.append(f"serving: batch {best['batch']}, {best['threads']} thread(s): {best['items_per_s']:.1f} items/s, "
+                     f"p90 {best['p90_ms']:.3g} ms ({server['why']})")
+    elif server:
+        lines.append(f"serving: {server.get('skipped') or server.get('why')}")
+    lines.append(f"chosen: {result['chosen']} -> {result['bundle']} ({'verified' if result['verified'] else 'NOT verified'})"
+                 f"; {result['seconds']:.1f} s; evaluations cached {result['cache']['evaluations_cached']}, "
+                 f"run {result['cache']['evaluations_run']}" + (f"; report {result['report']}" if result['report'] else ""))
+    return "\n".join(lines)
