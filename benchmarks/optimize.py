@@ -67,9 +67,10 @@ def run_model(name: str, work: Path, drop: float, budget: str) -> dict:
     recipe_bundle = work / f"{name}.recipe.bundle"
     shutil.rmtree(recipe_bundle, ignore_errors=True)
     timed([dlopt, "run", str(RECIPES / f"{name}-int8.toml"), "-o", str(recipe_bundle), "--cache-dir", str(cache)])
-    _, bench = timed([dlopt, "bench", str(bundle_model(recipe_bundle)), str(bundle_model(work / f"{name}.bundle")),
-                      "--threads", "1", "--data", f"model:{name}", "--budget", "30s", "--json"])
-    runs = json.loads(bench.stdout)["batches"][0]
+    bench_json = work / f"{name}.vs-recipe.json"
+    timed([dlopt, "bench", str(bundle_model(recipe_bundle)), str(bundle_model(work / f"{name}.bundle")),
+           "--threads", "1", "--data", f"model:{name}", "--budget", "30s", "--json", str(bench_json)])
+    runs = json.loads(bench_json.read_text())["batches"][0]
     ratio = runs["results"][1]["ratio"]["cpu"]
     return {"model": name, "cold_s": cold_s, "warm_s": warm_s, "front": result["front"], "chosen": result["chosen"],
             "same_front_warm": again["front"] == result["front"], "candidates": result["candidates"],
