@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -233,7 +234,10 @@ def evaluate_candidate(job: tuple[SearchContext, Candidate]) -> Evaluated:
             stage_keys=tuple(r.key for r in stage_runs),
             stage_reports=tuple(_stage_summary(r.entry.info) for r in stage_runs))
     except DlOptError as e:
-        result = Evaluated(name=candidate.name, ok=False, reason=_one_line(e.message))
+        # a failed quantize keeps its best effort beside a scratch output that is gone by now: not worth naming
+        reason = re.sub(r"; the best effort was kept as .*?, nothing was written to the output path", "",
+                        _one_line(e.message))
+        result = Evaluated(name=candidate.name, ok=False, reason=reason)
     except Exception as e:  # noqa: BLE001 - a library failing on one candidate must not end the search
         return Evaluated(name=candidate.name, ok=False, reason=f"{type(e).__name__}: {_one_line(str(e))}",
                          seconds=time.perf_counter() - started)  # not cached: it may not happen again
