@@ -17,17 +17,18 @@ the best epoch's weights are returned.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from dlopt.errors import InputError, MissingDependencyError, TargetUnavailableError
 from dlopt.optimize.prune import first_tensor
-from dlopt.stage import StageResult, TorchStageArtifacts, config_to_dict
+from dlopt.stage import Stage, StageResult, TorchStageArtifacts, config_to_dict
 
 Loss = Literal["kl", "cosine", "mse"]
 LOSSES: tuple[str, ...] = ("kl", "cosine", "mse")
@@ -36,7 +37,10 @@ STATE_FILE = "distill_state.pt"
 
 
 @dataclass(frozen=True, kw_only=True)
-class DistillConfig:
+class Distill:
+    """Knowledge distillation of a student from a teacher on training data."""
+
+    VERSION: ClassVar[int] = 1
     epochs: int = 3
     temperature: float = 4.0  # softens both distributions ("kl" only)
     alpha: float = 0.7  # weight of the distillation term; (1 - alpha) on hard-label cross-entropy
@@ -52,6 +56,9 @@ class DistillConfig:
     freeze: tuple[str, ...] = ()  # student parameters whose names start with these stay fixed (e.g. embeddings)
     seed: int = 0
     device: Literal["cpu", "cuda"] = "cpu"
+
+
+DistillConfig = Distill  # its name before the Stage interface
 
 
 @dataclass(frozen=True)
@@ -709,6 +716,30 @@ def _distill_into(teacher_spec: str, checkpoint, source_spec: str, student_path:
     return TorchStageArtifacts(saved, onnx_path, report_path, report, table, tuple(notes))
 
 
-__all__ = ["LOSSES", "DistillConfig", "DistillData", "distill_to_directory", "load_npz_data",
+# ---------------------------------------------------------------------------------------------
+# The stage adapter
+# ---------------------------------------------------------------------------------------------
+
+def _run(student, config: Distill, context) -> StageResult:
+    """A student ModelSource in, the same source with the trained module out; context.teacher (a
+    ModelSource) and context.data (a DistillData) are required, context.eval_data is the validation set."""
+    if context.teacher is None or not isinstance(context.data, DistillData):
+        raise InputError("distill needs a teacher and training data (a DistillData)",
+                         "pass them in the stage context: teacher=, data=")
+    result = distill(context.teacher.module, student.module, context.data, config, val=context.eval_data,
+                     show_progress=context.progress)
+    return StageResult(dataclasses.replace(student, module=result.model), result.report)
+
+
+def _stage() -> Stage:
+    from dlopt.optimize.export import TORCH_SOURCE
+
+    return Stage(kind="distill", config=Distill, run=_run, takes="torch", makes="torch", requires=(TORCH_SOURCE,),
+                 ensures=(TORCH_SOURCE,), summary="train the student against a teacher (torch)", validate=check_config)
+
+
+STAGE = _stage()
+
+__all__ = ["STAGE", "Distill", "LOSSES", "DistillConfig", "DistillData", "distill_to_directory", "load_npz_data",
            "reference_training_data", "split_validation", "check_compatible", "data_fingerprint", "distill",
            "embedding_loss", "kd_loss"]

@@ -18,14 +18,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from dlopt.errors import InputError, MissingDependencyError, StageError, VerificationError
 from dlopt.quiet import quiet_libraries
 from dlopt.report import environment, format_table
-from dlopt.stage import StageResult, config_to_dict
+from dlopt.stage import Check, Stage, StageResult, config_to_dict
 
 Exporter = Literal["dynamo", "torchscript"]
 EXPORTERS: tuple[Exporter, ...] = ("dynamo", "torchscript")
@@ -33,7 +33,10 @@ DEFAULT_OPSET = 18
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExportConfig:
+class Export:
+    """Export a torch source to ONNX, verified against torch on several batch sizes and lengths."""
+
+    VERSION: ClassVar[int] = 1
     opset: int = DEFAULT_OPSET
     exporter: Exporter | None = None  # None: the source's preferred exporter, else dynamo
     fallback: bool = True  # try the other exporter, announced, when the chosen one fails
@@ -44,6 +47,9 @@ class ExportConfig:
     verify_seq_lens: tuple[int, ...] = (7, 33)
     allow_mismatch: bool = False
     seed: int = 0
+
+
+ExportConfig = Export  # its name before the Stage interface
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -557,5 +563,27 @@ def _value_info(value) -> dict[str, Any]:
     }
 
 
-__all__ = ["DEFAULT_OPSET", "EXPORTERS", "ExportConfig", "ModelSource", "OutputDiff", "compare_outputs",
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+def _source_problem(source, config, before) -> str | None:
+    return None if isinstance(source, ModelSource) else f"got a {type(source).__name__}"
+
+
+def _onnx_problem(model, config, before) -> str | None:
+    import onnx
+
+    return None if isinstance(model, onnx.ModelProto) else f"got a {type(model).__name__}"
+
+
+def _run(source: ModelSource, config: Export, context) -> StageResult:
+    return export(source, config, log=context.log)
+
+
+TORCH_SOURCE = Check("a torch source (a ModelSource)", _source_problem)
+STAGE = Stage(kind="export", config=Export, run=_run, takes="torch", makes="onnx", requires=(TORCH_SOURCE,),
+              ensures=(Check("an ONNX model", _onnx_problem),), summary="torch -> ONNX, verified against torch")
+
+__all__ = ["STAGE", "TORCH_SOURCE", "Export", "DEFAULT_OPSET", "EXPORTERS", "ExportConfig", "ModelSource", "OutputDiff", "compare_outputs",
            "default_dynamic_axes", "diff_table", "export", "load_source", "verify_onnx"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -28,35 +28,36 @@ from dlopt.errors import InputError, StageError
 from dlopt.fidelity import compare_sessions
 from dlopt.fidelity import report as fidelity_report
 from dlopt.inputs import model_feeds, parse_input_shapes, take_samples
+from dlopt.optimize.scheme import TARGETS, QuantizeScheme
 from dlopt.quiet import quiet_libraries
 from dlopt.sessions import cpu_session, feeds_for
 from dlopt.stage import StageResult, config_to_dict
 
 FP16_MAX = 65504.0
 FP16_TINY = 2.0**-24  # smallest subnormal; below half of it a value becomes 0
-TARGETS = ("cpu", "cuda", "arm64", "mobile")
-Target = Literal["cpu", "cuda", "arm64", "mobile"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class Fp16Config:
+class Fp16(QuantizeScheme):
+    """FP16 weights and compute. exclude_ops (QuantizeScheme) join onnxconverter-common's block list."""
+
+    VERSION: ClassVar[int] = 1
+    precision: ClassVar[str] = "fp16"
     keep_io_types: bool = True  # graph inputs and outputs stay FP32 (Casts inside)
-    exclude_ops: tuple[str, ...] = ()  # op types kept FP32, added to onnxconverter-common's block list
-    exclude_nodes: tuple[str, ...] = ()  # node names kept FP32
     auto_fallback: bool = True  # keep nodes that overflow or turn NaN/Inf in FP16 in FP32
-    target: Target = "cpu"
     transformer_fusion: Literal["auto", "on", "off"] = "auto"  # auto: on for target cuda and BERT-like graphs
     check_samples: int = 8  # samples run to find overflowing nodes (synthetic inputs without data)
     max_rounds: int = 8  # convert -> run -> block rounds before giving up
-    input_shapes: tuple[str, ...] = ()  # NAME=DxD...: shapes of the synthetic inputs without data
 
     def __post_init__(self):
-        if self.target not in TARGETS:
-            raise InputError(f"fp16: unknown target {self.target!r}", f"choose one of {', '.join(TARGETS)}")
+        super().__post_init__()
         if self.transformer_fusion not in ("auto", "on", "off"):
             raise InputError(f"fp16: transformer_fusion {self.transformer_fusion!r}", "use auto, on or off")
         if self.check_samples < 1 or self.max_rounds < 1:
             raise InputError("fp16: check_samples and max_rounds must be >= 1", "e.g. check_samples=8")
+
+
+Fp16Config = Fp16  # its name before the scheme configs
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -247,7 +248,7 @@ def _split_shared_initializers(model, blocked: set[str]) -> int:
     return copies
 
 
-def _convert(model, config: Fp16Config, blocked: set[str], use_ort_converter: bool):
+def _convert(model, config: Fp16, blocked: set[str], use_ort_converter: bool):
     """One conversion of the (FP32) model with `blocked` nodes kept FP32; the input is not modified."""
     from onnxconverter_common import float16
 
@@ -357,7 +358,7 @@ def _looks_like_transformer(model) -> bool:
 
 
 # -- the stage ---------------------------------------------------------------------------------------
-def convert_fp16(model, config: Fp16Config = Fp16Config(), data: Iterable[Mapping[str, np.ndarray]] | None = None
+def convert_fp16(model, config: Fp16 = Fp16(), data: Iterable[Mapping[str, np.ndarray]] | None = None
                  ) -> StageResult:
     """Convert an onnx.ModelProto (never modified) to FP16, keeping in FP32 what FP16 cannot hold.
 
@@ -460,4 +461,4 @@ def convert_fp16(model, config: Fp16Config = Fp16Config(), data: Iterable[Mappin
     return StageResult(converted, report)
 
 
-__all__ = ["FP16_MAX", "Fp16Config", "convert_fp16"]
+__all__ = ["FP16_MAX", "TARGETS", "Fp16", "Fp16Config", "convert_fp16"]

@@ -47,7 +47,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -56,6 +56,7 @@ from dlopt.fidelity import compare_sessions, sqnr_from_energy
 from dlopt.fidelity import report as fidelity_report
 from dlopt.inputs import take_samples
 from dlopt.optimize.rounding import gptq_factor
+from dlopt.optimize.scheme import QuantizeScheme
 from dlopt.sessions import cpu_session, feeds_for
 from dlopt.stage import StageResult, config_to_dict
 
@@ -68,7 +69,11 @@ _MIN_EMBEDDING_ELEMENTS = 1 << 16
 
 
 @dataclass(frozen=True, kw_only=True)
-class Int4Config:
+class Int4WeightOnly(QuantizeScheme):
+    """4-bit block-quantized weights (MatMulNBits, GatherBlockQuantized); activations stay float."""
+
+    VERSION: ClassVar[int] = 1
+    precision: ClassVar[str] = "int4"
     block_size: int = 32  # weights per scale, along the reduction axis; a power of two >= 16
     symmetric: bool = True  # True: no zero points, a signed scale per block (see block_grid); False: a zero
     #                         point per block (~1.5 % larger; HQQ needs it)
@@ -80,8 +85,7 @@ class Int4Config:
     embedding_block_size: int | None = None  # None: block_size
     share_tied_embeddings: bool = True  # a table that is also a (transposed) MatMul weight, like a tied LM
     #                                     head, is stored once: the Gather reads the MatMul's quantized codes
-    exclude_nodes: tuple[str, ...] = ()  # kept in float
-    exclude_ops: tuple[str, ...] = ()  # of MatMul, Gemm, Gather: op types left in float
+    # exclude_ops (QuantizeScheme): of MatMul, Gemm, Gather, the op types left in float
     keep_first: int = 0  # the first N weight MatMuls (graph order) kept at fallback_bits
     keep_last: int = 1  # the last N (an LM head; with a tied table, the embedding too) kept at fallback_bits
     sensitive_fraction: float = 0.1  # share of MatMul weights (by parameters) kept at fallback_bits, most
@@ -95,6 +99,8 @@ class Int4Config:
     gptq_clip_search: bool = True  # GPTQ block grids by an energy-weighted clip-ratio search, not min/max
 
     def __post_init__(self):
+        super().__post_init__()
+
         def bad(what: str, hint: str):
             raise InputError(f"int4: {what}", hint)
 
@@ -122,6 +128,9 @@ class Int4Config:
                 bad(f"{name} must be >= 0", "give a number of layers")
         if self.sensitivity_samples < 1 or self.gptq_samples < 1:
             bad("sample counts must be >= 1", "e.g. sensitivity_samples=8")
+
+
+Int4Config = Int4WeightOnly  # its name before the scheme configs
 
 
 # -- graph helpers -----------------------------------------------------------------------------------
@@ -473,7 +482,7 @@ def _progress(items: list[Any], description: str, total: int, counts) -> Iterato
                 advance()
 
 
-def _matmul_nbits_own(model, include: set[str], config: Int4Config, quantize) -> Any:
+def _matmul_nbits_own(model, include: set[str], config: Int4WeightOnly, quantize) -> Any:
     """4-bit MatMulNBits written by dlopt (algorithms 'mse' and 'gptq').
 
     `quantize(node, wt)` gets the weight transposed and zero-padded to whole blocks along K, [N, K'],
@@ -657,7 +666,7 @@ def _quiet_ort_quantizer() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _ort_nbits(model, *, bits: int, config: Int4Config, include: set[str], all_matmuls: set[str]):
+def _ort_nbits(model, *, bits: int, config: Int4WeightOnly, include: set[str], all_matmuls: set[str]):
     """Quantize the MatMuls named in `include` with ORT's round-to-nearest (or HQQ) block quantizer."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer)
@@ -716,7 +725,7 @@ def _select_fallback(candidates: list[Any], sqnr: dict[str, float], fraction: fl
     return chosen
 
 
-def quantize_int4(model, config: Int4Config = Int4Config(), data: Iterable[Mapping[str, np.ndarray]] | None = None
+def quantize_int4(model, config: Int4WeightOnly = Int4WeightOnly(), data: Iterable[Mapping[str, np.ndarray]] | None = None
                   ) -> StageResult:
     """4-bit weight-only quantization of an onnx.ModelProto (never modified); see the module doc.
 
@@ -859,5 +868,5 @@ def quantize_int4(model, config: Int4Config = Int4Config(), data: Iterable[Mappi
     return StageResult(model, report)
 
 
-__all__ = ["ALGORITHMS", "Int4Config", "collect_hessians", "dequantize_blocks", "gptq_blocks", "gptq_factor",
+__all__ = ["ALGORITHMS", "Int4Config", "Int4WeightOnly", "collect_hessians", "dequantize_blocks", "gptq_blocks", "gptq_factor",
            "quantize_blocks", "quantize_blocks_mse", "quantize_int4", "rank_sensitivity"]

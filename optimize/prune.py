@@ -14,6 +14,7 @@ with the layer that feeds them).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import gzip
 import io
@@ -21,10 +22,10 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from dlopt.errors import InputError, MissingDependencyError, StageError
-from dlopt.stage import StageResult, TorchStageArtifacts, config_to_dict
+from dlopt.stage import Stage, StageResult, TorchStageArtifacts, config_to_dict
 
 Structure = Literal["auto", "channels", "heads", "ffn", "heads+ffn", "unstructured"]
 STRUCTURES: tuple[str, ...] = ("auto", "channels", "heads", "ffn", "heads+ffn", "unstructured")
@@ -41,13 +42,19 @@ CHECKPOINT_FORMAT = "dlopt-pruned-v1"
 
 
 @dataclass(frozen=True, kw_only=True)
-class PruneConfig:
+class Prune:
+    """Structured (channels, heads, FFN units) or unstructured pruning of a torch module."""
+
+    VERSION: ClassVar[int] = 1
     ratio: float = 0.5  # fraction of channels / heads / FFN units (or of weights, unstructured) removed
     structure: Structure = "auto"  # auto: heads+ffn for transformers, channels otherwise
     importance: Importance = "magnitude"  # how channels are ranked (taylor needs gradient batches)
     global_pruning: bool = False  # rank across layers (uneven widths) instead of the same ratio per layer
     ignore: tuple[str, ...] = ()  # module names whose output channels are kept
     round_to: int | None = None  # keep channel counts multiples of this (e.g. 8 for SIMD-friendly widths)
+
+
+PruneConfig = Prune  # its name before the Stage interface
 
 
 def _require_torch_pruning():
@@ -651,7 +658,27 @@ def _prune_into(spec: str, out_dir: Path, outputs, config: PruneConfig, *, bench
     return TorchStageArtifacts(checkpoint, onnx_path, report_path, report, table, tuple(notes))
 
 
-__all__ = ["CHECKPOINT_FORMAT", "IMPORTANCES", "STRUCTURES", "AttentionModule", "PruneConfig", "PrunedCheckpoint",
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+def _run(source, config: Prune, context) -> StageResult:
+    """A ModelSource in, the same source with the pruned module out; context.data: gradient batches
+    for importance "taylor"."""
+    result = prune(source.module, source.example_inputs, config, gradient_batches=context.data)
+    return StageResult(dataclasses.replace(source, module=result.model), result.report)
+
+
+def _stage() -> Stage:
+    from dlopt.optimize.export import TORCH_SOURCE
+
+    return Stage(kind="prune", config=Prune, run=_run, takes="torch", makes="torch", requires=(TORCH_SOURCE,),
+                 ensures=(TORCH_SOURCE,), summary="remove channels / heads / FFN units (torch)", validate=check_config)
+
+
+STAGE = _stage()
+
+__all__ = ["STAGE", "Prune", "CHECKPOINT_FORMAT", "IMPORTANCES", "STRUCTURES", "AttentionModule", "PruneConfig", "PrunedCheckpoint",
            "check_config", "checked_source", "count_macs_params", "first_tensor", "measure_speedup",
            "prune_to_directory", "find_attention", "find_ffn", "output_layer_name", "prune",
            "pinned_source", "read_checkpoint", "rebuild", "save_checkpoint", "source_file"]

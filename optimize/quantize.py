@@ -35,14 +35,18 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from dlopt.errors import InputError, StageError, VerificationError
 from dlopt.optimize.calibration import CalibrationData, Feeds, progress_bar
 from dlopt.inputs import graph_inputs
-from dlopt.optimize.kernel_choice import LAYERNORM_FORMS, NODE_FORMS, LayerNormForm, NodeForms
+from dlopt.images import ImagePreprocess
+from dlopt.optimize.fp16 import Fp16
+from dlopt.optimize.int4 import Int4WeightOnly
+from dlopt.optimize.kernel_choice import NODE_FORMS, LayerNormForm, NodeForms
+from dlopt.optimize.scheme import HOLDOUT_FRACTION, HOLDOUT_MIN, TARGETS, QuantizeScheme, Target, check_common
 from dlopt.optimize.normalize import NormalizeConfig, normalize
 from dlopt.optimize.rounding import LayerStatistics, collect_layer_statistics, refine_weights
 from dlopt.fidelity import compare_runs
@@ -53,18 +57,16 @@ from dlopt.sessions import cpu_session, run_outputs
 from dlopt.quiet import quiet_libraries
 from dlopt.runtime import cpu_label, runtime_report
 from dlopt.runtime import initialize as initialize_runtime
-from dlopt.stage import StageResult, config_to_dict
+from dlopt.stage import Check, Stage, StageContext, StageResult, config_to_dict
 
 PRECISIONS = ("int8", "int4", "fp16")
 MODES = ("auto", "dynamic", "static", "weight-only")
 METHODS = ("minmax", "entropy", "percentile")
 ROUNDINGS = ("auto", "nearest", "gptq")
-TARGETS = ("cpu", "cuda", "arm64", "mobile")
 
 Precision = Literal["int8", "int4", "fp16"]
 Mode = Literal["auto", "dynamic", "static", "weight-only"]
 Method = Literal["minmax", "entropy", "percentile"]
-Target = Literal["cpu", "cuda", "arm64", "mobile"]
 Rounding = Literal["auto", "nearest", "gptq"]
 # The fidelity floor: the lowest output SQNR, 20·log10(‖x‖/‖x−y‖) per float output over the held-out
 # samples, at which a result is written as a success. int8 15 dB: noise 3 % of the signal power (a
@@ -72,12 +74,8 @@ Rounding = Literal["auto", "nearest", "gptq"]
 # 21.2 dB) and PP-OCRv4's broken per-tensor detector 3.4 dB. int4 (weight-only) 10 dB: 4-bit
 # weights cost more, and a 4-bit LM's logits lose ~10-15 dB while its perplexity moves a few per
 # cent. fp16 30 dB: an 11-bit mantissa gives 50-60 dB; below 30 something overflowed.
-# Override with QuantizeConfig.min_sqnr_db / --min-sqnr.
+# Override with the config's min_sqnr_db.
 FIDELITY_FLOORS_DB: dict[str, float] = {"int8": 15.0, "int4": 10.0, "fp16": 30.0}
-# Held out of --calibration for the fidelity check (the last samples): this share, at least
-# HOLDOUT_MIN, at most half of the samples and at most config.fidelity_samples.
-HOLDOUT_FRACTION = 0.2
-HOLDOUT_MIN = 4
 # Recovery below the floor keeps at most this share of the quantizable nodes in float: a model that
 # needs more is barely quantized, and is reported as failed rather than passed off as INT8 (PP-OCRv4's
 # per-tensor detector reached 15 dB only with all 67 of its Conv nodes in float).
@@ -87,8 +85,102 @@ REPORT_SCHEMA = "dlopt.quantize"
 REPORT_SCHEMA_VERSION = 1
 
 
+# -- the scheme configs -----------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class _Int8(QuantizeScheme):
+    """The fields of every INT8 scheme (ORT's quantizers, the accuracy budget, recovery below the floor)."""
+
+    precision: ClassVar[str] = "int8"
+    mode: ClassVar[str]
+    per_channel: bool = True
+    preprocess: bool = True  # fusions, constant folding, shape inference, each checked
+    max_accuracy_drop: float | None = None
+    evaluator: str | None = None  # cosine | top1 | sqnr | model:NAME[:metric]; None: cosine or top1
+    # below the floor: keep the nodes that add the most noise in float until it holds (the budget
+    # search of optimize/sensitivity.py); False: fail at once
+    recover: bool = True
+    leave_one_out_limit: int = 80  # budget: rank up to this many nodes by re-quantizing without each
+    # SmoothQuant alpha for transformers with calibration data; None: off. Off by default: on MiniLM
+    # (dynamic INT8, 7-bit weights, this AVX2 CPU) alpha 0.75 gave embedding cosine 0.9916 vs 0.9908
+    # without, but Pang-Lee 0.730 vs 0.735 and Lee50 0.644 vs 0.658, 4 % slower (its Mul nodes), and
+    # alpha 0.5 or 0.9 dropped cosine to 0.984.
+    smoothing: float | None = None
+    smoothing_samples: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int8(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Int8Dynamic(_Int8):
+    """INT8 weights, activations quantized per call (QOperator): transformers, MatMul/Gemm models."""
+
+    VERSION: ClassVar[int] = 1
+    mode: ClassVar[str] = "dynamic"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Int8WeightOnly(_Int8):
+    """INT8 weights dequantized to float before each op: ~4x smaller, float compute, needs no data."""
+
+    VERSION: ClassVar[int] = 1
+    mode: ClassVar[str] = "weight-only"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Int8Static(_Int8):
+    """Static QDQ: activation ranges calibrated once on data, weights refined against the layers' inputs."""
+
+    VERSION: ClassVar[int] = 1
+    mode: ClassVar[str] = "static"
+    method: Method | None = None  # calibration; None: percentile for transformers and CNNs, else minmax
+    percentile: float | None = None  # for percentile calibration; None: 99.99 for CNNs, 99.999 otherwise
+    weight_rounding: Rounding = "auto"  # Conv/Gemm weights: auto = GPTQ with calibration data; nearest = ORT's
+    bias_correction: bool = True  # fold each Conv/Gemm's mean rounding shift into its bias
+    rounding_samples: int = 64  # calibration samples for the layer statistics of both
+    # target cpu: node classes (depthwise, pointwise, dense, small-channel conv, gemm) whose INT8 kernels
+    # time slower here than float stay float, if the whole model then runs faster; int8: all
+    node_forms: NodeForms = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_static(self)
+
+
+Int8Scheme = Int8Dynamic | Int8Static | Int8WeightOnly
+Scheme = Int8Dynamic | Int8Static | Int8WeightOnly | Int4WeightOnly | Fp16
+INT8_SCHEMES: dict[str, type] = {"dynamic": Int8Dynamic, "static": Int8Static, "weight-only": Int8WeightOnly}
+
+
+def check_int8(config) -> None:
+    if config.smoothing is not None and not 0 < config.smoothing < 1:
+        raise InputError(f"smoothing alpha {config.smoothing} is out of range", "give a value in (0, 1), e.g. 0.75")
+    if config.max_accuracy_drop is not None and config.max_accuracy_drop < 0:
+        raise InputError(f"the accuracy budget (max accuracy drop) {config.max_accuracy_drop} is negative",
+                         "give a drop >= 0")
+
+
+def check_static(config) -> None:
+    if config.method is not None and config.method not in METHODS:
+        raise InputError(f"unknown calibration method {config.method!r}", f"choose one of {', '.join(METHODS)}")
+    if config.percentile is not None and not 0 < config.percentile <= 100:
+        raise InputError(f"percentile {config.percentile} is out of range", "give a value in (0, 100], e.g. 99.999")
+    if config.weight_rounding not in ROUNDINGS:
+        raise InputError(f"unknown weight rounding {config.weight_rounding!r}", f"choose one of {', '.join(ROUNDINGS)}")
+    if config.node_forms not in NODE_FORMS:
+        raise InputError(f"unknown node forms {config.node_forms!r}", f"choose one of {', '.join(NODE_FORMS)}")
+    if config.rounding_samples < 1:
+        raise InputError(f"rounding samples {config.rounding_samples} must be >= 1", "e.g. 32")
+
+
 @dataclass(frozen=True, kw_only=True)
 class QuantizeConfig:
+    """The `dlopt quantize` front door: a precision, a mode (auto: chosen for the model, the target and the
+    CPU) and every option. `resolve` turns it into one scheme config at run time, with the reasons;
+    the report records which one (`report["scheme"]`)."""
+
+    VERSION: ClassVar[int] = 1
     precision: Precision = "int8"
     mode: Mode = "auto"
     method: Method | None = None  # static calibration; None: the recipe's choice
@@ -103,61 +195,43 @@ class QuantizeConfig:
     max_accuracy_drop: float | None = None
     evaluator: str | None = None  # cosine | top1 | sqnr | model:NAME[:metric]; None: cosine or top1
     fidelity_samples: int = 32
-    input_shapes: tuple[str, ...] = ()  # NAME=DxD...: the shapes of synthetic inputs (--input-shape)
-    image: Any = None  # a dlopt.images.ImagePreprocess: how a folder of images is fed; None: its defaults
+    input_shapes: tuple[str, ...] = ()  # NAME=DxD...: the shapes of synthetic inputs
+    image: ImagePreprocess | None = None  # how a folder of images is fed; None: its defaults
     min_sqnr_db: float | None = None  # fidelity floor per float output; None: FIDELITY_FLOORS_DB[precision]
     holdout: float = HOLDOUT_FRACTION  # share of the calibration samples held out to measure fidelity
-    # int8 below the floor: keep the nodes that add the most noise in float until it holds (the budget
-    # search of optimize/sensitivity.py); False: fail at once
-    recover: bool = True
-    leave_one_out_limit: int = 80  # budget: rank up to this many nodes by re-quantizing without each
-    # SmoothQuant alpha for transformers with calibration data; None: off. Off by default: on MiniLM
-    # (dynamic INT8, 7-bit weights, this AVX2 CPU) alpha 0.75 gave embedding cosine 0.9916 vs 0.9908
-    # without, but Pang-Lee 0.730 vs 0.735 and Lee50 0.644 vs 0.658, 4 % slower (its Mul nodes), and
-    # alpha 0.5 or 0.9 dropped cosine to 0.984.
-    smoothing: float | None = None
+    recover: bool = True  # int8 below the floor: keep the noisiest nodes in float until it holds
+    leave_one_out_limit: int = 80
+    smoothing: float | None = None  # SmoothQuant alpha (int8 transformers with data); see _Int8
     smoothing_samples: int = 64
-    # static INT8 Conv/Gemm weights: auto = GPTQ with calibration data; nearest = ORT's rounding
     weight_rounding: Rounding = "auto"
-    bias_correction: bool = True  # static INT8: fold each Conv/Gemm's mean rounding shift into its bias
-    rounding_samples: int = 64  # calibration samples for the layer statistics of both
-    speed_check: bool = True  # time FP32 vs the result (b1, one thread, ~2 s) and warn when it is slower
-    # target cpu: residual sums before LayerNorms written so that ORT does not fuse them into its
-    # SkipLayerNormalization when that measures slower here (dlopt.optimize.kernel_choice); auto: timed
+    bias_correction: bool = True
+    rounding_samples: int = 64
+    speed_check: bool = True
     layernorm_form: LayerNormForm = "auto"
-    # target cpu, static INT8: node classes (depthwise, pointwise, dense, small-channel conv, gemm) whose
-    # INT8 kernels time slower here than float stay float, if the whole model then runs faster; int8: all
     node_forms: NodeForms = "auto"
-    int4: Any = None  # an Int4Config from dlopt.optimize.int4; None: built from the options above
-    fp16: Any = None  # an Fp16Config from dlopt.optimize.fp16
+
+    def resolve(self, model, *, has_data: bool, cpu: CpuFeatures | None = None) -> tuple[Scheme, tuple[str, ...]]:
+        """The scheme config this request asks for on `model`, and why (int8 mode auto: see choose_mode)."""
+        validate_config(self)
+        if self.precision == "int8":
+            mode, reason = choose_mode(model, self, cpu, has_data=has_data)
+            cls, reasons = INT8_SCHEMES[mode], (reason,)
+        else:
+            cls = Int4WeightOnly if self.precision == "int4" else Fp16
+            reasons = (f"{self.precision}: asked for",)
+        # The request holds every scheme's fields under the same names: each scheme takes its own.
+        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls) if hasattr(self, f.name)}), reasons
 
 
 def validate_config(config: QuantizeConfig) -> None:
-    choices = {"precision": PRECISIONS, "mode": MODES, "target": TARGETS}
+    choices = {"precision": PRECISIONS, "mode": MODES}
     for name, allowed in choices.items():
         value = getattr(config, name)
         if value not in allowed:
             raise InputError(f"unknown {name} {value!r}", f"choose one of {', '.join(allowed)}")
-    if config.method is not None and config.method not in METHODS:
-        raise InputError(f"unknown calibration method {config.method!r}", f"choose one of {', '.join(METHODS)}")
-    if config.percentile is not None and not 0 < config.percentile <= 100:
-        raise InputError(f"percentile {config.percentile} is out of range", "give a value in (0, 100], e.g. 99.999")
-    if config.smoothing is not None and not 0 < config.smoothing < 1:
-        raise InputError(f"smoothing alpha {config.smoothing} is out of range", "give a value in (0, 1), e.g. 0.75")
-    if not 0 <= config.holdout < 1:
-        raise InputError(f"hold-out share {config.holdout} is out of range", "give a value in [0, 1), e.g. 0.2")
-    if config.min_sqnr_db is not None and math.isnan(config.min_sqnr_db):
-        raise InputError("--min-sqnr is not a number", "give a floor in dB, e.g. 15")
-    if config.max_accuracy_drop is not None and config.max_accuracy_drop < 0:
-        raise InputError(f"--max-accuracy-drop {config.max_accuracy_drop} is negative", "give a drop >= 0")
-    if config.weight_rounding not in ROUNDINGS:
-        raise InputError(f"unknown weight rounding {config.weight_rounding!r}", f"choose one of {', '.join(ROUNDINGS)}")
-    if config.node_forms not in NODE_FORMS:
-        raise InputError(f"unknown node forms {config.node_forms!r}", f"choose one of {', '.join(NODE_FORMS)}")
-    if config.layernorm_form not in LAYERNORM_FORMS:
-        raise InputError(f"unknown layernorm form {config.layernorm_form!r}", f"choose one of {', '.join(LAYERNORM_FORMS)}")
-    if config.rounding_samples < 1:
-        raise InputError(f"rounding samples {config.rounding_samples} must be >= 1", "e.g. 32")
+    check_common(config)
+    check_int8(config)
+    check_static(config)
     if config.block_size < 16 or config.block_size & (config.block_size - 1):
         raise InputError(f"block size {config.block_size} is not a power of two >= 16", "use 32, 64 or 128")
 
@@ -201,48 +275,61 @@ class Recipe:
     reasons: tuple[str, ...] = ()
 
 
-def choose_recipe(model, config: QuantizeConfig, cpu: CpuFeatures | None = None, *, has_data: bool = True,
-                  normalization: Mapping[str, Any] | None = None) -> Recipe:
-    """The INT8 recipe for this model, target and CPU, with a reason for every choice.
-    `normalization`: the report of dlopt.optimize.normalize on this model (its opset upgrade)."""
-    from dlopt.optimize.normalize import PER_CHANNEL_OPSET, all_graphs, default_opset, upgrade_failure
+def _model_kind(model) -> tuple[bool, set[str], str]:
+    from dlopt.optimize.normalize import all_graphs
 
-    cpu = cpu or cpu_features()
-    reasons = []
     transformer = looks_like_transformer(model)
     ops = {n.op_type for g in all_graphs(model.graph) for n in g.node}
     convs = ops & {"Conv", "ConvTranspose"}
-    kind = "transformer" if transformer else ("CNN" if convs else "MLP/other")
-    arm = config.target in ("arm64", "mobile") or cpu.machine in ("aarch64", "arm64")
+    return transformer, convs, "transformer" if transformer else ("CNN" if convs else "MLP/other")
+
+
+def choose_mode(model, config: QuantizeConfig, cpu: CpuFeatures | None = None, *, has_data: bool = True
+                ) -> tuple[str, str]:
+    """The INT8 scheme (dynamic, static, weight-only) for a `quantize` request on this model and target,
+    with the reason: the request's mode unless it is auto."""
+    transformer, convs, kind = _model_kind(model)
     if config.mode != "auto":
-        mode = config.mode
-        reasons.append(f"mode {mode}: asked for")
-    elif not has_data and (config.target == "cuda" or (convs and not transformer)):
-        mode = "weight-only"
+        return config.mode, f"mode {config.mode}: asked for"
+    if not has_data and (config.target == "cuda" or (convs and not transformer)):
         needs = ("the CUDA/TensorRT providers run static QDQ, not dynamic quantization, and static INT8"
                  if config.target == "cuda" else f"static INT8 for this {kind} ({', '.join(sorted(convs))})")
-        reasons.append(f"weight-only: {needs} needs calibration data to set activation ranges (pass --calibration "
-                       "DATA: an .npz, a folder, or model:NAME); without it the weights are stored int8 and "
-                       "dequantized to float before each op: ~4x smaller weights, float compute, no speedup "
-                       "(ONNX Runtime runs each DequantizeLinear per call unless the session sets "
-                       "session.disable_quant_qdq=1)")
-    elif not has_data and not transformer:
-        mode = "dynamic"
-        reasons.append(f"dynamic: no calibration data, and this {kind} model's MatMul/Gemm layers need none: "
-                       "activations are quantized per call (--calibration DATA allows static QDQ)")
-    elif config.target == "cuda":
-        mode = "static"
-        reasons.append("static QDQ: the CUDA/TensorRT providers run QDQ graphs, not dynamic quantization")
-    elif transformer:
-        mode = "dynamic"
-        reasons.append("dynamic: transformer activations vary per token and per input; per-call ranges beat "
-                       "calibrated ones (ORT static QDQ loses ~0.2 cosine on MiniLM)")
-    elif config.target == "mobile":
-        mode = "static"
-        reasons.append("static QDQ: mobile providers (XNNPACK, NNAPI, CoreML) take QDQ graphs")
-    else:
-        mode = "static"
-        reasons.append(f"static QDQ: {kind}; activation ranges calibrated once, no per-call quantize cost")
+        return "weight-only", (f"weight-only: {needs} needs calibration data to set activation ranges (pass "
+                               "--calibration DATA: an .npz, a folder, or model:NAME); without it the weights are "
+                               "stored int8 and dequantized to float before each op: ~4x smaller weights, float "
+                               "compute, no speedup (ONNX Runtime runs each DequantizeLinear per call unless the "
+                               "session sets session.disable_quant_qdq=1)")
+    if not has_data and not transformer:
+        return "dynamic", (f"dynamic: no calibration data, and this {kind} model's MatMul/Gemm layers need none: "
+                           "activations are quantized per call (--calibration DATA allows static QDQ)")
+    if config.target == "cuda":
+        return "static", "static QDQ: the CUDA/TensorRT providers run QDQ graphs, not dynamic quantization"
+    if transformer:
+        return "dynamic", ("dynamic: transformer activations vary per token and per input; per-call ranges beat "
+                           "calibrated ones (ORT static QDQ loses ~0.2 cosine on MiniLM)")
+    if config.target == "mobile":
+        return "static", "static QDQ: mobile providers (XNNPACK, NNAPI, CoreML) take QDQ graphs"
+    return "static", f"static QDQ: {kind}; activation ranges calibrated once, no per-call quantize cost"
+
+
+def choose_recipe(model, config: Int8Scheme | QuantizeConfig, cpu: CpuFeatures | None = None, *,
+                  has_data: bool = True, normalization: Mapping[str, Any] | None = None,
+                  mode_reason: str | None = None) -> Recipe:
+    """The INT8 recipe for this model, scheme, target and CPU, with a reason for every choice. A
+    `quantize` request is resolved to its scheme first. `normalization`: the report of
+    dlopt.optimize.normalize on this model (its opset upgrade); `mode_reason`: why this scheme."""
+    from dlopt.optimize.normalize import PER_CHANNEL_OPSET, default_opset, upgrade_failure
+
+    cpu = cpu or cpu_features()
+    if isinstance(config, QuantizeConfig):
+        config, (mode_reason,) = config.resolve(model, has_data=has_data, cpu=cpu)
+    if not isinstance(config, _Int8):
+        raise TypeError(f"choose_recipe takes an INT8 scheme, not {type(config).__name__}")
+    transformer, convs, kind = _model_kind(model)
+    arm = config.target in ("arm64", "mobile") or cpu.machine in ("aarch64", "arm64")
+    mode = config.mode
+    reasons = [mode_reason or f"{mode}: the int8-{mode} scheme"]
+    static = config if isinstance(config, Int8Static) else Int8Static()  # calibration fields: static only
     fmt = "QOperator" if mode == "dynamic" else "QDQ"
     if mode == "weight-only":
         act, wt, reduce = "float", "s8", False
@@ -276,20 +363,20 @@ def choose_recipe(model, config: QuantizeConfig, cpu: CpuFeatures | None = None,
                                                   if why else ""))
     else:
         reasons.append("per-channel weights" if per_channel else "per-tensor weights: asked for")
-    method = config.method or ("percentile" if transformer or kind == "CNN" else "minmax")
+    method = static.method or ("percentile" if transformer or kind == "CNN" else "minmax")
     # EfficientNet-Lite0 (GPTQ + bias correction): 99.99 -> 19.75 dB, 99.999 -> 19.43, 99.9 -> 17.46
-    percentile = config.percentile or (99.99 if kind == "CNN" and not transformer else 99.999)
+    percentile = static.percentile or (99.99 if kind == "CNN" and not transformer else 99.999)
     if mode == "static":
         reasons.append(f"calibration: {method}" + (f" {percentile}" if method == "percentile" else "")
-                       + ("" if config.method else
+                       + ("" if static.method else
                        (" (transformer activations have outliers)" if transformer
                         else " (a few outliers set the range of the residual and projection outputs: "
                              "EfficientNet-Lite0 19.7 vs 18.7 dB with minmax)" if kind == "CNN"
                         else " (bounded activations)")))
     rounding, bias_correction = "nearest", False
     if mode == "static" and not transformer:
-        rounding = ("gptq" if has_data else "nearest") if config.weight_rounding == "auto" else config.weight_rounding
-        bias_correction = config.bias_correction and has_data
+        rounding = ("gptq" if has_data else "nearest") if static.weight_rounding == "auto" else static.weight_rounding
+        bias_correction = static.bias_correction and has_data
         if rounding == "gptq":
             reasons.append("GPTQ weight rounding on the calibration data: folded BatchNorm leaves high-gain filters "
                            "whose nearest-rounding error is amplified downstream (EfficientNet-Lite0 logit SQNR "
@@ -476,7 +563,7 @@ def _depthwise_weights(model, skip: set[str] = frozenset()) -> list[str]:
                   and any(a.name == "group" and a.i > 1 for a in n.attribute))
 
 
-def _check_exclusions(model, config: QuantizeConfig) -> None:
+def _check_exclusions(model, config: QuantizeScheme) -> None:
     from dlopt.optimize.normalize import all_graphs
 
     names = {n.name for g in all_graphs(model.graph) for n in g.node}  # ORT's quantizers exclude in subgraphs too
@@ -487,7 +574,7 @@ def _check_exclusions(model, config: QuantizeConfig) -> None:
                          f"use node names from the graph (e.g. {sample})")
 
 
-def quantize_int8(model, config: QuantizeConfig, recipe: Recipe, data: CalibrationData | None = None, *,
+def quantize_int8(model, config: Int8Scheme, recipe: Recipe, data: CalibrationData | None = None, *,
                   exclude_nodes: Iterable[str] = (), progress: bool = False, ranges=None,
                   layer_stats: LayerStatistics | None = None):
     """INT8 with ORT's quantizers following `recipe`; returns (model, details). `ranges` and
@@ -583,7 +670,7 @@ def quantize_int8(model, config: QuantizeConfig, recipe: Recipe, data: Calibrati
 _SHIELDED_OPS = ("Conv", "ConvTranspose", "Gemm")
 
 
-def _excluded_by_op(model, config: QuantizeConfig) -> list[str]:
+def _excluded_by_op(model, config: QuantizeScheme) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in config.exclude_ops]
 
 
@@ -668,36 +755,21 @@ def quantized_nodes(model) -> dict[str, int]:
 
 
 # -- the entry point --------------------------------------------------------------------------------------
-def _dispatch_other(model, config: QuantizeConfig, data: CalibrationData | None) -> StageResult:
-    """INT4 and FP16 are implemented in their own modules; their configs are built from the common
-    options unless given whole (config.int4 / config.fp16)."""
-    if config.precision == "int4":
-        from dlopt.optimize import int4 as impl
-
-        sub, cls_name, func = config.int4, "Int4Config", "quantize_int4"
-    else:
-        from dlopt.optimize import fp16 as impl
-
-        sub, cls_name, func = config.fp16, "Fp16Config", "convert_fp16"
-    if sub is None:
-        cls = getattr(impl, cls_name)
-        names = {f.name for f in dataclasses.fields(cls)}
-        common = {"block_size": config.block_size, "exclude_nodes": config.exclude_nodes,
-                  "exclude_ops": config.exclude_ops, "target": config.target, "input_shapes": config.input_shapes}
-        sub = cls(**{k: v for k, v in common.items() if k in names})
-    return getattr(impl, func)(model, sub, data)
-
-
-def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: CalibrationData | None = None, *,
+def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: CalibrationData | None = None, *,
              eval_data: CalibrationData | None = None, progress: bool = False, log=lambda message: None
              ) -> StageResult:
-    """Quantize an onnx.ModelProto (never modified) to config.precision; the report holds the recipe,
-    sizes, quantized nodes by op type, fidelity against the float model on samples held out from
-    calibration (`eval_data` when given, else the last samples of `data`) and the verdict: whether
-    every float output is at or above the fidelity floor (and a budget, if any, was met), with the
-    nodes kept in float to get there (int8). A failed verdict is reported, not raised:
-    `report['verdict']['passed']`; quantize_file and the CLI act on it."""
-    validate_config(config)
+    """Quantize an onnx.ModelProto (never modified) with a scheme config (Int8Dynamic, Int8Static,
+    Int8WeightOnly, Int4WeightOnly, Fp16), or a `quantize` request (QuantizeConfig) that resolves to
+    one here, for this model and the data at hand. The report holds the scheme (`report["scheme"]`:
+    which one, and why), the recipe, sizes, quantized nodes by op type, fidelity against the float model
+    on samples held out from calibration (`eval_data` when given, else the last samples of `data`) and
+    the verdict: whether every float output is at or above the fidelity floor (and a budget, if any,
+    was met), with the nodes kept in float to get there (int8). A failed verdict is reported, not
+    raised: `report['verdict']['passed']`; quantize_file and the CLI act on it."""
+    if isinstance(config, QuantizeConfig):
+        validate_config(config)
+    else:
+        stage_of(config)  # a scheme config, or an InputError naming them
     started = time.perf_counter()
     # before ORT's own sessions (its calibrator, its transformer optimizer), which would otherwise be the
     # process's first and leave denormals unflushed on this thread for the checks and timings below
@@ -711,16 +783,29 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
     data, held_out, holdout = split_holdout(data, eval_data, config)
     if holdout["warning"]:
         log(f"warning: {holdout['warning']}")
+    request = config if isinstance(config, QuantizeConfig) else None
+    reasons: tuple[str, ...] = ()
+    if request is not None:
+        config, reasons = request.resolve(model, has_data=data is not None)
+    scheme = {"kind": SCHEME_KINDS[type(config)], "config": config_to_dict(config),
+              "resolved_from": "quantize" if request is not None else None, "reasons": list(reasons)}
+    if request is not None and config.precision != "int8":
+        log(f"scheme: {scheme['kind']} ({reasons[0]})")
     floor = fidelity_floor(config)
-    if config.precision != "int8":
-        _check_exclusions(model, config)
+    _check_exclusions(model, config)
+    if not isinstance(config, _Int8):
         source = model
-        if config.precision == "int4":  # MatMulNBits too quantizes initializers only; its op needs no opset 13
+        if isinstance(config, Int4WeightOnly):  # MatMulNBits too quantizes initializers only: no opset 13 needed
+            from dlopt.optimize.int4 import quantize_int4
+
             source = normalize(model, NormalizeConfig(min_opset=0, input_shapes=config.input_shapes), data).model
-        result = _dispatch_other(source, config, data)
-        # the precision's own config (Int4Config / Fp16Config) beside the QuantizeConfig it was built from
+            result = quantize_int4(source, config, data)
+        else:
+            from dlopt.optimize.fp16 import convert_fp16
+
+            result = convert_fp16(source, config, data)
         report = {**{k: v for k, v in result.report.items() if k != "config"}, "precision": config.precision,
-                  "config": config_to_dict(config), f"{config.precision}_config": result.report.get("config")}
+                  "config": config_to_dict(request or config), "scheme": scheme}
         result_model, report["kernel_choice"] = _choose_kernels(result.model, config, log)
         report.update(_summary(model, result_model, data, config, feeds=held_out, holdout=holdout))
         report["verdict"] = verdict(report, floor)
@@ -733,7 +818,8 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
     if normalized.report["steps"]:
         log("graph normalization: " + ", ".join(s["step"] + ("" if s["applied"] else " (not applied)")
                                                 for s in normalized.report["steps"]))
-    recipe = choose_recipe(normalized.model, config, has_data=data is not None, normalization=normalized.report)
+    recipe = choose_recipe(normalized.model, config, has_data=data is not None, normalization=normalized.report,
+                           mode_reason=reasons[0] if reasons else None)
     for reason in recipe.reasons:
         log(f"recipe: {reason}")
     prepared, pre_report = normalized.model, None
@@ -781,7 +867,7 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
     if recipe.mode == "static" and config.target == "cpu":
         quantized, node_forms = _choose_node_forms(prepared, quantized, config, recipe, data, ranges, layer_stats,
                                                    details, log)
-    report = {"precision": "int8", "config": config_to_dict(config),
+    report = {"precision": "int8", "config": config_to_dict(request or config), "scheme": scheme,
               "recipe": dataclasses.asdict(recipe) | {"reasons": list(recipe.reasons)},
               "normalization": normalized.report, "preprocess": pre_report, "smoothing": smooth_report, **details}
     if budget is not None:
@@ -800,7 +886,7 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), data: Calibration
     return StageResult(quantized, report)
 
 
-def _choose_node_forms(prepared, quantized, config: QuantizeConfig, recipe: Recipe, data, ranges, layer_stats,
+def _choose_node_forms(prepared, quantized, config: Int8Static, recipe: Recipe, data, ranges, layer_stats,
                        details: dict[str, Any], log) -> tuple[Any, dict[str, Any]]:
     """INT8 or float per node class, timed here (dlopt.optimize.kernel_choice.choose_node_forms). Speed
     decides only where accuracy allows: nodes the accuracy budget kept float stay float, and speed can
@@ -827,11 +913,11 @@ def _choose_node_forms(prepared, quantized, config: QuantizeConfig, recipe: Reci
 
 
 # -- held-out fidelity and the verdict ----------------------------------------------------------------
-def fidelity_floor(config: QuantizeConfig) -> float:
+def fidelity_floor(config: QuantizeScheme | QuantizeConfig) -> float:
     return FIDELITY_FLOORS_DB[config.precision] if config.min_sqnr_db is None else float(config.min_sqnr_db)
 
 
-def holdout_count(samples: int, config: QuantizeConfig) -> int:
+def holdout_count(samples: int, config: QuantizeScheme | QuantizeConfig) -> int:
     """How many of `samples` calibration samples are held out: HOLDOUT_FRACTION (config.holdout), at
     least HOLDOUT_MIN, at most half and at most config.fidelity_samples; none below 2 samples."""
     if samples < 2 or config.holdout <= 0:
@@ -839,7 +925,8 @@ def holdout_count(samples: int, config: QuantizeConfig) -> int:
     return max(1, min(max(math.ceil(config.holdout * samples), HOLDOUT_MIN), samples // 2, config.fidelity_samples))
 
 
-def split_holdout(data: CalibrationData | None, eval_data: CalibrationData | None, config: QuantizeConfig
+def split_holdout(data: CalibrationData | None, eval_data: CalibrationData | None,
+                  config: QuantizeScheme | QuantizeConfig
                   ) -> tuple[CalibrationData | None, list[Feeds] | None, dict[str, Any]]:
     """(calibration data, held-out feeds, report entry). With eval_data its first fidelity_samples
     samples are the held-out set and all of `data` calibrates; else the last holdout_count() samples
@@ -900,7 +987,7 @@ def verdict(report: Mapping[str, Any], floor: float) -> dict[str, Any]:
             "failures": failures}
 
 
-def _choose_kernels(model, config: QuantizeConfig, log) -> tuple[Any, dict[str, Any] | None]:
+def _choose_kernels(model, config: QuantizeScheme, log) -> tuple[Any, dict[str, Any] | None]:
     """Equivalent graph forms timed on this host (only for target cpu: a phone or a GPU runs other
     kernels than the ones measurable here)."""
     if config.target != "cpu":
@@ -984,7 +1071,7 @@ def feed_description(shapes: Mapping[str, Sequence[int]], padding: Mapping[str, 
     return text
 
 
-def _summary(original, quantized, data, config: QuantizeConfig, *, feeds: list[Feeds] | None = None,
+def _summary(original, quantized, data, config: QuantizeScheme, *, feeds: list[Feeds] | None = None,
              holdout: Mapping[str, Any] | None = None, exact_arithmetic: bool = False) -> dict[str, Any]:
     """Sizes, quantized nodes, fidelity vs the float model on this host's kernels and, with
     exact_arithmetic, also of the QDQ graph's own arithmetic: graph optimizations off, so ORT runs
@@ -1056,23 +1143,26 @@ def failed_path(output: Path) -> Path:
     return output.with_name(f"{stem}.failed.onnx")
 
 
-def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike, config: QuantizeConfig = QuantizeConfig(),
+def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike,
+                  config: Scheme | QuantizeConfig = QuantizeConfig(),
                   calibration: str | os.PathLike | CalibrationData | None = None, *,
                   eval_data: str | os.PathLike | CalibrationData | None = None, progress: bool = False,
-                  log=lambda message: None) -> QuantizeOutcome:
+                  after: tuple[str, ...] = (), log=lambda message: None) -> QuantizeOutcome:
     """Quantize MODEL.onnx to OUTPUT (atomically) and write the JSON report beside it,
     `OUTPUT-stem.quantize.json`. `eval_data` (same formats as `calibration`) is where fidelity is
     measured; without it, the last samples of `calibration` are held out for that.
 
     A result that fails its verdict (an output below the fidelity floor, a budget not met) is not
     written to OUTPUT: it is kept as OUTPUT-stem.failed.onnx with OUTPUT-stem.failed.quantize.json,
-    and the outcome says so (`passed` False); the CLI then exits 1."""
+    and the outcome says so (`passed` False); the CLI then exits 1. `after`: the kinds of the stages
+    that made MODEL (a recipe's), named in errors."""
     from dlopt.api import report_path_for
     from dlopt.fileio import check_output_path, guard_outputs, json_text, load_onnx, stage_onnx, staged_outputs
     from dlopt.optimize.calibration import load_calibration
     from dlopt.report import environment
 
-    validate_config(config)
+    stage = stage_of(config)
+    stage.check_config(config)
     src, out = Path(model_path), check_output_path(output)
     report_path = check_output_path(report_path_for(out, "quantize"))
     failed = failed_path(out)
@@ -1086,7 +1176,7 @@ def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike, conf
     data = load_calibration(calibration, model, limit=config.calibration_samples, image=config.image)
     held = (load_calibration(eval_data, model, limit=config.fidelity_samples, image=config.image)
             if eval_data is not None else None)
-    result = quantize(model, config, data, eval_data=held, progress=progress, log=log)
+    result = stage.apply(model, config, StageContext(data=data, eval_data=held, after=after, progress=progress, log=log))
     if not result.report["verdict"]["passed"]:  # kept under a marked name, never at OUTPUT
         out, report_path = failed, failed_report
     # The model and its report are renamed into place together: never a new model beside an old report.
@@ -1231,6 +1321,68 @@ def _holdout_text(report: Mapping[str, Any]) -> str:
     return ""
 
 
+# -- the stages -------------------------------------------------------------------------------------------
+SCHEME_KINDS: dict[type, str] = {Int8Dynamic: "int8-dynamic", Int8Static: "int8-static",
+                                 Int8WeightOnly: "int8-weight-only", Int4WeightOnly: "int4-weight-only", Fp16: "fp16"}
+
+
+def _onnx_problem(model, config, before) -> str | None:
+    import onnx
+
+    return None if isinstance(model, onnx.ModelProto) else f"got a {type(model).__name__}"
+
+
+def _float_problem(model, config, before) -> str | None:
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        return None  # the ONNX check says so
+    found = {k: v for k, v in quantized_nodes(model).items() if not k.startswith("QDQ:")}
+    if found:
+        return (f"it already holds quantized ops ({', '.join(f'{k} {v}' for k, v in found.items())}): "
+                "quantize its float source")
+    return None
+
+
+def _outputs_problem(model, config, before) -> str | None:
+    names, wanted = [o.name for o in model.graph.output], [o.name for o in before.graph.output]
+    return None if names == wanted else f"its outputs {names} are not its input's {wanted}"
+
+
+ONNX_MODEL = Check("an ONNX model", _onnx_problem)
+FLOAT_ONNX = Check("a float ONNX model", _float_problem)
+SAME_OUTPUTS = Check("the graph outputs of its input", _outputs_problem)
+
+
+def _run(model, config, context: StageContext) -> StageResult:
+    return quantize(model, config, context.data, eval_data=context.eval_data, progress=context.progress,
+                    log=context.log)
+
+
+def _quantize_stage(kind: str, config: type, summary: str, validate=None) -> Stage:
+    return Stage(kind=kind, config=config, run=_run, takes="onnx", makes="onnx", requires=(ONNX_MODEL, FLOAT_ONNX),
+                 ensures=(SAME_OUTPUTS,), summary=summary, validate=validate)
+
+
+QUANTIZE = _quantize_stage("quantize", QuantizeConfig, "int8/int4/fp16, the scheme chosen for the model, target "
+                           "and CPU (mode auto), recorded in the report", validate_config)
+INT8_DYNAMIC = _quantize_stage("int8-dynamic", Int8Dynamic, "INT8 weights, activations quantized per call")
+INT8_STATIC = _quantize_stage("int8-static", Int8Static, "static INT8 QDQ, calibrated on data")
+INT8_WEIGHT_ONLY = _quantize_stage("int8-weight-only", Int8WeightOnly, "INT8 weights, float compute")
+INT4_WEIGHT_ONLY = _quantize_stage("int4-weight-only", Int4WeightOnly, "4-bit block-quantized weights (MatMulNBits)")
+FP16 = _quantize_stage("fp16", Fp16, "FP16 weights and compute, overflowing nodes kept FP32")
+_STAGES_BY_CONFIG = {stage.config: stage for stage in (QUANTIZE, INT8_DYNAMIC, INT8_STATIC, INT8_WEIGHT_ONLY,
+                                                       INT4_WEIGHT_ONLY, FP16)}
+
+
+def stage_of(config: Scheme | QuantizeConfig) -> Stage:
+    stage = _STAGES_BY_CONFIG.get(type(config))
+    if stage is None:
+        raise InputError(f"quantize takes a scheme config or a QuantizeConfig, not {type(config).__name__}",
+                         f"use one of {', '.join(c.__name__ for c in _STAGES_BY_CONFIG)}")
+    return stage
+
+
 __all__ = [
     "METHODS",
     "MODES",
@@ -1238,6 +1390,20 @@ __all__ = [
     "ROUNDINGS",
     "TARGETS",
     "CpuFeatures",
+    "FP16",
+    "Fp16",
+    "INT4_WEIGHT_ONLY",
+    "INT8_DYNAMIC",
+    "INT8_STATIC",
+    "INT8_WEIGHT_ONLY",
+    "Int4WeightOnly",
+    "Int8Dynamic",
+    "Int8Static",
+    "Int8WeightOnly",
+    "QUANTIZE",
+    "SCHEME_KINDS",
+    "choose_mode",
+    "stage_of",
     "FIDELITY_FLOORS_DB",
     "QuantizeConfig",
     "QuantizeOutcome",

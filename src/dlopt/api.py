@@ -31,9 +31,10 @@ def export_model(source, output: str | os.PathLike, config=None,
     ONNX at `output`, verified against torch; writes the model and its JSON report atomically.
 
     Raises VerificationError (and writes nothing) when outputs differ, unless config.allow_mismatch."""
-    from dlopt.optimize.export import ExportConfig, ModelSource, export, load_source
+    from dlopt.optimize.export import STAGE, Export, ModelSource, load_source
+    from dlopt.stage import StageContext
 
-    config = config or ExportConfig()
+    config = config or Export()
     out = check_output_path(output)  # fail before minutes of work, not after
     report_path = check_output_path(report_path_for(out, "export"))
     if not isinstance(source, ModelSource):
@@ -43,7 +44,7 @@ def export_model(source, output: str | os.PathLike, config=None,
     exporter = config.exporter or source.exporter or "dynamo"
     why = "" if config.exporter or not source.exporter else " (the model's preferred exporter)"
     log(f"exporting {source.name} with the {exporter} exporter{why}, opset {config.opset}")
-    result = export(source, config, log=log)
+    result = STAGE.apply(source, config, StageContext(log=log))
     # The model and its report are renamed into place together: never a new model beside an old report.
     with staged_outputs() as outputs:
         model_tmp = stage_onnx(result.model, out, outputs)
@@ -53,12 +54,16 @@ def export_model(source, output: str | os.PathLike, config=None,
 
 
 def quantize_model(model_path: str | os.PathLike, output: str | os.PathLike, config=None, calibration=None, *,
-                   eval_data=None, log: Callable[[str], None] = lambda message: None):
-    """Quantize MODEL.onnx to `output` (INT8/INT4/FP16 per config, a QuantizeConfig); writes the model
-    and `NAME.quantize.json` atomically. See dlopt.optimize.quantize.quantize_file."""
+                   eval_data=None, after: tuple[str, ...] = (), log: Callable[[str], None] = lambda message: None):
+    """Quantize MODEL.onnx to `output` with a scheme config (Int8Dynamic, Int8Static, Int8WeightOnly,
+    Int4WeightOnly, Fp16 from dlopt.optimize.quantize) or a QuantizeConfig request (precision, mode auto:
+    the scheme is chosen for the model, target and CPU, and recorded in the report); writes the model
+    and `NAME.quantize.json` atomically. `after`: the stages that made MODEL, named in errors. See
+    dlopt.optimize.quantize.quantize_file."""
     from dlopt.optimize.quantize import QuantizeConfig, quantize_file
 
-    return quantize_file(model_path, output, config or QuantizeConfig(), calibration, eval_data=eval_data, log=log)
+    return quantize_file(model_path, output, config or QuantizeConfig(), calibration, eval_data=eval_data,
+                         after=after, log=log)
 
 
 __all__ = ["WrittenModel", "export_model", "quantize_model", "report_path_for"]
