@@ -116,16 +116,16 @@ def check_config(config: DistillConfig) -> None:
     if config.loss not in LOSSES:
         raise InputError(f"unknown distillation loss {config.loss!r}", f"choose one of {', '.join(LOSSES)}")
     if config.epochs < 1:
-        raise InputError(f"epochs must be at least 1, got {config.epochs}", "e.g. --epochs 3")
+        raise InputError(f"epochs must be at least 1, got {config.epochs}", "e.g. {epochs=3}")
     if config.temperature <= 0:
         raise InputError(f"temperature must be positive, got {config.temperature}", "typical values: 2 to 8")
     if not 0.0 <= config.alpha <= 1.0:
         raise InputError(f"alpha must be between 0 and 1, got {config.alpha}",
                          "alpha weights the teacher's term, 1 - alpha the labels'")
     if config.batch_size < 1 or config.eval_batch_size < 1:
-        raise InputError("batch sizes must be positive", "e.g. --batch-size 64")
+        raise InputError("batch sizes must be positive", "e.g. {batch_size=64}")
     if config.lr <= 0:
-        raise InputError(f"learning rate must be positive, got {config.lr}", "e.g. --lr 1e-3")
+        raise InputError(f"learning rate must be positive, got {config.lr}", "e.g. {lr=1e-3}")
     if config.patience is not None and config.patience < 1:
         raise InputError(f"patience must be at least 1, got {config.patience}", "or None to never stop early")
     if config.device not in ("cpu", "cuda"):
@@ -177,7 +177,7 @@ def check_compatible(teacher, student, data: DistillData, config: DistillConfig)
                          "distillation needs the same outputs (classes / embedding width); "
                          "prune with the classifier kept (dlopt prune does)")
     if config.loss == "kl" and len(shapes["teacher"]) < 2:
-        raise InputError("loss 'kl' needs logits [batch, classes]", "use --loss cosine or mse for embeddings")
+        raise InputError("loss 'kl' needs logits [batch, classes]", "use {loss=cosine} or {loss=mse} for embeddings")
     if config.loss == "kl" and data.labels is not None:
         classes = shapes["teacher"][-1]
         if int(data.labels.min()) < 0 or int(data.labels.max()) >= classes:
@@ -330,10 +330,10 @@ def distill(teacher, student, data: DistillData, config: DistillConfig = Distill
         if not isinstance(model, torch.nn.Module):
             raise InputError(f"the {role} must be a torch.nn.Module, got {type(model).__name__}", "load it first")
     if config.device == "cuda" and not torch.cuda.is_available():
-        raise TargetUnavailableError("--device cuda: no CUDA GPU is visible to torch", "use --device cpu")
+        raise TargetUnavailableError("{device=cuda}: no CUDA GPU is visible to torch", "use {device=cpu}")
     device = torch.device(config.device)
     if resume and checkpoint_dir is None:
-        raise InputError("--resume needs the checkpoint directory", "give the same -o/--checkpoint-dir as before")
+        raise InputError("{resume} needs the checkpoint directory", "give the same checkpoint directory as before")
 
     started = time.perf_counter()
     teacher_was_training = teacher.training
@@ -513,17 +513,17 @@ def load_state(path: Path | None, config: DistillConfig, fingerprint: str) -> di
 
     _require_torch()
     if path is None or not path.is_file():
-        raise InputError(f"--resume: no training state at {path}", "run without --resume first")
-    state = load_torch_dict(path, kind="distillation state (--resume)", format_tag=STATE_FORMAT,
-                            hint="delete it and start again without --resume")
+        raise InputError(f"{{resume}}: no training state at {path}", "run without {resume} first")
+    state = load_torch_dict(path, kind="distillation state ({resume})", format_tag=STATE_FORMAT,
+                            hint="delete it and start again without {resume}")
     if state["config"] != config_to_dict(config):
         changed = sorted(k for k, v in config_to_dict(config)["fields"].items()
                          if state["config"]["fields"].get(k) != v)
-        raise InputError(f"--resume: the settings differ from the interrupted run's ({', '.join(changed)})",
-                         "resume with the same options, or start again without --resume")
+        raise InputError(f"{{resume}}: the settings differ from the interrupted run's ({', '.join(changed)})",
+                         "resume with the same options, or start again without {resume}")
     if state["fingerprint"] != fingerprint:
-        raise InputError("--resume: the training data differ from the interrupted run's",
-                         "resume with the same --data, or start again without --resume")
+        raise InputError("{resume}: the training data differ from the interrupted run's",
+                         "resume with the same data, or start again without {resume}")
     return state
 
 
@@ -590,7 +590,7 @@ def reference_training_data(name: str, max_samples: int | None = None) -> Distil
 
     get_reference_model(name)  # unknown names fail with the list of known ones
     if name not in _REFERENCE_DATA:
-        raise InputError(f"--data reference: the reference model {name!r} has no training data to distill on",
+        raise InputError(f"distillation data: the reference model {name!r} has no training data to distill on",
                          f"give an .npz file (reference data exists for {', '.join(_REFERENCE_DATA)})")
     data = _REFERENCE_DATA[name]()
     check_data(data, f"{name}'s training data")
@@ -600,12 +600,12 @@ def reference_training_data(name: str, max_samples: int | None = None) -> Distil
 def split_validation(data: DistillData, fraction: float, seed: int) -> tuple[DistillData, DistillData | None]:
     torch = _require_torch()
     if not 0.0 <= fraction < 1.0:
-        raise InputError(f"--val-fraction {fraction} is out of range", "give a fraction in [0, 1), e.g. 0.1")
+        raise InputError(f"{{val_fraction={fraction}}} is out of range", "give a fraction in [0, 1), e.g. 0.1")
     n_val = int(round(len(data) * fraction))
     if n_val == 0:
         return data, None
     if n_val >= len(data):
-        raise InputError(f"--val-fraction {fraction} leaves no training samples", "use a smaller fraction")
+        raise InputError(f"{{val_fraction={fraction}}} leaves no training samples", "use a smaller fraction")
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     return data.subset(order[n_val:]), data.subset(order[:n_val])
 

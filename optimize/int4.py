@@ -755,7 +755,7 @@ def quantize_int4(model, config: Int4WeightOnly = Int4WeightOnly(), data: Iterab
         [n for n in _weight_matmuls(model) if n.name not in excluded]
     if not candidates:
         raise InputError("int4: the model has no MatMul or Gemm with a constant 2-D float weight to quantize",
-                         "4-bit weight-only quantization applies to linear layers; use --precision int8 or fp16")
+                         "4-bit weight-only quantization applies to linear layers; use {precision=int8} or fp16")
     feeds = take_samples(data, max(config.sensitivity_samples, config.gptq_samples))
     inits = _initializers(model)
     params = {n.name: int(np.prod(inits[n.input[1]].dims)) for n in candidates}
@@ -788,7 +788,7 @@ def quantize_int4(model, config: Int4WeightOnly = Int4WeightOnly(), data: Iterab
         if not feeds:
             notes.append("no calibration data: round-to-nearest; with data, GPTQ (error-compensating) is used")
     if config.algorithm == "gptq" and not feeds:
-        raise InputError("int4 algorithm gptq needs calibration data", "pass --calibration, or use rtn or hqq")
+        raise InputError("int4 algorithm gptq needs calibration data", "pass {calibration=DATA}, or use algorithm rtn or hqq")
     with _quiet_ort_quantizer():
         if config.algorithm == "mse":
             model = _matmul_nbits_own(model, four_bit, config,

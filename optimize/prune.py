@@ -74,9 +74,9 @@ def check_config(config: PruneConfig) -> None:
         raise InputError(f"unknown importance {config.importance!r}", f"choose one of {', '.join(IMPORTANCES)}")
     if not isinstance(config.ratio, (int, float)) or not 0.0 < config.ratio < 1.0:
         raise InputError(f"pruning ratio {config.ratio!r} is out of range",
-                         "give a fraction strictly between 0 and 1, e.g. --ratio 0.5")
+                         "give a fraction strictly between 0 and 1, e.g. {ratio=0.5}")
     if config.round_to is not None and config.round_to < 1:
-        raise InputError(f"round_to {config.round_to} must be a positive channel count", "e.g. --round-to 8")
+        raise InputError(f"round_to {config.round_to} must be a positive channel count", "e.g. {round_to=8}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def _resolve_ignored(module, names: Iterable[str]) -> list[Any]:
             close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
             hint = f"did you mean {', '.join(close)}?" if close else \
                 "names are module paths as in model.named_modules(), e.g. features.3 or classifier"
-            raise InputError(f"--ignore: the model has no layer named {name!r}", hint)
+            raise InputError(f"layers to ignore: the model has no layer named {name!r}", hint)
         resolved.append(modules[name])
     return resolved
 
@@ -253,7 +253,7 @@ def prune(module, example_inputs: Mapping[str, Any], config: PruneConfig = Prune
         out_after = first_tensor(model(**inputs))
     if out_after.shape != out_before.shape:  # the output layer is ignored: this would be a bug here
         raise StageError(f"pruning changed the output shape {list(out_before.shape)} -> {list(out_after.shape)}",
-                         "add the output layer to --ignore and report this")
+                         "add the output layer to {ignore=NAMES} and report this")
     macs_after, params_after = count_macs_params(model, inputs)
     shapes_after = _layer_shapes(model)
     changed = [{"layer": n, "before": shapes_before[n], "after": shapes_after.get(n)}
@@ -287,9 +287,9 @@ def _prune_structured(model, inputs, config: PruneConfig, output_layer: str | No
     want_heads = structure in ("heads", "heads+ffn")
     want_ffn = structure in ("ffn", "heads+ffn")
     if want_heads and not attention:
-        raise InputError("--structure heads: the model has no attention module with separate q/k/v Linear layers "
+        raise InputError("{structure=heads}: the model has no attention module with separate q/k/v Linear layers "
                          "and a head count",
-                         "nn.MultiheadAttention packs q/k/v into one weight; use --structure ffn or channels")
+                         "nn.MultiheadAttention packs q/k/v into one weight; use {structure=ffn} or channels")
 
     num_heads: dict[Any, int] = {}
     ratio_dict: dict[Any, float] = {}
@@ -309,8 +309,8 @@ def _prune_structured(model, inputs, config: PruneConfig, output_layer: str | No
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=inputs)
         ffn = [(n, up, down) for n, up, down in find_ffn(model, graph, skip=qkv_layers | set(ignored))]
         if not ffn:
-            raise InputError("--structure ffn: found no feed-forward block (Linear -> activation -> Linear back "
-                             "to the input width)", "use --structure channels")
+            raise InputError("{structure=ffn}: found no feed-forward block (Linear -> activation -> Linear back "
+                             "to the input width)", "use {structure=channels}")
         for _, up, _ in ffn:
             ratio_dict[up] = config.ratio
     default_ratio = config.ratio if structure == "channels" else 0.0
@@ -355,7 +355,7 @@ def _accumulate_gradients(model, inputs, gradient_batches: GradientBatches | Non
     torch, _ = _require_torch_pruning()
     if gradient_batches is None:
         raise InputError("importance 'taylor' needs data to compute gradients",
-                         "give calibration data, or use --importance magnitude")
+                         "give calibration data, or use {importance=magnitude}")
     model.zero_grad(set_to_none=True)
     n = 0
     for batch_inputs, labels in gradient_batches:
@@ -382,7 +382,7 @@ def _prune_unstructured(model, config: PruneConfig, output_layer: str | None, ig
               if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
               and n != output_layer and m not in skip]
     if not params:
-        raise InputError("no Linear or Conv layer left to prune", "check --ignore")
+        raise InputError("no Linear or Conv layer left to prune", "check {ignore=NAMES}")
     dense_bytes = _gzip_size(model)
     torch_prune.global_unstructured(params, pruning_method=torch_prune.L1Unstructured, amount=float(config.ratio))
     for m, name in params:
@@ -468,7 +468,7 @@ def checked_source(checkpoint: PrunedCheckpoint, checkpoint_path: str | Path) ->
     whatever code it now holds). The user can name the source explicitly instead (--student-source)."""
     from dlopt.manifest import sha256_file
 
-    hint = ("pass --student-source FILE.py:FUNCTION (or package.module:FUNCTION) to build the student from a "
+    hint = ("pass {student_source=FILE.py:FUNCTION} (or package.module:FUNCTION) to build the student from a "
             "source you name")
     path = source_file(checkpoint.source)
     if path is None:
@@ -587,7 +587,7 @@ def prune_to_directory(spec: str, out_dir: Path, config: PruneConfig, *, bench_s
 
     check_config(config)
     if bench_seconds is not None and bench_seconds <= 0:
-        raise InputError(f"--bench-seconds must be positive, got {bench_seconds}", "or pass --no-bench")
+        raise InputError(f"the benchmark time must be positive, got {bench_seconds}", "or skip the benchmark")
     guard_outputs([guard_source_spec(spec)], [out_dir])
     with output_folder(out_dir) as out_dir, staged_outputs() as outputs:
         return _prune_into(spec, out_dir, outputs, config, bench_seconds=bench_seconds, batch=batch,

@@ -541,7 +541,7 @@ def calibrate(model, data: Iterable[Mapping[str, np.ndarray]], *, method: Method
             source = getattr(data, "source", "the calibration data")
             raise InputError(f"the model's tensor {name!r} is NaN or infinite on the calibration data {source}",
                              "check the model and the data; keep the node that makes it in float "
-                             "(--exclude-nodes) or use --mode dynamic")
+                             "({exclude_nodes=NAMES}) or use {mode=dynamic}")
     return ranges, count
 
 
@@ -570,7 +570,7 @@ def _check_exclusions(model, config: QuantizeScheme) -> None:
     unknown = [n for n in config.exclude_nodes if n not in names]
     if unknown:
         sample = ", ".join(sorted(n.name for n in model.graph.node if n.name)[:5])
-        raise InputError(f"--exclude-nodes names nodes not in the model: {', '.join(unknown)}",
+        raise InputError(f"{{exclude_nodes=NAMES}}: nodes not in the model: {', '.join(unknown)}",
                          f"use node names from the graph (e.g. {sample})")
 
 
@@ -611,7 +611,7 @@ def quantize_int8(model, config: Int8Scheme, recipe: Recipe, data: CalibrationDa
                 if ranges is None:
                     if data is None:
                         raise InputError("static quantization needs calibration data",
-                                         "pass --calibration DATA (an .npz, a folder, or model:NAME) or --mode dynamic")
+                                         "pass {calibration=DATA} (an .npz, a folder, or model:NAME) or use {mode=dynamic}")
                     ranges, _ = calibrate(model, data, method=recipe.method, op_types=op_types,
                                           symmetric=recipe.activation_type == "s8", percentile=recipe.percentile,
                                           progress=progress)
@@ -648,7 +648,7 @@ def quantize_int8(model, config: Int8Scheme, recipe: Recipe, data: CalibrationDa
         if layer_stats is None:
             if data is None:
                 raise InputError("GPTQ weight rounding and bias correction need calibration data",
-                                 "pass --calibration DATA, or --weight-rounding nearest --no-bias-correction")
+                                 "pass {calibration=DATA}, or use {weight_rounding=nearest} without bias correction")
             layer_stats = collect_layer_statistics(model, data, samples=config.rounding_samples, progress=progress)
         full = set(_depthwise_weights(model)) if recipe.reduce_range else set()
         details["weight_refinement"] = refine_weights(
@@ -1195,13 +1195,13 @@ def failure_error(outcome: QuantizeOutcome) -> VerificationError:
     checks = "; ".join(f"{f['check']} {_fmt(f['measured'])} (needs {f['required']})" for f in v["failures"])
     # On generated inputs a model can fail a floor it meets on real data (PP-OCRv4 det, weight-only INT8:
     # -4.8 dB on noise images, 24.8 dB on held-out photos), so then the first thing to do is give real samples.
-    hint = ("measured on generated inputs, not real data: give real samples with --eval-data (or --calibration), "
+    hint = ("measured on generated inputs, not real data: give real samples with {eval_data=DATA} (or {calibration=DATA}), "
             "then " if v["data"] == "synthetic" else "")
     return VerificationError(
         f"the quantized model failed verification on {v['samples']} {v['data']} samples: {checks}; "
         f"the best effort was kept as {outcome.model_path}, nothing was written to the output path",
-        hint + "keep nodes in float (--exclude-nodes/--exclude-ops), use per-channel weights, give more or more "
-        "representative --calibration data, or lower the floor knowingly with --min-sqnr")
+        hint + "keep nodes in float ({exclude_nodes=NAMES} / {exclude_ops=TYPES}), use per-channel weights, give more or "
+        "more representative {calibration=DATA}, or lower the fidelity floor (min SQNR) knowingly")
 
 
 def _fmt(value: Any) -> str:

@@ -45,7 +45,7 @@ def _first_float_output(outputs: list[list[np.ndarray]]) -> int:
     for i, out in enumerate(outputs[0]):
         if np.issubdtype(out.dtype, np.floating):
             return i
-    raise InputError("the model has no floating-point output to compare", "use --evaluator model:NAME")
+    raise InputError("the model has no floating-point output to compare", "use {evaluator=model:NAME}")
 
 
 def build_evaluator(spec: str | None, original, data: Iterable[Mapping[str, np.ndarray]] | None,
@@ -93,7 +93,7 @@ def floor_evaluator(original, feeds: list[dict[str, np.ndarray]], floor_db: floa
         outputs = run_outputs(cpu_session(model, graph_opt_level=graph_opt_level), feeds)
         measured = compare_runs(reference, outputs, names).values()
         if not measured:
-            raise InputError("the model has no floating-point output to compare", "use --evaluator model:NAME")
+            raise InputError("the model has no floating-point output to compare", "use {evaluator=model:NAME}")
         return min(m.sqnr_db if m.finite else float("-inf") for m in measured)
 
     return Evaluator(f"lowest output SQNR dB on {len(feeds)} samples", score, floor_db)

@@ -377,7 +377,7 @@ def force_from(recipe: Recipe, force: str | None) -> int | None:
     for stage in recipe.stages:
         if stage.kind == force:
             return stage.index
-    raise InputError(f"--force {force}: {recipe.path} has no such stage",
+    raise InputError(f"{{force={force}}}: {recipe.path} has no such stage",
                      f"give a stage kind ({', '.join(s.kind for s in recipe.stages)}) or index 1-{len(recipe.stages)}")
 
 
