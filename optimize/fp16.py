@@ -71,7 +71,7 @@ def _copy(model):
 
 def _name_nodes(model) -> None:
     """Unnamed nodes get unique names (fallback lists name nodes); the same rule as the 4-bit stage."""
-    from dlopt.optimize.int4 import _name_nodes as name_nodes
+    from dlopt.optimize.int4.graph import _name_nodes as name_nodes
 
     name_nodes(model)
 

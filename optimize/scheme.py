@@ -2,7 +2,7 @@
 result is verified (a fidelity floor on held-out samples, a quick speed check).
 
 The schemes themselves: Int8Dynamic, Int8Static, Int8WeightOnly (optimize/quantize.py), Int4WeightOnly
-(optimize/int4.py) and Fp16 (optimize/fp16.py). Each adds only the fields its transformation reads.
+(optimize/int4/) and Fp16 (optimize/fp16.py). Each adds only the fields its transformation reads.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ INT8 is implemented here on top of ONNX Runtime's quantization tools. What dlopt
 - for static CNNs, weights rounded against the layer's real inputs (GPTQ) and the remaining mean
   rounding shift folded into the int32 bias, on ORT's own scales (optimize/rounding.py);
 - an accuracy budget (optimize/sensitivity.py) and a fidelity report against the float model.
-INT4 and FP16 live in optimize/int4.py and optimize/fp16.py; `quantize` dispatches to them.
+INT4 and FP16 live in optimize/int4/ and optimize/fp16.py; `quantize` dispatches to them.
 
 Where each part is (one hop from here):
   schemes.py       the scheme configs (Int8Dynamic, Int8Static, Int8WeightOnly) and QuantizeConfig, the front door
