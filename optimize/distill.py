@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Literal
 
 from dlopt.errors import InputError, MissingDependencyError, TargetUnavailableError
 from dlopt.optimize.prune import first_tensor
-from dlopt.stage import Stage, StageResult, TorchStageArtifacts, config_to_dict
+from dlopt.stage import Stage, StageResult, config_to_dict
 
 Loss = Literal["kl", "cosine", "mse"]
 LOSSES: tuple[str, ...] = ("kl", "cosine", "mse")
@@ -610,124 +610,19 @@ def split_validation(data: DistillData, fraction: float, seed: int) -> tuple[Dis
     return data.subset(order[n_val:]), data.subset(order[:n_val])
 
 
-def distill_to_directory(teacher_spec: str, student_path: Path, data_spec: str, out_dir: Path, *,
-                         epochs: int = 3, temperature: float = 4.0, alpha: float = 0.7, loss: str | None = None,
-                         lr: float | None = None, batch_size: int = 64, max_samples: int | None = None,
-                         val_fraction: float = 0.1, patience: int | None = 2,
-                         hidden_layers: tuple[tuple[str, str], ...] = (), hidden_weight: float = 0.0,
-                         seed: int = 0, device: str = "cpu", resume: bool = False,
-                         bench_seconds: float | None = 15.0, show_progress: bool = True,
-                         student_source: str | None = None,
-                         log: Callable[[str], None] = lambda message: None) -> TorchStageArtifacts:
-    """Distill TEACHER into the checkpoint STUDENT on DATA; writes OUT/distilled.pt, a verified
-    OUT/distilled.onnx and OUT/distill.json, renamed into place together at the end (the training
-    state, OUT/distill_state.pt, is saved after every epoch for --resume).
-
-    The student is rebuilt from the source its checkpoint records, which is imported only if its
-    file still has the recorded sha256, or from `student_source` when the user names one."""
-    from dlopt.fileio import guard_outputs, guard_source_spec, output_folder, staged_outputs
-    from dlopt.optimize.prune import checked_source, read_checkpoint
-
-    embedding_teacher = teacher_spec == "minilm"
-    config = DistillConfig(epochs=epochs, temperature=temperature, alpha=alpha,
-                           loss=loss or ("cosine" if embedding_teacher else "kl"),
-                           lr=lr or (3e-4 if embedding_teacher else 1e-3), batch_size=batch_size,
-                           hidden_layers=hidden_layers, hidden_weight=hidden_weight, patience=patience, seed=seed,
-                           device=device, freeze=("bert.embeddings",) if embedding_teacher else ())
-    check_config(config)
-    checkpoint = read_checkpoint(student_path)  # fail on a bad checkpoint before loading models
-    source_spec = student_source or checked_source(checkpoint, student_path)
-    if data_spec != "reference" and not Path(data_spec).is_file():
-        raise InputError(f"data file {data_spec} does not exist", "give an .npz file or 'reference'")
-    guard_outputs([guard_source_spec(teacher_spec), student_path, guard_source_spec(source_spec),
-                   None if data_spec == "reference" else data_spec], [out_dir])
-    with output_folder(out_dir) as out_dir, staged_outputs() as outputs:
-        return _distill_into(teacher_spec, checkpoint, source_spec, student_path, data_spec, out_dir, outputs, config,
-                             max_samples=max_samples, val_fraction=val_fraction, seed=seed, resume=resume,
-                             bench_seconds=bench_seconds, show_progress=show_progress, log=log)
-
-
-def _same_source(a: str, b: str) -> bool:
-    from dlopt.optimize.prune import pinned_source
-
-    if a == b:
-        return True
-    try:
-        return pinned_source(a)[0] == pinned_source(b)[0]
-    except (InputError, OSError):
-        return False
-
-
-def _distill_into(teacher_spec: str, checkpoint, source_spec: str, student_path: Path, data_spec: str, out_dir: Path,
-                  outputs, config: DistillConfig, *, max_samples: int | None, val_fraction: float, seed: int,
-                  resume: bool, bench_seconds: float | None, show_progress: bool,
-                  log: Callable[[str], None]) -> TorchStageArtifacts:
-    import dataclasses
-
-    from dlopt.fileio import json_text, stage_onnx
-    from dlopt.optimize.export import ExportConfig, export, load_source
-    from dlopt.optimize.prune import measure_speedup, rebuild, save_checkpoint
-    from dlopt.report import format_table
-
-    log(f"loading the teacher {teacher_spec}")
-    teacher = load_source(teacher_spec)
-    log(f"rebuilding the student from {student_path} (source {source_spec})")
-    student_source = dataclasses.replace(teacher, module=copy.deepcopy(teacher.module)) \
-        if _same_source(source_spec, teacher_spec) else load_source(source_spec)
-    student = rebuild(checkpoint, student_source.module, student_source.example_inputs)
-    data = reference_training_data(teacher_spec, max_samples) if data_spec == "reference" else \
-        load_npz_data(Path(data_spec), teacher.example_inputs, max_samples)
-    train, val = split_validation(data, val_fraction, seed)
-    log(f"distilling on {len(train)} samples ({'labeled' if train.labels is not None else 'unlabeled'}), "
-        f"{len(val) if val is not None else 0} held out for early stopping")
-    result = distill(teacher.module, student, train, config, val=val, checkpoint_dir=out_dir, resume=resume,
-                     show_progress=show_progress)
-    report = dict(result.report)
-    log("exporting the student (verified against torch)")
-    onnx_model = export(dataclasses.replace(student_source, module=result.model, name=f"{source_spec} "
-                                            "(distilled)"), ExportConfig()).model
-    onnx_path = out_dir / "distilled.onnx"
-    onnx_tmp = stage_onnx(onnx_model, onnx_path, outputs)
-    saved = save_checkpoint(out_dir / "distilled.pt", result.model, source_spec,
-                            {"pruning_history": checkpoint.pruning_history,
-                             "module_attributes": checkpoint.module_attributes,
-                             "prune": checkpoint.report, "distill": {k: v for k, v in report.items()}},
-                            outputs=outputs)
-    notes = []
-    if bench_seconds is not None:
-        teacher_path = out_dir / "teacher.onnx"
-        log("exporting the teacher for the latency comparison")
-        teacher_tmp = stage_onnx(export(teacher, ExportConfig()).model, teacher_path, outputs)
-        log(f"measuring latency against the teacher, one thread, interleaved ({bench_seconds:g} s)")
-        speed = measure_speedup(teacher_tmp, onnx_tmp, budget_s=bench_seconds)
-        report["latency"] = speed
-        notes.append(f"latency (1 thread, batch {speed['batch']}): teacher {speed['baseline_ms']:.3f} ms, student "
-                     f"{speed['ms']:.3f} ms: {speed['speedup']:.2f}x faster [{speed['speedup_low']:.2f}, "
-                     f"{speed['speedup_high']:.2f}]")
-    if report["stopped_early"]:
-        notes.append(f"stopped early after epoch {report['epochs_run']}; kept epoch {report['best_epoch']}")
-    report |= {"teacher": teacher_spec, "student_checkpoint": str(student_path), "student_source": source_spec,
-               "data": data_spec, "checkpoint": str(saved), "onnx": str(onnx_path)}
-    report_path = out_dir / "distill.json"
-    outputs.stage(report_path).write_text(json_text(report))
-    rows = [[h["epoch"], h["train_loss"], h.get("eval_metric") or "", h.get("eval_value"), h["seconds"]]
-            for h in report["history"]]
-    table = format_table(["epoch", "train loss", "eval metric", "value", "seconds"], rows)
-    return TorchStageArtifacts(saved, onnx_path, report_path, report, table, tuple(notes))
-
-
 # ---------------------------------------------------------------------------------------------
 # The stage adapter
 # ---------------------------------------------------------------------------------------------
 
 def _run(student, config: Distill, context) -> StageResult:
     """A student ModelSource in, the same source with the trained module out; context.teacher (a
-    ModelSource) and context.data (a DistillData) are required, context.eval_data is the validation set."""
+    ModelSource) and context.data (a DistillData) are required, context.eval_data is the validation set;
+    with context.output the training state is saved there after every epoch (context.resume continues it)."""
     if context.teacher is None or not isinstance(context.data, DistillData):
         raise InputError("distill needs a teacher and training data (a DistillData)",
                          "pass them in the stage context: teacher=, data=")
     result = distill(context.teacher.module, student.module, context.data, config, val=context.eval_data,
-                     show_progress=context.progress)
+                     checkpoint_dir=context.output, resume=context.resume, show_progress=context.progress)
     return StageResult(dataclasses.replace(student, module=result.model), result.report)
 
 
@@ -740,6 +635,6 @@ def _stage() -> Stage:
 
 STAGE = _stage()
 
-__all__ = ["STAGE", "Distill", "LOSSES", "DistillConfig", "DistillData", "distill_to_directory", "load_npz_data",
+__all__ = ["STAGE", "Distill", "LOSSES", "DistillConfig", "DistillData", "load_npz_data",
            "reference_training_data", "split_validation", "check_compatible", "data_fingerprint", "distill",
            "embedding_loss", "kd_loss"]

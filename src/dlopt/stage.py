@@ -57,10 +57,11 @@ class StageContext:
     data: Any = None  # calibration / training data (a CalibrationData, a DistillData), or None
     eval_data: Any = None  # held-out samples to measure fidelity on, or None
     teacher: Any = None  # distill: the teacher (a ModelSource)
-    output: Path | None = None  # stages that write a folder (package): where
+    output: Path | None = None  # stages that write a folder (package: the bundle; distill: its state): where
     # package: the stages that made its input (dlopt run's), with configs and hashes, for the manifest
     lineage: tuple[Mapping[str, Any], ...] | None = None
     after: tuple[str, ...] = ()
+    resume: bool = False  # continue from the state a long stage (distill) saved in `output`
     progress: bool = False
     log: Callable[[str], None] = lambda message: None
 
