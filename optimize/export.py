@@ -585,5 +585,6 @@ TORCH_SOURCE = Check("a torch source (a ModelSource)", _source_problem)
 STAGE = Stage(kind="export", config=Export, run=_run, takes="torch", makes="onnx", requires=(TORCH_SOURCE,),
               ensures=(Check("an ONNX model", _onnx_problem),), summary="torch -> ONNX, verified against torch")
 
-__all__ = ["STAGE", "TORCH_SOURCE", "Export", "DEFAULT_OPSET", "EXPORTERS", "ExportConfig", "ModelSource", "OutputDiff", "compare_outputs",
+__all__ = ["STAGE", "TORCH_SOURCE", "Export", "DEFAULT_OPSET", "EXPORTERS", "ExportConfig", "ModelSource", "OutputDiff",
+           "compare_outputs",
            "default_dynamic_axes", "diff_table", "export", "load_source", "verify_onnx"]

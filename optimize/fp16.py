@@ -28,7 +28,7 @@ from dlopt.errors import InputError, StageError
 from dlopt.fidelity import compare_sessions
 from dlopt.fidelity import report as fidelity_report
 from dlopt.inputs import model_feeds, parse_input_shapes, take_samples
-from dlopt.optimize.scheme import TARGETS, QuantizeScheme
+from dlopt.optimize.scheme import QuantizeScheme
 from dlopt.quiet import quiet_libraries
 from dlopt.sessions import cpu_session, feeds_for
 from dlopt.stage import StageResult, config_to_dict
@@ -45,7 +45,8 @@ class Fp16(QuantizeScheme):
     precision: ClassVar[str] = "fp16"
     keep_io_types: bool = True  # graph inputs and outputs stay FP32 (Casts inside)
     auto_fallback: bool = True  # keep nodes that overflow or turn NaN/Inf in FP16 in FP32
-    transformer_fusion: Literal["auto", "on", "off"] = "auto"  # auto: on for target cuda and BERT-like graphs
+    # auto: on for BERT-like graphs on a target with native FP16 kernels (cuda), whose fused ops run in FP16
+    transformer_fusion: Literal["auto", "on", "off"] = "auto"
     check_samples: int = 8  # samples run to find overflowing nodes (synthetic inputs without data)
     max_rounds: int = 8  # convert -> run -> block rounds before giving up
 
@@ -366,6 +367,8 @@ def convert_fp16(model, config: Fp16 = Fp16(), data: Iterable[Mapping[str, np.nd
     overflow search, which finds only what those inputs trigger (the report says so)."""
     import onnx
 
+    from dlopt.targets import capabilities
+
     if not isinstance(model, onnx.ModelProto):
         raise InputError(f"fp16 takes an onnx.ModelProto, not {type(model).__name__}", "load it with dlopt.fileio")
     started = time.perf_counter()
@@ -391,7 +394,8 @@ def convert_fp16(model, config: Fp16 = Fp16(), data: Iterable[Mapping[str, np.nd
     fusion = None
     use_ort_converter = False
     wants_fusion = config.transformer_fusion == "on" or (
-        config.transformer_fusion == "auto" and config.target == "cuda" and _looks_like_transformer(source))
+        config.transformer_fusion == "auto" and capabilities(config.target).fp16_native
+        and _looks_like_transformer(source))
     if wants_fusion:
         fused, fusion = _fuse_for_cuda(source)
         if fusion["fused"]:
@@ -455,10 +459,11 @@ def convert_fp16(model, config: Fp16 = Fp16(), data: Iterable[Mapping[str, np.nd
         "fidelity": {"samples": len(feeds), "outputs": fidelity_report(compare_sessions(reference, candidate, feeds))},
         "notes": notes,
     }
-    if config.target in ("cpu", "arm64") and not use_ort_converter:
-        report["notes"].append("FP16 mainly pays on GPUs; on x86 CPUs ONNX Runtime often runs it slower than FP32")
+    if not capabilities(config.target).fp16_native and not use_ort_converter:
+        report["notes"].append(f"target {config.target} has no native FP16 kernels: FP16 mainly pays on GPUs; on "
+                               "CPUs ONNX Runtime often runs it slower than FP32")
     report["seconds"] = round(time.perf_counter() - started, 2)
     return StageResult(converted, report)
 
 
-__all__ = ["FP16_MAX", "TARGETS", "Fp16", "Fp16Config", "convert_fp16"]
+__all__ = ["FP16_MAX", "Fp16", "Fp16Config", "convert_fp16"]

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from dlopt.errors import InputError
 from dlopt.images import ImagePreprocess
 from dlopt.optimize.kernel_choice import LAYERNORM_FORMS, LayerNormForm
 
-TARGETS = ("cpu", "cuda", "arm64", "mobile")
-Target = Literal["cpu", "cuda", "arm64", "mobile"]
 # Held out of the calibration data for the fidelity check (the last samples): this share, at least
 # HOLDOUT_MIN, at most half of the samples and at most fidelity_samples.
 HOLDOUT_FRACTION = 0.2
@@ -30,7 +28,7 @@ class QuantizeScheme:
     precision: ClassVar[str]  # int8 | int4 | fp16: picks the default fidelity floor
     exclude_nodes: tuple[str, ...] = ()  # node names kept in float
     exclude_ops: tuple[str, ...] = ()  # op types kept in float
-    target: Target = "cpu"
+    target: str = "cpu"  # a target of dlopt.targets that runs ONNX models (quantize_targets())
     input_shapes: tuple[str, ...] = ()  # NAME=DxD...: the shapes of synthetic inputs
     image: ImagePreprocess | None = None  # how a folder of images is fed; None: its defaults
     calibration_samples: int | None = None  # cap on samples read; None: all of them
@@ -46,11 +44,18 @@ class QuantizeScheme:
         check_common(self)
 
 
+def quantize_targets() -> list[str]:
+    """The targets a quantized ONNX model can be made for: the registry's ONNX Runtime targets."""
+    from dlopt.targets import target_names
+
+    return target_names(kind="onnxruntime")
+
+
 def check_common(config) -> None:
     """The checks of the shared fields (also run on the `quantize` front door's request)."""
     name = type(config).__name__
-    if config.target not in TARGETS:
-        raise InputError(f"{name}: unknown target {config.target!r}", f"choose one of {', '.join(TARGETS)}")
+    if config.target not in quantize_targets():
+        raise InputError(f"{name}: unknown target {config.target!r}", f"choose one of {', '.join(quantize_targets())}")
     if not 0 <= config.holdout < 1:
         raise InputError(f"{name}: hold-out share {config.holdout} is out of range", "give a value in [0, 1), e.g. 0.2")
     if config.min_sqnr_db is not None and math.isnan(config.min_sqnr_db):
@@ -65,4 +70,4 @@ def check_common(config) -> None:
                          "give a positive cap, or none")
 
 
-__all__ = ["HOLDOUT_FRACTION", "HOLDOUT_MIN", "LAYERNORM_FORMS", "TARGETS", "QuantizeScheme", "check_common"]
+__all__ = ["HOLDOUT_FRACTION", "HOLDOUT_MIN", "LAYERNORM_FORMS", "QuantizeScheme", "check_common", "quantize_targets"]

@@ -17,7 +17,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
-from test_quantize_int8 import cnn_data, cnn_model, mlp_data, mlp_model
+from test_quantize_int8 import cnn_model, mlp_data, mlp_model
 
 from dlopt.errors import InputError, StageError
 from dlopt.images import ImagePreprocess
@@ -196,7 +196,8 @@ def test_a_failed_ensures_check_is_a_stage_error_naming_the_chain():
 def test_an_error_inside_a_stage_names_the_chain_and_keeps_its_class():
     from dlopt.optimize.quantize import Int8Dynamic
 
-    with pytest.raises(InputError, match=r"^int8-dynamic failed after prune: exclude_nodes=NAMES: nodes not in the model: nope"):
+    with pytest.raises(InputError,
+                       match=r"^int8-dynamic failed after prune: exclude_nodes=NAMES: nodes not in the model: nope"):
         get_stage("int8-dynamic").apply(mlp_model(), Int8Dynamic(exclude_nodes=("nope",), speed_check=False),
                                         StageContext(after=("prune",)))
 
@@ -204,7 +205,7 @@ def test_an_error_inside_a_stage_names_the_chain_and_keeps_its_class():
 def test_the_quantize_front_door_resolves_to_a_scheme_and_records_it():
     from dlopt.optimize.quantize import Int8Dynamic, Int8Static, QuantizeConfig, quantize
 
-    model, data = cnn_model(), cnn_data()
+    model = cnn_model()
     scheme, reasons = QuantizeConfig(target="cpu").resolve(model, has_data=True)
     assert type(scheme) is Int8Static and reasons[0].startswith("static QDQ: CNN")
     scheme, reasons = QuantizeConfig(exclude_nodes=("conv1",)).resolve(model, has_data=False)
@@ -260,3 +261,33 @@ def test_prune_is_a_stage_but_not_yet_a_recipe_stage(tmp_path):
     result = _recipe(tmp_path, "prune")
     assert result.exit_code == 2
     assert "r.toml:6 (stage 1): unknown stage kind 'prune' (not a recipe stage yet" in result.stderr
+
+
+def test_quantize_asks_the_target_for_its_int8_form_not_its_name(monkeypatch):
+    from dlopt.optimize.quantize import CpuFeatures, Int8Dynamic, Int8Static, QuantizeConfig, choose_recipe, quantize
+    from dlopt.targets import TARGETS, CudaTarget, Int8Form
+
+    class StaticOnly(CudaTarget):  # a new accelerator: only its declared capabilities say what it takes
+        name = "npu-test"
+        int8 = Int8Form(dynamic=False, activation="s8", per_channel=True, note="the NPU takes QDQ only")
+
+    monkeypatch.setitem(TARGETS, "npu-test", StaticOnly())
+    scheme, reasons = QuantizeConfig(target="npu-test").resolve(mlp_model(), has_data=True)
+    assert type(scheme) is Int8Static
+    assert reasons[0] == ("static QDQ: the npu-test target runs static QDQ, not dynamic quantization (the NPU takes "
+                          "QDQ only)")
+    scheme, reasons = QuantizeConfig(target="npu-test").resolve(mlp_model(), has_data=False)
+    assert scheme.mode == "weight-only" and "the npu-test target runs static QDQ" in reasons[0]
+    recipe = choose_recipe(mlp_model(), Int8Static(target="npu-test"), CpuFeatures("x86_64", False, ("avx2",)))
+    assert (recipe.activation_type, recipe.weight_type, recipe.reduce_range) == ("s8", "s8", False)
+    assert "s8/s8: the NPU takes QDQ only" in recipe.reasons
+    host = choose_recipe(mlp_model(), Int8Static(), CpuFeatures("x86_64", False, ("avx2",)))
+    assert (host.activation_type, host.reduce_range) == ("u8", True)  # target cpu: this (non-VNNI) host decides
+    # a target whose kernels do not run here gets no kernel choices timed here
+    result = quantize(mlp_model(), Int8Static(target="npu-test", speed_check=False), mlp_data())
+    assert result.report["kernel_choice"] is None and "node_forms" not in result.report
+    with pytest.raises(InputError, match=r"^int8-dynamic failed after export: requires a target that runs dynamic "
+                                         r"INT8: the npu-test target runs static QDQ only \(the NPU takes QDQ only\)"):
+        get_stage("int8-dynamic").apply(mlp_model(), Int8Dynamic(target="npu-test"), StageContext(after=("export",)))
+    with pytest.raises(InputError, match=r"unknown target 'tpu' \(choose one of cpu, arm64, cuda, mobile, npu-test\)"):
+        Int8Dynamic(target="tpu")

@@ -36,7 +36,7 @@ Where each part is (one hop from here):
 
 from __future__ import annotations
 
-from dlopt.optimize.scheme import HOLDOUT_FRACTION, HOLDOUT_MIN, TARGETS
+from dlopt.optimize.scheme import HOLDOUT_FRACTION, HOLDOUT_MIN, quantize_targets
 from dlopt.optimize.quantize.schemes import (FIDELITY_FLOORS_DB, Fp16, Int4WeightOnly, Int8Dynamic, Int8Scheme,
                                              Int8Static, Int8WeightOnly, METHODS, MODES, PRECISIONS, QuantizeConfig,
                                              RECOVERY_MAX_FLOAT_SHARE, REPORT_SCHEMA, REPORT_SCHEMA_VERSION, ROUNDINGS,
@@ -86,7 +86,6 @@ __all__ = [
     "SAME_OUTPUTS",
     "SCHEME_KINDS",
     "Scheme",
-    "TARGETS",
     "calibrate",
     "check_int8",
     "check_static",
@@ -108,6 +107,7 @@ __all__ = [
     "smooth_activations",
     "speed_check",
     "split_holdout",
+    "quantize_targets",
     "stage_of",
     "summary_text",
     "validate_config",

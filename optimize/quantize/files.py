@@ -72,7 +72,8 @@ def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike,
     data = load_calibration(calibration, model, limit=config.calibration_samples, image=config.image)
     held = (load_calibration(eval_data, model, limit=config.fidelity_samples, image=config.image)
             if eval_data is not None else None)
-    result = stage.apply(model, config, StageContext(data=data, eval_data=held, after=after, progress=progress, log=log))
+    context = StageContext(data=data, eval_data=held, after=after, progress=progress, log=log)
+    result = stage.apply(model, config, context)
     if not result.report["verdict"]["passed"]:  # kept under a marked name, never at OUTPUT
         out, report_path = failed, failed_report
     # The model and its report are renamed into place together: never a new model beside an old report.
@@ -91,13 +92,13 @@ def failure_error(outcome: QuantizeOutcome) -> VerificationError:
     checks = "; ".join(f"{f['check']} {_fmt(f['measured'])} (needs {f['required']})" for f in v["failures"])
     # On generated inputs a model can fail a floor it meets on real data (PP-OCRv4 det, weight-only INT8:
     # -4.8 dB on noise images, 24.8 dB on held-out photos), so then the first thing to do is give real samples.
-    hint = ("measured on generated inputs, not real data: give real samples with {eval_data=DATA} (or {calibration=DATA}), "
-            "then " if v["data"] == "synthetic" else "")
+    hint = ("measured on generated inputs, not real data: give real samples with {eval_data=DATA} (or "
+            "{calibration=DATA}), then " if v["data"] == "synthetic" else "")
     return VerificationError(
         f"the quantized model failed verification on {v['samples']} {v['data']} samples: {checks}; "
         f"the best effort was kept as {outcome.model_path}, nothing was written to the output path",
-        hint + "keep nodes in float ({exclude_nodes=NAMES} / {exclude_ops=TYPES}), use per-channel weights, give more or "
-        "more representative {calibration=DATA}, or lower the fidelity floor (min SQNR) knowingly")
+        hint + "keep nodes in float ({exclude_nodes=NAMES} / {exclude_ops=TYPES}), use per-channel weights, give "
+        "more or more representative {calibration=DATA}, or lower the fidelity floor (min SQNR) knowingly")
 
 
 def _fmt(value: Any) -> str:

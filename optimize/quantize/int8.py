@@ -87,7 +87,8 @@ def quantize_int8(model, config: Int8Scheme, recipe: Recipe, data: CalibrationDa
                 if ranges is None:
                     if data is None:
                         raise InputError("static quantization needs calibration data",
-                                         "pass {calibration=DATA} (an .npz, a folder, or model:NAME) or use {mode=dynamic}")
+                                         "pass {calibration=DATA} (an .npz, a folder, or model:NAME) or use "
+                                         "{mode=dynamic}")
                     ranges, _ = calibrate(model, data, method=recipe.method, op_types=op_types,
                                           symmetric=recipe.activation_type == "s8", percentile=recipe.percentile,
                                           progress=progress)

@@ -134,7 +134,7 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
             quantized = recovery.pop("model")
             details["nodes_excluded"] = recovery["chosen"]["excluded"]
     node_forms = None
-    if recipe.mode == "static" and config.target == "cpu":
+    if recipe.mode == "static" and _timed_here(config.target):
         quantized, node_forms = _choose_node_forms(prepared, quantized, config, recipe, data, ranges, layer_stats,
                                                    details, log)
     report = {"precision": "int8", "config": config_to_dict(request or config), "scheme": scheme,
@@ -183,9 +183,9 @@ def _choose_node_forms(prepared, quantized, config: Int8Static, recipe: Recipe, 
 
 
 def _choose_kernels(model, config: QuantizeScheme, log) -> tuple[Any, dict[str, Any] | None]:
-    """Equivalent graph forms timed on this host (only for target cpu: a phone or a GPU runs other
-    kernels than the ones measurable here)."""
-    if config.target != "cpu":
+    """Equivalent graph forms timed on this host, only for a target whose kernels run here (cpu): a phone
+    or a GPU runs other kernels than the ones measurable here."""
+    if not _timed_here(config.target):
         return model, None
     from dlopt.optimize.kernel_choice import KernelChoiceConfig, choose_layernorm_form
 
@@ -193,3 +193,10 @@ def _choose_kernels(model, config: QuantizeScheme, log) -> tuple[Any, dict[str, 
     if result.report["sites"]:
         log(f"kernel choice: {result.report['decision']}")
     return result.model, result.report
+
+
+def _timed_here(target: str) -> bool:
+    """Whether this host runs target's own kernels, so that forms timed here are the target's (cpu)."""
+    from dlopt.targets import capabilities
+
+    return capabilities(target).kernels_measurable_here

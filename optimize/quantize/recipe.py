@@ -3,37 +3,35 @@ formats, types, calibration and weight rounding for this model, target and CPU, 
 
 from __future__ import annotations
 
-import contextlib
-import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from dlopt.optimize.preprocess import looks_like_transformer
 from dlopt.optimize.quantize.schemes import Int8Scheme, Int8Static, Method, QuantizeConfig, _Int8
+from dlopt.targets.cpu import HostCpu, host_cpu
 
 
 # -- the CPU and the recipe ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CpuFeatures:
+    """The CPU facts the INT8 recipe reads (recorded in the report): its machine, whether it has an int8
+    dot product (VNNI/AMX on x86, asimddp on ARM) and its ISA flags."""
+
     machine: str
     vnni: bool
     flags: tuple[str, ...]
 
+    def host(self) -> HostCpu:
+        """As dlopt.targets' HostCpu, which the targets decide INT8 types from."""
+        return HostCpu(machine=self.machine, vendor="", model_name="", family=None, model=None, core=None,
+                       flags=tuple(sorted(self.flags)))
+
 
 def cpu_features() -> CpuFeatures:
-    machine = platform.machine().lower()
-    flags: set[str] = set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags.update(line.split(":", 1)[1].split())
-                break
-    interesting = sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8",
-                                                   "asimddp", "i8mm", "fma"})
-    vnni = bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
-    return CpuFeatures(machine, vnni, tuple(interesting))
+    """This host's CPU, from dlopt.targets.cpu.host_cpu (the one /proc/cpuinfo reader)."""
+    cpu = host_cpu()
+    return CpuFeatures(cpu.machine, cpu.int8_dot, cpu.isa_flags)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +51,17 @@ class Recipe:
     reasons: tuple[str, ...] = ()
 
 
+def _int8_form(target: str):
+    """The INT8 form target `target` declares (dlopt.targets); InputError when it takes no INT8 model."""
+    from dlopt.errors import InputError
+    from dlopt.targets import capabilities
+
+    form = capabilities(target).int8
+    if form is None:
+        raise InputError(f"target {target!r} takes no INT8 model", "quantize for another target")
+    return form
+
+
 def _model_kind(model) -> tuple[bool, set[str], str]:
     from dlopt.optimize.normalize import all_graphs
 
@@ -62,16 +71,17 @@ def _model_kind(model) -> tuple[bool, set[str], str]:
     return transformer, convs, "transformer" if transformer else ("CNN" if convs else "MLP/other")
 
 
-def choose_mode(model, config: QuantizeConfig, cpu: CpuFeatures | None = None, *, has_data: bool = True
-                ) -> tuple[str, str]:
+def choose_mode(model, config: QuantizeConfig, *, has_data: bool = True) -> tuple[str, str]:
     """The INT8 scheme (dynamic, static, weight-only) for a `quantize` request on this model and target,
     with the reason: the request's mode unless it is auto."""
     transformer, convs, kind = _model_kind(model)
     if config.mode != "auto":
         return config.mode, f"mode {config.mode}: asked for"
-    if not has_data and (config.target == "cuda" or (convs and not transformer)):
-        needs = ("the CUDA/TensorRT providers run static QDQ, not dynamic quantization, and static INT8"
-                 if config.target == "cuda" else f"static INT8 for this {kind} ({', '.join(sorted(convs))})")
+    form = _int8_form(config.target)
+    static_only = f"the {config.target} target runs static QDQ, not dynamic quantization ({form.note})"
+    if not has_data and (not form.dynamic or (convs and not transformer)):
+        needs = (f"{static_only}, and static INT8" if not form.dynamic
+                 else f"static INT8 for this {kind} ({', '.join(sorted(convs))})")
         return "weight-only", (f"weight-only: {needs} needs calibration data to set activation ranges (pass "
                                "--calibration DATA: an .npz, a folder, or model:NAME); without it the weights are "
                                "stored int8 and dequantized to float before each op: ~4x smaller weights, float "
@@ -80,13 +90,11 @@ def choose_mode(model, config: QuantizeConfig, cpu: CpuFeatures | None = None, *
     if not has_data and not transformer:
         return "dynamic", (f"dynamic: no calibration data, and this {kind} model's MatMul/Gemm layers need none: "
                            "activations are quantized per call (--calibration DATA allows static QDQ)")
-    if config.target == "cuda":
-        return "static", "static QDQ: the CUDA/TensorRT providers run QDQ graphs, not dynamic quantization"
+    if not form.dynamic:
+        return "static", f"static QDQ: {static_only}"
     if transformer:
         return "dynamic", ("dynamic: transformer activations vary per token and per input; per-call ranges beat "
                            "calibrated ones (ORT static QDQ loses ~0.2 cosine on MiniLM)")
-    if config.target == "mobile":
-        return "static", "static QDQ: mobile providers (XNNPACK, NNAPI, CoreML) take QDQ graphs"
     return "static", f"static QDQ: {kind}; activation ranges calibrated once, no per-call quantize cost"
 
 
@@ -100,11 +108,10 @@ def choose_recipe(model, config: Int8Scheme | QuantizeConfig, cpu: CpuFeatures |
 
     cpu = cpu or cpu_features()
     if isinstance(config, QuantizeConfig):
-        config, (mode_reason,) = config.resolve(model, has_data=has_data, cpu=cpu)
+        config, (mode_reason,) = config.resolve(model, has_data=has_data)
     if not isinstance(config, _Int8):
         raise TypeError(f"choose_recipe takes an INT8 scheme, not {type(config).__name__}")
     transformer, convs, kind = _model_kind(model)
-    arm = config.target in ("arm64", "mobile") or cpu.machine in ("aarch64", "arm64")
     mode = config.mode
     reasons = [mode_reason or f"{mode}: the int8-{mode} scheme"]
     static = config if isinstance(config, Int8Static) else Int8Static()  # calibration fields: static only
@@ -113,18 +120,13 @@ def choose_recipe(model, config: Int8Scheme | QuantizeConfig, cpu: CpuFeatures |
         act, wt, reduce = "float", "s8", False
         reasons.append("s8 weights, full 8-bit range: they are dequantized to float, so no int8 kernel's "
                        "accumulation limits apply")
-    elif config.target == "cuda" or arm:
-        act, wt, reduce = "s8", "s8", False
-        reasons.append("s8/s8: " + ("TensorRT takes symmetric int8 only" if config.target == "cuda"
-                                    else "ARM int8 dot-product kernels are s8·s8"))
-    elif cpu.vnni:
-        act, wt, reduce = "u8", "s8", False
-        reasons.append(f"u8/s8, full range: the CPU has VNNI ({', '.join(cpu.flags)})")
-    else:
-        act, wt, reduce = "u8", "s8", True
-        reasons.append("u8/s8 with reduce_range (7-bit weights): no VNNI on this CPU "
-                       f"({', '.join(cpu.flags) or 'no flags read'}), its u8·s8 kernel sums pairs in 16 bits "
-                       "and would saturate")
+    else:  # the target's kernels decide (dlopt.targets: its INT8 form, and this CPU for target cpu)
+        from dlopt.targets import get_target
+
+        _int8_form(config.target)
+        types = get_target(config.target).int8_types(cpu.host())
+        act, wt, reduce = types.activation, types.weight, types.reduce_range
+        reasons.append(types.reason)
     if mode == "dynamic":
         act = "u8"  # DynamicQuantizeLinear produces u8 only
     per_channel = config.per_channel
@@ -186,5 +188,4 @@ def host_kernels_inexact(recipe: Recipe, cpu: CpuFeatures | None = None) -> bool
     That is the arm64/mobile/cuda recipe measured here: fashion-cnn's arm64 INT8 model measured 8.4 dB
     in this host's kernels and 37.4 dB in its own QDQ arithmetic (what an ARM sdot kernel computes)."""
     cpu = cpu or cpu_features()
-    x86 = cpu.machine in ("x86_64", "amd64", "i686", "x86")
-    return recipe.mode == "static" and not recipe.reduce_range and x86 and not cpu.vnni
+    return recipe.mode == "static" and not recipe.reduce_range and cpu.host().is_x86 and not cpu.vnni

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Literal, TYPE_CHECKING
+from typing import ClassVar, Literal
 
 from dlopt.errors import InputError
 from dlopt.images import ImagePreprocess
 from dlopt.optimize.fp16 import Fp16
 from dlopt.optimize.int4 import Int4WeightOnly
 from dlopt.optimize.kernel_choice import LayerNormForm, NODE_FORMS, NodeForms
-from dlopt.optimize.scheme import HOLDOUT_FRACTION, QuantizeScheme, Target, check_common
-
-if TYPE_CHECKING:
-    from dlopt.optimize.quantize.recipe import CpuFeatures
+from dlopt.optimize.scheme import HOLDOUT_FRACTION, QuantizeScheme, check_common
 
 PRECISIONS = ("int8", "int4", "fp16")
 MODES = ("auto", "dynamic", "static", "weight-only")
@@ -149,7 +146,7 @@ class QuantizeConfig:
     block_size: int = 32  # int4
     exclude_nodes: tuple[str, ...] = ()
     exclude_ops: tuple[str, ...] = ()
-    target: Target = "cpu"
+    target: str = "cpu"  # a target of dlopt.targets that runs ONNX models
     preprocess: bool = True  # fusions, constant folding, shape inference (int8), each checked
     calibration_samples: int | None = None  # cap on samples read; None: all of them
     percentile: float | None = None  # for percentile calibration; None: 99.99 for CNNs, 99.999 otherwise
@@ -171,13 +168,13 @@ class QuantizeConfig:
     layernorm_form: LayerNormForm = "auto"
     node_forms: NodeForms = "auto"
 
-    def resolve(self, model, *, has_data: bool, cpu: CpuFeatures | None = None) -> tuple[Scheme, tuple[str, ...]]:
+    def resolve(self, model, *, has_data: bool) -> tuple[Scheme, tuple[str, ...]]:
         """The scheme config this request asks for on `model`, and why (int8 mode auto: see choose_mode)."""
         from dlopt.optimize.quantize.recipe import choose_mode
 
         validate_config(self)
         if self.precision == "int8":
-            mode, reason = choose_mode(model, self, cpu, has_data=has_data)
+            mode, reason = choose_mode(model, self, has_data=has_data)
             cls, reasons = INT8_SCHEMES[mode], (reason,)
         else:
             cls = Int4WeightOnly if self.precision == "int4" else Fp16

@@ -39,7 +39,17 @@ def _outputs_problem(model, config, before) -> str | None:
     return None if names == wanted else f"its outputs {names} are not its input's {wanted}"
 
 
+def _dynamic_target_problem(model, config, before) -> str | None:
+    from dlopt.targets import capabilities
+
+    form = capabilities(config.target).int8
+    if form is not None and not form.dynamic:
+        return f"the {config.target} target runs static QDQ only ({form.note}): use int8-static"
+    return None
+
+
 ONNX_MODEL = Check("an ONNX model", _onnx_problem)
+DYNAMIC_TARGET = Check("a target that runs dynamic INT8", _dynamic_target_problem)
 FLOAT_ONNX = Check("a float ONNX model", _float_problem)
 SAME_OUTPUTS = Check("the graph outputs of its input", _outputs_problem)
 
@@ -49,14 +59,16 @@ def _run(model, config, context: StageContext) -> StageResult:
                     log=context.log)
 
 
-def _quantize_stage(kind: str, config: type, summary: str, validate=None) -> Stage:
-    return Stage(kind=kind, config=config, run=_run, takes="onnx", makes="onnx", requires=(ONNX_MODEL, FLOAT_ONNX),
-                 ensures=(SAME_OUTPUTS,), summary=summary, validate=validate)
+def _quantize_stage(kind: str, config: type, summary: str, validate=None, requires: tuple[Check, ...] = ()) -> Stage:
+    return Stage(kind=kind, config=config, run=_run, takes="onnx", makes="onnx",
+                 requires=(ONNX_MODEL, FLOAT_ONNX, *requires), ensures=(SAME_OUTPUTS,), summary=summary,
+                 validate=validate)
 
 
 QUANTIZE = _quantize_stage("quantize", QuantizeConfig, "int8/int4/fp16, the scheme chosen for the model, target "
                            "and CPU (mode auto), recorded in the report", validate_config)
-INT8_DYNAMIC = _quantize_stage("int8-dynamic", Int8Dynamic, "INT8 weights, activations quantized per call")
+INT8_DYNAMIC = _quantize_stage("int8-dynamic", Int8Dynamic, "INT8 weights, activations quantized per call",
+                               requires=(DYNAMIC_TARGET,))
 INT8_STATIC = _quantize_stage("int8-static", Int8Static, "static INT8 QDQ, calibrated on data")
 INT8_WEIGHT_ONLY = _quantize_stage("int8-weight-only", Int8WeightOnly, "INT8 weights, float compute")
 INT4_WEIGHT_ONLY = _quantize_stage("int4-weight-only", Int4WeightOnly, "4-bit block-quantized weights (MatMulNBits)")

@@ -43,7 +43,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli packag
 import dlopt
 from dlopt.errors import DlOptError, InputError
 from dlopt.manifest import hash_path, sha256_file
-from dlopt.stage import Stage, StageContext, config_from_dict, config_to_dict, config_version, get_stage, stage_kinds
+from dlopt.stage import StageContext, config_from_dict, config_to_dict, config_version, get_stage, stage_kinds
 from dlopt.stagecache import Entry, StageCache, cache_key
 
 TOP_KEYS = ("source", "target", "calibration", "eval_data", "name", "stage")
@@ -214,7 +214,8 @@ def _check_order(recipe: Recipe) -> None:
                              "move it last")
         if spec.takes != made:
             if made == "torch":
-                raise InputError(f"{where}: the source {recipe.source} is a torch model; the first stage must export it",
+                raise InputError(f"{where}: the source {recipe.source} is a torch model; the first stage must "
+                                 "export it",
                                  'add [[stage]] kind = "export" first')
             raise InputError(f"{where}: {stage.kind} takes a {spec.takes} model and the "
                              f"{'source' if stage.index == 1 else 'stage before'} gives an {made} one",
@@ -232,16 +233,18 @@ def _check_order(recipe: Recipe) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def host_facts(kind: str, config: Any) -> dict[str, Any]:
-    """The facts of this host that change a stage's output. CPU quantization times kernel choices
-    (LayerNorm forms, node forms) on this CPU, so its ISA class is in the key."""
+    """The facts of this host that change a stage's output. Quantization for a target whose kernels run
+    here (cpu) times kernel choices (LayerNorm forms, node forms) on this CPU, so its ISA class is in the key."""
+    from dlopt.targets import capabilities
+
     facts: dict[str, Any] = {"dlopt": dlopt.__version__, "onnxruntime": _version("onnxruntime")}
     if get_stage(kind).takes == "torch":
         facts["torch"] = _version("torch")
-    if _quantizes(kind) and config.target == "cpu":
-        from dlopt.optimize.quantize import cpu_features
+    if _quantizes(kind) and capabilities(config.target).kernels_measurable_here:
         from dlopt.runtime import isa_line
+        from dlopt.targets.cpu import host_cpu
 
-        facts["isa"] = isa_line(cpu_features())
+        facts["isa"] = isa_line(host_cpu())
     return facts
 
 
