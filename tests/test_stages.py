@@ -23,6 +23,7 @@ from dlopt.errors import InputError, StageError
 from dlopt.images import ImagePreprocess
 from dlopt.stage import (STAGES, Check, Stage, StageContext, StageResult, config_from_dict, config_to_dict,
                          get_stage, stage_kinds)
+from dlopt.stagecache import StageCache
 
 IMAGE = ImagePreprocess(size=(2, 3), layout="nchw", scale=0.5, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), bgr=True)
 SCHEME_COMMON = dict(exclude_nodes=("a", "b"), exclude_ops=("Gemm",), target="arm64", input_shapes=("x=1x16",),
@@ -257,10 +258,62 @@ def test_a_recipe_runs_a_scheme_stage_by_its_kind(tmp_path):
     assert report["scheme"]["kind"] == "int8-dynamic" and report["config"]["type"] == "Int8Dynamic"
 
 
-def test_prune_is_a_stage_but_not_yet_a_recipe_stage(tmp_path):
-    result = _recipe(tmp_path, "prune")
+def test_distill_is_a_stage_but_not_yet_a_recipe_stage(tmp_path):
+    result = _recipe(tmp_path, "distill")
     assert result.exit_code == 2
-    assert "r.toml:6 (stage 1): unknown stage kind 'prune' (not a recipe stage yet" in result.stderr
+    assert "r.toml:6 (stage 1): unknown stage kind 'distill' (not a recipe stage yet" in result.stderr
+
+
+PRUNE_RECIPE = """\
+source = "net.py:build"
+
+[[stage]]
+kind = "prune"
+ratio = {ratio}
+
+[[stage]]
+kind = "export"
+"""
+
+
+def _prune_run(tmp_path, ratio=0.5, text=PRUNE_RECIPE):
+    from test_prune import FACTORY
+
+    from dlopt.cli import main
+
+    (tmp_path / "net.py").write_text(FACTORY)
+    (tmp_path / "p.toml").write_text(text.format(ratio=ratio))
+    return CliRunner().invoke(main, ["run", str(tmp_path / "p.toml"), "-o", str(tmp_path / "pruned.onnx"),
+                                     "--cache-dir", str(tmp_path / "cache")])
+
+
+def _statuses(result) -> list[str]:
+    return [line.split()[2] for line in result.stdout.splitlines()[2:] if line[:1].isdigit()]
+
+
+def test_a_recipe_prunes_a_torch_source_caches_the_checkpoint_and_exports_it(tmp_path):
+    pytest.importorskip("torch_pruning")
+    first = _prune_run(tmp_path)
+    assert first.exit_code == 0, first.output
+    assert _statuses(first) == ["ran", "ran"]
+    graph = onnx.load(str(tmp_path / "pruned.onnx")).graph
+    assert sorted(tuple(w.dims)[0] for w in graph.initializer if len(w.dims) == 4) == [8, 8]  # 16 -> 8 channels
+    (entry,) = [e for e in StageCache(tmp_path / "cache").entries() if e.kind == "prune"]
+    assert entry.info["artifact"] == "model.pt" and entry.info["report"]["parameters_after"] < \
+        entry.info["report"]["parameters_before"]
+    again = _prune_run(tmp_path)
+    assert again.exit_code == 0 and _statuses(again) == ["cached", "cached"]
+    other = _prune_run(tmp_path, ratio=0.25)  # the prune config changes both keys
+    assert other.exit_code == 0 and _statuses(other) == ["ran", "ran"]
+    graph = onnx.load(str(tmp_path / "pruned.onnx")).graph
+    assert sorted(tuple(w.dims)[0] for w in graph.initializer if len(w.dims) == 4) == [12, 12]
+
+
+def test_a_recipe_cannot_end_with_a_torch_checkpoint(tmp_path):
+    result = _prune_run(tmp_path, text=PRUNE_RECIPE.split("\n\n[[stage]]\nkind = \"export\"")[0] + "\n")
+    assert result.exit_code == 2
+    assert "p.toml:3 (stage 1, prune): a recipe ends with an ONNX model or a bundle, not a torch checkpoint" \
+        in result.stderr
 
 
 def test_quantize_asks_the_target_for_its_int8_form_not_its_name(monkeypatch):

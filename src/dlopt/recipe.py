@@ -47,10 +47,10 @@ from dlopt.stage import StageContext, config_from_dict, config_to_dict, config_v
 from dlopt.stagecache import Entry, StageCache, cache_key
 
 TOP_KEYS = ("source", "target", "calibration", "eval_data", "name", "stage")
-# prune and distill are stages (dlopt.stage) but not recipe stages yet: they train a torch model (not an
-# ONNX artifact) from a task's data and write checkpoints, so their cache input and output are not one
-# artifact file.
-NOT_IN_RECIPES = ("prune", "distill")
+# distill is a stage (dlopt.stage) but not a recipe stage yet: it needs a teacher and a task's training
+# data, which a recipe does not name. prune is one: its cached artifact is the pruned checkpoint (rebuilt
+# from the source by replaying its pruning), which a later export stage turns into ONNX.
+NOT_IN_RECIPES = ("distill",)
 Log = Callable[[str], None]
 
 
@@ -177,7 +177,7 @@ def load_recipe(path: str | Path) -> Recipe:
         kind = keys.pop("kind", None)
         if kind not in recipe_kinds():
             where = f"{_where(path, _key_line(text, line, 'kind') if kind is not None else line)} (stage {i})"
-            why = " (not a recipe stage yet: it trains a torch model)" if kind in NOT_IN_RECIPES else ""
+            why = " (not a recipe stage yet: it needs a teacher and training data)" if kind in NOT_IN_RECIPES else ""
             raise InputError(f"{where}: unknown stage kind {kind!r}{why}", f"choose one of {', '.join(recipe_kinds())}")
         cls = get_stage(kind).config
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -221,11 +221,18 @@ def _check_order(recipe: Recipe) -> None:
                              f"{'source' if stage.index == 1 else 'stage before'} gives an {made} one",
                              "drop it for an .onnx source, or move it first" if stage.kind == "export"
                              else "reorder the stages")
+        if spec.takes == spec.makes == "torch" and made == "torch" and stage.index > 1:
+            raise InputError(f"{where}: one torch stage per recipe (a pruned checkpoint records one pruning)",
+                             "prune once, with the ratio you want")
         made = spec.makes
         try:
             spec.check_config(stage.config)
         except InputError as e:
             raise InputError(f"{where}: {e.message}", e.hint) from e
+    if made == "torch":
+        last = recipe.stages[-1]
+        raise InputError(f"{_where(recipe.path, last.line)} (stage {last.index}, {last.kind}): a recipe ends with an "
+                         "ONNX model or a bundle, not a torch checkpoint", 'add [[stage]] kind = "export" after it')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,9 +268,12 @@ def _version(module: str) -> str:
 
 
 def artifact_hash(model_path: Path) -> str:
-    """sha256 of an ONNX file and its external data files (in order), or of a bundle folder."""
+    """sha256 of an ONNX file and its external data files (in order), of a torch checkpoint, or of a bundle
+    folder."""
     if model_path.is_dir():
         return hash_path(model_path)["sha256"]
+    if model_path.suffix == ".pt":
+        return sha256_file(model_path)
     from dlopt.fileio import external_data_files, load_onnx
 
     external = external_data_files(load_onnx(model_path, load_external_data=False))
@@ -444,10 +454,18 @@ def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Pat
     after = tuple(step["kind"] for step in lineage)
     spec = get_stage(stage.kind)
     with cache.building(key) as staging:
-        if spec.takes == "torch":
+        if spec.takes == spec.makes == "torch":  # prune: the pruned checkpoint
+            from dlopt.optimize.prune import save_checkpoint
+
+            result = spec.apply(_torch_source(recipe, artifact, log), config, StageContext(after=after, log=log))
+            produced = save_checkpoint(staging / "model.pt", result.model.module, recipe.source, result.report)
+            report = {k: result.report[k] for k in ("parameters_before", "parameters_after", "macs_before",
+                                                    "macs_after")}
+        elif spec.takes == "torch":
             from dlopt.api import export_model
 
-            written = export_model(recipe.source, staging / "model.onnx", config, log=log)
+            source = recipe.source if artifact is None else _torch_source(recipe, artifact, log)
+            written = export_model(source, staging / "model.onnx", config, log=log)
             produced, report = written.model_path, written.report
         elif spec.makes == "bundle":
             result = spec.apply(artifact, config, StageContext(output=staging / "bundle", lineage=tuple(lineage),
@@ -462,12 +480,30 @@ def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Pat
             if not outcome.passed:  # the best effort goes beside -o, as `dlopt quantize` keeps it; never cached
                 raise failure_error(_keep_failed(outcome, out))
             produced, report = outcome.model_path, outcome.report
-        summary = {k: report[k] for k in ("verdict", "verification", "bytes_written", "bytes", "recipe", "scheme")
+        summary = {k: report[k] for k in ("verdict", "verification", "bytes_written", "bytes", "recipe", "scheme",
+                                          "parameters_before", "parameters_after", "macs_before", "macs_after")
                    if k in report}
         info = {"kind": stage.kind, "inputs": dict(inputs), "artifact": produced.name,
                 "output_sha256": artifact_hash(produced), "source": recipe.source, "recipe": str(recipe.path),
                 "report": summary}
         return cache.commit(key, staging, info)
+
+
+def _torch_source(recipe: Recipe, checkpoint: Path | None, log: Log):
+    """The recipe's torch source as a ModelSource, rebuilt from a cached pruned checkpoint when one is given."""
+    import dataclasses as dc
+
+    from dlopt.fileio import guard_source_spec
+    from dlopt.optimize.export import load_source
+    from dlopt.optimize.prune import read_checkpoint, rebuild
+
+    guard_source_spec(recipe.source)
+    log(f"loading {recipe.source}" + (f" and its pruned checkpoint {checkpoint.parent.name[:12]}" if checkpoint else ""))
+    source = load_source(recipe.source)
+    if checkpoint is None:
+        return source
+    module = rebuild(read_checkpoint(checkpoint), source.module, source.example_inputs)
+    return dc.replace(source, module=module, name=f"{source.name} (pruned)")
 
 
 def _keep_failed(outcome: Any, out: Path) -> Any:
