@@ -8,6 +8,9 @@ stage's output cached by content (dlopt.stagecache).
     name = "minilm-int8"              # optional: the bundle's model name
 
     [[stage]]
+    kind = "prune"                    # optional, torch sources: the pruned checkpoint is the cached artifact
+    ratio = 0.5
+    [[stage]]
     kind = "export"                   # then the stage config's keys (dlopt.optimize.export.Export)
     [[stage]]
     kind = "int8-static"              # a scheme: int8-dynamic, int8-static, int8-weight-only,
