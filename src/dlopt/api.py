@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from dlopt.errors import DlOptError, InputError, StageError, VerificationError
 from dlopt.fileio import check_output_path, guard_outputs, guard_source_spec, json_text, stage_onnx, staged_outputs
 
 
@@ -54,16 +56,19 @@ def export_model(source, output: str | os.PathLike, config=None,
 
 
 def quantize_model(model_path: str | os.PathLike, output: str | os.PathLike, config=None, calibration=None, *,
-                   eval_data=None, after: tuple[str, ...] = (), log: Callable[[str], None] = lambda message: None):
+                   eval_data=None, after: tuple[str, ...] = (), progress: bool = False,
+                   log: Callable[[str], None] = lambda message: None):
     """Quantize MODEL.onnx to `output` with a scheme config (Int8Dynamic, Int8Static, Int8WeightOnly,
     Int4WeightOnly, Fp16 from dlopt.optimize.quantize) or a QuantizeConfig request (precision, mode auto:
     the scheme is chosen for the model, target and CPU, and recorded in the report); writes the model
-    and `NAME.quantize.json` atomically. `after`: the stages that made MODEL, named in errors. See
+    and `NAME.quantize.json` atomically. `after`: the stages that made MODEL, named in errors; `progress`:
+    progress bars on stderr. A result below its fidelity floor is kept as NAME.failed.onnx and the outcome
+    says so (`passed`; `quantize_failure(outcome)` is the error to raise). See
     dlopt.optimize.quantize.quantize_file."""
     from dlopt.optimize.quantize import QuantizeConfig, quantize_file
 
     return quantize_file(model_path, output, config or QuantizeConfig(), calibration, eval_data=eval_data,
-                         after=after, log=log)
+                         after=after, progress=progress, log=log)
 
 
 def prune_model(source: str, output_dir: str | os.PathLike, config=None, *, bench_seconds: float | None = 15.0,
@@ -84,6 +89,74 @@ def prune_model(source: str, output_dir: str | os.PathLike, config=None, *, benc
     if bench_seconds is not None and bench_seconds <= 0:
         raise InputError(f"the benchmark time must be positive, got {bench_seconds}",
                          "give a positive time, or none to skip the benchmark")
+    from dlopt.optimize.export import STAGE as EXPORT
+
+    def _prune_into(spec: str, out_dir: Path, outputs, config, *, bench_seconds: float | None, batch: int, seq_len: int,
+                    log: Callable[[str], None]):
+        import dataclasses
+        import gzip
+
+        from dlopt.optimize.export import load_source
+        from dlopt.optimize.prune import STAGE as PRUNE
+        from dlopt.optimize.prune import save_checkpoint
+        from dlopt.report import format_table
+        from dlopt.stage import StageContext, TorchStageArtifacts
+
+        log(f"loading {spec}")
+        source = load_source(spec)
+        gradients = _gradient_batches(spec, source) if config.importance == "taylor" else None
+        log(f"pruning ({config.structure}, ratio {config.ratio}, {config.importance} importance)")
+        result = PRUNE.apply(source, config, StageContext(data=gradients, log=log))
+        pruned = result.model.module
+        report = dict(result.report)
+        log("exporting the pruned model (verified against torch)")
+        onnx_path = out_dir / "pruned.onnx"
+        onnx_tmp = stage_onnx(_exported(EXPORT, dataclasses.replace(result.model, name=f"{source.name} (pruned)"), log),
+                              onnx_path, outputs)
+        checkpoint = save_checkpoint(out_dir / "pruned.pt", pruned, spec, report, outputs=outputs)
+        r = report
+        rows = [["parameters", r["parameters_before"], r["parameters_after"],
+                 f"{r['parameters_after'] / r['parameters_before']:.3f}x"],
+                ["MACs (Linear/Conv)", r["macs_before"], r["macs_after"], f"{r['macs_after'] / r['macs_before']:.3f}x"]]
+        dense_path = dense_tmp = None
+        if bench_seconds is not None or config.structure == "unstructured":  # else no comparison needs it
+            dense_path = out_dir / "dense.onnx"
+            log("exporting the unpruned model for comparison")
+            dense_tmp = stage_onnx(_exported(EXPORT, source, log), dense_path, outputs)
+            rows.append(["ONNX MB", dense_tmp.stat().st_size / 1e6, onnx_tmp.stat().st_size / 1e6,
+                         f"{onnx_tmp.stat().st_size / dense_tmp.stat().st_size:.3f}x"])
+        notes: list[str] = []
+        if config.structure == "unstructured":
+            dense_gz = len(gzip.compress(dense_tmp.read_bytes(), compresslevel=6, mtime=0))
+            sparse_gz_bytes = gzip.compress(onnx_tmp.read_bytes(), compresslevel=6, mtime=0)
+            outputs.stage(out_dir / "pruned.onnx.gz").write_bytes(sparse_gz_bytes)
+            report["onnx_gzip_bytes_before"], report["onnx_gzip_bytes_after"] = dense_gz, len(sparse_gz_bytes)
+            rows += [["sparsity (pruned layers)", 0.0, r["sparsity_pruned_layers"], ""],
+                     ["ONNX gzip MB", dense_gz / 1e6, len(sparse_gz_bytes) / 1e6,
+                      f"{len(sparse_gz_bytes) / dense_gz:.3f}x"]]
+            notes.append("no speedup: unstructured pruning keeps every tensor's shape; the zeros are stored and "
+                         "multiplied, so it runs at the dense model's speed. It only compresses better (pruned.onnx.gz).")
+        else:
+            heads = r.get("attention_heads") or {}
+            if heads:
+                before = sum(h["before"] for h in heads.values())
+                after = sum(h["after"] for h in heads.values())
+                rows.append(["attention heads", before, after, f"{after / before:.3f}x"])
+            if bench_seconds is not None:
+                log(f"measuring latency, one thread, interleaved ({bench_seconds:g} s)")
+                speed = measure_speedup(dense_tmp, onnx_tmp, budget_s=bench_seconds, batch=batch, seq_len=seq_len)
+                report["latency"] = speed
+                rows.append([f"latency (1 thread) ms, batch {speed['batch']}", speed["baseline_ms"], speed["ms"],
+                             f"{speed['speedup']:.2f}x faster [{speed['speedup_low']:.2f}, {speed['speedup_high']:.2f}]"])
+            notes.append("accuracy is not restored yet: fine-tune with "
+                         f"`dlopt distill --teacher {spec} --student {checkpoint}`")
+        report |= {"source": spec, "checkpoint": str(checkpoint), "onnx": str(onnx_path),
+                   "dense_onnx": str(dense_path) if dense_path else None}
+        report_path = out_dir / "prune.json"
+        outputs.stage(report_path).write_text(json_text(report))
+        table = format_table(["", "before", "after", "change"], rows)
+        return TorchStageArtifacts(checkpoint, onnx_path, report_path, report, table, tuple(notes))
+
     out_dir = Path(output_dir)
     guard_outputs([guard_source_spec(source)], [out_dir])
     with output_folder(out_dir) as out_dir, staged_outputs() as outputs:
@@ -91,80 +164,12 @@ def prune_model(source: str, output_dir: str | os.PathLike, config=None, *, benc
                            seq_len=seq_len, log=log)
 
 
-def _prune_into(spec: str, out_dir: Path, outputs, config, *, bench_seconds: float | None, batch: int, seq_len: int,
-                log: Callable[[str], None]):
-    import dataclasses
-    import gzip
-
-    from dlopt.optimize.export import load_source
-    from dlopt.optimize.prune import STAGE as PRUNE
-    from dlopt.optimize.prune import save_checkpoint
-    from dlopt.report import format_table
-    from dlopt.stage import StageContext, TorchStageArtifacts
-
-    log(f"loading {spec}")
-    source = load_source(spec)
-    gradients = _gradient_batches(spec, source) if config.importance == "taylor" else None
-    log(f"pruning ({config.structure}, ratio {config.ratio}, {config.importance} importance)")
-    result = PRUNE.apply(source, config, StageContext(data=gradients, log=log))
-    pruned = result.model.module
-    report = dict(result.report)
-    log("exporting the pruned model (verified against torch)")
-    onnx_path = out_dir / "pruned.onnx"
-    onnx_tmp = stage_onnx(_exported(dataclasses.replace(result.model, name=f"{source.name} (pruned)"), log),
-                          onnx_path, outputs)
-    checkpoint = save_checkpoint(out_dir / "pruned.pt", pruned, spec, report, outputs=outputs)
-    r = report
-    rows = [["parameters", r["parameters_before"], r["parameters_after"],
-             f"{r['parameters_after'] / r['parameters_before']:.3f}x"],
-            ["MACs (Linear/Conv)", r["macs_before"], r["macs_after"], f"{r['macs_after'] / r['macs_before']:.3f}x"]]
-    dense_path = dense_tmp = None
-    if bench_seconds is not None or config.structure == "unstructured":  # else no comparison needs it
-        dense_path = out_dir / "dense.onnx"
-        log("exporting the unpruned model for comparison")
-        dense_tmp = stage_onnx(_exported(source, log), dense_path, outputs)
-        rows.append(["ONNX MB", dense_tmp.stat().st_size / 1e6, onnx_tmp.stat().st_size / 1e6,
-                     f"{onnx_tmp.stat().st_size / dense_tmp.stat().st_size:.3f}x"])
-    notes: list[str] = []
-    if config.structure == "unstructured":
-        dense_gz = len(gzip.compress(dense_tmp.read_bytes(), compresslevel=6, mtime=0))
-        sparse_gz_bytes = gzip.compress(onnx_tmp.read_bytes(), compresslevel=6, mtime=0)
-        outputs.stage(out_dir / "pruned.onnx.gz").write_bytes(sparse_gz_bytes)
-        report["onnx_gzip_bytes_before"], report["onnx_gzip_bytes_after"] = dense_gz, len(sparse_gz_bytes)
-        rows += [["sparsity (pruned layers)", 0.0, r["sparsity_pruned_layers"], ""],
-                 ["ONNX gzip MB", dense_gz / 1e6, len(sparse_gz_bytes) / 1e6,
-                  f"{len(sparse_gz_bytes) / dense_gz:.3f}x"]]
-        notes.append("no speedup: unstructured pruning keeps every tensor's shape; the zeros are stored and "
-                     "multiplied, so it runs at the dense model's speed. It only compresses better (pruned.onnx.gz).")
-    else:
-        heads = r.get("attention_heads") or {}
-        if heads:
-            before = sum(h["before"] for h in heads.values())
-            after = sum(h["after"] for h in heads.values())
-            rows.append(["attention heads", before, after, f"{after / before:.3f}x"])
-        if bench_seconds is not None:
-            log(f"measuring latency, one thread, interleaved ({bench_seconds:g} s)")
-            speed = measure_speedup(dense_tmp, onnx_tmp, budget_s=bench_seconds, batch=batch, seq_len=seq_len)
-            report["latency"] = speed
-            rows.append([f"latency (1 thread) ms, batch {speed['batch']}", speed["baseline_ms"], speed["ms"],
-                         f"{speed['speedup']:.2f}x faster [{speed['speedup_low']:.2f}, {speed['speedup_high']:.2f}]"])
-        notes.append("accuracy is not restored yet: fine-tune with "
-                     f"`dlopt distill --teacher {spec} --student {checkpoint}`")
-    report |= {"source": spec, "checkpoint": str(checkpoint), "onnx": str(onnx_path),
-               "dense_onnx": str(dense_path) if dense_path else None}
-    report_path = out_dir / "prune.json"
-    outputs.stage(report_path).write_text(json_text(report))
-    table = format_table(["", "before", "after", "change"], rows)
-    return TorchStageArtifacts(checkpoint, onnx_path, report_path, report, table, tuple(notes))
-
-
-def _exported(source, log: Callable[[str], None]):
-    """A torch ModelSource as a verified ONNX model (the export stage, default config)."""
-    from dlopt.optimize.export import STAGE as EXPORT
-    from dlopt.optimize.export import Export
+def _exported(export_stage, source, log: Callable[[str], None]):
+    """A torch ModelSource as a verified ONNX model: the export stage (passed in by the stage verb that
+    imported it), default config."""
     from dlopt.stage import StageContext
 
-    return EXPORT.apply(source, Export(), StageContext(log=log)).model
+    return export_stage.apply(source, export_stage.config(), StageContext(log=log)).model
 
 
 def _gradient_batches(spec: str, source, n: int = 8):
@@ -230,6 +235,78 @@ def distill_model(teacher_spec: str, student_path: str | os.PathLike, data_spec:
     source_spec = student_source or checked_source(checkpoint, student_path)
     if data_spec != "reference" and not Path(data_spec).is_file():
         raise InputError(f"data file {data_spec} does not exist", "give an .npz file or 'reference'")
+    from dlopt.optimize.export import STAGE as EXPORT
+
+    def _same_source(a: str, b: str) -> bool:
+        from dlopt.errors import InputError
+        from dlopt.optimize.prune import pinned_source
+
+        if a == b:
+            return True
+        try:
+            return pinned_source(a)[0] == pinned_source(b)[0]
+        except (InputError, OSError):
+            return False
+
+    def _distill_into(teacher_spec: str, checkpoint, source_spec: str, student_path: Path, data_spec: str, out_dir: Path,
+                      outputs, config, *, max_samples: int | None, val_fraction: float, seed: int, resume: bool,
+                      bench_seconds: float | None, show_progress: bool, log: Callable[[str], None]):
+        import copy
+        import dataclasses
+
+        from dlopt.optimize.distill import STAGE as DISTILL
+        from dlopt.optimize.distill import load_npz_data, reference_training_data, split_validation
+        from dlopt.optimize.export import load_source
+        from dlopt.optimize.prune import rebuild, save_checkpoint
+        from dlopt.report import format_table
+        from dlopt.stage import StageContext, TorchStageArtifacts
+
+        log(f"loading the teacher {teacher_spec}")
+        teacher = load_source(teacher_spec)
+        log(f"rebuilding the student from {student_path} (source {source_spec})")
+        student_source = dataclasses.replace(teacher, module=copy.deepcopy(teacher.module)) \
+            if _same_source(source_spec, teacher_spec) else load_source(source_spec)
+        student = dataclasses.replace(student_source, module=rebuild(checkpoint, student_source.module,
+                                                                     student_source.example_inputs))
+        data = reference_training_data(teacher_spec, max_samples) if data_spec == "reference" else \
+            load_npz_data(Path(data_spec), teacher.example_inputs, max_samples)
+        train, val = split_validation(data, val_fraction, seed)
+        log(f"distilling on {len(train)} samples ({'labeled' if train.labels is not None else 'unlabeled'}), "
+            f"{len(val) if val is not None else 0} held out for early stopping")
+        result = DISTILL.apply(student, config, StageContext(data=train, eval_data=val, teacher=teacher, output=out_dir,
+                                                             resume=resume, progress=show_progress, log=log))
+        report = dict(result.report)
+        log("exporting the student (verified against torch)")
+        onnx_path = out_dir / "distilled.onnx"
+        onnx_tmp = stage_onnx(_exported(EXPORT, dataclasses.replace(result.model, name=f"{source_spec} (distilled)"), log),
+                              onnx_path, outputs)
+        saved = save_checkpoint(out_dir / "distilled.pt", result.model.module, source_spec,
+                                {"pruning_history": checkpoint.pruning_history,
+                                 "module_attributes": checkpoint.module_attributes,
+                                 "prune": checkpoint.report, "distill": {k: v for k, v in report.items()}},
+                                outputs=outputs)
+        notes = []
+        if bench_seconds is not None:
+            teacher_path = out_dir / "teacher.onnx"
+            log("exporting the teacher for the latency comparison")
+            teacher_tmp = stage_onnx(_exported(EXPORT, teacher, log), teacher_path, outputs)
+            log(f"measuring latency against the teacher, one thread, interleaved ({bench_seconds:g} s)")
+            speed = measure_speedup(teacher_tmp, onnx_tmp, budget_s=bench_seconds)
+            report["latency"] = speed
+            notes.append(f"latency (1 thread, batch {speed['batch']}): teacher {speed['baseline_ms']:.3f} ms, student "
+                         f"{speed['ms']:.3f} ms: {speed['speedup']:.2f}x faster [{speed['speedup_low']:.2f}, "
+                         f"{speed['speedup_high']:.2f}]")
+        if report["stopped_early"]:
+            notes.append(f"stopped early after epoch {report['epochs_run']}; kept epoch {report['best_epoch']}")
+        report |= {"teacher": teacher_spec, "student_checkpoint": str(student_path), "student_source": source_spec,
+                   "data": data_spec, "checkpoint": str(saved), "onnx": str(onnx_path)}
+        report_path = out_dir / "distill.json"
+        outputs.stage(report_path).write_text(json_text(report))
+        rows = [[h["epoch"], h["train_loss"], h.get("eval_metric") or "", h.get("eval_value"), h["seconds"]]
+                for h in report["history"]]
+        table = format_table(["epoch", "train loss", "eval metric", "value", "seconds"], rows)
+        return TorchStageArtifacts(saved, onnx_path, report_path, report, table, tuple(notes))
+
     guard_outputs([guard_source_spec(teacher_spec), student_path, guard_source_spec(source_spec),
                    None if data_spec == "reference" else data_spec], [out_dir])
     with output_folder(out_dir) as out_dir, staged_outputs() as outputs:
@@ -238,77 +315,394 @@ def distill_model(teacher_spec: str, student_path: str | os.PathLike, data_spec:
                              bench_seconds=bench_seconds, show_progress=show_progress, log=log)
 
 
-def _same_source(a: str, b: str) -> bool:
-    from dlopt.errors import InputError
-    from dlopt.optimize.prune import pinned_source
+# ------------------------------------------------------------------------------------------------- the other verbs
+# bench, eval, gate, package, verify, keygen, models, run, cache: each checks its inputs, does the work, writes
+# the files it was asked for atomically and returns a result object; nothing here prints. Heavy modules are
+# imported inside the functions, so `import dlopt.api` (and the CLI) stays fast.
 
-    if a == b:
-        return True
-    try:
-        return pinned_source(a)[0] == pinned_source(b)[0]
-    except (InputError, OSError):
-        return False
+Log = Callable[[str], None]
+Progress = Callable[[str, float], None]
 
 
-def _distill_into(teacher_spec: str, checkpoint, source_spec: str, student_path: Path, data_spec: str, out_dir: Path,
-                  outputs, config, *, max_samples: int | None, val_fraction: float, seed: int, resume: bool,
-                  bench_seconds: float | None, show_progress: bool, log: Callable[[str], None]):
-    import copy
-    import dataclasses
+def _quiet(message: str) -> None:
+    pass
 
-    from dlopt.optimize.distill import STAGE as DISTILL
-    from dlopt.optimize.distill import load_npz_data, reference_training_data, split_validation
-    from dlopt.optimize.export import load_source
-    from dlopt.optimize.prune import rebuild, save_checkpoint
+
+@dataclass(frozen=True)
+class Measured:
+    """A benchmark's result and the files written from it (JSON result, stored baseline)."""
+
+    result: BenchResult
+    written: tuple[Path, ...] = ()
+
+
+def bench(models: Sequence[str | os.PathLike], config: BenchConfig | None = None, *,
+          data: str | os.PathLike | Mapping[str, Any] | None = None, json_path: str | os.PathLike | None = None,
+          baseline_path: str | os.PathLike | None = None, progress: Progress | None = None,
+          started: float | None = None) -> Measured:
+    """Measure MODELS (.onnx files) interleaved on `config.target`; each is reported as a ratio to the
+    first with a bootstrap 95 % confidence interval (dlopt.bench.benchmark).
+
+    `data`: real inputs, an .npz path, "model:NAME" or {input name: array} (first axis = samples).
+    `json_path` receives the full result, `baseline_path` the first model's samples and this machine's
+    fingerprint for `gate`; both are checked before measuring and written atomically. `started`: a
+    time.perf_counter() value the budget counts from (default: now)."""
+    from dlopt.bench import BenchConfig, benchmark, load_data
+
+    config = config or BenchConfig()
+    for path in (json_path, baseline_path):
+        if path:
+            check_output_path(path)  # before minutes of measuring, not after
+    data_path = data if isinstance(data, (str, os.PathLike)) else None
+    guard_outputs([*models, data_path], [json_path, baseline_path])
+    arrays = data
+    if data_path is not None:
+        arrays = load_data(data_path, samples=max(config.batch_sizes) * 8, seq_len=config.seq_len)
+    result = benchmark(models, config, data=arrays, data_source=str(data_path) if data_path else "data",
+                       progress=progress, started=started)
+    written = []
+    if json_path:
+        from dlopt.fileio import write_json_atomic
+
+        written.append(write_json_atomic(json_path, result.to_dict()))
+    if baseline_path:
+        from dlopt.gate import save_baseline
+
+        written.append(save_baseline(baseline_path, result, inputs_from_data=data is not None))
+    return Measured(result, tuple(written))
+
+
+def evaluate(model: str | os.PathLike, *, data: str | os.PathLike | None = None,
+             reference_model: str | None = None, reference: str | os.PathLike | None = None,
+             config: EvalConfig | None = None, json_path: str | os.PathLike | None = None) -> EvalResult:
+    """Accuracy metrics of MODEL (.onnx): on `data` (an .npz with the model's inputs, optional `labels` and
+    expected outputs; `config.metrics` from top1, cosine, sqnr, mse), or with `reference_model`'s own
+    evaluator on its real data. `reference` (e.g. the FP32 source .onnx) is run on the same inputs and
+    shown beside. `json_path` receives the result (written atomically)."""
+    from dlopt.evaluate import EvalConfig, evaluate_data, evaluate_reference_model
+
+    config = config or EvalConfig()
+    if json_path:
+        check_output_path(json_path)
+        guard_outputs([model, data, reference], [json_path])
+    if (data is None) == (reference_model is None):
+        raise InputError("give either {data=FILE.npz} or {reference_model=NAME}",
+                         "data evaluates on your arrays; reference_model uses a reference model's evaluator")
+    if config.threads < 0:
+        raise InputError(f"threads must be 0 or more, got {config.threads}", "0 uses all cores")
+    if data is not None:
+        result = evaluate_data(model, data, config, reference=reference)
+    else:
+        result = evaluate_reference_model(model, reference_model, config, reference=reference)
+    if json_path:
+        from dlopt.fileio import write_json_atomic
+
+        write_json_atomic(json_path, result.to_dict())
+    return result
+
+
+@dataclass(frozen=True)
+class Gated:
+    """A gate's verdict (`result.exit_code`: 0 pass, 1 regression, 3 inconclusive) and the reports written."""
+
+    result: GateResult
+    written: tuple[Path, ...] = ()
+
+
+def gate(baseline: str | os.PathLike, candidate: str | os.PathLike, config: GateConfig | None = None, *,
+         evaluator: EvalSpec | None = None, data: str | os.PathLike | Mapping[str, Any] | None = None,
+         summary: str | os.PathLike | None = None, junit: str | os.PathLike | None = None,
+         json_path: str | os.PathLike | None = None, github_summary: str | os.PathLike | None = None,
+         progress: Progress | None = None) -> Gated:
+    """Gate CANDIDATE against BASELINE (a model, re-measured interleaved, or a stored baseline .json) on
+    latency, and on size and accuracy where `config` sets their limits (accuracy with `evaluator`).
+
+    `data`: real inputs to time the models on (an .npz path, "model:NAME" or arrays). Reports: a Markdown
+    `summary`, a `junit` XML and the `json_path` result are written atomically; `github_summary` (the
+    $GITHUB_STEP_SUMMARY file) is appended to. Raises InputError before any long work on bad input."""
+    from dlopt.bench import load_data
+    from dlopt.gate import GateConfig, run_gate, write_outputs
+
+    config = config or GateConfig()
+    for path in (summary, junit, json_path):
+        if path:
+            check_output_path(path)  # before a minute of measuring, not after
+    data_path = data if isinstance(data, (str, os.PathLike)) else None
+    guard_outputs([baseline, candidate, data_path, evaluator.data if evaluator else None],
+                  [summary, junit, json_path, github_summary])
+    arrays = data
+    if data_path is not None:
+        arrays = load_data(data_path, samples=8 * (config.batch or 1), seq_len=config.seq_len or 128)
+    result = run_gate(baseline, candidate, config, data=arrays, evaluator=evaluator, progress=progress)
+    written = write_outputs(result, summary=summary, junit=junit, json_path=json_path,
+                            github_summary=str(github_summary) if github_summary else None)
+    return Gated(result, tuple(written))
+
+
+def package_model(model: str | os.PathLike, output: str | os.PathLike, config: PackageConfig | None = None, *,
+                  data: str | os.PathLike | Mapping[str, Any] | None = None, sign_key: str | os.PathLike | None = None,
+                  log: Log = _quiet) -> PackageResult:
+    """Package MODEL (.onnx) into the bundle folder `output` for `config.target`, verified before it is
+    written (dlopt.package.package). `data`: sample inputs (an .npz path or arrays) instead of generated
+    ones; `sign_key`: an Ed25519 private key (`keygen`) that signs the manifest."""
+    from dlopt.package import PackageConfig, package
+
+    feeds = data
+    if isinstance(data, (str, os.PathLike)):
+        from dlopt.bench import load_data
+
+        guard_outputs([data], [output])  # package() guards the model, calibration and torch source
+        feeds = load_data(data)
+    return package(model, output, config or PackageConfig(), data=feeds, sign_key=sign_key, log=log)
+
+
+def package_text(result: PackageResult) -> str:
+    """What `dlopt package` prints: the bundle's summary, coverage with advice, latency per target, files."""
+    import json
+
+    from dlopt.package import summary_table
     from dlopt.report import format_table
-    from dlopt.stage import StageContext, TorchStageArtifacts
+    from dlopt.targets.mobile import COVERAGE_HEADERS, coverage_table_rows
 
-    log(f"loading the teacher {teacher_spec}")
-    teacher = load_source(teacher_spec)
-    log(f"rebuilding the student from {student_path} (source {source_spec})")
-    student_source = dataclasses.replace(teacher, module=copy.deepcopy(teacher.module)) \
-        if _same_source(source_spec, teacher_spec) else load_source(source_spec)
-    student = dataclasses.replace(student_source, module=rebuild(checkpoint, student_source.module,
-                                                                 student_source.example_inputs))
-    data = reference_training_data(teacher_spec, max_samples) if data_spec == "reference" else \
-        load_npz_data(Path(data_spec), teacher.example_inputs, max_samples)
-    train, val = split_validation(data, val_fraction, seed)
-    log(f"distilling on {len(train)} samples ({'labeled' if train.labels is not None else 'unlabeled'}), "
-        f"{len(val) if val is not None else 0} held out for early stopping")
-    result = DISTILL.apply(student, config, StageContext(data=train, eval_data=val, teacher=teacher, output=out_dir,
-                                                         resume=resume, progress=show_progress, log=log))
-    report = dict(result.report)
-    log("exporting the student (verified against torch)")
-    onnx_path = out_dir / "distilled.onnx"
-    onnx_tmp = stage_onnx(_exported(dataclasses.replace(result.model, name=f"{source_spec} (distilled)"), log),
-                          onnx_path, outputs)
-    saved = save_checkpoint(out_dir / "distilled.pt", result.model.module, source_spec,
-                            {"pruning_history": checkpoint.pruning_history,
-                             "module_attributes": checkpoint.module_attributes,
-                             "prune": checkpoint.report, "distill": {k: v for k, v in report.items()}},
-                            outputs=outputs)
-    notes = []
-    if bench_seconds is not None:
-        teacher_path = out_dir / "teacher.onnx"
-        log("exporting the teacher for the latency comparison")
-        teacher_tmp = stage_onnx(_exported(teacher, log), teacher_path, outputs)
-        log(f"measuring latency against the teacher, one thread, interleaved ({bench_seconds:g} s)")
-        speed = measure_speedup(teacher_tmp, onnx_tmp, budget_s=bench_seconds)
-        report["latency"] = speed
-        notes.append(f"latency (1 thread, batch {speed['batch']}): teacher {speed['baseline_ms']:.3f} ms, student "
-                     f"{speed['ms']:.3f} ms: {speed['speedup']:.2f}x faster [{speed['speedup_low']:.2f}, "
-                     f"{speed['speedup_high']:.2f}]")
-    if report["stopped_early"]:
-        notes.append(f"stopped early after epoch {report['epochs_run']}; kept epoch {report['best_epoch']}")
-    report |= {"teacher": teacher_spec, "student_checkpoint": str(student_path), "student_source": source_spec,
-               "data": data_spec, "checkpoint": str(saved), "onnx": str(onnx_path)}
-    report_path = out_dir / "distill.json"
-    outputs.stage(report_path).write_text(json_text(report))
-    rows = [[h["epoch"], h["train_loss"], h.get("eval_metric") or "", h.get("eval_value"), h["seconds"]]
-            for h in report["history"]]
-    table = format_table(["epoch", "train loss", "eval metric", "value", "seconds"], rows)
-    return TorchStageArtifacts(saved, onnx_path, report_path, report, table, tuple(notes))
+    manifest = result.manifest
+    lines = [summary_table(manifest)]
+    if manifest["coverage"]:
+        report = json.loads((result.bundle / manifest["coverage"]["file"]).read_text())
+        lines += ["", format_table(COVERAGE_HEADERS, coverage_table_rows(report))]
+        lines += [f"advice: {line}" for line in report["advice"]]
+    if manifest["metrics"]:
+        rows = [[k, v["artifact"], v["threads"], v["clock"], v["latency_ms"]["median"], v["latency_ms"]["p90"],
+                 f"{v['ratio_to_ort']['estimate']:.3f}" if "ratio_to_ort" in v else "-"]
+                for k, v in manifest["metrics"].items()]
+        lines += ["", format_table(["target", "artifact", "threads", "clock", "median ms", "p90 ms", "ratio to ORT"],
+                                   rows)]
+        if manifest["target"] == "mobile":
+            lines.append("note: mobile latency is ONNX Runtime's CPU kernels on this host with a phone-like thread "
+                         "count, not a phone")
+    files = ", ".join(f"{f['path']} ({f['bytes'] / 1e6:.2f} MB)" for f in manifest["files"])
+    lines.append(f"wrote {result.bundle}: {files}")
+    return "\n".join(lines)
 
 
-__all__ = ["WrittenModel", "distill_model", "export_model", "measure_speedup", "prune_model", "quantize_model",
-           "report_path_for"]
+def verify(bundle: str | os.PathLike, *, check_outputs: bool = True, trusted_key: str | os.PathLike | None = None,
+           atol: float | None = None, rtol: float | None = None) -> VerifyResult:
+    """Re-check BUNDLE (written by `package_model`): every file's sha256, no file missing or added, and
+    unless `check_outputs` is False the model's outputs against the source's stored ones within
+    `atol`/`rtol` (default 1e-4/1e-3; a criterion in the manifest can only tighten them). With
+    `trusted_key` (a public key from `keygen`) the manifest must carry that key's signature.
+
+    Returns the result whether or not it passed (`result.passed`); `verification_error(result)` is the
+    error to raise for a failure. Raises InputError when BUNDLE is not a folder or the key is unreadable."""
+    from dlopt.verify import Tolerance, verify_bundle
+
+    defaults = Tolerance()
+    tolerance = Tolerance(atol=defaults.atol if atol is None else atol, rtol=defaults.rtol if rtol is None else rtol,
+                          explicit=atol is not None or rtol is not None)
+    return verify_bundle(bundle, check_outputs=check_outputs, trusted_key=trusted_key, tolerance=tolerance)
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private_key: Path
+    public_key: Path
+    fingerprint: str  # sha256 of the public key, what a manifest's signer record names
+
+
+def keygen(*, output: str | os.PathLike | None = None, private: str | os.PathLike | None = None,
+           public: str | os.PathLike | None = None) -> KeyPair:
+    """Write a new Ed25519 key pair as PEM files, the private one with mode 0600: into the folder
+    `output` (as dlopt-signing.key / .pub), or to the files `private` and `public`. Existing files are
+    never overwritten. Sign bundles with the private key, verify them with the public one."""
+    from dlopt.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, generate_key_pair
+
+    if output is not None and (private or public):
+        raise InputError("{output=DIR} and {private=KEY}/{public=PUB} both given",
+                         "give {output=DIR}, or both {private=KEY} and {public=PUB}")
+    if output is None and not (private and public):
+        raise InputError("no key paths given", "give {output=DIR}, or both {private=KEY} and {public=PUB}")
+    if output is not None:
+        folder = Path(output)
+        if not folder.is_dir():
+            raise InputError(f"key folder {folder} does not exist", "create it first")
+        private, public = folder / PRIVATE_KEY_NAME, folder / PUBLIC_KEY_NAME
+    fingerprint = generate_key_pair(private, public)
+    return KeyPair(Path(private), Path(public), fingerprint)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One reference model as `models` lists it; `evaluation` when it was evaluated."""
+
+    name: str
+    summary: dict[str, Any]  # ReferenceModel.summary(): size, inputs, metrics, installed, missing
+    evaluation: Fp32Evaluation | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.summary | ({"evaluation": self.evaluation.to_dict()} if self.evaluation else {})
+
+
+def models(names: Sequence[str] = (), *, evaluate: bool = False, log: Log = _quiet) -> list[ModelEntry]:
+    """The reference models that ship with dlopt (all, or `names`), each with its size, inputs, metrics and
+    the packages it misses. With `evaluate`, each named model is built in torch (FP32) and its evaluator
+    run on its real data (seconds to a minute each)."""
+    from dlopt.models import REFERENCE_MODELS, get_reference_model
+
+    if evaluate and not names:
+        raise InputError("{evaluate} needs model names",
+                         f"name the models to evaluate, e.g. fashion-cnn (models: {', '.join(REFERENCE_MODELS)})")
+    refs = [get_reference_model(n) for n in names] if names else list(REFERENCE_MODELS.values())
+    return [ModelEntry(ref.name, ref.summary(), ref.evaluate_fp32(log) if evaluate else None) for ref in refs]
+
+
+def models_text(entries: Sequence[ModelEntry]) -> str:
+    """What `dlopt models` prints: one row per model, then each evaluation's metrics."""
+    from dlopt.report import format_table
+
+    rows = [[s["name"], s["parameters_millions"], s["fp32_megabytes"], s["inputs"], ", ".join(s["metrics"]),
+             "yes" if s["installed"] else "missing: " + ", ".join(s["missing"])] for s in (e.summary for e in entries)]
+    lines = [format_table(["model", "params (M)", "fp32 MB", "inputs", "metrics", "installed"], rows)]
+    for e in entries:
+        if e.evaluation is not None:
+            ev = e.evaluation
+            lines.append(f"\n{e.name} (torch FP32): built in {ev.build_seconds:.1f} s, "
+                         f"evaluated in {ev.evaluate_seconds:.1f} s")
+            lines.append(format_table(["metric", "value"], list(ev.metrics.items())))
+    return "\n".join(lines)
+
+
+def _cache(cache_dir: str | os.PathLike | None) -> StageCache:
+    from dlopt.stagecache import StageCache, default_cache_dir
+
+    return StageCache(cache_dir or default_cache_dir())
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The stage cache's folder: `cache_dir`, else $DLOPT_CACHE_DIR, else ~/.cache/dlopt/stages."""
+    return _cache(cache_dir).root
+
+
+def run(recipe: str | os.PathLike, output: str | os.PathLike, *, force: str | None = None, overwrite: bool = False,
+        cache_dir: str | os.PathLike | None = None, log: Log = _quiet) -> RunResult:
+    """Run RECIPE (TOML: a source model, its data, a target and [[stage]] tables) and write the last stage's
+    artifact to `output` (an .onnx model, or a bundle folder when the last stage is package). Each stage's
+    output is cached by content in `cache_dir` (default $DLOPT_CACHE_DIR, else ~/.cache/dlopt/stages);
+    `force` (a stage kind or 1-based index) redoes that stage and every one after it."""
+    from dlopt.recipe import load_recipe, run_recipe
+
+    return run_recipe(load_recipe(recipe), output, cache=_cache(cache_dir), force=force, overwrite=overwrite, log=log)
+
+
+def run_text(result: RunResult) -> str:
+    """What `dlopt run` prints: one row per stage (ran or cached, seconds, cache key, output hash)."""
+    from dlopt.report import format_table
+
+    rows = [[r.stage.index, r.stage.kind, "cached" if r.cached else "ran", f"{r.seconds:.2f}", r.key[:12],
+             r.output_sha256[:12]] for r in result.stages]
+    return format_table(["#", "stage", "status", "seconds", "cache key", "output sha256"], rows)
+
+
+@dataclass(frozen=True)
+class CacheListing:
+    """The stage cache's folder and its entries (oldest first)."""
+
+    root: Path
+    entries: tuple[Entry, ...]
+
+    @property
+    def bytes(self) -> int:
+        return sum(e.bytes for e in self.entries)
+
+
+@dataclass(frozen=True)
+class CachePruned:
+    root: Path
+    removed: tuple[Entry, ...]
+    left: tuple[Entry, ...]
+
+
+def cache_ls(cache_dir: str | os.PathLike | None = None) -> CacheListing:
+    """The cached stage outputs of `run`, oldest first."""
+    cache = _cache(cache_dir)
+    return CacheListing(cache.root, tuple(cache.entries()))
+
+
+def cache_text(listing: CacheListing) -> str:
+    """What `dlopt cache ls` prints: key, stage, size, age and source of each entry, and the total."""
+    import time
+
+    from dlopt.report import format_table
+    from dlopt.stagecache import age_text
+
+    now = time.time()
+    rows = [[e.key[:12], e.kind, f"{e.bytes / 1e6:.2f} MB", age_text(now - e.created), e.info.get("source", "?")]
+            for e in listing.entries]
+    return (format_table(["key", "stage", "size", "age", "source"], rows)
+            + f"\n{len(listing.entries)} entries, {listing.bytes / 1e6:.2f} MB in {listing.root}")
+
+
+def cache_prune(*, older_than: str | float | None = None, max_size: str | int | None = None, all: bool = False,
+                cache_dir: str | os.PathLike | None = None) -> CachePruned:
+    """Remove cached stage outputs: those older than `older_than` (seconds, or text such as "7d", "12h"),
+    then the oldest until the rest fit in `max_size` (bytes, or text such as "2GB"), or `all` of them."""
+    from dlopt.stagecache import parse_age, parse_size
+
+    everything = all  # the keyword mirrors the CLI's --all; the builtin is not used below
+    if not (older_than or max_size or everything):
+        raise InputError("nothing to prune by", "pass {older_than=AGE}, {max_size=SIZE} or {all}")
+    cache = _cache(cache_dir)
+    removed = cache.prune(older_than_s=parse_age(older_than) if isinstance(older_than, str) else older_than,
+                          max_bytes=parse_size(max_size) if isinstance(max_size, str) else max_size,
+                          everything=everything)
+    return CachePruned(cache.root, tuple(removed), tuple(cache.entries()))
+
+
+# Config classes, result types and formatters the callers of these functions need, re-exported by name and
+# imported on first use (PEP 562), so that importing dlopt.api stays as fast as the CLI's start-up needs.
+_LAZY = {
+    "BenchConfig": "dlopt.bench", "BenchResult": "dlopt.bench", "parse_duration": "dlopt.bench",
+    "parse_batch_sizes": "dlopt.bench", "format_bench": "dlopt.bench:format_result",
+    "EvalConfig": "dlopt.evaluate", "EvalResult": "dlopt.evaluate", "format_eval": "dlopt.evaluate",
+    "validate_metrics": "dlopt.evaluate",
+    "GateConfig": "dlopt.gate", "GateResult": "dlopt.gate", "EvalSpec": "dlopt.gate", "format_gate": "dlopt.gate:format_text",
+    "PackageConfig": "dlopt.package", "PackageResult": "dlopt.package",
+    "Tolerance": "dlopt.verify", "VerifyResult": "dlopt.verify", "format_verify": "dlopt.verify:format_result",
+    "origin_text": "dlopt.verify", "verification_error": "dlopt.verify", "verified_text": "dlopt.verify",
+    "RunResult": "dlopt.recipe", "StageCache": "dlopt.stagecache", "Entry": "dlopt.stagecache",
+    "Fp32Evaluation": "dlopt.models", "ImagePreprocess": "dlopt.images",
+    "reset_written": "dlopt.fileio", "written_paths": "dlopt.fileio",  # what an interrupted command had written
+    "ExportConfig": "dlopt.optimize.export", "DEFAULT_OPSET": "dlopt.optimize.export",
+    # the stage configs and what the stage verbs' callers print (dlopt.stage's registry has the stages)
+    "Export": "dlopt.optimize.export", "Prune": "dlopt.optimize.prune", "PruneConfig": "dlopt.optimize.prune",
+    "Distill": "dlopt.optimize.distill", "QuantizeConfig": "dlopt.optimize.quantize",
+    "Int8Dynamic": "dlopt.optimize.quantize", "Int8Static": "dlopt.optimize.quantize",
+    "Int8WeightOnly": "dlopt.optimize.quantize", "Int4WeightOnly": "dlopt.optimize.quantize",
+    "Fp16": "dlopt.optimize.quantize", "quantize_summary": "dlopt.optimize.quantize:summary_text",
+    "quantize_failure": "dlopt.optimize.quantize:failure_error",
+}
+
+if TYPE_CHECKING:
+    from dlopt.bench import BenchConfig, BenchResult
+    from dlopt.evaluate import EvalConfig, EvalResult
+    from dlopt.gate import EvalSpec, GateConfig, GateResult
+    from dlopt.models import Fp32Evaluation
+    from dlopt.package import PackageConfig, PackageResult
+    from dlopt.recipe import RunResult
+    from dlopt.stagecache import Entry, StageCache
+    from dlopt.verify import VerifyResult
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, _, attr = target.partition(":")
+    value = getattr(importlib.import_module(module), attr or name)
+    globals()[name] = value
+    return value
+
+
+__all__ = ["CacheListing", "CachePruned", "DlOptError", "Gated", "InputError", "KeyPair", "Measured", "ModelEntry",
+           "StageError", "VerificationError", "WrittenModel", "bench", "cache_ls", "cache_prune", "cache_root", "cache_text",
+           "distill_model", "evaluate", "export_model", "gate", "keygen", "measure_speedup", "models", "models_text",
+           "package_model", "package_text", "prune_model", "quantize_model", "report_path_for", "run", "run_text",
+           "verify", *_LAZY]

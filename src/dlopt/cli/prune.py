@@ -44,8 +44,7 @@ def command(source, ratio, output, structure, importance, global_pruning, ignore
     """
     from pathlib import Path
 
-    from dlopt.api import prune_model
-    from dlopt.optimize.prune import PruneConfig
+    from dlopt.api import PruneConfig, prune_model
 
     config = PruneConfig(ratio=ratio, structure=structure, importance=importance, global_pruning=global_pruning,
                          ignore=tuple(ignore), round_to=round_to)
