@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path, PurePath
 from typing import Any, TypeVar
 
-from dlopt.errors import DlOptError, InputError, MissingDependencyError, StageError, TargetUnavailableError
+from dlopt.errors import InputError, MissingDependencyError, StageError, TargetUnavailableError
 from dlopt.stagecache import ENTRY_NAME, StageCache, default_cache_dir
 
 T = TypeVar("T")
