@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -257,3 +258,19 @@ print(json.dumps({"info": info, "out": squares, "session": session, "connected":
     assert report["out"] == [3, 4, 5] and report["connected"] is False
     assert (report["info"]["nodes"], report["info"]["cpus"], report["info"]["workers"]) == (1, 2, 2)
     assert not _gone(report["session"]), "the head RayExecutor started is still running after close()"
+
+
+@pytest.mark.parametrize("address, message", [
+    ("nowhere", r"Ray address 'nowhere' is not HOST:PORT or ray://HOST:PORT"),
+    ("127.0.0.1:{port}", r"cannot reach the Ray cluster at 127.0.0.1:\d+: .*--address ADDR"),
+    ("ray://127.0.0.1:{port}", r"cannot reach the Ray cluster at ray://127.0.0.1:\d+"),
+])
+def test_an_address_nothing_listens_on_is_an_input_error(address, message, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(InputError) as raised:
+        RayExecutor(address=address.format(port=port), cache_dir=tmp_path)
+    assert re.search(message, raised.value.cli_text()) and raised.value.exit_code == 2

@@ -70,6 +70,8 @@ class RayExecutor:
         self.cache = StageCache(cache_dir or default_cache_dir())
         self._owns_connection = False  # we connected: close() disconnects (and stops the head if we started it)
         self._measure_nodes: dict[str, str] = {}
+        if address and address != "auto":
+            _check_reachable(address)
         if ray.is_initialized():
             pass  # this process is already a Ray driver (a notebook, a test): use it, leave it open at close()
         elif address:
@@ -412,6 +414,22 @@ def _entry_keys(value: Any, root: str) -> set[str]:
 
     _walk(value, leaf)
     return found
+
+
+def _check_reachable(address: str) -> None:
+    """A clear error now for an address nothing listens on: ray.init itself retries for minutes."""
+    import socket
+
+    m = re.fullmatch(r"(?:ray://)?(\[[^\]]+\]|[^:/\s]+):(\d+)/?", address)
+    if not m:
+        raise InputError(f"Ray address {address!r} is not HOST:PORT or ray://HOST:PORT",
+                         "e.g. {address=HEAD:6379} (ray start --head) or {address=ray://HEAD:10001} (Ray Client)")
+    host, port = m.group(1).strip("[]"), int(m.group(2))
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as e:
+        raise InputError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}",
+                         "start its head with `ray start --head`, or fix {address=ADDR}") from e
 
 
 def _gcs_address() -> str | None:
