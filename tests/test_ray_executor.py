@@ -274,3 +274,32 @@ def test_an_address_nothing_listens_on_is_an_input_error(address, message, tmp_p
     with pytest.raises(InputError) as raised:
         RayExecutor(address=address.format(port=port), cache_dir=tmp_path)
     assert re.search(message, raised.value.cli_text()) and raised.value.exit_code == 2
+
+
+def test_paths_in_items_are_rebased_and_their_entries_found_through_containers():
+    from dataclasses import dataclass
+    from typing import NamedTuple
+
+    from dlopt.ray_executor import _entry_keys, _rebase
+
+    @dataclass(frozen=True)
+    class Job:
+        cache_root: str
+        models: tuple
+        note: str = "fp32"
+
+    class Pair(NamedTuple):
+        path: Path
+        weight: int
+
+    driver, worker = Path("/driver/cache"), Path("/node/cache")
+    a, b = "a" * 64, "b" * 64
+    job = [Job(str(driver), (driver / a / "model.onnx", Pair(driver / b / "model.onnx", 3))), {"key": b},
+           "/elsewhere/data.npz"]
+    moved = _rebase(job, driver, worker)
+    assert moved == [Job(str(worker), (worker / a / "model.onnx", Pair(worker / b / "model.onnx", 3))),
+                     {"key": b}, "/elsewhere/data.npz"]
+    assert isinstance(moved[0].models[1], Pair) and isinstance(moved[0].models[0], Path)
+    assert _rebase(moved, worker, driver) == job
+    assert _entry_keys(job, str(driver)) == {a, b}
+    assert _entry_keys(["/elsewhere/" + a, "not-a-key"], str(driver)) == set()

@@ -154,24 +154,35 @@ class RayExecutor:
 
     def _run(self, fn: Callable[..., R], calls: list[tuple], options: Mapping[str, Any]) -> list[R]:
         ray = _ray()
-        shipped: dict[str, Any] = {}  # key -> ObjectRef of the entry's bytes, put once per call of _run
-        for args in calls:
-            for key in _entry_keys(args, self._spec.root):
-                entry = self.cache.get(key)
-                if key not in shipped and entry is not None:
-                    shipped[key] = ray.put(_pack(entry.path))
         task = self._task.options(**options)
         window = self.workers or len(calls)  # at most `workers` tasks in flight
+        # The entries each call refers to. Their bytes enter the object store only when a task lands on a
+        # node that lacks them (it answers with the keys it needs and is sent again with them), so work on
+        # the driver's host or a shared file system copies nothing.
+        wanted = [{key for key in _entry_keys(args, self._spec.root) if self.cache.get(key) is not None}
+                  for args in calls]
+        shipped: dict[str, Any] = {}  # key -> ObjectRef of the entry's bytes, put once per call of _run
         refs: list[Any] = []
         outcomes: dict[int, _Outcome] = {}
+
+        def submit(index: int) -> Any:
+            entries = {key: shipped.get(key) for key in wanted[index]}
+            return task.remote(fn, calls[index], self._spec, entries)
+
+        def settle() -> None:
+            for index in self._collect(refs, outcomes):  # sent again, with the entries it asked for
+                for key in outcomes.pop(index).needs:
+                    if key not in shipped:
+                        shipped[key] = ray.put(_pack(self.cache.root / key))
+                refs[index] = submit(index)
+
         try:
-            for args in calls:
-                if len(refs) - len(outcomes) >= window:
-                    self._collect(refs, outcomes, wait_one=True)
-                needed = {k: shipped[k] for k in _entry_keys(args, self._spec.root) if k in shipped}
-                refs.append(task.remote(fn, args, self._spec, needed))
+            for index in range(len(calls)):
+                while len(refs) - len(outcomes) >= window:
+                    settle()
+                refs.append(submit(index))
             while len(outcomes) < len(refs):
-                self._collect(refs, outcomes, wait_one=False)
+                settle()
         except BaseException:
             for ref in refs:
                 with contextlib.suppress(Exception):
@@ -182,22 +193,26 @@ class RayExecutor:
                 outcomes[index].failure.reraise()
         return [outcomes[index].value for index in range(len(refs))]
 
-    def _collect(self, refs: list[Any], outcomes: dict[int, _Outcome], *, wait_one: bool) -> None:
-        """Wait for running tasks; store the entries they made in the driver's cache."""
+    def _collect(self, refs: list[Any], outcomes: dict[int, _Outcome]) -> list[int]:
+        """Wait for a running task to end; store the entries it made in the driver's cache. Returns its
+        index if it asks for entries (its outcome holds the keys)."""
         ray = _ray()
-        pending = [r for i, r in enumerate(refs) if i not in outcomes]
-        done, _ = ray.wait(pending, num_returns=1 if wait_one else len(pending))
         index = {r: i for i, r in enumerate(refs)}
+        done, _ = ray.wait([r for i, r in enumerate(refs) if i not in outcomes], num_returns=1)
+        asking = []
         for ref in done:
             try:
                 outcome = ray.get(ref)
             except ray.exceptions.RayError as e:  # the worker died (out of memory, killed): not fn's error
-                raise StageError(f"a Ray task failed outside dlopt: {type(e).__name__}: "
-                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise StageError(f"a Ray task failed outside dlopt: {type(e).__name__}: {first}",
                                  "see the Ray logs of the node (ray logs, /tmp/ray/session_latest/logs)") from e
             for key, data in outcome.entries:
                 _install(self.cache, key, data)
             outcomes[index[ref]] = outcome
+            if outcome.needs:
+                asking.append(index[ref])
+        return asking
 
 
 # -- the task, on the worker -------------------------------------------------------------------------
@@ -230,9 +245,12 @@ class _Outcome:
     value: Any
     entries: list[tuple[str, bytes]] = field(default_factory=list)  # entries made on a remote worker
     failure: _Failure | None = None
+    needs: list[str] = field(default_factory=list)  # entries a remote worker lacks: send them, run again
 
 
-def _run_task(fn: Callable[..., Any], args: tuple, spec: _CacheSpec, shipped: Mapping[str, Any]) -> _Outcome:
+def _run_task(fn: Callable[..., Any], args: tuple, spec: _CacheSpec, entries: Mapping[str, Any]) -> _Outcome:
+    """fn(*args) on a worker, in the driver's cache folder or (remote) in its own; `entries`: the driver's
+    entries the args refer to, each with the ObjectRef of its bytes, or None when not sent yet."""
     root, remote = _task_root(spec)
     driver = Path(spec.root)
     cache = StageCache(root)
@@ -240,9 +258,11 @@ def _run_task(fn: Callable[..., Any], args: tuple, spec: _CacheSpec, shipped: Ma
     try:
         if remote:
             ray = _ray()
-            for key, ref in shipped.items():
-                if cache.get(key) is None:
-                    _install(cache, key, ray.get(ref))
+            lacking = [key for key in entries if cache.get(key) is None]
+            if any(entries[key] is None for key in lacking):
+                return _Outcome(None, needs=[key for key in lacking if entries[key] is None])
+            for key in lacking:
+                _install(cache, key, ray.get(entries[key]))
             args = _rebase(args, driver, root)
             before = _stamps(cache)
         with _cache_env(root):
