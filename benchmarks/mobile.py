@@ -115,7 +115,7 @@ def ensure_programs(workdir: Path, work: Workload, calibration_samples: int, rou
                     ) -> dict[str, Path]:
     """The FP32 and INT8 .pte files, lowered at batch 1 (cached per lowering revision)."""
     from dlopt.optimize.export import load_source
-    from dlopt.targets.xnnpack import LOWERING_REVISION, lower_to_pte
+    from dlopt.optimize.pt2e import LOWERING_REVISION, lower_to_pte
 
     tag = {"fp32": "fp32", "int8": "int8" if work.int8_activations == "static" else "int8-dynamic"}
     if work.int8_activations == "static" and rounding != "gptq":

@@ -1,7 +1,9 @@
 """The interface every execution target implements, and the session and input placement they share.
 
 A target says what it is (name, ONNX Runtime provider names, precisions), whether it can run here
-(`is_available()` -> (bool, reason)), and builds sessions. The bench harness and the eval code only
+(`is_available()` -> (bool, reason)), and builds sessions. What stages need to know about it (its
+runtime, the INT8 form its kernels want, whether FP16 runs natively, what `dlopt package` builds for
+it) it declares as class attributes, read as one record with `capabilities()`. The bench harness and the eval code only
 talk to this interface: they never branch on a target's name.
 
 Two things here exist because ONNX Runtime gets them wrong by default:
@@ -20,12 +22,60 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
 from dlopt.errors import InputError, TargetUnavailableError
 from dlopt.sessions import CPU_PROVIDER, session_options
+
+if TYPE_CHECKING:
+    from dlopt.targets.cpu import HostCpu
+
+RUNTIMES = ("onnxruntime", "executorch")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Int8Form:
+    """The INT8 model a target's kernels want.
+
+    `dynamic`: dynamic quantization (activations quantized per call: DynamicQuantizeLinear,
+    MatMulInteger) runs there; False: static QDQ with calibrated ranges is required.
+    `activation`: the activation type of static INT8: "s8", "u8", or "host" (decided by the CPU that
+    runs it: u8 on x86, whose int8 kernels are u8·s8, s8 on ARM). Weights are s8 on every target.
+    `per_channel`: per-channel weight scales are supported."""
+
+    dynamic: bool
+    activation: Literal["u8", "s8", "host"]
+    per_channel: bool = True
+    weight: Literal["s8"] = "s8"
+    note: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Int8Types:
+    """The INT8 types for one target on one CPU, with the reason (what a quantizer uses)."""
+
+    activation: Literal["u8", "s8"]
+    weight: Literal["u8", "s8"]
+    reduce_range: bool  # 7-bit weights: x86 without VNNI sums u8·s8 pairs in 16 bits, which full range overflows
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Capabilities:
+    """Everything a target declares, in one record (`dlopt.targets.capabilities(name)`)."""
+
+    name: str
+    description: str
+    runtime: str  # one of RUNTIMES: the runtime that runs the artifact
+    providers: tuple[str, ...]  # ONNX Runtime execution providers, priority order (none for executorch)
+    precisions: tuple[str, ...]  # precisions run with the target's own kernels
+    int8: Int8Form | None  # the INT8 form to quantize for; None: dlopt does not quantize to INT8 for it
+    fp16_native: bool  # FP16 runs in FP16 kernels (elsewhere it is cast to float or runs slower than FP32)
+    package_formats: tuple[str, ...]  # what `dlopt package --target NAME` builds; () when it is not a package target
+    kernels_measurable_here: bool  # this host runs the target's own kernels (so timing choices here is valid)
+    device_type: str  # where bound inputs and outputs live
 
 
 @dataclass(frozen=True)
@@ -119,9 +169,46 @@ class Target:
     # Whether the calling thread's CPU time measures a one-thread run faithfully. True for CPU
     # kernels run on the calling thread; False where the work happens elsewhere (a GPU).
     cpu_time_measures_work: ClassVar[bool] = True
+    runtime: ClassVar[str] = "onnxruntime"
+    int8: ClassVar[Int8Form | None] = None
+    package_formats: ClassVar[tuple[str, ...]] = ()
+    # Whether the kernels timed on this host are the target's own (CPU: yes; a phone, a GPU elsewhere: no).
+    kernels_measurable_here: ClassVar[bool] = False
 
     def is_available(self) -> tuple[bool, str]:
         raise NotImplementedError
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(name=self.name, description=self.description, runtime=self.runtime,
+                            providers=self.providers, precisions=self.precisions, int8=self.int8,
+                            fp16_native="fp16" in self.precisions, package_formats=self.package_formats,
+                            kernels_measurable_here=self.kernels_measurable_here, device_type=self.device_type)
+
+    def int8_types(self, cpu: HostCpu | None = None) -> Int8Types:
+        """The INT8 activation/weight types for this target; `cpu` (default: this host) decides the
+        "host" activation form. Raises InputError where the target takes no INT8 model."""
+        if self.int8 is None:
+            raise InputError(f"target {self.name!r} takes no INT8 model",
+                             f"targets with INT8: {', '.join(_int8_target_names())}")
+        if self.int8.activation == "s8":
+            return Int8Types(activation="s8", weight="s8", reduce_range=False,
+                             reason=f"s8/s8: {self.int8.note}")
+        if self.int8.activation == "u8":
+            return Int8Types(activation="u8", weight="s8", reduce_range=False, reason=f"u8/s8: {self.int8.note}")
+        if cpu is None:
+            from dlopt.targets.cpu import host_cpu
+
+            cpu = host_cpu()
+        if not cpu.is_x86:
+            return Int8Types(activation="s8", weight="s8", reduce_range=False,
+                             reason="s8/s8: ARM int8 dot-product kernels are s8·s8")
+        if cpu.vnni:
+            return Int8Types(activation="u8", weight="s8", reduce_range=False,
+                             reason=f"u8/s8, full range: the CPU has VNNI ({', '.join(cpu.isa_flags)})")
+        return Int8Types(activation="u8", weight="s8", reduce_range=True,
+                         reason="u8/s8 with reduce_range (7-bit weights): no VNNI on this CPU "
+                                f"({', '.join(cpu.isa_flags) or 'no flags read'}), its u8·s8 kernel sums pairs "
+                                "in 16 bits and would saturate")
 
     def default_clock(self, threads: int) -> str:
         """'cpu' (thread CPU time) where it measures the whole run, else 'wall'.
@@ -218,3 +305,9 @@ class Target:
     def bind(self, handle: TargetSession, feeds: Mapping[str, np.ndarray]) -> BoundRun:
         """Place `feeds` on the session's device once; the returned callable runs the model."""
         return BoundRun(handle, feeds)
+
+
+def _int8_target_names() -> list[str]:
+    from dlopt.targets import target_names
+
+    return target_names(int8=True)

@@ -27,7 +27,7 @@ from typing import ClassVar
 import numpy as np
 
 from dlopt.errors import InputError
-from dlopt.targets.base import CPU_PROVIDER, BoundRun, Target, TargetSession
+from dlopt.targets.base import CPU_PROVIDER, BoundRun, Int8Form, Target, TargetSession
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
@@ -40,6 +40,10 @@ class CudaTarget(Target):
     device_type: ClassVar[str] = "cuda"
     # The calling thread mostly waits for the GPU (or spins on it): its CPU time measures nothing useful.
     cpu_time_measures_work: ClassVar[bool] = False
+    # INT8 on NVIDIA GPUs runs through TensorRT: static QDQ graphs (no dynamic quantization), symmetric s8.
+    int8: ClassVar[Int8Form | None] = Int8Form(dynamic=False, activation="s8", per_channel=True,
+                                               note="TensorRT takes symmetric int8 only")
+    package_formats: ClassVar[tuple[str, ...]] = ("onnx",)
 
     def is_available(self) -> tuple[bool, str]:
         return _probe_cuda()

@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 from dlopt.errors import InputError, StageError
 from dlopt.fileio import external_data_files  # noqa: F401 (part of this module's API)
-from dlopt.targets.base import CPU_PROVIDER, Target, TargetSession
+from dlopt.targets.base import CPU_PROVIDER, Int8Form, Target, TargetSession
 
 # Android and iOS apps typically give ONNX Runtime the big cores: 4 on most current phones. Capped
 # at this host's core count, since more threads than cores measures contention, not a phone.
@@ -66,6 +66,12 @@ class MobileTarget(Target):
     device_type: ClassVar[str] = "cpu"
     cpu_time_measures_work: ClassVar[bool] = True
     default_threads: ClassVar[int] = PHONE_THREADS
+    # Phones are ARM: s8·s8 dot-product kernels; NNAPI, CoreML and XNNPACK take static QDQ graphs, the
+    # CPU EP also runs dynamic quantization.
+    int8: ClassVar[Int8Form | None] = Int8Form(dynamic=True, activation="s8", per_channel=True,
+                                               note="ARM int8 dot-product kernels are s8·s8")
+    # The bundle: an ORT-format model, and with --torch-source an ExecuTorch .pte (XNNPACK) program.
+    package_formats: ClassVar[tuple[str, ...]] = ("ort", "pte")
 
     def is_available(self) -> tuple[bool, str]:
         try:

@@ -230,7 +230,8 @@ def _images(n, seed):
 def test_pte_of_a_tf_same_padding_cnn_lowered_from_a_channels_last_example_matches_torch():
     import torch
 
-    from dlopt.targets.xnnpack import PteProgram, lower_to_pte
+    from dlopt.optimize.pt2e import lower_to_pte
+    from dlopt.targets.xnnpack import PteProgram
 
     net = _SamePadNet()
     # An HWC image transposed to CHW keeps HWC memory: the example is channels-last, as the
@@ -281,7 +282,7 @@ def test_int8_quantizes_conv_relu6_as_one_unit():
     import torch
 
     from dlopt.quiet import quiet_libraries
-    from dlopt.targets.xnnpack import _Positional, _quantize_pt2e
+    from dlopt.optimize.pt2e import _Positional, _quantize_pt2e
 
     net = _SamePadNet()
     calibration = [{"image": x} for x in _images(8, 4)]
@@ -306,7 +307,7 @@ def test_int8_keeps_integer_index_arithmetic_integer():
     import torch
 
     from dlopt.quiet import quiet_libraries
-    from dlopt.targets.xnnpack import _Positional, _quantize_pt2e
+    from dlopt.optimize.pt2e import _Positional, _quantize_pt2e
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -353,7 +354,8 @@ def test_a_reference_torch_source_gives_real_samples():
 def test_dynamic_int8_pte_needs_no_calibration_and_stays_close():
     import torch
 
-    from dlopt.targets.xnnpack import PteProgram, lower_to_pte
+    from dlopt.optimize.pt2e import lower_to_pte
+    from dlopt.targets.xnnpack import PteProgram
 
     torch.manual_seed(0)  # nn.Sequential's input is named `input`
     net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.LayerNorm(64),
@@ -428,7 +430,8 @@ def test_int8_pte_gptq_rounding_and_bias_correction_beat_nearest_rounding():
     with the model's seeds 1 and 2: nearest 35.3 / 36.1 dB, default 39.5 / 38.9 dB)."""
     import torch
 
-    from dlopt.targets.xnnpack import PteProgram, lower_to_pte
+    from dlopt.optimize.pt2e import lower_to_pte
+    from dlopt.targets.xnnpack import PteProgram
 
     net = _folded_bn_cnn()
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -458,7 +461,7 @@ def test_gptq_rounding_keeps_the_quantizers_per_channel_scales():
     import torch
 
     from dlopt.quiet import quiet_libraries
-    from dlopt.targets.xnnpack import _Positional, _quantize_pt2e
+    from dlopt.optimize.pt2e import _Positional, _quantize_pt2e
 
     net = _folded_bn_cnn()
     calibration = [{"image": x[None]} for x in _smooth_images(16, 1)]
@@ -492,7 +495,7 @@ def test_package_config_rejects_an_unknown_pte_weight_rounding(tmp_path):
     assert result.exit_code == 2 and "adaround" in result.output
     # the CLI spells the choices out (it must import fast, without dlopt.targets): the same as the library's
     from dlopt.cli.package import command
-    from dlopt.targets.xnnpack import WEIGHT_ROUNDINGS
+    from dlopt.optimize.pt2e import WEIGHT_ROUNDINGS
 
     option = next(p for p in command.params if p.name == "pte_weight_rounding")
     assert tuple(option.type.choices) == WEIGHT_ROUNDINGS and option.default == PackageConfig().pte_weight_rounding
@@ -512,7 +515,7 @@ def test_torch_layer_statistics_match_the_onnx_paths_patches(channels, outputs, 
     from onnx import helper
 
     from dlopt.optimize.rounding import LayerStatistics, _patches
-    from dlopt.targets.xnnpack import _add_layer_input
+    from dlopt.optimize.pt2e import _add_layer_input
 
     x = np.random.default_rng(0).standard_normal((2, channels, 11, 13)).astype(np.float32)
     shape = (outputs, channels // groups, kernel, kernel)
@@ -533,3 +536,22 @@ def test_torch_layer_statistics_match_the_onnx_paths_patches(channels, outputs, 
     _add_layer_input(linear, "fc", torch.from_numpy(x), (5, 13), None)
     np.testing.assert_allclose(linear.hessian["fc"][0], rows.T.astype(np.float64) @ rows, rtol=1e-5, atol=1e-3)
     assert linear.rows["fc"] == rows.shape[0]
+
+
+def test_pt2e_lowering_lives_in_optimize_and_the_target_does_not_import_it():
+    import subprocess
+    import sys
+
+    import dlopt.optimize.pt2e as pt2e
+    import dlopt.targets.xnnpack as xnn
+
+    # The old import path still works (lazily forwarded), and names the same objects.
+    assert xnn.lower_to_pte is pt2e.lower_to_pte and xnn.WEIGHT_ROUNDINGS == pt2e.WEIGHT_ROUNDINGS == ("gptq", "nearest")
+    assert xnn.LOWERING_REVISION == pt2e.LOWERING_REVISION
+    assert not hasattr(xnn, "_quantize_pt2e") and not hasattr(xnn, "_refine_int8_weights")
+    with pytest.raises(AttributeError, match="has no attribute 'quantize'"):
+        xnn.quantize  # noqa: B018
+    # Importing the targets (and running programs) does not load the transformation.
+    code = "import sys, dlopt.targets; print(sorted(m for m in sys.modules if m.startswith('dlopt.optimize')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

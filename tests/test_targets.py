@@ -231,3 +231,196 @@ def test_cpu_core_names_tell_amd_generations_apart(vendor, family, model, core):
     from dlopt.targets.cpu import core_name
 
     assert core_name(vendor, family, model) == core
+
+
+# --- capabilities: each target declares them once; stages and package ask the registry ---------------
+
+@pytest.mark.parametrize("name, runtime, providers, int8, fp16_native, package_formats", [
+    ("cpu", "onnxruntime", ("CPUExecutionProvider",), dict(dynamic=True, activation="host"), False, ("onnx",)),
+    ("arm64", "onnxruntime", ("CPUExecutionProvider",), dict(dynamic=True, activation="s8"), False, ()),
+    ("cuda", "onnxruntime", ("CUDAExecutionProvider", "CPUExecutionProvider"), dict(dynamic=False, activation="s8"),
+     True, ("onnx",)),
+    ("mobile", "onnxruntime", ("CPUExecutionProvider",), dict(dynamic=True, activation="s8"), False, ("ort", "pte")),
+    ("xnnpack", "executorch", (), dict(dynamic=True, activation="s8"), False, ()),
+])
+def test_each_target_declares_its_capabilities(name, runtime, providers, int8, fp16_native, package_formats):
+    import dlopt.targets as targets
+
+    caps = targets.capabilities(name)
+    assert (caps.name, caps.runtime, caps.providers) == (name, runtime, providers)
+    assert {"dynamic": caps.int8.dynamic, "activation": caps.int8.activation} == int8
+    assert caps.int8.weight == "s8" and caps.int8.per_channel
+    assert caps.fp16_native is fp16_native and caps.fp16_native == ("fp16" in caps.precisions)
+    assert caps.package_formats == package_formats
+    assert caps.kernels_measurable_here is (name == "cpu")  # kernel choices timed here hold only for cpu
+
+
+def test_target_names_filter_by_runtime_int8_fp16_and_package():
+    from dlopt.targets import target_names
+
+    assert target_names() == ["cpu", "arm64", "cuda", "mobile", "xnnpack"]
+    assert target_names("onnxruntime", int8=True) == ["cpu", "arm64", "cuda", "mobile"]  # what quantize takes
+    assert target_names("executorch") == ["xnnpack"]
+    assert target_names(fp16_native=True) == ["cuda"]
+    assert target_names(package=True) == ["cpu", "cuda", "mobile"]
+    with pytest.raises(InputError, match="unknown runtime kind 'tflite'") as e:
+        target_names("tflite")
+    assert e.value.hint == "choose one of onnxruntime, executorch"
+    with pytest.raises(InputError, match="unknown target 'tpu'"):
+        __import__("dlopt.targets").targets.capabilities("tpu")
+
+
+def test_package_targets_come_from_the_registry():
+    from dlopt.package import PACKAGE_TARGETS, PackageConfig, validate_config
+
+    assert PACKAGE_TARGETS == ("cpu", "cuda", "mobile")
+    with pytest.raises(InputError, match="unknown package target 'arm64'") as e:
+        validate_config(PackageConfig(target="arm64"))
+    assert e.value.hint == "choose one of cpu, cuda, mobile"
+
+
+# /proc/cpuinfo texts (first processor block and the start of the second), as those machines print them.
+ZEN1_VM = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 23
+model\t\t: 1
+model name\t: AMD EPYC
+stepping\t: 2
+flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht \
+syscall nx mmxext fxsr_opt pdpe1gb rdtscp lm rep_good nopl cpuid pni pclmulqdq ssse3 fma cx16 sse4_1 sse4_2 \
+movbe popcnt aes xsave avx f16c rdrand hypervisor lahf_lm avx2 sha_ni
+bogomips\t: 3992.50
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+flags\t\t: fpu avx512f avx512_vnni
+"""
+SAPPHIRE_RAPIDS = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse sse2 avx avx2 fma avx512f avx512bw avx512vl avx512_vnni avx_vnni avx512_bf16 amx_bf16 \
+amx_tile amx_int8
+
+"""
+GRAVITON3 = """processor\t: 0
+BogoMIPS\t: 2100.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma lrcpc \
+dcpop sha3 sm3 sm4 asimddp sha512 sve asimdfhm dit uscat ilrcpc flagm ssbs paca pacg dcpodp svei8mm svebf16 \
+i8mm bf16 dgh rng
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x1
+CPU part\t: 0xd40
+CPU revision\t: 1
+
+processor\t: 1
+"""
+CORTEX_A53 = """processor\t: 0
+BogoMIPS\t: 38.40
+Features\t: fp asimd evtstrm crc32 cpuid
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x0
+CPU part\t: 0xd03
+CPU revision\t: 4
+"""
+
+
+def test_cpuinfo_reader_amd_zen1_vm():
+    from dlopt.runtime import isa_line
+    from dlopt.targets.cpu import parse_cpuinfo
+
+    cpu = parse_cpuinfo(ZEN1_VM, "x86_64")
+    assert (cpu.vendor, cpu.family, cpu.model, cpu.core) == ("AuthenticAMD", 23, 1, "Zen/Zen+")
+    assert cpu.is_x86 and not cpu.is_arm64
+    assert not cpu.vnni and not cpu.int8_dot  # the second processor's flags are not read
+    assert cpu.isa_flags == ("avx2", "fma") and "sha_ni" in cpu.flags and list(cpu.flags) == sorted(cpu.flags)
+    assert cpu.label == "AMD EPYC (family 23 model 1, Zen/Zen+)"
+    assert isa_line(cpu) == "x86_64: AVX2, FMA, no AVX-512, no VNNI"
+    types = get_target("cpu").int8_types(cpu)
+    assert (types.activation, types.weight, types.reduce_range) == ("u8", "s8", True)
+    assert "no VNNI on this CPU (avx2, fma)" in types.reason
+
+
+def test_cpuinfo_reader_intel_with_vnni_and_amx():
+    from dlopt.runtime import isa_line
+    from dlopt.targets.cpu import parse_cpuinfo
+
+    cpu = parse_cpuinfo(SAPPHIRE_RAPIDS, "x86_64")
+    assert (cpu.vendor, cpu.family, cpu.model, cpu.core) == ("GenuineIntel", 6, 143, None)
+    assert cpu.vnni and cpu.int8_dot and not cpu.dotprod
+    assert cpu.label == "Intel(R) Xeon(R) Platinum 8480+"  # a model number: no family/model added
+    assert isa_line(cpu) == "x86_64: AVX-512, VNNI, AMX"
+    types = get_target("cpu").int8_types(cpu)
+    assert (types.activation, types.weight, types.reduce_range) == ("u8", "s8", False)
+    assert types.reason.startswith("u8/s8, full range: the CPU has VNNI (amx_int8, avx2, avx512_vnni")
+    cuda = get_target("cuda").int8_types(cpu)  # a fixed form: the host does not change it
+    assert (cuda.activation, cuda.reduce_range, cuda.reason) == ("s8", False, "s8/s8: TensorRT takes symmetric int8 only")
+
+
+def test_cpuinfo_reader_arm_features_dotprod_and_i8mm():
+    from dlopt.runtime import isa_line
+    from dlopt.targets.cpu import parse_cpuinfo
+
+    cpu = parse_cpuinfo(GRAVITON3, "aarch64")
+    assert (cpu.vendor, cpu.family, cpu.model, cpu.core) == ("ARM", 8, 0xD40, "Neoverse-V1")
+    assert cpu.is_arm64 and not cpu.is_x86
+    assert cpu.dotprod and cpu.i8mm and cpu.int8_dot and not cpu.vnni
+    assert {"asimddp", "i8mm", "sve"} <= set(cpu.isa_flags)
+    assert cpu.label == "ARM Neoverse-V1"  # aarch64 kernels print no model name
+    assert isa_line(cpu) == "aarch64: dot-product int8 (asimddp)"
+    types = get_target("cpu").int8_types(cpu)  # target cpu on an ARM host: s8·s8
+    assert (types.activation, types.weight, types.reduce_range) == ("s8", "s8", False)
+
+    old = parse_cpuinfo(CORTEX_A53, "aarch64")
+    assert old.core == "Cortex-A53" and not old.dotprod and not old.i8mm
+    assert isa_line(old) == "aarch64: no int8 dot product"
+    unknown = parse_cpuinfo(CORTEX_A53.replace("0xd03", "0xabc"), "aarch64")
+    assert unknown.core is None and unknown.label == "ARM part 0xabc"
+
+
+def test_cpuinfo_reader_without_cpuinfo():
+    from dlopt.targets.cpu import parse_cpuinfo
+
+    cpu = parse_cpuinfo("", "ARM64")
+    assert (cpu.machine, cpu.vendor, cpu.family, cpu.flags) == ("arm64", "", None, ())
+    assert cpu.is_arm64 and not cpu.int8_dot
+
+
+def test_bench_runtime_and_cpu_target_label_this_host_alike():
+    from dlopt.bench import machine_fingerprint
+    from dlopt.runtime import cpu_label, isa_line
+    from dlopt.targets.cpu import cpu_model_name, host_cpu
+
+    fingerprint = machine_fingerprint(1, get_target("cpu"))
+    assert fingerprint["cpu_model"] == cpu_model_name() == host_cpu().label == get_target("cpu").device_name()
+    assert fingerprint["cpu_isa"] == isa_line(host_cpu())
+    assert cpu_label() == f"{fingerprint['cpu_model']}, {fingerprint['cpu_isa']}"
+    assert get_target("mobile").device_name().startswith(cpu_model_name())
+
+
+def test_arm64_target_runs_only_on_arm64_hosts():
+    from dlopt.targets.cpu import host_cpu
+
+    ok, reason = get_target("arm64").is_available()
+    assert ok is host_cpu().is_arm64
+    if not ok:
+        assert reason == f"this host is {host_cpu().machine}, not ARM64"
+        with pytest.raises(TargetUnavailableError, match="target 'arm64' is not available here"):
+            get_target("arm64").create_session(_mlp_bytes())
+
+
+def test_int8_types_refused_for_a_target_without_int8():
+    from dlopt.targets import Target
+
+    class Fp16Only(Target):
+        name = "fp16-only"
+        description = "test"
+        providers = ("CPUExecutionProvider",)
+        precisions = ("fp16",)
+
+    with pytest.raises(InputError, match="target 'fp16-only' takes no INT8 model") as e:
+        Fp16Only().int8_types()
+    assert e.value.hint == "targets with INT8: cpu, arm64, cuda, mobile, xnnpack"

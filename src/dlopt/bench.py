@@ -494,18 +494,14 @@ def machine_fingerprint(threads: int, target=None, device_id: int = 0) -> dict[s
     import onnxruntime as ort
     import psutil
 
-    from dlopt.optimize.quantize import cpu_features
     from dlopt.runtime import isa_line
-    from dlopt.targets.cpu import cpu_model_name
+    from dlopt.targets.cpu import host_cpu
 
-    flags = ""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        match = re.search(r"^flags\s*:\s*(.*)$", cpuinfo.read_text(errors="replace"), re.MULTILINE)
-        flags = " ".join(sorted(match.group(1).split())) if match else ""
+    cpu = host_cpu()
+    flags = " ".join(cpu.flags)  # sorted: x86 "flags" or ARM "Features"
     fingerprint = {
-        "cpu_model": cpu_model_name(),
-        "cpu_isa": isa_line(cpu_features()),
+        "cpu_model": cpu.label,
+        "cpu_isa": isa_line(cpu),
         "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
         "logical_cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),

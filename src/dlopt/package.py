@@ -37,15 +37,17 @@ from dlopt.manifest import (MANIFEST_NAME, SAMPLES_NAME, SCHEMA_NAME, SCHEMA_VER
                             sha256_file)
 from dlopt.report import environment, format_markdown_table, format_table
 from dlopt.stage import config_to_dict
+from dlopt.targets import target_names
 
-PACKAGE_TARGETS = ("mobile", "cpu", "cuda")
+# The targets `dlopt package` builds a bundle for: those that declare package formats.
+PACKAGE_TARGETS = tuple(target_names(package=True))
 PTE_PRECISIONS = ("fp32", "int8", "int8-dynamic")  # int8-dynamic: linear layers, activations per run
 Log = Callable[[str], None]
 
 
 @dataclass(frozen=True, kw_only=True)
 class PackageConfig:
-    target: str = "mobile"  # mobile | cpu | cuda
+    target: str = "mobile"  # one of PACKAGE_TARGETS: mobile | cpu | cuda
     intended_ep: str | None = None  # mobile: cpu | xnnpack | nnapi | coreml (picks the ORT optimization style)
     fix_shapes: tuple[str, ...] = ()  # "input_ids=1x128": make dynamic input shapes static
     type_reduction: bool = False  # mobile: list kernel types in the operators config too
@@ -81,8 +83,9 @@ def validate_config(config: PackageConfig) -> None:
     from dlopt.inputs import parse_input_shapes
     from dlopt.targets.mobile import INTENDED_EPS, parse_fix_shape
 
-    if config.target not in PACKAGE_TARGETS:
-        raise InputError(f"unknown package target {config.target!r}", f"choose one of {', '.join(PACKAGE_TARGETS)}")
+    packagable = target_names(package=True)
+    if config.target not in packagable:
+        raise InputError(f"unknown package target {config.target!r}", f"choose one of {', '.join(packagable)}")
     if config.intended_ep is not None:
         if config.target != "mobile":
             raise InputError(f"--intended-ep is for --target mobile, not {config.target}", "drop --intended-ep")
@@ -104,7 +107,7 @@ def validate_config(config: PackageConfig) -> None:
     bad = [p for p in config.pte_precisions if p not in PTE_PRECISIONS]
     if bad:
         raise InputError(f"unknown .pte precision(s) {bad}", f"choose from {', '.join(PTE_PRECISIONS)}")
-    from dlopt.targets.xnnpack import WEIGHT_ROUNDINGS
+    from dlopt.optimize.pt2e import WEIGHT_ROUNDINGS
 
     if config.pte_weight_rounding not in WEIGHT_ROUNDINGS:
         raise InputError(f"unknown .pte weight rounding {config.pte_weight_rounding!r}",
@@ -507,7 +510,8 @@ def _load_torch_source(config: PackageConfig):
 
 
 def _build_pte(source, staging: Path, config: PackageConfig, feeds_list, expected, log: Log, model_path: Path):
-    from dlopt.targets.xnnpack import PteProgram, lower_to_pte
+    from dlopt.optimize.pt2e import lower_to_pte
+    from dlopt.targets.xnnpack import PteProgram
 
     artifacts, checks, programs = [], [], []
     input_names = list(feeds_list[0])

@@ -89,14 +89,15 @@ def runtime_report() -> dict[str, Any]:
 
 def cpu_label() -> str:
     """'<CPU model>, <ISA line>' for labelling figures, e.g. 'AMD EPYC, AVX2+FMA (no AVX-512, no VNNI)'."""
-    from dlopt.optimize.quantize import cpu_features
-    from dlopt.targets.cpu import cpu_model_name
+    from dlopt.targets.cpu import host_cpu
 
-    return f"{cpu_model_name()}, {isa_line(cpu_features())}"
+    cpu = host_cpu()
+    return f"{cpu.label}, {isa_line(cpu)}"
 
 
 def isa_line(cpu) -> str:
-    """The ISA facts that decide int8/float kernel speed, from dlopt.optimize.quantize.cpu_features(), e.g.
+    """The ISA facts that decide int8/float kernel speed, from dlopt.targets.cpu.host_cpu() (or anything with
+    its machine, flags and vnni), e.g.
     'x86_64: AVX2, FMA, no AVX-512, no VNNI' or 'x86_64: AVX-512, VNNI, AMX'."""
     flags = set(cpu.flags)
     if cpu.machine not in ("x86_64", "amd64", "i686", "x86"):
