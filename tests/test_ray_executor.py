@@ -15,7 +15,9 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -103,6 +105,20 @@ def _gone(text: str, timeout: float = 15.0) -> list[int]:
     return left
 
 
+@dataclass(frozen=True)
+class LocalCluster:
+    nodes: Any  # ray.cluster_utils.Cluster
+    worker_cache: Path  # the DLOPT_CACHE_DIR of the labelled ("remote") node
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     from ray.cluster_utils import Cluster
@@ -116,7 +132,7 @@ def cluster(tmp_path_factory):
     nodes.wait_for_nodes()
     session = nodes.head_node.get_session_dir_path()
     try:
-        yield nodes, worker_cache
+        yield LocalCluster(nodes, worker_cache)
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -127,8 +143,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ex(cluster, tmp_path_factory):
-    nodes, _ = cluster
-    executor = make_executor("ray", address=nodes.address, cache_dir=tmp_path_factory.mktemp("driver-cache"))
+    executor = make_executor("ray", address=cluster.nodes.address, cache_dir=tmp_path_factory.mktemp("driver-cache"))
     try:
         yield executor
     finally:
@@ -144,7 +159,7 @@ def _labelled_node() -> str:
 
 def test_describe_reports_the_cluster(ex, cluster):
     info = ex.describe()
-    assert (info["kind"], info["nodes"], info["cpus"], info["address"]) == ("ray", 2, 2, cluster[0].address)
+    assert (info["kind"], info["nodes"], info["cpus"], info["address"]) == ("ray", 2, 2, cluster.nodes.address)
     assert sorted(n["targets"] for n in info["node_list"]) == [[], ["cpu"]]
 
 
@@ -191,7 +206,7 @@ def test_measure_without_a_node_of_the_class_says_which_resource_to_declare(ex):
 
 
 def test_entries_made_on_both_kinds_of_node_reach_the_drivers_cache(ex, cluster):
-    _, worker_cache = cluster
+    worker_cache = cluster.worker_cache
     driver_root = ex.cache.root
     payloads = [b"made-on-one-node", b"made-on-the-other"]
     results = ex.map(make_entry, [(str(driver_root), p, 1.0) for p in payloads])
@@ -212,7 +227,7 @@ def test_entries_made_on_both_kinds_of_node_reach_the_drivers_cache(ex, cluster)
 
 
 def test_an_entry_the_driver_has_is_shipped_to_a_remote_node(ex, cluster):
-    _, worker_cache = cluster
+    worker_cache = cluster.worker_cache
     payload = b"only-the-driver-has-this"
     key = cache_key({"payload": payload.hex()})
     with ex.cache.building(key) as staging:
@@ -266,11 +281,7 @@ print(json.dumps({"info": info, "out": squares, "session": session, "connected":
     ("ray://127.0.0.1:{port}", r"cannot reach the Ray cluster at ray://127.0.0.1:\d+"),
 ])
 def test_an_address_nothing_listens_on_is_an_input_error(address, message, tmp_path):
-    import socket
-
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()  # nothing listens there
     with pytest.raises(InputError) as raised:
         RayExecutor(address=address.format(port=port), cache_dir=tmp_path)
     assert re.search(message, raised.value.cli_text()) and raised.value.exit_code == 2
