@@ -61,17 +61,25 @@ def timed(seconds: float) -> tuple[str, float, float]:
     return node_id(), start, time.time()
 
 
+def commit_payload(cache: StageCache, payload: bytes):
+    key = cache_key({"payload": payload.hex()})
+    with cache.building(key) as staging:
+        (staging / "model.onnx").write_bytes(payload)
+        return cache.commit(key, staging, {"kind": "test", "artifact": "model.onnx"})
+
+
 def make_entry(item: tuple[str, bytes, float]) -> tuple[str, Path, bytes]:
     """Commit an entry holding `payload` in the cache folder the item names; its model's path, and the
     task's cache folder (as bytes: the executor rebases str and Path results onto the driver's folder)."""
     root, payload, delay = item
     time.sleep(delay)  # long enough that the two jobs of a map run at once, one on each node
-    cache = StageCache(root)
-    key = cache_key({"payload": payload.hex()})
-    with cache.building(key) as staging:
-        (staging / "model.onnx").write_bytes(payload)
-        entry = cache.commit(key, staging, {"kind": "test", "artifact": "model.onnx"})
+    entry = commit_payload(StageCache(root), payload)
     return node_id(), entry.path / "model.onnx", os.environ["DLOPT_CACHE_DIR"].encode()
+
+
+def model_of(key: str) -> Path:
+    """The model of entry `key` in the task's cache (a cache hit: nothing is made)."""
+    return StageCache(os.environ["DLOPT_CACHE_DIR"]).get(key).path / "model.onnx"
 
 
 def read_artifact(path: Path) -> tuple[str, bytes, Path]:
@@ -229,15 +237,22 @@ def test_entries_made_on_both_kinds_of_node_reach_the_drivers_cache(ex, cluster)
 def test_an_entry_the_driver_has_is_shipped_to_a_remote_node(ex, cluster):
     worker_cache = cluster.worker_cache
     payload = b"only-the-driver-has-this"
-    key = cache_key({"payload": payload.hex()})
-    with ex.cache.building(key) as staging:
-        (staging / "model.onnx").write_bytes(payload)
-        ex.cache.commit(key, staging, {"kind": "test", "artifact": "model.onnx"})
+    key = commit_payload(ex.cache, payload).key
     assert not (worker_cache / key).exists()
     node, data, path = ex.measure(read_artifact, ex.cache.root / key / "model.onnx", target_class="cpu")
     assert node == _labelled_node() and data == payload
     assert path == ex.cache.root / key / "model.onnx"
     assert (worker_cache / key / "model.onnx").read_bytes() == payload
+
+
+def test_an_entry_only_a_remote_node_has_is_fetched_when_a_result_names_it(ex, cluster):
+    # made on that node by an earlier run, and since pruned from the driver's cache (or never in it)
+    payload = b"only-the-remote-node-has-this"
+    key = commit_payload(StageCache(cluster.worker_cache), payload).key
+    assert ex.cache.get(key) is None
+    path = ex.measure(model_of, key, target_class="cpu")
+    assert path == ex.cache.root / key / "model.onnx" and path.read_bytes() == payload
+    assert ex.cache.get(key).info["kind"] == "test"
 
 
 def test_local_and_ray_executors_give_identical_results(ex):

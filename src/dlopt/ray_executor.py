@@ -90,6 +90,7 @@ class RayExecutor:
             self._owns_connection = True
         self._spec = _CacheSpec(str(self.cache.root.absolute()), _cache_id(self.cache))
         self._task = ray.remote(_run_task)
+        self._fetch = ray.remote(_packed_entries)
 
     # -- the contract ------------------------------------------------------------------------------
 
@@ -209,10 +210,26 @@ class RayExecutor:
                                  "see the Ray logs of the node (ray logs, /tmp/ray/session_latest/logs)") from e
             for key, data in outcome.entries:
                 _install(self.cache, key, data)
+            if outcome.node is not None:
+                self._fetch_missing(outcome)
             outcomes[index[ref]] = outcome
             if outcome.needs:
                 asking.append(index[ref])
         return asking
+
+    def _fetch_missing(self, outcome: _Outcome) -> None:
+        """Entries a remote task's value names that the driver lacks: the task found them in its node's
+        cache (made by an earlier run, since pruned here). Fetched from that node, so the paths hold."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        ray = _ray()
+        missing = sorted(k for k in _entry_keys(outcome.value, self._spec.root) if self.cache.get(k) is None)
+        if not missing:
+            return
+        fetch = self._fetch.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(outcome.node,
+                                                                                                   soft=False))
+        for key, data in ray.get(fetch.remote(outcome.root, missing)):
+            _install(self.cache, key, data)
 
 
 # -- the task, on the worker -------------------------------------------------------------------------
@@ -246,6 +263,8 @@ class _Outcome:
     entries: list[tuple[str, bytes]] = field(default_factory=list)  # entries made on a remote worker
     failure: _Failure | None = None
     needs: list[str] = field(default_factory=list)  # entries a remote worker lacks: send them, run again
+    node: str | None = None  # a remote worker's node and cache folder, to fetch entries the value names
+    root: str | None = None
 
 
 def _run_task(fn: Callable[..., Any], args: tuple, spec: _CacheSpec, entries: Mapping[str, Any]) -> _Outcome:
@@ -267,12 +286,18 @@ def _run_task(fn: Callable[..., Any], args: tuple, spec: _CacheSpec, entries: Ma
             before = _stamps(cache)
         with _cache_env(root):
             value = fn(*args)
-        if remote:
-            value = _rebase(value, root, driver)
-        return _Outcome(value, _made(cache, before) if before is not None else [])
+        if not remote:
+            return _Outcome(value)
+        node = _ray().get_runtime_context().get_node_id()
+        return _Outcome(_rebase(value, root, driver), _made(cache, before), node=node, root=str(root))
     except Exception as e:  # every error crosses back to the driver, where it is raised again
         made = _made(cache, before) if before is not None else []
         return _Outcome(None, made, _Failure(_portable(e), traceback.format_exc()))
+
+
+def _packed_entries(root: str, keys: Sequence[str]) -> list[tuple[str, bytes]]:
+    cache = StageCache(root)
+    return [(key, _pack(cache.root / key)) for key in keys if cache.get(key) is not None]
 
 
 def _task_root(spec: _CacheSpec) -> tuple[Path, bool]:
