@@ -10,10 +10,12 @@
 The stage cache is shared between nodes. Items and results carry paths under the driver's cache folder
 (`cache_dir`). A worker that sees that folder (the same host, or a shared file system: it finds the
 folder's id file with the driver's id) reads and writes it directly. Any other worker, or one whose node
-sets its own DLOPT_CACHE_DIR, works in its own cache folder: the driver ships the entries an item refers
-to as bytes through Ray's object store, the paths in the item are rebased onto the worker's folder, and
-the entries the task commits there come back as bytes with its result and are stored in the driver's
-cache before `map` returns (the returned paths are rebased back onto the driver's folder).
+sets its own DLOPT_CACHE_DIR, works in its own cache folder: the entries an item refers to (paths under
+the cache folder, or bare keys) that the node lacks are sent as bytes through Ray's object store, the
+paths in the item are rebased onto the worker's folder, and the entries the task commits there come back
+as bytes with its result and are stored in the driver's cache before `map` returns (the returned paths
+are rebased back onto the driver's folder; an entry they name that the driver lacks is fetched from the
+node). Inputs outside the cache folder are read at their own paths on every node.
 
 `fn` must be a module-level function of a module the workers can import (Ray pickles it by reference);
 its arguments and result must be picklable.
