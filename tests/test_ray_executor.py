@@ -165,6 +165,14 @@ def _labelled_node() -> str:
 # -- tests -------------------------------------------------------------------------------------------
 
 
+def test_without_ray_installed_the_ray_executor_is_a_missing_dependency(monkeypatch, tmp_path):
+    # first in the file: no cluster is running yet whose threads could import ray meanwhile
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"needs Ray.*pip install 'dlopt\[ray\]'") as raised:
+        make_executor("ray", cache_dir=tmp_path)
+    assert raised.value.exit_code == 2
+
+
 def test_describe_reports_the_cluster(ex, cluster):
     info = ex.describe()
     assert (info["kind"], info["nodes"], info["cpus"], info["address"]) == ("ray", 2, 2, cluster.nodes.address)
