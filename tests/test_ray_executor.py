@@ -1,4 +1,4 @@
-"""dlopt.ray_executor on a local two-node Ray cluster (127.0.0.1 host, one CPU per node, 2 CPUs in all).
+"""dlopt.ray_executor on a local two-node Ray cluster (this host, one CPU per node, 2 CPUs in all).
 
 The head node sees the driver's stage cache folder; the other node declares `dlopt-target-cpu` and sets
 its own DLOPT_CACHE_DIR, so it stands for a remote machine: entries reach it and come back as bytes.

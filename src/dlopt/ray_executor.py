@@ -86,9 +86,11 @@ class RayExecutor:
             self._owns_connection = True
         else:
             # a local head, sized to this machine (or to `workers`); address="local" never attaches to a
-            # cluster another process left running on this host
+            # cluster another process left running on this host. On Linux Ray listens on the host's own
+            # address even when asked for 127.0.0.1 (services.resolve_ip_for_localhost); its token
+            # authentication (on by default in Ray 2.60: RAY_AUTH_MODE) guards it.
             ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, include_dashboard=False,
-                     _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+                     logging_level=logging.WARNING)
             self._owns_connection = True
         self._spec = _CacheSpec(str(self.cache.root.absolute()), _cache_id(self.cache))
         self._task = ray.remote(_run_task)
