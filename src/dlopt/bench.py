@@ -106,18 +106,18 @@ class BenchConfig:
 
 def validate_config(config: BenchConfig) -> None:
     if config.threads < 1:
-        raise InputError(f"--threads must be at least 1, got {config.threads}", "pass --threads 1 or more")
+        raise InputError(f"threads must be at least 1, got {config.threads}", "pass {threads=1} or more")
     if not config.batch_sizes or any(b < 1 for b in config.batch_sizes):
         raise InputError(f"batch sizes must be positive integers, got {list(config.batch_sizes)}",
-                         "e.g. --batch 1,8,32")
+                         "e.g. 1, 8, 32")
     if config.seq_len < 1:
-        raise InputError(f"--seq-len must be at least 1, got {config.seq_len}", "e.g. --seq-len 128")
+        raise InputError(f"the sequence length must be at least 1, got {config.seq_len}", "e.g. {seq_len=128}")
     if config.rounds is None and config.budget_s <= 0:
-        raise InputError(f"the time budget must be positive, got {config.budget_s} s", "e.g. --budget 30s")
+        raise InputError(f"the time budget must be positive, got {config.budget_s} s", "e.g. 30 s")
     if config.max_samples < 2 or config.min_sample_s < 0:
         raise InputError("max_samples must be at least 2 and min_sample_s non-negative", "use the defaults")
     if config.rounds is not None and config.rounds < 2:
-        raise InputError(f"--rounds must be at least 2, got {config.rounds}", "e.g. --rounds 200")
+        raise InputError(f"rounds must be at least 2, got {config.rounds}", "e.g. {rounds=200}")
     if config.clock not in (*CLOCKS, "auto"):
         raise InputError(f"unknown clock {config.clock!r}", "choose cpu, wall or auto")
     if config.ratio_method not in RATIO_METHODS:
@@ -145,7 +145,7 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     except ValueError:
         sizes = ()
     if not sizes or any(b < 1 for b in sizes):
-        raise InputError(f"cannot read batch sizes from {text!r}", "write positive integers, e.g. --batch 1,8,32")
+        raise InputError(f"cannot read batch sizes from {text!r}", "write positive integers, e.g. 1,8,32")
     return sizes
 
 
@@ -632,7 +632,7 @@ class _Deadline:
 
 
 def benchmark(paths: Sequence[str | os.PathLike], config: BenchConfig = BenchConfig(), *,
-              data: Mapping[str, np.ndarray] | None = None, data_source: str = "--data",
+              data: Mapping[str, np.ndarray] | None = None, data_source: str = "the data",
               progress: ProgressFn | None = None, started: float | None = None) -> BenchResult:
     """Measure one or more models on `config.target`, interleaved, at each batch size.
 
@@ -711,14 +711,14 @@ def data_batches(specs: Sequence[Any], data: Mapping[str, np.ndarray], source: s
     count = rows.pop() if rows else 0
     if count < batch:
         raise InputError(f"{source} holds {count} sample(s), fewer than batch {batch}",
-                         "give more samples, or a smaller --batch")
+                         "give more samples, or a smaller batch size")
     return [feeds_from_arrays(specs, {k: v[i * batch:(i + 1) * batch] if np.ndim(v) > 0 else v
                                       for k, v in data.items()}, source)
             for i in range(min(count // batch, MAX_DATA_BATCHES))]
 
 
 def model_feed_batches(model: LoadedModel, *, batch: int | None, seq_len: int, seed: int,
-                       data: Mapping[str, np.ndarray] | None, data_source: str = "--data",
+                       data: Mapping[str, np.ndarray] | None, data_source: str = "the data",
                        input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> list[dict[str, np.ndarray]]:
     """The inputs a model is measured on: real batches of `batch` samples from `data` (one per timed call,
     in turn), or one generated (seeded) batch (model_feeds)."""
@@ -730,7 +730,7 @@ def model_feed_batches(model: LoadedModel, *, batch: int | None, seq_len: int, s
 
 
 def model_feeds(model: LoadedModel, *, batch: int | None, seq_len: int, seed: int,
-                data: Mapping[str, np.ndarray] | None, data_source: str = "--data",
+                data: Mapping[str, np.ndarray] | None, data_source: str = "the data",
                 input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
     """The inputs of one timed call: the first batch of `data` (see model_feed_batches), or generated
     (seeded) for `batch` by dlopt.inputs (free sizes that the model runs on, `input_shapes` as
@@ -781,7 +781,7 @@ class CyclingRun:
 
 
 def bind_models(target, models: Sequence[LoadedModel], *, batch: int | None = 1, seq_len: int = DEFAULT_SEQ_LEN,
-                seed: int = 0, data: Mapping[str, np.ndarray] | None = None, data_source: str = "--data",
+                seed: int = 0, data: Mapping[str, np.ndarray] | None = None, data_source: str = "the data",
                 device_id: int = 0, progress: ProgressFn | None = None,
                 input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> BoundModels:
     """Generate (or take from `data`) each model's inputs, bind them on the target's device and run

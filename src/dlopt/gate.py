@@ -97,22 +97,22 @@ class GateConfig:
 
 def validate_config(config: GateConfig) -> None:
     if not 0 <= config.max_slowdown < 10:
-        raise InputError(f"--max-slowdown must be between 0% and 1000%, got {config.max_slowdown:.1%}",
-                         "e.g. --max-slowdown 5%")
+        raise InputError(f"the allowed slowdown must be between 0% and 1000%, got {config.max_slowdown:.1%}",
+                         "e.g. {max_slowdown=0.05} (5%)")
     drops = ([config.max_accuracy_drop] if config.max_accuracy_drop is not None else []) + [
         d for _, d in config.metric_drops]
     if any(not d >= 0 for d in drops):
-        raise InputError(f"--max-accuracy-drop must not be negative, got {min(drops)}",
-                         "e.g. --max-accuracy-drop 0.01")
+        raise InputError(f"an accuracy drop limit must not be negative, got {min(drops)}",
+                         "e.g. {max_accuracy_drop=0.01}")
     if config.max_size_growth is not None and config.max_size_growth < -1:
-        raise InputError(f"--max-size-growth must be above -100%, got {config.max_size_growth:.1%}",
-                         "e.g. --max-size-growth 10%")
+        raise InputError(f"the allowed size growth must be above -100%, got {config.max_size_growth:.1%}",
+                         "e.g. {max_size_growth=0.1} (10%)")
     if not config.budget_s > 0:
-        raise InputError(f"--budget must be positive, got {config.budget_s} s", "e.g. --budget 60s")
+        raise InputError(f"the time budget must be positive, got {config.budget_s} s", "e.g. 60 s")
     if not 0.5 <= config.confidence < 1:
-        raise InputError(f"--confidence must be in [0.5, 1), got {config.confidence}", "e.g. --confidence 0.95")
+        raise InputError(f"confidence must be in [0.5, 1), got {config.confidence}", "e.g. {confidence=0.95}")
     if config.looks < 1:
-        raise InputError(f"--looks must be at least 1, got {config.looks}", "e.g. --looks 8")
+        raise InputError(f"looks must be at least 1, got {config.looks}", "e.g. {looks=8}")
     if config.on_inconclusive not in POLICIES:
         raise InputError(f"unknown inconclusive policy {config.on_inconclusive!r}",
                          f"choose one of {', '.join(POLICIES)}")
@@ -208,7 +208,7 @@ def sequential_test(add_round: Callable[[], None], rounds: Callable[[], int],
 
         if n < 3:  # a bootstrap of 1-2 rounds means nothing
             return outcome("inconclusive", None,
-                           f"only {n} round(s) fit in the {budget_s:.3g} s left for sampling: raise --budget")
+                           f"only {n} round(s) fit in the {budget_s:.3g} s left for sampling: raise the time budget")
         interval = ratio_interval(level)
         verdict = judge(interval, limit)
         history.append(Look(seconds=elapsed, rounds=n, interval=interval, verdict=verdict))
@@ -222,7 +222,7 @@ def sequential_test(add_round: Callable[[], None], rounds: Callable[[], int],
         if final:
             return outcome("inconclusive", interval,
                            f"ratio CI {ci} still contains {limit:.3f} after {n} rounds and the {budget_s:.3g} s "
-                           "left for sampling: the difference is within noise of the threshold (raise --budget "
+                           "left for sampling: the difference is within noise of the threshold (raise the time budget "
                            "to resolve it)")
 
 
@@ -264,8 +264,8 @@ class StoredBaseline:
             if b.batch == batch:
                 return b
         raise InputError(f"baseline {self.path} has no measurements at batch {batch}",
-                         f"it has batch {', '.join(str(b.batch) for b in self.batches)}; pass one of those to "
-                         "--batch, or save a baseline with `dlopt bench --batch ...`")
+                         f"it has batch {', '.join(str(b.batch) for b in self.batches)}; pass one of those as "
+                         "{batch=N}, or save a baseline measured at that batch size")
 
 
 def baseline_document(result, *, index: int = 0, inputs_from_data: bool = False) -> dict[str, Any]:
@@ -494,11 +494,11 @@ def run_gate(baseline: str | os.PathLike, candidate: str | os.PathLike, config: 
     stored = load_baseline(baseline) if is_baseline_file(baseline) else None
     if accuracy_gated(config):
         if evaluator is None:
-            raise InputError("--max-accuracy-drop needs an evaluator",
-                             "pass --eval NAME (a reference model) or --eval-data DATA.npz --metric METRIC")
+            raise InputError("an accuracy limit ({max_accuracy_drop=DROP}) needs an evaluator",
+                             "name a reference model's evaluator, or evaluation data (.npz) and a metric")
         if stored is not None:
             raise InputError(f"an accuracy gate needs the baseline model, and {baseline} is a stored latency baseline",
-                             "pass the baseline .onnx with --baseline, or drop --max-accuracy-drop")
+                             "gate against the baseline .onnx model instead, or set no accuracy limit")
         validate_eval_spec(evaluator)
     if stored is not None:
         result = _gate_stored(stored, candidate, config, data, evaluator, progress)
@@ -618,7 +618,7 @@ def _gate_stored(stored: StoredBaseline, candidate: Path, config: GateConfig, da
     threads = config.threads or stored.threads
     if config.target != stored.target:
         raise InputError(f"baseline {stored.path} was measured on target {stored.target!r}, the gate runs on "
-                         f"{config.target!r}", f"pass --target {stored.target}, or gate against the baseline model")
+                         f"{config.target!r}", f"pass {{target={stored.target}}}, or gate against the baseline model")
     target = get_target(config.target)
     here = machine_fingerprint(threads, target, config.device_id)
     differences = fingerprint_differences(stored.fingerprint, here)
@@ -626,21 +626,21 @@ def _gate_stored(stored: StoredBaseline, candidate: Path, config: GateConfig, da
         raise InputError(
             f"baseline {stored.path} was measured on another machine or setup ({'; '.join(differences)}); "
             "comparing absolute latencies across machines measures the machines, not the models",
-            "re-measure the baseline model here instead (dlopt gate --baseline BASE.onnx --candidate ...; "
-            "the reliable way), or pass --allow-cross-machine to compare anyway")
+            "re-measure the baseline model here instead (gate against the baseline .onnx model: the reliable "
+            "way), or pass {allow_cross_machine} to compare anyway")
     if stored.inputs_from_data and data is None:
         raise InputError(f"baseline {stored.path} was measured on inputs from a data file",
-                         "pass the same file with --data")
+                         "time the candidate on the same data file")
     stored_batch = stored.batch_run(config.batch)
     batch = stored_batch.batch
     seq_len = config.seq_len or stored.seq_len
     clock = stored.clock if config.clock == "auto" else config.clock
     if clock not in stored_batch.samples_s:
-        raise InputError(f"baseline {stored.path} has no {clock} samples", f"use --clock {stored.clock}")
+        raise InputError(f"baseline {stored.path} has no {clock} samples", f"use {{clock={stored.clock}}}")
     bench_config = _bench_config(config, threads=threads, seq_len=seq_len, batch=batch)
     if config.seed != stored.seed or seq_len != stored.seq_len:
         raise InputError(f"baseline {stored.path} was measured with seed {stored.seed}, seq-len {stored.seq_len}",
-                         "gate with the same --seed and --seq-len (or leave them unset)")
+                         f"gate with {{seed={stored.seed}}} and {{seq_len={stored.seq_len}}} (or leave them unset)")
     target, models = load_models([candidate], bench_config, (lambda what, f: progress(what, 0.0)) if progress else None)
     model = models[0]
     bound = bind_models(target, models, batch=batch, seq_len=seq_len, seed=config.seed, data=data,
@@ -652,7 +652,7 @@ def _gate_stored(stored: StoredBaseline, candidate: Path, config: GateConfig, da
         ours = ", ".join(f"{k}{list(shapes[k])}" for k in mismatched)
         theirs = ", ".join(f"{k}{list(stored_batch.input_shapes[k])}" for k in mismatched)
         raise InputError(f"the candidate's inputs {ours} differ from the baseline's {theirs}",
-                         "gate with the baseline's --batch and --seq-len")
+                         f"gate with the baseline's {{batch={batch}}} and {{seq_len={stored.seq_len}}}")
     notes = [f"clock: {clock} (the stored baseline's)",
              "stored baseline: the machine's drift since it was measured is not in the CI; gating against the "
              "baseline model, measured interleaved, is the reliable way"]
@@ -713,7 +713,7 @@ def validate_eval_spec(spec: EvalSpec) -> None:
 
     if (spec.reference_model is None) == (spec.data is None):
         raise InputError("the accuracy gate needs one evaluator",
-                         "pass --eval NAME (a reference model) or --eval-data DATA.npz --metric METRIC")
+                         "name a reference model's evaluator, or evaluation data (.npz) and a metric")
     if spec.reference_model is not None:
         from dlopt.models import get_reference_model
 
@@ -724,7 +724,7 @@ def validate_eval_spec(spec: EvalSpec) -> None:
         raise InputError("sqnr has no 'drop' against the baseline (the baseline's own SQNR is infinite)",
                          "gate on cosine, mse or top1 instead (dlopt eval reports SQNR)")
     if not Path(spec.data).is_file():
-        raise InputError(f"evaluation data {spec.data} does not exist", "give an .npz file with --eval-data")
+        raise InputError(f"evaluation data {spec.data} does not exist", "give an existing .npz file")
 
 
 def accuracy_gated(config: GateConfig) -> bool:

@@ -88,22 +88,22 @@ def validate_config(config: PackageConfig) -> None:
         raise InputError(f"unknown package target {config.target!r}", f"choose one of {', '.join(packagable)}")
     if config.intended_ep is not None:
         if config.target != "mobile":
-            raise InputError(f"--intended-ep is for --target mobile, not {config.target}", "drop --intended-ep")
+            raise InputError(f"an intended EP is for {{target=mobile}}, not {config.target}", "drop {intended_ep=EP}")
         if config.intended_ep not in INTENDED_EPS:
             raise InputError(f"unknown intended EP {config.intended_ep!r}", f"choose one of {', '.join(INTENDED_EPS)}")
     for text in config.fix_shapes:
         parse_fix_shape(text)
     parse_input_shapes(config.input_shapes)
     if config.samples < 1:
-        raise InputError(f"samples must be at least 1, got {config.samples}", "pass --samples 1 or more")
+        raise InputError(f"samples must be at least 1, got {config.samples}", "pass {samples=1} or more")
     if config.batch < 1 or config.seq_len < 1:
-        raise InputError("batch and seq-len must be at least 1", "pass positive sizes")
+        raise InputError("batch and sequence length must be at least 1", "pass positive sizes")
     if config.atol < 0 or config.rtol < 0:
-        raise InputError("tolerances must be non-negative", "pass --atol/--rtol >= 0")
+        raise InputError("tolerances must be non-negative", "pass {atol=TOL} and {rtol=TOL} >= 0")
     if config.threads is not None and config.threads < 1:
-        raise InputError(f"threads must be at least 1, got {config.threads}", "pass --threads 1 or more")
+        raise InputError(f"threads must be at least 1, got {config.threads}", "pass {threads=1} or more")
     if config.measure_s < 0:
-        raise InputError(f"measure time must be non-negative, got {config.measure_s}", "pass --measure 0 to skip")
+        raise InputError(f"measure time must be non-negative, got {config.measure_s}", "pass 0 to skip measuring")
     bad = [p for p in config.pte_precisions if p not in PTE_PRECISIONS]
     if bad:
         raise InputError(f"unknown .pte precision(s) {bad}", f"choose from {', '.join(PTE_PRECISIONS)}")
@@ -113,8 +113,8 @@ def validate_config(config: PackageConfig) -> None:
         raise InputError(f"unknown .pte weight rounding {config.pte_weight_rounding!r}",
                          f"choose {' or '.join(WEIGHT_ROUNDINGS)}")
     if config.torch_source is not None and config.target != "mobile":
-        raise InputError("--torch-source (ExecuTorch/XNNPACK programs) is for --target mobile",
-                         "use --target mobile, or drop --torch-source")
+        raise InputError("a torch source (ExecuTorch/XNNPACK programs) is for {target=mobile}",
+                         "use {target=mobile}, or drop {torch_source=SOURCE}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,8 +197,9 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
                 raise VerificationError(
                     "the packaged artifacts do not match the source ONNX model: "
                     + "; ".join(f"{c['artifact']} {c['output']}: {_check_text(c)}" for c in failed),
-                    "nothing was written; loosen --atol/--rtol (ORT model) or --pte-int8-min-sqnr (an int8 .pte "
-                    "against an int8 MODEL compares two different quantizations) only if the difference is expected")
+                    "nothing was written; loosen {atol=TOL}/{rtol=TOL} (ORT model) or the int8 .pte SQNR floor (an "
+                    "int8 .pte against an int8 MODEL compares two different quantizations) only if the difference is "
+                    "expected")
             metrics = _measure(staging / built["file"], built, config, feeds_list[0], pte_programs, log) \
                 if config.measure_s > 0 else {}
         manifest = _manifest(name=name, config=config, source_path=source_path, source=source, model=model,
@@ -241,10 +242,11 @@ def check_bundle_path(out: Path, overwrite: bool) -> Path:
         if any(out.iterdir()):
             if not overwrite:
                 raise InputError(f"bundle folder {out} exists and is not empty",
-                                 "pass --overwrite, or choose another -o")
+                                 "pass {overwrite}, or choose another {output=DIR}")
             if not is_bundle(out):
-                raise InputError(f"--overwrite: {out} is not a dlopt bundle (no manifest.json written by dlopt "
-                                 "package), so it is not replaced", "choose another -o, or empty the folder yourself")
+                raise InputError(f"{{overwrite}}: {out} is not a dlopt bundle (no manifest.json written by dlopt "
+                                 "package), so it is not replaced",
+                                 "choose another {output=DIR}, or empty the folder yourself")
     return out
 
 
@@ -310,7 +312,7 @@ def _parse_fix_shapes(texts: Iterable[str]) -> list[tuple[str, tuple[int, ...]]]
     parsed = [parse_fix_shape(t) for t in texts]
     names = [n for n, _ in parsed]
     if len(set(names)) != len(names):
-        raise InputError(f"--fix-shape names an input twice: {names}", "give each input once")
+        raise InputError(f"fixed shapes name an input twice: {names}", "give each input once")
     return parsed
 
 
