@@ -178,6 +178,10 @@ class Target:
     def is_available(self) -> tuple[bool, str]:
         raise NotImplementedError
 
+    def session_threads(self) -> int:
+        """Intra-op threads a session on this target gets unless told otherwise."""
+        return 1
+
     def capabilities(self) -> Capabilities:
         return Capabilities(name=self.name, description=self.description, runtime=self.runtime,
                             providers=self.providers, precisions=self.precisions, int8=self.int8,

@@ -81,6 +81,9 @@ class MobileTarget(Target):
         return True, (f"onnxruntime {ort.__version__} {CPU_PROVIDER} running ORT-format models "
                       "(CPU kernels of this host; no NNAPI/CoreML/XNNPACK EP in PyPI onnxruntime)")
 
+    def session_threads(self) -> int:
+        return phone_threads()
+
     def device_name(self, device_id: int = 0) -> str:
         from dlopt.targets.cpu import cpu_model_name
 

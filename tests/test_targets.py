@@ -435,3 +435,18 @@ def test_target_errors_name_options_for_the_reader():
     with pytest.raises(InputError, match="not NAME=DIMS") as e:
         __import__("dlopt.targets.mobile").targets.mobile.parse_fix_shape("x")
     assert "--" not in str(e.value)
+
+
+def test_package_asks_the_targets_what_their_bundles_hold():
+    import os
+
+    from dlopt.package import PackageConfig
+    from dlopt.package.config import builds
+    from dlopt.targets.mobile import PHONE_THREADS
+
+    assert [t for t in ("cpu", "cuda", "mobile") if builds(PackageConfig(target=t), "ort")] == ["mobile"]
+    assert [t for t in ("cpu", "cuda", "mobile") if builds(PackageConfig(target=t), "pte")] == ["mobile"]
+    assert [t for t in ("cpu", "cuda", "mobile") if builds(PackageConfig(target=t), "onnx")] == ["cpu", "cuda"]
+    # default session threads: phone-like (capped at this host's cores) for mobile, 1 elsewhere
+    assert get_target("mobile").session_threads() == max(1, min(PHONE_THREADS, os.cpu_count() or 1))
+    assert get_target("cpu").session_threads() == get_target("cuda").session_threads() == 1

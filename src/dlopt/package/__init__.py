@@ -44,7 +44,8 @@ from dlopt.package.bundle import check_bundle_path, finalize_bundle, is_bundle
 from dlopt.package.card import model_card, summary_table
 from dlopt.package.checks import (_check_text, _run_onnx, _sample_inputs, _write_samples, check_output, compare,
                                   read_samples, verify_outputs)
-from dlopt.package.config import PACKAGE_TARGETS, PTE_PRECISIONS, Log, PackageConfig, PackageResult, validate_config
+from dlopt.package.config import (PACKAGE_TARGETS, PTE_PRECISIONS, Log, PackageConfig, PackageResult, builds,
+                                  validate_config)
 from dlopt.package.measure import _measure, recommended_session
 from dlopt.package.pte import _build_pte, _load_torch_source
 from dlopt.package.record import _calibration_record, _coverage_summary, _manifest, _roles, _stage_reports
@@ -108,7 +109,7 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
             checks = verify_outputs(staging / built["file"], built["session_config"], feeds_list, expected,
                                     {"atol": config.atol, "rtol": config.rtol}, artifact=built["file"])
             coverage = None
-            if config.target == "mobile" and config.coverage:
+            if builds(config, "ort") and config.coverage:  # NNAPI / CoreML take ORT-format models
                 from dlopt.targets.mobile import coverage_report
 
                 log("checking NNAPI and CoreML coverage")

@@ -11,7 +11,7 @@ from typing import Any
 
 from dlopt.errors import InputError
 from dlopt.fileio import load_onnx
-from dlopt.package.config import Log, PackageConfig
+from dlopt.package.config import Log, PackageConfig, builds
 
 
 def _parse_fix_shapes(texts: Iterable[str]) -> list[tuple[str, tuple[int, ...]]]:
@@ -39,7 +39,7 @@ def _copy_onnx(src: Path, dst: Path, external: Sequence[str]) -> None:
 
 def _build_model(prepared: Path, staging: Path, config: PackageConfig, log: Log) -> dict[str, Any]:
     """Write the model in the target's form into the staging folder."""
-    if config.target == "mobile":
+    if builds(config, "ort"):
         from dlopt.targets.mobile import SESSION_CONFIG_FOR_STYLE, STYLE_FOR_EP, to_ort_format
 
         intended = config.intended_ep or "cpu"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dlopt.errors import InputError
-from dlopt.targets import target_names
+from dlopt.targets import capabilities, target_names
 
 # The targets `dlopt package` builds a bundle for: those that declare package formats.
 PACKAGE_TARGETS = tuple(target_names(package=True))
@@ -50,6 +50,18 @@ class PackageResult:
     manifest: dict[str, Any]
 
 
+def builds(config: PackageConfig, package_format: str) -> bool:
+    """Whether the bundle for `config.target` holds `package_format` ("onnx", "ort" or "pte"), as the
+    target declares (dlopt.targets.capabilities)."""
+    return package_format in capabilities(config.target).package_formats
+
+
+def _targets_building(package_format: str) -> str:
+    """The package targets whose bundle holds `package_format`, as option placeholders."""
+    names = [n for n in target_names(package=True) if package_format in capabilities(n).package_formats]
+    return " or ".join(f"{{target={n}}}" for n in names)
+
+
 def validate_config(config: PackageConfig) -> None:
     from dlopt.inputs import parse_input_shapes
     from dlopt.targets.mobile import INTENDED_EPS, parse_fix_shape
@@ -58,8 +70,9 @@ def validate_config(config: PackageConfig) -> None:
     if config.target not in packagable:
         raise InputError(f"unknown package target {config.target!r}", f"choose one of {', '.join(packagable)}")
     if config.intended_ep is not None:
-        if config.target != "mobile":
-            raise InputError(f"an intended EP is for {{target=mobile}}, not {config.target}", "drop {intended_ep=EP}")
+        if not builds(config, "ort"):  # the intended EP picks the ORT format's optimization style
+            raise InputError(f"an intended EP is for {_targets_building('ort')}, not {config.target}",
+                             "drop {intended_ep=EP}")
         if config.intended_ep not in INTENDED_EPS:
             raise InputError(f"unknown intended EP {config.intended_ep!r}", f"choose one of {', '.join(INTENDED_EPS)}")
     for text in config.fix_shapes:
@@ -83,9 +96,10 @@ def validate_config(config: PackageConfig) -> None:
     if config.pte_weight_rounding not in WEIGHT_ROUNDINGS:
         raise InputError(f"unknown .pte weight rounding {config.pte_weight_rounding!r}",
                          f"choose {' or '.join(WEIGHT_ROUNDINGS)}")
-    if config.torch_source is not None and config.target != "mobile":
-        raise InputError("a torch source (ExecuTorch/XNNPACK programs) is for {target=mobile}",
-                         "use {target=mobile}, or drop {torch_source=SOURCE}")
+    if config.torch_source is not None and not builds(config, "pte"):
+        pte_targets = _targets_building("pte")
+        raise InputError(f"a torch source (ExecuTorch/XNNPACK programs) is for {pte_targets}",
+                         f"use {pte_targets}, or drop {{torch_source=SOURCE}}")
 
 
 def _is_reference(name: str | None) -> bool:

@@ -17,13 +17,9 @@ def _threads(config: PackageConfig) -> int:
     (phone-like for mobile, 1 otherwise)."""
     if config.threads:
         return config.threads
-    if config.target == "mobile":
-        from dlopt.targets.mobile import phone_threads
-
-        return phone_threads()
     from dlopt.targets import get_target
 
-    return getattr(get_target(config.target), "default_threads", 1)
+    return get_target(config.target).session_threads()
 
 
 def recommended_session(built: Mapping[str, Any], config: PackageConfig) -> dict[str, Any]:
