@@ -94,6 +94,41 @@ class ReferenceModel:
         """Per-model export settings (dynamic axes, tolerances, exporter) the export stage honours."""
         return dict(getattr(self._impl(), "EXPORT_OPTIONS", {}))
 
+    def summary(self) -> dict[str, Any]:
+        """What `dlopt models` lists (JSON-able): size, inputs, metrics, and what is missing to run it."""
+        missing = self.missing_requirements()
+        return {"name": self.name, "description": self.description, "parameters_millions": self.parameters_millions,
+                "fp32_megabytes": round(self.parameters_millions * 4, 2), "inputs": self.inputs,
+                "outputs": self.outputs, "metrics": list(self.metrics), "heavy": self.heavy,
+                "installed": not missing, "missing": missing, "extra": self.extra}
+
+    def evaluate_fp32(self, log: Callable[[str], None] = lambda message: None) -> "Fp32Evaluation":
+        """Build the model in torch (FP32) and run its evaluator on its real data, timing both."""
+        import time
+
+        log(f"building {self.name} …")
+        start = time.perf_counter()
+        module, _ = self.build()
+        built = time.perf_counter() - start
+        output_names = tuple(self.export_options().get("output_names", ("output",)))
+        log(f"evaluating {self.name} on its real data …")
+        start = time.perf_counter()
+        metrics = self.evaluate(torch_runner(module, output_names))
+        return Fp32Evaluation(metrics=metrics, build_seconds=built, evaluate_seconds=time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class Fp32Evaluation:
+    """A reference model's own metrics in torch FP32, and how long building and evaluating took."""
+
+    metrics: dict[str, float]
+    build_seconds: float
+    evaluate_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metrics": self.metrics, "build_seconds": self.build_seconds,
+                "evaluate_seconds": self.evaluate_seconds}
+
 
 REFERENCE_MODELS: dict[str, ReferenceModel] = {
     m.name: m
@@ -172,4 +207,4 @@ def torch_runner(module, output_names: tuple[str, ...]) -> Runner:
     return run
 
 
-__all__ = ["REFERENCE_MODELS", "ReferenceModel", "Runner", "get_reference_model", "onnx_runner", "torch_runner"]
+__all__ = ["REFERENCE_MODELS", "Fp32Evaluation", "ReferenceModel", "Runner", "get_reference_model", "onnx_runner", "torch_runner"]

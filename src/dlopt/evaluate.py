@@ -5,7 +5,7 @@ Two ways to evaluate:
   compare the model's output with the labels (top1) or with a reference model's output on the same
   inputs (top1 agreement, cosine, SQNR, MSE); without --reference, an array named like the output
   (or `expected`) in the .npz is the reference output;
-- with a reference model's own evaluator (`--model minilm`): its real task metrics on its real
+- with a reference model's own evaluator (`dlopt eval --model minilm`): its real task metrics on its real
   data (dlopt.models), for the model and, with --reference, for the reference model too.
 """
 
@@ -38,7 +38,7 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     scores = np.asarray(logits)
     if scores.ndim < 2:
         raise InputError(f"top1 needs scores of shape [N, classes], got {list(scores.shape)}",
-                         "choose --output with the class scores")
+                         "choose {output=NAME}, the output with the class scores")
     target = np.asarray(labels)
     if target.shape == scores.shape:
         return top1_agreement(scores, target)
@@ -132,7 +132,7 @@ def _json_float(value: float | None) -> float | str | None:
 
 def validate_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
     if not metrics:
-        raise InputError("no metric chosen", f"pass --metric with one of {', '.join(METRICS)}")
+        raise InputError("no metric chosen", f"name one or more of {', '.join(METRICS)}")
     for m in metrics:
         if m not in METRICS:
             raise InputError(f"unknown metric {m!r}", f"choose from {', '.join(METRICS)}")
@@ -190,7 +190,7 @@ def evaluate_data(model: str | os.PathLike, data: str | os.PathLike, config: Eva
 
     metrics = validate_metrics(config.metrics)
     if config.batch_size < 1:
-        raise InputError(f"batch size must be at least 1, got {config.batch_size}", "e.g. --batch-size 32")
+        raise InputError(f"batch size must be at least 1, got {config.batch_size}", "e.g. {batch_size=32}")
     arrays = load_data(data)
     handle = _open(model, config)
     feeds = feeds_from_arrays(session_inputs(handle.session), arrays, str(data))
@@ -211,7 +211,7 @@ def evaluate_data(model: str | os.PathLike, data: str | os.PathLike, config: Eva
         if metric == "top1":
             if labels is None and ref_output is None:
                 raise InputError(f"top1 needs labels: {data} has no {LABELS_KEY!r} array and no reference",
-                                 f"add a {LABELS_KEY!r} array of class indices, or pass --reference REF.onnx")
+                                 f"add a {LABELS_KEY!r} array of class indices, or pass {{reference=REF.onnx}}")
             if labels is not None:
                 ref_value = top1(ref_output, labels) if reference is not None else None
                 rows.append(MetricRow("top1", top1(output, labels), ref_value, f"vs {LABELS_KEY}"))
@@ -221,7 +221,7 @@ def evaluate_data(model: str | os.PathLike, data: str | os.PathLike, config: Eva
             continue
         if ref_output is None:
             raise InputError(f"{metric} compares with a reference output, and there is none",
-                             f"pass --reference REF.onnx, or store the expected output in {data} "
+                             f"pass {{reference=REF.onnx}}, or store the expected output in {data} "
                              f"as {out_name!r} or {EXPECTED_KEY!r}")
         rows.append(MetricRow(metric, _COMPARE[metric](output, ref_output), None,
                               "vs reference model" if reference is not None else "vs expected output in data"))
@@ -280,7 +280,7 @@ def evaluate_reference_model(model: str | os.PathLike, name: str, config: EvalCo
             if missing:  # a model that is not this reference model's: say so, not an onnxruntime traceback
                 raise InputError(f"{path} needs input(s) {sorted(missing)}, which the {name} evaluator does not "
                                  f"provide (it gives {sorted(feeds)})",
-                                 f"evaluate a model exported from {name} (`dlopt export {name}`), or use --data")
+                                 f"evaluate a model exported from {name} (`dlopt export {name}`), or use {{data=DATA.npz}}")
             return run(feeds)
 
         return checked

@@ -42,13 +42,20 @@ class ImagePreprocess:
         if self.layout not in LAYOUTS:
             raise InputError(f"unknown image layout {self.layout!r}", f"choose one of {', '.join(LAYOUTS)}")
         if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
-            raise InputError(f"image size {self.size} is not HEIGHTxWIDTH", "e.g. --image-size 640x640")
+            raise InputError(f"image size {self.size} is not HEIGHTxWIDTH", "e.g. {image_size=640x640}")
         if not self.mean or not self.std:
-            raise InputError("image mean and std need at least one value", "e.g. --image-mean 0.5,0.5,0.5")
+            raise InputError("image mean and std need at least one value", "e.g. {image_mean=0.5,0.5,0.5}")
         if any(s == 0 for s in self.std):
             raise InputError(f"image std {self.std} has a zero", "give non-zero standard deviations")
         if not self.scale > 0:
-            raise InputError(f"image scale {self.scale} must be positive", "e.g. --image-scale 1/255")
+            raise InputError(f"image scale {self.scale} must be positive", "e.g. {image_scale=1/255}")
+
+    @classmethod
+    def from_text(cls, *, size: str | None = None, layout: str = "auto", scale: str = "1/255", mean: str = "0",
+                  std: str = "1", bgr: bool = False) -> ImagePreprocess:
+        """From option text as a user writes it: size "640x640", scale "1/255", mean "0.5,0.5,0.5"."""
+        return cls(size=parse_size(size) if size else None, layout=layout.lower(), scale=parse_number(scale),
+                   mean=parse_floats(mean, "image_mean"), std=parse_floats(std, "image_std"), bgr=bgr)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -60,17 +67,18 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(parts) == 1:
         parts = parts * 2
     if len(parts) != 2 or min(parts) < 1:
-        raise InputError(f"image size {text!r} is not HEIGHTxWIDTH", "e.g. --image-size 640x640")
+        raise InputError(f"image size {text!r} is not HEIGHTxWIDTH", "e.g. {image_size=640x640}")
     return parts  # type: ignore[return-value]
 
 
-def parse_floats(text: str, what: str) -> tuple[float, ...]:
-    """'0.5,0.5,0.5' -> (0.5, 0.5, 0.5); fractions such as 1/255 are accepted."""
+def parse_floats(text: str, option: str) -> tuple[float, ...]:
+    """'0.5,0.5,0.5' -> (0.5, 0.5, 0.5); fractions such as 1/255 are accepted. `option` names the
+    value in errors, as an option placeholder name (e.g. image_mean)."""
     try:
         return tuple(parse_number(p) for p in str(text).split(",") if p.strip())
     except InputError:
-        raise InputError(f"{what} {text!r} is not a comma-separated list of numbers", f"e.g. {what} 0.5,0.5,0.5") \
-            from None
+        raise InputError(f"{option.replace('_', ' ')} {text!r} is not a comma-separated list of numbers",
+                         f"e.g. {{{option}=0.5,0.5,0.5}}") from None
 
 
 def parse_number(text: str) -> float:
@@ -108,18 +116,18 @@ def image_target(model, config: ImagePreprocess, source: str) -> ImageTarget:
     channels = spec.fixed(c_axis) or 3
     if channels not in (1, 3, 4):
         raise InputError(f"input {spec.name!r} {spec.shape_text()} has {channels} channels on its {layout} "
-                         "channel axis; images have 1, 3 or 4", "set --image-layout, or give .npz data")
+                         "channel axis; images have 1, 3 or 4", "set {image_layout=nchw|nhwc}, or give .npz data")
     fixed = (spec.fixed(h_axis), spec.fixed(w_axis))
     if config.size is not None:
         for axis, want, got in ((h_axis, fixed[0], config.size[0]), (w_axis, fixed[1], config.size[1])):
             if want is not None and want != got:
-                raise InputError(f"--image-size {config.size[0]}x{config.size[1]} does not fit input {spec.name!r} "
+                raise InputError(f"image size {config.size[0]}x{config.size[1]} does not fit input {spec.name!r} "
                                  f"{spec.shape_text()} (axis {axis} is fixed at {want})",
-                                 "drop --image-size to use the model's size")
+                                 "leave the image size unset to use the model's size")
         size = config.size
     elif None in fixed:
         raise InputError(f"input {spec.name!r} {spec.shape_text()} has a free height/width: the images' size "
-                         "is not known", "give it with --image-size HEIGHTxWIDTH, e.g. 640x640")
+                         "is not known", "give it with {image_size=HEIGHTxWIDTH}, e.g. 640x640")
     else:
         size = (int(fixed[0]), int(fixed[1]))
     for what, values in (("mean", config.mean), ("std", config.std)):
@@ -133,7 +141,7 @@ def _layout(spec: InputSpec, source: str) -> str:
     axes = image_axes(spec)
     if axes is None:
         raise InputError(f"the layout of input {spec.name!r} {spec.shape_text()} for the images in {source} "
-                         "is ambiguous", "give --image-layout nchw or nhwc")
+                         "is ambiguous", "give {image_layout=nchw} or {image_layout=nhwc}")
     return "nchw" if axes == (2, 3) else "nhwc"
 
 

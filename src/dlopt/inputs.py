@@ -99,7 +99,7 @@ def session_inputs(session) -> list[InputSpec]:
     return specs
 
 
-# --------------------------------------------------------------------------- --input-shape
+# --------------------------------------------------------------------------- input shapes (--input-shape)
 def parse_input_shapes(texts: Iterable[str]) -> dict[str, Shape]:
     """`["x=1x3x640x640", "mask=1x128"]` -> {"x": (1, 3, 640, 640), "mask": (1, 128)}."""
     shapes: dict[str, Shape] = {}
@@ -110,9 +110,9 @@ def parse_input_shapes(texts: Iterable[str]) -> dict[str, Shape]:
         except ValueError:
             shape = ()
         if not sep or not name or not shape or min(shape) < 1:
-            raise InputError(f"--input-shape {text!r} is not NAME=DxDx...", "e.g. --input-shape x=1x3x640x640")
+            raise InputError(f"input shape {text!r} is not NAME=DxDx...", "e.g. {input_shape=x=1x3x640x640}")
         if name in shapes:
-            raise InputError(f"--input-shape gives {name!r} twice", "give each input once")
+            raise InputError(f"input shape of {name!r} given twice", "give each input once")
         shapes[name] = shape
     return shapes
 
@@ -123,14 +123,14 @@ def check_input_shapes(specs: Sequence[InputSpec], shapes: Mapping[str, Shape]) 
     for name, shape in shapes.items():
         spec = by_name.get(name)
         if spec is None:
-            raise InputError(f"--input-shape names {name!r}, which is not an input of the model",
+            raise InputError(f"{{input_shape={name}=...}} names {name!r}, which is not an input of the model",
                              f"its inputs: {', '.join(by_name) or 'none'}")
         if len(shape) != len(spec.shape):
-            raise InputError(f"--input-shape {name}={'x'.join(map(str, shape))} has rank {len(shape)}, "
+            raise InputError(f"{{input_shape={name}={'x'.join(map(str, shape))}}} has rank {len(shape)}, "
                              f"the input is {spec.shape_text()}", "give one size per axis")
         for axis, size in enumerate(shape):
             if spec.fixed(axis) not in (None, size):
-                raise InputError(f"--input-shape {name}={'x'.join(map(str, shape))}: axis {axis} of "
+                raise InputError(f"{{input_shape={name}={'x'.join(map(str, shape))}}}: axis {axis} of "
                                  f"{spec.shape_text()} is fixed at {spec.fixed(axis)}", "keep the model's fixed sizes")
 
 
@@ -213,7 +213,7 @@ def _check_fixed_batch(specs: Sequence[InputSpec], batch: int | None) -> None:
     for spec in specs:
         if spec.shape and spec.fixed(0) not in (None, batch):
             raise InputError(f"input {spec.name!r} has a fixed batch of {spec.fixed(0)}, cannot run batch {batch}",
-                             f"use --batch {spec.fixed(0)}, or export the model with a dynamic batch axis")
+                             f"use {{batch={spec.fixed(0)}}}, or export the model with a dynamic batch axis")
 
 
 # --------------------------------------------------------------------------- values
@@ -286,7 +286,7 @@ def make_feeds(specs: Sequence[InputSpec], shapes: Mapping[str, Shape], *, seed:
     for spec in specs:
         if spec.dtype is None:
             raise InputError(f"input {spec.name!r} has type {spec.type_name}, which dlopt cannot generate",
-                             "pass real inputs (--data / --calibration)")
+                             "pass real inputs ({data=DATA} / {calibration=DATA})")
         dtype, shape = spec.dtype, shapes[spec.name]
         rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
         lowered = spec.name.lower()
@@ -339,11 +339,11 @@ def synthetic_feeds(specs: Sequence[InputSpec], *, count: int = 1, batch: int | 
         tried = "; ".join(" ".join(f"{n}={'x'.join(map(str, sh))}" for n, sh in shapes.items())
                           for shapes, _ in failures[:4])
         if len(candidates) == 1 and overrides:
-            raise InputError(f"the float model does not run on --input-shape {tried} ({failures[-1][1]})",
+            raise InputError(f"the float model does not run on {{input_shape={tried}}} ({failures[-1][1]})",
                              "give a shape the model accepts, or real data")
         raise InputError(f"the float model runs on none of the synthetic input shapes tried for {names} "
                          f"(tried {tried}; last error: {failures[-1][1]})",
-                         "give the shape with --input-shape NAME=1x3x640x640, or real data")
+                         "give the shape with {input_shape=NAME=1x3x640x640}, or real data")
     return [make_feeds(specs, chosen, seed=seed + k, ranges=ranges) for k in range(count)]
 
 

@@ -32,7 +32,7 @@ def session_options(*, threads: int = 1, graph_opt_level: str = "all",
     import onnxruntime as ort
 
     if threads < 1:
-        raise InputError(f"threads must be at least 1, got {threads}", "pass --threads 1 or more")
+        raise InputError(f"threads must be at least 1, got {threads}", "pass {threads=1} or more")
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

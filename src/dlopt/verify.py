@@ -11,10 +11,11 @@ what the source model computed?
 4. Only when the signature (if checked) and every file are intact, the model (and each .pte program,
    where ExecuTorch is installed) is run on the stored sample inputs and compared with the source
    model's stored outputs. The tolerance is verify's own (`Tolerance`: the package defaults, or the
-   user's --atol/--rtol); the criterion recorded in the manifest can only tighten it, never loosen it,
+   caller's atol/rtol); the criterion recorded in the manifest can only tighten it, never loosen it,
    because an unsigned manifest is editable by anyone. A model that no longer loads is a failure, not
    a crash.
-Any failure raises VerificationError (exit code 1) after the whole report is built.
+`verify_bundle` returns the whole report; `verification_error(result)` is the VerificationError
+(exit code 1) a failure is reported with.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dlopt.errors import InputError, VerificationError
+from dlopt.errors import InputError, VerificationError, render
 from dlopt.manifest import SIGNATURE_NAME, check_files, read_manifest_bytes
 from dlopt.package import PackageConfig
 from dlopt.report import format_table
@@ -50,7 +51,7 @@ class Tolerance:
         for name in ("atol", "rtol"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise InputError(f"--{name} must be a finite number >= 0, got {value}", f"pass e.g. --{name} 1e-4")
+                raise InputError(f"{name} must be a finite number >= 0, got {value}", f"pass e.g. {{{name}=1e-4}}")
 
     def model_criterion(self, recorded: Mapping[str, Any] | None) -> dict[str, float]:
         criterion = {"atol": self.atol, "rtol": self.rtol}
@@ -203,15 +204,33 @@ def format_result(result: VerifyResult) -> str:
     return "\n".join(lines)
 
 
-def origin_text(result: VerifyResult) -> str:
-    """One line on who wrote the manifest: checked against the trusted key, or plainly not checked."""
+def origin_text(result: VerifyResult, audience: str = "api") -> str:
+    """One line on who wrote the manifest: checked against the trusted key, or plainly not checked.
+    `audience`: "api" or "cli", how the option it suggests is spelled (dlopt.errors.render)."""
     if result.signature is not None:
         return f"signature: {result.signature.detail}"
     signer = result.manifest.get("signature")
-    named = (f"; the manifest names signer {signer['key_fingerprint'][:16]}…, check it with --trusted-key KEY.pub"
+    named = (f"; the manifest names signer {signer['key_fingerprint'][:16]}…, check it with {{trusted_key=KEY.pub}}"
              if isinstance(signer, dict) and "key_fingerprint" in signer else "")
-    return ("note: integrity only: the files match the manifest, but nothing checked who wrote the manifest "
-            f"(anyone who can edit the bundle can rewrite it){named}")
+    return render("note: integrity only: the files match the manifest, but nothing checked who wrote the manifest "
+                  f"(anyone who can edit the bundle can rewrite it){named}", audience)
 
 
-__all__ = ["Tolerance", "VerifyResult", "format_result", "origin_text", "verify_bundle"]
+def verification_error(result: VerifyResult) -> VerificationError:
+    """The error a failed verification is reported with: the first problems, and what to do."""
+    problems = result.problems()
+    return VerificationError(f"bundle {result.bundle} failed verification: {'; '.join(problems[:4])}"
+                             + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""),
+                             "do not ship it; package it again from the source model")
+
+
+def verified_text(result: VerifyResult) -> str:
+    """The one line that says a bundle passed: what it holds, what built it, whether its origin was checked."""
+    m = result.manifest
+    origin = "signed by the trusted key" if result.signature is not None else "integrity only, origin not checked"
+    return (f"ok: {result.bundle} ({m['name']}, {m['target']}, {len(result.files)} files, built by dlopt "
+            f"{m['dlopt_version']} with onnxruntime {m['runtime']['onnxruntime']}; {origin})")
+
+
+__all__ = ["Tolerance", "VerifyResult", "format_result", "origin_text", "verification_error", "verified_text",
+           "verify_bundle"]

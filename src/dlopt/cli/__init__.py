@@ -38,7 +38,7 @@ class _VerbGroup(click.Group):
         return self._verbs().get(name)
 
     def invoke(self, ctx):
-        from dlopt.fileio import reset_written
+        from dlopt.api import reset_written
 
         reset_written()
         with _sigterm_as_interrupt() as received:
@@ -73,7 +73,7 @@ def _debug(ctx) -> bool:
 
 
 def _written_text() -> str:
-    from dlopt.fileio import written_paths
+    from dlopt.api import written_paths
 
     written = written_paths()
     if not written:

@@ -8,6 +8,12 @@ def echo_err(message: str) -> None:
     click.echo(message, err=True)
 
 
+def cache_dir_option(command):
+    """--cache-dir: the stage cache of `dlopt run` and `dlopt cache`."""
+    return click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+                        help="Stage cache folder [default: $DLOPT_CACHE_DIR, else ~/.cache/dlopt/stages].")(command)
+
+
 def input_shape_option(command):
     """--input-shape NAME=DxD... (repeatable): every verb that makes inputs takes it (dlopt.inputs)."""
     return click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxD...",
@@ -36,8 +42,7 @@ def image_options(command):
 
 def image_preprocess(image_size, image_layout, image_scale, image_mean, image_std, image_bgr):
     """The ImagePreprocess the --image-* options declare."""
-    from dlopt.images import ImagePreprocess, parse_floats, parse_number, parse_size
+    from dlopt.api import ImagePreprocess
 
-    return ImagePreprocess(size=parse_size(image_size) if image_size else None, layout=image_layout.lower(),
-                           scale=parse_number(image_scale), mean=parse_floats(image_mean, "--image-mean"),
-                           std=parse_floats(image_std, "--image-std"), bgr=image_bgr)
+    return ImagePreprocess.from_text(size=image_size, layout=image_layout, scale=image_scale, mean=image_mean,
+                                     std=image_std, bgr=image_bgr)

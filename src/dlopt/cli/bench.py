@@ -2,28 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import click
 
 from dlopt.cli._common import echo_err, input_shape_option
-
-
-@contextlib.contextmanager
-def progress_bar(enabled: bool = True):
-    """A rich progress bar on stderr; yields the (description, fraction) callback the harness takes.
-    Off where stderr is not a terminal (CI logs), so logs get no control characters."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
-    if not enabled or not console.is_terminal:
-        yield lambda description, fraction: None
-        return
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("starting", total=1.0)
-        yield lambda description, fraction: progress.update(task, description=description, completed=fraction)
+from dlopt.console import progress_bar  # noqa: F401  (importable from here, as before)
 
 
 EXIT_RESERVE_S = 0.4
@@ -113,30 +95,21 @@ def command(models, target, threads, batch, seq_len, budget, rounds, clock, rati
     # the budget covers the whole command: its start-up, and after the measurement the tables, the JSON
     # and the process's exit (freeing the sessions, the interpreter's teardown: 0.2-0.4 s on a busy box)
     started = time.perf_counter() - _startup_s() - EXIT_RESERVE_S
-    from dlopt.bench import BenchConfig, benchmark, format_result, load_data, parse_batch_sizes, parse_duration
-    from dlopt.fileio import check_output_path, guard_outputs, write_json_atomic
+    from dlopt.api import BenchConfig, bench, format_bench, parse_batch_sizes, parse_duration
 
-    for path in (json_path, baseline_path):
-        if path:
-            check_output_path(path)  # before minutes of measuring, not after
-    guard_outputs([*models, data], [json_path, baseline_path])
     config = BenchConfig(target=target, threads=threads, batch_sizes=parse_batch_sizes(batch or "1"),
                          seq_len=seq_len, budget_s=parse_duration(budget), rounds=rounds, clock=clock,
                          ratio_method=ratio_method, graph_opt_level=graph_opt, cuda_graph=cuda_graph,
                          device_id=device_id, allow_fallback=allow_fallback, seed=seed, profile=profile,
                          input_shapes=input_shapes)
-    arrays = load_data(data, samples=max(config.batch_sizes) * 8, seq_len=seq_len) if data else None
     with progress_bar(enabled=not no_progress) as progress:
-        result = benchmark(models, config, data=arrays, data_source=str(data) if data else "--data",
-                           progress=progress, started=started)
+        measured = bench(models, config, data=data, json_path=json_path, baseline_path=baseline_path,
+                         progress=progress, started=started)
+    result = measured.result
     if result.target["fell_back"]:
         echo_err(f"warning: target {target!r} is not available here; measured on the CPU (--allow-fallback)")
-    click.echo(format_result(result))
+    click.echo(format_bench(result))
     if json_path:
-        write_json_atomic(json_path, result.to_dict())
         echo_err(f"wrote {json_path}")
     if baseline_path:
-        from dlopt.gate import save_baseline
-
-        save_baseline(baseline_path, result, inputs_from_data=data is not None)
         echo_err(f"wrote baseline {baseline_path} ({result.models[0].label})")

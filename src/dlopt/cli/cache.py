@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dlopt.cli.run import cache_dir_option
+from dlopt.cli._common import cache_dir_option
 
 
 @click.group("cache", short_help="List (ls) or trim (prune) the stage cache of `dlopt run`.")
@@ -16,18 +16,9 @@ def command():
 @cache_dir_option
 def ls(cache_dir):
     """One row per cached stage output, oldest first."""
-    import time
+    from dlopt.api import cache_ls, cache_text
 
-    from dlopt.report import format_table
-    from dlopt.stagecache import StageCache, age_text, default_cache_dir
-
-    cache = StageCache(cache_dir or default_cache_dir())
-    entries = cache.entries()
-    now = time.time()
-    rows = [[e.key[:12], e.kind, f"{e.bytes / 1e6:.2f} MB", age_text(now - e.created), e.info.get("source", "?")]
-            for e in entries]
-    click.echo(format_table(["key", "stage", "size", "age", "source"], rows))
-    click.echo(f"{len(entries)} entries, {sum(e.bytes for e in entries) / 1e6:.2f} MB in {cache.root}")
+    click.echo(cache_text(cache_ls(cache_dir)))
 
 
 @command.command("prune")
@@ -37,14 +28,9 @@ def ls(cache_dir):
 @cache_dir_option
 def prune(older_than, max_size, everything, cache_dir):
     """Remove cached stage outputs by age, total size, or all of them."""
-    from dlopt.errors import InputError
-    from dlopt.stagecache import StageCache, default_cache_dir, parse_age, parse_size
+    from dlopt.api import cache_prune
 
-    if not (older_than or max_size or everything):
-        raise InputError("nothing to prune by", "pass --older-than AGE, --max-size SIZE or --all")
-    cache = StageCache(cache_dir or default_cache_dir())
-    removed = cache.prune(older_than_s=parse_age(older_than) if older_than else None,
-                          max_bytes=parse_size(max_size) if max_size else None, everything=everything)
-    left = cache.entries()
-    click.echo(f"removed {len(removed)} entries ({sum(e.bytes for e in removed) / 1e6:.2f} MB); "
-               f"{len(left)} left ({sum(e.bytes for e in left) / 1e6:.2f} MB) in {cache.root}")
+    pruned = cache_prune(older_than=older_than, max_size=max_size, all=everything, cache_dir=cache_dir)
+    left_bytes = sum(e.bytes for e in pruned.left)
+    click.echo(f"removed {len(pruned.removed)} entries ({sum(e.bytes for e in pruned.removed) / 1e6:.2f} MB); "
+               f"{len(pruned.left)} left ({left_bytes / 1e6:.2f} MB) in {pruned.root}")

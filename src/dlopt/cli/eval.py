@@ -39,13 +39,10 @@ def command(model, data, metrics, reference, reference_model, output, target, th
     sqnr     20*log10(|ref| / |ref - out|) in dB over the whole output
     mse      mean squared error to the reference output
     """
+    from dlopt.api import EvalConfig, evaluate, format_eval, validate_metrics
     from dlopt.errors import InputError
-    from dlopt.evaluate import EvalConfig, evaluate_data, evaluate_reference_model, format_eval, validate_metrics
-    from dlopt.fileio import check_output_path, guard_outputs, write_json_atomic
 
-    if json_path:
-        check_output_path(json_path)
-        guard_outputs([model, data, reference], [json_path])
+    # the flags' own rules, in the flags' words (the library checks the same in keyword arguments)
     if (data is None) == (reference_model is None):
         raise InputError("give either --data FILE.npz or --model NAME",
                          "--data evaluates on your arrays; --model uses a reference model's evaluator")
@@ -56,14 +53,12 @@ def command(model, data, metrics, reference, reference_model, output, target, th
                         threads=threads, batch_size=batch_size, output=output, allow_fallback=allow_fallback)
     if threads < 0:
         raise InputError(f"--threads must be 0 or more, got {threads}", "0 uses all cores")
-    if data:
-        result = evaluate_data(model, data, config, reference=reference)
-    else:
+    if reference_model:
         echo_err(f"evaluating {model} with the {reference_model} evaluator")
-        result = evaluate_reference_model(model, reference_model, config, reference=reference)
+    result = evaluate(model, data=data, reference_model=reference_model, reference=reference, config=config,
+                      json_path=json_path)
     click.echo(format_eval(result))
     for warning in result.warnings:
         echo_err(f"warning: {warning}")
     if json_path:
-        write_json_atomic(json_path, result.to_dict())
         echo_err(f"wrote {json_path}")

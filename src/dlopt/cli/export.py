@@ -32,8 +32,7 @@ def command(source, output, opset, exporter, no_fallback, static_shapes, atol, r
     with torch's on the example and on inputs of other batch sizes and sequence lengths. On a mismatch
     nothing is written and the exit code is 1. A JSON report is written beside the model.
     """
-    from dlopt.api import export_model
-    from dlopt.optimize.export import DEFAULT_OPSET, ExportConfig
+    from dlopt.api import DEFAULT_OPSET, ExportConfig, export_model
 
     config = ExportConfig(opset=opset or DEFAULT_OPSET, exporter=exporter, fallback=not no_fallback,
                           dynamic_shapes=not static_shapes, atol=atol, rtol=rtol, allow_mismatch=allow_mismatch)

@@ -8,6 +8,7 @@ import re
 import click
 
 from dlopt.cli._common import echo_err, input_shape_option
+from dlopt.console import progress_bar
 
 
 def parse_fraction(text: str | None, option: str) -> float | None:
@@ -132,17 +133,9 @@ def command(ctx, baseline, candidate, max_slowdown, accuracy_drops, max_size_gro
       dlopt bench main.onnx --save-baseline base.json
       dlopt gate --baseline base.json --candidate pr.onnx --max-size-growth 10%
     """
-    from dlopt.bench import load_data, parse_duration
-    from dlopt.cli.bench import progress_bar
+    from dlopt.api import EvalSpec, GateConfig, format_gate, gate, parse_duration
     from dlopt.errors import InputError
-    from dlopt.fileio import check_output_path, guard_outputs
-    from dlopt.gate import EvalSpec, GateConfig, format_text, run_gate, write_outputs
 
-    for path in (summary_path, junit_path, json_path):
-        if path:
-            check_output_path(path)  # before a minute of measuring, not after
-    github_summary = os.environ.get("GITHUB_STEP_SUMMARY") or None
-    guard_outputs([baseline, candidate, data, eval_data], [summary_path, junit_path, json_path, github_summary])
     names = tuple(m.strip() for part in metrics for m in part.split(",") if m.strip())
     if names and eval_data is None:
         raise InputError("--metric applies to --eval-data", "pass --eval-data DATA.npz, or drop --metric")
@@ -161,11 +154,11 @@ def command(ctx, baseline, candidate, max_slowdown, accuracy_drops, max_size_gro
                         on_inconclusive=on_inconclusive, target=target, threads=threads, clock=clock, batch=batch,
                         seq_len=seq_len, input_shapes=input_shapes, seed=seed, graph_opt_level=graph_opt,
                         allow_cross_machine=allow_cross_machine, allow_fallback=allow_fallback)
-    arrays = load_data(data, samples=8 * (batch or 1), seq_len=seq_len or 128) if data else None
     with progress_bar(enabled=not no_progress) as progress:
-        result = run_gate(baseline, candidate, config, data=arrays, evaluator=evaluator, progress=progress)
-    click.echo(format_text(result))
-    for path in write_outputs(result, summary=summary_path, junit=junit_path, json_path=json_path,
-                              github_summary=github_summary):
+        gated = gate(baseline, candidate, config, evaluator=evaluator, data=data, summary=summary_path,
+                     junit=junit_path, json_path=json_path, github_summary=os.environ.get("GITHUB_STEP_SUMMARY") or None,
+                     progress=progress)
+    click.echo(format_gate(gated.result))
+    for path in gated.written:
         echo_err(f"wrote {path}")
-    ctx.exit(result.exit_code)
+    ctx.exit(gated.result.exit_code)

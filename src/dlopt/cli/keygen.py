@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 
@@ -21,19 +19,9 @@ def command(out_dir, private_path, public_path):
     Sign with the private key (`dlopt package M.onnx -o B --sign-key KEY`); give the public key to
     whoever checks the bundle (`dlopt verify B --trusted-key KEY.pub`). Keep the private key secret.
     """
-    from dlopt.errors import InputError
-    from dlopt.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, generate_key_pair
+    from dlopt.api import keygen
 
-    if out_dir is not None and (private_path or public_path):
-        raise InputError("-o and --private/--public both given", "give -o DIR, or both --private and --public")
-    if out_dir is None and not (private_path and public_path):
-        raise InputError("no key paths given", "give -o DIR, or both --private and --public")
-    if out_dir is not None:
-        folder = Path(out_dir)
-        if not folder.is_dir():
-            raise InputError(f"key folder {folder} does not exist", "create it first")
-        private_path, public_path = folder / PRIVATE_KEY_NAME, folder / PUBLIC_KEY_NAME
-    fingerprint = generate_key_pair(private_path, public_path)
-    click.echo(f"private key: {private_path} (mode 0600; keep it secret)")
-    click.echo(f"public key:  {public_path}")
-    click.echo(f"fingerprint: {fingerprint}")
+    pair = keygen(output=out_dir, private=private_path, public=public_path)
+    click.echo(f"private key: {pair.private_key} (mode 0600; keep it secret)")
+    click.echo(f"public key:  {pair.public_key}")
+    click.echo(f"fingerprint: {pair.fingerprint}")

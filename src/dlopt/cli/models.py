@@ -23,53 +23,13 @@ def command(names, run_evaluation, as_json):
     """
     import json
 
-    from dlopt.errors import InputError
-    from dlopt.models import REFERENCE_MODELS, get_reference_model
-    from dlopt.report import format_table
+    from dlopt.api import models, models_text
 
-    if run_evaluation and not names:
-        raise InputError("--evaluate needs model names", f"e.g. dlopt models fashion-cnn --evaluate "
-                         f"(models: {', '.join(REFERENCE_MODELS)})")
-    models = [get_reference_model(n) for n in names] if names else list(REFERENCE_MODELS.values())
-    entries = []
-    for ref in models:
-        missing = ref.missing_requirements()
-        entry = {"name": ref.name, "description": ref.description, "parameters_millions": ref.parameters_millions,
-                 "fp32_megabytes": round(ref.parameters_millions * 4, 2), "inputs": ref.inputs,
-                 "outputs": ref.outputs, "metrics": list(ref.metrics), "heavy": ref.heavy,
-                 "installed": not missing, "missing": missing, "extra": ref.extra}
-        if run_evaluation:
-            entry["evaluation"] = _evaluate(ref)
-        entries.append(entry)
-
+    entries = models(names, evaluate=run_evaluation, log=echo_err)
     if as_json:
-        click.echo(json.dumps(entries, indent=2))
+        click.echo(json.dumps([e.to_dict() for e in entries], indent=2))
         return
-    rows = [[e["name"], e["parameters_millions"], e["fp32_megabytes"], e["inputs"], ", ".join(e["metrics"]),
-             "yes" if e["installed"] else "missing: " + ", ".join(e["missing"])] for e in entries]
-    click.echo(format_table(["model", "params (M)", "fp32 MB", "inputs", "metrics", "installed"], rows))
-    for e in entries:
-        if "evaluation" in e:
-            ev = e["evaluation"]
-            click.echo(f"\n{e['name']} (torch FP32): built in {ev['build_seconds']:.1f} s, "
-                       f"evaluated in {ev['evaluate_seconds']:.1f} s")
-            click.echo(format_table(["metric", "value"], list(ev["metrics"].items())))
-    if any(not e["installed"] for e in entries):
+    click.echo(models_text(entries))
+    if any(not e.summary["installed"] for e in entries):
         echo_err("hint: pip install 'dlopt[models]' (torch==2.13.0 first, for the CPU build); "
                  "apt-get install dataset-fashion-mnist for fashion-cnn's data")
-
-
-def _evaluate(ref) -> dict:
-    import time
-
-    from dlopt.models import torch_runner
-
-    echo_err(f"building {ref.name} …")
-    start = time.perf_counter()
-    module, _ = ref.build()
-    built = time.perf_counter() - start
-    output_names = tuple(ref.export_options().get("output_names", ("output",)))
-    echo_err(f"evaluating {ref.name} on its real data …")
-    start = time.perf_counter()
-    metrics = ref.evaluate(torch_runner(module, output_names))
-    return {"metrics": metrics, "build_seconds": built, "evaluate_seconds": time.perf_counter() - start}

@@ -59,17 +59,8 @@ def command(model, output, target, intended_ep, fix_shapes, type_reduction, no_c
     were measured on). The packaged model must match MODEL on the samples, else nothing is written
     (exit 1). Check a bundle later with `dlopt verify BUNDLE`.
     """
-    from dlopt.package import PackageConfig, package, summary_table
-    from dlopt.report import format_table
-    from dlopt.targets.mobile import COVERAGE_HEADERS, coverage_table_rows
+    from dlopt.api import PackageConfig, package_model, package_text
 
-    feeds = None
-    if data is not None:
-        from dlopt.bench import load_data
-        from dlopt.fileio import guard_outputs
-
-        guard_outputs([data], [output])  # the library guards MODEL, --calibration and --torch-source
-        feeds = load_data(data)
     config = PackageConfig(target=target, intended_ep=intended_ep, fix_shapes=tuple(fix_shapes),
                            type_reduction=type_reduction, coverage=not no_coverage, samples=samples, seq_len=seq_len,
                            atol=atol, rtol=rtol, measure_s=measure_s, threads=threads, torch_source=torch_source,
@@ -77,25 +68,5 @@ def command(model, output, target, intended_ep, fix_shapes, type_reduction, no_c
                            pte_int8_min_sqnr_db=pte_int8_min_sqnr, pte_weight_rounding=pte_weight_rounding,
                            pte_bias_correction=not pte_no_bias_correction, calibration=calibration, name=name,
                            overwrite=overwrite, input_shapes=input_shapes)
-    result = package(model, output, config, data=feeds, sign_key=sign_key, log=echo_err)
-    manifest = result.manifest
-    click.echo(summary_table(manifest))
-    if manifest["coverage"]:
-        import json
-
-        report = json.loads((result.bundle / manifest["coverage"]["file"]).read_text())
-        click.echo("")
-        click.echo(format_table(COVERAGE_HEADERS, coverage_table_rows(report)))
-        for line in report["advice"]:
-            click.echo(f"advice: {line}")
-    if manifest["metrics"]:
-        click.echo("")
-        rows = [[k, v["artifact"], v["threads"], v["clock"], v["latency_ms"]["median"], v["latency_ms"]["p90"],
-                 f"{v['ratio_to_ort']['estimate']:.3f}" if "ratio_to_ort" in v else "-"]
-                for k, v in manifest["metrics"].items()]
-        click.echo(format_table(["target", "artifact", "threads", "clock", "median ms", "p90 ms", "ratio to ORT"], rows))
-        if target == "mobile":
-            click.echo("note: mobile latency is ONNX Runtime's CPU kernels on this host with a phone-like thread "
-                       "count, not a phone")
-    files = ", ".join(f"{f['path']} ({f['bytes'] / 1e6:.2f} MB)" for f in manifest["files"])
-    click.echo(f"wrote {result.bundle}: {files}")
+    result = package_model(model, output, config, data=data, sign_key=sign_key, log=echo_err)
+    click.echo(package_text(result))

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dlopt.cli._common import echo_err
-
-
-def cache_dir_option(command):
-    return click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
-                        help="Stage cache folder [default: $DLOPT_CACHE_DIR, else ~/.cache/dlopt/stages].")(command)
+from dlopt.cli._common import cache_dir_option, echo_err
 
 
 @click.command("run", short_help="Run a recipe (source, data, target, stages) with a content-addressed stage cache.")
@@ -28,14 +23,8 @@ def command(recipe, output, force, overwrite, cache_dir):
     its data and the host facts that change it (ISA class, onnxruntime and dlopt versions); a re-run
     takes cached stages from there. A final package stage records every stage in the manifest's lineage.
     """
-    from dlopt.recipe import load_recipe, run_recipe
-    from dlopt.report import format_table
-    from dlopt.stagecache import StageCache, default_cache_dir
+    from dlopt.api import cache_root, run, run_text
 
-    parsed = load_recipe(recipe)
-    cache = StageCache(cache_dir or default_cache_dir())
-    result = run_recipe(parsed, output, cache=cache, force=force, overwrite=overwrite, log=echo_err)
-    rows = [[r.stage.index, r.stage.kind, "cached" if r.cached else "ran", f"{r.seconds:.2f}", r.key[:12],
-             r.output_sha256[:12]] for r in result.stages]
-    click.echo(format_table(["#", "stage", "status", "seconds", "cache key", "output sha256"], rows))
-    click.echo(f"wrote {result.output} (cache {cache.root})")
+    result = run(recipe, output, force=force, overwrite=overwrite, cache_dir=cache_dir, log=echo_err)
+    click.echo(run_text(result))
+    click.echo(f"wrote {result.output} (cache {cache_root(cache_dir)})")

@@ -27,21 +27,11 @@ def command(bundle, hashes_only, trusted_key, atol, rtol):
     rewrite its manifest. The tolerance is verify's own (--atol/--rtol, else the package defaults);
     a criterion recorded in the manifest can only tighten it.
     """
-    from dlopt.errors import VerificationError
-    from dlopt.verify import Tolerance, format_result, origin_text, verify_bundle
+    from dlopt.api import format_verify, origin_text, verification_error, verified_text, verify
 
-    defaults = Tolerance()
-    tolerance = Tolerance(atol=defaults.atol if atol is None else atol, rtol=defaults.rtol if rtol is None else rtol,
-                          explicit=atol is not None or rtol is not None)
-    result = verify_bundle(bundle, check_outputs=not hashes_only, trusted_key=trusted_key, tolerance=tolerance)
-    click.echo(format_result(result))
-    click.echo(origin_text(result))
+    result = verify(bundle, check_outputs=not hashes_only, trusted_key=trusted_key, atol=atol, rtol=rtol)
+    click.echo(format_verify(result))
+    click.echo(origin_text(result, "cli"))
     if not result.passed:
-        problems = result.problems()
-        raise VerificationError(f"bundle {bundle} failed verification: {'; '.join(problems[:4])}"
-                                + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""),
-                                "do not ship it; package it again from the source model")
-    m = result.manifest
-    origin = "signed by the trusted key" if result.signature is not None else "integrity only, origin not checked"
-    click.echo(f"ok: {bundle} ({m['name']}, {m['target']}, {len(result.files)} files, built by dlopt "
-               f"{m['dlopt_version']} with onnxruntime {m['runtime']['onnxruntime']}; {origin})")
+        raise verification_error(result)
+    click.echo(verified_text(result))
