@@ -68,16 +68,15 @@ def export(name: str, path: Path) -> Path:
 
 
 def dlopt_int4(src: Path, out: Path, options: dict, calibration: str) -> dict:
-    """`dlopt quantize --precision int4` through the Python API, with an explicit Int4Config when the
-    variant overrides the defaults (the CLI's defaults otherwise)."""
+    """`dlopt quantize --precision int4` through the Python API, with an explicit Int4WeightOnly scheme
+    config when the variant overrides the defaults (the CLI's defaults otherwise)."""
     report_path = out.with_name(out.name[:-5] + ".quantize.json")
     if out.exists() and report_path.exists():
         return json.loads(report_path.read_text())
-    from dlopt.optimize.int4 import Int4Config
-    from dlopt.optimize.quantize import QuantizeConfig, quantize_file
+    from dlopt.optimize.quantize import Int4WeightOnly, QuantizeConfig, quantize_file
 
     log(f"dlopt int4 {src.name} -> {out.name} {options or '(defaults)'}")
-    config = QuantizeConfig(precision="int4", int4=Int4Config(**options) if options else None)
+    config = Int4WeightOnly(**options) if options else QuantizeConfig(precision="int4")
     return quantize_file(src, out, config, calibration, log=log).report
 
 

@@ -17,17 +17,18 @@ the best epoch's weights are returned.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from dlopt.errors import InputError, MissingDependencyError, TargetUnavailableError
 from dlopt.optimize.prune import first_tensor
-from dlopt.stage import StageResult, TorchStageArtifacts, config_to_dict
+from dlopt.stage import Stage, StageResult, config_to_dict
 
 Loss = Literal["kl", "cosine", "mse"]
 LOSSES: tuple[str, ...] = ("kl", "cosine", "mse")
@@ -36,7 +37,10 @@ STATE_FILE = "distill_state.pt"
 
 
 @dataclass(frozen=True, kw_only=True)
-class DistillConfig:
+class Distill:
+    """Knowledge distillation of a student from a teacher on training data."""
+
+    VERSION: ClassVar[int] = 1
     epochs: int = 3
     temperature: float = 4.0  # softens both distributions ("kl" only)
     alpha: float = 0.7  # weight of the distillation term; (1 - alpha) on hard-label cross-entropy
@@ -52,6 +56,9 @@ class DistillConfig:
     freeze: tuple[str, ...] = ()  # student parameters whose names start with these stay fixed (e.g. embeddings)
     seed: int = 0
     device: Literal["cpu", "cuda"] = "cpu"
+
+
+DistillConfig = Distill  # its name before the Stage interface
 
 
 @dataclass(frozen=True)
@@ -109,16 +116,16 @@ def check_config(config: DistillConfig) -> None:
     if config.loss not in LOSSES:
         raise InputError(f"unknown distillation loss {config.loss!r}", f"choose one of {', '.join(LOSSES)}")
     if config.epochs < 1:
-        raise InputError(f"epochs must be at least 1, got {config.epochs}", "e.g. --epochs 3")
+        raise InputError(f"epochs must be at least 1, got {config.epochs}", "e.g. {epochs=3}")
     if config.temperature <= 0:
         raise InputError(f"temperature must be positive, got {config.temperature}", "typical values: 2 to 8")
     if not 0.0 <= config.alpha <= 1.0:
         raise InputError(f"alpha must be between 0 and 1, got {config.alpha}",
                          "alpha weights the teacher's term, 1 - alpha the labels'")
     if config.batch_size < 1 or config.eval_batch_size < 1:
-        raise InputError("batch sizes must be positive", "e.g. --batch-size 64")
+        raise InputError("batch sizes must be positive", "e.g. {batch_size=64}")
     if config.lr <= 0:
-        raise InputError(f"learning rate must be positive, got {config.lr}", "e.g. --lr 1e-3")
+        raise InputError(f"learning rate must be positive, got {config.lr}", "e.g. {lr=1e-3}")
     if config.patience is not None and config.patience < 1:
         raise InputError(f"patience must be at least 1, got {config.patience}", "or None to never stop early")
     if config.device not in ("cpu", "cuda"):
@@ -170,7 +177,7 @@ def check_compatible(teacher, student, data: DistillData, config: DistillConfig)
                          "distillation needs the same outputs (classes / embedding width); "
                          "prune with the classifier kept (dlopt prune does)")
     if config.loss == "kl" and len(shapes["teacher"]) < 2:
-        raise InputError("loss 'kl' needs logits [batch, classes]", "use --loss cosine or mse for embeddings")
+        raise InputError("loss 'kl' needs logits [batch, classes]", "use {loss=cosine} or {loss=mse} for embeddings")
     if config.loss == "kl" and data.labels is not None:
         classes = shapes["teacher"][-1]
         if int(data.labels.min()) < 0 or int(data.labels.max()) >= classes:
@@ -323,10 +330,10 @@ def distill(teacher, student, data: DistillData, config: DistillConfig = Distill
         if not isinstance(model, torch.nn.Module):
             raise InputError(f"the {role} must be a torch.nn.Module, got {type(model).__name__}", "load it first")
     if config.device == "cuda" and not torch.cuda.is_available():
-        raise TargetUnavailableError("--device cuda: no CUDA GPU is visible to torch", "use --device cpu")
+        raise TargetUnavailableError("{device=cuda}: no CUDA GPU is visible to torch", "use {device=cpu}")
     device = torch.device(config.device)
     if resume and checkpoint_dir is None:
-        raise InputError("--resume needs the checkpoint directory", "give the same -o/--checkpoint-dir as before")
+        raise InputError("{resume} needs the checkpoint directory", "give the same checkpoint directory as before")
 
     started = time.perf_counter()
     teacher_was_training = teacher.training
@@ -506,17 +513,17 @@ def load_state(path: Path | None, config: DistillConfig, fingerprint: str) -> di
 
     _require_torch()
     if path is None or not path.is_file():
-        raise InputError(f"--resume: no training state at {path}", "run without --resume first")
-    state = load_torch_dict(path, kind="distillation state (--resume)", format_tag=STATE_FORMAT,
-                            hint="delete it and start again without --resume")
+        raise InputError(f"{{resume}}: no training state at {path}", "run without {resume} first")
+    state = load_torch_dict(path, kind="distillation state ({resume})", format_tag=STATE_FORMAT,
+                            hint="delete it and start again without {resume}")
     if state["config"] != config_to_dict(config):
         changed = sorted(k for k, v in config_to_dict(config)["fields"].items()
                          if state["config"]["fields"].get(k) != v)
-        raise InputError(f"--resume: the settings differ from the interrupted run's ({', '.join(changed)})",
-                         "resume with the same options, or start again without --resume")
+        raise InputError(f"{{resume}}: the settings differ from the interrupted run's ({', '.join(changed)})",
+                         "resume with the same options, or start again without {resume}")
     if state["fingerprint"] != fingerprint:
-        raise InputError("--resume: the training data differ from the interrupted run's",
-                         "resume with the same --data, or start again without --resume")
+        raise InputError("{resume}: the training data differ from the interrupted run's",
+                         "resume with the same data, or start again without {resume}")
     return state
 
 
@@ -583,7 +590,7 @@ def reference_training_data(name: str, max_samples: int | None = None) -> Distil
 
     get_reference_model(name)  # unknown names fail with the list of known ones
     if name not in _REFERENCE_DATA:
-        raise InputError(f"--data reference: the reference model {name!r} has no training data to distill on",
+        raise InputError(f"distillation data: the reference model {name!r} has no training data to distill on",
                          f"give an .npz file (reference data exists for {', '.join(_REFERENCE_DATA)})")
     data = _REFERENCE_DATA[name]()
     check_data(data, f"{name}'s training data")
@@ -593,122 +600,41 @@ def reference_training_data(name: str, max_samples: int | None = None) -> Distil
 def split_validation(data: DistillData, fraction: float, seed: int) -> tuple[DistillData, DistillData | None]:
     torch = _require_torch()
     if not 0.0 <= fraction < 1.0:
-        raise InputError(f"--val-fraction {fraction} is out of range", "give a fraction in [0, 1), e.g. 0.1")
+        raise InputError(f"{{val_fraction={fraction}}} is out of range", "give a fraction in [0, 1), e.g. 0.1")
     n_val = int(round(len(data) * fraction))
     if n_val == 0:
         return data, None
     if n_val >= len(data):
-        raise InputError(f"--val-fraction {fraction} leaves no training samples", "use a smaller fraction")
+        raise InputError(f"{{val_fraction={fraction}}} leaves no training samples", "use a smaller fraction")
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     return data.subset(order[n_val:]), data.subset(order[:n_val])
 
 
-def distill_to_directory(teacher_spec: str, student_path: Path, data_spec: str, out_dir: Path, *,
-                         epochs: int = 3, temperature: float = 4.0, alpha: float = 0.7, loss: str | None = None,
-                         lr: float | None = None, batch_size: int = 64, max_samples: int | None = None,
-                         val_fraction: float = 0.1, patience: int | None = 2,
-                         hidden_layers: tuple[tuple[str, str], ...] = (), hidden_weight: float = 0.0,
-                         seed: int = 0, device: str = "cpu", resume: bool = False,
-                         bench_seconds: float | None = 15.0, show_progress: bool = True,
-                         student_source: str | None = None,
-                         log: Callable[[str], None] = lambda message: None) -> TorchStageArtifacts:
-    """Distill TEACHER into the checkpoint STUDENT on DATA; writes OUT/distilled.pt, a verified
-    OUT/distilled.onnx and OUT/distill.json, renamed into place together at the end (the training
-    state, OUT/distill_state.pt, is saved after every epoch for --resume).
+# ---------------------------------------------------------------------------------------------
+# The stage adapter
+# ---------------------------------------------------------------------------------------------
 
-    The student is rebuilt from the source its checkpoint records, which is imported only if its
-    file still has the recorded sha256, or from `student_source` when the user names one."""
-    from dlopt.fileio import guard_outputs, guard_source_spec, output_folder, staged_outputs
-    from dlopt.optimize.prune import checked_source, read_checkpoint
-
-    embedding_teacher = teacher_spec == "minilm"
-    config = DistillConfig(epochs=epochs, temperature=temperature, alpha=alpha,
-                           loss=loss or ("cosine" if embedding_teacher else "kl"),
-                           lr=lr or (3e-4 if embedding_teacher else 1e-3), batch_size=batch_size,
-                           hidden_layers=hidden_layers, hidden_weight=hidden_weight, patience=patience, seed=seed,
-                           device=device, freeze=("bert.embeddings",) if embedding_teacher else ())
-    check_config(config)
-    checkpoint = read_checkpoint(student_path)  # fail on a bad checkpoint before loading models
-    source_spec = student_source or checked_source(checkpoint, student_path)
-    if data_spec != "reference" and not Path(data_spec).is_file():
-        raise InputError(f"data file {data_spec} does not exist", "give an .npz file or 'reference'")
-    guard_outputs([guard_source_spec(teacher_spec), student_path, guard_source_spec(source_spec),
-                   None if data_spec == "reference" else data_spec], [out_dir])
-    with output_folder(out_dir) as out_dir, staged_outputs() as outputs:
-        return _distill_into(teacher_spec, checkpoint, source_spec, student_path, data_spec, out_dir, outputs, config,
-                             max_samples=max_samples, val_fraction=val_fraction, seed=seed, resume=resume,
-                             bench_seconds=bench_seconds, show_progress=show_progress, log=log)
+def _run(student, config: Distill, context) -> StageResult:
+    """A student ModelSource in, the same source with the trained module out; context.teacher (a
+    ModelSource) and context.data (a DistillData) are required, context.eval_data is the validation set;
+    with context.output the training state is saved there after every epoch (context.resume continues it)."""
+    if context.teacher is None or not isinstance(context.data, DistillData):
+        raise InputError("distill needs a teacher and training data (a DistillData)",
+                         "pass them in the stage context: teacher=, data=")
+    result = distill(context.teacher.module, student.module, context.data, config, val=context.eval_data,
+                     checkpoint_dir=context.output, resume=context.resume, show_progress=context.progress)
+    return StageResult(dataclasses.replace(student, module=result.model), result.report)
 
 
-def _same_source(a: str, b: str) -> bool:
-    from dlopt.optimize.prune import pinned_source
+def _stage() -> Stage:
+    from dlopt.optimize.export import TORCH_SOURCE
 
-    if a == b:
-        return True
-    try:
-        return pinned_source(a)[0] == pinned_source(b)[0]
-    except (InputError, OSError):
-        return False
+    return Stage(kind="distill", config=Distill, run=_run, takes="torch", makes="torch", requires=(TORCH_SOURCE,),
+                 ensures=(TORCH_SOURCE,), summary="train the student against a teacher (torch)", validate=check_config)
 
 
-def _distill_into(teacher_spec: str, checkpoint, source_spec: str, student_path: Path, data_spec: str, out_dir: Path,
-                  outputs, config: DistillConfig, *, max_samples: int | None, val_fraction: float, seed: int,
-                  resume: bool, bench_seconds: float | None, show_progress: bool,
-                  log: Callable[[str], None]) -> TorchStageArtifacts:
-    import dataclasses
+STAGE = _stage()
 
-    from dlopt.fileio import json_text, stage_onnx
-    from dlopt.optimize.export import ExportConfig, export, load_source
-    from dlopt.optimize.prune import measure_speedup, rebuild, save_checkpoint
-    from dlopt.report import format_table
-
-    log(f"loading the teacher {teacher_spec}")
-    teacher = load_source(teacher_spec)
-    log(f"rebuilding the student from {student_path} (source {source_spec})")
-    student_source = dataclasses.replace(teacher, module=copy.deepcopy(teacher.module)) \
-        if _same_source(source_spec, teacher_spec) else load_source(source_spec)
-    student = rebuild(checkpoint, student_source.module, student_source.example_inputs)
-    data = reference_training_data(teacher_spec, max_samples) if data_spec == "reference" else \
-        load_npz_data(Path(data_spec), teacher.example_inputs, max_samples)
-    train, val = split_validation(data, val_fraction, seed)
-    log(f"distilling on {len(train)} samples ({'labeled' if train.labels is not None else 'unlabeled'}), "
-        f"{len(val) if val is not None else 0} held out for early stopping")
-    result = distill(teacher.module, student, train, config, val=val, checkpoint_dir=out_dir, resume=resume,
-                     show_progress=show_progress)
-    report = dict(result.report)
-    log("exporting the student (verified against torch)")
-    onnx_model = export(dataclasses.replace(student_source, module=result.model, name=f"{source_spec} "
-                                            "(distilled)"), ExportConfig()).model
-    onnx_path = out_dir / "distilled.onnx"
-    onnx_tmp = stage_onnx(onnx_model, onnx_path, outputs)
-    saved = save_checkpoint(out_dir / "distilled.pt", result.model, source_spec,
-                            {"pruning_history": checkpoint.pruning_history,
-                             "module_attributes": checkpoint.module_attributes,
-                             "prune": checkpoint.report, "distill": {k: v for k, v in report.items()}},
-                            outputs=outputs)
-    notes = []
-    if bench_seconds is not None:
-        teacher_path = out_dir / "teacher.onnx"
-        log("exporting the teacher for the latency comparison")
-        teacher_tmp = stage_onnx(export(teacher, ExportConfig()).model, teacher_path, outputs)
-        log(f"measuring latency against the teacher, one thread, interleaved ({bench_seconds:g} s)")
-        speed = measure_speedup(teacher_tmp, onnx_tmp, budget_s=bench_seconds)
-        report["latency"] = speed
-        notes.append(f"latency (1 thread, batch {speed['batch']}): teacher {speed['baseline_ms']:.3f} ms, student "
-                     f"{speed['ms']:.3f} ms: {speed['speedup']:.2f}x faster [{speed['speedup_low']:.2f}, "
-                     f"{speed['speedup_high']:.2f}]")
-    if report["stopped_early"]:
-        notes.append(f"stopped early after epoch {report['epochs_run']}; kept epoch {report['best_epoch']}")
-    report |= {"teacher": teacher_spec, "student_checkpoint": str(student_path), "student_source": source_spec,
-               "data": data_spec, "checkpoint": str(saved), "onnx": str(onnx_path)}
-    report_path = out_dir / "distill.json"
-    outputs.stage(report_path).write_text(json_text(report))
-    rows = [[h["epoch"], h["train_loss"], h.get("eval_metric") or "", h.get("eval_value"), h["seconds"]]
-            for h in report["history"]]
-    table = format_table(["epoch", "train loss", "eval metric", "value", "seconds"], rows)
-    return TorchStageArtifacts(saved, onnx_path, report_path, report, table, tuple(notes))
-
-
-__all__ = ["LOSSES", "DistillConfig", "DistillData", "distill_to_directory", "load_npz_data",
+__all__ = ["STAGE", "Distill", "LOSSES", "DistillConfig", "DistillData", "load_npz_data",
            "reference_training_data", "split_validation", "check_compatible", "data_fingerprint", "distill",
            "embedding_loss", "kd_loss"]

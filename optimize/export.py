@@ -18,14 +18,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from dlopt.errors import InputError, MissingDependencyError, StageError, VerificationError
 from dlopt.quiet import quiet_libraries
 from dlopt.report import environment, format_table
-from dlopt.stage import StageResult, config_to_dict
+from dlopt.stage import Check, Stage, StageResult, config_to_dict
 
 Exporter = Literal["dynamo", "torchscript"]
 EXPORTERS: tuple[Exporter, ...] = ("dynamo", "torchscript")
@@ -33,7 +33,10 @@ DEFAULT_OPSET = 18
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExportConfig:
+class Export:
+    """Export a torch source to ONNX, verified against torch on several batch sizes and lengths."""
+
+    VERSION: ClassVar[int] = 1
     opset: int = DEFAULT_OPSET
     exporter: Exporter | None = None  # None: the source's preferred exporter, else dynamo
     fallback: bool = True  # try the other exporter, announced, when the chosen one fails
@@ -44,6 +47,9 @@ class ExportConfig:
     verify_seq_lens: tuple[int, ...] = (7, 33)
     allow_mismatch: bool = False
     seed: int = 0
+
+
+ExportConfig = Export  # its name before the Stage interface
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,7 +106,7 @@ def load_source(spec: str) -> ModelSource:
         built = factory()
     except Exception as e:  # a user's factory may raise anything: report it as their input's fault
         raise InputError(f"factory {spec} raised {type(e).__name__}: {e}",
-                         "run it by hand to debug (or add --debug for the traceback)") from e
+                         "run it by hand to debug") from e
     return _source_from_factory_result(spec, built)
 
 
@@ -154,7 +160,7 @@ def _load_factory(target: str, func_name: str, spec: str) -> Callable[[], Any]:
             module_spec.loader.exec_module(module)
         except Exception as e:
             raise InputError(f"importing factory file {path} raised {type(e).__name__}: {e}",
-                             "fix the file (add --debug for the traceback)") from e
+                             "fix the file") from e
     else:
         try:
             module = importlib.import_module(target)
@@ -163,7 +169,7 @@ def _load_factory(target: str, func_name: str, spec: str) -> Callable[[], Any]:
                              "is it installed, or on PYTHONPATH?") from e
         except Exception as e:
             raise InputError(f"importing factory module {target!r} raised {type(e).__name__}: {e}",
-                             "fix the module (add --debug for the traceback)") from e
+                             "fix the module") from e
     factory = getattr(module, func_name, None)
     if factory is None:
         raise InputError(f"factory {spec}: {target} has no attribute {func_name!r}",
@@ -433,7 +439,7 @@ def verify_onnx(model, source: ModelSource, cases: list[tuple[str, dict[str, Any
     from dlopt.sessions import cpu_session
 
     session = cpu_session(model, threads=os.cpu_count() or 1, error=StageError,
-                          hint="try --exporter torchscript or another --opset")
+                          hint="try {exporter=torchscript} or another {opset=N}")
     input_names = [i.name for i in session.get_inputs()]
     output_names = [o.name for o in session.get_outputs()]
     diffs = []
@@ -444,8 +450,8 @@ def verify_onnx(model, source: ModelSource, cases: list[tuple[str, dict[str, Any
         except Exception as e:
             shapes = ", ".join(f"{n}{list(v.shape)}" for n, v in feeds.items())
             raise VerificationError(f"the exported model fails on inputs {shapes} ({label}): {e}",
-                                    "an axis may have been exported as a constant; try --static-shapes "
-                                    "or the other --exporter") from e
+                                    "an axis may have been exported as a constant; try static shapes "
+                                    "or the other exporter") from e
         diffs += compare_outputs(label, output_names, _torch_outputs(source, inputs), actual, atol, rtol)
     return diffs
 
@@ -504,7 +510,7 @@ def export(source: ModelSource, config: ExportConfig = ExportConfig(),
     if model is None:
         details = "; ".join(f"{k}: {v.splitlines()[0][:300]}" for k, v in failures.items())
         raise StageError(f"export of {source.name} failed ({details})",
-                         "try --static-shapes, another --opset, or run with --debug")
+                         "try static shapes, another {opset=N} or the other exporter")
     export_seconds = time.perf_counter() - started
 
     cases = verification_cases(source, axes, config)
@@ -531,8 +537,8 @@ def export(source: ModelSource, config: ExportConfig = ExportConfig(),
         failed = sorted({f"{d.output} ({d.case})" for d in diffs if not d.passed})
         raise VerificationError(f"ONNX Runtime's outputs differ from torch's beyond atol={atol:g}, rtol={rtol:g}: "
                                 f"{', '.join(failed)}",
-                                "no model was written; see the table above, try the other --exporter, "
-                                "or pass --allow-mismatch to write it anyway")
+                                "no model was written; see the table above, try the other exporter, "
+                                "or pass {allow_mismatch} to write it anyway")
     return StageResult(model=model, report=report)
 
 
@@ -557,5 +563,28 @@ def _value_info(value) -> dict[str, Any]:
     }
 
 
-__all__ = ["DEFAULT_OPSET", "EXPORTERS", "ExportConfig", "ModelSource", "OutputDiff", "compare_outputs",
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+def _source_problem(source, config, before) -> str | None:
+    return None if isinstance(source, ModelSource) else f"got a {type(source).__name__}"
+
+
+def _onnx_problem(model, config, before) -> str | None:
+    import onnx
+
+    return None if isinstance(model, onnx.ModelProto) else f"got a {type(model).__name__}"
+
+
+def _run(source: ModelSource, config: Export, context) -> StageResult:
+    return export(source, config, log=context.log)
+
+
+TORCH_SOURCE = Check("a torch source (a ModelSource)", _source_problem)
+STAGE = Stage(kind="export", config=Export, run=_run, takes="torch", makes="onnx", requires=(TORCH_SOURCE,),
+              ensures=(Check("an ONNX model", _onnx_problem),), summary="torch -> ONNX, verified against torch")
+
+__all__ = ["STAGE", "TORCH_SOURCE", "Export", "DEFAULT_OPSET", "EXPORTERS", "ExportConfig", "ModelSource", "OutputDiff",
+           "compare_outputs",
            "default_dynamic_axes", "diff_table", "export", "load_source", "verify_onnx"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -28,35 +28,37 @@ from dlopt.errors import InputError, StageError
 from dlopt.fidelity import compare_sessions
 from dlopt.fidelity import report as fidelity_report
 from dlopt.inputs import model_feeds, parse_input_shapes, take_samples
+from dlopt.optimize.scheme import QuantizeScheme
 from dlopt.quiet import quiet_libraries
 from dlopt.sessions import cpu_session, feeds_for
 from dlopt.stage import StageResult, config_to_dict
 
 FP16_MAX = 65504.0
 FP16_TINY = 2.0**-24  # smallest subnormal; below half of it a value becomes 0
-TARGETS = ("cpu", "cuda", "arm64", "mobile")
-Target = Literal["cpu", "cuda", "arm64", "mobile"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class Fp16Config:
+class Fp16(QuantizeScheme):
+    """FP16 weights and compute. exclude_ops (QuantizeScheme) join onnxconverter-common's block list."""
+
+    VERSION: ClassVar[int] = 1
+    precision: ClassVar[str] = "fp16"
     keep_io_types: bool = True  # graph inputs and outputs stay FP32 (Casts inside)
-    exclude_ops: tuple[str, ...] = ()  # op types kept FP32, added to onnxconverter-common's block list
-    exclude_nodes: tuple[str, ...] = ()  # node names kept FP32
     auto_fallback: bool = True  # keep nodes that overflow or turn NaN/Inf in FP16 in FP32
-    target: Target = "cpu"
-    transformer_fusion: Literal["auto", "on", "off"] = "auto"  # auto: on for target cuda and BERT-like graphs
+    # auto: on for BERT-like graphs on a target with native FP16 kernels (cuda), whose fused ops run in FP16
+    transformer_fusion: Literal["auto", "on", "off"] = "auto"
     check_samples: int = 8  # samples run to find overflowing nodes (synthetic inputs without data)
     max_rounds: int = 8  # convert -> run -> block rounds before giving up
-    input_shapes: tuple[str, ...] = ()  # NAME=DxD...: shapes of the synthetic inputs without data
 
     def __post_init__(self):
-        if self.target not in TARGETS:
-            raise InputError(f"fp16: unknown target {self.target!r}", f"choose one of {', '.join(TARGETS)}")
+        super().__post_init__()
         if self.transformer_fusion not in ("auto", "on", "off"):
             raise InputError(f"fp16: transformer_fusion {self.transformer_fusion!r}", "use auto, on or off")
         if self.check_samples < 1 or self.max_rounds < 1:
             raise InputError("fp16: check_samples and max_rounds must be >= 1", "e.g. check_samples=8")
+
+
+Fp16Config = Fp16  # its name before the scheme configs
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -70,7 +72,7 @@ def _copy(model):
 
 def _name_nodes(model) -> None:
     """Unnamed nodes get unique names (fallback lists name nodes); the same rule as the 4-bit stage."""
-    from dlopt.optimize.int4 import _name_nodes as name_nodes
+    from dlopt.optimize.int4.graph import _name_nodes as name_nodes
 
     name_nodes(model)
 
@@ -247,7 +249,7 @@ def _split_shared_initializers(model, blocked: set[str]) -> int:
     return copies
 
 
-def _convert(model, config: Fp16Config, blocked: set[str], use_ort_converter: bool):
+def _convert(model, config: Fp16, blocked: set[str], use_ort_converter: bool):
     """One conversion of the (FP32) model with `blocked` nodes kept FP32; the input is not modified."""
     from onnxconverter_common import float16
 
@@ -357,13 +359,15 @@ def _looks_like_transformer(model) -> bool:
 
 
 # -- the stage ---------------------------------------------------------------------------------------
-def convert_fp16(model, config: Fp16Config = Fp16Config(), data: Iterable[Mapping[str, np.ndarray]] | None = None
+def convert_fp16(model, config: Fp16 = Fp16(), data: Iterable[Mapping[str, np.ndarray]] | None = None
                  ) -> StageResult:
     """Convert an onnx.ModelProto (never modified) to FP16, keeping in FP32 what FP16 cannot hold.
 
     `data`: an iterable of feeds (e.g. CalibrationData); without it, synthetic inputs are used for the
     overflow search, which finds only what those inputs trigger (the report says so)."""
     import onnx
+
+    from dlopt.targets import capabilities
 
     if not isinstance(model, onnx.ModelProto):
         raise InputError(f"fp16 takes an onnx.ModelProto, not {type(model).__name__}", "load it with dlopt.fileio")
@@ -390,7 +394,8 @@ def convert_fp16(model, config: Fp16Config = Fp16Config(), data: Iterable[Mappin
     fusion = None
     use_ort_converter = False
     wants_fusion = config.transformer_fusion == "on" or (
-        config.transformer_fusion == "auto" and config.target == "cuda" and _looks_like_transformer(source))
+        config.transformer_fusion == "auto" and capabilities(config.target).fp16_native
+        and _looks_like_transformer(source))
     if wants_fusion:
         fused, fusion = _fuse_for_cuda(source)
         if fusion["fused"]:
@@ -454,10 +459,11 @@ def convert_fp16(model, config: Fp16Config = Fp16Config(), data: Iterable[Mappin
         "fidelity": {"samples": len(feeds), "outputs": fidelity_report(compare_sessions(reference, candidate, feeds))},
         "notes": notes,
     }
-    if config.target in ("cpu", "arm64") and not use_ort_converter:
-        report["notes"].append("FP16 mainly pays on GPUs; on x86 CPUs ONNX Runtime often runs it slower than FP32")
+    if not capabilities(config.target).fp16_native and not use_ort_converter:
+        report["notes"].append(f"target {config.target} has no native FP16 kernels: FP16 mainly pays on GPUs; on "
+                               "CPUs ONNX Runtime often runs it slower than FP32")
     report["seconds"] = round(time.perf_counter() - started, 2)
     return StageResult(converted, report)
 
 
-__all__ = ["FP16_MAX", "Fp16Config", "convert_fp16"]
+__all__ = ["FP16_MAX", "Fp16", "Fp16Config", "convert_fp16"]

@@ -14,17 +14,18 @@ with the layer that feeds them).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import gzip
 import io
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from dlopt.errors import InputError, MissingDependencyError, StageError
-from dlopt.stage import StageResult, TorchStageArtifacts, config_to_dict
+from dlopt.stage import Stage, StageResult, config_to_dict
 
 Structure = Literal["auto", "channels", "heads", "ffn", "heads+ffn", "unstructured"]
 STRUCTURES: tuple[str, ...] = ("auto", "channels", "heads", "ffn", "heads+ffn", "unstructured")
@@ -41,13 +42,19 @@ CHECKPOINT_FORMAT = "dlopt-pruned-v1"
 
 
 @dataclass(frozen=True, kw_only=True)
-class PruneConfig:
+class Prune:
+    """Structured (channels, heads, FFN units) or unstructured pruning of a torch module."""
+
+    VERSION: ClassVar[int] = 1
     ratio: float = 0.5  # fraction of channels / heads / FFN units (or of weights, unstructured) removed
     structure: Structure = "auto"  # auto: heads+ffn for transformers, channels otherwise
     importance: Importance = "magnitude"  # how channels are ranked (taylor needs gradient batches)
     global_pruning: bool = False  # rank across layers (uneven widths) instead of the same ratio per layer
     ignore: tuple[str, ...] = ()  # module names whose output channels are kept
     round_to: int | None = None  # keep channel counts multiples of this (e.g. 8 for SIMD-friendly widths)
+
+
+PruneConfig = Prune  # its name before the Stage interface
 
 
 def _require_torch_pruning():
@@ -67,9 +74,9 @@ def check_config(config: PruneConfig) -> None:
         raise InputError(f"unknown importance {config.importance!r}", f"choose one of {', '.join(IMPORTANCES)}")
     if not isinstance(config.ratio, (int, float)) or not 0.0 < config.ratio < 1.0:
         raise InputError(f"pruning ratio {config.ratio!r} is out of range",
-                         "give a fraction strictly between 0 and 1, e.g. --ratio 0.5")
+                         "give a fraction strictly between 0 and 1, e.g. {ratio=0.5}")
     if config.round_to is not None and config.round_to < 1:
-        raise InputError(f"round_to {config.round_to} must be a positive channel count", "e.g. --round-to 8")
+        raise InputError(f"round_to {config.round_to} must be a positive channel count", "e.g. {round_to=8}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +212,7 @@ def _resolve_ignored(module, names: Iterable[str]) -> list[Any]:
             close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
             hint = f"did you mean {', '.join(close)}?" if close else \
                 "names are module paths as in model.named_modules(), e.g. features.3 or classifier"
-            raise InputError(f"--ignore: the model has no layer named {name!r}", hint)
+            raise InputError(f"layers to ignore: the model has no layer named {name!r}", hint)
         resolved.append(modules[name])
     return resolved
 
@@ -246,7 +253,7 @@ def prune(module, example_inputs: Mapping[str, Any], config: PruneConfig = Prune
         out_after = first_tensor(model(**inputs))
     if out_after.shape != out_before.shape:  # the output layer is ignored: this would be a bug here
         raise StageError(f"pruning changed the output shape {list(out_before.shape)} -> {list(out_after.shape)}",
-                         "add the output layer to --ignore and report this")
+                         "add the output layer to {ignore=NAMES} and report this")
     macs_after, params_after = count_macs_params(model, inputs)
     shapes_after = _layer_shapes(model)
     changed = [{"layer": n, "before": shapes_before[n], "after": shapes_after.get(n)}
@@ -280,9 +287,9 @@ def _prune_structured(model, inputs, config: PruneConfig, output_layer: str | No
     want_heads = structure in ("heads", "heads+ffn")
     want_ffn = structure in ("ffn", "heads+ffn")
     if want_heads and not attention:
-        raise InputError("--structure heads: the model has no attention module with separate q/k/v Linear layers "
+        raise InputError("{structure=heads}: the model has no attention module with separate q/k/v Linear layers "
                          "and a head count",
-                         "nn.MultiheadAttention packs q/k/v into one weight; use --structure ffn or channels")
+                         "nn.MultiheadAttention packs q/k/v into one weight; use {structure=ffn} or channels")
 
     num_heads: dict[Any, int] = {}
     ratio_dict: dict[Any, float] = {}
@@ -302,8 +309,8 @@ def _prune_structured(model, inputs, config: PruneConfig, output_layer: str | No
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=inputs)
         ffn = [(n, up, down) for n, up, down in find_ffn(model, graph, skip=qkv_layers | set(ignored))]
         if not ffn:
-            raise InputError("--structure ffn: found no feed-forward block (Linear -> activation -> Linear back "
-                             "to the input width)", "use --structure channels")
+            raise InputError("{structure=ffn}: found no feed-forward block (Linear -> activation -> Linear back "
+                             "to the input width)", "use {structure=channels}")
         for _, up, _ in ffn:
             ratio_dict[up] = config.ratio
     default_ratio = config.ratio if structure == "channels" else 0.0
@@ -348,7 +355,7 @@ def _accumulate_gradients(model, inputs, gradient_batches: GradientBatches | Non
     torch, _ = _require_torch_pruning()
     if gradient_batches is None:
         raise InputError("importance 'taylor' needs data to compute gradients",
-                         "give calibration data, or use --importance magnitude")
+                         "give calibration data, or use {importance=magnitude}")
     model.zero_grad(set_to_none=True)
     n = 0
     for batch_inputs, labels in gradient_batches:
@@ -375,7 +382,7 @@ def _prune_unstructured(model, config: PruneConfig, output_layer: str | None, ig
               if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
               and n != output_layer and m not in skip]
     if not params:
-        raise InputError("no Linear or Conv layer left to prune", "check --ignore")
+        raise InputError("no Linear or Conv layer left to prune", "check {ignore=NAMES}")
     dense_bytes = _gzip_size(model)
     torch_prune.global_unstructured(params, pruning_method=torch_prune.L1Unstructured, amount=float(config.ratio))
     for m, name in params:
@@ -461,7 +468,7 @@ def checked_source(checkpoint: PrunedCheckpoint, checkpoint_path: str | Path) ->
     whatever code it now holds). The user can name the source explicitly instead (--student-source)."""
     from dlopt.manifest import sha256_file
 
-    hint = ("pass --student-source FILE.py:FUNCTION (or package.module:FUNCTION) to build the student from a "
+    hint = ("pass {student_source=FILE.py:FUNCTION} (or package.module:FUNCTION) to build the student from a "
             "source you name")
     path = source_file(checkpoint.source)
     if path is None:
@@ -532,126 +539,26 @@ def rebuild(checkpoint: PrunedCheckpoint, module, example_inputs: Mapping[str, A
 
 
 # ---------------------------------------------------------------------------------------------
-# SOURCE -> directory: what `dlopt prune` does
+# The stage
 # ---------------------------------------------------------------------------------------------
 
+def _run(source, config: Prune, context) -> StageResult:
+    """A ModelSource in, the same source with the pruned module out; context.data: gradient batches
+    for importance "taylor"."""
+    result = prune(source.module, source.example_inputs, config, gradient_batches=context.data)
+    return StageResult(dataclasses.replace(source, module=result.model), result.report)
 
 
-def measure_speedup(baseline_onnx: Path, onnx_path: Path, *, budget_s: float, batch: int = 1,
-                    seq_len: int = 128) -> dict[str, float]:
-    """Latency of `onnx_path` against `baseline_onnx`, one thread, interleaved (dlopt.bench)."""
-    from dlopt.bench import BenchConfig, benchmark
+def _stage() -> Stage:
+    from dlopt.optimize.export import TORCH_SOURCE
 
-    result = benchmark([baseline_onnx, onnx_path], BenchConfig(threads=1, batch_sizes=(batch,), seq_len=seq_len,
-                                                               budget_s=budget_s))
-    run = result.batches[0]
-    ratio = run.models[1].ratios[result.clock]
-    return {"clock": result.clock, "batch": run.batch, "rounds": run.rounds,
-            "baseline_ms": run.models[0].summaries[result.clock].median * 1e3,
-            "ms": run.models[1].summaries[result.clock].median * 1e3,
-            "speedup": 1.0 / ratio.estimate, "speedup_low": 1.0 / ratio.high, "speedup_high": 1.0 / ratio.low}
+    return Stage(kind="prune", config=Prune, run=_run, takes="torch", makes="torch", requires=(TORCH_SOURCE,),
+                 ensures=(TORCH_SOURCE,), summary="remove channels / heads / FFN units (torch)", validate=check_config)
 
 
-def _gradient_batches(spec: str, source, n: int = 8):
-    """(inputs, None) batches for taylor importance: the reference model's calibration data, else the example."""
-    import numpy as np
-    import torch
+STAGE = _stage()
 
-    from dlopt.models import REFERENCE_MODELS
-
-    if spec in REFERENCE_MODELS:
-        samples = list(REFERENCE_MODELS[spec].calibration_data(n))
-        names = samples[0].keys()
-        stacked = {k: torch.from_numpy(np.concatenate([s[k] for s in samples])) for k in names}
-        return [(stacked, None)]
-    return [(dict(source.example_inputs), None)]
-
-
-def prune_to_directory(spec: str, out_dir: Path, config: PruneConfig, *, bench_seconds: float | None = 15.0,
-                       batch: int = 1, seq_len: int = 128,
-                       log: Callable[[str], None] = lambda message: None) -> TorchStageArtifacts:
-    """Load SOURCE, prune it, write OUT/pruned.pt + a verified OUT/pruned.onnx + OUT/prune.json.
-
-    Structured: the dense model is exported too (OUT/dense.onnx) and the latency ratio measured.
-    Unstructured: sparsity and gzip sizes, and no latency ratio (there is no speedup to claim).
-    The files are renamed into place together at the end: a failed or interrupted run leaves the
-    folder as it was (and removes it again when it created it)."""
-    from dlopt.fileio import guard_outputs, guard_source_spec, output_folder, staged_outputs
-
-    check_config(config)
-    if bench_seconds is not None and bench_seconds <= 0:
-        raise InputError(f"--bench-seconds must be positive, got {bench_seconds}", "or pass --no-bench")
-    guard_outputs([guard_source_spec(spec)], [out_dir])
-    with output_folder(out_dir) as out_dir, staged_outputs() as outputs:
-        return _prune_into(spec, out_dir, outputs, config, bench_seconds=bench_seconds, batch=batch,
-                           seq_len=seq_len, log=log)
-
-
-def _prune_into(spec: str, out_dir: Path, outputs, config: PruneConfig, *, bench_seconds: float | None, batch: int,
-                seq_len: int, log: Callable[[str], None]) -> TorchStageArtifacts:
-    import dataclasses
-
-    from dlopt.fileio import json_text, stage_onnx
-    from dlopt.optimize.export import ExportConfig, export, load_source
-    from dlopt.report import format_table
-
-    log(f"loading {spec}")
-    source = load_source(spec)
-    gradients = _gradient_batches(spec, source) if config.importance == "taylor" else None
-    log(f"pruning ({config.structure}, ratio {config.ratio}, {config.importance} importance)")
-    result = prune(source.module, source.example_inputs, config, gradient_batches=gradients)
-    report = dict(result.report)
-    log("exporting the pruned model (verified against torch)")
-    pruned_onnx = export(dataclasses.replace(source, module=result.model, name=f"{source.name} (pruned)"),
-                         ExportConfig()).model
-    onnx_path = out_dir / "pruned.onnx"
-    onnx_tmp = stage_onnx(pruned_onnx, onnx_path, outputs)
-    checkpoint = save_checkpoint(out_dir / "pruned.pt", result.model, spec, report, outputs=outputs)
-    r = report
-    rows = [["parameters", r["parameters_before"], r["parameters_after"],
-             f"{r['parameters_after'] / r['parameters_before']:.3f}x"],
-            ["MACs (Linear/Conv)", r["macs_before"], r["macs_after"], f"{r['macs_after'] / r['macs_before']:.3f}x"]]
-    dense_path = dense_tmp = None
-    if bench_seconds is not None or config.structure == "unstructured":  # else no comparison needs it
-        dense_path = out_dir / "dense.onnx"
-        log("exporting the unpruned model for comparison")
-        dense_tmp = stage_onnx(export(source, ExportConfig()).model, dense_path, outputs)
-        rows.append(["ONNX MB", dense_tmp.stat().st_size / 1e6, onnx_tmp.stat().st_size / 1e6,
-                     f"{onnx_tmp.stat().st_size / dense_tmp.stat().st_size:.3f}x"])
-    notes: list[str] = []
-    if config.structure == "unstructured":
-        dense_gz = len(gzip.compress(dense_tmp.read_bytes(), compresslevel=6, mtime=0))
-        sparse_gz_bytes = gzip.compress(onnx_tmp.read_bytes(), compresslevel=6, mtime=0)
-        outputs.stage(out_dir / "pruned.onnx.gz").write_bytes(sparse_gz_bytes)
-        report["onnx_gzip_bytes_before"], report["onnx_gzip_bytes_after"] = dense_gz, len(sparse_gz_bytes)
-        rows += [["sparsity (pruned layers)", 0.0, r["sparsity_pruned_layers"], ""],
-                 ["ONNX gzip MB", dense_gz / 1e6, len(sparse_gz_bytes) / 1e6,
-                  f"{len(sparse_gz_bytes) / dense_gz:.3f}x"]]
-        notes.append("no speedup: unstructured pruning keeps every tensor's shape; the zeros are stored and "
-                     "multiplied, so it runs at the dense model's speed. It only compresses better (pruned.onnx.gz).")
-    else:
-        heads = r.get("attention_heads") or {}
-        if heads:
-            before = sum(h["before"] for h in heads.values())
-            after = sum(h["after"] for h in heads.values())
-            rows.append(["attention heads", before, after, f"{after / before:.3f}x"])
-        if bench_seconds is not None:
-            log(f"measuring latency, one thread, interleaved ({bench_seconds:g} s)")
-            speed = measure_speedup(dense_tmp, onnx_tmp, budget_s=bench_seconds, batch=batch, seq_len=seq_len)
-            report["latency"] = speed
-            rows.append([f"latency (1 thread) ms, batch {speed['batch']}", speed["baseline_ms"], speed["ms"],
-                         f"{speed['speedup']:.2f}x faster [{speed['speedup_low']:.2f}, {speed['speedup_high']:.2f}]"])
-        notes.append("accuracy is not restored yet: fine-tune with "
-                     f"`dlopt distill --teacher {spec} --student {checkpoint}`")
-    report |= {"source": spec, "checkpoint": str(checkpoint), "onnx": str(onnx_path),
-               "dense_onnx": str(dense_path) if dense_path else None}
-    report_path = out_dir / "prune.json"
-    outputs.stage(report_path).write_text(json_text(report))
-    table = format_table(["", "before", "after", "change"], rows)
-    return TorchStageArtifacts(checkpoint, onnx_path, report_path, report, table, tuple(notes))
-
-
-__all__ = ["CHECKPOINT_FORMAT", "IMPORTANCES", "STRUCTURES", "AttentionModule", "PruneConfig", "PrunedCheckpoint",
-           "check_config", "checked_source", "count_macs_params", "first_tensor", "measure_speedup",
-           "prune_to_directory", "find_attention", "find_ffn", "output_layer_name", "prune",
+__all__ = ["STAGE", "Prune", "CHECKPOINT_FORMAT", "IMPORTANCES", "STRUCTURES", "AttentionModule", "PruneConfig",
+           "PrunedCheckpoint", "check_config", "checked_source", "count_macs_params", "first_tensor",
+           "find_attention", "find_ffn", "output_layer_name", "prune",
            "pinned_source", "read_checkpoint", "rebuild", "save_checkpoint", "source_file"]

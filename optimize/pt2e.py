@@ -116,7 +116,7 @@ def lower_to_pte(module, example: Mapping[str, Any], *, input_names: Sequence[st
             raise
         except Exception as e:  # torch.export / ExecuTorch raise many types
             raise StageError(f"lowering to ExecuTorch ({precision}) failed: {type(e).__name__}: {str(e)[:400]}",
-                             "the model may use an operator ExecuTorch cannot export; run with --debug") from e
+                             "the model may use an operator ExecuTorch cannot export (the traceback is this error's cause)") from e
     return bytes(program.buffer)
 
 
@@ -128,7 +128,7 @@ def _quantize_pt2e(wrapped, args, input_names, calibration, *, dynamic: bool = F
 
     feeds = list(calibration or [])
     if not feeds and not dynamic:
-        raise InputError("an int8 .pte needs calibration data", "pass --calibration, or use a reference model")
+        raise InputError("an int8 .pte needs calibration data", "pass {calibration=DATA}, or use a reference model")
     graph = torch.export.export(wrapped, args).module()
     config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
     quantizer = _clamp_fusing_quantizer_class()().set_global(config)

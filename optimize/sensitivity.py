@@ -45,7 +45,7 @@ def _first_float_output(outputs: list[list[np.ndarray]]) -> int:
     for i, out in enumerate(outputs[0]):
         if np.issubdtype(out.dtype, np.floating):
             return i
-    raise InputError("the model has no floating-point output to compare", "use --evaluator model:NAME")
+    raise InputError("the model has no floating-point output to compare", "use {evaluator=model:NAME}")
 
 
 def build_evaluator(spec: str | None, original, data: Iterable[Mapping[str, np.ndarray]] | None,
@@ -93,7 +93,7 @@ def floor_evaluator(original, feeds: list[dict[str, np.ndarray]], floor_db: floa
         outputs = run_outputs(cpu_session(model, graph_opt_level=graph_opt_level), feeds)
         measured = compare_runs(reference, outputs, names).values()
         if not measured:
-            raise InputError("the model has no floating-point output to compare", "use --evaluator model:NAME")
+            raise InputError("the model has no floating-point output to compare", "use {evaluator=model:NAME}")
         return min(m.sqnr_db if m.finite else float("-inf") for m in measured)
 
     return Evaluator(f"lowest output SQNR dB on {len(feeds)} samples", score, floor_db)
@@ -174,7 +174,7 @@ def leave_one_out(ranked: list[dict[str, Any]], original, prepared, config, reci
     used up to config.leave_one_out_limit nodes. Needed because a node's own added noise (above)
     misses how much later layers amplify it: on EfficientNet-Lite0 the early convolutions matter
     most although their local noise is small."""
-    from dlopt.optimize.quantize import quantize_int8
+    from dlopt.optimize.quantize.int8 import quantize_int8
 
     reference = run_outputs(cpu_session(original), feeds)
     index = _first_float_output(reference)
@@ -219,7 +219,7 @@ def meet_budget(original, prepared, quantized, config, recipe, data, *, ranges=N
     max_float_share of the ranked nodes are tried in float.
 
     Returns the report entry with the chosen model under 'model' (popped by the caller)."""
-    from dlopt.optimize.quantize import _default_op_types, quantize_int8
+    from dlopt.optimize.quantize.int8 import _default_op_types, quantize_int8
 
     if evaluator is None:
         evaluator = build_evaluator(config.evaluator, original, eval_feeds or data, config.fidelity_samples,

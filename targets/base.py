@@ -178,6 +178,10 @@ class Target:
     def is_available(self) -> tuple[bool, str]:
         raise NotImplementedError
 
+    def session_threads(self) -> int:
+        """Intra-op threads a session on this target gets unless told otherwise."""
+        return 1
+
     def capabilities(self) -> Capabilities:
         return Capabilities(name=self.name, description=self.description, runtime=self.runtime,
                             providers=self.providers, precisions=self.precisions, int8=self.int8,
@@ -221,7 +225,7 @@ class Target:
                          extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """Options for this target's first provider. CPU takes none."""
         if cuda_graph:
-            raise InputError(f"target {self.name!r} has no CUDA graphs", "use --target cuda, or drop --cuda-graph")
+            raise InputError(f"target {self.name!r} has no CUDA graphs", "use {target=cuda}, or drop {cuda_graph}")
         return dict(extra or {})
 
     def device_name(self, device_id: int = 0) -> str:
@@ -235,7 +239,7 @@ class Target:
         ok, reason = self.is_available()
         if not ok:
             raise TargetUnavailableError(f"target {self.name!r} is not available here: {reason}",
-                                         "use --target cpu, or --allow-fallback to run on the CPU labelled as such")
+                                         "use {target=cpu}, or {allow_fallback} to run on the CPU labelled as such")
 
     def create_session(self, model: str | Path | bytes, *, threads: int = 1, graph_opt_level: str = "all",
                        provider_options: Mapping[str, str] | None = None, allow_fallback: bool = False,
@@ -283,7 +287,7 @@ class Target:
         except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, NotImplemented …)
             label = source if isinstance(source, str) else "the model"
             raise InputError(f"onnxruntime cannot load {label} on target {self.name!r}: {str(e).strip()[:400]}",
-                             "check the model with `python -m onnx.checker`, or try another --target") from e
+                             "check the model with `python -m onnx.checker`, or try another {target=NAME}") from e
         load_s = time.perf_counter() - start
         active = tuple(session.get_providers())
         runs_on = self.name
@@ -293,7 +297,7 @@ class Target:
                     f"target {self.name!r} asked onnxruntime for {first} but the session runs on "
                     f"{', '.join(active)} (a silent fallback: results would be CPU numbers)",
                     f"install a build of onnxruntime with {first} (and its libraries), or pass "
-                    "--allow-fallback to measure on the CPU labelled as such")
+                    "{allow_fallback} to measure on the CPU labelled as such")
             runs_on = "cpu"
         names = tuple(p if isinstance(p, str) else p[0] for p in requested)
         return TargetSession(session=session, target=self.name, runs_on=runs_on, requested_providers=names,

@@ -89,7 +89,7 @@ class CudaTarget(Target):
             bound()
         except Exception as e:  # onnxruntime's own exception types
             raise InputError(f"CUDA graph capture failed: {str(e).strip()[:300]}",
-                             "CUDA graphs need every node on the CUDA EP; run without --cuda-graph") from e
+                             "CUDA graphs need every node on the CUDA EP; run without {cuda_graph}") from e
         return bound
 
     def device_name(self, device_id: int = 0) -> str:

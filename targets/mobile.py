@@ -81,6 +81,9 @@ class MobileTarget(Target):
         return True, (f"onnxruntime {ort.__version__} {CPU_PROVIDER} running ORT-format models "
                       "(CPU kernels of this host; no NNAPI/CoreML/XNNPACK EP in PyPI onnxruntime)")
 
+    def session_threads(self) -> int:
+        return phone_threads()
+
     def device_name(self, device_id: int = 0) -> str:
         from dlopt.targets.cpu import cpu_model_name
 
@@ -203,13 +206,13 @@ def parse_fix_shape(text: str) -> tuple[str, tuple[int, ...]]:
     """'input_ids=1x128' -> ('input_ids', (1, 128))."""
     name, sep, dims = text.partition("=")
     if not sep or not name or not dims:
-        raise InputError(f"--fix-shape {text!r} is not NAME=DIMS", "write it like input_ids=1x128 or image=1x3x224x224")
+        raise InputError(f"fixed shape {text!r} is not NAME=DIMS", "write it like input_ids=1x128 or image=1x3x224x224")
     try:
         shape = tuple(int(d) for d in re.split(r"[x,]", dims))
     except ValueError:
-        raise InputError(f"--fix-shape {text!r}: dimensions must be integers", "e.g. input_ids=1x128") from None
+        raise InputError(f"fixed shape {text!r}: dimensions must be integers", "e.g. input_ids=1x128") from None
     if any(d < 1 for d in shape):
-        raise InputError(f"--fix-shape {text!r}: dimensions must be at least 1", "e.g. input_ids=1x128")
+        raise InputError(f"fixed shape {text!r}: dimensions must be at least 1", "e.g. input_ids=1x128")
     return name, shape
 
 
@@ -225,12 +228,12 @@ def fix_shapes(model, shapes: Mapping[str, Sequence[int]]):
     names = [i.name for i in model.graph.input if i.name not in inits]
     for name, shape in shapes.items():
         if name not in names:
-            raise InputError(f"--fix-shape names {name!r}, which is not an input of the model",
+            raise InputError(f"a fixed shape names {name!r}, which is not an input of the model",
                              f"the model's inputs are {', '.join(names)}")
         try:
             make_input_shape_fixed(fixed.graph, name, list(shape))
         except ValueError as e:
-            raise InputError(f"--fix-shape {name}={'x'.join(map(str, shape))}: {e}",
+            raise InputError(f"fixed shape {name}={'x'.join(map(str, shape))}: {e}",
                              "give one size per axis, keeping the axes that are already fixed") from e
     try:
         fix_output_shapes(fixed)

@@ -29,21 +29,17 @@ STAGE_PACKAGES = ("dlopt.optimize",)
 STAGE_REGISTRY = ("dlopt.stage",)
 API_STAGE_VERBS = ("export_model", "quantize_model", "prune_model", "distill_model")
 
-# (a) CLI verbs of the stages that still call their stage module: h-stages is moving the writing and the
-# latency line into dlopt.api's stage verbs (quantize_model gains the progress bar, prune_model,
-# distill_model); then these verbs call those and leave this list.
-CLI_EXCEPTIONS = {
-    "dlopt.cli.quantize": "calls optimize.quantize.quantize_file (progress bar) until api.quantize_model takes it",
-    "dlopt.cli.prune": "calls optimize.prune.prune_to_directory until h-stages' api.prune_model replaces it",
-    "dlopt.cli.distill": "calls optimize.distill.distill_to_directory until h-stages' api.distill_model replaces it",
-}
+# (a) CLI verbs that still call a stage module directly: none (quantize, prune and distill call dlopt.api's
+# stage verbs since h-stages).
+CLI_EXCEPTIONS: dict[str, str] = {}
 
 # (c) core modules that still import a stage directly (a module name covers its submodules, for the
 # packages h-split makes of bench, gate and package).
 CORE_EXCEPTIONS = {
     "dlopt.package": "loads torch sources, calibration data and the PT2E lowering through optimize: the Package "
                      "stage adapter (bundle_stage, h-stages) takes these over",
-    "dlopt.recipe": "builds stage configs and runs stages directly: h-stages moves it onto the Stage registry",
+    "dlopt.recipe": "configs and stage kinds come from the Stage registry; it still reads the quantize stage's "
+                    "failed-result helpers and rebuilds pruned checkpoints (optimize.prune) itself",
     "dlopt.search": "dlopt optimize scores candidates with quantize's own evaluators and held-out split "
                     "(optimize.sensitivity, optimize.quantize), and reads graph facts (op counts, transformer or "
                     "not) from optimize.preprocess, until the Stage registry exposes them",

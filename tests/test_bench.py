@@ -377,8 +377,8 @@ def test_speed_lines_state_the_shapes_and_the_padding_of_real_token_inputs(tmp_p
     (["{m}", "--budget", "soon"], "cannot read 'soon' as a duration"),
     (["{m}", "--batch", "0"], "cannot read batch sizes"),
     (["{m}", "--target", "tpu"], "unknown target 'tpu'"),
-    (["{m}", "--threads", "0"], "--threads must be at least 1"),
-    (["{m}", "--rounds", "1"], "--rounds must be at least 2"),
+    (["{m}", "--threads", "0"], "hint: pass --threads 1 or more"),
+    (["{m}", "--rounds", "1"], "hint: e.g. --rounds 200"),
     (["{m}", "--data", "{d}", "--batch", "2"], "holds 1 sample(s), fewer than batch 2"),
     (["{m}", "--data", "{bad}"], "not a readable .npz"),
     (["{m}", "--json", "{nodir}/x.json"], "does not exist"),
@@ -459,3 +459,21 @@ def test_result_text_states_the_comparison_and_machine_fingerprint(chains):
     import onnxruntime
 
     assert fingerprint["onnxruntime"] == onnxruntime.__version__ and fingerprint["logical_cores"] >= 1
+
+
+@pytest.mark.parametrize("changes, api, cli", [
+    (dict(threads=0), "threads must be at least 1, got 0 (pass threads=1 or more)",
+     "threads must be at least 1, got 0 (pass --threads 1 or more)"),
+    (dict(seq_len=0), "the sequence length must be at least 1, got 0 (e.g. seq_len=128)",
+     "the sequence length must be at least 1, got 0 (e.g. --seq-len 128)"),
+    (dict(rounds=1), "rounds must be at least 2, got 1 (e.g. rounds=200)",
+     "rounds must be at least 2, got 1 (e.g. --rounds 200)"),
+    (dict(budget_s=0), "the time budget must be positive, got 0 s (e.g. 30 s)",
+     "the time budget must be positive, got 0 s (e.g. 30 s)"),
+])
+def test_config_errors_name_keyword_arguments_for_api_users_and_flags_on_the_cli(changes, api, cli):
+    from dlopt.bench import validate_config
+
+    with pytest.raises(InputError) as e:
+        validate_config(BenchConfig(**changes))
+    assert (str(e.value), e.value.cli_text()) == (api, cli)

@@ -117,7 +117,7 @@ def test_machine_phases_shared_by_a_round_cancel_in_the_ratio():
 def test_a_budget_too_small_for_three_rounds_is_inconclusive_and_says_why():
     outcome = simulate(1.00, seed=0, budget=1.0, round_s=0.6)
     assert outcome.verdict == "inconclusive" and outcome.interval is None
-    assert "raise --budget" in outcome.reason
+    assert "raise the time budget" in outcome.reason
 
 
 class _WarmedSampler:
@@ -319,7 +319,7 @@ def test_inconclusive_follows_the_policy(models, tmp_path, policy, code):
     result = gate(*args, *(["--on-inconclusive", policy] if policy else []))
     assert result.exit_code == code, result.output
     assert result.output.startswith(f"INCONCLUSIVE (exit {code})")
-    assert "raise --budget" in result.output
+    assert "raise the time budget" in result.output
     assert f"INCONCLUSIVE (exit {code})" in summary.read_text()
 
 
@@ -493,7 +493,7 @@ def _write(path: Path, text: str) -> Path:
     (["--eval-data", "x.npz", "--max-accuracy-drop", "lots"], "cannot read --max-accuracy-drop"),
     (["--eval-data", "x.npz", "--max-accuracy-drop", "0.1", "--max-accuracy-drop", "0.2"], "given twice"),
     (["--eval-data", "x.npz", "--max-accuracy-drop", "top1=-0.1"], "must not be negative"),
-    (["--looks", "0"], "--looks must be at least 1"),
+    (["--looks", "0"], "hint: e.g. --looks 8"),
     (["--target", "tpu"], "unknown target"),
 ])
 def test_usage_errors_exit_2_with_a_message(models, extra, message):
@@ -527,3 +527,19 @@ def test_a_missing_candidate_is_an_input_error(models, tmp_path):
 
     with pytest.raises(InputError, match="does not exist"):
         run_gate(models["base"], tmp_path / "nope.onnx", GateConfig(budget_s=1))
+
+
+@pytest.mark.parametrize("changes, api, cli", [
+    (dict(max_slowdown=-0.1), "e.g. max_slowdown=0.05 (5%)", "e.g. --max-slowdown 0.05 (5%)"),
+    (dict(max_accuracy_drop=-1.0), "e.g. max_accuracy_drop=0.01", "e.g. --max-accuracy-drop 0.01"),
+    (dict(max_size_growth=-2.0), "e.g. max_size_growth=0.1 (10%)", "e.g. --max-size-growth 0.1 (10%)"),
+    (dict(confidence=0.2), "e.g. confidence=0.95", "e.g. --confidence 0.95"),
+    (dict(looks=0), "e.g. looks=8", "e.g. --looks 8"),
+])
+def test_config_errors_name_keyword_arguments_for_api_users_and_flags_on_the_cli(changes, api, cli):
+    from dlopt.gate import GateConfig, validate_config
+
+    with pytest.raises(InputError) as e:
+        validate_config(GateConfig(**changes))
+    assert api in str(e.value) and "--" not in str(e.value)
+    assert cli in e.value.cli_text()

@@ -334,7 +334,7 @@ def test_a_reference_torch_source_gives_real_samples():
     images, not N(0, 1) noise (an int8 .pte is checked on the kind of data it was calibrated on)."""
     from dlopt.inputs import InputSpec
     from dlopt.models import get_reference_model
-    from dlopt.package import _reference_samples
+    from dlopt.package.checks import _reference_samples
 
     ref = get_reference_model("fashion-cnn")
     if ref.missing_requirements():

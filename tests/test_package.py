@@ -260,7 +260,7 @@ def _bad_inputs(tmp: Path, mlp: Path):
         ([str(mlp), "-o", str(tmp / "b"), "--fix-shape", "image=1x16"], "not an input of the model"),
         ([str(mlp), "-o", str(tmp / "b"), "--fix-shape", "x=1x2x3"], "Rank mismatch"),
         ([str(mlp), "-o", str(tmp / "b"), "--fix-shape", "x=1x15"], "Can't replace existing fixed size"),
-        ([str(mlp), "-o", str(tmp / "b"), "--fix-shape", "x=1x16", "--fix-shape", "x=2x16"], "names an input twice"),
+        ([str(mlp), "-o", str(tmp / "b"), "--fix-shape", "x=1x16", "--fix-shape", "x=2x16"], "name an input twice"),
         ([str(mlp), "-o", str(a_file)], "is a file"),
         ([str(mlp), "-o", str(tmp / "no" / "such" / "b")], "does not exist"),
         ([str(mlp), "-o", str(tmp / "b"), "--target", "cpu", "--intended-ep", "nnapi"], "is for --target mobile"),
@@ -297,3 +297,40 @@ def test_the_manifest_schema_is_itself_valid_and_rejects_a_bad_manifest(mlp_bund
     del bad["source"]
     problems = validate(bad)
     assert any(p.startswith("files/0/sha256") for p in problems) and any("'source'" in p for p in problems)
+
+
+@pytest.mark.parametrize("changes, api, cli", [
+    (dict(target="cpu", intended_ep="nnapi"), "an intended EP is for target=mobile, not cpu (drop intended_ep=EP)",
+     "an intended EP is for --target mobile, not cpu (drop --intended-ep EP)"),
+    (dict(samples=0), "samples must be at least 1, got 0 (pass samples=1 or more)",
+     "samples must be at least 1, got 0 (pass --samples 1 or more)"),
+    (dict(atol=-1.0), "tolerances must be non-negative (pass atol=TOL and rtol=TOL >= 0)",
+     "tolerances must be non-negative (pass --atol TOL and --rtol TOL >= 0)"),
+    (dict(target="cpu", torch_source="mlp"),
+     "a torch source (ExecuTorch/XNNPACK programs) is for target=mobile (use target=mobile, or drop "
+     "torch_source=SOURCE)",
+     "a torch source (ExecuTorch/XNNPACK programs) is for --target mobile (use --target mobile, or drop "
+     "--torch-source SOURCE)"),
+])
+def test_config_errors_name_keyword_arguments_for_api_users_and_flags_on_the_cli(changes, api, cli):
+    from dlopt.package import validate_config
+
+    with pytest.raises(InputError) as e:
+        validate_config(PackageConfig(**changes))
+    assert (str(e.value), e.value.cli_text()) == (api, cli)
+
+
+def test_existing_folder_error_names_overwrite_and_output_for_the_reader(tmp_path):
+    from dlopt.package import check_bundle_path
+
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "x.txt").write_text("keep")
+    with pytest.raises(InputError) as e:
+        check_bundle_path(out, overwrite=False)
+    assert str(e.value).endswith("(pass overwrite=True, or choose another output=DIR)")
+    assert e.value.cli_text().endswith("(pass --overwrite, or choose another --output DIR)")
+    with pytest.raises(InputError) as e:
+        check_bundle_path(out, overwrite=True)
+    assert str(e.value).startswith("overwrite=True: ") and e.value.cli_text().startswith("--overwrite: ")
+    assert (out / "x.txt").read_text() == "keep"

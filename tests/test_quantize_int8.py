@@ -241,7 +241,7 @@ def test_a_recipe_for_another_isa_reports_the_qdq_arithmetic_beside_this_host_s_
     recipe = choose_recipe(cnn_model(), QuantizeConfig(target="arm64"))
     # on this CPU or not: whether the report carries it follows host_kernels_inexact
     assert ("fidelity_exact_arithmetic" in result.report) == host_kernels_inexact(recipe)
-    from dlopt.optimize.quantize import _summary
+    from dlopt.optimize.quantize.verification import _summary
 
     summary = _summary(cnn_model(), result.model, cnn_data(), QuantizeConfig(target="arm64", speed_check=False),
                        exact_arithmetic=True)
@@ -341,7 +341,7 @@ def test_cnn_batchnorm_folded_and_every_conv_runs_as_per_channel_qlinearconv(tmp
 
 
 def test_an_excluded_conv_still_runs_in_float_after_ort_session_optimizations(tmp_path, monkeypatch):
-    import dlopt.optimize.quantize as quantize_module
+    import dlopt.optimize.quantize.int8 as quantize_module
 
     config = QuantizeConfig(mode="static", node_forms="int8", exclude_nodes=("dwconv",))
     data = CalibrationData.from_arrays({"image": smooth_images(16, 1)}, source="smooth images")
@@ -416,7 +416,7 @@ def pair_model(seed: int = 0) -> onnx.ModelProto:
 
 
 def test_no_vnni_recipe_runs_in_integer_kernels_exactly_as_its_qdq_graph_says(monkeypatch):
-    import dlopt.optimize.quantize as q
+    import dlopt.optimize.quantize.recipe as q
 
     monkeypatch.setattr(q, "cpu_features", lambda: NO_VNNI)  # the reduce_range recipe, on any machine
     model = pair_model()

@@ -71,7 +71,7 @@ def test_silent_fallback_is_an_error_even_when_onnxruntime_only_warns():
     # Skip our availability check: onnxruntime itself is asked for CUDA, warns, and builds a CPU session.
     with pytest.raises(TargetUnavailableError, match="silent fallback") as e:
         CudaTarget().create_session(_mlp_bytes(), check_available=False)
-    assert "--allow-fallback" in e.value.hint
+    assert "--allow-fallback" in e.value.cli_text() and "allow_fallback=True" in str(e.value)
 
 
 @needs_no_cuda
@@ -424,3 +424,29 @@ def test_int8_types_refused_for_a_target_without_int8():
     with pytest.raises(InputError, match="target 'fp16-only' takes no INT8 model") as e:
         Fp16Only().int8_types()
     assert e.value.hint == "targets with INT8: cpu, arm64, cuda, mobile, xnnpack"
+
+
+def test_target_errors_name_options_for_the_reader():
+    """Library errors spell keyword arguments for API users and flags on the CLI (never a flag in str())."""
+    with pytest.raises(InputError) as e:
+        CpuTarget().provider_options(cuda_graph=True)
+    assert str(e.value) == "target 'cpu' has no CUDA graphs (use target=cuda, or drop cuda_graph=True)"
+    assert e.value.cli_text() == "target 'cpu' has no CUDA graphs (use --target cuda, or drop --cuda-graph)"
+    with pytest.raises(InputError, match="not NAME=DIMS") as e:
+        __import__("dlopt.targets.mobile").targets.mobile.parse_fix_shape("x")
+    assert "--" not in str(e.value)
+
+
+def test_package_asks_the_targets_what_their_bundles_hold():
+    import os
+
+    from dlopt.package import PackageConfig
+    from dlopt.package.config import builds
+    from dlopt.targets.mobile import PHONE_THREADS
+
+    assert [t for t in ("cpu", "cuda", "mobile") if builds(PackageConfig(target=t), "ort")] == ["mobile"]
+    assert [t for t in ("cpu", "cuda", "mobile") if builds(PackageConfig(target=t), "pte")] == ["mobile"]
+    assert [t for t in ("cpu", "cuda", "mobile") if builds(PackageConfig(target=t), "onnx")] == ["cpu", "cuda"]
+    # default session threads: phone-like (capped at this host's cores) for mobile, 1 elsewhere
+    assert get_target("mobile").session_threads() == max(1, min(PHONE_THREADS, os.cpu_count() or 1))
+    assert get_target("cpu").session_threads() == get_target("cuda").session_threads() == 1

@@ -9,8 +9,11 @@ Two kinds of work, two calls:
   interleaved FP32-vs-candidate timings of one call all come from the same cores.
 
 `fn` must be a module-level function and its arguments and result picklable (they cross processes).
-Artifacts are exchanged as paths under the stage cache, which every worker must see (a local folder
-for the process pool; a shared folder, or the executor's own transfer, on a cluster).
+Artifacts are exchanged as paths under the stage cache folder (`cache_dir`, by default
+dlopt.stagecache.default_cache_dir()) or as bare cache keys; a job that makes an artifact commits it
+as an entry of that folder, which it finds in the paths it was given. The process pool shares the
+folder; the Ray executor ships entries to and from nodes that do not see it, rebases the paths in
+items and results, and sets $DLOPT_CACHE_DIR for the job (dlopt.ray_executor).
 """
 
 from __future__ import annotations
@@ -82,8 +85,10 @@ class LocalExecutor:
         self.close()
 
 
-def make_executor(kind: str = "local", *, address: str | None = None, workers: int | None = None) -> Executor:
-    """The executor `--executor KIND [--address ADDR] [--workers N]` asks for."""
+def make_executor(kind: str = "local", *, address: str | None = None, workers: int | None = None,
+                  cache_dir: str | os.PathLike | None = None) -> Executor:
+    """The executor `--executor KIND [--address ADDR] [--workers N]` asks for; `cache_dir` is the stage
+    cache folder the jobs' artifacts live in (the Ray executor moves entries between it and its nodes)."""
     if kind == "local":
         if address:
             raise InputError("--address is for --executor ray", "drop --address, or add --executor ray")
@@ -91,6 +96,6 @@ def make_executor(kind: str = "local", *, address: str | None = None, workers: i
     if kind == "ray":
         from dlopt.ray_executor import RayExecutor  # Ray is an optional extra: imported only when asked for
 
-        return RayExecutor(address=address, workers=workers)
+        return RayExecutor(address=address, workers=workers, cache_dir=cache_dir)
     raise InputError(f"unknown executor {kind!r}", f"choose one of: {', '.join(EXECUTOR_KINDS)}")
 

@@ -8,12 +8,19 @@ stage's output cached by content (dlopt.stagecache).
     name = "minilm-int8"              # optional: the bundle's model name
 
     [[stage]]
-    kind = "export"                   # then ExportConfig's keys
+    kind = "prune"                    # optional, torch sources: the pruned checkpoint is the cached artifact
+    ratio = 0.5
     [[stage]]
-    kind = "quantize"                 # QuantizeConfig's keys; `image` is a table of ImagePreprocess keys
-    mode = "dynamic"
+    kind = "export"                   # then the stage config's keys (dlopt.optimize.export.Export)
+    [[stage]]
+    kind = "int8-static"              # a scheme: int8-dynamic, int8-static, int8-weight-only,
+    method = "percentile"             #   int4-weight-only, fp16; `image` is a table of ImagePreprocess keys
     [[stage]]
     kind = "package"                  # PackageConfig's keys; must be the last stage
+
+Stage kinds are those of the Stage registry (dlopt.stage.STAGES). `kind = "quantize"` (QuantizeConfig's
+keys, precision and mode auto) is the front door of `dlopt quantize`: it resolves to a scheme when it
+runs, and the lineage records which one and why.
 
 Relative paths are relative to the recipe's folder. A stage's cache key is the sha256 of the input
 artifact (or the torch source's file), the stage's config dict, the data's hash and the host facts that
@@ -39,37 +46,19 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli packag
 import dlopt
 from dlopt.errors import DlOptError, InputError
 from dlopt.manifest import hash_path, sha256_file
-from dlopt.stage import config_to_dict
+from dlopt.stage import StageContext, config_from_dict, config_to_dict, config_version, get_stage, stage_kinds
 from dlopt.stagecache import Entry, StageCache, cache_key
 
-STAGE_KINDS = ("export", "quantize", "package")
 TOP_KEYS = ("source", "target", "calibration", "eval_data", "name", "stage")
-# prune and distill are not recipe stages yet: they train a torch model (not an ONNX artifact) from a
-# task's data and write checkpoints, so their cache input and output are not one artifact file.
+# distill is a stage (dlopt.stage) but not a recipe stage yet: it needs a teacher and a task's training
+# data, which a recipe does not name. prune is one: its cached artifact is the pruned checkpoint (rebuilt
+# from the source by replaying its pruning), which a later export stage turns into ONNX.
+NOT_IN_RECIPES = ("distill",)
 Log = Callable[[str], None]
 
 
-def _config_classes() -> dict[str, type]:
-    from dlopt.optimize.export import ExportConfig
-    from dlopt.optimize.quantize import QuantizeConfig
-    from dlopt.package import PackageConfig
-
-    return {"export": ExportConfig, "quantize": QuantizeConfig, "package": PackageConfig}
-
-
-def _nested_classes() -> dict[str, type]:
-    """Config fields that hold a config dataclass; in TOML, a table of its keys."""
-    from dlopt.images import ImagePreprocess
-    from dlopt.optimize.fp16 import Fp16Config
-    from dlopt.optimize.int4 import Int4Config
-
-    return {"image": ImagePreprocess, "int4": Int4Config, "fp16": Fp16Config}
-
-
-def known_config_types() -> dict[str, type]:
-    """Every config type a recipe may hold, by name (for dlopt.stage.config_from_dict)."""
-    classes = list(_config_classes().values()) + list(_nested_classes().values())
-    return {cls.__name__: cls for cls in classes}
+def recipe_kinds() -> tuple[str, ...]:
+    return tuple(k for k in stage_kinds() if k not in NOT_IN_RECIPES)
 
 
 @dataclass(frozen=True)
@@ -130,29 +119,35 @@ def _resolve(base: Path, spec: str | None) -> str | None:
 
 
 def build_config(kind: str, keys: Mapping[str, Any], *, where: str, target: str | None = None) -> Any:
-    """The stage's frozen config from its TOML keys; unknown keys are input errors naming `where`."""
-    cls = _config_classes()[kind]
-    return _build(cls, dict(keys), where=where, defaults={"target": target} if target else {})
-
-
-def _build(cls: type, keys: dict[str, Any], *, where: str, defaults: Mapping[str, Any] | None = None) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(keys) - set(fields))
+    """The stage's frozen config from its TOML keys (a table for a nested config such as `image`);
+    unknown keys and bad values are input errors naming `where`."""
+    cls = get_stage(kind).config
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(keys) - names)
     if unknown:
         raise InputError(f"{where}: unknown {cls.__name__} key(s) {', '.join(unknown)}",
-                         f"known keys: {', '.join(sorted(fields))}")
-    values = {k: v for k, v in (defaults or {}).items() if k in fields}
-    nested = _nested_classes()
-    for key, value in keys.items():
-        if key in nested and isinstance(value, dict):
-            value = _build(nested[key], value, where=f"{where} [{key}]")
-        elif isinstance(value, list):
-            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        values[key] = value
+                         f"known keys: {', '.join(sorted(names))}")
+    values = {"target": target} if target and "target" in names else {}
+    values.update(keys)
     try:
-        return cls(**values)
-    except TypeError as e:
-        raise InputError(f"{where}: {cls.__name__}: {e}", "check the stage's keys") from e
+        return config_from_dict(_as_config_dict(cls, values), cls)
+    except InputError as e:
+        raise InputError(f"{where}: {e.message}", e.hint) from e
+
+
+def _as_config_dict(cls: type, keys: Mapping[str, Any]) -> dict[str, Any]:
+    """TOML keys in config_to_dict's form: a table where the field holds a config becomes that config."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    fields = {}
+    for key, value in keys.items():
+        nested = [t for t in (hints.get(key), *typing.get_args(hints.get(key)))
+                  if isinstance(t, type) and dataclasses.is_dataclass(t)]
+        if nested and isinstance(value, Mapping) and "fields" not in value:
+            value = _as_config_dict(nested[0], value)
+        fields[key] = value
+    return {"type": cls.__name__, "version": config_version(cls), "fields": fields}
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -183,14 +178,16 @@ def load_recipe(path: str | Path) -> Recipe:
         where = f"{_where(path, line)} (stage {i})"
         keys = dict(raw)
         kind = keys.pop("kind", None)
-        if kind not in STAGE_KINDS:
+        if kind not in recipe_kinds():
             where = f"{_where(path, _key_line(text, line, 'kind') if kind is not None else line)} (stage {i})"
-            raise InputError(f"{where}: unknown stage kind {kind!r}", f"choose one of {', '.join(STAGE_KINDS)}")
-        fields = {f.name for f in dataclasses.fields(_config_classes()[kind])}
+            why = " (not a recipe stage yet: it needs a teacher and training data)" if kind in NOT_IN_RECIPES else ""
+            raise InputError(f"{where}: unknown stage kind {kind!r}{why}", f"choose one of {', '.join(recipe_kinds())}")
+        cls = get_stage(kind).config
+        fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(keys) - fields)
         if unknown:
             raise InputError(f"{_where(path, _key_line(text, line, unknown[0]))} (stage {i}, {kind}): unknown "
-                             f"{_config_classes()[kind].__name__} key(s) {', '.join(unknown)}",
+                             f"{cls.__name__} key(s) {', '.join(unknown)}",
                              f"known keys: {', '.join(sorted(fields))}")
         for key in ("calibration", "torch_source"):
             if isinstance(keys.get(key), str):
@@ -206,28 +203,39 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def _check_order(recipe: Recipe) -> None:
-    from dlopt.optimize.quantize import validate_config as validate_quantize
-    from dlopt.package import validate_config as validate_package
-
+    """Each stage takes what the one before made (the source for the first): a torch source must be
+    exported first, a bundle ends the recipe; each config passes its stage's checks."""
+    made = "onnx" if recipe.onnx_source else "torch"
     for stage in recipe.stages:
         where = f"{_where(recipe.path, stage.line)} (stage {stage.index}, {stage.kind})"
-        first = stage.index == 1
-        if stage.kind == "export" and not (first and not recipe.onnx_source):
-            raise InputError(f"{where}: export takes the torch source and must be the first stage",
-                             "drop it for an .onnx source, or move it first")
-        if stage.kind != "export" and first and not recipe.onnx_source:
-            raise InputError(f"{where}: the source {recipe.source} is a torch model; the first stage must export it",
-                             'add [[stage]] kind = "export" first')
-        if stage.kind == "package" and stage.index != len(recipe.stages):
-            raise InputError(f"{where}: package makes a bundle, not a model: it must be the last stage",
+        spec = get_stage(stage.kind)
+        if made == "bundle":
+            raise InputError(f"{where}: the stage before makes a bundle, not a model: a bundle ends the recipe",
+                             "move the package stage last")
+        if spec.makes == "bundle" and stage.index != len(recipe.stages):
+            raise InputError(f"{where}: {stage.kind} makes a bundle, not a model: it must be the last stage",
                              "move it last")
+        if spec.takes != made:
+            if made == "torch":
+                raise InputError(f"{where}: the source {recipe.source} is a torch model; the first stage must "
+                                 "export it",
+                                 'add [[stage]] kind = "export" first')
+            raise InputError(f"{where}: {stage.kind} takes a {spec.takes} model and the "
+                             f"{'source' if stage.index == 1 else 'stage before'} gives an {made} one",
+                             "drop it for an .onnx source, or move it first" if stage.kind == "export"
+                             else "reorder the stages")
+        if spec.takes == spec.makes == "torch" and made == "torch" and stage.index > 1:
+            raise InputError(f"{where}: one torch stage per recipe (a pruned checkpoint records one pruning)",
+                             "prune once, with the ratio you want")
+        made = spec.makes
         try:
-            if stage.kind == "quantize":
-                validate_quantize(stage.config)
-            elif stage.kind == "package":
-                validate_package(stage.config)
+            spec.check_config(stage.config)
         except InputError as e:
             raise InputError(f"{where}: {e.message}", e.hint) from e
+    if made == "torch":
+        last = recipe.stages[-1]
+        raise InputError(f"{_where(recipe.path, last.line)} (stage {last.index}, {last.kind}): a recipe ends with an "
+                         "ONNX model or a bundle, not a torch checkpoint", 'add [[stage]] kind = "export" after it')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,16 +243,18 @@ def _check_order(recipe: Recipe) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def host_facts(kind: str, config: Any) -> dict[str, Any]:
-    """The facts of this host that change a stage's output. CPU quantization times kernel choices
-    (LayerNorm forms, node forms) on this CPU, so its ISA class is in the key."""
-    facts: dict[str, Any] = {"dlopt": dlopt.__version__, "onnxruntime": _version("onnxruntime")}
-    if kind == "export":
-        facts["torch"] = _version("torch")
-    if kind == "quantize" and getattr(config, "target", None) == "cpu":
-        from dlopt.optimize.quantize import cpu_features
-        from dlopt.runtime import isa_line
+    """The facts of this host that change a stage's output. Quantization for a target whose kernels run
+    here (cpu) times kernel choices (LayerNorm forms, node forms) on this CPU, so its ISA class is in the key."""
+    from dlopt.targets import capabilities
 
-        facts["isa"] = isa_line(cpu_features())
+    facts: dict[str, Any] = {"dlopt": dlopt.__version__, "onnxruntime": _version("onnxruntime")}
+    if get_stage(kind).takes == "torch":
+        facts["torch"] = _version("torch")
+    if _quantizes(kind) and capabilities(config.target).kernels_measurable_here:
+        from dlopt.runtime import isa_line
+        from dlopt.targets.cpu import host_cpu
+
+        facts["isa"] = isa_line(host_cpu())
     return facts
 
 
@@ -261,9 +271,12 @@ def _version(module: str) -> str:
 
 
 def artifact_hash(model_path: Path) -> str:
-    """sha256 of an ONNX file and its external data files (in order), or of a bundle folder."""
+    """sha256 of an ONNX file and its external data files (in order), of a torch checkpoint, or of a bundle
+    folder."""
     if model_path.is_dir():
         return hash_path(model_path)["sha256"]
+    if model_path.suffix == ".pt":
+        return sha256_file(model_path)
     from dlopt.fileio import external_data_files, load_onnx
 
     external = external_data_files(load_onnx(model_path, load_external_data=False))
@@ -304,8 +317,14 @@ def data_hash(spec: str | None) -> str | None:
     return hash_path(spec)["sha256"]
 
 
+def _quantizes(kind: str) -> bool:
+    """A stage that takes an ONNX model and makes one from the recipe's data: quantize and its schemes."""
+    stage = get_stage(kind)
+    return stage.takes == "onnx" and stage.makes == "onnx"
+
+
 def _stage_data(recipe: Recipe, stage: StageSpec) -> dict[str, str | None]:
-    if stage.kind == "quantize":
+    if _quantizes(stage.kind):
         return {"calibration": data_hash(recipe.calibration), "eval_data": data_hash(recipe.eval_data)}
     if stage.kind == "package":
         return {"calibration": data_hash(stage.config.calibration)}
@@ -350,9 +369,13 @@ class StageRun:
     entry: Entry
 
     def lineage(self) -> dict[str, Any]:
-        return {"index": self.stage.index, "kind": self.stage.kind,
+        step = {"index": self.stage.index, "kind": self.stage.kind,
                 "config": self.entry.info["inputs"]["config"], "input_sha256": self.input_sha256,
                 "output_sha256": self.output_sha256, "cache_key": self.key}
+        scheme = self.entry.info.get("report", {}).get("scheme")
+        if scheme and scheme.get("resolved_from"):  # a `quantize` stage: the scheme it resolved to, and why
+            step["scheme"] = {"kind": scheme["kind"], "config": scheme["config"], "reasons": scheme["reasons"]}
+        return step
 
 
 @dataclass(frozen=True)
@@ -370,7 +393,7 @@ def force_from(recipe: Recipe, force: str | None) -> int | None:
     for stage in recipe.stages:
         if stage.kind == force:
             return stage.index
-    raise InputError(f"--force {force}: {recipe.path} has no such stage",
+    raise InputError(f"{{force={force}}}: {recipe.path} has no such stage",
                      f"give a stage kind ({', '.join(s.kind for s in recipe.stages)}) or index 1-{len(recipe.stages)}")
 
 
@@ -409,7 +432,9 @@ def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: 
                 entry = _run_stage(recipe, stage, artifact, out, key, inputs, cache, [r.lineage() for r in runs],
                                    log)
             except DlOptError as e:  # which stage failed, after which: "stage 2/3 quantize (after export): ..."
-                after = f" (after {', '.join(r.stage.kind for r in runs)})" if runs else ""
+                # a Stage names its own chain ("int8-static failed after export: ..."); else it is said here
+                named = e.message.startswith(f"{stage.kind} failed after ")
+                after = f" (after {', '.join(r.stage.kind for r in runs)})" if runs and not named else ""
                 e.message = f"{recipe.path} {label}{after}: {e.message}"  # same class: same exit code
                 raise
         produced = _artifact_of(entry)
@@ -429,32 +454,59 @@ def _artifact_of(entry: Entry) -> Path:
 def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Path, key: str, inputs: Mapping[str, Any],
                cache: StageCache, lineage: list[dict[str, Any]], log: Log) -> Entry:
     config = _prepared(recipe, stage)
+    after = tuple(step["kind"] for step in lineage)
+    spec = get_stage(stage.kind)
     with cache.building(key) as staging:
-        if stage.kind == "export":
+        if spec.takes == spec.makes == "torch":  # prune: the pruned checkpoint
+            from dlopt.optimize.prune import save_checkpoint
+
+            result = spec.apply(_torch_source(recipe, artifact, log), config, StageContext(after=after, log=log))
+            produced = save_checkpoint(staging / "model.pt", result.model.module, recipe.source, result.report)
+            report = {k: result.report[k] for k in ("parameters_before", "parameters_after", "macs_before",
+                                                    "macs_after")}
+        elif spec.takes == "torch":
             from dlopt.api import export_model
 
-            written = export_model(recipe.source, staging / "model.onnx", config, log=log)
+            source = recipe.source if artifact is None else _torch_source(recipe, artifact, log)
+            written = export_model(source, staging / "model.onnx", config, log=log)
             produced, report = written.model_path, written.report
-        elif stage.kind == "quantize":
+        elif spec.makes == "bundle":
+            result = spec.apply(artifact, config, StageContext(output=staging / "bundle", lineage=tuple(lineage),
+                                                               after=after, log=log))
+            produced, report = result.model, result.report
+        else:  # quantize and its schemes
             from dlopt.api import quantize_model
             from dlopt.optimize.quantize import failure_error
 
             outcome = quantize_model(artifact, staging / "model.onnx", config, recipe.calibration,
-                                     eval_data=recipe.eval_data, log=log)
+                                     eval_data=recipe.eval_data, after=after, log=log)
             if not outcome.passed:  # the best effort goes beside -o, as `dlopt quantize` keeps it; never cached
                 raise failure_error(_keep_failed(outcome, out))
             produced, report = outcome.model_path, outcome.report
-        else:
-            from dlopt.package import package
-
-            result = package(artifact, staging / "bundle", config, lineage=lineage, log=log)
-            produced, report = result.bundle, {"verification": result.manifest["verification"]}
-        summary = {k: report[k] for k in ("verdict", "verification", "bytes_written", "bytes", "recipe")
+        summary = {k: report[k] for k in ("verdict", "verification", "bytes_written", "bytes", "recipe", "scheme",
+                                          "parameters_before", "parameters_after", "macs_before", "macs_after")
                    if k in report}
         info = {"kind": stage.kind, "inputs": dict(inputs), "artifact": produced.name,
                 "output_sha256": artifact_hash(produced), "source": recipe.source, "recipe": str(recipe.path),
                 "report": summary}
         return cache.commit(key, staging, info)
+
+
+def _torch_source(recipe: Recipe, checkpoint: Path | None, log: Log):
+    """The recipe's torch source as a ModelSource, rebuilt from a cached pruned checkpoint when one is given."""
+    import dataclasses as dc
+
+    from dlopt.fileio import guard_source_spec
+    from dlopt.optimize.export import load_source
+    from dlopt.optimize.prune import read_checkpoint, rebuild
+
+    guard_source_spec(recipe.source)
+    log(f"loading {recipe.source}" + (f" and its pruned checkpoint {checkpoint.parent.name[:12]}" if checkpoint else ""))
+    source = load_source(recipe.source)
+    if checkpoint is None:
+        return source
+    module = rebuild(read_checkpoint(checkpoint), source.module, source.example_inputs)
+    return dc.replace(source, module=module, name=f"{source.name} (pruned)")
 
 
 def _keep_failed(outcome: Any, out: Path) -> Any:

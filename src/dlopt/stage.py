@@ -1,13 +1,28 @@
-"""What every optimization stage returns, and how stage configs serialize into reports and manifests."""
+"""The Stage interface: what every transformation is to the rest of dlopt.
+
+A stage has a `kind` name, a typed, versioned, frozen config class, named `requires` / `ensures`
+checks on its input and output, and `run(input, config, context) -> StageResult` (a new model and
+its report). The registry below maps kind names to stages by "module:attr" and imports a stage only
+when it is asked for, so that no core module imports a stage except through it.
+
+Configs serialize to plain JSON-able dicts, `{"type": class name, "version": N, "fields": {...}}`
+(nested configs, tuples, tuples of tuples and Paths included), so a manifest records exactly what
+made an artifact; `config_from_dict` rebuilds the config from its class's type hints and rejects
+unknown types, versions and keys.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePath
+from typing import Any, Literal, Union
 
-from dlopt.errors import InputError
+from dlopt.errors import DlOptError, InputError, StageError
 
 
 @dataclass(frozen=True)
@@ -30,41 +45,223 @@ class TorchStageArtifacts:
     notes: tuple[str, ...]
 
 
-CONFIG_SCHEMA_VERSION = 1
+# ---------------------------------------------------------------------------------------------
+# Stages and their checks
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage may need besides its input and config. `after`: the kinds of the stages that made
+    the input, in order (named in errors: "int8-static failed after export, prune: ...")."""
+
+    data: Any = None  # calibration / training data (a CalibrationData, a DistillData), or None
+    eval_data: Any = None  # held-out samples to measure fidelity on, or None
+    teacher: Any = None  # distill: the teacher (a ModelSource)
+    output: Path | None = None  # stages that write a folder (package: the bundle; distill: its state): where
+    # package: the stages that made its input (dlopt run's), with configs and hashes, for the manifest
+    lineage: tuple[Mapping[str, Any], ...] | None = None
+    after: tuple[str, ...] = ()
+    resume: bool = False  # continue from the state a long stage (distill) saved in `output`
+    progress: bool = False
+    log: Callable[[str], None] = lambda message: None
+
+
+@dataclass(frozen=True)
+class Check:
+    """A named condition on a stage's input (requires) or output (ensures). `test(model, config, before)`
+    returns None when it holds, else what is wrong; `before` is the stage's input, for ensures checks."""
+
+    name: str  # what is required or ensured, e.g. "a float ONNX model"
+    test: Callable[[Any, Any, Any], str | None]
+
+
+Artifact = Literal["torch", "onnx", "bundle"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    kind: str
+    config: type  # the frozen config dataclass; its VERSION class attribute is the schema version
+    run: Callable[[Any, Any, StageContext], StageResult]
+    takes: Artifact  # what its input is: a torch source, an ONNX model, a bundle
+    makes: Artifact
+    requires: tuple[Check, ...] = ()
+    ensures: tuple[Check, ...] = ()
+    summary: str = ""
+    validate: Callable[[Any], None] | None = None  # raises InputError for a bad config, before any work
+
+    def check_config(self, config: Any) -> None:
+        if not isinstance(config, self.config):
+            raise InputError(f"{self.kind} takes a {self.config.__name__}, not a {type(config).__name__}",
+                             f"build a {self.config.__name__}")
+        if self.validate is not None:
+            self.validate(config)
+
+    def apply(self, model: Any, config: Any, context: StageContext = StageContext()) -> StageResult:
+        """Check the config and what the stage requires of its input, run it, check what it ensures."""
+        self.check_config(config)
+        for check in self.requires:
+            problem = check.test(model, config, None)
+            if problem:
+                raise InputError(f"{self._failed(context)}: requires {check.name}: {problem}")
+        try:
+            result = self.run(model, config, context)
+        except DlOptError as e:
+            if context.after:  # same class, same exit code; the message says which chain it was in
+                e.message = f"{self._failed(context)}: {e.message}"
+            raise
+        for check in self.ensures:
+            problem = check.test(result.model, config, model)
+            if problem:
+                raise StageError(f"{self._failed(context)}: ensures {check.name}: {problem}", "report this model")
+        return result
+
+    def _failed(self, context: StageContext) -> str:
+        return f"{self.kind} failed" + (f" after {', '.join(context.after)}" if context.after else "")
+
+
+# kind -> "module:attr" of its Stage. Imported on first use only (get_stage): listing the kinds imports no stage.
+STAGES: dict[str, str] = {
+    "export": "dlopt.optimize.export:STAGE",
+    "prune": "dlopt.optimize.prune:STAGE",
+    "distill": "dlopt.optimize.distill:STAGE",
+    "quantize": "dlopt.optimize.quantize:QUANTIZE",  # the auto front door: resolves to one of the schemes below
+    "int8-dynamic": "dlopt.optimize.quantize:INT8_DYNAMIC",
+    "int8-static": "dlopt.optimize.quantize:INT8_STATIC",
+    "int8-weight-only": "dlopt.optimize.quantize:INT8_WEIGHT_ONLY",
+    "int4-weight-only": "dlopt.optimize.quantize:INT4_WEIGHT_ONLY",
+    "fp16": "dlopt.optimize.quantize:FP16",
+    "package": "dlopt.bundle_stage:STAGE",
+}
+
+
+def stage_kinds() -> tuple[str, ...]:
+    return tuple(STAGES)
+
+
+def get_stage(kind: str) -> Stage:
+    spec = STAGES.get(kind)
+    if spec is None:
+        raise InputError(f"unknown stage kind {kind!r}", f"choose one of {', '.join(STAGES)}")
+    module, _, attr = spec.partition(":")
+    stage = getattr(importlib.import_module(module), attr)
+    if not isinstance(stage, Stage) or stage.kind != kind:
+        raise TypeError(f"{spec} is not the Stage {kind!r}")
+    return stage
+
+
+def stage_for_config(config: Any) -> Stage:
+    """The registered stage whose config class `config` is (imports the stage modules)."""
+    for kind in STAGES:
+        stage = get_stage(kind)
+        if type(config) is stage.config:
+            return stage
+    raise InputError(f"{type(config).__name__} is not a stage config", f"known stages: {', '.join(STAGES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs to and from plain dicts
+# ---------------------------------------------------------------------------------------------
+
+def config_version(cls: type) -> int:
+    # Nested value configs from other modules (ImagePreprocess, PackageConfig) declare no VERSION: 1.
+    return int(getattr(cls, "VERSION", 1))
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
-    """A frozen config dataclass as a plain dict with its type name and a version, for manifests."""
-    if not dataclasses.is_dataclass(config):
+    """A frozen config dataclass as a plain JSON-able dict with its type name and version."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
         raise TypeError(f"{type(config).__name__} is not a config dataclass")
-    body = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value):
-            value = config_to_dict(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        body[f.name] = value
-    return {"type": type(config).__name__, "version": CONFIG_SCHEMA_VERSION, "fields": body}
+    body = {f.name: _encode(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    return {"type": type(config).__name__, "version": config_version(type(config)), "fields": body}
 
 
-def config_from_dict(data: dict[str, Any], known: dict[str, type]) -> Any:
-    """Inverse of config_to_dict; rejects unknown types, versions and keys."""
+def _encode(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return config_to_dict(value)
+    if isinstance(value, (tuple, list)):
+        return [_encode(v) for v in value]
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _encode(v) for k, v in value.items()}
+    return value
+
+
+def config_from_dict(data: Any, cls: type | None = None) -> Any:
+    """Inverse of config_to_dict. `cls`: the expected class (else any registered stage's config, by its
+    type name). Unknown types, versions and keys are InputErrors."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("fields", {}), Mapping):
+        raise InputError(f"a config must be a table with type, version and fields, not {data!r}",
+                         "write it as config_to_dict does")
     type_name = data.get("type")
-    if type_name not in known:
-        raise InputError(f"unknown config type {type_name!r}", f"known: {', '.join(sorted(known))}")
-    if data.get("version") != CONFIG_SCHEMA_VERSION:
+    if cls is None:
+        known = {get_stage(kind).config.__name__: get_stage(kind).config for kind in STAGES}
+        if type_name not in known:
+            raise InputError(f"unknown config type {type_name!r}", f"known: {', '.join(sorted(known))}")
+        cls = known[type_name]
+    elif type_name != cls.__name__:
+        raise InputError(f"config type {type_name!r} where a {cls.__name__} belongs", f"give a {cls.__name__}")
+    version = config_version(cls)
+    if data.get("version") != version:
         raise InputError(f"config {type_name} has version {data.get('version')!r}",
-                         f"this dlopt reads version {CONFIG_SCHEMA_VERSION}")
-    cls = known[type_name]
-    names = {f.name: f for f in dataclasses.fields(cls)}
+                         f"this dlopt reads version {version}")
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     fields = dict(data.get("fields", {}))
-    unknown = set(fields) - set(names)
+    unknown = sorted(set(fields) - names)
     if unknown:
-        raise InputError(f"config {type_name} has unknown keys {sorted(unknown)}", "remove them")
-    for key, value in fields.items():
-        if isinstance(value, dict) and "type" in value and "fields" in value:
-            fields[key] = config_from_dict(value, known)
-        elif isinstance(value, list):
-            fields[key] = tuple(value)
-    return cls(**fields)
+        raise InputError(f"config {type_name} has unknown keys {unknown}", f"known keys: {', '.join(sorted(names))}")
+    hints = typing.get_type_hints(cls)
+    values = {key: _decode(value, hints.get(key, Any), f"{type_name}.{key}") for key, value in fields.items()}
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise InputError(f"config {type_name}: {e}", "check its fields") from e
+
+
+def _fits(hint: Any, value: Any) -> bool:
+    """Whether a JSON value is the encoded form of `hint` (one option of a union)."""
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return isinstance(value, Mapping) and value.get("type") == hint.__name__
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, (list, tuple))
+    if isinstance(hint, type) and issubclass(hint, PurePath):
+        return isinstance(value, str)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return False
+
+
+def _decode(value: Any, hint: Any, where: str) -> Any:
+    """A JSON value back to the type its field declares: lists to tuples, dicts to configs, str to Path."""
+    if value is None:
+        return None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        for option in (a for a in args if a is not type(None)):
+            if _fits(option, value):
+                return _decode(value, option, where)
+        return value
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise InputError(f"{where}: a {hint.__name__} table expected, got {value!r}", "write it as a table")
+        return config_from_dict(value, hint)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_decode(v, args[0], where) for v in value)
+        if args and len(args) == len(value):
+            return tuple(_decode(v, a, where) for v, a in zip(value, args))
+        return tuple(value)
+    if isinstance(hint, type) and issubclass(hint, PurePath) and isinstance(value, str):
+        return hint(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is dict and isinstance(value, Mapping) and len(args) == 2:
+        return {k: _decode(v, args[1], where) for k, v in value.items()}
+    if hint is Any and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+__all__ = ["Check", "STAGES", "Stage", "StageContext", "StageResult", "TorchStageArtifacts", "config_from_dict",
+           "config_to_dict", "config_version", "get_stage", "stage_for_config", "stage_kinds"]

@@ -71,7 +71,7 @@ class StageCache:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise InputError(f"cannot create the cache folder {self.root}: {e.strerror or e}",
-                             "pass a writable --cache-dir (or set DLOPT_CACHE_DIR)") from e
+                             "pass a writable {cache_dir=DIR} (or set DLOPT_CACHE_DIR)") from e
 
     def get(self, key: str) -> Entry | None:
         path = self.root / key
@@ -148,7 +148,7 @@ def parse_size(text: str) -> int:
     """'2GB' -> 2_000_000_000; '512MiB' -> 536870912."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise InputError(f"size {text!r} is not a size", "e.g. --max-size 2GB or 500MB")
+        raise InputError(f"size {text!r} is not a size", "e.g. {max_size=2GB} or 500MB")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
@@ -156,7 +156,7 @@ def parse_age(text: str) -> float:
     """'7d' -> seconds; units s, m, h, d, w."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smhdw])\s*", text)
     if not m:
-        raise InputError(f"age {text!r} is not an age", "e.g. --older-than 7d (units s, m, h, d, w)")
+        raise InputError(f"age {text!r} is not an age", "e.g. {older_than=7d} (units s, m, h, d, w)")
     return float(m.group(1)) * _AGE_UNITS[m.group(2)]
 
 

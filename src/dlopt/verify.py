@@ -169,7 +169,8 @@ def _check_model(root: Path, manifest: dict[str, Any], tolerance: Tolerance) -> 
 
 def _check_pte(root: Path, manifest: dict[str, Any], artifact: dict[str, Any],
                tolerance: Tolerance) -> tuple[list[dict[str, Any]], str | None]:
-    from dlopt.package import _checks, read_samples
+    from dlopt.package import read_samples
+    from dlopt.package.checks import _checks
     from dlopt.targets.xnnpack import executorch_status
 
     ok, reason = executorch_status()
@@ -193,7 +194,7 @@ def _check_pte(root: Path, manifest: dict[str, Any], artifact: dict[str, Any],
 def format_result(result: VerifyResult) -> str:
     lines = [format_table(["file", "status", "detail"], [[f["path"], f["status"], f["detail"]] for f in result.files])]
     if result.outputs:
-        from dlopt.package import _check_text
+        from dlopt.package.checks import _check_text
 
         rows = [[o["artifact"], o["output"], o.get("max_abs_diff", "-"),
                  "-" if o.get("sqnr_db") is None else o["sqnr_db"], "ok" if o["passed"] else _check_text(o)]

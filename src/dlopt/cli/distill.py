@@ -59,7 +59,7 @@ def command(teacher, student, student_source, data, output, epochs, temperature,
     """
     from pathlib import Path
 
-    from dlopt.optimize.distill import distill_to_directory
+    from dlopt.api import distill_model
 
     pairs = []
     for item in hidden:
@@ -68,7 +68,7 @@ def command(teacher, student, student_source, data, output, epochs, temperature,
 
             raise InputError(f"--hidden {item!r} is not TEACHER_LAYER:STUDENT_LAYER", "e.g. --hidden features.4:features.4")
         pairs.append(tuple(item.split(":")))
-    written = distill_to_directory(
+    written = distill_model(
         teacher, Path(student), data, Path(output), epochs=epochs, temperature=temperature, alpha=alpha, loss=loss,
         lr=lr, batch_size=batch_size, max_samples=max_samples, val_fraction=val_fraction,
         patience=patience or None, hidden_layers=tuple(pairs), hidden_weight=hidden_weight if pairs else 0.0,

@@ -77,7 +77,7 @@ def command(model, output, precision, mode, calibration, calibration_samples, ev
     the fidelity floor (and --max-accuracy-drop, if given): otherwise the best effort is kept as
     OUT.failed.onnx, a table says what failed and why, and the exit code is 1.
     """
-    from dlopt.optimize.quantize import QuantizeConfig, failure_error, quantize_file, summary_text
+    from dlopt.api import QuantizeConfig, quantize_failure, quantize_model, quantize_summary
 
     config = QuantizeConfig(precision=precision, mode=mode, method=method, per_channel=per_channel,
                             block_size=block_size, exclude_nodes=_names(exclude_nodes),
@@ -89,10 +89,10 @@ def command(model, output, precision, mode, calibration, calibration_samples, ev
                             image=image_preprocess(image_size, image_layout, image_scale, image_mean, image_std,
                                                    image_bgr),
                             min_sqnr_db=min_sqnr_db, holdout=holdout, recover=not no_recover)
-    outcome = quantize_file(model, output, config, calibration, eval_data=eval_data, progress=True, log=echo_err)
-    click.echo(summary_text(outcome.report))
+    outcome = quantize_model(model, output, config, calibration, eval_data=eval_data, progress=True, log=echo_err)
+    click.echo(quantize_summary(outcome.report))
     click.echo(f"{'wrote' if outcome.passed else 'kept the best effort (FAILED) as'} {outcome.model_path} "
                f"({outcome.report['bytes_written'] / 1e6:.2f} MB)")
     click.echo(f"report: {outcome.report_path}")
     if not outcome.passed:
-        raise failure_error(outcome)
+        raise quantize_failure(outcome)

@@ -1,0 +1,115 @@
+"""Quantization: one entry point (`quantize`) for INT8 (dynamic and static), INT4 and FP16.
+
+INT8 is implemented here on top of ONNX Runtime's quantization tools. What dlopt adds to them:
+- a recipe chosen for the model, the target and the CPU's instruction set, with the reasons printed
+  (`--mode auto`): dynamic per-channel on the fused graph for transformers on x86, static QDQ for
+  CNNs, u8/s8 with reduce_range when the CPU lacks VNNI (its u8·s8 kernel saturates in 16 bits), s8/s8
+  for ARM and for CUDA (TensorRT takes only symmetric int8);
+- graph normalization first (optimize/normalize.py): Constant-node weights to initializers, opset >= 13 for
+  per-channel scales, each checked; a failed upgrade means per-tensor weights, said in the recipe;
+- without calibration data, what works without it: dynamic for MatMul/Gemm models, weight-only int8
+  (optimize/weight_only.py) for conv models; weight-only also for what ORT's quantizers leave float
+  (GRU/RNN, and If/Loop/Scan bodies in static QDQ; dynamic enters them through ORT's EnableSubgraph);
+- checked pre-processing (optimize/preprocess.py);
+- calibration that streams: ORT's calibrators keep every activation of every sample in memory and
+  stack them (which also fails on samples of different lengths). Here each sample is run and folded
+  into ORT's own min/max or histogram collector before the next is read, so memory stays flat and
+  every method takes samples of any length; the ranges then go to ORT's quantizer through its
+  calibration-cache file;
+- for static CNNs, weights rounded against the layer's real inputs (GPTQ) and the remaining mean
+  rounding shift folded into the int32 bias, on ORT's own scales (optimize/rounding.py);
+- an accuracy budget (optimize/sensitivity.py) and a fidelity report against the float model.
+INT4 and FP16 live in optimize/int4/ and optimize/fp16.py; `quantize` dispatches to them.
+
+Where each part is (one hop from here):
+  schemes.py       the scheme configs (Int8Dynamic, Int8Static, Int8WeightOnly) and QuantizeConfig, the front door
+  recipe.py        the scheme a request resolves to, and the INT8 recipe for the model, target and CPU
+  pipeline.py      `quantize`: normalization, pre-processing, INT8/INT4/FP16, budget, recovery, kernel choices
+  int8.py          INT8 through ORT's quantizers; float nodes shielded
+  calibrate.py     streamed calibration
+  smoothquant.py   SmoothQuant for transformers
+  verification.py  held-out samples, the fidelity floor and verdict, the quick speed check
+  stages.py        the Stages of the registry (dlopt.stage), with their requires/ensures checks
+  files.py         quantize_file: a model file in, the model and its report out, atomically
+  report.py        the summary `dlopt quantize` prints
+"""
+
+from __future__ import annotations
+
+from dlopt.optimize.scheme import HOLDOUT_FRACTION, HOLDOUT_MIN, quantize_targets
+from dlopt.optimize.quantize.schemes import (FIDELITY_FLOORS_DB, Fp16, Int4WeightOnly, Int8Dynamic, Int8Scheme,
+                                             Int8Static, Int8WeightOnly, METHODS, MODES, PRECISIONS, QuantizeConfig,
+                                             RECOVERY_MAX_FLOAT_SHARE, REPORT_SCHEMA, REPORT_SCHEMA_VERSION, ROUNDINGS,
+                                             SCHEME_KINDS, Scheme, check_int8, check_static, validate_config)
+from dlopt.optimize.quantize.recipe import (CpuFeatures, Recipe, choose_mode, choose_recipe, cpu_features,
+                                            host_kernels_inexact)
+from dlopt.optimize.quantize.smoothquant import smooth_activations
+from dlopt.optimize.quantize.calibrate import calibrate
+from dlopt.optimize.quantize.int8 import quantize_int8, shield_float_nodes
+from dlopt.optimize.quantize.verification import (feed_description, fidelity_floor, holdout_count, padded_feed,
+                                                  quantized_nodes, speed_check, split_holdout, verdict)
+from dlopt.optimize.quantize.pipeline import quantize
+from dlopt.optimize.quantize.stages import (FLOAT_ONNX, FP16, INT4_WEIGHT_ONLY, INT8_DYNAMIC, INT8_STATIC,
+                                            INT8_WEIGHT_ONLY, ONNX_MODEL, QUANTIZE, SAME_OUTPUTS, stage_of)
+from dlopt.optimize.quantize.files import QuantizeOutcome, failed_path, failure_error, quantize_file
+from dlopt.optimize.quantize.report import summary_text
+
+__all__ = [
+    "CpuFeatures",
+    "FIDELITY_FLOORS_DB",
+    "FLOAT_ONNX",
+    "FP16",
+    "Fp16",
+    "HOLDOUT_FRACTION",
+    "HOLDOUT_MIN",
+    "INT4_WEIGHT_ONLY",
+    "INT8_DYNAMIC",
+    "INT8_STATIC",
+    "INT8_WEIGHT_ONLY",
+    "Int4WeightOnly",
+    "Int8Dynamic",
+    "Int8Scheme",
+    "Int8Static",
+    "Int8WeightOnly",
+    "METHODS",
+    "MODES",
+    "ONNX_MODEL",
+    "PRECISIONS",
+    "QUANTIZE",
+    "QuantizeConfig",
+    "QuantizeOutcome",
+    "RECOVERY_MAX_FLOAT_SHARE",
+    "REPORT_SCHEMA",
+    "REPORT_SCHEMA_VERSION",
+    "ROUNDINGS",
+    "Recipe",
+    "SAME_OUTPUTS",
+    "SCHEME_KINDS",
+    "Scheme",
+    "calibrate",
+    "check_int8",
+    "check_static",
+    "choose_mode",
+    "choose_recipe",
+    "cpu_features",
+    "failed_path",
+    "failure_error",
+    "feed_description",
+    "fidelity_floor",
+    "holdout_count",
+    "host_kernels_inexact",
+    "padded_feed",
+    "quantize",
+    "quantize_file",
+    "quantize_int8",
+    "quantized_nodes",
+    "shield_float_nodes",
+    "smooth_activations",
+    "speed_check",
+    "split_holdout",
+    "quantize_targets",
+    "stage_of",
+    "summary_text",
+    "validate_config",
+    "verdict",
+]

@@ -1,0 +1,202 @@
+"""The entry point: `quantize` runs a scheme (or resolves a `quantize` request to one) on a model, with
+normalization, pre-processing, the accuracy budget, recovery below the floor and the kernel choices."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from dlopt.errors import InputError
+from dlopt.optimize.calibration import CalibrationData
+from dlopt.optimize.int4 import Int4WeightOnly
+from dlopt.optimize.normalize import NormalizeConfig, normalize
+from dlopt.optimize.preprocess import PreprocessConfig, check_feeds, preprocess
+from dlopt.optimize.quantize.int8 import quantize_int8, _check_exclusions
+from dlopt.optimize.quantize.recipe import Recipe, choose_recipe, host_kernels_inexact
+from dlopt.optimize.quantize.schemes import (Int8Static, QuantizeConfig, RECOVERY_MAX_FLOAT_SHARE, SCHEME_KINDS, Scheme,
+                                             validate_config, _Int8)
+from dlopt.optimize.quantize.smoothquant import smooth_activations
+from dlopt.optimize.quantize.verification import fidelity_floor, split_holdout, verdict, _summary, _warn_if_slower
+from dlopt.optimize.scheme import QuantizeScheme
+from dlopt.runtime import initialize as initialize_runtime
+from dlopt.stage import StageResult, config_to_dict
+
+
+# -- the entry point --------------------------------------------------------------------------------------
+def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: CalibrationData | None = None, *,
+             eval_data: CalibrationData | None = None, progress: bool = False, log=lambda message: None
+             ) -> StageResult:
+    """Quantize an onnx.ModelProto (never modified) with a scheme config (Int8Dynamic, Int8Static,
+    Int8WeightOnly, Int4WeightOnly, Fp16), or a `quantize` request (QuantizeConfig) that resolves to
+    one here, for this model and the data at hand. The report holds the scheme (`report["scheme"]`:
+    which one, and why), the recipe, sizes, quantized nodes by op type, fidelity against the float model
+    on samples held out from calibration (`eval_data` when given, else the last samples of `data`) and
+    the verdict: whether every float output is at or above the fidelity floor (and a budget, if any,
+    was met), with the nodes kept in float to get there (int8). A failed verdict is reported, not
+    raised: `report['verdict']['passed']`; quantize_file and the CLI act on it."""
+    if isinstance(config, QuantizeConfig):
+        validate_config(config)
+    elif type(config) not in SCHEME_KINDS:
+        raise InputError(f"quantize takes a scheme config or a QuantizeConfig, not {type(config).__name__}",
+                         f"use one of {', '.join(c.__name__ for c in SCHEME_KINDS)}")
+    started = time.perf_counter()
+    # before ORT's own sessions (its calibrator, its transformer optimizer), which would otherwise be the
+    # process's first and leave denormals unflushed on this thread for the checks and timings below
+    initialize_runtime()
+    if isinstance(data, CalibrationData):
+        data.bind(model)
+        if config.calibration_samples is not None:
+            data.limit = min(data.limit or config.calibration_samples, config.calibration_samples)
+    if isinstance(eval_data, CalibrationData):
+        eval_data.bind(model)
+    data, held_out, holdout = split_holdout(data, eval_data, config)
+    if holdout["warning"]:
+        log(f"warning: {holdout['warning']}")
+    request = config if isinstance(config, QuantizeConfig) else None
+    reasons: tuple[str, ...] = ()
+    if request is not None:
+        config, reasons = request.resolve(model, has_data=data is not None)
+    scheme = {"kind": SCHEME_KINDS[type(config)], "config": config_to_dict(config),
+              "resolved_from": "quantize" if request is not None else None, "reasons": list(reasons)}
+    if request is not None and config.precision != "int8":
+        log(f"scheme: {scheme['kind']} ({reasons[0]})")
+    floor = fidelity_floor(config)
+    _check_exclusions(model, config)
+    if not isinstance(config, _Int8):
+        source = model
+        if isinstance(config, Int4WeightOnly):  # MatMulNBits too quantizes initializers only: no opset 13 needed
+            from dlopt.optimize.int4 import quantize_int4
+
+            source = normalize(model, NormalizeConfig(min_opset=0, input_shapes=config.input_shapes), data).model
+            result = quantize_int4(source, config, data)
+        else:
+            from dlopt.optimize.fp16 import convert_fp16
+
+            result = convert_fp16(source, config, data)
+        report = {**{k: v for k, v in result.report.items() if k != "config"}, "precision": config.precision,
+                  "config": config_to_dict(request or config), "scheme": scheme}
+        result_model, report["kernel_choice"] = _choose_kernels(result.model, config, log)
+        report.update(_summary(model, result_model, data, config, feeds=held_out, holdout=holdout))
+        report["verdict"] = verdict(report, floor)
+        _warn_if_slower(report, log)
+        return StageResult(result_model, report)
+
+    _check_exclusions(model, config)
+    # Constant-node weights to initializers, opset >= 13: what ORT's quantizers assume, each step checked
+    normalized = normalize(model, NormalizeConfig(input_shapes=config.input_shapes), data)
+    if normalized.report["steps"]:
+        log("graph normalization: " + ", ".join(s["step"] + ("" if s["applied"] else " (not applied)")
+                                                for s in normalized.report["steps"]))
+    recipe = choose_recipe(normalized.model, config, has_data=data is not None, normalization=normalized.report,
+                           mode_reason=reasons[0] if reasons else None)
+    for reason in recipe.reasons:
+        log(f"recipe: {reason}")
+    prepared, pre_report = normalized.model, None
+    if config.preprocess:
+        log("pre-processing: " + ("transformer fusions, " if recipe.fuse_transformer else "")
+            + "constant folding, shape inference (each checked against its input)")
+        pre = preprocess(prepared, PreprocessConfig(transformer_fusion="auto" if recipe.fuse_transformer else "off",
+                                                    gemm_to_matmul=recipe.mode == "dynamic",
+                                                    input_shapes=config.input_shapes), data)
+        prepared, pre_report = pre.model, pre.report
+        _check_exclusions(prepared, config)  # a fusion may have absorbed an excluded node
+    smooth_report = None
+    if recipe.smoothing is not None and data is not None:
+        log(f"SmoothQuant: measuring activation ranges on {config.smoothing_samples} samples")
+        prepared, smooth_report = smooth_activations(prepared, data, alpha=recipe.smoothing,
+                                                     samples=config.smoothing_samples, exclude=config.exclude_nodes)
+    quantized, details = quantize_int8(prepared, config, recipe, data, progress=progress)
+    ranges = details.pop("ranges")
+    layer_stats = details.pop("layer_stats")
+    from dlopt.optimize.sensitivity import floor_evaluator, meet_budget
+
+    budget = None
+    if config.max_accuracy_drop is not None:
+        budget = meet_budget(model, prepared, quantized, config, recipe, data, ranges=ranges,
+                             layer_stats=layer_stats, eval_feeds=held_out, log=log)
+        quantized = budget.pop("model")
+        details["nodes_excluded"] = budget["chosen"]["excluded"]
+    exact = host_kernels_inexact(recipe)
+    recovery = None
+    if config.recover:
+        # the floor, on the held-out samples, in the arithmetic the target runs (see _summary)
+        feeds = held_out or check_feeds(model, data, config.fidelity_samples, config.input_shapes)
+        evaluator = floor_evaluator(model, feeds, floor, graph_opt_level="disable" if exact else "all")
+        score = evaluator.score(quantized)
+        if score < floor:
+            log(f"fidelity: lowest output SQNR {score:.1f} dB on {len(feeds)} {holdout['data']} samples is below "
+                f"the {floor:g} dB floor: keeping the nodes that add the most noise in float until it holds")
+            base = dataclasses.replace(config, exclude_nodes=tuple(details["nodes_excluded"]))
+            recovery = meet_budget(model, prepared, quantized, base, recipe, data, ranges=ranges,
+                                   layer_stats=layer_stats, evaluator=evaluator, max_drop=0.0,
+                                   max_float_share=RECOVERY_MAX_FLOAT_SHARE, log=log)
+            quantized = recovery.pop("model")
+            details["nodes_excluded"] = recovery["chosen"]["excluded"]
+    node_forms = None
+    if recipe.mode == "static" and _timed_here(config.target):
+        quantized, node_forms = _choose_node_forms(prepared, quantized, config, recipe, data, ranges, layer_stats,
+                                                   details, log)
+    report = {"precision": "int8", "config": config_to_dict(request or config), "scheme": scheme,
+              "recipe": dataclasses.asdict(recipe) | {"reasons": list(recipe.reasons)},
+              "normalization": normalized.report, "preprocess": pre_report, "smoothing": smooth_report, **details}
+    if budget is not None:
+        report["budget"] = budget
+    if recovery is not None:
+        report["floor_recovery"] = recovery
+    if node_forms is not None:
+        report["node_forms"] = node_forms
+    quantized, report["kernel_choice"] = _choose_kernels(quantized, config, log)
+    report.update(_summary(model, quantized, data, config, feeds=held_out, holdout=holdout, exact_arithmetic=exact))
+    if "fidelity_exact_arithmetic" in report:
+        log(f"note: {report['fidelity_exact_arithmetic']['why']}")
+    report["verdict"] = verdict(report, floor)
+    _warn_if_slower(report, log)
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    return StageResult(quantized, report)
+
+
+def _choose_node_forms(prepared, quantized, config: Int8Static, recipe: Recipe, data, ranges, layer_stats,
+                       details: dict[str, Any], log) -> tuple[Any, dict[str, Any]]:
+    """INT8 or float per node class, timed here (dlopt.optimize.kernel_choice.choose_node_forms). Speed
+    decides only where accuracy allows: nodes the accuracy budget kept float stay float, and speed can
+    only add float nodes (a float node computes what the source computes)."""
+    from dlopt.optimize.kernel_choice import NodeFormConfig, choose_node_forms
+
+    excluded = list(details.get("nodes_excluded") or [])
+    requantized: dict[str, Any] = {}
+
+    def requantize(names: list[str]):
+        model, more = quantize_int8(prepared, config, recipe, data, exclude_nodes=excluded + names, ranges=ranges,
+                                    layer_stats=layer_stats)
+        requantized.update({k: v for k, v in more.items() if k not in ("ranges", "layer_stats")})
+        return model
+
+    feeds = check_feeds(prepared, data, 1)[0]
+    result = choose_node_forms(prepared, quantized, feeds, requantize, NodeFormConfig(forms=config.node_forms))
+    if result.report["classes"] or config.node_forms == "int8":
+        log(f"node forms: {result.report['decision']}")
+    if result.report["kept"]:
+        details.update(requantized)  # shielded nodes, weight refinement: those of the model kept
+        details["nodes_excluded"] = sorted(set(excluded) | set(result.report["float_nodes"]))
+    return result.model, result.report
+
+
+def _choose_kernels(model, config: QuantizeScheme, log) -> tuple[Any, dict[str, Any] | None]:
+    """Equivalent graph forms timed on this host, only for a target whose kernels run here (cpu): a phone
+    or a GPU runs other kernels than the ones measurable here."""
+    if not _timed_here(config.target):
+        return model, None
+    from dlopt.optimize.kernel_choice import KernelChoiceConfig, choose_layernorm_form
+
+    result = choose_layernorm_form(model, KernelChoiceConfig(layernorm=config.layernorm_form))
+    if result.report["sites"]:
+        log(f"kernel choice: {result.report['decision']}")
+    return result.model, result.report
+
+
+def _timed_here(target: str) -> bool:
+    """Whether this host runs target's own kernels, so that forms timed here are the target's (cpu)."""
+    from dlopt.targets import capabilities
+
+    return capabilities(target).kernels_measurable_here

@@ -1,0 +1,121 @@
+"""The human summary `dlopt quantize` prints from a report."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from dlopt.optimize.quantize.verification import feed_description
+
+
+def summary_text(report: Mapping[str, Any]) -> str:
+    """The human summary every run prints."""
+    from dlopt.report import format_table
+
+    lines = [f"size: {report['bytes_before'] / 1e6:.2f} MB -> {report['bytes_after'] / 1e6:.2f} MB "
+             f"({report['bytes_before'] / max(report['bytes_after'], 1):.2f}x smaller)"]
+    recipe = report.get("recipe")
+    if recipe:
+        lines.append(f"recipe: int8 {recipe['mode']} ({recipe['quant_format']}), activations {recipe['activation_type']},"
+                     f" weights {recipe['weight_type']} {'per-channel' if recipe['per_channel'] else 'per-tensor'}"
+                     f"{', reduce_range' if recipe['reduce_range'] else ''}"
+                     f"{', calibration ' + recipe['method'] if recipe['mode'] == 'static' else ''}"
+                     f"{', GPTQ rounding' if recipe.get('weight_rounding') == 'gptq' else ''}"
+                     f"{', bias correction' if recipe.get('bias_correction') else ''}")
+        lines += [f"  - {r}" for r in recipe["reasons"]]
+    else:
+        lines.append(f"recipe: {report.get('precision')}")
+    for step in (report.get("normalization") or {}).get("steps", []):
+        state = "applied" if step["applied"] else f"not applied ({step.get('reason', '')})"
+        lines.append(f"graph normalization {step['step']}: {state}"
+                     + (f" ({step['moved']} tensors)" if step["applied"] and "moved" in step else "")
+                     + (f" (opset {step['from']} -> {step['to']})" if step["applied"] and "to" in step else ""))
+    pre = report.get("preprocess")
+    if pre:
+        for step in pre["steps"]:
+            state = "applied" if step["applied"] else f"skipped ({step.get('reason', '')})"
+            extra = f" {step['fused']}" if step.get("fused") else ""
+            lines.append(f"pre-processing {step['step']}: {state}{extra}")
+    wo = report.get("weight_only")
+    if wo:
+        lines.append(f"weight-only int8 ({'per-channel' if wo['per_channel'] else 'per-tensor'}): {wo['weights']} "
+                     f"weights of {', '.join(f'{k} {v}' for k, v in wo['nodes'].items())}, "
+                     f"{wo['float_bytes'] / 1e6:.2f} MB -> {wo['int8_bytes'] / 1e6:.2f} MB; compute stays float")
+    q = report.get("quantized_nodes", {})
+    lines.append("quantized nodes: " + (", ".join(f"{k} {v}" for k, v in q.items()) or "none"))
+    if report.get("nodes_excluded"):
+        lines.append(f"kept in float: {', '.join(report['nodes_excluded'])}")
+    forms = report.get("node_forms")
+    if forms:
+        lines.append(f"node forms: {forms['decision']}")
+        rows = [[k, len(t["nodes"]), f"{t['float_us']:.0f}", f"{t['int8_us']:.0f}", f"{t['ratio']:.2f}",
+                 "float" if forms["kept"] and k in forms["float_classes"] else "int8"]
+                for k, t in forms["classes"].items()]
+        if rows:
+            lines.append(format_table(["node class", "nodes", "float us", "int8 us", "int8/float", "runs as"], rows))
+    kernels = report.get("kernel_choice")
+    if kernels and kernels["sites"]:
+        lines.append(f"kernel choice: {kernels['decision']}")
+
+    def fidelity_table(outputs: Mapping[str, Mapping[str, Any]]) -> str:
+        rows = [[name, m["sqnr_db"], m["cosine_mean"], m["cosine_min"], m.get("top1_agreement", "-")]
+                for name, m in outputs.items()]
+        return format_table(["output", "SQNR dB", "cos mean", "cos min", "top-1 agree"], rows)
+
+    fid = report.get("fidelity")
+    if fid:
+        lines.append(f"fidelity vs FP32 on {fid['samples']} {fid['data']} samples{_holdout_text(report)}:")
+        lines.append(fidelity_table(fid["outputs"]))
+    exact = report.get("fidelity_exact_arithmetic")
+    if exact:
+        lines.append(f"note: {exact['why']}:")
+        lines.append(fidelity_table(exact["outputs"]))
+    speed = report.get("speed_check")
+    if speed:
+        lines.append(f"speed (quick check, inputs {feed_description(speed['input_shapes'], speed.get('padding'))}, "
+                     f"one thread, {speed['rounds']} rounds, {report.get('cpu_label', 'this CPU')}): "
+                     f"{speed['float_ms']:.3g} ms FP32 -> {speed['quantized_ms']:.3g} ms, {speed['speedup']:.2f}x"
+                     f"{' (slower than FP32 on this CPU)' if speed['speedup'] < 0.95 else ''}; "
+                     "dlopt bench measures with confidence intervals")
+    session = report.get("session")
+    if session:
+        entries = ", ".join(f"{k}={v}" for k, v in session["session_config"].items())
+        lines.append(f"sessions: {entries}; denormals {session['denormals']}")
+    budget = report.get("budget")
+    if budget:
+        lines.append(f"accuracy budget ({budget['evaluator']}): FP32 {budget['baseline']:.4f}, allowed drop "
+                     f"{budget['max_drop']}: {'met' if budget['met'] else 'NOT met'}")
+        rows = [[c["excluded_count"], c["score"], c["drop"], c["latency_ms"], c["bytes"] / 1e6,
+                 "yes" if c["within_budget"] else "no", "<-" if c.get("chosen") else ""]
+                for c in budget["candidates"]]
+        lines.append(format_table(["float nodes", "score", "drop", "ms (1 thread)", "MB", "in budget", "chosen"],
+                                  rows))
+    recovery = report.get("floor_recovery")
+    if recovery:
+        lines.append(f"below the fidelity floor: nodes kept in float until the {recovery['evaluator']} reached "
+                     f"{recovery['baseline']:g}: {'met' if recovery['met'] else 'NOT met'}")
+        rows = [[c["excluded_count"], c["score"], c["latency_ms"], "yes" if c["within_budget"] else "no",
+                 "<-" if c.get("chosen") else ""] for c in recovery["candidates"]]
+        lines.append(format_table(["float nodes", "lowest SQNR dB", "ms (1 thread)", "meets floor", "chosen"], rows))
+    v = report.get("verdict")
+    if v:
+        floor = f"fidelity floor: every float output >= {v['floor_sqnr_db']:g} dB SQNR on the {v['data']} samples"
+        if v["passed"]:
+            lines.append(f"{floor}: met" + (f" (kept in float to get there: {', '.join(v['recovered_nodes'])})"
+                                             if v["recovered_nodes"] else ""))
+        else:
+            lines.append(f"{floor}: FAILED")
+            lines.append(format_table(["check", "measured", "required", "why"],
+                                      [[f["check"], f["measured"], f["required"], f["why"]] for f in v["failures"]]))
+    return "\n".join(lines)
+
+
+def _holdout_text(report: Mapping[str, Any]) -> str:
+    held = report.get("holdout") or {}
+    indices = held.get("held_out_indices") or []
+    if held.get("data") == "held-out" and indices:
+        return (f" (samples {indices[0]}-{indices[-1]} of {held['source']}, held out: calibrated on the first "
+                f"{held['calibration_samples']})")
+    if held.get("data") == "eval-data":
+        return f" ({held['source']}; not used to calibrate)"
+    return ""

@@ -1,0 +1,85 @@
+"""The quantization stages of the registry (dlopt.stage.STAGES): `quantize` (the front door) and one per
+scheme, with what they require of their input and ensure of their output."""
+
+from __future__ import annotations
+
+from dlopt.errors import InputError
+from dlopt.optimize.fp16 import Fp16
+from dlopt.optimize.int4 import Int4WeightOnly
+from dlopt.optimize.quantize.pipeline import quantize
+from dlopt.optimize.quantize.schemes import (Int8Dynamic, Int8Static, Int8WeightOnly, QuantizeConfig, Scheme,
+                                             validate_config)
+from dlopt.optimize.quantize.verification import quantized_nodes
+from dlopt.stage import Check, Stage, StageContext, StageResult
+
+
+# -- the stages -------------------------------------------------------------------------------------------
+
+
+def _onnx_problem(model, config, before) -> str | None:
+    import onnx
+
+    return None if isinstance(model, onnx.ModelProto) else f"got a {type(model).__name__}"
+
+
+def _float_problem(model, config, before) -> str | None:
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        return None  # the ONNX check says so
+    found = {k: v for k, v in quantized_nodes(model).items() if not k.startswith("QDQ:")}
+    if found:
+        return (f"it already holds quantized ops ({', '.join(f'{k} {v}' for k, v in found.items())}): "
+                "quantize its float source")
+    return None
+
+
+def _outputs_problem(model, config, before) -> str | None:
+    names, wanted = [o.name for o in model.graph.output], [o.name for o in before.graph.output]
+    return None if names == wanted else f"its outputs {names} are not its input's {wanted}"
+
+
+def _dynamic_target_problem(model, config, before) -> str | None:
+    from dlopt.targets import capabilities
+
+    form = capabilities(config.target).int8
+    if form is not None and not form.dynamic:
+        return f"the {config.target} target runs static QDQ only ({form.note}): use int8-static"
+    return None
+
+
+ONNX_MODEL = Check("an ONNX model", _onnx_problem)
+DYNAMIC_TARGET = Check("a target that runs dynamic INT8", _dynamic_target_problem)
+FLOAT_ONNX = Check("a float ONNX model", _float_problem)
+SAME_OUTPUTS = Check("the graph outputs of its input", _outputs_problem)
+
+
+def _run(model, config, context: StageContext) -> StageResult:
+    return quantize(model, config, context.data, eval_data=context.eval_data, progress=context.progress,
+                    log=context.log)
+
+
+def _quantize_stage(kind: str, config: type, summary: str, validate=None, requires: tuple[Check, ...] = ()) -> Stage:
+    return Stage(kind=kind, config=config, run=_run, takes="onnx", makes="onnx",
+                 requires=(ONNX_MODEL, FLOAT_ONNX, *requires), ensures=(SAME_OUTPUTS,), summary=summary,
+                 validate=validate)
+
+
+QUANTIZE = _quantize_stage("quantize", QuantizeConfig, "int8/int4/fp16, the scheme chosen for the model, target "
+                           "and CPU (mode auto), recorded in the report", validate_config)
+INT8_DYNAMIC = _quantize_stage("int8-dynamic", Int8Dynamic, "INT8 weights, activations quantized per call",
+                               requires=(DYNAMIC_TARGET,))
+INT8_STATIC = _quantize_stage("int8-static", Int8Static, "static INT8 QDQ, calibrated on data")
+INT8_WEIGHT_ONLY = _quantize_stage("int8-weight-only", Int8WeightOnly, "INT8 weights, float compute")
+INT4_WEIGHT_ONLY = _quantize_stage("int4-weight-only", Int4WeightOnly, "4-bit block-quantized weights (MatMulNBits)")
+FP16 = _quantize_stage("fp16", Fp16, "FP16 weights and compute, overflowing nodes kept FP32")
+_STAGES_BY_CONFIG = {stage.config: stage for stage in (QUANTIZE, INT8_DYNAMIC, INT8_STATIC, INT8_WEIGHT_ONLY,
+                                                       INT4_WEIGHT_ONLY, FP16)}
+
+
+def stage_of(config: Scheme | QuantizeConfig) -> Stage:
+    stage = _STAGES_BY_CONFIG.get(type(config))
+    if stage is None:
+        raise InputError(f"quantize takes a scheme config or a QuantizeConfig, not {type(config).__name__}",
+                         f"use one of {', '.join(c.__name__ for c in _STAGES_BY_CONFIG)}")
+    return stage

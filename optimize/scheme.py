@@ -1,0 +1,73 @@
+"""What every quantization scheme's config shares: its data, what stays float, its target, and how the
+result is verified (a fidelity floor on held-out samples, a quick speed check).
+
+The schemes themselves: Int8Dynamic, Int8Static, Int8WeightOnly (optimize/quantize.py), Int4WeightOnly
+(optimize/int4/) and Fp16 (optimize/fp16.py). Each adds only the fields its transformation reads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from dlopt.errors import InputError
+from dlopt.images import ImagePreprocess
+from dlopt.optimize.kernel_choice import LAYERNORM_FORMS, LayerNormForm
+
+# Held out of the calibration data for the fidelity check (the last samples): this share, at least
+# HOLDOUT_MIN, at most half of the samples and at most fidelity_samples.
+HOLDOUT_FRACTION = 0.2
+HOLDOUT_MIN = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeScheme:
+    """The fields every quantization scheme has. Not a stage config itself: use one of the schemes."""
+
+    precision: ClassVar[str]  # int8 | int4 | fp16: picks the default fidelity floor
+    exclude_nodes: tuple[str, ...] = ()  # node names kept in float
+    exclude_ops: tuple[str, ...] = ()  # op types kept in float
+    target: str = "cpu"  # a target of dlopt.targets that runs ONNX models (quantize_targets())
+    input_shapes: tuple[str, ...] = ()  # NAME=DxD...: the shapes of synthetic inputs
+    image: ImagePreprocess | None = None  # how a folder of images is fed; None: its defaults
+    calibration_samples: int | None = None  # cap on samples read; None: all of them
+    fidelity_samples: int = 32
+    min_sqnr_db: float | None = None  # fidelity floor per float output; None: the precision's default
+    holdout: float = HOLDOUT_FRACTION  # share of the calibration samples held out to measure fidelity
+    speed_check: bool = True  # time FP32 vs the result (b1, one thread, ~2 s) and warn when it is slower
+    # target cpu: residual sums before LayerNorms written so that ORT does not fuse them into its
+    # SkipLayerNormalization when that measures slower here (dlopt.optimize.kernel_choice); auto: timed
+    layernorm_form: LayerNormForm = "auto"
+
+    def __post_init__(self) -> None:
+        check_common(self)
+
+
+def quantize_targets() -> list[str]:
+    """The targets a quantized ONNX model can be made for: the registry's ONNX Runtime targets."""
+    from dlopt.targets import target_names
+
+    return target_names(kind="onnxruntime")
+
+
+def check_common(config) -> None:
+    """The checks of the shared fields (also run on the `quantize` front door's request)."""
+    name = type(config).__name__
+    if config.target not in quantize_targets():
+        raise InputError(f"{name}: unknown target {config.target!r}", f"choose one of {', '.join(quantize_targets())}")
+    if not 0 <= config.holdout < 1:
+        raise InputError(f"{name}: hold-out share {config.holdout} is out of range", "give a value in [0, 1), e.g. 0.2")
+    if config.min_sqnr_db is not None and math.isnan(config.min_sqnr_db):
+        raise InputError(f"{name}: the fidelity floor (min SQNR) is not a number", "give a floor in dB, e.g. 15")
+    if config.layernorm_form not in LAYERNORM_FORMS:
+        raise InputError(f"{name}: unknown layernorm form {config.layernorm_form!r}",
+                         f"choose one of {', '.join(LAYERNORM_FORMS)}")
+    if config.fidelity_samples < 1:
+        raise InputError(f"{name}: fidelity_samples {config.fidelity_samples} must be >= 1", "e.g. 32")
+    if config.calibration_samples is not None and config.calibration_samples < 1:
+        raise InputError(f"{name}: calibration_samples {config.calibration_samples} must be >= 1",
+                         "give a positive cap, or none")
+
+
+__all__ = ["HOLDOUT_FRACTION", "HOLDOUT_MIN", "LAYERNORM_FORMS", "QuantizeScheme", "check_common", "quantize_targets"]

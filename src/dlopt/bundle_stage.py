@@ -1,0 +1,41 @@
+"""The package stage: dlopt.package's PackageConfig and package() as a Stage (an ONNX model file in, a
+verified bundle folder out). An adapter only: the bundle itself is built and verified by dlopt.package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dlopt.errors import InputError
+from dlopt.package import PackageConfig, package, validate_config
+from dlopt.stage import Check, Stage, StageContext, StageResult
+
+Package = PackageConfig  # the stage's config class (defined beside the code that reads it)
+
+
+def _model_file_problem(model, config, before) -> str | None:
+    path = Path(model) if isinstance(model, (str, Path)) else None
+    if path is None:
+        return f"got a {type(model).__name__}, not the path of an .onnx file"
+    if not path.is_file() or path.suffix != ".onnx":
+        return f"{path} is not an .onnx file"
+    return None
+
+
+def _verified_problem(bundle, config, before) -> str | None:
+    manifest = Path(bundle) / "manifest.json"
+    return None if manifest.is_file() else f"{bundle} has no manifest.json"
+
+
+def _run(model: Path, config: PackageConfig, context: StageContext) -> StageResult:
+    if context.output is None:
+        raise InputError("the package stage writes a bundle folder and was given none", "pass output= in its context")
+    result = package(model, context.output, config, lineage=context.lineage, log=context.log)
+    return StageResult(result.bundle, {"verification": result.manifest["verification"]})
+
+
+STAGE = Stage(kind="package", config=PackageConfig, run=_run, takes="onnx", makes="bundle",
+              requires=(Check("an ONNX model file", _model_file_problem),),
+              ensures=(Check("a bundle with its manifest", _verified_problem),),
+              summary="a verified, self-describing bundle for the target", validate=validate_config)
+
+__all__ = ["STAGE", "Package"]
