@@ -12,9 +12,15 @@ For each model:
     python benchmarks/optimize.py                          # fashion-cnn, minilm, efficientnet-lite0
     python benchmarks/optimize.py --model minilm --work /tmp/opt
 
-Measured (EPYC Zen 1 KVM guest, family 23 model 1, AVX2+FMA, no AVX-512, no VNNI; 2 cores shared with
-other engineers' jobs; local executor, 2 workers): see the README's `dlopt optimize` section for the
-table this printed.
+Measured 2026-12-03 (AMD EPYC (family 23 model 1, Zen/Zen+), x86_64: AVX2, FMA, no AVX-512, no VNNI; 2
+cores shared with other engineers' jobs, load 5-8; local executor, 2 workers; latency one thread, thread
+CPU time, batch 1, real inputs; the README's `dlopt optimize` section has the table with the input shapes):
+  fashion-cnn         cold 189 s, warm 2.6 s (1.4 %): chosen FP32 (INT8 slower at b1 on this core),
+                      0.807 [0.805, 0.809] of the recipe's time
+  minilm              cold 669 s, warm 3.0 s (0.45 %): chosen int8-auto (= the recipe), Pang-Lee drop 0.5,
+                      1.000 [0.999, 1.001] of the recipe's time
+  efficientnet-lite0  cold 1150 s, warm 2.6 s (0.22 %): chosen int4 (drop 0; no INT8 candidate within 0.5
+                      points), 0.883 [0.881, 0.884] of the (out-of-budget, static INT8) recipe's time
 """
 
 from __future__ import annotations
