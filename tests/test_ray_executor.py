@@ -284,6 +284,7 @@ import json, sys, ray
 from dlopt.ray_executor import RayExecutor
 ex = RayExecutor(workers=2, cache_dir=sys.argv[1])
 info, squares = ex.describe(), ex.map(abs, [-3, 4, -5])
+info["resources"] = ray.cluster_resources()
 session = ray._private.worker._global_node.get_session_dir_path()
 ex.close()
 print(json.dumps({"info": info, "out": squares, "session": session, "connected": ray.is_initialized()}))
@@ -295,6 +296,8 @@ print(json.dumps({"info": info, "out": squares, "session": session, "connected":
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["out"] == [3, 4, 5] and report["connected"] is False
     assert (report["info"]["nodes"], report["info"]["cpus"], report["info"]["workers"]) == (1, 2, 2)
+    # the head it starts is a node of this host's target class, so `measure` (latency) can run on it
+    assert report["info"]["resources"].get("dlopt-target-cpu") == 1
     assert not _gone(report["session"]), "the head RayExecutor started is still running after close()"
 
 
@@ -337,3 +340,40 @@ def test_paths_in_items_are_rebased_and_their_entries_found_through_containers()
     assert _rebase(moved, worker, driver) == job
     assert _entry_keys(job, str(driver)) == {a, b}
     assert _entry_keys(["/elsewhere/" + a, "not-a-key"], str(driver)) == set()
+
+
+def test_optimize_on_a_two_node_cluster_scores_like_the_local_executor(ex, cluster, tmp_path):
+    """`dlopt optimize --executor ray`: the same candidates, the same held-out drops and sizes as the local
+    process pool for every candidate whose graph does not depend on kernel timings, the latency measured
+    on the labelled node (whose cache folder is not the driver's: its entries come back as bytes), and a
+    verified bundle. Candidates that time kernels (node forms) may differ between any two runs: near the
+    threshold the timing noise decides, so they are left out of the comparison."""
+    import onnx
+    from test_optimize import run_optimize
+    from test_quantize_int8 import cnn_model
+
+    from dlopt.search.candidates import base_candidates
+
+    onnx.save(cnn_model(), tmp_path / "cnn.onnx")
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", image=rng.standard_normal((24, 3, 16, 16)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", image=rng.standard_normal((8, 3, 16, 16)).astype(np.float32))
+    (tmp_path / "local").mkdir()
+    (tmp_path / "ray").mkdir()
+    for name in ("cnn.onnx", "calib.npz", "eval.npz"):
+        for run in ("local", "ray"):
+            (tmp_path / run / name).write_bytes((tmp_path / name).read_bytes())
+    local = run_optimize(tmp_path / "local", "out.bundle")
+    on_ray = run_optimize(tmp_path / "ray", "out.bundle", "--executor", "ray", "--address", cluster.nodes.address)
+    assert local.exit_code == 0 and on_ray.exit_code == 0, (local.stderr[-800:], on_ray.stderr[-800:])
+    a, b = json.loads(local.stdout), json.loads(on_ray.stdout)
+    assert b["executor"]["kind"] == "ray" and b["executor"]["nodes"] == 2 and b["verified"] is True
+    assert [c["name"] for c in a["candidates"]] == [c["name"] for c in b["candidates"]]
+    timed_kernels = {c.name for c in base_candidates(target="cpu", transformer=False) if c.times_kernels}
+    assert timed_kernels and "int8-static-minmax-allint8" not in timed_kernels
+    for x, y in zip(a["candidates"], b["candidates"]):
+        if x["name"] in timed_kernels or x["status"] == "skipped":
+            continue
+        assert (x["name"], x["drop_points"], x["bytes"]) == (y["name"], y["drop_points"], y["bytes"])
+        assert (x["status"] == "over-budget") == (y["status"] == "over-budget")
+    assert b["chosen"] in b["front"] and "fp32" in b["front"]

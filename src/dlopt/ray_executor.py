@@ -43,6 +43,17 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 TARGET_RESOURCE = "dlopt-target-{}"
+
+
+def local_target_classes() -> list[str]:
+    """The targets this host runs with their own kernels (the CPU; a GPU where its provider works), which a
+    head started here declares as `dlopt-target-NAME`. Simulated targets (mobile, xnnpack on a desktop CPU)
+    are not declared: timings here would not be theirs."""
+    from dlopt.targets import TARGETS, capabilities
+
+    return [name for name, target in TARGETS.items()
+            if (capabilities(name).kernels_measurable_here or capabilities(name).device_type != "cpu")
+            and target.is_available()[0]]
 CACHE_ID_FILE = ".dlopt-cache-id"
 _KEY = re.compile(r"[0-9a-f]{64}")
 
@@ -89,7 +100,9 @@ class RayExecutor:
             # cluster another process left running on this host. On Linux Ray listens on the host's own
             # address even when asked for 127.0.0.1 (services.resolve_ip_for_localhost); its token
             # authentication (on by default in Ray 2.60: RAY_AUTH_MODE) guards it.
+            # It is a node of the target classes this host runs natively, so `measure` can time on it.
             ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, include_dashboard=False,
+                     resources={TARGET_RESOURCE.format(name): 1 for name in local_target_classes()},
                      logging_level=logging.WARNING)
             self._owns_connection = True
         self._spec = _CacheSpec(str(self.cache.root.absolute()), _cache_id(self.cache))

@@ -9,6 +9,7 @@ What does not fit the time budget is reported as skipped, never silently dropped
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,13 @@ class Candidate:
     def recipe(self) -> list[dict[str, Any]]:
         return [s.to_dict() for s in self.stages]
 
+    # Whether applying it times kernels on this host: quantize's node-form choice (static or auto-mode
+    # INT8) or, for a transformer, its LayerNorm-form choice left to `auto`. Such a candidate runs alone on
+    # a node of the target's class (executor.measure): timed beside other transforms, or on another class
+    # of node, the choice follows the load, and the graph with it (seen: 4 different static INT8 graphs of
+    # one CNN in 4 cold runs with 2 parallel workers).
+    times_kernels: bool = False
+
 
 @dataclass(frozen=True)
 class Skipped:
@@ -46,6 +54,18 @@ class Skipped:
 def _quantize(target: str, **keys: Any) -> StageDesc:
     # speed_check off: the search times every candidate that can reach the front in the bench harness
     return StageDesc("quantize", {"target": target, "speed_check": False, **keys})
+
+
+def _times_kernels(stages: tuple[StageDesc, ...], transformer: bool) -> bool:
+    for s in stages:
+        if s.kind != "quantize" or s.config.get("precision", "int8") != "int8":
+            continue
+        mode = s.config.get("mode", "auto")
+        if mode in ("auto", "static") and "node_forms" not in s.config:
+            return True
+        if transformer and mode in ("auto", "dynamic") and "layernorm_form" not in s.config:
+            return True
+    return False
 
 
 def base_candidates(*, target: str, transformer: bool) -> list[Candidate]:
@@ -75,7 +95,7 @@ def base_candidates(*, target: str, transformer: bool) -> list[Candidate]:
                             "dynamic INT8 (activations quantized at run time)")]
     found += [Candidate("int4", "int4", (q(precision="int4"),), "4-bit weight-only (MatMulNBits) for MatMul/Gemm"),
               Candidate("fp16", "fp16", (q(precision="fp16"),), "FP16 weights and compute, FP32 fallback where it overflows")]
-    return found
+    return [dataclasses.replace(c, times_kernels=_times_kernels(c.stages, transformer)) for c in found]
 
 
 def with_exclusions(candidate: Candidate, *, max_drop_metric: float, evaluator: str) -> Candidate:
@@ -87,7 +107,8 @@ def with_exclusions(candidate: Candidate, *, max_drop_metric: float, evaluator: 
     keys = {"max_accuracy_drop": max_drop_metric, "evaluator": evaluator, "leave_one_out_limit": 0}
     stages = tuple(StageDesc(s.kind, {**s.config, **keys}) if s.kind == "quantize" else s for s in candidate.stages)
     return Candidate(f"{candidate.name}+float-nodes", candidate.precision, stages,
-                     f"{candidate.why}; the most sensitive nodes kept in float to meet the budget")
+                     f"{candidate.why}; the most sensitive nodes kept in float to meet the budget",
+                     candidate.times_kernels)
 
 
 def torch_only_skipped(torch_source: bool) -> list[Skipped]:

@@ -222,7 +222,12 @@ def _evaluate_all(executor, ctx: SearchContext, candidates: Sequence[Candidate],
             clock.log(f"time budget: skipping {', '.join(c.name for c in chunk + todo)}")
             break
         clock.log(f"applying and scoring {', '.join(c.name for c in chunk)}")
-        for c, r in zip(chunk, executor.map(evaluate_candidate, [(ctx, c) for c in chunk])):
+        parallel = [c for c in chunk if not c.times_kernels]
+        done = dict(zip((c.name for c in parallel), executor.map(evaluate_candidate, [(ctx, c) for c in parallel])))
+        for c in chunk:
+            if c.times_kernels:  # alone on a node of the target's class: see Candidate.times_kernels
+                done[c.name] = executor.measure(evaluate_candidate, (ctx, c), target_class=ctx.target)
+        for c, r in ((c, done[c.name]) for c in chunk):
             results[c.name] = r
             spent.append(r.seconds)
             clock.log(f"{c.name}: {'score ' + format(r.score, '.4g') if r.ok else 'failed: ' + str(r.reason)[:160]} "
