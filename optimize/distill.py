@@ -630,7 +630,10 @@ def _stage() -> Stage:
     from dlopt.optimize.export import TORCH_SOURCE
 
     return Stage(kind="distill", config=Distill, run=_run, takes="torch", makes="torch", requires=(TORCH_SOURCE,),
-                 ensures=(TORCH_SOURCE,), summary="train the student against a teacher (torch)", validate=check_config)
+                 ensures=(TORCH_SOURCE,), summary="train the student against a teacher (torch)", validate=check_config,
+                 # its training data, which the core loads before apply (api's distill verb)
+                 helpers={"load_npz_data": load_npz_data, "reference_training_data": reference_training_data,
+                          "split_validation": split_validation})
 
 
 STAGE = _stage()

@@ -46,7 +46,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli packag
 import dlopt
 from dlopt.errors import DlOptError, InputError
 from dlopt.manifest import hash_path, sha256_file
-from dlopt.stage import StageContext, config_from_dict, config_to_dict, config_version, get_stage, stage_kinds
+from dlopt.stage import Stage, StageContext, config_from_dict, config_to_dict, config_version, get_stage, stage_kinds
 from dlopt.stagecache import Entry, StageCache, cache_key
 
 TOP_KEYS = ("source", "target", "calibration", "eval_data", "name", "stage")
@@ -458,10 +458,8 @@ def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Pat
     spec = get_stage(stage.kind)
     with cache.building(key) as staging:
         if spec.takes == spec.makes == "torch":  # prune: the pruned checkpoint
-            from dlopt.optimize.prune import save_checkpoint
-
             result = spec.apply(_torch_source(recipe, artifact, log), config, StageContext(after=after, log=log))
-            produced = save_checkpoint(staging / "model.pt", result.model.module, recipe.source, result.report)
+            produced = get_stage("prune").save_checkpoint(staging / "model.pt", result.model.module, recipe.source, result.report)
             report = {k: result.report[k] for k in ("parameters_before", "parameters_after", "macs_before",
                                                     "macs_after")}
         elif spec.takes == "torch":
@@ -476,12 +474,11 @@ def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Pat
             produced, report = result.model, result.report
         else:  # quantize and its schemes
             from dlopt.api import quantize_model
-            from dlopt.optimize.quantize import failure_error
 
             outcome = quantize_model(artifact, staging / "model.onnx", config, recipe.calibration,
                                      eval_data=recipe.eval_data, after=after, log=log)
             if not outcome.passed:  # the best effort goes beside -o, as `dlopt quantize` keeps it; never cached
-                raise failure_error(_keep_failed(outcome, out))
+                raise spec.failure_error(_keep_failed(outcome, out, spec))
             produced, report = outcome.model_path, outcome.report
         summary = {k: report[k] for k in ("verdict", "verification", "bytes_written", "bytes", "recipe", "scheme",
                                           "parameters_before", "parameters_after", "macs_before", "macs_after")
@@ -497,25 +494,23 @@ def _torch_source(recipe: Recipe, checkpoint: Path | None, log: Log):
     import dataclasses as dc
 
     from dlopt.fileio import guard_source_spec
-    from dlopt.optimize.export import load_source
-    from dlopt.optimize.prune import read_checkpoint, rebuild
 
+    prune = get_stage("prune")  # the checkpoint format is prune's
     guard_source_spec(recipe.source)
     log(f"loading {recipe.source}" + (f" and its pruned checkpoint {checkpoint.parent.name[:12]}" if checkpoint else ""))
-    source = load_source(recipe.source)
+    source = get_stage("export").load_source(recipe.source)
     if checkpoint is None:
         return source
-    module = rebuild(read_checkpoint(checkpoint), source.module, source.example_inputs)
+    module = prune.rebuild(prune.read_checkpoint(checkpoint), source.module, source.example_inputs)
     return dc.replace(source, module=module, name=f"{source.name} (pruned)")
 
 
-def _keep_failed(outcome: Any, out: Path) -> Any:
+def _keep_failed(outcome: Any, out: Path, stage: Stage) -> Any:
     """Copy a failed quantize stage's model and report out of its staging folder to OUT.failed.onnx."""
     from dlopt.api import report_path_for
     from dlopt.fileio import staged_outputs
-    from dlopt.optimize.quantize import failed_path
 
-    kept = failed_path(out)
+    kept = stage.failed_path(out)
     with staged_outputs() as outputs:
         shutil.copyfile(outcome.model_path, outputs.stage(kept))
         shutil.copyfile(outcome.report_path, outputs.stage(report_path_for(kept, "quantize")))
