@@ -144,6 +144,37 @@ def test_registry_imports_no_stage_until_asked():
                           check=True).stdout.strip() == "True"
 
 
+def test_stages_declare_the_helpers_the_core_uses_and_resolve_lazy_ones():
+    import copy
+    import pickle
+
+    from dlopt.optimize import calibration, export, prune, pt2e
+    from dlopt.optimize.quantize import files, report
+
+    prune_stage = get_stage("prune")
+    assert prune_stage.rebuild is prune.rebuild and prune_stage.save_checkpoint is prune.save_checkpoint
+    assert get_stage("export").load_source is export.load_source
+    assert get_stage("export").lower_to_pte is pt2e.lower_to_pte  # a "module:attr" helper, imported on use
+    assert get_stage("export").PTE_WEIGHT_ROUNDINGS == pt2e.WEIGHT_ROUNDINGS
+    for kind in ("quantize", "int8-static", "fp16"):  # every quantize stage carries the same helpers
+        stage = get_stage(kind)
+        assert stage.failure_error is files.failure_error and stage.failed_path is files.failed_path
+        assert stage.summary_text is report.summary_text and stage.load_calibration is calibration.load_calibration
+    assert get_stage("distill").reference_training_data.__name__ == "reference_training_data"
+    with pytest.raises(AttributeError, match="the prune stage declares no helper 'lower_to_pte' "
+                                             r"\(it declares: save_checkpoint, read_checkpoint, rebuild"):
+        get_stage("prune").lower_to_pte
+    assert not hasattr(get_stage("package"), "rebuild")  # declares none
+    assert copy.copy(prune_stage).rebuild is prune.rebuild  # dunder lookups do not reach the helpers
+    assert pickle.loads(pickle.dumps(prune_stage)).kind == "prune"
+
+
+def test_fields_win_over_helpers_of_the_same_name():
+    stage = Stage(kind="x", config=object, run=lambda *a: None, takes="onnx", makes="onnx",
+                  helpers={"kind": "shadowed", "answer": 42, "spec": "json:dumps"})
+    assert stage.kind == "x" and stage.answer == 42 and stage.spec is json.dumps
+
+
 def _qdq_model() -> onnx.ModelProto:
     """x -> QuantizeLinear -> DequantizeLinear -> Relu: an already quantized model."""
     scale, zero = numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.uint8(128), "z")
