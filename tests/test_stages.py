@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from test_quantize_int8 import cnn_model, mlp_data, mlp_model
 
 from dlopt.errors import InputError, StageError
 from dlopt.images import ImagePreprocess
+from dlopt.manifest import hash_path
 from dlopt.stage import (STAGES, Check, Stage, StageContext, StageResult, config_from_dict, config_to_dict,
                          get_stage, stage_kinds)
 from dlopt.stagecache import StageCache
@@ -289,12 +291,6 @@ def test_a_recipe_runs_a_scheme_stage_by_its_kind(tmp_path):
     assert report["scheme"]["kind"] == "int8-dynamic" and report["config"]["type"] == "Int8Dynamic"
 
 
-def test_distill_is_a_stage_but_not_yet_a_recipe_stage(tmp_path):
-    result = _recipe(tmp_path, "distill")
-    assert result.exit_code == 2
-    assert "r.toml:6 (stage 1): unknown stage kind 'distill' (not a recipe stage yet" in result.stderr
-
-
 PRUNE_RECIPE = """\
 source = "net.py:build"
 
@@ -338,6 +334,79 @@ def test_a_recipe_prunes_a_torch_source_caches_the_checkpoint_and_exports_it(tmp
     assert other.exit_code == 0 and _statuses(other) == ["ran", "ran"]
     graph = onnx.load(str(tmp_path / "pruned.onnx")).graph
     assert sorted(tuple(w.dims)[0] for w in graph.initializer if len(w.dims) == 4) == [12, 12]
+
+
+DISTILL_RECIPE = """\
+source = "net.py:build"
+training_data = "{data}"
+
+[[stage]]
+kind = "prune"
+ratio = {ratio}
+
+[[stage]]
+kind = "distill"
+epochs = 4
+batch_size = 32
+lr = 0.01
+loss = "mse"
+
+[[stage]]
+kind = "export"
+"""
+
+
+def _outputs(path, images):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": images})[0]
+
+
+def test_a_recipe_distills_the_pruned_student_against_the_source_and_caches_it(tmp_path):
+    pytest.importorskip("torch_pruning")
+    import torch
+    from test_prune import FACTORY
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "train.npz", image=rng.standard_normal((320, 1, 12, 12)).astype(np.float32))
+    np.savez(tmp_path / "other.npz", image=rng.standard_normal((200, 1, 12, 12)).astype(np.float32))
+    first = _prune_run(tmp_path, text=DISTILL_RECIPE.replace("{data}", "train.npz"))
+    assert first.exit_code == 0, first.output
+    assert _statuses(first) == ["ran", "ran", "ran"]
+    (entry,) = [e for e in StageCache(tmp_path / "cache").entries() if e.kind == "distill"]
+    assert entry.info["report"]["epochs_run"] >= 1 and entry.info["report"]["train_samples"] == 288  # 10 % held out
+    assert entry.info["inputs"]["data"]["training_data"] == hash_path(tmp_path / "train.npz")["sha256"]
+    distilled = _outputs(tmp_path / "pruned.onnx", held_out := rng.standard_normal((64, 1, 12, 12)).astype(np.float32))
+    # the same recipe without distill: the pruned student as it was
+    undistilled = _prune_run(tmp_path, text=PRUNE_RECIPE)
+    assert undistilled.exit_code == 0 and _statuses(undistilled) == ["cached", "ran"]  # the prune stage is shared
+    pruned = _outputs(tmp_path / "pruned.onnx", held_out)
+    namespace: dict = {}
+    exec(FACTORY, namespace)
+    with torch.no_grad():
+        teacher = namespace["build"]()[0](torch.from_numpy(held_out)).numpy()
+    error, before = np.mean((distilled - teacher) ** 2), np.mean((pruned - teacher) ** 2)
+    assert error < 0.5 * before, (error, before)  # distillation brought the student toward the teacher
+
+    again = _prune_run(tmp_path, text=DISTILL_RECIPE.replace("{data}", "train.npz"))
+    assert again.exit_code == 0 and _statuses(again) == ["cached", "cached", "cached"]
+    other = _prune_run(tmp_path, text=DISTILL_RECIPE.replace("{data}", "other.npz"))  # new data: distill and after
+    assert other.exit_code == 0 and _statuses(other) == ["cached", "ran", "ran"]
+
+
+@pytest.mark.parametrize("text, message", [
+    (DISTILL_RECIPE.replace('training_data = "{data}"\n', ""),
+     r"p.toml:7 \(stage 2, distill\): distill needs training data and the source .*net.py:build ships none"),
+    (DISTILL_RECIPE.replace("{data}", "missing.npz"), r"p.toml: training_data .*missing.npz does not exist"),
+    (DISTILL_RECIPE.replace("{data}", "train.npz").replace('[[stage]]\nkind = "prune"\nratio = {ratio}\n\n', ""),
+     r"p.toml:4 \(stage 1, distill\): distill trains the pruned student against the source: it follows a prune "
+     "stage"),
+])
+def test_a_distill_stage_needs_a_prune_stage_before_it_and_training_data(tmp_path, text, message):
+    np.savez(tmp_path / "train.npz", image=np.zeros((20, 1, 12, 12), np.float32))
+    result = _prune_run(tmp_path, text=text)
+    assert result.exit_code == 2, result.output
+    assert re.search(message, result.stderr), result.stderr
 
 
 def test_a_recipe_cannot_end_with_a_torch_checkpoint(tmp_path):
