@@ -291,6 +291,23 @@ def test_a_recipe_runs_a_scheme_stage_by_its_kind(tmp_path):
     assert report["scheme"]["kind"] == "int8-dynamic" and report["config"]["type"] == "Int8Dynamic"
 
 
+def test_a_recipe_keeps_a_failed_quantize_result_beside_the_output_and_caches_nothing(tmp_path):
+    # the quantize stage's failed-result helpers (failed_path, failure_error), reached through the registry
+    assert _recipe(tmp_path, "int8-dynamic").exit_code == 0  # writes the model, data and recipe
+    (tmp_path / "r.toml").write_text(RECIPE.format(kind="int8-dynamic") + "min_sqnr_db = 200.0\nrecover = false\n")
+    from dlopt.cli import main
+
+    failed = CliRunner().invoke(main, ["run", str(tmp_path / "r.toml"), "-o", str(tmp_path / "q.onnx"),
+                                       "--cache-dir", str(tmp_path / "cache")])
+    assert failed.exit_code == 1, failed.output
+    assert "r.toml stage 1/1 int8-dynamic: the quantized model failed verification on 8 eval-data samples" in failed.stderr
+    assert f"the best effort was kept as {tmp_path / 'q.failed.onnx'}" in failed.stderr  # not the staging folder
+    assert "Traceback" not in failed.output
+    assert (tmp_path / "q.failed.onnx").is_file() and (tmp_path / "q.failed.quantize.json").is_file()
+    assert not (tmp_path / "q.onnx").exists()
+    assert len(StageCache(tmp_path / "cache").entries()) == 1  # the passing run's only
+
+
 PRUNE_RECIPE = """\
 source = "net.py:build"
 
