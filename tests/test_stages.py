@@ -150,8 +150,8 @@ def test_stages_declare_the_helpers_the_core_uses_and_resolve_lazy_ones():
     import copy
     import pickle
 
-    from dlopt.optimize import calibration, export, prune, pt2e
-    from dlopt.optimize.quantize import files, report
+    from dlopt.optimize import calibration, export, preprocess, prune, pt2e, sensitivity
+    from dlopt.optimize.quantize import files, report, schemes, verification
 
     prune_stage = get_stage("prune")
     assert prune_stage.rebuild is prune.rebuild and prune_stage.save_checkpoint is prune.save_checkpoint
@@ -162,6 +162,9 @@ def test_stages_declare_the_helpers_the_core_uses_and_resolve_lazy_ones():
         stage = get_stage(kind)
         assert stage.failure_error is files.failure_error and stage.failed_path is files.failed_path
         assert stage.summary_text is report.summary_text and stage.load_calibration is calibration.load_calibration
+        assert stage.split_holdout is verification.split_holdout and stage.op_counts is preprocess.op_counts
+        assert stage.build_evaluator is sensitivity.build_evaluator and stage.METHODS == schemes.METHODS
+        assert stage.looks_like_transformer is preprocess.looks_like_transformer
     assert get_stage("distill").reference_training_data.__name__ == "reference_training_data"
     with pytest.raises(AttributeError, match="the prune stage declares no helper 'lower_to_pte' "
                                              r"\(it declares: save_checkpoint, read_checkpoint, rebuild"):

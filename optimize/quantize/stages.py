@@ -67,6 +67,13 @@ HELPERS = {
     "failed_path": "dlopt.optimize.quantize.files:failed_path",  # where a failed result is kept: OUT.failed.onnx
     "summary_text": "dlopt.optimize.quantize.report:summary_text",  # what `dlopt quantize` prints
     "load_calibration": "dlopt.optimize.calibration:load_calibration",  # a calibration spec as CalibrationData
+    # what a search over quantization candidates asks (dlopt.search): the held-out split, the accuracy
+    # evaluator, the graph facts the recipe is chosen by, the calibration methods to try
+    "split_holdout": "dlopt.optimize.quantize.verification:split_holdout",
+    "build_evaluator": "dlopt.optimize.sensitivity:build_evaluator",
+    "op_counts": "dlopt.optimize.preprocess:op_counts",
+    "looks_like_transformer": "dlopt.optimize.preprocess:looks_like_transformer",
+    "METHODS": "dlopt.optimize.quantize.schemes:METHODS",
 }
 
 
