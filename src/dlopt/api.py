@@ -705,3 +705,32 @@ __all__ = ["CacheListing", "CachePruned", "DlOptError", "Gated", "InputError", "
            "distill_model", "evaluate", "export_model", "gate", "keygen", "measure_speedup", "models", "models_text",
            "package_model", "package_text", "prune_model", "quantize_model", "report_path_for", "run", "run_text",
            "verify", *_LAZY]
+
+
+def optimize_model(model: str, output: str | os.PathLike, config=None, *, executor: str = "local",
+                   address: str | None = None, workers: int | None = None, cache_dir: str | os.PathLike | None = None,
+                   report_path: str | os.PathLike | None = None, log: Callable[[str], None] = lambda message: None):
+    """Search candidate recipes for MODEL (a reference model name, a torch source, or an .onnx) on
+    config.target (an OptimizeConfig), write the best candidate within the accuracy budget as a
+    verified bundle at `output` and, with `report_path`, a self-contained HTML report. Candidate
+    transforms and scoring run on `executor` ("local" process pool or "ray"); every stage output and
+    evaluation is cached in the stage cache (`cache_dir`, else $DLOPT_CACHE_DIR, else the default).
+    Returns dlopt.search.OptimizeResult (its `result` dict follows schemas/optimize.schema.json)."""
+    from dlopt.executor import make_executor
+    from dlopt.search import OptimizeConfig, optimize
+    from dlopt.stagecache import StageCache, default_cache_dir
+
+    cache = StageCache(cache_dir or default_cache_dir())
+    runner = make_executor(executor, address=address, workers=workers, cache_dir=cache.root)
+    try:
+        return optimize(model, output, config or OptimizeConfig(), executor=runner, cache=cache,
+                        report_path=report_path, log=log)
+    finally:
+        runner.close()
+
+
+__all__ += ["optimize_model"]
+
+_LAZY.update({"OptimizeConfig": "dlopt.search.driver", "OptimizeResult": "dlopt.search.driver",
+              "optimize_text": "dlopt.search.report:front_text"})
+__all__ += ["OptimizeConfig", "OptimizeResult", "optimize_text"]

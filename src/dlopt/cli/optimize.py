@@ -1,0 +1,57 @@
+"""dlopt optimize: search candidate recipes, print the Pareto front, write the best as a verified bundle."""
+
+from __future__ import annotations
+
+import click
+
+from dlopt.cli._common import cache_dir_option, echo_err
+
+
+@click.command("optimize", short_help="Search quantization recipes; Pareto front, verified bundle, HTML report.")
+@click.argument("model")
+@click.option("--target", default="cpu", show_default=True, help="Where the model will run (cpu).")
+@click.option("--max-accuracy-drop", type=float, required=True,
+              help="Accuracy budget: points of the evaluator's metric (percentage points for accuracy-like "
+                   "metrics: 0.5 = half a point), against the FP32 source.")
+@click.option("--time-budget", default="20m", show_default=True,
+              help="Deadline for the whole search (e.g. 20m, 90s); what does not fit is reported as skipped.")
+@click.option("--max-latency", type=float, default=None, metavar="MS",
+              help="Latency limit (ms, wall clock, p90 of a batch call) for the batch/thread throughput search; "
+                   "also the most a chosen candidate may take at batch 1.")
+@click.option("--calibration", default=None, help=".onnx models: calibration data (.npz, folder, model:NAME).")
+@click.option("--eval-data", default=None, help=".onnx models: held-out data candidates are scored on.")
+@click.option("--evaluator", default=None,
+              help="cosine | top1 | sqnr (vs the FP32 outputs) or model:NAME[:metric] [default: a reference "
+                   "model's own metric, else cosine].")
+@click.option("--executor", "executor_kind", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="Where transforms and scoring run.")
+@click.option("--address", default=None, help="Ray cluster address (with --executor ray).")
+@click.option("--workers", type=int, default=None, help="Parallel workers [default: the machine's cores].")
+@click.option("-o", "--output", required=True, type=click.Path(), help="The bundle folder to write.")
+@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
+              help="Write a self-contained HTML report here.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at -o.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (schema dlopt/schemas/optimize.schema.json).")
+@cache_dir_option
+def command(model, target, max_accuracy_drop, time_budget, max_latency, calibration, eval_data, evaluator,
+            executor_kind, address, workers, output, report_path, overwrite, as_json, cache_dir):
+    """Search candidate recipes for MODEL (a reference model name, file.py:build, or an .onnx with
+    --calibration/--eval-data) on TARGET: FP32, INT8 dynamic and static (minmax, entropy, percentile),
+    kernel choices (node forms, LayerNorm form), INT4, FP16, and float-node exclusions for INT8
+    candidates over budget. Each is scored on held-out data; those that can reach the front are timed
+    interleaved against FP32 (one thread, thread CPU time, real inputs). Prints the Pareto front of
+    latency x accuracy drop x size, writes the fastest candidate within the budget (ties: the smaller)
+    as a verified bundle, and searches its batch size and thread count for throughput under
+    --max-latency. Every stage output and evaluation is cached: a re-run redoes nothing.
+    """
+    from dlopt.api import OptimizeConfig, json_text, optimize_model, optimize_text, parse_duration
+
+    config = OptimizeConfig(target=target, max_accuracy_drop=max_accuracy_drop, time_budget_s=parse_duration(time_budget),
+                            max_latency_ms=max_latency, evaluator=evaluator, calibration=calibration,
+                            eval_data=eval_data, overwrite=overwrite)
+    outcome = optimize_model(model, output, config, executor=executor_kind, address=address, workers=workers,
+                             cache_dir=cache_dir, report_path=report_path, log=echo_err)
+    if as_json:
+        click.echo(json_text(outcome.result), nl=False)
+        return
+    click.echo(optimize_text(outcome.result))

@@ -1,0 +1,102 @@
+"""The candidates `dlopt optimize` searches: each one a recipe, an ordered list of stage descriptions
+(a kind and a config dict, exactly a recipe's [[stage]] table), applied after the source's export.
+
+The space is small (about ten candidates for a model and target) and every member is worth knowing,
+so it is enumerated in a fixed order of promise, not sampled: a sampler such as Optuna pays off when
+the space is too large to try, and here a sampler's trials would be the same list in a random order.
+What does not fit the time budget is reported as skipped, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dlopt.stage import get_stage
+
+
+@dataclass(frozen=True)
+class StageDesc:
+    kind: str  # a recipe stage kind (dlopt.recipe.STAGE_KINDS)
+    config: Mapping[str, Any] = field(default_factory=dict)  # the stage's config keys, as in a recipe
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **dict(self.config)}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    precision: str  # fp32 | int8 | int4 | fp16
+    stages: tuple[StageDesc, ...]  # after the export of a torch source; () is the source itself
+    why: str  # what this candidate tries
+
+    def recipe(self) -> list[dict[str, Any]]:
+        return [s.to_dict() for s in self.stages]
+
+
+@dataclass(frozen=True)
+class Skipped:
+    name: str
+    reason: str
+    recipe: tuple[Mapping[str, Any], ...] = ()
+
+
+def _quantize(target: str, **keys: Any) -> StageDesc:
+    # speed_check off: the search times every candidate that can reach the front in the bench harness
+    return StageDesc("quantize", {"target": target, "speed_check": False, **keys})
+
+
+def base_candidates(*, target: str, transformer: bool) -> list[Candidate]:
+    """FP32, the recipe `dlopt quantize --mode auto` picks (what the hand-written recipes use), INT8
+    dynamic and static with each calibration method, the kernel choices (node forms, LayerNorm form),
+    INT4 weight-only and FP16; the most promising first (they run first under a time budget)."""
+    q = lambda **keys: _quantize(target, **keys)  # noqa: E731 (a local shorthand)
+    methods = get_stage("quantize").METHODS  # the calibration methods, through the registry
+    found = [Candidate("fp32", "fp32", (), "the source itself: the reference every ratio is against"),
+             Candidate("int8-auto", "int8", (q(precision="int8", mode="auto"),),
+                       "the INT8 recipe dlopt quantize chooses for this model, target and CPU")]
+    if transformer:
+        found += [Candidate("int8-dynamic-ln-fused", "int8",
+                            (q(precision="int8", mode="dynamic", layernorm_form="fused"),),
+                            "dynamic INT8, residual sums fused into SkipLayerNormalization"),
+                  Candidate("int8-dynamic-ln-unfused", "int8",
+                            (q(precision="int8", mode="dynamic", layernorm_form="unfused"),),
+                            "dynamic INT8, residual sums kept out of LayerNorm (kernel choice)")]
+        found += [Candidate(f"int8-static-{m}", "int8", (q(precision="int8", mode="static", method=m),),
+                            f"static INT8 (QDQ), {m} calibration") for m in methods]
+    else:
+        found += [Candidate(f"int8-static-{m}", "int8", (q(precision="int8", mode="static", method=m),),
+                            f"static INT8 (QDQ), {m} calibration, node forms timed here") for m in methods]
+        found += [Candidate("int8-static-minmax-allint8", "int8",
+                            (q(precision="int8", mode="static", method="minmax", node_forms="int8"),),
+                            "static INT8, every node class in INT8 (kernel choice: no float node forms)"),
+                  Candidate("int8-dynamic", "int8", (q(precision="int8", mode="dynamic"),),
+                            "dynamic INT8 (activations quantized at run time)")]
+    found += [Candidate("int4", "int4", (q(precision="int4"),), "4-bit weight-only (MatMulNBits) for MatMul/Gemm"),
+              Candidate("fp16", "fp16", (q(precision="fp16"),), "FP16 weights and compute, FP32 fallback where it overflows")]
+    return found
+
+
+def with_exclusions(candidate: Candidate, *, max_drop_metric: float, evaluator: str) -> Candidate:
+    """`candidate` with quantize's accuracy budget: the nodes that add the most noise stay float until
+    the evaluator's drop is within `max_drop_metric` (dlopt.optimize.sensitivity)."""
+    # leave_one_out_limit 0: nodes ranked by the noise each adds (two runs of the model), not by one
+    # re-quantization per node; with a reference evaluator the latter took EfficientNet-Lite0's retry past
+    # the whole search's 20-minute budget on the shared 2-core machine
+    keys = {"max_accuracy_drop": max_drop_metric, "evaluator": evaluator, "leave_one_out_limit": 0}
+    stages = tuple(StageDesc(s.kind, {**s.config, **keys}) if s.kind == "quantize" else s for s in candidate.stages)
+    return Candidate(f"{candidate.name}+float-nodes", candidate.precision, stages,
+                     f"{candidate.why}; the most sensitive nodes kept in float to meet the budget")
+
+
+def torch_only_skipped(torch_source: bool) -> list[Skipped]:
+    """Prune ratios with distillation: listed with the reason they are not searched."""
+    if not torch_source:
+        return [Skipped("prune+distill", "the source is an .onnx file: pruning and distillation need the torch model")]
+    return [Skipped(f"prune-{ratio:g}+distill", "prune and distill are not recipe stages yet (they train torch "
+                    "checkpoints, not one cacheable ONNX artifact), and distillation's minutes of training per "
+                    "ratio do not fit beside the quantization search on this machine; run `dlopt prune` and "
+                    "`dlopt distill`, then `dlopt optimize` the result",
+                    ({"kind": "prune", "ratio": ratio}, {"kind": "distill"})) for ratio in (0.25, 0.5)]

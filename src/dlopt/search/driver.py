@@ -1,0 +1,457 @@
+"""`dlopt optimize`: search candidate recipes for a model and target, keep the Pareto front of
+latency x accuracy drop x size, and deliver the best candidate within the accuracy budget as a
+verified bundle with a JSON result and an HTML report.
+
+The order of work, cheapest first:
+1. FP32 (the source, exported once through the stage cache) is scored: the baseline.
+2. Every candidate is applied and scored on held-out data (executor.map; cached per candidate).
+   INT8 candidates that miss the budget get a second try with quantize's accuracy budget (the most
+   sensitive nodes kept float).
+3. Latency is measured only for candidates that can reach the front (the rule, `timing_plan`):
+   within the accuracy budget, and not the less accurate of two candidates with the same graph
+   (same op types and counts, same size: the same kernels, so the same latency up to noise). They
+   are timed interleaved with FP32 in one bench run (executor.measure: nothing else runs meanwhile),
+   one thread, thread CPU time, batch 1, on the model's real inputs.
+4. The chosen candidate: fastest on the front within the budget, ties (within 1 %) to the smaller.
+   For server targets its batch size and intra-op thread count are searched for the best throughput
+   under --max-latency.
+5. The chosen recipe plus a package stage runs through the stage cache into the bundle, which is
+   then verified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dlopt.errors import InputError, VerificationError
+from dlopt.search.candidates import (Candidate, Skipped, StageDesc, base_candidates, torch_only_skipped,
+                                     with_exclusions)
+from dlopt.search.evaluation import (Evaluated, SearchContext, apply_stages, cached_evaluation, drop_points,
+                                     evaluate_candidate, measure_latency, measure_throughput, points_scale)
+from dlopt.search.pareto import Point, choose, dominated_by, pareto_front
+
+SCHEMA = "dlopt.optimize"
+SCHEMA_VERSION = 1
+OPTIMIZE_TARGETS = ("cpu",)  # the targets whose latency this machine can measure and search
+SERVER_TARGETS = ("cpu", "cuda")  # batch size and thread count are searched for these
+# Shares of the time budget: transforms and scoring stop being started after this share, so that
+# latency, the throughput search and the bundle still fit.
+TRANSFORM_SHARE = 0.7
+EXCLUSION_TRIES = 2  # INT8 candidates over budget given a second try with float nodes
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizeConfig:
+    target: str = "cpu"
+    max_accuracy_drop: float = 0.5  # points of the evaluator's metric (percentage points for a fraction)
+    time_budget_s: float = 1200.0
+    max_latency_ms: float | None = None  # the latency limit of a served request (batch call), wall clock
+    evaluator: str | None = None  # None: the reference model's own metric, else cosine vs FP32
+    calibration: str | None = None  # .onnx sources: as dlopt quantize takes it; reference models: their own
+    eval_data: str | None = None
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    thread_counts: tuple[int, ...] | None = None  # None: 1, 2, 4 ... up to the cores of this machine
+    name: str | None = None  # the bundle's model name; None: MODEL-optimized
+    overwrite: bool = False
+    package_measure_s: float = 2.0
+    latency_budget_s: float | None = None  # the interleaved latency run; None: 6 s + 4 s per timed model
+    throughput_budget_s: float | None = None  # per (threads, batch) bench run; None: 3 s
+
+
+@dataclass(frozen=True)
+class OptimizeResult:
+    result: dict[str, Any]  # the JSON result (schema dlopt/schemas/optimize.schema.json)
+    bundle: Path | None
+    report_path: Path | None
+
+
+def validate_config(config: OptimizeConfig) -> None:
+    if config.target not in OPTIMIZE_TARGETS:
+        raise InputError(f"dlopt optimize does not search --target {config.target} yet",
+                         f"use --target {' or '.join(OPTIMIZE_TARGETS)}; for other targets run a recipe (dlopt run)")
+    if config.max_accuracy_drop < 0:
+        raise InputError(f"--max-accuracy-drop {config.max_accuracy_drop} is negative", "give a drop >= 0, e.g. 0.5")
+    if config.time_budget_s <= 0:
+        raise InputError(f"--time-budget {config.time_budget_s:g} s is not positive", "e.g. --time-budget 20m")
+    if config.max_latency_ms is not None and config.max_latency_ms <= 0:
+        raise InputError(f"--max-latency {config.max_latency_ms:g} ms is not positive", "e.g. --max-latency 50")
+    if not config.batch_sizes or any(b < 1 for b in config.batch_sizes):
+        raise InputError(f"batch sizes {list(config.batch_sizes)} must be positive", "e.g. 1,4,16")
+
+
+class _Clock:
+    """The search's deadline and its progress lines: '[  41s / 1200s] ...'."""
+
+    def __init__(self, budget_s: float, log: Log) -> None:
+        self.start = time.perf_counter()
+        self.budget_s = budget_s
+        self._log = log
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return self.budget_s - self.elapsed()
+
+    def log(self, message: str) -> None:
+        self._log(f"[{self.elapsed():5.0f}s / {self.budget_s:.0f}s] {message}")
+
+
+# --------------------------------------------------------------------------- the source
+
+
+def _context(model: str, config: OptimizeConfig, cache_root: Path) -> tuple[SearchContext, str]:
+    """The search context for MODEL (an .onnx path, a reference model name or a torch source) and
+    a description of its data."""
+    from dlopt.recipe import artifact_hash, source_hash
+
+    if model.endswith(".onnx"):
+        path = Path(model).expanduser().resolve()
+        if not path.is_file():
+            raise InputError(f"model {model} does not exist", "give an .onnx file, a reference model name or file.py:build")
+        if config.calibration is None and config.eval_data is None:
+            raise InputError(f"{model}: no data to calibrate and score candidates on",
+                             "give --calibration D (an .npz, a folder, model:NAME) and/or --eval-data D")
+        evaluator = config.evaluator or "cosine"
+        name = config.name or path.stem
+        ctx = SearchContext(source=str(path), torch_source=False, source_id=artifact_hash(path), target=config.target,
+                            calibration=config.calibration, eval_data=config.eval_data, evaluator=evaluator,
+                            cache_root=str(cache_root), name=name)
+        return ctx, f"calibration {config.calibration}, evaluation {config.eval_data or 'held out of calibration'}"
+    from dlopt.models import REFERENCE_MODELS, get_reference_model
+
+    if model in REFERENCE_MODELS:
+        ref = get_reference_model(model)
+        if config.calibration or config.eval_data:
+            raise InputError(f"{model} is a reference model: it calibrates and is scored on its own data",
+                             "drop --calibration/--eval-data, or export it and optimize the .onnx")
+        evaluator = config.evaluator or f"model:{ref.name}:{ref.metrics[0]}"
+        ctx = SearchContext(source=model, torch_source=True, source_id=source_hash(model), target=config.target,
+                            calibration=f"model:{ref.name}", eval_data=None, evaluator=evaluator,
+                            cache_root=str(cache_root), name=config.name or model)
+        return ctx, f"its own data (calibration model:{ref.name}; scored with its evaluator, {evaluator})"
+    if ":" not in model:
+        raise InputError(f"unknown model {model!r}",
+                         f"give an .onnx file, file.py:build, package.module:build or one of {', '.join(REFERENCE_MODELS)}")
+    if config.calibration is None:
+        raise InputError(f"{model}: no data to calibrate and score candidates on", "give --calibration D")
+    ctx = SearchContext(source=model, torch_source=True, source_id=source_hash(model), target=config.target,
+                        calibration=config.calibration, eval_data=config.eval_data,
+                        evaluator=config.evaluator or "cosine", cache_root=str(cache_root),
+                        name=config.name or model.rpartition(":")[0].rsplit("/", 1)[-1].removesuffix(".py"))
+    return ctx, f"calibration {config.calibration}"
+
+
+# --------------------------------------------------------------------------- evaluating
+
+
+def _plan_key(ctx: SearchContext, config: OptimizeConfig) -> str:
+    """The key of a search's plan: what its time budget left out (see _evaluate_all)."""
+    from dlopt.recipe import data_hash, host_facts
+    from dlopt.stagecache import cache_key
+
+    return cache_key({"kind": "optimize-plan", "source": ctx.source_id, "target": ctx.target,
+                      "evaluator": ctx.evaluator, "time_budget_s": config.time_budget_s,
+                      "max_accuracy_drop": config.max_accuracy_drop,
+                      "data": {"calibration": data_hash(ctx.calibration), "eval_data": data_hash(ctx.eval_data)},
+                      "host": host_facts("quantize", ctx)})
+
+
+def _load_plan(ctx: SearchContext, key: str) -> dict[str, str]:
+    import json
+
+    entry = ctx.cache.get(key)
+    if entry is None:
+        return {}
+    try:
+        return dict(json.loads((entry.path / "result.json").read_text())["skipped"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _store_plan(ctx: SearchContext, key: str, skipped: Sequence[Skipped]) -> None:
+    import json
+
+    with ctx.cache.building(key) as staging:
+        (staging / "result.json").write_text(json.dumps({"skipped": {s.name: s.reason for s in skipped}}, indent=1))
+        ctx.cache.commit(key, staging, {"kind": "optimize-plan", "inputs": {"kind": "optimize-plan"},
+                                        "artifact": "result.json", "source": ctx.source,
+                                        "recipe": f"dlopt optimize {ctx.name}", "report": {}})
+
+
+def _evaluate_all(executor, ctx: SearchContext, candidates: Sequence[Candidate], clock: _Clock,
+                  deadline_s: float, planned: dict[str, str] | None = None
+                  ) -> tuple[dict[str, Evaluated], list[Skipped]]:
+    """Cached evaluations first (no work), then the rest in chunks of the executor's width, started
+    only while they can finish before `deadline_s` (the slowest of those done so far is the estimate).
+    `planned`: what an earlier run of this same search (same time budget) skipped for time; skipped
+    again, so that a warm re-run repeats the search it is cached from instead of extending it."""
+    results: dict[str, Evaluated] = {}
+    todo = []
+    skipped: list[Skipped] = []
+    for c in candidates:
+        found = cached_evaluation(ctx, c)
+        if found is not None:
+            results[c.name] = found
+            clock.log(f"{c.name}: cached ({'ok' if found.ok else 'failed'})")
+        elif planned and c.name in planned:
+            skipped.append(Skipped(c.name, f"{planned[c.name]} (in the first run of this search; another "
+                                           "--time-budget searches further)", tuple(c.recipe())))
+        else:
+            todo.append(c)
+    width = max(1, int(executor.describe().get("workers") or 1))
+    spent: list[float] = []
+    while todo:
+        estimate = max(spent, default=0.0)  # the slowest so far: a chunk runs to its end once started
+        rounds = -(-len(todo) // width)
+        # all at once when all of them fit (workers never wait for a chunk's slowest), else one chunk
+        chunk, todo = (todo, []) if spent and clock.elapsed() + estimate * rounds <= deadline_s else (todo[:width],
+                                                                                                         todo[width:])
+        if clock.elapsed() + estimate > deadline_s:
+            for c in chunk + todo:
+                skipped.append(Skipped(c.name, f"the time budget: transforms stop at {deadline_s:.0f} s of "
+                                               f"{clock.budget_s:.0f} s (up to {estimate:.0f} s each so far)",
+                                       tuple(c.recipe())))
+            clock.log(f"time budget: skipping {', '.join(c.name for c in chunk + todo)}")
+            break
+        clock.log(f"applying and scoring {', '.join(c.name for c in chunk)}")
+        for c, r in zip(chunk, executor.map(evaluate_candidate, [(ctx, c) for c in chunk])):
+            results[c.name] = r
+            spent.append(r.seconds)
+            clock.log(f"{c.name}: {'score ' + format(r.score, '.4g') if r.ok else 'failed: ' + str(r.reason)[:160]} "
+                      f"({r.seconds:.0f} s)")
+    return results, skipped
+
+
+def timing_plan(rows: dict[str, dict[str, Any]], max_drop: float) -> list[str]:
+    """Which candidates are timed: the rule of the module docstring. Sets each other row's status and
+    reason; returns the names to time (FP32 first)."""
+    eligible = []
+    for name, row in rows.items():
+        if row["status"] != "scored":
+            continue
+        if row["drop_points"] > max_drop:
+            row["status"], row["reason"] = "over-budget", (
+                f"accuracy drop {row['drop_points']:.3g} > {max_drop:g} points: cannot be chosen, so not timed")
+        else:
+            eligible.append(name)
+    timed = []
+    for name in sorted(eligible, key=lambda n: (n != "fp32", rows[n]["drop_points"], rows[n]["bytes"])):
+        row = rows[name]
+        twin = next((t for t in timed if rows[t]["signature"] == row["signature"]
+                     and abs(rows[t]["bytes"] - row["bytes"]) <= 0.01 * rows[t]["bytes"]), None)
+        if twin is not None and name != "fp32":
+            row["status"], row["reason"] = "same-graph", (
+                f"the same graph as {twin} (op types, counts and size): the same kernels and latency up to "
+                f"noise, with a drop no smaller ({row['drop_points']:.3g} vs {rows[twin]['drop_points']:.3g} points): "
+                "dominated, not timed")
+            continue
+        timed.append(name)
+    return timed
+
+
+def _server_search(executor, ctx: SearchContext, row: dict[str, Any], config: OptimizeConfig,
+                   clock: _Clock, reserve_s: float) -> dict[str, Any]:
+    threads = config.thread_counts or tuple(t for t in (1, 2, 4, 8, 16, 32, 64) if t <= (os.cpu_count() or 1))
+    per_run_s = config.throughput_budget_s or 3.0
+    needed = per_run_s * len(config.batch_sizes) * len(threads)  # at most: larger batches stop when they do not pay
+    if clock.left() - reserve_s < needed:
+        return {"skipped": f"the time budget: {clock.left():.0f} s left, about {needed + reserve_s:.0f} s needed "
+                           "for the batch/thread search and the bundle"}
+    clock.log(f"throughput search for {row['name']}: batch {list(config.batch_sizes)} x threads {list(threads)}")
+    body = executor.measure(measure_throughput, ctx, row["artifact"], row["output_sha256"], config.batch_sizes,
+                            threads, per_run_s, config.max_latency_ms, target_class=ctx.target)
+    limit = config.max_latency_ms
+    allowed = [r for r in body["rows"] if r.get("items_per_s") and (limit is None or r["p90_ms"] <= limit)]
+    best = max(allowed, key=lambda r: (r["items_per_s"], -r["threads"], -r["batch"]), default=None)
+    why = ("the highest throughput" + (f" with p90 latency <= {limit:g} ms" if limit is not None else
+                                       " (no --max-latency given)")) if best else (
+        f"no batch size and thread count keeps p90 latency <= {limit:g} ms")
+    return {**body, "max_latency_ms": limit, "best": best, "why": why}
+
+
+# --------------------------------------------------------------------------- the search
+
+
+def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = OptimizeConfig(), *, executor,
+             cache, report_path: str | os.PathLike | None = None, log: Log = lambda message: None) -> OptimizeResult:
+    """Search, choose, bundle and report (see the module docstring). `executor`: dlopt.executor;
+    `cache`: a dlopt.stagecache.StageCache shared by every worker. Raises InputError on bad input,
+    VerificationError (after writing the report) when nothing is within budget or the bundle fails."""
+    from dlopt.fileio import check_output_path
+    from dlopt.package import check_bundle_path
+    from dlopt.runtime import cpu_label, initialize
+
+    validate_config(config)
+    out = Path(output)
+    check_bundle_path(out, config.overwrite)
+    report_out = check_output_path(report_path) if report_path else None
+    initialize()
+    clock = _Clock(config.time_budget_s, log)
+    ctx, data_text = _context(model, config, Path(cache.root))
+    max_drop = config.max_accuracy_drop
+    scale = points_scale(ctx.evaluator)
+    clock.log(f"optimizing {model} for {ctx.target} (drop budget {max_drop:g} "
+              f"{'points' if scale == 100 else 'units'} of {ctx.evaluator}; data: {data_text}; {cpu_label()})")
+
+    phases: dict[str, float] = {}
+    t0 = time.perf_counter()
+    fp32 = Candidate("fp32", "fp32", (), "the source itself: the reference every ratio is against")
+    if ctx.torch_source:
+        clock.log("fp32: exporting (a cached stage after the first run)")
+        exported, _ = apply_stages(ctx, ())  # export errors are the user's to see, not a failed candidate
+        ctx = dataclasses.replace(ctx, fp32_onnx=str(exported))
+    base = evaluate_candidate((ctx, fp32))
+    if not base.ok:
+        raise InputError(f"{model}: the FP32 source could not be scored: {base.reason}", "check the model and its data")
+    clock.log(f"fp32: {ctx.evaluator} = {base.score:.5g}" + (" (cached)" if base.cached else ""))
+    from dlopt.fileio import load_onnx
+    from dlopt.stage import get_stage
+
+    transformer = get_stage("quantize").looks_like_transformer(load_onnx(base.artifact, load_external_data=False))
+    candidates = base_candidates(target=ctx.target, transformer=transformer)[1:]
+    deadline = TRANSFORM_SHARE * config.time_budget_s
+    plan_key = _plan_key(ctx, config)
+    planned = _load_plan(ctx, plan_key)
+    evaluated, skipped = _evaluate_all(executor, ctx, candidates, clock, deadline, planned)
+    evaluated = {"fp32": base, **evaluated}
+    skipped += torch_only_skipped(ctx.torch_source)
+    all_candidates = {c.name: c for c in [fp32, *candidates]}
+
+    def drop_of(r: Evaluated) -> float | None:
+        return drop_points(ctx.evaluator, base.score, r.score) if r.ok and r.score is not None else None
+
+    over = sorted((c for c in candidates if c.precision == "int8" and c.name in evaluated and evaluated[c.name].ok
+                   and drop_of(evaluated[c.name]) > max_drop), key=lambda c: drop_of(evaluated[c.name]))
+    if over:
+        retries = [with_exclusions(c, max_drop_metric=max_drop / scale, evaluator=ctx.evaluator)
+                   for c in over[:EXCLUSION_TRIES]]
+        more, more_skipped = _evaluate_all(executor, ctx, retries, clock, deadline, planned)
+        evaluated.update(more)
+        skipped += more_skipped
+        all_candidates.update({c.name: c for c in retries})
+    else:
+        skipped.append(Skipped("int8 float-node exclusions", "no INT8 candidate missed the accuracy budget: keeping "
+                               "nodes in float could only make one slower"))
+    if not planned:
+        _store_plan(ctx, plan_key, [s for s in skipped if s.reason.startswith("the time budget")])
+    phases["evaluate_s"] = time.perf_counter() - t0
+
+    rows: dict[str, dict[str, Any]] = {}
+    for name, r in evaluated.items():
+        c = all_candidates[name]
+        row = {"name": name, "precision": c.precision, "why": c.why, "recipe": c.recipe(), "cached": r.cached,
+               "seconds": r.seconds, "score": r.score, "drop_points": drop_of(r), "bytes": r.bytes,
+               "artifact": r.artifact, "output_sha256": r.output_sha256, "signature": r.signature,
+               "stage_keys": list(r.stage_keys), "latency_ratio": None, "latency_ci": None, "median_ms": None,
+               "on_front": False, "status": "scored" if r.ok else "failed", "reason": r.reason}
+        rows[name] = row
+
+    # latency, only for what can reach the front
+    t0 = time.perf_counter()
+    timed = timing_plan(rows, max_drop)
+    latency_budget = config.latency_budget_s or min(6.0 + 4.0 * len(timed), max(10.0, clock.left() * 0.3))
+    clock.log(f"timing {', '.join(timed)} interleaved ({latency_budget:.0f} s, one thread, thread CPU time)")
+    latency = executor.measure(measure_latency, ctx, [(n, rows[n]["artifact"], rows[n]["output_sha256"]) for n in timed],
+                               latency_budget, target_class=ctx.target)
+    for name in timed:
+        m = latency["models"][name]
+        rows[name].update(latency_ratio=m["ratio"], latency_ci=[m["ratio_low"], m["ratio_high"]],
+                          median_ms=m["median_ms"], status="timed")
+    phases["latency_s"] = time.perf_counter() - t0
+
+    points = [Point(n, rows[n]["latency_ratio"], rows[n]["drop_points"], rows[n]["bytes"]) for n in timed]
+    front = pareto_front(points)
+    eligible = [p for p in points if config.max_latency_ms is None or rows[p.name]["median_ms"] <= config.max_latency_ms]
+    picked = choose(eligible, max_drop) if eligible else None
+    for p in points:
+        row = rows[p.name]
+        if p in front:
+            row["on_front"], row["status"] = True, "front"
+            row["reason"] = "on the Pareto front (no other candidate is as fast, as accurate and as small)"
+        else:
+            by = dominated_by(p, points)
+            row["status"], row["reason"] = "dominated", (
+                f"dominated by {by.name}: latency {by.latency:.3f} vs {p.latency:.3f} x FP32, drop {by.drop:.3g} vs "
+                f"{p.drop:.3g} points, {by.size / 1e6:.2f} vs {p.size / 1e6:.2f} MB")
+        if config.max_latency_ms is not None and row["median_ms"] > config.max_latency_ms:
+            row["reason"] += f"; its batch-1 latency {row['median_ms']:.3g} ms exceeds --max-latency {config.max_latency_ms:g}"
+    if picked is not None:
+        rows[picked.name]["status"] = "chosen"
+        rows[picked.name]["reason"] = ("the fastest on the front within the accuracy budget"
+                                       + (" (latencies within 1 % are ties, decided by size)" if len(front) > 1 else ""))
+
+    server = None
+    t0 = time.perf_counter()
+    if picked is not None and ctx.target in SERVER_TARGETS:
+        server = _server_search(executor, ctx, rows[picked.name], config, clock, reserve_s=60.0)
+    phases["throughput_s"] = time.perf_counter() - t0
+
+    # the bundle, verified
+    bundle, verified, bundle_error = None, None, None
+    t0 = time.perf_counter()
+    if picked is not None:
+        clock.log(f"writing {picked.name} as a bundle to {out}")
+        package = StageDesc("package", {"target": ctx.target, "measure_s": config.package_measure_s,
+                                        "name": f"{ctx.name}-{picked.name}"})
+        apply_stages(ctx, (*all_candidates[picked.name].stages, package), output=out, overwrite=config.overwrite)
+        from dlopt.verify import verify_bundle
+
+        check = verify_bundle(out)
+        verified = check.passed
+        bundle = out
+        if not verified:
+            bundle_error = "; ".join(check.problems())
+        clock.log(f"bundle {'verified' if verified else 'FAILED verification'}: {out}")
+    phases["bundle_s"] = time.perf_counter() - t0
+
+    result = _result(model, ctx, config, base, rows, skipped, front, picked, latency, server, executor, cache,
+                     bundle, verified, clock, phases, report_out)
+    if report_out is not None:
+        from dlopt.fileio import staged_outputs
+        from dlopt.search.report import render_report
+
+        with staged_outputs() as outputs:
+            outputs.stage(report_out).write_text(render_report(result))
+    if picked is None:
+        raise VerificationError(f"no candidate of {model} is within the budget (drop <= {max_drop:g} points"
+                                + (f", batch-1 latency <= {config.max_latency_ms:g} ms" if config.max_latency_ms else "")
+                                + ")", "raise --max-accuracy-drop or --max-latency; see the report's reasons")
+    if not verified:
+        raise VerificationError(f"the bundle {out} failed verification: {bundle_error}", "report this model")
+    return OptimizeResult(result, bundle, report_out)
+
+
+def _result(model, ctx, config, base, rows, skipped, front, picked, latency, server, executor, cache, bundle,
+            verified, clock, phases, report_out) -> dict[str, Any]:
+    from dlopt.runtime import cpu_label
+
+    candidates = list(rows.values()) + [
+        {"name": s.name, "precision": None, "why": None, "recipe": list(s.recipe), "cached": False, "seconds": 0.0,
+         "score": None, "drop_points": None, "bytes": None, "artifact": None, "output_sha256": None, "signature": None,
+         "stage_keys": [], "latency_ratio": None, "latency_ci": None, "median_ms": None, "on_front": False,
+         "status": "skipped", "reason": s.reason} for s in skipped]
+    evaluated = [r for r in rows.values()]
+    return {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "model": model, "name": ctx.name,
+        "target": ctx.target, "evaluator": ctx.evaluator,
+        "drop_unit": "percentage points" if points_scale(ctx.evaluator) == 100 else "metric units",
+        "max_accuracy_drop": config.max_accuracy_drop, "max_latency_ms": config.max_latency_ms,
+        "baseline_score": base.score, "cpu": cpu_label(),
+        "time_budget_s": config.time_budget_s, "seconds": round(clock.elapsed(), 2),
+        "phases_s": {k: round(v, 2) for k, v in phases.items()},
+        "executor": executor.describe(), "cache": {"root": str(cache.root),
+                                                   "evaluations_cached": sum(r["cached"] for r in evaluated),
+                                                   "evaluations_run": sum(not r["cached"] for r in evaluated)},
+        "latency": {k: v for k, v in latency.items() if k != "models"},
+        "candidates": candidates, "front": [p.name for p in front], "chosen": picked.name if picked else None,
+        "server": server, "bundle": str(bundle) if bundle else None, "verified": verified,
+        "report": str(report_out) if report_out else None,
+    }

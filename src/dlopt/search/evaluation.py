@@ -1,0 +1,410 @@
+"""Applying a candidate and measuring it: the work `dlopt optimize` fans out (dlopt.executor).
+
+- `apply_stages` is the one place a candidate's stage descriptions become artifacts: they are built
+  into an in-memory recipe and run through dlopt.recipe, so every stage output lands in (and is taken
+  from) the content-addressed stage cache, under the same keys `dlopt run` uses.
+- `evaluate_candidate` (executor.map) applies a candidate and scores it on held-out data; its result,
+  a failure included, is stored as its own cache entry (kind "optimize-eval"), keyed by everything that
+  decides it, so a warm re-run neither transforms nor re-scores anything.
+- `measure_latency` and `measure_throughput` (executor.measure) time candidates with the interleaved
+  bench harness; their results are cached too, keyed by the artifacts, the harness settings and the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from dlopt.errors import DlOptError, InputError
+from dlopt.search.candidates import Candidate, StageDesc
+from dlopt.stagecache import StageCache, cache_key
+
+EVAL_FORMAT = 1
+RESULT_FILE = "result.json"
+# Metrics that are fractions in [0, 1]: a drop in "points" is 100x the drop of the metric (accuracy
+# 0.735 -> 0.730 is 0.5 points). Other metrics (dB, perplexity) are given in their own units.
+_FRACTION_WORDS = ("accuracy", "agreement", "top1", "cosine", "pearson", "spearman", "sqnr")
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What every job needs to know about the search; picklable (it crosses into workers)."""
+
+    source: str  # a torch source spec (reference model name, file.py:build) or an absolute .onnx path
+    torch_source: bool
+    source_id: str  # dlopt.recipe.source_hash / artifact_hash of the source
+    target: str
+    calibration: str | None
+    eval_data: str | None
+    evaluator: str  # model:NAME:metric, or cosine | top1 | sqnr (against the FP32 source's outputs)
+    cache_root: str
+    name: str  # the model's name in bundles and reports
+    fp32_onnx: str | None = None  # the FP32 model (the export of a torch source): what fidelity compares with
+
+    @property
+    def cache(self) -> StageCache:
+        return StageCache(self.cache_root)
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """One candidate applied and scored (or why it could not be)."""
+
+    name: str
+    ok: bool
+    reason: str | None = None  # why it could not be built or scored
+    artifact: str | None = None  # the model in the stage cache
+    output_sha256: str | None = None
+    bytes: int | None = None
+    score: float | None = None  # the evaluator's metric on held-out data
+    signature: str | None = None  # op types and counts of the graph: equal graphs run the same kernels
+    seconds: float = 0.0  # transform + scoring time when it ran
+    stage_keys: tuple[str, ...] = ()
+    stage_reports: tuple[Mapping[str, Any], ...] = ()
+    cached: bool = False  # taken from the cache: nothing was transformed or scored
+    eval_key: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+# --------------------------------------------------------------------------- metrics and points
+
+
+def points_scale(evaluator: str) -> float:
+    """100 for a metric that is a fraction (points = percentage points), else 1 (its own units)."""
+    metric = evaluator.split(":")[-1].lower()
+    return 100.0 if any(word in metric for word in _FRACTION_WORDS) and not metric.endswith("_db") else 1.0
+
+
+def drop_points(evaluator: str, baseline: float, score: float) -> float:
+    """How much worse `score` is than the FP32 `baseline`, in points (see points_scale)."""
+    from dlopt.evaluate import higher_is_better
+
+    lower_better = higher_is_better(evaluator.split(":")[-1]) is False
+    # rounded: an accuracy over 1000 items moves in steps of 0.1 point, and 0.735 - 0.730 is 0.50000000000004
+    # in floating point, which must not fail a budget of 0.5
+    return round((score - baseline if lower_better else baseline - score) * points_scale(evaluator), 9)
+
+
+# --------------------------------------------------------------------------- applying stages
+
+
+def build_recipe(ctx: SearchContext, stages: Sequence[StageDesc]):
+    """The candidate as a dlopt.recipe.Recipe: the source's export (torch sources), then `stages`."""
+    from dlopt.recipe import Recipe, StageSpec, build_config
+
+    descs = ([StageDesc("export")] if ctx.torch_source else []) + list(stages)
+    specs = tuple(StageSpec(i, d.kind, build_config(d.kind, dict(d.config), where=f"{ctx.name} stage {i} ({d.kind})",
+                                                    target=ctx.target), None)
+                  for i, d in enumerate(descs, 1))
+    return Recipe(path=Path(f"{ctx.name}.optimize"), source=ctx.source, target=ctx.target,
+                  calibration=ctx.calibration, eval_data=ctx.eval_data, name=ctx.name, stages=specs)
+
+
+def apply_stages(ctx: SearchContext, stages: Sequence[StageDesc], output: Path | None = None, *,
+                 overwrite: bool = False, log=lambda message: None):
+    """Run the source's export and `stages` through the stage cache (the one function that applies a
+    candidate; stage kinds and configs are those of a recipe). Returns (artifact path, RunResult or
+    None): the last stage's output in the cache; with `output`, also delivered there (a bundle when
+    the last stage is package). An .onnx source with no stages is its own artifact."""
+    from dlopt.recipe import run_recipe
+
+    recipe = build_recipe(ctx, stages)
+    if not recipe.stages:
+        return Path(ctx.source), None
+    with tempfile.TemporaryDirectory(prefix="dlopt-optimize-") as tmp:
+        out = Path(output) if output is not None else Path(tmp) / "model.onnx"
+        result = run_recipe(recipe, out, cache=ctx.cache, overwrite=overwrite, log=log)
+    last = result.stages[-1].entry
+    return last.path / last.info["artifact"], result
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@functools.lru_cache(maxsize=4)
+def _evaluator(ctx: SearchContext):
+    """The evaluator of dlopt.optimize.sensitivity (one per worker process and search)."""
+    from dlopt.stage import get_stage
+
+    build_evaluator = get_stage("quantize").build_evaluator  # quantize's own accuracy evaluators
+    if ctx.evaluator.startswith("model:"):
+        return build_evaluator(ctx.evaluator, None, None)
+    from dlopt.fileio import load_onnx
+
+    original = load_onnx(ctx.fp32_onnx or ctx.source)
+    return build_evaluator(ctx.evaluator, original, heldout_feeds(ctx, original))
+
+
+def heldout_feeds(ctx: SearchContext, model) -> list[dict[str, Any]] | None:
+    """Where a fidelity evaluator scores: --eval-data, else the samples quantize holds out of
+    --calibration (the last 20 %: never calibrated on), else None (generated inputs)."""
+    from dlopt.stage import get_stage
+
+    quantize = get_stage("quantize")  # its calibration loader, its QuantizeConfig's defaults and held-out split
+    config = quantize.config()
+    data = quantize.load_calibration(ctx.calibration, model) if ctx.calibration else None
+    held = quantize.load_calibration(ctx.eval_data, model, limit=config.fidelity_samples) if ctx.eval_data else None
+    _, feeds, _ = quantize.split_holdout(data, held, config)
+    return feeds
+
+
+def score_model(ctx: SearchContext, path: str | Path) -> float:
+    """The evaluator's metric for the model at `path` on the held-out data (one thread per session)."""
+    return float(_evaluator(ctx).score(str(path)))
+
+
+def graph_signature(path: Path) -> str:
+    """The sorted op types and counts of the graph: two candidates with the same signature and size
+    run the same kernels, so their latencies differ only by noise."""
+    from dlopt.fileio import load_onnx
+    from dlopt.stage import get_stage
+
+    counts = get_stage("quantize").op_counts(load_onnx(path, load_external_data=False))
+    return json.dumps(dict(sorted(counts.items())), separators=(",", ":"))
+
+
+# --------------------------------------------------------------------------- the cached evaluation
+
+
+def eval_key_inputs(ctx: SearchContext, candidate: Candidate) -> dict[str, Any]:
+    """Everything that decides a candidate's evaluation, without running it: the source, the full
+    recipe, the data, the evaluator and the host facts (dlopt.recipe.host_facts)."""
+    from dlopt.recipe import data_hash, host_facts
+
+    recipe = ([{"kind": "export"}] if ctx.torch_source else []) + candidate.recipe()
+    return {"kind": "optimize-eval", "eval_format": EVAL_FORMAT, "source": ctx.source_id, "recipe": recipe,
+            "target": ctx.target, "evaluator": ctx.evaluator,
+            "data": {"calibration": data_hash(ctx.calibration), "eval_data": data_hash(ctx.eval_data)},
+            "host": host_facts("quantize", SimpleNamespace(target=ctx.target))}
+
+
+def cached_evaluation(ctx: SearchContext, candidate: Candidate) -> Evaluated | None:
+    """The stored evaluation of `candidate`, if any and its artifact is still in the cache."""
+    key = cache_key(eval_key_inputs(ctx, candidate))
+    entry = ctx.cache.get(key)
+    if entry is None:
+        return None
+    try:
+        data = json.loads((entry.path / RESULT_FILE).read_text())
+        result = Evaluated(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    except (OSError, ValueError, TypeError):
+        return None
+    if result.artifact is not None and not Path(result.artifact).exists():
+        return None  # its model was pruned from the cache: evaluate again
+    return _replace(result, cached=True, eval_key=key)
+
+
+def _replace(result: Evaluated, **changes: Any) -> Evaluated:
+    from dataclasses import replace
+
+    return replace(result, **changes)
+
+
+def evaluate_candidate(job: tuple[SearchContext, Candidate]) -> Evaluated:
+    """Apply one candidate and score it (a module-level function: it runs in executor workers).
+    Deterministic failures (a verification, stage or input error) are cached like results."""
+    from dlopt.recipe import artifact_hash
+    from dlopt.runtime import initialize
+
+    ctx, candidate = job
+    found = cached_evaluation(ctx, candidate)
+    if found is not None:
+        return found
+    initialize()
+    started = time.perf_counter()
+    inputs = eval_key_inputs(ctx, candidate)
+    key = cache_key(inputs)
+    try:
+        artifact, run = apply_stages(ctx, candidate.stages)
+        score = score_model(ctx, artifact)
+        stage_runs = run.stages if run is not None else ()
+        result = Evaluated(
+            name=candidate.name, ok=True, artifact=str(artifact),
+            output_sha256=stage_runs[-1].output_sha256 if stage_runs else artifact_hash(artifact),
+            bytes=_artifact_bytes(artifact), score=score, signature=graph_signature(artifact),
+            stage_keys=tuple(r.key for r in stage_runs),
+            stage_reports=tuple(_stage_summary(r.entry.info) for r in stage_runs))
+    except DlOptError as e:
+        # a failed quantize keeps its best effort beside a scratch output that is gone by now: not worth naming
+        reason = re.sub(r"; the best effort was kept as .*?, nothing was written to the output path", "",
+                        _one_line(e.message))
+        result = Evaluated(name=candidate.name, ok=False, reason=reason)
+    except Exception as e:  # noqa: BLE001 - a library failing on one candidate must not end the search
+        return Evaluated(name=candidate.name, ok=False, reason=f"{type(e).__name__}: {_one_line(str(e))}",
+                         seconds=time.perf_counter() - started)  # not cached: it may not happen again
+    result = _replace(result, seconds=round(time.perf_counter() - started, 2), eval_key=key)
+    cache = ctx.cache
+    with cache.building(key) as staging:
+        (staging / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=1))
+        cache.commit(key, staging, {"kind": "optimize-eval", "inputs": inputs, "artifact": RESULT_FILE,
+                                    "output_sha256": result.output_sha256, "source": ctx.source,
+                                    "recipe": f"dlopt optimize {ctx.name}: {candidate.name}",
+                                    "report": {"ok": result.ok, "score": result.score, "reason": result.reason}})
+    return result
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _artifact_bytes(artifact: Path) -> int:
+    from dlopt.fileio import external_data_files, load_onnx
+
+    external = external_data_files(load_onnx(artifact, load_external_data=False))
+    return artifact.stat().st_size + sum((artifact.parent / n).stat().st_size for n in external)
+
+
+def _stage_summary(info: Mapping[str, Any]) -> dict[str, Any]:
+    report = info.get("report") or {}
+    summary = {"kind": info.get("kind"), "cache_key": info.get("key")}
+    recipe = report.get("recipe")
+    if isinstance(recipe, Mapping):
+        summary["recipe_reasons"] = list(recipe.get("reasons", []))
+    verdict = report.get("verdict")
+    if isinstance(verdict, Mapping):
+        summary["fidelity_passed"] = verdict.get("passed")
+    return summary
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def bench_data(ctx: SearchContext, samples: int = 64) -> tuple[dict[str, Any] | None, str]:
+    """Real inputs to time on: the reference model's own (dlopt bench --data model:NAME), else an .npz
+    given as --eval-data or --calibration; else None (generated inputs), with a description."""
+    from dlopt.bench import load_data
+
+    if ctx.evaluator.startswith("model:"):
+        name = ctx.evaluator.split(":")[1]
+        return load_data(f"model:{name}", samples=samples), f"model:{name} ({samples} real samples)"
+    for spec in (ctx.eval_data, ctx.calibration):
+        if spec and spec.endswith(".npz"):
+            return load_data(spec), spec
+    return None, "generated inputs (give an .npz as --eval-data for real ones)"
+
+
+def _latency_key(ctx: SearchContext, what: str, hashes: Sequence[str], settings: Mapping[str, Any]) -> str:
+    from dlopt.bench import machine_fingerprint
+    from dlopt.recipe import data_hash
+
+    return cache_key({"kind": f"optimize-{what}", "eval_format": EVAL_FORMAT, "models": list(hashes),
+                      "settings": dict(settings), "data": data_hash(ctx.eval_data) if ctx.eval_data else ctx.evaluator,
+                      "machine": machine_fingerprint(int(settings.get("threads", 1)))})
+
+
+def _cached_json(ctx: SearchContext, key: str) -> dict[str, Any] | None:
+    entry = ctx.cache.get(key)
+    if entry is None:
+        return None
+    try:
+        return json.loads((entry.path / RESULT_FILE).read_text()) | {"cached": True}
+    except (OSError, ValueError):
+        return None
+
+
+def _store_json(ctx: SearchContext, key: str, kind: str, body: Mapping[str, Any]) -> None:
+    with ctx.cache.building(key) as staging:
+        (staging / RESULT_FILE).write_text(json.dumps(body, indent=1))
+        ctx.cache.commit(key, staging, {"kind": kind, "inputs": {"kind": kind}, "artifact": RESULT_FILE,
+                                        "source": ctx.source, "recipe": f"dlopt optimize {ctx.name}", "report": {}})
+
+
+def measure_latency(ctx: SearchContext, models: Sequence[tuple[str, str, str]], budget_s: float) -> dict[str, Any]:
+    """Time `models` ((name, path, sha256), the FP32 source first) interleaved in one bench run: one
+    thread, thread CPU time, batch 1, on the model's real inputs. Returns per model the ratio to the
+    first (estimate and 95 % CI) and the median ms, with the input shapes and the CPU label."""
+    from dlopt.bench import BenchConfig, benchmark
+    from dlopt.runtime import cpu_label
+
+    settings = {"threads": 1, "clock": "cpu", "batch": 1, "budget_s": round(budget_s, 1)}
+    key = _latency_key(ctx, "latency", [h for _, _, h in models], settings)
+    found = _cached_json(ctx, key)
+    if found is not None:
+        return found
+    data, data_text = bench_data(ctx)
+    config = BenchConfig(target="cpu", threads=1, clock="cpu", batch_sizes=(1,), budget_s=budget_s, min_rounds=10)
+    result = benchmark([p for _, p, _ in models], config, data=data, data_source=data_text)
+    batch = result.batches[0]
+    rows = {}
+    for (name, _, _), run in zip(models, batch.models):
+        ratio = run.ratios["cpu"]
+        rows[name] = {"median_ms": run.summaries["cpu"].median * 1e3,
+                      "ratio": ratio.estimate if ratio is not None else 1.0,
+                      "ratio_low": ratio.low if ratio is not None else 1.0,
+                      "ratio_high": ratio.high if ratio is not None else 1.0}
+    body = {"models": rows, "input_shapes": {k: list(v) for k, v in batch.input_shapes.items()},
+            "rounds": batch.rounds, "clock": "thread CPU time", "threads": 1, "batch": 1, "data": data_text,
+            "cpu": cpu_label(), "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cached": False}
+    _store_json(ctx, key, "optimize-latency", body)
+    return body
+
+
+def measure_throughput(ctx: SearchContext, path: str, sha256: str, batches: Sequence[int], threads: Sequence[int],
+                       budget_s: float, max_latency_ms: float | None = None) -> dict[str, Any]:
+    """Throughput (items/s) and wall-clock latency (median, p90) of one model at each intra-op thread
+    count and batch size (wall clock: pool threads' work is invisible to a thread's CPU clock). Batch
+    sizes are tried in increasing order, each in its own bench run of `budget_s`; the next is not
+    tried when this one gained less than 5 % throughput over the last, went over `max_latency_ms`
+    (p90), or would need more than `budget_s` for a few calls (its latency grows with the batch)."""
+    from dlopt.bench import BenchConfig, benchmark
+    from dlopt.runtime import cpu_label
+
+    settings = {"threads": max(threads), "clock": "wall", "batches": list(batches), "thread_counts": list(threads),
+                "budget_s": round(budget_s, 1), "max_latency_ms": max_latency_ms}
+    key = _latency_key(ctx, "throughput", [sha256], settings)
+    found = _cached_json(ctx, key)
+    if found is not None:
+        return found
+    data, data_text = bench_data(ctx, samples=max(64, 2 * max(batches)))
+    available = min((len(v) for v in data.values()), default=0) if data else None
+    notes = []
+    if available is not None and any(b > available for b in batches):
+        notes.append(f"{data_text} holds {available} sample(s): batch sizes above it are not measured")
+        batches = [b for b in batches if b <= available] or [1]
+    rows = []
+    for t in threads:
+        last = None
+        for b in sorted(batches):
+            if last is not None:
+                projected_ms = last["median_ms"] * b / last["batch"]
+                why = ("throughput gained < 5 %" if last["gain"] < 1.05 else
+                       f"p90 {last['p90_ms']:.3g} ms > {max_latency_ms:g} ms" if max_latency_ms is not None
+                       and last["p90_ms"] > max_latency_ms else
+                       f"about {projected_ms:.0f} ms a call: too few calls in {budget_s:g} s"
+                       if projected_ms * 8 > budget_s * 1e3 else None)
+                if why:
+                    notes.append(f"{t} thread(s): batch {b} and above not measured ({why} at batch {last['batch']})")
+                    break
+            config = BenchConfig(target="cpu", threads=t, clock="wall", batch_sizes=(b,), budget_s=budget_s,
+                                 min_rounds=3)
+            try:
+                result = benchmark([path], config, data=data, data_source=data_text)
+            except InputError as e:  # e.g. a model with a fixed batch axis
+                notes.append(f"{t} thread(s), batch {b}: {_one_line(e.message)}")
+                break
+            run = result.batches[0]
+            s = run.models[0].summaries["wall"]
+            row = {"threads": t, "batch": run.batch, "median_ms": s.median * 1e3, "p90_ms": s.p90 * 1e3,
+                   "items_per_s": run.batch / s.median if s.median > 0 else None,
+                   "input_shapes": {k: list(v) for k, v in run.input_shapes.items()}}
+            rows.append(row)
+            gain = (row["items_per_s"] or 0) / last["items_per_s"] if last and last["items_per_s"] else float("inf")
+            last = {**row, "gain": gain}
+    body = {"rows": rows, "notes": notes, "clock": "wall", "data": data_text, "cpu": cpu_label(),
+            "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cached": False}
+    _store_json(ctx, key, "optimize-throughput", body)
+    return body
+
+
+__all__ = ["Evaluated", "SearchContext", "apply_stages", "build_recipe", "drop_points", "evaluate_candidate",
+           "measure_latency", "measure_throughput", "points_scale", "score_model"]
