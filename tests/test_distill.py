@@ -314,6 +314,7 @@ def test_cli_distill_writes_student_and_resumes(pruned_factory):
     ({"--data": "{tmp}/missing.npz"}, "missing.npz does not exist"),
     ({"--student": "{tmp}/data.npz"}, "not a dlopt checkpoint"),
     ({"--alpha": "2"}, "alpha must be between 0 and 1"),
+    ({"--data": "reference"}, "unknown reference model '.*net.py:build'"),  # a factory teacher has no reference data
 ])
 def test_cli_bad_input_exits_2(pruned_factory, change, message):
     from dlopt.cli import main
@@ -327,3 +328,36 @@ def test_cli_bad_input_exits_2(pruned_factory, change, message):
     assert result.exit_code == 2, result.output
     assert re.search(message, result.output), result.output
     assert "Traceback" not in result.output
+
+
+def test_reference_training_data_is_the_reference_models_own():
+    """`--data reference` asks the teacher's ReferenceModel (dlopt.models) for its training data."""
+    from dlopt.models import REFERENCE_MODELS, get_reference_model
+    from dlopt.optimize.distill import reference_training_data
+
+    fashion = get_reference_model("fashion-cnn")
+    if fashion.missing_requirements():
+        pytest.skip(f"fashion-cnn needs {fashion.missing_requirements()}")
+    from dlopt.models import fashion_cnn
+
+    data = reference_training_data("fashion-cnn", max_samples=100)
+    images, labels = fashion_cnn.training_set()
+    assert len(data) == 100 and data.inputs["image"].shape == (100, 1, 28, 28)
+    assert torch.equal(data.inputs["image"], images[:100]) and torch.equal(data.labels, labels[:100])
+    assert data.labels.dtype == torch.int64
+    assert len(reference_training_data("fashion-cnn")) == 60_000
+    assert [m.name for m in REFERENCE_MODELS.values() if m.training] == ["minilm", "fashion-cnn"]
+
+
+def test_a_reference_model_without_training_data_is_an_input_error():
+    from dlopt.models import get_reference_model
+    from dlopt.optimize.distill import reference_training_data
+
+    with pytest.raises(InputError, match="the reference model 'efficientnet-lite0' has no training data to distill on") \
+            as raised:
+        reference_training_data("efficientnet-lite0")
+    assert raised.value.hint == "give an .npz file (reference data exists for minilm, fashion-cnn)"
+    with pytest.raises(InputError, match="'smollm2' has no training data"):
+        get_reference_model("smollm2").training_data()
+    with pytest.raises(InputError, match="unknown reference model 'nope'"):
+        reference_training_data("nope")

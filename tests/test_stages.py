@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from test_quantize_int8 import cnn_model, mlp_data, mlp_model
 
 from dlopt.errors import InputError, StageError
 from dlopt.images import ImagePreprocess
+from dlopt.manifest import hash_path
 from dlopt.stage import (STAGES, Check, Stage, StageContext, StageResult, config_from_dict, config_to_dict,
                          get_stage, stage_kinds)
 from dlopt.stagecache import StageCache
@@ -144,6 +146,40 @@ def test_registry_imports_no_stage_until_asked():
                           check=True).stdout.strip() == "True"
 
 
+def test_stages_declare_the_helpers_the_core_uses_and_resolve_lazy_ones():
+    import copy
+    import pickle
+
+    from dlopt.optimize import calibration, export, preprocess, prune, pt2e, sensitivity
+    from dlopt.optimize.quantize import files, report, schemes, verification
+
+    prune_stage = get_stage("prune")
+    assert prune_stage.rebuild is prune.rebuild and prune_stage.save_checkpoint is prune.save_checkpoint
+    assert get_stage("export").load_source is export.load_source
+    assert get_stage("export").lower_to_pte is pt2e.lower_to_pte  # a "module:attr" helper, imported on use
+    assert get_stage("export").PTE_WEIGHT_ROUNDINGS == pt2e.WEIGHT_ROUNDINGS
+    for kind in ("quantize", "int8-static", "fp16"):  # every quantize stage carries the same helpers
+        stage = get_stage(kind)
+        assert stage.failure_error is files.failure_error and stage.failed_path is files.failed_path
+        assert stage.summary_text is report.summary_text and stage.load_calibration is calibration.load_calibration
+        assert stage.split_holdout is verification.split_holdout and stage.op_counts is preprocess.op_counts
+        assert stage.build_evaluator is sensitivity.build_evaluator and stage.METHODS == schemes.METHODS
+        assert stage.looks_like_transformer is preprocess.looks_like_transformer
+    assert get_stage("distill").reference_training_data.__name__ == "reference_training_data"
+    with pytest.raises(AttributeError, match="the prune stage declares no helper 'lower_to_pte' "
+                                             r"\(it declares: save_checkpoint, read_checkpoint, rebuild"):
+        get_stage("prune").lower_to_pte
+    assert not hasattr(get_stage("package"), "rebuild")  # declares none
+    assert copy.copy(prune_stage).rebuild is prune.rebuild  # dunder lookups do not reach the helpers
+    assert pickle.loads(pickle.dumps(prune_stage)).kind == "prune"
+
+
+def test_fields_win_over_helpers_of_the_same_name():
+    stage = Stage(kind="x", config=object, run=lambda *a: None, takes="onnx", makes="onnx",
+                  helpers={"kind": "shadowed", "answer": 42, "spec": "json:dumps"})
+    assert stage.kind == "x" and stage.answer == 42 and stage.spec is json.dumps
+
+
 def _qdq_model() -> onnx.ModelProto:
     """x -> QuantizeLinear -> DequantizeLinear -> Relu: an already quantized model."""
     scale, zero = numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.uint8(128), "z")
@@ -258,10 +294,21 @@ def test_a_recipe_runs_a_scheme_stage_by_its_kind(tmp_path):
     assert report["scheme"]["kind"] == "int8-dynamic" and report["config"]["type"] == "Int8Dynamic"
 
 
-def test_distill_is_a_stage_but_not_yet_a_recipe_stage(tmp_path):
-    result = _recipe(tmp_path, "distill")
-    assert result.exit_code == 2
-    assert "r.toml:6 (stage 1): unknown stage kind 'distill' (not a recipe stage yet" in result.stderr
+def test_a_recipe_keeps_a_failed_quantize_result_beside_the_output_and_caches_nothing(tmp_path):
+    # the quantize stage's failed-result helpers (failed_path, failure_error), reached through the registry
+    assert _recipe(tmp_path, "int8-dynamic").exit_code == 0  # writes the model, data and recipe
+    (tmp_path / "r.toml").write_text(RECIPE.format(kind="int8-dynamic") + "min_sqnr_db = 200.0\nrecover = false\n")
+    from dlopt.cli import main
+
+    failed = CliRunner().invoke(main, ["run", str(tmp_path / "r.toml"), "-o", str(tmp_path / "q.onnx"),
+                                       "--cache-dir", str(tmp_path / "cache")])
+    assert failed.exit_code == 1, failed.output
+    assert "r.toml stage 1/1 int8-dynamic: the quantized model failed verification on 8 eval-data samples" in failed.stderr
+    assert f"the best effort was kept as {tmp_path / 'q.failed.onnx'}" in failed.stderr  # not the staging folder
+    assert "Traceback" not in failed.output
+    assert (tmp_path / "q.failed.onnx").is_file() and (tmp_path / "q.failed.quantize.json").is_file()
+    assert not (tmp_path / "q.onnx").exists()
+    assert len(StageCache(tmp_path / "cache").entries()) == 1  # the passing run's only
 
 
 PRUNE_RECIPE = """\
@@ -307,6 +354,79 @@ def test_a_recipe_prunes_a_torch_source_caches_the_checkpoint_and_exports_it(tmp
     assert other.exit_code == 0 and _statuses(other) == ["ran", "ran"]
     graph = onnx.load(str(tmp_path / "pruned.onnx")).graph
     assert sorted(tuple(w.dims)[0] for w in graph.initializer if len(w.dims) == 4) == [12, 12]
+
+
+DISTILL_RECIPE = """\
+source = "net.py:build"
+training_data = "{data}"
+
+[[stage]]
+kind = "prune"
+ratio = {ratio}
+
+[[stage]]
+kind = "distill"
+epochs = 4
+batch_size = 32
+lr = 0.01
+loss = "mse"
+
+[[stage]]
+kind = "export"
+"""
+
+
+def _outputs(path, images):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": images})[0]
+
+
+def test_a_recipe_distills_the_pruned_student_against_the_source_and_caches_it(tmp_path):
+    pytest.importorskip("torch_pruning")
+    import torch
+    from test_prune import FACTORY
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "train.npz", image=rng.standard_normal((320, 1, 12, 12)).astype(np.float32))
+    np.savez(tmp_path / "other.npz", image=rng.standard_normal((200, 1, 12, 12)).astype(np.float32))
+    first = _prune_run(tmp_path, text=DISTILL_RECIPE.replace("{data}", "train.npz"))
+    assert first.exit_code == 0, first.output
+    assert _statuses(first) == ["ran", "ran", "ran"]
+    (entry,) = [e for e in StageCache(tmp_path / "cache").entries() if e.kind == "distill"]
+    assert entry.info["report"]["epochs_run"] >= 1 and entry.info["report"]["train_samples"] == 288  # 10 % held out
+    assert entry.info["inputs"]["data"]["training_data"] == hash_path(tmp_path / "train.npz")["sha256"]
+    distilled = _outputs(tmp_path / "pruned.onnx", held_out := rng.standard_normal((64, 1, 12, 12)).astype(np.float32))
+    # the same recipe without distill: the pruned student as it was
+    undistilled = _prune_run(tmp_path, text=PRUNE_RECIPE)
+    assert undistilled.exit_code == 0 and _statuses(undistilled) == ["cached", "ran"]  # the prune stage is shared
+    pruned = _outputs(tmp_path / "pruned.onnx", held_out)
+    namespace: dict = {}
+    exec(FACTORY, namespace)
+    with torch.no_grad():
+        teacher = namespace["build"]()[0](torch.from_numpy(held_out)).numpy()
+    error, before = np.mean((distilled - teacher) ** 2), np.mean((pruned - teacher) ** 2)
+    assert error < 0.5 * before, (error, before)  # distillation brought the student toward the teacher
+
+    again = _prune_run(tmp_path, text=DISTILL_RECIPE.replace("{data}", "train.npz"))
+    assert again.exit_code == 0 and _statuses(again) == ["cached", "cached", "cached"]
+    other = _prune_run(tmp_path, text=DISTILL_RECIPE.replace("{data}", "other.npz"))  # new data: distill and after
+    assert other.exit_code == 0 and _statuses(other) == ["cached", "ran", "ran"]
+
+
+@pytest.mark.parametrize("text, message", [
+    (DISTILL_RECIPE.replace('training_data = "{data}"\n', ""),
+     r"p.toml:7 \(stage 2, distill\): distill needs training data and the source .*net.py:build ships none"),
+    (DISTILL_RECIPE.replace("{data}", "missing.npz"), r"p.toml: training_data .*missing.npz does not exist"),
+    (DISTILL_RECIPE.replace("{data}", "train.npz").replace('[[stage]]\nkind = "prune"\nratio = {ratio}\n\n', ""),
+     r"p.toml:4 \(stage 1, distill\): distill trains the pruned student against the source: it follows a prune "
+     "stage"),
+])
+def test_a_distill_stage_needs_a_prune_stage_before_it_and_training_data(tmp_path, text, message):
+    np.savez(tmp_path / "train.npz", image=np.zeros((20, 1, 12, 12), np.float32))
+    result = _prune_run(tmp_path, text=text)
+    assert result.exit_code == 2, result.output
+    assert re.search(message, result.stderr), result.stderr
 
 
 def test_a_recipe_cannot_end_with_a_torch_checkpoint(tmp_path):

@@ -59,10 +59,28 @@ def _run(model, config, context: StageContext) -> StageResult:
                     log=context.log)
 
 
+# What the core uses of quantization besides `apply` (dlopt.api's quantize verb, dlopt run's failed-result
+# handling, package's calibration): the same on every quantize stage; modules that import this one, lazily.
+HELPERS = {
+    "quantize_file": "dlopt.optimize.quantize.files:quantize_file",  # a model file in, model + report out
+    "failure_error": "dlopt.optimize.quantize.files:failure_error",  # the VerificationError of a failed outcome
+    "failed_path": "dlopt.optimize.quantize.files:failed_path",  # where a failed result is kept: OUT.failed.onnx
+    "summary_text": "dlopt.optimize.quantize.report:summary_text",  # what `dlopt quantize` prints
+    "load_calibration": "dlopt.optimize.calibration:load_calibration",  # a calibration spec as CalibrationData
+    # what a search over quantization candidates asks (dlopt.search): the held-out split, the accuracy
+    # evaluator, the graph facts the recipe is chosen by, the calibration methods to try
+    "split_holdout": "dlopt.optimize.quantize.verification:split_holdout",
+    "build_evaluator": "dlopt.optimize.sensitivity:build_evaluator",
+    "op_counts": "dlopt.optimize.preprocess:op_counts",
+    "looks_like_transformer": "dlopt.optimize.preprocess:looks_like_transformer",
+    "METHODS": "dlopt.optimize.quantize.schemes:METHODS",
+}
+
+
 def _quantize_stage(kind: str, config: type, summary: str, validate=None, requires: tuple[Check, ...] = ()) -> Stage:
     return Stage(kind=kind, config=config, run=_run, takes="onnx", makes="onnx",
                  requires=(ONNX_MODEL, FLOAT_ONNX, *requires), ensures=(SAME_OUTPUTS,), summary=summary,
-                 validate=validate)
+                 validate=validate, helpers=HELPERS)
 
 
 QUANTIZE = _quantize_stage("quantize", QuantizeConfig, "int8/int4/fp16, the scheme chosen for the model, target "

@@ -33,10 +33,11 @@ def export_model(source, output: str | os.PathLike, config=None,
     ONNX at `output`, verified against torch; writes the model and its JSON report atomically.
 
     Raises VerificationError (and writes nothing) when outputs differ, unless config.allow_mismatch."""
-    from dlopt.optimize.export import STAGE, Export, ModelSource, load_source
-    from dlopt.stage import StageContext
+    from dlopt.stage import StageContext, get_stage
 
-    config = config or Export()
+    STAGE = get_stage("export")
+    ModelSource, load_source = STAGE.ModelSource, STAGE.load_source
+    config = config or STAGE.config()
     out = check_output_path(output)  # fail before minutes of work, not after
     report_path = check_output_path(report_path_for(out, "export"))
     if not isinstance(source, ModelSource):
@@ -65,10 +66,11 @@ def quantize_model(model_path: str | os.PathLike, output: str | os.PathLike, con
     progress bars on stderr. A result below its fidelity floor is kept as NAME.failed.onnx and the outcome
     says so (`passed`; `quantize_failure(outcome)` is the error to raise). See
     dlopt.optimize.quantize.quantize_file."""
-    from dlopt.optimize.quantize import QuantizeConfig, quantize_file
+    from dlopt.stage import get_stage
 
-    return quantize_file(model_path, output, config or QuantizeConfig(), calibration, eval_data=eval_data,
-                         after=after, progress=progress, log=log)
+    front_door = get_stage("quantize")  # its config is the QuantizeConfig request
+    return front_door.quantize_file(model_path, output, config or front_door.config(), calibration,
+                                    eval_data=eval_data, after=after, progress=progress, log=log)
 
 
 def prune_model(source: str, output_dir: str | os.PathLike, config=None, *, bench_seconds: float | None = 15.0,
@@ -82,28 +84,25 @@ def prune_model(source: str, output_dir: str | os.PathLike, config=None, *, benc
     the end: a failed or interrupted run leaves the folder as it was (and removes it when it made it)."""
     from dlopt.errors import InputError
     from dlopt.fileio import output_folder
-    from dlopt.optimize.prune import Prune, check_config
+    from dlopt.stage import get_stage
 
-    config = config or Prune()
-    check_config(config)
+    PRUNE, EXPORT = get_stage("prune"), get_stage("export")
+    config = config or PRUNE.config()
+    PRUNE.check_config(config)
     if bench_seconds is not None and bench_seconds <= 0:
         raise InputError(f"the benchmark time must be positive, got {bench_seconds}",
                          "give a positive time, or none to skip the benchmark")
-    from dlopt.optimize.export import STAGE as EXPORT
 
     def _prune_into(spec: str, out_dir: Path, outputs, config, *, bench_seconds: float | None, batch: int, seq_len: int,
                     log: Callable[[str], None]):
         import dataclasses
         import gzip
 
-        from dlopt.optimize.export import load_source
-        from dlopt.optimize.prune import STAGE as PRUNE
-        from dlopt.optimize.prune import save_checkpoint
         from dlopt.report import format_table
         from dlopt.stage import StageContext, TorchStageArtifacts
 
         log(f"loading {spec}")
-        source = load_source(spec)
+        source = EXPORT.load_source(spec)
         gradients = _gradient_batches(spec, source) if config.importance == "taylor" else None
         log(f"pruning ({config.structure}, ratio {config.ratio}, {config.importance} importance)")
         result = PRUNE.apply(source, config, StageContext(data=gradients, log=log))
@@ -113,7 +112,7 @@ def prune_model(source: str, output_dir: str | os.PathLike, config=None, *, benc
         onnx_path = out_dir / "pruned.onnx"
         onnx_tmp = stage_onnx(_exported(EXPORT, dataclasses.replace(result.model, name=f"{source.name} (pruned)"), log),
                               onnx_path, outputs)
-        checkpoint = save_checkpoint(out_dir / "pruned.pt", pruned, spec, report, outputs=outputs)
+        checkpoint = PRUNE.save_checkpoint(out_dir / "pruned.pt", pruned, spec, report, outputs=outputs)
         r = report
         rows = [["parameters", r["parameters_before"], r["parameters_after"],
                  f"{r['parameters_after'] / r['parameters_before']:.3f}x"],
@@ -165,8 +164,7 @@ def prune_model(source: str, output_dir: str | os.PathLike, config=None, *, benc
 
 
 def _exported(export_stage, source, log: Callable[[str], None]):
-    """A torch ModelSource as a verified ONNX model: the export stage (passed in by the stage verb that
-    imported it), default config."""
+    """A torch ModelSource as a verified ONNX model: the export stage (from the registry), default config."""
     from dlopt.stage import StageContext
 
     return export_stage.apply(source, export_stage.config(), StageContext(log=log)).model
@@ -220,31 +218,29 @@ def distill_model(teacher_spec: str, student_path: str | os.PathLike, data_spec:
     still has the recorded sha256, or from `student_source` when the user names one."""
     from dlopt.errors import InputError
     from dlopt.fileio import output_folder
-    from dlopt.optimize.distill import Distill, check_config
-    from dlopt.optimize.prune import checked_source, read_checkpoint
+    from dlopt.stage import get_stage
 
+    DISTILL, PRUNE, EXPORT = get_stage("distill"), get_stage("prune"), get_stage("export")
     embedding_teacher = teacher_spec == "minilm"
-    config = Distill(epochs=epochs, temperature=temperature, alpha=alpha,
+    config = DISTILL.config(epochs=epochs, temperature=temperature, alpha=alpha,
                      loss=loss or ("cosine" if embedding_teacher else "kl"),
                      lr=lr or (3e-4 if embedding_teacher else 1e-3), batch_size=batch_size,
                      hidden_layers=hidden_layers, hidden_weight=hidden_weight, patience=patience, seed=seed,
                      device=device, freeze=("bert.embeddings",) if embedding_teacher else ())
-    check_config(config)
+    DISTILL.check_config(config)
     student_path, out_dir = Path(student_path), Path(output_dir)
-    checkpoint = read_checkpoint(student_path)  # fail on a bad checkpoint before loading models
-    source_spec = student_source or checked_source(checkpoint, student_path)
+    checkpoint = PRUNE.read_checkpoint(student_path)  # fail on a bad checkpoint before loading models
+    source_spec = student_source or PRUNE.checked_source(checkpoint, student_path)
     if data_spec != "reference" and not Path(data_spec).is_file():
         raise InputError(f"data file {data_spec} does not exist", "give an .npz file or 'reference'")
-    from dlopt.optimize.export import STAGE as EXPORT
 
     def _same_source(a: str, b: str) -> bool:
         from dlopt.errors import InputError
-        from dlopt.optimize.prune import pinned_source
 
         if a == b:
             return True
         try:
-            return pinned_source(a)[0] == pinned_source(b)[0]
+            return PRUNE.pinned_source(a)[0] == PRUNE.pinned_source(b)[0]
         except (InputError, OSError):
             return False
 
@@ -254,23 +250,19 @@ def distill_model(teacher_spec: str, student_path: str | os.PathLike, data_spec:
         import copy
         import dataclasses
 
-        from dlopt.optimize.distill import STAGE as DISTILL
-        from dlopt.optimize.distill import load_npz_data, reference_training_data, split_validation
-        from dlopt.optimize.export import load_source
-        from dlopt.optimize.prune import rebuild, save_checkpoint
         from dlopt.report import format_table
         from dlopt.stage import StageContext, TorchStageArtifacts
 
         log(f"loading the teacher {teacher_spec}")
-        teacher = load_source(teacher_spec)
+        teacher = EXPORT.load_source(teacher_spec)
         log(f"rebuilding the student from {student_path} (source {source_spec})")
         student_source = dataclasses.replace(teacher, module=copy.deepcopy(teacher.module)) \
-            if _same_source(source_spec, teacher_spec) else load_source(source_spec)
-        student = dataclasses.replace(student_source, module=rebuild(checkpoint, student_source.module,
+            if _same_source(source_spec, teacher_spec) else EXPORT.load_source(source_spec)
+        student = dataclasses.replace(student_source, module=PRUNE.rebuild(checkpoint, student_source.module,
                                                                      student_source.example_inputs))
-        data = reference_training_data(teacher_spec, max_samples) if data_spec == "reference" else \
-            load_npz_data(Path(data_spec), teacher.example_inputs, max_samples)
-        train, val = split_validation(data, val_fraction, seed)
+        data = DISTILL.reference_training_data(teacher_spec, max_samples) if data_spec == "reference" else \
+            DISTILL.load_npz_data(Path(data_spec), teacher.example_inputs, max_samples)
+        train, val = DISTILL.split_validation(data, val_fraction, seed)
         log(f"distilling on {len(train)} samples ({'labeled' if train.labels is not None else 'unlabeled'}), "
             f"{len(val) if val is not None else 0} held out for early stopping")
         result = DISTILL.apply(student, config, StageContext(data=train, eval_data=val, teacher=teacher, output=out_dir,
@@ -280,7 +272,7 @@ def distill_model(teacher_spec: str, student_path: str | os.PathLike, data_spec:
         onnx_path = out_dir / "distilled.onnx"
         onnx_tmp = stage_onnx(_exported(EXPORT, dataclasses.replace(result.model, name=f"{source_spec} (distilled)"), log),
                               onnx_path, outputs)
-        saved = save_checkpoint(out_dir / "distilled.pt", result.model.module, source_spec,
+        saved = PRUNE.save_checkpoint(out_dir / "distilled.pt", result.model.module, source_spec,
                                 {"pruning_history": checkpoint.pruning_history,
                                  "module_attributes": checkpoint.module_attributes,
                                  "prune": checkpoint.report, "distill": {k: v for k, v in report.items()}},
@@ -670,14 +662,15 @@ _LAZY = {
     "RunResult": "dlopt.recipe", "StageCache": "dlopt.stagecache", "Entry": "dlopt.stagecache",
     "Fp32Evaluation": "dlopt.models", "ImagePreprocess": "dlopt.images",
     "reset_written": "dlopt.fileio", "written_paths": "dlopt.fileio",  # what an interrupted command had written
-    "ExportConfig": "dlopt.optimize.export", "DEFAULT_OPSET": "dlopt.optimize.export",
-    # the stage configs and what the stage verbs' callers print (dlopt.stage's registry has the stages)
-    "Export": "dlopt.optimize.export", "Prune": "dlopt.optimize.prune", "PruneConfig": "dlopt.optimize.prune",
-    "Distill": "dlopt.optimize.distill", "QuantizeConfig": "dlopt.optimize.quantize",
-    "Int8Dynamic": "dlopt.optimize.quantize", "Int8Static": "dlopt.optimize.quantize",
-    "Int8WeightOnly": "dlopt.optimize.quantize", "Int4WeightOnly": "dlopt.optimize.quantize",
-    "Fp16": "dlopt.optimize.quantize", "quantize_summary": "dlopt.optimize.quantize:summary_text",
-    "quantize_failure": "dlopt.optimize.quantize:failure_error",
+    # the stage configs and what the stage verbs' callers print, from dlopt.stage's registry: "stage:KIND:ATTR"
+    # is the stage's config class (ATTR config) or one of its helpers
+    "ExportConfig": "stage:export:ExportConfig", "DEFAULT_OPSET": "stage:export:DEFAULT_OPSET",
+    "Export": "stage:export:config", "Prune": "stage:prune:config", "PruneConfig": "stage:prune:PruneConfig",
+    "Distill": "stage:distill:config", "QuantizeConfig": "stage:quantize:config",
+    "Int8Dynamic": "stage:int8-dynamic:config", "Int8Static": "stage:int8-static:config",
+    "Int8WeightOnly": "stage:int8-weight-only:config", "Int4WeightOnly": "stage:int4-weight-only:config",
+    "Fp16": "stage:fp16:config", "quantize_summary": "stage:quantize:summary_text",
+    "quantize_failure": "stage:quantize:failure_error",
 }
 
 if TYPE_CHECKING:
@@ -696,7 +689,13 @@ def __getattr__(name: str) -> Any:
     if target is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     module, _, attr = target.partition(":")
-    value = getattr(importlib.import_module(module), attr or name)
+    if module == "stage":  # through the registry: the core imports no stage module itself
+        from dlopt.stage import get_stage
+
+        kind, _, attr = attr.partition(":")
+        value = getattr(get_stage(kind), attr)
+    else:
+        value = getattr(importlib.import_module(module), attr or name)
     globals()[name] = value
     return value
 

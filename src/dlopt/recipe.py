@@ -6,10 +6,14 @@ stage's output cached by content (dlopt.stagecache).
     calibration = "model:minilm"      # optional: .npz, a folder, model:NAME (as `dlopt quantize` takes it)
     eval_data = "heldout.npz"         # optional: where quantize measures fidelity
     name = "minilm-int8"              # optional: the bundle's model name
+    training_data = "train.npz"       # optional: what distill trains on (default: the reference model's own)
 
     [[stage]]
     kind = "prune"                    # optional, torch sources: the pruned checkpoint is the cached artifact
     ratio = 0.5
+    [[stage]]
+    kind = "distill"                  # optional, right after prune: the source teaches the pruned student
+    epochs = 2                        #   (dlopt.optimize.distill.Distill's keys); its checkpoint is cached
     [[stage]]
     kind = "export"                   # then the stage config's keys (dlopt.optimize.export.Export)
     [[stage]]
@@ -46,19 +50,18 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli packag
 import dlopt
 from dlopt.errors import DlOptError, InputError
 from dlopt.manifest import hash_path, sha256_file
-from dlopt.stage import StageContext, config_from_dict, config_to_dict, config_version, get_stage, stage_kinds
+from dlopt.stage import Stage, StageContext, config_from_dict, config_to_dict, config_version, get_stage, stage_kinds
 from dlopt.stagecache import Entry, StageCache, cache_key
 
-TOP_KEYS = ("source", "target", "calibration", "eval_data", "name", "stage")
-# distill is a stage (dlopt.stage) but not a recipe stage yet: it needs a teacher and a task's training
-# data, which a recipe does not name. prune is one: its cached artifact is the pruned checkpoint (rebuilt
-# from the source by replaying its pruning), which a later export stage turns into ONNX.
-NOT_IN_RECIPES = ("distill",)
+TOP_KEYS = ("source", "target", "calibration", "eval_data", "name", "training_data", "stage")
+# The torch stages: prune's cached artifact is the pruned checkpoint (rebuilt from the source by replaying
+# its pruning), distill's the same checkpoint format with trained weights (the teacher is the recipe's
+# source, the student the prune stage's checkpoint); a later export stage turns it into ONNX.
 Log = Callable[[str], None]
 
 
 def recipe_kinds() -> tuple[str, ...]:
-    return tuple(k for k in stage_kinds() if k not in NOT_IN_RECIPES)
+    return stage_kinds()
 
 
 @dataclass(frozen=True)
@@ -78,10 +81,16 @@ class Recipe:
     eval_data: str | None
     name: str | None
     stages: tuple[StageSpec, ...]
+    training_data: str | None = None  # distill's: an .npz; None: the source reference model's own
 
     @property
     def onnx_source(self) -> bool:
         return self.source.endswith(".onnx")
+
+    @property
+    def distill_data(self) -> str:
+        """What distill trains on: `training_data`, else model:SOURCE (the reference model's own)."""
+        return self.training_data or f"model:{self.source}"
 
 
 def _stage_lines(text: str) -> list[int]:
@@ -180,8 +189,7 @@ def load_recipe(path: str | Path) -> Recipe:
         kind = keys.pop("kind", None)
         if kind not in recipe_kinds():
             where = f"{_where(path, _key_line(text, line, 'kind') if kind is not None else line)} (stage {i})"
-            why = " (not a recipe stage yet: it needs a teacher and training data)" if kind in NOT_IN_RECIPES else ""
-            raise InputError(f"{where}: unknown stage kind {kind!r}{why}", f"choose one of {', '.join(recipe_kinds())}")
+            raise InputError(f"{where}: unknown stage kind {kind!r}", f"choose one of {', '.join(recipe_kinds())}")
         cls = get_stage(kind).config
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(keys) - fields)
@@ -197,7 +205,8 @@ def load_recipe(path: str | Path) -> Recipe:
     recipe = Recipe(path=path, source=_resolve(base, data["source"]), target=data.get("target"),
                     calibration=_resolve(base, data.get("calibration")),
                     eval_data=_resolve(base, data.get("eval_data")),
-                    name=data.get("name"), stages=tuple(stages))
+                    name=data.get("name"), stages=tuple(stages),
+                    training_data=_resolve(base, data.get("training_data")))
     _check_order(recipe)
     return recipe
 
@@ -224,9 +233,11 @@ def _check_order(recipe: Recipe) -> None:
                              f"{'source' if stage.index == 1 else 'stage before'} gives an {made} one",
                              "drop it for an .onnx source, or move it first" if stage.kind == "export"
                              else "reorder the stages")
-        if spec.takes == spec.makes == "torch" and made == "torch" and stage.index > 1:
-            raise InputError(f"{where}: one torch stage per recipe (a pruned checkpoint records one pruning)",
+        if stage.kind == "prune" and stage.index > 1 and made == "torch":
+            raise InputError(f"{where}: one prune stage per recipe (a pruned checkpoint records one pruning)",
                              "prune once, with the ratio you want")
+        if stage.kind == "distill":
+            _check_distill(recipe, stage, where)
         made = spec.makes
         try:
             spec.check_config(stage.config)
@@ -236,6 +247,24 @@ def _check_order(recipe: Recipe) -> None:
         last = recipe.stages[-1]
         raise InputError(f"{_where(recipe.path, last.line)} (stage {last.index}, {last.kind}): a recipe ends with an "
                          "ONNX model or a bundle, not a torch checkpoint", 'add [[stage]] kind = "export" after it')
+
+
+def _check_distill(recipe: Recipe, stage: StageSpec, where: str) -> None:
+    """Distill trains the prune stage's student against the source: it follows prune, on data it has."""
+    from dlopt.models import REFERENCE_MODELS
+
+    if stage.index == 1 or recipe.stages[stage.index - 2].kind != "prune":
+        raise InputError(f"{where}: distill trains the pruned student against the source: it follows a prune "
+                         "stage", 'add [[stage]] kind = "prune" before it')
+    if recipe.training_data is None:
+        model = REFERENCE_MODELS.get(recipe.source)
+        if model is None or not model.training:
+            having = ", ".join(m.name for m in REFERENCE_MODELS.values() if m.training)
+            raise InputError(f"{where}: distill needs training data and the source {recipe.source} ships none",
+                             f'add training_data = "train.npz" at the top (reference data ships for {having})')
+    elif not Path(recipe.training_data).is_file():
+        raise InputError(f"{recipe.path}: training_data {recipe.training_data} does not exist",
+                         "give an .npz with an array per forward() input (and optional labels)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,6 +357,8 @@ def _stage_data(recipe: Recipe, stage: StageSpec) -> dict[str, str | None]:
         return {"calibration": data_hash(recipe.calibration), "eval_data": data_hash(recipe.eval_data)}
     if stage.kind == "package":
         return {"calibration": data_hash(stage.config.calibration)}
+    if stage.kind == "distill":
+        return {"training_data": data_hash(recipe.distill_data)}
     return {}
 
 
@@ -412,7 +443,8 @@ def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: 
     else:
         check_output_path(out)
     source_file = Path(recipe.source) if recipe.onnx_source else guard_source_spec(recipe.source)
-    data_paths = [s for s in (recipe.calibration, recipe.eval_data) if s and not s.startswith("model:")]
+    data_paths = [s for s in (recipe.calibration, recipe.eval_data, recipe.training_data)
+                  if s and not s.startswith("model:")]
     guard_outputs([recipe.path, source_file, *data_paths], [out])
     redo = force_from(recipe, force)
 
@@ -457,11 +489,12 @@ def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Pat
     after = tuple(step["kind"] for step in lineage)
     spec = get_stage(stage.kind)
     with cache.building(key) as staging:
-        if spec.takes == spec.makes == "torch":  # prune: the pruned checkpoint
-            from dlopt.optimize.prune import save_checkpoint
-
+        if stage.kind == "distill":  # the prune stage's checkpoint, trained against the source
+            produced, report = _distill(recipe, spec, config, artifact, staging, after, log)
+        elif spec.takes == spec.makes == "torch":  # prune: the pruned checkpoint
             result = spec.apply(_torch_source(recipe, artifact, log), config, StageContext(after=after, log=log))
-            produced = save_checkpoint(staging / "model.pt", result.model.module, recipe.source, result.report)
+            produced = get_stage("prune").save_checkpoint(staging / "model.pt", result.model.module, recipe.source,
+                                                          result.report)
             report = {k: result.report[k] for k in ("parameters_before", "parameters_after", "macs_before",
                                                     "macs_after")}
         elif spec.takes == "torch":
@@ -476,15 +509,15 @@ def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Pat
             produced, report = result.model, result.report
         else:  # quantize and its schemes
             from dlopt.api import quantize_model
-            from dlopt.optimize.quantize import failure_error
 
             outcome = quantize_model(artifact, staging / "model.onnx", config, recipe.calibration,
                                      eval_data=recipe.eval_data, after=after, log=log)
             if not outcome.passed:  # the best effort goes beside -o, as `dlopt quantize` keeps it; never cached
-                raise failure_error(_keep_failed(outcome, out))
+                raise spec.failure_error(_keep_failed(outcome, out, spec))
             produced, report = outcome.model_path, outcome.report
         summary = {k: report[k] for k in ("verdict", "verification", "bytes_written", "bytes", "recipe", "scheme",
-                                          "parameters_before", "parameters_after", "macs_before", "macs_after")
+                                          "parameters_before", "parameters_after", "macs_before", "macs_after",
+                                          "epochs_run", "best_epoch", "train_samples")
                    if k in report}
         info = {"kind": stage.kind, "inputs": dict(inputs), "artifact": produced.name,
                 "output_sha256": artifact_hash(produced), "source": recipe.source, "recipe": str(recipe.path),
@@ -492,30 +525,58 @@ def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Pat
         return cache.commit(key, staging, info)
 
 
-def _torch_source(recipe: Recipe, checkpoint: Path | None, log: Log):
-    """The recipe's torch source as a ModelSource, rebuilt from a cached pruned checkpoint when one is given."""
+def _distill(recipe: Recipe, spec: Stage, config: Any, checkpoint: Path, staging: Path, after: tuple[str, ...],
+             log: Log) -> tuple[Path, dict[str, Any]]:
+    """Train the prune stage's student against the source on the recipe's training data (a tenth held out
+    for early stopping, split by the config's seed); its checkpoint keeps the pruning, so export rebuilds it."""
+    prune = get_stage("prune")
+    teacher = _torch_source(recipe, None, log)
+    student = _torch_source(recipe, checkpoint, log, loaded=teacher)
+    data_spec = recipe.distill_data
+    log(f"loading the training data {data_spec}")
+    if data_spec.startswith("model:"):
+        data = spec.reference_training_data(data_spec[len("model:"):])
+    else:
+        data = spec.load_npz_data(Path(data_spec), teacher.example_inputs)
+    train, val = spec.split_validation(data, 0.1, config.seed)
+    result = spec.apply(student, config, StageContext(data=train, eval_data=val, teacher=teacher, after=after, log=log))
+    pruned = prune.read_checkpoint(checkpoint)
+    report = dict(result.report) | {"train_samples": len(train)}
+    produced = prune.save_checkpoint(staging / "model.pt", result.model.module, recipe.source,
+                                     {"pruning_history": pruned.pruning_history,
+                                      "module_attributes": pruned.module_attributes,
+                                      "prune": pruned.report, "distill": report})
+    return produced, report
+
+
+def _torch_source(recipe: Recipe, checkpoint: Path | None, log: Log, *, loaded: Any = None):
+    """The recipe's torch source as a ModelSource, rebuilt from a cached pruned checkpoint when one is given
+    (from a copy of `loaded`, the source already loaded, when given)."""
+    import copy
     import dataclasses as dc
 
     from dlopt.fileio import guard_source_spec
-    from dlopt.optimize.export import load_source
-    from dlopt.optimize.prune import read_checkpoint, rebuild
 
+    prune = get_stage("prune")  # the checkpoint format is prune's
     guard_source_spec(recipe.source)
-    log(f"loading {recipe.source}" + (f" and its pruned checkpoint {checkpoint.parent.name[:12]}" if checkpoint else ""))
-    source = load_source(recipe.source)
+    if loaded is not None:
+        source = dc.replace(loaded, module=copy.deepcopy(loaded.module))
+    else:
+        log(f"loading {recipe.source}")
+        source = get_stage("export").load_source(recipe.source)
     if checkpoint is None:
         return source
-    module = rebuild(read_checkpoint(checkpoint), source.module, source.example_inputs)
+    log(f"rebuilding it from the checkpoint {checkpoint.parent.name[:12]}")
+    module = prune.rebuild(prune.read_checkpoint(checkpoint), source.module, source.example_inputs)
     return dc.replace(source, module=module, name=f"{source.name} (pruned)")
 
 
-def _keep_failed(outcome: Any, out: Path) -> Any:
+def _keep_failed(outcome: Any, out: Path, stage: Stage) -> Any:
     """Copy a failed quantize stage's model and report out of its staging folder to OUT.failed.onnx."""
     from dlopt.api import report_path_for
     from dlopt.fileio import staged_outputs
-    from dlopt.optimize.quantize import failed_path
 
-    kept = failed_path(out)
+    kept = stage.failed_path(out)
     with staged_outputs() as outputs:
         shutil.copyfile(outcome.model_path, outputs.stage(kept))
         shutil.copyfile(outcome.report_path, outputs.stage(report_path_for(kept, "quantize")))

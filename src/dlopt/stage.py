@@ -89,6 +89,24 @@ class Stage:
     ensures: tuple[Check, ...] = ()
     summary: str = ""
     validate: Callable[[Any], None] | None = None  # raises InputError for a bad config, before any work
+    # Named stage-level helpers the core may use besides `apply` (prune's checkpoint rebuild, quantize's
+    # failed-result helpers, export's source loader), read as attributes: `get_stage("prune").rebuild`.
+    # A value is the object itself, or "module:attr" imported on first use (for heavy ones, e.g. PT2E).
+    helpers: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: fields and methods win over helpers of the same name.
+        helpers = self.__dict__.get("helpers")
+        if name.startswith("_") or helpers is None:  # dunders (pickle, copy) and a half-built object
+            raise AttributeError(name)
+        if name not in helpers:
+            raise AttributeError(f"the {self.__dict__.get('kind')} stage declares no helper {name!r} "
+                                 f"(it declares: {', '.join(helpers) or 'none'})")
+        value = helpers[name]
+        if isinstance(value, str) and ":" in value:
+            module, _, attr = value.partition(":")
+            value = getattr(importlib.import_module(module), attr)
+        return value
 
     def check_config(self, config: Any) -> None:
         if not isinstance(config, self.config):

@@ -156,9 +156,9 @@ def _check_text(check: Mapping[str, Any]) -> str:
 
 def _load_calibration(spec: str, model_path: Path, limit: int | None = None):
     """The calibration data of MODEL; a folder of images is read for the model's image input."""
-    from dlopt.optimize.calibration import load_calibration
+    from dlopt.stage import get_stage
 
-    data = load_calibration(spec, limit=limit)
+    data = get_stage("int8-static").load_calibration(spec, limit=limit)  # the quantize stages' calibration loader
     if data is not None and data.needs_model:
         data.bind(load_onnx(model_path, load_external_data=False))
     return data

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dlopt.optimize.quantize import METHODS
+from dlopt.stage import get_stage
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ def base_candidates(*, target: str, transformer: bool) -> list[Candidate]:
     dynamic and static with each calibration method, the kernel choices (node forms, LayerNorm form),
     INT4 weight-only and FP16; the most promising first (they run first under a time budget)."""
     q = lambda **keys: _quantize(target, **keys)  # noqa: E731 (a local shorthand)
+    methods = get_stage("quantize").METHODS  # the calibration methods, through the registry
     found = [Candidate("fp32", "fp32", (), "the source itself: the reference every ratio is against"),
              Candidate("int8-auto", "int8", (q(precision="int8", mode="auto"),),
                        "the INT8 recipe dlopt quantize chooses for this model, target and CPU")]
@@ -84,10 +85,10 @@ def base_candidates(*, target: str, transformer: bool) -> list[Candidate]:
                             (q(precision="int8", mode="dynamic", layernorm_form="unfused"),),
                             "dynamic INT8, residual sums kept out of LayerNorm (kernel choice)")]
         found += [Candidate(f"int8-static-{m}", "int8", (q(precision="int8", mode="static", method=m),),
-                            f"static INT8 (QDQ), {m} calibration") for m in METHODS]
+                            f"static INT8 (QDQ), {m} calibration") for m in methods]
     else:
         found += [Candidate(f"int8-static-{m}", "int8", (q(precision="int8", mode="static", method=m),),
-                            f"static INT8 (QDQ), {m} calibration, node forms timed here") for m in METHODS]
+                            f"static INT8 (QDQ), {m} calibration, node forms timed here") for m in methods]
         found += [Candidate("int8-static-minmax-allint8", "int8",
                             (q(precision="int8", mode="static", method="minmax", node_forms="int8"),),
                             "static INT8, every node class in INT8 (kernel choice: no float node forms)"),

@@ -318,9 +318,9 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
         raise InputError(f"{model}: the FP32 source could not be scored: {base.reason}", "check the model and its data")
     clock.log(f"fp32: {ctx.evaluator} = {base.score:.5g}" + (" (cached)" if base.cached else ""))
     from dlopt.fileio import load_onnx
-    from dlopt.optimize.preprocess import looks_like_transformer
+    from dlopt.stage import get_stage
 
-    transformer = looks_like_transformer(load_onnx(base.artifact, load_external_data=False))
+    transformer = get_stage("quantize").looks_like_transformer(load_onnx(base.artifact, load_external_data=False))
     candidates = base_candidates(target=ctx.target, transformer=transformer)[1:]
     deadline = TRANSFORM_SHARE * config.time_budget_s
     plan_key = _plan_key(ctx, config)

@@ -134,8 +134,9 @@ def apply_stages(ctx: SearchContext, stages: Sequence[StageDesc], output: Path |
 @functools.lru_cache(maxsize=4)
 def _evaluator(ctx: SearchContext):
     """The evaluator of dlopt.optimize.sensitivity (one per worker process and search)."""
-    from dlopt.optimize.sensitivity import build_evaluator
+    from dlopt.stage import get_stage
 
+    build_evaluator = get_stage("quantize").build_evaluator  # quantize's own accuracy evaluators
     if ctx.evaluator.startswith("model:"):
         return build_evaluator(ctx.evaluator, None, None)
     from dlopt.fileio import load_onnx
@@ -147,13 +148,13 @@ def _evaluator(ctx: SearchContext):
 def heldout_feeds(ctx: SearchContext, model) -> list[dict[str, Any]] | None:
     """Where a fidelity evaluator scores: --eval-data, else the samples quantize holds out of
     --calibration (the last 20 %: never calibrated on), else None (generated inputs)."""
-    from dlopt.optimize.calibration import load_calibration
-    from dlopt.optimize.quantize import QuantizeConfig, split_holdout
+    from dlopt.stage import get_stage
 
-    config = QuantizeConfig()
-    data = load_calibration(ctx.calibration, model) if ctx.calibration else None
-    held = load_calibration(ctx.eval_data, model, limit=config.fidelity_samples) if ctx.eval_data else None
-    _, feeds, _ = split_holdout(data, held, config)
+    quantize = get_stage("quantize")  # its calibration loader, its QuantizeConfig's defaults and held-out split
+    config = quantize.config()
+    data = quantize.load_calibration(ctx.calibration, model) if ctx.calibration else None
+    held = quantize.load_calibration(ctx.eval_data, model, limit=config.fidelity_samples) if ctx.eval_data else None
+    _, feeds, _ = quantize.split_holdout(data, held, config)
     return feeds
 
 
@@ -166,9 +167,9 @@ def graph_signature(path: Path) -> str:
     """The sorted op types and counts of the graph: two candidates with the same signature and size
     run the same kernels, so their latencies differ only by noise."""
     from dlopt.fileio import load_onnx
-    from dlopt.optimize.preprocess import op_counts
+    from dlopt.stage import get_stage
 
-    counts = op_counts(load_onnx(path, load_external_data=False))
+    counts = get_stage("quantize").op_counts(load_onnx(path, load_external_data=False))
     return json.dumps(dict(sorted(counts.items())), separators=(",", ":"))
 
 
