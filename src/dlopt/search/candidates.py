@@ -112,12 +112,29 @@ def with_exclusions(candidate: Candidate, *, max_drop_metric: float, evaluator: 
                      candidate.times_kernels)
 
 
-def torch_only_skipped(torch_source: bool) -> list[Skipped]:
-    """Prune ratios with distillation: listed with the reason they are not searched."""
+PRUNE_RATIOS = (0.25, 0.5)
+# Distillation per candidate, bounded so that a ratio costs minutes, not hours, on a small CPU machine:
+# two short epochs with early stopping (a longer `dlopt distill` run of the chosen ratio can recover more).
+DISTILL_KEYS = {"epochs": 2, "max_batches_per_epoch": 40, "patience": 1}
+
+
+def prune_candidates(source: str, *, torch_source: bool) -> tuple[list[Candidate], list[Skipped]]:
+    """Structured pruning at each of PRUNE_RATIOS, then distillation from the source (recipe stages prune
+    and distill, before the export). Only for torch sources with training data: a reference model's own,
+    since `dlopt optimize` takes no training-data option yet. They run after the quantization candidates,
+    so the time budget drops them first."""
     if not torch_source:
-        return [Skipped("prune+distill", "the source is an .onnx file: pruning and distillation need the torch model")]
-    return [Skipped(f"prune-{ratio:g}+distill", "prune and distill are not recipe stages yet (they train torch "
-                    "checkpoints, not one cacheable ONNX artifact), and distillation's minutes of training per "
-                    "ratio do not fit beside the quantization search on this machine; run `dlopt prune` and "
-                    "`dlopt distill`, then `dlopt optimize` the result",
-                    ({"kind": "prune", "ratio": ratio}, {"kind": "distill"})) for ratio in (0.25, 0.5)]
+        return [], [Skipped("prune+distill", "the source is an .onnx file: pruning and distillation need the torch model")]
+    from dlopt.models import REFERENCE_MODELS
+
+    ref = REFERENCE_MODELS.get(source)
+    if ref is None or not ref.training:
+        return [], [Skipped("prune+distill", f"{source} has no training data to distill on (reference models with "
+                            "some: " + ", ".join(m.name for m in REFERENCE_MODELS.values() if m.training)
+                            + "); run `dlopt prune` and `dlopt distill --data D.npz`, then optimize the result")]
+    distill = {**DISTILL_KEYS, "loss": ref.distill_loss}
+    return [Candidate(f"prune-{ratio:g}+distill", "fp32",
+                      (StageDesc("prune", {"ratio": ratio}), StageDesc("distill", distill)),
+                      f"structured pruning of {ratio:.0%} of the prunable channels/heads, then {distill['epochs']} "
+                      f"short epochs of distillation ({ref.distill_loss}) from the source on its training data")
+            for ratio in PRUNE_RATIOS], []

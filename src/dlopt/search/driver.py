@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dlopt.errors import InputError, VerificationError
-from dlopt.search.candidates import (Candidate, Skipped, StageDesc, base_candidates, torch_only_skipped,
+from dlopt.search.candidates import (Candidate, Skipped, StageDesc, base_candidates, prune_candidates,
                                      with_exclusions)
 from dlopt.search.evaluation import (Evaluated, SearchContext, apply_stages, cached_evaluation, drop_points,
                                      evaluate_candidate, measure_latency, measure_throughput, points_scale)
@@ -327,7 +327,6 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     planned = _load_plan(ctx, plan_key)
     evaluated, skipped = _evaluate_all(executor, ctx, candidates, clock, deadline, planned)
     evaluated = {"fp32": base, **evaluated}
-    skipped += torch_only_skipped(ctx.torch_source)
     all_candidates = {c.name: c for c in [fp32, *candidates]}
 
     def drop_of(r: Evaluated) -> float | None:
@@ -345,6 +344,13 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     else:
         skipped.append(Skipped("int8 float-node exclusions", "no INT8 candidate missed the accuracy budget: keeping "
                                "nodes in float could only make one slower"))
+    pruned, not_pruned = prune_candidates(ctx.source, torch_source=ctx.torch_source)
+    skipped += not_pruned
+    if pruned:  # last: the costliest (training), so the time budget drops them first
+        more, more_skipped = _evaluate_all(executor, ctx, pruned, clock, deadline, planned)
+        evaluated.update(more)
+        skipped += more_skipped
+        all_candidates.update({c.name: c for c in pruned})
     if not planned:
         _store_plan(ctx, plan_key, [s for s in skipped if s.reason.startswith("the time budget")])
     phases["evaluate_s"] = time.perf_counter() - t0

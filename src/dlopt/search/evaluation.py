@@ -97,12 +97,17 @@ def drop_points(evaluator: str, baseline: float, score: float) -> float:
 
 # --------------------------------------------------------------------------- applying stages
 
+TORCH_STAGES = ("prune", "distill")
+
 
 def build_recipe(ctx: SearchContext, stages: Sequence[StageDesc]):
-    """The candidate as a dlopt.recipe.Recipe: the source's export (torch sources), then `stages`."""
+    """The candidate as a dlopt.recipe.Recipe: its torch stages (prune, distill), the source's export
+    (torch sources), then its ONNX stages."""
     from dlopt.recipe import Recipe, StageSpec, build_config
 
-    descs = ([StageDesc("export")] if ctx.torch_source else []) + list(stages)
+    torch_stages = [d for d in stages if d.kind in TORCH_STAGES]  # on the torch source, before its export
+    descs = torch_stages + ([StageDesc("export")] if ctx.torch_source else []) + [d for d in stages
+                                                                                if d.kind not in TORCH_STAGES]
     specs = tuple(StageSpec(i, d.kind, build_config(d.kind, dict(d.config), where=f"{ctx.name} stage {i} ({d.kind})",
                                                     target=ctx.target), None)
                   for i, d in enumerate(descs, 1))
