@@ -207,5 +207,6 @@ def test_torch_sources_with_training_data_get_prune_and_distill_candidates_befor
     assert kinds == ["prune", "distill", "export", "quantize"]
     _, onnx_skip = prune_candidates(str(tmp_path / "m.onnx"), torch_source=False)
     assert "pruning and distillation need the torch model" in onnx_skip[0].reason
+    assert "not asked for (--prune" in prune_candidates("minilm", torch_source=True, asked=False)[1][0].reason
     _, no_data = prune_candidates("smollm2", torch_source=True)
     assert "no training data to distill on" in no_data[0].reason and "fashion-cnn" in no_data[0].reason

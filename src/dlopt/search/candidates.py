@@ -118,11 +118,15 @@ PRUNE_RATIOS = (0.25, 0.5)
 DISTILL_KEYS = {"epochs": 2, "max_batches_per_epoch": 40, "patience": 1}
 
 
-def prune_candidates(source: str, *, torch_source: bool) -> tuple[list[Candidate], list[Skipped]]:
+def prune_candidates(source: str, *, torch_source: bool, asked: bool = True) -> tuple[list[Candidate], list[Skipped]]:
     """Structured pruning at each of PRUNE_RATIOS, then distillation from the source (recipe stages prune
     and distill, before the export). Only for torch sources with training data: a reference model's own,
     since `dlopt optimize` takes no training-data option yet. They run after the quantization candidates,
-    so the time budget drops them first."""
+    so the time budget drops them first; and only when asked for (`search_pruning`): a ratio's training
+    costs minutes, more than the rest of a 20-minute search for MiniLM on a 2-core machine."""
+    if not asked:
+        return [], [Skipped("prune+distill", "not asked for (--prune, or search_pruning=True from Python): training a "
+                            "distilled student takes minutes per ratio")]
     if not torch_source:
         return [], [Skipped("prune+distill", "the source is an .onnx file: pruning and distillation need the torch model")]
     from dlopt.models import REFERENCE_MODELS

@@ -63,6 +63,9 @@ class OptimizeConfig:
     package_measure_s: float = 2.0
     latency_budget_s: float | None = None  # the interleaved latency run; None: 6 s + 4 s per timed model
     throughput_budget_s: float | None = None  # per (threads, batch) bench run; None: 3 s
+    # prune ratios with distillation (torch sources with training data): opt in, since their training
+    # takes minutes per ratio (fashion-cnn ~100 s each; MiniLM over 10 min each here, past a 20 min budget)
+    search_pruning: bool = False
 
 
 @dataclass(frozen=True)
@@ -159,7 +162,7 @@ def _plan_key(ctx: SearchContext, config: OptimizeConfig) -> str:
 
     return cache_key({"kind": "optimize-plan", "source": ctx.source_id, "target": ctx.target,
                       "evaluator": ctx.evaluator, "time_budget_s": config.time_budget_s,
-                      "max_accuracy_drop": config.max_accuracy_drop,
+                      "max_accuracy_drop": config.max_accuracy_drop, "search_pruning": config.search_pruning,
                       "data": {"calibration": data_hash(ctx.calibration), "eval_data": data_hash(ctx.eval_data)},
                       "host": host_facts("quantize", ctx)})
 
@@ -344,7 +347,7 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     else:
         skipped.append(Skipped("int8 float-node exclusions", "no INT8 candidate missed the accuracy budget: keeping "
                                "nodes in float could only make one slower"))
-    pruned, not_pruned = prune_candidates(ctx.source, torch_source=ctx.torch_source)
+    pruned, not_pruned = prune_candidates(ctx.source, torch_source=ctx.torch_source, asked=config.search_pruning)
     skipped += not_pruned
     if pruned:  # last: the costliest (training), so the time budget drops them first
         more, more_skipped = _evaluate_all(executor, ctx, pruned, clock, deadline, planned)
