@@ -28,7 +28,7 @@ from dlopt.errors import InputError, StageError
 from dlopt.fidelity import compare_sessions
 from dlopt.fidelity import report as fidelity_report
 from dlopt.inputs import model_feeds, parse_input_shapes, take_samples
-from dlopt.optimize.scheme import QuantizeScheme
+from dlopt.optimize.scheme import QuantizeScheme, check_excluded_nodes
 from dlopt.quiet import quiet_libraries
 from dlopt.sessions import cpu_session, feeds_for
 from dlopt.stage import StageResult, config_to_dict
@@ -375,10 +375,7 @@ def convert_fp16(model, config: Fp16 = Fp16(), data: Iterable[Mapping[str, np.nd
     source = _copy(model)
     _name_nodes(source)
     names = {n.name for n in source.graph.node}
-    missing = sorted(set(config.exclude_nodes) - names)
-    if missing:
-        raise InputError(f"fp16: exclude_nodes {missing} are not nodes of the model",
-                         "check the names (e.g. with Netron) or drop them")
+    check_excluded_nodes(config.exclude_nodes, names)
     if not any(t.data_type == onnx.TensorProto.FLOAT for t in source.graph.initializer) and not any(
             v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in source.graph.input):
         raise InputError("fp16: the model has no FP32 weights or inputs to convert",

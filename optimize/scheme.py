@@ -70,4 +70,14 @@ def check_common(config) -> None:
                          "give a positive cap, or none")
 
 
-__all__ = ["HOLDOUT_FRACTION", "HOLDOUT_MIN", "LAYERNORM_FORMS", "QuantizeScheme", "check_common", "quantize_targets"]
+def check_excluded_nodes(exclude_nodes, names: set[str]) -> None:
+    """Every node a scheme is asked to keep in float must be a node of the model (`names`): a typo would
+    otherwise quantize the node the user meant to protect, silently."""
+    unknown = [n for n in exclude_nodes if n not in names]
+    if unknown:
+        sample = ", ".join(sorted(n for n in names if n)[:5])
+        raise InputError(f"{{exclude_nodes=NAMES}}: nodes not in the model: {', '.join(unknown)}",
+                         f"use node names from the graph (e.g. {sample})")
+
+
+__all__ = ["HOLDOUT_FRACTION", "check_excluded_nodes", "HOLDOUT_MIN", "LAYERNORM_FORMS", "QuantizeScheme", "check_common", "quantize_targets"]

@@ -170,7 +170,7 @@ def already_fp16_model():
 
 
 @pytest.mark.parametrize("model, config, data, message", [
-    (mlp_model(), Fp16Config(exclude_nodes=("nope",)), None, r"exclude_nodes \['nope'\] are not nodes"),
+    (mlp_model(), Fp16Config(exclude_nodes=("nope",)), None, r"exclude_nodes=NAMES: nodes not in the model: nope \(use node names"),
     (already_fp16_model(), Fp16Config(), None, "no FP32 weights or inputs"),
     (mlp_model(), Fp16Config(), [{"image": np.zeros((1, 8), np.float32)}], r"lacks inputs \['x'\]"),
     (b"not a model", Fp16Config(), None, "takes an onnx.ModelProto"),

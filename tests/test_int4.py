@@ -237,7 +237,7 @@ def test_bad_config_is_an_input_error(kwargs, message):
 
 @pytest.mark.parametrize("model, config, data, message", [
     (no_matmul_model(), Int4Config(), None, "no MatMul or Gemm with a constant 2-D float weight"),
-    (lm_model(), Int4Config(exclude_nodes=("nope",)), None, r"exclude_nodes \['nope'\] are not nodes"),
+    (lm_model(), Int4Config(exclude_nodes=("nope",)), None, r"exclude_nodes=NAMES: nodes not in the model: nope \(use node names"),
     (lm_model(), Int4Config(algorithm="gptq"), None, "gptq needs calibration data"),
     (lm_model(), Int4Config(), [{"tokens": np.zeros((1, 3), np.int64)}], r"lacks inputs \['ids'\]"),
     ("model.onnx", Int4Config(), None, "takes an onnx.ModelProto"),

@@ -12,6 +12,7 @@ import numpy as np
 from dlopt.errors import InputError, StageError
 from dlopt.fidelity import compare_sessions, report as fidelity_report
 from dlopt.inputs import take_samples
+from dlopt.optimize.scheme import check_excluded_nodes
 from dlopt.optimize.int4.blocks import quantize_blocks_mse, _quantize_embedding
 from dlopt.optimize.int4.config import Int4WeightOnly
 from dlopt.optimize.int4.gptq import collect_hessians, gptq_blocks, _matmul_nbits_own
@@ -78,10 +79,7 @@ def quantize_int4(model, config: Int4WeightOnly = Int4WeightOnly(), data: Iterab
     _name_nodes(model)
 
     names = {n.name for n in model.graph.node}
-    missing = sorted(set(config.exclude_nodes) - names)
-    if missing:
-        raise InputError(f"int4: exclude_nodes {missing} are not nodes of the model",
-                         "check the names (e.g. with Netron) or drop them")
+    check_excluded_nodes(config.exclude_nodes, names)
     excluded = set(config.exclude_nodes)
     notes: list[str] = []
 

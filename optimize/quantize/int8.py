@@ -16,6 +16,7 @@ from dlopt.optimize.preprocess import replace_nodes
 from dlopt.optimize.quantize.calibrate import calibrate, _ort_method, _ort_quant_type
 from dlopt.optimize.quantize.recipe import Recipe
 from dlopt.optimize.quantize.schemes import Int8Scheme
+from dlopt.optimize.scheme import check_excluded_nodes
 from dlopt.optimize.rounding import LayerStatistics, collect_layer_statistics, refine_weights
 from dlopt.optimize.scheme import QuantizeScheme
 from dlopt.quiet import quiet_libraries
@@ -43,11 +44,7 @@ def _check_exclusions(model, config: QuantizeScheme) -> None:
     from dlopt.optimize.normalize import all_graphs
 
     names = {n.name for g in all_graphs(model.graph) for n in g.node}  # ORT's quantizers exclude in subgraphs too
-    unknown = [n for n in config.exclude_nodes if n not in names]
-    if unknown:
-        sample = ", ".join(sorted(n.name for n in model.graph.node if n.name)[:5])
-        raise InputError(f"{{exclude_nodes=NAMES}}: nodes not in the model: {', '.join(unknown)}",
-                         f"use node names from the graph (e.g. {sample})")
+    check_excluded_nodes(config.exclude_nodes, names)
 
 
 def quantize_int8(model, config: Int8Scheme, recipe: Recipe, data: CalibrationData | None = None, *,
