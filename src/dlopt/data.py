@@ -164,10 +164,11 @@ def data_spec(source: str | Path | None = None, *, spec_file: str | Path | None 
     base = read_spec_file(spec_file) if spec_file else DataSpec()
     if source is None:
         source = base.source
-    layout_pairs = dict(base.layout) | dict(parse_layout(layout))
-    value_pairs = dict(base.values) | dict(parse_values(values))
-    for name in set(layout_pairs) & set(value_pairs):  # the option given on the command line wins
-        (value_pairs if name in dict(parse_layout(layout)) else layout_pairs).pop(name)
+    given_layout, given_values = dict(parse_layout(layout)), dict(parse_values(values))
+    # an option overrides the file's key for its input, also of the other kind (the file's constant `sr`
+    # becomes a sampled input with --input-layout sr=0); both kinds on the command line are refused
+    layout_pairs = {k: v for k, v in base.layout if k not in given_values} | given_layout
+    value_pairs = {k: v for k, v in base.values if k not in given_layout} | given_values
     given = {k: v for k, v in (image or {}).items() if v is not None and v != ()}
     img = base.image
     if given:
@@ -494,19 +495,20 @@ def _reader(spec: DataSpec, limit: int | None) -> CalibrationData:
     function = _reader_function(source)
 
     def stream() -> Iterator[Feeds]:
-        index = 0
+        produced = 0  # feeds yielded so far: the item an error is raised at
         try:
-            for index, item in enumerate(_call(function, source)):  # noqa: B007 (index is read below)
+            for item in _call(function, source):
                 if not isinstance(item, Mapping):
-                    raise InputError(f"data reader {source} yielded a {type(item).__name__} (item {index}), not a "
+                    raise InputError(f"data reader {source} yielded a {type(item).__name__} (item {produced}), not a "
                                      "dict of input name -> array", "yield one {name: array} dict per feed")
                 yield {str(k): np.asarray(v) for k, v in item.items()}
-                if limit is not None and index + 1 >= limit:
+                produced += 1
+                if limit is not None and produced >= limit:
                     return
         except (InputError, KeyboardInterrupt, GeneratorExit):
             raise
         except BaseException as e:  # noqa: BLE001 - the user's code: SystemExit included, one line, exit 2
-            raise InputError(f"data reader {source} raised {type(e).__name__} at item {index}: "
+            raise InputError(f"data reader {source} raised {type(e).__name__} at item {produced}: "
                              f"{_first_line(e)}", "fix the reader; run it alone to see its traceback") from e
 
     return CalibrationData(stream, source=source, count=None, limit=limit, spec=spec)

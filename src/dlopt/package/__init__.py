@@ -95,6 +95,12 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
         calibration = next((r["calibration"] for r in stage_configs.values()
                             if isinstance(r.get("calibration"), dict) and "sha256" in r["calibration"]), None)
     torch_source = _load_torch_source(config) if config.torch_source else None  # fail early on a bad source
+    if data is None and calibration_spec is not None and (calibration_spec.layout or calibration_spec.values):
+        # generated samples put the batch on axis 0 and know no constants: the declared data does
+        from dlopt.data import data_arrays
+
+        data, data_spec = data_arrays(calibration_spec, source_path, samples=config.samples), calibration_spec
+        log(f"sample inputs: {config.samples} sample(s) of {calibration_spec} as its data spec declares it")
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-{os.getpid()}-", dir=out.parent))
     try:
