@@ -326,6 +326,11 @@ def test_every_verb_takes_the_same_data_options(stream, verb):
         assert option in help_text, (verb, option)
 
 
+def test_data_options_without_data_are_refused_not_ignored(stream):
+    result = invoke("bench", stream / "s.onnx", "--input-layout", "state=1", "--rounds", "3", "--no-progress")
+    assert result.exit_code == 2 and "no data they describe" in one_error_line(result)
+
+
 @pytest.mark.parametrize("verb", ["bench", "eval", "gate", "package"])
 def test_batch_verbs_read_the_declared_layout(stream, verb):
     result = invoke(*_verb(stream, verb, "--input-layout", "state=1", "--input-value", "sr=16000"))

@@ -407,9 +407,8 @@ class CalibrationData:
             yield feeds
 
     def __len__(self) -> int:
-        if self._count is None:  # a reader: counted by reading it (it stops at the limit itself)
-            counted = sum(1 for _ in self._open_stream())
-            return counted if self.limit is None else min(counted, self.limit)
+        if self._count is None:  # a reader: counted once by reading it (it stops at the limit itself)
+            self._count = sum(1 for _ in self._open_stream())
         return min(self._count, self.limit) if self.limit is not None else self._count
 
     def bind(self, model) -> CalibrationData:

@@ -44,7 +44,7 @@ def command(model, data, metrics, reference, reference_model, output, target, th
     from dlopt.errors import InputError
 
     # the flags' own rules, in the flags' words (the library checks the same in keyword arguments)
-    data = declared.spec(data)
+    (data,) = declared.specs(data)
     if (data is None) == (reference_model is None):
         raise InputError("give either --data FILE.npz or --model NAME",
                          "--data evaluates on your arrays; --model uses a reference model's evaluator")

@@ -138,7 +138,7 @@ def command(ctx, baseline, candidate, max_slowdown, accuracy_drops, max_size_gro
     from dlopt.errors import InputError
 
     names = tuple(m.strip() for part in metrics for m in part.split(",") if m.strip())
-    data, eval_data = declared.spec(data), declared.spec(eval_data, primary=False)
+    data, eval_data = declared.specs(data, eval_data)
     if names and eval_data is None:
         raise InputError("--metric applies to --eval-data", "pass --eval-data DATA.npz, or drop --metric")
     max_accuracy_drop, metric_drops = parse_accuracy_drops(accuracy_drops)

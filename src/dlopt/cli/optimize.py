@@ -53,10 +53,11 @@ def command(model, target, max_accuracy_drop, time_budget, max_latency, calibrat
     """
     from dlopt.api import OptimizeConfig, json_text, optimize_model, optimize_text, parse_duration
 
+    calibration, eval_data = declared.specs(calibration, eval_data)
+
     config = OptimizeConfig(target=target, max_accuracy_drop=max_accuracy_drop, time_budget_s=parse_duration(time_budget),
                             max_latency_ms=max_latency, evaluator=evaluator,
-                            calibration=declared.spec(calibration),
-                            eval_data=declared.spec(eval_data, primary=False), overwrite=overwrite,
+                            calibration=calibration, eval_data=eval_data, overwrite=overwrite,
                             search_pruning=search_pruning)
     outcome = optimize_model(model, output, config, executor=executor_kind, address=address, workers=workers,
                              cache_dir=cache_dir, report_path=report_path, log=echo_err)

@@ -83,8 +83,8 @@ def command(model, output, precision, mode, calibration, calibration_samples, ev
                             weight_rounding=weight_rounding, bias_correction=bias_correction,
                             layernorm_form=layernorm_form, node_forms=node_forms, input_shapes=input_shapes,
                             min_sqnr_db=min_sqnr_db, holdout=holdout, recover=not no_recover)
-    outcome = quantize_model(model, output, config, declared.spec(calibration),
-                             eval_data=declared.spec(eval_data, primary=False), progress=True, log=echo_err)
+    calibration, eval_data = declared.specs(calibration, eval_data)
+    outcome = quantize_model(model, output, config, calibration, eval_data=eval_data, progress=True, log=echo_err)
     click.echo(quantize_summary(outcome.report))
     click.echo(f"{'wrote' if outcome.passed else 'kept the best effort (FAILED) as'} {outcome.model_path} "
                f"({outcome.report['bytes_written'] / 1e6:.2f} MB)")
