@@ -335,6 +335,8 @@ def test_data_options_without_data_are_refused_not_ignored(stream):
 def test_batch_verbs_read_the_declared_layout(stream, verb):
     result = invoke(*_verb(stream, verb, "--input-layout", "state=1", "--input-value", "sr=16000"))
     assert result.exit_code == 0, result.output
+    if verb == "eval":  # all 40 samples, the state batched on its axis 1: cosine to itself is 1
+        assert re.search(r"cosine\s+1(\.0+)?\s", result.output) and "40 samples" in result.output, result.output
     if verb == "package":  # the bundle records what its samples were read with
         manifest = json.loads((stream / "b" / "manifest.json").read_text())
         assert validate(manifest) == []

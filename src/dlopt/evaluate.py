@@ -152,10 +152,11 @@ def _open(path: str | os.PathLike, config: EvalConfig):
 
 
 def run_batched(handle, feeds: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-    """Run the model over the first axis of `feeds` in chunks (a fixed batch axis sets the chunk)."""
-    specs = session_inputs(handle.session)
+    """Run the model over the samples of `feeds` (axis 0, or each input's sample axis when `feeds` is a
+    dlopt.data.SampleArrays) in chunks (a fixed batch axis sets the chunk)."""
     from dlopt.data import SampleArrays  # samples on each input's declared axis (--input-layout)
 
+    specs = session_inputs(handle.session)
     arrays = feeds if isinstance(feeds, SampleArrays) else SampleArrays.from_mapping(feeds)
     counts = {name: int(np.shape(a)[arrays.axes[name]]) for name, a in arrays.items()
               if arrays.axes.get(name) is not None}
@@ -163,7 +164,8 @@ def run_batched(handle, feeds: Mapping[str, np.ndarray], batch_size: int) -> dic
         raise InputError(f"the data's arrays hold different numbers of samples: {counts}",
                          "give every input the same first dimension")
     n = next(iter(counts.values())) if counts else 1
-    fixed = {s.fixed(0) for s in specs if s.shape and s.fixed(0)}
+    axes = {s.name: arrays.axes.get(s.name) for s in specs}
+    fixed = {s.fixed(axes[s.name]) for s in specs if axes[s.name] is not None and s.fixed(axes[s.name])}
     step = fixed.pop() if len(fixed) == 1 else batch_size
     if n % step and fixed:
         raise InputError(f"{n} samples do not split into the model's fixed batch of {step}",
@@ -174,7 +176,13 @@ def run_batched(handle, feeds: Mapping[str, np.ndarray], batch_size: int) -> dic
         part = arrays.take(start, start + step)
         for name, out in zip(names, handle.session.run(None, part)):
             chunks[name].append(out)
-    return {name: np.concatenate(parts, axis=0) for name, parts in chunks.items()}
+    # an output's samples lie on the axis its declared shape names like an input's sample axis ("batch" on
+    # axis 1 of a streaming model's state), else on axis 0
+    sample_dims = {s.shape[axes[s.name]] for s in specs if axes[s.name] is not None and isinstance(
+        s.shape[axes[s.name]], str)}
+    out_axes = {o.name: next((a for a, d in enumerate(o.shape or []) if isinstance(d, str) and d in sample_dims), 0)
+                for o in handle.session.get_outputs()}
+    return {name: np.concatenate(parts, axis=out_axes.get(name, 0)) for name, parts in chunks.items()}
 
 
 def _pick_output(outputs: Mapping[str, np.ndarray], wanted: str | None, what: str) -> tuple[str, np.ndarray]:
