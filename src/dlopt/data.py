@@ -260,7 +260,8 @@ def _image_fields(keys: Mapping[str, Any], where: str) -> dict[str, Any]:
     """ImagePreprocess keys as a user writes them (text or TOML values) -> its field values."""
     unknown = sorted(set(keys) - _IMAGE_NAMES)
     if unknown:
-        raise InputError(f"{where}: unknown image key(s) {', '.join(unknown)}", f"known: {', '.join(sorted(_IMAGE_NAMES))}")
+        raise InputError(f"{where}: unknown image key(s) {', '.join(unknown)}",
+                         f"known: {', '.join(sorted(_IMAGE_NAMES))}")
     out: dict[str, Any] = {}
     for key, value in keys.items():
         if key == "size":

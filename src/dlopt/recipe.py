@@ -379,8 +379,8 @@ def _quantizes(kind: str) -> bool:
 
 def _declared_specs(recipe: Recipe) -> dict[str, Any] | None:
     """The recipe's data specs, recorded in the key inputs and the lineage when they declare more than a source."""
-    found = {role: spec.record() for role, spec in (("calibration", recipe.calibration), ("eval_data", recipe.eval_data))
-             if isinstance(spec, DataSpec)}
+    roles = (("calibration", recipe.calibration), ("eval_data", recipe.eval_data))
+    found = {role: spec.record() for role, spec in roles if isinstance(spec, DataSpec)}
     return found or None
 
 
