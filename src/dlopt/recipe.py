@@ -48,7 +48,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli packag
     import tomli as tomllib
 
 import dlopt
-from dlopt.errors import DlOptError, InputError
+from dlopt.errors import DlOptError, InputError, StageError
 from dlopt.manifest import hash_path, sha256_file
 from dlopt.stage import Stage, StageContext, config_from_dict, config_to_dict, config_version, get_stage, stage_kinds
 from dlopt.stagecache import Entry, StageCache, cache_key
@@ -320,20 +320,93 @@ def artifact_hash(model_path: Path) -> str:
 
 
 def source_hash(spec: str) -> str:
-    """A torch source's identity: its factory file's bytes (file.py:build, package.module:build), or,
-    for a reference model, its name with this dlopt's version (the factory ships with dlopt)."""
+    """A torch source's identity: its factory file's bytes and those of the local modules it imports (see
+    `local_modules`) for file.py:build and package.module:build, or, for a reference model, its name with
+    this dlopt's version (the factory ships with dlopt)."""
     import hashlib
     import importlib.util
 
     if ".py:" in spec:
         file = Path(spec.rpartition(":")[0])
     elif ":" in spec:
-        found = importlib.util.find_spec(spec.partition(":")[0])
+        try:
+            found = importlib.util.find_spec(spec.partition(":")[0])
+        except (ImportError, ValueError):
+            found = None
         file = Path(found.origin) if found and found.origin else None
     else:
         file = None
-    body = f"{spec}\0{sha256_file(file) if file and file.is_file() else dlopt.__version__}"
+    if not (file and file.is_file()):
+        return hashlib.sha256(f"{spec}\0{dlopt.__version__}".encode()).hexdigest()
+    body = f"{spec}\0{sha256_file(file)}"
+    for module in local_modules(file):
+        body += f"\0{module}\0{sha256_file(module)}"
     return hashlib.sha256(body.encode()).hexdigest()
+
+
+def local_modules(factory: Path) -> list[Path]:
+    """The local .py files a factory file imports, directly or through each other: modules and packages
+    found under the factory's folder or a sys.path folder outside the standard library and site-packages.
+    Read from the `import` statements (the ast, nothing is run); a module imported by a computed name
+    (importlib.import_module(name), __import__) is not seen: after changing one, `dlopt run --force`."""
+    import ast
+    import sys
+    import sysconfig
+
+    shared = {Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+
+    def local(folder: Path) -> bool:
+        return folder.is_dir() and not any(folder == s or s in folder.parents for s in shared) \
+            and not {"site-packages", "dist-packages"} & set(folder.parts)
+
+    roots = [factory.resolve().parent] + [p for p in (Path(e or ".").resolve() for e in sys.path) if local(p)]
+
+    def find(base: Path, dotted: str) -> list[Path]:
+        """The files `dotted` names under `base`: each package's __init__.py on the way, then the module."""
+        files, here = [], base
+        for part in dotted.split("."):
+            if (here / part / "__init__.py").is_file():
+                here = here / part
+                files.append(here / "__init__.py")
+            elif (here / f"{part}.py").is_file():
+                files.append(here / f"{part}.py")
+                break
+            else:
+                return files if here != base else []
+        return files
+
+    seen: dict[Path, None] = {}
+    todo = [factory.resolve()]
+    while todo:
+        file = todo.pop()
+        try:
+            tree = ast.parse(file.read_bytes(), filename=str(file))
+        except (OSError, SyntaxError, ValueError):
+            continue  # the loader reports an unreadable factory; a broken helper fails when imported
+        for node in ast.walk(tree):
+            names: list[tuple[Path | None, str]] = []
+            if isinstance(node, ast.Import):
+                names = [(None, alias.name) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = None
+                if node.level:  # relative: from the importing file's package
+                    base = file.parent
+                    for _ in range(node.level - 1):
+                        base = base.parent
+                prefix = node.module or ""
+                names = [(base, prefix)] if prefix else []
+                names += [(base, f"{prefix}.{alias.name}" if prefix else alias.name) for alias in node.names]
+            for base, dotted in names:
+                for root in ([base] if base is not None else roots):
+                    found = find(root, dotted)
+                    if found:
+                        for path in found:
+                            path = path.resolve()
+                            if path != factory.resolve() and path not in seen:
+                                seen[path] = None
+                                todo.append(path)
+                        break
+    return sorted(seen)
 
 
 def data_hash(spec: str | None) -> str | None:
@@ -428,11 +501,49 @@ def force_from(recipe: Recipe, force: str | None) -> int | None:
                      f"give a stage kind ({', '.join(s.kind for s in recipe.stages)}) or index 1-{len(recipe.stages)}")
 
 
+def recipe_inputs(recipe: Recipe) -> list[Path]:
+    """Every file the recipe reads: the recipe itself, its source (an .onnx, or a factory's file and the
+    local modules it imports), its data files and the stages' own (package's calibration, torch_source)."""
+    from dlopt.fileio import guard_source_spec
+
+    found: list[Path] = [recipe.path]
+    if recipe.onnx_source:
+        found.append(Path(recipe.source))
+    elif guard_source_spec(recipe.source) is not None:
+        factory = guard_source_spec(recipe.source)
+        found += [factory, *local_modules(factory)] if factory.is_file() else [factory]
+    specs = [recipe.calibration, recipe.eval_data, recipe.training_data]
+    for stage in recipe.stages:
+        specs.append(getattr(stage.config, "calibration", None))
+        torch_source = guard_source_spec(getattr(stage.config, "torch_source", None))
+        if torch_source is not None:
+            found.append(torch_source)
+    found += [Path(s) for s in specs if isinstance(s, str) and not s.startswith("model:")]
+    return found
+
+
+def recipe_outputs(recipe: Recipe, out: Path) -> list[Path]:
+    """Every path `run_recipe` may write for -o `out`: it, the stage reports delivered beside a model
+    (NAME.quantize.json, NAME.export.json), and where a quantize stage below its floor keeps its result
+    (NAME.failed.onnx and its report)."""
+    from dlopt.api import report_path_for
+
+    paths = [out]
+    if recipe.stages[-1].kind != "package":
+        paths += [report_path_for(out, "quantize"), report_path_for(out, "export")]
+    quantizers = [get_stage(s.kind) for s in recipe.stages if _quantizes(s.kind)]
+    if quantizers:
+        failed = quantizers[0].failed_path(out)
+        paths += [failed, report_path_for(failed, "quantize")]
+    return paths
+
+
 def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: str | None = None,
                overwrite: bool = False, log: Log = lambda message: None) -> RunResult:
-    """Run the recipe's stages, each from the cache when its key is there, and write the last stage's
-    artifact to `output` (an .onnx file, or a bundle folder when the last stage is package)."""
-    from dlopt.fileio import check_output_path, guard_outputs, guard_source_spec
+    """Run the recipe's stages, each from the cache when its key is there (and its files are those it
+    was written with), and write the last stage's artifact to `output` (an .onnx file, or a bundle folder
+    when the last stage is package)."""
+    from dlopt.fileio import check_output_path, guard_outputs
 
     out = Path(output)
     last = recipe.stages[-1].kind
@@ -442,87 +553,104 @@ def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: 
         check_bundle_path(out, overwrite)  # the rules of `dlopt package -o` (--overwrite replaces only a bundle)
     else:
         check_output_path(out)
-    source_file = Path(recipe.source) if recipe.onnx_source else guard_source_spec(recipe.source)
-    data_paths = [s for s in (recipe.calibration, recipe.eval_data, recipe.training_data)
-                  if s and not s.startswith("model:")]
-    guard_outputs([recipe.path, source_file, *data_paths], [out])
+    inputs = recipe_inputs(recipe)
+    guard_outputs(inputs, recipe_outputs(recipe, out), cache=cache.root)
     redo = force_from(recipe, force)
+    started = time.time()  # --force: an entry another process rebuilt after this moment is a fresh one
 
-    artifact: Path | None = Path(recipe.source) if recipe.onnx_source else None
-    input_sha = artifact_hash(artifact) if artifact else source_hash(recipe.source)
-    runs: list[StageRun] = []
-    for stage in recipe.stages:
-        label = f"stage {stage.index}/{len(recipe.stages)} {stage.kind}"
-        start = time.perf_counter()
-        inputs = key_inputs(recipe, stage, input_sha, [r.lineage() for r in runs])
-        key = cache_key(inputs)
-        entry = None if redo is not None and stage.index >= redo else cache.get(key)
-        cached = entry is not None
-        if entry is None:
-            log(f"{label}: running (key {key[:12]})")
-            try:
-                entry = _run_stage(recipe, stage, artifact, out, key, inputs, cache, [r.lineage() for r in runs],
-                                   log)
-            except DlOptError as e:  # which stage failed, after which: "stage 2/3 quantize (after export): ..."
-                # a Stage names its own chain ("int8-static failed after export: ..."); else it is said here
-                named = e.message.startswith(f"{stage.kind} failed after ")
-                after = f" (after {', '.join(r.stage.kind for r in runs)})" if runs and not named else ""
-                e.message = f"{recipe.path} {label}{after}: {e.message}"  # same class: same exit code
-                raise
-        produced = _artifact_of(entry)
-        seconds = time.perf_counter() - start
-        output_sha = entry.info["output_sha256"]
-        log(f"{label}: {'cached' if cached else 'done'} in {seconds:.2f} s (key {key[:12]})")
-        runs.append(StageRun(stage, key, cached, seconds, input_sha, output_sha, entry))
-        artifact, input_sha = produced, output_sha
-    _deliver(artifact, out, bundle=last == "package")
+    with cache.private_folder() as private:
+        artifact: Path | None = Path(recipe.source) if recipe.onnx_source else None
+        input_sha = artifact_hash(artifact) if artifact else source_hash(recipe.source)
+        runs: list[StageRun] = []
+        for stage in recipe.stages:
+            label = f"stage {stage.index}/{len(recipe.stages)} {stage.kind}"
+            start = time.perf_counter()
+            inputs_k = key_inputs(recipe, stage, input_sha, [r.lineage() for r in runs])
+            key = cache_key(inputs_k)
+            forced = redo is not None and stage.index >= redo
+            found, view = (None, None) if forced else cache.checkout(key, private)
+            if found is not None and found.problem:
+                log(f"{label}: cache entry {key[:12]} not used ({found.problem}): rebuilding it")
+            entry = found.entry if found is not None else None
+            cached = entry is not None
+            if entry is None:
+                try:
+                    entry, view, cached = _build(recipe, stage, artifact, out, key, inputs_k, cache, private,
+                                                 [r.lineage() for r in runs], label, forced, started, log)
+                except DlOptError as e:  # which stage failed, after which: "stage 2/3 quantize (after export): ..."
+                    # a Stage names its own chain ("int8-static failed after export: ..."); else it is said here
+                    named = e.message.startswith(f"{stage.kind} failed after ")
+                    after = f" (after {', '.join(r.stage.kind for r in runs)})" if runs and not named else ""
+                    e.message = f"{recipe.path} {label}{after}: {e.message}"  # same class: same exit code
+                    raise
+            produced = view / entry.info["artifact"]
+            output_sha = artifact_hash(produced)  # the bytes this run goes on with and delivers
+            seconds = time.perf_counter() - start
+            log(f"{label}: {'cached' if cached else 'done'} in {seconds:.2f} s (key {key[:12]})")
+            runs.append(StageRun(stage, key, cached, seconds, input_sha, output_sha, entry))
+            artifact, input_sha = produced, output_sha
+        _deliver(artifact, out, bundle=last == "package", inputs=inputs)
     return RunResult(out, tuple(runs))
 
 
-def _artifact_of(entry: Entry) -> Path:
-    return entry.path / entry.info["artifact"]
+def _build(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Path, key: str, inputs: Mapping[str, Any],
+           cache: StageCache, private: Path, lineage: list[dict[str, Any]], label: str, forced: bool, started: float,
+           log: Log) -> tuple[Entry, Path, bool]:
+    """Build the stage's entry under the key's lock, unless another process made it while this one waited
+    for the lock (for a forced stage: made after this run started). Returns the entry, its private view
+    and whether it was taken from the cache."""
+    with cache.building(key) as staging:
+        again, view = cache.checkout(key, private)
+        if again.entry is not None and (not forced or again.entry.created >= started):
+            return again.entry, view, True
+        log(f"{label}: running (key {key[:12]})")
+        entry = _run_stage(recipe, stage, artifact, out, key, inputs, cache, staging, lineage, log)
+        made, view = cache.checkout(key, private)
+        if made.entry is None:
+            raise StageError(f"the cache entry {key[:12]} just written fails its check: {made.problem}",
+                             "run again; if it repeats, pass another --cache-dir")
+        return made.entry, view, False
 
 
 def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Path, key: str, inputs: Mapping[str, Any],
-               cache: StageCache, lineage: list[dict[str, Any]], log: Log) -> Entry:
+               cache: StageCache, staging: Path, lineage: list[dict[str, Any]], log: Log) -> Entry:
     config = _prepared(recipe, stage)
     after = tuple(step["kind"] for step in lineage)
     spec = get_stage(stage.kind)
-    with cache.building(key) as staging:
-        if stage.kind == "distill":  # the prune stage's checkpoint, trained against the source
-            produced, report = _distill(recipe, spec, config, artifact, staging, after, log)
-        elif spec.takes == spec.makes == "torch":  # prune: the pruned checkpoint
-            result = spec.apply(_torch_source(recipe, artifact, log), config, StageContext(after=after, log=log))
-            produced = get_stage("prune").save_checkpoint(staging / "model.pt", result.model.module, recipe.source,
-                                                          result.report)
-            report = {k: result.report[k] for k in ("parameters_before", "parameters_after", "macs_before",
-                                                    "macs_after")}
-        elif spec.takes == "torch":
-            from dlopt.api import export_model
+    if stage.kind == "distill":  # the prune stage's checkpoint, trained against the source
+        produced, report = _distill(recipe, spec, config, artifact, staging, after, log)
+    elif spec.takes == spec.makes == "torch":  # prune: the pruned checkpoint
+        result = spec.apply(_torch_source(recipe, artifact, log), config, StageContext(after=after, log=log))
+        produced = get_stage("prune").save_checkpoint(staging / "model.pt", result.model.module, recipe.source,
+                                                      result.report)
+        report = {k: result.report[k] for k in ("parameters_before", "parameters_after", "macs_before",
+                                                "macs_after")}
+    elif spec.takes == "torch":
+        from dlopt.api import export_model
 
-            source = recipe.source if artifact is None else _torch_source(recipe, artifact, log)
-            written = export_model(source, staging / "model.onnx", config, log=log)
-            produced, report = written.model_path, written.report
-        elif spec.makes == "bundle":
-            result = spec.apply(artifact, config, StageContext(output=staging / "bundle", lineage=tuple(lineage),
-                                                               after=after, log=log))
-            produced, report = result.model, result.report
-        else:  # quantize and its schemes
-            from dlopt.api import quantize_model
+        source = recipe.source if artifact is None else _torch_source(recipe, artifact, log)
+        written = export_model(source, staging / "model.onnx", config, log=log)
+        produced, report = written.model_path, written.report
+    elif spec.makes == "bundle":
+        result = spec.apply(artifact, config, StageContext(output=staging / "bundle", lineage=tuple(lineage),
+                                                           after=after, log=log))
+        produced, report = result.model, result.report
+    else:  # quantize and its schemes
+        from dlopt.api import quantize_model
 
-            outcome = quantize_model(artifact, staging / "model.onnx", config, recipe.calibration,
-                                     eval_data=recipe.eval_data, after=after, log=log)
-            if not outcome.passed:  # the best effort goes beside -o, as `dlopt quantize` keeps it; never cached
-                raise spec.failure_error(_keep_failed(outcome, out, spec))
-            produced, report = outcome.model_path, outcome.report
-        summary = {k: report[k] for k in ("verdict", "verification", "bytes_written", "bytes", "recipe", "scheme",
-                                          "parameters_before", "parameters_after", "macs_before", "macs_after",
-                                          "epochs_run", "best_epoch", "train_samples")
-                   if k in report}
-        info = {"kind": stage.kind, "inputs": dict(inputs), "artifact": produced.name,
-                "output_sha256": artifact_hash(produced), "source": recipe.source, "recipe": str(recipe.path),
-                "report": summary}
-        return cache.commit(key, staging, info)
+        outcome = quantize_model(artifact, staging / "model.onnx", config, recipe.calibration,
+                                 eval_data=recipe.eval_data, after=after, log=log)
+        if not outcome.passed:  # the best effort goes beside -o, as `dlopt quantize` keeps it; never cached
+            raise spec.failure_error(_keep_failed(outcome, out, spec))
+        produced, report = outcome.model_path, outcome.report
+    summary = {k: report[k] for k in ("verdict", "verification", "bytes_written", "bytes", "recipe", "scheme",
+                                      "parameters_before", "parameters_after", "macs_before", "macs_after",
+                                      "epochs_run", "best_epoch", "train_samples")
+               if k in report}
+    info = {"kind": stage.kind, "inputs": dict(inputs), "artifact": produced.name,
+            "output_sha256": artifact_hash(produced), "source": recipe.source, "recipe": str(recipe.path),
+            "report": summary}
+    return cache.commit(key, staging, info)
 
 
 def _distill(recipe: Recipe, spec: Stage, config: Any, checkpoint: Path, staging: Path, after: tuple[str, ...],
@@ -583,9 +711,9 @@ def _keep_failed(outcome: Any, out: Path, stage: Stage) -> Any:
     return dataclasses.replace(outcome, model_path=kept, report_path=report_path_for(kept, "quantize"))
 
 
-def _deliver(artifact: Path, out: Path, *, bundle: bool) -> None:
-    """Copy the last artifact out of the cache: a bundle folder (renamed into place whole), or a model
-    with its stage report beside it (renamed together)."""
+def _deliver(artifact: Path, out: Path, *, bundle: bool, inputs: list[Path]) -> None:
+    """Copy the last artifact out of the run's private view of the cache: a bundle folder (renamed into
+    place whole), or a model with its stage reports beside it (renamed together)."""
     import os
     import tempfile
 
@@ -601,15 +729,29 @@ def _deliver(artifact: Path, out: Path, *, bundle: bool) -> None:
             raise
         return
     from dlopt.api import report_path_for
-    from dlopt.fileio import external_data_files, load_onnx, staged_outputs
+    from dlopt.fileio import external_data_files, guard_outputs, json_text, load_onnx, staged_outputs
 
     external = external_data_files(load_onnx(artifact, load_external_data=False))
     if external:
         raise InputError(f"{artifact.name} keeps its weights in external data files",
                          "end the recipe with a package stage, which bundles them")
+    reports = {report: report_path_for(out, report.name[len(artifact.name[:-5]) + 1:-len(".json")])
+               for report in sorted(artifact.parent.glob(f"{artifact.name[:-5]}.*.json"))}
+    guard_outputs(inputs, reports.values())
     with staged_outputs() as outputs:
         shutil.copyfile(artifact, outputs.stage(out))
-        reports = sorted(artifact.parent.glob(f"{artifact.name[:-5]}.*.json"))
-        for report in reports:
-            stage = report.name[len(artifact.name[:-5]) + 1:-len(".json")]
-            shutil.copyfile(report, outputs.stage(report_path_for(out, stage)))
+        for report, path in reports.items():
+            outputs.stage(path).write_text(json_text(_delivered_report(report, out)))
+
+
+def _delivered_report(report: Path, out: Path) -> Any:
+    """A stage report as delivered: its `output` names -o, not the cache's staging folder it was written in."""
+    import json
+
+    try:
+        body = json.loads(report.read_text())
+    except (OSError, ValueError) as e:
+        raise StageError(f"the cached report {report.name} is not JSON ({e})", "run again with --force") from e
+    if isinstance(body, dict) and "output" in body:
+        body["output"] = str(out)
+    return body
