@@ -27,8 +27,8 @@ keys, precision and mode auto) is the front door of `dlopt quantize`: it resolve
 runs, and the lineage records which one and why.
 
 Relative paths are relative to the recipe's folder. A stage's cache key is the sha256 of the input
-artifact (or the torch source's file), the stage's config dict, the data's hash and the host facts that
-change the result (see `host_facts`).
+artifact (or the torch source's file and the local modules it imports: `local_modules`), the stage's
+config dict, the data's hash and the host facts that change the result (see `host_facts`).
 """
 
 from __future__ import annotations
