@@ -240,6 +240,19 @@ def _no_file_hashes(cache: Path, work: Path) -> None:
     onnx.save(other_model(), entry / "model.onnx")
 
 
+def _edit_entry_json(edit):
+    def tamper(cache: Path, work: Path) -> None:
+        entry = entry_of(cache, "quantize")
+        info = json.loads((entry / "entry.json").read_text())
+        edit(info)
+        (entry / "entry.json").write_text(json.dumps(info))
+    return tamper
+
+
+def _claims_other_inputs(info) -> None:
+    info["inputs"]["config"]["fields"]["per_channel"] = not info["inputs"]["config"]["fields"]["per_channel"]
+
+
 TAMPERED = [
     # (id, recipe, tampering, the reason `run` gives)
     ("a weight changed in the cached model", "b.toml", _weight_changed, r"model.onnx changed since it was written"),
@@ -250,6 +263,10 @@ TAMPERED = [
     ("a cached report removed", "r.toml", _file_removed, r"model.quantize.json is missing"),
     ("the entry folder replaced by a symlink", "r.toml", _entry_symlinked, r"is a symlink"),
     ("an entry without file hashes", "r.toml", _no_file_hashes, r"records no file hashes"),
+    ("entry.json missing a field", "r.toml", _edit_entry_json(lambda info: info.pop("artifact")),
+     r"its entry.json was edited since it was written"),
+    ("entry.json claiming other key inputs", "r.toml", _edit_entry_json(_claims_other_inputs),
+     r"its entry.json was edited since it was written"),
 ]
 
 

@@ -476,8 +476,9 @@ class StageRun:
         step = {"index": self.stage.index, "kind": self.stage.kind,
                 "config": self.entry.info["inputs"]["config"], "input_sha256": self.input_sha256,
                 "output_sha256": self.output_sha256, "cache_key": self.key}
-        scheme = self.entry.info.get("report", {}).get("scheme")
-        if scheme and scheme.get("resolved_from"):  # a `quantize` stage: the scheme it resolved to, and why
+        report = self.entry.info.get("report")
+        scheme = report.get("scheme") if isinstance(report, dict) else None
+        if isinstance(scheme, dict) and scheme.get("resolved_from"):  # a `quantize` stage: the scheme it resolved to, and why
             step["scheme"] = {"kind": scheme["kind"], "config": scheme["config"], "reasons": scheme["reasons"]}
         return step
 

@@ -98,6 +98,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _info_digest(info: Mapping[str, Any]) -> str:
+    """sha256 of entry.json's content but this digest itself (canonical JSON, as json_text writes floats):
+    an entry.json edited by hand, or cut short, is not trusted."""
+    body = {k: v for k, v in info.items() if k != "entry_sha256"}
+    return hashlib.sha256(json.dumps(json.loads(json_text(body)), sort_keys=True, separators=(",", ":")).encode()
+                          ).hexdigest()
+
+
 def _listing(folder: Path) -> tuple[dict[str, Path], str | None]:
     """Every regular file under `folder` by its relative POSIX path (entry.json left out), or what makes
     the folder no entry: a symlink or a special file anywhere in it."""
@@ -169,7 +177,8 @@ class StageCache:
             return None
         return info if isinstance(info, dict) and info.get("key") == key else None
 
-    def _verify(self, key: str) -> Lookup:
+    def _verify(self, key: str, keyed: bool = False) -> Lookup:
+        """`keyed`: the entry's recorded `inputs` must hash to its key (entries of `dlopt run`'s stages)."""
         path = self.root / key
         if path.is_symlink():
             return Lookup(None, f"{path} is a symlink")
@@ -181,6 +190,13 @@ class StageCache:
         recorded = info.get("files")
         if not isinstance(recorded, dict) or not all(isinstance(v, dict) for v in recorded.values()):
             return Lookup(None, "it records no file hashes (made by an older dlopt)")
+        if info.get("entry_sha256") != _info_digest(info):
+            return Lookup(None, "its entry.json was edited since it was written")
+        artifact = info.get("artifact")
+        if not isinstance(artifact, str) or not any(rel == artifact or rel.startswith(f"{artifact}/") for rel in recorded):
+            return Lookup(None, "its entry.json names no artifact it holds")
+        if keyed and (not isinstance(info.get("inputs"), dict) or cache_key(info["inputs"]) != key):
+            return Lookup(None, "its entry.json records key inputs that do not make its key")
         found, problem = _listing(path)
         if problem:
             return Lookup(None, problem)
@@ -203,11 +219,11 @@ class StageCache:
         return self.lookup(key).entry
 
     def checkout(self, key: str, into: Path) -> tuple[Lookup, Path | None]:
-        """Verify the entry and link its files into `into/<key>` (copies where links fail), all under the
-        key's shared lock: a private view that a concurrent forced rebuild of the key cannot change.
-        Returns the lookup and the private folder (None when the entry failed)."""
+        """Verify the entry (its recorded key inputs too) and link its files into `into/<key>` (copies where
+        links fail), all under the key's shared lock: a private view that a concurrent forced rebuild of the
+        key cannot change. Returns the lookup and the private folder (None when the entry failed)."""
         with self._locked(key, exclusive=False):
-            found = self._verify(key)
+            found = self._verify(key, keyed=True)
             if found.entry is None:
                 return found, None
             private = into / key
@@ -252,6 +268,7 @@ class StageCache:
         now = time.time()
         info = {**info, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
                 "created_unix": now, "bytes": sum(f["bytes"] for f in files.values()), "files": files}
+        info["entry_sha256"] = _info_digest(info)
         (staging / ENTRY_NAME).write_text(json_text(info))
         target = self.root / key
         with self._locked(key, exclusive=True):
