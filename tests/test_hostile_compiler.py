@@ -159,8 +159,9 @@ REFUSED = [
      r"output B contains the stage cache B/cache"),
     ("run: -o inside the cache", _empty_folder, ["run", "r.toml", "-o", "B/q.onnx", "--cache-dir", "B"],
      r"output B/q.onnx lies inside the stage cache B"),
-    ("run: the cache contains the recipe", _recipe_in_a_folder, ["run", "proj/r.toml", "-o", "q.onnx", "--cache-dir",
-                                                                 "proj"], r"the stage cache proj contains the input .*r.toml"),
+    ("run: the cache contains the recipe", _recipe_in_a_folder,
+     ["run", "proj/r.toml", "-o", "q.onnx", "--cache-dir", "proj"],
+     r"the stage cache proj contains the input .*r.toml"),
     ("run: the cache inside the source", None, ["run", "r.toml", "-o", "q.onnx", "--cache-dir", "mlp.onnx/cache"],
      r"the stage cache mlp.onnx/cache lies inside the input .*mlp.onnx"),
 ]
@@ -350,9 +351,9 @@ def test_local_modules_follows_imports_but_not_installed_packages(tmp_path):
     (tmp_path / "helper.py").write_text("from pkg.layers import *\n")
     factory = tmp_path / "f.py"
     factory.write_text("import torch\nimport helper\ndef build(): ...\n")
-    assert local_modules(factory) == sorted(p.resolve() for p in [tmp_path / "helper.py", tmp_path / "pkg" / "__init__.py",
-                                                                  tmp_path / "pkg" / "layers.py",
-                                                                  tmp_path / "pkg" / "sizes.py"])
+    expected = [tmp_path / "helper.py", tmp_path / "pkg" / "__init__.py", tmp_path / "pkg" / "layers.py",
+                tmp_path / "pkg" / "sizes.py"]
+    assert local_modules(factory) == sorted(p.resolve() for p in expected)
     before = source_hash(f"{factory}:build")
     (tmp_path / "pkg" / "sizes.py").write_text("WIDTH = 6\n")  # two imports away
     assert source_hash(f"{factory}:build") != before

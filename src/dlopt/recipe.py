@@ -478,7 +478,8 @@ class StageRun:
                 "output_sha256": self.output_sha256, "cache_key": self.key}
         report = self.entry.info.get("report")
         scheme = report.get("scheme") if isinstance(report, dict) else None
-        if isinstance(scheme, dict) and scheme.get("resolved_from"):  # a `quantize` stage: the scheme it resolved to, and why
+        # a `quantize` stage: the scheme it resolved to, and why
+        if isinstance(scheme, dict) and scheme.get("resolved_from"):
             step["scheme"] = {"kind": scheme["kind"], "config": scheme["config"], "reasons": scheme["reasons"]}
         return step
 

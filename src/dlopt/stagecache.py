@@ -141,8 +141,11 @@ class StageCache:
         """flock on the key's lock file (one per first two hex digits of the key: a bounded number of
         files, never removed, so that no process ever locks a file another has unlinked). dlopt holds one
         cache lock at a time, so two processes never wait for each other."""
-        import fcntl
-
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; concurrent runs there do not wait for each other
+            yield
+            return
         held = (threading.get_ident(), str(self.root.resolve()), key[:2])
         if held in _HELD or not self.root.is_dir():
             yield
@@ -193,7 +196,8 @@ class StageCache:
         if info.get("entry_sha256") != _info_digest(info):
             return Lookup(None, "its entry.json was edited since it was written")
         artifact = info.get("artifact")
-        if not isinstance(artifact, str) or not any(rel == artifact or rel.startswith(f"{artifact}/") for rel in recorded):
+        if not isinstance(artifact, str) or not any(rel == artifact or rel.startswith(f"{artifact}/")
+                                                    for rel in recorded):
             return Lookup(None, "its entry.json names no artifact it holds")
         if keyed and (not isinstance(info.get("inputs"), dict) or cache_key(info["inputs"]) != key):
             return Lookup(None, "its entry.json records key inputs that do not make its key")
@@ -205,7 +209,8 @@ class StageCache:
                 return Lookup(None, f"{rel} is not a file dlopt wrote")
             if rel not in found:
                 return Lookup(None, f"{rel} is missing")
-            if found[rel].stat().st_size != recorded[rel].get("bytes") or _sha256(found[rel]) != recorded[rel].get("sha256"):
+            size, digest = recorded[rel].get("bytes"), recorded[rel].get("sha256")
+            if found[rel].stat().st_size != size or _sha256(found[rel]) != digest:
                 return Lookup(None, f"{rel} changed since it was written (its sha256 differs)")
         return Lookup(Entry(key, path, info))
 
