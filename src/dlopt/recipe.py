@@ -555,8 +555,8 @@ def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: 
         check_bundle_path(out, overwrite)  # the rules of `dlopt package -o` (--overwrite replaces only a bundle)
     else:
         check_output_path(out)
-    inputs = recipe_inputs(recipe)
-    guard_outputs(inputs, recipe_outputs(recipe, out), cache=cache.root)
+    inputs, outputs = recipe_inputs(recipe), recipe_outputs(recipe, out)
+    guard_outputs(inputs, outputs, cache=cache.root)
     redo = force_from(recipe, force)
     started = time.time()  # --force: an entry another process rebuilt after this moment is a fresh one
 
@@ -591,7 +591,7 @@ def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: 
             log(f"{label}: {'cached' if cached else 'done'} in {seconds:.2f} s (key {key[:12]})")
             runs.append(StageRun(stage, key, cached, seconds, input_sha, output_sha, entry))
             artifact, input_sha = produced, output_sha
-        _deliver(artifact, out, bundle=last == "package", inputs=inputs)
+        _deliver(artifact, out, bundle=last == "package", inputs=inputs, guarded=outputs)
     return RunResult(out, tuple(runs))
 
 
@@ -713,9 +713,10 @@ def _keep_failed(outcome: Any, out: Path, stage: Stage) -> Any:
     return dataclasses.replace(outcome, model_path=kept, report_path=report_path_for(kept, "quantize"))
 
 
-def _deliver(artifact: Path, out: Path, *, bundle: bool, inputs: list[Path]) -> None:
+def _deliver(artifact: Path, out: Path, *, bundle: bool, inputs: list[Path], guarded: list[Path]) -> None:
     """Copy the last artifact out of the run's private view of the cache: a bundle folder (renamed into
-    place whole), or a model with its stage reports beside it (renamed together)."""
+    place whole), or a model with its stage reports beside it (renamed together). `guarded`: the outputs
+    already checked against `inputs`; a report of another name is checked here."""
     import os
     import tempfile
 
@@ -739,7 +740,7 @@ def _deliver(artifact: Path, out: Path, *, bundle: bool, inputs: list[Path]) -> 
                          "end the recipe with a package stage, which bundles them")
     reports = {report: report_path_for(out, report.name[len(artifact.name[:-5]) + 1:-len(".json")])
                for report in sorted(artifact.parent.glob(f"{artifact.name[:-5]}.*.json"))}
-    guard_outputs(inputs, reports.values())
+    guard_outputs(inputs, [path for path in reports.values() if path not in guarded])
     with staged_outputs() as outputs:
         shutil.copyfile(artifact, outputs.stage(out))
         for report, path in reports.items():
