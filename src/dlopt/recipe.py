@@ -586,7 +586,9 @@ def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: 
                     e.message = f"{recipe.path} {label}{after}: {e.message}"  # same class: same exit code
                     raise
             produced = view / entry.info["artifact"]
-            output_sha = artifact_hash(produced)  # the bytes this run goes on with and delivers
+            # recorded at write time from these bytes, which checkout just verified file by file (and
+            # entry.json by its digest): the hash of what this run goes on with and delivers
+            output_sha = entry.info["output_sha256"]
             seconds = time.perf_counter() - start
             log(f"{label}: {'cached' if cached else 'done'} in {seconds:.2f} s (key {key[:12]})")
             runs.append(StageRun(stage, key, cached, seconds, input_sha, output_sha, entry))

@@ -199,7 +199,8 @@ class StageCache:
         if not isinstance(artifact, str) or not any(rel == artifact or rel.startswith(f"{artifact}/")
                                                     for rel in recorded):
             return Lookup(None, "its entry.json names no artifact it holds")
-        if keyed and (not isinstance(info.get("inputs"), dict) or cache_key(info["inputs"]) != key):
+        if keyed and (not isinstance(info.get("inputs"), dict) or cache_key(info["inputs"]) != key
+                      or not isinstance(info.get("output_sha256"), str)):
             return Lookup(None, "its entry.json records key inputs that do not make its key")
         found, problem = _listing(path)
         if problem:
