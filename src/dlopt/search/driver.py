@@ -452,7 +452,9 @@ def _guard_outputs(model: str, config: OptimizeConfig, out: Path, report_out: Pa
     from dlopt.fileio import guard_outputs, guard_source_spec
 
     source = Path(model) if model.endswith(".onnx") else guard_source_spec(model)
-    data = [Path(d) for d in (config.calibration, config.eval_data) if d and not d.startswith("model:")]
+    from dlopt.data import source_path
+
+    data = [p for p in map(source_path, (config.calibration, config.eval_data)) if p is not None]
     guard_outputs([source, *data], [out, report_out], cache=cache_root)
     if report_out is not None:
         bundle, report = out.resolve(), report_out.resolve()
