@@ -18,6 +18,7 @@ import numpy as np
 
 from dlopt.errors import InputError
 from dlopt.fidelity import cosine_per_sample, sample_rows
+from dlopt.metrics import METRIC_TABLE
 from dlopt.optimize.preprocess import check_feeds, with_outputs
 from dlopt.sessions import cpu_session, run_outputs
 
@@ -78,25 +79,30 @@ def build_evaluator(spec: str | None, original, data: Iterable[Mapping[str, np.n
     return Evaluator(spec, score, 1.0)
 
 
-def floor_evaluator(original, feeds: list[dict[str, np.ndarray]], floor_db: float, *,
-                    graph_opt_level: str = "all") -> Evaluator:
-    """score(model) = the lowest SQNR in dB over the float outputs on `feeds` (the held-out samples),
-    as dlopt.fidelity computes it, -inf when any value is not finite; baseline = the floor, so
-    drop = floor - score and a model meets the floor at max_drop 0. graph_opt_level "disabled" scores
-    the QDQ graph's own arithmetic."""
-    from dlopt.fidelity import compare_runs
+def floor_evaluator(original, feeds: list[dict[str, np.ndarray]], config, *, graph_opt_level: str = "all"
+                    ) -> Evaluator:
+    """score(model) = the margin of the verdict's task metric over its floor on `feeds` (the held-out
+    samples), in the metric's units (dlopt.metrics.assess: detection Jaccard - 0.9, the lowest SQNR per
+    output and channel group - the dB floor, ...), -inf for non-finite outputs; baseline 0, so
+    drop = -margin and a model meets the floor at max_drop 0. graph_opt_level "disable" scores the QDQ
+    graph's own arithmetic."""
+    from dlopt.optimize.quantize.verification import task_choice, task_metric
 
     reference = run_outputs(cpu_session(original), feeds)
     names = [o.name for o in original.graph.output]
+    choice = task_choice(original, feeds, config, reference)
+    last: dict[str, Any] = {}
 
     def score(model) -> float:
         outputs = run_outputs(cpu_session(model, graph_opt_level=graph_opt_level), feeds)
-        measured = compare_runs(reference, outputs, names).values()
-        if not measured:
-            raise InputError("the model has no floating-point output to compare", "use {evaluator=model:NAME}")
-        return min(m.sqnr_db if m.finite else float("-inf") for m in measured)
+        task = task_metric(choice, reference, outputs, feeds, names, config)
+        last.update(task)
+        return float(task["margin"])
 
-    return Evaluator(f"lowest output SQNR dB on {len(feeds)} samples", score, floor_db)
+    first = task_metric(choice, reference, reference, feeds, names, config)
+    unit = "dB" if first["judged_by"] == "sqnr" else (METRIC_TABLE[first["judged_by"]].unit
+                                                      if first["judged_by"] in METRIC_TABLE else "")
+    return Evaluator(f"{first['judged_by']} margin over its floor ({unit}) on {len(feeds)} samples", score, 0.0)
 
 
 def _reference_evaluator(spec: str) -> Evaluator:

@@ -780,7 +780,9 @@ def _unit(a: np.ndarray) -> bool:
 def _detect_layout(outputs: Sequence[np.ndarray]) -> tuple[DetectionLayout, str] | None:
     arrays = [np.asarray(o) for o in outputs]
     floats = [i for i, a in enumerate(arrays) if np.issubdtype(a.dtype, np.floating)]
-    # one output [B, 4+C, N] / [B, N, 4+C]: score rows in [0, 1] behind box rows that are not
+    # one output [B, 4+C, N] / [B, N, 4+C]: score rows in [0, 1] behind box rows that are not. Channels
+    # first is YOLOv8 and later (no objectness); channels last is YOLOv5/v7/YOLOX's [1, N, 5+C] unless
+    # 4+C = 84 (a transposed YOLOv8 COCO head), since the values cannot tell an objectness row apart
     for i in floats:
         a = arrays[i]
         if a.ndim != 3 or a.shape[1] == a.shape[2]:
@@ -793,10 +795,11 @@ def _detect_layout(outputs: Sequence[np.ndarray]) -> tuple[DetectionLayout, str]
         side = "[B, 4+C, N]" if first else "[B, N, 4+C]"
         boxes_outside = float(np.abs(rows[:4]).max()) > 1.5
         if _unit(rows[4:]) and (boxes_outside or (k >= 6 and _unit(rows[:4]))):
-            if k >= 6 and len(arrays) == 1 and _looks_like_objectness(rows):
+            if k >= 6 and not first and k - 4 != 80:
                 return (DetectionLayout("yolo-obj", (i,), first),
                         f"output {i} {list(a.shape)} is {side.replace('4+C', '5+C')}: box rows 0-3 "
-                        f"({'outside' if boxes_outside else 'inside'} [0, 1]), objectness and class scores in [0, 1]")
+                        f"({'outside' if boxes_outside else 'inside'} [0, 1]), objectness and class scores in [0, 1] "
+                        "(channels last: the YOLOv5/v7/YOLOX export layout, which has an objectness row)")
             return (DetectionLayout("yolo", (i,), first),
                     f"output {i} {list(a.shape)} is {side}: box rows 0-3 (range up to "
                     f"{float(np.abs(rows[:4]).max()):.3g}), {k - 4} class-score rows in [0, 1]")
@@ -834,15 +837,6 @@ def _detect_layout(outputs: Sequence[np.ndarray]) -> tuple[DetectionLayout, str]
             f"{len(pairs)} levels of score maps in [0, 1] beside box maps of the same size: outputs "
             + ", ".join(f"{s}+{b} {list(arrays[s].shape[2:])}" for s, b in pairs))
     return None
-
-
-def _looks_like_objectness(rows: np.ndarray) -> bool:
-    """A v5-style row 4 (objectness): class rows are conditional probabilities, so the best class is
-    often high where objectness is low; plain YOLOv8 class rows have no such row. Decided by whether row
-    4 bounds the product: objectness is near the max over class rows in no more than a few anchors."""
-    obj, classes = rows[4], rows[5:]
-    best = classes.max(axis=0)
-    return bool(np.mean(best > obj + 0.2) > 0.2)
 
 
 def _is_ctc_like(a: np.ndarray) -> tuple[bool, str]:
@@ -915,6 +909,49 @@ def choose_metric(outputs: Sequence[np.ndarray], names: Sequence[str] = (),
         return MetricChoice(requested, "--metric " + requested, {"output": first})
     return MetricChoice("sqnr", f"{', '.join(f'{label[i]} {list(arrays[i].shape)}' for i in floats)}: no task "
                                 "the outputs' shapes and ranges name; lowest SQNR per output and channel group")
+
+
+def metric_request(metric: str | None, evaluator: str | None) -> tuple[str | None, str | None]:
+    """(table metric, FILE.py:FUNCTION) named by a config's metric and evaluator fields: an evaluator that
+    is a table name is a metric (--evaluator cosine), a model:NAME evaluator is the budget's alone."""
+    if evaluator and evaluator in METRIC_TABLE and metric is None:
+        return evaluator, None
+    if evaluator and evaluator.partition(":")[0].endswith(".py"):
+        return metric, evaluator
+    return metric, None
+
+
+def assess(choice: MetricChoice, reference_runs: Sequence[Sequence[np.ndarray]],
+           runs: Sequence[Sequence[np.ndarray]], feeds: Sequence[Mapping[str, np.ndarray]] | None,
+           names: Sequence[str], *, sqnr_floor: float, metric_floor: float | None = None) -> dict[str, Any]:
+    """The verdict's view of a candidate: the chosen metric measured, its floor and the failed checks.
+    When the data cannot judge the metric (FP32 found no box, its map is empty) the lowest SQNR per output
+    and channel group is judged instead, and `judged_by` says so. A user's evaluator's default floor is
+    its FP32-against-FP32 value minus 0.01."""
+    value = measure(choice, reference_runs, runs, feeds, names)
+    floor = metric_floor
+    if choice.evaluator and floor is None:
+        floor = measure(choice, reference_runs, reference_runs, feeds, names).value - 0.01
+    elif choice.name == "sqnr" and floor is None:
+        floor = sqnr_floor
+    elif floor is None:
+        floor = METRIC_TABLE[choice.name].floor
+    judged, judged_floor, note = value, floor, value.note
+    if not value.evidence and choice.name != "sqnr":
+        judged = measure(MetricChoice("sqnr", ""), reference_runs, runs, feeds, names)
+        judged_floor = sqnr_floor
+        note = f"{value.note}: the {choice.name} metric cannot judge these samples, so SQNR per group does"
+    failures = judge(judged, judged_floor)
+    if choice.evaluator:
+        failures = [] if value.value >= floor else [{"check": value.name, "measured": value.value,
+                                                     "required": f">= {floor:g}"}]
+    return {**choice.to_dict(), "value": value.value, "floor": floor,
+            "higher_is_better": METRIC_TABLE[choice.name].higher_is_better if choice.name in METRIC_TABLE else True,
+            "components": dict(value.components), "samples": value.samples, "evidence": value.evidence,
+            "judged_by": judged.name, "judged_value": judged.value, "judged_floor": judged_floor, "note": note,
+            "judged_components": dict(judged.components) if judged.name == "sqnr" else None,
+            "failures": failures,
+            "margin": (value.value - floor) if choice.evaluator else margin(judged, judged_floor)}
 
 
 # --------------------------------------------------------------------------- a user's evaluator
@@ -993,6 +1030,6 @@ class UserEvaluator:
 
 __all__ = ["BLANK", "CONFIDENCE", "DetectionAgreement", "DetectionLayout", "Detections", "GroupSqnr", "IOU_MATCH",
            "MAP_THRESHOLD", "METRIC_TABLE", "Metric", "MetricChoice", "MetricValue", "SQNR_FLOORS_DB", "box_iou",
-           "channel_axis", "channel_groups", "choose_metric", "decode_detections", "decode_sequence",
+           "assess", "channel_axis", "channel_groups", "choose_metric", "decode_detections", "decode_sequence",
            "detection_agreement", "group_sqnr", "judge", "load_evaluator", "map_agreement", "margin",
-           "match_detections", "measure", "metric_info", "nms", "retrieval_agreement", "sequence_agreement"]
+           "match_detections", "measure", "metric_info", "metric_request", "nms", "retrieval_agreement", "sequence_agreement"]
