@@ -71,8 +71,9 @@ def task_choice(original, feeds: Sequence[Mapping[str, np.ndarray]], config: Qua
 
 
 def task_metric(choice: MetricChoice, reference, outputs, feeds, names, config) -> dict[str, Any]:
+    # a floor in dB the user set is checked as well: they asked for that SQNR
     return assess(choice, reference, outputs, feeds, names, sqnr_floor=sqnr_floor(config),
-                  metric_floor=config.metric_floor)
+                  metric_floor=config.metric_floor, sqnr_too=config.min_sqnr_db is not None)
 
 
 def holdout_count(samples: int, config: QuantizeScheme | QuantizeConfig) -> int:
@@ -128,6 +129,11 @@ def verdict(report: Mapping[str, Any], floor: float) -> dict[str, Any]:
     task = fid.get("task_metric")
     if task is not None:
         for row in task["failures"]:
+            if row["check"] == "sqnr" and task["judged_by"] != "sqnr":  # the user's --min-sqnr beside the metric
+                groups = (task.get("judged_components") or {}).get("per_group_db") or {}
+                failures.append({**row, "check": "lowest SQNR dB (output, channel group)", "why": ", ".join(
+                    f"{o} {g} {v:.1f} dB" for o, gs in groups.items() for g, v in gs.items())})
+                continue
             failures.append({**row, "check": f"{task['judged_by']}: {row['check']}" if row["check"] != task["judged_by"]
                              else task["judged_by"], "why": _why(task, row)})
     else:

@@ -881,9 +881,11 @@ def choose_metric(outputs: Sequence[np.ndarray], names: Sequence[str] = (),
     a = arrays[first]
     shape = f"output {label[first]} {list(a.shape)}"
     ids = feeds.get("input_ids") if feeds else None
-    if a.ndim == 3 and ids is not None and np.asarray(ids).shape == a.shape[:2] and requested in (None, "perplexity"):
-        return MetricChoice("perplexity", f"{shape} is logits [B, T, V] over the feeds' input_ids {list(ids.shape)}",
-                            {"output": first})
+    if (a.ndim == 3 and ids is not None and np.asarray(ids).shape == a.shape[:2] and requested in (None, "perplexity")
+            and np.issubdtype(np.asarray(ids).dtype, np.integer) and 0 <= int(np.asarray(ids).max()) < a.shape[2]):
+        # hidden states [B, T, D] beside input_ids are told apart by the ids: a token id above D names no logit
+        return MetricChoice("perplexity", f"{shape} is logits [B, T, V] over the feeds' input_ids {list(ids.shape)} "
+                            f"(every id < V = {a.shape[2]})", {"output": first})
     if requested not in (None, "map", "sequence", "top1", "topk", "cosine", "embedding", "sqnr"):
         return MetricChoice(requested, "--metric " + requested, {"output": first})
     if (requested in (None, "map") and a.ndim in (3, 4) and (a.ndim == 3 or a.shape[1] == 1) and _unit(a)
@@ -923,11 +925,13 @@ def metric_request(metric: str | None, evaluator: str | None) -> tuple[str | Non
 
 def assess(choice: MetricChoice, reference_runs: Sequence[Sequence[np.ndarray]],
            runs: Sequence[Sequence[np.ndarray]], feeds: Sequence[Mapping[str, np.ndarray]] | None,
-           names: Sequence[str], *, sqnr_floor: float, metric_floor: float | None = None) -> dict[str, Any]:
+           names: Sequence[str], *, sqnr_floor: float, metric_floor: float | None = None,
+           sqnr_too: bool = False) -> dict[str, Any]:
     """The verdict's view of a candidate: the chosen metric measured, its floor and the failed checks.
     When the data cannot judge the metric (FP32 found no box, its map is empty) the lowest SQNR per output
     and channel group is judged instead, and `judged_by` says so. A user's evaluator's default floor is
-    its FP32-against-FP32 value minus 0.01."""
+    its FP32-against-FP32 value minus 0.01. `sqnr_too` (a floor in dB the user set): SQNR per group must
+    hold its floor as well."""
     value = measure(choice, reference_runs, runs, feeds, names)
     floor = metric_floor
     if choice.evaluator and floor is None:
@@ -945,13 +949,19 @@ def assess(choice: MetricChoice, reference_runs: Sequence[Sequence[np.ndarray]],
     if choice.evaluator:
         failures = [] if value.value >= floor else [{"check": value.name, "measured": value.value,
                                                      "required": f">= {floor:g}"}]
+    lowest = margin(judged, judged_floor) if not choice.evaluator else value.value - floor
+    if sqnr_too and judged.name != "sqnr":
+        sqnr = measure(MetricChoice("sqnr", ""), reference_runs, runs, feeds, names)
+        failures += [{**row, "check": "sqnr"} for row in judge(sqnr, sqnr_floor)]
+        lowest = min(lowest, margin(sqnr, sqnr_floor))
+        judged_components = dict(sqnr.components)
+    else:
+        judged_components = dict(judged.components) if judged.name == "sqnr" else None
     return {**choice.to_dict(), "value": value.value, "floor": floor,
             "higher_is_better": METRIC_TABLE[choice.name].higher_is_better if choice.name in METRIC_TABLE else True,
             "components": dict(value.components), "samples": value.samples, "evidence": value.evidence,
             "judged_by": judged.name, "judged_value": judged.value, "judged_floor": judged_floor, "note": note,
-            "judged_components": dict(judged.components) if judged.name == "sqnr" else None,
-            "failures": failures,
-            "margin": (value.value - floor) if choice.evaluator else margin(judged, judged_floor)}
+            "judged_components": judged_components, "failures": failures, "margin": lowest}
 
 
 # --------------------------------------------------------------------------- a user's evaluator

@@ -184,13 +184,16 @@ def graph_signature(path: Path) -> str:
 def eval_key_inputs(ctx: SearchContext, candidate: Candidate) -> dict[str, Any]:
     """Everything that decides a candidate's evaluation, without running it: the source, the full
     recipe, the data, the evaluator and the host facts (dlopt.recipe.host_facts)."""
-    from dlopt.recipe import data_hash, host_facts
+    from dlopt.recipe import data_hash, host_facts, source_hash
 
     recipe = ([{"kind": "export"}] if ctx.torch_source else []) + candidate.recipe()
-    return {"kind": "optimize-eval", "eval_format": EVAL_FORMAT, "source": ctx.source_id, "recipe": recipe,
-            "target": ctx.target, "evaluator": ctx.evaluator,
-            "data": {"calibration": data_hash(ctx.calibration), "eval_data": data_hash(ctx.eval_data)},
-            "host": host_facts("quantize", SimpleNamespace(target=ctx.target))}
+    inputs = {"kind": "optimize-eval", "eval_format": EVAL_FORMAT, "source": ctx.source_id, "recipe": recipe,
+              "target": ctx.target, "evaluator": ctx.evaluator,
+              "data": {"calibration": data_hash(ctx.calibration), "eval_data": data_hash(ctx.eval_data)},
+              "host": host_facts("quantize", SimpleNamespace(target=ctx.target))}
+    if ".py:" in ctx.evaluator:  # the user's metric file: its bytes decide the score
+        inputs["evaluator_sha256"] = source_hash(ctx.evaluator)
+    return inputs
 
 
 def cached_evaluation(ctx: SearchContext, candidate: Candidate) -> Evaluated | None:
