@@ -56,6 +56,7 @@ def build_evaluator(spec: str | None, original, data: Iterable[Mapping[str, np.n
     outputs name no task (the sqnr fallback) and none was asked for, the budget is on cosine."""
     if spec and spec.startswith("model:"):
         return _reference_evaluator(spec)
+    spec = None if spec == "auto" else spec
     requested, user = metric_request(metric, spec)
     if spec and not user and spec not in METRIC_TABLE:
         raise InputError(f"unknown evaluator {spec!r}",

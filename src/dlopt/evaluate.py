@@ -24,6 +24,7 @@ import numpy as np
 from dlopt.errors import InputError
 from dlopt.fidelity import cosine, mse, sample_rows, sqnr_db, top1_agreement  # the one implementation
 from dlopt.inputs import session_inputs
+from dlopt.metrics import higher_is_better  # direction: the metric table's, else the name's
 
 # top1 against labels (or agreement with the reference), cosine, sqnr and mse on one output; the task
 # metrics of dlopt.metrics.METRIC_TABLE on every output against the reference model's; auto: the task
@@ -56,23 +57,6 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 _COMPARE = {"cosine": cosine, "sqnr": sqnr_db, "mse": mse}
-_LOWER_IS_BETTER = ("mse", "perplexity", "loss", "error", "rmse", "mae")
-_HIGHER_IS_BETTER = ("top1", "accuracy", "agreement", "cosine", "sqnr", "pearson", "spearman", "f1", "auc")
-
-
-def higher_is_better(metric: str) -> bool | None:
-    """From the metric table (dlopt.metrics.METRIC_TABLE), else from the metric's name (reference
-    evaluators name theirs, e.g. pang_lee_accuracy, perplexity); None when the name does not say."""
-    from dlopt.metrics import METRIC_TABLE
-
-    if metric in METRIC_TABLE:
-        return METRIC_TABLE[metric].higher_is_better
-    name = metric.lower()
-    if any(word in name for word in _LOWER_IS_BETTER):
-        return False
-    if any(word in name for word in _HIGHER_IS_BETTER):
-        return True
-    return None
 
 
 # --------------------------------------------------------------------------- running and results

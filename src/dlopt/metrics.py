@@ -96,6 +96,33 @@ METRIC_TABLE: dict[str, Metric] = {m.name: m for m in (
 )}
 
 
+# Metrics outside the table (a reference model's, a user's) take their direction from their name.
+LOWER_IS_BETTER = ("mse", "perplexity", "loss", "error", "rmse", "mae")
+HIGHER_IS_BETTER = ("top1", "accuracy", "agreement", "cosine", "sqnr", "pearson", "spearman", "f1", "auc")
+
+
+def higher_is_better(metric: str) -> bool | None:
+    """The table's direction for its metrics; else from the metric's name (reference evaluators name
+    theirs, e.g. pang_lee_accuracy, perplexity; model:NAME:metric is read by its last part); None when the
+    name does not say."""
+    name = metric.split(":")[-1]
+    if name in METRIC_TABLE:
+        return METRIC_TABLE[name].higher_is_better
+    name = name.lower()
+    if any(word in name for word in LOWER_IS_BETTER):
+        return False
+    if any(word in name for word in HIGHER_IS_BETTER):
+        return True
+    return None
+
+
+def metric_drop(metric: str, baseline: float, value: float) -> float:
+    """How much worse `value` is than `baseline`, in the metric's own unit (positive = worse): the one
+    meaning of --max-accuracy-drop in quantize, gate and optimize. Higher is better unless the table or
+    the name says otherwise."""
+    return value - baseline if higher_is_better(metric) is False else baseline - value
+
+
 def metric_info(name: str) -> Metric:
     if name not in METRIC_TABLE:
         raise InputError(f"unknown metric {name!r}", f"choose from {', '.join(METRIC_TABLE)}, or give "
@@ -1039,7 +1066,7 @@ class UserEvaluator:
 
 
 __all__ = ["BLANK", "CONFIDENCE", "DetectionAgreement", "DetectionLayout", "Detections", "GroupSqnr", "IOU_MATCH",
-           "MAP_THRESHOLD", "METRIC_TABLE", "Metric", "MetricChoice", "MetricValue", "SQNR_FLOORS_DB", "box_iou",
+           "HIGHER_IS_BETTER", "LOWER_IS_BETTER", "MAP_THRESHOLD", "METRIC_TABLE", "Metric", "MetricChoice", "MetricValue", "SQNR_FLOORS_DB", "box_iou",
            "assess", "channel_axis", "channel_groups", "choose_metric", "decode_detections", "decode_sequence",
-           "detection_agreement", "group_sqnr", "judge", "load_evaluator", "map_agreement", "margin",
-           "match_detections", "measure", "metric_info", "metric_request", "nms", "retrieval_agreement", "sequence_agreement"]
+           "detection_agreement", "group_sqnr", "higher_is_better", "judge", "load_evaluator", "map_agreement", "margin",
+           "match_detections", "measure", "metric_drop", "metric_info", "metric_request", "nms", "retrieval_agreement", "sequence_agreement"]
