@@ -373,13 +373,19 @@ def test_bad_metric_input_is_one_line_and_exit_2(det_files, args, message):
     assert not (work / "bad.onnx").exists()
 
 
-def test_eval_reports_task_metrics_against_the_reference(det_files):
+@pytest.fixture(scope="module")
+def collapsed(det_files):
+    """The detector with every class row of its head collapsed to its bias: boxes intact, scores flat."""
+    model = detector()
+    w2 = numpy_helper.to_array(model.graph.initializer[2]).copy()
+    w2[4:] = 0.0
+    model.graph.initializer[2].CopyFrom(numpy_helper.from_array(w2, "w2"))
+    onnx.save(model, det_files / "collapsed.onnx")
+    return det_files / "collapsed.onnx"
+
+
+def test_eval_reports_task_metrics_against_the_reference(det_files, collapsed):
     work = det_files
-    noisy = detector()
-    w2 = numpy_helper.to_array(noisy.graph.initializer[2]).copy()
-    w2[4:] = 0.0  # every class row of the head collapses to its bias
-    noisy.graph.initializer[2].CopyFrom(numpy_helper.from_array(w2, "w2"))
-    onnx.save(noisy, work / "collapsed.onnx")
     result = CliRunner().invoke(main, ["eval", str(work / "collapsed.onnx"), "--data", str(work / "images.npz"),
                                        "--reference", str(work / "det.onnx"), "--metric", "auto,sqnr",
                                        "--json", str(work / "eval.json")])
@@ -390,3 +396,18 @@ def test_eval_reports_task_metrics_against_the_reference(det_files):
     bad = CliRunner().invoke(main, ["eval", str(work / "det.onnx"), "--data", str(work / "images.npz"),
                                     "--metric", "detection"])
     assert bad.exit_code == 2 and "compares every output with a reference model's" in bad.stderr
+
+
+def test_gate_judges_the_detection_drop_in_the_same_unit(det_files, collapsed):
+    work = det_files
+    common = ["--baseline", str(work / "det.onnx"), "--eval-data", str(work / "images.npz"), "--metric", "detection",
+              "--max-slowdown", "500%", "--batch", "1", "--budget", "2s"]
+    same = CliRunner().invoke(main, ["gate", *common, "--candidate", str(work / "det.onnx"),
+                                     "--max-accuracy-drop", "0.0", "--json", str(work / "same.json")])
+    assert same.exit_code == 0, same.output
+    bad = CliRunner().invoke(main, ["gate", *common, "--candidate", str(work / "collapsed.onnx"),
+                                    "--max-accuracy-drop", "0.05", "--json", str(work / "gate.json")])
+    assert bad.exit_code == 1, bad.output
+    check = {c["name"]: c for c in json.loads((work / "gate.json").read_text())["checks"]}["accuracy: detection"]
+    assert check["verdict"] == "fail" and check["baseline"] == 1.0 and check["candidate"] < 0.5
+    assert check["change"] == f"drop {1.0 - check['candidate']:+.4g}"  # 1 - Jaccard: the fraction of boxes lost
