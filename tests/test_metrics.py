@@ -229,8 +229,11 @@ def test_the_metric_is_chosen_from_each_kind_of_output():
     ctc = np.full((1, 20, 30), -5.0)
     ctc[0, :, 0] = 5.0
     ctc[0, ::4, 7] = 9.0
-    seq = _choice([ctc])
-    assert seq.name == "sequence" and "a CTC blank" in seq.reason
+    softmax = np.exp(ctc) / np.exp(ctc).sum(axis=-1, keepdims=True)  # PP-OCR's recogniser: [1, T, 6625] probs
+    seq = _choice([softmax])
+    assert seq.name == "sequence" and "probabilities; index 0 is the argmax of 75% of the steps" in seq.reason
+    assert choose_metric([ctc], ["logits"]).name == "sequence"  # raw CTC logits, named so
+    assert _choice([ctc]).name != "sequence"  # hidden states with one dominant dimension
     assert _choice([rng.normal(size=(4, 10))]).name == "top1"
     emb = rng.normal(size=(4, 8))
     assert _choice([emb / np.linalg.norm(emb, axis=1, keepdims=True)]).name == "embedding"

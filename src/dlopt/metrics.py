@@ -804,7 +804,7 @@ def _unit(a: np.ndarray) -> bool:
     return a.size > 0 and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
 
 
-def _detect_layout(outputs: Sequence[np.ndarray]) -> tuple[DetectionLayout, str] | None:
+def _detect_layout(outputs: Sequence[np.ndarray], requested: bool = False) -> tuple[DetectionLayout, str] | None:
     arrays = [np.asarray(o) for o in outputs]
     floats = [i for i, a in enumerate(arrays) if np.issubdtype(a.dtype, np.floating)]
     # one output [B, 4+C, N] / [B, N, 4+C]: score rows in [0, 1] behind box rows that are not. Channels
@@ -820,8 +820,10 @@ def _detect_layout(outputs: Sequence[np.ndarray]) -> tuple[DetectionLayout, str]
             continue
         rows = np.moveaxis(a, 1 if first else 2, 0).reshape(k, -1)
         side = "[B, 4+C, N]" if first else "[B, N, 4+C]"
+        # box rows in pixels: a tensor entirely in [0, 1] (a CTC head's softmax [1, T, V], normalized boxes)
+        # is not taken for a detector unless --metric detection says so
         boxes_outside = float(np.abs(rows[:4]).max()) > 1.5
-        if _unit(rows[4:]) and (boxes_outside or (k >= 6 and _unit(rows[:4]))):
+        if _unit(rows[4:]) and (boxes_outside or (requested and k >= 6 and _unit(rows[:4]))):
             if k >= 6 and not first and k - 4 != 80:
                 return (DetectionLayout("yolo-obj", (i,), first),
                         f"output {i} {list(a.shape)} is {side.replace('4+C', '5+C')}: box rows 0-3 "
@@ -866,13 +868,21 @@ def _detect_layout(outputs: Sequence[np.ndarray]) -> tuple[DetectionLayout, str]
     return None
 
 
-def _is_ctc_like(a: np.ndarray) -> tuple[bool, str]:
-    """[B, T, V] whose per-step argmax is one index (a blank) in at least 30 % of the steps."""
+def _is_ctc_like(a: np.ndarray, name: str) -> tuple[bool, str]:
+    """[B, T, V] of per-step class scores (probabilities, log-probabilities, or an output named like
+    logits/probs) whose per-step argmax is one index (a blank) in at least 30 % of the steps. Hidden
+    states [B, T, D] can have one dominant dimension too: their rows are neither distributions nor named so."""
+    a64 = a.astype(np.float64)
+    probs = bool(np.all(a64 >= 0)) and bool(np.allclose(a64.sum(axis=-1), 1.0, atol=1e-2))
+    log_probs = bool(np.all(a64 <= 0)) and bool(np.allclose(np.log(np.exp(a64).sum(axis=-1)), 0.0, atol=1e-2))
+    named = any(word in name.lower() for word in ("logit", "prob", "ctc", "softmax"))
     best = a.argmax(axis=-1).reshape(-1)
     values, counts = np.unique(best, return_counts=True)
     top = int(values[counts.argmax()])
     share = float(counts.max() / best.size)
-    return share >= 0.3 and a.shape[1] >= 4, f"index {top} is the argmax of {share:.0%} of the steps (a CTC blank)"
+    kind = "probabilities" if probs else "log-probabilities" if log_probs else f"scores named {name!r}"
+    return ((probs or log_probs or named) and share >= 0.3 and a.shape[1] >= 4,
+            f"per-step {kind}; index {top} is the argmax of {share:.0%} of the steps (a CTC blank)")
 
 
 def choose_metric(outputs: Sequence[np.ndarray], names: Sequence[str] = (),
@@ -896,7 +906,7 @@ def choose_metric(outputs: Sequence[np.ndarray], names: Sequence[str] = (),
             return MetricChoice("sqnr", "no floating-point output")
         raise InputError(f"metric {requested} needs a floating-point output, and the model has none",
                          "choose another --metric, or give --evaluator FILE.py:FUNCTION")
-    found = _detect_layout(arrays)
+    found = _detect_layout(arrays, requested=requested == "detection")
     if requested in (None, "detection") and found is not None:
         layout, why = found
         return MetricChoice("detection", why, {"layout": layout})
@@ -915,17 +925,16 @@ def choose_metric(outputs: Sequence[np.ndarray], names: Sequence[str] = (),
                             f"(every id < V = {a.shape[2]})", {"output": first})
     if requested not in (None, "map", "sequence", "top1", "topk", "cosine", "embedding", "sqnr"):
         return MetricChoice(requested, "--metric " + requested, {"output": first})
-    if (requested in (None, "map") and a.ndim in (3, 4) and (a.ndim == 3 or a.shape[1] == 1) and _unit(a)
-            and min(a.shape[-2:]) >= 8):
+    if a.ndim == 3 and a.shape[2] >= 2 and requested in (None, "sequence"):
+        ctc, why = _is_ctc_like(a, label[first])
+        if ctc or requested == "sequence":
+            return MetricChoice("sequence", f"{shape} is [B, T, V]: {why}" if ctc else "--metric sequence",
+                                {"output": first, "ctc": True, "blank": BLANK})
+    if requested in (None, "map") and a.ndim == 4 and a.shape[1] == 1 and _unit(a) and min(a.shape[-2:]) >= 8:
         return MetricChoice("map", f"{shape} is a one-channel map in [0, 1] (binarized at {MAP_THRESHOLD})",
                             {"output": first, "threshold": MAP_THRESHOLD})
     if requested == "map":
         return MetricChoice("map", "--metric map", {"output": first, "threshold": MAP_THRESHOLD})
-    if a.ndim == 3 and a.shape[2] >= 2 and requested in (None, "sequence"):
-        ctc, why = _is_ctc_like(a)
-        if ctc or requested == "sequence":
-            return MetricChoice("sequence", f"{shape} is [B, T, V]: {why}" if ctc else "--metric sequence",
-                                {"output": first, "ctc": True, "blank": BLANK})
     if a.ndim == 2 and a.shape[1] >= 2:
         norms = np.linalg.norm(a.astype(np.float64), axis=1)
         normalized = bool(np.allclose(norms, 1.0, atol=1e-3)) and bool((a < 0).any())
