@@ -127,7 +127,21 @@ def verdict(report: Mapping[str, Any], floor: float) -> dict[str, Any]:
     fid = report.get("fidelity_exact_arithmetic") or report["fidelity"]
     failures = []
     task = fid.get("task_metric")
-    if task is not None:
+    if task is not None and task["judged_by"] == "sqnr" and task["failures"]:
+        # one row per output and channel group below the floor, as the per-output table reads
+        groups = (task.get("judged_components") or {}).get("per_group_db") or {}
+        required = task["failures"][0]["required"]
+        for name, by_group in groups.items():
+            for group, sqnr in by_group.items():
+                finite = fid["outputs"].get(name, {}).get("finite", True)
+                if finite and sqnr >= task["judged_floor"]:
+                    continue
+                failures.append({"check": f"output {name} SQNR dB" + ("" if group == "all" else f" ({group})"),
+                                 "measured": sqnr, "required": required,
+                                 "why": "non-finite values" if not finite else
+                                 f"quantization noise is {10 ** (-sqnr / 10) * 100:.3g} % of the output's power"
+                                 + (f"; {task['note']}" if task.get("note") else "")})
+    elif task is not None:
         for row in task["failures"]:
             if row["check"] == "sqnr" and task["judged_by"] != "sqnr":  # the user's --min-sqnr beside the metric
                 groups = (task.get("judged_components") or {}).get("per_group_db") or {}
