@@ -282,11 +282,12 @@ def _summary(original, quantized, data, config: QuantizeScheme, *, feeds: list[F
     choice = task_choice(original, feeds, config, reference)
     summary = {"bytes_before": original.ByteSize(), "bytes_after": quantized.ByteSize(),
                "quantized_nodes": quantized_nodes(quantized), "ops_after": op_counts(quantized),
-               "metric": {"metric": choice.name, "why": choice.reason},
                "fidelity": _fidelity(choice, reference, outputs, feeds, names, config) | {
                    "data": holdout["data"], "input_shapes": {k: list(np.shape(v)) for k, v in feeds[0].items()}},
                "holdout": {k: v for k, v in holdout.items() if k != "warning"},
+               "metric": {"metric": None, "why": choice.reason},
                "cpu": dataclasses.asdict(cpu_features())}
+    summary["metric"]["metric"] = summary["fidelity"]["task_metric"]["metric"]
     if exact_arithmetic:
         exact = run_outputs(cpu_session(quantized, graph_opt_level="disable"), feeds)
         summary["fidelity_exact_arithmetic"] = {
