@@ -205,6 +205,36 @@ def test_per_level_score_and_distance_maps_decode_around_the_cell():
     np.testing.assert_allclose(got.boxes[0], [(2.5 - 1) / 4, (1.5 - 1) / 4, (2.5 + 1) / 4, (1.5 + 1) / 4])
 
 
+def test_flattened_levels_decode_as_their_maps_and_are_found_from_the_input_size():
+    rng = np.random.default_rng(0)
+    image = {"image": np.zeros((1, 3, 80, 48), np.float32)}  # strides 8 and 16: 10 x 6 and 5 x 3 cells
+    maps, flat = [], []
+    for h, w in ((10, 6), (5, 3)):
+        score = rng.uniform(0, 0.3, (1, 2, h, w)).astype(np.float32)
+        score[0, 1, h // 2, w // 2] = 0.9
+        dfl = rng.normal(0, 2, (1, 32, h, w)).astype(np.float32)  # 4 sides x 8 bins
+        maps += [score, dfl]
+        flat += [score.reshape(1, 2, -1).transpose(0, 2, 1), dfl.reshape(1, 32, -1).transpose(0, 2, 1)]
+    choice = choose_metric(flat, [f"o{i}" for i in range(4)], image)
+    assert choice.params["layout"] == DetectionLayout("levels", (0, 1, 2, 3), grids=((10, 6), (5, 3)))
+    got = decode_detections(flat, choice.params["layout"], confidence=0.5)[0]
+    expected = decode_detections(maps, DetectionLayout("levels", (0, 1, 2, 3)), confidence=0.5)[0]
+    assert len(got) >= 1 and np.allclose(got.boxes, expected.boxes) and list(got.classes) == list(expected.classes)
+
+
+def test_yolox_raw_grid_rows_are_decoded_on_their_cells():
+    image = {"images": np.zeros((1, 3, 32, 32), np.float32)}  # strides 8, 16, 32: 16 + 4 + 1 cells
+    rows = np.zeros((1, 21, 6), np.float32)
+    rows[0, :, 2:4] = -1.0  # log sizes
+    rows[0, 5, :] = [0.5, 0.5, math.log(2.0), math.log(2.0), 0.9, 0.8]  # cell (x 1, y 1) of the 4 x 4 level
+    choice = choose_metric([rows], ["output"], image)
+    layout = choice.params["layout"]
+    assert layout.kind == "yolox" and layout.grids == ((4, 4), (2, 2), (1, 1)) and "YOLOX" in choice.reason
+    (got,) = decode_detections([rows], layout)
+    np.testing.assert_allclose(got.boxes, [[0.5, 0.5, 2.5, 2.5]])  # centre (1.5, 1.5) cells, size 2 cells
+    assert got.scores[0] == pytest.approx(0.72)
+
+
 # --------------------------------------------------------------------------- choosing the metric
 
 

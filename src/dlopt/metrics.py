@@ -217,6 +217,11 @@ class DetectionLayout:
           "levels"       per-level maps: scores [B, C, H, W] paired with box distances [B, 4, H, W]
                          (l, t, r, b in cells) or [B, 4*R, H, W] (distribution over R bins, GFL/DFL);
                          `outputs` lists (scores, boxes) index pairs flattened: s0, b0, s1, b1, ...
+                         Levels flattened to scores [B, H*W, C] + boxes [B, H*W, 4 or 4*R] (PP-PicoDet's
+                         export) name each level's (H, W) in `grids`.
+          "yolox"        one output [B, N, 5+C] of raw grid rows (YOLOX without decode_in_inference): x, y
+                         offsets in cells, log w, log h, objectness, class scores; N = the cells of the
+                         levels in `grids` (strides 8, 16, 32 of the input)
     outputs: the indices of the model's outputs used, in the order above.
     logits: scores are logits (sigmoid applied before thresholding)."""
 
@@ -224,10 +229,14 @@ class DetectionLayout:
     outputs: tuple[int, ...] = (0,)
     channels_first: bool = True
     logits: bool = False
+    grids: tuple[tuple[int, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "outputs": list(self.outputs), "channels_first": self.channels_first,
+        body = {"kind": self.kind, "outputs": list(self.outputs), "channels_first": self.channels_first,
                 "logits": self.logits}
+        if self.grids:
+            body["grids"] = [list(g) for g in self.grids]
+        return body
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -283,7 +292,9 @@ def _select(boxes: np.ndarray, scores: np.ndarray, confidence: float, iou: float
     takes its best class (ultralytics' default, multi_label=False)."""
     classes = scores.argmax(axis=1) if scores.shape[1] else np.zeros(len(scores), np.int64)
     best = scores[np.arange(len(scores)), classes] if scores.shape[1] else np.zeros(len(scores))
-    keep = np.flatnonzero(np.isfinite(best) & (best >= confidence) & np.all(np.isfinite(boxes), axis=1))
+    # boxes of no area are no detection (and could match nothing, not even themselves)
+    real = np.all(np.isfinite(boxes), axis=1) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    keep = np.flatnonzero(np.isfinite(best) & (best >= confidence) & real)
     if keep.size > MAX_BOXES_BEFORE_NMS:
         keep = keep[np.argsort(-best[keep], kind="stable")[:MAX_BOXES_BEFORE_NMS]]
     b, s, c = boxes[keep], best[keep], classes[keep]
@@ -337,22 +348,42 @@ def decode_detections(outputs: Sequence[np.ndarray], layout: DetectionLayout, *,
         if layout.logits:
             scores = _sigmoid(scores)
         return [_select(b, s, confidence, iou) for b, s in zip(boxes, scores)]
+    if kind == "yolox":
+        out = np.asarray(outputs[layout.outputs[0]], np.float64)
+        if out.ndim == 2:
+            out = out[None]
+        cells = np.concatenate([np.stack(np.meshgrid(np.arange(w), np.arange(h)), -1).reshape(-1, 2)
+                                for h, w in layout.grids]).astype(np.float64)
+        # each level's stride relative to the first: cells of level l are grids[0] / grids[l] times larger
+        scale = np.concatenate([np.full(h * w, layout.grids[0][0] / h) for h, w in layout.grids])[:, None]
+        result = []
+        for r in out:
+            xy = (r[:, :2] + cells) * scale
+            wh = np.exp(np.clip(r[:, 2:4], -30, 30)) * scale
+            scores = r[:, 5:] * r[:, 4:5]
+            result.append(_select(_xywh_to_xyxy(np.concatenate([xy, wh], axis=1)), scores, confidence, iou))
+        return result
     if kind == "levels":
         pairs = list(zip(layout.outputs[0::2], layout.outputs[1::2]))
         batch = np.asarray(outputs[pairs[0][0]]).shape[0]
         result = []
         for i in range(batch):
             all_boxes, all_scores = [], []
-            for s_idx, b_idx in pairs:
-                s = np.asarray(outputs[s_idx][i], np.float64)  # [C, H, W]
+            for level, (s_idx, b_idx) in enumerate(pairs):
+                s = np.asarray(outputs[s_idx][i], np.float64)  # [C, H, W], or [H*W, C] with grids
+                b = np.asarray(outputs[b_idx][i], np.float64)
+                if layout.grids:
+                    h, w = layout.grids[level]
+                    s = s.T.reshape(-1, h, w)
+                    b = b.T.reshape(-1, h, w)
                 all_scores.append(s.reshape(s.shape[0], -1).T)
-                all_boxes.append(_level_boxes(np.asarray(outputs[b_idx][i], np.float64)))
+                all_boxes.append(_level_boxes(b))
             scores = np.concatenate(all_scores)
             if layout.logits:
                 scores = _sigmoid(scores)
             result.append(_select(np.concatenate(all_boxes), scores, confidence, iou))
         return result
-    raise InputError(f"unknown detection layout {kind!r}", "use yolo, yolo-obj, boxes-scores or levels")
+    raise InputError(f"unknown detection layout {kind!r}", "use yolo, yolo-obj, yolox, boxes-scores or levels")
 
 
 # --------------------------------------------------------------------------- detection: agreement
@@ -808,9 +839,42 @@ def _unit(a: np.ndarray) -> bool:
     return a.size > 0 and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
 
 
-def _detect_layout(outputs: Sequence[np.ndarray], requested: bool = False) -> tuple[DetectionLayout, str] | None:
+def _image_size(feeds: Mapping[str, np.ndarray] | None) -> tuple[int, int] | None:
+    """(H, W) of the first image-like input [B, 3, H, W] / [B, H, W, 3] among the feeds."""
+    for value in (feeds or {}).values():
+        a = np.asarray(value)
+        if a.ndim == 4 and np.issubdtype(a.dtype, np.floating):
+            return (a.shape[2], a.shape[3]) if a.shape[1] in (1, 3, 4) else (a.shape[1], a.shape[2])
+    return None
+
+
+def _grid(cells: int, image: tuple[int, int] | None) -> tuple[int, int] | None:
+    """(H, W) of a level of `cells` cells: the power-of-two stride that tiles the image (ceil, as a
+    strided conv pads: 800 x 608 at stride 64 is 13 x 10), else a square grid."""
+    if image is not None:
+        for k in range(1, 9):
+            h, w = -(-image[0] // 2 ** k), -(-image[1] // 2 ** k)
+            if h * w == cells:
+                return h, w
+    side = math.isqrt(cells)
+    return (side, side) if side * side == cells else None
+
+
+def _detect_layout(outputs: Sequence[np.ndarray], requested: bool = False,
+                   feeds: Mapping[str, np.ndarray] | None = None) -> tuple[DetectionLayout, str] | None:
     arrays = [np.asarray(o) for o in outputs]
     floats = [i for i, a in enumerate(arrays) if np.issubdtype(a.dtype, np.floating)]
+    image = _image_size(feeds)
+    # YOLOX's raw grid rows: [B, N, 5+C], N the cells of strides 8, 16, 32, log sizes (negative somewhere)
+    if image is not None:
+        grids = tuple((-(-image[0] // s), -(-image[1] // s)) for s in (8, 16, 32))
+        for i in floats:
+            a = arrays[i]
+            if (a.ndim == 3 and a.shape[1] == sum(h * w for h, w in grids) and a.shape[2] >= 6
+                    and _unit(a[..., 4:]) and float(a[..., 2:4].min()) < 0):
+                return (DetectionLayout("yolox", (i,), False, grids=grids),
+                        f"output {i} {list(a.shape)} is YOLOX's raw grid rows [B, N, 5+C]: N = the cells of strides "
+                        f"8, 16, 32 of the {image[0]}x{image[1]} input, log sizes, objectness and scores in [0, 1]")
     # one output [B, 4+C, N] / [B, N, 4+C]: score rows in [0, 1] behind box rows that are not. Channels
     # first is YOLOv8 and later (no objectness); channels last is YOLOv5/v7/YOLOX's [1, N, 5+C] unless
     # 4+C = 84 (a transposed YOLOv8 COCO head), since the values cannot tell an objectness row apart
@@ -851,6 +915,26 @@ def _detect_layout(outputs: Sequence[np.ndarray], requested: bool = False) -> tu
             if s.shape[2] == a.shape[1]:
                 return DetectionLayout("boxes-scores", (i, j), True), (
                     f"outputs {i} {list(a.shape)} (boxes) and {j} {list(s.shape)} (scores in [0, 1], [B, C, N])")
+    # levels flattened: scores [B, H*W, C] in [0, 1] beside boxes [B, H*W, 4 or 4R] (PP-PicoDet's export)
+    flat = [i for i in floats if arrays[i].ndim == 3]
+    pairs, used = [], set()
+    for i in flat:
+        s_arr = arrays[i]
+        if i in used or not _unit(s_arr):
+            continue
+        for j in flat:
+            b = arrays[j]
+            if (j != i and j not in used and b.shape[:2] == s_arr.shape[:2] and b.shape[2] % 4 == 0
+                    and b.shape[2] >= 4 and not _unit(b)):
+                pairs.append((i, j))
+                used |= {i, j}
+                break
+    grids = tuple(_grid(arrays[s_i].shape[1], image) for s_i, _ in pairs)
+    if len(pairs) >= 2 and all(grids):
+        flat_outputs = tuple(x for p in pairs for x in p)
+        return DetectionLayout("levels", flat_outputs, grids=grids), (
+            f"{len(pairs)} levels of scores [B, H*W, C] in [0, 1] beside boxes [B, H*W, 4R]: outputs "
+            + ", ".join(f"{s_i}+{b_i} {list(g)}" for (s_i, b_i), g in zip(pairs, grids)))
     # per-level maps: scores [B, C, H, W] in [0, 1] beside boxes [B, 4 or 4R, H, W] of the same H, W
     maps = [i for i in floats if arrays[i].ndim == 4]
     pairs, used = [], set()
@@ -912,7 +996,7 @@ def choose_metric(outputs: Sequence[np.ndarray], names: Sequence[str] = (),
             return MetricChoice("sqnr", "no floating-point output")
         raise InputError(f"metric {requested} needs a floating-point output, and the model has none",
                          "choose another --metric, or give --evaluator FILE.py:FUNCTION")
-    found = _detect_layout(arrays, requested=requested == "detection")
+    found = _detect_layout(arrays, requested=requested == "detection", feeds=feeds)
     if requested in (None, "detection") and found is not None:
         layout, why = found
         return MetricChoice("detection", why, {"layout": layout})
