@@ -444,3 +444,35 @@ def test_gate_judges_the_detection_drop_in_the_same_unit(det_files, collapsed):
     check = {c["name"]: c for c in json.loads((work / "gate.json").read_text())["checks"]}["accuracy: detection"]
     assert check["verdict"] == "fail" and check["baseline"] == 1.0 and check["candidate"] < 0.5
     assert check["change"] == f"drop {1.0 - check['candidate']:+.4g}"  # 1 - Jaccard: the fraction of boxes lost
+
+
+def test_quantize_with_a_user_evaluator_names_its_metric_and_keys_the_cache_on_its_file(det_files, tmp_path):
+    from pathlib import Path
+
+    from dlopt.recipe import Recipe, StageSpec, build_config, key_inputs
+
+    work = det_files
+    evaluator = tmp_path / "my_eval.py"
+    evaluator.write_text("import numpy as np\n"
+                         "def score(reference, outputs):\n"
+                         "    r, o = reference['output0'][:, 4:], outputs['output0'][:, 4:]\n"
+                         "    return {'score_rows_within_0.05': float(np.mean(np.abs(r - o) < 0.05))}\n")
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(main, ["quantize", str(work / "det.onnx"), "-o", str(out), "--calibration",
+                                       str(work / "images.npz"), "--node-forms", "int8", "--evaluator",
+                                       f"{evaluator}:score"])
+    assert result.exit_code in (0, 1), result.output
+    report = json.loads((out.with_suffix(".quantize.json") if result.exit_code == 0
+                         else tmp_path / "q.failed.quantize.json").read_text())
+    task = report["fidelity"]["task_metric"]
+    assert report["metric"] == {"metric": "score_rows_within_0.05", "why": f"--evaluator {evaluator}:score"}
+    assert task["floor"] == pytest.approx(0.99) and report["verdict"]["passed"] == (task["value"] >= 0.99)
+
+    def key(text: str):
+        evaluator.write_text(text)
+        config = build_config("quantize", {"evaluator": f"{evaluator}:score"}, where="test", target="cpu")
+        recipe = Recipe(path=Path("r.toml"), source=str(work / "det.onnx"), target="cpu", calibration=None,
+                        eval_data=None, name="det", stages=(StageSpec(1, "quantize", config, None),))
+        return key_inputs(recipe, recipe.stages[0], "0" * 64)["evaluator"]
+
+    assert key("def score(r, o):\n    return 1.0\n") != key("def score(r, o):\n    return 0.5\n")
