@@ -73,7 +73,8 @@ def task_choice(original, feeds: Sequence[Mapping[str, np.ndarray]], config: Qua
 def task_metric(choice: MetricChoice, reference, outputs, feeds, names, config) -> dict[str, Any]:
     # a floor in dB the user set is checked as well: they asked for that SQNR
     return assess(choice, reference, outputs, feeds, names, sqnr_floor=sqnr_floor(config),
-                  metric_floor=config.metric_floor, sqnr_too=config.min_sqnr_db is not None)
+                  metric_floor=config.metric_floor, sqnr_too=config.min_sqnr_db is not None,
+                  precision=config.precision)
 
 
 def holdout_count(samples: int, config: QuantizeScheme | QuantizeConfig) -> int:
