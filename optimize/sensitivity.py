@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from dlopt.errors import InputError
-from dlopt.metrics import METRIC_TABLE, MetricChoice, choose_metric, measure, metric_request
+from dlopt.metrics import METRIC_TABLE, MetricChoice, choose_metric, group_sqnr, measure, metric_request
 from dlopt.optimize.preprocess import check_feeds, with_outputs
 from dlopt.sessions import cpu_session, run_outputs
 
@@ -189,7 +189,7 @@ def node_sensitivity(float_model, quantized, feeds: list[dict[str, np.ndarray]],
 def leave_one_out(ranked: list[dict[str, Any]], original, prepared, config, recipe, data, feeds, ranges,
                   log: Callable[[str], None], layer_stats=None) -> list[dict[str, Any]]:
     """Re-rank by what keeping each node alone in float buys at the model's output (noise power of
-    the first float output, relative to FP32). One quantization per node (calibration reused), so
+    the first float output relative to FP32's, in its worst channel group). One quantization per node (calibration reused), so
     used up to config.leave_one_out_limit nodes. Needed because a node's own added noise (above)
     misses how much later layers amplify it: on EfficientNet-Lite0 the early convolutions matter
     most although their local noise is small."""
@@ -197,11 +197,15 @@ def leave_one_out(ranked: list[dict[str, Any]], original, prepared, config, reci
 
     reference = run_outputs(cpu_session(original), feeds)
     index = _first_float_output(reference)
-    signal = sum(float(np.sum(r[index].astype(np.float64) ** 2)) for r in reference)
+    names = [o.name for o in original.graph.output]
 
     def output_noise(model) -> float:
+        # the worst channel group's noise/signal (dlopt.metrics.channel_groups): on a detector's [1, 4+C, N]
+        # the pixel boxes' energy would otherwise rank every node by the boxes alone, not by the scores
         outs = run_outputs(cpu_session(model), feeds)
-        return sum(float(np.sum((r[index].astype(np.float64) - o[index]) ** 2)) for r, o in zip(reference, outs)) / signal
+        by_group = group_sqnr([[r[index]] for r in reference], [[o[index]] for o in outs], [names[index]])
+        return max(10 ** (-db / 10) if np.isfinite(db) else (0.0 if db > 0 else float("inf"))
+                   for db in by_group[names[index]].values())
 
     for i, entry in enumerate(ranked, 1):
         model, _ = quantize_int8(prepared, config, recipe, data, exclude_nodes=[entry["node"]], ranges=ranges,
