@@ -426,6 +426,7 @@ def test_eval_reports_task_metrics_against_the_reference(det_files, collapsed):
     rows = {r["metric"]: r for r in json.loads((work / "eval.json").read_text())["metrics"]}
     assert rows["detection"]["reference"] == 1.0 and rows["detection"]["value"] < 0.5
     assert "[B, 4+C, N]" in rows["detection"]["note"]
+    assert "by channel group channels 0-3 inf dB, channels 4-6" in rows["sqnr"]["note"]  # only the scores changed
     bad = CliRunner().invoke(main, ["eval", str(work / "det.onnx"), "--data", str(work / "images.npz"),
                                     "--metric", "detection"])
     assert bad.exit_code == 2 and "compares every output with a reference model's" in bad.stderr
