@@ -51,12 +51,8 @@ def quantized_nodes(model) -> dict[str, int]:
 
 # -- held-out fidelity and the verdict ----------------------------------------------------------------
 def fidelity_floor(config: QuantizeScheme | QuantizeConfig) -> float:
+    """The SQNR floor in dB: the sqnr metric's, and the verdict's when the task metric cannot judge."""
     return FIDELITY_FLOORS_DB[config.precision] if config.min_sqnr_db is None else float(config.min_sqnr_db)
-
-
-def sqnr_floor(config: QuantizeScheme | QuantizeConfig) -> float:
-    """The SQNR floor in dB (the sqnr metric's, and the fallback when the task metric cannot judge)."""
-    return fidelity_floor(config)
 
 
 def task_choice(original, feeds: Sequence[Mapping[str, np.ndarray]], config: QuantizeScheme | QuantizeConfig,
@@ -72,7 +68,7 @@ def task_choice(original, feeds: Sequence[Mapping[str, np.ndarray]], config: Qua
 
 def task_metric(choice: MetricChoice, reference, outputs, feeds, names, config) -> dict[str, Any]:
     # a floor in dB the user set is checked as well: they asked for that SQNR
-    return assess(choice, reference, outputs, feeds, names, sqnr_floor=sqnr_floor(config),
+    return assess(choice, reference, outputs, feeds, names, sqnr_floor=fidelity_floor(config),
                   metric_floor=config.metric_floor, sqnr_too=config.min_sqnr_db is not None,
                   precision=config.precision)
 
@@ -189,14 +185,9 @@ def _why(task: Mapping[str, Any], row: Mapping[str, Any]) -> str:
         text = (f"{c.get('false_positive_pixels')} false-positive pixel(s); "
                 f"{c.get('samples_with_false_positives_where_fp32_has_none')} sample(s) with positives where FP32 "
                 "has none")
-    elif task["judged_by"] == "sqnr":
-        groups = (task.get("judged_components") or {}).get("per_group_db") or {}
-        text = task.get("note") or "lowest SQNR over outputs and channel groups"
-        if groups:
-            text += "; " + ", ".join(f"{o} {g} {v:.1f} dB" for o, gs in groups.items() for g, v in gs.items())
     else:
         text = task.get("why", "")
-    if task["judged_by"] != "sqnr" and task.get("sqnr_by_group"):
+    if task.get("sqnr_by_group"):
         text += "; SQNR " + ", ".join(f"{o} {g} {v:.1f} dB" for o, gs in task["sqnr_by_group"].items()
                                        for g, v in gs.items())
     return text

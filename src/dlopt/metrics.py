@@ -176,7 +176,8 @@ def judge(value: MetricValue, floor: float | None = None, precision: str = "int8
         ok = measured is not None and math.isfinite(measured) and (measured >= required if higher else
                                                                    measured <= required)
         if not ok:
-            failed.append({"check": check, "measured": measured, "required": f"{'>=' if higher else '<='} {required:g}"})
+            failed.append({"check": check, "measured": measured,
+                           "required": f"{'>=' if higher else '<='} {required:g}"})
     return failed
 
 
@@ -616,8 +617,8 @@ class CosineAgreement:
         cos = np.where(np.isfinite(cos), cos, -1.0)
         components: dict[str, Any] = {"cosine_min": float(cos.min()), "output": self.output}
         if self.retrieval:
-            agreement = retrieval_agreement(np.concatenate(self.refs), np.concatenate(self.cands)) if self.refs else None
-            components["retrieval_agreement"] = agreement
+            components["retrieval_agreement"] = (retrieval_agreement(np.concatenate(self.refs),
+                                                                     np.concatenate(self.cands)) if self.refs else None)
         return MetricValue(self.name, float(cos.mean()), components, samples=int(cos.size))
 
 
@@ -1172,8 +1173,9 @@ class UserEvaluator:
         return MetricValue(str(name), value, dict(components), samples=len(self.refs))
 
 
-__all__ = ["BLANK", "CONFIDENCE", "DetectionAgreement", "DetectionLayout", "Detections", "GroupSqnr", "IOU_MATCH",
-           "HIGHER_IS_BETTER", "LOWER_IS_BETTER", "MAP_THRESHOLD", "METRIC_TABLE", "Metric", "MetricChoice", "MetricValue", "SQNR_FLOORS_DB", "box_iou",
-           "assess", "channel_axis", "channel_groups", "choose_metric", "decode_detections", "decode_sequence",
-           "detection_agreement", "group_sqnr", "higher_is_better", "judge", "load_evaluator", "map_agreement", "margin",
-           "match_detections", "match_pairs", "measure", "metric_drop", "metric_info", "metric_request", "nms", "retrieval_agreement", "sequence_agreement"]
+__all__ = ["BLANK", "CONFIDENCE", "CosineAgreement", "DetectionAgreement", "DetectionLayout", "Detections", "GroupSqnr", "HIGHER_IS_BETTER",
+           "IOU_MATCH", "LOWER_IS_BETTER", "MAP_THRESHOLD", "METRIC_TABLE", "MapAgreement", "Metric", "MetricChoice",
+           "MetricValue", "Perplexity", "SQNR_FLOORS_DB", "SequenceAgreement", "TopKAgreement", "UserEvaluator", "assess", "box_iou", "channel_axis", "channel_groups", "choose_metric",
+           "decode_detections", "decode_sequence", "detection_agreement", "group_sqnr", "higher_is_better", "judge",
+           "load_evaluator", "map_agreement", "margin", "match_detections", "match_pairs", "measure", "metric_drop",
+           "metric_info", "metric_request", "nms", "retrieval_agreement", "sequence_agreement"]
