@@ -86,6 +86,15 @@ def test_perplexity_and_next_token_agreement_by_hand():
         Perplexity().add([ref], [cand], {})
 
 
+def test_probability_difference_by_hand():
+    ref = [[np.array([[0.1], [0.6], [0.9]], np.float32)], [np.array([[0.2]], np.float32)]]
+    cand = [[np.array([[0.12], [0.45], [0.9]], np.float32)], [np.array([[0.2]], np.float32)]]
+    value = measure(MetricChoice("probability", "test", {"output": 0}), ref, cand)
+    assert value.value == pytest.approx(0.15) and value.components["decisions_flipped_share"] == 0.25
+    assert value.components["mean_abs_difference"] == pytest.approx(0.17 / 4)
+    assert judge(value)[0]["required"] == "<= 0.05" and metric_drop("probability", 0.0, 0.15) == pytest.approx(0.15)
+
+
 # --------------------------------------------------------------------------- maps and sequences
 
 
@@ -271,6 +280,8 @@ def test_the_metric_is_chosen_from_each_kind_of_output():
     assert _choice([rng.normal(size=(1, 5, 50))], {"input_ids": ids}).name == "perplexity"
     # hidden states beside input_ids: an id above the width names no logit
     assert _choice([rng.normal(size=(1, 5, 16))], {"input_ids": ids + 16}).name != "perplexity"
+    vad = _choice([np.array([[0.1], [0.9]], np.float32), rng.normal(size=(2, 1, 128)).astype(np.float32)])
+    assert vad.name == "probability" and "one probability per sample" in vad.reason
     generic = _choice([rng.normal(size=(4, 3, 5, 5))])
     assert generic.name == "sqnr" and "no task" in generic.reason
     assert _choice([rng.normal(size=(4, 10))], requested="cosine").name == "cosine"

@@ -29,7 +29,7 @@ from dlopt.metrics import higher_is_better  # direction: the metric table's, els
 # top1 against labels (or agreement with the reference), cosine, sqnr and mse on one output; the task
 # metrics of dlopt.metrics.METRIC_TABLE on every output against the reference model's; auto: the task
 # metric chosen from the reference's outputs
-TASK_METRICS = ("auto", "topk", "detection", "map", "sequence", "embedding", "perplexity")
+TASK_METRICS = ("auto", "topk", "detection", "map", "sequence", "embedding", "perplexity", "probability")
 METRICS = ("top1", "cosine", "sqnr", "mse", *TASK_METRICS)
 LABELS_KEY = "labels"
 EXPECTED_KEY = "expected"

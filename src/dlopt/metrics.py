@@ -91,6 +91,9 @@ METRIC_TABLE: dict[str, Metric] = {m.name: m for m in (
     Metric("embedding", True, "cosine", 0.98,
            "mean cosine per sample of L2-normalized embeddings; also retrieval agreement (each sample's nearest "
            "neighbour among the others is FP32's)", checks=(("retrieval_agreement", 0.9),)),
+    Metric("probability", False, "probability", 0.05,
+           "largest |p - p_FP32| of a probability output [B, 1] or [B] in [0, 1] (a VAD's speech probability, "
+           "a binary classifier); FP32 = 0; also the mean and the share of samples that change side of 0.5"),
     # int4 1.10: SmolLM2-135M's 4-bit GPTQ measured +6.9 % (README), ORT's RTN +20.8 %
     Metric("perplexity", False, "perplexity ratio to FP32", 1.05,
            "perplexity of the next tokens of input_ids over FP32's (FP32 = 1.0; drop = ratio - 1); also "
@@ -598,6 +601,34 @@ class TopKAgreement:
                            {"k": self.k, "output": self.output}, samples=self.samples)
 
 
+class ProbabilityDifference:
+    """The largest |p - p_FP32| over every sample of a probability output (and the mean; the share of
+    samples whose decision at 0.5 flips)."""
+
+    name = "probability"
+
+    def __init__(self, output: int = 0) -> None:
+        self.output = output
+        self.worst = self.total = 0.0
+        self.count = self.flipped = 0
+
+    def add(self, reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray], feeds=None) -> None:
+        r = np.asarray(reference[self.output], np.float64).reshape(-1)
+        c = np.asarray(outputs[self.output], np.float64).reshape(-1)
+        diff = np.abs(r - c)
+        diff = np.where(np.isfinite(diff), diff, np.inf)
+        self.worst = max(self.worst, float(diff.max(initial=0.0)))
+        self.total += float(np.sum(np.where(np.isfinite(diff), diff, 1.0)))
+        self.count += r.size
+        self.flipped += int(np.count_nonzero((r > 0.5) != (c > 0.5)))
+
+    def result(self) -> MetricValue:
+        return MetricValue("probability", self.worst, {
+            "mean_abs_difference": self.total / self.count if self.count else 0.0,
+            "decisions_flipped_share": self.flipped / self.count if self.count else 0.0, "output": self.output},
+            samples=self.count, evidence=self.count > 0)
+
+
 class CosineAgreement:
     def __init__(self, output: int = 0, name: str = "cosine", retrieval: bool = False) -> None:
         self.output, self.name, self.retrieval = output, name, retrieval
@@ -824,6 +855,8 @@ class MetricChoice:
             return CosineAgreement(p.get("output", 0))
         if self.name == "embedding":
             return CosineAgreement(p.get("output", 0), "embedding", retrieval=True)
+        if self.name == "probability":
+            return ProbabilityDifference(p.get("output", 0))
         if self.name == "perplexity":
             return Perplexity(p.get("output", 0), p.get("ids_input", "input_ids"))
         if self.name == "sqnr":
@@ -1031,6 +1064,9 @@ def choose_metric(outputs: Sequence[np.ndarray], names: Sequence[str] = (),
                             {"output": first, "threshold": MAP_THRESHOLD})
     if requested == "map":
         return MetricChoice("map", "--metric map", {"output": first, "threshold": MAP_THRESHOLD})
+    if (requested in (None, "probability") and a.ndim <= 2 and (a.ndim < 2 or a.shape[1] == 1) and _unit(a)
+            and a.size):
+        return MetricChoice("probability", f"{shape} is one probability per sample in [0, 1]", {"output": first})
     if a.ndim == 2 and a.shape[1] >= 2:
         norms = np.linalg.norm(a.astype(np.float64), axis=1)
         normalized = bool(np.allclose(norms, 1.0, atol=1e-3)) and bool((a < 0).any())
@@ -1175,7 +1211,7 @@ class UserEvaluator:
 
 __all__ = ["BLANK", "CONFIDENCE", "CosineAgreement", "DetectionAgreement", "DetectionLayout", "Detections", "GroupSqnr", "HIGHER_IS_BETTER",
            "IOU_MATCH", "LOWER_IS_BETTER", "MAP_THRESHOLD", "METRIC_TABLE", "MapAgreement", "Metric", "MetricChoice",
-           "MetricValue", "Perplexity", "SQNR_FLOORS_DB", "SequenceAgreement", "TopKAgreement", "UserEvaluator", "assess", "box_iou", "channel_axis", "channel_groups", "choose_metric",
+           "MetricValue", "Perplexity", "ProbabilityDifference", "SQNR_FLOORS_DB", "SequenceAgreement", "TopKAgreement", "UserEvaluator", "assess", "box_iou", "channel_axis", "channel_groups", "choose_metric",
            "decode_detections", "decode_sequence", "detection_agreement", "group_sqnr", "higher_is_better", "judge",
            "load_evaluator", "map_agreement", "margin", "match_detections", "match_pairs", "measure", "metric_drop",
            "metric_info", "metric_request", "nms", "retrieval_agreement", "sequence_agreement"]

@@ -14,7 +14,7 @@ from dlopt.cli._common import DATA_SOURCES_HELP, data_options, echo_err
                    "expected output (named like the output, or `expected`).")
 @click.option("--metric", "metrics", multiple=True,
               help="top1, cosine, sqnr, mse, or a task metric vs --reference (docs/metrics.md): auto (chosen from "
-                   "the outputs), detection, map, sequence, topk, embedding, perplexity; repeat or comma-separate. "
+                   "the outputs), detection, map, sequence, topk, embedding, perplexity, probability; repeat or comma-separate. "
                    "[default: top1]")
 @click.option("--evaluator", default=None,
               help="Your metric vs --reference: FILE.py:FUNCTION(reference_outputs, outputs) -> float or {name: value} "

@@ -72,7 +72,7 @@ def parse_accuracy_drops(values: tuple[str, ...]) -> tuple[float | None, tuple[t
               help="Accuracy on this data (as --data takes it; an .npz may hold `labels`); the candidate is compared "
                    "with the baseline.")
 @click.option("--metric", "metrics", multiple=True, help="With --eval-data: top1, cosine, mse, or a task metric "
-              "against the baseline's outputs: auto, detection, map, sequence, topk, embedding, perplexity (repeat "
+              "against the baseline's outputs: auto, detection, map, sequence, topk, embedding, perplexity, probability (repeat "
               "or comma-separate). [default: top1]")
 @click.option("--eval-output", default=None, help="Which output the accuracy metrics read (default: the first).")
 @click.option("--target", default="cpu", show_default=True, help="Execution target: cpu or cuda.")

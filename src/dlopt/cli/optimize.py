@@ -25,7 +25,7 @@ from dlopt.cli._common import DATA_SOURCES_HELP, cache_dir_option, data_options,
                    "same data options).")
 @click.option("--evaluator", default=None,
               help="A metric of docs/metrics.md vs the FP32 outputs (auto, detection, map, sequence, top1, topk, "
-                   "cosine, embedding, perplexity, sqnr), FILE.py:FUNCTION (your metric) or model:NAME[:metric] "
+                   "cosine, embedding, perplexity, probability, sqnr), FILE.py:FUNCTION (your metric) or model:NAME[:metric] "
                    "[default: a reference model's own metric, else auto: the task metric chosen from the outputs].")
 @click.option("--executor", "executor_kind", default="local", show_default=True, type=click.Choice(["local", "ray"]),
               help="Where transforms and scoring run.")

@@ -47,7 +47,7 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
                    "if no candidate meets it (the best is still written).")
 @click.option("--metric", default=None,
               help="The task metric the verdict, recovery and budget are on (docs/metrics.md): detection | map | "
-                   "sequence | top1 | topk | cosine | embedding | perplexity | sqnr. Default: chosen from the "
+                   "sequence | top1 | topk | cosine | embedding | perplexity | probability | sqnr. Default: chosen from the "
                    "model's outputs (the report says which and why).")
 @click.option("--metric-floor", type=float, default=None,
               help="The metric's floor (default: the metric table's, e.g. detection Jaccard 0.9, map 0.99).")
