@@ -73,7 +73,7 @@ class Evaluated:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
 
-# --------------------------------------------------------------------------- metrics and points
+# --------------------------------------------------------------------------- drops and their unit
 
 
 def drop_unit(evaluator: str) -> str:
