@@ -418,6 +418,9 @@ def key_inputs(recipe: Recipe, stage: StageSpec, input_sha256: str, upstream: li
         inputs["data_spec"] = specs  # what the lineage records; a plain source keys as it always did
     if stage.kind == "package":
         inputs["lineage"] = upstream  # the bundle's manifest records them
+    evaluator = getattr(config, "evaluator", None)
+    if isinstance(evaluator, str) and ".py:" in evaluator:  # the user's metric decides the verdict: its file too
+        inputs["evaluator"] = source_hash(evaluator)
     return inputs
 
 
