@@ -68,10 +68,16 @@ def test_timing_rule_skips_over_budget_candidates_and_less_accurate_twins():
 # --------------------------------------------------------------------------- a whole search
 
 
+# Between FP16's noise and 8-bit's on every CPU, whatever its ISA (VNNI's full 8-bit range is the
+# most accurate int8 there is): a budget near 8-bit's noise would make the test depend on the host.
+BUDGET = 0.0005
+
+
 @pytest.fixture(scope="module")
 def search(tmp_path_factory):
-    """One cold search on a tiny CNN: sqnr evaluator with a budget of 0.05 points (noise 5e-4 of the
-    signal power): FP16 meets it, 8-bit candidates do not."""
+    """One cold search on a tiny CNN: sqnr evaluator with a budget of BUDGET points (noise 5e-6 of the
+    signal power, 53 dB): FP16 meets it (~73 dB), 8-bit candidates do not on any CPU (~46 dB at best,
+    with VNNI's full 8-bit range; less with AVX2's reduced range)."""
     work = tmp_path_factory.mktemp("optimize")
     onnx.save(cnn_model(), work / "cnn.onnx")
     rng = np.random.default_rng(1)
@@ -84,7 +90,7 @@ def search(tmp_path_factory):
 def run_optimize(work, out, *extra):
     from dlopt.search import driver
 
-    args = ["optimize", str(work / "cnn.onnx"), "--max-accuracy-drop", "0.05", "--evaluator", "sqnr",
+    args = ["optimize", str(work / "cnn.onnx"), "--max-accuracy-drop", str(BUDGET), "--evaluator", "sqnr",
             "--calibration", str(work / "calib.npz"), "--eval-data", str(work / "eval.npz"), "--workers", "1",
             "-o", str(work / out), "--report", str(work / "report.html"), "--cache-dir", str(work / "cache"),
             "--json", *extra]
@@ -110,13 +116,13 @@ def test_search_writes_a_front_a_verified_bundle_and_schema_valid_json(search):
     assert {"fp32", "int8-auto", "int8-static-minmax", "int8-static-entropy", "int8-static-percentile", "int4",
             "fp16"} <= set(by_name)
     assert by_name["fp32"]["drop_points"] == 0 and by_name["fp32"]["latency_ratio"] == pytest.approx(1.0)
-    # 8-bit noise on this CNN is ~1e-3 of the signal power: over the 0.05-point budget, dropped with the reason
+    # 8-bit noise on this CNN is >= 2e-5 of the signal power on every CPU: over the budget, dropped with the reason
     over = [c for c in data["candidates"] if c["status"] == "over-budget"]
-    assert over and all(c["drop_points"] > 0.05 and "cannot be chosen" in c["reason"] for c in over)
+    assert over and all(c["drop_points"] > BUDGET and "cannot be chosen" in c["reason"] for c in over)
     assert all(c["latency_ratio"] is None for c in over)  # never timed
     assert all(c["reason"] for c in data["candidates"] if c["name"] != data["chosen"] or c["status"] == "chosen")
     chosen = by_name[data["chosen"]]
-    assert chosen["status"] == "chosen" and chosen["on_front"] and chosen["drop_points"] <= 0.05
+    assert chosen["status"] == "chosen" and chosen["on_front"] and chosen["drop_points"] <= BUDGET
     assert data["chosen"] in data["front"] and set(data["front"]) <= {c["name"] for c in data["candidates"]
                                                                       if c["latency_ratio"] is not None}
     assert data["latency"]["input_shapes"] == {"image": [1, 3, 16, 16]} and data["latency"]["threads"] == 1
