@@ -65,6 +65,39 @@ def test_timing_rule_skips_over_budget_candidates_and_less_accurate_twins():
     assert rows["c"]["status"] == "over-budget" and "0.9 > 0.5" in rows["c"]["reason"]
 
 
+def test_a_candidate_with_fp32s_graph_is_reported_as_fp32_and_not_timed_or_chosen():
+    row = lambda drop, size, sig, graph: {"status": "scored", "precision": "int8", "drop_points": drop,  # noqa: E731
+                                          "bytes": size, "signature": sig, "graph_sha256": graph}
+    rows = {"fp32": row(0.0, 400, "f", "g32"), "int8-static-percentile": row(0.0, 420, "f", "g32"),
+            "int8-auto": row(0.2, 100, "q", "g8")}
+    rows["fp32"]["precision"] = "fp32"
+    # the twin rule alone would time it (420 bytes is not within 1 % of 400): the content hash decides
+    assert timing_plan(rows, 0.5) == ["fp32", "int8-auto"]
+    same = rows["int8-static-percentile"]
+    assert same["status"] == "fp32-graph" and same["precision"] == "fp32" and "FP32 graph" in same["reason"]
+
+
+def test_graph_content_hash_ignores_names_metadata_and_shape_facts_but_not_weights(tmp_path):
+    from dlopt.search.evaluation import graph_content_hash
+
+    model = cnn_model()
+    onnx.save(model, tmp_path / "a.onnx")
+    restamped = onnx.shape_inference.infer_shapes(cnn_model())  # adds value_info, as a quantizer's pass does
+    restamped.graph.name = "other"
+    for i, node in enumerate(restamped.graph.node):
+        node.name = f"renamed_{i}"
+    onnx.helper.set_model_props(restamped, {"onnx.infer": "onnxruntime.quant"})
+    onnx.save(restamped, tmp_path / "b.onnx")
+    assert (tmp_path / "a.onnx").read_bytes() != (tmp_path / "b.onnx").read_bytes()
+    assert graph_content_hash(tmp_path / "a.onnx") == graph_content_hash(tmp_path / "b.onnx")
+    changed = cnn_model()
+    weight = onnx.numpy_helper.to_array(changed.graph.initializer[0]).copy()
+    weight.flat[0] += 1e-3
+    changed.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(weight, changed.graph.initializer[0].name))
+    onnx.save(changed, tmp_path / "c.onnx")
+    assert graph_content_hash(tmp_path / "c.onnx") != graph_content_hash(tmp_path / "a.onnx")
+
+
 # --------------------------------------------------------------------------- a whole search
 
 
@@ -131,6 +164,12 @@ def test_search_writes_a_front_a_verified_bundle_and_schema_valid_json(search):
     manifest = json.loads((work / "out.bundle" / "manifest.json").read_text())
     assert [s["kind"] for s in manifest["lineage"]] == [s["kind"] for s in chosen["recipe"]]  # an .onnx source: no export
     assert data["cache"]["evaluations_run"] >= 8 and "applying and scoring" in result.stderr
+    # an 8-bit recipe whose kernel choice reverted every node is FP32's graph: FP32's one timing, never chosen
+    fp32_graph = by_name["fp32"]["graph_sha256"]
+    for c in data["candidates"]:
+        if c["name"] != "fp32" and c.get("graph_sha256") == fp32_graph:
+            assert c["status"] == "fp32-graph" and c["precision"] == "fp32" and c["name"] != data["chosen"]
+            assert c["latency_ratio"] == by_name["fp32"]["latency_ratio"]
 
 
 def test_warm_rerun_transforms_nothing_and_gives_the_same_front(search, monkeypatch):
