@@ -14,7 +14,7 @@ from test_quantize_int8 import cnn_model
 
 from dlopt.cli import main
 from dlopt.search.driver import timing_plan
-from dlopt.search.evaluation import drop_points, points_scale
+from dlopt.search.evaluation import accuracy_drop, drop_unit
 from dlopt.search.pareto import Point, choose, dominated_by, dominates, pareto_front
 
 SCHEMA = json.loads(files("dlopt").joinpath("schemas/optimize.schema.json").read_text())
@@ -49,11 +49,12 @@ def test_choice_is_the_fastest_within_budget_with_near_ties_going_to_the_smaller
     assert choose([Point("x", 1.0, 2.0, 1)], 1.0) is None
 
 
-def test_drops_are_points_for_fractions_and_units_otherwise():
-    assert points_scale("model:minilm:pang_lee_accuracy") == 100
-    assert drop_points("model:minilm:pang_lee_accuracy", 0.735, 0.730) == pytest.approx(0.5)
-    assert points_scale("model:efficientnet-lite0:logit_sqnr_db") == 1
-    assert drop_points("model:smollm2:perplexity", 10.0, 10.4) == pytest.approx(0.4)  # lower is better
+def test_drops_are_in_the_metrics_own_unit_as_in_quantize_and_gate():
+    # one meaning of --max-accuracy-drop (dlopt.metrics.metric_drop): no 100x "points" for fractions
+    assert accuracy_drop("model:minilm:pang_lee_accuracy", 0.735, 0.730) == pytest.approx(0.005)
+    assert accuracy_drop("model:smollm2:perplexity", 10.0, 10.4) == pytest.approx(0.4)  # lower is better
+    assert accuracy_drop("detection", 1.0, 0.93) == pytest.approx(0.07)
+    assert drop_unit("detection") == "fraction of boxes (Jaccard)" and "20 dB" in drop_unit("sqnr")
 
 
 def test_timing_rule_skips_over_budget_candidates_and_less_accurate_twins():
@@ -103,12 +104,12 @@ def test_graph_content_hash_ignores_names_metadata_and_shape_facts_but_not_weigh
 
 # Between FP16's noise and 8-bit's on every CPU, whatever its ISA (VNNI's full 8-bit range is the
 # most accurate int8 there is): a budget near 8-bit's noise would make the test depend on the host.
-BUDGET = 0.0005
+BUDGET = 5e-6  # noise/signal power: 53 dB
 
 
 @pytest.fixture(scope="module")
 def search(tmp_path_factory):
-    """One cold search on a tiny CNN: sqnr evaluator with a budget of BUDGET points (noise 5e-6 of the
+    """One cold search on a tiny CNN: sqnr evaluator with a budget of BUDGET (noise 5e-6 of the
     signal power, 53 dB): FP16 meets it (~73 dB), 8-bit candidates do not on any CPU (~46 dB at best,
     with VNNI's full 8-bit range; less with AVX2's reduced range)."""
     work = tmp_path_factory.mktemp("optimize")
@@ -149,7 +150,7 @@ def test_search_writes_a_front_a_verified_bundle_and_schema_valid_json(search):
     assert {"fp32", "int8-auto", "int8-static-minmax", "int8-static-entropy", "int8-static-percentile", "int4",
             "fp16"} <= set(by_name)
     assert by_name["fp32"]["drop_points"] == 0 and by_name["fp32"]["latency_ratio"] == pytest.approx(1.0)
-    # 8-bit noise on this CNN is >= 2e-5 of the signal power on every CPU: over the budget, dropped with the reason
+    # 8-bit noise on this CNN is >= 2e-5 of the signal power on every CPU (46 dB): over the budget, dropped with the reason
     over = [c for c in data["candidates"] if c["status"] == "over-budget"]
     assert over and all(c["drop_points"] > BUDGET and "cannot be chosen" in c["reason"] for c in over)
     assert all(c["latency_ratio"] is None for c in over)  # never timed

@@ -122,11 +122,11 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
     if config.recover:
         # the floor, on the held-out samples, in the arithmetic the target runs (see _summary)
         feeds = held_out or check_feeds(model, data, config.fidelity_samples, config.input_shapes)
-        evaluator = floor_evaluator(model, feeds, floor, graph_opt_level="disable" if exact else "all")
+        evaluator = floor_evaluator(model, feeds, config, graph_opt_level="disable" if exact else "all")
         score = evaluator.score(quantized)
-        if score < floor:
-            log(f"fidelity: lowest output SQNR {score:.1f} dB on {len(feeds)} {holdout['data']} samples is below "
-                f"the {floor:g} dB floor: keeping the nodes that add the most noise in float until it holds")
+        if score < 0:
+            log(f"fidelity: {evaluator.name.split(' margin')[0]} is {-score:.3g} below its floor on {len(feeds)} "
+                f"{holdout['data']} samples: keeping the nodes that add the most noise in float until it holds")
             base = dataclasses.replace(config, exclude_nodes=tuple(details["nodes_excluded"]))
             recovery = meet_budget(model, prepared, quantized, base, recipe, data, ranges=ranges,
                                    layer_stats=layer_stats, evaluator=evaluator, max_drop=0.0,

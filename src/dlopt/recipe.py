@@ -382,6 +382,9 @@ def key_inputs(recipe: Recipe, stage: StageSpec, input_sha256: str, upstream: li
               "host": host_facts(stage.kind, config)}
     if stage.kind == "package":
         inputs["lineage"] = upstream  # the bundle's manifest records them
+    evaluator = getattr(config, "evaluator", None)
+    if isinstance(evaluator, str) and ".py:" in evaluator:  # the user's metric decides the verdict: its file too
+        inputs["evaluator"] = source_hash(evaluator)
     return inputs
 
 
