@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from dlopt.errors import InputError
-from dlopt.metrics import METRIC_TABLE, MetricChoice, choose_metric, measure, metric_request
+from dlopt.metrics import METRIC_TABLE, MetricChoice, choose_metric, group_sqnr, measure, metric_request
 from dlopt.optimize.preprocess import check_feeds, with_outputs
 from dlopt.sessions import cpu_session, run_outputs
 
@@ -96,7 +96,7 @@ def floor_evaluator(original, feeds: list[dict[str, np.ndarray]], config, *, gra
                     ) -> Evaluator:
     """score(model) = the margin of the verdict's task metric over its floor on `feeds` (the held-out
     samples), in the metric's units (dlopt.metrics.assess: detection Jaccard - 0.9, the lowest SQNR per
-    output and channel group - the dB floor, ...), -inf for non-finite outputs; baseline 0, so
+    output and channel group - the dB floor, ...; -inf for a non-finite SQNR); baseline 0, so
     drop = -margin and a model meets the floor at max_drop 0. graph_opt_level "disable" scores the QDQ
     graph's own arithmetic."""
     from dlopt.optimize.quantize.verification import task_choice, task_metric
@@ -104,13 +104,10 @@ def floor_evaluator(original, feeds: list[dict[str, np.ndarray]], config, *, gra
     reference = run_outputs(cpu_session(original), feeds)
     names = [o.name for o in original.graph.output]
     choice = task_choice(original, feeds, config, reference)
-    last: dict[str, Any] = {}
 
     def score(model) -> float:
         outputs = run_outputs(cpu_session(model, graph_opt_level=graph_opt_level), feeds)
-        task = task_metric(choice, reference, outputs, feeds, names, config)
-        last.update(task)
-        return float(task["margin"])
+        return float(task_metric(choice, reference, outputs, feeds, names, config)["margin"])
 
     first = task_metric(choice, reference, reference, feeds, names, config)
     unit = "dB" if first["judged_by"] == "sqnr" else (METRIC_TABLE[first["judged_by"]].unit
@@ -189,19 +186,23 @@ def node_sensitivity(float_model, quantized, feeds: list[dict[str, np.ndarray]],
 def leave_one_out(ranked: list[dict[str, Any]], original, prepared, config, recipe, data, feeds, ranges,
                   log: Callable[[str], None], layer_stats=None) -> list[dict[str, Any]]:
     """Re-rank by what keeping each node alone in float buys at the model's output (noise power of
-    the first float output, relative to FP32). One quantization per node (calibration reused), so
-    used up to config.leave_one_out_limit nodes. Needed because a node's own added noise (above)
-    misses how much later layers amplify it: on EfficientNet-Lite0 the early convolutions matter
-    most although their local noise is small."""
+    the first float output relative to FP32's, in its worst channel group). One quantization per node
+    (calibration reused), so used up to config.leave_one_out_limit nodes. Needed because a node's own
+    added noise (above) misses how much later layers amplify it: on EfficientNet-Lite0 the early
+    convolutions matter most although their local noise is small."""
     from dlopt.optimize.quantize.int8 import quantize_int8
 
     reference = run_outputs(cpu_session(original), feeds)
     index = _first_float_output(reference)
-    signal = sum(float(np.sum(r[index].astype(np.float64) ** 2)) for r in reference)
+    names = [o.name for o in original.graph.output]
 
     def output_noise(model) -> float:
+        # the worst channel group's noise/signal (dlopt.metrics.channel_groups): on a detector's [1, 4+C, N]
+        # the pixel boxes' energy would otherwise rank every node by the boxes alone, not by the scores
         outs = run_outputs(cpu_session(model), feeds)
-        return sum(float(np.sum((r[index].astype(np.float64) - o[index]) ** 2)) for r, o in zip(reference, outs)) / signal
+        by_group = group_sqnr([[r[index]] for r in reference], [[o[index]] for o in outs], [names[index]])
+        return max(10 ** (-db / 10) if np.isfinite(db) else (0.0 if db > 0 else float("inf"))
+                   for db in by_group[names[index]].values())
 
     for i, entry in enumerate(ranked, 1):
         model, _ = quantize_int8(prepared, config, recipe, data, exclude_nodes=[entry["node"]], ranges=ranges,

@@ -40,6 +40,11 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
     elif type(config) not in SCHEME_KINDS:
         raise InputError(f"quantize takes a scheme config or a QuantizeConfig, not {type(config).__name__}",
                          f"use one of {', '.join(c.__name__ for c in SCHEME_KINDS)}")
+    evaluator = getattr(config, "evaluator", None)
+    if evaluator and ".py:" in evaluator:  # the user's metric: a missing or broken file fails before any work
+        from dlopt.metrics import load_evaluator
+
+        load_evaluator(evaluator)
     started = time.perf_counter()
     # before ORT's own sessions (its calibrator, its transformer optimizer), which would otherwise be the
     # process's first and leave denormals unflushed on this thread for the checks and timings below

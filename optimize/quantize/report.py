@@ -118,9 +118,8 @@ def summary_text(report: Mapping[str, Any]) -> str:
             direction = "<=" if v["metric"] == "perplexity" else ">="
             floor = (f"fidelity floor: {v['metric']} {_number(v['metric_value'])} {direction} {v['metric_floor']:g} "
                      f"on the {v['data']} samples")
-        elif v.get("metric") is not None:
-            floor = (f"fidelity floor: every float output and channel group >= {v['floor_sqnr_db']:g} dB SQNR on the "
-                     f"{v['data']} samples")
+        elif v.get("metric") not in (None, "sqnr"):
+            floor += f" ({v['metric']} could not be judged on these samples)"
         if v["passed"]:
             lines.append(f"{floor}: met" + (f" (kept in float to get there: {', '.join(v['recovered_nodes'])})"
                                              if v["recovered_nodes"] else ""))

@@ -51,12 +51,8 @@ def quantized_nodes(model) -> dict[str, int]:
 
 # -- held-out fidelity and the verdict ----------------------------------------------------------------
 def fidelity_floor(config: QuantizeScheme | QuantizeConfig) -> float:
+    """The SQNR floor in dB: the sqnr metric's, and the verdict's when the task metric cannot judge."""
     return FIDELITY_FLOORS_DB[config.precision] if config.min_sqnr_db is None else float(config.min_sqnr_db)
-
-
-def sqnr_floor(config: QuantizeScheme | QuantizeConfig) -> float:
-    """The SQNR floor in dB (the sqnr metric's, and the fallback when the task metric cannot judge)."""
-    return fidelity_floor(config)
 
 
 def task_choice(original, feeds: Sequence[Mapping[str, np.ndarray]], config: QuantizeScheme | QuantizeConfig,
@@ -72,8 +68,9 @@ def task_choice(original, feeds: Sequence[Mapping[str, np.ndarray]], config: Qua
 
 def task_metric(choice: MetricChoice, reference, outputs, feeds, names, config) -> dict[str, Any]:
     # a floor in dB the user set is checked as well: they asked for that SQNR
-    return assess(choice, reference, outputs, feeds, names, sqnr_floor=sqnr_floor(config),
-                  metric_floor=config.metric_floor, sqnr_too=config.min_sqnr_db is not None)
+    return assess(choice, reference, outputs, feeds, names, sqnr_floor=fidelity_floor(config),
+                  metric_floor=config.metric_floor, sqnr_too=config.min_sqnr_db is not None,
+                  precision=config.precision)
 
 
 def holdout_count(samples: int, config: QuantizeScheme | QuantizeConfig) -> int:
@@ -127,7 +124,21 @@ def verdict(report: Mapping[str, Any], floor: float) -> dict[str, Any]:
     fid = report.get("fidelity_exact_arithmetic") or report["fidelity"]
     failures = []
     task = fid.get("task_metric")
-    if task is not None:
+    if task is not None and task["judged_by"] == "sqnr" and task["failures"]:
+        # one row per output and channel group below the floor, as the per-output table reads
+        groups = (task.get("judged_components") or {}).get("per_group_db") or {}
+        required = task["failures"][0]["required"]
+        for name, by_group in groups.items():
+            for group, sqnr in by_group.items():
+                finite = fid["outputs"].get(name, {}).get("finite", True)
+                if finite and sqnr >= task["judged_floor"]:
+                    continue
+                failures.append({"check": f"output {name} SQNR dB" + ("" if group == "all" else f" ({group})"),
+                                 "measured": sqnr, "required": required,
+                                 "why": "non-finite values" if not finite else
+                                 f"quantization noise is {10 ** (-sqnr / 10) * 100:.3g} % of the output's power"
+                                 + (f"; {task['note']}" if task.get("note") else "")})
+    elif task is not None:
         for row in task["failures"]:
             if row["check"] == "sqnr" and task["judged_by"] != "sqnr":  # the user's --min-sqnr beside the metric
                 groups = (task.get("judged_components") or {}).get("per_group_db") or {}
@@ -174,14 +185,9 @@ def _why(task: Mapping[str, Any], row: Mapping[str, Any]) -> str:
         text = (f"{c.get('false_positive_pixels')} false-positive pixel(s); "
                 f"{c.get('samples_with_false_positives_where_fp32_has_none')} sample(s) with positives where FP32 "
                 "has none")
-    elif task["judged_by"] == "sqnr":
-        groups = (task.get("judged_components") or {}).get("per_group_db") or {}
-        text = task.get("note") or "lowest SQNR over outputs and channel groups"
-        if groups:
-            text += "; " + ", ".join(f"{o} {g} {v:.1f} dB" for o, gs in groups.items() for g, v in gs.items())
     else:
         text = task.get("why", "")
-    if task["judged_by"] != "sqnr" and task.get("sqnr_by_group"):
+    if task.get("sqnr_by_group"):
         text += "; SQNR " + ", ".join(f"{o} {g} {v:.1f} dB" for o, gs in task["sqnr_by_group"].items()
                                        for g, v in gs.items())
     return text
@@ -268,11 +274,12 @@ def _summary(original, quantized, data, config: QuantizeScheme, *, feeds: list[F
     choice = task_choice(original, feeds, config, reference)
     summary = {"bytes_before": original.ByteSize(), "bytes_after": quantized.ByteSize(),
                "quantized_nodes": quantized_nodes(quantized), "ops_after": op_counts(quantized),
-               "metric": {"metric": choice.name, "why": choice.reason},
                "fidelity": _fidelity(choice, reference, outputs, feeds, names, config) | {
                    "data": holdout["data"], "input_shapes": {k: list(np.shape(v)) for k, v in feeds[0].items()}},
                "holdout": {k: v for k, v in holdout.items() if k != "warning"},
+               "metric": {"metric": None, "why": choice.reason},
                "cpu": dataclasses.asdict(cpu_features())}
+    summary["metric"]["metric"] = summary["fidelity"]["task_metric"]["metric"]
     if exact_arithmetic:
         exact = run_outputs(cpu_session(quantized, graph_opt_level="disable"), feeds)
         summary["fidelity_exact_arithmetic"] = {

@@ -230,8 +230,14 @@ def evaluate_data(model: str | os.PathLike, data: str | os.PathLike, config: Eva
             raise InputError(f"{metric} compares with a reference output, and there is none",
                              f"pass {{reference=REF.onnx}}, or store the expected output in {data} "
                              f"as {out_name!r} or {EXPECTED_KEY!r}")
-        rows.append(MetricRow(metric, _COMPARE[metric](output, ref_output), None,
-                              "vs reference model" if reference is not None else "vs expected output in data"))
+        note = "vs reference model" if reference is not None else "vs expected output in data"
+        if metric == "sqnr" and np.issubdtype(np.asarray(ref_output).dtype, np.floating):
+            from dlopt.metrics import group_sqnr
+
+            groups = group_sqnr([[ref_output]], [[output]], [out_name])[out_name]
+            if len(groups) > 1:  # a detector's boxes and scores apart: the whole output's SQNR hides the scores
+                note += "; by channel group " + ", ".join(f"{g} {v:.1f} dB" for g, v in groups.items())
+        rows.append(MetricRow(metric, _COMPARE[metric](output, ref_output), None, note))
     return EvalResult(model=str(model), reference=str(reference) if reference else None, source=str(data),
                       samples=n, rows=tuple(rows), runs_on=handle.runs_on, config=config,
                       warnings=data_warnings(feeds, labels, output, data))
