@@ -203,8 +203,8 @@ def mixed_range_outputs(model, ranges, *, ratio: float = MIXED_RANGE_RATIO,
                       "why": (f"{node.name} joins {big} (range width {known[big]:.4g}) and {small} (width "
                               f"{known[small]:.4g}), {apart:.0f}x apart, into graph output {', '.join(sorted(reached))}: "
                               f"one scale for both would leave {small} {apart / 255:.2g} of its range per step, so "
-                              f"the Concat{' and the ' + str(len(after)) + ' layout node(s) after it' if after else ''} "
-                              "stay float and each input keeps its own scale")})
+                              + (f"the Concat and the {len(after)} layout node(s) after it stay" if after else
+                                 "the Concat stays") + " float and each input keeps its own scale")})
     return found
 
 
