@@ -85,8 +85,11 @@ def cpu_session(model: Any, *, threads: int = 1, graph_opt_level: str = "all",
             raise InputError("models over 2 GiB must be run from a file", "save the model with external data first")
         source, label = model.SerializeToString(), "the model"
     options = session_options(threads=threads, graph_opt_level=graph_opt_level, config_entries=config_entries)
+    # a file's wrong output declarations are relaxed (see the module docstring); a model held in memory
+    # is one a stage made and runs with session.run, which does not check them: not worth its hashing
+    relax = session_source(source, label) if isinstance(source, str) else contextlib.nullcontext((source, ()))
     try:
-        with session_source(source, label) as (relaxed, _):
+        with relax as (relaxed, _):
             return ort.InferenceSession(relaxed, sess_options=options, providers=[CPU_PROVIDER])
     except DlOptError:
         raise
