@@ -77,6 +77,7 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
         report = {**{k: v for k, v in result.report.items() if k != "config"}, "precision": config.precision,
                   "config": config_to_dict(request or config), "scheme": scheme}
         result_model, report["kernel_choice"] = _choose_kernels(result.model, config, log)
+        result_model, report["trim_padding"] = _trim_padding(model, result_model, config, held_out, data, log)
         report.update(_summary(model, result_model, data, config, feeds=held_out, holdout=holdout))
         report["verdict"] = verdict(report, floor)
         _warn_if_slower(report, log)
@@ -147,6 +148,7 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
     if node_forms is not None:
         report["node_forms"] = node_forms
     quantized, report["kernel_choice"] = _choose_kernels(quantized, config, log)
+    quantized, report["trim_padding"] = _trim_padding(model, quantized, config, held_out, data, log)
     report.update(_summary(model, quantized, data, config, feeds=held_out, holdout=holdout, exact_arithmetic=exact))
     if "fidelity_exact_arithmetic" in report:
         log(f"note: {report['fidelity_exact_arithmetic']['why']}")
@@ -192,6 +194,22 @@ def _choose_kernels(model, config: QuantizeScheme, log) -> tuple[Any, dict[str, 
     result = choose_layernorm_form(model, KernelChoiceConfig(layernorm=config.layernorm_form))
     if result.report["sites"]:
         log(f"kernel choice: {result.report['decision']}")
+    return result.model, result.report
+
+
+def _trim_padding(source, model, config: QuantizeScheme, held_out, data, log) -> tuple[Any, dict[str, Any]]:
+    """Padding removal on the quantized model (dlopt.optimize.trim_padding), checked on the held-out samples
+    (else samples of the calibration data) padded: the float source must not depend on the padding, and
+    the quantized model must keep its fidelity to the source once trimmed. Last,
+    because its prefix comes before every node: the fidelity and speed checks below see the final model."""
+    from dlopt.inputs import take_samples
+    from dlopt.optimize.trim_padding import TrimPadding, summary_line, trim_padding
+
+    samples = held_out or take_samples(data, config.fidelity_samples)
+    result = trim_padding(model, TrimPadding(mode=config.trim_padding), samples, reference=source)
+    line = summary_line(result.report)
+    if line:
+        log(line)
     return result.model, result.report
 
 

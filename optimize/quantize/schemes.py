@@ -13,6 +13,7 @@ from dlopt.optimize.fp16 import Fp16
 from dlopt.optimize.int4 import Int4WeightOnly
 from dlopt.optimize.kernel_choice import LayerNormForm, NODE_FORMS, NodeForms
 from dlopt.optimize.scheme import HOLDOUT_FRACTION, QuantizeScheme, check_common
+from dlopt.optimize.trim_padding import TrimMode
 
 PRECISIONS = ("int8", "int4", "fp16")
 MODES = ("auto", "dynamic", "static", "weight-only")
@@ -167,6 +168,7 @@ class QuantizeConfig:
     speed_check: bool = True
     layernorm_form: LayerNormForm = "auto"
     node_forms: NodeForms = "auto"
+    trim_padding: TrimMode = "auto"
 
     def resolve(self, model, *, has_data: bool) -> tuple[Scheme, tuple[str, ...]]:
         """The scheme config this request asks for on `model`, and why (int8 mode auto: see choose_mode)."""

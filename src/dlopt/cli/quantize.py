@@ -62,12 +62,17 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--node-forms", "node_forms", default="auto", show_default=True,
               help="Target cpu, static int8: auto (time each node class, e.g. depthwise or 1-3-channel convs, in "
                    "INT8 and float here and keep float where INT8 is slower, if the whole model gains) | int8.")
+@click.option("--trim-padding", "trim_padding", default="auto", show_default=True,
+              type=click.Choice(["auto", "on", "off"]),
+              help="Models with an attention mask: slice the token inputs to the batch's longest real length and pad "
+                   "per-token outputs back with zeros (same interface). auto: only where held-out inputs, padded, "
+                   "give the untrimmed model's outputs (cosine >= 0.999), else says why not.")
 @input_shape_option
 @image_options
 def command(model, output, precision, mode, calibration, calibration_samples, eval_data, holdout, min_sqnr_db,
             no_recover, method, percentile, per_channel,
             block_size, exclude_nodes, exclude_ops, target, no_preprocess, max_accuracy_drop, evaluator, smoothing,
-            weight_rounding, bias_correction, layernorm_form, node_forms, input_shapes, image_size, image_layout,
+            weight_rounding, bias_correction, layernorm_form, node_forms, trim_padding, input_shapes, image_size, image_layout,
             image_scale, image_mean, image_std, image_bgr):
     """Quantize MODEL.onnx and write OUT.onnx plus OUT.quantize.json beside it (schema: dlopt/schemas/quantize.schema.json).
 
@@ -85,7 +90,8 @@ def command(model, output, precision, mode, calibration, calibration_samples, ev
                             calibration_samples=calibration_samples, percentile=percentile,
                             max_accuracy_drop=max_accuracy_drop, evaluator=evaluator, smoothing=smoothing,
                             weight_rounding=weight_rounding, bias_correction=bias_correction,
-                            layernorm_form=layernorm_form, node_forms=node_forms, input_shapes=input_shapes,
+                            layernorm_form=layernorm_form, node_forms=node_forms, trim_padding=trim_padding,
+                            input_shapes=input_shapes,
                             image=image_preprocess(image_size, image_layout, image_scale, image_mean, image_std,
                                                    image_bgr),
                             min_sqnr_db=min_sqnr_db, holdout=holdout, recover=not no_recover)
