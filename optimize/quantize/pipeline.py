@@ -102,6 +102,9 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
                                                     input_shapes=config.input_shapes), data)
         prepared, pre_report = pre.model, pre.report
         _check_exclusions(prepared, config)  # a fusion may have absorbed an excluded node
+    fusion_report = None
+    if config.preprocess:
+        prepared, fusion_report = _fuse_activations(prepared, config, recipe, data, log)
     smooth_report = None
     if recipe.smoothing is not None and data is not None:
         log(f"SmoothQuant: measuring activation ranges on {config.smoothing_samples} samples")
@@ -140,7 +143,8 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
                                                    details, log)
     report = {"precision": "int8", "config": config_to_dict(request or config), "scheme": scheme,
               "recipe": dataclasses.asdict(recipe) | {"reasons": list(recipe.reasons)},
-              "normalization": normalized.report, "preprocess": pre_report, "smoothing": smooth_report, **details}
+              "normalization": normalized.report, "preprocess": pre_report, "activation_fusion": fusion_report,
+              "smoothing": smooth_report, **details}
     if budget is not None:
         report["budget"] = budget
     if recovery is not None:
@@ -194,6 +198,20 @@ def _choose_kernels(model, config: QuantizeScheme, log) -> tuple[Any, dict[str, 
     result = choose_layernorm_form(model, KernelChoiceConfig(layernorm=config.layernorm_form))
     if result.report["sites"]:
         log(f"kernel choice: {result.report['decision']}")
+    return result.model, result.report
+
+
+def _fuse_activations(model, config, recipe: Recipe, data, log) -> tuple[Any, dict[str, Any]]:
+    """Decomposed hard-swish, SiLU and GELU as single ops before calibration (dlopt.optimize.fuse_activations),
+    each kind checked against the unfused graph on the calibration data."""
+    from dlopt.optimize.fuse_activations import FuseActivations, fuse_activations, summary_line
+
+    result = fuse_activations(model, FuseActivations(static_int8=recipe.mode == "static",
+                                                     input_shapes=config.input_shapes), data)
+    line = summary_line(result.report)
+    if line:
+        log(line)
+    _check_exclusions(result.model, config)  # a fusion may have absorbed an excluded node
     return result.model, result.report
 
 
