@@ -233,3 +233,14 @@ def test_stage_registry_runs_it():
 
     result = stage.apply(_encoder(pooled=True), TrimPadding(), StageContext(eval_data=_samples()))
     assert result.report["applied"]
+
+
+def test_length_sorting_counts_the_tokens_a_trimmed_model_computes():
+    from dlopt.bench import length_sorting
+
+    lengths = [2, 9, 3, 8]  # batches of 2 as given: (2, 9), (3, 8) -> 9, 8; sorted: (2, 3), (8, 9) -> 3, 9
+    mask = np.array([[1] * n + [0] * (10 - n) for n in lengths], np.int64)
+    figures = length_sorting({"input_ids": mask * 5, "attention_mask": mask}, 2)
+    assert figures == {"padded_length": 10, "mean_real_length": 5.5, "tokens_as_given": 8.5, "tokens_sorted": 6.0}
+    assert length_sorting({"attention_mask": mask}, 1) is None
+    assert length_sorting({"attention_mask": np.ones((4, 10), np.int64)}, 2) is None  # one length: nothing to sort
