@@ -244,3 +244,38 @@ def test_length_sorting_counts_the_tokens_a_trimmed_model_computes():
     assert figures == {"padded_length": 10, "mean_real_length": 5.5, "tokens_as_given": 8.5, "tokens_sorted": 6.0}
     assert length_sorting({"attention_mask": mask}, 1) is None
     assert length_sorting({"attention_mask": np.ones((4, 10), np.int64)}, 2) is None  # one length: nothing to sort
+
+
+def test_int4_matmulnbits_graph_is_trimmed():
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = _encoder(pooled=False)
+    quantizer = MatMulNBitsQuantizer(model, block_size=16, is_symmetric=True)
+    quantizer.process()
+    int4 = quantizer.model.model
+    assert any(n.op_type == "MatMulNBits" for n in int4.graph.node)
+    result = trim_padding(int4, TrimPadding(), _samples(), reference=model)
+    assert result.report["applied"], result.report.get("reason")
+    feeds = _padded_batch()
+    real = feeds["attention_mask"].astype(bool)
+    want, got = _run(int4, feeds)[0], _run(result.model, feeds)[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got[real], want[real], rtol=1e-3, atol=1e-4)  # weight-only: per-token arithmetic
+
+
+def test_quantize_applies_it_and_reports_why():
+    """dlopt's quantize: trim-padding auto on the quantized model, checked against the float source."""
+    from dlopt.optimize.quantize import QuantizeConfig, quantize
+
+    model = _encoder(pooled=True)
+    data = _samples(12, seed=5)
+    result = quantize(model, QuantizeConfig(mode="dynamic", speed_check=False, layernorm_form="unfused"), data)
+    report = result.report["trim_padding"]
+    assert report["applied"], report.get("reason")
+    assert report["equivalence"]["judged_on"].startswith("the float model")
+    assert [n.op_type for n in result.model.graph.node].count("Slice") == 2
+    off = quantize(model, QuantizeConfig(mode="dynamic", speed_check=False, layernorm_form="unfused",
+                                         trim_padding="off"), data)
+    assert off.report["trim_padding"] == {"config": off.report["trim_padding"]["config"], "applied": False,
+                                          "reason": "off"}
+    assert "Slice" not in {n.op_type for n in off.model.graph.node}
