@@ -120,3 +120,34 @@ def test_nothing_to_fuse_is_reported_empty():
     model = _model([N("Relu", ["h"], ["y"])], {})
     result = fuse_activations(model, FuseActivations(), _data())
     assert result.model is model and result.report["steps"] == []
+
+
+def test_static_quantize_fuses_before_calibration_and_reports_it():
+    """dlopt's static INT8 of a Conv-hardswish-Conv model: the hard-swish is one op in the quantized graph,
+    the report lists the fusion, and --no-fuse-activations leaves the four ops."""
+    from dlopt.optimize.quantize import QuantizeConfig, quantize
+
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.4).astype(np.float32), "w1"),
+             numpy_helper.from_array((rng.standard_normal((4, 8, 3, 3)) * 0.2).astype(np.float32), "w2"),
+             *[numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in CLIP.items()]]
+    nodes = [N("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1], name="conv1"), *[onnx.NodeProto.FromString(n.SerializeToString())
+                                                                  for n in HARDSWISH_VARIANTS["clip_div_mul"][:3]],
+             N("Mul", ["h", "d"], ["a"]), N("Conv", ["a", "w2"], ["y"], pads=[1, 1, 1, 1], name="conv2")]
+    for i, node in enumerate(nodes):
+        node.name = node.name or f"n{i}"
+    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    data = [{"x": rng.uniform(-2, 2, (1, 3, 16, 16)).astype(np.float32)} for _ in range(16)]
+    config = QuantizeConfig(mode="static", speed_check=False, node_forms="int8", layernorm_form="unfused")
+    result = quantize(model, config, data)
+    steps = result.report["activation_fusion"]["steps"]
+    assert [(s["step"], s["applied"], s["sites"]) for s in steps] == [("hardswish", True, 1)]
+    ops = {n.op_type for n in result.model.graph.node}
+    assert "HardSwish" in ops and not ops & {"Clip", "Div"}
+    assert result.report["verdict"]["passed"]
+    plain = quantize(model, QuantizeConfig(mode="static", speed_check=False, node_forms="int8",
+                                           layernorm_form="unfused", fuse_activations=False), data)
+    assert plain.report["activation_fusion"] is None and "HardSwish" not in {n.op_type for n in plain.model.graph.node}

@@ -32,7 +32,8 @@ SCHEME_COMMON = dict(exclude_nodes=("a", "b"), exclude_ops=("Gemm",), target="ar
                      image=IMAGE, calibration_samples=7, fidelity_samples=5, min_sqnr_db=12.5, holdout=0.3,
                      speed_check=False, layernorm_form="fused", trim_padding="off")
 INT8_COMMON = dict(SCHEME_COMMON, per_channel=False, preprocess=False, max_accuracy_drop=0.01, evaluator="top1",
-                   recover=False, leave_one_out_limit=9, smoothing=0.5, smoothing_samples=3)
+                   recover=False, leave_one_out_limit=9, smoothing=0.5, smoothing_samples=3,
+                   fuse_activations=False)
 # Every field of every stage's config set to a value that is not its default (checked below).
 NON_DEFAULT = {
     "export": dict(opset=17, exporter="torchscript", fallback=False, dynamic_shapes=False, atol=1e-3, rtol=1e-2,
@@ -49,7 +50,8 @@ NON_DEFAULT = {
                      fidelity_samples=8, input_shapes=("x=2x16",), image=IMAGE, min_sqnr_db=11.0, holdout=0.25,
                      recover=False, leave_one_out_limit=10, smoothing=0.75, smoothing_samples=4,
                      weight_rounding="nearest", bias_correction=False, rounding_samples=5, speed_check=False,
-                     layernorm_form="unfused", node_forms="int8", trim_padding="on"),
+                     layernorm_form="unfused", node_forms="int8", trim_padding="on",
+                     fuse_activations=False),
     "int8-dynamic": INT8_COMMON,
     "int8-weight-only": INT8_COMMON,
     "int8-static": dict(INT8_COMMON, method="percentile", percentile=99.9, weight_rounding="gptq",

@@ -103,7 +103,7 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
         prepared, pre_report = pre.model, pre.report
         _check_exclusions(prepared, config)  # a fusion may have absorbed an excluded node
     fusion_report = None
-    if config.preprocess:
+    if config.preprocess and config.fuse_activations:
         prepared, fusion_report = _fuse_activations(prepared, config, recipe, data, log)
     smooth_report = None
     if recipe.smoothing is not None and data is not None:

@@ -50,6 +50,8 @@ class _Int8(QuantizeScheme):
     mode: ClassVar[str]
     per_channel: bool = True
     preprocess: bool = True  # fusions, constant folding, shape inference, each checked
+    # decomposed hard-swish / SiLU / GELU as single ops before calibration (dlopt.optimize.fuse_activations)
+    fuse_activations: bool = True
     max_accuracy_drop: float | None = None
     evaluator: str | None = None  # cosine | top1 | sqnr | model:NAME[:metric]; None: cosine or top1
     # below the floor: keep the nodes that add the most noise in float until it holds (the budget
@@ -149,6 +151,7 @@ class QuantizeConfig:
     exclude_ops: tuple[str, ...] = ()
     target: str = "cpu"  # a target of dlopt.targets that runs ONNX models
     preprocess: bool = True  # fusions, constant folding, shape inference (int8), each checked
+    fuse_activations: bool = True  # int8: decomposed activations as single ops before calibration
     calibration_samples: int | None = None  # cap on samples read; None: all of them
     percentile: float | None = None  # for percentile calibration; None: 99.99 for CNNs, 99.999 otherwise
     max_accuracy_drop: float | None = None

@@ -62,6 +62,9 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--node-forms", "node_forms", default="auto", show_default=True,
               help="Target cpu, static int8: auto (time each node class, e.g. depthwise or 1-3-channel convs, in "
                    "INT8 and float here and keep float where INT8 is slower, if the whole model gains) | int8.")
+@click.option("--no-fuse-activations", is_flag=True,
+              help="int8: leave decomposed hard-swish, SiLU and GELU as they are (by default each is fused into "
+                   "one op before calibration, checked against the unfused graph on the data).")
 @click.option("--trim-padding", "trim_padding", default="auto", show_default=True,
               type=click.Choice(["auto", "on", "off"]),
               help="Models with an attention mask: slice the token inputs to the batch's longest real length and pad "
@@ -72,8 +75,8 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
 def command(model, output, precision, mode, calibration, calibration_samples, eval_data, holdout, min_sqnr_db,
             no_recover, method, percentile, per_channel,
             block_size, exclude_nodes, exclude_ops, target, no_preprocess, max_accuracy_drop, evaluator, smoothing,
-            weight_rounding, bias_correction, layernorm_form, node_forms, trim_padding, input_shapes, image_size, image_layout,
-            image_scale, image_mean, image_std, image_bgr):
+            weight_rounding, bias_correction, layernorm_form, node_forms, no_fuse_activations, trim_padding,
+            input_shapes, image_size, image_layout, image_scale, image_mean, image_std, image_bgr):
     """Quantize MODEL.onnx and write OUT.onnx plus OUT.quantize.json beside it (schema: dlopt/schemas/quantize.schema.json).
 
     Prints the recipe and why it was chosen, the size before and after, the quantized nodes by op
@@ -91,6 +94,7 @@ def command(model, output, precision, mode, calibration, calibration_samples, ev
                             max_accuracy_drop=max_accuracy_drop, evaluator=evaluator, smoothing=smoothing,
                             weight_rounding=weight_rounding, bias_correction=bias_correction,
                             layernorm_form=layernorm_form, node_forms=node_forms, trim_padding=trim_padding,
+                            fuse_activations=not no_fuse_activations,
                             input_shapes=input_shapes,
                             image=image_preprocess(image_size, image_layout, image_scale, image_mean, image_std,
                                                    image_bgr),
