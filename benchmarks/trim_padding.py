@@ -1,9 +1,11 @@
 """Padding removal on MiniLM: INT8 with and without trimming, and FP32 trimmed, against FP32 on the same
 padded inputs, in one interleaved run (issue 21's acceptance).
 
-    python benchmarks/trim_padding.py [--budget 60] [--samples 64] [--workdir out/trim_padding]
+    python benchmarks/trim_padding.py [--samples 64] [--cycles 2] [--workdir out/trim_padding]
 
-Then batch 8 again with the sentences sorted by real length before batching (half the budget).
+Then batch 8 again with the sentences sorted by real length before batching. Each run times every data
+batch equally often (--cycles rounds per batch): batches differ in their longest real length, so a run
+that stopped at a time budget part-way through the cycle would weigh the batches unevenly.
 
 Inputs: model:minilm's real sentences (Pang-Lee), tokenized and padded to 128, cut into consecutive
 batches of 1 and of 8 (dlopt.bench cycles through them, one real batch per call). Latency: dlopt.bench
@@ -77,61 +79,62 @@ def cosines(paths: dict[str, Path], data: dict[str, np.ndarray], batch: int) -> 
     return out
 
 
+def measure(paths: dict[str, Path], names: list[str], data: dict[str, np.ndarray], batch: int, cycles: int,
+            source: str, figures: dict, tag: str = "") -> list[list]:
+    """One interleaved dlopt.bench run at `batch`, rounds = `cycles` times the data's batches (each batch
+    of a different longest length is timed equally often), and the rows of the speed-up table."""
+    from dlopt.bench import MAX_DATA_BATCHES, BenchConfig, benchmark, format_result
+
+    batches = min(len(next(iter(data.values()))) // batch, MAX_DATA_BATCHES)
+    result = benchmark([paths[k] for k in names], BenchConfig(threads=1, batch_sizes=(batch,), clock="cpu",
+                                                             rounds=max(2, cycles * batches)),
+                       data=data, data_source=source)
+    print(format_result(result) + "\n")
+    quality = cosines({k: paths[k] for k in names}, data, batch)
+    b = result.batches[0]
+    rows = []
+    for i, name in enumerate(names[1:], start=1):
+        r = b.models[i].ratios["cpu"]
+        speedup, low, high = 1 / r.estimate, 1 / r.high, 1 / r.low
+        cos_mean, cos_min = quality[name]
+        rows.append([name + tag, batch, f"{speedup:.2f}x", f"[{low:.2f}, {high:.2f}]", f"{cos_mean:.4f}",
+                     f"{cos_min:.4f}", b.rounds])
+        figures[f"{name}{tag} b{batch}"] = {"speedup": speedup, "ci": [low, high], "cos_mean": cos_mean,
+                                            "cos_min": cos_min, "rounds": b.rounds}
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=float, default=60.0, help="seconds for the latency run (both batch sizes)")
     parser.add_argument("--samples", type=int, default=64, help="padded sentences (cycled in batches)")
+    parser.add_argument("--cycles", type=int, default=2, help="timed rounds per data batch")
     parser.add_argument("--workdir", type=Path, default=Path("out/trim_padding"))
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
-    from dlopt.bench import BenchConfig, benchmark, format_result, load_data, padding_share
+    from dlopt.bench import load_data, padding_share
     from dlopt.report import format_table
     from dlopt.runtime import cpu_label
 
     paths = build(args.workdir)
     data = load_data("model:minilm", samples=args.samples, seq_len=128)
     print(f"CPU: {cpu_label()}")
-    print(f"inputs: {args.samples} Pang-Lee sentences padded to 128, {100 * padding_share([data]):.0f} % padding")
-    order = ["fp32", "fp32 trimmed", "int8", "int8 trimmed"]
-    config = BenchConfig(threads=1, batch_sizes=(1, 8), clock="cpu", budget_s=args.budget)
-    result = benchmark([paths[k] for k in order], config, data=data, data_source="model:minilm padded to 128")
-    print(format_result(result))
-    rows, figures = [], {}
-    for b in result.batches:
-        quality = cosines(paths, data, b.batch)
-        for i, name in enumerate(order[1:], start=1):
-            r = b.models[i].ratios["cpu"]
-            speedup, low, high = 1 / r.estimate, 1 / r.high, 1 / r.low
-            cos_mean, cos_min = quality[name]
-            rows.append([name, b.batch, f"{speedup:.2f}x", f"[{low:.2f}, {high:.2f}]", f"{cos_mean:.4f}",
-                         f"{cos_min:.4f}", b.rounds])
-            figures[f"{name} b{b.batch}"] = {"speedup": speedup, "ci": [low, high], "cos_mean": cos_mean,
-                                             "cos_min": cos_min, "rounds": b.rounds}
-    print("\n## speed-up over FP32 on the same padded inputs (thread CPU time, one thread), cosine vs FP32")
-    print(format_table(["model", "batch", "speed-up", "95% CI", "cos mean", "cos min", "rounds"], rows))
-
+    print(f"inputs: {args.samples} Pang-Lee sentences padded to 128, {100 * padding_share([data]):.0f} % padding\n")
+    names = ["fp32", "fp32 trimmed", "int8", "int8 trimmed"]
+    figures: dict = {}
+    rows = []
+    for batch in (1, 8):
+        rows += measure(paths, names, data, batch, args.cycles, "model:minilm padded to 128", figures)
     # The same sentences sorted by real length before batching (what a server that groups requests by
     # length sends): each batch of 8 is then trimmed to nearly its members' own lengths.
     mask = data["attention_mask"]
     order = np.argsort(mask.shape[1] - np.argmax(mask[:, ::-1] != 0, axis=1), kind="stable")
     sorted_data = {k: v[order] for k, v in data.items()}
-    sorted_models = ["fp32", "int8", "int8 trimmed"]
-    result = benchmark([paths[k] for k in sorted_models], BenchConfig(threads=1, batch_sizes=(8,), clock="cpu",
-                                                                        budget_s=args.budget / 2),
-                       data=sorted_data, data_source="model:minilm padded to 128, sorted by length")
-    print("\n## batch 8, requests sorted by real length before batching")
-    print(format_result(result))
-    rows = []
-    quality = cosines({k: paths[k] for k in sorted_models}, sorted_data, 8)
-    b = result.batches[0]
-    for i, name in enumerate(sorted_models[1:], start=1):
-        r = b.models[i].ratios["cpu"]
-        rows.append([name, f"{1 / r.estimate:.2f}x", f"[{1 / r.high:.2f}, {1 / r.low:.2f}]", f"{quality[name][0]:.4f}",
-                     f"{quality[name][1]:.4f}", b.rounds])
-        figures[f"{name} b8 sorted"] = {"speedup": 1 / r.estimate, "ci": [1 / r.high, 1 / r.low],
-                                        "cos_mean": quality[name][0], "cos_min": quality[name][1], "rounds": b.rounds}
-    print(format_table(["model (b8, sorted)", "speed-up", "95% CI", "cos mean", "cos min", "rounds"], rows))
+    rows += measure(paths, ["fp32", "int8", "int8 trimmed"], sorted_data, 8, args.cycles,
+                    "model:minilm padded to 128, sorted by length", figures, tag=", sorted by length")
+    print(f"## speed-up over FP32 on the same padded inputs (thread CPU time, one thread, {cpu_label()}), "
+          "embedding cosine vs FP32")
+    print(format_table(["model", "batch", "speed-up", "95% CI", "cos mean", "cos min", "rounds"], rows))
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_label(), "figures": figures}, indent=2))
 

@@ -50,8 +50,8 @@ from dlopt.bench.config import (CLOCKS, DEFAULT_BUDGET_S, DEFAULT_SEQ_LEN, MIN_T
                                 SCHEMA_VERSION, BenchConfig, ClockFn, ProgressFn, parse_batch_sizes, parse_duration,
                                 read_clocks, validate_config)
 from dlopt.bench.sampler import InterleavedSampler, Repeated, WarmupReport, runs_per_sample
-from dlopt.bench.data import (MAX_DATA_BATCHES, data_batches, length_sorting, load_data, model_feed_batches, model_feeds, padding_note,
-                              padding_share)
+from dlopt.bench.data import (MAX_DATA_BATCHES, data_batches, length_sorting, load_data, model_feed_batches,
+                              model_feeds, padding_note, padding_share)
 from dlopt.bench.results import BatchRun, BenchResult, LoadedModel, ModelRun
 from dlopt.bench.harness import (BOOTSTRAP_S_PER_ELEMENT, FINISH_RESERVE_S, BoundModels, CyclingRun, benchmark,
                                  bind_models, choose_clock, load_models, machine_fingerprint)
