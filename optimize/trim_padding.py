@@ -108,6 +108,8 @@ def plan(model, mask_input: str | None = None) -> Plan:
     mask = mask_input or next((n for n in MASK_NAMES if n in inputs), None)
     if mask is None:
         return Plan(None, reason=f"no attention-mask input (looked for {', '.join(MASK_NAMES)})")
+    if any(node.name.startswith(PREFIX) for node in model.graph.node):
+        return Plan(mask, reason="the model is trimmed already")
     if _opset(model) < MIN_OPSET:
         return Plan(mask, reason=f"opset {_opset(model)} is below {MIN_OPSET} (Range, Pad with a pads input)")
     mask_dims = _dims(inputs[mask])

@@ -157,6 +157,7 @@ def test_fp32_trimmed_equals_untrimmed(pooled):
     assert ops.count("Slice") == 2 and ops.count("Pad") == (0 if pooled else 1)
     assert [i.name for i in result.model.graph.input] == ["input_ids", "attention_mask"]
     _assert_equivalent(model, result.model, per_token=not pooled)
+    assert plan(result.model).reason == "the model is trimmed already"
 
 
 @pytest.mark.parametrize("form", ["dynamic", "qdq"])
