@@ -280,3 +280,19 @@ def test_quantize_applies_it_and_reports_why():
     assert off.report["trim_padding"] == {"config": off.report["trim_padding"]["config"], "applied": False,
                                           "reason": "off"}
     assert "Slice" not in {n.op_type for n in off.model.graph.node}
+
+
+def test_quantize_with_trim_padding_on_refuses_a_model_without_a_mask_at_once(tmp_path):
+    from click.testing import CliRunner
+
+    from dlopt.cli import main
+
+    model = _encoder(pooled=True)
+    model.graph.input[1].name = "segment"
+    for node in model.graph.node:
+        node.input[:] = ["segment" if i == "attention_mask" else i for i in node.input]
+    onnx.save(model, tmp_path / "m.onnx")
+    result = CliRunner().invoke(main, ["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"),
+                                       "--trim-padding", "on"])
+    assert result.exit_code == 2, result.output
+    assert "--trim-padding on: no attention-mask input" in result.output

@@ -40,6 +40,12 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
     elif type(config) not in SCHEME_KINDS:
         raise InputError(f"quantize takes a scheme config or a QuantizeConfig, not {type(config).__name__}",
                          f"use one of {', '.join(c.__name__ for c in SCHEME_KINDS)}")
+    if config.trim_padding == "on":  # said before the quantization's minutes, not after them
+        from dlopt.optimize.trim_padding import plan
+
+        reason = plan(model).reason
+        if reason:
+            raise InputError(f"--trim-padding on: {reason}", "use --trim-padding auto or off for this model")
     started = time.perf_counter()
     # before ORT's own sessions (its calibrator, its transformer optimizer), which would otherwise be the
     # process's first and leave denormals unflushed on this thread for the checks and timings below
