@@ -185,14 +185,21 @@ def main() -> None:
     image = ImagePreprocess(size=SIZE, layout="nchw", mean=MEAN, std=STD)
     paths = {"fp32": fp32}
     reports = {}
+    # Static INT8 of this detector measures ~5 dB output SQNR on these pages with or without the fusion, so
+    # no recovery (its search would keep nodes float for many minutes without reaching the 15 dB floor) and
+    # nearest weight rounding, to keep the run short; a result below the floor is kept as OUT.failed.onnx.
     for name, fuse in (("int8, hard-swish decomposed", False), ("int8, hard-swish fused", True)):
         out = work / f"layout_cdla_int8_{'fused' if fuse else 'decomposed'}.onnx"
-        report_path = out.with_name(out.stem + ".quantize.json")
-        if not out.exists():
+        done = [p for p in (out, out.with_name(out.stem + ".failed.onnx")) if p.exists()]
+        if not done:
             log(f"dlopt quantize -> {out.name}")
-            quantize_file(fp32, out, QuantizeConfig(mode="static", image=image, fuse_activations=fuse),
-                          str(calibration[0].parent), eval_data=str(heldout[0].parent), log=log)
-        paths[name] = out
+            config = QuantizeConfig(mode="static", image=image, fuse_activations=fuse, recover=False,
+                                    weight_rounding="nearest", calibration_samples=12)
+            outcome = quantize_file(fp32, out, config, str(calibration[0].parent), eval_data=str(heldout[0].parent),
+                                    log=log)
+            done = [outcome.model_path]
+        paths[name] = done[0]
+        report_path = done[0].with_name(done[0].name[:-len(".onnx")] + ".quantize.json")
         reports[name] = json.loads(report_path.read_text()) if report_path.exists() else {}
     inputs = [model_input(p) for p in heldout]
     reference = detections(fp32, inputs)
@@ -214,7 +221,7 @@ def main() -> None:
         figures[name] = {"speedup": 1 / r.estimate, "ci": [1 / r.high, 1 / r.low], **task, "min_sqnr_db": worst}
     print(f"## layout_cdla on {len(heldout)} held-out pages, batch 1 [1, 3, 800, 608], one thread ({cpu_label()})")
     print(format_table(["model", "speed-up vs FP32", "95% CI", "F1 vs FP32", "FP32 boxes kept", "boxes",
-                        "min SQNR dB", "float Clip/Div/HardSigmoid"], rows))
+                        "min SQNR dB", "Clip/Div/HardSigmoid nodes"], rows))
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_label(), "figures": figures}, indent=2))
 
