@@ -3,6 +3,8 @@
 - Weights held in Constant nodes become initializers, in If/Loop/Scan subgraphs too: ORT's
   quantizers only quantize initializers, so a weight in a Constant node stays float (PP-OCR's
   exported models hold every Conv weight that way).
+- Nodes without a name (or sharing one) get a unique name: the quantizer, exclusion lists and GPTQ
+  statistics address nodes by name.
 - Opsets below 13 are upgraded with onnx's version converter: per-channel weights need
   DequantizeLinear's `axis`, which opset 13 introduced; ORT's quantizer writes it anyway and the
   graph is invalid ("Unrecognized attribute: axis for operator DequantizeLinear").
@@ -184,6 +186,36 @@ def _upgrade_opset(model, config: NormalizeConfig):
     return upgraded, {"from": before, "to": default_opset(upgraded)}
 
 
+def _name_nodes(model) -> tuple[Any, int]:
+    """(model, how many nodes were named): every node, in subgraphs too, with a unique non-empty name.
+    Exporters leave names empty (onnx allows it), but ORT's quantizer, dlopt's exclusion lists, GPTQ
+    statistics and sensitivity ranking all address nodes by name: two unnamed Convs would share one.
+    Renaming changes no output, so it needs no check run."""
+    import onnx
+
+    nodes = [n for g in all_graphs(model.graph) for n in g.node]
+    names = [n.name for n in nodes]
+    taken = set(names)
+    if all(names) and len(taken) == len(names):
+        return model, 0
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    seen: set[str] = set()
+    count = 0
+    for index, node in enumerate(n for g in all_graphs(named.graph) for n in g.node):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = f"{node.op_type}_{index}"
+        name, suffix = base, 1
+        while name in taken or name in seen:
+            name, suffix = f"{base}_{suffix}", suffix + 1
+        node.name = name
+        seen.add(name)
+        count += 1
+    return named, count
+
+
 def normalize(model, config: NormalizeConfig = NormalizeConfig(),
               data: Iterable[Mapping[str, np.ndarray]] | None = None) -> StageResult:
     """Run the enabled steps (Constant weights to initializers, opset upgrade), each checked; the
@@ -199,6 +231,9 @@ def normalize(model, config: NormalizeConfig = NormalizeConfig(),
         feeds = check_feeds(model, data, config.check_samples, config.input_shapes)
         reference = run_outputs(cpu_session(model, graph_opt_level="basic"), feeds)
         current, report_steps = run_checked_steps(model, steps, config, feeds, reference, config.atol, config.rtol)
+    current, named = _name_nodes(current)
+    if named:
+        report_steps.append({"step": "node_names", "applied": True, "named": named})
     report = {"config": config_to_dict(config), "steps": report_steps,
               "opset": {"before": default_opset(model), "after": default_opset(current)}}
     if current is not model:

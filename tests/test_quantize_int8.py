@@ -668,3 +668,19 @@ def test_dispatch_to_int4_and_fp16_builds_their_configs_from_the_common_options(
     fp16 = quantize(mlp_model(), QuantizeConfig(precision="fp16"), mlp_data())
     assert any(t.data_type == TensorProto.FLOAT16 for t in fp16.model.graph.initializer)
     assert fp16.report["fidelity"]["outputs"]["y"]["sqnr_db"] >= 40.0
+
+
+def test_unnamed_nodes_are_named_before_static_int8():
+    # Exporters may leave node names empty; GPTQ statistics, exclusions and the quantizer address nodes by
+    # name, so two unnamed Convs once shared one entry and static INT8 failed with a broadcast error.
+    model = cnn_model()
+    for node in model.graph.node:
+        node.name = ""
+    result = quantize(model, QuantizeConfig(mode="static", node_forms="int8"), cnn_data())
+    steps = {s["step"]: s for s in result.report["normalization"]["steps"]}
+    assert steps["node_names"]["named"] == len(model.graph.node)
+    assert all(n.name == "" for n in model.graph.node)  # the caller's model is not modified
+    names = [n.name for n in result.model.graph.node]
+    assert all(names) and len(set(names)) == len(names)
+    assert result.report["verdict"]["passed"]
+    assert any(k.startswith("QDQ:Conv") or k == "QLinearConv" for k in result.report["quantized_nodes"])

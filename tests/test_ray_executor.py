@@ -368,11 +368,18 @@ def test_optimize_on_a_two_node_cluster_scores_like_the_local_executor(ex, clust
     assert local.exit_code == 0 and on_ray.exit_code == 0, (local.stderr[-800:], on_ray.stderr[-800:])
     a, b = json.loads(local.stdout), json.loads(on_ray.stdout)
     assert b["executor"]["kind"] == "ray" and b["executor"]["nodes"] == 2 and b["verified"] is True
-    assert [c["name"] for c in a["candidates"]] == [c["name"] for c in b["candidates"]]
     timed_kernels = {c.name for c in base_candidates(target="cpu", transformer=False) if c.times_kernels}
     assert timed_kernels and "int8-static-minmax-allint8" not in timed_kernels
-    for x, y in zip(a["candidates"], b["candidates"]):
-        if x["name"] in timed_kernels or x["status"] == "skipped":
+
+    def untimed(result):
+        # a retry with float nodes ("X+float-nodes") is made from the over-budget candidates nearest the
+        # budget, whose ranking timed-kernel candidates' noisy drops can change: only base candidates compare
+        return [c for c in result["candidates"] if "+" not in c["name"] and c["name"] not in timed_kernels]
+
+    assert [c["name"] for c in a["candidates"] if "+" not in c["name"]] == \
+        [c["name"] for c in b["candidates"] if "+" not in c["name"]]
+    for x, y in zip(untimed(a), untimed(b)):
+        if x["status"] == "skipped":
             continue
         assert (x["name"], x["drop_points"], x["bytes"]) == (y["name"], y["drop_points"], y["bytes"])
         assert (x["status"] == "over-budget") == (y["status"] == "over-budget")
