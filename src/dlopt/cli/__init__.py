@@ -7,6 +7,7 @@ verb is adding a file. They must import quickly: torch and onnxruntime are impor
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import pkgutil
 import signal
@@ -56,16 +57,29 @@ class _VerbGroup(click.Group):
                 ctx.exit(128 + (signal.SIGTERM if received else signal.SIGINT))
             except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
                 raise
-            except Exception as e:  # a bug: one line and a saved traceback, not a wall of text
-                if _debug(ctx):
-                    traceback.print_exc()
-                verb = ctx.invoked_subcommand or "dlopt"
-                text = (str(e).strip().splitlines() or [""])[0][:300]
-                click.echo(f"internal error in {verb}: {type(e).__name__}: {text}", err=True)
-                log = _save_debug_log(verb)
-                click.echo(f"hint: this is a bug in dlopt; the full traceback is in {log}"
-                           + ("" if _debug(ctx) else " (or run again with --debug)"), err=True)
-                ctx.exit(1)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    _internal_error(ctx, e)
+                # a full disk is the machine's state, not a bug (outputs are staged: nothing half-written stays)
+                where = f" writing {e.filename}" if e.filename else ""
+                click.echo(f"error: no space left on the device{where} ({e.strerror or e})", err=True)
+                click.echo("hint: free some space, or choose another output folder with -o", err=True)
+                ctx.exit(2)
+            except BaseException as e:  # a bug (or SystemExit from library code): one line and a saved traceback
+                _internal_error(ctx, e)
+
+
+def _internal_error(ctx, e: BaseException) -> None:
+    """One line and a saved traceback, not a wall of text; exit 1."""
+    if _debug(ctx):
+        traceback.print_exc()
+    verb = ctx.invoked_subcommand or "dlopt"
+    text = (str(e).strip().splitlines() or [""])[0][:300]
+    click.echo(f"internal error in {verb}: {type(e).__name__}: {text}", err=True)
+    log = _save_debug_log(verb)
+    click.echo(f"hint: this is a bug in dlopt; the full traceback is in {log}"
+               + ("" if _debug(ctx) else " (or run again with --debug)"), err=True)
+    ctx.exit(1)
 
 
 def _debug(ctx) -> bool:
