@@ -661,6 +661,7 @@ _LAZY = {
     "origin_text": "dlopt.verify", "verification_error": "dlopt.verify", "verified_text": "dlopt.verify",
     "RunResult": "dlopt.recipe", "StageCache": "dlopt.stagecache", "Entry": "dlopt.stagecache",
     "Fp32Evaluation": "dlopt.models", "ImagePreprocess": "dlopt.images",
+    "check_number": "dlopt.limits",  # the checks of numeric options, shared by the CLI's option types
     "reset_written": "dlopt.fileio", "written_paths": "dlopt.fileio",  # what an interrupted command had written
     # the stage configs and what the stage verbs' callers print, from dlopt.stage's registry: "stage:KIND:ATTR"
     # is the stage's config class (ATTR config) or one of its helpers

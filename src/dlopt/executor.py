@@ -89,6 +89,11 @@ def make_executor(kind: str = "local", *, address: str | None = None, workers: i
                   cache_dir: str | os.PathLike | None = None) -> Executor:
     """The executor `--executor KIND [--address ADDR] [--workers N]` asks for; `cache_dir` is the stage
     cache folder the jobs' artifacts live in (the Ray executor moves entries between it and its nodes)."""
+    if workers is not None:
+        from dlopt.limits import check_number
+
+        check_number(workers, "{workers}", minimum=1, integer=True, hint="give 1 or more, or leave it out for one "
+                                                                         "per core")
     if kind == "local":
         if address:
             raise InputError("--address is for --executor ray", "drop --address, or add --executor ray")

@@ -149,7 +149,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise InputError(f"size {text!r} is not a size", "e.g. {max_size=2GB} or 500MB")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    size = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if not size < 2**63:  # 400 digits read as infinity
+        raise InputError(f"size {text.strip()[:20]}… is too large", "e.g. {max_size=2GB} or 500MB")
+    return int(size)
 
 
 def parse_age(text: str) -> float:

@@ -55,6 +55,11 @@ class _VerbGroup(click.Group):
             except KeyboardInterrupt:
                 click.echo(f"interrupted{' (SIGTERM)' if received else ''}: {_written_text()}", err=True)
                 ctx.exit(128 + (signal.SIGTERM if received else signal.SIGINT))
+            except click.exceptions.UsageError as e:  # a bad option value: one line, as every other input error
+                verb = e.ctx.command_path if e.ctx is not None else "dlopt"
+                click.echo(f"error: {e.format_message()}", err=True)
+                click.echo(f"hint: see {verb} --help", err=True)
+                ctx.exit(e.exit_code)
             except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
                 raise
             except OSError as e:

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import click
 
-from dlopt.cli._common import cache_dir_option, echo_err
+from dlopt.cli._common import COUNT, POSITIVE, TOLERANCE, cache_dir_option, echo_err
 
 
 @click.command("optimize", short_help="Search quantization recipes; Pareto front, verified bundle, HTML report.")
 @click.argument("model")
 @click.option("--target", default="cpu", show_default=True, help="Where the model will run (cpu).")
-@click.option("--max-accuracy-drop", type=float, required=True,
+@click.option("--max-accuracy-drop", type=TOLERANCE, required=True,
               help="Accuracy budget: points of the evaluator's metric (percentage points for accuracy-like "
                    "metrics: 0.5 = half a point), against the FP32 source.")
 @click.option("--time-budget", default="20m", show_default=True,
               help="Deadline for the whole search (e.g. 20m, 90s); what does not fit is reported as skipped.")
-@click.option("--max-latency", type=float, default=None, metavar="MS",
+@click.option("--max-latency", type=POSITIVE, default=None, metavar="MS",
               help="Latency limit (ms, wall clock, p90 of a batch call) for the batch/thread throughput search; "
                    "also the most a chosen candidate may take at batch 1.")
 @click.option("--calibration", default=None, help=".onnx models: calibration data (.npz, folder, model:NAME).")
@@ -26,7 +26,7 @@ from dlopt.cli._common import cache_dir_option, echo_err
 @click.option("--executor", "executor_kind", default="local", show_default=True, type=click.Choice(["local", "ray"]),
               help="Where transforms and scoring run.")
 @click.option("--address", default=None, help="Ray cluster address (with --executor ray).")
-@click.option("--workers", type=int, default=None, help="Parallel workers [default: the machine's cores].")
+@click.option("--workers", type=COUNT, default=None, help="Parallel workers [default: the machine's cores].")
 @click.option("-o", "--output", required=True, type=click.Path(), help="The bundle folder to write.")
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
               help="Write a self-contained HTML report here.")
