@@ -114,7 +114,8 @@ class _Clock:
         return time.perf_counter() - self.start
 
     def left(self) -> float:
-        return self.budget_s - self.elapsed()
+        """Seconds left of the budget, never below 0 (an overrun is reported once, at the end)."""
+        return max(0.0, self.budget_s - self.elapsed())
 
     def log(self, message: str) -> None:
         self._log(f"[{self.elapsed():5.0f}s / {self.budget_s:.0f}s] {message}")
@@ -330,6 +331,7 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
         exported, _ = apply_stages(ctx, ())  # export errors are the user's to see, not a failed candidate
         ctx = dataclasses.replace(ctx, fp32_onnx=str(exported))
     base = evaluate_candidate((ctx, fp32))
+    phases["source_s"] = time.perf_counter() - t0  # part of evaluate_s: what every search does first
     if not base.ok:
         raise InputError(f"{model}: the FP32 source could not be scored: {base.reason}", "check the model and its data")
     clock.log(f"fp32: {ctx.evaluator} = {base.score:.5g}" + (" (cached)" if base.cached else ""))
@@ -441,6 +443,11 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
 
     result = _result(model, ctx, config, base, rows, skipped, front, picked, latency, server, executor, cache,
                      bundle, verified, clock, phases, report_out)
+    from dlopt.search.report import overrun_text
+
+    overrun = overrun_text(result)
+    if overrun:
+        clock.log(overrun)
     if report_out is not None:
         from dlopt.fileio import staged_outputs
         from dlopt.search.report import render_report
