@@ -154,8 +154,13 @@ def _load_factory(target: str, func_name: str, spec: str) -> Callable[[], Any]:
             raise InputError(f"cannot import {path} as Python", "the factory file must be a .py module")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module
-        with user_code(f"importing factory file {path}", hint="fix the file"):
-            module_spec.loader.exec_module(module)
+        # no __pycache__ written beside the user's file: dlopt leaves its inputs' folders as it found them
+        writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+        try:
+            with user_code(f"importing factory file {path}", hint="fix the file"):
+                module_spec.loader.exec_module(module)
+        finally:
+            sys.dont_write_bytecode = writes_bytecode
     else:
         try:
             with user_code(f"importing factory module {target!r}", hint="fix the module", errors=False):

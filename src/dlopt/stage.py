@@ -270,7 +270,8 @@ def _type_text(hint: Any) -> str:
     if origin is Literal:
         return "a string" if all(isinstance(a, str) for a in args) else "one of " + ", ".join(repr(a) for a in args)
     if origin is tuple:
-        return "a list" + (f" of {_type_text(args[0])}s" if len(args) == 2 and args[1] is Ellipsis else "")
+        plural = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+        return "a list" + (f" of {plural.get(args[0], 'values')}" if len(args) == 2 and args[1] is Ellipsis else "")
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return f"a {hint.__name__} table"
     if isinstance(hint, type) and issubclass(hint, PurePath):

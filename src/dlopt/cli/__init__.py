@@ -66,12 +66,25 @@ class _VerbGroup(click.Group):
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                     _internal_error(ctx, e)
                 # a full disk is the machine's state, not a bug (outputs are staged: nothing half-written stays)
-                where = f" writing {e.filename}" if e.filename else ""
-                click.echo(f"error: no space left on the device{where} ({e.strerror or e})", err=True)
+                click.echo(f"error: no space left on the device{_device_of(e.filename)} ({e.strerror or e})",
+                           err=True)
                 click.echo("hint: free some space, or choose another output folder with -o", err=True)
                 ctx.exit(2)
             except BaseException as e:  # a bug (or SystemExit from library code): one line and a saved traceback
                 _internal_error(ctx, e)
+
+
+def _device_of(filename) -> str:
+    """ " holding FOLDER": the nearest existing folder of a file that could not be written (its temp files
+    are gone by now: the folder is where the user chose to write)."""
+    import os
+
+    if not filename:
+        return ""
+    folder = os.path.dirname(os.path.abspath(os.fsdecode(filename)))
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    return f" holding {folder}"
 
 
 def _internal_error(ctx, e: BaseException) -> None:
