@@ -125,7 +125,6 @@ def load_private_key(path: str | os.PathLike):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     data = _read_pem(path, "signing key")
-    _check_private_mode(Path(path))
     try:
         key = _serialization().load_pem_private_key(data, password=None)
     except TypeError as e:  # an encrypted key
@@ -135,6 +134,7 @@ def load_private_key(path: str | os.PathLike):
                          "give the private key file `dlopt keygen` wrote (not the .pub)") from e
     if not isinstance(key, Ed25519PrivateKey):
         raise InputError(f"signing key {path} is a {type(key).__name__}, not Ed25519", "make one with `dlopt keygen`")
+    _check_private_mode(Path(path))  # after the format: a public key given by mistake is told so first
     return key
 
 
