@@ -58,18 +58,18 @@ class BenchConfig:
 def validate_config(config: BenchConfig) -> None:
     from dlopt.limits import MAX_BATCH, MAX_MEASURE_S, check_number
 
-    check_number(config.threads, "threads", minimum=1, integer=True)
-    for size in config.batch_sizes:
-        check_number(size, "a batch size", minimum=1, integer=True)
-        MAX_BATCH.check(size, "batch size")
-    check_number(config.seq_len, "the sequence length", minimum=1, integer=True)
-    check_number(config.budget_s, "the time budget (s)", minimum=0)
-    if config.rounds is None:
-        MAX_MEASURE_S.check(config.budget_s, "the time budget")
-    for value, what in ((config.min_sample_s, "min_sample_s"), (config.confidence, "confidence"),
-                        (config.warmup_tolerance, "warmup_tolerance"),
+    # types and finiteness first (the ranges below compare them); then the limits on the work they ask for
+    for value, what in ((config.threads, "threads"), (config.seq_len, "the sequence length"),
+                        *((size, "a batch size") for size in config.batch_sizes)):
+        check_number(value, what, integer=True)
+    for value, what in ((config.budget_s, "the time budget (s)"), (config.min_sample_s, "min_sample_s"),
+                        (config.confidence, "confidence"), (config.warmup_tolerance, "warmup_tolerance"),
                         (config.warmup_max_fraction, "warmup_max_fraction")):
         check_number(value, what)
+    for size in config.batch_sizes:
+        MAX_BATCH.check(size, "batch size")
+    if config.rounds is None:
+        MAX_MEASURE_S.check(config.budget_s, "the time budget")
     if config.threads < 1:
         raise InputError(f"threads must be at least 1, got {config.threads}", "pass {threads=1} or more")
     if not config.batch_sizes or any(b < 1 for b in config.batch_sizes):

@@ -56,7 +56,7 @@ class _VerbGroup(click.Group):
                 click.echo(f"interrupted{' (SIGTERM)' if received else ''}: {_written_text()}", err=True)
                 ctx.exit(128 + (signal.SIGTERM if received else signal.SIGINT))
             except click.exceptions.UsageError as e:  # a bad option value: one line, as every other input error
-                verb = e.ctx.command_path if e.ctx is not None else "dlopt"
+                verb = " ".join(["dlopt", *(e.ctx.command_path.split()[1:] if e.ctx is not None else [])])
                 click.echo(f"error: {e.format_message()}", err=True)
                 click.echo(f"hint: see {verb} --help", err=True)
                 ctx.exit(e.exit_code)
