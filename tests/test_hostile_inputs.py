@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -225,7 +226,7 @@ CASES = [
     ("numbers", ["gate", "--baseline", "m.onnx", "--candidate", "m.onnx", "--confidence", "nan"], 2,
      r"'--confidence'.*finite"),
     ("numbers", ["gate", "--baseline", "m.onnx", "--candidate", "m.onnx", "--max-accuracy-drop", "inf",
-                 "--budget", "1s"], 2, r"--max-accuracy-drop must be a finite number, not inf"),
+                 "--budget", "1s"], 2, r"--max-accuracy-drop DROP must be a finite number, not inf"),
     ("numbers", ["export", "exit0.py:build", "-o", "e.onnx", "--rtol", "nan"], 2, r"'--rtol'.*finite"),
     ("numbers", ["prune", "exit0.py:build", "-o", "p", "--ratio", "nan"], 2, r"'--ratio'.*finite"),
     ("numbers", ["distill", "--teacher", "exit0.py:build", "--student", "s.pt", "--data", "c.npz", "-o", "d",
@@ -281,6 +282,46 @@ def test_a_well_typed_recipe_still_runs(work):
     config = manifest["lineage"][0]["config"]["fields"]
     assert config["per_channel"] is False
     assert run(["verify", "ok.bundle"]).exit_code == 0
+
+
+def _api(call: str):
+    import dlopt.api as api
+
+    return {
+        "package atol nan": lambda: api.package_model("m.onnx", "b", api.PackageConfig(target="cpu", atol=math.nan)),
+        "package samples text": lambda: api.package_model("m.onnx", "b", api.PackageConfig(target="cpu", samples="2")),
+        "package measure 1e308": lambda: api.package_model("m.onnx", "b", api.PackageConfig(target="cpu",
+                                                                                            measure_s=1e308)),
+        "quantize holdout inf": lambda: api.quantize_model("m.onnx", "q.onnx", api.QuantizeConfig(holdout=math.inf),
+                                                           "c.npz"),
+        "optimize workers 0": lambda: api.optimize_model("m.onnx", "b", api.OptimizeConfig(max_accuracy_drop=1,
+                                                                                           calibration="c.npz"),
+                                                         workers=0),
+        "optimize drop nan": lambda: api.optimize_model("m.onnx", "b", api.OptimizeConfig(max_accuracy_drop=math.nan,
+                                                                                          calibration="c.npz")),
+        "bench batch 1e8": lambda: api.bench(["m.onnx"], api.BenchConfig(batch_sizes=(100_000_000,))),
+    }[call]
+
+
+API = [
+    ("package atol nan", r"atol must be a finite number, not nan"),
+    ("package samples text", r"samples must be an integer, not '2'"),
+    ("package measure 1e308", r"measure_s .*1e\+308 is above the limit of 3600 seconds"),
+    ("quantize holdout inf", r"holdout must be a finite number, not inf"),
+    ("optimize workers 0", r"workers=N must be >= 1, not 0"),
+    ("optimize drop nan", r"max_accuracy_drop=DROP must be a finite number, not nan"),
+    ("bench batch 1e8", r"batch size 100000000 is above the limit of 65536"),
+]
+
+
+@pytest.mark.parametrize("call, message", API, ids=[c for c, _ in API])
+def test_the_api_holds_numbers_to_the_same_rules(work, call, message):
+    from dlopt.errors import InputError
+
+    before = snapshot(work)
+    with pytest.raises(InputError, match=message):
+        _api(call)()
+    assert snapshot(work) == before
 
 
 # -- a full disk -------------------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ def make_executor(kind: str = "local", *, address: str | None = None, workers: i
     if workers is not None:
         from dlopt.limits import check_number
 
-        check_number(workers, "{workers}", minimum=1, integer=True, hint="give 1 or more, or leave it out for one "
+        check_number(workers, "{workers=N}", minimum=1, integer=True, hint="give 1 or more, or leave it out for one "
                                                                          "per core")
     if kind == "local":
         if address:

@@ -204,7 +204,8 @@ def load_recipe(path: str | Path) -> Recipe:
         where = f"{_where(path, line)} (stage {i})"
         if not isinstance(raw, dict):
             raise InputError(f"{_where(path, line or _key_line(text, None, 'stage'))}: stage {i} is "
-                             f"{shown_value(raw)}, not a table", 'write each stage as a [[stage]] table with kind = "..."')
+                             f"{shown_value(raw)}, not a table",
+                             'write each stage as a [[stage]] table with kind = "..."')
         keys = dict(raw)
         kind = keys.pop("kind", None)
         if not isinstance(kind, str) or kind not in recipe_kinds():

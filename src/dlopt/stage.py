@@ -113,6 +113,10 @@ class Stage:
         if not isinstance(config, self.config):
             raise InputError(f"{self.kind} takes a {self.config.__name__}, not a {type(config).__name__}",
                              f"build a {self.config.__name__}")
+        problem = _non_finite(config)
+        if problem:  # NaN makes every comparison false: a NaN floor passes everything, a NaN time never ends
+            raise InputError(f"{self.kind}: {problem[0]} must be a finite number, not {problem[1]}",
+                             f"give {{{problem[0]}=VALUE}} a finite number")
         if self.validate is not None:
             self.validate(config)
 
@@ -181,6 +185,20 @@ def stage_for_config(config: Any) -> Stage:
 # ---------------------------------------------------------------------------------------------
 # Configs to and from plain dicts
 # ---------------------------------------------------------------------------------------------
+
+def _non_finite(config: Any, prefix: str = "") -> tuple[str, float] | None:
+    """(field, value) of the first NaN or infinite number in a config (nested configs and tuples too)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, float) and not math.isfinite(item):
+                return prefix + f.name, item
+            if dataclasses.is_dataclass(item) and not isinstance(item, type):
+                found = _non_finite(item, f"{prefix}{f.name}.")
+                if found:
+                    return found
+    return None
+
 
 def config_version(cls: type) -> int:
     # Nested value configs from other modules (ImagePreprocess, PackageConfig) declare no VERSION: 1.

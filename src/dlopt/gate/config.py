@@ -59,7 +59,7 @@ class GateConfig:
 def validate_config(config: GateConfig) -> None:
     from dlopt.limits import MAX_BATCH, MAX_MEASURE_S, check_number
 
-    numbers = [(config.max_slowdown, "the allowed slowdown"), (config.max_accuracy_drop, "{max_accuracy_drop}"),
+    numbers = [(config.max_slowdown, "the allowed slowdown"), (config.max_accuracy_drop, "{max_accuracy_drop=DROP}"),
                (config.max_size_growth, "the allowed size growth"), (config.budget_s, "the time budget (s)"),
                (config.confidence, "confidence"), *((d, f"the accuracy drop of {m}") for m, d in config.metric_drops)]
     for value, what in numbers:

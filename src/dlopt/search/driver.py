@@ -81,11 +81,11 @@ def validate_config(config: OptimizeConfig) -> None:
                          f"use --target {' or '.join(OPTIMIZE_TARGETS)}; for other targets run a recipe (dlopt run)")
     from dlopt.limits import MAX_MEASURE_S, MAX_TIME_BUDGET_S, check_number
 
-    check_number(config.max_accuracy_drop, "{max_accuracy_drop}", minimum=0)
+    check_number(config.max_accuracy_drop, "{max_accuracy_drop=DROP}", minimum=0)
     check_number(config.time_budget_s, "the time budget (s)", minimum=0, above=True)
     MAX_TIME_BUDGET_S.check(config.time_budget_s, "the time budget")
     if config.max_latency_ms is not None:
-        check_number(config.max_latency_ms, "{max_latency} (ms)", minimum=0, above=True)
+        check_number(config.max_latency_ms, "{max_latency=MS}", minimum=0, above=True)
     check_number(config.package_measure_s, "package_measure_s", minimum=0)
     MAX_MEASURE_S.check(config.package_measure_s, "package_measure_s")
     for value in (config.latency_budget_s, config.throughput_budget_s):
