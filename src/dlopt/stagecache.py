@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -160,7 +161,10 @@ def parse_age(text: str) -> float:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smhdw])\s*", text)
     if not m:
         raise InputError(f"age {text!r} is not an age", "e.g. {older_than=7d} (units s, m, h, d, w)")
-    return float(m.group(1)) * _AGE_UNITS[m.group(2)]
+    age = float(m.group(1)) * _AGE_UNITS[m.group(2)]
+    if not math.isfinite(age):  # 400 digits read as infinity
+        raise InputError(f"age {text.strip()[:20]}… is too large", "e.g. {older_than=7d} (units s, m, h, d, w)")
+    return age
 
 
 def age_text(seconds: float) -> str:
