@@ -7,8 +7,8 @@ import dataclasses
 import time
 from typing import Any
 
+from dlopt.data import CalibrationData
 from dlopt.errors import InputError
-from dlopt.optimize.calibration import CalibrationData
 from dlopt.optimize.int4 import Int4WeightOnly
 from dlopt.optimize.normalize import NormalizeConfig, normalize
 from dlopt.optimize.preprocess import PreprocessConfig, check_feeds, preprocess

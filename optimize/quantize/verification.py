@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
+from dlopt.data import CalibrationData, Feeds
 from dlopt.errors import StageError
 from dlopt.fidelity import compare_runs, report as fidelity_report
 from dlopt.inputs import graph_inputs
-from dlopt.optimize.calibration import CalibrationData, Feeds
 from dlopt.optimize.preprocess import check_feeds, op_counts
 from dlopt.optimize.quantize.recipe import cpu_features
 from dlopt.optimize.quantize.schemes import FIDELITY_FLOORS_DB, QuantizeConfig

@@ -152,14 +152,20 @@ def _open(path: str | os.PathLike, config: EvalConfig):
 
 
 def run_batched(handle, feeds: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-    """Run the model over the first axis of `feeds` in chunks (a fixed batch axis sets the chunk)."""
+    """Run the model over the samples of `feeds` (axis 0, or each input's sample axis when `feeds` is a
+    dlopt.data.SampleArrays) in chunks (a fixed batch axis sets the chunk)."""
+    from dlopt.data import SampleArrays  # samples on each input's declared axis (--input-layout)
+
     specs = session_inputs(handle.session)
-    counts = {name: int(np.asarray(a).shape[0]) for name, a in feeds.items() if np.asarray(a).ndim > 0}
+    arrays = feeds if isinstance(feeds, SampleArrays) else SampleArrays.from_mapping(feeds)
+    counts = {name: int(np.shape(a)[arrays.axes[name]]) for name, a in arrays.items()
+              if arrays.axes.get(name) is not None}
     if len(set(counts.values())) > 1:
         raise InputError(f"the data's arrays hold different numbers of samples: {counts}",
                          "give every input the same first dimension")
     n = next(iter(counts.values())) if counts else 1
-    fixed = {s.fixed(0) for s in specs if s.shape and s.fixed(0)}
+    axes = {s.name: arrays.axes.get(s.name) for s in specs}
+    fixed = {s.fixed(axes[s.name]) for s in specs if axes[s.name] is not None and s.fixed(axes[s.name])}
     step = fixed.pop() if len(fixed) == 1 else batch_size
     if n % step and fixed:
         raise InputError(f"{n} samples do not split into the model's fixed batch of {step}",
@@ -167,10 +173,16 @@ def run_batched(handle, feeds: Mapping[str, np.ndarray], batch_size: int) -> dic
     names = handle.output_names()
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for start in range(0, n, step):
-        part = {k: v[start:start + step] for k, v in feeds.items()}
+        part = arrays.take(start, start + step)
         for name, out in zip(names, handle.session.run(None, part)):
             chunks[name].append(out)
-    return {name: np.concatenate(parts, axis=0) for name, parts in chunks.items()}
+    # an output's samples lie on the axis its declared shape names like an input's sample axis ("batch" on
+    # axis 1 of a streaming model's state), else on axis 0
+    sample_dims = {s.shape[axes[s.name]] for s in specs if axes[s.name] is not None and isinstance(
+        s.shape[axes[s.name]], str)}
+    out_axes = {o.name: next((a for a, d in enumerate(o.shape or []) if isinstance(d, str) and d in sample_dims), 0)
+                for o in handle.session.get_outputs()}
+    return {name: np.concatenate(parts, axis=out_axes.get(name, 0)) for name, parts in chunks.items()}
 
 
 def _pick_output(outputs: Mapping[str, np.ndarray], wanted: str | None, what: str) -> tuple[str, np.ndarray]:
@@ -185,22 +197,22 @@ def _pick_output(outputs: Mapping[str, np.ndarray], wanted: str | None, what: st
 def evaluate_data(model: str | os.PathLike, data: str | os.PathLike, config: EvalConfig = EvalConfig(), *,
                   reference: str | os.PathLike | None = None) -> EvalResult:
     """Metrics of `model` on the inputs in the .npz `data` (see the module docstring)."""
-    from dlopt.bench import load_data
+    from dlopt.data import data_arrays
     from dlopt.inputs import feeds_from_arrays
 
     metrics = validate_metrics(config.metrics)
     if config.batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {config.batch_size}", "e.g. {batch_size=32}")
-    arrays = load_data(data)
     handle = _open(model, config)
-    feeds = feeds_from_arrays(session_inputs(handle.session), arrays, str(data))
+    arrays = data_arrays(data, model, extra=(LABELS_KEY, EXPECTED_KEY, *handle.output_names()))  # dlopt.data
+    feeds = arrays.with_arrays(feeds_from_arrays(session_inputs(handle.session), arrays, str(data)))
     n = _sample_count(feeds, data)
     out_name, output = _pick_output(run_batched(handle, feeds, config.batch_size), config.output, str(model))
     ref_output = None
     ref_handle = None
     if reference is not None:
         ref_handle = _open(reference, config)
-        ref_feeds = feeds_from_arrays(session_inputs(ref_handle.session), arrays, str(data))
+        ref_feeds = arrays.with_arrays(feeds_from_arrays(session_inputs(ref_handle.session), arrays, str(data)))
         ref_outputs = run_batched(ref_handle, ref_feeds, config.batch_size)
         _, ref_output = _pick_output(ref_outputs, out_name if out_name in ref_outputs else None, str(reference))
     elif out_name in arrays or EXPECTED_KEY in arrays:
@@ -231,10 +243,12 @@ def evaluate_data(model: str | os.PathLike, data: str | os.PathLike, config: Eva
 
 
 def _sample_count(feeds: Mapping[str, np.ndarray], data) -> int | None:
-    counts = [int(np.asarray(a).shape[0]) for a in feeds.values() if np.asarray(a).ndim > 0]
-    if counts and min(counts) == 0:
+    from dlopt.data import SampleArrays
+
+    count = SampleArrays.from_mapping(feeds).count
+    if feeds and count == 0:
         raise InputError(f"data file {data} holds no samples (its arrays have 0 rows)", "give at least one sample")
-    return counts[0] if counts else None
+    return count or None
 
 
 def data_warnings(feeds: Mapping[str, np.ndarray], labels: np.ndarray | None, output: np.ndarray,
