@@ -11,14 +11,16 @@ KeyboardInterrupt (Ctrl-C, and SIGTERM, which the CLI turns into one) passes thr
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from dlopt.errors import DlOptError, InputError
 
 
 @contextlib.contextmanager
-def user_code(what: str, *, hint: str = "run it by hand to debug", errors: bool = True) -> Iterator[None]:
-    """Run the body as user code named `what` (e.g. "factory net.py:build").
+def user_code(what: str | Callable[[], str], *, hint: str = "run it by hand to debug",
+              errors: bool = True) -> Iterator[None]:
+    """Run the body as user code named `what` (e.g. "factory net.py:build"; a function when the name
+    changes while it runs, e.g. "data reader r.py:samples at item 3").
 
     errors=True: every exception is the user's input's fault (an InputError naming `what`). errors=False:
     only what escapes `except Exception` (SystemExit, other BaseException subclasses) is converted, and
@@ -28,18 +30,23 @@ def user_code(what: str, *, hint: str = "run it by hand to debug", errors: bool 
     except (DlOptError, KeyboardInterrupt, GeneratorExit):
         raise
     except SystemExit as e:
-        raise InputError(f"{what} called sys.exit({e.code!r}) instead of returning",
+        raise InputError(f"{_name(what)} called sys.exit({e.code!r}) instead of returning",
                          "user code must return or raise an exception, not exit the process") from e
     except Exception as e:
         if not errors:
             raise
-        raise InputError(f"{what} raised {type(e).__name__}: {_first_line(e)}", hint) from e
+        raise InputError(f"{_name(what)} raised {type(e).__name__}: {_first_line(e)}", hint) from e
     except BaseException as e:  # a BaseException subclass of the user's own (not an Exception)
-        raise InputError(f"{what} raised {type(e).__name__} (a BaseException): {_first_line(e)}", hint) from e
+        raise InputError(f"{_name(what)} raised {type(e).__name__} (a BaseException): {_first_line(e)}",
+                         hint) from e
+
+
+def _name(what: str | Callable[[], str]) -> str:
+    return what() if callable(what) else what
 
 
 def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0][:300]
+    return (str(error).strip().splitlines() or [""])[0][:300] or repr(error)
 
 
 __all__ = ["user_code"]
