@@ -7,7 +7,7 @@ hostile user would. Each case is one row of a table, run through the CLI, and as
 - for work that must be refused before it starts (a 1e308 s measurement, 10^12 samples, a 6 TB input),
   that it is refused at once.
 
-The data-loss and stage-cache rows are in their own file (tests/test_cache_hostile.py on h-cache's branch).
+The data-loss and stage-cache rows are in their own file (tests/test_hostile_compiler.py, from h-cache).
 A SIGKILL test checks that no process of a killed `dlopt optimize` outlives it by 5 s.
 """
 
@@ -327,6 +327,23 @@ def test_the_api_holds_numbers_to_the_same_rules(work, call, message):
     with pytest.raises(InputError, match=message):
         _api(call)()
     assert snapshot(work) == before
+
+
+def test_a_stray_exit_from_library_code_is_one_line_not_its_exit_code(work, monkeypatch, tmp_path):
+    """dlopt never exits from library code; a SystemExit that still reaches the CLI (a dependency's) is a bug:
+    one line, exit 1, the traceback saved, never the exit code it carried (3 would read as gate's verdict)."""
+    import tempfile
+
+    import dlopt.api
+
+    def exits(*args, **kwargs):
+        raise SystemExit(3)
+
+    monkeypatch.setattr(dlopt.api, "bench", exits)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = run(["bench", "m.onnx", "--rounds", "3"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.splitlines()[0] == "internal error in bench: SystemExit: 3"
 
 
 # -- a full disk -------------------------------------------------------------------------------------------
