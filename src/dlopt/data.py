@@ -326,16 +326,86 @@ def spec_hash(spec: str | Path | DataSpec | None) -> str | None:
 
 
 def reader_hash(source: str) -> str:
-    """A Python reader's identity, as a torch factory's (dlopt.recipe.source_hash uses this too): its spec
-    and its file's bytes (file.py:function, or package.module:function's source file); dlopt's version
-    when there is no such file (a reference model ships with dlopt)."""
+    """A Python reader's identity, as a torch factory's (dlopt.recipe.source_hash uses this too): its spec,
+    its file's bytes (file.py:function, or package.module:function's source file) and those of the local
+    modules it imports (`local_modules`); dlopt's version when there is no such file (a reference model
+    ships with dlopt)."""
     import dlopt
     from dlopt.manifest import sha256_file
 
     module = source.rpartition(":")[0] if ":" in source else ""
     file = _reader_file(module) if module else None
-    body = f"{source}\0{sha256_file(file) if file is not None and file.is_file() else dlopt.__version__}"
+    if file is None or not file.is_file():
+        return hashlib.sha256(f"{source}\0{dlopt.__version__}".encode()).hexdigest()
+    body = f"{source}\0{sha256_file(file)}"
+    for helper in local_modules(file):
+        body += f"\0{helper}\0{sha256_file(helper)}"
     return hashlib.sha256(body.encode()).hexdigest()
+
+
+def local_modules(factory: Path) -> list[Path]:
+    """The local .py files a factory file imports, directly or through each other: modules and packages
+    found under the factory's folder or a sys.path folder outside the standard library and site-packages.
+    Read from the `import` statements (the ast, nothing is run); a module imported by a computed name
+    (importlib.import_module(name), __import__) is not seen: after changing one, `dlopt run --force`."""
+    import ast
+    import sys
+    import sysconfig
+
+    shared = {Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+
+    def local(folder: Path) -> bool:
+        return folder.is_dir() and not any(folder == s or s in folder.parents for s in shared) \
+            and not {"site-packages", "dist-packages"} & set(folder.parts)
+
+    roots = [factory.resolve().parent] + [p for p in (Path(e or ".").resolve() for e in sys.path) if local(p)]
+
+    def find(base: Path, dotted: str) -> list[Path]:
+        """The files `dotted` names under `base`: each package's __init__.py on the way, then the module."""
+        files, here = [], base
+        for part in dotted.split("."):
+            if (here / part / "__init__.py").is_file():
+                here = here / part
+                files.append(here / "__init__.py")
+            elif (here / f"{part}.py").is_file():
+                files.append(here / f"{part}.py")
+                break
+            else:
+                return files if here != base else []
+        return files
+
+    seen: dict[Path, None] = {}
+    todo = [factory.resolve()]
+    while todo:
+        file = todo.pop()
+        try:
+            tree = ast.parse(file.read_bytes(), filename=str(file))
+        except (OSError, SyntaxError, ValueError):
+            continue  # the loader reports an unreadable factory; a broken helper fails when imported
+        for node in ast.walk(tree):
+            names: list[tuple[Path | None, str]] = []
+            if isinstance(node, ast.Import):
+                names = [(None, alias.name) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = None
+                if node.level:  # relative: from the importing file's package
+                    base = file.parent
+                    for _ in range(node.level - 1):
+                        base = base.parent
+                prefix = node.module or ""
+                names = [(base, prefix)] if prefix else []
+                names += [(base, f"{prefix}.{alias.name}" if prefix else alias.name) for alias in node.names]
+            for base, dotted in names:
+                for root in ([base] if base is not None else roots):
+                    found = find(root, dotted)
+                    if found:
+                        for path in found:
+                            path = path.resolve()
+                            if path != factory.resolve() and path not in seen:
+                                seen[path] = None
+                                todo.append(path)
+                        break
+    return sorted(seen)
 
 
 def _reader_parts(source: str) -> tuple[str, str] | None:
@@ -893,4 +963,4 @@ def progress_bar(total: int | None, description: str, enabled: bool) -> Iterator
 
 __all__ = ["CalibrationData", "DEFAULT_SAMPLE_COUNT", "DataSpec", "Feeds", "InputSpec", "SampleArrays", "as_spec",
            "data_arrays", "data_spec", "graph_inputs", "load_data", "parse_layout", "parse_values", "progress_bar",
-           "read_spec_file", "reader_hash", "sample_arrays", "spec_from_keys", "spec_hash"]
+           "local_modules", "read_spec_file", "reader_hash", "sample_arrays", "spec_from_keys", "spec_hash"]

@@ -64,29 +64,49 @@ def external_data_files(model) -> list[str]:
     return found
 
 
-def guard_outputs(inputs: Iterable[str | os.PathLike | None], outputs: Iterable[str | os.PathLike | None]) -> None:
+def guard_outputs(inputs: Iterable[str | os.PathLike | None], outputs: Iterable[str | os.PathLike | None], *,
+                  cache: str | os.PathLike | None = None) -> None:
     """Refuse, before anything is written, an output that is, contains or lies inside an input.
 
     Inputs are files or folders the verb reads (an ONNX model with its external data, a data file,
-    a factory's .py file); outputs are every file or folder it may write, reports included. Paths
+    a factory's .py file, a recipe); outputs are every file or folder it may write, reports included. Paths
     are compared resolved (symlinks, `..`, relative paths), and existing files also by inode (hard
-    links). None entries are skipped, so callers pass optional options as they are."""
+    links). None entries are skipped, so callers pass optional options as they are. `cache`: the stage
+    cache folder the verb reads and writes (dlopt.stagecache): no output may be, contain or lie inside it,
+    and it may not be, contain or lie inside an input (its entries are replaced and pruned)."""
     outputs = [o for o in outputs if o is not None]
-    if not outputs:
+    if not outputs and cache is None:
         return  # nothing will be written: no need to read the inputs' external-data lists
     sources = [f for i in inputs if i is not None for f in input_files(i)]
     for output in outputs:
-        out = Path(output).resolve()
         for source in sources:
-            if out == source or (out.exists() and source.exists() and os.path.samefile(out, source)):
-                what = f"is the input {source}"
-            elif out in source.parents:
-                what = f"contains the input {source}"
-            elif source in out.parents:
-                what = f"lies inside the input {source}"
-            else:
-                continue
-            raise InputError(f"output {output} {what}", "write to another path; inputs are never modified")
+            what = _overlap(Path(output), source)
+            if what:
+                raise InputError(f"output {output} {what} the input {source}",
+                                 "write to another path; inputs are never modified")
+        if cache is not None:
+            what = _overlap(Path(output), Path(cache).expanduser().resolve())
+            if what:
+                raise InputError(f"output {output} {what} the stage cache {cache}",
+                                 "write outside the cache, or pass another --cache-dir")
+    if cache is not None:
+        for source in sources:
+            what = _overlap(Path(cache).expanduser(), source)
+            if what:
+                raise InputError(f"the stage cache {cache} {what} the input {source}",
+                                 "pass another --cache-dir: the cache's entries are replaced and pruned")
+
+
+def _overlap(output: Path, source: Path) -> str | None:
+    """How `output` overlaps the resolved input path `source` ("is", "contains", "lies inside"), or None."""
+    out = output.resolve()
+    if out == source or (out.exists() and source.exists() and os.path.samefile(out, source)):
+        return "is"
+    if out in source.parents:
+        return "contains"
+    if source in out.parents:
+        return "lies inside"
+    return None
 
 
 def guard_source_spec(spec: str | None) -> Path | None:
@@ -109,8 +129,9 @@ _written: list[Path] = []
 
 
 def written_paths() -> list[Path]:
-    """Outputs this process renamed into place since the last `reset_written()`."""
-    return list(_written)
+    """Outputs this process renamed into place since the last `reset_written()` that are still there:
+    a file renamed into a staging folder that was removed since (a cache entry being built) is not."""
+    return list(dict.fromkeys(p for p in _written if p.exists()))
 
 
 def reset_written() -> None:
@@ -122,7 +143,7 @@ def record_written(path: Path) -> None:
     _written.append(Path(path))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -136,7 +157,7 @@ def stale_pid(name: str, prefix: str) -> bool:
     """True when `name` is `<prefix><pid>-...` and that process is gone (a killed run's leftover)."""
     rest = name[len(prefix):] if name.startswith(prefix) else ""
     pid_text = rest.split("-", 1)[0]
-    return pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text))
+    return pid_text.isdigit() and int(pid_text) != os.getpid() and not pid_alive(int(pid_text))
 
 
 def remove_stale_temps(out: Path) -> list[Path]:

@@ -30,8 +30,8 @@ keys, precision and mode auto) is the front door of `dlopt quantize`: it resolve
 runs, and the lineage records which one and why.
 
 Relative paths are relative to the recipe's folder. A stage's cache key is the sha256 of the input
-artifact (or the torch source's file), the stage's config dict, the data's hash and the host facts that
-change the result (see `host_facts`).
+artifact (or the torch source's file and the local modules it imports: `local_modules`), the stage's
+config dict, the data's hash and the host facts that change the result (see `host_facts`).
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli packag
     import tomli as tomllib
 
 import dlopt
-from dlopt.data import DataSpec, as_spec, read_spec_file, reader_hash, spec_from_keys, spec_hash
-from dlopt.errors import DlOptError, InputError
+from dlopt.data import DataSpec, as_spec, local_modules, read_spec_file, reader_hash, spec_from_keys, spec_hash
+from dlopt.errors import DlOptError, InputError, StageError
 from dlopt.manifest import hash_path, sha256_file
 from dlopt.stage import (ConfigValueError, Stage, StageContext, config_from_dict, config_to_dict, config_version,
                          get_stage, shown_value, stage_kinds)
@@ -424,7 +424,8 @@ def artifact_hash(model_path: Path) -> str:
 def source_hash(spec: str) -> str:
     """A torch source's identity: its factory file's bytes (file.py:build, package.module:build), or,
     for a reference model, its name with this dlopt's version (the factory ships with dlopt). A Python
-    data reader is hashed the same way (dlopt.data.reader_hash)."""
+    data reader is hashed the same way (dlopt.data.reader_hash), with the local modules the file imports
+    (dlopt.data.local_modules)."""
     return reader_hash(spec)
 
 
@@ -504,8 +505,10 @@ class StageRun:
                 "output_sha256": self.output_sha256, "cache_key": self.key}
         if self.entry.info["inputs"].get("data_spec"):  # the data as declared (layout, values, image)
             step["data_spec"] = self.entry.info["inputs"]["data_spec"]
-        scheme = self.entry.info.get("report", {}).get("scheme")
-        if scheme and scheme.get("resolved_from"):  # a `quantize` stage: the scheme it resolved to, and why
+        report = self.entry.info.get("report")
+        scheme = report.get("scheme") if isinstance(report, dict) else None
+        # a `quantize` stage: the scheme it resolved to, and why
+        if isinstance(scheme, dict) and scheme.get("resolved_from"):
             step["scheme"] = {"kind": scheme["kind"], "config": scheme["config"], "reasons": scheme["reasons"]}
         return step
 
@@ -529,11 +532,49 @@ def force_from(recipe: Recipe, force: str | None) -> int | None:
                      f"give a stage kind ({', '.join(s.kind for s in recipe.stages)}) or index 1-{len(recipe.stages)}")
 
 
+def recipe_inputs(recipe: Recipe) -> list[Path]:
+    """Every file the recipe reads: the recipe itself, its source (an .onnx, or a factory's file and the
+    local modules it imports), its data files and the stages' own (package's calibration, torch_source)."""
+    from dlopt.fileio import guard_source_spec
+
+    found: list[Path] = [recipe.path]
+    if recipe.onnx_source:
+        found.append(Path(recipe.source))
+    elif guard_source_spec(recipe.source) is not None:
+        factory = guard_source_spec(recipe.source)
+        found += [factory, *local_modules(factory)] if factory.is_file() else [factory]
+    specs = [recipe.calibration, recipe.eval_data, recipe.training_data]
+    for stage in recipe.stages:
+        specs.append(getattr(stage.config, "calibration", None))
+        torch_source = guard_source_spec(getattr(stage.config, "torch_source", None))
+        if torch_source is not None:
+            found.append(torch_source)
+    found += [Path(p) for p in map(_guarded_path, specs) if p is not None]
+    return found
+
+
+def recipe_outputs(recipe: Recipe, out: Path) -> list[Path]:
+    """Every path `run_recipe` may write for -o `out`: it, the stage reports delivered beside a model
+    (NAME.quantize.json, NAME.export.json), and where a quantize stage below its floor keeps its result
+    (NAME.failed.onnx and its report)."""
+    from dlopt.api import report_path_for
+
+    paths = [out]
+    if recipe.stages[-1].kind != "package":
+        paths += [report_path_for(out, "quantize"), report_path_for(out, "export")]
+    quantizers = [get_stage(s.kind) for s in recipe.stages if _quantizes(s.kind)]
+    if quantizers:
+        failed = quantizers[0].failed_path(out)
+        paths += [failed, report_path_for(failed, "quantize")]
+    return paths
+
+
 def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: str | None = None,
                overwrite: bool = False, log: Log = lambda message: None) -> RunResult:
-    """Run the recipe's stages, each from the cache when its key is there, and write the last stage's
-    artifact to `output` (an .onnx file, or a bundle folder when the last stage is package)."""
-    from dlopt.fileio import check_output_path, guard_outputs, guard_source_spec
+    """Run the recipe's stages, each from the cache when its key is there (and its files are those it
+    was written with), and write the last stage's artifact to `output` (an .onnx file, or a bundle folder
+    when the last stage is package)."""
+    from dlopt.fileio import check_output_path, guard_outputs
 
     out = Path(output)
     last = recipe.stages[-1].kind
@@ -543,39 +584,45 @@ def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: 
         check_bundle_path(out, overwrite)  # the rules of `dlopt package -o` (--overwrite replaces only a bundle)
     else:
         check_output_path(out)
-    source_file = Path(recipe.source) if recipe.onnx_source else guard_source_spec(recipe.source)
-    data_paths = [_guarded_path(s) for s in (recipe.calibration, recipe.eval_data, recipe.training_data)]
-    guard_outputs([recipe.path, source_file, *data_paths], [out])
+    inputs, outputs = recipe_inputs(recipe), recipe_outputs(recipe, out)
+    guard_outputs(inputs, outputs, cache=cache.root)
     redo = force_from(recipe, force)
+    started = time.time()  # --force: an entry another process rebuilt after this moment is a fresh one
 
-    artifact: Path | None = Path(recipe.source) if recipe.onnx_source else None
-    input_sha = artifact_hash(artifact) if artifact else source_hash(recipe.source)
-    runs: list[StageRun] = []
-    for stage in recipe.stages:
-        label = f"stage {stage.index}/{len(recipe.stages)} {stage.kind}"
-        start = time.perf_counter()
-        inputs = key_inputs(recipe, stage, input_sha, [r.lineage() for r in runs])
-        key = cache_key(inputs)
-        entry = None if redo is not None and stage.index >= redo else cache.get(key)
-        cached = entry is not None
-        if entry is None:
-            log(f"{label}: running (key {key[:12]})")
-            try:
-                entry = _run_stage(recipe, stage, artifact, out, key, inputs, cache, [r.lineage() for r in runs],
-                                   log)
-            except DlOptError as e:  # which stage failed, after which: "stage 2/3 quantize (after export): ..."
-                # a Stage names its own chain ("int8-static failed after export: ..."); else it is said here
-                named = e.message.startswith(f"{stage.kind} failed after ")
-                after = f" (after {', '.join(r.stage.kind for r in runs)})" if runs and not named else ""
-                e.message = f"{recipe.path} {label}{after}: {e.message}"  # same class: same exit code
-                raise
-        produced = _artifact_of(entry)
-        seconds = time.perf_counter() - start
-        output_sha = entry.info["output_sha256"]
-        log(f"{label}: {'cached' if cached else 'done'} in {seconds:.2f} s (key {key[:12]})")
-        runs.append(StageRun(stage, key, cached, seconds, input_sha, output_sha, entry))
-        artifact, input_sha = produced, output_sha
-    _deliver(artifact, out, bundle=last == "package")
+    with cache.private_folder() as private:
+        artifact: Path | None = Path(recipe.source) if recipe.onnx_source else None
+        input_sha = artifact_hash(artifact) if artifact else source_hash(recipe.source)
+        runs: list[StageRun] = []
+        for stage in recipe.stages:
+            label = f"stage {stage.index}/{len(recipe.stages)} {stage.kind}"
+            start = time.perf_counter()
+            inputs_k = key_inputs(recipe, stage, input_sha, [r.lineage() for r in runs])
+            key = cache_key(inputs_k)
+            forced = redo is not None and stage.index >= redo
+            found, view = (None, None) if forced else cache.checkout(key, private)
+            if found is not None and found.problem:
+                log(f"{label}: cache entry {key[:12]} not used ({found.problem}): rebuilding it")
+            entry = found.entry if found is not None else None
+            cached = entry is not None
+            if entry is None:
+                try:
+                    entry, view, cached = _build(recipe, stage, artifact, out, key, inputs_k, cache, private,
+                                                 [r.lineage() for r in runs], label, forced, started, log)
+                except DlOptError as e:  # which stage failed, after which: "stage 2/3 quantize (after export): ..."
+                    # a Stage names its own chain ("int8-static failed after export: ..."); else it is said here
+                    named = e.message.startswith(f"{stage.kind} failed after ")
+                    after = f" (after {', '.join(r.stage.kind for r in runs)})" if runs and not named else ""
+                    e.message = f"{recipe.path} {label}{after}: {e.message}"  # same class: same exit code
+                    raise
+            produced = view / entry.info["artifact"]
+            # recorded at write time from these bytes, which checkout just verified file by file (and
+            # entry.json by its digest): the hash of what this run goes on with and delivers
+            output_sha = entry.info["output_sha256"]
+            seconds = time.perf_counter() - start
+            log(f"{label}: {'cached' if cached else 'done'} in {seconds:.2f} s (key {key[:12]})")
+            runs.append(StageRun(stage, key, cached, seconds, input_sha, output_sha, entry))
+            artifact, input_sha = produced, output_sha
+        _deliver(artifact, out, bundle=last == "package", inputs=inputs, guarded=outputs)
     return RunResult(out, tuple(runs))
 
 
@@ -587,50 +634,65 @@ def _guarded_path(spec: str | DataSpec | None) -> str | None:
     return data.source.rpartition(":")[0] if data.is_reader else data.source
 
 
-def _artifact_of(entry: Entry) -> Path:
-    return entry.path / entry.info["artifact"]
+
+def _build(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Path, key: str, inputs: Mapping[str, Any],
+           cache: StageCache, private: Path, lineage: list[dict[str, Any]], label: str, forced: bool, started: float,
+           log: Log) -> tuple[Entry, Path, bool]:
+    """Build the stage's entry under the key's lock, unless another process made it while this one waited
+    for the lock (for a forced stage: made after this run started). Returns the entry, its private view
+    and whether it was taken from the cache."""
+    with cache.building(key) as staging:
+        again, view = cache.checkout(key, private)
+        if again.entry is not None and (not forced or again.entry.created >= started):
+            return again.entry, view, True
+        log(f"{label}: running (key {key[:12]})")
+        entry = _run_stage(recipe, stage, artifact, out, key, inputs, cache, staging, lineage, log)
+        made, view = cache.checkout(key, private)
+        if made.entry is None:
+            raise StageError(f"the cache entry {key[:12]} just written fails its check: {made.problem}",
+                             "run again; if it repeats, pass another --cache-dir")
+        return made.entry, view, False
 
 
 def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Path, key: str, inputs: Mapping[str, Any],
-               cache: StageCache, lineage: list[dict[str, Any]], log: Log) -> Entry:
+               cache: StageCache, staging: Path, lineage: list[dict[str, Any]], log: Log) -> Entry:
     config = _prepared(recipe, stage)
     after = tuple(step["kind"] for step in lineage)
     spec = get_stage(stage.kind)
-    with cache.building(key) as staging:
-        if stage.kind == "distill":  # the prune stage's checkpoint, trained against the source
-            produced, report = _distill(recipe, spec, config, artifact, staging, after, log)
-        elif spec.takes == spec.makes == "torch":  # prune: the pruned checkpoint
-            result = spec.apply(_torch_source(recipe, artifact, log), config, StageContext(after=after, log=log))
-            produced = get_stage("prune").save_checkpoint(staging / "model.pt", result.model.module, recipe.source,
-                                                          result.report)
-            report = {k: result.report[k] for k in ("parameters_before", "parameters_after", "macs_before",
-                                                    "macs_after")}
-        elif spec.takes == "torch":
-            from dlopt.api import export_model
+    if stage.kind == "distill":  # the prune stage's checkpoint, trained against the source
+        produced, report = _distill(recipe, spec, config, artifact, staging, after, log)
+    elif spec.takes == spec.makes == "torch":  # prune: the pruned checkpoint
+        result = spec.apply(_torch_source(recipe, artifact, log), config, StageContext(after=after, log=log))
+        produced = get_stage("prune").save_checkpoint(staging / "model.pt", result.model.module, recipe.source,
+                                                      result.report)
+        report = {k: result.report[k] for k in ("parameters_before", "parameters_after", "macs_before",
+                                                "macs_after")}
+    elif spec.takes == "torch":
+        from dlopt.api import export_model
 
-            source = recipe.source if artifact is None else _torch_source(recipe, artifact, log)
-            written = export_model(source, staging / "model.onnx", config, log=log)
-            produced, report = written.model_path, written.report
-        elif spec.makes == "bundle":
-            result = spec.apply(artifact, config, StageContext(output=staging / "bundle", lineage=tuple(lineage),
-                                                               after=after, log=log))
-            produced, report = result.model, result.report
-        else:  # quantize and its schemes
-            from dlopt.api import quantize_model
+        source = recipe.source if artifact is None else _torch_source(recipe, artifact, log)
+        written = export_model(source, staging / "model.onnx", config, log=log)
+        produced, report = written.model_path, written.report
+    elif spec.makes == "bundle":
+        result = spec.apply(artifact, config, StageContext(output=staging / "bundle", lineage=tuple(lineage),
+                                                           after=after, log=log))
+        produced, report = result.model, result.report
+    else:  # quantize and its schemes
+        from dlopt.api import quantize_model
 
-            outcome = quantize_model(artifact, staging / "model.onnx", config, recipe.calibration,
-                                     eval_data=recipe.eval_data, after=after, log=log)
-            if not outcome.passed:  # the best effort goes beside -o, as `dlopt quantize` keeps it; never cached
-                raise spec.failure_error(_keep_failed(outcome, out, spec))
-            produced, report = outcome.model_path, outcome.report
-        summary = {k: report[k] for k in ("verdict", "verification", "bytes_written", "bytes", "recipe", "scheme",
-                                          "parameters_before", "parameters_after", "macs_before", "macs_after",
-                                          "epochs_run", "best_epoch", "train_samples")
-                   if k in report}
-        info = {"kind": stage.kind, "inputs": dict(inputs), "artifact": produced.name,
-                "output_sha256": artifact_hash(produced), "source": recipe.source, "recipe": str(recipe.path),
-                "report": summary}
-        return cache.commit(key, staging, info)
+        outcome = quantize_model(artifact, staging / "model.onnx", config, recipe.calibration,
+                                 eval_data=recipe.eval_data, after=after, log=log)
+        if not outcome.passed:  # the best effort goes beside -o, as `dlopt quantize` keeps it; never cached
+            raise spec.failure_error(_keep_failed(outcome, out, spec))
+        produced, report = outcome.model_path, outcome.report
+    summary = {k: report[k] for k in ("verdict", "verification", "bytes_written", "bytes", "recipe", "scheme",
+                                      "parameters_before", "parameters_after", "macs_before", "macs_after",
+                                      "epochs_run", "best_epoch", "train_samples")
+               if k in report}
+    info = {"kind": stage.kind, "inputs": dict(inputs), "artifact": produced.name,
+            "output_sha256": artifact_hash(produced), "source": recipe.source, "recipe": str(recipe.path),
+            "report": summary}
+    return cache.commit(key, staging, info)
 
 
 def _distill(recipe: Recipe, spec: Stage, config: Any, checkpoint: Path, staging: Path, after: tuple[str, ...],
@@ -691,9 +753,10 @@ def _keep_failed(outcome: Any, out: Path, stage: Stage) -> Any:
     return dataclasses.replace(outcome, model_path=kept, report_path=report_path_for(kept, "quantize"))
 
 
-def _deliver(artifact: Path, out: Path, *, bundle: bool) -> None:
-    """Copy the last artifact out of the cache: a bundle folder (renamed into place whole), or a model
-    with its stage report beside it (renamed together)."""
+def _deliver(artifact: Path, out: Path, *, bundle: bool, inputs: list[Path], guarded: list[Path]) -> None:
+    """Copy the last artifact out of the run's private view of the cache: a bundle folder (renamed into
+    place whole), or a model with its stage reports beside it (renamed together). `guarded`: the outputs
+    already checked against `inputs`; a report of another name is checked here."""
     import os
     import tempfile
 
@@ -709,15 +772,29 @@ def _deliver(artifact: Path, out: Path, *, bundle: bool) -> None:
             raise
         return
     from dlopt.api import report_path_for
-    from dlopt.fileio import external_data_files, load_onnx, staged_outputs
+    from dlopt.fileio import external_data_files, guard_outputs, json_text, load_onnx, staged_outputs
 
     external = external_data_files(load_onnx(artifact, load_external_data=False))
     if external:
         raise InputError(f"{artifact.name} keeps its weights in external data files",
                          "end the recipe with a package stage, which bundles them")
+    reports = {report: report_path_for(out, report.name[len(artifact.name[:-5]) + 1:-len(".json")])
+               for report in sorted(artifact.parent.glob(f"{artifact.name[:-5]}.*.json"))}
+    guard_outputs(inputs, [path for path in reports.values() if path not in guarded])
     with staged_outputs() as outputs:
         shutil.copyfile(artifact, outputs.stage(out))
-        reports = sorted(artifact.parent.glob(f"{artifact.name[:-5]}.*.json"))
-        for report in reports:
-            stage = report.name[len(artifact.name[:-5]) + 1:-len(".json")]
-            shutil.copyfile(report, outputs.stage(report_path_for(out, stage)))
+        for report, path in reports.items():
+            outputs.stage(path).write_text(json_text(_delivered_report(report, out)))
+
+
+def _delivered_report(report: Path, out: Path) -> Any:
+    """A stage report as delivered: its `output` names -o, not the cache's staging folder it was written in."""
+    import json
+
+    try:
+        body = json.loads(report.read_text())
+    except (OSError, ValueError) as e:
+        raise StageError(f"the cached report {report.name} is not JSON ({e})", "run again with --force") from e
+    if isinstance(body, dict) and "output" in body:
+        body["output"] = str(out)
+    return body

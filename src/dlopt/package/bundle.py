@@ -19,6 +19,9 @@ def check_bundle_path(out: Path, overwrite: bool) -> Path:
         raise InputError(f"output directory {parent} does not exist", "create it first")
     if not os.access(parent, os.W_OK):
         raise InputError(f"output directory {parent} is not writable", "choose another -o path")
+    if out.is_symlink():  # replacing it would replace the link, or leave the old bundle aside under its name
+        raise InputError(f"bundle path {out} is a symlink (to {os.readlink(out)})",
+                         "give the folder itself as -o, not a link to it")
     _recover_killed_runs(out)
     if out.exists():
         if not out.is_dir():

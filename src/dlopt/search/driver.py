@@ -316,6 +316,7 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     out = Path(output)
     check_bundle_path(out, config.overwrite)
     report_out = check_output_path(report_path) if report_path else None
+    _guard_outputs(model, config, out, report_out, Path(cache.root))
     initialize()
     clock = _Clock(config.time_budget_s, log)
     ctx, data_text = _context(model, config, Path(cache.root))
@@ -462,6 +463,22 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     if not verified:
         raise VerificationError(f"the bundle {out} failed verification: {bundle_error}", "report this model")
     return OptimizeResult(result, bundle, report_out)
+
+
+def _guard_outputs(model: str, config: OptimizeConfig, out: Path, report_out: Path | None, cache_root: Path) -> None:
+    """Refuse, before any work, a bundle, report or cache that is, contains or lies inside an input (the
+    model, its data, a factory's file), each other, or the cache: the report is written after the bundle
+    was verified, so inside the bundle it would be a file its manifest does not list."""
+    from dlopt.fileio import guard_outputs, guard_source_spec
+
+    source = Path(model) if model.endswith(".onnx") else guard_source_spec(model)
+    data = [Path(d) for d in (config.calibration, config.eval_data) if d and not d.startswith("model:")]
+    guard_outputs([source, *data], [out, report_out], cache=cache_root)
+    if report_out is not None:
+        bundle, report = out.resolve(), report_out.resolve()
+        if report == bundle or bundle in report.parents:
+            raise InputError(f"--report {report_out} lies inside the bundle {out}",
+                             "write the report outside the bundle: its manifest lists every file the bundle holds")
 
 
 def _result(model, ctx, config, base, rows, skipped, front, picked, latency, server, executor, cache, bundle,

@@ -205,8 +205,12 @@ def cached_evaluation(ctx: SearchContext, candidate: Candidate) -> Evaluated | N
         result = Evaluated(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
     except (OSError, ValueError, TypeError):
         return None
-    if result.artifact is not None and not Path(result.artifact).exists():
-        return None  # its model was pruned from the cache: evaluate again
+    if result.artifact is not None:
+        artifact = Path(result.artifact)
+        if not artifact.exists():
+            return None  # its model was pruned from the cache: evaluate again
+        if artifact.parent.parent == ctx.cache.root and ctx.cache.get(artifact.parent.name) is None:
+            return None  # its model's entry no longer holds the bytes it was written with: apply it again
     return _replace(result, cached=True, eval_key=key)
 
 
