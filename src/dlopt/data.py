@@ -129,6 +129,15 @@ def as_spec(spec: str | Path | DataSpec | None, image: ImagePreprocess | None = 
     return spec
 
 
+def source_path(spec: str | Path | DataSpec | None) -> Path | None:
+    """The file or folder a data source reads (a Python reader's .py file), None for model:NAME and
+    module readers: what the output guards keep every output away from."""
+    data = as_spec(spec)
+    if data is None or not (data.is_path or (data.is_reader and ".py:" in str(data.source))):
+        return None
+    return Path(data.source.rpartition(":")[0] if data.is_reader else data.source)
+
+
 def parse_layout(items: Iterable[str]) -> tuple[tuple[str, int], ...]:
     """('state=1',) -> (('state', 1),): --input-layout NAME=AXIS."""
     pairs = []
@@ -963,4 +972,4 @@ def progress_bar(total: int | None, description: str, enabled: bool) -> Iterator
 
 __all__ = ["CalibrationData", "DEFAULT_SAMPLE_COUNT", "DataSpec", "Feeds", "InputSpec", "SampleArrays", "as_spec",
            "data_arrays", "data_spec", "graph_inputs", "load_data", "parse_layout", "parse_values", "progress_bar",
-           "local_modules", "read_spec_file", "reader_hash", "sample_arrays", "spec_from_keys", "spec_hash"]
+           "local_modules", "read_spec_file", "source_path", "reader_hash", "sample_arrays", "spec_from_keys", "spec_hash"]

@@ -51,7 +51,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli packag
     import tomli as tomllib
 
 import dlopt
-from dlopt.data import DataSpec, as_spec, local_modules, read_spec_file, reader_hash, spec_from_keys, spec_hash
+from dlopt.data import DataSpec, as_spec, local_modules, read_spec_file, reader_hash, source_path, spec_from_keys, spec_hash
 from dlopt.errors import DlOptError, InputError, StageError
 from dlopt.manifest import hash_path, sha256_file
 from dlopt.stage import (ConfigValueError, Stage, StageContext, config_from_dict, config_to_dict, config_version,
@@ -482,6 +482,9 @@ def key_inputs(recipe: Recipe, stage: StageSpec, input_sha256: str, upstream: li
         inputs["data_spec"] = specs  # what the lineage records; a plain source keys as it always did
     if stage.kind == "package":
         inputs["lineage"] = upstream  # the bundle's manifest records them
+    evaluator = getattr(config, "evaluator", None)
+    if isinstance(evaluator, str) and ".py:" in evaluator:  # the user's metric decides the verdict: its file too
+        inputs["evaluator"] = source_hash(evaluator)
     return inputs
 
 
@@ -549,7 +552,7 @@ def recipe_inputs(recipe: Recipe) -> list[Path]:
         torch_source = guard_source_spec(getattr(stage.config, "torch_source", None))
         if torch_source is not None:
             found.append(torch_source)
-    found += [Path(p) for p in map(_guarded_path, specs) if p is not None]
+    found += [Path(p) for p in map(source_path, specs) if p is not None]
     return found
 
 
@@ -624,14 +627,6 @@ def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: 
             artifact, input_sha = produced, output_sha
         _deliver(artifact, out, bundle=last == "package", inputs=inputs, guarded=outputs)
     return RunResult(out, tuple(runs))
-
-
-def _guarded_path(spec: str | DataSpec | None) -> str | None:
-    """The file or folder a data source reads (a Python reader's .py file): never an output."""
-    data = as_spec(spec)
-    if data is None or not (data.is_path or (data.is_reader and ".py:" in data.source)):
-        return None
-    return data.source.rpartition(":")[0] if data.is_reader else data.source
 
 
 
