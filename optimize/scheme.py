@@ -14,6 +14,7 @@ from typing import ClassVar
 from dlopt.errors import InputError
 from dlopt.images import ImagePreprocess
 from dlopt.optimize.kernel_choice import LAYERNORM_FORMS, LayerNormForm
+from dlopt.optimize.trim_padding import TRIM_MODES, TrimMode
 
 # Held out of the calibration data for the fidelity check (the last samples): this share, at least
 # HOLDOUT_MIN, at most half of the samples and at most fidelity_samples.
@@ -42,6 +43,9 @@ class QuantizeScheme:
     # target cpu: residual sums before LayerNorms written so that ORT does not fuse them into its
     # SkipLayerNormalization when that measures slower here (dlopt.optimize.kernel_choice); auto: timed
     layernorm_form: LayerNormForm = "auto"
+    # models with an attention mask: slice the token inputs to the batch's longest real length
+    # (dlopt.optimize.trim_padding); auto: only where held-out inputs confirm equivalence
+    trim_padding: TrimMode = "auto"
 
     def __post_init__(self) -> None:
         check_common(self)
@@ -72,6 +76,9 @@ def check_common(config) -> None:
     if config.layernorm_form not in LAYERNORM_FORMS:
         raise InputError(f"{name}: unknown layernorm form {config.layernorm_form!r}",
                          f"choose one of {', '.join(LAYERNORM_FORMS)}")
+    if config.trim_padding not in TRIM_MODES:
+        raise InputError(f"{name}: unknown trim-padding mode {config.trim_padding!r}",
+                         f"choose one of {', '.join(TRIM_MODES)}")
     if config.fidelity_samples < 1:
         raise InputError(f"{name}: fidelity_samples {config.fidelity_samples} must be >= 1", "e.g. 32")
     if config.calibration_samples is not None and config.calibration_samples < 1:

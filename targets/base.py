@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 
 from dlopt.errors import InputError, TargetUnavailableError
-from dlopt.sessions import CPU_PROVIDER, session_options
+from dlopt.sessions import CPU_PROVIDER, RelaxedOutput, produced_notes, session_options, session_source
 
 if TYPE_CHECKING:
     from dlopt.targets.cpu import HostCpu
@@ -94,6 +94,7 @@ class TargetSession:
     graph_opt_level: str
     provider_options: Mapping[str, str] = field(default_factory=dict)
     source: Any = None  # the path or bytes the session was built from (a CUDA graph needs a probe session)
+    relaxed_outputs: tuple[RelaxedOutput, ...] = ()  # declared output shapes cleared on the session's copy
 
     @property
     def fell_back(self) -> bool:
@@ -144,9 +145,15 @@ class BoundRun:
             else:
                 self._binding.bind_output(name, handle.device_type, handle.device_id)
         self._session = session
+        self._relaxed = handle.relaxed_outputs
 
     def __call__(self) -> None:
         self._session.run_with_iobinding(self._binding)
+        if self._relaxed:  # the first run shows what a relaxed declaration really gets
+            relaxed, self._relaxed = self._relaxed, ()
+            label = Path(self.handle.source).name if isinstance(self.handle.source, str) else "the model"
+            produced = dict(zip(self.handle.output_names(), self._binding.get_outputs()))
+            produced_notes(relaxed, {n: v.shape() for n, v in produced.items()}, label)
 
     def outputs(self) -> dict[str, np.ndarray]:
         """The outputs of the last run, copied to host memory."""
@@ -283,7 +290,8 @@ class Target:
             with warnings.catch_warnings():
                 # "Specified provider ... is not in available provider names": checked below, as an error
                 warnings.simplefilter("ignore", UserWarning)
-                session = ort.InferenceSession(source, sess_options=options, providers=requested)
+                with session_source(source) as (relaxed, relaxed_outputs):  # wrong declarations (dlopt.sessions)
+                    session = ort.InferenceSession(relaxed, sess_options=options, providers=requested)
         except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, NotImplemented …)
             label = source if isinstance(source, str) else "the model"
             raise InputError(f"onnxruntime cannot load {label} on target {self.name!r}: {str(e).strip()[:400]}",
@@ -304,7 +312,7 @@ class Target:
                              active_providers=active, device_type=self.device_type if runs_on == self.name else "cpu",
                              device_id=device_id, load_s=load_s, threads=threads, graph_opt_level=graph_opt_level,
                              provider_options=dict(provider_options or {}) if not fallback_only else {},
-                             source=source)
+                             source=source, relaxed_outputs=relaxed_outputs)
 
     def bind(self, handle: TargetSession, feeds: Mapping[str, np.ndarray]) -> BoundRun:
         """Place `feeds` on the session's device once; the returned callable runs the model."""

@@ -14,7 +14,7 @@ from dlopt.evaluate import EvalConfig, evaluate_data, evaluate_reference_model, 
 from dlopt.fidelity import cosine, mse, sqnr_db
 
 
-def _scale_model(path, factor: float, noise: float = 0.0):
+def _scale_model(path, factor: float, noise: float = 0.0, batch: int | str = "n"):
     """y = factor * x (+ a fixed perturbation): a 'quantized' copy of the identity with known error."""
     nodes = [helper.make_node("Constant", [], ["k"], value=helper.make_tensor("k", TensorProto.FLOAT, [], [factor])),
              helper.make_node("Mul", ["x", "k"], ["m"])]
@@ -24,8 +24,8 @@ def _scale_model(path, factor: float, noise: float = 0.0):
                   helper.make_node("Add", ["m", "e"], ["y"])]
     else:
         nodes.append(helper.make_node("Identity", ["m"], ["y"]))
-    graph = helper.make_graph(nodes, "scale", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
+    graph = helper.make_graph(nodes, "scale", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, path)
@@ -89,6 +89,16 @@ def test_on_data_with_labels_and_a_reference(files):
     assert result.value("mse") == pytest.approx(0.125, rel=1e-5)
     assert 0.5 < result.value("cosine") < 1.0
     assert 0.0 < result.value("top1_agreement") < 1.0
+
+
+def test_a_fixed_batch_1_model_runs_on_every_sample_of_the_data(files, tmp_path):
+    # 40 samples through a model whose batch axis is fixed at 1: run one at a time, not refused for the shape
+    fixed = _scale_model(tmp_path / "fixed.onnx", 1.0, 0.5, batch=1)
+    result = evaluate_data(fixed, files["data"], EvalConfig(metrics=("top1", "cosine")), reference=files["ref"])
+    noisy = evaluate_data(files["noisy"], files["data"], EvalConfig(metrics=("top1", "cosine")), reference=files["ref"])
+    assert result.samples == 40
+    assert result.value("cosine") == pytest.approx(noisy.value("cosine"), abs=1e-9) and result.value("cosine") < 0.999
+    assert result.value("top1") == pytest.approx(noisy.value("top1"))
 
 
 def test_identical_model_is_perfect_and_negated_model_is_not(files):

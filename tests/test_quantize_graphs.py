@@ -20,7 +20,7 @@ from dlopt.optimize.calibration import CalibrationData
 from dlopt.optimize.normalize import NormalizeConfig, default_opset, normalize, subgraph_nodes
 from dlopt.optimize.preprocess import looks_like_transformer
 from dlopt.fidelity import sqnr_db
-from dlopt.optimize.quantize import QuantizeConfig, choose_recipe, quantize
+from dlopt.optimize.quantize import QuantizeConfig, choose_recipe, quantize, summary_text
 from dlopt.sessions import cpu_session
 from test_quantize_int8 import cnn_model
 
@@ -482,3 +482,119 @@ def test_pp_ocrv4_detector_opset_12_quantizes_per_channel_to_a_valid_graph():
     assert weight_only.report["weight_only"]["nodes"] == {"Conv": 62, "ConvTranspose": 2}
     assert _dequantize_axes(weight_only.model).count(0) == 62
     assert weight_only.report["bytes_after"] < weight_only.report["bytes_before"] / 3
+
+
+# -- detectors: boxes in pixels joined with class scores ------------------------------------------------------
+def detector_model(seed: int = 0, classes: int = 6, size: int = 32, pixels: float = 640.0) -> onnx.ModelProto:
+    """A YOLO-shaped head on a conv backbone: boxes (sigmoid x pixels, 0..640) and class scores (sigmoid,
+    0..1) joined by a Concat on axis 1, reshaped to one output [1, 4+C, N]."""
+    rng = np.random.default_rng(seed)
+
+    def weight(name, *shape, scale=None):
+        scale = scale if scale is not None else np.sqrt(2.0 / np.prod(shape[1:]))
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+    n = (size // 4) ** 2
+    inits = [weight("k1", 16, 3, 3, 3), numpy_helper.from_array(np.zeros(16, np.float32), "b1"),
+             weight("k2", 16, 16, 3, 3), numpy_helper.from_array(np.zeros(16, np.float32), "b2"),
+             weight("kbox", 4, 16, 1, 1), weight("kcls", classes, 16, 1, 1, scale=0.6),
+             numpy_helper.from_array((rng.standard_normal(classes) - 2.0).astype(np.float32), "bcls"),
+             numpy_helper.from_array(np.array(pixels, np.float32), "pixels"),
+             numpy_helper.from_array(np.array([1, 4 + classes, n], np.int64), "out_shape")]
+    node = helper.make_node
+    nodes = [node("Conv", ["images", "k1", "b1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv1"),
+             node("Relu", ["c1"], ["r1"], name="relu1"),
+             node("Conv", ["r1", "k2", "b2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv2"),
+             node("Relu", ["c2"], ["r2"], name="relu2"),
+             node("Conv", ["r2", "kbox"], ["box_logits"], name="box_conv"),
+             node("Sigmoid", ["box_logits"], ["box_unit"], name="box_sigmoid"),
+             node("Mul", ["box_unit", "pixels"], ["box_px"], name="box_to_pixels"),
+             node("Conv", ["r2", "kcls", "bcls"], ["cls_logits"], name="cls_conv"),
+             node("Sigmoid", ["cls_logits"], ["cls_prob"], name="cls_sigmoid"),
+             node("Concat", ["box_px", "cls_prob"], ["head"], axis=1, name="head_concat"),
+             node("Reshape", ["head", "out_shape"], ["output0"], name="head_reshape")]
+    graph = helper.make_graph(nodes, "tiny_detector",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, size, size])],
+                              [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 4 + classes, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _detector_runs(model, images_) -> np.ndarray:
+    session = cpu_session(model)
+    return np.concatenate([session.run(None, {"images": x[None]})[0] for x in images_])
+
+
+def _quantize_detector(model, calibration, monkeypatch, *, handled: bool):
+    """Static INT8 with every op type ORT's quantize_static quantizes by default (Concat, Sigmoid and Mul
+    too, each with one per-tensor scale), the way a YOLO head reaches the collapse; `handled`: with
+    dlopt's mixed-range handling, else without it."""
+    from onnxruntime.quantization.registry import QDQRegistry
+
+    from dlopt.optimize.quantize import int8 as int8_module
+
+    monkeypatch.setattr(int8_module, "_default_op_types", lambda recipe: set(QDQRegistry) | {"Concat", "Sigmoid", "Mul"})
+    if not handled:
+        monkeypatch.setattr(int8_module, "mixed_range_outputs", lambda *args, **kwargs: [])
+    result = quantize(model, QuantizeConfig(mode="static", recover=False, node_forms="int8"),
+                      CalibrationData.from_arrays({"images": calibration}, source="test images"))
+    monkeypatch.undo()
+    return result
+
+
+def test_a_detector_head_joining_pixels_and_scores_keeps_each_its_own_scale(monkeypatch):
+    model = detector_model()
+    photos = np.random.default_rng(1).uniform(0, 1, (32, 3, 32, 32)).astype(np.float32)
+    calibration, held = photos[:24], photos[24:]
+    reference = _detector_runs(model, held)
+
+    plain = _quantize_detector(model, calibration, monkeypatch, handled=False)
+    assert "mixed_range_outputs" not in plain.report
+    collapsed = _detector_runs(plain.model, held)
+    # the joined output's one scale (a step of ~2.3 pixels) flattens the scores; the boxes do not notice
+    assert _sqnr(reference[:, 4:], collapsed[:, 4:]) < 5.0 and _sqnr(reference[:, :4], collapsed[:, :4]) > 40.0
+
+    result = _quantize_detector(model, calibration, monkeypatch, handled=True)
+    (handled,) = result.report["mixed_range_outputs"]
+    assert handled["node"] == "head_concat" and handled["outputs"] == ["output0"] and handled["ratio"] > 1000
+    assert handled["kept_float"] == ["head_concat", "head_reshape"] and handled["narrow_inputs"] == ["cls_prob"]
+    assert "apart, into graph output output0" in handled["why"]
+    import json
+    from importlib.resources import files
+
+    import jsonschema
+
+    schema = json.loads(files("dlopt").joinpath("schemas/quantize.schema.json").read_text())
+    jsonschema.validate(result.report["mixed_range_outputs"], schema["properties"]["mixed_range_outputs"])
+    assert "mixed-range output: head_concat joins" in summary_text(result.report)
+    graph = result.model.graph
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in ("head", "output0") for n in graph.node)
+    assert any(n.op_type == "QuantizeLinear" and n.input[0] == "cls_prob" for n in graph.node)  # its own scale
+    assert _ops(graph).count("Conv") == 4 and "DequantizeLinear" in _ops(graph)  # the rest stays INT8
+    got = _detector_runs(result.model, held)
+    assert _sqnr(reference[:, :4], got[:, :4]) >= 40.0  # boxes: 50.2 dB measured
+    assert _sqnr(reference[:, 4:], got[:, 4:]) >= 35.0  # scores: 39.1 dB measured, from 0.0 dB
+
+
+def test_mixed_range_detection_needs_a_wide_ratio_and_only_layout_ops_to_an_output():
+    from types import SimpleNamespace
+
+    from dlopt.optimize.quantize.int8 import mixed_range_outputs
+
+    def ranges(box_high: float, score_high: float):
+        return {"box_px": SimpleNamespace(range_value=(np.float32(0.0), np.float32(box_high))),
+                "cls_prob": SimpleNamespace(range_value=(np.float32(0.0), np.float32(score_high)))}
+
+    model = detector_model()
+    (found,) = mixed_range_outputs(model, ranges(600.0, 1.0))
+    assert found["kept_float"] == ["head_concat", "head_reshape"] and found["ratio"] == 600.0
+    assert mixed_range_outputs(model, ranges(30.0, 1.0)) == []  # 30x apart: one scale serves both
+    assert mixed_range_outputs(model, {}) == []  # no calibrated ranges: nothing to judge
+    assert mixed_range_outputs(model, ranges(600.0, 1.0), skip={"head_concat"}) == []  # excluded already
+    # a Concat whose result feeds more computation, not only layout ops to an output, is left alone
+    feeding = detector_model()
+    next(n for n in feeding.graph.node if n.name == "head_reshape").output[0] = "reshaped"
+    feeding.graph.node.append(helper.make_node("Relu", ["reshaped"], ["output0"], name="after_head"))
+    assert mixed_range_outputs(feeding, ranges(600.0, 1.0)) == []

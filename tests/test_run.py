@@ -131,7 +131,14 @@ def test_invalidation_by_input_config_data_and_isa(work, monkeypatch):
     other_data = _cached(work, 'eval_data = "eval.npz"\n' + QUANTIZE_ONLY)
     assert not other_data.cached and other_data.key != with_data.key  # data bytes
 
-    monkeypatch.setattr("dlopt.runtime.isa_line", lambda cpu: "x86_64: AVX-512, VNNI")
+    # Another host's ISA class, made to differ from whatever this host is (a fixed string such as
+    # "AVX-512, VNNI" would be this very host on a VNNI CPU).
+    from dlopt.runtime import isa_line
+    from dlopt.targets.cpu import host_cpu
+
+    this_host = isa_line(host_cpu())
+    monkeypatch.setattr("dlopt.runtime.isa_line", lambda cpu: "riscv64: no int8 dot product (faked for a test)")
+    assert this_host != "riscv64: no int8 dot product (faked for a test)"
     other_host = _cached(work)
     assert not other_host.cached and other_host.key != base.key  # ISA class
     monkeypatch.undo()

@@ -30,9 +30,11 @@ from dlopt.stagecache import StageCache
 IMAGE = ImagePreprocess(size=(2, 3), layout="nchw", scale=0.5, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), bgr=True)
 SCHEME_COMMON = dict(exclude_nodes=("a", "b"), exclude_ops=("Gemm",), target="arm64", input_shapes=("x=1x16",),
                      image=IMAGE, calibration_samples=7, fidelity_samples=5, min_sqnr_db=12.5, holdout=0.3,
-                     metric="detection", metric_floor=0.8, speed_check=False, layernorm_form="fused")
+                     metric="detection", metric_floor=0.8, speed_check=False, layernorm_form="fused",
+                     trim_padding="off")
 INT8_COMMON = dict(SCHEME_COMMON, per_channel=False, preprocess=False, max_accuracy_drop=0.01, evaluator="top1",
-                   recover=False, leave_one_out_limit=9, smoothing=0.5, smoothing_samples=3)
+                   recover=False, leave_one_out_limit=9, smoothing=0.5, smoothing_samples=3,
+                   fuse_activations=False)
 # Every field of every stage's config set to a value that is not its default (checked below).
 NON_DEFAULT = {
     "export": dict(opset=17, exporter="torchscript", fallback=False, dynamic_shapes=False, atol=1e-3, rtol=1e-2,
@@ -50,7 +52,8 @@ NON_DEFAULT = {
                      metric="map", metric_floor=0.95,
                      recover=False, leave_one_out_limit=10, smoothing=0.75, smoothing_samples=4,
                      weight_rounding="nearest", bias_correction=False, rounding_samples=5, speed_check=False,
-                     layernorm_form="unfused", node_forms="int8"),
+                     layernorm_form="unfused", node_forms="int8", trim_padding="on",
+                     fuse_activations=False),
     "int8-dynamic": INT8_COMMON,
     "int8-weight-only": INT8_COMMON,
     "int8-static": dict(INT8_COMMON, method="percentile", percentile=99.9, weight_rounding="gptq",
@@ -61,6 +64,7 @@ NON_DEFAULT = {
                              sensitivity_samples=3, gptq_samples=4, gptq_act_order=False, gptq_clip_search=False),
     "fp16": dict(SCHEME_COMMON, keep_io_types=False, auto_fallback=False, transformer_fusion="on", check_samples=2,
                  max_rounds=3),
+    "trim-padding": dict(mode="on", mask_input="mask", min_cosine=0.99, samples=4),
     "package": dict(target="cpu", intended_ep=None, fix_shapes=("x=1x16",), type_reduction=True, coverage=False,
                     samples=3, batch=2, seq_len=8, input_shapes=("x=2x16",), atol=1e-3, rtol=1e-2, seed=4,
                     measure_s=0.0, threads=2, torch_source=None, pte_precisions=("fp32", "int8"),

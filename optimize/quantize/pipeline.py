@@ -45,6 +45,12 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
         from dlopt.metrics import load_evaluator
 
         load_evaluator(evaluator)
+    if config.trim_padding == "on":  # said before the quantization's minutes, not after them
+        from dlopt.optimize.trim_padding import plan
+
+        reason = plan(model).reason
+        if reason:
+            raise InputError(f"--trim-padding on: {reason}", "use --trim-padding auto or off for this model")
     started = time.perf_counter()
     # before ORT's own sessions (its calibrator, its transformer optimizer), which would otherwise be the
     # process's first and leave denormals unflushed on this thread for the checks and timings below
@@ -82,6 +88,7 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
         report = {**{k: v for k, v in result.report.items() if k != "config"}, "precision": config.precision,
                   "config": config_to_dict(request or config), "scheme": scheme}
         result_model, report["kernel_choice"] = _choose_kernels(result.model, config, log)
+        result_model, report["trim_padding"] = _trim_padding(model, result_model, config, held_out, data, log)
         report.update(_summary(model, result_model, data, config, feeds=held_out, holdout=holdout))
         report["verdict"] = verdict(report, floor)
         _warn_if_slower(report, log)
@@ -106,6 +113,9 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
                                                     input_shapes=config.input_shapes), data)
         prepared, pre_report = pre.model, pre.report
         _check_exclusions(prepared, config)  # a fusion may have absorbed an excluded node
+    fusion_report = None
+    if config.preprocess and config.fuse_activations:
+        prepared, fusion_report = _fuse_activations(prepared, config, recipe, data, log)
     smooth_report = None
     if recipe.smoothing is not None and data is not None:
         log(f"SmoothQuant: measuring activation ranges on {config.smoothing_samples} samples")
@@ -144,7 +154,8 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
                                                    details, log)
     report = {"precision": "int8", "config": config_to_dict(request or config), "scheme": scheme,
               "recipe": dataclasses.asdict(recipe) | {"reasons": list(recipe.reasons)},
-              "normalization": normalized.report, "preprocess": pre_report, "smoothing": smooth_report, **details}
+              "normalization": normalized.report, "preprocess": pre_report, "activation_fusion": fusion_report,
+              "smoothing": smooth_report, **details}
     if budget is not None:
         report["budget"] = budget
     if recovery is not None:
@@ -152,6 +163,7 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
     if node_forms is not None:
         report["node_forms"] = node_forms
     quantized, report["kernel_choice"] = _choose_kernels(quantized, config, log)
+    quantized, report["trim_padding"] = _trim_padding(model, quantized, config, held_out, data, log)
     report.update(_summary(model, quantized, data, config, feeds=held_out, holdout=holdout, exact_arithmetic=exact))
     if "fidelity_exact_arithmetic" in report:
         log(f"note: {report['fidelity_exact_arithmetic']['why']}")
@@ -197,6 +209,36 @@ def _choose_kernels(model, config: QuantizeScheme, log) -> tuple[Any, dict[str, 
     result = choose_layernorm_form(model, KernelChoiceConfig(layernorm=config.layernorm_form))
     if result.report["sites"]:
         log(f"kernel choice: {result.report['decision']}")
+    return result.model, result.report
+
+
+def _fuse_activations(model, config, recipe: Recipe, data, log) -> tuple[Any, dict[str, Any]]:
+    """Decomposed hard-swish, SiLU and GELU as single ops before calibration (dlopt.optimize.fuse_activations),
+    each kind checked against the unfused graph on the calibration data."""
+    from dlopt.optimize.fuse_activations import FuseActivations, fuse_activations, summary_line
+
+    result = fuse_activations(model, FuseActivations(static_int8=recipe.mode == "static",
+                                                     input_shapes=config.input_shapes), data)
+    line = summary_line(result.report)
+    if line:
+        log(line)
+    _check_exclusions(result.model, config)  # a fusion may have absorbed an excluded node
+    return result.model, result.report
+
+
+def _trim_padding(source, model, config: QuantizeScheme, held_out, data, log) -> tuple[Any, dict[str, Any]]:
+    """Padding removal on the quantized model (dlopt.optimize.trim_padding), checked on the held-out samples
+    (else samples of the calibration data) padded: the float source must not depend on the padding, and
+    the quantized model must keep its fidelity to the source once trimmed. Last,
+    because its prefix comes before every node: the fidelity and speed checks below see the final model."""
+    from dlopt.inputs import take_samples
+    from dlopt.optimize.trim_padding import TrimPadding, summary_line, trim_padding
+
+    samples = held_out or take_samples(data, config.fidelity_samples)
+    result = trim_padding(model, TrimPadding(mode=config.trim_padding), samples, reference=source)
+    line = summary_line(result.report)
+    if line:
+        log(line)
     return result.model, result.report
 
 

@@ -45,6 +45,8 @@ def summary_text(report: Mapping[str, Any]) -> str:
     lines.append("quantized nodes: " + (", ".join(f"{k} {v}" for k, v in q.items()) or "none"))
     if report.get("nodes_excluded"):
         lines.append(f"kept in float: {', '.join(report['nodes_excluded'])}")
+    for mixed in report.get("mixed_range_outputs") or []:
+        lines.append(f"mixed-range output: {mixed['why']} (float: {', '.join(mixed['kept_float'])})")
     forms = report.get("node_forms")
     if forms:
         lines.append(f"node forms: {forms['decision']}")

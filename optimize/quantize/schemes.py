@@ -13,6 +13,7 @@ from dlopt.optimize.fp16 import Fp16
 from dlopt.optimize.int4 import Int4WeightOnly
 from dlopt.optimize.kernel_choice import LayerNormForm, NODE_FORMS, NodeForms
 from dlopt.optimize.scheme import HOLDOUT_FRACTION, QuantizeScheme, check_common
+from dlopt.optimize.trim_padding import TrimMode
 
 PRECISIONS = ("int8", "int4", "fp16")
 MODES = ("auto", "dynamic", "static", "weight-only")
@@ -49,6 +50,8 @@ class _Int8(QuantizeScheme):
     mode: ClassVar[str]
     per_channel: bool = True
     preprocess: bool = True  # fusions, constant folding, shape inference, each checked
+    # decomposed hard-swish / SiLU / GELU as single ops before calibration (dlopt.optimize.fuse_activations)
+    fuse_activations: bool = True
     max_accuracy_drop: float | None = None
     evaluator: str | None = None  # a METRIC_TABLE name | FILE.py:FUNCTION | model:NAME[:metric]; None: the task metric
     # below the floor: keep the nodes that add the most noise in float until it holds (the budget
@@ -148,6 +151,7 @@ class QuantizeConfig:
     exclude_ops: tuple[str, ...] = ()
     target: str = "cpu"  # a target of dlopt.targets that runs ONNX models
     preprocess: bool = True  # fusions, constant folding, shape inference (int8), each checked
+    fuse_activations: bool = True  # int8: decomposed activations as single ops before calibration
     calibration_samples: int | None = None  # cap on samples read; None: all of them
     percentile: float | None = None  # for percentile calibration; None: 99.99 for CNNs, 99.999 otherwise
     max_accuracy_drop: float | None = None
@@ -169,6 +173,7 @@ class QuantizeConfig:
     speed_check: bool = True
     layernorm_form: LayerNormForm = "auto"
     node_forms: NodeForms = "auto"
+    trim_padding: TrimMode = "auto"
 
     def resolve(self, model, *, has_data: bool) -> tuple[Scheme, tuple[str, ...]]:
         """The scheme config this request asks for on `model`, and why (int8 mode auto: see choose_mode)."""

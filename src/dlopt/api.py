@@ -701,6 +701,7 @@ _LAZY = {
     "check_number": "dlopt.limits",  # the checks of numeric options, shared by the CLI's option types
     # the data layer every verb reads its data through (docs/data.md)
     "DataSpec": "dlopt.data", "CalibrationData": "dlopt.data", "data_spec": "dlopt.data", "load_data": "dlopt.data",
+    "notes_to": "dlopt.sessions",  # where sessions' one-time notes go (a relaxed output declaration)
     "reset_written": "dlopt.fileio", "written_paths": "dlopt.fileio",  # what an interrupted command had written
     # the stage configs and what the stage verbs' callers print, from dlopt.stage's registry: "stage:KIND:ATTR"
     # is the stage's config class (ATTR config) or one of its helpers

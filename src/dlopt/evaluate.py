@@ -204,7 +204,7 @@ def evaluate_data(model: str | os.PathLike, data: str | os.PathLike, config: Eva
         raise InputError(f"batch size must be at least 1, got {config.batch_size}", "e.g. {batch_size=32}")
     handle = _open(model, config)
     arrays = data_arrays(data, model, extra=(LABELS_KEY, EXPECTED_KEY, *handle.output_names()))  # dlopt.data
-    feeds = arrays.with_arrays(feeds_from_arrays(session_inputs(handle.session), arrays, str(data)))
+    feeds = arrays.with_arrays(feeds_from_arrays(session_inputs(handle.session), arrays, str(data), arrays.axes))
     n = _sample_count(feeds, data)
     all_outputs = run_batched(handle, feeds, config.batch_size)
     out_name, output = _pick_output(all_outputs, config.output, str(model))
@@ -213,7 +213,8 @@ def evaluate_data(model: str | os.PathLike, data: str | os.PathLike, config: Eva
     ref_outputs: dict[str, np.ndarray] = {}
     if reference is not None:
         ref_handle = _open(reference, config)
-        ref_feeds = arrays.with_arrays(feeds_from_arrays(session_inputs(ref_handle.session), arrays, str(data)))
+        ref_feeds = arrays.with_arrays(feeds_from_arrays(session_inputs(ref_handle.session), arrays, str(data),
+                                                            arrays.axes))
         ref_outputs = run_batched(ref_handle, ref_feeds, config.batch_size)
         _, ref_output = _pick_output(ref_outputs, out_name if out_name in ref_outputs else None, str(reference))
     elif out_name in arrays or EXPECTED_KEY in arrays:

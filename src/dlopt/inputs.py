@@ -380,9 +380,13 @@ def _has_free_dims(specs: Sequence[InputSpec], overrides: Mapping[str, Shape] | 
     return any(s.fixed(a) is None for s in specs if s.name not in (overrides or {}) for a in range(1, len(s.shape)))
 
 
-def feeds_from_arrays(specs: Sequence[InputSpec], data: Mapping[str, np.ndarray], source: str) -> Feeds:
+def feeds_from_arrays(specs: Sequence[InputSpec], data: Mapping[str, np.ndarray], source: str,
+                      sample_axes: Mapping[str, int | None] | None = None) -> Feeds:
     """The model's inputs taken from `data` (e.g. an .npz's arrays), cast to the model's types where
-    that loses nothing; names, ranks and fixed dimensions checked."""
+    that loses nothing; names, ranks and fixed dimensions checked. `sample_axes` (input name -> the axis
+    that holds the samples) marks arrays that are run in chunks: their sample axis may hold any number of
+    samples, however a fixed batch size of the model's splits it (6 samples for a batch-1 model)."""
+    sample_axes = sample_axes or {}
     feeds = {}
     for spec in specs:
         if spec.name not in data:
@@ -396,7 +400,8 @@ def feeds_from_arrays(specs: Sequence[InputSpec], data: Mapping[str, np.ndarray]
                 raise InputError(f"{source}: array {spec.name!r} is {array.dtype}, the model wants {want}",
                                  "save it with the model's dtype")
             array = array.astype(want)
-        if array.ndim != len(spec.shape) or any(spec.fixed(a) not in (None, n) for a, n in enumerate(array.shape)):
+        if array.ndim != len(spec.shape) or any(spec.fixed(a) not in (None, n) for a, n in enumerate(array.shape)
+                                                if a != sample_axes.get(spec.name)):
             raise InputError(f"{source}: array {spec.name!r} has shape {list(array.shape)}, the model wants "
                              f"{spec.shape_text()}", "fix the data's shape")
         feeds[spec.name] = array

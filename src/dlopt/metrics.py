@@ -916,31 +916,6 @@ def _detect_layout(outputs: Sequence[np.ndarray], requested: bool = False,
                 return (DetectionLayout("yolox", (i,), False, grids=grids),
                         f"output {i} {list(a.shape)} is YOLOX's raw grid rows [B, N, 5+C]: N = the cells of strides "
                         f"8, 16, 32 of the {image[0]}x{image[1]} input, log sizes, objectness and scores in [0, 1]")
-    # one output [B, 4+C, N] / [B, N, 4+C]: score rows in [0, 1] behind box rows that are not. Channels
-    # first is YOLOv8 and later (no objectness); channels last is YOLOv5/v7/YOLOX's [1, N, 5+C] unless
-    # 4+C = 84 (a transposed YOLOv8 COCO head), since the values cannot tell an objectness row apart
-    for i in floats:
-        a = arrays[i]
-        if a.ndim != 3 or a.shape[1] == a.shape[2]:
-            continue
-        first = a.shape[1] < a.shape[2]
-        k = min(a.shape[1], a.shape[2])
-        if k < 5:
-            continue
-        rows = np.moveaxis(a, 1 if first else 2, 0).reshape(k, -1)
-        side = "[B, 4+C, N]" if first else "[B, N, 4+C]"
-        # box rows in pixels: a tensor entirely in [0, 1] (a CTC head's softmax [1, T, V], normalized boxes)
-        # is not taken for a detector unless --metric detection says so
-        boxes_outside = float(np.abs(rows[:4]).max()) > 1.5
-        if _unit(rows[4:]) and (boxes_outside or (requested and k >= 6 and _unit(rows[:4]))):
-            if k >= 6 and not first and k - 4 != 80:
-                return (DetectionLayout("yolo-obj", (i,), first),
-                        f"output {i} {list(a.shape)} is {side.replace('4+C', '5+C')}: box rows 0-3 "
-                        f"({'outside' if boxes_outside else 'inside'} [0, 1]), objectness and class scores in [0, 1] "
-                        "(channels last: the YOLOv5/v7/YOLOX export layout, which has an objectness row)")
-            return (DetectionLayout("yolo", (i,), first),
-                    f"output {i} {list(a.shape)} is {side}: box rows 0-3 (range up to "
-                    f"{float(np.abs(rows[:4]).max()):.3g}), {k - 4} class-score rows in [0, 1]")
     # decoded boxes [B, N, 4] beside scores [B, N, C] / [B, C, N]
     for i in floats:
         a = arrays[i]
@@ -994,6 +969,33 @@ def _detect_layout(outputs: Sequence[np.ndarray], requested: bool = False,
         return DetectionLayout("levels", flat), (
             f"{len(pairs)} levels of score maps in [0, 1] beside box maps of the same size: outputs "
             + ", ".join(f"{s}+{b} {list(arrays[s].shape[2:])}" for s, b in pairs))
+    # Multi-output heads are matched first: PP-PicoDet's flattened score level [1, 7600, 10] alone also
+    # reads as a [B, N, 5+C] single output once --metric detection lifts the box-range test.
+    # one output [B, 4+C, N] / [B, N, 4+C]: score rows in [0, 1] behind box rows that are not. Channels
+    # first is YOLOv8 and later (no objectness); channels last is YOLOv5/v7/YOLOX's [1, N, 5+C] unless
+    # 4+C = 84 (a transposed YOLOv8 COCO head), since the values cannot tell an objectness row apart
+    for i in floats:
+        a = arrays[i]
+        if a.ndim != 3 or a.shape[1] == a.shape[2]:
+            continue
+        first = a.shape[1] < a.shape[2]
+        k = min(a.shape[1], a.shape[2])
+        if k < 5:
+            continue
+        rows = np.moveaxis(a, 1 if first else 2, 0).reshape(k, -1)
+        side = "[B, 4+C, N]" if first else "[B, N, 4+C]"
+        # box rows in pixels: a tensor entirely in [0, 1] (a CTC head's softmax [1, T, V], normalized boxes)
+        # is not taken for a detector unless --metric detection says so
+        boxes_outside = float(np.abs(rows[:4]).max()) > 1.5
+        if _unit(rows[4:]) and (boxes_outside or (requested and k >= 6 and _unit(rows[:4]))):
+            if k >= 6 and not first and k - 4 != 80:
+                return (DetectionLayout("yolo-obj", (i,), first),
+                        f"output {i} {list(a.shape)} is {side.replace('4+C', '5+C')}: box rows 0-3 "
+                        f"({'outside' if boxes_outside else 'inside'} [0, 1]), objectness and class scores in [0, 1] "
+                        "(channels last: the YOLOv5/v7/YOLOX export layout, which has an objectness row)")
+            return (DetectionLayout("yolo", (i,), first),
+                    f"output {i} {list(a.shape)} is {side}: box rows 0-3 (range up to "
+                    f"{float(np.abs(rows[:4]).max()):.3g}), {k - 4} class-score rows in [0, 1]")
     return None
 
 

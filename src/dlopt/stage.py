@@ -154,6 +154,7 @@ STAGES: dict[str, str] = {
     "int8-weight-only": "dlopt.optimize.quantize:INT8_WEIGHT_ONLY",
     "int4-weight-only": "dlopt.optimize.quantize:INT4_WEIGHT_ONLY",
     "fp16": "dlopt.optimize.quantize:FP16",
+    "trim-padding": "dlopt.optimize.trim_padding:STAGE",
     "package": "dlopt.bundle_stage:STAGE",
 }
 

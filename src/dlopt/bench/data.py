@@ -106,5 +106,30 @@ def padding_share(feeds_list: Sequence[Mapping[str, np.ndarray]]) -> float | Non
     return float(1 - np.mean(np.concatenate([m.ravel() != 0 for m in masks])))
 
 
+def length_sorting(data: Mapping[str, np.ndarray] | None, batch: int | None) -> dict[str, Any] | None:
+    """Where batches mix lengths: the tokens a padding-trimmed model (dlopt.optimize.trim_padding) computes
+    per sample, each batch cut to its longest real length, with the data's order as given and with the
+    samples sorted by real length first, against the padded length. None without a mask input, for one
+    sample per batch, or when every sample has the same real length (sorting changes nothing)."""
+    masks = [np.asarray(v) for k, v in (data or {}).items()
+             if "mask" in k.lower() and np.ndim(v) == 2 and np.issubdtype(np.asarray(v).dtype, np.integer)]
+    if not masks or batch is None or batch < 2:
+        return None
+    mask = masks[0]
+    real = mask != 0
+    lengths = np.where(real.any(axis=1), mask.shape[1] - np.argmax(real[:, ::-1], axis=1), 1)
+    count = min(len(lengths) // batch, MAX_DATA_BATCHES) * batch
+    if count == 0 or len(set(lengths[:count].tolist())) < 2:
+        return None
+
+    def tokens(order: np.ndarray) -> float:
+        groups = order[:count].reshape(-1, batch)
+        return float(np.mean(lengths[groups].max(axis=1)))  # per sample: its batch's longest real length
+
+    return {"padded_length": int(mask.shape[1]), "mean_real_length": float(np.mean(lengths[:count])),
+            "tokens_as_given": tokens(np.arange(count)),
+            "tokens_sorted": tokens(np.argsort(lengths[:count], kind="stable"))}
+
+
 def padding_note(padding: float | None) -> str:
     return f", {100 * padding:.0f} % of tokens padding" if padding else ""

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from dlopt.bench.config import CLOCKS, DEFAULT_SEQ_LEN, MIN_TIMED_ROUNDS, BenchConfig, ProgressFn, validate_config
-from dlopt.bench.data import model_feed_batches, model_feeds, padding_share
+from dlopt.bench.data import length_sorting, model_feed_batches, model_feeds, padding_share
 from dlopt.bench.results import BatchRun, BenchResult, LoadedModel, ModelRun
 from dlopt.bench.sampler import InterleavedSampler, Repeated, runs_per_sample
 from dlopt.errors import InputError
@@ -364,4 +364,5 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
     report(f"{label}: done", 1.0)
     return BatchRun(batch=effective_batch, input_shapes=shapes, rounds=sampler.timed_rounds, seconds=seconds,
                     warmup=warm, models=tuple(results), runs_per_sample=repeat * sampler.merged,
-                    samples=sampler.rounds, data_batches=bound.data_batches, padding=bound.padding)
+                    samples=sampler.rounds, data_batches=bound.data_batches, padding=bound.padding,
+                    length_sorting=length_sorting(data, batch))

@@ -68,6 +68,14 @@ def format_result(result: BenchResult) -> str:
         lines.append(f"batch {b.batch}: {b.rounds} interleaved rounds in {b.seconds:.1f} s{grouped}; warm-up "
                      f"{b.warmup.rounds} rounds, {'settled' if b.warmup.settled else 'NOT settled (capped)'}; "
                      f"inputs {shapes} ({source}{padding_note(b.padding)})")
+        if b.length_sorting:
+            ls = b.length_sorting
+            lines.append(f"batch {b.batch}: the data's real lengths differ (mean {ls['mean_real_length']:.1f} of "
+                         f"{ls['padded_length']}): a model trimmed to each batch's longest real length (dlopt quantize "
+                         f"--trim-padding) computes {ls['tokens_as_given']:.1f} tokens per sample in this order, "
+                         f"{ls['tokens_sorted']:.1f} with requests sorted by length "
+                         f"({ls['tokens_as_given'] / ls['tokens_sorted']:.2f}x fewer), against {ls['padded_length']} "
+                         "padded")
         if result.config.rounds is None and b.rounds < result.config.min_rounds:
             lines.append(f"batch {b.batch}: only {b.rounds} rounds fit in the budget: the CI is wide; "
                          "give a longer --budget")

@@ -51,6 +51,7 @@ class BatchRun:
     padding: float | None = None  # share of padding tokens (mask 0) in the timed inputs; None: no mask input
     runs_per_sample: int = 1  # runs whose mean latency is one stored sample (grouped runs x merged rounds)
     samples: int | None = None  # stored samples per model (rounds, or fewer when rounds were merged)
+    length_sorting: Mapping[str, Any] | None = None  # tokens per sample a trimmed model computes (data.length_sorting)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class BenchResult:
                 "input_shapes": {k: list(v) for k, v in b.input_shapes.items()},
                 "data_batches": b.data_batches,
                 "padding": b.padding,
+                **({"length_sorting": dict(b.length_sorting)} if b.length_sorting else {}),
                 "rounds": b.rounds,
                 "samples": b.rounds if b.samples is None else b.samples,
                 "runs_per_sample": b.runs_per_sample,

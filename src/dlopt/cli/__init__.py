@@ -39,9 +39,10 @@ class _VerbGroup(click.Group):
         return self._verbs().get(name)
 
     def invoke(self, ctx):
-        from dlopt.api import reset_written
+        from dlopt.api import notes_to, reset_written
 
         reset_written()
+        notes_to(lambda text: click.echo(f"note: {text}", err=True))
         with _sigterm_as_interrupt() as received:
             try:
                 return super().invoke(ctx)

@@ -69,12 +69,21 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--node-forms", "node_forms", default="auto", show_default=True,
               help="Target cpu, static int8: auto (time each node class, e.g. depthwise or 1-3-channel convs, in "
                    "INT8 and float here and keep float where INT8 is slower, if the whole model gains) | int8.")
+@click.option("--no-fuse-activations", is_flag=True,
+              help="int8: leave decomposed hard-swish, SiLU and GELU as they are (by default each is fused into "
+                   "one op before calibration, checked against the unfused graph on the data).")
+@click.option("--trim-padding", "trim_padding", default="auto", show_default=True,
+              type=click.Choice(["auto", "on", "off"]),
+              help="Models with an attention mask: slice the token inputs to the batch's longest real length and pad "
+                   "per-token outputs back with zeros (same interface). auto: only where held-out inputs, padded, "
+                   "give the untrimmed model's outputs (cosine >= 0.999), else says why not.")
 @input_shape_option
 @data_options
 def command(model, output, precision, mode, calibration, calibration_samples, eval_data, holdout, min_sqnr_db,
             no_recover, method, percentile, per_channel,
             block_size, exclude_nodes, exclude_ops, target, no_preprocess, max_accuracy_drop, metric, metric_floor,
-            evaluator, smoothing, weight_rounding, bias_correction, layernorm_form, node_forms, input_shapes, declared):
+            evaluator, smoothing, weight_rounding, bias_correction, layernorm_form, node_forms, no_fuse_activations,
+            trim_padding, input_shapes, declared):
     """Quantize MODEL.onnx and write OUT.onnx plus OUT.quantize.json beside it (schema: dlopt/schemas/quantize.schema.json).
 
     Prints the recipe and why it was chosen, the size before and after, the quantized nodes by op
@@ -92,7 +101,8 @@ def command(model, output, precision, mode, calibration, calibration_samples, ev
                             max_accuracy_drop=max_accuracy_drop, evaluator=evaluator, metric=metric,
                             metric_floor=metric_floor, smoothing=smoothing,
                             weight_rounding=weight_rounding, bias_correction=bias_correction,
-                            layernorm_form=layernorm_form, node_forms=node_forms, input_shapes=input_shapes,
+                            layernorm_form=layernorm_form, node_forms=node_forms, trim_padding=trim_padding,
+                            fuse_activations=not no_fuse_activations, input_shapes=input_shapes,
                             min_sqnr_db=min_sqnr_db, holdout=holdout, recover=not no_recover)
     calibration, eval_data = declared.specs(calibration, eval_data)
     outcome = quantize_model(model, output, config, calibration, eval_data=eval_data, progress=True, log=echo_err)

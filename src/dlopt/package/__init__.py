@@ -51,6 +51,23 @@ from dlopt.package.pte import _build_pte, _load_torch_source
 from dlopt.package.record import _calibration_record, _coverage_summary, _manifest, _roles, _stage_reports
 
 
+def _relaxed_outputs(model, label: str):
+    """(`model` with the output declarations relaxed that its graph does not confirm, what was relaxed),
+    or (None, ()) where there is nothing to relax (see dlopt.sessions): the shipped model must run
+    where the user's application reuses its output buffers, as ONNX Runtime's IO binding does."""
+    import onnx
+
+    from dlopt.sessions import note_once, relax_declared_outputs
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    found = relax_declared_outputs(copy)
+    for r in found:
+        if r.inferred is not None:
+            note_once(f"{label}: {r.note()}")
+    return (copy, found) if found else (None, ())
+
+
 def package(model_path: str | os.PathLike, output: str | os.PathLike, config: PackageConfig = PackageConfig(), *,
             data: Mapping[str, np.ndarray] | None = None, sign_key: str | os.PathLike | None = None,
             lineage: Sequence[Mapping[str, Any]] | None = None, data_spec: Any = None,
@@ -107,13 +124,18 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
         with tempfile.TemporaryDirectory(prefix="dlopt-package-") as work_dir:
             work = Path(work_dir)
             prepared = work / "prepared.onnx"
-            if fixed:
-                _save_model(model, prepared)
+            relaxed, relaxed_outputs = _relaxed_outputs(model, source_path.name)
+            if fixed or relaxed is not None:
+                _save_model(relaxed if relaxed is not None else model, prepared)
             else:
                 _copy_onnx(source_path, prepared, external_data_files(source))
             built = _build_model(prepared, staging, config, log)
             feeds_list = _sample_inputs(prepared, config, data)
             expected = _run_onnx(prepared, feeds_list)
+            if relaxed_outputs:
+                from dlopt.sessions import produced_notes
+
+                produced_notes(relaxed_outputs, expected[0], source_path.name)
             _write_samples(staging / SAMPLES_NAME, feeds_list, expected)
             log(f"verifying {built['file']} against {source_path.name} on {len(feeds_list)} sample(s)")
             checks = verify_outputs(staging / built["file"], built["session_config"], feeds_list, expected,

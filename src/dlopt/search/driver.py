@@ -8,8 +8,10 @@ The order of work, cheapest first:
    INT8 candidates that miss the budget get a second try with quantize's accuracy budget (the most
    sensitive nodes kept float).
 3. Latency is measured only for candidates that can reach the front (the rule, `timing_plan`):
-   within the accuracy budget, and not the less accurate of two candidates with the same graph
-   (same op types and counts, same size: the same kernels, so the same latency up to noise). They
+   within the accuracy budget, not FP32's own graph under another name (the content hash of the
+   graph equals FP32's: reported as FP32, sharing FP32's timing, never chosen), and not the less
+   accurate of two candidates with the same graph (same op types and counts, same size: the same
+   kernels, so the same latency up to noise: two timings would differ only by noise). They
    are timed interleaved with FP32 in one bench run (executor.measure: nothing else runs meanwhile),
    one thread, thread CPU time, batch 1, on the model's real inputs.
 4. The chosen candidate: fastest on the front within the budget, ties (within 1 %) to the smaller.
@@ -257,8 +259,16 @@ def timing_plan(rows: dict[str, dict[str, Any]], max_drop: float) -> list[str]:
     """Which candidates are timed: the rule of the module docstring. Sets each other row's status and
     reason; returns the names to time (FP32 first)."""
     eligible = []
+    fp32_graph = rows["fp32"].get("graph_sha256") if "fp32" in rows else None
     for name, row in rows.items():
         if row["status"] != "scored":
+            continue
+        if name != "fp32" and fp32_graph is not None and row.get("graph_sha256") == fp32_graph:
+            # timing the same graph twice gives two numbers that differ by noise (2.7 % once), and an
+            # "int8" candidate that wins on noise ships FP32 under another name
+            row["precision"], row["status"], row["reason"] = "fp32", "fp32-graph", (
+                f"its graph is the FP32 graph (content hash {fp32_graph[:12]}): reported as FP32, with FP32's "
+                f"timing, and never chosen in its place")
             continue
         if row["drop_points"] > max_drop:
             row["status"], row["reason"] = "over-budget", (
@@ -380,6 +390,7 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
         row = {"name": name, "precision": c.precision, "why": c.why, "recipe": c.recipe(), "cached": r.cached,
                "seconds": r.seconds, "score": r.score, "drop_points": drop_of(r), "bytes": r.bytes,
                "artifact": r.artifact, "output_sha256": r.output_sha256, "signature": r.signature,
+               "graph_sha256": r.graph_sha256,
                "stage_keys": list(r.stage_keys), "latency_ratio": None, "latency_ci": None, "median_ms": None,
                "on_front": False, "status": "scored" if r.ok else "failed", "reason": r.reason}
         rows[name] = row
@@ -395,6 +406,9 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
         m = latency["models"][name]
         rows[name].update(latency_ratio=m["ratio"], latency_ci=[m["ratio_low"], m["ratio_high"]],
                           median_ms=m["median_ms"], status="timed")
+    for row in rows.values():
+        if row["status"] == "fp32-graph":  # FP32's graph: FP32's one timing
+            row.update({k: rows["fp32"][k] for k in ("latency_ratio", "latency_ci", "median_ms")})
     phases["latency_s"] = time.perf_counter() - t0
 
     points = [Point(n, rows[n]["latency_ratio"], rows[n]["drop_points"], rows[n]["bytes"]) for n in timed]
@@ -490,6 +504,7 @@ def _result(model, ctx, config, base, rows, skipped, front, picked, latency, ser
     candidates = list(rows.values()) + [
         {"name": s.name, "precision": None, "why": None, "recipe": list(s.recipe), "cached": False, "seconds": 0.0,
          "score": None, "drop_points": None, "bytes": None, "artifact": None, "output_sha256": None, "signature": None,
+         "graph_sha256": None,
          "stage_keys": [], "latency_ratio": None, "latency_ci": None, "median_ms": None, "on_front": False,
          "status": "skipped", "reason": s.reason} for s in skipped]
     evaluated = [r for r in rows.values()]

@@ -27,7 +27,7 @@ from dlopt.errors import DlOptError, InputError
 from dlopt.search.candidates import Candidate, StageDesc
 from dlopt.stagecache import StageCache, cache_key
 
-EVAL_FORMAT = 1
+EVAL_FORMAT = 2  # 2: Evaluated.graph_sha256
 RESULT_FILE = "result.json"
 
 
@@ -63,6 +63,7 @@ class Evaluated:
     bytes: int | None = None
     score: float | None = None  # the evaluator's metric on held-out data
     signature: str | None = None  # op types and counts of the graph: equal graphs run the same kernels
+    graph_sha256: str | None = None  # the graph's content (graph_content_hash): equal to FP32's means FP32
     seconds: float = 0.0  # transform + scoring time when it ran
     stage_keys: tuple[str, ...] = ()
     stage_reports: tuple[Mapping[str, Any], ...] = ()
@@ -184,6 +185,51 @@ def graph_signature(path: Path) -> str:
     return json.dumps(dict(sorted(counts.items())), separators=(",", ":"))
 
 
+def graph_content_hash(path: Path) -> str:
+    """SHA-256 of what the graph computes: its nodes (op type, domain, inputs, outputs, attributes),
+    initializers (values, external data included), graph inputs and outputs and opsets. Not node or
+    graph names, doc strings, value_info (a quantizer's shape inference adds it) nor the model's
+    metadata (a stage stamps its own): a candidate whose hash equals FP32's is FP32 whatever recipe
+    made it (a quantizer that kept every node float, a kernel choice that reverted them all)."""
+    import hashlib
+
+    from onnx import numpy_helper
+
+    from dlopt.fileio import load_onnx
+
+    model = load_onnx(path)
+    digest = hashlib.sha256()
+
+    def add(*parts: Any) -> None:
+        for part in parts:
+            digest.update(part if isinstance(part, bytes) else repr(part).encode())
+            digest.update(b"\0")
+
+    for opset in sorted((o.domain, o.version) for o in model.opset_import):
+        add("opset", *opset)
+    _hash_graph(model.graph, add, numpy_helper)
+    return digest.hexdigest()
+
+
+def _hash_graph(graph, add, numpy_helper) -> None:
+    for value in (*graph.input, *graph.output):
+        value = type(value).FromString(value.SerializeToString())
+        value.ClearField("doc_string")
+        add("io", value.SerializeToString(deterministic=True))
+    for tensor in sorted(graph.initializer, key=lambda t: t.name):
+        array = numpy_helper.to_array(tensor)
+        add("init", tensor.name, str(array.dtype), array.shape, array.tobytes())
+    for node in graph.node:
+        add("node", node.domain, node.op_type, tuple(node.input), tuple(node.output))
+        for attribute in sorted(node.attribute, key=lambda a: a.name):
+            if attribute.g.node or attribute.graphs:  # a subgraph (If, Loop, Scan): hashed the same way
+                for sub in ([attribute.g] if attribute.g.node else list(attribute.graphs)):
+                    add("subgraph", attribute.name)
+                    _hash_graph(sub, add, numpy_helper)
+            else:
+                add("attr", attribute.SerializeToString(deterministic=True))
+
+
 # --------------------------------------------------------------------------- the cached evaluation
 
 
@@ -250,6 +296,7 @@ def evaluate_candidate(job: tuple[SearchContext, Candidate]) -> Evaluated:
             name=candidate.name, ok=True, artifact=str(artifact),
             output_sha256=stage_runs[-1].output_sha256 if stage_runs else artifact_hash(artifact),
             bytes=_artifact_bytes(artifact), score=score, signature=graph_signature(artifact),
+            graph_sha256=graph_content_hash(artifact),
             stage_keys=tuple(r.key for r in stage_runs),
             stage_reports=tuple(_stage_summary(r.entry.info) for r in stage_runs))
     except DlOptError as e:
@@ -431,4 +478,4 @@ def measure_throughput(ctx: SearchContext, path: str, sha256: str, batches: Sequ
 
 
 __all__ = ["Evaluated", "SearchContext", "accuracy_drop", "apply_stages", "build_recipe", "drop_unit",
-           "evaluate_candidate", "measure_latency", "measure_throughput", "score_model"]
+           "evaluate_candidate", "graph_content_hash", "measure_latency", "measure_throughput", "score_model"]

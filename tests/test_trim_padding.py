@@ -1,0 +1,298 @@
+"""Padding removal (dlopt.optimize.trim_padding): trimmed vs untrimmed outputs on padded inputs, FP32 and
+INT8, pooled and per-token outputs, the fused Attention op, and auto's refusal when an output reads padding."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from dlopt.errors import InputError
+from dlopt.optimize.trim_padding import TrimPadding, plan, trim_padding, trim_padding_graph
+from dlopt.sessions import cpu_session
+from dlopt.stage import get_stage
+
+VOCAB, HIDDEN, HEADS = 50, 16, 2
+
+
+def _init(name: str, array) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def _encoder(*, pooled: bool, masked_pooling: bool = True, fused_attention: bool = False, seed: int = 0):
+    """A one-layer transformer-ish encoder: embedding, masked self-attention (MatMul/Softmax or
+    com.microsoft Attention), a projection; out = masked mean [B, H] (pooled) or the states [B, T, H]."""
+    rng = np.random.default_rng(seed)
+    f32 = lambda *shape: (rng.standard_normal(shape) * 0.5).astype(np.float32)  # noqa: E731
+    emb = f32(VOCAB, HIDDEN)
+    emb[0] = 3.0  # the padding token's embedding: large, so that an output reading padding moves a lot
+    inits = [_init("emb", emb), _init("pos_emb", f32(64, HIDDEN)), _init("w_out", f32(HIDDEN, HIDDEN)),
+             _init("axis1", np.array([1], np.int64)), _init("one_f", np.array(1.0, np.float32)),
+             _init("neg", np.array(-10000.0, np.float32)), _init("scale", np.array(HIDDEN ** -0.5, np.float32)),
+             _init("zero_i", np.array(0, np.int64)), _init("one_i", np.array(1, np.int64)),
+             _init("axes_last", np.array([-1], np.int64)), _init("eps", np.array(1e-9, np.float32))]
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["tok"]),
+        helper.make_node("Shape", ["input_ids"], ["ids_shape"]),
+        helper.make_node("Gather", ["ids_shape", "one_i"], ["T"]),
+        helper.make_node("Range", ["zero_i", "T", "one_i"], ["pos"]),
+        helper.make_node("Gather", ["pos_emb", "pos"], ["pos_vec"]),
+        helper.make_node("Add", ["tok", "pos_vec"], ["x"]),
+        helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
+    ]
+    if fused_attention:
+        inits += [_init("w_qkv", f32(HIDDEN, 3 * HIDDEN)), _init("b_qkv", np.zeros(3 * HIDDEN, np.float32)),
+                  _init("mask_i32_dummy", np.zeros(1, np.int32))]
+        nodes += [helper.make_node("Cast", ["attention_mask"], ["mask_i32"], to=TensorProto.INT32),
+                  helper.make_node("Attention", ["x", "w_qkv", "b_qkv", "mask_i32"], ["att"], domain="com.microsoft",
+                                   num_heads=HEADS)]
+    else:
+        inits += [_init("wq", f32(HIDDEN, HIDDEN)), _init("wk", f32(HIDDEN, HIDDEN)), _init("wv", f32(HIDDEN, HIDDEN)),
+                  _init("perm", np.array([0, 2, 1], np.int64))]
+        nodes += [
+            helper.make_node("MatMul", ["x", "wq"], ["q"]), helper.make_node("MatMul", ["x", "wk"], ["k"]),
+            helper.make_node("MatMul", ["x", "wv"], ["v"]),
+            helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+            helper.make_node("MatMul", ["q", "kt"], ["scores_raw"]),
+            helper.make_node("Mul", ["scores_raw", "scale"], ["scores"]),
+            helper.make_node("Sub", ["one_f", "mask_f"], ["inv_mask"]),
+            helper.make_node("Mul", ["inv_mask", "neg"], ["bias2"]),
+            helper.make_node("Unsqueeze", ["bias2", "axis1"], ["bias"]),
+            helper.make_node("Add", ["scores", "bias"], ["masked"]),
+            helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
+            helper.make_node("MatMul", ["probs", "v"], ["att"]),
+        ]
+    nodes += [helper.make_node("MatMul", ["att", "w_out"], ["h0"]), helper.make_node("Tanh", ["h0"], ["h"])]
+    out_name = "embedding" if pooled else "last_hidden_state"
+    if pooled and masked_pooling:
+        nodes += [helper.make_node("Unsqueeze", ["mask_f", "axes_last"], ["m3"]),
+                  helper.make_node("Mul", ["h", "m3"], ["hm"]),
+                  helper.make_node("ReduceSum", ["hm", "axis1"], ["s"], keepdims=0),
+                  helper.make_node("ReduceSum", ["m3", "axis1"], ["c0"], keepdims=0),
+                  helper.make_node("Max", ["c0", "eps"], ["c"]),
+                  helper.make_node("Div", ["s", "c"], [out_name])]
+    elif pooled:  # the mean over every position, padding included: depends on the padding
+        nodes += [helper.make_node("ReduceMean", ["h"], [out_name], axes=[1], keepdims=0)]
+    else:
+        nodes += [helper.make_node("Identity", ["h"], [out_name])]
+    shape_out = ["batch", HIDDEN] if pooled else ["batch", "seq", HIDDEN]
+    graph = helper.make_graph(
+        nodes, "encoder",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, shape_out)], inits)
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("com.microsoft", 1)] if fused_attention else [])
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    return model
+
+
+def _samples(n: int = 6, seed: int = 1, width: int = 24) -> list[dict[str, np.ndarray]]:
+    """Sentences of 3..12 real tokens, right-padded with 0 to `width` (one per sample, batch 1)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        length = int(rng.integers(3, 13))
+        ids = np.zeros((1, width), np.int64)
+        ids[0, :length] = rng.integers(1, VOCAB, length)
+        mask = (ids != 0).astype(np.int64)
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def _padded_batch(seed: int = 7) -> dict[str, np.ndarray]:
+    """A batch of 4 mixed lengths padded to 40: the inputs the trimmed model must match the source on."""
+    rows = _samples(4, seed=seed, width=40)
+    return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+
+def _run(model, feeds):
+    session = cpu_session(model)
+    return [np.asarray(o) for o in session.run(None, feeds)]
+
+
+def _int8(model, tmp_path, form: str):
+    """ORT's own INT8: dynamic (QOperator MatMulInteger) or static QDQ calibrated on padded samples."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(model, src)
+    if form == "dynamic":
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    else:
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter(_samples(8, seed=3))
+
+            def get_next(self):
+                return next(self.it, None)
+
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"])
+    return onnx.load(dst)
+
+
+def _assert_equivalent(model, trimmed, *, per_token: bool):
+    feeds = _padded_batch()
+    ref, got = _run(model, feeds), _run(trimmed, feeds)
+    assert [o.shape for o in got] == [o.shape for o in ref]  # interface and output shapes unchanged
+    r, y = ref[0], got[0]
+    if per_token:
+        real = feeds["attention_mask"].astype(bool)
+        np.testing.assert_allclose(y[real], r[real], rtol=1e-4, atol=1e-5)
+        longest = int(real.sum(axis=1).max())
+        assert np.all(y[:, longest:] == 0) and np.any(y[:, :longest] != 0)  # padded back with zeros
+    else:
+        np.testing.assert_allclose(y, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "per-token"])
+def test_fp32_trimmed_equals_untrimmed(pooled):
+    model = _encoder(pooled=pooled)
+    result = trim_padding(model, TrimPadding(), _samples())
+    assert result.report["applied"], result.report.get("reason")
+    assert result.report["sliced_inputs"] == ["input_ids", "attention_mask"]
+    assert result.report["padded_back_outputs"] == ([] if pooled else ["last_hidden_state"])
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops.count("Slice") == 2 and ops.count("Pad") == (0 if pooled else 1)
+    assert [i.name for i in result.model.graph.input] == ["input_ids", "attention_mask"]
+    _assert_equivalent(model, result.model, per_token=not pooled)
+    assert plan(result.model).reason == "the model is trimmed already"
+
+
+@pytest.mark.parametrize("form", ["dynamic", "qdq"])
+@pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "per-token"])
+def test_int8_trimmed_keeps_fidelity(pooled, form, tmp_path):
+    """INT8 (ORT's dynamic QOperator and static QDQ): padding-independence is judged on the float source,
+    and the trimmed INT8 model must stay as close to it as the untrimmed one (dynamic INT8 takes its
+    ranges over the real tokens only once trimmed, so it is not bit-equal to itself untrimmed)."""
+    model = _encoder(pooled=pooled)
+    quantized = _int8(model, tmp_path, form)
+    ops = {n.op_type for n in quantized.graph.node}
+    assert ops & ({"MatMulInteger", "DynamicQuantizeMatMul"} if form == "dynamic" else {"DequantizeLinear"})
+    result = trim_padding(quantized, TrimPadding(), _samples(), reference=model)
+    assert result.report["applied"], result.report.get("reason")
+    eq = result.report["equivalence"]
+    for name, figures in eq["fidelity_trimmed"].items():
+        assert figures["mean_cosine"] >= eq["fidelity_untrimmed"][name]["mean_cosine"] - 0.001
+        assert figures["mean_cosine"] > 0.99
+    feeds = _padded_batch()
+    ref, untrimmed, got = _run(model, feeds)[0], _run(quantized, feeds)[0], _run(result.model, feeds)[0]
+    assert got.shape == ref.shape
+    if not pooled:
+        real = feeds["attention_mask"].astype(bool)
+        ref, untrimmed, got = ref[real], untrimmed[real], got[real]
+    cos = lambda y: np.sum(ref * y, axis=-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(y, axis=-1))  # noqa: E731
+    assert cos(got).mean() >= cos(untrimmed).mean() - 0.002
+    if form == "qdq":  # static ranges: each real position computes what it did untrimmed
+        np.testing.assert_allclose(got, untrimmed, atol=1e-4 * float(np.abs(untrimmed).max()))
+
+
+def test_fused_attention_takes_the_shorter_sequence():
+    model = _encoder(pooled=True, fused_attention=True)
+    trimmed, p = trim_padding_graph(model)
+    assert p.token_inputs == ("input_ids", "attention_mask")
+    _assert_equivalent(model, trimmed, per_token=False)
+
+
+def test_auto_refuses_an_output_that_depends_on_padding():
+    model = _encoder(pooled=True, masked_pooling=False)
+    result = trim_padding(model, TrimPadding(), _samples())
+    assert not result.report["applied"]
+    assert "depend on the padding" in result.report["reason"] and "embedding" in result.report["reason"]
+    assert result.model is model
+    assert result.report["equivalence"]["outputs"]["embedding"]["mean_cosine"] < 0.999
+    forced = trim_padding(model, TrimPadding(mode="on"), _samples())
+    assert forced.report["applied"]  # on: the user's call, the figures still reported
+
+
+def test_not_applicable_and_off():
+    model = _encoder(pooled=True)
+    assert trim_padding(model, TrimPadding(mode="off"), _samples()).report == {
+        "config": trim_padding(model, TrimPadding(mode="off")).report["config"], "applied": False, "reason": "off"}
+    no_data = trim_padding(model, TrimPadding())
+    assert not no_data.report["applied"] and "no held-out inputs" in no_data.report["reason"]
+    model.graph.input[1].name = "segment"  # no attention-mask input any more
+    for node in model.graph.node:
+        node.input[:] = ["segment" if i == "attention_mask" else i for i in node.input]
+    assert "no attention-mask input" in plan(model).reason
+    with pytest.raises(InputError, match="trim-padding on"):
+        trim_padding(model, TrimPadding(mode="on"), _samples())
+
+
+def test_all_padding_batch_runs_on_one_position():
+    model = _encoder(pooled=False)
+    trimmed, _ = trim_padding_graph(model)
+    feeds = {"input_ids": np.zeros((2, 10), np.int64), "attention_mask": np.zeros((2, 10), np.int64)}
+    (out,) = _run(trimmed, feeds)
+    assert out.shape == (2, 10, HIDDEN) and np.all(out[:, 1:] == 0)
+
+
+def test_stage_registry_runs_it():
+    stage = get_stage("trim-padding")
+    from dlopt.stage import StageContext
+
+    result = stage.apply(_encoder(pooled=True), TrimPadding(), StageContext(eval_data=_samples()))
+    assert result.report["applied"]
+
+
+def test_length_sorting_counts_the_tokens_a_trimmed_model_computes():
+    from dlopt.bench import length_sorting
+
+    lengths = [2, 9, 3, 8]  # batches of 2 as given: (2, 9), (3, 8) -> 9, 8; sorted: (2, 3), (8, 9) -> 3, 9
+    mask = np.array([[1] * n + [0] * (10 - n) for n in lengths], np.int64)
+    figures = length_sorting({"input_ids": mask * 5, "attention_mask": mask}, 2)
+    assert figures == {"padded_length": 10, "mean_real_length": 5.5, "tokens_as_given": 8.5, "tokens_sorted": 6.0}
+    assert length_sorting({"attention_mask": mask}, 1) is None
+    assert length_sorting({"attention_mask": np.ones((4, 10), np.int64)}, 2) is None  # one length: nothing to sort
+
+
+def test_int4_matmulnbits_graph_is_trimmed():
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = _encoder(pooled=False)
+    quantizer = MatMulNBitsQuantizer(model, block_size=16, is_symmetric=True)
+    quantizer.process()
+    int4 = quantizer.model.model
+    assert any(n.op_type == "MatMulNBits" for n in int4.graph.node)
+    result = trim_padding(int4, TrimPadding(), _samples(), reference=model)
+    assert result.report["applied"], result.report.get("reason")
+    feeds = _padded_batch()
+    real = feeds["attention_mask"].astype(bool)
+    want, got = _run(int4, feeds)[0], _run(result.model, feeds)[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got[real], want[real], rtol=1e-3, atol=1e-4)  # weight-only: per-token arithmetic
+
+
+def test_quantize_applies_it_and_reports_why():
+    """dlopt's quantize: trim-padding auto on the quantized model, checked against the float source."""
+    from dlopt.optimize.quantize import QuantizeConfig, quantize
+
+    model = _encoder(pooled=True)
+    data = _samples(12, seed=5)
+    result = quantize(model, QuantizeConfig(mode="dynamic", speed_check=False, layernorm_form="unfused"), data)
+    report = result.report["trim_padding"]
+    assert report["applied"], report.get("reason")
+    assert report["equivalence"]["judged_on"].startswith("the float model")
+    assert [n.op_type for n in result.model.graph.node].count("Slice") == 2
+    off = quantize(model, QuantizeConfig(mode="dynamic", speed_check=False, layernorm_form="unfused",
+                                         trim_padding="off"), data)
+    assert off.report["trim_padding"] == {"config": off.report["trim_padding"]["config"], "applied": False,
+                                          "reason": "off"}
+    assert "Slice" not in {n.op_type for n in off.model.graph.node}
+
+
+def test_quantize_with_trim_padding_on_refuses_a_model_without_a_mask_at_once(tmp_path):
+    from click.testing import CliRunner
+
+    from dlopt.cli import main
+
+    model = _encoder(pooled=True)
+    model.graph.input[1].name = "segment"
+    for node in model.graph.node:
+        node.input[:] = ["segment" if i == "attention_mask" else i for i in node.input]
+    onnx.save(model, tmp_path / "m.onnx")
+    result = CliRunner().invoke(main, ["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"),
+                                       "--trim-padding", "on"])
+    assert result.exit_code == 2, result.output
+    assert "--trim-padding on: no attention-mask input" in result.output
