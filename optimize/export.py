@@ -26,6 +26,7 @@ from dlopt.errors import InputError, MissingDependencyError, StageError, Verific
 from dlopt.quiet import quiet_libraries
 from dlopt.report import environment, format_table
 from dlopt.stage import Check, Stage, StageResult, config_to_dict
+from dlopt.usercode import user_code
 
 Exporter = Literal["dynamo", "torchscript"]
 EXPORTERS: tuple[Exporter, ...] = ("dynamo", "torchscript")
@@ -102,11 +103,8 @@ def load_source(spec: str) -> ModelSource:
     target, _, func_name = spec.rpartition(":")
     factory = _load_factory(target, func_name, spec)
     _require_torch()
-    try:
+    with user_code(f"factory {spec}"):  # a user's factory may raise (or exit) anything: their input's fault
         built = factory()
-    except Exception as e:  # a user's factory may raise anything: report it as their input's fault
-        raise InputError(f"factory {spec} raised {type(e).__name__}: {e}",
-                         "run it by hand to debug") from e
     return _source_from_factory_result(spec, built)
 
 
@@ -156,14 +154,17 @@ def _load_factory(target: str, func_name: str, spec: str) -> Callable[[], Any]:
             raise InputError(f"cannot import {path} as Python", "the factory file must be a .py module")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module
+        # no __pycache__ written beside the user's file: dlopt leaves its inputs' folders as it found them
+        writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
         try:
-            module_spec.loader.exec_module(module)
-        except Exception as e:
-            raise InputError(f"importing factory file {path} raised {type(e).__name__}: {e}",
-                             "fix the file") from e
+            with user_code(f"importing factory file {path}", hint="fix the file"):
+                module_spec.loader.exec_module(module)
+        finally:
+            sys.dont_write_bytecode = writes_bytecode
     else:
         try:
-            module = importlib.import_module(target)
+            with user_code(f"importing factory module {target!r}", hint="fix the module", errors=False):
+                module = importlib.import_module(target)
         except ModuleNotFoundError as e:
             raise InputError(f"factory module {target!r} cannot be imported ({e})",
                              "is it installed, or on PYTHONPATH?") from e
@@ -313,7 +314,8 @@ def verification_cases(source: ModelSource, axes: dict[str, dict[int, str]], con
     for batch, seq_len in shapes:
         label = f"b{batch}" + (f" s{seq_len}" if seq_len else "")
         if source.make_inputs is not None:
-            inputs = dict(source.make_inputs(batch, seq_len))
+            with user_code(f"make_inputs of {source.name}"):
+                inputs = dict(source.make_inputs(batch, seq_len))
         else:
             inputs = _resample_inputs(source.example_inputs, axes, batch, seq_len, rng)
         cases.append((label, inputs))
@@ -471,6 +473,12 @@ def export(source: ModelSource, config: ExportConfig = ExportConfig(),
     """Export `source` to ONNX and verify it. Raises VerificationError on a mismatch unless allowed.
 
     The report holds the exporter actually used, the opset, input/output shapes and the diff table."""
+    # the source's forward() is user code: what it raises stays an export failure, but an exit is refused
+    with user_code(f"the model of {source.name}", errors=False):
+        return _export(source, config, log)
+
+
+def _export(source: ModelSource, config: ExportConfig, log: Callable[[str], None]) -> StageResult:
     _require_torch()
     first = config.exporter or source.exporter or "dynamo"
     if first not in EXPORTERS:

@@ -385,7 +385,7 @@ def test_speed_lines_state_the_shapes_and_the_padding_of_real_token_inputs(tmp_p
     (["{m}", "--budget", "soon"], "cannot read 'soon' as a duration"),
     (["{m}", "--batch", "0"], "cannot read batch sizes"),
     (["{m}", "--target", "tpu"], "unknown target 'tpu'"),
-    (["{m}", "--threads", "0"], "hint: pass --threads 1 or more"),
+    (["{m}", "--threads", "0"], "Invalid value for '--threads': value must be >= 1, not 0"),
     (["{m}", "--rounds", "1"], "hint: e.g. --rounds 200"),
     (["{m}", "--data", "{d}", "--batch", "2"], "holds 1 sample(s), fewer than batch 2"),
     (["{m}", "--data", "{bad}"], "not a readable .npz"),

@@ -195,14 +195,14 @@ def test_the_cache_key_changes_when_the_reader_file_changes(stream):
 
 
 @pytest.mark.parametrize("body, message", [
-    ("def samples():\n    raise SystemExit(3)\n", r"data reader \S+reader.py:samples raised SystemExit at item 0"),
+    ("def samples():\n    raise SystemExit(3)\n", r"data reader \S+reader.py:samples at item 0 called sys.exit\(3\)"),
     ("import numpy as np\n\ndef samples():\n    yield {'x': np.ones((1, 16), 'f'), 'state': np.ones((2, 1, 8), 'f')}\n"
-     "    raise KeyError('state')\n", r"raised KeyError at item 1: 'state'"),
+     "    raise KeyError('state')\n", r"at item 1 raised KeyError: 'state'"),
     ("def samples():\n    yield 5\n", r"yielded a int \(item 0\)"),
     ("def samples():\n    return 5\n", r"returned a int, not an iterable of feeds"),
     ("def other():\n    return []\n", r"has no function 'samples'"),
-    ("def samples(:\n", r"cannot be imported: SyntaxError"),
-    ("import sys\nsys.exit(1)\n", r"cannot be imported: SystemExit"),
+    ("def samples(:\n", r"importing data reader \S+ raised SyntaxError"),
+    ("import sys\nsys.exit(1)\n", r"importing data reader \S+ called sys.exit\(1\)"),
 ])
 def test_a_failing_reader_is_one_line_exit_2_naming_it(stream, body, message):
     (stream / "reader.py").write_text(body)

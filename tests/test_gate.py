@@ -493,7 +493,7 @@ def _write(path: Path, text: str) -> Path:
     (["--eval-data", "x.npz", "--max-accuracy-drop", "lots"], "cannot read --max-accuracy-drop"),
     (["--eval-data", "x.npz", "--max-accuracy-drop", "0.1", "--max-accuracy-drop", "0.2"], "given twice"),
     (["--eval-data", "x.npz", "--max-accuracy-drop", "top1=-0.1"], "must not be negative"),
-    (["--looks", "0"], "hint: e.g. --looks 8"),
+    (["--looks", "0"], "Invalid value for '--looks': value must be >= 1, not 0"),
     (["--target", "tpu"], "unknown target"),
 ])
 def test_usage_errors_exit_2_with_a_message(models, extra, message):

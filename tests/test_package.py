@@ -265,7 +265,7 @@ def _bad_inputs(tmp: Path, mlp: Path):
         ([str(mlp), "-o", str(tmp / "no" / "such" / "b")], "does not exist"),
         ([str(mlp), "-o", str(tmp / "b"), "--target", "cpu", "--intended-ep", "nnapi"], "is for --target mobile"),
         ([str(mlp), "-o", str(tmp / "b"), "--target", "cpu", "--torch-source", "x.py:build"], "is for --target mobile"),
-        ([str(mlp), "-o", str(tmp / "b"), "--samples", "0"], "at least 1"),
+        ([str(mlp), "-o", str(tmp / "b"), "--samples", "0"], "must be >= 1, not 0"),
         ([str(mlp), "-o", str(tmp / "b"), "--pte", "int4"], "unknown .pte precision"),
         ([str(mlp), "-o", str(tmp / "b"), "--data", str(tmp / "wrong.npz")], "missing ['x']"),
         ([str(mlp), "-o", str(tmp / "b"), "--calibration", str(tmp / "nope.npz")], "does not exist"),

@@ -217,6 +217,7 @@ def test_package_refuses_a_signing_key_inside_the_bundle_it_replaces(tmp_path, k
     first = CliRunner().invoke(main, ["package", str(tmp_path / "mlp.onnx"), "-o", str(bundle), "--measure", "0"])
     assert first.exit_code == 0, first.output
     shutil.copyfile(keys["key"], bundle / "signer.key")
+    (bundle / "signer.key").chmod(0o600)  # a private key's mode: else that is what is refused
     cli = CliRunner().invoke(main, ["package", str(tmp_path / "mlp.onnx"), "-o", str(bundle), "--measure", "0",
                                     "--overwrite", "--sign-key", str(bundle / "signer.key")])
     assert cli.exit_code == 2 and "inside the bundle folder" in cli.output

@@ -3,6 +3,8 @@ scheme, with what they require of their input and ensure of their output."""
 
 from __future__ import annotations
 
+import math
+
 from dlopt.errors import InputError
 from dlopt.optimize.fp16 import Fp16
 from dlopt.optimize.int4 import Int4WeightOnly
@@ -31,6 +33,12 @@ def _float_problem(model, config, before) -> str | None:
     if found:
         return (f"it already holds quantized ops ({', '.join(f'{k} {v}' for k, v in found.items())}): "
                 "quantize its float source")
+    elements = {onnx.TensorProto.FLOAT: 0, onnx.TensorProto.FLOAT16: 0}
+    for tensor in model.graph.initializer:
+        if tensor.data_type in elements:
+            elements[tensor.data_type] += math.prod(tensor.dims)
+    if elements[onnx.TensorProto.FLOAT16] > elements[onnx.TensorProto.FLOAT]:
+        return "it is already FP16 (most of its weights are float16): quantize its float32 source"
     return None
 
 

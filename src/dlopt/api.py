@@ -89,6 +89,7 @@ def prune_model(source: str, output_dir: str | os.PathLike, config=None, *, benc
     PRUNE, EXPORT = get_stage("prune"), get_stage("export")
     config = config or PRUNE.config()
     PRUNE.check_config(config)
+    _check_bench_numbers(bench_seconds, batch, seq_len)
     if bench_seconds is not None and bench_seconds <= 0:
         raise InputError(f"the benchmark time must be positive, got {bench_seconds}",
                          "give a positive time, or none to skip the benchmark")
@@ -185,6 +186,19 @@ def _gradient_batches(spec: str, source, n: int = 8):
     return [(dict(source.example_inputs), None)]
 
 
+def _check_bench_numbers(bench_seconds: float | None, batch: int = 1, seq_len: int = 1) -> None:
+    """prune's and distill's latency check: finite numbers, within the limits (dlopt.limits), before any work."""
+    from dlopt.limits import MAX_BATCH, MAX_MEASURE_S, check_number
+
+    check_number(batch, "{batch=N}", minimum=1, integer=True)
+    check_number(seq_len, "{seq_len=N}", minimum=1, integer=True)
+    MAX_BATCH.check(batch, "batch")
+    MAX_BATCH.check(seq_len, "seq_len")  # a sequence as long as the largest batch: far past any model's
+    if bench_seconds is not None:
+        check_number(bench_seconds, "{bench_seconds=S}")
+        MAX_MEASURE_S.check(bench_seconds, "bench_seconds")
+
+
 def measure_speedup(baseline_onnx: Path, onnx_path: Path, *, budget_s: float, batch: int = 1,
                     seq_len: int = 128) -> dict[str, float]:
     """Latency of `onnx_path` against `baseline_onnx`, one thread, interleaved (dlopt.bench)."""
@@ -228,6 +242,12 @@ def distill_model(teacher_spec: str, student_path: str | os.PathLike, data_spec:
                      hidden_layers=hidden_layers, hidden_weight=hidden_weight, patience=patience, seed=seed,
                      device=device, freeze=("bert.embeddings",) if embedding_teacher else ())
     DISTILL.check_config(config)
+    _check_bench_numbers(bench_seconds)
+    from dlopt.limits import check_number
+
+    check_number(val_fraction, "{val_fraction=SHARE}", minimum=0, maximum=1)
+    if max_samples is not None:
+        check_number(max_samples, "{max_samples=N}", minimum=1, integer=True)
     student_path, out_dir = Path(student_path), Path(output_dir)
     checkpoint = PRUNE.read_checkpoint(student_path)  # fail on a bad checkpoint before loading models
     source_spec = student_source or PRUNE.checked_source(checkpoint, student_path)
@@ -678,6 +698,7 @@ _LAZY = {
     "origin_text": "dlopt.verify", "verification_error": "dlopt.verify", "verified_text": "dlopt.verify",
     "RunResult": "dlopt.recipe", "StageCache": "dlopt.stagecache", "Entry": "dlopt.stagecache",
     "Fp32Evaluation": "dlopt.models", "ImagePreprocess": "dlopt.images",
+    "check_number": "dlopt.limits",  # the checks of numeric options, shared by the CLI's option types
     # the data layer every verb reads its data through (docs/data.md)
     "DataSpec": "dlopt.data", "CalibrationData": "dlopt.data", "data_spec": "dlopt.data", "load_data": "dlopt.data",
     "notes_to": "dlopt.sessions",  # where sessions' one-time notes go (a relaxed output declaration)

@@ -55,6 +55,7 @@ from dlopt.errors import InputError
 from dlopt.images import ImagePreprocess, ImageTarget, image_feeds, image_files, image_target, parse_number, parse_size
 from dlopt.inputs import Feeds, InputSpec, graph_inputs
 from dlopt.stage import config_from_dict, config_to_dict
+from dlopt.usercode import user_code
 
 DEFAULT_SAMPLE_COUNT = 100
 # file.py:function or package.module:function (a Windows drive letter is not a module name: "C:x" needs ".py")
@@ -571,7 +572,9 @@ def _reader(spec: DataSpec, limit: int | None) -> CalibrationData:
 
     def stream() -> Iterator[Feeds]:
         produced = 0  # feeds yielded so far: the item an error is raised at
-        try:
+        # the user's code: what it raises or exits with (SystemExit included) is one line and exit 2
+        with user_code(lambda: f"data reader {source} at item {produced}",
+                       hint="fix the reader; run it alone to see its traceback"):
             for item in _call(function, source):
                 if not isinstance(item, Mapping):
                     raise InputError(f"data reader {source} yielded a {type(item).__name__} (item {produced}), not a "
@@ -580,11 +583,6 @@ def _reader(spec: DataSpec, limit: int | None) -> CalibrationData:
                 produced += 1
                 if limit is not None and produced >= limit:
                     return
-        except (InputError, KeyboardInterrupt, GeneratorExit):
-            raise
-        except BaseException as e:  # noqa: BLE001 - the user's code: SystemExit included, one line, exit 2
-            raise InputError(f"data reader {source} raised {type(e).__name__} at item {produced}: "
-                             f"{_first_line(e)}", "fix the reader; run it alone to see its traceback") from e
 
     return CalibrationData(stream, source=source, count=None, limit=limit, spec=spec)
 
@@ -597,16 +595,12 @@ def _call(function: Callable[[], Any], source: str) -> Iterable[Any]:
     return result
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0][:200] or repr(error)
-
-
 def _reader_function(source: str) -> Callable[[], Any]:
     parts = _reader_parts(source)
     if parts is None:
         raise InputError(f"data {source} is not a reader", "give file.py:function or package.module:function")
     module_name, function_name = parts
-    try:
+    with user_code(f"importing data reader {source}", hint="fix the module; import it alone to see its traceback"):
         if module_name.endswith(".py"):
             file = Path(module_name).expanduser()
             if not file.is_file():
@@ -617,18 +611,16 @@ def _reader_function(source: str) -> Callable[[], Any]:
                 raise InputError(f"data reader file {file} cannot be imported", "give a .py file")
             module = importlib.util.module_from_spec(found)
             sys.modules[name] = module  # dataclasses and pickling look their module up by name
+            writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ beside it
             try:
                 found.loader.exec_module(module)
             except BaseException:
                 sys.modules.pop(name, None)
                 raise
+            finally:
+                sys.dont_write_bytecode = writes_bytecode
         else:
             module = importlib.import_module(module_name)
-    except (InputError, KeyboardInterrupt):
-        raise
-    except BaseException as e:  # noqa: BLE001 - the user's module: SyntaxError, ImportError, SystemExit ...
-        raise InputError(f"data reader {source} cannot be imported: {type(e).__name__}: {_first_line(e)}",
-                         "fix the module; import it alone to see its traceback") from e
     function = getattr(module, function_name, None)
     if not callable(function):
         raise InputError(f"data reader {source}: {module_name} has no function {function_name!r}",

@@ -282,6 +282,10 @@ def _range_from_use(node, position: int, constants: Mapping[str, np.ndarray]) ->
 def make_feeds(specs: Sequence[InputSpec], shapes: Mapping[str, Shape], *, seed: int = 0,
                ranges: Mapping[str, tuple[int, int]] | None = None) -> Feeds:
     """Seeded values of the given shapes (the value rule in the module doc)."""
+    from dlopt.limits import check_input_bytes
+
+    check_input_bytes({s.name: tuple(shapes[s.name]) for s in specs},
+                      {s.name: np.dtype(s.dtype).itemsize for s in specs if s.dtype is not None}, "generated inputs")
     feeds = {}
     for spec in specs:
         if spec.dtype is None:

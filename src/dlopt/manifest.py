@@ -23,7 +23,7 @@ import json
 import os
 from collections.abc import Iterable
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from dlopt.errors import InputError, VerificationError
@@ -131,6 +131,9 @@ def read_manifest_bytes(bundle: str | os.PathLike) -> tuple[bytes, dict[str, Any
     if not root.is_dir():
         raise InputError(f"bundle {root} is not a folder", "give the folder `dlopt package -o` wrote")
     path = root / MANIFEST_NAME
+    if path.is_symlink():  # a link can point anywhere: the bundle would vouch for a file it does not hold
+        raise VerificationError(f"{path} is a symlink (to {os.readlink(path)})",
+                                "a bundle holds its own manifest; package again")
     if not path.is_file():
         raise VerificationError(f"{path} is missing", "this is not a dlopt bundle, or its manifest was removed")
     raw = path.read_bytes()
@@ -147,6 +150,29 @@ def read_manifest_bytes(bundle: str | os.PathLike) -> tuple[bytes, dict[str, Any
     return raw, manifest
 
 
+def path_problem(bundle: Path, rel: Any) -> str | None:
+    """What is wrong with a path the manifest names, else None: it must be relative, stay inside the
+    bundle and go through no symlink (a link makes the bundle vouch for a file outside it)."""
+    if not isinstance(rel, str) or not rel:
+        return "not a path"
+    parts = PurePosixPath(rel).parts
+    if PurePosixPath(rel).is_absolute() or Path(rel).is_absolute() or ".." in parts or "\\" in rel:
+        return "path leaves the bundle"
+    current = bundle
+    for part in parts:
+        current = current / part
+        if current.is_symlink():
+            return f"{current.relative_to(bundle).as_posix()} is a symlink (to {os.readlink(current)})"
+    return None
+
+
+def named_paths(manifest: dict[str, Any]) -> list[str]:
+    """Every file the manifest points verify at besides its file list: the model, the samples, each program."""
+    named = [manifest.get("model", {}).get("file"), manifest.get("verification", {}).get("samples_file")]
+    named += [a.get("file") for a in manifest.get("artifacts", []) if isinstance(a, dict)]
+    return [n for n in named if n is not None]
+
+
 def check_files(bundle: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per file, listed or found: {path, status, detail}; status is ok, missing, changed
     (size or sha256 differ) or unlisted (a file in the bundle that the manifest does not name)."""
@@ -156,8 +182,9 @@ def check_files(bundle: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
         rel = entry["path"]
         listed.add(rel)
         path = bundle / rel
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
-            rows.append({"path": rel, "status": "changed", "detail": "path leaves the bundle"})
+        outside = path_problem(bundle, rel)
+        if outside:
+            rows.append({"path": rel, "status": "changed", "detail": outside})
         elif not path.is_file():
             rows.append({"path": rel, "status": "missing", "detail": f"listed with {entry['bytes']} bytes"})
         elif path.stat().st_size != entry["bytes"]:
@@ -170,6 +197,15 @@ def check_files(bundle: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
                              "detail": f"sha256 {digest[:12]}…, manifest says {entry['sha256'][:12]}…"})
             else:
                 rows.append({"path": rel, "status": "ok", "detail": f"{entry['bytes']} bytes"})
+    for rel in named_paths(manifest):  # the model verify runs must be a hashed file of this bundle
+        if rel not in listed:
+            listed.add(rel)
+            rows.append({"path": str(rel), "status": "changed",
+                         "detail": path_problem(bundle, rel) or "named by the manifest but not in its file list"})
+    signature = bundle / SIGNATURE_NAME
+    if signature.is_symlink():
+        rows.append({"path": SIGNATURE_NAME, "status": "changed",
+                     "detail": f"a symlink (to {os.readlink(signature)})"})
     for path in sorted(p for p in bundle.rglob("*") if p.is_file() or p.is_symlink()):
         rel = path.relative_to(bundle).as_posix()
         if rel not in (MANIFEST_NAME, SIGNATURE_NAME) and rel not in listed:

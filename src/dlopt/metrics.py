@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ import numpy as np
 
 from dlopt.errors import InputError
 from dlopt.fidelity import cosine_per_sample, sample_rows, sqnr_from_energy
+from dlopt.usercode import user_code
 
 IOU_MATCH = 0.5  # a candidate box matches an FP32 box at IoU >= this, with the same class
 NMS_IOU = 0.45
@@ -1155,13 +1157,16 @@ def load_evaluator(spec: str) -> Callable[..., Any]:
     """The function FUNCTION of FILE.py (--evaluator FILE.py:FUNCTION)."""
     path, func = _split_evaluator(spec)
     module_name = "dlopt_user_evaluator_" + _file_sha256(path)[:12]
+    # the user's file: whatever it raises or exits with is theirs to fix (dlopt.usercode), and no
+    # __pycache__ is written beside it
+    writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
     try:
-        loader = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(loader)
-        loader.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001 - the user's file: any error is theirs to fix
-        raise InputError(f"evaluator file {path} failed to load: {type(e).__name__}: {e}",
-                         "fix the file (it is imported as a module)") from e
+        with user_code(f"loading the evaluator file {path}", hint="fix the file (it is imported as a module)"):
+            loader = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = writes_bytecode
     function = getattr(module, func, None)
     if not callable(function):
         raise InputError(f"evaluator file {path} has no function {func!r}", f"define def {func}(reference, outputs)")
@@ -1192,10 +1197,8 @@ class UserEvaluator:
                 for i, n in enumerate(names)}
 
     def result(self) -> MetricValue:
-        try:
+        with user_code(f"evaluator {self.spec}", hint="fix the evaluator"):  # SystemExit included: exit 2
             got = self.function(self._stack(self.refs), self._stack(self.cands))
-        except Exception as e:  # noqa: BLE001 - the user's code
-            raise InputError(f"evaluator {self.spec} raised {type(e).__name__}: {e}", "fix the evaluator") from e
         if isinstance(got, Mapping):
             if not got:
                 raise InputError(f"evaluator {self.spec} returned an empty dict", "return a float or {name: value}")

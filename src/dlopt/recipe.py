@@ -54,7 +54,8 @@ import dlopt
 from dlopt.data import DataSpec, as_spec, local_modules, read_spec_file, reader_hash, source_path, spec_from_keys, spec_hash
 from dlopt.errors import DlOptError, InputError, StageError
 from dlopt.manifest import hash_path, sha256_file
-from dlopt.stage import Stage, StageContext, config_from_dict, config_to_dict, config_version, get_stage, stage_kinds
+from dlopt.stage import (ConfigValueError, Stage, StageContext, config_from_dict, config_to_dict, config_version,
+                         get_stage, shown_value, stage_kinds)
 from dlopt.stagecache import Entry, StageCache, cache_key
 
 TOP_KEYS = ("source", "target", "calibration", "eval_data", "data_spec", "data", "name", "training_data", "stage")
@@ -144,6 +145,8 @@ def build_config(kind: str, keys: Mapping[str, Any], *, where: str, target: str 
     values.update(keys)
     try:
         return config_from_dict(_as_config_dict(cls, values), cls)
+    except ConfigValueError as e:
+        raise ConfigValueError(f"{where}: {e.message}", e.hint, key=e.key) from e
     except InputError as e:
         raise InputError(f"{where}: {e.message}", e.hint) from e
 
@@ -167,31 +170,49 @@ def load_recipe(path: str | Path) -> Recipe:
     """Read and check a recipe: every stage's config is built (and validated) before any work."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw_bytes = path.read_bytes()
     except OSError as e:
         raise InputError(f"cannot read the recipe {path}: {e.strerror or e}", "check the path") from e
+    try:
+        text = raw_bytes.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw_bytes[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte 0x{raw_bytes[e.start]:02x} at offset {e.start})",
+                         "save the recipe as UTF-8 (TOML files are UTF-8)") from e
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{path}: not valid TOML: {e}", "fix the recipe's syntax") from e
+    except RecursionError as e:  # tomllib recurses per nesting level: thousands of [[[ ... exhaust the stack
+        raise InputError(f"{path}: values nested too deeply to read", "a recipe nests a table or list a few "
+                                                                      "levels at most") from e
     unknown = sorted(set(data) - set(TOP_KEYS))
     if unknown:
         raise InputError(f"{_where(path, _key_line(text, None, unknown[0]))}: unknown recipe key(s) "
                          f"{', '.join(unknown)}", f"known: {', '.join(TOP_KEYS)}")
-    if not isinstance(data.get("source"), str):
+    if "source" not in data:
         raise InputError(f"{path}: no source", 'add source = "model.onnx" (or a torch source such as "minilm")')
+    for key in ("source", "target", "calibration", "eval_data", "name", "training_data"):
+        if key in data and not (isinstance(data[key], str) and data[key].strip()):
+            raise InputError(f"{_where(path, _key_line(text, None, key))}: {key} must be a non-empty string, not "
+                             f"{shown_value(data[key])}", f'write it in quotes, e.g. {key} = "..."')
     base = path.resolve().parent
     raw_stages = data.get("stage", [])
     if not isinstance(raw_stages, list) or not raw_stages:
-        raise InputError(f"{path}: no stages", 'add [[stage]] tables, e.g. [[stage]] kind = "quantize"')
+        raise InputError(f"{_where(path, _key_line(text, None, 'stage'))}: no stages",
+                         'add [[stage]] tables, e.g. [[stage]] kind = "quantize"')
     lines = _stage_lines(text)
     stages = []
     for i, raw in enumerate(raw_stages, 1):
         line = lines[i - 1] if i <= len(lines) else None
         where = f"{_where(path, line)} (stage {i})"
+        if not isinstance(raw, dict):
+            raise InputError(f"{_where(path, line or _key_line(text, None, 'stage'))}: stage {i} is "
+                             f"{shown_value(raw)}, not a table",
+                             'write each stage as a [[stage]] table with kind = "..."')
         keys = dict(raw)
         kind = keys.pop("kind", None)
-        if kind not in recipe_kinds():
+        if not isinstance(kind, str) or kind not in recipe_kinds():
             where = f"{_where(path, _key_line(text, line, 'kind') if kind is not None else line)} (stage {i})"
             raise InputError(f"{where}: unknown stage kind {kind!r}", f"choose one of {', '.join(recipe_kinds())}")
         cls = get_stage(kind).config
@@ -204,7 +225,12 @@ def load_recipe(path: str | Path) -> Recipe:
         for key in ("calibration", "torch_source"):
             if isinstance(keys.get(key), str):
                 keys[key] = _resolve(base, keys[key])
-        config = build_config(kind, keys, where=where, target=data.get("target"))
+        try:
+            config = build_config(kind, keys, where=where, target=data.get("target"))
+        except ConfigValueError as e:  # named at the line of the key whose value is wrong
+            at = _key_line(text, line, e.key) if e.key in keys else line
+            detail = e.message.removeprefix(f"{where}: ")
+            raise InputError(f"{_where(path, at)} (stage {i}, {kind}): {detail}", e.hint) from e
         stages.append(StageSpec(i, kind, config, line))
     declared = _declared_data(data, base, path, text)
     calibration = _resolve(base, data.get("calibration"))
@@ -215,8 +241,36 @@ def load_recipe(path: str | Path) -> Recipe:
                     eval_data=_with_spec(declared, _resolve(base, data.get("eval_data"))),
                     name=data.get("name"), stages=tuple(stages),
                     training_data=_resolve(base, data.get("training_data")))
+    _check_source(recipe, _where(path, _key_line(text, None, "source")))
     _check_order(recipe)
     return recipe
+
+
+def _check_source(recipe: Recipe, where: str) -> None:
+    """The source is an .onnx file, a reference model, path/to/file.py:FUNCTION or package.module:FUNCTION
+    (a module that can be found): anything else is refused here, before any stage runs."""
+    import importlib.util
+
+    from dlopt.models import REFERENCE_MODELS
+    from dlopt.usercode import user_code
+
+    spec = recipe.source
+    if recipe.onnx_source or spec in REFERENCE_MODELS or ".py:" in spec:
+        return
+    forms = f"an .onnx file, a reference model ({', '.join(REFERENCE_MODELS)}), file.py:build or package.module:build"
+    module, sep, function = spec.rpartition(":")
+    if not sep or not function.isidentifier() or not all(p.isidentifier() for p in module.split(".")):
+        raise InputError(f"{where}: source {spec!r} is not a model source", f"give {forms}")
+    try:
+        with user_code(f"finding the source module {module!r}", hint="fix the module", errors=False):
+            found = importlib.util.find_spec(module)  # imports its parent packages: user code
+    except (ImportError, ValueError) as e:
+        found, reason = None, f" ({e})"
+    else:
+        reason = ""
+    if found is None:
+        raise InputError(f"{where}: source module {module!r} cannot be found{reason}",
+                         f"give {forms} (a module must be installed or on PYTHONPATH)")
 
 
 def _declared_data(data: Mapping[str, Any], base: Path, path: Path, text: str) -> DataSpec:
@@ -276,6 +330,9 @@ def _check_order(recipe: Recipe) -> None:
                              "prune once, with the ratio you want")
         if stage.kind == "distill":
             _check_distill(recipe, stage, where)
+        if _quantizes(stage.kind) and any(_precision(s) == "fp16" for s in recipe.stages[:stage.index - 1]):
+            raise InputError(f"{where}: the stage before made an FP16 model: {stage.kind} takes a float32 one",
+                             "quantize once per recipe: keep one fp16 (or int8/int4) stage")
         made = spec.makes
         try:
             spec.check_config(stage.config)
@@ -285,6 +342,13 @@ def _check_order(recipe: Recipe) -> None:
         last = recipe.stages[-1]
         raise InputError(f"{_where(recipe.path, last.line)} (stage {last.index}, {last.kind}): a recipe ends with an "
                          "ONNX model or a bundle, not a torch checkpoint", 'add [[stage]] kind = "export" after it')
+
+
+def _precision(stage: StageSpec) -> str | None:
+    """fp16 for an fp16 stage or a quantize stage asking for fp16; else None."""
+    if stage.kind == "fp16":
+        return "fp16"
+    return getattr(stage.config, "precision", None) if stage.kind == "quantize" else None
 
 
 def _check_distill(recipe: Recipe, stage: StageSpec, where: str) -> None:

@@ -17,6 +17,7 @@ import base64
 import hashlib
 import json
 import os
+import shlex
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +134,19 @@ def load_private_key(path: str | os.PathLike):
                          "give the private key file `dlopt keygen` wrote (not the .pub)") from e
     if not isinstance(key, Ed25519PrivateKey):
         raise InputError(f"signing key {path} is a {type(key).__name__}, not Ed25519", "make one with `dlopt keygen`")
+    _check_private_mode(Path(path))  # after the format: a public key given by mistake is told so first
     return key
+
+
+def _check_private_mode(path: Path) -> None:
+    """A private key others can read is no longer private (ssh refuses such keys too): group and other
+    must have no access (0600 or stricter). POSIX only: Windows has no such mode bits."""
+    if os.name != "posix":
+        return
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise InputError(f"signing key {path} is readable by others (mode {mode:04o}); a private key must be 0600 "
+                         "or stricter", f"chmod 600 {shlex.quote(str(path))}, or make a new key pair if it leaked")
 
 
 def load_public_key(path: str | os.PathLike):
@@ -174,6 +187,8 @@ def check_signature(manifest_bytes: bytes, manifest: dict[str, Any], signature_p
     from cryptography.exceptions import InvalidSignature
 
     trusted = public_fingerprint(trusted_key)
+    if signature_path.is_symlink():  # the bundle's own signature, not one borrowed from elsewhere
+        return SignatureCheck("bad", f"{signature_path.name} is a symlink (to {os.readlink(signature_path)})")
     if not signature_path.is_file():
         return SignatureCheck("missing", f"the bundle is not signed ({signature_path.name} is missing)")
     try:

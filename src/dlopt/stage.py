@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -112,6 +113,10 @@ class Stage:
         if not isinstance(config, self.config):
             raise InputError(f"{self.kind} takes a {self.config.__name__}, not a {type(config).__name__}",
                              f"build a {self.config.__name__}")
+        problem = _non_finite(config)
+        if problem:  # NaN makes every comparison false: a NaN floor passes everything, a NaN time never ends
+            raise InputError(f"{self.kind}: {problem[0]} must be a finite number, not {problem[1]}",
+                             f"give {{{problem[0]}=VALUE}} a finite number")
         if self.validate is not None:
             self.validate(config)
 
@@ -182,6 +187,20 @@ def stage_for_config(config: Any) -> Stage:
 # Configs to and from plain dicts
 # ---------------------------------------------------------------------------------------------
 
+def _non_finite(config: Any, prefix: str = "") -> tuple[str, float] | None:
+    """(field, value) of the first NaN or infinite number in a config (nested configs and tuples too)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, float) and not math.isfinite(item):
+                return prefix + f.name, item
+            if dataclasses.is_dataclass(item) and not isinstance(item, type):
+                found = _non_finite(item, f"{prefix}{f.name}.")
+                if found:
+                    return found
+    return None
+
+
 def config_version(cls: type) -> int:
     # Nested value configs from other modules (ImagePreprocess, PackageConfig) declare no VERSION: 1.
     return int(getattr(cls, "VERSION", 1))
@@ -207,80 +226,141 @@ def _encode(value: Any) -> Any:
     return value
 
 
+class ConfigValueError(InputError):
+    """A config key whose value is not of the field's declared type; `key` is the top-level key (for a
+    recipe's line number)."""
+
+    def __init__(self, message: str, hint: str | None = None, *, key: str | None = None):
+        super().__init__(message, hint)
+        self.key = key
+
+
 def config_from_dict(data: Any, cls: type | None = None) -> Any:
     """Inverse of config_to_dict. `cls`: the expected class (else any registered stage's config, by its
-    type name). Unknown types, versions and keys are InputErrors."""
+    type name). Unknown types, versions and keys, and values that are not of their field's declared
+    type (a string where a bool belongs, NaN where a number does), are InputErrors."""
     if not isinstance(data, Mapping) or not isinstance(data.get("fields", {}), Mapping):
-        raise InputError(f"a config must be a table with type, version and fields, not {data!r}",
+        raise InputError(f"a config must be a table with type, version and fields, not {shown_value(data)}",
                          "write it as config_to_dict does")
     type_name = data.get("type")
     if cls is None:
         known = {get_stage(kind).config.__name__: get_stage(kind).config for kind in STAGES}
         if type_name not in known:
-            raise InputError(f"unknown config type {type_name!r}", f"known: {', '.join(sorted(known))}")
+            raise InputError(f"unknown config type {shown_value(type_name)}", f"known: {', '.join(sorted(known))}")
         cls = known[type_name]
     elif type_name != cls.__name__:
-        raise InputError(f"config type {type_name!r} where a {cls.__name__} belongs", f"give a {cls.__name__}")
+        raise InputError(f"config type {shown_value(type_name)} where a {cls.__name__} belongs",
+                         f"give a {cls.__name__}")
     version = config_version(cls)
     if data.get("version") != version:
-        raise InputError(f"config {type_name} has version {data.get('version')!r}",
+        raise InputError(f"config {type_name} has version {shown_value(data.get('version'))}",
                          f"this dlopt reads version {version}")
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     fields = dict(data.get("fields", {}))
-    unknown = sorted(set(fields) - names)
+    unknown = sorted(str(k) for k in set(fields) - names)
     if unknown:
         raise InputError(f"config {type_name} has unknown keys {unknown}", f"known keys: {', '.join(sorted(names))}")
     hints = typing.get_type_hints(cls)
-    values = {key: _decode(value, hints.get(key, Any), f"{type_name}.{key}") for key, value in fields.items()}
+    values = {}
+    for key, value in fields.items():
+        try:
+            values[key] = _decode(value, hints.get(key, Any), f"{type_name}.{key}")
+        except ConfigValueError as e:
+            raise ConfigValueError(e.message, e.hint, key=key) from e
+        except InputError as e:  # a nested config's own error: which key of this one holds it
+            raise ConfigValueError(e.message, e.hint, key=key) from e
     try:
         return cls(**values)
     except TypeError as e:
         raise InputError(f"config {type_name}: {e}", "check its fields") from e
 
 
+def shown_value(value: Any) -> str:
+    """A value in a message, never longer than a line (a recipe value may be a 5 MB string)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _type_text(hint: Any) -> str:
+    """`hint` as a reader of a recipe knows types: a number, true or false, a string, a list, one of 'a', 'b'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_text(a) for a in args if a is not type(None))
+    if origin is Literal:
+        return "a string" if all(isinstance(a, str) for a in args) else "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        plural = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+        return "a list" + (f" of {plural.get(args[0], 'values')}" if len(args) == 2 and args[1] is Ellipsis else "")
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return f"a {hint.__name__} table"
+    if isinstance(hint, type) and issubclass(hint, PurePath):
+        return "a path (a string)"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
 def _fits(hint: Any, value: Any) -> bool:
     """Whether a JSON value is the encoded form of `hint` (one option of a union)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return isinstance(value, Mapping) and value.get("type") == hint.__name__
-    if typing.get_origin(hint) is tuple:
+        return isinstance(value, Mapping)
+    if origin is tuple:
         return isinstance(value, (list, tuple))
+    if origin is Literal:  # the type only: which values a stage takes is its validate's to say, with its hint
+        return any(type(value) is type(a) for a in args)
     if isinstance(hint, type) and issubclass(hint, PurePath):
         return isinstance(value, str)
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return False
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    if origin is dict:
+        return isinstance(value, Mapping)
+    return hint is Any
 
 
 def _decode(value: Any, hint: Any, where: str) -> Any:
-    """A JSON value back to the type its field declares: lists to tuples, dicts to configs, str to Path."""
-    if value is None:
-        return None
+    """A JSON value back to the type its field declares (lists to tuples, dicts to configs, str to Path),
+    refusing a value of another type: `per_channel = "false"` is not a false bool, `samples = "2"` no count."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+
+    def wrong(expected: str | None = None) -> ConfigValueError:
+        return ConfigValueError(f"{where} must be {expected or _type_text(hint)}, not {shown_value(value)}",
+                                f"write {where.rpartition('.')[2]} as {expected or _type_text(hint)}")
+
+    if hint is Any:
+        return tuple(value) if isinstance(value, list) else value
+    if value is None:
+        if origin in (Union, types.UnionType) and type(None) in args:
+            return None
+        raise wrong()
     if origin in (Union, types.UnionType):
         for option in (a for a in args if a is not type(None)):
             if _fits(option, value):
                 return _decode(value, option, where)
-        return value
+        raise wrong()
+    if not _fits(hint, value):
+        raise wrong()
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        if not isinstance(value, Mapping):
-            raise InputError(f"{where}: a {hint.__name__} table expected, got {value!r}", "write it as a table")
         return config_from_dict(value, hint)
-    if origin is tuple and isinstance(value, (list, tuple)):
+    if origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_decode(v, args[0], where) for v in value)
-        if args and len(args) == len(value):
-            return tuple(_decode(v, a, where) for v, a in zip(value, args))
-        return tuple(value)
-    if isinstance(hint, type) and issubclass(hint, PurePath) and isinstance(value, str):
+            return tuple(_decode(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if args and len(args) != len(value):
+            raise wrong(f"a list of {len(args)} values")
+        return tuple(_decode(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))) if args \
+            else tuple(value)
+    if isinstance(hint, type) and issubclass(hint, PurePath):
         return hint(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    if hint is float:
+        if not math.isfinite(value):  # TOML's nan and inf: no tolerance, time or floor is meant to be one
+            raise wrong("a finite number")
         return float(value)
-    if origin is dict and isinstance(value, Mapping) and len(args) == 2:
-        return {k: _decode(v, args[1], where) for k, v in value.items()}
-    if hint is Any and isinstance(value, list):
-        return tuple(value)
+    if origin is dict and len(args) == 2:
+        return {k: _decode(v, args[1], f"{where}[{k!r}]") for k, v in value.items()}
     return value
 
 
-__all__ = ["Check", "STAGES", "Stage", "StageContext", "StageResult", "TorchStageArtifacts", "config_from_dict",
-           "config_to_dict", "config_version", "get_stage", "stage_for_config", "stage_kinds"]
+__all__ = ["Check", "ConfigValueError", "STAGES", "Stage", "StageContext", "StageResult", "TorchStageArtifacts", "config_from_dict",
+           "config_to_dict", "config_version", "get_stage", "shown_value", "stage_for_config", "stage_kinds"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -374,7 +375,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise InputError(f"size {text!r} is not a size", "e.g. {max_size=2GB} or 500MB")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    size = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if not size < 2**63:  # 400 digits read as infinity
+        raise InputError(f"size {text.strip()[:20]}… is too large", "e.g. {max_size=2GB} or 500MB")
+    return int(size)
 
 
 def parse_age(text: str) -> float:
@@ -382,7 +386,10 @@ def parse_age(text: str) -> float:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smhdw])\s*", text)
     if not m:
         raise InputError(f"age {text!r} is not an age", "e.g. {older_than=7d} (units s, m, h, d, w)")
-    return float(m.group(1)) * _AGE_UNITS[m.group(2)]
+    age = float(m.group(1)) * _AGE_UNITS[m.group(2)]
+    if not math.isfinite(age):  # 400 digits read as infinity
+        raise InputError(f"age {text.strip()[:20]}… is too large", "e.g. {older_than=7d} (units s, m, h, d, w)")
+    return age
 
 
 def age_text(seconds: float) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable
@@ -55,6 +56,20 @@ class BenchConfig:
 
 
 def validate_config(config: BenchConfig) -> None:
+    from dlopt.limits import MAX_BATCH, MAX_MEASURE_S, check_number
+
+    # types and finiteness first (the ranges below compare them); then the limits on the work they ask for
+    for value, what in ((config.threads, "threads"), (config.seq_len, "the sequence length"),
+                        *((size, "a batch size") for size in config.batch_sizes)):
+        check_number(value, what, integer=True)
+    for value, what in ((config.budget_s, "the time budget (s)"), (config.min_sample_s, "min_sample_s"),
+                        (config.confidence, "confidence"), (config.warmup_tolerance, "warmup_tolerance"),
+                        (config.warmup_max_fraction, "warmup_max_fraction")):
+        check_number(value, what)
+    for size in config.batch_sizes:
+        MAX_BATCH.check(size, "batch size")
+    if config.rounds is None:
+        MAX_MEASURE_S.check(config.budget_s, "the time budget")
     if config.threads < 1:
         raise InputError(f"threads must be at least 1, got {config.threads}", "pass {threads=1} or more")
     if not config.batch_sizes or any(b < 1 for b in config.batch_sizes):
@@ -84,16 +99,22 @@ def parse_duration(text: str) -> float:
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|min)?\s*", str(text))
     if not match:
         raise InputError(f"cannot read {text!r} as a duration", "write e.g. 30s, 2m or 500ms")
-    value = float(match.group(1))
-    return value * {"ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, None: 1.0}[match.group(2)]
+    value = float(match.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, None: 1.0}[match.group(2)]
+    if not math.isfinite(value):  # 400 digits read as infinity: a run that would never end
+        raise InputError(f"duration {text.strip()[:20]}… is not a finite number", "write e.g. 30s, 2m or 500ms")
+    return value
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
     """'1,8,32' -> (1, 8, 32)."""
-    try:
-        sizes = tuple(int(part) for part in str(text).split(",") if part.strip())
+    try:  # every part: "1,,2" is a typo, not two sizes
+        sizes = tuple(int(part) for part in str(text).split(","))
     except ValueError:
         sizes = ()
     if not sizes or any(b < 1 for b in sizes):
         raise InputError(f"cannot read batch sizes from {text!r}", "write positive integers, e.g. 1,8,32")
+    from dlopt.limits import MAX_BATCH
+
+    for size in sizes:
+        MAX_BATCH.check(size, "batch size")
     return sizes

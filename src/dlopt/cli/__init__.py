@@ -7,6 +7,7 @@ verb is adding a file. They must import quickly: torch and onnxruntime are impor
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import pkgutil
 import signal
@@ -55,18 +56,49 @@ class _VerbGroup(click.Group):
             except KeyboardInterrupt:
                 click.echo(f"interrupted{' (SIGTERM)' if received else ''}: {_written_text()}", err=True)
                 ctx.exit(128 + (signal.SIGTERM if received else signal.SIGINT))
+            except click.exceptions.UsageError as e:  # a bad option value: one line, as every other input error
+                verb = " ".join(["dlopt", *(e.ctx.command_path.split()[1:] if e.ctx is not None else [])])
+                click.echo(f"error: {e.format_message()}", err=True)
+                click.echo(f"hint: see {verb} --help", err=True)
+                ctx.exit(e.exit_code)
             except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
                 raise
-            except Exception as e:  # a bug: one line and a saved traceback, not a wall of text
-                if _debug(ctx):
-                    traceback.print_exc()
-                verb = ctx.invoked_subcommand or "dlopt"
-                text = (str(e).strip().splitlines() or [""])[0][:300]
-                click.echo(f"internal error in {verb}: {type(e).__name__}: {text}", err=True)
-                log = _save_debug_log(verb)
-                click.echo(f"hint: this is a bug in dlopt; the full traceback is in {log}"
-                           + ("" if _debug(ctx) else " (or run again with --debug)"), err=True)
-                ctx.exit(1)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    _internal_error(ctx, e)
+                # a full disk is the machine's state, not a bug (outputs are staged: nothing half-written stays)
+                click.echo(f"error: no space left on the device{_device_of(e.filename)} ({e.strerror or e})",
+                           err=True)
+                click.echo("hint: free some space, or choose another output folder with -o", err=True)
+                ctx.exit(2)
+            except BaseException as e:  # a bug (or SystemExit from library code): one line and a saved traceback
+                _internal_error(ctx, e)
+
+
+def _device_of(filename) -> str:
+    """ " holding FOLDER": the nearest existing folder of a file that could not be written (its temp files
+    are gone by now: the folder is where the user chose to write)."""
+    import os
+
+    if not filename:
+        return ""
+    folder = os.path.dirname(os.path.abspath(os.fsdecode(filename)))
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    return f" holding {folder}"
+
+
+def _internal_error(ctx, e: BaseException) -> None:
+    """One line and a saved traceback, not a wall of text; exit 1."""
+    if _debug(ctx):
+        traceback.print_exc()
+    verb = ctx.invoked_subcommand or "dlopt"
+    text = (str(e).strip().splitlines() or [""])[0][:300]
+    click.echo(f"internal error in {verb}: {type(e).__name__}: {text}", err=True)
+    log = _save_debug_log(verb)
+    click.echo(f"hint: this is a bug in dlopt; the full traceback is in {log}"
+               + ("" if _debug(ctx) else " (or run again with --debug)"), err=True)
+    ctx.exit(1)
 
 
 def _debug(ctx) -> bool:

@@ -7,6 +7,46 @@ from typing import Any
 import click
 
 
+class Number(click.ParamType):
+    """A numeric option, checked when it is parsed: a finite number (an integer with `integer`) within
+    [minimum, maximum] (`above`: strictly above minimum). NaN, infinity, 400-digit values and values out
+    of range are usage errors (exit 2), not a crash after the work. The check is the library's own
+    (dlopt.api.check_number), so recipes and API calls are held to the same rules."""
+
+    def __init__(self, *, minimum: float | None = None, maximum: float | None = None, above: bool = False,
+                 integer: bool = False) -> None:
+        self.minimum, self.maximum, self.above, self.integer = minimum, maximum, above, integer
+        self.name = "integer" if integer else "number"
+
+    def convert(self, value, param, ctx):
+        from dlopt.api import check_number
+        from dlopt.errors import InputError
+
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = value
+        else:
+            try:
+                number = int(str(value).strip()) if self.integer else float(str(value).strip())
+            except (ValueError, OverflowError):
+                self.fail(f"{value!r} is not {'an integer' if self.integer else 'a number'}", param, ctx)
+        try:
+            check_number(number, "value",
+                         minimum=self.minimum, maximum=self.maximum, above=self.above, integer=self.integer)
+        except InputError as e:
+            self.fail(e.message, param, ctx)
+        return number
+
+
+# The numeric option types of every verb.
+COUNT = Number(minimum=1, integer=True)  # samples, rounds, workers, epochs, threads
+NON_NEGATIVE_INT = Number(minimum=0, integer=True)  # seeds, device ids, patience
+TOLERANCE = Number(minimum=0)  # atol, rtol, accuracy drops, seconds where 0 means "none"
+POSITIVE = Number(minimum=0, above=True)  # latencies, temperatures, learning rates
+FRACTION = Number(minimum=0, maximum=1)  # holdout, alpha, confidence-like shares
+PERCENTILE = Number(minimum=0, maximum=100)
+ANY_NUMBER = Number()  # finite, of either sign (SQNR floors in dB)
+
+
 def echo_err(message: str) -> None:
     """Progress and diagnostics go to stderr so that stdout stays the result."""
     click.echo(message, err=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dlopt.cli._common import DATA_SOURCES_HELP, data_options, echo_err, input_shape_option
+from dlopt.cli._common import COUNT, DATA_SOURCES_HELP, NON_NEGATIVE_INT, data_options, echo_err, input_shape_option
 from dlopt.console import progress_bar  # noqa: F401  (importable from here, as before)
 
 
@@ -30,13 +30,13 @@ def _startup_s() -> float:
 @click.command("bench", short_help="Measure latency of models on a target: interleaved, with ratios and 95% CIs.")
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=True))
 @click.option("--target", default="cpu", show_default=True, help="Execution target: cpu or cuda.")
-@click.option("--threads", type=int, default=1, show_default=True, help="ONNX Runtime intra-op threads.")
+@click.option("--threads", type=COUNT, default=1, show_default=True, help="ONNX Runtime intra-op threads.")
 @click.option("--batch", "batch", default=None, help="Batch sizes, comma-separated (e.g. 1,8,32). [default: 1]")
-@click.option("--seq-len", type=int, default=128, show_default=True,
+@click.option("--seq-len", type=COUNT, default=128, show_default=True,
               help="Length of dynamic axes other than the batch axis and an image's height/width (token inputs).")
 @click.option("--budget", default="30s", show_default=True,
               help="Wall time of the whole run: loading, warm-up, timed rounds, statistics.")
-@click.option("--rounds", type=int, default=None, help="Run exactly this many timed rounds per batch size instead.")
+@click.option("--rounds", type=COUNT, default=None, help="Run exactly this many timed rounds per batch size instead.")
 @click.option("--clock", type=click.Choice(["auto", "cpu", "wall"]), default="auto", show_default=True,
               help="Which clock the ratios and throughput use (both are always reported). auto = cpu for "
                    "one thread on the CPU target, else wall.")
@@ -49,10 +49,10 @@ def _startup_s() -> float:
 @click.option("--graph-opt", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
               show_default=True, help="ONNX Runtime graph optimization level.")
 @click.option("--cuda-graph", is_flag=True, help="cuda target: capture the model in a CUDA graph and replay it.")
-@click.option("--device-id", type=int, default=0, show_default=True, help="GPU index for the cuda target.")
+@click.option("--device-id", type=NON_NEGATIVE_INT, default=0, show_default=True, help="GPU index for the cuda target.")
 @click.option("--allow-fallback", is_flag=True,
               help="If the target cannot run here, measure on the CPU instead, labelled as such (default: error).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of generated inputs and the bootstrap.")
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True, help="Seed of generated inputs and the bootstrap.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the full result (every sample) as JSON (schema: dlopt/schemas/bench.schema.json).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dlopt.cli._common import echo_err
+from dlopt.cli._common import COUNT, FRACTION, NON_NEGATIVE_INT, POSITIVE, TOLERANCE, echo_err
 
 
 @click.command("distill", short_help="Win back a pruned model's accuracy by distilling its teacher into it.")
@@ -20,27 +20,27 @@ from dlopt.cli._common import echo_err
                    "the Fashion-MNIST training set; minilm: unlabeled sentences from gensim's corpora).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
               help="Output directory: distilled.pt, distilled.onnx (verified), distill.json, distill_state.pt.")
-@click.option("--epochs", type=int, default=3, show_default=True)
-@click.option("--temperature", type=float, default=4.0, show_default=True, help="Softens the logits (kl loss).")
-@click.option("--alpha", type=float, default=0.7, show_default=True,
+@click.option("--epochs", type=COUNT, default=3, show_default=True)
+@click.option("--temperature", type=POSITIVE, default=4.0, show_default=True, help="Softens the logits (kl loss).")
+@click.option("--alpha", type=FRACTION, default=0.7, show_default=True,
               help="Weight of the teacher's term; 1 - alpha weighs the hard labels (when the data has labels).")
 @click.option("--loss", type=click.Choice(["kl", "cosine", "mse"]), default=None,
               help="kl for classifiers, cosine or mse for embedding models. [default: cosine for minilm, else kl]")
-@click.option("--lr", type=float, default=None, help="AdamW learning rate, cosine-decayed. [default: 1e-3; "
+@click.option("--lr", type=POSITIVE, default=None, help="AdamW learning rate, cosine-decayed. [default: 1e-3; "
               "3e-4 for minilm, whose word embeddings are frozen]")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--max-samples", type=int, default=None, help="Use at most this many training samples.")
-@click.option("--val-fraction", type=float, default=0.1, show_default=True,
+@click.option("--batch-size", type=COUNT, default=64, show_default=True)
+@click.option("--max-samples", type=COUNT, default=None, help="Use at most this many training samples.")
+@click.option("--val-fraction", type=FRACTION, default=0.1, show_default=True,
               help="Held out from --data for the eval metric that early stopping watches.")
-@click.option("--patience", type=int, default=2, show_default=True,
+@click.option("--patience", type=NON_NEGATIVE_INT, default=2, show_default=True,
               help="Stop after this many epochs without a better eval metric; 0 never stops early.")
 @click.option("--hidden", multiple=True, metavar="TEACHER_LAYER:STUDENT_LAYER",
               help="Also match these hidden states (MSE, through a learned adapter when widths differ).")
-@click.option("--hidden-weight", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--hidden-weight", type=TOLERANCE, default=1.0, show_default=True)
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the interrupted run whose state is in -o.")
-@click.option("--bench-seconds", type=float, default=15.0, show_default=True,
+@click.option("--bench-seconds", type=TOLERANCE, default=15.0, show_default=True,
               help="Budget of the latency measurement against the teacher (one thread, interleaved).")
 @click.option("--no-bench", is_flag=True, help="Skip the latency measurement.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dlopt.cli._common import DATA_SOURCES_HELP, data_options, echo_err
+from dlopt.cli._common import COUNT, DATA_SOURCES_HELP, NON_NEGATIVE_INT, data_options, echo_err
 
 
 @click.command("eval", short_help="Accuracy of a model (top1, cosine, SQNR, MSE, or a reference model's task metrics).")
@@ -25,8 +25,8 @@ from dlopt.cli._common import DATA_SOURCES_HELP, data_options, echo_err
               help="Use this reference model's real evaluator and data instead of --data (e.g. minilm).")
 @click.option("--output", default=None, help="Which model output the metrics read (default: the first).")
 @click.option("--target", default="cpu", show_default=True, help="Execution target: cpu or cuda.")
-@click.option("--threads", type=int, default=0, show_default=True, help="Intra-op threads (0: all cores).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per run over --data.")
+@click.option("--threads", type=NON_NEGATIVE_INT, default=0, show_default=True, help="Intra-op threads (0: all cores).")
+@click.option("--batch-size", type=COUNT, default=32, show_default=True, help="Samples per run over --data.")
 @click.option("--allow-fallback", is_flag=True, help="Run on the CPU if the target is not available here.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the result as JSON.")
 @data_options

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import click
 
-from dlopt.cli._common import echo_err
+from dlopt.cli._common import COUNT, TOLERANCE, echo_err
 
 
 @click.command("export", short_help="Export a PyTorch model to ONNX, verified output-for-output against torch.")
 @click.argument("source")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the .onnx model.")
-@click.option("--opset", type=int, default=None, help="ONNX opset (default 18).")
+@click.option("--opset", type=COUNT, default=None, help="ONNX opset (default 18).")
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default=None,
               help="torch.onnx exporter (default: the model's preferred one, e.g. torchscript for minilm so that "
               "ONNX Runtime can fuse its attention; else dynamo); the other one is tried, announced, if it fails "
@@ -18,8 +18,8 @@ from dlopt.cli._common import echo_err
 @click.option("--no-fallback", is_flag=True, help="Fail instead of trying the other exporter.")
 @click.option("--static-shapes", is_flag=True, help="Fix every axis to the example's shape (default: dynamic batch, "
               "plus the sequence axis of token inputs).")
-@click.option("--atol", type=float, default=None, help="Absolute tolerance of the check (default: the model's, 1e-4).")
-@click.option("--rtol", type=float, default=None, help="Relative tolerance of the check (default: the model's, 1e-3).")
+@click.option("--atol", type=TOLERANCE, default=None, help="Absolute tolerance of the check (default: the model's, 1e-4).")
+@click.option("--rtol", type=TOLERANCE, default=None, help="Relative tolerance of the check (default: the model's, 1e-3).")
 @click.option("--allow-mismatch", is_flag=True, help="Write the model even when its outputs differ from torch's.")
 def command(source, output, opset, exporter, no_fallback, static_shapes, atol, rtol, allow_mismatch):
     """Export SOURCE to ONNX and prove it equal to its source.

@@ -7,7 +7,8 @@ import re
 
 import click
 
-from dlopt.cli._common import DATA_SOURCES_HELP, data_options, echo_err, input_shape_option
+from dlopt.cli._common import (COUNT, DATA_SOURCES_HELP, FRACTION, NON_NEGATIVE_INT, data_options, echo_err,
+                               input_shape_option)
 from dlopt.console import progress_bar
 
 
@@ -76,9 +77,9 @@ def parse_accuracy_drops(values: tuple[str, ...]) -> tuple[float | None, tuple[t
               "or comma-separate). [default: top1]")
 @click.option("--eval-output", default=None, help="Which output the accuracy metrics read (default: the first).")
 @click.option("--target", default="cpu", show_default=True, help="Execution target: cpu or cuda.")
-@click.option("--threads", type=int, default=None, help="Intra-op threads. [default: 1, or the stored baseline's]")
-@click.option("--batch", type=int, default=None, help="Batch size. [default: 1, or the stored baseline's first]")
-@click.option("--seq-len", type=int, default=None,
+@click.option("--threads", type=COUNT, default=None, help="Intra-op threads. [default: 1, or the stored baseline's]")
+@click.option("--batch", type=COUNT, default=None, help="Batch size. [default: 1, or the stored baseline's first]")
+@click.option("--seq-len", type=COUNT, default=None,
               help="Length of dynamic non-batch, non-image axes of generated inputs. [default: 128, or the stored "
                    "baseline's]")
 @click.option("--data", default=None,
@@ -88,9 +89,9 @@ def parse_accuracy_drops(values: tuple[str, ...]) -> tuple[float | None, tuple[t
               help="auto: thread CPU time for one thread on the CPU target (steady on shared machines), else wall.")
 @click.option("--budget", default="60s", show_default=True,
               help="Longest time for warm-up and sampling (model loading and accuracy not counted).")
-@click.option("--confidence", type=float, default=0.95, show_default=True,
+@click.option("--confidence", type=FRACTION, default=0.95, show_default=True,
               help="Confidence of the decision over all looks together.")
-@click.option("--looks", type=int, default=8, show_default=True,
+@click.option("--looks", type=COUNT, default=8, show_default=True,
               help="Planned looks at the data (geometric over the budget); each uses a Bonferroni-corrected CI.")
 @click.option("--on-inconclusive", type=click.Choice(["exit-3", "fail", "pass"]), default="exit-3",
               show_default=True, help="What an undecided check does when the budget is spent: exit 3, exit 1, "
@@ -100,7 +101,7 @@ def parse_accuracy_drops(values: tuple[str, ...]) -> tuple[float | None, tuple[t
 @click.option("--allow-fallback", is_flag=True, help="If the target cannot run here, measure on the CPU.")
 @click.option("--graph-opt", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
               show_default=True, help="ONNX Runtime graph optimization level.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of generated inputs and the bootstrap.")
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True, help="Seed of generated inputs and the bootstrap.")
 @click.option("--summary", "summary_path", type=click.Path(dir_okay=False), default=None,
               help="Write a Markdown report here. Without it, the report is appended to $GITHUB_STEP_SUMMARY "
                    "when that is set.")

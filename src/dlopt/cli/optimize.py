@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import click
 
-from dlopt.cli._common import DATA_SOURCES_HELP, cache_dir_option, data_options, echo_err
+from dlopt.cli._common import COUNT, DATA_SOURCES_HELP, POSITIVE, TOLERANCE, cache_dir_option, data_options, echo_err
 
 
 @click.command("optimize", short_help="Search quantization recipes; Pareto front, verified bundle, HTML report.")
 @click.argument("model")
 @click.option("--target", default="cpu", show_default=True, help="Where the model will run (cpu).")
-@click.option("--max-accuracy-drop", type=float, required=True,
+@click.option("--max-accuracy-drop", type=TOLERANCE, required=True,
               help="Accuracy budget: the largest drop of the evaluator's metric against the FP32 source, in the "
                    "metric's own unit as in quantize and gate (docs/metrics.md: agreement metrics are fractions, so "
                    "0.01 = one sample or box in a hundred; accuracy 0.005 = half a point).")
 @click.option("--time-budget", default="20m", show_default=True,
               help="Deadline for the whole search (e.g. 20m, 90s); what does not fit is reported as skipped.")
-@click.option("--max-latency", type=float, default=None, metavar="MS",
+@click.option("--max-latency", type=POSITIVE, default=None, metavar="MS",
               help="Latency limit (ms, wall clock, p90 of a batch call) for the batch/thread throughput search; "
                    "also the most a chosen candidate may take at batch 1.")
 @click.option("--calibration", default=None, help=f".onnx models: calibration data: {DATA_SOURCES_HELP}.")
@@ -30,7 +30,7 @@ from dlopt.cli._common import DATA_SOURCES_HELP, cache_dir_option, data_options,
 @click.option("--executor", "executor_kind", default="local", show_default=True, type=click.Choice(["local", "ray"]),
               help="Where transforms and scoring run.")
 @click.option("--address", default=None, help="Ray cluster address (with --executor ray).")
-@click.option("--workers", type=int, default=None, help="Parallel workers [default: the machine's cores].")
+@click.option("--workers", type=COUNT, default=None, help="Parallel workers [default: the machine's cores].")
 @click.option("-o", "--output", required=True, type=click.Path(), help="The bundle folder to write.")
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
               help="Write a self-contained HTML report here.")

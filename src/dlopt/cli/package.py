@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from dlopt.cli._common import DATA_SOURCES_HELP, data_options, echo_err, input_shape_option
+from dlopt.cli._common import (ANY_NUMBER, COUNT, DATA_SOURCES_HELP, TOLERANCE, data_options, echo_err,
+                               input_shape_option)
 
 
 @click.command("package", short_help="Bundle a model for a target (mobile: ORT format), verified, with a manifest.")
@@ -20,21 +21,21 @@ from dlopt.cli._common import DATA_SOURCES_HELP, data_options, echo_err, input_s
 @click.option("--no-coverage", is_flag=True, help="Skip the NNAPI/CoreML coverage report.")
 @click.option("--data", default=None,
               help=f"Sample inputs instead of generated ones, run as one batch: {DATA_SOURCES_HELP}.")
-@click.option("--samples", type=int, default=2, show_default=True, help="Generated verification samples.")
-@click.option("--seq-len", type=int, default=16, show_default=True,
+@click.option("--samples", type=COUNT, default=2, show_default=True, help="Generated verification samples.")
+@click.option("--seq-len", type=COUNT, default=16, show_default=True,
               help="Size of dynamic non-batch, non-image axes in samples.")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="Packaged vs source model, absolute.")
-@click.option("--rtol", type=float, default=1e-3, show_default=True, help="Packaged vs source model, relative.")
-@click.option("--measure", "measure_s", type=float, default=2.0, show_default=True,
+@click.option("--atol", type=TOLERANCE, default=1e-4, show_default=True, help="Packaged vs source model, absolute.")
+@click.option("--rtol", type=TOLERANCE, default=1e-3, show_default=True, help="Packaged vs source model, relative.")
+@click.option("--measure", "measure_s", type=TOLERANCE, default=2.0, show_default=True,
               help="Seconds of latency measurement per target (0: none).")
-@click.option("--threads", type=int, default=None, help="Threads for the latency (default: phone-like for mobile).")
+@click.option("--threads", type=COUNT, default=None, help="Threads for the latency (default: phone-like for mobile).")
 @click.option("--torch-source", default=None, metavar="SOURCE",
               help="Torch model of MODEL (reference name or path/file.py:build): also lower it to ExecuTorch "
               ".pte programs for XNNPACK (needs dlopt[mobile]).")
 @click.option("--pte", "pte", default="fp32", show_default=True,
               help="Precisions of the .pte programs, comma-separated: fp32, int8 (static, calibrated: CNNs), "
                    "int8-dynamic (linear layers, activations quantized per run: transformers).")
-@click.option("--pte-int8-min-sqnr", type=float, default=15.0, show_default=True,
+@click.option("--pte-int8-min-sqnr", type=ANY_NUMBER, default=15.0, show_default=True,
               help="Floor on the int8 .pte's SQNR (dB) against MODEL's outputs on the samples.")
 @click.option("--pte-weight-rounding", type=click.Choice(["gptq", "nearest"]), default="gptq", show_default=True,
               help="int8 .pte weights: GPTQ-rounded against each layer's inputs on the calibration data, or "

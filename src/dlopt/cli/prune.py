@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dlopt.cli._common import echo_err
+from dlopt.cli._common import ANY_NUMBER, COUNT, TOLERANCE, echo_err
 
 STRUCTURES = ("auto", "channels", "heads", "ffn", "heads+ffn", "unstructured")  # dlopt.optimize.prune.STRUCTURES
 IMPORTANCES = ("magnitude", "taylor", "lamp", "random")
@@ -12,7 +12,7 @@ IMPORTANCES = ("magnitude", "taylor", "lamp", "random")
 
 @click.command("prune", short_help="Remove channels, attention heads or FFN units; measure the speedup.")
 @click.argument("source")
-@click.option("--ratio", type=float, default=0.5, show_default=True,
+@click.option("--ratio", type=ANY_NUMBER, default=0.5, show_default=True,
               help="Fraction removed: of channels / heads / FFN units, or of weights with --structure unstructured.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
               help="Output directory: pruned.pt (checkpoint), pruned.onnx (verified export), prune.json.")
@@ -27,10 +27,10 @@ IMPORTANCES = ("magnitude", "taylor", "lamp", "random")
 @click.option("--ignore", multiple=True, metavar="LAYER",
               help="Keep this layer's output channels (repeatable; names as in model.named_modules()). "
                    "The output layer is always kept.")
-@click.option("--round-to", type=int, default=None, help="Keep channel counts multiples of this (e.g. 8).")
-@click.option("--batch", type=int, default=1, show_default=True, help="Batch size of the latency measurement.")
-@click.option("--seq-len", type=int, default=128, show_default=True, help="Sequence length (token models).")
-@click.option("--bench-seconds", type=float, default=15.0, show_default=True,
+@click.option("--round-to", type=COUNT, default=None, help="Keep channel counts multiples of this (e.g. 8).")
+@click.option("--batch", type=COUNT, default=1, show_default=True, help="Batch size of the latency measurement.")
+@click.option("--seq-len", type=COUNT, default=128, show_default=True, help="Sequence length (token models).")
+@click.option("--bench-seconds", type=TOLERANCE, default=15.0, show_default=True,
               help="Time budget of the interleaved latency measurement (one thread).")
 @click.option("--no-bench", is_flag=True, help="Skip the latency measurement.")
 def command(source, ratio, output, structure, importance, global_pruning, ignore, round_to, batch, seq_len,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from dlopt.cli._common import DATA_SOURCES_HELP, data_options, echo_err, input_shape_option
+from dlopt.cli._common import (ANY_NUMBER, COUNT, DATA_SOURCES_HELP, FRACTION, PERCENTILE, TOLERANCE, data_options,
+                               echo_err, input_shape_option)
 
 
 def _names(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -20,28 +21,28 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
               help="int8: auto (recipe from the model, target and CPU; printed) | dynamic | static | weight-only "
                    "(int8 weights, float compute: for size, needs no data).")
 @click.option("--calibration", default=None, help=f"Calibration data: {DATA_SOURCES_HELP}.")
-@click.option("--calibration-samples", type=int, default=None, help="Read at most N samples.")
+@click.option("--calibration-samples", type=COUNT, default=None, help="Read at most N samples.")
 @click.option("--eval-data", default=None,
               help="Held-out samples to measure fidelity on (same formats as --calibration). Default: the last "
                    "20 % of --calibration (at least 4, at most half and 32) are held out and not calibrated on.")
-@click.option("--holdout", type=float, default=0.2, show_default=True,
+@click.option("--holdout", type=FRACTION, default=0.2, show_default=True,
               help="Share of the --calibration samples held out for the fidelity check (without --eval-data).")
-@click.option("--min-sqnr", "min_sqnr_db", type=float, default=None, metavar="DB",
+@click.option("--min-sqnr", "min_sqnr_db", type=ANY_NUMBER, default=None, metavar="DB",
               help="SQNR floor of every float output and channel group on the held-out samples, checked beside the "
                    "task metric when given (the verdict when the metric is sqnr; default: int8 15, int4 10, fp16 30 "
                    "dB). Below it int8 keeps the noisiest nodes in float until it "
                    "holds; a result still below it is kept as OUT.failed.onnx and dlopt exits 1.")
 @click.option("--no-recover", is_flag=True, help="Below the floor, fail at once instead of keeping nodes in float.")
 @click.option("--method", default=None, help="Static calibration: minmax | entropy | percentile (default: recipe's).")
-@click.option("--percentile", type=float, default=None,
+@click.option("--percentile", type=PERCENTILE, default=None,
               help="For --method percentile (default: 99.99 for CNNs, 99.999 otherwise).")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales.")
-@click.option("--block-size", type=int, default=32, show_default=True, help="int4 block size.")
+@click.option("--block-size", type=COUNT, default=32, show_default=True, help="int4 block size.")
 @click.option("--exclude-nodes", multiple=True, help="Node names to keep in float (comma-separated or repeated).")
 @click.option("--exclude-ops", multiple=True, help="Op types to keep in float, e.g. Attention,Gather.")
 @click.option("--target", default="cpu", show_default=True, help="cpu | cuda | arm64 | mobile.")
 @click.option("--no-preprocess", is_flag=True, help="Skip fusions, constant folding and shape inference.")
-@click.option("--max-accuracy-drop", type=float, default=None,
+@click.option("--max-accuracy-drop", type=TOLERANCE, default=None,
               help="Keep the most sensitive nodes in float until the task metric drops by at most this much "
                    "(in the metric's unit: agreement metrics are fractions of FP32's answers, FP32 = 1.0); exit 1 "
                    "if no candidate meets it (the best is still written).")
@@ -49,13 +50,13 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
               help="The task metric the verdict, recovery and budget are on (docs/metrics.md): detection | map | "
                    "sequence | top1 | topk | cosine | embedding | perplexity | probability | sqnr. Default: chosen from the "
                    "model's outputs (the report says which and why).")
-@click.option("--metric-floor", type=float, default=None,
+@click.option("--metric-floor", type=ANY_NUMBER, default=None,
               help="The metric's floor (default: the metric table's, e.g. detection Jaccard 0.9, map 0.99).")
 @click.option("--evaluator", default=None,
               help="Your metric: FILE.py:FUNCTION, called as FUNCTION(reference_outputs, outputs) (dicts of output "
                    "name -> array) returning a float (higher is better) or {name: value}; or model:NAME[:metric] "
                    "(a reference model's real metric, for the budget).")
-@click.option("--smoothquant", "smoothing", type=float, default=None, metavar="ALPHA",
+@click.option("--smoothquant", "smoothing", type=FRACTION, default=None, metavar="ALPHA",
               help="int8 transformers: SmoothQuant with this alpha (e.g. 0.75) from the calibration data. "
                    "Off by default: on MiniLM it did not beat plain dynamic INT8 on the real metrics.")
 @click.option("--weight-rounding", default="auto", show_default=True,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from dlopt.cli._common import TOLERANCE
+
 
 @click.command("verify", short_help="Re-check a bundle: every file's sha256, no extra files, outputs vs the source's.")
 @click.argument("bundle", type=click.Path(file_okay=False))
@@ -11,9 +13,9 @@ import click
 @click.option("--trusted-key", type=click.Path(dir_okay=False), default=None, metavar="PUB",
               help="Public key (`dlopt keygen`) that must have signed the manifest; without it only integrity "
               "is checked, not origin.")
-@click.option("--atol", type=float, default=None,
+@click.option("--atol", type=TOLERANCE, default=None,
               help="Model vs the stored source outputs, absolute (default 1e-4, or the manifest's if tighter).")
-@click.option("--rtol", type=float, default=None,
+@click.option("--rtol", type=TOLERANCE, default=None,
               help="Model vs the stored source outputs, relative (default 1e-3, or the manifest's if tighter).")
 def command(bundle, hashes_only, trusted_key, atol, rtol):
     """Verify BUNDLE (a folder written by `dlopt package`).

@@ -57,6 +57,17 @@ class GateConfig:
 
 
 def validate_config(config: GateConfig) -> None:
+    from dlopt.limits import MAX_BATCH, MAX_MEASURE_S, check_number
+
+    numbers = [(config.max_slowdown, "the allowed slowdown"), (config.max_accuracy_drop, "{max_accuracy_drop=DROP}"),
+               (config.max_size_growth, "the allowed size growth"), (config.budget_s, "the time budget (s)"),
+               (config.confidence, "confidence"), *((d, f"the accuracy drop of {m}") for m, d in config.metric_drops)]
+    for value, what in numbers:
+        if value is not None:
+            check_number(value, what)
+    MAX_MEASURE_S.check(config.budget_s, "the time budget")
+    if config.batch is not None:
+        MAX_BATCH.check(config.batch, "batch size")
     if not 0 <= config.max_slowdown < 10:
         raise InputError(f"the allowed slowdown must be between 0% and 1000%, got {config.max_slowdown:.1%}",
                          "e.g. {max_slowdown=0.05} (5%)")

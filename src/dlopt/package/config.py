@@ -79,6 +79,18 @@ def validate_config(config: PackageConfig) -> None:
     for text in config.fix_shapes:
         parse_fix_shape(text)
     parse_input_shapes(config.input_shapes)
+    from dlopt.limits import MAX_BATCH, MAX_MEASURE_S, MAX_SAMPLES, check_number
+
+    # every number first: finite and of its type (a recipe's `samples = "2"` or `measure_s = nan` included)
+    for name in ("samples", "batch", "seq_len", "seed", "pte_calibration_samples"):
+        check_number(getattr(config, name), name, minimum=0, integer=True)
+    if config.threads is not None:
+        check_number(config.threads, "threads", minimum=1, integer=True)
+    for name in ("atol", "rtol", "measure_s", "pte_fp32_min_sqnr_db", "pte_int8_min_sqnr_db"):
+        check_number(getattr(config, name), name)
+    MAX_SAMPLES.check(config.samples, "samples")  # before any sample is made
+    MAX_BATCH.check(config.batch, "batch")
+    MAX_MEASURE_S.check(config.measure_s, "measure_s (seconds of latency measurement)")
     if config.samples < 1:
         raise InputError(f"samples must be at least 1, got {config.samples}", "pass {samples=1} or more")
     if config.batch < 1 or config.seq_len < 1:

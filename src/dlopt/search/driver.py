@@ -82,6 +82,19 @@ def validate_config(config: OptimizeConfig) -> None:
     if config.target not in OPTIMIZE_TARGETS:
         raise InputError(f"dlopt optimize does not search --target {config.target} yet",
                          f"use --target {' or '.join(OPTIMIZE_TARGETS)}; for other targets run a recipe (dlopt run)")
+    from dlopt.limits import MAX_MEASURE_S, MAX_TIME_BUDGET_S, check_number
+
+    check_number(config.max_accuracy_drop, "{max_accuracy_drop=DROP}", minimum=0)
+    check_number(config.time_budget_s, "the time budget (s)", minimum=0, above=True)
+    MAX_TIME_BUDGET_S.check(config.time_budget_s, "the time budget")
+    if config.max_latency_ms is not None:
+        check_number(config.max_latency_ms, "{max_latency=MS}", minimum=0, above=True)
+    check_number(config.package_measure_s, "package_measure_s", minimum=0)
+    MAX_MEASURE_S.check(config.package_measure_s, "package_measure_s")
+    for value in (config.latency_budget_s, config.throughput_budget_s):
+        if value is not None:
+            check_number(value, "a measurement budget (s)", minimum=0, above=True)
+            MAX_MEASURE_S.check(value, "a measurement budget")
     if config.max_accuracy_drop < 0:
         raise InputError(f"--max-accuracy-drop {config.max_accuracy_drop} is negative", "give a drop >= 0, e.g. 0.01")
     if config.time_budget_s <= 0:
@@ -104,7 +117,8 @@ class _Clock:
         return time.perf_counter() - self.start
 
     def left(self) -> float:
-        return self.budget_s - self.elapsed()
+        """Seconds left of the budget, never below 0 (an overrun is reported once, at the end)."""
+        return max(0.0, self.budget_s - self.elapsed())
 
     def log(self, message: str) -> None:
         self._log(f"[{self.elapsed():5.0f}s / {self.budget_s:.0f}s] {message}")
@@ -328,6 +342,7 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
         exported, _ = apply_stages(ctx, ())  # export errors are the user's to see, not a failed candidate
         ctx = dataclasses.replace(ctx, fp32_onnx=str(exported))
     base = evaluate_candidate((ctx, fp32))
+    phases["source_s"] = time.perf_counter() - t0  # part of evaluate_s: what every search does first
     if not base.ok:
         raise InputError(f"{model}: the FP32 source could not be scored: {base.reason}", "check the model and its data")
     clock.log(f"fp32: {ctx.evaluator} = {base.score:.5g}" + (" (cached)" if base.cached else ""))
@@ -443,6 +458,11 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
 
     result = _result(model, ctx, config, base, rows, skipped, front, picked, latency, server, executor, cache,
                      bundle, verified, clock, phases, report_out)
+    from dlopt.search.report import overrun_text
+
+    overrun = overrun_text(result)
+    if overrun:
+        clock.log(overrun)
     if report_out is not None:
         from dlopt.fileio import staged_outputs
         from dlopt.search.report import render_report

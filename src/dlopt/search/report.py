@@ -148,6 +148,27 @@ def render_report(result: Mapping[str, Any]) -> str:
             f"<h2>Recipes and reasons</h2>{_recipes(result['candidates'])}</body></html>\n")
 
 
+OVERRUN_TOLERANCE = 0.10  # a search may end this share past its time budget without a word
+
+
+def overrun_text(result: dict) -> str | None:
+    """Why a search ran more than 10 % past its --time-budget, else None. Candidates stop being started in
+    time, but every search still exports and scores the FP32 source, times what it keeps (10 s at least)
+    and writes a verified bundle: a budget shorter than those is overrun, and this line says by what."""
+    seconds, budget = result["seconds"], result["time_budget_s"]
+    if seconds <= budget * (1 + OVERRUN_TOLERANCE):
+        return None
+    phases = result.get("phases_s", {})
+    needed = [(phases.get("source_s"), "the FP32 source (export and scoring)"),
+              (phases.get("latency_s"), "timing the candidates (10 s at least)"),
+              (phases.get("bundle_s"), "the verified bundle")]
+    spent = [(s, what) for s, what in needed if s]
+    floor = sum(s for s, _ in spent)
+    return (f"time budget: overran, {seconds:.1f} s of {budget:g} s: what every search does took "
+            + ", ".join(f"{s:.1f} s for {what}" for s, what in spent)
+            + f"; a budget of {max(budget, floor) * 1.5:.0f} s or more fits them")
+
+
 def front_text(result: Mapping[str, Any]) -> str:
     """The table `dlopt optimize` prints: every candidate, the front, how latency was measured, the choice."""
     from dlopt.report import format_table
@@ -174,6 +195,9 @@ def front_text(result: Mapping[str, Any]) -> str:
                      f"p90 {best['p90_ms']:.3g} ms ({server['why']})")
     elif server:
         lines.append(f"serving: {server.get('skipped') or server.get('why')}")
+    overrun = overrun_text(result)
+    if overrun:
+        lines.append(overrun)
     lines.append(f"chosen: {result['chosen']} -> {result['bundle']} ({'verified' if result['verified'] else 'NOT verified'})"
                  f"; {result['seconds']:.1f} s; evaluations cached {result['cache']['evaluations_cached']}, "
                  f"run {result['cache']['evaluations_run']}" + (f"; report {result['report']}" if result['report'] else ""))
