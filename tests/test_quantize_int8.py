@@ -586,7 +586,7 @@ BAD_INPUT = [
     (["--target", "tpu"], "unknown target 'tpu'"),
     (["--exclude-nodes", "conv9"], "not in the model: conv9"),
     (["--mode", "static"], "static quantization needs calibration data"),
-    (["--max-accuracy-drop", "-1"], "is negative"),
+    (["--max-accuracy-drop", "-1"], "--max-accuracy-drop.*must be >= 0"),
     (["--weight-rounding", "adaround", "--calibration", "{d}/good.npz"], "unknown weight rounding 'adaround'"),
 ]
 
