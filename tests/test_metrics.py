@@ -98,6 +98,21 @@ def test_probability_difference_by_hand():
 # --------------------------------------------------------------------------- maps and sequences
 
 
+def test_false_text_on_an_image_where_fp32_finds_none_fails_the_map_floor():
+    # 99.9 % of pixels agree, but one empty image gets text: the verdict a user sees first
+    empty = np.zeros((1, 1, 32, 32), np.float32)
+    text = empty.copy()
+    text[0, 0, 4:8, 4:20] = 0.9
+    spot = empty.copy()
+    spot[0, 0, 30, 30] = 0.5
+    value = map_agreement([[text], [empty]], [[text], [spot]])
+    assert value.value > 0.999 and value.components["empty_samples_kept_empty"] == 0.0
+    assert [f["check"] for f in judge(value)] == ["empty_samples_kept_empty"]
+    kept = map_agreement([[text], [empty]], [[text], [empty]])
+    assert kept.components["empty_samples_kept_empty"] == 1.0 and judge(kept) == []
+    assert map_agreement([[text]], [[text]]).components["empty_samples_kept_empty"] is None
+
+
 def test_map_agreement_and_false_positives_where_fp32_has_none():
     ref = np.full((2, 1, 4, 4), 0.1, np.float32)
     ref[0, 0, :2, :2] = 0.9  # sample 0: 4 text pixels; sample 1: none

@@ -85,8 +85,8 @@ METRIC_TABLE: dict[str, Metric] = {m.name: m for m in (
            "matched); also class agreement (matched at IoU ignoring class: same class), recall, false boxes",
            checks=(("class_agreement", 0.99),)),
     Metric("map", True, "fraction of pixels", 0.99,
-           f"probability map binarized at {MAP_THRESHOLD}: share of pixels equal to FP32's; also false positives "
-           "where FP32 has none"),
+           f"probability map binarized at {MAP_THRESHOLD}: share of pixels equal to FP32's; and no false positive "
+           "on a sample where FP32 has none (empty_samples_kept_empty = 1)", checks=(("empty_samples_kept_empty", 1.0),)),
     Metric("sequence", True, "fraction of samples", 0.97,
            f"per-step argmax, CTC-collapsed (repeats merged, blank {BLANK} removed): share of samples whose "
            "sequence equals FP32's"),
@@ -483,6 +483,7 @@ class MapAgreement:
     def __init__(self, output: int = 0, threshold: float = MAP_THRESHOLD) -> None:
         self.output, self.threshold = output, threshold
         self.equal = self.pixels = self.false_pixels = self.false_samples = self.samples = self.positives = 0
+        self.empty_samples = 0
 
     def add(self, reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray], feeds=None) -> None:
         r = sample_rows(reference[self.output]) > self.threshold
@@ -493,11 +494,15 @@ class MapAgreement:
         self.positives += int(np.count_nonzero(r))
         self.false_pixels += int(np.count_nonzero(c & ~r))
         self.false_samples += int(np.count_nonzero(~r.any(axis=1) & c.any(axis=1)))
+        self.empty_samples += int(np.count_nonzero(~r.any(axis=1)))
 
     def result(self) -> MetricValue:
         return MetricValue("map", self.equal / self.pixels if self.pixels else 1.0, {
             "false_positive_pixels": self.false_pixels, "false_positive_share": self.false_pixels / max(self.pixels, 1),
             "samples_with_false_positives_where_fp32_has_none": self.false_samples,
+            # false text on an image where FP32 finds none is what a user sees first: every such sample must stay
+            # empty (None when no held-out sample is empty for FP32)
+            "empty_samples_kept_empty": (1.0 - self.false_samples / self.empty_samples) if self.empty_samples else None,
             "fp32_positive_pixels": self.positives, "threshold": self.threshold, "output": self.output},
             samples=self.samples, evidence=self.positives > 0,
             note="" if self.positives else f"FP32's map is below {self.threshold:g} everywhere")
