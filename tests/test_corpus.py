@@ -219,12 +219,11 @@ def test_corpus_model_meets_its_floor_on_held_out_data_or_exits_1(tmp_path, name
 
 @pytest.mark.parametrize("name", CI_MODELS)
 def test_corpus_task_metric_is_exact_against_itself_and_sees_a_changed_answer(name):
-    from dlopt.models.corpus import run_samples
     from dlopt.sessions import cpu_session
 
     model = _corpus(name)
     samples = model.samples("heldout", 8)
-    reference = run_samples(cpu_session(onnx.load(str(model.model_path()))), samples)
+    reference = model.run(cpu_session(onnx.load(str(model.model_path()))), samples)
     same = model.task_metrics(reference, reference, samples)
     assert same["class_agreement"] == 1.0
     flipped = [[-r[0]] for r in reference]  # every argmax moves
@@ -233,8 +232,8 @@ def test_corpus_task_metric_is_exact_against_itself_and_sees_a_changed_answer(na
         assert same["accuracy_reference"] >= 0.9
 
 
-def test_detector_metric_counts_disagreeing_pixels_and_false_text():
-    from dlopt.models.corpus import detector_agreement
+def test_map_metric_counts_disagreeing_pixels_and_false_text():
+    from dlopt.models.corpus import CORPUS
 
     text = np.zeros((1, 1, 4, 8), np.float32)
     text[..., 0, :4] = 0.9
@@ -243,7 +242,110 @@ def test_detector_metric_counts_disagreeing_pixels_and_false_text():
     noisy_free[..., 3, 7] = 0.5
     half = text.copy()
     half[..., 0, 2:4] = 0.1
-    m = detector_agreement([text, free], [half, noisy_free])
-    assert m["map_agreement"] == pytest.approx(61 / 64) and m["map_agreement_min"] == pytest.approx(30 / 32)
-    assert m["text_pixels_kept"] == 0.5 and m["text_free_samples"] == 1 and m["false_text_samples"] == 1
-    assert m["false_text_pixels"] == pytest.approx(1 / 32)
+    m = CORPUS["ppocrv4-det"].task_metrics([[text], [free]], [[half], [noisy_free]], [])
+    assert m["map_agreement"] == pytest.approx(61 / 64)
+    assert m["text_free_samples"] == 1 and m["false_text_samples"] == 1
+    assert m["false_text_pixels"] == pytest.approx(1 / 64)
+    assert CORPUS["ppocrv4-det"].floor_failures(m) == ["map_agreement 0.9531 < 0.99", "false_text_samples 1 > 0"]
+
+
+# -- object detectors, the CTC recogniser, the streaming VAD ---------------------------------------------------
+DETECTORS = ("yolov8-doclaynet", "picodet-layout", "yolox-ddddocr")
+NEW_MODELS = (*DETECTORS, "ppocrv4-rec", "silero-vad", "silero-vad-16k")
+
+
+@pytest.fixture(scope="module")
+def fp32_runs():
+    """FP32's outputs on the first held-out samples of each model, computed once."""
+    from dlopt.sessions import cpu_session
+
+    cache = {}
+
+    def runs(name: str, count: int = 4):
+        if (name, count) not in cache:
+            model = _corpus(name)
+            samples = model.samples("heldout", count)
+            cache[name, count] = samples, model.run(cpu_session(model.model_path()), samples)
+        return cache[name, count]
+
+    return runs
+
+
+def test_new_corpus_entries_name_pinned_packages_and_disjoint_splits():
+    from dlopt.models.corpus import CORPUS
+
+    for name in NEW_MODELS:
+        assert "==" in CORPUS[name].package, name
+    assert {CORPUS[n].task for n in NEW_MODELS} == {"detection", "sequence", "stream"}
+    # the detectors decode three different heads: one [B, 4+C, N], per-level maps, raw YOLOX grid rows
+    assert {CORPUS[n].detection.kind for n in DETECTORS} == {"yolo", "levels", "yolo-obj"}
+
+
+@pytest.mark.parametrize("name", DETECTORS)
+def test_fp32_detects_boxes_on_held_out_images_through_the_package_preprocessing(name, fp32_runs):
+    from dlopt.metrics import decode_detections
+
+    model = _corpus(name)
+    samples, runs = fp32_runs(name)
+    found = [decode_detections((model.postprocess or list)(list(r)), model.detection, confidence=model.confidence)[0]
+             for r in runs]
+    assert all(len(d) >= 2 for d in found), [len(d) for d in found]
+    classes = set(np.concatenate([d.classes for d in found]).tolist())
+    if len(model.labels) > 1:  # pages hold text, titles, pictures, tables...: the layouts see several kinds
+        assert len(classes) >= 4, classes
+    h, w = samples[0].feeds[next(iter(samples[0].feeds))].shape[2:]
+    boxes = np.concatenate([d.boxes for d in found])
+    if model.detection.kind != "levels":  # pixels of the input (levels: cell-normalized)
+        assert boxes[:, 2].max() <= w * 1.05 and boxes[:, 3].max() <= h * 1.05 and boxes.min() >= -0.05 * w
+
+
+def test_fp32_reads_the_rendered_strings(fp32_runs):
+    model = _corpus("ppocrv4-rec")
+    samples, runs = fp32_runs("ppocrv4-rec", 12)
+    assert all(s.text and s.feeds["x"].shape[2] == 48 and s.feeds["x"].shape[3] >= 320 for s in samples)
+    assert model.task_metrics(runs, runs, samples)["accuracy_reference"] >= 0.9
+
+
+@pytest.mark.parametrize("name", ["silero-vad", "silero-vad-16k"])
+def test_vad_hears_the_speech_in_each_clip_and_the_silence_around_it(name, fp32_runs):
+    samples, runs = fp32_runs(name)
+    for sample, (probabilities,) in zip(samples, runs):
+        assert probabilities.shape == (94,) and sample.audio.shape == (94 * 512,)  # 3 s in 32 ms chunks
+        speech = probabilities > 0.5
+        assert 10 <= speech.sum() <= 80, probabilities.round(2)
+
+
+def test_vad_feeds_carry_the_models_own_state_between_chunks():
+    from dlopt.models.corpus import vad_stream
+    from dlopt.sessions import cpu_session
+
+    model = _corpus("silero-vad")
+    (sample,) = model.samples("heldout", 1)
+    stream = vad_stream(cpu_session(model.model_path()), sample.audio)
+    feeds = stream.feeds
+    assert len(feeds) == 94 and {k: v.shape for k, v in feeds[1].items()} == {"input": (1, 576), "state": (2, 1, 128),
+                                                                             "sr": ()}
+    assert feeds[1]["sr"].dtype == np.int64 and int(feeds[1]["sr"]) == 16000
+    assert not feeds[0]["state"].any() and feeds[40]["state"].any()  # zeros first, then the model's own
+    assert np.array_equal(feeds[1]["input"][:, :64], feeds[0]["input"][:, -64:])  # the previous chunk's tail
+    # the reader a user names on the command line yields the same feeds
+    from dlopt.models.corpus import silero_vad_feeds
+
+    first = next(iter(silero_vad_feeds("heldout", 1)))
+    assert all(np.array_equal(first[k], feeds[0][k]) for k in feeds[0])
+    # without the carried state the model hears something else: the state matters
+    session, zeros = cpu_session(model.model_path()), np.zeros((2, 1, 128), np.float32)
+    stateless = [session.run(["output"], {**f, "state": zeros})[0].item() for f in feeds[30:60]]
+    assert np.max(np.abs(np.array(stateless) - stream.probabilities[30:60])) > 0.05
+
+
+@pytest.mark.parametrize("name", NEW_MODELS)
+def test_new_task_metrics_are_exact_against_themselves_and_see_other_answers(name, fp32_runs):
+    model = _corpus(name)
+    samples, runs = fp32_runs(name)
+    same = model.task_metrics(runs, runs, samples)
+    assert model.floor_failures(same) == []
+    key = {"detection": "detection_jaccard", "sequence": "string_agreement", "stream": "max_abs_difference"}[model.task]
+    assert same[key] == (0.0 if model.task == "stream" else 1.0)
+    other = runs[1:] + runs[:1]  # each sample answered with the next one's outputs
+    assert model.floor_failures(model.task_metrics(runs, other, samples)), name
