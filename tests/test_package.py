@@ -267,7 +267,7 @@ def _bad_inputs(tmp: Path, mlp: Path):
         ([str(mlp), "-o", str(tmp / "b"), "--target", "cpu", "--torch-source", "x.py:build"], "is for --target mobile"),
         ([str(mlp), "-o", str(tmp / "b"), "--samples", "0"], "at least 1"),
         ([str(mlp), "-o", str(tmp / "b"), "--pte", "int4"], "unknown .pte precision"),
-        ([str(mlp), "-o", str(tmp / "b"), "--data", str(tmp / "wrong.npz")], "has no array 'x'"),
+        ([str(mlp), "-o", str(tmp / "b"), "--data", str(tmp / "wrong.npz")], "missing ['x']"),
         ([str(mlp), "-o", str(tmp / "b"), "--calibration", str(tmp / "nope.npz")], "does not exist"),
     ]
 

@@ -214,10 +214,10 @@ def _negative_batch_baseline(work: Path) -> None:
 BAD_INPUT = [
     # (arguments, exit code, the message, set-up)
     (["quantize", "m.onnx", "-o", "q.onnx", "--mode", "static", "--calibration", "calibration_inf.npz"], 2,
-     r"calibration data calibration_inf.npz \(sample 3\): input 'x' holds 1 NaN or infinite", None),
-    (["eval", "m.onnx", "--data", "empty.npz"], 2, "data file empty.npz holds no samples", None),
+     r"data calibration_inf.npz \(sample 3\): input 'x' holds 1 NaN or infinite", None),
+    (["eval", "m.onnx", "--data", "empty.npz"], 2, "data empty.npz holds no samples", None),
     (["gate", "--baseline", "m.onnx", "--candidate", "m2.onnx", "--eval-data", "empty.npz", "--max-accuracy-drop",
-      "0.01", "--budget", "1s", "--no-progress"], 2, "data file empty.npz holds no samples", None),
+      "0.01", "--budget", "1s", "--no-progress"], 2, "data empty.npz holds no samples", None),
     (["prune", "net.py:build", "-o", "a-file/out", "--no-bench"], 2, "a-file, is not a folder", None),
     (DISTILL + ["-o", "a-file/out"], 2, "a-file, is not a folder", None),
     (["quantize", "m.onnx", "-o", "q.onnx", "--mode", "dynamic"], 2, "output path q.quantize.json is a directory",

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dlopt.data import CalibrationData, DataSpec
 from dlopt.errors import VerificationError
-from dlopt.optimize.calibration import CalibrationData
 from dlopt.optimize.quantize.schemes import QuantizeConfig, REPORT_SCHEMA, REPORT_SCHEMA_VERSION, Scheme
 from dlopt.optimize.quantize.stages import stage_of
 from dlopt.stage import StageContext
@@ -41,12 +41,14 @@ def failed_path(output: Path) -> Path:
 
 def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike,
                   config: Scheme | QuantizeConfig = QuantizeConfig(),
-                  calibration: str | os.PathLike | CalibrationData | None = None, *,
-                  eval_data: str | os.PathLike | CalibrationData | None = None, progress: bool = False,
+                  calibration: str | os.PathLike | DataSpec | CalibrationData | None = None, *,
+                  eval_data: str | os.PathLike | DataSpec | CalibrationData | None = None, progress: bool = False,
                   after: tuple[str, ...] = (), log=lambda message: None) -> QuantizeOutcome:
     """Quantize MODEL.onnx to OUTPUT (atomically) and write the JSON report beside it,
     `OUTPUT-stem.quantize.json`. `eval_data` (same formats as `calibration`) is where fidelity is
-    measured; without it, the last samples of `calibration` are held out for that.
+    measured; without it, the last samples of `calibration` are held out for that. Both are read by
+    dlopt.data (a source text, or a DataSpec with its layout, values and image pre-processing); the
+    report records the specs (`data_spec`).
 
     A result that fails its verdict (an output below the fidelity floor, a budget not met) is not
     written to OUTPUT: it is kept as OUTPUT-stem.failed.onnx with OUTPUT-stem.failed.quantize.json,
@@ -54,7 +56,7 @@ def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike,
     that made MODEL (a recipe's), named in errors."""
     from dlopt.api import report_path_for
     from dlopt.fileio import check_output_path, guard_outputs, json_text, load_onnx, stage_onnx, staged_outputs
-    from dlopt.optimize.calibration import load_calibration
+    from dlopt.data import as_spec, load_data
     from dlopt.report import environment
 
     stage = stage_of(config)
@@ -64,14 +66,18 @@ def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike,
     failed = failed_path(out)
     failed_report = report_path_for(failed, "quantize")
 
-    def named_path(spec):
-        return spec if isinstance(spec, (str, os.PathLike)) and not str(spec).startswith("model:") else None
+    def named_path(spec):  # the data's file or folder, or a reader's .py file: never written over
+        spec = None if isinstance(spec, CalibrationData) else as_spec(spec)
+        if spec is None or not (spec.is_path or (spec.is_reader and ".py:" in spec.source)):
+            return None
+        return spec.source.rpartition(":")[0] if spec.is_reader else spec.source
 
     guard_outputs([src, named_path(calibration), named_path(eval_data)], [out, report_path, failed, failed_report])
     model = load_onnx(src)
-    data = load_calibration(calibration, model, limit=config.calibration_samples, image=config.image)
-    held = (load_calibration(eval_data, model, limit=config.fidelity_samples, image=config.image)
+    data = load_data(calibration, model, limit=config.calibration_samples, image=config.image)
+    held = (load_data(eval_data, model, limit=config.fidelity_samples, image=config.image)
             if eval_data is not None else None)
+    specs = {role: d.spec.record() for role, d in (("calibration", data), ("eval_data", held)) if d is not None}
     context = StageContext(data=data, eval_data=held, after=after, progress=progress, log=log)
     result = stage.apply(model, config, context)
     if not result.report["verdict"]["passed"]:  # kept under a marked name, never at OUTPUT
@@ -81,6 +87,7 @@ def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike,
         model_tmp = stage_onnx(result.model, out, outputs)
         report = {"schema": REPORT_SCHEMA, "schema_version": REPORT_SCHEMA_VERSION, "input": str(src),
                   "output": str(out), "calibration": data.describe() if data else None,
+                  "data_spec": specs or None,
                   **result.report, "bytes_written": model_tmp.stat().st_size, "environment": environment()}
         outputs.stage(report_path).write_text(json_text(report))
     return QuantizeOutcome(out, report_path, report)

@@ -320,6 +320,19 @@ def _quiet(message: str) -> None:
     pass
 
 
+def _data_file(data) -> str | None:
+    """The file or folder a verb's data is read from (or a Python reader's .py file), to guard: never an
+    output. None for arrays, model:NAME and package.module readers."""
+    from dlopt.data import as_spec
+
+    if data is None or isinstance(data, Mapping):
+        return None
+    spec = as_spec(data)
+    if spec.is_reader:
+        return spec.source.rpartition(":")[0] if ".py:" in spec.source else None
+    return spec.source if spec.is_path else None
+
+
 @dataclass(frozen=True)
 class Measured:
     """A benchmark's result and the files written from it (JSON result, stored baseline)."""
@@ -335,22 +348,23 @@ def bench(models: Sequence[str | os.PathLike], config: BenchConfig | None = None
     """Measure MODELS (.onnx files) interleaved on `config.target`; each is reported as a ratio to the
     first with a bootstrap 95 % confidence interval (dlopt.bench.benchmark).
 
-    `data`: real inputs, an .npz path, "model:NAME" or {input name: array} (first axis = samples).
+    `data`: real inputs, any source of dlopt.data (an .npz, a folder, a reader, "model:NAME", or a DataSpec
+    with its layout, values and image pre-processing) or {input name: array} (first axis = samples).
     `json_path` receives the full result, `baseline_path` the first model's samples and this machine's
     fingerprint for `gate`; both are checked before measuring and written atomically. `started`: a
     time.perf_counter() value the budget counts from (default: now)."""
-    from dlopt.bench import BenchConfig, benchmark, load_data
+    from dlopt.bench import MAX_DATA_BATCHES, BenchConfig, benchmark
+    from dlopt.data import data_arrays
 
     config = config or BenchConfig()
     for path in (json_path, baseline_path):
         if path:
             check_output_path(path)  # before minutes of measuring, not after
-    data_path = data if isinstance(data, (str, os.PathLike)) else None
-    guard_outputs([*models, data_path], [json_path, baseline_path])
-    arrays = data
-    if data_path is not None:
-        arrays = load_data(data_path, samples=max(config.batch_sizes) * 8, seq_len=config.seq_len)
-    result = benchmark(models, config, data=arrays, data_source=str(data_path) if data_path else "data",
+    guard_outputs([*models, _data_file(data)], [json_path, baseline_path])
+    named = data is not None and not isinstance(data, Mapping)
+    arrays = data_arrays(data, models[0] if models else "", seq_len=config.seq_len,
+                          samples=max(config.batch_sizes) * (8 if str(data).startswith("model:") else MAX_DATA_BATCHES))
+    result = benchmark(models, config, data=arrays, data_source=str(data) if named else "data",
                        progress=progress, started=started)
     written = []
     if json_path:
@@ -376,7 +390,7 @@ def evaluate(model: str | os.PathLike, *, data: str | os.PathLike | None = None,
     config = config or EvalConfig()
     if json_path:
         check_output_path(json_path)
-        guard_outputs([model, data, reference], [json_path])
+        guard_outputs([model, _data_file(data), reference], [json_path])
     if (data is None) == (reference_model is None):
         raise InputError("give either {data=FILE.npz} or {reference_model=NAME}",
                          "data evaluates on your arrays; reference_model uses a reference model's evaluator")
@@ -409,22 +423,22 @@ def gate(baseline: str | os.PathLike, candidate: str | os.PathLike, config: Gate
     """Gate CANDIDATE against BASELINE (a model, re-measured interleaved, or a stored baseline .json) on
     latency, and on size and accuracy where `config` sets their limits (accuracy with `evaluator`).
 
-    `data`: real inputs to time the models on (an .npz path, "model:NAME" or arrays). Reports: a Markdown
+    `data`: real inputs to time the models on (any source of dlopt.data, a DataSpec, or arrays). Reports: a Markdown
     `summary`, a `junit` XML and the `json_path` result are written atomically; `github_summary` (the
     $GITHUB_STEP_SUMMARY file) is appended to. Raises InputError before any long work on bad input."""
-    from dlopt.bench import load_data
+    from dlopt.bench import MAX_DATA_BATCHES
+    from dlopt.data import data_arrays
     from dlopt.gate import GateConfig, run_gate, write_outputs
 
     config = config or GateConfig()
     for path in (summary, junit, json_path):
         if path:
             check_output_path(path)  # before a minute of measuring, not after
-    data_path = data if isinstance(data, (str, os.PathLike)) else None
-    guard_outputs([baseline, candidate, data_path, evaluator.data if evaluator else None],
+    guard_outputs([baseline, candidate, _data_file(data), _data_file(evaluator.data) if evaluator else None],
                   [summary, junit, json_path, github_summary])
-    arrays = data
-    if data_path is not None:
-        arrays = load_data(data_path, samples=8 * (config.batch or 1), seq_len=config.seq_len or 128)
+    batch = config.batch or 1
+    arrays = data_arrays(data, candidate, seq_len=config.seq_len or 128,
+                          samples=batch * (8 if str(data).startswith("model:") else MAX_DATA_BATCHES))
     result = run_gate(baseline, candidate, config, data=arrays, evaluator=evaluator, progress=progress)
     written = write_outputs(result, summary=summary, junit=junit, json_path=json_path,
                             github_summary=str(github_summary) if github_summary else None)
@@ -435,17 +449,20 @@ def package_model(model: str | os.PathLike, output: str | os.PathLike, config: P
                   data: str | os.PathLike | Mapping[str, Any] | None = None, sign_key: str | os.PathLike | None = None,
                   log: Log = _quiet) -> PackageResult:
     """Package MODEL (.onnx) into the bundle folder `output` for `config.target`, verified before it is
-    written (dlopt.package.package). `data`: sample inputs (an .npz path or arrays) instead of generated
-    ones; `sign_key`: an Ed25519 private key (`keygen`) that signs the manifest."""
+    written (dlopt.package.package). `data`: sample inputs (any source of dlopt.data, a DataSpec, or arrays)
+    instead of generated ones, run as one batch; `sign_key`: an Ed25519 private key (`keygen`) that signs
+    the manifest."""
+    from dlopt.data import data_arrays
     from dlopt.package import PackageConfig, package
 
-    feeds = data
-    if isinstance(data, (str, os.PathLike)):
-        from dlopt.bench import load_data
+    guard_outputs([_data_file(data)], [output])  # package() guards the model, calibration and torch source
+    feeds = data_arrays(data, model)
+    spec = None
+    if data is not None and not isinstance(data, Mapping):
+        from dlopt.data import as_spec
 
-        guard_outputs([data], [output])  # package() guards the model, calibration and torch source
-        feeds = load_data(data)
-    return package(model, output, config or PackageConfig(), data=feeds, sign_key=sign_key, log=log)
+        spec = as_spec(data)
+    return package(model, output, config or PackageConfig(), data=feeds, data_spec=spec, sign_key=sign_key, log=log)
 
 
 def package_text(result: PackageResult) -> str:
@@ -661,6 +678,8 @@ _LAZY = {
     "origin_text": "dlopt.verify", "verification_error": "dlopt.verify", "verified_text": "dlopt.verify",
     "RunResult": "dlopt.recipe", "StageCache": "dlopt.stagecache", "Entry": "dlopt.stagecache",
     "Fp32Evaluation": "dlopt.models", "ImagePreprocess": "dlopt.images",
+    # the data layer every verb reads its data through (docs/data.md)
+    "DataSpec": "dlopt.data", "CalibrationData": "dlopt.data", "data_spec": "dlopt.data", "load_data": "dlopt.data",
     "reset_written": "dlopt.fileio", "written_paths": "dlopt.fileio",  # what an interrupted command had written
     # the stage configs and what the stage verbs' callers print, from dlopt.stage's registry: "stage:KIND:ATTR"
     # is the stage's config class (ATTR config) or one of its helpers

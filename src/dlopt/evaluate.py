@@ -154,7 +154,11 @@ def _open(path: str | os.PathLike, config: EvalConfig):
 def run_batched(handle, feeds: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
     """Run the model over the first axis of `feeds` in chunks (a fixed batch axis sets the chunk)."""
     specs = session_inputs(handle.session)
-    counts = {name: int(np.asarray(a).shape[0]) for name, a in feeds.items() if np.asarray(a).ndim > 0}
+    from dlopt.data import SampleArrays  # samples on each input's declared axis (--input-layout)
+
+    arrays = feeds if isinstance(feeds, SampleArrays) else SampleArrays.from_mapping(feeds)
+    counts = {name: int(np.shape(a)[arrays.axes[name]]) for name, a in arrays.items()
+              if arrays.axes.get(name) is not None}
     if len(set(counts.values())) > 1:
         raise InputError(f"the data's arrays hold different numbers of samples: {counts}",
                          "give every input the same first dimension")
@@ -167,7 +171,7 @@ def run_batched(handle, feeds: Mapping[str, np.ndarray], batch_size: int) -> dic
     names = handle.output_names()
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for start in range(0, n, step):
-        part = {k: v[start:start + step] for k, v in feeds.items()}
+        part = arrays.take(start, start + step)
         for name, out in zip(names, handle.session.run(None, part)):
             chunks[name].append(out)
     return {name: np.concatenate(parts, axis=0) for name, parts in chunks.items()}
@@ -185,22 +189,22 @@ def _pick_output(outputs: Mapping[str, np.ndarray], wanted: str | None, what: st
 def evaluate_data(model: str | os.PathLike, data: str | os.PathLike, config: EvalConfig = EvalConfig(), *,
                   reference: str | os.PathLike | None = None) -> EvalResult:
     """Metrics of `model` on the inputs in the .npz `data` (see the module docstring)."""
-    from dlopt.bench import load_data
+    from dlopt.data import data_arrays
     from dlopt.inputs import feeds_from_arrays
 
     metrics = validate_metrics(config.metrics)
     if config.batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {config.batch_size}", "e.g. {batch_size=32}")
-    arrays = load_data(data)
     handle = _open(model, config)
-    feeds = feeds_from_arrays(session_inputs(handle.session), arrays, str(data))
+    arrays = data_arrays(data, model, extra=(LABELS_KEY, EXPECTED_KEY, *handle.output_names()))  # dlopt.data
+    feeds = arrays.with_arrays(feeds_from_arrays(session_inputs(handle.session), arrays, str(data)))
     n = _sample_count(feeds, data)
     out_name, output = _pick_output(run_batched(handle, feeds, config.batch_size), config.output, str(model))
     ref_output = None
     ref_handle = None
     if reference is not None:
         ref_handle = _open(reference, config)
-        ref_feeds = feeds_from_arrays(session_inputs(ref_handle.session), arrays, str(data))
+        ref_feeds = arrays.with_arrays(feeds_from_arrays(session_inputs(ref_handle.session), arrays, str(data)))
         ref_outputs = run_batched(ref_handle, ref_feeds, config.batch_size)
         _, ref_output = _pick_output(ref_outputs, out_name if out_name in ref_outputs else None, str(reference))
     elif out_name in arrays or EXPECTED_KEY in arrays:
@@ -231,10 +235,12 @@ def evaluate_data(model: str | os.PathLike, data: str | os.PathLike, config: Eva
 
 
 def _sample_count(feeds: Mapping[str, np.ndarray], data) -> int | None:
-    counts = [int(np.asarray(a).shape[0]) for a in feeds.values() if np.asarray(a).ndim > 0]
-    if counts and min(counts) == 0:
+    from dlopt.data import SampleArrays
+
+    count = SampleArrays.from_mapping(feeds).count
+    if feeds and count == 0:
         raise InputError(f"data file {data} holds no samples (its arrays have 0 rows)", "give at least one sample")
-    return counts[0] if counts else None
+    return count or None
 
 
 def data_warnings(feeds: Mapping[str, np.ndarray], labels: np.ndarray | None, output: np.ndarray,

@@ -2,8 +2,18 @@
 photos (`--calibration DIR_OF_IMAGES`) instead of writing .npz files.
 
 Each image is decoded with Pillow, converted to the model's channel count (RGB, or L for one
-channel, RGBA for four), resized to (height, width) with bilinear filtering (aspect ratio not
-kept), and turned into float32 values
+channel, RGBA for four), brought to the model's (height H, width W) by one resize mode, with one
+interpolation (bilinear, nearest, bicubic, area, lanczos: Pillow's filters), from an image of h x w:
+
+    stretch      resized to H x W; the aspect ratio is not kept
+    letterbox    r = min(H/h, W/w); resized to round(h·r) x round(w·r), placed at
+                 top = round((H − round(h·r))/2 − 0.1), left = round((W − round(w·r))/2 − 0.1)
+                 (Ultralytics' LetterBox, so YOLO-family detectors see what they were trained on);
+                 the rest is `pad` (a pixel value 0..255, 114 by default) in every channel
+    center-crop  s = max(H/h, W/w); resized to round(h·s) x round(w·s) (the shorter side fits),
+                 then the centre H x W kept: top = round((round(h·s) − H)/2), likewise left
+
+and turned into float32 values
 
     x = (pixel · scale − mean) / std            per channel, pixels 0..255, channels RGB or BGR
 
@@ -25,6 +35,8 @@ from dlopt.inputs import InputSpec, graph_inputs, image_axes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 LAYOUTS = ("auto", "nchw", "nhwc")
+RESIZE_MODES = ("stretch", "letterbox", "center-crop")
+INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos")  # area: Pillow's BOX filter
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,10 +49,20 @@ class ImagePreprocess:
     mean: tuple[float, ...] = (0.0,)  # one value, or one per channel
     std: tuple[float, ...] = (1.0,)
     bgr: bool = False  # channels in B, G, R order (OpenCV-trained models, e.g. PaddleOCR's)
+    resize: str = "stretch"  # stretch | letterbox | center-crop (the module doc's formulas)
+    pad: float = 114.0  # letterbox: the pixel value (0..255, before scale) around the image
+    interpolation: str = "bilinear"  # bilinear | nearest | bicubic | area | lanczos
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise InputError(f"unknown image layout {self.layout!r}", f"choose one of {', '.join(LAYOUTS)}")
+        if self.resize not in RESIZE_MODES:
+            raise InputError(f"unknown image resize mode {self.resize!r}", f"choose one of {', '.join(RESIZE_MODES)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise InputError(f"unknown image interpolation {self.interpolation!r}",
+                             f"choose one of {', '.join(INTERPOLATIONS)}")
+        if not 0 <= self.pad <= 255:
+            raise InputError(f"image pad value {self.pad} is not a pixel value", "give 0..255, e.g. {image_pad=114}")
         if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
             raise InputError(f"image size {self.size} is not HEIGHTxWIDTH", "e.g. {image_size=640x640}")
         if not self.mean or not self.std:
@@ -52,10 +74,12 @@ class ImagePreprocess:
 
     @classmethod
     def from_text(cls, *, size: str | None = None, layout: str = "auto", scale: str = "1/255", mean: str = "0",
-                  std: str = "1", bgr: bool = False) -> ImagePreprocess:
+                  std: str = "1", bgr: bool = False, resize: str = "stretch", pad: str = "114",
+                  interpolation: str = "bilinear") -> ImagePreprocess:
         """From option text as a user writes it: size "640x640", scale "1/255", mean "0.5,0.5,0.5"."""
         return cls(size=parse_size(size) if size else None, layout=layout.lower(), scale=parse_number(scale),
-                   mean=parse_floats(mean, "image_mean"), std=parse_floats(std, "image_std"), bgr=bgr)
+                   mean=parse_floats(mean, "image_mean"), std=parse_floats(std, "image_std"), bgr=bgr,
+                   resize=resize.lower(), pad=parse_number(pad), interpolation=interpolation.lower())
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -159,8 +183,7 @@ def load_image(path: Path, target: ImageTarget, config: ImagePreprocess) -> np.n
     height, width = target.size
     try:
         with Image.open(path) as image:
-            pixels = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
-            array = np.asarray(pixels, dtype=np.float32)
+            array = _resized(image.convert(mode), target.size, config)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise InputError(f"image {path} cannot be read ({type(e).__name__}: {str(e)[:120]})",
                          "remove it from the folder or convert it to PNG/JPEG") from e
@@ -175,10 +198,39 @@ def load_image(path: Path, target: ImageTarget, config: ImagePreprocess) -> np.n
     return np.ascontiguousarray(array[None]).astype(target.dtype, copy=False)
 
 
+def _resized(image, size: tuple[int, int], config: ImagePreprocess) -> np.ndarray:
+    """A Pillow image brought to `size` (height, width) by the config's resize mode, as float32 pixels
+    [H, W, C] (or [H, W] for one channel); the module doc gives the placement formulas."""
+    from PIL import Image
+
+    filters = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST,
+               "bicubic": Image.Resampling.BICUBIC, "area": Image.Resampling.BOX,
+               "lanczos": Image.Resampling.LANCZOS}
+    resample = filters[config.interpolation]
+    height, width = size
+    h, w = image.height, image.width
+    if config.resize == "stretch":
+        return np.asarray(image.resize((width, height), resample), dtype=np.float32)
+    if config.resize == "letterbox":
+        r = min(height / h, width / w)
+        nh, nw = max(1, round(h * r)), max(1, round(w * r))
+        top, left = round((height - nh) / 2 - 0.1), round((width - nw) / 2 - 0.1)
+        inner = np.asarray(image.resize((nw, nh), resample), dtype=np.float32)
+        canvas = np.full((height, width, *inner.shape[2:]), np.float32(config.pad), np.float32)
+        canvas[top:top + nh, left:left + nw] = inner
+        return canvas
+    s = max(height / h, width / w)  # center-crop: the shorter side fits, the longer one is cut
+    nh, nw = max(height, round(h * s)), max(width, round(w * s))
+    top, left = round((nh - height) / 2), round((nw - width) / 2)
+    inner = np.asarray(image.resize((nw, nh), resample), dtype=np.float32)
+    return np.ascontiguousarray(inner[top:top + height, left:left + width])
+
+
 def image_feeds(files: Iterable[Path], target: ImageTarget, config: ImagePreprocess):
     for path in files:
         yield {target.name: load_image(path, target, config)}
 
 
-__all__ = ["IMAGE_SUFFIXES", "ImagePreprocess", "ImageTarget", "LAYOUTS", "image_feeds", "image_files",
+__all__ = ["IMAGE_SUFFIXES", "INTERPOLATIONS", "ImagePreprocess", "ImageTarget", "LAYOUTS", "RESIZE_MODES",
+           "image_feeds", "image_files",
            "image_target", "load_image", "parse_floats", "parse_number", "parse_size"]

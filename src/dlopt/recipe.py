@@ -3,8 +3,11 @@ stage's output cached by content (dlopt.stagecache).
 
     source = "minilm"                 # a reference model, file.py:build, package.module:build, or an .onnx
     target = "cpu"                    # the default `target` of every stage that has one
-    calibration = "model:minilm"      # optional: .npz, a folder, model:NAME (as `dlopt quantize` takes it)
+    calibration = "model:minilm"      # optional: any source of dlopt.data (as `dlopt quantize` takes it)
     eval_data = "heldout.npz"         # optional: where quantize measures fidelity
+    data_spec = "spec.toml"           # optional: a data spec file (docs/data.md), for both
+    [data]                            # optional: the same keys (layout, values, image) here; they win
+    layout = { state = 1 }            #   over data_spec's; both are recorded in the lineage
     name = "minilm-int8"              # optional: the bundle's model name
     training_data = "train.npz"       # optional: what distill trains on (default: the reference model's own)
 
@@ -48,12 +51,13 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli packag
     import tomli as tomllib
 
 import dlopt
+from dlopt.data import DataSpec, as_spec, read_spec_file, spec_from_keys, spec_hash
 from dlopt.errors import DlOptError, InputError
 from dlopt.manifest import hash_path, sha256_file
 from dlopt.stage import Stage, StageContext, config_from_dict, config_to_dict, config_version, get_stage, stage_kinds
 from dlopt.stagecache import Entry, StageCache, cache_key
 
-TOP_KEYS = ("source", "target", "calibration", "eval_data", "name", "training_data", "stage")
+TOP_KEYS = ("source", "target", "calibration", "eval_data", "data_spec", "data", "name", "training_data", "stage")
 # The torch stages: prune's cached artifact is the pruned checkpoint (rebuilt from the source by replaying
 # its pruning), distill's the same checkpoint format with trained weights (the teacher is the recipe's
 # source, the student the prune stage's checkpoint); a later export stage turns it into ONNX.
@@ -77,8 +81,8 @@ class Recipe:
     path: Path
     source: str  # an absolute .onnx path, or a torch source spec
     target: str | None
-    calibration: str | None
-    eval_data: str | None
+    calibration: str | DataSpec | None  # a source text, or a DataSpec when the recipe declares more
+    eval_data: str | DataSpec | None
     name: str | None
     stages: tuple[StageSpec, ...]
     training_data: str | None = None  # distill's: an .npz; None: the source reference model's own
@@ -202,13 +206,47 @@ def load_recipe(path: str | Path) -> Recipe:
                 keys[key] = _resolve(base, keys[key])
         config = build_config(kind, keys, where=where, target=data.get("target"))
         stages.append(StageSpec(i, kind, config, line))
+    declared = _declared_data(data, base, path, text)
+    calibration = _resolve(base, data.get("calibration"))
+    if calibration is None and declared.source is not None:
+        calibration = declared.source
     recipe = Recipe(path=path, source=_resolve(base, data["source"]), target=data.get("target"),
-                    calibration=_resolve(base, data.get("calibration")),
-                    eval_data=_resolve(base, data.get("eval_data")),
+                    calibration=_with_spec(declared, calibration),
+                    eval_data=_with_spec(declared, _resolve(base, data.get("eval_data"))),
                     name=data.get("name"), stages=tuple(stages),
                     training_data=_resolve(base, data.get("training_data")))
     _check_order(recipe)
     return recipe
+
+
+def _declared_data(data: Mapping[str, Any], base: Path, path: Path, text: str) -> DataSpec:
+    """The recipe's data spec: its `data_spec` file's keys, then its [data] table's (layout, values, image)."""
+    declared = DataSpec()
+    spec_file = data.get("data_spec")
+    if spec_file is not None:
+        if not isinstance(spec_file, str):
+            raise InputError(f"{_where(path, _key_line(text, None, 'data_spec'))}: data_spec must be a file name",
+                             'e.g. data_spec = "spec.toml"')
+        declared = read_spec_file(base / Path(spec_file).expanduser())
+    table = data.get("data")
+    if table is not None:
+        if not isinstance(table, Mapping):
+            raise InputError(f"{_where(path, _key_line(text, None, 'data'))}: data must be a table",
+                             "e.g. [data] with layout, values, image")
+        keys = spec_from_keys(table, where=_where(path, _key_line(text, None, "data")),
+                              allowed=("layout", "values", "image"))
+        declared = DataSpec(source=declared.source, layout=tuple((dict(declared.layout) | dict(keys.layout)).items()),
+                            values=tuple((dict(declared.values) | dict(keys.values)).items()),
+                            image=keys.image or declared.image)
+    return declared
+
+
+def _with_spec(declared: DataSpec, source: str | None) -> str | DataSpec | None:
+    """A data source with the recipe's declared spec; a plain source stays text (its cache key unchanged)."""
+    if source is None:
+        return None
+    spec = declared.with_source(source)
+    return source if spec == DataSpec(source=source) else spec
 
 
 def _check_order(recipe: Recipe) -> None:
@@ -336,20 +374,24 @@ def source_hash(spec: str) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def data_hash(spec: str | None) -> str | None:
-    """The data's hash: a file's bytes, or a folder's listing and bytes; model:NAME is the reference
-    model's own set, fixed by the dlopt version."""
-    if spec is None:
-        return None
-    if spec.startswith("model:"):
-        return f"{spec}@{dlopt.__version__}"
-    return hash_path(spec)["sha256"]
+def data_hash(spec: str | DataSpec | None) -> str | None:
+    """The data's hash (dlopt.data.spec_hash): a file's bytes, or a folder's listing and bytes; a Python
+    reader's file, like a torch factory's; model:NAME is the reference model's own set, fixed by the dlopt
+    version; a DataSpec that declares more than its source adds that declaration."""
+    return spec_hash(spec)
 
 
 def _quantizes(kind: str) -> bool:
     """A stage that takes an ONNX model and makes one from the recipe's data: quantize and its schemes."""
     stage = get_stage(kind)
     return stage.takes == "onnx" and stage.makes == "onnx"
+
+
+def _declared_specs(recipe: Recipe) -> dict[str, Any] | None:
+    """The recipe's data specs, recorded in the key inputs and the lineage when they declare more than a source."""
+    found = {role: spec.record() for role, spec in (("calibration", recipe.calibration), ("eval_data", recipe.eval_data))
+             if isinstance(spec, DataSpec)}
+    return found or None
 
 
 def _stage_data(recipe: Recipe, stage: StageSpec) -> dict[str, str | None]:
@@ -380,6 +422,9 @@ def key_inputs(recipe: Recipe, stage: StageSpec, input_sha256: str, upstream: li
     inputs = {"kind": stage.kind, "config": config_to_dict(config), "input_sha256": input_sha256,
               "data": _stage_data(recipe, dataclasses.replace(stage, config=config)),
               "host": host_facts(stage.kind, config)}
+    specs = _declared_specs(recipe) if _quantizes(stage.kind) else None
+    if specs:
+        inputs["data_spec"] = specs  # what the lineage records; a plain source keys as it always did
     if stage.kind == "package":
         inputs["lineage"] = upstream  # the bundle's manifest records them
     return inputs
@@ -403,6 +448,8 @@ class StageRun:
         step = {"index": self.stage.index, "kind": self.stage.kind,
                 "config": self.entry.info["inputs"]["config"], "input_sha256": self.input_sha256,
                 "output_sha256": self.output_sha256, "cache_key": self.key}
+        if self.entry.info["inputs"].get("data_spec"):  # the data as declared (layout, values, image)
+            step["data_spec"] = self.entry.info["inputs"]["data_spec"]
         scheme = self.entry.info.get("report", {}).get("scheme")
         if scheme and scheme.get("resolved_from"):  # a `quantize` stage: the scheme it resolved to, and why
             step["scheme"] = {"kind": scheme["kind"], "config": scheme["config"], "reasons": scheme["reasons"]}
@@ -443,8 +490,7 @@ def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: 
     else:
         check_output_path(out)
     source_file = Path(recipe.source) if recipe.onnx_source else guard_source_spec(recipe.source)
-    data_paths = [s for s in (recipe.calibration, recipe.eval_data, recipe.training_data)
-                  if s and not s.startswith("model:")]
+    data_paths = [_guarded_path(s) for s in (recipe.calibration, recipe.eval_data, recipe.training_data)]
     guard_outputs([recipe.path, source_file, *data_paths], [out])
     redo = force_from(recipe, force)
 
@@ -477,6 +523,14 @@ def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: 
         artifact, input_sha = produced, output_sha
     _deliver(artifact, out, bundle=last == "package")
     return RunResult(out, tuple(runs))
+
+
+def _guarded_path(spec: str | DataSpec | None) -> str | None:
+    """The file or folder a data source reads (a Python reader's .py file): never an output."""
+    data = as_spec(spec)
+    if data is None or not (data.is_path or (data.is_reader and ".py:" in data.source)):
+        return None
+    return data.source.rpartition(":")[0] if data.is_reader else data.source
 
 
 def _artifact_of(entry: Entry) -> Path:

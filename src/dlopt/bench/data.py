@@ -41,23 +41,26 @@ MAX_DATA_BATCHES = 32  # real batches bound per model and cycled through (device
 
 def data_batches(specs: Sequence[Any], data: Mapping[str, np.ndarray], source: str, batch: int | None
                  ) -> list[dict[str, np.ndarray]]:
-    """`data` cut along its first axis into consecutive batches of `batch` samples (at most
-    MAX_DATA_BATCHES; a remainder shorter than `batch` is left out), each checked against the model's
-    inputs (`specs`: dlopt.inputs.session_inputs). `batch` None: all of `data` as one batch."""
+    """`data` cut along each input's sample axis (axis 0, or the one its dlopt.data.SampleArrays
+    declares; constants whole) into consecutive batches of `batch` samples (at most MAX_DATA_BATCHES;
+    a remainder shorter than `batch` is left out), each checked against the model's inputs (`specs`:
+    dlopt.inputs.session_inputs). `batch` None: all of `data` as one batch."""
+    from dlopt.data import SampleArrays
     from dlopt.inputs import feeds_from_arrays
 
     if batch is None:
         return [feeds_from_arrays(specs, data, source)]
-    rows = {int(np.shape(data[s.name])[0]) for s in specs if s.name in data and np.ndim(data[s.name]) > 0}
+    arrays = SampleArrays.from_mapping(data, source)
+    rows = {int(np.shape(arrays[s.name])[arrays.axes[s.name]]) for s in specs
+            if s.name in arrays and arrays.axes.get(s.name) is not None}
     if len(rows) > 1:
         raise InputError(f"{source}: the model's input arrays hold different numbers of samples {sorted(rows)}",
-                         "give every input the same first (batch) axis")
+                         "give every input the same number of samples on its sample axis")
     count = rows.pop() if rows else 0
     if count < batch:
         raise InputError(f"{source} holds {count} sample(s), fewer than batch {batch}",
                          "give more samples, or a smaller batch size")
-    return [feeds_from_arrays(specs, {k: v[i * batch:(i + 1) * batch] if np.ndim(v) > 0 else v
-                                      for k, v in data.items()}, source)
+    return [feeds_from_arrays(specs, arrays.take(i * batch, (i + 1) * batch), source)
             for i in range(min(count // batch, MAX_DATA_BATCHES))]
 
 

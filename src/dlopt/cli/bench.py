@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dlopt.cli._common import echo_err, input_shape_option
+from dlopt.cli._common import DATA_SOURCES_HELP, data_options, echo_err, input_shape_option
 from dlopt.console import progress_bar  # noqa: F401  (importable from here, as before)
 
 
@@ -42,10 +42,10 @@ def _startup_s() -> float:
                    "one thread on the CPU target, else wall.")
 @click.option("--ratio-method", type=click.Choice(["round-median", "round-geomean", "median-ratio"]),
               default="round-median", show_default=True, help="How the ratio to the first model is estimated.")
-@click.option("--data", type=click.Path(dir_okay=False), default=None,
-              help="Real inputs instead of generated ones: an .npz file with one array per model input, or "
-                   "model:NAME for a reference model's real data (padded sentences, photos). Timed one batch "
-                   "of --batch samples per call, batch after batch.")
+@click.option("--data", default=None,
+              help=f"Real inputs instead of generated ones: {DATA_SOURCES_HELP} (model:NAME here: a reference "
+                   "model's real data, padded sentences, photos). Timed one batch of --batch samples per call, batch "
+                   "after batch.")
 @click.option("--graph-opt", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
               show_default=True, help="ONNX Runtime graph optimization level.")
 @click.option("--cuda-graph", is_flag=True, help="cuda target: capture the model in a CUDA graph and replay it.")
@@ -62,9 +62,10 @@ def _startup_s() -> float:
               help="Also store the FIRST model's samples and this machine's fingerprint as a baseline for "
                    "`dlopt gate --baseline FILE` (schema: dlopt/schemas/baseline.schema.json).")
 @input_shape_option
+@data_options
 def command(models, target, threads, batch, seq_len, budget, rounds, clock, ratio_method, data, graph_opt,
             cuda_graph, device_id, allow_fallback, seed, json_path, no_progress, profile, baseline_path,
-            input_shapes):
+            input_shapes, declared):
     """Measure the latency of MODELS (.onnx files) on a target and compare them.
 
     Several models are measured interleaved (A B C A B C ...), so all of them see the same machine
@@ -103,7 +104,7 @@ def command(models, target, threads, batch, seq_len, budget, rounds, clock, rati
                          device_id=device_id, allow_fallback=allow_fallback, seed=seed, profile=profile,
                          input_shapes=input_shapes)
     with progress_bar(enabled=not no_progress) as progress:
-        measured = bench(models, config, data=data, json_path=json_path, baseline_path=baseline_path,
+        measured = bench(models, config, data=declared.spec(data), json_path=json_path, baseline_path=baseline_path,
                          progress=progress, started=started)
     result = measured.result
     if result.target["fell_back"]:

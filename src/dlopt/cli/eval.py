@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import click
 
-from dlopt.cli._common import echo_err
+from dlopt.cli._common import DATA_SOURCES_HELP, data_options, echo_err
 
 
 @click.command("eval", short_help="Accuracy of a model (top1, cosine, SQNR, MSE, or a reference model's task metrics).")
 @click.argument("model", type=click.Path(dir_okay=True))
-@click.option("--data", type=click.Path(dir_okay=False), default=None,
-              help="An .npz with one array per model input, optionally `labels` (class indices) and the "
+@click.option("--data", default=None,
+              help=f"The inputs: {DATA_SOURCES_HELP}. An .npz may also hold `labels` (class indices) and the "
                    "expected output (named like the output, or `expected`).")
 @click.option("--metric", "metrics", multiple=True,
               help="top1, cosine, sqnr or mse; repeat or comma-separate. [default: top1]")
@@ -24,8 +24,9 @@ from dlopt.cli._common import echo_err
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per run over --data.")
 @click.option("--allow-fallback", is_flag=True, help="Run on the CPU if the target is not available here.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the result as JSON.")
+@data_options
 def command(model, data, metrics, reference, reference_model, output, target, threads, batch_size, allow_fallback,
-            json_path):
+            json_path, declared):
     """Evaluate MODEL (.onnx) and print its metrics beside the reference's.
 
     \b
@@ -43,6 +44,7 @@ def command(model, data, metrics, reference, reference_model, output, target, th
     from dlopt.errors import InputError
 
     # the flags' own rules, in the flags' words (the library checks the same in keyword arguments)
+    data = declared.spec(data)
     if (data is None) == (reference_model is None):
         raise InputError("give either --data FILE.npz or --model NAME",
                          "--data evaluates on your arrays; --model uses a reference model's evaluator")

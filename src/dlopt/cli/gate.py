@@ -7,7 +7,7 @@ import re
 
 import click
 
-from dlopt.cli._common import echo_err, input_shape_option
+from dlopt.cli._common import DATA_SOURCES_HELP, data_options, echo_err, input_shape_option
 from dlopt.console import progress_bar
 
 
@@ -66,9 +66,9 @@ def parse_accuracy_drops(values: tuple[str, ...]) -> tuple[float | None, tuple[t
 @click.option("--max-size-growth", default=None, help="Largest growth of the model's bytes on disk, e.g. 10%.")
 @click.option("--eval", "eval_model", default=None,
               help="Accuracy with a reference model's real evaluator and data (e.g. minilm).")
-@click.option("--eval-data", type=click.Path(dir_okay=False), default=None,
-              help="Accuracy on an .npz (model inputs, optional `labels`); the candidate is compared with the "
-                   "baseline.")
+@click.option("--eval-data", default=None,
+              help="Accuracy on this data (as --data takes it; an .npz may hold `labels`); the candidate is compared "
+                   "with the baseline.")
 @click.option("--metric", "metrics", multiple=True, help="With --eval-data: top1, cosine or mse (repeat or "
               "comma-separate). [default: top1]")
 @click.option("--eval-output", default=None, help="Which output the accuracy metrics read (default: the first).")
@@ -78,9 +78,9 @@ def parse_accuracy_drops(values: tuple[str, ...]) -> tuple[float | None, tuple[t
 @click.option("--seq-len", type=int, default=None,
               help="Length of dynamic non-batch, non-image axes of generated inputs. [default: 128, or the stored "
                    "baseline's]")
-@click.option("--data", type=click.Path(dir_okay=False), default=None,
-              help="Time the models on real inputs instead of generated ones: the arrays of this .npz, or "
-                   "model:NAME for a reference model's real data; one batch of --batch samples per call, in turn.")
+@click.option("--data", default=None,
+              help=f"Time the models on real inputs instead of generated ones: {DATA_SOURCES_HELP}; one batch of "
+                   "--batch samples per call, in turn.")
 @click.option("--clock", type=click.Choice(["auto", "cpu", "wall"]), default="auto", show_default=True,
               help="auto: thread CPU time for one thread on the CPU target (steady on shared machines), else wall.")
 @click.option("--budget", default="60s", show_default=True,
@@ -107,11 +107,12 @@ def parse_accuracy_drops(values: tuple[str, ...]) -> tuple[float | None, tuple[t
               help="Write the full result (every look of the sequential test) as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @input_shape_option
+@data_options
 @click.pass_context
 def command(ctx, baseline, candidate, max_slowdown, accuracy_drops, max_size_growth, eval_model, eval_data,
             metrics, eval_output, target, threads, batch, seq_len, data, clock, budget, confidence, looks,
             on_inconclusive, allow_cross_machine, allow_fallback, graph_opt, seed, summary_path, junit_path,
-            json_path, no_progress, input_shapes):
+            json_path, no_progress, input_shapes, declared):
     """Gate a CANDIDATE model against a BASELINE: exit 0 pass, 1 regression, 2 usage or input error,
     3 inconclusive (with the default --on-inconclusive exit-3).
 
@@ -137,6 +138,7 @@ def command(ctx, baseline, candidate, max_slowdown, accuracy_drops, max_size_gro
     from dlopt.errors import InputError
 
     names = tuple(m.strip() for part in metrics for m in part.split(",") if m.strip())
+    data, eval_data = declared.spec(data), declared.spec(eval_data, primary=False)
     if names and eval_data is None:
         raise InputError("--metric applies to --eval-data", "pass --eval-data DATA.npz, or drop --metric")
     max_accuracy_drop, metric_drops = parse_accuracy_drops(accuracy_drops)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dlopt.cli._common import cache_dir_option, echo_err
+from dlopt.cli._common import DATA_SOURCES_HELP, cache_dir_option, data_options, echo_err
 
 
 @click.command("optimize", short_help="Search quantization recipes; Pareto front, verified bundle, HTML report.")
@@ -18,8 +18,10 @@ from dlopt.cli._common import cache_dir_option, echo_err
 @click.option("--max-latency", type=float, default=None, metavar="MS",
               help="Latency limit (ms, wall clock, p90 of a batch call) for the batch/thread throughput search; "
                    "also the most a chosen candidate may take at batch 1.")
-@click.option("--calibration", default=None, help=".onnx models: calibration data (.npz, folder, model:NAME).")
-@click.option("--eval-data", default=None, help=".onnx models: held-out data candidates are scored on.")
+@click.option("--calibration", default=None, help=f".onnx models: calibration data: {DATA_SOURCES_HELP}.")
+@click.option("--eval-data", default=None,
+              help=".onnx models: held-out data candidates are scored on (as --calibration takes it, read with the "
+                   "same data options).")
 @click.option("--evaluator", default=None,
               help="cosine | top1 | sqnr (vs the FP32 outputs) or model:NAME[:metric] [default: a reference "
                    "model's own metric, else cosine].")
@@ -36,8 +38,10 @@ from dlopt.cli._common import cache_dir_option, echo_err
                    "data; minutes of training per ratio: ~100 s for fashion-cnn, over 10 min for minilm here).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (schema dlopt/schemas/optimize.schema.json).")
 @cache_dir_option
+@data_options
 def command(model, target, max_accuracy_drop, time_budget, max_latency, calibration, eval_data, evaluator,
-            executor_kind, address, workers, output, report_path, overwrite, search_pruning, as_json, cache_dir):
+            executor_kind, address, workers, output, report_path, overwrite, search_pruning, as_json, cache_dir,
+            declared):
     """Search candidate recipes for MODEL (a reference model name, file.py:build, or an .onnx with
     --calibration/--eval-data) on TARGET: FP32, INT8 dynamic and static (minmax, entropy, percentile),
     kernel choices (node forms, LayerNorm form), INT4, FP16, and float-node exclusions for INT8
@@ -50,8 +54,9 @@ def command(model, target, max_accuracy_drop, time_budget, max_latency, calibrat
     from dlopt.api import OptimizeConfig, json_text, optimize_model, optimize_text, parse_duration
 
     config = OptimizeConfig(target=target, max_accuracy_drop=max_accuracy_drop, time_budget_s=parse_duration(time_budget),
-                            max_latency_ms=max_latency, evaluator=evaluator, calibration=calibration,
-                            eval_data=eval_data, overwrite=overwrite,
+                            max_latency_ms=max_latency, evaluator=evaluator,
+                            calibration=declared.spec(calibration),
+                            eval_data=declared.spec(eval_data, primary=False), overwrite=overwrite,
                             search_pruning=search_pruning)
     outcome = optimize_model(model, output, config, executor=executor_kind, address=address, workers=workers,
                              cache_dir=cache_dir, report_path=report_path, log=echo_err)

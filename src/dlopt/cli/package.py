@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dlopt.cli._common import echo_err, input_shape_option
+from dlopt.cli._common import DATA_SOURCES_HELP, data_options, echo_err, input_shape_option
 
 
 @click.command("package", short_help="Bundle a model for a target (mobile: ORT format), verified, with a manifest.")
@@ -18,8 +18,8 @@ from dlopt.cli._common import echo_err, input_shape_option
               help="Make an input's shape static, e.g. --fix-shape input_ids=1x128 (repeatable).")
 @click.option("--type-reduction", is_flag=True, help="List kernel types in the operators config (smaller minimal build).")
 @click.option("--no-coverage", is_flag=True, help="Skip the NNAPI/CoreML coverage report.")
-@click.option("--data", type=click.Path(dir_okay=False), default=None,
-              help="Sample inputs (.npz, one array per input) instead of generated ones.")
+@click.option("--data", default=None,
+              help=f"Sample inputs instead of generated ones, run as one batch: {DATA_SOURCES_HELP}.")
 @click.option("--samples", type=int, default=2, show_default=True, help="Generated verification samples.")
 @click.option("--seq-len", type=int, default=16, show_default=True,
               help="Size of dynamic non-batch, non-image axes in samples.")
@@ -41,16 +41,17 @@ from dlopt.cli._common import echo_err, input_shape_option
               "nearest (the stock XNNPACKQuantizer).")
 @click.option("--pte-no-bias-correction", is_flag=True,
               help="int8 .pte: do not fold each layer's mean weight-rounding shift into its bias.")
-@click.option("--calibration", default=None, help="Calibration data of MODEL (npz, folder, model:NAME): hashed into the "
-              "manifest, and calibrates an int8 .pte.")
+@click.option("--calibration", default=None, help="Calibration data of MODEL (as --data takes it): hashed into the "
+              "manifest with its data spec, and calibrates an int8 .pte.")
 @click.option("--name", default=None, help="Model name in the manifest (default: the file's stem).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder.")
 @click.option("--sign-key", type=click.Path(dir_okay=False), default=None, metavar="KEY",
               help="Ed25519 private key (`dlopt keygen`): sign the manifest (manifest.sig).")
 @input_shape_option
+@data_options
 def command(model, output, target, intended_ep, fix_shapes, type_reduction, no_coverage, data, samples, seq_len,
             atol, rtol, measure_s, threads, torch_source, pte, pte_int8_min_sqnr, pte_weight_rounding,
-            pte_no_bias_correction, calibration, name, overwrite, sign_key, input_shapes):
+            pte_no_bias_correction, calibration, name, overwrite, sign_key, input_shapes, declared):
     """Package MODEL (.onnx) into a bundle folder for a target, verified before it is written.
 
     For --target mobile the bundle holds the ORT-format model with its reduced-operator config, an
@@ -66,7 +67,8 @@ def command(model, output, target, intended_ep, fix_shapes, type_reduction, no_c
                            atol=atol, rtol=rtol, measure_s=measure_s, threads=threads, torch_source=torch_source,
                            pte_precisions=tuple(p.strip() for p in pte.split(",") if p.strip()),
                            pte_int8_min_sqnr_db=pte_int8_min_sqnr, pte_weight_rounding=pte_weight_rounding,
-                           pte_bias_correction=not pte_no_bias_correction, calibration=calibration, name=name,
+                           pte_bias_correction=not pte_no_bias_correction,
+                           calibration=declared.spec(calibration, primary=False), name=name,
                            overwrite=overwrite, input_shapes=input_shapes)
-    result = package_model(model, output, config, data=data, sign_key=sign_key, log=echo_err)
+    result = package_model(model, output, config, data=declared.spec(data), sign_key=sign_key, log=echo_err)
     click.echo(package_text(result))

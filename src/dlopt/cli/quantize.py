@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dlopt.cli._common import echo_err, image_options, image_preprocess, input_shape_option
+from dlopt.cli._common import DATA_SOURCES_HELP, data_options, echo_err, input_shape_option
 
 
 def _names(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -19,10 +19,7 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--mode", default="auto", show_default=True,
               help="int8: auto (recipe from the model, target and CPU; printed) | dynamic | static | weight-only "
                    "(int8 weights, float compute: for size, needs no data).")
-@click.option("--calibration", default=None,
-              help="Calibration data: an .npz (arrays named by input, first axis = samples), a folder of "
-                   ".npz/.npy files or of images (.jpg/.png, see --image-*), or model:NAME (a reference "
-                   "model's own set).")
+@click.option("--calibration", default=None, help=f"Calibration data: {DATA_SOURCES_HELP}.")
 @click.option("--calibration-samples", type=int, default=None, help="Read at most N samples.")
 @click.option("--eval-data", default=None,
               help="Held-out samples to measure fidelity on (same formats as --calibration). Default: the last "
@@ -63,12 +60,11 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
               help="Target cpu, static int8: auto (time each node class, e.g. depthwise or 1-3-channel convs, in "
                    "INT8 and float here and keep float where INT8 is slower, if the whole model gains) | int8.")
 @input_shape_option
-@image_options
+@data_options
 def command(model, output, precision, mode, calibration, calibration_samples, eval_data, holdout, min_sqnr_db,
             no_recover, method, percentile, per_channel,
             block_size, exclude_nodes, exclude_ops, target, no_preprocess, max_accuracy_drop, evaluator, smoothing,
-            weight_rounding, bias_correction, layernorm_form, node_forms, input_shapes, image_size, image_layout,
-            image_scale, image_mean, image_std, image_bgr):
+            weight_rounding, bias_correction, layernorm_form, node_forms, input_shapes, declared):
     """Quantize MODEL.onnx and write OUT.onnx plus OUT.quantize.json beside it (schema: dlopt/schemas/quantize.schema.json).
 
     Prints the recipe and why it was chosen, the size before and after, the quantized nodes by op
@@ -86,10 +82,9 @@ def command(model, output, precision, mode, calibration, calibration_samples, ev
                             max_accuracy_drop=max_accuracy_drop, evaluator=evaluator, smoothing=smoothing,
                             weight_rounding=weight_rounding, bias_correction=bias_correction,
                             layernorm_form=layernorm_form, node_forms=node_forms, input_shapes=input_shapes,
-                            image=image_preprocess(image_size, image_layout, image_scale, image_mean, image_std,
-                                                   image_bgr),
                             min_sqnr_db=min_sqnr_db, holdout=holdout, recover=not no_recover)
-    outcome = quantize_model(model, output, config, calibration, eval_data=eval_data, progress=True, log=echo_err)
+    outcome = quantize_model(model, output, config, declared.spec(calibration),
+                             eval_data=declared.spec(eval_data, primary=False), progress=True, log=echo_err)
     click.echo(quantize_summary(outcome.report))
     click.echo(f"{'wrote' if outcome.passed else 'kept the best effort (FAILED) as'} {outcome.model_path} "
                f"({outcome.report['bytes_written'] / 1e6:.2f} MB)")

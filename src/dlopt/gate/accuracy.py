@@ -8,6 +8,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dlopt.errors import InputError
 from dlopt.gate.config import GateConfig
@@ -27,7 +28,7 @@ class EvalSpec:
     (`dlopt.evaluate.evaluate_data`; the candidate is compared with the baseline on the same inputs)."""
 
     reference_model: str | None = None
-    data: str | None = None
+    data: Any = None  # a source of dlopt.data (text) or a DataSpec
     metrics: tuple[str, ...] = ("top1",)
     output: str | None = None
     target: str = "cpu"
@@ -53,8 +54,12 @@ def validate_eval_spec(spec: EvalSpec) -> None:
     if "sqnr" in metrics:
         raise InputError("sqnr has no 'drop' against the baseline (the baseline's own SQNR is infinite)",
                          "gate on cosine, mse or top1 instead (dlopt eval reports SQNR)")
-    if not Path(spec.data).is_file():
-        raise InputError(f"evaluation data {spec.data} does not exist", "give an existing .npz file")
+    from dlopt.data import as_spec
+
+    data = as_spec(spec.data)
+    if data.is_path and not Path(data.source).exists():
+        raise InputError(f"evaluation data {data.source} does not exist",
+                         "give an existing .npz file, a folder, a reader file.py:function or model:NAME")
 
 
 def accuracy_gated(config: GateConfig) -> bool:

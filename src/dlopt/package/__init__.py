@@ -53,10 +53,12 @@ from dlopt.package.record import _calibration_record, _coverage_summary, _manife
 
 def package(model_path: str | os.PathLike, output: str | os.PathLike, config: PackageConfig = PackageConfig(), *,
             data: Mapping[str, np.ndarray] | None = None, sign_key: str | os.PathLike | None = None,
-            lineage: Sequence[Mapping[str, Any]] | None = None, log: Log = lambda message: None) -> PackageResult:
+            lineage: Sequence[Mapping[str, Any]] | None = None, data_spec: Any = None,
+            log: Log = lambda message: None) -> PackageResult:
     """Build a verified bundle for `config.target` from the ONNX model at `model_path` in `output`.
 
-    `data` ({input name: array}, first axis = batch) replaces generated sample inputs. `sign_key`
+    `data` ({input name: array}, first axis = batch, or a dlopt.data.SampleArrays) replaces generated sample
+    inputs; `data_spec` (a dlopt.data.DataSpec) is what they were read with, recorded. `sign_key`
     (an Ed25519 private key PEM, `dlopt keygen`) signs the manifest. `lineage` (from `dlopt run`: each
     stage that made the model, with its config, input and output sha256 and cache key) is recorded in it. Raises InputError for bad input,
     VerificationError (nothing written) when the packaged model does not match the source."""
@@ -67,8 +69,10 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
 
         private_key = load_private_key(sign_key)
     source_path = Path(model_path)
-    calibration_path = config.calibration if config.calibration and not config.calibration.startswith("model:") \
-        else None
+    from dlopt.data import as_spec
+
+    calibration_spec = as_spec(config.calibration)
+    calibration_path = calibration_spec.source if calibration_spec is not None and calibration_spec.is_path else None
     guard_outputs([source_path, calibration_path, guard_source_spec(config.torch_source)], [output])
     out = check_bundle_path(Path(output), config.overwrite)
     if sign_key is not None and Path(out).resolve() in Path(sign_key).resolve().parents:
@@ -91,6 +95,12 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
         calibration = next((r["calibration"] for r in stage_configs.values()
                             if isinstance(r.get("calibration"), dict) and "sha256" in r["calibration"]), None)
     torch_source = _load_torch_source(config) if config.torch_source else None  # fail early on a bad source
+    if data is None and calibration_spec is not None and (calibration_spec.layout or calibration_spec.values):
+        # generated samples put the batch on axis 0 and know no constants: the declared data does
+        from dlopt.data import data_arrays
+
+        data, data_spec = data_arrays(calibration_spec, source_path, samples=config.samples), calibration_spec
+        log(f"sample inputs: {config.samples} sample(s) of {calibration_spec} as its data spec declares it")
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-{os.getpid()}-", dir=out.parent))
     try:
@@ -136,6 +146,9 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
                              built=built, fixed=fixed, calibration=calibration, stage_configs=stage_configs,
                              checks=checks, samples=len(feeds_list), coverage=coverage, metrics=metrics,
                              artifacts=artifacts, staging=staging)
+        specs = {role: spec.record() for role, spec in (("calibration", calibration_spec), ("data", as_spec(data_spec)))
+                 if spec is not None}
+        manifest["data_spec"] = specs or None
         if lineage is not None:  # before signing: the signature covers it
             manifest["lineage"] = [dict(step) for step in lineage]
         if private_key is not None:

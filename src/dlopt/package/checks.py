@@ -154,11 +154,8 @@ def _check_text(check: Mapping[str, Any]) -> str:
     return f"max |diff| {check['max_abs_diff']:.3g} beyond atol={crit['atol']:g}, rtol={crit['rtol']:g}"
 
 
-def _load_calibration(spec: str, model_path: Path, limit: int | None = None):
-    """The calibration data of MODEL; a folder of images is read for the model's image input."""
-    from dlopt.stage import get_stage
+def _load_calibration(spec, model_path: Path, limit: int | None = None):
+    """The calibration data of MODEL (a source text or a dlopt.data.DataSpec), read for its inputs."""
+    from dlopt.data import load_data
 
-    data = get_stage("int8-static").load_calibration(spec, limit=limit)  # the quantize stages' calibration loader
-    if data is not None and data.needs_model:
-        data.bind(load_onnx(model_path, load_external_data=False))
-    return data
+    return load_data(spec, load_onnx(model_path, load_external_data=False), limit=limit)

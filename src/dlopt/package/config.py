@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dlopt.data import DataSpec
 from dlopt.errors import InputError
 from dlopt.targets import capabilities, target_names
 
@@ -36,7 +37,7 @@ class PackageConfig:
     pte_precisions: tuple[str, ...] = ("fp32",)
     pte_fp32_min_sqnr_db: float = 60.0  # .pte vs source ONNX: a float lowering must agree to this floor
     pte_int8_min_sqnr_db: float = 15.0  # ... an int8 one (a lossy quantization) to this one
-    calibration: str | None = None  # calibration data of the model (npz, folder, model:NAME): hashed into the manifest
+    calibration: str | DataSpec | None = None  # calibration data of the model (dlopt.data): hashed into the manifest
     pte_calibration_samples: int = 32  # samples for the int8 .pte's calibration
     pte_weight_rounding: str = "gptq"  # int8 .pte weights: gptq (on the calibration data) | nearest (stock)
     pte_bias_correction: bool = True  # int8 .pte: fold each conv/linear's mean rounding shift into its bias

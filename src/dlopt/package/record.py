@@ -118,7 +118,7 @@ def _stage_reports(source_path: Path) -> dict[str, Any]:
     return found
 
 
-def _calibration_record(spec: str | None, model_path: Path) -> dict[str, Any] | None:
+def _calibration_record(spec, model_path: Path) -> dict[str, Any] | None:
     """A content hash of the calibration samples (names, dtypes, shapes, bytes, in order), so the
     same data in another file format or folder hashes the same."""
     if spec is None:
@@ -136,7 +136,7 @@ def _calibration_record(spec: str | None, model_path: Path) -> dict[str, Any] | 
         count += 1
     record: dict[str, Any] = {"source": str(spec), "sha256": digest.hexdigest(), "samples": count,
                               "from": "hashed by dlopt package (content of every sample)"}
-    path = Path(spec)
+    path = Path(str(spec))  # a DataSpec's text is its source
     if path.exists():
         from dlopt.manifest import hash_path
 

@@ -54,8 +54,9 @@ class OptimizeConfig:
     time_budget_s: float = 1200.0
     max_latency_ms: float | None = None  # the latency limit of a served request (batch call), wall clock
     evaluator: str | None = None  # None: the reference model's own metric, else cosine vs FP32
-    calibration: str | None = None  # .onnx sources: as dlopt quantize takes it; reference models: their own
-    eval_data: str | None = None
+    # .onnx sources: as dlopt quantize takes it (a source text or a dlopt.data.DataSpec); reference models: their own
+    calibration: Any = None
+    eval_data: Any = None
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     thread_counts: tuple[int, ...] | None = None  # None: 1, 2, 4 ... up to the cores of this machine
     name: str | None = None  # the bundle's model name; None: MODEL-optimized

@@ -42,8 +42,8 @@ class SearchContext:
     torch_source: bool
     source_id: str  # dlopt.recipe.source_hash / artifact_hash of the source
     target: str
-    calibration: str | None
-    eval_data: str | None
+    calibration: Any  # a source of dlopt.data (text) or a DataSpec (layout, values, image pre-processing)
+    eval_data: Any
     evaluator: str  # model:NAME:metric, or cosine | top1 | sqnr (against the FP32 source's outputs)
     cache_root: str
     name: str  # the model's name in bundles and reports
@@ -153,12 +153,13 @@ def _evaluator(ctx: SearchContext):
 def heldout_feeds(ctx: SearchContext, model) -> list[dict[str, Any]] | None:
     """Where a fidelity evaluator scores: --eval-data, else the samples quantize holds out of
     --calibration (the last 20 %: never calibrated on), else None (generated inputs)."""
+    from dlopt.data import load_data
     from dlopt.stage import get_stage
 
-    quantize = get_stage("quantize")  # its calibration loader, its QuantizeConfig's defaults and held-out split
+    quantize = get_stage("quantize")  # its QuantizeConfig's defaults and held-out split
     config = quantize.config()
-    data = quantize.load_calibration(ctx.calibration, model) if ctx.calibration else None
-    held = quantize.load_calibration(ctx.eval_data, model, limit=config.fidelity_samples) if ctx.eval_data else None
+    data = load_data(ctx.calibration, model) if ctx.calibration else None
+    held = load_data(ctx.eval_data, model, limit=config.fidelity_samples) if ctx.eval_data else None
     _, feeds, _ = quantize.split_holdout(data, held, config)
     return feeds
 
@@ -285,16 +286,22 @@ def _stage_summary(info: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def bench_data(ctx: SearchContext, samples: int = 64) -> tuple[dict[str, Any] | None, str]:
-    """Real inputs to time on: the reference model's own (dlopt bench --data model:NAME), else an .npz
-    given as --eval-data or --calibration; else None (generated inputs), with a description."""
+    """Real inputs to time on: the reference model's own (dlopt bench --data model:NAME), else the files
+    given as --eval-data or --calibration, read as declared (dlopt.data); else None (generated inputs),
+    with a description."""
     from dlopt.bench import load_data
+    from dlopt.data import as_spec, data_arrays
 
     if ctx.evaluator.startswith("model:"):
         name = ctx.evaluator.split(":")[1]
         return load_data(f"model:{name}", samples=samples), f"model:{name} ({samples} real samples)"
     for spec in (ctx.eval_data, ctx.calibration):
-        if spec and spec.endswith(".npz"):
-            return load_data(spec), spec
+        data = as_spec(spec)
+        if data is not None and data.is_path:
+            try:
+                return data_arrays(data, ctx.fp32_onnx or ctx.source, samples=samples), str(data)
+            except InputError as e:  # samples of different shapes cannot be batched: time generated ones
+                return None, f"generated inputs ({data} cannot be batched: {e.message})"
     return None, "generated inputs (give an .npz as --eval-data for real ones)"
 
 
