@@ -36,7 +36,7 @@ def log(message: str) -> None:
 
 def run_variant(entry, model, variant: str, calibration, held_out, args) -> dict:
     from dlopt.errors import DlOptError
-    from dlopt.optimize.calibration import CalibrationData
+    from dlopt.data import CalibrationData
     from dlopt.sessions import cpu_session
     from dlopt.optimize.quantize import QuantizeConfig, quantize, speed_check
 

@@ -151,7 +151,7 @@ class CorpusModel:
         return [f for s in samples for f in vad_stream(session, s.audio).feeds]
 
     def calibration_data(self, split: Split = "calibration", limit: int | None = None):
-        from dlopt.optimize.calibration import CalibrationData
+        from dlopt.data import CalibrationData
 
         return CalibrationData.from_feeds(self.feeds(self.samples(split, limit)),
                                           source=f"corpus:{self.name}:{split}")
@@ -757,17 +757,25 @@ def vad_stream(session, audio: np.ndarray) -> Stream:
     return Stream(np.asarray(probabilities, np.float32), feeds)
 
 
+@lru_cache(maxsize=4)
+def _vad_feeds(split: Split, limit: int | None) -> tuple[Feeds, ...]:
+    return tuple(CORPUS["silero-vad"].feeds(CORPUS["silero-vad"].samples(split, limit)))
+
+
 def silero_vad_feeds(split: Split = "calibration", limit: int | None = None) -> Iterator[Feeds]:
-    """A Python data reader for `dlopt quantize silero_vad.onnx --calibration models/corpus.py:silero_vad_calibration`:
-    one feed per 32 ms chunk of the split's 3 s clips, each with the state the FP32 model carries there."""
-    yield from CORPUS["silero-vad"].feeds(CORPUS["silero-vad"].samples(split, limit))
+    """One feed per 32 ms chunk of the split's 3 s clips, each with the state the FP32 model carries
+    there (computed once per process: a reader is called again for every pass over the data)."""
+    yield from _vad_feeds(split, limit)
 
 
 def silero_vad_calibration() -> Iterator[Feeds]:
+    """The VAD's calibration reader: `dlopt quantize silero_vad.onnx --calibration
+    dlopt.models.corpus:silero_vad_calibration` (or models/corpus.py:silero_vad_calibration)."""
     return silero_vad_feeds("calibration")
 
 
 def silero_vad_heldout() -> Iterator[Feeds]:
+    """The held-out clips, as a reader for --eval-data."""
     return silero_vad_feeds("heldout")
 
 
