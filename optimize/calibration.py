@@ -1,6 +1,6 @@
 """Calibration data: moved to the core data layer, dlopt.data (one module for every verb's data).
 
-These names are kept so that `from dlopt.optimize.calibration import CalibrationData, load_calibration`
+These names are kept so that `from dlopt.data import CalibrationData, load_calibration`
 keeps working until its callers move to dlopt.data (a later issue removes them)."""
 
 from __future__ import annotations

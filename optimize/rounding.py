@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from dlopt.optimize.calibration import progress_bar
+from dlopt.data import progress_bar
 from dlopt.sessions import cpu_session
 
 REFINED_OPS = ("Conv", "Gemm")

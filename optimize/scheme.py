@@ -34,6 +34,9 @@ class QuantizeScheme:
     calibration_samples: int | None = None  # cap on samples read; None: all of them
     fidelity_samples: int = 32
     min_sqnr_db: float | None = None  # fidelity floor per float output; None: the precision's default
+    # the task metric the verdict is on (dlopt.metrics.METRIC_TABLE); None: chosen from the outputs
+    metric: str | None = None
+    metric_floor: float | None = None  # None: the table's floor (sqnr: min_sqnr_db or the precision's)
     holdout: float = HOLDOUT_FRACTION  # share of the calibration samples held out to measure fidelity
     speed_check: bool = True  # time FP32 vs the result (b1, one thread, ~2 s) and warn when it is slower
     # target cpu: residual sums before LayerNorms written so that ORT does not fuse them into its
@@ -60,6 +63,12 @@ def check_common(config) -> None:
         raise InputError(f"{name}: hold-out share {config.holdout} is out of range", "give a value in [0, 1), e.g. 0.2")
     if config.min_sqnr_db is not None and math.isnan(config.min_sqnr_db):
         raise InputError(f"{name}: the fidelity floor (min SQNR) is not a number", "give a floor in dB, e.g. 15")
+    if config.metric is not None:
+        from dlopt.metrics import metric_info
+
+        metric_info(config.metric)
+    if config.metric_floor is not None and math.isnan(config.metric_floor):
+        raise InputError(f"{name}: the metric floor is not a number", "give a floor in the metric's unit, e.g. 0.9")
     if config.layernorm_form not in LAYERNORM_FORMS:
         raise InputError(f"{name}: unknown layernorm form {config.layernorm_form!r}",
                          f"choose one of {', '.join(LAYERNORM_FORMS)}")

@@ -17,11 +17,10 @@ from typing import Any
 import numpy as np
 
 from dlopt.errors import InputError
-from dlopt.fidelity import cosine_per_sample, sample_rows
+from dlopt.metrics import METRIC_TABLE, MetricChoice, choose_metric, group_sqnr, measure, metric_request
 from dlopt.optimize.preprocess import check_feeds, with_outputs
 from dlopt.sessions import cpu_session, run_outputs
 
-FIDELITY_EVALUATORS = ("cosine", "top1", "sqnr")
 
 # Ops whose quantization is only a range carried through (or folded: a Clip/Relu after a quantized
 # Conv disappears into its output's range). Keeping one of them float alone buys nothing and can
@@ -33,8 +32,9 @@ PASSTHROUGH_OPS = {"Clip", "Relu", "Reshape", "Shape", "Squeeze", "Unsqueeze", "
 @dataclass(frozen=True)
 class Evaluator:
     """score(model) -> float, higher is better; drop = baseline - score, in the metric's units
-    (cosine: 1 - mean cosine; top1: fraction of changed top-1; sqnr: noise/signal power, 0.01 = 20 dB;
-    a reference model's metric: its own units, e.g. accuracy 0.005 = half a point)."""
+    (dlopt.metrics.METRIC_TABLE: agreement metrics are fractions of FP32's answers, FP32 = 1.0, so a drop
+    of 0.01 is one sample in a hundred; perplexity: its ratio to FP32's, negated; sqnr: noise/signal power,
+    0.01 = 20 dB; a reference model's metric: its own units, e.g. accuracy 0.005 = half a point)."""
 
     name: str
     score: Callable[[Any], float]
@@ -49,54 +49,70 @@ def _first_float_output(outputs: list[list[np.ndarray]]) -> int:
 
 
 def build_evaluator(spec: str | None, original, data: Iterable[Mapping[str, np.ndarray]] | None,
-                    samples: int = 32, input_shapes: tuple[str, ...] = ()) -> Evaluator:
-    """cosine, top1 and sqnr compare the first float output with the float model's, per sample as
-    dlopt.fidelity defines it; model:NAME[:metric] runs a reference model's evaluator."""
-    spec = spec or "cosine"
-    if spec.startswith("model:"):
+                    samples: int = 32, input_shapes: tuple[str, ...] = (), metric: str | None = None) -> Evaluator:
+    """The budget's evaluator: the task metric (dlopt.metrics.choose_metric on FP32's outputs, or `metric`,
+    or `spec` when it names a METRIC_TABLE metric or a FILE.py:FUNCTION) of each candidate against the
+    float model on the same samples; model:NAME[:metric] runs a reference model's evaluator. Where the
+    outputs name no task (the sqnr fallback) and none was asked for, the budget is on cosine."""
+    if spec and spec.startswith("model:"):
         return _reference_evaluator(spec)
-    if spec not in FIDELITY_EVALUATORS:
+    spec = None if spec == "auto" else spec
+    requested, user = metric_request(metric, spec)
+    if spec and not user and spec not in METRIC_TABLE:
         raise InputError(f"unknown evaluator {spec!r}",
-                         f"choose {', '.join(FIDELITY_EVALUATORS)} or model:NAME[:metric]")
+                         f"choose a metric ({', '.join(METRIC_TABLE)}), FILE.py:FUNCTION or model:NAME[:metric]")
     feeds = check_feeds(original, data, samples, input_shapes)
     reference = run_outputs(cpu_session(original), feeds)
-    index = _first_float_output(reference)
-    ref = [r[index].astype(np.float64) for r in reference]
+    names = [o.name for o in original.graph.output]
+    choice = choose_metric(reference[0], names, feeds[0], requested=requested, evaluator=user)
+    if choice.name == "sqnr" and requested is None and not user:
+        choice = MetricChoice("cosine", choice.reason + "; the budget is on cosine",
+                              {"output": _first_float_output(reference)})
+    if choice.name == "sqnr":
+        index = _first_float_output(reference)
+        ref = [r[index].astype(np.float64) for r in reference]
+        signal = max(sum(float(np.sum(r * r)) for r in ref), 1e-30)
+
+        def noise_score(model) -> float:
+            got = [o[index].astype(np.float64) for o in run_outputs(cpu_session(model), feeds)]
+            if not all(np.all(np.isfinite(g)) for g in got):
+                return float("-inf")
+            return 1.0 - sum(float(np.sum((r - g) ** 2)) for r, g in zip(ref, got)) / signal
+
+        return Evaluator("sqnr", noise_score, 1.0)
+    sign = -1.0 if choice.name in METRIC_TABLE and not METRIC_TABLE[choice.name].higher_is_better else 1.0
 
     def score(model) -> float:
-        got = [o[index].astype(np.float64) for o in run_outputs(cpu_session(model), feeds)]
-        if not all(np.all(np.isfinite(g)) for g in got):
+        outputs = run_outputs(cpu_session(model), feeds)
+        if not all(np.all(np.isfinite(o)) for run in outputs for o in run if np.issubdtype(o.dtype, np.floating)):
             return float("-inf")
-        if spec == "sqnr":
-            noise = sum(float(np.sum((r - g) ** 2)) for r, g in zip(ref, got))
-            return 1.0 - noise / max(sum(float(np.sum(r * r)) for r in ref), 1e-30)
-        if spec == "top1":
-            return float(np.mean(np.concatenate([sample_rows(r).argmax(1) == sample_rows(g).argmax(1)
-                                                 for r, g in zip(ref, got)])))
-        return float(np.mean(np.concatenate([cosine_per_sample(g, r) for r, g in zip(ref, got)])))
+        return sign * measure(choice, reference, outputs, feeds, names).value
 
-    return Evaluator(spec, score, 1.0)
+    baseline = sign * measure(choice, reference, reference, feeds, names).value
+    return Evaluator(choice.name, score, baseline)
 
 
-def floor_evaluator(original, feeds: list[dict[str, np.ndarray]], floor_db: float, *,
-                    graph_opt_level: str = "all") -> Evaluator:
-    """score(model) = the lowest SQNR in dB over the float outputs on `feeds` (the held-out samples),
-    as dlopt.fidelity computes it, -inf when any value is not finite; baseline = the floor, so
-    drop = floor - score and a model meets the floor at max_drop 0. graph_opt_level "disabled" scores
-    the QDQ graph's own arithmetic."""
-    from dlopt.fidelity import compare_runs
+def floor_evaluator(original, feeds: list[dict[str, np.ndarray]], config, *, graph_opt_level: str = "all"
+                    ) -> Evaluator:
+    """score(model) = the margin of the verdict's task metric over its floor on `feeds` (the held-out
+    samples), in the metric's units (dlopt.metrics.assess: detection Jaccard - 0.9, the lowest SQNR per
+    output and channel group - the dB floor, ...; -inf for a non-finite SQNR); baseline 0, so
+    drop = -margin and a model meets the floor at max_drop 0. graph_opt_level "disable" scores the QDQ
+    graph's own arithmetic."""
+    from dlopt.optimize.quantize.verification import task_choice, task_metric
 
     reference = run_outputs(cpu_session(original), feeds)
     names = [o.name for o in original.graph.output]
+    choice = task_choice(original, feeds, config, reference)
 
     def score(model) -> float:
         outputs = run_outputs(cpu_session(model, graph_opt_level=graph_opt_level), feeds)
-        measured = compare_runs(reference, outputs, names).values()
-        if not measured:
-            raise InputError("the model has no floating-point output to compare", "use {evaluator=model:NAME}")
-        return min(m.sqnr_db if m.finite else float("-inf") for m in measured)
+        return float(task_metric(choice, reference, outputs, feeds, names, config)["margin"])
 
-    return Evaluator(f"lowest output SQNR dB on {len(feeds)} samples", score, floor_db)
+    first = task_metric(choice, reference, reference, feeds, names, config)
+    unit = "dB" if first["judged_by"] == "sqnr" else (METRIC_TABLE[first["judged_by"]].unit
+                                                      if first["judged_by"] in METRIC_TABLE else "")
+    return Evaluator(f"{first['judged_by']} margin over its floor ({unit}) on {len(feeds)} samples", score, 0.0)
 
 
 def _reference_evaluator(spec: str) -> Evaluator:
@@ -170,19 +186,23 @@ def node_sensitivity(float_model, quantized, feeds: list[dict[str, np.ndarray]],
 def leave_one_out(ranked: list[dict[str, Any]], original, prepared, config, recipe, data, feeds, ranges,
                   log: Callable[[str], None], layer_stats=None) -> list[dict[str, Any]]:
     """Re-rank by what keeping each node alone in float buys at the model's output (noise power of
-    the first float output, relative to FP32). One quantization per node (calibration reused), so
-    used up to config.leave_one_out_limit nodes. Needed because a node's own added noise (above)
-    misses how much later layers amplify it: on EfficientNet-Lite0 the early convolutions matter
-    most although their local noise is small."""
+    the first float output relative to FP32's, in its worst channel group). One quantization per node
+    (calibration reused), so used up to config.leave_one_out_limit nodes. Needed because a node's own
+    added noise (above) misses how much later layers amplify it: on EfficientNet-Lite0 the early
+    convolutions matter most although their local noise is small."""
     from dlopt.optimize.quantize.int8 import quantize_int8
 
     reference = run_outputs(cpu_session(original), feeds)
     index = _first_float_output(reference)
-    signal = sum(float(np.sum(r[index].astype(np.float64) ** 2)) for r in reference)
+    names = [o.name for o in original.graph.output]
 
     def output_noise(model) -> float:
+        # the worst channel group's noise/signal (dlopt.metrics.channel_groups): on a detector's [1, 4+C, N]
+        # the pixel boxes' energy would otherwise rank every node by the boxes alone, not by the scores
         outs = run_outputs(cpu_session(model), feeds)
-        return sum(float(np.sum((r[index].astype(np.float64) - o[index]) ** 2)) for r, o in zip(reference, outs)) / signal
+        by_group = group_sqnr([[r[index]] for r in reference], [[o[index]] for o in outs], [names[index]])
+        return max(10 ** (-db / 10) if np.isfinite(db) else (0.0 if db > 0 else float("inf"))
+                   for db in by_group[names[index]].values())
 
     for i, entry in enumerate(ranked, 1):
         model, _ = quantize_int8(prepared, config, recipe, data, exclude_nodes=[entry["node"]], ranges=ranges,
@@ -223,7 +243,7 @@ def meet_budget(original, prepared, quantized, config, recipe, data, *, ranges=N
 
     if evaluator is None:
         evaluator = build_evaluator(config.evaluator, original, eval_feeds or data, config.fidelity_samples,
-                                    input_shapes=config.input_shapes)
+                                    input_shapes=config.input_shapes, metric=config.metric)
     max_drop = config.max_accuracy_drop if max_drop is None else max_drop
     baseline = evaluator.baseline
     if baseline != baseline:  # a reference model's metric: measure the float model once
@@ -288,5 +308,5 @@ def meet_budget(original, prepared, quantized, config, recipe, data, *, ranges=N
             "model": models[chosen["excluded_count"]]}
 
 
-__all__ = ["Evaluator", "FIDELITY_EVALUATORS", "build_evaluator", "cpu_latency_ms", "floor_evaluator", "meet_budget",
+__all__ = ["Evaluator", "build_evaluator", "cpu_latency_ms", "floor_evaluator", "meet_budget",
            "node_sensitivity"]

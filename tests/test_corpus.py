@@ -104,7 +104,7 @@ def test_below_the_floor_exits_1_and_keeps_the_best_effort_as_failed(tmp_path):
     onnx.save(outlier_mlp(), src)
     np.savez(tmp_path / "x.npz", **x_data(20))
     result = CliRunner().invoke(main, ["quantize", str(src), "-o", str(out), "--calibration", str(tmp_path / "x.npz"),
-                                       *PER_TENSOR_STATIC, "--no-recover"])
+                                       *PER_TENSOR_STATIC, "--no-recover", "--metric", "sqnr"])
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
     assert not out.exists() and not (tmp_path / "q.quantize.json").exists()

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+from importlib.resources import files
 
+import jsonschema
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -17,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dlopt.cli import main
 from dlopt.data import DataSpec, data_spec, load_data, sample_arrays, spec_hash
 from dlopt.errors import InputError
+from dlopt.manifest import validate
 from dlopt.recipe import key_inputs, load_recipe
 from dlopt.stagecache import cache_key
 
@@ -110,6 +113,7 @@ def test_npz_with_layout_quantizes_to_int8_end_to_end(stream):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops, ops
     assert [i.name for i in quantized.graph.input] == ["x", "state", "sr"]
     report = json.loads((stream / "q.quantize.json").read_text())
+    jsonschema.validate(report, json.loads(files("dlopt").joinpath("schemas/quantize.schema.json").read_text()))
     fields = report["data_spec"]["calibration"]["fields"]
     assert fields["layout"] == [["state", 1]] and fields["values"] == [["sr", [16000.0]]]
     # held-out samples, fed as the data declares them: int8 within 20 dB of FP32
@@ -322,12 +326,20 @@ def test_every_verb_takes_the_same_data_options(stream, verb):
         assert option in help_text, (verb, option)
 
 
+def test_data_options_without_data_are_refused_not_ignored(stream):
+    result = invoke("bench", stream / "s.onnx", "--input-layout", "state=1", "--rounds", "3", "--no-progress")
+    assert result.exit_code == 2 and "no data they describe" in one_error_line(result)
+
+
 @pytest.mark.parametrize("verb", ["bench", "eval", "gate", "package"])
 def test_batch_verbs_read_the_declared_layout(stream, verb):
     result = invoke(*_verb(stream, verb, "--input-layout", "state=1", "--input-value", "sr=16000"))
     assert result.exit_code == 0, result.output
+    if verb == "eval":  # all 40 samples, the state batched on its axis 1: cosine to itself is 1
+        assert re.search(r"cosine\s+1(\.0+)?\s", result.output) and "40 samples" in result.output, result.output
     if verb == "package":  # the bundle records what its samples were read with
         manifest = json.loads((stream / "b" / "manifest.json").read_text())
+        assert validate(manifest) == []
         assert manifest["data_spec"]["data"]["fields"]["layout"] == [["state", 1]]
         samples = np.load(stream / "b" / "samples.npz")
         assert any(samples[k].shape == (2, 40, 8) for k in samples.files)

@@ -14,7 +14,7 @@ from test_quantize_int8 import cnn_model
 
 from dlopt.cli import main
 from dlopt.search.driver import timing_plan
-from dlopt.search.evaluation import drop_points, points_scale
+from dlopt.search.evaluation import accuracy_drop, drop_unit
 from dlopt.search.pareto import Point, choose, dominated_by, dominates, pareto_front
 
 SCHEMA = json.loads(files("dlopt").joinpath("schemas/optimize.schema.json").read_text())
@@ -49,11 +49,12 @@ def test_choice_is_the_fastest_within_budget_with_near_ties_going_to_the_smaller
     assert choose([Point("x", 1.0, 2.0, 1)], 1.0) is None
 
 
-def test_drops_are_points_for_fractions_and_units_otherwise():
-    assert points_scale("model:minilm:pang_lee_accuracy") == 100
-    assert drop_points("model:minilm:pang_lee_accuracy", 0.735, 0.730) == pytest.approx(0.5)
-    assert points_scale("model:efficientnet-lite0:logit_sqnr_db") == 1
-    assert drop_points("model:smollm2:perplexity", 10.0, 10.4) == pytest.approx(0.4)  # lower is better
+def test_drops_are_in_the_metrics_own_unit_as_in_quantize_and_gate():
+    # one meaning of --max-accuracy-drop (dlopt.metrics.metric_drop): no 100x "points" for fractions
+    assert accuracy_drop("model:minilm:pang_lee_accuracy", 0.735, 0.730) == pytest.approx(0.005)
+    assert accuracy_drop("model:smollm2:perplexity", 10.0, 10.4) == pytest.approx(0.4)  # lower is better
+    assert accuracy_drop("detection", 1.0, 0.93) == pytest.approx(0.07)
+    assert drop_unit("detection") == "fraction of boxes (Jaccard)" and "20 dB" in drop_unit("sqnr")
 
 
 def test_timing_rule_skips_over_budget_candidates_and_less_accurate_twins():
@@ -70,7 +71,7 @@ def test_timing_rule_skips_over_budget_candidates_and_less_accurate_twins():
 
 @pytest.fixture(scope="module")
 def search(tmp_path_factory):
-    """One cold search on a tiny CNN: sqnr evaluator with a budget of 0.05 points (noise 5e-4 of the
+    """One cold search on a tiny CNN: sqnr evaluator with a budget of 5e-4 (noise 5e-4 of the
     signal power): FP16 meets it, 8-bit candidates do not."""
     work = tmp_path_factory.mktemp("optimize")
     onnx.save(cnn_model(), work / "cnn.onnx")
@@ -84,7 +85,7 @@ def search(tmp_path_factory):
 def run_optimize(work, out, *extra):
     from dlopt.search import driver
 
-    args = ["optimize", str(work / "cnn.onnx"), "--max-accuracy-drop", "0.05", "--evaluator", "sqnr",
+    args = ["optimize", str(work / "cnn.onnx"), "--max-accuracy-drop", "0.0005", "--evaluator", "sqnr",
             "--calibration", str(work / "calib.npz"), "--eval-data", str(work / "eval.npz"), "--workers", "1",
             "-o", str(work / out), "--report", str(work / "report.html"), "--cache-dir", str(work / "cache"),
             "--json", *extra]
@@ -110,13 +111,13 @@ def test_search_writes_a_front_a_verified_bundle_and_schema_valid_json(search):
     assert {"fp32", "int8-auto", "int8-static-minmax", "int8-static-entropy", "int8-static-percentile", "int4",
             "fp16"} <= set(by_name)
     assert by_name["fp32"]["drop_points"] == 0 and by_name["fp32"]["latency_ratio"] == pytest.approx(1.0)
-    # 8-bit noise on this CNN is ~1e-3 of the signal power: over the 0.05-point budget, dropped with the reason
+    # 8-bit noise on this CNN is ~1e-3 of the signal power: over the 5e-4 budget, dropped with the reason
     over = [c for c in data["candidates"] if c["status"] == "over-budget"]
-    assert over and all(c["drop_points"] > 0.05 and "cannot be chosen" in c["reason"] for c in over)
+    assert over and all(c["drop_points"] > 0.0005 and "cannot be chosen" in c["reason"] for c in over)
     assert all(c["latency_ratio"] is None for c in over)  # never timed
     assert all(c["reason"] for c in data["candidates"] if c["name"] != data["chosen"] or c["status"] == "chosen")
     chosen = by_name[data["chosen"]]
-    assert chosen["status"] == "chosen" and chosen["on_front"] and chosen["drop_points"] <= 0.05
+    assert chosen["status"] == "chosen" and chosen["on_front"] and chosen["drop_points"] <= 0.0005
     assert data["chosen"] in data["front"] and set(data["front"]) <= {c["name"] for c in data["candidates"]
                                                                       if c["latency_ratio"] is not None}
     assert data["latency"]["input_shapes"] == {"image": [1, 3, 16, 16]} and data["latency"]["threads"] == 1

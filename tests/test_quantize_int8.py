@@ -497,7 +497,7 @@ def test_budget_already_met_keeps_full_quantization():
 def test_cli_budget_unmet_keeps_best_model_as_failed_and_exits_1(tmp_path, monkeypatch):
     from dlopt.optimize import sensitivity
 
-    def impossible(spec, original, data, samples=32, input_shapes=()):  # nothing can be within a drop of -1
+    def impossible(spec, original, data, samples=32, input_shapes=(), metric=None):  # nothing can be within a drop of -1
         return sensitivity.Evaluator("impossible", lambda model: 0.0, 1.0)
 
     monkeypatch.setattr(sensitivity, "build_evaluator", impossible)

@@ -30,7 +30,7 @@ from dlopt.stagecache import StageCache
 IMAGE = ImagePreprocess(size=(2, 3), layout="nchw", scale=0.5, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), bgr=True)
 SCHEME_COMMON = dict(exclude_nodes=("a", "b"), exclude_ops=("Gemm",), target="arm64", input_shapes=("x=1x16",),
                      image=IMAGE, calibration_samples=7, fidelity_samples=5, min_sqnr_db=12.5, holdout=0.3,
-                     speed_check=False, layernorm_form="fused")
+                     metric="detection", metric_floor=0.8, speed_check=False, layernorm_form="fused")
 INT8_COMMON = dict(SCHEME_COMMON, per_channel=False, preprocess=False, max_accuracy_drop=0.01, evaluator="top1",
                    recover=False, leave_one_out_limit=9, smoothing=0.5, smoothing_samples=3)
 # Every field of every stage's config set to a value that is not its default (checked below).
@@ -47,6 +47,7 @@ NON_DEFAULT = {
                      exclude_nodes=("n1",), exclude_ops=("MatMul",), target="cuda", preprocess=False,
                      calibration_samples=9, percentile=99.9, max_accuracy_drop=0.02, evaluator="cosine",
                      fidelity_samples=8, input_shapes=("x=2x16",), image=IMAGE, min_sqnr_db=11.0, holdout=0.25,
+                     metric="map", metric_floor=0.95,
                      recover=False, leave_one_out_limit=10, smoothing=0.75, smoothing_samples=4,
                      weight_rounding="nearest", bias_correction=False, rounding_samples=5, speed_check=False,
                      layernorm_form="unfused", node_forms="int8"),

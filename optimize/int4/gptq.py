@@ -19,7 +19,7 @@ def _progress(items: list[Any], description: str, total: int, counts) -> Iterato
     """Yield items; on a terminal, a progress bar on stderr advancing on the items `counts` selects."""
     import sys
 
-    from dlopt.optimize.calibration import progress_bar
+    from dlopt.data import progress_bar
 
     with progress_bar(total, description, sys.stderr.isatty() and total >= 4) as advance:
         for item in items:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dlopt.data import Feeds, progress_bar
 from dlopt.errors import InputError
-from dlopt.optimize.calibration import Feeds, progress_bar
 from dlopt.optimize.quantize.schemes import Method
 from dlopt.quiet import quiet_libraries
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from dlopt.data import CalibrationData
 from dlopt.errors import InputError
-from dlopt.optimize.calibration import CalibrationData
 from dlopt.optimize.preprocess import replace_nodes
 from dlopt.optimize.quantize.calibrate import calibrate, _ort_method, _ort_quant_type
 from dlopt.optimize.quantize.recipe import Recipe

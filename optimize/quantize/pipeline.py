@@ -7,8 +7,8 @@ import dataclasses
 import time
 from typing import Any
 
+from dlopt.data import CalibrationData
 from dlopt.errors import InputError
-from dlopt.optimize.calibration import CalibrationData
 from dlopt.optimize.int4 import Int4WeightOnly
 from dlopt.optimize.normalize import NormalizeConfig, normalize
 from dlopt.optimize.preprocess import PreprocessConfig, check_feeds, preprocess
@@ -40,6 +40,11 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
     elif type(config) not in SCHEME_KINDS:
         raise InputError(f"quantize takes a scheme config or a QuantizeConfig, not {type(config).__name__}",
                          f"use one of {', '.join(c.__name__ for c in SCHEME_KINDS)}")
+    evaluator = getattr(config, "evaluator", None)
+    if evaluator and ".py:" in evaluator:  # the user's metric: a missing or broken file fails before any work
+        from dlopt.metrics import load_evaluator
+
+        load_evaluator(evaluator)
     started = time.perf_counter()
     # before ORT's own sessions (its calibrator, its transformer optimizer), which would otherwise be the
     # process's first and leave denormals unflushed on this thread for the checks and timings below
@@ -122,11 +127,11 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
     if config.recover:
         # the floor, on the held-out samples, in the arithmetic the target runs (see _summary)
         feeds = held_out or check_feeds(model, data, config.fidelity_samples, config.input_shapes)
-        evaluator = floor_evaluator(model, feeds, floor, graph_opt_level="disable" if exact else "all")
+        evaluator = floor_evaluator(model, feeds, config, graph_opt_level="disable" if exact else "all")
         score = evaluator.score(quantized)
-        if score < floor:
-            log(f"fidelity: lowest output SQNR {score:.1f} dB on {len(feeds)} {holdout['data']} samples is below "
-                f"the {floor:g} dB floor: keeping the nodes that add the most noise in float until it holds")
+        if score < 0:
+            log(f"fidelity: {evaluator.name.split(' margin')[0]} is {-score:.3g} below its floor on {len(feeds)} "
+                f"{holdout['data']} samples: keeping the nodes that add the most noise in float until it holds")
             base = dataclasses.replace(config, exclude_nodes=tuple(details["nodes_excluded"]))
             recovery = meet_budget(model, prepared, quantized, base, recipe, data, ranges=ranges,
                                    layer_stats=layer_stats, evaluator=evaluator, max_drop=0.0,

@@ -66,6 +66,17 @@ def summary_text(report: Mapping[str, Any]) -> str:
     if fid:
         lines.append(f"fidelity vs FP32 on {fid['samples']} {fid['data']} samples{_holdout_text(report)}:")
         lines.append(fidelity_table(fid["outputs"]))
+        for name, m in fid["outputs"].items():
+            if m.get("sqnr_db_by_group"):
+                lines.append(f"  {name} SQNR by channel group: " + ", ".join(
+                    f"{g} {_number(v)} dB" for g, v in m["sqnr_db_by_group"].items()))
+        task = fid.get("task_metric")
+        if task is not None:
+            parts = ", ".join(f"{k} {_number(v)}" for k, v in task["components"].items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool))
+            lines.append(f"task metric: {task['metric']} = {_number(task['value'])} (floor {_number(task['floor'])})"
+                         f"{'; ' + parts if parts else ''}; chosen because {task['why']}"
+                         + (f"; {task['note']}" if task.get("note") else ""))
     exact = report.get("fidelity_exact_arithmetic")
     if exact:
         lines.append(f"note: {exact['why']}:")
@@ -96,10 +107,17 @@ def summary_text(report: Mapping[str, Any]) -> str:
                      f"{recovery['baseline']:g}: {'met' if recovery['met'] else 'NOT met'}")
         rows = [[c["excluded_count"], c["score"], c["latency_ms"], "yes" if c["within_budget"] else "no",
                  "<-" if c.get("chosen") else ""] for c in recovery["candidates"]]
-        lines.append(format_table(["float nodes", "lowest SQNR dB", "ms (1 thread)", "meets floor", "chosen"], rows))
+        lines.append(format_table(["float nodes", "margin over floor", "ms (1 thread)", "meets floor", "chosen"],
+                                  rows))
     v = report.get("verdict")
     if v:
         floor = f"fidelity floor: every float output >= {v['floor_sqnr_db']:g} dB SQNR on the {v['data']} samples"
+        if v.get("metric") is not None and v.get("judged_by") != "sqnr":
+            direction = "<=" if v["metric"] == "perplexity" else ">="
+            floor = (f"fidelity floor: {v['metric']} {_number(v['metric_value'])} {direction} {v['metric_floor']:g} "
+                     f"on the {v['data']} samples")
+        elif v.get("metric") not in (None, "sqnr"):
+            floor += f" ({v['metric']} could not be judged on these samples)"
         if v["passed"]:
             lines.append(f"{floor}: met" + (f" (kept in float to get there: {', '.join(v['recovered_nodes'])})"
                                              if v["recovered_nodes"] else ""))
@@ -108,6 +126,10 @@ def summary_text(report: Mapping[str, Any]) -> str:
             lines.append(format_table(["check", "measured", "required", "why"],
                                       [[f["check"], f["measured"], f["required"], f["why"]] for f in v["failures"]]))
     return "\n".join(lines)
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
 
 
 def _holdout_text(report: Mapping[str, Any]) -> str:

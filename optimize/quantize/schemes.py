@@ -50,7 +50,7 @@ class _Int8(QuantizeScheme):
     per_channel: bool = True
     preprocess: bool = True  # fusions, constant folding, shape inference, each checked
     max_accuracy_drop: float | None = None
-    evaluator: str | None = None  # cosine | top1 | sqnr | model:NAME[:metric]; None: cosine or top1
+    evaluator: str | None = None  # a METRIC_TABLE name | FILE.py:FUNCTION | model:NAME[:metric]; None: the task metric
     # below the floor: keep the nodes that add the most noise in float until it holds (the budget
     # search of optimize/sensitivity.py); False: fail at once
     recover: bool = True
@@ -151,11 +151,13 @@ class QuantizeConfig:
     calibration_samples: int | None = None  # cap on samples read; None: all of them
     percentile: float | None = None  # for percentile calibration; None: 99.99 for CNNs, 99.999 otherwise
     max_accuracy_drop: float | None = None
-    evaluator: str | None = None  # cosine | top1 | sqnr | model:NAME[:metric]; None: cosine or top1
+    evaluator: str | None = None  # a METRIC_TABLE name | FILE.py:FUNCTION | model:NAME[:metric]; None: the task metric
     fidelity_samples: int = 32
     input_shapes: tuple[str, ...] = ()  # NAME=DxD...: the shapes of synthetic inputs
     image: ImagePreprocess | None = None  # how a folder of images is fed; None: its defaults
     min_sqnr_db: float | None = None  # fidelity floor per float output; None: FIDELITY_FLOORS_DB[precision]
+    metric: str | None = None  # the verdict's task metric (dlopt.metrics.METRIC_TABLE); None: chosen from the outputs
+    metric_floor: float | None = None  # None: the metric table's floor
     holdout: float = HOLDOUT_FRACTION  # share of the calibration samples held out to measure fidelity
     recover: bool = True  # int8 below the floor: keep the noisiest nodes in float until it holds
     leave_one_out_limit: int = 80

@@ -66,7 +66,7 @@ HELPERS = {
     "failure_error": "dlopt.optimize.quantize.files:failure_error",  # the VerificationError of a failed outcome
     "failed_path": "dlopt.optimize.quantize.files:failed_path",  # where a failed result is kept: OUT.failed.onnx
     "summary_text": "dlopt.optimize.quantize.report:summary_text",  # what `dlopt quantize` prints
-    "load_calibration": "dlopt.optimize.calibration:load_calibration",  # a calibration spec as CalibrationData
+    "load_calibration": "dlopt.data:load_data",  # a data spec as CalibrationData (dlopt.data)
     # what a search over quantization candidates asks (dlopt.search): the held-out split, the accuracy
     # evaluator, the graph facts the recipe is chosen by, the calibration methods to try
     "split_holdout": "dlopt.optimize.quantize.verification:split_holdout",

@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from dlopt.data import CalibrationData, Feeds
 from dlopt.errors import StageError
 from dlopt.fidelity import compare_runs, report as fidelity_report
 from dlopt.inputs import graph_inputs
-from dlopt.optimize.calibration import CalibrationData, Feeds
+from dlopt.metrics import MetricChoice, assess, choose_metric, group_sqnr, metric_request
 from dlopt.optimize.preprocess import check_feeds, op_counts
 from dlopt.optimize.quantize.recipe import cpu_features
 from dlopt.optimize.quantize.schemes import FIDELITY_FLOORS_DB, QuantizeConfig
@@ -50,7 +51,26 @@ def quantized_nodes(model) -> dict[str, int]:
 
 # -- held-out fidelity and the verdict ----------------------------------------------------------------
 def fidelity_floor(config: QuantizeScheme | QuantizeConfig) -> float:
+    """The SQNR floor in dB: the sqnr metric's, and the verdict's when the task metric cannot judge."""
     return FIDELITY_FLOORS_DB[config.precision] if config.min_sqnr_db is None else float(config.min_sqnr_db)
+
+
+def task_choice(original, feeds: Sequence[Mapping[str, np.ndarray]], config: QuantizeScheme | QuantizeConfig,
+                reference: Sequence[Sequence[np.ndarray]] | None = None) -> MetricChoice:
+    """The task metric the verdict is on: config.metric / an --evaluator FILE.py:FUNCTION, else chosen
+    from FP32's outputs on the first held-out feed (dlopt.metrics.choose_metric)."""
+    metric, user = metric_request(config.metric, getattr(config, "evaluator", None))
+    if reference is None:
+        reference = run_outputs(cpu_session(original), list(feeds)[:1])
+    names = [o.name for o in original.graph.output]
+    return choose_metric(reference[0], names, feeds[0] if feeds else None, requested=metric, evaluator=user)
+
+
+def task_metric(choice: MetricChoice, reference, outputs, feeds, names, config) -> dict[str, Any]:
+    # a floor in dB the user set is checked as well: they asked for that SQNR
+    return assess(choice, reference, outputs, feeds, names, sqnr_floor=fidelity_floor(config),
+                  metric_floor=config.metric_floor, sqnr_too=config.min_sqnr_db is not None,
+                  precision=config.precision)
 
 
 def holdout_count(samples: int, config: QuantizeScheme | QuantizeConfig) -> int:
@@ -95,17 +115,45 @@ def split_holdout(data: CalibrationData | None, eval_data: CalibrationData | Non
 
 
 def verdict(report: Mapping[str, Any], floor: float) -> dict[str, Any]:
-    """Whether the result may be written as a success: every float output's SQNR at or above `floor`
-    (in the QDQ graph's own arithmetic when the host's kernels compute it inexactly), and the
-    accuracy budget met when one was asked for. Each failed check is a row: what, measured, required."""
+    """Whether the result may be written as a success: the task metric at or above its floor on the
+    held-out samples (report["fidelity"]["task_metric"], dlopt.metrics.assess: detection Jaccard, map
+    agreement, ...; the lowest SQNR per output and channel group at or above `floor` dB when the metric
+    is sqnr or the samples cannot judge it), in the QDQ graph's own arithmetic when the host's kernels
+    compute it inexactly, and the accuracy budget met when one was asked for. Each failed check is a
+    row: what, measured, required."""
     fid = report.get("fidelity_exact_arithmetic") or report["fidelity"]
     failures = []
-    for name, m in fid["outputs"].items():
-        sqnr = m["sqnr_db"]
-        if not m["finite"] or sqnr < floor:
-            failures.append({"check": f"output {name} SQNR dB", "measured": sqnr, "required": f">= {floor:g}",
-                             "why": "non-finite values" if not m["finite"] else
-                             f"quantization noise is {10 ** (-sqnr / 10) * 100:.3g} % of the output's power"})
+    task = fid.get("task_metric")
+    if task is not None and task["judged_by"] == "sqnr" and task["failures"]:
+        # one row per output and channel group below the floor, as the per-output table reads
+        groups = (task.get("judged_components") or {}).get("per_group_db") or {}
+        required = task["failures"][0]["required"]
+        for name, by_group in groups.items():
+            for group, sqnr in by_group.items():
+                finite = fid["outputs"].get(name, {}).get("finite", True)
+                if finite and sqnr >= task["judged_floor"]:
+                    continue
+                failures.append({"check": f"output {name} SQNR dB" + ("" if group == "all" else f" ({group})"),
+                                 "measured": sqnr, "required": required,
+                                 "why": "non-finite values" if not finite else
+                                 f"quantization noise is {10 ** (-sqnr / 10) * 100:.3g} % of the output's power"
+                                 + (f"; {task['note']}" if task.get("note") else "")})
+    elif task is not None:
+        for row in task["failures"]:
+            if row["check"] == "sqnr" and task["judged_by"] != "sqnr":  # the user's --min-sqnr beside the metric
+                groups = (task.get("judged_components") or {}).get("per_group_db") or {}
+                failures.append({**row, "check": "lowest SQNR dB (output, channel group)", "why": ", ".join(
+                    f"{o} {g} {v:.1f} dB" for o, gs in groups.items() for g, v in gs.items())})
+                continue
+            failures.append({**row, "check": f"{task['judged_by']}: {row['check']}" if row["check"] != task["judged_by"]
+                             else task["judged_by"], "why": _why(task, row)})
+    else:
+        for name, m in fid["outputs"].items():
+            sqnr = m["sqnr_db"]
+            if not m["finite"] or sqnr < floor:
+                failures.append({"check": f"output {name} SQNR dB", "measured": sqnr, "required": f">= {floor:g}",
+                                 "why": "non-finite values" if not m["finite"] else
+                                 f"quantization noise is {10 ** (-sqnr / 10) * 100:.3g} % of the output's power"})
     budget = report.get("budget")
     if budget is not None and not budget["met"]:
         chosen = budget["chosen"]
@@ -118,9 +166,31 @@ def verdict(report: Mapping[str, Any], floor: float) -> dict[str, Any]:
         for row in failures:
             row["why"] += (f"; still below with up to {recovery['max_float_nodes']} of {recovery['ranked_nodes']} "
                            f"nodes in float ({len(recovery['candidates'])} candidates tried)")
-    return {"passed": not failures, "floor_sqnr_db": floor, "samples": fid["samples"], "data": fid.get("data"),
+    body = {"passed": not failures, "floor_sqnr_db": floor, "samples": fid["samples"], "data": fid.get("data"),
             "recovered_nodes": recovery["chosen"]["excluded"] if recovery is not None and not failures else [],
             "failures": failures}
+    if task is not None:
+        body |= {"metric": task["metric"], "metric_floor": task["floor"], "metric_value": task["value"],
+                 "judged_by": task["judged_by"]}
+    return body
+
+
+def _why(task: Mapping[str, Any], row: Mapping[str, Any]) -> str:
+    """A failed task-metric check in words, with the per-group SQNR beside it."""
+    c = task.get("components") or {}
+    if task["judged_by"] == "detection":
+        text = (f"{c.get('matched')} of FP32's {c.get('fp32_boxes')} boxes matched (IoU >= {c.get('iou')}, same "
+                f"class), {c.get('false_boxes')} false box(es)")
+    elif task["judged_by"] == "map":
+        text = (f"{c.get('false_positive_pixels')} false-positive pixel(s); "
+                f"{c.get('samples_with_false_positives_where_fp32_has_none')} sample(s) with positives where FP32 "
+                "has none")
+    else:
+        text = task.get("why", "")
+    if task.get("sqnr_by_group"):
+        text += "; SQNR " + ", ".join(f"{o} {g} {v:.1f} dB" for o, gs in task["sqnr_by_group"].items()
+                                       for g, v in gs.items())
+    return text
 
 
 def _fixed(dim) -> bool:
@@ -201,18 +271,19 @@ def _summary(original, quantized, data, config: QuantizeScheme, *, feeds: list[F
     if [o.name for o in original.graph.output] != names:
         raise StageError(f"quantization changed the graph outputs {[o.name for o in original.graph.output]} -> "
                          f"{names}", "report this model")
+    choice = task_choice(original, feeds, config, reference)
     summary = {"bytes_before": original.ByteSize(), "bytes_after": quantized.ByteSize(),
                "quantized_nodes": quantized_nodes(quantized), "ops_after": op_counts(quantized),
-               "fidelity": {"samples": len(feeds), "data": holdout["data"],
-                            "input_shapes": {k: list(np.shape(v)) for k, v in feeds[0].items()},
-                            "outputs": fidelity_report(compare_runs(reference, outputs, names))},
+               "fidelity": _fidelity(choice, reference, outputs, feeds, names, config) | {
+                   "data": holdout["data"], "input_shapes": {k: list(np.shape(v)) for k, v in feeds[0].items()}},
                "holdout": {k: v for k, v in holdout.items() if k != "warning"},
+               "metric": {"metric": None, "why": choice.reason},
                "cpu": dataclasses.asdict(cpu_features())}
+    summary["metric"]["metric"] = summary["fidelity"]["task_metric"]["metric"]
     if exact_arithmetic:
         exact = run_outputs(cpu_session(quantized, graph_opt_level="disable"), feeds)
         summary["fidelity_exact_arithmetic"] = {
-            "samples": len(feeds), "data": holdout["data"],
-            "outputs": fidelity_report(compare_runs(reference, exact, names)),
+            **_fidelity(choice, reference, exact, feeds, names, config), "data": holdout["data"],
             "why": f"this x86 CPU has no VNNI: its int8 kernels overflow the full-range weights of the "
                    f"{config.target} recipe, so the fidelity above is this host's; the QDQ arithmetic itself, "
                    "what the target's int8 kernels compute, is below"}
@@ -222,6 +293,19 @@ def _summary(original, quantized, data, config: QuantizeScheme, *, feeds: list[F
     summary["session"] = runtime_report()
     summary["cpu_label"] = cpu_label()
     return summary
+
+
+def _fidelity(choice: MetricChoice, reference, outputs, feeds, names, config) -> dict[str, Any]:
+    """The fidelity table (SQNR, cosine per output, SQNR per channel group where an output concatenates
+    groups of different ranges) and the task metric against its floor."""
+    table = fidelity_report(compare_runs(reference, outputs, names))
+    groups = group_sqnr(reference, outputs, names)
+    for name, entry in table.items():
+        if len(groups.get(name, {})) > 1:
+            entry["sqnr_db_by_group"] = groups[name]
+    task = task_metric(choice, reference, outputs, feeds, names, config)
+    task["sqnr_by_group"] = {n: g for n, g in groups.items() if len(g) > 1}
+    return {"samples": len(feeds), "outputs": table, "task_metric": task}
 
 
 def _warn_if_slower(report: Mapping[str, Any], log) -> None:

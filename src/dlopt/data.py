@@ -299,12 +299,6 @@ def _recorded_spec(path: Path, text: str) -> DataSpec:
     return spec
 
 
-def describe_specs(**specs: DataSpec | str | None) -> dict[str, Any] | None:
-    """{role: recorded spec} of the specs given (None ones left out); None when none is."""
-    recorded = {role: as_spec(s).record() for role, s in specs.items() if s is not None}
-    return recorded or None
-
-
 # ------------------------------------------------------------------------------------------ the hash
 def spec_hash(spec: str | Path | DataSpec | None) -> str | None:
     """What identifies the data for a cache key: the source's content hash (a file's bytes, a folder's
@@ -330,13 +324,15 @@ def spec_hash(spec: str | Path | DataSpec | None) -> str | None:
 
 
 def reader_hash(source: str) -> str:
-    """A Python reader's identity: its spec and its file's bytes (a module's source file), as a torch
-    factory's file is hashed (dlopt.recipe.source_hash); a missing file keys by the spec alone."""
+    """A Python reader's identity, as a torch factory's (dlopt.recipe.source_hash uses this too): its spec
+    and its file's bytes (file.py:function, or package.module:function's source file); dlopt's version
+    when there is no such file (a reference model ships with dlopt)."""
+    import dlopt
     from dlopt.manifest import sha256_file
 
-    module, _ = _reader_parts(source) or (source, "")
-    file = _reader_file(module)
-    body = f"{source}\0{sha256_file(file) if file is not None and file.is_file() else 'missing'}"
+    module = source.rpartition(":")[0] if ":" in source else ""
+    file = _reader_file(module) if module else None
+    body = f"{source}\0{sha256_file(file) if file is not None and file.is_file() else dlopt.__version__}"
     return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -349,7 +345,7 @@ def _reader_parts(source: str) -> tuple[str, str] | None:
 
 def _reader_file(module: str) -> Path | None:
     if module.endswith(".py"):
-        return Path(module).expanduser()
+        return Path(module)
     try:
         found = importlib.util.find_spec(module)
     except (ImportError, ValueError):
@@ -411,9 +407,8 @@ class CalibrationData:
             yield feeds
 
     def __len__(self) -> int:
-        if self._count is None:  # a reader: counted by reading it (it stops at the limit itself)
-            counted = sum(1 for _ in self._open_stream())
-            return counted if self.limit is None else min(counted, self.limit)
+        if self._count is None:  # a reader: counted once by reading it (it stops at the limit itself)
+            self._count = sum(1 for _ in self._open_stream())
         return min(self._count, self.limit) if self.limit is not None else self._count
 
     def bind(self, model) -> CalibrationData:
@@ -904,5 +899,5 @@ def progress_bar(total: int | None, description: str, enabled: bool) -> Iterator
 
 
 __all__ = ["CalibrationData", "DEFAULT_SAMPLE_COUNT", "DataSpec", "Feeds", "InputSpec", "SampleArrays", "as_spec",
-           "data_arrays", "data_spec", "describe_specs", "graph_inputs", "load_data", "parse_layout", "parse_values", "progress_bar",
+           "data_arrays", "data_spec", "graph_inputs", "load_data", "parse_layout", "parse_values", "progress_bar",
            "read_spec_file", "reader_hash", "sample_arrays", "spec_from_keys", "spec_hash"]

@@ -4,7 +4,9 @@ Two ways to evaluate:
 - on data: an .npz with one array per model input (plus optional `labels`), and metrics that
   compare the model's output with the labels (top1) or with a reference model's output on the same
   inputs (top1 agreement, cosine, SQNR, MSE); without --reference, an array named like the output
-  (or `expected`) in the .npz is the reference output;
+  (or `expected`) in the .npz is the reference output. The task metrics of dlopt.metrics (detection,
+  map, sequence, topk, embedding, perplexity; `auto`: chosen from the reference's outputs) compare every
+  output with the reference model's (--reference);
 - with a reference model's own evaluator (`dlopt eval --model minilm`): its real task metrics on its real
   data (dlopt.models), for the model and, with --reference, for the reference model too.
 """
@@ -22,8 +24,13 @@ import numpy as np
 from dlopt.errors import InputError
 from dlopt.fidelity import cosine, mse, sample_rows, sqnr_db, top1_agreement  # the one implementation
 from dlopt.inputs import session_inputs
+from dlopt.metrics import higher_is_better  # direction: the metric table's, else the name's
 
-METRICS = ("top1", "cosine", "sqnr", "mse")
+# top1 against labels (or agreement with the reference), cosine, sqnr and mse on one output; the task
+# metrics of dlopt.metrics.METRIC_TABLE on every output against the reference model's; auto: the task
+# metric chosen from the reference's outputs
+TASK_METRICS = ("auto", "topk", "detection", "map", "sequence", "embedding", "perplexity", "probability")
+METRICS = ("top1", "cosine", "sqnr", "mse", *TASK_METRICS)
 LABELS_KEY = "labels"
 EXPECTED_KEY = "expected"
 
@@ -50,19 +57,6 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 _COMPARE = {"cosine": cosine, "sqnr": sqnr_db, "mse": mse}
-_LOWER_IS_BETTER = ("mse", "perplexity", "loss", "error", "rmse", "mae")
-_HIGHER_IS_BETTER = ("top1", "accuracy", "agreement", "cosine", "sqnr", "pearson", "spearman", "f1", "auc")
-
-
-def higher_is_better(metric: str) -> bool | None:
-    """From the metric's name (reference evaluators name theirs, e.g. pang_lee_accuracy, perplexity);
-    None when the name does not say."""
-    name = metric.lower()
-    if any(word in name for word in _LOWER_IS_BETTER):
-        return False
-    if any(word in name for word in _HIGHER_IS_BETTER):
-        return True
-    return None
 
 
 # --------------------------------------------------------------------------- running and results
@@ -76,6 +70,7 @@ class EvalConfig:
     batch_size: int = 32
     output: str | None = None  # which model output the metrics read; default: the first
     allow_fallback: bool = False
+    evaluator: str | None = None  # FILE.py:FUNCTION, the user's metric vs the reference (dlopt.metrics)
 
 
 @dataclass(frozen=True)
@@ -152,10 +147,11 @@ def _open(path: str | os.PathLike, config: EvalConfig):
 
 
 def run_batched(handle, feeds: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-    """Run the model over the first axis of `feeds` in chunks (a fixed batch axis sets the chunk)."""
-    specs = session_inputs(handle.session)
+    """Run the model over the samples of `feeds` (axis 0, or each input's sample axis when `feeds` is a
+    dlopt.data.SampleArrays) in chunks (a fixed batch axis sets the chunk)."""
     from dlopt.data import SampleArrays  # samples on each input's declared axis (--input-layout)
 
+    specs = session_inputs(handle.session)
     arrays = feeds if isinstance(feeds, SampleArrays) else SampleArrays.from_mapping(feeds)
     counts = {name: int(np.shape(a)[arrays.axes[name]]) for name, a in arrays.items()
               if arrays.axes.get(name) is not None}
@@ -163,7 +159,8 @@ def run_batched(handle, feeds: Mapping[str, np.ndarray], batch_size: int) -> dic
         raise InputError(f"the data's arrays hold different numbers of samples: {counts}",
                          "give every input the same first dimension")
     n = next(iter(counts.values())) if counts else 1
-    fixed = {s.fixed(0) for s in specs if s.shape and s.fixed(0)}
+    axes = {s.name: arrays.axes.get(s.name) for s in specs}
+    fixed = {s.fixed(axes[s.name]) for s in specs if axes[s.name] is not None and s.fixed(axes[s.name])}
     step = fixed.pop() if len(fixed) == 1 else batch_size
     if n % step and fixed:
         raise InputError(f"{n} samples do not split into the model's fixed batch of {step}",
@@ -174,7 +171,13 @@ def run_batched(handle, feeds: Mapping[str, np.ndarray], batch_size: int) -> dic
         part = arrays.take(start, start + step)
         for name, out in zip(names, handle.session.run(None, part)):
             chunks[name].append(out)
-    return {name: np.concatenate(parts, axis=0) for name, parts in chunks.items()}
+    # an output's samples lie on the axis its declared shape names like an input's sample axis ("batch" on
+    # axis 1 of a streaming model's state), else on axis 0
+    sample_dims = {s.shape[axes[s.name]] for s in specs if axes[s.name] is not None and isinstance(
+        s.shape[axes[s.name]], str)}
+    out_axes = {o.name: next((a for a, d in enumerate(o.shape or []) if isinstance(d, str) and d in sample_dims), 0)
+                for o in handle.session.get_outputs()}
+    return {name: np.concatenate(parts, axis=out_axes.get(name, 0)) for name, parts in chunks.items()}
 
 
 def _pick_output(outputs: Mapping[str, np.ndarray], wanted: str | None, what: str) -> tuple[str, np.ndarray]:
@@ -192,16 +195,22 @@ def evaluate_data(model: str | os.PathLike, data: str | os.PathLike, config: Eva
     from dlopt.data import data_arrays
     from dlopt.inputs import feeds_from_arrays
 
-    metrics = validate_metrics(config.metrics)
+    metrics = validate_metrics(config.metrics) if config.metrics or not config.evaluator else ()
+    if config.evaluator:
+        from dlopt.metrics import load_evaluator
+
+        load_evaluator(config.evaluator)  # a missing or broken file fails before any model runs
     if config.batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {config.batch_size}", "e.g. {batch_size=32}")
     handle = _open(model, config)
     arrays = data_arrays(data, model, extra=(LABELS_KEY, EXPECTED_KEY, *handle.output_names()))  # dlopt.data
     feeds = arrays.with_arrays(feeds_from_arrays(session_inputs(handle.session), arrays, str(data)))
     n = _sample_count(feeds, data)
-    out_name, output = _pick_output(run_batched(handle, feeds, config.batch_size), config.output, str(model))
+    all_outputs = run_batched(handle, feeds, config.batch_size)
+    out_name, output = _pick_output(all_outputs, config.output, str(model))
     ref_output = None
     ref_handle = None
+    ref_outputs: dict[str, np.ndarray] = {}
     if reference is not None:
         ref_handle = _open(reference, config)
         ref_feeds = arrays.with_arrays(feeds_from_arrays(session_inputs(ref_handle.session), arrays, str(data)))
@@ -211,7 +220,13 @@ def evaluate_data(model: str | os.PathLike, data: str | os.PathLike, config: Eva
         ref_output = arrays[out_name] if out_name in arrays else arrays[EXPECTED_KEY]
     labels = arrays.get(LABELS_KEY)
     rows = []
+    if config.evaluator:
+        rows.append(task_metric_row("auto", all_outputs, ref_outputs, feeds, config.output, data,
+                                    evaluator=config.evaluator))
     for metric in metrics:
+        if metric in TASK_METRICS:
+            rows.append(task_metric_row(metric, all_outputs, ref_outputs, feeds, config.output, data))
+            continue
         if metric == "top1":
             if labels is None and ref_output is None:
                 raise InputError(f"top1 needs labels: {data} has no {LABELS_KEY!r} array and no reference",
@@ -227,11 +242,43 @@ def evaluate_data(model: str | os.PathLike, data: str | os.PathLike, config: Eva
             raise InputError(f"{metric} compares with a reference output, and there is none",
                              f"pass {{reference=REF.onnx}}, or store the expected output in {data} "
                              f"as {out_name!r} or {EXPECTED_KEY!r}")
-        rows.append(MetricRow(metric, _COMPARE[metric](output, ref_output), None,
-                              "vs reference model" if reference is not None else "vs expected output in data"))
+        note = "vs reference model" if reference is not None else "vs expected output in data"
+        if metric == "sqnr" and np.issubdtype(np.asarray(ref_output).dtype, np.floating):
+            from dlopt.metrics import group_sqnr
+
+            groups = group_sqnr([[ref_output]], [[output]], [out_name])[out_name]
+            if len(groups) > 1:  # a detector's boxes and scores apart: the whole output's SQNR hides the scores
+                note += "; by channel group " + ", ".join(f"{g} {v:.1f} dB" for g, v in groups.items())
+        rows.append(MetricRow(metric, _COMPARE[metric](output, ref_output), None, note))
     return EvalResult(model=str(model), reference=str(reference) if reference else None, source=str(data),
                       samples=n, rows=tuple(rows), runs_on=handle.runs_on, config=config,
                       warnings=data_warnings(feeds, labels, output, data))
+
+
+def task_metric_row(metric: str, outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                    feeds: Mapping[str, np.ndarray], output: str | None, data, *, evaluator: str | None = None
+                    ) -> MetricRow:
+    """A dlopt.metrics task metric of every output against the reference model's on the same inputs (the
+    whole data as one run: each accumulator goes over the batch axis). Its reference value is the
+    reference's against itself (1.0 for the agreement metrics), so the gate's drop is in the table's unit."""
+    from dlopt.metrics import choose_metric, measure
+
+    if not reference:
+        raise InputError(f"{metric} compares every output with a reference model's, and there is none",
+                         "pass {reference=FP32.onnx}, the model the candidate was made from")
+    names = [n for n in reference if n in outputs]
+    ref_run, run = [reference[n] for n in names], [outputs[n] for n in names]
+    choice = choose_metric(ref_run, names, feeds, requested=None if metric == "auto" else metric, evaluator=evaluator)
+    if output is not None and "output" in choice.params and output in names:
+        from dataclasses import replace
+
+        choice = replace(choice, params={**choice.params, "output": names.index(output)})
+    value = measure(choice, [ref_run], [run], [feeds], names)
+    baseline = measure(choice, [ref_run], [ref_run], [feeds], names)
+    parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.components.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    note = "; ".join([f"vs reference model; {choice.reason}", *parts[:6], value.note]).strip("; ")
+    return MetricRow(value.name, value.value, baseline.value if choice.name != "sqnr" else None, note)
 
 
 def _sample_count(feeds: Mapping[str, np.ndarray], data) -> int | None:
@@ -324,5 +371,5 @@ def format_eval(result: EvalResult) -> str:
     return f"{table}\n\nsource: {result.source}{samples}; ran on {result.runs_on}"
 
 
-__all__ = ["EvalConfig", "EvalResult", "METRICS", "MetricRow", "evaluate_data", "evaluate_reference_model",
-           "format_eval", "higher_is_better", "run_batched", "top1", "validate_metrics"]
+__all__ = ["EvalConfig", "EvalResult", "METRICS", "MetricRow", "TASK_METRICS", "evaluate_data", "evaluate_reference_model",
+           "format_eval", "higher_is_better", "run_batched", "task_metric_row", "top1", "validate_metrics"]

@@ -63,9 +63,13 @@ class Metric:
     floor: float | None
     description: str
     checks: tuple[tuple[str, float], ...] = ()
+    floors: tuple[tuple[str, float], ...] = ()  # (precision, floor) where a precision needs its own
 
     def drop(self, baseline: float, value: float) -> float:
         return baseline - value if self.higher_is_better else value - baseline
+
+    def floor_for(self, precision: str = "int8") -> float | None:
+        return dict(self.floors).get(precision, self.floor)
 
 
 METRIC_TABLE: dict[str, Metric] = {m.name: m for m in (
@@ -87,13 +91,44 @@ METRIC_TABLE: dict[str, Metric] = {m.name: m for m in (
     Metric("embedding", True, "cosine", 0.98,
            "mean cosine per sample of L2-normalized embeddings; also retrieval agreement (each sample's nearest "
            "neighbour among the others is FP32's)", checks=(("retrieval_agreement", 0.9),)),
+    Metric("probability", False, "probability", 0.05,
+           "largest |p - p_FP32| of a probability output [B, 1] or [B] in [0, 1] (a VAD's speech probability, "
+           "a binary classifier); FP32 = 0; also the mean and the share of samples that change side of 0.5"),
+    # int4 1.10: SmolLM2-135M's 4-bit GPTQ measured +6.9 % (README), ORT's RTN +20.8 %
     Metric("perplexity", False, "perplexity ratio to FP32", 1.05,
            "perplexity of the next tokens of input_ids over FP32's (FP32 = 1.0; drop = ratio - 1); also "
-           "next-token agreement"),
+           "next-token agreement; floor int4 1.10, fp16 1.01", floors=(("int4", 1.10), ("fp16", 1.01))),
     Metric("sqnr", True, "dB", SQNR_FLOORS_DB["int8"],
            "lowest SQNR over float outputs and channel groups (boxes and scores apart); floor by precision "
-           f"{SQNR_FLOORS_DB}"),
+           f"{SQNR_FLOORS_DB}", floors=tuple(SQNR_FLOORS_DB.items())),
 )}
+
+
+# Metrics outside the table (a reference model's, a user's) take their direction from their name.
+LOWER_IS_BETTER = ("mse", "perplexity", "loss", "error", "rmse", "mae")
+HIGHER_IS_BETTER = ("top1", "accuracy", "agreement", "cosine", "sqnr", "pearson", "spearman", "f1", "auc")
+
+
+def higher_is_better(metric: str) -> bool | None:
+    """The table's direction for its metrics; else from the metric's name (reference evaluators name
+    theirs, e.g. pang_lee_accuracy, perplexity; model:NAME:metric is read by its last part); None when the
+    name does not say."""
+    name = metric.split(":")[-1]
+    if name in METRIC_TABLE:
+        return METRIC_TABLE[name].higher_is_better
+    name = name.lower()
+    if any(word in name for word in LOWER_IS_BETTER):
+        return False
+    if any(word in name for word in HIGHER_IS_BETTER):
+        return True
+    return None
+
+
+def metric_drop(metric: str, baseline: float, value: float) -> float:
+    """How much worse `value` is than `baseline`, in the metric's own unit (positive = worse): the one
+    meaning of --max-accuracy-drop in quantize, gate and optimize. Higher is better unless the table or
+    the name says otherwise."""
+    return value - baseline if higher_is_better(metric) is False else baseline - value
 
 
 def metric_info(name: str) -> Metric:
@@ -136,7 +171,7 @@ def judge(value: MetricValue, floor: float | None = None, precision: str = "int8
         checks = [(value.name, value.value, floor, True)] if floor is not None else []
     else:
         if floor is None:
-            floor = SQNR_FLOORS_DB.get(precision, info.floor) if info.name == "sqnr" else info.floor
+            floor = info.floor_for(precision)
         checks = [(value.name, value.value, floor, info.higher_is_better)] if floor is not None else []
         checks += [(c, value.components.get(c), f, True) for c, f in info.checks if value.components.get(c) is not None]
     failed = []
@@ -144,7 +179,8 @@ def judge(value: MetricValue, floor: float | None = None, precision: str = "int8
         ok = measured is not None and math.isfinite(measured) and (measured >= required if higher else
                                                                    measured <= required)
         if not ok:
-            failed.append({"check": check, "measured": measured, "required": f"{'>=' if higher else '<='} {required:g}"})
+            failed.append({"check": check, "measured": measured,
+                           "required": f"{'>=' if higher else '<='} {required:g}"})
     return failed
 
 
@@ -155,7 +191,7 @@ def margin(value: MetricValue, floor: float | None = None, precision: str = "int
     if info is None:
         return value.value - (floor if floor is not None else value.value)
     if floor is None:
-        floor = SQNR_FLOORS_DB.get(precision, info.floor) if info.name == "sqnr" else info.floor
+        floor = info.floor_for(precision)
     margins = []
     if floor is not None:
         margins.append(value.value - floor if info.higher_is_better else floor - value.value)
@@ -190,6 +226,11 @@ class DetectionLayout:
           "levels"       per-level maps: scores [B, C, H, W] paired with box distances [B, 4, H, W]
                          (l, t, r, b in cells) or [B, 4*R, H, W] (distribution over R bins, GFL/DFL);
                          `outputs` lists (scores, boxes) index pairs flattened: s0, b0, s1, b1, ...
+                         Levels flattened to scores [B, H*W, C] + boxes [B, H*W, 4 or 4*R] (PP-PicoDet's
+                         export) name each level's (H, W) in `grids`.
+          "yolox"        one output [B, N, 5+C] of raw grid rows (YOLOX without decode_in_inference): x, y
+                         offsets in cells, log w, log h, objectness, class scores; N = the cells of the
+                         levels in `grids` (strides 8, 16, 32 of the input)
     outputs: the indices of the model's outputs used, in the order above.
     logits: scores are logits (sigmoid applied before thresholding)."""
 
@@ -197,10 +238,14 @@ class DetectionLayout:
     outputs: tuple[int, ...] = (0,)
     channels_first: bool = True
     logits: bool = False
+    grids: tuple[tuple[int, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "outputs": list(self.outputs), "channels_first": self.channels_first,
+        body = {"kind": self.kind, "outputs": list(self.outputs), "channels_first": self.channels_first,
                 "logits": self.logits}
+        if self.grids:
+            body["grids"] = [list(g) for g in self.grids]
+        return body
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -256,7 +301,9 @@ def _select(boxes: np.ndarray, scores: np.ndarray, confidence: float, iou: float
     takes its best class (ultralytics' default, multi_label=False)."""
     classes = scores.argmax(axis=1) if scores.shape[1] else np.zeros(len(scores), np.int64)
     best = scores[np.arange(len(scores)), classes] if scores.shape[1] else np.zeros(len(scores))
-    keep = np.flatnonzero(np.isfinite(best) & (best >= confidence) & np.all(np.isfinite(boxes), axis=1))
+    # boxes of no area are no detection (and could match nothing, not even themselves)
+    real = np.all(np.isfinite(boxes), axis=1) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    keep = np.flatnonzero(np.isfinite(best) & (best >= confidence) & real)
     if keep.size > MAX_BOXES_BEFORE_NMS:
         keep = keep[np.argsort(-best[keep], kind="stable")[:MAX_BOXES_BEFORE_NMS]]
     b, s, c = boxes[keep], best[keep], classes[keep]
@@ -310,47 +357,71 @@ def decode_detections(outputs: Sequence[np.ndarray], layout: DetectionLayout, *,
         if layout.logits:
             scores = _sigmoid(scores)
         return [_select(b, s, confidence, iou) for b, s in zip(boxes, scores)]
+    if kind == "yolox":
+        out = np.asarray(outputs[layout.outputs[0]], np.float64)
+        if out.ndim == 2:
+            out = out[None]
+        cells = np.concatenate([np.stack(np.meshgrid(np.arange(w), np.arange(h)), -1).reshape(-1, 2)
+                                for h, w in layout.grids]).astype(np.float64)
+        # each level's stride relative to the first: cells of level l are grids[0] / grids[l] times larger
+        scale = np.concatenate([np.full(h * w, layout.grids[0][0] / h) for h, w in layout.grids])[:, None]
+        result = []
+        for r in out:
+            xy = (r[:, :2] + cells) * scale
+            wh = np.exp(np.clip(r[:, 2:4], -30, 30)) * scale
+            scores = r[:, 5:] * r[:, 4:5]
+            result.append(_select(_xywh_to_xyxy(np.concatenate([xy, wh], axis=1)), scores, confidence, iou))
+        return result
     if kind == "levels":
         pairs = list(zip(layout.outputs[0::2], layout.outputs[1::2]))
         batch = np.asarray(outputs[pairs[0][0]]).shape[0]
         result = []
         for i in range(batch):
             all_boxes, all_scores = [], []
-            for s_idx, b_idx in pairs:
-                s = np.asarray(outputs[s_idx][i], np.float64)  # [C, H, W]
+            for level, (s_idx, b_idx) in enumerate(pairs):
+                s = np.asarray(outputs[s_idx][i], np.float64)  # [C, H, W], or [H*W, C] with grids
+                b = np.asarray(outputs[b_idx][i], np.float64)
+                if layout.grids:
+                    h, w = layout.grids[level]
+                    s = s.T.reshape(-1, h, w)
+                    b = b.T.reshape(-1, h, w)
                 all_scores.append(s.reshape(s.shape[0], -1).T)
-                all_boxes.append(_level_boxes(np.asarray(outputs[b_idx][i], np.float64)))
+                all_boxes.append(_level_boxes(b))
             scores = np.concatenate(all_scores)
             if layout.logits:
                 scores = _sigmoid(scores)
             result.append(_select(np.concatenate(all_boxes), scores, confidence, iou))
         return result
-    raise InputError(f"unknown detection layout {kind!r}", "use yolo, yolo-obj, boxes-scores or levels")
+    raise InputError(f"unknown detection layout {kind!r}", "use yolo, yolo-obj, yolox, boxes-scores or levels")
 
 
 # --------------------------------------------------------------------------- detection: agreement
 
 
-def match_detections(reference: Detections, candidate: Detections, iou: float = IOU_MATCH,
-                     same_class: bool = True) -> int:
-    """How many candidate boxes match a reference box one to one at IoU >= iou (with the same class when
-    same_class): greedy, highest IoU pair first, as COCO-style matching does."""
+def match_pairs(reference: Detections, candidate: Detections, iou: float = IOU_MATCH,
+                same_class: bool = True) -> list[tuple[int, int]]:
+    """(reference index, candidate index) of boxes matched one to one at IoU >= iou (with the same class
+    when same_class): greedy, highest IoU pair first, as COCO-style matching does."""
     if not len(reference) or not len(candidate):
-        return 0
+        return []
     overlaps = box_iou(reference.boxes, candidate.boxes)
     if same_class:
         overlaps = np.where(reference.classes[:, None] == candidate.classes[None, :], overlaps, 0.0)
     pairs = np.argwhere(overlaps >= iou)
-    if not len(pairs):
-        return 0
     pairs = pairs[np.argsort(-overlaps[pairs[:, 0], pairs[:, 1]], kind="stable")]
-    used_r, used_c, matched = set(), set(), 0
+    used_r, used_c, matched = set(), set(), []
     for r, c in pairs:
         if r not in used_r and c not in used_c:
             used_r.add(r)
             used_c.add(c)
-            matched += 1
+            matched.append((int(r), int(c)))
     return matched
+
+
+def match_detections(reference: Detections, candidate: Detections, iou: float = IOU_MATCH,
+                     same_class: bool = True) -> int:
+    """How many candidate boxes match a reference box one to one (match_pairs)."""
+    return len(match_pairs(reference, candidate, iou, same_class))
 
 
 class DetectionAgreement:
@@ -371,10 +442,10 @@ class DetectionAgreement:
             self.ref += len(r)
             self.cand += len(c)
             self.matched += match_detections(r, c, self.iou, same_class=True)
-            located = match_detections(r, c, self.iou, same_class=False)
-            self.located += located
+            located = match_pairs(r, c, self.iou, same_class=False)
+            self.located += len(located)
             # of the boxes found at the same place, how many kept their class
-            self.class_equal += min(located, match_detections(r, c, self.iou, same_class=True))
+            self.class_equal += sum(int(r.classes[i] == c.classes[j]) for i, j in located)
 
     def result(self) -> MetricValue:
         union = self.ref + self.cand - self.matched
@@ -530,6 +601,34 @@ class TopKAgreement:
                            {"k": self.k, "output": self.output}, samples=self.samples)
 
 
+class ProbabilityDifference:
+    """The largest |p - p_FP32| over every sample of a probability output (and the mean; the share of
+    samples whose decision at 0.5 flips)."""
+
+    name = "probability"
+
+    def __init__(self, output: int = 0) -> None:
+        self.output = output
+        self.worst = self.total = 0.0
+        self.count = self.flipped = 0
+
+    def add(self, reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray], feeds=None) -> None:
+        r = np.asarray(reference[self.output], np.float64).reshape(-1)
+        c = np.asarray(outputs[self.output], np.float64).reshape(-1)
+        diff = np.abs(r - c)
+        diff = np.where(np.isfinite(diff), diff, np.inf)
+        self.worst = max(self.worst, float(diff.max(initial=0.0)))
+        self.total += float(np.sum(np.where(np.isfinite(diff), diff, 1.0)))
+        self.count += r.size
+        self.flipped += int(np.count_nonzero((r > 0.5) != (c > 0.5)))
+
+    def result(self) -> MetricValue:
+        return MetricValue("probability", self.worst, {
+            "mean_abs_difference": self.total / self.count if self.count else 0.0,
+            "decisions_flipped_share": self.flipped / self.count if self.count else 0.0, "output": self.output},
+            samples=self.count, evidence=self.count > 0)
+
+
 class CosineAgreement:
     def __init__(self, output: int = 0, name: str = "cosine", retrieval: bool = False) -> None:
         self.output, self.name, self.retrieval = output, name, retrieval
@@ -549,8 +648,8 @@ class CosineAgreement:
         cos = np.where(np.isfinite(cos), cos, -1.0)
         components: dict[str, Any] = {"cosine_min": float(cos.min()), "output": self.output}
         if self.retrieval:
-            agreement = retrieval_agreement(np.concatenate(self.refs), np.concatenate(self.cands)) if self.refs else None
-            components["retrieval_agreement"] = agreement
+            components["retrieval_agreement"] = (retrieval_agreement(np.concatenate(self.refs),
+                                                                     np.concatenate(self.cands)) if self.refs else None)
         return MetricValue(self.name, float(cos.mean()), components, samples=int(cos.size))
 
 
@@ -756,6 +855,8 @@ class MetricChoice:
             return CosineAgreement(p.get("output", 0))
         if self.name == "embedding":
             return CosineAgreement(p.get("output", 0), "embedding", retrieval=True)
+        if self.name == "probability":
+            return ProbabilityDifference(p.get("output", 0))
         if self.name == "perplexity":
             return Perplexity(p.get("output", 0), p.get("ids_input", "input_ids"))
         if self.name == "sqnr":
@@ -777,10 +878,45 @@ def _unit(a: np.ndarray) -> bool:
     return a.size > 0 and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
 
 
-def _detect_layout(outputs: Sequence[np.ndarray]) -> tuple[DetectionLayout, str] | None:
+def _image_size(feeds: Mapping[str, np.ndarray] | None) -> tuple[int, int] | None:
+    """(H, W) of the first image-like input [B, 3, H, W] / [B, H, W, 3] among the feeds."""
+    for value in (feeds or {}).values():
+        a = np.asarray(value)
+        if a.ndim == 4 and np.issubdtype(a.dtype, np.floating):
+            return (a.shape[2], a.shape[3]) if a.shape[1] in (1, 3, 4) else (a.shape[1], a.shape[2])
+    return None
+
+
+def _grid(cells: int, image: tuple[int, int] | None) -> tuple[int, int] | None:
+    """(H, W) of a level of `cells` cells: the power-of-two stride that tiles the image (ceil, as a
+    strided conv pads: 800 x 608 at stride 64 is 13 x 10), else a square grid."""
+    if image is not None:
+        for k in range(1, 9):
+            h, w = -(-image[0] // 2 ** k), -(-image[1] // 2 ** k)
+            if h * w == cells:
+                return h, w
+    side = math.isqrt(cells)
+    return (side, side) if side * side == cells else None
+
+
+def _detect_layout(outputs: Sequence[np.ndarray], requested: bool = False,
+                   feeds: Mapping[str, np.ndarray] | None = None) -> tuple[DetectionLayout, str] | None:
     arrays = [np.asarray(o) for o in outputs]
     floats = [i for i, a in enumerate(arrays) if np.issubdtype(a.dtype, np.floating)]
-    # one output [B, 4+C, N] / [B, N, 4+C]: score rows in [0, 1] behind box rows that are not
+    image = _image_size(feeds)
+    # YOLOX's raw grid rows: [B, N, 5+C], N the cells of strides 8, 16, 32, log sizes (negative somewhere)
+    if image is not None:
+        grids = tuple((-(-image[0] // s), -(-image[1] // s)) for s in (8, 16, 32))
+        for i in floats:
+            a = arrays[i]
+            if (a.ndim == 3 and a.shape[1] == sum(h * w for h, w in grids) and a.shape[2] >= 6
+                    and _unit(a[..., 4:]) and float(a[..., 2:4].min()) < 0):
+                return (DetectionLayout("yolox", (i,), False, grids=grids),
+                        f"output {i} {list(a.shape)} is YOLOX's raw grid rows [B, N, 5+C]: N = the cells of strides "
+                        f"8, 16, 32 of the {image[0]}x{image[1]} input, log sizes, objectness and scores in [0, 1]")
+    # one output [B, 4+C, N] / [B, N, 4+C]: score rows in [0, 1] behind box rows that are not. Channels
+    # first is YOLOv8 and later (no objectness); channels last is YOLOv5/v7/YOLOX's [1, N, 5+C] unless
+    # 4+C = 84 (a transposed YOLOv8 COCO head), since the values cannot tell an objectness row apart
     for i in floats:
         a = arrays[i]
         if a.ndim != 3 or a.shape[1] == a.shape[2]:
@@ -791,12 +927,15 @@ def _detect_layout(outputs: Sequence[np.ndarray]) -> tuple[DetectionLayout, str]
             continue
         rows = np.moveaxis(a, 1 if first else 2, 0).reshape(k, -1)
         side = "[B, 4+C, N]" if first else "[B, N, 4+C]"
+        # box rows in pixels: a tensor entirely in [0, 1] (a CTC head's softmax [1, T, V], normalized boxes)
+        # is not taken for a detector unless --metric detection says so
         boxes_outside = float(np.abs(rows[:4]).max()) > 1.5
-        if _unit(rows[4:]) and (boxes_outside or (k >= 6 and _unit(rows[:4]))):
-            if k >= 6 and len(arrays) == 1 and _looks_like_objectness(rows):
+        if _unit(rows[4:]) and (boxes_outside or (requested and k >= 6 and _unit(rows[:4]))):
+            if k >= 6 and not first and k - 4 != 80:
                 return (DetectionLayout("yolo-obj", (i,), first),
                         f"output {i} {list(a.shape)} is {side.replace('4+C', '5+C')}: box rows 0-3 "
-                        f"({'outside' if boxes_outside else 'inside'} [0, 1]), objectness and class scores in [0, 1]")
+                        f"({'outside' if boxes_outside else 'inside'} [0, 1]), objectness and class scores in [0, 1] "
+                        "(channels last: the YOLOv5/v7/YOLOX export layout, which has an objectness row)")
             return (DetectionLayout("yolo", (i,), first),
                     f"output {i} {list(a.shape)} is {side}: box rows 0-3 (range up to "
                     f"{float(np.abs(rows[:4]).max()):.3g}), {k - 4} class-score rows in [0, 1]")
@@ -815,6 +954,26 @@ def _detect_layout(outputs: Sequence[np.ndarray]) -> tuple[DetectionLayout, str]
             if s.shape[2] == a.shape[1]:
                 return DetectionLayout("boxes-scores", (i, j), True), (
                     f"outputs {i} {list(a.shape)} (boxes) and {j} {list(s.shape)} (scores in [0, 1], [B, C, N])")
+    # levels flattened: scores [B, H*W, C] in [0, 1] beside boxes [B, H*W, 4 or 4R] (PP-PicoDet's export)
+    flat = [i for i in floats if arrays[i].ndim == 3]
+    pairs, used = [], set()
+    for i in flat:
+        s_arr = arrays[i]
+        if i in used or not _unit(s_arr):
+            continue
+        for j in flat:
+            b = arrays[j]
+            if (j != i and j not in used and b.shape[:2] == s_arr.shape[:2] and b.shape[2] % 4 == 0
+                    and b.shape[2] >= 4 and not _unit(b)):
+                pairs.append((i, j))
+                used |= {i, j}
+                break
+    grids = tuple(_grid(arrays[s_i].shape[1], image) for s_i, _ in pairs)
+    if len(pairs) >= 2 and all(grids):
+        flat_outputs = tuple(x for p in pairs for x in p)
+        return DetectionLayout("levels", flat_outputs, grids=grids), (
+            f"{len(pairs)} levels of scores [B, H*W, C] in [0, 1] beside boxes [B, H*W, 4R]: outputs "
+            + ", ".join(f"{s_i}+{b_i} {list(g)}" for (s_i, b_i), g in zip(pairs, grids)))
     # per-level maps: scores [B, C, H, W] in [0, 1] beside boxes [B, 4 or 4R, H, W] of the same H, W
     maps = [i for i in floats if arrays[i].ndim == 4]
     pairs, used = [], set()
@@ -836,22 +995,23 @@ def _detect_layout(outputs: Sequence[np.ndarray]) -> tuple[DetectionLayout, str]
     return None
 
 
-def _looks_like_objectness(rows: np.ndarray) -> bool:
-    """A v5-style row 4 (objectness): class rows are conditional probabilities, so the best class is
-    often high where objectness is low; plain YOLOv8 class rows have no such row. Decided by whether row
-    4 bounds the product: objectness is near the max over class rows in no more than a few anchors."""
-    obj, classes = rows[4], rows[5:]
-    best = classes.max(axis=0)
-    return bool(np.mean(best > obj + 0.2) > 0.2)
-
-
-def _is_ctc_like(a: np.ndarray) -> tuple[bool, str]:
-    """[B, T, V] whose per-step argmax is one index (a blank) in at least 30 % of the steps."""
+def _is_ctc_like(a: np.ndarray, name: str) -> tuple[bool, str]:
+    """[B, T, V] of per-step class scores (probabilities, log-probabilities, or an output named like
+    logits/probs) whose per-step argmax is one index (a blank) in at least half of the steps: a text line
+    of 10 characters in PP-OCR's 40 steps leaves 75 % blanks. Hidden states [B, T, D] can have one dominant
+    dimension too: their rows are neither distributions nor named so. A token classifier whose "other"
+    class fills half the steps is taken for CTC: name --metric for it."""
+    a64 = a.astype(np.float64)
+    probs = bool(np.all(a64 >= 0)) and bool(np.allclose(a64.sum(axis=-1), 1.0, atol=1e-2))
+    log_probs = bool(np.all(a64 <= 0)) and bool(np.allclose(np.log(np.exp(a64).sum(axis=-1)), 0.0, atol=1e-2))
+    named = any(word in name.lower() for word in ("logit", "prob", "ctc", "softmax"))
     best = a.argmax(axis=-1).reshape(-1)
     values, counts = np.unique(best, return_counts=True)
     top = int(values[counts.argmax()])
     share = float(counts.max() / best.size)
-    return share >= 0.3 and a.shape[1] >= 4, f"index {top} is the argmax of {share:.0%} of the steps (a CTC blank)"
+    kind = "probabilities" if probs else "log-probabilities" if log_probs else f"scores named {name!r}"
+    return ((probs or log_probs or named) and share >= 0.5 and a.shape[1] >= 4,
+            f"per-step {kind}; index {top} is the argmax of {share:.0%} of the steps (a CTC blank)")
 
 
 def choose_metric(outputs: Sequence[np.ndarray], names: Sequence[str] = (),
@@ -875,7 +1035,7 @@ def choose_metric(outputs: Sequence[np.ndarray], names: Sequence[str] = (),
             return MetricChoice("sqnr", "no floating-point output")
         raise InputError(f"metric {requested} needs a floating-point output, and the model has none",
                          "choose another --metric, or give --evaluator FILE.py:FUNCTION")
-    found = _detect_layout(arrays)
+    found = _detect_layout(arrays, requested=requested == "detection", feeds=feeds)
     if requested in (None, "detection") and found is not None:
         layout, why = found
         return MetricChoice("detection", why, {"layout": layout})
@@ -887,22 +1047,26 @@ def choose_metric(outputs: Sequence[np.ndarray], names: Sequence[str] = (),
     a = arrays[first]
     shape = f"output {label[first]} {list(a.shape)}"
     ids = feeds.get("input_ids") if feeds else None
-    if a.ndim == 3 and ids is not None and np.asarray(ids).shape == a.shape[:2] and requested in (None, "perplexity"):
-        return MetricChoice("perplexity", f"{shape} is logits [B, T, V] over the feeds' input_ids {list(ids.shape)}",
-                            {"output": first})
+    if (a.ndim == 3 and ids is not None and np.asarray(ids).shape == a.shape[:2] and requested in (None, "perplexity")
+            and np.issubdtype(np.asarray(ids).dtype, np.integer) and 0 <= int(np.asarray(ids).max()) < a.shape[2]):
+        # hidden states [B, T, D] beside input_ids are told apart by the ids: a token id above D names no logit
+        return MetricChoice("perplexity", f"{shape} is logits [B, T, V] over the feeds' input_ids {list(ids.shape)} "
+                            f"(every id < V = {a.shape[2]})", {"output": first})
     if requested not in (None, "map", "sequence", "top1", "topk", "cosine", "embedding", "sqnr"):
         return MetricChoice(requested, "--metric " + requested, {"output": first})
-    if (requested in (None, "map") and a.ndim in (3, 4) and (a.ndim == 3 or a.shape[1] == 1) and _unit(a)
-            and min(a.shape[-2:]) >= 8):
+    if a.ndim == 3 and a.shape[2] >= 2 and requested in (None, "sequence"):
+        ctc, why = _is_ctc_like(a, label[first])
+        if ctc or requested == "sequence":
+            return MetricChoice("sequence", f"{shape} is [B, T, V]: {why}" if ctc else "--metric sequence",
+                                {"output": first, "ctc": True, "blank": BLANK})
+    if requested in (None, "map") and a.ndim == 4 and a.shape[1] == 1 and _unit(a) and min(a.shape[-2:]) >= 8:
         return MetricChoice("map", f"{shape} is a one-channel map in [0, 1] (binarized at {MAP_THRESHOLD})",
                             {"output": first, "threshold": MAP_THRESHOLD})
     if requested == "map":
         return MetricChoice("map", "--metric map", {"output": first, "threshold": MAP_THRESHOLD})
-    if a.ndim == 3 and a.shape[2] >= 2 and requested in (None, "sequence"):
-        ctc, why = _is_ctc_like(a)
-        if ctc or requested == "sequence":
-            return MetricChoice("sequence", f"{shape} is [B, T, V]: {why}" if ctc else "--metric sequence",
-                                {"output": first, "ctc": True, "blank": BLANK})
+    if (requested in (None, "probability") and a.ndim <= 2 and (a.ndim < 2 or a.shape[1] == 1) and _unit(a)
+            and a.size):
+        return MetricChoice("probability", f"{shape} is one probability per sample in [0, 1]", {"output": first})
     if a.ndim == 2 and a.shape[1] >= 2:
         norms = np.linalg.norm(a.astype(np.float64), axis=1)
         normalized = bool(np.allclose(norms, 1.0, atol=1e-3)) and bool((a < 0).any())
@@ -915,6 +1079,58 @@ def choose_metric(outputs: Sequence[np.ndarray], names: Sequence[str] = (),
         return MetricChoice(requested, "--metric " + requested, {"output": first})
     return MetricChoice("sqnr", f"{', '.join(f'{label[i]} {list(arrays[i].shape)}' for i in floats)}: no task "
                                 "the outputs' shapes and ranges name; lowest SQNR per output and channel group")
+
+
+def metric_request(metric: str | None, evaluator: str | None) -> tuple[str | None, str | None]:
+    """(table metric, FILE.py:FUNCTION) named by a config's metric and evaluator fields: an evaluator that
+    is a table name is a metric (--evaluator cosine), a model:NAME evaluator is the budget's alone."""
+    if evaluator and evaluator in METRIC_TABLE and metric is None:
+        return evaluator, None
+    if evaluator and evaluator.partition(":")[0].endswith(".py"):
+        return metric, evaluator
+    return metric, None
+
+
+def assess(choice: MetricChoice, reference_runs: Sequence[Sequence[np.ndarray]],
+           runs: Sequence[Sequence[np.ndarray]], feeds: Sequence[Mapping[str, np.ndarray]] | None,
+           names: Sequence[str], *, sqnr_floor: float, metric_floor: float | None = None,
+           sqnr_too: bool = False, precision: str = "int8") -> dict[str, Any]:
+    """The verdict's view of a candidate: the chosen metric measured, its floor and the failed checks.
+    When the data cannot judge the metric (FP32 found no box, its map is empty) the lowest SQNR per output
+    and channel group is judged instead, and `judged_by` says so. A user's evaluator's default floor is
+    its FP32-against-FP32 value minus 0.01. `sqnr_too` (a floor in dB the user set): SQNR per group must
+    hold its floor as well."""
+    value = measure(choice, reference_runs, runs, feeds, names)
+    floor = metric_floor
+    if choice.evaluator and floor is None:
+        floor = measure(choice, reference_runs, reference_runs, feeds, names).value - 0.01
+    elif choice.name == "sqnr" and floor is None:
+        floor = sqnr_floor
+    elif floor is None:
+        floor = METRIC_TABLE[choice.name].floor_for(precision)
+    judged, judged_floor, note = value, floor, value.note
+    if not value.evidence and choice.name != "sqnr":
+        judged = measure(MetricChoice("sqnr", ""), reference_runs, runs, feeds, names)
+        judged_floor = sqnr_floor
+        note = f"{value.note}: the {choice.name} metric cannot judge these samples, so SQNR per group does"
+    failures = judge(judged, judged_floor)
+    if choice.evaluator:
+        failures = [] if value.value >= floor else [{"check": value.name, "measured": value.value,
+                                                     "required": f">= {floor:g}"}]
+    lowest = margin(judged, judged_floor) if not choice.evaluator else value.value - floor
+    if sqnr_too and judged.name != "sqnr":
+        sqnr = measure(MetricChoice("sqnr", ""), reference_runs, runs, feeds, names)
+        failures += [{**row, "check": "sqnr"} for row in judge(sqnr, sqnr_floor)]
+        lowest = min(lowest, margin(sqnr, sqnr_floor))
+        judged_components = dict(sqnr.components)
+    else:
+        judged_components = dict(judged.components) if judged.name == "sqnr" else None
+    named = {"metric": value.name} if choice.evaluator else {}  # a user's function names its own metric
+    return {**choice.to_dict(), **named, "value": value.value, "floor": floor,
+            "higher_is_better": METRIC_TABLE[choice.name].higher_is_better if choice.name in METRIC_TABLE else True,
+            "components": dict(value.components), "samples": value.samples, "evidence": value.evidence,
+            "judged_by": judged.name, "judged_value": judged.value, "judged_floor": judged_floor, "note": note,
+            "judged_components": judged_components, "failures": failures, "margin": lowest}
 
 
 # --------------------------------------------------------------------------- a user's evaluator
@@ -966,7 +1182,9 @@ class UserEvaluator:
         self.cands.append(outputs)
 
     def _stack(self, runs: list[Sequence[np.ndarray]]) -> dict[str, np.ndarray]:
-        names = self.names or [str(i) for i in range(len(runs[0]))] if runs else []
+        if not runs:
+            return {}
+        names = self.names or [str(i) for i in range(len(runs[0]))]
         return {n: np.concatenate([np.asarray(r[i]).reshape((-1,) + np.asarray(r[i]).shape[1:])
                                    if np.asarray(r[i]).ndim else np.asarray(r[i])[None] for r in runs])
                 for i, n in enumerate(names)}
@@ -991,8 +1209,9 @@ class UserEvaluator:
         return MetricValue(str(name), value, dict(components), samples=len(self.refs))
 
 
-__all__ = ["BLANK", "CONFIDENCE", "DetectionAgreement", "DetectionLayout", "Detections", "GroupSqnr", "IOU_MATCH",
-           "MAP_THRESHOLD", "METRIC_TABLE", "Metric", "MetricChoice", "MetricValue", "SQNR_FLOORS_DB", "box_iou",
-           "channel_axis", "channel_groups", "choose_metric", "decode_detections", "decode_sequence",
-           "detection_agreement", "group_sqnr", "judge", "load_evaluator", "map_agreement", "margin",
-           "match_detections", "measure", "metric_info", "nms", "retrieval_agreement", "sequence_agreement"]
+__all__ = ["BLANK", "CONFIDENCE", "CosineAgreement", "DetectionAgreement", "DetectionLayout", "Detections", "GroupSqnr", "HIGHER_IS_BETTER",
+           "IOU_MATCH", "LOWER_IS_BETTER", "MAP_THRESHOLD", "METRIC_TABLE", "MapAgreement", "Metric", "MetricChoice",
+           "MetricValue", "Perplexity", "ProbabilityDifference", "SQNR_FLOORS_DB", "SequenceAgreement", "TopKAgreement", "UserEvaluator", "assess", "box_iou", "channel_axis", "channel_groups", "choose_metric",
+           "decode_detections", "decode_sequence", "detection_agreement", "group_sqnr", "higher_is_better", "judge",
+           "load_evaluator", "map_agreement", "margin", "match_detections", "match_pairs", "measure", "metric_drop",
+           "metric_info", "metric_request", "nms", "retrieval_agreement", "sequence_agreement"]

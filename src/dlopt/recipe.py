@@ -51,7 +51,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli packag
     import tomli as tomllib
 
 import dlopt
-from dlopt.data import DataSpec, as_spec, read_spec_file, spec_from_keys, spec_hash
+from dlopt.data import DataSpec, as_spec, read_spec_file, reader_hash, spec_from_keys, spec_hash
 from dlopt.errors import DlOptError, InputError
 from dlopt.manifest import hash_path, sha256_file
 from dlopt.stage import Stage, StageContext, config_from_dict, config_to_dict, config_version, get_stage, stage_kinds
@@ -359,19 +359,9 @@ def artifact_hash(model_path: Path) -> str:
 
 def source_hash(spec: str) -> str:
     """A torch source's identity: its factory file's bytes (file.py:build, package.module:build), or,
-    for a reference model, its name with this dlopt's version (the factory ships with dlopt)."""
-    import hashlib
-    import importlib.util
-
-    if ".py:" in spec:
-        file = Path(spec.rpartition(":")[0])
-    elif ":" in spec:
-        found = importlib.util.find_spec(spec.partition(":")[0])
-        file = Path(found.origin) if found and found.origin else None
-    else:
-        file = None
-    body = f"{spec}\0{sha256_file(file) if file and file.is_file() else dlopt.__version__}"
-    return hashlib.sha256(body.encode()).hexdigest()
+    for a reference model, its name with this dlopt's version (the factory ships with dlopt). A Python
+    data reader is hashed the same way (dlopt.data.reader_hash)."""
+    return reader_hash(spec)
 
 
 def data_hash(spec: str | DataSpec | None) -> str | None:
@@ -427,6 +417,9 @@ def key_inputs(recipe: Recipe, stage: StageSpec, input_sha256: str, upstream: li
         inputs["data_spec"] = specs  # what the lineage records; a plain source keys as it always did
     if stage.kind == "package":
         inputs["lineage"] = upstream  # the bundle's manifest records them
+    evaluator = getattr(config, "evaluator", None)
+    if isinstance(evaluator, str) and ".py:" in evaluator:  # the user's metric decides the verdict: its file too
+        inputs["evaluator"] = source_hash(evaluator)
     return inputs
 
 

@@ -39,16 +39,26 @@ class DeclaredData:
     values: tuple[str, ...]
     image: dict[str, Any]
 
-    def spec(self, source: str | None, *, primary: bool = True):
-        """The DataSpec for one data option's value (dlopt.data.data_spec): the spec file's keys, then the
-        options given. The spec file's `source` stands in for the verb's primary data option only
-        (--calibration, or --data) when that is not given. None when there is no data."""
+    def specs(self, *sources: str | None) -> tuple:
+        """The DataSpec of each of a verb's data options (dlopt.data.data_spec), its primary one first
+        (--calibration, or --data): the spec file's keys, then the options given. The spec file's
+        `source` stands in for the primary option when that is not given. None where there is no data;
+        declared options with no data at all are an input error (they would be silently ignored)."""
         from dlopt.api import data_spec
+        from dlopt.errors import InputError
 
-        if source is None and (self.spec_file is None or not primary):
-            return None
-        spec = data_spec(source, spec_file=self.spec_file, layout=self.layout, values=self.values, image=self.image)
-        return spec if spec.source is not None else None
+        found = []
+        for index, source in enumerate(sources):
+            if source is None and (self.spec_file is None or index > 0):
+                found.append(None)
+                continue
+            spec = data_spec(source, spec_file=self.spec_file, layout=self.layout, values=self.values,
+                             image=self.image)
+            found.append(spec if spec.source is not None else None)
+        if all(spec is None for spec in found) and (self.layout or self.values or self.image or self.spec_file):
+            raise InputError("data options (--data-spec, --input-layout, --input-value, --image-*) were given, "
+                             "and no data they describe", "give the data (its source), or drop those options")
+        return tuple(found)
 
 
 _IMAGE_OPTIONS = ("image_size", "image_layout", "image_resize", "image_pad", "image_interpolation", "image_scale",
@@ -57,7 +67,7 @@ _IMAGE_OPTIONS = ("image_size", "image_layout", "image_resize", "image_pad", "im
 
 def data_options(command):
     """The data options every verb that reads data shares (dlopt.data; docs/data.md). The command gets
-    them as one argument, `declared` (a DeclaredData); `declared.spec(SOURCE)` is the DataSpec."""
+    them as one argument, `declared` (a DeclaredData); `declared.specs(SOURCE, ...)` are the DataSpecs."""
     options = [
         click.option("--data-spec", "data_spec_file", default=None, metavar="FILE",
                      help="Data spec file (TOML: source, [layout], [values], [image]; or a quantize report / "

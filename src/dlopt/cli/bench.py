@@ -104,7 +104,7 @@ def command(models, target, threads, batch, seq_len, budget, rounds, clock, rati
                          device_id=device_id, allow_fallback=allow_fallback, seed=seed, profile=profile,
                          input_shapes=input_shapes)
     with progress_bar(enabled=not no_progress) as progress:
-        measured = bench(models, config, data=declared.spec(data), json_path=json_path, baseline_path=baseline_path,
+        measured = bench(models, config, data=declared.specs(data)[0], json_path=json_path, baseline_path=baseline_path,
                          progress=progress, started=started)
     result = measured.result
     if result.target["fell_back"]:

@@ -13,7 +13,12 @@ from dlopt.cli._common import DATA_SOURCES_HELP, data_options, echo_err
               help=f"The inputs: {DATA_SOURCES_HELP}. An .npz may also hold `labels` (class indices) and the "
                    "expected output (named like the output, or `expected`).")
 @click.option("--metric", "metrics", multiple=True,
-              help="top1, cosine, sqnr or mse; repeat or comma-separate. [default: top1]")
+              help="top1, cosine, sqnr, mse, or a task metric vs --reference (docs/metrics.md): auto (chosen from "
+                   "the outputs), detection, map, sequence, topk, embedding, perplexity, probability; repeat or comma-separate. "
+                   "[default: top1]")
+@click.option("--evaluator", default=None,
+              help="Your metric vs --reference: FILE.py:FUNCTION(reference_outputs, outputs) -> float or {name: value} "
+                   "(dicts of output name -> array over all samples).")
 @click.option("--reference", type=click.Path(dir_okay=True), default=None,
               help="A reference .onnx (e.g. the FP32 source) run on the same inputs; metrics are shown beside its own.")
 @click.option("--model", "reference_model", default=None,
@@ -25,8 +30,8 @@ from dlopt.cli._common import DATA_SOURCES_HELP, data_options, echo_err
 @click.option("--allow-fallback", is_flag=True, help="Run on the CPU if the target is not available here.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the result as JSON.")
 @data_options
-def command(model, data, metrics, reference, reference_model, output, target, threads, batch_size, allow_fallback,
-            json_path, declared):
+def command(model, data, metrics, evaluator, reference, reference_model, output, target, threads, batch_size,
+            allow_fallback, json_path, declared):
     """Evaluate MODEL (.onnx) and print its metrics beside the reference's.
 
     \b
@@ -39,20 +44,27 @@ def command(model, data, metrics, reference, reference_model, output, target, th
     cosine   mean per-sample cosine similarity to the reference output
     sqnr     20*log10(|ref| / |ref - out|) in dB over the whole output
     mse      mean squared error to the reference output
+    auto, detection, map, sequence, topk, embedding, perplexity
+             task agreement with the reference model's outputs (dlopt.metrics; FP32 = 1.0)
     """
     from dlopt.api import EvalConfig, evaluate, format_eval, validate_metrics
     from dlopt.errors import InputError
 
     # the flags' own rules, in the flags' words (the library checks the same in keyword arguments)
-    data = declared.spec(data)
+    (data,) = declared.specs(data)
     if (data is None) == (reference_model is None):
         raise InputError("give either --data FILE.npz or --model NAME",
                          "--data evaluates on your arrays; --model uses a reference model's evaluator")
     names = tuple(m.strip() for part in metrics for m in part.split(",") if m.strip())
-    if reference_model and names:
-        raise InputError("--metric applies to --data", f"--model {reference_model} reports its own task metrics")
-    config = EvalConfig(metrics=validate_metrics(names or ("top1",)) if data else ("top1",), target=target,
-                        threads=threads, batch_size=batch_size, output=output, allow_fallback=allow_fallback)
+    if reference_model and (names or evaluator):
+        raise InputError(f"--{'metric' if names else 'evaluator'} applies to --data",
+                         f"--model {reference_model} reports its own task metrics")
+    if evaluator and not reference:
+        raise InputError("--evaluator compares with a reference model's outputs, and there is none",
+                         "pass --reference FP32.onnx")
+    chosen = validate_metrics(names) if names else (() if evaluator else ("top1",))
+    config = EvalConfig(metrics=chosen if data else ("top1",), target=target, threads=threads,
+                        batch_size=batch_size, output=output, allow_fallback=allow_fallback, evaluator=evaluator)
     if threads < 0:
         raise InputError(f"--threads must be 0 or more, got {threads}", "0 uses all cores")
     if reference_model:

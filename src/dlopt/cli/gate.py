@@ -60,17 +60,20 @@ def parse_accuracy_drops(values: tuple[str, ...]) -> tuple[float | None, tuple[t
 @click.option("--max-slowdown", default="5%", show_default=True,
               help="Latency regression allowed: the candidate / baseline ratio may exceed 1 by this much.")
 @click.option("--max-accuracy-drop", "accuracy_drops", multiple=True,
-              help="Largest drop allowed in each evaluator metric, in the metric's units (0.01 = one point of "
-                   "accuracy; for mse or perplexity, a rise), or METRIC=X for one metric (repeatable; metrics "
-                   "without a limit are not gated). Needs --eval or --eval-data.")
+              help="Largest drop allowed in each evaluator metric, in the metric's own unit, as in quantize and "
+                   "optimize (docs/metrics.md: agreement metrics are fractions of the baseline's answers, so 0.01 "
+                   "= one sample or box in a hundred; accuracy 0.01 = one point; for mse or perplexity, a rise), "
+                   "or METRIC=X for one metric (repeatable; metrics without a limit are not gated). Needs --eval "
+                   "or --eval-data.")
 @click.option("--max-size-growth", default=None, help="Largest growth of the model's bytes on disk, e.g. 10%.")
 @click.option("--eval", "eval_model", default=None,
               help="Accuracy with a reference model's real evaluator and data (e.g. minilm).")
 @click.option("--eval-data", default=None,
               help="Accuracy on this data (as --data takes it; an .npz may hold `labels`); the candidate is compared "
                    "with the baseline.")
-@click.option("--metric", "metrics", multiple=True, help="With --eval-data: top1, cosine or mse (repeat or "
-              "comma-separate). [default: top1]")
+@click.option("--metric", "metrics", multiple=True, help="With --eval-data: top1, cosine, mse, or a task metric "
+              "against the baseline's outputs: auto, detection, map, sequence, topk, embedding, perplexity, probability (repeat "
+              "or comma-separate). [default: top1]")
 @click.option("--eval-output", default=None, help="Which output the accuracy metrics read (default: the first).")
 @click.option("--target", default="cpu", show_default=True, help="Execution target: cpu or cuda.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads. [default: 1, or the stored baseline's]")
@@ -138,7 +141,7 @@ def command(ctx, baseline, candidate, max_slowdown, accuracy_drops, max_size_gro
     from dlopt.errors import InputError
 
     names = tuple(m.strip() for part in metrics for m in part.split(",") if m.strip())
-    data, eval_data = declared.spec(data), declared.spec(eval_data, primary=False)
+    data, eval_data = declared.specs(data, eval_data)
     if names and eval_data is None:
         raise InputError("--metric applies to --eval-data", "pass --eval-data DATA.npz, or drop --metric")
     max_accuracy_drop, metric_drops = parse_accuracy_drops(accuracy_drops)

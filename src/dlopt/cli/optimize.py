@@ -11,8 +11,9 @@ from dlopt.cli._common import DATA_SOURCES_HELP, cache_dir_option, data_options,
 @click.argument("model")
 @click.option("--target", default="cpu", show_default=True, help="Where the model will run (cpu).")
 @click.option("--max-accuracy-drop", type=float, required=True,
-              help="Accuracy budget: points of the evaluator's metric (percentage points for accuracy-like "
-                   "metrics: 0.5 = half a point), against the FP32 source.")
+              help="Accuracy budget: the largest drop of the evaluator's metric against the FP32 source, in the "
+                   "metric's own unit as in quantize and gate (docs/metrics.md: agreement metrics are fractions, so "
+                   "0.01 = one sample or box in a hundred; accuracy 0.005 = half a point).")
 @click.option("--time-budget", default="20m", show_default=True,
               help="Deadline for the whole search (e.g. 20m, 90s); what does not fit is reported as skipped.")
 @click.option("--max-latency", type=float, default=None, metavar="MS",
@@ -23,8 +24,9 @@ from dlopt.cli._common import DATA_SOURCES_HELP, cache_dir_option, data_options,
               help=".onnx models: held-out data candidates are scored on (as --calibration takes it, read with the "
                    "same data options).")
 @click.option("--evaluator", default=None,
-              help="cosine | top1 | sqnr (vs the FP32 outputs) or model:NAME[:metric] [default: a reference "
-                   "model's own metric, else cosine].")
+              help="A metric of docs/metrics.md vs the FP32 outputs (auto, detection, map, sequence, top1, topk, "
+                   "cosine, embedding, perplexity, probability, sqnr), FILE.py:FUNCTION (your metric) or model:NAME[:metric] "
+                   "[default: a reference model's own metric, else auto: the task metric chosen from the outputs].")
 @click.option("--executor", "executor_kind", default="local", show_default=True, type=click.Choice(["local", "ray"]),
               help="Where transforms and scoring run.")
 @click.option("--address", default=None, help="Ray cluster address (with --executor ray).")
@@ -53,10 +55,11 @@ def command(model, target, max_accuracy_drop, time_budget, max_latency, calibrat
     """
     from dlopt.api import OptimizeConfig, json_text, optimize_model, optimize_text, parse_duration
 
+    calibration, eval_data = declared.specs(calibration, eval_data)
+
     config = OptimizeConfig(target=target, max_accuracy_drop=max_accuracy_drop, time_budget_s=parse_duration(time_budget),
                             max_latency_ms=max_latency, evaluator=evaluator,
-                            calibration=declared.spec(calibration),
-                            eval_data=declared.spec(eval_data, primary=False), overwrite=overwrite,
+                            calibration=calibration, eval_data=eval_data, overwrite=overwrite,
                             search_pruning=search_pruning)
     outcome = optimize_model(model, output, config, executor=executor_kind, address=address, workers=workers,
                              cache_dir=cache_dir, report_path=report_path, log=echo_err)

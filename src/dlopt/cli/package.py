@@ -62,13 +62,15 @@ def command(model, output, target, intended_ep, fix_shapes, type_reduction, no_c
     """
     from dlopt.api import PackageConfig, package_model, package_text
 
+    data, calibration = declared.specs(data, calibration)
+
     config = PackageConfig(target=target, intended_ep=intended_ep, fix_shapes=tuple(fix_shapes),
                            type_reduction=type_reduction, coverage=not no_coverage, samples=samples, seq_len=seq_len,
                            atol=atol, rtol=rtol, measure_s=measure_s, threads=threads, torch_source=torch_source,
                            pte_precisions=tuple(p.strip() for p in pte.split(",") if p.strip()),
                            pte_int8_min_sqnr_db=pte_int8_min_sqnr, pte_weight_rounding=pte_weight_rounding,
                            pte_bias_correction=not pte_no_bias_correction,
-                           calibration=declared.spec(calibration, primary=False), name=name,
+                           calibration=calibration, name=name,
                            overwrite=overwrite, input_shapes=input_shapes)
-    result = package_model(model, output, config, data=declared.spec(data), sign_key=sign_key, log=echo_err)
+    result = package_model(model, output, config, data=data, sign_key=sign_key, log=echo_err)
     click.echo(package_text(result))

@@ -27,8 +27,9 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--holdout", type=float, default=0.2, show_default=True,
               help="Share of the --calibration samples held out for the fidelity check (without --eval-data).")
 @click.option("--min-sqnr", "min_sqnr_db", type=float, default=None, metavar="DB",
-              help="Fidelity floor: the lowest SQNR of every float output on the held-out samples (default: "
-                   "int8 15, int4 10, fp16 30 dB). Below it int8 keeps the noisiest nodes in float until it "
+              help="SQNR floor of every float output and channel group on the held-out samples, checked beside the "
+                   "task metric when given (the verdict when the metric is sqnr; default: int8 15, int4 10, fp16 30 "
+                   "dB). Below it int8 keeps the noisiest nodes in float until it "
                    "holds; a result still below it is kept as OUT.failed.onnx and dlopt exits 1.")
 @click.option("--no-recover", is_flag=True, help="Below the floor, fail at once instead of keeping nodes in float.")
 @click.option("--method", default=None, help="Static calibration: minmax | entropy | percentile (default: recipe's).")
@@ -41,11 +42,19 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--target", default="cpu", show_default=True, help="cpu | cuda | arm64 | mobile.")
 @click.option("--no-preprocess", is_flag=True, help="Skip fusions, constant folding and shape inference.")
 @click.option("--max-accuracy-drop", type=float, default=None,
-              help="Keep the most sensitive nodes in float until the evaluator drops by at most this much "
-                   "(in the metric's units); exit 1 if no candidate meets it (the best is still written).")
+              help="Keep the most sensitive nodes in float until the task metric drops by at most this much "
+                   "(in the metric's unit: agreement metrics are fractions of FP32's answers, FP32 = 1.0); exit 1 "
+                   "if no candidate meets it (the best is still written).")
+@click.option("--metric", default=None,
+              help="The task metric the verdict, recovery and budget are on (docs/metrics.md): detection | map | "
+                   "sequence | top1 | topk | cosine | embedding | perplexity | probability | sqnr. Default: chosen from the "
+                   "model's outputs (the report says which and why).")
+@click.option("--metric-floor", type=float, default=None,
+              help="The metric's floor (default: the metric table's, e.g. detection Jaccard 0.9, map 0.99).")
 @click.option("--evaluator", default=None,
-              help="For the budget: cosine | top1 | sqnr (vs FP32 on the calibration data) or "
-                   "model:NAME[:metric] (a reference model's real metric). Default cosine.")
+              help="Your metric: FILE.py:FUNCTION, called as FUNCTION(reference_outputs, outputs) (dicts of output "
+                   "name -> array) returning a float (higher is better) or {name: value}; or model:NAME[:metric] "
+                   "(a reference model's real metric, for the budget).")
 @click.option("--smoothquant", "smoothing", type=float, default=None, metavar="ALPHA",
               help="int8 transformers: SmoothQuant with this alpha (e.g. 0.75) from the calibration data. "
                    "Off by default: on MiniLM it did not beat plain dynamic INT8 on the real metrics.")
@@ -63,8 +72,8 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
 @data_options
 def command(model, output, precision, mode, calibration, calibration_samples, eval_data, holdout, min_sqnr_db,
             no_recover, method, percentile, per_channel,
-            block_size, exclude_nodes, exclude_ops, target, no_preprocess, max_accuracy_drop, evaluator, smoothing,
-            weight_rounding, bias_correction, layernorm_form, node_forms, input_shapes, declared):
+            block_size, exclude_nodes, exclude_ops, target, no_preprocess, max_accuracy_drop, metric, metric_floor,
+            evaluator, smoothing, weight_rounding, bias_correction, layernorm_form, node_forms, input_shapes, declared):
     """Quantize MODEL.onnx and write OUT.onnx plus OUT.quantize.json beside it (schema: dlopt/schemas/quantize.schema.json).
 
     Prints the recipe and why it was chosen, the size before and after, the quantized nodes by op
@@ -79,12 +88,13 @@ def command(model, output, precision, mode, calibration, calibration_samples, ev
                             block_size=block_size, exclude_nodes=_names(exclude_nodes),
                             exclude_ops=_names(exclude_ops), target=target, preprocess=not no_preprocess,
                             calibration_samples=calibration_samples, percentile=percentile,
-                            max_accuracy_drop=max_accuracy_drop, evaluator=evaluator, smoothing=smoothing,
+                            max_accuracy_drop=max_accuracy_drop, evaluator=evaluator, metric=metric,
+                            metric_floor=metric_floor, smoothing=smoothing,
                             weight_rounding=weight_rounding, bias_correction=bias_correction,
                             layernorm_form=layernorm_form, node_forms=node_forms, input_shapes=input_shapes,
                             min_sqnr_db=min_sqnr_db, holdout=holdout, recover=not no_recover)
-    outcome = quantize_model(model, output, config, declared.spec(calibration),
-                             eval_data=declared.spec(eval_data, primary=False), progress=True, log=echo_err)
+    calibration, eval_data = declared.specs(calibration, eval_data)
+    outcome = quantize_model(model, output, config, calibration, eval_data=eval_data, progress=True, log=echo_err)
     click.echo(quantize_summary(outcome.report))
     click.echo(f"{'wrote' if outcome.passed else 'kept the best effort (FAILED) as'} {outcome.model_path} "
                f"({outcome.report['bytes_written'] / 1e6:.2f} MB)")

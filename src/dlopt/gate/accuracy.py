@@ -13,11 +13,9 @@ from typing import Any
 from dlopt.errors import InputError
 from dlopt.gate.config import GateConfig
 from dlopt.gate.result import Check
+from dlopt.metrics import LOWER_IS_BETTER, metric_drop  # the one meaning of a drop, for quantize and optimize too
 
 
-# Metrics where smaller is better; every other metric (accuracy, agreement, cosine, correlation, SQNR)
-# is taken as higher-is-better, and its "drop" is baseline - candidate.
-LOWER_IS_BETTER = ("mse", "perplexity", "loss", "error")
 # What a metric computed against the baseline's own output would be for the baseline itself.
 _PERFECT_VS_BASELINE = {"top1_agreement": 1.0, "cosine": 1.0, "mse": 0.0}
 
@@ -64,12 +62,6 @@ def validate_eval_spec(spec: EvalSpec) -> None:
 
 def accuracy_gated(config: GateConfig) -> bool:
     return config.max_accuracy_drop is not None or bool(config.metric_drops)
-
-
-def metric_drop(metric: str, baseline: float, candidate: float) -> float:
-    """How much worse the candidate is, in the metric's units (positive = worse)."""
-    lower_better = any(word in metric.lower() for word in LOWER_IS_BETTER)
-    return candidate - baseline if lower_better else baseline - candidate
 
 
 def accuracy_checks(baseline: Path, candidate: Path, spec: EvalSpec, config: GateConfig) -> list[Check]:

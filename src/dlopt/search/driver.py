@@ -32,8 +32,8 @@ from typing import Any
 from dlopt.errors import InputError, VerificationError
 from dlopt.search.candidates import (Candidate, Skipped, StageDesc, base_candidates, prune_candidates,
                                      with_exclusions)
-from dlopt.search.evaluation import (Evaluated, SearchContext, apply_stages, cached_evaluation, drop_points,
-                                     evaluate_candidate, measure_latency, measure_throughput, points_scale)
+from dlopt.search.evaluation import (Evaluated, SearchContext, accuracy_drop, apply_stages, cached_evaluation,
+                                     drop_unit, evaluate_candidate, measure_latency, measure_throughput)
 from dlopt.search.pareto import Point, choose, dominated_by, pareto_front
 
 SCHEMA = "dlopt.optimize"
@@ -50,10 +50,10 @@ Log = Callable[[str], None]
 @dataclass(frozen=True, kw_only=True)
 class OptimizeConfig:
     target: str = "cpu"
-    max_accuracy_drop: float = 0.5  # points of the evaluator's metric (percentage points for a fraction)
+    max_accuracy_drop: float = 0.005  # in the evaluator's metric's own unit (dlopt.metrics: fractions for agreement)
     time_budget_s: float = 1200.0
     max_latency_ms: float | None = None  # the latency limit of a served request (batch call), wall clock
-    evaluator: str | None = None  # None: the reference model's own metric, else cosine vs FP32
+    evaluator: str | None = None  # None: the reference model's own metric, else the task metric vs FP32 (auto)
     # .onnx sources: as dlopt quantize takes it (a source text or a dlopt.data.DataSpec); reference models: their own
     calibration: Any = None
     eval_data: Any = None
@@ -81,7 +81,7 @@ def validate_config(config: OptimizeConfig) -> None:
         raise InputError(f"dlopt optimize does not search --target {config.target} yet",
                          f"use --target {' or '.join(OPTIMIZE_TARGETS)}; for other targets run a recipe (dlopt run)")
     if config.max_accuracy_drop < 0:
-        raise InputError(f"--max-accuracy-drop {config.max_accuracy_drop} is negative", "give a drop >= 0, e.g. 0.5")
+        raise InputError(f"--max-accuracy-drop {config.max_accuracy_drop} is negative", "give a drop >= 0, e.g. 0.01")
     if config.time_budget_s <= 0:
         raise InputError(f"--time-budget {config.time_budget_s:g} s is not positive", "e.g. --time-budget 20m")
     if config.max_latency_ms is not None and config.max_latency_ms <= 0:
@@ -123,7 +123,7 @@ def _context(model: str, config: OptimizeConfig, cache_root: Path) -> tuple[Sear
         if config.calibration is None and config.eval_data is None:
             raise InputError(f"{model}: no data to calibrate and score candidates on",
                              "give --calibration D (an .npz, a folder, model:NAME) and/or --eval-data D")
-        evaluator = config.evaluator or "cosine"
+        evaluator = config.evaluator or "auto"
         name = config.name or path.stem
         ctx = SearchContext(source=str(path), torch_source=False, source_id=artifact_hash(path), target=config.target,
                             calibration=config.calibration, eval_data=config.eval_data, evaluator=evaluator,
@@ -148,7 +148,7 @@ def _context(model: str, config: OptimizeConfig, cache_root: Path) -> tuple[Sear
         raise InputError(f"{model}: no data to calibrate and score candidates on", "give --calibration D")
     ctx = SearchContext(source=model, torch_source=True, source_id=source_hash(model), target=config.target,
                         calibration=config.calibration, eval_data=config.eval_data,
-                        evaluator=config.evaluator or "cosine", cache_root=str(cache_root),
+                        evaluator=config.evaluator or "auto", cache_root=str(cache_root),
                         name=config.name or model.rpartition(":")[0].rsplit("/", 1)[-1].removesuffix(".py"))
     return ctx, f"calibration {config.calibration}"
 
@@ -248,7 +248,7 @@ def timing_plan(rows: dict[str, dict[str, Any]], max_drop: float) -> list[str]:
             continue
         if row["drop_points"] > max_drop:
             row["status"], row["reason"] = "over-budget", (
-                f"accuracy drop {row['drop_points']:.3g} > {max_drop:g} points: cannot be chosen, so not timed")
+                f"accuracy drop {row['drop_points']:.3g} > {max_drop:g}: cannot be chosen, so not timed")
         else:
             eligible.append(name)
     timed = []
@@ -306,9 +306,8 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     clock = _Clock(config.time_budget_s, log)
     ctx, data_text = _context(model, config, Path(cache.root))
     max_drop = config.max_accuracy_drop
-    scale = points_scale(ctx.evaluator)
-    clock.log(f"optimizing {model} for {ctx.target} (drop budget {max_drop:g} "
-              f"{'points' if scale == 100 else 'units'} of {ctx.evaluator}; data: {data_text}; {cpu_label()})")
+    clock.log(f"optimizing {model} for {ctx.target} (drop budget {max_drop:g} in {drop_unit(ctx.evaluator)} of "
+              f"{ctx.evaluator}; data: {data_text}; {cpu_label()})")
 
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -334,12 +333,12 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     all_candidates = {c.name: c for c in [fp32, *candidates]}
 
     def drop_of(r: Evaluated) -> float | None:
-        return drop_points(ctx.evaluator, base.score, r.score) if r.ok and r.score is not None else None
+        return accuracy_drop(ctx.evaluator, base.score, r.score) if r.ok and r.score is not None else None
 
     over = sorted((c for c in candidates if c.precision == "int8" and c.name in evaluated and evaluated[c.name].ok
                    and drop_of(evaluated[c.name]) > max_drop), key=lambda c: drop_of(evaluated[c.name]))
     if over:
-        retries = [with_exclusions(c, max_drop_metric=max_drop / scale, evaluator=ctx.evaluator)
+        retries = [with_exclusions(c, max_drop_metric=max_drop, evaluator=ctx.evaluator)
                    for c in over[:EXCLUSION_TRIES]]
         more, more_skipped = _evaluate_all(executor, ctx, retries, clock, deadline, planned)
         evaluated.update(more)
@@ -395,7 +394,7 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
             by = dominated_by(p, points)
             row["status"], row["reason"] = "dominated", (
                 f"dominated by {by.name}: latency {by.latency:.3f} vs {p.latency:.3f} x FP32, drop {by.drop:.3g} vs "
-                f"{p.drop:.3g} points, {by.size / 1e6:.2f} vs {p.size / 1e6:.2f} MB")
+                f"drop {p.drop:.3g}, {by.size / 1e6:.2f} vs {p.size / 1e6:.2f} MB")
         if config.max_latency_ms is not None and row["median_ms"] > config.max_latency_ms:
             row["reason"] += f"; its batch-1 latency {row['median_ms']:.3g} ms exceeds --max-latency {config.max_latency_ms:g}"
     if picked is not None:
@@ -436,7 +435,8 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
         with staged_outputs() as outputs:
             outputs.stage(report_out).write_text(render_report(result))
     if picked is None:
-        raise VerificationError(f"no candidate of {model} is within the budget (drop <= {max_drop:g} points"
+        raise VerificationError(f"no candidate of {model} is within the budget (drop <= {max_drop:g} in "
+                                f"{drop_unit(ctx.evaluator)}"
                                 + (f", batch-1 latency <= {config.max_latency_ms:g} ms" if config.max_latency_ms else "")
                                 + ")", "raise --max-accuracy-drop or --max-latency; see the report's reasons")
     if not verified:
@@ -457,7 +457,7 @@ def _result(model, ctx, config, base, rows, skipped, front, picked, latency, ser
     return {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "model": model, "name": ctx.name,
         "target": ctx.target, "evaluator": ctx.evaluator,
-        "drop_unit": "percentage points" if points_scale(ctx.evaluator) == 100 else "metric units",
+        "drop_unit": drop_unit(ctx.evaluator),
         "max_accuracy_drop": config.max_accuracy_drop, "max_latency_ms": config.max_latency_ms,
         "baseline_score": base.score, "cpu": cpu_label(),
         "time_budget_s": config.time_budget_s, "seconds": round(clock.elapsed(), 2),

@@ -29,9 +29,6 @@ from dlopt.stagecache import StageCache, cache_key
 
 EVAL_FORMAT = 1
 RESULT_FILE = "result.json"
-# Metrics that are fractions in [0, 1]: a drop in "points" is 100x the drop of the metric (accuracy
-# 0.735 -> 0.730 is 0.5 points). Other metrics (dB, perplexity) are given in their own units.
-_FRACTION_WORDS = ("accuracy", "agreement", "top1", "cosine", "pearson", "spearman", "sqnr")
 
 
 @dataclass(frozen=True)
@@ -44,7 +41,7 @@ class SearchContext:
     target: str
     calibration: Any  # a source of dlopt.data (text) or a DataSpec (layout, values, image pre-processing)
     eval_data: Any
-    evaluator: str  # model:NAME:metric, or cosine | top1 | sqnr (against the FP32 source's outputs)
+    evaluator: str  # model:NAME:metric, FILE.py:FUNCTION, auto (the task metric) or a METRIC_TABLE name
     cache_root: str
     name: str  # the model's name in bundles and reports
     fp32_onnx: str | None = None  # the FP32 model (the export of a torch source): what fidelity compares with
@@ -76,23 +73,31 @@ class Evaluated:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
 
-# --------------------------------------------------------------------------- metrics and points
+# --------------------------------------------------------------------------- drops and their unit
 
 
-def points_scale(evaluator: str) -> float:
-    """100 for a metric that is a fraction (points = percentage points), else 1 (its own units)."""
-    metric = evaluator.split(":")[-1].lower()
-    return 100.0 if any(word in metric for word in _FRACTION_WORDS) and not metric.endswith("_db") else 1.0
+def drop_unit(evaluator: str) -> str:
+    """The unit of --max-accuracy-drop for `evaluator`: its metric's own (dlopt.metrics.METRIC_TABLE;
+    agreement metrics are fractions of FP32's answers), as in quantize and gate."""
+    from dlopt.metrics import METRIC_TABLE
+
+    metric = evaluator.split(":")[-1]
+    if metric == "sqnr":
+        return "noise/signal power (0.01 = 20 dB)"
+    if metric in METRIC_TABLE:
+        return METRIC_TABLE[metric].unit
+    if metric == "auto":
+        return "the task metric's unit"
+    return f"{metric} units (accuracy 0.005 = half a point)"
 
 
-def drop_points(evaluator: str, baseline: float, score: float) -> float:
-    """How much worse `score` is than the FP32 `baseline`, in points (see points_scale)."""
-    from dlopt.evaluate import higher_is_better
+def accuracy_drop(evaluator: str, baseline: float, score: float) -> float:
+    """How much worse `score` is than the FP32 `baseline`, in the metric's own unit (dlopt.metrics.metric_drop)."""
+    from dlopt.metrics import metric_drop
 
-    lower_better = higher_is_better(evaluator.split(":")[-1]) is False
-    # rounded: an accuracy over 1000 items moves in steps of 0.1 point, and 0.735 - 0.730 is 0.50000000000004
-    # in floating point, which must not fail a budget of 0.5
-    return round((score - baseline if lower_better else baseline - score) * points_scale(evaluator), 9)
+    # rounded: an accuracy over 1000 items moves in steps of 0.001, and 0.735 - 0.730 is 0.0050000000000000044
+    # in floating point, which must not fail a budget of 0.005
+    return round(metric_drop(evaluator, baseline, score), 9)
 
 
 # --------------------------------------------------------------------------- applying stages
@@ -185,13 +190,16 @@ def graph_signature(path: Path) -> str:
 def eval_key_inputs(ctx: SearchContext, candidate: Candidate) -> dict[str, Any]:
     """Everything that decides a candidate's evaluation, without running it: the source, the full
     recipe, the data, the evaluator and the host facts (dlopt.recipe.host_facts)."""
-    from dlopt.recipe import data_hash, host_facts
+    from dlopt.recipe import data_hash, host_facts, source_hash
 
     recipe = ([{"kind": "export"}] if ctx.torch_source else []) + candidate.recipe()
-    return {"kind": "optimize-eval", "eval_format": EVAL_FORMAT, "source": ctx.source_id, "recipe": recipe,
-            "target": ctx.target, "evaluator": ctx.evaluator,
-            "data": {"calibration": data_hash(ctx.calibration), "eval_data": data_hash(ctx.eval_data)},
-            "host": host_facts("quantize", SimpleNamespace(target=ctx.target))}
+    inputs = {"kind": "optimize-eval", "eval_format": EVAL_FORMAT, "source": ctx.source_id, "recipe": recipe,
+              "target": ctx.target, "evaluator": ctx.evaluator,
+              "data": {"calibration": data_hash(ctx.calibration), "eval_data": data_hash(ctx.eval_data)},
+              "host": host_facts("quantize", SimpleNamespace(target=ctx.target))}
+    if ".py:" in ctx.evaluator:  # the user's metric file: its bytes decide the score
+        inputs["evaluator_sha256"] = source_hash(ctx.evaluator)
+    return inputs
 
 
 def cached_evaluation(ctx: SearchContext, candidate: Candidate) -> Evaluated | None:
@@ -418,5 +426,5 @@ def measure_throughput(ctx: SearchContext, path: str, sha256: str, batches: Sequ
     return body
 
 
-__all__ = ["Evaluated", "SearchContext", "apply_stages", "build_recipe", "drop_points", "evaluate_candidate",
-           "measure_latency", "measure_throughput", "points_scale", "score_model"]
+__all__ = ["Evaluated", "SearchContext", "accuracy_drop", "apply_stages", "build_recipe", "drop_unit",
+           "evaluate_candidate", "measure_latency", "measure_throughput", "score_model"]

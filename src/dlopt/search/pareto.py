@@ -1,7 +1,7 @@
 """The Pareto front of latency x accuracy drop x size, and the choice of one point within a budget.
 
 All three objectives are minimized: latency (the interleaved ratio to the FP32 source, or ms), the
-accuracy drop in points, and the size in bytes. A point dominates another when it is no worse in every
+accuracy drop in the metric's own unit, and the size in bytes. A point dominates another when it is no worse in every
 objective and better in at least one; identical points do not dominate each other, so both stay on
 the front (the choice then breaks the tie).
 """

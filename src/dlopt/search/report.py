@@ -35,7 +35,7 @@ def _scale(lo: float, hi: float, a: float, b: float):
 
 
 def plot_svg(candidates: Sequence[Mapping[str, Any]], chosen: str | None) -> str:
-    """x: latency / FP32 (one thread, batch 1); y: accuracy drop in points; area ~ size."""
+    """x: latency / FP32 (one thread, batch 1); y: accuracy drop in the metric's unit; area ~ size."""
     timed = [c for c in candidates if c.get("latency_ratio") is not None and c.get("drop_points") is not None]
     left, right, top, bottom = MARGIN["left"], PLOT_W - MARGIN["right"], MARGIN["top"], PLOT_H - MARGIN["bottom"]
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{PLOT_W}" height="{PLOT_H}" '
@@ -58,7 +58,7 @@ def plot_svg(candidates: Sequence[Mapping[str, Any]], chosen: str | None) -> str
     parts.append(f'<text x="{(left + right) / 2}" y="{PLOT_H - 10}" font-size="12" text-anchor="middle">'
                  'latency / FP32 (one thread, batch 1, thread CPU time) - lower is faster</text>'
                  f'<text x="16" y="{(top + bottom) / 2}" font-size="12" text-anchor="middle" '
-                 f'transform="rotate(-90 16 {(top + bottom) / 2})">accuracy drop (points)</text>')
+                 f'transform="rotate(-90 16 {(top + bottom) / 2})">accuracy drop</text>')
     # No line joins the front's markers: the front is three-dimensional (size too), so neighbours in
     # this projection need not be neighbours on the front.
     for c in sorted(timed, key=lambda c: bool(c.get("on_front"))):  # front markers drawn on top
@@ -67,7 +67,7 @@ def plot_svg(candidates: Sequence[Mapping[str, Any]], chosen: str | None) -> str
         x, y = sx(c["latency_ratio"]), sy(c["drop_points"])
         ring = f' stroke="{CHOSEN_COLOR}" stroke-width="4"' if c["name"] == chosen else ' stroke="#ffffff"'
         parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{radius:.1f}" fill="{color}"{ring}>'
-                     f'<title>{_esc(c["name"])}: {c["latency_ratio"]:.3f} x FP32, drop {c["drop_points"]:.3g} points, '
+                     f'<title>{_esc(c["name"])}: {c["latency_ratio"]:.3f} x FP32, drop {c["drop_points"]:.3g}, '
                      f'{(c.get("bytes") or 0) / 1e6:.2f} MB</title></circle>'
                      + (f'<text x="{x - radius - 3:.1f}" y="{y - 3:.1f}" font-size="11" text-anchor="end">'
                         if x > left + 0.75 * (right - left) else f'<text x="{x + radius + 3:.1f}" y="{y - 3:.1f}" font-size="11">')
@@ -77,7 +77,7 @@ def plot_svg(candidates: Sequence[Mapping[str, Any]], chosen: str | None) -> str
 
 
 def _table(candidates: Sequence[Mapping[str, Any]]) -> str:
-    head = ["candidate", "status", "drop (points)", "score", "latency / FP32 [95 % CI]", "median ms", "MB", "cached"]
+    head = ["candidate", "status", "drop", "score", "latency / FP32 [95 % CI]", "median ms", "MB", "cached"]
     rows = []
     for c in candidates:
         ci = c.get("latency_ci")
