@@ -392,7 +392,8 @@ def test_new_corpus_model_int8_exits_0_at_its_task_floor_or_exits_1(tmp_path, na
     out = tmp_path / "q.onnx"
     result = CliRunner().invoke(main, ["quantize", str(model.model_path()), "-o", str(out), "--precision", "int8",
                                        "--calibration", str(tmp_path / "calibration"),
-                                       "--eval-data", str(tmp_path / "heldout"), "--no-recover"])
+                                       "--eval-data", str(tmp_path / "heldout"), "--no-recover",
+                                       "--node-forms", "int8"])  # no kernel timing: quick, the same on every CPU
     assert result.exit_code in (0, 1), result.output
     assert "Traceback" not in result.output
     if result.exit_code == 0:
@@ -412,7 +413,8 @@ def test_vad_int8_through_a_python_reader_that_carries_its_state(tmp_path, name)
     result = CliRunner().invoke(main, ["quantize", str(model.model_path()), "-o", str(out), "--precision", "int8",
                                        "--calibration", "dlopt.models.corpus:silero_vad_calibration",
                                        "--calibration-samples", "94",  # one clip: the test stays quick
-                                       "--eval-data", "dlopt.models.corpus:silero_vad_heldout", "--no-recover"])
+                                       "--eval-data", "dlopt.models.corpus:silero_vad_heldout", "--no-recover",
+                                       "--node-forms", "int8"])
     assert result.exit_code in (0, 1), result.output
     assert "Traceback" not in result.output and "internal error" not in result.output, result.output
     if result.exit_code == 0:
