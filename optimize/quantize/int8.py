@@ -82,6 +82,12 @@ def quantize_int8(model, config: Int8Scheme, recipe: Recipe, data: CalibrationDa
                                  **common)
             else:
                 if ranges is None:
+                    from dlopt.optimize.quantize.recipe import compute_only_in_subgraphs
+
+                    if compute_only_in_subgraphs(model):  # ORT's calibrator would find no tensor and crash
+                        raise InputError("static INT8 reaches none of this model's layers: they all lie inside "
+                                         "If/Loop/Scan branches, which static QDQ does not quantize",
+                                         "use {mode=dynamic}: dynamic INT8 quantizes the layers inside branches")
                     if data is None:
                         raise InputError("static quantization needs calibration data",
                                          "pass {calibration=DATA} (an .npz, a folder, or model:NAME) or use "

@@ -71,6 +71,19 @@ def _model_kind(model) -> tuple[bool, set[str], str]:
     return transformer, convs, "transformer" if transformer else ("CNN" if convs else "MLP/other")
 
 
+# layers whose weights make a model's size and cost: where they sit decides what static QDQ can reach
+COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "GRU", "RNN", "Attention"})
+
+
+def compute_only_in_subgraphs(model) -> bool:
+    """The model's weighted layers all lie inside If/Loop/Scan branches (e.g. Silero VAD's 8/16 kHz If):
+    static QDQ calibrates and quantizes the main graph only, ORT's dynamic quantizer also the branches."""
+    from dlopt.optimize.normalize import subgraph_nodes
+
+    return (not any(n.op_type in COMPUTE_OPS for n in model.graph.node)
+            and bool(subgraph_nodes(model, COMPUTE_OPS)))
+
+
 def choose_mode(model, config: QuantizeConfig, *, has_data: bool = True) -> tuple[str, str]:
     """The INT8 scheme (dynamic, static, weight-only) for a `quantize` request on this model and target,
     with the reason: the request's mode unless it is auto."""
@@ -95,6 +108,9 @@ def choose_mode(model, config: QuantizeConfig, *, has_data: bool = True) -> tupl
     if transformer:
         return "dynamic", ("dynamic: transformer activations vary per token and per input; per-call ranges beat "
                            "calibrated ones (ORT static QDQ loses ~0.2 cosine on MiniLM)")
+    if compute_only_in_subgraphs(model):
+        return "dynamic", ("dynamic: the model's Conv/MatMul/Gemm/LSTM layers lie only inside If/Loop/Scan "
+                           "branches, which static QDQ does not reach; dynamic INT8 quantizes them there")
     return "static", f"static QDQ: {kind}; activation ranges calibrated once, no per-call quantize cost"
 
 
