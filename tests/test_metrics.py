@@ -123,7 +123,7 @@ def test_map_agreement_and_false_positives_where_fp32_has_none():
     assert value.value == pytest.approx(30 / 32)
     assert value.components["false_positive_pixels"] == 1
     assert value.components["samples_with_false_positives_where_fp32_has_none"] == 1
-    assert [f["check"] for f in judge(value)] == ["map"]
+    assert [f["check"] for f in judge(value)] == ["map", "empty_samples_kept_empty"]
     assert map_agreement([[ref]], [[ref]]).value == 1.0
 
 
