@@ -14,10 +14,12 @@ warm-up, one deadline), so their ratios to the FIRST model are per-round quotien
 CIs (dlopt.stats.ratio_ci), for each phase. The sampler times the whole call; the phases are timed
 inside it, on both clocks, and kept in round order (the warm-up's are dropped).
 
-Memory: the growth of the process's RSS high-water mark while the model loads and runs its first
-generation (KV cache buffers included), and the process's peak. Models load one after the other in one
-process, so a later model's figure is a lower bound when an earlier one freed memory; benchmark one
-model alone for its exact peak.
+Memory: how far the process's RSS rose above its level before the model was loaded, at its highest,
+while the model loaded and ran its first generation (weights, session buffers, KV cache). On Linux the
+kernel's high-water mark (VmHWM) is reset before each model (/proc/self/clear_refs), so each model's
+peak is its own even after an earlier, larger one; elsewhere the process's ru_maxrss is used, and a
+later model's figure is then a lower bound. The first model loaded also carries onnxruntime-genai's
+one-time process setup (about 30 MB on Linux x86-64): a second copy of the same folder shows the model alone.
 """
 
 from __future__ import annotations
@@ -193,7 +195,8 @@ class GenerateModel:
     folder: LmFolder
     load_s: float
     model: Any = field(repr=False)
-    load_rss_added_bytes: int = 0  # growth of the RSS high-water mark while loading
+    load_peak_added_bytes: int = 0  # highest RSS while loading, above the RSS before
+    load_resident_bytes: int = 0  # RSS the loaded model keeps
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,41 @@ def _max_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024))
 
 
+class _RssPeak:
+    """The highest RSS from `start()` on, above the RSS at `start()`: the kernel's VmHWM reset through
+    /proc/self/clear_refs (Linux >= 4.0), else the process's ru_maxrss (never reset: a lower bound)."""
+
+    def __init__(self):
+        import psutil
+
+        self._process = psutil.Process()
+        self.before = 0
+        self._max_before = 0
+        self._reset = False
+
+    def start(self) -> None:
+        self.before = self._process.memory_info().rss
+        self._max_before = _max_rss_bytes()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self._reset = True
+        except OSError:
+            self._reset = False
+
+    def added(self) -> int:
+        if self._reset:
+            try:
+                for line in Path("/proc/self/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        return max(0, int(line.split()[1]) * 1024 - self.before)
+            except (OSError, ValueError, IndexError):
+                pass
+        return max(0, _max_rss_bytes() - max(self.before, self._max_before))
+
+    def resident_added(self) -> int:
+        return max(0, self._process.memory_info().rss - self.before)
+
+
 def load_lm(og, folder: LmFolder, threads: int):
     """og.Model on the CPU with `threads` intra-op threads (genai's config overlay: the folder is not changed)."""
     config = og.Config(str(folder.path))
@@ -292,10 +330,12 @@ def benchmark_generate(paths: Sequence[str | os.PathLike], config: GenerateConfi
     for path, label, folder in zip(paths, _labels([Path(p) for p in paths]), folders):
         if progress is not None:
             progress(f"loading {label}", 0.0)
-        before, t = _max_rss_bytes(), time.perf_counter()
+        peak = _RssPeak()
+        peak.start()
+        t = time.perf_counter()
         model = load_lm(og, folder, config.threads)
         models.append(GenerateModel(label, folder, time.perf_counter() - t, model,
-                                    load_rss_added_bytes=max(0, _max_rss_bytes() - before)))
+                                    load_peak_added_bytes=peak.added(), load_resident_bytes=peak.resident_added()))
     batches = []
     for k, batch in enumerate(config.batch_sizes):
         share = None if deadline is None else max(0.0, deadline - time.perf_counter()) / (len(config.batch_sizes) - k)
@@ -315,11 +355,14 @@ def _measure_batch(og, models: Sequence[GenerateModel], config: GenerateConfig, 
             progress(f"batch {batch}: first generation of {m.label}", 0.0)
         run = GenerationRun(og, m.model, prompt_tokens(m.folder, batch, config.prompt_len, config.seed),
                             config.new_tokens)
-        before = _max_rss_bytes()
+        peak = _RssPeak()
+        peak.start()
         t = time.perf_counter()
         run()  # cold: allocates the KV cache and the session's buffers
         first_s.append(time.perf_counter() - t)
-        peak_added.append((m.load_rss_added_bytes if first else 0) + max(0, _max_rss_bytes() - before))
+        # the model's weights and buffers stay resident: its peak is what it keeps plus what generating added
+        generation_peak = m.load_resident_bytes + peak.added()
+        peak_added.append(max(m.load_peak_added_bytes, generation_peak) if first else generation_peak)
         runs.append(run)
     sampler = InterleavedSampler(runs)
     warm_cap = (share - (time.perf_counter() - start)) * config.warmup_max_fraction if share is not None else 60.0
@@ -375,7 +418,8 @@ def format_generate(result: GenerateResult) -> str:
         f"{c.new_tokens} new tokens, {c.threads} thread(s); medians; clock: {clock} ({result.clock_reason})",
         f"CPU: {result.machine.get('cpu_model')}, {result.machine.get('cpu_isa')}",
         f"peak RSS of this process: {result.peak_rss_bytes / 1e6:.0f} MB "
-        "(peak RSS +MB: growth of its high-water mark while a model loaded and ran its first generation)",
+        "(peak RSS +MB: the highest RSS above the level before the model loaded, while it loaded and ran its first "
+        "generation)",
     ])
 
 
