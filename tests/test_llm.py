@@ -121,10 +121,13 @@ def test_verification_fails_against_other_weights(exported, tmp_path):
     assert v["steps"][0]["max_abs_diff"] > v["steps"][0]["tolerance"]
 
 
-def test_a_mismatch_writes_nothing_and_exits_1(tiny, tmp_path, monkeypatch):
+def test_a_mismatch_writes_nothing_and_exits_1(tiny, exported, tmp_path, monkeypatch):
     from dlopt.optimize import export_lm
 
     reference = export_lm._reference_logits
+
+    def built(source, out, precision, cache, log):  # the builder's output, without a second 10 s build
+        shutil.copytree(exported, out, ignore=shutil.ignore_patterns("export.json"))
 
     def drifted(hf_folder, prompt, steps):  # the export drifts from its source at decode step 3
         logits, tokens = reference(hf_folder, prompt, steps)
@@ -132,6 +135,7 @@ def test_a_mismatch_writes_nothing_and_exits_1(tiny, tmp_path, monkeypatch):
         return logits, tokens
 
     monkeypatch.setattr(export_lm, "_reference_logits", drifted)
+    monkeypatch.setattr(export_lm, "_run_builder", built)
     out = tmp_path / "lm"
     result = CliRunner().invoke(main, ["export", str(tiny), "--task", "text-generation", "-o", str(out)])
     assert result.exit_code == 1, result.output
@@ -166,6 +170,11 @@ def test_export_bad_input_is_one_line_and_exit_2(tiny, tmp_path, case, message):
     assert message in result.output and "Traceback" not in result.output
     assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) <= 2  # message + hint
     assert not out.exists()
+
+
+def test_export_of_a_model_folder_without_task_says_which_task(tiny, tmp_path):
+    result = CliRunner().invoke(main, ["export", str(tiny), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2 and "--task text-generation" in result.output
 
 
 def test_export_refuses_a_non_empty_output_folder(tiny, tmp_path):

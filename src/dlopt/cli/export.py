@@ -48,6 +48,13 @@ def command(source, output, task, opset, exporter, no_fallback, static_shapes, a
       dlopt export smollm2 --task text-generation -o lm/
       dlopt export path/to/hf_folder --task text-generation -o lm/
     """
+    from pathlib import Path
+
+    if task is None and (Path(source) / "config.json").is_file():
+        from dlopt.api import InputError
+
+        raise InputError(f"{source} is a Hugging Face model folder, not a factory",
+                         "a causal LM exports for generation with --task text-generation -o FOLDER")
     if task == "text-generation":
         _export_lm(source, output, opset=opset, exporter=exporter, no_fallback=no_fallback,
                    static_shapes=static_shapes, atol=atol, rtol=rtol, allow_mismatch=allow_mismatch)
