@@ -137,3 +137,20 @@ def evaluate(runner, *, max_tokens: int = MAX_TOKENS, window: int = WINDOW) -> d
     """perplexity = exp(mean next-token NLL) over the windows."""
     return {"perplexity": float(np.exp(negative_log_likelihoods(runner, max_tokens=max_tokens,
                                                                 window=window).mean()))}
+
+
+def save_hf_folder(dest: str | Path) -> Path:
+    """Write SmolLM2 as a Hugging Face folder (config, float32 safetensors, tokenizer) into `dest`, the
+    source that generation exports (dlopt export smollm2 --task text-generation) build from. The GGUF
+    quantizer transformers attaches is dropped first: save_pretrained refuses a model that still has it
+    (the weights are already dequantized floats)."""
+    dest = Path(dest)
+    with contextlib.redirect_stdout(io.StringIO()):
+        lm = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir()), gguf_file=GGUF_FILE,
+                                                               dtype=torch.float32)
+    lm.hf_quantizer = None
+    if hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config
+    lm.save_pretrained(dest)
+    tokenizer().save_pretrained(dest)
+    return dest

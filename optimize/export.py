@@ -593,10 +593,13 @@ TORCH_SOURCE = Check("a torch source (a ModelSource)", _source_problem)
 STAGE = Stage(kind="export", config=Export, run=_run, takes="torch", makes="onnx", requires=(TORCH_SOURCE,),
               ensures=(Check("an ONNX model", _onnx_problem),), summary="torch -> ONNX, verified against torch",
               # what the core uses besides apply: loading torch sources (api, run, package's --torch-source), the
-              # legacy config name, and the PT2E lowering of a torch source to an ExecuTorch program (package)
+              # legacy config name, the PT2E lowering of a torch source to an ExecuTorch program (package)
               helpers={"load_source": load_source, "ModelSource": ModelSource, "ExportConfig": ExportConfig,
                        "DEFAULT_OPSET": DEFAULT_OPSET, "lower_to_pte": "dlopt.optimize.pt2e:lower_to_pte",
-                       "PTE_WEIGHT_ROUNDINGS": "dlopt.optimize.pt2e:WEIGHT_ROUNDINGS"})
+                       "PTE_WEIGHT_ROUNDINGS": "dlopt.optimize.pt2e:WEIGHT_ROUNDINGS",
+                       # decoder LMs for generation (--task text-generation): a folder, not a graph (export_lm)
+                       "export_text_generation": "dlopt.optimize.export_lm:export_text_generation",
+                       "ExportLm": "dlopt.optimize.export_lm:ExportLm"})
 
 __all__ = ["STAGE", "TORCH_SOURCE", "Export", "DEFAULT_OPSET", "EXPORTERS", "ExportConfig", "ModelSource", "OutputDiff",
            "compare_outputs",

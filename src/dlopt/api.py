@@ -56,6 +56,48 @@ def export_model(source, output: str | os.PathLike, config=None,
     return WrittenModel(out, report_path, report)
 
 
+def export_lm(source: str | os.PathLike, output: str | os.PathLike, config=None, *,
+              log: Callable[[str], None] = lambda message: None):
+    """Export a decoder LM for generation (--task text-generation): SOURCE is a Hugging Face causal-LM
+    folder or "smollm2"; `output` a new folder that onnxruntime-genai loads as it is (model.onnx with a KV
+    cache, genai_config.json, tokenizer, export.json). Verified against transformers over the prefill and
+    decode steps; VerificationError (nothing written) on a mismatch. Returns an LmExport (folder, report)."""
+    from dlopt.stage import get_stage
+
+    STAGE = get_stage("export")
+    if str(source) != "smollm2":
+        guard_outputs([source], [output])
+    return STAGE.export_text_generation(source, output, config or STAGE.ExportLm(), log=log)
+
+
+@dataclass(frozen=True)
+class MeasuredGeneration:
+    """A generation benchmark's result and the JSON file written from it."""
+
+    result: GenerateResult
+    written: tuple[Path, ...] = ()
+
+
+def bench_generate(models: Sequence[str | os.PathLike], config: GenerateConfig | None = None, *,
+                   json_path: str | os.PathLike | None = None, progress: Progress | None = None,
+                   started: float | None = None) -> MeasuredGeneration:
+    """Measure greedy generation of exported LM folders (prefill, time to first token, decode tokens/s,
+    peak RSS) with onnxruntime-genai, interleaved; each is a ratio to the first, per phase, with bootstrap
+    CIs (dlopt.bench.generate). `json_path` receives the full result (schema bench_generate.schema.json)."""
+    from dlopt.bench.generate import GenerateConfig, benchmark_generate
+
+    if json_path:
+        check_output_path(json_path)
+        guard_outputs(list(models), [json_path])
+    result = benchmark_generate(models, config or GenerateConfig(), progress=progress, started=started)
+    written = []
+    if json_path:
+        from dlopt.fileio import write_json_atomic
+
+        written.append(write_json_atomic(json_path, result.to_dict()))
+    return MeasuredGeneration(result, tuple(written))
+
+
 def quantize_model(model_path: str | os.PathLike, output: str | os.PathLike, config=None, calibration=None, *,
                    eval_data=None, after: tuple[str, ...] = (), progress: bool = False,
                    log: Callable[[str], None] = lambda message: None):
@@ -690,6 +732,8 @@ def cache_prune(*, older_than: str | float | None = None, max_size: str | int | 
 _LAZY = {
     "BenchConfig": "dlopt.bench", "BenchResult": "dlopt.bench", "parse_duration": "dlopt.bench",
     "parse_batch_sizes": "dlopt.bench", "format_bench": "dlopt.bench:format_result",
+    "GenerateConfig": "dlopt.bench.generate", "GenerateResult": "dlopt.bench.generate",
+    "format_generate": "dlopt.bench.generate", "ExportLm": "stage:export:ExportLm",
     "EvalConfig": "dlopt.evaluate", "EvalResult": "dlopt.evaluate", "format_eval": "dlopt.evaluate",
     "validate_metrics": "dlopt.evaluate",
     "GateConfig": "dlopt.gate", "GateResult": "dlopt.gate", "EvalSpec": "dlopt.gate", "format_gate": "dlopt.gate:format_text",
@@ -716,6 +760,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from dlopt.bench import BenchConfig, BenchResult
+    from dlopt.bench.generate import GenerateConfig, GenerateResult
     from dlopt.evaluate import EvalConfig, EvalResult
     from dlopt.gate import EvalSpec, GateConfig, GateResult
     from dlopt.models import Fp32Evaluation
@@ -742,7 +787,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["CacheListing", "CachePruned", "DlOptError", "Gated", "InputError", "KeyPair", "Measured", "ModelEntry",
-           "StageError", "VerificationError", "WrittenModel", "bench", "cache_ls", "cache_prune", "cache_root", "cache_text",
+           "StageError", "VerificationError", "WrittenModel", "MeasuredGeneration", "bench", "bench_generate", "export_lm", "cache_ls", "cache_prune", "cache_root", "cache_text",
            "distill_model", "evaluate", "export_model", "gate", "keygen", "measure_speedup", "models", "models_text",
            "package_model", "package_text", "prune_model", "quantize_model", "report_path_for", "run", "run_text",
            "verify", *_LAZY]

@@ -61,11 +61,17 @@ def _startup_s() -> float:
 @click.option("--save-baseline", "baseline_path", type=click.Path(dir_okay=False), default=None,
               help="Also store the FIRST model's samples and this machine's fingerprint as a baseline for "
                    "`dlopt gate --baseline FILE` (schema: dlopt/schemas/baseline.schema.json).")
+@click.option("--generate", is_flag=True,
+              help="MODELS are exported LM folders (dlopt export --task text-generation): time greedy generation "
+                   "with onnxruntime-genai: prefill ms, time to first token, decode tokens/s, peak RSS "
+                   "(schema: dlopt/schemas/bench_generate.schema.json).")
+@click.option("--prompt-len", type=int, default=128, show_default=True, help="--generate: prompt tokens.")
+@click.option("--new-tokens", type=int, default=128, show_default=True, help="--generate: tokens generated.")
 @input_shape_option
 @data_options
 def command(models, target, threads, batch, seq_len, budget, rounds, clock, ratio_method, data, graph_opt,
             cuda_graph, device_id, allow_fallback, seed, json_path, no_progress, profile, baseline_path,
-            input_shapes, declared):
+            generate, prompt_len, new_tokens, input_shapes, declared):
     """Measure the latency of MODELS (.onnx files) on a target and compare them.
 
     Several models are measured interleaved (A B C A B C ...), so all of them see the same machine
@@ -90,6 +96,7 @@ def command(models, target, threads, batch, seq_len, budget, rounds, clock, rati
       dlopt bench model_fp32.onnx model_int8.onnx
       dlopt bench m.onnx --batch 1,8,32 --budget 60s --json bench.json
       dlopt bench m.onnx --target cuda --batch 1,32 --cuda-graph
+      dlopt bench lm/ lm4/ --generate --prompt-len 128 --new-tokens 128
     """
     import time
 
@@ -97,6 +104,27 @@ def command(models, target, threads, batch, seq_len, budget, rounds, clock, rati
     # and the process's exit (freeing the sessions, the interpreter's teardown: 0.2-0.4 s on a busy box)
     started = time.perf_counter() - _startup_s() - EXIT_RESERVE_S
     from dlopt.api import BenchConfig, bench, format_bench, parse_batch_sizes, parse_duration
+
+    if generate:
+        from dlopt.api import GenerateConfig, InputError, bench_generate, format_generate
+
+        # options of ONNX-file benchmarks that generation does not take: refused, not silently ignored
+        other = {"--target": target != "cpu", "--data": data is not None, "--profile": profile,
+                 "--save-baseline": baseline_path is not None, "--cuda-graph": cuda_graph,
+                 "--input-shape": bool(input_shapes)}
+        for flag, given in other.items():
+            if given:
+                raise InputError(f"--generate does not take {flag}", "drop it (generation runs on the CPU "
+                                 "with seeded random prompts)")
+        config = GenerateConfig(prompt_len=prompt_len, new_tokens=new_tokens, threads=threads,
+                                batch_sizes=parse_batch_sizes(batch or "1"), budget_s=parse_duration(budget),
+                                rounds=rounds, clock=clock, ratio_method=ratio_method, seed=seed)
+        with progress_bar(enabled=not no_progress) as progress:
+            measured = bench_generate(models, config, json_path=json_path, progress=progress, started=started)
+        click.echo(format_generate(measured.result))
+        if json_path:
+            echo_err(f"wrote {json_path}")
+        return
 
     config = BenchConfig(target=target, threads=threads, batch_sizes=parse_batch_sizes(batch or "1"),
                          seq_len=seq_len, budget_s=parse_duration(budget), rounds=rounds, clock=clock,

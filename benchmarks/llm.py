@@ -1,0 +1,200 @@
+"""SmolLM2-135M-Instruct generation, side by side, one thread: PyTorch FP32 (transformers with its KV
+cache), dlopt's fp32 export (dlopt export --task text-generation: onnxruntime-genai's fused decoder,
+verified) and, when onnxruntime-genai's builder is installed, its default int4 build as a reference row.
+
+    nice python benchmarks/llm.py [--prompt-len 128] [--new-tokens 128] [--rounds 3] [--no-int4]
+
+Prefill ms, decode tokens/s: one greedy generation of NEW_TOKENS after a PROMPT_LEN-token prompt (seeded
+random ids), thread CPU time, median over rounds. All rows run interleaved in one InterleavedSampler (the
+one `dlopt bench --generate` uses; the exports through its GenerationRun, PyTorch through a runner timed
+the same way), after one warm-up round; ratios to PyTorch with 95 % bootstrap CIs.
+Perplexity: gensim's lee_background.cor, the first 2,048 tokens in 512-token windows (the issue's
+table; dlopt.models.smollm2's evaluation). The "FP32" weights are the packaged Q4_1 GGUF dequantized.
+Size: the weights on disk (safetensors for PyTorch; model.onnx + .data for the exports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+PPL_TOKENS = 2048
+
+
+def _median(values):
+    return float(np.median(np.asarray(values)))
+
+
+class TorchGenerationRun:
+    """PyTorch's greedy generation with its KV cache, timed by phase like dlopt.bench.generate's
+    GenerationRun (prefill; first token; decode per token), so both run in one InterleavedSampler."""
+
+    def __init__(self, model, prompt: np.ndarray, new_tokens: int):
+        from dlopt.bench.config import CLOCKS
+        from dlopt.bench.generate import PHASES
+
+        self.model, self.new_tokens = model, new_tokens
+        self.ids = __import__("torch").from_numpy(prompt.astype(np.int64))
+        self.phases = {p: {c: [] for c in CLOCKS} for p in PHASES}
+
+    def clear(self) -> None:
+        for per_clock in self.phases.values():
+            for values in per_clock.values():
+                values.clear()
+
+    def __call__(self) -> None:
+        import torch
+
+        from dlopt.bench.config import CLOCKS, read_clocks
+
+        with torch.no_grad():
+            t0 = read_clocks()
+            out = self.model(input_ids=self.ids, use_cache=True)
+            t1 = read_clocks()
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            t2 = read_clocks()
+            cache = out.past_key_values
+            for _ in range(self.new_tokens - 1):
+                out = self.model(input_ids=token, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+            t3 = read_clocks()
+        for k, clock in enumerate(CLOCKS):
+            self.phases["prefill"][clock].append(t1[k] - t0[k])
+            self.phases["first_token"][clock].append(t2[k] - t0[k])
+            self.phases["decode_per_token"][clock].append((t3[k] - t2[k]) / (self.new_tokens - 1))
+
+
+def genai_runner(folder: Path):
+    """A dlopt.models.smollm2 runner over an exported folder: the prefill's logits for every position."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": 1}}}}))
+    model = og.Model(config)
+
+    def run(feeds):
+        ids = np.asarray(feeds["input_ids"], dtype=np.int32)
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=ids.shape[1] + 1)
+        generator = og.Generator(model, params)
+        generator.append_tokens(ids)
+        return {"logits": np.asarray(generator.get_output("logits"))}
+
+    return run
+
+
+def torch_runner(model):
+    import torch
+
+    def run(feeds):
+        with torch.no_grad():
+            ids = torch.from_numpy(np.asarray(feeds["input_ids"], dtype=np.int64))
+            return {"logits": model(input_ids=ids, use_cache=False).logits.numpy()}
+
+    return run
+
+
+def weights_mb(folder: Path, prefix: str) -> float:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(prefix)) / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-int4", action="store_true", help="skip onnxruntime-genai's int4 reference row")
+    args = parser.parse_args()
+
+    import torch
+    import transformers
+
+    from dlopt.api import export_lm
+    from dlopt.bench import InterleavedSampler
+    from dlopt.bench.generate import GenerationRun, load_lm, prompt_tokens, read_lm_folder
+    from dlopt.stats import ratio_ci
+    from dlopt.bench.harness import machine_fingerprint
+    from dlopt.models import smollm2
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore", FutureWarning)  # transformers' note on the past_key_values keyword
+    transformers.logging.set_verbosity_error()
+    machine = machine_fingerprint(1)
+    scratch = tempfile.TemporaryDirectory(prefix="dlopt-llm-bench-")  # ~1.1 GB: removed at exit
+    work = Path(scratch.name)
+    started = time.perf_counter()
+    print(f"CPU: {machine['cpu_model']}, {machine['cpu_isa']}; one thread; work folder {work}", file=sys.stderr)
+    hf = smollm2.save_hf_folder(work / "hf")
+    print(f"SmolLM2 saved as a Hugging Face folder in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+
+    t = time.perf_counter()
+    fp32 = export_lm(hf, work / "lm_fp32", log=lambda m: print(m, file=sys.stderr)).folder
+    export_s = time.perf_counter() - t
+    verification = json.loads((fp32 / "export.json").read_text())["verification"]
+    folders = {"dlopt export, fp32 (genai builder + verification)": fp32}
+    if not args.no_int4:
+        t = time.perf_counter()
+        int4 = work / "lm_int4"
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(int4),
+                        "-p", "int4", "-e", "cpu", "-c", str(work / "cache")], check=True, capture_output=True)
+        print(f"genai int4 built in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        folders["onnxruntime-genai builder, int4 (default)"] = int4
+
+    # every variant in one InterleavedSampler (dlopt bench's): rotated rounds, so PyTorch and the exports see
+    # the same machine states; ratios are per-round quotients with bootstrap CIs (dlopt.stats.ratio_ci)
+    import onnxruntime_genai as og
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+    prompt = prompt_tokens(read_lm_folder(fp32), 1, args.prompt_len, seed=0)
+    torch_label = "PyTorch FP32, transformers with its KV cache"
+    runs = {torch_label: TorchGenerationRun(model, prompt, args.new_tokens)}
+    for label, folder in folders.items():
+        runs[label] = GenerationRun(og, load_lm(og, read_lm_folder(folder), 1), prompt, args.new_tokens)
+    sampler = InterleavedSampler(list(runs.values()))
+    sampler.run_rounds(1)  # warm-up: first runs allocate caches and buffers
+    for run in runs.values():
+        run.clear()
+    InterleavedSampler(list(runs.values())).run_rounds(args.rounds)
+
+    perplexity = {torch_label: smollm2.evaluate(torch_runner(model), max_tokens=PPL_TOKENS)["perplexity"]}
+    for label, folder in folders.items():
+        perplexity[label] = smollm2.evaluate(genai_runner(folder), max_tokens=PPL_TOKENS)["perplexity"]
+    sizes = {torch_label: weights_mb(hf, "model"), **{k: weights_mb(f, "model") for k, f in folders.items()}}
+    rows = {}
+    for label, run in runs.items():
+        prefill = _median(run.phases["prefill"]["cpu"])
+        decode = _median(run.phases["decode_per_token"]["cpu"])
+        rows[label] = (sizes[label], prefill * 1e3, 1 / decode, perplexity[label])
+
+    from dlopt.report import format_table
+
+    torch_decode = rows[torch_label][2]
+    print(f"SmolLM2-135M-Instruct, {machine['cpu_model']} ({machine['cpu_isa']}), one thread, thread CPU time; "
+          f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens greedy, median of {args.rounds} rounds; "
+          f"perplexity on {PPL_TOKENS} tokens of lee_background.cor in 512-token windows")
+    print(format_table(["variant", "size MB", "prefill ms", "decode tok/s", "decode vs PyTorch", "perplexity"],
+                       [[k, f"{v[0]:.1f}", f"{v[1]:.0f}", f"{v[2]:.1f}", f"{v[2] / torch_decode:.2f}x", f"{v[3]:.2f}"]
+                        for k, v in rows.items()]))
+    base = runs[torch_label].phases
+    for label, run in list(runs.items())[1:]:
+        parts = []
+        for phase in ("prefill", "decode_per_token"):
+            r = ratio_ci(base[phase]["cpu"], run.phases[phase]["cpu"], paired=True)
+            parts.append(f"{phase.replace('_', ' ')} {r.estimate:.3f}x (95% CI {r.low:.3f}-{r.high:.3f})")
+        print(f"{label}: time of PyTorch's, {args.rounds} interleaved rounds: " + "; ".join(parts))
+    worst = max(s["max_abs_diff"] for s in verification["steps"])
+    print(f"dlopt's export: verified against transformers in {export_s:.0f} s (prefill + {verification['decode_steps']} "
+          f"decode steps, max |logit diff| {worst:.2g}, greedy tokens equal: {verification['greedy_equal']})")
+
+
+if __name__ == "__main__":
+    main()
