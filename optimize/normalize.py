@@ -3,6 +3,11 @@
 - Weights held in Constant nodes become initializers, in If/Loop/Scan subgraphs too: ORT's
   quantizers only quantize initializers, so a weight in a Constant node stays float (PP-OCR's
   exported models hold every Conv weight that way).
+- Weight inputs computed from constants alone become initializers too (in subgraphs as well): torch
+  exports an LSTM's W/R/B as Slice/Concat/Unsqueeze of its parameters (reordering the gates), which
+  leaves ORT's quantizers nothing to quantize (Silero VAD: both LSTMs, 42 % of its weights, stayed
+  float). Only the chain that feeds a weighted layer is folded; producers left unused and
+  initializers nobody reads any more are dropped.
 - Nodes without a name (or sharing one) get a unique name: the quantizer, exclusion lists and GPTQ
   statistics address nodes by name.
 - Opsets below 13 are upgraded with onnx's version converter: per-channel weights need
@@ -38,6 +43,7 @@ PER_CHANNEL_OPSET = 13  # DequantizeLinear/QuantizeLinear `axis` (per-channel sc
 @dataclass(frozen=True, kw_only=True)
 class NormalizeConfig:
     constants_to_initializers: bool = True
+    fold_weight_inputs: bool = True  # weights computed from constants (Slice/Concat/... of initializers) folded
     min_opset: int = PER_CHANNEL_OPSET  # upgrade the default domain to at least this; 0: never
     check_samples: int = 2
     input_shapes: tuple[str, ...] = ()  # --input-shape NAME=DxD... for the synthetic check samples
@@ -174,6 +180,127 @@ def _constants_to_initializers(model, config: NormalizeConfig):
     return converted, {"moved": moved}
 
 
+FOLD_CHAIN_LIMIT = 64  # nodes in one weight's constant chain; a longer one is left computed
+
+
+def _constant_chain(name: str, producer: Mapping[str, Any], constants: Mapping[str, Any]) -> list[Any] | None:
+    """The nodes (in order) that compute `name` from `constants` alone, or None when it depends on an
+    input, an outer value that is not constant, a non-default domain or a node holding a subgraph."""
+    import onnx
+
+    chain: list[Any] = []
+    seen: set[str] = set()
+
+    def visit(value: str) -> bool:
+        if value in constants or value in seen:
+            return True
+        node = producer.get(value)
+        if node is None or node.domain not in ("", "ai.onnx") or len(chain) >= FOLD_CHAIN_LIMIT or any(
+                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return False
+        if not all(visit(i) for i in node.input if i):
+            return False
+        if not any(o in seen for o in node.output):
+            chain.append(node)
+            seen.update(o for o in node.output if o)
+        return True
+
+    return chain if visit(name) else None
+
+
+def _reads(graph) -> set[str]:
+    """Every name read in `graph` and its subgraphs (node inputs, subgraph outputs)."""
+    names = {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(i for i in node.input if i)
+        for sub in subgraphs(node):
+            names |= _reads(sub)
+    return names
+
+
+def _drop_unused(graph) -> None:
+    """Remove nodes of `graph` (and its subgraphs) whose outputs nobody reads, then initializers nobody
+    reads: what folding a weight's chain left behind."""
+    for node in graph.node:
+        for sub in subgraphs(node):
+            _drop_unused(sub)
+    while True:
+        used = {o.name for o in graph.output}
+        for node in graph.node:
+            used.update(i for i in node.input if i)
+            for sub in subgraphs(node):
+                used |= _outer_reads(sub)
+        keep = [n for n in graph.node if any(o in used for o in n.output if o)]
+        if len(keep) == len(graph.node):
+            break
+        replace_nodes(graph, keep)
+    read = _reads(graph)
+    for tensor in [t for t in graph.initializer if t.name not in read]:
+        graph.initializer.remove(tensor)
+
+
+def _fold_weight_inputs(model, config: NormalizeConfig):
+    """Each weight input of a Conv/Gemm/MatMul/LSTM/GRU/RNN that is computed from initializers (of its
+    graph or an enclosing one) and Constant nodes only becomes an initializer of the node's graph, with
+    the value onnx's reference evaluator gives the chain."""
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    from dlopt.optimize.weight_only import WEIGHT_INPUTS
+
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    opsets = list(folded.opset_import)
+    count = 0
+
+    def visit(graph, outer: Mapping[str, Any]) -> None:
+        nonlocal count
+        constants = dict(outer)
+        for value in graph.input:  # a subgraph's own inputs shadow outer names
+            constants.pop(value.name, None)
+        constants.update({t.name: t for t in graph.initializer})
+        producer = {o: n for n in graph.node for o in n.output if o}
+        done: set[str] = set()
+        for node in list(graph.node):
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            for index in WEIGHT_INPUTS.get(node.op_type, ()):
+                name = node.input[index] if index < len(node.input) else ""
+                if not name or name in constants or name in done:
+                    continue
+                chain = _constant_chain(name, producer, constants)
+                if not chain:
+                    continue
+                made = {o for n in chain for o in n.output}
+                leaves = dict.fromkeys(i for n in chain for i in n.input if i and i not in made)
+                try:
+                    mini = helper.make_model(helper.make_graph(
+                        chain, "fold", [], [helper.make_empty_tensor_value_info(name)],
+                        [constants[leaf] for leaf in leaves]), opset_imports=opsets, ir_version=folded.ir_version)
+                    value = np.asarray(ReferenceEvaluator(mini).run(None, {})[0])
+                except Exception:  # noqa: BLE001 - a chain the reference runtime cannot evaluate stays computed
+                    continue
+                tensor = numpy_helper.from_array(value, name)
+                graph.initializer.append(tensor)
+                constants[name] = tensor
+                done.add(name)
+                count += 1
+        if done:  # the folded values' producers go; what only they read goes with them in _drop_unused
+            replace_nodes(graph, [n for n in graph.node if not any(o in done for o in n.output)])
+        for node in graph.node:
+            for sub in subgraphs(node):
+                visit(sub, constants)
+
+    visit(folded.graph, {})
+    if not count:
+        return model, {"folded": 0}
+    _drop_unused(folded.graph)
+    if folded.ir_version < 4:
+        folded.ir_version = 4
+    return folded, {"folded": count}
+
+
 def _upgrade_opset(model, config: NormalizeConfig):
     import onnx
     from onnx import version_converter
@@ -216,14 +343,35 @@ def _name_nodes(model) -> tuple[Any, int]:
     return named, count
 
 
+def _computed_weights(model) -> bool:
+    """Whether some weighted layer reads its weight from a node output rather than an initializer."""
+    from dlopt.optimize.weight_only import WEIGHT_INPUTS
+
+    def visit(graph, outer: set[str]) -> bool:
+        names = outer | {t.name for t in graph.initializer}
+        produced = {o for n in graph.node for o in n.output}
+        for node in graph.node:
+            for index in WEIGHT_INPUTS.get(node.op_type, ()):
+                if index < len(node.input) and node.input[index] in produced:
+                    return True
+            if any(visit(sub, names) for sub in subgraphs(node)):
+                return True
+        return False
+
+    return visit(model.graph, set())
+
+
 def normalize(model, config: NormalizeConfig = NormalizeConfig(),
               data: Iterable[Mapping[str, np.ndarray]] | None = None) -> StageResult:
-    """Run the enabled steps (Constant weights to initializers, opset upgrade), each checked; the
+    """Run the enabled steps (Constant weights to initializers, weights computed from constants folded,
+    opset upgrade), each checked; the
     report holds each step and the opset before and after."""
     steps: list[tuple[str, Any]] = []
     if config.constants_to_initializers and any(
             n.op_type == "Constant" for g in all_graphs(model.graph) for n in g.node):
         steps.append(("constants_to_initializers", _constants_to_initializers))
+    if config.fold_weight_inputs and _computed_weights(model):
+        steps.append(("fold_weight_inputs", _fold_weight_inputs))
     if config.min_opset and default_opset(model) < config.min_opset:
         steps.append(("opset_upgrade", _upgrade_opset))
     current, report_steps = model, []

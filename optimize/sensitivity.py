@@ -99,14 +99,15 @@ def floor_evaluator(original, feeds: list[dict[str, np.ndarray]], config, *, gra
     output and channel group - the dB floor, ...; -inf for a non-finite SQNR); baseline 0, so
     drop = -margin and a model meets the floor at max_drop 0. graph_opt_level "disable" scores the QDQ
     graph's own arithmetic."""
-    from dlopt.optimize.quantize.verification import task_choice, task_metric
+    from dlopt.optimize.quantize.verification import held_out_outputs, recurrent_pairs, task_choice, task_metric
 
     reference = run_outputs(cpu_session(original), feeds)
     names = [o.name for o in original.graph.output]
     choice = task_choice(original, feeds, config, reference)
+    pairs = recurrent_pairs(original)  # a stateful model is scored as the stream the verdict runs
 
     def score(model) -> float:
-        outputs = run_outputs(cpu_session(model, graph_opt_level=graph_opt_level), feeds)
+        outputs = held_out_outputs(cpu_session(model, graph_opt_level=graph_opt_level), feeds, reference, pairs)[0]
         return float(task_metric(choice, reference, outputs, feeds, names, config)["margin"])
 
     first = task_metric(choice, reference, reference, feeds, names, config)
@@ -147,8 +148,16 @@ def node_sensitivity(float_model, quantized, feeds: list[dict[str, np.ndarray]],
             continue
         inputs = [i for i in node.input if i and i not in inits and i in q_tensors]
         nodes.append((node, inputs))
+    # Nodes inside If/Loop/Scan branches are candidates too (Silero VAD has all its layers there), ranked
+    # last with no local figure: a branch's tensors cannot be made graph outputs to probe; leave_one_out
+    # measures what keeping each in float buys at the output.
+    from dlopt.optimize.normalize import subgraph_nodes
+
+    inner = [{"node": node.name, "op_type": node.op_type, "added_noise": 0.0, "output_sqnr_db": None,
+              "in_subgraph": where} for where, node in subgraph_nodes(float_model, op_types)
+             if node.op_type not in PASSTHROUGH_OPS and node.name and node.name not in exclude]
     if not nodes:
-        return []
+        return inner
     # a node whose output the quantized graph renamed (fused with its activation) is still a
     # candidate; its own noise is just not measurable here (leave_one_out measures it)
     tensors = sorted({t for node, inputs in nodes for t in [node.output[0], *inputs] if t in q_tensors})
@@ -180,7 +189,7 @@ def node_sensitivity(float_model, quantized, feeds: list[dict[str, np.ndarray]],
         ranked.append({"node": node.name, "op_type": node.op_type, "added_noise": added,
                        "output_sqnr_db": float(-10 * np.log10(r_out)) if r_out > 0 else float("inf")})
     ranked.sort(key=lambda e: (-e["added_noise"], e["node"]))
-    return ranked
+    return ranked + inner
 
 
 def leave_one_out(ranked: list[dict[str, Any]], original, prepared, config, recipe, data, feeds, ranges,

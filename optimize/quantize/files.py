@@ -12,6 +12,7 @@ from dlopt.data import CalibrationData, DataSpec
 from dlopt.errors import VerificationError
 from dlopt.optimize.quantize.schemes import QuantizeConfig, REPORT_SCHEMA, REPORT_SCHEMA_VERSION, Scheme
 from dlopt.optimize.quantize.stages import stage_of
+from dlopt.optimize.quantize.verification import fidelity_sample_count
 from dlopt.stage import StageContext
 
 
@@ -75,7 +76,7 @@ def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike,
     guard_outputs([src, named_path(calibration), named_path(eval_data)], [out, report_path, failed, failed_report])
     model = load_onnx(src)
     data = load_data(calibration, model, limit=config.calibration_samples, image=config.image)
-    held = (load_data(eval_data, model, limit=config.fidelity_samples, image=config.image)
+    held = (load_data(eval_data, model, limit=fidelity_sample_count(model, config), image=config.image)
             if eval_data is not None else None)
     specs = {role: d.spec.record() for role, d in (("calibration", data), ("eval_data", held)) if d is not None}
     context = StageContext(data=data, eval_data=held, after=after, progress=progress, log=log)

@@ -17,7 +17,7 @@ from dlopt.optimize.quantize.recipe import Recipe, choose_recipe, host_kernels_i
 from dlopt.optimize.quantize.schemes import (Int8Static, QuantizeConfig, RECOVERY_MAX_FLOAT_SHARE, SCHEME_KINDS, Scheme,
                                              validate_config, _Int8)
 from dlopt.optimize.quantize.smoothquant import smooth_activations
-from dlopt.optimize.quantize.verification import fidelity_floor, split_holdout, verdict, _summary, _warn_if_slower
+from dlopt.optimize.quantize.verification import fidelity_floor, fidelity_sample_count, split_holdout, verdict, _summary, _warn_if_slower
 from dlopt.optimize.scheme import QuantizeScheme
 from dlopt.runtime import initialize as initialize_runtime
 from dlopt.stage import StageResult, config_to_dict
@@ -61,7 +61,7 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
             data.limit = min(data.limit or config.calibration_samples, config.calibration_samples)
     if isinstance(eval_data, CalibrationData):
         eval_data.bind(model)
-    data, held_out, holdout = split_holdout(data, eval_data, config)
+    data, held_out, holdout = split_holdout(data, eval_data, config, fidelity_sample_count(model, config))
     if holdout["warning"]:
         log(f"warning: {holdout['warning']}")
     request = config if isinstance(config, QuantizeConfig) else None
@@ -136,7 +136,7 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
     recovery = None
     if config.recover:
         # the floor, on the held-out samples, in the arithmetic the target runs (see _summary)
-        feeds = held_out or check_feeds(model, data, config.fidelity_samples, config.input_shapes)
+        feeds = held_out or check_feeds(model, data, fidelity_sample_count(model, config), config.input_shapes)
         evaluator = floor_evaluator(model, feeds, config, graph_opt_level="disable" if exact else "all")
         score = evaluator.score(quantized)
         if score < 0:
