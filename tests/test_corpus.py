@@ -451,20 +451,23 @@ def test_new_corpus_model_int8_exits_0_at_its_task_floor_or_exits_1(tmp_path, na
 @pytest.mark.parametrize("name", ["silero-vad", "silero-vad-16k"])
 def test_vad_int8_through_a_python_reader_that_carries_its_state(tmp_path, name):
     """The stateful VAD's data cannot be an .npz of independent samples: a reader streams the clips and
-    feeds each chunk with the state FP32 carries there. Exit 0 only with the INT8 model's own stream
-    within 0.05 of FP32's speech probabilities over 3 s clips, at <= 60 % of the size; else exit 1."""
+    feeds each chunk with the state FP32 carries there; dlopt judges the held-out chunks as a stream with
+    the INT8 model's own state. Issue 19's acceptance: exit 0 with the INT8 model's own stream within
+    0.05 of FP32's speech probabilities over 3 s clips, at <= 60 % of the size (measured, AMD EPYC Zen 4:
+    weight-only int8 with the LSTMs' weights folded to initializers, one encoder conv kept float by floor
+    recovery: max |dp| 0.041, 42 % (16k) / 43 % (default))."""
     model = _corpus(name)
     out = tmp_path / "vad8.onnx"
     result = CliRunner().invoke(main, ["quantize", str(model.model_path()), "-o", str(out), "--precision", "int8",
                                        "--calibration", "dlopt.models.corpus:silero_vad_calibration",
                                        "--calibration-samples", "94",  # one clip: the test stays quick
-                                       "--eval-data", "dlopt.models.corpus:silero_vad_heldout", "--no-recover",
-                                       "--node-forms", "int8"])
-    assert result.exit_code in (0, 1), result.output
-    assert "Traceback" not in result.output and "internal error" not in result.output, result.output
-    if result.exit_code == 0:
-        task, failures = _task_failures(model, model.model_path(), out, model.samples("heldout"))
-        assert failures == [], (task, result.output)
-        assert out.stat().st_size <= 0.6 * model.model_path().stat().st_size
-    else:
-        assert not out.exists() and "error: " in result.output
+                                       "--eval-data", "dlopt.models.corpus:silero_vad_heldout"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_suffix(".quantize.json").read_text())
+    assert report["fidelity"]["stream"]["state"] == [["state", "stateN"]]
+    assert report["fidelity"]["stream"]["feeds_carrying_own_state"] > 0
+    assert any(k.endswith("LSTM") for k in report["quantized_nodes"]), report["quantized_nodes"]
+    task, failures = _task_failures(model, model.model_path(), out, model.samples("heldout"))
+    assert failures == [], (task, result.output)
+    assert task["max_abs_difference"] <= 0.05
+    assert out.stat().st_size <= 0.6 * model.model_path().stat().st_size
