@@ -344,12 +344,14 @@ def _name_nodes(model) -> tuple[Any, int]:
 
 
 def _computed_weights(model) -> bool:
-    """Whether some weighted layer reads its weight from a node output rather than an initializer."""
+    """Whether some weighted layer reads its weight from a computed value (not an initializer nor a
+    Constant node)."""
     from dlopt.optimize.weight_only import WEIGHT_INPUTS
 
     def visit(graph, outer: set[str]) -> bool:
         names = outer | {t.name for t in graph.initializer}
-        produced = {o for n in graph.node for o in n.output}
+        # a Constant node's weight is constants_to_initializers' to move
+        produced = {o for n in graph.node if n.op_type != "Constant" for o in n.output}
         for node in graph.node:
             for index in WEIGHT_INPUTS.get(node.op_type, ()):
                 if index < len(node.input) and node.input[index] in produced:
