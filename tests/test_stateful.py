@@ -186,3 +186,18 @@ def test_lstm_weights_computed_from_constants_become_initializers_and_quantize()
     assert not any(n.op_type in ("Slice", "Concat") for g in all_graphs(normalized.graph) for n in g.node)
     quantized = quantize(model, QuantizeConfig(mode="dynamic"), feeds)
     assert quantized.report["quantized_nodes"].get("DynamicQuantizeLSTM") == 2, quantized.report["quantized_nodes"]
+
+
+def test_a_state_is_an_output_named_like_another_input_with_its_shape():
+    from dlopt.optimize.quantize.verification import recurrent_pairs
+
+    assert recurrent_pairs(leaky_integrator()) == [("state", "stateN")]
+
+    def model(inputs, outputs):
+        vi = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
+        nodes = [helper.make_node("Identity", [inputs[0][0]], [o[0]]) for o in outputs]
+        return helper.make_model(helper.make_graph(nodes, "g", [vi(*i) for i in inputs], [vi(*o) for o in outputs]))
+
+    assert recurrent_pairs(model([("x", [1, 4]), ("h", [1, 8])], [("y", [1, 2]), ("h_out", [1, 8])])) == [("h", "h_out")]
+    assert recurrent_pairs(model([("x", [1, 4]), ("h", [1, 8])], [("h_out", [1, 9])])) == []  # not its shape
+    assert recurrent_pairs(model([("image", [1, 3, 8, 8])], [("image_out", [1, 3, 8, 8])])) == []  # a filter

@@ -59,10 +59,13 @@ STREAM_FIDELITY_SAMPLES = 1024
 
 def recurrent_pairs(model) -> list[tuple[str, str]]:
     """(input, output) pairs of a stateful model: the output named like the input + a STATE_SUFFIXES
-    suffix, with the same rank and the same fixed dimensions where both declare them."""
+    suffix, with the same rank and the same fixed dimensions where both declare them, in a model with
+    other inputs too."""
     from dlopt.inputs import graph_inputs
 
     inputs = {spec.name: spec for spec in graph_inputs(model)}
+    if len(inputs) < 2:  # a state is fed beside the data that drives it; image -> image_out is a filter
+        return []
     pairs = []
     for output in model.graph.output:
         dims = [d.dim_value if d.HasField("dim_value") else None for d in output.type.tensor_type.shape.dim]
