@@ -138,7 +138,8 @@ def lstm_in_branches() -> onnx.ModelProto:
     Unsqueeze(Concat(Slice(...))) of outer initializers (the gates reordered), not initializers."""
     rng = np.random.default_rng(5)
     hidden, size = 4, 6
-    raw = {n: (rng.standard_normal((4 * hidden, d)) * 0.3).astype(np.float32) for n, d in (("w_ih", size), ("w_hh", hidden))}
+    raw = {n: (rng.standard_normal((4 * hidden, d)) * 0.3).astype(np.float32)
+           for n, d in (("w_ih", size), ("w_hh", hidden))}
 
     def branch(tag: str):
         nodes, consts = [], [numpy_helper.from_array(np.array(v, np.int64), f"{tag}_{k}") for k, v in
@@ -198,6 +199,7 @@ def test_a_state_is_an_output_named_like_another_input_with_its_shape():
         nodes = [helper.make_node("Identity", [inputs[0][0]], [o[0]]) for o in outputs]
         return helper.make_model(helper.make_graph(nodes, "g", [vi(*i) for i in inputs], [vi(*o) for o in outputs]))
 
-    assert recurrent_pairs(model([("x", [1, 4]), ("h", [1, 8])], [("y", [1, 2]), ("h_out", [1, 8])])) == [("h", "h_out")]
+    stateful = model([("x", [1, 4]), ("h", [1, 8])], [("y", [1, 2]), ("h_out", [1, 8])])
+    assert recurrent_pairs(stateful) == [("h", "h_out")]
     assert recurrent_pairs(model([("x", [1, 4]), ("h", [1, 8])], [("h_out", [1, 9])])) == []  # not its shape
     assert recurrent_pairs(model([("image", [1, 3, 8, 8])], [("image_out", [1, 3, 8, 8])])) == []  # a filter
