@@ -115,7 +115,9 @@ def summary_text(report: Mapping[str, Any]) -> str:
     if v:
         floor = f"fidelity floor: every float output >= {v['floor_sqnr_db']:g} dB SQNR on the {v['data']} samples"
         if v.get("metric") is not None and v.get("judged_by") != "sqnr":
-            direction = "<=" if v["metric"] == "perplexity" else ">="
+            from dlopt.metrics import higher_is_better  # the metric table's direction (probability: <= its floor)
+
+            direction = ">=" if higher_is_better(v["metric"]) is not False else "<="
             floor = (f"fidelity floor: {v['metric']} {_number(v['metric_value'])} {direction} {v['metric_floor']:g} "
                      f"on the {v['data']} samples")
         elif v.get("metric") not in (None, "sqnr"):
