@@ -13,7 +13,6 @@ import importlib.util
 import inspect
 import io
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from dlopt.errors import InputError, MissingDependencyError, StageError, Verific
 from dlopt.quiet import quiet_libraries
 from dlopt.report import environment, format_table
 from dlopt.stage import Check, Stage, StageResult, config_to_dict
-from dlopt.usercode import user_code
+from dlopt.usercode import import_user_file, user_code
 
 Exporter = Literal["dynamo", "torchscript"]
 EXPORTERS: tuple[Exporter, ...] = ("dynamo", "torchscript")
@@ -145,22 +144,7 @@ def factory_file(spec: str) -> Path:
 
 def _load_factory(target: str, func_name: str, spec: str) -> Callable[[], Any]:
     if target.endswith(".py") or "/" in target or "\\" in target:
-        path = Path(target)
-        if not path.is_file():
-            raise InputError(f"factory file {path} does not exist", "check the path in FILE.py:FUNCTION")
-        module_name = f"_dlopt_factory_{abs(hash(str(path.resolve())))}"
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        if module_spec is None or module_spec.loader is None:
-            raise InputError(f"cannot import {path} as Python", "the factory file must be a .py module")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_name] = module
-        # no __pycache__ written beside the user's file: dlopt leaves its inputs' folders as it found them
-        writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
-        try:
-            with user_code(f"importing factory file {path}", hint="fix the file"):
-                module_spec.loader.exec_module(module)
-        finally:
-            sys.dont_write_bytecode = writes_bytecode
+        module = import_user_file(target, role="factory")
     else:
         try:
             with user_code(f"importing factory module {target!r}", hint="fix the module", errors=False):

@@ -55,7 +55,7 @@ from dlopt.errors import InputError
 from dlopt.images import ImagePreprocess, ImageTarget, image_feeds, image_files, image_target, parse_number, parse_size
 from dlopt.inputs import Feeds, InputSpec, graph_inputs
 from dlopt.stage import config_from_dict, config_to_dict
-from dlopt.usercode import user_code
+from dlopt.usercode import import_user_file, user_code
 
 DEFAULT_SAMPLE_COUNT = 100
 # file.py:function or package.module:function (a Windows drive letter is not a module name: "C:x" needs ".py")
@@ -600,26 +600,11 @@ def _reader_function(source: str) -> Callable[[], Any]:
     if parts is None:
         raise InputError(f"data {source} is not a reader", "give file.py:function or package.module:function")
     module_name, function_name = parts
-    with user_code(f"importing data reader {source}", hint="fix the module; import it alone to see its traceback"):
-        if module_name.endswith(".py"):
-            file = Path(module_name).expanduser()
-            if not file.is_file():
-                raise InputError(f"data reader file {file} does not exist", "give file.py:function")
-            name = f"dlopt_data_reader_{hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]}"
-            found = importlib.util.spec_from_file_location(name, file)
-            if found is None or found.loader is None:
-                raise InputError(f"data reader file {file} cannot be imported", "give a .py file")
-            module = importlib.util.module_from_spec(found)
-            sys.modules[name] = module  # dataclasses and pickling look their module up by name
-            writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ beside it
-            try:
-                found.loader.exec_module(module)
-            except BaseException:
-                sys.modules.pop(name, None)
-                raise
-            finally:
-                sys.dont_write_bytecode = writes_bytecode
-        else:
+    if module_name.endswith(".py"):
+        module = import_user_file(module_name, role="data reader", name=f"data reader {source}",
+                                  hint="fix the module; import it alone to see its traceback")
+    else:
+        with user_code(f"importing data reader {source}", hint="fix the module; import it alone to see its traceback"):
             module = importlib.import_module(module_name)
     function = getattr(module, function_name, None)
     if not callable(function):

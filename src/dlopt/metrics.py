@@ -24,9 +24,7 @@ them (ultralytics, torchmetrics, pycocotools) pull in torch or need a dataset's 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import math
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +34,7 @@ import numpy as np
 
 from dlopt.errors import InputError
 from dlopt.fidelity import cosine_per_sample, sample_rows, sqnr_from_energy
-from dlopt.usercode import user_code
+from dlopt.usercode import import_user_file, user_code
 
 IOU_MATCH = 0.5  # a candidate box matches an FP32 box at IoU >= this, with the same class
 NMS_IOU = 0.45
@@ -1161,17 +1159,7 @@ def _file_sha256(path: str) -> str:
 def load_evaluator(spec: str) -> Callable[..., Any]:
     """The function FUNCTION of FILE.py (--evaluator FILE.py:FUNCTION)."""
     path, func = _split_evaluator(spec)
-    module_name = "dlopt_user_evaluator_" + _file_sha256(path)[:12]
-    # the user's file: whatever it raises or exits with is theirs to fix (dlopt.usercode), and no
-    # __pycache__ is written beside it
-    writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
-    try:
-        with user_code(f"loading the evaluator file {path}", hint="fix the file (it is imported as a module)"):
-            loader = importlib.util.spec_from_file_location(module_name, path)
-            module = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(module)
-    finally:
-        sys.dont_write_bytecode = writes_bytecode
+    module = import_user_file(path, role="evaluator", hint="fix the file (it is imported as a module)")
     function = getattr(module, func, None)
     if not callable(function):
         raise InputError(f"evaluator file {path} has no function {func!r}", f"define def {func}(reference, outputs)")

@@ -11,7 +11,12 @@ KeyboardInterrupt (Ctrl-C, and SIGTERM, which the CLI turns into one) passes thr
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.util
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
 
 from dlopt.errors import DlOptError, InputError
 
@@ -41,6 +46,33 @@ def user_code(what: str | Callable[[], str], *, hint: str = "run it by hand to d
                          hint) from e
 
 
+def import_user_file(path: str | Path, *, role: str, hint: str = "fix the file", name: str | None = None) -> ModuleType:
+    """Import the user's .py file `path` as a module (a factory, data reader or evaluator: `role` names it
+    in messages), as user code. The module is registered in sys.modules under a name made from the file's
+    path (dataclasses and pickling look their module up by name) and no __pycache__ is written beside the
+    file: dlopt leaves its inputs' folders as it found them."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise InputError(f"{role} file {file} does not exist", "check the path in FILE.py:FUNCTION")
+    label = name or f"{role} file {file}"
+    name = f"dlopt_user_{role.replace(' ', '_')}_{hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]}"
+    found = importlib.util.spec_from_file_location(name, file)
+    if found is None or found.loader is None:
+        raise InputError(f"{role} file {file} cannot be imported as Python", "give a .py module")
+    module = importlib.util.module_from_spec(found)
+    sys.modules[name] = module
+    writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        with user_code(f"importing {label}", hint=hint):
+            found.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    finally:
+        sys.dont_write_bytecode = writes_bytecode
+    return module
+
+
 def _name(what: str | Callable[[], str]) -> str:
     return what() if callable(what) else what
 
@@ -49,4 +81,4 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [""])[0][:300] or repr(error)
 
 
-__all__ = ["user_code"]
+__all__ = ["import_user_file", "user_code"]
