@@ -273,11 +273,12 @@ TAMPERED = [
 
 def _delivered(work: Path, out: str) -> dict[str, str]:
     """What -o holds, by file: a model's sha256 and its report's; a bundle's files but the manifest (it
-    records when it was made) and samples.npz (a zip stamped with the time), whose arrays are compared."""
+    records when it was made), samples.npz (a zip stamped with the time), whose arrays are compared, and
+    the model card README.md, which states the latencies measured when the bundle was built."""
     path = work / out
     if path.is_file():
         return {"model": sha(path)}
-    found = {p.name: sha(p) for p in path.iterdir() if p.name not in ("manifest.json", "samples.npz")}
+    found = {p.name: sha(p) for p in path.iterdir() if p.name not in ("manifest.json", "samples.npz", "README.md")}
     with np.load(path / "samples.npz") as samples:
         found |= {f"samples/{k}": hashlib.sha256(samples[k].tobytes()).hexdigest() for k in samples.files}
     manifest = json.loads((path / "manifest.json").read_text())
