@@ -115,8 +115,9 @@ class DecisionStore:
             if recorded is None:
                 return {**base, "choice": default, "source": "default",
                         "why": f"not among the decisions of {self.replay_source}: the default"}
+            timed_on = (recorded.get("cpu") or {}).get("cpu_model")
             return {**base, "choice": recorded["choice"], "source": "replayed",
-                    "why": f"replayed from {self.replay_source} (decided on {recorded.get('cpu', {}).get('cpu_model')})",
+                    "why": f"replayed from {self.replay_source} (decided on {timed_on})",
                     "figures": recorded.get("figures"), "cpu": recorded.get("cpu")}
         from dlopt.stagecache import cache_key
 

@@ -221,3 +221,19 @@ def test_a_report_that_cannot_be_replayed_is_an_input_error(files, tmp_path):
                                            str(data), "--mode", "static", "--node-forms", str(report)])
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_decision_missing_from_the_replayed_report_takes_the_default(tmp_path, monkeypatch):
+    from dlopt.data import CalibrationData
+    from dlopt.optimize.quantize import QuantizeConfig, quantize, summary_text
+
+    report = tmp_path / "empty.quantize.json"
+    report.write_text(json.dumps({"node_forms": {"decisions": []}, "kernel_choice": None}))
+    monkeypatch.setattr(kernel_choice, "time_models", lambda *a, **k: pytest.fail("timed while replaying"))
+    images = np.random.default_rng(1).standard_normal((12, 3, SIDE, SIDE)).astype(np.float32)
+    result = quantize(_mobile_model(), QuantizeConfig(mode="static", speed_check=False, node_forms=str(report)),
+                      CalibrationData.from_arrays({"image": images}, source="images"))
+    forms = result.report["node_forms"]
+    assert {d["source"] for d in forms["decisions"]} == {"default"} and not forms["kept"]
+    assert {t["choice"] for t in forms["classes"].values()} == {"int8"}
+    assert "decided" in summary_text(result.report)

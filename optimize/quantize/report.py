@@ -50,11 +50,17 @@ def summary_text(report: Mapping[str, Any]) -> str:
     forms = report.get("node_forms")
     if forms:
         lines.append(f"node forms: {forms['decision']}")
-        rows = [[k, len(t["nodes"]), f"{t['float_us']:.0f}", f"{t['int8_us']:.0f}", f"{t['ratio']:.2f}",
+        def us(value) -> str:
+            return "-" if value is None else f"{value:.0f}"
+
+        rows = [[k, len(t["nodes"]), us(t["float_us"]), us(t["int8_us"]),
+                 "-" if t["ratio"] is None else f"{t['ratio']:.2f}",
+                 f"{t['ci'][0]:.2f}-{t['ci'][1]:.2f}" if t.get("ci") else "-", t.get("source", "timed"),
                  "float" if forms["kept"] and k in forms["float_classes"] else "int8"]
                 for k, t in forms["classes"].items()]
         if rows:
-            lines.append(format_table(["node class", "nodes", "float us", "int8 us", "int8/float", "runs as"], rows))
+            lines.append(format_table(["node class", "nodes", "float us", "int8 us", "int8/float",
+                                       "float speed-up CI", "decided", "runs as"], rows))
     kernels = report.get("kernel_choice")
     if kernels and kernels["sites"]:
         lines.append(f"kernel choice: {kernels['decision']}")

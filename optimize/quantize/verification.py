@@ -230,8 +230,9 @@ def speed_check(float_session, quantized_session, feeds: Mapping[str, np.ndarray
     measures (its sampler: warm-up until the latencies settle, runs grouped into samples of at least
     1 ms, rotated rounds, thread CPU time, the median of per-round ratios with its 95 % bootstrap CI),
     only in a shorter budget (~budget_s, at least `min_rounds` and at most `rounds` rounds). With fewer
-    rounds than bench asks for (BenchConfig.min_rounds) the figure is marked rough (`rough`). Printed with its CI, it does not claim more than it
-    measured: an earlier 4-round version printed 1.22x where `dlopt bench` measured 1.13x [1.11, 1.15]."""
+    rounds than bench asks for (BenchConfig.min_rounds) the figure is marked rough (`rough`). Printed
+    with its CI, it claims no more than it measured: an earlier 4-round version printed 1.22x where
+    `dlopt bench` measured 1.13x [1.11, 1.15]."""
     import time
 
     from dlopt.bench import BenchConfig, InterleavedSampler, Repeated, runs_per_sample
