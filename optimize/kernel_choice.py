@@ -504,10 +504,11 @@ def float_classes(timing: Mapping[str, Mapping[str, Any]], config: NodeFormConfi
             if (t["choice"] == "float" if "choice" in t else t["ratio"] >= config.min_gain)]
 
 
-def _model_sha256(model) -> str:
-    import hashlib
-
-    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+def _op_counts(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
 
 
 def choose_node_forms(float_model, qdq_model, feeds: Mapping[str, np.ndarray],
@@ -567,9 +568,12 @@ def choose_node_forms(float_model, qdq_model, feeds: Mapping[str, np.ndarray],
         int8_us, mixed_us = timer([qdq_model, mixed], [feeds, feeds])
         return int8_us, mixed_us
 
-    record = store.decide("whole model: all INT8 or mixed", {"int8_model_sha256": _model_sha256(qdq_model),
-                                                             "mixed_model_sha256": _model_sha256(mixed)},
-                          config.whole_rule, default="all int8", alternative="mixed", measure=measure_whole)
+    # the model by what was decided about it (each class's node signatures) and its op counts: no names and
+    # no bytes, so that a replay on a machine whose quantizer writes other bytes still finds it
+    whole = {"classes": sorted(d["signature_sha256"] for d in report["decisions"]), "float_classes": sorted(slower),
+             "op_counts": sorted(_op_counts(qdq_model).items())}
+    record = store.decide("whole model: all INT8 or mixed", whole, config.whole_rule, default="all int8",
+                          alternative="mixed", measure=measure_whole)
     report["decisions"].append(record)
     figures = record.get("figures") or {}
     gain = figures.get("speedup")
