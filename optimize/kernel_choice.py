@@ -19,11 +19,13 @@ fast one) and float32 LayerNorms.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
+from dlopt.optimize.kernel_decisions import DecisionRule, DecisionStore, judge
 from dlopt.stage import StageResult, config_to_dict
 
 LayerNormForm = Literal["auto", "fused", "unfused"]
@@ -33,11 +35,15 @@ MS_DOMAIN = "com.microsoft"
 
 @dataclass(frozen=True, kw_only=True)
 class KernelChoiceConfig:
-    layernorm: LayerNormForm = "auto"  # auto: unfused when it measures min_gain faster here
-    min_gain: float = 1.15  # the unfused form must be this much faster to be written
+    layernorm: LayerNormForm | str = "auto"  # auto: unfused when it measures min_gain faster here
+    min_gain: float = 1.15  # the unfused form must be this much faster (and its CI above 1x) to be written
     rows: int = 128  # tokens in the timed tensor (batch 1, seq 128: the shape benchmarks quote)
-    rounds: int = 7  # interleaved timing rounds; the median of their ratios decides
+    rounds: int = 15  # interleaved timing rounds; the median of their ratios, with its CI, decides
     runs_per_round: int = 40
+
+    @property
+    def rule(self) -> DecisionRule:
+        return DecisionRule(margin=self.min_gain, rounds=self.rounds, runs_per_round=self.runs_per_round)
 
 
 def _float_initializer(model, name: str) -> np.ndarray | None:
@@ -104,7 +110,8 @@ def _timing_models(hidden: int, rows: int):
 
 def time_layernorm_forms(hidden: int, config: KernelChoiceConfig = KernelChoiceConfig()) -> dict[str, float]:
     """Median microseconds of the fused and the unfused form on this host (one thread, CPU time of the
-    calling thread, the two interleaved round by round), and the median per-round ratio fused/unfused."""
+    calling thread, the two interleaved round by round), the median per-round ratio fused/unfused, and
+    each round's microseconds (fused_rounds_us, unfused_rounds_us)."""
     from dlopt.bench import InterleavedSampler
     from dlopt.sessions import cpu_session
 
@@ -120,7 +127,8 @@ def time_layernorm_forms(hidden: int, config: KernelChoiceConfig = KernelChoiceC
     times = [sampler.samples(i, "cpu") / runs * 1e6 for i in range(2)]
     ratios = times[0] / np.maximum(times[1], 1e-9)
     return {"fused_us": float(np.median(times[0])), "unfused_us": float(np.median(times[1])),
-            "ratio": float(np.median(ratios))}
+            "ratio": float(np.median(ratios)), "fused_rounds_us": times[0].tolist(),
+            "unfused_rounds_us": times[1].tolist()}
 
 
 def _rewrite(model, skips: list, adds: list) -> int:
@@ -152,33 +160,50 @@ def _rewrite(model, skips: list, adds: list) -> int:
 
 
 def choose_layernorm_form(model, config: KernelChoiceConfig = KernelChoiceConfig(), *,
-                          timing: dict[str, float] | None = None) -> StageResult:
+                          timing: dict[str, float] | None = None, store: DecisionStore | None = None) -> StageResult:
     """A copy of `model` with its residual sums written in the form that runs faster here (see the module
-    docstring); `model` is not modified. `timing` (from time_layernorm_forms) skips the measurement."""
+    docstring); `model` is not modified. `timing` (from time_layernorm_forms) skips the measurement and
+    the decision cache; else `store` (default: the decision cache; a report's decisions to replay)
+    decides (dlopt.optimize.kernel_decisions)."""
     import onnx
 
     sites = find_layernorm_sites(model)
     if _default_opset(model) < 17:  # a SkipLayerNormalization cannot become an ONNX LayerNormalization
         sites["skip_layernorm"] = []
     count = len(sites["skip_layernorm"]) + len(sites["add"])
-    report: dict[str, Any] = {"config": config_to_dict(config), "sites": count, "rewritten": 0}
+    report: dict[str, Any] = {"config": config_to_dict(config), "sites": count, "rewritten": 0, "decisions": []}
     if count == 0:
         report["decision"] = "nothing to choose: no residual sum feeds a float32 LayerNormalization"
         return StageResult(model, report)
     if config.layernorm == "fused":
         report["decision"] = "kept fused (asked)"
         return StageResult(model, report)
-    if config.layernorm == "auto":
+    if config.layernorm != "unfused":  # auto, or a report to replay
         gammas = [_float_initializer(model, n.input[2]) for n in sites["skip_layernorm"]]
         consumer_of = {n.input[0]: n for n in model.graph.node if n.op_type == "LayerNormalization"}
         gammas += [_float_initializer(model, consumer_of[a.output[0]].input[1]) for a in sites["add"]]
         hidden = int(np.bincount([g.size for g in gammas]).argmax())
-        timing = timing or time_layernorm_forms(hidden, config)
-        report["timing"] = {"hidden": hidden, "rows": config.rows, **{k: round(v, 3) for k, v in timing.items()}}
-        if timing["ratio"] < config.min_gain:
-            report["decision"] = (f"kept fused: SkipLayerNormalization {timing['fused_us']:.0f} us vs Sum + "
-                                  f"LayerNormalization {timing['unfused_us']:.0f} us here "
-                                  f"({timing['ratio']:.2f}x, below {config.min_gain}x)")
+        if timing is not None:
+            figures = judge([timing["fused_us"]], [timing["unfused_us"]], config.rule)
+            record = {"question": "layernorm form", "default": "fused", "alternative": "unfused",
+                      "choice": "unfused" if figures["alternative_wins"] else "fused", "source": "given",
+                      "signature_sha256": "", "figures": figures}
+        else:
+            def measure():
+                t = time_layernorm_forms(hidden, config)
+                return t["fused_rounds_us"], t["unfused_rounds_us"]
+
+            record = (store or DecisionStore()).decide(
+                "layernorm form", {"hidden": hidden, "rows": config.rows, "dtype": "float32"}, config.rule,
+                default="fused", alternative="unfused", measure=measure)
+        report["decisions"] = [record]
+        figures = record.get("figures") or {}
+        report["timing"] = {"hidden": hidden, "rows": config.rows, "source": record["source"]}
+        if figures:
+            report["timing"] |= {"fused_us": figures["default_us"], "unfused_us": figures["alternative_us"],
+                                 "ratio": figures["speedup"], "ci": figures["ci"], "rounds": figures["rounds"]}
+        if record["choice"] != "unfused":
+            report["decision"] = f"kept fused: {_record_text(record)}"
             return StageResult(model, report)
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -186,12 +211,22 @@ def choose_layernorm_form(model, config: KernelChoiceConfig = KernelChoiceConfig
     if _default_opset(copy) < 17:
         copied["skip_layernorm"] = []
     report["rewritten"] = _rewrite(copy, copied["skip_layernorm"], copied["add"])
-    why = "asked" if config.layernorm == "unfused" else (
-        f"ORT's SkipLayerNormalization measured {report['timing']['fused_us']:.0f} us here vs "
-        f"{report['timing']['unfused_us']:.0f} us for Sum + LayerNormalization ({report['timing']['ratio']:.1f}x)")
+    why = "asked" if config.layernorm == "unfused" else _record_text(report["decisions"][0])
     report["decision"] = (f"unfused: {report['rewritten']} residual sums written as Sum (+ LayerNormalization), "
                           f"which ORT does not fuse; {why}")
     return StageResult(copy, report)
+
+
+def _record_text(record: Mapping[str, Any]) -> str:
+    """One decision in words: its figures (or where it came from) and its source."""
+    figures = record.get("figures")
+    source = {"timed": "timed now", "cache": "from the decision cache", "given": "from the given timing"}.get(
+        record["source"], record.get("why", record["source"]))
+    if not figures:
+        return source
+    return (f"{record['alternative']} {figures['speedup']:.2f}x vs {record['default']} (CI {figures['ci'][0]:.2f}-"
+            f"{figures['ci'][1]:.2f}, {figures['rounds']} rounds of thread CPU time, margin {figures['margin']}x; "
+            f"{source})")
 
 
 # -- per-node INT8 or float in static QDQ graphs ----------------------------------------------------
@@ -207,17 +242,27 @@ NODE_FORMS = ("auto", "int8")
 NODE_CLASSES = ("depthwise conv", "pointwise conv", "dense conv", "small-channel conv", "gemm")
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 
-# (models, feeds) -> median microseconds per model, the models timed interleaved
+# (models, feeds) -> per model its microseconds per round (or one figure), the models timed interleaved
 Timer = Callable[[Sequence[Any], Sequence[Mapping[str, np.ndarray]]], list[float]]
 
 
 @dataclass(frozen=True, kw_only=True)
 class NodeFormConfig:
-    forms: NodeForms = "auto"  # auto: float where INT8 times slower here; int8: every quantizable node INT8
-    min_gain: float = 1.15  # a class goes float when its INT8 form takes this much longer than float
+    # auto: float where INT8 times slower here; int8: every quantizable node INT8; FILE.quantize.json: the
+    # decisions recorded in that report (given to choose_node_forms as a replaying DecisionStore)
+    forms: NodeForms | str = "auto"
+    min_gain: float = 1.15  # a class goes float when float is this much faster (and its CI above 1x)
     whole_min_gain: float = 1.03  # ... and the whole model with those nodes in float is this much faster
-    rounds: int = 7
+    rounds: int = 15
     runs_per_round: int = 3
+
+    @property
+    def class_rule(self) -> DecisionRule:
+        return DecisionRule(margin=self.min_gain, rounds=self.rounds, runs_per_round=self.runs_per_round)
+
+    @property
+    def whole_rule(self) -> DecisionRule:
+        return DecisionRule(margin=self.whole_min_gain, rounds=self.rounds, runs_per_round=self.runs_per_round)
 
 
 def node_class(op_type: str, weight_shape: Sequence[int], group: int = 1) -> str:
@@ -369,10 +414,10 @@ def node_form_models(float_model, qdq_model, nodes: Sequence[QuantizedNode],
     return models, [feeds["float"], feeds["int8"]]
 
 
-def time_models(models: Sequence[Any], feeds: Sequence[Mapping[str, np.ndarray]], *, rounds: int = 7,
-                runs_per_round: int = 3) -> list[float]:
-    """Median microseconds per run of each model on its feeds (one thread, CPU time of the calling thread,
-    the models interleaved round by round)."""
+def time_models(models: Sequence[Any], feeds: Sequence[Mapping[str, np.ndarray]], *, rounds: int = 15,
+                runs_per_round: int = 3) -> list[np.ndarray]:
+    """Microseconds per run of each model on its feeds, one figure per round (one thread, CPU time of the
+    calling thread, the models interleaved round by round: index i of every array is one round)."""
     from dlopt.bench import InterleavedSampler
     from dlopt.sessions import cpu_session
 
@@ -382,8 +427,51 @@ def time_models(models: Sequence[Any], feeds: Sequence[Mapping[str, np.ndarray]]
             session.run(None, dict(f))
     sampler = InterleavedSampler([lambda s=s, f=f: [s.run(None, dict(f)) for _ in range(runs_per_round)]
                                   for s, f in zip(sessions, feeds)])
+    sampler.warm_up(max_seconds=0.5, clock="cpu")
     sampler.run_rounds(rounds)
-    return [float(np.median(sampler.samples(i, "cpu"))) / runs_per_round * 1e6 for i in range(len(models))]
+    return [sampler.samples(i, "cpu") / runs_per_round * 1e6 for i in range(len(models))]
+
+
+def _attributes(node) -> dict[str, Any]:
+    from onnx import helper
+
+    return {a.name: str(helper.get_attribute_value(a)) for a in sorted(node.attribute, key=lambda a: a.name)}
+
+
+def node_signature(float_model, qdq_model, node: QuantizedNode, activation: np.ndarray) -> dict[str, Any]:
+    """What decides a node's kernels, without its name: op types of both timed forms, attributes,
+    weight shape, the activation's shape and dtype, the quantized types."""
+    from onnx import numpy_helper
+
+    f_nodes = {n.name: n for n in float_model.graph.node}
+    f_consumers: dict[str, list] = {}
+    for n in float_model.graph.node:
+        for i in n.input:
+            f_consumers.setdefault(i, []).append(n)
+    f_inits = {t.name: t for t in float_model.graph.initializer}
+    q_inits = {t.name: t for t in qdq_model.graph.initializer}
+    q_producer = {o: n for n in qdq_model.graph.node for o in n.output}
+    original = f_nodes[node.name]
+    after = [n.op_type for n in f_consumers.get(original.output[0], []) if n.op_type in ("Relu", "Clip")]
+    q_node = next(n for n in qdq_model.graph.node if n.name == node.name)
+    zero_types = []
+    for name in q_node.input:
+        dq = q_producer.get(name)
+        if dq is not None and dq.op_type == "DequantizeLinear" and len(dq.input) > 2 and dq.input[2] in q_inits:
+            zero_types.append(str(numpy_helper.to_array(q_inits[dq.input[2]]).dtype))
+    return {"op_type": original.op_type, "class": node.node_class, "attributes": _attributes(original),
+            "weight_shape": list(f_inits[original.input[1]].dims), "bias": len(original.input) > 2
+            and bool(original.input[2]), "activation_shape": list(activation.shape),
+            "activation_dtype": str(activation.dtype), "quantized_types": zero_types, "then": after}
+
+
+def _activations(float_model, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+    from dlopt.optimize.preprocess import with_outputs
+    from dlopt.sessions import cpu_session
+
+    session = cpu_session(with_outputs(float_model, list(names)))
+    inputs = {i.name for i in session.get_inputs()}
+    return dict(zip(names, session.run(list(names), {k: v for k, v in feeds.items() if k in inputs})))
 
 
 def time_node_classes(float_model, qdq_model, feeds: Mapping[str, np.ndarray],
@@ -391,17 +479,11 @@ def time_node_classes(float_model, qdq_model, feeds: Mapping[str, np.ndarray],
                       ) -> dict[str, dict[str, Any]]:
     """{node class: {nodes, float_us, int8_us, ratio (int8/float)}}: each class's quantized nodes timed
     side by side in both forms, on the activations `feeds` produce in the float model (the model's own
-    shapes and values)."""
-    from dlopt.optimize.preprocess import with_outputs
-    from dlopt.sessions import cpu_session
-
+    shapes and values); medians of the rounds."""
     classes = quantized_nodes_by_class(float_model, qdq_model)
     if not classes:
         return {}
-    names = sorted({n.activation for nodes in classes.values() for n in nodes})
-    session = cpu_session(with_outputs(float_model, names))
-    inputs = {i.name for i in session.get_inputs()}
-    values = dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in inputs})))
+    values = _activations(float_model, feeds, sorted({n.activation for nodes in classes.values() for n in nodes}))
     timer = timer or (lambda m, f: time_models(m, f, rounds=config.rounds, runs_per_round=config.runs_per_round))
     timing = {}
     for kind in NODE_CLASSES:
@@ -409,58 +491,122 @@ def time_node_classes(float_model, qdq_model, feeds: Mapping[str, np.ndarray],
         if not nodes:
             continue
         models, form_feeds = node_form_models(float_model, qdq_model, nodes, values)
-        float_us, int8_us = timer(models, form_feeds)
+        float_us, int8_us = (float(np.median(np.atleast_1d(t))) for t in timer(models, form_feeds))
         timing[kind] = {"nodes": [n.name for n in nodes], "float_us": round(float_us, 2), "int8_us": round(int8_us, 2),
                         "ratio": round(int8_us / max(float_us, 1e-9), 3)}
     return timing
 
 
 def float_classes(timing: Mapping[str, Mapping[str, Any]], config: NodeFormConfig = NodeFormConfig()) -> list[str]:
-    """The node classes whose INT8 form measured at least config.min_gain times slower than float."""
-    return [kind for kind, t in timing.items() if t["ratio"] >= config.min_gain]
+    """The node classes decided float (a `choice` recorded), else those whose INT8 form measured at least
+    config.min_gain times slower than float."""
+    return [kind for kind, t in timing.items()
+            if (t["choice"] == "float" if "choice" in t else t["ratio"] >= config.min_gain)]
+
+
+def _op_counts(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
 
 
 def choose_node_forms(float_model, qdq_model, feeds: Mapping[str, np.ndarray],
                       requantize: Callable[[list[str]], Any], config: NodeFormConfig = NodeFormConfig(), *,
-                      timer: Timer | None = None) -> StageResult:
+                      timer: Timer | None = None, store: DecisionStore | None = None) -> StageResult:
     """`qdq_model` (a static QDQ quantization of `float_model`), or, where it measures faster here, the
     model `requantize(names)` returns with the nodes of the classes whose INT8 form timed slower kept in
     float (quantize passes its own quantize_int8 with those names excluded and shielded). Both the
-    per-class timing and the whole-model check use `timer` (default: time_models)."""
+    per-class timing and the whole-model check use `timer` (default: time_models: per-round figures),
+    and each decision goes through `store` (default: the decision cache; or a report's decisions to
+    replay, without timing): the same model on the same CPU model gets the same decisions."""
     timer = timer or (lambda m, f: time_models(m, f, rounds=config.rounds, runs_per_round=config.runs_per_round))
     report: dict[str, Any] = {"config": config_to_dict(config), "classes": {}, "float_classes": [], "float_nodes": [],
-                              "kept": False}
+                              "kept": False, "decisions": []}
     if config.forms == "int8":
         report["decision"] = "every quantizable node INT8 (asked)"
         return StageResult(qdq_model, report)
-    timing = time_node_classes(float_model, qdq_model, feeds, config, timer=timer)
-    report["classes"] = timing
-    slower = float_classes(timing, config)
-    report["float_classes"] = slower
-    if not timing:
+    store = store or DecisionStore()
+    classes = quantized_nodes_by_class(float_model, qdq_model)
+    if not classes:
         report["decision"] = "nothing to choose: no static INT8 Conv/Gemm/MatMul"
         return StageResult(qdq_model, report)
-    summary = "; ".join(f"{k} int8/float {t['ratio']:.2f}x" for k, t in timing.items())
+    values = _activations(float_model, feeds, sorted({n.activation for nodes in classes.values() for n in nodes}))
+    for kind in NODE_CLASSES:
+        nodes = classes.get(kind, [])
+        if not nodes:
+            continue
+        signature = {"class": kind, "nodes": sorted((node_signature(float_model, qdq_model, n, values[n.activation])
+                                                     for n in nodes), key=lambda d: json.dumps(d, sort_keys=True))}
+
+        def measure(nodes=nodes):
+            models, form_feeds = node_form_models(float_model, qdq_model, nodes, values)
+            float_us, int8_us = timer(models, form_feeds)
+            return int8_us, float_us  # (the default form, the alternative)
+
+        record = store.decide(f"node class {kind}: int8 or float", signature, config.class_rule, default="int8",
+                              alternative="float", measure=measure)
+        report["decisions"].append(record)
+        figures = record.get("figures") or {}
+        float_us, int8_us = figures.get("alternative_us"), figures.get("default_us")
+        report["classes"][kind] = {"nodes": [n.name for n in nodes], "float_us": float_us, "int8_us": int8_us,
+                                   "ratio": round(int8_us / max(float_us, 1e-9), 3) if figures else None,
+                                   "ci": figures.get("ci"), "choice": record["choice"], "source": record["source"]}
+    timing = report["classes"]
+    slower = float_classes(timing, config)
+    report["float_classes"] = slower
+    summary = "; ".join(f"{k} " + (f"int8/float {t['ratio']:.2f}x" if t["ratio"] is not None else t["source"])
+                        for k, t in timing.items())
     if not slower:
-        report["decision"] = f"all INT8: no node class timed {config.min_gain}x slower in INT8 here ({summary})"
+        report["decision"] = (f"all INT8: no node class ran float {config.min_gain}x faster with its CI above 1x "
+                              f"({summary}; {_sources(report['decisions'])})")
         return StageResult(qdq_model, report)
     names = [n for k in slower for n in timing[k]["nodes"]]
     mixed = requantize(names)
-    int8_us, mixed_us = timer([qdq_model, mixed], [feeds, feeds])
-    gain = int8_us / max(mixed_us, 1e-9)
-    report["whole_model"] = {"int8_us": round(int8_us, 2), "mixed_us": round(mixed_us, 2), "gain": round(gain, 3)}
-    if gain < config.whole_min_gain:
+
+    def measure_whole():
+        int8_us, mixed_us = timer([qdq_model, mixed], [feeds, feeds])
+        return int8_us, mixed_us
+
+    # the model by what was decided about it (each class's node signatures) and its op counts: no names and
+    # no bytes, so that a replay on a machine whose quantizer writes other bytes still finds it
+    whole = {"classes": sorted(d["signature_sha256"] for d in report["decisions"]), "float_classes": sorted(slower),
+             "op_counts": sorted(_op_counts(qdq_model).items())}
+    record = store.decide("whole model: all INT8 or mixed", whole, config.whole_rule, default="all int8",
+                          alternative="mixed", measure=measure_whole)
+    report["decisions"].append(record)
+    figures = record.get("figures") or {}
+    gain = figures.get("speedup")
+    report["whole_model"] = {"int8_us": figures.get("default_us"), "mixed_us": figures.get("alternative_us"),
+                             "gain": gain, "ci": figures.get("ci"), "choice": record["choice"],
+                             "source": record["source"]}
+    if record["choice"] != "mixed":
         report["decision"] = (f"all INT8: {', '.join(slower)} timed slower in INT8 ({summary}), but the whole model "
-                              f"with them in float ran {gain:.2f}x (below {config.whole_min_gain}x: the Q/DQ "
-                              "pairs and layout changes around float nodes cost what they saved)")
+                              f"with them in float " + (f"ran {gain:.2f}x (CI {figures['ci'][0]:.2f}-"
+                                                        f"{figures['ci'][1]:.2f}; needs {config.whole_min_gain}x "
+                                                        "with the CI above 1x: the Q/DQ pairs and layout changes "
+                                                        "around float nodes cost what they saved)" if figures
+                                                        else f"was not chosen ({record.get('why')})")
+                              + f"; {_sources(report['decisions'])}")
         return StageResult(qdq_model, report)
     report.update(kept=True, float_nodes=names)
     report["decision"] = (f"{len(names)} node(s) kept in float ({', '.join(slower)}): INT8 timed slower here "
-                          f"({summary}); whole model {gain:.2f}x faster than all INT8")
+                          f"({summary}); whole model " + (f"{gain:.2f}x faster than all INT8" if figures else
+                                                          record.get("why", "")) + f"; {_sources(report['decisions'])}")
     return StageResult(mixed, report)
+
+
+def _sources(decisions: Sequence[Mapping[str, Any]]) -> str:
+    """'3 decisions timed now, 1 from the decision cache'."""
+    names = {"timed": "timed now", "cache": "from the decision cache", "replayed": "replayed from a report",
+             "default": "defaults (not in the replayed report)"}
+    counts: dict[str, int] = {}
+    for d in decisions:
+        counts[d["source"]] = counts.get(d["source"], 0) + 1
+    return ", ".join(f"{n} decision{'s' if n != 1 else ''} {names.get(s, s)}" for s, n in counts.items())
 
 
 __all__ = ["LAYERNORM_FORMS", "NODE_CLASSES", "NODE_FORMS", "KernelChoiceConfig", "NodeFormConfig", "QuantizedNode",
            "choose_layernorm_form", "choose_node_forms", "find_layernorm_sites", "float_classes", "node_class",
-           "node_form_models",
+           "node_form_models", "node_signature",
            "quantized_nodes_by_class", "time_layernorm_forms", "time_models", "time_node_classes"]

@@ -42,7 +42,7 @@ class QuantizeScheme:
     speed_check: bool = True  # time FP32 vs the result (b1, one thread, ~2 s) and warn when it is slower
     # target cpu: residual sums before LayerNorms written so that ORT does not fuse them into its
     # SkipLayerNormalization when that measures slower here (dlopt.optimize.kernel_choice); auto: timed
-    layernorm_form: LayerNormForm = "auto"
+    layernorm_form: LayerNormForm | str = "auto"  # or FILE.quantize.json: that report's decision, replayed
     # models with an attention mask: slice the token inputs to the batch's longest real length
     # (dlopt.optimize.trim_padding); auto: only where held-out inputs confirm equivalence
     trim_padding: TrimMode = "auto"
@@ -73,9 +73,9 @@ def check_common(config) -> None:
         metric_info(config.metric)
     if config.metric_floor is not None and math.isnan(config.metric_floor):
         raise InputError(f"{name}: the metric floor is not a number", "give a floor in the metric's unit, e.g. 0.9")
-    if config.layernorm_form not in LAYERNORM_FORMS:
+    if config.layernorm_form not in LAYERNORM_FORMS and not str(config.layernorm_form).endswith(".json"):
         raise InputError(f"{name}: unknown layernorm form {config.layernorm_form!r}",
-                         f"choose one of {', '.join(LAYERNORM_FORMS)}")
+                         f"choose one of {', '.join(LAYERNORM_FORMS)}, or a FILE.quantize.json to replay")
     if config.trim_padding not in TRIM_MODES:
         raise InputError(f"{name}: unknown trim-padding mode {config.trim_padding!r}",
                          f"choose one of {', '.join(TRIM_MODES)}")

@@ -23,3 +23,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def private_decision_cache(tmp_path_factory, monkeypatch):
+    """Each test its own stage cache ($DLOPT_CACHE_DIR): quantize caches its timed kernel decisions there,
+    and a test's faked timings must never reach another test, or the user's cache."""
+    monkeypatch.setenv("DLOPT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))

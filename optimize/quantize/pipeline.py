@@ -51,6 +51,7 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
         reason = plan(model).reason
         if reason:
             raise InputError(f"--trim-padding on: {reason}", "use --trim-padding auto or off for this model")
+    decisions = _decision_store(config)  # a report to replay is read before any work
     started = time.perf_counter()
     # before ORT's own sessions (its calibrator, its transformer optimizer), which would otherwise be the
     # process's first and leave denormals unflushed on this thread for the checks and timings below
@@ -87,7 +88,7 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
             result = convert_fp16(source, config, data)
         report = {**{k: v for k, v in result.report.items() if k != "config"}, "precision": config.precision,
                   "config": config_to_dict(request or config), "scheme": scheme}
-        result_model, report["kernel_choice"] = _choose_kernels(result.model, config, log)
+        result_model, report["kernel_choice"] = _choose_kernels(result.model, config, log, decisions)
         result_model, report["trim_padding"] = _trim_padding(model, result_model, config, held_out, data, log)
         report.update(_summary(model, result_model, data, config, feeds=held_out, holdout=holdout))
         report["verdict"] = verdict(report, floor)
@@ -151,7 +152,7 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
     node_forms = None
     if recipe.mode == "static" and _timed_here(config.target):
         quantized, node_forms = _choose_node_forms(prepared, quantized, config, recipe, data, ranges, layer_stats,
-                                                   details, log)
+                                                   details, log, decisions)
     report = {"precision": "int8", "config": config_to_dict(request or config), "scheme": scheme,
               "recipe": dataclasses.asdict(recipe) | {"reasons": list(recipe.reasons)},
               "normalization": normalized.report, "preprocess": pre_report, "activation_fusion": fusion_report,
@@ -162,7 +163,7 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
         report["floor_recovery"] = recovery
     if node_forms is not None:
         report["node_forms"] = node_forms
-    quantized, report["kernel_choice"] = _choose_kernels(quantized, config, log)
+    quantized, report["kernel_choice"] = _choose_kernels(quantized, config, log, decisions)
     quantized, report["trim_padding"] = _trim_padding(model, quantized, config, held_out, data, log)
     report.update(_summary(model, quantized, data, config, feeds=held_out, holdout=holdout, exact_arithmetic=exact))
     if "fidelity_exact_arithmetic" in report:
@@ -173,11 +174,22 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
     return StageResult(quantized, report)
 
 
+def _decision_store(config):
+    """Where the timed kernel choices come from: the report named by --node-forms / --layernorm
+    (FILE.quantize.json, replayed without timing), else the decision cache (dlopt.optimize.kernel_decisions)."""
+    from dlopt.optimize.kernel_decisions import DecisionStore, is_replay, load_replay
+
+    named = [v for v in (getattr(config, "node_forms", "auto"), config.layernorm_form) if is_replay(v)]
+    if not named:
+        return DecisionStore()
+    return DecisionStore(replay=load_replay(named[0]), replay_source=named[0])
+
+
 def _choose_node_forms(prepared, quantized, config: Int8Static, recipe: Recipe, data, ranges, layer_stats,
-                       details: dict[str, Any], log) -> tuple[Any, dict[str, Any]]:
-    """INT8 or float per node class, timed here (dlopt.optimize.kernel_choice.choose_node_forms). Speed
-    decides only where accuracy allows: nodes the accuracy budget kept float stay float, and speed can
-    only add float nodes (a float node computes what the source computes)."""
+                       details: dict[str, Any], log, decisions) -> tuple[Any, dict[str, Any]]:
+    """INT8 or float per node class, timed here or replayed (dlopt.optimize.kernel_choice.choose_node_forms).
+    Speed decides only where accuracy allows: nodes the accuracy budget kept float stay float, and speed
+    can only add float nodes (a float node computes what the source computes)."""
     from dlopt.optimize.kernel_choice import NodeFormConfig, choose_node_forms
 
     excluded = list(details.get("nodes_excluded") or [])
@@ -190,7 +202,8 @@ def _choose_node_forms(prepared, quantized, config: Int8Static, recipe: Recipe, 
         return model
 
     feeds = check_feeds(prepared, data, 1)[0]
-    result = choose_node_forms(prepared, quantized, feeds, requantize, NodeFormConfig(forms=config.node_forms))
+    result = choose_node_forms(prepared, quantized, feeds, requantize, NodeFormConfig(forms=config.node_forms),
+                               store=decisions)
     if result.report["classes"] or config.node_forms == "int8":
         log(f"node forms: {result.report['decision']}")
     if result.report["kept"]:
@@ -199,14 +212,17 @@ def _choose_node_forms(prepared, quantized, config: Int8Static, recipe: Recipe, 
     return result.model, result.report
 
 
-def _choose_kernels(model, config: QuantizeScheme, log) -> tuple[Any, dict[str, Any] | None]:
-    """Equivalent graph forms timed on this host, only for a target whose kernels run here (cpu): a phone
-    or a GPU runs other kernels than the ones measurable here."""
+def _choose_kernels(model, config: QuantizeScheme, log, decisions) -> tuple[Any, dict[str, Any] | None]:
+    """Equivalent graph forms timed on this host (or replayed), only for a target whose kernels run here
+    (cpu): a phone or a GPU runs other kernels than the ones measurable here."""
     if not _timed_here(config.target):
         return model, None
     from dlopt.optimize.kernel_choice import KernelChoiceConfig, choose_layernorm_form
+    from dlopt.optimize.kernel_decisions import is_replay
 
-    result = choose_layernorm_form(model, KernelChoiceConfig(layernorm=config.layernorm_form))
+    # a report (named by --layernorm or --node-forms) is replayed by `decisions`; fused/unfused are as asked
+    form = "auto" if is_replay(config.layernorm_form) else config.layernorm_form
+    result = choose_layernorm_form(model, KernelChoiceConfig(layernorm=form), store=decisions)
     if result.report["sites"]:
         log(f"kernel choice: {result.report['decision']}")
     return result.model, result.report

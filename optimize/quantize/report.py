@@ -50,11 +50,17 @@ def summary_text(report: Mapping[str, Any]) -> str:
     forms = report.get("node_forms")
     if forms:
         lines.append(f"node forms: {forms['decision']}")
-        rows = [[k, len(t["nodes"]), f"{t['float_us']:.0f}", f"{t['int8_us']:.0f}", f"{t['ratio']:.2f}",
+        def us(value) -> str:
+            return "-" if value is None else f"{value:.0f}"
+
+        rows = [[k, len(t["nodes"]), us(t["float_us"]), us(t["int8_us"]),
+                 "-" if t["ratio"] is None else f"{t['ratio']:.2f}",
+                 f"{t['ci'][0]:.2f}-{t['ci'][1]:.2f}" if t.get("ci") else "-", t.get("source", "timed"),
                  "float" if forms["kept"] and k in forms["float_classes"] else "int8"]
                 for k, t in forms["classes"].items()]
         if rows:
-            lines.append(format_table(["node class", "nodes", "float us", "int8 us", "int8/float", "runs as"], rows))
+            lines.append(format_table(["node class", "nodes", "float us", "int8 us", "int8/float",
+                                       "float speed-up CI", "decided", "runs as"], rows))
     kernels = report.get("kernel_choice")
     if kernels and kernels["sites"]:
         lines.append(f"kernel choice: {kernels['decision']}")
@@ -85,11 +91,16 @@ def summary_text(report: Mapping[str, Any]) -> str:
         lines.append(fidelity_table(exact["outputs"]))
     speed = report.get("speed_check")
     if speed:
-        lines.append(f"speed (quick check, inputs {feed_description(speed['input_shapes'], speed.get('padding'))}, "
-                     f"one thread, {speed['rounds']} rounds, {report.get('cpu_label', 'this CPU')}): "
-                     f"{speed['float_ms']:.3g} ms FP32 -> {speed['quantized_ms']:.3g} ms, {speed['speedup']:.2f}x"
+        ci = speed.get("speedup_ci")
+        figure = (f"{speed['speedup']:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}] ({speed.get('confidence', 0.95):.0%} CI)"
+                  if ci else f"{speed['speedup']:.2f}x")
+        rough = "rough figure, " if speed.get("rough") or not ci else ""
+        lines.append(f"speed (quick check: {rough}{speed['rounds']} rounds of dlopt bench's sampler, inputs "
+                     f"{feed_description(speed['input_shapes'], speed.get('padding'))}, one thread, thread CPU time, "
+                     f"{report.get('cpu_label', 'this CPU')}): {speed['float_ms']:.3g} ms FP32 -> "
+                     f"{speed['quantized_ms']:.3g} ms, {figure}"
                      f"{' (slower than FP32 on this CPU)' if speed['speedup'] < 0.95 else ''}; "
-                     "dlopt bench measures with confidence intervals")
+                     "dlopt bench measures longer, batch sizes and real data")
     session = report.get("session")
     if session:
         entries = ", ".join(f"{k}={v}" for k, v in session["session_config"].items())

@@ -12,6 +12,7 @@ from dlopt.images import ImagePreprocess
 from dlopt.optimize.fp16 import Fp16
 from dlopt.optimize.int4 import Int4WeightOnly
 from dlopt.optimize.kernel_choice import LayerNormForm, NODE_FORMS, NodeForms
+from dlopt.optimize.kernel_decisions import is_replay
 from dlopt.optimize.scheme import HOLDOUT_FRACTION, QuantizeScheme, check_common
 from dlopt.optimize.trim_padding import TrimMode
 
@@ -99,7 +100,7 @@ class Int8Static(_Int8):
     rounding_samples: int = 64  # calibration samples for the layer statistics of both
     # target cpu: node classes (depthwise, pointwise, dense, small-channel conv, gemm) whose INT8 kernels
     # time slower here than float stay float, if the whole model then runs faster; int8: all
-    node_forms: NodeForms = "auto"
+    node_forms: NodeForms | str = "auto"  # or FILE.quantize.json: that report's decisions, replayed
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -129,8 +130,9 @@ def check_static(config) -> None:
         raise InputError(f"percentile {config.percentile} is out of range", "give a value in (0, 100], e.g. 99.999")
     if config.weight_rounding not in ROUNDINGS:
         raise InputError(f"unknown weight rounding {config.weight_rounding!r}", f"choose one of {', '.join(ROUNDINGS)}")
-    if config.node_forms not in NODE_FORMS:
-        raise InputError(f"unknown node forms {config.node_forms!r}", f"choose one of {', '.join(NODE_FORMS)}")
+    if config.node_forms not in NODE_FORMS and not is_replay(config.node_forms):
+        raise InputError(f"unknown node forms {config.node_forms!r}",
+                         f"choose one of {', '.join(NODE_FORMS)}, or a FILE.quantize.json whose decisions to replay")
     if config.rounding_samples < 1:
         raise InputError(f"rounding samples {config.rounding_samples} must be >= 1", "e.g. 32")
 
@@ -171,8 +173,8 @@ class QuantizeConfig:
     bias_correction: bool = True
     rounding_samples: int = 64
     speed_check: bool = True
-    layernorm_form: LayerNormForm = "auto"
-    node_forms: NodeForms = "auto"
+    layernorm_form: LayerNormForm | str = "auto"  # or FILE.quantize.json: that report's decision, replayed
+    node_forms: NodeForms | str = "auto"  # or FILE.quantize.json: that report's decisions, replayed
     trim_padding: TrimMode = "auto"
 
     def resolve(self, model, *, has_data: bool) -> tuple[Scheme, tuple[str, ...]]:

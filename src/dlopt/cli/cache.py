@@ -7,15 +7,17 @@ import click
 from dlopt.cli._common import cache_dir_option
 
 
-@click.group("cache", short_help="List (ls) or trim (prune) the stage cache of `dlopt run`.")
+@click.group("cache", short_help="List (ls) or trim (prune) the stage cache of `dlopt run` and quantize's kernel "
+                                 "decisions.")
 def command():
-    """The stage cache of `dlopt run` (default ~/.cache/dlopt/stages, or $DLOPT_CACHE_DIR)."""
+    """The stage cache of `dlopt run`, which also holds quantize's timed kernel decisions per CPU model
+    (kind kernel-decision) (default ~/.cache/dlopt/stages, or $DLOPT_CACHE_DIR)."""
 
 
 @command.command("ls")
 @cache_dir_option
 def ls(cache_dir):
-    """One row per cached stage output, oldest first."""
+    """One row per cached stage output or kernel decision, oldest first."""
     from dlopt.api import cache_ls, cache_text
 
     click.echo(cache_text(cache_ls(cache_dir)))

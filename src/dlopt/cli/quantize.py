@@ -65,10 +65,14 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
               help="Static int8: fold each Conv/Gemm's mean weight-rounding shift into its bias.")
 @click.option("--layernorm", "layernorm_form", default="auto", show_default=True,
               help="Target cpu: auto (time ORT's fused SkipLayerNormalization against Sum + LayerNormalization "
-                   "here and write the faster form) | fused | unfused.")
+                   "here, or take the decision cached for this CPU, and write the faster form) | fused | unfused | "
+                   "FILE.quantize.json (replay that report's decision, no timing).")
 @click.option("--node-forms", "node_forms", default="auto", show_default=True,
               help="Target cpu, static int8: auto (time each node class, e.g. depthwise or 1-3-channel convs, in "
-                   "INT8 and float here and keep float where INT8 is slower, if the whole model gains) | int8.")
+                   "INT8 and float here, on thread CPU time, and keep float only where it is faster by a margin with "
+                   "a CI above 1x, if the whole model gains; each decision is cached per CPU model and node "
+                   "signature, listed by `dlopt cache ls`) | int8 | FILE.quantize.json (replay that report's "
+                   "decisions on this machine, no timing).")
 @click.option("--no-fuse-activations", is_flag=True,
               help="int8: leave decomposed hard-swish, SiLU and GELU as they are (by default each is fused into "
                    "one op before calibration, checked against the unfused graph on the data).")
