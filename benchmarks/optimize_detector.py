@@ -206,7 +206,8 @@ def table(name: str, command: list[str], result: dict, judged: dict, model: Path
         ("command", " ".join(["dlopt", *command[1:]]).replace(str(command[2]), model.name)),
         ("CPU", result.get("cpu", "")),
         ("input", INPUTS[name]),
-        ("evaluator", f"{result.get('evaluator')} (unit: {result.get('drop_unit')})"),
+        ("evaluator", f"{result.get('evaluator')}" + (f" -> {result['metric']['name']}" if result.get("metric") else "")
+         + f" (unit: {result.get('drop_unit')})"),
         ("chosen candidate", f"{result['chosen']} (verified: {result.get('verified')})"),
         ("its metric (optimize)", f"score {chosen.get('score')}, drop {chosen.get('drop_points')}; "
                                   f"FP32 {result.get('baseline_score')}"),

@@ -3,6 +3,8 @@ whole-output SQNR that passes while detections are lost, and the verdict and CLI
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from importlib.resources import files
@@ -383,6 +385,18 @@ def det_files(tmp_path_factory):
     rng = np.random.default_rng(1)
     np.savez(work / "images.npz", x=rng.uniform(0, 1, (12, 3, 16, 16)).astype(np.float32))
     return work
+
+
+def test_optimize_names_the_task_metric_auto_chose_and_its_unit(det_files):
+    from dlopt.search.evaluation import SearchContext, resolved_metric
+
+    ctx = SearchContext(source=str(det_files / "det.onnx"), torch_source=False, source_id="det", target="cpu",
+                        calibration=None, eval_data=str(det_files / "images.npz"), evaluator="auto",
+                        cache_root=str(det_files / "cache"), name="det")
+    metric = resolved_metric(ctx)
+    assert metric["name"] == "detection" and metric["drop_unit"] == "fraction of boxes (Jaccard)"
+    assert "4+C" in metric["reason"] or "yolo" in metric["reason"].lower(), metric["reason"]
+    assert resolved_metric(dataclasses.replace(ctx, evaluator="sqnr")) is None  # named by the user already
 
 
 def test_quantize_reports_and_judges_the_detection_metric(det_files):
