@@ -21,7 +21,7 @@ from dlopt.errors import InputError
 from dlopt.fidelity import sqnr_db
 from dlopt.metrics import (METRIC_TABLE, CosineAgreement, DetectionLayout, MetricChoice, Perplexity, TopKAgreement,
                            assess, box_iou, channel_groups, choose_metric, decode_detections, decode_sequence,
-                           detection_agreement, group_sqnr, judge, map_agreement, measure, metric_drop, nms,
+                           detection_agreement, group_sqnr, judge, map_agreement, match_pairs, measure, metric_drop, nms,
                            retrieval_agreement, sequence_agreement)
 
 
@@ -173,6 +173,23 @@ def test_detection_agreement_by_hand():
     assert value.components["recall"] == pytest.approx(1 / 3) and value.components["false_boxes"] == 2
     assert {f["check"] for f in judge(value)} == {"detection", "class_agreement"}
     assert detection_agreement([[ref]], [[ref]], YOLO).value == 1.0
+
+
+def test_class_agreement_does_not_cross_fp32s_own_overlapping_boxes_of_two_classes():
+    # FP32 keeps two boxes of different classes on one region (class-wise NMS: a layout model's Text and
+    # List-item on one paragraph); the candidate keeps both with their classes, shifted a little so that
+    # pairing ignoring class would match each FP32 box with the other class's box (IoU 0.975 vs 0.928)
+    ref = _yolo([[50, 50, 40, 40], [52, 50, 40, 40]], [[0.9, 0.0], [0.0, 0.8]])
+    cand = _yolo([[51.5, 50, 40, 40], [50.5, 50, 40, 40]], [[0.9, 0.0], [0.0, 0.8]])
+    (r,), (c,) = decode_detections([ref], YOLO), decode_detections([cand], YOLO)
+    assert match_pairs(r, c, same_class=False) == [(0, 1), (1, 0)]  # the crossing this metric must not count
+    value = detection_agreement([[ref]], [[cand]], YOLO)
+    assert value.value == 1.0 and value.components["class_agreement"] == 1.0
+    # a box found only with another class still counts as a class flip
+    flipped = _yolo([[50, 50, 40, 40], [200, 200, 10, 10]], [[0.0, 0.9], [0.5, 0.0]])
+    lone = _yolo([[50, 50, 40, 40], [200, 200, 10, 10]], [[0.9, 0.0], [0.5, 0.0]])
+    value = detection_agreement([[lone]], [[flipped]], YOLO)
+    assert value.components["class_agreement"] == pytest.approx(0.5) and value.value == pytest.approx(1 / 3)
 
 
 def test_whole_output_sqnr_passes_while_collapsed_score_rows_lose_every_detection():
