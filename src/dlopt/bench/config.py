@@ -55,6 +55,16 @@ class BenchConfig:
     profile_runs: int = 22  # profiled runs per model and batch size; the first two are not counted
 
 
+def check_sampling(rounds: int | None, clock: str, ratio_method: str) -> None:
+    """The interleaved sampler's options, as bench and bench --generate take them."""
+    if rounds is not None and rounds < 2:
+        raise InputError(f"rounds must be at least 2, got {rounds}", "e.g. {rounds=200}")
+    if clock not in (*CLOCKS, "auto"):
+        raise InputError(f"unknown clock {clock!r}", "choose cpu, wall or auto")
+    if ratio_method not in RATIO_METHODS:
+        raise InputError(f"unknown ratio method {ratio_method!r}", f"choose {', '.join(RATIO_METHODS)}")
+
+
 def validate_config(config: BenchConfig) -> None:
     from dlopt.limits import MAX_BATCH, MAX_MEASURE_S, check_number
 
@@ -81,12 +91,7 @@ def validate_config(config: BenchConfig) -> None:
         raise InputError(f"the time budget must be positive, got {config.budget_s} s", "e.g. 30 s")
     if config.max_samples < 2 or config.min_sample_s < 0:
         raise InputError("max_samples must be at least 2 and min_sample_s non-negative", "use the defaults")
-    if config.rounds is not None and config.rounds < 2:
-        raise InputError(f"rounds must be at least 2, got {config.rounds}", "e.g. {rounds=200}")
-    if config.clock not in (*CLOCKS, "auto"):
-        raise InputError(f"unknown clock {config.clock!r}", "choose cpu, wall or auto")
-    if config.ratio_method not in RATIO_METHODS:
-        raise InputError(f"unknown ratio method {config.ratio_method!r}", f"choose {', '.join(RATIO_METHODS)}")
+    check_sampling(config.rounds, config.clock, config.ratio_method)
     if config.profile and config.profile_runs < 3:
         raise InputError(f"profile runs must be at least 3, got {config.profile_runs}", "e.g. 22")
     if not 0.5 <= config.confidence < 1.0:

@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from dlopt.bench.config import CLOCKS, MIN_TIMED_ROUNDS, ProgressFn, read_clocks
+from dlopt.bench.config import CLOCKS, MIN_TIMED_ROUNDS, ProgressFn, check_sampling, read_clocks
 from dlopt.bench.sampler import InterleavedSampler
 from dlopt.errors import InputError, MissingDependencyError
-from dlopt.stats import DEFAULT_BOOTSTRAP, RATIO_METHODS, Interval, Summary, ratio_ci, summarize
+from dlopt.stats import DEFAULT_BOOTSTRAP, Interval, Summary, ratio_ci, summarize
 
 SCHEMA_NAME = "dlopt.bench.generate"
 SCHEMA_VERSION = 1
@@ -77,12 +77,7 @@ def validate_generate_config(config: GenerateConfig) -> None:
         raise InputError(f"batch sizes must be positive integers, got {list(config.batch_sizes)}", "e.g. 1,4")
     if config.rounds is None and config.budget_s <= 0:
         raise InputError(f"the time budget must be positive, got {config.budget_s} s", "e.g. 60 s")
-    if config.rounds is not None and config.rounds < 2:
-        raise InputError(f"rounds must be at least 2, got {config.rounds}", "e.g. {rounds=10}")
-    if config.clock not in (*CLOCKS, "auto"):
-        raise InputError(f"unknown clock {config.clock!r}", "choose cpu, wall or auto")
-    if config.ratio_method not in RATIO_METHODS:
-        raise InputError(f"unknown ratio method {config.ratio_method!r}", f"choose {', '.join(RATIO_METHODS)}")
+    check_sampling(config.rounds, config.clock, config.ratio_method)
 
 
 def _genai():
