@@ -382,17 +382,12 @@ def _quiet(message: str) -> None:
     pass
 
 
-def _data_file(data) -> str | None:
-    """The file or folder a verb's data is read from (or a Python reader's .py file), to guard: never an
-    output. None for arrays, model:NAME and package.module readers."""
-    from dlopt.data import as_spec
+def _data_file(data):
+    """The file or folder a verb's data is read from (a Python reader's .py file), to guard: never an
+    output (dlopt.data.source_path); None for arrays (a mapping), model:NAME and package.module readers."""
+    from dlopt.data import source_path
 
-    if data is None or isinstance(data, Mapping):
-        return None
-    spec = as_spec(data)
-    if spec.is_reader:
-        return spec.source.rpartition(":")[0] if ".py:" in spec.source else None
-    return spec.source if spec.is_path else None
+    return None if data is None or isinstance(data, Mapping) else source_path(data)
 
 
 @dataclass(frozen=True)
