@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -550,8 +551,8 @@ class KeyPair:
 def keygen(*, output: str | os.PathLike | None = None, private: str | os.PathLike | None = None,
            public: str | os.PathLike | None = None) -> KeyPair:
     """Write a new Ed25519 key pair as PEM files, the private one with mode 0600: into the folder
-    `output` (as dlopt-signing.key / .pub), or to the files `private` and `public`. Existing files are
-    never overwritten. Sign bundles with the private key, verify them with the public one."""
+    `output` (as dlopt-signing.key / .pub; a missing folder is created with mode 0700), or to the files
+    `private` and `public`. Existing files are never overwritten. Sign bundles with the private key, verify them with the public one."""
     from dlopt.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, generate_key_pair
 
     if output is not None and (private or public):
@@ -559,13 +560,32 @@ def keygen(*, output: str | os.PathLike | None = None, private: str | os.PathLik
                          "give {output=DIR}, or both {private=KEY} and {public=PUB}")
     if output is None and not (private and public):
         raise InputError("no key paths given", "give {output=DIR}, or both {private=KEY} and {public=PUB}")
+    created = None
     if output is not None:
         folder = Path(output)
-        if not folder.is_dir():
-            raise InputError(f"key folder {folder} does not exist", "create it first")
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"key folder {folder} is a file", "give a folder for the keys (it is created if missing)")
+        if not folder.exists():
+            created = _make_key_folder(folder)
         private, public = folder / PRIVATE_KEY_NAME, folder / PUBLIC_KEY_NAME
-    fingerprint = generate_key_pair(private, public)
+    try:
+        fingerprint = generate_key_pair(private, public)
+    except BaseException:
+        if created is not None:  # leave no empty key folder behind a failed run
+            with contextlib.suppress(OSError):
+                created.rmdir()
+        raise
     return KeyPair(Path(private), Path(public), fingerprint)
+
+
+def _make_key_folder(folder: Path) -> Path:
+    """Create the key folder with mode 0700 (only its owner lists or enters it), parents as needed."""
+    try:
+        folder.mkdir(parents=True, mode=0o700)
+        folder.chmod(0o700)  # mkdir's mode is masked by the umask; the folder's own mode is meant exactly
+    except OSError as e:
+        raise InputError(f"cannot create key folder {folder}: {e.strerror}", "choose a folder you can write") from None
+    return folder
 
 
 @dataclass(frozen=True)
