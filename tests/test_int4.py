@@ -292,7 +292,7 @@ def _expose(model, name):
 @pytest.fixture(scope="module")
 def minilm_fp32():
     from dlopt.optimize.export import ExportConfig, export
-from dlopt.sources import load_source
+    from dlopt.sources import load_source
 
     return export(load_source("minilm"), ExportConfig()).model
 
