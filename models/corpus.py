@@ -49,7 +49,7 @@ import os
 import sysconfig
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, cache
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -275,7 +275,7 @@ def _sentence_pool(split: Split) -> tuple[str, ...]:
     return sentences[start:start + 2000]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _font(name: str, size: int):
     from PIL import ImageFont
 
@@ -633,7 +633,7 @@ def _recognition_samples(split: Split, limit: int | None) -> list[Sample]:
     return samples
 
 
-@lru_cache(maxsize=None)
+@cache
 def ctc_characters(path: Path) -> tuple[str, ...]:
     """The CTC classes of a PP-OCR recogniser: blank, its dictionary (the model's `character` metadata),
     and the space rapidocr appends (use_space_char)."""
@@ -663,7 +663,7 @@ def speech_available() -> bool:
     return all((ALSA_SOUNDS / f"{n}.wav").is_file() for names in SPEECH_FILES.values() for n in names)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sound(name: str) -> np.ndarray:
     """An alsa-utils test sound at 16 kHz, float32 in [-1, 1]."""
     import wave

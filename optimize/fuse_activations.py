@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
+from collections.abc import Callable
 
 import numpy as np
 
@@ -126,11 +127,14 @@ def _hardswish_sites(ix: _Index, model) -> list[tuple[list, list]]:
     from onnx import helper
 
     sites = []
-    fused = lambda x, out, name: ([helper.make_node("HardSwish", [x], [out], name=name)]  # noqa: E731
-                                  if _opset(model) >= HARDSWISH_OPSET else
-                                  [helper.make_node("HardSigmoid", [x], [out + "/hardsigmoid"], alpha=1 / 6, beta=0.5,
-                                                    name=name + "/hardsigmoid"),
-                                   helper.make_node("Mul", [x, out + "/hardsigmoid"], [out], name=name)])
+
+    def fused(x: str, out: str, name: str) -> list:
+        if _opset(model) >= HARDSWISH_OPSET:
+            return [helper.make_node("HardSwish", [x], [out], name=name)]
+        return [helper.make_node("HardSigmoid", [x], [out + "/hardsigmoid"], alpha=1 / 6, beta=0.5,
+                                 name=name + "/hardsigmoid"),
+                helper.make_node("Mul", [x, out + "/hardsigmoid"], [out], name=name)]
+
     for clip in [n for n in ix.graph.node if n.op_type == "Clip"]:
         low, high = _clip_bounds(ix, clip)
         add = ix.producer.get(clip.input[0])

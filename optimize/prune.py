@@ -224,7 +224,7 @@ def _resolve_ignored(module, names: Iterable[str]) -> list[Any]:
 GradientBatches = Iterable[tuple[Mapping[str, Any], Any]]
 
 
-def prune(module, example_inputs: Mapping[str, Any], config: PruneConfig = PruneConfig(), *,
+def prune(module, example_inputs: Mapping[str, Any], config: Prune = Prune(), *,
           gradient_batches: GradientBatches | None = None) -> StageResult:
     """Prune a copy of `module` (the input is not modified). Returns the pruned module and a report.
 
@@ -360,10 +360,7 @@ def _accumulate_gradients(model, inputs, gradient_batches: GradientBatches | Non
     n = 0
     for batch_inputs, labels in gradient_batches:
         out = first_tensor(model(**batch_inputs))
-        if labels is not None:
-            loss = torch.nn.functional.cross_entropy(out, labels)
-        else:
-            loss = out.float().pow(2).mean()
+        loss = torch.nn.functional.cross_entropy(out, labels) if labels is not None else out.float().pow(2).mean()
         loss.backward()
         n += 1
     if n == 0:

@@ -761,6 +761,8 @@ if TYPE_CHECKING:
     from dlopt.models import Fp32Evaluation
     from dlopt.package import PackageConfig, PackageResult
     from dlopt.recipe import RunResult
+    from dlopt.search.driver import OptimizeConfig, OptimizeResult
+    from dlopt.search.report import front_text as optimize_text
     from dlopt.stagecache import Entry, StageCache
     from dlopt.verify import VerifyResult
 

@@ -322,8 +322,8 @@ def _level_boxes(box_map: np.ndarray) -> np.ndarray:
     else:
         dist = box_map
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
-    l, t, r, b = dist.astype(np.float64)
-    return np.stack([xs - l, ys - t, xs + r, ys + b], axis=-1).reshape(-1, 4) / np.array([w, h, w, h])
+    left, top, right, bottom = dist.astype(np.float64)
+    return np.stack([xs - left, ys - top, xs + right, ys + bottom], axis=-1).reshape(-1, 4) / np.array([w, h, w, h])
 
 
 def decode_detections(outputs: Sequence[np.ndarray], layout: DetectionLayout, *, confidence: float = CONFIDENCE,

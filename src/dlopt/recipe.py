@@ -51,7 +51,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli packag
     import tomli as tomllib
 
 import dlopt
-from dlopt.data import DataSpec, as_spec, local_modules, read_spec_file, reader_hash, source_path, spec_from_keys, spec_hash
+from dlopt.data import DataSpec, local_modules, read_spec_file, reader_hash, source_path, spec_from_keys, spec_hash
 from dlopt.errors import DlOptError, InputError, StageError
 from dlopt.manifest import hash_path, sha256_file
 from dlopt.stage import (ConfigValueError, Stage, StageContext, config_from_dict, config_to_dict, config_version,
@@ -641,7 +641,7 @@ def _build(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Path, k
         if again.entry is not None and (not forced or again.entry.created >= started):
             return again.entry, view, True
         log(f"{label}: running (key {key[:12]})")
-        entry = _run_stage(recipe, stage, artifact, out, key, inputs, cache, staging, lineage, log)
+        _run_stage(recipe, stage, artifact, out, key, inputs, cache, staging, lineage, log)
         made, view = cache.checkout(key, private)
         if made.entry is None:
             raise StageError(f"the cache entry {key[:12]} just written fails its check: {made.problem}",

@@ -322,7 +322,7 @@ def benchmark_generate(paths: Sequence[str | os.PathLike], config: GenerateConfi
                     "auto: one thread, where thread CPU time is steadier than wall time" if clock == "cpu" else
                     f"auto: {config.threads} threads; pool threads' CPU time is invisible to the caller, so wall time")
     models = []
-    for path, label, folder in zip(paths, _labels([Path(p) for p in paths]), folders):
+    for label, folder in zip(_labels([Path(p) for p in paths]), folders):
         if progress is not None:
             progress(f"loading {label}", 0.0)
         peak = _RssPeak()
