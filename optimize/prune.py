@@ -142,9 +142,9 @@ def find_attention(module) -> list[AttentionModule]:
         if head_attr is None:
             continue
         for names in _QKV_NAMES:
-            layers = tuple(getattr(m, n, None) for n in names)
-            if all(isinstance(layer, torch.nn.Linear) for layer in layers):
-                found.append(AttentionModule(name, m, layers, head_attr))
+            q, k, v = (getattr(m, n, None) for n in names)
+            if all(isinstance(layer, torch.nn.Linear) for layer in (q, k, v)):
+                found.append(AttentionModule(name, m, (q, k, v), head_attr))
                 break
     return found
 
