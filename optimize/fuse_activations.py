@@ -226,8 +226,8 @@ def _gelu_sites(ix: _Index, model) -> list[tuple[list, list]]:
                 and uses <= {id(n) for n in removed}:
             bias = next((b for b in bias_add.input if (v := ix.values.get(b)) is not None and v.ndim == 1
                          and v.size > 1), None)
-        if bias is not None:
-            y = ix.other_input(bias_add, bias)
+        y = ix.other_input(bias_add, bias) if bias is not None else None  # None: Add(bias, bias), no bias add
+        if bias is not None and y is not None:
             sites.append(([bias_add, *removed], [helper.make_node("BiasGelu", [y, bias], [out], domain=MS_DOMAIN,
                                                                   name=name)]))
         else:
