@@ -861,7 +861,7 @@ def sample_arrays(data: CalibrationData, *, limit: int | None = None) -> SampleA
     return SampleArrays(arrays, axes, count, data.source)
 
 
-def data_arrays(data: str | Path | DataSpec | Mapping[str, Any] | None, model: str | Path, *,
+def data_arrays(data: str | os.PathLike | DataSpec | Mapping[str, Any] | None, model: str | os.PathLike, *,
                 samples: int | None = None, seq_len: int = 128, extra: Iterable[str] = ()):
     """A verb's data as arrays with the samples on each input's sample axis (a SampleArrays): arrays
     given stay as they are; a plain model:NAME is that reference model's benchmark inputs (padded to
