@@ -287,7 +287,7 @@ def _expose(model, name):
 @pytest.fixture(scope="module")
 def minilm_fp32():
     from dlopt.optimize.export import Export, export
-from dlopt.sources import load_source
+    from dlopt.sources import load_source
 
     return export(load_source("minilm"), Export()).model
 
