@@ -554,7 +554,8 @@ def keygen(*, output: str | os.PathLike | None = None, private: str | os.PathLik
            public: str | os.PathLike | None = None) -> KeyPair:
     """Write a new Ed25519 key pair as PEM files, the private one with mode 0600: into the folder
     `output` (as dlopt-signing.key / .pub; a missing folder is created with mode 0700), or to the files
-    `private` and `public`. Existing files are never overwritten. Sign bundles with the private key, verify them with the public one."""
+    `private` and `public`. Existing files are never overwritten. Sign bundles with the private key, verify
+    them with the public one."""
     from dlopt.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, generate_key_pair
 
     if output is not None and (private or public):
