@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TextIO
+from typing import Any, TextIO
 
 from dlopt.report import format_table
 
@@ -49,7 +49,7 @@ def heartbeat(verb: str, log: LogFn, *, interval_s: float | None = None, stream:
     target = stream if stream is not None else sys.stderr
     started = clock()
     lock = threading.Lock()
-    state = {"last_line": started, "step": "starting"}
+    state: dict[str, Any] = {"last_line": started, "step": "starting"}
 
     def forward(message: str) -> None:
         with lock:

@@ -284,7 +284,8 @@ def timing_plan(rows: dict[str, dict[str, Any]], max_drop: float) -> list[str]:
         if twin is not None and name != "fp32":
             row["status"], row["reason"] = "same-graph", (
                 f"the same graph as {twin} (op types, counts and size): the same kernels and latency up to "
-                f"noise, with a drop no smaller ({row['drop_points']:.3g} vs {rows[twin]['drop_points']:.3g} points): "
+                f"noise, with a drop no smaller ({row['drop_points']:.3g} vs "
+                f"{rows[twin]['drop_points']:.3g} points): "
                 "dominated, not timed")
             continue
         timed.append(name)
@@ -432,7 +433,8 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
             by = dominated_by(p, points)
             assert by is not None, "a point off the front is dominated"
             row["status"], row["reason"] = "dominated", (
-                f"dominated by {by.name}: latency {by.latency:.3f} vs {p.latency:.3f} x FP32, drop {by.drop:.3g} vs "
+                f"dominated by {by.name}: latency {by.latency:.3f} vs {p.latency:.3f} x FP32, "
+                f"drop {by.drop:.3g} vs "
                 f"drop {p.drop:.3g}, {by.size / 1e6:.2f} vs {p.size / 1e6:.2f} MB")
         if config.max_latency_ms is not None and row["median_ms"] > config.max_latency_ms:
             row["reason"] += f"; its batch-1 latency {row['median_ms']:.3g} ms exceeds --max-latency {config.max_latency_ms:g}"
