@@ -291,7 +291,8 @@ def _expose(model, name):
 # -- the real model (DLOPT_HEAVY=1): the acceptance numbers ----------------------------------
 @pytest.fixture(scope="module")
 def minilm_fp32():
-    from dlopt.optimize.export import ExportConfig, export, load_source
+    from dlopt.optimize.export import ExportConfig, export
+    from dlopt.sources import load_source
 
     return export(load_source("minilm"), ExportConfig()).model
 
