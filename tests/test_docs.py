@@ -3,6 +3,7 @@ every relative link resolves, and each verb's page names every option `dlopt VER
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -70,3 +71,27 @@ def test_results_label_every_section_with_its_cpu_and_date():
     assert len(sections) >= 8
     for title in sections:
         assert re.search(r"\((EPYC[^,]*), 2026-\d\d-\d\d\)$", title), title
+
+
+def _resolves(dotted: str) -> bool:
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            value = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(value, name):
+                return False
+            value = getattr(value, name)
+        return True
+    return False
+
+
+def test_the_python_api_page_names_only_what_exists():
+    """Every `dlopt.module.name` and `api.name` the page shows is importable: a rename fails here."""
+    text = (DOCS / "python-api.md").read_text()
+    names = set(re.findall(r"\b(dlopt(?:\.\w+)+)", text)) | {f"dlopt.api.{n}" for n in re.findall(r"\bapi\.(\w+)", text)}
+    assert len(names) > 20
+    missing = sorted(n for n in names if not _resolves(n))
+    assert not missing, missing
