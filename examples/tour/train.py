@@ -1,7 +1,7 @@
 """Train the tour's model on scikit-learn's handwritten digits (1,797 real 8x8 scans, shipped with
 scikit-learn) and write what a user brings to dlopt: the weights and their data as .npz files.
 
-    python examples/tour/train.py     # ~10 s on 2 cores: digits.pt here; calib.npz, val.npz in the working folder
+    python examples/tour/train.py     # under a minute on 2 cores: digits.pt beside this file; calib.npz, val.npz here
 
 calib.npz: 300 training images (the `image` input, samples on axis 0), for calibration.
 val.npz:   the 450 held-out images with their `labels`, for accuracy (never calibrated on).
