@@ -313,7 +313,7 @@ def default_metric(student, val: DistillData, val_targets, config: DistillConfig
 EvalFn = Callable[[Any], float]
 
 
-def distill(teacher, student, data: DistillData, config: DistillConfig = DistillConfig(), *,
+def distill(teacher, student, data: DistillData, config: Distill = Distill(), *,
             val: DistillData | None = None, eval_fn: EvalFn | None = None, eval_name: str = "eval_metric",
             checkpoint_dir: str | Path | None = None, resume: bool = False,
             show_progress: bool = True) -> StageResult:

@@ -275,7 +275,7 @@ def diff_table(diffs: list[OutputDiff]) -> str:
 # The stage
 # ---------------------------------------------------------------------------------------------
 
-def export(source: ModelSource, config: ExportConfig = ExportConfig(),
+def export(source: ModelSource, config: Export = Export(),
            log: Callable[[str], None] = lambda message: None) -> StageResult:
     """Export `source` to ONNX and verify it. Raises VerificationError on a mismatch unless allowed.
 

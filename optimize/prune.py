@@ -133,9 +133,9 @@ def find_attention(module) -> list[AttentionModule]:
         if head_attr is None:
             continue
         for names in _QKV_NAMES:
-            layers = tuple(getattr(m, n, None) for n in names)
-            if all(isinstance(layer, torch.nn.Linear) for layer in layers):
-                found.append(AttentionModule(name, m, layers, head_attr))
+            q, k, v = (getattr(m, n, None) for n in names)
+            if all(isinstance(layer, torch.nn.Linear) for layer in (q, k, v)):
+                found.append(AttentionModule(name, m, (q, k, v), head_attr))
                 break
     return found
 
@@ -215,7 +215,7 @@ def _resolve_ignored(module, names: Iterable[str]) -> list[Any]:
 GradientBatches = Iterable[tuple[Mapping[str, Any], Any]]
 
 
-def prune(module, example_inputs: Mapping[str, Any], config: PruneConfig = PruneConfig(), *,
+def prune(module, example_inputs: Mapping[str, Any], config: Prune = Prune(), *,
           gradient_batches: GradientBatches | None = None) -> StageResult:
     """Prune a copy of `module` (the input is not modified). Returns the pruned module and a report.
 
@@ -351,10 +351,7 @@ def _accumulate_gradients(model, inputs, gradient_batches: GradientBatches | Non
     n = 0
     for batch_inputs, labels in gradient_batches:
         out = first_tensor(model(**batch_inputs))
-        if labels is not None:
-            loss = torch.nn.functional.cross_entropy(out, labels)
-        else:
-            loss = out.float().pow(2).mean()
+        loss = torch.nn.functional.cross_entropy(out, labels) if labels is not None else out.float().pow(2).mean()
         loss.backward()
         n += 1
     if n == 0:

@@ -67,11 +67,11 @@ def recurrent_pairs(model) -> list[tuple[str, str]]:
     inputs = {spec.name: spec for spec in graph_inputs(model)}
     if len(inputs) < 2:  # a state is fed beside the data that drives it; image -> image_out is a filter
         return []
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for output in model.graph.output:
         dims = [d.dim_value if d.HasField("dim_value") else None for d in output.type.tensor_type.shape.dim]
         for suffix in STATE_SUFFIXES:
-            name = output.name[:-len(suffix)] if output.name.endswith(suffix) else None
+            name = output.name[:-len(suffix)] if output.name.endswith(suffix) else ""
             spec = inputs.get(name) if name else None
             if spec is None:
                 continue
