@@ -91,7 +91,8 @@ def _resolves(dotted: str) -> bool:
 def test_the_python_api_page_names_only_what_exists():
     """Every `dlopt.module.name` and `api.name` the page shows is importable: a rename fails here."""
     text = (DOCS / "python-api.md").read_text()
-    names = set(re.findall(r"\b(dlopt(?:\.\w+)+)", text)) | {f"dlopt.api.{n}" for n in re.findall(r"\bapi\.(\w+)", text)}
+    names = set(re.findall(r"\b(dlopt(?:\.\w+)+)", text))
+    names |= {f"dlopt.api.{n}" for n in re.findall(r"\bapi\.(\w+)", text)}
     assert len(names) > 20
     missing = sorted(n for n in names if not _resolves(n))
     assert not missing, missing

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from model import WEIGHTS, DigitsCNN  # beside this file
 from sklearn.datasets import load_digits
-
-from model import WEIGHTS, DigitsCNN
 
 
 def main() -> None:
@@ -27,7 +26,7 @@ def main() -> None:
     model = DigitsCNN()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     x, y = torch.from_numpy(images[train]), torch.from_numpy(labels[train])
-    for epoch in range(10):
+    for _epoch in range(10):
         for batch in torch.randperm(len(x)).split(64):
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
