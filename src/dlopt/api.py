@@ -739,8 +739,7 @@ _LAZY = {
     "notes_to": "dlopt.sessions",  # where sessions' one-time notes go (a relaxed output declaration)
     "reset_written": "dlopt.fileio", "written_paths": "dlopt.fileio",  # what an interrupted command had written
     # the stage configs, and what the stage verbs' callers print, from the stage modules
-    "ExportConfig": "dlopt.optimize.export", "DEFAULT_OPSET": "dlopt.optimize.export",
-    "Export": "dlopt.optimize.export", "Prune": "dlopt.optimize.prune", "PruneConfig": "dlopt.optimize.prune",
+    "Export": "dlopt.optimize.export", "DEFAULT_OPSET": "dlopt.optimize.export", "Prune": "dlopt.optimize.prune",
     "Distill": "dlopt.optimize.distill", "QuantizeConfig": "dlopt.optimize.quantize.schemes",
     "Int8Dynamic": "dlopt.optimize.quantize.schemes", "Int8Static": "dlopt.optimize.quantize.schemes",
     "Int8WeightOnly": "dlopt.optimize.quantize.schemes", "Int4WeightOnly": "dlopt.optimize.int4",

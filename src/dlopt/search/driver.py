@@ -34,7 +34,7 @@ from typing import Any
 from dlopt.errors import InputError, VerificationError
 from dlopt.search.candidates import (Candidate, Skipped, StageDesc, base_candidates, prune_candidates,
                                      with_exclusions)
-from dlopt.search.evaluation import (Evaluated, SearchContext, accuracy_drop, apply_stages, cached_evaluation,
+from dlopt.search.scoring import (Evaluated, SearchContext, accuracy_drop, apply_stages, cached_evaluation,
                                      drop_unit, evaluate_candidate, measure_latency, measure_throughput,
                                      resolved_metric)
 from dlopt.search.pareto import Point, choose, dominated_by, pareto_front

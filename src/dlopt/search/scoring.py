@@ -144,8 +144,8 @@ def apply_stages(ctx: SearchContext, stages: Sequence[StageDesc], output: Path |
 
 @functools.lru_cache(maxsize=4)
 def _evaluator(ctx: SearchContext):
-    """The evaluator of dlopt.optimize.sensitivity (one per worker process and search)."""
-    from dlopt.optimize.sensitivity import build_evaluator  # quantize's own accuracy evaluators
+    """The evaluator of dlopt.optimize.accuracy_budget (one per worker process and search)."""
+    from dlopt.optimize.accuracy_budget import build_evaluator  # quantize's own accuracy evaluators
 
     if ctx.evaluator.startswith("model:"):
         return build_evaluator(ctx.evaluator, None, None)
@@ -169,7 +169,7 @@ def heldout_feeds(ctx: SearchContext, model) -> list[dict[str, Any]] | None:
     --calibration (the last 20 %: never calibrated on), else None (generated inputs)."""
     from dlopt.data import load_data
     from dlopt.optimize.quantize.schemes import QuantizeConfig
-    from dlopt.optimize.quantize.verification import split_holdout
+    from dlopt.optimize.quantize.heldout import split_holdout
 
     config = QuantizeConfig()  # its defaults and held-out split
     data = load_data(ctx.calibration, model) if ctx.calibration else None
