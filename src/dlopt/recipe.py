@@ -672,6 +672,8 @@ def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Pat
         result = spec.apply(artifact, config, StageContext(output=staging / "bundle", lineage=tuple(lineage),
                                                            after=after, log=log))
         produced, report = result.model, result.report
+    elif stage.kind in DATA_ONNX_STAGES:
+        produced, report = _onnx_stage(recipe, spec, config, artifact, staging, after, log)
     else:  # quantize and its schemes
         from dlopt.api import quantize_model
 
@@ -682,12 +684,30 @@ def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Pat
         produced, report = outcome.model_path, outcome.report
     summary = {k: report[k] for k in ("verdict", "verification", "bytes_written", "bytes", "recipe", "scheme",
                                       "parameters_before", "parameters_after", "macs_before", "macs_after",
-                                      "epochs_run", "best_epoch", "train_samples")
+                                      "epochs_run", "best_epoch", "train_samples", "trim_padding")
                if k in report}
     info = {"kind": stage.kind, "inputs": dict(inputs), "artifact": produced.name,
             "output_sha256": artifact_hash(produced), "source": recipe.source, "recipe": str(recipe.path),
             "report": summary}
     return cache.commit(key, staging, info)
+
+
+# ONNX -> ONNX stages that are not quantize's schemes: applied here to the model with the recipe's data
+# (held-out samples: eval_data, else calibration); the report is kept in the cache entry.
+DATA_ONNX_STAGES = ("trim-padding",)
+
+
+def _onnx_stage(recipe: Recipe, spec: Stage, config: Any, artifact: Path, staging: Path, after: tuple[str, ...],
+                log: Log) -> tuple[Path, dict[str, Any]]:
+    from dlopt.data import load_data
+    from dlopt.fileio import load_onnx, save_onnx_atomic
+
+    model = load_onnx(artifact)
+    data = load_data(recipe.calibration, model) if recipe.calibration else None
+    held = load_data(recipe.eval_data, model) if recipe.eval_data else None
+    result = spec.apply(model, config, StageContext(data=data, eval_data=held, after=after, log=log))
+    produced = save_onnx_atomic(result.model, staging / "model.onnx")
+    return produced, {spec.kind.replace("-", "_"): result.report}  # under the key quantize reports it by too
 
 
 def _distill(recipe: Recipe, spec: Stage, config: Any, checkpoint: Path, staging: Path, after: tuple[str, ...],
