@@ -436,10 +436,20 @@ def data_hash(spec: str | DataSpec | None) -> str | None:
     return spec_hash(spec)
 
 
-def _quantizes(kind: str) -> bool:
-    """A stage that takes an ONNX model and makes one from the recipe's data: quantize and its schemes."""
+# ONNX -> ONNX stages that are not quantize's schemes: applied to the model with the recipe's data
+# (held-out samples: eval_data, else calibration) by _onnx_stage; the report is kept in the cache entry.
+DATA_ONNX_STAGES = ("trim-padding",)
+
+
+def _reads_data(kind: str) -> bool:
+    """A stage that takes an ONNX model and makes one with the recipe's data: its hash is in the stage's key."""
     stage = get_stage(kind)
     return stage.takes == "onnx" and stage.makes == "onnx"
+
+
+def _quantizes(kind: str) -> bool:
+    """Quantize and its schemes (what times kernels here, keeps a failed result, takes a float32 model)."""
+    return _reads_data(kind) and kind not in DATA_ONNX_STAGES
 
 
 def _declared_specs(recipe: Recipe) -> dict[str, Any] | None:
@@ -450,7 +460,7 @@ def _declared_specs(recipe: Recipe) -> dict[str, Any] | None:
 
 
 def _stage_data(recipe: Recipe, stage: StageSpec) -> dict[str, str | None]:
-    if _quantizes(stage.kind):
+    if _reads_data(stage.kind):
         return {"calibration": data_hash(recipe.calibration), "eval_data": data_hash(recipe.eval_data)}
     if stage.kind == "package":
         return {"calibration": data_hash(stage.config.calibration)}
@@ -477,7 +487,7 @@ def key_inputs(recipe: Recipe, stage: StageSpec, input_sha256: str, upstream: li
     inputs = {"kind": stage.kind, "config": config_to_dict(config), "input_sha256": input_sha256,
               "data": _stage_data(recipe, dataclasses.replace(stage, config=config)),
               "host": host_facts(stage.kind, config)}
-    specs = _declared_specs(recipe) if _quantizes(stage.kind) else None
+    specs = _declared_specs(recipe) if _reads_data(stage.kind) else None
     if specs:
         inputs["data_spec"] = specs  # what the lineage records; a plain source keys as it always did
     if stage.kind == "package":
@@ -690,11 +700,6 @@ def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Pat
             "output_sha256": artifact_hash(produced), "source": recipe.source, "recipe": str(recipe.path),
             "report": summary}
     return cache.commit(key, staging, info)
-
-
-# ONNX -> ONNX stages that are not quantize's schemes: applied here to the model with the recipe's data
-# (held-out samples: eval_data, else calibration); the report is kept in the cache entry.
-DATA_ONNX_STAGES = ("trim-padding",)
 
 
 def _onnx_stage(recipe: Recipe, spec: Stage, config: Any, artifact: Path, staging: Path, after: tuple[str, ...],
