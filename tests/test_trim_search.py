@@ -129,7 +129,7 @@ def trimmed_search(tmp_path_factory):
 
 
 def test_optimize_tries_trimmed_candidates_with_their_equivalence(trimmed_search):
-    work, result = trimmed_search
+    _, result = trimmed_search
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     jsonschema.validate(data, OPTIMIZE_SCHEMA)

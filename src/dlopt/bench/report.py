@@ -89,7 +89,7 @@ def format_result(result: BenchResult) -> str:
 
 
 def _interval_text(ratio) -> str:
-    return (f"{ratio['estimate']:.3f}x ({int(round(100 * ratio['confidence']))}% CI "
+    return (f"{ratio['estimate']:.3f}x ({round(100 * ratio['confidence'])}% CI "
             f"{ratio['low']:.3f}-{ratio['high']:.3f})")
 
 

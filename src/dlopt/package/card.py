@@ -116,19 +116,19 @@ def _length_sorting_section(sorting: Mapping[str, Any] | None) -> list[str]:
     shapes = ", ".join(f"`{k}` {v}" for k, v in sorting["input_shapes"].items())
     row = sorting["latency"][0]
     ratio = row["ratio_sorted_to_given"]
-    confidence = int(round(100 * ratio["confidence"]))
+    confidence = round(100 * ratio["confidence"])
     return ["## Sorting requests by length", "",
-            f"Batches of {sorting['batch']} from {sorting['data']} ({shapes}, padded to {sorting['padded_length']}; "
-            f"mean real length {sorting['mean_real_length']:.1f}), one thread, {row['clock']} clock, "
-            f"{sorting['rounds']} interleaved rounds on {sorting['machine'].get('cpu_model')}:", "",
+            (f"Batches of {sorting['batch']} from {sorting['data']} ({shapes}, padded to {sorting['padded_length']}; "
+             f"mean real length {sorting['mean_real_length']:.1f}), one thread, {row['clock']} clock, "
+             f"{sorting['rounds']} interleaved rounds on {sorting['machine'].get('cpu_model')}:"), "",
             format_markdown_table(
                 ["order", "tokens per sample after trimming", "median ms per batch", f"ratio ({confidence}% CI)"],
                 [["as given", f"{sorting['tokens_as_given']:.1f}", f"{row['median_ms_as_given']:.3g}", "1 (base)"],
                  ["sorted by length", f"{sorting['tokens_sorted']:.1f}", f"{row['median_ms_sorted']:.3g}",
                   f"{ratio['estimate']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]"]]), "",
-            "A model trimmed to each batch's longest real length (`trim-padding`) computes fewer tokens when a server "
-            "batches requests of similar length; a model that is not trimmed computes every padded position either "
-            "way (its ratio stays near 1).", ""]
+            ("A model trimmed to each batch's longest real length (`trim-padding`) computes fewer tokens when a server "
+             "batches requests of similar length; a model that is not trimmed computes every padded position either "
+             "way (its ratio stays near 1)."), ""]
 
 
 def _criterion_text(criterion: Mapping[str, float]) -> str:

@@ -154,9 +154,10 @@ def trim_lines(trim: Mapping[str, Any] | None) -> list[str]:
     if not trim.get("applies"):
         return [f"padding removal: not tried: {trim.get('reason')}"]
     check = trim.get("check") or {}
-    lines = [f"padding removal: {trim.get('mask')} slices {', '.join(trim.get('sliced_inputs') or [])} to each batch's "
-             f"longest real length; FP32 trimmed vs untrimmed cosine {_num(check.get('equivalence_cosine'), '.6f')} "
-             f"(>= {trim.get('min_cosine_required')}) on {check.get('feeds')} held-out batches padded further"]
+    lines = [(f"padding removal: {trim.get('mask')} slices {', '.join(trim.get('sliced_inputs') or [])} to each "
+              f"batch's longest real length; FP32 trimmed vs untrimmed cosine "
+              f"{_num(check.get('equivalence_cosine'), '.6f')} (>= {trim.get('min_cosine_required')}) on "
+              f"{check.get('feeds')} held-out batches padded further")]
     gain = trim.get("gain") or {}
     if gain.get("skipped"):
         return lines + [f"padding removal per batch size: {gain['skipped']}"]
