@@ -359,6 +359,8 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     trim = trim_check(ctx, base.artifact, base.output_sha256)
     clock.log(_trim_line(trim))
     candidates = base_candidates(target=ctx.target, transformer=transformer, untrimmed=trim["applies"])[1:]
+    if trim["applies"]:  # FP32 trimmed first: it needs no quantization, and the time budget drops the last first
+        candidates = [_trimmed(trim, fp32), *candidates]
     deadline = TRANSFORM_SHARE * config.time_budget_s
     plan_key = _plan_key(ctx, config)
     planned = _load_plan(ctx, plan_key)
@@ -382,8 +384,8 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
         skipped.append(Skipped("int8 float-node exclusions", "no INT8 candidate missed the accuracy budget: keeping "
                                "nodes in float could only make one slower"))
     if trim["applies"]:  # after the retries: a retry within budget gets its trimmed form too
-        variants, not_trimmed = _trimmed_variants(trim, [all_candidates[n] for n in evaluated], evaluated, drop_of,
-                                                  max_drop)
+        variants, not_trimmed = _trimmed_variants(trim, [all_candidates[n] for n in evaluated if n != "fp32" and
+                                                         untrimmed_name(n) is None], evaluated, drop_of, max_drop)
         more, more_skipped = _evaluate_all(executor, ctx, variants, clock, deadline, planned)
         evaluated.update(more)
         skipped += more_skipped + not_trimmed
@@ -514,17 +516,20 @@ def _trim_line(trim: dict[str, Any]) -> str:
 def _trimmed_variants(trim: dict[str, Any], candidates: Sequence[Candidate], evaluated: dict[str, Evaluated],
                       drop_of: Callable[[Evaluated], float | None], max_drop: float
                       ) -> tuple[list[Candidate], list[Skipped]]:
-    """The trimmed form of every candidate scored within the accuracy budget (FP32 first); those over it or
+    """The trimmed form of every candidate scored within the accuracy budget; those over it or
     failed are listed once: trimming leaves a model's accuracy where it was, so their trimmed forms could
     not be chosen either."""
-    check = trim["check"]
-    how = (f"FP32 trimmed vs untrimmed cosine {check['equivalence_cosine']:.4f} on {check['feeds']} held-out "
-           "padded batches")
     within = [c for c in candidates if evaluated[c.name].ok and drop_of(evaluated[c.name]) <= max_drop]
     left = [c.name for c in candidates if c not in within]
     skipped = [Skipped("trimmed forms", "not tried for " + ", ".join(left) + ": over the accuracy budget or failed "
                        "untrimmed (trimming does not make a model more accurate)")] if left else []
-    return [trimmed(c, how) for c in within], skipped
+    return [_trimmed(trim, c) for c in within], skipped
+
+
+def _trimmed(trim: dict[str, Any], candidate: Candidate) -> Candidate:
+    check = trim["check"]
+    return trimmed(candidate, f"FP32 trimmed vs untrimmed cosine {check['equivalence_cosine']:.4f} on "
+                              f"{check['feeds']} held-out padded batches")
 
 
 def _trim_of(candidate: Candidate, result: Evaluated) -> dict[str, Any] | None:
