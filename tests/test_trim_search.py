@@ -56,6 +56,8 @@ def test_bench_times_batches_sorted_by_length_beside_as_given(encoders):
     for row in ls["latency"]:
         ratio = row["ratio_sorted_to_given"]
         assert ratio["low"] <= ratio["estimate"] <= ratio["high"] and row["median_ms_sorted"] > 0
+    # the first model's sorted run against the first model as given: the same pairs of samples
+    assert ls["latency"][0]["ratio_sorted_to_first"] == ls["latency"][0]["ratio_sorted_to_given"]
     text = format_result(result)
     assert "sorted by length, enc_trim.onnx takes" in text and "input_ids[8, 48]" in text
 
@@ -172,7 +174,7 @@ def test_optimize_reports_the_gain_per_batch_size_and_sorting(trimmed_search):
     text = front_text(data)
     assert "padding removal: attention_mask slices input_ids, attention_mask" in text
     assert "batch 8 (input_ids[8, 24], attention_mask[8, 24] padded" in text and "fp32+trim" in text
-    assert "batch 8, sorted by length: fp32+trim" in text
+    assert "batch 8, sorted by length: fp32+trim" in text and "of FP32's as given" in text
     page = (work / "report.html").read_text()
     assert "<h2>Padding removal</h2>" in page and "batch 8: latency / FP32" in page
 

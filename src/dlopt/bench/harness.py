@@ -384,9 +384,13 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
 def _sorted_latency(sampler: InterleavedSampler, label: str, given: int, ordered: int, clock: str, repeat: int,
                     config: BenchConfig) -> dict[str, Any]:
     """One model on the samples sorted by length vs as given (the same rounds): medians and their ratio."""
-    ratio = sampler.ratio(ordered, clock, baseline=given, method=config.ratio_method, confidence=config.confidence,
-                          n_boot=config.n_boot, seed=config.seed)
+    def ratio(index: int, baseline: int) -> dict[str, Any]:
+        return sampler.ratio(index, clock, baseline=baseline, method=config.ratio_method, confidence=config.confidence,
+                             n_boot=config.n_boot, seed=config.seed).as_dict()
+
     return {"model": label, "clock": clock,
             "median_ms_as_given": float(np.median(sampler.samples(given, clock))) / repeat * 1e3,
             "median_ms_sorted": float(np.median(sampler.samples(ordered, clock))) / repeat * 1e3,
-            "ratio_sorted_to_given": ratio.as_dict()}
+            "ratio_sorted_to_given": ratio(ordered, given),
+            # sorted vs the first model on the batches as given (the reference of every ratio of the run)
+            "ratio_sorted_to_first": ratio(ordered, 0)}

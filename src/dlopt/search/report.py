@@ -170,10 +170,12 @@ def trim_lines(trim: Mapping[str, Any] | None) -> list[str]:
         ls = b.get("length_sorting")
         for row in (ls or {}).get("latency", ()):
             if untrimmed_name(row["model"]) is not None:
-                r = row["ratio_sorted_to_given"]
+                r, first = row["ratio_sorted_to_given"], row.get("ratio_sorted_to_first")
                 lines.append(f"batch {b['batch']}, sorted by length: {row['model']} {r['estimate']:.3f}x "
                              f"[{r['low']:.3f}, {r['high']:.3f}] of its time as given ({ls['tokens_sorted']:.1f} vs "
-                             f"{ls['tokens_as_given']:.1f} tokens per sample of {ls['padded_length']})")
+                             f"{ls['tokens_as_given']:.1f} tokens per sample of {ls['padded_length']})"
+                             + (f"; {first['estimate']:.3f}x [{first['low']:.3f}, {first['high']:.3f}] of FP32's as "
+                                f"given ({_speed(first['estimate'])})" if first else ""))
     if gain.get("batches"):
         lines.append(f"  ({gain.get('clock')}, {gain.get('threads')} thread, {gain.get('data')}; CPU: {gain.get('cpu')})")
     return lines
