@@ -207,3 +207,87 @@ def test_package_bad_lm_input_is_one_line_and_exit_2(tiny, lm, tmp_path, case, a
     assert message in result.output and "Traceback" not in result.output
     assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) <= 2  # message + hint
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".bundle")] == []
+
+
+# --------------------------------------------------------------------------- gate: decode tokens/s, perplexity
+
+def _perturbed(lm, out, scale: float):
+    """A copy of the export whose float weights carry seeded noise: the same graph and speed, another model."""
+    shutil.copytree(lm, out)
+    weights = np.frombuffer((out / "model.onnx.data").read_bytes(), dtype=np.float32).copy()
+    rng = np.random.default_rng(0)
+    weights += (scale * weights.std() * rng.standard_normal(weights.shape)).astype(np.float32)
+    (out / "model.onnx.data").write_bytes(weights.tobytes())
+    return out
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    from test_llm import TEXT
+
+    path = tmp_path_factory.mktemp("text") / "held_out.txt"
+    path.write_text(" ".join(TEXT * 3))
+    return path
+
+
+def test_gate_lm_passes_on_perplexity_and_decode_speed(tiny, lm, text, tmp_path):
+    import onnxruntime_genai as og
+    import torch
+    import transformers
+
+    report = tmp_path / "gate.json"
+    result = CliRunner().invoke(main, ["gate", "--baseline", str(lm), "--candidate", str(lm), "--max-slowdown", "50%",
+                                       "--eval-data", str(text), "--max-accuracy-drop", "perplexity=0.01",
+                                       "--budget", "6s", "--new-tokens", "8", "--prompt-len", "16", "--json",
+                                       str(report), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    checks = {c["name"]: c for c in data["checks"]}
+    speed, ppl = checks["decode tokens/s"], checks["accuracy: perplexity"]
+    assert speed["verdict"] == "pass" and speed["baseline"] > 0 and speed["candidate"] > 0
+    assert ppl["verdict"] == "pass" and ppl["change"].startswith("drop +0 ")
+    # the baseline's perplexity is transformers' on the same tokens (256-token windows: the context)
+    ids = og.Tokenizer(og.Model(str(lm))).encode(text.read_text()).tolist()
+    windows = len(ids) // 256
+    assert windows >= 2
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32).eval()
+    losses = []
+    with torch.no_grad():
+        for k in range(windows):
+            window = torch.tensor([ids[k * 256:(k + 1) * 256]], dtype=torch.long)
+            losses.append(float(model(input_ids=window, labels=window).loss))  # mean NLL of 255 next tokens
+    assert ppl["baseline"] == pytest.approx(float(np.exp(np.mean(losses))), rel=1e-4)
+    assert f"{windows * 255} tokens in 256-token windows" in ppl["detail"]
+
+
+def test_gate_lm_fails_on_a_perplexity_rise(lm, text, tmp_path):
+    noisy = _perturbed(lm, tmp_path / "noisy", 0.3)
+    result = CliRunner().invoke(main, ["gate", "--baseline", str(lm), "--candidate", str(noisy), "--max-slowdown", "50%",
+                                       "--eval-data", str(text), "--max-accuracy-drop", "0.01", "--budget", "4s",
+                                       "--new-tokens", "8", "--prompt-len", "16", "--no-progress",
+                                       "--on-inconclusive", "pass"])
+    assert result.exit_code == 1, result.output
+    line, = [ln for ln in result.output.splitlines() if ln.startswith("accuracy: perplexity ")]
+    assert line.split()[2] == "FAIL" and "drop <= 0.01" in line
+    speed, = [ln for ln in result.output.splitlines() if ln.startswith("decode tokens/s ")]
+    assert speed.split()[2] == "PASS"  # the same graph and kernels: only the weights changed
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--new-tokens", "0"], "new tokens must be at least 1, got 0"),
+    (["--new-tokens", "-1"], "new tokens must be at least 1, got -1"),
+    (["--prompt-len", "300"], "exceeds the context"),
+    (["--max-accuracy-drop", "perplexity=0.01"], "a perplexity limit needs evaluation text"),
+    (["--eval-data", "x.npz", "--max-accuracy-drop", "top1=0.01"], "an LM gate measures perplexity, not top1"),
+])
+def test_gate_lm_bad_input_is_exit_2(lm, tmp_path, args, message):
+    result = CliRunner().invoke(main, ["gate", "--baseline", str(lm), "--candidate", str(lm), "--budget", "2s",
+                                       "--no-progress", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_bench_generate_names_a_bert_folder(tiny, lm, tmp_path):
+    bert = _bad_lm_folders(tiny, lm, tmp_path)["bert"]
+    result = CliRunner().invoke(main, ["bench", str(bert), "--generate", "--no-progress"])
+    assert result.exit_code == 2 and "not a causal language model" in result.output

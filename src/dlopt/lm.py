@@ -145,7 +145,7 @@ def text_tokens(tokenizer, path: str | os.PathLike) -> np.ndarray:
 
 def _window_logits(og, model, ids: np.ndarray) -> np.ndarray:
     params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=ids.shape[0] + 1)
+    params.set_search_options(do_sample=False, max_length=ids.shape[0])  # the prefill only: a full context fits
     generator = og.Generator(model, params)
     generator.append_tokens(ids[None].astype(np.int32))
     logits = np.asarray(generator.get_output("logits"), dtype=np.float32)

@@ -308,7 +308,9 @@ def benchmark_generate(paths: Sequence[str | os.PathLike], config: GenerateConfi
     validate_generate_config(config)
     if not paths:
         raise InputError("no model to benchmark", "give one or more exported LM folders")
-    folders = [read_lm_folder(p) for p in paths]
+    from dlopt.lm import check_lm_folder  # a Hugging Face or BERT folder is named as such
+
+    folders = [check_lm_folder(p, tokenizer=False) for p in paths]
     for f in folders:
         if config.prompt_len + config.new_tokens > f.context_length:
             raise InputError(f"a {config.prompt_len}-token prompt plus {config.new_tokens} new tokens exceeds the "
