@@ -105,7 +105,7 @@ def check_hf_folder(folder: Path) -> dict[str, Any]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise InputError(f"{folder} has no config.json", "save the model with model.save_pretrained(folder)")
-    from dlopt.lm import check_causal_lm_config
+    from dlopt.genai import check_causal_lm_config
 
     config = check_causal_lm_config(config_path)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):

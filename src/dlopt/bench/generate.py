@@ -308,7 +308,7 @@ def benchmark_generate(paths: Sequence[str | os.PathLike], config: GenerateConfi
     validate_generate_config(config)
     if not paths:
         raise InputError("no model to benchmark", "give one or more exported LM folders")
-    from dlopt.lm import check_lm_folder  # a Hugging Face or BERT folder is named as such
+    from dlopt.genai import check_lm_folder  # a Hugging Face or BERT folder is named as such
 
     folders = [check_lm_folder(p, tokenizer=False) for p in paths]
     for f in folders:

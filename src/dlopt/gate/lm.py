@@ -6,7 +6,7 @@ baseline, per round (a paired bootstrap): the same test, limit (1 + max_slowdown
 latency gate of ONNX models, on the phase a chat spends its time in. Time per token is the latency
 form of tokens/s: a ratio x1.05 is tokens/s at 1/1.05 of the baseline's.
 
-Perplexity: both folders score the same text in non-overlapping windows (dlopt.lm.perplexity); the
+Perplexity: both folders score the same text in non-overlapping windows (dlopt.genai.perplexity); the
 drop is the metric table's, the candidate's perplexity over the baseline's minus 1, gated with
 `--max-accuracy-drop perplexity=0.03` (or a plain number) as quantize and optimize read it.
 The text: a plain .txt file (`--eval-data`, tokenized by the baseline's tokenizer), or a reference
@@ -60,7 +60,7 @@ def _evaluation_tokens(spec: EvalSpec, baseline) -> tuple[np.ndarray, str]:
     if not path.is_file() or path.suffix.lower() not in (".txt", ".text", ".md"):
         raise InputError(f"an LM gate reads its evaluation text from a plain-text file, not {source}",
                          "give a .txt file as the evaluation data")
-    from dlopt.lm import open_lm, text_tokens
+    from dlopt.genai import open_lm, text_tokens
 
     _, model, tokenizer = open_lm(baseline)
     tokens = text_tokens(tokenizer, path)
@@ -69,7 +69,7 @@ def _evaluation_tokens(spec: EvalSpec, baseline) -> tuple[np.ndarray, str]:
 
 
 def _perplexity_check(baseline, candidate, spec: EvalSpec, limit: float, threads: int) -> Check:
-    from dlopt.lm import perplexity
+    from dlopt.genai import perplexity
     from dlopt.metrics import metric_drop
 
     started = time.perf_counter()
@@ -94,7 +94,7 @@ def gate_generate(baseline: Path, candidate: Path, config: GateConfig, evaluator
                                       validate_generate_config)
     from dlopt.gate.run import _progress_bridge, _size_check, _warmup_dict
     from dlopt.gate.sequential import sequential_test
-    from dlopt.lm import check_lm_folder, check_prompt_fits
+    from dlopt.genai import check_lm_folder, check_prompt_fits
     from dlopt.stats import ratio_ci
 
     if config.input_shapes:

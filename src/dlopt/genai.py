@@ -1,13 +1,15 @@
-"""Exported language-model folders (what `dlopt export --task text-generation` writes and
-onnxruntime-genai loads as it is): their checks, greedy generation, and perplexity.
+"""Exported language-model folders run as onnxruntime-genai runs them (what `dlopt export --task
+text-generation` writes and `og.Model(folder)` loads as it is): their checks, greedy generation, and
+perplexity through genai's own generator.
 
-One implementation of each, for package, verify, gate and eval:
+For package, verify, gate and bench --generate:
 - `check_lm_folder`: the one-line errors for a folder that is not an exported LM (a Hugging Face
   folder, a BERT encoder, no tokenizer);
 - `greedy_generate` / `check_greedy`: a prompt's greedy continuation, and the re-check of a recorded
   one (each recorded token fed back in turn, so one near-tie cannot hide how the rest compares);
 - `perplexity`: two folders' logits over the same text windows, through dlopt.metrics.Perplexity
-  (the metric table's perplexity: the candidate's over the baseline's, and next-token agreement).
+  (the metric table's perplexity: the candidate's over the baseline's, and next-token agreement),
+  as `dlopt gate` scores two folders as users run them.
 
 Logits come from onnxruntime-genai's own generator (`append_tokens`, `get_output("logits")`), so what
 is checked is what a user's generate loop runs: the same session options, KV cache and kernels.
