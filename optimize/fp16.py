@@ -353,7 +353,7 @@ def _first_non_finite(converted, source, fp16_stats, fp32_stats, blocked: Mappin
 
 
 def _looks_like_transformer(model) -> bool:
-    from dlopt.optimize.preprocess import looks_like_transformer
+    from dlopt.graphfacts import looks_like_transformer
 
     return looks_like_transformer(model)
 

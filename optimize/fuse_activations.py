@@ -289,7 +289,8 @@ def fuse_activations(model, config: FuseActivations = FuseActivations(),
     """Fuse each kind in `config.kinds` (SiLU not for static INT8: see the module doc), each checked against
     its input's outputs on samples of `data` (or synthetic inputs). The report lists every kind: applied,
     sites, what they became, the check's max abs diff, or why not."""
-    from dlopt.optimize.preprocess import check_feeds, op_counts, run_checked_steps
+    from dlopt.graphfacts import op_counts
+    from dlopt.optimize.preprocess import check_feeds, run_checked_steps
     from dlopt.sessions import cpu_session, run_outputs
 
     kinds = [k for k in config.kinds if not (k == "silu" and config.static_int8)]

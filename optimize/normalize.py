@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from dlopt.optimize.preprocess import check_feeds, op_counts, replace_nodes, run_checked_steps
+from dlopt.graphfacts import op_counts
+from dlopt.optimize.preprocess import check_feeds, replace_nodes, run_checked_steps
 from dlopt.sessions import cpu_session, run_outputs
 from dlopt.stage import StageResult, config_to_dict
 

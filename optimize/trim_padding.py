@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from dlopt.errors import InputError, StageError
-from dlopt.stage import Check, Stage, StageContext, StageResult, config_to_dict
+from dlopt.stage import Check, StageContext, StageResult, config_to_dict, register_stage
 
 TrimMode = Literal["auto", "on", "off"]
 TRIM_MODES: tuple[str, ...] = ("auto", "on", "off")
@@ -366,7 +366,12 @@ def _same_interface(model, config, before) -> str | None:
     return None if sig(model) == sig(before) else "its inputs or outputs differ from its input's"
 
 
-def _run(model, config: TrimPadding, context: StageContext) -> StageResult:
+@register_stage(kind="trim-padding", config=TrimPadding, takes="onnx", makes="onnx",
+                requires=(Check("an ONNX model", _onnx_problem),),
+                ensures=(Check("the same inputs and outputs", _same_interface),),
+                summary="slice token inputs to the batch's longest real length, pad per-token outputs back",
+                validate=validate)
+def trim_padding_stage(model, config: TrimPadding, context: StageContext) -> StageResult:
     from dlopt.inputs import take_samples
 
     samples = take_samples(context.eval_data, config.samples) or take_samples(context.data, config.samples)
@@ -377,11 +382,5 @@ def _run(model, config: TrimPadding, context: StageContext) -> StageResult:
     return result
 
 
-STAGE = Stage(kind="trim-padding", config=TrimPadding, run=_run, takes="onnx", makes="onnx",
-              requires=(Check("an ONNX model", _onnx_problem),),
-              ensures=(Check("the same inputs and outputs", _same_interface),),
-              summary="slice token inputs to the batch's longest real length, pad per-token outputs back",
-              validate=validate)
-
-__all__ = ["MIN_COSINE", "Plan", "STAGE", "TRIM_MODES", "TrimMode", "TrimPadding", "compare_outputs",
-           "padded_check_feeds", "plan", "summary_line", "trim_padding", "trim_padding_graph"]
+__all__ = ["MIN_COSINE", "Plan", "TRIM_MODES", "TrimMode", "TrimPadding", "compare_outputs",
+           "padded_check_feeds", "plan", "summary_line", "trim_padding", "trim_padding_graph", "trim_padding_stage"]

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from dlopt.optimize.preprocess import looks_like_transformer
+from dlopt.graphfacts import looks_like_transformer
 from dlopt.optimize.quantize.schemes import Int8Scheme, Int8Static, Method, QuantizeConfig, _Int8
 from dlopt.targets.cpu import HostCpu, host_cpu
 

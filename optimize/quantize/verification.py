@@ -16,7 +16,8 @@ from dlopt.errors import StageError
 from dlopt.fidelity import compare_runs, report as fidelity_report
 from dlopt.inputs import graph_inputs
 from dlopt.metrics import MetricChoice, assess, choose_metric, group_sqnr, metric_request
-from dlopt.optimize.preprocess import check_feeds, op_counts
+from dlopt.graphfacts import op_counts
+from dlopt.optimize.preprocess import check_feeds
 from dlopt.optimize.quantize.recipe import cpu_features
 from dlopt.optimize.quantize.schemes import FIDELITY_FLOORS_DB, QuantizeConfig
 from dlopt.optimize.scheme import HOLDOUT_MIN, QuantizeScheme

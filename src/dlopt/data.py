@@ -861,9 +861,9 @@ def data_arrays(data: str | Path | DataSpec | Mapping[str, Any] | None, model: s
         return data
     spec = as_spec(data)
     if spec.source and spec.source.startswith("model:") and spec == DataSpec(source=spec.source):
-        from dlopt.bench import load_data as reference_inputs
+        from dlopt.models import get_reference_model
 
-        return reference_inputs(spec.source, samples=samples or 64, seq_len=seq_len)
+        return get_reference_model(spec.source[len("model:"):]).benchmark_inputs(samples or 64, seq_len=seq_len)
     graph = None
     if str(model).endswith(".onnx") and Path(model).is_file():
         from dlopt.fileio import load_onnx

@@ -9,6 +9,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,22 @@ from dlopt.errors import DlOptError, InputError
 
 # protobuf cannot serialize a single message over 2 GiB; above this, weights go to external data.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class WrittenModel:
+    """A model file a stage wrote, its JSON report beside it, and that report."""
+
+    model_path: Path
+    report_path: Path
+    report: dict[str, Any]
+
+
+def report_path_for(model_path: str | os.PathLike, stage: str) -> Path:
+    """Where a stage's JSON report goes: beside the model, `NAME.<stage>.json`."""
+    path = Path(model_path)
+    stem = path.name[:-5] if path.name.endswith(".onnx") else path.name
+    return path.with_name(f"{stem}.{stage}.json")
 
 
 def check_output_path(path: str | os.PathLike) -> Path:

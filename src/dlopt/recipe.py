@@ -560,14 +560,15 @@ def recipe_outputs(recipe: Recipe, out: Path) -> list[Path]:
     """Every path `run_recipe` may write for -o `out`: it, the stage reports delivered beside a model
     (NAME.quantize.json, NAME.export.json), and where a quantize stage below its floor keeps its result
     (NAME.failed.onnx and its report)."""
-    from dlopt.api import report_path_for
+    from dlopt.fileio import report_path_for
 
     paths = [out]
     if recipe.stages[-1].kind != "package":
         paths += [report_path_for(out, "quantize"), report_path_for(out, "export")]
-    quantizers = [get_stage(s.kind) for s in recipe.stages if _quantizes(s.kind)]
-    if quantizers:
-        failed = quantizers[0].failed_path(out)
+    if any(_quantizes(s.kind) for s in recipe.stages):
+        from dlopt.optimize.quantize.files import failed_path
+
+        failed = failed_path(out)
         paths += [failed, report_path_for(failed, "quantize")]
     return paths
 
@@ -657,28 +658,29 @@ def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Pat
     if stage.kind == "distill":  # the prune stage's checkpoint, trained against the source
         produced, report = _distill(recipe, spec, config, artifact, staging, after, log)
     elif spec.takes == spec.makes == "torch":  # prune: the pruned checkpoint
+        from dlopt.checkpoint import save_checkpoint
+
         result = spec.apply(_torch_source(recipe, artifact, log), config, StageContext(after=after, log=log))
-        produced = get_stage("prune").save_checkpoint(staging / "model.pt", result.model.module, recipe.source,
-                                                      result.report)
+        produced = save_checkpoint(staging / "model.pt", result.model.module, recipe.source, result.report)
         report = {k: result.report[k] for k in ("parameters_before", "parameters_after", "macs_before",
                                                 "macs_after")}
     elif spec.takes == "torch":
-        from dlopt.api import export_model
+        from dlopt.optimize.export import export_file
 
         source = recipe.source if artifact is None else _torch_source(recipe, artifact, log)
-        written = export_model(source, staging / "model.onnx", config, log=log)
+        written = export_file(source, staging / "model.onnx", config, log=log)
         produced, report = written.model_path, written.report
     elif spec.makes == "bundle":
         result = spec.apply(artifact, config, StageContext(output=staging / "bundle", lineage=tuple(lineage),
                                                            after=after, log=log))
         produced, report = result.model, result.report
     else:  # quantize and its schemes
-        from dlopt.api import quantize_model
+        from dlopt.optimize.quantize.files import failure_error, quantize_file
 
-        outcome = quantize_model(artifact, staging / "model.onnx", config, recipe.calibration,
-                                 eval_data=recipe.eval_data, after=after, log=log)
+        outcome = quantize_file(artifact, staging / "model.onnx", config, recipe.calibration,
+                                eval_data=recipe.eval_data, after=after, log=log)
         if not outcome.passed:  # the best effort goes beside -o, as `dlopt quantize` keeps it; never cached
-            raise spec.failure_error(_keep_failed(outcome, out, spec))
+            raise failure_error(_keep_failed(outcome, out))
         produced, report = outcome.model_path, outcome.report
     summary = {k: report[k] for k in ("verdict", "verification", "bytes_written", "bytes", "recipe", "scheme",
                                       "parameters_before", "parameters_after", "macs_before", "macs_after",
@@ -694,20 +696,22 @@ def _distill(recipe: Recipe, spec: Stage, config: Any, checkpoint: Path, staging
              log: Log) -> tuple[Path, dict[str, Any]]:
     """Train the prune stage's student against the source on the recipe's training data (a tenth held out
     for early stopping, split by the config's seed); its checkpoint keeps the pruning, so export rebuilds it."""
-    prune = get_stage("prune")
+    from dlopt.checkpoint import read_checkpoint, save_checkpoint
+    from dlopt.optimize.distill import load_npz_data, reference_training_data, split_validation
+
     teacher = _torch_source(recipe, None, log)
     student = _torch_source(recipe, checkpoint, log, loaded=teacher)
     data_spec = recipe.distill_data
     log(f"loading the training data {data_spec}")
     if data_spec.startswith("model:"):
-        data = spec.reference_training_data(data_spec[len("model:"):])
+        data = reference_training_data(data_spec[len("model:"):])
     else:
-        data = spec.load_npz_data(Path(data_spec), teacher.example_inputs)
-    train, val = spec.split_validation(data, 0.1, config.seed)
+        data = load_npz_data(Path(data_spec), teacher.example_inputs)
+    train, val = split_validation(data, 0.1, config.seed)
     result = spec.apply(student, config, StageContext(data=train, eval_data=val, teacher=teacher, after=after, log=log))
-    pruned = prune.read_checkpoint(checkpoint)
+    pruned = read_checkpoint(checkpoint)
     report = dict(result.report) | {"train_samples": len(train)}
-    produced = prune.save_checkpoint(staging / "model.pt", result.model.module, recipe.source,
+    produced = save_checkpoint(staging / "model.pt", result.model.module, recipe.source,
                                      {"pruning_history": pruned.pruning_history,
                                       "module_attributes": pruned.module_attributes,
                                       "prune": pruned.report, "distill": report})
@@ -720,28 +724,29 @@ def _torch_source(recipe: Recipe, checkpoint: Path | None, log: Log, *, loaded: 
     import copy
     import dataclasses as dc
 
+    from dlopt.checkpoint import read_checkpoint, rebuild
     from dlopt.fileio import guard_source_spec
+    from dlopt.sources import load_source
 
-    prune = get_stage("prune")  # the checkpoint format is prune's
     guard_source_spec(recipe.source)
     if loaded is not None:
         source = dc.replace(loaded, module=copy.deepcopy(loaded.module))
     else:
         log(f"loading {recipe.source}")
-        source = get_stage("export").load_source(recipe.source)
+        source = load_source(recipe.source)
     if checkpoint is None:
         return source
     log(f"rebuilding it from the checkpoint {checkpoint.parent.name[:12]}")
-    module = prune.rebuild(prune.read_checkpoint(checkpoint), source.module, source.example_inputs)
+    module = rebuild(read_checkpoint(checkpoint), source.module, source.example_inputs)
     return dc.replace(source, module=module, name=f"{source.name} (pruned)")
 
 
-def _keep_failed(outcome: Any, out: Path, stage: Stage) -> Any:
+def _keep_failed(outcome: Any, out: Path) -> Any:
     """Copy a failed quantize stage's model and report out of its staging folder to OUT.failed.onnx."""
-    from dlopt.api import report_path_for
-    from dlopt.fileio import staged_outputs
+    from dlopt.fileio import report_path_for, staged_outputs
+    from dlopt.optimize.quantize.files import failed_path
 
-    kept = stage.failed_path(out)
+    kept = failed_path(out)
     with staged_outputs() as outputs:
         shutil.copyfile(outcome.model_path, outputs.stage(kept))
         shutil.copyfile(outcome.report_path, outputs.stage(report_path_for(kept, "quantize")))
@@ -766,8 +771,7 @@ def _deliver(artifact: Path, out: Path, *, bundle: bool, inputs: list[Path], gua
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return
-    from dlopt.api import report_path_for
-    from dlopt.fileio import external_data_files, guard_outputs, json_text, load_onnx, staged_outputs
+    from dlopt.fileio import external_data_files, guard_outputs, json_text, load_onnx, report_path_for, staged_outputs
 
     external = external_data_files(load_onnx(artifact, load_external_data=False))
     if external:

@@ -352,9 +352,9 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
         clock.log(f"auto: the task metric is {metric['name']} ({metric['reason']}); the drop budget "
                   f"{max_drop:g} is in {metric['drop_unit']}")
     from dlopt.fileio import load_onnx
-    from dlopt.stage import get_stage
+    from dlopt.graphfacts import looks_like_transformer
 
-    transformer = get_stage("quantize").looks_like_transformer(load_onnx(base.artifact, load_external_data=False))
+    transformer = looks_like_transformer(load_onnx(base.artifact, load_external_data=False))
     candidates = base_candidates(target=ctx.target, transformer=transformer)[1:]
     deadline = TRANSFORM_SHARE * config.time_budget_s
     plan_key = _plan_key(ctx, config)

@@ -145,9 +145,8 @@ def apply_stages(ctx: SearchContext, stages: Sequence[StageDesc], output: Path |
 @functools.lru_cache(maxsize=4)
 def _evaluator(ctx: SearchContext):
     """The evaluator of dlopt.optimize.sensitivity (one per worker process and search)."""
-    from dlopt.stage import get_stage
+    from dlopt.optimize.sensitivity import build_evaluator  # quantize's own accuracy evaluators
 
-    build_evaluator = get_stage("quantize").build_evaluator  # quantize's own accuracy evaluators
     if ctx.evaluator.startswith("model:"):
         return build_evaluator(ctx.evaluator, None, None)
     from dlopt.fileio import load_onnx
@@ -169,13 +168,13 @@ def heldout_feeds(ctx: SearchContext, model) -> list[dict[str, Any]] | None:
     """Where a fidelity evaluator scores: --eval-data, else the samples quantize holds out of
     --calibration (the last 20 %: never calibrated on), else None (generated inputs)."""
     from dlopt.data import load_data
-    from dlopt.stage import get_stage
+    from dlopt.optimize.quantize.schemes import QuantizeConfig
+    from dlopt.optimize.quantize.verification import split_holdout
 
-    quantize = get_stage("quantize")  # its QuantizeConfig's defaults and held-out split
-    config = quantize.config()
+    config = QuantizeConfig()  # its defaults and held-out split
     data = load_data(ctx.calibration, model) if ctx.calibration else None
     held = load_data(ctx.eval_data, model, limit=config.fidelity_samples) if ctx.eval_data else None
-    _, feeds, _ = quantize.split_holdout(data, held, config)
+    _, feeds, _ = split_holdout(data, held, config)
     return feeds
 
 
@@ -188,9 +187,9 @@ def graph_signature(path: Path) -> str:
     """The sorted op types and counts of the graph: two candidates with the same signature and size
     run the same kernels, so their latencies differ only by noise."""
     from dlopt.fileio import load_onnx
-    from dlopt.stage import get_stage
+    from dlopt.graphfacts import op_counts
 
-    counts = get_stage("quantize").op_counts(load_onnx(path, load_external_data=False))
+    counts = op_counts(load_onnx(path, load_external_data=False))
     return json.dumps(dict(sorted(counts.items())), separators=(",", ":"))
 
 
