@@ -467,10 +467,20 @@ def gate(baseline: str | os.PathLike, candidate: str | os.PathLike, config: Gate
             check_output_path(path)  # before a minute of measuring, not after
     guard_outputs([baseline, candidate, _data_file(data), _data_file(evaluator.data) if evaluator else None],
                   [summary, junit, json_path, github_summary])
-    batch = config.batch or 1
-    arrays = data_arrays(data, candidate, seq_len=config.seq_len or 128,
-                          samples=batch * (8 if str(data).startswith("model:") else MAX_DATA_BATCHES))
-    result = run_gate(baseline, candidate, config, data=arrays, evaluator=evaluator, progress=progress)
+    from dlopt.genai import is_lm_folder
+
+    if is_lm_folder(baseline) or is_lm_folder(candidate):  # exported LMs: decode tokens/s and perplexity
+        from dlopt.gate.lm import run_gate_lm
+
+        if data is not None:
+            raise InputError("an LM gate times generation from seeded prompts, not {data}",
+                             "drop it; the evaluation text is {eval_data=TEXT.txt}")
+        result = run_gate_lm(baseline, candidate, config, evaluator=evaluator, progress=progress)
+    else:
+        batch = config.batch or 1
+        arrays = data_arrays(data, candidate, seq_len=config.seq_len or 128,
+                             samples=batch * (8 if str(data).startswith("model:") else MAX_DATA_BATCHES))
+        result = run_gate(baseline, candidate, config, data=arrays, evaluator=evaluator, progress=progress)
     written = write_outputs(result, summary=summary, junit=junit, json_path=json_path,
                             github_summary=str(github_summary) if github_summary else None)
     return Gated(result, tuple(written))

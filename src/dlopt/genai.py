@@ -26,15 +26,66 @@ from typing import Any
 
 import numpy as np
 
-from dlopt.bench.generate import GENAI_CONFIG, LmFolder, _genai, load_lm, read_lm_folder
-from dlopt.errors import InputError
+from dlopt.errors import InputError, MissingDependencyError
 
+GENAI_CONFIG = "genai_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 EXPORT_HINT = "export one with: dlopt export HF_FOLDER --task text-generation -o FOLDER"
 # A recorded greedy token still counts as the model's choice when its logit is within this of the top
 # logit (relative to the largest |logit|): another CPU's kernels (AVX2 against AVX-512, int4 blocks
 # summed in another order) may break an exact tie the other way; a real change is far larger.
 TIE_RTOL = 1e-4
+
+
+def _genai():
+    try:
+        import onnxruntime_genai as og
+    except ImportError as e:
+        raise MissingDependencyError("exported LM folders run with onnxruntime-genai, which is not installed",
+                                     "pip install 'dlopt[llm]'") from e
+    return og
+
+
+@dataclass(frozen=True)
+class LmFolder:
+    """An exported generation folder, as read from its genai_config.json."""
+
+    path: Path
+    context_length: int
+    vocab_size: int
+    special_ids: tuple[int, ...]
+    size_bytes: int
+
+
+def read_lm_folder(path: str | os.PathLike) -> LmFolder:
+    folder = Path(path)
+    config_path = folder / GENAI_CONFIG
+    if not folder.is_dir() or not config_path.is_file():
+        what = "does not exist" if not folder.exists() else f"has no {GENAI_CONFIG}"
+        raise InputError(f"{folder} {what}: not an exported LM folder", EXPORT_HINT)
+    try:
+        model = json.loads(config_path.read_text())["model"]
+        context, vocab = int(model["context_length"]), int(model["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"cannot read the context length and vocabulary size from {config_path}: {e}",
+                         "export the folder again") from e
+    special = []
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = model.get(key)
+        special += value if isinstance(value, list) else [value] if value is not None else []
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.startswith("model"))
+    return LmFolder(folder, context, vocab, tuple(int(v) for v in special), size)
+
+
+def load_lm(og, folder: LmFolder, threads: int):
+    """og.Model on the CPU with `threads` intra-op threads (genai's config overlay: the folder is not changed)."""
+    config = og.Config(str(folder.path))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    try:
+        return og.Model(config)
+    except Exception as e:  # genai raises plain RuntimeErrors for unloadable folders
+        raise InputError(f"onnxruntime-genai cannot load {folder.path}: {str(e).splitlines()[0]}",
+                         "export the folder again with dlopt export --task text-generation") from e
 
 
 def is_lm_folder(path: str | os.PathLike) -> bool:

@@ -15,6 +15,7 @@ model's evaluation text (`--eval smollm2`: the first 4,096 tokens of lee_backgro
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import numpy as np
 from dlopt.errors import InputError
 from dlopt.gate.accuracy import EvalSpec
 from dlopt.gate.config import GateConfig, ProgressFn
-from dlopt.gate.result import Check
+from dlopt.gate.result import Check, GateResult
 
 DEFAULT_PROMPT_LEN = 128
 DEFAULT_NEW_TOKENS = 32
@@ -86,8 +87,23 @@ def _perplexity_check(baseline, candidate, spec: EvalSpec, limit: float, threads
                  seconds=time.perf_counter() - started)
 
 
-def gate_generate(baseline: Path, candidate: Path, config: GateConfig, evaluator: EvalSpec | None,
-                  progress: ProgressFn | None) -> tuple[list[Check], dict[str, Any]]:
+def run_gate_lm(baseline: str | os.PathLike, candidate: str | os.PathLike, config: GateConfig = GateConfig(), *,
+                evaluator: EvalSpec | None = None, progress: ProgressFn | None = None) -> GateResult:
+    """Gate the exported LM folder CANDIDATE against BASELINE on decode tokens/s, and on size and perplexity
+    where `config` limits them (perplexity on `evaluator`'s text). Raises InputError (exit 2) on bad input."""
+    from dlopt.gate.config import validate_config
+    from dlopt.gate.result import overall_verdict
+
+    validate_config(config)
+    started = time.perf_counter()
+    checks, fields = _checks(Path(baseline), Path(candidate), config, evaluator, progress)
+    verdict, code = overall_verdict(checks, config.on_inconclusive)
+    return GateResult(config=config, baseline=str(baseline), candidate=str(candidate), checks=tuple(checks),
+                      verdict=verdict, exit_code=code, seconds=time.perf_counter() - started, **fields)
+
+
+def _checks(baseline: Path, candidate: Path, config: GateConfig, evaluator: EvalSpec | None,
+            progress: ProgressFn | None) -> tuple[list[Check], dict[str, Any]]:
     """The checks (decode tokens/s, and size and perplexity where limited) and GateResult's fields."""
     from dlopt.bench import InterleavedSampler, machine_fingerprint
     from dlopt.bench.generate import (GenerateConfig, GenerationRun, _genai, load_lm, prompt_tokens,
@@ -164,4 +180,4 @@ def gate_generate(baseline: Path, candidate: Path, config: GateConfig, evaluator
     return checks, fields
 
 
-__all__ = ["DEFAULT_NEW_TOKENS", "DEFAULT_PROMPT_LEN", "gate_generate"]
+__all__ = ["DEFAULT_NEW_TOKENS", "DEFAULT_PROMPT_LEN", "run_gate_lm"]
