@@ -291,3 +291,24 @@ def test_bench_generate_names_a_bert_folder(tiny, lm, tmp_path):
     bert = _bad_lm_folders(tiny, lm, tmp_path)["bert"]
     result = CliRunner().invoke(main, ["bench", str(bert), "--generate", "--no-progress"])
     assert result.exit_code == 2 and "not a causal language model" in result.output
+
+
+@pytest.mark.heavy
+def test_smollm2_bundle_generates_its_samples_and_verifies(tmp_path):
+    """SmolLM2-135M: exported, packaged with its FP32 export as the reference, verified; the chat code runs."""
+    lm_dir = tmp_path / "lm"
+    result = CliRunner().invoke(main, ["export", "smollm2", "--task", "text-generation", "-o", str(lm_dir)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "smollm2-cpu"
+    result = CliRunner().invoke(main, ["package", str(lm_dir), "--target", "cpu", "--reference", str(lm_dir),
+                                       "-o", str(out), "--measure", "5"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["generation"]["chat_template"]
+    for s in manifest["generation"]["samples"]:
+        assert len(s["tokens"]) == 20 and s["reference"]["equal_prefix"] == 20
+    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
+    code, = re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), flags=re.S)
+    done = subprocess.run([sys.executable, "-c", code], input="What is the capital of France?\n\n",
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0 and "Paris" in done.stdout, done.stdout + done.stderr
