@@ -102,9 +102,13 @@ def has_chat_template(folder: Path) -> bool:
         return False
 
 
-def chat_code(bundle_name: str, chat_template: bool) -> str:
+CHAT_REPLY_TOKENS = 256
+
+
+def chat_code(bundle_name: str, chat_template: bool, context_length: int) -> str:
     """The Python that chats with the bundle, run from the folder that holds it (the README shows it,
-    and a test runs exactly this text)."""
+    and a test runs exactly this text). Replies are capped at CHAT_REPLY_TOKENS: genai's default
+    max_length is the whole context, and a small model may never say EOS."""
     encode = ('    messages = json.dumps([{"role": "user", "content": prompt}])\n'
               "    ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))\n"
               if chat_template else "    ids = tokenizer.encode(prompt)\n")
@@ -114,7 +118,9 @@ def chat_code(bundle_name: str, chat_template: bool) -> str:
             "tokenizer = og.Tokenizer(model)\n"
             'while prompt := input("> "):\n'
             + encode +
-            "    generator = og.Generator(model, og.GeneratorParams(model))\n"
+            "    params = og.GeneratorParams(model)\n"
+            f"    params.set_search_options(max_length=min(len(ids) + {CHAT_REPLY_TOKENS}, {context_length}))\n"
+            "    generator = og.Generator(model, params)\n"
             "    generator.append_tokens(ids)\n"
             "    stream = tokenizer.create_stream()\n"
             "    while not generator.is_done():\n"
@@ -338,8 +344,8 @@ def model_card(m: dict[str, Any], bundle_name: str) -> str:
                   "KEY.pub`.", ""]
     lines += ["## Chat with it", "",
               f"`pip install onnxruntime-genai` ({g['runtime']} built this bundle), then run from the folder that "
-              f"holds `{bundle_name}/` (an empty line ends the chat):", "",
-              "```python", chat_code(bundle_name, g["chat_template"]).rstrip("\n"), "```", ""]
+              f"holds `{bundle_name}/` (an empty line ends the chat; replies stop at EOS or {CHAT_REPLY_TOKENS} tokens):", "",
+              "```python", chat_code(bundle_name, g["chat_template"], g["context_length"]).rstrip("\n"), "```", ""]
     if not g["chat_template"]:
         lines += ["The tokenizer has no chat template: prompts are continued as plain text.", ""]
     threads = m["runtime"]["recommended_session"]["intra_op_num_threads"]
