@@ -44,11 +44,19 @@ MEASURE_PROMPT_LEN = 64
 MEASURE_NEW_TOKENS = 32
 TOKENIZER_ROLES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt")
-# The ExecuTorch LLM path (executorch.extension.llm.export) exports from the PyTorch model, not from
-# this ONNX folder; see executorch_note.
-EXECUTORCH_NOTE = ("not measured: the ExecuTorch path lowers the PyTorch model (executorch.extension.llm.export, "
-                   "XNNPACK, 8da4w) into a .pte, a different program from this ONNX decoder, and dlopt does not "
-                   "build it yet; onnxruntime-genai's Android/iOS packages load this folder as it is")
+EXECUTORCH_NOTE = ("not measured: ExecuTorch's LLM path (executorch.extension.llm.export: XNNPACK, 8da4w weights) "
+                   "lowers the PyTorch model, converted to Meta's Llama checkpoint layout, into a .pte, a different "
+                   "program from this ONNX decoder, which dlopt does not build yet{status}; onnxruntime-genai's "
+                   "Android and iOS packages load this folder as it is")
+
+
+def executorch_note() -> str:
+    """Why the bundle has no ExecuTorch figure, with what this machine has installed."""
+    from dlopt.targets.xnnpack import executorch_status
+
+    ok, reason = executorch_status()
+    status = f" ({reason} is installed here)" if ok else f" (and here: {reason})"
+    return EXECUTORCH_NOTE.format(status=status)
 
 
 def _decoder_file(folder: Path) -> str:
@@ -270,7 +278,7 @@ def package_lm(folder: str | os.PathLike, output: str | os.PathLike, config: Pac
         metrics = {}
         if config.measure_s > 0:
             metrics[f"{config.target}-genai"] = _measure(staging, ref_path, threads, config.measure_s, log)
-        executorch = EXECUTORCH_NOTE if config.target == "mobile" else None
+        executorch = executorch_note() if config.target == "mobile" else None
         manifest = _manifest(config=config, source=source, staging=staging, decoder=decoder, lm=lm, threads=threads,
                              samples=samples, new_tokens=new_tokens, checks=checks, reference=reference_record,
                              metrics=metrics, executorch=executorch, og_version=og.__version__)
