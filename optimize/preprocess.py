@@ -93,7 +93,7 @@ def detect_attention_shape(model) -> tuple[int, int]:
         if h > 0:
             key = (h, h * int(head_size.item()))
             found[key] = found.get(key, 0) + 1
-    return max(found, key=found.get) if found else (0, 0)
+    return max(found, key=lambda key: found[key]) if found else (0, 0)
 
 
 def _fuse_transformer(model, config: PreprocessConfig):

@@ -55,10 +55,9 @@ class Prune:
     round_to: int | None = None  # keep channel counts multiples of this (e.g. 8 for SIMD-friendly widths)
 
 
-PruneConfig = Prune  # its name before the Stage interface
 
 
-def check_config(config: PruneConfig) -> None:
+def check_config(config: Prune) -> None:
     if config.structure not in STRUCTURES:
         raise InputError(f"unknown pruning structure {config.structure!r}", f"choose one of {', '.join(STRUCTURES)}")
     if config.importance not in IMPORTANCES:
@@ -133,9 +132,9 @@ def find_attention(module) -> list[AttentionModule]:
         if head_attr is None:
             continue
         for names in _QKV_NAMES:
-            layers = tuple(getattr(m, n, None) for n in names)
-            if all(isinstance(layer, torch.nn.Linear) for layer in layers):
-                found.append(AttentionModule(name, m, layers, head_attr))
+            q, k, v = (getattr(m, n, None) for n in names)
+            if all(isinstance(layer, torch.nn.Linear) for layer in (q, k, v)):
+                found.append(AttentionModule(name, m, (q, k, v), head_attr))
                 break
     return found
 
@@ -184,7 +183,7 @@ def _layer_shapes(module) -> dict[str, list[int]]:
             if _real_layer(m) and getattr(m, "weight", None) is not None and hasattr(m.weight, "shape")}
 
 
-def _importance(config: PruneConfig):
+def _importance(config: Prune):
     _, tp = require_torch_pruning()
     if config.importance == "magnitude":
         return tp.importance.GroupMagnitudeImportance(p=2)
@@ -215,7 +214,7 @@ def _resolve_ignored(module, names: Iterable[str]) -> list[Any]:
 GradientBatches = Iterable[tuple[Mapping[str, Any], Any]]
 
 
-def prune(module, example_inputs: Mapping[str, Any], config: PruneConfig = PruneConfig(), *,
+def prune(module, example_inputs: Mapping[str, Any], config: Prune = Prune(), *,
           gradient_batches: GradientBatches | None = None) -> StageResult:
     """Prune a copy of `module` (the input is not modified). Returns the pruned module and a report.
 
@@ -264,7 +263,7 @@ def prune(module, example_inputs: Mapping[str, Any], config: PruneConfig = Prune
     return StageResult(model=model, report=report)
 
 
-def _prune_structured(model, inputs, config: PruneConfig, output_layer: str | None, ignored: list,
+def _prune_structured(model, inputs, config: Prune, output_layer: str | None, ignored: list,
                       gradient_batches: GradientBatches | None) -> dict[str, Any]:
     torch, tp = require_torch_pruning()
     modules = dict(model.named_modules())
@@ -351,17 +350,14 @@ def _accumulate_gradients(model, inputs, gradient_batches: GradientBatches | Non
     n = 0
     for batch_inputs, labels in gradient_batches:
         out = first_tensor(model(**batch_inputs))
-        if labels is not None:
-            loss = torch.nn.functional.cross_entropy(out, labels)
-        else:
-            loss = out.float().pow(2).mean()
+        loss = torch.nn.functional.cross_entropy(out, labels) if labels is not None else out.float().pow(2).mean()
         loss.backward()
         n += 1
     if n == 0:
         raise InputError("importance 'taylor' got an empty data iterator", "give at least one batch")
 
 
-def _prune_unstructured(model, config: PruneConfig, output_layer: str | None, ignored: list) -> dict[str, Any]:
+def _prune_unstructured(model, config: Prune, output_layer: str | None, ignored: list) -> dict[str, Any]:
     """Global magnitude pruning of Linear/Conv weights with torch.nn.utils.prune, made permanent.
 
     Zeros are still stored and multiplied: the report gives sparsity and compressed size, no speedup."""
@@ -426,6 +422,6 @@ def prune_stage(source: ModelSource, config: Prune, context: StageContext) -> St
     return StageResult(dataclasses.replace(source, module=result.model), result.report)
 
 
-__all__ = ["Prune", "IMPORTANCES", "STRUCTURES", "AttentionModule", "PruneConfig", "check_config",
+__all__ = ["Prune", "IMPORTANCES", "STRUCTURES", "AttentionModule", "Prune", "check_config",
            "count_macs_params", "first_tensor", "find_attention", "find_ffn", "output_layer_name", "prune",
            "prune_stage"]

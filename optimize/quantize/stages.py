@@ -11,7 +11,7 @@ from dlopt.optimize.int4 import Int4WeightOnly
 from dlopt.optimize.quantize.pipeline import quantize
 from dlopt.optimize.quantize.schemes import (Int8Dynamic, Int8Static, Int8WeightOnly, QuantizeConfig, Scheme,
                                              validate_config)
-from dlopt.optimize.quantize.verification import quantized_nodes
+from dlopt.optimize.quantize.heldout import quantized_nodes
 from dlopt.stage import Check, Stage, StageContext, StageResult, register_stage
 
 

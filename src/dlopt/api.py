@@ -139,7 +139,7 @@ def prune_model(source: str, output_dir: str | os.PathLike, config=None, *, benc
             rows.append(["ONNX MB", dense_tmp.stat().st_size / 1e6, onnx_tmp.stat().st_size / 1e6,
                          f"{onnx_tmp.stat().st_size / dense_tmp.stat().st_size:.3f}x"])
         notes: list[str] = []
-        if config.structure == "unstructured":
+        if config.structure == "unstructured" and dense_tmp is not None:  # (exported above for it)
             dense_gz = len(gzip.compress(dense_tmp.read_bytes(), compresslevel=6, mtime=0))
             sparse_gz_bytes = gzip.compress(onnx_tmp.read_bytes(), compresslevel=6, mtime=0)
             outputs.stage(out_dir / "pruned.onnx.gz").write_bytes(sparse_gz_bytes)
@@ -155,7 +155,7 @@ def prune_model(source: str, output_dir: str | os.PathLike, config=None, *, benc
                 before = sum(h["before"] for h in heads.values())
                 after = sum(h["after"] for h in heads.values())
                 rows.append(["attention heads", before, after, f"{after / before:.3f}x"])
-            if bench_seconds is not None:
+            if bench_seconds is not None and dense_tmp is not None:  # (exported above for it)
                 log(f"measuring latency, one thread, interleaved ({bench_seconds:g} s)")
                 speed = measure_speedup(dense_tmp, onnx_tmp, budget_s=bench_seconds, batch=batch, seq_len=seq_len)
                 report["latency"] = speed
@@ -214,7 +214,7 @@ def _check_bench_numbers(bench_seconds: float | None, batch: int = 1, seq_len: i
 
 
 def measure_speedup(baseline_onnx: Path, onnx_path: Path, *, budget_s: float, batch: int = 1,
-                    seq_len: int = 128) -> dict[str, float]:
+                    seq_len: int = 128) -> dict[str, Any]:
     """Latency of `onnx_path` against `baseline_onnx`, one thread, interleaved (dlopt.bench)."""
     from dlopt.bench import BenchConfig, benchmark
 
@@ -222,6 +222,7 @@ def measure_speedup(baseline_onnx: Path, onnx_path: Path, *, budget_s: float, ba
                                                                budget_s=budget_s))
     run = result.batches[0]
     ratio = run.models[1].ratios[result.clock]
+    assert ratio is not None, "None only for the first model"
     return {"clock": result.clock, "batch": run.batch, "rounds": run.rounds,
             "baseline_ms": run.models[0].summaries[result.clock].median * 1e3,
             "ms": run.models[1].summaries[result.clock].median * 1e3,
@@ -430,6 +431,7 @@ def evaluate(model: str | os.PathLike, *, data: str | os.PathLike | None = None,
     if data is not None:
         result = evaluate_data(model, data, config, reference=reference)
     else:
+        assert reference_model is not None, "checked above: data or reference_model"
         result = evaluate_reference_model(model, reference_model, config, reference=reference)
     if json_path:
         from dlopt.fileio import write_json_atomic
@@ -601,6 +603,7 @@ def keygen(*, output: str | os.PathLike | None = None, private: str | os.PathLik
         if not folder.exists():
             created = _make_key_folder(folder)
         private, public = folder / PRIVATE_KEY_NAME, folder / PUBLIC_KEY_NAME
+    assert private is not None and public is not None, "checked above: output, or private and public"
     try:
         fingerprint = generate_key_pair(private, public)
     except BaseException:
@@ -769,8 +772,7 @@ _LAZY = {
     "notes_to": "dlopt.sessions",  # where sessions' one-time notes go (a relaxed output declaration)
     "reset_written": "dlopt.fileio", "written_paths": "dlopt.fileio",  # what an interrupted command had written
     # the stage configs, and what the stage verbs' callers print, from the stage modules
-    "ExportConfig": "dlopt.optimize.export", "DEFAULT_OPSET": "dlopt.optimize.export",
-    "Export": "dlopt.optimize.export", "Prune": "dlopt.optimize.prune", "PruneConfig": "dlopt.optimize.prune",
+    "Export": "dlopt.optimize.export", "DEFAULT_OPSET": "dlopt.optimize.export", "Prune": "dlopt.optimize.prune",
     "Distill": "dlopt.optimize.distill", "QuantizeConfig": "dlopt.optimize.quantize.schemes",
     "Int8Dynamic": "dlopt.optimize.quantize.schemes", "Int8Static": "dlopt.optimize.quantize.schemes",
     "Int8WeightOnly": "dlopt.optimize.quantize.schemes", "Int4WeightOnly": "dlopt.optimize.int4",
@@ -786,6 +788,8 @@ if TYPE_CHECKING:
     from dlopt.models import Fp32Evaluation
     from dlopt.package import PackageConfig, PackageResult
     from dlopt.recipe import RunResult
+    from dlopt.search.driver import OptimizeConfig, OptimizeResult
+    from dlopt.search.report import front_text as optimize_text
     from dlopt.stagecache import Entry, StageCache
     from dlopt.verify import VerifyResult
 

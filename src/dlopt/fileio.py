@@ -91,11 +91,11 @@ def guard_outputs(inputs: Iterable[str | os.PathLike | None], outputs: Iterable[
     links). None entries are skipped, so callers pass optional options as they are. `cache`: the stage
     cache folder the verb reads and writes (dlopt.stagecache): no output may be, contain or lie inside it,
     and it may not be, contain or lie inside an input (its entries are replaced and pruned)."""
-    outputs = [o for o in outputs if o is not None]
-    if not outputs and cache is None:
+    written = [o for o in outputs if o is not None]
+    if not written and cache is None:
         return  # nothing will be written: no need to read the inputs' external-data lists
     sources = [f for i in inputs if i is not None for f in input_files(i)]
-    for output in outputs:
+    for output in written:
         for source in sources:
             what = _overlap(Path(output), source)
             if what:
@@ -179,7 +179,7 @@ def stale_pid(name: str, prefix: str) -> bool:
 
 def remove_stale_temps(out: Path) -> list[Path]:
     """Remove the temp files that killed runs left beside `out` (see above); returns them."""
-    removed = []
+    removed: list[Path] = []
     parent = out.parent if str(out.parent) else Path(".")
     try:
         candidates = list(parent.glob(f".{glob.escape(out.name)}.*.tmp"))
@@ -276,7 +276,7 @@ def signals_held() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         if pending:
-            handler = previous[pending[0]]
+            handler = previous[signal.Signals(pending[0])]
             if callable(handler):
                 handler(pending[0], None)
             elif handler == signal.SIG_DFL:

@@ -273,9 +273,9 @@ def _range_from_use(node, position: int, constants: Mapping[str, np.ndarray]) ->
         return [(0, int(np.asarray(constants[node.input[1]]).reshape(-1)[0]))]
     if op == "Equal":
         other = node.input[1 - position] if len(node.input) == 2 else None
-        table = constants.get(other) if other else None
-        if table is not None and table.size > 1 and np.issubdtype(table.dtype, np.integer):
-            return [(int(table.min()), int(table.max()) + 1)]
+        compared = constants.get(other) if other else None
+        if compared is not None and compared.size > 1 and np.issubdtype(compared.dtype, np.integer):
+            return [(int(compared.min()), int(compared.max()) + 1)]
     return []
 
 

@@ -37,21 +37,23 @@ config dict, the data's hash and the host facts that change the result (see `hos
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli package (a dependency there)
+else:  # Python 3.10: the same parser, as the tomli package (a dependency there)
     import tomli as tomllib
 
 import dlopt
-from dlopt.data import DataSpec, as_spec, local_modules, read_spec_file, reader_hash, source_path, spec_from_keys, spec_hash
+from dlopt.data import DataSpec, local_modules, read_spec_file, reader_hash, source_path, spec_from_keys, spec_hash
 from dlopt.errors import DlOptError, InputError, StageError
 from dlopt.manifest import hash_path, sha256_file
 from dlopt.stage import (ConfigValueError, Stage, StageContext, config_from_dict, config_to_dict, config_version,
@@ -119,6 +121,10 @@ def _where(path: Path, line: int | None) -> str:
     return f"{path}:{line}" if line else str(path)
 
 
+@overload
+def _resolve(base: Path, spec: str) -> str: ...
+@overload
+def _resolve(base: Path, spec: str | None) -> str | None: ...
 def _resolve(base: Path, spec: str | None) -> str | None:
     """A relative path in the recipe is relative to the recipe's folder; model:NAME and module specs stay."""
     if spec is None or spec.startswith("model:"):
@@ -166,7 +172,7 @@ def _as_config_dict(cls: type, keys: Mapping[str, Any]) -> dict[str, Any]:
     return {"type": cls.__name__, "version": config_version(cls), "fields": fields}
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and check a recipe: every stage's config is built (and validated) before any work."""
     path = Path(path)
     try:
@@ -176,8 +182,8 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         text = raw_bytes.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw_bytes[:e.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: not UTF-8 text (byte 0x{raw_bytes[e.start]:02x} at offset {e.start})",
+        bad_line = raw_bytes[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{bad_line}: not UTF-8 text (byte 0x{raw_bytes[e.start]:02x} at offset {e.start})",
                          "save the recipe as UTF-8 (TOML files are UTF-8)") from e
     try:
         data = tomllib.loads(text)
@@ -228,7 +234,7 @@ def load_recipe(path: str | Path) -> Recipe:
         try:
             config = build_config(kind, keys, where=where, target=data.get("target"))
         except ConfigValueError as e:  # named at the line of the key whose value is wrong
-            at = _key_line(text, line, e.key) if e.key in keys else line
+            at = _key_line(text, line, e.key) if e.key is not None and e.key in keys else line
             detail = e.message.removeprefix(f"{where}: ")
             raise InputError(f"{_where(path, at)} (stage {i}, {kind}): {detail}", e.hint) from e
         stages.append(StageSpec(i, kind, config, line))
@@ -462,7 +468,7 @@ def _stage_data(recipe: Recipe, stage: StageSpec) -> dict[str, str | None]:
 def _prepared(recipe: Recipe, stage: StageSpec) -> Any:
     """The config the stage runs with: the package stage gets the recipe's name and calibration."""
     if stage.kind == "package":
-        changes = {}
+        changes: dict[str, Any] = {}
         if stage.config.name is None:
             changes["name"] = recipe.name or recipe.path.stem
         if stage.config.calibration is None and recipe.calibration:
@@ -474,7 +480,7 @@ def _prepared(recipe: Recipe, stage: StageSpec) -> Any:
 def key_inputs(recipe: Recipe, stage: StageSpec, input_sha256: str, upstream: list[dict[str, Any]] | None = None
                ) -> dict[str, Any]:
     config = _prepared(recipe, stage)
-    inputs = {"kind": stage.kind, "config": config_to_dict(config), "input_sha256": input_sha256,
+    inputs: dict[str, Any] = {"kind": stage.kind, "config": config_to_dict(config), "input_sha256": input_sha256,
               "data": _stage_data(recipe, dataclasses.replace(stage, config=config)),
               "host": host_facts(stage.kind, config)}
     specs = _declared_specs(recipe) if _quantizes(stage.kind) else None
@@ -543,8 +549,7 @@ def recipe_inputs(recipe: Recipe) -> list[Path]:
     found: list[Path] = [recipe.path]
     if recipe.onnx_source:
         found.append(Path(recipe.source))
-    elif guard_source_spec(recipe.source) is not None:
-        factory = guard_source_spec(recipe.source)
+    elif (factory := guard_source_spec(recipe.source)) is not None:
         found += [factory, *local_modules(factory)] if factory.is_file() else [factory]
     specs = [recipe.calibration, recipe.eval_data, recipe.training_data]
     for stage in recipe.stages:
@@ -573,7 +578,7 @@ def recipe_outputs(recipe: Recipe, out: Path) -> list[Path]:
     return paths
 
 
-def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: str | None = None,
+def run_recipe(recipe: Recipe, output: str | os.PathLike, *, cache: StageCache, force: str | None = None,
                overwrite: bool = False, log: Log = lambda message: None) -> RunResult:
     """Run the recipe's stages, each from the cache when its key is there (and its files are those it
     was written with), and write the last stage's artifact to `output` (an .onnx file, or a bundle folder
@@ -608,7 +613,7 @@ def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: 
                 log(f"{label}: cache entry {key[:12]} not used ({found.problem}): rebuilding it")
             entry = found.entry if found is not None else None
             cached = entry is not None
-            if entry is None:
+            if entry is None or view is None:  # (view is None exactly when entry is)
                 try:
                     entry, view, cached = _build(recipe, stage, artifact, out, key, inputs_k, cache, private,
                                                  [r.lineage() for r in runs], label, forced, started, log)
@@ -626,7 +631,7 @@ def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: 
             log(f"{label}: {'cached' if cached else 'done'} in {seconds:.2f} s (key {key[:12]})")
             runs.append(StageRun(stage, key, cached, seconds, input_sha, output_sha, entry))
             artifact, input_sha = produced, output_sha
-        _deliver(artifact, out, bundle=last == "package", inputs=inputs, guarded=outputs)
+        _deliver(_made_before(artifact, recipe.stages[-1]), out, bundle=last == "package", inputs=inputs, guarded=outputs)
     return RunResult(out, tuple(runs))
 
 
@@ -639,12 +644,12 @@ def _build(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Path, k
     and whether it was taken from the cache."""
     with cache.building(key) as staging:
         again, view = cache.checkout(key, private)
-        if again.entry is not None and (not forced or again.entry.created >= started):
+        if again.entry is not None and view is not None and (not forced or again.entry.created >= started):
             return again.entry, view, True
         log(f"{label}: running (key {key[:12]})")
-        entry = _run_stage(recipe, stage, artifact, out, key, inputs, cache, staging, lineage, log)
+        _run_stage(recipe, stage, artifact, out, key, inputs, cache, staging, lineage, log)
         made, view = cache.checkout(key, private)
-        if made.entry is None:
+        if made.entry is None or view is None:
             raise StageError(f"the cache entry {key[:12]} just written fails its check: {made.problem}",
                              "run again; if it repeats, pass another --cache-dir")
         return made.entry, view, False
@@ -656,7 +661,7 @@ def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Pat
     after = tuple(step["kind"] for step in lineage)
     spec = get_stage(stage.kind)
     if stage.kind == "distill":  # the prune stage's checkpoint, trained against the source
-        produced, report = _distill(recipe, spec, config, artifact, staging, after, log)
+        produced, report = _distill(recipe, spec, config, _made_before(artifact, stage), staging, after, log)
     elif spec.takes == spec.makes == "torch":  # prune: the pruned checkpoint
         from dlopt.checkpoint import save_checkpoint
 
@@ -677,7 +682,7 @@ def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Pat
     else:  # quantize and its schemes
         from dlopt.optimize.quantize.files import failure_error, quantize_file
 
-        outcome = quantize_file(artifact, staging / "model.onnx", config, recipe.calibration,
+        outcome = quantize_file(_made_before(artifact, stage), staging / "model.onnx", config, recipe.calibration,
                                 eval_data=recipe.eval_data, after=after, log=log)
         if not outcome.passed:  # the best effort goes beside -o, as `dlopt quantize` keeps it; never cached
             raise failure_error(_keep_failed(outcome, out))
@@ -690,6 +695,14 @@ def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Pat
             "output_sha256": artifact_hash(produced), "source": recipe.source, "recipe": str(recipe.path),
             "report": summary}
     return cache.commit(key, staging, info)
+
+
+def _made_before(artifact: Path | None, stage: StageSpec) -> Path:
+    """The artifact an earlier stage made, which `stage` reads (None only before a stage that takes torch)."""
+    if artifact is None:  # _check_order puts a stage that takes torch first when the source is not ONNX
+        raise StageError(f"stage {stage.index} {stage.kind} reads a model no earlier stage made",
+                         "begin the recipe with an export stage, or give an .onnx source")
+    return artifact
 
 
 def _distill(recipe: Recipe, spec: Stage, config: Any, checkpoint: Path, staging: Path, after: tuple[str, ...],

@@ -226,6 +226,7 @@ def session_source(source: Any, label: str | None = None) -> Iterator[tuple[Any,
     temporary folder beside links to its external data files."""
     import onnx
 
+    key: str | tuple[str, int, int]  # the content's hash, or the file's path, time and size
     if isinstance(source, bytes):
         key, load = hashlib.sha256(source).hexdigest(), lambda: onnx.load_model_from_string(source)
         label = label or "the model"

@@ -59,10 +59,10 @@ def command(source, output, task, opset, exporter, no_fallback, static_shapes, a
         _export_lm(source, output, opset=opset, exporter=exporter, no_fallback=no_fallback,
                    static_shapes=static_shapes, atol=atol, rtol=rtol, allow_mismatch=allow_mismatch)
         return
-    from dlopt.api import DEFAULT_OPSET, ExportConfig, export_model
+    from dlopt.api import DEFAULT_OPSET, Export, export_model
 
-    config = ExportConfig(opset=opset or DEFAULT_OPSET, exporter=exporter, fallback=not no_fallback,
-                          dynamic_shapes=not static_shapes, atol=atol, rtol=rtol, allow_mismatch=allow_mismatch)
+    config = Export(opset=opset or DEFAULT_OPSET, exporter=exporter, fallback=not no_fallback,
+                    dynamic_shapes=not static_shapes, atol=atol, rtol=rtol, allow_mismatch=allow_mismatch)
     written = export_model(source, output, config, log=echo_err)
     report = written.report
     verdict = "verified" if report["verification"]["passed"] else "MISMATCH (written because of --allow-mismatch)"

@@ -18,7 +18,7 @@ from dlopt.errors import InputError
 from dlopt.gate.accuracy import EvalSpec, accuracy_checks, accuracy_gated, validate_eval_spec
 from dlopt.gate.baseline import STORED_SAMPLES_MAX, StoredBaseline, fingerprint_differences, load_baseline, thin
 from dlopt.gate.config import DEFAULT_SEQ_LEN, GateConfig, ProgressFn, validate_config
-from dlopt.gate.result import Check, GateResult, overall_verdict
+from dlopt.gate.result import GateCheck, GateResult, overall_verdict
 from dlopt.gate.sequential import LatencyOutcome, Look, sequential_test
 from dlopt.inputs import parse_input_shapes
 from dlopt.stats import ratio_ci
@@ -80,19 +80,19 @@ def _bench_config(config: GateConfig, *, threads: int, seq_len: int, batch: int)
                        allow_fallback=config.allow_fallback, device_id=config.device_id, seed=config.seed)
 
 
-def _size_check(base_bytes: int, cand_bytes: int, limit: float) -> Check:
+def _size_check(base_bytes: int, cand_bytes: int, limit: float) -> GateCheck:
     growth = cand_bytes / base_bytes - 1 if base_bytes > 0 else math.inf
     verdict = "pass" if growth <= limit + 1e-12 else "fail"
-    return Check(name="size", verdict=verdict, baseline=base_bytes / 1e6, candidate=cand_bytes / 1e6,
+    return GateCheck(name="size", verdict=verdict, baseline=base_bytes / 1e6, candidate=cand_bytes / 1e6,
                  change=f"{growth:+.1%}", limit=f"<= {limit:+.1%}",
                  detail=f"bytes on disk (with external data): {base_bytes:,} -> {cand_bytes:,}")
 
 
 def _latency_check(outcome: LatencyOutcome, config: GateConfig, base_median_s: float, cand_median_s: float,
-                   clock: str) -> Check:
+                   clock: str) -> GateCheck:
     i = outcome.interval
     change = "n/a" if i is None else f"x{i.estimate:.3f} [{i.low:.3f}, {i.high:.3f}]"
-    return Check(name="latency", verdict=outcome.verdict, baseline=base_median_s * 1e3, candidate=cand_median_s * 1e3,
+    return GateCheck(name="latency", verdict=outcome.verdict, baseline=base_median_s * 1e3, candidate=cand_median_s * 1e3,
                  change=change, limit=f"<= x{outcome.limit:.3f}",
                  detail=f"median {clock} ms; {outcome.reason} ({outcome.look_confidence:.2%} CI per look)",
                  seconds=outcome.seconds)

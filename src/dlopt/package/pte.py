@@ -51,9 +51,9 @@ def _build_pte(source, staging: Path, config: PackageConfig, feeds_list, expecte
         program = PteProgram(staging / file_name, input_names, threads=1)
         got = [program.run(feeds) for feeds in feeds_list]
         output_names = list(expected[0])
-        got = [dict(zip(output_names, outs)) for outs in got]
+        got_named = [dict(zip(output_names, outs)) for outs in got]
         floor = config.pte_fp32_min_sqnr_db if precision == "fp32" else config.pte_int8_min_sqnr_db
-        checks += _checks(file_name, got, expected, {"min_sqnr_db": floor})
+        checks += _checks(file_name, got_named, expected, {"min_sqnr_db": floor})
         artifacts.append({"file": file_name, "runtime": f"executorch {_executorch_version()}", "backend": "xnnpack",
                           "precision": precision, "input_names": input_names,
                           "torch_source": config.torch_source, "lower_s": round(lower_s, 2),

@@ -101,7 +101,7 @@ def base_candidates(*, target: str, transformer: bool) -> list[Candidate]:
 
 def with_exclusions(candidate: Candidate, *, max_drop_metric: float, evaluator: str) -> Candidate:
     """`candidate` with quantize's accuracy budget: the nodes that add the most noise stay float until
-    the evaluator's drop is within `max_drop_metric` (dlopt.optimize.sensitivity)."""
+    the evaluator's drop is within `max_drop_metric` (dlopt.optimize.accuracy_budget)."""
     # leave_one_out_limit 0: nodes ranked by the noise each adds (two runs of the model), not by one
     # re-quantization per node; with a reference evaluator the latter took EfficientNet-Lite0's retry past
     # the whole search's 20-minute budget on the shared 2-core machine
