@@ -269,7 +269,8 @@ def package_lm(folder: str | os.PathLike, output: str | os.PathLike, config: Pac
         del model, tokenizer
         failed = [c for c in checks if not c["passed"]]
         if failed:
-            raise VerificationError(f"the staged bundle does not reproduce its own greedy outputs: {failed[0]['detail']}",
+            raise VerificationError("the staged bundle does not reproduce its own greedy outputs: "
+                                    f"{failed[0]['detail']}",
                                     "nothing was written; report this model (its kernels are not deterministic)")
         reference_record = None
         if ref_path is not None:
@@ -352,7 +353,8 @@ def model_card(m: dict[str, Any], bundle_name: str) -> str:
                   "KEY.pub`.", ""]
     lines += ["## Chat with it", "",
               f"`pip install onnxruntime-genai` ({g['runtime']} built this bundle), then run from the folder that "
-              f"holds `{bundle_name}/` (an empty line ends the chat; replies stop at EOS or {CHAT_REPLY_TOKENS} tokens):", "",
+              f"holds `{bundle_name}/` (an empty line ends the chat; replies stop at EOS or {CHAT_REPLY_TOKENS} "
+              "tokens):", "",
               "```python", chat_code(bundle_name, g["chat_template"], g["context_length"]).rstrip("\n"), "```", ""]
     if not g["chat_template"]:
         lines += ["The tokenizer has no chat template: prompts are continued as plain text.", ""]
@@ -365,7 +367,8 @@ def model_card(m: dict[str, Any], bundle_name: str) -> str:
                  if g["reference"] else ""), ""]
     headers = ["prompt", "output"] + (["tokens equal to the reference"] if g["reference"] else [])
     rows = [[s["prompt"], s["text"].replace("\n", "\\n").replace("|", "\\|")]
-            + ([f"{s['reference']['equal_prefix']}/{len(s['tokens'])}"] if g["reference"] else []) for s in g["samples"]]
+            + ([f"{s['reference']['equal_prefix']}/{len(s['tokens'])}"] if g["reference"] else [])
+            for s in g["samples"]]
     lines += [format_markdown_table(headers, rows), ""]
     for name, v in m["metrics"].items():
         lines += ["## Speed", "", f"{name}: {v['note']}; prompt {v['prompt_len']} tokens, {v['new_tokens']} new, "
