@@ -39,11 +39,20 @@ def run_gate(baseline: str | os.PathLike, candidate: str | os.PathLike, config: 
              data: Mapping[str, np.ndarray] | None = None, evaluator: EvalSpec | None = None,
              progress: ProgressFn | None = None) -> GateResult:
     """Gate CANDIDATE against BASELINE (a model, or a stored-baseline JSON) on latency, and on size and
-    accuracy when their limits are set (accuracy with `evaluator`). `data`: arrays to time the models
+    accuracy when their limits are set (accuracy with `evaluator`). Exported LM folders are gated by
+    dlopt.gate.lm.run_gate_lm instead (decode tokens/s and perplexity). `data`: arrays to time the models
     on instead of generated inputs. Raises InputError (exit 2) on bad input, before any long work."""
     validate_config(config)
     started = time.perf_counter()
     candidate = Path(candidate)
+    from dlopt.genai import is_lm_folder
+
+    if is_lm_folder(baseline) or is_lm_folder(candidate):
+        raise InputError(f"{baseline} and {candidate} are exported LM folders, which dlopt.gate.lm.run_gate_lm gates",
+                         "gate them with dlopt.api.gate (decode tokens/s and perplexity)")
+    if config.prompt_len is not None or config.new_tokens is not None:
+        raise InputError("{prompt_len} and {new_tokens} are for exported LM folders (genai_config.json)",
+                         "drop them, or gate two folders from dlopt export --task text-generation")
     stored = load_baseline(baseline) if is_baseline_file(baseline) else None
     if accuracy_gated(config):
         if evaluator is None:
