@@ -209,7 +209,20 @@ def _choose_node_forms(prepared, quantized, config: Int8Static, recipe: Recipe, 
     if result.report["kept"]:
         details.update(requantized)  # shielded nodes, weight refinement: those of the model kept
         details["nodes_excluded"] = sorted(set(excluded) | set(result.report["float_nodes"]))
-    return result.model, result.report
+    if config.node_forms == "int8":
+        return result.model, result.report
+    # an RGB stem's 3 input channels keep ORT off its symmetric int8 conv kernel: padded to 4 where that
+    # times faster here (exact: zero channel, zero weights); its decision is replayed with the others
+    from dlopt.optimize.pad_channels import choose_channel_padding, summary_line
+
+    padding = choose_channel_padding(result.model, feeds, store=decisions)
+    line = summary_line(padding.report)
+    if line:
+        log(line)
+    report = dict(result.report)
+    report["channel_padding"] = padding.report
+    report["decisions"] = list(report.get("decisions", [])) + padding.report["decisions"]
+    return padding.model, report
 
 
 def _choose_kernels(model, config: QuantizeScheme, log, decisions) -> tuple[Any, dict[str, Any] | None]:
