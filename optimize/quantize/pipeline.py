@@ -117,6 +117,8 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
     fusion_report = None
     if config.preprocess and config.fuse_activations:
         prepared, fusion_report = _fuse_activations(prepared, config, recipe, data, log)
+        if recipe.mode == "static" and config.per_channel:
+            prepared, fusion_report["equalization"] = _equalize_hardswish(prepared, config, data, log)
     smooth_report = None
     if recipe.smoothing is not None and data is not None:
         log(f"SmoothQuant: measuring activation ranges on {config.smoothing_samples} samples")
@@ -252,6 +254,20 @@ def _fuse_activations(model, config, recipe: Recipe, data, log) -> tuple[Any, di
     if line:
         log(line)
     _check_exclusions(result.model, config)  # a fusion may have absorbed an excluded node
+    return result.model, result.report
+
+
+def _equalize_hardswish(model, config, data, log) -> tuple[Any, dict[str, Any]]:
+    """Per-tensor activation scales lose the small channels of a BatchNorm-folded backbone: each Conv ->
+    hard-swish -> depthwise Conv site has its channel ranges equalized (dlopt.optimize.equalize_hardswish),
+    checked against the float graph on the calibration data. Static INT8 with per-channel weights only
+    (they absorb the rescaled filters exactly)."""
+    from dlopt.optimize.equalize_hardswish import EqualizeHardSwish, equalize_hardswish, summary_line
+
+    result = equalize_hardswish(model, EqualizeHardSwish(input_shapes=config.input_shapes), data)
+    line = summary_line(result.report)
+    if line:
+        log(line)
     return result.model, result.report
 
 
