@@ -105,7 +105,7 @@ def run_fashion(work: Path, args) -> dict:
 
     from dlopt.models import fashion_cnn, get_reference_model
     from dlopt.optimize.distill import DistillConfig, DistillData, distill
-    from dlopt.optimize.export import load_source
+    from dlopt.sources import load_source
     from dlopt.optimize.prune import PruneConfig, prune
     from dlopt.optimize.quantize import QuantizeConfig, quantize_file
 
@@ -190,7 +190,7 @@ def run_minilm(work: Path, args) -> dict:
 
     from dlopt.models import get_reference_model
     from dlopt.optimize.distill import DistillConfig, distill, reference_training_data, split_validation
-    from dlopt.optimize.export import load_source
+    from dlopt.sources import load_source
     from dlopt.optimize.prune import PruneConfig, prune
     from dlopt.optimize.quantize import QuantizeConfig, quantize_file
 

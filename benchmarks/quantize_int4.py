@@ -60,7 +60,8 @@ def cached_json(path: Path, make):
 def export(name: str, path: Path) -> Path:
     if not path.exists():
         from dlopt.api import export_model
-        from dlopt.optimize.export import ExportConfig, load_source
+        from dlopt.optimize.export import ExportConfig
+        from dlopt.sources import load_source
 
         log(f"exporting {name} -> {path} (SmolLM2: minutes)")
         export_model(load_source(name), path, ExportConfig())

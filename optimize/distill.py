@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from dlopt.errors import InputError, MissingDependencyError, TargetUnavailableError
+from dlopt.optimize.export import TORCH_SOURCE
 from dlopt.optimize.prune import first_tensor
-from dlopt.stage import Stage, StageResult, config_to_dict
+from dlopt.sources import ModelSource
+from dlopt.stage import StageContext, StageResult, config_to_dict, register_stage
 
 Loss = Literal["kl", "cosine", "mse"]
 LOSSES: tuple[str, ...] = ("kl", "cosine", "mse")
@@ -311,7 +313,7 @@ def default_metric(student, val: DistillData, val_targets, config: DistillConfig
 EvalFn = Callable[[Any], float]
 
 
-def distill(teacher, student, data: DistillData, config: DistillConfig = DistillConfig(), *,
+def distill(teacher, student, data: DistillData, config: Distill = Distill(), *,
             val: DistillData | None = None, eval_fn: EvalFn | None = None, eval_name: str = "eval_metric",
             checkpoint_dir: str | Path | None = None, resume: bool = False,
             show_progress: bool = True) -> StageResult:
@@ -593,7 +595,9 @@ def split_validation(data: DistillData, fraction: float, seed: int) -> tuple[Dis
 # The stage adapter
 # ---------------------------------------------------------------------------------------------
 
-def _run(student, config: Distill, context) -> StageResult:
+@register_stage(kind="distill", config=Distill, takes="torch", makes="torch", requires=(TORCH_SOURCE,),
+                ensures=(TORCH_SOURCE,), summary="train the student against a teacher (torch)", validate=check_config)
+def distill_stage(student: ModelSource, config: Distill, context: StageContext) -> StageResult:
     """A student ModelSource in, the same source with the trained module out; context.teacher (a
     ModelSource) and context.data (a DistillData) are required, context.eval_data is the validation set;
     with context.output the training state is saved there after every epoch (context.resume continues it)."""
@@ -605,18 +609,6 @@ def _run(student, config: Distill, context) -> StageResult:
     return StageResult(dataclasses.replace(student, module=result.model), result.report)
 
 
-def _stage() -> Stage:
-    from dlopt.optimize.export import TORCH_SOURCE
-
-    return Stage(kind="distill", config=Distill, run=_run, takes="torch", makes="torch", requires=(TORCH_SOURCE,),
-                 ensures=(TORCH_SOURCE,), summary="train the student against a teacher (torch)", validate=check_config,
-                 # its training data, which the core loads before apply (api's distill verb)
-                 helpers={"load_npz_data": load_npz_data, "reference_training_data": reference_training_data,
-                          "split_validation": split_validation})
-
-
-STAGE = _stage()
-
-__all__ = ["STAGE", "Distill", "LOSSES", "DistillConfig", "DistillData", "load_npz_data",
+__all__ = ["Distill", "distill_stage", "LOSSES", "DistillConfig", "DistillData", "load_npz_data",
            "reference_training_data", "split_validation", "check_compatible", "data_fingerprint", "distill",
            "embedding_loss", "kd_loss"]

@@ -33,7 +33,8 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -303,7 +304,7 @@ def export_text_generation(source: str | os.PathLike, output: str | os.PathLike,
     out = Path(output)
     name = str(source)
     is_reference = name in REFERENCE_MODELS
-    hf_config = None if is_reference else check_hf_folder(Path(source))
+    hf_config: dict[str, Any] = {} if is_reference else check_hf_folder(Path(source))  # the reference's: below
     _check_output_folder(out)
     require_genai()
     if importlib.util.find_spec("onnx_ir") is None:

@@ -18,7 +18,7 @@ fused transformers). What dlopt adds, and why:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -133,7 +133,7 @@ def _runner(model, exact_fp16: bool):
     return _session(model), False
 
 
-def _scan(model, feeds: list[Mapping[str, np.ndarray]], exact_fp16: bool = False
+def _scan(model, feeds: Sequence[Mapping[str, np.ndarray]], exact_fp16: bool = False
           ) -> dict[str, tuple[float, bool, float]]:
     """(largest |x|, all finite, smallest non-zero |x|) of every float tensor the model computes.
 
@@ -353,7 +353,7 @@ def _first_non_finite(converted, source, fp16_stats, fp32_stats, blocked: Mappin
 
 
 def _looks_like_transformer(model) -> bool:
-    from dlopt.optimize.preprocess import looks_like_transformer
+    from dlopt.graphfacts import looks_like_transformer
 
     return looks_like_transformer(model)
 

@@ -163,7 +163,8 @@ def parse_cpuinfo(text: str, machine: str) -> HostCpu:
         vendor = _ARM_IMPLEMENTERS.get(implementer, f"implementer {implementer:#x}") if implementer is not None else ""
         return HostCpu(machine=machine, vendor=vendor, model_name=fields.get("model name", ""),
                        family=_int(fields.get("CPU architecture")), model=part,
-                       core=_ARM_CORES.get((implementer, part)), flags=flags)
+                       core=_ARM_CORES.get((implementer, part)) if implementer is not None and part is not None
+                       else None, flags=flags)
     vendor = fields.get("vendor_id", "")
     family, model = _int(fields.get("cpu family")), _int(fields.get("model"))
     core = core_name(vendor, family, model) if family is not None and model is not None else None

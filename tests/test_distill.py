@@ -294,7 +294,7 @@ def pruned_factory(tmp_path_factory):
 
 def test_cli_distill_writes_student_and_resumes(pruned_factory):
     from dlopt.cli import main
-    from dlopt.optimize.prune import read_checkpoint
+    from dlopt.checkpoint import read_checkpoint
 
     path, tmp = pruned_factory
     args = ["distill", "--teacher", f"{path}:build", "--student", str(tmp / "p" / "pruned.pt"),

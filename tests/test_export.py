@@ -14,7 +14,8 @@ torch = pytest.importorskip("torch")
 from dlopt.api import export_model  # noqa: E402
 from dlopt.cli import main  # noqa: E402
 from dlopt.errors import InputError, VerificationError  # noqa: E402
-from dlopt.optimize.export import ExportConfig, ModelSource, compare_outputs, export, load_source  # noqa: E402
+from dlopt.optimize.export import ExportConfig, compare_outputs, export  # noqa: E402
+from dlopt.sources import ModelSource, load_source  # noqa: E402
 
 
 class TokenModel(torch.nn.Module):

@@ -156,6 +156,11 @@ def test_keep_first_and_last_use_the_fallback_precision(fallback_bits, op_type):
     kept = [n for n in result.model.graph.node if n.name in ("fc1", "fc2", "fc1_Q8", "fc2_Q8")]
     assert [n.op_type for n in kept] == [op_type, op_type]
     assert result.report["fallback_nodes"] == {"fc1": "keep_first", "fc2": "keep_last"}
+    kept_as = 8 if fallback_bits == 8 else "float"
+    assert result.report["layers"] == {"linear": 2, "four_bit": 0, "kept": [
+        {"node": "fc1", "bits": kept_as, "why": "one of the first 1 linear layers (keep_first=1)"},
+        {"node": "fc2", "bits": kept_as, "why": "the last linear layer (keep_last=1, the default: a language "
+                                                "model's output head loses the most at 4 bits)"}]}
     if fallback_bits == 8:
         assert all(attr(n, "bits") == 8 for n in kept)
     # only the 4-bit embedding is left: far closer to float than all-4-bit
@@ -286,7 +291,8 @@ def _expose(model, name):
 # -- the real model (DLOPT_HEAVY=1): the issue's acceptance numbers ----------------------------------
 @pytest.fixture(scope="module")
 def minilm_fp32():
-    from dlopt.optimize.export import ExportConfig, export, load_source
+    from dlopt.optimize.export import ExportConfig, export
+    from dlopt.sources import load_source
 
     return export(load_source("minilm"), ExportConfig()).model
 
@@ -424,3 +430,36 @@ def test_auto_algorithm_is_gptq_with_data_and_rtn_without(with_data, algorithm):
     assert any("round-to-nearest" in note for note in result.report["notes"]) is not with_data
     # keep_last=1 by default: the last MatMul (an LM head in a decoder) is 8-bit
     assert attr(node(result.model, "fc2_Q8"), "bits") == 8 and attr(node(result.model, "fc1_Q4"), "bits") == 4
+
+
+def test_int4_summary_says_which_linear_layers_stayed_8_bit_and_why(tmp_path):
+    """A model whose only linear layer is also its last: keep_last=1 keeps it at 8 bits, and the printed
+    recipe says so instead of a bare "recipe: int4"; a two-layer model reads 1 of 2 at 4 bits."""
+    from click.testing import CliRunner
+
+    from dlopt.cli import main
+
+    rng = np.random.default_rng(0)
+    onnx.save_model(gemm_model(), tmp_path / "head.onnx")
+    np.savez(tmp_path / "x.npz", x=rng.standard_normal((12, 64)).astype(np.float32))
+    one = CliRunner().invoke(main, ["quantize", str(tmp_path / "head.onnx"), "-o", str(tmp_path / "head4.onnx"),
+                                    "--precision", "int4", "--calibration", str(tmp_path / "x.npz")])
+    assert one.exit_code == 0, one.output
+    lines = one.stdout.splitlines()
+    assert "recipe: int4" not in lines
+    assert "recipe: int4 weight-only (gptq, blocks of 32, symmetric): 0 of 1 linear layer at 4 bits" in lines
+    assert ("  - kept at 8 bits: head, the last linear layer (keep_last=1, the default: a language model's output "
+            "head loses the most at 4 bits)") in lines
+    assert any(line.startswith("  no linear layer is 4-bit, so this is not a 4-bit model") for line in lines)
+    report = (tmp_path / "head4.quantize.json").read_text()
+    assert '"four_bit": 0' in report and '"bits": 8' in report
+
+    onnx.save_model(lm_model(), tmp_path / "lm.onnx")
+    np.savez(tmp_path / "ids.npz", ids=rng.integers(0, 1024, (12, 12)).astype(np.int64))
+    two = CliRunner().invoke(main, ["quantize", str(tmp_path / "lm.onnx"), "-o", str(tmp_path / "lm4.onnx"),
+                                    "--precision", "int4", "--calibration", str(tmp_path / "ids.npz")])
+    assert two.exit_code in (0, 1), two.output
+    assert "recipe: int4 weight-only (gptq, blocks of 32, symmetric): 1 of 2 linear layers at 4 bits, " \
+           "1 embedding table at 4 bits" in two.stdout.splitlines()
+    assert "  - kept at 8 bits: fc2, the last linear layer" in two.stdout
+    assert "not a 4-bit model" not in two.stdout

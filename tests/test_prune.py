@@ -13,8 +13,8 @@ nn = torch.nn
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from dlopt.errors import InputError  # noqa: E402
-from dlopt.optimize.prune import (PruneConfig, find_attention, output_layer_name, prune,  # noqa: E402
-                                  read_checkpoint, rebuild, save_checkpoint)
+from dlopt.checkpoint import read_checkpoint, rebuild, save_checkpoint  # noqa: E402
+from dlopt.optimize.prune import PruneConfig, find_attention, output_layer_name, prune  # noqa: E402
 
 
 class TinyCNN(nn.Module):

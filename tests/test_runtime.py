@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from dlopt.runtime import SESSION_CONFIG, isa_line
+from dlopt.runtime import isa_line
+from dlopt.sessions import SESSION_CONFIG
 from dlopt.sessions import session_options
 from dlopt.optimize.quantize import CpuFeatures
 

@@ -49,8 +49,9 @@ from dlopt.optimize.quantize.int8 import quantize_int8, shield_float_nodes
 from dlopt.optimize.quantize.verification import (feed_description, fidelity_floor, holdout_count, padded_feed,
                                                   quantized_nodes, speed_check, split_holdout, verdict)
 from dlopt.optimize.quantize.pipeline import quantize
-from dlopt.optimize.quantize.stages import (FLOAT_ONNX, FP16, INT4_WEIGHT_ONLY, INT8_DYNAMIC, INT8_STATIC,
-                                            INT8_WEIGHT_ONLY, ONNX_MODEL, QUANTIZE, SAME_OUTPUTS, stage_of)
+from dlopt.optimize.quantize.stages import (FLOAT_ONNX, ONNX_MODEL, SAME_OUTPUTS, fp16_stage, int4_weight_only_stage,
+                                            int8_dynamic_stage, int8_static_stage, int8_weight_only_stage,
+                                            quantize_stage, stage_of)
 from dlopt.optimize.quantize.files import QuantizeOutcome, failed_path, failure_error, quantize_file
 from dlopt.optimize.quantize.report import summary_text
 
@@ -58,14 +59,9 @@ __all__ = [
     "CpuFeatures",
     "FIDELITY_FLOORS_DB",
     "FLOAT_ONNX",
-    "FP16",
     "Fp16",
     "HOLDOUT_FRACTION",
     "HOLDOUT_MIN",
-    "INT4_WEIGHT_ONLY",
-    "INT8_DYNAMIC",
-    "INT8_STATIC",
-    "INT8_WEIGHT_ONLY",
     "Int4WeightOnly",
     "Int8Dynamic",
     "Int8Scheme",
@@ -75,7 +71,6 @@ __all__ = [
     "MODES",
     "ONNX_MODEL",
     "PRECISIONS",
-    "QUANTIZE",
     "QuantizeConfig",
     "QuantizeOutcome",
     "RECOVERY_MAX_FLOAT_SHARE",
@@ -109,6 +104,12 @@ __all__ = [
     "split_holdout",
     "quantize_targets",
     "stage_of",
+    "quantize_stage",
+    "int8_dynamic_stage",
+    "int8_static_stage",
+    "int8_weight_only_stage",
+    "int4_weight_only_stage",
+    "fp16_stage",
     "summary_text",
     "validate_config",
     "verdict",

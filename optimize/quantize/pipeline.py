@@ -67,8 +67,8 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
         log(f"warning: {holdout['warning']}")
     request = config if isinstance(config, QuantizeConfig) else None
     reasons: tuple[str, ...] = ()
-    if request is not None:
-        config, reasons = request.resolve(model, has_data=data is not None)
+    if isinstance(config, QuantizeConfig):
+        config, reasons = config.resolve(model, has_data=data is not None)
     scheme = {"kind": SCHEME_KINDS[type(config)], "config": config_to_dict(config),
               "resolved_from": "quantize" if request is not None else None, "reasons": list(reasons)}
     if request is not None and config.precision != "int8":
@@ -152,7 +152,7 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
             quantized = recovery.pop("model")
             details["nodes_excluded"] = recovery["chosen"]["excluded"]
     node_forms = None
-    if recipe.mode == "static" and _timed_here(config.target):
+    if isinstance(config, Int8Static) and recipe.mode == "static" and _timed_here(config.target):
         quantized, node_forms = _choose_node_forms(prepared, quantized, config, recipe, data, ranges, layer_stats,
                                                    details, log, decisions)
     report = {"precision": "int8", "config": config_to_dict(request or config), "scheme": scheme,

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from dlopt.optimize.preprocess import looks_like_transformer
-from dlopt.optimize.quantize.schemes import Int8Scheme, Int8Static, Method, QuantizeConfig, _Int8
+from dlopt.graphfacts import looks_like_transformer
+from dlopt.optimize.quantize.schemes import Int8Mode, Int8Scheme, Int8Static, Method, QuantizeConfig, Scheme, _Int8
 from dlopt.targets.cpu import HostCpu, host_cpu
 
 
@@ -36,7 +36,7 @@ def cpu_features() -> CpuFeatures:
 
 @dataclass(frozen=True, kw_only=True)
 class Recipe:
-    mode: Literal["dynamic", "static", "weight-only"]
+    mode: Int8Mode
     quant_format: Literal["QOperator", "QDQ"]
     activation_type: Literal["u8", "s8", "float"]  # float: weight-only, activations are not quantized
     weight_type: Literal["u8", "s8"]
@@ -132,15 +132,19 @@ def choose_recipe(model, config: Int8Scheme | QuantizeConfig, cpu: CpuFeatures |
     from dlopt.optimize.normalize import PER_CHANNEL_OPSET, default_opset, upgrade_failure
 
     cpu = cpu or cpu_features()
+    scheme: Scheme | QuantizeConfig = config
     if isinstance(config, QuantizeConfig):
-        config, (mode_reason,) = config.resolve(model, has_data=has_data)
-    if not isinstance(config, _Int8):
-        raise TypeError(f"choose_recipe takes an INT8 scheme, not {type(config).__name__}")
+        scheme, (mode_reason,) = config.resolve(model, has_data=has_data)
+    if not isinstance(scheme, _Int8):
+        raise TypeError(f"choose_recipe takes an INT8 scheme, not {type(scheme).__name__}")
+    config = scheme
     transformer, convs, kind = _model_kind(model)
     mode = config.mode
     reasons = [mode_reason or f"{mode}: the int8-{mode} scheme"]
     static = config if isinstance(config, Int8Static) else Int8Static()  # calibration fields: static only
-    fmt = "QOperator" if mode == "dynamic" else "QDQ"
+    fmt: Literal["QOperator", "QDQ"] = "QOperator" if mode == "dynamic" else "QDQ"
+    act: Literal["u8", "s8", "float"]
+    wt: Literal["u8", "s8"]
     if mode == "weight-only":
         act, wt, reduce = "float", "s8", False
         reasons.append("s8 weights, full 8-bit range: they are dequantized to float, so no int8 kernel's "
@@ -178,7 +182,8 @@ def choose_recipe(model, config: Int8Scheme | QuantizeConfig, cpu: CpuFeatures |
                         else " (a few outliers set the range of the residual and projection outputs: "
                              "EfficientNet-Lite0 19.7 vs 18.7 dB with minmax)" if kind == "CNN"
                         else " (bounded activations)")))
-    rounding, bias_correction = "nearest", False
+    rounding: Literal["nearest", "gptq"] = "nearest"
+    bias_correction = False
     if mode == "static" and not transformer:
         rounding = ("gptq" if has_data else "nearest") if static.weight_rounding == "auto" else static.weight_rounding
         bias_correction = static.bias_correction and has_data

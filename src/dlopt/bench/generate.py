@@ -322,7 +322,7 @@ def benchmark_generate(paths: Sequence[str | os.PathLike], config: GenerateConfi
                     "auto: one thread, where thread CPU time is steadier than wall time" if clock == "cpu" else
                     f"auto: {config.threads} threads; pool threads' CPU time is invisible to the caller, so wall time")
     models = []
-    for path, label, folder in zip(paths, _labels([Path(p) for p in paths]), folders):
+    for label, folder in zip(_labels([Path(p) for p in paths]), folders):
         if progress is not None:
             progress(f"loading {label}", 0.0)
         peak = _RssPeak()
@@ -368,6 +368,7 @@ def _measure_batch(og, models: Sequence[GenerateModel], config: GenerateConfig, 
     if config.rounds is not None:
         timed.run_rounds(config.rounds)
     else:
+        assert share is not None, "a time share is given whenever the rounds are not fixed"
         remaining = max(0.0, share - (time.perf_counter() - start) - 0.1)
         timed.run_for(remaining, min_rounds=MIN_TIMED_ROUNDS, max_rounds=config.max_rounds)
     results = []
@@ -402,6 +403,7 @@ def format_generate(result: GenerateResult) -> str:
             parts = []
             for phase, name in (("prefill", "prefill"), ("first_token", "first token"), ("decode_per_token", "decode")):
                 ratio = r.ratios[phase][clock]
+                assert ratio is not None, "None only for the first model"
                 parts.append(f"{name} {ratio.estimate:.3f}x (95% CI {ratio.low:.3f}-{ratio.high:.3f})")
             lines.append(f"batch {b.batch}: {m.label} takes, of {result.models[0].label}'s time: " + "; ".join(parts))
         lines.append(f"batch {b.batch}: {b.rounds} interleaved rounds in {b.seconds:.1f} s; warm-up {b.warmup_rounds} "

@@ -44,8 +44,8 @@ from dlopt.gate.sequential import LatencyOutcome, Look, judge, look_confidence, 
 from dlopt.gate.baseline import (FINGERPRINT_KEYS, STORED_SAMPLES_MAX, StoredBaseline, StoredBatch, baseline_document,
                                  fingerprint_differences, load_baseline, save_baseline, thin)
 from dlopt.gate.result import Check, GateResult, overall_verdict
-from dlopt.gate.accuracy import (LOWER_IS_BETTER, EvalSpec, accuracy_checks, accuracy_gated, metric_drop,
-                                 validate_eval_spec)
+from dlopt.gate.accuracy import EvalSpec, accuracy_checks, accuracy_gated, metric_drop, validate_eval_spec
+from dlopt.metrics import LOWER_IS_BETTER
 from dlopt.gate.run import MIN_SAMPLE_S, is_baseline_file, run_gate
 from dlopt.gate.report import format_markdown, format_text, junit_xml, write_outputs
 # Part of this module's API before it became a package (the gate drives the bench sampler).

@@ -13,7 +13,7 @@ from typing import Any
 from dlopt.errors import InputError
 from dlopt.gate.config import GateConfig
 from dlopt.gate.result import Check
-from dlopt.metrics import LOWER_IS_BETTER, metric_drop  # the one meaning of a drop, for quantize and optimize too
+from dlopt.metrics import metric_drop  # the one meaning of a drop, for quantize and optimize too
 
 
 # What a metric computed against the baseline's own output would be for the baseline itself.
@@ -82,7 +82,7 @@ def accuracy_checks(baseline: Path, candidate: Path, spec: EvalSpec, config: Gat
     if unknown:
         raise InputError(f"{spec.describe()} reports no metric {', '.join(unknown)}",
                          f"it reports: {', '.join(row.metric for row in result.rows)}")
-    checks = []
+    checks: list[Check] = []
     for row in result.rows:
         limit = per_metric.get(row.metric, config.max_accuracy_drop)
         if limit is None:
@@ -91,10 +91,7 @@ def accuracy_checks(baseline: Path, candidate: Path, spec: EvalSpec, config: Gat
         if base_value is None:
             continue
         drop = metric_drop(row.metric, base_value, row.value)
-        if math.isnan(drop):
-            verdict = "fail"
-        else:
-            verdict = "pass" if drop <= limit + 1e-12 else "fail"
+        verdict = "pass" if not math.isnan(drop) and drop <= limit + 1e-12 else "fail"
         note = row.note or ("vs the baseline model's score" if row.reference is not None else "")
         note = "; ".join([note, *(f"warning: {w}" for w in result.warnings)]).strip("; ")
         checks.append(Check(name=f"accuracy: {row.metric}", verdict=verdict, baseline=base_value, candidate=row.value,

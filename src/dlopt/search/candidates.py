@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dlopt.stage import get_stage
+from dlopt.optimize.quantize.schemes import METHODS
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def base_candidates(*, target: str, transformer: bool) -> list[Candidate]:
     dynamic and static with each calibration method, the kernel choices (node forms, LayerNorm form),
     INT4 weight-only and FP16; the most promising first (they run first under a time budget)."""
     q = lambda **keys: _quantize(target, **keys)  # noqa: E731 (a local shorthand)
-    methods = get_stage("quantize").METHODS  # the calibration methods, through the registry
+    methods = METHODS  # the calibration methods quantize offers
     found = [Candidate("fp32", "fp32", (), "the source itself: the reference every ratio is against"),
              Candidate("int8-auto", "int8", (q(precision="int8", mode="auto"),),
                        "the INT8 recipe dlopt quantize chooses for this model, target and CPU")]

@@ -151,7 +151,7 @@ def render_report(result: Mapping[str, Any]) -> str:
 OVERRUN_TOLERANCE = 0.10  # a search may end this share past its time budget without a word
 
 
-def overrun_text(result: dict) -> str | None:
+def overrun_text(result: Mapping[str, Any]) -> str | None:
     """Why a search ran more than 10 % past its --time-budget, else None. Candidates stop being started in
     time, but every search still exports and scores the FP32 source, times what it keeps (10 s at least)
     and writes a verified bundle: a budget shorter than those is overrun, and this line says by what."""
