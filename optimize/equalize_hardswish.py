@@ -95,9 +95,13 @@ def find_sites(model) -> list[Site]:
         elif len(users) == 2 and {u.op_type for u in users} == {"HardSigmoid", "Mul"}:
             hs = next(u for u in users if u.op_type == "HardSigmoid")
             mul = next(u for u in users if u.op_type == "Mul")
-            if (abs(_attr(hs, "alpha", 0.2) - 1 / 6) < 1e-5 and abs(_attr(hs, "beta", 0.5) - 0.5) < 1e-6
-                    and sorted(mul.input) == sorted([y, hs.output[0]]) and hs.output[0] not in outputs
-                    and len(consumers.get(hs.output[0], [])) == 1):
+            if (
+                abs(_attr(hs, "alpha", 0.2) - 1 / 6) < 1e-5
+                and abs(_attr(hs, "beta", 0.5) - 0.5) < 1e-6
+                and sorted(mul.input) == sorted([y, hs.output[0]])
+                and hs.output[0] not in outputs
+                and len(consumers.get(hs.output[0], [])) == 1
+            ):
                 x, names = mul.output[0], (hs.name, mul.name)
         if x is None:
             continue
@@ -128,7 +132,9 @@ def channel_ranges(model, sites: list[Site], feeds: list[Mapping[str, np.ndarray
     ranges = {n: np.zeros(s.channels) for n, s in zip(names, sites)}
     for f in feeds:
         for name, value in zip(names, session.run(names, dict(f))):
-            ranges[name] = np.maximum(ranges[name], np.abs(value).reshape(value.shape[0], value.shape[1], -1).max(axis=(0, 2)))
+            ranges[name] = np.maximum(
+                ranges[name], np.abs(value).reshape(value.shape[0], value.shape[1], -1).max(axis=(0, 2))
+            )
     return ranges
 
 
@@ -160,10 +166,10 @@ def _rewrite(model, sites: list[Site], site_scales: Mapping[str, np.ndarray]):
             continue
         producer, consumer = nodes[site.producer], nodes[site.consumer]
 
-        def scaled(name: str, factor: np.ndarray, shape: tuple[int, ...]) -> str:
+        def scaled(name: str, factor: np.ndarray, shape: tuple[int, ...], owner: str = site.producer) -> str:
             # a weight shared with another node gets its own rescaled copy
             value = numpy_helper.to_array(inits[name]) * factor.reshape(shape)
-            new = name if users.get(name, 0) == 1 else f"{name}_equalized_{site.producer}"
+            new = name if users.get(name, 0) == 1 else f"{name}_equalized_{owner}"
             tensor = numpy_helper.from_array(value.astype(np.float32), new)
             if new == name:
                 inits[name].CopyFrom(tensor)
@@ -179,24 +185,29 @@ def _rewrite(model, sites: list[Site], site_scales: Mapping[str, np.ndarray]):
         graph.initializer.append(numpy_helper.from_array(s.reshape(1, -1, 1, 1), scale_name))
         first = nodes[site.hardswish[0]]
         first.input[0] = restored  # HardSwish / HardSigmoid read y' * s = y; the Mul keeps y'
-        graph.node.insert(list(graph.node).index(first),
-                          helper.make_node("Mul", [site.activation, scale_name], [restored],
-                                           name=f"{site.producer}_channel_scale"))
+        graph.node.insert(
+            list(graph.node).index(first),
+            helper.make_node("Mul", [site.activation, scale_name], [restored], name=f"{site.producer}_channel_scale"),
+        )
         if len(site.hardswish) == 1:  # HardSwish(y) = x: x / s follows it
             hswish = nodes[site.hardswish[0]]
             x, divided = hswish.output[0], f"{hswish.output[0]}_equalized"
             hswish.output[0] = f"{x}_unscaled"
             inverse = f"{site.activation}_channel_inverse"
             graph.initializer.append(numpy_helper.from_array((1 / s).reshape(1, -1, 1, 1), inverse))
-            graph.node.insert(list(graph.node).index(hswish) + 1,
-                              helper.make_node("Mul", [hswish.output[0], inverse], [divided],
-                                               name=f"{site.consumer}_channel_inverse"))
+            graph.node.insert(
+                list(graph.node).index(hswish) + 1,
+                helper.make_node(
+                    "Mul", [hswish.output[0], inverse], [divided], name=f"{site.consumer}_channel_inverse"
+                ),
+            )
             consumer.input[0] = divided
     return out
 
 
-def equalize_hardswish(model, config: EqualizeHardSwish = EqualizeHardSwish(),
-                       data: Iterable[Mapping[str, np.ndarray]] | None = None) -> StageResult:
+def equalize_hardswish(
+    model, config: EqualizeHardSwish = EqualizeHardSwish(), data: Iterable[Mapping[str, np.ndarray]] | None = None
+) -> StageResult:
     """`model` with the channel ranges of each Conv -> hard-swish -> depthwise Conv site equalized (module
     doc), checked against `model` on the data. The report: sites found, rescaled, their spread, the check."""
     from dlopt.optimize.preprocess import check_feeds, run_checked_steps
@@ -208,7 +219,7 @@ def equalize_hardswish(model, config: EqualizeHardSwish = EqualizeHardSwish(),
     if not sites:
         return StageResult(model, report)
     feeds = check_feeds(model, data, max(config.samples, config.check_samples), config.input_shapes)
-    ranges = channel_ranges(model, sites, feeds[:config.samples])
+    ranges = channel_ranges(model, sites, feeds[: config.samples])
     site_scales = {}
     spreads = []
     for site in sites:
@@ -222,14 +233,15 @@ def equalize_hardswish(model, config: EqualizeHardSwish = EqualizeHardSwish(),
     report["spread_max_over_median"] = {"max": round(max(spreads), 2), "median": round(float(np.median(spreads)), 2)}
     if not site_scales:
         return StageResult(model, report)
-    check = feeds[:config.check_samples]
+    check = feeds[: config.check_samples]
     reference = run_outputs(cpu_session(model, graph_opt_level="basic"), check)
 
     def step(current, _config):
         return _rewrite(current, sites, site_scales), {"sites": len(site_scales)}
 
-    result, report["steps"] = run_checked_steps(model, [("equalize_hardswish", step)], config, check, reference,
-                                                 config.atol, config.rtol)
+    result, report["steps"] = run_checked_steps(
+        model, [("equalize_hardswish", step)], config, check, reference, config.atol, config.rtol
+    )
     if result is model:
         report["rescaled"] = 0
     return StageResult(result, report)
@@ -241,9 +253,11 @@ def summary_line(report: Mapping[str, Any] | None) -> str | None:
     step = next(iter(report.get("steps") or []), None)
     if report["rescaled"]:
         spread = report["spread_max_over_median"]
-        return (f"channel equalization through hard-swish: {report['rescaled']} of {report['sites']} Conv -> hard-swish "
-                f"-> depthwise site(s) rescaled (widest/median channel range up to {spread['max']:g}x; "
-                f"max abs diff {step.get('max_abs_diff', 0):.2g})")
+        return (
+            f"channel equalization through hard-swish: {report['rescaled']} of {report['sites']} Conv -> hard-swish "
+            f"-> depthwise site(s) rescaled (widest/median channel range up to {spread['max']:g}x; "
+            f"max abs diff {step.get('max_abs_diff', 0):.2g})"
+        )
     why = step.get("reason") if step else f"channel ranges within {MIN_SPREAD:g}x"
     return f"channel equalization through hard-swish: {report['sites']} site(s), none rescaled ({why})"
 

@@ -17,9 +17,9 @@ decision store: cached per CPU model, recorded in the report and replayable, nev
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +35,9 @@ Timer = Callable[[Sequence[Any], Sequence[Mapping[str, np.ndarray]]], list[Any]]
 
 @dataclass(frozen=True, kw_only=True)
 class ChannelPadConfig:
-    min_gain: float = 1.03  # the padded model must be this much faster, its CI above 1x (as node forms' whole-model rule)
+    min_gain: float = (
+        1.03  # the padded model must be this much faster, its CI above 1x (as node forms' whole-model rule)
+    )
     rounds: int = 15
     runs_per_round: int = 3
     atol: float = 1e-5  # padded vs unpadded outputs: the same integer arithmetic
@@ -79,8 +81,11 @@ def find_pad_sites(qdq_model) -> list[PadSite]:
         q_x = producer.get(dq_x.input[0])
         if q_x is None or q_x.op_type != "QuantizeLinear" or q_x.input[0] not in inputs:
             continue
-        if len(consumers.get(q_x.input[0], [])) != 1 or len(consumers.get(q_x.output[0], [])) != 1 \
-                or len(consumers.get(dq_x.output[0], [])) != 1:
+        if (
+            len(consumers.get(q_x.input[0], [])) != 1
+            or len(consumers.get(q_x.output[0], [])) != 1
+            or len(consumers.get(dq_x.output[0], [])) != 1
+        ):
             continue
         tensor_type = inputs[q_x.input[0]].type.tensor_type
         if tensor_type.elem_type != TensorProto.FLOAT or len(tensor_type.shape.dim) != 4:
@@ -92,8 +97,11 @@ def find_pad_sites(qdq_model) -> list[PadSite]:
         if zero_point is None or np.any(numpy_helper.to_array(zero_point) != 0):
             continue
         out_channels, channels = int(weight.dims[0]), int(weight.dims[1])
-        if channels % CHANNEL_ALIGNMENT == 0 or out_channels < MIN_OUTPUT_CHANNELS \
-                or out_channels % CHANNEL_ALIGNMENT != 0:
+        if (
+            channels % CHANNEL_ALIGNMENT == 0
+            or out_channels < MIN_OUTPUT_CHANNELS
+            or out_channels % CHANNEL_ALIGNMENT != 0
+        ):
             continue
         sites.append(PadSite(conv.name, q_x.input[0], channels, weight.name))
     return sites
@@ -119,8 +127,12 @@ def pad_input_channels(qdq_model, sites: Sequence[PadSite]):
         quantize = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == site.graph_input)
         quantize.input[0] = out_name
         index = list(graph.node).index(quantize)
-        graph.node.insert(index, helper.make_node("Pad", [site.graph_input, pads_name], [out_name],
-                                                  name=f"{site.conv}_input_channel_pad", mode="constant"))
+        graph.node.insert(
+            index,
+            helper.make_node(
+                "Pad", [site.graph_input, pads_name], [out_name], name=f"{site.conv}_input_channel_pad", mode="constant"
+            ),
+        )
     return model
 
 
@@ -131,14 +143,23 @@ def _signature(qdq_model, sites: Sequence[PadSite]) -> dict[str, Any]:
     described = []
     for site in sites:
         attributes = {a.name: list(a.ints) if a.ints else a.i for a in nodes[site.conv].attribute}
-        input_shape = next([d.dim_value for d in i.type.tensor_type.shape.dim] for i in qdq_model.graph.input
-                           if i.name == site.graph_input)
+        input_shape = next(
+            [d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in qdq_model.graph.input
+            if i.name == site.graph_input
+        )
         described.append({"weight": list(inits[site.weight].dims), "input": input_shape, "attributes": attributes})
     return {"sites": sorted(described, key=repr), "ops": sorted({n.op_type for n in qdq_model.graph.node})}
 
 
-def choose_channel_padding(qdq_model, feeds: Mapping[str, np.ndarray], config: ChannelPadConfig = ChannelPadConfig(),
-                           *, timer: Timer | None = None, store: DecisionStore | None = None) -> StageResult:
+def choose_channel_padding(
+    qdq_model,
+    feeds: Mapping[str, np.ndarray],
+    config: ChannelPadConfig = ChannelPadConfig(),
+    *,
+    timer: Timer | None = None,
+    store: DecisionStore | None = None,
+) -> StageResult:
     """`qdq_model`, or its stem Convs padded to 4 input channels where that times faster here (whole model
     against whole model, `config.rule`, through `store`: timed, cached or replayed). The padded model must
     give the same outputs on `feeds` (within config.atol), else it is not used. The report says what was
@@ -154,8 +175,9 @@ def choose_channel_padding(qdq_model, feeds: Mapping[str, np.ndarray], config: C
     padded = pad_input_channels(qdq_model, sites)
     before = run_outputs(cpu_session(qdq_model), [dict(feeds)])[0]
     after = run_outputs(cpu_session(padded), [dict(feeds)])[0]
-    diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-               for a, b in zip(before, after))
+    diff = max(
+        float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) for a, b in zip(before, after)
+    )
     report["max_abs_diff"] = diff
     if not diff <= config.atol:
         report["decision"] = f"not padded: outputs differ by {diff:.3g} (> {config.atol:g})"
@@ -167,16 +189,25 @@ def choose_channel_padding(qdq_model, feeds: Mapping[str, np.ndarray], config: C
         return as_is_us, padded_us
 
     store = store or DecisionStore()
-    record = store.decide(f"stem conv input channels: as they are or padded to {CHANNEL_ALIGNMENT}",
-                          _signature(qdq_model, sites), config.rule, default="as is", alternative="padded",
-                          measure=measure)
+    record = store.decide(
+        f"stem conv input channels: as they are or padded to {CHANNEL_ALIGNMENT}",
+        _signature(qdq_model, sites),
+        config.rule,
+        default="as is",
+        alternative="padded",
+        measure=measure,
+    )
     report["decisions"].append(record)
     figures = record.get("figures") or {}
     gain = figures.get("speedup")
-    what = ", ".join(f"{s.conv} ({s.channels} -> {s.channels + -s.channels % CHANNEL_ALIGNMENT} channels)"
-                     for s in sites)
-    timing = (f"whole model {gain:.2f}x (CI {figures['ci'][0]:.2f}-{figures['ci'][1]:.2f}), decision "
-              f"{record['source']}" if figures and gain is not None else record.get("why", record["source"]))
+    what = ", ".join(
+        f"{s.conv} ({s.channels} -> {s.channels + -s.channels % CHANNEL_ALIGNMENT} channels)" for s in sites
+    )
+    timing = (
+        f"whole model {gain:.2f}x (CI {figures['ci'][0]:.2f}-{figures['ci'][1]:.2f}), decision {record['source']}"
+        if figures and gain is not None
+        else record.get("why", record["source"])
+    )
     if record["choice"] != "padded":
         report["decision"] = f"not padded: {what}; {timing}; needs {config.min_gain}x with the CI above 1x"
         return StageResult(qdq_model, report)
@@ -191,5 +222,12 @@ def summary_line(report: Mapping[str, Any] | None) -> str | None:
     return f"stem channel padding: {report['decision']}"
 
 
-__all__ = ["CHANNEL_ALIGNMENT", "ChannelPadConfig", "PadSite", "choose_channel_padding", "find_pad_sites",
-           "pad_input_channels", "summary_line"]
+__all__ = [
+    "CHANNEL_ALIGNMENT",
+    "ChannelPadConfig",
+    "PadSite",
+    "choose_channel_padding",
+    "find_pad_sites",
+    "pad_input_channels",
+    "summary_line",
+]
