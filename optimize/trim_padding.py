@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from dlopt.errors import InputError, StageError
-from dlopt.stage import Check, StageContext, StageResult, config_to_dict, register_stage
+from dlopt.stage import Artifact, Check, StageContext, StageInput, StageResult, config_to_dict, register_stage
 
 TrimMode = Literal["auto", "on", "off"]
 TRIM_MODES: tuple[str, ...] = ("auto", "on", "off")
@@ -373,7 +373,23 @@ def _same_interface(model, config, before) -> str | None:
     return None if sig(model) == sig(before) else "its inputs or outputs differ from its input's"
 
 
-@register_stage(kind="trim-padding", config=TrimPadding, takes="onnx", makes="onnx",
+def _write(given: StageInput, config: TrimPadding, context: StageContext) -> Artifact:
+    """The stage before's model trimmed, as OUTPUT/model.onnx, checked on the recipe's data (held-out samples:
+    eval_data, else calibration); the report under the key quantize reports it by too (trim_padding)."""
+    from dlopt.data import load_data
+    from dlopt.fileio import load_onnx, save_onnx_atomic
+    from dlopt.manifest import artifact_hash
+
+    model = load_onnx(given.input_path())
+    data = load_data(given.calibration, model) if given.calibration else None
+    held = load_data(given.eval_data, model) if given.eval_data else None
+    result = trim_padding_stage.apply(model, config, StageContext(data=data, eval_data=held, after=context.after,
+                                                                  log=context.log))
+    produced = save_onnx_atomic(result.model, context.folder() / "model.onnx")
+    return Artifact(produced, artifact_hash(produced), {"trim_padding": result.report})
+
+
+@register_stage(kind="trim-padding", config=TrimPadding, takes="onnx", makes="onnx", writer=_write,
                 requires=(Check("an ONNX model", _onnx_problem),),
                 ensures=(Check("the same inputs and outputs", _same_interface),),
                 summary="slice token inputs to the batch's longest real length, pad per-token outputs back",

@@ -396,3 +396,20 @@ def _sorted_latency(sampler: InterleavedSampler, label: str, given: int, ordered
             "ratio_sorted_to_given": ratio(ordered, given),
             # sorted vs the first model on the batches as given (the reference of every ratio of the run)
             "ratio_sorted_to_first": ratio(ordered, 0)}
+
+
+def measure_speedup(baseline_onnx: Path, onnx_path: Path, *, budget_s: float, batch: int = 1,
+                    seq_len: int = 128) -> dict[str, Any]:
+    """Latency of `onnx_path` against `baseline_onnx`, one thread, interleaved: the speedup line of prune and
+    distill."""
+    from dlopt.bench.config import BenchConfig
+
+    result = benchmark([baseline_onnx, onnx_path], BenchConfig(threads=1, batch_sizes=(batch,), seq_len=seq_len,
+                                                               budget_s=budget_s))
+    run = result.batches[0]
+    ratio = run.models[1].ratios[result.clock]
+    assert ratio is not None, "None only for the first model"
+    return {"clock": result.clock, "batch": run.batch, "rounds": run.rounds,
+            "baseline_ms": run.models[0].summaries[result.clock].median * 1e3,
+            "ms": run.models[1].summaries[result.clock].median * 1e3,
+            "speedup": 1.0 / ratio.estimate, "speedup_low": 1.0 / ratio.high, "speedup_high": 1.0 / ratio.low}

@@ -132,7 +132,8 @@ class _Clock:
 def _context(model: str, config: OptimizeConfig, cache_root: Path) -> tuple[SearchContext, str]:
     """The search context for MODEL (an .onnx path, a reference model name or a torch source) and
     a description of its data."""
-    from dlopt.recipe import artifact_hash, source_hash
+    from dlopt.manifest import artifact_hash
+    from dlopt.recipe import source_hash
 
     if model.endswith(".onnx"):
         path = Path(model).expanduser().resolve()
