@@ -82,6 +82,11 @@ HELPERS = {
     "op_counts": "dlopt.optimize.preprocess:op_counts",
     "looks_like_transformer": "dlopt.optimize.preprocess:looks_like_transformer",
     "METHODS": "dlopt.optimize.quantize.schemes:METHODS",
+    # exported LM folders (genai_config.json + model.onnx): a folder in, a folder out (dlopt.optimize.quantize_lm)
+    "quantize_lm_folder": "dlopt.optimize.quantize_lm:quantize_lm_folder",
+    "QuantizeLm": "dlopt.optimize.quantize_lm:QuantizeLm",
+    "lm_summary_text": "dlopt.optimize.quantize_lm:summary_text",
+    "check_lm_config": "dlopt.optimize.quantize_lm:check_config",
 }
 
 
