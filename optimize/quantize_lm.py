@@ -232,6 +232,41 @@ def add_offset_corrections(model, offsets: dict[str, np.ndarray], block: int) ->
     return done
 
 
+def add_embedding_offsets(model, gather_name: str, head_name: str, block: int) -> bool:
+    """The tied embedding's share of the head's fractional zero points: GatherBlockQuantized reads the
+    head's codes with their integer zero points, so each looked-up row gets its blocks' offsets added,
+    gathered from the head's offset table (the same initializer, [K/block, V]). Once per forward pass,
+    on [B, T] tokens: a few small nodes. Returns whether the correction was added."""
+    from onnx import helper, numpy_helper
+
+    gather = next((n for n in model.graph.node if n.name == gather_name), None)
+    table = f"{head_name}__offsets_f32"
+    if gather is None or not any(table in n.output for n in model.graph.node):
+        return False
+    ids, out = gather.input[1], gather.output[0]
+    prefix = f"{gather_name}__offsets"
+    expand = numpy_helper.from_array(np.array([1, 1, 1, block], np.int64), f"{prefix}_expand")
+    flat = numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{prefix}_flat")
+    last = numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}_last")
+    model.graph.initializer.extend([expand, flat, last])
+    gather.output[0] = f"{out}__integer"
+    nodes = [helper.make_node("Gather", [table, ids], [f"{prefix}_rows"], name=f"{prefix}_gather", axis=1),
+             helper.make_node("Transpose", [f"{prefix}_rows"], [f"{prefix}_btn"], name=f"{prefix}_transpose",
+                              perm=[1, 2, 0]),
+             helper.make_node("Unsqueeze", [f"{prefix}_btn", last.name], [f"{prefix}_btn1"], name=f"{prefix}_unsqueeze"),
+             helper.make_node("Expand", [f"{prefix}_btn1", expand.name], [f"{prefix}_blocks"], name=f"{prefix}_expand"),
+             helper.make_node("Reshape", [f"{prefix}_blocks", flat.name], [f"{prefix}_values"], name=f"{prefix}_reshape"),
+             helper.make_node("Add", [f"{out}__integer", f"{prefix}_values"], [out], name=f"{prefix}_add")]
+    # the head's Cast of its offsets (an initializer's) moves to the top, so the embedding can read it
+    cast = next(n for n in model.graph.node if table in n.output)
+    model.graph.node.remove(cast)
+    model.graph.node.insert(0, cast)
+    position = list(model.graph.node).index(gather) + 1
+    for i, new in enumerate(nodes):
+        model.graph.node.insert(position + i, new)
+    return True
+
+
 def _layer_groups(matmuls: list[Any]) -> dict[str, list[Any]]:
     """The MatMuls by decoder layer (`/model/layers.N/...` in the genai graph); others (the LM head) alone."""
     import re
@@ -328,8 +363,9 @@ def quantize_lm_model(model, config: QuantizeLm, tokens: np.ndarray | None, head
                                  accuracy_level=config.accuracy_level or None, quantize_embeddings=False)
 
     # the 4-bit codes of every MatMul (GPTQ from one streamed pass of Hessians, or RTN). A tied head keeps
-    # integer zero points: the embedding's GatherBlockQuantized reads its codes and has no offset correction
-    floating = {n.name for n in matmuls if config.float_offsets and (tied is None or n is not tied[0])}
+    # its fractional zero points too: the embedding's GatherBlockQuantized reads its codes and integer zero
+    # points, and add_embedding_offsets adds the rest to the rows it looks up
+    floating = {n.name for n in matmuls if config.float_offsets}
     codes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     if algorithm == "gptq":
         log(f"GPTQ: Hessians from {len(windows[:config.calibration_windows])} windows")
@@ -423,6 +459,8 @@ def quantize_lm_model(model, config: QuantizeLm, tokens: np.ndarray | None, head
         embeddings = _share_tied_tables(model, [(tied[0].name, table_name)], set())
         if not embeddings:
             raise StageError("the tied embedding could not share the LM head's codes", "report this model")
+        if tied[0].name in corrected and not add_embedding_offsets(model, embeddings[0], tied[0].name, block):
+            raise StageError("the tied embedding could not read the LM head's offsets", "report this model")
     elif config.quantize_embeddings:
         for node in _embedding_gathers(model, block)[0]:
             _quantize_embedding(model, node, block, False, clip_search=False)

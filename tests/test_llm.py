@@ -28,7 +28,7 @@ TEXT = ["the quick brown fox jumps over the lazy dog", "a small language model w
         "each new token reads the keys and values of every token before it from the cache"] * 10
 
 
-def build_tiny_llama(folder, seed: int = 0, tokenizer: bool = True):
+def build_tiny_llama(folder, seed: int = 0, tokenizer: bool = True, tied: bool = False, q4_1_grid: bool = False):
     """A Llama-style causal LM folder (config, safetensors, tokenizer.json) as save_pretrained writes it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -46,10 +46,17 @@ def build_tiny_llama(folder, seed: int = 0, tokenizer: bool = True):
     config = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
-                                      tie_word_embeddings=False)
+                                      tie_word_embeddings=tied)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # random init is near-uniform: sharpen the logits so greedy choices are clear-cut
         model.lm_head.weight.mul_(8.0)
+        if q4_1_grid:  # every Linear's weight on a GGUF Q4_1 grid, as dequantized GGUF models (SmolLM2) are
+            from dlopt.optimize.int4.blocks import dequantize_blocks, quantize_blocks_float
+
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    w = module.weight.numpy()  # [out, in]: blocks of 32 along the input, as Q4_1's
+                    module.weight.copy_(torch.from_numpy(dequantize_blocks(*quantize_blocks_float(w, 32), 32)))
     model.save_pretrained(folder)
     return folder
 
@@ -364,6 +371,22 @@ def test_fractional_zero_points_on_the_fast_kernel_reproduce_a_q4_1_grid_exactly
     scale = np.abs(want).max()
     assert np.abs(outputs[True] - want).max() < 2e-4 * scale  # fp16 offsets: ~1e-5 of the output range
     assert np.abs(outputs[False] - want).max() > 1e-2 * scale  # half a step per block, uncorrected
+
+
+def test_q4_1_weights_with_a_tied_embedding_quantize_losslessly(tmp_path):
+    """A tied LM head on a Q4_1 grid: the head's fractional zero points are corrected in the head and in the
+    embedding rows read through GatherBlockQuantized, so the 4-bit folder reproduces fp32 logits."""
+    hf = build_tiny_llama(tmp_path / "hf", tied=True, q4_1_grid=True)
+    result = CliRunner().invoke(main, ["export", str(hf), "--task", "text-generation", "-o", str(tmp_path / "lm")])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["quantize", str(tmp_path / "lm"), "--precision", "int4", "-o",
+                                       str(tmp_path / "lm4"), "--accuracy-level", "0"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "lm4" / "quantize.json").read_text())
+    assert report["embedding_tied_to_lm_head"] and report["offset_corrections"] == 5 * LAYERS + 1
+    ids = np.arange(5, 69)
+    ref, got = _prefill_logits(tmp_path / "lm", ids), _prefill_logits(tmp_path / "lm4", ids)
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max() + 1e-4  # float rounding; fp16 offsets
 
 
 def test_mixed_precision_fits_the_budget_with_the_most_sensitive_layers_at_8_bit(quantized_pair):
