@@ -402,10 +402,11 @@ def quantize_lm_model(model, config: QuantizeLm, tokens: np.ndarray | None, head
     effects: dict[str, float] = {}
     # bytes of everything but the MatMul weights, as serialized (graph, norms, an untied table at 4 bits)
     other_bytes = model.ByteSize() - sum(w.nbytes for w in weights.values())
-    size4 = {n.name: _nbits_bytes(*weights[n.name].shape, 4, block, True)
-             + (weights[n.name].shape[0] // block * weights[n.name].shape[1] * 2 if n.name in floating else 0)
+    shapes = {name: (int(w.shape[0]), int(w.shape[1])) for name, w in weights.items()}
+    size4 = {n.name: _nbits_bytes(*shapes[n.name], 4, block, True)
+             + (shapes[n.name][0] // block * shapes[n.name][1] * 2 if n.name in floating else 0)  # fp16 offsets
              for n in matmuls}
-    size8 = {n.name: _nbits_bytes(*weights[n.name].shape, 8, config.fallback_block_size, False) for n in matmuls}
+    size8 = {n.name: _nbits_bytes(*shapes[n.name], 8, config.fallback_block_size, False) for n in matmuls}
     if tied is None and config.quantize_embeddings:
         for g in _embedding_gathers(model, block)[0]:
             rows, cols = inits[g.input[0]].dims
@@ -454,8 +455,12 @@ def quantize_lm_model(model, config: QuantizeLm, tokens: np.ndarray | None, head
     with _quiet_ort_quantizer():
         integer = {name: _integer_zero_points(*codes[name]) for name in four}
         model = _matmul_nbits_own(model, four, four_config, lambda node, wt: integer[node.name][:3])
-        corrected = add_offset_corrections(model, {name: integer[name][3] for name in four
-                                                   if integer[name][3] is not None}, block)
+        offsets: dict[str, np.ndarray] = {}
+        for name in four:
+            offset = integer[name][3]
+            if offset is not None:
+                offsets[name] = offset
+        corrected = add_offset_corrections(model, offsets, block)
         if eight:
             eight_config = dataclasses.replace(four_config, block_size=config.fallback_block_size, symmetric=True,
                                                accuracy_level=4)  # 8-bit without int8 compute is 70x slower on CPU
@@ -463,6 +468,7 @@ def quantize_lm_model(model, config: QuantizeLm, tokens: np.ndarray | None, head
                                all_matmuls={n.name for n in _weight_matmuls(model)})
     embeddings: list[str] = []
     if tied is not None:
+        assert table_name is not None
         embeddings = _share_tied_tables(model, [(tied[0].name, table_name)], set())
         if not embeddings:
             raise StageError("the tied embedding could not share the LM head's codes", "report this model")
