@@ -33,6 +33,7 @@ from dlopt.sources import ModelSource
 from dlopt.stage import StageContext, StageResult, config_to_dict, register_stage
 
 Loss = Literal["kl", "cosine", "mse"]
+Device = Literal["cpu", "cuda"]
 LOSSES: tuple[str, ...] = ("kl", "cosine", "mse")
 STATE_FORMAT = "dlopt-distill-state-v1"
 STATE_FILE = "distill_state.pt"
@@ -57,7 +58,7 @@ class Distill:
     patience: int | None = 2  # stop after this many epochs without a better eval metric (None: never)
     freeze: tuple[str, ...] = ()  # student parameters whose names start with these stay fixed (e.g. embeddings)
     seed: int = 0
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: Device = "cpu"
 
 
 

@@ -451,8 +451,13 @@ def test_int4_summary_says_which_linear_layers_stayed_8_bit_and_why(tmp_path):
     assert ("  - kept at 8 bits: head, the last linear layer (keep_last=1, the default: a language model's output "
             "head loses the most at 4 bits)") in lines
     assert any(line.startswith("  no linear layer is 4-bit, so this is not a 4-bit model") for line in lines)
-    report = (tmp_path / "head4.quantize.json").read_text()
-    assert '"four_bit": 0' in report and '"bits": 8' in report
+    import json
+    from importlib.resources import files
+
+    jsonschema = pytest.importorskip("jsonschema")
+    report = json.loads((tmp_path / "head4.quantize.json").read_text())
+    assert report["layers"]["four_bit"] == 0 and report["layers"]["kept"][0]["bits"] == 8
+    jsonschema.validate(report, json.loads(files("dlopt").joinpath("schemas/quantize.schema.json").read_text()))
 
     onnx.save_model(lm_model(), tmp_path / "lm.onnx")
     np.savez(tmp_path / "ids.npz", ids=rng.integers(0, 1024, (12, 12)).astype(np.int64))

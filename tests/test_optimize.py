@@ -165,6 +165,11 @@ def test_search_writes_a_front_a_verified_bundle_and_schema_valid_json(search):
     manifest = json.loads((work / "out.bundle" / "manifest.json").read_text())
     assert [s["kind"] for s in manifest["lineage"]] == [s["kind"] for s in chosen["recipe"]]  # an .onnx source: no export
     assert data["cache"]["evaluations_run"] >= 8 and "applying and scoring" in result.stderr
+    # no attention-mask input: padding removal is not tried, and the report says why
+    assert data["trim_padding"]["applies"] is False and data["trim_padding"]["gain"] is None
+    assert data["trim_padding"]["reason"].startswith("no attention-mask input")
+    assert "padding removal does not apply: no attention-mask input" in by_name["trim-padding"]["reason"]
+    assert not any(c["name"].endswith("+trim") for c in data["candidates"])
     # an 8-bit recipe whose kernel choice reverted every node is FP32's graph: FP32's one timing, never chosen
     fp32_graph = by_name["fp32"]["graph_sha256"]
     for c in data["candidates"]:

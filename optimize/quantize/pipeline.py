@@ -117,6 +117,8 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
     fusion_report = None
     if config.preprocess and config.fuse_activations:
         prepared, fusion_report = _fuse_activations(prepared, config, recipe, data, log)
+        if recipe.mode == "static" and config.per_channel:
+            prepared, fusion_report["equalization"] = _equalize_hardswish(prepared, config, data, log)
     smooth_report = None
     if recipe.smoothing is not None and data is not None:
         log(f"SmoothQuant: measuring activation ranges on {config.smoothing_samples} samples")
@@ -209,7 +211,20 @@ def _choose_node_forms(prepared, quantized, config: Int8Static, recipe: Int8Reci
     if result.report["kept"]:
         details.update(requantized)  # shielded nodes, weight refinement: those of the model kept
         details["nodes_excluded"] = sorted(set(excluded) | set(result.report["float_nodes"]))
-    return result.model, result.report
+    if config.node_forms == "int8":
+        return result.model, result.report
+    # an RGB stem's 3 input channels keep ORT off its symmetric int8 conv kernel: padded to 4 where that
+    # times faster here (exact: zero channel, zero weights); its decision is replayed with the others
+    from dlopt.optimize.pad_channels import choose_channel_padding, summary_line
+
+    padding = choose_channel_padding(result.model, feeds, store=decisions)
+    line = summary_line(padding.report)
+    if line:
+        log(line)
+    report = dict(result.report)
+    report["channel_padding"] = padding.report
+    report["decisions"] = list(report.get("decisions", [])) + padding.report["decisions"]
+    return padding.model, report
 
 
 def _choose_kernels(model, config: QuantizeScheme, log, decisions) -> tuple[Any, dict[str, Any] | None]:
@@ -239,6 +254,20 @@ def _fuse_activations(model, config, recipe: Int8Recipe, data, log) -> tuple[Any
     if line:
         log(line)
     _check_exclusions(result.model, config)  # a fusion may have absorbed an excluded node
+    return result.model, result.report
+
+
+def _equalize_hardswish(model, config, data, log) -> tuple[Any, dict[str, Any]]:
+    """Per-tensor activation scales lose the small channels of a BatchNorm-folded backbone: each Conv ->
+    hard-swish -> depthwise Conv site has its channel ranges equalized (dlopt.optimize.equalize_hardswish),
+    checked against the float graph on the calibration data. Static INT8 with per-channel weights only
+    (they absorb the rescaled filters exactly)."""
+    from dlopt.optimize.equalize_hardswish import EqualizeHardSwish, equalize_hardswish, summary_line
+
+    result = equalize_hardswish(model, EqualizeHardSwish(input_shapes=config.input_shapes), data)
+    line = summary_line(result.report)
+    if line:
+        log(line)
     return result.model, result.report
 
 

@@ -4,6 +4,7 @@ scheme, with what they require of their input and ensure of their output."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from dlopt.errors import InputError
 from dlopt.optimize.fp16 import Fp16
@@ -68,7 +69,7 @@ def _run(model, config, context: StageContext) -> StageResult:
 
 
 # One Stage per scheme and the front door; the same run and checks, each its own config class.
-_CHECKS = {"takes": "onnx", "makes": "onnx", "ensures": (SAME_OUTPUTS,)}
+_CHECKS: dict[str, Any] = {"takes": "onnx", "makes": "onnx", "ensures": (SAME_OUTPUTS,)}
 
 
 @register_stage(kind="quantize", config=QuantizeConfig, requires=(ONNX_MODEL, FLOAT_ONNX), validate=validate_config,

@@ -230,11 +230,11 @@ def measure_speedup(baseline_onnx: Path, onnx_path: Path, *, budget_s: float, ba
 
 
 def distill_model(teacher_spec: str, student_path: str | os.PathLike, data_spec: str, output_dir: str | os.PathLike,
-                  *, epochs: int = 3, temperature: float = 4.0, alpha: float = 0.7, loss: str | None = None,
+                  *, epochs: int = 3, temperature: float = 4.0, alpha: float = 0.7, loss: Loss | None = None,
                   lr: float | None = None, batch_size: int = 64, max_samples: int | None = None,
                   val_fraction: float = 0.1, patience: int | None = 2,
                   hidden_layers: tuple[tuple[str, str], ...] = (), hidden_weight: float = 0.0,
-                  seed: int = 0, device: str = "cpu", resume: bool = False,
+                  seed: int = 0, device: Device = "cpu", resume: bool = False,
                   bench_seconds: float | None = 15.0, show_progress: bool = True,
                   student_source: str | None = None, log: Callable[[str], None] = lambda message: None):
     """Distill TEACHER into the checkpoint STUDENT on DATA (an .npz, or "reference": the teacher reference
@@ -587,7 +587,8 @@ def keygen(*, output: str | os.PathLike | None = None, private: str | os.PathLik
            public: str | os.PathLike | None = None) -> KeyPair:
     """Write a new Ed25519 key pair as PEM files, the private one with mode 0600: into the folder
     `output` (as dlopt-signing.key / .pub; a missing folder is created with mode 0700), or to the files
-    `private` and `public`. Existing files are never overwritten. Sign bundles with the private key, verify them with the public one."""
+    `private` and `public`. Existing files are never overwritten. Sign bundles with the private key, verify
+    them with the public one."""
     from dlopt.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, generate_key_pair
 
     if output is not None and (private or public):
@@ -786,6 +787,7 @@ if TYPE_CHECKING:
     from dlopt.evaluate import EvalConfig, EvalResult
     from dlopt.gate import EvalSpec, GateConfig, GateResult
     from dlopt.models import Fp32Evaluation
+    from dlopt.optimize.distill import Device, Loss
     from dlopt.package import PackageConfig, PackageResult
     from dlopt.recipe import RunResult
     from dlopt.search.driver import OptimizeConfig, OptimizeResult

@@ -32,7 +32,7 @@ def command(source, output, task, opset, exporter, no_fallback, static_shapes, a
 
     SOURCE is a reference model (see `dlopt models`), a factory in a file (path/to/file.py:build) or in
     a module (package.module:build). A factory takes no arguments and returns (module, example_inputs)
-    or (module, example_inputs, options); see the README for the contract.
+    or (module, example_inputs, options); see docs/export.md for the contract.
 
     The model is checked with onnx.checker and shape inference, then ONNX Runtime's outputs are compared
     with torch's on the example and on inputs of other batch sizes and sequence lengths. On a mismatch

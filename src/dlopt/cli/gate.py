@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import overload
 
 import click
 
@@ -12,6 +13,10 @@ from dlopt.cli._common import (COUNT, DATA_SOURCES_HELP, FRACTION, NON_NEGATIVE_
 from dlopt.console import progress_bar
 
 
+@overload
+def parse_fraction(text: str, option: str) -> float: ...
+@overload
+def parse_fraction(text: None, option: str) -> None: ...
 def parse_fraction(text: str | None, option: str) -> float | None:
     """'5%' -> 0.05; '0.05' -> 0.05. A bare number of 1 or more is refused as ambiguous."""
     from dlopt.errors import InputError
