@@ -85,6 +85,41 @@ def quantize_model(model_path: str | os.PathLike, output: str | os.PathLike, con
                          eval_data=eval_data, after=after, progress=progress, log=log)
 
 
+def is_lm_folder(path: str | os.PathLike) -> bool:
+    """An exported LM folder (genai_config.json beside model.onnx), as `dlopt export --task text-generation` writes."""
+    from dlopt.lm import is_lm_folder as check
+
+    return check(path)
+
+
+def quantize_lm(folder: str | os.PathLike, output: str | os.PathLike, config=None,
+                calibration: str | os.PathLike | None = None, *, log: Callable[[str], None] = lambda message: None
+                ) -> dict[str, Any]:
+    """Quantize an exported LM FOLDER to 4 bits (mixed 4/8-bit under `config.max_size_mb`) into the new
+    folder `output`, which onnxruntime-genai loads as it is; `calibration` is UTF-8 text (GPTQ, the block
+    size and the 8-bit layers are measured on it). `config`: a QuantizeLm. Returns the report (also
+    OUTPUT/quantize.json). See dlopt.optimize.quantize_lm."""
+    from dlopt.optimize.quantize_lm import QuantizeLm, quantize_lm_folder
+
+    guard_outputs([folder, calibration], [output])
+    return quantize_lm_folder(folder, output, config or QuantizeLm(), calibration, log=log)
+
+
+def lm_quantize_config(**fields: Any):
+    """A QuantizeLm (dlopt.optimize.quantize_lm) from its fields, checked: block_size, max_size_mb, accuracy_level ..."""
+    from dlopt.optimize.quantize_lm import QuantizeLm, check_config
+
+    config = QuantizeLm(**fields)
+    check_config(config)
+    return config
+
+
+def quantize_lm_summary(report: dict[str, Any]) -> str:
+    from dlopt.optimize.quantize_lm import summary_text
+
+    return summary_text(report)
+
+
 def prune_model(source: str, output_dir: str | os.PathLike, config=None, *, bench_seconds: float | None = 15.0,
                 batch: int = 1, seq_len: int = 128, log: Callable[[str], None] = lambda message: None):
     """Load SOURCE (a reference model or a factory), prune it (a dlopt.optimize.prune.Prune config) and
@@ -417,9 +452,23 @@ def evaluate(model: str | os.PathLike, *, data: str | os.PathLike | None = None,
     expected outputs; `config.metrics` from top1, cosine, sqnr, mse), or with `reference_model`'s own
     evaluator on its real data. `reference` (e.g. the FP32 source .onnx) is run on the same inputs and
     shown beside. `json_path` receives the result (written atomically)."""
-    from dlopt.evaluate import EvalConfig, evaluate_data, evaluate_reference_model
+    from dlopt.evaluate import EvalConfig, evaluate_data, evaluate_lm, evaluate_reference_model
+    from dlopt.lm import is_lm_folder as lm_folder
 
     config = config or EvalConfig()
+    if lm_folder(model):  # an exported LM folder: perplexity and next-token agreement on text (dlopt.lm)
+        if data is None:
+            raise InputError(f"{model} is an LM folder: give held-out text as data",
+                             "pass --data TEXT.txt --reference FP32_FOLDER")
+        if json_path:
+            check_output_path(json_path)
+            guard_outputs([model, data, reference], [json_path])
+        result = evaluate_lm(model, data, config, reference)
+        if json_path:
+            from dlopt.fileio import write_json_atomic
+
+            write_json_atomic(json_path, result.to_dict())
+        return result
     if json_path:
         check_output_path(json_path)
         guard_outputs([model, _data_file(data), reference], [json_path])
@@ -806,7 +855,7 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["CacheListing", "CachePruned", "DlOptError", "Gated", "InputError", "KeyPair", "Measured", "ModelEntry",
+__all__ = ["is_lm_folder", "lm_quantize_config", "quantize_lm", "quantize_lm_summary", "CacheListing", "CachePruned", "DlOptError", "Gated", "InputError", "KeyPair", "Measured", "ModelEntry",
            "StageError", "VerificationError", "WrittenModel", "MeasuredGeneration", "bench", "bench_generate", "export_lm", "cache_ls", "cache_prune", "cache_root", "cache_text",
            "distill_model", "evaluate", "export_model", "gate", "keygen", "measure_speedup", "models", "models_text",
            "package_model", "package_text", "prune_model", "quantize_model", "report_path_for", "run", "run_text",
