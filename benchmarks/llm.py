@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--lm", type=Path, default=None, help="reuse this fp32 export")
     parser.add_argument("--lm4", type=Path, default=None, help="reuse this dlopt int4 folder")
     parser.add_argument("--genai-int4", type=Path, default=None, help="reuse this genai int4 build")
+    parser.add_argument("--also", type=Path, action="append", default=[],
+                        help="another dlopt int4 folder (e.g. integer zero points only) timed beside the rest")
     args = parser.parse_args()
 
     import torch
@@ -173,10 +175,17 @@ def main() -> None:
         quantize_lm(fp32, lm4, lm_quantize_config(max_size_mb=args.max_size), text,
                     log=lambda m: print(m, file=sys.stderr))
         print(f"dlopt int4 quantized in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    def label_of(report: dict) -> str:
+        zero_points = "fractional zero points" if report["config"].get("float_offsets") else "integer zero points"
+        budget = report["config"].get("max_size_mb")
+        return (f"dlopt int4 {report['algorithm']} b{report['block_size']}, {zero_points}"
+                + (f", --max-size {budget:g}" if budget else "") + f", accuracy_level {report['accuracy_level']}")
+
     report4 = json.loads((lm4 / "quantize.json").read_text())
-    label4 = (f"dlopt int4 {report4['algorithm']} b{report4['block_size']} (--max-size {args.max_size:g}), "
-              f"accuracy_level {report4['accuracy_level']}")
+    label4 = label_of(report4)
     folders[label4] = lm4
+    for other in args.also:
+        folders[label_of(json.loads((other / "quantize.json").read_text()))] = other
     if report4["accuracy_level"] == 4:  # the same weights with float compute: what int8 activations cost
         acc0 = work / "lm_int4_dlopt_acc0"
         acc0.mkdir()

@@ -311,16 +311,16 @@ def test_int4_lm_folder_is_4_bit_loads_in_genai_and_stays_close_to_fp32(exported
     ops = [n.op_type for n in graph.graph.node]
     assert ops.count("MatMulNBits") == 5 * LAYERS + 1  # qkv, o, gate, up, down; the head
     # the only float MatMuls left are the fractional zero points' corrections (block sums @ fp16 offsets),
-    # one per MatMulNBits but the tied head's (its codes are the embedding's too: integer zero points)
+    # one per MatMulNBits
     plain = [n for n in graph.graph.node if n.op_type == "MatMul"]
     assert all(n.name.endswith("__offset_matmul") for n in plain) and len(plain) == report["offset_corrections"]
-    assert report["offset_corrections"] in (5 * LAYERS, 0)
+    assert report["offset_corrections"] == 5 * LAYERS + 1
     assert {dict((a.name, a.i) for a in n.attribute)["bits"] for n in graph.graph.node
             if n.op_type == "MatMulNBits"} == {4}
     assert all(len(n.input) == 4 for n in graph.graph.node if n.op_type == "MatMulNBits")  # asymmetric: zero points
     assert report["algorithm"] == "gptq" and report["block_size"] in (32, 64)
     assert set(report["measured"]["block_size_perplexity_rtn"]) == {"32", "64"}  # K = 64, 128: 128 does not divide
-    assert report["layers_8bit"] == {} and report["bytes_after"] < 0.4 * report["bytes_before"]  # fp32 table: 77 of 175 kB
+    assert report["layers_8bit"] == {} and report["bytes_after"] < 0.45 * report["bytes_before"]  # fp32 table: 77 of 194 kB
     assert len(report["genai_greedy_check"]) == 8  # onnxruntime-genai loaded it and generated
     # logits against fp32 on held-out text, prefill of 64 tokens: 4-bit weights of a random 64-wide model move
     # logits by a few % of their range; measured cosine 0.99+, argmax agreement 0.8+

@@ -114,21 +114,20 @@ def float_grid(blocks: np.ndarray, ratio: float = 1.0) -> tuple[np.ndarray, np.n
 def search_float_grid(blocks: np.ndarray, weights: np.ndarray | None = None, ratios=CLIP_RATIOS
                       ) -> tuple[np.ndarray, np.ndarray]:
     """float_grid with, per block, the ratio of `ratios` of smallest (weighted) squared rounding error."""
-    best_err = best_scale = best_zp = None
+    best: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # error, scale, zero point
     for ratio in ratios:
         scale, zp = float_grid(blocks, ratio)
         safe = np.where(scale == 0, 1, scale)[..., None]
         q = np.clip(np.round(blocks / safe + zp[..., None]), 0, 15)
         diff = (q - zp[..., None]) * scale[..., None] - blocks
         err = (np.square(diff) if weights is None else np.square(diff) * weights).sum(axis=-1)
-        if best_err is None:
-            best_err, best_scale, best_zp = err, scale, zp
+        if best is None:
+            best = (err, scale, zp)
         else:
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_scale = np.where(better, scale, best_scale)
-            best_zp = np.where(better, zp, best_zp)
-    return best_scale, best_zp
+            better = err < best[0]
+            best = (np.where(better, err, best[0]), np.where(better, scale, best[1]), np.where(better, zp, best[2]))
+    assert best is not None, "ratios is empty"
+    return best[1], best[2]
 
 
 def quantize_blocks_float(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
