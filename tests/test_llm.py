@@ -209,6 +209,8 @@ def test_bench_generate_json_validates_against_its_schema(exported, tmp_path):
     assert batch["rounds"] == 4 and first["tokens_generated"] == 10
     for r in (first, second):
         assert len(r["samples_ms"]["decode_per_token"]["cpu"]) == 4
+        for phase, per_clock in r["samples_ms"].items():  # one thread's CPU time never exceeds the wall time
+            assert all(c <= w + 1e-3 for c, w in zip(per_clock["cpu"], per_clock["wall"])), phase
         t = r["time_to_first_token_ms"]["wall"]["median"]
         assert t >= r["prefill_ms"]["wall"]["median"] > 0  # the first token comes after the prefill
         assert r["decode_tokens_per_s"] == pytest.approx(1e3 / r["decode_ms_per_token"]["cpu"]["median"])

@@ -25,7 +25,7 @@ import numpy as np
 from dlopt.errors import InputError
 from dlopt.gate.accuracy import EvalSpec
 from dlopt.gate.config import GateConfig, ProgressFn
-from dlopt.gate.result import Check, GateResult
+from dlopt.gate.result import GateCheck, GateResult
 
 DEFAULT_PROMPT_LEN = 128
 DEFAULT_NEW_TOKENS = 32
@@ -55,36 +55,38 @@ def _evaluation_tokens(spec: EvalSpec, baseline) -> tuple[np.ndarray, str]:
                              f"({baseline.vocab_size} tokens)", "give a plain-text file as the evaluation data")
         return tokens, "smollm2's evaluation text (lee_background.cor, SmolLM2's tokenizer)"
     from dlopt.data import as_spec
+    from dlopt.lm import read_text_tokens
 
     source = as_spec(spec.data).source
     path = Path(str(source))
-    if not path.is_file() or path.suffix.lower() not in (".txt", ".text", ".md"):
+    if path.suffix.lower() not in (".txt", ".text", ".md"):
         raise InputError(f"an LM gate reads its evaluation text from a plain-text file, not {source}",
                          "give a .txt file as the evaluation data")
-    from dlopt.genai import open_lm, text_tokens
-
-    _, model, tokenizer = open_lm(baseline)
-    tokens = text_tokens(tokenizer, path)
-    del model, tokenizer
-    return tokens, f"{path.name} (the baseline's tokenizer)"
+    return read_text_tokens(baseline.path, path, "evaluation text"), f"{path.name} (the baseline's tokenizer)"
 
 
-def _perplexity_check(baseline, candidate, spec: EvalSpec, limit: float, threads: int) -> Check:
-    from dlopt.genai import perplexity
+def _perplexity_check(baseline, candidate, spec: EvalSpec, limit: float, threads: int) -> GateCheck:
+    """dlopt.lm's LM row (the metric table's perplexity and next-token agreement, as quantize and eval
+    score LM folders) of the candidate against the baseline, gated on the perplexity drop."""
+    from dlopt.lm import lm_fidelity, read_genai_config, windows
     from dlopt.metrics import metric_drop
 
     started = time.perf_counter()
     tokens, what = _evaluation_tokens(spec, baseline)
-    scored = perplexity(baseline, candidate, tokens, window=PERPLEXITY_WINDOW, max_tokens=PERPLEXITY_MAX_TOKENS,
-                        threads=threads)
-    drop = metric_drop("perplexity", 1.0, scored["ratio"])
+    window = min(PERPLEXITY_WINDOW, baseline.context_length, candidate.context_length, int(tokens.shape[0]))
+    if window < 2:
+        raise InputError(f"the evaluation text has {tokens.shape[0]} token(s)", "give a longer text")
+    head_size = int(read_genai_config(baseline.path)["model"]["decoder"]["head_size"])
+    scored = lm_fidelity(baseline.path / "model.onnx", candidate.path / "model.onnx",
+                         windows(tokens[:PERPLEXITY_MAX_TOKENS], window), head_size, threads)
+    drop = metric_drop("perplexity", 1.0, scored["perplexity_ratio"])
     verdict = "pass" if np.isfinite(drop) and drop <= limit + 1e-12 else "fail"
-    return Check(name="accuracy: perplexity", verdict=verdict, baseline=scored["baseline_perplexity"],
-                 candidate=scored["candidate_perplexity"], change=f"drop {drop:+.4g} (x{scored['ratio']:.4f})",
-                 limit=f"drop <= {limit:g}",
-                 detail=f"{what}: {scored['tokens']} tokens in {scored['window']}-token windows; next-token "
-                        f"agreement {scored['next_token_agreement']:.3f}",
-                 seconds=time.perf_counter() - started)
+    return GateCheck(name="accuracy: perplexity", verdict=verdict, baseline=scored["fp32_perplexity"],
+                     candidate=scored["perplexity"], change=f"drop {drop:+.4g} (x{scored['perplexity_ratio']:.4f})",
+                     limit=f"drop <= {limit:g}",
+                     detail=f"{what}: {scored['tokens']} tokens in {window}-token windows; next-token "
+                            f"agreement {scored['next_token_agreement']:.3f}",
+                     seconds=time.perf_counter() - started)
 
 
 def run_gate_lm(baseline: str | os.PathLike, candidate: str | os.PathLike, config: GateConfig = GateConfig(), *,
@@ -103,11 +105,17 @@ def run_gate_lm(baseline: str | os.PathLike, candidate: str | os.PathLike, confi
 
 
 def _checks(baseline: Path, candidate: Path, config: GateConfig, evaluator: EvalSpec | None,
-            progress: ProgressFn | None) -> tuple[list[Check], dict[str, Any]]:
+            progress: ProgressFn | None) -> tuple[list[GateCheck], dict[str, Any]]:
     """The checks (decode tokens/s, and size and perplexity where limited) and GateResult's fields."""
     from dlopt.bench import InterleavedSampler, machine_fingerprint
-    from dlopt.bench.generate import (GenerateConfig, GenerationRun, _genai, load_lm, prompt_tokens,
-                                      validate_generate_config)
+    from dlopt.bench.generate import (
+        GenerateConfig,
+        GenerationRun,
+        _genai,
+        load_lm,
+        prompt_tokens,
+        validate_generate_config,
+    )
     from dlopt.gate.run import _progress_bridge, _size_check, _warmup_dict
     from dlopt.gate.sequential import sequential_test
     from dlopt.genai import check_lm_folder, check_prompt_fits
@@ -131,10 +139,10 @@ def _checks(baseline: Path, candidate: Path, config: GateConfig, evaluator: Eval
     if evaluator is not None and limit is None:
         raise InputError("evaluation text given without a perplexity limit", "add {max_accuracy_drop=perplexity=0.03}")
 
-    checks: list[Check] = []
+    checks: list[GateCheck] = []
     if config.max_size_growth is not None:
         checks.append(_size_check(folders[0].size_bytes, folders[1].size_bytes, config.max_size_growth))
-    if limit is not None:
+    if limit is not None and evaluator is not None:
         if progress:
             progress("scoring perplexity", 0.0)
         checks.append(_perplexity_check(folders[0], folders[1], evaluator, limit, threads))
@@ -164,7 +172,7 @@ def _checks(baseline: Path, candidate: Path, config: GateConfig, evaluator: Eval
         progress=_progress_bridge(progress, config.budget_s, warm.seconds))
     base_s, cand_s = float(np.median(decode(0))), float(np.median(decode(1)))
     i = outcome.interval
-    checks.insert(0, Check(
+    checks.insert(0, GateCheck(
         name="decode tokens/s", verdict=outcome.verdict, baseline=batch / base_s, candidate=batch / cand_s,
         change="n/a" if i is None else f"time/token x{i.estimate:.3f} [{i.low:.3f}, {i.high:.3f}]",
         limit=f"<= x{outcome.limit:.3f}",
