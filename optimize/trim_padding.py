@@ -242,7 +242,8 @@ TOKENWISE_OPS = frozenset({
     "Add", "Sub", "Mul", "Div", "Sum", "Cast", "Identity", "Relu", "Gelu", "BiasGelu", "FastGelu", "QuickGelu",
     "Erf", "Tanh", "Sigmoid", "Sqrt", "Pow", "Reciprocal", "Neg", "LayerNormalization", "SkipLayerNormalization",
     "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "DynamicQuantizeLinear",
-    "MatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits"})
+    "MatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits",
+    "Abs", "Max", "ReduceMax", "QuantizeLinear", "DequantizeLinear"})
 _WEIGHTED_OPS = {"MatMul": 1, "MatMulInteger": 1, "DynamicQuantizeMatMul": 1, "MatMulIntegerToFloat": 1,
                  "MatMulNBits": 1}
 _LAST_AXIS_OPS = {"LayerNormalization", "SimplifiedLayerNormalization"}
@@ -273,6 +274,20 @@ def _attr(node, name: str, default: Any = None) -> Any:
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
+def _tokenwise_arguments(node, values: Mapping[str, np.ndarray]) -> bool:
+    """A ReduceMax over the last axis only (per-token scales: optimize.quantize.token_scales); a
+    QuantizeLinear/DequantizeLinear with one scale. Other token-wise ops have no such arguments."""
+    if node.op_type == "ReduceMax":
+        axes = _attr(node, "axes")
+        if axes is None and len(node.input) > 1:
+            axes = values.get(node.input[1])
+        return axes is not None and [int(a) for a in np.ravel(axes)] == [-1] and _attr(node, "keepdims", 1) == 1
+    if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        scale = values.get(node.input[1])
+        return scale is not None and scale.size == 1
+    return True
+
+
 def pack_plan(model) -> PackPlan:
     """Whether the per-token layers of `model` (a trimmed graph: see trim_padding_graph) can run on the
     real tokens packed into one sequence, and what that takes."""
@@ -285,6 +300,10 @@ def pack_plan(model) -> PackPlan:
         if _attr(n, "unidirectional", 0) or len(n.input) <= ATTENTION_MASK_INPUT[n.op_type] \
                 or not n.input[ATTENTION_MASK_INPUT[n.op_type]]:
             return PackPlan(reason=f"attention {n.name!r} is causal or has no mask input")
+        unusual = [a.name for a in n.attribute if a.name not in ("num_heads", "scale", "mask_filter_value", "unidirectional")]
+        if unusual:
+            return PackPlan(reason=f"attention {n.name!r} has attributes {', '.join(unusual)} the packed form "
+                                   "does not carry over")
         past = ATTENTION_PAST_INPUT[n.op_type]
         if (len(n.input) > past and n.input[past]) or (len(n.output) > 1 and n.output[1]) \
                 or any(len(n.input) > i and n.input[i] for i in range(past + 1, past + 4)):
@@ -294,6 +313,9 @@ def pack_plan(model) -> PackPlan:
     while start in producer and producer[start].op_type == "DynamicQuantizeLinear":
         start = producer[start].input[0]
     constants = {t.name for t in g.initializer} | {o for n in nodes if n.op_type == "Constant" for o in n.output}
+    from onnx import numpy_helper
+
+    initial_values = {t.name: numpy_helper.to_array(t) for t in g.initializer if np.prod(t.dims) <= 16}
     # tensors that vary with the inputs: a packed node's other operand must not be one of these unless packed
     varying = {i.name for i in g.input} - constants
     for n in nodes:
@@ -323,6 +345,9 @@ def pack_plan(model) -> PackPlan:
                 continue
             if n.op_type in _LAST_AXIS_OPS and _attr(n, "axis", -1) not in (-1, 2):
                 return PackPlan(reason=f"{n.op_type} {n.name!r} normalizes over more than the last axis")
+            if not _tokenwise_arguments(n, initial_values):
+                boundary.append(n)  # a reduction over tokens, or per-channel (de)quantization of activations
+                continue
         else:
             boundary.append(n)
             continue
@@ -451,7 +476,7 @@ def pack_tokens_graph(trimmed, mask: str, *, attention: str = "split"):
         x, y = item.input[0], item.output[0]
         t = lambda suffix, i=i: n(f"attention{i}/{suffix}")  # noqa: E731
         if attention == "split":
-            nodes += _split_attention(item, t, n, zero_v, one_v, end, mask)
+            nodes += _split_attention(out, item, t, n, zero_v, one_v, end, mask)
             continue
         item.input[0], item.output[0] = t("padded_input"), t("padded_output")
         nodes += [
@@ -474,7 +499,7 @@ def pack_tokens_graph(trimmed, mask: str, *, attention: str = "split"):
     return out, pp
 
 
-def _split_attention(item, t, n, zero_v: str, one_v: str, end: str, mask: str) -> list:
+def _split_attention(model, item, t, n, zero_v: str, one_v: str, end: str, mask: str) -> list:
     """The nodes that replace fused attention `item`: its QKV projection on the packed tokens
     (MatMulIntegerToFloat for QAttention, MatMul + Add for Attention), the [1, T, 3H] result scattered to
     [B, L, 3H], MultiHeadAttention with the padding mask on it, and its output packed again."""
@@ -483,6 +508,19 @@ def _split_attention(item, t, n, zero_v: str, one_v: str, end: str, mask: str) -
     node = helper.make_node
     heads = _attr(item, "num_heads")
     x, y = item.input[0], item.output[0]
+    # Split needs its sizes said (num_outputs from opset 18, a sizes input from 13, an attribute before)
+    outs, opset = [t("q"), t("k"), t("v")], _opset(model)
+    if opset >= 18:
+        split = node("Split", [t("padded_qkv")], outs, axis=2, num_outputs=3, name=t("split"))
+    else:
+        from onnx import numpy_helper
+
+        width = next(list(w.dims) for w in model.graph.initializer if w.name == item.input[1])[1] // 3
+        if opset >= 13:
+            model.graph.initializer.append(numpy_helper.from_array(np.array([width] * 3, np.int64), t("sizes")))
+            split = node("Split", [t("padded_qkv"), t("sizes")], outs, axis=2, name=t("split"))
+        else:
+            split = node("Split", [t("padded_qkv")], outs, axis=2, split=[width] * 3, name=t("split"))
     if item.op_type == "QAttention":
         ins = [x, item.input[1], item.input[3], item.input[4], item.input[6] if len(item.input) > 6 else "",
                item.input[7] if len(item.input) > 7 else "", item.input[2]]
@@ -497,10 +535,11 @@ def _split_attention(item, t, n, zero_v: str, one_v: str, end: str, mask: str) -
         node("Slice", [t("rows_shape"), one_v, end], [t("width")], name=t("width")),
         node("Concat", [n("batch_and_length"), t("width")], [t("shape")], axis=0, name=t("shape")),
         node("Reshape", [t("flat"), t("shape")], [t("padded_qkv")], name=t("padded_qkv")),
-        node("Split", [t("padded_qkv")], [t("q"), t("k"), t("v")], axis=2, name=t("split")),
+        split,
         node("Cast", [mask], [t("mask_i32")], to=TensorProto.INT32, name=t("mask_i32")),
         node("MultiHeadAttention", [t("q"), t("k"), t("v"), "", t("mask_i32")], [t("padded_output")],
-             domain="com.microsoft", num_heads=heads, name=t("attention")),
+             domain="com.microsoft", num_heads=heads, name=t("attention"),
+             **{k: _attr(item, k) for k in ("scale", "mask_filter_value") if _attr(item, k) is not None}),
         node("Flatten", [t("padded_output")], [t("output_flat")], axis=2, name=t("output_flat")),
         node("Gather", [t("output_flat"), n("index")], [t("output_rows")], axis=0, name=t("pack")),
         node("Unsqueeze", [t("output_rows"), zero_v], [y], name=t("packed_output")),
