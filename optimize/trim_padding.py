@@ -225,17 +225,23 @@ def _rename_inputs(node, renamed: Mapping[str, str]) -> None:
 # -- packing: only the real tokens, across the batch ---------------------------------------------------
 # Slicing to the batch's longest real length leaves the padding inside the shorter rows: in batches of 8
 # of model:minilm's sentences, 45 positions per row are computed where 28 are real. Packing computes only
-# the real tokens: after the embeddings, the real positions of all rows are gathered into one sequence
-# [1, T, H]; the per-token layers (projections, LayerNorm, GELU, residual sums, their quantize/dequantize)
-# run on it unchanged, since they act on each token alone; the fused attention ops get a block-diagonal
-# [1, T, T] mask, so each token attends only to the real tokens of its own row, as the padding mask made it
-# do; and where a tensor leaves the per-token layers (mask pooling, a per-token output) it is scattered back
-# to [B, L, H] with zeros at the padding positions. Only graphs whose attention is a fused com.microsoft
-# Attention/QAttention op qualify: an unfused attention's Reshape/Transpose/MatMul mix the batch and
-# sequence axes, which a packed sequence does not have.
+# the real tokens: after the embeddings, the real positions of all rows are gathered into one [T, H]
+# matrix; the per-token layers (projections, LayerNorm, GELU, residual sums, their quantize/dequantize)
+# run on it unchanged, since they act on each token alone; each fused attention op is split into its QKV
+# projection (on the T packed tokens) and MultiHeadAttention on the projections gathered to [B, L, 3H]
+# with the padding mask, whose output is packed again; where a tensor leaves the per-token layers (mask
+# pooling, a per-token output) it is scattered back to [B, L, H] with zeros at the padding positions.
+# Only graphs whose attention is a fused com.microsoft Attention/QAttention op qualify: an unfused
+# attention's Reshape/Transpose/MatMul mix the batch and sequence axes, which packed tokens do not have.
+#
+# The attention forms measured on MiniLM INT8, batches of 8 of model:minilm's sentences padded to 128
+# (AMD EPYC Zen 4, one thread, thread CPU time, vs FP32 on the padded batch): sliced only 8.7x; packed
+# with QAttention on the packed sequence and a block-diagonal [1, T, T] mask 11.1x (it spends as long on
+# the T x T scores as on its projection); QAttention on its input gathered to [B, L, H] 11.7x; split as
+# here 12.3x.
 ATTENTION_MASK_INPUT = {"Attention": 3, "QAttention": 5}  # com.microsoft ops -> index of their mask input
 ATTENTION_PAST_INPUT = {"Attention": 4, "QAttention": 8}
-# Ops that act on each token alone (along the last axis), so that [1, T, H] in place of [B, L, H] computes
+# Ops that act on each token alone (along the last axis), so that [T, H] in place of [B, L, H] computes
 # the same per token. Binary ops qualify only when their other operand is a constant or derived from
 # packed tensors (checked below); MatMul-like ops only with a constant weight.
 TOKENWISE_OPS = frozenset({
@@ -247,13 +253,7 @@ TOKENWISE_OPS = frozenset({
 _WEIGHTED_OPS = {"MatMul": 1, "MatMulInteger": 1, "DynamicQuantizeMatMul": 1, "MatMulIntegerToFloat": 1,
                  "MatMulNBits": 1}
 _LAST_AXIS_OPS = {"LayerNormalization", "SimplifiedLayerNormalization"}
-
-
-# Measured on MiniLM INT8, batches of 8 of model:minilm's sentences padded to 128 (AMD EPYC Zen 4, one
-# thread, thread CPU time, vs FP32 on the padded batch): sliced 8.7x; packed with the block-diagonal mask
-# 11.1x (ORT's QAttention spends as long on the [T, T] scores as on its projection); padded 11.7x; split
-# 12.3x (MultiHeadAttention on [B, L] after a projection of T tokens only).
-PACKED_ATTENTION = "split"
+PACKED_ATTENTION = "split"  # the QKV projection on the packed tokens, MultiHeadAttention on [B, L] (see above)
 
 
 @dataclass(frozen=True)
@@ -343,7 +343,7 @@ def pack_plan(model) -> PackPlan:
             if any(i and i not in packed_tensors and i in varying for i in n.input):
                 boundary.append(n)  # it also reads a padded tensor (mask pooling): it reads ours scattered back
                 continue
-            if n.op_type in _LAST_AXIS_OPS and _attr(n, "axis", -1) not in (-1, 2):
+            if n.op_type in _LAST_AXIS_OPS and _attr(n, "axis", -1) != -1:
                 return PackPlan(reason=f"{n.op_type} {n.name!r} normalizes over more than the last axis")
             if not _tokenwise_arguments(n, initial_values):
                 boundary.append(n)  # a reduction over tokens, or per-channel (de)quantization of activations
@@ -369,13 +369,9 @@ def pack_plan(model) -> PackPlan:
     return PackPlan(start, tuple(packed_nodes), attention_at, tuple(unpacked))
 
 
-def pack_tokens_graph(trimmed, mask: str, *, attention: str = "split"):
+def pack_tokens_graph(trimmed, mask: str):
     """(packed copy of the trimmed model `trimmed`, PackPlan); `mask`: the (sliced) mask tensor the
-    packing reads. `attention`: how the fused attention ops run (see PACKED_ATTENTION): "split" (the QKV
-    projection on the packed tokens, MultiHeadAttention on them scattered to [B, L, 3H] with the padding
-    mask, its output packed again), "padded" (the fused op on its input scattered back to [B, L, H], with
-    its own mask) or "block" (the fused op on the packed sequence with a block-diagonal [1, T, T] mask).
-    Raises StageError when pack_plan gives a reason not to."""
+    packing reads. Raises StageError when pack_plan gives a reason not to."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -413,21 +409,20 @@ def pack_tokens_graph(trimmed, mask: str, *, attention: str = "split"):
         node("NonZero", [n("keep")], [n("nonzero")], name=n("nonzero")),
         node("Reshape", [n("nonzero"), minus_one], [n("index")], name=n("index")),
         node("Unsqueeze", [n("index"), one_v], [n("index_2d")], name=n("index_2d")),
-        # [B, L, H] -> [B*L, H] -> the real rows [T, H] -> [1, T, H]
+        # [B, L, H] -> [B*L, H] -> the real rows [T, H]
         node("Flatten", [start], [n("start_flat")], axis=2, name=n("start_flat")),
-        node("Gather", [n("start_flat"), n("index")], [n("start_rows")], axis=0, name=n("gather")),
-        node("Unsqueeze", [n("start_rows"), zero_v], [packed_start], name=n("unsqueeze")),
+        node("Gather", [n("start_flat"), n("index")], [packed_start], axis=0, name=n("gather")),
         node("Shape", [start], [n("start_shape")], name=n("start_shape")),
         node("Slice", [n("start_shape"), zero_v, two_v], [n("batch_and_length")], name=n("batch_and_length")),
         node("ReduceProd", [n("batch_and_length")], [n("rows")], keepdims=1, name=n("rows")),
-        # block-diagonal mask: token i attends to token j when both come from the same row
-        node("Slice", [n("start_shape"), one_v, two_v], [n("L")], name=n("L")),
-        node("Div", [n("index"), n("L")], [n("row")], name=n("row")),
-        node("Unsqueeze", [n("row"), one_v], [n("row_col")], name=n("row_col")),
-        node("Unsqueeze", [n("row"), zero_v], [n("row_row")], name=n("row_row")),
-        node("Equal", [n("row_col"), n("row_row")], [n("same_row")], name=n("same_row")),
-        node("Cast", [n("same_row")], [n("mask_2d")], to=TensorProto.INT32, name=n("mask_2d")),
-        node("Unsqueeze", [n("mask_2d"), zero_v], [n("mask_3d")], name=n("mask_3d")),
+        # where each position of [B, L] finds its packed row: its own, or row 0 for a padding position (the
+        # attention's mask hides it as a key, and its output is dropped when packed again)
+        node("CumSum", [n("keep"), zero_v], [n("count")], name=n("count")),
+        node("Sub", [n("count"), one_v], [n("rank")], name=n("rank")),
+        node("Mul", [n("rank"), n("keep")], [n("position_map_flat")], name=n("position_map_flat")),
+        node("Reshape", [n("position_map_flat"), n("batch_and_length")], [n("position_map")],
+             name=n("position_map")),
+        node("Cast", [mask], [n("mask_i32")], to=TensorProto.INT32, name=n("mask_i32")),
     ]
     renamed = {start: packed_start}
     packed = set(pp.packed_nodes)
@@ -444,83 +439,47 @@ def pack_tokens_graph(trimmed, mask: str, *, attention: str = "split"):
                 if i not in packed:
                     _rename_inputs(item, {name: target})
         t = lambda suffix: n(f"{name}/{suffix}")  # noqa: E731
-        # [1, T, W] -> zeros [B*L, W] with the real rows scattered in -> [B, L, W]
+        # [T, W] -> zeros [B*L, W] with the real rows scattered in -> [B, L, W]
         nodes += [
-            node("Squeeze", [packed_name, zero_v], [t("rows")], name=t("squeeze")),
-            node("Shape", [t("rows")], [t("rows_shape")], name=t("rows_shape")),
+            node("Shape", [packed_name], [t("rows_shape")], name=t("rows_shape")),
             node("Slice", [t("rows_shape"), one_v, end], [t("width")], name=t("width")),
             node("Concat", [n("rows"), t("width")], [t("flat_shape")], axis=0, name=t("flat_shape")),
             node("ConstantOfShape", [t("flat_shape")], [t("zeros")], name=t("zeros"),
                  value=numpy_helper.from_array(np.zeros(1, np.float32))),
-            node("ScatterND", [t("zeros"), n("index_2d"), t("rows")], [t("scattered")], name=t("scatter")),
+            node("ScatterND", [t("zeros"), n("index_2d"), packed_name], [t("scattered")], name=t("scatter")),
             node("Concat", [n("batch_and_length"), t("width")], [t("shape")], axis=0, name=t("shape")),
             node("Reshape", [t("scattered"), t("shape")], [target], name=t("unpack")),
         ]
-    if attention in ("padded", "split"):
-        # where each position of [B*L] finds its packed row: its own, or row 0 for a padding position (the
-        # attention op's mask hides it as a key, and its output is dropped when packed again)
-        nodes += [
-            node("CumSum", [n("keep"), zero_v], [n("count")], name=n("count")),
-            node("Sub", [n("count"), one_v], [n("rank")], name=n("rank")),
-            node("Mul", [n("rank"), n("keep")], [n("position_map")], name=n("position_map")),
-        ]
+    replaced = []
     for i, item in enumerate(g.node):
         if i not in packed:
             continue
         _rename_inputs(item, renamed)
-        if i not in pp.attention_nodes:
-            continue
-        if attention == "block":
-            item.input[ATTENTION_MASK_INPUT[item.op_type]] = n("mask_3d")
-            continue
-        x, y = item.input[0], item.output[0]
-        t = lambda suffix, i=i: n(f"attention{i}/{suffix}")  # noqa: E731
-        if attention == "split":
-            nodes += _split_attention(out, item, t, n, zero_v, one_v, end, mask)
-            continue
-        item.input[0], item.output[0] = t("padded_input"), t("padded_output")
-        nodes += [
-            node("Squeeze", [x, zero_v], [t("rows")], name=t("squeeze")),
-            node("Gather", [t("rows"), n("position_map")], [t("flat")], axis=0, name=t("unpack")),
-            node("Shape", [t("rows")], [t("rows_shape")], name=t("rows_shape")),
-            node("Slice", [t("rows_shape"), one_v, end], [t("width")], name=t("width")),
-            node("Concat", [n("batch_and_length"), t("width")], [t("shape")], axis=0, name=t("shape")),
-            node("Reshape", [t("flat"), t("shape")], [t("padded_input")], name=t("padded_input")),
-            node("Flatten", [t("padded_output")], [t("output_flat")], axis=2, name=t("output_flat")),
-            node("Gather", [t("output_flat"), n("index")], [t("output_rows")], axis=0, name=t("pack")),
-            node("Unsqueeze", [t("output_rows"), zero_v], [y], name=t("packed_output")),
-        ]
-    if attention == "split":
-        kept = [item for i, item in enumerate(g.node) if i not in pp.attention_nodes]
-        del g.node[:]
-        g.node.extend(kept)
-    g.node.extend(nodes)
+        if i in pp.attention_nodes:
+            nodes += _split_attention(out, item, lambda suffix, i=i: n(f"attention{i}/{suffix}"), n)
+            replaced.append(i)
+        elif item.op_type in _LAST_AXIS_OPS:  # [T, H] has no axis 2
+            for a in item.attribute:
+                if a.name == "axis":
+                    a.i = -1
+    kept = [item for i, item in enumerate(g.node) if i not in replaced]
+    del g.node[:]
+    g.node.extend(kept + nodes)
     topological_sort(g)  # the packing after the embeddings, each scatter after its tensor's producer
     return out, pp
 
 
-def _split_attention(model, item, t, n, zero_v: str, one_v: str, end: str, mask: str) -> list:
-    """The nodes that replace fused attention `item`: its QKV projection on the packed tokens
-    (MatMulIntegerToFloat for QAttention, MatMul + Add for Attention), the [1, T, 3H] result scattered to
-    [B, L, 3H], MultiHeadAttention with the padding mask on it, and its output packed again."""
-    from onnx import TensorProto, helper
+def _split_attention(model, item, t, n) -> list:
+    """The nodes that replace fused attention `item` on packed tokens: its QKV projection on them
+    (MatMulIntegerToFloat for QAttention, MatMul + Add for Attention), gathered to [B, L, 3H],
+    MultiHeadAttention with the padding mask, its output packed again to [T, H]."""
+    from onnx import helper, numpy_helper
 
     node = helper.make_node
     heads = _attr(item, "num_heads")
     x, y = item.input[0], item.output[0]
-    # Split needs its sizes said (num_outputs from opset 18, a sizes input from 13, an attribute before)
-    outs, opset = [t("q"), t("k"), t("v")], _opset(model)
-    if opset >= 18:
-        split = node("Split", [t("padded_qkv")], outs, axis=2, num_outputs=3, name=t("split"))
-    else:
-        from onnx import numpy_helper
-
-        width = next(list(w.dims) for w in model.graph.initializer if w.name == item.input[1])[1] // 3
-        if opset >= 13:
-            model.graph.initializer.append(numpy_helper.from_array(np.array([width] * 3, np.int64), t("sizes")))
-            split = node("Split", [t("padded_qkv"), t("sizes")], outs, axis=2, name=t("split"))
-        else:
-            split = node("Split", [t("padded_qkv")], outs, axis=2, split=[width] * 3, name=t("split"))
+    width = next(list(w.dims) for w in model.graph.initializer if w.name == item.input[1])[1] // 3
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1, width], np.int64), t("rows_shape")))
     if item.op_type == "QAttention":
         ins = [x, item.input[1], item.input[3], item.input[4], item.input[6] if len(item.input) > 6 else "",
                item.input[7] if len(item.input) > 7 else "", item.input[2]]
@@ -528,21 +487,23 @@ def _split_attention(model, item, t, n, zero_v: str, one_v: str, end: str, mask:
     else:
         nodes = [node("MatMul", [x, item.input[1]], [t("qkv_nobias")], name=t("qkv_matmul")),
                  node("Add", [t("qkv_nobias"), item.input[2]], [t("qkv")], name=t("qkv"))]
+    # Split needs its sizes said (num_outputs from opset 18, a sizes input from 13, an attribute before)
+    outs, opset = [t("q"), t("k"), t("v")], _opset(model)
+    if opset >= 18:
+        split = node("Split", [t("padded_qkv")], outs, axis=2, num_outputs=3, name=t("split"))
+    elif opset >= 13:
+        model.graph.initializer.append(numpy_helper.from_array(np.array([width] * 3, np.int64), t("sizes")))
+        split = node("Split", [t("padded_qkv"), t("sizes")], outs, axis=2, name=t("split"))
+    else:
+        split = node("Split", [t("padded_qkv")], outs, axis=2, split=[width] * 3, name=t("split"))
     nodes += [
-        node("Squeeze", [t("qkv"), zero_v], [t("rows")], name=t("squeeze")),
-        node("Gather", [t("rows"), n("position_map")], [t("flat")], axis=0, name=t("unpack")),
-        node("Shape", [t("rows")], [t("rows_shape")], name=t("rows_shape")),
-        node("Slice", [t("rows_shape"), one_v, end], [t("width")], name=t("width")),
-        node("Concat", [n("batch_and_length"), t("width")], [t("shape")], axis=0, name=t("shape")),
-        node("Reshape", [t("flat"), t("shape")], [t("padded_qkv")], name=t("padded_qkv")),
+        node("Gather", [t("qkv"), n("position_map")], [t("padded_qkv")], axis=0, name=t("unpack")),
         split,
-        node("Cast", [mask], [t("mask_i32")], to=TensorProto.INT32, name=t("mask_i32")),
-        node("MultiHeadAttention", [t("q"), t("k"), t("v"), "", t("mask_i32")], [t("padded_output")],
+        node("MultiHeadAttention", [t("q"), t("k"), t("v"), "", n("mask_i32")], [t("padded_output")],
              domain="com.microsoft", num_heads=heads, name=t("attention"),
              **{k: _attr(item, k) for k in ("scale", "mask_filter_value") if _attr(item, k) is not None}),
-        node("Flatten", [t("padded_output")], [t("output_flat")], axis=2, name=t("output_flat")),
-        node("Gather", [t("output_flat"), n("index")], [t("output_rows")], axis=0, name=t("pack")),
-        node("Unsqueeze", [t("output_rows"), zero_v], [y], name=t("packed_output")),
+        node("Reshape", [t("padded_output"), t("rows_shape")], [t("output_rows")], name=t("output_rows")),
+        node("Gather", [t("output_rows"), n("index")], [y], axis=0, name=t("pack")),
     ]
     return nodes
 

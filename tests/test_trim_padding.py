@@ -314,16 +314,22 @@ def test_fused_attention_is_packed_and_equals_untrimmed(pooled):
     assert sliced.report["form"] == "slice" and "NonZero" not in {n.op_type for n in sliced.model.graph.node}
 
 
-@pytest.mark.parametrize("attention", ["split", "padded", "block"])
-def test_each_packed_attention_form_equals_untrimmed(attention):
+def test_packed_per_token_layers_run_on_two_dimensional_rows():
     from dlopt.optimize.trim_padding import pack_tokens_graph, sliced_name
 
     model = _encoder(pooled=False, fused_attention=True)
     sliced, p = trim_padding_graph(model)
-    packed, pp = pack_tokens_graph(sliced, sliced_name(p.mask), attention=attention)
+    packed, pp = pack_tokens_graph(sliced, sliced_name(p.mask))
     # the per-token layers run packed up to the output, which is scattered back before slicing pads it back
     assert pp.start == "x" and pp.unpacked == ("trim_padding/last_hidden_state_trimmed",)
     _assert_equivalent(model, packed, per_token=True)
+    feeds = _padded_batch()
+    real = int(feeds["attention_mask"].sum())
+    probe = onnx.ModelProto()
+    probe.CopyFrom(packed)
+    probe.graph.output.append(helper.make_empty_tensor_value_info("h"))  # the Tanh's output, packed
+    h = _run(probe, feeds)[1]
+    assert h.shape == (real, HIDDEN)  # [T, H]: only the real tokens were computed
 
 
 def test_packing_an_all_padding_batch_runs():
