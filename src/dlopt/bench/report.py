@@ -35,8 +35,8 @@ def format_result(result: BenchResult) -> str:
         row = [m.label, m.size_bytes / 1e6, m.handle.load_s * 1e3, r.first_run_s * 1e3,
                (m.rss_added_bytes + r.rss_added_bytes) / 1e6]
         if show_device:
-            both = (m.device_added_bytes, r.device_added_bytes)
-            row.append(sum(both) / 1e6 if None not in both else "n/a")
+            mine, its = m.device_added_bytes, r.device_added_bytes
+            row.append((mine + its) / 1e6 if mine is not None and its is not None else "n/a")
         row += [m.handle.runs_on, ",".join(p.replace("ExecutionProvider", "") for p in m.handle.active_providers)]
         model_rows.append(row)
     t = result.target
@@ -55,6 +55,7 @@ def format_result(result: BenchResult) -> str:
     for b in result.batches:
         for m, r in zip(result.models[1:], b.models[1:]):
             ratio = r.ratios[clock]
+            assert ratio is not None, "None only for the first model"
             speed = (f"{1 / ratio.estimate:.2f}x faster" if ratio.estimate < 1 else f"{ratio.estimate:.2f}x slower")
             verdict = "" if ratio.low > 1 or ratio.high < 1 else " (the CI includes 1: no difference shown)"
             lines.append(f"batch {b.batch}: {m.label} takes {ratio.estimate:.3f}x the time of {result.models[0].label} "
@@ -76,11 +77,21 @@ def format_result(result: BenchResult) -> str:
                          f"{ls['tokens_sorted']:.1f} with requests sorted by length "
                          f"({ls['tokens_as_given'] / ls['tokens_sorted']:.2f}x fewer), against {ls['padded_length']} "
                          "padded")
+            lines += [f"batch {b.batch}: sorted by length, {row['model']} takes {_interval_text(row['ratio_sorted_to_given'])}"
+                      f" the time of the same batches as given ({row['median_ms_sorted']:.3g} vs "
+                      f"{row['median_ms_as_given']:.3g} ms a batch, {row['clock']} clock; batches "
+                      + ", ".join(f"{k}{v}" for k, v in ls["input_shapes"].items()) + " before trimming)"
+                      for row in ls.get("latency", ())]
         if result.config.rounds is None and b.rounds < result.config.min_rounds:
             lines.append(f"batch {b.batch}: only {b.rounds} rounds fit in the budget: the CI is wide; "
                          "give a longer --budget")
     return "\n".join([format_table(headers, rows), "", format_table(model_headers, model_rows), "", *lines,
                       f"peak RSS of this process: {result.peak_rss_bytes / 1e6:.0f} MB", *_profile_tables(result)])
+
+
+def _interval_text(ratio) -> str:
+    return (f"{ratio['estimate']:.3f}x ({round(100 * ratio['confidence'])}% CI "
+            f"{ratio['low']:.3f}-{ratio['high']:.3f})")
 
 
 def _profile_tables(result: BenchResult, top: int = 8) -> list[str]:
