@@ -85,11 +85,12 @@ def test_minilm_dynamic_int8_packed_keeps_cosine_0_993_on_held_out_sentences():
     the tokens; embeddings vs FP32 on sentences after the calibration/check samples, in padded batches of 8."""
     from dlopt.bench import load_data
     from dlopt.fidelity import cosine_per_sample
-    from dlopt.optimize.export import ExportConfig, export, load_source
+    from dlopt.optimize.export import Export, export
     from dlopt.optimize.quantize import QuantizeConfig, quantize
-    from dlopt.optimize.calibration import load_calibration
+    from dlopt.data import load_data as load_calibration
+    from dlopt.sources import load_source
 
-    fp32 = export(load_source("minilm"), ExportConfig()).model
+    fp32 = export(load_source("minilm"), Export()).model
     data = load_calibration("model:minilm", fp32, limit=32)
     result = quantize(fp32, QuantizeConfig(speed_check=False), data)
     report = result.report

@@ -366,3 +366,25 @@ def test_dynamic_int8_qattention_is_packed_and_keeps_fidelity(tmp_path):
     assert got.shape == ref.shape
     cos = lambda y: np.sum(ref * y, axis=-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(y, axis=-1))  # noqa: E731
     assert cos(got).mean() >= cos(untrimmed).mean() - 0.002 and cos(got).min() > 0.98
+
+
+def test_a_token_mixing_op_between_attention_layers_is_not_packed():
+    """A tensor that mixes tokens (a max over the sequence) between two attention layers: packed rows cannot
+    stand in for it, so the plan says why and auto slices instead."""
+    from dlopt.optimize.normalize import topological_sort
+    from dlopt.optimize.trim_padding import pack_plan
+
+    model = _encoder(pooled=True, fused_attention=True)
+    g = model.graph
+    first = next(n for n in g.node if n.op_type == "Attention")
+    for node in g.node:
+        node.input[:] = ["att2" if i == "att" else i for i in node.input]
+    g.node.extend([helper.make_node("ReduceMax", ["att"], ["att_max"], axes=[1], keepdims=1),
+                   helper.make_node("Add", ["att", "att_max"], ["mixed"]),
+                   helper.make_node("Attention", ["mixed", *first.input[1:]], ["att2"], domain="com.microsoft",
+                                    num_heads=HEADS)])
+    topological_sort(g)
+    sliced, _ = trim_padding_graph(model)
+    assert "not every attention op is reached" in pack_plan(sliced).reason
+    result = trim_padding(model, TrimPadding(), _samples())
+    assert result.report.get("form") != "pack" and "not every attention op" in result.report["pack_reason"]
