@@ -307,7 +307,8 @@ def pack_plan(model) -> PackPlan:
         if _attr(n, "unidirectional", 0) or len(n.input) <= ATTENTION_MASK_INPUT[n.op_type] \
                 or not n.input[ATTENTION_MASK_INPUT[n.op_type]]:
             return PackPlan(reason=f"attention {n.name!r} is causal or has no mask input")
-        unusual = [a.name for a in n.attribute if a.name not in ("num_heads", "scale", "mask_filter_value", "unidirectional")]
+        carried = ("num_heads", "scale", "mask_filter_value", "unidirectional")
+        unusual = [a.name for a in n.attribute if a.name not in carried]
         if unusual:
             return PackPlan(reason=f"attention {n.name!r} has attributes {', '.join(unusual)} the packed form "
                                    "does not carry over")
@@ -385,7 +386,7 @@ def pack_tokens_graph(trimmed, mask: str):
     from dlopt.optimize.normalize import topological_sort
 
     pp = pack_plan(trimmed)
-    if pp.reason is not None:
+    if pp.reason is not None or pp.start is None:
         raise StageError(f"trim-padding cannot pack the tokens: {pp.reason}", "use the slice form")
     out = onnx.ModelProto()
     out.CopyFrom(trimmed)
@@ -396,7 +397,8 @@ def pack_tokens_graph(trimmed, mask: str):
         g.initializer.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), n(name)))
         return n(name)
 
-    start, packed_start = pp.start, n("start")
+    start: str = pp.start
+    packed_start = n("start")
     minus_one, zero_v, one_v, two_v = const("minus_one", [-1]), const("zero_v", [0]), const("one_v", [1]), \
         const("two_v", [2])
     end = const("end", [2 ** 62])
@@ -431,7 +433,7 @@ def pack_tokens_graph(trimmed, mask: str):
              name=n("position_map")),
         node("Cast", [mask], [n("mask_i32")], to=TensorProto.INT32, name=n("mask_i32")),
     ]
-    renamed = {start: packed_start}
+    renamed: dict[str, str] = {start: packed_start}
     packed = set(pp.packed_nodes)
     outputs = {o.name for o in g.output}
     for name in pp.unpacked:
@@ -445,7 +447,7 @@ def pack_tokens_graph(trimmed, mask: str):
             for i, item in enumerate(g.node):
                 if i not in packed:
                     _rename_inputs(item, {name: target})
-        t = lambda suffix: n(f"{name}/{suffix}")  # noqa: E731
+        t = lambda suffix, name=name: n(f"{name}/{suffix}")  # noqa: E731
         # [T, W] -> zeros [B*L, W] with the real rows scattered in -> [B, L, W]
         nodes += [
             node("Shape", [packed_name], [t("rows_shape")], name=t("rows_shape")),

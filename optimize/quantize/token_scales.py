@@ -64,7 +64,7 @@ def per_token_scales(model, *, after: tuple[str, ...] = GELU_OPS) -> tuple[Any, 
         if scales_mul is None or scales_mul.op_type != "Mul" or dql.output[1] not in scales_mul.input:
             continue
         weight_scale = next(i for i in scales_mul.input if i != dql.output[1])
-        if weight_scale not in inits or len(consumers.get(combined, [])) != 1:
+        if weight_scale not in inits or combined is None or len(consumers.get(combined, [])) != 1:
             continue
         x = dql.input[0]
         p = f"{prefix}{len(rewritten)}/"
