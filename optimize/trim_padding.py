@@ -62,7 +62,7 @@ class TrimPadding:
     the real tokens of all rows, as one sequence: see pack_tokens_graph), slice (to the batch's longest
     real length), or auto (pack where the graph allows it and the check passes, else slice)."""
 
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 1  # form came with a default: version 1 configs read the same
     mode: TrimMode = "auto"
     form: TrimForm = "auto"
     mask_input: str | None = None
