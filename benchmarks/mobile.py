@@ -114,7 +114,7 @@ def ensure_models(workdir: Path, model: str, calibration_samples: int) -> tuple[
 def ensure_programs(workdir: Path, work: Workload, calibration_samples: int, rounding: str = "gptq"
                     ) -> dict[str, Path]:
     """The FP32 and INT8 .pte files, lowered at batch 1 (cached per lowering revision)."""
-    from dlopt.optimize.export import load_source
+    from dlopt.sources import load_source
     from dlopt.optimize.pt2e import LOWERING_REVISION, lower_to_pte
 
     tag = {"fp32": "fp32", "int8": "int8" if work.int8_activations == "static" else "int8-dynamic"}

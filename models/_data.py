@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -103,7 +104,8 @@ def cached_arrays(subdir: str, key: str, compute: Callable[[], dict[str, np.ndar
     arrays = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    members: dict[str, Any] = dict(arrays)  # (typed Any: numpy's stub reads **kwargs as its allow_pickle flag)
+    np.savez(buf, **members)
     write_bytes_atomic(path, buf.getvalue())
     return arrays
 

@@ -49,7 +49,7 @@ import os
 import sysconfig
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, cache
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -88,6 +88,12 @@ class Sample:
     label: int | None = None
     text: str | None = None  # the true string of a text line (recognisers)
     audio: np.ndarray | None = None  # a streaming model's clip, float32 [samples] at its rate
+
+    def clip(self) -> np.ndarray:
+        """A streaming model's clip (`audio`)."""
+        if self.audio is None:
+            raise ValueError(f"sample {self.name} of a streaming model carries no clip")
+        return self.audio
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,7 +151,7 @@ class CorpusModel:
         from dlopt.sessions import cpu_session
 
         session = cpu_session(self.model_path())
-        return [f for s in samples for f in vad_stream(session, s.audio).feeds]
+        return [f for s in samples for f in vad_stream(session, s.clip()).feeds]
 
     def calibration_data(self, split: Split = "calibration", limit: int | None = None):
         from dlopt.data import CalibrationData
@@ -157,7 +163,7 @@ class CorpusModel:
         """Outputs of an onnxruntime session per sample, in the session's output order; a streaming
         model runs each clip chunk by chunk carrying its own state: [speech probabilities [chunks]]."""
         if self.task == "stream":
-            return [[vad_stream(session, s.audio).probabilities] for s in samples]
+            return [[vad_stream(session, s.clip()).probabilities] for s in samples]
         from dlopt.sessions import run_outputs
 
         return run_outputs(session, [s.feeds for s in samples])
@@ -174,6 +180,8 @@ class CorpusModel:
         if self.task == "detection":
             from dlopt.metrics import detection_agreement
 
+            if self.detection is None:
+                raise ValueError(f"corpus model {self.name}: a detection task needs its DetectionLayout")
             value = detection_agreement(reference, outputs, self.detection, confidence=self.confidence)
             c = value.components
             return {"detection_jaccard": value.value, "class_agreement": c["class_agreement"],
@@ -275,7 +283,7 @@ def _sentence_pool(split: Split) -> tuple[str, ...]:
     return sentences[start:start + 2000]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _font(name: str, size: int):
     from PIL import ImageFont
 
@@ -293,7 +301,7 @@ def _text_page(rng: np.random.Generator, split: Split, width: int, height: int,
     if background is None:
         image = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(200, 256, 3)))
     else:
-        image = Image.fromarray(background).resize((width, height), Image.BILINEAR)
+        image = Image.fromarray(background).resize((width, height), Image.Resampling.BILINEAR)
         image = Image.fromarray((np.asarray(image) * 0.35 + 165).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     pool = _sentence_pool(split)
@@ -326,7 +334,7 @@ def _text_line_and_string(rng: np.random.Generator, split: Split) -> tuple[np.nd
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     left, top, right, bottom = probe.textbbox((0, 0), text, font=font)
     pad = int(rng.integers(3, 9))
-    image = Image.new("RGB", (right - left + 2 * pad, bottom - top + 2 * pad),
+    image = Image.new("RGB", (int(right - left) + 2 * pad, int(bottom - top) + 2 * pad),
                       tuple(int(v) for v in rng.integers(190, 256, 3)))
     ImageDraw.Draw(image).text((pad - left, pad - top), text, font=font,
                                fill=tuple(int(v) for v in rng.integers(0, 90, 3)))
@@ -340,7 +348,7 @@ def _text_line(rng: np.random.Generator, split: Split) -> np.ndarray:
 def _resize(rgb: np.ndarray, width: int, height: int, resample: str = "bilinear") -> np.ndarray:
     from PIL import Image
 
-    method = {"bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS}[resample]
+    method = {"bilinear": Image.Resampling.BILINEAR, "lanczos": Image.Resampling.LANCZOS}[resample]
     return np.asarray(Image.fromarray(rgb).resize((width, height), method), dtype=np.uint8)
 
 
@@ -600,7 +608,7 @@ def _glyph_image(rng: np.random.Generator, split: Split) -> np.ndarray:
         ImageDraw.Draw(glyph).text((size // 2, size // 3), letters[k % max(len(letters), 1)] if letters else "A",
                                    font=_font(FONTS[int(rng.integers(len(FONTS)))], size), fill=colour + (255,),
                                    stroke_width=1, stroke_fill=(255 - colour[0], 255 - colour[1], 255 - colour[2], 255))
-        glyph = glyph.rotate(float(rng.uniform(-35, 35)), resample=Image.BILINEAR)
+        glyph = glyph.rotate(float(rng.uniform(-35, 35)), resample=Image.Resampling.BILINEAR)
         cx = int((cell % 4 + rng.uniform(0.15, 0.45)) * width / 4)
         cy = int((cell // 4 + rng.uniform(0.05, 0.35)) * height / 2)
         image.paste(glyph, (cx - size // 2, cy - size // 3), glyph)
@@ -633,7 +641,7 @@ def _recognition_samples(split: Split, limit: int | None) -> list[Sample]:
     return samples
 
 
-@lru_cache(maxsize=None)
+@cache
 def ctc_characters(path: Path) -> tuple[str, ...]:
     """The CTC classes of a PP-OCR recogniser: blank, its dictionary (the model's `character` metadata),
     and the space rapidocr appends (use_space_char)."""
@@ -663,7 +671,7 @@ def speech_available() -> bool:
     return all((ALSA_SOUNDS / f"{n}.wav").is_file() for names in SPEECH_FILES.values() for n in names)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sound(name: str) -> np.ndarray:
     """An alsa-utils test sound at 16 kHz, float32 in [-1, 1]."""
     import wave
@@ -874,7 +882,8 @@ CORPUS: dict[str, CorpusModel] = {m.name: m for m in (
         task="detection", licence="MIT",  # a 76 MB wheel: it ships a 54 MB recogniser too
         description="YOLOX character detector (ddddocr's click-captcha detector): one output [1, 3549, 6] "
                     "= raw grid offsets, log sizes, objectness, 1 class; 416x416, opset 11",
-        preprocessing="BGR, letterbox to 416x416 at the top-left (bilinear, pad 114), float 0-255 (not scaled), NCHW",
+        preprocessing=("BGR, letterbox to 416x416 at the top-left (bilinear, pad 114), float 0-255 (not scaled), "
+                       "NCHW"),
         metric="detections after YOLOX's grid decode (obj x class > 0.1, NMS 0.45) matched to FP32's at "
                "IoU >= 0.5: Jaccard",
         labels=("character",),

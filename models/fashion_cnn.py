@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -113,23 +113,35 @@ def cross_entropy_loss(module: nn.Module, images: torch.Tensor, labels: torch.Te
 def _deterministic(seed: int) -> Iterator[None]:
     """Seeded, deterministic kernels for the block; the global torch settings are restored after."""
     was = torch.are_deterministic_algorithms_enabled()
-    was_filling = torch.utils.deterministic.fill_uninitialized_memory
+    was_filling = getattr(torch.utils.deterministic, _FILL_SETTING)
     with torch.random.fork_rng(devices=[]):
         torch.use_deterministic_algorithms(True)
         # deterministic mode also NaN-fills every torch.empty: that doubles the training time on CPU
         # and changes no result here (the kernels write every element they allocate)
-        torch.utils.deterministic.fill_uninitialized_memory = False
+        setattr(torch.utils.deterministic, _FILL_SETTING, False)
         torch.manual_seed(seed)
         try:
             yield
         finally:
             torch.use_deterministic_algorithms(was)
-            torch.utils.deterministic.fill_uninitialized_memory = was_filling
+            setattr(torch.utils.deterministic, _FILL_SETTING, was_filling)
 
 
-def fine_tune(module: nn.Module, *, epochs: float = 1.0, learning_rate: float = 1e-3, batch_size: int = 128,
+_ModuleT = TypeVar("_ModuleT", bound=nn.Module)
+# torch.utils.deterministic's setting is a property of its module object, which type checkers cannot see
+_FILL_SETTING = "fill_uninitialized_memory"
+
+
+def _with_memory_format(module: _ModuleT, memory_format: torch.memory_format) -> _ModuleT:
+    """module.to(memory_format=...): 4-D parameters and buffers in that layout (torch's stubs omit the keyword
+    from Module.to's overloads, so it is called through its plain callable type)."""
+    to: Callable[..., _ModuleT] = module.to
+    return to(memory_format=memory_format)
+
+
+def fine_tune(module: _ModuleT, *, epochs: float = 1.0, learning_rate: float = 1e-3, batch_size: int = 128,
               weight_decay: float = 5e-4, seed: int = 0, loss: Loss = cross_entropy_loss,
-              progress: bool = True) -> nn.Module:
+              progress: bool = True) -> _ModuleT:
     """Train `module` in place on the Fashion-MNIST training set (AdamW, one-cycle schedule).
 
     `loss(module, images, labels)` returns the scalar to minimize, so a distillation loss against a
@@ -143,7 +155,7 @@ def fine_tune(module: nn.Module, *, epochs: float = 1.0, learning_rate: float = 
         generator = torch.Generator().manual_seed(seed)
         optimizer = torch.optim.AdamW(module.parameters(), lr=learning_rate, weight_decay=weight_decay)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=total)
-        module.to(memory_format=torch.channels_last).train()
+        _with_memory_format(module, torch.channels_last).train()
         step = 0
         with _progress(total, "training fashion-cnn", progress) as advance:
             while step < total:
@@ -157,7 +169,7 @@ def fine_tune(module: nn.Module, *, epochs: float = 1.0, learning_rate: float = 
                     advance(float(value.detach()))
                     if step >= total:
                         break
-    return module.to(memory_format=torch.contiguous_format).eval()
+    return _with_memory_format(module, torch.contiguous_format).eval()
 
 
 @contextlib.contextmanager

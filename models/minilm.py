@@ -134,7 +134,7 @@ def calibration_data(n: int = 100, *, seed: int = 0) -> Iterator[dict[str, np.nd
 def embed(runner, texts: Sequence[str], *, batch_size: int = 16) -> np.ndarray:
     """Embeddings [len(texts), 384] from `runner`, batching texts of similar length (less padding)."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out: list[np.ndarray | None] = [None] * len(texts)
+    out: dict[int, np.ndarray] = {}  # text index -> its embedding
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         result = runner(tokenize([texts[i] for i in idx]))
@@ -142,7 +142,7 @@ def embed(runner, texts: Sequence[str], *, batch_size: int = 16) -> np.ndarray:
                          dtype=np.float32)
         for row, i in enumerate(idx):
             out[i] = emb[row]
-    return np.stack(out)
+    return np.stack([out[i] for i in range(len(texts))])
 
 
 def evaluation_texts() -> tuple[str, ...]:

@@ -34,6 +34,7 @@ INPUT_NAMES = ("input_ids", "attention_mask")
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WINDOW = 512
 MAX_TOKENS = 4096
+_QUANTIZER_ATTRIBUTE = "hf_quantizer"  # the quantizer transformers attaches to a GGUF-loaded model
 
 
 class SmolLM2(nn.Module):
@@ -148,7 +149,8 @@ def save_hf_folder(dest: str | Path) -> Path:
     with contextlib.redirect_stdout(io.StringIO()):
         lm = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir()), gguf_file=GGUF_FILE,
                                                                dtype=torch.float32)
-    lm.hf_quantizer = None
+    # (set by name: torch's Module.__getattr__ types every attribute it does not know as a tensor or module)
+    setattr(lm, _QUANTIZER_ATTRIBUTE, None)
     if hasattr(lm.config, "quantization_config"):
         del lm.config.quantization_config
     lm.save_pretrained(dest)

@@ -8,27 +8,24 @@ production.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import io
 import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 
-from dlopt.errors import InputError, MissingDependencyError, StageError, VerificationError
+from dlopt.errors import InputError, StageError, VerificationError
+from dlopt.fileio import WrittenModel
 from dlopt.quiet import quiet_libraries
 from dlopt.report import environment, format_table
-from dlopt.stage import Check, Stage, StageResult, config_to_dict
-from dlopt.usercode import import_user_file, user_code
+from dlopt.stage import Check, StageContext, StageResult, config_to_dict, register_stage
+from dlopt.sources import EXPORTERS, Exporter, ModelSource, require_torch
+from dlopt.usercode import user_code
 
-Exporter = Literal["dynamo", "torchscript"]
-EXPORTERS: tuple[Exporter, ...] = ("dynamo", "torchscript")
 DEFAULT_OPSET = 18
 
 
@@ -49,181 +46,6 @@ class Export:
     seed: int = 0
 
 
-ExportConfig = Export  # its name before the Stage interface
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelSource:
-    """A torch module with named example inputs: what every export starts from.
-
-    `make_inputs(batch, seq_len)` builds inputs of other shapes for verification; when a source does
-    not provide one, inputs are resampled from the example's value ranges."""
-
-    name: str
-    module: Any
-    example_inputs: dict[str, Any]
-    output_names: tuple[str, ...] | None = None
-    dynamic_axes: dict[str, dict[int, str]] | None = None
-    make_inputs: Callable[[int, int | None], dict[str, Any]] | None = None
-    atol: float = 1e-4
-    rtol: float = 1e-3
-    # The exporter this model exports best with, when it is not the default. BERT-like encoders:
-    # torchscript, because ONNX Runtime's transformer optimizer fuses Attention only in its graph
-    # (the dynamo graph gets LayerNorm/BiasGelu fusions only), and the fused Attention is what
-    # dynamic INT8 turns into QAttention.
-    exporter: Exporter | None = None
-
-
-def _require_torch():
-    try:
-        import torch
-    except ModuleNotFoundError as e:
-        raise MissingDependencyError(
-            "exporting from PyTorch needs torch",
-            "pip install torch==2.13.0 (the CPU build) then pip install 'dlopt[torch]'",
-        ) from e
-    return torch
-
-
-# ---------------------------------------------------------------------------------------------
-# Resolving SOURCE: a reference model name, path/to/file.py:build, or package.module:build
-# ---------------------------------------------------------------------------------------------
-
-def load_source(spec: str) -> ModelSource:
-    """Turn the SOURCE argument of `dlopt export` into a ModelSource."""
-    from dlopt.models import REFERENCE_MODELS
-
-    if spec in REFERENCE_MODELS:
-        return _reference_source(spec)
-    if ":" not in spec:
-        known = ", ".join(REFERENCE_MODELS)
-        raise InputError(f"unknown model {spec!r}",
-                         f"give a reference model ({known}) or a factory as path/to/file.py:build or package.module:build")
-    target, _, func_name = spec.rpartition(":")
-    factory = _load_factory(target, func_name, spec)
-    _require_torch()
-    with user_code(f"factory {spec}"):  # a user's factory may raise (or exit) anything: their input's fault
-        built = factory()
-    return _source_from_factory_result(spec, built)
-
-
-def _reference_source(name: str) -> ModelSource:
-    from dlopt.models import get_reference_model
-
-    ref = get_reference_model(name)
-    module, example = ref.build()
-    options = ref.export_options()
-    return ModelSource(
-        name=name,
-        module=module,
-        example_inputs=dict(example),
-        output_names=tuple(options["output_names"]) if "output_names" in options else None,
-        dynamic_axes=options.get("dynamic_axes"),
-        make_inputs=lambda batch, seq_len: ref.example_inputs(batch=batch, seq_len=seq_len),
-        atol=options.get("atol", 1e-4),
-        rtol=options.get("rtol", 1e-3),
-        exporter=options.get("exporter"),
-    )
-
-
-def factory_file(spec: str) -> Path:
-    """The .py file a factory SOURCE (path/to/file.py:build or package.module:build) runs, as given
-    (not resolved); its module's file for a module spec, found without running the module itself."""
-    target = spec.rpartition(":")[0]
-    if target.endswith(".py") or "/" in target or "\\" in target:
-        return Path(target)
-    try:
-        found = importlib.util.find_spec(target)
-    except (ImportError, ValueError) as e:
-        raise InputError(f"factory module {target!r} cannot be found ({e})",
-                         "is it installed, or on PYTHONPATH?") from e
-    if found is None or not found.origin or not found.has_location:
-        raise InputError(f"factory module {target!r} cannot be found", "is it installed, or on PYTHONPATH?")
-    return Path(found.origin)
-
-
-def _load_factory(target: str, func_name: str, spec: str) -> Callable[[], Any]:
-    if target.endswith(".py") or "/" in target or "\\" in target:
-        module = import_user_file(target, role="factory")
-    else:
-        try:
-            with user_code(f"importing factory module {target!r}", hint="fix the module", errors=False):
-                module = importlib.import_module(target)
-        except ModuleNotFoundError as e:
-            raise InputError(f"factory module {target!r} cannot be imported ({e})",
-                             "is it installed, or on PYTHONPATH?") from e
-        except Exception as e:
-            raise InputError(f"importing factory module {target!r} raised {type(e).__name__}: {e}",
-                             "fix the module") from e
-    factory = getattr(module, func_name, None)
-    if factory is None:
-        raise InputError(f"factory {spec}: {target} has no attribute {func_name!r}",
-                         "the part after ':' must name a function in that module")
-    if not callable(factory):
-        raise InputError(f"factory {spec} is not callable", "it must be a function returning (module, inputs)")
-    return factory
-
-
-def _source_from_factory_result(spec: str, built: Any) -> ModelSource:
-    torch = _require_torch()
-    contract = "a factory returns (torch.nn.Module, example inputs) or (module, inputs, options dict)"
-    if not isinstance(built, (tuple, list)) or len(built) not in (2, 3):
-        raise InputError(f"factory {spec} returned {type(built).__name__}", contract)
-    module, inputs = built[0], built[1]
-    options = dict(built[2]) if len(built) == 3 and built[2] is not None else {}
-    if not isinstance(module, torch.nn.Module):
-        raise InputError(f"factory {spec} returned {type(module).__name__} where a torch.nn.Module was expected",
-                         contract)
-    inputs = _name_inputs(module, inputs, spec)
-    unknown = set(options) - {"output_names", "dynamic_axes", "atol", "rtol", "make_inputs", "exporter"}
-    if unknown:
-        raise InputError(f"factory {spec} options have unknown keys {sorted(unknown)}",
-                         "allowed: output_names, dynamic_axes, atol, rtol, make_inputs, exporter")
-    if options.get("exporter") not in (None, *EXPORTERS):
-        raise InputError(f"factory {spec} asks for exporter {options['exporter']!r}",
-                         f"choose one of {', '.join(EXPORTERS)}")
-    return ModelSource(
-        name=spec,
-        module=module.eval(),
-        example_inputs=inputs,
-        output_names=tuple(options["output_names"]) if "output_names" in options else None,
-        dynamic_axes=options.get("dynamic_axes"),
-        make_inputs=options.get("make_inputs"),
-        atol=float(options.get("atol", 1e-4)),
-        rtol=float(options.get("rtol", 1e-3)),
-        exporter=options.get("exporter"),
-    )
-
-
-def _name_inputs(module, inputs: Any, spec: str) -> dict[str, Any]:
-    """Example inputs as {forward parameter name: tensor}; names become the ONNX input names."""
-    torch = _require_torch()
-    if isinstance(inputs, Mapping):
-        named = dict(inputs)
-        try:  # the names must be forward()'s: an nn.Sequential's forward takes one positional `input`
-            signature = inspect.signature(module.forward)
-            signature.bind(**named)
-        except TypeError as e:
-            raise InputError(
-                f"factory {spec}: {type(module).__name__}.forward{signature} cannot take the example inputs "
-                f"{sorted(named)} as keyword arguments ({e})",
-                "name each example input after a forward() parameter, or return them as a tuple in forward()'s "
-                "order (for an nn.Sequential: (tensor,))") from e
-        except ValueError:
-            pass  # no introspectable signature (a builtin or C++ module): the first call tells
-    else:
-        tensors = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-        params = [p.name for p in inspect.signature(module.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        if len(params) < len(tensors):
-            raise InputError(f"factory {spec} gave {len(tensors)} inputs but forward() takes {len(params)}",
-                             "return the inputs as a dict {forward argument name: tensor}")
-        named = dict(zip(params, tensors))
-    for name, value in named.items():
-        if not isinstance(value, torch.Tensor):
-            raise InputError(f"factory {spec}: example input {name!r} is {type(value).__name__}, not a tensor",
-                             "example inputs must be torch tensors")
-    return named
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +70,7 @@ def default_dynamic_axes(inputs: Mapping[str, Any]) -> dict[str, dict[int, str]]
 
 def _export_ready_inputs(inputs: dict[str, Any], axes: dict[str, dict[int, str]]) -> dict[str, Any]:
     """torch.export specializes dimensions of size 0 and 1: grow dynamic axes of size 1 to 2."""
-    torch = _require_torch()
+    torch = require_torch()
     ready = {}
     for name, tensor in inputs.items():
         for axis in axes.get(name, {}):
@@ -261,7 +83,7 @@ def _export_ready_inputs(inputs: dict[str, Any], axes: dict[str, dict[int, str]]
 def _resample_inputs(example: dict[str, Any], axes: dict[str, dict[int, str]], batch: int,
                      seq_len: int | None, rng: np.random.Generator) -> dict[str, Any]:
     """Inputs of a new batch size / sequence length drawn from the example's value ranges."""
-    torch = _require_torch()
+    torch = require_torch()
     sizes = {"batch": batch}
     if seq_len is not None:
         sizes["seq"] = seq_len
@@ -284,7 +106,7 @@ def _resample_inputs(example: dict[str, Any], axes: dict[str, dict[int, str]], b
     return out
 
 
-def verification_cases(source: ModelSource, axes: dict[str, dict[int, str]], config: ExportConfig
+def verification_cases(source: ModelSource, axes: dict[str, dict[int, str]], config: Export
                        ) -> list[tuple[str, dict[str, Any]]]:
     """The example, plus inputs of other batch sizes and (for token models) sequence lengths."""
     cases = [("example", dict(source.example_inputs))]
@@ -312,7 +134,7 @@ def verification_cases(source: ModelSource, axes: dict[str, dict[int, str]], con
 
 def _run_exporter(exporter: Exporter, source: ModelSource, inputs: dict[str, Any],
                   axes: dict[str, dict[int, str]], output_names: list[str], opset: int):
-    torch = _require_torch()
+    torch = require_torch()
     import onnx
 
     module = source.module
@@ -366,7 +188,7 @@ def rename_graph_outputs(model, names: list[str]):
 
 
 def _count_outputs(source: ModelSource) -> int:
-    torch = _require_torch()
+    torch = require_torch()
     try:
         with torch.no_grad():
             out = source.module(**source.example_inputs)
@@ -394,7 +216,7 @@ class OutputDiff:
 
 
 def _torch_outputs(source: ModelSource, inputs: dict[str, Any]) -> list[np.ndarray]:
-    torch = _require_torch()
+    torch = require_torch()
     with torch.no_grad():
         out = source.module(**inputs)
     outs = out if isinstance(out, (tuple, list)) else (out,)
@@ -452,7 +274,7 @@ def diff_table(diffs: list[OutputDiff]) -> str:
 # The stage
 # ---------------------------------------------------------------------------------------------
 
-def export(source: ModelSource, config: ExportConfig = ExportConfig(),
+def export(source: ModelSource, config: Export = Export(),
            log: Callable[[str], None] = lambda message: None) -> StageResult:
     """Export `source` to ONNX and verify it. Raises VerificationError on a mismatch unless allowed.
 
@@ -462,8 +284,8 @@ def export(source: ModelSource, config: ExportConfig = ExportConfig(),
         return _export(source, config, log)
 
 
-def _export(source: ModelSource, config: ExportConfig, log: Callable[[str], None]) -> StageResult:
-    _require_torch()
+def _export(source: ModelSource, config: Export, log: Callable[[str], None]) -> StageResult:
+    require_torch()
     first = config.exporter or source.exporter or "dynamo"
     if first not in EXPORTERS:
         raise InputError(f"unknown exporter {first!r}", f"choose one of {', '.join(EXPORTERS)}")
@@ -569,22 +391,44 @@ def _onnx_problem(model, config, before) -> str | None:
     return None if isinstance(model, onnx.ModelProto) else f"got a {type(model).__name__}"
 
 
-def _run(source: ModelSource, config: Export, context) -> StageResult:
+TORCH_SOURCE = Check("a torch source (a ModelSource)", _source_problem)
+
+
+@register_stage(kind="export", config=Export, takes="torch", makes="onnx", requires=(TORCH_SOURCE,),
+                ensures=(Check("an ONNX model", _onnx_problem),), summary="torch -> ONNX, verified against torch")
+def export_stage(source: ModelSource, config: Export, context: StageContext) -> StageResult:
     return export(source, config, log=context.log)
 
 
-TORCH_SOURCE = Check("a torch source (a ModelSource)", _source_problem)
-STAGE = Stage(kind="export", config=Export, run=_run, takes="torch", makes="onnx", requires=(TORCH_SOURCE,),
-              ensures=(Check("an ONNX model", _onnx_problem),), summary="torch -> ONNX, verified against torch",
-              # what the core uses besides apply: loading torch sources (api, run, package's --torch-source), the
-              # legacy config name, the PT2E lowering of a torch source to an ExecuTorch program (package)
-              helpers={"load_source": load_source, "ModelSource": ModelSource, "ExportConfig": ExportConfig,
-                       "DEFAULT_OPSET": DEFAULT_OPSET, "lower_to_pte": "dlopt.optimize.pt2e:lower_to_pte",
-                       "PTE_WEIGHT_ROUNDINGS": "dlopt.optimize.pt2e:WEIGHT_ROUNDINGS",
-                       # decoder LMs for generation (--task text-generation): a folder, not a graph (export_lm)
-                       "export_text_generation": "dlopt.optimize.export_lm:export_text_generation",
-                       "ExportLm": "dlopt.optimize.export_lm:ExportLm"})
+def export_file(source: ModelSource | str, output: str | os.PathLike, config: Export | None = None, *,
+                log: Callable[[str], None] = lambda message: None) -> WrittenModel:
+    """Export SOURCE (a reference model name, "file.py:build", "pkg.module:build" or a ModelSource) to
+    ONNX at `output`, verified against torch, and write the model and its JSON report (NAME.export.json)
+    atomically, renamed into place together.
 
-__all__ = ["STAGE", "TORCH_SOURCE", "Export", "DEFAULT_OPSET", "EXPORTERS", "ExportConfig", "ModelSource", "OutputDiff",
-           "compare_outputs",
-           "default_dynamic_axes", "diff_table", "export", "load_source", "verify_onnx"]
+    Raises VerificationError (and writes nothing) when outputs differ, unless config.allow_mismatch."""
+    from dlopt.fileio import (check_output_path, guard_outputs, guard_source_spec, json_text, report_path_for,
+                              stage_onnx, staged_outputs)
+    from dlopt.sources import load_source
+
+    config = config or Export()
+    out = check_output_path(output)  # fail before minutes of work, not after
+    report_path = check_output_path(report_path_for(out, "export"))
+    if not isinstance(source, ModelSource):
+        guard_outputs([guard_source_spec(source)], [out, report_path])
+        log(f"loading {source}")
+        source = load_source(source)
+    exporter = config.exporter or source.exporter or "dynamo"
+    why = "" if config.exporter or not source.exporter else " (the model's preferred exporter)"
+    log(f"exporting {source.name} with the {exporter} exporter{why}, opset {config.opset}")
+    result = export_stage.apply(source, config, StageContext(log=log))
+    # The model and its report are renamed into place together: never a new model beside an old report.
+    with staged_outputs() as outputs:
+        model_tmp = stage_onnx(result.model, out, outputs)
+        report = result.report | {"output": str(out), "bytes": model_tmp.stat().st_size}
+        outputs.stage(report_path).write_text(json_text(report))
+    return WrittenModel(out, report_path, report)
+
+
+__all__ = ["TORCH_SOURCE", "Export", "DEFAULT_OPSET", "Export", "OutputDiff", "compare_outputs",
+           "default_dynamic_axes", "diff_table", "export", "export_file", "export_stage", "verify_onnx"]

@@ -33,7 +33,8 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -105,16 +106,9 @@ def check_hf_folder(folder: Path) -> dict[str, Any]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise InputError(f"{folder} has no config.json", "save the model with model.save_pretrained(folder)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read {config_path}: {e}", "save the model again with save_pretrained") from e
-    architectures = config.get("architectures") or []
-    if not any(str(a).endswith("ForCausalLM") for a in architectures):
-        what = ", ".join(map(str, architectures)) or f"model_type {config.get('model_type')!r}"
-        raise InputError(f"{config_path} describes {what}, not a causal language model",
-                         "--task text-generation exports decoder LMs (*ForCausalLM: Llama, Qwen, Phi, Mistral, "
-                         "Gemma ...)")
+    from dlopt.genai import check_causal_lm_config
+
+    config = check_causal_lm_config(config_path)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise InputError(f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)})",
                          "save it beside the model: tokenizer.save_pretrained(folder)")
@@ -303,7 +297,7 @@ def export_text_generation(source: str | os.PathLike, output: str | os.PathLike,
     out = Path(output)
     name = str(source)
     is_reference = name in REFERENCE_MODELS
-    hf_config = None if is_reference else check_hf_folder(Path(source))
+    hf_config: dict[str, Any] = {} if is_reference else check_hf_folder(Path(source))  # the reference's: below
     _check_output_folder(out)
     require_genai()
     if importlib.util.find_spec("onnx_ir") is None:

@@ -18,7 +18,7 @@ fused transformers). What dlopt adds, and why:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -28,7 +28,7 @@ from dlopt.errors import InputError, StageError
 from dlopt.fidelity import compare_sessions
 from dlopt.fidelity import report as fidelity_report
 from dlopt.inputs import model_feeds, parse_input_shapes, take_samples
-from dlopt.optimize.scheme import QuantizeScheme, check_excluded_nodes
+from dlopt.optimize.quantize_scheme import QuantizeScheme, check_excluded_nodes
 from dlopt.quiet import quiet_libraries
 from dlopt.sessions import cpu_session, feeds_for
 from dlopt.stage import StageResult, config_to_dict
@@ -58,7 +58,6 @@ class Fp16(QuantizeScheme):
             raise InputError("fp16: check_samples and max_rounds must be >= 1", "e.g. check_samples=8")
 
 
-Fp16Config = Fp16  # its name before the scheme configs
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -133,7 +132,7 @@ def _runner(model, exact_fp16: bool):
     return _session(model), False
 
 
-def _scan(model, feeds: list[Mapping[str, np.ndarray]], exact_fp16: bool = False
+def _scan(model, feeds: Sequence[Mapping[str, np.ndarray]], exact_fp16: bool = False
           ) -> dict[str, tuple[float, bool, float]]:
     """(largest |x|, all finite, smallest non-zero |x|) of every float tensor the model computes.
 
@@ -353,7 +352,7 @@ def _first_non_finite(converted, source, fp16_stats, fp32_stats, blocked: Mappin
 
 
 def _looks_like_transformer(model) -> bool:
-    from dlopt.optimize.preprocess import looks_like_transformer
+    from dlopt.graphfacts import looks_like_transformer
 
     return looks_like_transformer(model)
 
@@ -463,4 +462,4 @@ def convert_fp16(model, config: Fp16 = Fp16(), data: Iterable[Mapping[str, np.nd
     return StageResult(converted, report)
 
 
-__all__ = ["FP16_MAX", "Fp16", "Fp16Config", "convert_fp16"]
+__all__ = ["FP16_MAX", "Fp16", "Fp16", "convert_fp16"]

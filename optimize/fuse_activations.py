@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
+from collections.abc import Callable
 
 import numpy as np
 
@@ -126,11 +127,14 @@ def _hardswish_sites(ix: _Index, model) -> list[tuple[list, list]]:
     from onnx import helper
 
     sites = []
-    fused = lambda x, out, name: ([helper.make_node("HardSwish", [x], [out], name=name)]  # noqa: E731
-                                  if _opset(model) >= HARDSWISH_OPSET else
-                                  [helper.make_node("HardSigmoid", [x], [out + "/hardsigmoid"], alpha=1 / 6, beta=0.5,
-                                                    name=name + "/hardsigmoid"),
-                                   helper.make_node("Mul", [x, out + "/hardsigmoid"], [out], name=name)])
+
+    def fused(x: str, out: str, name: str) -> list:
+        if _opset(model) >= HARDSWISH_OPSET:
+            return [helper.make_node("HardSwish", [x], [out], name=name)]
+        return [helper.make_node("HardSigmoid", [x], [out + "/hardsigmoid"], alpha=1 / 6, beta=0.5,
+                                 name=name + "/hardsigmoid"),
+                helper.make_node("Mul", [x, out + "/hardsigmoid"], [out], name=name)]
+
     for clip in [n for n in ix.graph.node if n.op_type == "Clip"]:
         low, high = _clip_bounds(ix, clip)
         add = ix.producer.get(clip.input[0])
@@ -222,8 +226,8 @@ def _gelu_sites(ix: _Index, model) -> list[tuple[list, list]]:
                 and uses <= {id(n) for n in removed}:
             bias = next((b for b in bias_add.input if (v := ix.values.get(b)) is not None and v.ndim == 1
                          and v.size > 1), None)
-        if bias is not None:
-            y = ix.other_input(bias_add, bias)
+        y = ix.other_input(bias_add, bias) if bias is not None else None  # None: Add(bias, bias), no bias add
+        if bias is not None and y is not None:
             sites.append(([bias_add, *removed], [helper.make_node("BiasGelu", [y, bias], [out], domain=MS_DOMAIN,
                                                                   name=name)]))
         else:
@@ -289,7 +293,8 @@ def fuse_activations(model, config: FuseActivations = FuseActivations(),
     """Fuse each kind in `config.kinds` (SiLU not for static INT8: see the module doc), each checked against
     its input's outputs on samples of `data` (or synthetic inputs). The report lists every kind: applied,
     sites, what they became, the check's max abs diff, or why not."""
-    from dlopt.optimize.preprocess import check_feeds, op_counts, run_checked_steps
+    from dlopt.graphfacts import op_counts
+    from dlopt.optimize.preprocess import check_feeds, run_checked_steps
     from dlopt.sessions import cpu_session, run_outputs
 
     kinds = [k for k in config.kinds if not (k == "silu" and config.static_int8)]

@@ -122,7 +122,11 @@ def time_layernorm_forms(hidden: int, config: KernelChoiceConfig = KernelChoiceC
         for _ in range(5):
             session.run(None, feeds)
     runs = config.runs_per_round
-    sampler = InterleavedSampler([lambda s=s: [s.run(None, feeds) for _ in range(runs)] for s in sessions])
+
+    def runs_of(session: Any) -> Callable[[], list[Any]]:
+        return lambda: [session.run(None, feeds) for _ in range(runs)]
+
+    sampler = InterleavedSampler([runs_of(s) for s in sessions])
     sampler.run_rounds(config.rounds)
     times = [sampler.samples(i, "cpu") / runs * 1e6 for i in range(2)]
     ratios = times[0] / np.maximum(times[1], 1e-9)
@@ -182,10 +186,10 @@ def choose_layernorm_form(model, config: KernelChoiceConfig = KernelChoiceConfig
         gammas = [_float_initializer(model, n.input[2]) for n in sites["skip_layernorm"]]
         consumer_of = {n.input[0]: n for n in model.graph.node if n.op_type == "LayerNormalization"}
         gammas += [_float_initializer(model, consumer_of[a.output[0]].input[1]) for a in sites["add"]]
-        hidden = int(np.bincount([g.size for g in gammas]).argmax())
+        hidden = int(np.bincount([g.size for g in gammas if g is not None]).argmax())
         if timing is not None:
             figures = judge([timing["fused_us"]], [timing["unfused_us"]], config.rule)
-            record = {"question": "layernorm form", "default": "fused", "alternative": "unfused",
+            record: dict[str, Any] = {"question": "layernorm form", "default": "fused", "alternative": "unfused",
                       "choice": "unfused" if figures["alternative_wins"] else "fused", "source": "given",
                       "signature_sha256": "", "figures": figures}
         else:
@@ -243,7 +247,8 @@ NODE_CLASSES = ("depthwise conv", "pointwise conv", "dense conv", "small-channel
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 
 # (models, feeds) -> per model its microseconds per round (or one figure), the models timed interleaved
-Timer = Callable[[Sequence[Any], Sequence[Mapping[str, np.ndarray]]], list[float]]
+# per model: a figure per round, or an array of them (time_models)
+Timer = Callable[[Sequence[Any], Sequence[Mapping[str, np.ndarray]]], Sequence[float | np.ndarray]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -371,7 +376,8 @@ def node_form_models(float_model, qdq_model, nodes: Sequence[QuantizedNode],
     q_inits = {t.name: numpy_helper.to_array(t) for t in qdq_model.graph.initializer}
     f_by_name = {n.name: n for n in float_model.graph.node}
     q_by_name = {n.name: n for n in qdq_model.graph.node}
-    parts = {"float": ([], [], [], []), "int8": ([], [], [], [])}
+    parts: dict[str, tuple[list[Any], list[Any], list[Any], list[Any]]] = {"float": ([], [], [], []),
+                                                                          "int8": ([], [], [], [])}
     feeds: dict[str, dict[str, np.ndarray]] = {"float": {}, "int8": {}}
     for k, qn in enumerate(nodes):
         x = np.asarray(activations[qn.activation], np.float32)
@@ -425,8 +431,11 @@ def time_models(models: Sequence[Any], feeds: Sequence[Mapping[str, np.ndarray]]
     for session, f in zip(sessions, feeds):
         for _ in range(2):
             session.run(None, dict(f))
-    sampler = InterleavedSampler([lambda s=s, f=f: [s.run(None, dict(f)) for _ in range(runs_per_round)]
-                                  for s, f in zip(sessions, feeds)])
+
+    def runs_of(session: Any, feed: Mapping[str, np.ndarray]) -> Callable[[], list[Any]]:
+        return lambda: [session.run(None, dict(feed)) for _ in range(runs_per_round)]
+
+    sampler = InterleavedSampler([runs_of(s, f) for s, f in zip(sessions, feeds)])
     sampler.warm_up(max_seconds=0.5, clock="cpu")
     sampler.run_rounds(rounds)
     return [sampler.samples(i, "cpu") / runs_per_round * 1e6 for i in range(len(models))]
@@ -550,7 +559,8 @@ def choose_node_forms(float_model, qdq_model, feeds: Mapping[str, np.ndarray],
         figures = record.get("figures") or {}
         float_us, int8_us = figures.get("alternative_us"), figures.get("default_us")
         report["classes"][kind] = {"nodes": [n.name for n in nodes], "float_us": float_us, "int8_us": int8_us,
-                                   "ratio": round(int8_us / max(float_us, 1e-9), 3) if figures else None,
+                                   "ratio": round(int8_us / max(float_us, 1e-9), 3)
+                                   if float_us is not None and int8_us is not None else None,
                                    "ci": figures.get("ci"), "choice": record["choice"], "source": record["source"]}
     timing = report["classes"]
     slower = float_classes(timing, config)

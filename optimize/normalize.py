@@ -29,11 +29,12 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from dlopt.optimize.preprocess import check_feeds, op_counts, replace_nodes, run_checked_steps
+from dlopt.graphfacts import op_counts
+from dlopt.optimize.preprocess import check_feeds, replace_nodes, run_checked_steps
 from dlopt.sessions import cpu_session, run_outputs
 from dlopt.stage import StageResult, config_to_dict
 
@@ -102,7 +103,7 @@ def _outer_reads(graph) -> set[str]:
     """Names a graph reads that it does not define itself: its subgraph nodes' implicit inputs."""
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     defined |= {o for n in graph.node for o in n.output}
-    reads = set()
+    reads: set[str] = set()
     for node in graph.node:
         reads.update(i for i in node.input if i)
         for sub in subgraphs(node):
@@ -278,7 +279,8 @@ def _fold_weight_inputs(model, config: NormalizeConfig):
                     mini = helper.make_model(helper.make_graph(
                         chain, "fold", [], [helper.make_empty_tensor_value_info(name)],
                         [constants[leaf] for leaf in leaves]), opset_imports=opsets, ir_version=folded.ir_version)
-                    value = np.asarray(ReferenceEvaluator(mini).run(None, {})[0])
+                    outputs = cast(list, ReferenceEvaluator(mini).run(None, {}))  # a list unless intermediate=True
+                    value = np.asarray(outputs[0])
                 except Exception:  # noqa: BLE001 - a chain the reference runtime cannot evaluate stays computed
                     continue
                 tensor = numpy_helper.from_array(value, name)
@@ -376,7 +378,8 @@ def normalize(model, config: NormalizeConfig = NormalizeConfig(),
         steps.append(("fold_weight_inputs", _fold_weight_inputs))
     if config.min_opset and default_opset(model) < config.min_opset:
         steps.append(("opset_upgrade", _upgrade_opset))
-    current, report_steps = model, []
+    current = model
+    report_steps: list[dict[str, Any]] = []
     if steps:
         feeds = check_feeds(model, data, config.check_samples, config.input_shapes)
         reference = run_outputs(cpu_session(model, graph_opt_level="basic"), feeds)

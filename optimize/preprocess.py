@@ -15,16 +15,12 @@ from typing import Any, Literal
 import numpy as np
 
 from dlopt.fidelity import within_tolerance
-from dlopt.inputs import Feeds, graph_inputs, model_feeds, parse_input_shapes, take_samples
+from dlopt.inputs import Feeds, model_feeds, parse_input_shapes, take_samples
 from dlopt.sessions import cpu_session, run_outputs
+from dlopt.graphfacts import FUSED_TRANSFORMER_OPS, looks_like_transformer, op_counts
 from dlopt.stage import StageResult, config_to_dict
 
 Fusion = Literal["auto", "on", "off"]
-
-# ops that only ORT's transformer fusions create: seeing one means the graph is already fused
-FUSED_TRANSFORMER_OPS = {"Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization",
-                         "BiasGelu", "FastGelu", "QAttention"}
-
 
 @dataclass(frozen=True, kw_only=True)
 class PreprocessConfig:
@@ -42,49 +38,6 @@ class PreprocessConfig:
     atol: float = 1e-4
     rtol: float = 1e-3
     input_shapes: tuple[str, ...] = ()  # --input-shape NAME=DxD... for the synthetic check samples
-
-
-def looks_like_transformer(model) -> bool:
-    """Fused attention ops, or a Softmax, at least four MatMuls and token embeddings: an input named
-    input_ids or a table lookup of integer inputs (`embeds_tokens`). Not any Gather: exporters write
-    Shape -> Gather for every dynamic reshape, and integer inputs that are not token ids (indices,
-    steps, state counters) are no evidence of one either."""
-    ops = [n.op_type for n in model.graph.node]
-    if FUSED_TRANSFORMER_OPS & set(ops):
-        return True
-    names = {i.name for i in graph_inputs(model)}
-    return (ops.count("Softmax") >= 1 and ops.count("MatMul") >= 4
-            and ("input_ids" in names or embeds_tokens(model)))
-
-
-def embeds_tokens(model) -> bool:
-    """Whether a graph input of integer type indexes a 2-D float table (a Gather on an initializer,
-    directly or through Cast/Reshape/Squeeze/Unsqueeze/Identity): a token embedding."""
-    from onnx import TensorProto
-
-    integer_inputs = {i.name for i in graph_inputs(model) if np.issubdtype(i.dtype, np.integer)}
-    tables = {t.name for t in model.graph.initializer
-              if len(t.dims) == 2 and t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    for node in model.graph.node:
-        if node.op_type != "Gather" or node.input[0] not in tables:
-            continue
-        source = node.input[1]
-        for _ in range(4):
-            if source in integer_inputs:
-                return True
-            step = producer.get(source)
-            if step is None or step.op_type not in ("Cast", "Reshape", "Squeeze", "Unsqueeze", "Identity"):
-                break
-            source = step.input[0]
-    return False
-
-
-def op_counts(model) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return dict(sorted(counts.items()))
 
 
 def replace_nodes(graph, nodes) -> None:
@@ -140,7 +93,7 @@ def detect_attention_shape(model) -> tuple[int, int]:
         if h > 0:
             key = (h, h * int(head_size.item()))
             found[key] = found.get(key, 0) + 1
-    return max(found, key=found.get) if found else (0, 0)
+    return max(found, key=lambda key: found[key]) if found else (0, 0)
 
 
 def _fuse_transformer(model, config: PreprocessConfig):
@@ -414,8 +367,7 @@ def preprocess(model, config: PreprocessConfig = PreprocessConfig(),
     return StageResult(current, report)
 
 
-__all__ = ["FUSED_TRANSFORMER_OPS", "PreprocessConfig", "check_feeds", "embeds_tokens", "looks_like_transformer",
-           "op_counts", "preprocess", "replace_nodes", "run_checked_steps"]
+__all__ = ["PreprocessConfig", "check_feeds", "preprocess", "replace_nodes", "run_checked_steps"]
 
 
 def with_outputs(model, names: list[str]):

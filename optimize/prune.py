@@ -20,12 +20,14 @@ import gzip
 import io
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from dlopt.errors import InputError, MissingDependencyError, StageError
-from dlopt.stage import Stage, StageResult, config_to_dict
+from dlopt.errors import InputError, StageError
+from dlopt.checkpoint import require_torch_pruning
+from dlopt.optimize.export import TORCH_SOURCE
+from dlopt.sources import ModelSource
+from dlopt.stage import StageContext, StageResult, config_to_dict, register_stage
 
 Structure = Literal["auto", "channels", "heads", "ffn", "heads+ffn", "unstructured"]
 STRUCTURES: tuple[str, ...] = ("auto", "channels", "heads", "ffn", "heads+ffn", "unstructured")
@@ -38,7 +40,6 @@ _QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q", "
               ("to_q", "to_k", "to_v"))
 _HEAD_WIDTH_ATTRS = ("all_head_size", "inner_dim")  # attention widths that shrink with the heads
 
-CHECKPOINT_FORMAT = "dlopt-pruned-v1"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,20 +55,9 @@ class Prune:
     round_to: int | None = None  # keep channel counts multiples of this (e.g. 8 for SIMD-friendly widths)
 
 
-PruneConfig = Prune  # its name before the Stage interface
 
 
-def _require_torch_pruning():
-    try:
-        import torch
-        import torch_pruning
-    except ModuleNotFoundError as e:
-        raise MissingDependencyError(f"pruning needs the package {e.name!r}",
-                                     "pip install torch==2.13.0 torch-pruning==1.6.0") from e
-    return torch, torch_pruning
-
-
-def check_config(config: PruneConfig) -> None:
+def check_config(config: Prune) -> None:
     if config.structure not in STRUCTURES:
         raise InputError(f"unknown pruning structure {config.structure!r}", f"choose one of {', '.join(STRUCTURES)}")
     if config.importance not in IMPORTANCES:
@@ -142,9 +132,9 @@ def find_attention(module) -> list[AttentionModule]:
         if head_attr is None:
             continue
         for names in _QKV_NAMES:
-            layers = tuple(getattr(m, n, None) for n in names)
-            if all(isinstance(layer, torch.nn.Linear) for layer in layers):
-                found.append(AttentionModule(name, m, layers, head_attr))
+            q, k, v = (getattr(m, n, None) for n in names)
+            if all(isinstance(layer, torch.nn.Linear) for layer in (q, k, v)):
+                found.append(AttentionModule(name, m, (q, k, v), head_attr))
                 break
     return found
 
@@ -182,7 +172,7 @@ def find_ffn(module, graph, skip: set) -> list[tuple[str, Any, Any]]:
 def count_macs_params(module, example_inputs: Mapping[str, Any]) -> tuple[int, int]:
     import contextlib
 
-    _, tp = _require_torch_pruning()
+    _, tp = require_torch_pruning()
     with contextlib.redirect_stdout(io.StringIO()):  # it prints a warning for keyword-only inputs
         macs, params = tp.utils.count_ops_and_params(module, dict(example_inputs))
     return int(macs), int(params)
@@ -193,8 +183,8 @@ def _layer_shapes(module) -> dict[str, list[int]]:
             if _real_layer(m) and getattr(m, "weight", None) is not None and hasattr(m.weight, "shape")}
 
 
-def _importance(config: PruneConfig):
-    _, tp = _require_torch_pruning()
+def _importance(config: Prune):
+    _, tp = require_torch_pruning()
     if config.importance == "magnitude":
         return tp.importance.GroupMagnitudeImportance(p=2)
     if config.importance == "taylor":
@@ -224,14 +214,14 @@ def _resolve_ignored(module, names: Iterable[str]) -> list[Any]:
 GradientBatches = Iterable[tuple[Mapping[str, Any], Any]]
 
 
-def prune(module, example_inputs: Mapping[str, Any], config: PruneConfig = PruneConfig(), *,
+def prune(module, example_inputs: Mapping[str, Any], config: Prune = Prune(), *,
           gradient_batches: GradientBatches | None = None) -> StageResult:
     """Prune a copy of `module` (the input is not modified). Returns the pruned module and a report.
 
     `example_inputs` are the keyword inputs of forward(), used to trace the dependency graph and count
     MACs. `gradient_batches` are (inputs, labels or None) pairs, needed by importance="taylor": the
     loss is cross-entropy with labels, else the squared output (a label-free first-order saliency)."""
-    torch, tp = _require_torch_pruning()
+    torch, tp = require_torch_pruning()
     check_config(config)
     if not isinstance(module, torch.nn.Module):
         raise InputError(f"prune takes a torch.nn.Module, got {type(module).__name__}", "load the model first")
@@ -273,9 +263,9 @@ def prune(module, example_inputs: Mapping[str, Any], config: PruneConfig = Prune
     return StageResult(model=model, report=report)
 
 
-def _prune_structured(model, inputs, config: PruneConfig, output_layer: str | None, ignored: list,
+def _prune_structured(model, inputs, config: Prune, output_layer: str | None, ignored: list,
                       gradient_batches: GradientBatches | None) -> dict[str, Any]:
-    torch, tp = _require_torch_pruning()
+    torch, tp = require_torch_pruning()
     modules = dict(model.named_modules())
     ignored = list(ignored) + ([modules[output_layer]] if output_layer else [])
     attention = find_attention(model)
@@ -352,7 +342,7 @@ def _prune_structured(model, inputs, config: PruneConfig, output_layer: str | No
 
 
 def _accumulate_gradients(model, inputs, gradient_batches: GradientBatches | None) -> None:
-    torch, _ = _require_torch_pruning()
+    torch, _ = require_torch_pruning()
     if gradient_batches is None:
         raise InputError("importance 'taylor' needs data to compute gradients",
                          "give calibration data, or use {importance=magnitude}")
@@ -360,21 +350,18 @@ def _accumulate_gradients(model, inputs, gradient_batches: GradientBatches | Non
     n = 0
     for batch_inputs, labels in gradient_batches:
         out = first_tensor(model(**batch_inputs))
-        if labels is not None:
-            loss = torch.nn.functional.cross_entropy(out, labels)
-        else:
-            loss = out.float().pow(2).mean()
+        loss = torch.nn.functional.cross_entropy(out, labels) if labels is not None else out.float().pow(2).mean()
         loss.backward()
         n += 1
     if n == 0:
         raise InputError("importance 'taylor' got an empty data iterator", "give at least one batch")
 
 
-def _prune_unstructured(model, config: PruneConfig, output_layer: str | None, ignored: list) -> dict[str, Any]:
+def _prune_unstructured(model, config: Prune, output_layer: str | None, ignored: list) -> dict[str, Any]:
     """Global magnitude pruning of Linear/Conv weights with torch.nn.utils.prune, made permanent.
 
     Zeros are still stored and multiplied: the report gives sparsity and compressed size, no speedup."""
-    torch, _ = _require_torch_pruning()
+    torch, _ = require_torch_pruning()
     from torch.nn.utils import prune as torch_prune
 
     skip = set(ignored)
@@ -423,146 +410,18 @@ def _gzip_size(model) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: the source's name, Torch-Pruning's history and the weights
-# ---------------------------------------------------------------------------------------------
-# A pruned model's classes are the source's, with other shapes, so it cannot be rebuilt from a
-# state_dict alone. Pickling the whole module breaks for factories loaded from files. The checkpoint
-# instead records how to rebuild it: build the source, replay the pruning history, load the weights.
-
-@dataclass(frozen=True, kw_only=True)
-class PrunedCheckpoint:
-    source: str  # the SOURCE spec the model was built from (reference model or factory; files absolute)
-    pruning_history: list = field(default_factory=list)
-    module_attributes: dict[str, dict[str, int]] = field(default_factory=dict)
-    state_dict: dict[str, Any] = field(default_factory=dict)
-    report: dict[str, Any] = field(default_factory=dict)
-    source_sha256: str | None = None  # of the factory's .py file when saved; None for reference models
-
-
-def source_file(spec: str) -> Path | None:
-    """The Python file a factory SOURCE runs (path/to/file.py:build, or package.module:build's
-    module file); None for a reference model (or any other name, which load_source then judges)."""
-    from dlopt.models import REFERENCE_MODELS
-    from dlopt.optimize.export import factory_file
-
-    return None if spec in REFERENCE_MODELS or ":" not in spec else factory_file(spec)
-
-
-def pinned_source(spec: str) -> tuple[str, str | None]:
-    """(SOURCE with a file path made absolute and resolved, sha256 of the file it runs), as recorded
-    in a checkpoint: it then works from any folder, and distill can tell when the file changed."""
-    from dlopt.manifest import sha256_file
-
-    path = source_file(spec)
-    if path is None:
-        return spec, None
-    target, _, func = spec.rpartition(":")
-    if target.endswith(".py") or "/" in target or "\\" in target:
-        spec = f"{path.resolve()}:{func}"
-    return spec, sha256_file(path)
-
-
-def checked_source(checkpoint: PrunedCheckpoint, checkpoint_path: str | Path) -> str:
-    """The checkpoint's SOURCE, once its file is known to be the one it was pruned from: a file that
-    is missing, changed since, or not hashed in the checkpoint is never imported (it would run
-    whatever code it now holds). The user can name the source explicitly instead (--student-source)."""
-    from dlopt.manifest import sha256_file
-
-    hint = ("pass {student_source=FILE.py:FUNCTION} (or package.module:FUNCTION) to build the student from a "
-            "source you name")
-    path = source_file(checkpoint.source)
-    if path is None:
-        return checkpoint.source
-    if not path.is_file():
-        raise InputError(f"checkpoint {checkpoint_path}: its source file {path} does not exist", hint)
-    if checkpoint.source_sha256 is None:
-        raise InputError(f"checkpoint {checkpoint_path} records no sha256 of its source {checkpoint.source}, so it "
-                         "is not imported", hint)
-    if sha256_file(path) != checkpoint.source_sha256:
-        raise InputError(f"checkpoint {checkpoint_path}: its source file {path} changed since the checkpoint was "
-                         "saved (sha256 differs), so it is not imported", hint)
-    return checkpoint.source
-
-
-def save_checkpoint(path: str | Path, module, source: str, report: Mapping[str, Any], *,
-                    outputs=None) -> Path:
-    """Write a checkpoint of `module` pruned from SOURCE (atomically, or staged in `outputs`, a
-    dlopt.fileio.StagedOutputs, to be committed with the files written beside it)."""
-    import torch
-
-    from dlopt.fileio import staged_outputs
-
-    source, source_sha256 = pinned_source(source)
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "source": source,
-        "source_sha256": source_sha256,
-        "pruning_history": report.get("pruning_history", []),
-        "module_attributes": report.get("module_attributes", {}),
-        "state_dict": module.state_dict(),
-        "report": {k: v for k, v in report.items() if k != "pruning_history"},
-    }
-    if outputs is not None:
-        torch.save(payload, outputs.stage(path))
-    else:
-        with staged_outputs() as own:
-            torch.save(payload, own.stage(path))
-    return Path(path)
-
-
-def read_checkpoint(path: str | Path) -> PrunedCheckpoint:
-    from dlopt.fileio import load_torch_dict
-
-    payload = load_torch_dict(path, kind="dlopt checkpoint", format_tag=CHECKPOINT_FORMAT,
-                              hint="give the .pt file written by `dlopt prune` or `dlopt distill`")
-    return PrunedCheckpoint(source=payload["source"], pruning_history=payload["pruning_history"],
-                            module_attributes=payload["module_attributes"], state_dict=payload["state_dict"],
-                            report=payload.get("report", {}), source_sha256=payload.get("source_sha256"))
-
-
-def rebuild(checkpoint: PrunedCheckpoint, module, example_inputs: Mapping[str, Any]):
-    """Apply a checkpoint to a freshly built (unpruned) source module, in place; returns it."""
-    _, tp = _require_torch_pruning()
-    if checkpoint.pruning_history:
-        graph = tp.DependencyGraph().build_dependency(module, example_inputs=dict(example_inputs))
-        graph.load_pruning_history([tuple(h) for h in checkpoint.pruning_history])
-    modules = dict(module.named_modules())
-    for name, attrs in checkpoint.module_attributes.items():
-        for attr, value in attrs.items():
-            setattr(modules[name], attr, value)
-    try:
-        module.load_state_dict(checkpoint.state_dict)
-    except RuntimeError as e:
-        raise InputError(f"the checkpoint's weights do not fit {checkpoint.source} after replaying its pruning "
-                         f"({str(e).splitlines()[0]})", "the source model changed since it was pruned") from e
-    return module.eval()
-
-
-# ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
 
-def _run(source, config: Prune, context) -> StageResult:
+@register_stage(kind="prune", config=Prune, takes="torch", makes="torch", requires=(TORCH_SOURCE,),
+                ensures=(TORCH_SOURCE,), summary="remove channels / heads / FFN units (torch)", validate=check_config)
+def prune_stage(source: ModelSource, config: Prune, context: StageContext) -> StageResult:
     """A ModelSource in, the same source with the pruned module out; context.data: gradient batches
     for importance "taylor"."""
     result = prune(source.module, source.example_inputs, config, gradient_batches=context.data)
     return StageResult(dataclasses.replace(source, module=result.model), result.report)
 
 
-def _stage() -> Stage:
-    from dlopt.optimize.export import TORCH_SOURCE
-
-    return Stage(kind="prune", config=Prune, run=_run, takes="torch", makes="torch", requires=(TORCH_SOURCE,),
-                 ensures=(TORCH_SOURCE,), summary="remove channels / heads / FFN units (torch)", validate=check_config,
-                 # the pruned checkpoint, which the core writes, reads and rebuilds a model from (api, dlopt run)
-                 helpers={"save_checkpoint": save_checkpoint, "read_checkpoint": read_checkpoint, "rebuild": rebuild,
-                          "checked_source": checked_source, "pinned_source": pinned_source,
-                          "PruneConfig": PruneConfig})
-
-
-STAGE = _stage()
-
-__all__ = ["STAGE", "Prune", "CHECKPOINT_FORMAT", "IMPORTANCES", "STRUCTURES", "AttentionModule", "PruneConfig",
-           "PrunedCheckpoint", "check_config", "checked_source", "count_macs_params", "first_tensor",
-           "find_attention", "find_ffn", "output_layer_name", "prune",
-           "pinned_source", "read_checkpoint", "rebuild", "save_checkpoint", "source_file"]
+__all__ = ["Prune", "IMPORTANCES", "STRUCTURES", "AttentionModule", "Prune", "check_config",
+           "count_macs_params", "first_tensor", "find_attention", "find_ffn", "output_layer_name", "prune",
+           "prune_stage"]

@@ -22,13 +22,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dlopt.errors import InputError, StageError
 from dlopt.quiet import quiet_libraries  # ExecuTorch and torchao print while importing and lowering)
 from dlopt.targets.xnnpack import standard_layout, require_executorch
+
+if TYPE_CHECKING:
+    import torch
 
 # Bumped whenever lower_to_pte's output changes numerically, so that caches of .pte files (the
 # benchmarks') are not reused across lowerings. 2: contiguous examples, conv+ReLU6 quantized as one.
@@ -38,26 +41,24 @@ LOWERING_REVISION = 3
 WEIGHT_ROUNDINGS = ("gptq", "nearest")
 
 
-class _Positional:
+def _Positional(module, input_names: Sequence[str]) -> torch.nn.Module:  # (named as the class it was: tests use it)
     """Wraps a module taking keyword tensors so that it takes them positionally, in a fixed order:
     a .pte program's inputs are a flat list."""
+    import torch
 
-    def __new__(cls, module, input_names: Sequence[str]):
-        import torch
+    class Positional(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = module
+            self.names = tuple(input_names)
 
-        class Positional(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.inner = module
-                self.names = tuple(input_names)
+        def forward(self, *args):
+            out = self.inner(**dict(zip(self.names, args)))
+            if isinstance(out, dict):
+                out = tuple(out.values())
+            return out
 
-            def forward(self, *args):
-                out = self.inner(**dict(zip(self.names, args)))
-                if isinstance(out, dict):
-                    out = tuple(out.values())
-                return out
-
-        return Positional().eval()
+    return Positional().eval()
 
 
 def lower_to_pte(module, example: Mapping[str, Any], *, input_names: Sequence[str], precision: str = "fp32",
@@ -170,12 +171,13 @@ def _weight_layers(prepared) -> list[_WeightLayer]:
                                                              torch.ops.aten.linear.default):
             continue
         obs = node.args[1] if len(node.args) > 1 else None
-        if not (hasattr(obs, "op") and obs.op == "call_module"
+        if not (isinstance(obs, torch.fx.Node) and obs.op == "call_module" and isinstance(obs.target, str)
                 and isinstance(prepared.get_submodule(obs.target), ObserverBase)):
             continue  # not quantized (no weight observer)
         weight = obs.args[0]
         # a weight shared by several layers would need one rounding for all of their inputs: left alone
-        if weight.op != "get_attr" or len(weight.users) != 1 or len(obs.users) != 1:
+        if (not isinstance(weight, torch.fx.Node) or weight.op != "get_attr" or not isinstance(weight.target, str)
+                or len(weight.users) != 1 or len(obs.users) != 1):
             continue
         observer = prepared.get_submodule(obs.target)
         value = _get_attr(prepared, weight.target)

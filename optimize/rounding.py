@@ -239,7 +239,7 @@ def refine_weights(quantized, float_model, stats: LayerStatistics, *, rounding: 
                 continue  # only symmetric s8 weights: their grid is scale * [-127, 127] or [-64, 64]
             w = numpy_helper.to_array(floats[source.input[1]]).astype(np.float64)
             rows = _weight_rows(source, w)
-            scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64).reshape(-1)
+            scale: np.ndarray = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64).reshape(-1)
             outputs = rows.shape[0] * rows.shape[1]
             if scale.size not in (1, outputs):
                 continue

@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from dlopt.errors import InputError, StageError
-from dlopt.stage import Check, Stage, StageContext, StageResult, config_to_dict
+from dlopt.stage import Check, StageContext, StageResult, config_to_dict, register_stage
 
 TrimMode = Literal["auto", "on", "off"]
 TRIM_MODES: tuple[str, ...] = ("auto", "on", "off")
@@ -85,6 +85,12 @@ class Plan:
     pooled_outputs: tuple[str, ...] = ()
     reason: str | None = None
 
+    def mask_name(self) -> str:
+        """The mask input of a plan that applies."""
+        if self.mask is None:
+            raise StageError(f"trim-padding does not apply: {self.reason}", "leave trim-padding off for this model")
+        return self.mask
+
 
 def _dims(value_info) -> list[Any] | None:
     t = value_info.type.tensor_type
@@ -119,7 +125,8 @@ def plan(model, mask_input: str | None = None) -> Plan:
     if seq is None:
         return Plan(mask, reason=f"the mask {mask!r} has an unnamed sequence axis: cannot tell which inputs share it")
     tokens = tuple(n for n, v in inputs.items() if (d := _dims(v)) is not None and len(d) >= 2 and d[1] == seq)
-    per_token, pooled = [], []
+    per_token: list[str] = []
+    pooled: list[str] = []
     for out in model.graph.output:
         dims = _dims(out)
         if dims is None:
@@ -150,8 +157,8 @@ def trim_padding_graph(model, mask_input: str | None = None):
 
     one, one_v, axis1, shape1 = const("one", 1), const("one_v", [1]), const("axis1", [1]), const("shape1", [1])
     prefix = [
-        helper.make_node("Cast", [p.mask], [n("mask_i64")], to=TensorProto.INT64, name=n("cast_mask")),
-        helper.make_node("Shape", [p.mask], [n("mask_shape")], name=n("shape")),
+        helper.make_node("Cast", [p.mask_name()], [n("mask_i64")], to=TensorProto.INT64, name=n("cast_mask")),
+        helper.make_node("Shape", [p.mask_name()], [n("mask_shape")], name=n("shape")),
         helper.make_node("Gather", [n("mask_shape"), one], [n("T")], axis=0, name=n("seq_len")),
         helper.make_node("Add", [n("T"), one], [n("T_plus_1")], name=n("t_plus_1")),
         # positions 1..T weighted by the mask: their maximum is the last real position + 1, per batch
@@ -177,7 +184,7 @@ def trim_padding_graph(model, mask_input: str | None = None):
     for name in p.per_token_outputs:
         if name not in produced_outputs:
             raise StageError(f"trim-padding: output {name!r} has no producing node", "report this model")
-        rank = len(_dims(next(o for o in g.output if o.name == name)))
+        rank = len(_dims(next(o for o in g.output if o.name == name)) or ())
         renamed_out = n(f"{name}_trimmed")
         for node in body:  # the producer writes the trimmed tensor; the Pad writes the output
             for i, o in enumerate(node.output):
@@ -220,7 +227,7 @@ def padded_check_feeds(samples: Sequence[Mapping[str, np.ndarray]], p: Plan, *,
     feeds = [dict(s) for s in samples]
     rows: list[dict[str, np.ndarray]] = []
     for s in samples:
-        mask = np.asarray(s[p.mask])
+        mask = np.asarray(s[p.mask_name()])
         for r in range(mask.shape[0]):
             real = np.flatnonzero(mask[r])
             length = int(real[-1]) + 1 if real.size else 1
@@ -228,7 +235,7 @@ def padded_check_feeds(samples: Sequence[Mapping[str, np.ndarray]], p: Plan, *,
                          for k, v in s.items()})
     if not rows:
         return feeds
-    width = max(row[p.mask].shape[1] for row in rows) + extra
+    width = max(row[p.mask_name()].shape[1] for row in rows) + extra
     for start in range(0, len(rows), batch):
         group = rows[start:start + batch]
         batched = {}
@@ -262,7 +269,7 @@ def compare_outputs(reference, candidate, feeds: Sequence[Mapping[str, np.ndarra
                 raise StageError(f"trim-padding changed output {name!r}'s shape {list(r.shape)} -> {list(y.shape)}",
                                  "report this model")
             if name in p.per_token_outputs:
-                real = np.asarray(f[p.mask]).astype(bool)
+                real = np.asarray(f[p.mask_name()]).astype(bool)
                 r, y = r[real], y[real]
             if r.size == 0:
                 continue
@@ -306,7 +313,7 @@ def trim_padding(model, config: TrimPadding = TrimPadding(),
                                                       "or trim-padding on)"})
     feeds = padded_check_feeds(samples, p)
     equivalence: dict[str, Any] = {"feeds": len(feeds), "min_cosine_required": config.min_cosine,
-                                   "input_shapes": sorted({tuple(np.shape(f[p.mask])) for f in feeds})}
+                                   "input_shapes": sorted({tuple(np.shape(f[p.mask_name()])) for f in feeds})}
     report["equivalence"] = equivalence
     failing: list[str] = []
     try:
@@ -366,7 +373,12 @@ def _same_interface(model, config, before) -> str | None:
     return None if sig(model) == sig(before) else "its inputs or outputs differ from its input's"
 
 
-def _run(model, config: TrimPadding, context: StageContext) -> StageResult:
+@register_stage(kind="trim-padding", config=TrimPadding, takes="onnx", makes="onnx",
+                requires=(Check("an ONNX model", _onnx_problem),),
+                ensures=(Check("the same inputs and outputs", _same_interface),),
+                summary="slice token inputs to the batch's longest real length, pad per-token outputs back",
+                validate=validate)
+def trim_padding_stage(model, config: TrimPadding, context: StageContext) -> StageResult:
     from dlopt.inputs import take_samples
 
     samples = take_samples(context.eval_data, config.samples) or take_samples(context.data, config.samples)
@@ -377,11 +389,5 @@ def _run(model, config: TrimPadding, context: StageContext) -> StageResult:
     return result
 
 
-STAGE = Stage(kind="trim-padding", config=TrimPadding, run=_run, takes="onnx", makes="onnx",
-              requires=(Check("an ONNX model", _onnx_problem),),
-              ensures=(Check("the same inputs and outputs", _same_interface),),
-              summary="slice token inputs to the batch's longest real length, pad per-token outputs back",
-              validate=validate)
-
-__all__ = ["MIN_COSINE", "Plan", "STAGE", "TRIM_MODES", "TrimMode", "TrimPadding", "compare_outputs",
-           "padded_check_feeds", "plan", "summary_line", "trim_padding", "trim_padding_graph"]
+__all__ = ["MIN_COSINE", "Plan", "TRIM_MODES", "TrimMode", "TrimPadding", "compare_outputs",
+           "padded_check_feeds", "plan", "summary_line", "trim_padding", "trim_padding_graph", "trim_padding_stage"]

@@ -148,9 +148,10 @@ def quantize_weights_int8(model, config: WeightOnlyConfig = WeightOnlyConfig()) 
                         stats["float_bytes"] += weight.size * weight.itemsize
                         stats["int8_bytes"] += q.size + scale.size * scale.itemsize
                     if (init.name, axis) not in local_dq:
+                        axis_attribute: dict[str, Any] = {"axis": axis} if axis is not None else {}
                         dq = helper.make_node("DequantizeLinear", list(made[key]), [fresh(f"{init.name}/dequantized")],
                                               name=fresh(f"{init.name}/DequantizeLinear"),
-                                              **({"axis": axis} if axis is not None else {}))
+                                              **axis_attribute)
                         new_nodes.append(dq)
                         local_dq[(init.name, axis)] = dq.output[0]
                     node.input[index] = local_dq[(init.name, axis)]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install dlopt with its test extras on a fresh machine and run the test suite.
-# Used by the README's test command and by CI (.ci/run). Installs into the active virtual environment,
+# Install dlopt with its test extras on a fresh machine, run the lint and type gate (scripts/lint.sh), then the
+# test suite. Used by the README's test command and by CI (.ci/run). Installs into the active virtual environment,
 # else into the project's .venv (created with python3 on first use): see scripts/venv.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,4 +39,6 @@ done
 pin="$(mktemp)"; echo "torch==2.13.0" > "$pin"
 python -m pip install -q -c "$pin" -e ".[dev,mobile]"
 rm -f "$pin"
+# The lint and type gate (ruff, ruff format, mypy) first: it fails in seconds, before a long test run.
+bash scripts/lint.sh
 python -m pytest -q "$@"

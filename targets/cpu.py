@@ -86,6 +86,13 @@ class HostCpu:
     core: str | None  # microarchitecture where known: "Zen/Zen+", "Neoverse-N1" ...
     flags: tuple[str, ...]  # every ISA flag, sorted (x86 "flags", ARM "Features")
 
+    @classmethod
+    def with_flags(cls, machine: str, flags: tuple[str, ...]) -> HostCpu:
+        """A CPU known by its machine and ISA flags only: what the INT8 recipe reasons about for another
+        CPU than this one (and what tests build)."""
+        return cls(machine=machine, vendor="", model_name="", family=None, model=None, core=None,
+                   flags=tuple(sorted(flags)))
+
     @property
     def is_x86(self) -> bool:
         return self.machine in X86_MACHINES
@@ -163,7 +170,8 @@ def parse_cpuinfo(text: str, machine: str) -> HostCpu:
         vendor = _ARM_IMPLEMENTERS.get(implementer, f"implementer {implementer:#x}") if implementer is not None else ""
         return HostCpu(machine=machine, vendor=vendor, model_name=fields.get("model name", ""),
                        family=_int(fields.get("CPU architecture")), model=part,
-                       core=_ARM_CORES.get((implementer, part)), flags=flags)
+                       core=_ARM_CORES.get((implementer, part)) if implementer is not None and part is not None
+                       else None, flags=flags)
     vendor = fields.get("vendor_id", "")
     family, model = _int(fields.get("cpu family")), _int(fields.get("model"))
     core = core_name(vendor, family, model) if family is not None and model is not None else None

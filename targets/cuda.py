@@ -18,6 +18,7 @@ What makes its numbers trustworthy:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -126,10 +127,8 @@ def _probe_cuda() -> tuple[bool, str]:
                        "with an NVIDIA GPU")
     preload = getattr(ort, "preload_dlls", None)
     if preload is not None:  # onnxruntime-gpu >= 1.21: load CUDA/cuDNN from the nvidia-* wheels if present
-        try:
+        with contextlib.suppress(Exception):  # preloading is best effort; the probe below decides
             preload()
-        except Exception:  # noqa: BLE001 - preloading is best effort; the probe below decides
-            pass
     import warnings
 
     import onnx

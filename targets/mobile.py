@@ -92,6 +92,7 @@ class MobileTarget(Target):
     def create_session(self, model: str | Path | bytes, *, threads: int | None = None, graph_opt_level: str = "all",
                        provider_options: Mapping[str, str] | None = None, allow_fallback: bool = False,
                        device_id: int = 0, check_available: bool = True,
+                       free_dimensions: Mapping[str, int] | None = None,
                        profile_prefix: str | None = None) -> TargetSession:
         """A session on the ORT-format form of `model`: an .ort file or bytes are loaded as they are;
         an .onnx file is converted first (Fixed style, as the CPU EP wants). `threads=None` means a
@@ -107,7 +108,7 @@ class MobileTarget(Target):
         return super().create_session(source, threads=threads or phone_threads(), graph_opt_level=graph_opt_level,
                                       provider_options=provider_options, allow_fallback=allow_fallback,
                                       device_id=device_id, check_available=check_available,
-                                      profile_prefix=profile_prefix)
+                                      free_dimensions=free_dimensions, profile_prefix=profile_prefix)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +298,8 @@ def coverage_report(model, *, sample_shapes: Mapping[str, Sequence[int]] | None 
             optimized = model
             note = f"ONNX Runtime could not optimize the model ({str(e).strip()[:200]}); counted on the original graph"
         else:
-            note = "counted on the graph after ONNX Runtime's basic optimizations (what Runtime-style ORT models offer the EP)"
+            note = ("counted on the graph after ONNX Runtime's basic optimizations (what Runtime-style ORT models "
+                    "offer the EP)")
         try:
             with_shapes = onnx.shape_inference.infer_shapes(optimized)
         except Exception:  # shape inference is best effort here; dynamic-shape counts then over-report

@@ -182,18 +182,5 @@ class XnnpackTarget(Target):
                          "next to ONNX Runtime's")
 
 
-# Moved to dlopt.optimize.pt2e (a transformation, not the target); still importable from here.
-_MOVED_TO_PT2E = ("LOWERING_REVISION", "WEIGHT_ROUNDINGS", "lower_to_pte")
-
-
-def __getattr__(name: str):
-    # Lazily (PEP 562): an eager import would make the target import a stage module.
-    if name in _MOVED_TO_PT2E:
-        from dlopt.optimize import pt2e
-
-        return getattr(pt2e, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = ["INSTALL_HINT", "PteProgram", "XnnpackTarget", "executorch_status", "require_executorch", "set_threads",
            "standard_layout"]

@@ -1,15 +1,26 @@
-"""The import rules that keep the layers apart (issue 15), checked on the source with `ast`:
+"""The import rules that keep the layers apart (issues 15 and 23), checked on the source with `ast`.
+
+The layers, from the bottom: services (every core module in src/dlopt that is not below: data sources,
+metrics and evaluators, graph facts, model sources, the checkpoint format, sessions, the bench harness,
+the stage registry), targets and reference models; stages (dlopt.optimize.*, the package stage and the
+bundle format it writes and verify checks); verbs (dlopt.api, the recipe runner dlopt.recipe, the
+search dlopt.search); the CLI. A module imports only from its own layer or the ones below, by import
+statements: a "module" or "module:attr" string (an importlib or lazy-import spec) counts as an import,
+so hiding one in a string does not get past the rules. Rules:
 
 (a) a CLI module (src/dlopt/cli/) imports only the standard library, click, dlopt.api, dlopt.errors,
     dlopt.console and other dlopt.cli modules: the CLI parses and prints, the library does the work;
 (b) no stage (optimize/), target (targets/) or reference model (models/) imports dlopt.cli;
-(c) no core module (src/dlopt/, outside cli/) imports a stage (dlopt.optimize.*), except the stage
-    registry (dlopt.stage): the core reaches stages through the registry (`get_stage(kind)`, its config
-    class and its declared helpers). Neither an import statement nor a "dlopt.optimize.x[:attr]" string
-    (an importlib or lazy-import spec) may name one.
+(c) no service imports a stage, a verb or the CLI; no stage imports a verb. The registry's own table of
+    where each stage kind registers itself (dlopt.stage.STAGE_MODULES) is the one place a service names
+    stage modules: that is how `get_stage(kind)` finds them without importing every stage;
+(d) no import cycle among the core modules (src/dlopt outside cli/), counting imports inside functions;
+    elsewhere only the cycles listed below, inside one package (a package __init__ and its modules);
+(e) one class per name across the package, and no alias names (`ExportConfig = Export`): one name per
+    concept.
 
-Modules that still break (a) or (c) on this branch are listed below with the reason; each entry must
-still be needed (a stale entry fails), so the lists only shrink.
+Modules that still break a rule are listed below with the reason; each entry must still be needed (a
+stale entry fails), so the lists only shrink.
 """
 
 from __future__ import annotations
@@ -28,16 +39,26 @@ PACKAGE_DIRS = {"dlopt": ROOT / "src" / "dlopt", "dlopt.optimize": ROOT / "optim
 
 CLI_ALLOWED = ("dlopt.api", "dlopt.errors", "dlopt.console", "dlopt.cli")
 CLI_ALLOWED_EXACT = ("dlopt", "dlopt.__version__")  # the version string, for --version
-STAGE_PACKAGES = ("dlopt.optimize",)
-STAGE_REGISTRY = ("dlopt.stage",)
+STAGE_PACKAGES = ("dlopt.optimize", "dlopt.package", "dlopt.bundle_stage", "dlopt.verify")
+VERB_MODULES = ("dlopt.api", "dlopt.recipe", "dlopt.search")
+STAGE_REGISTRY = "dlopt.stage"
 
 # (a) CLI verbs that still call a stage module directly: none (quantize, prune and distill call dlopt.api's
 # stage verbs since h-stages).
 CLI_EXCEPTIONS: dict[str, str] = {}
 
-# (c) core modules that still import a stage directly (a module name covers its submodules): none since
-# h-registry (api's stage verbs, recipe and package use the registry's stages and their helpers).
+# (c) modules that still import a layer above their own (a module name covers its submodules): none.
 CORE_EXCEPTIONS: dict[str, str] = {}
+
+# (d) import cycles outside the core, each inside one package (sorted module names -> why it is still there).
+KNOWN_CYCLES: dict[tuple[str, ...], str] = {
+    ("dlopt.targets", "dlopt.targets.arm64", "dlopt.targets.base", "dlopt.targets.cpu", "dlopt.targets.cuda",
+     "dlopt.targets.mobile", "dlopt.targets.xnnpack"):
+        "the targets package's __init__ registers each target module, which reads the registry back",
+    ("dlopt.optimize.normalize", "dlopt.optimize.weight_only"): "normalize folds weights weight_only also reads",
+    ("dlopt.optimize.quantize.heldout", "dlopt.optimize.quantize.recipe", "dlopt.optimize.quantize.schemes"):
+        "the scheme configs and the recipe chooser read each other's constants",
+}
 
 
 # --------------------------------------------------------------------------------------------- the checker
@@ -112,15 +133,40 @@ def module_specs(source: str) -> Iterator[tuple[str, int]]:
 SPEC = re.compile(r"[A-Za-z_]\w*(\.\w+)+(:\w+)?")
 
 
+def layer(module: str) -> str:
+    """Which layer a module is in: cli, verbs, stages or services (targets and reference models included)."""
+    if _under(module, ("dlopt.cli", "dlopt.__main__")):
+        return "cli"
+    if _under(module, VERB_MODULES):
+        return "verbs"
+    if _under(module, STAGE_PACKAGES):
+        return "stages"
+    return "services"
+
+
+ABOVE = {"services": ("stages", "verbs", "cli"), "stages": ("verbs", "cli"), "verbs": ("cli",), "cli": ()}
+
+
+def _registry_table_lines(source: str) -> set[int]:
+    """The lines of dlopt.stage's STAGE_MODULES table (kind -> module that registers it)."""
+    for node in ast.parse(source).body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign)
+                                                                       else None)
+        if isinstance(target, ast.Name) and target.id == "STAGE_MODULES":
+            return set(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+    return set()
+
+
 def core_violations(source: str, module: str, *, is_package: bool = False) -> list[str]:
-    """Rule (c): a core module that imports a stage, by statement or by a module spec string."""
-    if _under(module, STAGE_REGISTRY):
-        return []
+    """Rule (c): an import, by statement or by a module spec string, of a layer above the module's own."""
+    above = ABOVE[layer(module)]
     found = [f"{module}:{line} imports {name}" for name, line, _ in imported_names(source, module, is_package=is_package)
-             if _under(name, STAGE_PACKAGES)]
-    # a spec names a stage module under the package; the bare package name is also a label (a schema's)
+             if name.startswith("dlopt.") and layer(name) in above]
+    table = _registry_table_lines(source) if module == STAGE_REGISTRY else set()
+    # a spec names a module under a package; a bare package name is also a label (a schema's)
     found += [f"{module}:{line} names {name}" for name, line in module_specs(source)
-              if any(name.startswith(p + ".") for p in STAGE_PACKAGES)]
+              if name.startswith("dlopt.") and name != "dlopt.optimize" and layer(name) in above
+              and line not in table]
     return found
 
 
@@ -172,22 +218,159 @@ def core_modules() -> list[tuple[str, str, bool]]:
     return sources(ROOT / "src" / "dlopt", skip=(CLI_DIR,))
 
 
-def test_core_reaches_stages_only_through_the_registry():
-    modules = core_modules()
-    assert "dlopt.api" in {m for m, _, _ in modules}
+def all_modules() -> list[tuple[str, str, bool]]:
+    return core_modules() + sources(ROOT / "optimize") + sources(ROOT / "targets") + sources(ROOT / "models")
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    modules = all_modules()
+    assert {"dlopt.api", "dlopt.stage", "dlopt.optimize.export", "dlopt.targets.cpu"} <= {m for m, _, _ in modules}
     broken = [v for module, text, pkg in modules if not _matches(module, CORE_EXCEPTIONS)
               for v in core_violations(text, module, is_package=pkg)]
-    assert not broken, ("core modules must reach stages through dlopt.stage's registry:\n" + "\n".join(broken))
+    assert not broken, ("services import no stage, verb or CLI; stages no verb (tests/test_architecture.py):\n"
+                        + "\n".join(broken))
 
 
 def test_core_exceptions_are_still_needed():
-    modules = core_modules()
+    modules = all_modules()
     for entry, reason in CORE_EXCEPTIONS.items():
         assert reason
         covered = [(m, text, pkg) for m, text, pkg in modules if m == entry or m.startswith(entry + ".")]
         assert covered, f"{entry} is gone: remove it from CORE_EXCEPTIONS"
         assert any(core_violations(text, m, is_package=pkg) for m, text, pkg in covered), (
-            f"{entry} no longer imports a stage: remove it from CORE_EXCEPTIONS")
+            f"{entry} keeps the rule now: remove it from CORE_EXCEPTIONS")
+
+
+# --------------------------------------------------------------------------------------------- (d) cycles
+
+def import_graph(modules: list[tuple[str, str, bool]]) -> dict[str, set[str]]:
+    """module -> the modules among `modules` it imports (module level or inside a function: both run).
+    `from a.b import c` is an edge to a.b.c when that is one of the modules, else to a.b."""
+    names = {m for m, _, _ in modules}
+    graph: dict[str, set[str]] = {m: set() for m in names}
+    for module, text, pkg in modules:
+        for name, _, _ in imported_names(text, module, is_package=pkg):
+            parts = name.split(".")
+            target = next((".".join(parts[:k]) for k in range(len(parts), 0, -1) if ".".join(parts[:k]) in names),
+                          None)
+            if target is not None and target != module:
+                graph[module].add(target)
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[tuple[str, ...]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[tuple[str, ...]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(tuple(sorted(component)))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(found)
+
+
+def test_no_import_cycle_among_the_core_modules():
+    graph = import_graph(core_modules())
+    assert {"dlopt.api", "dlopt.recipe", "dlopt.search.driver"} <= set(graph)
+    assert "dlopt.recipe" in graph["dlopt.api"]  # the graph holds the imports inside functions too
+    cycles = import_cycles(graph)
+    assert not cycles, "import cycles among the core modules:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_cycles_outside_the_core_are_the_known_ones_inside_one_package():
+    cycles = import_cycles(import_graph(all_modules()))
+    assert set(cycles) <= set(KNOWN_CYCLES), "new import cycles:\n" + "\n".join(
+        " <-> ".join(c) for c in cycles if c not in KNOWN_CYCLES)
+    stale = [c for c in KNOWN_CYCLES if c not in cycles]
+    assert not stale, f"these cycles are gone: remove them from KNOWN_CYCLES: {stale}"
+
+
+def test_the_cycle_finder_finds_cycles():
+    modules = [("dlopt.a", "from dlopt.b import x", False),
+               ("dlopt.b", "def f():\n    import dlopt.c", False),
+               ("dlopt.c", "from dlopt import a", False),
+               ("dlopt.d", "from dlopt.a import y", False),
+               ("dlopt.e", "from . import f", True), ("dlopt.e.f", "from dlopt.e import g", False)]
+    assert import_cycles(import_graph(modules)) == [("dlopt.a", "dlopt.b", "dlopt.c"), ("dlopt.e", "dlopt.e.f")]
+    assert import_cycles(import_graph(modules[:2] + modules[3:4])) == []
+
+
+# ------------------------------------------------------------------------------- (e) one name per concept
+
+def class_definitions(modules: list[tuple[str, str, bool]]) -> dict[str, list[str]]:
+    """class name -> the modules that define a class of that name (module level or nested)."""
+    found: dict[str, list[str]] = {}
+    for module, text, _ in modules:
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef):
+                found.setdefault(node.name, []).append(module)
+    return found
+
+
+def alias_names(source: str, module: str) -> list[str]:
+    """Module-level `Name = Other` where Other is a class of this module or one imported by name: a second
+    name for one class. (ALL_CAPS constants bound to a class are not aliases a reader meets as a type.)"""
+    tree = ast.parse(source)
+    classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    classes |= {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names
+                if (a.asname or a.name)[:1].isupper() and not (a.asname or a.name).isupper()}
+    return [f"{module}:{n.lineno} {n.targets[0].id} = {n.value.id}" for n in tree.body
+            if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name)
+            and isinstance(n.value, ast.Name) and n.value.id in classes and not n.targets[0].id.isupper()]
+
+
+# names defined twice that are still to be renamed (name -> why it is still there); the list only shrinks.
+KNOWN_DUPLICATE_CLASSES: dict[str, str] = {}
+KNOWN_ALIASES: dict[str, str] = {}
+
+
+def test_one_class_per_name_across_the_package():
+    found = class_definitions(all_modules())
+    assert "Stage" in found
+    twice = {name: where for name, where in found.items() if len(where) > 1 and name not in KNOWN_DUPLICATE_CLASSES}
+    assert not twice, f"one class per name: {twice}"
+    stale = [n for n in KNOWN_DUPLICATE_CLASSES if len(found.get(n, ())) < 2]
+    assert not stale, f"defined once now: remove from KNOWN_DUPLICATE_CLASSES: {stale}"
+
+
+def test_no_alias_names():
+    found = [a for module, text, _ in all_modules() for a in alias_names(text, module)]
+    new = [a for a in found if a.split(" ", 1)[1].split(" =")[0] not in KNOWN_ALIASES]
+    assert not new, "a class has one name (use the class's own):\n" + "\n".join(new)
+    stale = [n for n in KNOWN_ALIASES if not any(a.split(" ", 1)[1].startswith(n + " =") for a in found)]
+    assert not stale, f"gone: remove from KNOWN_ALIASES: {stale}"
+
+
+def test_the_name_checks_find_duplicates_and_aliases():
+    modules = [("dlopt.a", "class Recipe:\n    pass\nRecipeAlias = Recipe\nLIMIT = 3", False),
+               ("dlopt.b", "from dlopt.a import Recipe\nOld = Recipe\ndef f():\n    class Recipe: ...\n", False)]
+    assert class_definitions(modules)["Recipe"] == ["dlopt.a", "dlopt.b"]
+    assert alias_names(modules[0][1], "dlopt.a") == ["dlopt.a:3 RecipeAlias = Recipe"]
+    assert alias_names(modules[1][1], "dlopt.b") == ["dlopt.b:2 Old = Recipe"]
 
 
 # ------------------------------------------------------------------------------ the checker catches breaks
@@ -195,8 +378,8 @@ def test_core_exceptions_are_still_needed():
 @pytest.mark.parametrize("source, module, expected", [
     ("from dlopt.bench import benchmark", "dlopt.cli.bench", ["dlopt.cli.bench:1 imports dlopt.bench.benchmark"]),
     ("import numpy as np", "dlopt.cli.eval", ["dlopt.cli.eval:1 imports numpy"]),
-    ("def command():\n    from dlopt.optimize.export import ExportConfig", "dlopt.cli.export",
-     ["dlopt.cli.export:2 imports dlopt.optimize.export.ExportConfig"]),
+    ("def command():\n    from dlopt.optimize.export import Export", "dlopt.cli.export",
+     ["dlopt.cli.export:2 imports dlopt.optimize.export.Export"]),
     ("from dlopt import bench", "dlopt.cli.x", ["dlopt.cli.x:1 imports dlopt.bench"]),
     ("from .. import fileio", "dlopt.cli.x", ["dlopt.cli.x:1 imports dlopt.fileio"]),
     ("import rich.progress", "dlopt.cli.x", ["dlopt.cli.x:1 imports rich.progress"]),
@@ -221,28 +404,34 @@ def test_stage_rule_on_synthetic_sources(source, module, expected):
 
 
 @pytest.mark.parametrize("source, module, expected", [
+    # a service imports no stage, verb or CLI
     ("def f():\n    from dlopt.optimize.quantize import cpu_features", "dlopt.bench",
      ["dlopt.bench:2 imports dlopt.optimize.quantize.cpu_features"]),
     ("from dlopt import optimize", "dlopt.gate", ["dlopt.gate:1 imports dlopt.optimize"]),
-    ("import dlopt.optimize.int4 as q", "dlopt.package.build", ["dlopt.package.build:1 imports dlopt.optimize.int4"]),
-    ("from ..optimize import fp16", "dlopt.package.build", ["dlopt.package.build:1 imports dlopt.optimize.fp16"]),
-    # dlopt.api: not even inside its stage verbs (they get their stage from the registry)
-    ("def quantize_model():\n    from dlopt.optimize.quantize import quantize_file", "dlopt.api",
-     ["dlopt.api:2 imports dlopt.optimize.quantize.quantize_file"]),
-    ("def bench():\n    from dlopt.optimize.quantize import cpu_features", "dlopt.api",
-     ["dlopt.api:2 imports dlopt.optimize.quantize.cpu_features"]),
-    # module spec strings: importlib and lazy tables; prose and other packages are not specs
-    ("import importlib\nm = importlib.import_module('dlopt.optimize.prune')", "dlopt.recipe",
-     ["dlopt.recipe:2 names dlopt.optimize.prune"]),
-    ("_LAZY = {\n  'Prune': 'dlopt.optimize.prune',\n  'x': 'dlopt.optimize.quantize:summary_text'}", "dlopt.api",
-     ["dlopt.api:2 names dlopt.optimize.prune", "dlopt.api:3 names dlopt.optimize.quantize"]),
-    ('"""Uses dlopt.optimize.pt2e for lowering."""\nx = "dlopt.bench:format_result"\ny = "stage:export:config"\n'
-     'SCHEMA = "dlopt.optimize"', "dlopt.api", []),
-    ("from dlopt.optimize.export import ExportConfig", "dlopt.api",
-     ["dlopt.api:1 imports dlopt.optimize.export.ExportConfig"]),
-    # the registry may
-    ("import importlib\nfrom dlopt.optimize.quantize import Int8Static", "dlopt.stage", []),
-    ("from dlopt.optimizer import x\nfrom dlopt.stage import registry", "dlopt.recipe", []),
+    ("from dlopt.api import report_path_for", "dlopt.data", ["dlopt.data:1 imports dlopt.api.report_path_for"]),
+    ("def f():\n    from dlopt.recipe import run_recipe", "dlopt.stagecache",
+     ["dlopt.stagecache:2 imports dlopt.recipe.run_recipe"]),
+    ("from dlopt.package import package", "dlopt.targets.mobile", ["dlopt.targets.mobile:1 imports dlopt.package.package"]),
+    # a stage imports no verb
+    ("def f():\n    from dlopt.api import report_path_for", "dlopt.optimize.quantize.files",
+     ["dlopt.optimize.quantize.files:2 imports dlopt.api.report_path_for"]),
+    ("from ..search import optimize", "dlopt.package.build", ["dlopt.package.build:1 imports dlopt.search.optimize"]),
+    # module spec strings: importlib and lazy tables count; prose and the schema label do not
+    ("import importlib\nm = importlib.import_module('dlopt.optimize.prune')", "dlopt.stagecache",
+     ["dlopt.stagecache:2 names dlopt.optimize.prune"]),
+    ("_LAZY = {\n  'Prune': 'dlopt.optimize.prune',\n  'x': 'dlopt.api:summary_text'}", "dlopt.package",
+     ["dlopt.package:3 names dlopt.api"]),
+    ('"""Uses dlopt.optimize.pt2e for lowering."""\nx = "dlopt.bench:format_result"\nSCHEMA = "dlopt.optimize"',
+     "dlopt.data", []),
+    # allowed: a verb imports stages and services; a stage imports services and other stages
+    ("from dlopt.optimize.export import Export\nfrom dlopt.recipe import run_recipe\nfrom dlopt.data import load_data",
+     "dlopt.api", []),
+    ("from dlopt.optimize.pt2e import lower_to_pte\nfrom dlopt.sources import load_source", "dlopt.package.pte", []),
+    # the registry's table of where each kind registers, and nothing else of it
+    ("STAGE_MODULES: dict[str, str] = {\n    'export': 'dlopt.optimize.export',\n}\nX = 'dlopt.optimize.prune'",
+     "dlopt.stage", ["dlopt.stage:4 names dlopt.optimize.prune"]),
+    ("from dlopt.optimize.quantize import Int8Static", "dlopt.stage",
+     ["dlopt.stage:1 imports dlopt.optimize.quantize.Int8Static"]),
 ])
 def test_core_rule_on_synthetic_sources(source, module, expected):
     assert core_violations(source, module) == expected

@@ -112,13 +112,36 @@ def test_free_image_dims_fall_back_to_a_size_the_model_runs_on():
 
 def test_no_runnable_shape_is_an_input_error_asking_for_input_shape():
     with pytest.raises(InputError, match=r"runs on none of the synthetic input shapes tried for x \[N, 3, H, W\]"
-                                         r".*input_shape=NAME=1x3x640x640") as e:
+                                         r".*input_shape=x=1x3xHxW") as e:
         model_feeds(fixed_height_model())
-    assert "give the shape with --input-shape NAME=1x3x640x640" in e.value.cli_text()  # the CLI's spelling
+    # the CLI's spelling, with the input's real name and its declared sizes; no made-up 640x640
+    assert "give the shape with --input-shape x=1x3xHxW (H, W: the sizes of your data)" in e.value.cli_text()
+    assert "640x640" not in e.value.hint
     feeds = model_feeds(fixed_height_model(), overrides=parse_input_shapes(["x=2x3x48x100"]))
     assert feeds[0]["x"].shape == (2, 3, 48, 100)
     with pytest.raises(InputError, match=r"does not run on input_shape=x=2x3x40x100 \(.*broadcast"):
         model_feeds(fixed_height_model(), overrides=parse_input_shapes(["x=2x3x40x100"]))
+
+
+def declared_height_model(width: int = 100) -> onnx.ModelProto:
+    """x[?, 3, 48, ?] (height 48 declared, batch and width unnamed) + a [1, 3, 48, width] bias: runs only at
+    that width, none of the image sizes dlopt tries."""
+    return _model([helper.make_node("Add", ["x", "bias"], ["y"])],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 48, None])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                  [_init("bias", np.ones((1, 3, 48, width)))])
+
+
+def test_the_shape_hint_of_a_48_high_input_names_it_and_keeps_its_height():
+    with pytest.raises(InputError) as e:
+        model_feeds(declared_height_model(), batch=4)
+    hint = e.value.cli_text()
+    assert "--input-shape x=4x3x48xW (W: the size of your data), or real data" in hint, hint
+    assert "640" not in e.value.hint and "NAME" not in e.value.hint
+    # the hint's shape, with the width filled in, is one the model runs on
+    shape = hint.split("--input-shape x=")[1].split()[0].replace("W", "100")
+    feeds = model_feeds(declared_height_model(), overrides=parse_input_shapes([f"x={shape}"]))
+    assert feeds[0]["x"].shape == (4, 3, 48, 100)
 
 
 def test_named_dims_are_shared_and_overrides_propagate():

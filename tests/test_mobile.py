@@ -119,7 +119,7 @@ def _factory_and_onnx(tmp_path):
     """FACTORY written to tmp_path, its ModelSource, and its ONNX export (the MODEL of a bundle)."""
     import torch
 
-    from dlopt.optimize.export import load_source
+    from dlopt.sources import load_source
 
     factory = tmp_path / "net.py"
     factory.write_text(FACTORY)
@@ -545,12 +545,10 @@ def test_pt2e_lowering_lives_in_optimize_and_the_target_does_not_import_it():
     import dlopt.optimize.pt2e as pt2e
     import dlopt.targets.xnnpack as xnn
 
-    # The old import path still works (lazily forwarded), and names the same objects.
-    assert xnn.lower_to_pte is pt2e.lower_to_pte and xnn.WEIGHT_ROUNDINGS == pt2e.WEIGHT_ROUNDINGS == ("gptq", "nearest")
-    assert xnn.LOWERING_REVISION == pt2e.LOWERING_REVISION
-    assert not hasattr(xnn, "_quantize_pt2e") and not hasattr(xnn, "_refine_int8_weights")
-    with pytest.raises(AttributeError, match="has no attribute 'quantize'"):
-        xnn.quantize  # noqa: B018
+    # The lowering is dlopt.optimize.pt2e's alone: the target keeps no forwarding names for it.
+    assert pt2e.WEIGHT_ROUNDINGS == ("gptq", "nearest")
+    for name in ("lower_to_pte", "WEIGHT_ROUNDINGS", "LOWERING_REVISION", "_quantize_pt2e", "quantize"):
+        assert not hasattr(xnn, name)
     # Importing the targets (and running programs) does not load the transformation.
     code = "import sys, dlopt.targets; print(sorted(m for m in sys.modules if m.startswith('dlopt.optimize')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

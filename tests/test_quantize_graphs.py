@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from dlopt.cli import main
-from dlopt.optimize.calibration import CalibrationData
+from dlopt.data import CalibrationData
 from dlopt.optimize.normalize import NormalizeConfig, default_opset, normalize, subgraph_nodes
-from dlopt.optimize.preprocess import looks_like_transformer
+from dlopt.graphfacts import looks_like_transformer
 from dlopt.fidelity import sqnr_db
 from dlopt.optimize.quantize import QuantizeConfig, choose_recipe, quantize, summary_text
 from dlopt.sessions import cpu_session

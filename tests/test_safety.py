@@ -100,8 +100,8 @@ def work(tmp_path, monkeypatch):
 
 def _checkpoint(folder: Path, spec: str) -> Path:
     """A checkpoint of the factory's (unpruned) model, written as `dlopt prune` writes them."""
-    from dlopt.optimize.export import load_source
-    from dlopt.optimize.prune import save_checkpoint
+    from dlopt.sources import load_source
+    from dlopt.checkpoint import save_checkpoint
 
     folder.mkdir(exist_ok=True)
     source = load_source(spec)
@@ -287,7 +287,7 @@ def test_an_unexpected_error_is_one_line_and_a_saved_traceback(work, monkeypatch
 
 def test_checkpoint_records_an_absolute_source_and_its_hash(work):
     from dlopt.manifest import sha256_file
-    from dlopt.optimize.prune import read_checkpoint
+    from dlopt.checkpoint import read_checkpoint
 
     checkpoint = read_checkpoint(work / "ckpt" / "pruned.pt")  # saved with the relative spec net.py:build
     assert checkpoint.source == f"{work.resolve() / 'net.py'}:build"
@@ -319,7 +319,7 @@ def test_distill_refuses_a_changed_or_missing_source(work, change, message):
 def test_distill_never_imports_an_unhashed_source(work):
     import torch
 
-    from dlopt.optimize.prune import CHECKPOINT_FORMAT
+    from dlopt.checkpoint import CHECKPOINT_FORMAT
 
     (work / "teacher.py").write_text(FACTORY)
     (work / "evil.py").write_text("open('IMPORTED', 'w').write('ran')\n" + FACTORY)

@@ -94,9 +94,24 @@ def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dlopt-signing.key", "dlopt-signing.pub"]  # no temp files
 
 
+def test_keygen_creates_its_missing_folder_with_mode_0700(tmp_path):
+    keys = tmp_path / "project" / "keys"
+    cli = CliRunner().invoke(main, ["keygen", "-o", str(keys)])
+    assert cli.exit_code == 0, cli.output
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o700
+    assert sorted(p.name for p in keys.iterdir()) == ["dlopt-signing.key", "dlopt-signing.pub"]
+    assert stat.S_IMODE((keys / "dlopt-signing.key").stat().st_mode) == 0o600
+
+
+def test_keygen_refuses_a_file_as_its_folder(tmp_path):
+    (tmp_path / "keys").write_text("not a folder")
+    cli = CliRunner().invoke(main, ["keygen", "-o", str(tmp_path / "keys")])
+    assert cli.exit_code == 2 and "is a file" in cli.output and "Traceback" not in cli.output
+    assert (tmp_path / "keys").read_text() == "not a folder"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--private", "{tmp}/a.key"], "no key paths"),
-    (["-o", "{tmp}/missing"], "does not exist"),
     (["-o", "{tmp}", "--private", "{tmp}/a.key", "--public", "{tmp}/a.pub"], "both given"),
     (["--private", "{tmp}/same", "--public", "{tmp}/same"], "are the same"),
 ])

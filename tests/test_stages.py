@@ -23,8 +23,8 @@ from test_quantize_int8 import cnn_model, mlp_data, mlp_model
 from dlopt.errors import InputError, StageError
 from dlopt.images import ImagePreprocess
 from dlopt.manifest import hash_path
-from dlopt.stage import (STAGES, Check, Stage, StageContext, StageResult, config_from_dict, config_to_dict,
-                         get_stage, stage_kinds)
+from dlopt.stage import (STAGE_MODULES, Check, Stage, StageContext, StageResult, config_from_dict, config_to_dict,
+                         get_stage, register_stage, stage_kinds)
 from dlopt.stagecache import StageCache
 
 IMAGE = ImagePreprocess(size=(2, 3), layout="nchw", scale=0.5, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), bgr=True)
@@ -145,44 +145,32 @@ def test_registry_imports_no_stage_until_asked():
             "print(len(kinds), sorted(m for m in sys.modules if m.startswith('dlopt.optimize') or m in "
             "('dlopt.package', 'dlopt.bundle_stage', 'torch', 'onnxruntime')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ", 1)
-    assert out[0] == str(len(STAGES)) and out[1].strip() == "[]"
+    assert out[0] == str(len(STAGE_MODULES)) and out[1].strip() == "[]"
     code = "import sys, dlopt.stage as s; s.get_stage('int8-static'); print('dlopt.optimize.quantize' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "True"
 
 
-def test_stages_declare_the_helpers_the_core_uses_and_resolve_lazy_ones():
+def test_stages_register_by_decorator_and_carry_no_helpers():
+    """A stage module registers its Stage with @register_stage; the registry maps a kind to that Stage only
+    (no helpers by name: the core imports shared services as plain modules)."""
     import copy
     import pickle
 
-    from dlopt.optimize import calibration, export, preprocess, prune, pt2e, sensitivity
-    from dlopt.optimize.quantize import files, report, schemes, verification
+    from dlopt.optimize import export, prune
+    from dlopt.optimize.quantize import stages
 
-    prune_stage = get_stage("prune")
-    assert prune_stage.rebuild is prune.rebuild and prune_stage.save_checkpoint is prune.save_checkpoint
-    assert get_stage("export").load_source is export.load_source
-    assert get_stage("export").lower_to_pte is pt2e.lower_to_pte  # a "module:attr" helper, imported on use
-    assert get_stage("export").PTE_WEIGHT_ROUNDINGS == pt2e.WEIGHT_ROUNDINGS
-    for kind in ("quantize", "int8-static", "fp16"):  # every quantize stage carries the same helpers
+    assert get_stage("export") is export.export_stage and get_stage("prune") is prune.prune_stage
+    assert get_stage("int8-static") is stages.int8_static_stage and get_stage("int8-static").kind == "int8-static"
+    for kind in STAGE_MODULES:
         stage = get_stage(kind)
-        assert stage.failure_error is files.failure_error and stage.failed_path is files.failed_path
-        assert stage.summary_text is report.summary_text and stage.load_calibration is calibration.load_calibration
-        assert stage.split_holdout is verification.split_holdout and stage.op_counts is preprocess.op_counts
-        assert stage.build_evaluator is sensitivity.build_evaluator and stage.METHODS == schemes.METHODS
-        assert stage.looks_like_transformer is preprocess.looks_like_transformer
-    assert get_stage("distill").reference_training_data.__name__ == "reference_training_data"
-    with pytest.raises(AttributeError, match="the prune stage declares no helper 'lower_to_pte' "
-                                             r"\(it declares: save_checkpoint, read_checkpoint, rebuild"):
-        get_stage("prune").lower_to_pte
-    assert not hasattr(get_stage("package"), "rebuild")  # declares none
-    assert copy.copy(prune_stage).rebuild is prune.rebuild  # dunder lookups do not reach the helpers
-    assert pickle.loads(pickle.dumps(prune_stage)).kind == "prune"
-
-
-def test_fields_win_over_helpers_of_the_same_name():
-    stage = Stage(kind="x", config=object, run=lambda *a: None, takes="onnx", makes="onnx",
-                  helpers={"kind": "shadowed", "answer": 42, "spec": "json:dumps"})
-    assert stage.kind == "x" and stage.answer == 42 and stage.spec is json.dumps
+        assert isinstance(stage, Stage) and stage.kind == kind
+        with pytest.raises(AttributeError):
+            stage.load_source  # noqa: B018 (no helper lookups by name)
+    assert pickle.loads(pickle.dumps(get_stage("prune"))).kind == "prune"
+    assert copy.copy(get_stage("prune")) == get_stage("prune")
+    with pytest.raises(TypeError, match="not in dlopt.stage.STAGE_MODULES"):
+        register_stage(kind="int3", config=object, takes="onnx", makes="onnx")
 
 
 def _qdq_model() -> onnx.ModelProto:
@@ -300,7 +288,7 @@ def test_a_recipe_runs_a_scheme_stage_by_its_kind(tmp_path):
 
 
 def test_a_recipe_keeps_a_failed_quantize_result_beside_the_output_and_caches_nothing(tmp_path):
-    # the quantize stage's failed-result helpers (failed_path, failure_error), reached through the registry
+    # the quantize stage's failed result (dlopt.optimize.quantize.files: failed_path, failure_error)
     assert _recipe(tmp_path, "int8-dynamic").exit_code == 0  # writes the model, data and recipe
     (tmp_path / "r.toml").write_text(RECIPE.format(kind="int8-dynamic") + "min_sqnr_db = 200.0\nrecover = false\n")
     from dlopt.cli import main
@@ -442,7 +430,8 @@ def test_a_recipe_cannot_end_with_a_torch_checkpoint(tmp_path):
 
 
 def test_quantize_asks_the_target_for_its_int8_form_not_its_name(monkeypatch):
-    from dlopt.optimize.quantize import CpuFeatures, Int8Dynamic, Int8Static, QuantizeConfig, choose_recipe, quantize
+    from dlopt.targets.cpu import HostCpu
+    from dlopt.optimize.quantize import Int8Dynamic, Int8Static, QuantizeConfig, choose_recipe, quantize
     from dlopt.targets import TARGETS, CudaTarget, Int8Form
 
     class StaticOnly(CudaTarget):  # a new accelerator: only its declared capabilities say what it takes
@@ -456,10 +445,10 @@ def test_quantize_asks_the_target_for_its_int8_form_not_its_name(monkeypatch):
                           "QDQ only)")
     scheme, reasons = QuantizeConfig(target="npu-test").resolve(mlp_model(), has_data=False)
     assert scheme.mode == "weight-only" and "the npu-test target runs static QDQ" in reasons[0]
-    recipe = choose_recipe(mlp_model(), Int8Static(target="npu-test"), CpuFeatures("x86_64", False, ("avx2",)))
+    recipe = choose_recipe(mlp_model(), Int8Static(target="npu-test"), HostCpu.with_flags("x86_64", ("avx2",)))
     assert (recipe.activation_type, recipe.weight_type, recipe.reduce_range) == ("s8", "s8", False)
     assert "s8/s8: the NPU takes QDQ only" in recipe.reasons
-    host = choose_recipe(mlp_model(), Int8Static(), CpuFeatures("x86_64", False, ("avx2",)))
+    host = choose_recipe(mlp_model(), Int8Static(), HostCpu.with_flags("x86_64", ("avx2",)))
     assert (host.activation_type, host.reduce_range) == ("u8", True)  # target cpu: this (non-VNNI) host decides
     # a target whose kernels do not run here gets no kernel choices timed here
     result = quantize(mlp_model(), Int8Static(target="npu-test", speed_check=False), mlp_data())

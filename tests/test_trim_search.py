@@ -181,7 +181,7 @@ def test_optimize_reports_the_gain_per_batch_size_and_sorting(trimmed_search):
 
 def test_trim_check_says_why_not_for_an_output_that_depends_on_padding(tmp_path):
     from dlopt.recipe import artifact_hash
-    from dlopt.search.evaluation import SearchContext, trim_check
+    from dlopt.search.scoring import SearchContext, trim_check
 
     onnx.save(_encoder(pooled=True, masked_pooling=False), tmp_path / "mean.onnx")
     np.savez(tmp_path / "calib.npz", **_sentences(12, 3))

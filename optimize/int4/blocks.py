@@ -64,19 +64,19 @@ def search_grid(blocks: np.ndarray, symmetric: bool, ratios=CLIP_RATIOS, weights
                 ) -> tuple[np.ndarray, np.ndarray]:
     """block_grid with, per block, the ratio of `ratios` that gives the smallest squared error of the
     rounded block (each position weighted by `weights`, broadcast against blocks, when given)."""
-    best_err = best_scale = best_zp = None
+    best: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (error, scale, zero point) per block
     for ratio in ratios:
         scale, zp = block_grid(blocks, symmetric, ratio)
         diff = (_round_to_grid(blocks, scale, zp) - zp[..., None]) * scale[..., None] - blocks
         err = (np.square(diff) if weights is None else np.square(diff) * weights).sum(axis=-1)
-        if best_err is None:
-            best_err, best_scale, best_zp = err, scale, zp
+        if best is None:
+            best = err, scale, zp
         else:
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_scale = np.where(better, scale, best_scale)
-            best_zp = np.where(better, zp, best_zp)
-    return best_scale, best_zp
+            better = err < best[0]
+            best = np.where(better, err, best[0]), np.where(better, scale, best[1]), np.where(better, zp, best[2])
+    if best is None:
+        raise ValueError("search_grid needs at least one clip ratio")
+    return best[1], best[2]
 
 
 def quantize_blocks_mse(w: np.ndarray, block_size: int, symmetric: bool, ratios=CLIP_RATIOS,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -135,7 +135,7 @@ def gptq_blocks(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: 
     return codes.T.copy(), scales.T.astype(np.float32), zeros.T.astype(np.uint8)
 
 
-def collect_hessians(model, nodes: list[Any], feeds: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def collect_hessians(model, nodes: list[Any], feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """H = 2·XᵀX / rows for each distinct MatMul input X, accumulated one sample at a time (one run of
     the model per sample for all layers; ORT's GPTQ driver runs it once per input per sample)."""
     inputs = sorted({n.input[0] for n in nodes})

@@ -3,12 +3,15 @@ tables shared with their LM head, the contrib opset."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 
 from dlopt.errors import InputError
 from dlopt.optimize.int4.config import _MIN_EMBEDDING_ELEMENTS, _MS_DOMAIN
+
+if TYPE_CHECKING:
+    from onnx import TensorProto
 
 
 # -- graph helpers -----------------------------------------------------------------------------------
@@ -16,7 +19,7 @@ def _initializers(model) -> dict[str, Any]:
     return {t.name: t for t in model.graph.initializer}
 
 
-def _is_float_weight(tensor, rank: int = 2) -> bool:
+def _is_float_weight(tensor: Any, rank: int = 2) -> TypeGuard[TensorProto]:
     from onnx import TensorProto
 
     return tensor is not None and tensor.data_type == TensorProto.FLOAT and len(tensor.dims) == rank

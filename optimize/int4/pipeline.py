@@ -12,7 +12,7 @@ import numpy as np
 from dlopt.errors import InputError, StageError
 from dlopt.fidelity import compare_sessions, report as fidelity_report
 from dlopt.inputs import take_samples
-from dlopt.optimize.scheme import check_excluded_nodes
+from dlopt.optimize.quantize_scheme import check_excluded_nodes
 from dlopt.optimize.int4.blocks import quantize_blocks_mse, _quantize_embedding
 from dlopt.optimize.int4.config import Int4WeightOnly
 from dlopt.optimize.int4.gptq import collect_hessians, gptq_blocks, _matmul_nbits_own
@@ -60,6 +60,29 @@ def _select_fallback(candidates: list[Any], sqnr: dict[str, float], fraction: fl
             chosen.append(name)
             used += params[name]
     return chosen
+
+
+def _why_kept(reason: str, config: Int4WeightOnly) -> str:
+    """A fallback reason as a sentence that names the setting behind it."""
+    if reason == "keep_first":
+        return f"one of the first {config.keep_first} linear layers (keep_first={config.keep_first})"
+    if reason == "keep_last":
+        return ("the last linear layer (keep_last=1, the default: a language model's output head loses the most "
+                "at 4 bits)" if config.keep_last == 1 else
+                f"one of the last {config.keep_last} linear layers (keep_last={config.keep_last})")
+    return (f"{reason}: among the most sensitive {config.sensitive_fraction:.0%} of linear weights "
+            f"(sensitive_fraction={config.sensitive_fraction:g})")
+
+
+def _layer_precisions(order: list[str], four_bit: set[str], reasons: Mapping[str, str], excluded: list[str],
+                      config: Int4WeightOnly) -> dict[str, Any]:
+    """How many linear layers ended at 4 bits, and each one that did not, at what precision and why: what
+    the report and the printed summary say instead of a bare "int4"."""
+    kept_bits: int | str = 8 if config.fallback_bits == 8 else "float"
+    kept = [{"node": name, "bits": kept_bits, "why": _why_kept(reasons[name], config)}
+            for name in order if name in reasons]
+    kept += [{"node": name, "bits": "float", "why": "excluded (exclude_nodes / exclude_ops)"} for name in excluded]
+    return {"linear": len(order) + len(excluded), "four_bit": len([n for n in order if n in four_bit]), "kept": kept}
 
 
 def quantize_int4(model, config: Int4WeightOnly = Int4WeightOnly(), data: Iterable[Mapping[str, np.ndarray]] | None = None
@@ -193,6 +216,7 @@ def quantize_int4(model, config: Int4WeightOnly = Int4WeightOnly(), data: Iterab
         "fallback_bits": config.fallback_bits,
         "float_matmuls": left_float,
         "sensitivity_sqnr_db": {k: round(v, 2) for k, v in sorted(sensitivity.items(), key=lambda kv: kv[1])},
+        "layers": _layer_precisions(order, four_bit, reasons, sorted(all_matmuls - set(order)), config),
         "notes": notes,
     }
     if feeds:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ def _with_outputs(model, names: list[str]):
     return with_outputs(model, names)
 
 
-def rank_sensitivity(model, nodes: list[Any], feeds: list[Mapping[str, np.ndarray]], block_size: int,
+def rank_sensitivity(model, nodes: list[Any], feeds: Sequence[Mapping[str, np.ndarray]], block_size: int,
                      symmetric: bool, clip_search: bool = False) -> dict[str, float]:
     """SQNR (dB) of each MatMul's output with 4-bit weights against its float output, on real inputs.
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sized
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,13 +47,13 @@ def calibrate(model, data: Iterable[Mapping[str, np.ndarray]], *, method: Method
     import onnx
     from onnxruntime.quantization.calibrate import create_calibrator
 
-    extra = {"symmetric": symmetric}
+    extra: dict[str, Any] = {"symmetric": symmetric}
     if method == "percentile":
         extra.update(percentile=percentile, num_bins=2048)
     elif method == "entropy":
         # ORT's KL search is pure-Python loops, O(bins^2): 512 bins cost ~4.5 s per tensor, 256 ~0.7 s
         extra.update(num_bins=256, num_quantized_bins=128)
-    total = len(data) if hasattr(data, "__len__") else None
+    total = len(data) if isinstance(data, Sized) else None
     with tempfile.TemporaryDirectory(prefix="dlopt-calib-") as tmp:
         path = Path(tmp) / "model.onnx"
         onnx.save_model(model, str(path), save_as_external_data=model.ByteSize() > 2**31 - 1)

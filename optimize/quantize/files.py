@@ -12,7 +12,7 @@ from dlopt.data import CalibrationData, DataSpec
 from dlopt.errors import VerificationError
 from dlopt.optimize.quantize.schemes import QuantizeConfig, REPORT_SCHEMA, REPORT_SCHEMA_VERSION, Scheme
 from dlopt.optimize.quantize.stages import stage_of
-from dlopt.optimize.quantize.verification import fidelity_sample_count
+from dlopt.optimize.quantize.heldout import fidelity_sample_count
 from dlopt.stage import StageContext
 
 
@@ -55,8 +55,8 @@ def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike,
     written to OUTPUT: it is kept as OUTPUT-stem.failed.onnx with OUTPUT-stem.failed.quantize.json,
     and the outcome says so (`passed` False); the CLI then exits 1. `after`: the kinds of the stages
     that made MODEL (a recipe's), named in errors."""
-    from dlopt.api import report_path_for
-    from dlopt.fileio import check_output_path, guard_outputs, json_text, load_onnx, stage_onnx, staged_outputs
+    from dlopt.fileio import (check_output_path, guard_outputs, json_text, load_onnx, report_path_for, stage_onnx,
+                              staged_outputs)
     from dlopt.data import as_spec, load_data
     from dlopt.report import environment
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +14,16 @@ from dlopt.data import CalibrationData
 from dlopt.errors import InputError
 from dlopt.optimize.preprocess import replace_nodes
 from dlopt.optimize.quantize.calibrate import calibrate, _ort_method, _ort_quant_type
-from dlopt.optimize.quantize.recipe import Recipe
-from dlopt.optimize.quantize.schemes import Int8Scheme
-from dlopt.optimize.scheme import check_excluded_nodes
+from dlopt.optimize.quantize.recipe import Int8Recipe
+from dlopt.optimize.quantize.schemes import Int8Scheme, Int8Static
+from dlopt.optimize.quantize_scheme import check_excluded_nodes
 from dlopt.optimize.rounding import LayerStatistics, collect_layer_statistics, refine_weights
-from dlopt.optimize.scheme import QuantizeScheme
+from dlopt.optimize.quantize_scheme import QuantizeScheme
 from dlopt.quiet import quiet_libraries
 
 
 # -- INT8 -------------------------------------------------------------------------------------------------
-def _default_op_types(recipe: Recipe) -> set[str]:
+def _default_op_types(recipe: Int8Recipe) -> set[str]:
     from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 
     from dlopt.optimize.weight_only import WEIGHT_INPUTS
@@ -33,7 +33,7 @@ def _default_op_types(recipe: Recipe) -> set[str]:
     return set(IntegerOpsRegistry if recipe.mode == "dynamic" else QDQRegistry)
 
 
-def _depthwise_weights(model, skip: set[str] = frozenset()) -> list[str]:
+def _depthwise_weights(model, skip: Collection[str] = frozenset()) -> list[str]:
     inits = {t.name for t in model.graph.initializer}
     return sorted(n.input[1] for n in model.graph.node
                   if n.op_type == "Conv" and n.input[1] in inits and n.name not in skip
@@ -47,7 +47,7 @@ def _check_exclusions(model, config: QuantizeScheme) -> None:
     check_excluded_nodes(config.exclude_nodes, names)
 
 
-def quantize_int8(model, config: Int8Scheme, recipe: Recipe, data: CalibrationData | None = None, *,
+def quantize_int8(model, config: Int8Scheme, recipe: Int8Recipe, data: CalibrationData | None = None, *,
                   exclude_nodes: Iterable[str] = (), progress: bool = False, ranges=None,
                   layer_stats: LayerStatistics | None = None):
     """INT8 with ORT's quantizers following `recipe`; returns (model, details). `ranges` and
@@ -135,7 +135,8 @@ def quantize_int8(model, config: Int8Scheme, recipe: Recipe, data: CalibrationDa
             if data is None:
                 raise InputError("GPTQ weight rounding and bias correction need calibration data",
                                  "pass {calibration=DATA}, or use {weight_rounding=nearest} without bias correction")
-            layer_stats = collect_layer_statistics(model, data, samples=config.rounding_samples, progress=progress)
+            static = config if isinstance(config, Int8Static) else Int8Static()  # its rounding fields: static only
+            layer_stats = collect_layer_statistics(model, data, samples=static.rounding_samples, progress=progress)
         full = set(_depthwise_weights(model)) if recipe.reduce_range else set()
         details["weight_refinement"] = refine_weights(
             quantized, model, layer_stats, rounding=recipe.weight_rounding, bias_correction=recipe.bias_correction,
@@ -170,7 +171,7 @@ def _width(ranges, name: str) -> float | None:
 
 
 def mixed_range_outputs(model, ranges, *, ratio: float = MIXED_RANGE_RATIO,
-                        skip: set[str] = frozenset()) -> list[dict[str, Any]]:
+                        skip: Collection[str] = frozenset()) -> list[dict[str, Any]]:
     """Concat nodes that feed graph outputs (directly or through Reshape/Transpose/Squeeze/Unsqueeze/
     Flatten/Identity/Split/Concat only) and whose inputs' calibrated range widths differ by more than
     `ratio`. Each comes with the nodes to keep float (the Concat and the layout ops after it) and why."""
@@ -200,7 +201,7 @@ def mixed_range_outputs(model, ranges, *, ratio: float = MIXED_RANGE_RATIO,
                 frontier.extend(user.output)
         if not clean or not reached:
             continue
-        big, small = max(known, key=known.get), min(known, key=known.get)
+        big, small = max(known, key=lambda k: known[k]), min(known, key=lambda k: known[k])
         apart = known[big] / known[small]
         kept = list(dict.fromkeys([node.name, *after]))
         found.append({"node": node.name, "outputs": sorted(reached), "kept_float": kept,

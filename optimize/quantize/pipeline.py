@@ -13,12 +13,12 @@ from dlopt.optimize.int4 import Int4WeightOnly
 from dlopt.optimize.normalize import NormalizeConfig, normalize
 from dlopt.optimize.preprocess import PreprocessConfig, check_feeds, preprocess
 from dlopt.optimize.quantize.int8 import quantize_int8, _check_exclusions
-from dlopt.optimize.quantize.recipe import Recipe, choose_recipe, host_kernels_inexact
+from dlopt.optimize.quantize.recipe import Int8Recipe, choose_recipe, host_kernels_inexact
 from dlopt.optimize.quantize.schemes import (Int8Static, QuantizeConfig, RECOVERY_MAX_FLOAT_SHARE, SCHEME_KINDS, Scheme,
                                              validate_config, _Int8)
 from dlopt.optimize.quantize.smoothquant import smooth_activations
-from dlopt.optimize.quantize.verification import fidelity_floor, fidelity_sample_count, split_holdout, verdict, _summary, _warn_if_slower
-from dlopt.optimize.scheme import QuantizeScheme
+from dlopt.optimize.quantize.heldout import fidelity_floor, fidelity_sample_count, split_holdout, verdict, _summary, _warn_if_slower
+from dlopt.optimize.quantize_scheme import QuantizeScheme
 from dlopt.runtime import initialize as initialize_runtime
 from dlopt.stage import StageResult, config_to_dict
 
@@ -67,8 +67,8 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
         log(f"warning: {holdout['warning']}")
     request = config if isinstance(config, QuantizeConfig) else None
     reasons: tuple[str, ...] = ()
-    if request is not None:
-        config, reasons = request.resolve(model, has_data=data is not None)
+    if isinstance(config, QuantizeConfig):
+        config, reasons = config.resolve(model, has_data=data is not None)
     scheme = {"kind": SCHEME_KINDS[type(config)], "config": config_to_dict(config),
               "resolved_from": "quantize" if request is not None else None, "reasons": list(reasons)}
     if request is not None and config.precision != "int8":
@@ -117,6 +117,8 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
     fusion_report = None
     if config.preprocess and config.fuse_activations:
         prepared, fusion_report = _fuse_activations(prepared, config, recipe, data, log)
+        if recipe.mode == "static" and config.per_channel:
+            prepared, fusion_report["equalization"] = _equalize_hardswish(prepared, config, data, log)
     smooth_report = None
     if recipe.smoothing is not None and data is not None:
         log(f"SmoothQuant: measuring activation ranges on {config.smoothing_samples} samples")
@@ -125,7 +127,7 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
     quantized, details = quantize_int8(prepared, config, recipe, data, progress=progress)
     ranges = details.pop("ranges")
     layer_stats = details.pop("layer_stats")
-    from dlopt.optimize.sensitivity import floor_evaluator, meet_budget
+    from dlopt.optimize.accuracy_budget import floor_evaluator, meet_budget
 
     budget = None
     if config.max_accuracy_drop is not None:
@@ -150,7 +152,7 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
             quantized = recovery.pop("model")
             details["nodes_excluded"] = recovery["chosen"]["excluded"]
     node_forms = None
-    if recipe.mode == "static" and _timed_here(config.target):
+    if isinstance(config, Int8Static) and recipe.mode == "static" and _timed_here(config.target):
         quantized, node_forms = _choose_node_forms(prepared, quantized, config, recipe, data, ranges, layer_stats,
                                                    details, log, decisions)
     report = {"precision": "int8", "config": config_to_dict(request or config), "scheme": scheme,
@@ -185,7 +187,7 @@ def _decision_store(config):
     return DecisionStore(replay=load_replay(named[0]), replay_source=named[0])
 
 
-def _choose_node_forms(prepared, quantized, config: Int8Static, recipe: Recipe, data, ranges, layer_stats,
+def _choose_node_forms(prepared, quantized, config: Int8Static, recipe: Int8Recipe, data, ranges, layer_stats,
                        details: dict[str, Any], log, decisions) -> tuple[Any, dict[str, Any]]:
     """INT8 or float per node class, timed here or replayed (dlopt.optimize.kernel_choice.choose_node_forms).
     Speed decides only where accuracy allows: nodes the accuracy budget kept float stay float, and speed
@@ -209,7 +211,20 @@ def _choose_node_forms(prepared, quantized, config: Int8Static, recipe: Recipe, 
     if result.report["kept"]:
         details.update(requantized)  # shielded nodes, weight refinement: those of the model kept
         details["nodes_excluded"] = sorted(set(excluded) | set(result.report["float_nodes"]))
-    return result.model, result.report
+    if config.node_forms == "int8":
+        return result.model, result.report
+    # an RGB stem's 3 input channels keep ORT off its symmetric int8 conv kernel: padded to 4 where that
+    # times faster here (exact: zero channel, zero weights); its decision is replayed with the others
+    from dlopt.optimize.pad_channels import choose_channel_padding, summary_line
+
+    padding = choose_channel_padding(result.model, feeds, store=decisions)
+    line = summary_line(padding.report)
+    if line:
+        log(line)
+    report = dict(result.report)
+    report["channel_padding"] = padding.report
+    report["decisions"] = list(report.get("decisions", [])) + padding.report["decisions"]
+    return padding.model, report
 
 
 def _choose_kernels(model, config: QuantizeScheme, log, decisions) -> tuple[Any, dict[str, Any] | None]:
@@ -228,7 +243,7 @@ def _choose_kernels(model, config: QuantizeScheme, log, decisions) -> tuple[Any,
     return result.model, result.report
 
 
-def _fuse_activations(model, config, recipe: Recipe, data, log) -> tuple[Any, dict[str, Any]]:
+def _fuse_activations(model, config, recipe: Int8Recipe, data, log) -> tuple[Any, dict[str, Any]]:
     """Decomposed hard-swish, SiLU and GELU as single ops before calibration (dlopt.optimize.fuse_activations),
     each kind checked against the unfused graph on the calibration data."""
     from dlopt.optimize.fuse_activations import FuseActivations, fuse_activations, summary_line
@@ -239,6 +254,20 @@ def _fuse_activations(model, config, recipe: Recipe, data, log) -> tuple[Any, di
     if line:
         log(line)
     _check_exclusions(result.model, config)  # a fusion may have absorbed an excluded node
+    return result.model, result.report
+
+
+def _equalize_hardswish(model, config, data, log) -> tuple[Any, dict[str, Any]]:
+    """Per-tensor activation scales lose the small channels of a BatchNorm-folded backbone: each Conv ->
+    hard-swish -> depthwise Conv site has its channel ranges equalized (dlopt.optimize.equalize_hardswish),
+    checked against the float graph on the calibration data. Static INT8 with per-channel weights only
+    (they absorb the rescaled filters exactly)."""
+    from dlopt.optimize.equalize_hardswish import EqualizeHardSwish, equalize_hardswish, summary_line
+
+    result = equalize_hardswish(model, EqualizeHardSwish(input_shapes=config.input_shapes), data)
+    line = summary_line(result.report)
+    if line:
+        log(line)
     return result.model, result.report
 
 

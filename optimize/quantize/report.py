@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from dlopt.optimize.quantize.verification import feed_description
+from dlopt.optimize.quantize.heldout import feed_description
 
 
 def summary_text(report: Mapping[str, Any]) -> str:
@@ -23,6 +23,8 @@ def summary_text(report: Mapping[str, Any]) -> str:
                      f"{', GPTQ rounding' if recipe.get('weight_rounding') == 'gptq' else ''}"
                      f"{', bias correction' if recipe.get('bias_correction') else ''}")
         lines += [f"  - {r}" for r in recipe["reasons"]]
+    elif report.get("precision") == "int4" and report.get("layers"):
+        lines += _int4_recipe_lines(report)
     else:
         lines.append(f"recipe: {report.get('precision')}")
     for step in (report.get("normalization") or {}).get("steps", []):
@@ -141,6 +143,26 @@ def summary_text(report: Mapping[str, Any]) -> str:
             lines.append(format_table(["check", "measured", "required", "why"],
                                       [[f["check"], f["measured"], f["required"], f["why"]] for f in v["failures"]]))
     return "\n".join(lines)
+
+
+def _int4_recipe_lines(report: Mapping[str, Any]) -> list[str]:
+    """int4's recipe line says how many linear layers are 4-bit, and each one that is not, and why: a
+    model whose only linear layer stayed 8-bit must not read as an int4 model."""
+    layers, fields = report["layers"], (report.get("scheme") or {}).get("config", {}).get("fields", {})
+    four, total = layers["four_bit"], layers["linear"]
+    grid = (f"{report.get('algorithm', '')}, blocks of {fields['block_size']}, "
+            f"{'symmetric' if fields.get('symmetric') else 'asymmetric'}" if fields else report.get("algorithm", ""))
+    tables = len(report.get("embeddings_quantized") or [])
+    lines = [f"recipe: int4 weight-only ({grid}): {four} of {total} linear layer{'s' if total != 1 else ''} at 4 bits"
+             + (f", {tables} embedding table{'s' if tables != 1 else ''} at 4 bits" if tables else "")]
+    for entry in layers["kept"]:
+        bits = "8 bits" if entry["bits"] == 8 else "float"
+        lines.append(f"  - kept at {bits}: {entry['node']}, {entry['why']}")
+    if four == 0:
+        lines.append("  no linear layer is 4-bit, so this is not a 4-bit model; a recipe stage "
+                     "(kind = \"int4-weight-only\" with keep_last = 0, keep_first = 0 or sensitive_fraction = 0, "
+                     "as the reasons above say) puts those layers at 4 bits")
+    return lines
 
 
 def _number(value: Any) -> str:

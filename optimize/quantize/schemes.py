@@ -13,7 +13,7 @@ from dlopt.optimize.fp16 import Fp16
 from dlopt.optimize.int4 import Int4WeightOnly
 from dlopt.optimize.kernel_choice import LayerNormForm, NODE_FORMS, NodeForms
 from dlopt.optimize.kernel_decisions import is_replay
-from dlopt.optimize.scheme import HOLDOUT_FRACTION, QuantizeScheme, check_common
+from dlopt.optimize.quantize_scheme import HOLDOUT_FRACTION, QuantizeScheme, check_common
 from dlopt.optimize.trim_padding import TrimMode
 
 PRECISIONS = ("int8", "int4", "fp16")
@@ -25,6 +25,7 @@ Precision = Literal["int8", "int4", "fp16"]
 Mode = Literal["auto", "dynamic", "static", "weight-only"]
 Method = Literal["minmax", "entropy", "percentile"]
 Rounding = Literal["auto", "nearest", "gptq"]
+Int8Mode = Literal["dynamic", "static", "weight-only"]  # an INT8 scheme's mode (the class decides it)
 # The fidelity floor: the lowest output SQNR, 20·log10(‖x‖/‖x−y‖) per float output over the held-out
 # samples, at which a result is written as a success. int8 15 dB: noise 3 % of the signal power (a
 # cosine of about 0.985); the reference models measure 17-21 dB (MiniLM cos 0.991, EfficientNet-Lite0
@@ -48,7 +49,7 @@ class _Int8(QuantizeScheme):
     """The fields of every INT8 scheme (ORT's quantizers, the accuracy budget, recovery below the floor)."""
 
     precision: ClassVar[str] = "int8"
-    mode: ClassVar[str]
+    mode: ClassVar[Int8Mode]
     per_channel: bool = True
     preprocess: bool = True  # fusions, constant folding, shape inference, each checked
     # decomposed hard-swish / SiLU / GELU as single ops before calibration (dlopt.optimize.fuse_activations)
@@ -56,7 +57,7 @@ class _Int8(QuantizeScheme):
     max_accuracy_drop: float | None = None
     evaluator: str | None = None  # a METRIC_TABLE name | FILE.py:FUNCTION | model:NAME[:metric]; None: the task metric
     # below the floor: keep the nodes that add the most noise in float until it holds (the budget
-    # search of optimize/sensitivity.py); False: fail at once
+    # search of optimize/accuracy_budget.py); False: fail at once
     recover: bool = True
     leave_one_out_limit: int = 80  # budget: rank up to this many nodes by re-quantizing without each
     # SmoothQuant alpha for transformers with calibration data; None: off. Off by default: on MiniLM
@@ -76,7 +77,7 @@ class Int8Dynamic(_Int8):
     """INT8 weights, activations quantized per call (QOperator): transformers, MatMul/Gemm models."""
 
     VERSION: ClassVar[int] = 1
-    mode: ClassVar[str] = "dynamic"
+    mode: ClassVar[Int8Mode] = "dynamic"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,7 +85,7 @@ class Int8WeightOnly(_Int8):
     """INT8 weights dequantized to float before each op: ~4x smaller, float compute, needs no data."""
 
     VERSION: ClassVar[int] = 1
-    mode: ClassVar[str] = "weight-only"
+    mode: ClassVar[Int8Mode] = "weight-only"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,7 +93,7 @@ class Int8Static(_Int8):
     """Static QDQ: activation ranges calibrated once on data, weights refined against the layers' inputs."""
 
     VERSION: ClassVar[int] = 1
-    mode: ClassVar[str] = "static"
+    mode: ClassVar[Int8Mode] = "static"
     method: Method | None = None  # calibration; None: percentile for transformers and CNNs, else minmax
     percentile: float | None = None  # for percentile calibration; None: 99.99 for CNNs, 99.999 otherwise
     weight_rounding: Rounding = "auto"  # Conv/Gemm weights: auto = GPTQ with calibration data; nearest = ORT's

@@ -1,9 +1,10 @@
-"""The quantization stages of the registry (dlopt.stage.STAGES): `quantize` (the front door) and one per
+"""The quantization stages of the registry (dlopt.stage): `quantize` (the front door) and one per
 scheme, with what they require of their input and ensure of their output."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from dlopt.errors import InputError
 from dlopt.optimize.fp16 import Fp16
@@ -11,8 +12,8 @@ from dlopt.optimize.int4 import Int4WeightOnly
 from dlopt.optimize.quantize.pipeline import quantize
 from dlopt.optimize.quantize.schemes import (Int8Dynamic, Int8Static, Int8WeightOnly, QuantizeConfig, Scheme,
                                              validate_config)
-from dlopt.optimize.quantize.verification import quantized_nodes
-from dlopt.stage import Check, Stage, StageContext, StageResult
+from dlopt.optimize.quantize.heldout import quantized_nodes
+from dlopt.stage import Check, Stage, StageContext, StageResult, register_stage
 
 
 # -- the stages -------------------------------------------------------------------------------------------
@@ -67,40 +68,49 @@ def _run(model, config, context: StageContext) -> StageResult:
                     log=context.log)
 
 
-# What the core uses of quantization besides `apply` (dlopt.api's quantize verb, dlopt run's failed-result
-# handling, package's calibration): the same on every quantize stage; modules that import this one, lazily.
-HELPERS = {
-    "quantize_file": "dlopt.optimize.quantize.files:quantize_file",  # a model file in, model + report out
-    "failure_error": "dlopt.optimize.quantize.files:failure_error",  # the VerificationError of a failed outcome
-    "failed_path": "dlopt.optimize.quantize.files:failed_path",  # where a failed result is kept: OUT.failed.onnx
-    "summary_text": "dlopt.optimize.quantize.report:summary_text",  # what `dlopt quantize` prints
-    "load_calibration": "dlopt.data:load_data",  # a data spec as CalibrationData (dlopt.data)
-    # what a search over quantization candidates asks (dlopt.search): the held-out split, the accuracy
-    # evaluator, the graph facts the recipe is chosen by, the calibration methods to try
-    "split_holdout": "dlopt.optimize.quantize.verification:split_holdout",
-    "build_evaluator": "dlopt.optimize.sensitivity:build_evaluator",
-    "op_counts": "dlopt.optimize.preprocess:op_counts",
-    "looks_like_transformer": "dlopt.optimize.preprocess:looks_like_transformer",
-    "METHODS": "dlopt.optimize.quantize.schemes:METHODS",
-}
+# One Stage per scheme and the front door; the same run and checks, each its own config class.
+_CHECKS: dict[str, Any] = {"takes": "onnx", "makes": "onnx", "ensures": (SAME_OUTPUTS,)}
 
 
-def _quantize_stage(kind: str, config: type, summary: str, validate=None, requires: tuple[Check, ...] = ()) -> Stage:
-    return Stage(kind=kind, config=config, run=_run, takes="onnx", makes="onnx",
-                 requires=(ONNX_MODEL, FLOAT_ONNX, *requires), ensures=(SAME_OUTPUTS,), summary=summary,
-                 validate=validate, helpers=HELPERS)
+@register_stage(kind="quantize", config=QuantizeConfig, requires=(ONNX_MODEL, FLOAT_ONNX), validate=validate_config,
+                summary="int8/int4/fp16, the scheme chosen for the model, target and CPU (mode auto), recorded in "
+                        "the report", **_CHECKS)
+def quantize_stage(model, config: QuantizeConfig, context: StageContext) -> StageResult:
+    return _run(model, config, context)
 
 
-QUANTIZE = _quantize_stage("quantize", QuantizeConfig, "int8/int4/fp16, the scheme chosen for the model, target "
-                           "and CPU (mode auto), recorded in the report", validate_config)
-INT8_DYNAMIC = _quantize_stage("int8-dynamic", Int8Dynamic, "INT8 weights, activations quantized per call",
-                               requires=(DYNAMIC_TARGET,))
-INT8_STATIC = _quantize_stage("int8-static", Int8Static, "static INT8 QDQ, calibrated on data")
-INT8_WEIGHT_ONLY = _quantize_stage("int8-weight-only", Int8WeightOnly, "INT8 weights, float compute")
-INT4_WEIGHT_ONLY = _quantize_stage("int4-weight-only", Int4WeightOnly, "4-bit block-quantized weights (MatMulNBits)")
-FP16 = _quantize_stage("fp16", Fp16, "FP16 weights and compute, overflowing nodes kept FP32")
-_STAGES_BY_CONFIG = {stage.config: stage for stage in (QUANTIZE, INT8_DYNAMIC, INT8_STATIC, INT8_WEIGHT_ONLY,
-                                                       INT4_WEIGHT_ONLY, FP16)}
+@register_stage(kind="int8-dynamic", config=Int8Dynamic, requires=(ONNX_MODEL, FLOAT_ONNX, DYNAMIC_TARGET),
+                summary="INT8 weights, activations quantized per call", **_CHECKS)
+def int8_dynamic_stage(model, config: Int8Dynamic, context: StageContext) -> StageResult:
+    return _run(model, config, context)
+
+
+@register_stage(kind="int8-static", config=Int8Static, requires=(ONNX_MODEL, FLOAT_ONNX),
+                summary="static INT8 QDQ, calibrated on data", **_CHECKS)
+def int8_static_stage(model, config: Int8Static, context: StageContext) -> StageResult:
+    return _run(model, config, context)
+
+
+@register_stage(kind="int8-weight-only", config=Int8WeightOnly, requires=(ONNX_MODEL, FLOAT_ONNX),
+                summary="INT8 weights, float compute", **_CHECKS)
+def int8_weight_only_stage(model, config: Int8WeightOnly, context: StageContext) -> StageResult:
+    return _run(model, config, context)
+
+
+@register_stage(kind="int4-weight-only", config=Int4WeightOnly, requires=(ONNX_MODEL, FLOAT_ONNX),
+                summary="4-bit block-quantized weights (MatMulNBits)", **_CHECKS)
+def int4_weight_only_stage(model, config: Int4WeightOnly, context: StageContext) -> StageResult:
+    return _run(model, config, context)
+
+
+@register_stage(kind="fp16", config=Fp16, requires=(ONNX_MODEL, FLOAT_ONNX),
+                summary="FP16 weights and compute, overflowing nodes kept FP32", **_CHECKS)
+def fp16_stage(model, config: Fp16, context: StageContext) -> StageResult:
+    return _run(model, config, context)
+
+
+_STAGES_BY_CONFIG = {stage.config: stage for stage in (quantize_stage, int8_dynamic_stage, int8_static_stage,
+                                                       int8_weight_only_stage, int4_weight_only_stage, fp16_stage)}
 
 
 def stage_of(config: Scheme | QuantizeConfig) -> Stage:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -10,50 +11,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dlopt.errors import DlOptError, InputError, StageError, VerificationError
-from dlopt.fileio import check_output_path, guard_outputs, guard_source_spec, json_text, stage_onnx, staged_outputs
-
-
-@dataclass(frozen=True)
-class WrittenModel:
-    model_path: Path
-    report_path: Path
-    report: dict[str, Any]
-
-
-def report_path_for(model_path: str | os.PathLike, stage: str) -> Path:
-    """Where a stage's JSON report goes: beside the model, `NAME.<stage>.json`."""
-    path = Path(model_path)
-    stem = path.name[:-5] if path.name.endswith(".onnx") else path.name
-    return path.with_name(f"{stem}.{stage}.json")
+from dlopt.fileio import (WrittenModel, check_output_path, guard_outputs, guard_source_spec, json_text, report_path_for,
+                          stage_onnx, staged_outputs)
 
 
 def export_model(source, output: str | os.PathLike, config=None,
                  log: Callable[[str], None] = lambda message: None) -> WrittenModel:
     """Export SOURCE (a reference model name, "file.py:build", "pkg.module:build" or a ModelSource) to
-    ONNX at `output`, verified against torch; writes the model and its JSON report atomically.
+    ONNX at `output`, verified against torch; writes the model and its JSON report atomically
+    (dlopt.optimize.export.export_file).
 
     Raises VerificationError (and writes nothing) when outputs differ, unless config.allow_mismatch."""
-    from dlopt.stage import StageContext, get_stage
+    from dlopt.optimize.export import export_file
 
-    STAGE = get_stage("export")
-    ModelSource, load_source = STAGE.ModelSource, STAGE.load_source
-    config = config or STAGE.config()
-    out = check_output_path(output)  # fail before minutes of work, not after
-    report_path = check_output_path(report_path_for(out, "export"))
-    if not isinstance(source, ModelSource):
-        guard_outputs([guard_source_spec(source)], [out, report_path])
-        log(f"loading {source}")
-        source = load_source(source)
-    exporter = config.exporter or source.exporter or "dynamo"
-    why = "" if config.exporter or not source.exporter else " (the model's preferred exporter)"
-    log(f"exporting {source.name} with the {exporter} exporter{why}, opset {config.opset}")
-    result = STAGE.apply(source, config, StageContext(log=log))
-    # The model and its report are renamed into place together: never a new model beside an old report.
-    with staged_outputs() as outputs:
-        model_tmp = stage_onnx(result.model, out, outputs)
-        report = result.report | {"output": str(out), "bytes": model_tmp.stat().st_size}
-        outputs.stage(report_path).write_text(json_text(report))
-    return WrittenModel(out, report_path, report)
+    return export_file(source, output, config, log=log)
 
 
 def export_lm(source: str | os.PathLike, output: str | os.PathLike, config=None, *,
@@ -62,12 +33,11 @@ def export_lm(source: str | os.PathLike, output: str | os.PathLike, config=None,
     folder or "smollm2"; `output` a new folder that onnxruntime-genai loads as it is (model.onnx with a KV
     cache, genai_config.json, tokenizer, export.json). Verified against transformers over the prefill and
     decode steps; VerificationError (nothing written) on a mismatch. Returns an LmExport (folder, report)."""
-    from dlopt.stage import get_stage
+    from dlopt.optimize.export_lm import ExportLm, export_text_generation
 
-    STAGE = get_stage("export")
     if str(source) != "smollm2":
         guard_outputs([source], [output])
-    return STAGE.export_text_generation(source, output, config or STAGE.ExportLm(), log=log)
+    return export_text_generation(source, output, config or ExportLm(), log=log)
 
 
 @dataclass(frozen=True)
@@ -108,11 +78,11 @@ def quantize_model(model_path: str | os.PathLike, output: str | os.PathLike, con
     progress bars on stderr. A result below its fidelity floor is kept as NAME.failed.onnx and the outcome
     says so (`passed`; `quantize_failure(outcome)` is the error to raise). See
     dlopt.optimize.quantize.quantize_file."""
-    from dlopt.stage import get_stage
+    from dlopt.optimize.quantize.files import quantize_file
+    from dlopt.optimize.quantize.schemes import QuantizeConfig
 
-    front_door = get_stage("quantize")  # its config is the QuantizeConfig request
-    return front_door.quantize_file(model_path, output, config or front_door.config(), calibration,
-                                    eval_data=eval_data, after=after, progress=progress, log=log)
+    return quantize_file(model_path, output, config or QuantizeConfig(), calibration,
+                         eval_data=eval_data, after=after, progress=progress, log=log)
 
 
 def prune_model(source: str, output_dir: str | os.PathLike, config=None, *, bench_seconds: float | None = 15.0,
@@ -124,13 +94,14 @@ def prune_model(source: str, output_dir: str | os.PathLike, config=None, *, benc
     (`bench_seconds`, one thread, interleaved; None skips it). Unstructured: sparsity and gzip sizes,
     and no latency ratio (there is no speedup to claim). The files are renamed into place together at
     the end: a failed or interrupted run leaves the folder as it was (and removes it when it made it)."""
+    from dlopt.checkpoint import save_checkpoint
     from dlopt.errors import InputError
     from dlopt.fileio import output_folder
-    from dlopt.stage import get_stage
+    from dlopt.optimize.prune import Prune, prune_stage
+    from dlopt.sources import load_source
 
-    PRUNE, EXPORT = get_stage("prune"), get_stage("export")
-    config = config or PRUNE.config()
-    PRUNE.check_config(config)
+    config = config or Prune()
+    prune_stage.check_config(config)
     _check_bench_numbers(bench_seconds, batch, seq_len)
     if bench_seconds is not None and bench_seconds <= 0:
         raise InputError(f"the benchmark time must be positive, got {bench_seconds}",
@@ -145,17 +116,17 @@ def prune_model(source: str, output_dir: str | os.PathLike, config=None, *, benc
         from dlopt.stage import StageContext, TorchStageArtifacts
 
         log(f"loading {spec}")
-        source = EXPORT.load_source(spec)
+        source = load_source(spec)
         gradients = _gradient_batches(spec, source) if config.importance == "taylor" else None
         log(f"pruning ({config.structure}, ratio {config.ratio}, {config.importance} importance)")
-        result = PRUNE.apply(source, config, StageContext(data=gradients, log=log))
+        result = prune_stage.apply(source, config, StageContext(data=gradients, log=log))
         pruned = result.model.module
         report = dict(result.report)
         log("exporting the pruned model (verified against torch)")
         onnx_path = out_dir / "pruned.onnx"
-        onnx_tmp = stage_onnx(_exported(EXPORT, dataclasses.replace(result.model, name=f"{source.name} (pruned)"), log),
+        onnx_tmp = stage_onnx(_exported(dataclasses.replace(result.model, name=f"{source.name} (pruned)"), log),
                               onnx_path, outputs)
-        checkpoint = PRUNE.save_checkpoint(out_dir / "pruned.pt", pruned, spec, report, outputs=outputs)
+        checkpoint = save_checkpoint(out_dir / "pruned.pt", pruned, spec, report, outputs=outputs)
         r = report
         rows = [["parameters", r["parameters_before"], r["parameters_after"],
                  f"{r['parameters_after'] / r['parameters_before']:.3f}x"],
@@ -164,11 +135,11 @@ def prune_model(source: str, output_dir: str | os.PathLike, config=None, *, benc
         if bench_seconds is not None or config.structure == "unstructured":  # else no comparison needs it
             dense_path = out_dir / "dense.onnx"
             log("exporting the unpruned model for comparison")
-            dense_tmp = stage_onnx(_exported(EXPORT, source, log), dense_path, outputs)
+            dense_tmp = stage_onnx(_exported(source, log), dense_path, outputs)
             rows.append(["ONNX MB", dense_tmp.stat().st_size / 1e6, onnx_tmp.stat().st_size / 1e6,
                          f"{onnx_tmp.stat().st_size / dense_tmp.stat().st_size:.3f}x"])
         notes: list[str] = []
-        if config.structure == "unstructured":
+        if config.structure == "unstructured" and dense_tmp is not None:  # (exported above for it)
             dense_gz = len(gzip.compress(dense_tmp.read_bytes(), compresslevel=6, mtime=0))
             sparse_gz_bytes = gzip.compress(onnx_tmp.read_bytes(), compresslevel=6, mtime=0)
             outputs.stage(out_dir / "pruned.onnx.gz").write_bytes(sparse_gz_bytes)
@@ -184,7 +155,7 @@ def prune_model(source: str, output_dir: str | os.PathLike, config=None, *, benc
                 before = sum(h["before"] for h in heads.values())
                 after = sum(h["after"] for h in heads.values())
                 rows.append(["attention heads", before, after, f"{after / before:.3f}x"])
-            if bench_seconds is not None:
+            if bench_seconds is not None and dense_tmp is not None:  # (exported above for it)
                 log(f"measuring latency, one thread, interleaved ({bench_seconds:g} s)")
                 speed = measure_speedup(dense_tmp, onnx_tmp, budget_s=bench_seconds, batch=batch, seq_len=seq_len)
                 report["latency"] = speed
@@ -206,11 +177,12 @@ def prune_model(source: str, output_dir: str | os.PathLike, config=None, *, benc
                            seq_len=seq_len, log=log)
 
 
-def _exported(export_stage, source, log: Callable[[str], None]):
-    """A torch ModelSource as a verified ONNX model: the export stage (from the registry), default config."""
+def _exported(source, log: Callable[[str], None]):
+    """A torch ModelSource as a verified ONNX model: the export stage, default config."""
+    from dlopt.optimize.export import Export, export_stage
     from dlopt.stage import StageContext
 
-    return export_stage.apply(source, export_stage.config(), StageContext(log=log)).model
+    return export_stage.apply(source, Export(), StageContext(log=log)).model
 
 
 def _gradient_batches(spec: str, source, n: int = 8):
@@ -242,7 +214,7 @@ def _check_bench_numbers(bench_seconds: float | None, batch: int = 1, seq_len: i
 
 
 def measure_speedup(baseline_onnx: Path, onnx_path: Path, *, budget_s: float, batch: int = 1,
-                    seq_len: int = 128) -> dict[str, float]:
+                    seq_len: int = 128) -> dict[str, Any]:
     """Latency of `onnx_path` against `baseline_onnx`, one thread, interleaved (dlopt.bench)."""
     from dlopt.bench import BenchConfig, benchmark
 
@@ -250,6 +222,7 @@ def measure_speedup(baseline_onnx: Path, onnx_path: Path, *, budget_s: float, ba
                                                                budget_s=budget_s))
     run = result.batches[0]
     ratio = run.models[1].ratios[result.clock]
+    assert ratio is not None, "None only for the first model"
     return {"clock": result.clock, "batch": run.batch, "rounds": run.rounds,
             "baseline_ms": run.models[0].summaries[result.clock].median * 1e3,
             "ms": run.models[1].summaries[result.clock].median * 1e3,
@@ -257,11 +230,11 @@ def measure_speedup(baseline_onnx: Path, onnx_path: Path, *, budget_s: float, ba
 
 
 def distill_model(teacher_spec: str, student_path: str | os.PathLike, data_spec: str, output_dir: str | os.PathLike,
-                  *, epochs: int = 3, temperature: float = 4.0, alpha: float = 0.7, loss: str | None = None,
+                  *, epochs: int = 3, temperature: float = 4.0, alpha: float = 0.7, loss: Loss | None = None,
                   lr: float | None = None, batch_size: int = 64, max_samples: int | None = None,
                   val_fraction: float = 0.1, patience: int | None = 2,
                   hidden_layers: tuple[tuple[str, str], ...] = (), hidden_weight: float = 0.0,
-                  seed: int = 0, device: str = "cpu", resume: bool = False,
+                  seed: int = 0, device: Device = "cpu", resume: bool = False,
                   bench_seconds: float | None = 15.0, show_progress: bool = True,
                   student_source: str | None = None, log: Callable[[str], None] = lambda message: None):
     """Distill TEACHER into the checkpoint STUDENT on DATA (an .npz, or "reference": the teacher reference
@@ -272,18 +245,20 @@ def distill_model(teacher_spec: str, student_path: str | os.PathLike, data_spec:
 
     The student is rebuilt from the source its checkpoint records, which is imported only if its file
     still has the recorded sha256, or from `student_source` when the user names one."""
+    from dlopt.checkpoint import checked_source, pinned_source, read_checkpoint, rebuild, save_checkpoint
     from dlopt.errors import InputError
     from dlopt.fileio import output_folder
-    from dlopt.stage import get_stage
+    from dlopt.optimize.distill import (Distill, distill_stage, load_npz_data, reference_training_data,
+                                        split_validation)
+    from dlopt.sources import load_source
 
-    DISTILL, PRUNE, EXPORT = get_stage("distill"), get_stage("prune"), get_stage("export")
     embedding_teacher = teacher_spec == "minilm"
-    config = DISTILL.config(epochs=epochs, temperature=temperature, alpha=alpha,
+    config = Distill(epochs=epochs, temperature=temperature, alpha=alpha,
                      loss=loss or ("cosine" if embedding_teacher else "kl"),
                      lr=lr or (3e-4 if embedding_teacher else 1e-3), batch_size=batch_size,
                      hidden_layers=hidden_layers, hidden_weight=hidden_weight, patience=patience, seed=seed,
                      device=device, freeze=("bert.embeddings",) if embedding_teacher else ())
-    DISTILL.check_config(config)
+    distill_stage.check_config(config)
     _check_bench_numbers(bench_seconds)
     from dlopt.limits import check_number
 
@@ -291,8 +266,8 @@ def distill_model(teacher_spec: str, student_path: str | os.PathLike, data_spec:
     if max_samples is not None:
         check_number(max_samples, "{max_samples=N}", minimum=1, integer=True)
     student_path, out_dir = Path(student_path), Path(output_dir)
-    checkpoint = PRUNE.read_checkpoint(student_path)  # fail on a bad checkpoint before loading models
-    source_spec = student_source or PRUNE.checked_source(checkpoint, student_path)
+    checkpoint = read_checkpoint(student_path)  # fail on a bad checkpoint before loading models
+    source_spec = student_source or checked_source(checkpoint, student_path)
     if data_spec != "reference" and not Path(data_spec).is_file():
         raise InputError(f"data file {data_spec} does not exist", "give an .npz file or 'reference'")
 
@@ -302,7 +277,7 @@ def distill_model(teacher_spec: str, student_path: str | os.PathLike, data_spec:
         if a == b:
             return True
         try:
-            return PRUNE.pinned_source(a)[0] == PRUNE.pinned_source(b)[0]
+            return pinned_source(a)[0] == pinned_source(b)[0]
         except (InputError, OSError):
             return False
 
@@ -316,25 +291,25 @@ def distill_model(teacher_spec: str, student_path: str | os.PathLike, data_spec:
         from dlopt.stage import StageContext, TorchStageArtifacts
 
         log(f"loading the teacher {teacher_spec}")
-        teacher = EXPORT.load_source(teacher_spec)
+        teacher = load_source(teacher_spec)
         log(f"rebuilding the student from {student_path} (source {source_spec})")
         student_source = dataclasses.replace(teacher, module=copy.deepcopy(teacher.module)) \
-            if _same_source(source_spec, teacher_spec) else EXPORT.load_source(source_spec)
-        student = dataclasses.replace(student_source, module=PRUNE.rebuild(checkpoint, student_source.module,
+            if _same_source(source_spec, teacher_spec) else load_source(source_spec)
+        student = dataclasses.replace(student_source, module=rebuild(checkpoint, student_source.module,
                                                                      student_source.example_inputs))
-        data = DISTILL.reference_training_data(teacher_spec, max_samples) if data_spec == "reference" else \
-            DISTILL.load_npz_data(Path(data_spec), teacher.example_inputs, max_samples)
-        train, val = DISTILL.split_validation(data, val_fraction, seed)
+        data = reference_training_data(teacher_spec, max_samples) if data_spec == "reference" else \
+            load_npz_data(Path(data_spec), teacher.example_inputs, max_samples)
+        train, val = split_validation(data, val_fraction, seed)
         log(f"distilling on {len(train)} samples ({'labeled' if train.labels is not None else 'unlabeled'}), "
             f"{len(val) if val is not None else 0} held out for early stopping")
-        result = DISTILL.apply(student, config, StageContext(data=train, eval_data=val, teacher=teacher, output=out_dir,
+        result = distill_stage.apply(student, config, StageContext(data=train, eval_data=val, teacher=teacher, output=out_dir,
                                                              resume=resume, progress=show_progress, log=log))
         report = dict(result.report)
         log("exporting the student (verified against torch)")
         onnx_path = out_dir / "distilled.onnx"
-        onnx_tmp = stage_onnx(_exported(EXPORT, dataclasses.replace(result.model, name=f"{source_spec} (distilled)"), log),
+        onnx_tmp = stage_onnx(_exported(dataclasses.replace(result.model, name=f"{source_spec} (distilled)"), log),
                               onnx_path, outputs)
-        saved = PRUNE.save_checkpoint(out_dir / "distilled.pt", result.model.module, source_spec,
+        saved = save_checkpoint(out_dir / "distilled.pt", result.model.module, source_spec,
                                 {"pruning_history": checkpoint.pruning_history,
                                  "module_attributes": checkpoint.module_attributes,
                                  "prune": checkpoint.report, "distill": {k: v for k, v in report.items()}},
@@ -343,7 +318,7 @@ def distill_model(teacher_spec: str, student_path: str | os.PathLike, data_spec:
         if bench_seconds is not None:
             teacher_path = out_dir / "teacher.onnx"
             log("exporting the teacher for the latency comparison")
-            teacher_tmp = stage_onnx(_exported(EXPORT, teacher, log), teacher_path, outputs)
+            teacher_tmp = stage_onnx(_exported(teacher, log), teacher_path, outputs)
             log(f"measuring latency against the teacher, one thread, interleaved ({bench_seconds:g} s)")
             speed = measure_speedup(teacher_tmp, onnx_tmp, budget_s=bench_seconds)
             report["latency"] = speed
@@ -456,6 +431,7 @@ def evaluate(model: str | os.PathLike, *, data: str | os.PathLike | None = None,
     if data is not None:
         result = evaluate_data(model, data, config, reference=reference)
     else:
+        assert reference_model is not None, "checked above: data or reference_model"
         result = evaluate_reference_model(model, reference_model, config, reference=reference)
     if json_path:
         from dlopt.fileio import write_json_atomic
@@ -493,10 +469,20 @@ def gate(baseline: str | os.PathLike, candidate: str | os.PathLike, config: Gate
             check_output_path(path)  # before a minute of measuring, not after
     guard_outputs([baseline, candidate, _data_file(data), _data_file(evaluator.data) if evaluator else None],
                   [summary, junit, json_path, github_summary])
-    batch = config.batch or 1
-    arrays = data_arrays(data, candidate, seq_len=config.seq_len or 128,
-                          samples=batch * (8 if str(data).startswith("model:") else MAX_DATA_BATCHES))
-    result = run_gate(baseline, candidate, config, data=arrays, evaluator=evaluator, progress=progress)
+    from dlopt.genai import is_lm_folder
+
+    if is_lm_folder(baseline) or is_lm_folder(candidate):  # exported LMs: decode tokens/s and perplexity
+        from dlopt.gate.lm import run_gate_lm
+
+        if data is not None:
+            raise InputError("an LM gate times generation from seeded prompts, not {data}",
+                             "drop it; the evaluation text is {eval_data=TEXT.txt}")
+        result = run_gate_lm(baseline, candidate, config, evaluator=evaluator, progress=progress)
+    else:
+        batch = config.batch or 1
+        arrays = data_arrays(data, candidate, seq_len=config.seq_len or 128,
+                             samples=batch * (8 if str(data).startswith("model:") else MAX_DATA_BATCHES))
+        result = run_gate(baseline, candidate, config, data=arrays, evaluator=evaluator, progress=progress)
     written = write_outputs(result, summary=summary, junit=junit, json_path=json_path,
                             github_summary=str(github_summary) if github_summary else None)
     return Gated(result, tuple(written))
@@ -504,13 +490,32 @@ def gate(baseline: str | os.PathLike, candidate: str | os.PathLike, config: Gate
 
 def package_model(model: str | os.PathLike, output: str | os.PathLike, config: PackageConfig | None = None, *,
                   data: str | os.PathLike | Mapping[str, Any] | None = None, sign_key: str | os.PathLike | None = None,
-                  log: Log = _quiet) -> PackageResult:
+                  prompts: Sequence[str] = (), new_tokens: int | None = None,
+                  reference: str | os.PathLike | None = None, log: Log = _quiet) -> PackageResult:
     """Package MODEL (.onnx) into the bundle folder `output` for `config.target`, verified before it is
     written (dlopt.package.package). `data`: sample inputs (any source of dlopt.data, a DataSpec, or arrays)
     instead of generated ones, run as one batch; `sign_key`: an Ed25519 private key (`keygen`) that signs
-    the manifest."""
+    the manifest.
+
+    MODEL may be an exported LM folder (genai_config.json: `export_lm`, quantized or not): the bundle is
+    that folder as onnxruntime-genai loads it, with `prompts` (default: three samples) and their
+    `new_tokens` (default 20) greedy tokens in the manifest, also generated by `reference` (the FP32
+    export) when given (dlopt.package.lm.package_lm)."""
     from dlopt.data import data_arrays
+    from dlopt.genai import is_lm_folder
     from dlopt.package import PackageConfig, package
+
+    if is_lm_folder(model) or Path(model).is_dir():
+        from dlopt.package.lm import NEW_TOKENS, package_lm
+
+        if data is not None:
+            raise InputError("an LM bundle's samples are prompts, not {data}", "give {prompt=TEXT} instead")
+        return package_lm(model, output, config or PackageConfig(), prompts=prompts,
+                          new_tokens=NEW_TOKENS if new_tokens is None else new_tokens, reference=reference,
+                          sign_key=sign_key, log=log)
+    if prompts or new_tokens is not None or reference is not None:
+        raise InputError(f"{model} is not an exported LM folder: {{prompt}}, {{new_tokens}} and {{reference}} are "
+                         "for LM bundles", "package the folder dlopt export --task text-generation wrote")
 
     guard_outputs([_data_file(data)], [output])  # package() guards the model, calibration and torch source
     feeds = data_arrays(data, model)
@@ -531,6 +536,10 @@ def package_text(result: PackageResult) -> str:
     from dlopt.targets.mobile import COVERAGE_HEADERS, coverage_table_rows
 
     manifest = result.manifest
+    if manifest["model"]["format"] == "genai":
+        from dlopt.package.lm import package_text as lm_package_text
+
+        return lm_package_text(result)
     lines = [summary_table(manifest)]
     if manifest["coverage"]:
         report = json.loads((result.bundle / manifest["coverage"]["file"]).read_text())
@@ -577,8 +586,9 @@ class KeyPair:
 def keygen(*, output: str | os.PathLike | None = None, private: str | os.PathLike | None = None,
            public: str | os.PathLike | None = None) -> KeyPair:
     """Write a new Ed25519 key pair as PEM files, the private one with mode 0600: into the folder
-    `output` (as dlopt-signing.key / .pub), or to the files `private` and `public`. Existing files are
-    never overwritten. Sign bundles with the private key, verify them with the public one."""
+    `output` (as dlopt-signing.key / .pub; a missing folder is created with mode 0700), or to the files
+    `private` and `public`. Existing files are never overwritten. Sign bundles with the private key, verify
+    them with the public one."""
     from dlopt.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, generate_key_pair
 
     if output is not None and (private or public):
@@ -586,13 +596,33 @@ def keygen(*, output: str | os.PathLike | None = None, private: str | os.PathLik
                          "give {output=DIR}, or both {private=KEY} and {public=PUB}")
     if output is None and not (private and public):
         raise InputError("no key paths given", "give {output=DIR}, or both {private=KEY} and {public=PUB}")
+    created = None
     if output is not None:
         folder = Path(output)
-        if not folder.is_dir():
-            raise InputError(f"key folder {folder} does not exist", "create it first")
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"key folder {folder} is a file", "give a folder for the keys (it is created if missing)")
+        if not folder.exists():
+            created = _make_key_folder(folder)
         private, public = folder / PRIVATE_KEY_NAME, folder / PUBLIC_KEY_NAME
-    fingerprint = generate_key_pair(private, public)
+    assert private is not None and public is not None, "checked above: output, or private and public"
+    try:
+        fingerprint = generate_key_pair(private, public)
+    except BaseException:
+        if created is not None:  # leave no empty key folder behind a failed run
+            with contextlib.suppress(OSError):
+                created.rmdir()
+        raise
     return KeyPair(Path(private), Path(public), fingerprint)
+
+
+def _make_key_folder(folder: Path) -> Path:
+    """Create the key folder with mode 0700 (only its owner lists or enters it), parents as needed."""
+    try:
+        folder.mkdir(parents=True, mode=0o700)
+        folder.chmod(0o700)  # mkdir's mode is masked by the umask; the folder's own mode is meant exactly
+    except OSError as e:
+        raise InputError(f"cannot create key folder {folder}: {e.strerror}", "choose a folder you can write") from None
+    return folder
 
 
 @dataclass(frozen=True)
@@ -728,7 +758,7 @@ _LAZY = {
     "BenchConfig": "dlopt.bench", "BenchResult": "dlopt.bench", "parse_duration": "dlopt.bench",
     "parse_batch_sizes": "dlopt.bench", "format_bench": "dlopt.bench:format_result",
     "GenerateConfig": "dlopt.bench.generate", "GenerateResult": "dlopt.bench.generate",
-    "format_generate": "dlopt.bench.generate", "ExportLm": "stage:export:ExportLm",
+    "format_generate": "dlopt.bench.generate", "ExportLm": "dlopt.optimize.export_lm",
     "EvalConfig": "dlopt.evaluate", "EvalResult": "dlopt.evaluate", "format_eval": "dlopt.evaluate",
     "validate_metrics": "dlopt.evaluate",
     "GateConfig": "dlopt.gate", "GateResult": "dlopt.gate", "EvalSpec": "dlopt.gate", "format_gate": "dlopt.gate:format_text",
@@ -742,15 +772,13 @@ _LAZY = {
     "DataSpec": "dlopt.data", "CalibrationData": "dlopt.data", "data_spec": "dlopt.data", "load_data": "dlopt.data",
     "notes_to": "dlopt.sessions",  # where sessions' one-time notes go (a relaxed output declaration)
     "reset_written": "dlopt.fileio", "written_paths": "dlopt.fileio",  # what an interrupted command had written
-    # the stage configs and what the stage verbs' callers print, from dlopt.stage's registry: "stage:KIND:ATTR"
-    # is the stage's config class (ATTR config) or one of its helpers
-    "ExportConfig": "stage:export:ExportConfig", "DEFAULT_OPSET": "stage:export:DEFAULT_OPSET",
-    "Export": "stage:export:config", "Prune": "stage:prune:config", "PruneConfig": "stage:prune:PruneConfig",
-    "Distill": "stage:distill:config", "QuantizeConfig": "stage:quantize:config",
-    "Int8Dynamic": "stage:int8-dynamic:config", "Int8Static": "stage:int8-static:config",
-    "Int8WeightOnly": "stage:int8-weight-only:config", "Int4WeightOnly": "stage:int4-weight-only:config",
-    "Fp16": "stage:fp16:config", "quantize_summary": "stage:quantize:summary_text",
-    "quantize_failure": "stage:quantize:failure_error",
+    # the stage configs, and what the stage verbs' callers print, from the stage modules
+    "Export": "dlopt.optimize.export", "DEFAULT_OPSET": "dlopt.optimize.export", "Prune": "dlopt.optimize.prune",
+    "Distill": "dlopt.optimize.distill", "QuantizeConfig": "dlopt.optimize.quantize.schemes",
+    "Int8Dynamic": "dlopt.optimize.quantize.schemes", "Int8Static": "dlopt.optimize.quantize.schemes",
+    "Int8WeightOnly": "dlopt.optimize.quantize.schemes", "Int4WeightOnly": "dlopt.optimize.int4",
+    "Fp16": "dlopt.optimize.fp16", "quantize_summary": "dlopt.optimize.quantize.report:summary_text",
+    "quantize_failure": "dlopt.optimize.quantize.files:failure_error",
 }
 
 if TYPE_CHECKING:
@@ -759,8 +787,11 @@ if TYPE_CHECKING:
     from dlopt.evaluate import EvalConfig, EvalResult
     from dlopt.gate import EvalSpec, GateConfig, GateResult
     from dlopt.models import Fp32Evaluation
+    from dlopt.optimize.distill import Device, Loss
     from dlopt.package import PackageConfig, PackageResult
     from dlopt.recipe import RunResult
+    from dlopt.search.driver import OptimizeConfig, OptimizeResult
+    from dlopt.search.report import front_text as optimize_text
     from dlopt.stagecache import Entry, StageCache
     from dlopt.verify import VerifyResult
 
@@ -770,13 +801,7 @@ def __getattr__(name: str) -> Any:
     if target is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     module, _, attr = target.partition(":")
-    if module == "stage":  # through the registry: the core imports no stage module itself
-        from dlopt.stage import get_stage
-
-        kind, _, attr = attr.partition(":")
-        value = getattr(get_stage(kind), attr)
-    else:
-        value = getattr(importlib.import_module(module), attr or name)
+    value = getattr(importlib.import_module(module), attr or name)
     globals()[name] = value
     return value
 

@@ -7,10 +7,7 @@ from pathlib import Path
 
 from dlopt.errors import InputError
 from dlopt.package import PackageConfig, package, validate_config
-from dlopt.stage import Check, Stage, StageContext, StageResult
-
-Package = PackageConfig  # the stage's config class (defined beside the code that reads it)
-
+from dlopt.stage import Check, StageContext, StageResult, register_stage
 
 def _model_file_problem(model, config, before) -> str | None:
     path = Path(model) if isinstance(model, (str, Path)) else None
@@ -26,16 +23,15 @@ def _verified_problem(bundle, config, before) -> str | None:
     return None if manifest.is_file() else f"{bundle} has no manifest.json"
 
 
-def _run(model: Path, config: PackageConfig, context: StageContext) -> StageResult:
+@register_stage(kind="package", config=PackageConfig, takes="onnx", makes="bundle",
+                requires=(Check("an ONNX model file", _model_file_problem),),
+                ensures=(Check("a bundle with its manifest", _verified_problem),),
+                summary="a verified, self-describing bundle for the target", validate=validate_config)
+def package_stage(model: Path, config: PackageConfig, context: StageContext) -> StageResult:
     if context.output is None:
         raise InputError("the package stage writes a bundle folder and was given none", "pass output= in its context")
     result = package(model, context.output, config, lineage=context.lineage, log=context.log)
     return StageResult(result.bundle, {"verification": result.manifest["verification"]})
 
 
-STAGE = Stage(kind="package", config=PackageConfig, run=_run, takes="onnx", makes="bundle",
-              requires=(Check("an ONNX model file", _model_file_problem),),
-              ensures=(Check("a bundle with its manifest", _verified_problem),),
-              summary="a verified, self-describing bundle for the target", validate=validate_config)
-
-__all__ = ["STAGE", "Package"]
+__all__ = ["package_stage"]

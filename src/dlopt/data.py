@@ -41,13 +41,14 @@ import importlib
 import importlib.util
 import itertools
 import json
+import os
 import re
 import sys
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, overload
 
 import numpy as np
 
@@ -117,7 +118,11 @@ class DataSpec:
         return config_to_dict(self)
 
 
-def as_spec(spec: str | Path | DataSpec | None, image: ImagePreprocess | None = None) -> DataSpec | None:
+@overload
+def as_spec(spec: str | os.PathLike | DataSpec, image: ImagePreprocess | None = None) -> DataSpec: ...
+@overload
+def as_spec(spec: None, image: ImagePreprocess | None = None) -> None: ...
+def as_spec(spec: str | os.PathLike | DataSpec | None, image: ImagePreprocess | None = None) -> DataSpec | None:
     """A `--calibration`/`--data` value as a DataSpec (a DataSpec stays itself); `image` fills in an
     undeclared image pre-processing (a stage config's own `image`)."""
     if spec is None:
@@ -133,7 +138,7 @@ def source_path(spec: str | Path | DataSpec | None) -> Path | None:
     """The file or folder a data source reads (a Python reader's .py file), None for model:NAME and
     module readers: what the output guards keep every output away from."""
     data = as_spec(spec)
-    if data is None or not (data.is_path or (data.is_reader and ".py:" in str(data.source))):
+    if data is None or data.source is None or not (data.is_path or (data.is_reader and ".py:" in data.source)):
         return None
     return Path(data.source.rpartition(":")[0] if data.is_reader else data.source)
 
@@ -199,9 +204,9 @@ def read_spec_file(path: str | Path) -> DataSpec:
         raise InputError(f"cannot read the data spec {path}: {e.strerror or e}", "check the path") from e
     if path.suffix == ".json":
         return _recorded_spec(path, text)
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10
+    else:  # Python 3.10
         import tomli as tomllib
     try:
         keys = tomllib.loads(text)
@@ -516,7 +521,13 @@ class CalibrationData:
         return False
 
 
-def load_data(spec: str | Path | DataSpec | CalibrationData | None, model=None, *, limit: int | None = None,
+@overload
+def load_data(spec: str | os.PathLike | DataSpec | CalibrationData, model=None, *, limit: int | None = None,
+              image: ImagePreprocess | None = None, ignore: Iterable[str] = ()) -> CalibrationData: ...
+@overload
+def load_data(spec: None, model=None, *, limit: int | None = None, image: ImagePreprocess | None = None,
+              ignore: Iterable[str] = ()) -> None: ...
+def load_data(spec: str | os.PathLike | DataSpec | CalibrationData | None, model=None, *, limit: int | None = None,
               image: ImagePreprocess | None = None, ignore: Iterable[str] = ()) -> CalibrationData | None:
     """Turn a user's data (`--calibration`, `--eval-data`, `--data`: a source text or a DataSpec) into
     CalibrationData, checked against `model` (an onnx.ModelProto) if given.
@@ -658,7 +669,7 @@ def _count_from_shapes(shapes: Mapping[str, tuple[int, ...]], source: str, spec:
         raise InputError(f"data {source}: arrays have different sample counts {told}",
                          "each array holds the same samples on its sample axis (axis 0, or the one "
                          "{input_layout=NAME=AXIS} declares); a constant goes in {input_value=NAME=VALUE}")
-    return int(next(iter(counts.values())))  # type: ignore[arg-type]
+    return int(next(c for c in counts.values() if c is not None))  # (all are: a None count raised above)
 
 
 def _npz_stream(path: Path, spec: DataSpec) -> Iterator[Feeds]:
@@ -727,8 +738,8 @@ class _ImageData(CalibrationData):
                          "pass the model to load_data(spec, model)")
 
     def bind(self, model) -> CalibrationData:
-        self.target = image_target(model, self.image, self.source)
-        self._open_stream = lambda: image_feeds(self.files, self.target, self.image)
+        target = self.target = image_target(model, self.image, self.source)
+        self._open_stream = lambda: image_feeds(self.files, target, self.image)
         return super().bind(model)
 
     def describe(self) -> dict[str, Any]:
@@ -850,7 +861,7 @@ def sample_arrays(data: CalibrationData, *, limit: int | None = None) -> SampleA
     return SampleArrays(arrays, axes, count, data.source)
 
 
-def data_arrays(data: str | Path | DataSpec | Mapping[str, Any] | None, model: str | Path, *,
+def data_arrays(data: str | os.PathLike | DataSpec | Mapping[str, Any] | None, model: str | os.PathLike, *,
                 samples: int | None = None, seq_len: int = 128, extra: Iterable[str] = ()):
     """A verb's data as arrays with the samples on each input's sample axis (a SampleArrays): arrays
     given stay as they are; a plain model:NAME is that reference model's benchmark inputs (padded to
@@ -861,9 +872,9 @@ def data_arrays(data: str | Path | DataSpec | Mapping[str, Any] | None, model: s
         return data
     spec = as_spec(data)
     if spec.source and spec.source.startswith("model:") and spec == DataSpec(source=spec.source):
-        from dlopt.bench import load_data as reference_inputs
+        from dlopt.models import get_reference_model
 
-        return reference_inputs(spec.source, samples=samples or 64, seq_len=seq_len)
+        return get_reference_model(spec.source[len("model:"):]).benchmark_inputs(samples or 64, seq_len=seq_len)
     graph = None
     if str(model).endswith(".onnx") and Path(model).is_file():
         from dlopt.fileio import load_onnx
@@ -872,12 +883,13 @@ def data_arrays(data: str | Path | DataSpec | Mapping[str, Any] | None, model: s
     inputs = {s.name for s in graph_inputs(graph)} if graph is not None else set()
     extras: dict[str, np.ndarray] = {}
     wanted = set(extra) - inputs
-    if wanted and spec.is_path and Path(spec.source).is_file() and Path(spec.source).suffix == ".npz":
-        with _open_npz(Path(spec.source)) as z:
+    npz = Path(spec.source) if spec.is_path and spec.source else None
+    if wanted and npz is not None and npz.is_file() and npz.suffix == ".npz":
+        with _open_npz(npz) as z:
             extras = {k: z[k] for k in z.files if k in wanted}
-    data = load_data(spec, None, ignore=extras)
-    data.finite = False  # eval warns about NaN inputs (dlopt.evaluate.data_warnings); timing does not care
-    stacked = sample_arrays(data.bind(graph) if graph is not None else data, limit=samples)
+    loaded = load_data(spec, None, ignore=extras)
+    loaded.finite = False  # eval warns about NaN inputs (dlopt.evaluate.data_warnings); timing does not care
+    stacked = sample_arrays(loaded.bind(graph) if graph is not None else loaded, limit=samples)
     if not extras:
         return stacked
     merged = SampleArrays({**stacked, **extras}, {**stacked.axes, **{k: None for k in extras}}, stacked.count,
@@ -902,7 +914,7 @@ def _sample(array: np.ndarray, index: int, axis: int) -> np.ndarray:
     return array[(slice(None),) * axis + (slice(index, index + 1),)]
 
 
-def _check_sample(feeds: Mapping[str, np.ndarray], specs: list[InputSpec], source: str, index: int, *,
+def _check_sample(feeds: MutableMapping[str, np.ndarray], specs: list[InputSpec], source: str, index: int, *,
                   finite: bool = True) -> None:
     expected = {s.name: s for s in specs}
     missing = sorted(set(expected) - set(feeds))
@@ -933,7 +945,7 @@ def _check_sample(feeds: Mapping[str, np.ndarray], specs: list[InputSpec], sourc
                 raise InputError(
                     f"data {source} (sample {index}): input {name!r} is {arr.dtype}, "
                     f"the model expects {spec.dtype}", f"convert the arrays with .astype({spec.dtype.name!r})")
-            feeds[name] = arr = arr.astype(spec.dtype)  # type: ignore[index]
+            feeds[name] = arr = arr.astype(spec.dtype)
         if finite and np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
             raise InputError(f"data {source} (sample {index}): input {name!r} holds {bad} NaN or "

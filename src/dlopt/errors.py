@@ -8,11 +8,16 @@ the reader: `str(error)` (the API) as `calibration=DATA` / `resume=True`, the CL
 """
 
 import re
+from typing import overload
 
 # {name} or {name=VALUE}: a Python identifier, optionally a value (any text without braces).
 _OPTION = re.compile(r"\{([a-z_][a-z0-9_]*)(?:=([^{}]*))?\}")
 
 
+@overload
+def render(text: str, audience: str = "api") -> str: ...
+@overload
+def render(text: None, audience: str = "api") -> None: ...
 def render(text: str | None, audience: str = "api") -> str | None:
     """Spell the option placeholders in `text` for "api" (keyword arguments) or "cli" (flags)."""
     if text is None:

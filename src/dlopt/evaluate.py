@@ -142,7 +142,7 @@ def _open(path: str | os.PathLike, config: EvalConfig):
     load_onnx(path, load_external_data=False)  # clear errors for missing or corrupt files
     threads = config.threads or (os.cpu_count() or 1)
     provider_options = target.provider_options()
-    return target.create_session(path, threads=threads, provider_options=provider_options,
+    return target.create_session(Path(path), threads=threads, provider_options=provider_options,
                                  allow_fallback=config.allow_fallback)
 
 
@@ -160,7 +160,7 @@ def run_batched(handle, feeds: Mapping[str, np.ndarray], batch_size: int) -> dic
                          "give every input the same first dimension")
     n = next(iter(counts.values())) if counts else 1
     axes = {s.name: arrays.axes.get(s.name) for s in specs}
-    fixed = {s.fixed(axes[s.name]) for s in specs if axes[s.name] is not None and s.fixed(axes[s.name])}
+    fixed = {size for s in specs if (axis := axes[s.name]) is not None and (size := s.fixed(axis))}
     step = fixed.pop() if len(fixed) == 1 else batch_size
     if n % step and fixed:
         raise InputError(f"{n} samples do not split into the model's fixed batch of {step}",
@@ -173,8 +173,7 @@ def run_batched(handle, feeds: Mapping[str, np.ndarray], batch_size: int) -> dic
             chunks[name].append(out)
     # an output's samples lie on the axis its declared shape names like an input's sample axis ("batch" on
     # axis 1 of a streaming model's state), else on axis 0
-    sample_dims = {s.shape[axes[s.name]] for s in specs if axes[s.name] is not None and isinstance(
-        s.shape[axes[s.name]], str)}
+    sample_dims = {s.shape[axis] for s in specs if (axis := axes[s.name]) is not None and isinstance(s.shape[axis], str)}
     out_axes = {o.name: next((a for a, d in enumerate(o.shape or []) if isinstance(d, str) and d in sample_dims), 0)
                 for o in handle.session.get_outputs()}
     return {name: np.concatenate(parts, axis=out_axes.get(name, 0)) for name, parts in chunks.items()}
@@ -233,7 +232,7 @@ def evaluate_data(model: str | os.PathLike, data: str | os.PathLike, config: Eva
                 raise InputError(f"top1 needs labels: {data} has no {LABELS_KEY!r} array and no reference",
                                  f"add a {LABELS_KEY!r} array of class indices, or pass {{reference=REF.onnx}}")
             if labels is not None:
-                ref_value = top1(ref_output, labels) if reference is not None else None
+                ref_value = top1(ref_output, labels) if reference is not None and ref_output is not None else None
                 rows.append(MetricRow("top1", top1(output, labels), ref_value, f"vs {LABELS_KEY}"))
             if ref_output is not None:
                 rows.append(MetricRow("top1_agreement", top1(output, ref_output), None,

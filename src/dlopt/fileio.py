@@ -9,6 +9,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,22 @@ from dlopt.errors import DlOptError, InputError
 
 # protobuf cannot serialize a single message over 2 GiB; above this, weights go to external data.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class WrittenModel:
+    """A model file a stage wrote, its JSON report beside it, and that report."""
+
+    model_path: Path
+    report_path: Path
+    report: dict[str, Any]
+
+
+def report_path_for(model_path: str | os.PathLike, stage: str) -> Path:
+    """Where a stage's JSON report goes: beside the model, `NAME.<stage>.json`."""
+    path = Path(model_path)
+    stem = path.name[:-5] if path.name.endswith(".onnx") else path.name
+    return path.with_name(f"{stem}.{stage}.json")
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
@@ -74,11 +91,11 @@ def guard_outputs(inputs: Iterable[str | os.PathLike | None], outputs: Iterable[
     links). None entries are skipped, so callers pass optional options as they are. `cache`: the stage
     cache folder the verb reads and writes (dlopt.stagecache): no output may be, contain or lie inside it,
     and it may not be, contain or lie inside an input (its entries are replaced and pruned)."""
-    outputs = [o for o in outputs if o is not None]
-    if not outputs and cache is None:
+    written = [o for o in outputs if o is not None]
+    if not written and cache is None:
         return  # nothing will be written: no need to read the inputs' external-data lists
     sources = [f for i in inputs if i is not None for f in input_files(i)]
-    for output in outputs:
+    for output in written:
         for source in sources:
             what = _overlap(Path(output), source)
             if what:
@@ -162,7 +179,7 @@ def stale_pid(name: str, prefix: str) -> bool:
 
 def remove_stale_temps(out: Path) -> list[Path]:
     """Remove the temp files that killed runs left beside `out` (see above); returns them."""
-    removed = []
+    removed: list[Path] = []
     parent = out.parent if str(out.parent) else Path(".")
     try:
         candidates = list(parent.glob(f".{glob.escape(out.name)}.*.tmp"))
@@ -259,7 +276,7 @@ def signals_held() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         if pending:
-            handler = previous[pending[0]]
+            handler = previous[signal.Signals(pending[0])]
             if callable(handler):
                 handler(pending[0], None)
             elif handler == signal.SIG_DFL:

@@ -107,7 +107,7 @@ def parse_size(text: str) -> tuple[int, int]:
         parts = parts * 2
     if len(parts) != 2 or min(parts) < 1:
         raise InputError(f"image size {text!r} is not HEIGHTxWIDTH", "e.g. {image_size=640x640}")
-    return parts  # type: ignore[return-value]
+    return parts
 
 
 def parse_floats(text: str, option: str) -> tuple[float, ...]:
@@ -164,7 +164,7 @@ def image_target(model, config: ImagePreprocess, source: str) -> ImageTarget:
                                  f"{spec.shape_text()} (axis {axis} is fixed at {want})",
                                  "leave the image size unset to use the model's size")
         size = config.size
-    elif None in fixed:
+    elif fixed[0] is None or fixed[1] is None:
         raise InputError(f"input {spec.name!r} {spec.shape_text()} has a free height/width: the images' size "
                          "is not known", "give it with {image_size=HEIGHTxWIDTH}, e.g. 640x640")
     else:

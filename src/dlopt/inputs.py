@@ -14,7 +14,7 @@ pre-processing and fp16 checks) makes them here, with one rule:
   added together needs multiples of 32). With a way to run the float model, the candidates are
   tried in order, images 224, 256, 320, 640 and sequences the verb's length then 32, 64, 128, 256,
   and the first that the model runs on is taken. Where none runs, an InputError names the input
-  and asks for `--input-shape` or data.
+  and asks for `--input-shape` or data, with the input's real name and declared sizes (`shape_hint`).
 - Values, seeded by (seed, input name) so that two variants of one model get identical inputs:
   floats ~ N(0, 1); bools True; integers named *mask* ones, *type_ids* zeros, *position* 0..T-1;
   other integers uniform in the range the graph reads them with (indices of a Gather over a table
@@ -273,9 +273,9 @@ def _range_from_use(node, position: int, constants: Mapping[str, np.ndarray]) ->
         return [(0, int(np.asarray(constants[node.input[1]]).reshape(-1)[0]))]
     if op == "Equal":
         other = node.input[1 - position] if len(node.input) == 2 else None
-        table = constants.get(other) if other else None
-        if table is not None and table.size > 1 and np.issubdtype(table.dtype, np.integer):
-            return [(int(table.min()), int(table.max()) + 1)]
+        compared = constants.get(other) if other else None
+        if compared is not None and compared.size > 1 and np.issubdtype(compared.dtype, np.integer):
+            return [(int(compared.min()), int(compared.max()) + 1)]
     return []
 
 
@@ -346,9 +346,33 @@ def synthetic_feeds(specs: Sequence[InputSpec], *, count: int = 1, batch: int | 
             raise InputError(f"the float model does not run on {{input_shape={tried}}} ({failures[-1][1]})",
                              "give a shape the model accepts, or real data")
         raise InputError(f"the float model runs on none of the synthetic input shapes tried for {names} "
-                         f"(tried {tried}; last error: {failures[-1][1]})",
-                         "give the shape with {input_shape=NAME=1x3x640x640}, or real data")
+                         f"(tried {tried}; last error: {failures[-1][1]})", shape_hint(free or specs, batch))
     return [make_feeds(specs, chosen, seed=seed + k, ranges=ranges) for k in range(count)]
+
+
+def shape_hint(specs: Sequence[InputSpec], batch: int | None = None) -> str:
+    """The fix for inputs whose free sizes dlopt could not choose: an `{input_shape=...}` per input, with
+    the model's own name and declared sizes, and a letter where the size is the user's to give
+    (`x=1x3x48xW` for a text recogniser's [N, 3, 48, W]); never a made-up 640x640 the model may reject."""
+    shapes, letters = [], []
+    for spec in specs:
+        images = image_axes(spec) or ()
+        dims = []
+        for axis, dim in enumerate(spec.shape):
+            if spec.fixed(axis) is not None:
+                dims.append(str(spec.fixed(axis)))
+            elif axis == 0:
+                dims.append(str(batch or DEFAULT_BATCH))
+            else:
+                letter = (dim if isinstance(dim, str) and dim not in _UNNAMED and re.fullmatch(r"\w+", dim)
+                          else "HW"[images.index(axis)] if axis in images else f"D{axis}")
+                dims.append(letter)
+                letters.append(letter)
+        shapes.append(f"{{input_shape={spec.name}={'x'.join(dims)}}}")
+    unique = list(dict.fromkeys(letters))
+    sizes = f" ({', '.join(unique)}: the size{'s' if len(unique) > 1 else ''} of your data)" if unique else ""
+    return (f"give the shape with {' '.join(shapes)}" + sizes
+            + ", or real data")
 
 
 def _run_error(error: Exception) -> str:
@@ -415,4 +439,4 @@ def take_samples(data: Iterable[Mapping[str, np.ndarray]] | None, count: int) ->
 
 __all__ = ["DEFAULT_BATCH", "Feeds", "IMAGE_SIZES", "InputSpec", "Shape", "TOKEN_VOCAB", "check_input_shapes",
            "feeds_from_arrays", "graph_inputs", "image_axes", "make_feeds", "model_feeds", "parse_input_shapes",
-           "resolve_shapes", "session_inputs", "synthetic_feeds", "take_samples", "value_ranges"]
+           "resolve_shapes", "session_inputs", "shape_hint", "synthetic_feeds", "take_samples", "value_ranges"]

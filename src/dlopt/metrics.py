@@ -173,7 +173,7 @@ def judge(value: MetricValue, floor: float | None = None, precision: str = "int8
         if floor is None:
             floor = info.floor_for(precision)
         checks = [(value.name, value.value, floor, info.higher_is_better)] if floor is not None else []
-        checks += [(c, value.components.get(c), f, True) for c, f in info.checks if value.components.get(c) is not None]
+        checks += [(c, got, f, True) for c, f in info.checks if (got := value.components.get(c)) is not None]
     failed = []
     for check, measured, required, higher in checks:
         ok = measured is not None and math.isfinite(measured) and (measured >= required if higher else
@@ -282,7 +282,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float =
     order = np.argsort(-scores, kind="stable")
     x1, y1, x2, y2 = shifted.T
     area = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    keep = []
+    keep: list[int] = []
     while order.size and len(keep) < max_boxes:
         i = order[0]
         keep.append(i)
@@ -322,8 +322,8 @@ def _level_boxes(box_map: np.ndarray) -> np.ndarray:
     else:
         dist = box_map
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
-    l, t, r, b = dist.astype(np.float64)
-    return np.stack([xs - l, ys - t, xs + r, ys + b], axis=-1).reshape(-1, 4) / np.array([w, h, w, h])
+    left, top, right, bottom = dist.astype(np.float64)
+    return np.stack([xs - left, ys - top, xs + right, ys + bottom], axis=-1).reshape(-1, 4) / np.array([w, h, w, h])
 
 
 def decode_detections(outputs: Sequence[np.ndarray], layout: DetectionLayout, *, confidence: float = CONFIDENCE,
@@ -425,8 +425,8 @@ def match_detections(reference: Detections, candidate: Detections, iou: float = 
 
 
 def _subset(detections: Detections, index: Sequence[int]) -> Detections:
-    index = np.asarray(index, np.int64)
-    return Detections(detections.boxes[index].reshape(-1, 4), detections.scores[index], detections.classes[index])
+    rows = np.asarray(index, np.int64)
+    return Detections(detections.boxes[rows].reshape(-1, 4), detections.scores[rows], detections.classes[rows])
 
 
 class DetectionAgreement:
@@ -847,7 +847,7 @@ class MetricChoice:
 
     def to_dict(self) -> dict[str, Any]:
         params = {k: (v.to_dict() if isinstance(v, DetectionLayout) else v) for k, v in self.params.items()}
-        body = {"metric": self.name, "why": self.reason, "params": params}
+        body: dict[str, Any] = {"metric": self.name, "why": self.reason, "params": params}
         if self.evaluator:
             body |= {"evaluator": self.evaluator, "evaluator_sha256": self.evaluator_sha256}
         return body
@@ -959,8 +959,8 @@ def _detect_layout(outputs: Sequence[np.ndarray], requested: bool = False,
                 pairs.append((i, j))
                 used |= {i, j}
                 break
-    grids = tuple(_grid(arrays[s_i].shape[1], image) for s_i, _ in pairs)
-    if len(pairs) >= 2 and all(grids):
+    grids = tuple(grid for s_i, _ in pairs if (grid := _grid(arrays[s_i].shape[1], image)) is not None)
+    if len(pairs) >= 2 and len(grids) == len(pairs):  # every level's grid known
         flat_outputs = tuple(x for p in pairs for x in p)
         return DetectionLayout("levels", flat_outputs, grids=grids), (
             f"{len(pairs)} levels of scores [B, H*W, C] in [0, 1] beside boxes [B, H*W, 4R]: outputs "
@@ -979,8 +979,8 @@ def _detect_layout(outputs: Sequence[np.ndarray], requested: bool = False,
                 used |= {i, j}
                 break
     if len(pairs) >= 2:
-        flat = tuple(x for p in pairs for x in p)
-        return DetectionLayout("levels", flat), (
+        flat_maps = tuple(x for p in pairs for x in p)
+        return DetectionLayout("levels", flat_maps), (
             f"{len(pairs)} levels of score maps in [0, 1] beside box maps of the same size: outputs "
             + ", ".join(f"{s}+{b} {list(arrays[s].shape[2:])}" for s, b in pairs))
     # Multi-output heads are matched first: PP-PicoDet's flattened score level [1, 7600, 10] alone also
@@ -1133,14 +1133,17 @@ def assess(choice: MetricChoice, reference_runs: Sequence[Sequence[np.ndarray]],
         note = f"{value.note}: the {choice.name} metric cannot judge these samples, so SQNR per group does"
     failures = judge(judged, judged_floor)
     if choice.evaluator:
+        assert floor is not None, "set above from the evaluator's own FP32 value when not given"
         failures = [] if value.value >= floor else [{"check": value.name, "measured": value.value,
                                                      "required": f">= {floor:g}"}]
-    lowest = margin(judged, judged_floor) if not choice.evaluator else value.value - floor
+        lowest = value.value - floor
+    else:
+        lowest = margin(judged, judged_floor)
     if sqnr_too and judged.name != "sqnr":
         sqnr = measure(MetricChoice("sqnr", ""), reference_runs, runs, feeds, names)
         failures += [{**row, "check": "sqnr"} for row in judge(sqnr, sqnr_floor)]
         lowest = min(lowest, margin(sqnr, sqnr_floor))
-        judged_components = dict(sqnr.components)
+        judged_components: dict[str, Any] | None = dict(sqnr.components)
     else:
         judged_components = dict(judged.components) if judged.name == "sqnr" else None
     named = {"metric": value.name} if choice.evaluator else {}  # a user's function names its own metric

@@ -157,7 +157,7 @@ class RayExecutor:
         resource = target_resource(target_class)
         nodes = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive") and n["Resources"].get(resource, 0) > 0}
         node_id = self._measure_nodes.get(target_class)
-        if node_id not in nodes:
+        if node_id is None or node_id not in nodes:
             if not nodes:
                 raise TargetUnavailableError(
                     f"no node of the Ray cluster declares the resource {resource!r}, so latency for target "
@@ -207,8 +207,9 @@ class RayExecutor:
                     ray.cancel(ref)
             raise
         for index in range(len(refs)):
-            if outcomes[index].failure is not None:
-                outcomes[index].failure.reraise()
+            failure = outcomes[index].failure
+            if failure is not None:
+                failure.reraise()
         return [outcomes[index].value for index in range(len(refs))]
 
     def _collect(self, refs: list[Any], outcomes: dict[int, _Outcome]) -> list[int]:
@@ -241,7 +242,7 @@ class RayExecutor:
 
         ray = _ray()
         missing = sorted(k for k in _entry_keys(outcome.value, self._spec.root) if self.cache.get(k) is None)
-        if not missing:
+        if not missing or outcome.node is None:  # a local task's entries are the driver's own
             return
         fetch = self._fetch.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(outcome.node,
                                                                                                    soft=False))
@@ -303,7 +304,7 @@ def _run_task(fn: Callable[..., Any], args: tuple, spec: _CacheSpec, entries: Ma
             before = _stamps(cache)
         with _cache_env(root):
             value = fn(*args)
-        if not remote:
+        if not remote or before is None:
             return _Outcome(value)
         node = _ray().get_runtime_context().get_node_id()
         return _Outcome(_rebase(value, root, driver), _made(cache, before), node=node, root=str(root))

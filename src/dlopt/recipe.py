@@ -37,21 +37,23 @@ config dict, the data's hash and the host facts that change the result (see `hos
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli package (a dependency there)
+else:  # Python 3.10: the same parser, as the tomli package (a dependency there)
     import tomli as tomllib
 
 import dlopt
-from dlopt.data import DataSpec, as_spec, local_modules, read_spec_file, reader_hash, source_path, spec_from_keys, spec_hash
+from dlopt.data import DataSpec, local_modules, read_spec_file, reader_hash, source_path, spec_from_keys, spec_hash
 from dlopt.errors import DlOptError, InputError, StageError
 from dlopt.manifest import hash_path, sha256_file
 from dlopt.stage import (ConfigValueError, Stage, StageContext, config_from_dict, config_to_dict, config_version,
@@ -119,6 +121,10 @@ def _where(path: Path, line: int | None) -> str:
     return f"{path}:{line}" if line else str(path)
 
 
+@overload
+def _resolve(base: Path, spec: str) -> str: ...
+@overload
+def _resolve(base: Path, spec: str | None) -> str | None: ...
 def _resolve(base: Path, spec: str | None) -> str | None:
     """A relative path in the recipe is relative to the recipe's folder; model:NAME and module specs stay."""
     if spec is None or spec.startswith("model:"):
@@ -166,7 +172,7 @@ def _as_config_dict(cls: type, keys: Mapping[str, Any]) -> dict[str, Any]:
     return {"type": cls.__name__, "version": config_version(cls), "fields": fields}
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and check a recipe: every stage's config is built (and validated) before any work."""
     path = Path(path)
     try:
@@ -176,8 +182,8 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         text = raw_bytes.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw_bytes[:e.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: not UTF-8 text (byte 0x{raw_bytes[e.start]:02x} at offset {e.start})",
+        bad_line = raw_bytes[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{bad_line}: not UTF-8 text (byte 0x{raw_bytes[e.start]:02x} at offset {e.start})",
                          "save the recipe as UTF-8 (TOML files are UTF-8)") from e
     try:
         data = tomllib.loads(text)
@@ -228,7 +234,7 @@ def load_recipe(path: str | Path) -> Recipe:
         try:
             config = build_config(kind, keys, where=where, target=data.get("target"))
         except ConfigValueError as e:  # named at the line of the key whose value is wrong
-            at = _key_line(text, line, e.key) if e.key in keys else line
+            at = _key_line(text, line, e.key) if e.key is not None and e.key in keys else line
             detail = e.message.removeprefix(f"{where}: ")
             raise InputError(f"{_where(path, at)} (stage {i}, {kind}): {detail}", e.hint) from e
         stages.append(StageSpec(i, kind, config, line))
@@ -472,7 +478,7 @@ def _stage_data(recipe: Recipe, stage: StageSpec) -> dict[str, str | None]:
 def _prepared(recipe: Recipe, stage: StageSpec) -> Any:
     """The config the stage runs with: the package stage gets the recipe's name and calibration."""
     if stage.kind == "package":
-        changes = {}
+        changes: dict[str, Any] = {}
         if stage.config.name is None:
             changes["name"] = recipe.name or recipe.path.stem
         if stage.config.calibration is None and recipe.calibration:
@@ -484,7 +490,7 @@ def _prepared(recipe: Recipe, stage: StageSpec) -> Any:
 def key_inputs(recipe: Recipe, stage: StageSpec, input_sha256: str, upstream: list[dict[str, Any]] | None = None
                ) -> dict[str, Any]:
     config = _prepared(recipe, stage)
-    inputs = {"kind": stage.kind, "config": config_to_dict(config), "input_sha256": input_sha256,
+    inputs: dict[str, Any] = {"kind": stage.kind, "config": config_to_dict(config), "input_sha256": input_sha256,
               "data": _stage_data(recipe, dataclasses.replace(stage, config=config)),
               "host": host_facts(stage.kind, config)}
     specs = _declared_specs(recipe) if _reads_data(stage.kind) else None
@@ -553,8 +559,7 @@ def recipe_inputs(recipe: Recipe) -> list[Path]:
     found: list[Path] = [recipe.path]
     if recipe.onnx_source:
         found.append(Path(recipe.source))
-    elif guard_source_spec(recipe.source) is not None:
-        factory = guard_source_spec(recipe.source)
+    elif (factory := guard_source_spec(recipe.source)) is not None:
         found += [factory, *local_modules(factory)] if factory.is_file() else [factory]
     specs = [recipe.calibration, recipe.eval_data, recipe.training_data]
     for stage in recipe.stages:
@@ -570,19 +575,20 @@ def recipe_outputs(recipe: Recipe, out: Path) -> list[Path]:
     """Every path `run_recipe` may write for -o `out`: it, the stage reports delivered beside a model
     (NAME.quantize.json, NAME.export.json), and where a quantize stage below its floor keeps its result
     (NAME.failed.onnx and its report)."""
-    from dlopt.api import report_path_for
+    from dlopt.fileio import report_path_for
 
     paths = [out]
     if recipe.stages[-1].kind != "package":
         paths += [report_path_for(out, "quantize"), report_path_for(out, "export")]
-    quantizers = [get_stage(s.kind) for s in recipe.stages if _quantizes(s.kind)]
-    if quantizers:
-        failed = quantizers[0].failed_path(out)
+    if any(_quantizes(s.kind) for s in recipe.stages):
+        from dlopt.optimize.quantize.files import failed_path
+
+        failed = failed_path(out)
         paths += [failed, report_path_for(failed, "quantize")]
     return paths
 
 
-def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: str | None = None,
+def run_recipe(recipe: Recipe, output: str | os.PathLike, *, cache: StageCache, force: str | None = None,
                overwrite: bool = False, log: Log = lambda message: None) -> RunResult:
     """Run the recipe's stages, each from the cache when its key is there (and its files are those it
     was written with), and write the last stage's artifact to `output` (an .onnx file, or a bundle folder
@@ -617,7 +623,7 @@ def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: 
                 log(f"{label}: cache entry {key[:12]} not used ({found.problem}): rebuilding it")
             entry = found.entry if found is not None else None
             cached = entry is not None
-            if entry is None:
+            if entry is None or view is None:  # (view is None exactly when entry is)
                 try:
                     entry, view, cached = _build(recipe, stage, artifact, out, key, inputs_k, cache, private,
                                                  [r.lineage() for r in runs], label, forced, started, log)
@@ -635,7 +641,7 @@ def run_recipe(recipe: Recipe, output: str | Path, *, cache: StageCache, force: 
             log(f"{label}: {'cached' if cached else 'done'} in {seconds:.2f} s (key {key[:12]})")
             runs.append(StageRun(stage, key, cached, seconds, input_sha, output_sha, entry))
             artifact, input_sha = produced, output_sha
-        _deliver(artifact, out, bundle=last == "package", inputs=inputs, guarded=outputs)
+        _deliver(_made_before(artifact, recipe.stages[-1]), out, bundle=last == "package", inputs=inputs, guarded=outputs)
     return RunResult(out, tuple(runs))
 
 
@@ -648,12 +654,12 @@ def _build(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Path, k
     and whether it was taken from the cache."""
     with cache.building(key) as staging:
         again, view = cache.checkout(key, private)
-        if again.entry is not None and (not forced or again.entry.created >= started):
+        if again.entry is not None and view is not None and (not forced or again.entry.created >= started):
             return again.entry, view, True
         log(f"{label}: running (key {key[:12]})")
-        entry = _run_stage(recipe, stage, artifact, out, key, inputs, cache, staging, lineage, log)
+        _run_stage(recipe, stage, artifact, out, key, inputs, cache, staging, lineage, log)
         made, view = cache.checkout(key, private)
-        if made.entry is None:
+        if made.entry is None or view is None:
             raise StageError(f"the cache entry {key[:12]} just written fails its check: {made.problem}",
                              "run again; if it repeats, pass another --cache-dir")
         return made.entry, view, False
@@ -665,32 +671,33 @@ def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Pat
     after = tuple(step["kind"] for step in lineage)
     spec = get_stage(stage.kind)
     if stage.kind == "distill":  # the prune stage's checkpoint, trained against the source
-        produced, report = _distill(recipe, spec, config, artifact, staging, after, log)
+        produced, report = _distill(recipe, spec, config, _made_before(artifact, stage), staging, after, log)
     elif spec.takes == spec.makes == "torch":  # prune: the pruned checkpoint
+        from dlopt.checkpoint import save_checkpoint
+
         result = spec.apply(_torch_source(recipe, artifact, log), config, StageContext(after=after, log=log))
-        produced = get_stage("prune").save_checkpoint(staging / "model.pt", result.model.module, recipe.source,
-                                                      result.report)
+        produced = save_checkpoint(staging / "model.pt", result.model.module, recipe.source, result.report)
         report = {k: result.report[k] for k in ("parameters_before", "parameters_after", "macs_before",
                                                 "macs_after")}
     elif spec.takes == "torch":
-        from dlopt.api import export_model
+        from dlopt.optimize.export import export_file
 
         source = recipe.source if artifact is None else _torch_source(recipe, artifact, log)
-        written = export_model(source, staging / "model.onnx", config, log=log)
+        written = export_file(source, staging / "model.onnx", config, log=log)
         produced, report = written.model_path, written.report
     elif spec.makes == "bundle":
         result = spec.apply(artifact, config, StageContext(output=staging / "bundle", lineage=tuple(lineage),
                                                            after=after, log=log))
         produced, report = result.model, result.report
     elif stage.kind in DATA_ONNX_STAGES:
-        produced, report = _onnx_stage(recipe, spec, config, artifact, staging, after, log)
+        produced, report = _onnx_stage(recipe, spec, config, _made_before(artifact, stage), staging, after, log)
     else:  # quantize and its schemes
-        from dlopt.api import quantize_model
+        from dlopt.optimize.quantize.files import failure_error, quantize_file
 
-        outcome = quantize_model(artifact, staging / "model.onnx", config, recipe.calibration,
-                                 eval_data=recipe.eval_data, after=after, log=log)
+        outcome = quantize_file(_made_before(artifact, stage), staging / "model.onnx", config, recipe.calibration,
+                                eval_data=recipe.eval_data, after=after, log=log)
         if not outcome.passed:  # the best effort goes beside -o, as `dlopt quantize` keeps it; never cached
-            raise spec.failure_error(_keep_failed(outcome, out, spec))
+            raise failure_error(_keep_failed(outcome, out))
         produced, report = outcome.model_path, outcome.report
     summary = {k: report[k] for k in ("verdict", "verification", "bytes_written", "bytes", "recipe", "scheme",
                                       "parameters_before", "parameters_after", "macs_before", "macs_after",
@@ -700,6 +707,14 @@ def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Pat
             "output_sha256": artifact_hash(produced), "source": recipe.source, "recipe": str(recipe.path),
             "report": summary}
     return cache.commit(key, staging, info)
+
+
+def _made_before(artifact: Path | None, stage: StageSpec) -> Path:
+    """The artifact an earlier stage made, which `stage` reads (None only before a stage that takes torch)."""
+    if artifact is None:  # _check_order puts a stage that takes torch first when the source is not ONNX
+        raise StageError(f"stage {stage.index} {stage.kind} reads a model no earlier stage made",
+                         "begin the recipe with an export stage, or give an .onnx source")
+    return artifact
 
 
 def _onnx_stage(recipe: Recipe, spec: Stage, config: Any, artifact: Path, staging: Path, after: tuple[str, ...],
@@ -719,20 +734,22 @@ def _distill(recipe: Recipe, spec: Stage, config: Any, checkpoint: Path, staging
              log: Log) -> tuple[Path, dict[str, Any]]:
     """Train the prune stage's student against the source on the recipe's training data (a tenth held out
     for early stopping, split by the config's seed); its checkpoint keeps the pruning, so export rebuilds it."""
-    prune = get_stage("prune")
+    from dlopt.checkpoint import read_checkpoint, save_checkpoint
+    from dlopt.optimize.distill import load_npz_data, reference_training_data, split_validation
+
     teacher = _torch_source(recipe, None, log)
     student = _torch_source(recipe, checkpoint, log, loaded=teacher)
     data_spec = recipe.distill_data
     log(f"loading the training data {data_spec}")
     if data_spec.startswith("model:"):
-        data = spec.reference_training_data(data_spec[len("model:"):])
+        data = reference_training_data(data_spec[len("model:"):])
     else:
-        data = spec.load_npz_data(Path(data_spec), teacher.example_inputs)
-    train, val = spec.split_validation(data, 0.1, config.seed)
+        data = load_npz_data(Path(data_spec), teacher.example_inputs)
+    train, val = split_validation(data, 0.1, config.seed)
     result = spec.apply(student, config, StageContext(data=train, eval_data=val, teacher=teacher, after=after, log=log))
-    pruned = prune.read_checkpoint(checkpoint)
+    pruned = read_checkpoint(checkpoint)
     report = dict(result.report) | {"train_samples": len(train)}
-    produced = prune.save_checkpoint(staging / "model.pt", result.model.module, recipe.source,
+    produced = save_checkpoint(staging / "model.pt", result.model.module, recipe.source,
                                      {"pruning_history": pruned.pruning_history,
                                       "module_attributes": pruned.module_attributes,
                                       "prune": pruned.report, "distill": report})
@@ -745,28 +762,29 @@ def _torch_source(recipe: Recipe, checkpoint: Path | None, log: Log, *, loaded: 
     import copy
     import dataclasses as dc
 
+    from dlopt.checkpoint import read_checkpoint, rebuild
     from dlopt.fileio import guard_source_spec
+    from dlopt.sources import load_source
 
-    prune = get_stage("prune")  # the checkpoint format is prune's
     guard_source_spec(recipe.source)
     if loaded is not None:
         source = dc.replace(loaded, module=copy.deepcopy(loaded.module))
     else:
         log(f"loading {recipe.source}")
-        source = get_stage("export").load_source(recipe.source)
+        source = load_source(recipe.source)
     if checkpoint is None:
         return source
     log(f"rebuilding it from the checkpoint {checkpoint.parent.name[:12]}")
-    module = prune.rebuild(prune.read_checkpoint(checkpoint), source.module, source.example_inputs)
+    module = rebuild(read_checkpoint(checkpoint), source.module, source.example_inputs)
     return dc.replace(source, module=module, name=f"{source.name} (pruned)")
 
 
-def _keep_failed(outcome: Any, out: Path, stage: Stage) -> Any:
+def _keep_failed(outcome: Any, out: Path) -> Any:
     """Copy a failed quantize stage's model and report out of its staging folder to OUT.failed.onnx."""
-    from dlopt.api import report_path_for
-    from dlopt.fileio import staged_outputs
+    from dlopt.fileio import report_path_for, staged_outputs
+    from dlopt.optimize.quantize.files import failed_path
 
-    kept = stage.failed_path(out)
+    kept = failed_path(out)
     with staged_outputs() as outputs:
         shutil.copyfile(outcome.model_path, outputs.stage(kept))
         shutil.copyfile(outcome.report_path, outputs.stage(report_path_for(kept, "quantize")))
@@ -791,8 +809,7 @@ def _deliver(artifact: Path, out: Path, *, bundle: bool, inputs: list[Path], gua
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return
-    from dlopt.api import report_path_for
-    from dlopt.fileio import external_data_files, guard_outputs, json_text, load_onnx, staged_outputs
+    from dlopt.fileio import external_data_files, guard_outputs, json_text, load_onnx, report_path_for, staged_outputs
 
     external = external_data_files(load_onnx(artifact, load_external_data=False))
     if external:

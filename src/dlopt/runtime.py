@@ -25,9 +25,7 @@ from typing import Any
 
 import numpy as np
 
-# What every dlopt session sets, what bundles record as their recommended session configuration
-DENORMAL_KEY = "session.set_denormal_as_zero"
-SESSION_CONFIG: dict[str, str] = {DENORMAL_KEY: "1"}
+from dlopt.sessions import SESSION_CONFIG, session_options
 
 def _denormal_probe():
     """A one-node graph y = x * 0.5: fed 2e-38 (a normal float), its exact result 1e-38 is a denormal,
@@ -53,7 +51,6 @@ def initialize(*, denormal_as_zero: bool = True) -> None:
 def _first_session(denormal_as_zero: bool) -> bool:
     import onnxruntime as ort
 
-    from dlopt.sessions import session_options
 
     session = ort.InferenceSession(_denormal_probe().SerializeToString(),
                                    session_options(denormal_as_zero=denormal_as_zero),
@@ -67,7 +64,6 @@ def flush_denormals() -> bool:
     by running the probe graph: the process's first session decided it (see the module docstring)."""
     import onnxruntime as ort
 
-    from dlopt.sessions import session_options
 
     initialize()
     session = ort.InferenceSession(_denormal_probe().SerializeToString(), session_options(),
@@ -111,5 +107,5 @@ def isa_line(cpu) -> str:
     return f"{cpu.machine}: {', '.join(parts)}"
 
 
-__all__ = ["DENORMAL_KEY", "SESSION_CONFIG", "cpu_label", "flush_denormals", "initialize",
+__all__ = ["cpu_label", "flush_denormals", "initialize",
            "isa_line", "runtime_report"]

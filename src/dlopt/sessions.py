@@ -27,6 +27,10 @@ import numpy as np
 
 from dlopt.errors import DlOptError, InputError, StageError
 
+# What every dlopt session sets, what bundles record as their recommended session configuration
+DENORMAL_KEY = "session.set_denormal_as_zero"
+SESSION_CONFIG: dict[str, str] = {DENORMAL_KEY: "1"}
+
 GRAPH_OPT_LEVELS = ("disable", "basic", "extended", "all")
 CPU_PROVIDER = "CPUExecutionProvider"
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -36,10 +40,8 @@ def session_options(*, threads: int = 1, graph_opt_level: str = "all",
                     config_entries: Mapping[str, str] | None = None, denormal_as_zero: bool = True):
     """SessionOptions with dlopt's defaults: `threads` intra-op threads, one inter-op thread,
     sequential execution, errors-only logging (dlopt reports what matters itself), and
-    dlopt.runtime.SESSION_CONFIG (denormals flushed to zero; `denormal_as_zero=False` leaves that
+    SESSION_CONFIG (denormals flushed to zero; `denormal_as_zero=False` leaves that
     out: only for measuring what it does, in a process of its own) before `config_entries`."""
-    from dlopt.runtime import DENORMAL_KEY, SESSION_CONFIG
-
     import onnxruntime as ort
 
     if threads < 1:
@@ -224,6 +226,7 @@ def session_source(source: Any, label: str | None = None) -> Iterator[tuple[Any,
     temporary folder beside links to its external data files."""
     import onnx
 
+    key: str | tuple[str, int, int]  # the content's hash, or the file's path, time and size
     if isinstance(source, bytes):
         key, load = hashlib.sha256(source).hexdigest(), lambda: onnx.load_model_from_string(source)
         label = label or "the model"

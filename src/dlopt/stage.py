@@ -2,8 +2,8 @@
 
 A stage has a `kind` name, a typed, versioned, frozen config class, named `requires` / `ensures`
 checks on its input and output, and `run(input, config, context) -> StageResult` (a new model and
-its report). The registry below maps kind names to stages by "module:attr" and imports a stage only
-when it is asked for, so that no core module imports a stage except through it.
+its report). A stage module registers its Stage with the `@register_stage` decorator; the registry maps
+a kind to its Stage only, and imports a stage module (STAGE_MODULES) when its kind is first asked for.
 
 Configs serialize to plain JSON-able dicts, `{"type": class name, "version": N, "fields": {...}}`
 (nested configs, tuples, tuples of tuples and Paths included), so a manifest records exactly what
@@ -79,35 +79,25 @@ class Check:
 Artifact = Literal["torch", "onnx", "bundle"]
 
 
+RunStage = Callable[[Any, Any, StageContext], StageResult]
+
+
 @dataclass(frozen=True)
 class Stage:
     kind: str
     config: type  # the frozen config dataclass; its VERSION class attribute is the schema version
-    run: Callable[[Any, Any, StageContext], StageResult]
+    run: RunStage
     takes: Artifact  # what its input is: a torch source, an ONNX model, a bundle
     makes: Artifact
     requires: tuple[Check, ...] = ()
     ensures: tuple[Check, ...] = ()
     summary: str = ""
     validate: Callable[[Any], None] | None = None  # raises InputError for a bad config, before any work
-    # Named stage-level helpers the core may use besides `apply` (prune's checkpoint rebuild, quantize's
-    # failed-result helpers, export's source loader), read as attributes: `get_stage("prune").rebuild`.
-    # A value is the object itself, or "module:attr" imported on first use (for heavy ones, e.g. PT2E).
-    helpers: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
-    def __getattr__(self, name: str) -> Any:
-        # Only reached when normal lookup fails: fields and methods win over helpers of the same name.
-        helpers = self.__dict__.get("helpers")
-        if name.startswith("_") or helpers is None:  # dunders (pickle, copy) and a half-built object
-            raise AttributeError(name)
-        if name not in helpers:
-            raise AttributeError(f"the {self.__dict__.get('kind')} stage declares no helper {name!r} "
-                                 f"(it declares: {', '.join(helpers) or 'none'})")
-        value = helpers[name]
-        if isinstance(value, str) and ":" in value:
-            module, _, attr = value.partition(":")
-            value = getattr(importlib.import_module(module), attr)
-        return value
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        # A registered stage travels (to worker processes) as its kind: its run function's module-level name
+        # is the decorated Stage itself, so pickle could not find the function by name.
+        return (get_stage, (self.kind,)) if _REGISTERED.get(self.kind) is self else super().__reduce__()
 
     def check_config(self, config: Any) -> None:
         if not isinstance(config, self.config):
@@ -143,44 +133,66 @@ class Stage:
         return f"{self.kind} failed" + (f" after {', '.join(context.after)}" if context.after else "")
 
 
-# kind -> "module:attr" of its Stage. Imported on first use only (get_stage): listing the kinds imports no stage.
-STAGES: dict[str, str] = {
-    "export": "dlopt.optimize.export:STAGE",
-    "prune": "dlopt.optimize.prune:STAGE",
-    "distill": "dlopt.optimize.distill:STAGE",
-    "quantize": "dlopt.optimize.quantize:QUANTIZE",  # the auto front door: resolves to one of the schemes below
-    "int8-dynamic": "dlopt.optimize.quantize:INT8_DYNAMIC",
-    "int8-static": "dlopt.optimize.quantize:INT8_STATIC",
-    "int8-weight-only": "dlopt.optimize.quantize:INT8_WEIGHT_ONLY",
-    "int4-weight-only": "dlopt.optimize.quantize:INT4_WEIGHT_ONLY",
-    "fp16": "dlopt.optimize.quantize:FP16",
-    "trim-padding": "dlopt.optimize.trim_padding:STAGE",
-    "package": "dlopt.bundle_stage:STAGE",
+# kind -> the module that registers its Stage (with @register_stage), imported on first use only
+# (get_stage): listing the kinds imports no stage. Like a package's entry points: where to find a kind.
+STAGE_MODULES: dict[str, str] = {
+    "export": "dlopt.optimize.export",
+    "prune": "dlopt.optimize.prune",
+    "distill": "dlopt.optimize.distill",
+    "quantize": "dlopt.optimize.quantize.stages",  # the auto front door: resolves to one of the schemes below
+    "int8-dynamic": "dlopt.optimize.quantize.stages",
+    "int8-static": "dlopt.optimize.quantize.stages",
+    "int8-weight-only": "dlopt.optimize.quantize.stages",
+    "int4-weight-only": "dlopt.optimize.quantize.stages",
+    "fp16": "dlopt.optimize.quantize.stages",
+    "trim-padding": "dlopt.optimize.trim_padding",
+    "package": "dlopt.bundle_stage",
 }
+_REGISTERED: dict[str, Stage] = {}  # kind -> its Stage, filled by register_stage as stage modules load
+
+
+def register_stage(*, kind: str, config: type, takes: Artifact, makes: Artifact, requires: tuple[Check, ...] = (),
+                   ensures: tuple[Check, ...] = (), summary: str = "",
+                   validate: Callable[[Any], None] | None = None) -> Callable[[RunStage], Stage]:
+    """Decorate a stage's `run(input, config, context) -> StageResult` to make it the Stage `kind` of the
+    registry; the decorated name is that Stage."""
+    if kind not in STAGE_MODULES:
+        raise TypeError(f"stage kind {kind!r} is not in dlopt.stage.STAGE_MODULES: add where it is registered")
+
+    def decorate(run: RunStage) -> Stage:
+        stage = Stage(kind=kind, config=config, run=run, takes=takes, makes=makes, requires=requires,
+                      ensures=ensures, summary=summary, validate=validate)
+        if kind in _REGISTERED and _REGISTERED[kind].run.__qualname__ != run.__qualname__:
+            raise TypeError(f"stage kind {kind!r} is registered twice")
+        _REGISTERED[kind] = stage
+        return stage
+
+    return decorate
 
 
 def stage_kinds() -> tuple[str, ...]:
-    return tuple(STAGES)
+    return tuple(STAGE_MODULES)
 
 
 def get_stage(kind: str) -> Stage:
-    spec = STAGES.get(kind)
-    if spec is None:
-        raise InputError(f"unknown stage kind {kind!r}", f"choose one of {', '.join(STAGES)}")
-    module, _, attr = spec.partition(":")
-    stage = getattr(importlib.import_module(module), attr)
-    if not isinstance(stage, Stage) or stage.kind != kind:
-        raise TypeError(f"{spec} is not the Stage {kind!r}")
+    module = STAGE_MODULES.get(kind)
+    if module is None:
+        raise InputError(f"unknown stage kind {kind!r}", f"choose one of {', '.join(STAGE_MODULES)}")
+    if kind not in _REGISTERED:
+        importlib.import_module(module)
+    stage = _REGISTERED.get(kind)
+    if stage is None:
+        raise TypeError(f"{module} registers no stage {kind!r}")
     return stage
 
 
 def stage_for_config(config: Any) -> Stage:
     """The registered stage whose config class `config` is (imports the stage modules)."""
-    for kind in STAGES:
+    for kind in STAGE_MODULES:
         stage = get_stage(kind)
         if type(config) is stage.config:
             return stage
-    raise InputError(f"{type(config).__name__} is not a stage config", f"known stages: {', '.join(STAGES)}")
+    raise InputError(f"{type(config).__name__} is not a stage config", f"known stages: {', '.join(STAGE_MODULES)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +256,7 @@ def config_from_dict(data: Any, cls: type | None = None) -> Any:
                          "write it as config_to_dict does")
     type_name = data.get("type")
     if cls is None:
-        known = {get_stage(kind).config.__name__: get_stage(kind).config for kind in STAGES}
+        known = {get_stage(kind).config.__name__: get_stage(kind).config for kind in STAGE_MODULES}
         if type_name not in known:
             raise InputError(f"unknown config type {shown_value(type_name)}", f"known: {', '.join(sorted(known))}")
         cls = known[type_name]
@@ -362,5 +374,6 @@ def _decode(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-__all__ = ["Check", "ConfigValueError", "STAGES", "Stage", "StageContext", "StageResult", "TorchStageArtifacts", "config_from_dict",
-           "config_to_dict", "config_version", "get_stage", "shown_value", "stage_for_config", "stage_kinds"]
+__all__ = ["Check", "ConfigValueError", "RunStage", "STAGE_MODULES", "Stage", "StageContext", "StageResult",
+           "TorchStageArtifacts", "config_from_dict", "config_to_dict", "config_version", "get_stage", "register_stage",
+           "shown_value", "stage_for_config", "stage_kinds"]

@@ -307,7 +307,7 @@ class StageCache:
 
     def sweep(self) -> list[Path]:
         """Remove the hidden folders (staging, moved aside, a run's private links) of dead processes."""
-        removed = []
+        removed: list[Path] = []
         try:
             names = [p for p in self.root.iterdir() if p.name.startswith(".")]
         except OSError:

@@ -14,9 +14,9 @@ How a measurement goes, and why:
 4. Very fast models are timed in groups: from the warm-up latencies, each sample is `runs_per_sample`
    back-to-back runs (at least ~1 ms of work), so the clocks' own cost and resolution do not dominate
    a sample and the CI has real width. Timed rounds run the models interleaved, every model once per
-   round, until the time budget or the round count is reached; the order rotates (A B C, B C A, C A B, …) so no model always runs
-   in the same position. Interleaving puts every model through the same machine states (other jobs, frequency,
-   thermal), so their ratio is fair even when absolute times drift; garbage collection is off in
+   round, until the time budget or the round count is reached; the order rotates (A B C, B C A, C A B, …) so
+   no model always runs in the same position. Interleaving puts every model through the same machine states
+   (other jobs, frequency, thermal), so their ratio is fair even when absolute times drift; garbage collection is off in
    the loop. Each call records wall time and the calling thread's CPU time.
    The budget is one deadline for everything (session setup, binding, warm-up, timed rounds and the
    bootstrap), from the moment `benchmark` is called (the CLI: from the process start): a round is not

@@ -69,9 +69,9 @@ def validate_config(config: BenchConfig) -> None:
     from dlopt.limits import MAX_BATCH, MAX_MEASURE_S, check_number
 
     # types and finiteness first (the ranges below compare them); then the limits on the work they ask for
-    for value, what in ((config.threads, "threads"), (config.seq_len, "the sequence length"),
+    for count, what in ((config.threads, "threads"), (config.seq_len, "the sequence length"),
                         *((size, "a batch size") for size in config.batch_sizes)):
-        check_number(value, what, integer=True)
+        check_number(count, what, integer=True)
     for value, what in ((config.budget_s, "the time budget (s)"), (config.min_sample_s, "min_sample_s"),
                         (config.confidence, "confidence"), (config.warmup_tolerance, "warmup_tolerance"),
                         (config.warmup_max_fraction, "warmup_max_fraction")):

@@ -145,7 +145,8 @@ def load_models(paths: Sequence[str | os.PathLike], config: BenchConfig,
         loaded.append(LoadedModel(
             label=label, path=path, size_bytes=size, sha256=digest, handle=handle,
             rss_added_bytes=max(0, process.memory_info().rss - rss_before),
-            device_added_bytes=(device_after - device_before) if None not in (device_before, device_after) else None,
+            device_added_bytes=(device_after - device_before
+                                if device_before is not None and device_after is not None else None),
         ))
     return target, loaded
 
@@ -340,6 +341,7 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
         # kept for after the rounds: the bootstrap of every ratio (its cost grows with the samples that
         # will be stored), and the kernel profile if asked for
         run_s = [float(np.median(warm_sampler.warmup_samples(i, "wall")[-5:])) for i in range(len(models))]
+        assert share is not None, "a time share is given whenever the rounds are not fixed"
         remaining = max(0.0, share - (time.perf_counter() - start))
         expected = min(config.max_samples, remaining / max(sum(run_s) * repeat, 1e-6))
         # each model's to the first; each sorted run's to its model's and to the first's

@@ -35,8 +35,8 @@ def format_result(result: BenchResult) -> str:
         row = [m.label, m.size_bytes / 1e6, m.handle.load_s * 1e3, r.first_run_s * 1e3,
                (m.rss_added_bytes + r.rss_added_bytes) / 1e6]
         if show_device:
-            both = (m.device_added_bytes, r.device_added_bytes)
-            row.append(sum(both) / 1e6 if None not in both else "n/a")
+            mine, its = m.device_added_bytes, r.device_added_bytes
+            row.append((mine + its) / 1e6 if mine is not None and its is not None else "n/a")
         row += [m.handle.runs_on, ",".join(p.replace("ExecutionProvider", "") for p in m.handle.active_providers)]
         model_rows.append(row)
     t = result.target
@@ -55,6 +55,7 @@ def format_result(result: BenchResult) -> str:
     for b in result.batches:
         for m, r in zip(result.models[1:], b.models[1:]):
             ratio = r.ratios[clock]
+            assert ratio is not None, "None only for the first model"
             speed = (f"{1 / ratio.estimate:.2f}x faster" if ratio.estimate < 1 else f"{ratio.estimate:.2f}x slower")
             verdict = "" if ratio.low > 1 or ratio.high < 1 else " (the CI includes 1: no difference shown)"
             lines.append(f"batch {b.batch}: {m.label} takes {ratio.estimate:.3f}x the time of {result.models[0].label} "

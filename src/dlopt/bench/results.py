@@ -80,7 +80,7 @@ class BenchResult:
                 "rss_added_bytes": run.rss_added_bytes,
                 "device_added_bytes": run.device_added_bytes,
                 "throughput_per_s": batch / median if median > 0 else None,
-                "ratio": {c: (run.ratios[c].as_dict() if run.ratios[c] is not None else None) for c in CLOCKS},
+                "ratio": {c: (ratio.as_dict() if (ratio := run.ratios[c]) is not None else None) for c in CLOCKS},
                 "samples_ms": {c: np.round(run.samples[c] * 1e3, 6).tolist() for c in CLOCKS},
                 **({"profile": [t.as_dict() for t in run.profile]} if run.profile is not None else {}),
             }

@@ -28,7 +28,7 @@ class _VerbGroup(click.Group):
                 continue
             module = importlib.import_module(f"{__name__}.{info.name}")
             command = getattr(module, "command", None)
-            if isinstance(command, click.Command):
+            if isinstance(command, click.Command) and command.name:
                 found[command.name] = command
         return found
 

@@ -87,7 +87,7 @@ class DeclaredData:
         from dlopt.api import data_spec
         from dlopt.errors import InputError
 
-        found = []
+        found: list[Any] = []  # DataSpec or None
         for index, source in enumerate(sources):
             if source is None and (self.spec_file is None or index > 0):
                 found.append(None)

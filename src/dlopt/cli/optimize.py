@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from dlopt.cli._common import COUNT, DATA_SOURCES_HELP, POSITIVE, TOLERANCE, cache_dir_option, data_options, echo_err
+from dlopt.console import heartbeat
 
 
 @click.command("optimize", short_help="Search quantization recipes; Pareto front, verified bundle, HTML report.")
@@ -61,8 +62,9 @@ def command(model, target, max_accuracy_drop, time_budget, max_latency, calibrat
                             max_latency_ms=max_latency, evaluator=evaluator,
                             calibration=calibration, eval_data=eval_data, overwrite=overwrite,
                             search_pruning=search_pruning)
-    outcome = optimize_model(model, output, config, executor=executor_kind, address=address, workers=workers,
-                             cache_dir=cache_dir, report_path=report_path, log=echo_err)
+    with heartbeat("optimize", echo_err) as log:
+        outcome = optimize_model(model, output, config, executor=executor_kind, address=address, workers=workers,
+                                 cache_dir=cache_dir, report_path=report_path, log=log)
     if as_json:
         click.echo(json_text(outcome.result), nl=False)
         return

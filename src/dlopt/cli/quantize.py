@@ -6,6 +6,7 @@ import click
 
 from dlopt.cli._common import (ANY_NUMBER, COUNT, DATA_SOURCES_HELP, FRACTION, PERCENTILE, TOLERANCE, data_options,
                                echo_err, input_shape_option)
+from dlopt.console import heartbeat
 
 
 def _names(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -88,7 +89,8 @@ def command(model, output, precision, mode, calibration, calibration_samples, ev
             block_size, exclude_nodes, exclude_ops, target, no_preprocess, max_accuracy_drop, metric, metric_floor,
             evaluator, smoothing, weight_rounding, bias_correction, layernorm_form, node_forms, no_fuse_activations,
             trim_padding, input_shapes, declared):
-    """Quantize MODEL.onnx and write OUT.onnx plus OUT.quantize.json beside it (schema: dlopt/schemas/quantize.schema.json).
+    """Quantize MODEL.onnx and write OUT.onnx plus OUT.quantize.json beside it
+    (schema: dlopt/schemas/quantize.schema.json).
 
     Prints the recipe and why it was chosen, the size before and after, the quantized nodes by op
     type and the fidelity against the float model on samples held out from calibration. The input
@@ -109,7 +111,8 @@ def command(model, output, precision, mode, calibration, calibration_samples, ev
                             fuse_activations=not no_fuse_activations, input_shapes=input_shapes,
                             min_sqnr_db=min_sqnr_db, holdout=holdout, recover=not no_recover)
     calibration, eval_data = declared.specs(calibration, eval_data)
-    outcome = quantize_model(model, output, config, calibration, eval_data=eval_data, progress=True, log=echo_err)
+    with heartbeat("quantize", echo_err) as log:
+        outcome = quantize_model(model, output, config, calibration, eval_data=eval_data, progress=True, log=log)
     click.echo(quantize_summary(outcome.report))
     click.echo(f"{'wrote' if outcome.passed else 'kept the best effort (FAILED) as'} {outcome.model_path} "
                f"({outcome.report['bytes_written'] / 1e6:.2f} MB)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from dlopt.cli._common import cache_dir_option, echo_err
+from dlopt.console import heartbeat
 
 
 @click.command("run", short_help="Run a recipe (source, data, target, stages) with a content-addressed stage cache.")
@@ -17,7 +18,7 @@ from dlopt.cli._common import cache_dir_option, echo_err
 @cache_dir_option
 def command(recipe, output, force, overwrite, cache_dir):
     """Run RECIPE (TOML): a source model, its data, a target and an ordered list of [[stage]] tables
-    (export, quantize, package) with their config keys. See recipes/ and the README.
+    (export, quantize, package) with their config keys. See recipes/ and docs/run.md.
 
     Each stage's output is cached under a key made of the sha256 of its input artifact, its config,
     its data and the host facts that change it (ISA class, onnxruntime and dlopt versions); a re-run
@@ -25,6 +26,7 @@ def command(recipe, output, force, overwrite, cache_dir):
     """
     from dlopt.api import cache_root, run, run_text
 
-    result = run(recipe, output, force=force, overwrite=overwrite, cache_dir=cache_dir, log=echo_err)
+    with heartbeat("run", echo_err) as log:
+        result = run(recipe, output, force=force, overwrite=overwrite, cache_dir=cache_dir, log=log)
     click.echo(run_text(result))
     click.echo(f"wrote {result.output} (cache {cache_root(cache_dir)})")

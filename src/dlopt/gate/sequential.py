@@ -83,7 +83,8 @@ def sequential_test(add_round: Callable[[], None], rounds: Callable[[], int],
         done = due
         n = rounds()
 
-        def outcome(verdict: str, interval: Interval | None, reason: str) -> LatencyOutcome:
+        def outcome(verdict: str, interval: Interval | None, reason: str, n: int = n,
+                    elapsed: float = elapsed) -> LatencyOutcome:  # this look's n and elapsed, bound now
             return LatencyOutcome(verdict=verdict, limit=limit, interval=interval, looks=tuple(history), rounds=n,
                                   seconds=elapsed, look_confidence=level, reason=reason)
 

@@ -77,8 +77,9 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
     `data` ({input name: array}, first axis = batch, or a dlopt.data.SampleArrays) replaces generated sample
     inputs; `data_spec` (a dlopt.data.DataSpec) is what they were read with, recorded. `sign_key`
     (an Ed25519 private key PEM, `dlopt keygen`) signs the manifest. `lineage` (from `dlopt run`: each
-    stage that made the model, with its config, input and output sha256 and cache key) is recorded in it. Raises InputError for bad input,
-    VerificationError (nothing written) when the packaged model does not match the source."""
+    stage that made the model, with its config, input and output sha256 and cache key) is recorded in it.
+    Raises InputError for bad input, VerificationError (nothing written) when the packaged model does not
+    match the source."""
     validate_config(config)
     private_key = None
     if sign_key is not None:  # read the key before any long work; its path is not recorded anywhere

@@ -104,9 +104,8 @@ def validate_config(config: PackageConfig) -> None:
     bad = [p for p in config.pte_precisions if p not in PTE_PRECISIONS]
     if bad:
         raise InputError(f"unknown .pte precision(s) {bad}", f"choose from {', '.join(PTE_PRECISIONS)}")
-    from dlopt.stage import get_stage
+    from dlopt.optimize.pt2e import WEIGHT_ROUNDINGS  # the PT2E lowering's
 
-    WEIGHT_ROUNDINGS = get_stage("export").PTE_WEIGHT_ROUNDINGS  # the PT2E lowering's (export stage helper)
     if config.pte_weight_rounding not in WEIGHT_ROUNDINGS:
         raise InputError(f"unknown .pte weight rounding {config.pte_weight_rounding!r}",
                          f"choose {' or '.join(WEIGHT_ROUNDINGS)}")

@@ -25,7 +25,7 @@ def _threads(config: PackageConfig) -> int:
 def recommended_session(built: Mapping[str, Any], config: PackageConfig) -> dict[str, Any]:
     """The session configuration a bundle recommends to its users: the entries its model must be loaded
     with plus dlopt's own (denormals flushed: see dlopt.runtime), and the threads it was measured with."""
-    from dlopt.runtime import SESSION_CONFIG
+    from dlopt.sessions import SESSION_CONFIG
 
     return {"session_config": {**SESSION_CONFIG, **built["session_config"]}, "intra_op_num_threads": _threads(config),
             "inter_op_num_threads": 1,

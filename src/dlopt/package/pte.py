@@ -1,5 +1,5 @@
 """ExecuTorch programs in a mobile bundle (--torch-source): the torch source loaded, lowered to .pte
-with dlopt.optimize.pt2e (the export stage's lower_to_pte helper, from the Stage registry) for each
+with dlopt.optimize.pt2e (lower_to_pte) for each
 precision, calibrated and checked against the ONNX model.
 """
 
@@ -20,16 +20,16 @@ def _load_torch_source(config: PackageConfig):
     from dlopt.targets.xnnpack import require_executorch
 
     require_executorch()
-    from dlopt.stage import get_stage
+    from dlopt.sources import load_source
 
-    return get_stage("export").load_source(config.torch_source)
+    if config.torch_source is None:
+        raise ValueError("the package config names no torch source to lower")
+    return load_source(config.torch_source)
 
 
 def _build_pte(source, staging: Path, config: PackageConfig, feeds_list, expected, log: Log, model_path: Path):
-    from dlopt.stage import get_stage
+    from dlopt.optimize.pt2e import lower_to_pte
     from dlopt.targets.xnnpack import PteProgram
-
-    lower_to_pte = get_stage("export").lower_to_pte  # dlopt.optimize.pt2e, through the registry
 
     artifacts, checks, programs = [], [], []
     input_names = list(feeds_list[0])
@@ -53,9 +53,9 @@ def _build_pte(source, staging: Path, config: PackageConfig, feeds_list, expecte
         program = PteProgram(staging / file_name, input_names, threads=1)
         got = [program.run(feeds) for feeds in feeds_list]
         output_names = list(expected[0])
-        got = [dict(zip(output_names, outs)) for outs in got]
+        got_named = [dict(zip(output_names, outs)) for outs in got]
         floor = config.pte_fp32_min_sqnr_db if precision == "fp32" else config.pte_int8_min_sqnr_db
-        checks += _checks(file_name, got, expected, {"min_sqnr_db": floor})
+        checks += _checks(file_name, got_named, expected, {"min_sqnr_db": floor})
         artifacts.append({"file": file_name, "runtime": f"executorch {_executorch_version()}", "backend": "xnnpack",
                           "precision": precision, "input_names": input_names,
                           "torch_source": config.torch_source, "lower_s": round(lower_s, 2),

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dlopt.stage import get_stage
+from dlopt.optimize.quantize.schemes import METHODS
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def base_candidates(*, target: str, transformer: bool, untrimmed: bool = False) 
     `trimmed`, the untrimmed forms are what they are compared with)."""
     trim = {"trim_padding": "off"} if untrimmed else {}
     q = lambda **keys: _quantize(target, **trim, **keys)  # noqa: E731 (a local shorthand)
-    methods = get_stage("quantize").METHODS  # the calibration methods, through the registry
+    methods = METHODS  # the calibration methods quantize offers
     found = [Candidate("fp32", "fp32", (), "the source itself: the reference every ratio is against"),
              Candidate("int8-auto", "int8", (q(precision="int8", mode="auto"),),
                        "the INT8 recipe dlopt quantize chooses for this model, target and CPU")]
@@ -104,7 +104,7 @@ def base_candidates(*, target: str, transformer: bool, untrimmed: bool = False) 
 
 def with_exclusions(candidate: Candidate, *, max_drop_metric: float, evaluator: str) -> Candidate:
     """`candidate` with quantize's accuracy budget: the nodes that add the most noise stay float until
-    the evaluator's drop is within `max_drop_metric` (dlopt.optimize.sensitivity)."""
+    the evaluator's drop is within `max_drop_metric` (dlopt.optimize.accuracy_budget)."""
     # leave_one_out_limit 0: nodes ranked by the noise each adds (two runs of the model), not by one
     # re-quantization per node; with a reference evaluator the latter took EfficientNet-Lite0's retry past
     # the whole search's 20-minute budget on the shared 2-core machine

@@ -34,7 +34,7 @@ from typing import Any
 from dlopt.errors import InputError, VerificationError
 from dlopt.search.candidates import (Candidate, Skipped, StageDesc, base_candidates, prune_candidates, trimmed,
                                      untrimmed_name, with_exclusions)
-from dlopt.search.evaluation import (Evaluated, SearchContext, accuracy_drop, apply_stages, cached_evaluation,
+from dlopt.search.scoring import (Evaluated, SearchContext, accuracy_drop, apply_stages, cached_evaluation,
                                      drop_unit, evaluate_candidate, measure_latency, measure_throughput,
                                      resolved_metric, trim_check)
 from dlopt.search.pareto import Point, choose, dominated_by, pareto_front
@@ -277,7 +277,7 @@ def timing_plan(rows: dict[str, dict[str, Any]], max_drop: float) -> list[str]:
                 f"accuracy drop {row['drop_points']:.3g} > {max_drop:g}: cannot be chosen, so not timed")
         else:
             eligible.append(name)
-    timed = []
+    timed: list[str] = []
     for name in sorted(eligible, key=lambda n: (n != "fp32", rows[n]["drop_points"], rows[n]["bytes"])):
         row = rows[name]
         twin = next((t for t in timed if rows[t]["signature"] == row["signature"]
@@ -285,7 +285,8 @@ def timing_plan(rows: dict[str, dict[str, Any]], max_drop: float) -> list[str]:
         if twin is not None and name != "fp32":
             row["status"], row["reason"] = "same-graph", (
                 f"the same graph as {twin} (op types, counts and size): the same kernels and latency up to "
-                f"noise, with a drop no smaller ({row['drop_points']:.3g} vs {rows[twin]['drop_points']:.3g} points): "
+                f"noise, with a drop no smaller ({row['drop_points']:.3g} vs "
+                f"{rows[twin]['drop_points']:.3g} points): "
                 "dominated, not timed")
             continue
         timed.append(name)
@@ -345,17 +346,18 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
         ctx = dataclasses.replace(ctx, fp32_onnx=str(exported))
     base = evaluate_candidate((ctx, fp32))
     phases["source_s"] = time.perf_counter() - t0  # part of evaluate_s: what every search does first
-    if not base.ok:
+    if not base.ok or base.score is None or base.artifact is None:
         raise InputError(f"{model}: the FP32 source could not be scored: {base.reason}", "check the model and its data")
+    base_score = base.score
     clock.log(f"fp32: {ctx.evaluator} = {base.score:.5g}" + (" (cached)" if base.cached else ""))
     metric = resolved_metric(ctx)  # auto: say which task metric the budget is on, and why
     if metric is not None:
         clock.log(f"auto: the task metric is {metric['name']} ({metric['reason']}); the drop budget "
                   f"{max_drop:g} is in {metric['drop_unit']}")
     from dlopt.fileio import load_onnx
-    from dlopt.stage import get_stage
+    from dlopt.graphfacts import looks_like_transformer
 
-    transformer = get_stage("quantize").looks_like_transformer(load_onnx(base.artifact, load_external_data=False))
+    transformer = looks_like_transformer(load_onnx(base.artifact, load_external_data=False))
     trim = trim_check(ctx, str(base.artifact), str(base.output_sha256))  # base.ok: both are set
     clock.log(_trim_line(trim))
     candidates = base_candidates(target=ctx.target, transformer=transformer, untrimmed=trim["applies"])[1:]
@@ -369,10 +371,12 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     all_candidates = {c.name: c for c in [fp32, *candidates]}
 
     def drop_of(r: Evaluated) -> float | None:
-        return accuracy_drop(ctx.evaluator, base.score, r.score) if r.ok and r.score is not None else None
+        return accuracy_drop(ctx.evaluator, base_score, r.score) if r.ok and r.score is not None else None
 
-    over = sorted((c for c in candidates if c.precision == "int8" and c.name in evaluated and evaluated[c.name].ok
-                   and drop_of(evaluated[c.name]) > max_drop), key=lambda c: drop_of(evaluated[c.name]))
+    # an INT8 candidate scored over the budget (one that ran but has no score has no drop to compare)
+    over_drops = {c.name: drop for c in candidates if c.precision == "int8" and c.name in evaluated
+                  and evaluated[c.name].ok and (drop := drop_of(evaluated[c.name])) is not None and drop > max_drop}
+    over = sorted((c for c in candidates if c.name in over_drops), key=lambda c: over_drops[c.name])
     if over:
         retries = [with_exclusions(c, max_drop_metric=max_drop, evaluator=ctx.evaluator)
                    for c in over[:EXCLUSION_TRIES]]
@@ -406,7 +410,7 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     rows: dict[str, dict[str, Any]] = {}
     for name, r in evaluated.items():
         c = all_candidates[name]
-        row = {"name": name, "precision": c.precision, "why": c.why, "recipe": c.recipe(), "cached": r.cached,
+        row: dict[str, Any] = {"name": name, "precision": c.precision, "why": c.why, "recipe": c.recipe(), "cached": r.cached,
                "seconds": r.seconds, "score": r.score, "drop_points": drop_of(r), "bytes": r.bytes,
                "artifact": r.artifact, "output_sha256": r.output_sha256, "signature": r.signature,
                "graph_sha256": r.graph_sha256,
@@ -442,8 +446,10 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
             row["reason"] = "on the Pareto front (no other candidate is as fast, as accurate and as small)"
         else:
             by = dominated_by(p, points)
+            assert by is not None, "a point off the front is dominated"
             row["status"], row["reason"] = "dominated", (
-                f"dominated by {by.name}: latency {by.latency:.3f} vs {p.latency:.3f} x FP32, drop {by.drop:.3g} vs "
+                f"dominated by {by.name}: latency {by.latency:.3f} vs {p.latency:.3f} x FP32, "
+                f"drop {by.drop:.3g} vs "
                 f"drop {p.drop:.3g}, {by.size / 1e6:.2f} vs {p.size / 1e6:.2f} MB")
         if config.max_latency_ms is not None and row["median_ms"] > config.max_latency_ms:
             row["reason"] += f"; its batch-1 latency {row['median_ms']:.3g} ms exceeds --max-latency {config.max_latency_ms:g}"

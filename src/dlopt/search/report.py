@@ -194,7 +194,8 @@ def render_report(result: Mapping[str, Any]) -> str:
                f"bundle: {_esc(result.get('bundle'))} ({'verified' if result.get('verified') else 'not verified'}).</p>"
                f"<p>Latency: {_esc(latency.get('clock'))}, {_esc(latency.get('threads'))} thread, batch "
                f"{_esc(latency.get('batch'))}, inputs {_esc(latency.get('input_shapes'))} ({_esc(latency.get('data'))}), "
-               f"{_esc(latency.get('rounds'))} interleaved rounds{' (from the cache, measured ' + _esc(latency.get('measured')) + ')' if latency.get('cached') else ''}; "
+               f"{_esc(latency.get('rounds'))} interleaved rounds"
+               f"{' (from the cache, measured ' + _esc(latency.get('measured')) + ')' if latency.get('cached') else ''}; "
                f"CPU: {_esc(result['cpu'])}. Search: {result['seconds']:.1f} s of a {result['time_budget_s']:.0f} s "
                f"budget, executor {_esc(result['executor'].get('kind'))} ({_esc(result['executor'].get('workers'))} "
                f"workers); {result['cache']['evaluations_cached']} evaluations from the cache, "
@@ -215,7 +216,7 @@ def render_report(result: Mapping[str, Any]) -> str:
 OVERRUN_TOLERANCE = 0.10  # a search may end this share past its time budget without a word
 
 
-def overrun_text(result: dict) -> str | None:
+def overrun_text(result: Mapping[str, Any]) -> str | None:
     """Why a search ran more than 10 % past its --time-budget, else None. Candidates stop being started in
     time, but every search still exports and scores the FP32 source, times what it keeps (10 s at least)
     and writes a verified bundle: a budget shorter than those is overrun, and this line says by what."""

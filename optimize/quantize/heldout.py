@@ -16,10 +16,12 @@ from dlopt.errors import StageError
 from dlopt.fidelity import compare_runs, report as fidelity_report
 from dlopt.inputs import graph_inputs
 from dlopt.metrics import MetricChoice, assess, choose_metric, group_sqnr, metric_request
-from dlopt.optimize.preprocess import check_feeds, op_counts
-from dlopt.optimize.quantize.recipe import cpu_features
+from dlopt.graphfacts import op_counts
+from dlopt.optimize.preprocess import check_feeds
+from dlopt.optimize.quantize.recipe import cpu_record
+from dlopt.targets.cpu import host_cpu
 from dlopt.optimize.quantize.schemes import FIDELITY_FLOORS_DB, QuantizeConfig
-from dlopt.optimize.scheme import HOLDOUT_MIN, QuantizeScheme
+from dlopt.optimize.quantize_scheme import HOLDOUT_MIN, QuantizeScheme
 from dlopt.runtime import cpu_label, runtime_report
 from dlopt.sessions import cpu_session, run_outputs
 
@@ -66,11 +68,11 @@ def recurrent_pairs(model) -> list[tuple[str, str]]:
     inputs = {spec.name: spec for spec in graph_inputs(model)}
     if len(inputs) < 2:  # a state is fed beside the data that drives it; image -> image_out is a filter
         return []
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for output in model.graph.output:
         dims = [d.dim_value if d.HasField("dim_value") else None for d in output.type.tensor_type.shape.dim]
         for suffix in STATE_SUFFIXES:
-            name = output.name[:-len(suffix)] if output.name.endswith(suffix) else None
+            name = output.name[:-len(suffix)] if output.name.endswith(suffix) else ""
             spec = inputs.get(name) if name else None
             if spec is None:
                 continue
@@ -368,7 +370,7 @@ def _summary(original, quantized, data, config: QuantizeScheme, *, feeds: list[F
                    if pairs else None},
                "holdout": {k: v for k, v in holdout.items() if k != "warning"},
                "metric": {"metric": None, "why": choice.reason},
-               "cpu": dataclasses.asdict(cpu_features())}
+               "cpu": cpu_record(host_cpu())}
     summary["metric"]["metric"] = summary["fidelity"]["task_metric"]["metric"]
     if exact_arithmetic:
         exact = held_out_outputs(cpu_session(quantized, graph_opt_level="disable"), feeds, reference, pairs)[0]

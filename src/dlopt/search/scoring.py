@@ -146,10 +146,9 @@ def apply_stages(ctx: SearchContext, stages: Sequence[StageDesc], output: Path |
 
 @functools.lru_cache(maxsize=4)
 def _evaluator(ctx: SearchContext):
-    """The evaluator of dlopt.optimize.sensitivity (one per worker process and search)."""
-    from dlopt.stage import get_stage
+    """The evaluator of dlopt.optimize.accuracy_budget (one per worker process and search)."""
+    from dlopt.optimize.accuracy_budget import build_evaluator  # quantize's own accuracy evaluators
 
-    build_evaluator = get_stage("quantize").build_evaluator  # quantize's own accuracy evaluators
     if ctx.evaluator.startswith("model:"):
         return build_evaluator(ctx.evaluator, None, None)
     from dlopt.fileio import load_onnx
@@ -171,13 +170,13 @@ def heldout_feeds(ctx: SearchContext, model) -> list[dict[str, Any]] | None:
     """Where a fidelity evaluator scores: --eval-data, else the samples quantize holds out of
     --calibration (the last 20 %: never calibrated on), else None (generated inputs)."""
     from dlopt.data import load_data
-    from dlopt.stage import get_stage
+    from dlopt.optimize.quantize.schemes import QuantizeConfig
+    from dlopt.optimize.quantize.heldout import split_holdout
 
-    quantize = get_stage("quantize")  # its QuantizeConfig's defaults and held-out split
-    config = quantize.config()
+    config = QuantizeConfig()  # its defaults and held-out split
     data = load_data(ctx.calibration, model) if ctx.calibration else None
     held = load_data(ctx.eval_data, model, limit=config.fidelity_samples) if ctx.eval_data else None
-    _, feeds, _ = quantize.split_holdout(data, held, config)
+    _, feeds, _ = split_holdout(data, held, config)
     return feeds
 
 
@@ -190,9 +189,9 @@ def graph_signature(path: Path) -> str:
     """The sorted op types and counts of the graph: two candidates with the same signature and size
     run the same kernels, so their latencies differ only by noise."""
     from dlopt.fileio import load_onnx
-    from dlopt.stage import get_stage
+    from dlopt.graphfacts import op_counts
 
-    counts = get_stage("quantize").op_counts(load_onnx(path, load_external_data=False))
+    counts = op_counts(load_onnx(path, load_external_data=False))
     return json.dumps(dict(sorted(counts.items())), separators=(",", ":"))
 
 
@@ -267,7 +266,8 @@ def cached_evaluation(ctx: SearchContext, candidate: Candidate) -> Evaluated | N
         return None
     try:
         data = json.loads((entry.path / RESULT_FILE).read_text())
-        result = Evaluated(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        stored: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        result = Evaluated(**stored)
     except (OSError, ValueError, TypeError):
         return None
     if result.artifact is not None:
@@ -522,7 +522,7 @@ def measure_throughput(ctx: SearchContext, path: str, sha256: str, batches: Sequ
         batches = [b for b in batches if b <= available] or [1]
     rows = []
     for t in threads:
-        last = None
+        last: dict[str, Any] | None = None
         for b in sorted(batches):
             if last is not None:
                 projected_ms = last["median_ms"] * b / last["batch"]
@@ -543,7 +543,7 @@ def measure_throughput(ctx: SearchContext, path: str, sha256: str, batches: Sequ
                 break
             run = result.batches[0]
             s = run.models[0].summaries["wall"]
-            row = {"threads": t, "batch": run.batch, "median_ms": s.median * 1e3, "p90_ms": s.p90 * 1e3,
+            row: dict[str, Any] = {"threads": t, "batch": run.batch, "median_ms": s.median * 1e3, "p90_ms": s.p90 * 1e3,
                    "items_per_s": run.batch / s.median if s.median > 0 else None,
                    "input_shapes": {k: list(v) for k, v in run.input_shapes.items()}}
             rows.append(row)

@@ -1,0 +1,58 @@
+"""Facts read off an ONNX graph that stages and the search choose by: op counts, whether it is a
+transformer, whether it embeds tokens. Reading only: nothing here changes a model."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dlopt.inputs import graph_inputs
+
+# ops that only ORT's transformer fusions create: seeing one means the graph is already fused
+FUSED_TRANSFORMER_OPS = {"Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization",
+                         "BiasGelu", "FastGelu", "QAttention"}
+
+
+def looks_like_transformer(model) -> bool:
+    """Fused attention ops, or a Softmax, at least four MatMuls and token embeddings: an input named
+    input_ids or a table lookup of integer inputs (`embeds_tokens`). Not any Gather: exporters write
+    Shape -> Gather for every dynamic reshape, and integer inputs that are not token ids (indices,
+    steps, state counters) are no evidence of one either."""
+    ops = [n.op_type for n in model.graph.node]
+    if FUSED_TRANSFORMER_OPS & set(ops):
+        return True
+    names = {i.name for i in graph_inputs(model)}
+    return (ops.count("Softmax") >= 1 and ops.count("MatMul") >= 4
+            and ("input_ids" in names or embeds_tokens(model)))
+
+
+def embeds_tokens(model) -> bool:
+    """Whether a graph input of integer type indexes a 2-D float table (a Gather on an initializer,
+    directly or through Cast/Reshape/Squeeze/Unsqueeze/Identity): a token embedding."""
+    from onnx import TensorProto
+
+    integer_inputs = {i.name for i in graph_inputs(model) if np.issubdtype(i.dtype, np.integer)}
+    tables = {t.name for t in model.graph.initializer
+              if len(t.dims) == 2 and t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type != "Gather" or node.input[0] not in tables:
+            continue
+        source = node.input[1]
+        for _ in range(4):
+            if source in integer_inputs:
+                return True
+            step = producer.get(source)
+            if step is None or step.op_type not in ("Cast", "Reshape", "Squeeze", "Unsqueeze", "Identity"):
+                break
+            source = step.input[0]
+    return False
+
+
+def op_counts(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+__all__ = ["FUSED_TRANSFORMER_OPS", "embeds_tokens", "looks_like_transformer", "op_counts"]
