@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from dlopt.search.report import trim_lines
+
 MODELS = ("fashion-cnn", "minilm", "efficientnet-lite0")
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -80,7 +82,8 @@ def run_model(name: str, work: Path, drop: float, budget: str) -> dict:
     ratio = runs["results"][1]["ratio"]["cpu"]
     return {"model": name, "cold_s": cold_s, "warm_s": warm_s, "front": result["front"], "chosen": result["chosen"],
             "same_front_warm": again["front"] == result["front"], "candidates": result["candidates"],
-            "vs_recipe": ratio, "input_shapes": runs["input_shapes"], "cpu": result["cpu"]}
+            "vs_recipe": ratio, "input_shapes": runs["input_shapes"], "cpu": result["cpu"],
+            "trim_padding": result.get("trim_padding")}
 
 
 def main() -> None:
@@ -105,6 +108,8 @@ def main() -> None:
             drop = "-" if c["drop_points"] is None else f"{c['drop_points']:.2f}"
             size = "-" if not c["bytes"] else f"{c['bytes'] / 1e6:.2f} MB"
             print(f"    {c['name']:30} {c['status']:11} drop {drop:>6} pts  latency/FP32 {ratio:>6}  {size}")
+        for line in trim_lines(r["trim_padding"]):  # padding removal: why not, or its gain per batch size
+            print(f"    {line}")
     print("vs recipe: latency of the chosen model / the hand-written recipe's model (thread CPU time, one thread, "
           "batch 1, inputs " + "; ".join(f"{r['model']} {r['input_shapes']}" for r in rows) + ")")
 

@@ -45,9 +45,9 @@ def export_to(source, module, path: Path) -> Path:
     import dataclasses
 
     from dlopt.fileio import save_onnx_atomic
-    from dlopt.optimize.export import ExportConfig, export
+    from dlopt.optimize.export import Export, export
 
-    return save_onnx_atomic(export(dataclasses.replace(source, module=module), ExportConfig()).model, path)
+    return save_onnx_atomic(export(dataclasses.replace(source, module=module), Export()).model, path)
 
 
 def gzip_mb(path: Path) -> float:
@@ -104,9 +104,9 @@ def run_fashion(work: Path, args) -> dict:
     import torch
 
     from dlopt.models import fashion_cnn, get_reference_model
-    from dlopt.optimize.distill import DistillConfig, DistillData, distill
+    from dlopt.optimize.distill import Distill, DistillData, distill
     from dlopt.sources import load_source
-    from dlopt.optimize.prune import PruneConfig, prune
+    from dlopt.optimize.prune import Prune, prune
     from dlopt.optimize.quantize import QuantizeConfig, quantize_file
 
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -122,14 +122,14 @@ def run_fashion(work: Path, args) -> dict:
     stages.append(("FP32 dense", dense, params(teacher)))
 
     log("pruning 50 % of the channels")
-    pruned = prune(teacher, source.example_inputs, PruneConfig(ratio=0.5)).model
+    pruned = prune(teacher, source.example_inputs, Prune(ratio=0.5)).model
     stages.append(("pruned 50 % channels", export_to(source, pruned, work / "fashion_pruned.onnx"), params(pruned)))
 
     x, y = fashion_cnn.training_set()
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     train = DistillData({"image": x[order[5000:]]}, y[order[5000:]])
     val = DistillData({"image": x[order[:5000]]}, y[order[:5000]])
-    config = DistillConfig(epochs=args.epochs, lr=2e-3, batch_size=128, temperature=4.0, alpha=0.7, patience=2)
+    config = Distill(epochs=args.epochs, lr=2e-3, batch_size=128, temperature=4.0, alpha=0.7, patience=2)
     log(f"distilling: {len(train)} images, {args.epochs} epochs max")
     result = distill(teacher, pruned, train, config, val=val, show_progress=not args.no_progress)
     distilled = result.model
@@ -145,7 +145,7 @@ def run_fashion(work: Path, args) -> dict:
     dense_int8 = quantize_file(dense, work / "fashion_dense_int8.onnx", q, "model:fashion-cnn").model_path
     stages.append(("dense + INT8 (reference)", dense_int8, params(teacher)))
 
-    unstructured = prune(teacher, source.example_inputs, PruneConfig(ratio=0.5, structure="unstructured")).model
+    unstructured = prune(teacher, source.example_inputs, Prune(ratio=0.5, structure="unstructured")).model
     stages.append(("unstructured 50 % (no speed claim)",
                    export_to(source, unstructured, work / "fashion_unstructured.onnx"), params(unstructured)))
 
@@ -189,9 +189,9 @@ def run_fashion(work: Path, args) -> dict:
 def run_minilm(work: Path, args) -> dict:
 
     from dlopt.models import get_reference_model
-    from dlopt.optimize.distill import DistillConfig, distill, reference_training_data, split_validation
+    from dlopt.optimize.distill import Distill, distill, reference_training_data, split_validation
     from dlopt.sources import load_source
-    from dlopt.optimize.prune import PruneConfig, prune
+    from dlopt.optimize.prune import Prune, prune
     from dlopt.optimize.quantize import QuantizeConfig, quantize_file
 
     started = time.perf_counter()
@@ -210,12 +210,12 @@ def run_minilm(work: Path, args) -> dict:
     stages.append(("FP32 dense", dense, params(teacher)))
 
     log("pruning 50 % of heads and FFN")
-    pruned = prune(teacher, source.example_inputs, PruneConfig(ratio=0.5)).model
+    pruned = prune(teacher, source.example_inputs, Prune(ratio=0.5)).model
     stages.append(("pruned 50 % heads + FFN", export_to(source, pruned, work / "minilm_pruned.onnx"), params(pruned)))
 
     train, val = split_validation(reference_training_data("minilm"), 0.1, seed=0)
-    config = DistillConfig(loss="cosine", epochs=args.minilm_epochs, lr=args.minilm_lr, batch_size=32, patience=2,
-                           freeze=("bert.embeddings",))
+    config = Distill(loss="cosine", epochs=args.minilm_epochs, lr=args.minilm_lr, batch_size=32, patience=2,
+                     freeze=("bert.embeddings",))
     log(f"distilling: {len(train)} sentences, {config.epochs} epochs max, embeddings frozen")
     result = distill(teacher, pruned, train, config, val=val, show_progress=not args.no_progress)
     distilled = result.model
@@ -229,7 +229,7 @@ def run_minilm(work: Path, args) -> dict:
     int8 = quantize_file(distilled_path, work / "minilm_distilled_int8.onnx", q, "model:minilm").model_path
     stages.append(("pruned + distilled + INT8", int8, params(distilled)))
 
-    unstructured = prune(teacher, source.example_inputs, PruneConfig(ratio=0.5, structure="unstructured")).model
+    unstructured = prune(teacher, source.example_inputs, Prune(ratio=0.5, structure="unstructured")).model
     stages.append(("unstructured 50 % (no speed claim)",
                    export_to(source, unstructured, work / "minilm_unstructured.onnx"), params(unstructured)))
 

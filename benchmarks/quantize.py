@@ -34,10 +34,10 @@ def export(name: str, path: Path, *, exporter: str | None = None) -> Path:
     if path.exists():
         return path
     from dlopt.api import export_model
-    from dlopt.optimize.export import ExportConfig
+    from dlopt.optimize.export import Export
 
     log(f"exporting {name} -> {path}")
-    export_model(name, path, ExportConfig(exporter=exporter))
+    export_model(name, path, Export(exporter=exporter))
     return path
 
 
@@ -204,14 +204,14 @@ def bench_cnn(name: str, work: Path, budget_s: float, with_budget: bool = False)
 _RSS_CHILD = """
 import sys
 from dlopt.fileio import load_onnx
-from dlopt.optimize.calibration import load_calibration
+from dlopt.data import load_data
 from dlopt.optimize.quantize import calibrate
 
 def peak_kb():
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 
 model = load_onnx(sys.argv[1])
-data = load_calibration("model:minilm", model, limit=int(sys.argv[2]))
+data = load_data("model:minilm", model, limit=int(sys.argv[2]))
 before = peak_kb()
 calibrate(model, data, method=sys.argv[3], op_types=["MatMul"])
 print(before, peak_kb())

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from dlopt.report import format_table
 
-# label, Int4Config options; every SmolLM2 recipe here is symmetric or uses blocks of 64+ (honest 4-bit)
+# label, Int4WeightOnly options; every SmolLM2 recipe here is symmetric or uses blocks of 64+ (honest 4-bit)
 SMOLLM2_VARIANTS = {
     "gptq_all4": ("dlopt GPTQ sym b32, all 4-bit (tied head/embedding too)",
                   {"keep_last": 0, "sensitive_fraction": 0.0}),
@@ -60,11 +60,11 @@ def cached_json(path: Path, make):
 def export(name: str, path: Path) -> Path:
     if not path.exists():
         from dlopt.api import export_model
-        from dlopt.optimize.export import ExportConfig
+        from dlopt.optimize.export import Export
         from dlopt.sources import load_source
 
         log(f"exporting {name} -> {path} (SmolLM2: minutes)")
-        export_model(load_source(name), path, ExportConfig())
+        export_model(load_source(name), path, Export())
     return path
 
 
@@ -82,7 +82,7 @@ def dlopt_int4(src: Path, out: Path, options: dict, calibration: str) -> dict:
 
 
 def with_accuracy_level(src: Path, out: Path, level: int) -> None:
-    """The same weights with MatMulNBits' accuracy_level set (what Int4Config(accuracy_level=...) writes),
+    """The same weights with MatMulNBits' accuracy_level set (what Int4WeightOnly(accuracy_level=...) writes),
     without quantizing again."""
     if out.exists():
         return

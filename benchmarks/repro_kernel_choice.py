@@ -112,7 +112,7 @@ def main() -> None:
     from dlopt.bench import BenchConfig, benchmark
     from dlopt.fileio import load_onnx
     from dlopt.inputs import take_samples  # noqa: F401  (the held-out feed is read the way quantize reads it)
-    from dlopt.optimize.quantize.verification import split_holdout
+    from dlopt.optimize.quantize.heldout import split_holdout
     from dlopt.data import load_data as load_calibration
     from dlopt.optimize.quantize import QuantizeConfig
 

@@ -63,7 +63,7 @@ class ReferenceModel:
         try:
             return importlib.import_module(f"dlopt.models.{self.module}")
         except ModuleNotFoundError as e:
-            if e.name and e.name.split(".")[0] == "dlopt":
+            if not e.name or e.name.split(".")[0] == "dlopt":  # not a missing third-party package
                 raise
             from dlopt.models._data import pip_name
 

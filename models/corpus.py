@@ -882,7 +882,8 @@ CORPUS: dict[str, CorpusModel] = {m.name: m for m in (
         task="detection", licence="MIT",  # a 76 MB wheel: it ships a 54 MB recogniser too
         description="YOLOX character detector (ddddocr's click-captcha detector): one output [1, 3549, 6] "
                     "= raw grid offsets, log sizes, objectness, 1 class; 416x416, opset 11",
-        preprocessing="BGR, letterbox to 416x416 at the top-left (bilinear, pad 114), float 0-255 (not scaled), NCHW",
+        preprocessing=("BGR, letterbox to 416x416 at the top-left (bilinear, pad 114), float 0-255 (not scaled), "
+                       "NCHW"),
         metric="detections after YOLOX's grid decode (obj x class > 0.1, NMS 0.45) matched to FP32's at "
                "IoU >= 0.5: Jaccard",
         labels=("character",),

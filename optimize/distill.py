@@ -33,6 +33,7 @@ from dlopt.sources import ModelSource
 from dlopt.stage import StageContext, StageResult, config_to_dict, register_stage
 
 Loss = Literal["kl", "cosine", "mse"]
+Device = Literal["cpu", "cuda"]
 LOSSES: tuple[str, ...] = ("kl", "cosine", "mse")
 STATE_FORMAT = "dlopt-distill-state-v1"
 STATE_FILE = "distill_state.pt"
@@ -57,10 +58,9 @@ class Distill:
     patience: int | None = 2  # stop after this many epochs without a better eval metric (None: never)
     freeze: tuple[str, ...] = ()  # student parameters whose names start with these stay fixed (e.g. embeddings)
     seed: int = 0
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: Device = "cpu"
 
 
-DistillConfig = Distill  # its name before the Stage interface
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def embedding_loss(student, teacher, kind: Loss):
 # Checks
 # ---------------------------------------------------------------------------------------------
 
-def check_config(config: DistillConfig) -> None:
+def check_config(config: Distill) -> None:
     if config.loss not in LOSSES:
         raise InputError(f"unknown distillation loss {config.loss!r}", f"choose one of {', '.join(LOSSES)}")
     if config.epochs < 1:
@@ -155,7 +155,7 @@ def check_data(data: DistillData, what: str) -> None:
                              "remove or fix those samples; training needs finite inputs")
 
 
-def check_compatible(teacher, student, data: DistillData, config: DistillConfig) -> tuple[int, ...]:
+def check_compatible(teacher, student, data: DistillData, config: Distill) -> tuple[int, ...]:
     """Run both models on two samples; their outputs must have the same shape. Returns that shape."""
     torch = _require_torch()
     sample = _to(_trim_padding(data.subset(slice(0, 2)).inputs), "cpu")
@@ -259,7 +259,7 @@ class _Capture:
             h.remove()
 
 
-def _make_adapters(teacher, student, config: DistillConfig, sample: dict[str, Any]):
+def _make_adapters(teacher, student, config: Distill, sample: dict[str, Any]):
     """One adapter per layer pair mapping the student's width to the teacher's (identity when equal)."""
     torch = _require_torch()
     t_cap = _Capture(teacher, [t for t, _ in config.hidden_layers], "teacher")
@@ -294,7 +294,7 @@ def _make_adapters(teacher, student, config: DistillConfig, sample: dict[str, An
 # Evaluation on held-out data
 # ---------------------------------------------------------------------------------------------
 
-def default_metric(student, val: DistillData, val_targets, config: DistillConfig, device) -> tuple[str, float]:
+def default_metric(student, val: DistillData, val_targets, config: Distill, device) -> tuple[str, float]:
     """Accuracy with labels; agreement with the teacher's top-1 without; mean cosine for embeddings."""
     torch = _require_torch()
     outs = teacher_outputs(student, val, config.eval_batch_size, device)
@@ -453,7 +453,7 @@ def distill(teacher, student, data: DistillData, config: Distill = Distill(), *,
     return StageResult(model=student, report=report)
 
 
-def _train_epoch(epoch, student, teacher, adapters, data, targets, optimizer, schedule, config: DistillConfig,
+def _train_epoch(epoch, student, teacher, adapters, data, targets, optimizer, schedule, config: Distill,
                  steps_per_epoch, device, t_caps, s_caps, progress, task) -> dict[str, Any]:
     torch = _require_torch()
     # Each epoch's randomness comes from (seed, epoch) alone: a resumed run draws the same numbers.
@@ -510,7 +510,7 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
-def load_state(path: Path | None, config: DistillConfig, fingerprint: str) -> dict[str, Any]:
+def load_state(path: Path | None, config: Distill, fingerprint: str) -> dict[str, Any]:
     from dlopt.fileio import load_torch_dict
 
     _require_torch()
@@ -609,6 +609,6 @@ def distill_stage(student: ModelSource, config: Distill, context: StageContext) 
     return StageResult(dataclasses.replace(student, module=result.model), result.report)
 
 
-__all__ = ["Distill", "distill_stage", "LOSSES", "DistillConfig", "DistillData", "load_npz_data",
+__all__ = ["Distill", "distill_stage", "LOSSES", "Distill", "DistillData", "load_npz_data",
            "reference_training_data", "split_validation", "check_compatible", "data_fingerprint", "distill",
            "embedding_loss", "kd_loss"]

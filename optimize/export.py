@@ -46,7 +46,6 @@ class Export:
     seed: int = 0
 
 
-ExportConfig = Export  # its name before the Stage interface
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +106,7 @@ def _resample_inputs(example: dict[str, Any], axes: dict[str, dict[int, str]], b
     return out
 
 
-def verification_cases(source: ModelSource, axes: dict[str, dict[int, str]], config: ExportConfig
+def verification_cases(source: ModelSource, axes: dict[str, dict[int, str]], config: Export
                        ) -> list[tuple[str, dict[str, Any]]]:
     """The example, plus inputs of other batch sizes and (for token models) sequence lengths."""
     cases = [("example", dict(source.example_inputs))]
@@ -285,7 +284,7 @@ def export(source: ModelSource, config: Export = Export(),
         return _export(source, config, log)
 
 
-def _export(source: ModelSource, config: ExportConfig, log: Callable[[str], None]) -> StageResult:
+def _export(source: ModelSource, config: Export, log: Callable[[str], None]) -> StageResult:
     require_torch()
     first = config.exporter or source.exporter or "dynamo"
     if first not in EXPORTERS:
@@ -431,5 +430,5 @@ def export_file(source: ModelSource | str, output: str | os.PathLike, config: Ex
     return WrittenModel(out, report_path, report)
 
 
-__all__ = ["TORCH_SOURCE", "Export", "DEFAULT_OPSET", "ExportConfig", "OutputDiff", "compare_outputs",
+__all__ = ["TORCH_SOURCE", "Export", "DEFAULT_OPSET", "Export", "OutputDiff", "compare_outputs",
            "default_dynamic_axes", "diff_table", "export", "export_file", "export_stage", "verify_onnx"]

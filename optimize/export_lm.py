@@ -106,16 +106,9 @@ def check_hf_folder(folder: Path) -> dict[str, Any]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise InputError(f"{folder} has no config.json", "save the model with model.save_pretrained(folder)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read {config_path}: {e}", "save the model again with save_pretrained") from e
-    architectures = config.get("architectures") or []
-    if not any(str(a).endswith("ForCausalLM") for a in architectures):
-        what = ", ".join(map(str, architectures)) or f"model_type {config.get('model_type')!r}"
-        raise InputError(f"{config_path} describes {what}, not a causal language model",
-                         "--task text-generation exports decoder LMs (*ForCausalLM: Llama, Qwen, Phi, Mistral, "
-                         "Gemma ...)")
+    from dlopt.genai import check_causal_lm_config
+
+    config = check_causal_lm_config(config_path)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise InputError(f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)})",
                          "save it beside the model: tokenizer.save_pretrained(folder)")

@@ -28,7 +28,7 @@ from dlopt.errors import InputError, StageError
 from dlopt.fidelity import compare_sessions
 from dlopt.fidelity import report as fidelity_report
 from dlopt.inputs import model_feeds, parse_input_shapes, take_samples
-from dlopt.optimize.scheme import QuantizeScheme, check_excluded_nodes
+from dlopt.optimize.quantize_scheme import QuantizeScheme, check_excluded_nodes
 from dlopt.quiet import quiet_libraries
 from dlopt.sessions import cpu_session, feeds_for
 from dlopt.stage import StageResult, config_to_dict
@@ -58,7 +58,6 @@ class Fp16(QuantizeScheme):
             raise InputError("fp16: check_samples and max_rounds must be >= 1", "e.g. check_samples=8")
 
 
-Fp16Config = Fp16  # its name before the scheme configs
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -463,4 +462,4 @@ def convert_fp16(model, config: Fp16 = Fp16(), data: Iterable[Mapping[str, np.nd
     return StageResult(converted, report)
 
 
-__all__ = ["FP16_MAX", "Fp16", "Fp16Config", "convert_fp16"]
+__all__ = ["FP16_MAX", "Fp16", "Fp16", "convert_fp16"]

@@ -55,10 +55,9 @@ class Prune:
     round_to: int | None = None  # keep channel counts multiples of this (e.g. 8 for SIMD-friendly widths)
 
 
-PruneConfig = Prune  # its name before the Stage interface
 
 
-def check_config(config: PruneConfig) -> None:
+def check_config(config: Prune) -> None:
     if config.structure not in STRUCTURES:
         raise InputError(f"unknown pruning structure {config.structure!r}", f"choose one of {', '.join(STRUCTURES)}")
     if config.importance not in IMPORTANCES:
@@ -184,7 +183,7 @@ def _layer_shapes(module) -> dict[str, list[int]]:
             if _real_layer(m) and getattr(m, "weight", None) is not None and hasattr(m.weight, "shape")}
 
 
-def _importance(config: PruneConfig):
+def _importance(config: Prune):
     _, tp = require_torch_pruning()
     if config.importance == "magnitude":
         return tp.importance.GroupMagnitudeImportance(p=2)
@@ -264,7 +263,7 @@ def prune(module, example_inputs: Mapping[str, Any], config: Prune = Prune(), *,
     return StageResult(model=model, report=report)
 
 
-def _prune_structured(model, inputs, config: PruneConfig, output_layer: str | None, ignored: list,
+def _prune_structured(model, inputs, config: Prune, output_layer: str | None, ignored: list,
                       gradient_batches: GradientBatches | None) -> dict[str, Any]:
     torch, tp = require_torch_pruning()
     modules = dict(model.named_modules())
@@ -358,7 +357,7 @@ def _accumulate_gradients(model, inputs, gradient_batches: GradientBatches | Non
         raise InputError("importance 'taylor' got an empty data iterator", "give at least one batch")
 
 
-def _prune_unstructured(model, config: PruneConfig, output_layer: str | None, ignored: list) -> dict[str, Any]:
+def _prune_unstructured(model, config: Prune, output_layer: str | None, ignored: list) -> dict[str, Any]:
     """Global magnitude pruning of Linear/Conv weights with torch.nn.utils.prune, made permanent.
 
     Zeros are still stored and multiplied: the report gives sparsity and compressed size, no speedup."""
@@ -423,6 +422,6 @@ def prune_stage(source: ModelSource, config: Prune, context: StageContext) -> St
     return StageResult(dataclasses.replace(source, module=result.model), result.report)
 
 
-__all__ = ["Prune", "IMPORTANCES", "STRUCTURES", "AttentionModule", "PruneConfig", "check_config",
+__all__ = ["Prune", "IMPORTANCES", "STRUCTURES", "AttentionModule", "Prune", "check_config",
            "count_macs_params", "first_tensor", "find_attention", "find_ffn", "output_layer_name", "prune",
            "prune_stage"]

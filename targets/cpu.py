@@ -86,6 +86,13 @@ class HostCpu:
     core: str | None  # microarchitecture where known: "Zen/Zen+", "Neoverse-N1" ...
     flags: tuple[str, ...]  # every ISA flag, sorted (x86 "flags", ARM "Features")
 
+    @classmethod
+    def with_flags(cls, machine: str, flags: tuple[str, ...]) -> HostCpu:
+        """A CPU known by its machine and ISA flags only: what the INT8 recipe reasons about for another
+        CPU than this one (and what tests build)."""
+        return cls(machine=machine, vendor="", model_name="", family=None, model=None, core=None,
+                   flags=tuple(sorted(flags)))
+
     @property
     def is_x86(self) -> bool:
         return self.machine in X86_MACHINES

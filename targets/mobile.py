@@ -298,7 +298,8 @@ def coverage_report(model, *, sample_shapes: Mapping[str, Sequence[int]] | None 
             optimized = model
             note = f"ONNX Runtime could not optimize the model ({str(e).strip()[:200]}); counted on the original graph"
         else:
-            note = "counted on the graph after ONNX Runtime's basic optimizations (what Runtime-style ORT models offer the EP)"
+            note = ("counted on the graph after ONNX Runtime's basic optimizations (what Runtime-style ORT models "
+                    "offer the EP)")
         try:
             with_shapes = onnx.shape_inference.infer_shapes(optimized)
         except Exception:  # shape inference is best effort here; dynamic-shape counts then over-report

@@ -10,7 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from dlopt.errors import InputError
-from dlopt.optimize.calibration import CalibrationData, load_calibration
+from dlopt.data import CalibrationData
+from dlopt.data import load_data
 from dlopt.optimize.quantize import calibrate
 
 
@@ -42,14 +43,14 @@ def test_npz_samples_are_split_on_the_first_axis_and_reiterable(tmp_path):
     ids = rng.integers(0, 100, (5, 6))
     x = rng.standard_normal((5, 6, 8)).astype(np.float32)
     np.savez(tmp_path / "c.npz", ids=ids, x=x)
-    data = load_calibration(tmp_path / "c.npz", two_input_model())
+    data = load_data(tmp_path / "c.npz", two_input_model())
     samples = list(data)
     assert len(data) == 5 and len(samples) == 5
     assert samples[2]["x"].shape == (1, 6, 8) and np.array_equal(samples[2]["ids"], ids[2:3])
     again = list(data)
     assert all(np.array_equal(a["x"], b["x"]) for a, b in zip(samples, again))
-    assert len(load_calibration(tmp_path / "c.npz", two_input_model(), limit=3)) == 3
-    assert len(list(load_calibration(tmp_path / "c.npz", two_input_model(), limit=3))) == 3
+    assert len(load_data(tmp_path / "c.npz", two_input_model(), limit=3)) == 3
+    assert len(list(load_data(tmp_path / "c.npz", two_input_model(), limit=3))) == 3
 
 
 def test_folder_of_npz_with_varying_lengths_and_folder_of_npy(tmp_path):
@@ -59,19 +60,19 @@ def test_folder_of_npz_with_varying_lengths_and_folder_of_npy(tmp_path):
     for i, length in enumerate((3, 9, 5)):
         np.savez(folder / f"{i:03d}.npz", ids=rng.integers(0, 9, (1, length)),
                  x=rng.standard_normal((1, length, 8)).astype(np.float32))
-    data = load_calibration(folder, two_input_model())
+    data = load_data(folder, two_input_model())
     assert [f["x"].shape[1] for f in data] == [3, 9, 5]
     npy = tmp_path / "npy"
     npy.mkdir()
     np.save(npy / "a.npy", rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
     np.save(npy / "b.npy", rng.standard_normal((3, 3, 8, 8)).astype(np.float32))
-    images = load_calibration(npy, image_model())
+    images = load_data(npy, image_model())
     assert [f["image"].shape for f in images] == [(1, 3, 8, 8)] * 5
 
 
 def test_integer_arrays_are_cast_to_the_input_type(tmp_path):
     np.savez(tmp_path / "c.npz", ids=np.ones((2, 4), np.int32), x=np.ones((2, 4, 8), np.float64))
-    sample = next(iter(load_calibration(tmp_path / "c.npz", two_input_model())))
+    sample = next(iter(load_data(tmp_path / "c.npz", two_input_model())))
     assert sample["ids"].dtype == np.int64 and sample["x"].dtype == np.float32
 
 
@@ -105,7 +106,7 @@ BAD = [
 @pytest.mark.parametrize("make, model, message", BAD)
 def test_bad_calibration_data(tmp_path, make, model, message):
     with pytest.raises(InputError, match=message):
-        load_calibration(make(tmp_path), model())
+        load_data(make(tmp_path), model())
 
 
 def _peak_python_bytes(n: int, method: str) -> int:

@@ -13,9 +13,9 @@ nn = torch.nn
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from dlopt.errors import InputError  # noqa: E402
-from dlopt.optimize.distill import (DistillConfig, DistillData, distill, embedding_loss,  # noqa: E402
+from dlopt.optimize.distill import (Distill, DistillData, distill, embedding_loss,  # noqa: E402
                                     kd_loss)
-from dlopt.optimize.prune import PruneConfig, prune  # noqa: E402
+from dlopt.optimize.prune import Prune, prune  # noqa: E402
 
 
 class MLP(nn.Module):
@@ -69,7 +69,7 @@ def data(digits, split, labeled=True):
     return DistillData({"x": x}, y if labeled else None)
 
 
-FAST = DistillConfig(epochs=10, lr=3e-3, batch_size=64, patience=None)
+FAST = Distill(epochs=10, lr=3e-3, batch_size=64, patience=None)
 
 
 def test_kd_loss_matches_a_hand_computed_case():
@@ -105,7 +105,7 @@ def test_embedding_losses():
 def test_distillation_wins_back_the_accuracy_pruning_lost(digits, teacher):
     teacher_acc = accuracy(teacher, digits["test"])
     assert teacher_acc > 0.95
-    student = prune(teacher, {"x": digits["train"][0][:2]}, PruneConfig(ratio=0.75)).model
+    student = prune(teacher, {"x": digits["train"][0][:2]}, Prune(ratio=0.75)).model
     assert student.head.in_features == 32
     pruned_acc = accuracy(student, digits["test"])
     result = distill(teacher, student, data(digits, "train"), FAST, val=data(digits, "val"), show_progress=False)
@@ -119,7 +119,7 @@ def test_distillation_wins_back_the_accuracy_pruning_lost(digits, teacher):
 
 
 def test_unlabeled_data_trains_on_the_teacher_alone(digits, teacher):
-    student = prune(teacher, {"x": digits["train"][0][:2]}, PruneConfig(ratio=0.75)).model
+    student = prune(teacher, {"x": digits["train"][0][:2]}, Prune(ratio=0.75)).model
     result = distill(teacher, student, data(digits, "train", labeled=False), FAST,
                      val=data(digits, "val", labeled=False), show_progress=False)
     assert not result.report["labeled"]
@@ -129,17 +129,17 @@ def test_unlabeled_data_trains_on_the_teacher_alone(digits, teacher):
 
 
 def test_hidden_state_matching_through_an_adapter(digits, teacher):
-    student = prune(teacher, {"x": digits["train"][0][:2]}, PruneConfig(ratio=0.75)).model
-    config = DistillConfig(epochs=3, lr=3e-3, hidden_layers=(("body.3", "body.3"),), hidden_weight=0.5,
-                           patience=None)
+    student = prune(teacher, {"x": digits["train"][0][:2]}, Prune(ratio=0.75)).model
+    config = Distill(epochs=3, lr=3e-3, hidden_layers=(("body.3", "body.3"),), hidden_weight=0.5,
+                     patience=None)
     result = distill(teacher, student, data(digits, "train"), config, val=data(digits, "val"), show_progress=False)
     assert result.report["best_eval"] > 0.7
     assert result.model.body[3].out_features == 32  # the adapter (32 -> 128) is not part of the student
 
 
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, digits, teacher):
-    student = prune(teacher, {"x": digits["train"][0][:2]}, PruneConfig(ratio=0.75)).model
-    config = DistillConfig(epochs=3, lr=3e-3, max_batches_per_epoch=6, patience=None)
+    student = prune(teacher, {"x": digits["train"][0][:2]}, Prune(ratio=0.75)).model
+    config = Distill(epochs=3, lr=3e-3, max_batches_per_epoch=6, patience=None)
     train, val = data(digits, "train"), data(digits, "val")
     whole = distill(teacher, student, train, config, val=val, checkpoint_dir=tmp_path / "a", show_progress=False)
 
@@ -163,7 +163,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, digits, 
 
 
 def test_early_stopping_keeps_the_best_epoch(digits, teacher):
-    student = prune(teacher, {"x": digits["train"][0][:2]}, PruneConfig(ratio=0.75)).model
+    student = prune(teacher, {"x": digits["train"][0][:2]}, Prune(ratio=0.75)).model
     scores = iter([0.5, 0.9, 0.8, 0.7, 0.95, 0.99])
     snapshots = []
 
@@ -171,7 +171,7 @@ def test_early_stopping_keeps_the_best_epoch(digits, teacher):
         snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
         return next(scores)
 
-    config = DistillConfig(epochs=6, lr=3e-3, max_batches_per_epoch=3, patience=2)
+    config = Distill(epochs=6, lr=3e-3, max_batches_per_epoch=3, patience=2)
     result = distill(teacher, student, data(digits, "train"), config, eval_fn=eval_fn, show_progress=False)
     r = result.report
     assert r["stopped_early"] and r["epochs_run"] == 4 and r["best_epoch"] == 2 and r["best_eval"] == 0.9
@@ -180,17 +180,17 @@ def test_early_stopping_keeps_the_best_epoch(digits, teacher):
 
 
 def test_same_seed_same_student_other_seed_other_student(digits, teacher):
-    student = prune(teacher, {"x": digits["train"][0][:2]}, PruneConfig(ratio=0.75)).model
-    config = DistillConfig(epochs=1, max_batches_per_epoch=4, patience=None)
+    student = prune(teacher, {"x": digits["train"][0][:2]}, Prune(ratio=0.75)).model
+    config = Distill(epochs=1, max_batches_per_epoch=4, patience=None)
     runs = [distill(teacher, student, data(digits, "train"), c, show_progress=False).model.head.weight
-            for c in (config, config, DistillConfig(epochs=1, max_batches_per_epoch=4, patience=None, seed=1))]
+            for c in (config, config, Distill(epochs=1, max_batches_per_epoch=4, patience=None, seed=1))]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
 
 def test_embedding_distillation_with_cosine_loss():
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 8)).eval()
-    student = prune(teacher, {"input": torch.randn(2, 16)}, PruneConfig(ratio=0.5)).model
+    student = prune(teacher, {"input": torch.randn(2, 16)}, Prune(ratio=0.5)).model
     x = torch.randn(512, 16)
 
     def cosine(model):
@@ -198,7 +198,7 @@ def test_embedding_distillation_with_cosine_loss():
             return float(nn.functional.cosine_similarity(model(x[:128]), teacher(x[:128])).mean())
 
     before = cosine(student)
-    config = DistillConfig(loss="cosine", epochs=15, lr=1e-2, batch_size=32, patience=None)
+    config = Distill(loss="cosine", epochs=15, lr=1e-2, batch_size=32, patience=None)
     result = distill(teacher, student, DistillData({"input": x[128:]}), config, val=DistillData({"input": x[:128]}),
                      show_progress=False)
     assert result.report["history"][0]["eval_metric"] == "val_cosine_to_teacher"
@@ -220,7 +220,7 @@ BAD_INPUT = [
 def test_bad_input(digits, teacher, what, make_student, fields, message):
     student = make_student(digits) if make_student else MLP(hidden=32)
     with pytest.raises(InputError, match=message):
-        distill(teacher, student, data(digits, "val"), DistillConfig(**fields), show_progress=False)
+        distill(teacher, student, data(digits, "val"), Distill(**fields), show_progress=False)
 
 
 def test_bad_data(digits, teacher):
@@ -236,10 +236,10 @@ def test_bad_data(digits, teacher):
 
 
 def test_resume_refuses_other_settings(tmp_path, digits, teacher):
-    config = DistillConfig(epochs=1, max_batches_per_epoch=2)
+    config = Distill(epochs=1, max_batches_per_epoch=2)
     distill(teacher, MLP(32), data(digits, "val"), config, checkpoint_dir=tmp_path, show_progress=False)
     with pytest.raises(InputError, match="settings differ.*lr"):
-        distill(teacher, MLP(32), data(digits, "val"), DistillConfig(epochs=1, max_batches_per_epoch=2, lr=0.1),
+        distill(teacher, MLP(32), data(digits, "val"), Distill(epochs=1, max_batches_per_epoch=2, lr=0.1),
                 checkpoint_dir=tmp_path, resume=True, show_progress=False)
     with pytest.raises(InputError, match="training data differ"):
         distill(teacher, MLP(32), data(digits, "test"), config, checkpoint_dir=tmp_path, resume=True,

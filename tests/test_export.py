@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 from dlopt.api import export_model  # noqa: E402
 from dlopt.cli import main  # noqa: E402
 from dlopt.errors import InputError, VerificationError  # noqa: E402
-from dlopt.optimize.export import ExportConfig, compare_outputs, export  # noqa: E402
+from dlopt.optimize.export import Export, compare_outputs, export  # noqa: E402
 from dlopt.sources import ModelSource, load_source  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def token_source():
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_token_model_exports_with_dynamic_batch_and_sequence(exporter):
-    result = export(token_source(), ExportConfig(exporter=exporter, fallback=False))
+    result = export(token_source(), Export(exporter=exporter, fallback=False))
     model = result.model
     shapes = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     assert shapes == {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"]}
@@ -80,7 +80,7 @@ def test_token_model_exports_with_dynamic_batch_and_sequence(exporter):
 
 
 def test_static_shapes_fix_every_axis():
-    result = export(token_source(), ExportConfig(dynamic_shapes=False, exporter="torchscript"))
+    result = export(token_source(), Export(dynamic_shapes=False, exporter="torchscript"))
     dims = [d.dim_value for d in result.model.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [2, 9]
     assert {d["case"] for d in result.report["verification"]["diffs"]} == {"example"}
@@ -90,7 +90,7 @@ def test_a_baked_in_batch_fails_verification_and_writes_nothing(tmp_path):
     source = ModelSource(name="const", module=ConstantBatchModel().eval(), example_inputs={"x": torch.randn(2, 8)})
     out = tmp_path / "m.onnx"
     with pytest.raises(VerificationError):
-        export_model(source, out, ExportConfig(exporter="torchscript", fallback=False))
+        export_model(source, out, Export(exporter="torchscript", fallback=False))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -103,7 +103,7 @@ def test_allow_mismatch_writes_the_model_and_a_failing_report(tmp_path):
 
     source = ModelSource(name="drift", module=Drifting(), example_inputs={"x": torch.randn(2, 3)})
     out = tmp_path / "m.onnx"
-    written = export_model(source, out, ExportConfig(exporter="torchscript", fallback=False, allow_mismatch=True))
+    written = export_model(source, out, Export(exporter="torchscript", fallback=False, allow_mismatch=True))
     assert out.exists() and written.report_path.exists()
     report = json.loads(written.report_path.read_text())
     assert report["verification"]["passed"] is False
@@ -112,7 +112,7 @@ def test_allow_mismatch_writes_the_model_and_a_failing_report(tmp_path):
 
 def test_report_beside_the_model(tmp_path):
     out = tmp_path / "tok.onnx"
-    written = export_model(token_source(), out, ExportConfig(exporter="torchscript"))
+    written = export_model(token_source(), out, Export(exporter="torchscript"))
     report = json.loads((tmp_path / "tok.export.json").read_text())
     assert report["source"] == "token" and report["opset"] == 18 and report["exporter"] == "torchscript"
     assert report["bytes"] == out.stat().st_size
@@ -178,7 +178,7 @@ def factory_file(tmp_path):
 def test_factory_file_with_positional_inputs_is_named_from_forward(factory_file):
     source = load_source(f"{factory_file}:build")
     assert list(source.example_inputs) == ["features"]
-    result = export(source, ExportConfig())
+    result = export(source, Export())
     assert [i.name for i in result.model.graph.input] == ["features"]
     assert result.report["verification"]["passed"]
 
@@ -248,7 +248,7 @@ def test_output_named_like_an_internal_value_keeps_the_dynamo_exporter():
     torch.manual_seed(0)
     source = ModelSource(name="enc", module=Encoder().eval(),
                          example_inputs={"input_ids": torch.randint(0, 30, (2, 5))}, output_names=("embedding",))
-    result = export(source, ExportConfig(exporter="dynamo", fallback=False))
+    result = export(source, Export(exporter="dynamo", fallback=False))
     assert [o.name for o in result.model.graph.output] == ["embedding"]
     assert result.report["exporter"] == "dynamo" and result.report["verification"]["passed"]
 
@@ -260,10 +260,10 @@ def test_a_source_s_preferred_exporter_is_the_default_and_an_explicit_one_wins()
 
     source = ModelSource(name="scale", module=Scale().eval(), example_inputs={"x": torch.randn(2, 3)},
                          exporter="torchscript")
-    assert export(source, ExportConfig(fallback=False)).report["exporter"] == "torchscript"
-    assert export(source, ExportConfig(exporter="dynamo", fallback=False)).report["exporter"] == "dynamo"
+    assert export(source, Export(fallback=False)).report["exporter"] == "torchscript"
+    assert export(source, Export(exporter="dynamo", fallback=False)).report["exporter"] == "dynamo"
     plain = ModelSource(name="scale", module=Scale().eval(), example_inputs={"x": torch.randn(2, 3)})
-    assert export(plain, ExportConfig(fallback=False)).report["exporter"] == "dynamo"
+    assert export(plain, Export(fallback=False)).report["exporter"] == "dynamo"
 
 
 def test_a_factory_naming_an_unknown_exporter_is_a_usage_error(tmp_path):

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from dlopt.errors import InputError, StageError
-from dlopt.optimize.fp16 import Fp16Config, convert_fp16
+from dlopt.optimize.fp16 import Fp16, convert_fp16
 
 SQNR_FLOOR_FP16_DB = 50.0  # FP16 keeps 11 significant bits: ~60-70 dB on well-scaled values
 
@@ -80,7 +80,7 @@ def initializer_type(model, name_prefix):
 def test_overflowing_node_is_kept_fp32_and_output_is_finite():
     model, data = overflow_model(), feeds()
     before = model.SerializeToString()
-    result = convert_fp16(model, Fp16Config(), data)
+    result = convert_fp16(model, Fp16(), data)
     assert model.SerializeToString() == before
     assert set(result.report["fp32_nodes"]) == {"big_mm", "scale"}
     assert "reaches" in result.report["fp32_nodes"]["big_mm"]
@@ -98,23 +98,23 @@ def test_overflowing_node_is_kept_fp32_and_output_is_finite():
 def test_without_fallback_the_same_graph_overflows():
     """The guard above is needed: a plain conversion of this graph gives Inf/NaN, and is refused."""
     with pytest.raises(StageError, match=r"outputs \['y'\] are NaN/Inf"):
-        convert_fp16(overflow_model(), Fp16Config(auto_fallback=False), feeds())
+        convert_fp16(overflow_model(), Fp16(auto_fallback=False), feeds())
 
 
 def test_underflow_into_a_division_is_kept_fp32():
     model, data = underflow_model(), feeds()
-    result = convert_fp16(model, Fp16Config(), data)
+    result = convert_fp16(model, Fp16(), data)
     assert {"tinier", "ratio"} <= set(result.report["fp32_nodes"])
     out = exact_fp16(result.model, data)
     assert all(np.isfinite(o).all() for o in out)
     np.testing.assert_allclose(np.concatenate(out), np.concatenate(exact_fp16(model, data)), rtol=2e-3, atol=2e-3)
     with pytest.raises(StageError):
-        convert_fp16(model, Fp16Config(auto_fallback=False), data)
+        convert_fp16(model, Fp16(auto_fallback=False), data)
 
 
 def test_plain_graph_converts_entirely_within_the_fidelity_floor():
     model, data = mlp_model(), feeds()
-    result = convert_fp16(model, Fp16Config(), data)
+    result = convert_fp16(model, Fp16(), data)
     q = result.model
     assert result.report["fp32_nodes"] == {}
     assert all(t.data_type == TensorProto.FLOAT16 for t in q.graph.initializer)
@@ -133,7 +133,7 @@ def test_cast_to_float_inside_the_fp16_region_is_repaired():
                     helper.make_node("Mul", ["xf", "w"], ["y"], name="mul")],
                    [_init("w", np.linspace(-1, 1, 8))], x_type=TensorProto.INT64)
     data = [{"x": np.arange(8, dtype=np.int64)[None]}]
-    result = convert_fp16(model, Fp16Config(), data)
+    result = convert_fp16(model, Fp16(), data)
     cast = node(result.model, "to_float")
     assert next(a.i for a in cast.attribute if a.name == "to") == TensorProto.FLOAT16
     import onnxruntime as ort
@@ -143,11 +143,11 @@ def test_cast_to_float_inside_the_fp16_region_is_repaired():
 
 
 def test_excluded_nodes_and_ops_stay_fp32():
-    result = convert_fp16(mlp_model(), Fp16Config(exclude_nodes=("fc1",)), feeds())
+    result = convert_fp16(mlp_model(), Fp16(exclude_nodes=("fc1",)), feeds())
     assert initializer_type(result.model, "w1") == TensorProto.FLOAT
     assert initializer_type(result.model, "w2") == TensorProto.FLOAT16
     assert result.report["fp32_nodes"] == {"fc1": "exclude_nodes"}
-    by_op = convert_fp16(mlp_model(), Fp16Config(exclude_ops=("MatMul",)), feeds())
+    by_op = convert_fp16(mlp_model(), Fp16(exclude_ops=("MatMul",)), feeds())
     assert all(t.data_type == TensorProto.FLOAT for t in by_op.model.graph.initializer)
 
 
@@ -158,7 +158,7 @@ def test_excluded_nodes_and_ops_stay_fp32():
 ])
 def test_bad_config_is_an_input_error(kwargs, message):
     with pytest.raises(InputError, match=message):
-        Fp16Config(**kwargs)
+        Fp16(**kwargs)
 
 
 def already_fp16_model():
@@ -170,10 +170,10 @@ def already_fp16_model():
 
 
 @pytest.mark.parametrize("model, config, data, message", [
-    (mlp_model(), Fp16Config(exclude_nodes=("nope",)), None, r"exclude_nodes=NAMES: nodes not in the model: nope \(use node names"),
-    (already_fp16_model(), Fp16Config(), None, "no FP32 weights or inputs"),
-    (mlp_model(), Fp16Config(), [{"image": np.zeros((1, 8), np.float32)}], r"lacks inputs \['x'\]"),
-    (b"not a model", Fp16Config(), None, "takes an onnx.ModelProto"),
+    (mlp_model(), Fp16(exclude_nodes=("nope",)), None, r"exclude_nodes=NAMES: nodes not in the model: nope \(use node names"),
+    (already_fp16_model(), Fp16(), None, "no FP32 weights or inputs"),
+    (mlp_model(), Fp16(), [{"image": np.zeros((1, 8), np.float32)}], r"lacks inputs \['x'\]"),
+    (b"not a model", Fp16(), None, "takes an onnx.ModelProto"),
 ])
 def test_bad_input_is_an_input_error(model, config, data, message):
     with pytest.raises(InputError, match=message):

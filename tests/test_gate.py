@@ -16,7 +16,7 @@ from dlopt.cli import main
 from dlopt.errors import InputError
 from dlopt.gate import (
     MIN_SAMPLE_S,
-    Check,
+    GateCheck,
     GateConfig,
     GateResult,
     LatencyOutcome,
@@ -139,8 +139,8 @@ def test_fast_models_are_timed_in_groups_of_runs(latencies, runs):
     assert len(calls) == runs
 
 
-def _check(verdict: str, name: str = "latency") -> Check:
-    return Check(name=name, verdict=verdict, baseline=10.0, candidate=11.0, change="x1.100 [1.08, 1.12]",
+def _check(verdict: str, name: str = "latency") -> GateCheck:
+    return GateCheck(name=name, verdict=verdict, baseline=10.0, candidate=11.0, change="x1.100 [1.08, 1.12]",
                  limit="<= x1.050", detail="synthetic", seconds=1.5)
 
 

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from dlopt.errors import InputError
-from dlopt.optimize.int4 import Int4Config, _gemm_to_matmul, dequantize_blocks, quantize_blocks, quantize_int4
+from dlopt.optimize.int4 import Int4WeightOnly, _gemm_to_matmul, dequantize_blocks, quantize_blocks, quantize_int4
 
 # Round-to-nearest 4-bit with a scale per 32 weights gives ~19-21 dB on one Gaussian layer; two layers
 # and a ReLU lose a little more. 8-bit blocks give ~40 dB. A result above the 4-bit ceiling would mean
@@ -88,7 +88,7 @@ def test_int4_quantizes_matmuls_and_embedding_within_sqnr_floor(symmetric):
     model = lm_model()
     before = model.SerializeToString()
     feeds = lm_feeds()
-    result = quantize_int4(model, Int4Config(symmetric=symmetric, algorithm="rtn", sensitive_fraction=0, keep_last=0),
+    result = quantize_int4(model, Int4WeightOnly(symmetric=symmetric, algorithm="rtn", sensitive_fraction=0, keep_last=0),
                            feeds)
     q = result.model
     assert model.SerializeToString() == before  # the input is never modified
@@ -109,7 +109,7 @@ def test_int4_quantizes_matmuls_and_embedding_within_sqnr_floor(symmetric):
 def test_embedding_rows_match_the_numpy_block_dequantization(symmetric):
     """GatherBlockQuantized on uint8-packed nibbles returns exactly the dequantized rows (packing is right)."""
     model = lm_model()
-    q = quantize_int4(model, Int4Config(symmetric=symmetric, sensitive_fraction=0)).model
+    q = quantize_int4(model, Int4WeightOnly(symmetric=symmetric, sensitive_fraction=0)).model
     table = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "table"))
     # expose the embedding output of the quantized model
     q.graph.output.append(helper.make_empty_tensor_value_info("e"))
@@ -131,14 +131,14 @@ def test_gemm_rewrite_is_exact_and_gemm_weights_get_quantized():
     assert ops(rewritten) == ["MatMul", "Add"]
     np.testing.assert_allclose(run(rewritten, [{"x": x}])[0], run(model, [{"x": x}])[0], rtol=1e-5, atol=1e-5)
 
-    q = quantize_int4(model, Int4Config(sensitive_fraction=0, keep_last=0)).model
+    q = quantize_int4(model, Int4WeightOnly(sensitive_fraction=0, keep_last=0)).model
     assert ops(q) == ["MatMulNBits", "Add"]
     assert SQNR_FLOOR_INT4_DB <= sqnr_db(run(model, [{"x": x}]), run(q, [{"x": x}])) <= SQNR_CEILING_INT4_DB
 
 
 def test_excluded_nodes_and_ops_stay_float():
     model = lm_model()
-    q = quantize_int4(model, Int4Config(exclude_nodes=("fc2",), exclude_ops=("Gather",), sensitive_fraction=0,
+    q = quantize_int4(model, Int4WeightOnly(exclude_nodes=("fc2",), exclude_ops=("Gather",), sensitive_fraction=0,
                                              keep_last=0)).model
     assert node(q, "fc2").op_type == "MatMul" and node(q, "fc2").input[1] == "w2"
     assert node(q, "embed").op_type == "Gather" and node(q, "embed").input[0] == "table"
@@ -151,8 +151,8 @@ def test_excluded_nodes_and_ops_stay_float():
 def test_keep_first_and_last_use_the_fallback_precision(fallback_bits, op_type):
     model = lm_model()
     feeds = lm_feeds()
-    result = quantize_int4(model, Int4Config(keep_first=1, keep_last=1, fallback_bits=fallback_bits,
-                                             sensitive_fraction=0), feeds)
+    result = quantize_int4(model, Int4WeightOnly(keep_first=1, keep_last=1, fallback_bits=fallback_bits,
+                                                 sensitive_fraction=0), feeds)
     kept = [n for n in result.model.graph.node if n.name in ("fc1", "fc2", "fc1_Q8", "fc2_Q8")]
     assert [n.op_type for n in kept] == [op_type, op_type]
     assert result.report["fallback_nodes"] == {"fc1": "keep_first", "fc2": "keep_last"}
@@ -181,12 +181,12 @@ def test_sensitivity_ranking_keeps_the_outlier_layer_at_8_bits():
         if t.name == "w2":
             model.graph.initializer[i].CopyFrom(_init("w2", w2))
     feeds = lm_feeds()
-    result = quantize_int4(model, Int4Config(sensitive_fraction=0.5, keep_last=0), feeds)
+    result = quantize_int4(model, Int4WeightOnly(sensitive_fraction=0.5, keep_last=0), feeds)
     sqnr = result.report["sensitivity_sqnr_db"]
     assert sqnr["fc2"] < sqnr["fc1"] - 3.0
     assert list(result.report["fallback_nodes"]) == ["fc2"]
     assert attr(node(result.model, "fc2_Q8"), "bits") == 8
-    all4 = quantize_int4(model, Int4Config(sensitive_fraction=0, keep_last=0), feeds).model
+    all4 = quantize_int4(model, Int4WeightOnly(sensitive_fraction=0, keep_last=0), feeds).model
     reference = run(model, feeds)
     assert sqnr_db(reference, run(result.model, feeds)) > sqnr_db(reference, run(all4, feeds)) + 3.0
 
@@ -195,15 +195,15 @@ def test_sensitivity_ranking_keeps_the_outlier_layer_at_8_bits():
 def test_error_minimizing_algorithms_produce_matmulnbits_within_floor(algorithm):
     model = lm_model()
     feeds = lm_feeds(count=4)
-    config = Int4Config(algorithm=algorithm, symmetric=algorithm != "hqq", sensitive_fraction=0, keep_last=0,
-                        gptq_samples=4)
+    config = Int4WeightOnly(algorithm=algorithm, symmetric=algorithm != "hqq", sensitive_fraction=0, keep_last=0,
+                            gptq_samples=4)
     result = quantize_int4(model, config, feeds)
     assert ops(result.model).count("MatMulNBits") == 2 and "MatMul" not in ops(result.model)
     assert SQNR_FLOOR_INT4_DB <= sqnr_db(run(model, feeds), run(result.model, feeds)) <= SQNR_CEILING_INT4_DB
 
 
 def test_block_size_64_and_accuracy_level_are_written():
-    q = quantize_int4(lm_model(), Int4Config(block_size=64, accuracy_level=4, sensitive_fraction=0)).model
+    q = quantize_int4(lm_model(), Int4WeightOnly(block_size=64, accuracy_level=4, sensitive_fraction=0)).model
     mm = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
     assert [attr(n, "block_size") for n in mm] == [64, 64] and [attr(n, "accuracy_level") for n in mm] == [4, 4]
     assert attr(node(q, "embed"), "block_size") == 64
@@ -211,8 +211,8 @@ def test_block_size_64_and_accuracy_level_are_written():
 
 def test_deterministic():
     feeds = lm_feeds()
-    a = quantize_int4(lm_model(), Int4Config(), feeds).model.SerializeToString()
-    b = quantize_int4(lm_model(), Int4Config(), feeds).model.SerializeToString()
+    a = quantize_int4(lm_model(), Int4WeightOnly(), feeds).model.SerializeToString()
+    b = quantize_int4(lm_model(), Int4WeightOnly(), feeds).model.SerializeToString()
     assert a == b
 
 
@@ -237,15 +237,15 @@ def no_matmul_model() -> onnx.ModelProto:
 ])
 def test_bad_config_is_an_input_error(kwargs, message):
     with pytest.raises(InputError, match=message):
-        Int4Config(**kwargs)
+        Int4WeightOnly(**kwargs)
 
 
 @pytest.mark.parametrize("model, config, data, message", [
-    (no_matmul_model(), Int4Config(), None, "no MatMul or Gemm with a constant 2-D float weight"),
-    (lm_model(), Int4Config(exclude_nodes=("nope",)), None, r"exclude_nodes=NAMES: nodes not in the model: nope \(use node names"),
-    (lm_model(), Int4Config(algorithm="gptq"), None, "gptq needs calibration data"),
-    (lm_model(), Int4Config(), [{"tokens": np.zeros((1, 3), np.int64)}], r"lacks inputs \['ids'\]"),
-    ("model.onnx", Int4Config(), None, "takes an onnx.ModelProto"),
+    (no_matmul_model(), Int4WeightOnly(), None, "no MatMul or Gemm with a constant 2-D float weight"),
+    (lm_model(), Int4WeightOnly(exclude_nodes=("nope",)), None, r"exclude_nodes=NAMES: nodes not in the model: nope \(use node names"),
+    (lm_model(), Int4WeightOnly(algorithm="gptq"), None, "gptq needs calibration data"),
+    (lm_model(), Int4WeightOnly(), [{"tokens": np.zeros((1, 3), np.int64)}], r"lacks inputs \['ids'\]"),
+    ("model.onnx", Int4WeightOnly(), None, "takes an onnx.ModelProto"),
 ])
 def test_bad_model_or_data_is_an_input_error(model, config, data, message):
     with pytest.raises(InputError, match=message):
@@ -266,8 +266,8 @@ def test_mse_clip_search_lowers_weight_error_and_its_matmulnbits_is_exact(symmet
     assert np.square(searched - w).sum() < 0.99 * np.square(plain - w).sum()
 
     model = lm_model()
-    result = quantize_int4(model, Int4Config(algorithm="mse", symmetric=symmetric, block_size=64,  # fp32 compute:
-                                             sensitive_fraction=0, accuracy_level=0))  # exact products
+    result = quantize_int4(model, Int4WeightOnly(algorithm="mse", symmetric=symmetric, block_size=64,  # fp32 compute:
+                                                 sensitive_fraction=0, accuracy_level=0))  # exact products
     q = result.model
     assert ops(q).count("MatMulNBits") == 2 and ops(q).count("GatherBlockQuantized") == 1
     w1 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w1"))
@@ -291,10 +291,10 @@ def _expose(model, name):
 # -- the real model (DLOPT_HEAVY=1): the issue's acceptance numbers ----------------------------------
 @pytest.fixture(scope="module")
 def minilm_fp32():
-    from dlopt.optimize.export import ExportConfig, export
+    from dlopt.optimize.export import Export, export
     from dlopt.sources import load_source
 
-    return export(load_source("minilm"), ExportConfig()).model
+    return export(load_source("minilm"), Export()).model
 
 
 @pytest.mark.heavy
@@ -302,10 +302,10 @@ def test_minilm_int4_is_under_16_mb_with_cosine_above_0_98(minilm_fp32):
     import onnxruntime as ort
 
     from dlopt.models import get_reference_model, onnx_runner
-    from dlopt.optimize.calibration import load_calibration
+    from dlopt.data import load_data
 
-    data = load_calibration("model:minilm", minilm_fp32, limit=32)
-    result = quantize_int4(minilm_fp32, Int4Config(), data)
+    data = load_data("model:minilm", minilm_fp32, limit=32)
+    result = quantize_int4(minilm_fp32, Int4WeightOnly(), data)
     assert result.model.ByteSize() <= 16_000_000
     assert result.report["quantized_nodes"]["GatherBlockQuantized(4-bit)"] >= 1  # the 47 MB table too
     session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -354,7 +354,7 @@ def test_tied_lm_head_is_quantized_and_the_table_stored_once(fallback_bits, bits
     model = tied_lm_model()
     feeds = [{"ids": np.random.default_rng(2).integers(0, 512, (1, 16)).astype(np.int64)} for _ in range(3)]
     keep_last = 1 if fallback_bits == 8 else 0
-    config = Int4Config(sensitive_fraction=0, keep_last=keep_last, symmetric=True, exclude_nodes=("mix",))
+    config = Int4WeightOnly(sensitive_fraction=0, keep_last=keep_last, symmetric=True, exclude_nodes=("mix",))
     result = quantize_int4(model, config, feeds)
     q = result.model
     assert "Transpose" not in ops(q) and ops(q).count("MatMul") == 1 and "Gather" not in ops(q)
@@ -397,7 +397,7 @@ def test_symmetric_grid_puts_the_extreme_weight_on_minus_8_exactly():
     assert (np.abs(deq - w)[on_grid] <= 0.5 * step[on_grid] + 1e-6).all()
     assert (np.abs(deq - w) <= step + 1e-6).all()
     # the written MatMulNBits has no zero-point input (the contrib op's default, 8, is the grid's)
-    q_model = quantize_int4(lm_model(), Int4Config(sensitive_fraction=0, keep_last=0, symmetric=True)).model
+    q_model = quantize_int4(lm_model(), Int4WeightOnly(sensitive_fraction=0, keep_last=0, symmetric=True)).model
     assert all(len(n.input) == 3 for n in q_model.graph.node if n.op_type == "MatMulNBits")
 
 
@@ -425,7 +425,7 @@ def test_gptq_act_order_and_clip_search_lower_the_output_error_further():
 
 @pytest.mark.parametrize("with_data, algorithm", [(True, "gptq"), (False, "rtn")])
 def test_auto_algorithm_is_gptq_with_data_and_rtn_without(with_data, algorithm):
-    result = quantize_int4(lm_model(), Int4Config(sensitive_fraction=0), lm_feeds() if with_data else None)
+    result = quantize_int4(lm_model(), Int4WeightOnly(sensitive_fraction=0), lm_feeds() if with_data else None)
     assert result.report["algorithm"] == algorithm
     assert any("round-to-nearest" in note for note in result.report["notes"]) is not with_data
     # keep_last=1 by default: the last MatMul (an LM head in a decoder) is 8-bit
@@ -451,8 +451,13 @@ def test_int4_summary_says_which_linear_layers_stayed_8_bit_and_why(tmp_path):
     assert ("  - kept at 8 bits: head, the last linear layer (keep_last=1, the default: a language model's output "
             "head loses the most at 4 bits)") in lines
     assert any(line.startswith("  no linear layer is 4-bit, so this is not a 4-bit model") for line in lines)
-    report = (tmp_path / "head4.quantize.json").read_text()
-    assert '"four_bit": 0' in report and '"bits": 8' in report
+    import json
+    from importlib.resources import files
+
+    jsonschema = pytest.importorskip("jsonschema")
+    report = json.loads((tmp_path / "head4.quantize.json").read_text())
+    assert report["layers"]["four_bit"] == 0 and report["layers"]["kept"][0]["bits"] == 8
+    jsonschema.validate(report, json.loads(files("dlopt").joinpath("schemas/quantize.schema.json").read_text()))
 
     onnx.save_model(lm_model(), tmp_path / "lm.onnx")
     np.savez(tmp_path / "ids.npz", ids=rng.integers(0, 1024, (12, 12)).astype(np.int64))

@@ -217,7 +217,7 @@ def _fake_timer(int8_cost, float_cost, boundary_cost=0.0):
 
 
 def _quantized(model, exclude=()):
-    from dlopt.optimize.calibration import CalibrationData
+    from dlopt.data import CalibrationData
     from dlopt.optimize.quantize import QuantizeConfig, choose_recipe, quantize_int8
 
     config = QuantizeConfig(mode="static", method="minmax", weight_rounding="nearest", bias_correction=False,
@@ -286,7 +286,7 @@ def test_both_forms_are_really_timed_in_the_models_shapes():
 
 def test_quantize_reports_the_node_forms_and_keeps_the_faster_model(monkeypatch):
     import dlopt.optimize.kernel_choice as kc
-    from dlopt.optimize.calibration import CalibrationData
+    from dlopt.data import CalibrationData
     from dlopt.optimize.quantize import QuantizeConfig, quantize, summary_text
 
     monkeypatch.setattr(kc, "time_models", lambda models, feeds, **_: _fake_timer(

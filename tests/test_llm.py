@@ -233,7 +233,7 @@ def test_bench_generate_bad_input_is_exit_2(exported, args, message):
 
 def test_bench_generate_refuses_a_folder_that_is_not_an_export(tiny):
     result = CliRunner().invoke(main, ["bench", str(tiny), "--generate", "--no-progress"])
-    assert result.exit_code == 2 and "has no genai_config.json" in result.output
+    assert result.exit_code == 2 and "is a Hugging Face model folder, not an exported LM (no genai_config.json)" in result.output
 
 
 @pytest.mark.heavy

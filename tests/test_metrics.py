@@ -210,7 +210,7 @@ def test_whole_output_sqnr_passes_while_collapsed_score_rows_lose_every_detectio
     assert task["value"] == 0.0 and task["components"]["fp32_boxes"] > 0 and task["failures"]
     assert task["judged_by"] == "detection" and task["margin"] < 0
 
-    from dlopt.optimize.quantize.verification import verdict
+    from dlopt.optimize.quantize.heldout import verdict
 
     fidelity = {"samples": 1, "data": "held-out", "task_metric": task,
                 "outputs": {"output0": {"sqnr_db": sqnr_db(cand, ref), "finite": True}}}
@@ -405,7 +405,7 @@ def det_files(tmp_path_factory):
 
 
 def test_optimize_names_the_task_metric_auto_chose_and_its_unit(det_files):
-    from dlopt.search.evaluation import SearchContext, resolved_metric
+    from dlopt.search.scoring import SearchContext, resolved_metric
 
     ctx = SearchContext(source=str(det_files / "det.onnx"), torch_source=False, source_id="det", target="cpu",
                         calibration=None, eval_data=str(det_files / "images.npz"), evaluator="auto",
@@ -507,7 +507,7 @@ def test_gate_judges_the_detection_drop_in_the_same_unit(det_files, collapsed):
 def test_quantize_with_a_user_evaluator_names_its_metric_and_keys_the_cache_on_its_file(det_files, tmp_path):
     from pathlib import Path
 
-    from dlopt.recipe import Recipe, StageSpec, build_config, key_inputs
+    from dlopt.recipe import Int8Recipe, StageSpec, build_config, key_inputs
 
     work = det_files
     evaluator = tmp_path / "my_eval.py"
@@ -529,8 +529,8 @@ def test_quantize_with_a_user_evaluator_names_its_metric_and_keys_the_cache_on_i
     def key(text: str):
         evaluator.write_text(text)
         config = build_config("quantize", {"evaluator": f"{evaluator}:score"}, where="test", target="cpu")
-        recipe = Recipe(path=Path("r.toml"), source=str(work / "det.onnx"), target="cpu", calibration=None,
-                        eval_data=None, name="det", stages=(StageSpec(1, "quantize", config, None),))
+        recipe = Int8Recipe(path=Path("r.toml"), source=str(work / "det.onnx"), target="cpu", calibration=None,
+                            eval_data=None, name="det", stages=(StageSpec(1, "quantize", config, None),))
         return key_inputs(recipe, recipe.stages[0], "0" * 64)["evaluator"]
 
     assert key("def score(r, o):\n    return 1.0\n") != key("def score(r, o):\n    return 0.5\n")

@@ -14,7 +14,7 @@ from test_quantize_int8 import cnn_model
 
 from dlopt.cli import main
 from dlopt.search.driver import timing_plan
-from dlopt.search.evaluation import accuracy_drop, drop_unit
+from dlopt.search.scoring import accuracy_drop, drop_unit
 from dlopt.search.pareto import Point, choose, dominated_by, dominates, pareto_front
 
 SCHEMA = json.loads(files("dlopt").joinpath("schemas/optimize.schema.json").read_text())
@@ -79,7 +79,7 @@ def test_a_candidate_with_fp32s_graph_is_reported_as_fp32_and_not_timed_or_chose
 
 
 def test_graph_content_hash_ignores_names_metadata_and_shape_facts_but_not_weights(tmp_path):
-    from dlopt.search.evaluation import graph_content_hash
+    from dlopt.search.scoring import graph_content_hash
 
     model = cnn_model()
     onnx.save(model, tmp_path / "a.onnx")
@@ -165,6 +165,11 @@ def test_search_writes_a_front_a_verified_bundle_and_schema_valid_json(search):
     manifest = json.loads((work / "out.bundle" / "manifest.json").read_text())
     assert [s["kind"] for s in manifest["lineage"]] == [s["kind"] for s in chosen["recipe"]]  # an .onnx source: no export
     assert data["cache"]["evaluations_run"] >= 8 and "applying and scoring" in result.stderr
+    # no attention-mask input: padding removal is not tried, and the report says why
+    assert data["trim_padding"]["applies"] is False and data["trim_padding"]["gain"] is None
+    assert data["trim_padding"]["reason"].startswith("no attention-mask input")
+    assert "padding removal does not apply: no attention-mask input" in by_name["trim-padding"]["reason"]
+    assert not any(c["name"].endswith("+trim") for c in data["candidates"])
     # an 8-bit recipe whose kernel choice reverted every node is FP32's graph: FP32's one timing, never chosen
     fp32_graph = by_name["fp32"]["graph_sha256"]
     for c in data["candidates"]:
@@ -175,7 +180,7 @@ def test_search_writes_a_front_a_verified_bundle_and_schema_valid_json(search):
 
 def test_warm_rerun_transforms_nothing_and_gives_the_same_front(search, monkeypatch):
     import dlopt.optimize.quantize as quantize
-    import dlopt.search.evaluation as evaluation
+    import dlopt.search.scoring as evaluation
 
     work, cold = search
     first = json.loads(cold.stdout)
@@ -239,7 +244,7 @@ def test_torch_sources_with_training_data_get_prune_and_distill_candidates_befor
     distills the torch source (with the model's own distillation loss) and only then exports it; an .onnx
     source or a model without training data lists prune+distill as skipped with the reason."""
     from dlopt.search.candidates import DISTILL_KEYS, PRUNE_RATIOS, prune_candidates
-    from dlopt.search.evaluation import SearchContext, build_recipe
+    from dlopt.search.scoring import SearchContext, build_recipe
 
     found, skipped = prune_candidates("minilm", torch_source=True)
     assert [c.name for c in found] == [f"prune-{r:g}+distill" for r in PRUNE_RATIOS] and not skipped

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from dlopt.errors import InputError  # noqa: E402
 from dlopt.checkpoint import read_checkpoint, rebuild, save_checkpoint  # noqa: E402
-from dlopt.optimize.prune import PruneConfig, find_attention, output_layer_name, prune  # noqa: E402
+from dlopt.optimize.prune import Prune, find_attention, output_layer_name, prune  # noqa: E402
 
 
 class TinyCNN(nn.Module):
@@ -67,7 +67,7 @@ class TorchEncoder(nn.Module):
 def test_channel_pruning_halves_conv_widths_and_keeps_the_classifier():
     model, inputs = tiny_cnn()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = prune(model, inputs, PruneConfig(ratio=0.5))
+    result = prune(model, inputs, Prune(ratio=0.5))
     pruned = result.model
     convs = [m for m in pruned.features if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [8, 16, 32]
@@ -98,13 +98,13 @@ def test_magnitude_importance_keeps_the_largest_filters():
     with torch.no_grad():
         first.weight[:8].mul_(10.0)  # filters 0-7 are now by far the largest
         model.features[1].weight[:8].mul_(10.0)  # and so are their BN scales
-    pruned = prune(model, inputs, PruneConfig(ratio=0.5, importance="magnitude")).model
+    pruned = prune(model, inputs, Prune(ratio=0.5, importance="magnitude")).model
     torch.testing.assert_close(pruned.features[0].weight, first.weight[:8], rtol=0, atol=0)
 
 
 def test_ignore_keeps_the_named_layers_width():
     model, inputs = tiny_cnn()
-    result = prune(model, inputs, PruneConfig(ratio=0.5, ignore=("features.4",)))
+    result = prune(model, inputs, Prune(ratio=0.5, ignore=("features.4",)))
     convs = [m for m in result.model.features if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [8, 32, 32]
     assert result.report["ignored"] == ["features.4"]
@@ -112,7 +112,7 @@ def test_ignore_keeps_the_named_layers_width():
 
 def test_global_pruning_reaches_the_overall_ratio_with_uneven_widths():
     model, inputs = tiny_cnn()
-    pruned = prune(model, inputs, PruneConfig(ratio=0.5, global_pruning=True)).model
+    pruned = prune(model, inputs, Prune(ratio=0.5, global_pruning=True)).model
     widths = [m.out_channels for m in pruned.features if isinstance(m, nn.Conv2d)]
     assert sum(widths) == (16 + 32 + 64) // 2
     assert widths != [8, 16, 32]  # ranked across layers, not half of each
@@ -121,16 +121,16 @@ def test_global_pruning_reaches_the_overall_ratio_with_uneven_widths():
 def test_taylor_importance_uses_gradients():
     model, inputs = tiny_cnn()
     batches = [({"image": torch.randn(8, 1, 16, 16)}, torch.randint(0, 10, (8,))) for _ in range(2)]
-    result = prune(model, inputs, PruneConfig(ratio=0.5, importance="taylor"), gradient_batches=batches)
+    result = prune(model, inputs, Prune(ratio=0.5, importance="taylor"), gradient_batches=batches)
     assert [m.out_channels for m in result.model.features if isinstance(m, nn.Conv2d)] == [8, 16, 32]
     assert all(p.grad is None for p in result.model.parameters())
     with pytest.raises(InputError, match="taylor.*needs data"):
-        prune(model, inputs, PruneConfig(ratio=0.5, importance="taylor"))
+        prune(model, inputs, Prune(ratio=0.5, importance="taylor"))
 
 
 def test_head_and_ffn_pruning_of_a_bert_updates_the_head_count():
     model, inputs = tiny_bert()
-    result = prune(model, inputs, PruneConfig(ratio=0.5))  # auto: heads + FFN for transformers
+    result = prune(model, inputs, Prune(ratio=0.5))  # auto: heads + FFN for transformers
     pruned = result.model
     assert result.report["structure"] == "heads+ffn"
     for layer in pruned.encoder.layer:
@@ -148,10 +148,10 @@ def test_head_and_ffn_pruning_of_a_bert_updates_the_head_count():
 
 def test_heads_only_and_ffn_only():
     model, inputs = tiny_bert()
-    heads = prune(model, inputs, PruneConfig(ratio=0.5, structure="heads")).model
+    heads = prune(model, inputs, Prune(ratio=0.5, structure="heads")).model
     assert heads.encoder.layer[0].attention.self.num_attention_heads == 2
     assert heads.encoder.layer[0].intermediate.dense.out_features == 128
-    ffn = prune(model, inputs, PruneConfig(ratio=0.5, structure="ffn")).model
+    ffn = prune(model, inputs, Prune(ratio=0.5, structure="ffn")).model
     assert ffn.encoder.layer[0].attention.self.num_attention_heads == 4
     assert ffn.encoder.layer[0].intermediate.dense.out_features == 64
 
@@ -160,19 +160,19 @@ def test_stock_transformer_encoder_gets_only_its_ffn_pruned():
     torch.manual_seed(0)
     model = TorchEncoder().eval()
     inputs = {"x": torch.randn(2, 5, 32)}
-    result = prune(model, inputs, PruneConfig(ratio=0.5))
+    result = prune(model, inputs, Prune(ratio=0.5))
     assert result.report["structure"] == "ffn"
     for layer in result.model.encoder.layers:
         assert layer.linear1.out_features == 32 and layer.linear2.in_features == 32
         assert layer.self_attn.embed_dim == 32 and layer.self_attn.num_heads == 4
     assert result.model(**inputs).shape == (2, 3)
     with pytest.raises(InputError, match="no attention module with separate q/k/v"):
-        prune(model, inputs, PruneConfig(ratio=0.5, structure="heads"))
+        prune(model, inputs, Prune(ratio=0.5, structure="heads"))
 
 
 def test_checkpoint_replays_the_pruning_on_a_fresh_model(tmp_path):
     model, inputs = tiny_bert()
-    result = prune(model, inputs, PruneConfig(ratio=0.5))
+    result = prune(model, inputs, Prune(ratio=0.5))
     path = save_checkpoint(tmp_path / "pruned.pt", result.model, "tiny-bert", result.report)
     checkpoint = read_checkpoint(path)
     fresh, _ = tiny_bert()
@@ -184,7 +184,7 @@ def test_checkpoint_replays_the_pruning_on_a_fresh_model(tmp_path):
 
 def test_unstructured_reports_sparsity_and_size_but_no_speedup():
     model, inputs = tiny_cnn()
-    result = prune(model, inputs, PruneConfig(ratio=0.6, structure="unstructured"))
+    result = prune(model, inputs, Prune(ratio=0.6, structure="unstructured"))
     r = result.report
     assert r["speedup_claim"] is None and "same speed" in r["note"]
     assert r["sparsity_pruned_layers"] == pytest.approx(0.6, abs=0.002)
@@ -221,13 +221,13 @@ BAD_INPUT = [
 def test_bad_input(fields, message):
     model, inputs = tiny_cnn()
     with pytest.raises(InputError, match=message):
-        prune(model, inputs, PruneConfig(**fields))
+        prune(model, inputs, Prune(**fields))
 
 
 def test_ratio_that_removes_every_head_is_refused():
     model, inputs = tiny_bert()
     with pytest.raises(InputError, match="remove all 4 heads"):
-        prune(model, inputs, PruneConfig(ratio=0.9, structure="heads"))
+        prune(model, inputs, Prune(ratio=0.9, structure="heads"))
 
 
 FACTORY = '''
@@ -307,7 +307,7 @@ def test_minilm_heads_and_ffn_halved_embedding_width_kept():
     from dlopt.models import get_reference_model
 
     module, inputs = get_reference_model("minilm").build()
-    result = prune(module, inputs, PruneConfig(ratio=0.5))
+    result = prune(module, inputs, Prune(ratio=0.5))
     layers = result.model.bert.encoder.layer
     assert len(layers) == 6
     for layer in layers:

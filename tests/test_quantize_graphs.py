@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from dlopt.cli import main
-from dlopt.optimize.calibration import CalibrationData
+from dlopt.data import CalibrationData
 from dlopt.optimize.normalize import NormalizeConfig, default_opset, normalize, subgraph_nodes
 from dlopt.graphfacts import looks_like_transformer
 from dlopt.fidelity import sqnr_db

@@ -13,11 +13,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dlopt.cli import main
 from dlopt.errors import InputError
-from dlopt.optimize.calibration import CalibrationData
+from dlopt.data import CalibrationData
 from dlopt.fidelity import sqnr_from_energy
-from dlopt.optimize.quantize import (CpuFeatures, QuantizeConfig, choose_recipe, quantize, quantize_file,
+from dlopt.optimize.quantize import (QuantizeConfig, choose_recipe, quantize, quantize_file,
                                      quantized_nodes, summary_text)
 from dlopt.sessions import cpu_session
+from dlopt.targets.cpu import HostCpu
 
 SQNR_FLOOR_INT8_DB = 25.0  # 8-bit per-channel weights on well-scaled activations give ~30-40 dB
 
@@ -213,8 +214,8 @@ def transformer_like_model() -> onnx.ModelProto:
 # The static INT8 tests here check the quantizer's QDQ output, so they pin node_forms="int8": with the
 # default (auto) a node class that times slower in INT8 on the test machine stays float (tested in
 # test_kernel_choice.py), which would make their structure depend on the machine.
-NO_VNNI = CpuFeatures("x86_64", False, ("avx2", "fma"))
-VNNI = CpuFeatures("x86_64", True, ("avx2", "avx512_vnni", "avx512f"))
+NO_VNNI = HostCpu.with_flags("x86_64", ("avx2", "fma"))
+VNNI = HostCpu.with_flags("x86_64", ("avx2", "avx512_vnni", "avx512f"))
 
 
 @pytest.mark.parametrize("model_fn, target, cpu, expected", [
@@ -236,12 +237,12 @@ def test_a_recipe_for_another_isa_reports_the_qdq_arithmetic_beside_this_host_s_
     arm = choose_recipe(cnn_model(), QuantizeConfig(target="arm64"), NO_VNNI)
     assert host_kernels_inexact(arm, NO_VNNI) and not host_kernels_inexact(arm, VNNI)
     assert not host_kernels_inexact(choose_recipe(cnn_model(), QuantizeConfig(), NO_VNNI), NO_VNNI)
-    assert not host_kernels_inexact(arm, CpuFeatures("aarch64", True, ("asimddp",)))
+    assert not host_kernels_inexact(arm, HostCpu.with_flags("aarch64", ("asimddp",)))
     result = quantize(cnn_model(), QuantizeConfig(target="arm64"), cnn_data())
     recipe = choose_recipe(cnn_model(), QuantizeConfig(target="arm64"))
     # on this CPU or not: whether the report carries it follows host_kernels_inexact
     assert ("fidelity_exact_arithmetic" in result.report) == host_kernels_inexact(recipe)
-    from dlopt.optimize.quantize.verification import _summary
+    from dlopt.optimize.quantize.heldout import _summary
 
     summary = _summary(cnn_model(), result.model, cnn_data(), QuantizeConfig(target="arm64", speed_check=False),
                        exact_arithmetic=True)
@@ -418,7 +419,7 @@ def pair_model(seed: int = 0) -> onnx.ModelProto:
 def test_no_vnni_recipe_runs_in_integer_kernels_exactly_as_its_qdq_graph_says(monkeypatch):
     import dlopt.optimize.quantize.recipe as q
 
-    monkeypatch.setattr(q, "cpu_features", lambda: NO_VNNI)  # the reduce_range recipe, on any machine
+    monkeypatch.setattr(q, "host_cpu", lambda: NO_VNNI)  # the reduce_range recipe, on any machine
     model = pair_model()
     rng = np.random.default_rng(1)
     data = CalibrationData.from_arrays({"image": rng.uniform(0, 8, (16, 16, 8, 8)).astype(np.float32)},
@@ -500,12 +501,12 @@ def test_budget_already_met_keeps_full_quantization():
 
 
 def test_cli_budget_unmet_keeps_best_model_as_failed_and_exits_1(tmp_path, monkeypatch):
-    from dlopt.optimize import sensitivity
+    from dlopt.optimize import accuracy_budget
 
     def impossible(spec, original, data, samples=32, input_shapes=(), metric=None):  # nothing can be within a drop of -1
-        return sensitivity.Evaluator("impossible", lambda model: 0.0, 1.0)
+        return accuracy_budget.Evaluator("impossible", lambda model: 0.0, 1.0)
 
-    monkeypatch.setattr(sensitivity, "build_evaluator", impossible)
+    monkeypatch.setattr(accuracy_budget, "build_evaluator", impossible)
     src = tmp_path / "mlp.onnx"
     onnx.save(mlp_model(), src)
     out = tmp_path / "q.onnx"
@@ -648,7 +649,7 @@ def outlier_model() -> onnx.ModelProto:
 
 
 def test_smoothquant_is_lossless_in_float_and_lifts_int8_sqnr():
-    from dlopt.optimize.quantize import Recipe, quantize_int8, smooth_activations
+    from dlopt.optimize.quantize import Int8Recipe, quantize_int8, smooth_activations
 
     model = outlier_model()
     rng = np.random.default_rng(2)
@@ -658,8 +659,8 @@ def test_smoothquant_is_lossless_in_float_and_lifts_int8_sqnr():
     feeds = {"x": rng.standard_normal((2, 8, 32)).astype(np.float32)}
     np.testing.assert_allclose(cpu_session(smoothed).run(None, feeds)[0], cpu_session(model).run(None, feeds)[0],
                                rtol=1e-4, atol=1e-4)
-    recipe = Recipe(mode="dynamic", quant_format="QOperator", activation_type="u8", weight_type="s8",
-                    per_channel=True, reduce_range=True, method="minmax", fuse_transformer=False)
+    recipe = Int8Recipe(mode="dynamic", quant_format="QOperator", activation_type="u8", weight_type="s8",
+                        per_channel=True, reduce_range=True, method="minmax", fuse_transformer=False)
     plain, _ = quantize_int8(model, QuantizeConfig(), recipe)
     smooth_q, _ = quantize_int8(smoothed, QuantizeConfig(), recipe)
     assert output_sqnr(model, smooth_q, feeds) >= output_sqnr(model, plain, feeds) + 6.0

@@ -9,7 +9,7 @@ import pytest
 from dlopt.runtime import isa_line
 from dlopt.sessions import SESSION_CONFIG
 from dlopt.sessions import session_options
-from dlopt.optimize.quantize import CpuFeatures
+from dlopt.targets.cpu import HostCpu
 
 PROBE = """
 import onnxruntime as ort
@@ -47,9 +47,9 @@ def test_session_options_carry_the_config_and_the_level():
 
 
 @pytest.mark.parametrize("cpu, line", [
-    (CpuFeatures("x86_64", False, ("avx2", "fma")), "x86_64: AVX2, FMA, no AVX-512, no VNNI"),
-    (CpuFeatures("x86_64", True, ("amx_int8", "avx2", "avx512_vnni", "avx512f", "fma")), "x86_64: AVX-512, VNNI, AMX"),
-    (CpuFeatures("aarch64", True, ("asimddp",)), "aarch64: dot-product int8 (asimddp)"),
+    (HostCpu.with_flags("x86_64", ("avx2", "fma")), "x86_64: AVX2, FMA, no AVX-512, no VNNI"),
+    (HostCpu.with_flags("x86_64", ("amx_int8", "avx2", "avx512_vnni", "avx512f", "fma")), "x86_64: AVX-512, VNNI, AMX"),
+    (HostCpu.with_flags("aarch64", ("asimddp",)), "aarch64: dot-product int8 (asimddp)"),
 ])
 def test_isa_line_names_what_decides_int8_speed(cpu, line):
     assert isa_line(cpu) == line

@@ -430,7 +430,8 @@ def test_a_recipe_cannot_end_with_a_torch_checkpoint(tmp_path):
 
 
 def test_quantize_asks_the_target_for_its_int8_form_not_its_name(monkeypatch):
-    from dlopt.optimize.quantize import CpuFeatures, Int8Dynamic, Int8Static, QuantizeConfig, choose_recipe, quantize
+    from dlopt.targets.cpu import HostCpu
+    from dlopt.optimize.quantize import Int8Dynamic, Int8Static, QuantizeConfig, choose_recipe, quantize
     from dlopt.targets import TARGETS, CudaTarget, Int8Form
 
     class StaticOnly(CudaTarget):  # a new accelerator: only its declared capabilities say what it takes
@@ -444,10 +445,10 @@ def test_quantize_asks_the_target_for_its_int8_form_not_its_name(monkeypatch):
                           "QDQ only)")
     scheme, reasons = QuantizeConfig(target="npu-test").resolve(mlp_model(), has_data=False)
     assert scheme.mode == "weight-only" and "the npu-test target runs static QDQ" in reasons[0]
-    recipe = choose_recipe(mlp_model(), Int8Static(target="npu-test"), CpuFeatures("x86_64", False, ("avx2",)))
+    recipe = choose_recipe(mlp_model(), Int8Static(target="npu-test"), HostCpu.with_flags("x86_64", ("avx2",)))
     assert (recipe.activation_type, recipe.weight_type, recipe.reduce_range) == ("s8", "s8", False)
     assert "s8/s8: the NPU takes QDQ only" in recipe.reasons
-    host = choose_recipe(mlp_model(), Int8Static(), CpuFeatures("x86_64", False, ("avx2",)))
+    host = choose_recipe(mlp_model(), Int8Static(), HostCpu.with_flags("x86_64", ("avx2",)))
     assert (host.activation_type, host.reduce_range) == ("u8", True)  # target cpu: this (non-VNNI) host decides
     # a target whose kernels do not run here gets no kernel choices timed here
     result = quantize(mlp_model(), Int8Static(target="npu-test", speed_check=False), mlp_data())

@@ -1,5 +1,5 @@
 """A stateful model's INT8 is judged as the stream it runs in: held-out feeds that carry FP32's state are
-re-run with the quantized model's own state (optimize/quantize/verification.py held_out_outputs), and
+re-run with the quantized model's own state (optimize/quantize/heldout.py held_out_outputs), and
 weights computed from constants (torch's LSTM export) are folded to initializers first (normalize)."""
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def test_lstm_weights_computed_from_constants_become_initializers_and_quantize()
 
 
 def test_a_state_is_an_output_named_like_another_input_with_its_shape():
-    from dlopt.optimize.quantize.verification import recurrent_pairs
+    from dlopt.optimize.quantize.heldout import recurrent_pairs
 
     assert recurrent_pairs(leaky_integrator()) == [("state", "stateN")]
 

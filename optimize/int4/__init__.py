@@ -51,7 +51,7 @@ Where each part is (one hop from here):
 from __future__ import annotations
 
 from dlopt.optimize.rounding import gptq_factor
-from dlopt.optimize.int4.config import ALGORITHMS, Int4Config, Int4WeightOnly
+from dlopt.optimize.int4.config import ALGORITHMS, Int4WeightOnly
 from dlopt.optimize.int4.graph import _gemm_to_matmul, _name_nodes
 from dlopt.optimize.int4.blocks import (CLIP_RATIOS, block_grid, dequantize_blocks, quantize_blocks,
                                         quantize_blocks_mse, search_grid)
@@ -62,7 +62,6 @@ from dlopt.optimize.int4.pipeline import quantize_int4
 __all__ = [
     "ALGORITHMS",
     "CLIP_RATIOS",
-    "Int4Config",
     "Int4WeightOnly",
     "_gemm_to_matmul",
     "_name_nodes",

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from dlopt.errors import InputError
-from dlopt.optimize.scheme import QuantizeScheme
+from dlopt.optimize.quantize_scheme import QuantizeScheme
 
 
 ALGORITHMS = ("auto", "rtn", "mse", "hqq", "gptq")
@@ -79,4 +79,3 @@ class Int4WeightOnly(QuantizeScheme):
             bad("sample counts must be >= 1", "e.g. sensitivity_samples=8")
 
 
-Int4Config = Int4WeightOnly  # its name before the scheme configs

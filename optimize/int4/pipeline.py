@@ -12,7 +12,7 @@ import numpy as np
 from dlopt.errors import InputError, StageError
 from dlopt.fidelity import compare_sessions, report as fidelity_report
 from dlopt.inputs import take_samples
-from dlopt.optimize.scheme import check_excluded_nodes
+from dlopt.optimize.quantize_scheme import check_excluded_nodes
 from dlopt.optimize.int4.blocks import quantize_blocks_mse, _quantize_embedding
 from dlopt.optimize.int4.config import Int4WeightOnly
 from dlopt.optimize.int4.gptq import collect_hessians, gptq_blocks, _matmul_nbits_own

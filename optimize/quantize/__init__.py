@@ -18,7 +18,7 @@ INT8 is implemented here on top of ONNX Runtime's quantization tools. What dlopt
   calibration-cache file;
 - for static CNNs, weights rounded against the layer's real inputs (GPTQ) and the remaining mean
   rounding shift folded into the int32 bias, on ORT's own scales (optimize/rounding.py);
-- an accuracy budget (optimize/sensitivity.py) and a fidelity report against the float model.
+- an accuracy budget (optimize/accuracy_budget.py) and a fidelity report against the float model.
 INT4 and FP16 live in optimize/int4/ and optimize/fp16.py; `quantize` dispatches to them.
 
 Where each part is (one hop from here):
@@ -28,7 +28,7 @@ Where each part is (one hop from here):
   int8.py          INT8 through ORT's quantizers; float nodes shielded
   calibrate.py     streamed calibration
   smoothquant.py   SmoothQuant for transformers
-  verification.py  held-out samples, the fidelity floor and verdict, the quick speed check
+  heldout.py       held-out samples, the fidelity floor and verdict, the quick speed check
   stages.py        the Stages of the registry (dlopt.stage), with their requires/ensures checks
   files.py         quantize_file: a model file in, the model and its report out, atomically
   report.py        the summary `dlopt quantize` prints
@@ -36,17 +36,17 @@ Where each part is (one hop from here):
 
 from __future__ import annotations
 
-from dlopt.optimize.scheme import HOLDOUT_FRACTION, HOLDOUT_MIN, quantize_targets
+from dlopt.optimize.quantize_scheme import HOLDOUT_FRACTION, HOLDOUT_MIN, quantize_targets
 from dlopt.optimize.quantize.schemes import (FIDELITY_FLOORS_DB, Fp16, Int4WeightOnly, Int8Dynamic, Int8Scheme,
                                              Int8Static, Int8WeightOnly, METHODS, MODES, PRECISIONS, QuantizeConfig,
                                              RECOVERY_MAX_FLOAT_SHARE, REPORT_SCHEMA, REPORT_SCHEMA_VERSION, ROUNDINGS,
                                              SCHEME_KINDS, Scheme, check_int8, check_static, validate_config)
-from dlopt.optimize.quantize.recipe import (CpuFeatures, Recipe, choose_mode, choose_recipe, cpu_features,
+from dlopt.optimize.quantize.recipe import (Int8Recipe, choose_mode, choose_recipe, cpu_record,
                                             host_kernels_inexact)
 from dlopt.optimize.quantize.smoothquant import smooth_activations
 from dlopt.optimize.quantize.calibrate import calibrate
 from dlopt.optimize.quantize.int8 import quantize_int8, shield_float_nodes
-from dlopt.optimize.quantize.verification import (feed_description, fidelity_floor, holdout_count, padded_feed,
+from dlopt.optimize.quantize.heldout import (feed_description, fidelity_floor, holdout_count, padded_feed,
                                                   quantized_nodes, speed_check, split_holdout, verdict)
 from dlopt.optimize.quantize.pipeline import quantize
 from dlopt.optimize.quantize.stages import (FLOAT_ONNX, ONNX_MODEL, SAME_OUTPUTS, fp16_stage, int4_weight_only_stage,
@@ -56,7 +56,6 @@ from dlopt.optimize.quantize.files import QuantizeOutcome, failed_path, failure_
 from dlopt.optimize.quantize.report import summary_text
 
 __all__ = [
-    "CpuFeatures",
     "FIDELITY_FLOORS_DB",
     "FLOAT_ONNX",
     "Fp16",
@@ -77,7 +76,7 @@ __all__ = [
     "REPORT_SCHEMA",
     "REPORT_SCHEMA_VERSION",
     "ROUNDINGS",
-    "Recipe",
+    "Int8Recipe",
     "SAME_OUTPUTS",
     "SCHEME_KINDS",
     "Scheme",
@@ -86,7 +85,7 @@ __all__ = [
     "check_static",
     "choose_mode",
     "choose_recipe",
-    "cpu_features",
+    "cpu_record",
     "failed_path",
     "failure_error",
     "feed_description",

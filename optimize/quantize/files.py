@@ -12,7 +12,7 @@ from dlopt.data import CalibrationData, DataSpec
 from dlopt.errors import VerificationError
 from dlopt.optimize.quantize.schemes import QuantizeConfig, REPORT_SCHEMA, REPORT_SCHEMA_VERSION, Scheme
 from dlopt.optimize.quantize.stages import stage_of
-from dlopt.optimize.quantize.verification import fidelity_sample_count
+from dlopt.optimize.quantize.heldout import fidelity_sample_count
 from dlopt.stage import StageContext
 
 

@@ -14,16 +14,16 @@ from dlopt.data import CalibrationData
 from dlopt.errors import InputError
 from dlopt.optimize.preprocess import replace_nodes
 from dlopt.optimize.quantize.calibrate import calibrate, _ort_method, _ort_quant_type
-from dlopt.optimize.quantize.recipe import Recipe
+from dlopt.optimize.quantize.recipe import Int8Recipe
 from dlopt.optimize.quantize.schemes import Int8Scheme, Int8Static
-from dlopt.optimize.scheme import check_excluded_nodes
+from dlopt.optimize.quantize_scheme import check_excluded_nodes
 from dlopt.optimize.rounding import LayerStatistics, collect_layer_statistics, refine_weights
-from dlopt.optimize.scheme import QuantizeScheme
+from dlopt.optimize.quantize_scheme import QuantizeScheme
 from dlopt.quiet import quiet_libraries
 
 
 # -- INT8 -------------------------------------------------------------------------------------------------
-def _default_op_types(recipe: Recipe) -> set[str]:
+def _default_op_types(recipe: Int8Recipe) -> set[str]:
     from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 
     from dlopt.optimize.weight_only import WEIGHT_INPUTS
@@ -47,7 +47,7 @@ def _check_exclusions(model, config: QuantizeScheme) -> None:
     check_excluded_nodes(config.exclude_nodes, names)
 
 
-def quantize_int8(model, config: Int8Scheme, recipe: Recipe, data: CalibrationData | None = None, *,
+def quantize_int8(model, config: Int8Scheme, recipe: Int8Recipe, data: CalibrationData | None = None, *,
                   exclude_nodes: Iterable[str] = (), progress: bool = False, ranges=None,
                   layer_stats: LayerStatistics | None = None):
     """INT8 with ORT's quantizers following `recipe`; returns (model, details). `ranges` and

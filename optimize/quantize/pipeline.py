@@ -13,12 +13,12 @@ from dlopt.optimize.int4 import Int4WeightOnly
 from dlopt.optimize.normalize import NormalizeConfig, normalize
 from dlopt.optimize.preprocess import PreprocessConfig, check_feeds, preprocess
 from dlopt.optimize.quantize.int8 import quantize_int8, _check_exclusions
-from dlopt.optimize.quantize.recipe import Recipe, choose_recipe, host_kernels_inexact
+from dlopt.optimize.quantize.recipe import Int8Recipe, choose_recipe, host_kernels_inexact
 from dlopt.optimize.quantize.schemes import (Int8Static, QuantizeConfig, RECOVERY_MAX_FLOAT_SHARE, SCHEME_KINDS, Scheme,
                                              validate_config, _Int8)
 from dlopt.optimize.quantize.smoothquant import smooth_activations
-from dlopt.optimize.quantize.verification import fidelity_floor, fidelity_sample_count, split_holdout, verdict, _summary, _warn_if_slower
-from dlopt.optimize.scheme import QuantizeScheme
+from dlopt.optimize.quantize.heldout import fidelity_floor, fidelity_sample_count, split_holdout, verdict, _summary, _warn_if_slower
+from dlopt.optimize.quantize_scheme import QuantizeScheme
 from dlopt.runtime import initialize as initialize_runtime
 from dlopt.stage import StageResult, config_to_dict
 
@@ -127,7 +127,7 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
     quantized, details = quantize_int8(prepared, config, recipe, data, progress=progress)
     ranges = details.pop("ranges")
     layer_stats = details.pop("layer_stats")
-    from dlopt.optimize.sensitivity import floor_evaluator, meet_budget
+    from dlopt.optimize.accuracy_budget import floor_evaluator, meet_budget
 
     budget = None
     if config.max_accuracy_drop is not None:
@@ -187,7 +187,7 @@ def _decision_store(config):
     return DecisionStore(replay=load_replay(named[0]), replay_source=named[0])
 
 
-def _choose_node_forms(prepared, quantized, config: Int8Static, recipe: Recipe, data, ranges, layer_stats,
+def _choose_node_forms(prepared, quantized, config: Int8Static, recipe: Int8Recipe, data, ranges, layer_stats,
                        details: dict[str, Any], log, decisions) -> tuple[Any, dict[str, Any]]:
     """INT8 or float per node class, timed here or replayed (dlopt.optimize.kernel_choice.choose_node_forms).
     Speed decides only where accuracy allows: nodes the accuracy budget kept float stay float, and speed
@@ -243,7 +243,7 @@ def _choose_kernels(model, config: QuantizeScheme, log, decisions) -> tuple[Any,
     return result.model, result.report
 
 
-def _fuse_activations(model, config, recipe: Recipe, data, log) -> tuple[Any, dict[str, Any]]:
+def _fuse_activations(model, config, recipe: Int8Recipe, data, log) -> tuple[Any, dict[str, Any]]:
     """Decomposed hard-swish, SiLU and GELU as single ops before calibration (dlopt.optimize.fuse_activations),
     each kind checked against the unfused graph on the calibration data."""
     from dlopt.optimize.fuse_activations import FuseActivations, fuse_activations, summary_line

@@ -13,29 +13,15 @@ from dlopt.targets.cpu import HostCpu, host_cpu
 
 
 # -- the CPU and the recipe ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CpuFeatures:
-    """The CPU facts the INT8 recipe reads (recorded in the report): its machine, whether it has an int8
+# The CPU is dlopt.targets.cpu's HostCpu (host_cpu(): this one, from the one /proc/cpuinfo reader).
+def cpu_record(cpu: HostCpu) -> dict[str, Any]:
+    """The CPU facts the INT8 recipe reads, as its report records them: the machine, whether it has an int8
     dot product (VNNI/AMX on x86, asimddp on ARM) and its ISA flags."""
-
-    machine: str
-    vnni: bool
-    flags: tuple[str, ...]
-
-    def host(self) -> HostCpu:
-        """As dlopt.targets' HostCpu, which the targets decide INT8 types from."""
-        return HostCpu(machine=self.machine, vendor="", model_name="", family=None, model=None, core=None,
-                       flags=tuple(sorted(self.flags)))
-
-
-def cpu_features() -> CpuFeatures:
-    """This host's CPU, from dlopt.targets.cpu.host_cpu (the one /proc/cpuinfo reader)."""
-    cpu = host_cpu()
-    return CpuFeatures(cpu.machine, cpu.int8_dot, cpu.isa_flags)
+    return {"machine": cpu.machine, "vnni": cpu.int8_dot, "flags": cpu.isa_flags}
 
 
 @dataclass(frozen=True, kw_only=True)
-class Recipe:
+class Int8Recipe:
     mode: Int8Mode
     quant_format: Literal["QOperator", "QDQ"]
     activation_type: Literal["u8", "s8", "float"]  # float: weight-only, activations are not quantized
@@ -91,7 +77,7 @@ def choose_mode(model, config: QuantizeConfig, *, has_data: bool = True) -> tupl
     if config.mode != "auto":
         return config.mode, f"mode {config.mode}: asked for"
     form = _int8_form(config.target)
-    from dlopt.optimize.quantize.verification import recurrent_pairs
+    from dlopt.optimize.quantize.heldout import recurrent_pairs
 
     state = recurrent_pairs(model)
     if state:
@@ -123,15 +109,15 @@ def choose_mode(model, config: QuantizeConfig, *, has_data: bool = True) -> tupl
     return "static", f"static QDQ: {kind}; activation ranges calibrated once, no per-call quantize cost"
 
 
-def choose_recipe(model, config: Int8Scheme | QuantizeConfig, cpu: CpuFeatures | None = None, *,
+def choose_recipe(model, config: Int8Scheme | QuantizeConfig, cpu: HostCpu | None = None, *,
                   has_data: bool = True, normalization: Mapping[str, Any] | None = None,
-                  mode_reason: str | None = None) -> Recipe:
+                  mode_reason: str | None = None) -> Int8Recipe:
     """The INT8 recipe for this model, scheme, target and CPU, with a reason for every choice. A
     `quantize` request is resolved to its scheme first. `normalization`: the report of
     dlopt.optimize.normalize on this model (its opset upgrade); `mode_reason`: why this scheme."""
     from dlopt.optimize.normalize import PER_CHANNEL_OPSET, default_opset, upgrade_failure
 
-    cpu = cpu or cpu_features()
+    cpu = cpu or host_cpu()
     scheme: Scheme | QuantizeConfig = config
     if isinstance(config, QuantizeConfig):
         scheme, (mode_reason,) = config.resolve(model, has_data=has_data)
@@ -153,7 +139,7 @@ def choose_recipe(model, config: Int8Scheme | QuantizeConfig, cpu: CpuFeatures |
         from dlopt.targets import get_target
 
         _int8_form(config.target)
-        types = get_target(config.target).int8_types(cpu.host())
+        types = get_target(config.target).int8_types(cpu)
         act, wt, reduce = types.activation, types.weight, types.reduce_range
         reasons.append(types.reason)
     if mode == "dynamic":
@@ -206,16 +192,16 @@ def choose_recipe(model, config: Int8Scheme | QuantizeConfig, cpu: CpuFeatures |
                            "and folded into the weights (exact in float)")
         else:
             reasons.append("no SmoothQuant: it needs calibration data (--calibration) to measure activation ranges")
-    return Recipe(mode=mode, quant_format=fmt, activation_type=act, weight_type=wt, per_channel=per_channel,
-                  reduce_range=reduce, method=method, fuse_transformer=fuse, smoothing=smoothing,
-                  weight_rounding=rounding, bias_correction=bias_correction, percentile=percentile,
-                  reasons=tuple(reasons))
+    return Int8Recipe(mode=mode, quant_format=fmt, activation_type=act, weight_type=wt, per_channel=per_channel,
+                      reduce_range=reduce, method=method, fuse_transformer=fuse, smoothing=smoothing,
+                      weight_rounding=rounding, bias_correction=bias_correction, percentile=percentile,
+                      reasons=tuple(reasons))
 
 
-def host_kernels_inexact(recipe: Recipe, cpu: CpuFeatures | None = None) -> bool:
+def host_kernels_inexact(recipe: Int8Recipe, cpu: HostCpu | None = None) -> bool:
     """Whether this CPU's int8 kernels compute a static QDQ model of `recipe` inexactly: x86 without
     VNNI adds u8*s8 products pairwise in 16 bits, which full-range (non-reduce_range) weights overflow.
     That is the arm64/mobile/cuda recipe measured here: fashion-cnn's arm64 INT8 model measured 8.4 dB
     in this host's kernels and 37.4 dB in its own QDQ arithmetic (what an ARM sdot kernel computes)."""
-    cpu = cpu or cpu_features()
-    return recipe.mode == "static" and not recipe.reduce_range and cpu.host().is_x86 and not cpu.vnni
+    cpu = cpu or host_cpu()
+    return recipe.mode == "static" and not recipe.reduce_range and cpu.is_x86 and not cpu.vnni

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from dlopt.optimize.quantize.verification import feed_description
+from dlopt.optimize.quantize.heldout import feed_description
 
 
 def summary_text(report: Mapping[str, Any]) -> str:

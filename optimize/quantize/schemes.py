@@ -13,7 +13,7 @@ from dlopt.optimize.fp16 import Fp16
 from dlopt.optimize.int4 import Int4WeightOnly
 from dlopt.optimize.kernel_choice import LayerNormForm, NODE_FORMS, NodeForms
 from dlopt.optimize.kernel_decisions import is_replay
-from dlopt.optimize.scheme import HOLDOUT_FRACTION, QuantizeScheme, check_common
+from dlopt.optimize.quantize_scheme import HOLDOUT_FRACTION, QuantizeScheme, check_common
 from dlopt.optimize.trim_padding import TrimMode
 
 PRECISIONS = ("int8", "int4", "fp16")
@@ -57,7 +57,7 @@ class _Int8(QuantizeScheme):
     max_accuracy_drop: float | None = None
     evaluator: str | None = None  # a METRIC_TABLE name | FILE.py:FUNCTION | model:NAME[:metric]; None: the task metric
     # below the floor: keep the nodes that add the most noise in float until it holds (the budget
-    # search of optimize/sensitivity.py); False: fail at once
+    # search of optimize/accuracy_budget.py); False: fail at once
     recover: bool = True
     leave_one_out_limit: int = 80  # budget: rank up to this many nodes by re-quantizing without each
     # SmoothQuant alpha for transformers with calibration data; None: off. Off by default: on MiniLM

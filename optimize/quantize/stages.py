@@ -4,6 +4,7 @@ scheme, with what they require of their input and ensure of their output."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from dlopt.errors import InputError
 from dlopt.optimize.fp16 import Fp16
@@ -11,7 +12,7 @@ from dlopt.optimize.int4 import Int4WeightOnly
 from dlopt.optimize.quantize.pipeline import quantize
 from dlopt.optimize.quantize.schemes import (Int8Dynamic, Int8Static, Int8WeightOnly, QuantizeConfig, Scheme,
                                              validate_config)
-from dlopt.optimize.quantize.verification import quantized_nodes
+from dlopt.optimize.quantize.heldout import quantized_nodes
 from dlopt.stage import Check, Stage, StageContext, StageResult, register_stage
 
 
@@ -68,7 +69,7 @@ def _run(model, config, context: StageContext) -> StageResult:
 
 
 # One Stage per scheme and the front door; the same run and checks, each its own config class.
-_CHECKS = {"takes": "onnx", "makes": "onnx", "ensures": (SAME_OUTPUTS,)}
+_CHECKS: dict[str, Any] = {"takes": "onnx", "makes": "onnx", "ensures": (SAME_OUTPUTS,)}
 
 
 @register_stage(kind="quantize", config=QuantizeConfig, requires=(ONNX_MODEL, FLOAT_ONNX), validate=validate_config,

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TextIO
 
 from dlopt.report import format_table
@@ -37,6 +38,14 @@ def progress_bar(enabled: bool = True) -> Iterator[ProgressFn]:
         yield lambda description, fraction: progress.update(task, description=description, completed=fraction)
 
 
+@dataclass
+class _BeatState:
+    """When the last line was written (on the heartbeat's clock), and the last step a line named."""
+
+    last_line: float
+    step: str = "starting"
+
+
 @contextlib.contextmanager
 def heartbeat(verb: str, log: LogFn, *, interval_s: float | None = None, stream: TextIO | None = None,
               clock: Callable[[], float] = time.monotonic) -> Iterator[LogFn]:
@@ -49,15 +58,15 @@ def heartbeat(verb: str, log: LogFn, *, interval_s: float | None = None, stream:
     target = stream if stream is not None else sys.stderr
     started = clock()
     lock = threading.Lock()
-    state = {"last_line": started, "step": "starting"}
+    state = _BeatState(last_line=started)
 
     def forward(message: str) -> None:
         with lock:
             log(message)
-            state["last_line"] = clock()
+            state.last_line = clock()
             text = " ".join(str(message).split())
             if text:
-                state["step"] = text if len(text) <= 120 else text[:117] + "..."
+                state.step = text if len(text) <= 120 else text[:117] + "..."
 
     is_terminal = getattr(target, "isatty", lambda: False)()
     if is_terminal or interval <= 0:
@@ -66,12 +75,12 @@ def heartbeat(verb: str, log: LogFn, *, interval_s: float | None = None, stream:
     stop = threading.Event()
 
     def beat() -> None:
-        while not stop.wait(max(0.0, state["last_line"] + interval - clock())):
+        while not stop.wait(max(0.0, state.last_line + interval - clock())):
             with lock:
                 now = clock()
-                if now - state["last_line"] >= interval and not stop.is_set():
-                    log(f"dlopt {verb}: still running, {now - started:.0f} s elapsed; last step: {state['step']}")
-                    state["last_line"] = now
+                if now - state.last_line >= interval and not stop.is_set():
+                    log(f"dlopt {verb}: still running, {now - started:.0f} s elapsed; last step: {state.step}")
+                    state.last_line = now
 
     thread = threading.Thread(target=beat, name=f"dlopt-{verb}-heartbeat", daemon=True)
     thread.start()

@@ -45,7 +45,7 @@ import os
 import re
 import sys
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, overload
@@ -669,7 +669,7 @@ def _count_from_shapes(shapes: Mapping[str, tuple[int, ...]], source: str, spec:
         raise InputError(f"data {source}: arrays have different sample counts {told}",
                          "each array holds the same samples on its sample axis (axis 0, or the one "
                          "{input_layout=NAME=AXIS} declares); a constant goes in {input_value=NAME=VALUE}")
-    return int(next(iter(counts.values())))  # type: ignore[arg-type]
+    return int(next(c for c in counts.values() if c is not None))  # (all are: a None count raised above)
 
 
 def _npz_stream(path: Path, spec: DataSpec) -> Iterator[Feeds]:
@@ -914,7 +914,7 @@ def _sample(array: np.ndarray, index: int, axis: int) -> np.ndarray:
     return array[(slice(None),) * axis + (slice(index, index + 1),)]
 
 
-def _check_sample(feeds: Mapping[str, np.ndarray], specs: list[InputSpec], source: str, index: int, *,
+def _check_sample(feeds: MutableMapping[str, np.ndarray], specs: list[InputSpec], source: str, index: int, *,
                   finite: bool = True) -> None:
     expected = {s.name: s for s in specs}
     missing = sorted(set(expected) - set(feeds))
@@ -945,7 +945,7 @@ def _check_sample(feeds: Mapping[str, np.ndarray], specs: list[InputSpec], sourc
                 raise InputError(
                     f"data {source} (sample {index}): input {name!r} is {arr.dtype}, "
                     f"the model expects {spec.dtype}", f"convert the arrays with .astype({spec.dtype.name!r})")
-            feeds[name] = arr = arr.astype(spec.dtype)  # type: ignore[index]
+            feeds[name] = arr = arr.astype(spec.dtype)
         if finite and np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
             raise InputError(f"data {source} (sample {index}): input {name!r} holds {bad} NaN or "

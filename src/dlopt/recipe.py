@@ -442,10 +442,20 @@ def data_hash(spec: str | DataSpec | None) -> str | None:
     return spec_hash(spec)
 
 
-def _quantizes(kind: str) -> bool:
-    """A stage that takes an ONNX model and makes one from the recipe's data: quantize and its schemes."""
+# ONNX -> ONNX stages that are not quantize's schemes: applied to the model with the recipe's data
+# (held-out samples: eval_data, else calibration) by _onnx_stage; the report is kept in the cache entry.
+DATA_ONNX_STAGES = ("trim-padding",)
+
+
+def _reads_data(kind: str) -> bool:
+    """A stage that takes an ONNX model and makes one with the recipe's data: its hash is in the stage's key."""
     stage = get_stage(kind)
     return stage.takes == "onnx" and stage.makes == "onnx"
+
+
+def _quantizes(kind: str) -> bool:
+    """Quantize and its schemes (what times kernels here, keeps a failed result, takes a float32 model)."""
+    return _reads_data(kind) and kind not in DATA_ONNX_STAGES
 
 
 def _declared_specs(recipe: Recipe) -> dict[str, Any] | None:
@@ -456,7 +466,7 @@ def _declared_specs(recipe: Recipe) -> dict[str, Any] | None:
 
 
 def _stage_data(recipe: Recipe, stage: StageSpec) -> dict[str, str | None]:
-    if _quantizes(stage.kind):
+    if _reads_data(stage.kind):
         return {"calibration": data_hash(recipe.calibration), "eval_data": data_hash(recipe.eval_data)}
     if stage.kind == "package":
         return {"calibration": data_hash(stage.config.calibration)}
@@ -483,7 +493,7 @@ def key_inputs(recipe: Recipe, stage: StageSpec, input_sha256: str, upstream: li
     inputs: dict[str, Any] = {"kind": stage.kind, "config": config_to_dict(config), "input_sha256": input_sha256,
               "data": _stage_data(recipe, dataclasses.replace(stage, config=config)),
               "host": host_facts(stage.kind, config)}
-    specs = _declared_specs(recipe) if _quantizes(stage.kind) else None
+    specs = _declared_specs(recipe) if _reads_data(stage.kind) else None
     if specs:
         inputs["data_spec"] = specs  # what the lineage records; a plain source keys as it always did
     if stage.kind == "package":
@@ -679,6 +689,8 @@ def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Pat
         result = spec.apply(artifact, config, StageContext(output=staging / "bundle", lineage=tuple(lineage),
                                                            after=after, log=log))
         produced, report = result.model, result.report
+    elif stage.kind in DATA_ONNX_STAGES:
+        produced, report = _onnx_stage(recipe, spec, config, _made_before(artifact, stage), staging, after, log)
     else:  # quantize and its schemes
         from dlopt.optimize.quantize.files import failure_error, quantize_file
 
@@ -689,7 +701,7 @@ def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Pat
         produced, report = outcome.model_path, outcome.report
     summary = {k: report[k] for k in ("verdict", "verification", "bytes_written", "bytes", "recipe", "scheme",
                                       "parameters_before", "parameters_after", "macs_before", "macs_after",
-                                      "epochs_run", "best_epoch", "train_samples")
+                                      "epochs_run", "best_epoch", "train_samples", "trim_padding")
                if k in report}
     info = {"kind": stage.kind, "inputs": dict(inputs), "artifact": produced.name,
             "output_sha256": artifact_hash(produced), "source": recipe.source, "recipe": str(recipe.path),
@@ -703,6 +715,19 @@ def _made_before(artifact: Path | None, stage: StageSpec) -> Path:
         raise StageError(f"stage {stage.index} {stage.kind} reads a model no earlier stage made",
                          "begin the recipe with an export stage, or give an .onnx source")
     return artifact
+
+
+def _onnx_stage(recipe: Recipe, spec: Stage, config: Any, artifact: Path, staging: Path, after: tuple[str, ...],
+                log: Log) -> tuple[Path, dict[str, Any]]:
+    from dlopt.data import load_data
+    from dlopt.fileio import load_onnx, save_onnx_atomic
+
+    model = load_onnx(artifact)
+    data = load_data(recipe.calibration, model) if recipe.calibration else None
+    held = load_data(recipe.eval_data, model) if recipe.eval_data else None
+    result = spec.apply(model, config, StageContext(data=data, eval_data=held, after=after, log=log))
+    produced = save_onnx_atomic(result.model, staging / "model.onnx")
+    return produced, {spec.kind.replace("-", "_"): result.report}  # under the key quantize reports it by too
 
 
 def _distill(recipe: Recipe, spec: Stage, config: Any, checkpoint: Path, staging: Path, after: tuple[str, ...],

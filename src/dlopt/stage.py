@@ -94,7 +94,7 @@ class Stage:
     summary: str = ""
     validate: Callable[[Any], None] | None = None  # raises InputError for a bad config, before any work
 
-    def __reduce__(self) -> tuple[Any, ...]:
+    def __reduce__(self) -> str | tuple[Any, ...]:
         # A registered stage travels (to worker processes) as its kind: its run function's module-level name
         # is the decorated Stage itself, so pickle could not find the function by name.
         return (get_stage, (self.kind,)) if _REGISTERED.get(self.kind) is self else super().__reduce__()

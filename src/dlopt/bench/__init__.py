@@ -14,9 +14,9 @@ How a measurement goes, and why:
 4. Very fast models are timed in groups: from the warm-up latencies, each sample is `runs_per_sample`
    back-to-back runs (at least ~1 ms of work), so the clocks' own cost and resolution do not dominate
    a sample and the CI has real width. Timed rounds run the models interleaved, every model once per
-   round, until the time budget or the round count is reached; the order rotates (A B C, B C A, C A B, …) so no model always runs
-   in the same position. Interleaving puts every model through the same machine states (other jobs, frequency,
-   thermal), so their ratio is fair even when absolute times drift; garbage collection is off in
+   round, until the time budget or the round count is reached; the order rotates (A B C, B C A, C A B, …) so
+   no model always runs in the same position. Interleaving puts every model through the same machine states
+   (other jobs, frequency, thermal), so their ratio is fair even when absolute times drift; garbage collection is off in
    the loop. Each call records wall time and the calling thread's CPU time.
    The budget is one deadline for everything (session setup, binding, warm-up, timed rounds and the
    bootstrap), from the moment `benchmark` is called (the CLI: from the process start): a round is not
@@ -51,7 +51,7 @@ from dlopt.bench.config import (CLOCKS, DEFAULT_BUDGET_S, DEFAULT_SEQ_LEN, MIN_T
                                 read_clocks, validate_config)
 from dlopt.bench.sampler import InterleavedSampler, Repeated, WarmupReport, runs_per_sample
 from dlopt.bench.data import (MAX_DATA_BATCHES, data_batches, length_sorting, load_data, model_feed_batches,
-                              model_feeds, padding_note, padding_share)
+                              model_feeds, padding_note, padding_share, sorted_by_length)
 from dlopt.bench.results import BatchRun, BenchResult, LoadedModel, ModelRun
 from dlopt.bench.harness import (BOOTSTRAP_S_PER_ELEMENT, FINISH_RESERVE_S, BoundModels, CyclingRun, benchmark,
                                  bind_models, choose_clock, load_models, machine_fingerprint)
@@ -63,4 +63,4 @@ __all__ = ["BenchConfig", "BenchResult", "BoundModels", "bind_models", "model_fe
            "BatchRun", "BOOTSTRAP_S_PER_ELEMENT", "ClockFn", "CLOCKS", "CyclingRun", "data_batches",
            "DEFAULT_BUDGET_S", "DEFAULT_SEQ_LEN", "FINISH_RESERVE_S", "LoadedModel", "MAX_DATA_BATCHES",
            "MIN_TIMED_ROUNDS", "model_feed_batches", "ModelRun", "padding_note", "padding_share", "ProgressFn",
-           "read_clocks", "Repeated", "runs_per_sample", "SCHEMA_NAME"]
+           "read_clocks", "Repeated", "runs_per_sample", "SCHEMA_NAME", "sorted_by_length"]

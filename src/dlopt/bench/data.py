@@ -106,18 +106,28 @@ def padding_share(feeds_list: Sequence[Mapping[str, np.ndarray]]) -> float | Non
     return float(1 - np.mean(np.concatenate([m.ravel() != 0 for m in masks])))
 
 
+def _real_lengths(data: Mapping[str, np.ndarray] | None) -> tuple[np.ndarray, int] | None:
+    """Each sample's real length (the last position whose mask is non-zero, + 1; 1 for an all-padding
+    row) and the padded length, from the first integer [samples, T] input named like a mask; None without one."""
+    axes = getattr(data, "axes", {})  # a dlopt.data.SampleArrays says where its samples are: axis 0 here
+    masks = [np.asarray(v) for k, v in (data or {}).items()
+             if "mask" in k.lower() and np.ndim(v) == 2 and np.issubdtype(np.asarray(v).dtype, np.integer)
+             and axes.get(k, 0) == 0]
+    if not masks:
+        return None
+    real = masks[0] != 0
+    return np.where(real.any(axis=1), real.shape[1] - np.argmax(real[:, ::-1], axis=1), 1), int(real.shape[1])
+
+
 def length_sorting(data: Mapping[str, np.ndarray] | None, batch: int | None) -> dict[str, Any] | None:
     """Where batches mix lengths: the tokens a padding-trimmed model (dlopt.optimize.trim_padding) computes
     per sample, each batch cut to its longest real length, with the data's order as given and with the
     samples sorted by real length first, against the padded length. None without a mask input, for one
     sample per batch, or when every sample has the same real length (sorting changes nothing)."""
-    masks = [np.asarray(v) for k, v in (data or {}).items()
-             if "mask" in k.lower() and np.ndim(v) == 2 and np.issubdtype(np.asarray(v).dtype, np.integer)]
-    if not masks or batch is None or batch < 2:
+    found = _real_lengths(data)
+    if found is None or batch is None or batch < 2:
         return None
-    mask = masks[0]
-    real = mask != 0
-    lengths = np.where(real.any(axis=1), mask.shape[1] - np.argmax(real[:, ::-1], axis=1), 1)
+    lengths, padded = found
     count = min(len(lengths) // batch, MAX_DATA_BATCHES) * batch
     if count == 0 or len(set(lengths[:count].tolist())) < 2:
         return None
@@ -126,9 +136,26 @@ def length_sorting(data: Mapping[str, np.ndarray] | None, batch: int | None) -> 
         groups = order[:count].reshape(-1, batch)
         return float(np.mean(lengths[groups].max(axis=1)))  # per sample: its batch's longest real length
 
-    return {"padded_length": int(mask.shape[1]), "mean_real_length": float(np.mean(lengths[:count])),
+    return {"padded_length": padded, "mean_real_length": float(np.mean(lengths[:count])),
             "tokens_as_given": tokens(np.arange(count)),
             "tokens_sorted": tokens(np.argsort(lengths[:count], kind="stable"))}
+
+
+def sorted_by_length(data: Mapping[str, np.ndarray], batch: int) -> Mapping[str, np.ndarray]:
+    """`data` with the samples that data_batches cuts into batches of `batch` reordered by real length
+    (stable; the rest after them as given): what a server that sorts its queue by length would batch.
+    Only for data length_sorting describes."""
+    found = _real_lengths(data)
+    if found is None:
+        raise ValueError("sorted_by_length needs data with a [samples, T] mask input")
+    lengths = found[0]
+    count = min(len(lengths) // batch, MAX_DATA_BATCHES) * batch
+    order = np.concatenate([np.argsort(lengths[:count], kind="stable"), np.arange(count, len(lengths))])
+    from dlopt.data import SampleArrays
+
+    arrays = SampleArrays.from_mapping(data)
+    return arrays.with_arrays({k: v if arrays.axes.get(k) is None else np.take(v, order, axis=arrays.axes[k])
+                               for k, v in arrays.items()})
 
 
 def padding_note(padding: float | None) -> str:

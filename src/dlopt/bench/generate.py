@@ -39,13 +39,14 @@ import numpy as np
 
 from dlopt.bench.config import CLOCKS, MIN_TIMED_ROUNDS, ProgressFn, check_sampling, read_clocks
 from dlopt.bench.sampler import InterleavedSampler
-from dlopt.errors import InputError, MissingDependencyError
+from dlopt.errors import InputError
+from dlopt.genai import (GENAI_CONFIG, LmFolder, _genai, check_lm_folder, load_lm,  # noqa: F401  (re-exported)
+                         read_lm_folder)
 from dlopt.stats import DEFAULT_BOOTSTRAP, Interval, Summary, ratio_ci, summarize
 
 SCHEMA_NAME = "dlopt.bench.generate"
 SCHEMA_VERSION = 1
 PHASES = ("prefill", "first_token", "decode_per_token")
-GENAI_CONFIG = "genai_config.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,47 +79,6 @@ def validate_generate_config(config: GenerateConfig) -> None:
     if config.rounds is None and config.budget_s <= 0:
         raise InputError(f"the time budget must be positive, got {config.budget_s} s", "e.g. 60 s")
     check_sampling(config.rounds, config.clock, config.ratio_method)
-
-
-def _genai():
-    try:
-        import onnxruntime_genai as og
-    except ImportError as e:
-        raise MissingDependencyError("bench --generate runs models with onnxruntime-genai, which is not installed",
-                                     "pip install 'dlopt[llm]'") from e
-    return og
-
-
-@dataclass(frozen=True)
-class LmFolder:
-    """An exported generation folder, as read from its genai_config.json."""
-
-    path: Path
-    context_length: int
-    vocab_size: int
-    special_ids: tuple[int, ...]
-    size_bytes: int
-
-
-def read_lm_folder(path: str | os.PathLike) -> LmFolder:
-    folder = Path(path)
-    config_path = folder / GENAI_CONFIG
-    if not folder.is_dir() or not config_path.is_file():
-        what = "does not exist" if not folder.exists() else f"has no {GENAI_CONFIG}"
-        raise InputError(f"{folder} {what}: bench --generate measures exported LM folders",
-                         "export one with: dlopt export SOURCE --task text-generation -o FOLDER")
-    try:
-        model = json.loads(config_path.read_text())["model"]
-        context, vocab = int(model["context_length"]), int(model["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"cannot read the context length and vocabulary size from {config_path}: {e}",
-                         "export the folder again") from e
-    special = []
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = model.get(key)
-        special += value if isinstance(value, list) else [value] if value is not None else []
-    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.startswith("model"))
-    return LmFolder(folder, context, vocab, tuple(int(v) for v in special), size)
 
 
 def prompt_tokens(folder: LmFolder, batch: int, length: int, seed: int) -> np.ndarray:
@@ -288,17 +248,6 @@ class _RssPeak:
         return max(0, self._process.memory_info().rss - self.before)
 
 
-def load_lm(og, folder: LmFolder, threads: int):
-    """og.Model on the CPU with `threads` intra-op threads (genai's config overlay: the folder is not changed)."""
-    config = og.Config(str(folder.path))
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-    try:
-        return og.Model(config)
-    except Exception as e:  # genai raises plain RuntimeErrors for unloadable folders
-        raise InputError(f"onnxruntime-genai cannot load {folder.path}: {str(e).splitlines()[0]}",
-                         "export the folder again with dlopt export --task text-generation") from e
-
-
 def benchmark_generate(paths: Sequence[str | os.PathLike], config: GenerateConfig = GenerateConfig(), *,
                        progress: ProgressFn | None = None, started: float | None = None) -> GenerateResult:
     """Measure generation of one or more exported LM folders, interleaved, at each batch size; each
@@ -308,7 +257,7 @@ def benchmark_generate(paths: Sequence[str | os.PathLike], config: GenerateConfi
     validate_generate_config(config)
     if not paths:
         raise InputError("no model to benchmark", "give one or more exported LM folders")
-    folders = [read_lm_folder(p) for p in paths]
+    folders = [check_lm_folder(p, tokenizer=False) for p in paths]  # names a Hugging Face or BERT folder
     for f in folders:
         if config.prompt_len + config.new_tokens > f.context_length:
             raise InputError(f"a {config.prompt_len}-token prompt plus {config.new_tokens} new tokens exceeds the "

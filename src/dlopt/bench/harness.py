@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from dlopt.bench.config import CLOCKS, DEFAULT_SEQ_LEN, MIN_TIMED_ROUNDS, BenchConfig, ProgressFn, validate_config
-from dlopt.bench.data import length_sorting, model_feed_batches, model_feeds, padding_share
+from dlopt.bench.data import length_sorting, model_feed_batches, model_feeds, padding_share, sorted_by_length
 from dlopt.bench.results import BatchRun, BenchResult, LoadedModel, ModelRun
 from dlopt.bench.sampler import InterleavedSampler, Repeated, runs_per_sample
 from dlopt.errors import InputError
@@ -311,6 +311,15 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
                         input_shapes=parse_input_shapes(config.input_shapes))
     shapes = bound.input_shapes
     runners = bound.runners
+    # Where the batches mix real lengths, each model also runs on the same samples sorted by length, in the
+    # same rounds: a trimmed model's ratio sorted / as given is what sorting requests by length gains
+    # (an untrimmed one computes every padded position either way: its ratio is the control, about 1).
+    sorting = length_sorting(data, batch)
+    if sorting is not None:
+        ordered = bind_models(target, models, batch=batch, seq_len=config.seq_len, seed=config.seed,
+                              data=sorted_by_length(data, batch), data_source=f"{data_source} sorted by length",
+                              device_id=config.device_id, progress=report)
+        runners = runners + ordered.runners
     effective_batch = batch if batch is not None else int(next(iter(shapes.values()))[0]) if shapes else 1
     warm_sampler = InterleavedSampler(runners)
     start = time.perf_counter()
@@ -335,7 +344,8 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
         assert share is not None, "a time share is given whenever the rounds are not fixed"
         remaining = max(0.0, share - (time.perf_counter() - start))
         expected = min(config.max_samples, remaining / max(sum(run_s) * repeat, 1e-6))
-        statistics_s = 2 * (len(models) - 1) * config.n_boot * expected * BOOTSTRAP_S_PER_ELEMENT
+        ratios = len(runners) - 1  # each model's to the first, and each sorted run's to its model's
+        statistics_s = 2 * ratios * config.n_boot * expected * BOOTSTRAP_S_PER_ELEMENT
         profile_s = (sum(m.handle.load_s + config.profile_runs * t for m, t in zip(models, run_s))
                      if config.profile else 0.0)
         remaining = max(0.0, remaining - statistics_s - profile_s)
@@ -363,8 +373,26 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
                                 ratios=ratios, first_run_s=bound.first_run_s[i],
                                 rss_added_bytes=bound.rss_added_bytes[i],
                                 device_added_bytes=bound.device_added_bytes[i], profile=profiles[i]))
+    if sorting is not None:
+        sorting = {**sorting, "input_shapes": {k: list(v) for k, v in shapes.items()}, "latency": [
+            _sorted_latency(sampler, m.label, i, len(models) + i, clock, repeat, config) for i, m in enumerate(models)]}
     report(f"{label}: done", 1.0)
     return BatchRun(batch=effective_batch, input_shapes=shapes, rounds=sampler.timed_rounds, seconds=seconds,
                     warmup=warm, models=tuple(results), runs_per_sample=repeat * sampler.merged,
                     samples=sampler.rounds, data_batches=bound.data_batches, padding=bound.padding,
-                    length_sorting=length_sorting(data, batch))
+                    length_sorting=sorting)
+
+
+def _sorted_latency(sampler: InterleavedSampler, label: str, given: int, ordered: int, clock: str, repeat: int,
+                    config: BenchConfig) -> dict[str, Any]:
+    """One model on the samples sorted by length vs as given (the same rounds): medians and their ratio."""
+    def ratio(index: int, baseline: int) -> dict[str, Any]:
+        return sampler.ratio(index, clock, baseline=baseline, method=config.ratio_method, confidence=config.confidence,
+                             n_boot=config.n_boot, seed=config.seed).as_dict()
+
+    return {"model": label, "clock": clock,
+            "median_ms_as_given": float(np.median(sampler.samples(given, clock))) / repeat * 1e3,
+            "median_ms_sorted": float(np.median(sampler.samples(ordered, clock))) / repeat * 1e3,
+            "ratio_sorted_to_given": ratio(ordered, given),
+            # sorted vs the first model on the batches as given (the reference of every ratio of the run)
+            "ratio_sorted_to_first": ratio(ordered, 0)}

@@ -77,11 +77,21 @@ def format_result(result: BenchResult) -> str:
                          f"{ls['tokens_sorted']:.1f} with requests sorted by length "
                          f"({ls['tokens_as_given'] / ls['tokens_sorted']:.2f}x fewer), against {ls['padded_length']} "
                          "padded")
+            lines += [f"batch {b.batch}: sorted by length, {row['model']} takes {_interval_text(row['ratio_sorted_to_given'])}"
+                      f" the time of the same batches as given ({row['median_ms_sorted']:.3g} vs "
+                      f"{row['median_ms_as_given']:.3g} ms a batch, {row['clock']} clock; batches "
+                      + ", ".join(f"{k}{v}" for k, v in ls["input_shapes"].items()) + " before trimming)"
+                      for row in ls.get("latency", ())]
         if result.config.rounds is None and b.rounds < result.config.min_rounds:
             lines.append(f"batch {b.batch}: only {b.rounds} rounds fit in the budget: the CI is wide; "
                          "give a longer --budget")
     return "\n".join([format_table(headers, rows), "", format_table(model_headers, model_rows), "", *lines,
                       f"peak RSS of this process: {result.peak_rss_bytes / 1e6:.0f} MB", *_profile_tables(result)])
+
+
+def _interval_text(ratio) -> str:
+    return (f"{ratio['estimate']:.3f}x ({round(100 * ratio['confidence'])}% CI "
+            f"{ratio['low']:.3f}-{ratio['high']:.3f})")
 
 
 def _profile_tables(result: BenchResult, top: int = 8) -> list[str]:

@@ -116,12 +116,13 @@ def command(models, target, threads, batch, seq_len, budget, rounds, clock, rati
             if given:
                 raise InputError(f"--generate does not take {flag}", "drop it (generation runs on the CPU "
                                  "with seeded random prompts)")
-        config = GenerateConfig(prompt_len=prompt_len, new_tokens=new_tokens, threads=threads,
-                                batch_sizes=parse_batch_sizes(batch or "1"), budget_s=parse_duration(budget),
-                                rounds=rounds, clock=clock, ratio_method=ratio_method, seed=seed)
+        generate_config = GenerateConfig(prompt_len=prompt_len, new_tokens=new_tokens, threads=threads,
+                                         batch_sizes=parse_batch_sizes(batch or "1"), budget_s=parse_duration(budget),
+                                         rounds=rounds, clock=clock, ratio_method=ratio_method, seed=seed)
         with progress_bar(enabled=not no_progress) as progress:
-            measured = bench_generate(models, config, json_path=json_path, progress=progress, started=started)
-        click.echo(format_generate(measured.result))
+            generated = bench_generate(models, generate_config, json_path=json_path, progress=progress,
+                                       started=started)
+        click.echo(format_generate(generated.result))
         if json_path:
             echo_err(f"wrote {json_path}")
         return

@@ -32,7 +32,7 @@ def command(source, output, task, opset, exporter, no_fallback, static_shapes, a
 
     SOURCE is a reference model (see `dlopt models`), a factory in a file (path/to/file.py:build) or in
     a module (package.module:build). A factory takes no arguments and returns (module, example_inputs)
-    or (module, example_inputs, options); see the README for the contract.
+    or (module, example_inputs, options); see docs/export.md for the contract.
 
     The model is checked with onnx.checker and shape inference, then ONNX Runtime's outputs are compared
     with torch's on the example and on inputs of other batch sizes and sequence lengths. On a mismatch
@@ -59,10 +59,10 @@ def command(source, output, task, opset, exporter, no_fallback, static_shapes, a
         _export_lm(source, output, opset=opset, exporter=exporter, no_fallback=no_fallback,
                    static_shapes=static_shapes, atol=atol, rtol=rtol, allow_mismatch=allow_mismatch)
         return
-    from dlopt.api import DEFAULT_OPSET, ExportConfig, export_model
+    from dlopt.api import DEFAULT_OPSET, Export, export_model
 
-    config = ExportConfig(opset=opset or DEFAULT_OPSET, exporter=exporter, fallback=not no_fallback,
-                          dynamic_shapes=not static_shapes, atol=atol, rtol=rtol, allow_mismatch=allow_mismatch)
+    config = Export(opset=opset or DEFAULT_OPSET, exporter=exporter, fallback=not no_fallback,
+                    dynamic_shapes=not static_shapes, atol=atol, rtol=rtol, allow_mismatch=allow_mismatch)
     written = export_model(source, output, config, log=echo_err)
     report = written.report
     verdict = "verified" if report["verification"]["passed"] else "MISMATCH (written because of --allow-mismatch)"

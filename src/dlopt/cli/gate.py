@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import overload
 
 import click
 
@@ -12,6 +13,10 @@ from dlopt.cli._common import (COUNT, DATA_SOURCES_HELP, FRACTION, NON_NEGATIVE_
 from dlopt.console import progress_bar
 
 
+@overload
+def parse_fraction(text: str, option: str) -> float: ...
+@overload
+def parse_fraction(text: None, option: str) -> None: ...
 def parse_fraction(text: str | None, option: str) -> float | None:
     """'5%' -> 0.05; '0.05' -> 0.05. A bare number of 1 or more is refused as ambiguous."""
     from dlopt.errors import InputError
@@ -82,6 +87,9 @@ def parse_accuracy_drops(values: tuple[str, ...]) -> tuple[float | None, tuple[t
 @click.option("--seq-len", type=COUNT, default=None,
               help="Length of dynamic non-batch, non-image axes of generated inputs. [default: 128, or the stored "
                    "baseline's]")
+@click.option("--prompt-len", type=int, default=None,
+              help="LM folders: prompt tokens (seeded random ids). [default: 128, at most half the context]")
+@click.option("--new-tokens", type=int, default=None, help="LM folders: greedy tokens per generation. [default: 32]")
 @click.option("--data", default=None,
               help=f"Time the models on real inputs instead of generated ones: {DATA_SOURCES_HELP}; one batch of "
                    "--batch samples per call, in turn.")
@@ -114,7 +122,7 @@ def parse_accuracy_drops(values: tuple[str, ...]) -> tuple[float | None, tuple[t
 @data_options
 @click.pass_context
 def command(ctx, baseline, candidate, max_slowdown, accuracy_drops, max_size_growth, eval_model, eval_data,
-            metrics, eval_output, target, threads, batch, seq_len, data, clock, budget, confidence, looks,
+            metrics, eval_output, target, threads, batch, seq_len, prompt_len, new_tokens, data, clock, budget, confidence, looks,
             on_inconclusive, allow_cross_machine, allow_fallback, graph_opt, seed, summary_path, junit_path,
             json_path, no_progress, input_shapes, declared):
     """Gate a CANDIDATE model against a BASELINE: exit 0 pass, 1 regression, 2 usage or input error,
@@ -130,6 +138,11 @@ def command(ctx, baseline, candidate, max_slowdown, accuracy_drops, max_size_gro
     records the machine (CPU model and flags, cores, onnxruntime version, threads) and the gate
     refuses another machine's numbers unless --allow-cross-machine.
 
+    Two exported LM folders (dlopt export --task text-generation, quantized or not) are gated on
+    decode tokens/s (decode time per token, interleaved greedy generation, the same sequential test)
+    and, with --max-accuracy-drop perplexity=X and evaluation text (--eval-data TEXT.txt or --eval
+    smollm2), on perplexity: the candidate's over the baseline's, minus 1.
+
     \b
     Examples:
       dlopt gate --baseline main.onnx --candidate pr.onnx
@@ -137,6 +150,8 @@ def command(ctx, baseline, candidate, max_slowdown, accuracy_drops, max_size_gro
                  --eval minilm --max-accuracy-drop 0.01 --junit gate.xml
       dlopt bench main.onnx --save-baseline base.json
       dlopt gate --baseline base.json --candidate pr.onnx --max-size-growth 10%
+      dlopt gate --baseline lm/ --candidate lm4/ --max-slowdown 0% --eval-data text.txt \\
+                 --max-accuracy-drop perplexity=0.03
     """
     from dlopt.api import EvalSpec, GateConfig, format_gate, gate, parse_duration
     from dlopt.errors import InputError
@@ -158,7 +173,8 @@ def command(ctx, baseline, candidate, max_slowdown, accuracy_drops, max_size_gro
                         max_size_growth=parse_fraction(max_size_growth, "--max-size-growth"),
                         budget_s=parse_duration(budget), confidence=confidence, looks=looks,
                         on_inconclusive=on_inconclusive, target=target, threads=threads, clock=clock, batch=batch,
-                        seq_len=seq_len, input_shapes=input_shapes, seed=seed, graph_opt_level=graph_opt,
+                        seq_len=seq_len, prompt_len=prompt_len, new_tokens=new_tokens, input_shapes=input_shapes,
+                        seed=seed, graph_opt_level=graph_opt,
                         allow_cross_machine=allow_cross_machine, allow_fallback=allow_fallback)
     with progress_bar(enabled=not no_progress) as progress:
         gated = gate(baseline, candidate, config, evaluator=evaluator, data=data, summary=summary_path,

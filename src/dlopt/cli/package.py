@@ -9,7 +9,7 @@ from dlopt.cli._common import (ANY_NUMBER, COUNT, DATA_SOURCES_HELP, TOLERANCE, 
 
 
 @click.command("package", short_help="Bundle a model for a target (mobile: ORT format), verified, with a manifest.")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
 @click.option("--target", type=click.Choice(["mobile", "cpu", "cuda"]), default="mobile", show_default=True)
 @click.option("--intended-ep", type=click.Choice(["cpu", "xnnpack", "nnapi", "coreml"]), default=None,
@@ -48,11 +48,19 @@ from dlopt.cli._common import (ANY_NUMBER, COUNT, DATA_SOURCES_HELP, TOLERANCE, 
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder.")
 @click.option("--sign-key", type=click.Path(dir_okay=False), default=None, metavar="KEY",
               help="Ed25519 private key (`dlopt keygen`): sign the manifest (manifest.sig).")
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="LM folder: a sample prompt whose greedy output the manifest records and verify re-generates "
+                   "(repeatable; default: three built-in prompts).")
+@click.option("--new-tokens", type=int, default=None, help="LM folder: greedy tokens per sample prompt. [default: 20]")
+@click.option("--reference", type=click.Path(file_okay=False), default=None, metavar="FOLDER",
+              help="LM folder: the FP32 export it was made from; it generates for the same prompts, and the bundle "
+                   "records how many first tokens agree and its speed against it (interleaved).")
 @input_shape_option
 @data_options
 def command(model, output, target, intended_ep, fix_shapes, type_reduction, no_coverage, data, samples, seq_len,
             atol, rtol, measure_s, threads, torch_source, pte, pte_int8_min_sqnr, pte_weight_rounding,
-            pte_no_bias_correction, calibration, name, overwrite, sign_key, input_shapes, declared):
+            pte_no_bias_correction, calibration, name, overwrite, sign_key, prompts, new_tokens, reference,
+            input_shapes, declared):
     """Package MODEL (.onnx) into a bundle folder for a target, verified before it is written.
 
     For --target mobile the bundle holds the ORT-format model with its reduced-operator config, an
@@ -60,6 +68,16 @@ def command(model, output, target, intended_ep, fix_shapes, type_reduction, no_c
     card and manifest.json (sha256 of every file, versions, configs, metrics with the machine they
     were measured on). The packaged model must match MODEL on the samples, else nothing is written
     (exit 1). Check a bundle later with `dlopt verify BUNDLE`.
+
+    MODEL may be an exported LM folder (dlopt export --task text-generation, quantized or not): the
+    bundle is that folder as onnxruntime-genai loads it (decoder, genai_config.json, tokenizer), with
+    sample prompts and their greedy outputs in the manifest, a README with the Python that chats with
+    it, and the generation speed.
+
+    \b
+    Examples:
+      dlopt package model.onnx --target mobile -o bundle/
+      dlopt package lm4/ --target cpu --reference lm/ -o lm4-cpu/ --sign-key dlopt-signing.key
     """
     from dlopt.api import PackageConfig, package_model, package_text
 
@@ -73,5 +91,6 @@ def command(model, output, target, intended_ep, fix_shapes, type_reduction, no_c
                            pte_bias_correction=not pte_no_bias_correction,
                            calibration=calibration, name=name,
                            overwrite=overwrite, input_shapes=input_shapes)
-    result = package_model(model, output, config, data=data, sign_key=sign_key, log=echo_err)
+    result = package_model(model, output, config, data=data, sign_key=sign_key, prompts=prompts, new_tokens=new_tokens,
+                           reference=reference, log=echo_err)
     click.echo(package_text(result))

@@ -44,10 +44,10 @@ def command(source, ratio, output, structure, importance, global_pruning, ignore
     """
     from pathlib import Path
 
-    from dlopt.api import PruneConfig, prune_model
+    from dlopt.api import Prune, prune_model
 
-    config = PruneConfig(ratio=ratio, structure=structure, importance=importance, global_pruning=global_pruning,
-                         ignore=tuple(ignore), round_to=round_to)
+    config = Prune(ratio=ratio, structure=structure, importance=importance, global_pruning=global_pruning,
+                   ignore=tuple(ignore), round_to=round_to)
     written = prune_model(source, Path(output), config, bench_seconds=None if no_bench else bench_seconds,
                           batch=batch, seq_len=seq_len, log=echo_err)
     click.echo(written.table)

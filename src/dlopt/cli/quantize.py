@@ -89,7 +89,8 @@ def command(model, output, precision, mode, calibration, calibration_samples, ev
             block_size, exclude_nodes, exclude_ops, target, no_preprocess, max_accuracy_drop, metric, metric_floor,
             evaluator, smoothing, weight_rounding, bias_correction, layernorm_form, node_forms, no_fuse_activations,
             trim_padding, input_shapes, declared):
-    """Quantize MODEL.onnx and write OUT.onnx plus OUT.quantize.json beside it (schema: dlopt/schemas/quantize.schema.json).
+    """Quantize MODEL.onnx and write OUT.onnx plus OUT.quantize.json beside it
+    (schema: dlopt/schemas/quantize.schema.json).
 
     Prints the recipe and why it was chosen, the size before and after, the quantized nodes by op
     type and the fidelity against the float model on samples held out from calibration. The input

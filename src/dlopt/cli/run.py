@@ -18,7 +18,7 @@ from dlopt.console import heartbeat
 @cache_dir_option
 def command(recipe, output, force, overwrite, cache_dir):
     """Run RECIPE (TOML): a source model, its data, a target and an ordered list of [[stage]] tables
-    (export, quantize, package) with their config keys. See recipes/ and the README.
+    (export, quantize, package) with their config keys. See recipes/ and docs/run.md.
 
     Each stage's output is cached under a key made of the sha256 of its input artifact, its config,
     its data and the host facts that change it (ISA class, onnxruntime and dlopt versions); a re-run

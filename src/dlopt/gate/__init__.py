@@ -31,7 +31,7 @@ The package, by concern:
     config.py      GateConfig and its checks, verdicts, policies, exit codes
     sequential.py  the sequential latency test: look schedule, per-look confidence, judge
     baseline.py    stored baselines: save, load, check, machine fingerprint differences
-    result.py      Check, GateResult, the overall verdict
+    result.py      GateCheck, GateResult, the overall verdict
     accuracy.py    EvalSpec and the accuracy checks (metric drops against the baseline model)
     run.py         run_gate: interleaved against the baseline model, or against a stored baseline
     report.py      text, Markdown and JUnit reports, written atomically
@@ -43,7 +43,7 @@ from dlopt.gate.config import (BASELINE_SCHEMA, BASELINE_VERSION, DEFAULT_BUDGET
 from dlopt.gate.sequential import LatencyOutcome, Look, judge, look_confidence, look_schedule, sequential_test
 from dlopt.gate.baseline import (FINGERPRINT_KEYS, STORED_SAMPLES_MAX, StoredBaseline, StoredBatch, baseline_document,
                                  fingerprint_differences, load_baseline, save_baseline, thin)
-from dlopt.gate.result import Check, GateResult, overall_verdict
+from dlopt.gate.result import GateCheck, GateResult, overall_verdict
 from dlopt.gate.accuracy import EvalSpec, accuracy_checks, accuracy_gated, metric_drop, validate_eval_spec
 from dlopt.metrics import LOWER_IS_BETTER
 from dlopt.gate.run import MIN_SAMPLE_S, is_baseline_file, run_gate
@@ -51,7 +51,7 @@ from dlopt.gate.report import format_markdown, format_text, junit_xml, write_out
 # Part of this module's API before it became a package (the gate drives the bench sampler).
 from dlopt.bench import Repeated, runs_per_sample
 
-__all__ = ["BASELINE_SCHEMA", "BASELINE_VERSION", "Check", "EXIT_INCONCLUSIVE", "EXIT_PASS", "EXIT_REGRESSION",
+__all__ = ["BASELINE_SCHEMA", "BASELINE_VERSION", "GateCheck", "EXIT_INCONCLUSIVE", "EXIT_PASS", "EXIT_REGRESSION",
            "EXIT_USAGE", "GateConfig", "GateResult", "LatencyOutcome", "Look", "POLICIES", "StoredBaseline",
            "baseline_document", "fingerprint_differences", "format_markdown", "format_text", "is_baseline_file",
            "judge", "junit_xml", "load_baseline", "look_confidence", "look_schedule", "overall_verdict", "run_gate",

@@ -12,7 +12,7 @@ from typing import Any
 
 from dlopt.errors import InputError
 from dlopt.gate.config import GateConfig
-from dlopt.gate.result import Check
+from dlopt.gate.result import GateCheck
 from dlopt.metrics import metric_drop  # the one meaning of a drop, for quantize and optimize too
 
 
@@ -64,7 +64,7 @@ def accuracy_gated(config: GateConfig) -> bool:
     return config.max_accuracy_drop is not None or bool(config.metric_drops)
 
 
-def accuracy_checks(baseline: Path, candidate: Path, spec: EvalSpec, config: GateConfig) -> list[Check]:
+def accuracy_checks(baseline: Path, candidate: Path, spec: EvalSpec, config: GateConfig) -> list[GateCheck]:
     """Score both models with `spec` and gate each metric's drop on its limit (config.metric_drops, else
     config.max_accuracy_drop; a metric with neither is not gated and not listed)."""
     from dlopt.evaluate import EvalConfig, evaluate_data, evaluate_reference_model
@@ -94,7 +94,7 @@ def accuracy_checks(baseline: Path, candidate: Path, spec: EvalSpec, config: Gat
         verdict = "pass" if not math.isnan(drop) and drop <= limit + 1e-12 else "fail"
         note = row.note or ("vs the baseline model's score" if row.reference is not None else "")
         note = "; ".join([note, *(f"warning: {w}" for w in result.warnings)]).strip("; ")
-        checks.append(Check(name=f"accuracy: {row.metric}", verdict=verdict, baseline=base_value, candidate=row.value,
+        checks.append(GateCheck(name=f"accuracy: {row.metric}", verdict=verdict, baseline=base_value, candidate=row.value,
                             change=f"drop {drop:+.4g}", limit=f"drop <= {limit:g}",
                             detail=f"{spec.describe()}; {note}".rstrip("; "),
                             seconds=0.0 if checks else seconds))  # one evaluation: its time counted once

@@ -46,6 +46,8 @@ class GateConfig:
     clock: str = "auto"  # "cpu", "wall", or the target's choice ("auto"; a stored baseline's clock)
     batch: int | None = None  # None: 1, or the stored baseline's first batch size
     seq_len: int | None = None  # None: 128, or the stored baseline's
+    prompt_len: int | None = None  # LM folders: prompt tokens (None: 128, at most half the context)
+    new_tokens: int | None = None  # LM folders: tokens generated per sample (None: 32)
     input_shapes: tuple[str, ...] = ()  # NAME=DxD...: shapes of generated inputs (--input-shape)
     seed: int = 0
     graph_opt_level: str = "all"

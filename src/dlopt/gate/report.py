@@ -17,7 +17,7 @@ def _rows(result: GateResult) -> tuple[list[str], list[list[Any]]]:
     headers = ["check", "verdict", "baseline", "candidate", "change", "limit"]
     rows = []
     for c in result.checks:
-        unit = " ms" if c.name == "latency" else " MB" if c.name == "size" else ""
+        unit = {"latency": " ms", "size": " MB", "decode tokens/s": " tok/s"}.get(c.name, "")
         rows.append([c.name, _MARK[c.verdict],
                      "n/a" if c.baseline is None else f"{c.baseline:.4g}{unit}",
                      "n/a" if c.candidate is None else f"{c.candidate:.4g}{unit}", c.change, c.limit])

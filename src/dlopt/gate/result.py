@@ -14,7 +14,7 @@ from dlopt.gate.sequential import LatencyOutcome
 
 
 @dataclass(frozen=True, kw_only=True)
-class Check:
+class GateCheck:
     name: str  # "latency", "size", "accuracy: <metric>"
     verdict: str  # "pass", "fail", "inconclusive"
     baseline: float | None
@@ -31,7 +31,7 @@ class GateResult:
     mode: str  # "interleaved" (baseline model) or "stored" (baseline file)
     baseline: str
     candidate: str
-    checks: tuple[Check, ...]
+    checks: tuple[GateCheck, ...]
     verdict: str  # overall: "pass", "fail" or "inconclusive"
     exit_code: int
     latency: LatencyOutcome | None
@@ -75,7 +75,7 @@ class GateResult:
         }
 
 
-def overall_verdict(checks: Sequence[Check], policy: str) -> tuple[str, int]:
+def overall_verdict(checks: Sequence[GateCheck], policy: str) -> tuple[str, int]:
     """Any failed check fails the gate (exit 1); else any inconclusive one is handled by the policy."""
     if policy not in POLICIES:
         raise InputError(f"unknown inconclusive policy {policy!r}", f"choose one of {', '.join(POLICIES)}")

@@ -18,7 +18,7 @@ from dlopt.errors import InputError
 from dlopt.gate.accuracy import EvalSpec, accuracy_checks, accuracy_gated, validate_eval_spec
 from dlopt.gate.baseline import STORED_SAMPLES_MAX, StoredBaseline, fingerprint_differences, load_baseline, thin
 from dlopt.gate.config import DEFAULT_SEQ_LEN, GateConfig, ProgressFn, validate_config
-from dlopt.gate.result import Check, GateResult, overall_verdict
+from dlopt.gate.result import GateCheck, GateResult, overall_verdict
 from dlopt.gate.sequential import LatencyOutcome, Look, sequential_test
 from dlopt.inputs import parse_input_shapes
 from dlopt.stats import ratio_ci
@@ -39,11 +39,20 @@ def run_gate(baseline: str | os.PathLike, candidate: str | os.PathLike, config: 
              data: Mapping[str, np.ndarray] | None = None, evaluator: EvalSpec | None = None,
              progress: ProgressFn | None = None) -> GateResult:
     """Gate CANDIDATE against BASELINE (a model, or a stored-baseline JSON) on latency, and on size and
-    accuracy when their limits are set (accuracy with `evaluator`). `data`: arrays to time the models
+    accuracy when their limits are set (accuracy with `evaluator`). Exported LM folders are gated by
+    dlopt.gate.lm.run_gate_lm instead (decode tokens/s and perplexity). `data`: arrays to time the models
     on instead of generated inputs. Raises InputError (exit 2) on bad input, before any long work."""
     validate_config(config)
     started = time.perf_counter()
     candidate = Path(candidate)
+    from dlopt.genai import is_lm_folder
+
+    if is_lm_folder(baseline) or is_lm_folder(candidate):
+        raise InputError(f"{baseline} and {candidate} are exported LM folders, which dlopt.gate.lm.run_gate_lm gates",
+                         "gate them with dlopt.api.gate (decode tokens/s and perplexity)")
+    if config.prompt_len is not None or config.new_tokens is not None:
+        raise InputError("{prompt_len} and {new_tokens} are for exported LM folders (genai_config.json)",
+                         "drop them, or gate two folders from dlopt export --task text-generation")
     stored = load_baseline(baseline) if is_baseline_file(baseline) else None
     if accuracy_gated(config):
         if evaluator is None:
@@ -71,19 +80,19 @@ def _bench_config(config: GateConfig, *, threads: int, seq_len: int, batch: int)
                        allow_fallback=config.allow_fallback, device_id=config.device_id, seed=config.seed)
 
 
-def _size_check(base_bytes: int, cand_bytes: int, limit: float) -> Check:
+def _size_check(base_bytes: int, cand_bytes: int, limit: float) -> GateCheck:
     growth = cand_bytes / base_bytes - 1 if base_bytes > 0 else math.inf
     verdict = "pass" if growth <= limit + 1e-12 else "fail"
-    return Check(name="size", verdict=verdict, baseline=base_bytes / 1e6, candidate=cand_bytes / 1e6,
+    return GateCheck(name="size", verdict=verdict, baseline=base_bytes / 1e6, candidate=cand_bytes / 1e6,
                  change=f"{growth:+.1%}", limit=f"<= {limit:+.1%}",
                  detail=f"bytes on disk (with external data): {base_bytes:,} -> {cand_bytes:,}")
 
 
 def _latency_check(outcome: LatencyOutcome, config: GateConfig, base_median_s: float, cand_median_s: float,
-                   clock: str) -> Check:
+                   clock: str) -> GateCheck:
     i = outcome.interval
     change = "n/a" if i is None else f"x{i.estimate:.3f} [{i.low:.3f}, {i.high:.3f}]"
-    return Check(name="latency", verdict=outcome.verdict, baseline=base_median_s * 1e3, candidate=cand_median_s * 1e3,
+    return GateCheck(name="latency", verdict=outcome.verdict, baseline=base_median_s * 1e3, candidate=cand_median_s * 1e3,
                  change=change, limit=f"<= x{outcome.limit:.3f}",
                  detail=f"median {clock} ms; {outcome.reason} ({outcome.look_confidence:.2%} CI per look)",
                  seconds=outcome.seconds)

@@ -46,7 +46,7 @@ from dlopt.package.checks import (_check_text, _run_onnx, _sample_inputs, _write
                                   read_samples, verify_outputs)
 from dlopt.package.config import (PACKAGE_TARGETS, PTE_PRECISIONS, Log, PackageConfig, PackageResult, builds,
                                   validate_config)
-from dlopt.package.measure import _measure, recommended_session
+from dlopt.package.measure import _measure, length_sorting_latency, recommended_session
 from dlopt.package.pte import _build_pte, _load_torch_source
 from dlopt.package.record import _calibration_record, _coverage_summary, _manifest, _roles, _stage_reports
 
@@ -77,8 +77,9 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
     `data` ({input name: array}, first axis = batch, or a dlopt.data.SampleArrays) replaces generated sample
     inputs; `data_spec` (a dlopt.data.DataSpec) is what they were read with, recorded. `sign_key`
     (an Ed25519 private key PEM, `dlopt keygen`) signs the manifest. `lineage` (from `dlopt run`: each
-    stage that made the model, with its config, input and output sha256 and cache key) is recorded in it. Raises InputError for bad input,
-    VerificationError (nothing written) when the packaged model does not match the source."""
+    stage that made the model, with its config, input and output sha256 and cache key) is recorded in it.
+    Raises InputError for bad input, VerificationError (nothing written) when the packaged model does not
+    match the source."""
     validate_config(config)
     private_key = None
     if sign_key is not None:  # read the key before any long work; its path is not recorded anywhere
@@ -164,6 +165,8 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
                     "expected")
             metrics = _measure(staging / built["file"], built, config, feeds_list[0], pte_programs, log) \
                 if config.measure_s > 0 else {}
+            sorting = length_sorting_latency(staging / built["file"], built, config, model, data, source_path, log) \
+                if config.measure_s > 0 else None
         manifest = _manifest(name=name, config=config, source_path=source_path, source=source, model=model,
                              built=built, fixed=fixed, calibration=calibration, stage_configs=stage_configs,
                              checks=checks, samples=len(feeds_list), coverage=coverage, metrics=metrics,
@@ -171,6 +174,8 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
         specs = {role: spec.record() for role, spec in (("calibration", calibration_spec), ("data", as_spec(data_spec)))
                  if spec is not None}
         manifest["data_spec"] = specs or None
+        if sorting is not None:
+            manifest["length_sorting"] = sorting
         if lineage is not None:  # before signing: the signature covers it
             manifest["lineage"] = [dict(step) for step in lineage]
         if private_key is not None:

@@ -98,6 +98,7 @@ def model_card(manifest: Mapping[str, Any], coverage_report_path: Path | None = 
                   f"onnxruntime {machine['onnxruntime']}.", ""]
         notes = sorted({v["note"] for v in m["metrics"].values()})
         lines += [f"- {n}" for n in notes] + [""]
+    lines += _length_sorting_section(m.get("length_sorting"))
     if m["calibration"]:
         lines += ["## Calibration data", "", f"`{m['calibration']['source']}`, sha256 `{m['calibration']['sha256']}`.", ""]
     if m["configs"]["stages"]:
@@ -105,6 +106,29 @@ def model_card(manifest: Mapping[str, Any], coverage_report_path: Path | None = 
         lines += [f"- {stage}: `{entry['config'].get('type', '?') if isinstance(entry['config'], dict) else '?'}` "
                   f"(report `{entry['report']}`)" for stage, entry in m["configs"]["stages"].items()] + [""]
     return "\n".join(line for line in lines) .replace("\n\n\n", "\n\n")
+
+
+def _length_sorting_section(sorting: Mapping[str, Any] | None) -> list[str]:
+    """Batches of mixed real lengths as given vs sorted by length: the tokens a model trimmed to each batch's
+    longest real length computes, and this model's latency on both orders (measured in the same rounds)."""
+    if not sorting:
+        return []
+    shapes = ", ".join(f"`{k}` {v}" for k, v in sorting["input_shapes"].items())
+    row = sorting["latency"][0]
+    ratio = row["ratio_sorted_to_given"]
+    confidence = round(100 * ratio["confidence"])
+    return ["## Sorting requests by length", "",
+            (f"Batches of {sorting['batch']} from {sorting['data']} ({shapes}, padded to {sorting['padded_length']}; "
+             f"mean real length {sorting['mean_real_length']:.1f}), one thread, {row['clock']} clock, "
+             f"{sorting['rounds']} interleaved rounds on {sorting['machine'].get('cpu_model')}:"), "",
+            format_markdown_table(
+                ["order", "tokens per sample after trimming", "median ms per batch", f"ratio ({confidence}% CI)"],
+                [["as given", f"{sorting['tokens_as_given']:.1f}", f"{row['median_ms_as_given']:.3g}", "1 (base)"],
+                 ["sorted by length", f"{sorting['tokens_sorted']:.1f}", f"{row['median_ms_sorted']:.3g}",
+                  f"{ratio['estimate']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]"]]), "",
+            ("A model trimmed to each batch's longest real length (`trim-padding`) computes fewer tokens when a server "
+             "batches requests of similar length; a model that is not trimmed computes every padded position either "
+             "way (its ratio stays near 1)."), ""]
 
 
 def _criterion_text(criterion: Mapping[str, float]) -> str:

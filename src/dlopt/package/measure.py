@@ -85,3 +85,45 @@ def _measure(model_file: Path, built: Mapping[str, Any], config: PackageConfig, 
                               "note": "ExecuTorch XNNPACK backend on this host's CPU (the kernels Android/iOS run)",
                               "machine": machine}
     return metrics
+
+
+SORT_BATCH = 8  # the batch a card's length-sorting figure is measured at: a server's small batch
+
+
+def length_sorting_latency(model_file: Path, built: Mapping[str, Any], config: PackageConfig, model,
+                           data: Mapping[str, np.ndarray] | None, source_path: Path, log: Log) -> dict[str, Any] | None:
+    """Where the bundle's real inputs mix lengths in a batch of SORT_BATCH: the packaged model timed on
+    those batches as given and with the samples sorted by length (dlopt bench's measurement, one thread,
+    thread CPU time, interleaved), with the shapes. None, with a log line, when it does not apply."""
+    if not any("mask" in i.name.lower() for i in model.graph.input):
+        return None
+    if built["session_config"] or config.target != "cpu":  # a runtime-style mobile model: its own session
+        return None
+    from dlopt.bench import BenchConfig, benchmark, length_sorting
+    from dlopt.data import as_spec, data_arrays
+    from dlopt.errors import InputError
+
+    source = "the given data"
+    if data is None and config.calibration is not None:
+        spec = as_spec(config.calibration)
+        source = str(spec)
+        try:
+            data = data_arrays(spec, source_path, samples=8 * SORT_BATCH)
+        except InputError as e:
+            log(f"no length-sorting figure: {source} cannot be batched ({e.message})")
+            return None
+    if data is None or length_sorting(data, SORT_BATCH) is None:
+        return None
+    log(f"measuring batches of {SORT_BATCH} of {source} as given vs sorted by length ({config.measure_s:g} s)")
+    try:
+        result = benchmark([model_file], BenchConfig(target="cpu", threads=1, clock="cpu", batch_sizes=(SORT_BATCH,),
+                                                     budget_s=max(config.measure_s, 1.0), min_rounds=5),
+                           data=data, data_source=source)
+    except InputError as e:
+        log(f"no length-sorting figure: {e.message}")
+        return None
+    batch = result.batches[0]
+    if not batch.length_sorting or not batch.length_sorting.get("latency"):
+        return None
+    return {**dict(batch.length_sorting), "batch": batch.batch, "data": source, "threads": 1,
+            "rounds": batch.rounds, "machine": dict(result.machine)}

@@ -22,6 +22,8 @@ def _load_torch_source(config: PackageConfig):
     require_executorch()
     from dlopt.sources import load_source
 
+    if config.torch_source is None:
+        raise ValueError("the package config names no torch source to lower")
     return load_source(config.torch_source)
 
 

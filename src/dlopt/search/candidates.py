@@ -68,11 +68,14 @@ def _times_kernels(stages: tuple[StageDesc, ...], transformer: bool) -> bool:
     return False
 
 
-def base_candidates(*, target: str, transformer: bool) -> list[Candidate]:
+def base_candidates(*, target: str, transformer: bool, untrimmed: bool = False) -> list[Candidate]:
     """FP32, the recipe `dlopt quantize --mode auto` picks (what the hand-written recipes use), INT8
     dynamic and static with each calibration method, the kernel choices (node forms, LayerNorm form),
-    INT4 weight-only and FP16; the most promising first (they run first under a time budget)."""
-    q = lambda **keys: _quantize(target, **keys)  # noqa: E731 (a local shorthand)
+    INT4 weight-only and FP16; the most promising first (they run first under a time budget).
+    `untrimmed`: quantize's own padding removal off (where the search tries it as candidates of their own,
+    `trimmed`, the untrimmed forms are what they are compared with)."""
+    trim = {"trim_padding": "off"} if untrimmed else {}
+    q = lambda **keys: _quantize(target, **trim, **keys)  # noqa: E731 (a local shorthand)
     methods = METHODS  # the calibration methods quantize offers
     found = [Candidate("fp32", "fp32", (), "the source itself: the reference every ratio is against"),
              Candidate("int8-auto", "int8", (q(precision="int8", mode="auto"),),
@@ -101,7 +104,7 @@ def base_candidates(*, target: str, transformer: bool) -> list[Candidate]:
 
 def with_exclusions(candidate: Candidate, *, max_drop_metric: float, evaluator: str) -> Candidate:
     """`candidate` with quantize's accuracy budget: the nodes that add the most noise stay float until
-    the evaluator's drop is within `max_drop_metric` (dlopt.optimize.sensitivity)."""
+    the evaluator's drop is within `max_drop_metric` (dlopt.optimize.accuracy_budget)."""
     # leave_one_out_limit 0: nodes ranked by the noise each adds (two runs of the model), not by one
     # re-quantization per node; with a reference evaluator the latter took EfficientNet-Lite0's retry past
     # the whole search's 20-minute budget on the shared 2-core machine
@@ -110,6 +113,28 @@ def with_exclusions(candidate: Candidate, *, max_drop_metric: float, evaluator: 
     return Candidate(f"{candidate.name}+float-nodes", candidate.precision, stages,
                      f"{candidate.why}; the most sensitive nodes kept in float to meet the budget",
                      candidate.times_kernels)
+
+
+TRIM_SUFFIX = "+trim"
+
+
+def trimmed(candidate: Candidate, equivalence: str) -> Candidate:
+    """`candidate` with padding removal appended (the trim-padding stage, dlopt.optimize.trim_padding): its
+    token inputs sliced to each batch's longest real length. Mode `on`: the search confirmed on held-out
+    inputs that the FP32 model's outputs do not depend on the padding (`equivalence` says how); whatever
+    trimming changes in a quantized model's rounding (dynamic INT8 takes its ranges per call, over padding
+    too) is measured like any candidate's, by the evaluator's drop, and the stage reports the trimmed vs
+    untrimmed cosine on its samples. Appended as a stage of its own, not as quantize's trim_padding key,
+    so that the untrimmed candidate's quantization is reused from the stage cache, not run again."""
+    stage = StageDesc("trim-padding", {"mode": "on"})
+    return Candidate(f"{candidate.name}{TRIM_SUFFIX}", candidate.precision, (*candidate.stages, stage),
+                     f"{candidate.why}; inputs sliced to each batch's longest real length ({equivalence})",
+                     candidate.times_kernels)
+
+
+def untrimmed_name(name: str) -> str | None:
+    """The candidate a trimmed one was made from; None for one that is not trimmed."""
+    return name[:-len(TRIM_SUFFIX)] if name.endswith(TRIM_SUFFIX) else None
 
 
 PRUNE_RATIOS = (0.25, 0.5)

@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from dlopt.errors import InputError, VerificationError
-from dlopt.search.candidates import (Candidate, Skipped, StageDesc, base_candidates, prune_candidates,
-                                     with_exclusions)
-from dlopt.search.evaluation import (Evaluated, SearchContext, accuracy_drop, apply_stages, cached_evaluation,
+from dlopt.search.candidates import (Candidate, Skipped, StageDesc, base_candidates, prune_candidates, trimmed,
+                                     untrimmed_name, with_exclusions)
+from dlopt.search.scoring import (Evaluated, SearchContext, accuracy_drop, apply_stages, cached_evaluation,
                                      drop_unit, evaluate_candidate, measure_latency, measure_throughput,
-                                     resolved_metric)
+                                     resolved_metric, trim_check)
 from dlopt.search.pareto import Point, choose, dominated_by, pareto_front
 
 SCHEMA = "dlopt.optimize"
@@ -47,6 +47,7 @@ SERVER_TARGETS = ("cpu", "cuda")  # batch size and thread count are searched for
 # latency, the throughput search and the bundle still fit.
 TRANSFORM_SHARE = 0.7
 EXCLUSION_TRIES = 2  # INT8 candidates over budget given a second try with float nodes
+TRIM_GAIN_BATCHES = (1, 8)  # where padding removal applies: its gain per batch size, in the report
 Log = Callable[[str], None]
 
 
@@ -284,7 +285,8 @@ def timing_plan(rows: dict[str, dict[str, Any]], max_drop: float) -> list[str]:
         if twin is not None and name != "fp32":
             row["status"], row["reason"] = "same-graph", (
                 f"the same graph as {twin} (op types, counts and size): the same kernels and latency up to "
-                f"noise, with a drop no smaller ({row['drop_points']:.3g} vs {rows[twin]['drop_points']:.3g} points): "
+                f"noise, with a drop no smaller ({row['drop_points']:.3g} vs "
+                f"{rows[twin]['drop_points']:.3g} points): "
                 "dominated, not timed")
             continue
         timed.append(name)
@@ -356,7 +358,11 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     from dlopt.graphfacts import looks_like_transformer
 
     transformer = looks_like_transformer(load_onnx(base.artifact, load_external_data=False))
-    candidates = base_candidates(target=ctx.target, transformer=transformer)[1:]
+    trim = trim_check(ctx, base.artifact, base.output_sha256)
+    clock.log(_trim_line(trim))
+    candidates = base_candidates(target=ctx.target, transformer=transformer, untrimmed=trim["applies"])[1:]
+    if trim["applies"]:  # FP32 trimmed first: it needs no quantization, and the time budget drops the last first
+        candidates = [_trimmed(trim, fp32), *candidates]
     deadline = TRANSFORM_SHARE * config.time_budget_s
     plan_key = _plan_key(ctx, config)
     planned = _load_plan(ctx, plan_key)
@@ -381,6 +387,15 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     else:
         skipped.append(Skipped("int8 float-node exclusions", "no INT8 candidate missed the accuracy budget: keeping "
                                "nodes in float could only make one slower"))
+    if trim["applies"]:  # after the retries: a retry within budget gets its trimmed form too
+        variants, not_trimmed = _trimmed_variants(trim, [all_candidates[n] for n in evaluated if n != "fp32" and
+                                                         untrimmed_name(n) is None], evaluated, drop_of, max_drop)
+        more, more_skipped = _evaluate_all(executor, ctx, variants, clock, deadline, planned)
+        evaluated.update(more)
+        skipped += more_skipped + not_trimmed
+        all_candidates.update({c.name: c for c in variants})
+    else:
+        skipped.append(Skipped("trim-padding", f"padding removal does not apply: {trim['reason']}"))
     pruned, not_pruned = prune_candidates(ctx.source, torch_source=ctx.torch_source, asked=config.search_pruning)
     skipped += not_pruned
     if pruned:  # last: the costliest (training), so the time budget drops them first
@@ -400,7 +415,8 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
                "artifact": r.artifact, "output_sha256": r.output_sha256, "signature": r.signature,
                "graph_sha256": r.graph_sha256,
                "stage_keys": list(r.stage_keys), "latency_ratio": None, "latency_ci": None, "median_ms": None,
-               "on_front": False, "status": "scored" if r.ok else "failed", "reason": r.reason}
+               "on_front": False, "status": "scored" if r.ok else "failed", "reason": r.reason,
+               "trim_padding": _trim_of(c, r)}
         rows[name] = row
 
     # latency, only for what can reach the front
@@ -432,7 +448,8 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
             by = dominated_by(p, points)
             assert by is not None, "a point off the front is dominated"
             row["status"], row["reason"] = "dominated", (
-                f"dominated by {by.name}: latency {by.latency:.3f} vs {p.latency:.3f} x FP32, drop {by.drop:.3g} vs "
+                f"dominated by {by.name}: latency {by.latency:.3f} vs {p.latency:.3f} x FP32, "
+                f"drop {by.drop:.3g} vs "
                 f"drop {p.drop:.3g}, {by.size / 1e6:.2f} vs {p.size / 1e6:.2f} MB")
         if config.max_latency_ms is not None and row["median_ms"] > config.max_latency_ms:
             row["reason"] += f"; its batch-1 latency {row['median_ms']:.3g} ms exceeds --max-latency {config.max_latency_ms:g}"
@@ -440,6 +457,10 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
         rows[picked.name]["status"] = "chosen"
         rows[picked.name]["reason"] = ("the fastest on the front within the accuracy budget"
                                        + (" (latencies within 1 % are ties, decided by size)" if len(front) > 1 else ""))
+
+    t0 = time.perf_counter()
+    trim_gain = _trim_gain(executor, ctx, rows, front, trim, config, clock) if trim["applies"] else None
+    phases["trim_gain_s"] = time.perf_counter() - t0
 
     server = None
     t0 = time.perf_counter()
@@ -467,6 +488,7 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
 
     result = _result(model, ctx, config, base, rows, skipped, front, picked, latency, server, executor, cache,
                      bundle, verified, clock, phases, report_out, metric)
+    result["trim_padding"] = {**{k: v for k, v in trim.items() if k != "cached"}, "gain": trim_gain}
     from dlopt.search.report import overrun_text
 
     overrun = overrun_text(result)
@@ -486,6 +508,75 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     if not verified:
         raise VerificationError(f"the bundle {out} failed verification: {bundle_error}", "report this model")
     return OptimizeResult(result, bundle, report_out)
+
+
+def _trim_line(trim: dict[str, Any]) -> str:
+    if not trim["applies"]:
+        return f"trim-padding: not tried: {trim['reason']}"
+    check = trim["check"]
+    return (f"trim-padding: applies ({trim['mask']} slices {', '.join(trim['sliced_inputs'])}; trimmed vs untrimmed "
+            f"FP32 cosine {check['equivalence_cosine']:.6f} >= {trim['min_cosine_required']:g} on {check['feeds']} "
+            "held-out batches, padded further and mixed): trimmed candidates join the search")
+
+
+def _trimmed_variants(trim: dict[str, Any], candidates: Sequence[Candidate], evaluated: dict[str, Evaluated],
+                      drop_of: Callable[[Evaluated], float | None], max_drop: float
+                      ) -> tuple[list[Candidate], list[Skipped]]:
+    """The trimmed form of every candidate scored within the accuracy budget; those over it or
+    failed are listed once: trimming leaves a model's accuracy where it was, so their trimmed forms could
+    not be chosen either."""
+    within = [c for c in candidates if evaluated[c.name].ok and drop_of(evaluated[c.name]) <= max_drop]
+    left = [c.name for c in candidates if c not in within]
+    skipped = [Skipped("trimmed forms", "not tried for " + ", ".join(left) + ": over the accuracy budget or failed "
+                       "untrimmed (trimming does not make a model more accurate)")] if left else []
+    return [_trimmed(trim, c) for c in within], skipped
+
+
+def _trimmed(trim: dict[str, Any], candidate: Candidate) -> Candidate:
+    check = trim["check"]
+    return trimmed(candidate, f"FP32 trimmed vs untrimmed cosine {check['equivalence_cosine']:.4f} on "
+                              f"{check['feeds']} held-out padded batches")
+
+
+def _trim_of(candidate: Candidate, result: Evaluated) -> dict[str, Any] | None:
+    """A trimmed candidate's padding removal: applied, and its trimmed vs untrimmed cosine on the stage's samples."""
+    if untrimmed_name(candidate.name) is None:
+        return None
+    summaries = [s["trim_padding"] for s in result.stage_reports if s.get("kind") == "trim-padding"
+                 and s.get("trim_padding")]
+    return {**summaries[-1], "untrimmed": untrimmed_name(candidate.name)} if summaries else None
+
+
+def _trim_gain(executor, ctx: SearchContext, rows: dict[str, dict[str, Any]], front: Sequence[Point],
+               trim: dict[str, Any], config: OptimizeConfig, clock: _Clock) -> dict[str, Any]:
+    """Padding removal's gain per batch size (TRIM_GAIN_BATCHES) on the real inputs with their real lengths:
+    FP32 (the reference), FP32 trimmed, and the fastest trimmed candidate on the front with its untrimmed
+    form, timed interleaved in one bench run at each batch size (one thread, thread CPU time)."""
+    timed = {n for n, r in rows.items() if r["latency_ratio"] is not None and r["status"] != "fp32-graph"}
+    on_front = sorted((p for p in front if untrimmed_name(p.name) is not None), key=lambda p: p.latency)
+    names = ["fp32"] + [n for n in ("fp32+trim",) if n in timed]
+    if on_front:
+        best = on_front[0].name
+        names += [n for n in (untrimmed_name(best), best) if n in timed and n not in names]
+    if len(names) < 2:
+        return {"skipped": "no trimmed candidate was timed (over the accuracy budget, failed or skipped)"}
+    # batch 8 of FP32 at the padded length is slow (MiniLM: ~0.3 s a call, each model twice with the sorted
+    # order): 4 s per model and batch size gave 3 rounds under load, too few for a CI
+    budget = config.latency_budget_s or min(10.0 * len(names) * len(TRIM_GAIN_BATCHES), max(20.0, clock.left() * 0.3))
+    clock.log(f"padding removal per batch size: {', '.join(names)} at batch {list(TRIM_GAIN_BATCHES)} "
+              f"({budget:.0f} s, interleaved)")
+    body = executor.measure(measure_latency, ctx, [(n, rows[n]["artifact"], rows[n]["output_sha256"]) for n in names],
+                            budget, TRIM_GAIN_BATCHES, target_class=ctx.target)
+    return {"models": names, "clock": body["clock"], "threads": body["threads"], "data": body["data"],
+            "cpu": body["cpu"], "cached": body["cached"], "notes": body.get("notes", []),
+            "batches": [{"batch": b["batch"], "input_shapes": b["input_shapes"], "rounds": b["rounds"],
+                         "padding": b["padding"], "length_sorting": b["length_sorting"],
+                         "rows": [{"name": n, "precision": rows[n]["precision"],
+                                   "trimmed": untrimmed_name(n) is not None, "median_ms": b["models"][n]["median_ms"],
+                                   "ratio": b["models"][n]["ratio"],
+                                   "ci": [b["models"][n]["ratio_low"], b["models"][n]["ratio_high"]]}
+                                  for n in names]}
+                        for b in body.get("batches", ())]}
 
 
 def _guard_outputs(model: str, config: OptimizeConfig, out: Path, report_out: Path | None, cache_root: Path) -> None:
@@ -515,7 +606,7 @@ def _result(model, ctx, config, base, rows, skipped, front, picked, latency, ser
          "score": None, "drop_points": None, "bytes": None, "artifact": None, "output_sha256": None, "signature": None,
          "graph_sha256": None,
          "stage_keys": [], "latency_ratio": None, "latency_ci": None, "median_ms": None, "on_front": False,
-         "status": "skipped", "reason": s.reason} for s in skipped]
+         "status": "skipped", "reason": s.reason, "trim_padding": None} for s in skipped]
     evaluated = [r for r in rows.values()]
     return {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "model": model, "name": ctx.name,

@@ -11,6 +11,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from dlopt.search.candidates import untrimmed_name
+
 FRONT_COLOR = "#d62728"  # front markers (the tests look for this colour in a browser screenshot)
 CHOSEN_COLOR = "#2ca02c"
 OTHER_COLOR = "#8c8c8c"
@@ -111,6 +113,25 @@ def _server(server: Mapping[str, Any] | None) -> str:
     return "".join(lines)
 
 
+def _trim_html(trim: Mapping[str, Any] | None) -> str:
+    """The per-batch gain of padding removal as a table (latency / FP32 per candidate and batch size), with
+    the lines of trim_lines around it."""
+    lines = trim_lines(trim)
+    if not lines:
+        return "<p>Not considered.</p>"
+    batches = ((trim or {}).get("gain") or {}).get("batches") or []
+    table = ""
+    if batches:
+        names = [r["name"] for r in batches[0]["rows"]]
+        head = ["candidate"] + [f"batch {b['batch']}: latency / FP32 [95 % CI]" for b in batches]
+        body = "".join("<tr><td>" + _esc(n) + "</td>" + "".join(
+            f"<td>{r['ratio']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] ({_speed(r['ratio'])})</td>"
+            for b in batches for r in b["rows"] if r["name"] == n) + "</tr>" for n in names)
+        table = ("<table><thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr></thead><tbody>"
+                 + body + "</tbody></table>")
+    return "<p>" + _esc(lines[0]) + "</p>" + table + "".join(f"<p>{_esc(line)}</p>" for line in lines[1:])
+
+
 def _recipes(candidates: Sequence[Mapping[str, Any]]) -> str:
     items = []
     for c in candidates:
@@ -118,6 +139,46 @@ def _recipes(candidates: Sequence[Mapping[str, Any]]) -> str:
         items.append(f'<details><summary><b>{_esc(c["name"])}</b> - {_esc(c["status"])}: {_esc(c.get("reason"))}'
                      f'</summary><p>{_esc(c.get("why"))}</p><pre>{_esc(recipe)}</pre></details>')
     return "".join(items)
+
+
+def _speed(ratio: float) -> str:
+    return f"{1 / ratio:.2f}x faster" if ratio < 1 else f"{ratio:.2f}x slower"
+
+
+def trim_lines(trim: Mapping[str, Any] | None) -> list[str]:
+    """Padding removal in a search: why it was not tried, or the trimmed candidates and their gain per
+    batch size (latency / FP32 on the padded inputs), with the shapes and, where batches mix real lengths,
+    sorting them by length. Plain text lines, for the printed table and the HTML page alike."""
+    if not trim:
+        return []
+    if not trim.get("applies"):
+        return [f"padding removal: not tried: {trim.get('reason')}"]
+    check = trim.get("check") or {}
+    lines = [(f"padding removal: {trim.get('mask')} slices {', '.join(trim.get('sliced_inputs') or [])} to each "
+              f"batch's longest real length; FP32 trimmed vs untrimmed cosine "
+              f"{_num(check.get('equivalence_cosine'), '.6f')} (>= {trim.get('min_cosine_required')}) on "
+              f"{check.get('feeds')} held-out batches padded further")]
+    gain = trim.get("gain") or {}
+    if gain.get("skipped"):
+        return lines + [f"padding removal per batch size: {gain['skipped']}"]
+    for b in gain.get("batches", ()):
+        shapes = ", ".join(f"{k}{v}" for k, v in b["input_shapes"].items())
+        padding = f", {100 * b['padding']:.0f} % padding" if b.get("padding") else ""
+        lines.append(f"batch {b['batch']} ({shapes} padded{padding}; {b['rounds']} rounds): " + ", ".join(
+            f"{r['name']} {r['ratio']:.3f}x [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] ({_speed(r['ratio'])})"
+            for r in b["rows"][1:]) + " (latency / FP32)")
+        ls = b.get("length_sorting")
+        for row in (ls or {}).get("latency", ()):
+            if untrimmed_name(row["model"]) is not None:
+                r, first = row["ratio_sorted_to_given"], row.get("ratio_sorted_to_first")
+                lines.append(f"batch {b['batch']}, sorted by length: {row['model']} {r['estimate']:.3f}x "
+                             f"[{r['low']:.3f}, {r['high']:.3f}] of its time as given ({ls['tokens_sorted']:.1f} vs "
+                             f"{ls['tokens_as_given']:.1f} tokens per sample of {ls['padded_length']})"
+                             + (f"; {first['estimate']:.3f}x [{first['low']:.3f}, {first['high']:.3f}] of FP32's as "
+                                f"given ({_speed(first['estimate'])})" if first else ""))
+    if gain.get("batches"):
+        lines.append(f"  ({gain.get('clock')}, {gain.get('threads')} thread, {gain.get('data')}; CPU: {gain.get('cpu')})")
+    return lines
 
 
 def render_report(result: Mapping[str, Any]) -> str:
@@ -131,7 +192,8 @@ def render_report(result: Mapping[str, Any]) -> str:
                f"bundle: {_esc(result.get('bundle'))} ({'verified' if result.get('verified') else 'not verified'}).</p>"
                f"<p>Latency: {_esc(latency.get('clock'))}, {_esc(latency.get('threads'))} thread, batch "
                f"{_esc(latency.get('batch'))}, inputs {_esc(latency.get('input_shapes'))} ({_esc(latency.get('data'))}), "
-               f"{_esc(latency.get('rounds'))} interleaved rounds{' (from the cache, measured ' + _esc(latency.get('measured')) + ')' if latency.get('cached') else ''}; "
+               f"{_esc(latency.get('rounds'))} interleaved rounds"
+               f"{' (from the cache, measured ' + _esc(latency.get('measured')) + ')' if latency.get('cached') else ''}; "
                f"CPU: {_esc(result['cpu'])}. Search: {result['seconds']:.1f} s of a {result['time_budget_s']:.0f} s "
                f"budget, executor {_esc(result['executor'].get('kind'))} ({_esc(result['executor'].get('workers'))} "
                f"workers); {result['cache']['evaluations_cached']} evaluations from the cache, "
@@ -144,6 +206,7 @@ def render_report(result: Mapping[str, Any]) -> str:
             f"<div id=\"plot\">{plot_svg(result['candidates'], chosen)}</div>"
             f"<p>Red: on the front (latency x accuracy x size); grey: timed but dominated; green ring: chosen; "
             f"marker area ~ model size.</p><h2>Candidates</h2>{_table(result['candidates'])}"
+            f"<h2>Padding removal</h2>{_trim_html(result.get('trim_padding'))}"
             f"<h2>Serving (batch size x threads)</h2>{_server(result.get('server'))}"
             f"<h2>Recipes and reasons</h2>{_recipes(result['candidates'])}</body></html>\n")
 
@@ -188,6 +251,7 @@ def front_text(result: Mapping[str, Any]) -> str:
              f"front: {', '.join(result['front'])}",
              f"latency: {latency.get('clock')}, {latency.get('threads')} thread, batch {latency.get('batch')}, "
              f"inputs {latency.get('input_shapes')} ({latency.get('data')}); CPU: {result['cpu']}"]
+    lines += trim_lines(result.get("trim_padding"))
     server = result.get("server") or {}
     best = server.get("best")
     if best:

@@ -100,7 +100,7 @@ def floor_evaluator(original, feeds: list[dict[str, np.ndarray]], config, *, gra
     output and channel group - the dB floor, ...; -inf for a non-finite SQNR); baseline 0, so
     drop = -margin and a model meets the floor at max_drop 0. graph_opt_level "disable" scores the QDQ
     graph's own arithmetic."""
-    from dlopt.optimize.quantize.verification import held_out_outputs, recurrent_pairs, task_choice, task_metric
+    from dlopt.optimize.quantize.heldout import held_out_outputs, recurrent_pairs, task_choice, task_metric
 
     reference = run_outputs(cpu_session(original), feeds)
     names = [o.name for o in original.graph.output]

@@ -18,9 +18,10 @@ from dlopt.inputs import graph_inputs
 from dlopt.metrics import MetricChoice, assess, choose_metric, group_sqnr, metric_request
 from dlopt.graphfacts import op_counts
 from dlopt.optimize.preprocess import check_feeds
-from dlopt.optimize.quantize.recipe import cpu_features
+from dlopt.optimize.quantize.recipe import cpu_record
+from dlopt.targets.cpu import host_cpu
 from dlopt.optimize.quantize.schemes import FIDELITY_FLOORS_DB, QuantizeConfig
-from dlopt.optimize.scheme import HOLDOUT_MIN, QuantizeScheme
+from dlopt.optimize.quantize_scheme import HOLDOUT_MIN, QuantizeScheme
 from dlopt.runtime import cpu_label, runtime_report
 from dlopt.sessions import cpu_session, run_outputs
 
@@ -369,7 +370,7 @@ def _summary(original, quantized, data, config: QuantizeScheme, *, feeds: list[F
                    if pairs else None},
                "holdout": {k: v for k, v in holdout.items() if k != "warning"},
                "metric": {"metric": None, "why": choice.reason},
-               "cpu": dataclasses.asdict(cpu_features())}
+               "cpu": cpu_record(host_cpu())}
     summary["metric"]["metric"] = summary["fidelity"]["task_metric"]["metric"]
     if exact_arithmetic:
         exact = held_out_outputs(cpu_session(quantized, graph_opt_level="disable"), feeds, reference, pairs)[0]

@@ -23,11 +23,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
+
 from dlopt.errors import DlOptError, InputError
 from dlopt.search.candidates import Candidate, StageDesc
 from dlopt.stagecache import StageCache, cache_key
 
-EVAL_FORMAT = 2  # 2: Evaluated.graph_sha256
+EVAL_FORMAT = 3  # 2: Evaluated.graph_sha256; 3: stage_reports' trim_padding
 RESULT_FILE = "result.json"
 
 
@@ -144,8 +146,8 @@ def apply_stages(ctx: SearchContext, stages: Sequence[StageDesc], output: Path |
 
 @functools.lru_cache(maxsize=4)
 def _evaluator(ctx: SearchContext):
-    """The evaluator of dlopt.optimize.sensitivity (one per worker process and search)."""
-    from dlopt.optimize.sensitivity import build_evaluator  # quantize's own accuracy evaluators
+    """The evaluator of dlopt.optimize.accuracy_budget (one per worker process and search)."""
+    from dlopt.optimize.accuracy_budget import build_evaluator  # quantize's own accuracy evaluators
 
     if ctx.evaluator.startswith("model:"):
         return build_evaluator(ctx.evaluator, None, None)
@@ -169,7 +171,7 @@ def heldout_feeds(ctx: SearchContext, model) -> list[dict[str, Any]] | None:
     --calibration (the last 20 %: never calibrated on), else None (generated inputs)."""
     from dlopt.data import load_data
     from dlopt.optimize.quantize.schemes import QuantizeConfig
-    from dlopt.optimize.quantize.verification import split_holdout
+    from dlopt.optimize.quantize.heldout import split_holdout
 
     config = QuantizeConfig()  # its defaults and held-out split
     data = load_data(ctx.calibration, model) if ctx.calibration else None
@@ -347,7 +349,50 @@ def _stage_summary(info: Mapping[str, Any]) -> dict[str, Any]:
     verdict = report.get("verdict")
     if isinstance(verdict, Mapping):
         summary["fidelity_passed"] = verdict.get("passed")
+    trim = report.get("trim_padding")
+    if isinstance(trim, Mapping):
+        summary["trim_padding"] = trim_summary(trim)
     return summary
+
+
+def trim_summary(report: Mapping[str, Any]) -> dict[str, Any]:
+    """A trim-padding report (the stage's, or quantize's trim_padding) in a few figures: applied or why
+    not, and the trimmed vs untrimmed model's lowest mean cosine over its outputs on the padded samples."""
+    equivalence = report.get("equivalence") or {}
+    cosines = [v["mean_cosine"] for v in (equivalence.get("outputs") or {}).values() if v.get("mean_cosine") is not None]
+    return {"applied": bool(report.get("applied")), "reason": report.get("reason"),
+            "equivalence_cosine": min(cosines) if cosines else None, "feeds": equivalence.get("feeds"),
+            "input_shapes": [list(s) for s in equivalence.get("input_shapes") or []]}
+
+
+def trim_check(ctx: SearchContext, fp32_path: str, fp32_sha256: str) -> dict[str, Any]:
+    """Whether padding removal applies to the FP32 model: the trim-padding stage in mode auto on the
+    held-out inputs (heldout_feeds), each padded further and batched with mixed lengths; every output's
+    mean cosine, trimmed vs untrimmed, must be at least the stage's floor (0.999). Cached per model and data."""
+    from dlopt.fileio import load_onnx
+    from dlopt.recipe import data_hash
+    from dlopt.stage import StageContext, get_stage
+
+    key = cache_key({"kind": "optimize-trim-check", "eval_format": EVAL_FORMAT, "model": fp32_sha256,
+                     "data": {"calibration": data_hash(ctx.calibration), "eval_data": data_hash(ctx.eval_data)}})
+    found = _cached_json(ctx, key)
+    if found is not None:
+        return found
+    stage = get_stage("trim-padding")
+    model = load_onnx(fp32_path)
+    config = stage.config(mode="auto")
+    report = stage.apply(model, config, StageContext()).report  # without data: whether the graph allows it
+    if report.get("mask") is not None and (report.get("reason") or "").startswith("no held-out inputs"):
+        try:
+            report = stage.apply(model, config, StageContext(eval_data=heldout_feeds(ctx, model))).report
+        except Exception as e:  # noqa: BLE001 - e.g. the untrimmed model itself fails on inputs padded further
+            report = {**report, "reason": f"the check on held-out inputs padded further failed: {_one_line(str(e))[:300]}"}
+    body = {"applies": bool(report.get("applied")), "reason": report.get("reason"), "mask": report.get("mask"),
+            "sliced_inputs": report.get("sliced_inputs", []), "padded_back_outputs": report.get("padded_back_outputs", []),
+            "check": trim_summary(report), "min_cosine_required": config.min_cosine, "cached": False}
+    _store_json(ctx, key, "optimize-trim-check", body)
+    return body
+
 
 
 # --------------------------------------------------------------------------- latency
@@ -399,32 +444,56 @@ def _store_json(ctx: SearchContext, key: str, kind: str, body: Mapping[str, Any]
                                         "source": ctx.source, "recipe": f"dlopt optimize {ctx.name}", "report": {}})
 
 
-def measure_latency(ctx: SearchContext, models: Sequence[tuple[str, str, str]], budget_s: float) -> dict[str, Any]:
+def measure_latency(ctx: SearchContext, models: Sequence[tuple[str, str, str]], budget_s: float,
+                    batches: Sequence[int] = (1,)) -> dict[str, Any]:
     """Time `models` ((name, path, sha256), the FP32 source first) interleaved in one bench run: one
-    thread, thread CPU time, batch 1, on the model's real inputs. Returns per model the ratio to the
-    first (estimate and 95 % CI) and the median ms, with the input shapes and the CPU label."""
+    thread, thread CPU time, at each of `batches` (batch 1 by default), on the model's real inputs.
+    Returns per model the ratio to the first (estimate and 95 % CI) and the median ms, with the input
+    shapes and the CPU label: of the first batch size at the top level, and of each in `batches`
+    (where a batch mixes real lengths, with bench's as given vs sorted by length figures)."""
     from dlopt.bench import BenchConfig, benchmark
     from dlopt.runtime import cpu_label
 
-    settings = {"threads": 1, "clock": "cpu", "batch": 1, "budget_s": round(budget_s, 1)}
+    settings: dict[str, Any] = {"threads": 1, "clock": "cpu", "batch": batches[0], "budget_s": round(budget_s, 1)}
+    if tuple(batches) != (1,):
+        settings["batches"] = list(batches)
     key = _latency_key(ctx, "latency", [h for _, _, h in models], settings)
     found = _cached_json(ctx, key)
     if found is not None:
         return found
     data, data_text = bench_data(ctx)
-    config = BenchConfig(target="cpu", threads=1, clock="cpu", batch_sizes=(1,), budget_s=budget_s, min_rounds=10)
+    available = (getattr(data, "count", None) or min((len(v) for v in data.values() if np.ndim(v)), default=0)
+                 ) if data else None
+    notes = []
+    if available is not None and any(b > available for b in batches):
+        notes.append(f"{data_text} holds {available} sample(s): batch sizes above it are not measured")
+        batches = [b for b in batches if b <= available] or [1]
+    config = BenchConfig(target="cpu", threads=1, clock="cpu", batch_sizes=tuple(batches), budget_s=budget_s,
+                         min_rounds=10)
     result = benchmark([p for _, p, _ in models], config, data=data, data_source=data_text)
-    batch = result.batches[0]
-    rows = {}
-    for (name, _, _), run in zip(models, batch.models):
-        ratio = run.ratios["cpu"]
-        rows[name] = {"median_ms": run.summaries["cpu"].median * 1e3,
-                      "ratio": ratio.estimate if ratio is not None else 1.0,
-                      "ratio_low": ratio.low if ratio is not None else 1.0,
-                      "ratio_high": ratio.high if ratio is not None else 1.0}
-    body = {"models": rows, "input_shapes": {k: list(v) for k, v in batch.input_shapes.items()},
-            "rounds": batch.rounds, "clock": "thread CPU time", "threads": 1, "batch": 1, "data": data_text,
+    per_batch = []
+    for batch in result.batches:
+        rows = {}
+        for (name, _, _), run in zip(models, batch.models):
+            ratio = run.ratios["cpu"]
+            rows[name] = {"median_ms": run.summaries["cpu"].median * 1e3,
+                          "ratio": ratio.estimate if ratio is not None else 1.0,
+                          "ratio_low": ratio.low if ratio is not None else 1.0,
+                          "ratio_high": ratio.high if ratio is not None else 1.0}
+        sorting = None
+        if batch.length_sorting:  # bench's labels are file names: the candidates' names instead
+            labels = {m.label: name for m, (name, _, _) in zip(result.models, models)}
+            sorting = {**batch.length_sorting, "latency": [{**row, "model": labels.get(row["model"], row["model"])}
+                                                           for row in batch.length_sorting.get("latency", ())]}
+        per_batch.append({"batch": batch.batch, "models": rows, "rounds": batch.rounds, "padding": batch.padding,
+                          "input_shapes": {k: list(v) for k, v in batch.input_shapes.items()},
+                          "length_sorting": sorting})
+    first = per_batch[0]
+    body = {"models": first["models"], "input_shapes": first["input_shapes"], "rounds": first["rounds"],
+            "clock": "thread CPU time", "threads": 1, "batch": first["batch"], "data": data_text,
             "cpu": cpu_label(), "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cached": False}
+    if tuple(batches) != (1,):
+        body["batches"], body["notes"] = per_batch, notes
     _store_json(ctx, key, "optimize-latency", body)
     return body
 
