@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from dlopt import api
+from dlopt.cli import results  # the text the CLI prints for these results
 from dlopt.errors import InputError, VerificationError
 
 
@@ -190,7 +191,7 @@ def test_keygen_input_errors_use_keywords(kwargs, words):
 def test_package_then_verify_passes_with_the_trusted_key(signed):
     keys, packaged = signed
     assert packaged.bundle.is_dir() and packaged.manifest["target"] == "cpu"
-    assert "wrote" in api.package_text(packaged) and "model.onnx" in api.package_text(packaged)
+    assert "wrote" in results.package_text(packaged) and "model.onnx" in results.package_text(packaged)
     result = api.verify(packaged.bundle, trusted_key=keys.public_key)
     assert result.passed and result.signature.passed and result.problems() == []
     (row,) = result.outputs
@@ -241,7 +242,7 @@ def test_models_lists_the_reference_models():
     fashion = next(e for e in entries if e.name == "fashion-cnn")
     assert fashion.evaluation is None and fashion.summary["metrics"] == ["test_top1"]
     assert fashion.to_dict()["fp32_megabytes"] == pytest.approx(0.104 * 4, abs=0.01)
-    assert "fashion-cnn" in api.models_text(entries)
+    assert "fashion-cnn" in results.models_text(entries)
 
 
 def test_models_input_errors_use_keywords():
@@ -278,11 +279,11 @@ def test_run_caches_and_cache_prunes(work, tmp_path):
     assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
     again = api.run(tmp_path / "r.toml", tmp_path / "q2.onnx", cache_dir=cache)
     assert [s.cached for s in again.stages] == [True] and again.stages[0].key == first.stages[0].key
-    assert "cached" in api.run_text(again)
+    assert "cached" in results.run_text(again)
 
     listing = api.cache_ls(cache)
     assert listing.root == cache and [e.key for e in listing.entries] == [first.stages[0].key]
-    assert listing.bytes > 0 and first.stages[0].key[:12] in api.cache_text(listing)
+    assert listing.bytes > 0 and first.stages[0].key[:12] in results.cache_text(listing)
     assert api.cache_root(cache) == cache
 
     kept = api.cache_prune(older_than=3600.0, cache_dir=cache)

@@ -113,12 +113,6 @@ def lm_quantize_config(**fields: Any):
     return config
 
 
-def quantize_lm_summary(report: dict[str, Any]) -> str:
-    from dlopt.optimize.quantize_lm import summary_text
-
-    return summary_text(report)
-
-
 def prune_model(source: str, output_dir: str | os.PathLike, config=None, *, bench_seconds: float | None = 15.0,
                 batch: int = 1, seq_len: int = 128, log: Callable[[str], None] = lambda message: None):
     """Load SOURCE (a reference model or a factory), prune it (a dlopt.optimize.prune.Prune config) and
@@ -396,38 +390,6 @@ def package_model(model: str | os.PathLike, output: str | os.PathLike, config: P
     return package(model, output, config or PackageConfig(), data=feeds, data_spec=spec, sign_key=sign_key, log=log)
 
 
-def package_text(result: PackageResult) -> str:
-    """What `dlopt package` prints: the bundle's summary, coverage with advice, latency per target, files."""
-    import json
-
-    from dlopt.package import summary_table
-    from dlopt.report import format_table
-    from dlopt.targets.mobile import COVERAGE_HEADERS, coverage_table_rows
-
-    manifest = result.manifest
-    if manifest["model"]["format"] == "genai":
-        from dlopt.package.lm import package_text as lm_package_text
-
-        return lm_package_text(result)
-    lines = [summary_table(manifest)]
-    if manifest["coverage"]:
-        report = json.loads((result.bundle / manifest["coverage"]["file"]).read_text())
-        lines += ["", format_table(COVERAGE_HEADERS, coverage_table_rows(report))]
-        lines += [f"advice: {line}" for line in report["advice"]]
-    if manifest["metrics"]:
-        rows = [[k, v["artifact"], v["threads"], v["clock"], v["latency_ms"]["median"], v["latency_ms"]["p90"],
-                 f"{v['ratio_to_ort']['estimate']:.3f}" if "ratio_to_ort" in v else "-"]
-                for k, v in manifest["metrics"].items()]
-        lines += ["", format_table(["target", "artifact", "threads", "clock", "median ms", "p90 ms", "ratio to ORT"],
-                                   rows)]
-        if manifest["target"] == "mobile":
-            lines.append("note: mobile latency is ONNX Runtime's CPU kernels on this host with a phone-like thread "
-                         "count, not a phone")
-    files = ", ".join(f"{f['path']} ({f['bytes'] / 1e6:.2f} MB)" for f in manifest["files"])
-    lines.append(f"wrote {result.bundle}: {files}")
-    return "\n".join(lines)
-
-
 def verify(bundle: str | os.PathLike, *, check_outputs: bool = True, trusted_key: str | os.PathLike | None = None,
            atol: float | None = None, rtol: float | None = None) -> VerifyResult:
     """Re-check BUNDLE (written by `package_model`): every file's sha256, no file missing or added, and
@@ -519,22 +481,6 @@ def models(names: Sequence[str] = (), *, evaluate: bool = False, log: Log = _qui
     return [ModelEntry(ref.name, ref.summary(), ref.evaluate_fp32(log) if evaluate else None) for ref in refs]
 
 
-def models_text(entries: Sequence[ModelEntry]) -> str:
-    """What `dlopt models` prints: one row per model, then each evaluation's metrics."""
-    from dlopt.report import format_table
-
-    rows = [[s["name"], s["parameters_millions"], s["fp32_megabytes"], s["inputs"], ", ".join(s["metrics"]),
-             "yes" if s["installed"] else "missing: " + ", ".join(s["missing"])] for s in (e.summary for e in entries)]
-    lines = [format_table(["model", "params (M)", "fp32 MB", "inputs", "metrics", "installed"], rows)]
-    for e in entries:
-        if e.evaluation is not None:
-            ev = e.evaluation
-            lines.append(f"\n{e.name} (torch FP32): built in {ev.build_seconds:.1f} s, "
-                         f"evaluated in {ev.evaluate_seconds:.1f} s")
-            lines.append(format_table(["metric", "value"], list(ev.metrics.items())))
-    return "\n".join(lines)
-
-
 def _cache(cache_dir: str | os.PathLike | None) -> StageCache:
     from dlopt.stagecache import StageCache, default_cache_dir
 
@@ -555,15 +501,6 @@ def run(recipe: str | os.PathLike, output: str | os.PathLike, *, force: str | No
     from dlopt.recipe import load_recipe, run_recipe
 
     return run_recipe(load_recipe(recipe), output, cache=_cache(cache_dir), force=force, overwrite=overwrite, log=log)
-
-
-def run_text(result: RunResult) -> str:
-    """What `dlopt run` prints: one row per stage (ran or cached, seconds, cache key, output hash)."""
-    from dlopt.report import format_table
-
-    rows = [[r.stage.index, r.stage.kind, "cached" if r.cached else "ran", f"{r.seconds:.2f}", r.key[:12],
-             r.output_sha256[:12]] for r in result.stages]
-    return format_table(["#", "stage", "status", "seconds", "cache key", "output sha256"], rows)
 
 
 def optimize_model(model: str, output: str | os.PathLike, config=None, *, executor: str = "local",
@@ -613,20 +550,6 @@ def cache_ls(cache_dir: str | os.PathLike | None = None) -> CacheListing:
     return CacheListing(cache.root, tuple(cache.entries()))
 
 
-def cache_text(listing: CacheListing) -> str:
-    """What `dlopt cache ls` prints: key, stage, size, age and source of each entry, and the total."""
-    import time
-
-    from dlopt.report import format_table
-    from dlopt.stagecache import age_text
-
-    now = time.time()
-    rows = [[e.key[:12], e.kind, f"{e.bytes / 1e6:.2f} MB", age_text(now - e.created), e.info.get("source", "?")]
-            for e in listing.entries]
-    return (format_table(["key", "stage", "size", "age", "source"], rows)
-            + f"\n{len(listing.entries)} entries, {listing.bytes / 1e6:.2f} MB in {listing.root}")
-
-
 def cache_prune(*, older_than: str | float | None = None, max_size: str | int | None = None, all: bool = False,
                 cache_dir: str | os.PathLike | None = None) -> CachePruned:
     """Remove cached stage outputs: those older than `older_than` (seconds, or text such as "7d", "12h"),
@@ -673,6 +596,10 @@ _LAZY = {
     "Int8Dynamic": "dlopt.optimize.quantize.schemes", "Int8Static": "dlopt.optimize.quantize.schemes",
     "Int8WeightOnly": "dlopt.optimize.quantize.schemes", "Int4WeightOnly": "dlopt.optimize.int4",
     "Fp16": "dlopt.optimize.fp16", "quantize_summary": "dlopt.optimize.quantize.report:summary_text",
+    "quantize_lm_summary": "dlopt.optimize.quantize_lm:summary_text",
+    # the parts of `dlopt package`'s text its stage and target own (dlopt.cli.results puts them together)
+    "summary_table": "dlopt.package.card", "COVERAGE_HEADERS": "dlopt.targets.mobile",
+    "coverage_table_rows": "dlopt.targets.mobile",
     "quantize_failure": "dlopt.optimize.quantize.files:failure_error",
 }
 
@@ -699,9 +626,9 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["is_lm_folder", "lm_quantize_config", "quantize_lm", "quantize_lm_summary", "CacheListing", "CachePruned", "DlOptError", "Gated", "InputError", "KeyPair", "Measured", "ModelEntry",
-           "StageError", "VerificationError", "WrittenModel", "MeasuredGeneration", "bench", "bench_generate", "export_lm", "cache_ls", "cache_prune", "cache_root", "cache_text",
-           "distill_model", "evaluate", "export_model", "gate", "keygen", "models", "models_text",
-           "optimize_model", "package_model", "package_text", "prune_model", "quantize_model", "report_path_for",
-           "run", "run_text",
+__all__ = ["is_lm_folder", "lm_quantize_config", "quantize_lm", "CacheListing", "CachePruned", "DlOptError", "Gated", "InputError", "KeyPair", "Measured", "ModelEntry",
+           "StageError", "VerificationError", "WrittenModel", "MeasuredGeneration", "bench", "bench_generate", "export_lm", "cache_ls", "cache_prune", "cache_root",
+           "distill_model", "evaluate", "export_model", "gate", "keygen", "models",
+           "optimize_model", "package_model", "prune_model", "quantize_model", "report_path_for",
+           "run",
            "verify", *_LAZY]

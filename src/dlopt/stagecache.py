@@ -390,10 +390,3 @@ def parse_age(text: str) -> float:
     if not math.isfinite(age):  # 400 digits read as infinity
         raise InputError(f"age {text.strip()[:20]}… is too large", "e.g. {older_than=7d} (units s, m, h, d, w)")
     return age
-
-
-def age_text(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"

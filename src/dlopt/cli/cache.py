@@ -18,7 +18,8 @@ def command():
 @cache_dir_option
 def ls(cache_dir):
     """One row per cached stage output or kernel decision, oldest first."""
-    from dlopt.api import cache_ls, cache_text
+    from dlopt.api import cache_ls
+    from dlopt.cli.results import cache_text
 
     click.echo(cache_text(cache_ls(cache_dir)))
 

@@ -23,7 +23,8 @@ def command(names, run_evaluation, as_json):
     """
     import json
 
-    from dlopt.api import models, models_text
+    from dlopt.api import models
+    from dlopt.cli.results import models_text
 
     entries = models(names, evaluate=run_evaluation, log=echo_err)
     if as_json:

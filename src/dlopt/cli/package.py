@@ -79,7 +79,8 @@ def command(model, output, target, intended_ep, fix_shapes, type_reduction, no_c
       dlopt package model.onnx --target mobile -o bundle/
       dlopt package lm4/ --target cpu --reference lm/ -o lm4-cpu/ --sign-key dlopt-signing.key
     """
-    from dlopt.api import PackageConfig, package_model, package_text
+    from dlopt.api import PackageConfig, package_model
+    from dlopt.cli.results import package_text
 
     data, calibration = declared.specs(data, calibration)
 

@@ -24,7 +24,8 @@ def command(recipe, output, force, overwrite, cache_dir):
     its data and the host facts that change it (ISA class, onnxruntime and dlopt versions); a re-run
     takes cached stages from there. A final package stage records every stage in the manifest's lineage.
     """
-    from dlopt.api import cache_root, run, run_text
+    from dlopt.api import cache_root, run
+    from dlopt.cli.results import run_text
 
     with heartbeat("run", echo_err) as log:
         result = run(recipe, output, force=force, overwrite=overwrite, cache_dir=cache_dir, log=log)

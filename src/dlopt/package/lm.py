@@ -389,38 +389,6 @@ def model_card(m: dict[str, Any], bundle_name: str) -> str:
     return "\n".join(lines)
 
 
-def package_text(result: PackageResult) -> str:
-    """What `dlopt package` prints for an LM bundle: the samples, their agreement, the speed, the files."""
-    from dlopt.report import format_table
-
-    m = result.manifest
-    g = m["generation"]
-    headers = ["sample", "prompt", "greedy output", "re-checked"] + (["= reference"] if g["reference"] else [])
-    rows = []
-    for i, (s, c) in enumerate(zip(g["samples"], m["verification"]["checks"])):
-        text = s["text"].replace("\n", " ")
-        rows.append([i + 1, s["prompt"][:40], text[:60] + ("…" if len(text) > 60 else ""),
-                     f"{c['equal']}/{c['steps']} tokens"]
-                    + ([f"first {s['reference']['equal_prefix']}/{len(s['tokens'])} tokens"] if g["reference"] else []))
-    lines = [format_table(headers, rows)]
-    for name, v in m["metrics"].items():
-        line = (f"{name}: prefill {v['prefill_ms']:.1f} ms, first token {v['time_to_first_token_ms']:.1f} ms, decode "
-                f"{v['decode_tokens_per_s']:.1f} tok/s, peak RSS +{v['peak_rss_added_mb']:.0f} MB ({v['threads']} "
-                f"thread(s), prompt {v['prompt_len']}, {v['new_tokens']} new tokens, {v['clock']} clock)")
-        if "ratio_to_reference" in v:
-            r = v["ratio_to_reference"]["decode_per_token"]
-            line += (f"; decode time per token x{r['estimate']:.3f} (95% CI {r['low']:.3f}-{r['high']:.3f}) of the "
-                     f"reference's {v['reference_decode_tokens_per_s']:.1f} tok/s, interleaved")
-        lines.append(line)
-        lines.append(f"CPU: {v['machine'].get('cpu_model')}")
-    if g["executorch"]:
-        lines.append(f"ExecuTorch (XNNPACK): {g['executorch']}")
-    size = sum(f["bytes"] for f in m["files"])
-    lines.append(f"wrote {result.bundle}/ ({len(m['files'])} files, {size / 1e6:.1f} MB); chat with it: see its "
-                 "README.md; check it with: dlopt verify " + str(result.bundle))
-    return "\n".join(lines)
-
-
 def check_bundle_generation(root: Path, manifest: dict[str, Any], threads: int = 1) -> list[dict[str, Any]]:
     """`dlopt verify` of an LM bundle: each sample's recorded greedy tokens re-checked (dlopt.genai.check_greedy),
     and each prompt's token ids against the bundle's tokenizer. Rows as verify reports them."""
@@ -447,5 +415,4 @@ def check_bundle_generation(root: Path, manifest: dict[str, Any], threads: int =
     return rows
 
 
-__all__ = ["DEFAULT_PROMPTS", "NEW_TOKENS", "chat_code", "check_bundle_generation", "model_card", "package_lm",
-           "package_text"]
+__all__ = ["DEFAULT_PROMPTS", "NEW_TOKENS", "chat_code", "check_bundle_generation", "model_card", "package_lm"]
