@@ -807,6 +807,6 @@ def trim_padding_stage(model, config: TrimPadding, context: StageContext) -> Sta
 
 
 __all__ = ["MIN_COSINE", "PACKED_ATTENTION", "PackPlan", "Plan", "TRIM_FORMS", "TRIM_MODES", "TrimForm", "TrimMode",
-           "TrimPadding", "compare_outputs", "pack_plan", "pack_tokens_graph", "padded_check_feeds", "padded_run_problem",
-           "plan",
-           "sliced_name", "summary_line", "trim_padding", "trim_padding_graph", "trim_padding_stage"]
+           "TrimPadding", "compare_outputs", "pack_plan", "pack_tokens_graph", "padded_check_feeds",
+           "padded_run_problem", "plan", "sliced_name", "summary_line", "trim_padding", "trim_padding_graph",
+           "trim_padding_stage"]
