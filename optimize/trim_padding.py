@@ -793,7 +793,8 @@ def _write(given: StageInput, config: TrimPadding, context: StageContext) -> Art
 @register_stage(kind="trim-padding", config=TrimPadding, takes="onnx", makes="onnx", writer=_write,
                 requires=(Check("an ONNX model", _onnx_problem),),
                 ensures=(Check("the same inputs and outputs", _same_interface),),
-                summary="pack the real tokens, else slice token inputs to the batch's longest real length; pad outputs back",
+                summary="pack the real tokens, else slice token inputs to the batch's longest real length; "
+                        "pad outputs back",
                 validate=validate)
 def trim_padding_stage(model, config: TrimPadding, context: StageContext) -> StageResult:
     from dlopt.inputs import take_samples
