@@ -550,6 +550,40 @@ def padded_check_feeds(samples: Sequence[Mapping[str, np.ndarray]], p: Plan, *,
     return feeds
 
 
+def _ort_message(text: str, limit: int = 300) -> str:
+    """ONNX Runtime's error in one line: without its source paths, the middle cut where it is long (the
+    end says what failed, e.g. 'Attempting to broadcast an axis by a dimension other than 1. 24 by 44')."""
+    import re
+
+    text = " ".join(re.sub(r"/\S*onnxruntime\S*:\d+", "", text).split())
+    return text if len(text) <= limit else f"{text[:limit // 3]} ... {text[-(2 * limit // 3):]}"
+
+
+def padded_run_problem(models: Sequence[Any], samples: Sequence[Mapping[str, np.ndarray]],
+                       feeds: Sequence[Mapping[str, np.ndarray]], p: Plan) -> str | None:
+    """Why the untrimmed `models` cannot run on the check's inputs padded further (a position embedding
+    shorter than the padded length, a declared fixed sequence length), in one line; None when they run.
+    Equivalence cannot be judged on padding the model never runs on, so auto leaves such a model
+    untrimmed. Tried on the first padded batch only: every padded batch has the same width."""
+    from dlopt.sessions import cpu_session, feeds_for, trial_run
+
+    padded = list(feeds[len(samples):])
+    if not padded:
+        return None
+    width = int(np.shape(padded[0][p.mask_name()])[1])
+    for model in models:
+        session = cpu_session(model, error=StageError, hint="leave trim-padding off")
+        try:
+            trial_run(session, feeds_for(session, padded[0]))
+        except InputError:
+            raise
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime's errors have no common public base class
+            message = _ort_message(str(e))
+            return (f"the model does not run on inputs padded to {width} tokens ({EXTRA_PADDING} beyond the "
+                    f"longest real length), which the equivalence check needs: {message}")
+    return None
+
+
 def compare_outputs(reference, candidate, feeds: Sequence[Mapping[str, np.ndarray]], p: Plan) -> dict[str, dict]:
     """Per output: its kind, mean and worst cosine and max abs difference of `candidate` vs `reference`,
     over the rows of pooled outputs and the real (mask = 1) positions of per-token outputs."""
@@ -634,6 +668,13 @@ def trim_padding(model, config: TrimPadding = TrimPadding(),
         return StageResult(model, report | {"reason": "no held-out inputs to confirm equivalence on (give data, "
                                                       "or trim-padding on)"})
     feeds = padded_check_feeds(samples, p)
+    problem = padded_run_problem([m for m in (reference, model) if m is not None], samples, feeds, p)
+    if problem is not None:
+        if config.mode == "on":
+            name = model.graph.name or "unnamed"
+            raise InputError(f"--trim-padding on: model graph {name!r}: {problem}",
+                             "use --trim-padding off for this model (or auto, which leaves it untrimmed)")
+        return StageResult(model, report | {"reason": problem})
     equivalence: dict[str, Any] = {"feeds": len(feeds), "min_cosine_required": config.min_cosine,
                                    "input_shapes": sorted({tuple(np.shape(f[p.mask_name()])) for f in feeds})}
     report["equivalence"] = equivalence
@@ -752,7 +793,8 @@ def _write(given: StageInput, config: TrimPadding, context: StageContext) -> Art
 @register_stage(kind="trim-padding", config=TrimPadding, takes="onnx", makes="onnx", writer=_write,
                 requires=(Check("an ONNX model", _onnx_problem),),
                 ensures=(Check("the same inputs and outputs", _same_interface),),
-                summary="slice token inputs to the batch's longest real length, pad per-token outputs back",
+                summary="pack the real tokens, else slice token inputs to the batch's longest real length; "
+                        "pad outputs back",
                 validate=validate)
 def trim_padding_stage(model, config: TrimPadding, context: StageContext) -> StageResult:
     from dlopt.inputs import take_samples
@@ -766,5 +808,6 @@ def trim_padding_stage(model, config: TrimPadding, context: StageContext) -> Sta
 
 
 __all__ = ["MIN_COSINE", "PACKED_ATTENTION", "PackPlan", "Plan", "TRIM_FORMS", "TRIM_MODES", "TrimForm", "TrimMode",
-           "TrimPadding", "compare_outputs", "pack_plan", "pack_tokens_graph", "padded_check_feeds", "plan",
-           "sliced_name", "summary_line", "trim_padding", "trim_padding_graph", "trim_padding_stage"]
+           "TrimPadding", "compare_outputs", "pack_plan", "pack_tokens_graph", "padded_check_feeds",
+           "padded_run_problem", "plan", "sliced_name", "summary_line", "trim_padding", "trim_padding_graph",
+           "trim_padding_stage"]

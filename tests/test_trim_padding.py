@@ -3,6 +3,8 @@ INT8, pooled and per-token outputs, the fused Attention op, and auto's refusal w
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -20,14 +22,17 @@ def _init(name: str, array) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(array), name)
 
 
-def _encoder(*, pooled: bool, masked_pooling: bool = True, fused_attention: bool = False, seed: int = 0):
+def _encoder(*, pooled: bool, masked_pooling: bool = True, fused_attention: bool = False, seed: int = 0,
+             positions: int = 64, fixed_length: int | None = None):
     """A one-layer transformer-ish encoder: embedding, masked self-attention (MatMul/Softmax or
-    com.microsoft Attention), a projection; out = masked mean [B, H] (pooled) or the states [B, T, H]."""
+    com.microsoft Attention), a projection; out = masked mean [B, H] (pooled) or the states [B, T, H].
+    `positions`: rows of the position-embedding table (longer inputs fail); `fixed_length`: a declared
+    fixed sequence length of the inputs."""
     rng = np.random.default_rng(seed)
     f32 = lambda *shape: (rng.standard_normal(shape) * 0.5).astype(np.float32)  # noqa: E731
     emb = f32(VOCAB, HIDDEN)
     emb[0] = 3.0  # the padding token's embedding: large, so that an output reading padding moves a lot
-    inits = [_init("emb", emb), _init("pos_emb", f32(64, HIDDEN)), _init("w_out", f32(HIDDEN, HIDDEN)),
+    inits = [_init("emb", emb), _init("pos_emb", f32(positions, HIDDEN)), _init("w_out", f32(HIDDEN, HIDDEN)),
              _init("axis1", np.array([1], np.int64)), _init("one_f", np.array(1.0, np.float32)),
              _init("neg", np.array(-10000.0, np.float32)), _init("scale", np.array(HIDDEN ** -0.5, np.float32)),
              _init("zero_i", np.array(0, np.int64)), _init("one_i", np.array(1, np.int64)),
@@ -76,11 +81,12 @@ def _encoder(*, pooled: bool, masked_pooling: bool = True, fused_attention: bool
         nodes += [helper.make_node("ReduceMean", ["h"], [out_name], axes=[1], keepdims=0)]
     else:
         nodes += [helper.make_node("Identity", ["h"], [out_name])]
-    shape_out = ["batch", HIDDEN] if pooled else ["batch", "seq", HIDDEN]
+    seq = fixed_length or "seq"
+    shape_out = ["batch", HIDDEN] if pooled else ["batch", seq, HIDDEN]
     graph = helper.make_graph(
         nodes, "encoder",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", seq]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", seq])],
         [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, shape_out)], inits)
     opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("com.microsoft", 1)] if fused_attention else [])
     model = helper.make_model(graph, opset_imports=opsets)
@@ -297,6 +303,48 @@ def test_quantize_with_trim_padding_on_refuses_a_model_without_a_mask_at_once(tm
                                        "--trim-padding", "on"])
     assert result.exit_code == 2, result.output
     assert "--trim-padding on: no attention-mask input" in result.output
+
+
+@pytest.mark.parametrize("shape", ["position-table", "fixed-length"])
+def test_auto_leaves_a_model_that_cannot_run_padded_further_untrimmed(shape):
+    """The check pads held-out rows 32 positions beyond the longest real one (12 here, so 44): a
+    24-row position table, or inputs declared [batch, 24], cannot run on that. auto says why; on refuses."""
+    model = _encoder(pooled=True, **({"positions": 24} if shape == "position-table" else {"fixed_length": 24}))
+    samples = _samples()
+    assert _run(model, samples[0])[0].shape == (1, HIDDEN)  # the model runs on its own 24 positions
+    result = trim_padding(model, TrimPadding(), samples)
+    assert not result.report["applied"] and result.model is model
+    reason = result.report["reason"]
+    assert reason.startswith("the model does not run on inputs padded to 44 tokens (32 beyond the longest real "
+                             "length), which the equivalence check needs: ") and "\n" not in reason
+    refusal = "--trim-padding on: model graph .encoder.: the model does not run on inputs padded to 44"
+    with pytest.raises(InputError, match=refusal):
+        trim_padding(model, TrimPadding(mode="on"), samples)
+
+
+def test_quantize_cli_with_a_position_table_too_short_for_the_check(tmp_path):
+    """Through `dlopt quantize`: auto is a decision recorded in the report (exit 0), on an input error
+    in one line (exit 2), not an internal error."""
+    import json
+
+    from click.testing import CliRunner
+
+    from dlopt.cli import main
+
+    onnx.save(_encoder(pooled=True, positions=24), tmp_path / "m.onnx")
+    samples = _samples(12, seed=5)
+    np.savez(tmp_path / "calib.npz", **{k: np.concatenate([s[k] for s in samples]) for k in samples[0]})
+    args = ["quantize", str(tmp_path / "m.onnx"), "--calibration", str(tmp_path / "calib.npz"), "--mode", "dynamic"]
+    auto = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "q.onnx"), "--trim-padding", "auto"])
+    assert auto.exit_code == 0, auto.output
+    report = json.loads((tmp_path / "q.quantize.json").read_text())["trim_padding"]
+    assert not report["applied"]
+    assert re.match(r"the model does not run on inputs padded to \d+ tokens \(32 beyond", report["reason"])
+    on = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "q_on.onnx"), "--trim-padding", "on"])
+    assert on.exit_code == 2, on.output
+    error = [line for line in on.output.splitlines() if "--trim-padding on" in line]
+    assert len(error) == 1 and re.search(r"does not run on inputs padded to \d+ tokens", error[0]), on.output
+    assert "Traceback" not in on.output and not (tmp_path / "q_on.onnx").exists()
 
 
 # -- packing: only the real tokens of all rows, as one sequence -------------------------------------------

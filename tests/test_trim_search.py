@@ -172,7 +172,10 @@ def test_optimize_reports_the_gain_per_batch_size_and_sorting(trimmed_search):
     assert sorting["tokens_sorted"] < sorting["tokens_as_given"] <= 24
     assert {row["model"] for row in sorting["latency"]} == set(gain["models"])
     text = front_text(data)
-    assert "padding removal: attention_mask slices input_ids, attention_mask" in text
+    # the form the stage reported: this encoder's unfused attention is sliced, and the text says why not packed
+    assert data["trim_padding"]["form"] == "slice" and data["trim_padding"]["check"]["pack_reason"]
+    assert ("padding removal: attention_mask slices input_ids, attention_mask to each batch's longest real length "
+            "(not packed: ") in text and "packs" not in text
     assert "batch 8 (input_ids[8, 24], attention_mask[8, 24] padded" in text and "fp32+trim" in text
     assert "batch 8, sorted by length: fp32+trim" in text and "of FP32's as given" in text
     page = (work / "report.html").read_text()
@@ -191,3 +194,21 @@ def test_trim_check_says_why_not_for_an_output_that_depends_on_padding(tmp_path)
     found = trim_check(ctx, str(tmp_path / "mean.onnx"), artifact_hash(tmp_path / "mean.onnx"))
     assert not found["applies"] and "outputs depend on the padding: embedding" in found["reason"]
     assert found["check"]["equivalence_cosine"] < 0.999
+
+
+def test_trim_lines_say_the_form_the_stage_reported():
+    """The optimize report's padding-removal text follows the trim-padding stage's `form`: pack or slice."""
+    from dlopt.search.report import trim_lines
+
+    check = {"applied": True, "reason": None, "equivalence_cosine": 0.99999, "feeds": 3, "input_shapes": [],
+             "form": "pack", "pack_reason": None}
+    trim = {"applies": True, "reason": None, "mask": "attention_mask", "sliced_inputs": ["input_ids", "attention_mask"],
+            "padded_back_outputs": [], "min_cosine_required": 0.999, "check": check, "gain": None}
+    packed = trim_lines({**trim, "form": "pack"})[0]
+    assert packed.startswith("padding removal: attention_mask packs input_ids, attention_mask to the real tokens of "
+                             "all rows, computed as one sequence; FP32 trimmed vs untrimmed cosine 0.999990")
+    assert "longest real length" not in packed
+    sliced = trim_lines({**trim, "form": "slice", "check": {**check, "form": "slice", "pack_reason": "a Conv mixes "
+                                                                                                     "tokens"}})[0]
+    assert sliced.startswith("padding removal: attention_mask slices input_ids, attention_mask to each batch's "
+                             "longest real length (not packed: a Conv mixes tokens); ")

@@ -10,7 +10,7 @@ What does not fit the time budget is reported as skipped, never silently dropped
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,9 +118,21 @@ def with_exclusions(candidate: Candidate, *, max_drop_metric: float, evaluator: 
 TRIM_SUFFIX = "+trim"
 
 
-def trimmed(candidate: Candidate, equivalence: str) -> Candidate:
+def removal_text(form: str | None, inputs: Sequence[str]) -> str:
+    """What padding removal does to `inputs`, in the form the trim-padding stage reported (`form`: pack or
+    slice; None where a report predates the key)."""
+    names = ", ".join(inputs)
+    if form == "pack":
+        return f"packs {names} to the real tokens of all rows, computed as one sequence"
+    if form == "slice":
+        return f"slices {names} to each batch's longest real length"
+    return f"removes the padding of {names}"
+
+
+def trimmed(candidate: Candidate, equivalence: str, form: str | None = None) -> Candidate:
     """`candidate` with padding removal appended (the trim-padding stage, dlopt.optimize.trim_padding): its
-    token inputs sliced to each batch's longest real length. Mode `on`: the search confirmed on held-out
+    token inputs packed to the real tokens, else sliced to each batch's longest real length (`form`: what
+    the FP32 check applied; the stage reports its own). Mode `on`: the search confirmed on held-out
     inputs that the FP32 model's outputs do not depend on the padding (`equivalence` says how); whatever
     trimming changes in a quantized model's rounding (dynamic INT8 takes its ranges per call, over padding
     too) is measured like any candidate's, by the evaluator's drop, and the stage reports the trimmed vs
@@ -128,8 +140,12 @@ def trimmed(candidate: Candidate, equivalence: str) -> Candidate:
     so that the untrimmed candidate's quantization is reused from the stage cache, not run again."""
     stage = StageDesc("trim-padding", {"mode": "on"})
     return Candidate(f"{candidate.name}{TRIM_SUFFIX}", candidate.precision, (*candidate.stages, stage),
-                     f"{candidate.why}; inputs sliced to each batch's longest real length ({equivalence})",
+                     f"{candidate.why}; padding removed ({_FORM_WORDS.get(form or '', 'trim-padding')}, as on "
+                     f"FP32; {equivalence})",
                      candidate.times_kernels)
+
+
+_FORM_WORDS = {"pack": "packed to the real tokens", "slice": "sliced to each batch's longest real length"}
 
 
 def untrimmed_name(name: str) -> str | None:

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from dlopt.errors import InputError, VerificationError
-from dlopt.search.candidates import (Candidate, Skipped, StageDesc, base_candidates, prune_candidates, trimmed,
-                                     untrimmed_name, with_exclusions)
+from dlopt.search.candidates import (Candidate, Skipped, StageDesc, base_candidates, prune_candidates, removal_text,
+                                     trimmed, untrimmed_name, with_exclusions)
 from dlopt.search.scoring import (Evaluated, SearchContext, accuracy_drop, apply_stages, cached_evaluation,
                                      drop_unit, evaluate_candidate, measure_latency, measure_throughput,
                                      resolved_metric, trim_check)
@@ -515,7 +515,8 @@ def _trim_line(trim: dict[str, Any]) -> str:
     if not trim["applies"]:
         return f"trim-padding: not tried: {trim['reason']}"
     check = trim["check"]
-    return (f"trim-padding: applies ({trim['mask']} slices {', '.join(trim['sliced_inputs'])}; trimmed vs untrimmed "
+    return (f"trim-padding: applies ({trim['mask']} {removal_text(trim.get('form'), trim['sliced_inputs'])}; "
+            "trimmed vs untrimmed "
             f"FP32 cosine {check['equivalence_cosine']:.6f} >= {trim['min_cosine_required']:g} on {check['feeds']} "
             "held-out batches, padded further and mixed): trimmed candidates join the search")
 
@@ -537,7 +538,7 @@ def _trimmed_variants(trim: dict[str, Any], candidates: Sequence[Candidate], eva
 def _trimmed(trim: dict[str, Any], candidate: Candidate) -> Candidate:
     check = trim["check"]
     return trimmed(candidate, f"FP32 trimmed vs untrimmed cosine {check['equivalence_cosine']:.4f} on "
-                              f"{check['feeds']} held-out padded batches")
+                              f"{check['feeds']} held-out padded batches", trim.get("form"))
 
 
 def _trim_of(candidate: Candidate, result: Evaluated) -> dict[str, Any] | None:

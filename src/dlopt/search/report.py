@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dlopt.search.candidates import untrimmed_name
+from dlopt.search.candidates import removal_text, untrimmed_name
 
 FRONT_COLOR = "#d62728"  # front markers (the tests look for this colour in a browser screenshot)
 CHOSEN_COLOR = "#2ca02c"
@@ -156,8 +156,10 @@ def trim_lines(trim: Mapping[str, Any] | None) -> list[str]:
     if not trim.get("applies"):
         return [f"padding removal: not tried: {trim.get('reason')}"]
     check = trim.get("check") or {}
-    lines = [(f"padding removal: {trim.get('mask')} slices {', '.join(trim.get('sliced_inputs') or [])} to each "
-              f"batch's longest real length; FP32 trimmed vs untrimmed cosine "
+    why_not = (f" (not packed: {check['pack_reason']})" if trim.get("form") == "slice" and check.get("pack_reason")
+               else "")
+    lines = [(f"padding removal: {trim.get('mask')} {removal_text(trim.get('form'), trim.get('sliced_inputs') or [])}"
+              f"{why_not}; FP32 trimmed vs untrimmed cosine "
               f"{_num(check.get('equivalence_cosine'), '.6f')} (>= {trim.get('min_cosine_required')}) on "
               f"{check.get('feeds')} held-out batches padded further")]
     gain = trim.get("gain") or {}

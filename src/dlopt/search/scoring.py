@@ -360,8 +360,9 @@ def trim_summary(report: Mapping[str, Any]) -> dict[str, Any]:
     not, and the trimmed vs untrimmed model's lowest mean cosine over its outputs on the padded samples."""
     equivalence = report.get("equivalence") or {}
     cosines = [v["mean_cosine"] for v in (equivalence.get("outputs") or {}).values() if v.get("mean_cosine") is not None]
-    return {"applied": bool(report.get("applied")), "reason": report.get("reason"),
-            "equivalence_cosine": min(cosines) if cosines else None, "feeds": equivalence.get("feeds"),
+    return {"applied": bool(report.get("applied")), "reason": report.get("reason"), "form": report.get("form"),
+            "pack_reason": report.get("pack_reason"), "equivalence_cosine": min(cosines) if cosines else None,
+            "feeds": equivalence.get("feeds"),
             "input_shapes": [list(s) for s in equivalence.get("input_shapes") or []]}
 
 
@@ -373,7 +374,9 @@ def trim_check(ctx: SearchContext, fp32_path: str, fp32_sha256: str) -> dict[str
     from dlopt.recipe import data_hash
     from dlopt.stage import StageContext, get_stage
 
-    key = cache_key({"kind": "optimize-trim-check", "eval_format": EVAL_FORMAT, "model": fp32_sha256,
+    # trim_check_format 2: the check records the form (pack or slice)
+    key = cache_key({"kind": "optimize-trim-check", "eval_format": EVAL_FORMAT, "trim_check_format": 2,
+                     "model": fp32_sha256,
                      "data": {"calibration": data_hash(ctx.calibration), "eval_data": data_hash(ctx.eval_data)}})
     found = _cached_json(ctx, key)
     if found is not None:
@@ -388,6 +391,7 @@ def trim_check(ctx: SearchContext, fp32_path: str, fp32_sha256: str) -> dict[str
         except Exception as e:  # noqa: BLE001 - e.g. the untrimmed model itself fails on inputs padded further
             report = {**report, "reason": f"the check on held-out inputs padded further failed: {_one_line(str(e))[:300]}"}
     body = {"applies": bool(report.get("applied")), "reason": report.get("reason"), "mask": report.get("mask"),
+            "form": report.get("form"),
             "sliced_inputs": report.get("sliced_inputs", []), "padded_back_outputs": report.get("padded_back_outputs", []),
             "check": trim_summary(report), "min_cosine_required": config.min_cosine, "cached": False}
     _store_json(ctx, key, "optimize-trim-check", body)
