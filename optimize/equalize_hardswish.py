@@ -24,7 +24,7 @@ outputs on the data (dlopt.optimize.preprocess.run_checked_steps), else it is no
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -89,7 +89,8 @@ def find_sites(model) -> list[Site]:
         users = consumers.get(y, [])
         if y in outputs or not users:
             continue
-        x, names = None, ()
+        x: str | None = None
+        names: tuple[str, ...] = ()
         if len(users) == 1 and users[0].op_type == "HardSwish":
             x, names = users[0].output[0], (users[0].name,)
         elif len(users) == 2 and {u.op_type for u in users} == {"HardSigmoid", "Mul"}:
@@ -115,7 +116,7 @@ def find_sites(model) -> list[Site]:
     return sites
 
 
-def channel_ranges(model, sites: list[Site], feeds: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def channel_ranges(model, sites: list[Site], feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """absmax per channel of each site's activation y over `feeds` (the float model, basic optimizations)."""
     import onnx
 
@@ -256,7 +257,7 @@ def summary_line(report: Mapping[str, Any] | None) -> str | None:
         return (
             f"channel equalization through hard-swish: {report['rescaled']} of {report['sites']} Conv -> hard-swish "
             f"-> depthwise site(s) rescaled (widest/median channel range up to {spread['max']:g}x; "
-            f"max abs diff {step.get('max_abs_diff', 0):.2g})"
+            f"max abs diff {(step or {}).get('max_abs_diff', 0):.2g})"
         )
     why = step.get("reason") if step else f"channel ranges within {MIN_SPREAD:g}x"
     return f"channel equalization through hard-swish: {report['sites']} site(s), none rescaled ({why})"

@@ -315,7 +315,7 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
     # same rounds: a trimmed model's ratio sorted / as given is what sorting requests by length gains
     # (an untrimmed one computes every padded position either way: its ratio is the control, about 1).
     sorting = length_sorting(data, batch)
-    if sorting is not None:
+    if sorting is not None and data is not None and batch is not None:  # (sorting is None without them)
         ordered = bind_models(target, models, batch=batch, seq_len=config.seq_len, seed=config.seed,
                               data=sorted_by_length(data, batch), data_source=f"{data_source} sorted by length",
                               device_id=config.device_id, progress=report)
@@ -344,8 +344,8 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
         assert share is not None, "a time share is given whenever the rounds are not fixed"
         remaining = max(0.0, share - (time.perf_counter() - start))
         expected = min(config.max_samples, remaining / max(sum(run_s) * repeat, 1e-6))
-        ratios = len(runners) - 1  # each model's to the first, and each sorted run's to its model's
-        statistics_s = 2 * ratios * config.n_boot * expected * BOOTSTRAP_S_PER_ELEMENT
+        ratio_count = len(runners) - 1  # each model's to the first, and each sorted run's to its model's
+        statistics_s = 2 * ratio_count * config.n_boot * expected * BOOTSTRAP_S_PER_ELEMENT
         profile_s = (sum(m.handle.load_s + config.profile_runs * t for m, t in zip(models, run_s))
                      if config.profile else 0.0)
         remaining = max(0.0, remaining - statistics_s - profile_s)

@@ -82,7 +82,7 @@ def accuracy_checks(baseline: Path, candidate: Path, spec: EvalSpec, config: Gat
     if unknown:
         raise InputError(f"{spec.describe()} reports no metric {', '.join(unknown)}",
                          f"it reports: {', '.join(row.metric for row in result.rows)}")
-    checks: list[Check] = []
+    checks: list[GateCheck] = []
     for row in result.rows:
         limit = per_metric.get(row.metric, config.max_accuracy_drop)
         if limit is None:

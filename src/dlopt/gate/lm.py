@@ -25,7 +25,7 @@ import numpy as np
 from dlopt.errors import InputError
 from dlopt.gate.accuracy import EvalSpec
 from dlopt.gate.config import GateConfig, ProgressFn
-from dlopt.gate.result import Check, GateResult
+from dlopt.gate.result import GateCheck, GateResult
 
 DEFAULT_PROMPT_LEN = 128
 DEFAULT_NEW_TOKENS = 32
@@ -69,7 +69,7 @@ def _evaluation_tokens(spec: EvalSpec, baseline) -> tuple[np.ndarray, str]:
     return tokens, f"{path.name} (the baseline's tokenizer)"
 
 
-def _perplexity_check(baseline, candidate, spec: EvalSpec, limit: float, threads: int) -> Check:
+def _perplexity_check(baseline, candidate, spec: EvalSpec, limit: float, threads: int) -> GateCheck:
     from dlopt.genai import perplexity
     from dlopt.metrics import metric_drop
 
@@ -79,7 +79,7 @@ def _perplexity_check(baseline, candidate, spec: EvalSpec, limit: float, threads
                         threads=threads)
     drop = metric_drop("perplexity", 1.0, scored["ratio"])
     verdict = "pass" if np.isfinite(drop) and drop <= limit + 1e-12 else "fail"
-    return Check(name="accuracy: perplexity", verdict=verdict, baseline=scored["baseline_perplexity"],
+    return GateCheck(name="accuracy: perplexity", verdict=verdict, baseline=scored["baseline_perplexity"],
                  candidate=scored["candidate_perplexity"], change=f"drop {drop:+.4g} (x{scored['ratio']:.4f})",
                  limit=f"drop <= {limit:g}",
                  detail=f"{what}: {scored['tokens']} tokens in {scored['window']}-token windows; next-token "
@@ -103,7 +103,7 @@ def run_gate_lm(baseline: str | os.PathLike, candidate: str | os.PathLike, confi
 
 
 def _checks(baseline: Path, candidate: Path, config: GateConfig, evaluator: EvalSpec | None,
-            progress: ProgressFn | None) -> tuple[list[Check], dict[str, Any]]:
+            progress: ProgressFn | None) -> tuple[list[GateCheck], dict[str, Any]]:
     """The checks (decode tokens/s, and size and perplexity where limited) and GateResult's fields."""
     from dlopt.bench import InterleavedSampler, machine_fingerprint
     from dlopt.bench.generate import (GenerateConfig, GenerationRun, _genai, load_lm, prompt_tokens,
@@ -131,10 +131,10 @@ def _checks(baseline: Path, candidate: Path, config: GateConfig, evaluator: Eval
     if evaluator is not None and limit is None:
         raise InputError("evaluation text given without a perplexity limit", "add {max_accuracy_drop=perplexity=0.03}")
 
-    checks: list[Check] = []
+    checks: list[GateCheck] = []
     if config.max_size_growth is not None:
         checks.append(_size_check(folders[0].size_bytes, folders[1].size_bytes, config.max_size_growth))
-    if limit is not None:
+    if limit is not None and evaluator is not None:  # (one without the other was refused above)
         if progress:
             progress("scoring perplexity", 0.0)
         checks.append(_perplexity_check(folders[0], folders[1], evaluator, limit, threads))
@@ -164,7 +164,7 @@ def _checks(baseline: Path, candidate: Path, config: GateConfig, evaluator: Eval
         progress=_progress_bridge(progress, config.budget_s, warm.seconds))
     base_s, cand_s = float(np.median(decode(0))), float(np.median(decode(1)))
     i = outcome.interval
-    checks.insert(0, Check(
+    checks.insert(0, GateCheck(
         name="decode tokens/s", verdict=outcome.verdict, baseline=batch / base_s, candidate=batch / cand_s,
         change="n/a" if i is None else f"time/token x{i.estimate:.3f} [{i.low:.3f}, {i.high:.3f}]",
         limit=f"<= x{outcome.limit:.3f}",

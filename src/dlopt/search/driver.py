@@ -346,7 +346,7 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
         ctx = dataclasses.replace(ctx, fp32_onnx=str(exported))
     base = evaluate_candidate((ctx, fp32))
     phases["source_s"] = time.perf_counter() - t0  # part of evaluate_s: what every search does first
-    if not base.ok or base.score is None or base.artifact is None:
+    if not base.ok or base.score is None or base.artifact is None or base.output_sha256 is None:
         raise InputError(f"{model}: the FP32 source could not be scored: {base.reason}", "check the model and its data")
     base_score = base.score
     clock.log(f"fp32: {ctx.evaluator} = {base.score:.5g}" + (" (cached)" if base.cached else ""))
@@ -525,7 +525,8 @@ def _trimmed_variants(trim: dict[str, Any], candidates: Sequence[Candidate], eva
     """The trimmed form of every candidate scored within the accuracy budget; those over it or
     failed are listed once: trimming leaves a model's accuracy where it was, so their trimmed forms could
     not be chosen either."""
-    within = [c for c in candidates if evaluated[c.name].ok and drop_of(evaluated[c.name]) <= max_drop]
+    within = [c for c in candidates if evaluated[c.name].ok and (drop := drop_of(evaluated[c.name])) is not None
+              and drop <= max_drop]
     left = [c.name for c in candidates if c not in within]
     skipped = [Skipped("trimmed forms", "not tried for " + ", ".join(left) + ": over the accuracy budget or failed "
                        "untrimmed (trimming does not make a model more accurate)")] if left else []
