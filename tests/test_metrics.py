@@ -507,7 +507,7 @@ def test_gate_judges_the_detection_drop_in_the_same_unit(det_files, collapsed):
 def test_quantize_with_a_user_evaluator_names_its_metric_and_keys_the_cache_on_its_file(det_files, tmp_path):
     from pathlib import Path
 
-    from dlopt.recipe import Int8Recipe, StageSpec, build_config, key_inputs
+    from dlopt.recipe import Recipe, StageSpec, build_config, key_inputs
 
     work = det_files
     evaluator = tmp_path / "my_eval.py"
@@ -529,7 +529,7 @@ def test_quantize_with_a_user_evaluator_names_its_metric_and_keys_the_cache_on_i
     def key(text: str):
         evaluator.write_text(text)
         config = build_config("quantize", {"evaluator": f"{evaluator}:score"}, where="test", target="cpu")
-        recipe = Int8Recipe(path=Path("r.toml"), source=str(work / "det.onnx"), target="cpu", calibration=None,
+        recipe = Recipe(path=Path("r.toml"), source=str(work / "det.onnx"), target="cpu", calibration=None,
                             eval_data=None, name="det", stages=(StageSpec(1, "quantize", config, None),))
         return key_inputs(recipe, recipe.stages[0], "0" * 64)["evaluator"]
 
