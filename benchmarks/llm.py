@@ -1,8 +1,16 @@
 """SmolLM2-135M-Instruct generation, side by side, one thread: PyTorch FP32 (transformers with its KV
 cache), dlopt's fp32 export (dlopt export --task text-generation: onnxruntime-genai's fused decoder,
-verified) and, when onnxruntime-genai's builder is installed, its default int4 build as a reference row.
+verified), dlopt's 4-bit (dlopt quantize LM --precision int4 --max-size 100: GPTQ, fractional zero points,
+the most perplexity-sensitive layers at 8 bits under the budget; and the same weights at accuracy_level 0)
+and, when onnxruntime-genai's builder is installed, its default int4 build as a reference row.
 
     nice python benchmarks/llm.py [--prompt-len 128] [--new-tokens 128] [--rounds 3] [--no-int4]
+                                  [--max-size 100] [--lm FOLDER] [--lm4 FOLDER] [--genai-int4 FOLDER]
+
+--lm / --lm4 / --genai-int4 reuse folders made earlier (dlopt export smollm2 --task text-generation; dlopt
+quantize LM --precision int4 --calibration TEXT; the genai builder's -p int4) instead of building them in the run
+(export ~3 min, quantize ~15 min on 2 loaded cores). dlopt's int4 is calibrated on lee_background.cor after the
+tokens perplexity is measured on (dlopt.models.smollm2.calibration_data's text), never on them.
 
 Prefill ms, decode tokens/s: one greedy generation of NEW_TOKENS after a PROMPT_LEN-token prompt (seeded
 random ids), thread CPU time, median over rounds. All rows run interleaved in one InterleavedSampler (the
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -113,6 +122,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-int4", action="store_true", help="skip onnxruntime-genai's int4 reference row")
+    parser.add_argument("--max-size", type=float, default=100.0, help="dlopt int4's --max-size (MB)")
+    parser.add_argument("--lm", type=Path, default=None, help="reuse this fp32 export")
+    parser.add_argument("--lm4", type=Path, default=None, help="reuse this dlopt int4 folder")
+    parser.add_argument("--genai-int4", type=Path, default=None, help="reuse this genai int4 build")
+    parser.add_argument("--also", type=Path, action="append", default=[],
+                        help="another dlopt int4 folder (e.g. integer zero points only) timed beside the rest")
     args = parser.parse_args()
 
     import torch
@@ -137,17 +152,55 @@ def main() -> None:
     print(f"SmolLM2 saved as a Hugging Face folder in {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
     t = time.perf_counter()
-    fp32 = export_lm(hf, work / "lm_fp32", log=lambda m: print(m, file=sys.stderr)).folder
+    fp32 = args.lm or export_lm(hf, work / "lm_fp32", log=lambda m: print(m, file=sys.stderr)).folder
     export_s = time.perf_counter() - t
     verification = json.loads((fp32 / "export.json").read_text())["verification"]
     folders = {"dlopt export, fp32 (genai builder + verification)": fp32}
     if not args.no_int4:
         t = time.perf_counter()
-        int4 = work / "lm_int4"
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(int4),
-                        "-p", "int4", "-e", "cpu", "-c", str(work / "cache")], check=True, capture_output=True)
-        print(f"genai int4 built in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        int4 = args.genai_int4 or work / "lm_int4"
+        if args.genai_int4 is None:
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(int4),
+                            "-p", "int4", "-e", "cpu", "-c", str(work / "cache")], check=True, capture_output=True)
+            print(f"genai int4 built in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         folders["onnxruntime-genai builder, int4 (default)"] = int4
+    lm4 = args.lm4
+    if lm4 is None:
+        from dlopt.api import lm_quantize_config, quantize_lm
+
+        t = time.perf_counter()
+        text = work / "calibration.txt"  # lee_background.cor after the perplexity tokens (smollm2's calibration text)
+        text.write_text(smollm2.tokenizer().decode(smollm2._tokens("lee_background.cor")[smollm2.MAX_TOKENS:].tolist()))
+        lm4 = work / "lm_int4_dlopt"
+        quantize_lm(fp32, lm4, lm_quantize_config(max_size_mb=args.max_size), text,
+                    log=lambda m: print(m, file=sys.stderr))
+        print(f"dlopt int4 quantized in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    def label_of(report: dict) -> str:
+        zero_points = "fractional zero points" if report["config"].get("float_offsets") else "integer zero points"
+        budget = report["config"].get("max_size_mb")
+        return (f"dlopt int4 {report['algorithm']} b{report['block_size']}, {zero_points}"
+                + (f", --max-size {budget:g}" if budget else "") + f", accuracy_level {report['accuracy_level']}")
+
+    report4 = json.loads((lm4 / "quantize.json").read_text())
+    label4 = label_of(report4)
+    folders[label4] = lm4
+    for other in args.also:
+        folders[label_of(json.loads((other / "quantize.json").read_text()))] = other
+    if report4["accuracy_level"] == 4:  # the same weights with float compute: what int8 activations cost
+        acc0 = work / "lm_int4_dlopt_acc0"
+        acc0.mkdir()
+        for item in lm4.iterdir():
+            if item.name != "model.onnx":  # copies: ORT refuses external data reached through a link
+                shutil.copy2(item, acc0 / item.name)
+        import onnx
+
+        graph = onnx.load(str(lm4 / "model.onnx"), load_external_data=False)
+        for node in graph.graph.node:
+            for a in node.attribute:
+                if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
+                    a.i = 0
+        onnx.save(graph, str(acc0 / "model.onnx"))
+        folders[label4.replace("accuracy_level 4", "accuracy_level 0 (same weights)")] = acc0
 
     # every variant in one InterleavedSampler (dlopt bench's): rotated rounds, so PyTorch and the exports see
     # the same machine states; ratios are per-round quotients with bootstrap CIs (dlopt.stats.ratio_ci)
@@ -169,6 +222,9 @@ def main() -> None:
     for label, folder in folders.items():
         perplexity[label] = smollm2.evaluate(genai_runner(folder), max_tokens=PPL_TOKENS)["perplexity"]
     sizes = {torch_label: weights_mb(hf, "model"), **{k: weights_mb(f, "model") for k, f in folders.items()}}
+    print(f"dlopt int4: {report4['matmuls_4bit']} MatMuls 4-bit, 8-bit layers: "
+          + (", ".join(f"{k} (alone at 4 bits: +{v['perplexity_effect_pct']:.2f} % calibration perplexity)"
+                       for k, v in report4["layers_8bit"].items()) or "none"), file=sys.stderr)
     rows = {}
     for label, run in runs.items():
         prefill = _median(run.phases["prefill"]["cpu"])
@@ -178,12 +234,14 @@ def main() -> None:
     from dlopt.report import format_table
 
     torch_decode = rows[torch_label][2]
+    fp32_ppl = rows["dlopt export, fp32 (genai builder + verification)"][3]
     print(f"SmolLM2-135M-Instruct, {machine['cpu_model']} ({machine['cpu_isa']}), one thread, thread CPU time; "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens greedy, median of {args.rounds} rounds; "
           f"perplexity on {PPL_TOKENS} tokens of lee_background.cor in 512-token windows")
-    print(format_table(["variant", "size MB", "prefill ms", "decode tok/s", "decode vs PyTorch", "perplexity"],
-                       [[k, f"{v[0]:.1f}", f"{v[1]:.0f}", f"{v[2]:.1f}", f"{v[2] / torch_decode:.2f}x", f"{v[3]:.2f}"]
-                        for k, v in rows.items()]))
+    print(format_table(["variant", "size MB", "prefill ms", "decode tok/s", "decode vs PyTorch", "perplexity",
+                        "vs fp32"],
+                       [[k, f"{v[0]:.1f}", f"{v[1]:.0f}", f"{v[2]:.1f}", f"{v[2] / torch_decode:.2f}x", f"{v[3]:.2f}",
+                         f"{(v[3] / fp32_ppl - 1) * 100:+.1f} %"] for k, v in rows.items()]))
     base = runs[torch_label].phases
     for label, run in list(runs.items())[1:]:
         parts = []

@@ -1,7 +1,11 @@
-"""Padding removal on MiniLM: INT8 with and without trimming, and FP32 trimmed, against FP32 on the same
+"""Padding removal on MiniLM: INT8 untrimmed, sliced and packed, and FP32 sliced, against FP32 on the same
 padded inputs, in one interleaved run (issue 21's acceptance).
 
     python benchmarks/trim_padding.py [--samples 64] [--cycles 2] [--workdir out/trim_padding]
+
+Forms (dlopt.optimize.trim_padding): "sliced" cuts every row to the batch's longest real length; "packed"
+computes only the real tokens of all rows (the per-token layers on [T, H], attention per row on [B, L]).
+`dlopt quantize --trim-padding auto` chooses packed where the graph allows it and the check passes.
 
 Then batch 8 again with the sentences sorted by real length before batching. Each run times every data
 batch equally often (--cycles rounds per batch): batches differ in their longest real length, so a run
@@ -12,7 +16,9 @@ batches of 1 and of 8 (dlopt.bench cycles through them, one real batch per call)
 (one intra-op thread, thread CPU time, models interleaved, ratio = median of per-round quotients with a
 bootstrap 95 % CI). Fidelity: embedding cosine against FP32 on the same padded batches. Models: FP32 from
 `dlopt export minilm`; INT8 from `dlopt quantize --calibration model:minilm` with `--trim-padding off`
-and with the default `auto`; FP32 trimmed with the trim-padding stage. Cached in --workdir.
+and with the default `auto` (packed); INT8 sliced: the trim-padding transform with form slice on the
+untrimmed INT8 model, checked against FP32 as quantize checks it; FP32 sliced with the trim-padding stage
+(FP32's unfused attention cannot be packed). Cached in --workdir.
 """
 
 from __future__ import annotations
@@ -40,24 +46,27 @@ def build(workdir: Path) -> dict[str, Path]:
 
     workdir.mkdir(parents=True, exist_ok=True)
     paths = {"fp32": workdir / "minilm_fp32.onnx", "int8": workdir / "minilm_int8.onnx",
-             "int8 trimmed": workdir / "minilm_int8_trimmed.onnx", "fp32 trimmed": workdir / "minilm_fp32_trimmed.onnx"}
+             "int8 packed": workdir / "minilm_int8_trimmed.onnx", "int8 sliced": workdir / "minilm_int8_sliced.onnx",
+             "fp32 sliced": workdir / "minilm_fp32_trimmed.onnx"}
     if not paths["fp32"].exists():
         log("dlopt export minilm")
         export_model("minilm", paths["fp32"])
-    for name, mode in (("int8", "off"), ("int8 trimmed", "auto")):
+    for name, mode in (("int8", "off"), ("int8 packed", "auto")):
         if not paths[name].exists():
             log(f"dlopt quantize --trim-padding {mode}")
             report = quantize_file(paths["fp32"], paths[name], QuantizeConfig(trim_padding=mode), "model:minilm",
                                    log=log).report
-            if mode == "auto" and not report["trim_padding"]["applied"]:
-                raise SystemExit(f"trim-padding auto did not apply: {report['trim_padding']['reason']}")
-    if not paths["fp32 trimmed"].exists():
-        samples = load_data("model:minilm", samples=16, seq_len=128)
-        feeds = [{k: v[i:i + 1] for k, v in samples.items()} for i in range(16)]
-        result = trim_padding(onnx.load(paths["fp32"]), TrimPadding(), feeds)
-        if not result.report["applied"]:
-            raise SystemExit(f"trim-padding did not apply to FP32: {result.report['reason']}")
-        onnx.save(result.model, paths["fp32 trimmed"])
+            if mode == "auto" and report["trim_padding"].get("form") != "pack":
+                raise SystemExit(f"trim-padding auto did not pack: {report['trim_padding']}")
+    samples = load_data("model:minilm", samples=16, seq_len=128)
+    feeds = [{k: v[i:i + 1] for k, v in samples.items()} for i in range(16)]
+    for name, source, reference in (("fp32 sliced", "fp32", None), ("int8 sliced", "int8", "fp32")):
+        if not paths[name].exists():
+            result = trim_padding(onnx.load(paths[source]), TrimPadding(form="slice"), feeds,
+                                  reference=onnx.load(paths[reference]) if reference else None)
+            if not result.report["applied"]:
+                raise SystemExit(f"trim-padding did not apply to {source}: {result.report['reason']}")
+            onnx.save(result.model, paths[name])
     return paths
 
 
@@ -112,29 +121,34 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
+    import os
+
     from dlopt.bench import load_data, padding_share
     from dlopt.report import format_table
     from dlopt.runtime import cpu_label
 
     paths = build(args.workdir)
     data = load_data("model:minilm", samples=args.samples, seq_len=128)
-    print(f"CPU: {cpu_label()}")
-    print(f"inputs: {args.samples} Pang-Lee sentences padded to 128, {100 * padding_share([data]):.0f} % padding\n")
-    names = ["fp32", "fp32 trimmed", "int8", "int8 trimmed"]
+    lengths = data["attention_mask"].sum(axis=1)
+    print(f"CPU: {cpu_label()}; load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"inputs: {args.samples} Pang-Lee sentences, input_ids/attention_mask [B, 128] (padded to 128), "
+          f"{100 * padding_share([data]):.0f} % padding, real lengths {lengths.min()}-{lengths.max()} "
+          f"(mean {lengths.mean():.1f})\n")
+    names = ["fp32", "fp32 sliced", "int8", "int8 sliced", "int8 packed"]
     figures: dict = {}
     rows = []
     for batch in (1, 8):
         rows += measure(paths, names, data, batch, args.cycles, "model:minilm padded to 128", figures)
     # The same sentences sorted by real length before batching (what a server that groups requests by
     # length sends): each batch of 8 is then trimmed to nearly its members' own lengths.
-    mask = data["attention_mask"]
-    order = np.argsort(mask.shape[1] - np.argmax(mask[:, ::-1] != 0, axis=1), kind="stable")
+    order = np.argsort(lengths, kind="stable")
     sorted_data = {k: v[order] for k, v in data.items()}
-    rows += measure(paths, ["fp32", "int8", "int8 trimmed"], sorted_data, 8, args.cycles,
+    rows += measure(paths, ["fp32", "int8", "int8 sliced", "int8 packed"], sorted_data, 8, args.cycles,
                     "model:minilm padded to 128, sorted by length", figures, tag=", sorted by length")
-    print(f"## speed-up over FP32 on the same padded inputs (thread CPU time, one thread, {cpu_label()}), "
+    print(f"## speed-up over FP32 on the same padded inputs [B, 128] (thread CPU time, one thread, {cpu_label()}), "
           "embedding cosine vs FP32")
     print(format_table(["model", "batch", "speed-up", "95% CI", "cos mean", "cos min", "rounds"], rows))
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_label(), "figures": figures}, indent=2))
 

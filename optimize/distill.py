@@ -20,17 +20,27 @@ import copy
 import dataclasses
 import hashlib
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from dlopt.checkpoint import PrunedCheckpoint
 from dlopt.errors import InputError, MissingDependencyError, TargetUnavailableError
 from dlopt.optimize.export import TORCH_SOURCE
 from dlopt.optimize.prune import first_tensor
 from dlopt.sources import ModelSource
-from dlopt.stage import StageContext, StageResult, config_to_dict, register_stage
+from dlopt.stage import (
+    Artifact,
+    StageContext,
+    StageInput,
+    StageResult,
+    TorchStageArtifacts,
+    config_to_dict,
+    register_stage,
+)
 
 Loss = Literal["kl", "cosine", "mse"]
 Device = Literal["cpu", "cuda"]
@@ -595,8 +605,37 @@ def split_validation(data: DistillData, fraction: float, seed: int) -> tuple[Dis
 # The stage adapter
 # ---------------------------------------------------------------------------------------------
 
+def _write(given: StageInput, config: Distill, context: StageContext) -> Artifact:
+    """The stage before's pruned checkpoint trained against the source (the teacher) on the training data (a
+    tenth held out for early stopping, split by the config's seed), as the checkpoint OUTPUT/model.pt; the
+    checkpoint keeps the pruning, so export rebuilds it."""
+    from dlopt.checkpoint import read_checkpoint, save_checkpoint, torch_source
+    from dlopt.manifest import artifact_hash
+
+    log = context.log
+    teacher = torch_source(given.source, None, log)
+    student = torch_source(given.source, given.input_path(), log, loaded=teacher)
+    data_spec = given.training_data or f"model:{given.source}"  # the reference model's own, as dlopt run's
+    log(f"loading the training data {data_spec}")
+    if data_spec.startswith("model:"):
+        data = reference_training_data(data_spec[len("model:"):])
+    else:
+        data = load_npz_data(Path(data_spec), teacher.example_inputs)
+    train, val = split_validation(data, 0.1, config.seed)
+    result = distill_stage.apply(student, config, StageContext(data=train, eval_data=val, teacher=teacher,
+                                                               after=context.after, log=log))
+    pruned = read_checkpoint(given.input_path())
+    report = dict(result.report) | {"train_samples": len(train)}
+    produced = save_checkpoint(context.folder() / "model.pt", result.model.module, given.source,
+                               {"pruning_history": pruned.pruning_history,
+                                "module_attributes": pruned.module_attributes,
+                                "prune": pruned.report, "distill": report})
+    return Artifact(produced, artifact_hash(produced), report)
+
+
 @register_stage(kind="distill", config=Distill, takes="torch", makes="torch", requires=(TORCH_SOURCE,),
-                ensures=(TORCH_SOURCE,), summary="train the student against a teacher (torch)", validate=check_config)
+                ensures=(TORCH_SOURCE,), summary="train the student against a teacher (torch)", validate=check_config,
+                writer=_write)
 def distill_stage(student: ModelSource, config: Distill, context: StageContext) -> StageResult:
     """A student ModelSource in, the same source with the trained module out; context.teacher (a
     ModelSource) and context.data (a DistillData) are required, context.eval_data is the validation set;
@@ -609,6 +648,84 @@ def distill_stage(student: ModelSource, config: Distill, context: StageContext) 
     return StageResult(dataclasses.replace(student, module=result.model), result.report)
 
 
-__all__ = ["Distill", "distill_stage", "LOSSES", "Distill", "DistillData", "load_npz_data",
+def _same_source(a: str, b: str) -> bool:
+    from dlopt.checkpoint import pinned_source
+
+    if a == b:
+        return True
+    try:
+        return pinned_source(a)[0] == pinned_source(b)[0]
+    except (InputError, OSError):
+        return False
+
+
+def distill_files(teacher_spec: str, checkpoint: PrunedCheckpoint, source_spec: str, student_path: Path,
+                  data_spec: str, output_dir: str | os.PathLike, config: Distill, *, max_samples: int | None,
+                  val_fraction: float, seed: int, resume: bool, bench_seconds: float | None, show_progress: bool,
+                  log: Callable[[str], None]) -> TorchStageArtifacts:
+    """Distill TEACHER into the pruned `checkpoint` (rebuilt from `source_spec`) on DATA and write
+    OUT/distilled.pt, a verified OUT/distilled.onnx and OUT/distill.json, renamed into place together at the
+    end (the training state, OUT/distill_state.pt, is saved after every epoch: `resume` continues it). What
+    `dlopt distill` writes."""
+    from dlopt.bench import measure_speedup
+    from dlopt.checkpoint import rebuild, save_checkpoint
+    from dlopt.fileio import guard_outputs, guard_source_spec, json_text, output_folder, stage_onnx, staged_outputs
+    from dlopt.optimize.export import export_verified
+    from dlopt.report import format_table
+    from dlopt.sources import load_source
+
+    out_dir = Path(output_dir)
+    guard_outputs([guard_source_spec(teacher_spec), student_path, guard_source_spec(source_spec),
+                   None if data_spec == "reference" else data_spec], [out_dir])
+    with output_folder(out_dir) as out_dir, staged_outputs() as outputs:
+        log(f"loading the teacher {teacher_spec}")
+        teacher = load_source(teacher_spec)
+        log(f"rebuilding the student from {student_path} (source {source_spec})")
+        student_source = dataclasses.replace(teacher, module=copy.deepcopy(teacher.module)) \
+            if _same_source(source_spec, teacher_spec) else load_source(source_spec)
+        student = dataclasses.replace(student_source, module=rebuild(checkpoint, student_source.module,
+                                                                     student_source.example_inputs))
+        data = reference_training_data(teacher_spec, max_samples) if data_spec == "reference" else \
+            load_npz_data(Path(data_spec), teacher.example_inputs, max_samples)
+        train, val = split_validation(data, val_fraction, seed)
+        log(f"distilling on {len(train)} samples ({'labeled' if train.labels is not None else 'unlabeled'}), "
+            f"{len(val) if val is not None else 0} held out for early stopping")
+        result = distill_stage.apply(student, config, StageContext(data=train, eval_data=val, teacher=teacher,
+                                                                   output=out_dir, resume=resume,
+                                                                   progress=show_progress, log=log))
+        report = dict(result.report)
+        log("exporting the student (verified against torch)")
+        onnx_path = out_dir / "distilled.onnx"
+        distilled = dataclasses.replace(result.model, name=f"{source_spec} (distilled)")
+        onnx_tmp = stage_onnx(export_verified(distilled, log), onnx_path, outputs)
+        saved = save_checkpoint(out_dir / "distilled.pt", result.model.module, source_spec,
+                                {"pruning_history": checkpoint.pruning_history,
+                                 "module_attributes": checkpoint.module_attributes,
+                                 "prune": checkpoint.report, "distill": {k: v for k, v in report.items()}},
+                                outputs=outputs)
+        notes = []
+        if bench_seconds is not None:
+            teacher_path = out_dir / "teacher.onnx"
+            log("exporting the teacher for the latency comparison")
+            teacher_tmp = stage_onnx(export_verified(teacher, log), teacher_path, outputs)
+            log(f"measuring latency against the teacher, one thread, interleaved ({bench_seconds:g} s)")
+            speed = measure_speedup(teacher_tmp, onnx_tmp, budget_s=bench_seconds)
+            report["latency"] = speed
+            notes.append(f"latency (1 thread, batch {speed['batch']}): teacher {speed['baseline_ms']:.3f} ms, student "
+                         f"{speed['ms']:.3f} ms: {speed['speedup']:.2f}x faster [{speed['speedup_low']:.2f}, "
+                         f"{speed['speedup_high']:.2f}]")
+        if report["stopped_early"]:
+            notes.append(f"stopped early after epoch {report['epochs_run']}; kept epoch {report['best_epoch']}")
+        report |= {"teacher": teacher_spec, "student_checkpoint": str(student_path), "student_source": source_spec,
+                   "data": data_spec, "checkpoint": str(saved), "onnx": str(onnx_path)}
+        report_path = out_dir / "distill.json"
+        outputs.stage(report_path).write_text(json_text(report))
+        rows = [[h["epoch"], h["train_loss"], h.get("eval_metric") or "", h.get("eval_value"), h["seconds"]]
+                for h in report["history"]]
+        table = format_table(["epoch", "train loss", "eval metric", "value", "seconds"], rows)
+        return TorchStageArtifacts(saved, onnx_path, report_path, report, table, tuple(notes))
+
+
+__all__ = ["Distill", "distill_files", "distill_stage", "LOSSES", "DistillData", "load_npz_data",
            "reference_training_data", "split_validation", "check_compatible", "data_fingerprint", "distill",
            "embedding_loss", "kd_loss"]

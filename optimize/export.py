@@ -22,7 +22,7 @@ from dlopt.errors import InputError, StageError, VerificationError
 from dlopt.fileio import WrittenModel
 from dlopt.quiet import quiet_libraries
 from dlopt.report import environment, format_table
-from dlopt.stage import Check, StageContext, StageResult, config_to_dict, register_stage
+from dlopt.stage import Artifact, Check, StageContext, StageInput, StageResult, config_to_dict, register_stage
 from dlopt.sources import EXPORTERS, Exporter, ModelSource, require_torch
 from dlopt.usercode import user_code
 
@@ -394,8 +394,19 @@ def _onnx_problem(model, config, before) -> str | None:
 TORCH_SOURCE = Check("a torch source (a ModelSource)", _source_problem)
 
 
+def _write(given: StageInput, config: Export, context: StageContext) -> Artifact:
+    """The source (rebuilt from the stage before's pruned checkpoint, if any) as OUTPUT/model.onnx."""
+    from dlopt.checkpoint import torch_source
+    from dlopt.manifest import artifact_hash
+
+    source = given.source if given.artifact is None else torch_source(given.source, given.artifact, context.log)
+    written = export_file(source, context.folder() / "model.onnx", config, log=context.log)
+    return Artifact(written.model_path, artifact_hash(written.model_path), written.report)
+
+
 @register_stage(kind="export", config=Export, takes="torch", makes="onnx", requires=(TORCH_SOURCE,),
-                ensures=(Check("an ONNX model", _onnx_problem),), summary="torch -> ONNX, verified against torch")
+                ensures=(Check("an ONNX model", _onnx_problem),), summary="torch -> ONNX, verified against torch",
+                writer=_write)
 def export_stage(source: ModelSource, config: Export, context: StageContext) -> StageResult:
     return export(source, config, log=context.log)
 
@@ -430,5 +441,11 @@ def export_file(source: ModelSource | str, output: str | os.PathLike, config: Ex
     return WrittenModel(out, report_path, report)
 
 
-__all__ = ["TORCH_SOURCE", "Export", "DEFAULT_OPSET", "Export", "OutputDiff", "compare_outputs",
-           "default_dynamic_axes", "diff_table", "export", "export_file", "export_stage", "verify_onnx"]
+def export_verified(source: ModelSource, log: Callable[[str], None]):
+    """A torch ModelSource as a verified ONNX model (in memory): the export stage, default config."""
+    return export_stage.apply(source, Export(), StageContext(log=log)).model
+
+
+__all__ = ["TORCH_SOURCE", "Export", "DEFAULT_OPSET", "OutputDiff", "compare_outputs",
+           "default_dynamic_axes", "diff_table", "export", "export_file", "export_stage", "export_verified",
+           "verify_onnx"]

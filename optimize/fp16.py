@@ -462,4 +462,4 @@ def convert_fp16(model, config: Fp16 = Fp16(), data: Iterable[Mapping[str, np.nd
     return StageResult(converted, report)
 
 
-__all__ = ["FP16_MAX", "Fp16", "Fp16", "convert_fp16"]
+__all__ = ["FP16_MAX", "Fp16", "convert_fp16"]

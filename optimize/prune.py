@@ -19,15 +19,18 @@ import difflib
 import gzip
 import io
 import math
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from dlopt.errors import InputError, StageError
 from dlopt.checkpoint import require_torch_pruning
 from dlopt.optimize.export import TORCH_SOURCE
 from dlopt.sources import ModelSource
-from dlopt.stage import StageContext, StageResult, config_to_dict, register_stage
+from dlopt.stage import (Artifact, StageContext, StageInput, StageResult, TorchStageArtifacts, config_to_dict,
+                         register_stage)
 
 Structure = Literal["auto", "channels", "heads", "ffn", "heads+ffn", "unstructured"]
 STRUCTURES: tuple[str, ...] = ("auto", "channels", "heads", "ffn", "heads+ffn", "unstructured")
@@ -413,8 +416,21 @@ def _gzip_size(model) -> int:
 # The stage
 # ---------------------------------------------------------------------------------------------
 
+def _write(given: StageInput, config: Prune, context: StageContext) -> Artifact:
+    """The source (or the stage before's checkpoint) pruned, as the checkpoint OUTPUT/model.pt."""
+    from dlopt.checkpoint import save_checkpoint, torch_source
+    from dlopt.manifest import artifact_hash
+
+    result = prune_stage.apply(torch_source(given.source, given.artifact, context.log), config,
+                               StageContext(after=context.after, log=context.log))
+    produced = save_checkpoint(context.folder() / "model.pt", result.model.module, given.source, result.report)
+    report = {k: result.report[k] for k in ("parameters_before", "parameters_after", "macs_before", "macs_after")}
+    return Artifact(produced, artifact_hash(produced), report)
+
+
 @register_stage(kind="prune", config=Prune, takes="torch", makes="torch", requires=(TORCH_SOURCE,),
-                ensures=(TORCH_SOURCE,), summary="remove channels / heads / FFN units (torch)", validate=check_config)
+                ensures=(TORCH_SOURCE,), summary="remove channels / heads / FFN units (torch)", validate=check_config,
+                writer=_write)
 def prune_stage(source: ModelSource, config: Prune, context: StageContext) -> StageResult:
     """A ModelSource in, the same source with the pruned module out; context.data: gradient batches
     for importance "taylor"."""
@@ -422,6 +438,96 @@ def prune_stage(source: ModelSource, config: Prune, context: StageContext) -> St
     return StageResult(dataclasses.replace(source, module=result.model), result.report)
 
 
-__all__ = ["Prune", "IMPORTANCES", "STRUCTURES", "AttentionModule", "Prune", "check_config",
+def gradient_batches(spec: str, source, n: int = 8):
+    """(inputs, None) batches for taylor importance: the reference model's calibration data, else the example."""
+    import numpy as np
+    import torch
+
+    from dlopt.models import REFERENCE_MODELS
+
+    if spec in REFERENCE_MODELS:
+        samples = list(REFERENCE_MODELS[spec].calibration_data(n))
+        names = samples[0].keys()
+        stacked = {k: torch.from_numpy(np.concatenate([s[k] for s in samples])) for k in names}
+        return [(stacked, None)]
+    return [(dict(source.example_inputs), None)]
+
+
+def prune_files(spec: str, output_dir: str | os.PathLike, config: Prune, *, bench_seconds: float | None = 15.0,
+                batch: int = 1, seq_len: int = 128,
+                log: Callable[[str], None] = lambda message: None) -> TorchStageArtifacts:
+    """Load SOURCE `spec`, prune it and write OUT/pruned.pt + a verified OUT/pruned.onnx + OUT/prune.json
+    (structured: also OUT/dense.onnx and, with `bench_seconds`, the latency ratio; unstructured: the gzip
+    sizes and OUT/pruned.onnx.gz), renamed into place together at the end: a failed or interrupted run
+    leaves the folder as it was (and removes it when it made it). What `dlopt prune` writes."""
+    from dlopt.bench import measure_speedup
+    from dlopt.checkpoint import save_checkpoint
+    from dlopt.fileio import guard_outputs, guard_source_spec, json_text, output_folder, stage_onnx, staged_outputs
+    from dlopt.optimize.export import export_verified
+    from dlopt.report import format_table
+    from dlopt.sources import load_source
+
+    out_dir = Path(output_dir)
+    guard_outputs([guard_source_spec(spec)], [out_dir])
+    with output_folder(out_dir) as out_dir, staged_outputs() as outputs:
+        log(f"loading {spec}")
+        source = load_source(spec)
+        gradients = gradient_batches(spec, source) if config.importance == "taylor" else None
+        log(f"pruning ({config.structure}, ratio {config.ratio}, {config.importance} importance)")
+        result = prune_stage.apply(source, config, StageContext(data=gradients, log=log))
+        pruned = result.model.module
+        report = dict(result.report)
+        log("exporting the pruned model (verified against torch)")
+        onnx_path = out_dir / "pruned.onnx"
+        onnx_tmp = stage_onnx(export_verified(dataclasses.replace(result.model, name=f"{source.name} (pruned)"), log),
+                              onnx_path, outputs)
+        checkpoint = save_checkpoint(out_dir / "pruned.pt", pruned, spec, report, outputs=outputs)
+        r = report
+        rows = [["parameters", r["parameters_before"], r["parameters_after"],
+                 f"{r['parameters_after'] / r['parameters_before']:.3f}x"],
+                ["MACs (Linear/Conv)", r["macs_before"], r["macs_after"], f"{r['macs_after'] / r['macs_before']:.3f}x"]]
+        dense_path = dense_tmp = None
+        if bench_seconds is not None or config.structure == "unstructured":  # else no comparison needs it
+            dense_path = out_dir / "dense.onnx"
+            log("exporting the unpruned model for comparison")
+            dense_tmp = stage_onnx(export_verified(source, log), dense_path, outputs)
+            rows.append(["ONNX MB", dense_tmp.stat().st_size / 1e6, onnx_tmp.stat().st_size / 1e6,
+                         f"{onnx_tmp.stat().st_size / dense_tmp.stat().st_size:.3f}x"])
+        notes: list[str] = []
+        if config.structure == "unstructured" and dense_tmp is not None:  # (exported above for it)
+            dense_gz = len(gzip.compress(dense_tmp.read_bytes(), compresslevel=6, mtime=0))
+            sparse_gz_bytes = gzip.compress(onnx_tmp.read_bytes(), compresslevel=6, mtime=0)
+            outputs.stage(out_dir / "pruned.onnx.gz").write_bytes(sparse_gz_bytes)
+            report["onnx_gzip_bytes_before"], report["onnx_gzip_bytes_after"] = dense_gz, len(sparse_gz_bytes)
+            rows += [["sparsity (pruned layers)", 0.0, r["sparsity_pruned_layers"], ""],
+                     ["ONNX gzip MB", dense_gz / 1e6, len(sparse_gz_bytes) / 1e6,
+                      f"{len(sparse_gz_bytes) / dense_gz:.3f}x"]]
+            notes.append("no speedup: unstructured pruning keeps every tensor's shape; the zeros are stored and "
+                         "multiplied, so it runs at the dense model's speed. It only compresses better "
+                         "(pruned.onnx.gz).")
+        else:
+            heads = r.get("attention_heads") or {}
+            if heads:
+                before = sum(h["before"] for h in heads.values())
+                after = sum(h["after"] for h in heads.values())
+                rows.append(["attention heads", before, after, f"{after / before:.3f}x"])
+            if bench_seconds is not None and dense_tmp is not None:  # (exported above for it)
+                log(f"measuring latency, one thread, interleaved ({bench_seconds:g} s)")
+                speed = measure_speedup(dense_tmp, onnx_tmp, budget_s=bench_seconds, batch=batch, seq_len=seq_len)
+                report["latency"] = speed
+                rows.append([f"latency (1 thread) ms, batch {speed['batch']}", speed["baseline_ms"], speed["ms"],
+                             f"{speed['speedup']:.2f}x faster "
+                             f"[{speed['speedup_low']:.2f}, {speed['speedup_high']:.2f}]"])
+            notes.append("accuracy is not restored yet: fine-tune with "
+                         f"`dlopt distill --teacher {spec} --student {checkpoint}`")
+        report |= {"source": spec, "checkpoint": str(checkpoint), "onnx": str(onnx_path),
+                   "dense_onnx": str(dense_path) if dense_path else None}
+        report_path = out_dir / "prune.json"
+        outputs.stage(report_path).write_text(json_text(report))
+        table = format_table(["", "before", "after", "change"], rows)
+        return TorchStageArtifacts(checkpoint, onnx_path, report_path, report, table, tuple(notes))
+
+
+__all__ = ["Prune", "IMPORTANCES", "STRUCTURES", "AttentionModule", "check_config",
            "count_macs_params", "first_tensor", "find_attention", "find_ffn", "output_layer_name", "prune",
-           "prune_stage"]
+           "gradient_batches", "prune_files", "prune_stage"]

@@ -3,8 +3,8 @@
     python scripts/walk.py [--depth 6,0] run recipes/fashion-cnn-int8.toml -o /tmp/walk.bundle --cache-dir /tmp/c
 
 runs the CLI with `sys.setprofile` watching every Python call and return of a dlopt function, and records
-the dlopt call stack (its modules) at each. Import-time module bodies are left out (they say what is
-loaded, not what runs). For each depth it prints, to stderr after the command's own output, the modules
+the dlopt call stack (its modules) at each. What runs while a module is imported (module bodies, decorators,
+dataclass and registry set-up) is left out: it says what is loaded, not the path of the command. For each depth it prints, to stderr after the command's own output, the modules
 visited in order as seen that many dlopt calls down from the CLI (deeper calls count as their caller's;
 0: every call), with consecutive A->B->A hops (loops) folded to "xN"; how many stops, how many are returns
 to a module already left, and the entries per module.
@@ -24,10 +24,13 @@ def _is_dlopt(frame: FrameType) -> bool:
     return (name == "dlopt" or name.startswith("dlopt.")) and frame.f_code.co_name != "<module>"
 
 
-def _dlopt_stack(frame: FrameType | None) -> tuple[str, ...]:
-    """The modules of the dlopt frames at or above `frame`, outermost first."""
+def _dlopt_stack(frame: FrameType | None) -> tuple[str, ...] | None:
+    """The modules of the dlopt frames at or above `frame`, outermost first; None while a module is being
+    imported (a module body below this script's own on the stack): what runs then is loading, not the walk."""
     found = []
     while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") != "__main__":
+            return None
         if _is_dlopt(frame):
             found.append(frame.f_globals["__name__"])
         frame = frame.f_back
@@ -43,10 +46,9 @@ class Walk:
     def __call__(self, frame: FrameType, event: str, arg: Any) -> None:
         if not _is_dlopt(frame):  # other code changes no dlopt frame
             return
-        if event == "call":
-            self.stacks.append(_dlopt_stack(frame))
-        elif event == "return":
-            self.stacks.append(_dlopt_stack(frame.f_back))
+        stack = _dlopt_stack(frame if event == "call" else frame.f_back) if event in ("call", "return") else None
+        if stack is not None:
+            self.stacks.append(stack)
 
     def stops(self, depth: int) -> list[str]:
         """The module running, seen `depth` library calls deep (deeper calls count as their caller's; the

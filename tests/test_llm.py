@@ -28,7 +28,7 @@ TEXT = ["the quick brown fox jumps over the lazy dog", "a small language model w
         "each new token reads the keys and values of every token before it from the cache"] * 10
 
 
-def build_tiny_llama(folder, seed: int = 0, tokenizer: bool = True):
+def build_tiny_llama(folder, seed: int = 0, tokenizer: bool = True, tied: bool = False, q4_1_grid: bool = False):
     """A Llama-style causal LM folder (config, safetensors, tokenizer.json) as save_pretrained writes it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -46,10 +46,17 @@ def build_tiny_llama(folder, seed: int = 0, tokenizer: bool = True):
     config = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
-                                      tie_word_embeddings=False)
+                                      tie_word_embeddings=tied)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # random init is near-uniform: sharpen the logits so greedy choices are clear-cut
         model.lm_head.weight.mul_(8.0)
+        if q4_1_grid:  # every Linear's weight on a GGUF Q4_1 grid, as dequantized GGUF models (SmolLM2) are
+            from dlopt.optimize.int4.blocks import dequantize_blocks, quantize_blocks_float
+
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    w = module.weight.numpy()  # [out, in]: blocks of 32 along the input, as Q4_1's
+                    module.weight.copy_(torch.from_numpy(dequantize_blocks(*quantize_blocks_float(w, 32), 32)))
     model.save_pretrained(folder)
     return folder
 
@@ -202,6 +209,8 @@ def test_bench_generate_json_validates_against_its_schema(exported, tmp_path):
     assert batch["rounds"] == 4 and first["tokens_generated"] == 10
     for r in (first, second):
         assert len(r["samples_ms"]["decode_per_token"]["cpu"]) == 4
+        for phase, per_clock in r["samples_ms"].items():  # one thread's CPU time never exceeds the wall time
+            assert all(c <= w + 1e-3 for c, w in zip(per_clock["cpu"], per_clock["wall"])), phase
         t = r["time_to_first_token_ms"]["wall"]["median"]
         assert t >= r["prefill_ms"]["wall"]["median"] > 0  # the first token comes after the prefill
         assert r["decode_tokens_per_s"] == pytest.approx(1e3 / r["decode_ms_per_token"]["cpu"]["median"])
@@ -247,3 +256,225 @@ def test_smollm2_exports_and_generates(tmp_path):
     result = CliRunner().invoke(main, ["bench", str(out), "--generate", "--prompt-len", "32", "--new-tokens", "16",
                                        "--rounds", "2", "--no-progress"])
     assert result.exit_code == 0, result.output
+
+
+# -- 4-bit and mixed 4/8-bit LM folders (dlopt quantize LM --precision int4), the LM row of dlopt eval ---------
+def _text(path, seed: int, words: int = 2500):
+    """Text in the tiny tokenizer's vocabulary: the training sentences' words in a seeded random order."""
+    vocab = " ".join(TEXT).split()
+    rng = np.random.default_rng(seed)
+    path.write_text(" ".join(rng.choice(vocab, size=words)) + "\n", encoding="utf-8")
+    return path
+
+
+def _prefill_logits(folder, ids):
+    import onnx
+
+    from dlopt.lm import lm_session, prefill_feeds, read_genai_config
+
+    head = read_genai_config(folder)["model"]["decoder"]["head_size"]
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    return lm_session(folder / "model.onnx").run(["logits"], prefill_feeds(graph, ids, head))[0][0]
+
+
+@pytest.fixture(scope="module")
+def calibration_text(tmp_path_factory):
+    return _text(tmp_path_factory.mktemp("text") / "calibration.txt", seed=1)
+
+
+@pytest.fixture(scope="module")
+def held_out_text(tmp_path_factory):
+    return _text(tmp_path_factory.mktemp("text") / "held_out.txt", seed=2, words=1200)
+
+
+@pytest.fixture(scope="module")
+def quantized_pair(exported, calibration_text, tmp_path_factory):
+    """The all-4-bit folder and a mixed 4/8-bit one under a budget between all-4-bit and all-8-bit."""
+    from dlopt.api import lm_quantize_config, quantize_lm
+
+    base = tmp_path_factory.mktemp("lm4")
+    four = quantize_lm(exported, base / "four", lm_quantize_config(), calibration_text)
+    budget = round(four["bytes_after"] / 1e6 + 0.03, 3)  # room for a layer or two at 8 bits, not for all
+    result = CliRunner().invoke(main, ["quantize", str(exported), "--precision", "int4", "-o", str(base / "mixed"),
+                                       "--calibration", str(calibration_text), "--max-size", str(budget)])
+    assert result.exit_code == 0, result.output
+    mixed = json.loads((base / "mixed" / "quantize.json").read_text())
+    return base / "four", four, base / "mixed", mixed, budget, result.output
+
+
+def test_int4_lm_folder_is_4_bit_loads_in_genai_and_stays_close_to_fp32(exported, quantized_pair, held_out_text):
+    import onnx
+
+    folder, report, *_ = quantized_pair
+    assert {"genai_config.json", "tokenizer.json", "model.onnx", "quantize.json"} <= {p.name for p in folder.iterdir()}
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("MatMulNBits") == 5 * LAYERS + 1  # qkv, o, gate, up, down; the head
+    # the only float MatMuls left are the fractional zero points' corrections (block sums @ fp16 offsets),
+    # one per MatMulNBits
+    plain = [n for n in graph.graph.node if n.op_type == "MatMul"]
+    assert all(n.name.endswith("__offset_matmul") for n in plain) and len(plain) == report["offset_corrections"]
+    assert report["offset_corrections"] == 5 * LAYERS + 1
+    assert {dict((a.name, a.i) for a in n.attribute)["bits"] for n in graph.graph.node
+            if n.op_type == "MatMulNBits"} == {4}
+    assert all(len(n.input) == 4 for n in graph.graph.node if n.op_type == "MatMulNBits")  # asymmetric: zero points
+    assert report["algorithm"] == "gptq" and report["block_size"] in (32, 64)
+    assert set(report["measured"]["block_size_perplexity_rtn"]) == {"32", "64"}  # K = 64, 128: 128 does not divide
+    assert report["layers_8bit"] == {} and report["bytes_after"] < 0.45 * report["bytes_before"]  # fp32 table: 77 of 194 kB
+    assert len(report["genai_greedy_check"]) == 8  # onnxruntime-genai loaded it and generated
+    # logits against fp32 on held-out text, prefill of 64 tokens: 4-bit weights of a random 64-wide model move
+    # logits by a few % of their range; measured cosine 0.99+, argmax agreement 0.8+
+    from dlopt.lm import read_text_tokens
+
+    ids = read_text_tokens(exported, held_out_text)[:64]
+    ref, got = _prefill_logits(exported, ids), _prefill_logits(folder, ids)
+    cosine = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
+    assert cosine > 0.98, cosine
+    assert np.mean(ref.argmax(-1) == got.argmax(-1)) >= 0.7
+    assert report["fidelity"]["perplexity_ratio"] < 1.05 and report["fidelity"]["next_token_agreement"] >= 0.7
+
+
+def test_fractional_zero_points_on_the_fast_kernel_reproduce_a_q4_1_grid_exactly():
+    """Weights on a GGUF Q4_1 grid (w = d·q + m per block of 32 along K, any real m): MatMulNBits with uint4
+    zero points plus the block-sum correction gives x @ W to float rounding; integer zero points alone do not."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dlopt.optimize.int4 import Int4WeightOnly
+    from dlopt.optimize.int4.blocks import quantize_blocks_float
+    from dlopt.optimize.int4.gptq import _matmul_nbits_own
+    from dlopt.optimize.quantize_lm import _integer_zero_points, add_offset_corrections
+    from dlopt.sessions import cpu_session
+
+    rng = np.random.default_rng(0)
+    k, n, block = 128, 48, 32
+    d = rng.uniform(0.01, 0.05, (n, k // block, 1)).astype(np.float32)
+    m = rng.uniform(-0.4, 0.0, (n, k // block, 1)).astype(np.float32)
+    codes = rng.integers(0, 16, (n, k // block, block))
+    codes[..., 0], codes[..., -1] = 0, 15  # Q4_1 puts each block's min on code 0 and its max on 15
+    w = (d * codes + m).reshape(n, k).T.astype(np.float32)  # [K, N]
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, n])],
+                              [numpy_helper.from_array(w, "w")])
+    x = rng.standard_normal((1, 3, k)).astype(np.float32)
+    outputs = {}
+    for corrected in (False, True):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+        q, s, z, offset = _integer_zero_points(*quantize_blocks_float(np.ascontiguousarray(w.T), block))
+        model = _matmul_nbits_own(model, {"mm"}, Int4WeightOnly(block_size=block, symmetric=False, accuracy_level=None),
+                                  lambda node, wt: (q, s, z))
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        if corrected:
+            assert add_offset_corrections(model, {"mm": offset}, block) == ["mm"]
+        onnx.checker.check_model(model)
+        outputs[corrected] = cpu_session(model).run(None, {"x": x})[0]
+    want = x @ w
+    scale = np.abs(want).max()
+    assert np.abs(outputs[True] - want).max() < 2e-4 * scale  # fp16 offsets: ~1e-5 of the output range
+    assert np.abs(outputs[False] - want).max() > 1e-2 * scale  # half a step per block, uncorrected
+
+
+def test_q4_1_weights_with_a_tied_embedding_quantize_losslessly(tmp_path):
+    """A tied LM head on a Q4_1 grid: the head's fractional zero points are corrected in the head and in the
+    embedding rows read through GatherBlockQuantized, so the 4-bit folder reproduces fp32 logits."""
+    hf = build_tiny_llama(tmp_path / "hf", tied=True, q4_1_grid=True)
+    result = CliRunner().invoke(main, ["export", str(hf), "--task", "text-generation", "-o", str(tmp_path / "lm")])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["quantize", str(tmp_path / "lm"), "--precision", "int4", "-o",
+                                       str(tmp_path / "lm4"), "--accuracy-level", "0"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "lm4" / "quantize.json").read_text())
+    assert report["embedding_tied_to_lm_head"] and report["offset_corrections"] == 5 * LAYERS + 1
+    ids = np.arange(5, 69)
+    ref, got = _prefill_logits(tmp_path / "lm", ids), _prefill_logits(tmp_path / "lm4", ids)
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max() + 1e-4  # float rounding; fp16 offsets
+
+
+def test_mixed_precision_fits_the_budget_with_the_most_sensitive_layers_at_8_bit(quantized_pair):
+    import onnx
+
+    _, four, folder, mixed, budget, output = quantized_pair
+    assert mixed["bytes_after"] <= budget * 1e6 < four["bytes_after"] + 40_000
+    eight = mixed["layers_8bit"]
+    assert eight, mixed  # the budget leaves room for at least one layer
+    effects = mixed["layer_perplexity_effect_pct"]
+    assert list(effects)[0] in eight  # the layer with the largest measured effect is among those kept at 8 bits
+    for name, why in eight.items():
+        assert why["perplexity_effect_pct"] == effects[name] > 0
+        assert f"8-bit {name}" in output and "raise calibration perplexity by" in why["why"]
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    bits = {n.name.rsplit("_Q", 1)[0]: dict((a.name, a.i) for a in n.attribute)["bits"]
+            for n in graph.graph.node if n.op_type == "MatMulNBits"}
+    assert {n for n, b in bits.items() if b == 8} == set(mixed["matmuls_8bit"])
+    assert all(m in bits for why in eight.values() for m in why["matmuls"])
+    assert mixed["fidelity"]["perplexity_ratio"] <= four["fidelity"]["perplexity_ratio"] + 0.01
+
+
+def test_int4_lm_budget_below_the_all_4_bit_model_is_exit_2(exported, calibration_text, tmp_path):
+    result = CliRunner().invoke(main, ["quantize", str(exported), "--precision", "int4", "-o", str(tmp_path / "q"),
+                                       "--calibration", str(calibration_text), "--max-size", "0.01"])
+    assert result.exit_code == 2, result.output
+    assert "over --max-size 0.01 MB" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--precision", "int8"], "quantized to int4, not int8"),
+    (["--precision", "int4", "--max-size", "1"], "measure perplexity on calibration text, and there is none"),
+    (["--precision", "int4", "--calibration", "missing.txt"], "calibration text missing.txt does not exist"),
+])
+def test_int4_lm_bad_input_is_one_line_and_exit_2(exported, tmp_path, args, message):
+    result = CliRunner().invoke(main, ["quantize", str(exported), "-o", str(tmp_path / "q"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "q").exists()
+
+
+def test_eval_lm_row_perplexity_and_next_token_agreement(exported, quantized_pair, held_out_text, tmp_path):
+    folder, report, *_ = quantized_pair
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(main, ["eval", str(folder), "--reference", str(exported), "--data", str(held_out_text),
+                                       "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {m["metric"]: m for m in json.loads(out.read_text())["metrics"]}
+    assert set(rows) == {"perplexity", "perplexity_value", "next_token_agreement"}
+    ratio, ppl = rows["perplexity"]["value"], rows["perplexity_value"]
+    assert ratio == pytest.approx(ppl["value"] / ppl["reference"], rel=1e-6)
+    assert 0.9 < ratio < 1.1 and 0.7 <= rows["next_token_agreement"]["value"] <= 1.0
+    same = CliRunner().invoke(main, ["eval", str(exported), "--reference", str(exported), "--data",
+                                     str(held_out_text), "--json", str(tmp_path / "same.json")])
+    rows = {m["metric"]: m for m in json.loads((tmp_path / "same.json").read_text())["metrics"]}
+    assert same.exit_code == 0 and rows["perplexity"]["value"] == 1.0 and rows["next_token_agreement"]["value"] == 1.0
+    missing = CliRunner().invoke(main, ["eval", str(folder), "--data", str(held_out_text)])
+    assert missing.exit_code == 2 and "needs its FP32 export as --reference" in missing.output
+
+
+@pytest.mark.heavy
+def test_smollm2_int4_keeps_perplexity_under_100_mb(tmp_path):
+    """SmolLM2-135M (its "FP32" weights are the packaged Q4_1 GGUF dequantized; the tied head/embedding is
+    Q8_0): dlopt quantize --precision int4 --max-size 100 on the verified fp32 export, calibrated on
+    lee_background.cor after the evaluated tokens; perplexity on the first 2,048 tokens (held out) within
+    3 % of the fp32 export's, the folder under 100 MB and loadable by onnxruntime-genai."""
+    from dlopt.models import smollm2
+
+    tokenizer = smollm2.tokenizer()
+    tokens = smollm2._tokens("lee_background.cor")
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(tokenizer.decode(tokens[smollm2.MAX_TOKENS:].tolist()))
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(tokenizer.decode(tokens[:2048].tolist()))
+    lm, lm4 = tmp_path / "lm", tmp_path / "lm4"
+    result = CliRunner().invoke(main, ["export", "smollm2", "--task", "text-generation", "-o", str(lm)])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["quantize", str(lm), "--precision", "int4", "-o", str(lm4), "--calibration",
+                                       str(calibration), "--max-size", "100"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((lm4 / "quantize.json").read_text())
+    assert report["bytes_after"] <= 100e6 and report["block_size"] == 32  # the GGUF's own block: measured best
+    assert report["offset_corrections"] == report["matmuls_4bit"]
+    result = CliRunner().invoke(main, ["eval", str(lm4), "--reference", str(lm), "--data", str(held_out), "--json",
+                                       str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+    rows = {m["metric"]: m["value"] for m in json.loads((tmp_path / "eval.json").read_text())["metrics"]}
+    assert rows["perplexity"] <= 1.03 and rows["next_token_agreement"] >= 0.85

@@ -21,9 +21,9 @@ pytest.importorskip("onnx_ir")
 pytest.importorskip("transformers")
 
 from click.testing import CliRunner  # noqa: E402
+from test_llm import build_tiny_llama  # noqa: E402
 
 from dlopt.cli import main  # noqa: E402
-from test_llm import build_tiny_llama  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}<s>{% endif %}")

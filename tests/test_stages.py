@@ -64,7 +64,7 @@ NON_DEFAULT = {
                              sensitivity_samples=3, gptq_samples=4, gptq_act_order=False, gptq_clip_search=False),
     "fp16": dict(SCHEME_COMMON, keep_io_types=False, auto_fallback=False, transformer_fusion="on", check_samples=2,
                  max_rounds=3),
-    "trim-padding": dict(mode="on", mask_input="mask", min_cosine=0.99, samples=4),
+    "trim-padding": dict(mode="on", form="slice", mask_input="mask", min_cosine=0.99, samples=4),
     "package": dict(target="cpu", intended_ep=None, fix_shapes=("x=1x16",), type_reduction=True, coverage=False,
                     samples=3, batch=2, seq_len=8, input_shapes=("x=2x16",), atol=1e-3, rtol=1e-2, seed=4,
                     measure_s=0.0, threads=2, torch_source=None, pte_precisions=("fp32", "int8"),

@@ -119,7 +119,8 @@ def _int8(model, tmp_path, form: str):
     src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
     onnx.save(model, src)
     if form == "dynamic":
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": TensorProto.FLOAT})  # the fused Attention's output type
     else:
         class Reader(CalibrationDataReader):
             def __init__(self):
@@ -296,3 +297,94 @@ def test_quantize_with_trim_padding_on_refuses_a_model_without_a_mask_at_once(tm
                                        "--trim-padding", "on"])
     assert result.exit_code == 2, result.output
     assert "--trim-padding on: no attention-mask input" in result.output
+
+
+# -- packing: only the real tokens of all rows, as one sequence -------------------------------------------
+@pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "per-token"])
+def test_fused_attention_is_packed_and_equals_untrimmed(pooled):
+    model = _encoder(pooled=pooled, fused_attention=True)
+    result = trim_padding(model, TrimPadding(), _samples())
+    assert result.report["applied"] and result.report["form"] == "pack", result.report
+    assert result.report["packing"]["attention_nodes"] == 1
+    ops = [n.op_type for n in result.model.graph.node]
+    assert "Attention" not in ops and ops.count("MultiHeadAttention") == 1 and "NonZero" in ops
+    assert ops.count("ScatterND") == 1  # one tensor leaves the packed layers: the pooled states or the output
+    _assert_equivalent(model, result.model, per_token=not pooled)
+    sliced = trim_padding(model, TrimPadding(form="slice"), _samples())
+    assert sliced.report["form"] == "slice" and "NonZero" not in {n.op_type for n in sliced.model.graph.node}
+
+
+def test_packed_per_token_layers_run_on_two_dimensional_rows():
+    from dlopt.optimize.trim_padding import pack_tokens_graph, sliced_name
+
+    model = _encoder(pooled=False, fused_attention=True)
+    sliced, p = trim_padding_graph(model)
+    packed, pp = pack_tokens_graph(sliced, sliced_name(p.mask))
+    # the per-token layers run packed up to the output, which is scattered back before slicing pads it back
+    assert pp.start == "x" and pp.unpacked == ("trim_padding/last_hidden_state_trimmed",)
+    _assert_equivalent(model, packed, per_token=True)
+    feeds = _padded_batch()
+    real = int(feeds["attention_mask"].sum())
+    probe = onnx.ModelProto()
+    probe.CopyFrom(packed)
+    probe.graph.output.append(helper.make_empty_tensor_value_info("h"))  # the Tanh's output, packed
+    h = _run(probe, feeds)[1]
+    assert h.shape == (real, HIDDEN)  # [T, H]: only the real tokens were computed
+
+
+def test_packing_an_all_padding_batch_runs():
+    model = _encoder(pooled=False, fused_attention=True)
+    result = trim_padding(model, TrimPadding(mode="on", form="pack"))
+    feeds = {"input_ids": np.zeros((2, 10), np.int64), "attention_mask": np.zeros((2, 10), np.int64)}
+    (out,) = _run(result.model, feeds)
+    assert out.shape == (2, 10, HIDDEN) and np.all(out[1] == 0) and np.all(out[0, 1:] == 0)
+
+
+def test_unfused_attention_is_sliced_and_says_why_not_packed():
+    result = trim_padding(_encoder(pooled=True), TrimPadding(), _samples())
+    assert result.report["form"] == "slice"
+    assert "no fused attention op" in result.report["pack_reason"]
+    with pytest.raises(InputError, match="form pack"):
+        trim_padding(_encoder(pooled=True), TrimPadding(mode="on", form="pack"), _samples())
+    refused = trim_padding(_encoder(pooled=True), TrimPadding(form="pack"), _samples())
+    assert not refused.report["applied"] and "cannot be packed" in refused.report["reason"]
+
+
+def test_dynamic_int8_qattention_is_packed_and_keeps_fidelity(tmp_path):
+    model = _encoder(pooled=True, fused_attention=True)
+    quantized = _int8(model, tmp_path, "dynamic")
+    assert "QAttention" in {n.op_type for n in quantized.graph.node}
+    result = trim_padding(quantized, TrimPadding(), _samples(), reference=model)
+    assert result.report["applied"] and result.report["form"] == "pack", result.report
+    ops = {n.op_type for n in result.model.graph.node}
+    assert "QAttention" not in ops and {"MatMulIntegerToFloat", "MultiHeadAttention"} <= ops
+    eq = result.report["equivalence"]
+    assert eq["fidelity_trimmed"] is eq["fidelity_pack"]
+    assert eq["fidelity_pack"]["embedding"]["mean_cosine"] >= eq["fidelity_untrimmed"]["embedding"]["mean_cosine"] - 0.001
+    feeds = _padded_batch()
+    ref, untrimmed, got = _run(model, feeds)[0], _run(quantized, feeds)[0], _run(result.model, feeds)[0]
+    assert got.shape == ref.shape
+    cos = lambda y: np.sum(ref * y, axis=-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(y, axis=-1))  # noqa: E731
+    assert cos(got).mean() >= cos(untrimmed).mean() - 0.002 and cos(got).min() > 0.98
+
+
+def test_a_token_mixing_op_between_attention_layers_is_not_packed():
+    """A tensor that mixes tokens (a max over the sequence) between two attention layers: packed rows cannot
+    stand in for it, so the plan says why and auto slices instead."""
+    from dlopt.optimize.normalize import topological_sort
+    from dlopt.optimize.trim_padding import pack_plan
+
+    model = _encoder(pooled=True, fused_attention=True)
+    g = model.graph
+    first = next(n for n in g.node if n.op_type == "Attention")
+    for node in g.node:
+        node.input[:] = ["att2" if i == "att" else i for i in node.input]
+    g.node.extend([helper.make_node("ReduceMax", ["att"], ["att_max"], axes=[1], keepdims=1),
+                   helper.make_node("Add", ["att", "att_max"], ["mixed"]),
+                   helper.make_node("Attention", ["mixed", *first.input[1:]], ["att2"], domain="com.microsoft",
+                                    num_heads=HEADS)])
+    topological_sort(g)
+    sliced, _ = trim_padding_graph(model)
+    assert "not every attention op is reached" in pack_plan(sliced).reason
+    result = trim_padding(model, TrimPadding(), _samples())
+    assert result.report.get("form") != "pack" and "not every attention op" in result.report["pack_reason"]

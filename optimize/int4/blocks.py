@@ -99,6 +99,47 @@ def quantize_blocks_mse(w: np.ndarray, block_size: int, symmetric: bool, ratios=
     return q_all, s_all, z_all
 
 
+def float_grid(blocks: np.ndarray, ratio: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Asymmetric 4-bit grid with a real-valued zero point: the block's min and max (their range shrunk
+    by `ratio` around its middle) on codes 0 and 15, w ≈ (q - zp)·scale with zp = -min/scale any float.
+    Unlike block_grid's integer zero point, 0 need not lie on the grid: a Q4_1 (GGUF) block, min m and
+    step d, is reproduced exactly. Returns (scale, zero point), float arrays of shape blocks.shape[:-1]."""
+    lo, hi = blocks.min(axis=-1), blocks.max(axis=-1)
+    mid, half = (hi + lo) / 2, (hi - lo) / 2 * ratio
+    scale = 2 * half / 15
+    zp = -(mid - half) / np.where(scale == 0, 1, scale)
+    return scale, np.where(scale == 0, -lo, zp)  # a constant block: all codes 0, scale 0, value via the offset
+
+
+def search_float_grid(blocks: np.ndarray, weights: np.ndarray | None = None, ratios=CLIP_RATIOS
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """float_grid with, per block, the ratio of `ratios` of smallest (weighted) squared rounding error."""
+    best: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # error, scale, zero point
+    for ratio in ratios:
+        scale, zp = float_grid(blocks, ratio)
+        safe = np.where(scale == 0, 1, scale)[..., None]
+        q = np.clip(np.round(blocks / safe + zp[..., None]), 0, 15)
+        diff = (q - zp[..., None]) * scale[..., None] - blocks
+        err = (np.square(diff) if weights is None else np.square(diff) * weights).sum(axis=-1)
+        if best is None:
+            best = (err, scale, zp)
+        else:
+            better = err < best[0]
+            best = (np.where(better, err, best[0]), np.where(better, scale, best[1]), np.where(better, zp, best[2]))
+    assert best is not None, "ratios is empty"
+    return best[1], best[2]
+
+
+def quantize_blocks_float(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round to nearest on float_grid (min/max, real zero point): (codes uint8, scales, zero points float32)."""
+    rows, cols = w.shape
+    blocks = w.reshape(rows, cols // block_size, block_size).astype(np.float32)
+    scale, zp = float_grid(blocks)
+    safe = np.where(scale == 0, 1, scale)[..., None]
+    q = np.clip(np.round(blocks / safe + zp[..., None]), 0, 15).astype(np.uint8)
+    return q.reshape(rows, cols), scale.astype(np.float32), zp.astype(np.float32)
+
+
 def _pack_nibbles(q: np.ndarray) -> np.ndarray:
     """Two 4-bit values per byte along the last axis, low nibble first (odd lengths padded)."""
     if q.shape[-1] % 2:

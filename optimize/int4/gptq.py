@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from dlopt.optimize.int4.blocks import block_grid, quantize_blocks, search_grid, _pack_nibbles
+from dlopt.optimize.int4.blocks import (CLIP_RATIOS, block_grid, quantize_blocks, quantize_blocks_float, search_float_grid,
+                                        search_grid, _pack_nibbles)
 from dlopt.optimize.int4.config import Int4WeightOnly, _MS_DOMAIN
 from dlopt.optimize.int4.graph import _initializers
 from dlopt.optimize.int4.sensitivity import _session, _with_outputs
@@ -71,7 +72,7 @@ def _matmul_nbits_own(model, include: set[str], config: Int4WeightOnly, quantize
 
 def gptq_blocks(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: bool, percdamp: float = 0.01,
                 lazy: int = 128, act_order: bool = False, clip_search: bool = False,
-                factor: tuple[np.ndarray, np.ndarray | None] | None = None
+                factor: tuple[np.ndarray, np.ndarray | None] | None = None, float_zero_points: bool = False
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ (Frantar et al. 2022) for w [K, N] given H = 2·XᵀX/n [K, K], K a multiple of block_size.
 
@@ -89,11 +90,15 @@ def gptq_blocks(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: 
     layout. `clip_search` picks each block's range by the clip ratio with the smallest squared error,
     weighted by the H diagonal (an input's energy), instead of the full min/max. `factor` is
     gptq_factor(hessian, percdamp, act_order), passed in when several weights share one input (q/k/v).
+    `float_zero_points`: asymmetric grids whose zero point is any real number (blocks.float_grid: the
+    block's min and max on the end codes, 0 need not be on the grid); zero points are then float32.
     Returns (codes uint8 [N, K], scales [N, K/block], zero points uint8 [N, K/block])."""
     k, n = w.shape
     lazy = max(block_size, lazy - lazy % block_size)
     perm, hinv = factor if factor is not None else gptq_factor(hessian, percdamp, act_order)
     if hinv is None:  # not positive definite even after damping: plain rounding
+        if float_zero_points:
+            return quantize_blocks_float(np.ascontiguousarray(w.T), block_size)
         return quantize_blocks(np.ascontiguousarray(w.T), block_size, symmetric)
     weights = w.astype(np.float32).copy()
     energy = np.diag(hessian).astype(np.float64)
@@ -104,7 +109,11 @@ def gptq_blocks(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: 
 
     def fix_grid(g: int, group: np.ndarray) -> None:  # group [block, N] -> the grid of block g, per column
         blocks = np.ascontiguousarray(group.T)
-        if clip_search:
+        if float_zero_points:
+            e = energy[g * block_size:(g + 1) * block_size]
+            scales[g], zeros[g] = search_float_grid(blocks, weights=e / max(e.mean(), 1e-30) if clip_search else None,
+                                                    ratios=CLIP_RATIOS if clip_search else (1.0,))
+        elif clip_search:
             e = energy[g * block_size:(g + 1) * block_size]
             scales[g], zeros[g] = search_grid(blocks, symmetric, weights=e / max(e.mean(), 1e-30))
         else:
@@ -132,7 +141,7 @@ def gptq_blocks(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: 
             block[i:] -= np.outer(hinv1[i, i:], err)  # a row of the upper Cholesky factor
             errors[i] = err
         weights[i2:] -= hinv[i1:i2, i2:].T @ errors
-    return codes.T.copy(), scales.T.astype(np.float32), zeros.T.astype(np.uint8)
+    return codes.T.copy(), scales.T.astype(np.float32), zeros.T.astype(np.float32 if float_zero_points else np.uint8)
 
 
 def collect_hessians(model, nodes: list[Any], feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

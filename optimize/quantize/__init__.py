@@ -51,8 +51,8 @@ from dlopt.optimize.quantize.heldout import (feed_description, fidelity_floor, h
 from dlopt.optimize.quantize.pipeline import quantize
 from dlopt.optimize.quantize.stages import (FLOAT_ONNX, ONNX_MODEL, SAME_OUTPUTS, fp16_stage, int4_weight_only_stage,
                                             int8_dynamic_stage, int8_static_stage, int8_weight_only_stage,
-                                            quantize_stage, stage_of)
-from dlopt.optimize.quantize.files import QuantizeOutcome, failed_path, failure_error, quantize_file
+                                            quantize_stage)
+from dlopt.optimize.quantize.files import QuantizeOutcome, failed_path, failure_error, quantize_file, stage_of
 from dlopt.optimize.quantize.report import summary_text
 
 __all__ = [

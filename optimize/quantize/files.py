@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from dlopt.data import CalibrationData, DataSpec
-from dlopt.errors import VerificationError
-from dlopt.optimize.quantize.schemes import QuantizeConfig, REPORT_SCHEMA, REPORT_SCHEMA_VERSION, Scheme
-from dlopt.optimize.quantize.stages import stage_of
+from dlopt.errors import InputError, VerificationError
+from dlopt.optimize.quantize.schemes import QuantizeConfig, REPORT_SCHEMA, REPORT_SCHEMA_VERSION, SCHEME_KINDS, Scheme
 from dlopt.optimize.quantize.heldout import fidelity_sample_count
-from dlopt.stage import StageContext
+from dlopt.stage import Artifact, Stage, StageContext, StageInput, get_stage
 
 
 # -- files ------------------------------------------------------------------------------------------------
@@ -38,6 +37,16 @@ def failed_path(output: Path) -> Path:
     """Where a result below its floor is kept: OUT.failed.onnx beside OUT, never OUT itself."""
     stem = output.name[:-5] if output.name.endswith(".onnx") else output.name
     return output.with_name(f"{stem}.failed.onnx")
+
+
+def stage_of(config: Scheme | QuantizeConfig) -> Stage:
+    """The registered stage of a scheme config or of the QuantizeConfig front door (found by kind in
+    dlopt.stage's registry: the stages module imports this one)."""
+    kind = "quantize" if type(config) is QuantizeConfig else SCHEME_KINDS.get(type(config))
+    if kind is None:
+        raise InputError(f"quantize takes a scheme config or a QuantizeConfig, not {type(config).__name__}",
+                         f"use one of {', '.join(c.__name__ for c in (QuantizeConfig, *SCHEME_KINDS))}")
+    return get_stage(kind)
 
 
 def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike,
@@ -92,6 +101,33 @@ def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike,
                   **result.report, "bytes_written": model_tmp.stat().st_size, "environment": environment()}
         outputs.stage(report_path).write_text(json_text(report))
     return QuantizeOutcome(out, report_path, report)
+
+
+def keep_failed(outcome: QuantizeOutcome, out: Path) -> QuantizeOutcome:
+    """Copy a failed result's model and report out of its staging folder (dlopt run's cache) to OUT.failed.onnx."""
+    import dataclasses
+    import shutil
+
+    from dlopt.fileio import report_path_for, staged_outputs
+
+    kept = failed_path(out)
+    with staged_outputs() as outputs:
+        shutil.copyfile(outcome.model_path, outputs.stage(kept))
+        shutil.copyfile(outcome.report_path, outputs.stage(report_path_for(kept, "quantize")))
+    return dataclasses.replace(outcome, model_path=kept, report_path=report_path_for(kept, "quantize"))
+
+
+def write_quantized(given: StageInput, config: Scheme | QuantizeConfig, context: StageContext) -> Artifact:
+    """The stage before's model quantized as OUTPUT/model.onnx with its report (quantize_file). A result that
+    fails its verdict is kept beside `given.keep_failed` (as `dlopt quantize` keeps it; never cached) and
+    raised as failure_error's VerificationError."""
+    from dlopt.manifest import artifact_hash
+
+    outcome = quantize_file(given.input_path(), context.folder() / "model.onnx", config, given.calibration,
+                            eval_data=given.eval_data, after=context.after, log=context.log)
+    if not outcome.passed:
+        raise failure_error(keep_failed(outcome, given.keep_failed) if given.keep_failed is not None else outcome)
+    return Artifact(outcome.model_path, artifact_hash(outcome.model_path), outcome.report)
 
 
 def failure_error(outcome: QuantizeOutcome) -> VerificationError:

@@ -128,6 +128,10 @@ def quantize_int8(model, config: Int8Scheme, recipe: Int8Recipe, data: Calibrati
     if leftovers.report["weights"]:
         quantized = leftovers.model
         details["weight_only"] = leftovers.report
+    if recipe.mode == "dynamic" and recipe.token_scales:
+        from dlopt.optimize.quantize.token_scales import per_token_scales
+
+        quantized, details["token_scales"] = per_token_scales(quantized)
     if recipe.mode == "static":
         details["float_nodes_shielded"] = shield_float_nodes(quantized, excluded + _excluded_by_op(quantized, config))
     if recipe.mode == "static" and (recipe.weight_rounding == "gptq" or recipe.bias_correction):

@@ -6,14 +6,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dlopt.errors import InputError
 from dlopt.optimize.fp16 import Fp16
 from dlopt.optimize.int4 import Int4WeightOnly
 from dlopt.optimize.quantize.pipeline import quantize
-from dlopt.optimize.quantize.schemes import (Int8Dynamic, Int8Static, Int8WeightOnly, QuantizeConfig, Scheme,
-                                             validate_config)
+from dlopt.optimize.quantize.schemes import Int8Dynamic, Int8Static, Int8WeightOnly, QuantizeConfig, validate_config
 from dlopt.optimize.quantize.heldout import quantized_nodes
-from dlopt.stage import Check, Stage, StageContext, StageResult, register_stage
+from dlopt.stage import Artifact, Check, StageContext, StageInput, StageResult, register_stage
 
 
 # -- the stages -------------------------------------------------------------------------------------------
@@ -69,7 +67,13 @@ def _run(model, config, context: StageContext) -> StageResult:
 
 
 # One Stage per scheme and the front door; the same run and checks, each its own config class.
-_CHECKS: dict[str, Any] = {"takes": "onnx", "makes": "onnx", "ensures": (SAME_OUTPUTS,)}
+def _write(given: StageInput, config, context: StageContext) -> Artifact:
+    from dlopt.optimize.quantize.files import write_quantized  # files.py finds these stages by kind, lazily
+
+    return write_quantized(given, config, context)
+
+
+_CHECKS: dict[str, Any] = {"takes": "onnx", "makes": "onnx", "ensures": (SAME_OUTPUTS,), "writer": _write}
 
 
 @register_stage(kind="quantize", config=QuantizeConfig, requires=(ONNX_MODEL, FLOAT_ONNX), validate=validate_config,
@@ -107,15 +111,3 @@ def int4_weight_only_stage(model, config: Int4WeightOnly, context: StageContext)
                 summary="FP16 weights and compute, overflowing nodes kept FP32", **_CHECKS)
 def fp16_stage(model, config: Fp16, context: StageContext) -> StageResult:
     return _run(model, config, context)
-
-
-_STAGES_BY_CONFIG = {stage.config: stage for stage in (quantize_stage, int8_dynamic_stage, int8_static_stage,
-                                                       int8_weight_only_stage, int4_weight_only_stage, fp16_stage)}
-
-
-def stage_of(config: Scheme | QuantizeConfig) -> Stage:
-    stage = _STAGES_BY_CONFIG.get(type(config))
-    if stage is None:
-        raise InputError(f"quantize takes a scheme config or a QuantizeConfig, not {type(config).__name__}",
-                         f"use one of {', '.join(c.__name__ for c in _STAGES_BY_CONFIG)}")
-    return stage

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dlopt.errors import DlOptError, InputError, StageError, VerificationError
-from dlopt.fileio import (WrittenModel, check_output_path, guard_outputs, guard_source_spec, json_text, report_path_for,
-                          stage_onnx, staged_outputs)
+from dlopt.fileio import WrittenModel, check_output_path, guard_outputs, report_path_for
 
 
 def export_model(source, output: str | os.PathLike, config=None,
@@ -85,6 +84,41 @@ def quantize_model(model_path: str | os.PathLike, output: str | os.PathLike, con
                          eval_data=eval_data, after=after, progress=progress, log=log)
 
 
+def is_lm_folder(path: str | os.PathLike) -> bool:
+    """An exported LM folder (genai_config.json beside model.onnx), as `dlopt export --task text-generation` writes."""
+    from dlopt.lm import is_lm_folder as check
+
+    return check(path)
+
+
+def quantize_lm(folder: str | os.PathLike, output: str | os.PathLike, config=None,
+                calibration: str | os.PathLike | None = None, *, log: Callable[[str], None] = lambda message: None
+                ) -> dict[str, Any]:
+    """Quantize an exported LM FOLDER to 4 bits (mixed 4/8-bit under `config.max_size_mb`) into the new
+    folder `output`, which onnxruntime-genai loads as it is; `calibration` is UTF-8 text (GPTQ, the block
+    size and the 8-bit layers are measured on it). `config`: a QuantizeLm. Returns the report (also
+    OUTPUT/quantize.json). See dlopt.optimize.quantize_lm."""
+    from dlopt.optimize.quantize_lm import QuantizeLm, quantize_lm_folder
+
+    guard_outputs([folder, calibration], [output])
+    return quantize_lm_folder(folder, output, config or QuantizeLm(), calibration, log=log)
+
+
+def lm_quantize_config(**fields: Any):
+    """A QuantizeLm (dlopt.optimize.quantize_lm) from its fields, checked: block_size, max_size_mb, accuracy_level ..."""
+    from dlopt.optimize.quantize_lm import QuantizeLm, check_config
+
+    config = QuantizeLm(**fields)
+    check_config(config)
+    return config
+
+
+def quantize_lm_summary(report: dict[str, Any]) -> str:
+    from dlopt.optimize.quantize_lm import summary_text
+
+    return summary_text(report)
+
+
 def prune_model(source: str, output_dir: str | os.PathLike, config=None, *, bench_seconds: float | None = 15.0,
                 batch: int = 1, seq_len: int = 128, log: Callable[[str], None] = lambda message: None):
     """Load SOURCE (a reference model or a factory), prune it (a dlopt.optimize.prune.Prune config) and
@@ -94,11 +128,8 @@ def prune_model(source: str, output_dir: str | os.PathLike, config=None, *, benc
     (`bench_seconds`, one thread, interleaved; None skips it). Unstructured: sparsity and gzip sizes,
     and no latency ratio (there is no speedup to claim). The files are renamed into place together at
     the end: a failed or interrupted run leaves the folder as it was (and removes it when it made it)."""
-    from dlopt.checkpoint import save_checkpoint
     from dlopt.errors import InputError
-    from dlopt.fileio import output_folder
-    from dlopt.optimize.prune import Prune, prune_stage
-    from dlopt.sources import load_source
+    from dlopt.optimize.prune import Prune, prune_files, prune_stage
 
     config = config or Prune()
     prune_stage.check_config(config)
@@ -107,97 +138,8 @@ def prune_model(source: str, output_dir: str | os.PathLike, config=None, *, benc
         raise InputError(f"the benchmark time must be positive, got {bench_seconds}",
                          "give a positive time, or none to skip the benchmark")
 
-    def _prune_into(spec: str, out_dir: Path, outputs, config, *, bench_seconds: float | None, batch: int, seq_len: int,
-                    log: Callable[[str], None]):
-        import dataclasses
-        import gzip
-
-        from dlopt.report import format_table
-        from dlopt.stage import StageContext, TorchStageArtifacts
-
-        log(f"loading {spec}")
-        source = load_source(spec)
-        gradients = _gradient_batches(spec, source) if config.importance == "taylor" else None
-        log(f"pruning ({config.structure}, ratio {config.ratio}, {config.importance} importance)")
-        result = prune_stage.apply(source, config, StageContext(data=gradients, log=log))
-        pruned = result.model.module
-        report = dict(result.report)
-        log("exporting the pruned model (verified against torch)")
-        onnx_path = out_dir / "pruned.onnx"
-        onnx_tmp = stage_onnx(_exported(dataclasses.replace(result.model, name=f"{source.name} (pruned)"), log),
-                              onnx_path, outputs)
-        checkpoint = save_checkpoint(out_dir / "pruned.pt", pruned, spec, report, outputs=outputs)
-        r = report
-        rows = [["parameters", r["parameters_before"], r["parameters_after"],
-                 f"{r['parameters_after'] / r['parameters_before']:.3f}x"],
-                ["MACs (Linear/Conv)", r["macs_before"], r["macs_after"], f"{r['macs_after'] / r['macs_before']:.3f}x"]]
-        dense_path = dense_tmp = None
-        if bench_seconds is not None or config.structure == "unstructured":  # else no comparison needs it
-            dense_path = out_dir / "dense.onnx"
-            log("exporting the unpruned model for comparison")
-            dense_tmp = stage_onnx(_exported(source, log), dense_path, outputs)
-            rows.append(["ONNX MB", dense_tmp.stat().st_size / 1e6, onnx_tmp.stat().st_size / 1e6,
-                         f"{onnx_tmp.stat().st_size / dense_tmp.stat().st_size:.3f}x"])
-        notes: list[str] = []
-        if config.structure == "unstructured" and dense_tmp is not None:  # (exported above for it)
-            dense_gz = len(gzip.compress(dense_tmp.read_bytes(), compresslevel=6, mtime=0))
-            sparse_gz_bytes = gzip.compress(onnx_tmp.read_bytes(), compresslevel=6, mtime=0)
-            outputs.stage(out_dir / "pruned.onnx.gz").write_bytes(sparse_gz_bytes)
-            report["onnx_gzip_bytes_before"], report["onnx_gzip_bytes_after"] = dense_gz, len(sparse_gz_bytes)
-            rows += [["sparsity (pruned layers)", 0.0, r["sparsity_pruned_layers"], ""],
-                     ["ONNX gzip MB", dense_gz / 1e6, len(sparse_gz_bytes) / 1e6,
-                      f"{len(sparse_gz_bytes) / dense_gz:.3f}x"]]
-            notes.append("no speedup: unstructured pruning keeps every tensor's shape; the zeros are stored and "
-                         "multiplied, so it runs at the dense model's speed. It only compresses better (pruned.onnx.gz).")
-        else:
-            heads = r.get("attention_heads") or {}
-            if heads:
-                before = sum(h["before"] for h in heads.values())
-                after = sum(h["after"] for h in heads.values())
-                rows.append(["attention heads", before, after, f"{after / before:.3f}x"])
-            if bench_seconds is not None and dense_tmp is not None:  # (exported above for it)
-                log(f"measuring latency, one thread, interleaved ({bench_seconds:g} s)")
-                speed = measure_speedup(dense_tmp, onnx_tmp, budget_s=bench_seconds, batch=batch, seq_len=seq_len)
-                report["latency"] = speed
-                rows.append([f"latency (1 thread) ms, batch {speed['batch']}", speed["baseline_ms"], speed["ms"],
-                             f"{speed['speedup']:.2f}x faster [{speed['speedup_low']:.2f}, {speed['speedup_high']:.2f}]"])
-            notes.append("accuracy is not restored yet: fine-tune with "
-                         f"`dlopt distill --teacher {spec} --student {checkpoint}`")
-        report |= {"source": spec, "checkpoint": str(checkpoint), "onnx": str(onnx_path),
-                   "dense_onnx": str(dense_path) if dense_path else None}
-        report_path = out_dir / "prune.json"
-        outputs.stage(report_path).write_text(json_text(report))
-        table = format_table(["", "before", "after", "change"], rows)
-        return TorchStageArtifacts(checkpoint, onnx_path, report_path, report, table, tuple(notes))
-
-    out_dir = Path(output_dir)
-    guard_outputs([guard_source_spec(source)], [out_dir])
-    with output_folder(out_dir) as out_dir, staged_outputs() as outputs:
-        return _prune_into(source, out_dir, outputs, config, bench_seconds=bench_seconds, batch=batch,
-                           seq_len=seq_len, log=log)
-
-
-def _exported(source, log: Callable[[str], None]):
-    """A torch ModelSource as a verified ONNX model: the export stage, default config."""
-    from dlopt.optimize.export import Export, export_stage
-    from dlopt.stage import StageContext
-
-    return export_stage.apply(source, Export(), StageContext(log=log)).model
-
-
-def _gradient_batches(spec: str, source, n: int = 8):
-    """(inputs, None) batches for taylor importance: the reference model's calibration data, else the example."""
-    import numpy as np
-    import torch
-
-    from dlopt.models import REFERENCE_MODELS
-
-    if spec in REFERENCE_MODELS:
-        samples = list(REFERENCE_MODELS[spec].calibration_data(n))
-        names = samples[0].keys()
-        stacked = {k: torch.from_numpy(np.concatenate([s[k] for s in samples])) for k in names}
-        return [(stacked, None)]
-    return [(dict(source.example_inputs), None)]
+    return prune_files(source, output_dir, config, bench_seconds=bench_seconds, batch=batch, seq_len=seq_len,
+                       log=log)
 
 
 def _check_bench_numbers(bench_seconds: float | None, batch: int = 1, seq_len: int = 1) -> None:
@@ -211,22 +153,6 @@ def _check_bench_numbers(bench_seconds: float | None, batch: int = 1, seq_len: i
     if bench_seconds is not None:
         check_number(bench_seconds, "{bench_seconds=S}")
         MAX_MEASURE_S.check(bench_seconds, "bench_seconds")
-
-
-def measure_speedup(baseline_onnx: Path, onnx_path: Path, *, budget_s: float, batch: int = 1,
-                    seq_len: int = 128) -> dict[str, Any]:
-    """Latency of `onnx_path` against `baseline_onnx`, one thread, interleaved (dlopt.bench)."""
-    from dlopt.bench import BenchConfig, benchmark
-
-    result = benchmark([baseline_onnx, onnx_path], BenchConfig(threads=1, batch_sizes=(batch,), seq_len=seq_len,
-                                                               budget_s=budget_s))
-    run = result.batches[0]
-    ratio = run.models[1].ratios[result.clock]
-    assert ratio is not None, "None only for the first model"
-    return {"clock": result.clock, "batch": run.batch, "rounds": run.rounds,
-            "baseline_ms": run.models[0].summaries[result.clock].median * 1e3,
-            "ms": run.models[1].summaries[result.clock].median * 1e3,
-            "speedup": 1.0 / ratio.estimate, "speedup_low": 1.0 / ratio.high, "speedup_high": 1.0 / ratio.low}
 
 
 def distill_model(teacher_spec: str, student_path: str | os.PathLike, data_spec: str, output_dir: str | os.PathLike,
@@ -245,12 +171,9 @@ def distill_model(teacher_spec: str, student_path: str | os.PathLike, data_spec:
 
     The student is rebuilt from the source its checkpoint records, which is imported only if its file
     still has the recorded sha256, or from `student_source` when the user names one."""
-    from dlopt.checkpoint import checked_source, pinned_source, read_checkpoint, rebuild, save_checkpoint
+    from dlopt.checkpoint import checked_source, read_checkpoint
     from dlopt.errors import InputError
-    from dlopt.fileio import output_folder
-    from dlopt.optimize.distill import (Distill, distill_stage, load_npz_data, reference_training_data,
-                                        split_validation)
-    from dlopt.sources import load_source
+    from dlopt.optimize.distill import Distill, distill_files, distill_stage
 
     embedding_teacher = teacher_spec == "minilm"
     config = Distill(epochs=epochs, temperature=temperature, alpha=alpha,
@@ -271,77 +194,9 @@ def distill_model(teacher_spec: str, student_path: str | os.PathLike, data_spec:
     if data_spec != "reference" and not Path(data_spec).is_file():
         raise InputError(f"data file {data_spec} does not exist", "give an .npz file or 'reference'")
 
-    def _same_source(a: str, b: str) -> bool:
-        from dlopt.errors import InputError
-
-        if a == b:
-            return True
-        try:
-            return pinned_source(a)[0] == pinned_source(b)[0]
-        except (InputError, OSError):
-            return False
-
-    def _distill_into(teacher_spec: str, checkpoint, source_spec: str, student_path: Path, data_spec: str, out_dir: Path,
-                      outputs, config, *, max_samples: int | None, val_fraction: float, seed: int, resume: bool,
-                      bench_seconds: float | None, show_progress: bool, log: Callable[[str], None]):
-        import copy
-        import dataclasses
-
-        from dlopt.report import format_table
-        from dlopt.stage import StageContext, TorchStageArtifacts
-
-        log(f"loading the teacher {teacher_spec}")
-        teacher = load_source(teacher_spec)
-        log(f"rebuilding the student from {student_path} (source {source_spec})")
-        student_source = dataclasses.replace(teacher, module=copy.deepcopy(teacher.module)) \
-            if _same_source(source_spec, teacher_spec) else load_source(source_spec)
-        student = dataclasses.replace(student_source, module=rebuild(checkpoint, student_source.module,
-                                                                     student_source.example_inputs))
-        data = reference_training_data(teacher_spec, max_samples) if data_spec == "reference" else \
-            load_npz_data(Path(data_spec), teacher.example_inputs, max_samples)
-        train, val = split_validation(data, val_fraction, seed)
-        log(f"distilling on {len(train)} samples ({'labeled' if train.labels is not None else 'unlabeled'}), "
-            f"{len(val) if val is not None else 0} held out for early stopping")
-        result = distill_stage.apply(student, config, StageContext(data=train, eval_data=val, teacher=teacher, output=out_dir,
-                                                             resume=resume, progress=show_progress, log=log))
-        report = dict(result.report)
-        log("exporting the student (verified against torch)")
-        onnx_path = out_dir / "distilled.onnx"
-        onnx_tmp = stage_onnx(_exported(dataclasses.replace(result.model, name=f"{source_spec} (distilled)"), log),
-                              onnx_path, outputs)
-        saved = save_checkpoint(out_dir / "distilled.pt", result.model.module, source_spec,
-                                {"pruning_history": checkpoint.pruning_history,
-                                 "module_attributes": checkpoint.module_attributes,
-                                 "prune": checkpoint.report, "distill": {k: v for k, v in report.items()}},
-                                outputs=outputs)
-        notes = []
-        if bench_seconds is not None:
-            teacher_path = out_dir / "teacher.onnx"
-            log("exporting the teacher for the latency comparison")
-            teacher_tmp = stage_onnx(_exported(teacher, log), teacher_path, outputs)
-            log(f"measuring latency against the teacher, one thread, interleaved ({bench_seconds:g} s)")
-            speed = measure_speedup(teacher_tmp, onnx_tmp, budget_s=bench_seconds)
-            report["latency"] = speed
-            notes.append(f"latency (1 thread, batch {speed['batch']}): teacher {speed['baseline_ms']:.3f} ms, student "
-                         f"{speed['ms']:.3f} ms: {speed['speedup']:.2f}x faster [{speed['speedup_low']:.2f}, "
-                         f"{speed['speedup_high']:.2f}]")
-        if report["stopped_early"]:
-            notes.append(f"stopped early after epoch {report['epochs_run']}; kept epoch {report['best_epoch']}")
-        report |= {"teacher": teacher_spec, "student_checkpoint": str(student_path), "student_source": source_spec,
-                   "data": data_spec, "checkpoint": str(saved), "onnx": str(onnx_path)}
-        report_path = out_dir / "distill.json"
-        outputs.stage(report_path).write_text(json_text(report))
-        rows = [[h["epoch"], h["train_loss"], h.get("eval_metric") or "", h.get("eval_value"), h["seconds"]]
-                for h in report["history"]]
-        table = format_table(["epoch", "train loss", "eval metric", "value", "seconds"], rows)
-        return TorchStageArtifacts(saved, onnx_path, report_path, report, table, tuple(notes))
-
-    guard_outputs([guard_source_spec(teacher_spec), student_path, guard_source_spec(source_spec),
-                   None if data_spec == "reference" else data_spec], [out_dir])
-    with output_folder(out_dir) as out_dir, staged_outputs() as outputs:
-        return _distill_into(teacher_spec, checkpoint, source_spec, student_path, data_spec, out_dir, outputs, config,
-                             max_samples=max_samples, val_fraction=val_fraction, seed=seed, resume=resume,
-                             bench_seconds=bench_seconds, show_progress=show_progress, log=log)
+    return distill_files(teacher_spec, checkpoint, source_spec, student_path, data_spec, out_dir, config,
+                         max_samples=max_samples, val_fraction=val_fraction, seed=seed, resume=resume,
+                         bench_seconds=bench_seconds, show_progress=show_progress, log=log)
 
 
 # ------------------------------------------------------------------------------------------------- the other verbs
@@ -417,9 +272,23 @@ def evaluate(model: str | os.PathLike, *, data: str | os.PathLike | None = None,
     expected outputs; `config.metrics` from top1, cosine, sqnr, mse), or with `reference_model`'s own
     evaluator on its real data. `reference` (e.g. the FP32 source .onnx) is run on the same inputs and
     shown beside. `json_path` receives the result (written atomically)."""
-    from dlopt.evaluate import EvalConfig, evaluate_data, evaluate_reference_model
+    from dlopt.evaluate import EvalConfig, evaluate_data, evaluate_lm, evaluate_reference_model
+    from dlopt.lm import is_lm_folder as lm_folder
 
     config = config or EvalConfig()
+    if lm_folder(model):  # an exported LM folder: perplexity and next-token agreement on text (dlopt.lm)
+        if data is None:
+            raise InputError(f"{model} is an LM folder: give held-out text as data",
+                             "pass --data TEXT.txt --reference FP32_FOLDER")
+        if json_path:
+            check_output_path(json_path)
+            guard_outputs([model, data, reference], [json_path])
+        result = evaluate_lm(model, data, config, reference)
+        if json_path:
+            from dlopt.fileio import write_json_atomic
+
+            write_json_atomic(json_path, result.to_dict())
+        return result
     if json_path:
         check_output_path(json_path)
         guard_outputs([model, _data_file(data), reference], [json_path])
@@ -469,7 +338,7 @@ def gate(baseline: str | os.PathLike, candidate: str | os.PathLike, config: Gate
             check_output_path(path)  # before a minute of measuring, not after
     guard_outputs([baseline, candidate, _data_file(data), _data_file(evaluator.data) if evaluator else None],
                   [summary, junit, json_path, github_summary])
-    from dlopt.genai import is_lm_folder
+    from dlopt.lm import is_lm_folder
 
     if is_lm_folder(baseline) or is_lm_folder(candidate):  # exported LMs: decode tokens/s and perplexity
         from dlopt.gate.lm import run_gate_lm
@@ -502,7 +371,7 @@ def package_model(model: str | os.PathLike, output: str | os.PathLike, config: P
     `new_tokens` (default 20) greedy tokens in the manifest, also generated by `reference` (the FP32
     export) when given (dlopt.package.lm.package_lm)."""
     from dlopt.data import data_arrays
-    from dlopt.genai import is_lm_folder
+    from dlopt.lm import is_lm_folder
     from dlopt.package import PackageConfig, package
 
     if is_lm_folder(model) or Path(model).is_dir():
@@ -697,6 +566,28 @@ def run_text(result: RunResult) -> str:
     return format_table(["#", "stage", "status", "seconds", "cache key", "output sha256"], rows)
 
 
+def optimize_model(model: str, output: str | os.PathLike, config=None, *, executor: str = "local",
+                   address: str | None = None, workers: int | None = None, cache_dir: str | os.PathLike | None = None,
+                   report_path: str | os.PathLike | None = None, log: Callable[[str], None] = lambda message: None):
+    """Search candidate recipes for MODEL (a reference model name, a torch source, or an .onnx) on
+    config.target (an OptimizeConfig), write the best candidate within the accuracy budget as a
+    verified bundle at `output` and, with `report_path`, a self-contained HTML report. Candidate
+    transforms and scoring run on `executor` ("local" process pool or "ray"); every stage output and
+    evaluation is cached in the stage cache (`cache_dir`, else $DLOPT_CACHE_DIR, else the default).
+    Returns dlopt.search.OptimizeResult (its `result` dict follows schemas/optimize.schema.json)."""
+    from dlopt.executor import make_executor
+    from dlopt.search import OptimizeConfig, optimize
+    from dlopt.stagecache import StageCache, default_cache_dir
+
+    cache = StageCache(cache_dir or default_cache_dir())
+    runner = make_executor(executor, address=address, workers=workers, cache_dir=cache.root)
+    try:
+        return optimize(model, output, config or OptimizeConfig(), executor=runner, cache=cache,
+                        report_path=report_path, log=log)
+    finally:
+        runner.close()
+
+
 @dataclass(frozen=True)
 class CacheListing:
     """The stage cache's folder and its entries (oldest first)."""
@@ -767,10 +658,14 @@ _LAZY = {
     "origin_text": "dlopt.verify", "verification_error": "dlopt.verify", "verified_text": "dlopt.verify",
     "RunResult": "dlopt.recipe", "StageCache": "dlopt.stagecache", "Entry": "dlopt.stagecache",
     "Fp32Evaluation": "dlopt.models", "ImagePreprocess": "dlopt.images",
+    "measure_speedup": "dlopt.bench",  # prune's and distill's latency line
     "check_number": "dlopt.limits",  # the checks of numeric options, shared by the CLI's option types
     # the data layer every verb reads its data through (docs/data.md)
     "DataSpec": "dlopt.data", "CalibrationData": "dlopt.data", "data_spec": "dlopt.data", "load_data": "dlopt.data",
+    "OptimizeConfig": "dlopt.search.driver", "OptimizeResult": "dlopt.search.driver",
+    "optimize_text": "dlopt.search.report:front_text",
     "notes_to": "dlopt.sessions",  # where sessions' one-time notes go (a relaxed output declaration)
+    "json_text": "dlopt.fileio",  # how the CLI prints a JSON result
     "reset_written": "dlopt.fileio", "written_paths": "dlopt.fileio",  # what an interrupted command had written
     # the stage configs, and what the stage verbs' callers print, from the stage modules
     "Export": "dlopt.optimize.export", "DEFAULT_OPSET": "dlopt.optimize.export", "Prune": "dlopt.optimize.prune",
@@ -790,8 +685,6 @@ if TYPE_CHECKING:
     from dlopt.optimize.distill import Device, Loss
     from dlopt.package import PackageConfig, PackageResult
     from dlopt.recipe import RunResult
-    from dlopt.search.driver import OptimizeConfig, OptimizeResult
-    from dlopt.search.report import front_text as optimize_text
     from dlopt.stagecache import Entry, StageCache
     from dlopt.verify import VerifyResult
 
@@ -806,37 +699,9 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["CacheListing", "CachePruned", "DlOptError", "Gated", "InputError", "KeyPair", "Measured", "ModelEntry",
+__all__ = ["is_lm_folder", "lm_quantize_config", "quantize_lm", "quantize_lm_summary", "CacheListing", "CachePruned", "DlOptError", "Gated", "InputError", "KeyPair", "Measured", "ModelEntry",
            "StageError", "VerificationError", "WrittenModel", "MeasuredGeneration", "bench", "bench_generate", "export_lm", "cache_ls", "cache_prune", "cache_root", "cache_text",
-           "distill_model", "evaluate", "export_model", "gate", "keygen", "measure_speedup", "models", "models_text",
-           "package_model", "package_text", "prune_model", "quantize_model", "report_path_for", "run", "run_text",
+           "distill_model", "evaluate", "export_model", "gate", "keygen", "models", "models_text",
+           "optimize_model", "package_model", "package_text", "prune_model", "quantize_model", "report_path_for",
+           "run", "run_text",
            "verify", *_LAZY]
-
-
-def optimize_model(model: str, output: str | os.PathLike, config=None, *, executor: str = "local",
-                   address: str | None = None, workers: int | None = None, cache_dir: str | os.PathLike | None = None,
-                   report_path: str | os.PathLike | None = None, log: Callable[[str], None] = lambda message: None):
-    """Search candidate recipes for MODEL (a reference model name, a torch source, or an .onnx) on
-    config.target (an OptimizeConfig), write the best candidate within the accuracy budget as a
-    verified bundle at `output` and, with `report_path`, a self-contained HTML report. Candidate
-    transforms and scoring run on `executor` ("local" process pool or "ray"); every stage output and
-    evaluation is cached in the stage cache (`cache_dir`, else $DLOPT_CACHE_DIR, else the default).
-    Returns dlopt.search.OptimizeResult (its `result` dict follows schemas/optimize.schema.json)."""
-    from dlopt.executor import make_executor
-    from dlopt.search import OptimizeConfig, optimize
-    from dlopt.stagecache import StageCache, default_cache_dir
-
-    cache = StageCache(cache_dir or default_cache_dir())
-    runner = make_executor(executor, address=address, workers=workers, cache_dir=cache.root)
-    try:
-        return optimize(model, output, config or OptimizeConfig(), executor=runner, cache=cache,
-                        report_path=report_path, log=log)
-    finally:
-        runner.close()
-
-
-__all__ += ["optimize_model"]
-
-_LAZY.update({"OptimizeConfig": "dlopt.search.driver", "OptimizeResult": "dlopt.search.driver",
-              "optimize_text": "dlopt.search.report:front_text"})
-__all__ += ["OptimizeConfig", "OptimizeResult", "optimize_text"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dlopt.errors import InputError
 from dlopt.package import PackageConfig, package, validate_config
-from dlopt.stage import Check, StageContext, StageResult, register_stage
+from dlopt.stage import Artifact, Check, StageContext, StageInput, StageResult, register_stage
 
 def _model_file_problem(model, config, before) -> str | None:
     path = Path(model) if isinstance(model, (str, Path)) else None
@@ -23,7 +23,17 @@ def _verified_problem(bundle, config, before) -> str | None:
     return None if manifest.is_file() else f"{bundle} has no manifest.json"
 
 
-@register_stage(kind="package", config=PackageConfig, takes="onnx", makes="bundle",
+def _write(given: StageInput, config: PackageConfig, context: StageContext) -> Artifact:
+    """The stage before's model as the verified bundle folder OUTPUT/bundle (its lineage: context.lineage)."""
+    from dlopt.manifest import artifact_hash
+
+    result = package_stage.apply(given.input_path(), config, StageContext(output=context.folder() / "bundle",
+                                                                      lineage=context.lineage, after=context.after,
+                                                                      log=context.log))
+    return Artifact(Path(result.model), artifact_hash(Path(result.model)), result.report)
+
+
+@register_stage(kind="package", config=PackageConfig, takes="onnx", makes="bundle", writer=_write,
                 requires=(Check("an ONNX model file", _model_file_problem),),
                 ensures=(Check("a bundle with its manifest", _verified_problem),),
                 summary="a verified, self-describing bundle for the target", validate=validate_config)

@@ -7,7 +7,7 @@ instead records how to rebuild it: build the source, replay the pruning history,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,5 +136,27 @@ def rebuild(checkpoint: PrunedCheckpoint, module, example_inputs: Mapping[str, A
     return module.eval()
 
 
+def torch_source(spec: str, checkpoint: Path | None, log: Callable[[str], None], *, loaded: Any = None):
+    """SOURCE `spec` as a ModelSource, rebuilt from a pruned `checkpoint` when one is given (from a copy of
+    `loaded`, the source already loaded, when given)."""
+    import copy
+    import dataclasses
+
+    from dlopt.fileio import guard_source_spec
+    from dlopt.sources import load_source
+
+    guard_source_spec(spec)
+    if loaded is not None:
+        source = dataclasses.replace(loaded, module=copy.deepcopy(loaded.module))
+    else:
+        log(f"loading {spec}")
+        source = load_source(spec)
+    if checkpoint is None:
+        return source
+    log(f"rebuilding it from the checkpoint {checkpoint.parent.name[:12]}")
+    module = rebuild(read_checkpoint(checkpoint), source.module, source.example_inputs)
+    return dataclasses.replace(source, module=module, name=f"{source.name} (pruned)")
+
+
 __all__ = ["CHECKPOINT_FORMAT", "PrunedCheckpoint", "checked_source", "pinned_source", "read_checkpoint", "rebuild",
-           "require_torch_pruning", "save_checkpoint", "source_file"]
+           "require_torch_pruning", "save_checkpoint", "source_file", "torch_source"]

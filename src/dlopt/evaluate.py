@@ -351,6 +351,40 @@ def evaluate_reference_model(model: str | os.PathLike, name: str, config: EvalCo
                       config=config)
 
 
+def evaluate_lm(model: str | os.PathLike, data: str | os.PathLike, config: EvalConfig,
+                reference: str | os.PathLike | None) -> EvalResult:
+    """The LM row of the metric table for an exported LM folder against its FP32 export (`reference`, an
+    LM folder) on held-out UTF-8 text: perplexity over the reference's (FP32 = 1.0) and greedy next-token
+    agreement, from prefills over windows of EVAL_WINDOW tokens (dlopt.lm.lm_fidelity)."""
+    from dlopt.lm import EVAL_MAX_WINDOWS, EVAL_WINDOW, is_lm_folder, lm_fidelity, read_genai_config, read_text_tokens
+    from dlopt.lm import windows as token_windows
+
+    if reference is None or not is_lm_folder(reference):
+        raise InputError(f"evaluating the LM folder {model} needs its FP32 export as --reference (an LM folder)",
+                         "pass --reference FP32_FOLDER, the folder it was quantized from")
+    asked = set(config.metrics) - {"perplexity", "auto", "top1"}
+    if asked or config.evaluator:
+        raise InputError(f"an LM folder is evaluated by perplexity and next-token agreement, not {sorted(asked)[0] if asked else 'an evaluator'}",
+                         "use --metric perplexity")
+    genai = read_genai_config(model)
+    read_genai_config(reference)
+    tokens = read_text_tokens(model, data, "--data text")
+    window = min(EVAL_WINDOW, int(genai["model"]["context_length"]))
+    pieces = token_windows(tokens, window)[:EVAL_MAX_WINDOWS]
+    if not pieces:
+        raise InputError(f"{data} has {tokens.shape[0]} tokens, fewer than one {window}-token window",
+                         f"give at least {window} tokens of held-out text")
+    head = int(genai["model"]["decoder"]["head_size"])
+    f = lm_fidelity(Path(reference) / "model.onnx", Path(model) / "model.onnx", pieces, head, threads=config.threads)
+    note = f"{f['tokens']} next tokens in {f['windows']} windows of {window}"
+    rows = (MetricRow("perplexity", f["perplexity_ratio"], 1.0, f"ratio to the reference's; {note}"),
+            MetricRow("perplexity_value", f["perplexity"], f["fp32_perplexity"], "exp(mean next-token NLL)"),
+            MetricRow("next_token_agreement", f["next_token_agreement"], 1.0,
+                      "greedy (argmax) next token equal to the reference's"))
+    return EvalResult(model=str(model), reference=str(reference), source=str(data), samples=f["windows"], rows=rows,
+                      runs_on="CPUExecutionProvider", config=config)
+
+
 def format_eval(result: EvalResult) -> str:
     from dlopt.report import format_table
 
@@ -371,5 +405,6 @@ def format_eval(result: EvalResult) -> str:
     return f"{table}\n\nsource: {result.source}{samples}; ran on {result.runs_on}"
 
 
-__all__ = ["EvalConfig", "EvalResult", "METRICS", "MetricRow", "TASK_METRICS", "evaluate_data", "evaluate_reference_model",
+__all__ = ["EvalConfig", "EvalResult", "METRICS", "MetricRow", "TASK_METRICS", "evaluate_data", "evaluate_lm",
+           "evaluate_reference_model",
            "format_eval", "higher_is_better", "run_batched", "task_metric_row", "top1", "validate_metrics"]

@@ -1,15 +1,12 @@
 """Exported language-model folders run as onnxruntime-genai runs them (what `dlopt export --task
-text-generation` writes and `og.Model(folder)` loads as it is): their checks, greedy generation, and
-perplexity through genai's own generator.
+text-generation` writes and `og.Model(folder)` loads as it is): their checks and greedy generation
+(perplexity of LM folders is dlopt.lm's).
 
 For package, verify, gate and bench --generate:
 - `check_lm_folder`: the one-line errors for a folder that is not an exported LM (a Hugging Face
   folder, a BERT encoder, no tokenizer);
 - `greedy_generate` / `check_greedy`: a prompt's greedy continuation, and the re-check of a recorded
-  one (each recorded token fed back in turn, so one near-tie cannot hide how the rest compares);
-- `perplexity`: two folders' logits over the same text windows, through dlopt.metrics.Perplexity
-  (the metric table's perplexity: the candidate's over the baseline's, and next-token agreement),
-  as `dlopt gate` scores two folders as users run them.
+  one (each recorded token fed back in turn, so one near-tie cannot hide how the rest compares).
 
 Logits come from onnxruntime-genai's own generator (`append_tokens`, `get_output("logits")`), so what
 is checked is what a user's generate loop runs: the same session options, KV cache and kernels.
@@ -27,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from dlopt.errors import InputError, MissingDependencyError
+from dlopt.lm import GENAI_CONFIG
 
-GENAI_CONFIG = "genai_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 EXPORT_HINT = "export one with: dlopt export HF_FOLDER --task text-generation -o FOLDER"
 # A recorded greedy token still counts as the model's choice when its logit is within this of the top
@@ -86,10 +83,6 @@ def load_lm(og, folder: LmFolder, threads: int):
     except Exception as e:  # genai raises plain RuntimeErrors for unloadable folders
         raise InputError(f"onnxruntime-genai cannot load {folder.path}: {str(e).splitlines()[0]}",
                          "export the folder again with dlopt export --task text-generation") from e
-
-
-def is_lm_folder(path: str | os.PathLike) -> bool:
-    return (Path(path) / GENAI_CONFIG).is_file()
 
 
 def check_causal_lm_config(config_path: Path) -> dict[str, Any]:
@@ -186,53 +179,6 @@ def check_greedy(og, model, prompt_ids: Sequence[int], recorded: Sequence[int], 
     return {"passed": passed, "steps": len(recorded), "equal": equal, "first_difference": first, "detail": detail}
 
 
-def text_tokens(tokenizer, path: str | os.PathLike) -> np.ndarray:
-    """A plain text file's tokens under the folder's tokenizer."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise InputError(f"cannot read the evaluation text {p}: {e.strerror}", "give a readable UTF-8 .txt file") from e
-    return np.asarray(tokenizer.encode(text), dtype=np.int64)
-
-
-def _window_logits(og, model, ids: np.ndarray) -> np.ndarray:
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=ids.shape[0])  # the prefill only: a full context fits
-    generator = og.Generator(model, params)
-    generator.append_tokens(ids[None].astype(np.int32))
-    logits = np.asarray(generator.get_output("logits"), dtype=np.float32)
-    del generator
-    return logits
-
-
-def perplexity(baseline: LmFolder, candidate: LmFolder, tokens: np.ndarray, *, window: int = 512,
-               max_tokens: int = 4096, threads: int = 1) -> dict[str, Any]:
-    """Perplexity of both folders on `tokens` (the first `max_tokens`, in non-overlapping `window`-token
-    windows, the first token of each unscored), through dlopt.metrics.Perplexity: `ratio` is the
-    candidate's perplexity over the baseline's (its drop is ratio - 1), with next-token agreement."""
-    from dlopt.metrics import Perplexity
-
-    window = min(window, baseline.context_length, candidate.context_length)
-    tokens = np.asarray(tokens, dtype=np.int64)[:max_tokens]
-    if tokens.shape[0] < window:
-        if tokens.shape[0] < 2:
-            raise InputError(f"the evaluation text has {tokens.shape[0]} token(s)", "give a longer text")
-        window = tokens.shape[0]
-    og = _genai()
-    base_model, cand_model = load_lm(og, baseline, threads), load_lm(og, candidate, threads)
-    metric = Perplexity()
-    for start in range(0, tokens.shape[0] - window + 1, window):
-        ids = tokens[start:start + window]
-        metric.add([_window_logits(og, base_model, ids)], [_window_logits(og, cand_model, ids)],
-                   {"input_ids": ids[None]})
-    value = metric.result()
-    return {"ratio": value.value, "baseline_perplexity": value.components["fp32_perplexity"],
-            "candidate_perplexity": value.components["candidate_perplexity"],
-            "next_token_agreement": value.components["next_token_agreement"], "tokens": value.components["tokens"],
-            "window": window}
-
-
 __all__ = ["EXPORT_HINT", "Greedy", "TIE_RTOL", "TOKENIZER_FILES", "check_causal_lm_config", "check_greedy",
            "check_lm_folder",
-           "check_prompt_fits", "greedy_generate", "is_lm_folder", "open_lm", "perplexity", "text_tokens"]
+           "check_prompt_fits", "greedy_generate", "open_lm"]

@@ -213,6 +213,26 @@ def check_files(bundle: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["MANIFEST_NAME", "SAMPLES_NAME", "SCHEMA_NAME", "SCHEMA_VERSION", "SIGNATURE_NAME", "check_files",
-           "file_entries", "hash_path", "load_schema", "read_manifest", "read_manifest_bytes", "sha256_file",
-           "sha256_files", "validate"]
+def artifact_hash(model_path: Path) -> str:
+    """sha256 of an ONNX file and its external data files (in order), of a torch checkpoint, or of a bundle
+    folder."""
+    if model_path.is_dir():
+        return hash_path(model_path)["sha256"]
+    if model_path.suffix == ".pt":
+        return sha256_file(model_path)
+    from dlopt.fileio import external_data_files, load_onnx  # loads nothing of this module: no cycle
+
+    external = external_data_files(load_onnx(model_path, load_external_data=False))
+    if not external:
+        return sha256_file(model_path)
+    import hashlib
+
+    digest = hashlib.sha256(sha256_file(model_path).encode())
+    for name in external:
+        digest.update(name.encode() + b"\0" + sha256_file(model_path.parent / name).encode())
+    return digest.hexdigest()
+
+
+__all__ = ["MANIFEST_NAME", "SAMPLES_NAME", "SCHEMA_NAME", "SCHEMA_VERSION", "SIGNATURE_NAME", "artifact_hash",
+           "check_files", "file_entries", "hash_path", "load_schema", "read_manifest", "read_manifest_bytes",
+           "sha256_file", "sha256_files", "validate"]

@@ -55,8 +55,8 @@ else:  # Python 3.10: the same parser, as the tomli package (a dependency there)
 import dlopt
 from dlopt.data import DataSpec, local_modules, read_spec_file, reader_hash, source_path, spec_from_keys, spec_hash
 from dlopt.errors import DlOptError, InputError, StageError
-from dlopt.manifest import hash_path, sha256_file
-from dlopt.stage import (ConfigValueError, Stage, StageContext, config_from_dict, config_to_dict, config_version,
+from dlopt.manifest import artifact_hash
+from dlopt.stage import (ConfigValueError, StageContext, StageInput, config_from_dict, config_to_dict, config_version,
                          get_stage, shown_value, stage_kinds)
 from dlopt.stagecache import Entry, StageCache, cache_key
 
@@ -339,6 +339,9 @@ def _check_order(recipe: Recipe) -> None:
         if _quantizes(stage.kind) and any(_precision(s) == "fp16" for s in recipe.stages[:stage.index - 1]):
             raise InputError(f"{where}: the stage before made an FP16 model: {stage.kind} takes a float32 one",
                              "quantize once per recipe: keep one fp16 (or int8/int4) stage")
+        if spec.writer is None:
+            raise InputError(f"{where}: the {stage.kind} stage runs inside another stage, not on its own",
+                             "use the key of the stage that runs it (trim-padding: quantize's trim_padding)")
         made = spec.makes
         try:
             spec.check_config(stage.config)
@@ -407,26 +410,6 @@ def _version(module: str) -> str:
     return __import__(module).__version__
 
 
-def artifact_hash(model_path: Path) -> str:
-    """sha256 of an ONNX file and its external data files (in order), of a torch checkpoint, or of a bundle
-    folder."""
-    if model_path.is_dir():
-        return hash_path(model_path)["sha256"]
-    if model_path.suffix == ".pt":
-        return sha256_file(model_path)
-    from dlopt.fileio import external_data_files, load_onnx
-
-    external = external_data_files(load_onnx(model_path, load_external_data=False))
-    if not external:
-        return sha256_file(model_path)
-    import hashlib
-
-    digest = hashlib.sha256(sha256_file(model_path).encode())
-    for name in external:
-        digest.update(name.encode() + b"\0" + sha256_file(model_path.parent / name).encode())
-    return digest.hexdigest()
-
-
 def source_hash(spec: str) -> str:
     """A torch source's identity: its factory file's bytes (file.py:build, package.module:build), or,
     for a reference model, its name with this dlopt's version (the factory ships with dlopt). A Python
@@ -443,7 +426,7 @@ def data_hash(spec: str | DataSpec | None) -> str | None:
 
 
 # ONNX -> ONNX stages that are not quantize's schemes: applied to the model with the recipe's data
-# (held-out samples: eval_data, else calibration) by _onnx_stage; the report is kept in the cache entry.
+# (held-out samples: eval_data, else calibration) by their writer; the report is kept in the cache entry.
 DATA_ONNX_STAGES = ("trim-padding",)
 
 
@@ -667,45 +650,21 @@ def _build(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Path, k
 
 def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Path, key: str, inputs: Mapping[str, Any],
                cache: StageCache, staging: Path, lineage: list[dict[str, Any]], log: Log) -> Entry:
-    config = _prepared(recipe, stage)
+    """Run one stage on files (Stage.write: its input artifact in, its output written into `staging`) and
+    commit what it wrote to the cache under `key`."""
     after = tuple(step["kind"] for step in lineage)
+    given = StageInput(artifact=artifact, source=recipe.source, calibration=recipe.calibration,
+                       eval_data=recipe.eval_data, training_data=recipe.distill_data, keep_failed=out)
     spec = get_stage(stage.kind)
-    if stage.kind == "distill":  # the prune stage's checkpoint, trained against the source
-        produced, report = _distill(recipe, spec, config, _made_before(artifact, stage), staging, after, log)
-    elif spec.takes == spec.makes == "torch":  # prune: the pruned checkpoint
-        from dlopt.checkpoint import save_checkpoint
-
-        result = spec.apply(_torch_source(recipe, artifact, log), config, StageContext(after=after, log=log))
-        produced = save_checkpoint(staging / "model.pt", result.model.module, recipe.source, result.report)
-        report = {k: result.report[k] for k in ("parameters_before", "parameters_after", "macs_before",
-                                                "macs_after")}
-    elif spec.takes == "torch":
-        from dlopt.optimize.export import export_file
-
-        source = recipe.source if artifact is None else _torch_source(recipe, artifact, log)
-        written = export_file(source, staging / "model.onnx", config, log=log)
-        produced, report = written.model_path, written.report
-    elif spec.makes == "bundle":
-        result = spec.apply(artifact, config, StageContext(output=staging / "bundle", lineage=tuple(lineage),
-                                                           after=after, log=log))
-        produced, report = result.model, result.report
-    elif stage.kind in DATA_ONNX_STAGES:
-        produced, report = _onnx_stage(recipe, spec, config, _made_before(artifact, stage), staging, after, log)
-    else:  # quantize and its schemes
-        from dlopt.optimize.quantize.files import failure_error, quantize_file
-
-        outcome = quantize_file(_made_before(artifact, stage), staging / "model.onnx", config, recipe.calibration,
-                                eval_data=recipe.eval_data, after=after, log=log)
-        if not outcome.passed:  # the best effort goes beside -o, as `dlopt quantize` keeps it; never cached
-            raise failure_error(_keep_failed(outcome, out))
-        produced, report = outcome.model_path, outcome.report
-    summary = {k: report[k] for k in ("verdict", "verification", "bytes_written", "bytes", "recipe", "scheme",
-                                      "parameters_before", "parameters_after", "macs_before", "macs_after",
-                                      "epochs_run", "best_epoch", "train_samples", "trim_padding")
-               if k in report}
-    info = {"kind": stage.kind, "inputs": dict(inputs), "artifact": produced.name,
-            "output_sha256": artifact_hash(produced), "source": recipe.source, "recipe": str(recipe.path),
-            "report": summary}
+    given = given if spec.takes == "torch" else dataclasses.replace(given, artifact=_made_before(artifact, stage))
+    made = spec.write(given, _prepared(recipe, stage),
+                      StageContext(output=staging, lineage=tuple(lineage), after=after, log=log))
+    summary = {k: made.report[k] for k in ("verdict", "verification", "bytes_written", "bytes", "recipe", "scheme",
+                                           "parameters_before", "parameters_after", "macs_before", "macs_after",
+                                           "epochs_run", "best_epoch", "train_samples", "trim_padding")
+               if k in made.report}
+    info = {"kind": stage.kind, "inputs": dict(inputs), "artifact": made.path.name, "output_sha256": made.sha256,
+            "source": recipe.source, "recipe": str(recipe.path), "report": summary}
     return cache.commit(key, staging, info)
 
 
@@ -715,80 +674,6 @@ def _made_before(artifact: Path | None, stage: StageSpec) -> Path:
         raise StageError(f"stage {stage.index} {stage.kind} reads a model no earlier stage made",
                          "begin the recipe with an export stage, or give an .onnx source")
     return artifact
-
-
-def _onnx_stage(recipe: Recipe, spec: Stage, config: Any, artifact: Path, staging: Path, after: tuple[str, ...],
-                log: Log) -> tuple[Path, dict[str, Any]]:
-    from dlopt.data import load_data
-    from dlopt.fileio import load_onnx, save_onnx_atomic
-
-    model = load_onnx(artifact)
-    data = load_data(recipe.calibration, model) if recipe.calibration else None
-    held = load_data(recipe.eval_data, model) if recipe.eval_data else None
-    result = spec.apply(model, config, StageContext(data=data, eval_data=held, after=after, log=log))
-    produced = save_onnx_atomic(result.model, staging / "model.onnx")
-    return produced, {spec.kind.replace("-", "_"): result.report}  # under the key quantize reports it by too
-
-
-def _distill(recipe: Recipe, spec: Stage, config: Any, checkpoint: Path, staging: Path, after: tuple[str, ...],
-             log: Log) -> tuple[Path, dict[str, Any]]:
-    """Train the prune stage's student against the source on the recipe's training data (a tenth held out
-    for early stopping, split by the config's seed); its checkpoint keeps the pruning, so export rebuilds it."""
-    from dlopt.checkpoint import read_checkpoint, save_checkpoint
-    from dlopt.optimize.distill import load_npz_data, reference_training_data, split_validation
-
-    teacher = _torch_source(recipe, None, log)
-    student = _torch_source(recipe, checkpoint, log, loaded=teacher)
-    data_spec = recipe.distill_data
-    log(f"loading the training data {data_spec}")
-    if data_spec.startswith("model:"):
-        data = reference_training_data(data_spec[len("model:"):])
-    else:
-        data = load_npz_data(Path(data_spec), teacher.example_inputs)
-    train, val = split_validation(data, 0.1, config.seed)
-    result = spec.apply(student, config, StageContext(data=train, eval_data=val, teacher=teacher, after=after, log=log))
-    pruned = read_checkpoint(checkpoint)
-    report = dict(result.report) | {"train_samples": len(train)}
-    produced = save_checkpoint(staging / "model.pt", result.model.module, recipe.source,
-                                     {"pruning_history": pruned.pruning_history,
-                                      "module_attributes": pruned.module_attributes,
-                                      "prune": pruned.report, "distill": report})
-    return produced, report
-
-
-def _torch_source(recipe: Recipe, checkpoint: Path | None, log: Log, *, loaded: Any = None):
-    """The recipe's torch source as a ModelSource, rebuilt from a cached pruned checkpoint when one is given
-    (from a copy of `loaded`, the source already loaded, when given)."""
-    import copy
-    import dataclasses as dc
-
-    from dlopt.checkpoint import read_checkpoint, rebuild
-    from dlopt.fileio import guard_source_spec
-    from dlopt.sources import load_source
-
-    guard_source_spec(recipe.source)
-    if loaded is not None:
-        source = dc.replace(loaded, module=copy.deepcopy(loaded.module))
-    else:
-        log(f"loading {recipe.source}")
-        source = load_source(recipe.source)
-    if checkpoint is None:
-        return source
-    log(f"rebuilding it from the checkpoint {checkpoint.parent.name[:12]}")
-    module = rebuild(read_checkpoint(checkpoint), source.module, source.example_inputs)
-    return dc.replace(source, module=module, name=f"{source.name} (pruned)")
-
-
-def _keep_failed(outcome: Any, out: Path) -> Any:
-    """Copy a failed quantize stage's model and report out of its staging folder to OUT.failed.onnx."""
-    from dlopt.fileio import report_path_for, staged_outputs
-    from dlopt.optimize.quantize.files import failed_path
-
-    kept = failed_path(out)
-    with staged_outputs() as outputs:
-        shutil.copyfile(outcome.model_path, outputs.stage(kept))
-        shutil.copyfile(outcome.report_path, outputs.stage(report_path_for(kept, "quantize")))
-    return dataclasses.replace(outcome, model_path=kept, report_path=report_path_for(kept, "quantize"))
 
 
 def _deliver(artifact: Path, out: Path, *, bundle: bool, inputs: list[Path], guarded: list[Path]) -> None:

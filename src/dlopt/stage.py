@@ -35,6 +35,37 @@ class StageResult:
 
 
 @dataclass(frozen=True)
+class StageInput:
+    """What a stage's writer reads besides its config: `artifact`, the file or folder the stage before made
+    (None: the source itself), the source spec (a torch stage loads and rebuilds from it), the data specs
+    (calibration, held-out eval data, distill's training data) and `keep_failed`: the final output, beside
+    which a result that fails its verification is kept."""
+
+    artifact: Path | None
+    source: str
+    calibration: Any = None
+    eval_data: Any = None
+    training_data: str | None = None
+    keep_failed: Path | None = None
+
+    def input_path(self) -> Path:
+        """The artifact a stage that reads a model reads: an error when no stage before made one."""
+        if self.artifact is None:
+            raise StageError("the stage reads a model and no stage before made one",
+                             "begin the recipe with an export stage, or give an .onnx source")
+        return self.artifact
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a stage wrote: the file or folder, its sha256 (dlopt.manifest.artifact_hash) and the report."""
+
+    path: Path
+    sha256: str
+    report: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class TorchStageArtifacts:
     """What a torch stage (prune, distill) leaves in its output directory, and what it printed."""
 
@@ -66,6 +97,12 @@ class StageContext:
     progress: bool = False
     log: Callable[[str], None] = lambda message: None
 
+    def folder(self) -> Path:
+        """`output`, for a stage that writes into a folder: an error when it was given none."""
+        if self.output is None:
+            raise StageError("the stage writes into a folder and was given none", "pass output= in its context")
+        return self.output
+
 
 @dataclass(frozen=True)
 class Check:
@@ -76,10 +113,11 @@ class Check:
     test: Callable[[Any, Any, Any], str | None]
 
 
-Artifact = Literal["torch", "onnx", "bundle"]
+ArtifactKind = Literal["torch", "onnx", "bundle"]
 
 
 RunStage = Callable[[Any, Any, StageContext], StageResult]
+WriteStage = Callable[[StageInput, Any, StageContext], Artifact]
 
 
 @dataclass(frozen=True)
@@ -87,12 +125,22 @@ class Stage:
     kind: str
     config: type  # the frozen config dataclass; its VERSION class attribute is the schema version
     run: RunStage
-    takes: Artifact  # what its input is: a torch source, an ONNX model, a bundle
-    makes: Artifact
+    takes: ArtifactKind  # what its input is: a torch source, an ONNX model, a bundle
+    makes: ArtifactKind
     requires: tuple[Check, ...] = ()
     ensures: tuple[Check, ...] = ()
     summary: str = ""
     validate: Callable[[Any], None] | None = None  # raises InputError for a bad config, before any work
+    # Writes the stage's output into context.output atomically and returns it as an Artifact (what dlopt run
+    # caches); None for a stage that runs only inside another (trim-padding, inside quantize).
+    writer: WriteStage | None = field(default=None, compare=False)
+
+    def write(self, given: StageInput, config: Any, context: StageContext) -> Artifact:
+        """Run the stage on files: its input artifact in, its output written into context.output."""
+        if self.writer is None:
+            raise InputError(f"the {self.kind} stage runs inside another stage, not on its own",
+                             "use the key of the stage that runs it (trim-padding: quantize's trim_padding)")
+        return self.writer(given, config, context)
 
     def __reduce__(self) -> str | tuple[Any, ...]:
         # A registered stage travels (to worker processes) as its kind: its run function's module-level name
@@ -151,17 +199,18 @@ STAGE_MODULES: dict[str, str] = {
 _REGISTERED: dict[str, Stage] = {}  # kind -> its Stage, filled by register_stage as stage modules load
 
 
-def register_stage(*, kind: str, config: type, takes: Artifact, makes: Artifact, requires: tuple[Check, ...] = (),
-                   ensures: tuple[Check, ...] = (), summary: str = "",
-                   validate: Callable[[Any], None] | None = None) -> Callable[[RunStage], Stage]:
+def register_stage(*, kind: str, config: type, takes: ArtifactKind, makes: ArtifactKind,
+                   requires: tuple[Check, ...] = (),
+                   ensures: tuple[Check, ...] = (), summary: str = "", validate: Callable[[Any], None] | None = None,
+                   writer: WriteStage | None = None) -> Callable[[RunStage], Stage]:
     """Decorate a stage's `run(input, config, context) -> StageResult` to make it the Stage `kind` of the
-    registry; the decorated name is that Stage."""
+    registry; the decorated name is that Stage. `writer`: how it runs on files (Stage.write)."""
     if kind not in STAGE_MODULES:
         raise TypeError(f"stage kind {kind!r} is not in dlopt.stage.STAGE_MODULES: add where it is registered")
 
     def decorate(run: RunStage) -> Stage:
         stage = Stage(kind=kind, config=config, run=run, takes=takes, makes=makes, requires=requires,
-                      ensures=ensures, summary=summary, validate=validate)
+                      ensures=ensures, summary=summary, validate=validate, writer=writer)
         if kind in _REGISTERED and _REGISTERED[kind].run.__qualname__ != run.__qualname__:
             raise TypeError(f"stage kind {kind!r} is registered twice")
         _REGISTERED[kind] = stage
@@ -374,6 +423,7 @@ def _decode(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-__all__ = ["Check", "ConfigValueError", "RunStage", "STAGE_MODULES", "Stage", "StageContext", "StageResult",
-           "TorchStageArtifacts", "config_from_dict", "config_to_dict", "config_version", "get_stage", "register_stage",
+__all__ = ["Artifact", "Check", "ConfigValueError", "RunStage", "STAGE_MODULES", "Stage", "StageContext", "StageInput",
+           "StageResult", "TorchStageArtifacts", "WriteStage", "config_from_dict", "config_to_dict", "config_version",
+           "get_stage", "register_stage",
            "shown_value", "stage_for_config", "stage_kinds"]

@@ -54,11 +54,13 @@ from dlopt.bench.data import (MAX_DATA_BATCHES, data_batches, length_sorting, lo
                               model_feeds, padding_note, padding_share, sorted_by_length)
 from dlopt.bench.results import BatchRun, BenchResult, LoadedModel, ModelRun
 from dlopt.bench.harness import (BOOTSTRAP_S_PER_ELEMENT, FINISH_RESERVE_S, BoundModels, CyclingRun, benchmark,
-                                 bind_models, choose_clock, load_models, machine_fingerprint)
+                                 bind_models, choose_clock, load_models, machine_fingerprint,
+                                 measure_speedup)
 from dlopt.bench.report import format_result
 
 __all__ = ["BenchConfig", "BenchResult", "BoundModels", "bind_models", "model_feeds", "InterleavedSampler",
            "SCHEMA_VERSION", "WarmupReport", "benchmark", "choose_clock", "format_result", "load_data",
+           "measure_speedup",
            "length_sorting", "load_models", "machine_fingerprint", "parse_batch_sizes", "parse_duration", "validate_config",
            "BatchRun", "BOOTSTRAP_S_PER_ELEMENT", "ClockFn", "CLOCKS", "CyclingRun", "data_batches",
            "DEFAULT_BUDGET_S", "DEFAULT_SEQ_LEN", "FINISH_RESERVE_S", "LoadedModel", "MAX_DATA_BATCHES",

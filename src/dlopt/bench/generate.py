@@ -117,7 +117,8 @@ class GenerationRun:
             steps += 1
         t3 = read_clocks()
         self.generated = steps
-        for k, clock in enumerate(CLOCKS):
+        # read_clocks() is (wall, cpu): by name, not by CLOCKS' order ("cpu", "wall"), which is the other one
+        for k, clock in enumerate(("wall", "cpu")):
             self.phases["prefill"][clock].append(t1[k] - t0[k])
             self.phases["first_token"][clock].append(t2[k] - t0[k])
             self.phases["decode_per_token"][clock].append((t3[k] - t2[k]) / max(1, steps - 1))

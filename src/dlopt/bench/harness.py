@@ -315,7 +315,7 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
     # same rounds: a trimmed model's ratio sorted / as given is what sorting requests by length gains
     # (an untrimmed one computes every padded position either way: its ratio is the control, about 1).
     sorting = length_sorting(data, batch)
-    if sorting is not None and data is not None and batch is not None:  # (sorting is None without them)
+    if sorting is not None and data is not None and batch is not None:  # length_sorting needs both
         ordered = bind_models(target, models, batch=batch, seq_len=config.seq_len, seed=config.seed,
                               data=sorted_by_length(data, batch), data_source=f"{data_source} sorted by length",
                               device_id=config.device_id, progress=report)
@@ -344,7 +344,8 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
         assert share is not None, "a time share is given whenever the rounds are not fixed"
         remaining = max(0.0, share - (time.perf_counter() - start))
         expected = min(config.max_samples, remaining / max(sum(run_s) * repeat, 1e-6))
-        ratio_count = len(runners) - 1  # each model's to the first, and each sorted run's to its model's
+        # each model's to the first; each sorted run's to its model's and to the first's
+        ratio_count = len(models) - 1 + 2 * (len(runners) - len(models))
         statistics_s = 2 * ratio_count * config.n_boot * expected * BOOTSTRAP_S_PER_ELEMENT
         profile_s = (sum(m.handle.load_s + config.profile_runs * t for m, t in zip(models, run_s))
                      if config.profile else 0.0)
@@ -396,3 +397,20 @@ def _sorted_latency(sampler: InterleavedSampler, label: str, given: int, ordered
             "ratio_sorted_to_given": ratio(ordered, given),
             # sorted vs the first model on the batches as given (the reference of every ratio of the run)
             "ratio_sorted_to_first": ratio(ordered, 0)}
+
+
+def measure_speedup(baseline_onnx: Path, onnx_path: Path, *, budget_s: float, batch: int = 1,
+                    seq_len: int = 128) -> dict[str, Any]:
+    """Latency of `onnx_path` against `baseline_onnx`, one thread, interleaved: the speedup line of prune and
+    distill."""
+    from dlopt.bench.config import BenchConfig
+
+    result = benchmark([baseline_onnx, onnx_path], BenchConfig(threads=1, batch_sizes=(batch,), seq_len=seq_len,
+                                                               budget_s=budget_s))
+    run = result.batches[0]
+    ratio = run.models[1].ratios[result.clock]
+    assert ratio is not None, "None only for the first model"
+    return {"clock": result.clock, "batch": run.batch, "rounds": run.rounds,
+            "baseline_ms": run.models[0].summaries[result.clock].median * 1e3,
+            "ms": run.models[1].summaries[result.clock].median * 1e3,
+            "speedup": 1.0 / ratio.estimate, "speedup_low": 1.0 / ratio.high, "speedup_high": 1.0 / ratio.low}

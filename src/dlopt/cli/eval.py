@@ -47,9 +47,17 @@ def command(model, data, metrics, evaluator, reference, reference_model, output,
     auto, detection, map, sequence, topk, embedding, perplexity
              task agreement with the reference model's outputs (dlopt.metrics; FP32 = 1.0)
     """
-    from dlopt.api import EvalConfig, evaluate, format_eval, validate_metrics
+    from dlopt.api import EvalConfig, evaluate, format_eval, is_lm_folder, validate_metrics
     from dlopt.errors import InputError
 
+    if is_lm_folder(model):  # an exported LM folder: --data is UTF-8 text, the LM row (perplexity, agreement)
+        names = tuple(m.strip() for part in metrics for m in part.split(",") if m.strip())
+        result = evaluate(model, data=data, reference=reference, json_path=json_path,
+                          config=EvalConfig(metrics=names or ("perplexity",), threads=threads, evaluator=evaluator))
+        click.echo(format_eval(result))
+        if json_path:
+            echo_err(f"wrote {json_path}")
+        return
     # the flags' own rules, in the flags' words (the library checks the same in keyword arguments)
     (data,) = declared.specs(data)
     if (data is None) == (reference_model is None):

@@ -15,8 +15,9 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
 
 
 @click.command("quantize", short_help="Quantize an ONNX model to INT8, INT4 or FP16, with a fidelity report.")
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Where to write the model (for an exported LM folder: a new folder).")
 @click.option("--precision", default="int8", show_default=True, help="int8 | int4 | fp16.")
 @click.option("--mode", default="auto", show_default=True,
               help="int8: auto (recipe from the model, target and CPU; printed) | dynamic | static | weight-only "
@@ -38,7 +39,14 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--percentile", type=PERCENTILE, default=None,
               help="For --method percentile (default: 99.99 for CNNs, 99.999 otherwise).")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales.")
-@click.option("--block-size", type=COUNT, default=32, show_default=True, help="int4 block size.")
+@click.option("--block-size", type=COUNT, default=None,
+              help="int4 block size [default: 32; an LM folder: chosen by calibration perplexity from 32, 64, 128].")
+@click.option("--max-size", "max_size_mb", type=ANY_NUMBER, default=None, metavar="MB",
+              help="LM folder, int4: the weights' size budget in MB (1e6 bytes); the MatMuls whose 4-bit weights "
+                   "raise calibration perplexity most go to 8-bit while the model fits (listed in the report).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="LM folder, int4: MatMulNBits compute type, 4 = int8 activations (the fast CPU path, default), "
+                   "0 = float.")
 @click.option("--exclude-nodes", multiple=True, help="Node names to keep in float (comma-separated or repeated).")
 @click.option("--exclude-ops", multiple=True, help="Op types to keep in float, e.g. Attention,Gather.")
 @click.option("--target", default="cpu", show_default=True, help="cpu | cuda | arm64 | mobile.")
@@ -86,7 +94,8 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
 @data_options
 def command(model, output, precision, mode, calibration, calibration_samples, eval_data, holdout, min_sqnr_db,
             no_recover, method, percentile, per_channel,
-            block_size, exclude_nodes, exclude_ops, target, no_preprocess, max_accuracy_drop, metric, metric_floor,
+            block_size, max_size_mb, accuracy_level, exclude_nodes, exclude_ops, target, no_preprocess,
+            max_accuracy_drop, metric, metric_floor,
             evaluator, smoothing, weight_rounding, bias_correction, layernorm_form, node_forms, no_fuse_activations,
             trim_padding, input_shapes, declared):
     """Quantize MODEL.onnx and write OUT.onnx plus OUT.quantize.json beside it
@@ -98,8 +107,17 @@ def command(model, output, precision, mode, calibration, calibration_samples, ev
     the fidelity floor (and --max-accuracy-drop, if given): otherwise the best effort is kept as
     OUT.failed.onnx, a table says what failed and why, and the exit code is 1.
     """
-    from dlopt.api import QuantizeConfig, quantize_failure, quantize_model, quantize_summary
+    from dlopt.api import QuantizeConfig, is_lm_folder, quantize_failure, quantize_model, quantize_summary
+    from dlopt.errors import InputError
 
+    if is_lm_folder(model):
+        _quantize_lm_folder(model, output, precision, calibration, block_size, max_size_mb, accuracy_level)
+        return
+    for name, value in (("--max-size", max_size_mb), ("--accuracy-level", accuracy_level)):
+        if value is not None:
+            raise InputError(f"{name} applies to exported LM folders, and {model} is not one",
+                             "export one with: dlopt export SOURCE --task text-generation -o FOLDER")
+    block_size = block_size or 32
     config = QuantizeConfig(precision=precision, mode=mode, method=method, per_channel=per_channel,
                             block_size=block_size, exclude_nodes=_names(exclude_nodes),
                             exclude_ops=_names(exclude_ops), target=target, preprocess=not no_preprocess,
@@ -119,3 +137,19 @@ def command(model, output, precision, mode, calibration, calibration_samples, ev
     click.echo(f"report: {outcome.report_path}")
     if not outcome.passed:
         raise quantize_failure(outcome)
+
+
+def _quantize_lm_folder(model, output, precision, calibration, block_size, max_size_mb, accuracy_level) -> None:
+    """An exported LM folder (genai_config.json): 4-bit GPTQ, mixed 4/8-bit under --max-size (dlopt.api.quantize_lm)."""
+    from dlopt.api import lm_quantize_config, quantize_lm, quantize_lm_summary
+    from dlopt.errors import InputError
+
+    if precision != "int4":
+        raise InputError(f"an exported LM folder is quantized to int4, not {precision}",
+                         "pass --precision int4 (with --max-size MB for mixed 4/8-bit)")
+    config = lm_quantize_config(block_size=block_size, max_size_mb=max_size_mb,
+                        accuracy_level=4 if accuracy_level is None else accuracy_level)
+    report = quantize_lm(model, output, config, calibration, log=echo_err)
+    click.echo(quantize_lm_summary(report))
+    click.echo(f"wrote {output}/ ({report['bytes_after'] / 1e6:.1f} MB); report: {output}/quantize.json")
+

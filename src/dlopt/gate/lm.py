@@ -55,36 +55,38 @@ def _evaluation_tokens(spec: EvalSpec, baseline) -> tuple[np.ndarray, str]:
                              f"({baseline.vocab_size} tokens)", "give a plain-text file as the evaluation data")
         return tokens, "smollm2's evaluation text (lee_background.cor, SmolLM2's tokenizer)"
     from dlopt.data import as_spec
+    from dlopt.lm import read_text_tokens
 
     source = as_spec(spec.data).source
     path = Path(str(source))
-    if not path.is_file() or path.suffix.lower() not in (".txt", ".text", ".md"):
+    if path.suffix.lower() not in (".txt", ".text", ".md"):
         raise InputError(f"an LM gate reads its evaluation text from a plain-text file, not {source}",
                          "give a .txt file as the evaluation data")
-    from dlopt.genai import open_lm, text_tokens
-
-    _, model, tokenizer = open_lm(baseline)
-    tokens = text_tokens(tokenizer, path)
-    del model, tokenizer
-    return tokens, f"{path.name} (the baseline's tokenizer)"
+    return read_text_tokens(baseline.path, path, "evaluation text"), f"{path.name} (the baseline's tokenizer)"
 
 
 def _perplexity_check(baseline, candidate, spec: EvalSpec, limit: float, threads: int) -> GateCheck:
-    from dlopt.genai import perplexity
+    """dlopt.lm's LM row (the metric table's perplexity and next-token agreement, as quantize and eval
+    score LM folders) of the candidate against the baseline, gated on the perplexity drop."""
+    from dlopt.lm import lm_fidelity, read_genai_config, windows
     from dlopt.metrics import metric_drop
 
     started = time.perf_counter()
     tokens, what = _evaluation_tokens(spec, baseline)
-    scored = perplexity(baseline, candidate, tokens, window=PERPLEXITY_WINDOW, max_tokens=PERPLEXITY_MAX_TOKENS,
-                        threads=threads)
-    drop = metric_drop("perplexity", 1.0, scored["ratio"])
+    window = min(PERPLEXITY_WINDOW, baseline.context_length, candidate.context_length, int(tokens.shape[0]))
+    if window < 2:
+        raise InputError(f"the evaluation text has {tokens.shape[0]} token(s)", "give a longer text")
+    head_size = int(read_genai_config(baseline.path)["model"]["decoder"]["head_size"])
+    scored = lm_fidelity(baseline.path / "model.onnx", candidate.path / "model.onnx",
+                         windows(tokens[:PERPLEXITY_MAX_TOKENS], window), head_size, threads)
+    drop = metric_drop("perplexity", 1.0, scored["perplexity_ratio"])
     verdict = "pass" if np.isfinite(drop) and drop <= limit + 1e-12 else "fail"
-    return GateCheck(name="accuracy: perplexity", verdict=verdict, baseline=scored["baseline_perplexity"],
-                 candidate=scored["candidate_perplexity"], change=f"drop {drop:+.4g} (x{scored['ratio']:.4f})",
-                 limit=f"drop <= {limit:g}",
-                 detail=f"{what}: {scored['tokens']} tokens in {scored['window']}-token windows; next-token "
-                        f"agreement {scored['next_token_agreement']:.3f}",
-                 seconds=time.perf_counter() - started)
+    return GateCheck(name="accuracy: perplexity", verdict=verdict, baseline=scored["fp32_perplexity"],
+                     candidate=scored["perplexity"], change=f"drop {drop:+.4g} (x{scored['perplexity_ratio']:.4f})",
+                     limit=f"drop <= {limit:g}",
+                     detail=f"{what}: {scored['tokens']} tokens in {window}-token windows; next-token "
+                            f"agreement {scored['next_token_agreement']:.3f}",
+                     seconds=time.perf_counter() - started)
 
 
 def run_gate_lm(baseline: str | os.PathLike, candidate: str | os.PathLike, config: GateConfig = GateConfig(), *,
@@ -106,8 +108,14 @@ def _checks(baseline: Path, candidate: Path, config: GateConfig, evaluator: Eval
             progress: ProgressFn | None) -> tuple[list[GateCheck], dict[str, Any]]:
     """The checks (decode tokens/s, and size and perplexity where limited) and GateResult's fields."""
     from dlopt.bench import InterleavedSampler, machine_fingerprint
-    from dlopt.bench.generate import (GenerateConfig, GenerationRun, _genai, load_lm, prompt_tokens,
-                                      validate_generate_config)
+    from dlopt.bench.generate import (
+        GenerateConfig,
+        GenerationRun,
+        _genai,
+        load_lm,
+        prompt_tokens,
+        validate_generate_config,
+    )
     from dlopt.gate.run import _progress_bridge, _size_check, _warmup_dict
     from dlopt.gate.sequential import sequential_test
     from dlopt.genai import check_lm_folder, check_prompt_fits
@@ -134,7 +142,7 @@ def _checks(baseline: Path, candidate: Path, config: GateConfig, evaluator: Eval
     checks: list[GateCheck] = []
     if config.max_size_growth is not None:
         checks.append(_size_check(folders[0].size_bytes, folders[1].size_bytes, config.max_size_growth))
-    if limit is not None and evaluator is not None:  # (one without the other was refused above)
+    if limit is not None and evaluator is not None:
         if progress:
             progress("scoring perplexity", 0.0)
         checks.append(_perplexity_check(folders[0], folders[1], evaluator, limit, threads))

@@ -45,7 +45,7 @@ def run_gate(baseline: str | os.PathLike, candidate: str | os.PathLike, config: 
     validate_config(config)
     started = time.perf_counter()
     candidate = Path(candidate)
-    from dlopt.genai import is_lm_folder
+    from dlopt.lm import is_lm_folder
 
     if is_lm_folder(baseline) or is_lm_folder(candidate):
         raise InputError(f"{baseline} and {candidate} are exported LM folders, which dlopt.gate.lm.run_gate_lm gates",

@@ -210,8 +210,8 @@ def _measure(bundle: Path, reference: Path | None, threads: int, budget_s: float
         ref = batch.models[0]
         ref_decode = ref.summaries["decode_per_token"][clock].median
         entry["reference_decode_tokens_per_s"] = 1.0 / ref_decode if ref_decode > 0 else None
-        entry["ratio_to_reference"] = {p: ratio.as_dict() for p in ("prefill", "decode_per_token")
-                                       if (ratio := run.ratios[p][clock]) is not None}  # None: the first model's
+        ratios = {p: run.ratios[p][clock] for p in ("prefill", "decode_per_token")}
+        entry["ratio_to_reference"] = {p: r.as_dict() for p, r in ratios.items() if r is not None}
     return entry
 
 

@@ -132,7 +132,8 @@ class _Clock:
 def _context(model: str, config: OptimizeConfig, cache_root: Path) -> tuple[SearchContext, str]:
     """The search context for MODEL (an .onnx path, a reference model name or a torch source) and
     a description of its data."""
-    from dlopt.recipe import artifact_hash, source_hash
+    from dlopt.manifest import artifact_hash
+    from dlopt.recipe import source_hash
 
     if model.endswith(".onnx"):
         path = Path(model).expanduser().resolve()
@@ -358,7 +359,7 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     from dlopt.graphfacts import looks_like_transformer
 
     transformer = looks_like_transformer(load_onnx(base.artifact, load_external_data=False))
-    trim = trim_check(ctx, base.artifact, base.output_sha256)
+    trim = trim_check(ctx, str(base.artifact), str(base.output_sha256))  # base.ok: both are set
     clock.log(_trim_line(trim))
     candidates = base_candidates(target=ctx.target, transformer=transformer, untrimmed=trim["applies"])[1:]
     if trim["applies"]:  # FP32 trimmed first: it needs no quantization, and the time budget drops the last first
@@ -525,8 +526,8 @@ def _trimmed_variants(trim: dict[str, Any], candidates: Sequence[Candidate], eva
     """The trimmed form of every candidate scored within the accuracy budget; those over it or
     failed are listed once: trimming leaves a model's accuracy where it was, so their trimmed forms could
     not be chosen either."""
-    within = [c for c in candidates if evaluated[c.name].ok and (drop := drop_of(evaluated[c.name])) is not None
-              and drop <= max_drop]
+    drops = {c.name: drop_of(evaluated[c.name]) for c in candidates}
+    within = [c for c in candidates if (drop := drops[c.name]) is not None and drop <= max_drop]
     left = [c.name for c in candidates if c not in within]
     skipped = [Skipped("trimmed forms", "not tried for " + ", ".join(left) + ": over the accuracy budget or failed "
                        "untrimmed (trimming does not make a model more accurate)")] if left else []

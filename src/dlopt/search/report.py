@@ -142,6 +142,8 @@ def _recipes(candidates: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _speed(ratio: float) -> str:
+    if ratio == 1.0:  # the reference itself (FP32, the first model of the run)
+        return "the reference"
     return f"{1 / ratio:.2f}x faster" if ratio < 1 else f"{ratio:.2f}x slower"
 
 

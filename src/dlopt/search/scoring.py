@@ -288,7 +288,7 @@ def _replace(result: Evaluated, **changes: Any) -> Evaluated:
 def evaluate_candidate(job: tuple[SearchContext, Candidate]) -> Evaluated:
     """Apply one candidate and score it (a module-level function: it runs in executor workers).
     Deterministic failures (a verification, stage or input error) are cached like results."""
-    from dlopt.recipe import artifact_hash
+    from dlopt.manifest import artifact_hash
     from dlopt.runtime import initialize
 
     ctx, candidate = job
