@@ -105,7 +105,8 @@ def quantize_lm(folder: str | os.PathLike, output: str | os.PathLike, config=Non
 
 
 def lm_quantize_config(**fields: Any):
-    """A QuantizeLm (dlopt.optimize.quantize_lm) from its fields, checked: block_size, max_size_mb, accuracy_level ..."""
+    """A QuantizeLm (dlopt.optimize.quantize_lm) from its fields, checked: block_size, max_size_mb,
+    accuracy_level ..."""
     from dlopt.optimize.quantize_lm import QuantizeLm, check_config
 
     config = QuantizeLm(**fields)

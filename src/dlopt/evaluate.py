@@ -364,7 +364,8 @@ def evaluate_lm(model: str | os.PathLike, data: str | os.PathLike, config: EvalC
                          "pass --reference FP32_FOLDER, the folder it was quantized from")
     asked = set(config.metrics) - {"perplexity", "auto", "top1"}
     if asked or config.evaluator:
-        raise InputError(f"an LM folder is evaluated by perplexity and next-token agreement, not {sorted(asked)[0] if asked else 'an evaluator'}",
+        what = sorted(asked)[0] if asked else "an evaluator"
+        raise InputError(f"an LM folder is evaluated by perplexity and next-token agreement, not {what}",
                          "use --metric perplexity")
     genai = read_genai_config(model)
     read_genai_config(reference)

@@ -24,7 +24,6 @@ one-time process setup (about 30 MB on Linux x86-64): a second copy of the same 
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import sys

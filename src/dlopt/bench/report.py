@@ -77,7 +77,8 @@ def format_result(result: BenchResult) -> str:
                          f"{ls['tokens_sorted']:.1f} with requests sorted by length "
                          f"({ls['tokens_as_given'] / ls['tokens_sorted']:.2f}x fewer), against {ls['padded_length']} "
                          "padded")
-            lines += [f"batch {b.batch}: sorted by length, {row['model']} takes {_interval_text(row['ratio_sorted_to_given'])}"
+            lines += [f"batch {b.batch}: sorted by length, {row['model']} takes "
+                      f"{_interval_text(row['ratio_sorted_to_given'])}"
                       f" the time of the same batches as given ({row['median_ms_sorted']:.3g} vs "
                       f"{row['median_ms_as_given']:.3g} ms a batch, {row['clock']} clock; batches "
                       + ", ".join(f"{k}{v}" for k, v in ls["input_shapes"].items()) + " before trimming)"

@@ -176,8 +176,8 @@ def _checks(baseline: Path, candidate: Path, config: GateConfig, evaluator: Eval
         name="decode tokens/s", verdict=outcome.verdict, baseline=batch / base_s, candidate=batch / cand_s,
         change="n/a" if i is None else f"time/token x{i.estimate:.3f} [{i.low:.3f}, {i.high:.3f}]",
         limit=f"<= x{outcome.limit:.3f}",
-        detail=f"greedy generation, prompt {prompt_len} tokens, {new_tokens} new, batch {batch}; median {clock} ms per "
-               f"decoded token {base_s * 1e3:.3g} -> {cand_s * 1e3:.3g}; {outcome.reason} "
+        detail=f"greedy generation, prompt {prompt_len} tokens, {new_tokens} new, batch {batch}; "
+               f"median {clock} ms per decoded token {base_s * 1e3:.3g} -> {cand_s * 1e3:.3g}; {outcome.reason} "
                f"({outcome.look_confidence:.2%} CI per look)",
         seconds=outcome.seconds))
     notes = [f"clock: {clock}" + (" (auto: one thread, thread CPU time)" if config.clock == "auto" and clock == "cpu"

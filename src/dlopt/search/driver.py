@@ -347,7 +347,7 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
         ctx = dataclasses.replace(ctx, fp32_onnx=str(exported))
     base = evaluate_candidate((ctx, fp32))
     phases["source_s"] = time.perf_counter() - t0  # part of evaluate_s: what every search does first
-    if not base.ok or base.score is None or base.artifact is None:
+    if not base.ok or base.score is None or base.artifact is None or base.output_sha256 is None:
         raise InputError(f"{model}: the FP32 source could not be scored: {base.reason}", "check the model and its data")
     base_score = base.score
     clock.log(f"fp32: {ctx.evaluator} = {base.score:.5g}" + (" (cached)" if base.cached else ""))
