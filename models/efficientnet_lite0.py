@@ -31,8 +31,12 @@ PREPROCESS_VERSION = 1
 # Evaluation views of every photo: (shorter side after resizing, crop position). The centre crop at
 # 256 (the usual ImageNet 224/0.875 resize) is the canonical view used for predicted class names.
 VIEWS: tuple[tuple[int, str], ...] = (
-    (256, "center"), (224, "center"),
-    (320, "top-left"), (320, "top-right"), (320, "bottom-left"), (320, "bottom-right"),
+    (256, "center"),
+    (224, "center"),
+    (320, "top-left"),
+    (320, "top-right"),
+    (320, "bottom-left"),
+    (320, "bottom-right"),
 )
 
 
@@ -70,11 +74,21 @@ def preprocess(rgb: np.ndarray, short_side: int = 256, position: str = "center")
     size = (max(IMAGE_SIZE, round(w * scale)), max(IMAGE_SIZE, round(h * scale)))
     resized = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
     rh, rw = resized.shape[:2]
-    top = {"center": (rh - IMAGE_SIZE) // 2, "top-left": 0, "top-right": 0,
-           "bottom-left": rh - IMAGE_SIZE, "bottom-right": rh - IMAGE_SIZE}[position]
-    left = {"center": (rw - IMAGE_SIZE) // 2, "top-left": 0, "bottom-left": 0,
-            "top-right": rw - IMAGE_SIZE, "bottom-right": rw - IMAGE_SIZE}[position]
-    crop = resized[top:top + IMAGE_SIZE, left:left + IMAGE_SIZE]
+    top = {
+        "center": (rh - IMAGE_SIZE) // 2,
+        "top-left": 0,
+        "top-right": 0,
+        "bottom-left": rh - IMAGE_SIZE,
+        "bottom-right": rh - IMAGE_SIZE,
+    }[position]
+    left = {
+        "center": (rw - IMAGE_SIZE) // 2,
+        "top-left": 0,
+        "bottom-left": 0,
+        "top-right": rw - IMAGE_SIZE,
+        "bottom-right": rw - IMAGE_SIZE,
+    }[position]
+    crop = resized[top : top + IMAGE_SIZE, left : left + IMAGE_SIZE]
     # contiguous NCHW: astype keeps the transpose's HWC memory order, which torch.export records as the
     # program's input layout (ExecuTorch then read NCHW arrays as NHWC)
     return np.ascontiguousarray(((crop / 255.0 - 0.5) / 0.5).transpose(2, 0, 1), dtype=np.float32)
@@ -115,11 +129,13 @@ def calibration_data(n: int = 100, *, seed: int = 0) -> Iterator[dict[str, np.nd
         side = int(rng.integers(IMAGE_SIZE, max(IMAGE_SIZE + 1, min(h, w, 2 * IMAGE_SIZE) + 1)))
         top = int(rng.integers(0, h - side + 1))
         left = int(rng.integers(0, w - side + 1))
-        crop = rgb[top:top + side, left:left + side]
+        crop = rgb[top : top + side, left : left + side]
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
-        resized = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize(
-            (IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC), dtype=np.float32)
+        resized = np.asarray(
+            Image.fromarray(np.ascontiguousarray(crop)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC),
+            dtype=np.float32,
+        )
         chw = ((resized / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None]
         yield {INPUT_NAME: np.ascontiguousarray(chw, dtype=np.float32)}
 
@@ -128,7 +144,7 @@ def calibration_data(n: int = 100, *, seed: int = 0) -> Iterator[dict[str, np.nd
 def _run(runner, images: np.ndarray, batch_size: int) -> np.ndarray:
     outs = []
     for start in range(0, images.shape[0], batch_size):
-        out = runner({INPUT_NAME: images[start:start + batch_size]})
+        out = runner({INPUT_NAME: images[start : start + batch_size]})
         outs.append(np.asarray(out["logits"] if "logits" in out else next(iter(out.values())), dtype=np.float32))
     return np.concatenate(outs)
 
@@ -136,8 +152,9 @@ def _run(runner, images: np.ndarray, batch_size: int) -> np.ndarray:
 def reference_logits() -> np.ndarray:
     """FP32 torch logits on evaluation_images(), cached on disk (keyed by weights, photos, views)."""
     paths = [weights_path()] + [p for _, p in _data.photo_paths()]
-    key = _data.content_key("efficientnet-lite0", PREPROCESS_VERSION, VIEWS, _data.file_digest(paths),
-                            torch.__version__.split("+")[0])
+    key = _data.content_key(
+        "efficientnet-lite0", PREPROCESS_VERSION, VIEWS, _data.file_digest(paths), torch.__version__.split("+")[0]
+    )
 
     def compute() -> dict[str, np.ndarray]:
         from dlopt.models import torch_runner
@@ -168,12 +185,18 @@ def predictions(runner, *, top_k: int = 1) -> list[dict[str, Any]]:
     """Per photo (canonical view): the top-k class indices, names and softmax probabilities."""
     photos = _photos()
     labels, images = evaluation_images()
-    logits = _run(runner, images[:len(photos)], 16)  # VIEWS[0] is the canonical view
+    logits = _run(runner, images[: len(photos)], 16)  # VIEWS[0] is the canonical view
     z = logits - logits.max(axis=1, keepdims=True)
     probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
     rows = []
     for (name, _), p in zip(photos, probs):
         top = np.argsort(-p)[:top_k]
-        rows.append({"photo": name, "classes": [int(i) for i in top], "names": [class_name(i) for i in top],
-                     "probabilities": [float(p[i]) for i in top]})
+        rows.append(
+            {
+                "photo": name,
+                "classes": [int(i) for i in top],
+                "names": [class_name(i) for i in top],
+                "probabilities": [float(p[i]) for i in top],
+            }
+        )
     return rows

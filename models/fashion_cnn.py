@@ -50,8 +50,12 @@ class FashionCNN(nn.Module):
         layers: list[nn.Module] = []
         c_in = 1
         for c_out in channels:
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
-                       nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
             c_in = c_out
         self.features = nn.Sequential(*layers)  # 28 -> 14 -> 7 -> 3
         self.classifier = nn.Linear(c_in * 3 * 3, num_classes)
@@ -88,16 +92,18 @@ def train_loader(batch_size: int = 128, *, seed: int = 0, shuffle: bool = True):
     from torch.utils.data import DataLoader, TensorDataset
 
     x, y = training_set()
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed)
+    )
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator
-             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     # plain index slicing: DataLoader's per-sample collation costs more than the forward pass here
     order = torch.randperm(x.shape[0], generator=generator)
     for start in range(0, x.shape[0] - batch_size + 1, batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         yield x[idx], y[idx]
 
 
@@ -139,9 +145,17 @@ def _with_memory_format(module: _ModuleT, memory_format: torch.memory_format) ->
     return to(memory_format=memory_format)
 
 
-def fine_tune(module: _ModuleT, *, epochs: float = 1.0, learning_rate: float = 1e-3, batch_size: int = 128,
-              weight_decay: float = 5e-4, seed: int = 0, loss: Loss = cross_entropy_loss,
-              progress: bool = True) -> _ModuleT:
+def fine_tune(
+    module: _ModuleT,
+    *,
+    epochs: float = 1.0,
+    learning_rate: float = 1e-3,
+    batch_size: int = 128,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+    loss: Loss = cross_entropy_loss,
+    progress: bool = True,
+) -> _ModuleT:
     """Train `module` in place on the Fashion-MNIST training set (AdamW, one-cycle schedule).
 
     `loss(module, images, labels)` returns the scalar to minimize, so a distillation loss against a
@@ -180,9 +194,15 @@ def _progress(total: int, label: str, enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("loss {task.fields[loss]:.3f}"), console=Console(file=sys.stderr),
-                  transient=True) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        console=Console(file=sys.stderr),
+        transient=True,
+    ) as bar:
         task = bar.add_task(label, total=total, loss=math.nan)
         yield lambda loss: bar.update(task, advance=1, loss=loss)
 
@@ -191,14 +211,25 @@ def train(config: TrainConfig = TrainConfig(), *, progress: bool = True) -> Fash
     """Train a FashionCNN from scratch, deterministically (same config and machine: same weights)."""
     with _deterministic(config.seed):
         model = FashionCNN(config.channels)
-    return fine_tune(model, epochs=config.epochs, learning_rate=config.learning_rate,
-                     batch_size=config.batch_size, weight_decay=config.weight_decay, seed=config.seed,
-                     progress=progress)
+    return fine_tune(
+        model,
+        epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        batch_size=config.batch_size,
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        progress=progress,
+    )
 
 
 def cache_key(config: TrainConfig) -> str:
-    return _data.content_key("fashion-cnn", ARCH_VERSION, asdict(config),
-                             _data.file_digest(_data.fashion_mnist_files()), torch.__version__.split("+")[0])
+    return _data.content_key(
+        "fashion-cnn",
+        ARCH_VERSION,
+        asdict(config),
+        _data.file_digest(_data.fashion_mnist_files()),
+        torch.__version__.split("+")[0],
+    )
 
 
 def trained_model(config: TrainConfig = TrainConfig(), *, progress: bool = True) -> FashionCNN:
@@ -241,7 +272,7 @@ def calibration_data(n: int = 100, *, seed: int = 0) -> Iterator[dict[str, np.nd
         raise ValueError(f"calibration_data: n={n} exceeds the {images.shape[0]} training images")
     order = np.random.default_rng(seed).permutation(images.shape[0])[:n]
     for i in order:
-        yield {INPUT_NAME: _to_float(images[i:i + 1])}
+        yield {INPUT_NAME: _to_float(images[i : i + 1])}
 
 
 def evaluate(runner, *, batch_size: int = 500) -> dict[str, float]:
@@ -249,9 +280,9 @@ def evaluate(runner, *, batch_size: int = 500) -> dict[str, float]:
     images, labels = _data.fashion_mnist("test")
     correct = 0
     for start in range(0, images.shape[0], batch_size):
-        out = runner({INPUT_NAME: _to_float(images[start:start + batch_size])})
+        out = runner({INPUT_NAME: _to_float(images[start : start + batch_size])})
         logits = out["logits"] if "logits" in out else next(iter(out.values()))
-        correct += int((np.asarray(logits).argmax(axis=1) == labels[start:start + batch_size]).sum())
+        correct += int((np.asarray(logits).argmax(axis=1) == labels[start : start + batch_size]).sum())
     return {"test_top1": correct / images.shape[0]}
 
 

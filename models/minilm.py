@@ -50,8 +50,9 @@ class MiniLMEncoder(nn.Module):
         self.bert = bert
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                           token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+        hidden = self.bert(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids)
+        ).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         return F.normalize(pooled, p=2.0, dim=-1)
@@ -69,8 +70,7 @@ def tokenizer():
 def build() -> tuple[nn.Module, dict[str, Any]]:
     # Eager attention exports as the MatMul/Softmax pattern that ONNX Runtime's transformer optimizer
     # fuses into Attention ops; the default SDPA path does not fuse, and its INT8 model is ~10 % slower.
-    bert = transformers.AutoModel.from_pretrained(str(model_dir()), dtype=torch.float32,
-                                                  attn_implementation="eager")
+    bert = transformers.AutoModel.from_pretrained(str(model_dir()), dtype=torch.float32, attn_implementation="eager")
     return MiniLMEncoder(bert).eval(), example_inputs(batch=2, seq_len=16)
 
 
@@ -78,8 +78,13 @@ def build() -> tuple[nn.Module, dict[str, Any]]:
 def tokenize(texts: Sequence[str], *, seq_len: int | None = None) -> dict[str, np.ndarray]:
     """int64 input_ids and attention_mask [len(texts), T]: padded to `seq_len` (truncating longer
     texts), or to the longest text when seq_len is None (at most MAX_LENGTH tokens)."""
-    enc = tokenizer()(list(texts), padding="max_length" if seq_len else "longest", truncation=True,
-                      max_length=seq_len or MAX_LENGTH, return_tensors="np")
+    enc = tokenizer()(
+        list(texts),
+        padding="max_length" if seq_len else "longest",
+        truncation=True,
+        max_length=seq_len or MAX_LENGTH,
+        return_tensors="np",
+    )
     return {name: enc[name].astype(np.int64) for name in INPUT_NAMES}
 
 
@@ -96,12 +101,12 @@ def example_inputs(batch: int = 1, seq_len: int | None = None) -> dict[str, torc
     for row in range(batch):
         start = (8 * row) % len(sentences)
         if row % 2 == 0:
-            text, keep = " ".join(sentences[start:start + 64]), seq_len
+            text, keep = " ".join(sentences[start : start + 64]), seq_len
         else:
             text, keep = sentences[start], max(2, seq_len // 2)
         tokens = tokenizer()(text, truncation=True, max_length=keep)["input_ids"]
-        ids[row, :len(tokens)] = tokens
-        mask[row, :len(tokens)] = 1
+        ids[row, : len(tokens)] = tokens
+        mask[row, : len(tokens)] = 1
     return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
 
@@ -136,10 +141,11 @@ def embed(runner, texts: Sequence[str], *, batch_size: int = 16) -> np.ndarray:
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out: dict[int, np.ndarray] = {}  # text index -> its embedding
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         result = runner(tokenize([texts[i] for i in idx]))
-        emb = np.asarray(result["embedding"] if "embedding" in result else next(iter(result.values())),
-                         dtype=np.float32)
+        emb = np.asarray(
+            result["embedding"] if "embedding" in result else next(iter(result.values())), dtype=np.float32
+        )
         for row, i in enumerate(idx):
             out[i] = emb[row]
     return np.stack([out[i] for i in range(len(texts))])
@@ -153,9 +159,15 @@ def evaluation_texts() -> tuple[str, ...]:
 def reference_embeddings() -> np.ndarray:
     """FP32 torch embeddings of evaluation_texts(), cached on disk (keyed by weights and texts)."""
     texts = evaluation_texts()
-    key = _data.content_key("minilm", EVAL_VERSION, MAX_LENGTH, texts,
-                            _data.file_digest([model_dir() / "model.safetensors"]),
-                            torch.__version__.split("+")[0], transformers.__version__)
+    key = _data.content_key(
+        "minilm",
+        EVAL_VERSION,
+        MAX_LENGTH,
+        texts,
+        _data.file_digest([model_dir() / "model.safetensors"]),
+        torch.__version__.split("+")[0],
+        transformers.__version__,
+    )
 
     def compute() -> dict[str, np.ndarray]:
         from dlopt.models import torch_runner

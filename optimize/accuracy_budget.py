@@ -21,12 +21,27 @@ from dlopt.metrics import METRIC_TABLE, MetricChoice, choose_metric, group_sqnr,
 from dlopt.optimize.preprocess import check_feeds, with_outputs
 from dlopt.sessions import cpu_session, run_outputs
 
-
 # Ops whose quantization is only a range carried through (or folded: a Clip/Relu after a quantized
 # Conv disappears into its output's range). Keeping one of them float alone buys nothing and can
 # cost: a float Clip leaves its quantized producer with the unclipped range. Not budget candidates.
-PASSTHROUGH_OPS = {"Clip", "Relu", "Reshape", "Shape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Split",
-                   "Concat", "Slice", "Pad", "MaxPool", "Resize", "Expand", "Tile"}
+PASSTHROUGH_OPS = {
+    "Clip",
+    "Relu",
+    "Reshape",
+    "Shape",
+    "Squeeze",
+    "Unsqueeze",
+    "Flatten",
+    "Transpose",
+    "Split",
+    "Concat",
+    "Slice",
+    "Pad",
+    "MaxPool",
+    "Resize",
+    "Expand",
+    "Tile",
+}
 
 
 @dataclass(frozen=True)
@@ -49,8 +64,14 @@ def _first_float_output(outputs: list[list[np.ndarray]]) -> int:
     raise InputError("the model has no floating-point output to compare", "use {evaluator=model:NAME}")
 
 
-def build_evaluator(spec: str | None, original, data: Iterable[Mapping[str, np.ndarray]] | None,
-                    samples: int = 32, input_shapes: tuple[str, ...] = (), metric: str | None = None) -> Evaluator:
+def build_evaluator(
+    spec: str | None,
+    original,
+    data: Iterable[Mapping[str, np.ndarray]] | None,
+    samples: int = 32,
+    input_shapes: tuple[str, ...] = (),
+    metric: str | None = None,
+) -> Evaluator:
     """The budget's evaluator: the task metric (dlopt.metrics.choose_metric on FP32's outputs, or `metric`,
     or `spec` when it names a METRIC_TABLE metric or a FILE.py:FUNCTION) of each candidate against the
     float model on the same samples; model:NAME[:metric] runs a reference model's evaluator. Where the
@@ -60,15 +81,18 @@ def build_evaluator(spec: str | None, original, data: Iterable[Mapping[str, np.n
     spec = None if spec == "auto" else spec
     requested, user = metric_request(metric, spec)
     if spec and not user and spec not in METRIC_TABLE:
-        raise InputError(f"unknown evaluator {spec!r}",
-                         f"choose a metric ({', '.join(METRIC_TABLE)}), FILE.py:FUNCTION or model:NAME[:metric]")
+        raise InputError(
+            f"unknown evaluator {spec!r}",
+            f"choose a metric ({', '.join(METRIC_TABLE)}), FILE.py:FUNCTION or model:NAME[:metric]",
+        )
     feeds = check_feeds(original, data, samples, input_shapes)
     reference = run_outputs(cpu_session(original), feeds)
     names = [o.name for o in original.graph.output]
     choice = choose_metric(reference[0], names, feeds[0], requested=requested, evaluator=user)
     if choice.name == "sqnr" and requested is None and not user:
-        choice = MetricChoice("cosine", choice.reason + "; the budget is on cosine",
-                              {"output": _first_float_output(reference)})
+        choice = MetricChoice(
+            "cosine", choice.reason + "; the budget is on cosine", {"output": _first_float_output(reference)}
+        )
     if choice.name == "sqnr":
         index = _first_float_output(reference)
         ref = [r[index].astype(np.float64) for r in reference]
@@ -93,8 +117,7 @@ def build_evaluator(spec: str | None, original, data: Iterable[Mapping[str, np.n
     return Evaluator(choice.name, score, baseline, choice.reason)
 
 
-def floor_evaluator(original, feeds: list[dict[str, np.ndarray]], config, *, graph_opt_level: str = "all"
-                    ) -> Evaluator:
+def floor_evaluator(original, feeds: list[dict[str, np.ndarray]], config, *, graph_opt_level: str = "all") -> Evaluator:
     """score(model) = the margin of the verdict's task metric over its floor on `feeds` (the held-out
     samples), in the metric's units (dlopt.metrics.assess: detection Jaccard - 0.9, the lowest SQNR per
     output and channel group - the dB floor, ...; -inf for a non-finite SQNR); baseline 0, so
@@ -112,8 +135,11 @@ def floor_evaluator(original, feeds: list[dict[str, np.ndarray]], config, *, gra
         return float(task_metric(choice, reference, outputs, feeds, names, config)["margin"])
 
     first = task_metric(choice, reference, reference, feeds, names, config)
-    unit = "dB" if first["judged_by"] == "sqnr" else (METRIC_TABLE[first["judged_by"]].unit
-                                                      if first["judged_by"] in METRIC_TABLE else "")
+    unit = (
+        "dB"
+        if first["judged_by"] == "sqnr"
+        else (METRIC_TABLE[first["judged_by"]].unit if first["judged_by"] in METRIC_TABLE else "")
+    )
     return Evaluator(f"{first['judged_by']} margin over its floor ({unit}) on {len(feeds)} samples", score, 0.0)
 
 
@@ -136,8 +162,9 @@ def _reference_evaluator(spec: str) -> Evaluator:
 # -- sensitivity -------------------------------------------------------------------------------------
 
 
-def node_sensitivity(float_model, quantized, feeds: list[dict[str, np.ndarray]], op_types: Iterable[str],
-                     exclude: Iterable[str] = ()) -> list[dict[str, Any]]:
+def node_sensitivity(
+    float_model, quantized, feeds: list[dict[str, np.ndarray]], op_types: Iterable[str], exclude: Iterable[str] = ()
+) -> list[dict[str, Any]]:
     """Candidate nodes of `float_model` (op type in op_types, not excluded) with the noise each adds,
     most sensitive first. Nodes whose tensors the quantized graph does not keep are skipped."""
     op_types, exclude = set(op_types), set(exclude)
@@ -154,9 +181,11 @@ def node_sensitivity(float_model, quantized, feeds: list[dict[str, np.ndarray]],
     # measures what keeping each in float buys at the output.
     from dlopt.optimize.normalize import subgraph_nodes
 
-    inner = [{"node": node.name, "op_type": node.op_type, "added_noise": 0.0, "output_sqnr_db": None,
-              "in_subgraph": where} for where, node in subgraph_nodes(float_model, op_types)
-             if node.op_type not in PASSTHROUGH_OPS and node.name and node.name not in exclude]
+    inner = [
+        {"node": node.name, "op_type": node.op_type, "added_noise": 0.0, "output_sqnr_db": None, "in_subgraph": where}
+        for where, node in subgraph_nodes(float_model, op_types)
+        if node.op_type not in PASSTHROUGH_OPS and node.name and node.name not in exclude
+    ]
     if not nodes:
         return inner
     # a node whose output the quantized graph renamed (fused with its activation) is still a
@@ -187,14 +216,30 @@ def node_sensitivity(float_model, quantized, feeds: list[dict[str, np.ndarray]],
         r_out = ratio(node.output[0])
         r_in = max((ratio(t) for t in inputs), default=0.0)
         added = max(r_out - r_in, 0.0)
-        ranked.append({"node": node.name, "op_type": node.op_type, "added_noise": added,
-                       "output_sqnr_db": float(-10 * np.log10(r_out)) if r_out > 0 else float("inf")})
+        ranked.append(
+            {
+                "node": node.name,
+                "op_type": node.op_type,
+                "added_noise": added,
+                "output_sqnr_db": float(-10 * np.log10(r_out)) if r_out > 0 else float("inf"),
+            }
+        )
     ranked.sort(key=lambda e: (-e["added_noise"], e["node"]))
     return ranked + inner
 
 
-def leave_one_out(ranked: list[dict[str, Any]], original, prepared, config, recipe, data, feeds, ranges,
-                  log: Callable[[str], None], layer_stats=None) -> list[dict[str, Any]]:
+def leave_one_out(
+    ranked: list[dict[str, Any]],
+    original,
+    prepared,
+    config,
+    recipe,
+    data,
+    feeds,
+    ranges,
+    log: Callable[[str], None],
+    layer_stats=None,
+) -> list[dict[str, Any]]:
     """Re-rank by what keeping each node alone in float buys at the model's output (noise power of
     the first float output relative to FP32's, in its worst channel group). One quantization per node
     (calibration reused), so used up to config.leave_one_out_limit nodes. Needed because a node's own
@@ -211,15 +256,20 @@ def leave_one_out(ranked: list[dict[str, Any]], original, prepared, config, reci
         # the pixel boxes' energy would otherwise rank every node by the boxes alone, not by the scores
         outs = run_outputs(cpu_session(model), feeds)
         by_group = group_sqnr([[r[index]] for r in reference], [[o[index]] for o in outs], [names[index]])
-        return max(10 ** (-db / 10) if np.isfinite(db) else (0.0 if db > 0 else float("inf"))
-                   for db in by_group[names[index]].values())
+        return max(
+            10 ** (-db / 10) if np.isfinite(db) else (0.0 if db > 0 else float("inf"))
+            for db in by_group[names[index]].values()
+        )
 
     for i, entry in enumerate(ranked, 1):
-        model, _ = quantize_int8(prepared, config, recipe, data, exclude_nodes=[entry["node"]], ranges=ranges,
-                                 layer_stats=layer_stats)
+        model, _ = quantize_int8(
+            prepared, config, recipe, data, exclude_nodes=[entry["node"]], ranges=ranges, layer_stats=layer_stats
+        )
         entry["output_noise_if_float"] = output_noise(model)
-        log(f"budget: ranking {i}/{len(ranked)}: {entry['node']} in float -> output noise "
-            f"{entry['output_noise_if_float']:.3g}")
+        log(
+            f"budget: ranking {i}/{len(ranked)}: {entry['node']} in float -> output noise "
+            f"{entry['output_noise_if_float']:.3g}"
+        )
     log(f"budget: ranked {len(ranked)} nodes by leave-one-out output noise")
     return sorted(ranked, key=lambda e: (e["output_noise_if_float"], e["node"]))
 
@@ -239,10 +289,22 @@ def cpu_latency_ms(model, feeds: dict[str, np.ndarray], repeats: int = 5) -> flo
     return float(np.median(times) * 1000)
 
 
-def meet_budget(original, prepared, quantized, config, recipe, data, *, ranges=None, layer_stats=None,
-                evaluator: Evaluator | None = None, max_drop: float | None = None,
-                eval_feeds: list[dict[str, np.ndarray]] | None = None, max_float_share: float = 1.0,
-                log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+def meet_budget(
+    original,
+    prepared,
+    quantized,
+    config,
+    recipe,
+    data,
+    *,
+    ranges=None,
+    layer_stats=None,
+    evaluator: Evaluator | None = None,
+    max_drop: float | None = None,
+    eval_feeds: list[dict[str, np.ndarray]] | None = None,
+    max_float_share: float = 1.0,
+    log: Callable[[str], None] = lambda message: None,
+) -> dict[str, Any]:
     """Search for the INT8 model with the fewest float nodes whose evaluator drop is <= max_drop (default
     config.max_accuracy_drop). The evaluator (default: config.evaluator's) scores on `eval_feeds`, the
     samples held out from calibration, when given; nodes are ranked on the calibration data. At most
@@ -252,8 +314,14 @@ def meet_budget(original, prepared, quantized, config, recipe, data, *, ranges=N
     from dlopt.optimize.quantize.int8 import _default_op_types, quantize_int8
 
     if evaluator is None:
-        evaluator = build_evaluator(config.evaluator, original, eval_feeds or data, config.fidelity_samples,
-                                    input_shapes=config.input_shapes, metric=config.metric)
+        evaluator = build_evaluator(
+            config.evaluator,
+            original,
+            eval_feeds or data,
+            config.fidelity_samples,
+            input_shapes=config.input_shapes,
+            metric=config.metric,
+        )
     max_drop = config.max_accuracy_drop if max_drop is None else max_drop
     baseline = evaluator.baseline
     if baseline != baseline:  # a reference model's metric: measure the float model once
@@ -266,15 +334,27 @@ def meet_budget(original, prepared, quantized, config, recipe, data, *, ranges=N
 
     def trial(k: int) -> dict[str, Any]:
         excluded = [e["node"] for e in ranked[:k]]
-        model = quantized if k == 0 else quantize_int8(prepared, config, recipe, data, exclude_nodes=excluded,
-                                                       ranges=ranges, layer_stats=layer_stats)[0]
+        model = (
+            quantized
+            if k == 0
+            else quantize_int8(
+                prepared, config, recipe, data, exclude_nodes=excluded, ranges=ranges, layer_stats=layer_stats
+            )[0]
+        )
         score = evaluator.score(model)
-        entry = {"excluded_count": k, "excluded": sorted(set(excluded) | set(config.exclude_nodes)),
-                 "score": score, "drop": baseline - score,
-                 "within_budget": baseline - score <= max_drop,
-                 "latency_ms": cpu_latency_ms(model, feeds[0]), "bytes": model.ByteSize()}
-        log(f"budget: {k} node(s) in float -> {evaluator.name} {score:.4f} (drop {entry['drop']:.4f}), "
-            f"{entry['latency_ms']:.1f} ms")
+        entry = {
+            "excluded_count": k,
+            "excluded": sorted(set(excluded) | set(config.exclude_nodes)),
+            "score": score,
+            "drop": baseline - score,
+            "within_budget": baseline - score <= max_drop,
+            "latency_ms": cpu_latency_ms(model, feeds[0]),
+            "bytes": model.ByteSize(),
+        }
+        log(
+            f"budget: {k} node(s) in float -> {evaluator.name} {score:.4f} (drop {entry['drop']:.4f}), "
+            f"{entry['latency_ms']:.1f} ms"
+        )
         candidates.append(entry)
         models[k] = model
         return entry
@@ -311,14 +391,24 @@ def meet_budget(original, prepared, quantized, config, recipe, data, *, ranges=N
     within = [c for c in candidates if c["within_budget"]]
     # Within the budget, the fewest float nodes: a choice by these 5-run latencies changed with the machine's
     # load (the same quantize wrote different models); fewer float nodes is faster in INT8's favour anyway
-    chosen = (min(within, key=lambda c: c["excluded_count"]) if within
-              else max(candidates, key=lambda c: (c["score"], -c["excluded_count"])))
+    chosen = (
+        min(within, key=lambda c: c["excluded_count"])
+        if within
+        else max(candidates, key=lambda c: (c["score"], -c["excluded_count"]))
+    )
     chosen["chosen"] = True
-    return {"evaluator": evaluator.name, "baseline": baseline, "max_drop": max_drop,
-            "met": bool(within), "ranked_nodes": len(ranked), "max_float_nodes": most, "ranking": ranked[:20],
-            "candidates": candidates, "chosen": chosen,
-            "model": models[chosen["excluded_count"]]}
+    return {
+        "evaluator": evaluator.name,
+        "baseline": baseline,
+        "max_drop": max_drop,
+        "met": bool(within),
+        "ranked_nodes": len(ranked),
+        "max_float_nodes": most,
+        "ranking": ranked[:20],
+        "candidates": candidates,
+        "chosen": chosen,
+        "model": models[chosen["excluded_count"]],
+    }
 
 
-__all__ = ["Evaluator", "build_evaluator", "cpu_latency_ms", "floor_evaluator", "meet_budget",
-           "node_sensitivity"]
+__all__ = ["Evaluator", "build_evaluator", "cpu_latency_ms", "floor_evaluator", "meet_budget", "node_sensitivity"]

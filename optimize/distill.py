@@ -71,8 +71,6 @@ class Distill:
     device: Device = "cpu"
 
 
-
-
 @dataclass(frozen=True)
 class DistillData:
     """Tensors with the sample axis first: forward()'s keyword inputs, and labels when there are any."""
@@ -84,16 +82,18 @@ class DistillData:
         return int(next(iter(self.inputs.values())).shape[0])
 
     def subset(self, index) -> DistillData:
-        return DistillData({k: v[index] for k, v in self.inputs.items()},
-                           None if self.labels is None else self.labels[index])
+        return DistillData(
+            {k: v[index] for k, v in self.inputs.items()}, None if self.labels is None else self.labels[index]
+        )
 
 
 def _require_torch():
     try:
         import torch
     except ModuleNotFoundError as e:
-        raise MissingDependencyError("distillation needs torch",
-                                     "pip install torch==2.13.0 (the CPU build) then pip install 'dlopt[torch]'") from e
+        raise MissingDependencyError(
+            "distillation needs torch", "pip install torch==2.13.0 (the CPU build) then pip install 'dlopt[torch]'"
+        ) from e
     return torch
 
 
@@ -101,13 +101,18 @@ def _require_torch():
 # Losses
 # ---------------------------------------------------------------------------------------------
 
+
 def kd_loss(student_logits, teacher_logits, labels=None, *, temperature: float = 4.0, alpha: float = 0.7):
     """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, labels); KD alone without labels."""
     torch = _require_torch()
     f = torch.nn.functional
     t = float(temperature)
-    kd = f.kl_div(f.log_softmax(student_logits / t, dim=-1), f.log_softmax(teacher_logits / t, dim=-1),
-                  reduction="batchmean", log_target=True) * (t * t)
+    kd = f.kl_div(
+        f.log_softmax(student_logits / t, dim=-1),
+        f.log_softmax(teacher_logits / t, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
     if labels is None:
         return kd
     return alpha * kd + (1.0 - alpha) * f.cross_entropy(student_logits, labels)
@@ -124,6 +129,7 @@ def embedding_loss(student, teacher, kind: Loss):
 # Checks
 # ---------------------------------------------------------------------------------------------
 
+
 def check_config(config: Distill) -> None:
     if config.loss not in LOSSES:
         raise InputError(f"unknown distillation loss {config.loss!r}", f"choose one of {', '.join(LOSSES)}")
@@ -132,8 +138,10 @@ def check_config(config: Distill) -> None:
     if config.temperature <= 0:
         raise InputError(f"temperature must be positive, got {config.temperature}", "typical values: 2 to 8")
     if not 0.0 <= config.alpha <= 1.0:
-        raise InputError(f"alpha must be between 0 and 1, got {config.alpha}",
-                         "alpha weights the teacher's term, 1 - alpha the labels'")
+        raise InputError(
+            f"alpha must be between 0 and 1, got {config.alpha}",
+            "alpha weights the teacher's term, 1 - alpha the labels'",
+        )
     if config.batch_size < 1 or config.eval_batch_size < 1:
         raise InputError("batch sizes must be positive", "e.g. {batch_size=64}")
     if config.lr <= 0:
@@ -148,11 +156,14 @@ def check_data(data: DistillData, what: str) -> None:
     torch = _require_torch()
     if not data.inputs:
         raise InputError(f"{what} has no inputs", "give forward()'s inputs as {name: tensor [N, ...]}")
-    sizes = {k: int(v.shape[0]) if isinstance(v, torch.Tensor) and v.dim() > 0 else None
-             for k, v in data.inputs.items()}
+    sizes = {
+        k: int(v.shape[0]) if isinstance(v, torch.Tensor) and v.dim() > 0 else None for k, v in data.inputs.items()
+    }
     if None in sizes.values() or len(set(sizes.values())) != 1:
-        raise InputError(f"{what}: inputs must be tensors with the same number of samples, got {sizes}",
-                         "stack the samples along the first axis")
+        raise InputError(
+            f"{what}: inputs must be tensors with the same number of samples, got {sizes}",
+            "stack the samples along the first axis",
+        )
     n = next(iter(sizes.values()))
     if n == 0:
         raise InputError(f"{what} is empty", "give at least one sample")
@@ -161,8 +172,10 @@ def check_data(data: DistillData, what: str) -> None:
     for name, tensor in data.inputs.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int(tensor.numel() - torch.isfinite(tensor).sum())
-            raise InputError(f"{what}: input {name!r} holds {bad} NaN or infinite value(s)",
-                             "remove or fix those samples; training needs finite inputs")
+            raise InputError(
+                f"{what}: input {name!r} holds {bad} NaN or infinite value(s)",
+                "remove or fix those samples; training needs finite inputs",
+            )
 
 
 def check_compatible(teacher, student, data: DistillData, config: Distill) -> tuple[int, ...]:
@@ -179,28 +192,36 @@ def check_compatible(teacher, student, data: DistillData, config: Distill) -> tu
         except InputError:
             raise
         except Exception as e:  # a model that cannot run the data is the user's input problem
-            raise InputError(f"the {role} cannot run on the data ({type(e).__name__}: {str(e).splitlines()[0]})",
-                             "the data's input names and shapes must match forward()") from e
+            raise InputError(
+                f"the {role} cannot run on the data ({type(e).__name__}: {str(e).splitlines()[0]})",
+                "the data's input names and shapes must match forward()",
+            ) from e
         finally:
             model.train(was_training)
     if shapes["teacher"] != shapes["student"]:
-        raise InputError(f"the student's output shape {list(shapes['student'])} does not match the teacher's "
-                         f"{list(shapes['teacher'])}",
-                         "distillation needs the same outputs (classes / embedding width); "
-                         "prune with the classifier kept (dlopt prune does)")
+        raise InputError(
+            f"the student's output shape {list(shapes['student'])} does not match the teacher's "
+            f"{list(shapes['teacher'])}",
+            "distillation needs the same outputs (classes / embedding width); "
+            "prune with the classifier kept (dlopt prune does)",
+        )
     if config.loss == "kl" and len(shapes["teacher"]) < 2:
         raise InputError("loss 'kl' needs logits [batch, classes]", "use {loss=cosine} or {loss=mse} for embeddings")
     if config.loss == "kl" and data.labels is not None:
         classes = shapes["teacher"][-1]
         if int(data.labels.min()) < 0 or int(data.labels.max()) >= classes:
-            raise InputError(f"labels range {int(data.labels.min())}..{int(data.labels.max())} outside the model's "
-                             f"{classes} classes", "labels must be class indices 0..classes-1")
+            raise InputError(
+                f"labels range {int(data.labels.min())}..{int(data.labels.max())} outside the model's "
+                f"{classes} classes",
+                "labels must be class indices 0..classes-1",
+            )
     return shapes["teacher"]
 
 
 # ---------------------------------------------------------------------------------------------
 # Batching helpers
 # ---------------------------------------------------------------------------------------------
+
 
 def _trim_padding(inputs: dict[str, Any]) -> dict[str, Any]:
     """Token batches padded to the data set's longest sequence: cut to this batch's longest."""
@@ -247,6 +268,7 @@ def data_fingerprint(data: DistillData) -> str:
 # Hidden-state matching
 # ---------------------------------------------------------------------------------------------
 
+
 class _Capture:
     """Forward hooks keeping the outputs of named modules."""
 
@@ -254,14 +276,17 @@ class _Capture:
         modules = dict(model.named_modules())
         missing = [n for n in names if n not in modules]
         if missing:
-            raise InputError(f"hidden_layers: the {role} has no layer named {missing[0]!r}",
-                             "names are module paths as in model.named_modules()")
+            raise InputError(
+                f"hidden_layers: the {role} has no layer named {missing[0]!r}",
+                "names are module paths as in model.named_modules()",
+            )
         self.values: dict[str, Any] = {}
         self.hooks = [modules[n].register_forward_hook(self._hook(n)) for n in names]
 
     def _hook(self, name):
         def hook(module, args, out):
             self.values[name] = first_tensor(out)
+
         return hook
 
     def close(self):
@@ -285,8 +310,10 @@ def _make_adapters(teacher, student, config: Distill, sample: dict[str, Any]):
     for t_name, s_name in config.hidden_layers:
         t, s = t_cap.values[t_name], s_cap.values[s_name]
         if t.dim() != s.dim() or t.shape[0] != s.shape[0]:
-            raise InputError(f"hidden layers {t_name!r} {list(t.shape)} and {s_name!r} {list(s.shape)} cannot be "
-                             "matched", "pick layers with the same rank and spatial/sequence size")
+            raise InputError(
+                f"hidden layers {t_name!r} {list(t.shape)} and {s_name!r} {list(s.shape)} cannot be matched",
+                "pick layers with the same rank and spatial/sequence size",
+            )
         channel_dim = 1 if t.dim() == 4 else t.dim() - 1
         if t.shape == s.shape:
             adapters.append(torch.nn.Identity())
@@ -295,14 +322,18 @@ def _make_adapters(teacher, student, config: Distill, sample: dict[str, Any]):
         elif t.shape[:channel_dim] == s.shape[:channel_dim]:
             adapters.append(torch.nn.Linear(s.shape[-1], t.shape[-1], bias=False))
         else:
-            raise InputError(f"hidden layers {t_name!r} {list(t.shape)} and {s_name!r} {list(s.shape)} differ "
-                             "in more than their width", "pick layers of the same spatial/sequence size")
+            raise InputError(
+                f"hidden layers {t_name!r} {list(t.shape)} and {s_name!r} {list(s.shape)} differ "
+                "in more than their width",
+                "pick layers of the same spatial/sequence size",
+            )
     return adapters
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation on held-out data
 # ---------------------------------------------------------------------------------------------
+
 
 def default_metric(student, val: DistillData, val_targets, config: Distill, device) -> tuple[str, float]:
     """Accuracy with labels; agreement with the teacher's top-1 without; mean cosine for embeddings."""
@@ -323,10 +354,19 @@ def default_metric(student, val: DistillData, val_targets, config: Distill, devi
 EvalFn = Callable[[Any], float]
 
 
-def distill(teacher, student, data: DistillData, config: Distill = Distill(), *,
-            val: DistillData | None = None, eval_fn: EvalFn | None = None, eval_name: str = "eval_metric",
-            checkpoint_dir: str | Path | None = None, resume: bool = False,
-            show_progress: bool = True) -> StageResult:
+def distill(
+    teacher,
+    student,
+    data: DistillData,
+    config: Distill = Distill(),
+    *,
+    val: DistillData | None = None,
+    eval_fn: EvalFn | None = None,
+    eval_name: str = "eval_metric",
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+) -> StageResult:
     """Train a copy of `student` against `teacher` on `data`; returns the best student and a report.
 
     The eval metric (higher is better) is `eval_fn(student)` when given, else computed on `val`
@@ -377,7 +417,8 @@ def distill(teacher, student, data: DistillData, config: Distill = Distill(), *,
         raise InputError(f"freeze={list(config.freeze)} leaves no student parameter to train", "freeze less")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    )
 
     fingerprint = data_fingerprint(data)
     state_path = Path(checkpoint_dir) / STATE_FILE if checkpoint_dir is not None else None
@@ -406,8 +447,23 @@ def distill(teacher, student, data: DistillData, config: Distill = Distill(), *,
             for epoch in range(first_epoch, config.epochs):
                 if stopped_early:
                     break
-                record = _train_epoch(epoch, student, teacher, adapters, data, targets, optimizer, schedule, config,
-                                      steps_per_epoch, device, t_caps, s_caps, progress, task)
+                record = _train_epoch(
+                    epoch,
+                    student,
+                    teacher,
+                    adapters,
+                    data,
+                    targets,
+                    optimizer,
+                    schedule,
+                    config,
+                    steps_per_epoch,
+                    device,
+                    t_caps,
+                    s_caps,
+                    progress,
+                    task,
+                )
                 student.eval()
                 if eval_fn is not None:
                     name, metric = eval_name, float(eval_fn(student))
@@ -424,17 +480,30 @@ def distill(teacher, student, data: DistillData, config: Distill = Distill(), *,
                 stopped_early = config.patience is not None and metric is not None and bad_epochs >= config.patience
                 record["stopped_early"] = stopped_early
                 history.append(record)
-                progress.update(task, description=f"epoch {epoch + 1}/{config.epochs}"
-                                + (f" {name} {metric:.4f}" if metric is not None else ""))
+                progress.update(
+                    task,
+                    description=f"epoch {epoch + 1}/{config.epochs}"
+                    + (f" {name} {metric:.4f}" if metric is not None else ""),
+                )
                 if state_path is not None:
-                    save_state(state_path, {
-                        "format": STATE_FORMAT, "config": config_to_dict(config), "fingerprint": fingerprint,
-                        "epoch": epoch + 1, "student": student.state_dict(),
-                        "adapters": adapters.state_dict() if adapters is not None else None,
-                        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                        "best_metric": best_metric, "best_epoch": best_epoch, "best_state": best_state,
-                        "bad_epochs": bad_epochs, "history": history,
-                    })
+                    save_state(
+                        state_path,
+                        {
+                            "format": STATE_FORMAT,
+                            "config": config_to_dict(config),
+                            "fingerprint": fingerprint,
+                            "epoch": epoch + 1,
+                            "student": student.state_dict(),
+                            "adapters": adapters.state_dict() if adapters is not None else None,
+                            "optimizer": optimizer.state_dict(),
+                            "schedule": schedule.state_dict(),
+                            "best_metric": best_metric,
+                            "best_epoch": best_epoch,
+                            "best_state": best_state,
+                            "bad_epochs": bad_epochs,
+                            "history": history,
+                        },
+                    )
     finally:
         for caps in (t_caps, s_caps):
             if caps is not None:
@@ -463,8 +532,23 @@ def distill(teacher, student, data: DistillData, config: Distill = Distill(), *,
     return StageResult(model=student, report=report)
 
 
-def _train_epoch(epoch, student, teacher, adapters, data, targets, optimizer, schedule, config: Distill,
-                 steps_per_epoch, device, t_caps, s_caps, progress, task) -> dict[str, Any]:
+def _train_epoch(
+    epoch,
+    student,
+    teacher,
+    adapters,
+    data,
+    targets,
+    optimizer,
+    schedule,
+    config: Distill,
+    steps_per_epoch,
+    device,
+    t_caps,
+    s_caps,
+    progress,
+    task,
+) -> dict[str, Any]:
     torch = _require_torch()
     # Each epoch's randomness comes from (seed, epoch) alone: a resumed run draws the same numbers.
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
@@ -472,7 +556,7 @@ def _train_epoch(epoch, student, teacher, adapters, data, targets, optimizer, sc
     student.train()
     total, count, started = 0.0, 0, time.perf_counter()
     for step in range(steps_per_epoch):
-        index = order[step * config.batch_size:(step + 1) * config.batch_size]
+        index = order[step * config.batch_size : (step + 1) * config.batch_size]
         batch = data.subset(index)
         inputs = _to(_trim_padding(batch.inputs), device)
         target = targets[index].to(device)
@@ -486,8 +570,10 @@ def _train_epoch(epoch, student, teacher, adapters, data, targets, optimizer, sc
         else:
             loss = embedding_loss(out, target, config.loss)
         if t_caps is not None:
-            hidden = sum(torch.nn.functional.mse_loss(adapter(s_caps.values[s]), t_caps.values[t])
-                         for adapter, (t, s) in zip(adapters, config.hidden_layers))
+            hidden = sum(
+                torch.nn.functional.mse_loss(adapter(s_caps.values[s]), t_caps.values[t])
+                for adapter, (t, s) in zip(adapters, config.hidden_layers)
+            )
             loss = loss + config.hidden_weight * hidden / len(config.hidden_layers)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -496,21 +582,33 @@ def _train_epoch(epoch, student, teacher, adapters, data, targets, optimizer, sc
         total += float(loss.detach()) * len(index)
         count += len(index)
         progress.update(task, advance=1, description=f"epoch {epoch + 1}/{config.epochs} loss {total / count:.4f}")
-    return {"epoch": epoch + 1, "train_loss": total / count, "lr": schedule.get_last_lr()[0],
-            "seconds": round(time.perf_counter() - started, 2)}
+    return {
+        "epoch": epoch + 1,
+        "train_loss": total / count,
+        "lr": schedule.get_last_lr()[0],
+        "seconds": round(time.perf_counter() - started, 2),
+    }
 
 
 def _progress(show: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=not show, transient=False)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not show,
+        transient=False,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Training state on disk
 # ---------------------------------------------------------------------------------------------
+
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
     torch = _require_torch()
@@ -526,23 +624,31 @@ def load_state(path: Path | None, config: Distill, fingerprint: str) -> dict[str
     _require_torch()
     if path is None or not path.is_file():
         raise InputError(f"{{resume}}: no training state at {path}", "run without {resume} first")
-    state = load_torch_dict(path, kind="distillation state ({resume})", format_tag=STATE_FORMAT,
-                            hint="delete it and start again without {resume}")
+    state = load_torch_dict(
+        path,
+        kind="distillation state ({resume})",
+        format_tag=STATE_FORMAT,
+        hint="delete it and start again without {resume}",
+    )
     if state["config"] != config_to_dict(config):
-        changed = sorted(k for k, v in config_to_dict(config)["fields"].items()
-                         if state["config"]["fields"].get(k) != v)
-        raise InputError(f"{{resume}}: the settings differ from the interrupted run's ({', '.join(changed)})",
-                         "resume with the same options, or start again without {resume}")
+        changed = sorted(
+            k for k, v in config_to_dict(config)["fields"].items() if state["config"]["fields"].get(k) != v
+        )
+        raise InputError(
+            f"{{resume}}: the settings differ from the interrupted run's ({', '.join(changed)})",
+            "resume with the same options, or start again without {resume}",
+        )
     if state["fingerprint"] != fingerprint:
-        raise InputError("{resume}: the training data differ from the interrupted run's",
-                         "resume with the same data, or start again without {resume}")
+        raise InputError(
+            "{resume}: the training data differ from the interrupted run's",
+            "resume with the same data, or start again without {resume}",
+        )
     return state
 
 
 # ---------------------------------------------------------------------------------------------
 # SOURCE + checkpoint + data -> directory: what `dlopt distill` does
 # ---------------------------------------------------------------------------------------------
-
 
 
 def load_npz_data(path: Path, example_inputs: Mapping[str, Any], max_samples: int | None = None) -> DistillData:
@@ -556,12 +662,16 @@ def load_npz_data(path: Path, example_inputs: Mapping[str, Any], max_samples: in
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
     except (ValueError, OSError) as e:
-        raise InputError(f"{path} is not a readable .npz file ({type(e).__name__})",
-                         "write it with numpy.savez(path, input_name=array, labels=array)") from e
+        raise InputError(
+            f"{path} is not a readable .npz file ({type(e).__name__})",
+            "write it with numpy.savez(path, input_name=array, labels=array)",
+        ) from e
     missing = [n for n in example_inputs if n not in arrays]
     if missing:
-        raise InputError(f"{path} has no array for the model input {missing[0]!r} (it has {sorted(arrays)})",
-                         "name each array after a forward() argument")
+        raise InputError(
+            f"{path} has no array for the model input {missing[0]!r} (it has {sorted(arrays)})",
+            "name each array after a forward() argument",
+        )
     inputs = {}
     for name, example in example_inputs.items():
         inputs[name] = torch.from_numpy(np.ascontiguousarray(arrays[name])).to(example.dtype)
@@ -581,8 +691,10 @@ def reference_training_data(name: str, max_samples: int | None = None) -> Distil
     model = get_reference_model(name)  # unknown names fail with the list of known ones
     if not model.training:
         having = ", ".join(m.name for m in REFERENCE_MODELS.values() if m.training)
-        raise InputError(f"distillation data: the reference model {name!r} has no training data to distill on",
-                         f"give an .npz file (reference data exists for {having})")
+        raise InputError(
+            f"distillation data: the reference model {name!r} has no training data to distill on",
+            f"give an .npz file (reference data exists for {having})",
+        )
     data = DistillData(*model.training_data(max_samples))
     check_data(data, f"{name}'s training data")
     return data
@@ -605,6 +717,7 @@ def split_validation(data: DistillData, fraction: float, seed: int) -> tuple[Dis
 # The stage adapter
 # ---------------------------------------------------------------------------------------------
 
+
 def _write(given: StageInput, config: Distill, context: StageContext) -> Artifact:
     """The stage before's pruned checkpoint trained against the source (the teacher) on the training data (a
     tenth held out for early stopping, split by the config's seed), as the checkpoint OUTPUT/model.pt; the
@@ -618,33 +731,59 @@ def _write(given: StageInput, config: Distill, context: StageContext) -> Artifac
     data_spec = given.training_data or f"model:{given.source}"  # the reference model's own, as dlopt run's
     log(f"loading the training data {data_spec}")
     if data_spec.startswith("model:"):
-        data = reference_training_data(data_spec[len("model:"):])
+        data = reference_training_data(data_spec[len("model:") :])
     else:
         data = load_npz_data(Path(data_spec), teacher.example_inputs)
     train, val = split_validation(data, 0.1, config.seed)
-    result = distill_stage.apply(student, config, StageContext(data=train, eval_data=val, teacher=teacher,
-                                                               after=context.after, log=log))
+    result = distill_stage.apply(
+        student, config, StageContext(data=train, eval_data=val, teacher=teacher, after=context.after, log=log)
+    )
     pruned = read_checkpoint(given.input_path())
     report = dict(result.report) | {"train_samples": len(train)}
-    produced = save_checkpoint(context.folder() / "model.pt", result.model.module, given.source,
-                               {"pruning_history": pruned.pruning_history,
-                                "module_attributes": pruned.module_attributes,
-                                "prune": pruned.report, "distill": report})
+    produced = save_checkpoint(
+        context.folder() / "model.pt",
+        result.model.module,
+        given.source,
+        {
+            "pruning_history": pruned.pruning_history,
+            "module_attributes": pruned.module_attributes,
+            "prune": pruned.report,
+            "distill": report,
+        },
+    )
     return Artifact(produced, artifact_hash(produced), report)
 
 
-@register_stage(kind="distill", config=Distill, takes="torch", makes="torch", requires=(TORCH_SOURCE,),
-                ensures=(TORCH_SOURCE,), summary="train the student against a teacher (torch)", validate=check_config,
-                writer=_write)
+@register_stage(
+    kind="distill",
+    config=Distill,
+    takes="torch",
+    makes="torch",
+    requires=(TORCH_SOURCE,),
+    ensures=(TORCH_SOURCE,),
+    summary="train the student against a teacher (torch)",
+    validate=check_config,
+    writer=_write,
+)
 def distill_stage(student: ModelSource, config: Distill, context: StageContext) -> StageResult:
     """A student ModelSource in, the same source with the trained module out; context.teacher (a
     ModelSource) and context.data (a DistillData) are required, context.eval_data is the validation set;
     with context.output the training state is saved there after every epoch (context.resume continues it)."""
     if context.teacher is None or not isinstance(context.data, DistillData):
-        raise InputError("distill needs a teacher and training data (a DistillData)",
-                         "pass them in the stage context: teacher=, data=")
-    result = distill(context.teacher.module, student.module, context.data, config, val=context.eval_data,
-                     checkpoint_dir=context.output, resume=context.resume, show_progress=context.progress)
+        raise InputError(
+            "distill needs a teacher and training data (a DistillData)",
+            "pass them in the stage context: teacher=, data=",
+        )
+    result = distill(
+        context.teacher.module,
+        student.module,
+        context.data,
+        config,
+        val=context.eval_data,
+        checkpoint_dir=context.output,
+        resume=context.resume,
+        show_progress=context.progress,
+    )
     return StageResult(dataclasses.replace(student, module=result.model), result.report)
 
 
@@ -659,10 +798,23 @@ def _same_source(a: str, b: str) -> bool:
         return False
 
 
-def distill_files(teacher_spec: str, checkpoint: PrunedCheckpoint, source_spec: str, student_path: Path,
-                  data_spec: str, output_dir: str | os.PathLike, config: Distill, *, max_samples: int | None,
-                  val_fraction: float, seed: int, resume: bool, bench_seconds: float | None, show_progress: bool,
-                  log: Callable[[str], None]) -> TorchStageArtifacts:
+def distill_files(
+    teacher_spec: str,
+    checkpoint: PrunedCheckpoint,
+    source_spec: str,
+    student_path: Path,
+    data_spec: str,
+    output_dir: str | os.PathLike,
+    config: Distill,
+    *,
+    max_samples: int | None,
+    val_fraction: float,
+    seed: int,
+    resume: bool,
+    bench_seconds: float | None,
+    show_progress: bool,
+    log: Callable[[str], None],
+) -> TorchStageArtifacts:
     """Distill TEACHER into the pruned `checkpoint` (rebuilt from `source_spec`) on DATA and write
     OUT/distilled.pt, a verified OUT/distilled.onnx and OUT/distill.json, renamed into place together at the
     end (the training state, OUT/distill_state.pt, is saved after every epoch: `resume` continues it). What
@@ -675,34 +827,67 @@ def distill_files(teacher_spec: str, checkpoint: PrunedCheckpoint, source_spec: 
     from dlopt.sources import load_source
 
     out_dir = Path(output_dir)
-    guard_outputs([guard_source_spec(teacher_spec), student_path, guard_source_spec(source_spec),
-                   None if data_spec == "reference" else data_spec], [out_dir])
+    guard_outputs(
+        [
+            guard_source_spec(teacher_spec),
+            student_path,
+            guard_source_spec(source_spec),
+            None if data_spec == "reference" else data_spec,
+        ],
+        [out_dir],
+    )
     with output_folder(out_dir) as out_dir, staged_outputs() as outputs:
         log(f"loading the teacher {teacher_spec}")
         teacher = load_source(teacher_spec)
         log(f"rebuilding the student from {student_path} (source {source_spec})")
-        student_source = dataclasses.replace(teacher, module=copy.deepcopy(teacher.module)) \
-            if _same_source(source_spec, teacher_spec) else load_source(source_spec)
-        student = dataclasses.replace(student_source, module=rebuild(checkpoint, student_source.module,
-                                                                     student_source.example_inputs))
-        data = reference_training_data(teacher_spec, max_samples) if data_spec == "reference" else \
-            load_npz_data(Path(data_spec), teacher.example_inputs, max_samples)
+        student_source = (
+            dataclasses.replace(teacher, module=copy.deepcopy(teacher.module))
+            if _same_source(source_spec, teacher_spec)
+            else load_source(source_spec)
+        )
+        student = dataclasses.replace(
+            student_source, module=rebuild(checkpoint, student_source.module, student_source.example_inputs)
+        )
+        data = (
+            reference_training_data(teacher_spec, max_samples)
+            if data_spec == "reference"
+            else load_npz_data(Path(data_spec), teacher.example_inputs, max_samples)
+        )
         train, val = split_validation(data, val_fraction, seed)
-        log(f"distilling on {len(train)} samples ({'labeled' if train.labels is not None else 'unlabeled'}), "
-            f"{len(val) if val is not None else 0} held out for early stopping")
-        result = distill_stage.apply(student, config, StageContext(data=train, eval_data=val, teacher=teacher,
-                                                                   output=out_dir, resume=resume,
-                                                                   progress=show_progress, log=log))
+        log(
+            f"distilling on {len(train)} samples ({'labeled' if train.labels is not None else 'unlabeled'}), "
+            f"{len(val) if val is not None else 0} held out for early stopping"
+        )
+        result = distill_stage.apply(
+            student,
+            config,
+            StageContext(
+                data=train,
+                eval_data=val,
+                teacher=teacher,
+                output=out_dir,
+                resume=resume,
+                progress=show_progress,
+                log=log,
+            ),
+        )
         report = dict(result.report)
         log("exporting the student (verified against torch)")
         onnx_path = out_dir / "distilled.onnx"
         distilled = dataclasses.replace(result.model, name=f"{source_spec} (distilled)")
         onnx_tmp = stage_onnx(export_verified(distilled, log), onnx_path, outputs)
-        saved = save_checkpoint(out_dir / "distilled.pt", result.model.module, source_spec,
-                                {"pruning_history": checkpoint.pruning_history,
-                                 "module_attributes": checkpoint.module_attributes,
-                                 "prune": checkpoint.report, "distill": {k: v for k, v in report.items()}},
-                                outputs=outputs)
+        saved = save_checkpoint(
+            out_dir / "distilled.pt",
+            result.model.module,
+            source_spec,
+            {
+                "pruning_history": checkpoint.pruning_history,
+                "module_attributes": checkpoint.module_attributes,
+                "prune": checkpoint.report,
+                "distill": {k: v for k, v in report.items()},
+            },
+            outputs=outputs,
+        )
         notes = []
         if bench_seconds is not None:
             teacher_path = out_dir / "teacher.onnx"
@@ -711,21 +896,43 @@ def distill_files(teacher_spec: str, checkpoint: PrunedCheckpoint, source_spec: 
             log(f"measuring latency against the teacher, one thread, interleaved ({bench_seconds:g} s)")
             speed = measure_speedup(teacher_tmp, onnx_tmp, budget_s=bench_seconds)
             report["latency"] = speed
-            notes.append(f"latency (1 thread, batch {speed['batch']}): teacher {speed['baseline_ms']:.3f} ms, student "
-                         f"{speed['ms']:.3f} ms: {speed['speedup']:.2f}x faster [{speed['speedup_low']:.2f}, "
-                         f"{speed['speedup_high']:.2f}]")
+            notes.append(
+                f"latency (1 thread, batch {speed['batch']}): teacher {speed['baseline_ms']:.3f} ms, student "
+                f"{speed['ms']:.3f} ms: {speed['speedup']:.2f}x faster [{speed['speedup_low']:.2f}, "
+                f"{speed['speedup_high']:.2f}]"
+            )
         if report["stopped_early"]:
             notes.append(f"stopped early after epoch {report['epochs_run']}; kept epoch {report['best_epoch']}")
-        report |= {"teacher": teacher_spec, "student_checkpoint": str(student_path), "student_source": source_spec,
-                   "data": data_spec, "checkpoint": str(saved), "onnx": str(onnx_path)}
+        report |= {
+            "teacher": teacher_spec,
+            "student_checkpoint": str(student_path),
+            "student_source": source_spec,
+            "data": data_spec,
+            "checkpoint": str(saved),
+            "onnx": str(onnx_path),
+        }
         report_path = out_dir / "distill.json"
         outputs.stage(report_path).write_text(json_text(report))
-        rows = [[h["epoch"], h["train_loss"], h.get("eval_metric") or "", h.get("eval_value"), h["seconds"]]
-                for h in report["history"]]
+        rows = [
+            [h["epoch"], h["train_loss"], h.get("eval_metric") or "", h.get("eval_value"), h["seconds"]]
+            for h in report["history"]
+        ]
         table = format_table(["epoch", "train loss", "eval metric", "value", "seconds"], rows)
         return TorchStageArtifacts(saved, onnx_path, report_path, report, table, tuple(notes))
 
 
-__all__ = ["Distill", "distill_files", "distill_stage", "LOSSES", "DistillData", "load_npz_data",
-           "reference_training_data", "split_validation", "check_compatible", "data_fingerprint", "distill",
-           "embedding_loss", "kd_loss"]
+__all__ = [
+    "Distill",
+    "distill_files",
+    "distill_stage",
+    "LOSSES",
+    "DistillData",
+    "load_npz_data",
+    "reference_training_data",
+    "split_validation",
+    "check_compatible",
+    "data_fingerprint",
+    "distill",
+    "embedding_loss",
+    "kd_loss",
+]

@@ -22,8 +22,8 @@ from dlopt.errors import InputError, StageError, VerificationError
 from dlopt.fileio import WrittenModel
 from dlopt.quiet import quiet_libraries
 from dlopt.report import environment, format_table
-from dlopt.stage import Artifact, Check, StageContext, StageInput, StageResult, config_to_dict, register_stage
 from dlopt.sources import EXPORTERS, Exporter, ModelSource, require_torch
+from dlopt.stage import Artifact, Check, StageContext, StageInput, StageResult, config_to_dict, register_stage
 from dlopt.usercode import user_code
 
 DEFAULT_OPSET = 18
@@ -46,11 +46,10 @@ class Export:
     seed: int = 0
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Dynamic axes and verification inputs
 # ---------------------------------------------------------------------------------------------
+
 
 def _is_token_input(tensor) -> bool:
     return tensor.dim() == 2 and not tensor.dtype.is_floating_point
@@ -80,8 +79,9 @@ def _export_ready_inputs(inputs: dict[str, Any], axes: dict[str, dict[int, str]]
     return ready
 
 
-def _resample_inputs(example: dict[str, Any], axes: dict[str, dict[int, str]], batch: int,
-                     seq_len: int | None, rng: np.random.Generator) -> dict[str, Any]:
+def _resample_inputs(
+    example: dict[str, Any], axes: dict[str, dict[int, str]], batch: int, seq_len: int | None, rng: np.random.Generator
+) -> dict[str, Any]:
     """Inputs of a new batch size / sequence length drawn from the example's value ranges."""
     torch = require_torch()
     sizes = {"batch": batch}
@@ -98,16 +98,20 @@ def _resample_inputs(example: dict[str, Any], axes: dict[str, dict[int, str]], b
             mean, std = float(values.mean()), float(values.std()) or 1.0
             array = rng.normal(mean, std, size=shape).astype(values.dtype)
         elif tensor.dtype == torch.bool:
-            array = rng.integers(0, 2, size=shape).astype(bool) if values.min() != values.max() \
+            array = (
+                rng.integers(0, 2, size=shape).astype(bool)
+                if values.min() != values.max()
                 else np.full(shape, bool(values.flat[0]))
+            )
         else:
             array = rng.integers(int(values.min()), int(values.max()) + 1, size=shape).astype(values.dtype)
         out[name] = torch.from_numpy(array)
     return out
 
 
-def verification_cases(source: ModelSource, axes: dict[str, dict[int, str]], config: Export
-                       ) -> list[tuple[str, dict[str, Any]]]:
+def verification_cases(
+    source: ModelSource, axes: dict[str, dict[int, str]], config: Export
+) -> list[tuple[str, dict[str, Any]]]:
     """The example, plus inputs of other batch sizes and (for token models) sequence lengths."""
     cases = [("example", dict(source.example_inputs))]
     dim_names = {d for per_input in axes.values() for d in per_input.values()}
@@ -115,8 +119,11 @@ def verification_cases(source: ModelSource, axes: dict[str, dict[int, str]], con
         return cases
     has_seq = "seq" in dim_names
     rng = np.random.default_rng(config.seed)
-    shapes = [(b, None) for b in config.verify_batches] if not has_seq else \
-        [(b, s) for b, s in zip(config.verify_batches, config.verify_seq_lens)]
+    shapes = (
+        [(b, None) for b in config.verify_batches]
+        if not has_seq
+        else [(b, s) for b, s in zip(config.verify_batches, config.verify_seq_lens)]
+    )
     for batch, seq_len in shapes:
         label = f"b{batch}" + (f" s{seq_len}" if seq_len else "")
         if source.make_inputs is not None:
@@ -132,8 +139,15 @@ def verification_cases(source: ModelSource, axes: dict[str, dict[int, str]], con
 # The exporters
 # ---------------------------------------------------------------------------------------------
 
-def _run_exporter(exporter: Exporter, source: ModelSource, inputs: dict[str, Any],
-                  axes: dict[str, dict[int, str]], output_names: list[str], opset: int):
+
+def _run_exporter(
+    exporter: Exporter,
+    source: ModelSource,
+    inputs: dict[str, Any],
+    axes: dict[str, dict[int, str]],
+    output_names: list[str],
+    opset: int,
+):
     torch = require_torch()
     import onnx
 
@@ -143,18 +157,33 @@ def _run_exporter(exporter: Exporter, source: ModelSource, inputs: dict[str, Any
             dynamic_shapes = {name: dict(axes.get(name, {})) or None for name in inputs} if axes else None
             # Output names are set afterwards: the dynamo exporter fails when a requested name is already
             # taken by an internal value (e.g. an output named "embedding" beside an nn.Embedding node).
-            program = torch.onnx.export(module, (), kwargs=inputs, dynamo=True, opset_version=opset,
-                                        dynamic_shapes=dynamic_shapes, verbose=False, optimize=True)
+            program = torch.onnx.export(
+                module,
+                (),
+                kwargs=inputs,
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes=dynamic_shapes,
+                verbose=False,
+                optimize=True,
+            )
             return rename_graph_outputs(program.model_proto, output_names)
         # torchscript: positional arguments in forward()'s order
         params = list(inspect.signature(module.forward).parameters)
         ordered = [n for n in params if n in inputs]
         output_axes = {n: {0: "batch"} for n in output_names} if axes else {}
         buffer = io.BytesIO()
-        torch.onnx.export(module, tuple(inputs[n] for n in ordered), buffer, dynamo=False,
-                          opset_version=opset, input_names=ordered, output_names=output_names,
-                          dynamic_axes={**{n: a for n, a in axes.items() if n in ordered}, **output_axes},
-                          do_constant_folding=True)
+        torch.onnx.export(
+            module,
+            tuple(inputs[n] for n in ordered),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=ordered,
+            output_names=output_names,
+            dynamic_axes={**{n: a for n, a in axes.items() if n in ordered}, **output_axes},
+            do_constant_folding=True,
+        )
         return onnx.load_model_from_string(buffer.getvalue())
 
 
@@ -193,15 +222,18 @@ def _count_outputs(source: ModelSource) -> int:
         with torch.no_grad():
             out = source.module(**source.example_inputs)
     except Exception as e:  # the user's module on the user's example inputs: their model or inputs are wrong
-        raise InputError(f"{source.name}: {type(source.module).__name__}.forward failed on the factory's example "
-                         f"inputs ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-                         "check that the example inputs' names, shapes and dtypes are what forward() expects") from e
+        raise InputError(
+            f"{source.name}: {type(source.module).__name__}.forward failed on the factory's example "
+            f"inputs ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+            "check that the example inputs' names, shapes and dtypes are what forward() expects",
+        ) from e
     return len(out) if isinstance(out, (tuple, list)) else 1
 
 
 # ---------------------------------------------------------------------------------------------
 # Verification
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class OutputDiff:
@@ -223,8 +255,9 @@ def _torch_outputs(source: ModelSource, inputs: dict[str, Any]) -> list[np.ndarr
     return [o.detach().cpu().numpy() for o in outs]
 
 
-def compare_outputs(case: str, names: list[str], expected: list[np.ndarray], actual: list[np.ndarray],
-                    atol: float, rtol: float) -> list[OutputDiff]:
+def compare_outputs(
+    case: str, names: list[str], expected: list[np.ndarray], actual: list[np.ndarray], atol: float, rtol: float
+) -> list[OutputDiff]:
     """Per-output check |actual - expected| <= atol + rtol * |expected| (numpy.allclose's rule)."""
     diffs = []
     for name, want, got in zip(names, expected, actual):
@@ -242,12 +275,14 @@ def compare_outputs(case: str, names: list[str], expected: list[np.ndarray], act
     return diffs
 
 
-def verify_onnx(model, source: ModelSource, cases: list[tuple[str, dict[str, Any]]], atol: float, rtol: float
-                ) -> list[OutputDiff]:
+def verify_onnx(
+    model, source: ModelSource, cases: list[tuple[str, dict[str, Any]]], atol: float, rtol: float
+) -> list[OutputDiff]:
     from dlopt.sessions import cpu_session
 
-    session = cpu_session(model, threads=os.cpu_count() or 1, error=StageError,
-                          hint="try {exporter=torchscript} or another {opset=N}")
+    session = cpu_session(
+        model, threads=os.cpu_count() or 1, error=StageError, hint="try {exporter=torchscript} or another {opset=N}"
+    )
     input_names = [i.name for i in session.get_inputs()]
     output_names = [o.name for o in session.get_outputs()]
     diffs = []
@@ -257,16 +292,27 @@ def verify_onnx(model, source: ModelSource, cases: list[tuple[str, dict[str, Any
             actual = session.run(None, feeds)
         except Exception as e:
             shapes = ", ".join(f"{n}{list(v.shape)}" for n, v in feeds.items())
-            raise VerificationError(f"the exported model fails on inputs {shapes} ({label}): {e}",
-                                    "an axis may have been exported as a constant; try static shapes "
-                                    "or the other exporter") from e
+            raise VerificationError(
+                f"the exported model fails on inputs {shapes} ({label}): {e}",
+                "an axis may have been exported as a constant; try static shapes or the other exporter",
+            ) from e
         diffs += compare_outputs(label, output_names, _torch_outputs(source, inputs), actual, atol, rtol)
     return diffs
 
 
 def diff_table(diffs: list[OutputDiff]) -> str:
-    rows = [(d.case, d.output, "x".join(map(str, d.shape)), d.max_abs_diff, d.max_rel_diff,
-             f"{d.atol:g}/{d.rtol:g}", "pass" if d.passed else "FAIL") for d in diffs]
+    rows = [
+        (
+            d.case,
+            d.output,
+            "x".join(map(str, d.shape)),
+            d.max_abs_diff,
+            d.max_rel_diff,
+            f"{d.atol:g}/{d.rtol:g}",
+            "pass" if d.passed else "FAIL",
+        )
+        for d in diffs
+    ]
     return format_table(["inputs", "output", "shape", "max abs diff", "max rel diff", "atol/rtol", "result"], rows)
 
 
@@ -274,8 +320,10 @@ def diff_table(diffs: list[OutputDiff]) -> str:
 # The stage
 # ---------------------------------------------------------------------------------------------
 
-def export(source: ModelSource, config: Export = Export(),
-           log: Callable[[str], None] = lambda message: None) -> StageResult:
+
+def export(
+    source: ModelSource, config: Export = Export(), log: Callable[[str], None] = lambda message: None
+) -> StageResult:
     """Export `source` to ONNX and verify it. Raises VerificationError on a mismatch unless allowed.
 
     The report holds the exporter actually used, the opset, input/output shapes and the diff table."""
@@ -299,11 +347,13 @@ def _export(source: ModelSource, config: Export, log: Callable[[str], None]) -> 
     if config.dynamic_shapes:
         axes = {n: dict(a) for n, a in (source.dynamic_axes or default_dynamic_axes(source.example_inputs)).items()}
     n_outputs = _count_outputs(source)
-    output_names = list(source.output_names or (["output"] if n_outputs == 1 else
-                                                [f"output_{i}" for i in range(n_outputs)]))
+    output_names = list(
+        source.output_names or (["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)])
+    )
     if len(output_names) != n_outputs:
-        raise InputError(f"{source.name}: {len(output_names)} output names for {n_outputs} outputs",
-                         "give one name per output")
+        raise InputError(
+            f"{source.name}: {len(output_names)} output names for {n_outputs} outputs", "give one name per output"
+        )
     export_inputs = _export_ready_inputs(source.example_inputs, axes)
 
     order = [first] + ([e for e in EXPORTERS if e != first] if config.fallback else [])
@@ -312,8 +362,10 @@ def _export(source: ModelSource, config: Export, log: Callable[[str], None]) -> 
     started = time.perf_counter()
     for exporter in order:
         if failures:
-            log(f"{order[0]} exporter failed ({failures[order[0]].splitlines()[0][:200]}); "
-                f"falling back to the {exporter} exporter")
+            log(
+                f"{order[0]} exporter failed ({failures[order[0]].splitlines()[0][:200]}); "
+                f"falling back to the {exporter} exporter"
+            )
         try:
             model = _run_exporter(exporter, source, export_inputs, axes, output_names, config.opset)
             model = _finish(model)
@@ -323,8 +375,9 @@ def _export(source: ModelSource, config: Export, log: Callable[[str], None]) -> 
             model = None
     if model is None:
         details = "; ".join(f"{k}: {v.splitlines()[0][:300]}" for k, v in failures.items())
-        raise StageError(f"export of {source.name} failed ({details})",
-                         "try static shapes, another {opset=N} or the other exporter")
+        raise StageError(
+            f"export of {source.name} failed ({details})", "try static shapes, another {opset=N} or the other exporter"
+        )
     export_seconds = time.perf_counter() - started
 
     cases = verification_cases(source, axes, config)
@@ -341,18 +394,23 @@ def _export(source: ModelSource, config: Export, log: Callable[[str], None]) -> 
         "dynamic_axes": {n: {str(k): v for k, v in a.items()} for n, a in axes.items()},
         "inputs": [_value_info(v) for v in model.graph.input],
         "outputs": [_value_info(v) for v in model.graph.output],
-        "verification": {"passed": passed, "atol": atol, "rtol": rtol,
-                         "diffs": [d.__dict__ | {"shape": list(d.shape)} for d in diffs]},
+        "verification": {
+            "passed": passed,
+            "atol": atol,
+            "rtol": rtol,
+            "diffs": [d.__dict__ | {"shape": list(d.shape)} for d in diffs],
+        },
         "export_seconds": round(export_seconds, 3),
         "parameters": int(sum(p.numel() for p in source.module.parameters())),
         "environment": environment(),
     }
     if not passed and not config.allow_mismatch:
         failed = sorted({f"{d.output} ({d.case})" for d in diffs if not d.passed})
-        raise VerificationError(f"ONNX Runtime's outputs differ from torch's beyond atol={atol:g}, rtol={rtol:g}: "
-                                f"{', '.join(failed)}",
-                                "no model was written; see the table above, try the other exporter, "
-                                "or pass {allow_mismatch} to write it anyway")
+        raise VerificationError(
+            f"ONNX Runtime's outputs differ from torch's beyond atol={atol:g}, rtol={rtol:g}: {', '.join(failed)}",
+            "no model was written; see the table above, try the other exporter, "
+            "or pass {allow_mismatch} to write it anyway",
+        )
     return StageResult(model=model, report=report)
 
 
@@ -381,6 +439,7 @@ def _value_info(value) -> dict[str, Any]:
 # The stage
 # ---------------------------------------------------------------------------------------------
 
+
 def _source_problem(source, config, before) -> str | None:
     return None if isinstance(source, ModelSource) else f"got a {type(source).__name__}"
 
@@ -404,22 +463,41 @@ def _write(given: StageInput, config: Export, context: StageContext) -> Artifact
     return Artifact(written.model_path, artifact_hash(written.model_path), written.report)
 
 
-@register_stage(kind="export", config=Export, takes="torch", makes="onnx", requires=(TORCH_SOURCE,),
-                ensures=(Check("an ONNX model", _onnx_problem),), summary="torch -> ONNX, verified against torch",
-                writer=_write)
+@register_stage(
+    kind="export",
+    config=Export,
+    takes="torch",
+    makes="onnx",
+    requires=(TORCH_SOURCE,),
+    ensures=(Check("an ONNX model", _onnx_problem),),
+    summary="torch -> ONNX, verified against torch",
+    writer=_write,
+)
 def export_stage(source: ModelSource, config: Export, context: StageContext) -> StageResult:
     return export(source, config, log=context.log)
 
 
-def export_file(source: ModelSource | str, output: str | os.PathLike, config: Export | None = None, *,
-                log: Callable[[str], None] = lambda message: None) -> WrittenModel:
+def export_file(
+    source: ModelSource | str,
+    output: str | os.PathLike,
+    config: Export | None = None,
+    *,
+    log: Callable[[str], None] = lambda message: None,
+) -> WrittenModel:
     """Export SOURCE (a reference model name, "file.py:build", "pkg.module:build" or a ModelSource) to
     ONNX at `output`, verified against torch, and write the model and its JSON report (NAME.export.json)
     atomically, renamed into place together.
 
     Raises VerificationError (and writes nothing) when outputs differ, unless config.allow_mismatch."""
-    from dlopt.fileio import (check_output_path, guard_outputs, guard_source_spec, json_text, report_path_for,
-                              stage_onnx, staged_outputs)
+    from dlopt.fileio import (
+        check_output_path,
+        guard_outputs,
+        guard_source_spec,
+        json_text,
+        report_path_for,
+        stage_onnx,
+        staged_outputs,
+    )
     from dlopt.sources import load_source
 
     config = config or Export()
@@ -446,6 +524,17 @@ def export_verified(source: ModelSource, log: Callable[[str], None]):
     return export_stage.apply(source, Export(), StageContext(log=log)).model
 
 
-__all__ = ["TORCH_SOURCE", "Export", "DEFAULT_OPSET", "OutputDiff", "compare_outputs",
-           "default_dynamic_axes", "diff_table", "export", "export_file", "export_stage", "export_verified",
-           "verify_onnx"]
+__all__ = [
+    "TORCH_SOURCE",
+    "Export",
+    "DEFAULT_OPSET",
+    "OutputDiff",
+    "compare_outputs",
+    "default_dynamic_axes",
+    "diff_table",
+    "export",
+    "export_file",
+    "export_stage",
+    "export_verified",
+    "verify_onnx",
+]

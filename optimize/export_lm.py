@@ -31,10 +31,10 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import numpy as np
 
@@ -46,8 +46,10 @@ DECODE_STEPS = 8
 # ~30 (tolerance 0.02-0.03 there): fp32 kernels differ in summation order only, so a real error stands out.
 ATOL = 1e-3
 RTOL = 1e-3
-VERIFY_TEXT = ("The quick brown fox jumps over the lazy dog. A small language model writes text one token at a "
-               "time, and each new token reads the keys and values of every token before it from the cache.")
+VERIFY_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A small language model writes text one token at a "
+    "time, and each new token reads the keys and values of every token before it from the cache."
+)
 MAX_VERIFY_PROMPT = 32
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 REFERENCE_MODELS = ("smollm2",)
@@ -97,12 +99,15 @@ def require_genai():
 def check_hf_folder(folder: Path) -> dict[str, Any]:
     """The checks a Hugging Face causal-LM folder must pass before any slow work; returns its config.json."""
     if not folder.exists():
-        raise InputError(f"{folder} does not exist",
-                         "give a Hugging Face causal LM folder (config.json, weights, tokenizer) or smollm2")
+        raise InputError(
+            f"{folder} does not exist",
+            "give a Hugging Face causal LM folder (config.json, weights, tokenizer) or smollm2",
+        )
     if not folder.is_dir():
-        raise InputError(f"{folder} is not a folder",
-                         "--task text-generation exports a Hugging Face model folder (config.json, weights, "
-                         "tokenizer) or smollm2")
+        raise InputError(
+            f"{folder} is not a folder",
+            "--task text-generation exports a Hugging Face model folder (config.json, weights, tokenizer) or smollm2",
+        )
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise InputError(f"{folder} has no config.json", "save the model with model.save_pretrained(folder)")
@@ -110,8 +115,10 @@ def check_hf_folder(folder: Path) -> dict[str, Any]:
 
     config = check_causal_lm_config(config_path)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise InputError(f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)})",
-                         "save it beside the model: tokenizer.save_pretrained(folder)")
+        raise InputError(
+            f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)})",
+            "save it beside the model: tokenizer.save_pretrained(folder)",
+        )
     return config
 
 
@@ -128,8 +135,15 @@ def graph_facts(model_path: Path) -> dict[str, Any]:
 
     return {
         "op_types": dict(sorted(ops.items())),
-        "fused": {op: ops.get(op, 0) for op in ("GroupQueryAttention", "SkipSimplifiedLayerNormalization",
-                                                "SimplifiedLayerNormalization", "RotaryEmbedding")},
+        "fused": {
+            op: ops.get(op, 0)
+            for op in (
+                "GroupQueryAttention",
+                "SkipSimplifiedLayerNormalization",
+                "SimplifiedLayerNormalization",
+                "RotaryEmbedding",
+            )
+        },
         "fused_qkv": any("qkv_proj" in t.name for t in model.graph.initializer),
         "inputs": {i.name: dims(i) for i in model.graph.input if not i.name.startswith("past_key_values.")},
         "kv_cache": {"tensors": len(cache), "example": {cache[0].name: dims(cache[0])} if cache else {}},
@@ -138,17 +152,34 @@ def graph_facts(model_path: Path) -> dict[str, Any]:
 
 
 def _run_builder(source: Path, out: Path, precision: str, cache: Path, log: Callable[[str], None]) -> None:
-    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(out),
-               "-p", precision, "-e", "cpu", "-c", str(cache)]
+    command = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(source),
+        "-o",
+        str(out),
+        "-p",
+        precision,
+        "-e",
+        "cpu",
+        "-c",
+        str(cache),
+    ]
     log(f"building the {precision} decoder with onnxruntime-genai's model builder")
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         tail = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()][-1:] or ["(no output)"]
         if "not currently supported" in done.stderr + done.stdout:
-            raise InputError(f"onnxruntime-genai's model builder does not support {source}: {tail[0]}",
-                             "supported: Llama, Mistral, Qwen2/3, Phi, Gemma, Granite, OLMo ... (see its builder.py)")
-        raise StageError(f"onnxruntime-genai's model builder failed on {source}: {tail[0]}",
-                         "rerun with --debug, or report this model")
+            raise InputError(
+                f"onnxruntime-genai's model builder does not support {source}: {tail[0]}",
+                "supported: Llama, Mistral, Qwen2/3, Phi, Gemma, Granite, OLMo ... (see its builder.py)",
+            )
+        raise StageError(
+            f"onnxruntime-genai's model builder failed on {source}: {tail[0]}",
+            "rerun with --debug, or report this model",
+        )
 
 
 def _reference_logits(hf_folder: Path, prompt: np.ndarray, steps: int) -> tuple[list[np.ndarray], list[int]]:
@@ -175,8 +206,7 @@ def _reference_logits(hf_folder: Path, prompt: np.ndarray, steps: int) -> tuple[
                 tokens.append(int(step_logits[-1].argmax()))
                 if step == steps:
                     break
-                out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values,
-                            use_cache=True)
+                out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.utils.logging.enable_progress_bar()
@@ -190,8 +220,9 @@ def _genai_model(og, folder: Path, threads: int = 1):
     return og.Model(config)
 
 
-def verify_export(folder: Path, hf_folder: Path, config: ExportLm = ExportLm(),
-                  log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+def verify_export(
+    folder: Path, hf_folder: Path, config: ExportLm = ExportLm(), log: Callable[[str], None] = lambda message: None
+) -> dict[str, Any]:
     """Compare the exported folder (run by onnxruntime-genai) with transformers on `hf_folder`: the
     prefill's logits at every prompt position, then `decode_steps` steps each fed the reference's greedy
     token (teacher forcing, so one early flip does not hide how close the rest is), then the export's own
@@ -202,8 +233,10 @@ def verify_export(folder: Path, hf_folder: Path, config: ExportLm = ExportLm(),
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_folder))
     ids = tokenizer(VERIFY_TEXT, add_special_tokens=False)["input_ids"][:MAX_VERIFY_PROMPT]
     if len(ids) < 2:
-        raise InputError(f"the tokenizer in {hf_folder} turns the verification text into {len(ids)} token(s)",
-                         "check that the tokenizer belongs to the model")
+        raise InputError(
+            f"the tokenizer in {hf_folder} turns the verification text into {len(ids)} token(s)",
+            "check that the tokenizer belongs to the model",
+        )
     prompt = np.asarray([ids], dtype=np.int32)
     steps = config.decode_steps
     log(f"verifying against transformers: a {prompt.shape[1]}-token prompt, prefill + {steps} decode steps")
@@ -220,13 +253,21 @@ def verify_export(folder: Path, hf_folder: Path, config: ExportLm = ExportLm(),
         got = np.asarray(generator.get_output("logits"), dtype=np.float32)[0]
         want = reference[step]
         if got.shape != want.shape:
-            raise VerificationError(f"the export's logits have shape {list(got.shape)} at step {step}, transformers' "
-                                    f"{list(want.shape)}", "report this model")
+            raise VerificationError(
+                f"the export's logits have shape {list(got.shape)} at step {step}, transformers' {list(want.shape)}",
+                "report this model",
+            )
         top2 = np.sort(want[-1])[-2:]
-        checks.append(StepCheck(step=step, max_abs_diff=float(np.abs(got - want).max()),
-                                tolerance=config.atol + config.rtol * float(np.abs(want).max()),
-                                reference_token=reference_tokens[step], exported_token=int(got[-1].argmax()),
-                                top2_margin=float(top2[1] - top2[0])))
+        checks.append(
+            StepCheck(
+                step=step,
+                max_abs_diff=float(np.abs(got - want).max()),
+                tolerance=config.atol + config.rtol * float(np.abs(want).max()),
+                reference_token=reference_tokens[step],
+                exported_token=int(got[-1].argmax()),
+                top2_margin=float(top2[1] - top2[0]),
+            )
+        )
     del generator
 
     # the export's own greedy continuation, as a user's generate loop produces it
@@ -247,10 +288,19 @@ def verify_export(folder: Path, hf_folder: Path, config: ExportLm = ExportLm(),
         "prompt_tokens": int(prompt.shape[1]),
         "decode_steps": steps,
         "tolerance": f"max |logit diff| <= {config.atol:g} + {config.rtol:g} * max |reference logit|, per step; "
-                     "the same greedy token at every step (unless the reference's top-2 margin is within the diff)",
-        "steps": [{"step": c.step, "max_abs_diff": c.max_abs_diff, "tolerance": c.tolerance,
-                   "reference_token": c.reference_token, "exported_token": c.exported_token,
-                   "top2_margin": c.top2_margin, "passed": c.passed} for c in checks],
+        "the same greedy token at every step (unless the reference's top-2 margin is within the diff)",
+        "steps": [
+            {
+                "step": c.step,
+                "max_abs_diff": c.max_abs_diff,
+                "tolerance": c.tolerance,
+                "reference_token": c.reference_token,
+                "exported_token": c.exported_token,
+                "top2_margin": c.top2_margin,
+                "passed": c.passed,
+            }
+            for c in checks
+        ],
         "greedy_reference": reference_tokens,
         "greedy_exported": free_running,
         "greedy_equal": continuation_equal,
@@ -262,10 +312,14 @@ def _mismatch_text(verification: dict[str, Any]) -> str:
     if failed:
         s = failed[0]
         where = "the prefill" if s["step"] == 0 else f"decode step {s['step']}"
-        return (f"at {where}: max |logit diff| {s['max_abs_diff']:.3g} (tolerance {s['tolerance']:.3g}), greedy token "
-                f"{s['exported_token']} vs transformers' {s['reference_token']}")
-    return (f"greedy continuation {verification['greedy_exported']} differs from transformers' "
-            f"{verification['greedy_reference']}")
+        return (
+            f"at {where}: max |logit diff| {s['max_abs_diff']:.3g} (tolerance {s['tolerance']:.3g}), greedy token "
+            f"{s['exported_token']} vs transformers' {s['reference_token']}"
+        )
+    return (
+        f"greedy continuation {verification['greedy_exported']} differs from transformers' "
+        f"{verification['greedy_reference']}"
+    )
 
 
 def _folder_bytes(folder: Path) -> dict[str, int]:
@@ -274,8 +328,10 @@ def _folder_bytes(folder: Path) -> dict[str, int]:
 
 def _check_output_folder(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"output {out} exists and is not an empty folder",
-                         "choose a new folder for -o (an export is never written over another)")
+        raise InputError(
+            f"output {out} exists and is not an empty folder",
+            "choose a new folder for -o (an export is never written over another)",
+        )
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"the parent of the output folder {out}, {parent}, does not exist", "choose another -o path")
@@ -283,15 +339,21 @@ def _check_output_folder(out: Path) -> None:
         raise InputError(f"cannot write into {parent}", "choose another -o path")
 
 
-def export_text_generation(source: str | os.PathLike, output: str | os.PathLike, config: ExportLm = ExportLm(), *,
-                           log: Callable[[str], None] = lambda message: None) -> LmExport:
+def export_text_generation(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    config: ExportLm = ExportLm(),
+    *,
+    log: Callable[[str], None] = lambda message: None,
+) -> LmExport:
     """Export SOURCE (a Hugging Face causal-LM folder, or "smollm2") for generation into the folder
     `output`: model.onnx (+ .data), genai_config.json, the tokenizer files and export.json. Verified
     against transformers before anything appears at `output`; raises VerificationError on a mismatch
     (nothing written), InputError on bad input."""
     if config.precision != "fp32":
-        raise InputError(f"text-generation export writes fp32, not {config.precision!r}",
-                         "quantize the exported folder afterwards")
+        raise InputError(
+            f"text-generation export writes fp32, not {config.precision!r}", "quantize the exported folder afterwards"
+        )
     if config.decode_steps < 1:
         raise InputError(f"decode steps must be at least 1, got {config.decode_steps}", "e.g. 8")
     out = Path(output)
@@ -318,16 +380,22 @@ def export_text_generation(source: str | os.PathLike, output: str | os.PathLike,
         _run_builder(hf_folder, staged, config.precision, work_dir / "cache", log)
         verification = verify_export(staged, hf_folder, config, log)
         if not verification["passed"]:
-            raise VerificationError(f"the exported decoder differs from transformers {_mismatch_text(verification)}; "
-                                    "nothing written", "report this model")
+            raise VerificationError(
+                f"the exported decoder differs from transformers {_mismatch_text(verification)}; nothing written",
+                "report this model",
+            )
         og = require_genai()
         report = {
             "stage": "export",
             "task": "text-generation",
             "source": name if is_reference else str(Path(source).resolve()),
             "architecture": (hf_config.get("architectures") or ["?"])[0],
-            "config": {"precision": config.precision, "decode_steps": config.decode_steps, "atol": config.atol,
-                       "rtol": config.rtol},
+            "config": {
+                "precision": config.precision,
+                "decode_steps": config.decode_steps,
+                "atol": config.atol,
+                "rtol": config.rtol,
+            },
             "exporter": f"onnxruntime-genai {og.__version__} model builder",
             "graph": graph_facts(staged / "model.onnx"),
             "files": _folder_bytes(staged),
@@ -341,5 +409,15 @@ def export_text_generation(source: str | os.PathLike, output: str | os.PathLike,
     return LmExport(out, report)
 
 
-__all__ = ["ATOL", "DECODE_STEPS", "ExportLm", "LmExport", "RTOL", "StepCheck", "check_hf_folder",
-           "export_text_generation", "graph_facts", "verify_export"]
+__all__ = [
+    "ATOL",
+    "DECODE_STEPS",
+    "ExportLm",
+    "LmExport",
+    "RTOL",
+    "StepCheck",
+    "check_hf_folder",
+    "export_text_generation",
+    "graph_facts",
+    "verify_export",
+]

@@ -58,8 +58,6 @@ class Fp16(QuantizeScheme):
             raise InputError("fp16: check_samples and max_rounds must be >= 1", "e.g. check_samples=8")
 
 
-
-
 # -- helpers -----------------------------------------------------------------------------------------
 def _copy(model):
     import onnx
@@ -79,8 +77,12 @@ def _name_nodes(model) -> None:
 def _session(model):
     # basic optimizations only: intermediate values must be the converted graph's own, no fusions
     # that change precision
-    return cpu_session(model, graph_opt_level="basic", error=StageError,
-                       hint="exclude the op type named above with exclude_ops, or report this model")
+    return cpu_session(
+        model,
+        graph_opt_level="basic",
+        error=StageError,
+        hint="exclude the op type named above with exclude_ops, or report this model",
+    )
 
 
 def _with_all_outputs(model):
@@ -123,8 +125,11 @@ class _ReferenceRunner:
 
 
 def _runner(model, exact_fp16: bool):
-    if exact_fp16 and model.ByteSize() < EXACT_FP16_LIMIT_BYTES and all(
-            o.domain in ("", "ai.onnx") for o in model.opset_import):
+    if (
+        exact_fp16
+        and model.ByteSize() < EXACT_FP16_LIMIT_BYTES
+        and all(o.domain in ("", "ai.onnx") for o in model.opset_import)
+    ):
         try:
             return _ReferenceRunner(model), True
         except Exception:  # an op the reference evaluator lacks: ONNX Runtime it is
@@ -132,8 +137,9 @@ def _runner(model, exact_fp16: bool):
     return _session(model), False
 
 
-def _scan(model, feeds: Sequence[Mapping[str, np.ndarray]], exact_fp16: bool = False
-          ) -> dict[str, tuple[float, bool, float]]:
+def _scan(
+    model, feeds: Sequence[Mapping[str, np.ndarray]], exact_fp16: bool = False
+) -> dict[str, tuple[float, bool, float]]:
     """(largest |x|, all finite, smallest non-zero |x|) of every float tensor the model computes.
 
     The key "__exact__" says whether the values came from the reference evaluator (exact FP16)."""
@@ -264,13 +270,21 @@ def _convert(model, config: Fp16, blocked: set[str], use_ort_converter: bool):
             from onnxruntime.transformers.onnx_model import OnnxModel
 
             wrapped = OnnxModel(model)
-            wrapped.convert_float_to_float16(keep_io_types=config.keep_io_types, op_block_list=op_block,
-                                             node_block_list=sorted(blocked), max_finite_val=FP16_MAX)
+            wrapped.convert_float_to_float16(
+                keep_io_types=config.keep_io_types,
+                op_block_list=op_block,
+                node_block_list=sorted(blocked),
+                max_finite_val=FP16_MAX,
+            )
             converted = wrapped.model
         else:
-            converted = float16.convert_float_to_float16(model, keep_io_types=config.keep_io_types,
-                                                         op_block_list=op_block, node_block_list=sorted(blocked),
-                                                         max_finite_val=FP16_MAX)
+            converted = float16.convert_float_to_float16(
+                model,
+                keep_io_types=config.keep_io_types,
+                op_block_list=op_block,
+                node_block_list=sorted(blocked),
+                max_finite_val=FP16_MAX,
+            )
     fixed = _fix_converter_casts(converted)
     if _remove_cast_round_trips(converted):
         fixed.append("removed FP32->FP16->FP32 cast round trips")
@@ -297,11 +311,14 @@ def _overflow_in_fp32(model, stats: Mapping[str, tuple[float, bool, float]]) -> 
         for index in _ZERO_SENSITIVE.get(node.op_type, ()):
             name = node.input[index] if index < len(node.input) else ""
             if name in stats and stats[name][2] < FP16_TINY:
-                flagged.setdefault(node.name, f"{node.op_type} of {name}, which underflows FP16 "
-                                              f"({stats[name][2]:.3g} in FP32)")
+                flagged.setdefault(
+                    node.name, f"{node.op_type} of {name}, which underflows FP16 ({stats[name][2]:.3g} in FP32)"
+                )
                 if name in producer:
-                    flagged.setdefault(producer[name], f"output {name} underflows FP16 ({stats[name][2]:.3g}) "
-                                                       f"and feeds {node.op_type} {node.name}")
+                    flagged.setdefault(
+                        producer[name],
+                        f"output {name} underflows FP16 ({stats[name][2]:.3g}) and feeds {node.op_type} {node.name}",
+                    )
     return flagged
 
 
@@ -358,8 +375,7 @@ def _looks_like_transformer(model) -> bool:
 
 
 # -- the stage ---------------------------------------------------------------------------------------
-def convert_fp16(model, config: Fp16 = Fp16(), data: Iterable[Mapping[str, np.ndarray]] | None = None
-                 ) -> StageResult:
+def convert_fp16(model, config: Fp16 = Fp16(), data: Iterable[Mapping[str, np.ndarray]] | None = None) -> StageResult:
     """Convert an onnx.ModelProto (never modified) to FP16, keeping in FP32 what FP16 cannot hold.
 
     `data`: an iterable of feeds (e.g. CalibrationData); without it, synthetic inputs are used for the
@@ -376,22 +392,27 @@ def convert_fp16(model, config: Fp16 = Fp16(), data: Iterable[Mapping[str, np.nd
     names = {n.name for n in source.graph.node}
     check_excluded_nodes(config.exclude_nodes, names)
     if not any(t.data_type == onnx.TensorProto.FLOAT for t in source.graph.initializer) and not any(
-            v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in source.graph.input):
-        raise InputError("fp16: the model has no FP32 weights or inputs to convert",
-                         "it may already be FP16; give the FP32 model")
+        v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in source.graph.input
+    ):
+        raise InputError(
+            "fp16: the model has no FP32 weights or inputs to convert", "it may already be FP16; give the FP32 model"
+        )
 
     notes: list[str] = []
     feeds = take_samples(data, config.check_samples)
     if not feeds:
-        feeds = model_feeds(source, count=min(config.check_samples, 2),
-                            overrides=parse_input_shapes(config.input_shapes))
+        feeds = model_feeds(
+            source, count=min(config.check_samples, 2), overrides=parse_input_shapes(config.input_shapes)
+        )
         notes.append("no calibration data: overflow checked on synthetic inputs only")
 
     fusion = None
     use_ort_converter = False
     wants_fusion = config.transformer_fusion == "on" or (
-        config.transformer_fusion == "auto" and capabilities(config.target).fp16_native
-        and _looks_like_transformer(source))
+        config.transformer_fusion == "auto"
+        and capabilities(config.target).fp16_native
+        and _looks_like_transformer(source)
+    )
     if wants_fusion:
         fused, fusion = _fuse_for_cuda(source)
         if fusion["fused"]:
@@ -420,13 +441,27 @@ def convert_fp16(model, config: Fp16 = Fp16(), data: Iterable[Mapping[str, np.nd
     for round_index in range(config.max_rounds):
         converted, cast_fixes = _convert(source, config, set(blocked), use_ort_converter)
         fp16_stats = _scan(converted, feeds, exact_fp16=True)
-        outputs_clean = all(fp16_stats.get(o.name, (0.0, True, 0.0))[1] or not fp32_stats.get(o.name, (0.0, True, 0.0))[1]
-                            for o in converted.graph.output)
-        new = {} if not config.auto_fallback else {
-            k: v for k, v in _first_non_finite(converted, source, fp16_stats, fp32_stats, blocked).items()
-            if k not in blocked}
-        rounds.append({"round": round_index + 1, "fp32_nodes": len(blocked), "outputs_finite": outputs_clean,
-                       "new_fp32_nodes": sorted(new)})
+        outputs_clean = all(
+            fp16_stats.get(o.name, (0.0, True, 0.0))[1] or not fp32_stats.get(o.name, (0.0, True, 0.0))[1]
+            for o in converted.graph.output
+        )
+        new = (
+            {}
+            if not config.auto_fallback
+            else {
+                k: v
+                for k, v in _first_non_finite(converted, source, fp16_stats, fp32_stats, blocked).items()
+                if k not in blocked
+            }
+        )
+        rounds.append(
+            {
+                "round": round_index + 1,
+                "fp32_nodes": len(blocked),
+                "outputs_finite": outputs_clean,
+                "new_fp32_nodes": sorted(new),
+            }
+        )
         if outputs_clean and not new:
             break
         if not new:
@@ -434,30 +469,37 @@ def convert_fp16(model, config: Fp16 = Fp16(), data: Iterable[Mapping[str, np.nd
         blocked.update(new)
     if not outputs_clean:
         bad = [o.name for o in converted.graph.output if not fp16_stats.get(o.name, (0.0, True, 0.0))[1]]
-        hint = ("set auto_fallback=True" if not config.auto_fallback else
-                "keep more of the model in FP32 with exclude_ops/exclude_nodes, or use int8")
+        hint = (
+            "set auto_fallback=True"
+            if not config.auto_fallback
+            else "keep more of the model in FP32 with exclude_ops/exclude_nodes, or use int8"
+        )
         raise StageError(f"fp16: outputs {bad} are NaN/Inf on the data after {len(rounds)} rounds", hint)
 
     reference, candidate = _session(model), _session(converted)
     report: dict[str, Any] = {
         "stage": "fp16",
         "config": config_to_dict(config),
-        "converter": "onnxruntime.transformers float16 (after fusion)" if use_ort_converter
+        "converter": "onnxruntime.transformers float16 (after fusion)"
+        if use_ort_converter
         else "onnxconverter-common float16",
         "fusion": fusion,
         "bytes_before": model.ByteSize(),
         "bytes_after": converted.ByteSize(),
         "fp32_nodes": dict(sorted(blocked.items())),
         "rounds": rounds,
-        "fp16_check": "onnx reference evaluator (every op computed in FP16)" if fp16_stats["__exact__"][1] else
-        "onnxruntime CPU (computes FP16 nodes in float: the FP32 range scan is what finds overflow)",
+        "fp16_check": "onnx reference evaluator (every op computed in FP16)"
+        if fp16_stats["__exact__"][1]
+        else "onnxruntime CPU (computes FP16 nodes in float: the FP32 range scan is what finds overflow)",
         "cast_fixes": cast_fixes,
         "fidelity": {"samples": len(feeds), "outputs": fidelity_report(compare_sessions(reference, candidate, feeds))},
         "notes": notes,
     }
     if not capabilities(config.target).fp16_native and not use_ort_converter:
-        report["notes"].append(f"target {config.target} has no native FP16 kernels: FP16 mainly pays on GPUs; on "
-                               "CPUs ONNX Runtime often runs it slower than FP32")
+        report["notes"].append(
+            f"target {config.target} has no native FP16 kernels: FP16 mainly pays on GPUs; on "
+            "CPUs ONNX Runtime often runs it slower than FP32"
+        )
     report["seconds"] = round(time.perf_counter() - started, 2)
     return StageResult(converted, report)
 

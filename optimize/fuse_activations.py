@@ -28,10 +28,9 @@ says why.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
-from collections.abc import Callable
 
 import numpy as np
 
@@ -99,8 +98,9 @@ def _near(value: float | None, target: float, tol: float = 1e-4) -> bool:
 
 
 def _opset(model, domain: str = "") -> int:
-    return next((o.version for o in model.opset_import if o.domain in ((domain, "ai.onnx") if not domain
-                                                                        else (domain,))), 0)
+    return next(
+        (o.version for o in model.opset_import if o.domain in ((domain, "ai.onnx") if not domain else (domain,))), 0
+    )
 
 
 def _scale_by(ix: _Index, node, name: str, factor: float) -> bool:
@@ -131,9 +131,12 @@ def _hardswish_sites(ix: _Index, model) -> list[tuple[list, list]]:
     def fused(x: str, out: str, name: str) -> list:
         if _opset(model) >= HARDSWISH_OPSET:
             return [helper.make_node("HardSwish", [x], [out], name=name)]
-        return [helper.make_node("HardSigmoid", [x], [out + "/hardsigmoid"], alpha=1 / 6, beta=0.5,
-                                 name=name + "/hardsigmoid"),
-                helper.make_node("Mul", [x, out + "/hardsigmoid"], [out], name=name)]
+        return [
+            helper.make_node(
+                "HardSigmoid", [x], [out + "/hardsigmoid"], alpha=1 / 6, beta=0.5, name=name + "/hardsigmoid"
+            ),
+            helper.make_node("Mul", [x, out + "/hardsigmoid"], [out], name=name),
+        ]
 
     for clip in [n for n in ix.graph.node if n.op_type == "Clip"]:
         low, high = _clip_bounds(ix, clip)
@@ -177,8 +180,21 @@ def _silu_sites(ix: _Index, model) -> list[tuple[list, list]]:
         mul = ix.only_consumer(sig.output[0], "Mul")
         if mul is None or ix.other_input(mul, sig.output[0]) != sig.input[0]:
             continue
-        sites.append(([sig, mul], [helper.make_node("QuickGelu", [sig.input[0]], [mul.output[0]], alpha=1.0,
-                                                    domain=MS_DOMAIN, name=(sig.name or sig.output[0]) + "/silu")]))
+        sites.append(
+            (
+                [sig, mul],
+                [
+                    helper.make_node(
+                        "QuickGelu",
+                        [sig.input[0]],
+                        [mul.output[0]],
+                        alpha=1.0,
+                        domain=MS_DOMAIN,
+                        name=(sig.name or sig.output[0]) + "/silu",
+                    )
+                ],
+            )
+        )
     return sites
 
 
@@ -190,7 +206,7 @@ def _gelu_sites(ix: _Index, model) -> list[tuple[list, list]]:
         scale = ix.producer.get(erf.input[0])
         if scale is None or scale.op_type not in ("Div", "Mul"):
             continue
-        x = next((i for i in scale.input if _scale_by(ix, scale, i, 2 ** -0.5)), None)
+        x = next((i for i in scale.input if _scale_by(ix, scale, i, 2**-0.5)), None)
         add = ix.only_consumer(erf.output[0], "Add")
         if x is None or add is None or not _near(ix.scalar(ix.other_input(add, erf.output[0]) or ""), 1.0):
             continue
@@ -212,8 +228,12 @@ def _gelu_sites(ix: _Index, model) -> list[tuple[list, list]]:
             removed.append(last)
         else:  # (x * 0.5) * (1 + erf)
             half = ix.producer.get(other or "")
-            if half is None or half.op_type not in ("Mul", "Div") or not _scale_by(ix, half, x, 0.5) \
-                    or len(ix.consumers.get(half.output[0], [])) != 1:
+            if (
+                half is None
+                or half.op_type not in ("Mul", "Div")
+                or not _scale_by(ix, half, x, 0.5)
+                or len(ix.consumers.get(half.output[0], [])) != 1
+            ):
                 continue
             removed.append(half)
             last = nxt
@@ -222,21 +242,30 @@ def _gelu_sites(ix: _Index, model) -> list[tuple[list, list]]:
         bias_add = ix.producer.get(x)
         uses = {id(n) for n in ix.consumers.get(x, [])}
         bias = None
-        if bias_add is not None and bias_add.op_type == "Add" and x not in ix.outputs \
-                and uses <= {id(n) for n in removed}:
-            bias = next((b for b in bias_add.input if (v := ix.values.get(b)) is not None and v.ndim == 1
-                         and v.size > 1), None)
+        if (
+            bias_add is not None
+            and bias_add.op_type == "Add"
+            and x not in ix.outputs
+            and uses <= {id(n) for n in removed}
+        ):
+            bias = next(
+                (b for b in bias_add.input if (v := ix.values.get(b)) is not None and v.ndim == 1 and v.size > 1), None
+            )
         y = ix.other_input(bias_add, bias) if bias is not None else None  # None: Add(bias, bias), no bias add
         if bias is not None and y is not None:
-            sites.append(([bias_add, *removed], [helper.make_node("BiasGelu", [y, bias], [out], domain=MS_DOMAIN,
-                                                                  name=name)]))
+            sites.append(
+                ([bias_add, *removed], [helper.make_node("BiasGelu", [y, bias], [out], domain=MS_DOMAIN, name=name)])
+            )
         else:
             sites.append((removed, [helper.make_node("Gelu", [x], [out], domain=MS_DOMAIN, name=name)]))
     return sites
 
 
 PATTERNS: dict[str, Callable[[_Index, Any], list[tuple[list, list]]]] = {
-    "hardswish": _hardswish_sites, "silu": _silu_sites, "gelu": _gelu_sites}
+    "hardswish": _hardswish_sites,
+    "silu": _silu_sites,
+    "gelu": _gelu_sites,
+}
 
 
 def _fuse_kind(kind: str) -> Callable[[Any, FuseActivations], tuple[Any, dict[str, Any]]]:
@@ -288,8 +317,9 @@ def _fuse_kind(kind: str) -> Callable[[Any, FuseActivations], tuple[Any, dict[st
     return step
 
 
-def fuse_activations(model, config: FuseActivations = FuseActivations(),
-                     data: Iterable[Mapping[str, np.ndarray]] | None = None) -> StageResult:
+def fuse_activations(
+    model, config: FuseActivations = FuseActivations(), data: Iterable[Mapping[str, np.ndarray]] | None = None
+) -> StageResult:
     """Fuse each kind in `config.kinds` (SiLU not for static INT8: see the module doc), each checked against
     its input's outputs on samples of `data` (or synthetic inputs). The report lists every kind: applied,
     sites, what they became, the check's max abs diff, or why not."""
@@ -300,8 +330,10 @@ def fuse_activations(model, config: FuseActivations = FuseActivations(),
     kinds = [k for k in config.kinds if not (k == "silu" and config.static_int8)]
     report: dict[str, Any] = {"config": config_to_dict(config), "steps": []}
     if config.static_int8 and "silu" in config.kinds:
-        report["skipped"] = {"silu": "static INT8: Sigmoid and Mul have int8 kernels (QLinearSigmoid, QLinearMul); "
-                                     "QuickGelu would stay float and keep the next op float"}
+        report["skipped"] = {
+            "silu": "static INT8: Sigmoid and Mul have int8 kernels (QLinearSigmoid, QLinearMul); "
+            "QuickGelu would stay float and keep the next op float"
+        }
     ops = {n.op_type for n in model.graph.node}
     anchors = {"hardswish": {"Clip", "HardSigmoid"}, "silu": {"Sigmoid"}, "gelu": {"Erf"}}
     steps = [(k, _fuse_kind(k)) for k in kinds if anchors[k] & ops]

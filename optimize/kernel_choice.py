@@ -18,8 +18,8 @@ fast one) and float32 LayerNorms.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
 import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -82,10 +82,18 @@ def find_layernorm_sites(model) -> dict[str, list]:
             add = producer.get(node.input[0])
             # an Add between DequantizeLinear nodes is a QDQ-quantized Add, for ORT's QLinearAdd: not ours
             dequantized = add is not None and any(
-                producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in add.input)
-            if (add is not None and add.op_type == "Add" and add.domain in ("", "ai.onnx") and not dequantized
-                    and len(consumers.get(add.output[0], [])) == 1 and add.output[0] not in graph_outputs
-                    and len(node.input) > 1 and _float_initializer(model, node.input[1]) is not None):
+                producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in add.input
+            )
+            if (
+                add is not None
+                and add.op_type == "Add"
+                and add.domain in ("", "ai.onnx")
+                and not dequantized
+                and len(consumers.get(add.output[0], [])) == 1
+                and add.output[0] not in graph_outputs
+                and len(node.input) > 1
+                and _float_initializer(model, node.input[1]) is not None
+            ):
                 adds.append(add)
     return {"skip_layernorm": skips, "add": adds}
 
@@ -95,16 +103,34 @@ def _timing_models(hidden: int, rows: int):
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.normal(1, 0.1, hidden).astype(np.float32), "gamma"),
-             numpy_helper.from_array(rng.normal(0, 0.1, hidden).astype(np.float32), "beta")]
+    inits = [
+        numpy_helper.from_array(rng.normal(1, 0.1, hidden).astype(np.float32), "gamma"),
+        numpy_helper.from_array(rng.normal(0, 0.1, hidden).astype(np.float32), "beta"),
+    ]
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, rows, hidden]) for n in ("x", "skip")]
     output = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows, hidden])]
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid(MS_DOMAIN, 1)]
-    fused = helper.make_graph([helper.make_node("SkipLayerNormalization", ["x", "skip", "gamma", "beta"], ["y"],
-                                                domain=MS_DOMAIN, epsilon=1e-12)], "fused", inputs, output, inits)
-    unfused = helper.make_graph([helper.make_node("Sum", ["x", "skip"], ["s"]),
-                                 helper.make_node("LayerNormalization", ["s", "gamma", "beta"], ["y"], axis=-1,
-                                                  epsilon=1e-12)], "unfused", inputs, output, inits)
+    fused = helper.make_graph(
+        [
+            helper.make_node(
+                "SkipLayerNormalization", ["x", "skip", "gamma", "beta"], ["y"], domain=MS_DOMAIN, epsilon=1e-12
+            )
+        ],
+        "fused",
+        inputs,
+        output,
+        inits,
+    )
+    unfused = helper.make_graph(
+        [
+            helper.make_node("Sum", ["x", "skip"], ["s"]),
+            helper.make_node("LayerNormalization", ["s", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-12),
+        ],
+        "unfused",
+        inputs,
+        output,
+        inits,
+    )
     return [onnx.helper.make_model(g, opset_imports=opsets) for g in (fused, unfused)]
 
 
@@ -130,9 +156,13 @@ def time_layernorm_forms(hidden: int, config: KernelChoiceConfig = KernelChoiceC
     sampler.run_rounds(config.rounds)
     times = [sampler.samples(i, "cpu") / runs * 1e6 for i in range(2)]
     ratios = times[0] / np.maximum(times[1], 1e-9)
-    return {"fused_us": float(np.median(times[0])), "unfused_us": float(np.median(times[1])),
-            "ratio": float(np.median(ratios)), "fused_rounds_us": times[0].tolist(),
-            "unfused_rounds_us": times[1].tolist()}
+    return {
+        "fused_us": float(np.median(times[0])),
+        "unfused_us": float(np.median(times[1])),
+        "ratio": float(np.median(ratios)),
+        "fused_rounds_us": times[0].tolist(),
+        "unfused_rounds_us": times[1].tolist(),
+    }
 
 
 def _rewrite(model, skips: list, adds: list) -> int:
@@ -153,18 +183,32 @@ def _rewrite(model, skips: list, adds: list) -> int:
             bias = node.input[4] if len(node.input) > 4 and node.input[4] else ""
             summed = node.output[3] if len(node.output) > 3 and node.output[3] else f"{node.output[0]}_skip_sum"
             epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-12)
-            nodes.append(helper.make_node("Sum", [x, skip] + ([bias] if bias else []), [summed],
-                                          name=f"{node.name}_sum"))
-            nodes.append(helper.make_node("LayerNormalization", [summed, gamma] + ([beta] if beta else []),
-                                          [node.output[0]], name=node.name, axis=-1, epsilon=epsilon))
+            nodes.append(
+                helper.make_node("Sum", [x, skip] + ([bias] if bias else []), [summed], name=f"{node.name}_sum")
+            )
+            nodes.append(
+                helper.make_node(
+                    "LayerNormalization",
+                    [summed, gamma] + ([beta] if beta else []),
+                    [node.output[0]],
+                    name=node.name,
+                    axis=-1,
+                    epsilon=epsilon,
+                )
+            )
         else:
             nodes.append(node)
     replace_nodes(model.graph, nodes)
     return len(adds) + len(skips)
 
 
-def choose_layernorm_form(model, config: KernelChoiceConfig = KernelChoiceConfig(), *,
-                          timing: dict[str, float] | None = None, store: DecisionStore | None = None) -> StageResult:
+def choose_layernorm_form(
+    model,
+    config: KernelChoiceConfig = KernelChoiceConfig(),
+    *,
+    timing: dict[str, float] | None = None,
+    store: DecisionStore | None = None,
+) -> StageResult:
     """A copy of `model` with its residual sums written in the form that runs faster here (see the module
     docstring); `model` is not modified. `timing` (from time_layernorm_forms) skips the measurement and
     the decision cache; else `store` (default: the decision cache; a report's decisions to replay)
@@ -189,23 +233,40 @@ def choose_layernorm_form(model, config: KernelChoiceConfig = KernelChoiceConfig
         hidden = int(np.bincount([g.size for g in gammas if g is not None]).argmax())
         if timing is not None:
             figures = judge([timing["fused_us"]], [timing["unfused_us"]], config.rule)
-            record: dict[str, Any] = {"question": "layernorm form", "default": "fused", "alternative": "unfused",
-                      "choice": "unfused" if figures["alternative_wins"] else "fused", "source": "given",
-                      "signature_sha256": "", "figures": figures}
+            record: dict[str, Any] = {
+                "question": "layernorm form",
+                "default": "fused",
+                "alternative": "unfused",
+                "choice": "unfused" if figures["alternative_wins"] else "fused",
+                "source": "given",
+                "signature_sha256": "",
+                "figures": figures,
+            }
         else:
+
             def measure():
                 t = time_layernorm_forms(hidden, config)
                 return t["fused_rounds_us"], t["unfused_rounds_us"]
 
             record = (store or DecisionStore()).decide(
-                "layernorm form", {"hidden": hidden, "rows": config.rows, "dtype": "float32"}, config.rule,
-                default="fused", alternative="unfused", measure=measure)
+                "layernorm form",
+                {"hidden": hidden, "rows": config.rows, "dtype": "float32"},
+                config.rule,
+                default="fused",
+                alternative="unfused",
+                measure=measure,
+            )
         report["decisions"] = [record]
         figures = record.get("figures") or {}
         report["timing"] = {"hidden": hidden, "rows": config.rows, "source": record["source"]}
         if figures:
-            report["timing"] |= {"fused_us": figures["default_us"], "unfused_us": figures["alternative_us"],
-                                 "ratio": figures["speedup"], "ci": figures["ci"], "rounds": figures["rounds"]}
+            report["timing"] |= {
+                "fused_us": figures["default_us"],
+                "unfused_us": figures["alternative_us"],
+                "ratio": figures["speedup"],
+                "ci": figures["ci"],
+                "rounds": figures["rounds"],
+            }
         if record["choice"] != "unfused":
             report["decision"] = f"kept fused: {_record_text(record)}"
             return StageResult(model, report)
@@ -216,8 +277,10 @@ def choose_layernorm_form(model, config: KernelChoiceConfig = KernelChoiceConfig
         copied["skip_layernorm"] = []
     report["rewritten"] = _rewrite(copy, copied["skip_layernorm"], copied["add"])
     why = "asked" if config.layernorm == "unfused" else _record_text(report["decisions"][0])
-    report["decision"] = (f"unfused: {report['rewritten']} residual sums written as Sum (+ LayerNormalization), "
-                          f"which ORT does not fuse; {why}")
+    report["decision"] = (
+        f"unfused: {report['rewritten']} residual sums written as Sum (+ LayerNormalization), "
+        f"which ORT does not fuse; {why}"
+    )
     return StageResult(copy, report)
 
 
@@ -225,12 +288,15 @@ def _record_text(record: Mapping[str, Any]) -> str:
     """One decision in words: its figures (or where it came from) and its source."""
     figures = record.get("figures")
     source = {"timed": "timed now", "cache": "from the decision cache", "given": "from the given timing"}.get(
-        record["source"], record.get("why", record["source"]))
+        record["source"], record.get("why", record["source"])
+    )
     if not figures:
         return source
-    return (f"{record['alternative']} {figures['speedup']:.2f}x vs {record['default']} (CI {figures['ci'][0]:.2f}-"
-            f"{figures['ci'][1]:.2f}, {figures['rounds']} rounds of thread CPU time, margin {figures['margin']}x; "
-            f"{source})")
+    return (
+        f"{record['alternative']} {figures['speedup']:.2f}x vs {record['default']} (CI {figures['ci'][0]:.2f}-"
+        f"{figures['ci'][1]:.2f}, {figures['rounds']} rounds of thread CPU time, margin {figures['margin']}x; "
+        f"{source})"
+    )
 
 
 # -- per-node INT8 or float in static QDQ graphs ----------------------------------------------------
@@ -309,8 +375,14 @@ def quantized_nodes_by_class(float_model, qdq_model) -> dict[str, list[Quantized
         if node.op_type not in QUANTIZED_OPS or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             continue
         act, weight = producer.get(node.input[0]), producer.get(node.input[1])
-        if (act is None or weight is None or act.op_type != "DequantizeLinear" or weight.op_type != "DequantizeLinear"
-                or weight.input[0] not in q_inits or node.name not in f_nodes):
+        if (
+            act is None
+            or weight is None
+            or act.op_type != "DequantizeLinear"
+            or weight.op_type != "DequantizeLinear"
+            or weight.input[0] not in q_inits
+            or node.name not in f_nodes
+        ):
             continue
         original = f_nodes[node.name]
         if len(original.input) < 2 or original.input[1] not in f_inits:
@@ -318,13 +390,11 @@ def quantized_nodes_by_class(float_model, qdq_model) -> dict[str, list[Quantized
         shape = numpy_helper.to_array(f_inits[original.input[1]]).shape
         group = next((a.i for a in original.attribute if a.name == "group"), 1)
         kind = node_class(node.op_type, shape, group)
-        found.setdefault(kind, []).append(QuantizedNode(node.name, node.op_type, kind, original.input[0],
-                                                        act.input[0]))
+        found.setdefault(kind, []).append(QuantizedNode(node.name, node.op_type, kind, original.input[0], act.input[0]))
     return found
 
 
-def _subgraph(model, keep_nodes: list, inputs: list[tuple[str, int, tuple[int, ...]]], outputs: list[str],
-              prefix: str):
+def _subgraph(model, keep_nodes: list, inputs: list[tuple[str, int, tuple[int, ...]]], outputs: list[str], prefix: str):
     """Nodes of `model` renamed with `prefix` (tensors too), with their initializers; `inputs` become graph
     inputs (name, onnx elem type, shape); `outputs` graph outputs of unknown shape."""
     from onnx import helper
@@ -336,8 +406,13 @@ def _subgraph(model, keep_nodes: list, inputs: list[tuple[str, int, tuple[int, .
 
     nodes, used = [], []
     for node in keep_nodes:
-        copy = helper.make_node(node.op_type, [rename(i) for i in node.input], [rename(o) for o in node.output],
-                                name=rename(node.name), domain=node.domain)
+        copy = helper.make_node(
+            node.op_type,
+            [rename(i) for i in node.input],
+            [rename(o) for o in node.output],
+            name=rename(node.name),
+            domain=node.domain,
+        )
         copy.attribute.extend(node.attribute)
         nodes.append(copy)
         for i in node.input:
@@ -354,8 +429,9 @@ def _subgraph(model, keep_nodes: list, inputs: list[tuple[str, int, tuple[int, .
     return nodes, initializers, graph_inputs, graph_outputs
 
 
-def node_form_models(float_model, qdq_model, nodes: Sequence[QuantizedNode],
-                     activations: Mapping[str, np.ndarray]) -> tuple[list, list[dict[str, np.ndarray]]]:
+def node_form_models(
+    float_model, qdq_model, nodes: Sequence[QuantizedNode], activations: Mapping[str, np.ndarray]
+) -> tuple[list, list[dict[str, np.ndarray]]]:
     """Two models holding `nodes` side by side, each with its own input: the float form (the float
     model's node, and a Relu/Clip right after it that the QDQ graph folded away) fed real float
     activations, and the INT8 form (input DequantizeLinear, weight/bias DequantizeLinear, the node, its
@@ -376,8 +452,10 @@ def node_form_models(float_model, qdq_model, nodes: Sequence[QuantizedNode],
     q_inits = {t.name: numpy_helper.to_array(t) for t in qdq_model.graph.initializer}
     f_by_name = {n.name: n for n in float_model.graph.node}
     q_by_name = {n.name: n for n in qdq_model.graph.node}
-    parts: dict[str, tuple[list[Any], list[Any], list[Any], list[Any]]] = {"float": ([], [], [], []),
-                                                                          "int8": ([], [], [], [])}
+    parts: dict[str, tuple[list[Any], list[Any], list[Any], list[Any]]] = {
+        "float": ([], [], [], []),
+        "int8": ([], [], [], []),
+    }
     feeds: dict[str, dict[str, np.ndarray]] = {"float": {}, "int8": {}}
     for k, qn in enumerate(nodes):
         x = np.asarray(activations[qn.activation], np.float32)
@@ -420,8 +498,9 @@ def node_form_models(float_model, qdq_model, nodes: Sequence[QuantizedNode],
     return models, [feeds["float"], feeds["int8"]]
 
 
-def time_models(models: Sequence[Any], feeds: Sequence[Mapping[str, np.ndarray]], *, rounds: int = 15,
-                runs_per_round: int = 3) -> list[np.ndarray]:
+def time_models(
+    models: Sequence[Any], feeds: Sequence[Mapping[str, np.ndarray]], *, rounds: int = 15, runs_per_round: int = 3
+) -> list[np.ndarray]:
     """Microseconds per run of each model on its feeds, one figure per round (one thread, CPU time of the
     calling thread, the models interleaved round by round: index i of every array is one round)."""
     from dlopt.bench import InterleavedSampler
@@ -468,10 +547,17 @@ def node_signature(float_model, qdq_model, node: QuantizedNode, activation: np.n
         dq = q_producer.get(name)
         if dq is not None and dq.op_type == "DequantizeLinear" and len(dq.input) > 2 and dq.input[2] in q_inits:
             zero_types.append(str(numpy_helper.to_array(q_inits[dq.input[2]]).dtype))
-    return {"op_type": original.op_type, "class": node.node_class, "attributes": _attributes(original),
-            "weight_shape": list(f_inits[original.input[1]].dims), "bias": len(original.input) > 2
-            and bool(original.input[2]), "activation_shape": list(activation.shape),
-            "activation_dtype": str(activation.dtype), "quantized_types": zero_types, "then": after}
+    return {
+        "op_type": original.op_type,
+        "class": node.node_class,
+        "attributes": _attributes(original),
+        "weight_shape": list(f_inits[original.input[1]].dims),
+        "bias": len(original.input) > 2 and bool(original.input[2]),
+        "activation_shape": list(activation.shape),
+        "activation_dtype": str(activation.dtype),
+        "quantized_types": zero_types,
+        "then": after,
+    }
 
 
 def _activations(float_model, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -483,9 +569,14 @@ def _activations(float_model, feeds: Mapping[str, np.ndarray], names: Sequence[s
     return dict(zip(names, session.run(list(names), {k: v for k, v in feeds.items() if k in inputs})))
 
 
-def time_node_classes(float_model, qdq_model, feeds: Mapping[str, np.ndarray],
-                      config: NodeFormConfig = NodeFormConfig(), *, timer: Timer | None = None
-                      ) -> dict[str, dict[str, Any]]:
+def time_node_classes(
+    float_model,
+    qdq_model,
+    feeds: Mapping[str, np.ndarray],
+    config: NodeFormConfig = NodeFormConfig(),
+    *,
+    timer: Timer | None = None,
+) -> dict[str, dict[str, Any]]:
     """{node class: {nodes, float_us, int8_us, ratio (int8/float)}}: each class's quantized nodes timed
     side by side in both forms, on the activations `feeds` produce in the float model (the model's own
     shapes and values); medians of the rounds."""
@@ -501,16 +592,23 @@ def time_node_classes(float_model, qdq_model, feeds: Mapping[str, np.ndarray],
             continue
         models, form_feeds = node_form_models(float_model, qdq_model, nodes, values)
         float_us, int8_us = (float(np.median(np.atleast_1d(t))) for t in timer(models, form_feeds))
-        timing[kind] = {"nodes": [n.name for n in nodes], "float_us": round(float_us, 2), "int8_us": round(int8_us, 2),
-                        "ratio": round(int8_us / max(float_us, 1e-9), 3)}
+        timing[kind] = {
+            "nodes": [n.name for n in nodes],
+            "float_us": round(float_us, 2),
+            "int8_us": round(int8_us, 2),
+            "ratio": round(int8_us / max(float_us, 1e-9), 3),
+        }
     return timing
 
 
 def float_classes(timing: Mapping[str, Mapping[str, Any]], config: NodeFormConfig = NodeFormConfig()) -> list[str]:
     """The node classes decided float (a `choice` recorded), else those whose INT8 form measured at least
     config.min_gain times slower than float."""
-    return [kind for kind, t in timing.items()
-            if (t["choice"] == "float" if "choice" in t else t["ratio"] >= config.min_gain)]
+    return [
+        kind
+        for kind, t in timing.items()
+        if (t["choice"] == "float" if "choice" in t else t["ratio"] >= config.min_gain)
+    ]
 
 
 def _op_counts(model) -> dict[str, int]:
@@ -520,9 +618,16 @@ def _op_counts(model) -> dict[str, int]:
     return counts
 
 
-def choose_node_forms(float_model, qdq_model, feeds: Mapping[str, np.ndarray],
-                      requantize: Callable[[list[str]], Any], config: NodeFormConfig = NodeFormConfig(), *,
-                      timer: Timer | None = None, store: DecisionStore | None = None) -> StageResult:
+def choose_node_forms(
+    float_model,
+    qdq_model,
+    feeds: Mapping[str, np.ndarray],
+    requantize: Callable[[list[str]], Any],
+    config: NodeFormConfig = NodeFormConfig(),
+    *,
+    timer: Timer | None = None,
+    store: DecisionStore | None = None,
+) -> StageResult:
     """`qdq_model` (a static QDQ quantization of `float_model`), or, where it measures faster here, the
     model `requantize(names)` returns with the nodes of the classes whose INT8 form timed slower kept in
     float (quantize passes its own quantize_int8 with those names excluded and shielded). Both the
@@ -530,8 +635,14 @@ def choose_node_forms(float_model, qdq_model, feeds: Mapping[str, np.ndarray],
     and each decision goes through `store` (default: the decision cache; or a report's decisions to
     replay, without timing): the same model on the same CPU model gets the same decisions."""
     timer = timer or (lambda m, f: time_models(m, f, rounds=config.rounds, runs_per_round=config.runs_per_round))
-    report: dict[str, Any] = {"config": config_to_dict(config), "classes": {}, "float_classes": [], "float_nodes": [],
-                              "kept": False, "decisions": []}
+    report: dict[str, Any] = {
+        "config": config_to_dict(config),
+        "classes": {},
+        "float_classes": [],
+        "float_nodes": [],
+        "kept": False,
+        "decisions": [],
+    }
     if config.forms == "int8":
         report["decision"] = "every quantizable node INT8 (asked)"
         return StageResult(qdq_model, report)
@@ -545,31 +656,51 @@ def choose_node_forms(float_model, qdq_model, feeds: Mapping[str, np.ndarray],
         nodes = classes.get(kind, [])
         if not nodes:
             continue
-        signature = {"class": kind, "nodes": sorted((node_signature(float_model, qdq_model, n, values[n.activation])
-                                                     for n in nodes), key=lambda d: json.dumps(d, sort_keys=True))}
+        signature = {
+            "class": kind,
+            "nodes": sorted(
+                (node_signature(float_model, qdq_model, n, values[n.activation]) for n in nodes),
+                key=lambda d: json.dumps(d, sort_keys=True),
+            ),
+        }
 
         def measure(nodes=nodes):
             models, form_feeds = node_form_models(float_model, qdq_model, nodes, values)
             float_us, int8_us = timer(models, form_feeds)
             return int8_us, float_us  # (the default form, the alternative)
 
-        record = store.decide(f"node class {kind}: int8 or float", signature, config.class_rule, default="int8",
-                              alternative="float", measure=measure)
+        record = store.decide(
+            f"node class {kind}: int8 or float",
+            signature,
+            config.class_rule,
+            default="int8",
+            alternative="float",
+            measure=measure,
+        )
         report["decisions"].append(record)
         figures = record.get("figures") or {}
         float_us, int8_us = figures.get("alternative_us"), figures.get("default_us")
-        report["classes"][kind] = {"nodes": [n.name for n in nodes], "float_us": float_us, "int8_us": int8_us,
-                                   "ratio": round(int8_us / max(float_us, 1e-9), 3)
-                                   if float_us is not None and int8_us is not None else None,
-                                   "ci": figures.get("ci"), "choice": record["choice"], "source": record["source"]}
+        report["classes"][kind] = {
+            "nodes": [n.name for n in nodes],
+            "float_us": float_us,
+            "int8_us": int8_us,
+            "ratio": round(int8_us / max(float_us, 1e-9), 3) if float_us is not None and int8_us is not None else None,
+            "ci": figures.get("ci"),
+            "choice": record["choice"],
+            "source": record["source"],
+        }
     timing = report["classes"]
     slower = float_classes(timing, config)
     report["float_classes"] = slower
-    summary = "; ".join(f"{k} " + (f"int8/float {t['ratio']:.2f}x" if t["ratio"] is not None else t["source"])
-                        for k, t in timing.items())
+    summary = "; ".join(
+        f"{k} " + (f"int8/float {t['ratio']:.2f}x" if t["ratio"] is not None else t["source"])
+        for k, t in timing.items()
+    )
     if not slower:
-        report["decision"] = (f"all INT8: no node class ran float {config.min_gain}x faster with its CI above 1x "
-                              f"({summary}; {_sources(report['decisions'])})")
+        report["decision"] = (
+            f"all INT8: no node class ran float {config.min_gain}x faster with its CI above 1x "
+            f"({summary}; {_sources(report['decisions'])})"
+        )
         return StageResult(qdq_model, report)
     names = [n for k in slower for n in timing[k]["nodes"]]
     mixed = requantize(names)
@@ -580,43 +711,85 @@ def choose_node_forms(float_model, qdq_model, feeds: Mapping[str, np.ndarray],
 
     # the model by what was decided about it (each class's node signatures) and its op counts: no names and
     # no bytes, so that a replay on a machine whose quantizer writes other bytes still finds it
-    whole = {"classes": sorted(d["signature_sha256"] for d in report["decisions"]), "float_classes": sorted(slower),
-             "op_counts": sorted(_op_counts(qdq_model).items())}
-    record = store.decide("whole model: all INT8 or mixed", whole, config.whole_rule, default="all int8",
-                          alternative="mixed", measure=measure_whole)
+    whole = {
+        "classes": sorted(d["signature_sha256"] for d in report["decisions"]),
+        "float_classes": sorted(slower),
+        "op_counts": sorted(_op_counts(qdq_model).items()),
+    }
+    record = store.decide(
+        "whole model: all INT8 or mixed",
+        whole,
+        config.whole_rule,
+        default="all int8",
+        alternative="mixed",
+        measure=measure_whole,
+    )
     report["decisions"].append(record)
     figures = record.get("figures") or {}
     gain = figures.get("speedup")
-    report["whole_model"] = {"int8_us": figures.get("default_us"), "mixed_us": figures.get("alternative_us"),
-                             "gain": gain, "ci": figures.get("ci"), "choice": record["choice"],
-                             "source": record["source"]}
+    report["whole_model"] = {
+        "int8_us": figures.get("default_us"),
+        "mixed_us": figures.get("alternative_us"),
+        "gain": gain,
+        "ci": figures.get("ci"),
+        "choice": record["choice"],
+        "source": record["source"],
+    }
     if record["choice"] != "mixed":
-        report["decision"] = (f"all INT8: {', '.join(slower)} timed slower in INT8 ({summary}), but the whole model "
-                              f"with them in float " + (f"ran {gain:.2f}x (CI {figures['ci'][0]:.2f}-"
-                                                        f"{figures['ci'][1]:.2f}; needs {config.whole_min_gain}x "
-                                                        "with the CI above 1x: the Q/DQ pairs and layout changes "
-                                                        "around float nodes cost what they saved)" if figures
-                                                        else f"was not chosen ({record.get('why')})")
-                              + f"; {_sources(report['decisions'])}")
+        report["decision"] = (
+            f"all INT8: {', '.join(slower)} timed slower in INT8 ({summary}), but the whole model "
+            f"with them in float "
+            + (
+                f"ran {gain:.2f}x (CI {figures['ci'][0]:.2f}-"
+                f"{figures['ci'][1]:.2f}; needs {config.whole_min_gain}x "
+                "with the CI above 1x: the Q/DQ pairs and layout changes "
+                "around float nodes cost what they saved)"
+                if figures
+                else f"was not chosen ({record.get('why')})"
+            )
+            + f"; {_sources(report['decisions'])}"
+        )
         return StageResult(qdq_model, report)
     report.update(kept=True, float_nodes=names)
-    report["decision"] = (f"{len(names)} node(s) kept in float ({', '.join(slower)}): INT8 timed slower here "
-                          f"({summary}); whole model " + (f"{gain:.2f}x faster than all INT8" if figures else
-                                                          record.get("why", "")) + f"; {_sources(report['decisions'])}")
+    report["decision"] = (
+        f"{len(names)} node(s) kept in float ({', '.join(slower)}): INT8 timed slower here "
+        f"({summary}); whole model "
+        + (f"{gain:.2f}x faster than all INT8" if figures else record.get("why", ""))
+        + f"; {_sources(report['decisions'])}"
+    )
     return StageResult(mixed, report)
 
 
 def _sources(decisions: Sequence[Mapping[str, Any]]) -> str:
     """'3 decisions timed now, 1 from the decision cache'."""
-    names = {"timed": "timed now", "cache": "from the decision cache", "replayed": "replayed from a report",
-             "default": "defaults (not in the replayed report)"}
+    names = {
+        "timed": "timed now",
+        "cache": "from the decision cache",
+        "replayed": "replayed from a report",
+        "default": "defaults (not in the replayed report)",
+    }
     counts: dict[str, int] = {}
     for d in decisions:
         counts[d["source"]] = counts.get(d["source"], 0) + 1
     return ", ".join(f"{n} decision{'s' if n != 1 else ''} {names.get(s, s)}" for s, n in counts.items())
 
 
-__all__ = ["LAYERNORM_FORMS", "NODE_CLASSES", "NODE_FORMS", "KernelChoiceConfig", "NodeFormConfig", "QuantizedNode",
-           "choose_layernorm_form", "choose_node_forms", "find_layernorm_sites", "float_classes", "node_class",
-           "node_form_models", "node_signature",
-           "quantized_nodes_by_class", "time_layernorm_forms", "time_models", "time_node_classes"]
+__all__ = [
+    "LAYERNORM_FORMS",
+    "NODE_CLASSES",
+    "NODE_FORMS",
+    "KernelChoiceConfig",
+    "NodeFormConfig",
+    "QuantizedNode",
+    "choose_layernorm_form",
+    "choose_node_forms",
+    "find_layernorm_sites",
+    "float_classes",
+    "node_class",
+    "node_form_models",
+    "node_signature",
+    "quantized_nodes_by_class",
+    "time_layernorm_forms",
+    "time_models",
+    "time_node_classes",
+]

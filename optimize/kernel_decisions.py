@@ -53,8 +53,12 @@ def cpu_identity() -> dict[str, Any]:
     from dlopt.targets.cpu import host_cpu
 
     cpu = host_cpu()
-    return {"cpu_model": cpu.label, "machine": cpu.machine or platform.machine(), "isa_flags": list(cpu.isa_flags),
-            "onnxruntime": onnxruntime.__version__}
+    return {
+        "cpu_model": cpu.label,
+        "machine": cpu.machine or platform.machine(),
+        "isa_flags": list(cpu.isa_flags),
+        "onnxruntime": onnxruntime.__version__,
+    }
 
 
 def _digest(value: Any) -> str:
@@ -76,10 +80,18 @@ def judge(default_us: Sequence[float], alternative_us: Sequence[float], rule: De
     else:  # one figure each (a caller's own timer): no spread to judge, the estimate is all there is
         estimate = low = high = float(np.median(a / b)) if a.size == b.size else float(np.median(a) / np.median(b))
     wins = bool(estimate >= rule.margin and low > 1.0)
-    return {"clock": "thread CPU time", "rounds": int(a.size), "runs_per_round": rule.runs_per_round,
-            "default_us": round(float(np.median(a)), 3), "alternative_us": round(float(np.median(b)), 3),
-            "speedup": round(float(estimate), 4), "ci": [round(float(low), 4), round(float(high), 4)],
-            "confidence": rule.confidence, "margin": rule.margin, "alternative_wins": wins}
+    return {
+        "clock": "thread CPU time",
+        "rounds": int(a.size),
+        "runs_per_round": rule.runs_per_round,
+        "default_us": round(float(np.median(a)), 3),
+        "alternative_us": round(float(np.median(b)), 3),
+        "speedup": round(float(estimate), 4),
+        "ci": [round(float(low), 4), round(float(high), 4)],
+        "confidence": rule.confidence,
+        "margin": rule.margin,
+        "alternative_wins": wins,
+    }
 
 
 class DecisionStore:
@@ -87,8 +99,13 @@ class DecisionStore:
     cached). `replay`: the decisions of a report, by signature digest; `cache_dir`: the stage cache's
     folder (default: $DLOPT_CACHE_DIR, else ~/.cache/dlopt/stages)."""
 
-    def __init__(self, *, replay: Mapping[str, Mapping[str, Any]] | None = None, replay_source: str | None = None,
-                 cache_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        *,
+        replay: Mapping[str, Mapping[str, Any]] | None = None,
+        replay_source: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ):
         from dlopt.stagecache import StageCache, default_cache_dir
 
         self.replay = dict(replay) if replay is not None else None
@@ -102,23 +119,41 @@ class DecisionStore:
             self._identity = cpu_identity()
         return self._identity
 
-    def decide(self, question: str, signature: Mapping[str, Any], rule: DecisionRule, *, default: str,
-               alternative: str, measure: Callable[[], tuple[Sequence[float], Sequence[float]]]) -> dict[str, Any]:
+    def decide(
+        self,
+        question: str,
+        signature: Mapping[str, Any],
+        rule: DecisionRule,
+        *,
+        default: str,
+        alternative: str,
+        measure: Callable[[], tuple[Sequence[float], Sequence[float]]],
+    ) -> dict[str, Any]:
         """The decision record for `question` about what `signature` describes: `choice` (default or
         alternative), `source` (replayed, cache, timed), the figures and the keys. `measure` returns
         paired per-round microseconds (default form, alternative form); it is called only on a miss."""
-        signature_sha = _digest({"question": question, "signature": signature, "rule": asdict(rule),
-                                 "forms": [default, alternative]})
+        signature_sha = _digest(
+            {"question": question, "signature": signature, "rule": asdict(rule), "forms": [default, alternative]}
+        )
         base = {"question": question, "default": default, "alternative": alternative, "signature_sha256": signature_sha}
         if self.replay is not None:
             recorded = self.replay.get(signature_sha)
             if recorded is None:
-                return {**base, "choice": default, "source": "default",
-                        "why": f"not among the decisions of {self.replay_source}: the default"}
+                return {
+                    **base,
+                    "choice": default,
+                    "source": "default",
+                    "why": f"not among the decisions of {self.replay_source}: the default",
+                }
             timed_on = (recorded.get("cpu") or {}).get("cpu_model")
-            return {**base, "choice": recorded["choice"], "source": "replayed",
-                    "why": f"replayed from {self.replay_source} (decided on {timed_on})",
-                    "figures": recorded.get("figures"), "cpu": recorded.get("cpu")}
+            return {
+                **base,
+                "choice": recorded["choice"],
+                "source": "replayed",
+                "why": f"replayed from {self.replay_source} (decided on {timed_on})",
+                "figures": recorded.get("figures"),
+                "cpu": recorded.get("cpu"),
+            }
         from dlopt.stagecache import cache_key
 
         identity = self.identity
@@ -134,8 +169,11 @@ class DecisionStore:
                     return {**base, **found, "source": "cache", "cache_key": key}
                 record = self._timed(base, rule, measure, identity)
                 (staging / DECISION_FILE).write_text(json.dumps(record, sort_keys=True, indent=1))
-                self.cache.commit(key, staging, {"kind": DECISION_KIND, "artifact": DECISION_FILE,
-                                                 "source": question, "inputs": inputs})
+                self.cache.commit(
+                    key,
+                    staging,
+                    {"kind": DECISION_KIND, "artifact": DECISION_FILE, "source": question, "inputs": inputs},
+                )
         except (InputError, OSError) as e:  # a cache that cannot be written: decide now, say it is not kept
             record = self._timed(base, rule, measure, identity)
             record["why"] += f"; not cached ({e})"
@@ -158,11 +196,15 @@ class DecisionStore:
         figures = judge(default_us, alternative_us, rule)
         choice = base["alternative"] if figures["alternative_wins"] else base["default"]
         if figures["alternative_wins"]:
-            why = (f"{base['alternative']} {figures['speedup']:.2f}x faster (CI {figures['ci'][0]:.2f}-"
-                   f"{figures['ci'][1]:.2f}, margin {rule.margin}x)")
+            why = (
+                f"{base['alternative']} {figures['speedup']:.2f}x faster (CI {figures['ci'][0]:.2f}-"
+                f"{figures['ci'][1]:.2f}, margin {rule.margin}x)"
+            )
         else:
-            why = (f"{base['default']} (the default): {base['alternative']} measured {figures['speedup']:.2f}x "
-                   f"(CI {figures['ci'][0]:.2f}-{figures['ci'][1]:.2f}), needs >= {rule.margin}x with the CI above 1")
+            why = (
+                f"{base['default']} (the default): {base['alternative']} measured {figures['speedup']:.2f}x "
+                f"(CI {figures['ci'][0]:.2f}-{figures['ci'][1]:.2f}), needs >= {rule.margin}x with the CI above 1"
+            )
         return {**base, "choice": choice, "why": why, "figures": figures, "cpu": identity}
 
 
@@ -172,8 +214,10 @@ def load_replay(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     try:
         report = json.loads(path.read_text())
     except OSError as e:
-        raise InputError(f"{path}: cannot read the report to replay ({e.strerror or e})",
-                         "pass the FILE.quantize.json a quantize wrote, or --node-forms auto") from e
+        raise InputError(
+            f"{path}: cannot read the report to replay ({e.strerror or e})",
+            "pass the FILE.quantize.json a quantize wrote, or --node-forms auto",
+        ) from e
     except ValueError as e:
         raise InputError(f"{path} is not JSON: {e}", "pass the FILE.quantize.json a quantize wrote") from e
     decisions = {}
@@ -182,8 +226,10 @@ def load_replay(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
             if isinstance(record, dict) and "signature_sha256" in record and "choice" in record:
                 decisions[record["signature_sha256"]] = record
     if not isinstance(report, dict) or ("node_forms" not in report and "kernel_choice" not in report):
-        raise InputError(f"{path} records no kernel decisions (no node_forms or kernel_choice)",
-                         "pass the FILE.quantize.json of a static INT8 quantize for target cpu")
+        raise InputError(
+            f"{path} records no kernel decisions (no node_forms or kernel_choice)",
+            "pass the FILE.quantize.json of a static INT8 quantize for target cpu",
+        )
     return decisions
 
 

@@ -88,8 +88,13 @@ def subgraph_nodes(model, op_types: Iterable[str] | None = None) -> list[tuple[s
     def visit(graph, path: str) -> None:
         for node in graph.node:
             for attr in node.attribute:
-                subs = ([attr.g] if attr.type == onnx.AttributeProto.GRAPH
-                        else list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else [])
+                subs = (
+                    [attr.g]
+                    if attr.type == onnx.AttributeProto.GRAPH
+                    else list(attr.graphs)
+                    if attr.type == onnx.AttributeProto.GRAPHS
+                    else []
+                )
                 for sub in subs:
                     where = f"{path}{node.name or node.op_type}/{attr.name}"
                     found.extend((where, n) for n in sub.node if wanted is None or n.op_type in wanted)
@@ -164,8 +169,12 @@ def _constants_to_initializers(model, config: NormalizeConfig):
         keep = []
         for node in graph.node:
             value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None \
-                    and node.output[0] not in outputs:
+            if (
+                node.op_type == "Constant"
+                and node.domain in ("", "ai.onnx")
+                and value is not None
+                and node.output[0] not in outputs
+            ):
                 tensor = graph.initializer.add()
                 tensor.CopyFrom(value)
                 tensor.name = node.output[0]
@@ -196,8 +205,12 @@ def _constant_chain(name: str, producer: Mapping[str, Any], constants: Mapping[s
         if value in constants or value in seen:
             return True
         node = producer.get(value)
-        if node is None or node.domain not in ("", "ai.onnx") or len(chain) >= FOLD_CHAIN_LIMIT or any(
-                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+        if (
+            node is None
+            or node.domain not in ("", "ai.onnx")
+            or len(chain) >= FOLD_CHAIN_LIMIT
+            or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+        ):
             return False
         if not all(visit(i) for i in node.input if i):
             return False
@@ -276,9 +289,17 @@ def _fold_weight_inputs(model, config: NormalizeConfig):
                 made = {o for n in chain for o in n.output}
                 leaves = dict.fromkeys(i for n in chain for i in n.input if i and i not in made)
                 try:
-                    mini = helper.make_model(helper.make_graph(
-                        chain, "fold", [], [helper.make_empty_tensor_value_info(name)],
-                        [constants[leaf] for leaf in leaves]), opset_imports=opsets, ir_version=folded.ir_version)
+                    mini = helper.make_model(
+                        helper.make_graph(
+                            chain,
+                            "fold",
+                            [],
+                            [helper.make_empty_tensor_value_info(name)],
+                            [constants[leaf] for leaf in leaves],
+                        ),
+                        opset_imports=opsets,
+                        ir_version=folded.ir_version,
+                    )
                     outputs = cast(list, ReferenceEvaluator(mini).run(None, {}))  # a list unless intermediate=True
                     value = np.asarray(outputs[0])
                 except Exception:  # noqa: BLE001 - a chain the reference runtime cannot evaluate stays computed
@@ -365,14 +386,16 @@ def _computed_weights(model) -> bool:
     return visit(model.graph, set())
 
 
-def normalize(model, config: NormalizeConfig = NormalizeConfig(),
-              data: Iterable[Mapping[str, np.ndarray]] | None = None) -> StageResult:
+def normalize(
+    model, config: NormalizeConfig = NormalizeConfig(), data: Iterable[Mapping[str, np.ndarray]] | None = None
+) -> StageResult:
     """Run the enabled steps (Constant weights to initializers, weights computed from constants folded,
     opset upgrade), each checked; the
     report holds each step and the opset before and after."""
     steps: list[tuple[str, Any]] = []
     if config.constants_to_initializers and any(
-            n.op_type == "Constant" for g in all_graphs(model.graph) for n in g.node):
+        n.op_type == "Constant" for g in all_graphs(model.graph) for n in g.node
+    ):
         steps.append(("constants_to_initializers", _constants_to_initializers))
     if config.fold_weight_inputs and _computed_weights(model):
         steps.append(("fold_weight_inputs", _fold_weight_inputs))
@@ -387,8 +410,11 @@ def normalize(model, config: NormalizeConfig = NormalizeConfig(),
     current, named = _name_nodes(current)
     if named:
         report_steps.append({"step": "node_names", "applied": True, "named": named})
-    report = {"config": config_to_dict(config), "steps": report_steps,
-              "opset": {"before": default_opset(model), "after": default_opset(current)}}
+    report = {
+        "config": config_to_dict(config),
+        "steps": report_steps,
+        "opset": {"before": default_opset(model), "after": default_opset(current)},
+    }
     if current is not model:
         report["ops_after"] = op_counts(current)
     return StageResult(current, report)
@@ -402,5 +428,14 @@ def upgrade_failure(report: Mapping[str, Any] | None) -> str | None:
     return None
 
 
-__all__ = ["PER_CHANNEL_OPSET", "NormalizeConfig", "all_graphs", "default_opset", "normalize", "subgraph_nodes",
-           "subgraphs", "topological_sort", "upgrade_failure"]
+__all__ = [
+    "PER_CHANNEL_OPSET",
+    "NormalizeConfig",
+    "all_graphs",
+    "default_opset",
+    "normalize",
+    "subgraph_nodes",
+    "subgraphs",
+    "topological_sort",
+    "upgrade_failure",
+]

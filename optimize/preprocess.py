@@ -15,12 +15,13 @@ from typing import Any, Literal
 import numpy as np
 
 from dlopt.fidelity import within_tolerance
+from dlopt.graphfacts import FUSED_TRANSFORMER_OPS, looks_like_transformer, op_counts
 from dlopt.inputs import Feeds, model_feeds, parse_input_shapes, take_samples
 from dlopt.sessions import cpu_session, run_outputs
-from dlopt.graphfacts import FUSED_TRANSFORMER_OPS, looks_like_transformer, op_counts
 from dlopt.stage import StageResult, config_to_dict
 
 Fusion = Literal["auto", "on", "off"]
+
 
 @dataclass(frozen=True, kw_only=True)
 class PreprocessConfig:
@@ -50,8 +51,9 @@ def replace_nodes(graph, nodes) -> None:
 
 
 # -- the samples every check runs on ------------------------------------------------------------------
-def check_feeds(model, data: Iterable[Mapping[str, np.ndarray]] | None, count: int,
-                input_shapes: tuple[str, ...] = ()) -> list[Feeds]:
+def check_feeds(
+    model, data: Iterable[Mapping[str, np.ndarray]] | None, count: int, input_shapes: tuple[str, ...] = ()
+) -> list[Feeds]:
     """Up to `count` samples of `data`; without data, synthetic samples that the float model runs on
     (dlopt.inputs; `input_shapes` as the user's `--input-shape` values)."""
     taken = take_samples(data, count)
@@ -100,8 +102,9 @@ def _fuse_transformer(model, config: PreprocessConfig):
     return fuse_transformer(model, config.model_type, config.num_heads, config.hidden_size)
 
 
-def fuse_transformer(model, model_type: str = "bert", num_heads: int = 0, hidden_size: int = 0, *,
-                     use_gpu: bool = False) -> tuple[Any, dict[str, Any]]:
+def fuse_transformer(
+    model, model_type: str = "bert", num_heads: int = 0, hidden_size: int = 0, *, use_gpu: bool = False
+) -> tuple[Any, dict[str, Any]]:
     """ONNX Runtime's transformer fusions (Attention, EmbedLayerNormalization, ...); heads and width
     found in the graph when not given. use_gpu: the fusions the CUDA provider has kernels for.
     `model` is not modified (ORT's optimizer rewrites the proto it is given in place)."""
@@ -117,8 +120,9 @@ def fuse_transformer(model, model_type: str = "bert", num_heads: int = 0, hidden
     work = onnx.ModelProto()
     work.CopyFrom(model)
     with quiet_libraries():
-        fused = optimize_model(work, model_type=model_type, num_heads=heads, hidden_size=hidden, opt_level=0,
-                               use_gpu=use_gpu)
+        fused = optimize_model(
+            work, model_type=model_type, num_heads=heads, hidden_size=hidden, opt_level=0, use_gpu=use_gpu
+        )
     stats = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
     result = fused.model
     domains = {n.domain for n in result.graph.node} - {"", "ai.onnx"}
@@ -128,8 +132,18 @@ def fuse_transformer(model, model_type: str = "bert", num_heads: int = 0, hidden
     return result, {"fused": stats, "num_heads": heads, "hidden_size": hidden}
 
 
-_NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-                 "Bernoulli", "If", "Loop", "Scan", "SequenceConstruct"}
+_NOT_FOLDABLE = {
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+    "If",
+    "Loop",
+    "Scan",
+    "SequenceConstruct",
+}
 FOLD_LIMIT_ELEMENTS = 1 << 20  # a folded tensor larger than this stays computed (e.g. ConstantOfShape)
 
 
@@ -150,15 +164,24 @@ def _fold_constants(model, config: PreprocessConfig):
     opsets = list(folded.opset_import)
     keep, folded_count = [], 0
     for node in graph.node:
-        foldable = (node.domain in ("", "ai.onnx") and node.op_type not in _NOT_FOLDABLE
-                    and all(i in consts for i in node.input if i)
-                    and not any(o in graph_outputs for o in node.output))
+        foldable = (
+            node.domain in ("", "ai.onnx")
+            and node.op_type not in _NOT_FOLDABLE
+            and all(i in consts for i in node.input if i)
+            and not any(o in graph_outputs for o in node.output)
+        )
         if foldable:
             try:
                 mini = helper.make_model(
-                    helper.make_graph([node], "fold", [], [helper.make_empty_tensor_value_info(o) for o in node.output],
-                                      [numpy_helper.from_array(consts[i], i) for i in dict.fromkeys(node.input) if i]),
-                    opset_imports=opsets)
+                    helper.make_graph(
+                        [node],
+                        "fold",
+                        [],
+                        [helper.make_empty_tensor_value_info(o) for o in node.output],
+                        [numpy_helper.from_array(consts[i], i) for i in dict.fromkeys(node.input) if i],
+                    ),
+                    opset_imports=opsets,
+                )
                 values = ReferenceEvaluator(mini).run(None, {})
                 if all(np.asarray(v).size <= FOLD_LIMIT_ELEMENTS for v in values):
                     for name, value in zip(node.output, values):
@@ -171,8 +194,9 @@ def _fold_constants(model, config: PreprocessConfig):
         keep.append(node)
     replace_nodes(graph, keep)
     used = {i for n in graph.node for i in n.input} | graph_outputs
-    has_subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                        for n in graph.node for a in n.attribute)
+    has_subgraphs = any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute
+    )
     unused = [] if has_subgraphs else [t for t in graph.initializer if t.name not in used]
     for t in unused:
         graph.initializer.remove(t)
@@ -202,29 +226,43 @@ def _fold_batchnorm(model, config: PreprocessConfig):
     producer = {o: n for n in graph.node for o in n.output}
     drop, replaced, count = set(), set(), 0
     for bn in graph.node:
-        if bn.op_type != "BatchNormalization" or len(bn.output) != 1 or any(
-                a.name == "training_mode" and a.i for a in bn.attribute):
+        if (
+            bn.op_type != "BatchNormalization"
+            or len(bn.output) != 1
+            or any(a.name == "training_mode" and a.i for a in bn.attribute)
+        ):
             continue
         conv = producer.get(bn.input[0])
         params = bn.input[1:5]
-        if (conv is None or conv.op_type != "Conv" or len(consumers.get(conv.output[0], [])) != 1
-                or conv.output[0] in graph_outputs or conv.input[1] not in inits
-                or not all(p in inits for p in params)
-                or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits)):
+        if (
+            conv is None
+            or conv.op_type != "Conv"
+            or len(consumers.get(conv.output[0], [])) != 1
+            or conv.output[0] in graph_outputs
+            or conv.input[1] not in inits
+            or not all(p in inits for p in params)
+            or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits)
+        ):
             continue
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64) for p in params)
         w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
         factor = gamma / np.sqrt(var + eps)
-        bias = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
-                if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0]))
+        bias = (
+            numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+            if len(conv.input) > 2 and conv.input[2]
+            else np.zeros(w.shape[0])
+        )
         dtype = numpy_helper.to_array(inits[conv.input[1]]).dtype
         # named after the Conv: two Convs sharing one weight, each with its own BatchNorm, get two
         key = conv.name or conv.output[0]
         w_name, b_name = f"{key}/bn_folded_weight", f"{key}/bn_folded_bias"
-        graph.initializer.extend([
-            numpy_helper.from_array((w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(dtype), w_name),
-            numpy_helper.from_array(((bias - mean) * factor + beta).astype(dtype), b_name)])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array((w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(dtype), w_name),
+                numpy_helper.from_array(((bias - mean) * factor + beta).astype(dtype), b_name),
+            ]
+        )
         replaced.update([*params, *conv.input[1:]])
         del conv.input[1:]
         conv.input.extend([w_name, b_name])
@@ -268,8 +306,9 @@ def _gemm_to_matmul(model, config: PreprocessConfig):
             beta = attrs.get("beta", 1.0)
             if beta != 1.0:
                 if c not in inits:
-                    nodes.append(helper.make_node("Mul", [c, f"{key}/beta"], [f"{key}/scaled_c"],
-                                                  name=f"{key}/beta_scale"))
+                    nodes.append(
+                        helper.make_node("Mul", [c, f"{key}/beta"], [f"{key}/scaled_c"], name=f"{key}/beta_scale")
+                    )
                     graph.initializer.append(numpy_helper.from_array(np.asarray(beta, np.float32), f"{key}/beta"))
                 else:
                     scaled = numpy_helper.to_array(inits[c]) * beta
@@ -281,8 +320,9 @@ def _gemm_to_matmul(model, config: PreprocessConfig):
         return model, {"rewritten": 0}
     replace_nodes(graph, nodes)
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    has_subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                        for n in graph.node for a in n.attribute)
+    has_subgraphs = any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute
+    )
     if not has_subgraphs:
         for t in [t for t in graph.initializer if t.name not in used]:
             graph.initializer.remove(t)
@@ -312,8 +352,9 @@ def _infer_shapes(model, config: PreprocessConfig):
     return inferred, {"engine": engine, "value_infos": len(inferred.graph.value_info)}
 
 
-def run_checked_steps(model, steps, config, feeds: list[Feeds], reference: list[list[np.ndarray]], atol: float,
-                      rtol: float) -> tuple[Any, list[dict[str, Any]]]:
+def run_checked_steps(
+    model, steps, config, feeds: list[Feeds], reference: list[list[np.ndarray]], atol: float, rtol: float
+) -> tuple[Any, list[dict[str, Any]]]:
     """Apply each (name, step(model, config) -> (model, details)) in order on a copy; keep a step's
     output only if it runs on `feeds` within atol + rtol*|reference| of `reference`, else report why
     it was rejected and go on from its input. Returns (model, one report entry per step)."""
@@ -342,14 +383,14 @@ def run_checked_steps(model, steps, config, feeds: list[Feeds], reference: list[
     return current, report_steps
 
 
-def preprocess(model, config: PreprocessConfig = PreprocessConfig(),
-               data: Iterable[Mapping[str, np.ndarray]] | None = None) -> StageResult:
+def preprocess(
+    model, config: PreprocessConfig = PreprocessConfig(), data: Iterable[Mapping[str, np.ndarray]] | None = None
+) -> StageResult:
     """Run the enabled steps in order (fusion, constant folding, shape inference), each checked."""
     feeds = check_feeds(model, data, config.check_samples, config.input_shapes)
     reference = run_outputs(cpu_session(model, graph_opt_level="basic"), feeds)
     steps: list[tuple[str, Any]] = []
-    fuse = config.transformer_fusion == "on" or (config.transformer_fusion == "auto"
-                                                 and looks_like_transformer(model))
+    fuse = config.transformer_fusion == "on" or (config.transformer_fusion == "auto" and looks_like_transformer(model))
     if fuse and not (FUSED_TRANSFORMER_OPS & {n.op_type for n in model.graph.node}):
         steps.append(("transformer_fusion", _fuse_transformer))
     if config.batchnorm_folding and any(n.op_type == "BatchNormalization" for n in model.graph.node):
@@ -362,8 +403,13 @@ def preprocess(model, config: PreprocessConfig = PreprocessConfig(),
         steps.append(("shape_inference", _infer_shapes))
 
     current, report_steps = run_checked_steps(model, steps, config, feeds, reference, config.atol, config.rtol)
-    report = {"config": config_to_dict(config), "steps": report_steps, "check_feeds": len(feeds),
-              "ops_before": op_counts(model), "ops_after": op_counts(current)}
+    report = {
+        "config": config_to_dict(config),
+        "steps": report_steps,
+        "check_feeds": len(feeds),
+        "ops_before": op_counts(model),
+        "ops_after": op_counts(current),
+    }
     return StageResult(current, report)
 
 

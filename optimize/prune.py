@@ -25,12 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from dlopt.errors import InputError, StageError
 from dlopt.checkpoint import require_torch_pruning
+from dlopt.errors import InputError, StageError
 from dlopt.optimize.export import TORCH_SOURCE
 from dlopt.sources import ModelSource
-from dlopt.stage import (Artifact, StageContext, StageInput, StageResult, TorchStageArtifacts, config_to_dict,
-                         register_stage)
+from dlopt.stage import (
+    Artifact,
+    StageContext,
+    StageInput,
+    StageResult,
+    TorchStageArtifacts,
+    config_to_dict,
+    register_stage,
+)
 
 Structure = Literal["auto", "channels", "heads", "ffn", "heads+ffn", "unstructured"]
 STRUCTURES: tuple[str, ...] = ("auto", "channels", "heads", "ffn", "heads+ffn", "unstructured")
@@ -39,10 +46,8 @@ IMPORTANCES: tuple[str, ...] = ("magnitude", "taylor", "lamp", "random")
 
 # Attributes that hold an attention module's head count, and the names of its q/k/v projections.
 _HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
-_QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"),
-              ("to_q", "to_k", "to_v"))
+_QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"), ("to_q", "to_k", "to_v"))
 _HEAD_WIDTH_ATTRS = ("all_head_size", "inner_dim")  # attention widths that shrink with the heads
-
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,16 +63,16 @@ class Prune:
     round_to: int | None = None  # keep channel counts multiples of this (e.g. 8 for SIMD-friendly widths)
 
 
-
-
 def check_config(config: Prune) -> None:
     if config.structure not in STRUCTURES:
         raise InputError(f"unknown pruning structure {config.structure!r}", f"choose one of {', '.join(STRUCTURES)}")
     if config.importance not in IMPORTANCES:
         raise InputError(f"unknown importance {config.importance!r}", f"choose one of {', '.join(IMPORTANCES)}")
     if not isinstance(config.ratio, (int, float)) or not 0.0 < config.ratio < 1.0:
-        raise InputError(f"pruning ratio {config.ratio!r} is out of range",
-                         "give a fraction strictly between 0 and 1, e.g. {ratio=0.5}")
+        raise InputError(
+            f"pruning ratio {config.ratio!r} is out of range",
+            "give a fraction strictly between 0 and 1, e.g. {ratio=0.5}",
+        )
     if config.round_to is not None and config.round_to < 1:
         raise InputError(f"round_to {config.round_to} must be a positive channel count", "e.g. {round_to=8}")
 
@@ -75,6 +80,7 @@ def check_config(config: Prune) -> None:
 # ---------------------------------------------------------------------------------------------
 # Finding the layers: output layer, attention modules, FFN
 # ---------------------------------------------------------------------------------------------
+
 
 def first_tensor(out: Any):
     """The tensor a model outputs first: tensors, tuples/lists, dicts and HF ModelOutputs."""
@@ -88,8 +94,10 @@ def first_tensor(out: Any):
         out = list(out.values())
     if isinstance(out, (tuple, list)) and out:
         return first_tensor(out[0])
-    raise InputError(f"the model returned {type(out).__name__}, not a tensor",
-                     "its forward() must return a tensor, a tuple of tensors or a ModelOutput")
+    raise InputError(
+        f"the model returned {type(out).__name__}, not a tensor",
+        "its forward() must return a tensor, a tuple of tensors or a ModelOutput",
+    )
 
 
 def output_layer_name(module, example_inputs: Mapping[str, Any]) -> str | None:
@@ -99,9 +107,11 @@ def output_layer_name(module, example_inputs: Mapping[str, Any]) -> str | None:
     import torch
 
     order: list[str] = []
-    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: order.append(name))
-             for name, m in module.named_modules()
-             if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))]
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out, name=name: order.append(name))
+        for name, m in module.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
+    ]
     try:
         with torch.no_grad():
             module(**example_inputs)
@@ -158,12 +168,20 @@ def find_ffn(module, graph, skip: set) -> list[tuple[str, Any, Any]]:
         if not isinstance(up, torch.nn.Linear) or up in skip or up not in graph.module2node:
             continue  # (layers inside nn.MultiheadAttention are pruned with it, not on their own)
         group = graph.get_pruning_group(up, tp.prune_linear_out_channels, idxs=[0])
-        layers = [(dep.target.module, graph.is_out_channel_pruning_fn(dep.handler)) for dep, _ in group
-                  if _real_layer(dep.target.module)]
+        layers = [
+            (dep.target.module, graph.is_out_channel_pruning_fn(dep.handler))
+            for dep, _ in group
+            if _real_layer(dep.target.module)
+        ]
         outs = [m for m, is_out in layers if is_out]
         ins = [m for m, is_out in layers if not is_out]
-        if outs == [up] and len(ins) == 1 and isinstance(ins[0], torch.nn.Linear) \
-                and ins[0].out_features == up.in_features and ins[0] is not up:
+        if (
+            outs == [up]
+            and len(ins) == 1
+            and isinstance(ins[0], torch.nn.Linear)
+            and ins[0].out_features == up.in_features
+            and ins[0] is not up
+        ):
             pairs.append((name, up, ins[0]))
     return pairs
 
@@ -171,6 +189,7 @@ def find_ffn(module, graph, skip: set) -> list[tuple[str, Any, Any]]:
 # ---------------------------------------------------------------------------------------------
 # Counting
 # ---------------------------------------------------------------------------------------------
+
 
 def count_macs_params(module, example_inputs: Mapping[str, Any]) -> tuple[int, int]:
     import contextlib
@@ -182,8 +201,11 @@ def count_macs_params(module, example_inputs: Mapping[str, Any]) -> tuple[int, i
 
 
 def _layer_shapes(module) -> dict[str, list[int]]:
-    return {n: list(m.weight.shape) for n, m in module.named_modules()
-            if _real_layer(m) and getattr(m, "weight", None) is not None and hasattr(m.weight, "shape")}
+    return {
+        n: list(m.weight.shape)
+        for n, m in module.named_modules()
+        if _real_layer(m) and getattr(m, "weight", None) is not None and hasattr(m.weight, "shape")
+    }
 
 
 def _importance(config: Prune):
@@ -203,8 +225,11 @@ def _resolve_ignored(module, names: Iterable[str]) -> list[Any]:
     for name in names:
         if name not in modules or name == "":
             close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
-            hint = f"did you mean {', '.join(close)}?" if close else \
-                "names are module paths as in model.named_modules(), e.g. features.3 or classifier"
+            hint = (
+                f"did you mean {', '.join(close)}?"
+                if close
+                else "names are module paths as in model.named_modules(), e.g. features.3 or classifier"
+            )
             raise InputError(f"layers to ignore: the model has no layer named {name!r}", hint)
         resolved.append(modules[name])
     return resolved
@@ -217,8 +242,13 @@ def _resolve_ignored(module, names: Iterable[str]) -> list[Any]:
 GradientBatches = Iterable[tuple[Mapping[str, Any], Any]]
 
 
-def prune(module, example_inputs: Mapping[str, Any], config: Prune = Prune(), *,
-          gradient_batches: GradientBatches | None = None) -> StageResult:
+def prune(
+    module,
+    example_inputs: Mapping[str, Any],
+    config: Prune = Prune(),
+    *,
+    gradient_batches: GradientBatches | None = None,
+) -> StageResult:
     """Prune a copy of `module` (the input is not modified). Returns the pruned module and a report.
 
     `example_inputs` are the keyword inputs of forward(), used to trace the dependency graph and count
@@ -245,12 +275,17 @@ def prune(module, example_inputs: Mapping[str, Any], config: Prune = Prune(), *,
     with torch.no_grad():
         out_after = first_tensor(model(**inputs))
     if out_after.shape != out_before.shape:  # the output layer is ignored: this would be a bug here
-        raise StageError(f"pruning changed the output shape {list(out_before.shape)} -> {list(out_after.shape)}",
-                         "add the output layer to {ignore=NAMES} and report this")
+        raise StageError(
+            f"pruning changed the output shape {list(out_before.shape)} -> {list(out_after.shape)}",
+            "add the output layer to {ignore=NAMES} and report this",
+        )
     macs_after, params_after = count_macs_params(model, inputs)
     shapes_after = _layer_shapes(model)
-    changed = [{"layer": n, "before": shapes_before[n], "after": shapes_after.get(n)}
-               for n in shapes_before if shapes_before[n] != shapes_after.get(n)]
+    changed = [
+        {"layer": n, "before": shapes_before[n], "after": shapes_after.get(n)}
+        for n in shapes_before
+        if shapes_before[n] != shapes_after.get(n)
+    ]
     report = {
         "stage": "prune",
         "config": config_to_dict(config),
@@ -266,8 +301,9 @@ def prune(module, example_inputs: Mapping[str, Any], config: Prune = Prune(), *,
     return StageResult(model=model, report=report)
 
 
-def _prune_structured(model, inputs, config: Prune, output_layer: str | None, ignored: list,
-                      gradient_batches: GradientBatches | None) -> dict[str, Any]:
+def _prune_structured(
+    model, inputs, config: Prune, output_layer: str | None, ignored: list, gradient_batches: GradientBatches | None
+) -> dict[str, Any]:
     torch, tp = require_torch_pruning()
     modules = dict(model.named_modules())
     ignored = list(ignored) + ([modules[output_layer]] if output_layer else [])
@@ -280,9 +316,10 @@ def _prune_structured(model, inputs, config: Prune, output_layer: str | None, ig
     want_heads = structure in ("heads", "heads+ffn")
     want_ffn = structure in ("ffn", "heads+ffn")
     if want_heads and not attention:
-        raise InputError("{structure=heads}: the model has no attention module with separate q/k/v Linear layers "
-                         "and a head count",
-                         "nn.MultiheadAttention packs q/k/v into one weight; use {structure=ffn} or channels")
+        raise InputError(
+            "{structure=heads}: the model has no attention module with separate q/k/v Linear layers and a head count",
+            "nn.MultiheadAttention packs q/k/v into one weight; use {structure=ffn} or channels",
+        )
 
     num_heads: dict[Any, int] = {}
     ratio_dict: dict[Any, float] = {}
@@ -291,8 +328,10 @@ def _prune_structured(model, inputs, config: Prune, output_layer: str | None, ig
         for a in attention:
             removed = math.ceil(config.ratio * a.heads)
             if removed >= a.heads:
-                raise InputError(f"ratio {config.ratio} would remove all {a.heads} heads of {a.name}",
-                                 f"use a ratio below {(a.heads - 1) / a.heads:.3f}")
+                raise InputError(
+                    f"ratio {config.ratio} would remove all {a.heads} heads of {a.name}",
+                    f"use a ratio below {(a.heads - 1) / a.heads:.3f}",
+                )
             for layer in a.qkv:
                 num_heads[layer] = a.heads
             # Torch-Pruning 1.6 removes heads only inside a width-pruning scope that prunes something;
@@ -302,20 +341,31 @@ def _prune_structured(model, inputs, config: Prune, output_layer: str | None, ig
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=inputs)
         ffn = [(n, up, down) for n, up, down in find_ffn(model, graph, skip=qkv_layers | set(ignored))]
         if not ffn:
-            raise InputError("{structure=ffn}: found no feed-forward block (Linear -> activation -> Linear back "
-                             "to the input width)", "use {structure=channels}")
+            raise InputError(
+                "{structure=ffn}: found no feed-forward block (Linear -> activation -> Linear back to the input width)",
+                "use {structure=channels}",
+            )
         for _, up, _ in ffn:
             ratio_dict[up] = config.ratio
     default_ratio = config.ratio if structure == "channels" else 0.0
 
     importance = _importance(config)
     pruner = tp.pruner.BasePruner(
-        model, inputs, importance=importance, global_pruning=config.global_pruning,
-        pruning_ratio=default_ratio, pruning_ratio_dict=ratio_dict or None, ignored_layers=ignored,
-        round_to=config.round_to, num_heads=dict(num_heads), prune_num_heads=want_heads, prune_head_dims=False,
+        model,
+        inputs,
+        importance=importance,
+        global_pruning=config.global_pruning,
+        pruning_ratio=default_ratio,
+        pruning_ratio_dict=ratio_dict or None,
+        ignored_layers=ignored,
+        round_to=config.round_to,
+        num_heads=dict(num_heads),
+        prune_num_heads=want_heads,
+        prune_head_dims=False,
         head_pruning_ratio=config.ratio if want_heads else 0.0,
         # fresh dicts: Torch-Pruning 1.6 mutates these default arguments, leaking state between pruners
-        in_channel_groups={}, out_channel_groups={},
+        in_channel_groups={},
+        out_channel_groups={},
         output_transform=lambda out: first_tensor(out).float().sum(),
     )
     if config.importance == "taylor":
@@ -336,10 +386,13 @@ def _prune_structured(model, inputs, config: Prune, output_layer: str | None, ig
         "packed_attention_kept": packed_attention,
         "attention_heads": heads,
         "pruning_history": [list(h) for h in pruner.pruning_history()],
-        "module_attributes": {a.name: {a.head_attr: a.heads,
-                                       **{k: getattr(a.module, k) for k in _HEAD_WIDTH_ATTRS
-                                          if isinstance(getattr(a.module, k, None), int)}}
-                              for a in attention},
+        "module_attributes": {
+            a.name: {
+                a.head_attr: a.heads,
+                **{k: getattr(a.module, k) for k in _HEAD_WIDTH_ATTRS if isinstance(getattr(a.module, k, None), int)},
+            }
+            for a in attention
+        },
         "speedup_claim": "structured: tensors shrink, latency falls; measure it with the bench harness",
     }
 
@@ -347,8 +400,10 @@ def _prune_structured(model, inputs, config: Prune, output_layer: str | None, ig
 def _accumulate_gradients(model, inputs, gradient_batches: GradientBatches | None) -> None:
     torch, _ = require_torch_pruning()
     if gradient_batches is None:
-        raise InputError("importance 'taylor' needs data to compute gradients",
-                         "give calibration data, or use {importance=magnitude}")
+        raise InputError(
+            "importance 'taylor' needs data to compute gradients",
+            "give calibration data, or use {importance=magnitude}",
+        )
     model.zero_grad(set_to_none=True)
     n = 0
     for batch_inputs, labels in gradient_batches:
@@ -368,9 +423,13 @@ def _prune_unstructured(model, config: Prune, output_layer: str | None, ignored:
     from torch.nn.utils import prune as torch_prune
 
     skip = set(ignored)
-    params = [(m, "weight") for n, m in model.named_modules()
-              if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
-              and n != output_layer and m not in skip]
+    params = [
+        (m, "weight")
+        for n, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
+        and n != output_layer
+        and m not in skip
+    ]
     if not params:
         raise InputError("no Linear or Conv layer left to prune", "check {ignore=NAMES}")
     dense_bytes = _gzip_size(model)
@@ -392,7 +451,7 @@ def _prune_unstructured(model, config: Prune, output_layer: str | None, ignored:
         "compression_ratio": dense_bytes / sparse_bytes,
         "speedup_claim": None,
         "note": "unstructured sparsity: zeros are still stored and multiplied, so dense runtimes (ONNX Runtime, "
-                "torch) run at the same speed; only the compressed (gzip) size falls",
+        "torch) run at the same speed; only the compressed (gzip) size falls",
     }
 
 
@@ -416,21 +475,33 @@ def _gzip_size(model) -> int:
 # The stage
 # ---------------------------------------------------------------------------------------------
 
+
 def _write(given: StageInput, config: Prune, context: StageContext) -> Artifact:
     """The source (or the stage before's checkpoint) pruned, as the checkpoint OUTPUT/model.pt."""
     from dlopt.checkpoint import save_checkpoint, torch_source
     from dlopt.manifest import artifact_hash
 
-    result = prune_stage.apply(torch_source(given.source, given.artifact, context.log), config,
-                               StageContext(after=context.after, log=context.log))
+    result = prune_stage.apply(
+        torch_source(given.source, given.artifact, context.log),
+        config,
+        StageContext(after=context.after, log=context.log),
+    )
     produced = save_checkpoint(context.folder() / "model.pt", result.model.module, given.source, result.report)
     report = {k: result.report[k] for k in ("parameters_before", "parameters_after", "macs_before", "macs_after")}
     return Artifact(produced, artifact_hash(produced), report)
 
 
-@register_stage(kind="prune", config=Prune, takes="torch", makes="torch", requires=(TORCH_SOURCE,),
-                ensures=(TORCH_SOURCE,), summary="remove channels / heads / FFN units (torch)", validate=check_config,
-                writer=_write)
+@register_stage(
+    kind="prune",
+    config=Prune,
+    takes="torch",
+    makes="torch",
+    requires=(TORCH_SOURCE,),
+    ensures=(TORCH_SOURCE,),
+    summary="remove channels / heads / FFN units (torch)",
+    validate=check_config,
+    writer=_write,
+)
 def prune_stage(source: ModelSource, config: Prune, context: StageContext) -> StageResult:
     """A ModelSource in, the same source with the pruned module out; context.data: gradient batches
     for importance "taylor"."""
@@ -453,9 +524,16 @@ def gradient_batches(spec: str, source, n: int = 8):
     return [(dict(source.example_inputs), None)]
 
 
-def prune_files(spec: str, output_dir: str | os.PathLike, config: Prune, *, bench_seconds: float | None = 15.0,
-                batch: int = 1, seq_len: int = 128,
-                log: Callable[[str], None] = lambda message: None) -> TorchStageArtifacts:
+def prune_files(
+    spec: str,
+    output_dir: str | os.PathLike,
+    config: Prune,
+    *,
+    bench_seconds: float | None = 15.0,
+    batch: int = 1,
+    seq_len: int = 128,
+    log: Callable[[str], None] = lambda message: None,
+) -> TorchStageArtifacts:
     """Load SOURCE `spec`, prune it and write OUT/pruned.pt + a verified OUT/pruned.onnx + OUT/prune.json
     (structured: also OUT/dense.onnx and, with `bench_seconds`, the latency ratio; unstructured: the gzip
     sizes and OUT/pruned.onnx.gz), renamed into place together at the end: a failed or interrupted run
@@ -479,32 +557,48 @@ def prune_files(spec: str, output_dir: str | os.PathLike, config: Prune, *, benc
         report = dict(result.report)
         log("exporting the pruned model (verified against torch)")
         onnx_path = out_dir / "pruned.onnx"
-        onnx_tmp = stage_onnx(export_verified(dataclasses.replace(result.model, name=f"{source.name} (pruned)"), log),
-                              onnx_path, outputs)
+        onnx_tmp = stage_onnx(
+            export_verified(dataclasses.replace(result.model, name=f"{source.name} (pruned)"), log), onnx_path, outputs
+        )
         checkpoint = save_checkpoint(out_dir / "pruned.pt", pruned, spec, report, outputs=outputs)
         r = report
-        rows = [["parameters", r["parameters_before"], r["parameters_after"],
-                 f"{r['parameters_after'] / r['parameters_before']:.3f}x"],
-                ["MACs (Linear/Conv)", r["macs_before"], r["macs_after"], f"{r['macs_after'] / r['macs_before']:.3f}x"]]
+        rows = [
+            [
+                "parameters",
+                r["parameters_before"],
+                r["parameters_after"],
+                f"{r['parameters_after'] / r['parameters_before']:.3f}x",
+            ],
+            ["MACs (Linear/Conv)", r["macs_before"], r["macs_after"], f"{r['macs_after'] / r['macs_before']:.3f}x"],
+        ]
         dense_path = dense_tmp = None
         if bench_seconds is not None or config.structure == "unstructured":  # else no comparison needs it
             dense_path = out_dir / "dense.onnx"
             log("exporting the unpruned model for comparison")
             dense_tmp = stage_onnx(export_verified(source, log), dense_path, outputs)
-            rows.append(["ONNX MB", dense_tmp.stat().st_size / 1e6, onnx_tmp.stat().st_size / 1e6,
-                         f"{onnx_tmp.stat().st_size / dense_tmp.stat().st_size:.3f}x"])
+            rows.append(
+                [
+                    "ONNX MB",
+                    dense_tmp.stat().st_size / 1e6,
+                    onnx_tmp.stat().st_size / 1e6,
+                    f"{onnx_tmp.stat().st_size / dense_tmp.stat().st_size:.3f}x",
+                ]
+            )
         notes: list[str] = []
         if config.structure == "unstructured" and dense_tmp is not None:  # (exported above for it)
             dense_gz = len(gzip.compress(dense_tmp.read_bytes(), compresslevel=6, mtime=0))
             sparse_gz_bytes = gzip.compress(onnx_tmp.read_bytes(), compresslevel=6, mtime=0)
             outputs.stage(out_dir / "pruned.onnx.gz").write_bytes(sparse_gz_bytes)
             report["onnx_gzip_bytes_before"], report["onnx_gzip_bytes_after"] = dense_gz, len(sparse_gz_bytes)
-            rows += [["sparsity (pruned layers)", 0.0, r["sparsity_pruned_layers"], ""],
-                     ["ONNX gzip MB", dense_gz / 1e6, len(sparse_gz_bytes) / 1e6,
-                      f"{len(sparse_gz_bytes) / dense_gz:.3f}x"]]
-            notes.append("no speedup: unstructured pruning keeps every tensor's shape; the zeros are stored and "
-                         "multiplied, so it runs at the dense model's speed. It only compresses better "
-                         "(pruned.onnx.gz).")
+            rows += [
+                ["sparsity (pruned layers)", 0.0, r["sparsity_pruned_layers"], ""],
+                ["ONNX gzip MB", dense_gz / 1e6, len(sparse_gz_bytes) / 1e6, f"{len(sparse_gz_bytes) / dense_gz:.3f}x"],
+            ]
+            notes.append(
+                "no speedup: unstructured pruning keeps every tensor's shape; the zeros are stored and "
+                "multiplied, so it runs at the dense model's speed. It only compresses better "
+                "(pruned.onnx.gz)."
+            )
         else:
             heads = r.get("attention_heads") or {}
             if heads:
@@ -515,19 +609,42 @@ def prune_files(spec: str, output_dir: str | os.PathLike, config: Prune, *, benc
                 log(f"measuring latency, one thread, interleaved ({bench_seconds:g} s)")
                 speed = measure_speedup(dense_tmp, onnx_tmp, budget_s=bench_seconds, batch=batch, seq_len=seq_len)
                 report["latency"] = speed
-                rows.append([f"latency (1 thread) ms, batch {speed['batch']}", speed["baseline_ms"], speed["ms"],
-                             f"{speed['speedup']:.2f}x faster "
-                             f"[{speed['speedup_low']:.2f}, {speed['speedup_high']:.2f}]"])
-            notes.append("accuracy is not restored yet: fine-tune with "
-                         f"`dlopt distill --teacher {spec} --student {checkpoint}`")
-        report |= {"source": spec, "checkpoint": str(checkpoint), "onnx": str(onnx_path),
-                   "dense_onnx": str(dense_path) if dense_path else None}
+                rows.append(
+                    [
+                        f"latency (1 thread) ms, batch {speed['batch']}",
+                        speed["baseline_ms"],
+                        speed["ms"],
+                        f"{speed['speedup']:.2f}x faster [{speed['speedup_low']:.2f}, {speed['speedup_high']:.2f}]",
+                    ]
+                )
+            notes.append(
+                f"accuracy is not restored yet: fine-tune with `dlopt distill --teacher {spec} --student {checkpoint}`"
+            )
+        report |= {
+            "source": spec,
+            "checkpoint": str(checkpoint),
+            "onnx": str(onnx_path),
+            "dense_onnx": str(dense_path) if dense_path else None,
+        }
         report_path = out_dir / "prune.json"
         outputs.stage(report_path).write_text(json_text(report))
         table = format_table(["", "before", "after", "change"], rows)
         return TorchStageArtifacts(checkpoint, onnx_path, report_path, report, table, tuple(notes))
 
 
-__all__ = ["Prune", "IMPORTANCES", "STRUCTURES", "AttentionModule", "check_config",
-           "count_macs_params", "first_tensor", "find_attention", "find_ffn", "output_layer_name", "prune",
-           "gradient_batches", "prune_files", "prune_stage"]
+__all__ = [
+    "Prune",
+    "IMPORTANCES",
+    "STRUCTURES",
+    "AttentionModule",
+    "check_config",
+    "count_macs_params",
+    "first_tensor",
+    "find_attention",
+    "find_ffn",
+    "output_layer_name",
+    "prune",
+    "gradient_batches",
+    "prune_files",
+    "prune_stage",
+]

@@ -28,7 +28,7 @@ import numpy as np
 
 from dlopt.errors import InputError, StageError
 from dlopt.quiet import quiet_libraries  # ExecuTorch and torchao print while importing and lowering)
-from dlopt.targets.xnnpack import standard_layout, require_executorch
+from dlopt.targets.xnnpack import require_executorch, standard_layout
 
 if TYPE_CHECKING:
     import torch
@@ -61,10 +61,19 @@ def _Positional(module, input_names: Sequence[str]) -> torch.nn.Module:  # (name
     return Positional().eval()
 
 
-def lower_to_pte(module, example: Mapping[str, Any], *, input_names: Sequence[str], precision: str = "fp32",
-                 calibration: Iterable[Mapping[str, np.ndarray]] | None = None,
-                 int8_activations: str = "static", weight_rounding: str = "gptq", bias_correction: bool = True,
-                 rounding_samples: int = 64, report: dict[str, Any] | None = None) -> bytes:
+def lower_to_pte(
+    module,
+    example: Mapping[str, Any],
+    *,
+    input_names: Sequence[str],
+    precision: str = "fp32",
+    calibration: Iterable[Mapping[str, np.ndarray]] | None = None,
+    int8_activations: str = "static",
+    weight_rounding: str = "gptq",
+    bias_correction: bool = True,
+    rounding_samples: int = 64,
+    report: dict[str, Any] | None = None,
+) -> bytes:
     """Lower a torch module to an ExecuTorch program (bytes) with the XNNPACK backend.
 
     `example` gives the static input shapes; for `precision="int8"`, `calibration` feeds (at those
@@ -106,9 +115,15 @@ def lower_to_pte(module, example: Mapping[str, Any], *, input_names: Sequence[st
             with torch.no_grad():
                 if precision == "int8":
                     wrapped, refinement = _quantize_pt2e(
-                        wrapped, args, input_names, calibration, dynamic=int8_activations == "dynamic",
-                        weight_rounding=weight_rounding, bias_correction=bias_correction,
-                        rounding_samples=rounding_samples)
+                        wrapped,
+                        args,
+                        input_names,
+                        calibration,
+                        dynamic=int8_activations == "dynamic",
+                        weight_rounding=weight_rounding,
+                        bias_correction=bias_correction,
+                        rounding_samples=rounding_samples,
+                    )
                     if report is not None:
                         report["weight_refinement"] = refinement
                 exported = torch.export.export(wrapped, args)
@@ -116,13 +131,24 @@ def lower_to_pte(module, example: Mapping[str, Any], *, input_names: Sequence[st
         except InputError:
             raise
         except Exception as e:  # torch.export / ExecuTorch raise many types
-            raise StageError(f"lowering to ExecuTorch ({precision}) failed: {type(e).__name__}: {str(e)[:400]}",
-                             "the model may use an operator ExecuTorch cannot export (the traceback is this error's cause)") from e
+            raise StageError(
+                f"lowering to ExecuTorch ({precision}) failed: {type(e).__name__}: {str(e)[:400]}",
+                "the model may use an operator ExecuTorch cannot export (the traceback is this error's cause)",
+            ) from e
     return bytes(program.buffer)
 
 
-def _quantize_pt2e(wrapped, args, input_names, calibration, *, dynamic: bool = False, weight_rounding: str = "nearest",
-                   bias_correction: bool = False, rounding_samples: int = 64):
+def _quantize_pt2e(
+    wrapped,
+    args,
+    input_names,
+    calibration,
+    *,
+    dynamic: bool = False,
+    weight_rounding: str = "nearest",
+    bias_correction: bool = False,
+    rounding_samples: int = 64,
+):
     import torch
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -147,8 +173,9 @@ def _quantize_pt2e(wrapped, args, input_names, calibration, *, dynamic: bool = F
             prepared(*inputs)
     refinement = None
     if recorder is not None:
-        refinement = _refine_int8_weights(prepared, layers, recorder.stats, gptq=weight_rounding == "gptq",
-                                          bias_correction=bias_correction)
+        refinement = _refine_int8_weights(
+            prepared, layers, recorder.stats, gptq=weight_rounding == "gptq", bias_correction=bias_correction
+        )
     return convert_pt2e(prepared), refinement
 
 
@@ -156,6 +183,7 @@ def _quantize_pt2e(wrapped, args, input_names, calibration, *, dynamic: bool = F
 class _WeightLayer:
     """A conv2d / linear node of a prepared (observed) graph whose weight the int8 quantizer
     observes per output channel: the node, its weight's attribute path and its observer's."""
+
     node: Any
     weight: str
     observer: str
@@ -167,23 +195,38 @@ def _weight_layers(prepared) -> list[_WeightLayer]:
 
     layers = []
     for node in prepared.graph.nodes:
-        if node.op != "call_function" or node.target not in (torch.ops.aten.conv2d.default,
-                                                             torch.ops.aten.linear.default):
+        if node.op != "call_function" or node.target not in (
+            torch.ops.aten.conv2d.default,
+            torch.ops.aten.linear.default,
+        ):
             continue
         obs = node.args[1] if len(node.args) > 1 else None
-        if not (isinstance(obs, torch.fx.Node) and obs.op == "call_module" and isinstance(obs.target, str)
-                and isinstance(prepared.get_submodule(obs.target), ObserverBase)):
+        if not (
+            isinstance(obs, torch.fx.Node)
+            and obs.op == "call_module"
+            and isinstance(obs.target, str)
+            and isinstance(prepared.get_submodule(obs.target), ObserverBase)
+        ):
             continue  # not quantized (no weight observer)
         weight = obs.args[0]
         # a weight shared by several layers would need one rounding for all of their inputs: left alone
-        if (not isinstance(weight, torch.fx.Node) or weight.op != "get_attr" or not isinstance(weight.target, str)
-                or len(weight.users) != 1 or len(obs.users) != 1):
+        if (
+            not isinstance(weight, torch.fx.Node)
+            or weight.op != "get_attr"
+            or not isinstance(weight.target, str)
+            or len(weight.users) != 1
+            or len(obs.users) != 1
+        ):
             continue
         observer = prepared.get_submodule(obs.target)
         value = _get_attr(prepared, weight.target)
-        if (getattr(observer, "qscheme", None) != torch.per_channel_symmetric or getattr(observer, "ch_axis", None) != 0
-                or observer.dtype != torch.int8 or value.dtype != torch.float32
-                or value.dim() != (4 if node.target == torch.ops.aten.conv2d.default else 2)):
+        if (
+            getattr(observer, "qscheme", None) != torch.per_channel_symmetric
+            or getattr(observer, "ch_axis", None) != 0
+            or observer.dtype != torch.int8
+            or value.dtype != torch.float32
+            or value.dim() != (4 if node.target == torch.ops.aten.conv2d.default else 2)
+        ):
             continue
         layers.append(_WeightLayer(node, weight.target, obs.target))
     return layers
@@ -208,6 +251,7 @@ def _set_param(module, path: str, value) -> None:
 
 def _conv_arguments(node) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], int]:
     """stride, padding, dilation, groups of an aten.conv2d node (defaults filled in)."""
+
     def pair(v, default):
         v = default if v is None else v
         v = list(v) if isinstance(v, (list, tuple)) else [v]
@@ -251,8 +295,13 @@ class _StatisticsRecorder:
         self.stats.samples += 1
 
 
-def _add_layer_input(stats, name: str, x, weight_shape: Sequence[int],
-                     conv: tuple[tuple[int, int], tuple[int, int], tuple[int, int], int] | None) -> None:
+def _add_layer_input(
+    stats,
+    name: str,
+    x,
+    weight_shape: Sequence[int],
+    conv: tuple[tuple[int, int], tuple[int, int], tuple[int, int], int] | None,
+) -> None:
     """Accumulate into `stats` (LayerStatistics) the rows that layer `name` multiplies its weight rows
     with, for one input batch x: the im2col patches of a conv (`conv`: stride, padding, dilation,
     groups), the rows of x for a linear layer (`conv` None)."""
@@ -266,7 +315,7 @@ def _add_layer_input(stats, name: str, x, weight_shape: Sequence[int],
         stride, padding, dilation, groups = conv
         kh, kw = weight_shape[2], weight_shape[3]
         if (kh, kw) == (1, 1) and padding == (0, 0):  # a pointwise conv's rows are its input pixels
-            cols = x[:, :, ::stride[0], ::stride[1]].reshape(x.shape[0], x.shape[1], -1)
+            cols = x[:, :, :: stride[0], :: stride[1]].reshape(x.shape[0], x.shape[1], -1)
         else:
             cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
         # [N, groups, K, positions]: K channel-major (c, kh, kw), a group's channels contiguous (the
@@ -277,8 +326,9 @@ def _add_layer_input(stats, name: str, x, weight_shape: Sequence[int],
     stats.add(name, h, total, cols.shape[0] * cols.shape[3])
 
 
-def _refine_int8_weights(prepared, layers: Sequence[_WeightLayer], stats, *, gptq: bool,
-                         bias_correction: bool) -> dict[str, int]:
+def _refine_int8_weights(
+    prepared, layers: Sequence[_WeightLayer], stats, *, gptq: bool, bias_correction: bool
+) -> dict[str, int]:
     """Fold GPTQ-rounded weights and bias correction into the float parameters of a calibrated
     prepared graph, before convert_pt2e quantizes them with the weight observers.
 
@@ -302,7 +352,7 @@ def _refine_int8_weights(prepared, layers: Sequence[_WeightLayer], stats, *, gpt
     optimize/rounding.py does for ONNX Runtime."""
     import torch
 
-    from dlopt.optimize.rounding import one_blas_thread, gptq_round
+    from dlopt.optimize.rounding import gptq_round, one_blas_thread
 
     rounded = corrected = kept = 0
     with one_blas_thread():
@@ -326,7 +376,7 @@ def _refine_int8_weights(prepared, layers: Sequence[_WeightLayer], stats, *, gpt
                 flat = w.reshape(outputs, -1)
                 top = flat.abs().argmax(dim=1, keepdim=True)
                 limit = flat.abs().gather(1, top)
-                candidate = (torch.from_numpy(codes).float().reshape(outputs, -1) * scale[:, None])
+                candidate = torch.from_numpy(codes).float().reshape(outputs, -1) * scale[:, None]
                 candidate = torch.maximum(torch.minimum(candidate, limit), -limit)
                 candidate.scatter_(1, top, flat.gather(1, top))  # the grid end stays where the observer finds it
                 candidate = candidate.reshape(w.shape)
@@ -393,6 +443,7 @@ def _clamp_fusing_quantizer_class():
     FuseActivationPass takes relu and hardtanh), as TFLite does with ReLU6.
 
     It also keeps integer arithmetic integer before annotation (see transform_for_annotation)."""
+    import torch
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
     from torchao.quantization.pt2e.quantizer import (
         QuantizationAnnotation,
@@ -404,17 +455,21 @@ def _clamp_fusing_quantizer_class():
     from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
     from torchao.quantization.pt2e.utils import _is_conv_node
 
-    import torch
-
     # nn.ReLU6 exports as hardtanh, F.relu6 as relu6 (which the stock quantizer leaves float)
-    clamps = (torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default, torch.ops.aten.relu6.default,
-              torch.ops.aten.relu6_.default)
+    clamps = (
+        torch.ops.aten.hardtanh.default,
+        torch.ops.aten.hardtanh_.default,
+        torch.ops.aten.relu6.default,
+        torch.ops.aten.relu6_.default,
+    )
 
     def annotated(node) -> bool:
         return Q_ANNOTATION_KEY in node.meta and node.meta[Q_ANNOTATION_KEY]._annotated
 
-    scalar_forms = {torch.ops.aten.add.Tensor: torch.ops.aten.add.Scalar,
-                    torch.ops.aten.mul.Tensor: torch.ops.aten.mul.Scalar}
+    scalar_forms = {
+        torch.ops.aten.add.Tensor: torch.ops.aten.add.Scalar,
+        torch.ops.aten.mul.Tensor: torch.ops.aten.mul.Scalar,
+    }
 
     class ClampFusingQuantizer(XNNPACKQuantizer):
         def transform_for_annotation(self, model):
@@ -448,10 +503,12 @@ def _clamp_fusing_quantizer_class():
                     if any(annotated(n) for n in (conv, clamp, *list(inputs)[1:])):  # not the input activation
                         continue
                     conv.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=inputs, _annotated=True)
-                    clamp.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(output_qspec=get_output_act_qspec(config),
-                                                                          _annotated=True)
+                    clamp.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
+                        output_qspec=get_output_act_qspec(config), _annotated=True
+                    )
             return super().annotate(model)  # the stock patterns skip what is annotated here
 
     return ClampFusingQuantizer
+
 
 __all__ = ["LOWERING_REVISION", "WEIGHT_ROUNDINGS", "lower_to_pte"]

@@ -53,7 +53,8 @@ from typing import Any
 import numpy as np
 
 from dlopt.errors import InputError, StageError, VerificationError
-from dlopt.lm import lm_fidelity, prefill_feeds, read_genai_config, read_text_tokens, windows as _windows
+from dlopt.lm import lm_fidelity, prefill_feeds, read_genai_config, read_text_tokens
+from dlopt.lm import windows as _windows
 
 BLOCK_SIZES = (32, 64, 128)
 MIN_EFFECT_PCT = 0.05  # a layer goes to 8-bit only if alone at 4 bits it raises calibration perplexity by more:
@@ -89,9 +90,13 @@ def check_config(config: QuantizeLm) -> None:
     if config.block_size is not None and (config.block_size < 16 or config.block_size & (config.block_size - 1)):
         raise InputError(f"the block size must be a power of two >= 16, got {config.block_size}", "e.g. 32")
     if config.algorithm not in ("auto", "gptq", "rtn"):
-        raise InputError(f"int4 for LM folders runs gptq or rtn, not {config.algorithm!r}", "use gptq (with text) or rtn")
+        raise InputError(
+            f"int4 for LM folders runs gptq or rtn, not {config.algorithm!r}", "use gptq (with text) or rtn"
+        )
     if config.accuracy_level not in (0, 1, 2, 3, 4):
-        raise InputError(f"accuracy_level must be 0-4, got {config.accuracy_level}", "4 (int8 compute) is the fast CPU path")
+        raise InputError(
+            f"accuracy_level must be 0-4, got {config.accuracy_level}", "4 (int8 compute) is the fast CPU path"
+        )
     if config.max_size_mb is not None and config.max_size_mb <= 0:
         raise InputError(f"--max-size must be positive, got {config.max_size_mb}", "a size in MB, e.g. 100")
     if config.fallback_bits != 8:
@@ -128,8 +133,9 @@ class WeightProbe:
         probe.CopyFrom(model)
         inits = {t.name: t for t in probe.graph.initializer}
         for name in sorted(set(weights.values())):
-            probe.graph.input.append(onnx.helper.make_tensor_value_info(name, inits[name].data_type,
-                                                                        list(inits[name].dims)))
+            probe.graph.input.append(
+                onnx.helper.make_tensor_value_info(name, inits[name].data_type, list(inits[name].dims))
+            )
         keep = [o for o in probe.graph.output if o.name == "logits"]
         probe.graph.ClearField("output")
         probe.graph.output.extend(keep)
@@ -142,7 +148,7 @@ class WeightProbe:
         """Mean next-token NLL per token over the windows, with `replaced` (initializer -> array) fed."""
         total = 0.0
         for ids, feeds in zip(self.windows, self.feeds):
-            logits, = self.session.run(["logits"], {**feeds, **(replaced or {})})
+            (logits,) = self.session.run(["logits"], {**feeds, **(replaced or {})})
             total += _nll(logits, ids)
         return total / self.tokens
 
@@ -181,8 +187,9 @@ def _tied_head(model, matmuls: list[Any]) -> tuple[Any, Any] | None:
     return None
 
 
-def _integer_zero_points(q: np.ndarray, scale: np.ndarray, zp: np.ndarray
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+def _integer_zero_points(
+    q: np.ndarray, scale: np.ndarray, zp: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Split real zero points into MatMulNBits' uint4 ones and the per-block remainder in weight units:
     (q - zp)·s = (q - z)·s + offset with z = round(zp) in [0, 15], offset = (z - zp)·s [N, blocks]."""
     if zp.dtype == np.uint8:
@@ -219,22 +226,31 @@ def add_offset_corrections(model, offsets: dict[str, np.ndarray], block: int) ->
             shape = numpy_helper.from_array(np.array([0, 0, k // block, block], np.int64), f"{x}__blocks_shape")
             axes = numpy_helper.from_array(np.array([-1], np.int64), f"{x}__blocks_axes")
             model.graph.initializer.extend([shape, axes])
-            nodes += [helper.make_node("Reshape", [x, shape.name], [f"{x}__blocks"], name=f"{x}__blocks_reshape"),
-                      helper.make_node("ReduceSum", [f"{x}__blocks", axes.name], [f"{x}__block_sums"],
-                                       name=f"{x}__block_sums", keepdims=0)]
+            nodes += [
+                helper.make_node("Reshape", [x, shape.name], [f"{x}__blocks"], name=f"{x}__blocks_reshape"),
+                helper.make_node(
+                    "ReduceSum", [f"{x}__blocks", axes.name], [f"{x}__block_sums"], name=f"{x}__block_sums", keepdims=0
+                ),
+            ]
             sums[x] = f"{x}__block_sums"
         table = numpy_helper.from_array(np.ascontiguousarray(offset.T).astype(np.float16), f"{name}__offsets")
         model.graph.initializer.append(table)
         node.output[0] = f"{y}__nbits"
-        nodes += [helper.make_node("Cast", [table.name], [f"{name}__offsets_f32"], name=f"{name}__offsets_cast",
-                                   to=TensorProto.FLOAT),
-                  helper.make_node("MatMul", [sums[x], f"{name}__offsets_f32"], [f"{y}__offset"],
-                                   name=f"{name}__offset_matmul")]
+        nodes += [
+            helper.make_node(
+                "Cast", [table.name], [f"{name}__offsets_f32"], name=f"{name}__offsets_cast", to=TensorProto.FLOAT
+            ),
+            helper.make_node(
+                "MatMul", [sums[x], f"{name}__offsets_f32"], [f"{y}__offset"], name=f"{name}__offset_matmul"
+            ),
+        ]
         position = list(model.graph.node).index(node)
         for i, new in enumerate(nodes):
             model.graph.node.insert(position + i, new)
-        model.graph.node.insert(position + len(nodes) + 1,
-                                helper.make_node("Add", [f"{y}__nbits", f"{y}__offset"], [y], name=f"{name}__offset_add"))
+        model.graph.node.insert(
+            position + len(nodes) + 1,
+            helper.make_node("Add", [f"{y}__nbits", f"{y}__offset"], [y], name=f"{name}__offset_add"),
+        )
         done.append(name)
     return done
 
@@ -257,13 +273,16 @@ def add_embedding_offsets(model, gather_name: str, head_name: str, block: int) -
     last = numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}_last")
     model.graph.initializer.extend([expand, flat, last])
     gather.output[0] = f"{out}__integer"
-    nodes = [helper.make_node("Gather", [table, ids], [f"{prefix}_rows"], name=f"{prefix}_gather", axis=1),
-             helper.make_node("Transpose", [f"{prefix}_rows"], [f"{prefix}_btn"], name=f"{prefix}_transpose",
-                              perm=[1, 2, 0]),
-             helper.make_node("Unsqueeze", [f"{prefix}_btn", last.name], [f"{prefix}_btn1"], name=f"{prefix}_unsqueeze"),
-             helper.make_node("Expand", [f"{prefix}_btn1", expand.name], [f"{prefix}_blocks"], name=f"{prefix}_expand"),
-             helper.make_node("Reshape", [f"{prefix}_blocks", flat.name], [f"{prefix}_values"], name=f"{prefix}_reshape"),
-             helper.make_node("Add", [f"{out}__integer", f"{prefix}_values"], [out], name=f"{prefix}_add")]
+    nodes = [
+        helper.make_node("Gather", [table, ids], [f"{prefix}_rows"], name=f"{prefix}_gather", axis=1),
+        helper.make_node(
+            "Transpose", [f"{prefix}_rows"], [f"{prefix}_btn"], name=f"{prefix}_transpose", perm=[1, 2, 0]
+        ),
+        helper.make_node("Unsqueeze", [f"{prefix}_btn", last.name], [f"{prefix}_btn1"], name=f"{prefix}_unsqueeze"),
+        helper.make_node("Expand", [f"{prefix}_btn1", expand.name], [f"{prefix}_blocks"], name=f"{prefix}_expand"),
+        helper.make_node("Reshape", [f"{prefix}_blocks", flat.name], [f"{prefix}_values"], name=f"{prefix}_reshape"),
+        helper.make_node("Add", [f"{out}__integer", f"{prefix}_values"], [out], name=f"{prefix}_add"),
+    ]
     # the head's Cast of its offsets (an initializer's) moves to the top, so the embedding can read it
     cast = next(n for n in model.graph.node if table in n.output)
     model.graph.node.remove(cast)
@@ -285,19 +304,31 @@ def _layer_groups(matmuls: list[Any]) -> dict[str, list[Any]]:
     return groups
 
 
-def quantize_lm_model(model, config: QuantizeLm, tokens: np.ndarray | None, head_size: int, *,
-                      log: Callable[[str], None] = lambda message: None) -> tuple[Any, dict[str, Any]]:
+def quantize_lm_model(
+    model,
+    config: QuantizeLm,
+    tokens: np.ndarray | None,
+    head_size: int,
+    *,
+    log: Callable[[str], None] = lambda message: None,
+) -> tuple[Any, dict[str, Any]]:
     """Quantize the genai decoder `model` (an onnx.ModelProto with its weights loaded; not modified).
     Returns the quantized model and the report."""
     import onnx
     from onnx import numpy_helper
 
     from dlopt.optimize.int4 import Int4WeightOnly, collect_hessians, gptq_blocks, quantize_blocks
-    from dlopt.optimize.int4.blocks import quantize_blocks_float
-    from dlopt.optimize.int4.blocks import _quantize_embedding
+    from dlopt.optimize.int4.blocks import _quantize_embedding, quantize_blocks_float
     from dlopt.optimize.int4.gptq import _matmul_nbits_own
-    from dlopt.optimize.int4.graph import (_drop_unused_initializers, _embedding_gathers, _ensure_ms_opset,
-                                           _initializers, _name_nodes, _share_tied_tables, _weight_matmuls)
+    from dlopt.optimize.int4.graph import (
+        _drop_unused_initializers,
+        _embedding_gathers,
+        _ensure_ms_opset,
+        _initializers,
+        _name_nodes,
+        _share_tied_tables,
+        _weight_matmuls,
+    )
     from dlopt.optimize.int4.ort import _ort_nbits, _quiet_ort_quantizer
     from dlopt.optimize.rounding import gptq_factor
 
@@ -317,11 +348,15 @@ def quantize_lm_model(model, config: QuantizeLm, tokens: np.ndarray | None, head
     if algorithm == "auto":
         algorithm = "gptq" if tokens is not None else "rtn"
         if tokens is None:
-            notes.append("no calibration text: round-to-nearest, block size "
-                         f"{config.block_size or BLOCK_SIZES[0]}, no 8-bit layers (GPTQ and both choices need text)")
+            notes.append(
+                "no calibration text: round-to-nearest, block size "
+                f"{config.block_size or BLOCK_SIZES[0]}, no 8-bit layers (GPTQ and both choices need text)"
+            )
     if tokens is None and (algorithm == "gptq" or config.max_size_mb is not None):
-        raise InputError("GPTQ and --max-size measure perplexity on calibration text, and there is none",
-                         "pass --calibration TEXT.txt (UTF-8 text like the model's inputs)")
+        raise InputError(
+            "GPTQ and --max-size measure perplexity on calibration text, and there is none",
+            "pass --calibration TEXT.txt (UTF-8 text like the model's inputs)",
+        )
 
     windows: list[np.ndarray] = []
     holdout: list[np.ndarray] = []
@@ -329,14 +364,18 @@ def quantize_lm_model(model, config: QuantizeLm, tokens: np.ndarray | None, head
         all_windows = _windows(tokens, config.window)
         need = max(config.calibration_windows, config.sensitivity_windows)
         if len(all_windows) < min(need, 2) + 1:
-            raise InputError(f"the calibration text has {tokens.shape[0]} tokens, too few for "
-                             f"{min(need, 2) + 1} windows of {config.window}",
-                             f"give at least {(need + config.holdout_windows) * config.window} tokens of text")
+            raise InputError(
+                f"the calibration text has {tokens.shape[0]} tokens, too few for "
+                f"{min(need, 2) + 1} windows of {config.window}",
+                f"give at least {(need + config.holdout_windows) * config.window} tokens of text",
+            )
         held = min(config.holdout_windows, max(1, len(all_windows) // 5))
         windows, holdout = all_windows[:-held], all_windows[-held:]
         if len(windows) < need:
-            notes.append(f"calibration text gives {len(windows)} windows of {config.window} tokens "
-                         f"(+{held} held out), fewer than the {need} asked for")
+            notes.append(
+                f"calibration text gives {len(windows)} windows of {config.window} tokens "
+                f"(+{held} held out), fewer than the {need} asked for"
+            )
 
     tied = _tied_head(model, matmuls) if config.quantize_embeddings else None
     probe = None
@@ -344,7 +383,9 @@ def quantize_lm_model(model, config: QuantizeLm, tokens: np.ndarray | None, head
     block = config.block_size or BLOCK_SIZES[0]
     if tokens is not None:
         log(f"calibration: {len(windows)} windows of {config.window} tokens; held out: {len(holdout)}")
-        probe = WeightProbe(model, {n.name: n.input[1] for n in matmuls}, windows[:config.sensitivity_windows], head_size)
+        probe = WeightProbe(
+            model, {n.name: n.input[1] for n in matmuls}, windows[: config.sensitivity_windows], head_size
+        )
         base_nll = probe.nll()
         measured["float_perplexity"] = math.exp(base_nll)
         log(f"calibration perplexity at FP32: {measured['float_perplexity']:.3f}")
@@ -364,10 +405,17 @@ def quantize_lm_model(model, config: QuantizeLm, tokens: np.ndarray | None, head
             best = min(scores.values())
             block = max(s for s, p in scores.items() if p <= best * (1 + BLOCK_TOLERANCE))
             measured["block_size_perplexity_rtn"] = {str(k): round(v, 4) for k, v in scores.items()}
-            measured["block_size_rule"] = (f"the largest block within {BLOCK_TOLERANCE:.1%} of the lowest calibration "
-                                           "perplexity (RTN, every MatMul at 4 bits)")
-    four_config = Int4WeightOnly(block_size=block, symmetric=False, algorithm="gptq" if algorithm == "gptq" else "rtn",
-                                 accuracy_level=config.accuracy_level or None, quantize_embeddings=False)
+            measured["block_size_rule"] = (
+                f"the largest block within {BLOCK_TOLERANCE:.1%} of the lowest calibration "
+                "perplexity (RTN, every MatMul at 4 bits)"
+            )
+    four_config = Int4WeightOnly(
+        block_size=block,
+        symmetric=False,
+        algorithm="gptq" if algorithm == "gptq" else "rtn",
+        accuracy_level=config.accuracy_level or None,
+        quantize_embeddings=False,
+    )
 
     # the 4-bit codes of every MatMul (GPTQ from one streamed pass of Hessians, or RTN). A tied head keeps
     # its fractional zero points too: the embedding's GatherBlockQuantized reads its codes and integer zero
@@ -375,8 +423,8 @@ def quantize_lm_model(model, config: QuantizeLm, tokens: np.ndarray | None, head
     floating = {n.name for n in matmuls if config.float_offsets}
     codes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     if algorithm == "gptq":
-        log(f"GPTQ: Hessians from {len(windows[:config.calibration_windows])} windows")
-        feeds = [prefill_feeds(model, w, head_size) for w in windows[:config.calibration_windows]]
+        log(f"GPTQ: Hessians from {len(windows[: config.calibration_windows])} windows")
+        feeds = [prefill_feeds(model, w, head_size) for w in windows[: config.calibration_windows]]
         hessians = collect_hessians(model, matmuls, feeds)
         factors: dict[str, Any] = {}
         for node in matmuls:
@@ -387,15 +435,23 @@ def quantize_lm_model(model, config: QuantizeLm, tokens: np.ndarray | None, head
             if node.input[0] not in factors:
                 factors.clear()
                 factors[node.input[0]] = gptq_factor(h, act_order=True)
-            codes[node.name] = gptq_blocks(np.pad(w, ((0, pad), (0, 0))), h, block, False, act_order=True,
-                                           clip_search=True, factor=factors[node.input[0]],
-                                           float_zero_points=node.name in floating)
+            codes[node.name] = gptq_blocks(
+                np.pad(w, ((0, pad), (0, 0))),
+                h,
+                block,
+                False,
+                act_order=True,
+                clip_search=True,
+                factor=factors[node.input[0]],
+                float_zero_points=node.name in floating,
+            )
         del hessians, factors
     else:
         for node in matmuls:
             wt = _transposed(weights[node.name], block)
-            codes[node.name] = quantize_blocks_float(wt, block) if node.name in floating else \
-                quantize_blocks(wt, block, False)
+            codes[node.name] = (
+                quantize_blocks_float(wt, block) if node.name in floating else quantize_blocks(wt, block, False)
+            )
 
     # mixed precision: each node's measured perplexity effect at 4 bits, then 8-bit while the budget allows
     eight: dict[str, dict[str, Any]] = {}
@@ -403,9 +459,11 @@ def quantize_lm_model(model, config: QuantizeLm, tokens: np.ndarray | None, head
     # bytes of everything but the MatMul weights, as serialized (graph, norms, an untied table at 4 bits)
     other_bytes = model.ByteSize() - sum(w.nbytes for w in weights.values())
     shapes = {name: (int(w.shape[0]), int(w.shape[1])) for name, w in weights.items()}
-    size4 = {n.name: _nbits_bytes(*shapes[n.name], 4, block, True)
-             + (shapes[n.name][0] // block * shapes[n.name][1] * 2 if n.name in floating else 0)  # fp16 offsets
-             for n in matmuls}
+    size4 = {
+        n.name: _nbits_bytes(*shapes[n.name], 4, block, True)
+        + (shapes[n.name][0] // block * shapes[n.name][1] * 2 if n.name in floating else 0)  # fp16 offsets
+        for n in matmuls
+    }
     size8 = {n.name: _nbits_bytes(*shapes[n.name], 8, config.fallback_block_size, False) for n in matmuls}
     if tied is None and config.quantize_embeddings:
         for g in _embedding_gathers(model, block)[0]:
@@ -416,8 +474,10 @@ def quantize_lm_model(model, config: QuantizeLm, tokens: np.ndarray | None, head
     budget = None if config.max_size_mb is None else int(config.max_size_mb * 1e6)
     if budget is not None:
         if all_four > budget:
-            raise InputError(f"the all-4-bit model is {all_four / 1e6:.1f} MB, over --max-size {config.max_size_mb:g} MB",
-                             f"raise --max-size to at least {math.ceil(all_four / 1e4) / 100:g}")
+            raise InputError(
+                f"the all-4-bit model is {all_four / 1e6:.1f} MB, over --max-size {config.max_size_mb:g} MB",
+                f"raise --max-size to at least {math.ceil(all_four / 1e4) / 100:g}",
+            )
         assert probe is not None
         groups = _layer_groups(matmuls)
         log(f"measuring the perplexity effect of each of {len(groups)} layers at 4 bits")
@@ -434,10 +494,13 @@ def quantize_lm_model(model, config: QuantizeLm, tokens: np.ndarray | None, head
             if used + extra <= budget:
                 used += extra
                 pct = (math.exp(effects[key]) - 1) * 100
-                eight[key] = {"matmuls": [n.name for n in groups[key]], "perplexity_effect_pct": round(pct, 3),
-                              "extra_mb": round(extra / 1e6, 2),
-                              "why": f"its MatMuls alone at 4 bits raise calibration perplexity by {pct:.2f} %, "
-                                     f"rank {rank} of {len(ranked)} layers; fits the budget"}
+                eight[key] = {
+                    "matmuls": [n.name for n in groups[key]],
+                    "perplexity_effect_pct": round(pct, 3),
+                    "extra_mb": round(extra / 1e6, 2),
+                    "why": f"its MatMuls alone at 4 bits raise calibration perplexity by {pct:.2f} %, "
+                    f"rank {rank} of {len(ranked)} layers; fits the budget",
+                }
         measured["size_estimate_mb"].update(chosen=round(used / 1e6, 3), budget=config.max_size_mb)
 
     # the graph: MatMulNBits (4-bit codes as chosen; 8-bit by ORT), the tied embedding reading the head's codes
@@ -462,10 +525,16 @@ def quantize_lm_model(model, config: QuantizeLm, tokens: np.ndarray | None, head
                 offsets[name] = offset
         corrected = add_offset_corrections(model, offsets, block)
         if eight:
-            eight_config = dataclasses.replace(four_config, block_size=config.fallback_block_size, symmetric=True,
-                                               accuracy_level=4)  # 8-bit without int8 compute is 70x slower on CPU
-            model = _ort_nbits(model, bits=8, config=eight_config, include=eight_nodes,
-                               all_matmuls={n.name for n in _weight_matmuls(model)})
+            eight_config = dataclasses.replace(
+                four_config, block_size=config.fallback_block_size, symmetric=True, accuracy_level=4
+            )  # 8-bit without int8 compute is 70x slower on CPU
+            model = _ort_nbits(
+                model,
+                bits=8,
+                config=eight_config,
+                include=eight_nodes,
+                all_matmuls={n.name for n in _weight_matmuls(model)},
+            )
     embeddings: list[str] = []
     if tied is not None:
         assert table_name is not None
@@ -480,8 +549,11 @@ def quantize_lm_model(model, config: QuantizeLm, tokens: np.ndarray | None, head
             embeddings.append(node.name)
     _ensure_ms_opset(model)
     _drop_unused_initializers(model)
-    left = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in
-            {t.name for t in model.graph.initializer}]
+    left = [
+        n.name
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm") and n.input[1] in {t.name for t in model.graph.initializer}
+    ]
     if [o.name for o in model.graph.output] != [o.name for o in original.graph.output]:
         raise StageError("quantization changed the graph outputs", "report this model")
     report: dict[str, Any] = {
@@ -499,15 +571,18 @@ def quantize_lm_model(model, config: QuantizeLm, tokens: np.ndarray | None, head
         "offset_corrections": len(corrected),
         "embeddings_quantized": embeddings,
         "embedding_tied_to_lm_head": tied is not None,
-        "layer_perplexity_effect_pct": {k: round((math.exp(v) - 1) * 100, 3)
-                                  for k, v in sorted(effects.items(), key=lambda kv: -kv[1])},
+        "layer_perplexity_effect_pct": {
+            k: round((math.exp(v) - 1) * 100, 3) for k, v in sorted(effects.items(), key=lambda kv: -kv[1])
+        },
         "measured": measured,
         "notes": notes,
     }
     if holdout:
         fidelity = lm_fidelity(original, model, holdout, head_size)
-        report["fidelity"] = {**{k: round(v, 5) if isinstance(v, float) else v for k, v in fidelity.items()},
-                              "text": "held-out calibration text (never calibrated on)"}
+        report["fidelity"] = {
+            **{k: round(v, 5) if isinstance(v, float) else v for k, v in fidelity.items()},
+            "text": "held-out calibration text (never calibrated on)",
+        }
     report["seconds"] = round(time.perf_counter() - started, 1)
     return model, report
 
@@ -528,9 +603,14 @@ def _genai_check(folder: Path) -> list[int]:
     return out
 
 
-def quantize_lm_folder(folder: str | os.PathLike, output: str | os.PathLike, config: QuantizeLm = QuantizeLm(),
-                       calibration: str | os.PathLike | np.ndarray | None = None, *,
-                       log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+def quantize_lm_folder(
+    folder: str | os.PathLike,
+    output: str | os.PathLike,
+    config: QuantizeLm = QuantizeLm(),
+    calibration: str | os.PathLike | np.ndarray | None = None,
+    *,
+    log: Callable[[str], None] = lambda message: None,
+) -> dict[str, Any]:
     """Quantize the exported LM FOLDER into the new folder OUTPUT (written atomically: complete or not at all).
     `calibration`: a UTF-8 text file or token ids. Returns the report (also OUTPUT/quantize.json)."""
     import onnx
@@ -545,8 +625,10 @@ def quantize_lm_folder(folder: str | os.PathLike, output: str | os.PathLike, con
     _check_output_folder(out)
     require_genai()
     if calibration is None and (config.algorithm == "gptq" or config.max_size_mb is not None):
-        raise InputError("GPTQ and --max-size measure perplexity on calibration text, and there is none",
-                         "pass --calibration TEXT.txt (UTF-8 text like the model's inputs)")
+        raise InputError(
+            "GPTQ and --max-size measure perplexity on calibration text, and there is none",
+            "pass --calibration TEXT.txt (UTF-8 text like the model's inputs)",
+        )
     tokens = read_calibration(src, calibration)
     try:
         model = onnx.load(str(src / "model.onnx"))
@@ -562,14 +644,23 @@ def quantize_lm_folder(folder: str | os.PathLike, output: str | os.PathLike, con
         for item in src.iterdir():
             if item.is_file() and item.name not in (*MODEL_FILES, "export.json", REPORT_NAME):
                 shutil.copy2(item, staged / item.name)
-        onnx.save(quantized, str(staged / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location="model.onnx.data", size_threshold=1024)
+        onnx.save(
+            quantized,
+            str(staged / "model.onnx"),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location="model.onnx.data",
+            size_threshold=1024,
+        )
         report["source"] = str(src.resolve())
         report["bytes_before"] = sum((src / f).stat().st_size for f in MODEL_FILES if (src / f).exists())
         report["bytes_after"] = sum((staged / f).stat().st_size for f in MODEL_FILES if (staged / f).exists())
         if config.max_size_mb is not None and report["bytes_after"] > config.max_size_mb * 1e6:
-            raise VerificationError(f"the quantized model is {report['bytes_after'] / 1e6:.1f} MB, over --max-size "
-                                    f"{config.max_size_mb:g} MB; nothing written", "report this model")
+            raise VerificationError(
+                f"the quantized model is {report['bytes_after'] / 1e6:.1f} MB, over --max-size "
+                f"{config.max_size_mb:g} MB; nothing written",
+                "report this model",
+            )
         report["genai_greedy_check"] = _genai_check(staged)
         (staged / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
         if out.exists():
@@ -579,23 +670,37 @@ def quantize_lm_folder(folder: str | os.PathLike, output: str | os.PathLike, con
 
 
 def summary_text(report: dict[str, Any]) -> str:
-    lines = [f"int4 {report['algorithm']}, asymmetric blocks of {report['block_size']}, accuracy_level "
-             f"{report['accuracy_level']}: {report['bytes_before'] / 1e6:.1f} MB -> {report['bytes_after'] / 1e6:.1f} MB; "
-             f"{report['matmuls_4bit']} MatMuls 4-bit, {len(report['matmuls_8bit'])} 8-bit"
-             + (", embedding tied to the LM head's codes" if report["embedding_tied_to_lm_head"] else "")]
+    lines = [
+        f"int4 {report['algorithm']}, asymmetric blocks of {report['block_size']}, accuracy_level "
+        f"{report['accuracy_level']}: {report['bytes_before'] / 1e6:.1f} MB -> {report['bytes_after'] / 1e6:.1f} MB; "
+        f"{report['matmuls_4bit']} MatMuls 4-bit, {len(report['matmuls_8bit'])} 8-bit"
+        + (", embedding tied to the LM head's codes" if report["embedding_tied_to_lm_head"] else "")
+    ]
     if report["measured"].get("block_size_perplexity_rtn"):
-        lines.append("block size by calibration perplexity (RTN): " + ", ".join(
-            f"{k}: {v:.2f}" for k, v in report["measured"]["block_size_perplexity_rtn"].items()))
+        lines.append(
+            "block size by calibration perplexity (RTN): "
+            + ", ".join(f"{k}: {v:.2f}" for k, v in report["measured"]["block_size_perplexity_rtn"].items())
+        )
     for name, why in report["layers_8bit"].items():
         lines.append(f"8-bit {name} ({len(why['matmuls'])} MatMuls): {why['why']} (+{why['extra_mb']} MB)")
     if "fidelity" in report:
         f = report["fidelity"]
-        lines.append(f"held-out text ({f['tokens']} tokens): perplexity {f['perplexity']:.3f} vs FP32 "
-                     f"{f['fp32_perplexity']:.3f} ({(f['perplexity_ratio'] - 1) * 100:+.2f} %), next-token agreement "
-                     f"{f['next_token_agreement']:.3f}")
+        lines.append(
+            f"held-out text ({f['tokens']} tokens): perplexity {f['perplexity']:.3f} vs FP32 "
+            f"{f['fp32_perplexity']:.3f} ({(f['perplexity_ratio'] - 1) * 100:+.2f} %), next-token agreement "
+            f"{f['next_token_agreement']:.3f}"
+        )
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)
 
 
-__all__ = ["BLOCK_SIZES", "QuantizeLm", "WeightProbe", "check_config", "quantize_lm_folder", "quantize_lm_model",
-           "read_calibration", "summary_text"]
+__all__ = [
+    "BLOCK_SIZES",
+    "QuantizeLm",
+    "WeightProbe",
+    "check_config",
+    "quantize_lm_folder",
+    "quantize_lm_model",
+    "read_calibration",
+    "summary_text",
+]

@@ -74,16 +74,20 @@ def check_common(config) -> None:
     if config.metric_floor is not None and math.isnan(config.metric_floor):
         raise InputError(f"{name}: the metric floor is not a number", "give a floor in the metric's unit, e.g. 0.9")
     if config.layernorm_form not in LAYERNORM_FORMS and not str(config.layernorm_form).endswith(".json"):
-        raise InputError(f"{name}: unknown layernorm form {config.layernorm_form!r}",
-                         f"choose one of {', '.join(LAYERNORM_FORMS)}, or a FILE.quantize.json to replay")
+        raise InputError(
+            f"{name}: unknown layernorm form {config.layernorm_form!r}",
+            f"choose one of {', '.join(LAYERNORM_FORMS)}, or a FILE.quantize.json to replay",
+        )
     if config.trim_padding not in TRIM_MODES:
-        raise InputError(f"{name}: unknown trim-padding mode {config.trim_padding!r}",
-                         f"choose one of {', '.join(TRIM_MODES)}")
+        raise InputError(
+            f"{name}: unknown trim-padding mode {config.trim_padding!r}", f"choose one of {', '.join(TRIM_MODES)}"
+        )
     if config.fidelity_samples < 1:
         raise InputError(f"{name}: fidelity_samples {config.fidelity_samples} must be >= 1", "e.g. 32")
     if config.calibration_samples is not None and config.calibration_samples < 1:
-        raise InputError(f"{name}: calibration_samples {config.calibration_samples} must be >= 1",
-                         "give a positive cap, or none")
+        raise InputError(
+            f"{name}: calibration_samples {config.calibration_samples} must be >= 1", "give a positive cap, or none"
+        )
 
 
 def check_excluded_nodes(exclude_nodes, names: set[str]) -> None:
@@ -92,8 +96,18 @@ def check_excluded_nodes(exclude_nodes, names: set[str]) -> None:
     unknown = [n for n in exclude_nodes if n not in names]
     if unknown:
         sample = ", ".join(sorted(n for n in names if n)[:5])
-        raise InputError(f"{{exclude_nodes=NAMES}}: nodes not in the model: {', '.join(unknown)}",
-                         f"use node names from the graph (e.g. {sample})")
+        raise InputError(
+            f"{{exclude_nodes=NAMES}}: nodes not in the model: {', '.join(unknown)}",
+            f"use node names from the graph (e.g. {sample})",
+        )
 
 
-__all__ = ["HOLDOUT_FRACTION", "check_excluded_nodes", "HOLDOUT_MIN", "LAYERNORM_FORMS", "QuantizeScheme", "check_common", "quantize_targets"]
+__all__ = [
+    "HOLDOUT_FRACTION",
+    "check_excluded_nodes",
+    "HOLDOUT_MIN",
+    "LAYERNORM_FORMS",
+    "QuantizeScheme",
+    "check_common",
+    "quantize_targets",
+]

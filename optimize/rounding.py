@@ -114,14 +114,21 @@ def one_blas_thread() -> Iterator[None]:
 
 def refinable_nodes(model) -> list[Any]:
     inits = {t.name: t for t in model.graph.initializer}
-    return [n for n in model.graph.node
-            if n.op_type in REFINED_OPS and len(n.input) > 1 and n.input[1] in inits and n.input[0] not in inits
-            and inits[n.input[1]].data_type == 1 and len(inits[n.input[1]].dims) in ((2,) if n.op_type == "Gemm"
-                                                                                      else (4,))]
+    return [
+        n
+        for n in model.graph.node
+        if n.op_type in REFINED_OPS
+        and len(n.input) > 1
+        and n.input[1] in inits
+        and n.input[0] not in inits
+        and inits[n.input[1]].data_type == 1
+        and len(inits[n.input[1]].dims) in ((2,) if n.op_type == "Gemm" else (4,))
+    ]
 
 
-def collect_layer_statistics(model, data: Iterable[Mapping[str, np.ndarray]], *, samples: int = 32,
-                             progress: bool = False) -> LayerStatistics:
+def collect_layer_statistics(
+    model, data: Iterable[Mapping[str, np.ndarray]], *, samples: int = 32, progress: bool = False
+) -> LayerStatistics:
     """Second moments and means of the inputs of every Conv/Gemm with a constant float weight, over
     `samples` calibration samples of the float model, one sample in memory at a time."""
     from dlopt.optimize.preprocess import with_outputs
@@ -159,8 +166,9 @@ def collect_layer_statistics(model, data: Iterable[Mapping[str, np.ndarray]], *,
     return stats
 
 
-def gptq_factor(hessian: np.ndarray, percdamp: float = 0.01, act_order: bool = False, dtype=np.float32
-                ) -> tuple[np.ndarray, np.ndarray | None]:
+def gptq_factor(
+    hessian: np.ndarray, percdamp: float = 0.01, act_order: bool = False, dtype=np.float32
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The GPTQ preliminaries shared by the int8 rounding here and optimize/int4.py's gptq_blocks: for
     hessian [K, K] (or a batch [G, K, K]), the visiting order of the K inputs (by decreasing H diagonal
     with act_order, else 0..K-1) and the upper Cholesky factor of the damped inverse Hessian in that
@@ -174,8 +182,7 @@ def gptq_factor(hessian: np.ndarray, percdamp: float = 0.01, act_order: bool = F
     gi, ki = np.nonzero(np.diagonal(h, axis1=1, axis2=2) <= 0)
     h[gi, ki, ki] = 1.0
     diag = np.diagonal(h, axis1=1, axis2=2).copy()
-    order = (np.argsort(-diag, axis=1, kind="stable") if act_order
-             else np.broadcast_to(np.arange(k), diag.shape).copy())
+    order = np.argsort(-diag, axis=1, kind="stable") if act_order else np.broadcast_to(np.arange(k), diag.shape).copy()
     h = np.take_along_axis(np.take_along_axis(h, order[:, :, None], axis=1), order[:, None, :], axis=2)
     h[:, np.arange(k), np.arange(k)] += percdamp * diag.mean(axis=1, keepdims=True)
     try:
@@ -188,8 +195,9 @@ def gptq_factor(hessian: np.ndarray, percdamp: float = 0.01, act_order: bool = F
     return order, upper
 
 
-def gptq_round(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, qmin: int, qmax: int,
-               damp: float = 0.01) -> np.ndarray:
+def gptq_round(
+    w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, damp: float = 0.01
+) -> np.ndarray:
     """Integer codes for w [groups, outputs, K] on the fixed grid scale [groups, outputs] (zero point 0),
     rounded GPTQ-style against hessian [groups, K, K]; columns in descending order of H's diagonal
     (act-order), every group at once."""
@@ -206,14 +214,22 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, qmin: int,
         q[:, :, i] = qi
         if u is not None and i + 1 < k:
             err = (w[:, :, i] - qi * s) / u[:, i, i][:, None]
-            w[:, :, i + 1:] -= err[:, :, None] * u[:, None, i, i + 1:]
+            w[:, :, i + 1 :] -= err[:, :, None] * u[:, None, i, i + 1 :]
     codes = np.empty_like(q)
     np.put_along_axis(codes, np.broadcast_to(order[:, None, :], q.shape), q, axis=2)
     return codes
 
 
-def refine_weights(quantized, float_model, stats: LayerStatistics, *, rounding: str, bias_correction: bool,
-                   full_range: set[str], reduce_range: bool) -> dict[str, Any]:
+def refine_weights(
+    quantized,
+    float_model,
+    stats: LayerStatistics,
+    *,
+    rounding: str,
+    bias_correction: bool,
+    full_range: set[str],
+    reduce_range: bool,
+) -> dict[str, Any]:
     """Replace, in the QDQ model `quantized` (in place), the int8 codes of every Conv/Gemm weight that
     has statistics by GPTQ-rounded ones (rounding 'gptq') and fold the mean output shift of the
     rounding into the int32 bias (bias_correction). Returns counts for the report."""
@@ -250,16 +266,23 @@ def refine_weights(quantized, float_model, stats: LayerStatistics, *, rounding: 
                 if key not in stats.solved:
                     stats.solved[key] = gptq_round(rows, stats.hessian[source.name], scale, qmin, qmax)
                 q_rows = stats.solved[key]
-                codes_t.CopyFrom(numpy_helper.from_array(
-                    _from_rows(source, q_rows, w.shape).astype(np.int8).reshape(codes.shape), codes_t.name))
+                codes_t.CopyFrom(
+                    numpy_helper.from_array(
+                        _from_rows(source, q_rows, w.shape).astype(np.int8).reshape(codes.shape), codes_t.name
+                    )
+                )
                 rounded += 1
             else:
                 q_rows = _weight_rows(source, codes.astype(np.float64).reshape(w.shape))
             if not bias_correction or len(node.input) < 3 or not node.input[2]:
                 continue
             bias_dq = producer.get(node.input[2])
-            if (bias_dq is None or bias_dq.op_type != "DequantizeLinear" or bias_dq.input[0] not in inits
-                    or source.input[2] not in floats):
+            if (
+                bias_dq is None
+                or bias_dq.op_type != "DequantizeLinear"
+                or bias_dq.input[0] not in inits
+                or source.input[2] not in floats
+            ):
                 continue
             mean = stats.total[source.name] / max(stats.rows[source.name], 1)  # [groups, K]
             shift = np.einsum("gok,gk->go", rows - q_rows * scale[:, :, None], mean).reshape(-1)
@@ -269,12 +292,27 @@ def refine_weights(quantized, float_model, stats: LayerStatistics, *, rounding: 
             if numpy_helper.to_array(bias_t).dtype != np.int32:
                 continue
             info = np.iinfo(np.int32)
-            bias_t.CopyFrom(numpy_helper.from_array(
-                np.clip(np.round(bias / bias_scale), info.min, info.max).astype(np.int32), bias_t.name))
+            bias_t.CopyFrom(
+                numpy_helper.from_array(
+                    np.clip(np.round(bias / bias_scale), info.min, info.max).astype(np.int32), bias_t.name
+                )
+            )
             corrected += 1
-    return {"rounding": rounding, "weights_rounded": rounded, "biases_corrected": corrected,
-            "statistics_samples": stats.samples}
+    return {
+        "rounding": rounding,
+        "weights_rounded": rounded,
+        "biases_corrected": corrected,
+        "statistics_samples": stats.samples,
+    }
 
 
-__all__ = ["LayerStatistics", "REFINED_OPS", "collect_layer_statistics", "gptq_factor", "gptq_round", "one_blas_thread",
-           "refinable_nodes", "refine_weights"]
+__all__ = [
+    "LayerStatistics",
+    "REFINED_OPS",
+    "collect_layer_statistics",
+    "gptq_factor",
+    "gptq_round",
+    "one_blas_thread",
+    "refinable_nodes",
+    "refine_weights",
+]

@@ -116,8 +116,9 @@ def plan(model, mask_input: str | None = None) -> Plan:
     initializers = {t.name for t in model.graph.initializer}
     inputs = {k: v for k, v in inputs.items() if k not in initializers}
     if mask_input is not None and mask_input not in inputs:
-        raise InputError(f"trim-padding: the model has no input {mask_input!r}",
-                         f"name one of its inputs: {', '.join(inputs)}")
+        raise InputError(
+            f"trim-padding: the model has no input {mask_input!r}", f"name one of its inputs: {', '.join(inputs)}"
+        )
     mask = mask_input or next((n for n in MASK_NAMES if n in inputs), None)
     if mask is None:
         return Plan(None, reason=f"no attention-mask input (looked for {', '.join(MASK_NAMES)})")
@@ -185,14 +186,19 @@ def trim_padding_graph(model, mask_input: str | None = None):
     renamed = {}
     for name in p.token_inputs:
         renamed[name] = sliced_name(name)
-        prefix.append(helper.make_node("Slice", [name, const(f"{name}_start", [0]), n("L"), axis1],
-                                       [renamed[name]], name=n(f"slice_{name}")))
+        prefix.append(
+            helper.make_node(
+                "Slice", [name, const(f"{name}_start", [0]), n("L"), axis1], [renamed[name]], name=n(f"slice_{name}")
+            )
+        )
     body = list(g.node)
     produced_outputs = {o for node in body for o in node.output}
     suffix = []
     if p.per_token_outputs:
-        suffix += [helper.make_node("Reshape", [n("T"), shape1], [n("T_1d")], name=n("T_1d")),
-                   helper.make_node("Sub", [n("T_1d"), n("L")], [n("padding")], name=n("padding"))]
+        suffix += [
+            helper.make_node("Reshape", [n("T"), shape1], [n("T_1d")], name=n("T_1d")),
+            helper.make_node("Sub", [n("T_1d"), n("L")], [n("padding")], name=n("padding")),
+        ]
     for name in p.per_token_outputs:
         if name not in produced_outputs:
             raise StageError(f"trim-padding: output {name!r} has no producing node", "report this model")
@@ -206,9 +212,10 @@ def trim_padding_graph(model, mask_input: str | None = None):
         pads_parts = [const(f"{name}_pads_head", [0] * (rank + 1)), n("padding")]
         if rank > 2:
             pads_parts.append(const(f"{name}_pads_tail", [0] * (rank - 2)))
-        suffix += [helper.make_node("Concat", pads_parts, [n(f"{name}_pads")], axis=0, name=n(f"{name}_pads")),
-                   helper.make_node("Pad", [renamed_out, n(f"{name}_pads")], [name], mode="constant",
-                                    name=n(f"pad_{name}"))]
+        suffix += [
+            helper.make_node("Concat", pads_parts, [n(f"{name}_pads")], axis=0, name=n(f"{name}_pads")),
+            helper.make_node("Pad", [renamed_out, n(f"{name}_pads")], [name], mode="constant", name=n(f"pad_{name}")),
+        ]
     for node in body:
         _rename_inputs(node, renamed)
     del g.node[:]
@@ -251,14 +258,51 @@ ATTENTION_PAST_INPUT = {"Attention": 4, "QAttention": 8}
 # Ops that act on each token alone (along the last axis), so that [T, H] in place of [B, L, H] computes
 # the same per token. Binary ops qualify only when their other operand is a constant or derived from
 # packed tensors (checked below); MatMul-like ops only with a constant weight.
-TOKENWISE_OPS = frozenset({
-    "Add", "Sub", "Mul", "Div", "Sum", "Cast", "Identity", "Relu", "Gelu", "BiasGelu", "FastGelu", "QuickGelu",
-    "Erf", "Tanh", "Sigmoid", "Sqrt", "Pow", "Reciprocal", "Neg", "LayerNormalization", "SkipLayerNormalization",
-    "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "DynamicQuantizeLinear",
-    "MatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits",
-    "Abs", "Max", "ReduceMax", "QuantizeLinear", "DequantizeLinear"})
-_WEIGHTED_OPS = {"MatMul": 1, "MatMulInteger": 1, "DynamicQuantizeMatMul": 1, "MatMulIntegerToFloat": 1,
-                 "MatMulNBits": 1}
+TOKENWISE_OPS = frozenset(
+    {
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Sum",
+        "Cast",
+        "Identity",
+        "Relu",
+        "Gelu",
+        "BiasGelu",
+        "FastGelu",
+        "QuickGelu",
+        "Erf",
+        "Tanh",
+        "Sigmoid",
+        "Sqrt",
+        "Pow",
+        "Reciprocal",
+        "Neg",
+        "LayerNormalization",
+        "SkipLayerNormalization",
+        "SimplifiedLayerNormalization",
+        "SkipSimplifiedLayerNormalization",
+        "DynamicQuantizeLinear",
+        "MatMul",
+        "MatMulInteger",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "MatMulNBits",
+        "Abs",
+        "Max",
+        "ReduceMax",
+        "QuantizeLinear",
+        "DequantizeLinear",
+    }
+)
+_WEIGHTED_OPS = {
+    "MatMul": 1,
+    "MatMulInteger": 1,
+    "DynamicQuantizeMatMul": 1,
+    "MatMulIntegerToFloat": 1,
+    "MatMulNBits": 1,
+}
 _LAST_AXIS_OPS = {"LayerNormalization", "SimplifiedLayerNormalization"}
 PACKED_ATTENTION = "split"  # the QKV projection on the packed tokens, MultiHeadAttention on [B, L] (see above)
 
@@ -304,17 +348,24 @@ def pack_plan(model) -> PackPlan:
     if not attention:
         return PackPlan(reason="no fused attention op (com.microsoft Attention/QAttention) to give a packed mask")
     for n in attention:
-        if _attr(n, "unidirectional", 0) or len(n.input) <= ATTENTION_MASK_INPUT[n.op_type] \
-                or not n.input[ATTENTION_MASK_INPUT[n.op_type]]:
+        if (
+            _attr(n, "unidirectional", 0)
+            or len(n.input) <= ATTENTION_MASK_INPUT[n.op_type]
+            or not n.input[ATTENTION_MASK_INPUT[n.op_type]]
+        ):
             return PackPlan(reason=f"attention {n.name!r} is causal or has no mask input")
         carried = ("num_heads", "scale", "mask_filter_value", "unidirectional")
         unusual = [a.name for a in n.attribute if a.name not in carried]
         if unusual:
-            return PackPlan(reason=f"attention {n.name!r} has attributes {', '.join(unusual)} the packed form "
-                                   "does not carry over")
+            return PackPlan(
+                reason=f"attention {n.name!r} has attributes {', '.join(unusual)} the packed form does not carry over"
+            )
         past = ATTENTION_PAST_INPUT[n.op_type]
-        if (len(n.input) > past and n.input[past]) or (len(n.output) > 1 and n.output[1]) \
-                or any(len(n.input) > i and n.input[i] for i in range(past + 1, past + 4)):
+        if (
+            (len(n.input) > past and n.input[past])
+            or (len(n.output) > 1 and n.output[1])
+            or any(len(n.input) > i and n.input[i] for i in range(past + 1, past + 4))
+        ):
             return PackPlan(reason=f"attention {n.name!r} takes past state or extra inputs")
     producer = {o: n for n in nodes for o in n.output}
     start = attention[0].input[0]
@@ -361,13 +412,19 @@ def pack_plan(model) -> PackPlan:
             continue
         packed_nodes.append(index)
         packed_tensors.update(o for o in n.output if o)
-    attention_at = tuple(i for i, n in enumerate(nodes) if n.domain == "com.microsoft"
-                         and n.op_type in ATTENTION_MASK_INPUT)
+    attention_at = tuple(
+        i for i, n in enumerate(nodes) if n.domain == "com.microsoft" and n.op_type in ATTENTION_MASK_INPUT
+    )
     if not set(attention_at) <= set(packed_nodes):
         return PackPlan(reason="not every attention op is reached through per-token ops from the embeddings")
     # the start tensor itself stays [B, L, H] for the nodes that do not run packed
-    unpacked = sorted(({i for n in boundary for i in n.input if i in packed_tensors}
-                       | {o.name for o in g.output if o.name in packed_tensors}) - {start})
+    unpacked = sorted(
+        (
+            {i for n in boundary for i in n.input if i in packed_tensors}
+            | {o.name for o in g.output if o.name in packed_tensors}
+        )
+        - {start}
+    )
     if start in {o.name for o in g.output}:
         return PackPlan(reason="the embeddings are a graph output")
     # what leaves the packed layers must be a token tensor: a DynamicQuantizeLinear scale read outside cannot be
@@ -399,9 +456,13 @@ def pack_tokens_graph(trimmed, mask: str):
 
     start: str = pp.start
     packed_start = n("start")
-    minus_one, zero_v, one_v, two_v = const("minus_one", [-1]), const("zero_v", [0]), const("one_v", [1]), \
-        const("two_v", [2])
-    end = const("end", [2 ** 62])
+    minus_one, zero_v, one_v, two_v = (
+        const("minus_one", [-1]),
+        const("zero_v", [0]),
+        const("one_v", [1]),
+        const("two_v", [2]),
+    )
+    end = const("end", [2**62])
     node = helper.make_node
     nodes = [
         # the real positions of the flattened [B, L] mask; an all-padding batch keeps position 0 (as slicing does)
@@ -429,8 +490,7 @@ def pack_tokens_graph(trimmed, mask: str):
         node("CumSum", [n("keep"), zero_v], [n("count")], name=n("count")),
         node("Sub", [n("count"), one_v], [n("rank")], name=n("rank")),
         node("Mul", [n("rank"), n("keep")], [n("position_map_flat")], name=n("position_map_flat")),
-        node("Reshape", [n("position_map_flat"), n("batch_and_length")], [n("position_map")],
-             name=n("position_map")),
+        node("Reshape", [n("position_map_flat"), n("batch_and_length")], [n("position_map")], name=n("position_map")),
         node("Cast", [mask], [n("mask_i32")], to=TensorProto.INT32, name=n("mask_i32")),
     ]
     renamed: dict[str, str] = {start: packed_start}
@@ -453,8 +513,13 @@ def pack_tokens_graph(trimmed, mask: str):
             node("Shape", [packed_name], [t("rows_shape")], name=t("rows_shape")),
             node("Slice", [t("rows_shape"), one_v, end], [t("width")], name=t("width")),
             node("Concat", [n("rows"), t("width")], [t("flat_shape")], axis=0, name=t("flat_shape")),
-            node("ConstantOfShape", [t("flat_shape")], [t("zeros")], name=t("zeros"),
-                 value=numpy_helper.from_array(np.zeros(1, np.float32))),
+            node(
+                "ConstantOfShape",
+                [t("flat_shape")],
+                [t("zeros")],
+                name=t("zeros"),
+                value=numpy_helper.from_array(np.zeros(1, np.float32)),
+            ),
             node("ScatterND", [t("zeros"), n("index_2d"), packed_name], [t("scattered")], name=t("scatter")),
             node("Concat", [n("batch_and_length"), t("width")], [t("shape")], axis=0, name=t("shape")),
             node("Reshape", [t("scattered"), t("shape")], [target], name=t("unpack")),
@@ -490,12 +555,21 @@ def _split_attention(model, item, t, n) -> list:
     width = next(list(w.dims) for w in model.graph.initializer if w.name == item.input[1])[1] // 3
     model.graph.initializer.append(numpy_helper.from_array(np.array([-1, width], np.int64), t("rows_shape")))
     if item.op_type == "QAttention":
-        ins = [x, item.input[1], item.input[3], item.input[4], item.input[6] if len(item.input) > 6 else "",
-               item.input[7] if len(item.input) > 7 else "", item.input[2]]
+        ins = [
+            x,
+            item.input[1],
+            item.input[3],
+            item.input[4],
+            item.input[6] if len(item.input) > 6 else "",
+            item.input[7] if len(item.input) > 7 else "",
+            item.input[2],
+        ]
         nodes = [node("MatMulIntegerToFloat", ins, [t("qkv")], domain="com.microsoft", name=t("qkv"))]
     else:
-        nodes = [node("MatMul", [x, item.input[1]], [t("qkv_nobias")], name=t("qkv_matmul")),
-                 node("Add", [t("qkv_nobias"), item.input[2]], [t("qkv")], name=t("qkv"))]
+        nodes = [
+            node("MatMul", [x, item.input[1]], [t("qkv_nobias")], name=t("qkv_matmul")),
+            node("Add", [t("qkv_nobias"), item.input[2]], [t("qkv")], name=t("qkv")),
+        ]
     # Split needs its sizes said (num_outputs from opset 18, a sizes input from 13, an attribute before)
     outs, opset = [t("q"), t("k"), t("v")], _opset(model)
     if opset >= 18:
@@ -508,9 +582,15 @@ def _split_attention(model, item, t, n) -> list:
     nodes += [
         node("Gather", [t("qkv"), n("position_map")], [t("padded_qkv")], axis=0, name=t("unpack")),
         split,
-        node("MultiHeadAttention", [t("q"), t("k"), t("v"), "", n("mask_i32")], [t("padded_output")],
-             domain="com.microsoft", num_heads=heads, name=t("attention"),
-             **{k: _attr(item, k) for k in ("scale", "mask_filter_value") if _attr(item, k) is not None}),
+        node(
+            "MultiHeadAttention",
+            [t("q"), t("k"), t("v"), "", n("mask_i32")],
+            [t("padded_output")],
+            domain="com.microsoft",
+            num_heads=heads,
+            name=t("attention"),
+            **{k: _attr(item, k) for k in ("scale", "mask_filter_value") if _attr(item, k) is not None},
+        ),
         node("Reshape", [t("padded_output"), t("rows_shape")], [t("output_rows")], name=t("output_rows")),
         node("Gather", [t("output_rows"), n("index")], [y], axis=0, name=t("pack")),
     ]
@@ -518,8 +598,9 @@ def _split_attention(model, item, t, n) -> list:
 
 
 # -- the check ----------------------------------------------------------------------------------------
-def padded_check_feeds(samples: Sequence[Mapping[str, np.ndarray]], p: Plan, *,
-                       extra: int = EXTRA_PADDING, batch: int = CHECK_BATCH) -> list[dict[str, np.ndarray]]:
+def padded_check_feeds(
+    samples: Sequence[Mapping[str, np.ndarray]], p: Plan, *, extra: int = EXTRA_PADDING, batch: int = CHECK_BATCH
+) -> list[dict[str, np.ndarray]]:
     """What the check runs on: each sample as given, then its rows cut to their real length and padded
     with zeros (mask 0) to the longest + `extra` positions, batched `batch` rows at a time (mixed lengths).
     Inputs without a token axis are kept per row. Zero is the padding value of every token input here:
@@ -531,18 +612,26 @@ def padded_check_feeds(samples: Sequence[Mapping[str, np.ndarray]], p: Plan, *,
         for r in range(mask.shape[0]):
             real = np.flatnonzero(mask[r])
             length = int(real[-1]) + 1 if real.size else 1
-            rows.append({k: (np.asarray(v)[r:r + 1, :length] if k in p.token_inputs else np.asarray(v)[r:r + 1])
-                         for k, v in s.items()})
+            rows.append(
+                {
+                    k: (np.asarray(v)[r : r + 1, :length] if k in p.token_inputs else np.asarray(v)[r : r + 1])
+                    for k, v in s.items()
+                }
+            )
     if not rows:
         return feeds
     width = max(row[p.mask_name()].shape[1] for row in rows) + extra
     for start in range(0, len(rows), batch):
-        group = rows[start:start + batch]
+        group = rows[start : start + batch]
         batched = {}
         try:
             for k in group[0]:
-                parts = [np.pad(r[k], [(0, 0), (0, width - r[k].shape[1])] + [(0, 0)] * (r[k].ndim - 2))
-                         if k in p.token_inputs else r[k] for r in group]
+                parts = [
+                    np.pad(r[k], [(0, 0), (0, width - r[k].shape[1])] + [(0, 0)] * (r[k].ndim - 2))
+                    if k in p.token_inputs
+                    else r[k]
+                    for r in group
+                ]
                 batched[k] = np.concatenate(parts, axis=0)
         except ValueError:  # a non-token input whose rows cannot be stacked: keep the per-sample feeds only
             return feeds
@@ -556,18 +645,22 @@ def _ort_message(text: str, limit: int = 300) -> str:
     import re
 
     text = " ".join(re.sub(r"/\S*onnxruntime\S*:\d+", "", text).split())
-    return text if len(text) <= limit else f"{text[:limit // 3]} ... {text[-(2 * limit // 3):]}"
+    return text if len(text) <= limit else f"{text[: limit // 3]} ... {text[-(2 * limit // 3) :]}"
 
 
-def padded_run_problem(models: Sequence[Any], samples: Sequence[Mapping[str, np.ndarray]],
-                       feeds: Sequence[Mapping[str, np.ndarray]], p: Plan) -> str | None:
+def padded_run_problem(
+    models: Sequence[Any],
+    samples: Sequence[Mapping[str, np.ndarray]],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    p: Plan,
+) -> str | None:
     """Why the untrimmed `models` cannot run on the check's inputs padded further (a position embedding
     shorter than the padded length, a declared fixed sequence length), in one line; None when they run.
     Equivalence cannot be judged on padding the model never runs on, so auto leaves such a model
     untrimmed. Tried on the first padded batch only: every padded batch has the same width."""
     from dlopt.sessions import cpu_session, feeds_for, trial_run
 
-    padded = list(feeds[len(samples):])
+    padded = list(feeds[len(samples) :])
     if not padded:
         return None
     width = int(np.shape(padded[0][p.mask_name()])[1])
@@ -579,8 +672,10 @@ def padded_run_problem(models: Sequence[Any], samples: Sequence[Mapping[str, np.
             raise
         except Exception as e:  # noqa: BLE001 - ONNX Runtime's errors have no common public base class
             message = _ort_message(str(e))
-            return (f"the model does not run on inputs padded to {width} tokens ({EXTRA_PADDING} beyond the "
-                    f"longest real length), which the equivalence check needs: {message}")
+            return (
+                f"the model does not run on inputs padded to {width} tokens ({EXTRA_PADDING} beyond the "
+                f"longest real length), which the equivalence check needs: {message}"
+            )
     return None
 
 
@@ -600,8 +695,10 @@ def compare_outputs(reference, candidate, feeds: Sequence[Mapping[str, np.ndarra
         for f, ref_run, run in zip(feeds, expected, outputs):
             r, y = np.asarray(ref_run[j]), np.asarray(run[j])
             if r.shape != y.shape:
-                raise StageError(f"trim-padding changed output {name!r}'s shape {list(r.shape)} -> {list(y.shape)}",
-                                 "report this model")
+                raise StageError(
+                    f"trim-padding changed output {name!r}'s shape {list(r.shape)} -> {list(y.shape)}",
+                    "report this model",
+                )
             if name in p.per_token_outputs:
                 real = np.asarray(f[p.mask_name()]).astype(bool)
                 r, y = r[real], y[real]
@@ -609,15 +706,22 @@ def compare_outputs(reference, candidate, feeds: Sequence[Mapping[str, np.ndarra
                 continue
             cos.extend(cosine_per_sample(y.astype(np.float64), r.astype(np.float64)).tolist())
             diff = max(diff, float(np.max(np.abs(y.astype(np.float64) - r.astype(np.float64)))))
-        figures[name] = {"kind": "per-token" if name in p.per_token_outputs else "pooled",
-                         "mean_cosine": round(float(np.mean(cos)), 6) if cos else None,
-                         "min_cosine": round(float(np.min(cos)), 6) if cos else None,
-                         "max_abs_diff": float(f"{diff:.4g}")}
+        figures[name] = {
+            "kind": "per-token" if name in p.per_token_outputs else "pooled",
+            "mean_cosine": round(float(np.mean(cos)), 6) if cos else None,
+            "min_cosine": round(float(np.min(cos)), 6) if cos else None,
+            "max_abs_diff": float(f"{diff:.4g}"),
+        }
     return figures
 
 
-def trim_padding(model, config: TrimPadding = TrimPadding(),
-                 samples: Sequence[Mapping[str, np.ndarray]] | None = None, *, reference=None) -> StageResult:
+def trim_padding(
+    model,
+    config: TrimPadding = TrimPadding(),
+    samples: Sequence[Mapping[str, np.ndarray]] | None = None,
+    *,
+    reference=None,
+) -> StageResult:
     """Apply the rewrite per `config.mode` and `config.form`; the report says what was sliced, whether the
     tokens were packed (`form`: pack or slice, and why not pack), which outputs were padded back, the
     equivalence figures on `samples` (held-out real inputs) and, when not applied, why.
@@ -640,8 +744,13 @@ def trim_padding(model, config: TrimPadding = TrimPadding(),
         if config.mode == "on":
             raise InputError(f"--trim-padding on: {p.reason}", "use --trim-padding auto or off for this model")
         return StageResult(model, report | {"reason": p.reason})
-    report.update(mask=p.mask, sliced_inputs=list(p.token_inputs), padded_back_outputs=list(p.per_token_outputs),
-                  pooled_outputs=list(p.pooled_outputs), padding_value=0)
+    report.update(
+        mask=p.mask,
+        sliced_inputs=list(p.token_inputs),
+        padded_back_outputs=list(p.per_token_outputs),
+        pooled_outputs=list(p.pooled_outputs),
+        padding_value=0,
+    )
     sliced, _ = trim_padding_graph(model, p.mask)
     candidates: list[tuple[str, Any]] = []
     if config.form in ("auto", "pack"):
@@ -649,9 +758,12 @@ def trim_padding(model, config: TrimPadding = TrimPadding(),
         if packing.reason is None:
             packed, _ = pack_tokens_graph(sliced, sliced_name(p.mask_name()))
             candidates.append(("pack", packed))
-            report["packing"] = {"attention": PACKED_ATTENTION, "packed_nodes": len(packing.packed_nodes),
-                                 "attention_nodes": len(packing.attention_nodes),
-                                 "scattered_back": list(packing.unpacked)}
+            report["packing"] = {
+                "attention": PACKED_ATTENTION,
+                "packed_nodes": len(packing.packed_nodes),
+                "attention_nodes": len(packing.attention_nodes),
+                "scattered_back": list(packing.unpacked),
+            }
         elif config.form == "pack" and config.mode == "on":
             raise InputError(f"--trim-padding on with form pack: {packing.reason}", "use form auto or slice")
         else:
@@ -660,23 +772,29 @@ def trim_padding(model, config: TrimPadding = TrimPadding(),
         candidates.append(("slice", sliced))
     if not candidates:  # form pack, auto mode, not packable
         return StageResult(model, report | {"reason": f"the tokens cannot be packed: {report['pack_reason']}"})
-    samples = list(samples or [])[:config.samples]
+    samples = list(samples or [])[: config.samples]
     if not samples:
         form, chosen = candidates[0]
         if config.mode == "on":
             return StageResult(chosen, report | {"applied": True, "form": form, "equivalence": None})
-        return StageResult(model, report | {"reason": "no held-out inputs to confirm equivalence on (give data, "
-                                                      "or trim-padding on)"})
+        return StageResult(
+            model, report | {"reason": "no held-out inputs to confirm equivalence on (give data, or trim-padding on)"}
+        )
     feeds = padded_check_feeds(samples, p)
     problem = padded_run_problem([m for m in (reference, model) if m is not None], samples, feeds, p)
     if problem is not None:
         if config.mode == "on":
             name = model.graph.name or "unnamed"
-            raise InputError(f"--trim-padding on: model graph {name!r}: {problem}",
-                             "use --trim-padding off for this model (or auto, which leaves it untrimmed)")
+            raise InputError(
+                f"--trim-padding on: model graph {name!r}: {problem}",
+                "use --trim-padding off for this model (or auto, which leaves it untrimmed)",
+            )
         return StageResult(model, report | {"reason": problem})
-    equivalence: dict[str, Any] = {"feeds": len(feeds), "min_cosine_required": config.min_cosine,
-                                   "input_shapes": sorted({tuple(np.shape(f[p.mask_name()])) for f in feeds})}
+    equivalence: dict[str, Any] = {
+        "feeds": len(feeds),
+        "min_cosine_required": config.min_cosine,
+        "input_shapes": sorted({tuple(np.shape(f[p.mask_name()])) for f in feeds}),
+    }
     report["equivalence"] = equivalence
     try:
         if reference is not None:
@@ -690,11 +808,20 @@ def trim_padding(model, config: TrimPadding = TrimPadding(),
             raise
         return StageResult(model, report | {"reason": f"the trimmed model does not run: {e.message}"})
     if reference is not None:
-        depends = [f"{k} (cosine {v['mean_cosine']:.4f})" for k, v in equivalence["outputs"].items()
-                   if v["mean_cosine"] is not None and v["mean_cosine"] < config.min_cosine]
+        depends = [
+            f"{k} (cosine {v['mean_cosine']:.4f})"
+            for k, v in equivalence["outputs"].items()
+            if v["mean_cosine"] is not None and v["mean_cosine"] < config.min_cosine
+        ]
         if depends and config.mode == "auto":
-            return StageResult(model, report | {"reason": f"outputs depend on the padding: {', '.join(depends)} "
-                                                          f"below {config.min_cosine} trimmed vs untrimmed"})
+            return StageResult(
+                model,
+                report
+                | {
+                    "reason": f"outputs depend on the padding: {', '.join(depends)} "
+                    f"below {config.min_cosine} trimmed vs untrimmed"
+                },
+            )
     problems: list[str] = []
     for form, candidate in candidates:
         try:
@@ -715,28 +842,39 @@ def trim_padding(model, config: TrimPadding = TrimPadding(),
     return StageResult(model, report | {"reason": "; ".join(problems)})
 
 
-def _check_candidate(model, candidate, feeds, p: Plan, config: TrimPadding, reference,
-                     equivalence: dict[str, Any], form: str) -> str | None:
+def _check_candidate(
+    model, candidate, feeds, p: Plan, config: TrimPadding, reference, equivalence: dict[str, Any], form: str
+) -> str | None:
     """Why `candidate` (the model trimmed in `form`) fails the check, or None; its figures go into
     `equivalence` (under the form's name when it is not the first checked)."""
     if reference is None:
         figures = compare_outputs(model, candidate, feeds, p)
         equivalence.setdefault("outputs", figures)
         equivalence[f"outputs_{form}"] = figures
-        depends = [f"{k} (cosine {v['mean_cosine']:.4f})" for k, v in figures.items()
-                   if v["mean_cosine"] is not None and v["mean_cosine"] < config.min_cosine]
-        return (f"outputs depend on the padding: {', '.join(depends)} below {config.min_cosine} trimmed vs "
-                "untrimmed") if depends else None
+        depends = [
+            f"{k} (cosine {v['mean_cosine']:.4f})"
+            for k, v in figures.items()
+            if v["mean_cosine"] is not None and v["mean_cosine"] < config.min_cosine
+        ]
+        return (
+            (f"outputs depend on the padding: {', '.join(depends)} below {config.min_cosine} trimmed vs untrimmed")
+            if depends
+            else None
+        )
     trimmed_fidelity = compare_outputs(reference, candidate, feeds, p)
     equivalence.setdefault("fidelity_trimmed", trimmed_fidelity)
     equivalence[f"fidelity_{form}"] = trimmed_fidelity
     failing = []
     for name, before in equivalence["fidelity_untrimmed"].items():
         after = trimmed_fidelity[name]
-        if None not in (before["mean_cosine"], after["mean_cosine"]) \
-                and after["mean_cosine"] < before["mean_cosine"] - QUANTIZED_MARGIN:
-            failing.append(f"{name} (cosine to the float model {before['mean_cosine']:.4f} untrimmed, "
-                           f"{after['mean_cosine']:.4f} trimmed)")
+        if (
+            None not in (before["mean_cosine"], after["mean_cosine"])
+            and after["mean_cosine"] < before["mean_cosine"] - QUANTIZED_MARGIN
+        ):
+            failing.append(
+                f"{name} (cosine to the float model {before['mean_cosine']:.4f} untrimmed, "
+                f"{after['mean_cosine']:.4f} trimmed)"
+            )
     return f"trimming costs fidelity: {', '.join(failing)}" if failing else None
 
 
@@ -747,19 +885,32 @@ def summary_line(report: Mapping[str, Any] | None) -> str | None:
     if not report.get("applied"):
         return f"trim-padding: not applied: {report.get('reason')}"
     eq = report.get("equivalence")
-    figures = ("" if not eq else "; trimmed vs untrimmed cosine " + ", ".join(
-        f"{k} {v['mean_cosine']}" for k, v in eq["outputs"].items()) + f" on {eq['feeds']} padded batches")
+    figures = (
+        ""
+        if not eq
+        else "; trimmed vs untrimmed cosine "
+        + ", ".join(f"{k} {v['mean_cosine']}" for k, v in eq["outputs"].items())
+        + f" on {eq['feeds']} padded batches"
+    )
     back = report.get("padded_back_outputs") or []
     if eq and eq.get("fidelity_trimmed"):
         figures += "; cosine to the float model " + ", ".join(
             f"{k} {v['mean_cosine']} untrimmed, {eq['fidelity_trimmed'][k]['mean_cosine']} trimmed"
-            for k, v in eq["fidelity_untrimmed"].items())
-    how = ("packed: only the real tokens of all rows computed, as one sequence"
-           if report.get("form") == "pack" else "sliced to the batch's longest real length")
-    why_not = f" (not packed: {report['pack_reason']})" if report.get("form") == "slice" and report.get("pack_reason") \
-        else ""
-    return (f"trim-padding: inputs {', '.join(report['sliced_inputs'])} {how}{why_not}"
-            + (f", {', '.join(back)} padded back with zeros" if back else "") + figures)
+            for k, v in eq["fidelity_untrimmed"].items()
+        )
+    how = (
+        "packed: only the real tokens of all rows computed, as one sequence"
+        if report.get("form") == "pack"
+        else "sliced to the batch's longest real length"
+    )
+    why_not = (
+        f" (not packed: {report['pack_reason']})" if report.get("form") == "slice" and report.get("pack_reason") else ""
+    )
+    return (
+        f"trim-padding: inputs {', '.join(report['sliced_inputs'])} {how}{why_not}"
+        + (f", {', '.join(back)} padded back with zeros" if back else "")
+        + figures
+    )
 
 
 # -- the stage ----------------------------------------------------------------------------------------
@@ -784,18 +935,24 @@ def _write(given: StageInput, config: TrimPadding, context: StageContext) -> Art
     model = load_onnx(given.input_path())
     data = load_data(given.calibration, model) if given.calibration else None
     held = load_data(given.eval_data, model) if given.eval_data else None
-    result = trim_padding_stage.apply(model, config, StageContext(data=data, eval_data=held, after=context.after,
-                                                                  log=context.log))
+    result = trim_padding_stage.apply(
+        model, config, StageContext(data=data, eval_data=held, after=context.after, log=context.log)
+    )
     produced = save_onnx_atomic(result.model, context.folder() / "model.onnx")
     return Artifact(produced, artifact_hash(produced), {"trim_padding": result.report})
 
 
-@register_stage(kind="trim-padding", config=TrimPadding, takes="onnx", makes="onnx", writer=_write,
-                requires=(Check("an ONNX model", _onnx_problem),),
-                ensures=(Check("the same inputs and outputs", _same_interface),),
-                summary="pack the real tokens, else slice token inputs to the batch's longest real length; "
-                        "pad outputs back",
-                validate=validate)
+@register_stage(
+    kind="trim-padding",
+    config=TrimPadding,
+    takes="onnx",
+    makes="onnx",
+    writer=_write,
+    requires=(Check("an ONNX model", _onnx_problem),),
+    ensures=(Check("the same inputs and outputs", _same_interface),),
+    summary="pack the real tokens, else slice token inputs to the batch's longest real length; pad outputs back",
+    validate=validate,
+)
 def trim_padding_stage(model, config: TrimPadding, context: StageContext) -> StageResult:
     from dlopt.inputs import take_samples
 
@@ -807,7 +964,25 @@ def trim_padding_stage(model, config: TrimPadding, context: StageContext) -> Sta
     return result
 
 
-__all__ = ["MIN_COSINE", "PACKED_ATTENTION", "PackPlan", "Plan", "TRIM_FORMS", "TRIM_MODES", "TrimForm", "TrimMode",
-           "TrimPadding", "compare_outputs", "pack_plan", "pack_tokens_graph", "padded_check_feeds",
-           "padded_run_problem", "plan", "sliced_name", "summary_line", "trim_padding", "trim_padding_graph",
-           "trim_padding_stage"]
+__all__ = [
+    "MIN_COSINE",
+    "PACKED_ATTENTION",
+    "PackPlan",
+    "Plan",
+    "TRIM_FORMS",
+    "TRIM_MODES",
+    "TrimForm",
+    "TrimMode",
+    "TrimPadding",
+    "compare_outputs",
+    "pack_plan",
+    "pack_tokens_graph",
+    "padded_check_feeds",
+    "padded_run_problem",
+    "plan",
+    "sliced_name",
+    "summary_line",
+    "trim_padding",
+    "trim_padding_graph",
+    "trim_padding_stage",
+]

@@ -30,8 +30,15 @@ from dlopt.optimize.preprocess import replace_nodes
 from dlopt.stage import StageResult, config_to_dict
 
 # op type -> indices of its weight inputs
-WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,), "MatMul": (1,),
-                                             "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2)}
+WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
+    "Conv": (1,),
+    "ConvTranspose": (1,),
+    "Gemm": (1,),
+    "MatMul": (1,),
+    "LSTM": (1, 2),
+    "GRU": (1, 2),
+    "RNN": (1, 2),
+}
 Scope = Literal["all", "leftovers"]
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 
@@ -89,9 +96,16 @@ def quantize_weights_int8(model, config: WeightOnlyConfig = WeightOnlyConfig()) 
     per_channel = config.per_channel and default_opset(model) >= PER_CHANNEL_OPSET
     wanted_ops = set(config.op_types) & set(WEIGHT_INPUTS)
     excluded = set(config.exclude_nodes)
-    taken = {name for g in all_graphs(quantized.graph)
-             for name in [*(i.name for i in g.input), *(t.name for t in g.initializer),
-                          *(o for n in g.node for o in n.output), *(n.name for n in g.node)]}
+    taken = {
+        name
+        for g in all_graphs(quantized.graph)
+        for name in [
+            *(i.name for i in g.input),
+            *(t.name for t in g.initializer),
+            *(o for n in g.node for o in n.output),
+            *(n.name for n in g.node),
+        ]
+    }
 
     def fresh(name: str) -> str:
         candidate, k = name, 1
@@ -141,17 +155,22 @@ def quantize_weights_int8(model, config: WeightOnlyConfig = WeightOnlyConfig()) 
                     if key not in made:
                         q, scale = _quantize(weight, axis)
                         names = fresh(f"{init.name}/int8"), fresh(f"{init.name}/int8_scale")
-                        graph.initializer.extend([numpy_helper.from_array(q, names[0]),
-                                                  numpy_helper.from_array(scale, names[1])])
+                        graph.initializer.extend(
+                            [numpy_helper.from_array(q, names[0]), numpy_helper.from_array(scale, names[1])]
+                        )
                         made[key] = names
                         stats["weights"] += 1
                         stats["float_bytes"] += weight.size * weight.itemsize
                         stats["int8_bytes"] += q.size + scale.size * scale.itemsize
                     if (init.name, axis) not in local_dq:
                         axis_attribute: dict[str, Any] = {"axis": axis} if axis is not None else {}
-                        dq = helper.make_node("DequantizeLinear", list(made[key]), [fresh(f"{init.name}/dequantized")],
-                                              name=fresh(f"{init.name}/DequantizeLinear"),
-                                              **axis_attribute)
+                        dq = helper.make_node(
+                            "DequantizeLinear",
+                            list(made[key]),
+                            [fresh(f"{init.name}/dequantized")],
+                            name=fresh(f"{init.name}/DequantizeLinear"),
+                            **axis_attribute,
+                        )
                         new_nodes.append(dq)
                         local_dq[(init.name, axis)] = dq.output[0]
                     node.input[index] = local_dq[(init.name, axis)]
@@ -163,8 +182,7 @@ def quantize_weights_int8(model, config: WeightOnlyConfig = WeightOnlyConfig()) 
 
     visit(quantized.graph, [], False)
     if not stats["weights"]:
-        return StageResult(model, {"config": config_to_dict(config), "per_channel": per_channel, "nodes": {},
-                                   **stats})
+        return StageResult(model, {"config": config_to_dict(config), "per_channel": per_channel, "nodes": {}, **stats})
     read = {i for g in all_graphs(quantized.graph) for n in g.node for i in n.input}
     read |= {o.name for g in all_graphs(quantized.graph) for o in g.output}
     replaced = {name for (_, name, _) in made}
@@ -172,8 +190,15 @@ def quantize_weights_int8(model, config: WeightOnlyConfig = WeightOnlyConfig()) 
         inputs = {i.name for i in graph.input}
         for t in [t for t in graph.initializer if t.name in replaced and t.name not in read | inputs]:
             graph.initializer.remove(t)
-    return StageResult(quantized, {"config": config_to_dict(config), "per_channel": per_channel,
-                                   "nodes": dict(sorted(nodes_by_op.items())), **stats})
+    return StageResult(
+        quantized,
+        {
+            "config": config_to_dict(config),
+            "per_channel": per_channel,
+            "nodes": dict(sorted(nodes_by_op.items())),
+            **stats,
+        },
+    )
 
 
 def weighted_nodes(model, op_types: Iterable[str] = tuple(WEIGHT_INPUTS)) -> list[Any]:

@@ -7,8 +7,7 @@ if __name__ != "dlopt.targets":  # imported as a top-level 'targets' from the re
 # all ask it; stages read a target's capabilities instead of listing target names)
 from dlopt.errors import InputError  # noqa: E402
 from dlopt.targets.arm64 import Arm64Target  # noqa: E402
-from dlopt.targets.base import (RUNTIMES, BoundRun, Capabilities, Int8Form, Int8Types, Target,  # noqa: E402
-                                TargetSession)
+from dlopt.targets.base import RUNTIMES, BoundRun, Capabilities, Int8Form, Int8Types, Target, TargetSession  # noqa: E402
 from dlopt.targets.cpu import CpuTarget, HostCpu, cpu_model_name, host_cpu  # noqa: E402
 from dlopt.targets.cuda import CudaTarget  # noqa: E402
 from dlopt.targets.mobile import MobileTarget  # noqa: E402
@@ -38,8 +37,9 @@ def capabilities(name: str) -> Capabilities:
     return get_target(name).capabilities()
 
 
-def target_names(kind: str | None = None, *, int8: bool | None = None, fp16_native: bool | None = None,
-                 package: bool | None = None) -> list[str]:
+def target_names(
+    kind: str | None = None, *, int8: bool | None = None, fp16_native: bool | None = None, package: bool | None = None
+) -> list[str]:
     """Registered target names, in registration order, filtered by runtime `kind` ("onnxruntime",
     "executorch"), by whether dlopt quantizes to INT8 for them (`int8`), by native FP16, and by
     whether `dlopt package` builds a bundle for them (`package`)."""
@@ -66,6 +66,25 @@ register_target(CudaTarget())
 register_target(MobileTarget())
 register_target(XnnpackTarget())
 
-__all__ = ["RUNTIMES", "TARGETS", "Arm64Target", "BoundRun", "Capabilities", "CpuTarget", "CudaTarget", "HostCpu",
-           "Int8Form", "Int8Types", "MobileTarget", "Target", "TargetSession", "XnnpackTarget", "capabilities",
-           "cpu_model_name", "get_target", "host_cpu", "register_target", "target_names"]
+__all__ = [
+    "RUNTIMES",
+    "TARGETS",
+    "Arm64Target",
+    "BoundRun",
+    "Capabilities",
+    "CpuTarget",
+    "CudaTarget",
+    "HostCpu",
+    "Int8Form",
+    "Int8Types",
+    "MobileTarget",
+    "Target",
+    "TargetSession",
+    "XnnpackTarget",
+    "capabilities",
+    "cpu_model_name",
+    "get_target",
+    "host_cpu",
+    "register_target",
+    "target_names",
+]

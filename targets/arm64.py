@@ -15,8 +15,9 @@ class Arm64Target(CpuTarget):
     description: ClassVar[str] = "ONNX Runtime CPU execution provider on an ARM64 CPU"
     providers: ClassVar[tuple[str, ...]] = (CPU_PROVIDER,)
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "int8", "int4")
-    int8: ClassVar[Int8Form | None] = Int8Form(dynamic=True, activation="s8", per_channel=True,
-                                               note="ARM int8 dot-product kernels are s8·s8")
+    int8: ClassVar[Int8Form | None] = Int8Form(
+        dynamic=True, activation="s8", per_channel=True, note="ARM int8 dot-product kernels are s8·s8"
+    )
     package_formats: ClassVar[tuple[str, ...]] = ()
     # An ARM64 host times its own kernels as target cpu; arm64 names the deployment, not this host.
     kernels_measurable_here: ClassVar[bool] = False

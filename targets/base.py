@@ -115,8 +115,12 @@ class BoundRun:
     outputs are preallocated too, which a CUDA graph needs (its replays write to fixed addresses).
     """
 
-    def __init__(self, handle: TargetSession, feeds: Mapping[str, np.ndarray],
-                 output_shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]] | None = None):
+    def __init__(
+        self,
+        handle: TargetSession,
+        feeds: Mapping[str, np.ndarray],
+        output_shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]] | None = None,
+    ):
         import onnxruntime as ort
 
         self.handle = handle
@@ -124,8 +128,9 @@ class BoundRun:
         expected = set(handle.input_names())
         missing = expected - set(feeds)
         if missing:
-            raise InputError(f"no data for model input(s) {sorted(missing)}",
-                             f"the model's inputs are {sorted(expected)}")
+            raise InputError(
+                f"no data for model input(s) {sorted(missing)}", f"the model's inputs are {sorted(expected)}"
+            )
         self._binding = session.io_binding()
         # The OrtValues must outlive the binding: on the CPU they wrap the numpy buffers without a copy.
         self._inputs = {}
@@ -138,8 +143,9 @@ class BoundRun:
         for name in handle.output_names():
             if output_shapes is not None:
                 shape, dtype = output_shapes[name]
-                value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, handle.device_type,
-                                                                  handle.device_id)
+                value = ort.OrtValue.ortvalue_from_shape_and_type(
+                    list(shape), dtype, handle.device_type, handle.device_id
+                )
                 self._outputs[name] = value
                 self._binding.bind_ortvalue_output(name, value)
             else:
@@ -190,20 +196,28 @@ class Target:
         return 1
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(name=self.name, description=self.description, runtime=self.runtime,
-                            providers=self.providers, precisions=self.precisions, int8=self.int8,
-                            fp16_native="fp16" in self.precisions, package_formats=self.package_formats,
-                            kernels_measurable_here=self.kernels_measurable_here, device_type=self.device_type)
+        return Capabilities(
+            name=self.name,
+            description=self.description,
+            runtime=self.runtime,
+            providers=self.providers,
+            precisions=self.precisions,
+            int8=self.int8,
+            fp16_native="fp16" in self.precisions,
+            package_formats=self.package_formats,
+            kernels_measurable_here=self.kernels_measurable_here,
+            device_type=self.device_type,
+        )
 
     def int8_types(self, cpu: HostCpu | None = None) -> Int8Types:
         """The INT8 activation/weight types for this target; `cpu` (default: this host) decides the
         "host" activation form. Raises InputError where the target takes no INT8 model."""
         if self.int8 is None:
-            raise InputError(f"target {self.name!r} takes no INT8 model",
-                             f"targets with INT8: {', '.join(_int8_target_names())}")
+            raise InputError(
+                f"target {self.name!r} takes no INT8 model", f"targets with INT8: {', '.join(_int8_target_names())}"
+            )
         if self.int8.activation == "s8":
-            return Int8Types(activation="s8", weight="s8", reduce_range=False,
-                             reason=f"s8/s8: {self.int8.note}")
+            return Int8Types(activation="s8", weight="s8", reduce_range=False, reason=f"s8/s8: {self.int8.note}")
         if self.int8.activation == "u8":
             return Int8Types(activation="u8", weight="s8", reduce_range=False, reason=f"u8/s8: {self.int8.note}")
         if cpu is None:
@@ -211,15 +225,24 @@ class Target:
 
             cpu = host_cpu()
         if not cpu.is_x86:
-            return Int8Types(activation="s8", weight="s8", reduce_range=False,
-                             reason="s8/s8: ARM int8 dot-product kernels are s8·s8")
+            return Int8Types(
+                activation="s8", weight="s8", reduce_range=False, reason="s8/s8: ARM int8 dot-product kernels are s8·s8"
+            )
         if cpu.vnni:
-            return Int8Types(activation="u8", weight="s8", reduce_range=False,
-                             reason=f"u8/s8, full range: the CPU has VNNI ({', '.join(cpu.isa_flags)})")
-        return Int8Types(activation="u8", weight="s8", reduce_range=True,
-                         reason="u8/s8 with reduce_range (7-bit weights): no VNNI on this CPU "
-                                f"({', '.join(cpu.isa_flags) or 'no flags read'}), its u8·s8 kernel sums pairs "
-                                "in 16 bits and would saturate")
+            return Int8Types(
+                activation="u8",
+                weight="s8",
+                reduce_range=False,
+                reason=f"u8/s8, full range: the CPU has VNNI ({', '.join(cpu.isa_flags)})",
+            )
+        return Int8Types(
+            activation="u8",
+            weight="s8",
+            reduce_range=True,
+            reason="u8/s8 with reduce_range (7-bit weights): no VNNI on this CPU "
+            f"({', '.join(cpu.isa_flags) or 'no flags read'}), its u8·s8 kernel sums pairs "
+            "in 16 bits and would saturate",
+        )
 
     def default_clock(self, threads: int) -> str:
         """'cpu' (thread CPU time) where it measures the whole run, else 'wall'.
@@ -228,8 +251,9 @@ class Target:
         time does not see, so only wall time is honest there."""
         return "cpu" if self.cpu_time_measures_work and threads == 1 else "wall"
 
-    def provider_options(self, *, device_id: int = 0, cuda_graph: bool = False,
-                         extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    def provider_options(
+        self, *, device_id: int = 0, cuda_graph: bool = False, extra: Mapping[str, str] | None = None
+    ) -> dict[str, str]:
         """Options for this target's first provider. CPU takes none."""
         if cuda_graph:
             raise InputError(f"target {self.name!r} has no CUDA graphs", "use {target=cuda}, or drop {cuda_graph}")
@@ -245,14 +269,24 @@ class Target:
     def require_available(self) -> None:
         ok, reason = self.is_available()
         if not ok:
-            raise TargetUnavailableError(f"target {self.name!r} is not available here: {reason}",
-                                         "use {target=cpu}, or {allow_fallback} to run on the CPU labelled as such")
+            raise TargetUnavailableError(
+                f"target {self.name!r} is not available here: {reason}",
+                "use {target=cpu}, or {allow_fallback} to run on the CPU labelled as such",
+            )
 
-    def create_session(self, model: str | Path | bytes, *, threads: int = 1, graph_opt_level: str = "all",
-                       provider_options: Mapping[str, str] | None = None, allow_fallback: bool = False,
-                       device_id: int = 0, check_available: bool = True,
-                       free_dimensions: Mapping[str, int] | None = None,
-                       profile_prefix: str | None = None) -> TargetSession:
+    def create_session(
+        self,
+        model: str | Path | bytes,
+        *,
+        threads: int = 1,
+        graph_opt_level: str = "all",
+        provider_options: Mapping[str, str] | None = None,
+        allow_fallback: bool = False,
+        device_id: int = 0,
+        check_available: bool = True,
+        free_dimensions: Mapping[str, int] | None = None,
+        profile_prefix: str | None = None,
+    ) -> TargetSession:
         """Build a session for `model` (a path or serialized bytes) on this target.
 
         `free_dimensions` fixes named dynamic axes (e.g. {"batch": 1, "seq": 128}), which lets graph
@@ -294,8 +328,10 @@ class Target:
                     session = ort.InferenceSession(relaxed, sess_options=options, providers=requested)
         except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, NotImplemented …)
             label = source if isinstance(source, str) else "the model"
-            raise InputError(f"onnxruntime cannot load {label} on target {self.name!r}: {str(e).strip()[:400]}",
-                             "check the model with `python -m onnx.checker`, or try another {target=NAME}") from e
+            raise InputError(
+                f"onnxruntime cannot load {label} on target {self.name!r}: {str(e).strip()[:400]}",
+                "check the model with `python -m onnx.checker`, or try another {target=NAME}",
+            ) from e
         load_s = time.perf_counter() - start
         active = tuple(session.get_providers())
         runs_on = self.name
@@ -305,14 +341,25 @@ class Target:
                     f"target {self.name!r} asked onnxruntime for {first} but the session runs on "
                     f"{', '.join(active)} (a silent fallback: results would be CPU numbers)",
                     f"install a build of onnxruntime with {first} (and its libraries), or pass "
-                    "{allow_fallback} to measure on the CPU labelled as such")
+                    "{allow_fallback} to measure on the CPU labelled as such",
+                )
             runs_on = "cpu"
         names = tuple(p if isinstance(p, str) else p[0] for p in requested)
-        return TargetSession(session=session, target=self.name, runs_on=runs_on, requested_providers=names,
-                             active_providers=active, device_type=self.device_type if runs_on == self.name else "cpu",
-                             device_id=device_id, load_s=load_s, threads=threads, graph_opt_level=graph_opt_level,
-                             provider_options=dict(provider_options or {}) if not fallback_only else {},
-                             source=source, relaxed_outputs=relaxed_outputs)
+        return TargetSession(
+            session=session,
+            target=self.name,
+            runs_on=runs_on,
+            requested_providers=names,
+            active_providers=active,
+            device_type=self.device_type if runs_on == self.name else "cpu",
+            device_id=device_id,
+            load_s=load_s,
+            threads=threads,
+            graph_opt_level=graph_opt_level,
+            provider_options=dict(provider_options or {}) if not fallback_only else {},
+            source=source,
+            relaxed_outputs=relaxed_outputs,
+        )
 
     def bind(self, handle: TargetSession, feeds: Mapping[str, np.ndarray]) -> BoundRun:
         """Place `feeds` on the session's device once; the returned callable runs the model."""

@@ -24,8 +24,11 @@ class CpuTarget(Target):
     device_type: ClassVar[str] = "cpu"
     cpu_time_measures_work: ClassVar[bool] = True
     int8: ClassVar[Int8Form | None] = Int8Form(
-        dynamic=True, activation="host", per_channel=True,
-        note="this host's MLAS kernels: u8 activations x s8 weights on x86, s8 x s8 on ARM")
+        dynamic=True,
+        activation="host",
+        per_channel=True,
+        note="this host's MLAS kernels: u8 activations x s8 weights on x86, s8 x s8 on ARM",
+    )
     package_formats: ClassVar[tuple[str, ...]] = ("onnx",)
     kernels_measurable_here: ClassVar[bool] = True
 
@@ -49,21 +52,58 @@ class CpuTarget(Target):
 # AMD cores by (family, model range): virtual machines often report only "AMD EPYC", and int8 speed
 # differs by core: Zen 1 splits 256-bit AVX2 ops in two, and there MiniLM's int8 GEMMs measured no faster
 # than float (DynamicQuantizeMatMul 57.6 ms vs MatMul 78 ms for more nodes), against ~1.9x on later cores.
-_AMD_CORES = ((23, range(0x00, 0x30), "Zen/Zen+"), (23, range(0x30, 0x100), "Zen 2"),
-              (25, range(0x00, 0x10), "Zen 3"), (25, range(0x10, 0x20), "Zen 4"), (25, range(0x20, 0x60), "Zen 3"),
-              (25, range(0x60, 0x100), "Zen 4"), (26, range(0x00, 0x100), "Zen 5"))
+_AMD_CORES = (
+    (23, range(0x00, 0x30), "Zen/Zen+"),
+    (23, range(0x30, 0x100), "Zen 2"),
+    (25, range(0x00, 0x10), "Zen 3"),
+    (25, range(0x10, 0x20), "Zen 4"),
+    (25, range(0x20, 0x60), "Zen 3"),
+    (25, range(0x60, 0x100), "Zen 4"),
+    (26, range(0x00, 0x100), "Zen 5"),
+)
 # ARM: /proc/cpuinfo has no model name on most aarch64 kernels, only "CPU implementer" and "CPU part".
 # A few common cores (Arm's own part numbers, as in util-linux lscpu's table); others are named by number.
-_ARM_IMPLEMENTERS = {0x41: "ARM", 0x42: "Broadcom", 0x48: "HiSilicon", 0x4E: "NVIDIA", 0x51: "Qualcomm",
-                     0x61: "Apple", 0xC0: "Ampere"}
-_ARM_CORES = {(0x41, 0xD03): "Cortex-A53", (0x41, 0xD05): "Cortex-A55", (0x41, 0xD07): "Cortex-A57",
-              (0x41, 0xD08): "Cortex-A72", (0x41, 0xD09): "Cortex-A73", (0x41, 0xD0A): "Cortex-A75",
-              (0x41, 0xD0B): "Cortex-A76", (0x41, 0xD0C): "Neoverse-N1", (0x41, 0xD0D): "Cortex-A77",
-              (0x41, 0xD40): "Neoverse-V1", (0x41, 0xD41): "Cortex-A78", (0x41, 0xD44): "Cortex-X1",
-              (0x41, 0xD49): "Neoverse-N2", (0x41, 0xD4F): "Neoverse-V2"}
+_ARM_IMPLEMENTERS = {
+    0x41: "ARM",
+    0x42: "Broadcom",
+    0x48: "HiSilicon",
+    0x4E: "NVIDIA",
+    0x51: "Qualcomm",
+    0x61: "Apple",
+    0xC0: "Ampere",
+}
+_ARM_CORES = {
+    (0x41, 0xD03): "Cortex-A53",
+    (0x41, 0xD05): "Cortex-A55",
+    (0x41, 0xD07): "Cortex-A57",
+    (0x41, 0xD08): "Cortex-A72",
+    (0x41, 0xD09): "Cortex-A73",
+    (0x41, 0xD0A): "Cortex-A75",
+    (0x41, 0xD0B): "Cortex-A76",
+    (0x41, 0xD0C): "Neoverse-N1",
+    (0x41, 0xD0D): "Cortex-A77",
+    (0x41, 0xD40): "Neoverse-V1",
+    (0x41, 0xD41): "Cortex-A78",
+    (0x41, 0xD44): "Cortex-X1",
+    (0x41, 0xD49): "Neoverse-N2",
+    (0x41, 0xD4F): "Neoverse-V2",
+}
 # The flags that decide which int8/float kernels run (reported; all flags are kept in HostCpu.flags).
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimd", "asimddp", "i8mm",
-             "fphp", "asimdhp", "sve", "sve2")
+ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "amx_int8",
+    "asimd",
+    "asimddp",
+    "i8mm",
+    "fphp",
+    "asimdhp",
+    "sve",
+    "sve2",
+)
 _X86_VNNI = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
@@ -90,8 +130,9 @@ class HostCpu:
     def with_flags(cls, machine: str, flags: tuple[str, ...]) -> HostCpu:
         """A CPU known by its machine and ISA flags only: what the INT8 recipe reasons about for another
         CPU than this one (and what tests build)."""
-        return cls(machine=machine, vendor="", model_name="", family=None, model=None, core=None,
-                   flags=tuple(sorted(flags)))
+        return cls(
+            machine=machine, vendor="", model_name="", family=None, model=None, core=None, flags=tuple(sorted(flags))
+        )
 
     @property
     def is_x86(self) -> bool:
@@ -131,8 +172,12 @@ class HostCpu:
         """The CPU's name; where it carries no model number (as in many virtual machines: "AMD EPYC"),
         the x86 family/model and core are added, since they decide which kernels are fastest."""
         if self.model_name:
-            if not any(ch.isdigit() for ch in self.model_name) and self.is_x86 \
-                    and self.family is not None and self.model is not None:
+            if (
+                not any(ch.isdigit() for ch in self.model_name)
+                and self.is_x86
+                and self.family is not None
+                and self.model is not None
+            ):
                 core = f", {self.core}" if self.core else ""
                 return f"{self.model_name} (family {self.family} model {self.model}{core})"
             return self.model_name
@@ -168,15 +213,27 @@ def parse_cpuinfo(text: str, machine: str) -> HostCpu:
     if "CPU implementer" in fields:  # ARM
         implementer, part = _int(fields.get("CPU implementer")), _int(fields.get("CPU part"))
         vendor = _ARM_IMPLEMENTERS.get(implementer, f"implementer {implementer:#x}") if implementer is not None else ""
-        return HostCpu(machine=machine, vendor=vendor, model_name=fields.get("model name", ""),
-                       family=_int(fields.get("CPU architecture")), model=part,
-                       core=_ARM_CORES.get((implementer, part)) if implementer is not None and part is not None
-                       else None, flags=flags)
+        return HostCpu(
+            machine=machine,
+            vendor=vendor,
+            model_name=fields.get("model name", ""),
+            family=_int(fields.get("CPU architecture")),
+            model=part,
+            core=_ARM_CORES.get((implementer, part)) if implementer is not None and part is not None else None,
+            flags=flags,
+        )
     vendor = fields.get("vendor_id", "")
     family, model = _int(fields.get("cpu family")), _int(fields.get("model"))
     core = core_name(vendor, family, model) if family is not None and model is not None else None
-    return HostCpu(machine=machine, vendor=vendor, model_name=fields.get("model name", ""), family=family,
-                   model=model, core=core, flags=flags)
+    return HostCpu(
+        machine=machine,
+        vendor=vendor,
+        model_name=fields.get("model name", ""),
+        family=family,
+        model=model,
+        core=core,
+        flags=flags,
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -194,5 +251,14 @@ def cpu_model_name() -> str:
     return host_cpu().label
 
 
-__all__ = ["ARM64_MACHINES", "ISA_FLAGS", "X86_MACHINES", "CpuTarget", "HostCpu", "core_name", "cpu_model_name",
-           "host_cpu", "parse_cpuinfo"]
+__all__ = [
+    "ARM64_MACHINES",
+    "ISA_FLAGS",
+    "X86_MACHINES",
+    "CpuTarget",
+    "HostCpu",
+    "core_name",
+    "cpu_model_name",
+    "host_cpu",
+    "parse_cpuinfo",
+]

@@ -42,15 +42,17 @@ class CudaTarget(Target):
     # The calling thread mostly waits for the GPU (or spins on it): its CPU time measures nothing useful.
     cpu_time_measures_work: ClassVar[bool] = False
     # INT8 on NVIDIA GPUs runs through TensorRT: static QDQ graphs (no dynamic quantization), symmetric s8.
-    int8: ClassVar[Int8Form | None] = Int8Form(dynamic=False, activation="s8", per_channel=True,
-                                               note="TensorRT takes symmetric int8 only")
+    int8: ClassVar[Int8Form | None] = Int8Form(
+        dynamic=False, activation="s8", per_channel=True, note="TensorRT takes symmetric int8 only"
+    )
     package_formats: ClassVar[tuple[str, ...]] = ("onnx",)
 
     def is_available(self) -> tuple[bool, str]:
         return _probe_cuda()
 
-    def provider_options(self, *, device_id: int = 0, cuda_graph: bool = False,
-                         extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    def provider_options(
+        self, *, device_id: int = 0, cuda_graph: bool = False, extra: Mapping[str, str] | None = None
+    ) -> dict[str, str]:
         options = {"device_id": str(device_id)}
         if cuda_graph:
             options["enable_cuda_graph"] = "1"
@@ -82,15 +84,23 @@ class CudaTarget(Target):
         fixed = free_dimensions(handle.session, feeds)
         try:
             graph_handle = Target.create_session(
-                self, handle.source, threads=handle.threads, graph_opt_level=handle.graph_opt_level,
-                provider_options=handle.provider_options, device_id=handle.device_id, check_available=False,
-                free_dimensions=fixed)
+                self,
+                handle.source,
+                threads=handle.threads,
+                graph_opt_level=handle.graph_opt_level,
+                provider_options=handle.provider_options,
+                device_id=handle.device_id,
+                check_available=False,
+                free_dimensions=fixed,
+            )
             bound = BoundRun(graph_handle, feeds, output_shapes=shapes)
             bound()  # the first runs capture the graph: fail here, clearly, rather than in the timed loop
             bound()
         except Exception as e:  # onnxruntime's own exception types
-            raise InputError(f"CUDA graph capture failed: {str(e).strip()[:300]}",
-                             "CUDA graphs need every node on the CUDA EP; run without {cuda_graph}") from e
+            raise InputError(
+                f"CUDA graph capture failed: {str(e).strip()[:300]}",
+                "CUDA graphs need every node on the CUDA EP; run without {cuda_graph}",
+            ) from e
         return bound
 
     def device_name(self, device_id: int = 0) -> str:
@@ -108,8 +118,10 @@ def free_dimensions(session, feeds: Mapping[str, np.ndarray]) -> dict[str, int]:
         for dim, size in zip(spec.shape, shape):
             if isinstance(dim, str) and dim:
                 if sizes.get(dim, size) != size:
-                    raise InputError(f"axis {dim!r} has sizes {sizes[dim]} and {size} in one feed",
-                                     "give inputs whose shared axes agree")
+                    raise InputError(
+                        f"axis {dim!r} has sizes {sizes[dim]} and {size} in one feed",
+                        "give inputs whose shared axes agree",
+                    )
                 sizes[dim] = int(size)
     return sizes
 
@@ -122,9 +134,11 @@ def _probe_cuda() -> tuple[bool, str]:
         return False, f"onnxruntime cannot be imported ({e})"
     available = ort.get_available_providers()
     if CUDA_PROVIDER not in available:
-        return False, (f"onnxruntime {ort.__version__} here has no {CUDA_PROVIDER} (providers: "
-                       f"{', '.join(available)}); install onnxruntime-gpu instead of onnxruntime on a machine "
-                       "with an NVIDIA GPU")
+        return False, (
+            f"onnxruntime {ort.__version__} here has no {CUDA_PROVIDER} (providers: "
+            f"{', '.join(available)}); install onnxruntime-gpu instead of onnxruntime on a machine "
+            "with an NVIDIA GPU"
+        )
     preload = getattr(ort, "preload_dlls", None)
     if preload is not None:  # onnxruntime-gpu >= 1.21: load CUDA/cuDNN from the nvidia-* wheels if present
         with contextlib.suppress(Exception):  # preloading is best effort; the probe below decides
@@ -134,9 +148,12 @@ def _probe_cuda() -> tuple[bool, str]:
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, onnx.IR_VERSION)
     from dlopt.sessions import session_options
@@ -146,15 +163,18 @@ def _probe_cuda() -> tuple[bool, str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
-                                           providers=[CUDA_PROVIDER, CPU_PROVIDER])
+            session = ort.InferenceSession(
+                model.SerializeToString(), sess_options=options, providers=[CUDA_PROVIDER, CPU_PROVIDER]
+            )
     except Exception as e:  # noqa: BLE001 - any failure means "not available", with its reason
         return False, f"the CUDA execution provider failed to start: {str(e).strip()[:300]}"
     active = session.get_providers()
     if not active or active[0] != CUDA_PROVIDER:
-        return False, (f"onnxruntime lists {CUDA_PROVIDER} but a session fell back to {', '.join(active)}: "
-                       "no GPU, no driver, or the CUDA/cuDNN libraries are missing "
-                       "(pip install 'onnxruntime-gpu[cuda,cudnn]')")
+        return False, (
+            f"onnxruntime lists {CUDA_PROVIDER} but a session fell back to {', '.join(active)}: "
+            "no GPU, no driver, or the CUDA/cuDNN libraries are missing "
+            "(pip install 'onnxruntime-gpu[cuda,cudnn]')"
+        )
     name = _nvml_device_name(0)
     return True, f"onnxruntime {ort.__version__} {CUDA_PROVIDER}" + (f" on {name}" if name else "")
 

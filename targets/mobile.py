@@ -59,8 +59,10 @@ def phone_threads() -> int:
 
 class MobileTarget(Target):
     name: ClassVar[str] = "mobile"
-    description: ClassVar[str] = ("ORT-format model on ONNX Runtime's CPU execution provider with a phone-like "
-                                  "thread count: this host's CPU kernels, not a phone's NPU, GPU or NNAPI/CoreML")
+    description: ClassVar[str] = (
+        "ORT-format model on ONNX Runtime's CPU execution provider with a phone-like "
+        "thread count: this host's CPU kernels, not a phone's NPU, GPU or NNAPI/CoreML"
+    )
     providers: ClassVar[tuple[str, ...]] = (CPU_PROVIDER,)
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "int8")
     device_type: ClassVar[str] = "cpu"
@@ -68,8 +70,9 @@ class MobileTarget(Target):
     default_threads: ClassVar[int] = PHONE_THREADS
     # Phones are ARM: s8·s8 dot-product kernels; NNAPI, CoreML and XNNPACK take static QDQ graphs, the
     # CPU EP also runs dynamic quantization.
-    int8: ClassVar[Int8Form | None] = Int8Form(dynamic=True, activation="s8", per_channel=True,
-                                               note="ARM int8 dot-product kernels are s8·s8")
+    int8: ClassVar[Int8Form | None] = Int8Form(
+        dynamic=True, activation="s8", per_channel=True, note="ARM int8 dot-product kernels are s8·s8"
+    )
     # The bundle: an ORT-format model, and with --torch-source an ExecuTorch .pte (XNNPACK) program.
     package_formats: ClassVar[tuple[str, ...]] = ("ort", "pte")
 
@@ -78,8 +81,10 @@ class MobileTarget(Target):
             import onnxruntime as ort
         except ImportError as e:
             return False, f"onnxruntime cannot be imported ({e})"
-        return True, (f"onnxruntime {ort.__version__} {CPU_PROVIDER} running ORT-format models "
-                      "(CPU kernels of this host; no NNAPI/CoreML/XNNPACK EP in PyPI onnxruntime)")
+        return True, (
+            f"onnxruntime {ort.__version__} {CPU_PROVIDER} running ORT-format models "
+            "(CPU kernels of this host; no NNAPI/CoreML/XNNPACK EP in PyPI onnxruntime)"
+        )
 
     def session_threads(self) -> int:
         return phone_threads()
@@ -89,11 +94,19 @@ class MobileTarget(Target):
 
         return f"{cpu_model_name()} (CPU kernels standing in for a phone)"
 
-    def create_session(self, model: str | Path | bytes, *, threads: int | None = None, graph_opt_level: str = "all",
-                       provider_options: Mapping[str, str] | None = None, allow_fallback: bool = False,
-                       device_id: int = 0, check_available: bool = True,
-                       free_dimensions: Mapping[str, int] | None = None,
-                       profile_prefix: str | None = None) -> TargetSession:
+    def create_session(
+        self,
+        model: str | Path | bytes,
+        *,
+        threads: int | None = None,
+        graph_opt_level: str = "all",
+        provider_options: Mapping[str, str] | None = None,
+        allow_fallback: bool = False,
+        device_id: int = 0,
+        check_available: bool = True,
+        free_dimensions: Mapping[str, int] | None = None,
+        profile_prefix: str | None = None,
+    ) -> TargetSession:
         """A session on the ORT-format form of `model`: an .ort file or bytes are loaded as they are;
         an .onnx file is converted first (Fixed style, as the CPU EP wants). `threads=None` means a
         phone-like count (`phone_threads()`)."""
@@ -105,15 +118,23 @@ class MobileTarget(Target):
             with tempfile.TemporaryDirectory(prefix="dlopt-mobile-") as tmp:
                 converted = to_ort_format(Path(model), Path(tmp), style="Fixed")
                 source = converted.model.read_bytes()
-        return super().create_session(source, threads=threads or phone_threads(), graph_opt_level=graph_opt_level,
-                                      provider_options=provider_options, allow_fallback=allow_fallback,
-                                      device_id=device_id, check_available=check_available,
-                                      free_dimensions=free_dimensions, profile_prefix=profile_prefix)
+        return super().create_session(
+            source,
+            threads=threads or phone_threads(),
+            graph_opt_level=graph_opt_level,
+            provider_options=provider_options,
+            allow_fallback=allow_fallback,
+            device_id=device_id,
+            check_available=check_available,
+            free_dimensions=free_dimensions,
+            profile_prefix=profile_prefix,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # ORT format
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class OrtConversion:
@@ -123,8 +144,15 @@ class OrtConversion:
     ort_format_version: str
 
 
-def to_ort_format(onnx_path: Path, out_dir: Path, *, style: str = "Fixed", type_reduction: bool = False,
-                  model_name: str = "model.ort", target_platform: str = "arm") -> OrtConversion:
+def to_ort_format(
+    onnx_path: Path,
+    out_dir: Path,
+    *,
+    style: str = "Fixed",
+    type_reduction: bool = False,
+    model_name: str = "model.ort",
+    target_platform: str = "arm",
+) -> OrtConversion:
     """Convert one ONNX file to ORT format in `out_dir` as `model_name`, with its operator config.
 
     `target_platform="arm"` keeps the model portable to phones: ONNX Runtime then skips the x86-only
@@ -147,34 +175,45 @@ def to_ort_format(onnx_path: Path, out_dir: Path, *, style: str = "Fixed", type_
         utils_logger.setLevel(logging.WARNING)
         try:
             with contextlib.redirect_stdout(chatter):
-                convert_onnx_models_to_ort(staged, output_dir=converted,
-                                           optimization_styles=[OptimizationStyle[style]],
-                                           target_platform=target_platform, enable_type_reduction=type_reduction)
+                convert_onnx_models_to_ort(
+                    staged,
+                    output_dir=converted,
+                    optimization_styles=[OptimizationStyle[style]],
+                    target_platform=target_platform,
+                    enable_type_reduction=type_reduction,
+                )
         except Exception as e:  # onnxruntime raises its own types (Fail, InvalidGraph, NotImplemented …)
-            raise StageError(f"ONNX Runtime could not convert {onnx_path} to ORT format: {str(e).strip()[:400]}",
-                             "check that onnxruntime can load the model (`dlopt bench MODEL`)") from e
+            raise StageError(
+                f"ONNX Runtime could not convert {onnx_path} to ORT format: {str(e).strip()[:400]}",
+                "check that onnxruntime can load the model (`dlopt bench MODEL`)",
+            ) from e
         finally:
             utils_logger.setLevel(level)
         ort_files = sorted(converted.glob("*.ort"))
         configs = sorted(converted.glob("*.config"))
         if len(ort_files) != 1 or len(configs) != 1:
-            raise StageError(f"ORT conversion of {onnx_path} wrote {[p.name for p in converted.iterdir()]}",
-                             "expected one .ort file and one .config")
+            raise StageError(
+                f"ORT conversion of {onnx_path} wrote {[p.name for p in converted.iterdir()]}",
+                "expected one .ort file and one .config",
+            )
         model_out = out_dir / model_name
         shutil.move(str(ort_files[0]), model_out)
         config_name = "required_operators_and_types.config" if type_reduction else "required_operators.config"
         config_out = out_dir / config_name
         config_out.write_text(_portable_config(configs[0].read_text(), model_name))
-    return OrtConversion(model=model_out, operators_config=config_out, style=style,
-                         ort_format_version=ort_format_version(model_out))
+    return OrtConversion(
+        model=model_out, operators_config=config_out, style=style, ort_format_version=ort_format_version(model_out)
+    )
 
 
 def _portable_config(text: str, model_name: str) -> str:
     """The converter's config names the temp files it read in comments: name the bundle's file instead,
     so the config (and its hash) does not depend on where it was built."""
     lines = [line for line in text.splitlines() if not line.startswith("#")]
-    header = [f"# Operators (and kernel types, if listed) required by {model_name}.",
-              "# Build a minimal ONNX Runtime with: ./build.sh --minimal_build --include_ops_by_config THIS_FILE"]
+    header = [
+        f"# Operators (and kernel types, if listed) required by {model_name}.",
+        "# Build a minimal ONNX Runtime with: ./build.sh --minimal_build --include_ops_by_config THIS_FILE",
+    ]
     return "\n".join(header + lines) + "\n"
 
 
@@ -203,6 +242,7 @@ def ort_format_version(path: Path) -> str:
 # Static shapes
 # ---------------------------------------------------------------------------------------------
 
+
 def parse_fix_shape(text: str) -> tuple[str, tuple[int, ...]]:
     """'input_ids=1x128' -> ('input_ids', (1, 128))."""
     name, sep, dims = text.partition("=")
@@ -229,18 +269,24 @@ def fix_shapes(model, shapes: Mapping[str, Sequence[int]]):
     names = [i.name for i in model.graph.input if i.name not in inits]
     for name, shape in shapes.items():
         if name not in names:
-            raise InputError(f"a fixed shape names {name!r}, which is not an input of the model",
-                             f"the model's inputs are {', '.join(names)}")
+            raise InputError(
+                f"a fixed shape names {name!r}, which is not an input of the model",
+                f"the model's inputs are {', '.join(names)}",
+            )
         try:
             make_input_shape_fixed(fixed.graph, name, list(shape))
         except ValueError as e:
-            raise InputError(f"fixed shape {name}={'x'.join(map(str, shape))}: {e}",
-                             "give one size per axis, keeping the axes that are already fixed") from e
+            raise InputError(
+                f"fixed shape {name}={'x'.join(map(str, shape))}: {e}",
+                "give one size per axis, keeping the axes that are already fixed",
+            ) from e
     try:
         fix_output_shapes(fixed)
     except Exception as e:  # onnx.checker / shape inference errors have several types
-        raise InputError(f"the model with fixed shapes {dict(shapes)} does not check: {str(e)[:300]}",
-                         "check the sizes against the model's inputs") from e
+        raise InputError(
+            f"the model with fixed shapes {dict(shapes)} does not check: {str(e)[:300]}",
+            "check the sizes against the model's inputs",
+        ) from e
     return fixed
 
 
@@ -251,7 +297,9 @@ def dynamic_inputs(model) -> dict[str, list[int | str | None]]:
     for vi in model.graph.input:
         if vi.name in inits or not vi.type.HasField("tensor_type"):
             continue
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim]
+        dims = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim
+        ]
         if any(not isinstance(d, int) for d in dims):
             found[vi.name] = dims
     return found
@@ -270,13 +318,16 @@ def _checker(ep: str):
 
     if ep == "NNAPI":
         return uc.check_nnapi_partitions
-    files = {"CoreML-MLProgram": "coreml_supported_mlprogram_ops.md",
-             "CoreML-NeuralNetwork": "coreml_supported_neuralnetwork_ops.md"}
+    files = {
+        "CoreML-MLProgram": "coreml_supported_mlprogram_ops.md",
+        "CoreML-NeuralNetwork": "coreml_supported_neuralnetwork_ops.md",
+    }
     return lambda model, require_fixed: uc.check_coreml_partitions(model, require_fixed, files[ep])
 
 
-def coverage_report(model, *, sample_shapes: Mapping[str, Sequence[int]] | None = None,
-                    model_label: str = "the model") -> dict[str, Any]:
+def coverage_report(
+    model, *, sample_shapes: Mapping[str, Sequence[int]] | None = None, model_label: str = "the model"
+) -> dict[str, Any]:
     """How much of `model` (an onnx.ModelProto) NNAPI and CoreML can take, with advice.
 
     The model is first optimized at ONNX Runtime's "basic" level, as the ORT-format conversion for
@@ -284,7 +335,6 @@ def coverage_report(model, *, sample_shapes: Mapping[str, Sequence[int]] | None 
     `sample_shapes` (input name -> a concrete shape) turns the static-shape advice into a command
     line with real sizes. Never raises for unsupported ops: they are what the report is about."""
     import onnx
-
     from onnxruntime.tools.onnx_model_utils import optimize_model
 
     with tempfile.TemporaryDirectory(prefix="dlopt-coverage-") as tmp:
@@ -298,8 +348,10 @@ def coverage_report(model, *, sample_shapes: Mapping[str, Sequence[int]] | None 
             optimized = model
             note = f"ONNX Runtime could not optimize the model ({str(e).strip()[:200]}); counted on the original graph"
         else:
-            note = ("counted on the graph after ONNX Runtime's basic optimizations (what Runtime-style ORT models "
-                    "offer the EP)")
+            note = (
+                "counted on the graph after ONNX Runtime's basic optimizations (what Runtime-style ORT models "
+                "offer the EP)"
+            )
         try:
             with_shapes = onnx.shape_inference.infer_shapes(optimized)
         except Exception:  # shape inference is best effort here; dynamic-shape counts then over-report
@@ -309,8 +361,7 @@ def coverage_report(model, *, sample_shapes: Mapping[str, Sequence[int]] | None 
     for ep in COVERAGE_EPS:
         eps[ep] = _ep_coverage(ep, with_shapes, bool(dynamic))
     advice = _advice(eps, dynamic, sample_shapes or {}, model_label)
-    return {"note": note, "nodes": len(with_shapes.graph.node), "dynamic_inputs": dynamic, "eps": eps,
-            "advice": advice}
+    return {"note": note, "nodes": len(with_shapes.graph.node), "dynamic_inputs": dynamic, "eps": eps, "advice": advice}
 
 
 def _ep_coverage(ep: str, model, has_dynamic: bool) -> dict[str, Any]:
@@ -318,10 +369,21 @@ def _ep_coverage(ep: str, model, has_dynamic: bool) -> dict[str, Any]:
     try:
         info = check(model, True)
     except Exception as e:  # a checker bug must not stop packaging: report it as unknown coverage
-        return {"error": f"{type(e).__name__}: {str(e)[:200]}", "supported_nodes": 0, "nodes": len(model.graph.node),
-                "supported_pct": 0.0, "partitions": 0, "partition_sizes": [], "unsupported_ops": [],
-                "nodes_unsupported_due_to_op": 0, "nodes_unsupported_due_to_dynamic_shape": 0,
-                "nodes_unsupported_due_to_rank": 0, "caveats": [], "verdict": "NO", "if_shapes_fixed": None}
+        return {
+            "error": f"{type(e).__name__}: {str(e)[:200]}",
+            "supported_nodes": 0,
+            "nodes": len(model.graph.node),
+            "supported_pct": 0.0,
+            "partitions": 0,
+            "partition_sizes": [],
+            "unsupported_ops": [],
+            "nodes_unsupported_due_to_op": 0,
+            "nodes_unsupported_due_to_dynamic_shape": 0,
+            "nodes_unsupported_due_to_rank": 0,
+            "caveats": [],
+            "verdict": "NO",
+            "if_shapes_fixed": None,
+        }
     result = _info_dict(info)
     result["if_shapes_fixed"] = None
     if has_dynamic:
@@ -351,16 +413,19 @@ def _info_dict(info) -> dict[str, Any]:
     }
 
 
-def _advice(eps: Mapping[str, Any], dynamic: Mapping[str, list], sample_shapes: Mapping[str, Sequence[int]],
-            model_label: str) -> list[str]:
+def _advice(
+    eps: Mapping[str, Any], dynamic: Mapping[str, list], sample_shapes: Mapping[str, Sequence[int]], model_label: str
+) -> list[str]:
     advice = []
     if dynamic:
         gains = []
         for ep, cov in eps.items():
             fixed = cov.get("if_shapes_fixed")
             if fixed and fixed["supported_pct"] > cov["supported_pct"]:
-                gains.append(f"{ep} {cov['supported_pct']:.0f}% -> {fixed['supported_pct']:.0f}% of nodes, "
-                             f"{cov['partitions']} -> {fixed['partitions']} partitions")
+                gains.append(
+                    f"{ep} {cov['supported_pct']:.0f}% -> {fixed['supported_pct']:.0f}% of nodes, "
+                    f"{cov['partitions']} -> {fixed['partitions']} partitions"
+                )
         flags = []
         for name, dims in dynamic.items():
             concrete = sample_shapes.get(name)
@@ -368,31 +433,41 @@ def _advice(eps: Mapping[str, Any], dynamic: Mapping[str, list], sample_shapes: 
                 concrete = [d if isinstance(d, int) else (1 if i == 0 else 128) for i, d in enumerate(dims)]
             flags.append(f"--fix-shape {name}={'x'.join(str(int(d)) for d in concrete)}")
         if gains:
-            advice.append(f"make the input shapes static: dlopt package {model_label} --target mobile "
-                          f"{' '.join(flags)} ({'; '.join(gains)}); NNAPI cannot run dynamic shapes at all")
+            advice.append(
+                f"make the input shapes static: dlopt package {model_label} --target mobile "
+                f"{' '.join(flags)} ({'; '.join(gains)}); NNAPI cannot run dynamic shapes at all"
+            )
         else:
-            advice.append(f"inputs {', '.join(dynamic)} have dynamic shapes; NNAPI needs static shapes "
-                          f"({' '.join(flags)}), CoreML runs them slower")
+            advice.append(
+                f"inputs {', '.join(dynamic)} have dynamic shapes; NNAPI needs static shapes "
+                f"({' '.join(flags)}), CoreML runs them slower"
+            )
     for ep, cov in eps.items():
         if cov.get("error"):
             advice.append(f"{ep}: coverage could not be computed ({cov['error']})")
             continue
         after = cov.get("if_shapes_fixed") or cov
         if after["unsupported_ops"]:
-            advice.append(f"{ep} has no kernel for {', '.join(o.split(':', 1)[1] for o in after['unsupported_ops'])} "
-                          f"({after['nodes_unsupported_due_to_op']} node(s)): they fall back to the CPU EP, leaving "
-                          f"{after['partitions']} {ep} partition(s); replace them in the model, or ship for the "
-                          "CPU EP / XNNPACK")
+            advice.append(
+                f"{ep} has no kernel for {', '.join(o.split(':', 1)[1] for o in after['unsupported_ops'])} "
+                f"({after['nodes_unsupported_due_to_op']} node(s)): they fall back to the CPU EP, leaving "
+                f"{after['partitions']} {ep} partition(s); replace them in the model, or ship for the "
+                "CPU EP / XNNPACK"
+            )
         if after["nodes_unsupported_due_to_rank"]:
             advice.append(f"{ep}: {after['nodes_unsupported_due_to_rank']} nodes have inputs of rank above 5")
     verdicts = {ep: (cov.get("if_shapes_fixed") or cov)["verdict"] for ep, cov in eps.items()}
     good = [ep for ep, v in verdicts.items() if v == "YES"]
     if good:
-        advice.append(f"worth trying: {', '.join(good)} (package with --intended-ep "
-                      f"{'nnapi' if 'NNAPI' in good else 'coreml'} for the Runtime optimization style)")
+        advice.append(
+            f"worth trying: {', '.join(good)} (package with --intended-ep "
+            f"{'nnapi' if 'NNAPI' in good else 'coreml'} for the Runtime optimization style)"
+        )
     else:
-        advice.append("neither NNAPI nor CoreML is likely to beat the CPU EP on this model: ship it for the CPU EP "
-                      "(or XNNPACK) with --intended-ep cpu")
+        advice.append(
+            "neither NNAPI nor CoreML is likely to beat the CPU EP on this model: ship it for the CPU EP "
+            "(or XNNPACK) with --intended-ep cpu"
+        )
     return advice
 
 
@@ -400,17 +475,48 @@ def coverage_table_rows(report: Mapping[str, Any]) -> list[list[Any]]:
     rows = []
     for ep, cov in report["eps"].items():
         fixed = cov.get("if_shapes_fixed")
-        rows.append([ep, f"{cov['supported_nodes']}/{cov['nodes']}", cov["supported_pct"], cov["partitions"],
-                     cov["nodes_unsupported_due_to_dynamic_shape"],
-                     ", ".join(o.split(":", 1)[1] for o in cov["unsupported_ops"]) or "-", cov["verdict"],
-                     f"{fixed['supported_pct']}% / {fixed['partitions']} / {fixed['verdict']}" if fixed else "-"])
+        rows.append(
+            [
+                ep,
+                f"{cov['supported_nodes']}/{cov['nodes']}",
+                cov["supported_pct"],
+                cov["partitions"],
+                cov["nodes_unsupported_due_to_dynamic_shape"],
+                ", ".join(o.split(":", 1)[1] for o in cov["unsupported_ops"]) or "-",
+                cov["verdict"],
+                f"{fixed['supported_pct']}% / {fixed['partitions']} / {fixed['verdict']}" if fixed else "-",
+            ]
+        )
     return rows
 
 
-COVERAGE_HEADERS = ("EP", "nodes", "supported %", "partitions", "dynamic-shape nodes", "unsupported ops", "verdict",
-                    "if shapes fixed (% / partitions / verdict)")
+COVERAGE_HEADERS = (
+    "EP",
+    "nodes",
+    "supported %",
+    "partitions",
+    "dynamic-shape nodes",
+    "unsupported ops",
+    "verdict",
+    "if shapes fixed (% / partitions / verdict)",
+)
 
-__all__ = ["COVERAGE_EPS", "COVERAGE_HEADERS", "INTENDED_EPS", "MobileTarget", "OrtConversion", "PHONE_THREADS",
-           "SESSION_CONFIG_FOR_STYLE", "STYLE_FOR_EP", "coverage_report", "coverage_table_rows", "dynamic_inputs",
-           "external_data_files", "fix_shapes", "ort_format_version", "parse_fix_shape", "phone_threads",
-           "to_ort_format"]
+__all__ = [
+    "COVERAGE_EPS",
+    "COVERAGE_HEADERS",
+    "INTENDED_EPS",
+    "MobileTarget",
+    "OrtConversion",
+    "PHONE_THREADS",
+    "SESSION_CONFIG_FOR_STYLE",
+    "STYLE_FOR_EP",
+    "coverage_report",
+    "coverage_table_rows",
+    "dynamic_inputs",
+    "external_data_files",
+    "fix_shapes",
+    "ort_format_version",
+    "parse_fix_shape",
+    "phone_threads",
+    "to_ort_format",
+]

@@ -26,8 +26,10 @@ from dlopt.errors import InputError, MissingDependencyError
 from dlopt.quiet import quiet_libraries  # ExecuTorch prints while importing
 from dlopt.targets.base import Int8Form, Target, TargetSession
 
-INSTALL_HINT = ("pip install 'dlopt[mobile]' (ExecuTorch; it keeps torch 2.13: install torch==2.13.0 first, "
-                "and pass -c with torch==2.13.0 to be sure pip does not replace it)")
+INSTALL_HINT = (
+    "pip install 'dlopt[mobile]' (ExecuTorch; it keeps torch 2.13: install torch==2.13.0 first, "
+    "and pass -c with torch==2.13.0 to be sure pip does not replace it)"
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,13 +38,14 @@ def executorch_status() -> tuple[bool, str]:
         from importlib.metadata import version
 
         import executorch  # noqa: F401
+
         ver = version("executorch")
     except Exception as e:  # ModuleNotFoundError, or a broken install (wrong torch ABI) raising anything
         return False, f"ExecuTorch is not installed or cannot be imported ({type(e).__name__}: {str(e)[:150]})"
     try:
         with quiet_libraries():
-            from executorch.extension.pybindings import portable_lib  # noqa: F401
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # noqa: F401
+            from executorch.extension.pybindings import portable_lib  # noqa: F401
     except Exception as e:  # noqa: BLE001 - the runtime library failed to load
         return False, f"ExecuTorch {ver} is installed but its runtime or XNNPACK backend fails to load ({str(e)[:200]})"
     return True, f"ExecuTorch {ver}, XNNPACK backend"
@@ -90,8 +93,10 @@ class PteProgram:
         self.input_names = tuple(input_names)
         meta = self._method.metadata
         if meta.num_inputs() != len(self.input_names):
-            raise InputError(f"the program takes {meta.num_inputs()} inputs, not {len(self.input_names)} "
-                             f"({list(self.input_names)})", "name every input of the program, in order")
+            raise InputError(
+                f"the program takes {meta.num_inputs()} inputs, not {len(self.input_names)} ({list(self.input_names)})",
+                "name every input of the program, in order",
+            )
         self.input_shapes = tuple(tuple(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs()))
         self.input_dim_orders = _input_dim_orders(data, len(self.input_names))
 
@@ -105,8 +110,10 @@ class PteProgram:
         for name, shape, order in zip(self.input_names, self.input_shapes, self.input_dim_orders):
             value = np.asarray(feeds[name])
             if value.shape != shape:
-                raise InputError(f".pte input {name!r} has shape {list(value.shape)}, the program's is {list(shape)}",
-                                 "a .pte program has the static shapes it was lowered with")
+                raise InputError(
+                    f".pte input {name!r} has shape {list(value.shape)}, the program's is {list(shape)}",
+                    "a .pte program has the static shapes it was lowered with",
+                )
             tensors.append(torch.from_numpy(_in_dim_order(value, order)))
         outputs = self._method.execute(tensors)
         # The output tensors live in the program's planned memory, which the next execute() overwrites:
@@ -136,7 +143,7 @@ def standard_layout(value) -> np.ndarray:
     """`value` row-major with the standard strides of its shape, also on size-1 axes (where
     np.ascontiguousarray keeps whatever stride it finds, e.g. 0); copied only when needed."""
     value = np.asarray(value)
-    standard = tuple(int(np.prod(value.shape[k + 1:], dtype=np.int64)) * value.itemsize for k in range(value.ndim))
+    standard = tuple(int(np.prod(value.shape[k + 1 :], dtype=np.int64)) * value.itemsize for k in range(value.ndim))
     if value.strides == standard:
         return value  # already so: no copy (it would be timed with every run)
     return np.array(value, order="C", copy=True)
@@ -155,16 +162,18 @@ class XnnpackTarget(Target):
     sessions (ExecuTorch runs .pte programs lowered from the torch source)."""
 
     name: ClassVar[str] = "xnnpack"
-    description: ClassVar[str] = ("ExecuTorch .pte program with the XNNPACK backend (the kernels Android/iOS run), "
-                                  "on this host's CPU")
+    description: ClassVar[str] = (
+        "ExecuTorch .pte program with the XNNPACK backend (the kernels Android/iOS run), on this host's CPU"
+    )
     providers: ClassVar[tuple[str, ...]] = ()
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "int8")
     device_type: ClassVar[str] = "cpu"
     cpu_time_measures_work: ClassVar[bool] = True
     runtime: ClassVar[str] = "executorch"
     # XNNPACKQuantizer (PT2E): s8 activations, symmetric per-channel s8 weights; dynamic for linear layers.
-    int8: ClassVar[Int8Form | None] = Int8Form(dynamic=True, activation="s8", per_channel=True,
-                                               note="XNNPACK's int8 kernels are s8·s8 (PT2E XNNPACKQuantizer)")
+    int8: ClassVar[Int8Form | None] = Int8Form(
+        dynamic=True, activation="s8", per_channel=True, note="XNNPACK's int8 kernels are s8·s8 (PT2E XNNPACKQuantizer)"
+    )
     # No bundle of its own: `dlopt package --target mobile --torch-source` puts its .pte in the mobile bundle.
     package_formats: ClassVar[tuple[str, ...]] = ()
 
@@ -176,11 +185,20 @@ class XnnpackTarget(Target):
 
     def create_session(self, model, **kwargs) -> TargetSession:
         require_executorch()
-        raise InputError("the xnnpack target runs ExecuTorch programs lowered from the torch model, not ONNX files",
-                         "package with `dlopt package MODEL.onnx --target mobile --torch-source NAME --pte fp32,int8` "
-                         "(NAME: a reference model or path/to/file.py:build); the bundle records the .pte latency "
-                         "next to ONNX Runtime's")
+        raise InputError(
+            "the xnnpack target runs ExecuTorch programs lowered from the torch model, not ONNX files",
+            "package with `dlopt package MODEL.onnx --target mobile --torch-source NAME --pte fp32,int8` "
+            "(NAME: a reference model or path/to/file.py:build); the bundle records the .pte latency "
+            "next to ONNX Runtime's",
+        )
 
 
-__all__ = ["INSTALL_HINT", "PteProgram", "XnnpackTarget", "executorch_status", "require_executorch", "set_threads",
-           "standard_layout"]
+__all__ = [
+    "INSTALL_HINT",
+    "PteProgram",
+    "XnnpackTarget",
+    "executorch_status",
+    "require_executorch",
+    "set_threads",
+    "standard_layout",
+]

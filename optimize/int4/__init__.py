@@ -50,14 +50,20 @@ Where each part is (one hop from here):
 
 from __future__ import annotations
 
-from dlopt.optimize.rounding import gptq_factor
+from dlopt.optimize.int4.blocks import (
+    CLIP_RATIOS,
+    block_grid,
+    dequantize_blocks,
+    quantize_blocks,
+    quantize_blocks_mse,
+    search_grid,
+)
 from dlopt.optimize.int4.config import ALGORITHMS, Int4WeightOnly
-from dlopt.optimize.int4.graph import _gemm_to_matmul, _name_nodes
-from dlopt.optimize.int4.blocks import (CLIP_RATIOS, block_grid, dequantize_blocks, quantize_blocks,
-                                        quantize_blocks_mse, search_grid)
 from dlopt.optimize.int4.gptq import collect_hessians, gptq_blocks
-from dlopt.optimize.int4.sensitivity import rank_sensitivity
+from dlopt.optimize.int4.graph import _gemm_to_matmul, _name_nodes
 from dlopt.optimize.int4.pipeline import quantize_int4
+from dlopt.optimize.int4.sensitivity import rank_sensitivity
+from dlopt.optimize.rounding import gptq_factor
 
 __all__ = [
     "ALGORITHMS",

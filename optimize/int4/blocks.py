@@ -10,8 +10,7 @@ from dlopt.optimize.int4.graph import _initializers
 
 
 # -- block quantization in numpy (embeddings, and the error model used to rank nodes) -----------------
-def block_grid(blocks: np.ndarray, symmetric: bool, ratio: float = 1.0, bits: int = 4
-               ) -> tuple[np.ndarray, np.ndarray]:
+def block_grid(blocks: np.ndarray, symmetric: bool, ratio: float = 1.0, bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point (float arrays, shape blocks.shape[:-1]) of each block along the last axis.
 
     Symmetric: the zero point is fixed at 2^(bits-1) (what the contrib ops assume without one) and the
@@ -38,8 +37,9 @@ def _round_to_grid(blocks: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: 
     return np.clip(np.round(blocks / safe + zp[..., None]), 0, (1 << bits) - 1)
 
 
-def quantize_blocks(w: np.ndarray, block_size: int, symmetric: bool, bits: int = 4
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize_blocks(
+    w: np.ndarray, block_size: int, symmetric: bool, bits: int = 4
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Round-to-nearest block quantization of w [rows, cols] along its last axis.
 
     Returns (q uint8 [rows, cols] in [0, 2^bits), scales float32 [rows, cols/block], zero points uint8
@@ -60,8 +60,9 @@ def dequantize_blocks(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, block_si
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65)
 
 
-def search_grid(blocks: np.ndarray, symmetric: bool, ratios=CLIP_RATIOS, weights: np.ndarray | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+def search_grid(
+    blocks: np.ndarray, symmetric: bool, ratios=CLIP_RATIOS, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """block_grid with, per block, the ratio of `ratios` that gives the smallest squared error of the
     rounded block (each position weighted by `weights`, broadcast against blocks, when given)."""
     best: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (error, scale, zero point) per block
@@ -79,8 +80,9 @@ def search_grid(blocks: np.ndarray, symmetric: bool, ratios=CLIP_RATIOS, weights
     return best[1], best[2]
 
 
-def quantize_blocks_mse(w: np.ndarray, block_size: int, symmetric: bool, ratios=CLIP_RATIOS,
-                        rows_per_chunk: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize_blocks_mse(
+    w: np.ndarray, block_size: int, symmetric: bool, ratios=CLIP_RATIOS, rows_per_chunk: int = 4096
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Like quantize_blocks, but each block's range is shrunk by the ratio (of `ratios`) that gives the
     smallest squared error: clipping a block's one or two extreme weights buys a finer grid for the
     other 30. Same output format as quantize_blocks."""
@@ -90,7 +92,7 @@ def quantize_blocks_mse(w: np.ndarray, block_size: int, symmetric: bool, ratios=
     s_all = np.empty((rows, nb), np.float32)
     z_all = np.empty((rows, nb), np.uint8)
     for start in range(0, rows, rows_per_chunk):
-        blocks = w[start:start + rows_per_chunk].reshape(-1, nb, block_size).astype(np.float32)
+        blocks = w[start : start + rows_per_chunk].reshape(-1, nb, block_size).astype(np.float32)
         scale, zp = search_grid(blocks, symmetric, ratios)
         end = start + blocks.shape[0]
         q_all[start:end] = _round_to_grid(blocks, scale, zp).reshape(blocks.shape[0], cols).astype(np.uint8)
@@ -111,8 +113,9 @@ def float_grid(blocks: np.ndarray, ratio: float = 1.0) -> tuple[np.ndarray, np.n
     return scale, np.where(scale == 0, -lo, zp)  # a constant block: all codes 0, scale 0, value via the offset
 
 
-def search_float_grid(blocks: np.ndarray, weights: np.ndarray | None = None, ratios=CLIP_RATIOS
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def search_float_grid(
+    blocks: np.ndarray, weights: np.ndarray | None = None, ratios=CLIP_RATIOS
+) -> tuple[np.ndarray, np.ndarray]:
     """float_grid with, per block, the ratio of `ratios` of smallest (weighted) squared rounding error."""
     best: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # error, scale, zero point
     for ratio in ratios:
@@ -157,16 +160,26 @@ def _quantize_embedding(model, node, block_size: int, symmetric: bool, clip_sear
     w = numpy_helper.to_array(table)
     q, scale, zp = (quantize_blocks_mse if clip_search else quantize_blocks)(w, block_size, symmetric)
     prefix = f"{table.name}__q4_{node.name}"
-    new_inits = [numpy_helper.from_array(_pack_nibbles(q), f"{prefix}_data"),
-                 numpy_helper.from_array(scale, f"{prefix}_scales")]
+    new_inits = [
+        numpy_helper.from_array(_pack_nibbles(q), f"{prefix}_data"),
+        numpy_helper.from_array(scale, f"{prefix}_scales"),
+    ]
     inputs = [new_inits[0].name, node.input[1], new_inits[1].name]
     if not symmetric:
         new_inits.append(numpy_helper.from_array(_pack_nibbles(zp), f"{prefix}_zero_points"))
         inputs.append(new_inits[2].name)
     model.graph.initializer.extend(new_inits)
-    replacement = onnx.helper.make_node("GatherBlockQuantized", inputs, list(node.output), name=node.name,
-                                        domain=_MS_DOMAIN, bits=4, block_size=block_size, gather_axis=0,
-                                        quantize_axis=1)
+    replacement = onnx.helper.make_node(
+        "GatherBlockQuantized",
+        inputs,
+        list(node.output),
+        name=node.name,
+        domain=_MS_DOMAIN,
+        bits=4,
+        block_size=block_size,
+        gather_axis=0,
+        quantize_axis=1,
+    )
     position = list(model.graph.node).index(node)
     model.graph.node.remove(node)
     model.graph.node.insert(position, replacement)

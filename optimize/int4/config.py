@@ -8,7 +8,6 @@ from typing import ClassVar, Literal
 from dlopt.errors import InputError
 from dlopt.optimize.quantize_scheme import QuantizeScheme
 
-
 ALGORITHMS = ("auto", "rtn", "mse", "hqq", "gptq")
 Algorithm = Literal["auto", "rtn", "mse", "hqq", "gptq"]
 _OP_TYPES = ("MatMul", "Gemm", "Gather")
@@ -77,5 +76,3 @@ class Int4WeightOnly(QuantizeScheme):
                 bad(f"{name} must be >= 0", "give a number of layers")
         if self.sensitivity_samples < 1 or self.gptq_samples < 1:
             bad("sample counts must be >= 1", "e.g. sensitivity_samples=8")
-
-

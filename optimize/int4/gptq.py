@@ -7,9 +7,16 @@ from typing import Any
 
 import numpy as np
 
-from dlopt.optimize.int4.blocks import (CLIP_RATIOS, block_grid, quantize_blocks, quantize_blocks_float, search_float_grid,
-                                        search_grid, _pack_nibbles)
-from dlopt.optimize.int4.config import Int4WeightOnly, _MS_DOMAIN
+from dlopt.optimize.int4.blocks import (
+    CLIP_RATIOS,
+    _pack_nibbles,
+    block_grid,
+    quantize_blocks,
+    quantize_blocks_float,
+    search_float_grid,
+    search_grid,
+)
+from dlopt.optimize.int4.config import _MS_DOMAIN, Int4WeightOnly
 from dlopt.optimize.int4.graph import _initializers
 from dlopt.optimize.int4.sensitivity import _session, _with_outputs
 from dlopt.optimize.rounding import gptq_factor
@@ -43,8 +50,9 @@ def _matmul_nbits_own(model, include: set[str], config: Int4WeightOnly, quantize
     inits = _initializers(model)
     block = config.block_size
     nodes = []
-    for node in _progress(list(model.graph.node), f"int4 {config.algorithm}", total=len(include),
-                          counts=lambda n: n.name in include):
+    for node in _progress(
+        list(model.graph.node), f"int4 {config.algorithm}", total=len(include), counts=lambda n: n.name in include
+    ):
         if node.name not in include:
             nodes.append(node)
             continue
@@ -55,25 +63,43 @@ def _matmul_nbits_own(model, include: set[str], config: Int4WeightOnly, quantize
         q, scale, zp = quantize(node, wt)
         kb = wt.shape[1] // block
         prefix = f"{node.input[1]}__q4_{node.name}"
-        new = [numpy_helper.from_array(_pack_nibbles(q.reshape(n, kb, block)), f"{prefix}_B"),
-               numpy_helper.from_array(scale.astype(np.float32).reshape(-1), f"{prefix}_scales")]
+        new = [
+            numpy_helper.from_array(_pack_nibbles(q.reshape(n, kb, block)), f"{prefix}_B"),
+            numpy_helper.from_array(scale.astype(np.float32).reshape(-1), f"{prefix}_scales"),
+        ]
         if not config.symmetric:
             new.append(numpy_helper.from_array(_pack_nibbles(zp).reshape(-1), f"{prefix}_zero_points"))
         model.graph.initializer.extend(new)
         attrs = {"K": k, "N": n, "bits": 4, "block_size": block}
         if config.accuracy_level:
             attrs["accuracy_level"] = config.accuracy_level
-        nodes.append(onnx.helper.make_node("MatMulNBits", [node.input[0]] + [t.name for t in new], list(node.output),
-                                           name=f"{node.name}_Q4", domain=_MS_DOMAIN, **attrs))
+        nodes.append(
+            onnx.helper.make_node(
+                "MatMulNBits",
+                [node.input[0]] + [t.name for t in new],
+                list(node.output),
+                name=f"{node.name}_Q4",
+                domain=_MS_DOMAIN,
+                **attrs,
+            )
+        )
     model.graph.ClearField("node")
     model.graph.node.extend(nodes)
     return model
 
 
-def gptq_blocks(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: bool, percdamp: float = 0.01,
-                lazy: int = 128, act_order: bool = False, clip_search: bool = False,
-                factor: tuple[np.ndarray, np.ndarray | None] | None = None, float_zero_points: bool = False
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def gptq_blocks(
+    w: np.ndarray,
+    hessian: np.ndarray,
+    block_size: int,
+    symmetric: bool,
+    percdamp: float = 0.01,
+    lazy: int = 128,
+    act_order: bool = False,
+    clip_search: bool = False,
+    factor: tuple[np.ndarray, np.ndarray | None] | None = None,
+    float_zero_points: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ (Frantar et al. 2022) for w [K, N] given H = 2·XᵀX/n [K, K], K a multiple of block_size.
 
     Columns of K are quantized in order; each one's rounding error is spread over the columns not yet
@@ -110,18 +136,21 @@ def gptq_blocks(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: 
     def fix_grid(g: int, group: np.ndarray) -> None:  # group [block, N] -> the grid of block g, per column
         blocks = np.ascontiguousarray(group.T)
         if float_zero_points:
-            e = energy[g * block_size:(g + 1) * block_size]
-            scales[g], zeros[g] = search_float_grid(blocks, weights=e / max(e.mean(), 1e-30) if clip_search else None,
-                                                    ratios=CLIP_RATIOS if clip_search else (1.0,))
+            e = energy[g * block_size : (g + 1) * block_size]
+            scales[g], zeros[g] = search_float_grid(
+                blocks,
+                weights=e / max(e.mean(), 1e-30) if clip_search else None,
+                ratios=CLIP_RATIOS if clip_search else (1.0,),
+            )
         elif clip_search:
-            e = energy[g * block_size:(g + 1) * block_size]
+            e = energy[g * block_size : (g + 1) * block_size]
             scales[g], zeros[g] = search_grid(blocks, symmetric, weights=e / max(e.mean(), 1e-30))
         else:
             scales[g], zeros[g] = block_grid(blocks, symmetric)
 
     if act_order:
         for g in range(nb):
-            fix_grid(g, weights[g * block_size:(g + 1) * block_size])
+            fix_grid(g, weights[g * block_size : (g + 1) * block_size])
     weights = weights[perm]
     codes = np.zeros((k, n), np.uint8)
     for i1 in range(0, k, lazy):
@@ -133,7 +162,7 @@ def gptq_blocks(w: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: 
             col = int(perm[i1 + i])
             g = col // block_size
             if not act_order and col % block_size == 0:  # the group lies inside this lazy block
-                fix_grid(g, block[i:i + block_size])
+                fix_grid(g, block[i : i + block_size])
             safe = np.where(scales[g] == 0, 1, scales[g])
             q = np.clip(np.round(block[i] / safe + zeros[g]), 0, 15)
             codes[col] = q.astype(np.uint8)

@@ -81,8 +81,10 @@ def _gemm_to_matmul(model, skip: set[str]) -> list[str]:
             if beta != 1.0:
                 c = inits.get(bias)
                 if c is None:
-                    raise InputError(f"Gemm {node.name!r} scales a non-constant bias by beta={beta}",
-                                     f"exclude it: exclude_nodes=({node.name!r},)")
+                    raise InputError(
+                        f"Gemm {node.name!r} scales a non-constant bias by beta={beta}",
+                        f"exclude it: exclude_nodes=({node.name!r},)",
+                    )
                 scaled = numpy_helper.from_array(numpy_helper.to_array(c) * np.float32(beta), f"{bias}__beta")
                 model.graph.initializer.append(scaled)
                 bias = scaled.name
@@ -113,8 +115,12 @@ def _fold_transposed_weights(model, skip: set[str]) -> list[tuple[str, str]]:
         if node.op_type != "MatMul" or node.name in skip or len(node.input) != 2:
             continue
         tr = producers.get(node.input[1])
-        if tr is None or tr.op_type != "Transpose" or list(_attr(tr, "perm", [1, 0])) != [1, 0] \
-                or not _is_float_weight(inits.get(tr.input[0])):
+        if (
+            tr is None
+            or tr.op_type != "Transpose"
+            or list(_attr(tr, "perm", [1, 0])) != [1, 0]
+            or not _is_float_weight(inits.get(tr.input[0]))
+        ):
             continue
         name = f"{tr.input[0]}__transposed"
         if name not in inits:
@@ -136,8 +142,11 @@ def _fold_transposed_weights(model, skip: set[str]) -> list[tuple[str, str]]:
 def _weight_matmuls(model) -> list[Any]:
     """MatMul nodes whose second input is a 2-D float initializer, in graph order."""
     inits = _initializers(model)
-    return [n for n in model.graph.node
-            if n.op_type == "MatMul" and len(n.input) == 2 and _is_float_weight(inits.get(n.input[1]))]
+    return [
+        n
+        for n in model.graph.node
+        if n.op_type == "MatMul" and len(n.input) == 2 and _is_float_weight(inits.get(n.input[1]))
+    ]
 
 
 def _embedding_gathers(model, block_size: int) -> tuple[list[Any], list[str]]:
@@ -185,8 +194,12 @@ def _share_tied_tables(model, pairs: list[tuple[str, str]], excluded: set[str]) 
         if _attr(mm, "N", 0) != rows or _attr(mm, "K", 0) != cols or cols % block:
             continue
         for i, node in enumerate(model.graph.node):
-            if node.op_type != "Gather" or node.input[0] != table or node.name in excluded \
-                    or _attr(node, "axis", 0) != 0:
+            if (
+                node.op_type != "Gather"
+                or node.input[0] != table
+                or node.name in excluded
+                or _attr(node, "axis", 0) != 0
+            ):
                 continue
             prefix = f"{node.name}__tied"
             per_row = {1: cols * bits // 8, 2: cols // block, 3: -(-(cols // block) * bits // 8)}
@@ -196,12 +209,23 @@ def _share_tied_tables(model, pairs: list[tuple[str, str]], excluded: set[str]) 
                     continue
                 shape = numpy_helper.from_array(np.array([rows, per_row[slot]], np.int64), f"{prefix}_shape{slot}")
                 model.graph.initializer.append(shape)
-                reshapes.append(onnx.helper.make_node("Reshape", [source, shape.name], [f"{prefix}_in{slot}"],
-                                                      name=f"{prefix}_reshape{slot}"))
+                reshapes.append(
+                    onnx.helper.make_node(
+                        "Reshape", [source, shape.name], [f"{prefix}_in{slot}"], name=f"{prefix}_reshape{slot}"
+                    )
+                )
                 inputs.append(reshapes[-1].output[0])
-            gather = onnx.helper.make_node("GatherBlockQuantized", [inputs[0], node.input[1], *inputs[1:]],
-                                           list(node.output), name=node.name, domain=_MS_DOMAIN, bits=bits,
-                                           block_size=block, gather_axis=0, quantize_axis=1)
+            gather = onnx.helper.make_node(
+                "GatherBlockQuantized",
+                [inputs[0], node.input[1], *inputs[1:]],
+                list(node.output),
+                name=node.name,
+                domain=_MS_DOMAIN,
+                bits=bits,
+                block_size=block,
+                gather_axis=0,
+                quantize_axis=1,
+            )
             model.graph.node.remove(node)
             for j, new in enumerate([*reshapes, gather]):
                 model.graph.node.insert(i + j, new)

@@ -10,17 +10,27 @@ from typing import Any
 import numpy as np
 
 from dlopt.errors import InputError, StageError
-from dlopt.fidelity import compare_sessions, report as fidelity_report
+from dlopt.fidelity import compare_sessions
+from dlopt.fidelity import report as fidelity_report
 from dlopt.inputs import take_samples
-from dlopt.optimize.quantize_scheme import check_excluded_nodes
-from dlopt.optimize.int4.blocks import quantize_blocks_mse, _quantize_embedding
+from dlopt.optimize.int4.blocks import _quantize_embedding, quantize_blocks_mse
 from dlopt.optimize.int4.config import Int4WeightOnly
-from dlopt.optimize.int4.gptq import collect_hessians, gptq_blocks, _matmul_nbits_own
-from dlopt.optimize.int4.graph import (_attr, _drop_unused_initializers, _embedding_gathers, _ensure_ms_opset,
-                                       _fold_transposed_weights, _gemm_to_matmul, _initializers, _name_nodes,
-                                       _share_tied_tables, _weight_matmuls)
+from dlopt.optimize.int4.gptq import _matmul_nbits_own, collect_hessians, gptq_blocks
+from dlopt.optimize.int4.graph import (
+    _attr,
+    _drop_unused_initializers,
+    _embedding_gathers,
+    _ensure_ms_opset,
+    _fold_transposed_weights,
+    _gemm_to_matmul,
+    _initializers,
+    _name_nodes,
+    _share_tied_tables,
+    _weight_matmuls,
+)
 from dlopt.optimize.int4.ort import _ort_nbits, _quiet_ort_quantizer
-from dlopt.optimize.int4.sensitivity import rank_sensitivity, _session
+from dlopt.optimize.int4.sensitivity import _session, rank_sensitivity
+from dlopt.optimize.quantize_scheme import check_excluded_nodes
 from dlopt.optimize.rounding import gptq_factor
 from dlopt.stage import StageResult, config_to_dict
 
@@ -50,8 +60,9 @@ def _quantized_counts(model) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _select_fallback(candidates: list[Any], sqnr: dict[str, float], fraction: float, params: dict[str, int]
-                     ) -> list[str]:
+def _select_fallback(
+    candidates: list[Any], sqnr: dict[str, float], fraction: float, params: dict[str, int]
+) -> list[str]:
     """The most sensitive nodes (lowest SQNR) whose weights fit in `fraction` of all candidate weights."""
     budget = fraction * sum(params[n.name] for n in candidates)
     chosen, used = [], 0
@@ -67,26 +78,33 @@ def _why_kept(reason: str, config: Int4WeightOnly) -> str:
     if reason == "keep_first":
         return f"one of the first {config.keep_first} linear layers (keep_first={config.keep_first})"
     if reason == "keep_last":
-        return ("the last linear layer (keep_last=1, the default: a language model's output head loses the most "
-                "at 4 bits)" if config.keep_last == 1 else
-                f"one of the last {config.keep_last} linear layers (keep_last={config.keep_last})")
-    return (f"{reason}: among the most sensitive {config.sensitive_fraction:.0%} of linear weights "
-            f"(sensitive_fraction={config.sensitive_fraction:g})")
+        return (
+            "the last linear layer (keep_last=1, the default: a language model's output head loses the most at 4 bits)"
+            if config.keep_last == 1
+            else f"one of the last {config.keep_last} linear layers (keep_last={config.keep_last})"
+        )
+    return (
+        f"{reason}: among the most sensitive {config.sensitive_fraction:.0%} of linear weights "
+        f"(sensitive_fraction={config.sensitive_fraction:g})"
+    )
 
 
-def _layer_precisions(order: list[str], four_bit: set[str], reasons: Mapping[str, str], excluded: list[str],
-                      config: Int4WeightOnly) -> dict[str, Any]:
+def _layer_precisions(
+    order: list[str], four_bit: set[str], reasons: Mapping[str, str], excluded: list[str], config: Int4WeightOnly
+) -> dict[str, Any]:
     """How many linear layers ended at 4 bits, and each one that did not, at what precision and why: what
     the report and the printed summary say instead of a bare "int4"."""
     kept_bits: int | str = 8 if config.fallback_bits == 8 else "float"
-    kept = [{"node": name, "bits": kept_bits, "why": _why_kept(reasons[name], config)}
-            for name in order if name in reasons]
+    kept = [
+        {"node": name, "bits": kept_bits, "why": _why_kept(reasons[name], config)} for name in order if name in reasons
+    ]
     kept += [{"node": name, "bits": "float", "why": "excluded (exclude_nodes / exclude_ops)"} for name in excluded]
     return {"linear": len(order) + len(excluded), "four_bit": len([n for n in order if n in four_bit]), "kept": kept}
 
 
-def quantize_int4(model, config: Int4WeightOnly = Int4WeightOnly(), data: Iterable[Mapping[str, np.ndarray]] | None = None
-                  ) -> StageResult:
+def quantize_int4(
+    model, config: Int4WeightOnly = Int4WeightOnly(), data: Iterable[Mapping[str, np.ndarray]] | None = None
+) -> StageResult:
     """4-bit weight-only quantization of an onnx.ModelProto (never modified); see the module doc.
 
     `data` (an iterable of feeds, e.g. CalibrationData) is used to rank nodes by sensitivity, for GPTQ,
@@ -108,11 +126,12 @@ def quantize_int4(model, config: Int4WeightOnly = Int4WeightOnly(), data: Iterab
 
     gemms = [] if "Gemm" in config.exclude_ops else _gemm_to_matmul(model, excluded)
     transposed = [] if "MatMul" in config.exclude_ops else _fold_transposed_weights(model, excluded)
-    candidates = [] if "MatMul" in config.exclude_ops else \
-        [n for n in _weight_matmuls(model) if n.name not in excluded]
+    candidates = [] if "MatMul" in config.exclude_ops else [n for n in _weight_matmuls(model) if n.name not in excluded]
     if not candidates:
-        raise InputError("int4: the model has no MatMul or Gemm with a constant 2-D float weight to quantize",
-                         "4-bit weight-only quantization applies to linear layers; use {precision=int8} or fp16")
+        raise InputError(
+            "int4: the model has no MatMul or Gemm with a constant 2-D float weight to quantize",
+            "4-bit weight-only quantization applies to linear layers; use {precision=int8} or fp16",
+        )
     feeds = take_samples(data, max(config.sensitivity_samples, config.gptq_samples))
     inits = _initializers(model)
     params = {n.name: int(np.prod(inits[n.input[1]].dims)) for n in candidates}
@@ -120,19 +139,27 @@ def quantize_int4(model, config: Int4WeightOnly = Int4WeightOnly(), data: Iterab
     fallback: list[str] = []
     reasons: dict[str, str] = {}
     order = [n.name for n in candidates]
-    for name in order[:config.keep_first]:
+    for name in order[: config.keep_first]:
         reasons[name] = "keep_first"
-    for name in order[len(order) - config.keep_last:] if config.keep_last else []:
+    for name in order[len(order) - config.keep_last :] if config.keep_last else []:
         reasons[name] = "keep_last"
     sensitivity: dict[str, float] = {}
     if config.sensitive_fraction > 0:
         if feeds:
-            sensitivity = rank_sensitivity(model, candidates, feeds[:config.sensitivity_samples],
-                                           config.block_size, config.symmetric,
-                                           clip_search=config.algorithm == "mse")
-            for name in _select_fallback([n for n in candidates if n.name not in reasons],
-                                         {k: v for k, v in sensitivity.items() if k not in reasons},
-                                         config.sensitive_fraction, params):
+            sensitivity = rank_sensitivity(
+                model,
+                candidates,
+                feeds[: config.sensitivity_samples],
+                config.block_size,
+                config.symmetric,
+                clip_search=config.algorithm == "mse",
+            )
+            for name in _select_fallback(
+                [n for n in candidates if n.name not in reasons],
+                {k: v for k, v in sensitivity.items() if k not in reasons},
+                config.sensitive_fraction,
+                params,
+            ):
                 reasons[name] = f"sensitive (4-bit SQNR {sensitivity[name]:.1f} dB)"
         else:
             notes.append("no calibration data: nodes were not ranked by sensitivity, all MatMuls are 4-bit")
@@ -145,14 +172,18 @@ def quantize_int4(model, config: Int4WeightOnly = Int4WeightOnly(), data: Iterab
         if not feeds:
             notes.append("no calibration data: round-to-nearest; with data, GPTQ (error-compensating) is used")
     if config.algorithm == "gptq" and not feeds:
-        raise InputError("int4 algorithm gptq needs calibration data", "pass {calibration=DATA}, or use algorithm rtn or hqq")
+        raise InputError(
+            "int4 algorithm gptq needs calibration data", "pass {calibration=DATA}, or use algorithm rtn or hqq"
+        )
     with _quiet_ort_quantizer():
         if config.algorithm == "mse":
-            model = _matmul_nbits_own(model, four_bit, config,
-                                      lambda node, wt: quantize_blocks_mse(wt, config.block_size, config.symmetric))
+            model = _matmul_nbits_own(
+                model, four_bit, config, lambda node, wt: quantize_blocks_mse(wt, config.block_size, config.symmetric)
+            )
         elif config.algorithm == "gptq":
-            hessians = collect_hessians(model, [n for n in candidates if n.name in four_bit],
-                                        feeds[:config.gptq_samples])
+            hessians = collect_hessians(
+                model, [n for n in candidates if n.name in four_bit], feeds[: config.gptq_samples]
+            )
 
             factors: dict[str, Any] = {}  # q, k and v (gate and up) share an input, hence a factorization
 
@@ -163,16 +194,27 @@ def quantize_int4(model, config: Int4WeightOnly = Int4WeightOnly(), data: Iterab
                 if node.input[0] not in factors:
                     factors.clear()  # consecutive nodes share; keep one factor in memory
                     factors[node.input[0]] = gptq_factor(h, act_order=config.gptq_act_order)
-                return gptq_blocks(np.ascontiguousarray(wt.T), h, config.block_size, config.symmetric,
-                                   act_order=config.gptq_act_order, clip_search=config.gptq_clip_search,
-                                   factor=factors[node.input[0]])
+                return gptq_blocks(
+                    np.ascontiguousarray(wt.T),
+                    h,
+                    config.block_size,
+                    config.symmetric,
+                    act_order=config.gptq_act_order,
+                    clip_search=config.gptq_clip_search,
+                    factor=factors[node.input[0]],
+                )
 
             model = _matmul_nbits_own(model, four_bit, config, solve)
         else:
             model = _ort_nbits(model, bits=4, config=config, include=four_bit, all_matmuls=all_matmuls)
         if config.fallback_bits == 8 and fallback:
-            model = _ort_nbits(model, bits=8, config=config, include=set(fallback),
-                               all_matmuls={n.name for n in _weight_matmuls(model)})
+            model = _ort_nbits(
+                model,
+                bits=8,
+                config=config,
+                include=set(fallback),
+                all_matmuls={n.name for n in _weight_matmuls(model)},
+            )
     if config.accuracy_level:
         for node in model.graph.node:  # HQQ and GPTQ do not set it
             if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
@@ -220,7 +262,9 @@ def quantize_int4(model, config: Int4WeightOnly = Int4WeightOnly(), data: Iterab
         "notes": notes,
     }
     if feeds:
-        report["fidelity"] = {"samples": len(feeds),
-                              "outputs": fidelity_report(compare_sessions(_session(original), session, feeds))}
+        report["fidelity"] = {
+            "samples": len(feeds),
+            "outputs": fidelity_report(compare_sessions(_session(original), session, feeds)),
+        }
     report["seconds"] = round(time.perf_counter() - started, 2)
     return StageResult(model, report)

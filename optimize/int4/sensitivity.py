@@ -25,8 +25,14 @@ def _with_outputs(model, names: list[str]):
     return with_outputs(model, names)
 
 
-def rank_sensitivity(model, nodes: list[Any], feeds: Sequence[Mapping[str, np.ndarray]], block_size: int,
-                     symmetric: bool, clip_search: bool = False) -> dict[str, float]:
+def rank_sensitivity(
+    model,
+    nodes: list[Any],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    block_size: int,
+    symmetric: bool,
+    clip_search: bool = False,
+) -> dict[str, float]:
     """SQNR (dB) of each MatMul's output with 4-bit weights against its float output, on real inputs.
 
     The node's input activations come from the float model (exposed as extra outputs); X·W and

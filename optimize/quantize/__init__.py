@@ -36,24 +36,57 @@ Where each part is (one hop from here):
 
 from __future__ import annotations
 
-from dlopt.optimize.quantize_scheme import HOLDOUT_FRACTION, HOLDOUT_MIN, quantize_targets
-from dlopt.optimize.quantize.schemes import (FIDELITY_FLOORS_DB, Fp16, Int4WeightOnly, Int8Dynamic, Int8Scheme,
-                                             Int8Static, Int8WeightOnly, METHODS, MODES, PRECISIONS, QuantizeConfig,
-                                             RECOVERY_MAX_FLOAT_SHARE, REPORT_SCHEMA, REPORT_SCHEMA_VERSION, ROUNDINGS,
-                                             SCHEME_KINDS, Scheme, check_int8, check_static, validate_config)
-from dlopt.optimize.quantize.recipe import (Int8Recipe, choose_mode, choose_recipe, cpu_record,
-                                            host_kernels_inexact)
-from dlopt.optimize.quantize.smoothquant import smooth_activations
 from dlopt.optimize.quantize.calibrate import calibrate
-from dlopt.optimize.quantize.int8 import quantize_int8, shield_float_nodes
-from dlopt.optimize.quantize.heldout import (feed_description, fidelity_floor, holdout_count, padded_feed,
-                                                  quantized_nodes, speed_check, split_holdout, verdict)
-from dlopt.optimize.quantize.pipeline import quantize
-from dlopt.optimize.quantize.stages import (FLOAT_ONNX, ONNX_MODEL, SAME_OUTPUTS, fp16_stage, int4_weight_only_stage,
-                                            int8_dynamic_stage, int8_static_stage, int8_weight_only_stage,
-                                            quantize_stage)
 from dlopt.optimize.quantize.files import QuantizeOutcome, failed_path, failure_error, quantize_file, stage_of
+from dlopt.optimize.quantize.heldout import (
+    feed_description,
+    fidelity_floor,
+    holdout_count,
+    padded_feed,
+    quantized_nodes,
+    speed_check,
+    split_holdout,
+    verdict,
+)
+from dlopt.optimize.quantize.int8 import quantize_int8, shield_float_nodes
+from dlopt.optimize.quantize.pipeline import quantize
+from dlopt.optimize.quantize.recipe import Int8Recipe, choose_mode, choose_recipe, cpu_record, host_kernels_inexact
 from dlopt.optimize.quantize.report import summary_text
+from dlopt.optimize.quantize.schemes import (
+    FIDELITY_FLOORS_DB,
+    METHODS,
+    MODES,
+    PRECISIONS,
+    RECOVERY_MAX_FLOAT_SHARE,
+    REPORT_SCHEMA,
+    REPORT_SCHEMA_VERSION,
+    ROUNDINGS,
+    SCHEME_KINDS,
+    Fp16,
+    Int4WeightOnly,
+    Int8Dynamic,
+    Int8Scheme,
+    Int8Static,
+    Int8WeightOnly,
+    QuantizeConfig,
+    Scheme,
+    check_int8,
+    check_static,
+    validate_config,
+)
+from dlopt.optimize.quantize.smoothquant import smooth_activations
+from dlopt.optimize.quantize.stages import (
+    FLOAT_ONNX,
+    ONNX_MODEL,
+    SAME_OUTPUTS,
+    fp16_stage,
+    int4_weight_only_stage,
+    int8_dynamic_stage,
+    int8_static_stage,
+    int8_weight_only_stage,
+    quantize_stage,
+)
+from dlopt.optimize.quantize_scheme import HOLDOUT_FRACTION, HOLDOUT_MIN, quantize_targets
 
 __all__ = [
     "FIDELITY_FLOORS_DB",

@@ -25,8 +25,11 @@ def _ort_quant_type(name: str):
 def _ort_method(method: str):
     from onnxruntime.quantization import CalibrationMethod
 
-    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile}[method]
+    return {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[method]
 
 
 class _OneSample:
@@ -40,9 +43,16 @@ class _OneSample:
         return feeds
 
 
-def calibrate(model, data: Iterable[Mapping[str, np.ndarray]], *, method: Method = "minmax",
-              op_types: Iterable[str] | None = None, symmetric: bool = False, percentile: float = 99.999,
-              progress: bool = False):
+def calibrate(
+    model,
+    data: Iterable[Mapping[str, np.ndarray]],
+    *,
+    method: Method = "minmax",
+    op_types: Iterable[str] | None = None,
+    symmetric: bool = False,
+    percentile: float = 99.999,
+    progress: bool = False,
+):
     """Activation ranges of `model` over `data`, as ORT's TensorsData, one sample in memory at a time."""
     import onnx
     from onnxruntime.quantization.calibrate import create_calibrator
@@ -59,9 +69,13 @@ def calibrate(model, data: Iterable[Mapping[str, np.ndarray]], *, method: Method
         onnx.save_model(model, str(path), save_as_external_data=model.ByteSize() > 2**31 - 1)
         # ORT's histogram collectors print to stdout on every call; dlopt keeps stdout for results
         with quiet_libraries():
-            calibrator = create_calibrator(path, list(op_types) if op_types else None,
-                                           augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                           calibrate_method=_ort_method(method), extra_options=extra)
+            calibrator = create_calibrator(
+                path,
+                list(op_types) if op_types else None,
+                augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                calibrate_method=_ort_method(method),
+                extra_options=extra,
+            )
             count = 0
             with progress_bar(total, f"calibrating ({method})", progress) as advance:
                 for feeds in data:
@@ -75,7 +89,9 @@ def calibrate(model, data: Iterable[Mapping[str, np.ndarray]], *, method: Method
         bounds = getattr(ranges[name], "range_value", None)
         if bounds is not None and not np.isfinite(np.asarray(bounds, dtype=np.float64)).all():
             source = getattr(data, "source", "the calibration data")
-            raise InputError(f"the model's tensor {name!r} is NaN or infinite on the calibration data {source}",
-                             "check the model and the data; keep the node that makes it in float "
-                             "({exclude_nodes=NAMES}) or use {mode=dynamic}")
+            raise InputError(
+                f"the model's tensor {name!r} is NaN or infinite on the calibration data {source}",
+                "check the model and the data; keep the node that makes it in float "
+                "({exclude_nodes=NAMES}) or use {mode=dynamic}",
+            )
     return ranges, count

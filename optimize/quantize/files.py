@@ -10,8 +10,8 @@ from typing import Any
 
 from dlopt.data import CalibrationData, DataSpec
 from dlopt.errors import InputError, VerificationError
-from dlopt.optimize.quantize.schemes import QuantizeConfig, REPORT_SCHEMA, REPORT_SCHEMA_VERSION, SCHEME_KINDS, Scheme
 from dlopt.optimize.quantize.heldout import fidelity_sample_count
+from dlopt.optimize.quantize.schemes import REPORT_SCHEMA, REPORT_SCHEMA_VERSION, SCHEME_KINDS, QuantizeConfig, Scheme
 from dlopt.stage import Artifact, Stage, StageContext, StageInput, get_stage
 
 
@@ -44,16 +44,24 @@ def stage_of(config: Scheme | QuantizeConfig) -> Stage:
     dlopt.stage's registry: the stages module imports this one)."""
     kind = "quantize" if type(config) is QuantizeConfig else SCHEME_KINDS.get(type(config))
     if kind is None:
-        raise InputError(f"quantize takes a scheme config or a QuantizeConfig, not {type(config).__name__}",
-                         f"use one of {', '.join(c.__name__ for c in (QuantizeConfig, *SCHEME_KINDS))}")
+        raise InputError(
+            f"quantize takes a scheme config or a QuantizeConfig, not {type(config).__name__}",
+            f"use one of {', '.join(c.__name__ for c in (QuantizeConfig, *SCHEME_KINDS))}",
+        )
     return get_stage(kind)
 
 
-def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike,
-                  config: Scheme | QuantizeConfig = QuantizeConfig(),
-                  calibration: str | os.PathLike | DataSpec | CalibrationData | None = None, *,
-                  eval_data: str | os.PathLike | DataSpec | CalibrationData | None = None, progress: bool = False,
-                  after: tuple[str, ...] = (), log=lambda message: None) -> QuantizeOutcome:
+def quantize_file(
+    model_path: str | os.PathLike,
+    output: str | os.PathLike,
+    config: Scheme | QuantizeConfig = QuantizeConfig(),
+    calibration: str | os.PathLike | DataSpec | CalibrationData | None = None,
+    *,
+    eval_data: str | os.PathLike | DataSpec | CalibrationData | None = None,
+    progress: bool = False,
+    after: tuple[str, ...] = (),
+    log=lambda message: None,
+) -> QuantizeOutcome:
     """Quantize MODEL.onnx to OUTPUT (atomically) and write the JSON report beside it,
     `OUTPUT-stem.quantize.json`. `eval_data` (same formats as `calibration`) is where fidelity is
     measured; without it, the last samples of `calibration` are held out for that. Both are read by
@@ -64,9 +72,16 @@ def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike,
     written to OUTPUT: it is kept as OUTPUT-stem.failed.onnx with OUTPUT-stem.failed.quantize.json,
     and the outcome says so (`passed` False); the CLI then exits 1. `after`: the kinds of the stages
     that made MODEL (a recipe's), named in errors."""
-    from dlopt.fileio import (check_output_path, guard_outputs, json_text, load_onnx, report_path_for, stage_onnx,
-                              staged_outputs)
     from dlopt.data import as_spec, load_data
+    from dlopt.fileio import (
+        check_output_path,
+        guard_outputs,
+        json_text,
+        load_onnx,
+        report_path_for,
+        stage_onnx,
+        staged_outputs,
+    )
     from dlopt.report import environment
 
     stage = stage_of(config)
@@ -85,8 +100,11 @@ def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike,
     guard_outputs([src, named_path(calibration), named_path(eval_data)], [out, report_path, failed, failed_report])
     model = load_onnx(src)
     data = load_data(calibration, model, limit=config.calibration_samples, image=config.image)
-    held = (load_data(eval_data, model, limit=fidelity_sample_count(model, config), image=config.image)
-            if eval_data is not None else None)
+    held = (
+        load_data(eval_data, model, limit=fidelity_sample_count(model, config), image=config.image)
+        if eval_data is not None
+        else None
+    )
     specs = {role: d.spec.record() for role, d in (("calibration", data), ("eval_data", held)) if d is not None}
     context = StageContext(data=data, eval_data=held, after=after, progress=progress, log=log)
     result = stage.apply(model, config, context)
@@ -95,10 +113,17 @@ def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike,
     # The model and its report are renamed into place together: never a new model beside an old report.
     with staged_outputs() as outputs:
         model_tmp = stage_onnx(result.model, out, outputs)
-        report = {"schema": REPORT_SCHEMA, "schema_version": REPORT_SCHEMA_VERSION, "input": str(src),
-                  "output": str(out), "calibration": data.describe() if data else None,
-                  "data_spec": specs or None,
-                  **result.report, "bytes_written": model_tmp.stat().st_size, "environment": environment()}
+        report = {
+            "schema": REPORT_SCHEMA,
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "input": str(src),
+            "output": str(out),
+            "calibration": data.describe() if data else None,
+            "data_spec": specs or None,
+            **result.report,
+            "bytes_written": model_tmp.stat().st_size,
+            "environment": environment(),
+        }
         outputs.stage(report_path).write_text(json_text(report))
     return QuantizeOutcome(out, report_path, report)
 
@@ -123,8 +148,15 @@ def write_quantized(given: StageInput, config: Scheme | QuantizeConfig, context:
     raised as failure_error's VerificationError."""
     from dlopt.manifest import artifact_hash
 
-    outcome = quantize_file(given.input_path(), context.folder() / "model.onnx", config, given.calibration,
-                            eval_data=given.eval_data, after=context.after, log=context.log)
+    outcome = quantize_file(
+        given.input_path(),
+        context.folder() / "model.onnx",
+        config,
+        given.calibration,
+        eval_data=given.eval_data,
+        after=context.after,
+        log=context.log,
+    )
     if not outcome.passed:
         raise failure_error(keep_failed(outcome, given.keep_failed) if given.keep_failed is not None else outcome)
     return Artifact(outcome.model_path, artifact_hash(outcome.model_path), outcome.report)
@@ -136,13 +168,18 @@ def failure_error(outcome: QuantizeOutcome) -> VerificationError:
     checks = "; ".join(f"{f['check']} {_fmt(f['measured'])} (needs {f['required']})" for f in v["failures"])
     # On generated inputs a model can fail a floor it meets on real data (PP-OCRv4 det, weight-only INT8:
     # -4.8 dB on noise images, 24.8 dB on held-out photos), so then the first thing to do is give real samples.
-    hint = ("measured on generated inputs, not real data: give real samples with {eval_data=DATA} (or "
-            "{calibration=DATA}), then " if v["data"] == "synthetic" else "")
+    hint = (
+        "measured on generated inputs, not real data: give real samples with {eval_data=DATA} (or "
+        "{calibration=DATA}), then "
+        if v["data"] == "synthetic"
+        else ""
+    )
     return VerificationError(
         f"the quantized model failed verification on {v['samples']} {v['data']} samples: {checks}; "
         f"the best effort was kept as {outcome.model_path}, nothing was written to the output path",
         hint + "keep nodes in float ({exclude_nodes=NAMES} / {exclude_ops=TYPES}), use per-channel weights, give "
-        "more or more representative {calibration=DATA}, or lower the fidelity floor (min SQNR) knowingly")
+        "more or more representative {calibration=DATA}, or lower the fidelity floor (min SQNR) knowingly",
+    )
 
 
 def _fmt(value: Any) -> str:

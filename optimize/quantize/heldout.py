@@ -13,22 +13,33 @@ import numpy as np
 
 from dlopt.data import CalibrationData, Feeds
 from dlopt.errors import StageError
-from dlopt.fidelity import compare_runs, report as fidelity_report
+from dlopt.fidelity import compare_runs
+from dlopt.fidelity import report as fidelity_report
+from dlopt.graphfacts import op_counts
 from dlopt.inputs import graph_inputs
 from dlopt.metrics import MetricChoice, assess, choose_metric, group_sqnr, metric_request
-from dlopt.graphfacts import op_counts
 from dlopt.optimize.preprocess import check_feeds
 from dlopt.optimize.quantize.recipe import cpu_record
-from dlopt.targets.cpu import host_cpu
 from dlopt.optimize.quantize.schemes import FIDELITY_FLOORS_DB, QuantizeConfig
 from dlopt.optimize.quantize_scheme import HOLDOUT_MIN, QuantizeScheme
 from dlopt.runtime import cpu_label, runtime_report
 from dlopt.sessions import cpu_session, run_outputs
-
+from dlopt.targets.cpu import host_cpu
 
 # -- reporting --------------------------------------------------------------------------------------------
-_QUANT_OPS = ("QLinear", "DynamicQuantize", "MatMulInteger", "ConvInteger", "QAttention", "QEmbedLayerNormalization",
-              "QGemm", "MatMulNBits", "GatherBlockQuantized", "DequantizeLinear", "QuantizeLinear")
+_QUANT_OPS = (
+    "QLinear",
+    "DynamicQuantize",
+    "MatMulInteger",
+    "ConvInteger",
+    "QAttention",
+    "QEmbedLayerNormalization",
+    "QGemm",
+    "MatMulNBits",
+    "GatherBlockQuantized",
+    "DequantizeLinear",
+    "QuantizeLinear",
+)
 
 
 def quantized_nodes(model) -> dict[str, int]:
@@ -44,7 +55,8 @@ def quantized_nodes(model) -> dict[str, int]:
         if node.op_type.startswith(_QUANT_OPS) or node.op_type in _QUANT_OPS:
             key = node.op_type
         elif node.domain in ("", "ai.onnx", "com.microsoft") and any(
-                producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in node.input):
+            producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in node.input
+        ):
             key = f"QDQ:{node.op_type}"
         if key:
             counts[key] = counts.get(key, 0) + 1
@@ -72,7 +84,7 @@ def recurrent_pairs(model) -> list[tuple[str, str]]:
     for output in model.graph.output:
         dims = [d.dim_value if d.HasField("dim_value") else None for d in output.type.tensor_type.shape.dim]
         for suffix in STATE_SUFFIXES:
-            name = output.name[:-len(suffix)] if output.name.endswith(suffix) else ""
+            name = output.name[: -len(suffix)] if output.name.endswith(suffix) else ""
             spec = inputs.get(name) if name else None
             if spec is None:
                 continue
@@ -92,8 +104,12 @@ def fidelity_sample_count(model, config: QuantizeScheme | QuantizeConfig) -> int
     return max(config.fidelity_samples, STREAM_FIDELITY_SAMPLES) if recurrent_pairs(model) else config.fidelity_samples
 
 
-def held_out_outputs(session, feeds: Sequence[Mapping[str, np.ndarray]], reference: Sequence[Sequence[np.ndarray]],
-                     pairs: Sequence[tuple[str, str]]) -> tuple[list[list[np.ndarray]], int]:
+def held_out_outputs(
+    session,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    reference: Sequence[Sequence[np.ndarray]],
+    pairs: Sequence[tuple[str, str]],
+) -> tuple[list[list[np.ndarray]], int]:
     """(outputs, how many feeds carried the candidate's own state). A stateful model's held-out feeds
     are run as the stream they are: where a feed's state input equals what FP32 returned as that state
     on the previous feed (the feeds carry FP32's state, as a streaming reader does), the candidate gets
@@ -109,9 +125,16 @@ def held_out_outputs(session, feeds: Sequence[Mapping[str, np.ndarray]], referen
     carried = 0
     for k, feed in enumerate(feeds):
         feed = dict(feed)
-        if k and pairs and all(i in feed and np.shape(feed[i]) == np.shape(reference[k - 1][index[o]])
-                               and np.allclose(feed[i], reference[k - 1][index[o]], rtol=1e-5, atol=1e-6)
-                               for i, o in pairs):
+        if (
+            k
+            and pairs
+            and all(
+                i in feed
+                and np.shape(feed[i]) == np.shape(reference[k - 1][index[o]])
+                and np.allclose(feed[i], reference[k - 1][index[o]], rtol=1e-5, atol=1e-6)
+                for i, o in pairs
+            )
+        ):
             feed.update({i: outputs[-1][index[o]] for i, o in pairs})
             carried += 1
         outputs.append(session.run(None, feeds_for(session, feed)))
@@ -123,8 +146,12 @@ def fidelity_floor(config: QuantizeScheme | QuantizeConfig) -> float:
     return FIDELITY_FLOORS_DB[config.precision] if config.min_sqnr_db is None else float(config.min_sqnr_db)
 
 
-def task_choice(original, feeds: Sequence[Mapping[str, np.ndarray]], config: QuantizeScheme | QuantizeConfig,
-                reference: Sequence[Sequence[np.ndarray]] | None = None) -> MetricChoice:
+def task_choice(
+    original,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    config: QuantizeScheme | QuantizeConfig,
+    reference: Sequence[Sequence[np.ndarray]] | None = None,
+) -> MetricChoice:
     """The task metric the verdict is on: config.metric / an --evaluator FILE.py:FUNCTION, else chosen
     from FP32's outputs on the first held-out feed (dlopt.metrics.choose_metric)."""
     metric, user = metric_request(config.metric, getattr(config, "evaluator", None))
@@ -136,9 +163,17 @@ def task_choice(original, feeds: Sequence[Mapping[str, np.ndarray]], config: Qua
 
 def task_metric(choice: MetricChoice, reference, outputs, feeds, names, config) -> dict[str, Any]:
     # a floor in dB the user set is checked as well: they asked for that SQNR
-    return assess(choice, reference, outputs, feeds, names, sqnr_floor=fidelity_floor(config),
-                  metric_floor=config.metric_floor, sqnr_too=config.min_sqnr_db is not None,
-                  precision=config.precision)
+    return assess(
+        choice,
+        reference,
+        outputs,
+        feeds,
+        names,
+        sqnr_floor=fidelity_floor(config),
+        metric_floor=config.metric_floor,
+        sqnr_too=config.min_sqnr_db is not None,
+        precision=config.precision,
+    )
 
 
 def holdout_count(samples: int, config: QuantizeScheme | QuantizeConfig) -> int:
@@ -149,9 +184,12 @@ def holdout_count(samples: int, config: QuantizeScheme | QuantizeConfig) -> int:
     return max(1, min(max(math.ceil(config.holdout * samples), HOLDOUT_MIN), samples // 2, config.fidelity_samples))
 
 
-def split_holdout(data: CalibrationData | None, eval_data: CalibrationData | None,
-                  config: QuantizeScheme | QuantizeConfig, samples: int | None = None
-                  ) -> tuple[CalibrationData | None, list[Feeds] | None, dict[str, Any]]:
+def split_holdout(
+    data: CalibrationData | None,
+    eval_data: CalibrationData | None,
+    config: QuantizeScheme | QuantizeConfig,
+    samples: int | None = None,
+) -> tuple[CalibrationData | None, list[Feeds] | None, dict[str, Any]]:
     """(calibration data, held-out feeds, report entry). With eval_data its first fidelity_samples
     samples are the held-out set and all of `data` calibrates; else the last holdout_count() samples
     of `data` are held out (deterministic: the same samples every run) and the rest calibrate.
@@ -164,25 +202,53 @@ def split_holdout(data: CalibrationData | None, eval_data: CalibrationData | Non
         config = dataclasses.replace(config, fidelity_samples=samples)
     if eval_data is not None:
         feeds = [dict(f) for _, f in zip(range(config.fidelity_samples), eval_data)]
-        return data, feeds, {"data": "eval-data", "source": eval_data.source,
-                             "held_out_indices": list(range(len(feeds))),
-                             "calibration_samples": len(data) if data is not None else 0, "warning": None}
+        return (
+            data,
+            feeds,
+            {
+                "data": "eval-data",
+                "source": eval_data.source,
+                "held_out_indices": list(range(len(feeds))),
+                "calibration_samples": len(data) if data is not None else 0,
+                "warning": None,
+            },
+        )
     if data is None:
-        return None, None, {"data": "synthetic", "source": None, "held_out_indices": [], "calibration_samples": 0,
-                            "warning": None}
+        return (
+            None,
+            None,
+            {"data": "synthetic", "source": None, "held_out_indices": [], "calibration_samples": 0, "warning": None},
+        )
     total = len(data)
     held = holdout_count(total, config)
     if held == 0:
-        return data, None, {"data": "calibration", "source": data.source, "held_out_indices": [],
-                            "calibration_samples": total,
-                            "warning": f"{data.source} has {total} sample(s): none held out, so fidelity is measured "
-                                       "on the calibration samples and flatters; give more samples or --eval-data"}
+        return (
+            data,
+            None,
+            {
+                "data": "calibration",
+                "source": data.source,
+                "held_out_indices": [],
+                "calibration_samples": total,
+                "warning": f"{data.source} has {total} sample(s): none held out, so fidelity is measured "
+                "on the calibration samples and flatters; give more samples or --eval-data",
+            },
+        )
     calibration = copy.copy(data)  # the same stream, read up to the held-out samples
     calibration.limit = total - held
     indices = list(range(total - held, total))
     feeds = [dict(f) for i, f in enumerate(data) if i >= total - held]
-    return calibration, feeds, {"data": "held-out", "source": data.source, "held_out_indices": indices,
-                                "calibration_samples": total - held, "warning": None}
+    return (
+        calibration,
+        feeds,
+        {
+            "data": "held-out",
+            "source": data.source,
+            "held_out_indices": indices,
+            "calibration_samples": total - held,
+            "warning": None,
+        },
+    )
 
 
 def verdict(report: Mapping[str, Any], floor: float) -> dict[str, Any]:
@@ -204,45 +270,85 @@ def verdict(report: Mapping[str, Any], floor: float) -> dict[str, Any]:
                 finite = fid["outputs"].get(name, {}).get("finite", True)
                 if finite and sqnr >= task["judged_floor"]:
                     continue
-                failures.append({"check": f"output {name} SQNR dB" + ("" if group == "all" else f" ({group})"),
-                                 "measured": sqnr, "required": required,
-                                 "why": "non-finite values" if not finite else
-                                 f"quantization noise is {10 ** (-sqnr / 10) * 100:.3g} % of the output's power"
-                                 + (f"; {task['note']}" if task.get("note") else "")})
+                failures.append(
+                    {
+                        "check": f"output {name} SQNR dB" + ("" if group == "all" else f" ({group})"),
+                        "measured": sqnr,
+                        "required": required,
+                        "why": "non-finite values"
+                        if not finite
+                        else f"quantization noise is {10 ** (-sqnr / 10) * 100:.3g} % of the output's power"
+                        + (f"; {task['note']}" if task.get("note") else ""),
+                    }
+                )
     elif task is not None:
         for row in task["failures"]:
             if row["check"] == "sqnr" and task["judged_by"] != "sqnr":  # the user's --min-sqnr beside the metric
                 groups = (task.get("judged_components") or {}).get("per_group_db") or {}
-                failures.append({**row, "check": "lowest SQNR dB (output, channel group)", "why": ", ".join(
-                    f"{o} {g} {v:.1f} dB" for o, gs in groups.items() for g, v in gs.items())})
+                failures.append(
+                    {
+                        **row,
+                        "check": "lowest SQNR dB (output, channel group)",
+                        "why": ", ".join(f"{o} {g} {v:.1f} dB" for o, gs in groups.items() for g, v in gs.items()),
+                    }
+                )
                 continue
-            failures.append({**row, "check": f"{task['judged_by']}: {row['check']}" if row["check"] != task["judged_by"]
-                             else task["judged_by"], "why": _why(task, row)})
+            failures.append(
+                {
+                    **row,
+                    "check": f"{task['judged_by']}: {row['check']}"
+                    if row["check"] != task["judged_by"]
+                    else task["judged_by"],
+                    "why": _why(task, row),
+                }
+            )
     else:
         for name, m in fid["outputs"].items():
             sqnr = m["sqnr_db"]
             if not m["finite"] or sqnr < floor:
-                failures.append({"check": f"output {name} SQNR dB", "measured": sqnr, "required": f">= {floor:g}",
-                                 "why": "non-finite values" if not m["finite"] else
-                                 f"quantization noise is {10 ** (-sqnr / 10) * 100:.3g} % of the output's power"})
+                failures.append(
+                    {
+                        "check": f"output {name} SQNR dB",
+                        "measured": sqnr,
+                        "required": f">= {floor:g}",
+                        "why": "non-finite values"
+                        if not m["finite"]
+                        else f"quantization noise is {10 ** (-sqnr / 10) * 100:.3g} % of the output's power",
+                    }
+                )
     budget = report.get("budget")
     if budget is not None and not budget["met"]:
         chosen = budget["chosen"]
-        failures.append({"check": f"{budget['evaluator']} drop", "measured": chosen["drop"],
-                         "required": f"<= {budget['max_drop']:g}",
-                         "why": f"best of {len(budget['candidates'])} candidates, "
-                                f"{chosen['excluded_count']} node(s) in float"})
+        failures.append(
+            {
+                "check": f"{budget['evaluator']} drop",
+                "measured": chosen["drop"],
+                "required": f"<= {budget['max_drop']:g}",
+                "why": f"best of {len(budget['candidates'])} candidates, {chosen['excluded_count']} node(s) in float",
+            }
+        )
     recovery = report.get("floor_recovery")
     if recovery is not None and failures:
         for row in failures:
-            row["why"] += (f"; still below with up to {recovery['max_float_nodes']} of {recovery['ranked_nodes']} "
-                           f"nodes in float ({len(recovery['candidates'])} candidates tried)")
-    body = {"passed": not failures, "floor_sqnr_db": floor, "samples": fid["samples"], "data": fid.get("data"),
-            "recovered_nodes": recovery["chosen"]["excluded"] if recovery is not None and not failures else [],
-            "failures": failures}
+            row["why"] += (
+                f"; still below with up to {recovery['max_float_nodes']} of {recovery['ranked_nodes']} "
+                f"nodes in float ({len(recovery['candidates'])} candidates tried)"
+            )
+    body = {
+        "passed": not failures,
+        "floor_sqnr_db": floor,
+        "samples": fid["samples"],
+        "data": fid.get("data"),
+        "recovered_nodes": recovery["chosen"]["excluded"] if recovery is not None and not failures else [],
+        "failures": failures,
+    }
     if task is not None:
-        body |= {"metric": task["metric"], "metric_floor": task["floor"], "metric_value": task["value"],
-                 "judged_by": task["judged_by"]}
+        body |= {
+            "metric": task["metric"],
+            "metric_floor": task["floor"],
+            "metric_value": task["value"],
+            "judged_by": task["judged_by"],
+        }
     return body
 
 
@@ -250,17 +356,22 @@ def _why(task: Mapping[str, Any], row: Mapping[str, Any]) -> str:
     """A failed task-metric check in words, with the per-group SQNR beside it."""
     c = task.get("components") or {}
     if task["judged_by"] == "detection":
-        text = (f"{c.get('matched')} of FP32's {c.get('fp32_boxes')} boxes matched (IoU >= {c.get('iou')}, same "
-                f"class), {c.get('false_boxes')} false box(es)")
+        text = (
+            f"{c.get('matched')} of FP32's {c.get('fp32_boxes')} boxes matched (IoU >= {c.get('iou')}, same "
+            f"class), {c.get('false_boxes')} false box(es)"
+        )
     elif task["judged_by"] == "map":
-        text = (f"{c.get('false_positive_pixels')} false-positive pixel(s); "
-                f"{c.get('samples_with_false_positives_where_fp32_has_none')} sample(s) with positives where FP32 "
-                "has none")
+        text = (
+            f"{c.get('false_positive_pixels')} false-positive pixel(s); "
+            f"{c.get('samples_with_false_positives_where_fp32_has_none')} sample(s) with positives where FP32 "
+            "has none"
+        )
     else:
         text = task.get("why", "")
     if task.get("sqnr_by_group"):
-        text += "; SQNR " + ", ".join(f"{o} {g} {v:.1f} dB" for o, gs in task["sqnr_by_group"].items()
-                                       for g, v in gs.items())
+        text += "; SQNR " + ", ".join(
+            f"{o} {g} {v:.1f} dB" for o, gs in task["sqnr_by_group"].items() for g, v in gs.items()
+        )
     return text
 
 
@@ -279,8 +390,9 @@ def _runs(session, feeds: Mapping[str, np.ndarray]) -> bool:
     return True
 
 
-def padded_feed(model, feeds: Mapping[str, np.ndarray], seq_len: int | None = None
-                ) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
+def padded_feed(
+    model, feeds: Mapping[str, np.ndarray], seq_len: int | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
     """`feeds` with their token axis padded to `seq_len` (default: dlopt bench's DEFAULT_SEQ_LEN), the
     shape users run: tokenizers pad batches to a fixed length. Only integer inputs whose axis 1 is
     dynamic in the graph are padded, with 0 (masks are 0 on the padding: ids and type ids there are
@@ -290,8 +402,15 @@ def padded_feed(model, feeds: Mapping[str, np.ndarray], seq_len: int | None = No
 
     seq_len = seq_len or DEFAULT_SEQ_LEN
     specs = {s.name: s for s in graph_inputs(model)}
-    token = [k for k, v in feeds.items() if k in specs and np.issubdtype(np.asarray(v).dtype, np.integer)
-             and len(specs[k].shape) >= 2 and not _fixed(specs[k].shape[1]) and np.asarray(v).ndim >= 2]
+    token = [
+        k
+        for k, v in feeds.items()
+        if k in specs
+        and np.issubdtype(np.asarray(v).dtype, np.integer)
+        and len(specs[k].shape) >= 2
+        and not _fixed(specs[k].shape[1])
+        and np.asarray(v).ndim >= 2
+    ]
     lengths = {int(np.asarray(feeds[k]).shape[1]) for k in token}
     if not token or len(lengths) != 1 or next(iter(lengths)) >= seq_len:
         return dict(feeds), None
@@ -305,9 +424,16 @@ def padded_feed(model, feeds: Mapping[str, np.ndarray], seq_len: int | None = No
     return out, {"inputs": sorted(token), "tokens": length, "padded_to": seq_len}
 
 
-def speed_check(float_session, quantized_session, feeds: Mapping[str, np.ndarray], *, budget_s: float = 3.0,
-                min_rounds: int = 8, rounds: int | None = None, padding: Mapping[str, Any] | None = None
-                ) -> dict[str, Any]:
+def speed_check(
+    float_session,
+    quantized_session,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    budget_s: float = 3.0,
+    min_rounds: int = 8,
+    rounds: int | None = None,
+    padding: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """A quick interleaved latency check of two sessions on one feed, measured the way `dlopt bench`
     measures (its sampler: warm-up until the latencies settle, runs grouped into samples of at least
     1 ms, rotated rounds, thread CPU time, the median of per-round ratios with its 95 % bootstrap CI),
@@ -325,24 +451,44 @@ def speed_check(float_session, quantized_session, feeds: Mapping[str, np.ndarray
     runners = [lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, inputs)]
     started = time.perf_counter()
     warm_sampler = InterleavedSampler(runners)
-    warm = warm_sampler.warm_up(max_seconds=budget_s * bench.warmup_max_fraction, clock="cpu",
-                                window=bench.warmup_window, tolerance=bench.warmup_tolerance)
+    warm = warm_sampler.warm_up(
+        max_seconds=budget_s * bench.warmup_max_fraction,
+        clock="cpu",
+        window=bench.warmup_window,
+        tolerance=bench.warmup_tolerance,
+    )
     repeat = runs_per_sample(warm_sampler, "cpu", bench.min_sample_s)
     sampler = InterleavedSampler([Repeated(r, repeat) if repeat > 1 else r for r in runners])
     sampler.run_for(max(0.0, budget_s - (time.perf_counter() - started)), min_rounds=min_rounds, max_rounds=rounds)
     a, b = sampler.samples(0, "cpu") / repeat, sampler.samples(1, "cpu") / repeat
     # quantized / FP32 latency, as dlopt bench computes it; the speed-up is its inverse
-    ratio = sampler.ratio(1, "cpu", baseline=0, method=bench.ratio_method, confidence=bench.confidence,
-                          n_boot=bench.n_boot, seed=bench.seed)
+    ratio = sampler.ratio(
+        1,
+        "cpu",
+        baseline=0,
+        method=bench.ratio_method,
+        confidence=bench.confidence,
+        n_boot=bench.n_boot,
+        seed=bench.seed,
+    )
     batch = int(next(iter(feeds.values())).shape[0]) if feeds else 1
-    return {"batch": batch, "threads": 1, "rounds": int(a.size), "runs_per_sample": repeat,
-            "warmup_settled": warm.settled, "clock": "thread CPU time",
-            "float_ms": float(np.median(a) * 1e3), "quantized_ms": float(np.median(b) * 1e3),
-            "speedup": float(1 / ratio.estimate), "speedup_ci": [float(1 / ratio.high), float(1 / ratio.low)],
-            "confidence": ratio.confidence, "method": f"dlopt bench's sampler, {ratio.method}",
-            "rough": bool(a.size < bench.min_rounds),
-            "input_shapes": {k: list(np.asarray(v).shape) for k, v in inputs[0].items()},
-            "padding": dict(padding) if padding else None}
+    return {
+        "batch": batch,
+        "threads": 1,
+        "rounds": int(a.size),
+        "runs_per_sample": repeat,
+        "warmup_settled": warm.settled,
+        "clock": "thread CPU time",
+        "float_ms": float(np.median(a) * 1e3),
+        "quantized_ms": float(np.median(b) * 1e3),
+        "speedup": float(1 / ratio.estimate),
+        "speedup_ci": [float(1 / ratio.high), float(1 / ratio.low)],
+        "confidence": ratio.confidence,
+        "method": f"dlopt bench's sampler, {ratio.method}",
+        "rough": bool(a.size < bench.min_rounds),
+        "input_shapes": {k: list(np.asarray(v).shape) for k, v in inputs[0].items()},
+        "padding": dict(padding) if padding else None,
+    }
 
 
 def feed_description(shapes: Mapping[str, Sequence[int]], padding: Mapping[str, Any] | None = None) -> str:
@@ -354,8 +500,16 @@ def feed_description(shapes: Mapping[str, Sequence[int]], padding: Mapping[str, 
     return text
 
 
-def _summary(original, quantized, data, config: QuantizeScheme, *, feeds: list[Feeds] | None = None,
-             holdout: Mapping[str, Any] | None = None, exact_arithmetic: bool = False) -> dict[str, Any]:
+def _summary(
+    original,
+    quantized,
+    data,
+    config: QuantizeScheme,
+    *,
+    feeds: list[Feeds] | None = None,
+    holdout: Mapping[str, Any] | None = None,
+    exact_arithmetic: bool = False,
+) -> dict[str, Any]:
     """Sizes, quantized nodes, fidelity vs the float model on this host's kernels and, with
     exact_arithmetic, also of the QDQ graph's own arithmetic: graph optimizations off, so ORT runs
     DequantizeLinear -> float op -> QuantizeLinear instead of its fused int8 kernels. Fidelity is
@@ -370,26 +524,36 @@ def _summary(original, quantized, data, config: QuantizeScheme, *, feeds: list[F
     outputs, carried = held_out_outputs(session, feeds, reference, pairs)
     names = [o.name for o in session.get_outputs()]
     if [o.name for o in original.graph.output] != names:
-        raise StageError(f"quantization changed the graph outputs {[o.name for o in original.graph.output]} -> "
-                         f"{names}", "report this model")
+        raise StageError(
+            f"quantization changed the graph outputs {[o.name for o in original.graph.output]} -> {names}",
+            "report this model",
+        )
     choice = task_choice(original, feeds, config, reference)
-    summary = {"bytes_before": original.ByteSize(), "bytes_after": quantized.ByteSize(),
-               "quantized_nodes": quantized_nodes(quantized), "ops_after": op_counts(quantized),
-               "fidelity": _fidelity(choice, reference, outputs, feeds, names, config) | {
-                   "data": holdout["data"], "input_shapes": {k: list(np.shape(v)) for k, v in feeds[0].items()},
-                   "stream": {"state": [list(p) for p in pairs], "feeds_carrying_own_state": carried}
-                   if pairs else None},
-               "holdout": {k: v for k, v in holdout.items() if k != "warning"},
-               "metric": {"metric": None, "why": choice.reason},
-               "cpu": cpu_record(host_cpu())}
+    summary = {
+        "bytes_before": original.ByteSize(),
+        "bytes_after": quantized.ByteSize(),
+        "quantized_nodes": quantized_nodes(quantized),
+        "ops_after": op_counts(quantized),
+        "fidelity": _fidelity(choice, reference, outputs, feeds, names, config)
+        | {
+            "data": holdout["data"],
+            "input_shapes": {k: list(np.shape(v)) for k, v in feeds[0].items()},
+            "stream": {"state": [list(p) for p in pairs], "feeds_carrying_own_state": carried} if pairs else None,
+        },
+        "holdout": {k: v for k, v in holdout.items() if k != "warning"},
+        "metric": {"metric": None, "why": choice.reason},
+        "cpu": cpu_record(host_cpu()),
+    }
     summary["metric"]["metric"] = summary["fidelity"]["task_metric"]["metric"]
     if exact_arithmetic:
         exact = held_out_outputs(cpu_session(quantized, graph_opt_level="disable"), feeds, reference, pairs)[0]
         summary["fidelity_exact_arithmetic"] = {
-            **_fidelity(choice, reference, exact, feeds, names, config), "data": holdout["data"],
+            **_fidelity(choice, reference, exact, feeds, names, config),
+            "data": holdout["data"],
             "why": f"this x86 CPU has no VNNI: its int8 kernels overflow the full-range weights of the "
-                   f"{config.target} recipe, so the fidelity above is this host's; the QDQ arithmetic itself, "
-                   "what the target's int8 kernels compute, is below"}
+            f"{config.target} recipe, so the fidelity above is this host's; the QDQ arithmetic itself, "
+            "what the target's int8 kernels compute, is below",
+        }
     if config.speed_check:
         timed, padding = padded_feed(original, feeds[0])
         if padding is not None and not _runs(float_session, timed):  # e.g. a position table shorter than 128
@@ -416,6 +580,8 @@ def _fidelity(choice: MetricChoice, reference, outputs, feeds, names, config) ->
 def _warn_if_slower(report: Mapping[str, Any], log) -> None:
     speed = report.get("speed_check")
     if speed and speed["speedup"] < 0.95:
-        log(f"warning: the quantized model ran {speed['speedup']:.2f}x FP32 speed in a quick check "
+        log(
+            f"warning: the quantized model ran {speed['speedup']:.2f}x FP32 speed in a quick check "
             f"(inputs {feed_description(speed['input_shapes'], speed.get('padding'))}, one thread): slower on "
-            f"this CPU; measure with dlopt bench")
+            f"this CPU; measure with dlopt bench"
+        )

@@ -13,12 +13,11 @@ import numpy as np
 from dlopt.data import CalibrationData
 from dlopt.errors import InputError
 from dlopt.optimize.preprocess import replace_nodes
-from dlopt.optimize.quantize.calibrate import calibrate, _ort_method, _ort_quant_type
+from dlopt.optimize.quantize.calibrate import _ort_method, _ort_quant_type, calibrate
 from dlopt.optimize.quantize.recipe import Int8Recipe
 from dlopt.optimize.quantize.schemes import Int8Scheme, Int8Static
-from dlopt.optimize.quantize_scheme import check_excluded_nodes
+from dlopt.optimize.quantize_scheme import QuantizeScheme, check_excluded_nodes
 from dlopt.optimize.rounding import LayerStatistics, collect_layer_statistics, refine_weights
-from dlopt.optimize.quantize_scheme import QuantizeScheme
 from dlopt.quiet import quiet_libraries
 
 
@@ -35,9 +34,14 @@ def _default_op_types(recipe: Int8Recipe) -> set[str]:
 
 def _depthwise_weights(model, skip: Collection[str] = frozenset()) -> list[str]:
     inits = {t.name for t in model.graph.initializer}
-    return sorted(n.input[1] for n in model.graph.node
-                  if n.op_type == "Conv" and n.input[1] in inits and n.name not in skip
-                  and any(a.name == "group" and a.i > 1 for a in n.attribute))
+    return sorted(
+        n.input[1]
+        for n in model.graph.node
+        if n.op_type == "Conv"
+        and n.input[1] in inits
+        and n.name not in skip
+        and any(a.name == "group" and a.i > 1 for a in n.attribute)
+    )
 
 
 def _check_exclusions(model, config: QuantizeScheme) -> None:
@@ -47,9 +51,17 @@ def _check_exclusions(model, config: QuantizeScheme) -> None:
     check_excluded_nodes(config.exclude_nodes, names)
 
 
-def quantize_int8(model, config: Int8Scheme, recipe: Int8Recipe, data: CalibrationData | None = None, *,
-                  exclude_nodes: Iterable[str] = (), progress: bool = False, ranges=None,
-                  layer_stats: LayerStatistics | None = None):
+def quantize_int8(
+    model,
+    config: Int8Scheme,
+    recipe: Int8Recipe,
+    data: CalibrationData | None = None,
+    *,
+    exclude_nodes: Iterable[str] = (),
+    progress: bool = False,
+    ranges=None,
+    layer_stats: LayerStatistics | None = None,
+):
     """INT8 with ORT's quantizers following `recipe`; returns (model, details). `ranges` and
     `layer_stats` reuse a calibration (TensorsData) and the weight-rounding statistics across the
     candidates of a budget search (both are returned in details)."""
@@ -63,39 +75,62 @@ def quantize_int8(model, config: Int8Scheme, recipe: Int8Recipe, data: Calibrati
     op_types = sorted(_default_op_types(recipe) - set(config.exclude_ops))
     excluded = sorted(set(config.exclude_nodes) | set(exclude_nodes))
     details: dict[str, Any] = {"op_types_to_quantize": op_types, "nodes_excluded": excluded}
-    weight_only = WeightOnlyConfig(per_channel=recipe.per_channel, exclude_nodes=tuple(excluded),
-                                   op_types=tuple(sorted(set(WEIGHT_INPUTS) - set(config.exclude_ops))))
+    weight_only = WeightOnlyConfig(
+        per_channel=recipe.per_channel,
+        exclude_nodes=tuple(excluded),
+        op_types=tuple(sorted(set(WEIGHT_INPUTS) - set(config.exclude_ops))),
+    )
     if recipe.mode == "weight-only":
         result = quantize_weights_int8(model, weight_only)
         details.update(weight_only=result.report, ranges=ranges, layer_stats=layer_stats)
         return result.model, details
     with tempfile.TemporaryDirectory(prefix="dlopt-quant-") as tmp:
         out = Path(tmp) / "quantized.onnx"
-        common = dict(per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
-                      weight_type=_ort_quant_type(recipe.weight_type), nodes_to_exclude=excluded,
-                      op_types_to_quantize=op_types)
+        common = dict(
+            per_channel=recipe.per_channel,
+            reduce_range=recipe.reduce_range,
+            weight_type=_ort_quant_type(recipe.weight_type),
+            nodes_to_exclude=excluded,
+            op_types_to_quantize=op_types,
+        )
         with quiet_libraries():  # its "run pre-processing" advice: preprocess() did
             if recipe.mode == "dynamic":
                 # EnableSubgraph: If/Loop/Scan bodies are quantized too (ORT's QOperator quantizer only)
-                quantize_dynamic(model, str(out), extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT,
-                                                                 "MatMulConstBOnly": True, "EnableSubgraph": True},
-                                 **common)
+                quantize_dynamic(
+                    model,
+                    str(out),
+                    extra_options={
+                        "DefaultTensorType": onnx.TensorProto.FLOAT,
+                        "MatMulConstBOnly": True,
+                        "EnableSubgraph": True,
+                    },
+                    **common,
+                )
             else:
                 if ranges is None:
                     from dlopt.optimize.quantize.recipe import compute_only_in_subgraphs
 
                     if compute_only_in_subgraphs(model):  # ORT's calibrator would find no tensor and crash
-                        raise InputError("static INT8 reaches none of this model's layers: they all lie inside "
-                                         "If/Loop/Scan branches, which static QDQ does not quantize",
-                                         "use {mode=dynamic}: dynamic INT8 quantizes the layers inside branches")
+                        raise InputError(
+                            "static INT8 reaches none of this model's layers: they all lie inside "
+                            "If/Loop/Scan branches, which static QDQ does not quantize",
+                            "use {mode=dynamic}: dynamic INT8 quantizes the layers inside branches",
+                        )
                     if data is None:
-                        raise InputError("static quantization needs calibration data",
-                                         "pass {calibration=DATA} (an .npz, a folder, or model:NAME) or use "
-                                         "{mode=dynamic}")
+                        raise InputError(
+                            "static quantization needs calibration data",
+                            "pass {calibration=DATA} (an .npz, a folder, or model:NAME) or use {mode=dynamic}",
+                        )
                     # Concat too: its inputs' ranges find outputs that join tensors of very different ranges
-                    ranges, _ = calibrate(model, data, method=recipe.method, op_types=sorted({*op_types, "Concat"}),
-                                          symmetric=recipe.activation_type == "s8", percentile=recipe.percentile,
-                                          progress=progress)
+                    ranges, _ = calibrate(
+                        model,
+                        data,
+                        method=recipe.method,
+                        op_types=sorted({*op_types, "Concat"}),
+                        symmetric=recipe.activation_type == "s8",
+                        percentile=recipe.percentile,
+                        progress=progress,
+                    )
                 mixed = mixed_range_outputs(model, ranges, skip=set(excluded))
                 if mixed:
                     details["mixed_range_outputs"] = mixed
@@ -108,17 +143,34 @@ def quantize_int8(model, config: Int8Scheme, recipe: Int8Recipe, data: Calibrati
                     # Depthwise convolutions run on MLAS's direct kernel, which accumulates in 32 bits:
                     # the 16-bit pair saturation that reduce_range guards against cannot happen there,
                     # so their weights keep all 8 bits (EfficientNet-Lite0: logit SQNR 12.5 -> 13.9 dB).
-                    overrides = {w: [{"quant_type": _ort_quant_type(recipe.weight_type), "symmetric": True,
-                                      "reduce_range": False, "axis": 0}]
-                                 for w in _depthwise_weights(model, skip=set(excluded))}
+                    overrides = {
+                        w: [
+                            {
+                                "quant_type": _ort_quant_type(recipe.weight_type),
+                                "symmetric": True,
+                                "reduce_range": False,
+                                "axis": 0,
+                            }
+                        ]
+                        for w in _depthwise_weights(model, skip=set(excluded))
+                    }
                     details["full_range_depthwise_weights"] = len(overrides)
-                quantize_static(model, str(out), calibration_data_reader=None, calibration_cache_path=str(cache),
-                                quant_format=QuantFormat.QDQ, activation_type=_ort_quant_type(recipe.activation_type),
-                                calibrate_method=_ort_method(recipe.method),
-                                extra_options={"ActivationSymmetric": recipe.activation_type == "s8",
-                                               "WeightSymmetric": True, "DefaultTensorType": onnx.TensorProto.FLOAT,
-                                               **({"TensorQuantOverrides": overrides} if overrides else {})},
-                                **common)
+                quantize_static(
+                    model,
+                    str(out),
+                    calibration_data_reader=None,
+                    calibration_cache_path=str(cache),
+                    quant_format=QuantFormat.QDQ,
+                    activation_type=_ort_quant_type(recipe.activation_type),
+                    calibrate_method=_ort_method(recipe.method),
+                    extra_options={
+                        "ActivationSymmetric": recipe.activation_type == "s8",
+                        "WeightSymmetric": True,
+                        "DefaultTensorType": onnx.TensorProto.FLOAT,
+                        **({"TensorQuantOverrides": overrides} if overrides else {}),
+                    },
+                    **common,
+                )
         quantized = onnx.load_model(str(out))
     topological_sort(quantized.graph)  # ORT appends outer quantize nodes after the If/Loop reading them
     # What ORT's quantizers leave float: GRU/RNN (no integer kernel), LSTM where DynamicQuantizeLSTM did not
@@ -137,14 +189,22 @@ def quantize_int8(model, config: Int8Scheme, recipe: Int8Recipe, data: Calibrati
     if recipe.mode == "static" and (recipe.weight_rounding == "gptq" or recipe.bias_correction):
         if layer_stats is None:
             if data is None:
-                raise InputError("GPTQ weight rounding and bias correction need calibration data",
-                                 "pass {calibration=DATA}, or use {weight_rounding=nearest} without bias correction")
+                raise InputError(
+                    "GPTQ weight rounding and bias correction need calibration data",
+                    "pass {calibration=DATA}, or use {weight_rounding=nearest} without bias correction",
+                )
             static = config if isinstance(config, Int8Static) else Int8Static()  # its rounding fields: static only
             layer_stats = collect_layer_statistics(model, data, samples=static.rounding_samples, progress=progress)
         full = set(_depthwise_weights(model)) if recipe.reduce_range else set()
         details["weight_refinement"] = refine_weights(
-            quantized, model, layer_stats, rounding=recipe.weight_rounding, bias_correction=recipe.bias_correction,
-            full_range=full, reduce_range=recipe.reduce_range)
+            quantized,
+            model,
+            layer_stats,
+            rounding=recipe.weight_rounding,
+            bias_correction=recipe.bias_correction,
+            full_range=full,
+            reduce_range=recipe.reduce_range,
+        )
     details["ranges"] = ranges
     details["layer_stats"] = layer_stats
     return quantized, details
@@ -174,8 +234,9 @@ def _width(ranges, name: str) -> float | None:
     return float(max(np.max(high), 0.0) - min(np.min(low), 0.0))
 
 
-def mixed_range_outputs(model, ranges, *, ratio: float = MIXED_RANGE_RATIO,
-                        skip: Collection[str] = frozenset()) -> list[dict[str, Any]]:
+def mixed_range_outputs(
+    model, ranges, *, ratio: float = MIXED_RANGE_RATIO, skip: Collection[str] = frozenset()
+) -> list[dict[str, Any]]:
     """Concat nodes that feed graph outputs (directly or through Reshape/Transpose/Squeeze/Unsqueeze/
     Flatten/Identity/Split/Concat only) and whose inputs' calibrated range widths differ by more than
     `ratio`. Each comes with the nodes to keep float (the Concat and the layout ops after it) and why."""
@@ -208,14 +269,23 @@ def mixed_range_outputs(model, ranges, *, ratio: float = MIXED_RANGE_RATIO,
         big, small = max(known, key=lambda k: known[k]), min(known, key=lambda k: known[k])
         apart = known[big] / known[small]
         kept = list(dict.fromkeys([node.name, *after]))
-        found.append({"node": node.name, "outputs": sorted(reached), "kept_float": kept,
-                      "narrow_inputs": [name for name, width in known.items() if width * ratio <= known[big]],
-                      "input_range_widths": {k: round(v, 6) for k, v in known.items()}, "ratio": round(apart, 1),
-                      "why": (f"{node.name} joins {big} (range width {known[big]:.4g}) and {small} (width "
-                              f"{known[small]:.4g}), {apart:.0f}x apart, into graph output {', '.join(sorted(reached))}: "
-                              f"one scale for both would leave {small} {apart / 255:.2g} of its range per step, so "
-                              + (f"the Concat and the {len(after)} layout node(s) after it stay" if after else
-                                 "the Concat stays") + " float and each input keeps its own scale")})
+        found.append(
+            {
+                "node": node.name,
+                "outputs": sorted(reached),
+                "kept_float": kept,
+                "narrow_inputs": [name for name, width in known.items() if width * ratio <= known[big]],
+                "input_range_widths": {k: round(v, 6) for k, v in known.items()},
+                "ratio": round(apart, 1),
+                "why": (
+                    f"{node.name} joins {big} (range width {known[big]:.4g}) and {small} (width "
+                    f"{known[small]:.4g}), {apart:.0f}x apart, into graph output {', '.join(sorted(reached))}: "
+                    f"one scale for both would leave {small} {apart / 255:.2g} of its range per step, so "
+                    + (f"the Concat and the {len(after)} layout node(s) after it stay" if after else "the Concat stays")
+                    + " float and each input keeps its own scale"
+                ),
+            }
+        )
     return found
 
 
@@ -267,15 +337,23 @@ def shield_float_nodes(model, names: Iterable[str]) -> list[str]:
             continue
         prefix = f"{node.name}_float_input"
         inputs = [dq.input[0], f"{prefix}_scale"]
-        model.graph.initializer.append(numpy_helper.from_array(
-            np.full(channels, scale.reshape(-1)[0], dtype=scale.dtype), inputs[1]))
+        model.graph.initializer.append(
+            numpy_helper.from_array(np.full(channels, scale.reshape(-1)[0], dtype=scale.dtype), inputs[1])
+        )
         if len(dq.input) > 2 and dq.input[2] in inits:
             zero = numpy_helper.to_array(inits[dq.input[2]])
             inputs.append(f"{prefix}_zero_point")
-            model.graph.initializer.append(numpy_helper.from_array(
-                np.full(channels, zero.reshape(-1)[0], dtype=zero.dtype), inputs[2]))
-        new_nodes.append((node, helper.make_node("DequantizeLinear", inputs, [f"{prefix}_dequantized"],
-                                                 name=f"{prefix}_DequantizeLinear", axis=axis)))
+            model.graph.initializer.append(
+                numpy_helper.from_array(np.full(channels, zero.reshape(-1)[0], dtype=zero.dtype), inputs[2])
+            )
+        new_nodes.append(
+            (
+                node,
+                helper.make_node(
+                    "DequantizeLinear", inputs, [f"{prefix}_dequantized"], name=f"{prefix}_DequantizeLinear", axis=axis
+                ),
+            )
+        )
         node.input[0] = f"{prefix}_dequantized"
         shielded.append(node.name)
     if new_nodes:  # each new DequantizeLinear just before its node keeps the graph in topological order

@@ -12,21 +12,41 @@ from dlopt.errors import InputError
 from dlopt.optimize.int4 import Int4WeightOnly
 from dlopt.optimize.normalize import NormalizeConfig, normalize
 from dlopt.optimize.preprocess import PreprocessConfig, check_feeds, preprocess
-from dlopt.optimize.quantize.int8 import quantize_int8, _check_exclusions
+from dlopt.optimize.quantize.heldout import (
+    _summary,
+    _warn_if_slower,
+    fidelity_floor,
+    fidelity_sample_count,
+    split_holdout,
+    verdict,
+)
+from dlopt.optimize.quantize.int8 import _check_exclusions, quantize_int8
 from dlopt.optimize.quantize.recipe import Int8Recipe, choose_recipe, host_kernels_inexact
-from dlopt.optimize.quantize.schemes import (Int8Static, QuantizeConfig, RECOVERY_MAX_FLOAT_SHARE, SCHEME_KINDS, Scheme,
-                                             validate_config, _Int8)
+from dlopt.optimize.quantize.schemes import (
+    RECOVERY_MAX_FLOAT_SHARE,
+    SCHEME_KINDS,
+    Int8Static,
+    QuantizeConfig,
+    Scheme,
+    _Int8,
+    validate_config,
+)
 from dlopt.optimize.quantize.smoothquant import smooth_activations
-from dlopt.optimize.quantize.heldout import fidelity_floor, fidelity_sample_count, split_holdout, verdict, _summary, _warn_if_slower
 from dlopt.optimize.quantize_scheme import QuantizeScheme
 from dlopt.runtime import initialize as initialize_runtime
 from dlopt.stage import StageResult, config_to_dict
 
 
 # -- the entry point --------------------------------------------------------------------------------------
-def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: CalibrationData | None = None, *,
-             eval_data: CalibrationData | None = None, progress: bool = False, log=lambda message: None
-             ) -> StageResult:
+def quantize(
+    model,
+    config: Scheme | QuantizeConfig = QuantizeConfig(),
+    data: CalibrationData | None = None,
+    *,
+    eval_data: CalibrationData | None = None,
+    progress: bool = False,
+    log=lambda message: None,
+) -> StageResult:
     """Quantize an onnx.ModelProto (never modified) with a scheme config (Int8Dynamic, Int8Static,
     Int8WeightOnly, Int4WeightOnly, Fp16), or a `quantize` request (QuantizeConfig) that resolves to
     one here, for this model and the data at hand. The report holds the scheme (`report["scheme"]`:
@@ -38,8 +58,10 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
     if isinstance(config, QuantizeConfig):
         validate_config(config)
     elif type(config) not in SCHEME_KINDS:
-        raise InputError(f"quantize takes a scheme config or a QuantizeConfig, not {type(config).__name__}",
-                         f"use one of {', '.join(c.__name__ for c in SCHEME_KINDS)}")
+        raise InputError(
+            f"quantize takes a scheme config or a QuantizeConfig, not {type(config).__name__}",
+            f"use one of {', '.join(c.__name__ for c in SCHEME_KINDS)}",
+        )
     evaluator = getattr(config, "evaluator", None)
     if evaluator and ".py:" in evaluator:  # the user's metric: a missing or broken file fails before any work
         from dlopt.metrics import load_evaluator
@@ -69,8 +91,12 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
     reasons: tuple[str, ...] = ()
     if isinstance(config, QuantizeConfig):
         config, reasons = config.resolve(model, has_data=data is not None)
-    scheme = {"kind": SCHEME_KINDS[type(config)], "config": config_to_dict(config),
-              "resolved_from": "quantize" if request is not None else None, "reasons": list(reasons)}
+    scheme = {
+        "kind": SCHEME_KINDS[type(config)],
+        "config": config_to_dict(config),
+        "resolved_from": "quantize" if request is not None else None,
+        "reasons": list(reasons),
+    }
     if request is not None and config.precision != "int8":
         log(f"scheme: {scheme['kind']} ({reasons[0]})")
     floor = fidelity_floor(config)
@@ -86,8 +112,12 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
             from dlopt.optimize.fp16 import convert_fp16
 
             result = convert_fp16(source, config, data)
-        report = {**{k: v for k, v in result.report.items() if k != "config"}, "precision": config.precision,
-                  "config": config_to_dict(request or config), "scheme": scheme}
+        report = {
+            **{k: v for k, v in result.report.items() if k != "config"},
+            "precision": config.precision,
+            "config": config_to_dict(request or config),
+            "scheme": scheme,
+        }
         result_model, report["kernel_choice"] = _choose_kernels(result.model, config, log, decisions)
         result_model, report["trim_padding"] = _trim_padding(model, result_model, config, held_out, data, log)
         report.update(_summary(model, result_model, data, config, feeds=held_out, holdout=holdout))
@@ -99,19 +129,35 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
     # Constant-node weights to initializers, opset >= 13: what ORT's quantizers assume, each step checked
     normalized = normalize(model, NormalizeConfig(input_shapes=config.input_shapes), data)
     if normalized.report["steps"]:
-        log("graph normalization: " + ", ".join(s["step"] + ("" if s["applied"] else " (not applied)")
-                                                for s in normalized.report["steps"]))
-    recipe = choose_recipe(normalized.model, config, has_data=data is not None, normalization=normalized.report,
-                           mode_reason=reasons[0] if reasons else None)
+        log(
+            "graph normalization: "
+            + ", ".join(s["step"] + ("" if s["applied"] else " (not applied)") for s in normalized.report["steps"])
+        )
+    recipe = choose_recipe(
+        normalized.model,
+        config,
+        has_data=data is not None,
+        normalization=normalized.report,
+        mode_reason=reasons[0] if reasons else None,
+    )
     for reason in recipe.reasons:
         log(f"recipe: {reason}")
     prepared, pre_report = normalized.model, None
     if config.preprocess:
-        log("pre-processing: " + ("transformer fusions, " if recipe.fuse_transformer else "")
-            + "constant folding, shape inference (each checked against its input)")
-        pre = preprocess(prepared, PreprocessConfig(transformer_fusion="auto" if recipe.fuse_transformer else "off",
-                                                    gemm_to_matmul=recipe.mode == "dynamic",
-                                                    input_shapes=config.input_shapes), data)
+        log(
+            "pre-processing: "
+            + ("transformer fusions, " if recipe.fuse_transformer else "")
+            + "constant folding, shape inference (each checked against its input)"
+        )
+        pre = preprocess(
+            prepared,
+            PreprocessConfig(
+                transformer_fusion="auto" if recipe.fuse_transformer else "off",
+                gemm_to_matmul=recipe.mode == "dynamic",
+                input_shapes=config.input_shapes,
+            ),
+            data,
+        )
         prepared, pre_report = pre.model, pre.report
         _check_exclusions(prepared, config)  # a fusion may have absorbed an excluded node
     fusion_report = None
@@ -122,8 +168,9 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
     smooth_report = None
     if recipe.smoothing is not None and data is not None:
         log(f"SmoothQuant: measuring activation ranges on {config.smoothing_samples} samples")
-        prepared, smooth_report = smooth_activations(prepared, data, alpha=recipe.smoothing,
-                                                     samples=config.smoothing_samples, exclude=config.exclude_nodes)
+        prepared, smooth_report = smooth_activations(
+            prepared, data, alpha=recipe.smoothing, samples=config.smoothing_samples, exclude=config.exclude_nodes
+        )
     quantized, details = quantize_int8(prepared, config, recipe, data, progress=progress)
     ranges = details.pop("ranges")
     layer_stats = details.pop("layer_stats")
@@ -131,8 +178,18 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
 
     budget = None
     if config.max_accuracy_drop is not None:
-        budget = meet_budget(model, prepared, quantized, config, recipe, data, ranges=ranges,
-                             layer_stats=layer_stats, eval_feeds=held_out, log=log)
+        budget = meet_budget(
+            model,
+            prepared,
+            quantized,
+            config,
+            recipe,
+            data,
+            ranges=ranges,
+            layer_stats=layer_stats,
+            eval_feeds=held_out,
+            log=log,
+        )
         quantized = budget.pop("model")
         details["nodes_excluded"] = budget["chosen"]["excluded"]
     exact = host_kernels_inexact(recipe)
@@ -143,22 +200,43 @@ def quantize(model, config: Scheme | QuantizeConfig = QuantizeConfig(), data: Ca
         evaluator = floor_evaluator(model, feeds, config, graph_opt_level="disable" if exact else "all")
         score = evaluator.score(quantized)
         if score < 0:
-            log(f"fidelity: {evaluator.name.split(' margin')[0]} is {-score:.3g} below its floor on {len(feeds)} "
-                f"{holdout['data']} samples: keeping the nodes that add the most noise in float until it holds")
+            log(
+                f"fidelity: {evaluator.name.split(' margin')[0]} is {-score:.3g} below its floor on {len(feeds)} "
+                f"{holdout['data']} samples: keeping the nodes that add the most noise in float until it holds"
+            )
             base = dataclasses.replace(config, exclude_nodes=tuple(details["nodes_excluded"]))
-            recovery = meet_budget(model, prepared, quantized, base, recipe, data, ranges=ranges,
-                                   layer_stats=layer_stats, evaluator=evaluator, max_drop=0.0,
-                                   max_float_share=RECOVERY_MAX_FLOAT_SHARE, log=log)
+            recovery = meet_budget(
+                model,
+                prepared,
+                quantized,
+                base,
+                recipe,
+                data,
+                ranges=ranges,
+                layer_stats=layer_stats,
+                evaluator=evaluator,
+                max_drop=0.0,
+                max_float_share=RECOVERY_MAX_FLOAT_SHARE,
+                log=log,
+            )
             quantized = recovery.pop("model")
             details["nodes_excluded"] = recovery["chosen"]["excluded"]
     node_forms = None
     if isinstance(config, Int8Static) and recipe.mode == "static" and _timed_here(config.target):
-        quantized, node_forms = _choose_node_forms(prepared, quantized, config, recipe, data, ranges, layer_stats,
-                                                   details, log, decisions)
-    report = {"precision": "int8", "config": config_to_dict(request or config), "scheme": scheme,
-              "recipe": dataclasses.asdict(recipe) | {"reasons": list(recipe.reasons)},
-              "normalization": normalized.report, "preprocess": pre_report, "activation_fusion": fusion_report,
-              "smoothing": smooth_report, **details}
+        quantized, node_forms = _choose_node_forms(
+            prepared, quantized, config, recipe, data, ranges, layer_stats, details, log, decisions
+        )
+    report = {
+        "precision": "int8",
+        "config": config_to_dict(request or config),
+        "scheme": scheme,
+        "recipe": dataclasses.asdict(recipe) | {"reasons": list(recipe.reasons)},
+        "normalization": normalized.report,
+        "preprocess": pre_report,
+        "activation_fusion": fusion_report,
+        "smoothing": smooth_report,
+        **details,
+    }
     if budget is not None:
         report["budget"] = budget
     if recovery is not None:
@@ -187,8 +265,18 @@ def _decision_store(config):
     return DecisionStore(replay=load_replay(named[0]), replay_source=named[0])
 
 
-def _choose_node_forms(prepared, quantized, config: Int8Static, recipe: Int8Recipe, data, ranges, layer_stats,
-                       details: dict[str, Any], log, decisions) -> tuple[Any, dict[str, Any]]:
+def _choose_node_forms(
+    prepared,
+    quantized,
+    config: Int8Static,
+    recipe: Int8Recipe,
+    data,
+    ranges,
+    layer_stats,
+    details: dict[str, Any],
+    log,
+    decisions,
+) -> tuple[Any, dict[str, Any]]:
     """INT8 or float per node class, timed here or replayed (dlopt.optimize.kernel_choice.choose_node_forms).
     Speed decides only where accuracy allows: nodes the accuracy budget kept float stay float, and speed
     can only add float nodes (a float node computes what the source computes)."""
@@ -198,14 +286,16 @@ def _choose_node_forms(prepared, quantized, config: Int8Static, recipe: Int8Reci
     requantized: dict[str, Any] = {}
 
     def requantize(names: list[str]):
-        model, more = quantize_int8(prepared, config, recipe, data, exclude_nodes=excluded + names, ranges=ranges,
-                                    layer_stats=layer_stats)
+        model, more = quantize_int8(
+            prepared, config, recipe, data, exclude_nodes=excluded + names, ranges=ranges, layer_stats=layer_stats
+        )
         requantized.update({k: v for k, v in more.items() if k not in ("ranges", "layer_stats")})
         return model
 
     feeds = check_feeds(prepared, data, 1)[0]
-    result = choose_node_forms(prepared, quantized, feeds, requantize, NodeFormConfig(forms=config.node_forms),
-                               store=decisions)
+    result = choose_node_forms(
+        prepared, quantized, feeds, requantize, NodeFormConfig(forms=config.node_forms), store=decisions
+    )
     if result.report["classes"] or config.node_forms == "int8":
         log(f"node forms: {result.report['decision']}")
     if result.report["kept"]:
@@ -248,8 +338,9 @@ def _fuse_activations(model, config, recipe: Int8Recipe, data, log) -> tuple[Any
     each kind checked against the unfused graph on the calibration data."""
     from dlopt.optimize.fuse_activations import FuseActivations, fuse_activations, summary_line
 
-    result = fuse_activations(model, FuseActivations(static_int8=recipe.mode == "static",
-                                                     input_shapes=config.input_shapes), data)
+    result = fuse_activations(
+        model, FuseActivations(static_int8=recipe.mode == "static", input_shapes=config.input_shapes), data
+    )
     line = summary_line(result.report)
     if line:
         log(line)

@@ -67,8 +67,7 @@ def compute_only_in_subgraphs(model) -> bool:
     static QDQ calibrates and quantizes the main graph only, ORT's dynamic quantizer also the branches."""
     from dlopt.optimize.normalize import subgraph_nodes
 
-    return (not any(n.op_type in COMPUTE_OPS for n in model.graph.node)
-            and bool(subgraph_nodes(model, COMPUTE_OPS)))
+    return not any(n.op_type in COMPUTE_OPS for n in model.graph.node) and bool(subgraph_nodes(model, COMPUTE_OPS))
 
 
 def choose_mode(model, config: QuantizeConfig, *, has_data: bool = True) -> tuple[str, str]:
@@ -86,33 +85,51 @@ def choose_mode(model, config: QuantizeConfig, *, has_data: bool = True) -> tupl
             f"weight-only: the model is stateful ({', '.join(f'{o} -> {i}' for i, o in state)} is fed back each "
             "call): activation quantization noise re-enters through the state on every call and accumulates, "
             "weight rounding does not (Silero VAD over 3 s streamed: max |dp| 0.99 dynamic, 0.95 static QDQ, "
-            "0.03-0.05 weight-only); weights int8, compute float, no speedup (--mode static|dynamic to try)")
+            "0.03-0.05 weight-only); weights int8, compute float, no speedup (--mode static|dynamic to try)"
+        )
     static_only = f"the {config.target} target runs static QDQ, not dynamic quantization ({form.note})"
     if not has_data and (not form.dynamic or (convs and not transformer)):
-        needs = (f"{static_only}, and static INT8" if not form.dynamic
-                 else f"static INT8 for this {kind} ({', '.join(sorted(convs))})")
-        return "weight-only", (f"weight-only: {needs} needs calibration data to set activation ranges (pass "
-                               "--calibration DATA: an .npz, a folder, or model:NAME); without it the weights are "
-                               "stored int8 and dequantized to float before each op: ~4x smaller weights, float "
-                               "compute, no speedup (ONNX Runtime runs each DequantizeLinear per call unless the "
-                               "session sets session.disable_quant_qdq=1)")
+        needs = (
+            f"{static_only}, and static INT8"
+            if not form.dynamic
+            else f"static INT8 for this {kind} ({', '.join(sorted(convs))})"
+        )
+        return "weight-only", (
+            f"weight-only: {needs} needs calibration data to set activation ranges (pass "
+            "--calibration DATA: an .npz, a folder, or model:NAME); without it the weights are "
+            "stored int8 and dequantized to float before each op: ~4x smaller weights, float "
+            "compute, no speedup (ONNX Runtime runs each DequantizeLinear per call unless the "
+            "session sets session.disable_quant_qdq=1)"
+        )
     if not has_data and not transformer:
-        return "dynamic", (f"dynamic: no calibration data, and this {kind} model's MatMul/Gemm layers need none: "
-                           "activations are quantized per call (--calibration DATA allows static QDQ)")
+        return "dynamic", (
+            f"dynamic: no calibration data, and this {kind} model's MatMul/Gemm layers need none: "
+            "activations are quantized per call (--calibration DATA allows static QDQ)"
+        )
     if not form.dynamic:
         return "static", f"static QDQ: {static_only}"
     if transformer:
-        return "dynamic", ("dynamic: transformer activations vary per token and per input; per-call ranges beat "
-                           "calibrated ones (ORT static QDQ loses ~0.2 cosine on MiniLM)")
+        return "dynamic", (
+            "dynamic: transformer activations vary per token and per input; per-call ranges beat "
+            "calibrated ones (ORT static QDQ loses ~0.2 cosine on MiniLM)"
+        )
     if compute_only_in_subgraphs(model):
-        return "dynamic", ("dynamic: the model's Conv/MatMul/Gemm/LSTM layers lie only inside If/Loop/Scan "
-                           "branches, which static QDQ does not reach; dynamic INT8 quantizes them there")
+        return "dynamic", (
+            "dynamic: the model's Conv/MatMul/Gemm/LSTM layers lie only inside If/Loop/Scan "
+            "branches, which static QDQ does not reach; dynamic INT8 quantizes them there"
+        )
     return "static", f"static QDQ: {kind}; activation ranges calibrated once, no per-call quantize cost"
 
 
-def choose_recipe(model, config: Int8Scheme | QuantizeConfig, cpu: HostCpu | None = None, *,
-                  has_data: bool = True, normalization: Mapping[str, Any] | None = None,
-                  mode_reason: str | None = None) -> Int8Recipe:
+def choose_recipe(
+    model,
+    config: Int8Scheme | QuantizeConfig,
+    cpu: HostCpu | None = None,
+    *,
+    has_data: bool = True,
+    normalization: Mapping[str, Any] | None = None,
+    mode_reason: str | None = None,
+) -> Int8Recipe:
     """The INT8 recipe for this model, scheme, target and CPU, with a reason for every choice. A
     `quantize` request is resolved to its scheme first. `normalization`: the report of
     dlopt.optimize.normalize on this model (its opset upgrade); `mode_reason`: why this scheme."""
@@ -134,8 +151,9 @@ def choose_recipe(model, config: Int8Scheme | QuantizeConfig, cpu: HostCpu | Non
     wt: Literal["u8", "s8"]
     if mode == "weight-only":
         act, wt, reduce = "float", "s8", False
-        reasons.append("s8 weights, full 8-bit range: they are dequantized to float, so no int8 kernel's "
-                       "accumulation limits apply")
+        reasons.append(
+            "s8 weights, full 8-bit range: they are dequantized to float, so no int8 kernel's accumulation limits apply"
+        )
     else:  # the target's kernels decide (dlopt.targets: its INT8 form, and this CPU for target cpu)
         from dlopt.targets import get_target
 
@@ -149,38 +167,55 @@ def choose_recipe(model, config: Int8Scheme | QuantizeConfig, cpu: HostCpu | Non
     opset = default_opset(model)
     before = (normalization or {}).get("opset", {}).get("before", opset)
     if before < opset:
-        reasons.append(f"opset {before} upgraded to {opset} with onnx's version converter (checked: outputs "
-                       "equal to the original's)")
+        reasons.append(
+            f"opset {before} upgraded to {opset} with onnx's version converter (checked: outputs "
+            "equal to the original's)"
+        )
     if per_channel and mode != "dynamic" and opset < PER_CHANNEL_OPSET:
         per_channel = False
         why = upgrade_failure(normalization)
-        reasons.append(f"per-tensor weights: opset {opset} has no per-channel DequantizeLinear (axis came in opset "
-                       f"{PER_CHANNEL_OPSET})" + (f", and the upgrade to opset {PER_CHANNEL_OPSET} was rejected: {why}"
-                                                  if why else ""))
+        reasons.append(
+            f"per-tensor weights: opset {opset} has no per-channel DequantizeLinear (axis came in opset "
+            f"{PER_CHANNEL_OPSET})"
+            + (f", and the upgrade to opset {PER_CHANNEL_OPSET} was rejected: {why}" if why else "")
+        )
     else:
         reasons.append("per-channel weights" if per_channel else "per-tensor weights: asked for")
     method = static.method or ("percentile" if transformer or kind == "CNN" else "minmax")
     # EfficientNet-Lite0 (GPTQ + bias correction): 99.99 -> 19.75 dB, 99.999 -> 19.43, 99.9 -> 17.46
     percentile = static.percentile or (99.99 if kind == "CNN" and not transformer else 99.999)
     if mode == "static":
-        reasons.append(f"calibration: {method}" + (f" {percentile}" if method == "percentile" else "")
-                       + ("" if static.method else
-                       (" (transformer activations have outliers)" if transformer
-                        else " (a few outliers set the range of the residual and projection outputs: "
-                             "EfficientNet-Lite0 19.7 vs 18.7 dB with minmax)" if kind == "CNN"
-                        else " (bounded activations)")))
+        reasons.append(
+            f"calibration: {method}"
+            + (f" {percentile}" if method == "percentile" else "")
+            + (
+                ""
+                if static.method
+                else (
+                    " (transformer activations have outliers)"
+                    if transformer
+                    else " (a few outliers set the range of the residual and projection outputs: "
+                    "EfficientNet-Lite0 19.7 vs 18.7 dB with minmax)"
+                    if kind == "CNN"
+                    else " (bounded activations)"
+                )
+            )
+        )
     rounding: Literal["nearest", "gptq"] = "nearest"
     bias_correction = False
     if mode == "static" and not transformer:
         rounding = ("gptq" if has_data else "nearest") if static.weight_rounding == "auto" else static.weight_rounding
         bias_correction = static.bias_correction and has_data
         if rounding == "gptq":
-            reasons.append("GPTQ weight rounding on the calibration data: folded BatchNorm leaves high-gain filters "
-                           "whose nearest-rounding error is amplified downstream (EfficientNet-Lite0 logit SQNR "
-                           "10.6 -> 21.2 dB with bias correction and percentile calibration)")
+            reasons.append(
+                "GPTQ weight rounding on the calibration data: folded BatchNorm leaves high-gain filters "
+                "whose nearest-rounding error is amplified downstream (EfficientNet-Lite0 logit SQNR "
+                "10.6 -> 21.2 dB with bias correction and percentile calibration)"
+            )
         if bias_correction:
-            reasons.append("bias correction: each Conv/Gemm's mean output shift from weight rounding folded into "
-                           "its int32 bias")
+            reasons.append(
+                "bias correction: each Conv/Gemm's mean output shift from weight rounding folded into its int32 bias"
+            )
     fuse = transformer and config.preprocess
     if fuse:
         reasons.append("ORT transformer fusions first: fused Attention/EmbedLayerNorm quantize as whole ops")
@@ -188,20 +223,36 @@ def choose_recipe(model, config: Int8Scheme | QuantizeConfig, cpu: HostCpu | Non
     if transformer and config.smoothing is not None:
         if has_data:
             smoothing = config.smoothing
-            reasons.append(f"SmoothQuant (alpha {smoothing}) from the calibration data: transformer hidden states "
-                           "have outlier channels that waste a per-tensor activation scale; they are divided out "
-                           "and folded into the weights (exact in float)")
+            reasons.append(
+                f"SmoothQuant (alpha {smoothing}) from the calibration data: transformer hidden states "
+                "have outlier channels that waste a per-tensor activation scale; they are divided out "
+                "and folded into the weights (exact in float)"
+            )
         else:
             reasons.append("no SmoothQuant: it needs calibration data (--calibration) to measure activation ranges")
     token_scales = mode == "dynamic" and transformer
     if token_scales:
-        reasons.append("per-token activation scales for the projections that read a GELU's output: a few "
-                       "outlier tokens set one per-batch scale too coarse for the rest (MiniLM embedding cosine "
-                       "0.9918 -> 0.9945, about 4 % more time on Zen 4)")
-    return Int8Recipe(mode=mode, quant_format=fmt, activation_type=act, weight_type=wt, per_channel=per_channel,
-                      reduce_range=reduce, method=method, fuse_transformer=fuse, smoothing=smoothing,
-                      weight_rounding=rounding, bias_correction=bias_correction, percentile=percentile,
-                      token_scales=token_scales, reasons=tuple(reasons))
+        reasons.append(
+            "per-token activation scales for the projections that read a GELU's output: a few "
+            "outlier tokens set one per-batch scale too coarse for the rest (MiniLM embedding cosine "
+            "0.9918 -> 0.9945, about 4 % more time on Zen 4)"
+        )
+    return Int8Recipe(
+        mode=mode,
+        quant_format=fmt,
+        activation_type=act,
+        weight_type=wt,
+        per_channel=per_channel,
+        reduce_range=reduce,
+        method=method,
+        fuse_transformer=fuse,
+        smoothing=smoothing,
+        weight_rounding=rounding,
+        bias_correction=bias_correction,
+        percentile=percentile,
+        token_scales=token_scales,
+        reasons=tuple(reasons),
+    )
 
 
 def host_kernels_inexact(recipe: Int8Recipe, cpu: HostCpu | None = None) -> bool:

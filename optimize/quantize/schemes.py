@@ -11,7 +11,7 @@ from dlopt.errors import InputError
 from dlopt.images import ImagePreprocess
 from dlopt.optimize.fp16 import Fp16
 from dlopt.optimize.int4 import Int4WeightOnly
-from dlopt.optimize.kernel_choice import LayerNormForm, NODE_FORMS, NodeForms
+from dlopt.optimize.kernel_choice import NODE_FORMS, LayerNormForm, NodeForms
 from dlopt.optimize.kernel_decisions import is_replay
 from dlopt.optimize.quantize_scheme import HOLDOUT_FRACTION, QuantizeScheme, check_common
 from dlopt.optimize.trim_padding import TrimMode
@@ -111,8 +111,13 @@ class Int8Static(_Int8):
 Int8Scheme = Int8Dynamic | Int8Static | Int8WeightOnly
 Scheme = Int8Dynamic | Int8Static | Int8WeightOnly | Int4WeightOnly | Fp16
 # each scheme config class -> its stage kind (dlopt.stage.STAGES)
-SCHEME_KINDS: dict[type, str] = {Int8Dynamic: "int8-dynamic", Int8Static: "int8-static",
-                                 Int8WeightOnly: "int8-weight-only", Int4WeightOnly: "int4-weight-only", Fp16: "fp16"}
+SCHEME_KINDS: dict[type, str] = {
+    Int8Dynamic: "int8-dynamic",
+    Int8Static: "int8-static",
+    Int8WeightOnly: "int8-weight-only",
+    Int4WeightOnly: "int4-weight-only",
+    Fp16: "fp16",
+}
 INT8_SCHEMES: dict[str, type] = {"dynamic": Int8Dynamic, "static": Int8Static, "weight-only": Int8WeightOnly}
 
 
@@ -120,8 +125,9 @@ def check_int8(config) -> None:
     if config.smoothing is not None and not 0 < config.smoothing < 1:
         raise InputError(f"smoothing alpha {config.smoothing} is out of range", "give a value in (0, 1), e.g. 0.75")
     if config.max_accuracy_drop is not None and config.max_accuracy_drop < 0:
-        raise InputError(f"the accuracy budget (max accuracy drop) {config.max_accuracy_drop} is negative",
-                         "give a drop >= 0")
+        raise InputError(
+            f"the accuracy budget (max accuracy drop) {config.max_accuracy_drop} is negative", "give a drop >= 0"
+        )
 
 
 def check_static(config) -> None:
@@ -132,8 +138,10 @@ def check_static(config) -> None:
     if config.weight_rounding not in ROUNDINGS:
         raise InputError(f"unknown weight rounding {config.weight_rounding!r}", f"choose one of {', '.join(ROUNDINGS)}")
     if config.node_forms not in NODE_FORMS and not is_replay(config.node_forms):
-        raise InputError(f"unknown node forms {config.node_forms!r}",
-                         f"choose one of {', '.join(NODE_FORMS)}, or a FILE.quantize.json whose decisions to replay")
+        raise InputError(
+            f"unknown node forms {config.node_forms!r}",
+            f"choose one of {', '.join(NODE_FORMS)}, or a FILE.quantize.json whose decisions to replay",
+        )
     if config.rounding_samples < 1:
         raise InputError(f"rounding samples {config.rounding_samples} must be >= 1", "e.g. 32")
 

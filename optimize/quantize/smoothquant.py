@@ -9,13 +9,13 @@ import numpy as np
 from dlopt.optimize.preprocess import replace_nodes
 from dlopt.sessions import cpu_session
 
-
 # -- SmoothQuant ----------------------------------------------------------------------------------------
 SMOOTHABLE_OPS = ("MatMul", "Attention")
 
 
-def smooth_activations(model, data: Iterable[Mapping[str, np.ndarray]], *, alpha: float, samples: int = 64,
-                       exclude: Iterable[str] = ()):
+def smooth_activations(
+    model, data: Iterable[Mapping[str, np.ndarray]], *, alpha: float, samples: int = 64, exclude: Iterable[str] = ()
+):
     """SmoothQuant (Xiao et al., 2023) for the MatMul/Attention nodes with constant 2-D weights.
 
     For each activation tensor X feeding such nodes, per input channel j:
@@ -32,8 +32,14 @@ def smooth_activations(model, data: Iterable[Mapping[str, np.ndarray]], *, alpha
     inits = {t.name: t for t in model.graph.initializer}
     groups: dict[str, list] = {}
     for node in model.graph.node:
-        if (node.op_type in SMOOTHABLE_OPS and node.name not in exclude and len(node.input) > 1
-                and node.input[1] in inits and len(inits[node.input[1]].dims) == 2 and node.input[0] not in inits):
+        if (
+            node.op_type in SMOOTHABLE_OPS
+            and node.name not in exclude
+            and len(node.input) > 1
+            and node.input[1] in inits
+            and len(inits[node.input[1]].dims) == 2
+            and node.input[0] not in inits
+        ):
             groups.setdefault(node.input[0], []).append(node)
     if not groups:
         return model, {"smoothed_tensors": 0}
@@ -67,7 +73,8 @@ def smooth_activations(model, data: Iterable[Mapping[str, np.ndarray]], *, alpha
         for node in {n.input[1]: n for n in groups[t]}.values():  # a weight shared by two nodes: once
             name = f"{node.input[1]}/smoothed"
             smoothed.graph.initializer.append(
-                numpy_helper.from_array((weights[node.input[1]] * s[:, None]).astype(np.float32), name))
+                numpy_helper.from_array((weights[node.input[1]] * s[:, None]).astype(np.float32), name)
+            )
     targets = {n.name for t in muls for n in groups[t]}
     nodes, placed = [], set()
     for node in smoothed.graph.node:
@@ -83,5 +90,9 @@ def smooth_activations(model, data: Iterable[Mapping[str, np.ndarray]], *, alpha
     used = {i for n in smoothed.graph.node for i in n.input}
     for t in [t for t in smoothed.graph.initializer if t.name not in used]:
         smoothed.graph.initializer.remove(t)
-    return smoothed, {"alpha": alpha, "smoothed_tensors": len(muls), "smoothed_nodes": len(targets),
-                      "max_channel_factor_ratio": max(factors) if factors else 1.0}
+    return smoothed, {
+        "alpha": alpha,
+        "smoothed_tensors": len(muls),
+        "smoothed_nodes": len(targets),
+        "max_channel_factor_ratio": max(factors) if factors else 1.0,
+    }

@@ -8,11 +8,10 @@ from typing import Any
 
 from dlopt.optimize.fp16 import Fp16
 from dlopt.optimize.int4 import Int4WeightOnly
+from dlopt.optimize.quantize.heldout import quantized_nodes
 from dlopt.optimize.quantize.pipeline import quantize
 from dlopt.optimize.quantize.schemes import Int8Dynamic, Int8Static, Int8WeightOnly, QuantizeConfig, validate_config
-from dlopt.optimize.quantize.heldout import quantized_nodes
 from dlopt.stage import Artifact, Check, StageContext, StageInput, StageResult, register_stage
-
 
 # -- the stages -------------------------------------------------------------------------------------------
 
@@ -30,8 +29,10 @@ def _float_problem(model, config, before) -> str | None:
         return None  # the ONNX check says so
     found = {k: v for k, v in quantized_nodes(model).items() if not k.startswith("QDQ:")}
     if found:
-        return (f"it already holds quantized ops ({', '.join(f'{k} {v}' for k, v in found.items())}): "
-                "quantize its float source")
+        return (
+            f"it already holds quantized ops ({', '.join(f'{k} {v}' for k, v in found.items())}): "
+            "quantize its float source"
+        )
     elements = {onnx.TensorProto.FLOAT: 0, onnx.TensorProto.FLOAT16: 0}
     for tensor in model.graph.initializer:
         if tensor.data_type in elements:
@@ -62,8 +63,9 @@ SAME_OUTPUTS = Check("the graph outputs of its input", _outputs_problem)
 
 
 def _run(model, config, context: StageContext) -> StageResult:
-    return quantize(model, config, context.data, eval_data=context.eval_data, progress=context.progress,
-                    log=context.log)
+    return quantize(
+        model, config, context.data, eval_data=context.eval_data, progress=context.progress, log=context.log
+    )
 
 
 # One Stage per scheme and the front door; the same run and checks, each its own config class.
@@ -76,38 +78,68 @@ def _write(given: StageInput, config, context: StageContext) -> Artifact:
 _CHECKS: dict[str, Any] = {"takes": "onnx", "makes": "onnx", "ensures": (SAME_OUTPUTS,), "writer": _write}
 
 
-@register_stage(kind="quantize", config=QuantizeConfig, requires=(ONNX_MODEL, FLOAT_ONNX), validate=validate_config,
-                summary="int8/int4/fp16, the scheme chosen for the model, target and CPU (mode auto), recorded in "
-                        "the report", **_CHECKS)
+@register_stage(
+    kind="quantize",
+    config=QuantizeConfig,
+    requires=(ONNX_MODEL, FLOAT_ONNX),
+    validate=validate_config,
+    summary="int8/int4/fp16, the scheme chosen for the model, target and CPU (mode auto), recorded in the report",
+    **_CHECKS,
+)
 def quantize_stage(model, config: QuantizeConfig, context: StageContext) -> StageResult:
     return _run(model, config, context)
 
 
-@register_stage(kind="int8-dynamic", config=Int8Dynamic, requires=(ONNX_MODEL, FLOAT_ONNX, DYNAMIC_TARGET),
-                summary="INT8 weights, activations quantized per call", **_CHECKS)
+@register_stage(
+    kind="int8-dynamic",
+    config=Int8Dynamic,
+    requires=(ONNX_MODEL, FLOAT_ONNX, DYNAMIC_TARGET),
+    summary="INT8 weights, activations quantized per call",
+    **_CHECKS,
+)
 def int8_dynamic_stage(model, config: Int8Dynamic, context: StageContext) -> StageResult:
     return _run(model, config, context)
 
 
-@register_stage(kind="int8-static", config=Int8Static, requires=(ONNX_MODEL, FLOAT_ONNX),
-                summary="static INT8 QDQ, calibrated on data", **_CHECKS)
+@register_stage(
+    kind="int8-static",
+    config=Int8Static,
+    requires=(ONNX_MODEL, FLOAT_ONNX),
+    summary="static INT8 QDQ, calibrated on data",
+    **_CHECKS,
+)
 def int8_static_stage(model, config: Int8Static, context: StageContext) -> StageResult:
     return _run(model, config, context)
 
 
-@register_stage(kind="int8-weight-only", config=Int8WeightOnly, requires=(ONNX_MODEL, FLOAT_ONNX),
-                summary="INT8 weights, float compute", **_CHECKS)
+@register_stage(
+    kind="int8-weight-only",
+    config=Int8WeightOnly,
+    requires=(ONNX_MODEL, FLOAT_ONNX),
+    summary="INT8 weights, float compute",
+    **_CHECKS,
+)
 def int8_weight_only_stage(model, config: Int8WeightOnly, context: StageContext) -> StageResult:
     return _run(model, config, context)
 
 
-@register_stage(kind="int4-weight-only", config=Int4WeightOnly, requires=(ONNX_MODEL, FLOAT_ONNX),
-                summary="4-bit block-quantized weights (MatMulNBits)", **_CHECKS)
+@register_stage(
+    kind="int4-weight-only",
+    config=Int4WeightOnly,
+    requires=(ONNX_MODEL, FLOAT_ONNX),
+    summary="4-bit block-quantized weights (MatMulNBits)",
+    **_CHECKS,
+)
 def int4_weight_only_stage(model, config: Int4WeightOnly, context: StageContext) -> StageResult:
     return _run(model, config, context)
 
 
-@register_stage(kind="fp16", config=Fp16, requires=(ONNX_MODEL, FLOAT_ONNX),
-                summary="FP16 weights and compute, overflowing nodes kept FP32", **_CHECKS)
+@register_stage(
+    kind="fp16",
+    config=Fp16,
+    requires=(ONNX_MODEL, FLOAT_ONNX),
+    summary="FP16 weights and compute, overflowing nodes kept FP32",
+    **_CHECKS,
+)
 def fp16_stage(model, config: Fp16, context: StageContext) -> StageResult:
     return _run(model, config, context)

@@ -72,14 +72,23 @@ def per_token_scales(model, *, after: tuple[str, ...] = GELU_OPS) -> tuple[Any, 
         added += [
             node("Abs", [x], [p + "abs"], name=p + "abs"),
             node("ReduceMax", [p + "abs", prefix + "last_axis"], [p + "amax"], keepdims=1, name=p + "amax")
-            if opset >= 18 else node("ReduceMax", [p + "abs"], [p + "amax"], axes=[-1], keepdims=1, name=p + "amax"),
+            if opset >= 18
+            else node("ReduceMax", [p + "abs"], [p + "amax"], axes=[-1], keepdims=1, name=p + "amax"),
             node("Max", [p + "amax", prefix + "tiny"], [p + "amax_nonzero"], name=p + "amax_nonzero"),
             node("Mul", [p + "amax_nonzero", prefix + "inv127"], [p + "scale"], name=p + "scale"),
             node("Div", [x, p + "scale"], [p + "scaled"], name=p + "scaled"),
-            node("QuantizeLinear", [p + "scaled", prefix + "one", prefix + "zp128"], [p + "quantized"],
-                 name=p + "quantize"),
-            node("MatMulInteger", [p + "quantized", n.input[1], prefix + "zp128", *n.input[3:4]], [p + "products"],
-                 name=p + "matmul"),
+            node(
+                "QuantizeLinear",
+                [p + "scaled", prefix + "one", prefix + "zp128"],
+                [p + "quantized"],
+                name=p + "quantize",
+            ),
+            node(
+                "MatMulInteger",
+                [p + "quantized", n.input[1], prefix + "zp128", *n.input[3:4]],
+                [p + "products"],
+                name=p + "matmul",
+            ),
             node("Cast", [p + "products"], [p + "products_float"], to=TensorProto.FLOAT, name=p + "cast"),
             # per token first, then per weight channel: ORT's MatMulIntegerToFloat fusion takes a Mul by a
             # [.., N] tensor after the Cast for its scale and computed wrong results (cosine 0.954)
@@ -91,12 +100,15 @@ def per_token_scales(model, *, after: tuple[str, ...] = GELU_OPS) -> tuple[Any, 
             removed.add(id(dql))
         rewritten.append(n.name or n.output[0])
     if rewritten:
-        g.initializer.extend([
-            numpy_helper.from_array(np.array([-1], np.int64), prefix + "last_axis"),
-            numpy_helper.from_array(np.array(1e-12, np.float32), prefix + "tiny"),
-            numpy_helper.from_array(np.array(1 / 127, np.float32), prefix + "inv127"),
-            numpy_helper.from_array(np.array(1.0, np.float32), prefix + "one"),
-            numpy_helper.from_array(np.array(128, np.uint8), prefix + "zp128")])
+        g.initializer.extend(
+            [
+                numpy_helper.from_array(np.array([-1], np.int64), prefix + "last_axis"),
+                numpy_helper.from_array(np.array(1e-12, np.float32), prefix + "tiny"),
+                numpy_helper.from_array(np.array(1 / 127, np.float32), prefix + "inv127"),
+                numpy_helper.from_array(np.array(1.0, np.float32), prefix + "one"),
+                numpy_helper.from_array(np.array(128, np.uint8), prefix + "zp128"),
+            ]
+        )
         kept = [n for n in g.node if id(n) not in removed]
         del g.node[:]
         g.node.extend(kept + added)

@@ -1,6 +1,7 @@
 """dlopt: take a trained model to a fast, small, verified on-device artifact."""
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("dlopt")

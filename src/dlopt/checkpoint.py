@@ -22,8 +22,9 @@ def require_torch_pruning():
         import torch
         import torch_pruning
     except ModuleNotFoundError as e:
-        raise MissingDependencyError(f"pruning needs the package {e.name!r}",
-                                     "pip install torch==2.13.0 torch-pruning==1.6.0") from e
+        raise MissingDependencyError(
+            f"pruning needs the package {e.name!r}", "pip install torch==2.13.0 torch-pruning==1.6.0"
+        ) from e
     return torch, torch_pruning
 
 
@@ -66,24 +67,30 @@ def checked_source(checkpoint: PrunedCheckpoint, checkpoint_path: str | Path) ->
     whatever code it now holds). The user can name the source explicitly instead (--student-source)."""
     from dlopt.manifest import sha256_file
 
-    hint = ("pass {student_source=FILE.py:FUNCTION} (or package.module:FUNCTION) to build the student from a "
-            "source you name")
+    hint = (
+        "pass {student_source=FILE.py:FUNCTION} (or package.module:FUNCTION) to build the student from a "
+        "source you name"
+    )
     path = source_file(checkpoint.source)
     if path is None:
         return checkpoint.source
     if not path.is_file():
         raise InputError(f"checkpoint {checkpoint_path}: its source file {path} does not exist", hint)
     if checkpoint.source_sha256 is None:
-        raise InputError(f"checkpoint {checkpoint_path} records no sha256 of its source {checkpoint.source}, so it "
-                         "is not imported", hint)
+        raise InputError(
+            f"checkpoint {checkpoint_path} records no sha256 of its source {checkpoint.source}, so it is not imported",
+            hint,
+        )
     if sha256_file(path) != checkpoint.source_sha256:
-        raise InputError(f"checkpoint {checkpoint_path}: its source file {path} changed since the checkpoint was "
-                         "saved (sha256 differs), so it is not imported", hint)
+        raise InputError(
+            f"checkpoint {checkpoint_path}: its source file {path} changed since the checkpoint was "
+            "saved (sha256 differs), so it is not imported",
+            hint,
+        )
     return checkpoint.source
 
 
-def save_checkpoint(path: str | Path, module, source: str, report: Mapping[str, Any], *,
-                    outputs=None) -> Path:
+def save_checkpoint(path: str | Path, module, source: str, report: Mapping[str, Any], *, outputs=None) -> Path:
     """Write a checkpoint of `module` pruned from SOURCE (atomically, or staged in `outputs`, a
     dlopt.fileio.StagedOutputs, to be committed with the files written beside it)."""
     import torch
@@ -111,11 +118,20 @@ def save_checkpoint(path: str | Path, module, source: str, report: Mapping[str, 
 def read_checkpoint(path: str | Path) -> PrunedCheckpoint:
     from dlopt.fileio import load_torch_dict
 
-    payload = load_torch_dict(path, kind="dlopt checkpoint", format_tag=CHECKPOINT_FORMAT,
-                              hint="give the .pt file written by `dlopt prune` or `dlopt distill`")
-    return PrunedCheckpoint(source=payload["source"], pruning_history=payload["pruning_history"],
-                            module_attributes=payload["module_attributes"], state_dict=payload["state_dict"],
-                            report=payload.get("report", {}), source_sha256=payload.get("source_sha256"))
+    payload = load_torch_dict(
+        path,
+        kind="dlopt checkpoint",
+        format_tag=CHECKPOINT_FORMAT,
+        hint="give the .pt file written by `dlopt prune` or `dlopt distill`",
+    )
+    return PrunedCheckpoint(
+        source=payload["source"],
+        pruning_history=payload["pruning_history"],
+        module_attributes=payload["module_attributes"],
+        state_dict=payload["state_dict"],
+        report=payload.get("report", {}),
+        source_sha256=payload.get("source_sha256"),
+    )
 
 
 def rebuild(checkpoint: PrunedCheckpoint, module, example_inputs: Mapping[str, Any]):
@@ -131,8 +147,11 @@ def rebuild(checkpoint: PrunedCheckpoint, module, example_inputs: Mapping[str, A
     try:
         module.load_state_dict(checkpoint.state_dict)
     except RuntimeError as e:
-        raise InputError(f"the checkpoint's weights do not fit {checkpoint.source} after replaying its pruning "
-                         f"({str(e).splitlines()[0]})", "the source model changed since it was pruned") from e
+        raise InputError(
+            f"the checkpoint's weights do not fit {checkpoint.source} after replaying its pruning "
+            f"({str(e).splitlines()[0]})",
+            "the source model changed since it was pruned",
+        ) from e
     return module.eval()
 
 
@@ -158,5 +177,15 @@ def torch_source(spec: str, checkpoint: Path | None, log: Callable[[str], None],
     return dataclasses.replace(source, module=module, name=f"{source.name} (pruned)")
 
 
-__all__ = ["CHECKPOINT_FORMAT", "PrunedCheckpoint", "checked_source", "pinned_source", "read_checkpoint", "rebuild",
-           "require_torch_pruning", "save_checkpoint", "source_file", "torch_source"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "PrunedCheckpoint",
+    "checked_source",
+    "pinned_source",
+    "read_checkpoint",
+    "rebuild",
+    "require_torch_pruning",
+    "save_checkpoint",
+    "source_file",
+    "torch_source",
+]

@@ -32,8 +32,14 @@ def progress_bar(enabled: bool = True) -> Iterator[ProgressFn]:
     if not enabled or not console.is_terminal:
         yield lambda description, fraction: None
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
         task = progress.add_task("starting", total=1.0)
         yield lambda description, fraction: progress.update(task, description=description, completed=fraction)
 
@@ -47,8 +53,14 @@ class _BeatState:
 
 
 @contextlib.contextmanager
-def heartbeat(verb: str, log: LogFn, *, interval_s: float | None = None, stream: TextIO | None = None,
-              clock: Callable[[], float] = time.monotonic) -> Iterator[LogFn]:
+def heartbeat(
+    verb: str,
+    log: LogFn,
+    *,
+    interval_s: float | None = None,
+    stream: TextIO | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[LogFn]:
     """Yields a log function that forwards each message to `log` and remembers it as the running step.
     Where `stream` (default: stderr) is not a terminal, a thread writes, through `log`, a line such as
     `dlopt quantize: still running, 40 s elapsed; last step: calibrating (minmax)` whenever `interval_s`

@@ -85,12 +85,16 @@ class DataSpec:
                 raise InputError(f"data {what} gives input {twice[0]!r} twice", "give each input once")
         for name, axis in self.layout:
             if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
-                raise InputError(f"sample axis {axis!r} of input {name!r} is not an axis",
-                                 "give a non-negative axis, e.g. {input_layout=state=1}")
+                raise InputError(
+                    f"sample axis {axis!r} of input {name!r} is not an axis",
+                    "give a non-negative axis, e.g. {input_layout=state=1}",
+                )
         both = sorted(set(dict(self.layout)) & set(dict(self.values)))
         if both:
-            raise InputError(f"input {both[0]!r} has both a sample axis and a constant value",
-                             "a constant is the same for every sample: drop its {input_layout=NAME=AXIS}")
+            raise InputError(
+                f"input {both[0]!r} has both a sample axis and a constant value",
+                "a constant is the same for every sample: drop its {input_layout=NAME=AXIS}",
+            )
         for name, value in self.values:
             if not value or not all(np.isfinite(v) for v in value):
                 raise InputError(f"value of input {name!r} is empty or not finite", "e.g. {input_value=rate=16000}")
@@ -149,8 +153,10 @@ def parse_layout(items: Iterable[str]) -> tuple[tuple[str, int], ...]:
     for item in items:
         name, sep, axis = str(item).partition("=")
         if not sep or not name.strip() or not axis.strip().isdigit():
-            raise InputError(f"input layout {item!r} is not NAME=AXIS",
-                             "e.g. {input_layout=state=1} (the input's samples are on axis 1)")
+            raise InputError(
+                f"input layout {item!r} is not NAME=AXIS",
+                "e.g. {input_layout=state=1} (the input's samples are on axis 1)",
+            )
         pairs.append((name.strip(), int(axis)))
     return tuple(pairs)
 
@@ -165,14 +171,21 @@ def parse_values(items: Iterable[str]) -> tuple[tuple[str, tuple[float, ...]], .
         except InputError:
             values = ()
         if not sep or not name.strip() or not values:
-            raise InputError(f"input value {item!r} is not NAME=VALUE",
-                             "e.g. {input_value=rate=16000}, or NAME=1,2,3 for a vector")
+            raise InputError(
+                f"input value {item!r} is not NAME=VALUE", "e.g. {input_value=rate=16000}, or NAME=1,2,3 for a vector"
+            )
         pairs.append((name.strip(), values))
     return tuple(pairs)
 
 
-def data_spec(source: str | Path | None = None, *, spec_file: str | Path | None = None, layout: Iterable[str] = (),
-              values: Iterable[str] = (), image: Mapping[str, Any] | None = None) -> DataSpec:
+def data_spec(
+    source: str | Path | None = None,
+    *,
+    spec_file: str | Path | None = None,
+    layout: Iterable[str] = (),
+    values: Iterable[str] = (),
+    image: Mapping[str, Any] | None = None,
+) -> DataSpec:
     """The spec that a command's options declare: the keys of `spec_file` (if any), overridden by the
     options given: `source`, `layout` and `values` as the user writes them ("state=1", "rate=16000"),
     and `image` (ImagePreprocess keys as option text, e.g. {"resize": "letterbox", "size": "640x640"})."""
@@ -187,10 +200,16 @@ def data_spec(source: str | Path | None = None, *, spec_file: str | Path | None 
     given = {k: v for k, v in (image or {}).items() if v is not None and v != ()}
     img = base.image
     if given:
-        img = _image(config_to_dict(img)["fields"] | _image_fields(given, "option") if img else
-                     _image_fields(given, "option"), "option")
-    return DataSpec(source=None if source is None else str(source), layout=tuple(layout_pairs.items()),
-                    values=tuple(value_pairs.items()), image=img)
+        img = _image(
+            config_to_dict(img)["fields"] | _image_fields(given, "option") if img else _image_fields(given, "option"),
+            "option",
+        )
+    return DataSpec(
+        source=None if source is None else str(source),
+        layout=tuple(layout_pairs.items()),
+        values=tuple(value_pairs.items()),
+        image=img,
+    )
 
 
 def read_spec_file(path: str | Path) -> DataSpec:
@@ -215,8 +234,9 @@ def read_spec_file(path: str | Path) -> DataSpec:
     return spec_from_keys(keys, where=str(path), base=path.resolve().parent)
 
 
-def spec_from_keys(keys: Mapping[str, Any], *, where: str, base: Path | None = None,
-                   allowed: tuple[str, ...] = SPEC_KEYS) -> DataSpec:
+def spec_from_keys(
+    keys: Mapping[str, Any], *, where: str, base: Path | None = None, allowed: tuple[str, ...] = SPEC_KEYS
+) -> DataSpec:
     """A DataSpec from a spec file's (or a recipe's [data] table's) keys; errors name `where`."""
     unknown = sorted(set(keys) - set(allowed))
     if unknown:
@@ -262,8 +282,7 @@ def _axis(value: Any, name: str, where: str) -> int:
 def _numbers(value: Any, name: str, where: str) -> tuple[float, ...]:
     items = value if isinstance(value, (list, tuple)) else [value]
     try:
-        return tuple(parse_number(v) if isinstance(v, str) else float(v) for v in items
-                     if not isinstance(v, bool))
+        return tuple(parse_number(v) if isinstance(v, str) else float(v) for v in items if not isinstance(v, bool))
     except (TypeError, ValueError, InputError):
         raise InputError(f"{where}: the value of {name!r} is {value!r}, not numbers", "e.g. rate = 16000") from None
 
@@ -275,8 +294,9 @@ def _image_fields(keys: Mapping[str, Any], where: str) -> dict[str, Any]:
     """ImagePreprocess keys as a user writes them (text or TOML values) -> its field values."""
     unknown = sorted(set(keys) - _IMAGE_NAMES)
     if unknown:
-        raise InputError(f"{where}: unknown image key(s) {', '.join(unknown)}",
-                         f"known: {', '.join(sorted(_IMAGE_NAMES))}")
+        raise InputError(
+            f"{where}: unknown image key(s) {', '.join(unknown)}", f"known: {', '.join(sorted(_IMAGE_NAMES))}"
+        )
     out: dict[str, Any] = {}
     for key, value in keys.items():
         if key == "size":
@@ -369,8 +389,11 @@ def local_modules(factory: Path) -> list[Path]:
     shared = {Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "platstdlib", "purelib", "platlib")}
 
     def local(folder: Path) -> bool:
-        return folder.is_dir() and not any(folder == s or s in folder.parents for s in shared) \
+        return (
+            folder.is_dir()
+            and not any(folder == s or s in folder.parents for s in shared)
             and not {"site-packages", "dist-packages"} & set(folder.parts)
+        )
 
     roots = [factory.resolve().parent] + [p for p in (Path(e or ".").resolve() for e in sys.path) if local(p)]
 
@@ -410,7 +433,7 @@ def local_modules(factory: Path) -> list[Path]:
                 names = [(base, prefix)] if prefix else []
                 names += [(base, f"{prefix}.{alias.name}" if prefix else alias.name) for alias in node.names]
             for base, dotted in names:
-                for root in ([base] if base is not None else roots):
+                for root in [base] if base is not None else roots:
                     found = find(root, dotted)
                     if found:
                         for path in found:
@@ -446,8 +469,15 @@ class CalibrationData:
     Build one with `load_data`, `CalibrationData.from_arrays` or `CalibrationData.from_feeds`.
     Iterating twice yields the same samples in the same order (quantization is deterministic)."""
 
-    def __init__(self, open_stream: Callable[[], Iterator[Feeds]], *, source: str,
-                 count: int | None = None, limit: int | None = None, spec: DataSpec | None = None):
+    def __init__(
+        self,
+        open_stream: Callable[[], Iterator[Feeds]],
+        *,
+        source: str,
+        count: int | None = None,
+        limit: int | None = None,
+        spec: DataSpec | None = None,
+    ):
         self._open_stream = open_stream
         self.source = source  # how the data was named by the user, for messages and reports
         self._count = count
@@ -460,8 +490,14 @@ class CalibrationData:
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray], *, source: str = "arrays",
-                    limit: int | None = None, spec: DataSpec | None = None) -> CalibrationData:
+    def from_arrays(
+        cls,
+        arrays: Mapping[str, np.ndarray],
+        *,
+        source: str = "arrays",
+        limit: int | None = None,
+        spec: DataSpec | None = None,
+    ) -> CalibrationData:
         """Arrays named by input, samples on axis 0 (or each input's axis in `spec.layout`)."""
         arrays = {k: np.asarray(v) for k, v in arrays.items()}
         spec = spec or DataSpec(source=source)
@@ -469,8 +505,9 @@ class CalibrationData:
         return cls(lambda: _split_samples(arrays, source, spec), source=source, count=count, limit=limit, spec=spec)
 
     @classmethod
-    def from_feeds(cls, feeds: Iterable[Mapping[str, np.ndarray]], *, source: str = "feeds",
-                   limit: int | None = None) -> CalibrationData:
+    def from_feeds(
+        cls, feeds: Iterable[Mapping[str, np.ndarray]], *, source: str = "feeds", limit: int | None = None
+    ) -> CalibrationData:
         """A list of feeds, each one sample with a batch axis of 1 (shapes may differ)."""
         items = [{k: np.asarray(v) for k, v in f.items()} for f in feeds]
         return cls(lambda: iter(items), source=source, count=len(items), limit=limit)
@@ -485,8 +522,11 @@ class CalibrationData:
             if self._constants:
                 given = sorted(set(feeds) & set(self._constants))
                 if given:
-                    raise InputError(f"data {self.source} (sample {index}) holds input {given[0]!r}, which also "
-                                     "has a constant value", "give it one way: in the data or by {input_value=NAME=V}")
+                    raise InputError(
+                        f"data {self.source} (sample {index}) holds input {given[0]!r}, which also "
+                        "has a constant value",
+                        "give it one way: in the data or by {input_value=NAME=V}",
+                    )
                 feeds = {**feeds, **self._constants}
             if self._specs is not None:
                 _check_sample(feeds, self._specs, self.source, index, finite=self.finite)
@@ -504,8 +544,10 @@ class CalibrationData:
         by_name = {s.name: s for s in self._specs}
         for name, value in self.spec.values:
             if name not in by_name:
-                raise InputError(f"data {self.source}: {{input_value={name}=...}} names no input of the model",
-                                 f"its inputs: {', '.join(by_name)}")
+                raise InputError(
+                    f"data {self.source}: {{input_value={name}=...}} names no input of the model",
+                    f"its inputs: {', '.join(by_name)}",
+                )
             self._constants[name] = _constant(value, by_name[name], self.source)
         first = next(iter(self), None)
         if first is None:
@@ -522,13 +564,31 @@ class CalibrationData:
 
 
 @overload
-def load_data(spec: str | os.PathLike | DataSpec | CalibrationData, model=None, *, limit: int | None = None,
-              image: ImagePreprocess | None = None, ignore: Iterable[str] = ()) -> CalibrationData: ...
+def load_data(
+    spec: str | os.PathLike | DataSpec | CalibrationData,
+    model=None,
+    *,
+    limit: int | None = None,
+    image: ImagePreprocess | None = None,
+    ignore: Iterable[str] = (),
+) -> CalibrationData: ...
 @overload
-def load_data(spec: None, model=None, *, limit: int | None = None, image: ImagePreprocess | None = None,
-              ignore: Iterable[str] = ()) -> None: ...
-def load_data(spec: str | os.PathLike | DataSpec | CalibrationData | None, model=None, *, limit: int | None = None,
-              image: ImagePreprocess | None = None, ignore: Iterable[str] = ()) -> CalibrationData | None:
+def load_data(
+    spec: None,
+    model=None,
+    *,
+    limit: int | None = None,
+    image: ImagePreprocess | None = None,
+    ignore: Iterable[str] = (),
+) -> None: ...
+def load_data(
+    spec: str | os.PathLike | DataSpec | CalibrationData | None,
+    model=None,
+    *,
+    limit: int | None = None,
+    image: ImagePreprocess | None = None,
+    ignore: Iterable[str] = (),
+) -> CalibrationData | None:
     """Turn a user's data (`--calibration`, `--eval-data`, `--data`: a source text or a DataSpec) into
     CalibrationData, checked against `model` (an onnx.ModelProto) if given.
 
@@ -552,13 +612,15 @@ def _open(spec: DataSpec, limit: int | None) -> CalibrationData:
     if source is None:
         raise InputError("the data spec names no source", "give {calibration=DATA} or {data=DATA}, or source = ...")
     if source.startswith("model:"):
-        return _reference_set(source[len("model:"):], limit, spec)
+        return _reference_set(source[len("model:") :], limit, spec)
     if spec.is_reader:
         return _reader(spec, limit)
     path = Path(source)
     if not path.exists():
-        raise InputError(f"data {path} does not exist",
-                         "give an .npz file, a folder of .npz/.npy/image files, file.py:function or model:NAME")
+        raise InputError(
+            f"data {path} does not exist",
+            "give an .npz file, a folder of .npz/.npy/image files, file.py:function or model:NAME",
+        )
     return _folder(path, limit, spec) if path.is_dir() else _npz_file(path, limit, spec)
 
 
@@ -584,12 +646,16 @@ def _reader(spec: DataSpec, limit: int | None) -> CalibrationData:
     def stream() -> Iterator[Feeds]:
         produced = 0  # feeds yielded so far: the item an error is raised at
         # the user's code: what it raises or exits with (SystemExit included) is one line and exit 2
-        with user_code(lambda: f"data reader {source} at item {produced}",
-                       hint="fix the reader; run it alone to see its traceback"):
+        with user_code(
+            lambda: f"data reader {source} at item {produced}", hint="fix the reader; run it alone to see its traceback"
+        ):
             for item in _call(function, source):
                 if not isinstance(item, Mapping):
-                    raise InputError(f"data reader {source} yielded a {type(item).__name__} (item {produced}), not a "
-                                     "dict of input name -> array", "yield one {name: array} dict per feed")
+                    raise InputError(
+                        f"data reader {source} yielded a {type(item).__name__} (item {produced}), not a "
+                        "dict of input name -> array",
+                        "yield one {name: array} dict per feed",
+                    )
                 yield {str(k): np.asarray(v) for k, v in item.items()}
                 produced += 1
                 if limit is not None and produced >= limit:
@@ -601,8 +667,10 @@ def _reader(spec: DataSpec, limit: int | None) -> CalibrationData:
 def _call(function: Callable[[], Any], source: str) -> Iterable[Any]:
     result = function()
     if isinstance(result, Mapping) or not isinstance(result, Iterable):
-        raise InputError(f"data reader {source} returned a {type(result).__name__}, not an iterable of feeds",
-                         "return or yield dicts of input name -> array, one per feed")
+        raise InputError(
+            f"data reader {source} returned a {type(result).__name__}, not an iterable of feeds",
+            "return or yield dicts of input name -> array, one per feed",
+        )
     return result
 
 
@@ -612,15 +680,21 @@ def _reader_function(source: str) -> Callable[[], Any]:
         raise InputError(f"data {source} is not a reader", "give file.py:function or package.module:function")
     module_name, function_name = parts
     if module_name.endswith(".py"):
-        module = import_user_file(module_name, role="data reader", name=f"data reader {source}",
-                                  hint="fix the module; import it alone to see its traceback")
+        module = import_user_file(
+            module_name,
+            role="data reader",
+            name=f"data reader {source}",
+            hint="fix the module; import it alone to see its traceback",
+        )
     else:
         with user_code(f"importing data reader {source}", hint="fix the module; import it alone to see its traceback"):
             module = importlib.import_module(module_name)
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise InputError(f"data reader {source}: {module_name} has no function {function_name!r}",
-                         "give file.py:function, a function with no required arguments")
+        raise InputError(
+            f"data reader {source}: {module_name} has no function {function_name!r}",
+            "give file.py:function, a function with no required arguments",
+        )
     return function
 
 
@@ -628,8 +702,10 @@ def _open_npz(path: Path):
     try:
         return np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise InputError(f"data file {path} is not a readable .npz ({type(e).__name__})",
-                         "save it with numpy.savez(path, input_name=array, ...)") from e
+        raise InputError(
+            f"data file {path} is not a readable .npz ({type(e).__name__})",
+            "save it with numpy.savez(path, input_name=array, ...)",
+        ) from e
 
 
 def _npz_sample_count(path: Path, spec: DataSpec) -> int:
@@ -641,8 +717,10 @@ def _npz_sample_count(path: Path, spec: DataSpec) -> int:
             try:
                 shapes[name] = z[name].shape
             except ValueError as e:  # object arrays need pickle
-                raise InputError(f"data file {path}: array {name!r} is not numeric",
-                                 "store numeric arrays, one per input, first axis = samples") from e
+                raise InputError(
+                    f"data file {path}: array {name!r} is not numeric",
+                    "store numeric arrays, one per input, first axis = samples",
+                ) from e
     return _count_from_shapes(shapes, str(path), spec)
 
 
@@ -652,8 +730,10 @@ def _count_from_shapes(shapes: Mapping[str, tuple[int, ...]], source: str, spec:
         raise InputError(f"data {source} holds no arrays", "give one array per input")
     given = sorted(set(shapes) & set(dict(spec.values)))
     if given:
-        raise InputError(f"data {source} holds array {given[0]!r}, which also has a constant value",
-                         "give it one way: in the data or by {input_value=NAME=V}")
+        raise InputError(
+            f"data {source} holds array {given[0]!r}, which also has a constant value",
+            "give it one way: in the data or by {input_value=NAME=V}",
+        )
     counts: dict[str, int | None] = {}
     for name, shape in shapes.items():
         axis = spec.axis(name)
@@ -661,14 +741,17 @@ def _count_from_shapes(shapes: Mapping[str, tuple[int, ...]], source: str, spec:
     bad = [n for n, c in counts.items() if c is None]
     if bad:
         name, shape = bad[0], shapes[bad[0]]
-        raise InputError(f"data {source}: array {name!r} of shape {list(shape)} has no sample axis {spec.axis(name)}",
-                         "a constant goes in {input_value=NAME=VALUE}; else declare its axis, "
-                         "{input_layout=NAME=AXIS}")
+        raise InputError(
+            f"data {source}: array {name!r} of shape {list(shape)} has no sample axis {spec.axis(name)}",
+            "a constant goes in {input_value=NAME=VALUE}; else declare its axis, {input_layout=NAME=AXIS}",
+        )
     if len(set(counts.values())) != 1:
         told = {n: f"{c} on axis {spec.axis(n)}" for n, c in counts.items()}
-        raise InputError(f"data {source}: arrays have different sample counts {told}",
-                         "each array holds the same samples on its sample axis (axis 0, or the one "
-                         "{input_layout=NAME=AXIS} declares); a constant goes in {input_value=NAME=VALUE}")
+        raise InputError(
+            f"data {source}: arrays have different sample counts {told}",
+            "each array holds the same samples on its sample axis (axis 0, or the one "
+            "{input_layout=NAME=AXIS} declares); a constant goes in {input_value=NAME=VALUE}",
+        )
     return int(next(c for c in counts.values() if c is not None))  # (all are: a None count raised above)
 
 
@@ -692,13 +775,14 @@ def _npy_files(files: list[Path], source: str, limit: int | None, spec: DataSpec
             try:
                 arr = np.load(f, allow_pickle=False, mmap_mode="r")
             except (ValueError, OSError, EOFError) as e:
-                raise InputError(f"data file {f} is not a readable .npy ({type(e).__name__})",
-                                 "save it with numpy.save") from e
+                raise InputError(
+                    f"data file {f} is not a readable .npy ({type(e).__name__})", "save it with numpy.save"
+                ) from e
             if arr.ndim == 0:
                 raise InputError(f"data file {f} holds a scalar", "first axis = samples")
             for i in range(arr.shape[0]):
                 # name filled in by _NpyData.bind once the model is known
-                yield {"": np.array(arr[i:i + 1])}
+                yield {"": np.array(arr[i : i + 1])}
 
     return _NpyData(stream, source=source, limit=limit, spec=spec)
 
@@ -713,8 +797,10 @@ class _NpyData(CalibrationData):
     def bind(self, model) -> CalibrationData:
         specs = graph_inputs(model)
         if len(specs) != 1:
-            raise InputError(f"data {self.source} is .npy (one unnamed array) but the model has "
-                             f"{len(specs)} inputs", "save an .npz with one array per input name")
+            raise InputError(
+                f"data {self.source} is .npy (one unnamed array) but the model has {len(specs)} inputs",
+                "save an .npz with one array per input name",
+            )
         name = specs[0].name
         raw = self._open_stream
         self._open_stream = lambda: ({name: f[""]} for f in raw())
@@ -734,8 +820,10 @@ class _ImageData(CalibrationData):
         return self.target is None
 
     def _unbound(self) -> Iterator[Feeds]:
-        raise InputError(f"the images in {self.source} are read for a model: bind them to it first",
-                         "pass the model to load_data(spec, model)")
+        raise InputError(
+            f"the images in {self.source} are read for a model: bind them to it first",
+            "pass the model to load_data(spec, model)",
+        )
 
     def bind(self, model) -> CalibrationData:
         target = self.target = image_target(model, self.image, self.source)
@@ -745,9 +833,13 @@ class _ImageData(CalibrationData):
     def describe(self) -> dict[str, Any]:
         described = super().describe()
         if self.target is not None:
-            described["images"] = {"input": self.target.name, "layout": self.target.layout,
-                                   "size": list(self.target.size), "channels": self.target.channels,
-                                   "preprocess": config_to_dict(self.image)}
+            described["images"] = {
+                "input": self.target.name,
+                "layout": self.target.layout,
+                "size": list(self.target.size),
+                "channels": self.target.channels,
+                "preprocess": config_to_dict(self.image),
+            }
         return described
 
 
@@ -762,8 +854,10 @@ def _folder(path: Path, limit: int | None, spec: DataSpec) -> CalibrationData:
     if images:
         return _ImageData(images, str(path), limit, spec)
     if not npz:
-        raise InputError(f"data folder {path} holds no .npz, .npy or image files",
-                         "put one .npz per sample (arrays named by input), or images (.jpg/.png), in it")
+        raise InputError(
+            f"data folder {path} holds no .npz, .npy or image files",
+            "put one .npz per sample (arrays named by input), or images (.jpg/.png), in it",
+        )
     count = sum(_npz_sample_count(f, spec) for f in npz)
 
     def stream() -> Iterator[Feeds]:
@@ -784,8 +878,10 @@ def _constant(values: tuple[float, ...], spec: InputSpec, source: str) -> np.nda
     """A declared value in the input's dtype and rank: free dimensions are 1, one number fills them all."""
     dtype = spec.dtype if spec.dtype is not None else _unbound_constant(values).dtype
     if np.issubdtype(dtype, np.integer) and not all(float(v).is_integer() for v in values):
-        raise InputError(f"data {source}: the value {list(values)} of input {spec.name!r} is not whole, and the "
-                         f"model takes {dtype}", "give whole numbers")
+        raise InputError(
+            f"data {source}: the value {list(values)} of input {spec.name!r} is not whole, and the model takes {dtype}",
+            "give whole numbers",
+        )
     shape = tuple(spec.fixed(a) or 1 for a in range(len(spec.shape)))
     size = int(np.prod(shape, dtype=np.int64))
     array = np.asarray(values, dtype=np.float64)
@@ -794,8 +890,10 @@ def _constant(values: tuple[float, ...], spec: InputSpec, source: str) -> np.nda
     elif array.size == size:
         array = array.reshape(shape)
     else:
-        raise InputError(f"data {source}: input {spec.name!r} {spec.shape_text()} takes {size} value(s), "
-                         f"{array.size} were given", "give one number, or one per element")
+        raise InputError(
+            f"data {source}: input {spec.name!r} {spec.shape_text()} takes {size} value(s), {array.size} were given",
+            "give one number, or one per element",
+        )
     return array.astype(dtype)
 
 
@@ -826,9 +924,12 @@ class SampleArrays(dict):
         return SampleArrays(arrays, {k: self.axes.get(k, 0) for k in arrays}, self.count, self.source)
 
     def take(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        return {k: v if self.axes.get(k) is None else
-                np.take(v, np.arange(start, min(stop, v.shape[self.axes[k]])), axis=self.axes[k])
-                for k, v in self.items()}
+        return {
+            k: v
+            if self.axes.get(k) is None
+            else np.take(v, np.arange(start, min(stop, v.shape[self.axes[k]])), axis=self.axes[k])
+            for k, v in self.items()
+        }
 
 
 def sample_arrays(data: CalibrationData, *, limit: int | None = None) -> SampleArrays:
@@ -839,7 +940,7 @@ def sample_arrays(data: CalibrationData, *, limit: int | None = None) -> SampleA
     constants = set(dict(spec.values))
     stacks: dict[str, list[np.ndarray]] = {}
     count = 0
-    for feeds in (iter(data) if limit is None else itertools.islice(data, limit)):
+    for feeds in iter(data) if limit is None else itertools.islice(data, limit):
         for name, array in feeds.items():
             stacks.setdefault(name, []).append(array)
         count += 1
@@ -854,15 +955,23 @@ def sample_arrays(data: CalibrationData, *, limit: int | None = None) -> SampleA
         axis = spec.axis(name)
         shapes = {tuple(s for a, s in enumerate(p.shape) if a != axis) for p in parts}
         if len(shapes) > 1:
-            raise InputError(f"data {data.source}: the samples of input {name!r} differ in shape "
-                             f"({', '.join(str(list(s)) for s in sorted(shapes)[:3])}), so they cannot be batched",
-                             "pad them to one shape")
+            raise InputError(
+                f"data {data.source}: the samples of input {name!r} differ in shape "
+                f"({', '.join(str(list(s)) for s in sorted(shapes)[:3])}), so they cannot be batched",
+                "pad them to one shape",
+            )
         arrays[name], axes[name] = np.concatenate(parts, axis=axis), axis
     return SampleArrays(arrays, axes, count, data.source)
 
 
-def data_arrays(data: str | os.PathLike | DataSpec | Mapping[str, Any] | None, model: str | os.PathLike, *,
-                samples: int | None = None, seq_len: int = 128, extra: Iterable[str] = ()):
+def data_arrays(
+    data: str | os.PathLike | DataSpec | Mapping[str, Any] | None,
+    model: str | os.PathLike,
+    *,
+    samples: int | None = None,
+    seq_len: int = 128,
+    extra: Iterable[str] = (),
+):
     """A verb's data as arrays with the samples on each input's sample axis (a SampleArrays): arrays
     given stay as they are; a plain model:NAME is that reference model's benchmark inputs (padded to
     `seq_len`, dlopt.bench.load_data); any other source is read for `model`'s inputs (an .onnx path)
@@ -874,7 +983,7 @@ def data_arrays(data: str | os.PathLike | DataSpec | Mapping[str, Any] | None, m
     if spec.source and spec.source.startswith("model:") and spec == DataSpec(source=spec.source):
         from dlopt.models import get_reference_model
 
-        return get_reference_model(spec.source[len("model:"):]).benchmark_inputs(samples or 64, seq_len=seq_len)
+        return get_reference_model(spec.source[len("model:") :]).benchmark_inputs(samples or 64, seq_len=seq_len)
     graph = None
     if str(model).endswith(".onnx") and Path(model).is_file():
         from dlopt.fileio import load_onnx
@@ -892,8 +1001,9 @@ def data_arrays(data: str | os.PathLike | DataSpec | Mapping[str, Any] | None, m
     stacked = sample_arrays(loaded.bind(graph) if graph is not None else loaded, limit=samples)
     if not extras:
         return stacked
-    merged = SampleArrays({**stacked, **extras}, {**stacked.axes, **{k: None for k in extras}}, stacked.count,
-                          stacked.source)
+    merged = SampleArrays(
+        {**stacked, **extras}, {**stacked.axes, **{k: None for k in extras}}, stacked.count, stacked.source
+    )
     return merged
 
 
@@ -910,28 +1020,30 @@ def _split_samples(arrays: Mapping[str, np.ndarray], source: str, spec: DataSpec
 
 def _sample(array: np.ndarray, index: int, axis: int) -> np.ndarray:
     if axis == 0:
-        return array[index:index + 1]
+        return array[index : index + 1]
     return array[(slice(None),) * axis + (slice(index, index + 1),)]
 
 
-def _check_sample(feeds: MutableMapping[str, np.ndarray], specs: list[InputSpec], source: str, index: int, *,
-                  finite: bool = True) -> None:
+def _check_sample(
+    feeds: MutableMapping[str, np.ndarray], specs: list[InputSpec], source: str, index: int, *, finite: bool = True
+) -> None:
     expected = {s.name: s for s in specs}
     missing = sorted(set(expected) - set(feeds))
     unknown = sorted(set(feeds) - set(expected))
     if missing or unknown:
         raise InputError(
-            f"data {source} (sample {index}) does not match the model's inputs: "
-            f"missing {missing}, unknown {unknown}",
+            f"data {source} (sample {index}) does not match the model's inputs: missing {missing}, unknown {unknown}",
             f"name the arrays after the model's inputs: {', '.join(expected)}"
-            + ("; give a constant with {input_value=NAME=VALUE}" if missing else ""))
+            + ("; give a constant with {input_value=NAME=VALUE}" if missing else ""),
+        )
     for name, arr in feeds.items():
         spec = expected[name]
         if arr.ndim != len(spec.shape):
             raise InputError(
                 f"data {source} (sample {index}): input {name!r} has shape {list(arr.shape)}, "
                 f"the model expects rank {len(spec.shape)} {spec.shape_text()}",
-                "each sample keeps the model's rank, with 1 on its sample axis (axis 0, or {input_layout=NAME=AXIS})")
+                "each sample keeps the model's rank, with 1 on its sample axis (axis 0, or {input_layout=NAME=AXIS})",
+            )
         for axis, got in enumerate(arr.shape):
             want = spec.fixed(axis)
             if want is not None and got != want:
@@ -939,17 +1051,21 @@ def _check_sample(feeds: MutableMapping[str, np.ndarray], specs: list[InputSpec]
                     f"data {source} (sample {index}): input {name!r} has shape {list(arr.shape)}, "
                     f"the model expects {spec.shape_text()} (axis {axis} must be {want})",
                     "resize or re-export the samples to the model's input shape, or declare the sample axis "
-                    "with {input_layout=NAME=AXIS}")
+                    "with {input_layout=NAME=AXIS}",
+                )
         if spec.dtype is not None and arr.dtype != spec.dtype:
             if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
                 raise InputError(
-                    f"data {source} (sample {index}): input {name!r} is {arr.dtype}, "
-                    f"the model expects {spec.dtype}", f"convert the arrays with .astype({spec.dtype.name!r})")
+                    f"data {source} (sample {index}): input {name!r} is {arr.dtype}, the model expects {spec.dtype}",
+                    f"convert the arrays with .astype({spec.dtype.name!r})",
+                )
             feeds[name] = arr = arr.astype(spec.dtype)
         if finite and np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-            raise InputError(f"data {source} (sample {index}): input {name!r} holds {bad} NaN or "
-                             "infinite value(s)", "remove or fix those samples; calibration needs finite inputs")
+            raise InputError(
+                f"data {source} (sample {index}): input {name!r} holds {bad} NaN or infinite value(s)",
+                "remove or fix those samples; calibration needs finite inputs",
+            )
 
 
 @contextlib.contextmanager
@@ -961,12 +1077,38 @@ def progress_bar(total: int | None, description: str, enabled: bool) -> Iterator
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(file=sys.stderr), transient=True) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(file=sys.stderr),
+        transient=True,
+    ) as bar:
         task = bar.add_task(description, total=total)
         yield lambda: bar.advance(task)
 
 
-__all__ = ["CalibrationData", "DEFAULT_SAMPLE_COUNT", "DataSpec", "Feeds", "InputSpec", "SampleArrays", "as_spec",
-           "data_arrays", "data_spec", "graph_inputs", "load_data", "parse_layout", "parse_values", "progress_bar",
-           "local_modules", "read_spec_file", "source_path", "reader_hash", "sample_arrays", "spec_from_keys", "spec_hash"]
+__all__ = [
+    "CalibrationData",
+    "DEFAULT_SAMPLE_COUNT",
+    "DataSpec",
+    "Feeds",
+    "InputSpec",
+    "SampleArrays",
+    "as_spec",
+    "data_arrays",
+    "data_spec",
+    "graph_inputs",
+    "load_data",
+    "parse_layout",
+    "parse_values",
+    "progress_bar",
+    "local_modules",
+    "read_spec_file",
+    "source_path",
+    "reader_hash",
+    "sample_arrays",
+    "spec_from_keys",
+    "spec_hash",
+]

@@ -45,8 +45,7 @@ class Executor(Protocol):
     def describe(self) -> dict[str, Any]:
         """What ran the work, for reports: kind, workers, address, nodes."""
 
-    def close(self) -> None:
-        ...
+    def close(self) -> None: ...
 
 
 class LocalExecutor:
@@ -64,8 +63,12 @@ class LocalExecutor:
         if self.workers == 1 or len(items) <= 1:
             return [fn(item) for item in items]
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=die_with_parent, initargs=(os.getpid(),))
+            self._pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=die_with_parent,
+                initargs=(os.getpid(),),
+            )
         return list(self._pool.map(fn, items))
 
     def measure(self, fn: Callable[..., R], *args: Any, target_class: str) -> R:
@@ -112,15 +115,21 @@ def die_with_parent(parent_pid: int) -> None:
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def make_executor(kind: str = "local", *, address: str | None = None, workers: int | None = None,
-                  cache_dir: str | os.PathLike | None = None) -> Executor:
+def make_executor(
+    kind: str = "local",
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Executor:
     """The executor `--executor KIND [--address ADDR] [--workers N]` asks for; `cache_dir` is the stage
     cache folder the jobs' artifacts live in (the Ray executor moves entries between it and its nodes)."""
     if workers is not None:
         from dlopt.limits import check_number
 
-        check_number(workers, "{workers=N}", minimum=1, integer=True, hint="give 1 or more, or leave it out for one "
-                                                                         "per core")
+        check_number(
+            workers, "{workers=N}", minimum=1, integer=True, hint="give 1 or more, or leave it out for one per core"
+        )
     if kind == "local":
         if address:
             raise InputError("--address is for --executor ray", "drop --address, or add --executor ray")
@@ -130,4 +139,3 @@ def make_executor(kind: str = "local", *, address: str | None = None, workers: i
 
         return RayExecutor(address=address, workers=workers, cache_dir=cache_dir)
     raise InputError(f"unknown executor {kind!r}", f"choose one of: {', '.join(EXECUTOR_KINDS)}")
-

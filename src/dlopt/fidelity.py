@@ -37,8 +37,10 @@ def sample_rows(array: np.ndarray) -> np.ndarray:
 def _pair(output: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     y, r = np.asarray(output), np.asarray(reference)
     if y.shape != r.shape:
-        raise InputError(f"output shape {list(y.shape)} differs from the reference's {list(r.shape)}",
-                         "compare models with the same outputs")
+        raise InputError(
+            f"output shape {list(y.shape)} differs from the reference's {list(r.shape)}",
+            "compare models with the same outputs",
+        )
     return y, r
 
 
@@ -140,15 +142,20 @@ class _Accumulator:
 
     def result(self) -> OutputFidelity:
         cos = np.concatenate(self.cosines) if self.cosines else np.ones(1)
-        return OutputFidelity(samples=int(cos.size), sqnr_db=sqnr_from_energy(self.signal, self.noise),
-                              cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
-                              max_abs_diff=self.worst, finite=self.finite,
-                              top1_agreement=self.agree / self.classified if self.class_like and self.classified
-                              else None)
+        return OutputFidelity(
+            samples=int(cos.size),
+            sqnr_db=sqnr_from_energy(self.signal, self.noise),
+            cosine_mean=float(cos.mean()),
+            cosine_min=float(cos.min()),
+            max_abs_diff=self.worst,
+            finite=self.finite,
+            top1_agreement=self.agree / self.classified if self.class_like and self.classified else None,
+        )
 
 
-def compare_runs(reference_runs: Sequence[Sequence[np.ndarray]], runs: Sequence[Sequence[np.ndarray]],
-                 names: Sequence[str]) -> dict[str, OutputFidelity]:
+def compare_runs(
+    reference_runs: Sequence[Sequence[np.ndarray]], runs: Sequence[Sequence[np.ndarray]], names: Sequence[str]
+) -> dict[str, OutputFidelity]:
     """Per floating-point output: `runs[k][i]` (output i on sample k) against `reference_runs[k][i]`."""
     result = {}
     for i, name in enumerate(names):
@@ -161,8 +168,9 @@ def compare_runs(reference_runs: Sequence[Sequence[np.ndarray]], runs: Sequence[
     return result
 
 
-def compare_sessions(reference_session, session, feeds_list: Sequence[Mapping[str, np.ndarray]]
-                     ) -> dict[str, OutputFidelity]:
+def compare_sessions(
+    reference_session, session, feeds_list: Sequence[Mapping[str, np.ndarray]]
+) -> dict[str, OutputFidelity]:
     """Run both sessions on each sample (one at a time) and compare their outputs by name."""
     from dlopt.sessions import feeds_for
 
@@ -189,8 +197,9 @@ def report(fidelity: Mapping[str, OutputFidelity]) -> dict[str, dict[str, Any]]:
     return {name: f.to_dict() for name, f in fidelity.items()}
 
 
-def within_tolerance(expected_runs: Sequence[Sequence[np.ndarray]], actual_runs: Sequence[Sequence[np.ndarray]],
-                     atol: float, rtol: float) -> tuple[bool, float]:
+def within_tolerance(
+    expected_runs: Sequence[Sequence[np.ndarray]], actual_runs: Sequence[Sequence[np.ndarray]], atol: float, rtol: float
+) -> tuple[bool, float]:
     """(every output of every sample within atol + rtol·|expected|, the largest absolute difference);
     integer outputs must be equal, shapes and NaN/Inf positions must match."""
     ok, worst = True, 0.0
@@ -209,6 +218,19 @@ def within_tolerance(expected_runs: Sequence[Sequence[np.ndarray]], actual_runs:
     return ok, worst
 
 
-__all__ = ["OutputFidelity", "compare_arrays", "compare_runs", "compare_sessions", "cosine", "cosine_per_sample",
-           "looks_like_classes", "mse", "report", "sample_rows", "sqnr_db", "sqnr_from_energy", "top1_agreement",
-           "within_tolerance"]
+__all__ = [
+    "OutputFidelity",
+    "compare_arrays",
+    "compare_runs",
+    "compare_sessions",
+    "cosine",
+    "cosine_per_sample",
+    "looks_like_classes",
+    "mse",
+    "report",
+    "sample_rows",
+    "sqnr_db",
+    "sqnr_from_energy",
+    "top1_agreement",
+    "within_tolerance",
+]

@@ -52,6 +52,7 @@ def check_output_path(path: str | os.PathLike) -> Path:
 
 # -- inputs are never outputs ------------------------------------------------------------------------
 
+
 def input_files(path: str | os.PathLike) -> list[Path]:
     """The files an input consists of, resolved: the path itself, plus an ONNX model's external-data
     files (which an output must not overwrite either)."""
@@ -81,8 +82,12 @@ def external_data_files(model) -> list[str]:
     return found
 
 
-def guard_outputs(inputs: Iterable[str | os.PathLike | None], outputs: Iterable[str | os.PathLike | None], *,
-                  cache: str | os.PathLike | None = None) -> None:
+def guard_outputs(
+    inputs: Iterable[str | os.PathLike | None],
+    outputs: Iterable[str | os.PathLike | None],
+    *,
+    cache: str | os.PathLike | None = None,
+) -> None:
     """Refuse, before anything is written, an output that is, contains or lies inside an input.
 
     Inputs are files or folders the verb reads (an ONNX model with its external data, a data file,
@@ -99,19 +104,24 @@ def guard_outputs(inputs: Iterable[str | os.PathLike | None], outputs: Iterable[
         for source in sources:
             what = _overlap(Path(output), source)
             if what:
-                raise InputError(f"output {output} {what} the input {source}",
-                                 "write to another path; inputs are never modified")
+                raise InputError(
+                    f"output {output} {what} the input {source}", "write to another path; inputs are never modified"
+                )
         if cache is not None:
             what = _overlap(Path(output), Path(cache).expanduser().resolve())
             if what:
-                raise InputError(f"output {output} {what} the stage cache {cache}",
-                                 "write outside the cache, or pass another --cache-dir")
+                raise InputError(
+                    f"output {output} {what} the stage cache {cache}",
+                    "write outside the cache, or pass another --cache-dir",
+                )
     if cache is not None:
         for source in sources:
             what = _overlap(Path(cache).expanduser(), source)
             if what:
-                raise InputError(f"the stage cache {cache} {what} the input {source}",
-                                 "pass another --cache-dir: the cache's entries are replaced and pruned")
+                raise InputError(
+                    f"the stage cache {cache} {what} the input {source}",
+                    "pass another --cache-dir: the cache's entries are replaced and pruned",
+                )
 
 
 def _overlap(output: Path, source: Path) -> str | None:
@@ -172,7 +182,7 @@ def pid_alive(pid: int) -> bool:
 
 def stale_pid(name: str, prefix: str) -> bool:
     """True when `name` is `<prefix><pid>-...` and that process is gone (a killed run's leftover)."""
-    rest = name[len(prefix):] if name.startswith(prefix) else ""
+    rest = name[len(prefix) :] if name.startswith(prefix) else ""
     pid_text = rest.split("-", 1)[0]
     return pid_text.isdigit() and int(pid_text) != os.getpid() and not pid_alive(int(pid_text))
 
@@ -209,8 +219,9 @@ class StagedOutputs:
         out = check_output_path(path)
         remove_stale_temps(out)
         try:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}-", suffix=".tmp",
-                                            dir=out.parent if str(out.parent) else ".")
+            fd, tmp_name = tempfile.mkstemp(
+                prefix=f".{out.name}.{os.getpid()}-", suffix=".tmp", dir=out.parent if str(out.parent) else "."
+            )
         except OSError as e:
             raise InputError(f"cannot write {out}: {e.strerror or e}", "choose another -o path") from e
         os.close(fd)
@@ -250,8 +261,10 @@ class StagedOutputs:
 def _write_error(e: OSError, out: Path) -> DlOptError:
     if e.errno == errno.ENOSPC:
         return InputError(f"disk full while writing {out}", "free space and run again")
-    return InputError(f"cannot write {out}: {e.strerror or e}",
-                      "check that the path is not a folder, read-only or on a read-only file system")
+    return InputError(
+        f"cannot write {out}: {e.strerror or e}",
+        "check that the path is not a folder, read-only or on a read-only file system",
+    )
 
 
 @contextlib.contextmanager
@@ -323,8 +336,9 @@ def output_folder(path: str | os.PathLike) -> Iterator[Path]:
     try:
         out.mkdir(exist_ok=True)
     except OSError as e:
-        raise InputError(f"cannot create the output folder {out}: {e.strerror or e}",
-                         "choose a writable -o path") from e
+        raise InputError(
+            f"cannot create the output folder {out}: {e.strerror or e}", "choose a writable -o path"
+        ) from e
     if not os.access(out, os.W_OK):
         raise InputError(f"output folder {out} is not writable", "choose another -o path")
     try:
@@ -403,8 +417,14 @@ def stage_onnx(model, path: str | os.PathLike, outputs: StagedOutputs) -> Path:
     # will have once committed.
     data_name = out.name + ".data"
     data_tmp = outputs.stage(out.parent / data_name)
-    onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_tmp.name, size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(tmp),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_tmp.name,
+        size_threshold=1024,
+    )
     reloaded = onnx.load_model(str(tmp), load_external_data=False)
     for tensor in _external_tensors(reloaded):
         for entry in tensor.external_data:
@@ -434,8 +454,9 @@ def load_onnx(path: str | os.PathLike, load_external_data: bool = True):
     try:
         model = onnx.load_model(str(p), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as e:
-        raise InputError(f"{p} is not a valid ONNX model ({type(e).__name__})",
-                         "export it again with `dlopt export`") from e
+        raise InputError(
+            f"{p} is not a valid ONNX model ({type(e).__name__})", "export it again with `dlopt export`"
+        ) from e
     except OSError as e:
         raise InputError(f"cannot read {p}: {e.strerror or e}", "check the file and its permissions") from e
     if len(model.graph.node) == 0 and len(model.graph.output) == 0:
@@ -444,16 +465,20 @@ def load_onnx(path: str | os.PathLike, load_external_data: bool = True):
     external = external_data_files(model)
     missing = [location for location in external if not (p.parent / location).is_file()]
     if missing:
-        raise InputError(f"{p}: its external data file {p.parent / missing[0]} is missing",
-                         "keep the data file(s) beside the model, under the name the model records")
+        raise InputError(
+            f"{p}: its external data file {p.parent / missing[0]} is missing",
+            "keep the data file(s) beside the model, under the name the model records",
+        )
     if load_external_data and external:
         from onnx.external_data_helper import load_external_data_for_model
 
         try:
             load_external_data_for_model(model, str(p.parent))
         except (ValueError, RuntimeError, OSError, onnx.checker.ValidationError) as e:
-            raise InputError(f"cannot read the external data of {p} ({type(e).__name__}: {e})",
-                             "keep the data file(s) beside the model, unchanged") from e
+            raise InputError(
+                f"cannot read the external data of {p} ({type(e).__name__}: {e})",
+                "keep the data file(s) beside the model, unchanged",
+            ) from e
     return model
 
 
@@ -463,12 +488,20 @@ def check_known_ops(model, path: str | os.PathLike) -> None:
     import onnx
 
     local = {(f.domain, f.name) for f in model.functions}
-    unknown = sorted({n.op_type for n in _all_nodes(model.graph)
-                      if n.domain in ("", "ai.onnx", "ai.onnx.ml") and (n.domain, n.op_type) not in local
-                      and not onnx.defs.has(n.op_type, "ai.onnx.ml" if n.domain == "ai.onnx.ml" else "")})
+    unknown = sorted(
+        {
+            n.op_type
+            for n in _all_nodes(model.graph)
+            if n.domain in ("", "ai.onnx", "ai.onnx.ml")
+            and (n.domain, n.op_type) not in local
+            and not onnx.defs.has(n.op_type, "ai.onnx.ml" if n.domain == "ai.onnx.ml" else "")
+        }
+    )
     if unknown:
-        raise InputError(f"{path} uses operator(s) that ONNX does not define: {', '.join(unknown)}",
-                         "export the model again with standard operators")
+        raise InputError(
+            f"{path} uses operator(s) that ONNX does not define: {', '.join(unknown)}",
+            "export the model again with standard operators",
+        )
 
 
 def _all_nodes(graph):

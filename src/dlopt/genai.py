@@ -38,8 +38,9 @@ def _genai():
     try:
         import onnxruntime_genai as og
     except ImportError as e:
-        raise MissingDependencyError("exported LM folders run with onnxruntime-genai, which is not installed",
-                                     "pip install 'dlopt[llm]'") from e
+        raise MissingDependencyError(
+            "exported LM folders run with onnxruntime-genai, which is not installed", "pip install 'dlopt[llm]'"
+        ) from e
     return og
 
 
@@ -64,8 +65,9 @@ def read_lm_folder(path: str | os.PathLike) -> LmFolder:
         model = json.loads(config_path.read_text())["model"]
         context, vocab = int(model["context_length"]), int(model["vocab_size"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"cannot read the context length and vocabulary size from {config_path}: {e}",
-                         "export the folder again") from e
+        raise InputError(
+            f"cannot read the context length and vocabulary size from {config_path}: {e}", "export the folder again"
+        ) from e
     special = []
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = model.get(key)
@@ -81,8 +83,10 @@ def load_lm(og, folder: LmFolder, threads: int):
     try:
         return og.Model(config)
     except Exception as e:  # genai raises plain RuntimeErrors for unloadable folders
-        raise InputError(f"onnxruntime-genai cannot load {folder.path}: {str(e).splitlines()[0]}",
-                         "export the folder again with dlopt export --task text-generation") from e
+        raise InputError(
+            f"onnxruntime-genai cannot load {folder.path}: {str(e).splitlines()[0]}",
+            "export the folder again with dlopt export --task text-generation",
+        ) from e
 
 
 def check_causal_lm_config(config_path: Path) -> dict[str, Any]:
@@ -94,8 +98,10 @@ def check_causal_lm_config(config_path: Path) -> dict[str, Any]:
     architectures = [str(a) for a in config.get("architectures") or []]
     if not any(a.endswith("ForCausalLM") for a in architectures):
         what = ", ".join(architectures) or f"model_type {config.get('model_type')!r}"
-        raise InputError(f"{config_path} describes {what}, not a causal language model",
-                         "text generation takes decoder LMs (*ForCausalLM: Llama, Qwen, Phi, Mistral, Gemma ...)")
+        raise InputError(
+            f"{config_path} describes {what}, not a causal language model",
+            "text generation takes decoder LMs (*ForCausalLM: Llama, Qwen, Phi, Mistral, Gemma ...)",
+        )
     return config
 
 
@@ -104,12 +110,16 @@ def check_lm_folder(path: str | os.PathLike, *, tokenizer: bool = True) -> LmFol
     folder = Path(path)
     if folder.is_dir() and not (folder / GENAI_CONFIG).is_file() and (folder / "config.json").is_file():
         check_causal_lm_config(folder / "config.json")
-        raise InputError(f"{folder} is a Hugging Face model folder, not an exported LM (no {GENAI_CONFIG})",
-                         f"export it first: dlopt export {folder} --task text-generation -o FOLDER")
+        raise InputError(
+            f"{folder} is a Hugging Face model folder, not an exported LM (no {GENAI_CONFIG})",
+            f"export it first: dlopt export {folder} --task text-generation -o FOLDER",
+        )
     lm = read_lm_folder(folder)
     if tokenizer and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise InputError(f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)})",
-                         "copy the tokenizer files of the source model into it (tokenizer.save_pretrained(folder))")
+        raise InputError(
+            f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)})",
+            "copy the tokenizer files of the source model into it (tokenizer.save_pretrained(folder))",
+        )
     return lm
 
 
@@ -130,9 +140,11 @@ def check_prompt_fits(folder: LmFolder, prompt_tokens: int, new_tokens: int, wha
     if new_tokens < 1:
         raise InputError(f"new tokens must be at least 1, got {new_tokens}", "e.g. {new_tokens=20}")
     if prompt_tokens + new_tokens > folder.context_length:
-        raise InputError(f"{what} is {prompt_tokens} tokens; with {new_tokens} new tokens it exceeds the context of "
-                         f"{folder.path} ({folder.context_length} tokens, {GENAI_CONFIG})",
-                         "shorten the prompt or lower {new_tokens}")
+        raise InputError(
+            f"{what} is {prompt_tokens} tokens; with {new_tokens} new tokens it exceeds the context of "
+            f"{folder.path} ({folder.context_length} tokens, {GENAI_CONFIG})",
+            "shorten the prompt or lower {new_tokens}",
+        )
 
 
 def greedy_generate(og, model, prompt_ids: Sequence[int], new_tokens: int) -> Greedy:
@@ -149,8 +161,9 @@ def greedy_generate(og, model, prompt_ids: Sequence[int], new_tokens: int) -> Gr
     return Greedy(tokens, "length" if len(tokens) >= new_tokens else "eos")
 
 
-def check_greedy(og, model, prompt_ids: Sequence[int], recorded: Sequence[int], *,
-                 tie_rtol: float = TIE_RTOL) -> dict[str, Any]:
+def check_greedy(
+    og, model, prompt_ids: Sequence[int], recorded: Sequence[int], *, tie_rtol: float = TIE_RTOL
+) -> dict[str, Any]:
     """Is `recorded` the model's greedy continuation of `prompt_ids`? At each step the model's logits
     are read and the recorded token fed back. Passed when each recorded token is the argmax, or within
     the tie tolerance of it. Returns {passed, steps, equal, first_difference, detail}."""
@@ -170,8 +183,10 @@ def check_greedy(og, model, prompt_ids: Sequence[int], recorded: Sequence[int], 
             tie = tie_rtol * float(np.abs(logits).max())
             if first is None:
                 first = step
-                detail = (f"token {step + 1}: the model's greedy choice is {got}, the manifest's {want} "
-                          f"(logit gap {gap:.3g}, tie tolerance {tie:.3g})")
+                detail = (
+                    f"token {step + 1}: the model's greedy choice is {got}, the manifest's {want} "
+                    f"(logit gap {gap:.3g}, tie tolerance {tie:.3g})"
+                )
             if gap > tie:
                 passed = False
         feed = np.asarray([[want]], dtype=np.int32)
@@ -179,6 +194,15 @@ def check_greedy(og, model, prompt_ids: Sequence[int], recorded: Sequence[int], 
     return {"passed": passed, "steps": len(recorded), "equal": equal, "first_difference": first, "detail": detail}
 
 
-__all__ = ["EXPORT_HINT", "Greedy", "TIE_RTOL", "TOKENIZER_FILES", "check_causal_lm_config", "check_greedy",
-           "check_lm_folder",
-           "check_prompt_fits", "greedy_generate", "open_lm"]
+__all__ = [
+    "EXPORT_HINT",
+    "Greedy",
+    "TIE_RTOL",
+    "TOKENIZER_FILES",
+    "check_causal_lm_config",
+    "check_greedy",
+    "check_lm_folder",
+    "check_prompt_fits",
+    "greedy_generate",
+    "open_lm",
+]

@@ -8,8 +8,15 @@ import numpy as np
 from dlopt.inputs import graph_inputs
 
 # ops that only ORT's transformer fusions create: seeing one means the graph is already fused
-FUSED_TRANSFORMER_OPS = {"Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization",
-                         "BiasGelu", "FastGelu", "QAttention"}
+FUSED_TRANSFORMER_OPS = {
+    "Attention",
+    "MultiHeadAttention",
+    "SkipLayerNormalization",
+    "EmbedLayerNormalization",
+    "BiasGelu",
+    "FastGelu",
+    "QAttention",
+}
 
 
 def looks_like_transformer(model) -> bool:
@@ -21,8 +28,7 @@ def looks_like_transformer(model) -> bool:
     if FUSED_TRANSFORMER_OPS & set(ops):
         return True
     names = {i.name for i in graph_inputs(model)}
-    return (ops.count("Softmax") >= 1 and ops.count("MatMul") >= 4
-            and ("input_ids" in names or embeds_tokens(model)))
+    return ops.count("Softmax") >= 1 and ops.count("MatMul") >= 4 and ("input_ids" in names or embeds_tokens(model))
 
 
 def embeds_tokens(model) -> bool:
@@ -31,8 +37,11 @@ def embeds_tokens(model) -> bool:
     from onnx import TensorProto
 
     integer_inputs = {i.name for i in graph_inputs(model) if np.issubdtype(i.dtype, np.integer)}
-    tables = {t.name for t in model.graph.initializer
-              if len(t.dims) == 2 and t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)}
+    tables = {
+        t.name
+        for t in model.graph.initializer
+        if len(t.dims) == 2 and t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+    }
     producer = {o: n for n in model.graph.node for o in n.output}
     for node in model.graph.node:
         if node.op_type != "Gather" or node.input[0] not in tables:

@@ -66,14 +66,18 @@ class ImagePreprocess:
         if self.resize not in RESIZE_MODES:
             raise InputError(f"unknown image resize mode {self.resize!r}", f"choose one of {', '.join(RESIZE_MODES)}")
         if self.interpolation not in INTERPOLATIONS:
-            raise InputError(f"unknown image interpolation {self.interpolation!r}",
-                             f"choose one of {', '.join(INTERPOLATIONS)}")
+            raise InputError(
+                f"unknown image interpolation {self.interpolation!r}", f"choose one of {', '.join(INTERPOLATIONS)}"
+            )
         if self.letterbox_anchor not in LETTERBOX_ANCHORS:
-            raise InputError(f"unknown letterbox anchor {self.letterbox_anchor!r}",
-                             f"choose one of {', '.join(LETTERBOX_ANCHORS)}")
+            raise InputError(
+                f"unknown letterbox anchor {self.letterbox_anchor!r}", f"choose one of {', '.join(LETTERBOX_ANCHORS)}"
+            )
         if self.letterbox_rounding not in LETTERBOX_ROUNDINGS:
-            raise InputError(f"unknown letterbox rounding {self.letterbox_rounding!r}",
-                             f"choose one of {', '.join(LETTERBOX_ROUNDINGS)}")
+            raise InputError(
+                f"unknown letterbox rounding {self.letterbox_rounding!r}",
+                f"choose one of {', '.join(LETTERBOX_ROUNDINGS)}",
+            )
         if not 0 <= self.pad <= 255:
             raise InputError(f"image pad value {self.pad} is not a pixel value", "give 0..255, e.g. {image_pad=114}")
         if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
@@ -86,15 +90,35 @@ class ImagePreprocess:
             raise InputError(f"image scale {self.scale} must be positive", "e.g. {image_scale=1/255}")
 
     @classmethod
-    def from_text(cls, *, size: str | None = None, layout: str = "auto", scale: str = "1/255", mean: str = "0",
-                  std: str = "1", bgr: bool = False, resize: str = "stretch", pad: str = "114",
-                  interpolation: str = "bilinear", letterbox_anchor: str = "center",
-                  letterbox_rounding: str = "round") -> ImagePreprocess:
+    def from_text(
+        cls,
+        *,
+        size: str | None = None,
+        layout: str = "auto",
+        scale: str = "1/255",
+        mean: str = "0",
+        std: str = "1",
+        bgr: bool = False,
+        resize: str = "stretch",
+        pad: str = "114",
+        interpolation: str = "bilinear",
+        letterbox_anchor: str = "center",
+        letterbox_rounding: str = "round",
+    ) -> ImagePreprocess:
         """From option text as a user writes it: size "640x640", scale "1/255", mean "0.5,0.5,0.5"."""
-        return cls(size=parse_size(size) if size else None, layout=layout.lower(), scale=parse_number(scale),
-                   mean=parse_floats(mean, "image_mean"), std=parse_floats(std, "image_std"), bgr=bgr,
-                   resize=resize.lower(), pad=parse_number(pad), interpolation=interpolation.lower(),
-                   letterbox_anchor=letterbox_anchor.lower(), letterbox_rounding=letterbox_rounding.lower())
+        return cls(
+            size=parse_size(size) if size else None,
+            layout=layout.lower(),
+            scale=parse_number(scale),
+            mean=parse_floats(mean, "image_mean"),
+            std=parse_floats(std, "image_std"),
+            bgr=bgr,
+            resize=resize.lower(),
+            pad=parse_number(pad),
+            interpolation=interpolation.lower(),
+            letterbox_anchor=letterbox_anchor.lower(),
+            letterbox_rounding=letterbox_rounding.lower(),
+        )
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -116,8 +140,10 @@ def parse_floats(text: str, option: str) -> tuple[float, ...]:
     try:
         return tuple(parse_number(p) for p in str(text).split(",") if p.strip())
     except InputError:
-        raise InputError(f"{option.replace('_', ' ')} {text!r} is not a comma-separated list of numbers",
-                         f"e.g. {{{option}=0.5,0.5,0.5}}") from None
+        raise InputError(
+            f"{option.replace('_', ' ')} {text!r} is not a comma-separated list of numbers",
+            f"e.g. {{{option}=0.5,0.5,0.5}}",
+        ) from None
 
 
 def parse_number(text: str) -> float:
@@ -144,43 +170,59 @@ def image_target(model, config: ImagePreprocess, source: str) -> ImageTarget:
     """The one image input of an onnx.ModelProto and how to lay images out for it."""
     specs = graph_inputs(model)
     if len(specs) != 1:
-        raise InputError(f"images in {source} can feed a model with one input; this one has "
-                         f"{', '.join(s.name for s in specs)}", "save an .npz with one array per input instead")
+        raise InputError(
+            f"images in {source} can feed a model with one input; this one has {', '.join(s.name for s in specs)}",
+            "save an .npz with one array per input instead",
+        )
     spec = specs[0]
     if len(spec.shape) != 4 or spec.dtype is None or not np.issubdtype(spec.dtype, np.floating):
-        raise InputError(f"images in {source} cannot feed input {spec.name!r} {spec.shape_text()}: it is not a "
-                         "4-D float image batch", "give the data as .npz")
+        raise InputError(
+            f"images in {source} cannot feed input {spec.name!r} {spec.shape_text()}: it is not a "
+            "4-D float image batch",
+            "give the data as .npz",
+        )
     layout = config.layout if config.layout != "auto" else _layout(spec, source)
     h_axis, w_axis, c_axis = (2, 3, 1) if layout == "nchw" else (1, 2, 3)
     channels = spec.fixed(c_axis) or 3
     if channels not in (1, 3, 4):
-        raise InputError(f"input {spec.name!r} {spec.shape_text()} has {channels} channels on its {layout} "
-                         "channel axis; images have 1, 3 or 4", "set {image_layout=nchw|nhwc}, or give .npz data")
+        raise InputError(
+            f"input {spec.name!r} {spec.shape_text()} has {channels} channels on its {layout} "
+            "channel axis; images have 1, 3 or 4",
+            "set {image_layout=nchw|nhwc}, or give .npz data",
+        )
     fixed = (spec.fixed(h_axis), spec.fixed(w_axis))
     if config.size is not None:
         for axis, want, got in ((h_axis, fixed[0], config.size[0]), (w_axis, fixed[1], config.size[1])):
             if want is not None and want != got:
-                raise InputError(f"image size {config.size[0]}x{config.size[1]} does not fit input {spec.name!r} "
-                                 f"{spec.shape_text()} (axis {axis} is fixed at {want})",
-                                 "leave the image size unset to use the model's size")
+                raise InputError(
+                    f"image size {config.size[0]}x{config.size[1]} does not fit input {spec.name!r} "
+                    f"{spec.shape_text()} (axis {axis} is fixed at {want})",
+                    "leave the image size unset to use the model's size",
+                )
         size = config.size
     elif fixed[0] is None or fixed[1] is None:
-        raise InputError(f"input {spec.name!r} {spec.shape_text()} has a free height/width: the images' size "
-                         "is not known", "give it with {image_size=HEIGHTxWIDTH}, e.g. 640x640")
+        raise InputError(
+            f"input {spec.name!r} {spec.shape_text()} has a free height/width: the images' size is not known",
+            "give it with {image_size=HEIGHTxWIDTH}, e.g. 640x640",
+        )
     else:
         size = (int(fixed[0]), int(fixed[1]))
     for what, values in (("mean", config.mean), ("std", config.std)):
         if len(values) not in (1, channels):
-            raise InputError(f"image {what} has {len(values)} values; the input has {channels} channels",
-                             f"give 1 or {channels} values")
+            raise InputError(
+                f"image {what} has {len(values)} values; the input has {channels} channels",
+                f"give 1 or {channels} values",
+            )
     return ImageTarget(spec.name, layout, size, channels, spec.dtype)
 
 
 def _layout(spec: InputSpec, source: str) -> str:
     axes = image_axes(spec)
     if axes is None:
-        raise InputError(f"the layout of input {spec.name!r} {spec.shape_text()} for the images in {source} "
-                         "is ambiguous", "give {image_layout=nchw} or {image_layout=nhwc}")
+        raise InputError(
+            f"the layout of input {spec.name!r} {spec.shape_text()} for the images in {source} is ambiguous",
+            "give {image_layout=nchw} or {image_layout=nhwc}",
+        )
     return "nchw" if axes == (2, 3) else "nhwc"
 
 
@@ -200,8 +242,10 @@ def load_image(path: Path, target: ImageTarget, config: ImagePreprocess) -> np.n
         with Image.open(path) as image:
             array = _resized(image.convert(mode), target.size, config)
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"image {path} cannot be read ({type(e).__name__}: {str(e)[:120]})",
-                         "remove it from the folder or convert it to PNG/JPEG") from e
+        raise InputError(
+            f"image {path} cannot be read ({type(e).__name__}: {str(e)[:120]})",
+            "remove it from the folder or convert it to PNG/JPEG",
+        ) from e
     array = array.reshape(height, width, target.channels)
     if config.bgr and target.channels >= 3:
         array = array[..., [2, 1, 0, *range(3, target.channels)]]
@@ -218,9 +262,13 @@ def _resized(image, size: tuple[int, int], config: ImagePreprocess) -> np.ndarra
     [H, W, C] (or [H, W] for one channel); the module doc gives the placement formulas."""
     from PIL import Image
 
-    filters = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST,
-               "bicubic": Image.Resampling.BICUBIC, "area": Image.Resampling.BOX,
-               "lanczos": Image.Resampling.LANCZOS}
+    filters = {
+        "bilinear": Image.Resampling.BILINEAR,
+        "nearest": Image.Resampling.NEAREST,
+        "bicubic": Image.Resampling.BICUBIC,
+        "area": Image.Resampling.BOX,
+        "lanczos": Image.Resampling.LANCZOS,
+    }
     resample = filters[config.interpolation]
     height, width = size
     h, w = image.height, image.width
@@ -230,17 +278,20 @@ def _resized(image, size: tuple[int, int], config: ImagePreprocess) -> np.ndarra
         r = min(height / h, width / w)
         size_of = round if config.letterbox_rounding == "round" else int
         nh, nw = max(1, size_of(h * r)), max(1, size_of(w * r))
-        top, left = ((round((height - nh) / 2 - 0.1), round((width - nw) / 2 - 0.1))
-                     if config.letterbox_anchor == "center" else (0, 0))
+        top, left = (
+            (round((height - nh) / 2 - 0.1), round((width - nw) / 2 - 0.1))
+            if config.letterbox_anchor == "center"
+            else (0, 0)
+        )
         inner = np.asarray(image.resize((nw, nh), resample), dtype=np.float32)
         canvas = np.full((height, width, *inner.shape[2:]), np.float32(config.pad), np.float32)
-        canvas[top:top + nh, left:left + nw] = inner
+        canvas[top : top + nh, left : left + nw] = inner
         return canvas
     s = max(height / h, width / w)  # center-crop: the shorter side fits, the longer one is cut
     nh, nw = max(height, round(h * s)), max(width, round(w * s))
     top, left = round((nh - height) / 2), round((nw - width) / 2)
     inner = np.asarray(image.resize((nw, nh), resample), dtype=np.float32)
-    return np.ascontiguousarray(inner[top:top + height, left:left + width])
+    return np.ascontiguousarray(inner[top : top + height, left : left + width])
 
 
 def image_feeds(files: Iterable[Path], target: ImageTarget, config: ImagePreprocess):
@@ -248,7 +299,20 @@ def image_feeds(files: Iterable[Path], target: ImageTarget, config: ImagePreproc
         yield {target.name: load_image(path, target, config)}
 
 
-__all__ = ["IMAGE_SUFFIXES", "INTERPOLATIONS", "ImagePreprocess", "ImageTarget", "LAYOUTS", "LETTERBOX_ANCHORS",
-           "LETTERBOX_ROUNDINGS", "RESIZE_MODES",
-           "image_feeds", "image_files",
-           "image_target", "load_image", "parse_floats", "parse_number", "parse_size"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "INTERPOLATIONS",
+    "ImagePreprocess",
+    "ImageTarget",
+    "LAYOUTS",
+    "LETTERBOX_ANCHORS",
+    "LETTERBOX_ROUNDINGS",
+    "RESIZE_MODES",
+    "image_feeds",
+    "image_files",
+    "image_target",
+    "load_image",
+    "parse_floats",
+    "parse_number",
+    "parse_size",
+]

@@ -47,13 +47,33 @@ _IMAGE_CHANNELS = (1, 3, 4)
 _UNNAMED = ("", "?")  # ONNX Runtime's and some exporters' spelling of an unnamed free dimension
 
 # ONNX TensorProto element type -> numpy dtype, and ONNX Runtime's type strings
-_ONNX_TO_NUMPY = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
-                  9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
+_ONNX_TO_NUMPY = {
+    1: np.float32,
+    2: np.uint8,
+    3: np.int8,
+    4: np.uint16,
+    5: np.int16,
+    6: np.int32,
+    7: np.int64,
+    9: np.bool_,
+    10: np.float16,
+    11: np.float64,
+    12: np.uint32,
+    13: np.uint64,
+}
 _ORT_TO_NUMPY = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
-    "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
 }
 
 
@@ -71,8 +91,14 @@ class InputSpec:
         return dim if isinstance(dim, (int, np.integer)) and dim > 0 else None
 
     def shape_text(self) -> str:
-        return "[" + ", ".join(str(d) if self.fixed(a) else (d if isinstance(d, str) and d not in _UNNAMED else "?")
-                               for a, d in enumerate(self.shape)) + "]"
+        return (
+            "["
+            + ", ".join(
+                str(d) if self.fixed(a) else (d if isinstance(d, str) and d not in _UNNAMED else "?")
+                for a, d in enumerate(self.shape)
+            )
+            + "]"
+        )
 
 
 def graph_inputs(model) -> list[InputSpec]:
@@ -85,8 +111,9 @@ def graph_inputs(model) -> list[InputSpec]:
         tt = vi.type.tensor_type
         dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
         dtype = _ONNX_TO_NUMPY.get(tt.elem_type) if vi.type.HasField("tensor_type") else None
-        specs.append(InputSpec(vi.name, np.dtype(dtype) if dtype is not None else None, dims,
-                               f"tensor elem_type {tt.elem_type}"))
+        specs.append(
+            InputSpec(vi.name, np.dtype(dtype) if dtype is not None else None, dims, f"tensor elem_type {tt.elem_type}")
+        )
     return specs
 
 
@@ -123,15 +150,23 @@ def check_input_shapes(specs: Sequence[InputSpec], shapes: Mapping[str, Shape]) 
     for name, shape in shapes.items():
         spec = by_name.get(name)
         if spec is None:
-            raise InputError(f"{{input_shape={name}=...}} names {name!r}, which is not an input of the model",
-                             f"its inputs: {', '.join(by_name) or 'none'}")
+            raise InputError(
+                f"{{input_shape={name}=...}} names {name!r}, which is not an input of the model",
+                f"its inputs: {', '.join(by_name) or 'none'}",
+            )
         if len(shape) != len(spec.shape):
-            raise InputError(f"{{input_shape={name}={'x'.join(map(str, shape))}}} has rank {len(shape)}, "
-                             f"the input is {spec.shape_text()}", "give one size per axis")
+            raise InputError(
+                f"{{input_shape={name}={'x'.join(map(str, shape))}}} has rank {len(shape)}, "
+                f"the input is {spec.shape_text()}",
+                "give one size per axis",
+            )
         for axis, size in enumerate(shape):
             if spec.fixed(axis) not in (None, size):
-                raise InputError(f"{{input_shape={name}={'x'.join(map(str, shape))}}}: axis {axis} of "
-                                 f"{spec.shape_text()} is fixed at {spec.fixed(axis)}", "keep the model's fixed sizes")
+                raise InputError(
+                    f"{{input_shape={name}={'x'.join(map(str, shape))}}}: axis {axis} of "
+                    f"{spec.shape_text()} is fixed at {spec.fixed(axis)}",
+                    "keep the model's fixed sizes",
+                )
 
 
 # --------------------------------------------------------------------------- shapes
@@ -151,8 +186,9 @@ def _group(spec: InputSpec, axis: int) -> str:
     return f"dim:{dim}" if isinstance(dim, str) and dim not in _UNNAMED else f"axis:{spec.name}:{axis}"
 
 
-def _shape_candidates(specs: Sequence[InputSpec], *, batch: int | None, seq_len: int,
-                      overrides: Mapping[str, Shape]) -> list[dict[str, Shape]]:
+def _shape_candidates(
+    specs: Sequence[InputSpec], *, batch: int | None, seq_len: int, overrides: Mapping[str, Shape]
+) -> list[dict[str, Shape]]:
     """Candidate shape assignments for all inputs, in the order to try them (see the module doc)."""
     known: dict[str, int] = {}  # free-dimension group -> size fixed by an override or the batch
     for spec in specs:
@@ -198,8 +234,13 @@ def _shape_candidates(specs: Sequence[InputSpec], *, batch: int | None, seq_len:
     return candidates
 
 
-def resolve_shapes(specs: Sequence[InputSpec], *, batch: int | None = None, seq_len: int = 16,
-                   overrides: Mapping[str, Shape] | None = None) -> dict[str, Shape]:
+def resolve_shapes(
+    specs: Sequence[InputSpec],
+    *,
+    batch: int | None = None,
+    seq_len: int = 16,
+    overrides: Mapping[str, Shape] | None = None,
+) -> dict[str, Shape]:
     """The first candidate shapes (no model run): what `synthetic_feeds` tries first."""
     overrides = dict(overrides or {})
     check_input_shapes(specs, overrides)
@@ -212,13 +253,26 @@ def _check_fixed_batch(specs: Sequence[InputSpec], batch: int | None) -> None:
         return
     for spec in specs:
         if spec.shape and spec.fixed(0) not in (None, batch):
-            raise InputError(f"input {spec.name!r} has a fixed batch of {spec.fixed(0)}, cannot run batch {batch}",
-                             f"use {{batch={spec.fixed(0)}}}, or export the model with a dynamic batch axis")
+            raise InputError(
+                f"input {spec.name!r} has a fixed batch of {spec.fixed(0)}, cannot run batch {batch}",
+                f"use {{batch={spec.fixed(0)}}}, or export the model with a dynamic batch axis",
+            )
 
 
 # --------------------------------------------------------------------------- values
-_PASS_THROUGH = {"Reshape", "Expand", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Identity", "Slice",
-                 "Gather", "Concat", "Tile"}  # ops whose output holds values of (one of) their inputs
+_PASS_THROUGH = {
+    "Reshape",
+    "Expand",
+    "Unsqueeze",
+    "Squeeze",
+    "Flatten",
+    "Transpose",
+    "Identity",
+    "Slice",
+    "Gather",
+    "Concat",
+    "Tile",
+}  # ops whose output holds values of (one of) their inputs
 
 
 def value_ranges(model) -> dict[str, tuple[int, int]]:
@@ -250,8 +304,12 @@ def value_ranges(model) -> dict[str, tuple[int, int]]:
             for node in consumers.get(tensor, []):
                 position = list(node.input).index(tensor)
                 found += _range_from_use(node, position, constants)
-                if node.op_type in _PASS_THROUGH and (position == 0 or node.op_type == "Concat") or \
-                        node.op_type == "Cast" and _cast_is_integer(node):
+                if (
+                    node.op_type in _PASS_THROUGH
+                    and (position == 0 or node.op_type == "Concat")
+                    or node.op_type == "Cast"
+                    and _cast_is_integer(node)
+                ):
                     frontier += [o for o in node.output if o]
         if found:
             ranges[spec.name] = (min(low for low, _ in found), max(high for _, high in found))
@@ -279,18 +337,28 @@ def _range_from_use(node, position: int, constants: Mapping[str, np.ndarray]) ->
     return []
 
 
-def make_feeds(specs: Sequence[InputSpec], shapes: Mapping[str, Shape], *, seed: int = 0,
-               ranges: Mapping[str, tuple[int, int]] | None = None) -> Feeds:
+def make_feeds(
+    specs: Sequence[InputSpec],
+    shapes: Mapping[str, Shape],
+    *,
+    seed: int = 0,
+    ranges: Mapping[str, tuple[int, int]] | None = None,
+) -> Feeds:
     """Seeded values of the given shapes (the value rule in the module doc)."""
     from dlopt.limits import check_input_bytes
 
-    check_input_bytes({s.name: tuple(shapes[s.name]) for s in specs},
-                      {s.name: np.dtype(s.dtype).itemsize for s in specs if s.dtype is not None}, "generated inputs")
+    check_input_bytes(
+        {s.name: tuple(shapes[s.name]) for s in specs},
+        {s.name: np.dtype(s.dtype).itemsize for s in specs if s.dtype is not None},
+        "generated inputs",
+    )
     feeds = {}
     for spec in specs:
         if spec.dtype is None:
-            raise InputError(f"input {spec.name!r} has type {spec.type_name}, which dlopt cannot generate",
-                             "pass real inputs ({data=DATA} / {calibration=DATA})")
+            raise InputError(
+                f"input {spec.name!r} has type {spec.type_name}, which dlopt cannot generate",
+                "pass real inputs ({data=DATA} / {calibration=DATA})",
+            )
         dtype, shape = spec.dtype, shapes[spec.name]
         rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
         lowered = spec.name.lower()
@@ -314,10 +382,17 @@ def make_feeds(specs: Sequence[InputSpec], shapes: Mapping[str, Shape], *, seed:
     return feeds
 
 
-def synthetic_feeds(specs: Sequence[InputSpec], *, count: int = 1, batch: int | None = None,
-                    seq_len: int = 16, seed: int = 0, overrides: Mapping[str, Shape] | None = None,
-                    ranges: Mapping[str, tuple[int, int]] | None = None,
-                    run: Callable[[Feeds], object] | None = None) -> list[Feeds]:
+def synthetic_feeds(
+    specs: Sequence[InputSpec],
+    *,
+    count: int = 1,
+    batch: int | None = None,
+    seq_len: int = 16,
+    seed: int = 0,
+    overrides: Mapping[str, Shape] | None = None,
+    ranges: Mapping[str, tuple[int, int]] | None = None,
+    run: Callable[[Feeds], object] | None = None,
+) -> list[Feeds]:
     """`count` seeded samples (seeds seed, seed+1, ...). With `run` (runs the float model on one
     sample), the first shape candidate it runs on is taken; an InputError when none runs."""
     overrides = dict(overrides or {})
@@ -340,13 +415,19 @@ def synthetic_feeds(specs: Sequence[InputSpec], *, count: int = 1, batch: int | 
     if chosen is None:
         free = [s for s in specs if s.name not in overrides and any(s.fixed(a) is None for a in range(len(s.shape)))]
         names = ", ".join(f"{s.name} {s.shape_text()}" for s in free) or ", ".join(s.name for s in specs)
-        tried = "; ".join(" ".join(f"{n}={'x'.join(map(str, sh))}" for n, sh in shapes.items())
-                          for shapes, _ in failures[:4])
+        tried = "; ".join(
+            " ".join(f"{n}={'x'.join(map(str, sh))}" for n, sh in shapes.items()) for shapes, _ in failures[:4]
+        )
         if len(candidates) == 1 and overrides:
-            raise InputError(f"the float model does not run on {{input_shape={tried}}} ({failures[-1][1]})",
-                             "give a shape the model accepts, or real data")
-        raise InputError(f"the float model runs on none of the synthetic input shapes tried for {names} "
-                         f"(tried {tried}; last error: {failures[-1][1]})", shape_hint(free or specs, batch))
+            raise InputError(
+                f"the float model does not run on {{input_shape={tried}}} ({failures[-1][1]})",
+                "give a shape the model accepts, or real data",
+            )
+        raise InputError(
+            f"the float model runs on none of the synthetic input shapes tried for {names} "
+            f"(tried {tried}; last error: {failures[-1][1]})",
+            shape_hint(free or specs, batch),
+        )
     return [make_feeds(specs, chosen, seed=seed + k, ranges=ranges) for k in range(count)]
 
 
@@ -364,15 +445,19 @@ def shape_hint(specs: Sequence[InputSpec], batch: int | None = None) -> str:
             elif axis == 0:
                 dims.append(str(batch or DEFAULT_BATCH))
             else:
-                letter = (dim if isinstance(dim, str) and dim not in _UNNAMED and re.fullmatch(r"\w+", dim)
-                          else "HW"[images.index(axis)] if axis in images else f"D{axis}")
+                letter = (
+                    dim
+                    if isinstance(dim, str) and dim not in _UNNAMED and re.fullmatch(r"\w+", dim)
+                    else "HW"[images.index(axis)]
+                    if axis in images
+                    else f"D{axis}"
+                )
                 dims.append(letter)
                 letters.append(letter)
         shapes.append(f"{{input_shape={spec.name}={'x'.join(dims)}}}")
     unique = list(dict.fromkeys(letters))
     sizes = f" ({', '.join(unique)}: the size{'s' if len(unique) > 1 else ''} of your data)" if unique else ""
-    return (f"give the shape with {' '.join(shapes)}" + sizes
-            + ", or real data")
+    return f"give the shape with {' '.join(shapes)}" + sizes + ", or real data"
 
 
 def _run_error(error: Exception) -> str:
@@ -384,8 +469,16 @@ def _run_error(error: Exception) -> str:
     return (f"{node.group(1)} node {node.group(2)!r}: " if node else "") + status[:200]
 
 
-def model_feeds(model, *, count: int = 1, batch: int | None = None, seq_len: int = 16, seed: int = 0,
-                overrides: Mapping[str, Shape] | None = None, check: bool = True) -> list[Feeds]:
+def model_feeds(
+    model,
+    *,
+    count: int = 1,
+    batch: int | None = None,
+    seq_len: int = 16,
+    seed: int = 0,
+    overrides: Mapping[str, Shape] | None = None,
+    check: bool = True,
+) -> list[Feeds]:
     """Synthetic samples for an onnx.ModelProto that its float model runs on (`check`: tried through
     a CPU session of the model, see `synthetic_feeds`)."""
     from dlopt.sessions import cpu_session, trial_run
@@ -393,19 +486,32 @@ def model_feeds(model, *, count: int = 1, batch: int | None = None, seq_len: int
     specs = graph_inputs(model)
     run = None
     if check and (overrides or _has_free_dims(specs, overrides)):  # a user's shape is tried too
-        session = cpu_session(model, graph_opt_level="basic", error=InputError,
-                              hint="check the model with `python -m onnx.checker`")
+        session = cpu_session(
+            model, graph_opt_level="basic", error=InputError, hint="check the model with `python -m onnx.checker`"
+        )
         run = lambda feeds: trial_run(session, feeds)  # noqa: E731
-    return synthetic_feeds(specs, count=count, batch=batch, seq_len=seq_len, seed=seed, overrides=overrides,
-                           ranges=value_ranges(model), run=run)
+    return synthetic_feeds(
+        specs,
+        count=count,
+        batch=batch,
+        seq_len=seq_len,
+        seed=seed,
+        overrides=overrides,
+        ranges=value_ranges(model),
+        run=run,
+    )
 
 
 def _has_free_dims(specs: Sequence[InputSpec], overrides: Mapping[str, Shape] | None) -> bool:
     return any(s.fixed(a) is None for s in specs if s.name not in (overrides or {}) for a in range(1, len(s.shape)))
 
 
-def feeds_from_arrays(specs: Sequence[InputSpec], data: Mapping[str, np.ndarray], source: str,
-                      sample_axes: Mapping[str, int | None] | None = None) -> Feeds:
+def feeds_from_arrays(
+    specs: Sequence[InputSpec],
+    data: Mapping[str, np.ndarray],
+    source: str,
+    sample_axes: Mapping[str, int | None] | None = None,
+) -> Feeds:
     """The model's inputs taken from `data` (e.g. an .npz's arrays), cast to the model's types where
     that loses nothing; names, ranks and fixed dimensions checked. `sample_axes` (input name -> the axis
     that holds the samples) marks arrays that are run in chunks: their sample axis may hold any number of
@@ -414,20 +520,26 @@ def feeds_from_arrays(specs: Sequence[InputSpec], data: Mapping[str, np.ndarray]
     feeds = {}
     for spec in specs:
         if spec.name not in data:
-            raise InputError(f"{source} has no array {spec.name!r} for the model's input",
-                             f"its arrays: {', '.join(sorted(data)) or 'none'}; the model needs "
-                             f"{', '.join(s.name for s in specs)}")
+            raise InputError(
+                f"{source} has no array {spec.name!r} for the model's input",
+                f"its arrays: {', '.join(sorted(data)) or 'none'}; the model needs {', '.join(s.name for s in specs)}",
+            )
         array = np.asarray(data[spec.name])
         want = spec.dtype if spec.dtype is not None else array.dtype
         if array.dtype != want:
             if not np.can_cast(array.dtype, want, casting="same_kind"):
-                raise InputError(f"{source}: array {spec.name!r} is {array.dtype}, the model wants {want}",
-                                 "save it with the model's dtype")
+                raise InputError(
+                    f"{source}: array {spec.name!r} is {array.dtype}, the model wants {want}",
+                    "save it with the model's dtype",
+                )
             array = array.astype(want)
-        if array.ndim != len(spec.shape) or any(spec.fixed(a) not in (None, n) for a, n in enumerate(array.shape)
-                                                if a != sample_axes.get(spec.name)):
-            raise InputError(f"{source}: array {spec.name!r} has shape {list(array.shape)}, the model wants "
-                             f"{spec.shape_text()}", "fix the data's shape")
+        if array.ndim != len(spec.shape) or any(
+            spec.fixed(a) not in (None, n) for a, n in enumerate(array.shape) if a != sample_axes.get(spec.name)
+        ):
+            raise InputError(
+                f"{source}: array {spec.name!r} has shape {list(array.shape)}, the model wants {spec.shape_text()}",
+                "fix the data's shape",
+            )
         feeds[spec.name] = array
     return feeds
 
@@ -437,6 +549,24 @@ def take_samples(data: Iterable[Mapping[str, np.ndarray]] | None, count: int) ->
     return [dict(f) for f in itertools.islice(data, count)] if data is not None else []
 
 
-__all__ = ["DEFAULT_BATCH", "Feeds", "IMAGE_SIZES", "InputSpec", "Shape", "TOKEN_VOCAB", "check_input_shapes",
-           "feeds_from_arrays", "graph_inputs", "image_axes", "make_feeds", "model_feeds", "parse_input_shapes",
-           "resolve_shapes", "session_inputs", "shape_hint", "synthetic_feeds", "take_samples", "value_ranges"]
+__all__ = [
+    "DEFAULT_BATCH",
+    "Feeds",
+    "IMAGE_SIZES",
+    "InputSpec",
+    "Shape",
+    "TOKEN_VOCAB",
+    "check_input_shapes",
+    "feeds_from_arrays",
+    "graph_inputs",
+    "image_axes",
+    "make_feeds",
+    "model_feeds",
+    "parse_input_shapes",
+    "resolve_shapes",
+    "session_inputs",
+    "shape_hint",
+    "synthetic_feeds",
+    "take_samples",
+    "value_ranges",
+]

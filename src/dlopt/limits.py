@@ -35,16 +35,19 @@ class Limit:
         except ValueError:
             value = math.nan
         if not (math.isfinite(value) and value > 0):
-            raise InputError(f"${self.env}={text!r} is not a positive number", f"unset it, or set e.g. {self.env}="
-                                                                             f"{self.default:g}")
+            raise InputError(
+                f"${self.env}={text!r} is not a positive number", f"unset it, or set e.g. {self.env}={self.default:g}"
+            )
         return value
 
     def check(self, amount: float, what: str) -> None:
         """InputError when `amount` (of `what`, e.g. "package samples") is above the limit."""
         limit = self.value()
         if amount > limit:
-            raise InputError(f"{what} {_number_text(amount)} is above the limit of {_number_text(limit)} {self.unit}",
-                             f"give a smaller value, or raise the limit with {self.env}=N if you mean it")
+            raise InputError(
+                f"{what} {_number_text(amount)} is above the limit of {_number_text(limit)} {self.unit}",
+                f"give a smaller value, or raise the limit with {self.env}=N if you mean it",
+            )
 
 
 # Generated or read samples of one run (package's verification samples, calibration samples).
@@ -66,8 +69,16 @@ def _number_text(value: float) -> str:
     return f"{value:g}"
 
 
-def check_number(value: Any, what: str, *, minimum: float | None = None, maximum: float | None = None,
-                 above: bool = False, integer: bool = False, hint: str | None = None) -> None:
+def check_number(
+    value: Any,
+    what: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: bool = False,
+    integer: bool = False,
+    hint: str | None = None,
+) -> None:
     """InputError unless `value` is a finite number (an int when `integer`) >= minimum (> minimum when
     `above`) and <= maximum. `what` names it for the reader, e.g. "{atol=TOL}" or "measure_s"."""
     kind = "an integer" if integer else "a number"
@@ -76,11 +87,14 @@ def check_number(value: Any, what: str, *, minimum: float | None = None, maximum
     if not integer and not math.isfinite(value):
         raise InputError(f"{what} must be a finite number, not {value}", hint or "give a finite number")
     if minimum is not None and (value <= minimum if above else value < minimum):
-        raise InputError(f"{what} must be {'>' if above else '>='} {minimum:g}, not {_number_text(value)}",
-                         hint or f"give a value {'above' if above else 'of at least'} {minimum:g}")
+        raise InputError(
+            f"{what} must be {'>' if above else '>='} {minimum:g}, not {_number_text(value)}",
+            hint or f"give a value {'above' if above else 'of at least'} {minimum:g}",
+        )
     if maximum is not None and value > maximum:
-        raise InputError(f"{what} must be <= {maximum:g}, not {_number_text(value)}",
-                         hint or f"give a value of at most {maximum:g}")
+        raise InputError(
+            f"{what} must be <= {maximum:g}, not {_number_text(value)}", hint or f"give a value of at most {maximum:g}"
+        )
 
 
 def check_input_bytes(shapes: dict[str, tuple[int, ...]], itemsizes: dict[str, int], what: str) -> None:
@@ -90,9 +104,10 @@ def check_input_bytes(shapes: dict[str, tuple[int, ...]], itemsizes: dict[str, i
     limit = MAX_INPUT_BYTES.value()
     if total > limit:
         shown = ", ".join(f"{n}={'x'.join(map(str, s))}" for n, s in shapes.items())
-        raise InputError(f"{what} of shape {shown} would take {_bytes_text(total)}, above the limit of "
-                         f"{_bytes_text(limit)}",
-                         f"give smaller shapes, or raise the limit with {MAX_INPUT_BYTES.env}=BYTES if you mean it")
+        raise InputError(
+            f"{what} of shape {shown} would take {_bytes_text(total)}, above the limit of {_bytes_text(limit)}",
+            f"give smaller shapes, or raise the limit with {MAX_INPUT_BYTES.env}=BYTES if you mean it",
+        )
 
 
 def _bytes_text(count: float) -> str:
@@ -102,5 +117,13 @@ def _bytes_text(count: float) -> str:
     return f"{count:.0f} bytes"
 
 
-__all__ = ["Limit", "MAX_BATCH", "MAX_INPUT_BYTES", "MAX_MEASURE_S", "MAX_SAMPLES", "MAX_TIME_BUDGET_S",
-           "check_input_bytes", "check_number"]
+__all__ = [
+    "Limit",
+    "MAX_BATCH",
+    "MAX_INPUT_BYTES",
+    "MAX_MEASURE_S",
+    "MAX_SAMPLES",
+    "MAX_TIME_BUDGET_S",
+    "check_input_bytes",
+    "check_number",
+]

@@ -33,8 +33,10 @@ def read_genai_config(folder: str | os.PathLike) -> dict[str, Any]:
     folder = Path(folder)
     for name in (GENAI_CONFIG, "model.onnx"):
         if not (folder / name).is_file():
-            raise InputError(f"{folder} has no {name}: an exported LM folder is needed",
-                             "export one with: dlopt export SOURCE --task text-generation -o FOLDER")
+            raise InputError(
+                f"{folder} has no {name}: an exported LM folder is needed",
+                "export one with: dlopt export SOURCE --task text-generation -o FOLDER",
+            )
     try:
         config = json.loads((folder / GENAI_CONFIG).read_text())
         decoder = config["model"]["decoder"]
@@ -42,8 +44,10 @@ def read_genai_config(folder: str | os.PathLike) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"cannot read {folder / GENAI_CONFIG}: {e}", "export the folder again") from e
     if decoder.get("filename", "model.onnx") != "model.onnx":
-        raise InputError(f"{folder / GENAI_CONFIG} names {decoder.get('filename')!r}, not model.onnx",
-                         "use folders written by dlopt export --task text-generation")
+        raise InputError(
+            f"{folder / GENAI_CONFIG} names {decoder.get('filename')!r}, not model.onnx",
+            "use folders written by dlopt export --task text-generation",
+        )
     return config
 
 
@@ -77,14 +81,16 @@ def read_text_tokens(folder: str | os.PathLike, path: str | os.PathLike, what: s
 
 def windows(tokens: np.ndarray, window: int) -> list[np.ndarray]:
     """Consecutive non-overlapping `window`-token pieces (the tail shorter than a window is dropped)."""
-    return [tokens[i:i + window] for i in range(0, tokens.shape[0] - window + 1, window)]
+    return [tokens[i : i + window] for i in range(0, tokens.shape[0] - window + 1, window)]
 
 
 def prefill_feeds(model, ids: np.ndarray, head_size: int) -> dict[str, np.ndarray]:
     """Feeds of one prefill over `ids` [T] (batch 1) with an empty KV cache, for the genai graph (its
     cache inputs are [B, kv_heads, past, head_size]; head_size is symbolic there: genai_config's)."""
-    feeds: dict[str, np.ndarray] = {"input_ids": ids[None].astype(np.int64),
-                                    "attention_mask": np.ones((1, ids.shape[0]), np.int64)}
+    feeds: dict[str, np.ndarray] = {
+        "input_ids": ids[None].astype(np.int64),
+        "attention_mask": np.ones((1, ids.shape[0]), np.int64),
+    }
     for value in model.graph.input:
         if value.name.startswith("past_key_values."):
             dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
@@ -106,23 +112,26 @@ def lm_session(model, threads: int = 1):
     if isinstance(model, onnx.ModelProto):
         return cpu_session(model, threads=threads, error=StageError, hint="report this model")
     try:
-        return ort.InferenceSession(str(model), sess_options=session_options(threads=threads),
-                                    providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            str(model), sess_options=session_options(threads=threads), providers=["CPUExecutionProvider"]
+        )
     except Exception as e:  # onnxruntime raises its own exception types
-        raise InputError(f"ONNX Runtime cannot load {model}: {str(e).strip().splitlines()[0][:300]}",
-                         "export the folder again") from e
+        raise InputError(
+            f"ONNX Runtime cannot load {model}: {str(e).strip().splitlines()[0][:300]}", "export the folder again"
+        ) from e
 
 
-def lm_fidelity(reference, candidate, pieces: Sequence[np.ndarray], head_size: int, threads: int = 1
-                ) -> dict[str, Any]:
+def lm_fidelity(reference, candidate, pieces: Sequence[np.ndarray], head_size: int, threads: int = 1) -> dict[str, Any]:
     """dlopt.metrics' LM row of `candidate` against `reference` (onnx.ModelProto or model.onnx paths) on the
     token windows `pieces`: perplexity of each, their ratio, and greedy next-token agreement."""
     import onnx
 
     from dlopt.metrics import Perplexity
 
-    graphs = [onnx.load(str(m), load_external_data=False) if not isinstance(m, onnx.ModelProto) else m
-              for m in (reference, candidate)]
+    graphs = [
+        onnx.load(str(m), load_external_data=False) if not isinstance(m, onnx.ModelProto) else m
+        for m in (reference, candidate)
+    ]
     threads = threads or os.cpu_count() or 1  # 0: all cores
     sessions = [lm_session(m, threads) for m in (reference, candidate)]
     metric = Perplexity()
@@ -131,11 +140,26 @@ def lm_fidelity(reference, candidate, pieces: Sequence[np.ndarray], head_size: i
         ref, cand = (s.run(["logits"], feeds)[0] for s in sessions)
         metric.add([ref], [cand], {"input_ids": feeds["input_ids"]})
     value = metric.result()
-    return {"tokens": value.components["tokens"], "windows": len(pieces), "perplexity_ratio": value.value,
-            "fp32_perplexity": value.components["fp32_perplexity"],
-            "perplexity": value.components["candidate_perplexity"],
-            "next_token_agreement": value.components["next_token_agreement"]}
+    return {
+        "tokens": value.components["tokens"],
+        "windows": len(pieces),
+        "perplexity_ratio": value.value,
+        "fp32_perplexity": value.components["fp32_perplexity"],
+        "perplexity": value.components["candidate_perplexity"],
+        "next_token_agreement": value.components["next_token_agreement"],
+    }
 
 
-__all__ = ["EVAL_MAX_WINDOWS", "EVAL_WINDOW", "GENAI_CONFIG", "is_lm_folder", "lm_fidelity", "lm_session", "prefill_feeds",
-           "read_genai_config", "read_text_tokens", "tokenize_text", "windows"]
+__all__ = [
+    "EVAL_MAX_WINDOWS",
+    "EVAL_WINDOW",
+    "GENAI_CONFIG",
+    "is_lm_folder",
+    "lm_fidelity",
+    "lm_session",
+    "prefill_feeds",
+    "read_genai_config",
+    "read_text_tokens",
+    "tokenize_text",
+    "windows",
+]

@@ -59,8 +59,12 @@ def hash_path(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
         files = [f for f in p.rglob("*") if f.is_file()]
-        return {"path": str(p), "sha256": sha256_files(files, p), "bytes": sum(f.stat().st_size for f in files),
-                "files": len(files)}
+        return {
+            "path": str(p),
+            "sha256": sha256_files(files, p),
+            "bytes": sum(f.stat().st_size for f in files),
+            "files": len(files),
+        }
     if p.is_file():
         return {"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size, "files": 1}
     raise InputError(f"{p} does not exist", "check the path")
@@ -73,8 +77,9 @@ def file_entries(bundle: Path, roles: dict[str, str]) -> list[dict[str, Any]]:
         rel = path.relative_to(bundle).as_posix()
         if rel in (MANIFEST_NAME, SIGNATURE_NAME):
             continue
-        entries.append({"path": rel, "role": roles.get(rel, "other"), "bytes": path.stat().st_size,
-                        "sha256": sha256_file(path)})
+        entries.append(
+            {"path": rel, "role": roles.get(rel, "other"), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        )
     return entries
 
 
@@ -108,8 +113,9 @@ def _validate_required(manifest: dict[str, Any]) -> list[str]:
     if manifest.get("schema_version") != SCHEMA_VERSION:
         problems.append(f"schema_version: expected {SCHEMA_VERSION}, got {manifest.get('schema_version')!r}")
     files = manifest.get("files")
-    if not isinstance(files, list) or not all(isinstance(f, dict) and {"path", "bytes", "sha256"} <= set(f)
-                                              for f in files):
+    if not isinstance(files, list) or not all(
+        isinstance(f, dict) and {"path", "bytes", "sha256"} <= set(f) for f in files
+    ):
         problems.append("files: expected a list of {path, bytes, sha256} entries")
     return problems
 
@@ -132,8 +138,9 @@ def read_manifest_bytes(bundle: str | os.PathLike) -> tuple[bytes, dict[str, Any
         raise InputError(f"bundle {root} is not a folder", "give the folder `dlopt package -o` wrote")
     path = root / MANIFEST_NAME
     if path.is_symlink():  # a link can point anywhere: the bundle would vouch for a file it does not hold
-        raise VerificationError(f"{path} is a symlink (to {os.readlink(path)})",
-                                "a bundle holds its own manifest; package again")
+        raise VerificationError(
+            f"{path} is a symlink (to {os.readlink(path)})", "a bundle holds its own manifest; package again"
+        )
     if not path.is_file():
         raise VerificationError(f"{path} is missing", "this is not a dlopt bundle, or its manifest was removed")
     raw = path.read_bytes()
@@ -145,8 +152,10 @@ def read_manifest_bytes(bundle: str | os.PathLike) -> tuple[bytes, dict[str, Any
         raise VerificationError(f"{path} is not a JSON object", "the manifest was damaged; package again")
     problems = validate(manifest)
     if problems:
-        raise VerificationError(f"{path} does not match the manifest schema: {'; '.join(problems[:5])}",
-                                "the manifest was damaged or written by another dlopt version")
+        raise VerificationError(
+            f"{path} does not match the manifest schema: {'; '.join(problems[:5])}",
+            "the manifest was damaged or written by another dlopt version",
+        )
     return raw, manifest
 
 
@@ -188,24 +197,38 @@ def check_files(bundle: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
         elif not path.is_file():
             rows.append({"path": rel, "status": "missing", "detail": f"listed with {entry['bytes']} bytes"})
         elif path.stat().st_size != entry["bytes"]:
-            rows.append({"path": rel, "status": "changed",
-                         "detail": f"{path.stat().st_size} bytes, manifest says {entry['bytes']}"})
+            rows.append(
+                {
+                    "path": rel,
+                    "status": "changed",
+                    "detail": f"{path.stat().st_size} bytes, manifest says {entry['bytes']}",
+                }
+            )
         else:
             digest = sha256_file(path)
             if digest != entry["sha256"]:
-                rows.append({"path": rel, "status": "changed",
-                             "detail": f"sha256 {digest[:12]}…, manifest says {entry['sha256'][:12]}…"})
+                rows.append(
+                    {
+                        "path": rel,
+                        "status": "changed",
+                        "detail": f"sha256 {digest[:12]}…, manifest says {entry['sha256'][:12]}…",
+                    }
+                )
             else:
                 rows.append({"path": rel, "status": "ok", "detail": f"{entry['bytes']} bytes"})
     for rel in named_paths(manifest):  # the model verify runs must be a hashed file of this bundle
         if rel not in listed:
             listed.add(rel)
-            rows.append({"path": str(rel), "status": "changed",
-                         "detail": path_problem(bundle, rel) or "named by the manifest but not in its file list"})
+            rows.append(
+                {
+                    "path": str(rel),
+                    "status": "changed",
+                    "detail": path_problem(bundle, rel) or "named by the manifest but not in its file list",
+                }
+            )
     signature = bundle / SIGNATURE_NAME
     if signature.is_symlink():
-        rows.append({"path": SIGNATURE_NAME, "status": "changed",
-                     "detail": f"a symlink (to {os.readlink(signature)})"})
+        rows.append({"path": SIGNATURE_NAME, "status": "changed", "detail": f"a symlink (to {os.readlink(signature)})"})
     for path in sorted(p for p in bundle.rglob("*") if p.is_file() or p.is_symlink()):
         rel = path.relative_to(bundle).as_posix()
         if rel not in (MANIFEST_NAME, SIGNATURE_NAME) and rel not in listed:
@@ -233,6 +256,20 @@ def artifact_hash(model_path: Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["MANIFEST_NAME", "SAMPLES_NAME", "SCHEMA_NAME", "SCHEMA_VERSION", "SIGNATURE_NAME", "artifact_hash",
-           "check_files", "file_entries", "hash_path", "load_schema", "read_manifest", "read_manifest_bytes",
-           "sha256_file", "sha256_files", "validate"]
+__all__ = [
+    "MANIFEST_NAME",
+    "SAMPLES_NAME",
+    "SCHEMA_NAME",
+    "SCHEMA_VERSION",
+    "SIGNATURE_NAME",
+    "artifact_hash",
+    "check_files",
+    "file_entries",
+    "hash_path",
+    "load_schema",
+    "read_manifest",
+    "read_manifest_bytes",
+    "sha256_file",
+    "sha256_files",
+    "validate",
+]

@@ -72,36 +72,88 @@ class Metric:
         return dict(self.floors).get(precision, self.floor)
 
 
-METRIC_TABLE: dict[str, Metric] = {m.name: m for m in (
-    Metric("top1", True, "fraction of samples", 0.95,
-           "top-1 agreement: the candidate's argmax equals FP32's (classifiers [B, classes])"),
-    Metric("topk", True, "fraction of top-k entries", 0.9,
-           f"top-{TOPK} agreement: share of FP32's top-{TOPK} classes also in the candidate's top-{TOPK}"),
-    Metric("cosine", True, "cosine", 0.98, "mean cosine similarity per sample of the first float output"),
-    Metric("detection", True, "fraction of boxes (Jaccard)", 0.9,
-           "decoded boxes after NMS matched at IoU >= 0.5 with the same class: matched / (FP32 + candidate - "
-           "matched); also class agreement (matched at IoU ignoring class: same class), recall, false boxes",
-           checks=(("class_agreement", 0.99),)),
-    Metric("map", True, "fraction of pixels", 0.99,
-           f"probability map binarized at {MAP_THRESHOLD}: share of pixels equal to FP32's; and no false positive "
-           "on a sample where FP32 has none (empty_samples_kept_empty = 1)", checks=(("empty_samples_kept_empty", 1.0),)),
-    Metric("sequence", True, "fraction of samples", 0.97,
-           f"per-step argmax, CTC-collapsed (repeats merged, blank {BLANK} removed): share of samples whose "
-           "sequence equals FP32's"),
-    Metric("embedding", True, "cosine", 0.98,
-           "mean cosine per sample of L2-normalized embeddings; also retrieval agreement (each sample's nearest "
-           "neighbour among the others is FP32's)", checks=(("retrieval_agreement", 0.9),)),
-    Metric("probability", False, "probability", 0.05,
-           "largest |p - p_FP32| of a probability output [B, 1] or [B] in [0, 1] (a VAD's speech probability, "
-           "a binary classifier); FP32 = 0; also the mean and the share of samples that change side of 0.5"),
-    # int4 1.10: SmolLM2-135M's 4-bit GPTQ measured +6.9 % (README), ORT's RTN +20.8 %
-    Metric("perplexity", False, "perplexity ratio to FP32", 1.05,
-           "perplexity of the next tokens of input_ids over FP32's (FP32 = 1.0; drop = ratio - 1); also "
-           "next-token agreement; floor int4 1.10, fp16 1.01", floors=(("int4", 1.10), ("fp16", 1.01))),
-    Metric("sqnr", True, "dB", SQNR_FLOORS_DB["int8"],
-           "lowest SQNR over float outputs and channel groups (boxes and scores apart); floor by precision "
-           f"{SQNR_FLOORS_DB}", floors=tuple(SQNR_FLOORS_DB.items())),
-)}
+METRIC_TABLE: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric(
+            "top1",
+            True,
+            "fraction of samples",
+            0.95,
+            "top-1 agreement: the candidate's argmax equals FP32's (classifiers [B, classes])",
+        ),
+        Metric(
+            "topk",
+            True,
+            "fraction of top-k entries",
+            0.9,
+            f"top-{TOPK} agreement: share of FP32's top-{TOPK} classes also in the candidate's top-{TOPK}",
+        ),
+        Metric("cosine", True, "cosine", 0.98, "mean cosine similarity per sample of the first float output"),
+        Metric(
+            "detection",
+            True,
+            "fraction of boxes (Jaccard)",
+            0.9,
+            "decoded boxes after NMS matched at IoU >= 0.5 with the same class: matched / (FP32 + candidate - "
+            "matched); also class agreement (matched at IoU ignoring class: same class), recall, false boxes",
+            checks=(("class_agreement", 0.99),),
+        ),
+        Metric(
+            "map",
+            True,
+            "fraction of pixels",
+            0.99,
+            f"probability map binarized at {MAP_THRESHOLD}: share of pixels equal to FP32's; and no false positive "
+            "on a sample where FP32 has none (empty_samples_kept_empty = 1)",
+            checks=(("empty_samples_kept_empty", 1.0),),
+        ),
+        Metric(
+            "sequence",
+            True,
+            "fraction of samples",
+            0.97,
+            f"per-step argmax, CTC-collapsed (repeats merged, blank {BLANK} removed): share of samples whose "
+            "sequence equals FP32's",
+        ),
+        Metric(
+            "embedding",
+            True,
+            "cosine",
+            0.98,
+            "mean cosine per sample of L2-normalized embeddings; also retrieval agreement (each sample's nearest "
+            "neighbour among the others is FP32's)",
+            checks=(("retrieval_agreement", 0.9),),
+        ),
+        Metric(
+            "probability",
+            False,
+            "probability",
+            0.05,
+            "largest |p - p_FP32| of a probability output [B, 1] or [B] in [0, 1] (a VAD's speech probability, "
+            "a binary classifier); FP32 = 0; also the mean and the share of samples that change side of 0.5",
+        ),
+        # int4 1.10: SmolLM2-135M's 4-bit GPTQ measured +6.9 % (README), ORT's RTN +20.8 %
+        Metric(
+            "perplexity",
+            False,
+            "perplexity ratio to FP32",
+            1.05,
+            "perplexity of the next tokens of input_ids over FP32's (FP32 = 1.0; drop = ratio - 1); also "
+            "next-token agreement; floor int4 1.10, fp16 1.01",
+            floors=(("int4", 1.10), ("fp16", 1.01)),
+        ),
+        Metric(
+            "sqnr",
+            True,
+            "dB",
+            SQNR_FLOORS_DB["int8"],
+            "lowest SQNR over float outputs and channel groups (boxes and scores apart); floor by precision "
+            f"{SQNR_FLOORS_DB}",
+            floors=tuple(SQNR_FLOORS_DB.items()),
+        ),
+    )
+}
 
 
 # Metrics outside the table (a reference model's, a user's) take their direction from their name.
@@ -133,8 +185,9 @@ def metric_drop(metric: str, baseline: float, value: float) -> float:
 
 def metric_info(name: str) -> Metric:
     if name not in METRIC_TABLE:
-        raise InputError(f"unknown metric {name!r}", f"choose from {', '.join(METRIC_TABLE)}, or give "
-                                                     "--evaluator FILE.py:FUNCTION")
+        raise InputError(
+            f"unknown metric {name!r}", f"choose from {', '.join(METRIC_TABLE)}, or give --evaluator FILE.py:FUNCTION"
+        )
     return METRIC_TABLE[name]
 
 
@@ -151,8 +204,14 @@ class MetricValue:
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metric": self.name, "value": _json(self.value), "samples": self.samples, "evidence": self.evidence,
-                "components": {k: _json(v) for k, v in self.components.items()}, "note": self.note}
+        return {
+            "metric": self.name,
+            "value": _json(self.value),
+            "samples": self.samples,
+            "evidence": self.evidence,
+            "components": {k: _json(v) for k, v in self.components.items()},
+            "note": self.note,
+        }
 
 
 def _json(v):
@@ -176,11 +235,15 @@ def judge(value: MetricValue, floor: float | None = None, precision: str = "int8
         checks += [(c, got, f, True) for c, f in info.checks if (got := value.components.get(c)) is not None]
     failed = []
     for check, measured, required, higher in checks:
-        ok = measured is not None and math.isfinite(measured) and (measured >= required if higher else
-                                                                   measured <= required)
+        ok = (
+            measured is not None
+            and math.isfinite(measured)
+            and (measured >= required if higher else measured <= required)
+        )
         if not ok:
-            failed.append({"check": check, "measured": measured,
-                           "required": f"{'>=' if higher else '<='} {required:g}"})
+            failed.append(
+                {"check": check, "measured": measured, "required": f"{'>=' if higher else '<='} {required:g}"}
+            )
     return failed
 
 
@@ -241,8 +304,12 @@ class DetectionLayout:
     grids: tuple[tuple[int, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        body = {"kind": self.kind, "outputs": list(self.outputs), "channels_first": self.channels_first,
-                "logits": self.logits}
+        body = {
+            "kind": self.kind,
+            "outputs": list(self.outputs),
+            "channels_first": self.channels_first,
+            "logits": self.logits,
+        }
         if self.grids:
             body["grids"] = [list(g) for g in self.grids]
         return body
@@ -269,8 +336,9 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float = NMS_IOU,
-        max_boxes: int = MAX_BOXES) -> np.ndarray:
+def nms(
+    boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float = NMS_IOU, max_boxes: int = MAX_BOXES
+) -> np.ndarray:
     """Indices kept by class-wise greedy NMS, highest score first. Class-wise by offsetting each class's
     boxes far apart (torchvision's batched_nms trick), so one pass serves every class; each step drops
     all boxes overlapping the kept one at once (vectorised IoU of one box against the rest)."""
@@ -326,8 +394,9 @@ def _level_boxes(box_map: np.ndarray) -> np.ndarray:
     return np.stack([xs - left, ys - top, xs + right, ys + bottom], axis=-1).reshape(-1, 4) / np.array([w, h, w, h])
 
 
-def decode_detections(outputs: Sequence[np.ndarray], layout: DetectionLayout, *, confidence: float = CONFIDENCE,
-                      iou: float = NMS_IOU) -> list[Detections]:
+def decode_detections(
+    outputs: Sequence[np.ndarray], layout: DetectionLayout, *, confidence: float = CONFIDENCE, iou: float = NMS_IOU
+) -> list[Detections]:
     """Per image of the batch, the detections of one run of a detector (its outputs in model order)
     decoded by `layout`, thresholded at `confidence` and reduced by class-wise NMS at `iou`. Boxes are in
     the model's own coordinates (pixels for YOLO; cell-normalized for per-level maps): only compared with
@@ -361,8 +430,9 @@ def decode_detections(outputs: Sequence[np.ndarray], layout: DetectionLayout, *,
         out = np.asarray(outputs[layout.outputs[0]], np.float64)
         if out.ndim == 2:
             out = out[None]
-        cells = np.concatenate([np.stack(np.meshgrid(np.arange(w), np.arange(h)), -1).reshape(-1, 2)
-                                for h, w in layout.grids]).astype(np.float64)
+        cells = np.concatenate(
+            [np.stack(np.meshgrid(np.arange(w), np.arange(h)), -1).reshape(-1, 2) for h, w in layout.grids]
+        ).astype(np.float64)
         # each level's stride relative to the first: cells of level l are grids[0] / grids[l] times larger
         scale = np.concatenate([np.full(h * w, layout.grids[0][0] / h) for h, w in layout.grids])[:, None]
         result = []
@@ -398,8 +468,9 @@ def decode_detections(outputs: Sequence[np.ndarray], layout: DetectionLayout, *,
 # --------------------------------------------------------------------------- detection: agreement
 
 
-def match_pairs(reference: Detections, candidate: Detections, iou: float = IOU_MATCH,
-                same_class: bool = True) -> list[tuple[int, int]]:
+def match_pairs(
+    reference: Detections, candidate: Detections, iou: float = IOU_MATCH, same_class: bool = True
+) -> list[tuple[int, int]]:
     """(reference index, candidate index) of boxes matched one to one at IoU >= iou (with the same class
     when same_class): greedy, highest IoU pair first, as COCO-style matching does."""
     if not len(reference) or not len(candidate):
@@ -418,8 +489,9 @@ def match_pairs(reference: Detections, candidate: Detections, iou: float = IOU_M
     return matched
 
 
-def match_detections(reference: Detections, candidate: Detections, iou: float = IOU_MATCH,
-                     same_class: bool = True) -> int:
+def match_detections(
+    reference: Detections, candidate: Detections, iou: float = IOU_MATCH, same_class: bool = True
+) -> int:
     """How many candidate boxes match a reference box one to one (match_pairs)."""
     return len(match_pairs(reference, candidate, iou, same_class))
 
@@ -434,8 +506,9 @@ class DetectionAgreement:
 
     name = "detection"
 
-    def __init__(self, layout: DetectionLayout, confidence: float = CONFIDENCE, iou: float = IOU_MATCH,
-                 nms_iou: float = NMS_IOU) -> None:
+    def __init__(
+        self, layout: DetectionLayout, confidence: float = CONFIDENCE, iou: float = IOU_MATCH, nms_iou: float = NMS_IOU
+    ) -> None:
         self.layout, self.confidence, self.iou, self.nms_iou = layout, confidence, iou, nms_iou
         self.ref = self.cand = self.matched = self.located = self.class_equal = self.images = 0
 
@@ -461,18 +534,34 @@ class DetectionAgreement:
     def result(self) -> MetricValue:
         union = self.ref + self.cand - self.matched
         jaccard = self.matched / union if union else 1.0
-        return MetricValue("detection", jaccard, {
-            "class_agreement": self.class_equal / self.located if self.located else None,  # None: no box to judge
-            "recall": self.matched / self.ref if self.ref else 1.0,
-            "false_boxes": self.cand - self.matched, "fp32_boxes": self.ref, "candidate_boxes": self.cand,
-            "matched": self.matched, "confidence": self.confidence, "iou": self.iou,
-            "layout": self.layout.to_dict()}, samples=self.images, evidence=self.ref > 0,
-            note="" if self.ref else f"FP32 found no box at confidence {self.confidence:g} on any sample")
+        return MetricValue(
+            "detection",
+            jaccard,
+            {
+                "class_agreement": self.class_equal / self.located if self.located else None,  # None: no box to judge
+                "recall": self.matched / self.ref if self.ref else 1.0,
+                "false_boxes": self.cand - self.matched,
+                "fp32_boxes": self.ref,
+                "candidate_boxes": self.cand,
+                "matched": self.matched,
+                "confidence": self.confidence,
+                "iou": self.iou,
+                "layout": self.layout.to_dict(),
+            },
+            samples=self.images,
+            evidence=self.ref > 0,
+            note="" if self.ref else f"FP32 found no box at confidence {self.confidence:g} on any sample",
+        )
 
 
-def detection_agreement(reference_runs: Sequence[Sequence[np.ndarray]], runs: Sequence[Sequence[np.ndarray]],
-                        layout: DetectionLayout, *, confidence: float = CONFIDENCE, iou: float = IOU_MATCH
-                        ) -> MetricValue:
+def detection_agreement(
+    reference_runs: Sequence[Sequence[np.ndarray]],
+    runs: Sequence[Sequence[np.ndarray]],
+    layout: DetectionLayout,
+    *,
+    confidence: float = CONFIDENCE,
+    iou: float = IOU_MATCH,
+) -> MetricValue:
     """Detections of `runs` (outputs per run, model order) against those of `reference_runs` (FP32):
     value = Jaccard = matched / (FP32 boxes + candidate boxes - matched), matched one to one at IoU >= iou
     with the same class; components class_agreement (of boxes matched at IoU ignoring class, the share
@@ -506,19 +595,35 @@ class MapAgreement:
         self.empty_samples += int(np.count_nonzero(~r.any(axis=1)))
 
     def result(self) -> MetricValue:
-        return MetricValue("map", self.equal / self.pixels if self.pixels else 1.0, {
-            "false_positive_pixels": self.false_pixels, "false_positive_share": self.false_pixels / max(self.pixels, 1),
-            "samples_with_false_positives_where_fp32_has_none": self.false_samples,
-            # false text on an image where FP32 finds none is what a user sees first: every such sample must stay
-            # empty (None when no held-out sample is empty for FP32)
-            "empty_samples_kept_empty": (1.0 - self.false_samples / self.empty_samples) if self.empty_samples else None,
-            "fp32_positive_pixels": self.positives, "threshold": self.threshold, "output": self.output},
-            samples=self.samples, evidence=self.positives > 0,
-            note="" if self.positives else f"FP32's map is below {self.threshold:g} everywhere")
+        return MetricValue(
+            "map",
+            self.equal / self.pixels if self.pixels else 1.0,
+            {
+                "false_positive_pixels": self.false_pixels,
+                "false_positive_share": self.false_pixels / max(self.pixels, 1),
+                "samples_with_false_positives_where_fp32_has_none": self.false_samples,
+                # false text on an image where FP32 finds none is what a user sees first: every such sample must stay
+                # empty (None when no held-out sample is empty for FP32)
+                "empty_samples_kept_empty": (1.0 - self.false_samples / self.empty_samples)
+                if self.empty_samples
+                else None,
+                "fp32_positive_pixels": self.positives,
+                "threshold": self.threshold,
+                "output": self.output,
+            },
+            samples=self.samples,
+            evidence=self.positives > 0,
+            note="" if self.positives else f"FP32's map is below {self.threshold:g} everywhere",
+        )
 
 
-def map_agreement(reference_runs: Sequence[Sequence[np.ndarray]], runs: Sequence[Sequence[np.ndarray]], *,
-                  output: int = 0, threshold: float = MAP_THRESHOLD) -> MetricValue:
+def map_agreement(
+    reference_runs: Sequence[Sequence[np.ndarray]],
+    runs: Sequence[Sequence[np.ndarray]],
+    *,
+    output: int = 0,
+    threshold: float = MAP_THRESHOLD,
+) -> MetricValue:
     """Probability maps (output `output`, e.g. [B, 1, H, W] in [0, 1]) binarized at > threshold: value =
     share of pixels equal to FP32's; components false_positive_pixels (candidate on, FP32 off) and
     samples_with_false_positives_where_fp32_has_none (false text on an empty image)."""
@@ -575,14 +680,28 @@ class SequenceAgreement:
             self.length += len(r)
 
     def result(self) -> MetricValue:
-        return MetricValue("sequence", self.equal / self.samples if self.samples else 1.0, {
-            "token_error_rate": self.edits / self.length if self.length else float(self.edits > 0),
-            "decode": "ctc" if self.ctc else "argmax", "blank": self.blank if self.ctc else None,
-            "output": self.output}, samples=self.samples, evidence=self.samples > 0)
+        return MetricValue(
+            "sequence",
+            self.equal / self.samples if self.samples else 1.0,
+            {
+                "token_error_rate": self.edits / self.length if self.length else float(self.edits > 0),
+                "decode": "ctc" if self.ctc else "argmax",
+                "blank": self.blank if self.ctc else None,
+                "output": self.output,
+            },
+            samples=self.samples,
+            evidence=self.samples > 0,
+        )
 
 
-def sequence_agreement(reference_runs: Sequence[Sequence[np.ndarray]], runs: Sequence[Sequence[np.ndarray]], *,
-                       output: int = 0, ctc: bool = True, blank: int = BLANK) -> MetricValue:
+def sequence_agreement(
+    reference_runs: Sequence[Sequence[np.ndarray]],
+    runs: Sequence[Sequence[np.ndarray]],
+    *,
+    output: int = 0,
+    ctc: bool = True,
+    blank: int = BLANK,
+) -> MetricValue:
     """Sequences decoded from output `output` ([B, T, V]) per sample (decode_sequence): value = share of
     samples whose sequence equals FP32's; component token_error_rate (edit distance / FP32 length)."""
     acc = SequenceAgreement(output, ctc, blank)
@@ -613,8 +732,12 @@ class TopKAgreement:
         self.samples += r.shape[0]
 
     def result(self) -> MetricValue:
-        return MetricValue(self.name, self.total / self.samples if self.samples else 1.0,
-                           {"k": self.k, "output": self.output}, samples=self.samples)
+        return MetricValue(
+            self.name,
+            self.total / self.samples if self.samples else 1.0,
+            {"k": self.k, "output": self.output},
+            samples=self.samples,
+        )
 
 
 class ProbabilityDifference:
@@ -639,10 +762,17 @@ class ProbabilityDifference:
         self.flipped += int(np.count_nonzero((r > 0.5) != (c > 0.5)))
 
     def result(self) -> MetricValue:
-        return MetricValue("probability", self.worst, {
-            "mean_abs_difference": self.total / self.count if self.count else 0.0,
-            "decisions_flipped_share": self.flipped / self.count if self.count else 0.0, "output": self.output},
-            samples=self.count, evidence=self.count > 0)
+        return MetricValue(
+            "probability",
+            self.worst,
+            {
+                "mean_abs_difference": self.total / self.count if self.count else 0.0,
+                "decisions_flipped_share": self.flipped / self.count if self.count else 0.0,
+                "output": self.output,
+            },
+            samples=self.count,
+            evidence=self.count > 0,
+        )
 
 
 class CosineAgreement:
@@ -664,8 +794,9 @@ class CosineAgreement:
         cos = np.where(np.isfinite(cos), cos, -1.0)
         components: dict[str, Any] = {"cosine_min": float(cos.min()), "output": self.output}
         if self.retrieval:
-            components["retrieval_agreement"] = (retrieval_agreement(np.concatenate(self.refs),
-                                                                     np.concatenate(self.cands)) if self.refs else None)
+            components["retrieval_agreement"] = (
+                retrieval_agreement(np.concatenate(self.refs), np.concatenate(self.cands)) if self.refs else None
+            )
         return MetricValue(self.name, float(cos.mean()), components, samples=int(cos.size))
 
 
@@ -698,13 +829,17 @@ class Perplexity:
 
     def add(self, reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray], feeds=None) -> None:
         if feeds is None or self.ids_input not in feeds:
-            raise InputError(f"perplexity needs the feeds' {self.ids_input!r} (the next tokens are the labels)",
-                             "give data with input_ids, or choose another --metric")
+            raise InputError(
+                f"perplexity needs the feeds' {self.ids_input!r} (the next tokens are the labels)",
+                "give data with input_ids, or choose another --metric",
+            )
         ids = np.asarray(feeds[self.ids_input])
         r, c = np.asarray(reference[self.output], np.float64), np.asarray(outputs[self.output], np.float64)
         if r.ndim != 3 or ids.shape != r.shape[:2]:
-            raise InputError(f"perplexity needs logits [B, T, V] beside input_ids [B, T], got {list(r.shape)} and "
-                             f"{list(ids.shape)}", "choose the LM's logits output, or another --metric")
+            raise InputError(
+                f"perplexity needs logits [B, T, V] beside input_ids [B, T], got {list(r.shape)} and {list(ids.shape)}",
+                "choose the LM's logits output, or another --metric",
+            )
         labels = ids[:, 1:]
         mask = np.ones(labels.shape, bool)
         if "attention_mask" in feeds:
@@ -728,10 +863,18 @@ class Perplexity:
         ratio = ppl_cand / ppl_ref if ppl_ref > 0 else float("inf")
         if not math.isfinite(self.nll_cand):
             ratio = float("inf")
-        return MetricValue("perplexity", ratio, {
-            "fp32_perplexity": ppl_ref, "candidate_perplexity": ppl_cand,
-            "next_token_agreement": self.agree / self.tokens if self.tokens else 1.0, "tokens": self.tokens},
-            samples=self.samples, evidence=self.tokens > 0)
+        return MetricValue(
+            "perplexity",
+            ratio,
+            {
+                "fp32_perplexity": ppl_ref,
+                "candidate_perplexity": ppl_cand,
+                "next_token_agreement": self.agree / self.tokens if self.tokens else 1.0,
+                "tokens": self.tokens,
+            },
+            samples=self.samples,
+            evidence=self.tokens > 0,
+        )
 
 
 # --------------------------------------------------------------------------- SQNR per channel group
@@ -769,8 +912,10 @@ def channel_groups(reference: np.ndarray, axis: int | None = None) -> list[tuple
     absmax = np.abs(moved[:first_unit]).max()
     if absmax <= 1.5:  # the leading channels share the scores' range: nothing to tell apart
         return [("all", slice(None))]
-    return [(f"channels 0-{first_unit - 1}", slice(0, first_unit)), (f"channels {first_unit}-{k - 1}",
-                                                                    slice(first_unit, k))]
+    return [
+        (f"channels 0-{first_unit - 1}", slice(0, first_unit)),
+        (f"channels {first_unit}-{k - 1}", slice(first_unit, k)),
+    ]
 
 
 class GroupSqnr:
@@ -811,8 +956,9 @@ class GroupSqnr:
         """{output name: {group label: SQNR dB}} (label "all" when the output has one group)."""
         result: dict[str, dict[str, float]] = {}
         for (i, label), (signal, noise) in self.energy.items():
-            result.setdefault(self.names[i] if i < len(self.names) else str(i), {})[label] = sqnr_from_energy(signal,
-                                                                                                            noise)
+            result.setdefault(self.names[i] if i < len(self.names) else str(i), {})[label] = sqnr_from_energy(
+                signal, noise
+            )
         return result
 
     def result(self) -> MetricValue:
@@ -822,8 +968,9 @@ class GroupSqnr:
         return MetricValue("sqnr", lowest, {"per_group_db": table}, samples=self.samples, evidence=bool(values))
 
 
-def group_sqnr(reference_runs: Sequence[Sequence[np.ndarray]], runs: Sequence[Sequence[np.ndarray]],
-               names: Sequence[str]) -> dict[str, dict[str, float]]:
+def group_sqnr(
+    reference_runs: Sequence[Sequence[np.ndarray]], runs: Sequence[Sequence[np.ndarray]], names: Sequence[str]
+) -> dict[str, dict[str, float]]:
     """SQNR in dB per float output and channel group (channel_groups), over every run."""
     acc = GroupSqnr(names)
     for ref, got in zip(reference_runs, runs):
@@ -880,9 +1027,13 @@ class MetricChoice:
         raise InputError(f"unknown metric {self.name!r}", f"choose from {', '.join(METRIC_TABLE)}")
 
 
-def measure(choice: MetricChoice, reference_runs: Sequence[Sequence[np.ndarray]],
-            runs: Sequence[Sequence[np.ndarray]], feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
-            names: Sequence[str] = ()) -> MetricValue:
+def measure(
+    choice: MetricChoice,
+    reference_runs: Sequence[Sequence[np.ndarray]],
+    runs: Sequence[Sequence[np.ndarray]],
+    feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
+    names: Sequence[str] = (),
+) -> MetricValue:
     """The chosen metric of `runs` against `reference_runs` (outputs per run in model order), streaming."""
     acc = choice.accumulator(names)
     for k, (ref, got) in enumerate(zip(reference_runs, runs)):
@@ -908,15 +1059,16 @@ def _grid(cells: int, image: tuple[int, int] | None) -> tuple[int, int] | None:
     strided conv pads: 800 x 608 at stride 64 is 13 x 10), else a square grid."""
     if image is not None:
         for k in range(1, 9):
-            h, w = -(-image[0] // 2 ** k), -(-image[1] // 2 ** k)
+            h, w = -(-image[0] // 2**k), -(-image[1] // 2**k)
             if h * w == cells:
                 return h, w
     side = math.isqrt(cells)
     return (side, side) if side * side == cells else None
 
 
-def _detect_layout(outputs: Sequence[np.ndarray], requested: bool = False,
-                   feeds: Mapping[str, np.ndarray] | None = None) -> tuple[DetectionLayout, str] | None:
+def _detect_layout(
+    outputs: Sequence[np.ndarray], requested: bool = False, feeds: Mapping[str, np.ndarray] | None = None
+) -> tuple[DetectionLayout, str] | None:
     arrays = [np.asarray(o) for o in outputs]
     floats = [i for i, a in enumerate(arrays) if np.issubdtype(a.dtype, np.floating)]
     image = _image_size(feeds)
@@ -925,11 +1077,18 @@ def _detect_layout(outputs: Sequence[np.ndarray], requested: bool = False,
         grids = tuple((-(-image[0] // s), -(-image[1] // s)) for s in (8, 16, 32))
         for i in floats:
             a = arrays[i]
-            if (a.ndim == 3 and a.shape[1] == sum(h * w for h, w in grids) and a.shape[2] >= 6
-                    and _unit(a[..., 4:]) and float(a[..., 2:4].min()) < 0):
-                return (DetectionLayout("yolox", (i,), False, grids=grids),
-                        f"output {i} {list(a.shape)} is YOLOX's raw grid rows [B, N, 5+C]: N = the cells of strides "
-                        f"8, 16, 32 of the {image[0]}x{image[1]} input, log sizes, objectness and scores in [0, 1]")
+            if (
+                a.ndim == 3
+                and a.shape[1] == sum(h * w for h, w in grids)
+                and a.shape[2] >= 6
+                and _unit(a[..., 4:])
+                and float(a[..., 2:4].min()) < 0
+            ):
+                return (
+                    DetectionLayout("yolox", (i,), False, grids=grids),
+                    f"output {i} {list(a.shape)} is YOLOX's raw grid rows [B, N, 5+C]: N = the cells of strides "
+                    f"8, 16, 32 of the {image[0]}x{image[1]} input, log sizes, objectness and scores in [0, 1]",
+                )
     # decoded boxes [B, N, 4] beside scores [B, N, C] / [B, C, N]
     for i in floats:
         a = arrays[i]
@@ -941,10 +1100,12 @@ def _detect_layout(outputs: Sequence[np.ndarray], requested: bool = False,
                 continue
             if s.shape[1] == a.shape[1]:
                 return DetectionLayout("boxes-scores", (i, j), False), (
-                    f"outputs {i} {list(a.shape)} (boxes) and {j} {list(s.shape)} (scores in [0, 1], [B, N, C])")
+                    f"outputs {i} {list(a.shape)} (boxes) and {j} {list(s.shape)} (scores in [0, 1], [B, N, C])"
+                )
             if s.shape[2] == a.shape[1]:
                 return DetectionLayout("boxes-scores", (i, j), True), (
-                    f"outputs {i} {list(a.shape)} (boxes) and {j} {list(s.shape)} (scores in [0, 1], [B, C, N])")
+                    f"outputs {i} {list(a.shape)} (boxes) and {j} {list(s.shape)} (scores in [0, 1], [B, C, N])"
+                )
     # levels flattened: scores [B, H*W, C] in [0, 1] beside boxes [B, H*W, 4 or 4R] (PP-PicoDet's export)
     flat = [i for i in floats if arrays[i].ndim == 3]
     pairs, used = [], set()
@@ -954,8 +1115,14 @@ def _detect_layout(outputs: Sequence[np.ndarray], requested: bool = False,
             continue
         for j in flat:
             b = arrays[j]
-            if (j != i and j not in used and b.shape[:2] == s_arr.shape[:2] and b.shape[2] % 4 == 0
-                    and b.shape[2] >= 4 and not _unit(b)):
+            if (
+                j != i
+                and j not in used
+                and b.shape[:2] == s_arr.shape[:2]
+                and b.shape[2] % 4 == 0
+                and b.shape[2] >= 4
+                and not _unit(b)
+            ):
                 pairs.append((i, j))
                 used |= {i, j}
                 break
@@ -964,7 +1131,8 @@ def _detect_layout(outputs: Sequence[np.ndarray], requested: bool = False,
         flat_outputs = tuple(x for p in pairs for x in p)
         return DetectionLayout("levels", flat_outputs, grids=grids), (
             f"{len(pairs)} levels of scores [B, H*W, C] in [0, 1] beside boxes [B, H*W, 4R]: outputs "
-            + ", ".join(f"{s_i}+{b_i} {list(g)}" for (s_i, b_i), g in zip(pairs, grids)))
+            + ", ".join(f"{s_i}+{b_i} {list(g)}" for (s_i, b_i), g in zip(pairs, grids))
+        )
     # per-level maps: scores [B, C, H, W] in [0, 1] beside boxes [B, 4 or 4R, H, W] of the same H, W
     maps = [i for i in floats if arrays[i].ndim == 4]
     pairs, used = [], set()
@@ -982,7 +1150,8 @@ def _detect_layout(outputs: Sequence[np.ndarray], requested: bool = False,
         flat_maps = tuple(x for p in pairs for x in p)
         return DetectionLayout("levels", flat_maps), (
             f"{len(pairs)} levels of score maps in [0, 1] beside box maps of the same size: outputs "
-            + ", ".join(f"{s}+{b} {list(arrays[s].shape[2:])}" for s, b in pairs))
+            + ", ".join(f"{s}+{b} {list(arrays[s].shape[2:])}" for s, b in pairs)
+        )
     # Multi-output heads are matched first: PP-PicoDet's flattened score level [1, 7600, 10] alone also
     # reads as a [B, N, 5+C] single output once --metric detection lifts the box-range test.
     # one output [B, 4+C, N] / [B, N, 4+C]: score rows in [0, 1] behind box rows that are not. Channels
@@ -1003,13 +1172,17 @@ def _detect_layout(outputs: Sequence[np.ndarray], requested: bool = False,
         boxes_outside = float(np.abs(rows[:4]).max()) > 1.5
         if _unit(rows[4:]) and (boxes_outside or (requested and k >= 6 and _unit(rows[:4]))):
             if k >= 6 and not first and k - 4 != 80:
-                return (DetectionLayout("yolo-obj", (i,), first),
-                        f"output {i} {list(a.shape)} is {side.replace('4+C', '5+C')}: box rows 0-3 "
-                        f"({'outside' if boxes_outside else 'inside'} [0, 1]), objectness and class scores in [0, 1] "
-                        "(channels last: the YOLOv5/v7/YOLOX export layout, which has an objectness row)")
-            return (DetectionLayout("yolo", (i,), first),
-                    f"output {i} {list(a.shape)} is {side}: box rows 0-3 (range up to "
-                    f"{float(np.abs(rows[:4]).max()):.3g}), {k - 4} class-score rows in [0, 1]")
+                return (
+                    DetectionLayout("yolo-obj", (i,), first),
+                    f"output {i} {list(a.shape)} is {side.replace('4+C', '5+C')}: box rows 0-3 "
+                    f"({'outside' if boxes_outside else 'inside'} [0, 1]), objectness and class scores in [0, 1] "
+                    "(channels last: the YOLOv5/v7/YOLOX export layout, which has an objectness row)",
+                )
+            return (
+                DetectionLayout("yolo", (i,), first),
+                f"output {i} {list(a.shape)} is {side}: box rows 0-3 (range up to "
+                f"{float(np.abs(rows[:4]).max()):.3g}), {k - 4} class-score rows in [0, 1]",
+            )
     return None
 
 
@@ -1028,21 +1201,27 @@ def _is_ctc_like(a: np.ndarray, name: str) -> tuple[bool, str]:
     top = int(values[counts.argmax()])
     share = float(counts.max() / best.size)
     kind = "probabilities" if probs else "log-probabilities" if log_probs else f"scores named {name!r}"
-    return ((probs or log_probs or named) and share >= 0.5 and a.shape[1] >= 4,
-            f"per-step {kind}; index {top} is the argmax of {share:.0%} of the steps (a CTC blank)")
+    return (
+        (probs or log_probs or named) and share >= 0.5 and a.shape[1] >= 4,
+        f"per-step {kind}; index {top} is the argmax of {share:.0%} of the steps (a CTC blank)",
+    )
 
 
-def choose_metric(outputs: Sequence[np.ndarray], names: Sequence[str] = (),
-                  feeds: Mapping[str, np.ndarray] | None = None, *, requested: str | None = None,
-                  evaluator: str | None = None) -> MetricChoice:
+def choose_metric(
+    outputs: Sequence[np.ndarray],
+    names: Sequence[str] = (),
+    feeds: Mapping[str, np.ndarray] | None = None,
+    *,
+    requested: str | None = None,
+    evaluator: str | None = None,
+) -> MetricChoice:
     """The task metric for a model whose FP32 outputs on one (or a few stacked) feed(s) are `outputs`,
     with the reason. `requested` (a METRIC_TABLE name) or `evaluator` (FILE.py:FUNCTION) override the
     choice; a requested metric still takes its parameters (layout, output) from the outputs."""
     if evaluator:
         path, func = _split_evaluator(evaluator)
         name = requested or Path(path).stem
-        return MetricChoice(name, f"--evaluator {evaluator}", evaluator=evaluator,
-                            evaluator_sha256=_file_sha256(path))
+        return MetricChoice(name, f"--evaluator {evaluator}", evaluator=evaluator, evaluator_sha256=_file_sha256(path))
     arrays = [np.asarray(o) for o in outputs]
     label = [names[i] if i < len(names) else str(i) for i in range(len(arrays))]
     if requested is not None:
@@ -1051,52 +1230,74 @@ def choose_metric(outputs: Sequence[np.ndarray], names: Sequence[str] = (),
     if not floats:
         if requested in (None, "sqnr"):
             return MetricChoice("sqnr", "no floating-point output")
-        raise InputError(f"metric {requested} needs a floating-point output, and the model has none",
-                         "choose another --metric, or give --evaluator FILE.py:FUNCTION")
+        raise InputError(
+            f"metric {requested} needs a floating-point output, and the model has none",
+            "choose another --metric, or give --evaluator FILE.py:FUNCTION",
+        )
     found = _detect_layout(arrays, requested=requested == "detection", feeds=feeds)
     if requested in (None, "detection") and found is not None:
         layout, why = found
         return MetricChoice("detection", why, {"layout": layout})
     if requested == "detection":
-        raise InputError("--metric detection: no detector head found in outputs " + ", ".join(
-            f"{label[i]} {list(arrays[i].shape)}" for i in floats),
-                         "detection reads [B, 4+C, N] / [B, N, 4+C], boxes [B, N, 4] + scores, or per-level maps")
+        raise InputError(
+            "--metric detection: no detector head found in outputs "
+            + ", ".join(f"{label[i]} {list(arrays[i].shape)}" for i in floats),
+            "detection reads [B, 4+C, N] / [B, N, 4+C], boxes [B, N, 4] + scores, or per-level maps",
+        )
     first = floats[0]
     a = arrays[first]
     shape = f"output {label[first]} {list(a.shape)}"
     ids = feeds.get("input_ids") if feeds else None
-    if (a.ndim == 3 and ids is not None and np.asarray(ids).shape == a.shape[:2] and requested in (None, "perplexity")
-            and np.issubdtype(np.asarray(ids).dtype, np.integer) and 0 <= int(np.asarray(ids).max()) < a.shape[2]):
+    if (
+        a.ndim == 3
+        and ids is not None
+        and np.asarray(ids).shape == a.shape[:2]
+        and requested in (None, "perplexity")
+        and np.issubdtype(np.asarray(ids).dtype, np.integer)
+        and 0 <= int(np.asarray(ids).max()) < a.shape[2]
+    ):
         # hidden states [B, T, D] beside input_ids are told apart by the ids: a token id above D names no logit
-        return MetricChoice("perplexity", f"{shape} is logits [B, T, V] over the feeds' input_ids {list(ids.shape)} "
-                            f"(every id < V = {a.shape[2]})", {"output": first})
+        return MetricChoice(
+            "perplexity",
+            f"{shape} is logits [B, T, V] over the feeds' input_ids {list(ids.shape)} (every id < V = {a.shape[2]})",
+            {"output": first},
+        )
     if requested not in (None, "map", "sequence", "top1", "topk", "cosine", "embedding", "sqnr"):
         return MetricChoice(requested, "--metric " + requested, {"output": first})
     if a.ndim == 3 and a.shape[2] >= 2 and requested in (None, "sequence"):
         ctc, why = _is_ctc_like(a, label[first])
         if ctc or requested == "sequence":
-            return MetricChoice("sequence", f"{shape} is [B, T, V]: {why}" if ctc else "--metric sequence",
-                                {"output": first, "ctc": True, "blank": BLANK})
+            return MetricChoice(
+                "sequence",
+                f"{shape} is [B, T, V]: {why}" if ctc else "--metric sequence",
+                {"output": first, "ctc": True, "blank": BLANK},
+            )
     if requested in (None, "map") and a.ndim == 4 and a.shape[1] == 1 and _unit(a) and min(a.shape[-2:]) >= 8:
-        return MetricChoice("map", f"{shape} is a one-channel map in [0, 1] (binarized at {MAP_THRESHOLD})",
-                            {"output": first, "threshold": MAP_THRESHOLD})
+        return MetricChoice(
+            "map",
+            f"{shape} is a one-channel map in [0, 1] (binarized at {MAP_THRESHOLD})",
+            {"output": first, "threshold": MAP_THRESHOLD},
+        )
     if requested == "map":
         return MetricChoice("map", "--metric map", {"output": first, "threshold": MAP_THRESHOLD})
-    if (requested in (None, "probability") and a.ndim <= 2 and (a.ndim < 2 or a.shape[1] == 1) and _unit(a)
-            and a.size):
+    if requested in (None, "probability") and a.ndim <= 2 and (a.ndim < 2 or a.shape[1] == 1) and _unit(a) and a.size:
         return MetricChoice("probability", f"{shape} is one probability per sample in [0, 1]", {"output": first})
     if a.ndim == 2 and a.shape[1] >= 2:
         norms = np.linalg.norm(a.astype(np.float64), axis=1)
         normalized = bool(np.allclose(norms, 1.0, atol=1e-3)) and bool((a < 0).any())
         if normalized and requested in (None, "embedding"):
-            return MetricChoice("embedding", f"{shape} has L2-normalized rows with negative entries: embeddings",
-                                {"output": first})
+            return MetricChoice(
+                "embedding", f"{shape} has L2-normalized rows with negative entries: embeddings", {"output": first}
+            )
         if requested in (None, "top1") and not normalized:
             return MetricChoice("top1", f"{shape} is [B, classes]: class scores", {"output": first})
     if requested is not None:
         return MetricChoice(requested, "--metric " + requested, {"output": first})
-    return MetricChoice("sqnr", f"{', '.join(f'{label[i]} {list(arrays[i].shape)}' for i in floats)}: no task "
-                                "the outputs' shapes and ranges name; lowest SQNR per output and channel group")
+    return MetricChoice(
+        "sqnr",
+        f"{', '.join(f'{label[i]} {list(arrays[i].shape)}' for i in floats)}: no task "
+        "the outputs' shapes and ranges name; lowest SQNR per output and channel group",
+    )
 
 
 def metric_request(metric: str | None, evaluator: str | None) -> tuple[str | None, str | None]:
@@ -1109,10 +1310,18 @@ def metric_request(metric: str | None, evaluator: str | None) -> tuple[str | Non
     return metric, None
 
 
-def assess(choice: MetricChoice, reference_runs: Sequence[Sequence[np.ndarray]],
-           runs: Sequence[Sequence[np.ndarray]], feeds: Sequence[Mapping[str, np.ndarray]] | None,
-           names: Sequence[str], *, sqnr_floor: float, metric_floor: float | None = None,
-           sqnr_too: bool = False, precision: str = "int8") -> dict[str, Any]:
+def assess(
+    choice: MetricChoice,
+    reference_runs: Sequence[Sequence[np.ndarray]],
+    runs: Sequence[Sequence[np.ndarray]],
+    feeds: Sequence[Mapping[str, np.ndarray]] | None,
+    names: Sequence[str],
+    *,
+    sqnr_floor: float,
+    metric_floor: float | None = None,
+    sqnr_too: bool = False,
+    precision: str = "int8",
+) -> dict[str, Any]:
     """The verdict's view of a candidate: the chosen metric measured, its floor and the failed checks.
     When the data cannot judge the metric (FP32 found no box, its map is empty) the lowest SQNR per output
     and channel group is judged instead, and `judged_by` says so. A user's evaluator's default floor is
@@ -1134,8 +1343,11 @@ def assess(choice: MetricChoice, reference_runs: Sequence[Sequence[np.ndarray]],
     failures = judge(judged, judged_floor)
     if choice.evaluator:
         assert floor is not None, "set above from the evaluator's own FP32 value when not given"
-        failures = [] if value.value >= floor else [{"check": value.name, "measured": value.value,
-                                                     "required": f">= {floor:g}"}]
+        failures = (
+            []
+            if value.value >= floor
+            else [{"check": value.name, "measured": value.value, "required": f">= {floor:g}"}]
+        )
         lowest = value.value - floor
     else:
         lowest = margin(judged, judged_floor)
@@ -1147,11 +1359,23 @@ def assess(choice: MetricChoice, reference_runs: Sequence[Sequence[np.ndarray]],
     else:
         judged_components = dict(judged.components) if judged.name == "sqnr" else None
     named = {"metric": value.name} if choice.evaluator else {}  # a user's function names its own metric
-    return {**choice.to_dict(), **named, "value": value.value, "floor": floor,
-            "higher_is_better": METRIC_TABLE[choice.name].higher_is_better if choice.name in METRIC_TABLE else True,
-            "components": dict(value.components), "samples": value.samples, "evidence": value.evidence,
-            "judged_by": judged.name, "judged_value": judged.value, "judged_floor": judged_floor, "note": note,
-            "judged_components": judged_components, "failures": failures, "margin": lowest}
+    return {
+        **choice.to_dict(),
+        **named,
+        "value": value.value,
+        "floor": floor,
+        "higher_is_better": METRIC_TABLE[choice.name].higher_is_better if choice.name in METRIC_TABLE else True,
+        "components": dict(value.components),
+        "samples": value.samples,
+        "evidence": value.evidence,
+        "judged_by": judged.name,
+        "judged_value": judged.value,
+        "judged_floor": judged_floor,
+        "note": note,
+        "judged_components": judged_components,
+        "failures": failures,
+        "margin": lowest,
+    }
 
 
 # --------------------------------------------------------------------------- a user's evaluator
@@ -1199,9 +1423,17 @@ class UserEvaluator:
         if not runs:
             return {}
         names = self.names or [str(i) for i in range(len(runs[0]))]
-        return {n: np.concatenate([np.asarray(r[i]).reshape((-1,) + np.asarray(r[i]).shape[1:])
-                                   if np.asarray(r[i]).ndim else np.asarray(r[i])[None] for r in runs])
-                for i, n in enumerate(names)}
+        return {
+            n: np.concatenate(
+                [
+                    np.asarray(r[i]).reshape((-1,) + np.asarray(r[i]).shape[1:])
+                    if np.asarray(r[i]).ndim
+                    else np.asarray(r[i])[None]
+                    for r in runs
+                ]
+            )
+            for i, n in enumerate(names)
+        }
 
     def result(self) -> MetricValue:
         with user_code(f"evaluator {self.spec}", hint="fix the evaluator"):  # SystemExit included: exit 2
@@ -1216,14 +1448,57 @@ class UserEvaluator:
         try:
             value = float(value)
         except (TypeError, ValueError) as e:
-            raise InputError(f"evaluator {self.spec} returned {type(got).__name__}, not a number",
-                             "return a float (higher is better) or {name: value}") from e
+            raise InputError(
+                f"evaluator {self.spec} returned {type(got).__name__}, not a number",
+                "return a float (higher is better) or {name: value}",
+            ) from e
         return MetricValue(str(name), value, dict(components), samples=len(self.refs))
 
 
-__all__ = ["BLANK", "CONFIDENCE", "CosineAgreement", "DetectionAgreement", "DetectionLayout", "Detections", "GroupSqnr", "HIGHER_IS_BETTER",
-           "IOU_MATCH", "LOWER_IS_BETTER", "MAP_THRESHOLD", "METRIC_TABLE", "MapAgreement", "Metric", "MetricChoice",
-           "MetricValue", "Perplexity", "ProbabilityDifference", "SQNR_FLOORS_DB", "SequenceAgreement", "TopKAgreement", "UserEvaluator", "assess", "box_iou", "channel_axis", "channel_groups", "choose_metric",
-           "decode_detections", "decode_sequence", "detection_agreement", "group_sqnr", "higher_is_better", "judge",
-           "load_evaluator", "map_agreement", "margin", "match_detections", "match_pairs", "measure", "metric_drop",
-           "metric_info", "metric_request", "nms", "retrieval_agreement", "sequence_agreement"]
+__all__ = [
+    "BLANK",
+    "CONFIDENCE",
+    "CosineAgreement",
+    "DetectionAgreement",
+    "DetectionLayout",
+    "Detections",
+    "GroupSqnr",
+    "HIGHER_IS_BETTER",
+    "IOU_MATCH",
+    "LOWER_IS_BETTER",
+    "MAP_THRESHOLD",
+    "METRIC_TABLE",
+    "MapAgreement",
+    "Metric",
+    "MetricChoice",
+    "MetricValue",
+    "Perplexity",
+    "ProbabilityDifference",
+    "SQNR_FLOORS_DB",
+    "SequenceAgreement",
+    "TopKAgreement",
+    "UserEvaluator",
+    "assess",
+    "box_iou",
+    "channel_axis",
+    "channel_groups",
+    "choose_metric",
+    "decode_detections",
+    "decode_sequence",
+    "detection_agreement",
+    "group_sqnr",
+    "higher_is_better",
+    "judge",
+    "load_evaluator",
+    "map_agreement",
+    "margin",
+    "match_detections",
+    "match_pairs",
+    "measure",
+    "metric_drop",
+    "metric_info",
+    "metric_request",
+    "nms",
+    "retrieval_agreement",
+    "sequence_agreement",
+]

@@ -30,8 +30,13 @@ class OpTime:
     provider: str  # the execution provider that ran them (the first seen, if several)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"op_type": self.op_type, "ms_per_run": self.ms_per_run, "share": self.share, "nodes": self.nodes,
-                "provider": self.provider}
+        return {
+            "op_type": self.op_type,
+            "ms_per_run": self.ms_per_run,
+            "share": self.share,
+            "nodes": self.nodes,
+            "provider": self.provider,
+        }
 
 
 def op_times(events: list[Mapping[str, Any]], runs: int) -> list[OpTime]:
@@ -48,20 +53,35 @@ def op_times(events: list[Mapping[str, Any]], runs: int) -> list[OpTime]:
         nodes.setdefault(op, set()).add(str(event["name"])[: -len("_kernel_time")])
         provider.setdefault(op, str(args.get("provider", "")))
     grand = sum(total.values())
-    rows = [OpTime(op, us / max(runs, 1) / 1e3, us / grand if grand else 0.0, len(nodes[op]), provider[op])
-            for op, us in total.items()]
+    rows = [
+        OpTime(op, us / max(runs, 1) / 1e3, us / grand if grand else 0.0, len(nodes[op]), provider[op])
+        for op, us in total.items()
+    ]
     return sorted(rows, key=lambda r: -r.ms_per_run)
 
 
-def profile_session(target, model_path: str | os.PathLike, feeds: Mapping[str, np.ndarray], *, runs: int = 20,
-                    threads: int = 1, graph_opt_level: str = "all", device_id: int = 0,
-                    allow_fallback: bool = False) -> list[OpTime]:
+def profile_session(
+    target,
+    model_path: str | os.PathLike,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    runs: int = 20,
+    threads: int = 1,
+    graph_opt_level: str = "all",
+    device_id: int = 0,
+    allow_fallback: bool = False,
+) -> list[OpTime]:
     """Run `model_path` `runs` times on `target` (after two unprofiled warm-up runs) in a profiling
     session and return its kernel time by op type."""
     with tempfile.TemporaryDirectory(prefix="dlopt-profile-") as tmp:
-        handle = target.create_session(Path(model_path), threads=threads, graph_opt_level=graph_opt_level,
-                                       device_id=device_id, allow_fallback=allow_fallback,
-                                       profile_prefix=str(Path(tmp) / "profile"))
+        handle = target.create_session(
+            Path(model_path),
+            threads=threads,
+            graph_opt_level=graph_opt_level,
+            device_id=device_id,
+            allow_fallback=allow_fallback,
+            profile_prefix=str(Path(tmp) / "profile"),
+        )
         bound = target.bind(handle, feeds)
         for _ in range(runs):
             bound()

@@ -51,9 +51,14 @@ def local_target_classes() -> list[str]:
     are not declared: timings here would not be theirs."""
     from dlopt.targets import TARGETS, capabilities
 
-    return [name for name, target in TARGETS.items()
-            if (capabilities(name).kernels_measurable_here or capabilities(name).device_type != "cpu")
-            and target.is_available()[0]]
+    return [
+        name
+        for name, target in TARGETS.items()
+        if (capabilities(name).kernels_measurable_here or capabilities(name).device_type != "cpu")
+        and target.is_available()[0]
+    ]
+
+
 CACHE_ID_FILE = ".dlopt-cache-id"
 _KEY = re.compile(r"[0-9a-f]{64}")
 
@@ -62,8 +67,9 @@ def _ray() -> Any:
     try:
         import ray
     except ImportError as e:
-        raise MissingDependencyError("the ray executor needs Ray, which is not installed",
-                                     "pip install 'dlopt[ray]'") from e
+        raise MissingDependencyError(
+            "the ray executor needs Ray, which is not installed", "pip install 'dlopt[ray]'"
+        ) from e
     return ray
 
 
@@ -75,8 +81,9 @@ def target_resource(target_class: str) -> str:
 class RayExecutor:
     name = "ray"
 
-    def __init__(self, address: str | None = None, workers: int | None = None,
-                 cache_dir: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self, address: str | None = None, workers: int | None = None, cache_dir: str | os.PathLike | None = None
+    ) -> None:
         ray = _ray()
         self.address = address
         self.workers = workers
@@ -91,9 +98,10 @@ class RayExecutor:
             try:
                 ray.init(address=address, logging_level=logging.WARNING)
             except (ConnectionError, ValueError, RuntimeError) as e:
-                raise InputError(f"cannot connect to the Ray cluster at {address}: {e}",
-                                 "start one with `ray start --head`, or fix {address=ADDR} "
-                                 "(ray://HOST:10001 or HOST:6379)") from e
+                raise InputError(
+                    f"cannot connect to the Ray cluster at {address}: {e}",
+                    "start one with `ray start --head`, or fix {address=ADDR} (ray://HOST:10001 or HOST:6379)",
+                ) from e
             self._owns_connection = True
         else:
             # a local head, sized to this machine (or to `workers`); address="local" never attaches to a
@@ -101,9 +109,13 @@ class RayExecutor:
             # address even when asked for 127.0.0.1 (services.resolve_ip_for_localhost); its token
             # authentication (on by default in Ray 2.60: RAY_AUTH_MODE) guards it.
             # It is a node of the target classes this host runs natively, so `measure` can time on it.
-            ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, include_dashboard=False,
-                     resources={TARGET_RESOURCE.format(name): 1 for name in local_target_classes()},
-                     logging_level=logging.WARNING)
+            ray.init(
+                address="local",
+                num_cpus=workers or os.cpu_count() or 1,
+                include_dashboard=False,
+                resources={TARGET_RESOURCE.format(name): 1 for name in local_target_classes()},
+                logging_level=logging.WARNING,
+            )
             self._owns_connection = True
         self._spec = _CacheSpec(str(self.cache.root.absolute()), _cache_id(self.cache))
         self._task = ray.remote(_run_task)
@@ -121,13 +133,26 @@ class RayExecutor:
         ray = _ray()
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         cpus = int(sum(n["Resources"].get("CPU", 0) for n in nodes))
-        return {"kind": self.name, "workers": self.workers or cpus, "address": self.address or _gcs_address(),
-                "nodes": len(nodes), "cpus": cpus,
-                "node_list": [{"node": n["NodeID"][:12], "host": n["NodeManagerAddress"],
-                               "cpus": int(n["Resources"].get("CPU", 0)),
-                               "targets": sorted(r[len(TARGET_RESOURCE.format("")):] for r in n["Resources"]
-                                                 if r.startswith(TARGET_RESOURCE.format("")))}
-                              for n in sorted(nodes, key=lambda n: n["NodeID"])]}
+        return {
+            "kind": self.name,
+            "workers": self.workers or cpus,
+            "address": self.address or _gcs_address(),
+            "nodes": len(nodes),
+            "cpus": cpus,
+            "node_list": [
+                {
+                    "node": n["NodeID"][:12],
+                    "host": n["NodeManagerAddress"],
+                    "cpus": int(n["Resources"].get("CPU", 0)),
+                    "targets": sorted(
+                        r[len(TARGET_RESOURCE.format("")) :]
+                        for r in n["Resources"]
+                        if r.startswith(TARGET_RESOURCE.format(""))
+                    ),
+                }
+                for n in sorted(nodes, key=lambda n: n["NodeID"])
+            ],
+        }
 
     def close(self) -> None:
         ray = _ray()
@@ -162,12 +187,15 @@ class RayExecutor:
                 raise TargetUnavailableError(
                     f"no node of the Ray cluster declares the resource {resource!r}, so latency for target "
                     f"{target_class!r} has nowhere to be measured",
-                    f"start one node of that class with `ray start --resources '{{\"{resource}\": 1}}'`")
+                    f"start one node of that class with `ray start --resources '{{\"{resource}\": 1}}'`",
+                )
             node_id = self._measure_nodes[target_class] = min(nodes)
         cpus = nodes[node_id]["Resources"].get("CPU", 0)
         if cpus < 1:
-            raise TargetUnavailableError(f"the Ray node {node_id[:12]} declares {resource!r} but no CPUs",
-                                         "start it with --num-cpus set to its cores")
+            raise TargetUnavailableError(
+                f"the Ray node {node_id[:12]} declares {resource!r} but no CPUs",
+                "start it with --num-cpus set to its cores",
+            )
         return {"num_cpus": cpus, "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
 
     def _run(self, fn: Callable[..., R], calls: list[tuple], options: Mapping[str, Any]) -> list[R]:
@@ -177,8 +205,9 @@ class RayExecutor:
         # The entries each call refers to. Their bytes enter the object store only when a task lands on a
         # node that lacks them (it answers with the keys it needs and is sent again with them), so work on
         # the driver's host or a shared file system copies nothing.
-        wanted = [{key for key in _entry_keys(args, self._spec.root) if self.cache.get(key) is not None}
-                  for args in calls]
+        wanted = [
+            {key for key in _entry_keys(args, self._spec.root) if self.cache.get(key) is not None} for args in calls
+        ]
         shipped: dict[str, Any] = {}  # key -> ObjectRef of the entry's bytes, put once per call of _run
         refs: list[Any] = []
         outcomes: dict[int, _Outcome] = {}
@@ -224,8 +253,10 @@ class RayExecutor:
                 outcome = ray.get(ref)
             except ray.exceptions.RayError as e:  # the worker died (out of memory, killed): not fn's error
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                raise StageError(f"a Ray task failed outside dlopt: {type(e).__name__}: {first}",
-                                 "see the Ray logs of the node (ray logs, /tmp/ray/session_latest/logs)") from e
+                raise StageError(
+                    f"a Ray task failed outside dlopt: {type(e).__name__}: {first}",
+                    "see the Ray logs of the node (ray logs, /tmp/ray/session_latest/logs)",
+                ) from e
             for key, data in outcome.entries:
                 _install(self.cache, key, data)
             if outcome.node is not None:
@@ -244,8 +275,9 @@ class RayExecutor:
         missing = sorted(k for k in _entry_keys(outcome.value, self._spec.root) if self.cache.get(k) is None)
         if not missing or outcome.node is None:  # a local task's entries are the driver's own
             return
-        fetch = self._fetch.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(outcome.node,
-                                                                                                   soft=False))
+        fetch = self._fetch.options(
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(outcome.node, soft=False)
+        )
         for key, data in ray.get(fetch.remote(outcome.root, missing)):
             _install(self.cache, key, data)
 
@@ -371,8 +403,10 @@ def _cache_id(cache: StageCache) -> str:
             os.link(staging, cache.root / CACHE_ID_FILE)  # another process may have won: its token stands
         staging.unlink()
     except OSError as e:
-        raise InputError(f"cannot write to the cache folder {cache.root}: {e.strerror or e}",
-                         "pass a writable {cache_dir=DIR} (or set DLOPT_CACHE_DIR)") from e
+        raise InputError(
+            f"cannot write to the cache folder {cache.root}: {e.strerror or e}",
+            "pass a writable {cache_dir=DIR} (or set DLOPT_CACHE_DIR)",
+        ) from e
     return _read_id(cache.root)
 
 
@@ -485,14 +519,18 @@ def _check_reachable(address: str) -> None:
 
     m = re.fullmatch(r"(?:ray://)?(\[[^\]]+\]|[^:/\s]+):(\d+)/?", address)
     if not m:
-        raise InputError(f"Ray address {address!r} is not HOST:PORT or ray://HOST:PORT",
-                         "e.g. {address=HEAD:6379} (ray start --head) or {address=ray://HEAD:10001} (Ray Client)")
+        raise InputError(
+            f"Ray address {address!r} is not HOST:PORT or ray://HOST:PORT",
+            "e.g. {address=HEAD:6379} (ray start --head) or {address=ray://HEAD:10001} (Ray Client)",
+        )
     host, port = m.group(1).strip("[]"), int(m.group(2))
     try:
         socket.create_connection((host, port), timeout=10).close()
     except OSError as e:
-        raise InputError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}",
-                         "start its head with `ray start --head`, or fix {address=ADDR}") from e
+        raise InputError(
+            f"cannot reach the Ray cluster at {address}: {e.strerror or e}",
+            "start its head with `ray start --head`, or fix {address=ADDR}",
+        ) from e
 
 
 def _gcs_address() -> str | None:

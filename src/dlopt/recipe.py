@@ -56,8 +56,17 @@ import dlopt
 from dlopt.data import DataSpec, local_modules, read_spec_file, reader_hash, source_path, spec_from_keys, spec_hash
 from dlopt.errors import DlOptError, InputError, StageError
 from dlopt.manifest import artifact_hash
-from dlopt.stage import (ConfigValueError, StageContext, StageInput, config_from_dict, config_to_dict, config_version,
-                         get_stage, shown_value, stage_kinds)
+from dlopt.stage import (
+    ConfigValueError,
+    StageContext,
+    StageInput,
+    config_from_dict,
+    config_to_dict,
+    config_version,
+    get_stage,
+    shown_value,
+    stage_kinds,
+)
 from dlopt.stagecache import Entry, StageCache, cache_key
 
 TOP_KEYS = ("source", "target", "calibration", "eval_data", "data_spec", "data", "name", "training_data", "stage")
@@ -145,8 +154,9 @@ def build_config(kind: str, keys: Mapping[str, Any], *, where: str, target: str 
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(keys) - names)
     if unknown:
-        raise InputError(f"{where}: unknown {cls.__name__} key(s) {', '.join(unknown)}",
-                         f"known keys: {', '.join(sorted(names))}")
+        raise InputError(
+            f"{where}: unknown {cls.__name__} key(s) {', '.join(unknown)}", f"known keys: {', '.join(sorted(names))}"
+        )
     values = {"target": target} if target and "target" in names else {}
     values.update(keys)
     try:
@@ -164,8 +174,11 @@ def _as_config_dict(cls: type, keys: Mapping[str, Any]) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     fields = {}
     for key, value in keys.items():
-        nested = [t for t in (hints.get(key), *typing.get_args(hints.get(key)))
-                  if isinstance(t, type) and dataclasses.is_dataclass(t)]
+        nested = [
+            t
+            for t in (hints.get(key), *typing.get_args(hints.get(key)))
+            if isinstance(t, type) and dataclasses.is_dataclass(t)
+        ]
         if nested and isinstance(value, Mapping) and "fields" not in value:
             value = _as_config_dict(nested[0], value)
         fields[key] = value
@@ -182,40 +195,51 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     try:
         text = raw_bytes.decode("utf-8")
     except UnicodeDecodeError as e:
-        bad_line = raw_bytes[:e.start].count(b"\n") + 1
-        raise InputError(f"{path}:{bad_line}: not UTF-8 text (byte 0x{raw_bytes[e.start]:02x} at offset {e.start})",
-                         "save the recipe as UTF-8 (TOML files are UTF-8)") from e
+        bad_line = raw_bytes[: e.start].count(b"\n") + 1
+        raise InputError(
+            f"{path}:{bad_line}: not UTF-8 text (byte 0x{raw_bytes[e.start]:02x} at offset {e.start})",
+            "save the recipe as UTF-8 (TOML files are UTF-8)",
+        ) from e
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{path}: not valid TOML: {e}", "fix the recipe's syntax") from e
     except RecursionError as e:  # tomllib recurses per nesting level: thousands of [[[ ... exhaust the stack
-        raise InputError(f"{path}: values nested too deeply to read", "a recipe nests a table or list a few "
-                                                                      "levels at most") from e
+        raise InputError(
+            f"{path}: values nested too deeply to read", "a recipe nests a table or list a few levels at most"
+        ) from e
     unknown = sorted(set(data) - set(TOP_KEYS))
     if unknown:
-        raise InputError(f"{_where(path, _key_line(text, None, unknown[0]))}: unknown recipe key(s) "
-                         f"{', '.join(unknown)}", f"known: {', '.join(TOP_KEYS)}")
+        raise InputError(
+            f"{_where(path, _key_line(text, None, unknown[0]))}: unknown recipe key(s) {', '.join(unknown)}",
+            f"known: {', '.join(TOP_KEYS)}",
+        )
     if "source" not in data:
         raise InputError(f"{path}: no source", 'add source = "model.onnx" (or a torch source such as "minilm")')
     for key in ("source", "target", "calibration", "eval_data", "name", "training_data"):
         if key in data and not (isinstance(data[key], str) and data[key].strip()):
-            raise InputError(f"{_where(path, _key_line(text, None, key))}: {key} must be a non-empty string, not "
-                             f"{shown_value(data[key])}", f'write it in quotes, e.g. {key} = "..."')
+            raise InputError(
+                f"{_where(path, _key_line(text, None, key))}: {key} must be a non-empty string, not "
+                f"{shown_value(data[key])}",
+                f'write it in quotes, e.g. {key} = "..."',
+            )
     base = path.resolve().parent
     raw_stages = data.get("stage", [])
     if not isinstance(raw_stages, list) or not raw_stages:
-        raise InputError(f"{_where(path, _key_line(text, None, 'stage'))}: no stages",
-                         'add [[stage]] tables, e.g. [[stage]] kind = "quantize"')
+        raise InputError(
+            f"{_where(path, _key_line(text, None, 'stage'))}: no stages",
+            'add [[stage]] tables, e.g. [[stage]] kind = "quantize"',
+        )
     lines = _stage_lines(text)
     stages = []
     for i, raw in enumerate(raw_stages, 1):
         line = lines[i - 1] if i <= len(lines) else None
         where = f"{_where(path, line)} (stage {i})"
         if not isinstance(raw, dict):
-            raise InputError(f"{_where(path, line or _key_line(text, None, 'stage'))}: stage {i} is "
-                             f"{shown_value(raw)}, not a table",
-                             'write each stage as a [[stage]] table with kind = "..."')
+            raise InputError(
+                f"{_where(path, line or _key_line(text, None, 'stage'))}: stage {i} is {shown_value(raw)}, not a table",
+                'write each stage as a [[stage]] table with kind = "..."',
+            )
         keys = dict(raw)
         kind = keys.pop("kind", None)
         if not isinstance(kind, str) or kind not in recipe_kinds():
@@ -225,9 +249,11 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(keys) - fields)
         if unknown:
-            raise InputError(f"{_where(path, _key_line(text, line, unknown[0]))} (stage {i}, {kind}): unknown "
-                             f"{cls.__name__} key(s) {', '.join(unknown)}",
-                             f"known keys: {', '.join(sorted(fields))}")
+            raise InputError(
+                f"{_where(path, _key_line(text, line, unknown[0]))} (stage {i}, {kind}): unknown "
+                f"{cls.__name__} key(s) {', '.join(unknown)}",
+                f"known keys: {', '.join(sorted(fields))}",
+            )
         for key in ("calibration", "torch_source"):
             if isinstance(keys.get(key), str):
                 keys[key] = _resolve(base, keys[key])
@@ -242,11 +268,16 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     calibration = _resolve(base, data.get("calibration"))
     if calibration is None and declared.source is not None:
         calibration = declared.source
-    recipe = Recipe(path=path, source=_resolve(base, data["source"]), target=data.get("target"),
-                    calibration=_with_spec(declared, calibration),
-                    eval_data=_with_spec(declared, _resolve(base, data.get("eval_data"))),
-                    name=data.get("name"), stages=tuple(stages),
-                    training_data=_resolve(base, data.get("training_data")))
+    recipe = Recipe(
+        path=path,
+        source=_resolve(base, data["source"]),
+        target=data.get("target"),
+        calibration=_with_spec(declared, calibration),
+        eval_data=_with_spec(declared, _resolve(base, data.get("eval_data"))),
+        name=data.get("name"),
+        stages=tuple(stages),
+        training_data=_resolve(base, data.get("training_data")),
+    )
     _check_source(recipe, _where(path, _key_line(text, None, "source")))
     _check_order(recipe)
     return recipe
@@ -275,8 +306,10 @@ def _check_source(recipe: Recipe, where: str) -> None:
     else:
         reason = ""
     if found is None:
-        raise InputError(f"{where}: source module {module!r} cannot be found{reason}",
-                         f"give {forms} (a module must be installed or on PYTHONPATH)")
+        raise InputError(
+            f"{where}: source module {module!r} cannot be found{reason}",
+            f"give {forms} (a module must be installed or on PYTHONPATH)",
+        )
 
 
 def _declared_data(data: Mapping[str, Any], base: Path, path: Path, text: str) -> DataSpec:
@@ -285,19 +318,27 @@ def _declared_data(data: Mapping[str, Any], base: Path, path: Path, text: str) -
     spec_file = data.get("data_spec")
     if spec_file is not None:
         if not isinstance(spec_file, str):
-            raise InputError(f"{_where(path, _key_line(text, None, 'data_spec'))}: data_spec must be a file name",
-                             'e.g. data_spec = "spec.toml"')
+            raise InputError(
+                f"{_where(path, _key_line(text, None, 'data_spec'))}: data_spec must be a file name",
+                'e.g. data_spec = "spec.toml"',
+            )
         declared = read_spec_file(base / Path(spec_file).expanduser())
     table = data.get("data")
     if table is not None:
         if not isinstance(table, Mapping):
-            raise InputError(f"{_where(path, _key_line(text, None, 'data'))}: data must be a table",
-                             "e.g. [data] with layout, values, image")
-        keys = spec_from_keys(table, where=_where(path, _key_line(text, None, "data")),
-                              allowed=("layout", "values", "image"))
-        declared = DataSpec(source=declared.source, layout=tuple((dict(declared.layout) | dict(keys.layout)).items()),
-                            values=tuple((dict(declared.values) | dict(keys.values)).items()),
-                            image=keys.image or declared.image)
+            raise InputError(
+                f"{_where(path, _key_line(text, None, 'data'))}: data must be a table",
+                "e.g. [data] with layout, values, image",
+            )
+        keys = spec_from_keys(
+            table, where=_where(path, _key_line(text, None, "data")), allowed=("layout", "values", "image")
+        )
+        declared = DataSpec(
+            source=declared.source,
+            layout=tuple((dict(declared.layout) | dict(keys.layout)).items()),
+            values=tuple((dict(declared.values) | dict(keys.values)).items()),
+            image=keys.image or declared.image,
+        )
     return declared
 
 
@@ -317,31 +358,42 @@ def _check_order(recipe: Recipe) -> None:
         where = f"{_where(recipe.path, stage.line)} (stage {stage.index}, {stage.kind})"
         spec = get_stage(stage.kind)
         if made == "bundle":
-            raise InputError(f"{where}: the stage before makes a bundle, not a model: a bundle ends the recipe",
-                             "move the package stage last")
+            raise InputError(
+                f"{where}: the stage before makes a bundle, not a model: a bundle ends the recipe",
+                "move the package stage last",
+            )
         if spec.makes == "bundle" and stage.index != len(recipe.stages):
-            raise InputError(f"{where}: {stage.kind} makes a bundle, not a model: it must be the last stage",
-                             "move it last")
+            raise InputError(
+                f"{where}: {stage.kind} makes a bundle, not a model: it must be the last stage", "move it last"
+            )
         if spec.takes != made:
             if made == "torch":
-                raise InputError(f"{where}: the source {recipe.source} is a torch model; the first stage must "
-                                 "export it",
-                                 'add [[stage]] kind = "export" first')
-            raise InputError(f"{where}: {stage.kind} takes a {spec.takes} model and the "
-                             f"{'source' if stage.index == 1 else 'stage before'} gives an {made} one",
-                             "drop it for an .onnx source, or move it first" if stage.kind == "export"
-                             else "reorder the stages")
+                raise InputError(
+                    f"{where}: the source {recipe.source} is a torch model; the first stage must export it",
+                    'add [[stage]] kind = "export" first',
+                )
+            raise InputError(
+                f"{where}: {stage.kind} takes a {spec.takes} model and the "
+                f"{'source' if stage.index == 1 else 'stage before'} gives an {made} one",
+                "drop it for an .onnx source, or move it first" if stage.kind == "export" else "reorder the stages",
+            )
         if stage.kind == "prune" and stage.index > 1 and made == "torch":
-            raise InputError(f"{where}: one prune stage per recipe (a pruned checkpoint records one pruning)",
-                             "prune once, with the ratio you want")
+            raise InputError(
+                f"{where}: one prune stage per recipe (a pruned checkpoint records one pruning)",
+                "prune once, with the ratio you want",
+            )
         if stage.kind == "distill":
             _check_distill(recipe, stage, where)
-        if _quantizes(stage.kind) and any(_precision(s) == "fp16" for s in recipe.stages[:stage.index - 1]):
-            raise InputError(f"{where}: the stage before made an FP16 model: {stage.kind} takes a float32 one",
-                             "quantize once per recipe: keep one fp16 (or int8/int4) stage")
+        if _quantizes(stage.kind) and any(_precision(s) == "fp16" for s in recipe.stages[: stage.index - 1]):
+            raise InputError(
+                f"{where}: the stage before made an FP16 model: {stage.kind} takes a float32 one",
+                "quantize once per recipe: keep one fp16 (or int8/int4) stage",
+            )
         if spec.writer is None:
-            raise InputError(f"{where}: the {stage.kind} stage runs inside another stage, not on its own",
-                             "use the key of the stage that runs it (trim-padding: quantize's trim_padding)")
+            raise InputError(
+                f"{where}: the {stage.kind} stage runs inside another stage, not on its own",
+                "use the key of the stage that runs it (trim-padding: quantize's trim_padding)",
+            )
         made = spec.makes
         try:
             spec.check_config(stage.config)
@@ -349,8 +401,11 @@ def _check_order(recipe: Recipe) -> None:
             raise InputError(f"{where}: {e.message}", e.hint) from e
     if made == "torch":
         last = recipe.stages[-1]
-        raise InputError(f"{_where(recipe.path, last.line)} (stage {last.index}, {last.kind}): a recipe ends with an "
-                         "ONNX model or a bundle, not a torch checkpoint", 'add [[stage]] kind = "export" after it')
+        raise InputError(
+            f"{_where(recipe.path, last.line)} (stage {last.index}, {last.kind}): a recipe ends with an "
+            "ONNX model or a bundle, not a torch checkpoint",
+            'add [[stage]] kind = "export" after it',
+        )
 
 
 def _precision(stage: StageSpec) -> str | None:
@@ -365,22 +420,29 @@ def _check_distill(recipe: Recipe, stage: StageSpec, where: str) -> None:
     from dlopt.models import REFERENCE_MODELS
 
     if stage.index == 1 or recipe.stages[stage.index - 2].kind != "prune":
-        raise InputError(f"{where}: distill trains the pruned student against the source: it follows a prune "
-                         "stage", 'add [[stage]] kind = "prune" before it')
+        raise InputError(
+            f"{where}: distill trains the pruned student against the source: it follows a prune stage",
+            'add [[stage]] kind = "prune" before it',
+        )
     if recipe.training_data is None:
         model = REFERENCE_MODELS.get(recipe.source)
         if model is None or not model.training:
             having = ", ".join(m.name for m in REFERENCE_MODELS.values() if m.training)
-            raise InputError(f"{where}: distill needs training data and the source {recipe.source} ships none",
-                             f'add training_data = "train.npz" at the top (reference data ships for {having})')
+            raise InputError(
+                f"{where}: distill needs training data and the source {recipe.source} ships none",
+                f'add training_data = "train.npz" at the top (reference data ships for {having})',
+            )
     elif not Path(recipe.training_data).is_file():
-        raise InputError(f"{recipe.path}: training_data {recipe.training_data} does not exist",
-                         "give an .npz with an array per forward() input (and optional labels)")
+        raise InputError(
+            f"{recipe.path}: training_data {recipe.training_data} does not exist",
+            "give an .npz with an array per forward() input (and optional labels)",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Cache keys
 # ---------------------------------------------------------------------------------------------
+
 
 def host_facts(kind: str, config: Any) -> dict[str, Any]:
     """The facts of this host that change a stage's output. Quantization for a target whose kernels run
@@ -402,7 +464,7 @@ def _version(module: str) -> str:
     """A package's version without importing it (torch takes seconds to import: a warm run should not)."""
     import importlib.metadata
 
-    for dist in ((module, "onnxruntime-gpu") if module == "onnxruntime" else (module,)):
+    for dist in (module, "onnxruntime-gpu") if module == "onnxruntime" else (module,):
         try:
             return importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -470,12 +532,17 @@ def _prepared(recipe: Recipe, stage: StageSpec) -> Any:
     return stage.config
 
 
-def key_inputs(recipe: Recipe, stage: StageSpec, input_sha256: str, upstream: list[dict[str, Any]] | None = None
-               ) -> dict[str, Any]:
+def key_inputs(
+    recipe: Recipe, stage: StageSpec, input_sha256: str, upstream: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     config = _prepared(recipe, stage)
-    inputs: dict[str, Any] = {"kind": stage.kind, "config": config_to_dict(config), "input_sha256": input_sha256,
-              "data": _stage_data(recipe, dataclasses.replace(stage, config=config)),
-              "host": host_facts(stage.kind, config)}
+    inputs: dict[str, Any] = {
+        "kind": stage.kind,
+        "config": config_to_dict(config),
+        "input_sha256": input_sha256,
+        "data": _stage_data(recipe, dataclasses.replace(stage, config=config)),
+        "host": host_facts(stage.kind, config),
+    }
     specs = _declared_specs(recipe) if _reads_data(stage.kind) else None
     if specs:
         inputs["data_spec"] = specs  # what the lineage records; a plain source keys as it always did
@@ -491,6 +558,7 @@ def key_inputs(recipe: Recipe, stage: StageSpec, input_sha256: str, upstream: li
 # Running
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class StageRun:
     stage: StageSpec
@@ -502,9 +570,14 @@ class StageRun:
     entry: Entry
 
     def lineage(self) -> dict[str, Any]:
-        step = {"index": self.stage.index, "kind": self.stage.kind,
-                "config": self.entry.info["inputs"]["config"], "input_sha256": self.input_sha256,
-                "output_sha256": self.output_sha256, "cache_key": self.key}
+        step = {
+            "index": self.stage.index,
+            "kind": self.stage.kind,
+            "config": self.entry.info["inputs"]["config"],
+            "input_sha256": self.input_sha256,
+            "output_sha256": self.output_sha256,
+            "cache_key": self.key,
+        }
         if self.entry.info["inputs"].get("data_spec"):  # the data as declared (layout, values, image)
             step["data_spec"] = self.entry.info["inputs"]["data_spec"]
         report = self.entry.info.get("report")
@@ -530,8 +603,10 @@ def force_from(recipe: Recipe, force: str | None) -> int | None:
     for stage in recipe.stages:
         if stage.kind == force:
             return stage.index
-    raise InputError(f"{{force={force}}}: {recipe.path} has no such stage",
-                     f"give a stage kind ({', '.join(s.kind for s in recipe.stages)}) or index 1-{len(recipe.stages)}")
+    raise InputError(
+        f"{{force={force}}}: {recipe.path} has no such stage",
+        f"give a stage kind ({', '.join(s.kind for s in recipe.stages)}) or index 1-{len(recipe.stages)}",
+    )
 
 
 def recipe_inputs(recipe: Recipe) -> list[Path]:
@@ -571,8 +646,15 @@ def recipe_outputs(recipe: Recipe, out: Path) -> list[Path]:
     return paths
 
 
-def run_recipe(recipe: Recipe, output: str | os.PathLike, *, cache: StageCache, force: str | None = None,
-               overwrite: bool = False, log: Log = lambda message: None) -> RunResult:
+def run_recipe(
+    recipe: Recipe,
+    output: str | os.PathLike,
+    *,
+    cache: StageCache,
+    force: str | None = None,
+    overwrite: bool = False,
+    log: Log = lambda message: None,
+) -> RunResult:
     """Run the recipe's stages, each from the cache when its key is there (and its files are those it
     was written with), and write the last stage's artifact to `output` (an .onnx file, or a bundle folder
     when the last stage is package)."""
@@ -608,8 +690,21 @@ def run_recipe(recipe: Recipe, output: str | os.PathLike, *, cache: StageCache, 
             cached = entry is not None
             if entry is None or view is None:  # (view is None exactly when entry is)
                 try:
-                    entry, view, cached = _build(recipe, stage, artifact, out, key, inputs_k, cache, private,
-                                                 [r.lineage() for r in runs], label, forced, started, log)
+                    entry, view, cached = _build(
+                        recipe,
+                        stage,
+                        artifact,
+                        out,
+                        key,
+                        inputs_k,
+                        cache,
+                        private,
+                        [r.lineage() for r in runs],
+                        label,
+                        forced,
+                        started,
+                        log,
+                    )
                 except DlOptError as e:  # which stage failed, after which: "stage 2/3 quantize (after export): ..."
                     # a Stage names its own chain ("int8-static failed after export: ..."); else it is said here
                     named = e.message.startswith(f"{stage.kind} failed after ")
@@ -624,14 +719,27 @@ def run_recipe(recipe: Recipe, output: str | os.PathLike, *, cache: StageCache, 
             log(f"{label}: {'cached' if cached else 'done'} in {seconds:.2f} s (key {key[:12]})")
             runs.append(StageRun(stage, key, cached, seconds, input_sha, output_sha, entry))
             artifact, input_sha = produced, output_sha
-        _deliver(_made_before(artifact, recipe.stages[-1]), out, bundle=last == "package", inputs=inputs, guarded=outputs)
+        _deliver(
+            _made_before(artifact, recipe.stages[-1]), out, bundle=last == "package", inputs=inputs, guarded=outputs
+        )
     return RunResult(out, tuple(runs))
 
 
-
-def _build(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Path, key: str, inputs: Mapping[str, Any],
-           cache: StageCache, private: Path, lineage: list[dict[str, Any]], label: str, forced: bool, started: float,
-           log: Log) -> tuple[Entry, Path, bool]:
+def _build(
+    recipe: Recipe,
+    stage: StageSpec,
+    artifact: Path | None,
+    out: Path,
+    key: str,
+    inputs: Mapping[str, Any],
+    cache: StageCache,
+    private: Path,
+    lineage: list[dict[str, Any]],
+    label: str,
+    forced: bool,
+    started: float,
+    log: Log,
+) -> tuple[Entry, Path, bool]:
     """Build the stage's entry under the key's lock, unless another process made it while this one waited
     for the lock (for a forced stage: made after this run started). Returns the entry, its private view
     and whether it was taken from the cache."""
@@ -643,36 +751,80 @@ def _build(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Path, k
         _run_stage(recipe, stage, artifact, out, key, inputs, cache, staging, lineage, log)
         made, view = cache.checkout(key, private)
         if made.entry is None or view is None:
-            raise StageError(f"the cache entry {key[:12]} just written fails its check: {made.problem}",
-                             "run again; if it repeats, pass another --cache-dir")
+            raise StageError(
+                f"the cache entry {key[:12]} just written fails its check: {made.problem}",
+                "run again; if it repeats, pass another --cache-dir",
+            )
         return made.entry, view, False
 
 
-def _run_stage(recipe: Recipe, stage: StageSpec, artifact: Path | None, out: Path, key: str, inputs: Mapping[str, Any],
-               cache: StageCache, staging: Path, lineage: list[dict[str, Any]], log: Log) -> Entry:
+def _run_stage(
+    recipe: Recipe,
+    stage: StageSpec,
+    artifact: Path | None,
+    out: Path,
+    key: str,
+    inputs: Mapping[str, Any],
+    cache: StageCache,
+    staging: Path,
+    lineage: list[dict[str, Any]],
+    log: Log,
+) -> Entry:
     """Run one stage on files (Stage.write: its input artifact in, its output written into `staging`) and
     commit what it wrote to the cache under `key`."""
     after = tuple(step["kind"] for step in lineage)
-    given = StageInput(artifact=artifact, source=recipe.source, calibration=recipe.calibration,
-                       eval_data=recipe.eval_data, training_data=recipe.distill_data, keep_failed=out)
+    given = StageInput(
+        artifact=artifact,
+        source=recipe.source,
+        calibration=recipe.calibration,
+        eval_data=recipe.eval_data,
+        training_data=recipe.distill_data,
+        keep_failed=out,
+    )
     spec = get_stage(stage.kind)
     given = given if spec.takes == "torch" else dataclasses.replace(given, artifact=_made_before(artifact, stage))
-    made = spec.write(given, _prepared(recipe, stage),
-                      StageContext(output=staging, lineage=tuple(lineage), after=after, log=log))
-    summary = {k: made.report[k] for k in ("verdict", "verification", "bytes_written", "bytes", "recipe", "scheme",
-                                           "parameters_before", "parameters_after", "macs_before", "macs_after",
-                                           "epochs_run", "best_epoch", "train_samples", "trim_padding")
-               if k in made.report}
-    info = {"kind": stage.kind, "inputs": dict(inputs), "artifact": made.path.name, "output_sha256": made.sha256,
-            "source": recipe.source, "recipe": str(recipe.path), "report": summary}
+    made = spec.write(
+        given, _prepared(recipe, stage), StageContext(output=staging, lineage=tuple(lineage), after=after, log=log)
+    )
+    summary = {
+        k: made.report[k]
+        for k in (
+            "verdict",
+            "verification",
+            "bytes_written",
+            "bytes",
+            "recipe",
+            "scheme",
+            "parameters_before",
+            "parameters_after",
+            "macs_before",
+            "macs_after",
+            "epochs_run",
+            "best_epoch",
+            "train_samples",
+            "trim_padding",
+        )
+        if k in made.report
+    }
+    info = {
+        "kind": stage.kind,
+        "inputs": dict(inputs),
+        "artifact": made.path.name,
+        "output_sha256": made.sha256,
+        "source": recipe.source,
+        "recipe": str(recipe.path),
+        "report": summary,
+    }
     return cache.commit(key, staging, info)
 
 
 def _made_before(artifact: Path | None, stage: StageSpec) -> Path:
     """The artifact an earlier stage made, which `stage` reads (None only before a stage that takes torch)."""
     if artifact is None:  # _check_order puts a stage that takes torch first when the source is not ONNX
-        raise StageError(f"stage {stage.index} {stage.kind} reads a model no earlier stage made",
-                         "begin the recipe with an export stage, or give an .onnx source")
+        raise StageError(
+            f"stage {stage.index} {stage.kind} reads a model no earlier stage made",
+            "begin the recipe with an export stage, or give an .onnx source",
+        )
     return artifact
 
 
@@ -698,10 +850,14 @@ def _deliver(artifact: Path, out: Path, *, bundle: bool, inputs: list[Path], gua
 
     external = external_data_files(load_onnx(artifact, load_external_data=False))
     if external:
-        raise InputError(f"{artifact.name} keeps its weights in external data files",
-                         "end the recipe with a package stage, which bundles them")
-    reports = {report: report_path_for(out, report.name[len(artifact.name[:-5]) + 1:-len(".json")])
-               for report in sorted(artifact.parent.glob(f"{artifact.name[:-5]}.*.json"))}
+        raise InputError(
+            f"{artifact.name} keeps its weights in external data files",
+            "end the recipe with a package stage, which bundles them",
+        )
+    reports = {
+        report: report_path_for(out, report.name[len(artifact.name[:-5]) + 1 : -len(".json")])
+        for report in sorted(artifact.parent.glob(f"{artifact.name[:-5]}.*.json"))
+    }
     guard_outputs(inputs, [path for path in reports.values() if path not in guarded])
     with staged_outputs() as outputs:
         shutil.copyfile(artifact, outputs.stage(out))

@@ -27,8 +27,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A fixed-width table that reads well in a terminal and in CI logs (no box characters)."""
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
-             "  ".join("-" * w for w in widths)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     return "\n".join(lines)
 
@@ -39,8 +38,18 @@ def format_markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]])
     return "\n".join(lines)
 
 
-def package_versions(names: Sequence[str] = ("dlopt", "onnx", "onnxruntime", "onnxruntime-gpu", "torch",
-                                             "onnxscript", "numpy", "transformers")) -> dict[str, str]:
+def package_versions(
+    names: Sequence[str] = (
+        "dlopt",
+        "onnx",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "torch",
+        "onnxscript",
+        "numpy",
+        "transformers",
+    ),
+) -> dict[str, str]:
     found = {}
     for name in names:
         try:

@@ -27,15 +27,19 @@ import numpy as np
 
 from dlopt.sessions import SESSION_CONFIG, session_options
 
+
 def _denormal_probe():
     """A one-node graph y = x * 0.5: fed 2e-38 (a normal float), its exact result 1e-38 is a denormal,
     which flush-to-zero turns into 0."""
     from onnx import TensorProto, helper, numpy_helper
 
-    graph = helper.make_graph([helper.make_node("Mul", ["x", "half"], ["y"])], "denormal_probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-                              [numpy_helper.from_array(np.full(4, 0.5, np.float32), "half")])
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "half"], ["y"])],
+        "denormal_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [numpy_helper.from_array(np.full(4, 0.5, np.float32), "half")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
@@ -51,10 +55,11 @@ def initialize(*, denormal_as_zero: bool = True) -> None:
 def _first_session(denormal_as_zero: bool) -> bool:
     import onnxruntime as ort
 
-
-    session = ort.InferenceSession(_denormal_probe().SerializeToString(),
-                                   session_options(denormal_as_zero=denormal_as_zero),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        _denormal_probe().SerializeToString(),
+        session_options(denormal_as_zero=denormal_as_zero),
+        providers=["CPUExecutionProvider"],
+    )
     out = session.run(None, {"x": np.full(4, 2e-38, np.float32)})[0]
     return bool(np.all(out == 0))
 
@@ -64,10 +69,10 @@ def flush_denormals() -> bool:
     by running the probe graph: the process's first session decided it (see the module docstring)."""
     import onnxruntime as ort
 
-
     initialize()
-    session = ort.InferenceSession(_denormal_probe().SerializeToString(), session_options(),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        _denormal_probe().SerializeToString(), session_options(), providers=["CPUExecutionProvider"]
+    )
     return bool(np.all(session.run(None, {"x": np.full(4, 2e-38, np.float32)})[0] == 0))
 
 
@@ -75,12 +80,17 @@ def runtime_report() -> dict[str, Any]:
     """The session configuration in effect, for reports: the config entries every session carries, and
     whether denormals are really flushed on the calling thread (with why, when they are not)."""
     flushed = flush_denormals()
-    return {"session_config": dict(SESSION_CONFIG), "denormals_flushed_on_calling_thread": flushed,
-            "denormals": ("flushed to zero (session.set_denormal_as_zero, set by this process's first session)"
-                          if flushed else
-                          "NOT flushed on the calling thread: this process's first ONNX Runtime session was created "
-                          "without session.set_denormal_as_zero (ONNX Runtime applies it to the caller once per "
-                          "process); padded inputs may run slower here than in a fresh dlopt process")}
+    return {
+        "session_config": dict(SESSION_CONFIG),
+        "denormals_flushed_on_calling_thread": flushed,
+        "denormals": (
+            "flushed to zero (session.set_denormal_as_zero, set by this process's first session)"
+            if flushed
+            else "NOT flushed on the calling thread: this process's first ONNX Runtime session was created "
+            "without session.set_denormal_as_zero (ONNX Runtime applies it to the caller once per "
+            "process); padded inputs may run slower here than in a fresh dlopt process"
+        ),
+    }
 
 
 def cpu_label() -> str:
@@ -107,5 +117,4 @@ def isa_line(cpu) -> str:
     return f"{cpu.machine}: {', '.join(parts)}"
 
 
-__all__ = ["cpu_label", "flush_denormals", "initialize",
-           "isa_line", "runtime_report"]
+__all__ = ["cpu_label", "flush_denormals", "initialize", "isa_line", "runtime_report"]

@@ -36,8 +36,13 @@ CPU_PROVIDER = "CPUExecutionProvider"
 _PROTOBUF_LIMIT = 2**31 - 1
 
 
-def session_options(*, threads: int = 1, graph_opt_level: str = "all",
-                    config_entries: Mapping[str, str] | None = None, denormal_as_zero: bool = True):
+def session_options(
+    *,
+    threads: int = 1,
+    graph_opt_level: str = "all",
+    config_entries: Mapping[str, str] | None = None,
+    denormal_as_zero: bool = True,
+):
     """SessionOptions with dlopt's defaults: `threads` intra-op threads, one inter-op thread,
     sequential execution, errors-only logging (dlopt reports what matters itself), and
     SESSION_CONFIG (denormals flushed to zero; `denormal_as_zero=False` leaves that
@@ -53,8 +58,9 @@ def session_options(*, threads: int = 1, graph_opt_level: str = "all",
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }
     if graph_opt_level not in levels:
-        raise InputError(f"unknown graph optimization level {graph_opt_level!r}",
-                         f"choose one of {', '.join(GRAPH_OPT_LEVELS)}")
+        raise InputError(
+            f"unknown graph optimization level {graph_opt_level!r}", f"choose one of {', '.join(GRAPH_OPT_LEVELS)}"
+        )
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -70,9 +76,15 @@ def session_options(*, threads: int = 1, graph_opt_level: str = "all",
     return options
 
 
-def cpu_session(model: Any, *, threads: int = 1, graph_opt_level: str = "all",
-                config_entries: Mapping[str, str] | None = None, error: type[Exception] = StageError,
-                hint: str = "report this model"):
+def cpu_session(
+    model: Any,
+    *,
+    threads: int = 1,
+    graph_opt_level: str = "all",
+    config_entries: Mapping[str, str] | None = None,
+    error: type[Exception] = StageError,
+    hint: str = "report this model",
+):
     """A CPU session for `model`: an onnx.ModelProto, serialized bytes, or a path. A model that ONNX
     Runtime cannot load raises `error` (StageError by default: the stage made it) with `hint`."""
     import onnxruntime as ort
@@ -131,8 +143,9 @@ def notes_to(sink: Callable[[str], None] | None) -> None:
 def _shape_text(value) -> str:
     if not value.type.tensor_type.HasField("shape"):
         return "[?]"
-    dims = [d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?")
-            for d in value.type.tensor_type.shape.dim]
+    dims = [
+        d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in value.type.tensor_type.shape.dim
+    ]
     return f"[{', '.join(dims)}]"
 
 
@@ -141,8 +154,9 @@ def _conflicts(declared, inferred) -> bool:
     if not inferred.type.tensor_type.HasField("shape"):
         return True  # unknown rank: ONNX Runtime would check every run's output against the declaration
     a, b = declared.type.tensor_type.shape.dim, inferred.type.tensor_type.shape.dim
-    return len(a) != len(b) or any(x.HasField("dim_value") and y.HasField("dim_value") and x.dim_value != y.dim_value
-                                   for x, y in zip(a, b))
+    return len(a) != len(b) or any(
+        x.HasField("dim_value") and y.HasField("dim_value") and x.dim_value != y.dim_value for x, y in zip(a, b)
+    )
 
 
 @dataclass(frozen=True)
@@ -163,8 +177,9 @@ def relax_declared_outputs(model) -> list[RelaxedOutput]:
     cannot infer); the element type stays. Returns what was cleared."""
     import onnx
 
-    declared = {o.name for o in model.graph.output
-                if o.type.HasField("tensor_type") and o.type.tensor_type.HasField("shape")}
+    declared = {
+        o.name for o in model.graph.output if o.type.HasField("tensor_type") and o.type.tensor_type.HasField("shape")
+    }
     if not declared:
         return []
     probe = onnx.ModelProto()
@@ -270,8 +285,9 @@ def feeds_for(session, sample: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
     names = [i.name for i in session.get_inputs()]
     missing = [n for n in names if n not in sample]
     if missing:
-        raise InputError(f"the data lacks inputs {sorted(missing)} of the model",
-                         f"give arrays named {', '.join(names)}")
+        raise InputError(
+            f"the data lacks inputs {sorted(missing)} of the model", f"give arrays named {', '.join(names)}"
+        )
     return {n: sample[n] for n in names}
 
 
@@ -290,5 +306,19 @@ def run_outputs(session, feeds_list: Sequence[Mapping[str, np.ndarray]]) -> list
     return [session.run(None, feeds_for(session, f)) for f in feeds_list]
 
 
-__all__ = ["CPU_PROVIDER", "GRAPH_OPT_LEVELS", "cpu_session", "feeds_for", "note_once", "notes", "notes_to",
-           "produced_notes", "relax_declared_outputs", "RelaxedOutput", "run_outputs", "session_options", "session_source", "trial_run"]
+__all__ = [
+    "CPU_PROVIDER",
+    "GRAPH_OPT_LEVELS",
+    "cpu_session",
+    "feeds_for",
+    "note_once",
+    "notes",
+    "notes_to",
+    "produced_notes",
+    "relax_declared_outputs",
+    "RelaxedOutput",
+    "run_outputs",
+    "session_options",
+    "session_source",
+    "trial_run",
+]

@@ -76,10 +76,12 @@ def generate_key_pair(private_path: str | os.PathLike, public_path: str | os.Pat
         if not os.access(parent, os.W_OK):
             raise InputError(f"folder {parent} is not writable", "choose another path for the keys")
     key = Ed25519PrivateKey.generate()
-    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
-    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     umask = os.umask(0)
     os.umask(umask)
     _create_exclusive(private_path, private_pem, 0o600)
@@ -130,8 +132,9 @@ def load_private_key(path: str | os.PathLike):
     except TypeError as e:  # an encrypted key
         raise InputError(f"signing key {path} is encrypted", "give an unencrypted key, as `dlopt keygen` writes") from e
     except ValueError as e:
-        raise InputError(f"{path} is not a PEM private key ({e})",
-                         "give the private key file `dlopt keygen` wrote (not the .pub)") from e
+        raise InputError(
+            f"{path} is not a PEM private key ({e})", "give the private key file `dlopt keygen` wrote (not the .pub)"
+        ) from e
     if not isinstance(key, Ed25519PrivateKey):
         raise InputError(f"signing key {path} is a {type(key).__name__}, not Ed25519", "make one with `dlopt keygen`")
     _check_private_mode(Path(path))  # after the format: a public key given by mistake is told so first
@@ -145,8 +148,10 @@ def _check_private_mode(path: Path) -> None:
         return
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
-        raise InputError(f"signing key {path} is readable by others (mode {mode:04o}); a private key must be 0600 "
-                         "or stricter", f"chmod 600 {shlex.quote(str(path))}, or make a new key pair if it leaked")
+        raise InputError(
+            f"signing key {path} is readable by others (mode {mode:04o}); a private key must be 0600 or stricter",
+            f"chmod 600 {shlex.quote(str(path))}, or make a new key pair if it leaked",
+        )
 
 
 def load_public_key(path: str | os.PathLike):
@@ -157,31 +162,40 @@ def load_public_key(path: str | os.PathLike):
     try:
         key = _serialization().load_pem_public_key(data)
     except ValueError as e:
-        raise InputError(f"{path} is not a PEM public key ({e})",
-                         "give the public key file (.pub) `dlopt keygen` wrote") from e
+        raise InputError(
+            f"{path} is not a PEM public key ({e})", "give the public key file (.pub) `dlopt keygen` wrote"
+        ) from e
     if not isinstance(key, Ed25519PublicKey):
-        raise InputError(f"trusted key {path} is a {type(key).__name__}, not Ed25519",
-                         "give a key made by `dlopt keygen`")
+        raise InputError(
+            f"trusted key {path} is a {type(key).__name__}, not Ed25519", "give a key made by `dlopt keygen`"
+        )
     return key
 
 
 def signer_record(private_key) -> dict[str, str]:
     """What the manifest says about its signer (the signature covers this too)."""
-    return {"algorithm": ALGORITHM, "key_fingerprint": public_fingerprint(private_key.public_key()),
-            "file": SIGNATURE_NAME}
+    return {
+        "algorithm": ALGORITHM,
+        "key_fingerprint": public_fingerprint(private_key.public_key()),
+        "file": SIGNATURE_NAME,
+    }
 
 
 def sign(manifest_bytes: bytes, private_key) -> bytes:
     """The contents of manifest.sig: a small JSON document holding the signature of `manifest_bytes`."""
     signature = private_key.sign(manifest_bytes)
-    record = {"schema": SIGNATURE_SCHEMA, "algorithm": ALGORITHM,
-              "key_fingerprint": public_fingerprint(private_key.public_key()),
-              "signature": base64.b64encode(signature).decode()}
+    record = {
+        "schema": SIGNATURE_SCHEMA,
+        "algorithm": ALGORITHM,
+        "key_fingerprint": public_fingerprint(private_key.public_key()),
+        "signature": base64.b64encode(signature).decode(),
+    }
     return (json.dumps(record, indent=2) + "\n").encode()
 
 
-def check_signature(manifest_bytes: bytes, manifest: dict[str, Any], signature_path: Path,
-                    trusted_key) -> SignatureCheck:
+def check_signature(
+    manifest_bytes: bytes, manifest: dict[str, Any], signature_path: Path, trusted_key
+) -> SignatureCheck:
     """Is `manifest_bytes` signed by `trusted_key`? The signature decides; the recorded fingerprints
     only make the message say whether another key signed or the manifest changed after signing."""
     from cryptography.exceptions import InvalidSignature
@@ -201,8 +215,9 @@ def check_signature(manifest_bytes: bytes, manifest: dict[str, Any], signature_p
     except InvalidSignature:
         claimed = record.get("key_fingerprint") if isinstance(record, dict) else None
         if isinstance(claimed, str) and claimed != trusted:
-            return SignatureCheck("bad", f"signed by another key ({claimed[:16]}…), "
-                                         f"not the trusted key ({trusted[:16]}…)")
+            return SignatureCheck(
+                "bad", f"signed by another key ({claimed[:16]}…), not the trusted key ({trusted[:16]}…)"
+            )
         return SignatureCheck("bad", "the signature does not match: manifest.json changed after it was signed")
     recorded = (manifest.get("signature") or {}).get("key_fingerprint")
     if recorded != trusted:  # a valid signature over a manifest naming another signer: refuse the contradiction
@@ -210,5 +225,17 @@ def check_signature(manifest_bytes: bytes, manifest: dict[str, Any], signature_p
     return SignatureCheck("ok", f"signed by the trusted key ({trusted[:16]}…)")
 
 
-__all__ = ["ALGORITHM", "PRIVATE_KEY_NAME", "PUBLIC_KEY_NAME", "SIGNATURE_NAME", "SignatureCheck", "check_signature",
-           "generate_key_pair", "load_private_key", "load_public_key", "public_fingerprint", "sign", "signer_record"]
+__all__ = [
+    "ALGORITHM",
+    "PRIVATE_KEY_NAME",
+    "PUBLIC_KEY_NAME",
+    "SIGNATURE_NAME",
+    "SignatureCheck",
+    "check_signature",
+    "generate_key_pair",
+    "load_private_key",
+    "load_public_key",
+    "public_fingerprint",
+    "sign",
+    "signer_record",
+]

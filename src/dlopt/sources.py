@@ -56,6 +56,7 @@ def require_torch():
 # Resolving SOURCE: a reference model name, path/to/file.py:build, or package.module:build
 # ---------------------------------------------------------------------------------------------
 
+
 def load_source(spec: str) -> ModelSource:
     """Turn the SOURCE argument of `dlopt export` into a ModelSource."""
     from dlopt.models import REFERENCE_MODELS
@@ -64,8 +65,10 @@ def load_source(spec: str) -> ModelSource:
         return _reference_source(spec)
     if ":" not in spec:
         known = ", ".join(REFERENCE_MODELS)
-        raise InputError(f"unknown model {spec!r}",
-                         f"give a reference model ({known}) or a factory as path/to/file.py:build or package.module:build")
+        raise InputError(
+            f"unknown model {spec!r}",
+            f"give a reference model ({known}) or a factory as path/to/file.py:build or package.module:build",
+        )
     target, _, func_name = spec.rpartition(":")
     factory = _load_factory(target, func_name, spec)
     require_torch()
@@ -102,8 +105,9 @@ def factory_file(spec: str) -> Path:
     try:
         found = importlib.util.find_spec(target)
     except (ImportError, ValueError) as e:
-        raise InputError(f"factory module {target!r} cannot be found ({e})",
-                         "is it installed, or on PYTHONPATH?") from e
+        raise InputError(
+            f"factory module {target!r} cannot be found ({e})", "is it installed, or on PYTHONPATH?"
+        ) from e
     if found is None or not found.origin or not found.has_location:
         raise InputError(f"factory module {target!r} cannot be found", "is it installed, or on PYTHONPATH?")
     return Path(found.origin)
@@ -117,15 +121,19 @@ def _load_factory(target: str, func_name: str, spec: str) -> Callable[[], Any]:
             with user_code(f"importing factory module {target!r}", hint="fix the module", errors=False):
                 module = importlib.import_module(target)
         except ModuleNotFoundError as e:
-            raise InputError(f"factory module {target!r} cannot be imported ({e})",
-                             "is it installed, or on PYTHONPATH?") from e
+            raise InputError(
+                f"factory module {target!r} cannot be imported ({e})", "is it installed, or on PYTHONPATH?"
+            ) from e
         except Exception as e:
-            raise InputError(f"importing factory module {target!r} raised {type(e).__name__}: {e}",
-                             "fix the module") from e
+            raise InputError(
+                f"importing factory module {target!r} raised {type(e).__name__}: {e}", "fix the module"
+            ) from e
     factory = getattr(module, func_name, None)
     if factory is None:
-        raise InputError(f"factory {spec}: {target} has no attribute {func_name!r}",
-                         "the part after ':' must name a function in that module")
+        raise InputError(
+            f"factory {spec}: {target} has no attribute {func_name!r}",
+            "the part after ':' must name a function in that module",
+        )
     if not callable(factory):
         raise InputError(f"factory {spec} is not callable", "it must be a function returning (module, inputs)")
     return factory
@@ -139,16 +147,20 @@ def _source_from_factory_result(spec: str, built: Any) -> ModelSource:
     module, inputs = built[0], built[1]
     options = dict(built[2]) if len(built) == 3 and built[2] is not None else {}
     if not isinstance(module, torch.nn.Module):
-        raise InputError(f"factory {spec} returned {type(module).__name__} where a torch.nn.Module was expected",
-                         contract)
+        raise InputError(
+            f"factory {spec} returned {type(module).__name__} where a torch.nn.Module was expected", contract
+        )
     inputs = _name_inputs(module, inputs, spec)
     unknown = set(options) - {"output_names", "dynamic_axes", "atol", "rtol", "make_inputs", "exporter"}
     if unknown:
-        raise InputError(f"factory {spec} options have unknown keys {sorted(unknown)}",
-                         "allowed: output_names, dynamic_axes, atol, rtol, make_inputs, exporter")
+        raise InputError(
+            f"factory {spec} options have unknown keys {sorted(unknown)}",
+            "allowed: output_names, dynamic_axes, atol, rtol, make_inputs, exporter",
+        )
     if options.get("exporter") not in (None, *EXPORTERS):
-        raise InputError(f"factory {spec} asks for exporter {options['exporter']!r}",
-                         f"choose one of {', '.join(EXPORTERS)}")
+        raise InputError(
+            f"factory {spec} asks for exporter {options['exporter']!r}", f"choose one of {', '.join(EXPORTERS)}"
+        )
     return ModelSource(
         name=spec,
         module=module.eval(),
@@ -175,21 +187,29 @@ def _name_inputs(module, inputs: Any, spec: str) -> dict[str, Any]:
                 f"factory {spec}: {type(module).__name__}.forward{signature} cannot take the example inputs "
                 f"{sorted(named)} as keyword arguments ({e})",
                 "name each example input after a forward() parameter, or return them as a tuple in forward()'s "
-                "order (for an nn.Sequential: (tensor,))") from e
+                "order (for an nn.Sequential: (tensor,))",
+            ) from e
         except ValueError:
             pass  # no introspectable signature (a builtin or C++ module): the first call tells
     else:
         tensors = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-        params = [p.name for p in inspect.signature(module.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        params = [
+            p.name
+            for p in inspect.signature(module.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
         if len(params) < len(tensors):
-            raise InputError(f"factory {spec} gave {len(tensors)} inputs but forward() takes {len(params)}",
-                             "return the inputs as a dict {forward argument name: tensor}")
+            raise InputError(
+                f"factory {spec} gave {len(tensors)} inputs but forward() takes {len(params)}",
+                "return the inputs as a dict {forward argument name: tensor}",
+            )
         named = dict(zip(params, tensors))
     for name, value in named.items():
         if not isinstance(value, torch.Tensor):
-            raise InputError(f"factory {spec}: example input {name!r} is {type(value).__name__}, not a tensor",
-                             "example inputs must be torch tensors")
+            raise InputError(
+                f"factory {spec}: example input {name!r} is {type(value).__name__}, not a tensor",
+                "example inputs must be torch tensors",
+            )
     return named
 
 

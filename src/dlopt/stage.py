@@ -51,8 +51,10 @@ class StageInput:
     def input_path(self) -> Path:
         """The artifact a stage that reads a model reads: an error when no stage before made one."""
         if self.artifact is None:
-            raise StageError("the stage reads a model and no stage before made one",
-                             "begin the recipe with an export stage, or give an .onnx source")
+            raise StageError(
+                "the stage reads a model and no stage before made one",
+                "begin the recipe with an export stage, or give an .onnx source",
+            )
         return self.artifact
 
 
@@ -80,6 +82,7 @@ class TorchStageArtifacts:
 # ---------------------------------------------------------------------------------------------
 # Stages and their checks
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class StageContext:
@@ -138,8 +141,10 @@ class Stage:
     def write(self, given: StageInput, config: Any, context: StageContext) -> Artifact:
         """Run the stage on files: its input artifact in, its output written into context.output."""
         if self.writer is None:
-            raise InputError(f"the {self.kind} stage runs inside another stage, not on its own",
-                             "use the key of the stage that runs it (trim-padding: quantize's trim_padding)")
+            raise InputError(
+                f"the {self.kind} stage runs inside another stage, not on its own",
+                "use the key of the stage that runs it (trim-padding: quantize's trim_padding)",
+            )
         return self.writer(given, config, context)
 
     def __reduce__(self) -> str | tuple[Any, ...]:
@@ -149,12 +154,16 @@ class Stage:
 
     def check_config(self, config: Any) -> None:
         if not isinstance(config, self.config):
-            raise InputError(f"{self.kind} takes a {self.config.__name__}, not a {type(config).__name__}",
-                             f"build a {self.config.__name__}")
+            raise InputError(
+                f"{self.kind} takes a {self.config.__name__}, not a {type(config).__name__}",
+                f"build a {self.config.__name__}",
+            )
         problem = _non_finite(config)
         if problem:  # NaN makes every comparison false: a NaN floor passes everything, a NaN time never ends
-            raise InputError(f"{self.kind}: {problem[0]} must be a finite number, not {problem[1]}",
-                             f"give {{{problem[0]}=VALUE}} a finite number")
+            raise InputError(
+                f"{self.kind}: {problem[0]} must be a finite number, not {problem[1]}",
+                f"give {{{problem[0]}=VALUE}} a finite number",
+            )
         if self.validate is not None:
             self.validate(config)
 
@@ -199,18 +208,36 @@ STAGE_MODULES: dict[str, str] = {
 _REGISTERED: dict[str, Stage] = {}  # kind -> its Stage, filled by register_stage as stage modules load
 
 
-def register_stage(*, kind: str, config: type, takes: ArtifactKind, makes: ArtifactKind,
-                   requires: tuple[Check, ...] = (),
-                   ensures: tuple[Check, ...] = (), summary: str = "", validate: Callable[[Any], None] | None = None,
-                   writer: WriteStage | None = None) -> Callable[[RunStage], Stage]:
+def register_stage(
+    *,
+    kind: str,
+    config: type,
+    takes: ArtifactKind,
+    makes: ArtifactKind,
+    requires: tuple[Check, ...] = (),
+    ensures: tuple[Check, ...] = (),
+    summary: str = "",
+    validate: Callable[[Any], None] | None = None,
+    writer: WriteStage | None = None,
+) -> Callable[[RunStage], Stage]:
     """Decorate a stage's `run(input, config, context) -> StageResult` to make it the Stage `kind` of the
     registry; the decorated name is that Stage. `writer`: how it runs on files (Stage.write)."""
     if kind not in STAGE_MODULES:
         raise TypeError(f"stage kind {kind!r} is not in dlopt.stage.STAGE_MODULES: add where it is registered")
 
     def decorate(run: RunStage) -> Stage:
-        stage = Stage(kind=kind, config=config, run=run, takes=takes, makes=makes, requires=requires,
-                      ensures=ensures, summary=summary, validate=validate, writer=writer)
+        stage = Stage(
+            kind=kind,
+            config=config,
+            run=run,
+            takes=takes,
+            makes=makes,
+            requires=requires,
+            ensures=ensures,
+            summary=summary,
+            validate=validate,
+            writer=writer,
+        )
         if kind in _REGISTERED and _REGISTERED[kind].run.__qualname__ != run.__qualname__:
             raise TypeError(f"stage kind {kind!r} is registered twice")
         _REGISTERED[kind] = stage
@@ -247,6 +274,7 @@ def stage_for_config(config: Any) -> Stage:
 # ---------------------------------------------------------------------------------------------
 # Configs to and from plain dicts
 # ---------------------------------------------------------------------------------------------
+
 
 def _non_finite(config: Any, prefix: str = "") -> tuple[str, float] | None:
     """(field, value) of the first NaN or infinite number in a config (nested configs and tuples too)."""
@@ -301,8 +329,10 @@ def config_from_dict(data: Any, cls: type | None = None) -> Any:
     type name). Unknown types, versions and keys, and values that are not of their field's declared
     type (a string where a bool belongs, NaN where a number does), are InputErrors."""
     if not isinstance(data, Mapping) or not isinstance(data.get("fields", {}), Mapping):
-        raise InputError(f"a config must be a table with type, version and fields, not {shown_value(data)}",
-                         "write it as config_to_dict does")
+        raise InputError(
+            f"a config must be a table with type, version and fields, not {shown_value(data)}",
+            "write it as config_to_dict does",
+        )
     type_name = data.get("type")
     if cls is None:
         known = {get_stage(kind).config.__name__: get_stage(kind).config for kind in STAGE_MODULES}
@@ -310,12 +340,14 @@ def config_from_dict(data: Any, cls: type | None = None) -> Any:
             raise InputError(f"unknown config type {shown_value(type_name)}", f"known: {', '.join(sorted(known))}")
         cls = known[type_name]
     elif type_name != cls.__name__:
-        raise InputError(f"config type {shown_value(type_name)} where a {cls.__name__} belongs",
-                         f"give a {cls.__name__}")
+        raise InputError(
+            f"config type {shown_value(type_name)} where a {cls.__name__} belongs", f"give a {cls.__name__}"
+        )
     version = config_version(cls)
     if data.get("version") != version:
-        raise InputError(f"config {type_name} has version {shown_value(data.get('version'))}",
-                         f"this dlopt reads version {version}")
+        raise InputError(
+            f"config {type_name} has version {shown_value(data.get('version'))}", f"this dlopt reads version {version}"
+        )
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     fields = dict(data.get("fields", {}))
     unknown = sorted(str(k) for k in set(fields) - names)
@@ -387,8 +419,10 @@ def _decode(value: Any, hint: Any, where: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
 
     def wrong(expected: str | None = None) -> ConfigValueError:
-        return ConfigValueError(f"{where} must be {expected or _type_text(hint)}, not {shown_value(value)}",
-                                f"write {where.rpartition('.')[2]} as {expected or _type_text(hint)}")
+        return ConfigValueError(
+            f"{where} must be {expected or _type_text(hint)}, not {shown_value(value)}",
+            f"write {where.rpartition('.')[2]} as {expected or _type_text(hint)}",
+        )
 
     if hint is Any:
         return tuple(value) if isinstance(value, list) else value
@@ -410,8 +444,9 @@ def _decode(value: Any, hint: Any, where: str) -> Any:
             return tuple(_decode(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if args and len(args) != len(value):
             raise wrong(f"a list of {len(args)} values")
-        return tuple(_decode(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))) if args \
-            else tuple(value)
+        return (
+            tuple(_decode(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))) if args else tuple(value)
+        )
     if isinstance(hint, type) and issubclass(hint, PurePath):
         return hint(value)
     if hint is float:
@@ -423,7 +458,24 @@ def _decode(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-__all__ = ["Artifact", "Check", "ConfigValueError", "RunStage", "STAGE_MODULES", "Stage", "StageContext", "StageInput",
-           "StageResult", "TorchStageArtifacts", "WriteStage", "config_from_dict", "config_to_dict", "config_version",
-           "get_stage", "register_stage",
-           "shown_value", "stage_for_config", "stage_kinds"]
+__all__ = [
+    "Artifact",
+    "Check",
+    "ConfigValueError",
+    "RunStage",
+    "STAGE_MODULES",
+    "Stage",
+    "StageContext",
+    "StageInput",
+    "StageResult",
+    "TorchStageArtifacts",
+    "WriteStage",
+    "config_from_dict",
+    "config_to_dict",
+    "config_version",
+    "get_stage",
+    "register_stage",
+    "shown_value",
+    "stage_for_config",
+    "stage_kinds",
+]

@@ -103,8 +103,9 @@ def _info_digest(info: Mapping[str, Any]) -> str:
     """sha256 of entry.json's content but this digest itself (canonical JSON, as json_text writes floats):
     an entry.json edited by hand, or cut short, is not trusted."""
     body = {k: v for k, v in info.items() if k != "entry_sha256"}
-    return hashlib.sha256(json.dumps(json.loads(json_text(body)), sort_keys=True, separators=(",", ":")).encode()
-                          ).hexdigest()
+    return hashlib.sha256(
+        json.dumps(json.loads(json_text(body)), sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 def _listing(folder: Path) -> tuple[dict[str, Path], str | None]:
@@ -132,8 +133,10 @@ class StageCache:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise InputError(f"cannot create the cache folder {self.root}: {e.strerror or e}",
-                             "pass a writable {cache_dir=DIR} (or set DLOPT_CACHE_DIR)") from e
+            raise InputError(
+                f"cannot create the cache folder {self.root}: {e.strerror or e}",
+                "pass a writable {cache_dir=DIR} (or set DLOPT_CACHE_DIR)",
+            ) from e
 
     # -- locks -------------------------------------------------------------------------------------
 
@@ -197,11 +200,15 @@ class StageCache:
         if info.get("entry_sha256") != _info_digest(info):
             return Lookup(None, "its entry.json was edited since it was written")
         artifact = info.get("artifact")
-        if not isinstance(artifact, str) or not any(rel == artifact or rel.startswith(f"{artifact}/")
-                                                    for rel in recorded):
+        if not isinstance(artifact, str) or not any(
+            rel == artifact or rel.startswith(f"{artifact}/") for rel in recorded
+        ):
             return Lookup(None, "its entry.json names no artifact it holds")
-        if keyed and (not isinstance(info.get("inputs"), dict) or cache_key(info["inputs"]) != key
-                      or not isinstance(info.get("output_sha256"), str)):
+        if keyed and (
+            not isinstance(info.get("inputs"), dict)
+            or cache_key(info["inputs"]) != key
+            or not isinstance(info.get("output_sha256"), str)
+        ):
             return Lookup(None, "its entry.json records key inputs that do not make its key")
         found, problem = _listing(path)
         if problem:
@@ -270,11 +277,19 @@ class StageCache:
         files = {rel: {"sha256": _sha256(path), "bytes": path.stat().st_size} for rel, path in sorted(found.items())}
         shipped = info.get("files")
         if shipped is not None and shipped != files:
-            raise StageError(f"cache entry {key[:12]} arrived with files that differ from its entry.json",
-                             "run again; if it repeats, prune the worker's cache")
+            raise StageError(
+                f"cache entry {key[:12]} arrived with files that differ from its entry.json",
+                "run again; if it repeats, prune the worker's cache",
+            )
         now = time.time()
-        info = {**info, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-                "created_unix": now, "bytes": sum(f["bytes"] for f in files.values()), "files": files}
+        info = {
+            **info,
+            "key": key,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+            "created_unix": now,
+            "bytes": sum(f["bytes"] for f in files.values()),
+            "files": files,
+        }
         info["entry_sha256"] = _info_digest(info)
         (staging / ENTRY_NAME).write_text(json_text(info))
         target = self.root / key
@@ -344,14 +359,18 @@ class StageCache:
             os.rename(entry.path, trash)
             shutil.rmtree(trash, ignore_errors=True)
 
-    def prune(self, *, older_than_s: float | None = None, max_bytes: int | None = None,
-              everything: bool = False) -> list[Entry]:
+    def prune(
+        self, *, older_than_s: float | None = None, max_bytes: int | None = None, everything: bool = False
+    ) -> list[Entry]:
         """Remove entries older than `older_than_s`, then the oldest until the rest fit in `max_bytes`
         (or all of them); returns what was removed."""
         entries = self.entries()  # oldest first
         now = time.time()
-        doomed = list(entries) if everything else [e for e in entries if older_than_s is not None
-                                                    and now - e.created > older_than_s]
+        doomed = (
+            list(entries)
+            if everything
+            else [e for e in entries if older_than_s is not None and now - e.created > older_than_s]
+        )
         if max_bytes is not None and not everything:
             kept = [e for e in entries if e not in doomed]
             total = sum(e.bytes for e in kept)
@@ -365,8 +384,18 @@ class StageCache:
         return doomed
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 

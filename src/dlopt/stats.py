@@ -33,9 +33,16 @@ class Summary:
     max: float
 
     def as_dict(self, scale: float = 1.0) -> dict[str, float | int]:
-        return {"n": self.n, "median": self.median * scale, "p90": self.p90 * scale, "p99": self.p99 * scale,
-                "mean": self.mean * scale, "std": self.std * scale, "min": self.min * scale,
-                "max": self.max * scale}
+        return {
+            "n": self.n,
+            "median": self.median * scale,
+            "p90": self.p90 * scale,
+            "p99": self.p99 * scale,
+            "mean": self.mean * scale,
+            "std": self.std * scale,
+            "min": self.min * scale,
+            "max": self.max * scale,
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,8 +65,15 @@ class Interval:
         return self.low <= value <= self.high
 
     def as_dict(self) -> dict[str, float | int | str]:
-        return {"estimate": self.estimate, "low": self.low, "high": self.high, "confidence": self.confidence,
-                "n": self.n, "method": self.method, "relative_width": self.relative_width}
+        return {
+            "estimate": self.estimate,
+            "low": self.low,
+            "high": self.high,
+            "confidence": self.confidence,
+            "n": self.n,
+            "method": self.method,
+            "relative_width": self.relative_width,
+        }
 
 
 def _as_samples(samples: Sequence[float] | np.ndarray, what: str = "samples") -> np.ndarray:
@@ -75,8 +89,16 @@ def summarize(samples: Sequence[float] | np.ndarray) -> Summary:
     """Median, p90, p99 (linear interpolation between order statistics, numpy's default), mean, std, min, max."""
     x = _as_samples(samples)
     p50, p90, p99 = np.percentile(x, [50, 90, 99])
-    return Summary(n=int(x.size), median=float(p50), p90=float(p90), p99=float(p99), mean=float(x.mean()),
-                   std=float(x.std(ddof=1)) if x.size > 1 else 0.0, min=float(x.min()), max=float(x.max()))
+    return Summary(
+        n=int(x.size),
+        median=float(p50),
+        p90=float(p90),
+        p99=float(p99),
+        mean=float(x.mean()),
+        std=float(x.std(ddof=1)) if x.size > 1 else 0.0,
+        min=float(x.min()),
+        max=float(x.max()),
+    )
 
 
 def has_settled(samples: Sequence[float] | np.ndarray, *, window: int = 5, tolerance: float = 0.05) -> bool:
@@ -92,7 +114,7 @@ def has_settled(samples: Sequence[float] | np.ndarray, *, window: int = 5, toler
     if x.size < 2 * window:
         return False
     last = float(np.median(x[-window:]))
-    before = float(np.median(x[-2 * window:-window]))
+    before = float(np.median(x[-2 * window : -window]))
     return last >= before * (1.0 - tolerance)
 
 
@@ -100,12 +122,12 @@ def _bootstrap_indices(rng: np.random.Generator, n: int, n_boot: int) -> np.ndar
     return rng.integers(0, n, size=(n_boot, n), dtype=np.int64 if n > 2**31 - 1 else np.int32)
 
 
-def _percentile_interval(estimate: float, replicates: np.ndarray, confidence: float, n: int, method: str
-                         ) -> Interval:
+def _percentile_interval(estimate: float, replicates: np.ndarray, confidence: float, n: int, method: str) -> Interval:
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(replicates, [alpha, 1.0 - alpha])
-    return Interval(estimate=float(estimate), low=float(low), high=float(high), confidence=confidence, n=n,
-                    method=method)
+    return Interval(
+        estimate=float(estimate), low=float(low), high=float(high), confidence=confidence, n=n, method=method
+    )
 
 
 def _check(confidence: float, n_boot: int) -> None:
@@ -115,23 +137,41 @@ def _check(confidence: float, n_boot: int) -> None:
         raise ValueError(f"n_boot must be at least 100, got {n_boot}")
 
 
-def bootstrap_ci(samples: Sequence[float] | np.ndarray, *, statistic: Callable[..., np.ndarray] = np.median,
-                 confidence: float = 0.95, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> Interval:
+def bootstrap_ci(
+    samples: Sequence[float] | np.ndarray,
+    *,
+    statistic: Callable[..., np.ndarray] = np.median,
+    confidence: float = 0.95,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+) -> Interval:
     """Percentile-bootstrap CI of `statistic` (a numpy reducer taking `axis=`) of one sample."""
     _check(confidence, n_boot)
     x = _as_samples(samples)
     rng = np.random.default_rng(seed)
     replicates = statistic(x[_bootstrap_indices(rng, x.size, n_boot)], axis=1)
-    return _percentile_interval(float(statistic(x)), replicates, confidence, x.size,
-                                f"percentile bootstrap of the {getattr(statistic, '__name__', 'statistic')}")
+    return _percentile_interval(
+        float(statistic(x)),
+        replicates,
+        confidence,
+        x.size,
+        f"percentile bootstrap of the {getattr(statistic, '__name__', 'statistic')}",
+    )
 
 
 RATIO_METHODS = ("round-median", "round-geomean", "median-ratio")
 
 
-def ratio_ci(baseline: Sequence[float] | np.ndarray, other: Sequence[float] | np.ndarray, *,
-             method: str = "round-median", paired: bool = True, confidence: float = 0.95,
-             n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> Interval:
+def ratio_ci(
+    baseline: Sequence[float] | np.ndarray,
+    other: Sequence[float] | np.ndarray,
+    *,
+    method: str = "round-median",
+    paired: bool = True,
+    confidence: float = 0.95,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+) -> Interval:
     """The latency ratio other / baseline (e.g. INT8 / FP32) with a percentile-bootstrap CI.
 
     Methods (the first two need paired samples: baseline[i] and other[i] from one interleaved round):
@@ -163,7 +203,7 @@ def ratio_ci(baseline: Sequence[float] | np.ndarray, other: Sequence[float] | np
             count = min(chunk, n_boot - start)
             ia = _bootstrap_indices(rng, a.size, count)
             ib = ia if paired else _bootstrap_indices(rng, b.size, count)
-            replicates[start:start + count] = np.median(b[ib], axis=1) / np.median(a[ia], axis=1)
+            replicates[start : start + count] = np.median(b[ib], axis=1) / np.median(a[ia], axis=1)
         kind = "paired" if paired else "independent"
         name = f"{kind} percentile bootstrap of median(other) / median(baseline)"
     else:
@@ -174,10 +214,19 @@ def ratio_ci(baseline: Sequence[float] | np.ndarray, other: Sequence[float] | np
         estimate = float(np.exp(reduce(log_q)))
         for start in range(0, n_boot, chunk):
             count = min(chunk, n_boot - start)
-            replicates[start:start + count] = np.exp(reduce(log_q[_bootstrap_indices(rng, a.size, count)], axis=1))
+            replicates[start : start + count] = np.exp(reduce(log_q[_bootstrap_indices(rng, a.size, count)], axis=1))
         which = "median" if method == "round-median" else "geometric mean"
         name = f"percentile bootstrap over rounds of the {which} of per-round ratios"
     return _percentile_interval(estimate, replicates, confidence, int(min(a.size, b.size)), name)
 
 
-__all__ = ["DEFAULT_BOOTSTRAP", "RATIO_METHODS", "Interval", "Summary", "bootstrap_ci", "has_settled", "ratio_ci", "summarize"]
+__all__ = [
+    "DEFAULT_BOOTSTRAP",
+    "RATIO_METHODS",
+    "Interval",
+    "Summary",
+    "bootstrap_ci",
+    "has_settled",
+    "ratio_ci",
+    "summarize",
+]

@@ -22,8 +22,9 @@ from dlopt.errors import DlOptError, InputError
 
 
 @contextlib.contextmanager
-def user_code(what: str | Callable[[], str], *, hint: str = "run it by hand to debug",
-              errors: bool = True) -> Iterator[None]:
+def user_code(
+    what: str | Callable[[], str], *, hint: str = "run it by hand to debug", errors: bool = True
+) -> Iterator[None]:
     """Run the body as user code named `what` (e.g. "factory net.py:build"; a function when the name
     changes while it runs, e.g. "data reader r.py:samples at item 3").
 
@@ -35,15 +36,16 @@ def user_code(what: str | Callable[[], str], *, hint: str = "run it by hand to d
     except (DlOptError, KeyboardInterrupt, GeneratorExit):
         raise
     except SystemExit as e:
-        raise InputError(f"{_name(what)} called sys.exit({e.code!r}) instead of returning",
-                         "user code must return or raise an exception, not exit the process") from e
+        raise InputError(
+            f"{_name(what)} called sys.exit({e.code!r}) instead of returning",
+            "user code must return or raise an exception, not exit the process",
+        ) from e
     except Exception as e:
         if not errors:
             raise
         raise InputError(f"{_name(what)} raised {type(e).__name__}: {_first_line(e)}", hint) from e
     except BaseException as e:  # a BaseException subclass of the user's own (not an Exception)
-        raise InputError(f"{_name(what)} raised {type(e).__name__} (a BaseException): {_first_line(e)}",
-                         hint) from e
+        raise InputError(f"{_name(what)} raised {type(e).__name__} (a BaseException): {_first_line(e)}", hint) from e
 
 
 def import_user_file(path: str | Path, *, role: str, hint: str = "fix the file", name: str | None = None) -> ModuleType:

@@ -90,19 +90,30 @@ class VerifyResult:
 
     @property
     def passed(self) -> bool:
-        return (all(f["status"] == "ok" for f in self.files) and all(o["passed"] for o in self.outputs)
-                and (self.signature is None or self.signature.passed))
+        return (
+            all(f["status"] == "ok" for f in self.files)
+            and all(o["passed"] for o in self.outputs)
+            and (self.signature is None or self.signature.passed)
+        )
 
     def problems(self) -> list[str]:
         found = [] if self.signature is None or self.signature.passed else [f"signature: {self.signature.detail}"]
         found += [f"{f['path']}: {f['status']} ({f['detail']})" for f in self.files if f["status"] != "ok"]
-        found += [f"{o['artifact']} {o['output']}: {o.get('detail') or 'outputs differ'}"
-                  for o in self.outputs if not o["passed"]]
+        found += [
+            f"{o['artifact']} {o['output']}: {o.get('detail') or 'outputs differ'}"
+            for o in self.outputs
+            if not o["passed"]
+        ]
         return found
 
 
-def verify_bundle(bundle: str | os.PathLike, *, check_outputs: bool = True,
-                  trusted_key: str | os.PathLike | None = None, tolerance: Tolerance = Tolerance()) -> VerifyResult:
+def verify_bundle(
+    bundle: str | os.PathLike,
+    *,
+    check_outputs: bool = True,
+    trusted_key: str | os.PathLike | None = None,
+    tolerance: Tolerance = Tolerance(),
+) -> VerifyResult:
     """Check a bundle; returns the full result (see `passed`). `trusted_key`: a public key PEM
     (`dlopt keygen`); the manifest must carry its signature. Raises InputError for a path that is not
     a folder or an unreadable key, VerificationError only for a manifest that cannot be read at all."""
@@ -166,17 +177,25 @@ def _check_model(root: Path, manifest: dict[str, Any], tolerance: Tolerance) -> 
     inputs, expected = read_samples(root / manifest["verification"]["samples_file"])
     criterion = tolerance.model_criterion(_recorded_criterion(manifest, model["file"]))
     try:
-        return verify_outputs(root / model["file"], model["session_config"], inputs, expected, criterion,
-                              artifact=model["file"])
+        return verify_outputs(
+            root / model["file"], model["session_config"], inputs, expected, criterion, artifact=model["file"]
+        )
     except VerificationError as e:
         return [{"artifact": model["file"], "output": "-", "passed": False, "detail": e.message}]
     except Exception as e:  # a damaged model can fail inside onnxruntime in many ways
-        return [{"artifact": model["file"], "output": "-", "passed": False,
-                 "detail": f"running it failed: {type(e).__name__}: {str(e)[:200]}"}]
+        return [
+            {
+                "artifact": model["file"],
+                "output": "-",
+                "passed": False,
+                "detail": f"running it failed: {type(e).__name__}: {str(e)[:200]}",
+            }
+        ]
 
 
-def _check_pte(root: Path, manifest: dict[str, Any], artifact: dict[str, Any],
-               tolerance: Tolerance) -> tuple[list[dict[str, Any]], str | None]:
+def _check_pte(
+    root: Path, manifest: dict[str, Any], artifact: dict[str, Any], tolerance: Tolerance
+) -> tuple[list[dict[str, Any]], str | None]:
     from dlopt.package import read_samples
     from dlopt.package.checks import _checks
     from dlopt.targets.xnnpack import executorch_status
@@ -187,15 +206,20 @@ def _check_pte(root: Path, manifest: dict[str, Any], artifact: dict[str, Any],
     from dlopt.targets.xnnpack import PteProgram
 
     inputs, expected = read_samples(root / manifest["verification"]["samples_file"])
-    criterion = tolerance.pte_criterion(artifact.get("precision"),
-                                        _recorded_criterion(manifest, artifact["file"]))
+    criterion = tolerance.pte_criterion(artifact.get("precision"), _recorded_criterion(manifest, artifact["file"]))
     try:
         program = PteProgram(root / artifact["file"], artifact["input_names"])
         names = list(expected[0])
         got = [dict(zip(names, program.run(feeds))) for feeds in inputs]
     except Exception as e:  # noqa: BLE001 - a damaged program must fail verification, not crash it
-        return [{"artifact": artifact["file"], "output": "-", "passed": False,
-                 "detail": f"running it failed: {type(e).__name__}: {str(e)[:200]}"}], None
+        return [
+            {
+                "artifact": artifact["file"],
+                "output": "-",
+                "passed": False,
+                "detail": f"running it failed: {type(e).__name__}: {str(e)[:200]}",
+            }
+        ], None
     return _checks(artifact["file"], got, expected, criterion), None
 
 
@@ -204,9 +228,16 @@ def format_result(result: VerifyResult) -> str:
     if result.outputs:
         from dlopt.package.checks import _check_text
 
-        rows = [[o["artifact"], o["output"], o.get("max_abs_diff", "-"),
-                 "-" if o.get("sqnr_db") is None else o["sqnr_db"], "ok" if o["passed"] else _check_text(o)]
-                for o in result.outputs]
+        rows = [
+            [
+                o["artifact"],
+                o["output"],
+                o.get("max_abs_diff", "-"),
+                "-" if o.get("sqnr_db") is None else o["sqnr_db"],
+                "ok" if o["passed"] else _check_text(o),
+            ]
+            for o in result.outputs
+        ]
         lines += ["", format_table(["artifact", "output", "max abs diff", "SQNR dB", "result"], rows)]
     lines += [f"note: {s}" for s in result.skipped]
     return "\n".join(lines)
@@ -218,27 +249,44 @@ def origin_text(result: VerifyResult, audience: str = "api") -> str:
     if result.signature is not None:
         return f"signature: {result.signature.detail}"
     signer = result.manifest.get("signature")
-    named = (f"; the manifest names signer {signer['key_fingerprint'][:16]}…, check it with {{trusted_key=KEY.pub}}"
-             if isinstance(signer, dict) and "key_fingerprint" in signer else "")
-    return render("note: integrity only: the files match the manifest, but nothing checked who wrote the manifest "
-                  f"(anyone who can edit the bundle can rewrite it){named}", audience)
+    named = (
+        f"; the manifest names signer {signer['key_fingerprint'][:16]}…, check it with {{trusted_key=KEY.pub}}"
+        if isinstance(signer, dict) and "key_fingerprint" in signer
+        else ""
+    )
+    return render(
+        "note: integrity only: the files match the manifest, but nothing checked who wrote the manifest "
+        f"(anyone who can edit the bundle can rewrite it){named}",
+        audience,
+    )
 
 
 def verification_error(result: VerifyResult) -> VerificationError:
     """The error a failed verification is reported with: the first problems, and what to do."""
     problems = result.problems()
-    return VerificationError(f"bundle {result.bundle} failed verification: {'; '.join(problems[:4])}"
-                             + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""),
-                             "do not ship it; package it again from the source model")
+    return VerificationError(
+        f"bundle {result.bundle} failed verification: {'; '.join(problems[:4])}"
+        + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""),
+        "do not ship it; package it again from the source model",
+    )
 
 
 def verified_text(result: VerifyResult) -> str:
     """The one line that says a bundle passed: what it holds, what built it, whether its origin was checked."""
     m = result.manifest
     origin = "signed by the trusted key" if result.signature is not None else "integrity only, origin not checked"
-    return (f"ok: {result.bundle} ({m['name']}, {m['target']}, {len(result.files)} files, built by dlopt "
-            f"{m['dlopt_version']} with onnxruntime {m['runtime']['onnxruntime']}; {origin})")
+    return (
+        f"ok: {result.bundle} ({m['name']}, {m['target']}, {len(result.files)} files, built by dlopt "
+        f"{m['dlopt_version']} with onnxruntime {m['runtime']['onnxruntime']}; {origin})"
+    )
 
 
-__all__ = ["Tolerance", "VerifyResult", "format_result", "origin_text", "verification_error", "verified_text",
-           "verify_bundle"]
+__all__ = [
+    "Tolerance",
+    "VerifyResult",
+    "format_result",
+    "origin_text",
+    "verification_error",
+    "verified_text",
+    "verify_bundle",
+]

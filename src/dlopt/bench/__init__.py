@@ -46,23 +46,88 @@ The package, by concern:
     report.py   format_result: the tables `dlopt bench` prints
 """
 
-from dlopt.bench.config import (CLOCKS, DEFAULT_BUDGET_S, DEFAULT_SEQ_LEN, MIN_TIMED_ROUNDS, SCHEMA_NAME,
-                                SCHEMA_VERSION, BenchConfig, ClockFn, ProgressFn, parse_batch_sizes, parse_duration,
-                                read_clocks, validate_config)
-from dlopt.bench.sampler import InterleavedSampler, Repeated, WarmupReport, runs_per_sample
-from dlopt.bench.data import (MAX_DATA_BATCHES, data_batches, length_sorting, load_data, model_feed_batches,
-                              model_feeds, padding_note, padding_share, sorted_by_length)
-from dlopt.bench.results import BatchRun, BenchResult, LoadedModel, ModelRun
-from dlopt.bench.harness import (BOOTSTRAP_S_PER_ELEMENT, FINISH_RESERVE_S, BoundModels, CyclingRun, benchmark,
-                                 bind_models, choose_clock, load_models, machine_fingerprint,
-                                 measure_speedup)
+from dlopt.bench.config import (
+    CLOCKS,
+    DEFAULT_BUDGET_S,
+    DEFAULT_SEQ_LEN,
+    MIN_TIMED_ROUNDS,
+    SCHEMA_NAME,
+    SCHEMA_VERSION,
+    BenchConfig,
+    ClockFn,
+    ProgressFn,
+    parse_batch_sizes,
+    parse_duration,
+    read_clocks,
+    validate_config,
+)
+from dlopt.bench.data import (
+    MAX_DATA_BATCHES,
+    data_batches,
+    length_sorting,
+    load_data,
+    model_feed_batches,
+    model_feeds,
+    padding_note,
+    padding_share,
+    sorted_by_length,
+)
+from dlopt.bench.harness import (
+    BOOTSTRAP_S_PER_ELEMENT,
+    FINISH_RESERVE_S,
+    BoundModels,
+    CyclingRun,
+    benchmark,
+    bind_models,
+    choose_clock,
+    load_models,
+    machine_fingerprint,
+    measure_speedup,
+)
 from dlopt.bench.report import format_result
+from dlopt.bench.results import BatchRun, BenchResult, LoadedModel, ModelRun
+from dlopt.bench.sampler import InterleavedSampler, Repeated, WarmupReport, runs_per_sample
 
-__all__ = ["BenchConfig", "BenchResult", "BoundModels", "bind_models", "model_feeds", "InterleavedSampler",
-           "SCHEMA_VERSION", "WarmupReport", "benchmark", "choose_clock", "format_result", "load_data",
-           "measure_speedup",
-           "length_sorting", "load_models", "machine_fingerprint", "parse_batch_sizes", "parse_duration", "validate_config",
-           "BatchRun", "BOOTSTRAP_S_PER_ELEMENT", "ClockFn", "CLOCKS", "CyclingRun", "data_batches",
-           "DEFAULT_BUDGET_S", "DEFAULT_SEQ_LEN", "FINISH_RESERVE_S", "LoadedModel", "MAX_DATA_BATCHES",
-           "MIN_TIMED_ROUNDS", "model_feed_batches", "ModelRun", "padding_note", "padding_share", "ProgressFn",
-           "read_clocks", "Repeated", "runs_per_sample", "SCHEMA_NAME", "sorted_by_length"]
+__all__ = [
+    "BenchConfig",
+    "BenchResult",
+    "BoundModels",
+    "bind_models",
+    "model_feeds",
+    "InterleavedSampler",
+    "SCHEMA_VERSION",
+    "WarmupReport",
+    "benchmark",
+    "choose_clock",
+    "format_result",
+    "load_data",
+    "measure_speedup",
+    "length_sorting",
+    "load_models",
+    "machine_fingerprint",
+    "parse_batch_sizes",
+    "parse_duration",
+    "validate_config",
+    "BatchRun",
+    "BOOTSTRAP_S_PER_ELEMENT",
+    "ClockFn",
+    "CLOCKS",
+    "CyclingRun",
+    "data_batches",
+    "DEFAULT_BUDGET_S",
+    "DEFAULT_SEQ_LEN",
+    "FINISH_RESERVE_S",
+    "LoadedModel",
+    "MAX_DATA_BATCHES",
+    "MIN_TIMED_ROUNDS",
+    "model_feed_batches",
+    "ModelRun",
+    "padding_note",
+    "padding_share",
+    "ProgressFn",
+    "read_clocks",
+    "Repeated",
+    "runs_per_sample",
+    "SCHEMA_NAME",
+    "sorted_by_length",
+]

@@ -69,12 +69,19 @@ def validate_config(config: BenchConfig) -> None:
     from dlopt.limits import MAX_BATCH, MAX_MEASURE_S, check_number
 
     # types and finiteness first (the ranges below compare them); then the limits on the work they ask for
-    for count, what in ((config.threads, "threads"), (config.seq_len, "the sequence length"),
-                        *((size, "a batch size") for size in config.batch_sizes)):
+    for count, what in (
+        (config.threads, "threads"),
+        (config.seq_len, "the sequence length"),
+        *((size, "a batch size") for size in config.batch_sizes),
+    ):
         check_number(count, what, integer=True)
-    for value, what in ((config.budget_s, "the time budget (s)"), (config.min_sample_s, "min_sample_s"),
-                        (config.confidence, "confidence"), (config.warmup_tolerance, "warmup_tolerance"),
-                        (config.warmup_max_fraction, "warmup_max_fraction")):
+    for value, what in (
+        (config.budget_s, "the time budget (s)"),
+        (config.min_sample_s, "min_sample_s"),
+        (config.confidence, "confidence"),
+        (config.warmup_tolerance, "warmup_tolerance"),
+        (config.warmup_max_fraction, "warmup_max_fraction"),
+    ):
         check_number(value, what)
     for size in config.batch_sizes:
         MAX_BATCH.check(size, "batch size")
@@ -83,8 +90,7 @@ def validate_config(config: BenchConfig) -> None:
     if config.threads < 1:
         raise InputError(f"threads must be at least 1, got {config.threads}", "pass {threads=1} or more")
     if not config.batch_sizes or any(b < 1 for b in config.batch_sizes):
-        raise InputError(f"batch sizes must be positive integers, got {list(config.batch_sizes)}",
-                         "e.g. 1, 8, 32")
+        raise InputError(f"batch sizes must be positive integers, got {list(config.batch_sizes)}", "e.g. 1, 8, 32")
     if config.seq_len < 1:
         raise InputError(f"the sequence length must be at least 1, got {config.seq_len}", "e.g. {seq_len=128}")
     if config.rounds is None and config.budget_s <= 0:

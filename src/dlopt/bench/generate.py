@@ -39,8 +39,7 @@ import numpy as np
 from dlopt.bench.config import CLOCKS, MIN_TIMED_ROUNDS, ProgressFn, check_sampling, read_clocks
 from dlopt.bench.sampler import InterleavedSampler
 from dlopt.errors import InputError
-from dlopt.genai import (GENAI_CONFIG, LmFolder, _genai, check_lm_folder, load_lm,  # noqa: F401  (re-exported)
-                         read_lm_folder)
+from dlopt.genai import GENAI_CONFIG, LmFolder, _genai, check_lm_folder, load_lm, read_lm_folder  # noqa: F401  (re-exported)
 from dlopt.stats import DEFAULT_BOOTSTRAP, Interval, Summary, ratio_ci, summarize
 
 SCHEMA_NAME = "dlopt.bench.generate"
@@ -103,8 +102,9 @@ class GenerationRun:
 
     def __call__(self) -> None:
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(do_sample=False, max_length=self.total, min_length=self.total,
-                                  batch_size=self.prompt.shape[0])
+        params.set_search_options(
+            do_sample=False, max_length=self.total, min_length=self.total, batch_size=self.prompt.shape[0]
+        )
         generator = self.og.Generator(self.model, params)
         t0 = read_clocks()
         generator.append_tokens(self.prompt)
@@ -178,13 +178,16 @@ class GenerateResult:
                 "time_to_first_token_ms": {c: run.summaries["first_token"][c].as_dict(1e3) for c in CLOCKS},
                 "decode_ms_per_token": {c: run.summaries["decode_per_token"][c].as_dict(1e3) for c in CLOCKS},
                 "decode_tokens_per_s": batch / decode if decode > 0 else None,
-                "ratio": {p: {c: (r.as_dict() if r is not None else None) for c, r in per.items()}
-                          for p, per in run.ratios.items()},
+                "ratio": {
+                    p: {c: (r.as_dict() if r is not None else None) for c, r in per.items()}
+                    for p, per in run.ratios.items()
+                },
                 "first_generation_ms": run.first_generation_s * 1e3,
                 "peak_rss_added_bytes": run.peak_rss_added_bytes,
                 "tokens_generated": run.tokens_generated,
-                "samples_ms": {p: {c: np.round(v * 1e3, 6).tolist() for c, v in per.items()}
-                               for p, per in run.phases.items()},
+                "samples_ms": {
+                    p: {c: np.round(v * 1e3, 6).tolist() for c, v in per.items()} for p, per in run.phases.items()
+                },
             }
 
         return {
@@ -197,14 +200,28 @@ class GenerateResult:
             "clock_reason": self.clock_reason,
             "machine": dict(self.machine),
             "environment": environment(),
-            "models": [{"label": m.label, "path": str(m.folder.path), "size_bytes": m.folder.size_bytes,
-                        "context_length": m.folder.context_length, "load_s": m.load_s} for m in self.models],
-            "batches": [{
-                "batch": b.batch, "prompt_len": self.config.prompt_len, "new_tokens": self.config.new_tokens,
-                "rounds": b.rounds, "seconds": b.seconds,
-                "warmup": {"rounds": b.warmup_rounds, "settled": b.warmup_settled},
-                "results": [run_dict(r, m, b.batch) for r, m in zip(b.models, self.models)],
-            } for b in self.batches],
+            "models": [
+                {
+                    "label": m.label,
+                    "path": str(m.folder.path),
+                    "size_bytes": m.folder.size_bytes,
+                    "context_length": m.folder.context_length,
+                    "load_s": m.load_s,
+                }
+                for m in self.models
+            ],
+            "batches": [
+                {
+                    "batch": b.batch,
+                    "prompt_len": self.config.prompt_len,
+                    "new_tokens": self.config.new_tokens,
+                    "rounds": b.rounds,
+                    "seconds": b.seconds,
+                    "warmup": {"rounds": b.warmup_rounds, "settled": b.warmup_settled},
+                    "results": [run_dict(r, m, b.batch) for r, m in zip(b.models, self.models)],
+                }
+                for b in self.batches
+            ],
             "peak_rss_bytes": self.peak_rss_bytes,
         }
 
@@ -248,8 +265,13 @@ class _RssPeak:
         return max(0, self._process.memory_info().rss - self.before)
 
 
-def benchmark_generate(paths: Sequence[str | os.PathLike], config: GenerateConfig = GenerateConfig(), *,
-                       progress: ProgressFn | None = None, started: float | None = None) -> GenerateResult:
+def benchmark_generate(
+    paths: Sequence[str | os.PathLike],
+    config: GenerateConfig = GenerateConfig(),
+    *,
+    progress: ProgressFn | None = None,
+    started: float | None = None,
+) -> GenerateResult:
     """Measure generation of one or more exported LM folders, interleaved, at each batch size; each
     is reported as a ratio to the first per phase (prefill, time to first token, decode per token)."""
     from dlopt.bench.harness import _labels, machine_fingerprint
@@ -260,16 +282,22 @@ def benchmark_generate(paths: Sequence[str | os.PathLike], config: GenerateConfi
     folders = [check_lm_folder(p, tokenizer=False) for p in paths]  # names a Hugging Face or BERT folder
     for f in folders:
         if config.prompt_len + config.new_tokens > f.context_length:
-            raise InputError(f"a {config.prompt_len}-token prompt plus {config.new_tokens} new tokens exceeds the "
-                             f"context of {f.path} ({f.context_length} tokens)",
-                             "lower {prompt_len} or {new_tokens}")
+            raise InputError(
+                f"a {config.prompt_len}-token prompt plus {config.new_tokens} new tokens exceeds the "
+                f"context of {f.path} ({f.context_length} tokens)",
+                "lower {prompt_len} or {new_tokens}",
+            )
     og = _genai()
     start = time.perf_counter() if started is None else started
     deadline = None if config.rounds is not None else start + config.budget_s
     clock = config.clock if config.clock != "auto" else ("cpu" if config.threads == 1 else "wall")
-    clock_reason = ("chosen with --clock" if config.clock != "auto" else
-                    "auto: one thread, where thread CPU time is steadier than wall time" if clock == "cpu" else
-                    f"auto: {config.threads} threads; pool threads' CPU time is invisible to the caller, so wall time")
+    clock_reason = (
+        "chosen with --clock"
+        if config.clock != "auto"
+        else "auto: one thread, where thread CPU time is steadier than wall time"
+        if clock == "cpu"
+        else f"auto: {config.threads} threads; pool threads' CPU time is invisible to the caller, so wall time"
+    )
     models = []
     for label, folder in zip(_labels([Path(p) for p in paths]), folders):
         if progress is not None:
@@ -278,27 +306,52 @@ def benchmark_generate(paths: Sequence[str | os.PathLike], config: GenerateConfi
         peak.start()
         t = time.perf_counter()
         model = load_lm(og, folder, config.threads)
-        models.append(GenerateModel(label, folder, time.perf_counter() - t, model,
-                                    load_peak_added_bytes=peak.added(), load_resident_bytes=peak.resident_added()))
+        models.append(
+            GenerateModel(
+                label,
+                folder,
+                time.perf_counter() - t,
+                model,
+                load_peak_added_bytes=peak.added(),
+                load_resident_bytes=peak.resident_added(),
+            )
+        )
     batches = []
     for k, batch in enumerate(config.batch_sizes):
         share = None if deadline is None else max(0.0, deadline - time.perf_counter()) / (len(config.batch_sizes) - k)
         batches.append(_measure_batch(og, models, config, batch, clock, share, progress, first=k == 0))
-    return GenerateResult(config=config, clock=clock, clock_reason=clock_reason, models=tuple(models),
-                          batches=tuple(batches), peak_rss_bytes=_max_rss_bytes(),
-                          machine=machine_fingerprint(config.threads), runtime=f"onnxruntime-genai {og.__version__}")
+    return GenerateResult(
+        config=config,
+        clock=clock,
+        clock_reason=clock_reason,
+        models=tuple(models),
+        batches=tuple(batches),
+        peak_rss_bytes=_max_rss_bytes(),
+        machine=machine_fingerprint(config.threads),
+        runtime=f"onnxruntime-genai {og.__version__}",
+    )
 
 
-def _measure_batch(og, models: Sequence[GenerateModel], config: GenerateConfig, batch: int, clock: str,
-                   share: float | None, progress: ProgressFn | None, *, first: bool) -> GenerateBatchRun:
+def _measure_batch(
+    og,
+    models: Sequence[GenerateModel],
+    config: GenerateConfig,
+    batch: int,
+    clock: str,
+    share: float | None,
+    progress: ProgressFn | None,
+    *,
+    first: bool,
+) -> GenerateBatchRun:
     """`first`: the first batch size measured, whose memory figure includes loading the model."""
     start = time.perf_counter()
     runs, first_s, peak_added = [], [], []
     for m in models:
         if progress is not None:
             progress(f"batch {batch}: first generation of {m.label}", 0.0)
-        run = GenerationRun(og, m.model, prompt_tokens(m.folder, batch, config.prompt_len, config.seed),
-                            config.new_tokens)
+        run = GenerationRun(
+            og, m.model, prompt_tokens(m.folder, batch, config.prompt_len, config.seed), config.new_tokens
+        )
         peak = _RssPeak()
         peak.start()
         t = time.perf_counter()
@@ -323,31 +376,75 @@ def _measure_batch(og, models: Sequence[GenerateModel], config: GenerateConfig, 
     results = []
     for i, run in enumerate(runs):
         phases = {p: {c: np.asarray(v, dtype=np.float64) for c, v in per.items()} for p, per in run.phases.items()}
-        ratios = {p: {c: (ratio_ci(runs[0].phases[p][c], run.phases[p][c], method=config.ratio_method, paired=True,
-                                   confidence=config.confidence, n_boot=config.n_boot, seed=config.seed)
-                          if i > 0 else None) for c in CLOCKS} for p in PHASES}
-        results.append(GenerateModelRun(phases=phases,
-                                        summaries={p: {c: summarize(v) for c, v in per.items()}
-                                                   for p, per in phases.items()},
-                                        ratios=ratios, first_generation_s=first_s[i],
-                                        peak_rss_added_bytes=peak_added[i], tokens_generated=run.generated))
-    return GenerateBatchRun(batch=batch, rounds=timed.timed_rounds, seconds=time.perf_counter() - start,
-                            warmup_rounds=warm.rounds, warmup_settled=warm.settled, models=tuple(results))
+        ratios = {
+            p: {
+                c: (
+                    ratio_ci(
+                        runs[0].phases[p][c],
+                        run.phases[p][c],
+                        method=config.ratio_method,
+                        paired=True,
+                        confidence=config.confidence,
+                        n_boot=config.n_boot,
+                        seed=config.seed,
+                    )
+                    if i > 0
+                    else None
+                )
+                for c in CLOCKS
+            }
+            for p in PHASES
+        }
+        results.append(
+            GenerateModelRun(
+                phases=phases,
+                summaries={p: {c: summarize(v) for c, v in per.items()} for p, per in phases.items()},
+                ratios=ratios,
+                first_generation_s=first_s[i],
+                peak_rss_added_bytes=peak_added[i],
+                tokens_generated=run.generated,
+            )
+        )
+    return GenerateBatchRun(
+        batch=batch,
+        rounds=timed.timed_rounds,
+        seconds=time.perf_counter() - start,
+        warmup_rounds=warm.rounds,
+        warmup_settled=warm.settled,
+        models=tuple(results),
+    )
 
 
 def format_generate(result: GenerateResult) -> str:
     from dlopt.report import format_table
 
     clock = result.clock
-    headers = ["batch", "model", "size MB", "prefill ms", "first token ms", "decode ms/token", "decode tok/s",
-               "peak RSS +MB"]
+    headers = [
+        "batch",
+        "model",
+        "size MB",
+        "prefill ms",
+        "first token ms",
+        "decode ms/token",
+        "decode tok/s",
+        "peak RSS +MB",
+    ]
     rows, lines = [], []
     for b in result.batches:
         for m, r in zip(result.models, b.models):
             decode = r.summaries["decode_per_token"][clock].median
-            rows.append([b.batch, m.label, m.folder.size_bytes / 1e6, r.summaries["prefill"][clock].median * 1e3,
-                         r.summaries["first_token"][clock].median * 1e3, decode * 1e3,
-                         b.batch / decode if decode > 0 else "n/a", r.peak_rss_added_bytes / 1e6])
+            rows.append(
+                [
+                    b.batch,
+                    m.label,
+                    m.folder.size_bytes / 1e6,
+                    r.summaries["prefill"][clock].median * 1e3,
+                    r.summaries["first_token"][clock].median * 1e3,
+                    decode * 1e3,
+                    b.batch / decode if decode > 0 else "n/a",
+                    r.peak_rss_added_bytes / 1e6,
+                ]
+            )
         for m, r in zip(result.models[1:], b.models[1:]):
             parts = []
             for phase, name in (("prefill", "prefill"), ("first_token", "first token"), ("decode_per_token", "decode")):
@@ -355,19 +452,34 @@ def format_generate(result: GenerateResult) -> str:
                 assert ratio is not None, "None only for the first model"
                 parts.append(f"{name} {ratio.estimate:.3f}x (95% CI {ratio.low:.3f}-{ratio.high:.3f})")
             lines.append(f"batch {b.batch}: {m.label} takes, of {result.models[0].label}'s time: " + "; ".join(parts))
-        lines.append(f"batch {b.batch}: {b.rounds} interleaved rounds in {b.seconds:.1f} s; warm-up {b.warmup_rounds} "
-                     f"rounds, {'settled' if b.warmup_settled else 'NOT settled (capped)'}")
+        lines.append(
+            f"batch {b.batch}: {b.rounds} interleaved rounds in {b.seconds:.1f} s; warm-up {b.warmup_rounds} "
+            f"rounds, {'settled' if b.warmup_settled else 'NOT settled (capped)'}"
+        )
     c = result.config
-    return "\n".join([
-        format_table(headers, rows), "", *lines,
-        f"greedy generation with {result.runtime}: prompt {c.prompt_len} tokens (seeded random ids), "
-        f"{c.new_tokens} new tokens, {c.threads} thread(s); medians; clock: {clock} ({result.clock_reason})",
-        f"CPU: {result.machine.get('cpu_model')}, {result.machine.get('cpu_isa')}",
-        f"peak RSS of this process: {result.peak_rss_bytes / 1e6:.0f} MB "
-        "(peak RSS +MB: the highest RSS above the level before the model loaded, while it loaded and ran its first "
-        "generation)",
-    ])
+    return "\n".join(
+        [
+            format_table(headers, rows),
+            "",
+            *lines,
+            f"greedy generation with {result.runtime}: prompt {c.prompt_len} tokens (seeded random ids), "
+            f"{c.new_tokens} new tokens, {c.threads} thread(s); medians; clock: {clock} ({result.clock_reason})",
+            f"CPU: {result.machine.get('cpu_model')}, {result.machine.get('cpu_isa')}",
+            f"peak RSS of this process: {result.peak_rss_bytes / 1e6:.0f} MB "
+            "(peak RSS +MB: the highest RSS above the level before the model loaded, while it loaded and ran its first "
+            "generation)",
+        ]
+    )
 
 
-__all__ = ["GenerateConfig", "GenerateResult", "SCHEMA_NAME", "SCHEMA_VERSION", "benchmark_generate",
-           "format_generate", "prompt_tokens", "read_lm_folder", "validate_generate_config"]
+__all__ = [
+    "GenerateConfig",
+    "GenerateResult",
+    "SCHEMA_NAME",
+    "SCHEMA_VERSION",
+    "benchmark_generate",
+    "format_generate",
+    "prompt_tokens",
+    "read_lm_folder",
+    "validate_generate_config",
+]

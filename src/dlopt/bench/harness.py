@@ -115,8 +115,9 @@ def _initialize_runtime() -> None:
     initialize()
 
 
-def load_models(paths: Sequence[str | os.PathLike], config: BenchConfig,
-                progress: ProgressFn | None = None) -> tuple[Any, list[LoadedModel]]:
+def load_models(
+    paths: Sequence[str | os.PathLike], config: BenchConfig, progress: ProgressFn | None = None
+) -> tuple[Any, list[LoadedModel]]:
     """Check the files, create a session per model on the target; returns (target, models)."""
     import psutil
 
@@ -138,16 +139,28 @@ def load_models(paths: Sequence[str | os.PathLike], config: BenchConfig,
             progress(f"loading {label}", 0.0)
         rss_before = process.memory_info().rss
         device_before = target.memory_in_use(config.device_id)
-        handle = target.create_session(path, threads=config.threads, graph_opt_level=config.graph_opt_level,
-                                       provider_options=provider_options, allow_fallback=config.allow_fallback,
-                                       device_id=config.device_id)
+        handle = target.create_session(
+            path,
+            threads=config.threads,
+            graph_opt_level=config.graph_opt_level,
+            provider_options=provider_options,
+            allow_fallback=config.allow_fallback,
+            device_id=config.device_id,
+        )
         device_after = target.memory_in_use(config.device_id)
-        loaded.append(LoadedModel(
-            label=label, path=path, size_bytes=size, sha256=digest, handle=handle,
-            rss_added_bytes=max(0, process.memory_info().rss - rss_before),
-            device_added_bytes=(device_after - device_before
-                                if device_before is not None and device_after is not None else None),
-        ))
+        loaded.append(
+            LoadedModel(
+                label=label,
+                path=path,
+                size_bytes=size,
+                sha256=digest,
+                handle=handle,
+                rss_added_bytes=max(0, process.memory_info().rss - rss_before),
+                device_added_bytes=(
+                    device_after - device_before if device_before is not None and device_after is not None else None
+                ),
+            )
+        )
     return target, loaded
 
 
@@ -179,13 +192,20 @@ class _Deadline:
         if self.at is None:
             self._progress(what, fraction)
         else:
-            self._progress(f"{what}, {max(0.0, self.at - now):.0f} s left",
-                           min(1.0, (now - self.started) / self.budget_s))
+            self._progress(
+                f"{what}, {max(0.0, self.at - now):.0f} s left", min(1.0, (now - self.started) / self.budget_s)
+            )
 
 
-def benchmark(paths: Sequence[str | os.PathLike], config: BenchConfig = BenchConfig(), *,
-              data: Mapping[str, np.ndarray] | None = None, data_source: str = "the data",
-              progress: ProgressFn | None = None, started: float | None = None) -> BenchResult:
+def benchmark(
+    paths: Sequence[str | os.PathLike],
+    config: BenchConfig = BenchConfig(),
+    *,
+    data: Mapping[str, np.ndarray] | None = None,
+    data_source: str = "the data",
+    progress: ProgressFn | None = None,
+    started: float | None = None,
+) -> BenchResult:
     """Measure one or more models on `config.target`, interleaved, at each batch size.
 
     With `data`, its arrays are the inputs: at each batch size b, consecutive batches of b samples,
@@ -208,7 +228,8 @@ def benchmark(paths: Sequence[str | os.PathLike], config: BenchConfig = BenchCon
         "runs_on": sorted(runs_on)[0] if len(runs_on) == 1 else "mixed",
         "fell_back": any(m.handle.fell_back for m in models),
         "providers": list(models[0].handle.active_providers),
-        "device": target.device_name(config.device_id) if not any(m.handle.fell_back for m in models)
+        "device": target.device_name(config.device_id)
+        if not any(m.handle.fell_back for m in models)
         else "host CPU (fallback)",
         "cuda_graph": config.cuda_graph,
         "threads": config.threads,
@@ -218,6 +239,7 @@ def benchmark(paths: Sequence[str | os.PathLike], config: BenchConfig = BenchCon
     batches = config.batch_sizes
     batch_runs = []
     for k, batch in enumerate(batches):
+
         def report(what: str, fraction: float, _k=k) -> None:
             deadline.report(what, (_k + min(1.0, fraction)) / len(batches))
 
@@ -225,10 +247,17 @@ def benchmark(paths: Sequence[str | os.PathLike], config: BenchConfig = BenchCon
         share = None if deadline.at is None else max(0.0, deadline.left() - FINISH_RESERVE_S) / (len(batches) - k)
         batch_runs.append(_measure_batch(target, models, config, batch, data, data_source, clock, share, report))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # KiB
-    return BenchResult(config=config, clock=clock, clock_reason=clock_reason, target=target_facts,
-                       models=tuple(models), batches=tuple(batch_runs), peak_rss_bytes=int(peak),
-                       machine=machine_fingerprint(config.threads, target, config.device_id),
-                       data_source=data_source if data is not None else None)
+    return BenchResult(
+        config=config,
+        clock=clock,
+        clock_reason=clock_reason,
+        target=target_facts,
+        models=tuple(models),
+        batches=tuple(batch_runs),
+        peak_rss_bytes=int(peak),
+        machine=machine_fingerprint(config.threads, target, config.device_id),
+        data_source=data_source if data is not None else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -261,10 +290,19 @@ class CyclingRun:
         return self.runs[(self._next - 1) % len(self.runs)].outputs()
 
 
-def bind_models(target, models: Sequence[LoadedModel], *, batch: int | None = 1, seq_len: int = DEFAULT_SEQ_LEN,
-                seed: int = 0, data: Mapping[str, np.ndarray] | None = None, data_source: str = "the data",
-                device_id: int = 0, progress: ProgressFn | None = None,
-                input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> BoundModels:
+def bind_models(
+    target,
+    models: Sequence[LoadedModel],
+    *,
+    batch: int | None = 1,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    seed: int = 0,
+    data: Mapping[str, np.ndarray] | None = None,
+    data_source: str = "the data",
+    device_id: int = 0,
+    progress: ProgressFn | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> BoundModels:
     """Generate (or take from `data`) each model's inputs, bind them on the target's device and run
     each model once (its cold first run, timed). The gate's entry point into the harness:
     `InterleavedSampler(bind_models(target, load_models(paths, config)[1]).runners)`."""
@@ -275,8 +313,9 @@ def bind_models(target, models: Sequence[LoadedModel], *, batch: int | None = 1,
     shapes: dict[str, tuple[int, ...]] = {}
     data_count, all_feeds = 1, []
     for m in models:
-        feeds_list = model_feed_batches(m, batch=batch, seq_len=seq_len, seed=seed, data=data,
-                                        data_source=data_source, input_shapes=input_shapes)
+        feeds_list = model_feed_batches(
+            m, batch=batch, seq_len=seq_len, seed=seed, data=data, data_source=data_source, input_shapes=input_shapes
+        )
         if m.handle.provider_options.get("enable_cuda_graph") == "1":
             feeds_list = feeds_list[:1]  # each bound CUDA graph is a session of its own: one real batch
         data_count = len(feeds_list)
@@ -297,18 +336,41 @@ def bind_models(target, models: Sequence[LoadedModel], *, batch: int | None = 1,
         rss_added.append(max(0, process.memory_info().rss - rss_before))
         device_added.append(device_after - device_before if None not in (device_before, device_after) else None)
         runners.append(bound)
-    return BoundModels(runners=tuple(runners), input_shapes=shapes, first_run_s=tuple(first_run_s),
-                       rss_added_bytes=tuple(rss_added), device_added_bytes=tuple(device_added),
-                       data_batches=data_count if data is not None else 0, padding=padding_share(all_feeds))
+    return BoundModels(
+        runners=tuple(runners),
+        input_shapes=shapes,
+        first_run_s=tuple(first_run_s),
+        rss_added_bytes=tuple(rss_added),
+        device_added_bytes=tuple(device_added),
+        data_batches=data_count if data is not None else 0,
+        padding=padding_share(all_feeds),
+    )
 
 
-def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, batch: int | None,
-                   data: Mapping[str, np.ndarray] | None, data_source: str, clock: str, share: float | None,
-                   report: ProgressFn) -> BatchRun:
+def _measure_batch(
+    target,
+    models: Sequence[LoadedModel],
+    config: BenchConfig,
+    batch: int | None,
+    data: Mapping[str, np.ndarray] | None,
+    data_source: str,
+    clock: str,
+    share: float | None,
+    report: ProgressFn,
+) -> BatchRun:
     bind_started = time.perf_counter()
-    bound = bind_models(target, models, batch=batch, seq_len=config.seq_len, seed=config.seed, data=data,
-                        data_source=data_source, device_id=config.device_id, progress=report,
-                        input_shapes=parse_input_shapes(config.input_shapes))
+    bound = bind_models(
+        target,
+        models,
+        batch=batch,
+        seq_len=config.seq_len,
+        seed=config.seed,
+        data=data,
+        data_source=data_source,
+        device_id=config.device_id,
+        progress=report,
+        input_shapes=parse_input_shapes(config.input_shapes),
+    )
     shapes = bound.input_shapes
     runners = bound.runners
     # Where the batches mix real lengths, each model also runs on the same samples sorted by length, in the
@@ -316,9 +378,17 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
     # (an untrimmed one computes every padded position either way: its ratio is the control, about 1).
     sorting = length_sorting(data, batch)
     if sorting is not None and data is not None and batch is not None:  # length_sorting needs both
-        ordered = bind_models(target, models, batch=batch, seq_len=config.seq_len, seed=config.seed,
-                              data=sorted_by_length(data, batch), data_source=f"{data_source} sorted by length",
-                              device_id=config.device_id, progress=report)
+        ordered = bind_models(
+            target,
+            models,
+            batch=batch,
+            seq_len=config.seq_len,
+            seed=config.seed,
+            data=sorted_by_length(data, batch),
+            data_source=f"{data_source} sorted by length",
+            device_id=config.device_id,
+            progress=report,
+        )
         runners = runners + ordered.runners
     effective_batch = batch if batch is not None else int(next(iter(shapes.values()))[0]) if shapes else 1
     warm_sampler = InterleavedSampler(runners)
@@ -329,12 +399,18 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
     else:
         warm_cap = 30.0  # a fixed round count has no budget; still, never warm up forever
     label = f"batch {effective_batch}"
-    warm = warm_sampler.warm_up(max_seconds=warm_cap, clock=clock, window=config.warmup_window,
-                                tolerance=config.warmup_tolerance,
-                                on_round=lambda f: report(f"{label}: warming up", 0.1 * f))
+    warm = warm_sampler.warm_up(
+        max_seconds=warm_cap,
+        clock=clock,
+        window=config.warmup_window,
+        tolerance=config.warmup_tolerance,
+        on_round=lambda f: report(f"{label}: warming up", 0.1 * f),
+    )
     repeat = runs_per_sample(warm_sampler, clock, config.min_sample_s)
-    sampler = InterleavedSampler([Repeated(run, repeat) if repeat > 1 else run for run in runners],
-                                 max_samples=config.max_samples if config.rounds is None else None)
+    sampler = InterleavedSampler(
+        [Repeated(run, repeat) if repeat > 1 else run for run in runners],
+        max_samples=config.max_samples if config.rounds is None else None,
+    )
     if config.rounds is not None:
         sampler.run_rounds(config.rounds, on_round=lambda f: report(f"{label}: measuring", 0.1 + 0.9 * f))
     else:
@@ -347,11 +423,13 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
         # each model's to the first; each sorted run's to its model's and to the first's
         ratio_count = len(models) - 1 + 2 * (len(runners) - len(models))
         statistics_s = 2 * ratio_count * config.n_boot * expected * BOOTSTRAP_S_PER_ELEMENT
-        profile_s = (sum(m.handle.load_s + config.profile_runs * t for m, t in zip(models, run_s))
-                     if config.profile else 0.0)
+        profile_s = (
+            sum(m.handle.load_s + config.profile_runs * t for m, t in zip(models, run_s)) if config.profile else 0.0
+        )
         remaining = max(0.0, remaining - statistics_s - profile_s)
-        sampler.run_for(remaining, min_rounds=MIN_TIMED_ROUNDS,
-                        on_round=lambda f: report(f"{label}: measuring", 0.1 + 0.9 * f))
+        sampler.run_for(
+            remaining, min_rounds=MIN_TIMED_ROUNDS, on_round=lambda f: report(f"{label}: measuring", 0.1 + 0.9 * f)
+        )
     seconds = time.perf_counter() - start
     profiles: list[tuple[Any, ...] | None] = [None] * len(models)
     if config.profile:
@@ -359,58 +437,122 @@ def _measure_batch(target, models: Sequence[LoadedModel], config: BenchConfig, b
 
         for i, m in enumerate(models):
             report(f"{label}: profiling {m.label}", 1.0)
-            feeds = model_feeds(m, batch=batch, seq_len=config.seq_len, seed=config.seed, data=data,
-                                data_source=data_source)
-            profiles[i] = tuple(profile_session(target, m.path, feeds, runs=config.profile_runs,
-                                                threads=config.threads, graph_opt_level=config.graph_opt_level,
-                                                device_id=config.device_id, allow_fallback=config.allow_fallback))
+            feeds = model_feeds(
+                m, batch=batch, seq_len=config.seq_len, seed=config.seed, data=data, data_source=data_source
+            )
+            profiles[i] = tuple(
+                profile_session(
+                    target,
+                    m.path,
+                    feeds,
+                    runs=config.profile_runs,
+                    threads=config.threads,
+                    graph_opt_level=config.graph_opt_level,
+                    device_id=config.device_id,
+                    allow_fallback=config.allow_fallback,
+                )
+            )
     results = []
     for i in range(len(models)):
         samples = {c: sampler.samples(i, c) / repeat for c in CLOCKS}  # seconds per run
-        ratios = {c: (sampler.ratio(i, c, method=config.ratio_method, confidence=config.confidence,
-                                    n_boot=config.n_boot, seed=config.seed)
-                      if i > 0 else None) for c in CLOCKS}
-        results.append(ModelRun(samples=samples, summaries={c: summarize(samples[c]) for c in CLOCKS},
-                                ratios=ratios, first_run_s=bound.first_run_s[i],
-                                rss_added_bytes=bound.rss_added_bytes[i],
-                                device_added_bytes=bound.device_added_bytes[i], profile=profiles[i]))
+        ratios = {
+            c: (
+                sampler.ratio(
+                    i,
+                    c,
+                    method=config.ratio_method,
+                    confidence=config.confidence,
+                    n_boot=config.n_boot,
+                    seed=config.seed,
+                )
+                if i > 0
+                else None
+            )
+            for c in CLOCKS
+        }
+        results.append(
+            ModelRun(
+                samples=samples,
+                summaries={c: summarize(samples[c]) for c in CLOCKS},
+                ratios=ratios,
+                first_run_s=bound.first_run_s[i],
+                rss_added_bytes=bound.rss_added_bytes[i],
+                device_added_bytes=bound.device_added_bytes[i],
+                profile=profiles[i],
+            )
+        )
     if sorting is not None:
-        sorting = {**sorting, "input_shapes": {k: list(v) for k, v in shapes.items()}, "latency": [
-            _sorted_latency(sampler, m.label, i, len(models) + i, clock, repeat, config) for i, m in enumerate(models)]}
+        sorting = {
+            **sorting,
+            "input_shapes": {k: list(v) for k, v in shapes.items()},
+            "latency": [
+                _sorted_latency(sampler, m.label, i, len(models) + i, clock, repeat, config)
+                for i, m in enumerate(models)
+            ],
+        }
     report(f"{label}: done", 1.0)
-    return BatchRun(batch=effective_batch, input_shapes=shapes, rounds=sampler.timed_rounds, seconds=seconds,
-                    warmup=warm, models=tuple(results), runs_per_sample=repeat * sampler.merged,
-                    samples=sampler.rounds, data_batches=bound.data_batches, padding=bound.padding,
-                    length_sorting=sorting)
+    return BatchRun(
+        batch=effective_batch,
+        input_shapes=shapes,
+        rounds=sampler.timed_rounds,
+        seconds=seconds,
+        warmup=warm,
+        models=tuple(results),
+        runs_per_sample=repeat * sampler.merged,
+        samples=sampler.rounds,
+        data_batches=bound.data_batches,
+        padding=bound.padding,
+        length_sorting=sorting,
+    )
 
 
-def _sorted_latency(sampler: InterleavedSampler, label: str, given: int, ordered: int, clock: str, repeat: int,
-                    config: BenchConfig) -> dict[str, Any]:
+def _sorted_latency(
+    sampler: InterleavedSampler, label: str, given: int, ordered: int, clock: str, repeat: int, config: BenchConfig
+) -> dict[str, Any]:
     """One model on the samples sorted by length vs as given (the same rounds): medians and their ratio."""
+
     def ratio(index: int, baseline: int) -> dict[str, Any]:
-        return sampler.ratio(index, clock, baseline=baseline, method=config.ratio_method, confidence=config.confidence,
-                             n_boot=config.n_boot, seed=config.seed).as_dict()
+        return sampler.ratio(
+            index,
+            clock,
+            baseline=baseline,
+            method=config.ratio_method,
+            confidence=config.confidence,
+            n_boot=config.n_boot,
+            seed=config.seed,
+        ).as_dict()
 
-    return {"model": label, "clock": clock,
-            "median_ms_as_given": float(np.median(sampler.samples(given, clock))) / repeat * 1e3,
-            "median_ms_sorted": float(np.median(sampler.samples(ordered, clock))) / repeat * 1e3,
-            "ratio_sorted_to_given": ratio(ordered, given),
-            # sorted vs the first model on the batches as given (the reference of every ratio of the run)
-            "ratio_sorted_to_first": ratio(ordered, 0)}
+    return {
+        "model": label,
+        "clock": clock,
+        "median_ms_as_given": float(np.median(sampler.samples(given, clock))) / repeat * 1e3,
+        "median_ms_sorted": float(np.median(sampler.samples(ordered, clock))) / repeat * 1e3,
+        "ratio_sorted_to_given": ratio(ordered, given),
+        # sorted vs the first model on the batches as given (the reference of every ratio of the run)
+        "ratio_sorted_to_first": ratio(ordered, 0),
+    }
 
 
-def measure_speedup(baseline_onnx: Path, onnx_path: Path, *, budget_s: float, batch: int = 1,
-                    seq_len: int = 128) -> dict[str, Any]:
+def measure_speedup(
+    baseline_onnx: Path, onnx_path: Path, *, budget_s: float, batch: int = 1, seq_len: int = 128
+) -> dict[str, Any]:
     """Latency of `onnx_path` against `baseline_onnx`, one thread, interleaved: the speedup line of prune and
     distill."""
     from dlopt.bench.config import BenchConfig
 
-    result = benchmark([baseline_onnx, onnx_path], BenchConfig(threads=1, batch_sizes=(batch,), seq_len=seq_len,
-                                                               budget_s=budget_s))
+    result = benchmark(
+        [baseline_onnx, onnx_path], BenchConfig(threads=1, batch_sizes=(batch,), seq_len=seq_len, budget_s=budget_s)
+    )
     run = result.batches[0]
     ratio = run.models[1].ratios[result.clock]
     assert ratio is not None, "None only for the first model"
-    return {"clock": result.clock, "batch": run.batch, "rounds": run.rounds,
-            "baseline_ms": run.models[0].summaries[result.clock].median * 1e3,
-            "ms": run.models[1].summaries[result.clock].median * 1e3,
-            "speedup": 1.0 / ratio.estimate, "speedup_low": 1.0 / ratio.high, "speedup_high": 1.0 / ratio.low}
+    return {
+        "clock": result.clock,
+        "batch": run.batch,
+        "rounds": run.rounds,
+        "baseline_ms": run.models[0].summaries[result.clock].median * 1e3,
+        "ms": run.models[1].summaries[result.clock].median * 1e3,
+        "speedup": 1.0 / ratio.estimate,
+        "speedup_low": 1.0 / ratio.high,
+        "speedup_high": 1.0 / ratio.low,
+    }

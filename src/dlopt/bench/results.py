@@ -95,24 +95,35 @@ class BenchResult:
             "target": dict(self.target),
             "machine": dict(self.machine),
             "environment": environment(),
-            "models": [{
-                "label": m.label, "path": str(m.path), "size_bytes": m.size_bytes, "sha256": m.sha256,
-                "load_s": m.handle.load_s, "rss_added_bytes": m.rss_added_bytes,
-                "device_added_bytes": m.device_added_bytes, "runs_on": m.handle.runs_on,
-                "providers": list(m.handle.active_providers),
-            } for m in self.models],
-            "batches": [{
-                "batch": b.batch,
-                "input_shapes": {k: list(v) for k, v in b.input_shapes.items()},
-                "data_batches": b.data_batches,
-                "padding": b.padding,
-                **({"length_sorting": dict(b.length_sorting)} if b.length_sorting else {}),
-                "rounds": b.rounds,
-                "samples": b.rounds if b.samples is None else b.samples,
-                "runs_per_sample": b.runs_per_sample,
-                "seconds": b.seconds,
-                "warmup": {"rounds": b.warmup.rounds, "seconds": b.warmup.seconds, "settled": b.warmup.settled},
-                "results": [run_dict(r, m, b.batch) for r, m in zip(b.models, self.models)],
-            } for b in self.batches],
+            "models": [
+                {
+                    "label": m.label,
+                    "path": str(m.path),
+                    "size_bytes": m.size_bytes,
+                    "sha256": m.sha256,
+                    "load_s": m.handle.load_s,
+                    "rss_added_bytes": m.rss_added_bytes,
+                    "device_added_bytes": m.device_added_bytes,
+                    "runs_on": m.handle.runs_on,
+                    "providers": list(m.handle.active_providers),
+                }
+                for m in self.models
+            ],
+            "batches": [
+                {
+                    "batch": b.batch,
+                    "input_shapes": {k: list(v) for k, v in b.input_shapes.items()},
+                    "data_batches": b.data_batches,
+                    "padding": b.padding,
+                    **({"length_sorting": dict(b.length_sorting)} if b.length_sorting else {}),
+                    "rounds": b.rounds,
+                    "samples": b.rounds if b.samples is None else b.samples,
+                    "runs_per_sample": b.runs_per_sample,
+                    "seconds": b.seconds,
+                    "warmup": {"rounds": b.warmup.rounds, "seconds": b.warmup.seconds, "settled": b.warmup.settled},
+                    "results": [run_dict(r, m, b.batch) for r, m in zip(b.models, self.models)],
+                }
+                for b in self.batches
+            ],
             "peak_rss_bytes": self.peak_rss_bytes,
         }

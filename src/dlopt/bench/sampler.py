@@ -42,8 +42,9 @@ class InterleavedSampler:
 
     WARM_KEPT = 4096  # warm-up samples kept per model (the latest): only the last few decide anything
 
-    def __init__(self, runners: Sequence[Callable[[], object]], *, clock: ClockFn = read_clocks,
-                 max_samples: int | None = None):
+    def __init__(
+        self, runners: Sequence[Callable[[], object]], *, clock: ClockFn = read_clocks, max_samples: int | None = None
+    ):
         if not runners:
             raise ValueError("nothing to measure")
         if max_samples is not None and max_samples < 2:
@@ -99,8 +100,15 @@ class InterleavedSampler:
             store["wall"][i].append(wall1 - wall0)
             store["cpu"][i].append(cpu1 - cpu0)
 
-    def warm_up(self, *, max_seconds: float, clock: str = "wall", window: int = 5, tolerance: float = 0.05,
-                on_round: Callable[[float], None] | None = None) -> WarmupReport:
+    def warm_up(
+        self,
+        *,
+        max_seconds: float,
+        clock: str = "wall",
+        window: int = 5,
+        tolerance: float = 0.05,
+        on_round: Callable[[float], None] | None = None,
+    ) -> WarmupReport:
         """Run rounds (not kept as samples) until every model's `clock` latency has settled, or
         `max_seconds` have passed (then `settled` is False). At least 2 * window rounds."""
         _check_clock(clock)
@@ -114,12 +122,13 @@ class InterleavedSampler:
                 elapsed = time.perf_counter() - start
                 if on_round is not None:
                     on_round(min(1.0, elapsed / max_seconds) if max_seconds > 0 else 1.0)
-                settled = all(has_settled(s[-2 * window:], window=window, tolerance=tolerance)
-                              for s in self._warm[clock])
+                settled = all(
+                    has_settled(s[-2 * window :], window=window, tolerance=tolerance) for s in self._warm[clock]
+                )
                 if len(self._warm["wall"][0]) > 2 * self.WARM_KEPT:
                     for per_model in self._warm.values():
                         for values in per_model:
-                            del values[:-self.WARM_KEPT]
+                            del values[: -self.WARM_KEPT]
                 if settled or elapsed >= max_seconds:
                     break
         return WarmupReport(rounds=rounds, seconds=time.perf_counter() - start, settled=settled)
@@ -132,8 +141,14 @@ class InterleavedSampler:
                 if on_round is not None:
                     on_round((k + 1) / n)
 
-    def run_for(self, seconds: float, *, min_rounds: int = 0, max_rounds: int | None = None,
-                on_round: Callable[[float], None] | None = None) -> int:
+    def run_for(
+        self,
+        seconds: float,
+        *,
+        min_rounds: int = 0,
+        max_rounds: int | None = None,
+        on_round: Callable[[float], None] | None = None,
+    ) -> int:
         """Add timed rounds for at most `seconds` of wall time (but at least `min_rounds`); returns
         rounds added. A round is not started when, as long as the slowest so far, it would end late."""
         start = time.perf_counter()
@@ -142,8 +157,9 @@ class InterleavedSampler:
         with _gc_paused():
             while True:
                 elapsed = time.perf_counter() - start
-                if added >= min_rounds and (elapsed + longest > seconds
-                                            or (max_rounds is not None and added >= max_rounds)):
+                if added >= min_rounds and (
+                    elapsed + longest > seconds or (max_rounds is not None and added >= max_rounds)
+                ):
                     break
                 self._timed_round()
                 added += 1
@@ -164,12 +180,28 @@ class InterleavedSampler:
     def summary(self, index: int, clock: str = "wall") -> Summary:
         return summarize(self.samples(index, clock))
 
-    def ratio(self, index: int, clock: str = "wall", *, baseline: int = 0, method: str = "round-median",
-              confidence: float = 0.95, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> Interval:
+    def ratio(
+        self,
+        index: int,
+        clock: str = "wall",
+        *,
+        baseline: int = 0,
+        method: str = "round-median",
+        confidence: float = 0.95,
+        n_boot: int = DEFAULT_BOOTSTRAP,
+        seed: int = 0,
+    ) -> Interval:
         """Latency of model `index` relative to model `baseline` over the rounds so far, with a
         bootstrap CI over rounds (dlopt.stats.ratio_ci; default: median of per-round ratios)."""
-        return ratio_ci(self.samples(baseline, clock), self.samples(index, clock), method=method, paired=True,
-                        confidence=confidence, n_boot=n_boot, seed=seed)
+        return ratio_ci(
+            self.samples(baseline, clock),
+            self.samples(index, clock),
+            method=method,
+            paired=True,
+            confidence=confidence,
+            n_boot=n_boot,
+            seed=seed,
+        )
 
 
 class Repeated:

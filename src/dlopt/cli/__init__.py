@@ -67,8 +67,7 @@ class _VerbGroup(click.Group):
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                     _internal_error(ctx, e)
                 # a full disk is the machine's state, not a bug (outputs are staged: nothing half-written stays)
-                click.echo(f"error: no space left on the device{_device_of(e.filename)} ({e.strerror or e})",
-                           err=True)
+                click.echo(f"error: no space left on the device{_device_of(e.filename)} ({e.strerror or e})", err=True)
                 click.echo("hint: free some space, or choose another output folder with -o", err=True)
                 ctx.exit(2)
             except BaseException as e:  # a bug (or SystemExit from library code): one line and a saved traceback
@@ -96,8 +95,11 @@ def _internal_error(ctx, e: BaseException) -> None:
     text = (str(e).strip().splitlines() or [""])[0][:300]
     click.echo(f"internal error in {verb}: {type(e).__name__}: {text}", err=True)
     log = _save_debug_log(verb)
-    click.echo(f"hint: this is a bug in dlopt; the full traceback is in {log}"
-               + ("" if _debug(ctx) else " (or run again with --debug)"), err=True)
+    click.echo(
+        f"hint: this is a bug in dlopt; the full traceback is in {log}"
+        + ("" if _debug(ctx) else " (or run again with --debug)"),
+        err=True,
+    )
     ctx.exit(1)
 
 
@@ -111,8 +113,7 @@ def _written_text() -> str:
     written = written_paths()
     if not written:
         return "nothing was written"
-    return ("wrote only " + ", ".join(str(p) for p in written)
-            + " (each complete; the other outputs were not written)")
+    return "wrote only " + ", ".join(str(p) for p in written) + " (each complete; the other outputs were not written)"
 
 
 def _save_debug_log(verb: str) -> str:

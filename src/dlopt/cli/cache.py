@@ -7,8 +7,9 @@ import click
 from dlopt.cli._common import cache_dir_option
 
 
-@click.group("cache", short_help="List (ls) or trim (prune) the stage cache of `dlopt run` and quantize's kernel "
-                                 "decisions.")
+@click.group(
+    "cache", short_help="List (ls) or trim (prune) the stage cache of `dlopt run` and quantize's kernel decisions."
+)
 def command():
     """The stage cache of `dlopt run`, which also holds quantize's timed kernel decisions per CPU model
     (kind kernel-decision) (default ~/.cache/dlopt/stages, or $DLOPT_CACHE_DIR)."""
@@ -35,5 +36,7 @@ def prune(older_than, max_size, everything, cache_dir):
 
     pruned = cache_prune(older_than=older_than, max_size=max_size, all=everything, cache_dir=cache_dir)
     left_bytes = sum(e.bytes for e in pruned.left)
-    click.echo(f"removed {len(pruned.removed)} entries ({sum(e.bytes for e in pruned.removed) / 1e6:.2f} MB); "
-               f"{len(pruned.left)} left ({left_bytes / 1e6:.2f} MB) in {pruned.root}")
+    click.echo(
+        f"removed {len(pruned.removed)} entries ({sum(e.bytes for e in pruned.removed) / 1e6:.2f} MB); "
+        f"{len(pruned.left)} left ({left_bytes / 1e6:.2f} MB) in {pruned.root}"
+    )

@@ -9,8 +9,12 @@ from dlopt.cli._common import echo_err
 
 @click.command("models", short_help="List the reference models (size, inputs, metrics, installed or not).")
 @click.argument("names", nargs=-1)
-@click.option("--evaluate", "run_evaluation", is_flag=True,
-              help="Build each named model in torch (FP32) and run its evaluator on its real data.")
+@click.option(
+    "--evaluate",
+    "run_evaluation",
+    is_flag=True,
+    help="Build each named model in torch (FP32) and run its evaluator on its real data.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def command(names, run_evaluation, as_json):
     """List the reference models, or only NAMES.
@@ -32,5 +36,7 @@ def command(names, run_evaluation, as_json):
         return
     click.echo(models_text(entries))
     if any(not e.summary["installed"] for e in entries):
-        echo_err("hint: pip install 'dlopt[models]' (torch==2.13.0 first, for the CPU build); "
-                 "apt-get install dataset-fashion-mnist for fashion-cnn's data")
+        echo_err(
+            "hint: pip install 'dlopt[models]' (torch==2.13.0 first, for the CPU build); "
+            "apt-get install dataset-fashion-mnist for fashion-cnn's data"
+        )

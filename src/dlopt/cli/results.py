@@ -31,14 +31,27 @@ def package_text(result: PackageResult) -> str:
         lines += ["", format_table(COVERAGE_HEADERS, coverage_table_rows(report))]
         lines += [f"advice: {line}" for line in report["advice"]]
     if manifest["metrics"]:
-        rows = [[k, v["artifact"], v["threads"], v["clock"], v["latency_ms"]["median"], v["latency_ms"]["p90"],
-                 f"{v['ratio_to_ort']['estimate']:.3f}" if "ratio_to_ort" in v else "-"]
-                for k, v in manifest["metrics"].items()]
-        lines += ["", format_table(["target", "artifact", "threads", "clock", "median ms", "p90 ms", "ratio to ORT"],
-                                   rows)]
+        rows = [
+            [
+                k,
+                v["artifact"],
+                v["threads"],
+                v["clock"],
+                v["latency_ms"]["median"],
+                v["latency_ms"]["p90"],
+                f"{v['ratio_to_ort']['estimate']:.3f}" if "ratio_to_ort" in v else "-",
+            ]
+            for k, v in manifest["metrics"].items()
+        ]
+        lines += [
+            "",
+            format_table(["target", "artifact", "threads", "clock", "median ms", "p90 ms", "ratio to ORT"], rows),
+        ]
         if manifest["target"] == "mobile":
-            lines.append("note: mobile latency is ONNX Runtime's CPU kernels on this host with a phone-like thread "
-                         "count, not a phone")
+            lines.append(
+                "note: mobile latency is ONNX Runtime's CPU kernels on this host with a phone-like thread "
+                "count, not a phone"
+            )
     files = ", ".join(f"{f['path']} ({f['bytes'] / 1e6:.2f} MB)" for f in manifest["files"])
     lines.append(f"wrote {result.bundle}: {files}")
     return "\n".join(lines)
@@ -52,46 +65,72 @@ def lm_package_text(result: PackageResult) -> str:
     rows = []
     for i, (s, c) in enumerate(zip(g["samples"], m["verification"]["checks"])):
         text = s["text"].replace("\n", " ")
-        rows.append([i + 1, s["prompt"][:40], text[:60] + ("…" if len(text) > 60 else ""),
-                     f"{c['equal']}/{c['steps']} tokens"]
-                    + ([f"first {s['reference']['equal_prefix']}/{len(s['tokens'])} tokens"] if g["reference"] else []))
+        rows.append(
+            [i + 1, s["prompt"][:40], text[:60] + ("…" if len(text) > 60 else ""), f"{c['equal']}/{c['steps']} tokens"]
+            + ([f"first {s['reference']['equal_prefix']}/{len(s['tokens'])} tokens"] if g["reference"] else [])
+        )
     lines = [format_table(headers, rows)]
     for name, v in m["metrics"].items():
-        line = (f"{name}: prefill {v['prefill_ms']:.1f} ms, first token {v['time_to_first_token_ms']:.1f} ms, decode "
-                f"{v['decode_tokens_per_s']:.1f} tok/s, peak RSS +{v['peak_rss_added_mb']:.0f} MB ({v['threads']} "
-                f"thread(s), prompt {v['prompt_len']}, {v['new_tokens']} new tokens, {v['clock']} clock)")
+        line = (
+            f"{name}: prefill {v['prefill_ms']:.1f} ms, first token {v['time_to_first_token_ms']:.1f} ms, decode "
+            f"{v['decode_tokens_per_s']:.1f} tok/s, peak RSS +{v['peak_rss_added_mb']:.0f} MB ({v['threads']} "
+            f"thread(s), prompt {v['prompt_len']}, {v['new_tokens']} new tokens, {v['clock']} clock)"
+        )
         if "ratio_to_reference" in v:
             r = v["ratio_to_reference"]["decode_per_token"]
-            line += (f"; decode time per token x{r['estimate']:.3f} (95% CI {r['low']:.3f}-{r['high']:.3f}) of the "
-                     f"reference's {v['reference_decode_tokens_per_s']:.1f} tok/s, interleaved")
+            line += (
+                f"; decode time per token x{r['estimate']:.3f} (95% CI {r['low']:.3f}-{r['high']:.3f}) of the "
+                f"reference's {v['reference_decode_tokens_per_s']:.1f} tok/s, interleaved"
+            )
         lines.append(line)
         lines.append(f"CPU: {v['machine'].get('cpu_model')}")
     if g["executorch"]:
         lines.append(f"ExecuTorch (XNNPACK): {g['executorch']}")
     size = sum(f["bytes"] for f in m["files"])
-    lines.append(f"wrote {result.bundle}/ ({len(m['files'])} files, {size / 1e6:.1f} MB); chat with it: see its "
-                 "README.md; check it with: dlopt verify " + str(result.bundle))
+    lines.append(
+        f"wrote {result.bundle}/ ({len(m['files'])} files, {size / 1e6:.1f} MB); chat with it: see its "
+        "README.md; check it with: dlopt verify " + str(result.bundle)
+    )
     return "\n".join(lines)
 
 
 def models_text(entries: Sequence[ModelEntry]) -> str:
     """What `dlopt models` prints: one row per model, then each evaluation's metrics."""
-    rows = [[s["name"], s["parameters_millions"], s["fp32_megabytes"], s["inputs"], ", ".join(s["metrics"]),
-             "yes" if s["installed"] else "missing: " + ", ".join(s["missing"])] for s in (e.summary for e in entries)]
+    rows = [
+        [
+            s["name"],
+            s["parameters_millions"],
+            s["fp32_megabytes"],
+            s["inputs"],
+            ", ".join(s["metrics"]),
+            "yes" if s["installed"] else "missing: " + ", ".join(s["missing"]),
+        ]
+        for s in (e.summary for e in entries)
+    ]
     lines = [format_table(["model", "params (M)", "fp32 MB", "inputs", "metrics", "installed"], rows)]
     for e in entries:
         if e.evaluation is not None:
             ev = e.evaluation
-            lines.append(f"\n{e.name} (torch FP32): built in {ev.build_seconds:.1f} s, "
-                         f"evaluated in {ev.evaluate_seconds:.1f} s")
+            lines.append(
+                f"\n{e.name} (torch FP32): built in {ev.build_seconds:.1f} s, evaluated in {ev.evaluate_seconds:.1f} s"
+            )
             lines.append(format_table(["metric", "value"], list(ev.metrics.items())))
     return "\n".join(lines)
 
 
 def run_text(result: RunResult) -> str:
     """What `dlopt run` prints: one row per stage (ran or cached, seconds, cache key, output hash)."""
-    rows = [[r.stage.index, r.stage.kind, "cached" if r.cached else "ran", f"{r.seconds:.2f}", r.key[:12],
-             r.output_sha256[:12]] for r in result.stages]
+    rows = [
+        [
+            r.stage.index,
+            r.stage.kind,
+            "cached" if r.cached else "ran",
+            f"{r.seconds:.2f}",
+            r.key[:12],
+            r.output_sha256[:12],
+        ]
+        for r in result.stages
+    ]
     return format_table(["#", "stage", "status", "seconds", "cache key", "output sha256"], rows)
 
 
@@ -106,7 +145,11 @@ def age_text(seconds: float) -> str:
 def cache_text(listing: CacheListing) -> str:
     """What `dlopt cache ls` prints: key, stage, size, age and source of each entry, and the total."""
     now = time.time()
-    rows = [[e.key[:12], e.kind, f"{e.bytes / 1e6:.2f} MB", age_text(now - e.created), e.info.get("source", "?")]
-            for e in listing.entries]
-    return (format_table(["key", "stage", "size", "age", "source"], rows)
-            + f"\n{len(listing.entries)} entries, {listing.bytes / 1e6:.2f} MB in {listing.root}")
+    rows = [
+        [e.key[:12], e.kind, f"{e.bytes / 1e6:.2f} MB", age_text(now - e.created), e.info.get("source", "?")]
+        for e in listing.entries
+    ]
+    return (
+        format_table(["key", "stage", "size", "age", "source"], rows)
+        + f"\n{len(listing.entries)} entries, {listing.bytes / 1e6:.2f} MB in {listing.root}"
+    )

@@ -10,10 +10,19 @@ from dlopt.console import heartbeat
 
 @click.command("run", short_help="Run a recipe (source, data, target, stages) with a content-addressed stage cache.")
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(),
-              help="Where to write the result: an .onnx model, or a bundle folder when the last stage is package.")
-@click.option("--force", default=None, metavar="STAGE",
-              help="Redo this stage (its kind or 1-based index) and every stage after it, cached or not.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(),
+    help="Where to write the result: an .onnx model, or a bundle folder when the last stage is package.",
+)
+@click.option(
+    "--force",
+    default=None,
+    metavar="STAGE",
+    help="Redo this stage (its kind or 1-based index) and every stage after it, cached or not.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder at -o.")
 @cache_dir_option
 def command(recipe, output, force, overwrite, cache_dir):

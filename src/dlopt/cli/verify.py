@@ -10,13 +10,26 @@ from dlopt.cli._common import TOLERANCE
 @click.command("verify", short_help="Re-check a bundle: every file's sha256, no extra files, outputs vs the source's.")
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--hashes-only", is_flag=True, help="Check files only, do not run the model.")
-@click.option("--trusted-key", type=click.Path(dir_okay=False), default=None, metavar="PUB",
-              help="Public key (`dlopt keygen`) that must have signed the manifest; without it only integrity "
-              "is checked, not origin.")
-@click.option("--atol", type=TOLERANCE, default=None,
-              help="Model vs the stored source outputs, absolute (default 1e-4, or the manifest's if tighter).")
-@click.option("--rtol", type=TOLERANCE, default=None,
-              help="Model vs the stored source outputs, relative (default 1e-3, or the manifest's if tighter).")
+@click.option(
+    "--trusted-key",
+    type=click.Path(dir_okay=False),
+    default=None,
+    metavar="PUB",
+    help="Public key (`dlopt keygen`) that must have signed the manifest; without it only integrity "
+    "is checked, not origin.",
+)
+@click.option(
+    "--atol",
+    type=TOLERANCE,
+    default=None,
+    help="Model vs the stored source outputs, absolute (default 1e-4, or the manifest's if tighter).",
+)
+@click.option(
+    "--rtol",
+    type=TOLERANCE,
+    default=None,
+    help="Model vs the stored source outputs, relative (default 1e-3, or the manifest's if tighter).",
+)
 def command(bundle, hashes_only, trusted_key, atol, rtol):
     """Verify BUNDLE (a folder written by `dlopt package`).
 

@@ -37,26 +37,90 @@ The package, by concern:
     report.py      text, Markdown and JUnit reports, written atomically
 """
 
-from dlopt.gate.config import (BASELINE_SCHEMA, BASELINE_VERSION, DEFAULT_BUDGET_S, DEFAULT_SEQ_LEN, EXIT_INCONCLUSIVE,
-                               EXIT_PASS, EXIT_REGRESSION, EXIT_USAGE, GATE_SCHEMA, GATE_VERSION, POLICIES, VERDICTS,
-                               GateConfig, ProgressFn, validate_config)
-from dlopt.gate.sequential import LatencyOutcome, Look, judge, look_confidence, look_schedule, sequential_test
-from dlopt.gate.baseline import (FINGERPRINT_KEYS, STORED_SAMPLES_MAX, StoredBaseline, StoredBatch, baseline_document,
-                                 fingerprint_differences, load_baseline, save_baseline, thin)
-from dlopt.gate.result import GateCheck, GateResult, overall_verdict
-from dlopt.gate.accuracy import EvalSpec, accuracy_checks, accuracy_gated, metric_drop, validate_eval_spec
-from dlopt.metrics import LOWER_IS_BETTER
-from dlopt.gate.run import MIN_SAMPLE_S, is_baseline_file, run_gate
-from dlopt.gate.report import format_markdown, format_text, junit_xml, write_outputs
 # Part of this module's API before it became a package (the gate drives the bench sampler).
 from dlopt.bench import Repeated, runs_per_sample
+from dlopt.gate.accuracy import EvalSpec, accuracy_checks, accuracy_gated, metric_drop, validate_eval_spec
+from dlopt.gate.baseline import (
+    FINGERPRINT_KEYS,
+    STORED_SAMPLES_MAX,
+    StoredBaseline,
+    StoredBatch,
+    baseline_document,
+    fingerprint_differences,
+    load_baseline,
+    save_baseline,
+    thin,
+)
+from dlopt.gate.config import (
+    BASELINE_SCHEMA,
+    BASELINE_VERSION,
+    DEFAULT_BUDGET_S,
+    DEFAULT_SEQ_LEN,
+    EXIT_INCONCLUSIVE,
+    EXIT_PASS,
+    EXIT_REGRESSION,
+    EXIT_USAGE,
+    GATE_SCHEMA,
+    GATE_VERSION,
+    POLICIES,
+    VERDICTS,
+    GateConfig,
+    ProgressFn,
+    validate_config,
+)
+from dlopt.gate.report import format_markdown, format_text, junit_xml, write_outputs
+from dlopt.gate.result import GateCheck, GateResult, overall_verdict
+from dlopt.gate.run import MIN_SAMPLE_S, is_baseline_file, run_gate
+from dlopt.gate.sequential import LatencyOutcome, Look, judge, look_confidence, look_schedule, sequential_test
+from dlopt.metrics import LOWER_IS_BETTER
 
-__all__ = ["BASELINE_SCHEMA", "BASELINE_VERSION", "GateCheck", "EXIT_INCONCLUSIVE", "EXIT_PASS", "EXIT_REGRESSION",
-           "EXIT_USAGE", "GateConfig", "GateResult", "LatencyOutcome", "Look", "POLICIES", "StoredBaseline",
-           "baseline_document", "fingerprint_differences", "format_markdown", "format_text", "is_baseline_file",
-           "judge", "junit_xml", "load_baseline", "look_confidence", "look_schedule", "overall_verdict", "run_gate",
-           "save_baseline", "sequential_test", "validate_config", "write_outputs", "accuracy_checks",
-           "accuracy_gated", "DEFAULT_BUDGET_S", "DEFAULT_SEQ_LEN", "EvalSpec", "FINGERPRINT_KEYS", "GATE_SCHEMA",
-           "GATE_VERSION", "LOWER_IS_BETTER", "metric_drop", "MIN_SAMPLE_S", "ProgressFn", "STORED_SAMPLES_MAX",
-           "StoredBatch", "thin", "validate_eval_spec", "VERDICTS",
-           "Repeated", "runs_per_sample"]
+__all__ = [
+    "BASELINE_SCHEMA",
+    "BASELINE_VERSION",
+    "GateCheck",
+    "EXIT_INCONCLUSIVE",
+    "EXIT_PASS",
+    "EXIT_REGRESSION",
+    "EXIT_USAGE",
+    "GateConfig",
+    "GateResult",
+    "LatencyOutcome",
+    "Look",
+    "POLICIES",
+    "StoredBaseline",
+    "baseline_document",
+    "fingerprint_differences",
+    "format_markdown",
+    "format_text",
+    "is_baseline_file",
+    "judge",
+    "junit_xml",
+    "load_baseline",
+    "look_confidence",
+    "look_schedule",
+    "overall_verdict",
+    "run_gate",
+    "save_baseline",
+    "sequential_test",
+    "validate_config",
+    "write_outputs",
+    "accuracy_checks",
+    "accuracy_gated",
+    "DEFAULT_BUDGET_S",
+    "DEFAULT_SEQ_LEN",
+    "EvalSpec",
+    "FINGERPRINT_KEYS",
+    "GATE_SCHEMA",
+    "GATE_VERSION",
+    "LOWER_IS_BETTER",
+    "metric_drop",
+    "MIN_SAMPLE_S",
+    "ProgressFn",
+    "STORED_SAMPLES_MAX",
+    "StoredBatch",
+    "thin",
+    "validate_eval_spec",
+    "VERDICTS",
+    "Repeated",
+    "runs_per_sample",
+]

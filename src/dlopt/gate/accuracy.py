@@ -15,7 +15,6 @@ from dlopt.gate.config import GateConfig
 from dlopt.gate.result import GateCheck
 from dlopt.metrics import metric_drop  # the one meaning of a drop, for quantize and optimize too
 
-
 # What a metric computed against the baseline's own output would be for the baseline itself.
 _PERFECT_VS_BASELINE = {"top1_agreement": 1.0, "cosine": 1.0, "mse": 0.0}
 
@@ -41,8 +40,10 @@ def validate_eval_spec(spec: EvalSpec) -> None:
     from dlopt.evaluate import validate_metrics
 
     if (spec.reference_model is None) == (spec.data is None):
-        raise InputError("the accuracy gate needs one evaluator",
-                         "name a reference model's evaluator, or evaluation data (.npz) and a metric")
+        raise InputError(
+            "the accuracy gate needs one evaluator",
+            "name a reference model's evaluator, or evaluation data (.npz) and a metric",
+        )
     if spec.reference_model is not None:
         from dlopt.models import get_reference_model
 
@@ -50,14 +51,18 @@ def validate_eval_spec(spec: EvalSpec) -> None:
         return
     metrics = validate_metrics(spec.metrics)
     if "sqnr" in metrics:
-        raise InputError("sqnr has no 'drop' against the baseline (the baseline's own SQNR is infinite)",
-                         "gate on cosine, mse or top1 instead (dlopt eval reports SQNR)")
+        raise InputError(
+            "sqnr has no 'drop' against the baseline (the baseline's own SQNR is infinite)",
+            "gate on cosine, mse or top1 instead (dlopt eval reports SQNR)",
+        )
     from dlopt.data import as_spec
 
     data = as_spec(spec.data)
     if data.is_path and not Path(data.source).exists():
-        raise InputError(f"evaluation data {data.source} does not exist",
-                         "give an existing .npz file, a folder, a reader file.py:function or model:NAME")
+        raise InputError(
+            f"evaluation data {data.source} does not exist",
+            "give an existing .npz file, a folder, a reader file.py:function or model:NAME",
+        )
 
 
 def accuracy_gated(config: GateConfig) -> bool:
@@ -70,8 +75,9 @@ def accuracy_checks(baseline: Path, candidate: Path, spec: EvalSpec, config: Gat
     from dlopt.evaluate import EvalConfig, evaluate_data, evaluate_reference_model
 
     started = time.perf_counter()
-    eval_config = EvalConfig(metrics=spec.metrics, target=spec.target, output=spec.output,
-                             allow_fallback=config.allow_fallback)
+    eval_config = EvalConfig(
+        metrics=spec.metrics, target=spec.target, output=spec.output, allow_fallback=config.allow_fallback
+    )
     if spec.reference_model is not None:
         result = evaluate_reference_model(candidate, spec.reference_model, eval_config, reference=baseline)
     else:
@@ -80,8 +86,10 @@ def accuracy_checks(baseline: Path, candidate: Path, spec: EvalSpec, config: Gat
     per_metric = dict(config.metric_drops)
     unknown = sorted(set(per_metric) - {row.metric for row in result.rows})
     if unknown:
-        raise InputError(f"{spec.describe()} reports no metric {', '.join(unknown)}",
-                         f"it reports: {', '.join(row.metric for row in result.rows)}")
+        raise InputError(
+            f"{spec.describe()} reports no metric {', '.join(unknown)}",
+            f"it reports: {', '.join(row.metric for row in result.rows)}",
+        )
     checks: list[GateCheck] = []
     for row in result.rows:
         limit = per_metric.get(row.metric, config.max_accuracy_drop)
@@ -94,11 +102,21 @@ def accuracy_checks(baseline: Path, candidate: Path, spec: EvalSpec, config: Gat
         verdict = "pass" if not math.isnan(drop) and drop <= limit + 1e-12 else "fail"
         note = row.note or ("vs the baseline model's score" if row.reference is not None else "")
         note = "; ".join([note, *(f"warning: {w}" for w in result.warnings)]).strip("; ")
-        checks.append(GateCheck(name=f"accuracy: {row.metric}", verdict=verdict, baseline=base_value, candidate=row.value,
-                            change=f"drop {drop:+.4g}", limit=f"drop <= {limit:g}",
-                            detail=f"{spec.describe()}; {note}".rstrip("; "),
-                            seconds=0.0 if checks else seconds))  # one evaluation: its time counted once
+        checks.append(
+            GateCheck(
+                name=f"accuracy: {row.metric}",
+                verdict=verdict,
+                baseline=base_value,
+                candidate=row.value,
+                change=f"drop {drop:+.4g}",
+                limit=f"drop <= {limit:g}",
+                detail=f"{spec.describe()}; {note}".rstrip("; "),
+                seconds=0.0 if checks else seconds,
+            )
+        )  # one evaluation: its time counted once
     if not checks:
-        raise InputError(f"{spec.describe()} gave no metric that compares the two models",
-                         "choose a metric with a baseline value (top1 with labels, cosine, mse)")
+        raise InputError(
+            f"{spec.describe()} gave no metric that compares the two models",
+            "choose a metric with a baseline value (top1 with labels, cosine, mse)",
+        )
     return checks

@@ -16,9 +16,16 @@ import numpy as np
 from dlopt.errors import InputError
 from dlopt.gate.config import BASELINE_SCHEMA, BASELINE_VERSION
 
-
-FINGERPRINT_KEYS = ("cpu_model", "cpu_flags_sha256", "logical_cores", "physical_cores", "machine", "onnxruntime",
-                    "threads", "device")
+FINGERPRINT_KEYS = (
+    "cpu_model",
+    "cpu_flags_sha256",
+    "logical_cores",
+    "physical_cores",
+    "machine",
+    "onnxruntime",
+    "threads",
+    "device",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,9 +58,11 @@ class StoredBaseline:
         for b in self.batches:
             if b.batch == batch:
                 return b
-        raise InputError(f"baseline {self.path} has no measurements at batch {batch}",
-                         f"it has batch {', '.join(str(b.batch) for b in self.batches)}; pass one of those as "
-                         "{batch=N}, or save a baseline measured at that batch size")
+        raise InputError(
+            f"baseline {self.path} has no measurements at batch {batch}",
+            f"it has batch {', '.join(str(b.batch) for b in self.batches)}; pass one of those as "
+            "{batch=N}, or save a baseline measured at that batch size",
+        )
 
 
 def baseline_document(result, *, index: int = 0, inputs_from_data: bool = False) -> dict[str, Any]:
@@ -77,12 +86,15 @@ def baseline_document(result, *, index: int = 0, inputs_from_data: bool = False)
             "seed": config.seed,
             "inputs": "data" if inputs_from_data else "generated",
         },
-        "batches": [{
-            "batch": b.batch,
-            "input_shapes": {k: list(v) for k, v in b.input_shapes.items()},
-            "rounds": b.rounds,
-            "samples_ms": {c: np.round(b.models[index].samples[c] * 1e3, 6).tolist() for c in ("cpu", "wall")},
-        } for b in result.batches],
+        "batches": [
+            {
+                "batch": b.batch,
+                "input_shapes": {k: list(v) for k, v in b.input_shapes.items()},
+                "rounds": b.rounds,
+                "samples_ms": {c: np.round(b.models[index].samples[c] * 1e3, 6).tolist() for c in ("cpu", "wall")},
+            }
+            for b in result.batches
+        ],
     }
 
 
@@ -92,8 +104,10 @@ def save_baseline(path: str | os.PathLike, result, *, index: int = 0, inputs_fro
     from dlopt.fileio import write_json_atomic
 
     if result.target.get("fell_back"):
-        raise InputError(f"not saving {path}: the measurement fell back to the CPU",
-                         "save a baseline from a run on the target itself")
+        raise InputError(
+            f"not saving {path}: the measurement fell back to the CPU",
+            "save a baseline from a run on the target itself",
+        )
     document = baseline_document(result, index=index, inputs_from_data=inputs_from_data)
     return write_json_atomic(path, document)
 
@@ -103,8 +117,9 @@ def load_baseline(path: str | os.PathLike) -> StoredBaseline:
     p = Path(path)
     hint = "write it with `dlopt bench MODEL.onnx --save-baseline FILE`"
     if not p.is_file():
-        raise InputError(f"baseline file {p} does not exist" if not p.exists() else f"baseline {p} is not a file",
-                         "check the path")
+        raise InputError(
+            f"baseline file {p} does not exist" if not p.exists() else f"baseline {p} is not a file", "check the path"
+        )
     try:
         document = json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -116,13 +131,17 @@ def load_baseline(path: str | os.PathLike) -> StoredBaseline:
         return InputError(f"baseline file {p} is not a dlopt baseline: {what}", hint)
 
     if isinstance(document, dict) and document.get("schema") == "dlopt.bench":
-        raise InputError(f"baseline file {p} is a `dlopt bench --json` result, not a stored baseline",
-                         "save one with `dlopt bench MODEL.onnx --save-baseline FILE`")
+        raise InputError(
+            f"baseline file {p} is a `dlopt bench --json` result, not a stored baseline",
+            "save one with `dlopt bench MODEL.onnx --save-baseline FILE`",
+        )
     if not isinstance(document, dict) or document.get("schema") != BASELINE_SCHEMA:
         raise bad(f"its 'schema' is not {BASELINE_SCHEMA!r}")
     if document.get("schema_version") != BASELINE_VERSION:
-        raise InputError(f"baseline file {p} has schema version {document.get('schema_version')!r}",
-                         f"this dlopt reads version {BASELINE_VERSION}; save the baseline again")
+        raise InputError(
+            f"baseline file {p} has schema version {document.get('schema_version')!r}",
+            f"this dlopt reads version {BASELINE_VERSION}; save the baseline again",
+        )
     try:
         model, measurement, fingerprint = document["model"], document["measurement"], document["fingerprint"]
         batches = []
@@ -133,10 +152,13 @@ def load_baseline(path: str | os.PathLike) -> StoredBaseline:
                 if array.ndim != 1 or array.size < 3 or not np.all(np.isfinite(array)) or np.any(array <= 0):
                     raise bad(f"batch {entry['batch']}: its {clock} samples are not 3 or more positive numbers")
                 samples[clock] = array
-            batches.append(StoredBatch(batch=int(entry["batch"]),
-                                       input_shapes={k: tuple(int(d) for d in v)
-                                                     for k, v in entry["input_shapes"].items()},
-                                       samples_s=samples))
+            batches.append(
+                StoredBatch(
+                    batch=int(entry["batch"]),
+                    input_shapes={k: tuple(int(d) for d in v) for k, v in entry["input_shapes"].items()},
+                    samples_s=samples,
+                )
+            )
         if not batches:
             raise bad("it holds no measurements")
         for b in batches:
@@ -149,12 +171,21 @@ def load_baseline(path: str | os.PathLike) -> StoredBaseline:
         if any(clock not in b.samples_s for b in batches):
             raise bad(f"it has no samples for its own clock {clock!r}")
         return StoredBaseline(
-            path=p, created=str(document.get("created", "")), model=str(model["path"]), sha256=str(model["sha256"]),
-            size_bytes=int(model["size_bytes"]), target=str(measurement["target"]),
-            threads=int(measurement["threads"]), clock=clock,
-            graph_opt_level=str(measurement.get("graph_opt_level", "all")), seq_len=int(measurement["seq_len"]),
-            seed=int(measurement["seed"]), inputs_from_data=measurement.get("inputs") == "data",
-            fingerprint=dict(fingerprint), batches=tuple(batches))
+            path=p,
+            created=str(document.get("created", "")),
+            model=str(model["path"]),
+            sha256=str(model["sha256"]),
+            size_bytes=int(model["size_bytes"]),
+            target=str(measurement["target"]),
+            threads=int(measurement["threads"]),
+            clock=clock,
+            graph_opt_level=str(measurement.get("graph_opt_level", "all")),
+            seq_len=int(measurement["seq_len"]),
+            seed=int(measurement["seed"]),
+            inputs_from_data=measurement.get("inputs") == "data",
+            fingerprint=dict(fingerprint),
+            batches=tuple(batches),
+        )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         if isinstance(e, InputError):
             raise
@@ -178,5 +209,8 @@ def thin(samples: np.ndarray, most: int) -> np.ndarray:
 
 def fingerprint_differences(stored: Mapping[str, Any], here: Mapping[str, Any]) -> list[str]:
     """'key: stored -> here' for each fingerprint entry that differs (keys absent on either side are skipped)."""
-    return [f"{k}: {stored[k]!r} -> {here[k]!r}" for k in FINGERPRINT_KEYS
-            if k in stored and k in here and stored[k] != here[k]]
+    return [
+        f"{k}: {stored[k]!r} -> {here[k]!r}"
+        for k in FINGERPRINT_KEYS
+        if k in stored and k in here and stored[k] != here[k]
+    ]

@@ -61,9 +61,14 @@ class GateConfig:
 def validate_config(config: GateConfig) -> None:
     from dlopt.limits import MAX_BATCH, MAX_MEASURE_S, check_number
 
-    numbers = [(config.max_slowdown, "the allowed slowdown"), (config.max_accuracy_drop, "{max_accuracy_drop=DROP}"),
-               (config.max_size_growth, "the allowed size growth"), (config.budget_s, "the time budget (s)"),
-               (config.confidence, "confidence"), *((d, f"the accuracy drop of {m}") for m, d in config.metric_drops)]
+    numbers = [
+        (config.max_slowdown, "the allowed slowdown"),
+        (config.max_accuracy_drop, "{max_accuracy_drop=DROP}"),
+        (config.max_size_growth, "the allowed size growth"),
+        (config.budget_s, "the time budget (s)"),
+        (config.confidence, "confidence"),
+        *((d, f"the accuracy drop of {m}") for m, d in config.metric_drops),
+    ]
     for value, what in numbers:
         if value is not None:
             check_number(value, what)
@@ -71,16 +76,22 @@ def validate_config(config: GateConfig) -> None:
     if config.batch is not None:
         MAX_BATCH.check(config.batch, "batch size")
     if not 0 <= config.max_slowdown < 10:
-        raise InputError(f"the allowed slowdown must be between 0% and 1000%, got {config.max_slowdown:.1%}",
-                         "e.g. {max_slowdown=0.05} (5%)")
+        raise InputError(
+            f"the allowed slowdown must be between 0% and 1000%, got {config.max_slowdown:.1%}",
+            "e.g. {max_slowdown=0.05} (5%)",
+        )
     drops = ([config.max_accuracy_drop] if config.max_accuracy_drop is not None else []) + [
-        d for _, d in config.metric_drops]
+        d for _, d in config.metric_drops
+    ]
     if any(not d >= 0 for d in drops):
-        raise InputError(f"an accuracy drop limit must not be negative, got {min(drops)}",
-                         "e.g. {max_accuracy_drop=0.01}")
+        raise InputError(
+            f"an accuracy drop limit must not be negative, got {min(drops)}", "e.g. {max_accuracy_drop=0.01}"
+        )
     if config.max_size_growth is not None and config.max_size_growth < -1:
-        raise InputError(f"the allowed size growth must be above -100%, got {config.max_size_growth:.1%}",
-                         "e.g. {max_size_growth=0.1} (10%)")
+        raise InputError(
+            f"the allowed size growth must be above -100%, got {config.max_size_growth:.1%}",
+            "e.g. {max_size_growth=0.1} (10%)",
+        )
     if not config.budget_s > 0:
         raise InputError(f"the time budget must be positive, got {config.budget_s} s", "e.g. 60 s")
     if not 0.5 <= config.confidence < 1:
@@ -88,8 +99,9 @@ def validate_config(config: GateConfig) -> None:
     if config.looks < 1:
         raise InputError(f"looks must be at least 1, got {config.looks}", "e.g. {looks=8}")
     if config.on_inconclusive not in POLICIES:
-        raise InputError(f"unknown inconclusive policy {config.on_inconclusive!r}",
-                         f"choose one of {', '.join(POLICIES)}")
+        raise InputError(
+            f"unknown inconclusive policy {config.on_inconclusive!r}", f"choose one of {', '.join(POLICIES)}"
+        )
     if config.ratio_method not in RATIO_METHODS:
         raise InputError(f"unknown ratio method {config.ratio_method!r}", f"choose one of {', '.join(RATIO_METHODS)}")
     if config.clock not in ("auto", "cpu", "wall"):

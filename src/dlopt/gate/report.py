@@ -9,7 +9,6 @@ from typing import Any
 
 from dlopt.gate.result import GateResult
 
-
 _MARK = {"pass": "PASS", "fail": "FAIL", "inconclusive": "INCONCLUSIVE"}
 
 
@@ -18,15 +17,24 @@ def _rows(result: GateResult) -> tuple[list[str], list[list[Any]]]:
     rows = []
     for c in result.checks:
         unit = {"latency": " ms", "size": " MB", "decode tokens/s": " tok/s"}.get(c.name, "")
-        rows.append([c.name, _MARK[c.verdict],
-                     "n/a" if c.baseline is None else f"{c.baseline:.4g}{unit}",
-                     "n/a" if c.candidate is None else f"{c.candidate:.4g}{unit}", c.change, c.limit])
+        rows.append(
+            [
+                c.name,
+                _MARK[c.verdict],
+                "n/a" if c.baseline is None else f"{c.baseline:.4g}{unit}",
+                "n/a" if c.candidate is None else f"{c.candidate:.4g}{unit}",
+                c.change,
+                c.limit,
+            ]
+        )
     return headers, rows
 
 
 def _headline(result: GateResult) -> str:
-    return (f"{_MARK[result.verdict]} (exit {result.exit_code}): {result.candidate} vs "
-            f"{'stored baseline ' if result.mode == 'stored' else ''}{result.baseline}")
+    return (
+        f"{_MARK[result.verdict]} (exit {result.exit_code}): {result.candidate} vs "
+        f"{'stored baseline ' if result.mode == 'stored' else ''}{result.baseline}"
+    )
 
 
 def _context_lines(result: GateResult) -> list[str]:
@@ -34,12 +42,16 @@ def _context_lines(result: GateResult) -> list[str]:
     o = result.latency
     if o is not None:
         warm = result.warmup or {}
-        lines.append(f"sequential test: {len(o.looks)} look(s), {o.rounds} rounds in {o.seconds:.1f} s "
-                     f"after {warm.get('rounds', 0)} warm-up rounds"
-                     + ("" if warm.get("settled", True) else " (latency never settled: capped)"))
+        lines.append(
+            f"sequential test: {len(o.looks)} look(s), {o.rounds} rounds in {o.seconds:.1f} s "
+            f"after {warm.get('rounds', 0)} warm-up rounds"
+            + ("" if warm.get("settled", True) else " (latency never settled: capped)")
+        )
     m = result.machine
-    lines.append(f"machine: {m.get('cpu_model')}, {m.get('logical_cores')} cores, onnxruntime {m.get('onnxruntime')}, "
-                 f"{result.threads} thread(s), batch {result.batch}, target {result.config.target}")
+    lines.append(
+        f"machine: {m.get('cpu_model')}, {m.get('logical_cores')} cores, onnxruntime {m.get('onnxruntime')}, "
+        f"{result.threads} thread(s), batch {result.batch}, target {result.config.target}"
+    )
     lines.extend(result.notes)
     lines.extend(f"{c.name}: {c.detail}" for c in result.checks)
     lines.append(f"decision in {result.seconds:.1f} s")
@@ -60,8 +72,9 @@ def format_markdown(result: GateResult) -> str:
 
     headers, rows = _rows(result)
     details = [f"- {line}" for line in _context_lines(result)]
-    return "\n".join([f"### dlopt gate: {_headline(result)}", "", format_markdown_table(headers, rows), "",
-                      *details, ""])
+    return "\n".join(
+        [f"### dlopt gate: {_headline(result)}", "", format_markdown_table(headers, rows), "", *details, ""]
+    )
 
 
 def junit_xml(result: GateResult) -> str:
@@ -74,16 +87,37 @@ def junit_xml(result: GateResult) -> str:
     failures += len(inconclusive) if policy == "fail" else 0
     skipped = len(inconclusive) if policy == "pass" else 0
     total = f"{result.seconds:.3f}"
-    suites = ET.Element("testsuites", name="dlopt gate", tests=str(len(result.checks)), failures=str(failures),
-                        errors=str(errors), skipped=str(skipped), time=total)
-    suite = ET.SubElement(suites, "testsuite", name="dlopt gate", tests=str(len(result.checks)),
-                          failures=str(failures), errors=str(errors), skipped=str(skipped), time=total,
-                          timestamp=result.created)
+    suites = ET.Element(
+        "testsuites",
+        name="dlopt gate",
+        tests=str(len(result.checks)),
+        failures=str(failures),
+        errors=str(errors),
+        skipped=str(skipped),
+        time=total,
+    )
+    suite = ET.SubElement(
+        suites,
+        "testsuite",
+        name="dlopt gate",
+        tests=str(len(result.checks)),
+        failures=str(failures),
+        errors=str(errors),
+        skipped=str(skipped),
+        time=total,
+        timestamp=result.created,
+    )
     properties = ET.SubElement(suite, "properties")
-    for name, value in (("baseline", result.baseline), ("candidate", result.candidate), ("mode", result.mode),
-                        ("verdict", result.verdict), ("exit_code", result.exit_code), ("clock", result.clock),
-                        ("cpu_model", result.machine.get("cpu_model")),
-                        ("onnxruntime", result.machine.get("onnxruntime"))):
+    for name, value in (
+        ("baseline", result.baseline),
+        ("candidate", result.candidate),
+        ("mode", result.mode),
+        ("verdict", result.verdict),
+        ("exit_code", result.exit_code),
+        ("clock", result.clock),
+        ("cpu_model", result.machine.get("cpu_model")),
+        ("onnxruntime", result.machine.get("onnxruntime")),
+    ):
         ET.SubElement(properties, "property", name=name, value=str(value))
     for c in result.checks:
         case = ET.SubElement(suite, "testcase", classname="dlopt.gate", name=c.name, time=f"{c.seconds:.3f}")
@@ -98,9 +132,14 @@ def junit_xml(result: GateResult) -> str:
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
 
 
-def write_outputs(result: GateResult, *, summary: str | os.PathLike | None = None,
-                  junit: str | os.PathLike | None = None, json_path: str | os.PathLike | None = None,
-                  github_summary: str | None = None) -> list[Path]:
+def write_outputs(
+    result: GateResult,
+    *,
+    summary: str | os.PathLike | None = None,
+    junit: str | os.PathLike | None = None,
+    json_path: str | os.PathLike | None = None,
+    github_summary: str | None = None,
+) -> list[Path]:
     """Write the requested reports. --summary FILE and the others are written atomically; the GitHub
     step summary is appended to, as GitHub expects (several steps share that file)."""
     from dlopt.fileio import write_bytes_atomic, write_json_atomic

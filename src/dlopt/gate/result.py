@@ -8,8 +8,15 @@ from datetime import datetime, timezone
 from typing import Any
 
 from dlopt.errors import InputError
-from dlopt.gate.config import (EXIT_INCONCLUSIVE, EXIT_PASS, EXIT_REGRESSION, GATE_SCHEMA, GATE_VERSION, POLICIES,
-                               GateConfig)
+from dlopt.gate.config import (
+    EXIT_INCONCLUSIVE,
+    EXIT_PASS,
+    EXIT_REGRESSION,
+    GATE_SCHEMA,
+    GATE_VERSION,
+    POLICIES,
+    GateConfig,
+)
 from dlopt.gate.sequential import LatencyOutcome
 
 
@@ -53,25 +60,58 @@ class GateResult:
         if self.latency is not None:
             o = self.latency
             latency = {
-                "verdict": o.verdict, "limit": o.limit, "reason": o.reason, "rounds": o.rounds,
-                "seconds": o.seconds, "look_confidence": o.look_confidence,
+                "verdict": o.verdict,
+                "limit": o.limit,
+                "reason": o.reason,
+                "rounds": o.rounds,
+                "seconds": o.seconds,
+                "look_confidence": o.look_confidence,
                 "interval": o.interval.as_dict() if o.interval is not None else None,
-                "looks": [{"seconds": k.seconds, "rounds": k.rounds, "verdict": k.verdict,
-                           "low": k.interval.low, "estimate": k.interval.estimate, "high": k.interval.high}
-                          for k in o.looks],
+                "looks": [
+                    {
+                        "seconds": k.seconds,
+                        "rounds": k.rounds,
+                        "verdict": k.verdict,
+                        "low": k.interval.low,
+                        "estimate": k.interval.estimate,
+                        "high": k.interval.high,
+                    }
+                    for k in o.looks
+                ],
             }
         return {
-            "schema": GATE_SCHEMA, "schema_version": GATE_VERSION, "created": self.created,
-            "verdict": self.verdict, "exit_code": self.exit_code, "mode": self.mode,
-            "baseline": self.baseline, "candidate": self.candidate,
+            "schema": GATE_SCHEMA,
+            "schema_version": GATE_VERSION,
+            "created": self.created,
+            "verdict": self.verdict,
+            "exit_code": self.exit_code,
+            "mode": self.mode,
+            "baseline": self.baseline,
+            "candidate": self.candidate,
             "config": config_to_dict(self.config),
-            "checks": [{"name": c.name, "verdict": c.verdict, "baseline": c.baseline, "candidate": c.candidate,
-                        "change": c.change, "limit": c.limit, "detail": c.detail, "seconds": c.seconds}
-                       for c in self.checks],
-            "latency": latency, "clock": self.clock, "threads": self.threads, "batch": self.batch,
+            "checks": [
+                {
+                    "name": c.name,
+                    "verdict": c.verdict,
+                    "baseline": c.baseline,
+                    "candidate": c.candidate,
+                    "change": c.change,
+                    "limit": c.limit,
+                    "detail": c.detail,
+                    "seconds": c.seconds,
+                }
+                for c in self.checks
+            ],
+            "latency": latency,
+            "clock": self.clock,
+            "threads": self.threads,
+            "batch": self.batch,
             "warmup": dict(self.warmup) if self.warmup is not None else None,
-            "machine": dict(self.machine), "cross_machine": list(self.cross_machine), "notes": list(self.notes),
-            "seconds": self.seconds, "environment": environment(),
+            "machine": dict(self.machine),
+            "cross_machine": list(self.cross_machine),
+            "notes": list(self.notes),
+            "seconds": self.seconds,
+            "environment": environment(),
         }
 
 

@@ -35,9 +35,15 @@ def is_baseline_file(path: str | os.PathLike) -> bool:
         return f.read(1).strip() in (b"{",)
 
 
-def run_gate(baseline: str | os.PathLike, candidate: str | os.PathLike, config: GateConfig = GateConfig(), *,
-             data: Mapping[str, np.ndarray] | None = None, evaluator: EvalSpec | None = None,
-             progress: ProgressFn | None = None) -> GateResult:
+def run_gate(
+    baseline: str | os.PathLike,
+    candidate: str | os.PathLike,
+    config: GateConfig = GateConfig(),
+    *,
+    data: Mapping[str, np.ndarray] | None = None,
+    evaluator: EvalSpec | None = None,
+    progress: ProgressFn | None = None,
+) -> GateResult:
     """Gate CANDIDATE against BASELINE (a model, or a stored-baseline JSON) on latency, and on size and
     accuracy when their limits are set (accuracy with `evaluator`). Exported LM folders are gated by
     dlopt.gate.lm.run_gate_lm instead (decode tokens/s and perplexity). `data`: arrays to time the models
@@ -48,19 +54,27 @@ def run_gate(baseline: str | os.PathLike, candidate: str | os.PathLike, config: 
     from dlopt.lm import is_lm_folder
 
     if is_lm_folder(baseline) or is_lm_folder(candidate):
-        raise InputError(f"{baseline} and {candidate} are exported LM folders, which dlopt.gate.lm.run_gate_lm gates",
-                         "gate them with dlopt.api.gate (decode tokens/s and perplexity)")
+        raise InputError(
+            f"{baseline} and {candidate} are exported LM folders, which dlopt.gate.lm.run_gate_lm gates",
+            "gate them with dlopt.api.gate (decode tokens/s and perplexity)",
+        )
     if config.prompt_len is not None or config.new_tokens is not None:
-        raise InputError("{prompt_len} and {new_tokens} are for exported LM folders (genai_config.json)",
-                         "drop them, or gate two folders from dlopt export --task text-generation")
+        raise InputError(
+            "{prompt_len} and {new_tokens} are for exported LM folders (genai_config.json)",
+            "drop them, or gate two folders from dlopt export --task text-generation",
+        )
     stored = load_baseline(baseline) if is_baseline_file(baseline) else None
     if accuracy_gated(config):
         if evaluator is None:
-            raise InputError("an accuracy limit ({max_accuracy_drop=DROP}) needs an evaluator",
-                             "name a reference model's evaluator, or evaluation data (.npz) and a metric")
+            raise InputError(
+                "an accuracy limit ({max_accuracy_drop=DROP}) needs an evaluator",
+                "name a reference model's evaluator, or evaluation data (.npz) and a metric",
+            )
         if stored is not None:
-            raise InputError(f"an accuracy gate needs the baseline model, and {baseline} is a stored latency baseline",
-                             "gate against the baseline .onnx model instead, or set no accuracy limit")
+            raise InputError(
+                f"an accuracy gate needs the baseline model, and {baseline} is a stored latency baseline",
+                "gate against the baseline .onnx model instead, or set no accuracy limit",
+            )
         validate_eval_spec(evaluator)
     if stored is not None:
         result = _gate_stored(stored, candidate, config, data, evaluator, progress)
@@ -68,34 +82,64 @@ def run_gate(baseline: str | os.PathLike, candidate: str | os.PathLike, config: 
         result = _gate_interleaved(Path(baseline), candidate, config, data, evaluator, progress)
     checks, fields = result
     verdict, code = overall_verdict(checks, config.on_inconclusive)
-    return GateResult(config=config, baseline=str(baseline), candidate=str(candidate), checks=tuple(checks),
-                      verdict=verdict, exit_code=code, seconds=time.perf_counter() - started, **fields)
+    return GateResult(
+        config=config,
+        baseline=str(baseline),
+        candidate=str(candidate),
+        checks=tuple(checks),
+        verdict=verdict,
+        exit_code=code,
+        seconds=time.perf_counter() - started,
+        **fields,
+    )
 
 
 def _bench_config(config: GateConfig, *, threads: int, seq_len: int, batch: int):
     from dlopt.bench import BenchConfig
 
-    return BenchConfig(target=config.target, threads=threads, batch_sizes=(batch,), seq_len=seq_len,
-                       budget_s=config.budget_s, clock=config.clock, graph_opt_level=config.graph_opt_level,
-                       allow_fallback=config.allow_fallback, device_id=config.device_id, seed=config.seed)
+    return BenchConfig(
+        target=config.target,
+        threads=threads,
+        batch_sizes=(batch,),
+        seq_len=seq_len,
+        budget_s=config.budget_s,
+        clock=config.clock,
+        graph_opt_level=config.graph_opt_level,
+        allow_fallback=config.allow_fallback,
+        device_id=config.device_id,
+        seed=config.seed,
+    )
 
 
 def _size_check(base_bytes: int, cand_bytes: int, limit: float) -> GateCheck:
     growth = cand_bytes / base_bytes - 1 if base_bytes > 0 else math.inf
     verdict = "pass" if growth <= limit + 1e-12 else "fail"
-    return GateCheck(name="size", verdict=verdict, baseline=base_bytes / 1e6, candidate=cand_bytes / 1e6,
-                 change=f"{growth:+.1%}", limit=f"<= {limit:+.1%}",
-                 detail=f"bytes on disk (with external data): {base_bytes:,} -> {cand_bytes:,}")
+    return GateCheck(
+        name="size",
+        verdict=verdict,
+        baseline=base_bytes / 1e6,
+        candidate=cand_bytes / 1e6,
+        change=f"{growth:+.1%}",
+        limit=f"<= {limit:+.1%}",
+        detail=f"bytes on disk (with external data): {base_bytes:,} -> {cand_bytes:,}",
+    )
 
 
-def _latency_check(outcome: LatencyOutcome, config: GateConfig, base_median_s: float, cand_median_s: float,
-                   clock: str) -> GateCheck:
+def _latency_check(
+    outcome: LatencyOutcome, config: GateConfig, base_median_s: float, cand_median_s: float, clock: str
+) -> GateCheck:
     i = outcome.interval
     change = "n/a" if i is None else f"x{i.estimate:.3f} [{i.low:.3f}, {i.high:.3f}]"
-    return GateCheck(name="latency", verdict=outcome.verdict, baseline=base_median_s * 1e3, candidate=cand_median_s * 1e3,
-                 change=change, limit=f"<= x{outcome.limit:.3f}",
-                 detail=f"median {clock} ms; {outcome.reason} ({outcome.look_confidence:.2%} CI per look)",
-                 seconds=outcome.seconds)
+    return GateCheck(
+        name="latency",
+        verdict=outcome.verdict,
+        baseline=base_median_s * 1e3,
+        candidate=cand_median_s * 1e3,
+        change=change,
+        limit=f"<= x{outcome.limit:.3f}",
+        detail=f"median {clock} ms; {outcome.reason} ({outcome.look_confidence:.2%} CI per look)",
+        seconds=outcome.seconds,
+    )
 
 
 def _warmup_dict(report) -> dict[str, Any]:
@@ -112,8 +156,10 @@ def _progress_bridge(progress: ProgressFn | None, budget_s: float, offset_s: flo
             progress("measuring", min(1.0, spent / budget_s))
         else:
             i = look.interval
-            progress(f"look at {look.rounds} rounds: x{i.estimate:.3f} [{i.low:.3f}, {i.high:.3f}] {look.verdict}",
-                     min(1.0, spent / budget_s))
+            progress(
+                f"look at {look.rounds} rounds: x{i.estimate:.3f} [{i.low:.3f}, {i.high:.3f}] {look.verdict}",
+                min(1.0, spent / budget_s),
+            )
 
     return on_progress
 
@@ -127,8 +173,9 @@ def _gate_interleaved(baseline: Path, candidate: Path, config: GateConfig, data,
     threads = config.threads or 1
     batch = config.batch or 1
     bench_config = _bench_config(config, threads=threads, seq_len=config.seq_len or DEFAULT_SEQ_LEN, batch=batch)
-    target, models = load_models([baseline, candidate], bench_config,
-                                 (lambda what, f: progress(what, 0.0)) if progress else None)
+    target, models = load_models(
+        [baseline, candidate], bench_config, (lambda what, f: progress(what, 0.0)) if progress else None
+    )
     clock, clock_reason = choose_clock(bench_config, target)
     notes = [f"clock: {clock} ({clock_reason})"]
     if any(m.handle.fell_back for m in models):
@@ -142,34 +189,62 @@ def _gate_interleaved(baseline: Path, candidate: Path, config: GateConfig, data,
         checks.extend(accuracy_checks(models[0].path, models[1].path, evaluator, config))
 
     # inputs generated (or taken from `data`) and bound on the device, then one cold run each
-    runners = list(bind_models(target, models, batch=batch, seq_len=bench_config.seq_len, seed=config.seed,
-                               data=data, device_id=config.device_id,
-                               input_shapes=parse_input_shapes(config.input_shapes)).runners)
+    runners = list(
+        bind_models(
+            target,
+            models,
+            batch=batch,
+            seq_len=bench_config.seq_len,
+            seed=config.seed,
+            data=data,
+            device_id=config.device_id,
+            input_shapes=parse_input_shapes(config.input_shapes),
+        ).runners
+    )
     sampler = InterleavedSampler(runners)
     if progress:
         progress("warming up", 0.0)
-    warm = sampler.warm_up(max_seconds=config.budget_s * config.warmup_max_fraction, clock=clock,
-                           on_round=(lambda f: progress("warming up", f * config.warmup_max_fraction))
-                           if progress else None)
+    warm = sampler.warm_up(
+        max_seconds=config.budget_s * config.warmup_max_fraction,
+        clock=clock,
+        on_round=(lambda f: progress("warming up", f * config.warmup_max_fraction)) if progress else None,
+    )
     repeat = runs_per_sample(sampler, clock, MIN_SAMPLE_S)
     if repeat > 1:
         sampler = InterleavedSampler([Repeated(run, repeat) for run in runners])
-        notes.append(f"each sample is {repeat} back-to-back runs (runs under {MIN_SAMPLE_S * 1e3:g} ms are "
-                     "timed in groups, as timeit does)")
+        notes.append(
+            f"each sample is {repeat} back-to-back runs (runs under {MIN_SAMPLE_S * 1e3:g} ms are "
+            "timed in groups, as timeit does)"
+        )
     sampling_budget = max(config.budget_s - warm.seconds, 1e-3)
     outcome = sequential_test(
-        lambda: sampler.run_rounds(1), lambda: sampler.rounds,
-        lambda level: sampler.ratio(1, clock, method=config.ratio_method, confidence=level, n_boot=config.n_boot,
-                                    seed=config.seed),
-        limit=1 + config.max_slowdown, budget_s=sampling_budget, looks=config.looks,
-        confidence=config.confidence, first_look_fraction=config.first_look_fraction,
-        min_rounds=config.min_rounds, progress=_progress_bridge(progress, config.budget_s, warm.seconds))
+        lambda: sampler.run_rounds(1),
+        lambda: sampler.rounds,
+        lambda level: sampler.ratio(
+            1, clock, method=config.ratio_method, confidence=level, n_boot=config.n_boot, seed=config.seed
+        ),
+        limit=1 + config.max_slowdown,
+        budget_s=sampling_budget,
+        looks=config.looks,
+        confidence=config.confidence,
+        first_look_fraction=config.first_look_fraction,
+        min_rounds=config.min_rounds,
+        progress=_progress_bridge(progress, config.budget_s, warm.seconds),
+    )
     base_median = float(np.median(sampler.samples(0, clock))) / repeat
     cand_median = float(np.median(sampler.samples(1, clock))) / repeat
     checks.insert(0, _latency_check(outcome, config, base_median, cand_median, clock))
-    fields = dict(mode="interleaved", latency=outcome, clock=clock, threads=threads, batch=batch,
-                  warmup=_warmup_dict(warm), machine=machine_fingerprint(threads, target, config.device_id),
-                  cross_machine=(), notes=tuple(notes))
+    fields = dict(
+        mode="interleaved",
+        latency=outcome,
+        clock=clock,
+        threads=threads,
+        batch=batch,
+        warmup=_warmup_dict(warm),
+        machine=machine_fingerprint(threads, target, config.device_id),
+        cross_machine=(),
+        notes=tuple(notes),
+    )
     return checks, fields
 
 
@@ -179,8 +254,10 @@ def _gate_stored(stored: StoredBaseline, candidate: Path, config: GateConfig, da
 
     threads = config.threads or stored.threads
     if config.target != stored.target:
-        raise InputError(f"baseline {stored.path} was measured on target {stored.target!r}, the gate runs on "
-                         f"{config.target!r}", f"pass {{target={stored.target}}}, or gate against the baseline model")
+        raise InputError(
+            f"baseline {stored.path} was measured on target {stored.target!r}, the gate runs on {config.target!r}",
+            f"pass {{target={stored.target}}}, or gate against the baseline model",
+        )
     target = get_target(config.target)
     here = machine_fingerprint(threads, target, config.device_id)
     differences = fingerprint_differences(stored.fingerprint, here)
@@ -189,10 +266,13 @@ def _gate_stored(stored: StoredBaseline, candidate: Path, config: GateConfig, da
             f"baseline {stored.path} was measured on another machine or setup ({'; '.join(differences)}); "
             "comparing absolute latencies across machines measures the machines, not the models",
             "re-measure the baseline model here instead (gate against the baseline .onnx model: the reliable "
-            "way), or pass {allow_cross_machine} to compare anyway")
+            "way), or pass {allow_cross_machine} to compare anyway",
+        )
     if stored.inputs_from_data and data is None:
-        raise InputError(f"baseline {stored.path} was measured on inputs from a data file",
-                         "time the candidate on the same data file")
+        raise InputError(
+            f"baseline {stored.path} was measured on inputs from a data file",
+            "time the candidate on the same data file",
+        )
     stored_batch = stored.batch_run(config.batch)
     batch = stored_batch.batch
     seq_len = config.seq_len or stored.seq_len
@@ -201,44 +281,84 @@ def _gate_stored(stored: StoredBaseline, candidate: Path, config: GateConfig, da
         raise InputError(f"baseline {stored.path} has no {clock} samples", f"use {{clock={stored.clock}}}")
     bench_config = _bench_config(config, threads=threads, seq_len=seq_len, batch=batch)
     if config.seed != stored.seed or seq_len != stored.seq_len:
-        raise InputError(f"baseline {stored.path} was measured with seed {stored.seed}, seq-len {stored.seq_len}",
-                         f"gate with {{seed={stored.seed}}} and {{seq_len={stored.seq_len}}} (or leave them unset)")
+        raise InputError(
+            f"baseline {stored.path} was measured with seed {stored.seed}, seq-len {stored.seq_len}",
+            f"gate with {{seed={stored.seed}}} and {{seq_len={stored.seq_len}}} (or leave them unset)",
+        )
     target, models = load_models([candidate], bench_config, (lambda what, f: progress(what, 0.0)) if progress else None)
     model = models[0]
-    bound = bind_models(target, models, batch=batch, seq_len=seq_len, seed=config.seed, data=data,
-                        device_id=config.device_id, input_shapes=parse_input_shapes(config.input_shapes))
+    bound = bind_models(
+        target,
+        models,
+        batch=batch,
+        seq_len=seq_len,
+        seed=config.seed,
+        data=data,
+        device_id=config.device_id,
+        input_shapes=parse_input_shapes(config.input_shapes),
+    )
     shapes = dict(bound.input_shapes)
     common = set(shapes) & set(stored_batch.input_shapes)
     mismatched = [k for k in sorted(common) if shapes[k] != tuple(stored_batch.input_shapes[k])]
     if mismatched:
         ours = ", ".join(f"{k}{list(shapes[k])}" for k in mismatched)
         theirs = ", ".join(f"{k}{list(stored_batch.input_shapes[k])}" for k in mismatched)
-        raise InputError(f"the candidate's inputs {ours} differ from the baseline's {theirs}",
-                         f"gate with the baseline's {{batch={batch}}} and {{seq_len={stored.seq_len}}}")
-    notes = [f"clock: {clock} (the stored baseline's)",
-             "stored baseline: the machine's drift since it was measured is not in the CI; gating against the "
-             "baseline model, measured interleaved, is the reliable way"]
+        raise InputError(
+            f"the candidate's inputs {ours} differ from the baseline's {theirs}",
+            f"gate with the baseline's {{batch={batch}}} and {{seq_len={stored.seq_len}}}",
+        )
+    notes = [
+        f"clock: {clock} (the stored baseline's)",
+        "stored baseline: the machine's drift since it was measured is not in the CI; gating against the "
+        "baseline model, measured interleaved, is the reliable way",
+    ]
     if differences:
         notes.append("CROSS-MACHINE comparison (--allow-cross-machine): " + "; ".join(differences))
     checks = []
     if config.max_size_growth is not None:
         checks.append(_size_check(stored.size_bytes, model.size_bytes, config.max_size_growth))
     sampler = InterleavedSampler(list(bound.runners))
-    warm = sampler.warm_up(max_seconds=config.budget_s * config.warmup_max_fraction, clock=clock,
-                           on_round=(lambda f: progress("warming up", f * config.warmup_max_fraction))
-                           if progress else None)
+    warm = sampler.warm_up(
+        max_seconds=config.budget_s * config.warmup_max_fraction,
+        clock=clock,
+        on_round=(lambda f: progress("warming up", f * config.warmup_max_fraction)) if progress else None,
+    )
     base_samples = thin(stored_batch.samples_s[clock], STORED_SAMPLES_MAX)
     outcome = sequential_test(
-        lambda: sampler.run_rounds(1), lambda: sampler.rounds,
-        lambda level: ratio_ci(base_samples, thin(sampler.samples(0, clock), 2 * STORED_SAMPLES_MAX),
-                               method="median-ratio", paired=False,
-                               confidence=level,
-                               n_boot=config.n_boot, seed=config.seed),
-        limit=1 + config.max_slowdown, budget_s=max(config.budget_s - warm.seconds, 1e-3), looks=config.looks,
-        confidence=config.confidence, first_look_fraction=config.first_look_fraction,
-        min_rounds=config.min_rounds, progress=_progress_bridge(progress, config.budget_s, warm.seconds))
-    checks.insert(0, _latency_check(outcome, config, float(np.median(base_samples)),
-                                    float(np.median(sampler.samples(0, clock))), clock))
-    fields = dict(mode="stored", latency=outcome, clock=clock, threads=threads, batch=batch,
-                  warmup=_warmup_dict(warm), machine=here, cross_machine=tuple(differences), notes=tuple(notes))
+        lambda: sampler.run_rounds(1),
+        lambda: sampler.rounds,
+        lambda level: ratio_ci(
+            base_samples,
+            thin(sampler.samples(0, clock), 2 * STORED_SAMPLES_MAX),
+            method="median-ratio",
+            paired=False,
+            confidence=level,
+            n_boot=config.n_boot,
+            seed=config.seed,
+        ),
+        limit=1 + config.max_slowdown,
+        budget_s=max(config.budget_s - warm.seconds, 1e-3),
+        looks=config.looks,
+        confidence=config.confidence,
+        first_look_fraction=config.first_look_fraction,
+        min_rounds=config.min_rounds,
+        progress=_progress_bridge(progress, config.budget_s, warm.seconds),
+    )
+    checks.insert(
+        0,
+        _latency_check(
+            outcome, config, float(np.median(base_samples)), float(np.median(sampler.samples(0, clock))), clock
+        ),
+    )
+    fields = dict(
+        mode="stored",
+        latency=outcome,
+        clock=clock,
+        threads=threads,
+        batch=batch,
+        warmup=_warmup_dict(warm),
+        machine=here,
+        cross_machine=tuple(differences),
+        notes=tuple(notes),
+    )
     return checks, fields

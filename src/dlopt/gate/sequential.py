@@ -55,11 +55,20 @@ def judge(interval: Interval, limit: float) -> str:
     return "undecided"
 
 
-def sequential_test(add_round: Callable[[], None], rounds: Callable[[], int],
-                    ratio_interval: Callable[[float], Interval], *, limit: float, budget_s: float,
-                    looks: int = 8, confidence: float = 0.95, first_look_fraction: float = 1 / 32,
-                    min_rounds: int = 20, now: Callable[[], float] = time.perf_counter,
-                    progress: Callable[[float, Look | None], None] | None = None) -> LatencyOutcome:
+def sequential_test(
+    add_round: Callable[[], None],
+    rounds: Callable[[], int],
+    ratio_interval: Callable[[float], Interval],
+    *,
+    limit: float,
+    budget_s: float,
+    looks: int = 8,
+    confidence: float = 0.95,
+    first_look_fraction: float = 1 / 32,
+    min_rounds: int = 20,
+    now: Callable[[], float] = time.perf_counter,
+    progress: Callable[[float, Look | None], None] | None = None,
+) -> LatencyOutcome:
     """Add rounds until a look decides or the budget is spent.
 
     `add_round()` measures one more round; `rounds()` counts them; `ratio_interval(level)` is the CI
@@ -83,14 +92,26 @@ def sequential_test(add_round: Callable[[], None], rounds: Callable[[], int],
         done = due
         n = rounds()
 
-        def outcome(verdict: str, interval: Interval | None, reason: str, n: int = n,
-                    elapsed: float = elapsed) -> LatencyOutcome:  # this look's n and elapsed, bound now
-            return LatencyOutcome(verdict=verdict, limit=limit, interval=interval, looks=tuple(history), rounds=n,
-                                  seconds=elapsed, look_confidence=level, reason=reason)
+        def outcome(
+            verdict: str, interval: Interval | None, reason: str, n: int = n, elapsed: float = elapsed
+        ) -> LatencyOutcome:  # this look's n and elapsed, bound now
+            return LatencyOutcome(
+                verdict=verdict,
+                limit=limit,
+                interval=interval,
+                looks=tuple(history),
+                rounds=n,
+                seconds=elapsed,
+                look_confidence=level,
+                reason=reason,
+            )
 
         if n < 3:  # a bootstrap of 1-2 rounds means nothing
-            return outcome("inconclusive", None,
-                           f"only {n} round(s) fit in the {budget_s:.3g} s left for sampling: raise the time budget")
+            return outcome(
+                "inconclusive",
+                None,
+                f"only {n} round(s) fit in the {budget_s:.3g} s left for sampling: raise the time budget",
+            )
         interval = ratio_interval(level)
         verdict = judge(interval, limit)
         history.append(Look(seconds=elapsed, rounds=n, interval=interval, verdict=verdict))
@@ -102,7 +123,10 @@ def sequential_test(add_round: Callable[[], None], rounds: Callable[[], int],
         if verdict == "fail":
             return outcome("fail", interval, f"ratio CI {ci} lies above {limit:.3f} after {n} rounds")
         if final:
-            return outcome("inconclusive", interval,
-                           f"ratio CI {ci} still contains {limit:.3f} after {n} rounds and the {budget_s:.3g} s "
-                           "left for sampling: the difference is within noise of the threshold (raise the time budget "
-                           "to resolve it)")
+            return outcome(
+                "inconclusive",
+                interval,
+                f"ratio CI {ci} still contains {limit:.3f} after {n} rounds and the {budget_s:.3g} s "
+                "left for sampling: the difference is within noise of the threshold (raise the time budget "
+                "to resolve it)",
+            )

@@ -42,10 +42,25 @@ from dlopt.manifest import MANIFEST_NAME, SAMPLES_NAME, SIGNATURE_NAME, file_ent
 from dlopt.package.build import _build_model, _copy_onnx, _parse_fix_shapes, _save_model
 from dlopt.package.bundle import check_bundle_path, finalize_bundle, is_bundle
 from dlopt.package.card import model_card, summary_table
-from dlopt.package.checks import (_check_text, _run_onnx, _sample_inputs, _write_samples, check_output, compare,
-                                  read_samples, verify_outputs)
-from dlopt.package.config import (PACKAGE_TARGETS, PTE_PRECISIONS, Log, PackageConfig, PackageResult, builds,
-                                  validate_config)
+from dlopt.package.checks import (
+    _check_text,
+    _run_onnx,
+    _sample_inputs,
+    _write_samples,
+    check_output,
+    compare,
+    read_samples,
+    verify_outputs,
+)
+from dlopt.package.config import (
+    PACKAGE_TARGETS,
+    PTE_PRECISIONS,
+    Log,
+    PackageConfig,
+    PackageResult,
+    builds,
+    validate_config,
+)
 from dlopt.package.measure import _measure, length_sorting_latency, recommended_session
 from dlopt.package.pte import _build_pte, _load_torch_source
 from dlopt.package.record import _calibration_record, _coverage_summary, _manifest, _roles, _stage_reports
@@ -68,10 +83,17 @@ def _relaxed_outputs(model, label: str):
     return (copy, found) if found else (None, ())
 
 
-def package(model_path: str | os.PathLike, output: str | os.PathLike, config: PackageConfig = PackageConfig(), *,
-            data: Mapping[str, np.ndarray] | None = None, sign_key: str | os.PathLike | None = None,
-            lineage: Sequence[Mapping[str, Any]] | None = None, data_spec: Any = None,
-            log: Log = lambda message: None) -> PackageResult:
+def package(
+    model_path: str | os.PathLike,
+    output: str | os.PathLike,
+    config: PackageConfig = PackageConfig(),
+    *,
+    data: Mapping[str, np.ndarray] | None = None,
+    sign_key: str | os.PathLike | None = None,
+    lineage: Sequence[Mapping[str, Any]] | None = None,
+    data_spec: Any = None,
+    log: Log = lambda message: None,
+) -> PackageResult:
     """Build a verified bundle for `config.target` from the ONNX model at `model_path` in `output`.
 
     `data` ({input name: array}, first axis = batch, or a dlopt.data.SampleArrays) replaces generated sample
@@ -94,8 +116,10 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
     guard_outputs([source_path, calibration_path, guard_source_spec(config.torch_source)], [output])
     out = check_bundle_path(Path(output), config.overwrite)
     if sign_key is not None and Path(out).resolve() in Path(sign_key).resolve().parents:
-        raise InputError(f"the signing key {sign_key} lies inside the bundle folder {out}",
-                         "keep keys outside bundles: the bundle is replaced, and the key would be lost or shipped")
+        raise InputError(
+            f"the signing key {sign_key} lies inside the bundle folder {out}",
+            "keep keys outside bundles: the bundle is replaced, and the key would be lost or shipped",
+        )
     source = load_onnx(source_path)
     from dlopt.targets.mobile import external_data_files
 
@@ -110,8 +134,14 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
     calibration = _calibration_record(config.calibration, source_path)
     stage_configs = _stage_reports(source_path)
     if calibration is None:
-        calibration = next((r["calibration"] for r in stage_configs.values()
-                            if isinstance(r.get("calibration"), dict) and "sha256" in r["calibration"]), None)
+        calibration = next(
+            (
+                r["calibration"]
+                for r in stage_configs.values()
+                if isinstance(r.get("calibration"), dict) and "sha256" in r["calibration"]
+            ),
+            None,
+        )
     torch_source = _load_torch_source(config) if config.torch_source else None  # fail early on a bad source
     if data is None and calibration_spec is not None and (calibration_spec.layout or calibration_spec.values):
         # generated samples put the batch on axis 0 and know no constants: the declared data does
@@ -139,8 +169,14 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
                 produced_notes(relaxed_outputs, expected[0], source_path.name)
             _write_samples(staging / SAMPLES_NAME, feeds_list, expected)
             log(f"verifying {built['file']} against {source_path.name} on {len(feeds_list)} sample(s)")
-            checks = verify_outputs(staging / built["file"], built["session_config"], feeds_list, expected,
-                                    {"atol": config.atol, "rtol": config.rtol}, artifact=built["file"])
+            checks = verify_outputs(
+                staging / built["file"],
+                built["session_config"],
+                feeds_list,
+                expected,
+                {"atol": config.atol, "rtol": config.rtol},
+                artifact=built["file"],
+            )
             coverage = None
             if builds(config, "ort") and config.coverage:  # NNAPI / CoreML take ORT-format models
                 from dlopt.targets.mobile import coverage_report
@@ -152,8 +188,9 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
                 coverage = _coverage_summary(report)
             artifacts, pte_checks, pte_programs = [], [], []
             if torch_source is not None:
-                artifacts, pte_checks, pte_programs = _build_pte(torch_source, staging, config, feeds_list, expected,
-                                                                 log, source_path)
+                artifacts, pte_checks, pte_programs = _build_pte(
+                    torch_source, staging, config, feeds_list, expected, log, source_path
+                )
             checks += pte_checks
             failed = [c for c in checks if not c["passed"]]
             if failed:
@@ -162,17 +199,40 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
                     + "; ".join(f"{c['artifact']} {c['output']}: {_check_text(c)}" for c in failed),
                     "nothing was written; loosen {atol=TOL}/{rtol=TOL} (ORT model) or the int8 .pte SQNR floor (an "
                     "int8 .pte against an int8 MODEL compares two different quantizations) only if the difference is "
-                    "expected")
-            metrics = _measure(staging / built["file"], built, config, feeds_list[0], pte_programs, log) \
-                if config.measure_s > 0 else {}
-            sorting = length_sorting_latency(staging / built["file"], built, config, model, data, source_path, log) \
-                if config.measure_s > 0 else None
-        manifest = _manifest(name=name, config=config, source_path=source_path, source=source, model=model,
-                             built=built, fixed=fixed, calibration=calibration, stage_configs=stage_configs,
-                             checks=checks, samples=len(feeds_list), coverage=coverage, metrics=metrics,
-                             artifacts=artifacts, staging=staging)
-        specs = {role: spec.record() for role, spec in (("calibration", calibration_spec), ("data", as_spec(data_spec)))
-                 if spec is not None}
+                    "expected",
+                )
+            metrics = (
+                _measure(staging / built["file"], built, config, feeds_list[0], pte_programs, log)
+                if config.measure_s > 0
+                else {}
+            )
+            sorting = (
+                length_sorting_latency(staging / built["file"], built, config, model, data, source_path, log)
+                if config.measure_s > 0
+                else None
+            )
+        manifest = _manifest(
+            name=name,
+            config=config,
+            source_path=source_path,
+            source=source,
+            model=model,
+            built=built,
+            fixed=fixed,
+            calibration=calibration,
+            stage_configs=stage_configs,
+            checks=checks,
+            samples=len(feeds_list),
+            coverage=coverage,
+            metrics=metrics,
+            artifacts=artifacts,
+            staging=staging,
+        )
+        specs = {
+            role: spec.record()
+            for role, spec in (("calibration", calibration_spec), ("data", as_spec(data_spec)))
+            if spec is not None
+        }
         manifest["data_spec"] = specs or None
         if sorting is not None:
             manifest["length_sorting"] = sorting
@@ -199,6 +259,22 @@ def package(model_path: str | os.PathLike, output: str | os.PathLike, config: Pa
     return PackageResult(bundle=out, manifest=manifest)
 
 
-__all__ = ["PACKAGE_TARGETS", "PackageConfig", "PackageResult", "check_output", "compare", "model_card", "package",
-           "read_samples", "summary_table", "validate_config", "verify_outputs", "check_bundle_path",
-           "finalize_bundle", "is_bundle", "Log", "PTE_PRECISIONS", "recommended_session"]
+__all__ = [
+    "PACKAGE_TARGETS",
+    "PackageConfig",
+    "PackageResult",
+    "check_output",
+    "compare",
+    "model_card",
+    "package",
+    "read_samples",
+    "summary_table",
+    "validate_config",
+    "verify_outputs",
+    "check_bundle_path",
+    "finalize_bundle",
+    "is_bundle",
+    "Log",
+    "PTE_PRECISIONS",
+    "recommended_session",
+]

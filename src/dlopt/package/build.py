@@ -46,18 +46,32 @@ def _build_model(prepared: Path, staging: Path, config: PackageConfig, log: Log)
         style = STYLE_FOR_EP[intended]
         log(f"converting to ORT format ({style} optimization style, for the {intended} EP)")
         conversion = to_ort_format(prepared, staging, style=style, type_reduction=config.type_reduction)
-        return {"file": conversion.model.name, "format": "ort", "intended_ep": intended, "optimization_style": style,
-                "graph_optimization_level": "all" if style == "Fixed" else "basic",
-                "session_config": dict(SESSION_CONFIG_FOR_STYLE[style]),
-                "operators_config": conversion.operators_config.name,
-                "ort_format_version": conversion.ort_format_version}
+        return {
+            "file": conversion.model.name,
+            "format": "ort",
+            "intended_ep": intended,
+            "optimization_style": style,
+            "graph_optimization_level": "all" if style == "Fixed" else "basic",
+            "session_config": dict(SESSION_CONFIG_FOR_STYLE[style]),
+            "operators_config": conversion.operators_config.name,
+            "ort_format_version": conversion.ort_format_version,
+        }
     from dlopt.targets.mobile import external_data_files
 
     external = external_data_files(load_onnx(prepared, load_external_data=False))
     if external:
-        raise InputError(f"{prepared.name} keeps its weights in external data files {external}",
-                         "bundles hold single-file models under 2 GiB for now")
+        raise InputError(
+            f"{prepared.name} keeps its weights in external data files {external}",
+            "bundles hold single-file models under 2 GiB for now",
+        )
     shutil.copyfile(prepared, staging / "model.onnx")
-    return {"file": "model.onnx", "format": "onnx", "intended_ep": config.target, "optimization_style": None,
-            "graph_optimization_level": None, "session_config": {}, "operators_config": None,
-            "ort_format_version": None}
+    return {
+        "file": "model.onnx",
+        "format": "onnx",
+        "intended_ep": config.target,
+        "optimization_style": None,
+        "graph_optimization_level": None,
+        "session_config": {},
+        "operators_config": None,
+        "ort_format_version": None,
+    }

@@ -20,20 +20,24 @@ def check_bundle_path(out: Path, overwrite: bool) -> Path:
     if not os.access(parent, os.W_OK):
         raise InputError(f"output directory {parent} is not writable", "choose another -o path")
     if out.is_symlink():  # replacing it would replace the link, or leave the old bundle aside under its name
-        raise InputError(f"bundle path {out} is a symlink (to {os.readlink(out)})",
-                         "give the folder itself as -o, not a link to it")
+        raise InputError(
+            f"bundle path {out} is a symlink (to {os.readlink(out)})", "give the folder itself as -o, not a link to it"
+        )
     _recover_killed_runs(out)
     if out.exists():
         if not out.is_dir():
             raise InputError(f"bundle path {out} is a file", "give a folder name for the bundle")
         if any(out.iterdir()):
             if not overwrite:
-                raise InputError(f"bundle folder {out} exists and is not empty",
-                                 "pass {overwrite}, or choose another {output=DIR}")
+                raise InputError(
+                    f"bundle folder {out} exists and is not empty", "pass {overwrite}, or choose another {output=DIR}"
+                )
             if not is_bundle(out):
-                raise InputError(f"{{overwrite}}: {out} is not a dlopt bundle (no manifest.json written by dlopt "
-                                 "package), so it is not replaced",
-                                 "choose another {output=DIR}, or empty the folder yourself")
+                raise InputError(
+                    f"{{overwrite}}: {out} is not a dlopt bundle (no manifest.json written by dlopt "
+                    "package), so it is not replaced",
+                    "choose another {output=DIR}, or empty the folder yourself",
+                )
     return out
 
 

@@ -15,8 +15,9 @@ from dlopt.fileio import load_onnx
 from dlopt.package.config import PackageConfig, _is_reference
 
 
-def _sample_inputs(model_path: Path, config: PackageConfig,
-                   data: Mapping[str, np.ndarray] | None) -> list[dict[str, np.ndarray]]:
+def _sample_inputs(
+    model_path: Path, config: PackageConfig, data: Mapping[str, np.ndarray] | None
+) -> list[dict[str, np.ndarray]]:
     from dlopt.fileio import load_onnx
     from dlopt.inputs import feeds_from_arrays, parse_input_shapes, session_inputs, synthetic_feeds, value_ranges
     from dlopt.sessions import trial_run
@@ -28,10 +29,16 @@ def _sample_inputs(model_path: Path, config: PackageConfig,
     real = _reference_samples(config, specs)
     if real is not None:
         return real
-    return synthetic_feeds(specs, count=config.samples, batch=config.batch, seq_len=config.seq_len,
-                           seed=config.seed, overrides=parse_input_shapes(config.input_shapes),
-                           ranges=value_ranges(load_onnx(model_path, load_external_data=False)),
-                           run=lambda feeds: trial_run(session, feeds))
+    return synthetic_feeds(
+        specs,
+        count=config.samples,
+        batch=config.batch,
+        seq_len=config.seq_len,
+        seed=config.seed,
+        overrides=parse_input_shapes(config.input_shapes),
+        ranges=value_ranges(load_onnx(model_path, load_external_data=False)),
+        run=lambda feeds: trial_run(session, feeds),
+    )
 
 
 def _reference_samples(config: PackageConfig, specs) -> list[dict[str, np.ndarray]] | None:
@@ -43,22 +50,30 @@ def _reference_samples(config: PackageConfig, specs) -> list[dict[str, np.ndarra
         return None
     from dlopt.models import get_reference_model
 
-    example = get_reference_model(config.torch_source).example_inputs(batch=config.batch * config.samples,
-                                                                      seq_len=config.seq_len)
+    example = get_reference_model(config.torch_source).example_inputs(
+        batch=config.batch * config.samples, seq_len=config.seq_len
+    )
     arrays = {k: np.asarray(v) for k, v in example.items()}
     if {s.name for s in specs} != set(arrays) or any(len(s.shape) != arrays[s.name].ndim for s in specs):
         return None
     b = config.batch
-    return [{s.name: np.ascontiguousarray(arrays[s.name][k * b:(k + 1) * b]) for s in specs}
-            for k in range(config.samples)]
+    return [
+        {s.name: np.ascontiguousarray(arrays[s.name][k * b : (k + 1) * b]) for s in specs}
+        for k in range(config.samples)
+    ]
 
 
 def _session(model: Path, session_config: Mapping[str, str], threads: int = 1):
     from dlopt.sessions import cpu_session
 
-    return cpu_session(model, threads=threads, graph_opt_level="all", config_entries=session_config,
-                       error=VerificationError,
-                       hint="the file is damaged or was written by an incompatible version")
+    return cpu_session(
+        model,
+        threads=threads,
+        graph_opt_level="all",
+        config_entries=session_config,
+        error=VerificationError,
+        hint="the file is damaged or was written by an incompatible version",
+    )
 
 
 def _run_onnx(model_path: Path, feeds_list: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
@@ -83,7 +98,7 @@ def read_samples(path: Path) -> tuple[list[dict[str, np.ndarray]], list[dict[str
     with np.load(path, allow_pickle=False) as archive:
         for key in archive.files:
             head, kind, name = key.split(".", 2)
-            index = int(head[len("sample"):])
+            index = int(head[len("sample") :])
             (inputs if kind == "input" else expected).setdefault(index, {})[name] = archive[key]
     order = sorted(inputs)
     return [inputs[k] for k in order], [expected.get(k, {}) for k in order]
@@ -96,11 +111,18 @@ def compare(actual: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
 
     a, r = np.asarray(actual), np.asarray(reference)
     if a.shape != r.shape:
-        return {"shape_mismatch": [list(a.shape), list(r.shape)], "max_abs_diff": float("inf"), "sqnr_db": None,
-                "top1_agreement": None}
+        return {
+            "shape_mismatch": [list(a.shape), list(r.shape)],
+            "max_abs_diff": float("inf"),
+            "sqnr_db": None,
+            "top1_agreement": None,
+        }
     measured = compare_arrays(a, r)
-    return {"max_abs_diff": measured.max_abs_diff, "sqnr_db": measured.sqnr_db,
-            "top1_agreement": measured.top1_agreement}
+    return {
+        "max_abs_diff": measured.max_abs_diff,
+        "sqnr_db": measured.sqnr_db,
+        "top1_agreement": measured.top1_agreement,
+    }
 
 
 def check_output(actual: np.ndarray, reference: np.ndarray, criterion: Mapping[str, float]) -> dict[str, Any]:
@@ -111,13 +133,20 @@ def check_output(actual: np.ndarray, reference: np.ndarray, criterion: Mapping[s
     if "min_sqnr_db" in criterion:
         passed = bool(result["sqnr_db"] is not None and result["sqnr_db"] >= criterion["min_sqnr_db"])
     else:
-        passed = bool(np.allclose(np.asarray(actual, np.float64), np.asarray(reference, np.float64),
-                                  atol=criterion["atol"], rtol=criterion["rtol"]))
+        passed = bool(
+            np.allclose(
+                np.asarray(actual, np.float64),
+                np.asarray(reference, np.float64),
+                atol=criterion["atol"],
+                rtol=criterion["rtol"],
+            )
+        )
     return result | {"passed": passed}
 
 
-def verify_outputs(model: Path, session_config: Mapping[str, str], feeds_list, expected, criterion, *,
-                   artifact: str) -> list[dict[str, Any]]:
+def verify_outputs(
+    model: Path, session_config: Mapping[str, str], feeds_list, expected, criterion, *, artifact: str
+) -> list[dict[str, Any]]:
     """Run the packaged ONNX/ORT model on each sample; one check per output over all samples."""
     session = _session(model, session_config)
     names = [o.name for o in session.get_outputs()]
@@ -125,14 +154,27 @@ def verify_outputs(model: Path, session_config: Mapping[str, str], feeds_list, e
     return _checks(artifact, got, expected, criterion)
 
 
-def _checks(artifact: str, got: Sequence[Mapping[str, np.ndarray]], expected: Sequence[Mapping[str, np.ndarray]],
-            criterion: Mapping[str, float]) -> list[dict[str, Any]]:
+def _checks(
+    artifact: str,
+    got: Sequence[Mapping[str, np.ndarray]],
+    expected: Sequence[Mapping[str, np.ndarray]],
+    criterion: Mapping[str, float],
+) -> list[dict[str, Any]]:
     checks = []
     for output in expected[0]:
         if any(output not in g for g in got):
-            checks.append({"artifact": artifact, "output": output, "criterion": dict(criterion), "passed": False,
-                           "max_abs_diff": float("inf"), "sqnr_db": None, "top1_agreement": None,
-                           "detail": "output missing"})
+            checks.append(
+                {
+                    "artifact": artifact,
+                    "output": output,
+                    "criterion": dict(criterion),
+                    "passed": False,
+                    "max_abs_diff": float("inf"),
+                    "sqnr_db": None,
+                    "top1_agreement": None,
+                    "detail": "output missing",
+                }
+            )
             continue
         actual = np.concatenate([np.asarray(g[output]).reshape(-1) for g in got])
         reference = np.concatenate([np.asarray(e[output]).reshape(-1) for e in expected])

@@ -72,8 +72,9 @@ def validate_config(config: PackageConfig) -> None:
         raise InputError(f"unknown package target {config.target!r}", f"choose one of {', '.join(packagable)}")
     if config.intended_ep is not None:
         if not builds(config, "ort"):  # the intended EP picks the ORT format's optimization style
-            raise InputError(f"an intended EP is for {_targets_building('ort')}, not {config.target}",
-                             "drop {intended_ep=EP}")
+            raise InputError(
+                f"an intended EP is for {_targets_building('ort')}, not {config.target}", "drop {intended_ep=EP}"
+            )
         if config.intended_ep not in INTENDED_EPS:
             raise InputError(f"unknown intended EP {config.intended_ep!r}", f"choose one of {', '.join(INTENDED_EPS)}")
     for text in config.fix_shapes:
@@ -107,12 +108,15 @@ def validate_config(config: PackageConfig) -> None:
     from dlopt.optimize.pt2e import WEIGHT_ROUNDINGS  # the PT2E lowering's
 
     if config.pte_weight_rounding not in WEIGHT_ROUNDINGS:
-        raise InputError(f"unknown .pte weight rounding {config.pte_weight_rounding!r}",
-                         f"choose {' or '.join(WEIGHT_ROUNDINGS)}")
+        raise InputError(
+            f"unknown .pte weight rounding {config.pte_weight_rounding!r}", f"choose {' or '.join(WEIGHT_ROUNDINGS)}"
+        )
     if config.torch_source is not None and not builds(config, "pte"):
         pte_targets = _targets_building("pte")
-        raise InputError(f"a torch source (ExecuTorch/XNNPACK programs) is for {pte_targets}",
-                         f"use {pte_targets}, or drop {{torch_source=SOURCE}}")
+        raise InputError(
+            f"a torch source (ExecuTorch/XNNPACK programs) is for {pte_targets}",
+            f"use {pte_targets}, or drop {{torch_source=SOURCE}}",
+        )
 
 
 def _is_reference(name: str | None) -> bool:

@@ -37,17 +37,26 @@ from dlopt.manifest import MANIFEST_NAME, SCHEMA_NAME, SCHEMA_VERSION, SIGNATURE
 from dlopt.package.bundle import check_bundle_path, finalize_bundle
 from dlopt.package.config import Log, PackageConfig, PackageResult, validate_config
 
-DEFAULT_PROMPTS = ("The capital of France is", "Here is a simple recipe for pancakes:",
-                   "def fibonacci(n):")
+DEFAULT_PROMPTS = ("The capital of France is", "Here is a simple recipe for pancakes:", "def fibonacci(n):")
 NEW_TOKENS = 20
 MEASURE_PROMPT_LEN = 64
 MEASURE_NEW_TOKENS = 32
-TOKENIZER_ROLES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt")
-EXECUTORCH_NOTE = ("not measured: ExecuTorch's LLM path (executorch.extension.llm.export: XNNPACK, 8da4w weights) "
-                   "lowers the PyTorch model, converted to Meta's Llama checkpoint layout, into a .pte, a different "
-                   "program from this ONNX decoder, which dlopt does not build yet{status}; onnxruntime-genai's "
-                   "Android and iOS packages load this folder as it is")
+TOKENIZER_ROLES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+EXECUTORCH_NOTE = (
+    "not measured: ExecuTorch's LLM path (executorch.extension.llm.export: XNNPACK, 8da4w weights) "
+    "lowers the PyTorch model, converted to Meta's Llama checkpoint layout, into a .pte, a different "
+    "program from this ONNX decoder, which dlopt does not build yet{status}; onnxruntime-genai's "
+    "Android and iOS packages load this folder as it is"
+)
 
 
 def executorch_note() -> str:
@@ -85,8 +94,11 @@ def _stage_reports(folder: Path) -> dict[str, Any]:
         except (OSError, ValueError):
             continue
         if isinstance(report, dict) and "config" in report and path.name != MANIFEST_NAME:
-            found[report.get("stage") or path.stem] = {"report": path.name, "sha256": sha256_file(path),
-                                                        "config": report["config"]}
+            found[report.get("stage") or path.stem] = {
+                "report": path.name,
+                "sha256": sha256_file(path),
+                "config": report["config"],
+            }
     return found
 
 
@@ -97,8 +109,12 @@ def _tensors(model_path: Path) -> tuple[dict[str, int], int, list[dict[str, Any]
 
     model = onnx.load(str(model_path), load_external_data=False)
     inits = {t.name for t in model.graph.initializer}
-    return ({(o.domain or "ai.onnx"): o.version for o in model.opset_import}, model.ir_version,
-            _tensor_infos([i for i in model.graph.input if i.name not in inits]), _tensor_infos(model.graph.output))
+    return (
+        {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
+        model.ir_version,
+        _tensor_infos([i for i in model.graph.input if i.name not in inits]),
+        _tensor_infos(model.graph.output),
+    )
 
 
 def has_chat_template(folder: Path) -> bool:
@@ -117,24 +133,27 @@ def chat_code(bundle_name: str, chat_template: bool, context_length: int) -> str
     """The Python that chats with the bundle, run from the folder that holds it (the README shows it,
     and a test runs exactly this text). Replies are capped at CHAT_REPLY_TOKENS: genai's default
     max_length is the whole context, and a small model may never say EOS."""
-    encode = ('    messages = json.dumps([{"role": "user", "content": prompt}])\n'
-              "    ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))\n"
-              if chat_template else "    ids = tokenizer.encode(prompt)\n")
-    return ("import json\n"
-            "import onnxruntime_genai as og\n\n"
-            f'model = og.Model("{bundle_name}")\n'
-            "tokenizer = og.Tokenizer(model)\n"
-            'while prompt := input("> "):\n'
-            + encode +
-            "    params = og.GeneratorParams(model)\n"
-            f"    params.set_search_options(max_length=min(len(ids) + {CHAT_REPLY_TOKENS}, {context_length}))\n"
-            "    generator = og.Generator(model, params)\n"
-            "    generator.append_tokens(ids)\n"
-            "    stream = tokenizer.create_stream()\n"
-            "    while not generator.is_done():\n"
-            "        generator.generate_next_token()\n"
-            '        print(stream.decode(generator.get_next_tokens()[0]), end="", flush=True)\n'
-            "    print()\n")
+    encode = (
+        '    messages = json.dumps([{"role": "user", "content": prompt}])\n'
+        "    ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))\n"
+        if chat_template
+        else "    ids = tokenizer.encode(prompt)\n"
+    )
+    return (
+        "import json\n"
+        "import onnxruntime_genai as og\n\n"
+        f'model = og.Model("{bundle_name}")\n'
+        "tokenizer = og.Tokenizer(model)\n"
+        'while prompt := input("> "):\n' + encode + "    params = og.GeneratorParams(model)\n"
+        f"    params.set_search_options(max_length=min(len(ids) + {CHAT_REPLY_TOKENS}, {context_length}))\n"
+        "    generator = og.Generator(model, params)\n"
+        "    generator.append_tokens(ids)\n"
+        "    stream = tokenizer.create_stream()\n"
+        "    while not generator.is_done():\n"
+        "        generator.generate_next_token()\n"
+        '        print(stream.decode(generator.get_next_tokens()[0]), end="", flush=True)\n'
+        "    print()\n"
+    )
 
 
 def _prompt_ids(tokenizer, source, prompts: Sequence[str], new_tokens: int) -> list[list[int]]:
@@ -149,13 +168,21 @@ def _prompt_ids(tokenizer, source, prompts: Sequence[str], new_tokens: int) -> l
     return encoded
 
 
-def _samples(og, model, tokenizer, prompts: Sequence[str], encoded: list[list[int]],
-             new_tokens: int) -> list[dict[str, Any]]:
+def _samples(
+    og, model, tokenizer, prompts: Sequence[str], encoded: list[list[int]], new_tokens: int
+) -> list[dict[str, Any]]:
     samples = []
     for prompt, ids in zip(prompts, encoded):
         out = greedy_generate(og, model, ids, new_tokens)
-        samples.append({"prompt": prompt, "prompt_tokens": ids, "tokens": out.tokens,
-                        "text": tokenizer.decode(out.tokens), "stopped": out.stopped})
+        samples.append(
+            {
+                "prompt": prompt,
+                "prompt_tokens": ids,
+                "tokens": out.tokens,
+                "text": tokenizer.decode(out.tokens),
+                "stopped": out.stopped,
+            }
+        )
     return samples
 
 
@@ -169,8 +196,7 @@ def _reference_tokens(reference: Path, samples: list[dict[str, Any]], new_tokens
             if a != b:
                 break
             same += 1
-        s["reference"] = {"tokens": ref, "equal_prefix": same,
-                          "equal": same == len(ref) == len(s["tokens"])}
+        s["reference"] = {"tokens": ref, "equal_prefix": same, "equal": same == len(ref) == len(s["tokens"])}
     del model
     return {"folder": reference.name, "files_sha256": _folder_digest(reference)}
 
@@ -190,21 +216,27 @@ def _measure(bundle: Path, reference: Path | None, threads: int, budget_s: float
     new_tokens = min(MEASURE_NEW_TOKENS, context - prompt_len)
     paths = [reference, bundle] if reference is not None else [bundle]
     log(f"measuring generation ({threads} thread(s), prompt {prompt_len}, {new_tokens} new tokens, ~{budget_s:g} s)")
-    result = benchmark_generate(paths, GenerateConfig(prompt_len=prompt_len, new_tokens=new_tokens, threads=threads,
-                                                      budget_s=budget_s))
+    result = benchmark_generate(
+        paths, GenerateConfig(prompt_len=prompt_len, new_tokens=new_tokens, threads=threads, budget_s=budget_s)
+    )
     clock = result.clock
     batch = result.batches[0]
     run = batch.models[-1]
     decode = run.summaries["decode_per_token"][clock].median
     entry: dict[str, Any] = {
-        "machine": result.machine, "threads": threads, "clock": clock, "runtime": result.runtime,
-        "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": batch.rounds,
+        "machine": result.machine,
+        "threads": threads,
+        "clock": clock,
+        "runtime": result.runtime,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "rounds": batch.rounds,
         "prefill_ms": run.summaries["prefill"][clock].median * 1e3,
         "time_to_first_token_ms": run.summaries["first_token"][clock].median * 1e3,
         "decode_tokens_per_s": 1.0 / decode if decode > 0 else None,
         "peak_rss_added_mb": run.peak_rss_added_bytes / 1e6,
         "note": "greedy generation with onnxruntime-genai on this host's CPU, medians"
-                + (", interleaved with the reference (ratios: bundle / reference time, 95% CI)" if reference else ""),
+        + (", interleaved with the reference (ratios: bundle / reference time, 95% CI)" if reference else ""),
     }
     if reference is not None:
         ref = batch.models[0]
@@ -215,20 +247,33 @@ def _measure(bundle: Path, reference: Path | None, threads: int, budget_s: float
     return entry
 
 
-def package_lm(folder: str | os.PathLike, output: str | os.PathLike, config: PackageConfig = PackageConfig(), *,
-               prompts: Sequence[str] = (), new_tokens: int = NEW_TOKENS, reference: str | os.PathLike | None = None,
-               sign_key: str | os.PathLike | None = None, log: Log = lambda message: None) -> PackageResult:
+def package_lm(
+    folder: str | os.PathLike,
+    output: str | os.PathLike,
+    config: PackageConfig = PackageConfig(),
+    *,
+    prompts: Sequence[str] = (),
+    new_tokens: int = NEW_TOKENS,
+    reference: str | os.PathLike | None = None,
+    sign_key: str | os.PathLike | None = None,
+    log: Log = lambda message: None,
+) -> PackageResult:
     """Bundle the exported LM `folder` (genai_config.json, decoder, tokenizer) for `config.target` in
     `output`, with `prompts` (default DEFAULT_PROMPTS) and their `new_tokens` greedy tokens in the
     manifest; `reference` (an FP32 export) generates for the same prompts beside it. Raises InputError
     (exit 2) for bad input, VerificationError (nothing written) when the staged bundle does not
     reproduce its own greedy outputs."""
     validate_config(config)
-    for given, flag in ((config.torch_source, "{torch_source=SOURCE}"), (config.fix_shapes, "{fix_shape=NAME=DIMS}"),
-                        (config.intended_ep, "{intended_ep=EP}")):
+    for given, flag in (
+        (config.torch_source, "{torch_source=SOURCE}"),
+        (config.fix_shapes, "{fix_shape=NAME=DIMS}"),
+        (config.intended_ep, "{intended_ep=EP}"),
+    ):
         if given:
-            raise InputError(f"an LM bundle does not take {flag.strip('{}').split('=')[0]}",
-                             f"drop {flag}: the folder is packaged as onnxruntime-genai loads it")
+            raise InputError(
+                f"an LM bundle does not take {flag.strip('{}').split('=')[0]}",
+                f"drop {flag}: the folder is packaged as onnxruntime-genai loads it",
+            )
     if new_tokens < 1:
         raise InputError(f"new tokens must be at least 1, got {new_tokens}", "e.g. {new_tokens=20}")
     source = Path(folder)
@@ -249,13 +294,18 @@ def package_lm(folder: str | os.PathLike, output: str | os.PathLike, config: Pac
     threads = _threads(config)
     decoder = _decoder_file(source)
     if not (source / decoder).is_file():
-        raise InputError(f"{source / 'genai_config.json'} names the decoder {decoder}, which is not in {source}",
-                         "export the folder again")
+        raise InputError(
+            f"{source / 'genai_config.json'} names the decoder {decoder}, which is not in {source}",
+            "export the folder again",
+        )
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-{os.getpid()}-", dir=out.parent))
     try:
         for path in sorted(source.iterdir()):
-            if path.is_file() and not path.name.startswith(".") and path.name not in (MANIFEST_NAME, SIGNATURE_NAME,
-                                                                                       "README.md"):
+            if (
+                path.is_file()
+                and not path.name.startswith(".")
+                and path.name not in (MANIFEST_NAME, SIGNATURE_NAME, "README.md")
+            ):
                 shutil.copyfile(path, staging / path.name)
         og, model, tokenizer = open_lm(check_lm_folder(staging), threads)
         encoded = _prompt_ids(tokenizer, lm, prompts, new_tokens)
@@ -264,15 +314,24 @@ def package_lm(folder: str | os.PathLike, output: str | os.PathLike, config: Pac
         checks = []
         for i, s in enumerate(samples):
             check = check_greedy(og, model, s["prompt_tokens"], s["tokens"])
-            checks.append({"artifact": decoder, "output": f"greedy tokens of sample {i + 1}",
-                           "criterion": {"tie_rtol": TIE_RTOL}, "passed": check["passed"], "equal": check["equal"],
-                           "steps": check["steps"], **({"detail": check["detail"]} if check["detail"] else {})})
+            checks.append(
+                {
+                    "artifact": decoder,
+                    "output": f"greedy tokens of sample {i + 1}",
+                    "criterion": {"tie_rtol": TIE_RTOL},
+                    "passed": check["passed"],
+                    "equal": check["equal"],
+                    "steps": check["steps"],
+                    **({"detail": check["detail"]} if check["detail"] else {}),
+                }
+            )
         del model, tokenizer
         failed = [c for c in checks if not c["passed"]]
         if failed:
-            raise VerificationError("the staged bundle does not reproduce its own greedy outputs: "
-                                    f"{failed[0]['detail']}",
-                                    "nothing was written; report this model (its kernels are not deterministic)")
+            raise VerificationError(
+                f"the staged bundle does not reproduce its own greedy outputs: {failed[0]['detail']}",
+                "nothing was written; report this model (its kernels are not deterministic)",
+            )
         reference_record = None
         if ref_path is not None:
             log(f"generating the same prompts with the reference {ref_path}")
@@ -281,9 +340,21 @@ def package_lm(folder: str | os.PathLike, output: str | os.PathLike, config: Pac
         if config.measure_s > 0:
             metrics[f"{config.target}-genai"] = _measure(staging, ref_path, threads, config.measure_s, log)
         executorch = executorch_note() if config.target == "mobile" else None
-        manifest = _manifest(config=config, source=source, staging=staging, decoder=decoder, lm=lm, threads=threads,
-                             samples=samples, new_tokens=new_tokens, checks=checks, reference=reference_record,
-                             metrics=metrics, executorch=executorch, og_version=og.__version__)
+        manifest = _manifest(
+            config=config,
+            source=source,
+            staging=staging,
+            decoder=decoder,
+            lm=lm,
+            threads=threads,
+            samples=samples,
+            new_tokens=new_tokens,
+            checks=checks,
+            reference=reference_record,
+            metrics=metrics,
+            executorch=executorch,
+            og_version=og.__version__,
+        )
         if private_key is not None:
             from dlopt.signing import signer_record
 
@@ -303,10 +374,22 @@ def package_lm(folder: str | os.PathLike, output: str | os.PathLike, config: Pac
     return PackageResult(bundle=out, manifest=manifest)
 
 
-def _manifest(*, config: PackageConfig, source: Path, staging: Path, decoder: str, lm, threads: int,
-              samples: list[dict[str, Any]], new_tokens: int, checks: list[dict[str, Any]],
-              reference: dict[str, Any] | None, metrics: dict[str, Any], executorch: str | None,
-              og_version: str) -> dict[str, Any]:
+def _manifest(
+    *,
+    config: PackageConfig,
+    source: Path,
+    staging: Path,
+    decoder: str,
+    lm,
+    threads: int,
+    samples: list[dict[str, Any]],
+    new_tokens: int,
+    checks: list[dict[str, Any]],
+    reference: dict[str, Any] | None,
+    metrics: dict[str, Any],
+    executorch: str | None,
+    og_version: str,
+) -> dict[str, Any]:
     import onnxruntime as ort
 
     from dlopt.report import environment
@@ -315,27 +398,57 @@ def _manifest(*, config: PackageConfig, source: Path, staging: Path, decoder: st
     opset, ir_version, inputs, outputs = _tensors(staging / decoder)
     files = [p for p in source.iterdir() if p.is_file()]
     return {
-        "schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION,
+        "schema": SCHEMA_NAME,
+        "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "dlopt_version": dlopt.__version__, "name": config.name or source.name, "target": config.target,
-        "model": {"file": decoder, "format": "genai", "intended_ep": "cpu", "optimization_style": None,
-                  "graph_optimization_level": None, "session_config": {}, "operators_config": None,
-                  "fixed_shapes": {}},
-        "runtime": {"onnxruntime": ort.__version__, "ort_format_version": None, "onnxruntime_genai": og_version,
-                    "recommended_session": {"session_config": {}, "intra_op_num_threads": threads,
-                                            "inter_op_num_threads": 1}},
-        "opset": opset, "ir_version": ir_version, "inputs": inputs, "outputs": outputs,
-        "source": {"file": source.name, "sha256": _folder_digest(source),
-                   "bytes": sum(p.stat().st_size for p in files)},
+        "dlopt_version": dlopt.__version__,
+        "name": config.name or source.name,
+        "target": config.target,
+        "model": {
+            "file": decoder,
+            "format": "genai",
+            "intended_ep": "cpu",
+            "optimization_style": None,
+            "graph_optimization_level": None,
+            "session_config": {},
+            "operators_config": None,
+            "fixed_shapes": {},
+        },
+        "runtime": {
+            "onnxruntime": ort.__version__,
+            "ort_format_version": None,
+            "onnxruntime_genai": og_version,
+            "recommended_session": {"session_config": {}, "intra_op_num_threads": threads, "inter_op_num_threads": 1},
+        },
+        "opset": opset,
+        "ir_version": ir_version,
+        "inputs": inputs,
+        "outputs": outputs,
+        "source": {
+            "file": source.name,
+            "sha256": _folder_digest(source),
+            "bytes": sum(p.stat().st_size for p in files),
+        },
         "calibration": None,
         "configs": {"package": config_to_dict(config), "stages": _stage_reports(source)},
         "files": [],
         "verification": {"passed": all(c["passed"] for c in checks), "samples": len(samples), "checks": checks},
-        "generation": {"runtime": f"onnxruntime-genai {og_version}", "search": "greedy", "new_tokens": new_tokens,
-                       "context_length": lm.context_length, "tie_rtol": TIE_RTOL, "samples": samples,
-                       "reference": reference, "executorch": executorch,
-                       "chat_template": has_chat_template(staging)},
-        "coverage": None, "metrics": metrics, "artifacts": [], "environment": environment(), "signature": None,
+        "generation": {
+            "runtime": f"onnxruntime-genai {og_version}",
+            "search": "greedy",
+            "new_tokens": new_tokens,
+            "context_length": lm.context_length,
+            "tie_rtol": TIE_RTOL,
+            "samples": samples,
+            "reference": reference,
+            "executorch": executorch,
+            "chat_template": has_chat_template(staging),
+        },
+        "coverage": None,
+        "metrics": metrics,
+        "artifacts": [],
+        "environment": environment(),
+        "signature": None,
     }
 
 
@@ -344,42 +457,75 @@ def model_card(m: dict[str, Any], bundle_name: str) -> str:
     from dlopt.report import format_markdown_table
 
     g = m["generation"]
-    lines = [f"# {m['name']} ({m['target']} bundle, onnxruntime-genai)", "",
-             f"Built by dlopt {m['dlopt_version']} on {m['created']} from `{m['source']['file']}/`. Check it with "
-             "`dlopt verify <this folder>`: every file's sha256, and the sample prompts' greedy tokens re-generated.",
-             ""]
+    lines = [
+        f"# {m['name']} ({m['target']} bundle, onnxruntime-genai)",
+        "",
+        f"Built by dlopt {m['dlopt_version']} on {m['created']} from `{m['source']['file']}/`. Check it with "
+        "`dlopt verify <this folder>`: every file's sha256, and the sample prompts' greedy tokens re-generated.",
+        "",
+    ]
     if m.get("signature"):
-        lines += [f"Signed: `{m['signature']['file']}` holds an Ed25519 signature of `manifest.json` by the key "
-                  f"`{m['signature']['key_fingerprint']}`; check it with `dlopt verify <this folder> --trusted-key "
-                  "KEY.pub`.", ""]
-    lines += ["## Chat with it", "",
-              f"`pip install onnxruntime-genai` ({g['runtime']} built this bundle), then run from the folder that "
-              f"holds `{bundle_name}/` (an empty line ends the chat; replies stop at EOS or {CHAT_REPLY_TOKENS} "
-              "tokens):", "",
-              "```python", chat_code(bundle_name, g["chat_template"], g["context_length"]).rstrip("\n"), "```", ""]
+        lines += [
+            f"Signed: `{m['signature']['file']}` holds an Ed25519 signature of `manifest.json` by the key "
+            f"`{m['signature']['key_fingerprint']}`; check it with `dlopt verify <this folder> --trusted-key "
+            "KEY.pub`.",
+            "",
+        ]
+    lines += [
+        "## Chat with it",
+        "",
+        f"`pip install onnxruntime-genai` ({g['runtime']} built this bundle), then run from the folder that "
+        f"holds `{bundle_name}/` (an empty line ends the chat; replies stop at EOS or {CHAT_REPLY_TOKENS} "
+        "tokens):",
+        "",
+        "```python",
+        chat_code(bundle_name, g["chat_template"], g["context_length"]).rstrip("\n"),
+        "```",
+        "",
+    ]
     if not g["chat_template"]:
         lines += ["The tokenizer has no chat template: prompts are continued as plain text.", ""]
     threads = m["runtime"]["recommended_session"]["intra_op_num_threads"]
-    lines += [f"Recommended threads: {threads} (set `model.decoder.session_options.intra_op_num_threads` in "
-              "genai_config.json, or `og.Config(folder).overlay(...)`).", ""]
-    lines += ["## Sample prompts and their greedy outputs", "",
-              f"{g['new_tokens']} new tokens, greedy; the manifest holds the token ids (`generation.samples`)."
-              + (f" Reference: `{g['reference']['folder']}/`, tokens equal = how many of the first tokens are its own."
-                 if g["reference"] else ""), ""]
+    lines += [
+        f"Recommended threads: {threads} (set `model.decoder.session_options.intra_op_num_threads` in "
+        "genai_config.json, or `og.Config(folder).overlay(...)`).",
+        "",
+    ]
+    lines += [
+        "## Sample prompts and their greedy outputs",
+        "",
+        f"{g['new_tokens']} new tokens, greedy; the manifest holds the token ids (`generation.samples`)."
+        + (
+            f" Reference: `{g['reference']['folder']}/`, tokens equal = how many of the first tokens are its own."
+            if g["reference"]
+            else ""
+        ),
+        "",
+    ]
     headers = ["prompt", "output"] + (["tokens equal to the reference"] if g["reference"] else [])
-    rows = [[s["prompt"], s["text"].replace("\n", "\\n").replace("|", "\\|")]
-            + ([f"{s['reference']['equal_prefix']}/{len(s['tokens'])}"] if g["reference"] else [])
-            for s in g["samples"]]
+    rows = [
+        [s["prompt"], s["text"].replace("\n", "\\n").replace("|", "\\|")]
+        + ([f"{s['reference']['equal_prefix']}/{len(s['tokens'])}"] if g["reference"] else [])
+        for s in g["samples"]
+    ]
     lines += [format_markdown_table(headers, rows), ""]
     for name, v in m["metrics"].items():
-        lines += ["## Speed", "", f"{name}: {v['note']}; prompt {v['prompt_len']} tokens, {v['new_tokens']} new, "
-                  f"{v['threads']} thread(s), {v['clock']} clock.", ""]
+        lines += [
+            "## Speed",
+            "",
+            f"{name}: {v['note']}; prompt {v['prompt_len']} tokens, {v['new_tokens']} new, "
+            f"{v['threads']} thread(s), {v['clock']} clock.",
+            "",
+        ]
         row = [v["prefill_ms"], v["time_to_first_token_ms"], v["decode_tokens_per_s"], v["peak_rss_added_mb"]]
         lines += [format_markdown_table(["prefill ms", "first token ms", "decode tok/s", "peak RSS +MB"], [row]), ""]
         if "ratio_to_reference" in v:
             r = v["ratio_to_reference"]["decode_per_token"]
-            lines += [f"Decode time per token / the reference's: {r['estimate']:.3f} (95% CI {r['low']:.3f}-"
-                      f"{r['high']:.3f}); the reference decodes {v['reference_decode_tokens_per_s']:.1f} tok/s.", ""]
+            lines += [
+                f"Decode time per token / the reference's: {r['estimate']:.3f} (95% CI {r['low']:.3f}-"
+                f"{r['high']:.3f}); the reference decodes {v['reference_decode_tokens_per_s']:.1f} tok/s.",
+                "",
+            ]
         lines += [f"Machine: {v['machine'].get('cpu_model')}, {v['machine'].get('logical_cores')} logical cores.", ""]
     if g["executorch"]:
         lines += ["## ExecuTorch (XNNPACK)", "", g["executorch"] + ".", ""]
@@ -406,12 +552,24 @@ def check_bundle_generation(root: Path, manifest: dict[str, Any], threads: int =
         name = f"greedy tokens of sample {i + 1}"
         ids = [int(t) for t in tokenizer.encode(s["prompt"])]
         if ids != s["prompt_tokens"]:
-            rows.append({"artifact": decoder, "output": name, "passed": False,
-                         "detail": "the tokenizer encodes the prompt to other token ids than the manifest's"})
+            rows.append(
+                {
+                    "artifact": decoder,
+                    "output": name,
+                    "passed": False,
+                    "detail": "the tokenizer encodes the prompt to other token ids than the manifest's",
+                }
+            )
             continue
         check = check_greedy(og, model, s["prompt_tokens"], s["tokens"])
-        rows.append({"artifact": decoder, "output": name, "passed": check["passed"],
-                     "detail": check["detail"] or f"{check['equal']}/{check['steps']} tokens equal"})
+        rows.append(
+            {
+                "artifact": decoder,
+                "output": name,
+                "passed": check["passed"],
+                "detail": check["detail"] or f"{check['equal']}/{check['steps']} tokens equal",
+            }
+        )
     return rows
 
 

@@ -41,12 +41,17 @@ def _build_pte(source, staging: Path, config: PackageConfig, feeds_list, expecte
         lowering: dict[str, Any] = {}
         # int8-dynamic quantizes the linear layers only, activations per run: transformers, whose
         # static per-tensor activations measured -1.4 dB on MiniLM (25.8 dB dynamic)
-        data = lower_to_pte(source.module, feeds_list[0], input_names=input_names,
-                            precision="fp32" if precision == "fp32" else "int8",
-                            calibration=calibration if precision == "int8" else None,
-                            int8_activations="dynamic" if precision == "int8-dynamic" else "static",
-                            weight_rounding=config.pte_weight_rounding, bias_correction=config.pte_bias_correction,
-                            report=lowering)
+        data = lower_to_pte(
+            source.module,
+            feeds_list[0],
+            input_names=input_names,
+            precision="fp32" if precision == "fp32" else "int8",
+            calibration=calibration if precision == "int8" else None,
+            int8_activations="dynamic" if precision == "int8-dynamic" else "static",
+            weight_rounding=config.pte_weight_rounding,
+            bias_correction=config.pte_bias_correction,
+            report=lowering,
+        )
         lower_s = time.perf_counter() - started
         (staging / file_name).write_bytes(data)
         # one thread: the latency is compared with ORT's on one thread (see _measure)
@@ -56,13 +61,21 @@ def _build_pte(source, staging: Path, config: PackageConfig, feeds_list, expecte
         got_named = [dict(zip(output_names, outs)) for outs in got]
         floor = config.pte_fp32_min_sqnr_db if precision == "fp32" else config.pte_int8_min_sqnr_db
         checks += _checks(file_name, got_named, expected, {"min_sqnr_db": floor})
-        artifacts.append({"file": file_name, "runtime": f"executorch {_executorch_version()}", "backend": "xnnpack",
-                          "precision": precision, "input_names": input_names,
-                          "torch_source": config.torch_source, "lower_s": round(lower_s, 2),
-                          "calibration_samples": len(calibration) if precision == "int8" else None,
-                          "weight_rounding": config.pte_weight_rounding if precision == "int8" else None,
-                          "bias_correction": config.pte_bias_correction if precision == "int8" else None,
-                          "weight_refinement": lowering.get("weight_refinement")})
+        artifacts.append(
+            {
+                "file": file_name,
+                "runtime": f"executorch {_executorch_version()}",
+                "backend": "xnnpack",
+                "precision": precision,
+                "input_names": input_names,
+                "torch_source": config.torch_source,
+                "lower_s": round(lower_s, 2),
+                "calibration_samples": len(calibration) if precision == "int8" else None,
+                "weight_rounding": config.pte_weight_rounding if precision == "int8" else None,
+                "bias_correction": config.pte_bias_correction if precision == "int8" else None,
+                "weight_refinement": lowering.get("weight_refinement"),
+            }
+        )
         programs.append((f"xnnpack-{precision}", program))
     return artifacts, checks, programs
 

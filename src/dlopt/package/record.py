@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 
+import dlopt
 from dlopt.fileio import load_onnx
 from dlopt.manifest import SAMPLES_NAME, SCHEMA_NAME, SCHEMA_VERSION, sha256_file
 from dlopt.package.checks import _load_calibration
 from dlopt.package.measure import recommended_session
 from dlopt.report import environment
 from dlopt.stage import config_to_dict
-import dlopt
 
 
 def _tensor_infos(values) -> list[dict[str, Any]]:
@@ -33,16 +33,37 @@ def _tensor_infos(values) -> list[dict[str, Any]]:
     return infos
 
 
-def _manifest(*, name, config, source_path, source, model, built, fixed, calibration, stage_configs, checks, samples,
-              coverage, metrics, artifacts, staging) -> dict[str, Any]:
+def _manifest(
+    *,
+    name,
+    config,
+    source_path,
+    source,
+    model,
+    built,
+    fixed,
+    calibration,
+    stage_configs,
+    checks,
+    samples,
+    coverage,
+    metrics,
+    artifacts,
+    staging,
+) -> dict[str, Any]:
     import onnxruntime as ort
 
     from dlopt.targets.mobile import external_data_files
 
     inits = {t.name for t in model.graph.initializer}
-    external = [{"file": loc, "sha256": sha256_file(source_path.parent / loc),
-                 "bytes": (source_path.parent / loc).stat().st_size} for loc in external_data_files(
-                     load_onnx(source_path, load_external_data=False))]
+    external = [
+        {
+            "file": loc,
+            "sha256": sha256_file(source_path.parent / loc),
+            "bytes": (source_path.parent / loc).stat().st_size,
+        }
+        for loc in external_data_files(load_onnx(source_path, load_external_data=False))
+    ]
     return {
         "schema": SCHEMA_NAME,
         "schema_version": SCHEMA_VERSION,
@@ -51,25 +72,39 @@ def _manifest(*, name, config, source_path, source, model, built, fixed, calibra
         "name": name,
         "target": config.target,
         "model": {
-            "file": built["file"], "format": built["format"], "intended_ep": built["intended_ep"],
+            "file": built["file"],
+            "format": built["format"],
+            "intended_ep": built["intended_ep"],
             "optimization_style": built["optimization_style"],
             "graph_optimization_level": built["graph_optimization_level"],
-            "session_config": built["session_config"], "operators_config": built["operators_config"],
+            "session_config": built["session_config"],
+            "operators_config": built["operators_config"],
             "fixed_shapes": {k: list(v) for k, v in fixed.items()},
         },
-        "runtime": {"onnxruntime": ort.__version__, "ort_format_version": built["ort_format_version"],
-                    "recommended_session": recommended_session(built, config)},
+        "runtime": {
+            "onnxruntime": ort.__version__,
+            "ort_format_version": built["ort_format_version"],
+            "recommended_session": recommended_session(built, config),
+        },
         "opset": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
         "ir_version": model.ir_version,
         "inputs": _tensor_infos([i for i in model.graph.input if i.name not in inits]),
         "outputs": _tensor_infos(model.graph.output),
-        "source": {"file": source_path.name, "sha256": sha256_file(source_path),
-                   "bytes": source_path.stat().st_size, "external_data": external},
+        "source": {
+            "file": source_path.name,
+            "sha256": sha256_file(source_path),
+            "bytes": source_path.stat().st_size,
+            "external_data": external,
+        },
         "calibration": calibration,
         "configs": {"package": config_to_dict(config), "stages": stage_configs},
         "files": [],  # filled in last, when every file is written
-        "verification": {"passed": all(c["passed"] for c in checks), "samples_file": SAMPLES_NAME,
-                         "samples": samples, "checks": checks},
+        "verification": {
+            "passed": all(c["passed"] for c in checks),
+            "samples_file": SAMPLES_NAME,
+            "samples": samples,
+            "checks": checks,
+        },
         "coverage": coverage,
         "metrics": metrics,
         "artifacts": artifacts,
@@ -79,8 +114,12 @@ def _manifest(*, name, config, source_path, source, model, built, fixed, calibra
 
 
 def _roles(staging: Path, built: Mapping[str, Any], artifacts) -> dict[str, str]:
-    roles = {built["file"]: "model", SAMPLES_NAME: "samples", "README.md": "model-card",
-             "coverage.json": "coverage-report"}
+    roles = {
+        built["file"]: "model",
+        SAMPLES_NAME: "samples",
+        "README.md": "model-card",
+        "coverage.json": "coverage-report",
+    }
     if built["operators_config"]:
         roles[built["operators_config"]] = "operators-config"
     roles.update({a["file"]: "executorch-program" for a in artifacts})
@@ -90,13 +129,13 @@ def _roles(staging: Path, built: Mapping[str, Any], artifacts) -> dict[str, str]
 def _coverage_summary(report: Mapping[str, Any]) -> dict[str, Any]:
     eps = {}
     for ep, cov in report["eps"].items():
-        eps[ep] = {k: cov[k] for k in ("supported_nodes", "nodes", "supported_pct", "partitions", "unsupported_ops",
-                                        "verdict")}
+        eps[ep] = {
+            k: cov[k] for k in ("supported_nodes", "nodes", "supported_pct", "partitions", "unsupported_ops", "verdict")
+        }
         fixed = cov.get("if_shapes_fixed")
         if fixed:
             eps[ep]["if_shapes_fixed"] = {k: fixed[k] for k in ("supported_pct", "partitions", "verdict")}
-    return {"file": "coverage.json", "eps": eps, "dynamic_inputs": report["dynamic_inputs"],
-            "advice": report["advice"]}
+    return {"file": "coverage.json", "eps": eps, "dynamic_inputs": report["dynamic_inputs"], "advice": report["advice"]}
 
 
 def _stage_reports(source_path: Path) -> dict[str, Any]:
@@ -104,7 +143,7 @@ def _stage_reports(source_path: Path) -> dict[str, Any]:
     stem = source_path.name[:-5] if source_path.name.endswith(".onnx") else source_path.stem
     found = {}
     for report_path in sorted(source_path.parent.glob(f"{stem}.*.json")):
-        stage = report_path.name[len(stem) + 1:-len(".json")]
+        stage = report_path.name[len(stem) + 1 : -len(".json")]
         try:
             report = json.loads(report_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -134,8 +173,12 @@ def _calibration_record(spec, model_path: Path) -> dict[str, Any] | None:
             digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
             digest.update(value.tobytes())
         count += 1
-    record: dict[str, Any] = {"source": str(spec), "sha256": digest.hexdigest(), "samples": count,
-                              "from": "hashed by dlopt package (content of every sample)"}
+    record: dict[str, Any] = {
+        "source": str(spec),
+        "sha256": digest.hexdigest(),
+        "samples": count,
+        "from": "hashed by dlopt package (content of every sample)",
+    }
     path = Path(str(spec))  # a DataSpec's text is its source
     if path.exists():
         from dlopt.manifest import hash_path

@@ -77,28 +77,67 @@ def base_candidates(*, target: str, transformer: bool, untrimmed: bool = False) 
     trim = {"trim_padding": "off"} if untrimmed else {}
     q = lambda **keys: _quantize(target, **trim, **keys)  # noqa: E731 (a local shorthand)
     methods = METHODS  # the calibration methods quantize offers
-    found = [Candidate("fp32", "fp32", (), "the source itself: the reference every ratio is against"),
-             Candidate("int8-auto", "int8", (q(precision="int8", mode="auto"),),
-                       "the INT8 recipe dlopt quantize chooses for this model, target and CPU")]
+    found = [
+        Candidate("fp32", "fp32", (), "the source itself: the reference every ratio is against"),
+        Candidate(
+            "int8-auto",
+            "int8",
+            (q(precision="int8", mode="auto"),),
+            "the INT8 recipe dlopt quantize chooses for this model, target and CPU",
+        ),
+    ]
     if transformer:
-        found += [Candidate("int8-dynamic-ln-fused", "int8",
-                            (q(precision="int8", mode="dynamic", layernorm_form="fused"),),
-                            "dynamic INT8, residual sums fused into SkipLayerNormalization"),
-                  Candidate("int8-dynamic-ln-unfused", "int8",
-                            (q(precision="int8", mode="dynamic", layernorm_form="unfused"),),
-                            "dynamic INT8, residual sums kept out of LayerNorm (kernel choice)")]
-        found += [Candidate(f"int8-static-{m}", "int8", (q(precision="int8", mode="static", method=m),),
-                            f"static INT8 (QDQ), {m} calibration") for m in methods]
+        found += [
+            Candidate(
+                "int8-dynamic-ln-fused",
+                "int8",
+                (q(precision="int8", mode="dynamic", layernorm_form="fused"),),
+                "dynamic INT8, residual sums fused into SkipLayerNormalization",
+            ),
+            Candidate(
+                "int8-dynamic-ln-unfused",
+                "int8",
+                (q(precision="int8", mode="dynamic", layernorm_form="unfused"),),
+                "dynamic INT8, residual sums kept out of LayerNorm (kernel choice)",
+            ),
+        ]
+        found += [
+            Candidate(
+                f"int8-static-{m}",
+                "int8",
+                (q(precision="int8", mode="static", method=m),),
+                f"static INT8 (QDQ), {m} calibration",
+            )
+            for m in methods
+        ]
     else:
-        found += [Candidate(f"int8-static-{m}", "int8", (q(precision="int8", mode="static", method=m),),
-                            f"static INT8 (QDQ), {m} calibration, node forms timed here") for m in methods]
-        found += [Candidate("int8-static-minmax-allint8", "int8",
-                            (q(precision="int8", mode="static", method="minmax", node_forms="int8"),),
-                            "static INT8, every node class in INT8 (kernel choice: no float node forms)"),
-                  Candidate("int8-dynamic", "int8", (q(precision="int8", mode="dynamic"),),
-                            "dynamic INT8 (activations quantized at run time)")]
-    found += [Candidate("int4", "int4", (q(precision="int4"),), "4-bit weight-only (MatMulNBits) for MatMul/Gemm"),
-              Candidate("fp16", "fp16", (q(precision="fp16"),), "FP16 weights and compute, FP32 fallback where it overflows")]
+        found += [
+            Candidate(
+                f"int8-static-{m}",
+                "int8",
+                (q(precision="int8", mode="static", method=m),),
+                f"static INT8 (QDQ), {m} calibration, node forms timed here",
+            )
+            for m in methods
+        ]
+        found += [
+            Candidate(
+                "int8-static-minmax-allint8",
+                "int8",
+                (q(precision="int8", mode="static", method="minmax", node_forms="int8"),),
+                "static INT8, every node class in INT8 (kernel choice: no float node forms)",
+            ),
+            Candidate(
+                "int8-dynamic",
+                "int8",
+                (q(precision="int8", mode="dynamic"),),
+                "dynamic INT8 (activations quantized at run time)",
+            ),
+        ]
+    found += [
+        Candidate("int4", "int4", (q(precision="int4"),), "4-bit weight-only (MatMulNBits) for MatMul/Gemm"),
+        Candidate("fp16", "fp16", (q(precision="fp16"),), "FP16 weights and compute, FP32 fallback where it overflows"),
+    ]
     return [dataclasses.replace(c, times_kernels=_times_kernels(c.stages, transformer)) for c in found]
 
 
@@ -110,9 +149,13 @@ def with_exclusions(candidate: Candidate, *, max_drop_metric: float, evaluator: 
     # the whole search's 20-minute budget on the shared 2-core machine
     keys = {"max_accuracy_drop": max_drop_metric, "evaluator": evaluator, "leave_one_out_limit": 0}
     stages = tuple(StageDesc(s.kind, {**s.config, **keys}) if s.kind == "quantize" else s for s in candidate.stages)
-    return Candidate(f"{candidate.name}+float-nodes", candidate.precision, stages,
-                     f"{candidate.why}; the most sensitive nodes kept in float to meet the budget",
-                     candidate.times_kernels)
+    return Candidate(
+        f"{candidate.name}+float-nodes",
+        candidate.precision,
+        stages,
+        f"{candidate.why}; the most sensitive nodes kept in float to meet the budget",
+        candidate.times_kernels,
+    )
 
 
 TRIM_SUFFIX = "+trim"
@@ -139,10 +182,13 @@ def trimmed(candidate: Candidate, equivalence: str, form: str | None = None) -> 
     untrimmed cosine on its samples. Appended as a stage of its own, not as quantize's trim_padding key,
     so that the untrimmed candidate's quantization is reused from the stage cache, not run again."""
     stage = StageDesc("trim-padding", {"mode": "on"})
-    return Candidate(f"{candidate.name}{TRIM_SUFFIX}", candidate.precision, (*candidate.stages, stage),
-                     f"{candidate.why}; padding removed ({_FORM_WORDS.get(form or '', 'trim-padding')}, as on "
-                     f"FP32; {equivalence})",
-                     candidate.times_kernels)
+    return Candidate(
+        f"{candidate.name}{TRIM_SUFFIX}",
+        candidate.precision,
+        (*candidate.stages, stage),
+        f"{candidate.why}; padding removed ({_FORM_WORDS.get(form or '', 'trim-padding')}, as on FP32; {equivalence})",
+        candidate.times_kernels,
+    )
 
 
 _FORM_WORDS = {"pack": "packed to the real tokens", "slice": "sliced to each batch's longest real length"}
@@ -150,7 +196,7 @@ _FORM_WORDS = {"pack": "packed to the real tokens", "slice": "sliced to each bat
 
 def untrimmed_name(name: str) -> str | None:
     """The candidate a trimmed one was made from; None for one that is not trimmed."""
-    return name[:-len(TRIM_SUFFIX)] if name.endswith(TRIM_SUFFIX) else None
+    return name[: -len(TRIM_SUFFIX)] if name.endswith(TRIM_SUFFIX) else None
 
 
 PRUNE_RATIOS = (0.25, 0.5)
@@ -166,20 +212,38 @@ def prune_candidates(source: str, *, torch_source: bool, asked: bool = True) -> 
     so the time budget drops them first; and only when asked for (`search_pruning`): a ratio's training
     costs minutes, more than the rest of a 20-minute search for MiniLM on a 2-core machine."""
     if not asked:
-        return [], [Skipped("prune+distill", "not asked for (--prune, or search_pruning=True from Python): training a "
-                            "distilled student takes minutes per ratio")]
+        return [], [
+            Skipped(
+                "prune+distill",
+                "not asked for (--prune, or search_pruning=True from Python): training a "
+                "distilled student takes minutes per ratio",
+            )
+        ]
     if not torch_source:
-        return [], [Skipped("prune+distill", "the source is an .onnx file: pruning and distillation need the torch model")]
+        return [], [
+            Skipped("prune+distill", "the source is an .onnx file: pruning and distillation need the torch model")
+        ]
     from dlopt.models import REFERENCE_MODELS
 
     ref = REFERENCE_MODELS.get(source)
     if ref is None or not ref.training:
-        return [], [Skipped("prune+distill", f"{source} has no training data to distill on (reference models with "
-                            "some: " + ", ".join(m.name for m in REFERENCE_MODELS.values() if m.training)
-                            + "); run `dlopt prune` and `dlopt distill --data D.npz`, then optimize the result")]
+        return [], [
+            Skipped(
+                "prune+distill",
+                f"{source} has no training data to distill on (reference models with "
+                "some: "
+                + ", ".join(m.name for m in REFERENCE_MODELS.values() if m.training)
+                + "); run `dlopt prune` and `dlopt distill --data D.npz`, then optimize the result",
+            )
+        ]
     distill = {**DISTILL_KEYS, "loss": ref.distill_loss}
-    return [Candidate(f"prune-{ratio:g}+distill", "fp32",
-                      (StageDesc("prune", {"ratio": ratio}), StageDesc("distill", distill)),
-                      f"structured pruning of {ratio:.0%} of the prunable channels/heads, then {distill['epochs']} "
-                      f"short epochs of distillation ({ref.distill_loss}) from the source on its training data")
-            for ratio in PRUNE_RATIOS], []
+    return [
+        Candidate(
+            f"prune-{ratio:g}+distill",
+            "fp32",
+            (StageDesc("prune", {"ratio": ratio}), StageDesc("distill", distill)),
+            f"structured pruning of {ratio:.0%} of the prunable channels/heads, then {distill['epochs']} "
+            f"short epochs of distillation ({ref.distill_loss}) from the source on its training data",
+        )
+        for ratio in PRUNE_RATIOS
+    ], []

@@ -32,12 +32,31 @@ from pathlib import Path
 from typing import Any
 
 from dlopt.errors import InputError, VerificationError
-from dlopt.search.candidates import (Candidate, Skipped, StageDesc, base_candidates, prune_candidates, removal_text,
-                                     trimmed, untrimmed_name, with_exclusions)
-from dlopt.search.scoring import (Evaluated, SearchContext, accuracy_drop, apply_stages, cached_evaluation,
-                                     drop_unit, evaluate_candidate, measure_latency, measure_throughput,
-                                     resolved_metric, trim_check)
+from dlopt.search.candidates import (
+    Candidate,
+    Skipped,
+    StageDesc,
+    base_candidates,
+    prune_candidates,
+    removal_text,
+    trimmed,
+    untrimmed_name,
+    with_exclusions,
+)
 from dlopt.search.pareto import Point, choose, dominated_by, pareto_front
+from dlopt.search.scoring import (
+    Evaluated,
+    SearchContext,
+    accuracy_drop,
+    apply_stages,
+    cached_evaluation,
+    drop_unit,
+    evaluate_candidate,
+    measure_latency,
+    measure_throughput,
+    resolved_metric,
+    trim_check,
+)
 
 SCHEMA = "dlopt.optimize"
 SCHEMA_VERSION = 1
@@ -82,8 +101,10 @@ class OptimizeResult:
 
 def validate_config(config: OptimizeConfig) -> None:
     if config.target not in OPTIMIZE_TARGETS:
-        raise InputError(f"dlopt optimize does not search --target {config.target} yet",
-                         f"use --target {' or '.join(OPTIMIZE_TARGETS)}; for other targets run a recipe (dlopt run)")
+        raise InputError(
+            f"dlopt optimize does not search --target {config.target} yet",
+            f"use --target {' or '.join(OPTIMIZE_TARGETS)}; for other targets run a recipe (dlopt run)",
+        )
     from dlopt.limits import MAX_MEASURE_S, MAX_TIME_BUDGET_S, check_number
 
     check_number(config.max_accuracy_drop, "{max_accuracy_drop=DROP}", minimum=0)
@@ -138,37 +159,68 @@ def _context(model: str, config: OptimizeConfig, cache_root: Path) -> tuple[Sear
     if model.endswith(".onnx"):
         path = Path(model).expanduser().resolve()
         if not path.is_file():
-            raise InputError(f"model {model} does not exist", "give an .onnx file, a reference model name or file.py:build")
+            raise InputError(
+                f"model {model} does not exist", "give an .onnx file, a reference model name or file.py:build"
+            )
         if config.calibration is None and config.eval_data is None:
-            raise InputError(f"{model}: no data to calibrate and score candidates on",
-                             "give --calibration D (an .npz, a folder, model:NAME) and/or --eval-data D")
+            raise InputError(
+                f"{model}: no data to calibrate and score candidates on",
+                "give --calibration D (an .npz, a folder, model:NAME) and/or --eval-data D",
+            )
         evaluator = config.evaluator or "auto"
         name = config.name or path.stem
-        ctx = SearchContext(source=str(path), torch_source=False, source_id=artifact_hash(path), target=config.target,
-                            calibration=config.calibration, eval_data=config.eval_data, evaluator=evaluator,
-                            cache_root=str(cache_root), name=name)
+        ctx = SearchContext(
+            source=str(path),
+            torch_source=False,
+            source_id=artifact_hash(path),
+            target=config.target,
+            calibration=config.calibration,
+            eval_data=config.eval_data,
+            evaluator=evaluator,
+            cache_root=str(cache_root),
+            name=name,
+        )
         return ctx, f"calibration {config.calibration}, evaluation {config.eval_data or 'held out of calibration'}"
     from dlopt.models import REFERENCE_MODELS, get_reference_model
 
     if model in REFERENCE_MODELS:
         ref = get_reference_model(model)
         if config.calibration or config.eval_data:
-            raise InputError(f"{model} is a reference model: it calibrates and is scored on its own data",
-                             "drop --calibration/--eval-data, or export it and optimize the .onnx")
+            raise InputError(
+                f"{model} is a reference model: it calibrates and is scored on its own data",
+                "drop --calibration/--eval-data, or export it and optimize the .onnx",
+            )
         evaluator = config.evaluator or f"model:{ref.name}:{ref.metrics[0]}"
-        ctx = SearchContext(source=model, torch_source=True, source_id=source_hash(model), target=config.target,
-                            calibration=f"model:{ref.name}", eval_data=None, evaluator=evaluator,
-                            cache_root=str(cache_root), name=config.name or model)
+        ctx = SearchContext(
+            source=model,
+            torch_source=True,
+            source_id=source_hash(model),
+            target=config.target,
+            calibration=f"model:{ref.name}",
+            eval_data=None,
+            evaluator=evaluator,
+            cache_root=str(cache_root),
+            name=config.name or model,
+        )
         return ctx, f"its own data (calibration model:{ref.name}; scored with its evaluator, {evaluator})"
     if ":" not in model:
-        raise InputError(f"unknown model {model!r}",
-                         f"give an .onnx file, file.py:build, package.module:build or one of {', '.join(REFERENCE_MODELS)}")
+        raise InputError(
+            f"unknown model {model!r}",
+            f"give an .onnx file, file.py:build, package.module:build or one of {', '.join(REFERENCE_MODELS)}",
+        )
     if config.calibration is None:
         raise InputError(f"{model}: no data to calibrate and score candidates on", "give --calibration D")
-    ctx = SearchContext(source=model, torch_source=True, source_id=source_hash(model), target=config.target,
-                        calibration=config.calibration, eval_data=config.eval_data,
-                        evaluator=config.evaluator or "auto", cache_root=str(cache_root),
-                        name=config.name or model.rpartition(":")[0].rsplit("/", 1)[-1].removesuffix(".py"))
+    ctx = SearchContext(
+        source=model,
+        torch_source=True,
+        source_id=source_hash(model),
+        target=config.target,
+        calibration=config.calibration,
+        eval_data=config.eval_data,
+        evaluator=config.evaluator or "auto",
+        cache_root=str(cache_root),
+        name=config.name or model.rpartition(":")[0].rsplit("/", 1)[-1].removesuffix(".py"),
+    )
     return ctx, f"calibration {config.calibration}"
 
 
@@ -180,11 +232,19 @@ def _plan_key(ctx: SearchContext, config: OptimizeConfig) -> str:
     from dlopt.recipe import data_hash, host_facts
     from dlopt.stagecache import cache_key
 
-    return cache_key({"kind": "optimize-plan", "source": ctx.source_id, "target": ctx.target,
-                      "evaluator": ctx.evaluator, "time_budget_s": config.time_budget_s,
-                      "max_accuracy_drop": config.max_accuracy_drop, "search_pruning": config.search_pruning,
-                      "data": {"calibration": data_hash(ctx.calibration), "eval_data": data_hash(ctx.eval_data)},
-                      "host": host_facts("quantize", ctx)})
+    return cache_key(
+        {
+            "kind": "optimize-plan",
+            "source": ctx.source_id,
+            "target": ctx.target,
+            "evaluator": ctx.evaluator,
+            "time_budget_s": config.time_budget_s,
+            "max_accuracy_drop": config.max_accuracy_drop,
+            "search_pruning": config.search_pruning,
+            "data": {"calibration": data_hash(ctx.calibration), "eval_data": data_hash(ctx.eval_data)},
+            "host": host_facts("quantize", ctx),
+        }
+    )
 
 
 def _load_plan(ctx: SearchContext, key: str) -> dict[str, str]:
@@ -204,14 +264,28 @@ def _store_plan(ctx: SearchContext, key: str, skipped: Sequence[Skipped]) -> Non
 
     with ctx.cache.building(key) as staging:
         (staging / "result.json").write_text(json.dumps({"skipped": {s.name: s.reason for s in skipped}}, indent=1))
-        ctx.cache.commit(key, staging, {"kind": "optimize-plan", "inputs": {"kind": "optimize-plan"},
-                                        "artifact": "result.json", "source": ctx.source,
-                                        "recipe": f"dlopt optimize {ctx.name}", "report": {}})
+        ctx.cache.commit(
+            key,
+            staging,
+            {
+                "kind": "optimize-plan",
+                "inputs": {"kind": "optimize-plan"},
+                "artifact": "result.json",
+                "source": ctx.source,
+                "recipe": f"dlopt optimize {ctx.name}",
+                "report": {},
+            },
+        )
 
 
-def _evaluate_all(executor, ctx: SearchContext, candidates: Sequence[Candidate], clock: _Clock,
-                  deadline_s: float, planned: dict[str, str] | None = None
-                  ) -> tuple[dict[str, Evaluated], list[Skipped]]:
+def _evaluate_all(
+    executor,
+    ctx: SearchContext,
+    candidates: Sequence[Candidate],
+    clock: _Clock,
+    deadline_s: float,
+    planned: dict[str, str] | None = None,
+) -> tuple[dict[str, Evaluated], list[Skipped]]:
     """Cached evaluations first (no work), then the rest in chunks of the executor's width, started
     only while they can finish before `deadline_s` (the slowest of those done so far is the estimate).
     `planned`: what an earlier run of this same search (same time budget) skipped for time; skipped
@@ -225,8 +299,13 @@ def _evaluate_all(executor, ctx: SearchContext, candidates: Sequence[Candidate],
             results[c.name] = found
             clock.log(f"{c.name}: cached ({'ok' if found.ok else 'failed'})")
         elif planned and c.name in planned:
-            skipped.append(Skipped(c.name, f"{planned[c.name]} (in the first run of this search; another "
-                                           "--time-budget searches further)", tuple(c.recipe())))
+            skipped.append(
+                Skipped(
+                    c.name,
+                    f"{planned[c.name]} (in the first run of this search; another --time-budget searches further)",
+                    tuple(c.recipe()),
+                )
+            )
         else:
             todo.append(c)
     width = max(1, int(executor.describe().get("workers") or 1))
@@ -235,13 +314,19 @@ def _evaluate_all(executor, ctx: SearchContext, candidates: Sequence[Candidate],
         estimate = max(spent, default=0.0)  # the slowest so far: a chunk runs to its end once started
         rounds = -(-len(todo) // width)
         # all at once when all of them fit (workers never wait for a chunk's slowest), else one chunk
-        chunk, todo = (todo, []) if spent and clock.elapsed() + estimate * rounds <= deadline_s else (todo[:width],
-                                                                                                         todo[width:])
+        chunk, todo = (
+            (todo, []) if spent and clock.elapsed() + estimate * rounds <= deadline_s else (todo[:width], todo[width:])
+        )
         if clock.elapsed() + estimate > deadline_s:
             for c in chunk + todo:
-                skipped.append(Skipped(c.name, f"the time budget: transforms stop at {deadline_s:.0f} s of "
-                                               f"{clock.budget_s:.0f} s (up to {estimate:.0f} s each so far)",
-                                       tuple(c.recipe())))
+                skipped.append(
+                    Skipped(
+                        c.name,
+                        f"the time budget: transforms stop at {deadline_s:.0f} s of "
+                        f"{clock.budget_s:.0f} s (up to {estimate:.0f} s each so far)",
+                        tuple(c.recipe()),
+                    )
+                )
             clock.log(f"time budget: skipping {', '.join(c.name for c in chunk + todo)}")
             break
         clock.log(f"applying and scoring {', '.join(c.name for c in chunk)}")
@@ -253,8 +338,10 @@ def _evaluate_all(executor, ctx: SearchContext, candidates: Sequence[Candidate],
         for c, r in ((c, done[c.name]) for c in chunk):
             results[c.name] = r
             spent.append(r.seconds)
-            clock.log(f"{c.name}: {'score ' + format(r.score, '.4g') if r.ok else 'failed: ' + str(r.reason)[:160]} "
-                      f"({r.seconds:.0f} s)")
+            clock.log(
+                f"{c.name}: {'score ' + format(r.score, '.4g') if r.ok else 'failed: ' + str(r.reason)[:160]} "
+                f"({r.seconds:.0f} s)"
+            )
     return results, skipped
 
 
@@ -269,56 +356,99 @@ def timing_plan(rows: dict[str, dict[str, Any]], max_drop: float) -> list[str]:
         if name != "fp32" and fp32_graph is not None and row.get("graph_sha256") == fp32_graph:
             # timing the same graph twice gives two numbers that differ by noise (2.7 % once), and an
             # "int8" candidate that wins on noise ships FP32 under another name
-            row["precision"], row["status"], row["reason"] = "fp32", "fp32-graph", (
-                f"its graph is the FP32 graph (content hash {fp32_graph[:12]}): reported as FP32, with FP32's "
-                f"timing, and never chosen in its place")
+            row["precision"], row["status"], row["reason"] = (
+                "fp32",
+                "fp32-graph",
+                (
+                    f"its graph is the FP32 graph (content hash {fp32_graph[:12]}): reported as FP32, with FP32's "
+                    f"timing, and never chosen in its place"
+                ),
+            )
             continue
         if row["drop_points"] > max_drop:
-            row["status"], row["reason"] = "over-budget", (
-                f"accuracy drop {row['drop_points']:.3g} > {max_drop:g}: cannot be chosen, so not timed")
+            row["status"], row["reason"] = (
+                "over-budget",
+                (f"accuracy drop {row['drop_points']:.3g} > {max_drop:g}: cannot be chosen, so not timed"),
+            )
         else:
             eligible.append(name)
     timed: list[str] = []
     for name in sorted(eligible, key=lambda n: (n != "fp32", rows[n]["drop_points"], rows[n]["bytes"])):
         row = rows[name]
-        twin = next((t for t in timed if rows[t]["signature"] == row["signature"]
-                     and abs(rows[t]["bytes"] - row["bytes"]) <= 0.01 * rows[t]["bytes"]), None)
+        twin = next(
+            (
+                t
+                for t in timed
+                if rows[t]["signature"] == row["signature"]
+                and abs(rows[t]["bytes"] - row["bytes"]) <= 0.01 * rows[t]["bytes"]
+            ),
+            None,
+        )
         if twin is not None and name != "fp32":
-            row["status"], row["reason"] = "same-graph", (
-                f"the same graph as {twin} (op types, counts and size): the same kernels and latency up to "
-                f"noise, with a drop no smaller ({row['drop_points']:.3g} vs "
-                f"{rows[twin]['drop_points']:.3g} points): "
-                "dominated, not timed")
+            row["status"], row["reason"] = (
+                "same-graph",
+                (
+                    f"the same graph as {twin} (op types, counts and size): the same kernels and latency up to "
+                    f"noise, with a drop no smaller ({row['drop_points']:.3g} vs "
+                    f"{rows[twin]['drop_points']:.3g} points): "
+                    "dominated, not timed"
+                ),
+            )
             continue
         timed.append(name)
     return timed
 
 
-def _server_search(executor, ctx: SearchContext, row: dict[str, Any], config: OptimizeConfig,
-                   clock: _Clock, reserve_s: float) -> dict[str, Any]:
+def _server_search(
+    executor, ctx: SearchContext, row: dict[str, Any], config: OptimizeConfig, clock: _Clock, reserve_s: float
+) -> dict[str, Any]:
     threads = config.thread_counts or tuple(t for t in (1, 2, 4, 8, 16, 32, 64) if t <= (os.cpu_count() or 1))
     per_run_s = config.throughput_budget_s or 3.0
     needed = per_run_s * len(config.batch_sizes) * len(threads)  # at most: larger batches stop when they do not pay
     if clock.left() - reserve_s < needed:
-        return {"skipped": f"the time budget: {clock.left():.0f} s left, about {needed + reserve_s:.0f} s needed "
-                           "for the batch/thread search and the bundle"}
+        return {
+            "skipped": f"the time budget: {clock.left():.0f} s left, about {needed + reserve_s:.0f} s needed "
+            "for the batch/thread search and the bundle"
+        }
     clock.log(f"throughput search for {row['name']}: batch {list(config.batch_sizes)} x threads {list(threads)}")
-    body = executor.measure(measure_throughput, ctx, row["artifact"], row["output_sha256"], config.batch_sizes,
-                            threads, per_run_s, config.max_latency_ms, target_class=ctx.target)
+    body = executor.measure(
+        measure_throughput,
+        ctx,
+        row["artifact"],
+        row["output_sha256"],
+        config.batch_sizes,
+        threads,
+        per_run_s,
+        config.max_latency_ms,
+        target_class=ctx.target,
+    )
     limit = config.max_latency_ms
     allowed = [r for r in body["rows"] if r.get("items_per_s") and (limit is None or r["p90_ms"] <= limit)]
     best = max(allowed, key=lambda r: (r["items_per_s"], -r["threads"], -r["batch"]), default=None)
-    why = ("the highest throughput" + (f" with p90 latency <= {limit:g} ms" if limit is not None else
-                                       " (no --max-latency given)")) if best else (
-        f"no batch size and thread count keeps p90 latency <= {limit:g} ms")
+    why = (
+        (
+            "the highest throughput"
+            + (f" with p90 latency <= {limit:g} ms" if limit is not None else " (no --max-latency given)")
+        )
+        if best
+        else (f"no batch size and thread count keeps p90 latency <= {limit:g} ms")
+    )
     return {**body, "max_latency_ms": limit, "best": best, "why": why}
 
 
 # --------------------------------------------------------------------------- the search
 
 
-def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = OptimizeConfig(), *, executor,
-             cache, report_path: str | os.PathLike | None = None, log: Log = lambda message: None) -> OptimizeResult:
+def optimize(
+    model: str,
+    output: str | os.PathLike,
+    config: OptimizeConfig = OptimizeConfig(),
+    *,
+    executor,
+    cache,
+    report_path: str | os.PathLike | None = None,
+    log: Log = lambda message: None,
+) -> OptimizeResult:
     """Search, choose, bundle and report (see the module docstring). `executor`: dlopt.executor;
     `cache`: a dlopt.stagecache.StageCache shared by every worker. Raises InputError on bad input,
     VerificationError (after writing the report) when nothing is within budget or the bundle fails."""
@@ -335,8 +465,10 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     clock = _Clock(config.time_budget_s, log)
     ctx, data_text = _context(model, config, Path(cache.root))
     max_drop = config.max_accuracy_drop
-    clock.log(f"optimizing {model} for {ctx.target} (drop budget {max_drop:g} in {drop_unit(ctx.evaluator)} of "
-              f"{ctx.evaluator}; data: {data_text}; {cpu_label()})")
+    clock.log(
+        f"optimizing {model} for {ctx.target} (drop budget {max_drop:g} in {drop_unit(ctx.evaluator)} of "
+        f"{ctx.evaluator}; data: {data_text}; {cpu_label()})"
+    )
 
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -353,8 +485,10 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     clock.log(f"fp32: {ctx.evaluator} = {base.score:.5g}" + (" (cached)" if base.cached else ""))
     metric = resolved_metric(ctx)  # auto: say which task metric the budget is on, and why
     if metric is not None:
-        clock.log(f"auto: the task metric is {metric['name']} ({metric['reason']}); the drop budget "
-                  f"{max_drop:g} is in {metric['drop_unit']}")
+        clock.log(
+            f"auto: the task metric is {metric['name']} ({metric['reason']}); the drop budget "
+            f"{max_drop:g} is in {metric['drop_unit']}"
+        )
     from dlopt.fileio import load_onnx
     from dlopt.graphfacts import looks_like_transformer
 
@@ -375,22 +509,39 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
         return accuracy_drop(ctx.evaluator, base_score, r.score) if r.ok and r.score is not None else None
 
     # an INT8 candidate scored over the budget (one that ran but has no score has no drop to compare)
-    over_drops = {c.name: drop for c in candidates if c.precision == "int8" and c.name in evaluated
-                  and evaluated[c.name].ok and (drop := drop_of(evaluated[c.name])) is not None and drop > max_drop}
+    over_drops = {
+        c.name: drop
+        for c in candidates
+        if c.precision == "int8"
+        and c.name in evaluated
+        and evaluated[c.name].ok
+        and (drop := drop_of(evaluated[c.name])) is not None
+        and drop > max_drop
+    }
     over = sorted((c for c in candidates if c.name in over_drops), key=lambda c: over_drops[c.name])
     if over:
-        retries = [with_exclusions(c, max_drop_metric=max_drop, evaluator=ctx.evaluator)
-                   for c in over[:EXCLUSION_TRIES]]
+        retries = [
+            with_exclusions(c, max_drop_metric=max_drop, evaluator=ctx.evaluator) for c in over[:EXCLUSION_TRIES]
+        ]
         more, more_skipped = _evaluate_all(executor, ctx, retries, clock, deadline, planned)
         evaluated.update(more)
         skipped += more_skipped
         all_candidates.update({c.name: c for c in retries})
     else:
-        skipped.append(Skipped("int8 float-node exclusions", "no INT8 candidate missed the accuracy budget: keeping "
-                               "nodes in float could only make one slower"))
+        skipped.append(
+            Skipped(
+                "int8 float-node exclusions",
+                "no INT8 candidate missed the accuracy budget: keeping nodes in float could only make one slower",
+            )
+        )
     if trim["applies"]:  # after the retries: a retry within budget gets its trimmed form too
-        variants, not_trimmed = _trimmed_variants(trim, [all_candidates[n] for n in evaluated if n != "fp32" and
-                                                         untrimmed_name(n) is None], evaluated, drop_of, max_drop)
+        variants, not_trimmed = _trimmed_variants(
+            trim,
+            [all_candidates[n] for n in evaluated if n != "fp32" and untrimmed_name(n) is None],
+            evaluated,
+            drop_of,
+            max_drop,
+        )
         more, more_skipped = _evaluate_all(executor, ctx, variants, clock, deadline, planned)
         evaluated.update(more)
         skipped += more_skipped + not_trimmed
@@ -411,13 +562,29 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     rows: dict[str, dict[str, Any]] = {}
     for name, r in evaluated.items():
         c = all_candidates[name]
-        row: dict[str, Any] = {"name": name, "precision": c.precision, "why": c.why, "recipe": c.recipe(), "cached": r.cached,
-               "seconds": r.seconds, "score": r.score, "drop_points": drop_of(r), "bytes": r.bytes,
-               "artifact": r.artifact, "output_sha256": r.output_sha256, "signature": r.signature,
-               "graph_sha256": r.graph_sha256,
-               "stage_keys": list(r.stage_keys), "latency_ratio": None, "latency_ci": None, "median_ms": None,
-               "on_front": False, "status": "scored" if r.ok else "failed", "reason": r.reason,
-               "trim_padding": _trim_of(c, r)}
+        row: dict[str, Any] = {
+            "name": name,
+            "precision": c.precision,
+            "why": c.why,
+            "recipe": c.recipe(),
+            "cached": r.cached,
+            "seconds": r.seconds,
+            "score": r.score,
+            "drop_points": drop_of(r),
+            "bytes": r.bytes,
+            "artifact": r.artifact,
+            "output_sha256": r.output_sha256,
+            "signature": r.signature,
+            "graph_sha256": r.graph_sha256,
+            "stage_keys": list(r.stage_keys),
+            "latency_ratio": None,
+            "latency_ci": None,
+            "median_ms": None,
+            "on_front": False,
+            "status": "scored" if r.ok else "failed",
+            "reason": r.reason,
+            "trim_padding": _trim_of(c, r),
+        }
         rows[name] = row
 
     # latency, only for what can reach the front
@@ -425,12 +592,21 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     timed = timing_plan(rows, max_drop)
     latency_budget = config.latency_budget_s or min(6.0 + 4.0 * len(timed), max(10.0, clock.left() * 0.3))
     clock.log(f"timing {', '.join(timed)} interleaved ({latency_budget:.0f} s, one thread, thread CPU time)")
-    latency = executor.measure(measure_latency, ctx, [(n, rows[n]["artifact"], rows[n]["output_sha256"]) for n in timed],
-                               latency_budget, target_class=ctx.target)
+    latency = executor.measure(
+        measure_latency,
+        ctx,
+        [(n, rows[n]["artifact"], rows[n]["output_sha256"]) for n in timed],
+        latency_budget,
+        target_class=ctx.target,
+    )
     for name in timed:
         m = latency["models"][name]
-        rows[name].update(latency_ratio=m["ratio"], latency_ci=[m["ratio_low"], m["ratio_high"]],
-                          median_ms=m["median_ms"], status="timed")
+        rows[name].update(
+            latency_ratio=m["ratio"],
+            latency_ci=[m["ratio_low"], m["ratio_high"]],
+            median_ms=m["median_ms"],
+            status="timed",
+        )
     for row in rows.values():
         if row["status"] == "fp32-graph":  # FP32's graph: FP32's one timing
             row.update({k: rows["fp32"][k] for k in ("latency_ratio", "latency_ci", "median_ms")})
@@ -438,7 +614,9 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
 
     points = [Point(n, rows[n]["latency_ratio"], rows[n]["drop_points"], rows[n]["bytes"]) for n in timed]
     front = pareto_front(points)
-    eligible = [p for p in points if config.max_latency_ms is None or rows[p.name]["median_ms"] <= config.max_latency_ms]
+    eligible = [
+        p for p in points if config.max_latency_ms is None or rows[p.name]["median_ms"] <= config.max_latency_ms
+    ]
     picked = choose(eligible, max_drop) if eligible else None
     for p in points:
         row = rows[p.name]
@@ -448,16 +626,23 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
         else:
             by = dominated_by(p, points)
             assert by is not None, "a point off the front is dominated"
-            row["status"], row["reason"] = "dominated", (
-                f"dominated by {by.name}: latency {by.latency:.3f} vs {p.latency:.3f} x FP32, "
-                f"drop {by.drop:.3g} vs "
-                f"drop {p.drop:.3g}, {by.size / 1e6:.2f} vs {p.size / 1e6:.2f} MB")
+            row["status"], row["reason"] = (
+                "dominated",
+                (
+                    f"dominated by {by.name}: latency {by.latency:.3f} vs {p.latency:.3f} x FP32, "
+                    f"drop {by.drop:.3g} vs "
+                    f"drop {p.drop:.3g}, {by.size / 1e6:.2f} vs {p.size / 1e6:.2f} MB"
+                ),
+            )
         if config.max_latency_ms is not None and row["median_ms"] > config.max_latency_ms:
-            row["reason"] += f"; its batch-1 latency {row['median_ms']:.3g} ms exceeds --max-latency {config.max_latency_ms:g}"
+            row["reason"] += (
+                f"; its batch-1 latency {row['median_ms']:.3g} ms exceeds --max-latency {config.max_latency_ms:g}"
+            )
     if picked is not None:
         rows[picked.name]["status"] = "chosen"
-        rows[picked.name]["reason"] = ("the fastest on the front within the accuracy budget"
-                                       + (" (latencies within 1 % are ties, decided by size)" if len(front) > 1 else ""))
+        rows[picked.name]["reason"] = "the fastest on the front within the accuracy budget" + (
+            " (latencies within 1 % are ties, decided by size)" if len(front) > 1 else ""
+        )
 
     t0 = time.perf_counter()
     trim_gain = _trim_gain(executor, ctx, rows, front, trim, config, clock) if trim["applies"] else None
@@ -474,8 +659,10 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
     t0 = time.perf_counter()
     if picked is not None:
         clock.log(f"writing {picked.name} as a bundle to {out}")
-        package = StageDesc("package", {"target": ctx.target, "measure_s": config.package_measure_s,
-                                        "name": f"{ctx.name}-{picked.name}"})
+        package = StageDesc(
+            "package",
+            {"target": ctx.target, "measure_s": config.package_measure_s, "name": f"{ctx.name}-{picked.name}"},
+        )
         apply_stages(ctx, (*all_candidates[picked.name].stages, package), output=out, overwrite=config.overwrite)
         from dlopt.verify import verify_bundle
 
@@ -487,8 +674,26 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
         clock.log(f"bundle {'verified' if verified else 'FAILED verification'}: {out}")
     phases["bundle_s"] = time.perf_counter() - t0
 
-    result = _result(model, ctx, config, base, rows, skipped, front, picked, latency, server, executor, cache,
-                     bundle, verified, clock, phases, report_out, metric)
+    result = _result(
+        model,
+        ctx,
+        config,
+        base,
+        rows,
+        skipped,
+        front,
+        picked,
+        latency,
+        server,
+        executor,
+        cache,
+        bundle,
+        verified,
+        clock,
+        phases,
+        report_out,
+        metric,
+    )
     result["trim_padding"] = {**{k: v for k, v in trim.items() if k != "cached"}, "gain": trim_gain}
     from dlopt.search.report import overrun_text
 
@@ -502,10 +707,13 @@ def optimize(model: str, output: str | os.PathLike, config: OptimizeConfig = Opt
         with staged_outputs() as outputs:
             outputs.stage(report_out).write_text(render_report(result))
     if picked is None:
-        raise VerificationError(f"no candidate of {model} is within the budget (drop <= {max_drop:g} in "
-                                f"{drop_unit(ctx.evaluator)}"
-                                + (f", batch-1 latency <= {config.max_latency_ms:g} ms" if config.max_latency_ms else "")
-                                + ")", "raise --max-accuracy-drop or --max-latency; see the report's reasons")
+        raise VerificationError(
+            f"no candidate of {model} is within the budget (drop <= {max_drop:g} in "
+            f"{drop_unit(ctx.evaluator)}"
+            + (f", batch-1 latency <= {config.max_latency_ms:g} ms" if config.max_latency_ms else "")
+            + ")",
+            "raise --max-accuracy-drop or --max-latency; see the report's reasons",
+        )
     if not verified:
         raise VerificationError(f"the bundle {out} failed verification: {bundle_error}", "report this model")
     return OptimizeResult(result, bundle, report_out)
@@ -515,43 +723,70 @@ def _trim_line(trim: dict[str, Any]) -> str:
     if not trim["applies"]:
         return f"trim-padding: not tried: {trim['reason']}"
     check = trim["check"]
-    return (f"trim-padding: applies ({trim['mask']} {removal_text(trim.get('form'), trim['sliced_inputs'])}; "
-            "trimmed vs untrimmed "
-            f"FP32 cosine {check['equivalence_cosine']:.6f} >= {trim['min_cosine_required']:g} on {check['feeds']} "
-            "held-out batches, padded further and mixed): trimmed candidates join the search")
+    return (
+        f"trim-padding: applies ({trim['mask']} {removal_text(trim.get('form'), trim['sliced_inputs'])}; "
+        "trimmed vs untrimmed "
+        f"FP32 cosine {check['equivalence_cosine']:.6f} >= {trim['min_cosine_required']:g} on {check['feeds']} "
+        "held-out batches, padded further and mixed): trimmed candidates join the search"
+    )
 
 
-def _trimmed_variants(trim: dict[str, Any], candidates: Sequence[Candidate], evaluated: dict[str, Evaluated],
-                      drop_of: Callable[[Evaluated], float | None], max_drop: float
-                      ) -> tuple[list[Candidate], list[Skipped]]:
+def _trimmed_variants(
+    trim: dict[str, Any],
+    candidates: Sequence[Candidate],
+    evaluated: dict[str, Evaluated],
+    drop_of: Callable[[Evaluated], float | None],
+    max_drop: float,
+) -> tuple[list[Candidate], list[Skipped]]:
     """The trimmed form of every candidate scored within the accuracy budget; those over it or
     failed are listed once: trimming leaves a model's accuracy where it was, so their trimmed forms could
     not be chosen either."""
     drops = {c.name: drop_of(evaluated[c.name]) for c in candidates}
     within = [c for c in candidates if (drop := drops[c.name]) is not None and drop <= max_drop]
     left = [c.name for c in candidates if c not in within]
-    skipped = [Skipped("trimmed forms", "not tried for " + ", ".join(left) + ": over the accuracy budget or failed "
-                       "untrimmed (trimming does not make a model more accurate)")] if left else []
+    skipped = (
+        [
+            Skipped(
+                "trimmed forms",
+                "not tried for " + ", ".join(left) + ": over the accuracy budget or failed "
+                "untrimmed (trimming does not make a model more accurate)",
+            )
+        ]
+        if left
+        else []
+    )
     return [_trimmed(trim, c) for c in within], skipped
 
 
 def _trimmed(trim: dict[str, Any], candidate: Candidate) -> Candidate:
     check = trim["check"]
-    return trimmed(candidate, f"FP32 trimmed vs untrimmed cosine {check['equivalence_cosine']:.4f} on "
-                              f"{check['feeds']} held-out padded batches", trim.get("form"))
+    return trimmed(
+        candidate,
+        f"FP32 trimmed vs untrimmed cosine {check['equivalence_cosine']:.4f} on "
+        f"{check['feeds']} held-out padded batches",
+        trim.get("form"),
+    )
 
 
 def _trim_of(candidate: Candidate, result: Evaluated) -> dict[str, Any] | None:
     """A trimmed candidate's padding removal: applied, and its trimmed vs untrimmed cosine on the stage's samples."""
     if untrimmed_name(candidate.name) is None:
         return None
-    summaries = [s["trim_padding"] for s in result.stage_reports if s.get("kind") == "trim-padding"
-                 and s.get("trim_padding")]
+    summaries = [
+        s["trim_padding"] for s in result.stage_reports if s.get("kind") == "trim-padding" and s.get("trim_padding")
+    ]
     return {**summaries[-1], "untrimmed": untrimmed_name(candidate.name)} if summaries else None
 
 
-def _trim_gain(executor, ctx: SearchContext, rows: dict[str, dict[str, Any]], front: Sequence[Point],
-               trim: dict[str, Any], config: OptimizeConfig, clock: _Clock) -> dict[str, Any]:
+def _trim_gain(
+    executor,
+    ctx: SearchContext,
+    rows: dict[str, dict[str, Any]],
+    front: Sequence[Point],
+    trim: dict[str, Any],
+    config: OptimizeConfig,
+    clock: _Clock,
+) -> dict[str, Any]:
     """Padding removal's gain per batch size (TRIM_GAIN_BATCHES) on the real inputs with their real lengths:
     FP32 (the reference), FP32 trimmed, and the fastest trimmed candidate on the front with its untrimmed
     form, timed interleaved in one bench run at each batch size (one thread, thread CPU time)."""
@@ -566,20 +801,48 @@ def _trim_gain(executor, ctx: SearchContext, rows: dict[str, dict[str, Any]], fr
     # batch 8 of FP32 at the padded length is slow (MiniLM: ~0.3 s a call, each model twice with the sorted
     # order): 4 s per model and batch size gave 3 rounds under load, too few for a CI
     budget = config.latency_budget_s or min(10.0 * len(names) * len(TRIM_GAIN_BATCHES), max(20.0, clock.left() * 0.3))
-    clock.log(f"padding removal per batch size: {', '.join(names)} at batch {list(TRIM_GAIN_BATCHES)} "
-              f"({budget:.0f} s, interleaved)")
-    body = executor.measure(measure_latency, ctx, [(n, rows[n]["artifact"], rows[n]["output_sha256"]) for n in names],
-                            budget, TRIM_GAIN_BATCHES, target_class=ctx.target)
-    return {"models": names, "clock": body["clock"], "threads": body["threads"], "data": body["data"],
-            "cpu": body["cpu"], "cached": body["cached"], "notes": body.get("notes", []),
-            "batches": [{"batch": b["batch"], "input_shapes": b["input_shapes"], "rounds": b["rounds"],
-                         "padding": b["padding"], "length_sorting": b["length_sorting"],
-                         "rows": [{"name": n, "precision": rows[n]["precision"],
-                                   "trimmed": untrimmed_name(n) is not None, "median_ms": b["models"][n]["median_ms"],
-                                   "ratio": b["models"][n]["ratio"],
-                                   "ci": [b["models"][n]["ratio_low"], b["models"][n]["ratio_high"]]}
-                                  for n in names]}
-                        for b in body.get("batches", ())]}
+    clock.log(
+        f"padding removal per batch size: {', '.join(names)} at batch {list(TRIM_GAIN_BATCHES)} "
+        f"({budget:.0f} s, interleaved)"
+    )
+    body = executor.measure(
+        measure_latency,
+        ctx,
+        [(n, rows[n]["artifact"], rows[n]["output_sha256"]) for n in names],
+        budget,
+        TRIM_GAIN_BATCHES,
+        target_class=ctx.target,
+    )
+    return {
+        "models": names,
+        "clock": body["clock"],
+        "threads": body["threads"],
+        "data": body["data"],
+        "cpu": body["cpu"],
+        "cached": body["cached"],
+        "notes": body.get("notes", []),
+        "batches": [
+            {
+                "batch": b["batch"],
+                "input_shapes": b["input_shapes"],
+                "rounds": b["rounds"],
+                "padding": b["padding"],
+                "length_sorting": b["length_sorting"],
+                "rows": [
+                    {
+                        "name": n,
+                        "precision": rows[n]["precision"],
+                        "trimmed": untrimmed_name(n) is not None,
+                        "median_ms": b["models"][n]["median_ms"],
+                        "ratio": b["models"][n]["ratio"],
+                        "ci": [b["models"][n]["ratio_low"], b["models"][n]["ratio_high"]],
+                    }
+                    for n in names
+                ],
+            }
+            for b in body.get("batches", ())
+        ],
+    }
 
 
 def _guard_outputs(model: str, config: OptimizeConfig, out: Path, report_out: Path | None, cache_root: Path) -> None:
@@ -596,34 +859,89 @@ def _guard_outputs(model: str, config: OptimizeConfig, out: Path, report_out: Pa
     if report_out is not None:
         bundle, report = out.resolve(), report_out.resolve()
         if report == bundle or bundle in report.parents:
-            raise InputError(f"--report {report_out} lies inside the bundle {out}",
-                             "write the report outside the bundle: its manifest lists every file the bundle holds")
+            raise InputError(
+                f"--report {report_out} lies inside the bundle {out}",
+                "write the report outside the bundle: its manifest lists every file the bundle holds",
+            )
 
 
-def _result(model, ctx, config, base, rows, skipped, front, picked, latency, server, executor, cache, bundle,
-            verified, clock, phases, report_out, metric=None) -> dict[str, Any]:
+def _result(
+    model,
+    ctx,
+    config,
+    base,
+    rows,
+    skipped,
+    front,
+    picked,
+    latency,
+    server,
+    executor,
+    cache,
+    bundle,
+    verified,
+    clock,
+    phases,
+    report_out,
+    metric=None,
+) -> dict[str, Any]:
     from dlopt.runtime import cpu_label
 
     candidates = list(rows.values()) + [
-        {"name": s.name, "precision": None, "why": None, "recipe": list(s.recipe), "cached": False, "seconds": 0.0,
-         "score": None, "drop_points": None, "bytes": None, "artifact": None, "output_sha256": None, "signature": None,
-         "graph_sha256": None,
-         "stage_keys": [], "latency_ratio": None, "latency_ci": None, "median_ms": None, "on_front": False,
-         "status": "skipped", "reason": s.reason, "trim_padding": None} for s in skipped]
+        {
+            "name": s.name,
+            "precision": None,
+            "why": None,
+            "recipe": list(s.recipe),
+            "cached": False,
+            "seconds": 0.0,
+            "score": None,
+            "drop_points": None,
+            "bytes": None,
+            "artifact": None,
+            "output_sha256": None,
+            "signature": None,
+            "graph_sha256": None,
+            "stage_keys": [],
+            "latency_ratio": None,
+            "latency_ci": None,
+            "median_ms": None,
+            "on_front": False,
+            "status": "skipped",
+            "reason": s.reason,
+            "trim_padding": None,
+        }
+        for s in skipped
+    ]
     evaluated = [r for r in rows.values()]
     return {
-        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "model": model, "name": ctx.name,
-        "target": ctx.target, "evaluator": ctx.evaluator,
-        "drop_unit": metric["drop_unit"] if metric else drop_unit(ctx.evaluator), "metric": metric,
-        "max_accuracy_drop": config.max_accuracy_drop, "max_latency_ms": config.max_latency_ms,
-        "baseline_score": base.score, "cpu": cpu_label(),
-        "time_budget_s": config.time_budget_s, "seconds": round(clock.elapsed(), 2),
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "model": model,
+        "name": ctx.name,
+        "target": ctx.target,
+        "evaluator": ctx.evaluator,
+        "drop_unit": metric["drop_unit"] if metric else drop_unit(ctx.evaluator),
+        "metric": metric,
+        "max_accuracy_drop": config.max_accuracy_drop,
+        "max_latency_ms": config.max_latency_ms,
+        "baseline_score": base.score,
+        "cpu": cpu_label(),
+        "time_budget_s": config.time_budget_s,
+        "seconds": round(clock.elapsed(), 2),
         "phases_s": {k: round(v, 2) for k, v in phases.items()},
-        "executor": executor.describe(), "cache": {"root": str(cache.root),
-                                                   "evaluations_cached": sum(r["cached"] for r in evaluated),
-                                                   "evaluations_run": sum(not r["cached"] for r in evaluated)},
+        "executor": executor.describe(),
+        "cache": {
+            "root": str(cache.root),
+            "evaluations_cached": sum(r["cached"] for r in evaluated),
+            "evaluations_run": sum(not r["cached"] for r in evaluated),
+        },
         "latency": {k: v for k, v in latency.items() if k != "models"},
-        "candidates": candidates, "front": [p.name for p in front], "chosen": picked.name if picked else None,
-        "server": server, "bundle": str(bundle) if bundle else None, "verified": verified,
+        "candidates": candidates,
+        "front": [p.name for p in front],
+        "chosen": picked.name if picked else None,
+        "server": server,
+        "bundle": str(bundle) if bundle else None,
+        "verified": verified,
         "report": str(report_out) if report_out else None,
     }

@@ -41,8 +41,9 @@ def dominated_by(point: Point, points: Sequence[Point]) -> Point | None:
     return next((q for q in points if q is not point and dominates(q, point)), None)
 
 
-def choose(points: Sequence[Point], max_drop: float, *, max_latency: float | None = None,
-           tie: float = LATENCY_TIE) -> Point | None:
+def choose(
+    points: Sequence[Point], max_drop: float, *, max_latency: float | None = None, tie: float = LATENCY_TIE
+) -> Point | None:
     """The best point within the budget: on the front, drop <= max_drop (and latency <= max_latency
     when given); the fastest, latencies within `tie` of it counting as equal and decided by size,
     then by drop, then by name (so the choice is deterministic). None when nothing is within budget."""

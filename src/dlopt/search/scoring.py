@@ -114,17 +114,39 @@ def build_recipe(ctx: SearchContext, stages: Sequence[StageDesc]):
     from dlopt.recipe import Recipe, StageSpec, build_config
 
     torch_stages = [d for d in stages if d.kind in TORCH_STAGES]  # on the torch source, before its export
-    descs = torch_stages + ([StageDesc("export")] if ctx.torch_source else []) + [d for d in stages
-                                                                                if d.kind not in TORCH_STAGES]
-    specs = tuple(StageSpec(i, d.kind, build_config(d.kind, dict(d.config), where=f"{ctx.name} stage {i} ({d.kind})",
-                                                    target=ctx.target), None)
-                  for i, d in enumerate(descs, 1))
-    return Recipe(path=Path(f"{ctx.name}.optimize"), source=ctx.source, target=ctx.target,
-                  calibration=ctx.calibration, eval_data=ctx.eval_data, name=ctx.name, stages=specs)
+    descs = (
+        torch_stages
+        + ([StageDesc("export")] if ctx.torch_source else [])
+        + [d for d in stages if d.kind not in TORCH_STAGES]
+    )
+    specs = tuple(
+        StageSpec(
+            i,
+            d.kind,
+            build_config(d.kind, dict(d.config), where=f"{ctx.name} stage {i} ({d.kind})", target=ctx.target),
+            None,
+        )
+        for i, d in enumerate(descs, 1)
+    )
+    return Recipe(
+        path=Path(f"{ctx.name}.optimize"),
+        source=ctx.source,
+        target=ctx.target,
+        calibration=ctx.calibration,
+        eval_data=ctx.eval_data,
+        name=ctx.name,
+        stages=specs,
+    )
 
 
-def apply_stages(ctx: SearchContext, stages: Sequence[StageDesc], output: Path | None = None, *,
-                 overwrite: bool = False, log=lambda message: None):
+def apply_stages(
+    ctx: SearchContext,
+    stages: Sequence[StageDesc],
+    output: Path | None = None,
+    *,
+    overwrite: bool = False,
+    log=lambda message: None,
+):
     """Run the source's export and `stages` through the stage cache (the one function that applies a
     candidate; stage kinds and configs are those of a recipe). Returns (artifact path, RunResult or
     None): the last stage's output in the cache; with `output`, also delivered there (a bundle when
@@ -170,8 +192,8 @@ def heldout_feeds(ctx: SearchContext, model) -> list[dict[str, Any]] | None:
     """Where a fidelity evaluator scores: --eval-data, else the samples quantize holds out of
     --calibration (the last 20 %: never calibrated on), else None (generated inputs)."""
     from dlopt.data import load_data
-    from dlopt.optimize.quantize.schemes import QuantizeConfig
     from dlopt.optimize.quantize.heldout import split_holdout
+    from dlopt.optimize.quantize.schemes import QuantizeConfig
 
     config = QuantizeConfig()  # its defaults and held-out split
     data = load_data(ctx.calibration, model) if ctx.calibration else None
@@ -233,7 +255,7 @@ def _hash_graph(graph, add, numpy_helper) -> None:
         add("node", node.domain, node.op_type, tuple(node.input), tuple(node.output))
         for attribute in sorted(node.attribute, key=lambda a: a.name):
             if attribute.g.node or attribute.graphs:  # a subgraph (If, Loop, Scan): hashed the same way
-                for sub in ([attribute.g] if attribute.g.node else list(attribute.graphs)):
+                for sub in [attribute.g] if attribute.g.node else list(attribute.graphs):
                     add("subgraph", attribute.name)
                     _hash_graph(sub, add, numpy_helper)
             else:
@@ -249,10 +271,16 @@ def eval_key_inputs(ctx: SearchContext, candidate: Candidate) -> dict[str, Any]:
     from dlopt.recipe import data_hash, host_facts, source_hash
 
     recipe = ([{"kind": "export"}] if ctx.torch_source else []) + candidate.recipe()
-    inputs = {"kind": "optimize-eval", "eval_format": EVAL_FORMAT, "source": ctx.source_id, "recipe": recipe,
-              "target": ctx.target, "evaluator": ctx.evaluator,
-              "data": {"calibration": data_hash(ctx.calibration), "eval_data": data_hash(ctx.eval_data)},
-              "host": host_facts("quantize", SimpleNamespace(target=ctx.target))}
+    inputs = {
+        "kind": "optimize-eval",
+        "eval_format": EVAL_FORMAT,
+        "source": ctx.source_id,
+        "recipe": recipe,
+        "target": ctx.target,
+        "evaluator": ctx.evaluator,
+        "data": {"calibration": data_hash(ctx.calibration), "eval_data": data_hash(ctx.eval_data)},
+        "host": host_facts("quantize", SimpleNamespace(target=ctx.target)),
+    }
     if ".py:" in ctx.evaluator:  # the user's metric file: its bytes decide the score
         inputs["evaluator_sha256"] = source_hash(ctx.evaluator)
     return inputs
@@ -304,28 +332,47 @@ def evaluate_candidate(job: tuple[SearchContext, Candidate]) -> Evaluated:
         score = score_model(ctx, artifact)
         stage_runs = run.stages if run is not None else ()
         result = Evaluated(
-            name=candidate.name, ok=True, artifact=str(artifact),
+            name=candidate.name,
+            ok=True,
+            artifact=str(artifact),
             output_sha256=stage_runs[-1].output_sha256 if stage_runs else artifact_hash(artifact),
-            bytes=_artifact_bytes(artifact), score=score, signature=graph_signature(artifact),
+            bytes=_artifact_bytes(artifact),
+            score=score,
+            signature=graph_signature(artifact),
             graph_sha256=graph_content_hash(artifact),
             stage_keys=tuple(r.key for r in stage_runs),
-            stage_reports=tuple(_stage_summary(r.entry.info) for r in stage_runs))
+            stage_reports=tuple(_stage_summary(r.entry.info) for r in stage_runs),
+        )
     except DlOptError as e:
         # a failed quantize keeps its best effort beside a scratch output that is gone by now: not worth naming
-        reason = re.sub(r"; the best effort was kept as .*?, nothing was written to the output path", "",
-                        _one_line(e.message))
+        reason = re.sub(
+            r"; the best effort was kept as .*?, nothing was written to the output path", "", _one_line(e.message)
+        )
         result = Evaluated(name=candidate.name, ok=False, reason=reason)
     except Exception as e:  # noqa: BLE001 - a library failing on one candidate must not end the search
-        return Evaluated(name=candidate.name, ok=False, reason=f"{type(e).__name__}: {_one_line(str(e))}",
-                         seconds=time.perf_counter() - started)  # not cached: it may not happen again
+        return Evaluated(
+            name=candidate.name,
+            ok=False,
+            reason=f"{type(e).__name__}: {_one_line(str(e))}",
+            seconds=time.perf_counter() - started,
+        )  # not cached: it may not happen again
     result = _replace(result, seconds=round(time.perf_counter() - started, 2), eval_key=key)
     cache = ctx.cache
     with cache.building(key) as staging:
         (staging / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=1))
-        cache.commit(key, staging, {"kind": "optimize-eval", "inputs": inputs, "artifact": RESULT_FILE,
-                                    "output_sha256": result.output_sha256, "source": ctx.source,
-                                    "recipe": f"dlopt optimize {ctx.name}: {candidate.name}",
-                                    "report": {"ok": result.ok, "score": result.score, "reason": result.reason}})
+        cache.commit(
+            key,
+            staging,
+            {
+                "kind": "optimize-eval",
+                "inputs": inputs,
+                "artifact": RESULT_FILE,
+                "output_sha256": result.output_sha256,
+                "source": ctx.source,
+                "recipe": f"dlopt optimize {ctx.name}: {candidate.name}",
+                "report": {"ok": result.ok, "score": result.score, "reason": result.reason},
+            },
+        )
     return result
 
 
@@ -359,11 +406,18 @@ def trim_summary(report: Mapping[str, Any]) -> dict[str, Any]:
     """A trim-padding report (the stage's, or quantize's trim_padding) in a few figures: applied or why
     not, and the trimmed vs untrimmed model's lowest mean cosine over its outputs on the padded samples."""
     equivalence = report.get("equivalence") or {}
-    cosines = [v["mean_cosine"] for v in (equivalence.get("outputs") or {}).values() if v.get("mean_cosine") is not None]
-    return {"applied": bool(report.get("applied")), "reason": report.get("reason"), "form": report.get("form"),
-            "pack_reason": report.get("pack_reason"), "equivalence_cosine": min(cosines) if cosines else None,
-            "feeds": equivalence.get("feeds"),
-            "input_shapes": [list(s) for s in equivalence.get("input_shapes") or []]}
+    cosines = [
+        v["mean_cosine"] for v in (equivalence.get("outputs") or {}).values() if v.get("mean_cosine") is not None
+    ]
+    return {
+        "applied": bool(report.get("applied")),
+        "reason": report.get("reason"),
+        "form": report.get("form"),
+        "pack_reason": report.get("pack_reason"),
+        "equivalence_cosine": min(cosines) if cosines else None,
+        "feeds": equivalence.get("feeds"),
+        "input_shapes": [list(s) for s in equivalence.get("input_shapes") or []],
+    }
 
 
 def trim_check(ctx: SearchContext, fp32_path: str, fp32_sha256: str) -> dict[str, Any]:
@@ -375,9 +429,15 @@ def trim_check(ctx: SearchContext, fp32_path: str, fp32_sha256: str) -> dict[str
     from dlopt.stage import StageContext, get_stage
 
     # trim_check_format 2: the check records the form (pack or slice)
-    key = cache_key({"kind": "optimize-trim-check", "eval_format": EVAL_FORMAT, "trim_check_format": 2,
-                     "model": fp32_sha256,
-                     "data": {"calibration": data_hash(ctx.calibration), "eval_data": data_hash(ctx.eval_data)}})
+    key = cache_key(
+        {
+            "kind": "optimize-trim-check",
+            "eval_format": EVAL_FORMAT,
+            "trim_check_format": 2,
+            "model": fp32_sha256,
+            "data": {"calibration": data_hash(ctx.calibration), "eval_data": data_hash(ctx.eval_data)},
+        }
+    )
     found = _cached_json(ctx, key)
     if found is not None:
         return found
@@ -389,14 +449,23 @@ def trim_check(ctx: SearchContext, fp32_path: str, fp32_sha256: str) -> dict[str
         try:
             report = stage.apply(model, config, StageContext(eval_data=heldout_feeds(ctx, model))).report
         except Exception as e:  # noqa: BLE001 - e.g. the untrimmed model itself fails on inputs padded further
-            report = {**report, "reason": f"the check on held-out inputs padded further failed: {_one_line(str(e))[:300]}"}
-    body = {"applies": bool(report.get("applied")), "reason": report.get("reason"), "mask": report.get("mask"),
-            "form": report.get("form"),
-            "sliced_inputs": report.get("sliced_inputs", []), "padded_back_outputs": report.get("padded_back_outputs", []),
-            "check": trim_summary(report), "min_cosine_required": config.min_cosine, "cached": False}
+            report = {
+                **report,
+                "reason": f"the check on held-out inputs padded further failed: {_one_line(str(e))[:300]}",
+            }
+    body = {
+        "applies": bool(report.get("applied")),
+        "reason": report.get("reason"),
+        "mask": report.get("mask"),
+        "form": report.get("form"),
+        "sliced_inputs": report.get("sliced_inputs", []),
+        "padded_back_outputs": report.get("padded_back_outputs", []),
+        "check": trim_summary(report),
+        "min_cosine_required": config.min_cosine,
+        "cached": False,
+    }
     _store_json(ctx, key, "optimize-trim-check", body)
     return body
-
 
 
 # --------------------------------------------------------------------------- latency
@@ -426,9 +495,16 @@ def _latency_key(ctx: SearchContext, what: str, hashes: Sequence[str], settings:
     from dlopt.bench import machine_fingerprint
     from dlopt.recipe import data_hash
 
-    return cache_key({"kind": f"optimize-{what}", "eval_format": EVAL_FORMAT, "models": list(hashes),
-                      "settings": dict(settings), "data": data_hash(ctx.eval_data) if ctx.eval_data else ctx.evaluator,
-                      "machine": machine_fingerprint(int(settings.get("threads", 1)))})
+    return cache_key(
+        {
+            "kind": f"optimize-{what}",
+            "eval_format": EVAL_FORMAT,
+            "models": list(hashes),
+            "settings": dict(settings),
+            "data": data_hash(ctx.eval_data) if ctx.eval_data else ctx.evaluator,
+            "machine": machine_fingerprint(int(settings.get("threads", 1))),
+        }
+    )
 
 
 def _cached_json(ctx: SearchContext, key: str) -> dict[str, Any] | None:
@@ -444,12 +520,23 @@ def _cached_json(ctx: SearchContext, key: str) -> dict[str, Any] | None:
 def _store_json(ctx: SearchContext, key: str, kind: str, body: Mapping[str, Any]) -> None:
     with ctx.cache.building(key) as staging:
         (staging / RESULT_FILE).write_text(json.dumps(body, indent=1))
-        ctx.cache.commit(key, staging, {"kind": kind, "inputs": {"kind": kind}, "artifact": RESULT_FILE,
-                                        "source": ctx.source, "recipe": f"dlopt optimize {ctx.name}", "report": {}})
+        ctx.cache.commit(
+            key,
+            staging,
+            {
+                "kind": kind,
+                "inputs": {"kind": kind},
+                "artifact": RESULT_FILE,
+                "source": ctx.source,
+                "recipe": f"dlopt optimize {ctx.name}",
+                "report": {},
+            },
+        )
 
 
-def measure_latency(ctx: SearchContext, models: Sequence[tuple[str, str, str]], budget_s: float,
-                    batches: Sequence[int] = (1,)) -> dict[str, Any]:
+def measure_latency(
+    ctx: SearchContext, models: Sequence[tuple[str, str, str]], budget_s: float, batches: Sequence[int] = (1,)
+) -> dict[str, Any]:
     """Time `models` ((name, path, sha256), the FP32 source first) interleaved in one bench run: one
     thread, thread CPU time, at each of `batches` (batch 1 by default), on the model's real inputs.
     Returns per model the ratio to the first (estimate and 95 % CI) and the median ms, with the input
@@ -466,44 +553,78 @@ def measure_latency(ctx: SearchContext, models: Sequence[tuple[str, str, str]], 
     if found is not None:
         return found
     data, data_text = bench_data(ctx)
-    available = (getattr(data, "count", None) or min((len(v) for v in data.values() if np.ndim(v)), default=0)
-                 ) if data else None
+    available = (
+        (getattr(data, "count", None) or min((len(v) for v in data.values() if np.ndim(v)), default=0))
+        if data
+        else None
+    )
     notes = []
     if available is not None and any(b > available for b in batches):
         notes.append(f"{data_text} holds {available} sample(s): batch sizes above it are not measured")
         batches = [b for b in batches if b <= available] or [1]
-    config = BenchConfig(target="cpu", threads=1, clock="cpu", batch_sizes=tuple(batches), budget_s=budget_s,
-                         min_rounds=10)
+    config = BenchConfig(
+        target="cpu", threads=1, clock="cpu", batch_sizes=tuple(batches), budget_s=budget_s, min_rounds=10
+    )
     result = benchmark([p for _, p, _ in models], config, data=data, data_source=data_text)
     per_batch = []
     for batch in result.batches:
         rows = {}
         for (name, _, _), run in zip(models, batch.models):
             ratio = run.ratios["cpu"]
-            rows[name] = {"median_ms": run.summaries["cpu"].median * 1e3,
-                          "ratio": ratio.estimate if ratio is not None else 1.0,
-                          "ratio_low": ratio.low if ratio is not None else 1.0,
-                          "ratio_high": ratio.high if ratio is not None else 1.0}
+            rows[name] = {
+                "median_ms": run.summaries["cpu"].median * 1e3,
+                "ratio": ratio.estimate if ratio is not None else 1.0,
+                "ratio_low": ratio.low if ratio is not None else 1.0,
+                "ratio_high": ratio.high if ratio is not None else 1.0,
+            }
         sorting = None
         if batch.length_sorting:  # bench's labels are file names: the candidates' names instead
             labels = {m.label: name for m, (name, _, _) in zip(result.models, models)}
-            sorting = {**batch.length_sorting, "latency": [{**row, "model": labels.get(row["model"], row["model"])}
-                                                           for row in batch.length_sorting.get("latency", ())]}
-        per_batch.append({"batch": batch.batch, "models": rows, "rounds": batch.rounds, "padding": batch.padding,
-                          "input_shapes": {k: list(v) for k, v in batch.input_shapes.items()},
-                          "length_sorting": sorting})
+            sorting = {
+                **batch.length_sorting,
+                "latency": [
+                    {**row, "model": labels.get(row["model"], row["model"])}
+                    for row in batch.length_sorting.get("latency", ())
+                ],
+            }
+        per_batch.append(
+            {
+                "batch": batch.batch,
+                "models": rows,
+                "rounds": batch.rounds,
+                "padding": batch.padding,
+                "input_shapes": {k: list(v) for k, v in batch.input_shapes.items()},
+                "length_sorting": sorting,
+            }
+        )
     first = per_batch[0]
-    body = {"models": first["models"], "input_shapes": first["input_shapes"], "rounds": first["rounds"],
-            "clock": "thread CPU time", "threads": 1, "batch": first["batch"], "data": data_text,
-            "cpu": cpu_label(), "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cached": False}
+    body = {
+        "models": first["models"],
+        "input_shapes": first["input_shapes"],
+        "rounds": first["rounds"],
+        "clock": "thread CPU time",
+        "threads": 1,
+        "batch": first["batch"],
+        "data": data_text,
+        "cpu": cpu_label(),
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cached": False,
+    }
     if tuple(batches) != (1,):
         body["batches"], body["notes"] = per_batch, notes
     _store_json(ctx, key, "optimize-latency", body)
     return body
 
 
-def measure_throughput(ctx: SearchContext, path: str, sha256: str, batches: Sequence[int], threads: Sequence[int],
-                       budget_s: float, max_latency_ms: float | None = None) -> dict[str, Any]:
+def measure_throughput(
+    ctx: SearchContext,
+    path: str,
+    sha256: str,
+    batches: Sequence[int],
+    threads: Sequence[int],
+    budget_s: float,
+    max_latency_ms: float | None = None,
+) -> dict[str, Any]:
     """Throughput (items/s) and wall-clock latency (median, p90) of one model at each intra-op thread
     count and batch size (wall clock: pool threads' work is invisible to a thread's CPU clock). Batch
     sizes are tried in increasing order, each in its own bench run of `budget_s`; the next is not
@@ -512,8 +633,14 @@ def measure_throughput(ctx: SearchContext, path: str, sha256: str, batches: Sequ
     from dlopt.bench import BenchConfig, benchmark
     from dlopt.runtime import cpu_label
 
-    settings = {"threads": max(threads), "clock": "wall", "batches": list(batches), "thread_counts": list(threads),
-                "budget_s": round(budget_s, 1), "max_latency_ms": max_latency_ms}
+    settings = {
+        "threads": max(threads),
+        "clock": "wall",
+        "batches": list(batches),
+        "thread_counts": list(threads),
+        "budget_s": round(budget_s, 1),
+        "max_latency_ms": max_latency_ms,
+    }
     key = _latency_key(ctx, "throughput", [sha256], settings)
     found = _cached_json(ctx, key)
     if found is not None:
@@ -530,16 +657,21 @@ def measure_throughput(ctx: SearchContext, path: str, sha256: str, batches: Sequ
         for b in sorted(batches):
             if last is not None:
                 projected_ms = last["median_ms"] * b / last["batch"]
-                why = ("throughput gained < 5 %" if last["gain"] < 1.05 else
-                       f"p90 {last['p90_ms']:.3g} ms > {max_latency_ms:g} ms" if max_latency_ms is not None
-                       and last["p90_ms"] > max_latency_ms else
-                       f"about {projected_ms:.0f} ms a call: too few calls in {budget_s:g} s"
-                       if projected_ms * 8 > budget_s * 1e3 else None)
+                why = (
+                    "throughput gained < 5 %"
+                    if last["gain"] < 1.05
+                    else f"p90 {last['p90_ms']:.3g} ms > {max_latency_ms:g} ms"
+                    if max_latency_ms is not None and last["p90_ms"] > max_latency_ms
+                    else f"about {projected_ms:.0f} ms a call: too few calls in {budget_s:g} s"
+                    if projected_ms * 8 > budget_s * 1e3
+                    else None
+                )
                 if why:
                     notes.append(f"{t} thread(s): batch {b} and above not measured ({why} at batch {last['batch']})")
                     break
-            config = BenchConfig(target="cpu", threads=t, clock="wall", batch_sizes=(b,), budget_s=budget_s,
-                                 min_rounds=3)
+            config = BenchConfig(
+                target="cpu", threads=t, clock="wall", batch_sizes=(b,), budget_s=budget_s, min_rounds=3
+            )
             try:
                 result = benchmark([path], config, data=data, data_source=data_text)
             except InputError as e:  # e.g. a model with a fixed batch axis
@@ -547,17 +679,40 @@ def measure_throughput(ctx: SearchContext, path: str, sha256: str, batches: Sequ
                 break
             run = result.batches[0]
             s = run.models[0].summaries["wall"]
-            row: dict[str, Any] = {"threads": t, "batch": run.batch, "median_ms": s.median * 1e3, "p90_ms": s.p90 * 1e3,
-                   "items_per_s": run.batch / s.median if s.median > 0 else None,
-                   "input_shapes": {k: list(v) for k, v in run.input_shapes.items()}}
+            row: dict[str, Any] = {
+                "threads": t,
+                "batch": run.batch,
+                "median_ms": s.median * 1e3,
+                "p90_ms": s.p90 * 1e3,
+                "items_per_s": run.batch / s.median if s.median > 0 else None,
+                "input_shapes": {k: list(v) for k, v in run.input_shapes.items()},
+            }
             rows.append(row)
             gain = (row["items_per_s"] or 0) / last["items_per_s"] if last and last["items_per_s"] else float("inf")
             last = {**row, "gain": gain}
-    body = {"rows": rows, "notes": notes, "clock": "wall", "data": data_text, "cpu": cpu_label(),
-            "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cached": False}
+    body = {
+        "rows": rows,
+        "notes": notes,
+        "clock": "wall",
+        "data": data_text,
+        "cpu": cpu_label(),
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cached": False,
+    }
     _store_json(ctx, key, "optimize-throughput", body)
     return body
 
 
-__all__ = ["Evaluated", "SearchContext", "accuracy_drop", "apply_stages", "build_recipe", "drop_unit",
-           "evaluate_candidate", "graph_content_hash", "measure_latency", "measure_throughput", "score_model"]
+__all__ = [
+    "Evaluated",
+    "SearchContext",
+    "accuracy_drop",
+    "apply_stages",
+    "build_recipe",
+    "drop_unit",
+    "evaluate_candidate",
+    "graph_content_hash",
+    "measure_latency",
+    "measure_throughput",
+    "score_model",
+]
