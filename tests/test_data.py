@@ -444,3 +444,36 @@ def test_bad_spec_keys_name_the_file(tmp_path, keys, message):
 
     with pytest.raises(InputError, match=re.escape(message)):
         spec_from_keys(keys, where="spec.toml")
+
+
+# -- answers beside inputs: one .npz for every verb ------------------------------------------------------------------
+def test_an_npz_with_labels_works_in_every_verb_and_labels_stay_an_input_where_the_model_has_one(tmp_path):
+    """`dlopt eval` scores against a 'labels' array; quantize (calibration and held-out data) and bench read the
+    same file and skip it, since the model has no such input. A model whose input is named 'labels' is still fed."""
+    from dlopt.data import CalibrationData
+
+    onnx.save(image_model(), tmp_path / "m.onnx")
+    rng = np.random.default_rng(3)
+    image = rng.uniform(0, 1, (16, 3, 7, 8)).astype(np.float32)
+    labels = np.argmax(image.mean(axis=(2, 3)), axis=1)
+    np.savez(tmp_path / "d.npz", image=image, labels=labels)
+
+    q = invoke("quantize", tmp_path / "m.onnx", "-o", tmp_path / "q.onnx", "--calibration", tmp_path / "d.npz",
+               "--eval-data", tmp_path / "d.npz", "--mode", "static")
+    assert q.exit_code == 0, q.output
+    bench = invoke("bench", tmp_path / "m.onnx", tmp_path / "q.onnx", "--data", tmp_path / "d.npz", "--rounds", "3")
+    assert bench.exit_code == 0, bench.output
+    ev = invoke("eval", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--metric", "top1")
+    assert ev.exit_code == 0, ev.output
+    # the model's argmax is the labels by construction: top-1 of 1 against them
+    assert any(line.split()[:2] == ["top1", "1"] and line.endswith("vs labels") for line in ev.output.splitlines())
+
+    # a model with an input called 'labels' gets it: the skip applies only where it is not an input
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3])
+    lab = helper.make_tensor_value_info("labels", TensorProto.FLOAT, [1, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])
+    both = helper.make_model(helper.make_graph([helper.make_node("Add", ["image", "labels"], ["y"])], "two", [x, lab],
+                                               [y]), opset_imports=[helper.make_opsetid("", 17)])
+    arrays = {"image": np.ones((4, 3), np.float32), "labels": np.full((4, 3), 2, np.float32)}
+    fed = list(CalibrationData.from_arrays(arrays).bind(both))
+    assert len(fed) == 4 and all(set(f) == {"image", "labels"} and f["labels"][0, 0] == 2 for f in fed)

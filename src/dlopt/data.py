@@ -58,6 +58,9 @@ from dlopt.inputs import Feeds, InputSpec, graph_inputs
 from dlopt.stage import config_from_dict, config_to_dict
 from dlopt.usercode import import_user_file, user_code
 
+# Arrays of a data file that hold answers, not inputs: `dlopt eval` scores against them (class indices,
+# expected outputs); every other verb skips them where the model has no input of that name.
+ANSWER_ARRAYS = frozenset({"labels", "expected"})
 DEFAULT_SAMPLE_COUNT = 100
 # file.py:function or package.module:function (a Windows drive letter is not a module name: "C:x" needs ".py")
 _READER = re.compile(r"^(?P<module>.+\.py|[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<function>[A-Za-z_]\w*)$")
@@ -529,6 +532,11 @@ class CalibrationData:
                     )
                 feeds = {**feeds, **self._constants}
             if self._specs is not None:
+                # the arrays eval scores against (labels, expected outputs) may sit in any verb's data: the
+                # same .npz works for quantize, bench and gate too; they are never fed unless they are inputs
+                inputs = {s.name for s in self._specs}
+                if any(k in ANSWER_ARRAYS and k not in inputs for k in feeds):
+                    feeds = {k: v for k, v in feeds.items() if k in inputs or k not in ANSWER_ARRAYS}
                 _check_sample(feeds, self._specs, self.source, index, finite=self.finite)
             yield feeds
 

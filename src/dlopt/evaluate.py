@@ -31,7 +31,7 @@ from dlopt.metrics import higher_is_better  # direction: the metric table's, els
 # metric chosen from the reference's outputs
 TASK_METRICS = ("auto", "topk", "detection", "map", "sequence", "embedding", "perplexity", "probability")
 METRICS = ("top1", "cosine", "sqnr", "mse", *TASK_METRICS)
-LABELS_KEY = "labels"
+LABELS_KEY = "labels"  # both among dlopt.data.ANSWER_ARRAYS: other verbs skip them
 EXPECTED_KEY = "expected"
 
 
