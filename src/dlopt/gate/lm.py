@@ -150,8 +150,7 @@ def _checks(
         prompt_tokens,
         validate_generate_config,
     )
-    from dlopt.gate.run import _progress_bridge, _size_check, _warmup_dict
-    from dlopt.gate.sequential import sequential_test
+    from dlopt.gate.run import gated_latency_test, size_check, warmup_dict
     from dlopt.genai import check_lm_folder, check_prompt_fits
     from dlopt.stats import ratio_ci
 
@@ -183,7 +182,7 @@ def _checks(
 
     checks: list[GateCheck] = []
     if config.max_size_growth is not None:
-        checks.append(_size_check(folders[0].size_bytes, folders[1].size_bytes, config.max_size_growth))
+        checks.append(size_check(folders[0].size_bytes, folders[1].size_bytes, config.max_size_growth))
     if limit is not None and evaluator is not None:
         if progress:
             progress("scoring perplexity", 0.0)
@@ -210,7 +209,10 @@ def _checks(
     def decode(i: int) -> np.ndarray:
         return np.asarray(runs[i].phases["decode_per_token"][clock], dtype=np.float64)
 
-    outcome = sequential_test(
+    outcome = gated_latency_test(
+        config,
+        warm,
+        progress,
         lambda: sampler.run_rounds(1),
         lambda: len(runs[0].phases["decode_per_token"][clock]),
         lambda level: ratio_ci(
@@ -222,13 +224,6 @@ def _checks(
             n_boot=config.n_boot,
             seed=config.seed,
         ),
-        limit=1 + config.max_slowdown,
-        budget_s=max(config.budget_s - warm.seconds, 1e-3),
-        looks=config.looks,
-        confidence=config.confidence,
-        first_look_fraction=config.first_look_fraction,
-        min_rounds=config.min_rounds,
-        progress=_progress_bridge(progress, config.budget_s, warm.seconds),
     )
     base_s, cand_s = float(np.median(decode(0))), float(np.median(decode(1)))
     i = outcome.interval
@@ -258,7 +253,7 @@ def _checks(
         clock=clock,
         threads=threads,
         batch=batch,
-        warmup=_warmup_dict(warm),
+        warmup=warmup_dict(warm),
         machine=machine_fingerprint(threads),
         cross_machine=(),
         notes=tuple(notes),

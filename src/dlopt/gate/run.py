@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,7 @@ def _bench_config(config: GateConfig, *, threads: int, seq_len: int, batch: int)
     )
 
 
-def _size_check(base_bytes: int, cand_bytes: int, limit: float) -> GateCheck:
+def size_check(base_bytes: int, cand_bytes: int, limit: float) -> GateCheck:
     growth = cand_bytes / base_bytes - 1 if base_bytes > 0 else math.inf
     verdict = "pass" if growth <= limit + 1e-12 else "fail"
     return GateCheck(
@@ -142,7 +142,7 @@ def _latency_check(
     )
 
 
-def _warmup_dict(report) -> dict[str, Any]:
+def warmup_dict(report) -> dict[str, Any]:
     return {"rounds": report.rounds, "seconds": report.seconds, "settled": report.settled}
 
 
@@ -164,6 +164,31 @@ def _progress_bridge(progress: ProgressFn | None, budget_s: float, offset_s: flo
     return on_progress
 
 
+def gated_latency_test(
+    config: GateConfig,
+    warm,
+    progress: ProgressFn | None,
+    run_round: Callable[[], Any],
+    rounds: Callable[[], int],
+    interval: Callable[[float], Any],
+):
+    """The gate's sequential latency test with the limits, looks and budget of `config` (after the warm-up's
+    share of the budget): `run_round` times one more round, `rounds` counts them, `interval(level)` is the
+    candidate/baseline time ratio's CI. One place for the ONNX gate (live or stored baseline) and the LM gate."""
+    return sequential_test(
+        run_round,
+        rounds,
+        interval,
+        limit=1 + config.max_slowdown,
+        budget_s=max(config.budget_s - warm.seconds, 1e-3),
+        looks=config.looks,
+        confidence=config.confidence,
+        first_look_fraction=config.first_look_fraction,
+        min_rounds=config.min_rounds,
+        progress=_progress_bridge(progress, config.budget_s, warm.seconds),
+    )
+
+
 MIN_SAMPLE_S = 0.005  # the gate's samples: each look bootstraps all of them, so fewer, longer ones
 
 
@@ -182,7 +207,7 @@ def _gate_interleaved(baseline: Path, candidate: Path, config: GateConfig, data,
         notes.append(f"WARNING: target {target.name} is not available; measured on the CPU (--allow-fallback)")
     checks = []
     if config.max_size_growth is not None:
-        checks.append(_size_check(models[0].size_bytes, models[1].size_bytes, config.max_size_growth))
+        checks.append(size_check(models[0].size_bytes, models[1].size_bytes, config.max_size_growth))
     if evaluator is not None and accuracy_gated(config):
         if progress:
             progress("evaluating accuracy", 0.0)
@@ -216,20 +241,15 @@ def _gate_interleaved(baseline: Path, candidate: Path, config: GateConfig, data,
             f"each sample is {repeat} back-to-back runs (runs under {MIN_SAMPLE_S * 1e3:g} ms are "
             "timed in groups, as timeit does)"
         )
-    sampling_budget = max(config.budget_s - warm.seconds, 1e-3)
-    outcome = sequential_test(
+    outcome = gated_latency_test(
+        config,
+        warm,
+        progress,
         lambda: sampler.run_rounds(1),
         lambda: sampler.rounds,
         lambda level: sampler.ratio(
             1, clock, method=config.ratio_method, confidence=level, n_boot=config.n_boot, seed=config.seed
         ),
-        limit=1 + config.max_slowdown,
-        budget_s=sampling_budget,
-        looks=config.looks,
-        confidence=config.confidence,
-        first_look_fraction=config.first_look_fraction,
-        min_rounds=config.min_rounds,
-        progress=_progress_bridge(progress, config.budget_s, warm.seconds),
     )
     base_median = float(np.median(sampler.samples(0, clock))) / repeat
     cand_median = float(np.median(sampler.samples(1, clock))) / repeat
@@ -240,7 +260,7 @@ def _gate_interleaved(baseline: Path, candidate: Path, config: GateConfig, data,
         clock=clock,
         threads=threads,
         batch=batch,
-        warmup=_warmup_dict(warm),
+        warmup=warmup_dict(warm),
         machine=machine_fingerprint(threads, target, config.device_id),
         cross_machine=(),
         notes=tuple(notes),
@@ -316,7 +336,7 @@ def _gate_stored(stored: StoredBaseline, candidate: Path, config: GateConfig, da
         notes.append("CROSS-MACHINE comparison (--allow-cross-machine): " + "; ".join(differences))
     checks = []
     if config.max_size_growth is not None:
-        checks.append(_size_check(stored.size_bytes, model.size_bytes, config.max_size_growth))
+        checks.append(size_check(stored.size_bytes, model.size_bytes, config.max_size_growth))
     sampler = InterleavedSampler(list(bound.runners))
     warm = sampler.warm_up(
         max_seconds=config.budget_s * config.warmup_max_fraction,
@@ -324,7 +344,10 @@ def _gate_stored(stored: StoredBaseline, candidate: Path, config: GateConfig, da
         on_round=(lambda f: progress("warming up", f * config.warmup_max_fraction)) if progress else None,
     )
     base_samples = thin(stored_batch.samples_s[clock], STORED_SAMPLES_MAX)
-    outcome = sequential_test(
+    outcome = gated_latency_test(
+        config,
+        warm,
+        progress,
         lambda: sampler.run_rounds(1),
         lambda: sampler.rounds,
         lambda level: ratio_ci(
@@ -336,13 +359,6 @@ def _gate_stored(stored: StoredBaseline, candidate: Path, config: GateConfig, da
             n_boot=config.n_boot,
             seed=config.seed,
         ),
-        limit=1 + config.max_slowdown,
-        budget_s=max(config.budget_s - warm.seconds, 1e-3),
-        looks=config.looks,
-        confidence=config.confidence,
-        first_look_fraction=config.first_look_fraction,
-        min_rounds=config.min_rounds,
-        progress=_progress_bridge(progress, config.budget_s, warm.seconds),
     )
     checks.insert(
         0,
@@ -356,7 +372,7 @@ def _gate_stored(stored: StoredBaseline, candidate: Path, config: GateConfig, da
         clock=clock,
         threads=threads,
         batch=batch,
-        warmup=_warmup_dict(warm),
+        warmup=warmup_dict(warm),
         machine=here,
         cross_machine=tuple(differences),
         notes=tuple(notes),
