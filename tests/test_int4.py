@@ -463,7 +463,7 @@ def test_int4_summary_says_which_linear_layers_stayed_8_bit_and_why(tmp_path):
     np.savez(tmp_path / "ids.npz", ids=rng.integers(0, 1024, (12, 12)).astype(np.int64))
     two = CliRunner().invoke(main, ["quantize", str(tmp_path / "lm.onnx"), "-o", str(tmp_path / "lm4.onnx"),
                                     "--precision", "int4", "--calibration", str(tmp_path / "ids.npz")])
-    assert two.exit_code in (0, 1), two.output
+    assert two.exit_code == 0, two.output  # 17.6 dB against the 10 dB floor here
     assert "recipe: int4 weight-only (gptq, blocks of 32, symmetric): 1 of 2 linear layers at 4 bits, " \
            "1 embedding table at 4 bits" in two.stdout.splitlines()
     assert "  - kept at 8 bits: fc2, the last linear layer" in two.stdout
