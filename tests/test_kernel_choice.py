@@ -194,26 +194,10 @@ def _images(n, seed):
 
 
 def _fake_timer(int8_cost, float_cost, boundary_cost=0.0):
-    """A timer that prices each Conv/Gemm by its class and form (INT8 when its weight is dequantized), plus
-    `boundary_cost` per float node fed by a DequantizeLinear (the Q/DQ pair around a float node)."""
-    def cost(model):
-        producer = {o: n for n in model.graph.node for o in n.output}
-        inits = {t.name: t for t in model.graph.initializer}
-        total = 0.0
-        for node in model.graph.node:
-            if node.op_type not in ("Conv", "Gemm", "MatMul"):
-                continue
-            w = producer.get(node.input[1])
-            int8 = w is not None and w.op_type == "DequantizeLinear"
-            dims = list(inits[w.input[0] if int8 else node.input[1]].dims)
-            kind = node_class(node.op_type, dims, next((a.i for a in node.attribute if a.name == "group"), 1))
-            total += (int8_cost if int8 else float_cost).get(kind, 1.0)
-            x = producer.get(node.input[0])
-            if not int8 and x is not None and x.op_type == "DequantizeLinear":
-                total += boundary_cost
-        return total
+    """A timer that prices each model by kernel_costs.graph_cost (per node class and form, plus Q/DQ boundaries)."""
+    from kernel_costs import graph_cost
 
-    return lambda models, feeds: [cost(m) for m in models]
+    return lambda models, feeds: [graph_cost(m, int8_cost, float_cost, boundary_cost) for m in models]
 
 
 def _quantized(model, exclude=()):

@@ -121,23 +121,12 @@ def test_four_concurrent_quantizes_write_the_same_bytes_and_time_each_decision_o
 def _fake_per_round_timer(int8_slower: str):
     """A timer with per-round figures in which `int8_slower`'s INT8 form takes 4x its float form, every
     other node costs the same in both forms, and a model with that class in float is faster."""
-    def cost(model):
-        producer = {o: n for n in model.graph.node for o in n.output}
-        inits = {t.name: t for t in model.graph.initializer}
-        total = 0.0
-        for node in model.graph.node:
-            if node.op_type not in ("Conv", "Gemm", "MatMul"):
-                continue
-            w = producer.get(node.input[1])
-            int8 = w is not None and w.op_type == "DequantizeLinear"
-            dims = list(inits[w.input[0] if int8 else node.input[1]].dims)
-            kind = kernel_choice.node_class(node.op_type, dims,
-                                            next((a.i for a in node.attribute if a.name == "group"), 1))
-            total += 4.0 if int8 and kind == int8_slower else 1.0
-        return total
+    from kernel_costs import graph_cost
 
     rng = np.random.default_rng(0)
-    return lambda models, feeds, **_: [cost(m) * (1 + 0.01 * rng.standard_normal(15)) for m in models]
+    return lambda models, feeds, **_: [
+        graph_cost(m, {int8_slower: 4.0}, {}) * (1 + 0.01 * rng.standard_normal(15)) for m in models
+    ]
 
 
 def test_a_report_replays_on_another_cpu_without_timing(files, tmp_path, monkeypatch):
