@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from dlopt.errors import InputError, MissingDependencyError, StageError, VerificationError
+from dlopt.genai import require_genai
 
 DECODE_STEPS = 8
 # fp32 logits of the fused graph against transformers: max |diff| <= ATOL + RTOL * max |reference|,
@@ -86,14 +87,6 @@ class StepCheck:
 class LmExport:
     folder: Path
     report: dict[str, Any] = field(repr=False)
-
-
-def require_genai():
-    if importlib.util.find_spec("onnxruntime_genai") is None:
-        raise MissingDependencyError("generation export and benchmarks need onnxruntime-genai", LLM_EXTRA_HINT)
-    import onnxruntime_genai as og
-
-    return og
 
 
 def check_hf_folder(folder: Path) -> dict[str, Any]:

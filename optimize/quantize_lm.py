@@ -615,7 +615,8 @@ def quantize_lm_folder(
     `calibration`: a UTF-8 text file or token ids. Returns the report (also OUTPUT/quantize.json)."""
     import onnx
 
-    from dlopt.optimize.export_lm import _check_output_folder, require_genai
+    from dlopt.genai import require_genai
+    from dlopt.optimize.export_lm import _check_output_folder
 
     check_config(config)
     src, out = Path(folder), Path(output)

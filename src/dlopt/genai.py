@@ -34,7 +34,9 @@ EXPORT_HINT = "export one with: dlopt export HF_FOLDER --task text-generation -o
 TIE_RTOL = 1e-4
 
 
-def _genai():
+def require_genai():
+    """onnxruntime_genai, or a MissingDependencyError naming the extra (export, quantize, bench, gate and
+    package of LM folders all need it)."""
     try:
         import onnxruntime_genai as og
     except ImportError as e:
@@ -125,7 +127,7 @@ def check_lm_folder(path: str | os.PathLike, *, tokenizer: bool = True) -> LmFol
 
 def open_lm(folder: LmFolder, threads: int = 1):
     """(onnxruntime_genai module, og.Model, og.Tokenizer) for the folder."""
-    og = _genai()
+    og = require_genai()
     model = load_lm(og, folder, threads)
     return og, model, og.Tokenizer(model)
 

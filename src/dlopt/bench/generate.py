@@ -39,7 +39,7 @@ import numpy as np
 from dlopt.bench.config import CLOCKS, MIN_TIMED_ROUNDS, ProgressFn, check_sampling, read_clocks
 from dlopt.bench.sampler import InterleavedSampler
 from dlopt.errors import InputError
-from dlopt.genai import GENAI_CONFIG, LmFolder, _genai, check_lm_folder, load_lm, read_lm_folder  # noqa: F401  (re-exported)
+from dlopt.genai import GENAI_CONFIG, LmFolder, check_lm_folder, load_lm, read_lm_folder, require_genai  # noqa: F401  (re-exported)
 from dlopt.stats import DEFAULT_BOOTSTRAP, Interval, Summary, ratio_ci, summarize
 
 SCHEMA_NAME = "dlopt.bench.generate"
@@ -287,7 +287,7 @@ def benchmark_generate(
                 f"context of {f.path} ({f.context_length} tokens)",
                 "lower {prompt_len} or {new_tokens}",
             )
-    og = _genai()
+    og = require_genai()
     start = time.perf_counter() if started is None else started
     deadline = None if config.rounds is not None else start + config.budget_s
     clock = config.clock if config.clock != "auto" else ("cpu" if config.threads == 1 else "wall")

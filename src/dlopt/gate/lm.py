@@ -145,9 +145,9 @@ def _checks(
     from dlopt.bench.generate import (
         GenerateConfig,
         GenerationRun,
-        _genai,
         load_lm,
         prompt_tokens,
+        require_genai,
         validate_generate_config,
     )
     from dlopt.gate.run import gated_latency_test, size_check, warmup_dict
@@ -188,7 +188,7 @@ def _checks(
             progress("scoring perplexity", 0.0)
         checks.append(_perplexity_check(folders[0], folders[1], evaluator, limit, threads))
 
-    og = _genai()
+    og = require_genai()
     if progress:
         progress("loading the models", 0.0)
     runs = [
