@@ -487,6 +487,7 @@ class CalibrationData:
         self.limit = limit
         self.spec = spec or DataSpec(source=source)
         self._specs: list[InputSpec] | None = None
+        self._input_names: frozenset[str] = frozenset()
         self._constants = {name: _unbound_constant(v) for name, v in self.spec.values}
         self.ignore: frozenset[str] = frozenset()  # arrays of the source that are not inputs (eval's labels)
         self.finite = True  # refuse NaN/inf inputs (calibration); eval and bench warn about them instead
@@ -534,9 +535,9 @@ class CalibrationData:
             if self._specs is not None:
                 # the arrays eval scores against (labels, expected outputs) may sit in any verb's data: the
                 # same .npz works for quantize, bench and gate too; they are never fed unless they are inputs
-                inputs = {s.name for s in self._specs}
-                if any(k in ANSWER_ARRAYS and k not in inputs for k in feeds):
-                    feeds = {k: v for k, v in feeds.items() if k in inputs or k not in ANSWER_ARRAYS}
+                skipped = ANSWER_ARRAYS.intersection(feeds).difference(self._input_names)
+                if skipped:
+                    feeds = {k: v for k, v in feeds.items() if k not in skipped}
                 _check_sample(feeds, self._specs, self.source, index, finite=self.finite)
             yield feeds
 
@@ -549,6 +550,7 @@ class CalibrationData:
         """Check the first sample now (names, ranks, dtypes, fixed dims) and every later one as it is
         read; returns self. Mismatches raise InputError naming the data source and the input."""
         self._specs = graph_inputs(model)
+        self._input_names = frozenset(s.name for s in self._specs)
         by_name = {s.name: s for s in self._specs}
         for name, value in self.spec.values:
             if name not in by_name:
