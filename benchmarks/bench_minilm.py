@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dlopt.bench import BenchConfig, benchmark, format_result
-from dlopt.report import format_table
+from dlopt.tables import format_table
 
 OUT = Path(os.environ.get("DLOPT_BENCH_OUT", "out/bench_minilm"))
 

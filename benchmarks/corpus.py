@@ -25,7 +25,7 @@ import sys
 import time
 import traceback
 
-from dlopt.report import format_table
+from dlopt.tables import format_table
 
 VARIANTS = ("int8", "int8-nodata", "fp16", "int4")
 

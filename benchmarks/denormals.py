@@ -100,7 +100,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    from dlopt.report import format_table
+    from dlopt.tables import format_table
     from dlopt.runtime import cpu_label
 
     work = Path(args.workdir)

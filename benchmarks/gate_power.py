@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from dlopt.fileio import save_onnx_atomic
-from dlopt.report import format_table
+from dlopt.tables import format_table
 
 OUT = Path(os.environ.get("DLOPT_GATE_POWER_OUT", "out/gate_power"))
 LAYERS, HIDDEN, HEADS, FFN, VOCAB, MAX_POS = 6, 384, 12, 1536, 30522, 512

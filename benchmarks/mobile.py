@@ -207,7 +207,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
 
     from dlopt.bench import machine_fingerprint
-    from dlopt.report import format_table
+    from dlopt.tables import format_table
     from dlopt.targets import get_target
     from dlopt.targets.xnnpack import executorch_status, require_executorch
 

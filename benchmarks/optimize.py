@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from dlopt.search.report import trim_lines
+from dlopt.search.html_report import trim_lines
 
 MODELS = ("fashion-cnn", "minilm", "efficientnet-lite0")
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

@@ -79,7 +79,7 @@ def measure(paths: list[Path], *, batch: int, seq_len: int, budget_s: float, ref
 
 
 def print_table(title: str, rows: list[dict], metric: str, batches: list[int]) -> None:
-    from dlopt.report import format_table
+    from dlopt.tables import format_table
 
     headers = ["stage", metric, "drop (points)", "params", "ONNX MB", "gzip MB"]
     for b in batches:
@@ -249,7 +249,7 @@ def run_minilm(work: Path, args) -> dict:
             for i, ((name, path, n), r) in enumerate(zip(stages, results))]
     print_table(f"minilm (Pang-Lee 10-fold accuracy; speedup at seq {args.seq_len}, 1 ORT thread)", rows,
                 "Pang-Lee", args.batches)
-    from dlopt.report import format_table
+    from dlopt.tables import format_table
 
     print(format_table(["stage", "Lee50 Pearson", "cosine to FP32"],
                        [[r["stage"], f"{r['lee50']:.4f}", f"{r['cosine']:.4f}"] for r in rows]))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlopt.report import format_table
+from dlopt.tables import format_table
 
 
 def log(message: str) -> None:

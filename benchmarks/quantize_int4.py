@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from dlopt.report import format_table
+from dlopt.tables import format_table
 
 # label, Int4WeightOnly options; every SmolLM2 recipe here is symmetric or uses blocks of 64+ (honest 4-bit)
 SMOLLM2_VARIANTS = {

@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="folder for the models (default: a temporary one)")
     args = parser.parse_args()
 
-    from dlopt.report import format_table
+    from dlopt.tables import format_table
     from dlopt.runtime import cpu_label
 
     work = Path(args.work or tempfile.mkdtemp(prefix="repro-"))

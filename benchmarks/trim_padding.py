@@ -2,10 +2,15 @@
 padded inputs, in one interleaved run (issue 21's acceptance).
 
     python benchmarks/trim_padding.py [--samples 64] [--cycles 2] [--workdir out/trim_padding]
+        [--baseline-workdir DIR]
+
+--baseline-workdir: the INT8 models of an earlier build (another checkout's --workdir) timed in the same
+run, as rows "... (baseline)": a change's gain measured side by side rather than across two runs.
 
 Forms (dlopt.optimize.trim_padding): "sliced" cuts every row to the batch's longest real length; "packed"
 computes only the real tokens of all rows (the per-token layers on [T, H], attention per row on [B, L]).
-`dlopt quantize --trim-padding auto` chooses packed where the graph allows it and the check passes.
+`dlopt quantize --trim-padding auto` chooses packed where the graph allows it and the check passes; its
+packed model runs a batch with no padding once sliced (every batch of 1) through the sliced body (an If).
 
 Then batch 8 again with the sentences sorted by real length before batching. Each run times every data
 batch equally often (--cycles rounds per batch): batches differ in their longest real length, so a run
@@ -119,12 +124,14 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=2, help="timed rounds per data batch")
     parser.add_argument("--workdir", type=Path, default=Path("out/trim_padding"))
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--baseline-workdir", type=Path, default=None,
+                        help="an earlier build's workdir: its INT8 models timed in the same run")
     args = parser.parse_args()
 
     import os
 
     from dlopt.bench import load_data, padding_share
-    from dlopt.report import format_table
+    from dlopt.tables import format_table
     from dlopt.runtime import cpu_label
 
     paths = build(args.workdir)
@@ -135,6 +142,16 @@ def main() -> None:
           f"{100 * padding_share([data]):.0f} % padding, real lengths {lengths.min()}-{lengths.max()} "
           f"(mean {lengths.mean():.1f})\n")
     names = ["fp32", "fp32 sliced", "int8", "int8 sliced", "int8 packed"]
+    int8_names = ["int8", "int8 sliced", "int8 packed"]
+    if args.baseline_workdir is not None:
+        baseline = {"int8": "minilm_int8.onnx", "int8 sliced": "minilm_int8_sliced.onnx",
+                    "int8 packed": "minilm_int8_trimmed.onnx"}
+        for name, file in baseline.items():
+            if not (args.baseline_workdir / file).exists():
+                raise SystemExit(f"{args.baseline_workdir / file}: no such model; build the baseline first")
+            paths[f"{name} (baseline)"] = args.baseline_workdir / file
+            names.append(f"{name} (baseline)")
+            int8_names.append(f"{name} (baseline)")
     figures: dict = {}
     rows = []
     for batch in (1, 8):
@@ -143,7 +160,7 @@ def main() -> None:
     # length sends): each batch of 8 is then trimmed to nearly its members' own lengths.
     order = np.argsort(lengths, kind="stable")
     sorted_data = {k: v[order] for k, v in data.items()}
-    rows += measure(paths, ["fp32", "int8", "int8 sliced", "int8 packed"], sorted_data, 8, args.cycles,
+    rows += measure(paths, ["fp32"] + int8_names, sorted_data, 8, args.cycles,
                     "model:minilm padded to 128, sorted by length", figures, tag=", sorted by length")
     print(f"## speed-up over FP32 on the same padded inputs [B, 128] (thread CPU time, one thread, {cpu_label()}), "
           "embedding cosine vs FP32")

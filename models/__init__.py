@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -108,6 +109,16 @@ class ReferenceModel:
     def evaluate(self, runner: Runner, **options: Any) -> dict[str, float]:
         """`options` go to the module's evaluate (e.g. smollm2's max_tokens for a cheaper run)."""
         return self._impl().evaluate(runner, **options)
+
+    def text_file(self, role: str) -> Path:
+        """The model's own text as a UTF-8 file, for a language model whose data is text (the LM stages
+        read `calibration = "model:NAME"`): `role` "calibration", or "eval_data" (held out of calibration)."""
+        from dlopt.errors import InputError
+
+        impl = self._impl()
+        if not hasattr(impl, "text_file"):
+            raise InputError(f"reference model {self.name} has no text", "give a UTF-8 text file instead")
+        return Path(impl.text_file(role))
 
     def export_options(self) -> dict[str, Any]:
         """Per-model export settings (dynamic axes, tolerances, exporter) the export stage honours."""

@@ -87,6 +87,30 @@ def evaluation_tokens(max_tokens: int = MAX_TOKENS) -> np.ndarray:
     return tokens[:max_tokens]
 
 
+HELD_OUT_TOKENS = 2048  # the issue's perplexity text: the first 2,048 tokens, in 512-token windows
+
+
+def text_file(role: str) -> Path:
+    """lee_background.cor as UTF-8 text for the LM stages (`calibration = "model:smollm2"`): "eval_data",
+    its first HELD_OUT_TOKENS tokens; "calibration", the text after the first MAX_TOKENS (never evaluated).
+    Written once into the temp folder, named by role and dlopt version, renamed into place whole."""
+    import os
+    import tempfile
+
+    import dlopt
+
+    if role not in ("calibration", "eval_data"):
+        raise ValueError(f"role must be calibration or eval_data, not {role!r}")
+    path = Path(tempfile.gettempdir()) / f"dlopt-smollm2-{role}-{dlopt.__version__}.txt"
+    if not path.is_file():
+        tokens = _tokens("lee_background.cor")
+        piece = tokens[:HELD_OUT_TOKENS] if role == "eval_data" else tokens[MAX_TOKENS:]
+        staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        staged.write_text(tokenizer().decode(piece.tolist()), encoding="utf-8")
+        os.replace(staged, path)
+    return path
+
+
 def example_inputs(batch: int = 1, seq_len: int | None = None) -> dict[str, torch.Tensor]:
     """Consecutive `seq_len`-token pieces of lee_background.cor (default 16). Odd rows keep only
     their first half, right-padded with the pad token and mask 0, to exercise the attention mask."""

@@ -9,7 +9,6 @@ model, not one quantization per node.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -117,12 +116,16 @@ def build_evaluator(
     return Evaluator(choice.name, score, baseline, choice.reason)
 
 
-def floor_evaluator(original, feeds: list[dict[str, np.ndarray]], config, *, graph_opt_level: str = "all") -> Evaluator:
-    """score(model) = the margin of the verdict's task metric over its floor on `feeds` (the held-out
-    samples), in the metric's units (dlopt.metrics.assess: detection Jaccard - 0.9, the lowest SQNR per
+def floor_evaluator(
+    original, feeds: list[dict[str, np.ndarray]], config, *, graph_opt_level: str = "all", selected: bool = True
+) -> Evaluator:
+    """score(model) = the margin of the verdict's task metric (its one-sided bound where it has one,
+    as the verdict judges) over its floor on `feeds` (the held-out samples), in the metric's units
+    (dlopt.metrics.assess: detection Jaccard - 0.9, the lowest SQNR per
     output and channel group - the dB floor, ...; -inf for a non-finite SQNR); baseline 0, so
     drop = -margin and a model meets the floor at max_drop 0. graph_opt_level "disable" scores the QDQ
-    graph's own arithmetic."""
+    graph's own arithmetic. `selected` (candidates compared on `feeds`): the bound decides, else the
+    estimate (dlopt.optimize.quantize.heldout.task_metric)."""
     from dlopt.optimize.quantize.heldout import held_out_outputs, recurrent_pairs, task_choice, task_metric
 
     reference = run_outputs(cpu_session(original), feeds)
@@ -132,15 +135,20 @@ def floor_evaluator(original, feeds: list[dict[str, np.ndarray]], config, *, gra
 
     def score(model) -> float:
         outputs = held_out_outputs(cpu_session(model, graph_opt_level=graph_opt_level), feeds, reference, pairs)[0]
-        return float(task_metric(choice, reference, outputs, feeds, names, config)["margin"])
+        return float(task_metric(choice, reference, outputs, feeds, names, config, selected=selected)["margin"])
 
-    first = task_metric(choice, reference, reference, feeds, names, config)
+    first = task_metric(choice, reference, reference, feeds, names, config, selected=selected)
     unit = (
         "dB"
         if first["judged_by"] == "sqnr"
         else (METRIC_TABLE[first["judged_by"]].unit if first["judged_by"] in METRIC_TABLE else "")
     )
-    return Evaluator(f"{first['judged_by']} margin over its floor ({unit}) on {len(feeds)} samples", score, 0.0)
+    # the verdict's rule: where the metric has per-sample counts, the margin of its pessimistic bound
+    # (dlopt.metrics.metric_bounds): recovery aims where the verdict judges, not at the estimate on these samples
+    judged = "bound" if first["decided_by"] == "bound" else "value"
+    return Evaluator(
+        f"{first['judged_by']} margin over its floor ({unit}, {judged}) on {len(feeds)} samples", score, 0.0
+    )
 
 
 def _reference_evaluator(spec: str) -> Evaluator:
@@ -277,16 +285,12 @@ def leave_one_out(
 # -- the search --------------------------------------------------------------------------------------
 def cpu_latency_ms(model, feeds: dict[str, np.ndarray], repeats: int = 5) -> float:
     """Median one-thread CPU time of one run: a quick ranking figure, not a benchmark."""
+    from dlopt.bench import median_cpu_ms
+
     session = cpu_session(model, threads=1)
     names = {i.name for i in session.get_inputs()}
     feeds = {k: v for k, v in feeds.items() if k in names}
-    session.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        t = time.thread_time()
-        session.run(None, feeds)
-        times.append(time.thread_time() - t)
-    return float(np.median(times) * 1000)
+    return median_cpu_ms(lambda: session.run(None, feeds), repeats)
 
 
 def meet_budget(
@@ -311,7 +315,7 @@ def meet_budget(
     max_float_share of the ranked nodes are tried in float.
 
     Returns the report entry with the chosen model under 'model' (popped by the caller)."""
-    from dlopt.optimize.quantize.int8 import _default_op_types, quantize_int8
+    from dlopt.optimize.quantize.int8 import default_op_types, quantize_int8
 
     if evaluator is None:
         evaluator = build_evaluator(
@@ -363,7 +367,7 @@ def meet_budget(
     if not first["within_budget"]:
         # ranked only when the fully quantized model misses: leave-one-out costs one quantization
         # per node (minutes on a transformer)
-        op_types = _default_op_types(recipe) - set(config.exclude_ops)
+        op_types = default_op_types(recipe) - set(config.exclude_ops)
         ranked = node_sensitivity(prepared, quantized, feeds, op_types, config.exclude_nodes)
         if 0 < len(ranked) <= config.leave_one_out_limit:
             ranked = leave_one_out(ranked, original, prepared, config, recipe, data, feeds, ranges, log, layer_stats)

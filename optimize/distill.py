@@ -723,7 +723,6 @@ def _write(given: StageInput, config: Distill, context: StageContext) -> Artifac
     tenth held out for early stopping, split by the config's seed), as the checkpoint OUTPUT/model.pt; the
     checkpoint keeps the pruning, so export rebuilds it."""
     from dlopt.checkpoint import read_checkpoint, save_checkpoint, torch_source
-    from dlopt.manifest import artifact_hash
 
     log = context.log
     teacher = torch_source(given.source, None, log)
@@ -751,7 +750,7 @@ def _write(given: StageInput, config: Distill, context: StageContext) -> Artifac
             "distill": report,
         },
     )
-    return Artifact(produced, artifact_hash(produced), report)
+    return Artifact.of(produced, report)
 
 
 @register_stage(
@@ -823,8 +822,8 @@ def distill_files(
     from dlopt.checkpoint import rebuild, save_checkpoint
     from dlopt.fileio import guard_outputs, guard_source_spec, json_text, output_folder, stage_onnx, staged_outputs
     from dlopt.optimize.export import export_verified
-    from dlopt.report import format_table
     from dlopt.sources import load_source
+    from dlopt.tables import format_table
 
     out_dir = Path(output_dir)
     guard_outputs(

@@ -21,9 +21,9 @@ import numpy as np
 from dlopt.errors import InputError, StageError, VerificationError
 from dlopt.fileio import WrittenModel
 from dlopt.quiet import quiet_libraries
-from dlopt.report import environment, format_table
 from dlopt.sources import EXPORTERS, Exporter, ModelSource, require_torch
 from dlopt.stage import Artifact, Check, StageContext, StageInput, StageResult, config_to_dict, register_stage
+from dlopt.tables import environment, format_table
 from dlopt.usercode import user_code
 
 DEFAULT_OPSET = 18
@@ -456,11 +456,10 @@ TORCH_SOURCE = Check("a torch source (a ModelSource)", _source_problem)
 def _write(given: StageInput, config: Export, context: StageContext) -> Artifact:
     """The source (rebuilt from the stage before's pruned checkpoint, if any) as OUTPUT/model.onnx."""
     from dlopt.checkpoint import torch_source
-    from dlopt.manifest import artifact_hash
 
     source = given.source if given.artifact is None else torch_source(given.source, given.artifact, context.log)
     written = export_file(source, context.folder() / "model.onnx", config, log=context.log)
-    return Artifact(written.model_path, artifact_hash(written.model_path), written.report)
+    return Artifact.of(written.model_path, written.report)
 
 
 @register_stage(

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from dlopt.errors import InputError, MissingDependencyError, StageError, VerificationError
+from dlopt.fileio import check_output_folder
 from dlopt.genai import require_genai
 
 DECODE_STEPS = 8
@@ -319,19 +320,6 @@ def _folder_bytes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def _check_output_folder(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(
-            f"output {out} exists and is not an empty folder",
-            "choose a new folder for -o (an export is never written over another)",
-        )
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"the parent of the output folder {out}, {parent}, does not exist", "choose another -o path")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"cannot write into {parent}", "choose another -o path")
-
-
 def export_text_generation(
     source: str | os.PathLike,
     output: str | os.PathLike,
@@ -353,7 +341,7 @@ def export_text_generation(
     name = str(source)
     is_reference = name in REFERENCE_MODELS
     hf_config: dict[str, Any] = {} if is_reference else check_hf_folder(Path(source))  # the reference's: below
-    _check_output_folder(out)
+    check_output_folder(out)
     require_genai()
     if importlib.util.find_spec("onnx_ir") is None:
         raise MissingDependencyError("onnxruntime-genai's model builder needs onnx_ir", LLM_EXTRA_HINT)

@@ -67,13 +67,6 @@ def _copy(model):
     return copied
 
 
-def _name_nodes(model) -> None:
-    """Unnamed nodes get unique names (fallback lists name nodes); the same rule as the 4-bit stage."""
-    from dlopt.optimize.int4.graph import _name_nodes as name_nodes
-
-    name_nodes(model)
-
-
 def _session(model):
     # basic optimizations only: intermediate values must be the converted graph's own, no fusions
     # that change precision
@@ -382,13 +375,14 @@ def convert_fp16(model, config: Fp16 = Fp16(), data: Iterable[Mapping[str, np.nd
     overflow search, which finds only what those inputs trigger (the report says so)."""
     import onnx
 
+    from dlopt.optimize.int4.graph import name_nodes
     from dlopt.targets import capabilities
 
     if not isinstance(model, onnx.ModelProto):
         raise InputError(f"fp16 takes an onnx.ModelProto, not {type(model).__name__}", "load it with dlopt.fileio")
     started = time.perf_counter()
     source = _copy(model)
-    _name_nodes(source)
+    name_nodes(source)  # fallback lists name nodes: unnamed ones get names, the 4-bit stage's rule
     names = {n.name for n in source.graph.node}
     check_excluded_nodes(config.exclude_nodes, names)
     if not any(t.data_type == onnx.TensorProto.FLOAT for t in source.graph.initializer) and not any(
@@ -421,7 +415,7 @@ def convert_fp16(model, config: Fp16 = Fp16(), data: Iterable[Mapping[str, np.nd
             if all(v.sqnr_db >= 60 for v in check.values()):  # fusions are exact up to float rounding
                 source, use_ort_converter = fused, True
                 fusion["fp32_check_sqnr_db"] = {k: v.sqnr_db for k, v in check.items()}
-                _name_nodes(source)
+                name_nodes(source)
             else:
                 notes.append(f"transformer fusion changed the FP32 outputs ({fidelity_report(check)}); not used")
                 fusion = None

@@ -221,7 +221,7 @@ def load_replay(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     except ValueError as e:
         raise InputError(f"{path} is not JSON: {e}", "pass the FILE.quantize.json a quantize wrote") from e
     decisions = {}
-    for section in ("node_forms", "kernel_choice"):
+    for section in ("node_forms", "kernel_choice", "gelu_form"):
         for record in ((report.get(section) or {}) if isinstance(report, dict) else {}).get("decisions", []) or []:
             if isinstance(record, dict) and "signature_sha256" in record and "choice" in record:
                 decisions[record["signature_sha256"]] = record

@@ -479,7 +479,6 @@ def _gzip_size(model) -> int:
 def _write(given: StageInput, config: Prune, context: StageContext) -> Artifact:
     """The source (or the stage before's checkpoint) pruned, as the checkpoint OUTPUT/model.pt."""
     from dlopt.checkpoint import save_checkpoint, torch_source
-    from dlopt.manifest import artifact_hash
 
     result = prune_stage.apply(
         torch_source(given.source, given.artifact, context.log),
@@ -488,7 +487,7 @@ def _write(given: StageInput, config: Prune, context: StageContext) -> Artifact:
     )
     produced = save_checkpoint(context.folder() / "model.pt", result.model.module, given.source, result.report)
     report = {k: result.report[k] for k in ("parameters_before", "parameters_after", "macs_before", "macs_after")}
-    return Artifact(produced, artifact_hash(produced), report)
+    return Artifact.of(produced, report)
 
 
 @register_stage(
@@ -542,8 +541,8 @@ def prune_files(
     from dlopt.checkpoint import save_checkpoint
     from dlopt.fileio import guard_outputs, guard_source_spec, json_text, output_folder, stage_onnx, staged_outputs
     from dlopt.optimize.export import export_verified
-    from dlopt.report import format_table
     from dlopt.sources import load_source
+    from dlopt.tables import format_table
 
     out_dir = Path(output_dir)
     guard_outputs([guard_source_spec(spec)], [out_dir])

@@ -9,9 +9,11 @@ tokenizer files are copied; the graph's inputs and outputs do not change).
 Why not onnxruntime-genai's own int4 (builder `-p int4`) or ORT's MatMulNBitsQuantizer alone: both round
 to nearest (RTN), and on SmolLM2-135M that costs +23-39 % perplexity (issue 22). What dlopt adds:
 - GPTQ (dlopt.optimize.int4.gptq: error-compensating, act-order, energy-weighted clip search) on
-  asymmetric blocks with integer zero points, the form ORT's fast MatMulNBits CPU kernel runs (float
-  zero points, HQQ's form, fall back to dequantizing every weight per call: 57x slower per decode
-  MatMul on Zen 4, measured in benchmarks/llm.py's notes);
+  asymmetric blocks with real-valued zero points (a GGUF Q4_1 block, min m and step d, is reproduced
+  exactly). ORT's fast MatMulNBits CPU kernel takes only uint4 zero points (float ones, HQQ's form, fall
+  back to dequantizing every weight per call: 57x slower per decode MatMul on Zen 4), so the integer
+  part stays there and the rest rides in the same MatMulNBits as 4-bit rows over the input's block sums
+  appended along K (append_offset_blocks);
 - the block size chosen by measurement: each candidate size, round-to-nearest on every MatMul at once,
   scored by perplexity on calibration text; the largest block within BLOCK_TOLERANCE of the best wins
   (larger blocks are smaller and never slower);
@@ -23,17 +25,22 @@ to nearest (RTN), and on SmolLM2-135M that costs +23-39 % perplexity (issue 22).
   head's own codes (what genai's int4 does too); an untied table is 4-bit on its own;
 - fidelity on held-out text (the last calibration window, never calibrated on) through dlopt.metrics'
   LM row: perplexity over FP32's and greedy next-token agreement; the folder must load in
-  onnxruntime-genai and generate.
+  onnxruntime-genai and generate;
+- the LM head computed for the last position only (dlopt.lm.prune_to_last_position: [B, 1, V] logits,
+  which onnxruntime-genai reads as its builder's `prune_lm_head`): at prefill the head is ~20 % of the
+  MACs of SmolLM2-135M over 128 tokens and generation reads one row. dlopt.lm's sessions (eval, gate,
+  a re-quantize) restore every position's logits for perplexity (all_position_logits).
 
 The perplexity runs use one float session whose MatMul weights are overridable graph inputs: every
 candidate weight set (a block size, one node at 4 bits) is fed in, no model is rebuilt per measurement.
 accuracy_level 4 (int8 activations in MatMulNBits) is what makes the CPU kernel fast; its effect on
 perplexity is in the fidelity figure, since that runs the written graph.
 
-Measured (benchmarks/llm.py, SmolLM2-135M, Zen 4 under load, benchmarks/RESULTS.md): 99.8 MB, perplexity
-+2.4 % over the fp32 export (genai int4: +36 %), decode 5.1x PyTorch's tokens/s but 0.82x genai int4's: the
-fractional zero points' corrections cost decode time; integer zero points alone (float_offsets=False) decode
-faster than genai's int4 and lose 12-42 % perplexity on this model.
+Measured (benchmarks/llm.py, SmolLM2-135M, Zen 4 under load 5-16, benchmarks/RESULTS.md): 93.4 MB, perplexity
++2.9 % over the fp32 export (genai int4: +36 %); decode 0.87-0.96x genai int4's tokens/s (the earlier form with a
+correction MatMul + Add per MatMulNBits: 0.75-0.91x in the same runs), prefill 1.10-1.12x genai's (the appended
+K costs int8 compute there). Integer zero points alone (float_offsets=False) decode as fast as genai's int4
+and lose 12-42 % perplexity on this model.
 """
 
 from __future__ import annotations
@@ -53,13 +60,22 @@ from typing import Any
 import numpy as np
 
 from dlopt.errors import InputError, StageError, VerificationError
-from dlopt.lm import lm_fidelity, prefill_feeds, read_genai_config, read_text_tokens
+from dlopt.lm import (
+    all_position_logits,
+    lm_fidelity,
+    prefill_feeds,
+    prune_to_last_position,
+    read_genai_config,
+    read_text_tokens,
+)
 from dlopt.lm import windows as _windows
 
 BLOCK_SIZES = (32, 64, 128)
 MIN_EFFECT_PCT = 0.05  # a layer goes to 8-bit only if alone at 4 bits it raises calibration perplexity by more:
 #                        below, the measurement is at its noise (SmolLM2's Q4_1-grid layers measure 0.000 %)
 BLOCK_TOLERANCE = 0.005  # a larger block is chosen when its calibration perplexity is within 0.5 % of the best
+MAX_INDICATOR_BYTES = 64 * 1024  # block sums by a MatMul with a 0/1 indicator up to this size (K=576: 41 kB, stays
+#                                   in L2), by Reshape -> ReduceSum above it (K=1536: 295 kB, would stream per call)
 MODEL_FILES = ("model.onnx", "model.onnx.data")
 REPORT_NAME = "quantize.json"
 
@@ -68,7 +84,8 @@ REPORT_NAME = "quantize.json"
 class QuantizeLm:
     """How an exported LM folder is quantized (`dlopt quantize LM_FOLDER --precision int4`)."""
 
-    VERSION = 1
+    VERSION = 3  # 3: the LM head's finer 4-bit rung (head_block_size); 2: fractional zero points as appended
+    #              offset blocks (was: separate correction MatMuls)
     block_size: int | None = None  # weights per scale along K; None: chosen by measurement from BLOCK_SIZES
     algorithm: str = "auto"  # auto: gptq with calibration text, else rtn; gptq | rtn
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (the fast CPU path), 0 = float
@@ -76,10 +93,15 @@ class QuantizeLm:
     #                                   MatMuls with the largest measured perplexity effect go to 8-bit
     fallback_bits: int = 8
     fallback_block_size: int = 64  # 8-bit blocks (ORT's 8-bit kernel: block 64 is 30 % faster than 32 on Zen 4)
+    head_block_size: int | None = 16  # the LM head's rung between 8-bit and the model's block: 4-bit in these
+    #                                   smaller blocks, chosen under max_size_mb when the 8-bit head does not fit
+    #                                   and it measures a smaller perplexity effect (SmolLM2: the 8-bit head is
+    #                                   +10.9 MB, 104 MB in all; blocks of 16 +4.8 MB); None: no such rung
     quantize_embeddings: bool = True
     float_offsets: bool = True  # zero points with a fractional part: the integer part in MatMulNBits (its fast
-    #                             kernel takes only uint4 ones), the rest as a per-block fp16 correction (see
-    #                             add_offset_corrections); False: integer zero points only
+    #                             kernel takes only uint4 ones), the rest as 4-bit weights over the input's block
+    #                             sums appended along K (see append_offset_blocks); False: integer zero points only
+    offset_stages: int = 1  # residual stages of those appended weights (append_offset_blocks)
     window: int = 256  # tokens per calibration window
     calibration_windows: int = 16  # windows GPTQ builds its Hessians from
     sensitivity_windows: int = 2  # windows each perplexity measurement runs (block size, per-node effect)
@@ -97,8 +119,13 @@ def check_config(config: QuantizeLm) -> None:
         raise InputError(
             f"accuracy_level must be 0-4, got {config.accuracy_level}", "4 (int8 compute) is the fast CPU path"
         )
+    head_block = config.head_block_size
+    if head_block is not None and (head_block < 16 or head_block & (head_block - 1)):
+        raise InputError(f"the head block size must be a power of two >= 16, got {head_block}", "e.g. 16")
     if config.max_size_mb is not None and config.max_size_mb <= 0:
         raise InputError(f"--max-size must be positive, got {config.max_size_mb}", "a size in MB, e.g. 100")
+    if not 1 <= config.offset_stages <= 3:
+        raise InputError(f"offset_stages must be 1-3, got {config.offset_stages}", "1 (the fast form) or 2")
     if config.fallback_bits != 8:
         raise InputError(f"the fallback precision is 8-bit, not {config.fallback_bits}", "leave fallback_bits at 8")
     if config.window < 8 or config.calibration_windows < 1 or config.sensitivity_windows < 1:
@@ -173,6 +200,12 @@ def _nbits_bytes(k: int, n: int, bits: int, block: int, zero_points: bool) -> in
 
 
 # -- the pass ----------------------------------------------------------------------------------------
+def _offset_bytes(k: int, n: int, block: int, stages: int) -> int:
+    """Bytes that append_offset_blocks adds to one MatMulNBits: `stages` runs of K/block rows, whole blocks."""
+    per = -(-(k // block) // block) * block
+    return _nbits_bytes(k + stages * per, n, 4, block, True) - _nbits_bytes(k, n, 4, block, True)
+
+
 def _tied_head(model, matmuls: list[Any]) -> tuple[Any, Any] | None:
     """(the LM-head MatMul, the embedding Gather) when the Gather reads Transpose(head weight)."""
     producers = {o: n for n in model.graph.node for o in n.output}
@@ -199,98 +232,195 @@ def _integer_zero_points(
     return q, scale, z.astype(np.uint8), offset if np.any(offset) else None
 
 
-def add_offset_corrections(model, offsets: dict[str, np.ndarray], block: int) -> list[str]:
-    """y = MatMulNBits(x) + BlockSums(x) @ E for the MatMuls in `offsets` (E = offsetᵀ [K/block, N], fp16).
+def _unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
+    """The inverse of pack_nibbles along the last axis: the first `count` 4-bit values, low nibble first."""
+    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.uint8)
+    out[..., 0::2], out[..., 1::2] = packed & 15, packed >> 4
+    return out[..., :count]
 
-    Why: ORT 1.32's MatMulNBits CPU kernel runs its fast int8 path only with uint4 zero points; with
-    float zero points (HQQ's form) it dequantizes every weight on every call (decode MatMul K=576, N=1536:
-    1.6 ms vs 28 us on Zen 4). A real zero point z + f is the same as the integer z in the kernel plus a
-    constant offset -f·scale on each block's weights, and a constant on a block contributes
-    offset · sum(x over the block): one small MatMul over K/block block sums. The block sums are
-    computed once per distinct input (q/k/v, gate/up share theirs). Offsets are stored as fp16 (they are
-    at most half a step; fp16 keeps them to 1/2000 of that) and cast once when the session loads.
-    Returns the names of the MatMulNBits corrected."""
-    from onnx import TensorProto, helper, numpy_helper
+
+def _offset_weights(offset: np.ndarray, block: int, stages: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """4-bit codes of the appended rows that carry `offset` [N, nb] (blocks of the weight along K).
+
+    Stage s holds the residual left by stages < s, in whole blocks of its own (its own scales): stage s
+    occupies rows [s·P, s·P + nb) of the appended part, P = nb rounded up to a whole block, the rest of its
+    blocks zero (codes at the zero point). Returns (codes uint8 [N, S·P], scales [N, S·P/block], zero
+    points uint8 [N, S·P/block]) for `stages` = S."""
+    from dlopt.optimize.int4 import dequantize_blocks
+    from dlopt.optimize.int4.blocks import quantize_blocks_mse
+
+    n, nb = offset.shape
+    per = -(-nb // block) * block
+    residual = offset.astype(np.float32)
+    parts = []
+    for _ in range(stages):
+        padded = np.pad(residual, ((0, 0), (0, per - nb)))
+        q, scale, zp = quantize_blocks_mse(padded, block, False)  # the clip of least squared error
+        residual = residual - dequantize_blocks(q, scale, zp, block)[:, :nb]
+        parts.append((q, scale, zp))
+    q, scale, zp = (np.concatenate([p[i] for p in parts], axis=1) for i in range(3))
+    return q, scale, zp
+
+
+def append_offset_blocks(model, offsets: dict[str, np.ndarray], block: int, stages: int = 1) -> list[str]:
+    """Fold the fractional zero points' offsets into the MatMulNBits themselves: x @ W = [x, S(x)] @ [W_int; E].
+
+    Why: ORT 1.32's MatMulNBits CPU kernel runs its fast int8 path only with uint4 zero points; with float
+    zero points (HQQ's form) it dequantizes every weight on every call (decode MatMul K=576, N=1536: 1.6 ms
+    vs 28 us on Zen 4). A real zero point z + f equals the integer z in the kernel plus a constant offset
+    (z - zp)·scale on each block's weights, and a constant on a block contributes offset · S_b(x), the
+    sum of x over the block. Appending the nb = K/block block sums to the input and the offsets as nb more
+    rows of weights (4-bit, in blocks of their own: E) keeps one MatMulNBits per MatMul. The earlier form,
+    a separate fp32 MatMul over the block sums plus an Add per MatMulNBits, read 1/8 byte per weight more
+    at each decode step (+25 % over the 4-bit codes and scales) and doubled the node count: 0.8x genai
+    int4's decode tokens/s on Zen 4; this form adds nb·S/K (3-6 %) to K. The offsets' own 4-bit rounding
+    is undone by `stages` residual stages (the block sums appended once per stage), see _offset_weights.
+
+    Each distinct input gets one Reshape -> ReduceSum (the block sums) -> [Pad] -> Concat, shared by the
+    MatMulNBits that read it (fused QKV; gate and up). A tied embedding reading the head's codes through
+    GatherBlockQuantized (_share_tied_tables) gets the head's offsets added to the rows it looks up.
+    Returns the names of the MatMuls (without _Q4) given offsets."""
+    from onnx import numpy_helper
+
+    from dlopt.optimize.int4.blocks import pack_nibbles
+    from dlopt.optimize.int4.graph import attribute_value, initializers_by_name
 
     by_name = {n.name: n for n in model.graph.node}
-    sums: dict[str, str] = {}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = initializers_by_name(model)
+    augmented: dict[str, str] = {}
     done = []
     for name, offset in offsets.items():
         node = by_name.get(f"{name}_Q4")
-        k = next((a.i for a in node.attribute if a.name == "K"), 0) if node is not None else 0
-        if node is None or k % block:
+        if node is None or attribute_value(node, "K", 0) % block or attribute_value(node, "block_size", 0) != block:
             continue  # a padded K has no whole block sums: keep integer zero points there
-        x, y = node.input[0], node.output[0]
-        nodes = []
-        if x not in sums:
-            shape = numpy_helper.from_array(np.array([0, 0, k // block, block], np.int64), f"{x}__blocks_shape")
-            axes = numpy_helper.from_array(np.array([-1], np.int64), f"{x}__blocks_axes")
-            model.graph.initializer.extend([shape, axes])
-            nodes += [
-                helper.make_node("Reshape", [x, shape.name], [f"{x}__blocks"], name=f"{x}__blocks_reshape"),
-                helper.make_node(
-                    "ReduceSum", [f"{x}__blocks", axes.name], [f"{x}__block_sums"], name=f"{x}__block_sums", keepdims=0
-                ),
-            ]
-            sums[x] = f"{x}__block_sums"
-        table = numpy_helper.from_array(np.ascontiguousarray(offset.T).astype(np.float16), f"{name}__offsets")
-        model.graph.initializer.append(table)
-        node.output[0] = f"{y}__nbits"
-        nodes += [
-            helper.make_node(
-                "Cast", [table.name], [f"{name}__offsets_f32"], name=f"{name}__offsets_cast", to=TensorProto.FLOAT
-            ),
-            helper.make_node(
-                "MatMul", [sums[x], f"{name}__offsets_f32"], [f"{y}__offset"], name=f"{name}__offset_matmul"
-            ),
+        k, n = attribute_value(node, "K", 0), attribute_value(node, "N", 0)
+        nb = k // block
+        per = -(-nb // block) * block
+        x = node.input[0]
+        if x not in augmented:
+            augmented[x] = f"{x}__with_block_sums"
+            new = _block_sum_nodes(model, x, augmented[x], k, block, stages)
+            position = list(model.graph.node).index(node)
+            for i, added in enumerate(new):
+                model.graph.node.insert(position + i, added)
+        q_off, s_off, z_off = _offset_weights(offset, block, stages)
+        codes, scales, zeros = (inits[i] for i in node.input[1:4])
+        blocks = k // block
+        b = numpy_helper.to_array(codes).reshape(n, blocks, block // 2)
+        s = numpy_helper.to_array(scales).reshape(n, blocks)
+        z = _unpack_nibbles(numpy_helper.to_array(zeros).reshape(n, -1), blocks)
+        extra = q_off.shape[1] // block
+        # the last stage's tail past nb is zero input: its codes sit at the zero point and are never read
+        # beyond K' (the kernel pads the last block), so K' = K + (S-1)·P + nb
+        b = np.concatenate([b, pack_nibbles(q_off.reshape(n, extra, block))], axis=1)
+        s = np.concatenate([s, s_off], axis=1)
+        z = pack_nibbles(np.concatenate([z, z_off], axis=1))
+        for proto, array in ((codes, b), (scales, s.reshape(-1)), (zeros, z.reshape(-1))):
+            proto.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), proto.name))
+        node.input[0] = augmented[x]
+        for a in node.attribute:
+            if a.name == "K":
+                a.i = k + (stages - 1) * per + nb
+        tied = [  # a tied embedding reading these codes through a Reshape
+            g
+            for g in model.graph.node
+            if g.op_type == "GatherBlockQuantized"
+            and g.input[0] in producers
+            and producers[g.input[0]].op_type == "Reshape"
+            and producers[g.input[0]].input[0] == codes.name
         ]
-        position = list(model.graph.node).index(node)
-        for i, new in enumerate(nodes):
-            model.graph.node.insert(position + i, new)
-        model.graph.node.insert(
-            position + len(nodes) + 1,
-            helper.make_node("Add", [f"{y}__nbits", f"{y}__offset"], [y], name=f"{name}__offset_add"),
-        )
+        for gather in tied:
+            _tied_embedding_offsets(model, gather, producers, k, block, blocks + extra, nb, per, stages)
         done.append(name)
     return done
 
 
-def add_embedding_offsets(model, gather_name: str, head_name: str, block: int) -> bool:
-    """The tied embedding's share of the head's fractional zero points: GatherBlockQuantized reads the
-    head's codes with their integer zero points, so each looked-up row gets its blocks' offsets added,
-    gathered from the head's offset table (the same initializer, [K/block, V]). Once per forward pass,
-    on [B, T] tokens: a few small nodes. Returns whether the correction was added."""
+def _block_sum_nodes(model, x: str, out: str, k: int, block: int, stages: int) -> list[Any]:
+    """Nodes computing `out` = [x, S(x) (stage 1), ..., S(x) (stage S)], S(x) the K/block block sums of x,
+    each stage but the last zero-padded to whole blocks.
+
+    Small K: one MatMul of x with a 0/1 indicator [K, appended width] (shared by every input of that K),
+    then a Concat: two nodes. Decode runs ~120 of these per token, and per-node overhead is what costs
+    there (SmolLM2, Zen 4, 1 thread: decode time 1.09x -> 0.99x genai int4's against Reshape -> ReduceSum
+    -> Concat). Large K (indicator over MAX_INDICATOR_BYTES, e.g. the MLP's down projection): Reshape ->
+    ReduceSum [-> Pad] -> Concat, which reads only x."""
     from onnx import helper, numpy_helper
 
-    gather = next((n for n in model.graph.node if n.name == gather_name), None)
-    table = f"{head_name}__offsets_f32"
-    if gather is None or not any(table in n.output for n in model.graph.node):
-        return False
-    ids, out = gather.input[1], gather.output[0]
-    prefix = f"{gather_name}__offsets"
-    expand = numpy_helper.from_array(np.array([1, 1, 1, block], np.int64), f"{prefix}_expand")
-    flat = numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{prefix}_flat")
-    last = numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}_last")
-    model.graph.initializer.extend([expand, flat, last])
-    gather.output[0] = f"{out}__integer"
-    nodes = [
-        helper.make_node("Gather", [table, ids], [f"{prefix}_rows"], name=f"{prefix}_gather", axis=1),
-        helper.make_node(
-            "Transpose", [f"{prefix}_rows"], [f"{prefix}_btn"], name=f"{prefix}_transpose", perm=[1, 2, 0]
-        ),
-        helper.make_node("Unsqueeze", [f"{prefix}_btn", last.name], [f"{prefix}_btn1"], name=f"{prefix}_unsqueeze"),
-        helper.make_node("Expand", [f"{prefix}_btn1", expand.name], [f"{prefix}_blocks"], name=f"{prefix}_expand"),
-        helper.make_node("Reshape", [f"{prefix}_blocks", flat.name], [f"{prefix}_values"], name=f"{prefix}_reshape"),
-        helper.make_node("Add", [f"{out}__integer", f"{prefix}_values"], [out], name=f"{prefix}_add"),
+    nb = k // block
+    per = -(-nb // block) * block
+    width = (stages - 1) * per + nb
+    p = f"{x}__block_sums"
+    if k * width * 4 <= MAX_INDICATOR_BYTES:
+        name = f"block_sum_indicator_k{k}_b{block}_s{stages}"
+        if not any(t.name == name for t in model.graph.initializer):
+            indicator = np.zeros((k, width), np.float32)
+            for stage in range(stages):
+                indicator[np.arange(k), stage * per + np.arange(k) // block] = 1.0
+            model.graph.initializer.append(numpy_helper.from_array(indicator, name))
+        return [
+            helper.make_node("MatMul", [x, name], [p], name=p),
+            helper.make_node("Concat", [x, p], [out], name=f"{p}_concat", axis=-1),
+        ]
+    consts = [
+        numpy_helper.from_array(np.array([0, 0, nb, block], np.int64), f"{p}_shape"),
+        numpy_helper.from_array(np.array([-1], np.int64), f"{p}_axes"),
+        numpy_helper.from_array(np.array([0, 0, 0, 0, 0, per - nb], np.int64), f"{p}_pads"),
     ]
-    # the head's Cast of its offsets (an initializer's) moves to the top, so the embedding can read it
-    cast = next(n for n in model.graph.node if table in n.output)
-    model.graph.node.remove(cast)
-    model.graph.node.insert(0, cast)
+    model.graph.initializer.extend(consts)
+    new = [
+        helper.make_node("Reshape", [x, consts[0].name], [f"{p}_blocks"], name=f"{p}_reshape"),
+        helper.make_node("ReduceSum", [f"{p}_blocks", consts[1].name], [p], name=p, keepdims=0),
+    ]
+    stage_input = p
+    if stages > 1 and per > nb:  # every stage but the last fills whole blocks
+        new.append(helper.make_node("Pad", [p, consts[2].name], [f"{p}_padded"], name=f"{p}_pad"))
+        stage_input = f"{p}_padded"
+    new.append(helper.make_node("Concat", [x] + [stage_input] * (stages - 1) + [p], [out], name=f"{p}_concat", axis=-1))
+    return new
+
+
+def _tied_embedding_offsets(
+    model, gather, producers: dict[str, Any], k: int, block: int, blocks: int, nb: int, per: int, stages: int
+) -> None:
+    """GatherBlockQuantized over the head's appended codes: its rows are [K integer-part weights | the offset
+    rows]. Each looked-up row becomes its first K values plus, at each k, the offset rows of k's block,
+    summed over the stages (a Gather of those columns and a ReduceSum)."""
+    from onnx import helper, numpy_helper
+
+    from dlopt.optimize.int4.graph import initializers_by_name
+
+    inits = initializers_by_name(model)
+    per_row = {0: blocks * block // 2, 2: blocks, 3: -(-blocks // 2)}  # inputs: codes, ids, scales, zero points
+    for slot in (0, 2, 3):
+        shape = inits[producers[gather.input[slot]].input[1]]
+        rows = int(numpy_helper.to_array(shape)[0])
+        shape.CopyFrom(numpy_helper.from_array(np.array([rows, per_row[slot]], np.int64), shape.name))
+    out = gather.output[0]
+    p = f"{gather.name}__offsets"
+    columns = k + np.arange(stages)[:, None] * per + (np.arange(k) // block)[None, :]  # [S, K]
+    consts = [
+        numpy_helper.from_array(np.array([0], np.int64), f"{p}_start"),
+        numpy_helper.from_array(np.array([k], np.int64), f"{p}_end"),
+        numpy_helper.from_array(np.array([-1], np.int64), f"{p}_axis"),
+        numpy_helper.from_array(columns[0] if stages == 1 else columns, f"{p}_columns"),
+        numpy_helper.from_array(np.array([-2], np.int64), f"{p}_stage_axis"),
+    ]
+    model.graph.initializer.extend(consts)
+    gather.output[0] = f"{out}__with_offsets"
+    rows = gather.output[0]
+    new = [
+        helper.make_node("Slice", [rows, *(c.name for c in consts[:3])], [f"{p}_integer"], name=f"{p}_slice"),
+        helper.make_node("Gather", [rows, consts[3].name], [f"{p}_per_weight"], name=f"{p}_gather", axis=-1),
+    ]
+    added = f"{p}_per_weight"
+    if stages > 1:
+        new.append(helper.make_node("ReduceSum", [added, consts[4].name], [f"{p}_sum"], name=f"{p}_stages", keepdims=0))
+        added = f"{p}_sum"
+    new.append(helper.make_node("Add", [f"{p}_integer", added], [out], name=f"{p}_add"))
     position = list(model.graph.node).index(gather) + 1
-    for i, new in enumerate(nodes):
-        model.graph.node.insert(position + i, new)
-    return True
+    for i, node in enumerate(new):
+        model.graph.node.insert(position + i, node)
 
 
 def _layer_groups(matmuls: list[Any]) -> dict[str, list[Any]]:
@@ -318,30 +448,30 @@ def quantize_lm_model(
     from onnx import numpy_helper
 
     from dlopt.optimize.int4 import Int4WeightOnly, collect_hessians, gptq_blocks, quantize_blocks
-    from dlopt.optimize.int4.blocks import _quantize_embedding, quantize_blocks_float
-    from dlopt.optimize.int4.gptq import _matmul_nbits_own
+    from dlopt.optimize.int4.blocks import quantize_blocks_float, quantize_embedding
+    from dlopt.optimize.int4.gptq import write_matmul_nbits
     from dlopt.optimize.int4.graph import (
-        _drop_unused_initializers,
-        _embedding_gathers,
-        _ensure_ms_opset,
-        _initializers,
-        _name_nodes,
-        _share_tied_tables,
-        _weight_matmuls,
+        drop_unused_initializers,
+        embedding_gathers,
+        ensure_ms_opset,
+        initializers_by_name,
+        name_nodes,
+        share_tied_tables,
+        weight_matmuls,
     )
-    from dlopt.optimize.int4.ort import _ort_nbits, _quiet_ort_quantizer
+    from dlopt.optimize.int4.ort import ort_matmul_nbits, quiet_ort_quantizer
     from dlopt.optimize.rounding import gptq_factor
 
     check_config(config)
     started = time.perf_counter()
-    original = model
+    original = all_position_logits(model)  # calibration reads every position's logits
     model = onnx.ModelProto()
     model.CopyFrom(original)
-    _name_nodes(model)
-    matmuls = _weight_matmuls(model)
+    name_nodes(model)
+    matmuls = weight_matmuls(model)
     if not matmuls:
         raise InputError("the LM graph has no MatMul with a constant weight to quantize", "export the folder again")
-    inits = _initializers(model)
+    inits = initializers_by_name(model)
     weights = {n.name: numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in matmuls}
     notes: list[str] = []
     algorithm = config.algorithm
@@ -419,9 +549,30 @@ def quantize_lm_model(
 
     # the 4-bit codes of every MatMul (GPTQ from one streamed pass of Hessians, or RTN). A tied head keeps
     # its fractional zero points too: the embedding's GatherBlockQuantized reads its codes and integer zero
-    # points, and add_embedding_offsets adds the rest to the rows it looks up
+    # points, and append_offset_blocks adds the rest to the rows it looks up
     floating = {n.name for n in matmuls if config.float_offsets}
     codes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    # the LM head's finer rung (a candidate only with a size budget, which measures it): its codes beside the
+    # model block's. The head: the one MatMul outside the decoder layers (the tied one, when tied)
+    outside = [n for key, nodes in _layer_groups(matmuls).items() if not key.startswith("layer ") for n in nodes]
+    head_node = tied[0] if tied is not None else (outside[0] if len(outside) == 1 else None)
+    fine = config.head_block_size
+    fine_codes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    if (
+        config.max_size_mb is None
+        or head_node is None
+        or fine is None
+        or fine >= block
+        or weights[head_node.name].shape[0] % block  # whole blocks of both sizes: one Hessian factor serves
+    ):
+        fine = None
+
+    def code_sizes(node) -> list[tuple[int, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]]:
+        """The block sizes `node`'s codes are computed in, and where each goes: the model's block, and for the
+        head also the finer rung's (fine_codes; its rows are whole blocks of both, so no padding differs)."""
+        head = fine is not None and head_node is not None and node.name == head_node.name
+        return [(block, codes)] + ([(fine, fine_codes)] if head and fine is not None else [])
+
     if algorithm == "gptq":
         log(f"GPTQ: Hessians from {len(windows[: config.calibration_windows])} windows")
         feeds = [prefill_feeds(model, w, head_size) for w in windows[: config.calibration_windows]]
@@ -435,42 +586,46 @@ def quantize_lm_model(
             if node.input[0] not in factors:
                 factors.clear()
                 factors[node.input[0]] = gptq_factor(h, act_order=True)
-            codes[node.name] = gptq_blocks(
-                np.pad(w, ((0, pad), (0, 0))),
-                h,
-                block,
-                False,
-                act_order=True,
-                clip_search=True,
-                factor=factors[node.input[0]],
-                float_zero_points=node.name in floating,
-            )
+            for size, into in code_sizes(node):
+                into[node.name] = gptq_blocks(
+                    np.pad(w, ((0, pad), (0, 0))),
+                    h,
+                    size,
+                    False,
+                    act_order=True,
+                    clip_search=True,
+                    factor=factors[node.input[0]],
+                    float_zero_points=node.name in floating,
+                )
         del hessians, factors
     else:
         for node in matmuls:
-            wt = _transposed(weights[node.name], block)
-            codes[node.name] = (
-                quantize_blocks_float(wt, block) if node.name in floating else quantize_blocks(wt, block, False)
-            )
+            for size, into in code_sizes(node):
+                wt = _transposed(weights[node.name], size)
+                into[node.name] = (
+                    quantize_blocks_float(wt, size) if node.name in floating else quantize_blocks(wt, size, False)
+                )
 
     # mixed precision: each node's measured perplexity effect at 4 bits, then 8-bit while the budget allows
     eight: dict[str, dict[str, Any]] = {}
     effects: dict[str, float] = {}
+    blocks: dict[str, int] = {}  # MatMuls in blocks other than `block` (the LM head's finer rung)
+    head_form: dict[str, Any] | None = None
     # bytes of everything but the MatMul weights, as serialized (graph, norms, an untied table at 4 bits)
     other_bytes = model.ByteSize() - sum(w.nbytes for w in weights.values())
     shapes = {name: (int(w.shape[0]), int(w.shape[1])) for name, w in weights.items()}
     size4 = {
         n.name: _nbits_bytes(*shapes[n.name], 4, block, True)
-        + (shapes[n.name][0] // block * shapes[n.name][1] * 2 if n.name in floating else 0)  # fp16 offsets
+        + (_offset_bytes(*shapes[n.name], block, config.offset_stages) if n.name in floating else 0)
         for n in matmuls
     }
     size8 = {n.name: _nbits_bytes(*shapes[n.name], 8, config.fallback_block_size, False) for n in matmuls}
     if tied is None and config.quantize_embeddings:
-        for g in _embedding_gathers(model, block)[0]:
+        for g in embedding_gathers(model, block)[0]:
             rows, cols = inits[g.input[0]].dims
             other_bytes -= rows * cols * 4 - _nbits_bytes(cols, rows, 4, block, True)
     all_four = other_bytes + sum(size4.values())
-    measured["size_estimate_mb"] = {"all_4bit": round(all_four / 1e6, 3)}
+    measured["size_estimate_mb"] = {"all_4bit": round(all_four / 1e6, 6)}
     budget = None if config.max_size_mb is None else int(config.max_size_mb * 1e6)
     if budget is not None:
         if all_four > budget:
@@ -491,6 +646,48 @@ def quantize_lm_model(
             extra = sum(size8[n.name] - size4[n.name] for n in groups[key])
             if (math.exp(effects[key]) - 1) * 100 <= MIN_EFFECT_PCT:
                 break
+            if (
+                used + extra > budget
+                and fine is not None
+                and head_node is not None
+                and fine_codes
+                and [n.name for n in groups[key]] == [head_node.name]
+            ):
+                # the head's rungs: 8-bit > 4-bit in blocks of `fine` > 4-bit in the model's blocks
+                name = head_node.name
+                fine_size = _nbits_bytes(*shapes[name], 4, fine, True) + (
+                    _offset_bytes(*shapes[name], fine, config.offset_stages) if name in floating else 0
+                )
+                replaced = {head_node.input[1]: _dequantized(fine_codes[name], shapes[name][0], fine)}
+                fine_effect = probe.nll(replaced) - base
+                pct, fine_pct = ((math.exp(e) - 1) * 100 for e in (effects[key], fine_effect))
+                fits = used + fine_size - size4[name] <= budget
+                better = fine_effect < effects[key]
+                head_form = {
+                    "form": f"4-bit blocks of {fine if fits and better else block}",
+                    "perplexity_effect_pct": {f"4-bit b{block}": round(pct, 3), f"4-bit b{fine}": round(fine_pct, 3)},
+                    "extra_mb": {
+                        "8-bit": round(extra / 1e6, 6),
+                        f"4-bit b{fine}": round((fine_size - size4[name]) / 1e6, 6),
+                    },
+                }
+                if fits and better:
+                    head_form["why"] = (
+                        f"8-bit does not fit the budget (+{extra / 1e6:.3g} MB); 4-bit in blocks of {fine} does "
+                        f"(+{(fine_size - size4[name]) / 1e6:.3g} MB) and measures {fine_pct:.2f} % against "
+                        f"{pct:.2f} % in blocks of {block}"
+                    )
+                    used += fine_size - size4[name]
+                    blocks[name] = fine
+                    codes[name] = fine_codes[name]
+                    size4[name] = fine_size
+                else:
+                    head_form["why"] = (
+                        f"neither 8-bit (+{extra / 1e6:.2f} MB) nor 4-bit in blocks of {fine} fits the budget"
+                        if not fits
+                        else f"4-bit in blocks of {fine} measures no lower ({fine_pct:.2f} % vs {pct:.2f} %)"
+                    )
+                continue
             if used + extra <= budget:
                 used += extra
                 pct = (math.exp(effects[key]) - 1) * 100
@@ -501,7 +698,7 @@ def quantize_lm_model(
                     "why": f"its MatMuls alone at 4 bits raise calibration perplexity by {pct:.2f} %, "
                     f"rank {rank} of {len(ranked)} layers; fits the budget",
                 }
-        measured["size_estimate_mb"].update(chosen=round(used / 1e6, 3), budget=config.max_size_mb)
+        measured["size_estimate_mb"].update(chosen=round(used / 1e6, 6), budget=config.max_size_mb)
 
     # the graph: MatMulNBits (4-bit codes as chosen; 8-bit by ORT), the tied embedding reading the head's codes
     eight_nodes = {name for group in eight.values() for name in group["matmuls"]}
@@ -515,44 +712,51 @@ def quantize_lm_model(
         gather.input[0] = table_name
         if not any(transpose in n.input for n in model.graph.node):  # the float head weight's last other reader
             model.graph.node.remove(next(n for n in model.graph.node if transpose in n.output))
-    with _quiet_ort_quantizer():
+    with quiet_ort_quantizer():
         integer = {name: _integer_zero_points(*codes[name]) for name in four}
-        model = _matmul_nbits_own(model, four, four_config, lambda node, wt: integer[node.name][:3])
-        offsets: dict[str, np.ndarray] = {}
-        for name in four:
-            offset = integer[name][3]
-            if offset is not None:
-                offsets[name] = offset
-        corrected = add_offset_corrections(model, offsets, block)
+        offsets: dict[int, dict[str, np.ndarray]] = {}  # by block size
+        for size in sorted({blocks.get(name, block) for name in four}, reverse=True):
+            some = {name for name in four if blocks.get(name, block) == size}
+            model = write_matmul_nbits(
+                model, some, dataclasses.replace(four_config, block_size=size), lambda node, wt: integer[node.name][:3]
+            )
+            for name in some:
+                offset = integer[name][3]
+                if offset is not None:
+                    offsets.setdefault(size, {})[name] = offset
         if eight:
             eight_config = dataclasses.replace(
                 four_config, block_size=config.fallback_block_size, symmetric=True, accuracy_level=4
             )  # 8-bit without int8 compute is 70x slower on CPU
-            model = _ort_nbits(
+            model = ort_matmul_nbits(
                 model,
                 bits=8,
                 config=eight_config,
                 include=eight_nodes,
-                all_matmuls={n.name for n in _weight_matmuls(model)},
+                all_matmuls={n.name for n in weight_matmuls(model)},
             )
     embeddings: list[str] = []
     if tied is not None:
         assert table_name is not None
-        embeddings = _share_tied_tables(model, [(tied[0].name, table_name)], set())
+        embeddings = share_tied_tables(model, [(tied[0].name, table_name)], set())
         if not embeddings:
             raise StageError("the tied embedding could not share the LM head's codes", "report this model")
-        if tied[0].name in corrected and not add_embedding_offsets(model, embeddings[0], tied[0].name, block):
-            raise StageError("the tied embedding could not read the LM head's offsets", "report this model")
     elif config.quantize_embeddings:
-        for node in _embedding_gathers(model, block)[0]:
-            _quantize_embedding(model, node, block, False, clip_search=False)
+        for node in embedding_gathers(model, block)[0]:
+            quantize_embedding(model, node, block, False, clip_search=False)
             embeddings.append(node.name)
-    _ensure_ms_opset(model)
-    _drop_unused_initializers(model)
+    # after the tied embedding shares the head's codes: the head's appended offset rows reach its rows too
+    corrected = [
+        name for size, some in offsets.items() for name in append_offset_blocks(model, some, size, config.offset_stages)
+    ]
+    ensure_ms_opset(model)
+    drop_unused_initializers(model)
     left = [
         n.name
         for n in model.graph.node
-        if n.op_type in ("MatMul", "Gemm") and n.input[1] in {t.name for t in model.graph.initializer}
+        if n.op_type in ("MatMul", "Gemm")
+        and n.input[1] in {t.name for t in model.graph.initializer}
+        and not n.name.endswith("__block_sums")  # append_offset_blocks' block sums (0/1 indicator), not weights
     ]
     if [o.name for o in model.graph.output] != [o.name for o in original.graph.output]:
         raise StageError("quantization changed the graph outputs", "report this model")
@@ -566,6 +770,7 @@ def quantize_lm_model(
         "matmuls": len(matmuls),
         "matmuls_4bit": len(four),
         "layers_8bit": eight,
+        "lm_head": head_form or {},
         "matmuls_8bit": sorted(eight_nodes),
         "float_matmuls": left,
         "offset_corrections": len(corrected),
@@ -583,6 +788,8 @@ def quantize_lm_model(
             **{k: round(v, 5) if isinstance(v, float) else v for k, v in fidelity.items()},
             "text": "held-out calibration text (never calibrated on)",
         }
+    # last: the held-out check above read every position's logits (lm_session would restore them anyway)
+    report["logits"] = "last position" if prune_to_last_position(model) else "every position"
     report["seconds"] = round(time.perf_counter() - started, 1)
     return model, report
 
@@ -615,15 +822,15 @@ def quantize_lm_folder(
     `calibration`: a UTF-8 text file or token ids. Returns the report (also OUTPUT/quantize.json)."""
     import onnx
 
+    from dlopt.fileio import check_output_folder
     from dlopt.genai import require_genai
-    from dlopt.optimize.export_lm import _check_output_folder
 
     check_config(config)
     src, out = Path(folder), Path(output)
     head_size = int(read_genai_config(src)["model"]["decoder"]["head_size"])
     if src.resolve() == out.resolve():
         raise InputError(f"the output {out} is the input folder", "write the quantized model to a new folder")
-    _check_output_folder(out)
+    check_output_folder(out)
     require_genai()
     if calibration is None and (config.algorithm == "gptq" or config.max_size_mb is not None):
         raise InputError(
@@ -684,6 +891,8 @@ def summary_text(report: dict[str, Any]) -> str:
         )
     for name, why in report["layers_8bit"].items():
         lines.append(f"8-bit {name} ({len(why['matmuls'])} MatMuls): {why['why']} (+{why['extra_mb']} MB)")
+    if report.get("lm_head"):
+        lines.append(f"LM head {report['lm_head']['form']}: {report['lm_head']['why']}")
     if "fidelity" in report:
         f = report["fidelity"]
         lines.append(

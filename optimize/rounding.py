@@ -172,7 +172,7 @@ def gptq_factor(
     """The GPTQ preliminaries shared by the int8 rounding here and optimize/int4.py's gptq_blocks: for
     hessian [K, K] (or a batch [G, K, K]), the visiting order of the K inputs (by decreasing H diagonal
     with act_order, else 0..K-1) and the upper Cholesky factor of the damped inverse Hessian in that
-    order, as `dtype`. Inputs that were always zero get a unit diagonal (their weights are free). The
+    order, as `dtype`. Inputs that were always zero get a unit diagonal (no coupling to the others). The
     factor is None when H is not positive definite even after damping."""
     h = np.array(hessian, dtype=np.float64)  # a copy
     single = h.ndim == 2
@@ -203,8 +203,11 @@ def gptq_round(
     (act-order), every group at once."""
     k = w.shape[2]
     w = w.astype(np.float64).copy()
-    gi, ki = np.nonzero(np.diagonal(hessian, axis1=1, axis2=2) <= 0)
-    w[gi, :, ki] = 0.0  # inputs that were always zero: their weights are free, round them to 0
+    # Inputs that were always zero in calibration keep their nearest codes (gptq_factor gives them a unit
+    # diagonal and no coupling, so nothing is compensated through them). They are not free: an input dead on
+    # the calibration samples can fire on others. Rounding them to 0 cost EfficientNet-Lite0 6 dB of logit
+    # SQNR on held-out photos (15.6 -> 21.4 dB here, 32 calibration crops): 275 of the 1152 inputs of its
+    # late 1x1 projections and 1764 depthwise taps had never been non-zero on the crops.
     order, u = gptq_factor(hessian, damp, act_order=True, dtype=np.float64)
     w = np.take_along_axis(w, order[:, None, :], axis=2)
     s = np.where(scale > 0, scale, 1.0).astype(np.float64)
@@ -292,9 +295,15 @@ def refine_weights(
             if numpy_helper.to_array(bias_t).dtype != np.int32:
                 continue
             info = np.iinfo(np.int32)
+            # A zero bias scale (input scale x weight scale of zero, as on a channel whose calibration input
+            # was constant) dequantizes any code to 0: keep the quantizer's code there, don't divide by zero.
+            scale_ok = np.broadcast_to(bias_scale, bias.shape) != 0
+            corrected_codes = np.round(bias / np.where(scale_ok, bias_scale, 1.0))
+            kept_codes = numpy_helper.to_array(bias_t).astype(np.float64)
             bias_t.CopyFrom(
                 numpy_helper.from_array(
-                    np.clip(np.round(bias / bias_scale), info.min, info.max).astype(np.int32), bias_t.name
+                    np.clip(np.where(scale_ok, corrected_codes, kept_codes), info.min, info.max).astype(np.int32),
+                    bias_t.name,
                 )
             )
             corrected += 1

@@ -18,7 +18,10 @@ so hiding one in a string does not get past the rules. Rules:
 (d) no import cycle among the core modules (src/dlopt outside cli/), counting imports inside functions;
     elsewhere only the cycles listed below, inside one package (a package __init__ and its modules);
 (e) one class per name across the package, and no alias names (`ExportConfig = Export`): one name per
-    concept.
+    concept;
+(f) no module reaches another module's `_private` names (`from .checks import _checks`, `int4._name_nodes`):
+    a name another module uses is its module's API, named without the underscore. A private submodule
+    (`cli/_common.py`) is private to its package.
 
 Modules that still break a rule are listed below with the reason; each entry must still be needed (a
 stale entry fails), so the lists only shrink.
@@ -42,8 +45,8 @@ CLI_ALLOWED = ("dlopt.api", "dlopt.errors", "dlopt.console", "dlopt.cli")
 CLI_ALLOWED_EXACT = ("dlopt", "dlopt.__version__")  # the version string, for --version
 # Text rendering lives with the CLI (dlopt.cli.results; issue 23: api.py holds verbs only), so the CLI may import
 # the modules that only format text: they import nothing beyond the standard library (checked below), so they
-# bring no work into the CLI. dlopt.report: format_table, the fixed-width tables every command prints.
-CLI_TEXT_MODULES = ("dlopt.report",)
+# bring no work into the CLI. dlopt.tables: format_table, the fixed-width tables every command prints.
+CLI_TEXT_MODULES = ("dlopt.tables",)
 STAGE_PACKAGES = ("dlopt.optimize", "dlopt.package", "dlopt.bundle_stage", "dlopt.verify")
 VERB_MODULES = ("dlopt.api", "dlopt.recipe", "dlopt.search")
 STAGE_REGISTRY = "dlopt.stage"
@@ -61,7 +64,7 @@ KNOWN_CYCLES: dict[tuple[str, ...], str] = {
      "dlopt.targets.mobile", "dlopt.targets.xnnpack"):
         "the targets package's __init__ registers each target module, which reads the registry back",
     ("dlopt.optimize.normalize", "dlopt.optimize.weight_only"): "normalize folds weights weight_only also reads",
-    ("dlopt.optimize.quantize.heldout", "dlopt.optimize.quantize.recipe", "dlopt.optimize.quantize.schemes"):
+    ("dlopt.optimize.quantize.heldout", "dlopt.optimize.quantize.int8_recipe", "dlopt.optimize.quantize.schemes"):
         "the scheme configs and the recipe chooser read each other's constants",
 }
 
@@ -405,7 +408,7 @@ def test_the_name_checks_find_duplicates_and_aliases():
     # allowed
     ("import os, re\nimport click\nfrom dlopt.api import bench\nfrom dlopt.errors import InputError\n"
      "from dlopt.console import progress_bar\nfrom ._common import echo_err\nimport dlopt\n"
-     "from dlopt.cli.run import command\nfrom dlopt.report import format_table", "dlopt.cli.x", []),
+     "from dlopt.cli.run import command\nfrom dlopt.tables import format_table", "dlopt.cli.x", []),
 ])
 def test_cli_rule_on_synthetic_sources(source, module, expected):
     assert cli_violations(source, module) == expected
@@ -459,5 +462,109 @@ def test_core_rule_on_synthetic_sources(source, module, expected):
 def test_relative_imports_resolve_in_packages():
     assert [n for n, _, _ in imported_names("from . import harness", "dlopt.bench", is_package=True)] == [
         "dlopt.bench.harness"]
-    assert [n for n, _, _ in imported_names("from .harness import run", "dlopt.bench.report")] == [
+    assert [n for n, _, _ in imported_names("from .harness import run", "dlopt.bench.summary")] == [
         "dlopt.bench.harness.run"]
+
+
+# ------------------------------------------------------------------- (f) no private names across modules
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_imports(source: str, module: str, modules: set[str], *, is_package: bool = False) -> list[str]:
+    """Rule (f): the `_private` names of another dlopt module (another file) that `source` reaches, by
+    `from M import _name` or by `M._name` on a module it imported. A private submodule (`cli/_common.py`) is
+    private to its package: the package's own modules may import it, others may not."""
+    tree = ast.parse(source)
+    package = module if is_package else module.rpartition(".")[0]
+    found: list[str] = []
+
+    def foreign(owner: str, name: str) -> bool:
+        """`owner._name` is another module's private name (or a private submodule outside its package)."""
+        if owner not in modules or owner == module or not _is_private(name):
+            return False
+        return not (f"{owner}.{name}" in modules and _under(module, (owner,)))
+
+    def private_module(name: str, line: int) -> None:
+        """`name` (a dotted module path) passes through a private submodule of a package `module` is outside."""
+        parts = name.split(".")
+        for k in range(1, len(parts)):
+            if foreign(".".join(parts[:k]), parts[k]):
+                found.append(f"{module}:{line} imports {'.'.join(parts[:k + 1])}")
+                return
+
+    bound: dict[str, str] = {}  # local name -> the dlopt module it is bound to
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                private_module(alias.name, node.lineno)
+                if alias.asname:
+                    bound[alias.asname] = alias.name
+                else:
+                    bound[alias.name.split(".")[0]] = alias.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[:len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            private_module(base, node.lineno)
+            for alias in node.names:
+                if foreign(base, alias.name):
+                    found.append(f"{module}:{node.lineno} imports {base}.{alias.name}")
+                if f"{base}.{alias.name}" in modules:
+                    bound[alias.asname or alias.name] = f"{base}.{alias.name}"
+
+    def dotted(node: ast.expr) -> str | None:
+        if isinstance(node, ast.Name):
+            return bound.get(node.id)
+        if isinstance(node, ast.Attribute):
+            head = dotted(node.value)
+            return f"{head}.{node.attr}" if head is not None else None
+        return None
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _is_private(node.attr):
+            owner = dotted(node.value)
+            if owner is not None and foreign(owner, node.attr):
+                found.append(f"{module}:{node.lineno} uses {owner}.{node.attr}")
+    return sorted(set(found), key=lambda v: (v.split(":")[0], int(v.split(":")[1].split(" ")[0]), v))
+
+
+def test_no_module_reaches_another_modules_private_names():
+    modules = all_modules()
+    names = {m for m, _, _ in modules}
+    found = [v for module, text, pkg in modules for v in private_imports(text, module, names, is_package=pkg)]
+    print(f"{len(found)} private names reached across modules:\n" + "\n".join(found))
+    assert not found, ("a name used by another module is that module's API: name it without the underscore "
+                       "(tests/test_architecture.py):\n" + "\n".join(found))
+
+
+PRIVATE_MODULES = {"dlopt.package", "dlopt.package.checks", "dlopt.optimize", "dlopt.optimize.int4",
+                   "dlopt.optimize.int4.graph", "dlopt.cli", "dlopt.cli._common", "dlopt.cli.bench", "dlopt.models",
+                   "dlopt.models._data", "dlopt.verify"}
+
+
+@pytest.mark.parametrize("source, module, is_package, expected", [
+    ("from .checks import _checks, read_samples", "dlopt.package", True,
+     ["dlopt.package:1 imports dlopt.package.checks._checks"]),
+    ("def f():\n    from dlopt.package.checks import _check_text", "dlopt.verify", False,
+     ["dlopt.verify:2 imports dlopt.package.checks._check_text"]),
+    ("from dlopt.optimize import int4\nint4._gemm_to_matmul(m, set())", "dlopt.optimize.fp16", False,
+     ["dlopt.optimize.fp16:2 uses dlopt.optimize.int4._gemm_to_matmul"]),
+    ("import dlopt.optimize.int4.graph as graph\nx = graph._MS_DOMAIN", "dlopt.optimize.fp16", False,
+     ["dlopt.optimize.fp16:2 uses dlopt.optimize.int4.graph._MS_DOMAIN"]),
+    ("import dlopt.package.checks\ndlopt.package.checks._session(p, {})", "dlopt.verify", False,
+     ["dlopt.verify:2 uses dlopt.package.checks._session"]),
+    ("from dlopt.models._data import pip_name", "dlopt.cli.bench", False,
+     ["dlopt.cli.bench:1 imports dlopt.models._data"]),
+    # allowed: a module's own private names, dunders, public names, private names of other objects, a private
+    # submodule inside its package, and names of modules outside dlopt
+    ("from dlopt.package.checks import output_checks\nfrom dlopt import __version__\nself._x = 1\n"
+     "from dlopt.models._data import pip_name\nimport numpy as np\nnp._NoValue", "dlopt.models", True, []),
+    ("from ._common import echo_err\nfrom . import _common\n_common.echo_err('x')", "dlopt.cli.bench", False, []),
+    ("def _helper(): ...\n_helper()", "dlopt.package.checks", False, []),
+])
+def test_private_rule_on_synthetic_sources(source, module, is_package, expected):
+    assert private_imports(source, module, PRIVATE_MODULES, is_package=is_package) == expected

@@ -348,7 +348,7 @@ def test_package_on_a_full_disk_is_exit_2_and_leaves_nothing(work, monkeypatch):
     def full(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(dlopt.package, "_write_samples", full)
+    monkeypatch.setattr(dlopt.package, "write_samples", full)
     before = snapshot(work)
     result = run(["package", "m.onnx", "-o", "b", "--target", "cpu", "--measure", "0"])
     assert_refused(result, 2, rf"no space left on the device holding {re.escape(str(work))} ")
@@ -438,7 +438,7 @@ def test_a_private_key_of_mode_0400_signs(signed, tmp_path):
 # -- time budgets and workers ------------------------------------------------------------------------------
 
 def test_a_search_past_its_time_budget_says_why():
-    from dlopt.search.report import overrun_text
+    from dlopt.search.html_report import overrun_text
 
     result = {"seconds": 12.1, "time_budget_s": 1.0,
               "phases_s": {"source_s": 0.3, "evaluate_s": 0.5, "latency_s": 10.0, "throughput_s": 0.0, "bundle_s": 1.3}}

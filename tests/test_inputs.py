@@ -2,6 +2,7 @@
 --input-shape, integer ranges read from the graph, image-folder calibration, and one set of metrics
 shared by quantize and eval."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -233,6 +234,29 @@ def test_quantize_report_and_eval_agree_on_the_same_model_and_data(tmp_path):
     assert evaluated.value("cosine") == pytest.approx(entry["cosine_mean"], abs=1e-6)
     assert evaluated.value("sqnr") == pytest.approx(entry["sqnr_db"], abs=1e-4)
     assert entry["samples"] == 8 and 0.9 < entry["cosine_mean"] < 1.0 and entry["sqnr_db"] > 15
+
+
+@pytest.mark.parametrize("given_eval_data", [True, False])
+def test_eval_samples_sets_how_many_held_out_samples_the_verdict_reads(tmp_path, given_eval_data):
+    rng = np.random.default_rng(4)
+    np.savez(tmp_path / "cal.npz", image=rng.standard_normal((40, 3, 32, 32)).astype(np.float32))
+    onnx.save(conv_map_model(), tmp_path / "m.onnx")
+    data = ["--eval-data", str(tmp_path / "cal.npz")] if given_eval_data else []
+    reports = {}
+    for count in ("5", "12"):
+        out = tmp_path / f"q{count}.onnx"
+        result = CliRunner().invoke(main, ["quantize", str(tmp_path / "m.onnx"), "-o", str(out), "--mode", "static",
+                                           "--per-tensor", "--node-forms", "int8", "--calibration",
+                                           str(tmp_path / "cal.npz"), "--eval-samples", count, *data])
+        assert result.exit_code == 0, result.output
+        reports[count] = json.loads(out.with_suffix(".quantize.json").read_text())
+    for count, report in reports.items():
+        assert report["fidelity"]["samples"] == int(count)
+        if not given_eval_data:  # the last N of the 40 calibration samples, not calibrated on
+            assert report["holdout"]["held_out_indices"] == list(range(40 - int(count), 40))
+    bad = CliRunner().invoke(main, ["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "b.onnx"),
+                                    "--eval-samples", "0"])
+    assert bad.exit_code == 2 and "--eval-samples" in bad.output
 
 
 # -- --input-shape through the verbs ------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from dlopt.errors import InputError
-from dlopt.optimize.int4 import Int4WeightOnly, _gemm_to_matmul, dequantize_blocks, quantize_blocks, quantize_int4
+from dlopt.optimize.int4 import Int4WeightOnly, gemm_to_matmul, dequantize_blocks, quantize_blocks, quantize_int4
 
 # Round-to-nearest 4-bit with a scale per 32 weights gives ~19-21 dB on one Gaussian layer; two layers
 # and a ReLU lose a little more. 8-bit blocks give ~40 dB. A result above the 4-bit ceiling would mean
@@ -127,7 +127,7 @@ def test_gemm_rewrite_is_exact_and_gemm_weights_get_quantized():
     x = np.random.default_rng(3).standard_normal((5, 64)).astype(np.float32)
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)
-    assert _gemm_to_matmul(rewritten, set()) == ["head"]
+    assert gemm_to_matmul(rewritten, set()) == ["head"]
     assert ops(rewritten) == ["MatMul", "Add"]
     np.testing.assert_allclose(run(rewritten, [{"x": x}])[0], run(model, [{"x": x}])[0], rtol=1e-5, atol=1e-5)
 
@@ -331,6 +331,23 @@ def test_gptq_lowers_output_error_against_round_to_nearest(symmetric):
     assert err_gptq < 0.8 * err_rtn
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_keeps_the_weights_of_inputs_never_seen_in_calibration(act_order):
+    from dlopt.optimize.int4 import gptq_blocks
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((256, 64)) @ rng.standard_normal((64, 64)) * 0.3
+    x[:, [5, 40]] = 0.0  # never non-zero on the calibration rows (a dead ReLU channel there)
+    w = rng.standard_normal((64, 16)).astype(np.float32)
+    codes, scales, zeros = gptq_blocks(w, 2 * x.T @ x / len(x), 32, False, act_order=act_order)
+    got = dequantize_blocks(codes, scales, zeros, 32).T
+    step = np.repeat(scales.T, 32, axis=0)  # [K, N]
+    # they may fire on other inputs: rounded to the nearest code of their block's grid, not set to 0
+    for row in (5, 40):
+        assert np.all(np.abs(got[row] - w[row]) <= step[row] / 2 + 1e-6)
+        assert np.count_nonzero(got[row]) > 8
+
+
 # -- tied LM heads, symmetric grids, GPTQ variants --------------------------------------------------------
 def tied_lm_model(seed: int = 0, vocab: int = 512, hidden: int = 64) -> onnx.ModelProto:
     """ids -> Gather(table) -> MatMul(w) -> MatMul(·, Transpose(table)) -> logits: a tied LM head, exported
@@ -468,3 +485,23 @@ def test_int4_summary_says_which_linear_layers_stayed_8_bit_and_why(tmp_path):
            "1 embedding table at 4 bits" in two.stdout.splitlines()
     assert "  - kept at 8 bits: fc2, the last linear layer" in two.stdout
     assert "not a 4-bit model" not in two.stdout
+
+
+def test_positive_scale_grid_puts_a_positive_extreme_on_7_and_a_negative_one_on_minus_8():
+    """positive_scale (XNNPACK's 4-bit kernels refuse a negative scale): scale max(-min/8, max/7) >= 0, so
+    each block's extreme lands exactly on an end code and nothing is clipped; GPTQ on it keeps the sign."""
+    from dlopt.optimize.int4 import gptq_blocks
+
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((64, 128)).astype(np.float32)
+    w[0, 5] = 9.0
+    w[1, 40] = -9.0
+    q, scale, zp = quantize_blocks(w, 32, symmetric=True, positive_scale=True)
+    assert (zp == 8).all() and (scale > 0).all()
+    deq = dequantize_blocks(q, scale, zp, 32)
+    assert q[0, 5] == 15 and q[1, 40] == 0
+    assert deq[0, 5] == pytest.approx(9.0, rel=1e-6) and deq[1, 40] == pytest.approx(-9.0, rel=1e-6)
+    assert (np.abs(deq - w) <= 0.5 * np.repeat(scale, 32, axis=1) + 1e-6).all()
+    x = rng.standard_normal((256, 128)) @ rng.standard_normal((128, 128)) * 0.3
+    _, g_scale, g_zp = gptq_blocks(np.ascontiguousarray(w.T), 2 * x.T @ x / len(x), 32, True, positive_scale=True)
+    assert (g_scale >= 0).all() and (g_zp == 8).all()

@@ -21,7 +21,7 @@ pytest.importorskip("onnx_ir")
 pytest.importorskip("transformers")
 
 from click.testing import CliRunner  # noqa: E402
-from test_llm import build_tiny_llama  # noqa: E402
+from test_llm import TEXT, build_tiny_llama  # noqa: E402
 
 from dlopt.cli import main  # noqa: E402
 
@@ -104,7 +104,8 @@ def test_bundle_is_the_genai_folder_with_samples_in_its_manifest(lm, bundle, key
         # the recorded output is the source folder's own greedy continuation, generated independently
         assert s["tokens"] == _greedy(lm, s["prompt_tokens"], 20)
         assert s["text"] == tokenizer.decode(s["tokens"])
-        assert s["reference"] == {"tokens": s["tokens"], "equal_prefix": 20, "equal": True}
+        assert s["reference"] == {"tokens": s["tokens"], "equal_prefix": 20, "equal": True,
+                                  "logit_gap_where_they_part": None}
     assert all(c["passed"] and c["equal"] == 20 for c in manifest["verification"]["checks"])
     speed = manifest["metrics"]["cpu-genai"]
     assert speed["decode_tokens_per_s"] > 0 and speed["prefill_ms"] > 0
@@ -114,6 +115,66 @@ def test_bundle_is_the_genai_folder_with_samples_in_its_manifest(lm, bundle, key
     result = CliRunner().invoke(main, ["verify", str(bundle), "--trusted-key", str(keys[1])])
     assert result.exit_code == 0, result.output
     assert "greedy tokens of sample 2" in result.output and "signed by the trusted key" in result.output
+
+
+def _last_logits(folder, ids):
+    """The folder's logits for the next token after `ids`, read here independently of dlopt."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(ids) + 1)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray([ids], dtype=np.int32))
+    return np.asarray(generator.get_output("logits"), dtype=np.float32)[0, -1]
+
+
+@pytest.fixture(scope="module")
+def int4(lm, tmp_path_factory):
+    """The tiny export quantized to 4 bits (its quantize.json names `lm` as the source)."""
+    from dlopt.api import lm_quantize_config, quantize_lm
+
+    base = tmp_path_factory.mktemp("lm4")
+    words = " ".join(TEXT).split()
+    text = base / "calibration.txt"
+    text.write_text(" ".join(np.random.default_rng(1).choice(words, size=2500)) + "\n", encoding="utf-8")
+    quantize_lm(lm, base / "lm4", lm_quantize_config(), text)
+    return base / "lm4"
+
+
+def test_quantized_bundle_compares_with_the_fp32_export_it_was_made_from(lm, int4, tmp_path):
+    """Without --reference, a quantized folder's bundle generates with the FP32 export its quantize.json names,
+    and records per sample the reference's tokens, how many first tokens agree and, where they part, the
+    reference's logit gap between its own token and the bundle's (all checked here against onnxruntime-genai)."""
+    out = tmp_path / "lm4-cpu"
+    prompts = ["the quick brown fox", "each new token reads", "a small language model", "of every token before"]
+    result = CliRunner().invoke(main, ["package", str(int4), "--target", "cpu", "--measure", "0", "-o", str(out),
+                                       *[a for p in prompts for a in ("--prompt", p)]])
+    assert result.exit_code == 0, result.output
+    assert "= reference" in result.output
+    g = json.loads((out / "manifest.json").read_text())["generation"]
+    assert g["reference"]["folder"] == "lm"
+    parted = 0  # the tiny int4 parts from its FP32 export on 3 of the 4 prompts here
+    for s in g["samples"]:
+        ref = _greedy(lm, s["prompt_tokens"], 20)
+        assert s["tokens"] == _greedy(int4, s["prompt_tokens"], 20) and s["reference"]["tokens"] == ref
+        same = next((k for k, (a, b) in enumerate(zip(ref, s["tokens"])) if a != b), 20)
+        assert s["reference"]["equal_prefix"] == same and s["reference"]["equal"] == (same == 20)
+        gap = s["reference"]["logit_gap_where_they_part"]
+        if same == 20:
+            assert gap is None
+        else:
+            parted += 1
+            logits = _last_logits(lm, s["prompt_tokens"] + ref[:same])
+            assert gap == pytest.approx(logits[ref[same]] - logits[s["tokens"][same]], abs=1e-3) and gap >= 0
+    assert parted > 0  # else the gap went unchecked
+    total = sum(s["reference"]["equal_prefix"] for s in g["samples"])
+    assert f"Agreement with the reference: {total} of {sum(len(s['tokens']) for s in g['samples'])}" in (
+        out / "README.md").read_text()
+    result = CliRunner().invoke(main, ["verify", str(out)])  # re-checks the bundle's tokens, restates the agreement
+    assert result.exit_code == 0, result.output
+    counts = ", ".join(f"{s['reference']['equal_prefix']}/{len(s['tokens'])}" for s in g["samples"])
+    assert f"first tokens equal to the reference lm/'s, per sample: {counts} (recorded" in result.output
 
 
 def test_readme_chat_code_runs_as_written(bundle, tmp_path):
@@ -169,17 +230,61 @@ def test_verify_fails_when_the_weights_change(bundle, tmp_path):
     assert result.exit_code == 1 and "model.onnx.data: changed" in result.output
 
 
-def test_mobile_bundle_says_what_runs_where(lm, tmp_path):
+def _executorch_or_skip():
+    from dlopt.targets.xnnpack import executorch_status
+
+    ok, reason = executorch_status()
+    if not ok:
+        pytest.skip(reason)
+
+
+def test_mobile_bundle_holds_a_verified_executorch_program(lm, tiny, tmp_path):
+    """--target mobile: the genai folder plus the model lowered to an XNNPACK .pte from the Hugging Face folder
+    export.json names; its greedy tokens for the samples are recorded, equal the ONNX decoder's (fp32 both),
+    timed, and re-checked by verify, which fails when a recorded token changes."""
+    _executorch_or_skip()
     out = tmp_path / "lm-mobile"
-    result = CliRunner().invoke(main, ["package", str(lm), "--target", "mobile", "-o", str(out), "--measure", "0",
-                                       "--new-tokens", "8"])
+    result = CliRunner().invoke(main, ["package", str(lm), "--target", "mobile", "-o", str(out), "--measure", "0.5",
+                                       "--new-tokens", "8", "--prompt", "the quick brown fox"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["target"] == "mobile" and manifest["generation"]["new_tokens"] == 8
-    assert manifest["generation"]["executorch"].startswith("not measured")
-    assert manifest["runtime"]["recommended_session"]["intra_op_num_threads"] >= 1
+    assert manifest["generation"]["executorch"].startswith("measured here: model.xnnpack-fp32.pte")
+    (program,) = manifest["artifacts"]
+    assert program["file"] == "model.xnnpack-fp32.pte" and program["backend"] == "xnnpack"
+    assert program["torch_source"] == str(tiny.resolve()) and program["xnnpack_delegates"] > 0
+    assert {f["path"]: f["role"] for f in manifest["files"]}["model.xnnpack-fp32.pte"] == "executorch-program"
+    (sample,) = manifest["generation"]["samples"]
+    assert program["samples"][0]["tokens"] == sample["tokens"]  # fp32 .pte = fp32 ONNX decoder, token for token
+    assert program["samples"][0]["equal_prefix_to_decoder"] == 8
+    assert program["metrics"]["decode_tokens_per_s"] > 0 and program["metrics"]["prefill_ms"] > 0
     assert "## ExecuTorch (XNNPACK)" in (out / "README.md").read_text()
-    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
+    assert {"tokenizer.json", "model.xnnpack-fp32.pte"} <= {p.name for p in out.iterdir()}
+    result = CliRunner().invoke(main, ["verify", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "model.xnnpack-fp32.pte" in result.output
+    changed = tmp_path / "changed"
+    shutil.copytree(out, changed)
+    manifest["artifacts"][0]["samples"][0]["tokens"][4] = (sample["tokens"][4] + 1) % 300
+    (changed / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["verify", str(changed)])
+    assert result.exit_code == 1 and "model.xnnpack-fp32.pte" in result.output, result.output
+
+
+def test_mobile_bundle_without_executorch_is_one_line_and_exit_2(lm, tmp_path, monkeypatch):
+    import dlopt.targets.xnnpack as xnnpack
+
+    monkeypatch.setattr(xnnpack, "executorch_status", lambda: (False, "ExecuTorch is not installed (test)"))
+    out = tmp_path / "lm-mobile"
+    result = CliRunner().invoke(main, ["package", str(lm), "--target", "mobile", "-o", str(out), "--measure", "0"])
+    assert result.exit_code == 2 and "needs ExecuTorch: ExecuTorch is not installed (test)" in result.output
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_mobile_bundle_refuses_a_cnn_pte_precision(lm, tmp_path):
+    result = CliRunner().invoke(main, ["package", str(lm), "--target", "mobile", "-o", str(tmp_path / "b"),
+                                       "--measure", "0", "--pte", "int8"])
+    assert result.exit_code == 2 and ".pte precision int8 is not for an LM" in result.output, result.output
 
 
 def _bad_lm_folders(tiny, lm, tmp_path):

@@ -11,7 +11,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from dlopt.search.report import CHOSEN_COLOR, FRONT_COLOR, MARGIN, PLOT_H, PLOT_W, render_report
+from dlopt.search.html_report import CHOSEN_COLOR, FRONT_COLOR, MARGIN, PLOT_H, PLOT_W, render_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCHEMA = json.loads(files("dlopt").joinpath("schemas/optimize.schema.json").read_text())

@@ -215,12 +215,12 @@ def test_stage_reports_and_calibration_hash_are_recorded(tmp_path):
 def test_a_failed_check_writes_nothing(mlp_path, tmp_path, monkeypatch):
     import dlopt.package as pkg
 
-    real = pkg._run_onnx
+    real = pkg.run_onnx
 
     def perturbed(model_path, feeds_list):  # the source "computes" something else than the package
         return [{k: v + 0.01 for k, v in outs.items()} for outs in real(model_path, feeds_list)]
 
-    monkeypatch.setattr(pkg, "_run_onnx", perturbed)
+    monkeypatch.setattr(pkg, "run_onnx", perturbed)
     with pytest.raises(VerificationError, match="do not match the source"):
         package(mlp_path, tmp_path / "b", PackageConfig(**FAST))
     assert list(tmp_path.iterdir()) == []  # no bundle, no staging folder left behind

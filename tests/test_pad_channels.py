@@ -60,6 +60,10 @@ def _timer(padded_speedup: float):
     return timer
 
 
+def weights_by_name(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
 def test_the_stem_of_a_static_int8_model_is_found_and_padded_exactly(tmp_path):
     from dlopt.sessions import cpu_session
 
@@ -69,7 +73,16 @@ def test_the_stem_of_a_static_int8_model_is_found_and_padded_exactly(tmp_path):
     padded = pad_input_channels(qdq, sites)
     onnx.checker.check_model(padded)
     ops = [n.op_type for n in padded.graph.node]
-    assert ops.index("Pad") < ops.index("QuantizeLinear")  # on the float input, before it is quantized
+    # on the 8-bit tensor between QuantizeLinear and DequantizeLinear, its constant the input's zero point
+    assert ops.count("Pad") == 1
+    pad = next(n for n in padded.graph.node if n.op_type == "Pad")
+    quantize = next(n for n in padded.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "image")
+    readers = [n.op_type for n in padded.graph.node if pad.output[0] in n.input]
+    assert pad.input[0] == quantize.output[0] and readers == ["DequantizeLinear"]
+    assert ops.index("QuantizeLinear") < ops.index("Pad")  # in topological order
+    value = numpy_helper.to_array(weights_by_name(padded)[pad.input[2]])
+    assert value.dtype == numpy_helper.to_array(weights_by_name(padded)[quantize.input[2]]).dtype
+    assert value == numpy_helper.to_array(weights_by_name(padded)[quantize.input[2]])
     weights = {t.name: t for t in padded.graph.initializer}
     assert list(weights[sites[0].weight].dims) == [16, 4, 3, 3]
     assert not np.any(numpy_helper.to_array(weights[sites[0].weight])[:, 3])  # the added channel's weights are 0
@@ -99,6 +112,20 @@ def test_padding_is_kept_only_when_it_times_faster(tmp_path, speedup, applied):
     (record,) = report["decisions"]
     assert record["source"] == "timed" and record["choice"] == ("padded" if applied else "as is")
     assert record["figures"]["rounds"] == 15 and record["figures"]["margin"] == 1.03
+
+
+def test_a_cached_decision_is_reused_for_the_same_padded_form_only(tmp_path, monkeypatch):
+    import dlopt.optimize.pad_channels as pad_channels
+
+    qdq = _static_int8(tmp_path, _stem_model())
+    store = DecisionStore(cache_dir=tmp_path / "cache")
+    sources = []
+    for form in (pad_channels.PADDED_FORM, pad_channels.PADDED_FORM, "another padded form"):
+        monkeypatch.setattr(pad_channels, "PADDED_FORM", form)
+        result = choose_channel_padding(qdq, {"image": _images(1)}, timer=_timer(1.10), store=store)
+        sources.append(result.report["decisions"][0]["source"])
+    # timed, then read from the cache, then timed again: a decision about another form of the padding
+    assert sources[0] == "timed" and sources[1] != "timed" and sources[2] == "timed", sources
 
 
 def test_quantize_reports_the_padding_and_a_report_replays_it(tmp_path, monkeypatch):

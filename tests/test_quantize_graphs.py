@@ -535,7 +535,7 @@ def _quantize_detector(model, calibration, monkeypatch, *, handled: bool):
 
     from dlopt.optimize.quantize import int8 as int8_module
 
-    monkeypatch.setattr(int8_module, "_default_op_types", lambda recipe: set(QDQRegistry) | {"Concat", "Sigmoid", "Mul"})
+    monkeypatch.setattr(int8_module, "default_op_types", lambda recipe: set(QDQRegistry) | {"Concat", "Sigmoid", "Mul"})
     if not handled:
         monkeypatch.setattr(int8_module, "mixed_range_outputs", lambda *args, **kwargs: [])
     result = quantize(model, QuantizeConfig(mode="static", recover=False, node_forms="int8"),

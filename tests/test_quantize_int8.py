@@ -242,9 +242,9 @@ def test_a_recipe_for_another_isa_reports_the_qdq_arithmetic_beside_this_host_s_
     recipe = choose_recipe(cnn_model(), QuantizeConfig(target="arm64"))
     # on this CPU or not: whether the report carries it follows host_kernels_inexact
     assert ("fidelity_exact_arithmetic" in result.report) == host_kernels_inexact(recipe)
-    from dlopt.optimize.quantize.heldout import _summary
+    from dlopt.optimize.quantize.heldout import quantize_summary
 
-    summary = _summary(cnn_model(), result.model, cnn_data(), QuantizeConfig(target="arm64", speed_check=False),
+    summary = quantize_summary(cnn_model(), result.model, cnn_data(), QuantizeConfig(target="arm64", speed_check=False),
                        exact_arithmetic=True)
     exact = summary["fidelity_exact_arithmetic"]
     assert exact["samples"] == summary["fidelity"]["samples"]
@@ -368,9 +368,11 @@ def test_gptq_rounding_and_bias_correction_lift_sqnr_over_nearest_rounding():
     data = CalibrationData.from_arrays({"image": smooth_images(24, 1)}, source="images")
     feeds = {"image": smooth_images(16, 2)}
     sqnr = {}
+    # all 24 images calibrate (the verdict's held-out samples are given apart): rounding is compared, not splits
+    held = CalibrationData.from_arrays({"image": smooth_images(4, 3)}, source="held")
     for label, options in (("nearest", dict(weight_rounding="nearest", bias_correction=False)),
                            ("bias", dict(weight_rounding="nearest")), ("auto", {})):
-        result = quantize(model, QuantizeConfig(mode="static", node_forms="int8", **options), data)
+        result = quantize(model, QuantizeConfig(mode="static", node_forms="int8", **options), data, eval_data=held)
         sqnr[label] = output_sqnr(model, result.model, feeds)
     # measured: 32.5 dB nearest, 42.6 with bias correction, 43.3 with GPTQ + bias correction
     assert sqnr["bias"] >= sqnr["nearest"] + 6.0
@@ -399,6 +401,79 @@ def test_gptq_round_is_nearest_rounding_for_uncorrelated_inputs_and_better_for_c
     assert err["gptq"] < 0.5 * err["nearest"]
 
 
+def test_gptq_round_keeps_nearest_codes_for_inputs_never_seen_in_calibration():
+    from dlopt.optimize.rounding import gptq_round
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((2, 5, 12))
+    scale = np.abs(w).max(axis=2) / 127 * 8  # coarse: rounding choices matter
+    x = rng.standard_normal((512, 12)) + 1.0
+    x[:, [3, 7]] = 0.0  # inputs 3 and 7 never fire on the calibration rows (a dead ReLU channel there)
+    hessian = np.stack([x.T @ x] * 2)
+    codes = gptq_round(w, hessian, scale, -16, 16)
+    nearest = np.clip(np.round(w / scale[..., None]), -16, 16)
+    # they may fire on other inputs: their weights keep their nearest codes, not 0
+    assert np.array_equal(codes[:, :, [3, 7]], nearest[:, :, [3, 7]]) and np.any(nearest[:, :, [3, 7]] != 0)
+    live = [i for i in range(12) if i not in (3, 7)]  # the others are rounded as without the dead inputs
+    alone = gptq_round(w[:, :, live], hessian[:, live][:, :, live], scale, -16, 16)
+    assert np.array_equal(codes[:, :, live], alone)
+
+
+@pytest.fixture(scope="module")
+def efficientnet_fp32(tmp_path_factory):
+    pytest.importorskip("torch")
+    from dlopt.api import export_model
+
+    path = tmp_path_factory.mktemp("efficientnet") / "efficientnet_lite0.onnx"
+    export_model("efficientnet-lite0", path)
+    return onnx.load(str(path))
+
+
+def test_efficientnet_static_int8_holds_on_photos_held_out_from_calibration(efficientnet_fp32):
+    """Calibrated on crops of 12 of the photos that ship with efficientnet-lite0, judged on the other 6 (every
+    view): deep 1x1 projections have inputs that never fire on the calibration crops but do on other photos."""
+    from dlopt.models import efficientnet_lite0 as eff
+    from dlopt.optimize.normalize import NormalizeConfig, normalize
+    from dlopt.optimize.preprocess import PreprocessConfig, preprocess
+    from dlopt.optimize.quantize.int8 import quantize_int8
+    from dlopt.optimize.quantize.schemes import Int8Static
+
+    labels, views = eff.evaluation_images()  # every photo in every view; photo i is views[i % photos]
+    photos = list(dict.fromkeys(label.split("@")[0] for label in labels))
+    held = {name for i, name in enumerate(photos) if i % 3 == 2}  # every third photo, as benchmarks/ splits
+    # calibration_data's crop i comes from photo i % photos: the crops of the other 12 photos only
+    crops = [feed["image"][0] for i, feed in enumerate(eff.calibration_data(40)) if photos[i % len(photos)] not in held]
+    crops = crops[:16]
+    data = CalibrationData.from_arrays({"image": np.stack(crops)}, source="crops")
+    data.bind(efficientnet_fp32)
+    images = views[[label.split("@")[0] in held for label in labels]]
+    assert len(images) == 36
+    prepared = preprocess(normalize(efficientnet_fp32, NormalizeConfig(), data).model,
+                          PreprocessConfig(transformer_fusion="off"), data).model
+    config = Int8Static(node_forms="int8")
+    # the recipe of a CPU with VNNI (full-range u8/s8) on any host, and the QDQ graph's own arithmetic below
+    # (no fused int8 kernels): an AVX2-only host would pick 7-bit weights and its kernels saturate
+    recipe = choose_recipe(prepared, config, VNNI, has_data=True)
+    assert recipe.weight_rounding == "gptq" and recipe.bias_correction and recipe.activation_type == "u8"
+    assert not recipe.reduce_range
+    quantized, details = quantize_int8(prepared, config, recipe, data)
+    assert details["weight_refinement"]["weights_rounded"] == 50  # 49 Conv + the Gemm head
+    ops = {n.op_type for n in quantized.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"} <= ops
+    assert sum(n.op_type == "DequantizeLinear" for n in quantized.graph.node) >= 150
+
+    def logits(model):
+        session = cpu_session(model.SerializeToString(), graph_opt_level="disable")
+        return np.concatenate([session.run(None, {"image": x[None]})[0] for x in images])
+
+    ref, got = logits(efficientnet_fp32), logits(quantized)
+    noise = float(np.sum((got - ref) ** 2))
+    sqnr = sqnr_from_energy(float(np.sum(ref ** 2)), noise)
+    # measured (16 crops, QDQ arithmetic): 21.5 dB; 15.3 dB when GPTQ rounded never-seen inputs' weights to 0
+    assert sqnr >= 19.0, sqnr
+    assert np.mean(got.argmax(1) == ref.argmax(1)) >= 0.8
+
+
 def pair_model(seed: int = 0) -> onnx.ModelProto:
     """image[batch, 16, 8, 8] -> ReLU6 -> Conv 1x1 8 whose weight rows have large same-sign neighbours
     (channels 2j, 2j+1): with 8-bit codes and inputs at the top of their range, the pair sums of AVX2's
@@ -417,7 +492,7 @@ def pair_model(seed: int = 0) -> onnx.ModelProto:
 
 
 def test_no_vnni_recipe_runs_in_integer_kernels_exactly_as_its_qdq_graph_says(monkeypatch):
-    import dlopt.optimize.quantize.recipe as q
+    import dlopt.optimize.quantize.int8_recipe as q
 
     monkeypatch.setattr(q, "host_cpu", lambda: NO_VNNI)  # the reduce_range recipe, on any machine
     model = pair_model()

@@ -31,7 +31,8 @@ IMAGE = ImagePreprocess(size=(2, 3), layout="nchw", scale=0.5, mean=(0.1, 0.2, 0
 SCHEME_COMMON = dict(exclude_nodes=("a", "b"), exclude_ops=("Gemm",), target="arm64", input_shapes=("x=1x16",),
                      image=IMAGE, calibration_samples=7, fidelity_samples=5, min_sqnr_db=12.5, holdout=0.3,
                      metric="detection", metric_floor=0.8, speed_check=False, layernorm_form="fused",
-                     trim_padding="off")
+                     trim_padding="off", score_threshold=0.4, verdict_confidence=0.9,
+                     strict_verdict=True)
 INT8_COMMON = dict(SCHEME_COMMON, per_channel=False, preprocess=False, max_accuracy_drop=0.01, evaluator="top1",
                    recover=False, leave_one_out_limit=9, smoothing=0.5, smoothing_samples=3,
                    fuse_activations=False)
@@ -53,7 +54,8 @@ NON_DEFAULT = {
                      recover=False, leave_one_out_limit=10, smoothing=0.75, smoothing_samples=4,
                      weight_rounding="nearest", bias_correction=False, rounding_samples=5, speed_check=False,
                      layernorm_form="unfused", node_forms="int8", trim_padding="on",
-                     fuse_activations=False),
+                     fuse_activations=False, score_threshold=0.5, verdict_confidence=0.9,
+                     strict_verdict=True),
     "int8-dynamic": INT8_COMMON,
     "int8-weight-only": INT8_COMMON,
     "int8-static": dict(INT8_COMMON, method="percentile", percentile=99.9, weight_rounding="gptq",
@@ -71,9 +73,15 @@ NON_DEFAULT = {
                     pte_fp32_min_sqnr_db=50.0, pte_int8_min_sqnr_db=12.0, calibration="model:fashion-cnn",
                     pte_calibration_samples=4, pte_weight_rounding="nearest", pte_bias_correction=False,
                     name="m", overwrite=True),
+    "export-lm": dict(decode_steps=4, atol=1e-4, rtol=1e-4),
+    "int4-lm": dict(block_size=64, algorithm="rtn", accuracy_level=0, max_size_mb=50.0, fallback_block_size=32,
+                    quantize_embeddings=False, float_offsets=False, window=128, calibration_windows=8,
+                    sensitivity_windows=1, holdout_windows=1, offset_stages=2, head_block_size=32),
+    "package-lm": dict(target="mobile", name="m", prompts=("hello",), new_tokens=5, measure_s=0.0, threads=2),
 }
 # Fields left at their default on purpose: a non-default value there is invalid with the others above.
-DEFAULT_ON_PURPOSE = {("package", "intended_ep"), ("package", "torch_source")}  # both need target mobile
+DEFAULT_ON_PURPOSE = {("package", "intended_ep"), ("package", "torch_source"),  # both need target mobile
+                      ("export-lm", "precision"), ("int4-lm", "fallback_bits")}  # fp32 and 8 are the only values
 
 
 def test_every_registered_stage_has_a_non_default_example():
@@ -89,7 +97,7 @@ def test_config_round_trips_through_json_with_every_field_set(kind):
         if (kind, f.name) not in DEFAULT_ON_PURPOSE:
             assert getattr(config, f.name) != getattr(default, f.name), f"{kind}.{f.name} is its default"
     data = json.loads(json.dumps(config_to_dict(config)))
-    assert data["type"] == cls.__name__ and data["version"] == 1
+    assert data["type"] == cls.__name__ and data["version"] == getattr(cls, "VERSION", 1)
     back = config_from_dict(data, cls)
     assert back == config and type(back) is cls
     assert config_from_dict(data) == config  # found by its type name among the registered stages

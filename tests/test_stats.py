@@ -99,3 +99,16 @@ def test_ratio_rejects_unpaired_lengths_and_bad_parameters():
     with pytest.raises(ValueError, match="confidence"):
         ratio_ci([1.0], [1.0], confidence=1.5)
     assert ratio_ci([1.0, 2.0], [1.0, 2.0, 3.0], method="median-ratio", paired=False).estimate == pytest.approx(2.0 / 1.5)
+
+
+def test_resampled_sums_draw_whole_samples_with_replacement():
+    from dlopt.stats import resampled_sums
+
+    rows = np.array([[1.0, 5.0], [0.0, 5.0], [2.0, 5.0]])  # per sample: (matched, boxes)
+    sums = resampled_sums(rows, n_boot=500, seed=3)
+    assert sums.shape == (500, 2)
+    assert np.all(sums[:, 1] == 15.0)  # every resample has 3 samples of 5 boxes
+    assert set(np.unique(sums[:, 0])) <= {0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0} and sums[:, 0].mean() == pytest.approx(3, abs=0.15)
+    assert np.array_equal(sums, resampled_sums(rows, n_boot=500, seed=3))  # seeded: a report can be recomputed
+    with pytest.raises(ValueError):
+        resampled_sums(np.zeros((0, 2)))

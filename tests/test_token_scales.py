@@ -58,8 +58,9 @@ def test_the_projection_after_gelu_gets_per_token_scales_and_is_closer_to_float(
     rewritten, report = per_token_scales(quantized)
     assert len(report["matmuls"]) == 1  # y's MatMul only: z's reads x, not a GELU's output
     ops = [n.op_type for n in rewritten.graph.node]
-    assert ops.count("MatMulInteger") == 2 and ops.count("DynamicQuantizeLinear") == 1
-    assert ops.count("QuantizeLinear") == 1 and "ReduceMax" in ops
+    assert ops.count("MatMulInteger") == 1 and ops.count("DynamicQuantizeLinear") == 1  # z's, untouched
+    assert ops.count("MatMulIntegerToFloat") == 1 and ops.count("QuantizeLinear") == 1 and "ReduceMax" in ops
+    assert "Abs" not in ops and ops.count("Cast") == 1  # GELU's floor bounds |min|; the kernel scales per channel
     x = _inputs()
     ref = cpu_session(model).run(None, {"x": x})[0]
     before = cpu_session(plain).run(None, {"x": x})[0]
@@ -96,8 +97,12 @@ def test_minilm_dynamic_int8_packed_keeps_cosine_0_993_on_held_out_sentences():
     report = result.report
     assert report["recipe"]["token_scales"] and len(report["token_scales"]["matmuls"]) == 6
     assert report["trim_padding"]["applied"] and report["trim_padding"]["form"] == "pack", report["trim_padding"]
-    ops = {n.op_type for n in result.model.graph.node}
-    assert {"MultiHeadAttention", "NonZero", "ScatterND"} <= ops and "QAttention" not in ops
+    # the If after the trim prefix: batches with padding left run packed (else), unpadded ones sliced (then)
+    (switch,) = [n for n in result.model.graph.node if n.op_type == "If"]
+    branches = {a.name: {n.op_type for n in a.g.node} for a in switch.attribute}
+    packed, sliced = branches["else_branch"], branches["then_branch"]
+    assert {"MultiHeadAttention", "NonZero", "ScatterND"} <= packed and "QAttention" not in packed
+    assert "QAttention" in sliced and "NonZero" not in sliced
     held_out = {k: v[64:128] for k, v in load_data("model:minilm", samples=128, seq_len=128).items()}
     ref_session, session = cpu_session(fp32), cpu_session(result.model)
     cos = []
@@ -108,3 +113,58 @@ def test_minilm_dynamic_int8_packed_keeps_cosine_0_993_on_held_out_sentences():
         cos.append(cosine_per_sample(got, ref))
     cos = np.concatenate(cos)
     assert cos.mean() >= 0.993 and cos.min() >= 0.98, (cos.mean(), cos.min())
+    single = np.concatenate([  # batches of one: no padding once sliced, the sliced branch
+        cosine_per_sample(session.run(None, f)[0], ref_session.run(None, f)[0])
+        for f in ({k: v[i:i + 1] for k, v in held_out.items()} for i in range(16))
+    ])
+    assert single.mean() >= 0.993 and single.min() >= 0.98, (single.mean(), single.min())
+
+
+def _per_token_reference(a: np.ndarray, weight_int8: np.ndarray, weight_scale: np.ndarray, floor: float) -> np.ndarray:
+    """What the rewrite computes, in numpy: each row quantized symmetrically around 128 with the step
+    max(max |a|, floor) / 127 (times its float32 reciprocal), the integer products scaled per weight channel
+    and per row."""
+    amax = np.maximum(np.abs(a).max(axis=-1, keepdims=True), floor).astype(np.float32)
+    scale = (amax * np.float32(1 / 127)).astype(np.float32)
+    q = np.clip(np.rint(a.astype(np.float32) * (np.float32(1) / scale)), -127, 127)
+    return (q @ weight_int8.astype(np.float64)) * weight_scale * scale
+
+
+def test_per_token_form_matches_its_arithmetic_and_gelu_floor_never_clips(tmp_path):
+    """The rewritten projection equals per-row symmetric quantization computed in numpy, with max |a| from
+    max a and GELU's floor: including rows whose values are all small (there the floor sets the step)."""
+    from dlopt.optimize.quantize.token_scales import GELU_FLOOR
+
+    model = _ffn()
+    rewritten, _ = per_token_scales(_dynamic(model, tmp_path))
+    weights = {t.name: numpy_helper.to_array(t) for t in rewritten.graph.initializer}
+    matmul = next(n for n in rewritten.graph.node if n.op_type == "MatMulIntegerToFloat")
+    weight_int8, weight_scale = weights[matmul.input[1]], weights[matmul.input[3]]
+    x = _inputs()
+    x[:, 3] *= 0.01  # rows of GELU outputs within (-0.17, 0.171): their max is under the floor
+    gelu = cpu_session(_gelu_only()).run(None, {"x": x})[0]
+    assert np.abs(gelu[:, 3]).max() < GELU_FLOOR and gelu.min() >= -GELU_FLOOR
+    expected = _per_token_reference(gelu, weight_int8, weight_scale, GELU_FLOOR)
+    got = cpu_session(rewritten).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def _gelu_only():
+    graph = helper.make_graph([helper.make_node("Gelu", ["x"], ["a"], domain="com.microsoft")], "gelu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", HIDDEN])],
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["b", "t", HIDDEN])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                             ir_version=8)
+
+
+def test_other_sources_take_max_abs(tmp_path):
+    """A projection after an op with no known floor (given in `after`) takes its rows' max |x| (Abs)."""
+    model = _ffn()
+    model.graph.node[0].op_type, model.graph.node[0].domain = "Tanh", ""
+    rewritten, report = per_token_scales(_dynamic(model, tmp_path), after=("Tanh",))
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert len(report["matmuls"]) == 1 and "Abs" in ops and "MatMulIntegerToFloat" in ops
+    x = _inputs()
+    ref = cpu_session(model).run(None, {"x": x})[0]
+    got = cpu_session(rewritten).run(None, {"x": x})[0]
+    assert _sqnr(ref, got) > 30

@@ -348,15 +348,28 @@ def test_quantize_cli_with_a_position_table_too_short_for_the_check(tmp_path):
 
 
 # -- packing: only the real tokens of all rows, as one sequence -------------------------------------------
+def _switch_ops(model) -> tuple[list[str], list[str], list[str]]:
+    """Op types of a packed model: outside its If, in the branch for batches with no padding once sliced
+    (then: sliced) and in the packed branch (else)."""
+    switch = [n for n in model.graph.node if n.op_type == "If"]
+    assert len(switch) == 1, [n.op_type for n in model.graph.node]
+    branches = {a.name: a.g for a in switch[0].attribute}
+    return ([n.op_type for n in model.graph.node], [n.op_type for n in branches["then_branch"].node],
+            [n.op_type for n in branches["else_branch"].node])
+
+
 @pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "per-token"])
 def test_fused_attention_is_packed_and_equals_untrimmed(pooled):
     model = _encoder(pooled=pooled, fused_attention=True)
     result = trim_padding(model, TrimPadding(), _samples())
     assert result.report["applied"] and result.report["form"] == "pack", result.report
     assert result.report["packing"]["attention_nodes"] == 1
-    ops = [n.op_type for n in result.model.graph.node]
+    assert result.report["packing"]["unpadded_batches"] == "sliced"
+    outer, sliced_ops, ops = _switch_ops(result.model)
     assert "Attention" not in ops and ops.count("MultiHeadAttention") == 1 and "NonZero" in ops
     assert ops.count("ScatterND") == 1  # one tensor leaves the packed layers: the pooled states or the output
+    assert sliced_ops.count("Attention") == 1 and "NonZero" not in sliced_ops
+    assert outer.count("Slice") == 2 and "Attention" not in outer  # the trim prefix, shared by both branches
     _assert_equivalent(model, result.model, per_token=not pooled)
     sliced = trim_padding(model, TrimPadding(form="slice"), _samples())
     assert sliced.report["form"] == "slice" and "NonZero" not in {n.op_type for n in sliced.model.graph.node}
@@ -378,6 +391,33 @@ def test_packed_per_token_layers_run_on_two_dimensional_rows():
     probe.graph.output.append(helper.make_empty_tensor_value_info("h"))  # the Tanh's output, packed
     h = _run(probe, feeds)[1]
     assert h.shape == (real, HIDDEN)  # [T, H]: only the real tokens were computed
+
+
+def test_packed_model_runs_unpadded_batches_sliced_and_padded_ones_packed():
+    """The If after the trim prefix: a batch with no padding once sliced (one sentence; rows of equal
+    length) gives exactly the sliced model's outputs, a batch with padding left exactly the packed one's."""
+    from dlopt.optimize.trim_padding import pack_tokens_graph, sliced_name, switch_graph
+
+    model = _encoder(pooled=False, fused_attention=True)
+    sliced, p = trim_padding_graph(model)
+    packed, _ = pack_tokens_graph(sliced, sliced_name(p.mask))
+    switch = switch_graph(sliced, packed, p)
+    onnx.checker.check_model(switch)
+    assert {t.name for t in switch.graph.initializer} == {t.name for t in packed.graph.initializer}
+    padded = _padded_batch()
+    rows = padded["attention_mask"].sum(axis=1)
+    assert rows.min() < rows.max()  # padding is left once sliced to the longest
+    one = {k: v[:1] for k, v in padded.items()}
+    equal = {k: np.repeat(v[:1], 3, axis=0) for k, v in one.items()}
+    for feeds, same_as in ((one, sliced), (equal, sliced), (padded, packed)):
+        (got,), (expected,) = _run(switch, feeds), _run(same_as, feeds)
+        assert got.shape == feeds["input_ids"].shape + (HIDDEN,)
+        np.testing.assert_array_equal(got, expected)
+    _assert_equivalent(model, switch, per_token=True)
+    from dlopt.graphfacts import op_counts
+
+    counts = op_counts(switch)  # both branches counted: what the file holds
+    assert counts["If"] == 1 and counts["Attention"] == 1 and counts["MultiHeadAttention"] == 1, counts
 
 
 def test_packing_an_all_padding_batch_runs():
@@ -404,8 +444,9 @@ def test_dynamic_int8_qattention_is_packed_and_keeps_fidelity(tmp_path):
     assert "QAttention" in {n.op_type for n in quantized.graph.node}
     result = trim_padding(quantized, TrimPadding(), _samples(), reference=model)
     assert result.report["applied"] and result.report["form"] == "pack", result.report
-    ops = {n.op_type for n in result.model.graph.node}
-    assert "QAttention" not in ops and {"MatMulIntegerToFloat", "MultiHeadAttention"} <= ops
+    _, sliced_ops, packed_ops = _switch_ops(result.model)
+    assert "QAttention" not in packed_ops and {"MatMulIntegerToFloat", "MultiHeadAttention"} <= set(packed_ops)
+    assert "QAttention" in sliced_ops
     eq = result.report["equivalence"]
     assert eq["fidelity_trimmed"] is eq["fidelity_pack"]
     assert eq["fidelity_pack"]["embedding"]["mean_cosine"] >= eq["fidelity_untrimmed"]["embedding"]["mean_cosine"] - 0.001

@@ -154,7 +154,7 @@ def test_optimize_tries_trimmed_candidates_with_their_equivalence(trimmed_search
 
 
 def test_optimize_reports_the_gain_per_batch_size_and_sorting(trimmed_search):
-    from dlopt.search.report import front_text
+    from dlopt.search.html_report import front_text
 
     work, result = trimmed_search
     data = json.loads(result.stdout)
@@ -198,7 +198,7 @@ def test_trim_check_says_why_not_for_an_output_that_depends_on_padding(tmp_path)
 
 def test_trim_lines_say_the_form_the_stage_reported():
     """The optimize report's padding-removal text follows the trim-padding stage's `form`: pack or slice."""
-    from dlopt.search.report import trim_lines
+    from dlopt.search.html_report import trim_lines
 
     check = {"applied": True, "reason": None, "equivalence_cosine": 0.99999, "feeds": 3, "input_shapes": [],
              "form": "pack", "pack_reason": None}

@@ -60,7 +60,7 @@ from dlopt.optimize.int4.blocks import (
 )
 from dlopt.optimize.int4.config import ALGORITHMS, Int4WeightOnly
 from dlopt.optimize.int4.gptq import collect_hessians, gptq_blocks
-from dlopt.optimize.int4.graph import _gemm_to_matmul, _name_nodes
+from dlopt.optimize.int4.graph import gemm_to_matmul, name_nodes
 from dlopt.optimize.int4.pipeline import quantize_int4
 from dlopt.optimize.int4.sensitivity import rank_sensitivity
 from dlopt.optimize.rounding import gptq_factor
@@ -69,13 +69,13 @@ __all__ = [
     "ALGORITHMS",
     "CLIP_RATIOS",
     "Int4WeightOnly",
-    "_gemm_to_matmul",
-    "_name_nodes",
     "block_grid",
     "collect_hessians",
     "dequantize_blocks",
+    "gemm_to_matmul",
     "gptq_blocks",
     "gptq_factor",
+    "name_nodes",
     "quantize_blocks",
     "quantize_blocks_mse",
     "quantize_int4",

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from dlopt.optimize.int4.config import _MS_DOMAIN
-from dlopt.optimize.int4.graph import _initializers
+from dlopt.optimize.int4.config import MS_DOMAIN
+from dlopt.optimize.int4.graph import initializers_by_name
 
 
 # -- block quantization in numpy (embeddings, and the error model used to rank nodes) -----------------
-def block_grid(blocks: np.ndarray, symmetric: bool, ratio: float = 1.0, bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def block_grid(
+    blocks: np.ndarray, symmetric: bool, ratio: float = 1.0, bits: int = 4, positive_scale: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point (float arrays, shape blocks.shape[:-1]) of each block along the last axis.
 
     Symmetric: the zero point is fixed at 2^(bits-1) (what the contrib ops assume without one) and the
@@ -18,10 +20,16 @@ def block_grid(blocks: np.ndarray, symmetric: bool, ratio: float = 1.0, bits: in
     exactly on the code that has no positive twin (-8); the other sign gets 7 steps. An unsigned
     amax/8 would clip a positive extreme to 7/8 of itself (ORT's MLAS quantizer uses the signed
     scale too). Asymmetric: min/max including zero, an integer zero point. `ratio` < 1 shrinks the
-    range (the clip search of quantize_blocks_mse and of GPTQ)."""
+    range (the clip search of quantize_blocks_mse and of GPTQ). `positive_scale` (symmetric only): the scale
+    kept >= 0, max(-min/8, max/7), so a positive extreme lands on 7 and a negative one on -8 (XNNPACK's
+    4-bit kernels refuse a negative scale at load: xnn_status_invalid_parameter)."""
     top = (1 << bits) - 1
     if symmetric:
         mid = 1 << (bits - 1)
+        if positive_scale:
+            low = -np.minimum(blocks.min(axis=-1), 0.0) / mid
+            high = np.maximum(blocks.max(axis=-1), 0.0) / (mid - 1)
+            return np.maximum(low, high) * ratio, np.full(low.shape, float(mid))
         idx = np.abs(blocks).argmax(axis=-1)[..., None]
         extreme = np.take_along_axis(blocks, idx, axis=-1)[..., 0]
         return extreme * (ratio / -mid), np.full(extreme.shape, float(mid))
@@ -38,7 +46,7 @@ def _round_to_grid(blocks: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: 
 
 
 def quantize_blocks(
-    w: np.ndarray, block_size: int, symmetric: bool, bits: int = 4
+    w: np.ndarray, block_size: int, symmetric: bool, bits: int = 4, positive_scale: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Round-to-nearest block quantization of w [rows, cols] along its last axis.
 
@@ -46,7 +54,7 @@ def quantize_blocks(
     [rows, cols/block]); w ≈ (q - zp) · scale (see block_grid for the grid)."""
     rows, cols = w.shape
     blocks = w.reshape(rows, cols // block_size, block_size).astype(np.float32)
-    scale, zp = block_grid(blocks, symmetric, bits=bits)
+    scale, zp = block_grid(blocks, symmetric, bits=bits, positive_scale=positive_scale)
     q = _round_to_grid(blocks, scale, zp, bits).astype(np.uint8)
     return q.reshape(rows, cols), scale.astype(np.float32), zp.astype(np.uint8)
 
@@ -61,13 +69,17 @@ CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65)
 
 
 def search_grid(
-    blocks: np.ndarray, symmetric: bool, ratios=CLIP_RATIOS, weights: np.ndarray | None = None
+    blocks: np.ndarray,
+    symmetric: bool,
+    ratios=CLIP_RATIOS,
+    weights: np.ndarray | None = None,
+    positive_scale: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """block_grid with, per block, the ratio of `ratios` that gives the smallest squared error of the
     rounded block (each position weighted by `weights`, broadcast against blocks, when given)."""
     best: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (error, scale, zero point) per block
     for ratio in ratios:
-        scale, zp = block_grid(blocks, symmetric, ratio)
+        scale, zp = block_grid(blocks, symmetric, ratio, positive_scale=positive_scale)
         diff = (_round_to_grid(blocks, scale, zp) - zp[..., None]) * scale[..., None] - blocks
         err = (np.square(diff) if weights is None else np.square(diff) * weights).sum(axis=-1)
         if best is None:
@@ -143,30 +155,30 @@ def quantize_blocks_float(w: np.ndarray, block_size: int) -> tuple[np.ndarray, n
     return q.reshape(rows, cols), scale.astype(np.float32), zp.astype(np.float32)
 
 
-def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
     """Two 4-bit values per byte along the last axis, low nibble first (odd lengths padded)."""
     if q.shape[-1] % 2:
         q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), q.dtype)], axis=-1)
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
 
-def _quantize_embedding(model, node, block_size: int, symmetric: bool, clip_search: bool) -> None:
+def quantize_embedding(model, node, block_size: int, symmetric: bool, clip_search: bool) -> None:
     """Replace Gather(table, ids) by GatherBlockQuantized on uint8-packed 4-bit data (see module doc)."""
     import onnx
     from onnx import numpy_helper
 
-    inits = _initializers(model)
+    inits = initializers_by_name(model)
     table = inits[node.input[0]]
     w = numpy_helper.to_array(table)
     q, scale, zp = (quantize_blocks_mse if clip_search else quantize_blocks)(w, block_size, symmetric)
     prefix = f"{table.name}__q4_{node.name}"
     new_inits = [
-        numpy_helper.from_array(_pack_nibbles(q), f"{prefix}_data"),
+        numpy_helper.from_array(pack_nibbles(q), f"{prefix}_data"),
         numpy_helper.from_array(scale, f"{prefix}_scales"),
     ]
     inputs = [new_inits[0].name, node.input[1], new_inits[1].name]
     if not symmetric:
-        new_inits.append(numpy_helper.from_array(_pack_nibbles(zp), f"{prefix}_zero_points"))
+        new_inits.append(numpy_helper.from_array(pack_nibbles(zp), f"{prefix}_zero_points"))
         inputs.append(new_inits[2].name)
     model.graph.initializer.extend(new_inits)
     replacement = onnx.helper.make_node(
@@ -174,7 +186,7 @@ def _quantize_embedding(model, node, block_size: int, symmetric: bool, clip_sear
         inputs,
         list(node.output),
         name=node.name,
-        domain=_MS_DOMAIN,
+        domain=MS_DOMAIN,
         bits=4,
         block_size=block_size,
         gather_axis=0,

@@ -11,9 +11,9 @@ from dlopt.optimize.quantize_scheme import QuantizeScheme
 ALGORITHMS = ("auto", "rtn", "mse", "hqq", "gptq")
 Algorithm = Literal["auto", "rtn", "mse", "hqq", "gptq"]
 _OP_TYPES = ("MatMul", "Gemm", "Gather")
-_MS_DOMAIN = "com.microsoft"
+MS_DOMAIN = "com.microsoft"
 # tables smaller than this stay float: quantizing a position or token-type table saves nothing
-_MIN_EMBEDDING_ELEMENTS = 1 << 16
+MIN_EMBEDDING_ELEMENTS = 1 << 16
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,16 +9,16 @@ import numpy as np
 
 from dlopt.optimize.int4.blocks import (
     CLIP_RATIOS,
-    _pack_nibbles,
     block_grid,
+    pack_nibbles,
     quantize_blocks,
     quantize_blocks_float,
     search_float_grid,
     search_grid,
 )
-from dlopt.optimize.int4.config import _MS_DOMAIN, Int4WeightOnly
-from dlopt.optimize.int4.graph import _initializers
-from dlopt.optimize.int4.sensitivity import _session, _with_outputs
+from dlopt.optimize.int4.config import MS_DOMAIN, Int4WeightOnly
+from dlopt.optimize.int4.graph import initializers_by_name
+from dlopt.optimize.int4.sensitivity import stage_session
 from dlopt.optimize.rounding import gptq_factor
 from dlopt.sessions import feeds_for
 
@@ -36,7 +36,7 @@ def _progress(items: list[Any], description: str, total: int, counts) -> Iterato
                 advance()
 
 
-def _matmul_nbits_own(model, include: set[str], config: Int4WeightOnly, quantize) -> Any:
+def write_matmul_nbits(model, include: set[str], config: Int4WeightOnly, quantize) -> Any:
     """4-bit MatMulNBits written by dlopt (algorithms 'mse' and 'gptq').
 
     `quantize(node, wt)` gets the weight transposed and zero-padded to whole blocks along K, [N, K'],
@@ -47,7 +47,7 @@ def _matmul_nbits_own(model, include: set[str], config: Int4WeightOnly, quantize
     import onnx
     from onnx import numpy_helper
 
-    inits = _initializers(model)
+    inits = initializers_by_name(model)
     block = config.block_size
     nodes = []
     for node in _progress(
@@ -64,11 +64,11 @@ def _matmul_nbits_own(model, include: set[str], config: Int4WeightOnly, quantize
         kb = wt.shape[1] // block
         prefix = f"{node.input[1]}__q4_{node.name}"
         new = [
-            numpy_helper.from_array(_pack_nibbles(q.reshape(n, kb, block)), f"{prefix}_B"),
+            numpy_helper.from_array(pack_nibbles(q.reshape(n, kb, block)), f"{prefix}_B"),
             numpy_helper.from_array(scale.astype(np.float32).reshape(-1), f"{prefix}_scales"),
         ]
         if not config.symmetric:
-            new.append(numpy_helper.from_array(_pack_nibbles(zp).reshape(-1), f"{prefix}_zero_points"))
+            new.append(numpy_helper.from_array(pack_nibbles(zp).reshape(-1), f"{prefix}_zero_points"))
         model.graph.initializer.extend(new)
         attrs = {"K": k, "N": n, "bits": 4, "block_size": block}
         if config.accuracy_level:
@@ -79,7 +79,7 @@ def _matmul_nbits_own(model, include: set[str], config: Int4WeightOnly, quantize
                 [node.input[0]] + [t.name for t in new],
                 list(node.output),
                 name=f"{node.name}_Q4",
-                domain=_MS_DOMAIN,
+                domain=MS_DOMAIN,
                 **attrs,
             )
         )
@@ -99,6 +99,7 @@ def gptq_blocks(
     clip_search: bool = False,
     factor: tuple[np.ndarray, np.ndarray | None] | None = None,
     float_zero_points: bool = False,
+    positive_scale: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ (Frantar et al. 2022) for w [K, N] given H = 2·XᵀX/n [K, K], K a multiple of block_size.
 
@@ -118,6 +119,7 @@ def gptq_blocks(
     gptq_factor(hessian, percdamp, act_order), passed in when several weights share one input (q/k/v).
     `float_zero_points`: asymmetric grids whose zero point is any real number (blocks.float_grid: the
     block's min and max on the end codes, 0 need not be on the grid); zero points are then float32.
+    `positive_scale`: symmetric grids whose scale is >= 0 (blocks.block_grid), as XNNPACK's 4-bit kernels take.
     Returns (codes uint8 [N, K], scales [N, K/block], zero points uint8 [N, K/block])."""
     k, n = w.shape
     lazy = max(block_size, lazy - lazy % block_size)
@@ -125,10 +127,13 @@ def gptq_blocks(
     if hinv is None:  # not positive definite even after damping: plain rounding
         if float_zero_points:
             return quantize_blocks_float(np.ascontiguousarray(w.T), block_size)
-        return quantize_blocks(np.ascontiguousarray(w.T), block_size, symmetric)
+        return quantize_blocks(np.ascontiguousarray(w.T), block_size, symmetric, positive_scale=positive_scale)
     weights = w.astype(np.float32).copy()
     energy = np.diag(hessian).astype(np.float64)
-    weights[energy == 0, :] = 0.0  # dead inputs: nothing to reproduce
+    # Inputs that were always zero in calibration keep their weights (gptq_factor gives them a unit diagonal
+    # and no coupling, so they are rounded to nearest and nothing is compensated through them): an input dead
+    # on the calibration samples can fire on others. Zeroing them cost EfficientNet-Lite0's INT8 6 dB on
+    # held-out photos (optimize/rounding.py's gptq_round, the same rule).
     nb = k // block_size
     scales = np.zeros((nb, n), np.float32)
     zeros = np.zeros((nb, n), np.float32)
@@ -144,9 +149,11 @@ def gptq_blocks(
             )
         elif clip_search:
             e = energy[g * block_size : (g + 1) * block_size]
-            scales[g], zeros[g] = search_grid(blocks, symmetric, weights=e / max(e.mean(), 1e-30))
+            scales[g], zeros[g] = search_grid(
+                blocks, symmetric, weights=e / max(e.mean(), 1e-30), positive_scale=positive_scale
+            )
         else:
-            scales[g], zeros[g] = block_grid(blocks, symmetric)
+            scales[g], zeros[g] = block_grid(blocks, symmetric, positive_scale=positive_scale)
 
     if act_order:
         for g in range(nb):
@@ -176,8 +183,10 @@ def gptq_blocks(
 def collect_hessians(model, nodes: list[Any], feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """H = 2·XᵀX / rows for each distinct MatMul input X, accumulated one sample at a time (one run of
     the model per sample for all layers; ORT's GPTQ driver runs it once per input per sample)."""
+    from dlopt.optimize.preprocess import with_outputs
+
     inputs = sorted({n.input[0] for n in nodes})
-    session = _session(_with_outputs(model, inputs))
+    session = stage_session(with_outputs(model, inputs))
     names = [o.name for o in session.get_outputs()]
     sums: dict[str, np.ndarray] = {}
     rows: dict[str, int] = {}

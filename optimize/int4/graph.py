@@ -8,14 +8,15 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 import numpy as np
 
 from dlopt.errors import InputError
-from dlopt.optimize.int4.config import _MIN_EMBEDDING_ELEMENTS, _MS_DOMAIN
+from dlopt.optimize.int4.config import MIN_EMBEDDING_ELEMENTS, MS_DOMAIN
 
 if TYPE_CHECKING:
     from onnx import TensorProto
 
 
 # -- graph helpers -----------------------------------------------------------------------------------
-def _initializers(model) -> dict[str, Any]:
+def initializers_by_name(model) -> dict[str, Any]:
+    """The graph's initializers by name."""
     return {t.name: t for t in model.graph.initializer}
 
 
@@ -25,7 +26,8 @@ def _is_float_weight(tensor: Any, rank: int = 2) -> TypeGuard[TensorProto]:
     return tensor is not None and tensor.data_type == TensorProto.FLOAT and len(tensor.dims) == rank
 
 
-def _attr(node, name: str, default):
+def attribute_value(node, name: str, default):
+    """The value of `node`'s attribute `name`, or `default` when it has none."""
     import onnx
 
     for a in node.attribute:
@@ -34,7 +36,7 @@ def _attr(node, name: str, default):
     return default
 
 
-def _name_nodes(model) -> None:
+def name_nodes(model) -> None:
     """ORT's quantizer selects nodes by name: give unnamed nodes unique names."""
     seen = {n.name for n in model.graph.node if n.name}
     for i, node in enumerate(model.graph.node):
@@ -46,14 +48,14 @@ def _name_nodes(model) -> None:
             seen.add(name)
 
 
-def _gemm_to_matmul(model, skip: set[str]) -> list[str]:
+def gemm_to_matmul(model, skip: set[str]) -> list[str]:
     """Gemm(A, B, C) with a constant 2-D B and no transA -> MatMul(A, alpha·op(B)) (+ Add(beta·C)).
 
     Exact up to float rounding; returns the names of the rewritten nodes (the MatMul keeps the name)."""
     import onnx
     from onnx import numpy_helper
 
-    inits = _initializers(model)
+    inits = initializers_by_name(model)
     consumers: dict[str, int] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -61,13 +63,13 @@ def _gemm_to_matmul(model, skip: set[str]) -> list[str]:
     rewritten, nodes = [], []
     for node in model.graph.node:
         b = inits.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) > 1 else None
-        if node.name in skip or not _is_float_weight(b) or _attr(node, "transA", 0):
+        if node.name in skip or not _is_float_weight(b) or attribute_value(node, "transA", 0):
             nodes.append(node)
             continue
         w = numpy_helper.to_array(b)
-        if _attr(node, "transB", 0):
+        if attribute_value(node, "transB", 0):
             w = w.T
-        w = np.ascontiguousarray(w * np.float32(_attr(node, "alpha", 1.0)), dtype=np.float32)
+        w = np.ascontiguousarray(w * np.float32(attribute_value(node, "alpha", 1.0)), dtype=np.float32)
         w_name = f"{b.name}__matmul" if consumers.get(b.name, 0) > 1 else b.name
         if w_name == b.name:
             model.graph.initializer.remove(b)
@@ -77,7 +79,7 @@ def _gemm_to_matmul(model, skip: set[str]) -> list[str]:
         nodes.append(onnx.helper.make_node("MatMul", [node.input[0], w_name], [mm_out], name=node.name))
         if has_bias:
             bias = node.input[2]
-            beta = float(_attr(node, "beta", 1.0))
+            beta = float(attribute_value(node, "beta", 1.0))
             if beta != 1.0:
                 c = inits.get(bias)
                 if c is None:
@@ -96,7 +98,7 @@ def _gemm_to_matmul(model, skip: set[str]) -> list[str]:
     return rewritten
 
 
-def _fold_transposed_weights(model, skip: set[str]) -> list[tuple[str, str]]:
+def fold_transposed_weights(model, skip: set[str]) -> list[tuple[str, str]]:
     """MatMul(x, Transpose(W)) with W a 2-D float initializer -> MatMul(x, Wᵀ as an initializer).
 
     A tied LM head exports this way (the embedding table, transposed at run time): without the fold the
@@ -104,7 +106,7 @@ def _fold_transposed_weights(model, skip: set[str]) -> list[tuple[str, str]]:
     table) name pairs for the folded weights. The Transpose goes when nothing else reads it."""
     from onnx import numpy_helper
 
-    inits = _initializers(model)
+    inits = initializers_by_name(model)
     producers = {o: n for n in model.graph.node for o in n.output}
     consumers: dict[str, int] = {}
     for node in model.graph.node:
@@ -118,7 +120,7 @@ def _fold_transposed_weights(model, skip: set[str]) -> list[tuple[str, str]]:
         if (
             tr is None
             or tr.op_type != "Transpose"
-            or list(_attr(tr, "perm", [1, 0])) != [1, 0]
+            or list(attribute_value(tr, "perm", [1, 0])) != [1, 0]
             or not _is_float_weight(inits.get(tr.input[0]))
         ):
             continue
@@ -139,9 +141,9 @@ def _fold_transposed_weights(model, skip: set[str]) -> list[tuple[str, str]]:
     return folded
 
 
-def _weight_matmuls(model) -> list[Any]:
+def weight_matmuls(model) -> list[Any]:
     """MatMul nodes whose second input is a 2-D float initializer, in graph order."""
-    inits = _initializers(model)
+    inits = initializers_by_name(model)
     return [
         n
         for n in model.graph.node
@@ -149,10 +151,10 @@ def _weight_matmuls(model) -> list[Any]:
     ]
 
 
-def _embedding_gathers(model, block_size: int) -> tuple[list[Any], list[str]]:
+def embedding_gathers(model, block_size: int) -> tuple[list[Any], list[str]]:
     """Gathers on axis 0 of a large 2-D float table whose rows split into whole blocks; plus notes on
     large tables left alone and why."""
-    inits = _initializers(model)
+    inits = initializers_by_name(model)
     found, notes = [], []
     for node in model.graph.node:
         if node.op_type != "Gather":
@@ -161,10 +163,10 @@ def _embedding_gathers(model, block_size: int) -> tuple[list[Any], list[str]]:
         if not _is_float_weight(table):
             continue
         rows, cols = table.dims
-        if rows * cols < _MIN_EMBEDDING_ELEMENTS:
+        if rows * cols < MIN_EMBEDDING_ELEMENTS:
             continue
-        if _attr(node, "axis", 0) != 0:
-            notes.append(f"{node.name}: gathers on axis {_attr(node, 'axis', 0)}, left in float")
+        if attribute_value(node, "axis", 0) != 0:
+            notes.append(f"{node.name}: gathers on axis {attribute_value(node, 'axis', 0)}, left in float")
         elif cols % block_size:
             notes.append(f"{node.name}: rows of {cols} do not split into blocks of {block_size}, left in float")
         else:
@@ -172,7 +174,7 @@ def _embedding_gathers(model, block_size: int) -> tuple[list[Any], list[str]]:
     return found, notes
 
 
-def _share_tied_tables(model, pairs: list[tuple[str, str]], excluded: set[str]) -> list[str]:
+def share_tied_tables(model, pairs: list[tuple[str, str]], excluded: set[str]) -> list[str]:
     """Gather(table) whose transpose became a quantized MatMul weight (a tied LM head) ->
     GatherBlockQuantized reading that MatMulNBits' own codes, scales and zero points through Reshapes.
 
@@ -183,22 +185,22 @@ def _share_tied_tables(model, pairs: list[tuple[str, str]], excluded: set[str]) 
     from onnx import numpy_helper
 
     nbits = {n.name: n for n in model.graph.node if n.op_type == "MatMulNBits"}
-    inits = _initializers(model)
+    inits = initializers_by_name(model)
     shared = []
     for mm_name, table in pairs:
         mm = nbits.get(f"{mm_name}_Q4") or nbits.get(f"{mm_name}_Q8")
         if mm is None or table not in inits:
             continue
         rows, cols = inits[table].dims
-        block, bits = _attr(mm, "block_size", 32), _attr(mm, "bits", 4)
-        if _attr(mm, "N", 0) != rows or _attr(mm, "K", 0) != cols or cols % block:
+        block, bits = attribute_value(mm, "block_size", 32), attribute_value(mm, "bits", 4)
+        if attribute_value(mm, "N", 0) != rows or attribute_value(mm, "K", 0) != cols or cols % block:
             continue
         for i, node in enumerate(model.graph.node):
             if (
                 node.op_type != "Gather"
                 or node.input[0] != table
                 or node.name in excluded
-                or _attr(node, "axis", 0) != 0
+                or attribute_value(node, "axis", 0) != 0
             ):
                 continue
             prefix = f"{node.name}__tied"
@@ -220,7 +222,7 @@ def _share_tied_tables(model, pairs: list[tuple[str, str]], excluded: set[str]) 
                 [inputs[0], node.input[1], *inputs[1:]],
                 list(node.output),
                 name=node.name,
-                domain=_MS_DOMAIN,
+                domain=MS_DOMAIN,
                 bits=bits,
                 block_size=block,
                 gather_axis=0,
@@ -234,12 +236,14 @@ def _share_tied_tables(model, pairs: list[tuple[str, str]], excluded: set[str]) 
     return shared
 
 
-def _ensure_ms_opset(model) -> None:
-    if not any(o.domain == _MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(__import__("onnx").helper.make_opsetid(_MS_DOMAIN, 1))
+def ensure_ms_opset(model) -> None:
+    """Import the com.microsoft domain (the contrib ops written here) if the model does not yet."""
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(__import__("onnx").helper.make_opsetid(MS_DOMAIN, 1))
 
 
-def _drop_unused_initializers(model) -> None:
+def drop_unused_initializers(model) -> None:
+    """Remove the initializers no node reads any more (weights replaced by their quantized form)."""
     used = {name for node in model.graph.node for name in node.input}
     used |= {o.name for o in model.graph.output}
     keep = [t for t in model.graph.initializer if t.name in used]

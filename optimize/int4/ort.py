@@ -12,7 +12,7 @@ from dlopt.optimize.int4.config import Int4WeightOnly
 
 # -- ORT's quantizer ----------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _quiet_ort_quantizer() -> Iterator[None]:
+def quiet_ort_quantizer() -> Iterator[None]:
     """ORT's weight-only quantizer logs every node at INFO and prints a progress bar to stdout."""
     loggers = [
         logging.getLogger(n)
@@ -32,7 +32,7 @@ def _quiet_ort_quantizer() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _ort_nbits(model, *, bits: int, config: Int4WeightOnly, include: set[str], all_matmuls: set[str]):
+def ort_matmul_nbits(model, *, bits: int, config: Int4WeightOnly, include: set[str], all_matmuls: set[str]):
     """Quantize the MatMuls named in `include` with ORT's round-to-nearest (or HQQ) block quantizer."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,

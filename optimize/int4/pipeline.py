@@ -13,23 +13,23 @@ from dlopt.errors import InputError, StageError
 from dlopt.fidelity import compare_sessions
 from dlopt.fidelity import report as fidelity_report
 from dlopt.inputs import take_samples
-from dlopt.optimize.int4.blocks import _quantize_embedding, quantize_blocks_mse
+from dlopt.optimize.int4.blocks import quantize_blocks_mse, quantize_embedding
 from dlopt.optimize.int4.config import Int4WeightOnly
-from dlopt.optimize.int4.gptq import _matmul_nbits_own, collect_hessians, gptq_blocks
+from dlopt.optimize.int4.gptq import collect_hessians, gptq_blocks, write_matmul_nbits
 from dlopt.optimize.int4.graph import (
-    _attr,
-    _drop_unused_initializers,
-    _embedding_gathers,
-    _ensure_ms_opset,
-    _fold_transposed_weights,
-    _gemm_to_matmul,
-    _initializers,
-    _name_nodes,
-    _share_tied_tables,
-    _weight_matmuls,
+    attribute_value,
+    drop_unused_initializers,
+    embedding_gathers,
+    ensure_ms_opset,
+    fold_transposed_weights,
+    gemm_to_matmul,
+    initializers_by_name,
+    name_nodes,
+    share_tied_tables,
+    weight_matmuls,
 )
-from dlopt.optimize.int4.ort import _ort_nbits, _quiet_ort_quantizer
-from dlopt.optimize.int4.sensitivity import _session, rank_sensitivity
+from dlopt.optimize.int4.ort import ort_matmul_nbits, quiet_ort_quantizer
+from dlopt.optimize.int4.sensitivity import rank_sensitivity, stage_session
 from dlopt.optimize.quantize_scheme import check_excluded_nodes
 from dlopt.optimize.rounding import gptq_factor
 from dlopt.stage import StageResult, config_to_dict
@@ -51,9 +51,9 @@ def _quantized_counts(model) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
-            key = f"MatMulNBits({_attr(node, 'bits', 4)}-bit)"
+            key = f"MatMulNBits({attribute_value(node, 'bits', 4)}-bit)"
         elif node.op_type == "GatherBlockQuantized":
-            key = f"GatherBlockQuantized({_attr(node, 'bits', 4)}-bit)"
+            key = f"GatherBlockQuantized({attribute_value(node, 'bits', 4)}-bit)"
         else:
             continue
         counts[key] = counts.get(key, 0) + 1
@@ -117,23 +117,23 @@ def quantize_int4(
     original = model
     model = onnx.ModelProto()
     model.CopyFrom(original)
-    _name_nodes(model)
+    name_nodes(model)
 
     names = {n.name for n in model.graph.node}
     check_excluded_nodes(config.exclude_nodes, names)
     excluded = set(config.exclude_nodes)
     notes: list[str] = []
 
-    gemms = [] if "Gemm" in config.exclude_ops else _gemm_to_matmul(model, excluded)
-    transposed = [] if "MatMul" in config.exclude_ops else _fold_transposed_weights(model, excluded)
-    candidates = [] if "MatMul" in config.exclude_ops else [n for n in _weight_matmuls(model) if n.name not in excluded]
+    gemms = [] if "Gemm" in config.exclude_ops else gemm_to_matmul(model, excluded)
+    transposed = [] if "MatMul" in config.exclude_ops else fold_transposed_weights(model, excluded)
+    candidates = [] if "MatMul" in config.exclude_ops else [n for n in weight_matmuls(model) if n.name not in excluded]
     if not candidates:
         raise InputError(
             "int4: the model has no MatMul or Gemm with a constant 2-D float weight to quantize",
             "4-bit weight-only quantization applies to linear layers; use {precision=int8} or fp16",
         )
     feeds = take_samples(data, max(config.sensitivity_samples, config.gptq_samples))
-    inits = _initializers(model)
+    inits = initializers_by_name(model)
     params = {n.name: int(np.prod(inits[n.input[1]].dims)) for n in candidates}
 
     fallback: list[str] = []
@@ -165,7 +165,7 @@ def quantize_int4(
             notes.append("no calibration data: nodes were not ranked by sensitivity, all MatMuls are 4-bit")
     fallback = [n for n in order if n in reasons]
     four_bit = {n for n in order if n not in reasons}
-    all_matmuls = {n.name for n in _weight_matmuls(model)}
+    all_matmuls = {n.name for n in weight_matmuls(model)}
 
     if config.algorithm == "auto":
         config = dataclasses.replace(config, algorithm="gptq" if feeds else "rtn")
@@ -175,9 +175,9 @@ def quantize_int4(
         raise InputError(
             "int4 algorithm gptq needs calibration data", "pass {calibration=DATA}, or use algorithm rtn or hqq"
         )
-    with _quiet_ort_quantizer():
+    with quiet_ort_quantizer():
         if config.algorithm == "mse":
-            model = _matmul_nbits_own(
+            model = write_matmul_nbits(
                 model, four_bit, config, lambda node, wt: quantize_blocks_mse(wt, config.block_size, config.symmetric)
             )
         elif config.algorithm == "gptq":
@@ -204,16 +204,16 @@ def quantize_int4(
                     factor=factors[node.input[0]],
                 )
 
-            model = _matmul_nbits_own(model, four_bit, config, solve)
+            model = write_matmul_nbits(model, four_bit, config, solve)
         else:
-            model = _ort_nbits(model, bits=4, config=config, include=four_bit, all_matmuls=all_matmuls)
+            model = ort_matmul_nbits(model, bits=4, config=config, include=four_bit, all_matmuls=all_matmuls)
         if config.fallback_bits == 8 and fallback:
-            model = _ort_nbits(
+            model = ort_matmul_nbits(
                 model,
                 bits=8,
                 config=config,
                 include=set(fallback),
-                all_matmuls={n.name for n in _weight_matmuls(model)},
+                all_matmuls={n.name for n in weight_matmuls(model)},
             )
     if config.accuracy_level:
         for node in model.graph.node:  # HQQ and GPTQ do not set it
@@ -223,21 +223,21 @@ def quantize_int4(
     embeddings: list[str] = []
     tied: list[str] = []
     if config.quantize_embeddings and config.share_tied_embeddings and "Gather" not in config.exclude_ops:
-        tied = _share_tied_tables(model, transposed, excluded)
+        tied = share_tied_tables(model, transposed, excluded)
         embeddings += tied
     if config.quantize_embeddings and "Gather" not in config.exclude_ops:
         block = config.embedding_block_size or config.block_size
-        gathers, gather_notes = _embedding_gathers(model, block)
+        gathers, gather_notes = embedding_gathers(model, block)
         notes += gather_notes
         for node in gathers:
             if node.name in excluded:
                 continue
-            _quantize_embedding(model, node, block, config.symmetric, clip_search=config.algorithm == "mse")
+            quantize_embedding(model, node, block, config.symmetric, clip_search=config.algorithm == "mse")
             embeddings.append(node.name)
-    _ensure_ms_opset(model)
-    _drop_unused_initializers(model)
+    ensure_ms_opset(model)
+    drop_unused_initializers(model)
 
-    session = _session(model)  # must load
+    session = stage_session(model)  # must load
     if [o.name for o in session.get_outputs()] != [o.name for o in original.graph.output]:
         raise StageError("int4 quantization changed the graph outputs", "report this model")
     left_float = sorted(all_matmuls - four_bit - (set(fallback) if config.fallback_bits == 8 else set()))
@@ -264,7 +264,7 @@ def quantize_int4(
     if feeds:
         report["fidelity"] = {
             "samples": len(feeds),
-            "outputs": fidelity_report(compare_sessions(_session(original), session, feeds)),
+            "outputs": fidelity_report(compare_sessions(stage_session(original), session, feeds)),
         }
     report["seconds"] = round(time.perf_counter() - started, 2)
     return StageResult(model, report)

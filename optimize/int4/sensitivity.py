@@ -10,19 +10,14 @@ import numpy as np
 from dlopt.errors import StageError
 from dlopt.fidelity import sqnr_from_energy
 from dlopt.optimize.int4.blocks import dequantize_blocks, quantize_blocks, quantize_blocks_mse
-from dlopt.optimize.int4.graph import _initializers
+from dlopt.optimize.int4.graph import initializers_by_name
 from dlopt.sessions import cpu_session, feeds_for
 
 
 # -- running the float model -------------------------------------------------------------------------
-def _session(model):
+def stage_session(model):
+    """A CPU session on a model this stage reads or wrote; one that does not load is a StageError."""
     return cpu_session(model, error=StageError, hint="report this model")
-
-
-def _with_outputs(model, names: list[str]):
-    from dlopt.optimize.preprocess import with_outputs
-
-    return with_outputs(model, names)
 
 
 def rank_sensitivity(
@@ -39,7 +34,9 @@ def rank_sensitivity(
     X·(W - Ŵ) are accumulated sample by sample, so memory does not grow with the number of samples."""
     from onnx import numpy_helper
 
-    inits = _initializers(model)
+    from dlopt.optimize.preprocess import with_outputs
+
+    inits = initializers_by_name(model)
     weights, errors = {}, {}
     for node in nodes:
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
@@ -49,7 +46,7 @@ def rank_sensitivity(
         q, s, z = (quantize_blocks_mse if clip_search else quantize_blocks)(wt, block_size, symmetric)
         weights[node.name] = w
         errors[node.name] = (wt - dequantize_blocks(q, s, z, block_size)).T[:k]
-    session = _session(_with_outputs(model, sorted({n.input[0] for n in nodes})))
+    session = stage_session(with_outputs(model, sorted({n.input[0] for n in nodes})))
     names = [o.name for o in session.get_outputs()]
     signal = {n.name: 0.0 for n in nodes}
     noise = {n.name: 0.0 for n in nodes}

@@ -49,9 +49,8 @@ from dlopt.optimize.quantize.heldout import (
     verdict,
 )
 from dlopt.optimize.quantize.int8 import quantize_int8, shield_float_nodes
+from dlopt.optimize.quantize.int8_recipe import Int8Recipe, choose_mode, choose_recipe, cpu_record, host_kernels_inexact
 from dlopt.optimize.quantize.pipeline import quantize
-from dlopt.optimize.quantize.recipe import Int8Recipe, choose_mode, choose_recipe, cpu_record, host_kernels_inexact
-from dlopt.optimize.quantize.report import summary_text
 from dlopt.optimize.quantize.schemes import (
     FIDELITY_FLOORS_DB,
     METHODS,
@@ -86,6 +85,7 @@ from dlopt.optimize.quantize.stages import (
     int8_weight_only_stage,
     quantize_stage,
 )
+from dlopt.optimize.quantize.summary import summary_text
 from dlopt.optimize.quantize_scheme import HOLDOUT_FRACTION, HOLDOUT_MIN, quantize_targets
 
 __all__ = [

@@ -16,13 +16,13 @@ from dlopt.quiet import quiet_libraries
 
 
 # -- calibration (streamed) ---------------------------------------------------------------------------
-def _ort_quant_type(name: str):
+def ort_quant_type(name: str):
     from onnxruntime.quantization import QuantType
 
     return {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}[name]
 
 
-def _ort_method(method: str):
+def ort_calibration_method(method: str):
     from onnxruntime.quantization import CalibrationMethod
 
     return {
@@ -73,7 +73,7 @@ def calibrate(
                 path,
                 list(op_types) if op_types else None,
                 augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                calibrate_method=_ort_method(method),
+                calibrate_method=ort_calibration_method(method),
                 extra_options=extra,
             )
             count = 0

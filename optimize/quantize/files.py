@@ -82,7 +82,7 @@ def quantize_file(
         stage_onnx,
         staged_outputs,
     )
-    from dlopt.report import environment
+    from dlopt.tables import environment
 
     stage = stage_of(config)
     stage.check_config(config)
@@ -146,7 +146,6 @@ def write_quantized(given: StageInput, config: Scheme | QuantizeConfig, context:
     """The stage before's model quantized as OUTPUT/model.onnx with its report (quantize_file). A result that
     fails its verdict is kept beside `given.keep_failed` (as `dlopt quantize` keeps it; never cached) and
     raised as failure_error's VerificationError."""
-    from dlopt.manifest import artifact_hash
 
     outcome = quantize_file(
         given.input_path(),
@@ -159,7 +158,7 @@ def write_quantized(given: StageInput, config: Scheme | QuantizeConfig, context:
     )
     if not outcome.passed:
         raise failure_error(keep_failed(outcome, given.keep_failed) if given.keep_failed is not None else outcome)
-    return Artifact(outcome.model_path, artifact_hash(outcome.model_path), outcome.report)
+    return Artifact.of(outcome.model_path, outcome.report)
 
 
 def failure_error(outcome: QuantizeOutcome) -> VerificationError:

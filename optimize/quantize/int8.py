@@ -13,8 +13,8 @@ import numpy as np
 from dlopt.data import CalibrationData
 from dlopt.errors import InputError
 from dlopt.optimize.preprocess import replace_nodes
-from dlopt.optimize.quantize.calibrate import _ort_method, _ort_quant_type, calibrate
-from dlopt.optimize.quantize.recipe import Int8Recipe
+from dlopt.optimize.quantize.calibrate import calibrate, ort_calibration_method, ort_quant_type
+from dlopt.optimize.quantize.int8_recipe import Int8Recipe
 from dlopt.optimize.quantize.schemes import Int8Scheme, Int8Static
 from dlopt.optimize.quantize_scheme import QuantizeScheme, check_excluded_nodes
 from dlopt.optimize.rounding import LayerStatistics, collect_layer_statistics, refine_weights
@@ -22,7 +22,7 @@ from dlopt.quiet import quiet_libraries
 
 
 # -- INT8 -------------------------------------------------------------------------------------------------
-def _default_op_types(recipe: Int8Recipe) -> set[str]:
+def default_op_types(recipe: Int8Recipe) -> set[str]:
     from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 
     from dlopt.optimize.weight_only import WEIGHT_INPUTS
@@ -44,7 +44,7 @@ def _depthwise_weights(model, skip: Collection[str] = frozenset()) -> list[str]:
     )
 
 
-def _check_exclusions(model, config: QuantizeScheme) -> None:
+def check_exclusions(model, config: QuantizeScheme) -> None:
     from dlopt.optimize.normalize import all_graphs
 
     names = {n.name for g in all_graphs(model.graph) for n in g.node}  # ORT's quantizers exclude in subgraphs too
@@ -72,7 +72,7 @@ def quantize_int8(
     from dlopt.optimize.normalize import topological_sort
     from dlopt.optimize.weight_only import WEIGHT_INPUTS, WeightOnlyConfig, quantize_weights_int8
 
-    op_types = sorted(_default_op_types(recipe) - set(config.exclude_ops))
+    op_types = sorted(default_op_types(recipe) - set(config.exclude_ops))
     excluded = sorted(set(config.exclude_nodes) | set(exclude_nodes))
     details: dict[str, Any] = {"op_types_to_quantize": op_types, "nodes_excluded": excluded}
     weight_only = WeightOnlyConfig(
@@ -89,7 +89,7 @@ def quantize_int8(
         common = dict(
             per_channel=recipe.per_channel,
             reduce_range=recipe.reduce_range,
-            weight_type=_ort_quant_type(recipe.weight_type),
+            weight_type=ort_quant_type(recipe.weight_type),
             nodes_to_exclude=excluded,
             op_types_to_quantize=op_types,
         )
@@ -108,7 +108,7 @@ def quantize_int8(
                 )
             else:
                 if ranges is None:
-                    from dlopt.optimize.quantize.recipe import compute_only_in_subgraphs
+                    from dlopt.optimize.quantize.int8_recipe import compute_only_in_subgraphs
 
                     if compute_only_in_subgraphs(model):  # ORT's calibrator would find no tensor and crash
                         raise InputError(
@@ -146,7 +146,7 @@ def quantize_int8(
                     overrides = {
                         w: [
                             {
-                                "quant_type": _ort_quant_type(recipe.weight_type),
+                                "quant_type": ort_quant_type(recipe.weight_type),
                                 "symmetric": True,
                                 "reduce_range": False,
                                 "axis": 0,
@@ -161,8 +161,8 @@ def quantize_int8(
                     calibration_data_reader=None,
                     calibration_cache_path=str(cache),
                     quant_format=QuantFormat.QDQ,
-                    activation_type=_ort_quant_type(recipe.activation_type),
-                    calibrate_method=_ort_method(recipe.method),
+                    activation_type=ort_quant_type(recipe.activation_type),
+                    calibrate_method=ort_calibration_method(recipe.method),
                     extra_options={
                         "ActivationSymmetric": recipe.activation_type == "s8",
                         "WeightSymmetric": True,

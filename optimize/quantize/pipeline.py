@@ -13,22 +13,23 @@ from dlopt.optimize.int4 import Int4WeightOnly
 from dlopt.optimize.normalize import NormalizeConfig, normalize
 from dlopt.optimize.preprocess import PreprocessConfig, check_feeds, preprocess
 from dlopt.optimize.quantize.heldout import (
-    _summary,
-    _warn_if_slower,
     fidelity_floor,
     fidelity_sample_count,
+    quantize_summary,
     split_holdout,
     verdict,
+    warn_if_slower,
 )
-from dlopt.optimize.quantize.int8 import _check_exclusions, quantize_int8
-from dlopt.optimize.quantize.recipe import Int8Recipe, choose_recipe, host_kernels_inexact
+from dlopt.optimize.quantize.int8 import check_exclusions, quantize_int8
+from dlopt.optimize.quantize.int8_recipe import Int8Recipe, choose_recipe, host_kernels_inexact
 from dlopt.optimize.quantize.schemes import (
     RECOVERY_MAX_FLOAT_SHARE,
     SCHEME_KINDS,
+    Int8Scheme,
     Int8Static,
     QuantizeConfig,
     Scheme,
-    _Int8,
+    selection_confidence,
     validate_config,
 )
 from dlopt.optimize.quantize.smoothquant import smooth_activations
@@ -100,8 +101,8 @@ def quantize(
     if request is not None and config.precision != "int8":
         log(f"scheme: {scheme['kind']} ({reasons[0]})")
     floor = fidelity_floor(config)
-    _check_exclusions(model, config)
-    if not isinstance(config, _Int8):
+    check_exclusions(model, config)
+    if not isinstance(config, Int8Scheme):
         source = model
         if isinstance(config, Int4WeightOnly):  # MatMulNBits too quantizes initializers only: no opset 13 needed
             from dlopt.optimize.int4 import quantize_int4
@@ -120,12 +121,12 @@ def quantize(
         }
         result_model, report["kernel_choice"] = _choose_kernels(result.model, config, log, decisions)
         result_model, report["trim_padding"] = _trim_padding(model, result_model, config, held_out, data, log)
-        report.update(_summary(model, result_model, data, config, feeds=held_out, holdout=holdout))
+        report.update(quantize_summary(model, result_model, data, config, feeds=held_out, holdout=holdout))
         report["verdict"] = verdict(report, floor)
-        _warn_if_slower(report, log)
+        warn_if_slower(report, log)
         return StageResult(result_model, report)
 
-    _check_exclusions(model, config)
+    check_exclusions(model, config)
     # Constant-node weights to initializers, opset >= 13: what ORT's quantizers assume, each step checked
     normalized = normalize(model, NormalizeConfig(input_shapes=config.input_shapes), data)
     if normalized.report["steps"]:
@@ -159,7 +160,7 @@ def quantize(
             data,
         )
         prepared, pre_report = pre.model, pre.report
-        _check_exclusions(prepared, config)  # a fusion may have absorbed an excluded node
+        check_exclusions(prepared, config)  # a fusion may have absorbed an excluded node
     fusion_report = None
     if config.preprocess and config.fuse_activations:
         prepared, fusion_report = _fuse_activations(prepared, config, recipe, data, log)
@@ -194,16 +195,21 @@ def quantize(
         details["nodes_excluded"] = budget["chosen"]["excluded"]
     exact = host_kernels_inexact(recipe)
     recovery = None
+    judged = config  # the config the verdict reads: its confidence raised where recovery compared candidates
     if config.recover:
-        # the floor, on the held-out samples, in the arithmetic the target runs (see _summary)
+        # the floor, on the held-out samples, in the arithmetic the target runs (see quantize_summary)
         feeds = held_out or check_feeds(model, data, fidelity_sample_count(model, config), config.input_shapes)
-        evaluator = floor_evaluator(model, feeds, config, graph_opt_level="disable" if exact else "all")
+        evaluator = floor_evaluator(model, feeds, config, graph_opt_level="disable" if exact else "all", selected=False)
         score = evaluator.score(quantized)
         if score < 0:
             log(
                 f"fidelity: {evaluator.name.split(' margin')[0]} is {-score:.3g} below its floor on {len(feeds)} "
                 f"{holdout['data']} samples: keeping the nodes that add the most noise in float until it holds"
             )
+            # the candidates are compared on these samples: each is judged at the confidence their number leaves,
+            # and so is the verdict on the one kept (RECOVERY_COMPARISONS)
+            judged = dataclasses.replace(config, verdict_confidence=selection_confidence(config.verdict_confidence))
+            evaluator = floor_evaluator(model, feeds, judged, graph_opt_level="disable" if exact else "all")
             base = dataclasses.replace(config, exclude_nodes=tuple(details["nodes_excluded"]))
             recovery = meet_budget(
                 model,
@@ -244,12 +250,24 @@ def quantize(
     if node_forms is not None:
         report["node_forms"] = node_forms
     quantized, report["kernel_choice"] = _choose_kernels(quantized, config, log, decisions)
+    quantized, report["gelu_form"] = _choose_gelu_form(model, quantized, config, held_out, data, log, decisions)
     quantized, report["trim_padding"] = _trim_padding(model, quantized, config, held_out, data, log)
-    report.update(_summary(model, quantized, data, config, feeds=held_out, holdout=holdout, exact_arithmetic=exact))
+    report.update(
+        quantize_summary(
+            model,
+            quantized,
+            data,
+            judged,
+            feeds=held_out,
+            holdout=holdout,
+            exact_arithmetic=exact,
+            selected=recovery is not None,
+        )
+    )
     if "fidelity_exact_arithmetic" in report:
         log(f"note: {report['fidelity_exact_arithmetic']['why']}")
     report["verdict"] = verdict(report, floor)
-    _warn_if_slower(report, log)
+    warn_if_slower(report, log)
     report["seconds"] = round(time.perf_counter() - started, 2)
     return StageResult(quantized, report)
 
@@ -333,6 +351,24 @@ def _choose_kernels(model, config: QuantizeScheme, log, decisions) -> tuple[Any,
     return result.model, result.report
 
 
+def _choose_gelu_form(
+    source, model, config: QuantizeScheme, held_out, data, log, decisions
+) -> tuple[Any, dict[str, Any] | None]:
+    """GELU's tanh form (FastGelu) where it times faster here (or is replayed) and keeps the fidelity to
+    the float source on the held-out samples (dlopt.optimize.gelu_form); only where the target's kernels
+    run here."""
+    if not _timed_here(config.target):
+        return model, None
+    from dlopt.inputs import take_samples
+    from dlopt.optimize.gelu_form import GeluFormConfig, choose_gelu_form
+
+    feeds = held_out or take_samples(data, config.fidelity_samples)
+    result = choose_gelu_form(model, GeluFormConfig(), reference=source, feeds=feeds, store=decisions)
+    if result.report["sites"]:
+        log(f"GELU form: {result.report['decision']}")
+    return result.model, result.report
+
+
 def _fuse_activations(model, config, recipe: Int8Recipe, data, log) -> tuple[Any, dict[str, Any]]:
     """Decomposed hard-swish, SiLU and GELU as single ops before calibration (dlopt.optimize.fuse_activations),
     each kind checked against the unfused graph on the calibration data."""
@@ -344,7 +380,7 @@ def _fuse_activations(model, config, recipe: Int8Recipe, data, log) -> tuple[Any
     line = summary_line(result.report)
     if line:
         log(line)
-    _check_exclusions(result.model, config)  # a fusion may have absorbed an excluded node
+    check_exclusions(result.model, config)  # a fusion may have absorbed an excluded node
     return result.model, result.report
 
 

@@ -788,7 +788,7 @@ _LAZY = {
     "load_data": "dlopt.data",
     "OptimizeConfig": "dlopt.search.driver",
     "OptimizeResult": "dlopt.search.driver",
-    "optimize_text": "dlopt.search.report:front_text",
+    "optimize_text": "dlopt.search.html_report:front_text",
     "notes_to": "dlopt.sessions",  # where sessions' one-time notes go (a relaxed output declaration)
     "json_text": "dlopt.fileio",  # how the CLI prints a JSON result
     "reset_written": "dlopt.fileio",
@@ -804,7 +804,7 @@ _LAZY = {
     "Int8WeightOnly": "dlopt.optimize.quantize.schemes",
     "Int4WeightOnly": "dlopt.optimize.int4",
     "Fp16": "dlopt.optimize.fp16",
-    "quantize_summary": "dlopt.optimize.quantize.report:summary_text",
+    "quantize_summary": "dlopt.optimize.quantize.summary:summary_text",
     "quantize_lm_summary": "dlopt.optimize.quantize_lm:summary_text",
     # the parts of `dlopt package`'s text its stage and target own (dlopt.cli.results puts them together)
     "summary_table": "dlopt.package.card",

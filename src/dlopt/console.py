@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
-from dlopt.report import format_table
+from dlopt.tables import format_table
 
 ProgressFn = Callable[[str, float], None]
 LogFn = Callable[[str], None]

@@ -99,8 +99,8 @@ class EvalResult:
     warnings: tuple[str, ...] = ()  # what makes the numbers doubtful (NaN inputs, labels out of range)
 
     def to_dict(self) -> dict[str, Any]:
-        from dlopt.report import environment
         from dlopt.stage import config_to_dict
+        from dlopt.tables import environment
 
         return {
             "schema": "dlopt.eval",
@@ -431,8 +431,7 @@ def evaluate_lm(
     """The LM row of the metric table for an exported LM folder against its FP32 export (`reference`, an
     LM folder) on held-out UTF-8 text: perplexity over the reference's (FP32 = 1.0) and greedy next-token
     agreement, from prefills over windows of EVAL_WINDOW tokens (dlopt.lm.lm_fidelity)."""
-    from dlopt.lm import EVAL_MAX_WINDOWS, EVAL_WINDOW, is_lm_folder, lm_fidelity, read_genai_config, read_text_tokens
-    from dlopt.lm import windows as token_windows
+    from dlopt.lm import heldout_fidelity, is_lm_folder
 
     if reference is None or not is_lm_folder(reference):
         raise InputError(
@@ -445,18 +444,8 @@ def evaluate_lm(
         raise InputError(
             f"an LM folder is evaluated by perplexity and next-token agreement, not {what}", "use --metric perplexity"
         )
-    genai = read_genai_config(model)
-    read_genai_config(reference)
-    tokens = read_text_tokens(model, data, "--data text")
-    window = min(EVAL_WINDOW, int(genai["model"]["context_length"]))
-    pieces = token_windows(tokens, window)[:EVAL_MAX_WINDOWS]
-    if not pieces:
-        raise InputError(
-            f"{data} has {tokens.shape[0]} tokens, fewer than one {window}-token window",
-            f"give at least {window} tokens of held-out text",
-        )
-    head = int(genai["model"]["decoder"]["head_size"])
-    f = lm_fidelity(Path(reference) / "model.onnx", Path(model) / "model.onnx", pieces, head, threads=config.threads)
+    f = heldout_fidelity(model, reference, data, threads=config.threads, what="--data text")
+    window = f["window"]
     note = f"{f['tokens']} next tokens in {f['windows']} windows of {window}"
     rows = (
         MetricRow("perplexity", f["perplexity_ratio"], 1.0, f"ratio to the reference's; {note}"),
@@ -480,7 +469,7 @@ def evaluate_lm(
 
 
 def format_eval(result: EvalResult) -> str:
-    from dlopt.report import format_table
+    from dlopt.tables import format_table
 
     model_label = Path(result.model).name
     ref_label = Path(result.reference).name if result.reference else "reference"

@@ -50,6 +50,20 @@ def check_output_path(path: str | os.PathLike) -> Path:
     return out
 
 
+def check_output_folder(out: Path) -> None:
+    """Fail early when `out` cannot become a new output folder: it must be absent or empty, its parent writable."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(
+            f"output {out} exists and is not an empty folder",
+            "choose a new folder for -o (an export is never written over another)",
+        )
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"the parent of the output folder {out}, {parent}, does not exist", "choose another -o path")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write into {parent}", "choose another -o path")
+
+
 # -- inputs are never outputs ------------------------------------------------------------------------
 
 

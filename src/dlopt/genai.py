@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,20 +163,28 @@ def greedy_generate(og, model, prompt_ids: Sequence[int], new_tokens: int) -> Gr
     return Greedy(tokens, "length" if len(tokens) >= new_tokens else "eos")
 
 
-def check_greedy(
-    og, model, prompt_ids: Sequence[int], recorded: Sequence[int], *, tie_rtol: float = TIE_RTOL
+def equal_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many first tokens two generations share."""
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def judge_recorded_tokens(
+    next_logits: Callable[[Sequence[int]], np.ndarray],
+    prompt_ids: Sequence[int],
+    recorded: Sequence[int],
+    *,
+    tie_rtol: float = TIE_RTOL,
+    subject: str = "model",
 ) -> dict[str, Any]:
-    """Is `recorded` the model's greedy continuation of `prompt_ids`? At each step the model's logits
-    are read and the recorded token fed back. Passed when each recorded token is the argmax, or within
-    the tie tolerance of it. Returns {passed, steps, equal, first_difference, detail}."""
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt_ids) + len(recorded))
-    generator = og.Generator(model, params)
-    feed = np.asarray([list(prompt_ids)], dtype=np.int32)
-    equal, first, detail, passed = 0, None, "", True
+    """Is `recorded` the greedy continuation of `prompt_ids` by the runner behind `next_logits` (the logits
+    [V] of the next token after appending the given tokens to what it was fed before)? The prompt is fed, then
+    each recorded token in turn. Passed when each recorded token is the argmax, or within tie_rtol * max
+    |logit| of it. Returns {passed, steps, equal, first_difference, first_gap, detail}: first_gap is the
+    runner's logit of its own choice minus its logit of the recorded token at the first difference."""
+    feed = list(prompt_ids)
+    equal, first, first_gap, detail, passed = 0, None, None, "", True
     for step, want in enumerate(recorded):
-        generator.append_tokens(feed)
-        logits = np.asarray(generator.get_output("logits"), dtype=np.float32)[0, -1]
+        logits = next_logits(feed)
         got = int(logits.argmax())
         if got == want:
             equal += 1
@@ -184,16 +192,38 @@ def check_greedy(
             gap = float(logits[got] - logits[want])
             tie = tie_rtol * float(np.abs(logits).max())
             if first is None:
-                first = step
+                first, first_gap = step, gap
                 detail = (
-                    f"token {step + 1}: the model's greedy choice is {got}, the manifest's {want} "
+                    f"token {step + 1}: the {subject}'s greedy choice is {got}, the manifest's {want} "
                     f"(logit gap {gap:.3g}, tie tolerance {tie:.3g})"
                 )
             if gap > tie:
                 passed = False
-        feed = np.asarray([[want]], dtype=np.int32)
-    del generator
-    return {"passed": passed, "steps": len(recorded), "equal": equal, "first_difference": first, "detail": detail}
+        feed = [want]
+    return {
+        "passed": passed,
+        "steps": len(recorded),
+        "equal": equal,
+        "first_difference": first,
+        "first_gap": first_gap,
+        "detail": detail,
+    }
+
+
+def check_greedy(
+    og, model, prompt_ids: Sequence[int], recorded: Sequence[int], *, tie_rtol: float = TIE_RTOL
+) -> dict[str, Any]:
+    """judge_recorded_tokens on an onnxruntime-genai model: its generator fed the prompt, then each
+    recorded token."""
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt_ids) + len(recorded))
+    generator = og.Generator(model, params)
+
+    def next_logits(feed: Sequence[int]) -> np.ndarray:
+        generator.append_tokens(np.asarray([list(feed)], dtype=np.int32))
+        return np.asarray(generator.get_output("logits"), dtype=np.float32)[0, -1]
+
+    return judge_recorded_tokens(next_logits, prompt_ids, recorded, tie_rtol=tie_rtol)
 
 
 __all__ = [
@@ -205,6 +235,8 @@ __all__ = [
     "check_greedy",
     "check_lm_folder",
     "check_prompt_fits",
+    "equal_prefix",
     "greedy_generate",
+    "judge_recorded_tokens",
     "open_lm",
 ]

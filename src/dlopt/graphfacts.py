@@ -58,9 +58,17 @@ def embeds_tokens(model) -> bool:
 
 
 def op_counts(model) -> dict[str, int]:
+    """Nodes by op type in every graph of the model, subgraphs (If branches, Loop bodies) included: what
+    the file holds. A model trimmed of padding runs its layers inside an If (sliced or packed), which a
+    count of the main graph alone would hide."""
     counts: dict[str, int] = {}
-    for node in model.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+            for attr in node.attribute:
+                graphs.extend(([attr.g] if attr.HasField("g") else []) + list(attr.graphs))
     return dict(sorted(counts.items()))
 
 

@@ -25,6 +25,11 @@ stage's output cached by content (dlopt.stagecache).
     [[stage]]
     kind = "package"                  # PackageConfig's keys; must be the last stage
 
+Decoder LMs: `source` is smollm2 or a Hugging Face causal-LM folder (then `[[stage]] kind = "export-lm"`
+first), or an exported LM folder; `int4-lm` quantizes it (calibration: a UTF-8 text file; eval_data: held-out
+text, scored against the stage's input) and `package-lm` bundles it for onnxruntime-genai
+(recipes/smollm2-int4.toml). A recipe that ends with an LM stage writes an LM folder at -o.
+
 Stage kinds are those of the Stage registry (dlopt.stage.STAGES). `kind = "quantize"` (QuantizeConfig's
 keys, precision and mode auto) is the front door of `dlopt quantize`: it resolves to a scheme when it
 runs, and the lineage records which one and why.
@@ -102,6 +107,19 @@ class Recipe:
     @property
     def onnx_source(self) -> bool:
         return self.source.endswith(".onnx")
+
+    @property
+    def lm_source(self) -> bool:
+        """The source is an exported LM folder (genai_config.json + model.onnx): LM stages read it as it is."""
+        from dlopt.lm import is_lm_folder
+
+        return is_lm_folder(self.source)
+
+    @property
+    def source_artifact(self) -> Path | None:
+        """The source as the first stage's input artifact: an .onnx file or an LM folder; None for a torch
+        source (its first stage loads it)."""
+        return Path(self.source) if self.onnx_source or self.lm_source else None
 
     @property
     def distill_data(self) -> str:
@@ -292,8 +310,8 @@ def _check_source(recipe: Recipe, where: str) -> None:
     from dlopt.usercode import user_code
 
     spec = recipe.source
-    if recipe.onnx_source or spec in REFERENCE_MODELS or ".py:" in spec:
-        return
+    if recipe.onnx_source or spec in REFERENCE_MODELS or ".py:" in spec or Path(spec).is_dir():
+        return  # a folder: an exported LM folder, or a Hugging Face model folder that export-lm reads
     forms = f"an .onnx file, a reference model ({', '.join(REFERENCE_MODELS)}), file.py:build or package.module:build"
     module, sep, function = spec.rpartition(":")
     if not sep or not function.isidentifier() or not all(p.isidentifier() for p in module.split(".")):
@@ -353,7 +371,7 @@ def _with_spec(declared: DataSpec, source: str | None) -> str | DataSpec | None:
 def _check_order(recipe: Recipe) -> None:
     """Each stage takes what the one before made (the source for the first): a torch source must be
     exported first, a bundle ends the recipe; each config passes its stage's checks."""
-    made = "onnx" if recipe.onnx_source else "torch"
+    made = "onnx" if recipe.onnx_source else "lm" if recipe.lm_source else "torch"
     for stage in recipe.stages:
         where = f"{_where(recipe.path, stage.line)} (stage {stage.index}, {stage.kind})"
         spec = get_stage(stage.kind)
@@ -368,9 +386,10 @@ def _check_order(recipe: Recipe) -> None:
             )
         if spec.takes != made:
             if made == "torch":
+                export = "export-lm" if spec.takes == "lm" else "export"
                 raise InputError(
                     f"{where}: the source {recipe.source} is a torch model; the first stage must export it",
-                    'add [[stage]] kind = "export" first',
+                    f'add [[stage]] kind = "{export}" first',
                 )
             raise InputError(
                 f"{where}: {stage.kind} takes a {spec.takes} model and the "
@@ -450,8 +469,11 @@ def host_facts(kind: str, config: Any) -> dict[str, Any]:
     from dlopt.targets import capabilities
 
     facts: dict[str, Any] = {"dlopt": dlopt.__version__, "onnxruntime": _version("onnxruntime")}
-    if get_stage(kind).takes == "torch":
+    stage = get_stage(kind)
+    if stage.takes == "torch":
         facts["torch"] = _version("torch")
+    if "lm" in (stage.takes, stage.makes):  # the model builder and the genai checks of an LM folder
+        facts["onnxruntime-genai"] = _version("onnxruntime-genai")
     if _quantizes(kind) and capabilities(config.target).kernels_measurable_here:
         from dlopt.runtime import isa_line
         from dlopt.targets.cpu import host_cpu
@@ -476,7 +498,9 @@ def source_hash(spec: str) -> str:
     """A torch source's identity: its factory file's bytes (file.py:build, package.module:build), or,
     for a reference model, its name with this dlopt's version (the factory ships with dlopt). A Python
     data reader is hashed the same way (dlopt.data.reader_hash), with the local modules the file imports
-    (dlopt.data.local_modules)."""
+    (dlopt.data.local_modules). A folder (a Hugging Face model folder) is hashed by its files' bytes."""
+    if Path(spec).is_dir():
+        return artifact_hash(Path(spec))
     return reader_hash(spec)
 
 
@@ -493,14 +517,19 @@ DATA_ONNX_STAGES = ("trim-padding",)
 
 
 def _reads_data(kind: str) -> bool:
-    """A stage that takes an ONNX model and makes one with the recipe's data: its hash is in the stage's key."""
+    """A stage that takes an ONNX model (or an LM folder) and makes one with the recipe's data: its hash is
+    in the stage's key."""
     stage = get_stage(kind)
-    return stage.takes == "onnx" and stage.makes == "onnx"
+    return stage.takes == stage.makes and stage.takes in ("onnx", "lm")
 
 
 def _quantizes(kind: str) -> bool:
     """Quantize and its schemes (what times kernels here, keeps a failed result, takes a float32 model)."""
-    return _reads_data(kind) and kind not in DATA_ONNX_STAGES
+    return _reads_data(kind) and get_stage(kind).takes == "onnx" and kind not in DATA_ONNX_STAGES
+
+
+def _makes(kind: str) -> str:
+    return get_stage(kind).makes
 
 
 def _declared_specs(recipe: Recipe) -> dict[str, Any] | None:
@@ -522,11 +551,12 @@ def _stage_data(recipe: Recipe, stage: StageSpec) -> dict[str, str | None]:
 
 def _prepared(recipe: Recipe, stage: StageSpec) -> Any:
     """The config the stage runs with: the package stage gets the recipe's name and calibration."""
-    if stage.kind == "package":
+    if _makes(stage.kind) == "bundle":
         changes: dict[str, Any] = {}
-        if stage.config.name is None:
+        fields = {f.name for f in dataclasses.fields(stage.config)}
+        if "name" in fields and stage.config.name is None:
             changes["name"] = recipe.name or recipe.path.stem
-        if stage.config.calibration is None and recipe.calibration:
+        if "calibration" in fields and stage.config.calibration is None and recipe.calibration:
             changes["calibration"] = recipe.calibration
         return dataclasses.replace(stage.config, **changes)
     return stage.config
@@ -546,7 +576,7 @@ def key_inputs(
     specs = _declared_specs(recipe) if _reads_data(stage.kind) else None
     if specs:
         inputs["data_spec"] = specs  # what the lineage records; a plain source keys as it always did
-    if stage.kind == "package":
+    if _makes(stage.kind) == "bundle":
         inputs["lineage"] = upstream  # the bundle's manifest records them
     evaluator = getattr(config, "evaluator", None)
     if isinstance(evaluator, str) and ".py:" in evaluator:  # the user's metric decides the verdict: its file too
@@ -615,7 +645,7 @@ def recipe_inputs(recipe: Recipe) -> list[Path]:
     from dlopt.fileio import guard_source_spec
 
     found: list[Path] = [recipe.path]
-    if recipe.onnx_source:
+    if recipe.onnx_source or Path(recipe.source).is_dir():
         found.append(Path(recipe.source))
     elif (factory := guard_source_spec(recipe.source)) is not None:
         found += [factory, *local_modules(factory)] if factory.is_file() else [factory]
@@ -636,7 +666,7 @@ def recipe_outputs(recipe: Recipe, out: Path) -> list[Path]:
     from dlopt.fileio import report_path_for
 
     paths = [out]
-    if recipe.stages[-1].kind != "package":
+    if _makes(recipe.stages[-1].kind) == "onnx":
         paths += [report_path_for(out, "quantize"), report_path_for(out, "export")]
     if any(_quantizes(s.kind) for s in recipe.stages):
         from dlopt.optimize.quantize.files import failed_path
@@ -661,11 +691,13 @@ def run_recipe(
     from dlopt.fileio import check_output_path, guard_outputs
 
     out = Path(output)
-    last = recipe.stages[-1].kind
-    if last == "package":
+    last = _makes(recipe.stages[-1].kind)
+    if last == "bundle":
         from dlopt.package import check_bundle_path
 
         check_bundle_path(out, overwrite)  # the rules of `dlopt package -o` (--overwrite replaces only a bundle)
+    elif last == "lm":
+        _check_new_folder(out)
     else:
         check_output_path(out)
     inputs, outputs = recipe_inputs(recipe), recipe_outputs(recipe, out)
@@ -674,7 +706,7 @@ def run_recipe(
     started = time.time()  # --force: an entry another process rebuilt after this moment is a fresh one
 
     with cache.private_folder() as private:
-        artifact: Path | None = Path(recipe.source) if recipe.onnx_source else None
+        artifact: Path | None = recipe.source_artifact
         input_sha = artifact_hash(artifact) if artifact else source_hash(recipe.source)
         runs: list[StageRun] = []
         for stage in recipe.stages:
@@ -719,9 +751,7 @@ def run_recipe(
             log(f"{label}: {'cached' if cached else 'done'} in {seconds:.2f} s (key {key[:12]})")
             runs.append(StageRun(stage, key, cached, seconds, input_sha, output_sha, entry))
             artifact, input_sha = produced, output_sha
-        _deliver(
-            _made_before(artifact, recipe.stages[-1]), out, bundle=last == "package", inputs=inputs, guarded=outputs
-        )
+        _deliver(_made_before(artifact, recipe.stages[-1]), out, made=last, inputs=inputs, guarded=outputs)
     return RunResult(out, tuple(runs))
 
 
@@ -803,6 +833,8 @@ def _run_stage(
             "best_epoch",
             "train_samples",
             "trim_padding",
+            "held_out",
+            "bytes_after",
         )
         if k in made.report
     }
@@ -828,20 +860,34 @@ def _made_before(artifact: Path | None, stage: StageSpec) -> Path:
     return artifact
 
 
-def _deliver(artifact: Path, out: Path, *, bundle: bool, inputs: list[Path], guarded: list[Path]) -> None:
-    """Copy the last artifact out of the run's private view of the cache: a bundle folder (renamed into
-    place whole), or a model with its stage reports beside it (renamed together). `guarded`: the outputs
-    already checked against `inputs`; a report of another name is checked here."""
+def _check_new_folder(out: Path) -> None:
+    """-o for a recipe that ends with an LM folder: a new (or empty) folder in a folder that exists."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"output {out} exists and is not an empty folder", "choose a new folder for -o")
+    if not out.resolve().parent.is_dir():
+        raise InputError(f"the parent of the output folder {out} does not exist", "choose another -o path")
+
+
+def _deliver(artifact: Path, out: Path, *, made: str, inputs: list[Path], guarded: list[Path]) -> None:
+    """Copy the last artifact out of the run's private view of the cache: a bundle or LM folder (renamed
+    into place whole), or a model with its stage reports beside it (renamed together). `guarded`: the
+    outputs already checked against `inputs`; a report of another name is checked here."""
     import os
     import tempfile
 
-    if bundle:
-        from dlopt.package import finalize_bundle
-
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-{os.getpid()}-", dir=out.parent))
+    if made in ("bundle", "lm"):
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-{os.getpid()}-", dir=out.resolve().parent))
         try:
             shutil.copytree(artifact, staging, dirs_exist_ok=True)
-            finalize_bundle(staging, out)
+            if made == "bundle":
+                from dlopt.package import finalize_bundle
+
+                finalize_bundle(staging, out)
+            else:
+                _check_new_folder(out)
+                if out.exists():
+                    out.rmdir()  # checked empty
+                os.replace(staging, out)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -66,6 +66,13 @@ class Artifact:
     sha256: str
     report: dict[str, Any]
 
+    @classmethod
+    def of(cls, path: Path | str, report: dict[str, Any]) -> Artifact:
+        """The artifact at `path`, hashed here: the one place a stage's output gets its sha256."""
+        from dlopt.manifest import artifact_hash
+
+        return cls(Path(path), artifact_hash(Path(path)), report)
+
 
 @dataclass(frozen=True)
 class TorchStageArtifacts:
@@ -116,7 +123,10 @@ class Check:
     test: Callable[[Any, Any, Any], str | None]
 
 
-ArtifactKind = Literal["torch", "onnx", "bundle"]
+# torch: a dlopt.sources.ModelSource; onnx: an onnx.ModelProto (a .onnx file on disk); bundle: a package
+# folder; lm: an exported decoder LM folder (genai_config.json, model.onnx + data, tokenizer), as
+# `dlopt export --task text-generation` writes and onnxruntime-genai loads.
+ArtifactKind = Literal["torch", "onnx", "bundle", "lm"]
 
 
 RunStage = Callable[[Any, Any, StageContext], StageResult]
@@ -204,6 +214,9 @@ STAGE_MODULES: dict[str, str] = {
     "fp16": "dlopt.optimize.quantize.stages",
     "trim-padding": "dlopt.optimize.trim_padding",
     "package": "dlopt.bundle_stage",
+    "export-lm": "dlopt.optimize.lm_stages",  # decoder LMs for generation: a torch source -> an LM folder
+    "int4-lm": "dlopt.optimize.lm_stages",  # an LM folder -> its 4-bit (mixed 4/8) folder
+    "package-lm": "dlopt.bundle_stage",  # an LM folder -> a genai bundle
 }
 _REGISTERED: dict[str, Stage] = {}  # kind -> its Stage, filled by register_stage as stage modules load
 

@@ -159,6 +159,26 @@ def bootstrap_ci(
     )
 
 
+def resampled_sums(
+    rows: Sequence[Sequence[float]] | np.ndarray, *, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0
+) -> np.ndarray:
+    """[n_boot, k]: the column sums of `rows` ([n, k]: one row of additive counts per sample, e.g. a
+    detector's FP32 boxes, candidate boxes and matched boxes on one image) over n_boot bootstrap resamples
+    of the samples (drawn with replacement). A metric that is a function of such sums (a ratio of them:
+    Jaccard, agreement shares) gets its bootstrap replicates by applying the function to each row: the
+    resampling unit is the sample (an image, a sentence), the unit new data arrives in."""
+    _check(0.5, n_boot)
+    x = np.asarray(rows, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"rows: expected [samples, counts] with at least one sample, got shape {x.shape}")
+    rng = np.random.default_rng(seed)
+    # per resample, how often each sample was drawn: the same draws as indexing, without n_boot x n x k
+    draws = _bootstrap_indices(rng, x.shape[0], n_boot)
+    weights = np.zeros((n_boot, x.shape[0]))
+    np.add.at(weights, (np.arange(n_boot)[:, None], draws), 1.0)
+    return weights @ x
+
+
 RATIO_METHODS = ("round-median", "round-geomean", "median-ratio")
 
 
@@ -228,5 +248,6 @@ __all__ = [
     "bootstrap_ci",
     "has_settled",
     "ratio_ci",
+    "resampled_sums",
     "summarize",
 ]

@@ -33,8 +33,8 @@ from typing import Any
 from dlopt.errors import InputError, VerificationError, render
 from dlopt.manifest import SIGNATURE_NAME, check_files, read_manifest_bytes
 from dlopt.package import PackageConfig
-from dlopt.report import format_table
 from dlopt.signing import SignatureCheck
+from dlopt.tables import format_table
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,9 +140,15 @@ def verify_bundle(
         result.skipped.append("outputs not re-checked: files failed their hash check")
         return result
     if manifest["model"]["format"] == "genai":  # an LM bundle: its samples are prompts and greedy tokens
-        from dlopt.package.lm import check_bundle_generation
+        from dlopt.package.lm import check_bundle_generation, check_bundle_programs, reference_note
 
         result.outputs.extend(check_bundle_generation(root, manifest))
+        if note := reference_note(manifest):
+            result.skipped.append(note)
+        program_rows, programs_skipped = check_bundle_programs(root, manifest)
+        result.outputs.extend(program_rows)
+        if programs_skipped:
+            result.skipped.append(programs_skipped)
         return result
     result.outputs.extend(_check_model(root, manifest, tolerance))
     for artifact in manifest.get("artifacts", []):
@@ -197,7 +203,7 @@ def _check_pte(
     root: Path, manifest: dict[str, Any], artifact: dict[str, Any], tolerance: Tolerance
 ) -> tuple[list[dict[str, Any]], str | None]:
     from dlopt.package import read_samples
-    from dlopt.package.checks import _checks
+    from dlopt.package.checks import output_checks
     from dlopt.targets.xnnpack import executorch_status
 
     ok, reason = executorch_status()
@@ -220,13 +226,13 @@ def _check_pte(
                 "detail": f"running it failed: {type(e).__name__}: {str(e)[:200]}",
             }
         ], None
-    return _checks(artifact["file"], got, expected, criterion), None
+    return output_checks(artifact["file"], got, expected, criterion), None
 
 
 def format_result(result: VerifyResult) -> str:
     lines = [format_table(["file", "status", "detail"], [[f["path"], f["status"], f["detail"]] for f in result.files])]
     if result.outputs:
-        from dlopt.package.checks import _check_text
+        from dlopt.package.checks import check_failure_text
 
         rows = [
             [
@@ -234,7 +240,7 @@ def format_result(result: VerifyResult) -> str:
                 o["output"],
                 o.get("max_abs_diff", "-"),
                 "-" if o.get("sqnr_db") is None else o["sqnr_db"],
-                "ok" if o["passed"] else _check_text(o),
+                "ok" if o["passed"] else check_failure_text(o),
             ]
             for o in result.outputs
         ]

@@ -84,9 +84,9 @@ from dlopt.bench.harness import (
     machine_fingerprint,
     measure_speedup,
 )
-from dlopt.bench.report import format_result
 from dlopt.bench.results import BatchRun, BenchResult, LoadedModel, ModelRun
-from dlopt.bench.sampler import InterleavedSampler, Repeated, WarmupReport, runs_per_sample
+from dlopt.bench.sampler import InterleavedSampler, Repeated, WarmupReport, median_cpu_ms, runs_per_sample
+from dlopt.bench.summary import format_result
 
 __all__ = [
     "BenchConfig",
@@ -102,6 +102,7 @@ __all__ = [
     "format_result",
     "load_data",
     "measure_speedup",
+    "median_cpu_ms",
     "length_sorting",
     "load_models",
     "machine_fingerprint",

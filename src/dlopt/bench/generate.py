@@ -167,8 +167,8 @@ class GenerateResult:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def to_dict(self) -> dict[str, Any]:
-        from dlopt.report import environment
         from dlopt.stage import config_to_dict
+        from dlopt.tables import environment
 
         def run_dict(run: GenerateModelRun, model: GenerateModel, batch: int) -> dict[str, Any]:
             decode = run.summaries["decode_per_token"][self.clock].median
@@ -274,7 +274,7 @@ def benchmark_generate(
 ) -> GenerateResult:
     """Measure generation of one or more exported LM folders, interleaved, at each batch size; each
     is reported as a ratio to the first per phase (prefill, time to first token, decode per token)."""
-    from dlopt.bench.harness import _labels, machine_fingerprint
+    from dlopt.bench.harness import file_labels, machine_fingerprint
 
     validate_generate_config(config)
     if not paths:
@@ -299,7 +299,7 @@ def benchmark_generate(
         else f"auto: {config.threads} threads; pool threads' CPU time is invisible to the caller, so wall time"
     )
     models = []
-    for label, folder in zip(_labels([Path(p) for p in paths]), folders):
+    for label, folder in zip(file_labels([Path(p) for p in paths]), folders):
         if progress is not None:
             progress(f"loading {label}", 0.0)
         peak = _RssPeak()
@@ -416,7 +416,7 @@ def _measure_batch(
 
 
 def format_generate(result: GenerateResult) -> str:
-    from dlopt.report import format_table
+    from dlopt.tables import format_table
 
     clock = result.clock
     headers = [

@@ -92,7 +92,8 @@ def _file_facts(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _labels(paths: Sequence[Path]) -> list[str]:
+def file_labels(paths: Sequence[Path]) -> list[str]:
+    """A label per model file: its name, its path where names collide, numbered where a file repeats."""
     labels = [p.name for p in paths]
     distinct = {p.resolve() for p in paths}
     if len({p.name for p in distinct}) < len(distinct):  # same file names in different folders: use paths
@@ -134,7 +135,7 @@ def load_models(
     _initialize_runtime()
     process = psutil.Process()
     loaded = []
-    for path, label, (size, digest) in zip(resolved, _labels(resolved), facts):
+    for path, label, (size, digest) in zip(resolved, file_labels(resolved), facts):
         if progress is not None:
             progress(f"loading {label}", 0.0)
         rss_before = process.memory_info().rss

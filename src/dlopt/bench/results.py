@@ -68,8 +68,8 @@ class BenchResult:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def to_dict(self) -> dict[str, Any]:
-        from dlopt.report import environment
         from dlopt.stage import config_to_dict
+        from dlopt.tables import environment
 
         def run_dict(run: ModelRun, model: LoadedModel, batch: int) -> dict[str, Any]:
             median = run.summaries[self.clock].median

@@ -229,6 +229,15 @@ def runs_per_sample(sampler: InterleavedSampler, clock: str, min_sample_s: float
     return max(1, min(max_runs, math.ceil(min_sample_s / fastest)))
 
 
+def median_cpu_ms(run: Callable[[], object], rounds: int) -> float:
+    """Median thread CPU time of one call of `run`, in ms, over `rounds` timed calls after one untimed call:
+    a quick ranking figure (a one-thread ORT session runs on the calling thread), not a benchmark with a CI."""
+    run()
+    sampler = InterleavedSampler([run])
+    sampler.run_rounds(rounds)
+    return float(np.median(sampler.samples(0, "cpu"))) * 1e3
+
+
 class _gc_paused:
     """Garbage collection off inside a timed loop (as timeit does): a collection is not the model's cost."""
 

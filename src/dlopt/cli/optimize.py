@@ -17,7 +17,8 @@ from dlopt.console import heartbeat
     required=True,
     help="Accuracy budget: the largest drop of the evaluator's metric against the FP32 source, in the "
     "metric's own unit as in quantize and gate (docs/metrics.md: agreement metrics are fractions, so "
-    "0.01 = one sample or box in a hundred; accuracy 0.005 = half a point).",
+    "0.01 = one sample or box in a hundred; accuracy 0.005 = half a point). For an LM folder: the relative "
+    "perplexity increase over the FP32 folder on --eval-data text (0.03 = +3 %).",
 )
 @click.option(
     "--time-budget",
@@ -33,12 +34,16 @@ from dlopt.console import heartbeat
     help="Latency limit (ms, wall clock, p90 of a batch call) for the batch/thread throughput search; "
     "also the most a chosen candidate may take at batch 1.",
 )
-@click.option("--calibration", default=None, help=f".onnx models: calibration data: {DATA_SOURCES_HELP}.")
+@click.option(
+    "--calibration",
+    default=None,
+    help=f".onnx models: calibration data: {DATA_SOURCES_HELP}. LM folders: UTF-8 text (GPTQ, 8-bit layer choice).",
+)
 @click.option(
     "--eval-data",
     default=None,
     help=".onnx models: held-out data candidates are scored on (as --calibration takes it, read with the "
-    "same data options).",
+    "same data options). LM folders: held-out UTF-8 text, perplexity is measured on (required).",
 )
 @click.option(
     "--evaluator",
@@ -106,6 +111,12 @@ def command(
     latency x accuracy drop x size, writes the fastest candidate within the budget (ties: the smaller)
     as a verified bundle, and searches its batch size and thread count for throughput under
     --max-latency. Every stage output and evaluation is cached: a re-run redoes nothing.
+
+    MODEL may be an exported LM folder (dlopt export --task text-generation) with --calibration TEXT and
+    --eval-data HELD_OUT_TEXT: the search runs over int4 schemes (RTN, GPTQ) x block size (32, 64, 128) x
+    4/8-bit mix, scores perplexity on the held-out text (--max-accuracy-drop: relative perplexity increase,
+    0.03 = +3 %), times decode tokens/s interleaved with the FP32 folder (onnxruntime-genai, one thread)
+    and bundles the fastest within the budget for onnxruntime-genai (docs/optimize.md).
     """
     from dlopt.api import OptimizeConfig, json_text, optimize_model, optimize_text, parse_duration
 

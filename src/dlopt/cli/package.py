@@ -60,7 +60,8 @@ from dlopt.cli._common import (
     default=None,
     metavar="SOURCE",
     help="Torch model of MODEL (reference name or path/file.py:build): also lower it to ExecuTorch "
-    ".pte programs for XNNPACK (needs dlopt[mobile]).",
+    ".pte programs for XNNPACK (needs dlopt[mobile]). An LM folder for mobile: the Hugging Face folder "
+    "(default: the one its export.json names).",
 )
 @click.option(
     "--pte",
@@ -68,7 +69,8 @@ from dlopt.cli._common import (
     default="fp32",
     show_default=True,
     help="Precisions of the .pte programs, comma-separated: fp32, int8 (static, calibrated: CNNs), "
-    "int8-dynamic (linear layers, activations quantized per run: transformers).",
+    "int8-dynamic (linear layers, activations quantized per run: transformers); for an LM folder fp32 or "
+    "8da4w (int4 weights in groups of 32, each on its min..max grid, int8 activations per run).",
 )
 @click.option(
     "--pte-int8-min-sqnr",
@@ -120,7 +122,8 @@ from dlopt.cli._common import (
     default=None,
     metavar="FOLDER",
     help="LM folder: the FP32 export it was made from; it generates for the same prompts, and the bundle "
-    "records how many first tokens agree and its speed against it (interleaved).",
+    "records how many first tokens agree and its speed against it (interleaved). Default: the source its "
+    "quantize.json names, where that folder is still there.",
 )
 @input_shape_option
 @data_options

@@ -46,14 +46,39 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
     "--eval-data",
     default=None,
     help="Held-out samples to measure fidelity on (same formats as --calibration). Default: the last "
-    "20 % of --calibration (at least 4, at most half and 32) are held out and not calibrated on.",
+    "samples of --calibration beyond its first 8 (at least 20 % and 4, at most half and --eval-samples) are "
+    "held out and not calibrated on.",
+)
+@click.option(
+    "--eval-samples",
+    type=COUNT,
+    default=32,
+    show_default=True,
+    help="Judge fidelity on at most N held-out samples (of --eval-data, or held out of --calibration). More "
+    "samples narrow the verdict's bound; each costs one run of the float and the quantized model.",
 )
 @click.option(
     "--holdout",
     type=FRACTION,
     default=0.2,
     show_default=True,
-    help="Share of the --calibration samples held out for the fidelity check (without --eval-data).",
+    help="Least share of the --calibration samples held out for the fidelity check (without --eval-data).",
+)
+@click.option(
+    "--verdict-confidence",
+    type=FRACTION,
+    default=0.95,
+    show_default=True,
+    help="The task metric's one-sided bound at this confidence, from a bootstrap over the held-out samples: "
+    "reported beside a model's estimate (not confirmed where it is below the floor), and what decides for a "
+    "model floor recovery chose among candidates compared on the same samples (Bonferroni over them). "
+    "0: estimates only.",
+)
+@click.option(
+    "--strict-verdict",
+    is_flag=True,
+    help="The bound decides for every model, not only for one recovery chose: refuse a model unless its "
+    "bound clears the floor (needs more samples: with 32, one top-1 miss fails a 0.95 floor).",
 )
 @click.option(
     "--min-sqnr",
@@ -120,6 +145,14 @@ def _names(values: tuple[str, ...]) -> tuple[str, ...]:
     type=ANY_NUMBER,
     default=None,
     help="The metric's floor (default: the metric table's, e.g. detection Jaccard 0.9, map 0.99).",
+)
+@click.option(
+    "--score-threshold",
+    type=FRACTION,
+    default=None,
+    help="The score your post-processing keeps detections above (detection metric; e.g. 0.5), or binarizes a "
+    "probability map at (map metric), so the verdict judges what you use. Default: 0.25 for detection, 0.3 "
+    "for maps.",
 )
 @click.option(
     "--evaluator",
@@ -195,7 +228,10 @@ def command(
     calibration,
     calibration_samples,
     eval_data,
+    eval_samples,
     holdout,
+    verdict_confidence,
+    strict_verdict,
     min_sqnr_db,
     no_recover,
     method,
@@ -211,6 +247,7 @@ def command(
     max_accuracy_drop,
     metric,
     metric_floor,
+    score_threshold,
     evaluator,
     smoothing,
     weight_rounding,
@@ -260,6 +297,7 @@ def command(
         evaluator=evaluator,
         metric=metric,
         metric_floor=metric_floor,
+        score_threshold=score_threshold,
         smoothing=smoothing,
         weight_rounding=weight_rounding,
         bias_correction=bias_correction,
@@ -270,6 +308,9 @@ def command(
         input_shapes=input_shapes,
         min_sqnr_db=min_sqnr_db,
         holdout=holdout,
+        fidelity_samples=eval_samples,
+        verdict_confidence=verdict_confidence,
+        strict_verdict=strict_verdict,
         recover=not no_recover,
     )
     calibration, eval_data = declared.specs(calibration, eval_data)

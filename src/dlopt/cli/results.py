@@ -1,7 +1,7 @@
 """The text the CLI prints for the results of dlopt.api's verbs: the API returns result objects and never
 prints; how they read in a terminal is the CLI's business (issue 23: api.py holds verbs only).
 
-Tables come from dlopt.report.format_table (a pure text module the CLI may import); the formatters a stage or
+Tables come from dlopt.tables.format_table (a pure text module the CLI may import); the formatters a stage or
 target owns for its own report (the verification summary, the mobile EP coverage rows) come through dlopt.api.
 """
 
@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from dlopt.report import format_table
+from dlopt.tables import format_table
 
 if TYPE_CHECKING:
     from dlopt.api import CacheListing, ModelEntry, PackageResult, RunResult
@@ -57,6 +57,12 @@ def package_text(result: PackageResult) -> str:
     return "\n".join(lines)
 
 
+def _reference_agreement(reference: dict[str, object], tokens: int) -> str:
+    text = f"first {reference['equal_prefix']}/{tokens} tokens"
+    gap = reference.get("logit_gap_where_they_part")
+    return text if gap is None else f"{text}, then its logit gap {gap:.2f}"
+
+
 def lm_package_text(result: PackageResult) -> str:
     """What `dlopt package` prints for an LM bundle: the samples, their agreement, the speed, the files."""
     m = result.manifest
@@ -67,7 +73,7 @@ def lm_package_text(result: PackageResult) -> str:
         text = s["text"].replace("\n", " ")
         rows.append(
             [i + 1, s["prompt"][:40], text[:60] + ("…" if len(text) > 60 else ""), f"{c['equal']}/{c['steps']} tokens"]
-            + ([f"first {s['reference']['equal_prefix']}/{len(s['tokens'])} tokens"] if g["reference"] else [])
+            + ([_reference_agreement(s["reference"], len(s["tokens"]))] if g["reference"] else [])
         )
     lines = [format_table(headers, rows)]
     for name, v in m["metrics"].items():

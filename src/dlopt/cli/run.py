@@ -15,7 +15,8 @@ from dlopt.console import heartbeat
     "--output",
     required=True,
     type=click.Path(),
-    help="Where to write the result: an .onnx model, or a bundle folder when the last stage is package.",
+    help="Where to write the result: an .onnx model, a bundle folder when the last stage is package (or "
+    "package-lm), an LM folder when it is int4-lm.",
 )
 @click.option(
     "--force",

@@ -68,7 +68,7 @@ from dlopt.gate.config import (
     ProgressFn,
     validate_config,
 )
-from dlopt.gate.report import format_markdown, format_text, junit_xml, write_outputs
+from dlopt.gate.outputs import format_markdown, format_text, junit_xml, write_outputs
 from dlopt.gate.result import GateCheck, GateResult, overall_verdict
 from dlopt.gate.run import MIN_SAMPLE_S, is_baseline_file, run_gate
 from dlopt.gate.sequential import LatencyOutcome, Look, judge, look_confidence, look_schedule, sequential_test

@@ -53,8 +53,8 @@ class GateResult:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def to_dict(self) -> dict[str, Any]:
-        from dlopt.report import environment
         from dlopt.stage import config_to_dict
+        from dlopt.tables import environment
 
         latency = None
         if self.latency is not None:

@@ -39,18 +39,18 @@ import numpy as np
 from dlopt.errors import InputError, VerificationError
 from dlopt.fileio import finite_for_json, guard_outputs, guard_source_spec, json_text, load_onnx
 from dlopt.manifest import MANIFEST_NAME, SAMPLES_NAME, SIGNATURE_NAME, file_entries
-from dlopt.package.build import _build_model, _copy_onnx, _parse_fix_shapes, _save_model
+from dlopt.package.build import build_model, copy_onnx, parse_fix_shapes, save_onnx
 from dlopt.package.bundle import check_bundle_path, finalize_bundle, is_bundle
 from dlopt.package.card import model_card, summary_table
 from dlopt.package.checks import (
-    _check_text,
-    _run_onnx,
-    _sample_inputs,
-    _write_samples,
+    check_failure_text,
     check_output,
     compare,
     read_samples,
+    run_onnx,
+    sample_inputs,
     verify_outputs,
+    write_samples,
 )
 from dlopt.package.config import (
     PACKAGE_TARGETS,
@@ -61,9 +61,9 @@ from dlopt.package.config import (
     builds,
     validate_config,
 )
-from dlopt.package.measure import _measure, length_sorting_latency, recommended_session
-from dlopt.package.pte import _build_pte, _load_torch_source
-from dlopt.package.record import _calibration_record, _coverage_summary, _manifest, _roles, _stage_reports
+from dlopt.package.measure import bundle_latency, length_sorting_latency, recommended_session
+from dlopt.package.pte import build_pte, load_torch_source
+from dlopt.package.record import build_manifest, calibration_record, coverage_summary, file_roles, stage_reports
 
 
 def _relaxed_outputs(model, label: str):
@@ -124,15 +124,15 @@ def package(
     from dlopt.targets.mobile import external_data_files
 
     name = config.name or (source_path.name[:-5] if source_path.name.endswith(".onnx") else source_path.stem)
-    fixed = dict(_parse_fix_shapes(config.fix_shapes))
+    fixed = dict(parse_fix_shapes(config.fix_shapes))
     model = source
     if fixed:
         from dlopt.targets.mobile import fix_shapes
 
         model = fix_shapes(source, fixed)
         log(f"fixed input shapes: {', '.join(f'{k}={list(v)}' for k, v in fixed.items())}")
-    calibration = _calibration_record(config.calibration, source_path)
-    stage_configs = _stage_reports(source_path)
+    calibration = calibration_record(config.calibration, source_path)
+    stage_configs = stage_reports(source_path)
     if calibration is None:
         calibration = next(
             (
@@ -142,7 +142,10 @@ def package(
             ),
             None,
         )
-    torch_source = _load_torch_source(config) if config.torch_source else None  # fail early on a bad source
+    lm_only = [p for p in config.pte_precisions if p not in PTE_PRECISIONS]
+    if lm_only:
+        raise InputError(f".pte precision {lm_only[0]} is for LM folders", f"choose from {', '.join(PTE_PRECISIONS)}")
+    torch_source = load_torch_source(config) if config.torch_source else None  # fail early on a bad source
     if data is None and calibration_spec is not None and (calibration_spec.layout or calibration_spec.values):
         # generated samples put the batch on axis 0 and know no constants: the declared data does
         from dlopt.data import data_arrays
@@ -157,17 +160,17 @@ def package(
             prepared = work / "prepared.onnx"
             relaxed, relaxed_outputs = _relaxed_outputs(model, source_path.name)
             if fixed or relaxed is not None:
-                _save_model(relaxed if relaxed is not None else model, prepared)
+                save_onnx(relaxed if relaxed is not None else model, prepared)
             else:
-                _copy_onnx(source_path, prepared, external_data_files(source))
-            built = _build_model(prepared, staging, config, log)
-            feeds_list = _sample_inputs(prepared, config, data)
-            expected = _run_onnx(prepared, feeds_list)
+                copy_onnx(source_path, prepared, external_data_files(source))
+            built = build_model(prepared, staging, config, log)
+            feeds_list = sample_inputs(prepared, config, data)
+            expected = run_onnx(prepared, feeds_list)
             if relaxed_outputs:
                 from dlopt.sessions import produced_notes
 
                 produced_notes(relaxed_outputs, expected[0], source_path.name)
-            _write_samples(staging / SAMPLES_NAME, feeds_list, expected)
+            write_samples(staging / SAMPLES_NAME, feeds_list, expected)
             log(f"verifying {built['file']} against {source_path.name} on {len(feeds_list)} sample(s)")
             checks = verify_outputs(
                 staging / built["file"],
@@ -185,10 +188,10 @@ def package(
                 sample_shapes = {k: list(v.shape) for k, v in feeds_list[0].items()}
                 report = coverage_report(model, sample_shapes=sample_shapes, model_label=str(source_path))
                 (staging / "coverage.json").write_text(json_text(report))  # staging is private: no temp needed
-                coverage = _coverage_summary(report)
+                coverage = coverage_summary(report)
             artifacts, pte_checks, pte_programs = [], [], []
             if torch_source is not None:
-                artifacts, pte_checks, pte_programs = _build_pte(
+                artifacts, pte_checks, pte_programs = build_pte(
                     torch_source, staging, config, feeds_list, expected, log, source_path
                 )
             checks += pte_checks
@@ -196,13 +199,13 @@ def package(
             if failed:
                 raise VerificationError(
                     "the packaged artifacts do not match the source ONNX model: "
-                    + "; ".join(f"{c['artifact']} {c['output']}: {_check_text(c)}" for c in failed),
+                    + "; ".join(f"{c['artifact']} {c['output']}: {check_failure_text(c)}" for c in failed),
                     "nothing was written; loosen {atol=TOL}/{rtol=TOL} (ORT model) or the int8 .pte SQNR floor (an "
                     "int8 .pte against an int8 MODEL compares two different quantizations) only if the difference is "
                     "expected",
                 )
             metrics = (
-                _measure(staging / built["file"], built, config, feeds_list[0], pte_programs, log)
+                bundle_latency(staging / built["file"], built, config, feeds_list[0], pte_programs, log)
                 if config.measure_s > 0
                 else {}
             )
@@ -211,7 +214,7 @@ def package(
                 if config.measure_s > 0
                 else None
             )
-        manifest = _manifest(
+        manifest = build_manifest(
             name=name,
             config=config,
             source_path=source_path,
@@ -243,7 +246,7 @@ def package(
 
             manifest["signature"] = signer_record(private_key)
         (staging / "README.md").write_text(model_card(manifest, coverage_report_path=staging / "coverage.json"))
-        manifest["files"] = file_entries(staging, _roles(staging, built, artifacts))
+        manifest["files"] = file_entries(staging, file_roles(staging, built, artifacts))
         manifest = finite_for_json(manifest)
         manifest_bytes = json_text(manifest).encode()
         (staging / MANIFEST_NAME).write_bytes(manifest_bytes)

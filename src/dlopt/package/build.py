@@ -14,7 +14,8 @@ from dlopt.fileio import load_onnx
 from dlopt.package.config import Log, PackageConfig, builds
 
 
-def _parse_fix_shapes(texts: Iterable[str]) -> list[tuple[str, tuple[int, ...]]]:
+def parse_fix_shapes(texts: Iterable[str]) -> list[tuple[str, tuple[int, ...]]]:
+    """(input name, shape) of each --fix-shape NAME=DIMS text; an input named twice is an InputError."""
     from dlopt.targets.mobile import parse_fix_shape
 
     parsed = [parse_fix_shape(t) for t in texts]
@@ -24,20 +25,22 @@ def _parse_fix_shapes(texts: Iterable[str]) -> list[tuple[str, tuple[int, ...]]]
     return parsed
 
 
-def _save_model(model, path: Path) -> None:
+def save_onnx(model, path: Path) -> None:
+    """Write `model` to `path`, its weights to PATH.data when it is over protobuf's 2 GiB."""
     import onnx
 
     large = model.ByteSize() > 2**31 - 1
     onnx.save_model(model, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
 
 
-def _copy_onnx(src: Path, dst: Path, external: Sequence[str]) -> None:
+def copy_onnx(src: Path, dst: Path, external: Sequence[str]) -> None:
+    """Copy the model file `src` to `dst` with its external data files (names relative to its folder)."""
     shutil.copyfile(src, dst)
     for location in external:
         shutil.copyfile(src.parent / location, dst.parent / location)
 
 
-def _build_model(prepared: Path, staging: Path, config: PackageConfig, log: Log) -> dict[str, Any]:
+def build_model(prepared: Path, staging: Path, config: PackageConfig, log: Log) -> dict[str, Any]:
     """Write the model in the target's form into the staging folder."""
     if builds(config, "ort"):
         from dlopt.targets.mobile import SESSION_CONFIG_FOR_STYLE, STYLE_FOR_EP, to_ort_format

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dlopt.manifest import SAMPLES_NAME
-from dlopt.report import format_markdown_table, format_table
+from dlopt.tables import format_markdown_table, format_table
 
 
 def _loading_section(m: Mapping[str, Any]) -> list[str]:

@@ -12,17 +12,19 @@ import numpy as np
 
 from dlopt.errors import VerificationError
 from dlopt.fileio import load_onnx
-from dlopt.package.config import PackageConfig, _is_reference
+from dlopt.package.config import PackageConfig
 
 
-def _sample_inputs(
+def sample_inputs(
     model_path: Path, config: PackageConfig, data: Mapping[str, np.ndarray] | None
 ) -> list[dict[str, np.ndarray]]:
+    """The sample inputs a bundle is checked on: `data`, else a reference model's real examples, else
+    synthetic feeds within the model's value ranges."""
     from dlopt.fileio import load_onnx
     from dlopt.inputs import feeds_from_arrays, parse_input_shapes, session_inputs, synthetic_feeds, value_ranges
     from dlopt.sessions import trial_run
 
-    session = _session(model_path, {})
+    session = bundle_session(model_path, {})
     specs = session_inputs(session)
     if data is not None:
         return [feeds_from_arrays(specs, data, "--data")]
@@ -46,9 +48,10 @@ def _reference_samples(config: PackageConfig, specs) -> list[dict[str, np.ndarra
     fit the ONNX model's inputs). An int8 .pte is calibrated on real data and must be checked on it:
     on N(0, 1) noise images EfficientNet-Lite0's int8 program measured 12.7 dB against the 15 dB
     floor (top-1 still agreeing), a property of the noise, not of the program."""
-    if not (config.torch_source and _is_reference(config.torch_source)):
+    from dlopt.models import REFERENCE_MODELS, get_reference_model
+
+    if not (config.torch_source and config.torch_source in REFERENCE_MODELS):
         return None
-    from dlopt.models import get_reference_model
 
     example = get_reference_model(config.torch_source).example_inputs(
         batch=config.batch * config.samples, seq_len=config.seq_len
@@ -63,7 +66,8 @@ def _reference_samples(config: PackageConfig, specs) -> list[dict[str, np.ndarra
     ]
 
 
-def _session(model: Path, session_config: Mapping[str, str], threads: int = 1):
+def bundle_session(model: Path, session_config: Mapping[str, str], threads: int = 1):
+    """A CPU session on a model the bundle holds or checks against; a file that does not load is a VerificationError."""
     from dlopt.sessions import cpu_session
 
     return cpu_session(
@@ -76,13 +80,15 @@ def _session(model: Path, session_config: Mapping[str, str], threads: int = 1):
     )
 
 
-def _run_onnx(model_path: Path, feeds_list: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    session = _session(model_path, {})
+def run_onnx(model_path: Path, feeds_list: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The model's outputs ({name: array}) on each of `feeds_list`."""
+    session = bundle_session(model_path, {})
     names = [o.name for o in session.get_outputs()]
     return [dict(zip(names, session.run(None, dict(feeds)))) for feeds in feeds_list]
 
 
-def _write_samples(path: Path, feeds_list, expected) -> None:
+def write_samples(path: Path, feeds_list, expected) -> None:
+    """Write the sample inputs and their expected outputs to the .npz at `path` (read back by read_samples)."""
     arrays = {}
     for k, (feeds, outs) in enumerate(zip(feeds_list, expected)):
         arrays.update({f"sample{k}.input.{n}": v for n, v in feeds.items()})
@@ -92,7 +98,7 @@ def _write_samples(path: Path, feeds_list, expected) -> None:
 
 
 def read_samples(path: Path) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
-    """Inverse of _write_samples: (inputs per sample, expected outputs per sample)."""
+    """Inverse of write_samples: (inputs per sample, expected outputs per sample)."""
     inputs: dict[int, dict[str, np.ndarray]] = {}
     expected: dict[int, dict[str, np.ndarray]] = {}
     with np.load(path, allow_pickle=False) as archive:
@@ -148,18 +154,19 @@ def verify_outputs(
     model: Path, session_config: Mapping[str, str], feeds_list, expected, criterion, *, artifact: str
 ) -> list[dict[str, Any]]:
     """Run the packaged ONNX/ORT model on each sample; one check per output over all samples."""
-    session = _session(model, session_config)
+    session = bundle_session(model, session_config)
     names = [o.name for o in session.get_outputs()]
     got = [dict(zip(names, session.run(None, dict(feeds)))) for feeds in feeds_list]
-    return _checks(artifact, got, expected, criterion)
+    return output_checks(artifact, got, expected, criterion)
 
 
-def _checks(
+def output_checks(
     artifact: str,
     got: Sequence[Mapping[str, np.ndarray]],
     expected: Sequence[Mapping[str, np.ndarray]],
     criterion: Mapping[str, float],
 ) -> list[dict[str, Any]]:
+    """One check per output of `artifact` over all samples: `got` against `expected` by `criterion`."""
     checks = []
     for output in expected[0]:
         if any(output not in g for g in got):
@@ -185,7 +192,8 @@ def _checks(
     return checks
 
 
-def _check_text(check: Mapping[str, Any]) -> str:
+def check_failure_text(check: Mapping[str, Any]) -> str:
+    """Why one output check failed, in a line."""
     if "detail" in check:
         return check["detail"]
     if "shape_mismatch" in check:
@@ -196,7 +204,7 @@ def _check_text(check: Mapping[str, Any]) -> str:
     return f"max |diff| {check['max_abs_diff']:.3g} beyond atol={crit['atol']:g}, rtol={crit['rtol']:g}"
 
 
-def _load_calibration(spec, model_path: Path, limit: int | None = None):
+def load_calibration(spec, model_path: Path, limit: int | None = None):
     """The calibration data of MODEL (a source text or a dlopt.data.DataSpec), read for its inputs."""
     from dlopt.data import load_data
 

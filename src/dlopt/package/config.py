@@ -14,6 +14,8 @@ from dlopt.targets import capabilities, target_names
 # The targets `dlopt package` builds a bundle for: those that declare package formats.
 PACKAGE_TARGETS = tuple(target_names(package=True))
 PTE_PRECISIONS = ("fp32", "int8", "int8-dynamic")  # int8-dynamic: linear layers, activations per run
+# LM bundles (dlopt.optimize.executorch_lm): fp32 or 8da4w (int4 weights in groups, int8 activations per run)
+LM_PTE_PRECISIONS = ("fp32", "8da4w")
 Log = Callable[[str], None]
 
 
@@ -102,9 +104,12 @@ def validate_config(config: PackageConfig) -> None:
         raise InputError(f"threads must be at least 1, got {config.threads}", "pass {threads=1} or more")
     if config.measure_s < 0:
         raise InputError(f"measure time must be non-negative, got {config.measure_s}", "pass 0 to skip measuring")
-    bad = [p for p in config.pte_precisions if p not in PTE_PRECISIONS]
+    bad = [p for p in config.pte_precisions if p not in PTE_PRECISIONS + LM_PTE_PRECISIONS]
     if bad:
-        raise InputError(f"unknown .pte precision(s) {bad}", f"choose from {', '.join(PTE_PRECISIONS)}")
+        raise InputError(
+            f"unknown .pte precision(s) {bad}",
+            f"choose from {', '.join(PTE_PRECISIONS)} ({', '.join(LM_PTE_PRECISIONS)} for an LM folder)",
+        )
     from dlopt.optimize.pt2e import WEIGHT_ROUNDINGS  # the PT2E lowering's
 
     if config.pte_weight_rounding not in WEIGHT_ROUNDINGS:
@@ -117,9 +122,3 @@ def validate_config(config: PackageConfig) -> None:
             f"a torch source (ExecuTorch/XNNPACK programs) is for {pte_targets}",
             f"use {pte_targets}, or drop {{torch_source=SOURCE}}",
         )
-
-
-def _is_reference(name: str | None) -> bool:
-    from dlopt.models import REFERENCE_MODELS
-
-    return name in REFERENCE_MODELS

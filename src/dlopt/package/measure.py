@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from dlopt.package.checks import _session
+from dlopt.package.checks import bundle_session
 from dlopt.package.config import Log, PackageConfig
 
 
-def _threads(config: PackageConfig) -> int:
+def bundle_threads(config: PackageConfig) -> int:
     """Intra-op threads the bundle is measured with and recommends: --threads, else the target's own
     (phone-like for mobile, 1 otherwise)."""
     if config.threads:
@@ -29,7 +29,7 @@ def recommended_session(built: Mapping[str, Any], config: PackageConfig) -> dict
 
     return {
         "session_config": {**SESSION_CONFIG, **built["session_config"]},
-        "intra_op_num_threads": _threads(config),
+        "intra_op_num_threads": bundle_threads(config),
         "inter_op_num_threads": 1,
         "first_session_rule": "ONNX Runtime applies session.set_denormal_as_zero to a session's intra-op pool "
         "threads, but to the thread that creates sessions only from the process's FIRST "
@@ -38,7 +38,7 @@ def recommended_session(built: Mapping[str, Any], config: PackageConfig) -> dict
     }
 
 
-def _measure(
+def bundle_latency(
     model_file: Path,
     built: Mapping[str, Any],
     config: PackageConfig,
@@ -57,10 +57,10 @@ def _measure(
     if not available:
         log(f"no latency for target {config.target}: {reason}")
         return metrics
-    threads = _threads(config)
+    threads = bundle_threads(config)
     handle = target.create_session(model_file, threads=threads) if not built["session_config"] else None
     if handle is None:  # Runtime-style ORT models need their session config: the CPU EP, as the mobile target
-        session = _session(model_file, built["session_config"], threads)
+        session = bundle_session(model_file, built["session_config"], threads)
         run = lambda: session.run(None, dict(feeds))  # noqa: E731
     else:
         run = target.bind(handle, feeds)
@@ -77,8 +77,8 @@ def _measure(
         "note": target.description,
         "machine": machine_fingerprint(threads, target),
     }
-    if pte_programs:  # loaded with a one-thread ExecuTorch pool (_build_pte)
-        one = _session(model_file, built["session_config"], 1)
+    if pte_programs:  # loaded with a one-thread ExecuTorch pool (build_pte)
+        one = bundle_session(model_file, built["session_config"], 1)
         runners = [lambda: one.run(None, dict(feeds))] + [(lambda p=p: p.run(feeds)) for _, p in pte_programs]
         log(f"measuring ORT vs ExecuTorch/XNNPACK, one thread, interleaved ({config.measure_s:g} s)")
         sampler = InterleavedSampler(runners)

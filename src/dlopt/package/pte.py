@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from dlopt.package.checks import _checks, _load_calibration
-from dlopt.package.config import Log, PackageConfig, _is_reference
+from dlopt.package.checks import load_calibration, output_checks
+from dlopt.package.config import Log, PackageConfig
 
 
-def _load_torch_source(config: PackageConfig):
+def load_torch_source(config: PackageConfig):
+    """The torch source of --torch-source, loaded (ExecuTorch required)."""
     from dlopt.targets.xnnpack import require_executorch
 
     require_executorch()
@@ -27,7 +28,9 @@ def _load_torch_source(config: PackageConfig):
     return load_source(config.torch_source)
 
 
-def _build_pte(source, staging: Path, config: PackageConfig, feeds_list, expected, log: Log, model_path: Path):
+def build_pte(source, staging: Path, config: PackageConfig, feeds_list, expected, log: Log, model_path: Path):
+    """Lower `source` to a .pte per precision in `staging`, each checked against `expected`:
+    (artifacts, checks, programs)."""
     from dlopt.optimize.pt2e import lower_to_pte
     from dlopt.targets.xnnpack import PteProgram
 
@@ -54,13 +57,13 @@ def _build_pte(source, staging: Path, config: PackageConfig, feeds_list, expecte
         )
         lower_s = time.perf_counter() - started
         (staging / file_name).write_bytes(data)
-        # one thread: the latency is compared with ORT's on one thread (see _measure)
+        # one thread: the latency is compared with ORT's on one thread (see bundle_latency)
         program = PteProgram(staging / file_name, input_names, threads=1)
         got = [program.run(feeds) for feeds in feeds_list]
         output_names = list(expected[0])
         got_named = [dict(zip(output_names, outs)) for outs in got]
         floor = config.pte_fp32_min_sqnr_db if precision == "fp32" else config.pte_int8_min_sqnr_db
-        checks += _checks(file_name, got_named, expected, {"min_sqnr_db": floor})
+        checks += output_checks(file_name, got_named, expected, {"min_sqnr_db": floor})
         artifacts.append(
             {
                 "file": file_name,
@@ -85,12 +88,14 @@ def _pte_calibration(source, config: PackageConfig, feeds_list, model_path: Path
     (at the samples' shapes where it has a sequence axis), else the samples."""
     if "int8" not in config.pte_precisions:
         return []
+    from dlopt.models import REFERENCE_MODELS
+
     shapes = {k: v.shape for k, v in feeds_list[0].items()}
-    spec = config.calibration or (f"model:{config.torch_source}" if _is_reference(config.torch_source) else None)
+    spec = config.calibration or (f"model:{config.torch_source}" if config.torch_source in REFERENCE_MODELS else None)
     if spec is None:
         return [dict(f) for f in feeds_list]
     feeds = []
-    for sample in _load_calibration(spec, model_path, limit=config.pte_calibration_samples):
+    for sample in load_calibration(spec, model_path, limit=config.pte_calibration_samples):
         fitted = _fit_to_shapes(sample, shapes)
         if fitted is not None:
             feeds.append(fitted)

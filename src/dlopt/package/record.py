@@ -15,13 +15,14 @@ import numpy as np
 import dlopt
 from dlopt.fileio import load_onnx
 from dlopt.manifest import SAMPLES_NAME, SCHEMA_NAME, SCHEMA_VERSION, sha256_file
-from dlopt.package.checks import _load_calibration
+from dlopt.package.checks import load_calibration
 from dlopt.package.measure import recommended_session
-from dlopt.report import environment
 from dlopt.stage import config_to_dict
+from dlopt.tables import environment
 
 
-def _tensor_infos(values) -> list[dict[str, Any]]:
+def tensor_infos(values) -> list[dict[str, Any]]:
+    """Name, dtype and shape (dim_param names for symbolic axes) of each ONNX ValueInfo."""
     from onnx import helper
 
     infos = []
@@ -33,7 +34,7 @@ def _tensor_infos(values) -> list[dict[str, Any]]:
     return infos
 
 
-def _manifest(
+def build_manifest(
     *,
     name,
     config,
@@ -51,6 +52,7 @@ def _manifest(
     artifacts,
     staging,
 ) -> dict[str, Any]:
+    """The manifest's content; its file entries are filled in last, once every file is written."""
     import onnxruntime as ort
 
     from dlopt.targets.mobile import external_data_files
@@ -88,8 +90,8 @@ def _manifest(
         },
         "opset": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
         "ir_version": model.ir_version,
-        "inputs": _tensor_infos([i for i in model.graph.input if i.name not in inits]),
-        "outputs": _tensor_infos(model.graph.output),
+        "inputs": tensor_infos([i for i in model.graph.input if i.name not in inits]),
+        "outputs": tensor_infos(model.graph.output),
         "source": {
             "file": source_path.name,
             "sha256": sha256_file(source_path),
@@ -113,7 +115,8 @@ def _manifest(
     }
 
 
-def _roles(staging: Path, built: Mapping[str, Any], artifacts) -> dict[str, str]:
+def file_roles(staging: Path, built: Mapping[str, Any], artifacts) -> dict[str, str]:
+    """The manifest's role of each bundle file (model, samples, model-card, ...)."""
     roles = {
         built["file"]: "model",
         SAMPLES_NAME: "samples",
@@ -126,7 +129,8 @@ def _roles(staging: Path, built: Mapping[str, Any], artifacts) -> dict[str, str]
     return roles
 
 
-def _coverage_summary(report: Mapping[str, Any]) -> dict[str, Any]:
+def coverage_summary(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest's digest of a mobile coverage report (per EP: supported share, partitions, verdict)."""
     eps = {}
     for ep, cov in report["eps"].items():
         eps[ep] = {
@@ -138,7 +142,7 @@ def _coverage_summary(report: Mapping[str, Any]) -> dict[str, Any]:
     return {"file": "coverage.json", "eps": eps, "dynamic_inputs": report["dynamic_inputs"], "advice": report["advice"]}
 
 
-def _stage_reports(source_path: Path) -> dict[str, Any]:
+def stage_reports(source_path: Path) -> dict[str, Any]:
     """Configs of the stages that made the model, from their JSON reports beside it (NAME.<stage>.json)."""
     stem = source_path.name[:-5] if source_path.name.endswith(".onnx") else source_path.stem
     found = {}
@@ -157,14 +161,14 @@ def _stage_reports(source_path: Path) -> dict[str, Any]:
     return found
 
 
-def _calibration_record(spec, model_path: Path) -> dict[str, Any] | None:
+def calibration_record(spec, model_path: Path) -> dict[str, Any] | None:
     """A content hash of the calibration samples (names, dtypes, shapes, bytes, in order), so the
     same data in another file format or folder hashes the same."""
     if spec is None:
         return None
     import hashlib
 
-    data = _load_calibration(spec, model_path)
+    data = load_calibration(spec, model_path)
     digest = hashlib.sha256()
     count = 0
     for sample in data:

@@ -247,3 +247,71 @@ def prune_candidates(source: str, *, torch_source: bool, asked: bool = True) -> 
         )
         for ratio in PRUNE_RATIOS
     ], []
+
+
+# -- exported LM folders (`dlopt optimize LM_FOLDER`): the int4-lm stage's schemes --------------------------
+
+LM_SCHEMES = ("rtn", "gptq")  # dlopt.optimize.quantize_lm's algorithms (GPTQ needs calibration text)
+LM_BLOCK_SIZES = (32, 64, 128)  # weights per scale along K: larger blocks are smaller and no slower
+LM_MIX_HEADROOM = 0.10  # a mixed 4/8-bit candidate may be this much larger than its all-4-bit form
+LM_MIX_TRIES = 2  # mixed 4/8-bit forms tried: those of the lowest-drop all-4-bit candidates
+
+
+def lm_block_sizes(matmul_rows: Sequence[int]) -> tuple[list[int], list[Skipped]]:
+    """The LM_BLOCK_SIZES that divide the K (rows) of every weight MatMul, and a Skipped for each other: a
+    block across K's end is padded, and a tied embedding cannot share the LM head's padded codes (SmolLM2,
+    hidden 576, at 128). The smallest size is always kept, as quantize_lm's own block-size search does."""
+    kept: list[int] = []
+    left: list[Skipped] = []
+    for block in LM_BLOCK_SIZES:
+        bad = sorted({k for k in matmul_rows if k % block})
+        if bad and block != min(LM_BLOCK_SIZES):
+            left.append(
+                Skipped(
+                    f"int4 blocks of {block}",
+                    f"{block} does not divide the MatMul rows {', '.join(map(str, bad))}: its blocks would be "
+                    "padded (a tied embedding cannot share padded codes)",
+                )
+            )
+        else:
+            kept.append(block)
+    return kept, left
+
+
+def lm_candidates(block_sizes: Sequence[int] = LM_BLOCK_SIZES) -> list[Candidate]:
+    """Every int4 scheme x block size of an LM folder, all MatMuls at 4 bits, cheapest first so that the
+    time budget drops the costly ones: round-to-nearest (about a minute for SmolLM2-135M here), largest
+    block first, then GPTQ (about ten: Hessians from calibration text, error-compensating rounding),
+    smallest block first (the most accurate). Asymmetric blocks with fractional zero points (quantize_lm's
+    default); the embedding shares the LM head's codes where they are tied."""
+    found = []
+    for scheme in LM_SCHEMES:
+        blocks = sorted(block_sizes, reverse=scheme == "rtn")
+        for block in blocks:
+            found.append(
+                Candidate(
+                    f"int4-{scheme}-b{block}",
+                    "int4",
+                    (StageDesc("int4-lm", {"algorithm": scheme, "block_size": block}),),
+                    f"4-bit {scheme.upper()}, blocks of {block}, every MatMul at 4 bits",
+                )
+            )
+    return found
+
+
+def lm_mixed(candidate: Candidate, all_four_bytes: int) -> Candidate:
+    """`candidate` mixed 4/8-bit: quantize_lm's max_size_mb at LM_MIX_HEADROOM over its all-4-bit size, so
+    the layers whose 4-bit weights raise calibration perplexity the most (measured, not by name) go to 8 bits
+    while the budget allows."""
+    budget_mb = round(all_four_bytes * (1 + LM_MIX_HEADROOM) / 1e6, 3)
+    stages = tuple(
+        StageDesc(s.kind, {**s.config, "max_size_mb": budget_mb}) if s.kind == "int4-lm" else s
+        for s in candidate.stages
+    )
+    return Candidate(
+        f"{candidate.name}-mix",
+        candidate.precision,
+        stages,
+        f"{candidate.why.replace(', every MatMul at 4 bits', '')}; the layers with the largest measured "
+        f"perplexity effect at 8 bits within {budget_mb:g} MB (+{LM_MIX_HEADROOM:.0%} over all 4-bit)",
+    )

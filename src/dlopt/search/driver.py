@@ -33,10 +33,14 @@ from typing import Any
 
 from dlopt.errors import InputError, VerificationError
 from dlopt.search.candidates import (
+    LM_MIX_TRIES,
     Candidate,
     Skipped,
     StageDesc,
     base_candidates,
+    lm_block_sizes,
+    lm_candidates,
+    lm_mixed,
     prune_candidates,
     removal_text,
     trimmed,
@@ -153,9 +157,12 @@ class _Clock:
 def _context(model: str, config: OptimizeConfig, cache_root: Path) -> tuple[SearchContext, str]:
     """The search context for MODEL (an .onnx path, a reference model name or a torch source) and
     a description of its data."""
+    from dlopt.lm import is_lm_folder
     from dlopt.manifest import artifact_hash
     from dlopt.recipe import source_hash
 
+    if is_lm_folder(model):
+        return _lm_context(model, config, cache_root)
     if model.endswith(".onnx"):
         path = Path(model).expanduser().resolve()
         if not path.is_file():
@@ -222,6 +229,69 @@ def _context(model: str, config: OptimizeConfig, cache_root: Path) -> tuple[Sear
         name=config.name or model.rpartition(":")[0].rsplit("/", 1)[-1].removesuffix(".py"),
     )
     return ctx, f"calibration {config.calibration}"
+
+
+def _lm_context(model: str, config: OptimizeConfig, cache_root: Path) -> tuple[SearchContext, str]:
+    """The search context of an exported LM folder: its candidates are calibrated on --calibration text and
+    scored by perplexity on --eval-data text (held out: another file) against the folder itself. Every
+    input problem is found here, before any candidate runs."""
+    from dlopt.genai import check_lm_folder
+    from dlopt.lm import read_text_tokens
+    from dlopt.manifest import artifact_hash
+    from dlopt.optimize.quantize_lm import QuantizeLm
+    from dlopt.search.scoring import LM_EVALUATOR, lm_text
+
+    folder = check_lm_folder(model)  # a tokenizer and a decoder the genai config names
+    path = Path(folder.path).resolve()
+    if config.evaluator not in (None, LM_EVALUATOR):
+        raise InputError(
+            f"{model} is an LM folder: candidates are scored by held-out perplexity, not {config.evaluator}",
+            "drop --evaluator (or pass --evaluator perplexity)",
+        )
+    if config.calibration is None:
+        raise InputError(
+            f"{model}: no calibration text for the 4-bit candidates (GPTQ and the 8-bit layer choice read it)",
+            "pass --calibration TEXT.txt (UTF-8 text like the model's inputs)",
+        )
+    if config.eval_data is None:
+        raise InputError(
+            f"{model}: no held-out text to measure perplexity on",
+            "pass --eval-data HELD_OUT.txt (UTF-8 text, never the calibration text)",
+        )
+    calibration, held_out = lm_text(config.calibration, "--calibration"), lm_text(config.eval_data, "--eval-data")
+    if Path(calibration).resolve() == Path(held_out).resolve():
+        raise InputError(
+            f"--eval-data {held_out} is the calibration text: its perplexity would not be held out",
+            "give another text file as --eval-data",
+        )
+    window = QuantizeLm().window
+    tokens = read_text_tokens(path, calibration, "calibration text")
+    if tokens.shape[0] < 3 * window:  # quantize_lm's least: two calibration windows and one held out
+        raise InputError(
+            f"the calibration text {calibration} has {tokens.shape[0]} tokens, too few for 3 windows of {window}",
+            f"give at least {3 * window} tokens of text (more calibrates better: {18 * window})",
+        )
+    read_text_tokens(path, held_out, "held-out text")  # readable UTF-8; its length is checked on FP32's score
+    import onnx
+
+    graph = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    if any(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in graph.graph.node):
+        raise InputError(
+            f"{model} is already quantized", "optimize the fp32 export (dlopt export --task text-generation)"
+        )
+    ctx = SearchContext(
+        source=str(path),
+        torch_source=False,
+        source_id=artifact_hash(path),
+        target=config.target,
+        calibration=calibration,
+        eval_data=held_out,
+        evaluator=LM_EVALUATOR,
+        cache_root=str(cache_root),
+        name=config.name or path.name,
+        lm=True,
+    )
+    return ctx, f"calibration text {calibration}, held-out text {held_out}"
 
 
 # --------------------------------------------------------------------------- evaluating
@@ -439,6 +509,133 @@ def _server_search(
 # --------------------------------------------------------------------------- the search
 
 
+def _search_onnx(
+    executor,
+    ctx: SearchContext,
+    config: OptimizeConfig,
+    base: Evaluated,
+    fp32: Candidate,
+    clock: _Clock,
+    deadline: float,
+    planned: dict[str, str],
+    drop_of: Callable[[Evaluated], float | None],
+) -> tuple[dict[str, Evaluated], list[Skipped], dict[str, Candidate], dict[str, Any]]:
+    """The candidates of an ONNX model or torch source (base_candidates, INT8 float-node retries, trimmed
+    forms, prune ratios), applied and scored. Returns the evaluations (FP32's first), what was skipped,
+    the candidates by name and the padding-removal check."""
+    from dlopt.fileio import load_onnx
+    from dlopt.graphfacts import looks_like_transformer
+
+    max_drop = config.max_accuracy_drop
+    assert base.artifact is not None, "optimize refuses an FP32 source it could not score"
+    transformer = looks_like_transformer(load_onnx(base.artifact, load_external_data=False))
+    trim = trim_check(ctx, str(base.artifact), str(base.output_sha256))  # base.ok: both are set
+    clock.log(_trim_line(trim))
+    candidates = base_candidates(target=ctx.target, transformer=transformer, untrimmed=trim["applies"])[1:]
+    if trim["applies"]:  # FP32 trimmed first: it needs no quantization, and the time budget drops the last first
+        candidates = [_trimmed(trim, fp32), *candidates]
+    evaluated, skipped = _evaluate_all(executor, ctx, candidates, clock, deadline, planned)
+    evaluated = {"fp32": base, **evaluated}
+    all_candidates = {c.name: c for c in [fp32, *candidates]}
+
+    # an INT8 candidate scored over the budget (one that ran but has no score has no drop to compare)
+    over_drops = {
+        c.name: drop
+        for c in candidates
+        if c.precision == "int8"
+        and c.name in evaluated
+        and evaluated[c.name].ok
+        and (drop := drop_of(evaluated[c.name])) is not None
+        and drop > max_drop
+    }
+    over = sorted((c for c in candidates if c.name in over_drops), key=lambda c: over_drops[c.name])
+    if over:
+        retries = [
+            with_exclusions(c, max_drop_metric=max_drop, evaluator=ctx.evaluator) for c in over[:EXCLUSION_TRIES]
+        ]
+        more, more_skipped = _evaluate_all(executor, ctx, retries, clock, deadline, planned)
+        evaluated.update(more)
+        skipped += more_skipped
+        all_candidates.update({c.name: c for c in retries})
+    else:
+        skipped.append(
+            Skipped(
+                "int8 float-node exclusions",
+                "no INT8 candidate missed the accuracy budget: keeping nodes in float could only make one slower",
+            )
+        )
+    if trim["applies"]:  # after the retries: a retry within budget gets its trimmed form too
+        variants, not_trimmed = _trimmed_variants(
+            trim,
+            [all_candidates[n] for n in evaluated if n != "fp32" and untrimmed_name(n) is None],
+            evaluated,
+            drop_of,
+            max_drop,
+        )
+        more, more_skipped = _evaluate_all(executor, ctx, variants, clock, deadline, planned)
+        evaluated.update(more)
+        skipped += more_skipped + not_trimmed
+        all_candidates.update({c.name: c for c in variants})
+    else:
+        skipped.append(Skipped("trim-padding", f"padding removal does not apply: {trim['reason']}"))
+    pruned, not_pruned = prune_candidates(ctx.source, torch_source=ctx.torch_source, asked=config.search_pruning)
+    skipped += not_pruned
+    if pruned:  # last: the costliest (training), so the time budget drops them first
+        more, more_skipped = _evaluate_all(executor, ctx, pruned, clock, deadline, planned)
+        evaluated.update(more)
+        skipped += more_skipped
+        all_candidates.update({c.name: c for c in pruned})
+    return evaluated, skipped, all_candidates, trim
+
+
+def _search_lm(
+    executor,
+    ctx: SearchContext,
+    config: OptimizeConfig,
+    base: Evaluated,
+    fp32: Candidate,
+    clock: _Clock,
+    deadline: float,
+    planned: dict[str, str],
+    drop_of: Callable[[Evaluated], float | None],
+) -> tuple[dict[str, Evaluated], list[Skipped], dict[str, Candidate], dict[str, Any]]:
+    """The candidates of an exported LM folder: every int4 scheme x block size (lm_candidates, cheapest
+    first), then the mixed 4/8-bit forms of the LM_MIX_TRIES lowest-drop ones, their size budget
+    LM_MIX_HEADROOM over their measured all-4-bit size. Returns what _search_onnx does (no padding removal:
+    a decoder's prompt has no padding)."""
+    import onnx
+
+    graph = onnx.load(str(Path(ctx.source) / "model.onnx"), load_external_data=False).graph
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    rows = [dims[n.input[1]][0] for n in graph.node if n.op_type == "MatMul" and len(dims.get(n.input[1], [])) == 2]
+    blocks, not_divided = lm_block_sizes(rows)
+    candidates = lm_candidates(blocks)
+    evaluated, skipped = _evaluate_all(executor, ctx, candidates, clock, deadline, planned)
+    skipped += not_divided
+    evaluated = {"fp32": base, **evaluated}
+    all_candidates = {c.name: c for c in [fp32, *candidates]}
+    scored = [(drop, c) for c in candidates if c.name in evaluated and (drop := drop_of(evaluated[c.name])) is not None]
+    mixes = [
+        lm_mixed(c, int(evaluated[c.name].bytes or 0)) for _, c in sorted(scored, key=lambda dc: dc[0])[:LM_MIX_TRIES]
+    ]
+    if mixes:
+        more, more_skipped = _evaluate_all(executor, ctx, mixes, clock, deadline, planned)
+        evaluated.update(more)
+        skipped += more_skipped
+        all_candidates.update({c.name: c for c in mixes})
+    left = [c.name for _, c in sorted(scored, key=lambda dc: dc[0])[LM_MIX_TRIES:]]
+    if left:
+        skipped.append(
+            Skipped(
+                "mixed 4/8-bit forms",
+                f"not tried for {', '.join(left)}: mixed forms are tried for the {LM_MIX_TRIES} lowest-drop "
+                "all-4-bit candidates",
+            )
+        )
+    trim = {"applies": False, "reason": "an LM folder: generation prompts carry no padding", "cached": False}
+    return evaluated, skipped, all_candidates, trim
+
+
 def optimize(
     model: str,
     output: str | os.PathLike,
@@ -489,72 +686,17 @@ def optimize(
             f"auto: the task metric is {metric['name']} ({metric['reason']}); the drop budget "
             f"{max_drop:g} is in {metric['drop_unit']}"
         )
-    from dlopt.fileio import load_onnx
-    from dlopt.graphfacts import looks_like_transformer
-
-    transformer = looks_like_transformer(load_onnx(base.artifact, load_external_data=False))
-    trim = trim_check(ctx, str(base.artifact), str(base.output_sha256))  # base.ok: both are set
-    clock.log(_trim_line(trim))
-    candidates = base_candidates(target=ctx.target, transformer=transformer, untrimmed=trim["applies"])[1:]
-    if trim["applies"]:  # FP32 trimmed first: it needs no quantization, and the time budget drops the last first
-        candidates = [_trimmed(trim, fp32), *candidates]
-    deadline = TRANSFORM_SHARE * config.time_budget_s
-    plan_key = _plan_key(ctx, config)
-    planned = _load_plan(ctx, plan_key)
-    evaluated, skipped = _evaluate_all(executor, ctx, candidates, clock, deadline, planned)
-    evaluated = {"fp32": base, **evaluated}
-    all_candidates = {c.name: c for c in [fp32, *candidates]}
 
     def drop_of(r: Evaluated) -> float | None:
         return accuracy_drop(ctx.evaluator, base_score, r.score) if r.ok and r.score is not None else None
 
-    # an INT8 candidate scored over the budget (one that ran but has no score has no drop to compare)
-    over_drops = {
-        c.name: drop
-        for c in candidates
-        if c.precision == "int8"
-        and c.name in evaluated
-        and evaluated[c.name].ok
-        and (drop := drop_of(evaluated[c.name])) is not None
-        and drop > max_drop
-    }
-    over = sorted((c for c in candidates if c.name in over_drops), key=lambda c: over_drops[c.name])
-    if over:
-        retries = [
-            with_exclusions(c, max_drop_metric=max_drop, evaluator=ctx.evaluator) for c in over[:EXCLUSION_TRIES]
-        ]
-        more, more_skipped = _evaluate_all(executor, ctx, retries, clock, deadline, planned)
-        evaluated.update(more)
-        skipped += more_skipped
-        all_candidates.update({c.name: c for c in retries})
-    else:
-        skipped.append(
-            Skipped(
-                "int8 float-node exclusions",
-                "no INT8 candidate missed the accuracy budget: keeping nodes in float could only make one slower",
-            )
-        )
-    if trim["applies"]:  # after the retries: a retry within budget gets its trimmed form too
-        variants, not_trimmed = _trimmed_variants(
-            trim,
-            [all_candidates[n] for n in evaluated if n != "fp32" and untrimmed_name(n) is None],
-            evaluated,
-            drop_of,
-            max_drop,
-        )
-        more, more_skipped = _evaluate_all(executor, ctx, variants, clock, deadline, planned)
-        evaluated.update(more)
-        skipped += more_skipped + not_trimmed
-        all_candidates.update({c.name: c for c in variants})
-    else:
-        skipped.append(Skipped("trim-padding", f"padding removal does not apply: {trim['reason']}"))
-    pruned, not_pruned = prune_candidates(ctx.source, torch_source=ctx.torch_source, asked=config.search_pruning)
-    skipped += not_pruned
-    if pruned:  # last: the costliest (training), so the time budget drops them first
-        more, more_skipped = _evaluate_all(executor, ctx, pruned, clock, deadline, planned)
-        evaluated.update(more)
-        skipped += more_skipped
-        all_candidates.update({c.name: c for c in pruned})
+    deadline = TRANSFORM_SHARE * config.time_budget_s
+    plan_key = _plan_key(ctx, config)
+    planned = _load_plan(ctx, plan_key)
+    search = _search_lm if ctx.lm else _search_onnx
+    evaluated, skipped, all_candidates, trim = search(
+        executor, ctx, config, base, fp32, clock, deadline, planned, drop_of
+    )
     if not planned:
         _store_plan(ctx, plan_key, [s for s in skipped if s.reason.startswith("the time budget")])
     phases["evaluate_s"] = time.perf_counter() - t0
@@ -585,12 +727,19 @@ def optimize(
             "reason": r.reason,
             "trim_padding": _trim_of(c, r),
         }
+        if ctx.lm:
+            row.update(perplexity=(r.measures or {}).get("perplexity"), decode_tokens_per_s=None, prefill_ms=None)
+            row["next_token_agreement"] = (r.measures or {}).get("next_token_agreement")
         rows[name] = row
 
     # latency, only for what can reach the front
     t0 = time.perf_counter()
     timed = timing_plan(rows, max_drop)
-    latency_budget = config.latency_budget_s or min(6.0 + 4.0 * len(timed), max(10.0, clock.left() * 0.3))
+    if ctx.lm:  # a generation round (prompt + new tokens) takes seconds; capped by the budget as given, not by
+        # the time left, so that a re-run asks for the same measurement and finds it in the cache
+        latency_budget = config.latency_budget_s or min(18.0 + 12.0 * len(timed), max(10.0, config.time_budget_s * 0.3))
+    else:
+        latency_budget = config.latency_budget_s or min(6.0 + 4.0 * len(timed), max(10.0, clock.left() * 0.3))
     clock.log(f"timing {', '.join(timed)} interleaved ({latency_budget:.0f} s, one thread, thread CPU time)")
     latency = executor.measure(
         measure_latency,
@@ -607,6 +756,8 @@ def optimize(
             median_ms=m["median_ms"],
             status="timed",
         )
+        if ctx.lm:  # generation: decode tokens/s and prefill beside the decode-time ratio
+            rows[name].update(decode_tokens_per_s=m["decode_tokens_per_s"], prefill_ms=m["prefill_ms"])
     for row in rows.values():
         if row["status"] == "fp32-graph":  # FP32's graph: FP32's one timing
             row.update({k: rows["fp32"][k] for k in ("latency_ratio", "latency_ci", "median_ms")})
@@ -650,7 +801,12 @@ def optimize(
 
     server = None
     t0 = time.perf_counter()
-    if picked is not None and ctx.target in SERVER_TARGETS:
+    if picked is not None and ctx.lm:
+        server = {
+            "skipped": "an LM folder: generation is timed at batch 1, one thread; "
+            "dlopt bench --generate --batch B --threads N measures other settings"
+        }
+    elif picked is not None and ctx.target in SERVER_TARGETS:
         server = _server_search(executor, ctx, rows[picked.name], config, clock, reserve_s=60.0)
     phases["throughput_s"] = time.perf_counter() - t0
 
@@ -660,7 +816,7 @@ def optimize(
     if picked is not None:
         clock.log(f"writing {picked.name} as a bundle to {out}")
         package = StageDesc(
-            "package",
+            "package-lm" if ctx.lm else "package",
             {"target": ctx.target, "measure_s": config.package_measure_s, "name": f"{ctx.name}-{picked.name}"},
         )
         apply_stages(ctx, (*all_candidates[picked.name].stages, package), output=out, overwrite=config.overwrite)
@@ -694,15 +850,16 @@ def optimize(
         report_out,
         metric,
     )
-    result["trim_padding"] = {**{k: v for k, v in trim.items() if k != "cached"}, "gain": trim_gain}
-    from dlopt.search.report import overrun_text
+    if not ctx.lm:  # an LM folder's prompts carry no padding: nothing to report
+        result["trim_padding"] = {**{k: v for k, v in trim.items() if k != "cached"}, "gain": trim_gain}
+    from dlopt.search.html_report import overrun_text
 
     overrun = overrun_text(result)
     if overrun:
         clock.log(overrun)
     if report_out is not None:
         from dlopt.fileio import staged_outputs
-        from dlopt.search.report import render_report
+        from dlopt.search.html_report import render_report
 
         with staged_outputs() as outputs:
             outputs.stage(report_out).write_text(render_report(result))
@@ -851,7 +1008,7 @@ def _guard_outputs(model: str, config: OptimizeConfig, out: Path, report_out: Pa
     was verified, so inside the bundle it would be a file its manifest does not list."""
     from dlopt.fileio import guard_outputs, guard_source_spec
 
-    source = Path(model) if model.endswith(".onnx") else guard_source_spec(model)
+    source = Path(model) if model.endswith(".onnx") or Path(model).is_dir() else guard_source_spec(model)
     from dlopt.data import source_path
 
     data = [p for p in map(source_path, (config.calibration, config.eval_data)) if p is not None]

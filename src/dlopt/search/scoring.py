@@ -31,6 +31,12 @@ from dlopt.stagecache import StageCache, cache_key
 
 EVAL_FORMAT = 3  # 2: Evaluated.graph_sha256; 3: stage_reports' trim_padding
 RESULT_FILE = "result.json"
+# LM folders: generation timed as `dlopt bench --generate` does, from seeded prompts of this many tokens
+# (the issue's 128), greedy, this many new tokens (decode tokens/s settles well before the issue's 128:
+# half the time per round, so twice the rounds in a budget); both cut to fit the model's context.
+LM_PROMPT_LEN = 128
+LM_NEW_TOKENS = 64
+LM_EVALUATOR = "perplexity"  # an LM folder's score: held-out perplexity over the FP32 folder's (FP32 = 1.0)
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ class SearchContext:
     cache_root: str
     name: str  # the model's name in bundles and reports
     fp32_onnx: str | None = None  # the FP32 model (the export of a torch source): what fidelity compares with
+    lm: bool = False  # the source is an exported LM folder: candidates are LM folders (dlopt.optimize.lm_stages)
 
     @property
     def cache(self) -> StageCache:
@@ -71,6 +78,7 @@ class Evaluated:
     stage_reports: tuple[Mapping[str, Any], ...] = ()
     cached: bool = False  # taken from the cache: nothing was transformed or scored
     eval_key: str | None = None
+    measures: dict[str, Any] | None = None  # LM folders: perplexity, FP32's, next-token agreement, tokens
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -87,6 +95,8 @@ def drop_unit(evaluator: str) -> str:
     metric = evaluator.split(":")[-1]
     if metric == "sqnr":
         return "noise/signal power (0.01 = 20 dB)"
+    if metric == "perplexity":  # drop = ratio - 1 (dlopt.metrics): a relative increase
+        return "relative perplexity increase over FP32 (0.03 = +3 %)"
     if metric in METRIC_TABLE:
         return METRIC_TABLE[metric].unit
     if metric == "auto":
@@ -133,7 +143,7 @@ def build_recipe(ctx: SearchContext, stages: Sequence[StageDesc]):
         source=ctx.source,
         target=ctx.target,
         calibration=ctx.calibration,
-        eval_data=ctx.eval_data,
+        eval_data=None if ctx.lm else ctx.eval_data,  # LM: the search scores held-out text itself (score_lm)
         name=ctx.name,
         stages=specs,
     )
@@ -152,12 +162,14 @@ def apply_stages(
     None): the last stage's output in the cache; with `output`, also delivered there (a bundle when
     the last stage is package). An .onnx source with no stages is its own artifact."""
     from dlopt.recipe import run_recipe
+    from dlopt.stage import get_stage
 
     recipe = build_recipe(ctx, stages)
     if not recipe.stages:
         return Path(ctx.source), None
+    folder = get_stage(recipe.stages[-1].kind).makes == "lm"
     with tempfile.TemporaryDirectory(prefix="dlopt-optimize-") as tmp:
-        out = Path(output) if output is not None else Path(tmp) / "model.onnx"
+        out = Path(output) if output is not None else Path(tmp) / ("lm" if folder else "model.onnx")
         result = run_recipe(recipe, out, cache=ctx.cache, overwrite=overwrite, log=log)
     last = result.stages[-1].entry
     return last.path / last.info["artifact"], result
@@ -204,16 +216,54 @@ def heldout_feeds(ctx: SearchContext, model) -> list[dict[str, Any]] | None:
 
 def score_model(ctx: SearchContext, path: str | Path) -> float:
     """The evaluator's metric for the model at `path` on the held-out data (one thread per session)."""
+    if ctx.lm:
+        return float(score_lm(ctx, path)["perplexity_ratio"])
     return float(_evaluator(ctx).score(str(path)))
+
+
+def lm_text(spec: Any, what: str) -> str:
+    """A text source of an LM search (a path, or a dlopt.data.DataSpec naming one) as a path."""
+    from dlopt.data import source_path
+
+    path = source_path(spec) if spec is not None else None
+    if path is None:
+        raise InputError(f"{what} {spec} is not a text file", f"give {what} as a UTF-8 .txt file")
+    return str(path)
+
+
+@functools.lru_cache(maxsize=8)
+def score_lm(ctx: SearchContext, path: str | Path) -> dict[str, Any]:
+    """An LM folder's held-out perplexity against the FP32 source folder's, on --eval-data text
+    (dlopt.lm.heldout_fidelity: windows of 512 tokens, or the context; one thread)."""
+    from dlopt.lm import heldout_fidelity
+
+    return heldout_fidelity(path, ctx.source, lm_text(ctx.eval_data, "--eval-data"), threads=1)
+
+
+def model_file(artifact: str | Path) -> Path:
+    """The ONNX file of an artifact: itself, or an LM folder's model.onnx."""
+    path = Path(artifact)
+    return path / "model.onnx" if path.is_dir() else path
+
+
+def _graph(artifact: str | Path):
+    """The artifact's graph without its weights. An LM folder's is read with onnx.load, not
+    dlopt.fileio.load_onnx: its fused ops (SimplifiedLayerNormalization in the onnx domain) are ONNX
+    Runtime's contrib ops, which load_onnx refuses in a plain .onnx."""
+    import onnx
+
+    from dlopt.fileio import load_onnx
+
+    path = Path(artifact)
+    return onnx.load(str(model_file(path)), load_external_data=False) if path.is_dir() else load_onnx(path, False)
 
 
 def graph_signature(path: Path) -> str:
     """The sorted op types and counts of the graph: two candidates with the same signature and size
     run the same kernels, so their latencies differ only by noise."""
-    from dlopt.fileio import load_onnx
     from dlopt.graphfacts import op_counts
 
-    counts = op_counts(load_onnx(path, load_external_data=False))
+    counts = op_counts(_graph(path))
     return json.dumps(dict(sorted(counts.items())), separators=(",", ":"))
 
 
@@ -229,6 +279,13 @@ def graph_content_hash(path: Path) -> str:
 
     from dlopt.fileio import load_onnx
 
+    if Path(path).is_dir():  # an LM folder: its decoder's bytes (onnx.load refuses hard-linked external data)
+        from dlopt.fileio import external_data_files
+        from dlopt.manifest import sha256_file
+
+        file = model_file(path)
+        names = [file.name, *external_data_files(_graph(path))]
+        return hashlib.sha256("\0".join(f"{n}:{sha256_file(file.parent / n)}" for n in names).encode()).hexdigest()
     model = load_onnx(path)
     digest = hashlib.sha256()
 
@@ -330,6 +387,7 @@ def evaluate_candidate(job: tuple[SearchContext, Candidate]) -> Evaluated:
     try:
         artifact, run = apply_stages(ctx, candidate.stages)
         score = score_model(ctx, artifact)
+        measures = _lm_measures(score_lm(ctx, artifact)) if ctx.lm else None
         stage_runs = run.stages if run is not None else ()
         result = Evaluated(
             name=candidate.name,
@@ -342,6 +400,7 @@ def evaluate_candidate(job: tuple[SearchContext, Candidate]) -> Evaluated:
             graph_sha256=graph_content_hash(artifact),
             stage_keys=tuple(r.key for r in stage_runs),
             stage_reports=tuple(_stage_summary(r.entry.info) for r in stage_runs),
+            measures=measures,
         )
     except DlOptError as e:
         # a failed quantize keeps its best effort beside a scratch output that is gone by now: not worth naming
@@ -380,10 +439,17 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _artifact_bytes(artifact: Path) -> int:
-    from dlopt.fileio import external_data_files, load_onnx
+def _lm_measures(found: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("perplexity", "fp32_perplexity", "perplexity_ratio", "next_token_agreement", "tokens", "windows", "window")
+    return {k: found[k] for k in keys if k in found}
 
-    external = external_data_files(load_onnx(artifact, load_external_data=False))
+
+def _artifact_bytes(artifact: Path) -> int:
+    """The model's bytes: the .onnx file and its external data (an LM folder's model.onnx and .data)."""
+    from dlopt.fileio import external_data_files
+
+    external = external_data_files(_graph(artifact))
+    artifact = model_file(artifact)
     return artifact.stat().st_size + sum((artifact.parent / n).stat().st_size for n in external)
 
 
@@ -545,6 +611,8 @@ def measure_latency(
     from dlopt.bench import BenchConfig, benchmark
     from dlopt.runtime import cpu_label
 
+    if ctx.lm:
+        return measure_generation(ctx, models, budget_s)
     settings: dict[str, Any] = {"threads": 1, "clock": "cpu", "batch": batches[0], "budget_s": round(budget_s, 1)}
     if tuple(batches) != (1,):
         settings["batches"] = list(batches)
@@ -613,6 +681,63 @@ def measure_latency(
     if tuple(batches) != (1,):
         body["batches"], body["notes"] = per_batch, notes
     _store_json(ctx, key, "optimize-latency", body)
+    return body
+
+
+def lm_generation_shape(folder: str | Path) -> tuple[int, int]:
+    """(prompt tokens, new tokens) of the generation timed for an LM folder: LM_PROMPT_LEN and
+    LM_NEW_TOKENS, cut to fit its context (a quarter for the prompt at most)."""
+    from dlopt.lm import read_genai_config
+
+    context = int(read_genai_config(folder)["model"]["context_length"])
+    prompt = max(1, min(LM_PROMPT_LEN, context // 4))
+    return prompt, max(1, min(LM_NEW_TOKENS, context - prompt))
+
+
+def measure_generation(ctx: SearchContext, models: Sequence[tuple[str, str, str]], budget_s: float) -> dict[str, Any]:
+    """Time greedy generation of the LM folders `models` ((name, path, sha256), FP32 first) interleaved in
+    one run of dlopt.bench.generate (onnxruntime-genai, one thread, thread CPU time, batch 1, seeded
+    prompts): per model the decode time per token as a ratio to the first (estimate and 95 % CI), its
+    median ms, decode tokens/s and the prefill ms. The ratio is what the Pareto front and the choice use
+    (lower is faster: 1 / the tokens/s ratio)."""
+    from dlopt.bench.generate import GenerateConfig, benchmark_generate
+    from dlopt.runtime import cpu_label
+
+    prompt, new = lm_generation_shape(ctx.source)
+    settings = {"threads": 1, "clock": "cpu", "batch": 1, "budget_s": round(budget_s, 1), "prompt": prompt, "new": new}
+    key = _latency_key(ctx, "generation", [h for _, _, h in models], settings)
+    found = _cached_json(ctx, key)
+    if found is not None:
+        return found
+    config = GenerateConfig(prompt_len=prompt, new_tokens=new, threads=1, clock="cpu", budget_s=budget_s)
+    result = benchmark_generate([p for _, p, _ in models], config)
+    batch = result.batches[0]
+    rows = {}
+    for (name, _, _), run in zip(models, batch.models):
+        decode = run.summaries["decode_per_token"]["cpu"].median
+        ratio = run.ratios["decode_per_token"]["cpu"]
+        rows[name] = {
+            "median_ms": decode * 1e3,
+            "ratio": ratio.estimate if ratio is not None else 1.0,
+            "ratio_low": ratio.low if ratio is not None else 1.0,
+            "ratio_high": ratio.high if ratio is not None else 1.0,
+            "decode_tokens_per_s": 1.0 / decode if decode > 0 else None,
+            "prefill_ms": run.summaries["prefill"]["cpu"].median * 1e3,
+        }
+    body = {
+        "models": rows,
+        "input_shapes": {"input_ids": [1, prompt]},
+        "rounds": batch.rounds,
+        "clock": "thread CPU time",
+        "threads": 1,
+        "batch": 1,
+        "data": f"seeded random prompts of {prompt} tokens, {new} new tokens greedy (onnxruntime-genai); "
+        "latency = decode ms per token",
+        "cpu": cpu_label(),
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cached": False,
+    }
+    _store_json(ctx, key, "optimize-generation", body)
     return body
 
 
@@ -712,7 +837,10 @@ __all__ = [
     "drop_unit",
     "evaluate_candidate",
     "graph_content_hash",
+    "lm_generation_shape",
+    "measure_generation",
     "measure_latency",
     "measure_throughput",
+    "score_lm",
     "score_model",
 ]

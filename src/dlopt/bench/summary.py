@@ -8,7 +8,7 @@ from dlopt.bench.results import BenchResult
 
 def format_result(result: BenchResult) -> str:
     """The latency table (one row per model and batch size) and the models table, as text."""
-    from dlopt.report import format_table
+    from dlopt.tables import format_table
 
     clock = result.clock
     other = "wall" if clock == "cpu" else "cpu"
@@ -150,7 +150,7 @@ def _interval_text(ratio) -> str:
 
 def _profile_tables(result: BenchResult, top: int = 8) -> list[str]:
     """With --profile: per batch size and model, the op types that took the most kernel time."""
-    from dlopt.report import format_table
+    from dlopt.tables import format_table
 
     out = []
     for b in result.batches:

@@ -316,13 +316,66 @@ def overrun_text(result: Mapping[str, Any]) -> str | None:
     )
 
 
-def front_text(result: Mapping[str, Any]) -> str:
-    """The table `dlopt optimize` prints: every candidate, the front, how latency was measured, the choice."""
-    from dlopt.report import format_table
+def _tail_lines(result: Mapping[str, Any]) -> list[str]:
+    lines = []
+    overrun = overrun_text(result)
+    if overrun:
+        lines.append(overrun)
+    lines.append(
+        f"chosen: {result['chosen']} -> {result['bundle']} ({'verified' if result['verified'] else 'NOT verified'})"
+        f"; {result['seconds']:.1f} s; evaluations cached {result['cache']['evaluations_cached']}, "
+        f"run {result['cache']['evaluations_run']}" + (f"; report {result['report']}" if result["report"] else "")
+    )
+    return lines
+
+
+def _lm_front_text(result: Mapping[str, Any]) -> str:
+    """An LM folder's table: held-out perplexity and its rise over FP32 (the drop), decode tokens/s, the
+    decode time per token against FP32's (what the front and the choice use), prefill and size."""
+    from dlopt.tables import format_table
 
     def num(v, fmt=".3g"):
         return "-" if v is None else format(v, fmt)
 
+    rows = []
+    for c in result["candidates"]:
+        ci = c.get("latency_ci")
+        drop = c.get("drop_points")
+        rows.append(
+            [
+                c["name"],
+                c["status"],
+                num(c.get("perplexity"), ".3f"),
+                "-" if drop is None else f"{drop * 100:+.2f} %",
+                num(c.get("decode_tokens_per_s"), ".1f"),
+                "-" if c["latency_ratio"] is None else f"{c['latency_ratio']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]",
+                num(c.get("prefill_ms"), ".1f"),
+                num(c["bytes"] / 1e6 if c["bytes"] else None, ".2f"),
+                "yes" if c["cached"] else "no",
+            ]
+        )
+    latency = result["latency"]
+    head = ["candidate", "status", "perplexity", "vs FP32", "decode tok/s", "decode time/FP32 [95% CI]",
+            "prefill ms", "MB", "cached"]  # fmt: skip
+    lines = [
+        format_table(head, rows),
+        f"front (decode tok/s x perplexity x size): {', '.join(result['front'])}; budget: perplexity +"
+        f"{result['max_accuracy_drop'] * 100:g} % over FP32 on the held-out text",
+        f"generation: {latency.get('clock')}, {latency.get('threads')} thread, batch {latency.get('batch')}, "
+        f"{latency.get('rounds')} rounds, {latency.get('data')}; CPU: {result['cpu']}",
+    ]
+    return "\n".join(lines + _tail_lines(result))
+
+
+def front_text(result: Mapping[str, Any]) -> str:
+    """The table `dlopt optimize` prints: every candidate, the front, how latency was measured, the choice."""
+    from dlopt.tables import format_table
+
+    def num(v, fmt=".3g"):
+        return "-" if v is None else format(v, fmt)
+
+    if result.get("evaluator") == "perplexity" and any("decode_tokens_per_s" in c for c in result["candidates"]):
+        return _lm_front_text(result)
     rows = []
     for c in result["candidates"]:
         ci = c.get("latency_ci")

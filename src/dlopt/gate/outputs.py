@@ -60,7 +60,7 @@ def _context_lines(result: GateResult) -> list[str]:
 
 def format_text(result: GateResult) -> str:
     """The terminal report: the checks table, what decided, and the machine."""
-    from dlopt.report import format_table
+    from dlopt.tables import format_table
 
     headers, rows = _rows(result)
     return "\n".join([_headline(result), "", format_table(headers, rows), "", *_context_lines(result)])
@@ -68,7 +68,7 @@ def format_text(result: GateResult) -> str:
 
 def format_markdown(result: GateResult) -> str:
     """A GitHub-flavoured Markdown report (for $GITHUB_STEP_SUMMARY)."""
-    from dlopt.report import format_markdown_table
+    from dlopt.tables import format_markdown_table
 
     headers, rows = _rows(result)
     details = [f"- {line}" for line in _context_lines(result)]

@@ -10,7 +10,7 @@ from dlopt.optimize.quantize.heldout import feed_description
 
 def summary_text(report: Mapping[str, Any]) -> str:
     """The human summary every run prints."""
-    from dlopt.report import format_table
+    from dlopt.tables import format_table
 
     lines = [
         f"size: {report['bytes_before'] / 1e6:.2f} MB -> {report['bytes_after'] / 1e6:.2f} MB "
@@ -126,6 +126,23 @@ def summary_text(report: Mapping[str, Any]) -> str:
                 f"{'; ' + parts if parts else ''}; chosen because {task['why']}"
                 + (f"; {task['note']}" if task.get("note") else "")
             )
+            bounds = task.get("uncertainty")
+            if bounds:
+                lines.append(
+                    f"  on other samples of the kind ({bounds['method']}): "
+                    + ", ".join(
+                        f"{task['judged_by'] if k == 'value' else k} {_number(e['estimate'])}, "
+                        f"{2 * bounds['confidence'] - 1:.0%} interval [{_number(e['interval'][0])}, "
+                        f"{_number(e['interval'][1])}]"
+                        for k, e in bounds["checks"].items()
+                    )
+                    + f"; the verdict judges the one-sided {bounds['confidence'] * 100:g}% bound"
+                    + (
+                        " (raised: floor recovery compared its candidates on these samples)"
+                        if report.get("floor_recovery")
+                        else ""
+                    )
+                )
     exact = report.get("fidelity_exact_arithmetic")
     if exact:
         lines.append(f"note: {exact['why']}:")
@@ -194,9 +211,15 @@ def summary_text(report: Mapping[str, Any]) -> str:
             from dlopt.metrics import higher_is_better  # the metric table's direction (probability: <= its floor)
 
             direction = ">=" if higher_is_better(v["metric"]) is not False else "<="
+            decided = " decides" if v.get("decided_by") == "bound" else ""
+            bound = (
+                f" (one-sided {v['confidence'] * 100:g}% bound {_number(v['metric_bound'])}{decided})"
+                if v.get("metric_bound") is not None
+                else ""
+            )
             floor = (
-                f"fidelity floor: {v['metric']} {_number(v['metric_value'])} {direction} {v['metric_floor']:g} "
-                f"on the {v['data']} samples"
+                f"fidelity floor: {v['metric']} {_number(v['metric_value'])}{bound} {direction} "
+                f"{v['metric_floor']:g} on the {v['samples']} {v['data']} samples"
             )
         elif v.get("metric") not in (None, "sqnr"):
             floor += f" ({v['metric']} could not be judged on these samples)"
@@ -205,6 +228,12 @@ def summary_text(report: Mapping[str, Any]) -> str:
                 f"{floor}: met"
                 + (f" (kept in float to get there: {', '.join(v['recovered_nodes'])})" if v["recovered_nodes"] else "")
             )
+            if v.get("confirmed") is False:  # the estimate decided and clears the floor; its bound does not
+                lines.append(
+                    f"note: not confirmed at {v['confidence'] * 100:g}%: on other samples of the kind it may read as "
+                    f"low as {_number(v['metric_bound'])}; more held-out samples (--eval-data, --eval-samples) "
+                    "narrow the bound, and --strict-verdict refuses a model whose bound is below the floor"
+                )
         else:
             lines.append(f"{floor}: FAILED")
             lines.append(

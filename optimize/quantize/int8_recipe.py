@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from dlopt.graphfacts import looks_like_transformer
-from dlopt.optimize.quantize.schemes import Int8Mode, Int8Scheme, Int8Static, Method, QuantizeConfig, Scheme, _Int8
+from dlopt.optimize.quantize.schemes import Int8Mode, Int8Scheme, Int8Static, Method, QuantizeConfig, Scheme
 from dlopt.targets.cpu import HostCpu, host_cpu
 
 
@@ -139,7 +139,7 @@ def choose_recipe(
     scheme: Scheme | QuantizeConfig = config
     if isinstance(config, QuantizeConfig):
         scheme, (mode_reason,) = config.resolve(model, has_data=has_data)
-    if not isinstance(scheme, _Int8):
+    if not isinstance(scheme, Int8Scheme):
         raise TypeError(f"choose_recipe takes an INT8 scheme, not {type(scheme).__name__}")
     config = scheme
     transformer, convs, kind = _model_kind(model)
