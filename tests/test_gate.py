@@ -280,8 +280,11 @@ def gate(*args: str):
 
 
 def test_same_work_passes_and_double_work_fails_with_reports(models, tmp_path):
+    # 10 %, not the default 5 %: where two sessions' buffers land in memory moves a ~0.04 ms model by up to
+    # 7 % from session to session (0.94-1.07 for these two on an Intel Xeon under load; docs/ci-gate.md), a
+    # floor the statistics cannot see; equal work must still pass above that floor and double work fail
     ok = gate("--baseline", str(models["base"]), "--candidate", str(models["same"]), "--batch", "8",
-              "--budget", "20s")
+              "--budget", "20s", "--max-slowdown", "10%")
     assert ok.exit_code == 0, ok.output
     assert ok.output.startswith("PASS (exit 0)")
     junit, js = tmp_path / "gate.xml", tmp_path / "gate.json"
@@ -291,7 +294,9 @@ def test_same_work_passes_and_double_work_fails_with_reports(models, tmp_path):
     assert bad.output.startswith("FAIL (exit 1)")
     report = json.loads(js.read_text())
     assert report["verdict"] == "fail" and report["latency"]["interval"]["low"] > 1.05
-    assert 1.6 < report["latency"]["interval"]["estimate"] < 2.4  # twice the MatMuls
+    # twice the MatMuls: about 2x, more where the 8 weights (2 MB) spill out of a core's L2 and the 4 (1 MB) do
+    # not (2.8x on an Intel Xeon with 2 MB of L2)
+    assert 1.6 < report["latency"]["interval"]["estimate"] < 4
     assert report["latency"]["seconds"] < 20 and report["latency"]["looks"][-1]["verdict"] == "fail"
     assert any("back-to-back runs" in note for note in report["notes"])  # ~0.1 ms runs, timed in groups
     case = ET.parse(junit).getroot().find("testsuite/testcase[@name='latency']")
