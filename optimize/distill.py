@@ -753,6 +753,31 @@ def _write(given: StageInput, config: Distill, context: StageContext) -> Artifac
     return Artifact.of(produced, report)
 
 
+def _recipe_check(recipe: Any, stage: Any, where: str) -> None:
+    """In a recipe (dlopt.recipe): distill trains the prune stage's student against the source, so it follows
+    prune, on training data it has (the recipe's training_data, else the reference source's own)."""
+    from dlopt.models import REFERENCE_MODELS
+
+    if stage.index == 1 or recipe.stages[stage.index - 2].kind != "prune":
+        raise InputError(
+            f"{where}: distill trains the pruned student against the source: it follows a prune stage",
+            'add [[stage]] kind = "prune" before it',
+        )
+    if recipe.training_data is None:
+        model = REFERENCE_MODELS.get(recipe.source)
+        if model is None or not model.training:
+            having = ", ".join(m.name for m in REFERENCE_MODELS.values() if m.training)
+            raise InputError(
+                f"{where}: distill needs training data and the source {recipe.source} ships none",
+                f'add training_data = "train.npz" at the top (reference data ships for {having})',
+            )
+    elif not Path(recipe.training_data).is_file():
+        raise InputError(
+            f"{recipe.path}: training_data {recipe.training_data} does not exist",
+            "give an .npz with an array per forward() input (and optional labels)",
+        )
+
+
 @register_stage(
     kind="distill",
     config=Distill,
@@ -763,6 +788,8 @@ def _write(given: StageInput, config: Distill, context: StageContext) -> Artifac
     summary="train the student against a teacher (torch)",
     validate=check_config,
     writer=_write,
+    reads=("training_data",),
+    recipe_check=_recipe_check,
 )
 def distill_stage(student: ModelSource, config: Distill, context: StageContext) -> StageResult:
     """A student ModelSource in, the same source with the trained module out; context.teacher (a

@@ -151,6 +151,7 @@ def _write_int4(given: StageInput, config: QuantizeLm, context: StageContext) ->
     ensures=(Check("an exported LM folder", _lm_folder_problem),),
     summary="4-bit weights (GPTQ or RTN, mixed 4/8-bit by measured perplexity effect) of an LM folder",
     validate=check_config,
+    reads=("calibration", "eval_data"),  # the text it calibrates on, the held-out text it is scored on
 )
 def int4_lm_stage(folder: Path, config: QuantizeLm, context: StageContext) -> StageResult:
     from dlopt.lm import heldout_fidelity

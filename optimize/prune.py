@@ -36,6 +36,7 @@ from dlopt.stage import (
     StageResult,
     TorchStageArtifacts,
     config_to_dict,
+    get_stage,
     register_stage,
 )
 
@@ -490,6 +491,15 @@ def _write(given: StageInput, config: Prune, context: StageContext) -> Artifact:
     return Artifact.of(produced, report)
 
 
+def _recipe_check(recipe: Any, stage: Any, where: str) -> None:
+    """In a recipe (dlopt.recipe): one prune stage, on the torch source (a pruned checkpoint records one pruning)."""
+    if stage.index > 1 and get_stage(recipe.stages[stage.index - 2].kind).makes == "torch":
+        raise InputError(
+            f"{where}: one prune stage per recipe (a pruned checkpoint records one pruning)",
+            "prune once, with the ratio you want",
+        )
+
+
 @register_stage(
     kind="prune",
     config=Prune,
@@ -500,6 +510,7 @@ def _write(given: StageInput, config: Prune, context: StageContext) -> Artifact:
     summary="remove channels / heads / FFN units (torch)",
     validate=check_config,
     writer=_write,
+    recipe_check=_recipe_check,
 )
 def prune_stage(source: ModelSource, config: Prune, context: StageContext) -> StageResult:
     """A ModelSource in, the same source with the pruned module out; context.data: gradient batches

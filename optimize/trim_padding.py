@@ -1042,6 +1042,7 @@ def _write(given: StageInput, config: TrimPadding, context: StageContext) -> Art
     ensures=(Check("the same inputs and outputs", _same_interface),),
     summary="pack the real tokens, else slice token inputs to the batch's longest real length; pad outputs back",
     validate=validate,
+    reads=("calibration", "eval_data"),  # held-out inputs confirm the equivalence (eval_data, else calibration)
 )
 def trim_padding_stage(model, config: TrimPadding, context: StageContext) -> StageResult:
     from dlopt.inputs import take_samples

@@ -21,7 +21,9 @@ so hiding one in a string does not get past the rules. Rules:
     concept;
 (f) no module reaches another module's `_private` names (`from .checks import _checks`, `int4._name_nodes`):
     a name another module uses is its module's API, named without the underscore. A private submodule
-    (`cli/_common.py`) is private to its package.
+    (`cli/_common.py`) is private to its package;
+(g) the recipe runner (dlopt.recipe) and the API verbs (dlopt.api) never compare a stage kind with a literal
+    kind: what differs by kind is declared on the Stage where it registers.
 
 Modules that still break a rule are listed below with the reason; each entry must still be needed (a
 stale entry fails), so the lists only shrink.
@@ -568,3 +570,47 @@ PRIVATE_MODULES = {"dlopt.package", "dlopt.package.checks", "dlopt.optimize", "d
 ])
 def test_private_rule_on_synthetic_sources(source, module, is_package, expected):
     assert private_imports(source, module, PRIVATE_MODULES, is_package=is_package) == expected
+
+
+# ------------------------------------------------------- (g) the runner and the verbs do not branch on a kind
+
+# The recipe runner and the API verbs are loops over stages: what differs by kind is declared on the Stage
+# (takes, makes, reads, data_fields, quantizes, precision, recipe_check) where the stage registers itself.
+KIND_FREE_MODULES = ("dlopt.recipe", "dlopt.api")
+
+
+def kind_branches(source: str, module: str) -> list[str]:
+    """Comparisons of a stage kind (`x.kind`, or a name `kind`) with a literal kind: `stage.kind == "prune"`,
+    `kind in ("quantize", "fp16")`."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        names_kind = any(
+            (isinstance(s, ast.Attribute) and s.attr == "kind") or (isinstance(s, ast.Name) and s.id == "kind")
+            for s in sides
+        )
+        literal = any(
+            (isinstance(s, ast.Constant) and isinstance(s.value, str))
+            or (isinstance(s, (ast.Tuple, ast.List, ast.Set)) and any(isinstance(e, ast.Constant) for e in s.elts))
+            for s in sides
+        )
+        if names_kind and literal:
+            found.append(f"{module}:{node.lineno} compares a stage kind with a literal: {ast.unparse(node)}")
+    return found
+
+
+def test_the_recipe_runner_and_the_verbs_do_not_branch_on_a_stage_kind():
+    found = [v for module, text, _ in all_modules() if module in KIND_FREE_MODULES for v in kind_branches(text, module)]
+    assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize("source, expected", [
+    ('if stage.kind == "prune":\n    pass', 1),
+    ('x = kind in ("quantize", "fp16")', 1),
+    ('if spec.makes == "bundle":\n    pass', 0),  # what a stage makes is declared on it: not a kind
+    ("if stage.kind == other.kind:\n    pass", 0),
+])
+def test_kind_branch_rule_on_synthetic_sources(source, expected):
+    assert len(kind_branches(source, "dlopt.recipe")) == expected

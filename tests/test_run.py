@@ -192,6 +192,31 @@ def test_bad_recipes_are_input_errors_naming_the_line(work, edit, message):
     assert not (work / "cache").exists() and not (work / "out").exists()
 
 
+@pytest.mark.parametrize("stages, top, message", [
+    # the rules each stage declares on its place in a recipe (Stage.recipe_check, quantizes, precision)
+    (["prune", "prune", "export"], 'source = "fashion-cnn"',
+     r"r\.toml:\d+ \(stage 2, prune\): one prune stage per recipe"),
+    (["distill", "export"], 'source = "fashion-cnn"',
+     r"r\.toml:\d+ \(stage 1, distill\): distill trains the pruned student .* it follows a prune stage"),
+    (["prune", "distill", "export"], 'source = "fashion-cnn"\ntraining_data = "missing.npz"',
+     r"training_data .*missing\.npz does not exist"),
+    (["fp16", "quantize"], 'source = "mlp.onnx"',
+     r"r\.toml:\d+ \(stage 2, quantize\): the stage before made an FP16 model"),
+    (["quantize:fp16", "int8-dynamic"], 'source = "mlp.onnx"',
+     r"r\.toml:\d+ \(stage 2, int8-dynamic\): the stage before made an FP16 model"),
+])
+def test_stage_order_rules_are_input_errors_naming_the_stage(work, stages, top, message):
+    tables = []
+    for stage in stages:
+        kind, _, precision = stage.partition(":")
+        tables.append(f'[[stage]]\nkind = "{kind}"' + (f'\nprecision = "{precision}"' if precision else ""))
+    (work / "r.toml").write_text(top + '\ntarget = "cpu"\n\n' + "\n\n".join(tables) + "\n")
+    result = run(work)
+    assert result.exit_code == 2, result.output
+    assert re.search(message, result.stderr), result.stderr
+    assert not (work / "cache").exists() and not (work / "out").exists()
+
+
 def test_inputs_are_never_overwritten(work):
     (work / "q.toml").write_text(QUANTIZE_ONLY)
     before = sha256_file(work / "mlp.onnx")

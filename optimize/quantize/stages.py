@@ -75,7 +75,20 @@ def _write(given: StageInput, config, context: StageContext) -> Artifact:
     return write_quantized(given, config, context)
 
 
-_CHECKS: dict[str, Any] = {"takes": "onnx", "makes": "onnx", "ensures": (SAME_OUTPUTS,), "writer": _write}
+def _made_precision(config) -> str | None:
+    """The precision a scheme's config asks for (quantize's precision: int8, int4, fp16; the schemes: None)."""
+    return getattr(config, "precision", None)
+
+
+_CHECKS: dict[str, Any] = {
+    "takes": "onnx",
+    "makes": "onnx",
+    "ensures": (SAME_OUTPUTS,),
+    "writer": _write,
+    "reads": ("calibration", "eval_data"),
+    "quantizes": True,
+    "precision": _made_precision,
+}
 
 
 @register_stage(
@@ -139,7 +152,7 @@ def int4_weight_only_stage(model, config: Int4WeightOnly, context: StageContext)
     config=Fp16,
     requires=(ONNX_MODEL, FLOAT_ONNX),
     summary="FP16 weights and compute, overflowing nodes kept FP32",
-    **_CHECKS,
+    **{**_CHECKS, "precision": lambda config: "fp16"},
 )
 def fp16_stage(model, config: Fp16, context: StageContext) -> StageResult:
     return _run(model, config, context)

@@ -48,6 +48,7 @@ def _write(given: StageInput, config: PackageConfig, context: StageContext) -> A
     ensures=(Check("a bundle with its manifest", _verified_problem),),
     summary="a verified, self-describing bundle for the target",
     validate=validate_config,
+    data_fields=("calibration",),  # the samples it verifies and measures on
 )
 def package_stage(model: Path, config: PackageConfig, context: StageContext) -> StageResult:
     if context.output is None:

@@ -394,16 +394,11 @@ def _check_order(recipe: Recipe) -> None:
             raise InputError(
                 f"{where}: {stage.kind} takes a {spec.takes} model and the "
                 f"{'source' if stage.index == 1 else 'stage before'} gives an {made} one",
-                "drop it for an .onnx source, or move it first" if stage.kind == "export" else "reorder the stages",
+                "drop it for an .onnx source, or move it first" if spec.takes == "torch" else "reorder the stages",
             )
-        if stage.kind == "prune" and stage.index > 1 and made == "torch":
-            raise InputError(
-                f"{where}: one prune stage per recipe (a pruned checkpoint records one pruning)",
-                "prune once, with the ratio you want",
-            )
-        if stage.kind == "distill":
-            _check_distill(recipe, stage, where)
-        if _quantizes(stage.kind) and any(_precision(s) == "fp16" for s in recipe.stages[: stage.index - 1]):
+        if spec.recipe_check is not None:
+            spec.recipe_check(recipe, stage, where)
+        if spec.quantizes and any(_precision(s) == "fp16" for s in recipe.stages[: stage.index - 1]):
             raise InputError(
                 f"{where}: the stage before made an FP16 model: {stage.kind} takes a float32 one",
                 "quantize once per recipe: keep one fp16 (or int8/int4) stage",
@@ -428,34 +423,9 @@ def _check_order(recipe: Recipe) -> None:
 
 
 def _precision(stage: StageSpec) -> str | None:
-    """fp16 for an fp16 stage or a quantize stage asking for fp16; else None."""
-    if stage.kind == "fp16":
-        return "fp16"
-    return getattr(stage.config, "precision", None) if stage.kind == "quantize" else None
-
-
-def _check_distill(recipe: Recipe, stage: StageSpec, where: str) -> None:
-    """Distill trains the prune stage's student against the source: it follows prune, on data it has."""
-    from dlopt.models import REFERENCE_MODELS
-
-    if stage.index == 1 or recipe.stages[stage.index - 2].kind != "prune":
-        raise InputError(
-            f"{where}: distill trains the pruned student against the source: it follows a prune stage",
-            'add [[stage]] kind = "prune" before it',
-        )
-    if recipe.training_data is None:
-        model = REFERENCE_MODELS.get(recipe.source)
-        if model is None or not model.training:
-            having = ", ".join(m.name for m in REFERENCE_MODELS.values() if m.training)
-            raise InputError(
-                f"{where}: distill needs training data and the source {recipe.source} ships none",
-                f'add training_data = "train.npz" at the top (reference data ships for {having})',
-            )
-    elif not Path(recipe.training_data).is_file():
-        raise InputError(
-            f"{recipe.path}: training_data {recipe.training_data} does not exist",
-            "give an .npz with an array per forward() input (and optional labels)",
-        )
+    """The precision of the model the stage makes (fp16 for an fp16 stage or a quantize stage asking for it)."""
+    made = get_stage(stage.kind).precision
+    return made(stage.config) if made is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,7 +444,7 @@ def host_facts(kind: str, config: Any) -> dict[str, Any]:
         facts["torch"] = _version("torch")
     if "lm" in (stage.takes, stage.makes):  # the model builder and the genai checks of an LM folder
         facts["onnxruntime-genai"] = _version("onnxruntime-genai")
-    if _quantizes(kind) and capabilities(config.target).kernels_measurable_here:
+    if stage.quantizes and capabilities(config.target).kernels_measurable_here:
         from dlopt.runtime import isa_line
         from dlopt.targets.cpu import host_cpu
 
@@ -511,21 +481,10 @@ def data_hash(spec: str | DataSpec | None) -> str | None:
     return spec_hash(spec)
 
 
-# ONNX -> ONNX stages that are not quantize's schemes: applied to the model with the recipe's data
-# (held-out samples: eval_data, else calibration) by their writer; the report is kept in the cache entry.
-DATA_ONNX_STAGES = ("trim-padding",)
-
-
 def _reads_data(kind: str) -> bool:
-    """A stage that takes an ONNX model (or an LM folder) and makes one with the recipe's data: its hash is
-    in the stage's key."""
-    stage = get_stage(kind)
-    return stage.takes == stage.makes and stage.takes in ("onnx", "lm")
-
-
-def _quantizes(kind: str) -> bool:
-    """Quantize and its schemes (what times kernels here, keeps a failed result, takes a float32 model)."""
-    return _reads_data(kind) and get_stage(kind).takes == "onnx" and kind not in DATA_ONNX_STAGES
+    """A stage that reads the recipe's calibration or held-out data (quantize and its schemes, trim-padding,
+    int4-lm): the declared data spec is in its key and lineage."""
+    return bool({"calibration", "eval_data"} & set(get_stage(kind).reads))
 
 
 def _makes(kind: str) -> str:
@@ -540,13 +499,11 @@ def _declared_specs(recipe: Recipe) -> dict[str, Any] | None:
 
 
 def _stage_data(recipe: Recipe, stage: StageSpec) -> dict[str, str | None]:
-    if _reads_data(stage.kind):
-        return {"calibration": data_hash(recipe.calibration), "eval_data": data_hash(recipe.eval_data)}
-    if stage.kind == "package":
-        return {"calibration": data_hash(stage.config.calibration)}
-    if stage.kind == "distill":
-        return {"training_data": data_hash(recipe.distill_data)}
-    return {}
+    """The hashes of the data the stage reads (Stage.reads, Stage.data_fields): part of its key."""
+    spec = get_stage(stage.kind)
+    given = {"calibration": recipe.calibration, "eval_data": recipe.eval_data, "training_data": recipe.distill_data}
+    found = {role: data_hash(given[role]) for role in spec.reads}
+    return found | {name: data_hash(getattr(stage.config, name)) for name in spec.data_fields}
 
 
 def _prepared(recipe: Recipe, stage: StageSpec) -> Any:
@@ -668,7 +625,7 @@ def recipe_outputs(recipe: Recipe, out: Path) -> list[Path]:
     paths = [out]
     if _makes(recipe.stages[-1].kind) == "onnx":
         paths += [report_path_for(out, "quantize"), report_path_for(out, "export")]
-    if any(_quantizes(s.kind) for s in recipe.stages):
+    if any(get_stage(s.kind).quantizes for s in recipe.stages):
         from dlopt.optimize.quantize.files import failed_path
 
         failed = failed_path(out)

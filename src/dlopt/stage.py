@@ -129,6 +129,9 @@ class Check:
 ArtifactKind = Literal["torch", "onnx", "bundle", "lm"]
 
 
+# The data a recipe gives its stages (dlopt.recipe): calibration, held-out eval data, distill's training data.
+RECIPE_DATA = ("calibration", "eval_data", "training_data")
+
 RunStage = Callable[[Any, Any, StageContext], StageResult]
 WriteStage = Callable[[StageInput, Any, StageContext], Artifact]
 
@@ -147,6 +150,17 @@ class Stage:
     # Writes the stage's output into context.output atomically and returns it as an Artifact (what dlopt run
     # caches); None for a stage that runs only inside another (trim-padding, inside quantize).
     writer: WriteStage | None = field(default=None, compare=False)
+    # What a recipe needs to know of the stage, declared here so that the recipe runner has no branch on the
+    # kind. reads: the recipe's data it reads ("calibration", "eval_data", "training_data"), whose hashes key
+    # its cache entry; data_fields: fields of its config naming data files keyed the same way (package's
+    # calibration); quantizes: it lowers precision (takes a float32 model, times kernels on a CPU target, may
+    # keep a failed result beside the output); precision: the precision of the model it makes, from its
+    # config; recipe_check(recipe, its StageSpec, where): rules on its place in a recipe (InputError).
+    reads: tuple[str, ...] = ()
+    data_fields: tuple[str, ...] = ()
+    quantizes: bool = False
+    precision: Callable[[Any], str | None] | None = field(default=None, compare=False)
+    recipe_check: Callable[[Any, Any, str], None] | None = field(default=None, compare=False)
 
     def write(self, given: StageInput, config: Any, context: StageContext) -> Artifact:
         """Run the stage on files: its input artifact in, its output written into context.output."""
@@ -232,6 +246,11 @@ def register_stage(
     summary: str = "",
     validate: Callable[[Any], None] | None = None,
     writer: WriteStage | None = None,
+    reads: tuple[str, ...] = (),
+    data_fields: tuple[str, ...] = (),
+    quantizes: bool = False,
+    precision: Callable[[Any], str | None] | None = None,
+    recipe_check: Callable[[Any, Any, str], None] | None = None,
 ) -> Callable[[RunStage], Stage]:
     """Decorate a stage's `run(input, config, context) -> StageResult` to make it the Stage `kind` of the
     registry; the decorated name is that Stage. `writer`: how it runs on files (Stage.write)."""
@@ -250,7 +269,14 @@ def register_stage(
             summary=summary,
             validate=validate,
             writer=writer,
+            reads=reads,
+            data_fields=data_fields,
+            quantizes=quantizes,
+            precision=precision,
+            recipe_check=recipe_check,
         )
+        if unknown := set(reads) - set(RECIPE_DATA):
+            raise TypeError(f"stage kind {kind!r} reads {sorted(unknown)}: a recipe's data are {RECIPE_DATA}")
         if kind in _REGISTERED and _REGISTERED[kind].run.__qualname__ != run.__qualname__:
             raise TypeError(f"stage kind {kind!r} is registered twice")
         _REGISTERED[kind] = stage
