@@ -126,7 +126,8 @@ def floor_evaluator(
     drop = -margin and a model meets the floor at max_drop 0. graph_opt_level "disable" scores the QDQ
     graph's own arithmetic. `selected` (candidates compared on `feeds`): the bound decides, else the
     estimate (dlopt.optimize.quantize.heldout.task_metric)."""
-    from dlopt.optimize.quantize.heldout import held_out_outputs, recurrent_pairs, task_choice, task_metric
+    from dlopt.graphfacts import recurrent_pairs
+    from dlopt.optimize.quantize.heldout import held_out_outputs, task_choice, task_metric
 
     reference = run_outputs(cpu_session(original), feeds)
     names = [o.name for o in original.graph.output]

@@ -261,7 +261,7 @@ def _fold_weight_inputs(model, config: NormalizeConfig):
     from onnx import helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
-    from dlopt.optimize.weight_only import WEIGHT_INPUTS
+    from dlopt.graphfacts import WEIGHT_INPUTS
 
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
@@ -369,7 +369,7 @@ def _name_nodes(model) -> tuple[Any, int]:
 def _computed_weights(model) -> bool:
     """Whether some weighted layer reads its weight from a computed value (not an initializer nor a
     Constant node)."""
-    from dlopt.optimize.weight_only import WEIGHT_INPUTS
+    from dlopt.graphfacts import WEIGHT_INPUTS
 
     def visit(graph, outer: set[str]) -> bool:
         names = outer | {t.name for t in graph.initializer}

@@ -25,20 +25,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from dlopt.graphfacts import WEIGHT_INPUTS
 from dlopt.optimize.normalize import PER_CHANNEL_OPSET, all_graphs, default_opset, subgraphs
 from dlopt.optimize.preprocess import replace_nodes
 from dlopt.stage import StageResult, config_to_dict
 
-# op type -> indices of its weight inputs
-WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
-    "Conv": (1,),
-    "ConvTranspose": (1,),
-    "Gemm": (1,),
-    "MatMul": (1,),
-    "LSTM": (1, 2),
-    "GRU": (1, 2),
-    "RNN": (1, 2),
-}
 Scope = Literal["all", "leftovers"]
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 

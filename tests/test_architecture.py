@@ -65,9 +65,6 @@ KNOWN_CYCLES: dict[tuple[str, ...], str] = {
     ("dlopt.targets", "dlopt.targets.arm64", "dlopt.targets.base", "dlopt.targets.cpu", "dlopt.targets.cuda",
      "dlopt.targets.mobile", "dlopt.targets.xnnpack"):
         "the targets package's __init__ registers each target module, which reads the registry back",
-    ("dlopt.optimize.normalize", "dlopt.optimize.weight_only"): "normalize folds weights weight_only also reads",
-    ("dlopt.optimize.quantize.heldout", "dlopt.optimize.quantize.int8_recipe", "dlopt.optimize.quantize.schemes"):
-        "the scheme configs and the recipe chooser read each other's constants",
 }
 
 

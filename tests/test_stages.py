@@ -241,15 +241,15 @@ def test_an_error_inside_a_stage_names_the_chain_and_keeps_its_class():
 
 
 def test_the_quantize_front_door_resolves_to_a_scheme_and_records_it():
-    from dlopt.optimize.quantize import Int8Dynamic, Int8Static, QuantizeConfig, quantize
+    from dlopt.optimize.quantize import Int8Dynamic, Int8Static, QuantizeConfig, quantize, resolve_scheme
 
     model = cnn_model()
-    scheme, reasons = QuantizeConfig(target="cpu").resolve(model, has_data=True)
+    scheme, reasons = resolve_scheme(QuantizeConfig(target="cpu"), model, has_data=True)
     assert type(scheme) is Int8Static and reasons[0].startswith("static QDQ: CNN")
-    scheme, reasons = QuantizeConfig(exclude_nodes=("conv1",)).resolve(model, has_data=False)
+    scheme, reasons = resolve_scheme(QuantizeConfig(exclude_nodes=("conv1",)), model, has_data=False)
     assert scheme.mode == "weight-only" and scheme.exclude_nodes == ("conv1",)
-    assert type(QuantizeConfig(mode="dynamic").resolve(model, has_data=True)[0]) is Int8Dynamic
-    assert type(QuantizeConfig(precision="fp16").resolve(model, has_data=True)[0]).__name__ == "Fp16"
+    assert type(resolve_scheme(QuantizeConfig(mode="dynamic"), model, has_data=True)[0]) is Int8Dynamic
+    assert type(resolve_scheme(QuantizeConfig(precision="fp16"), model, has_data=True)[0]).__name__ == "Fp16"
 
     result = quantize(mlp_model(), QuantizeConfig(speed_check=False), mlp_data())
     assert result.report["config"]["type"] == "QuantizeConfig"
@@ -439,7 +439,7 @@ def test_a_recipe_cannot_end_with_a_torch_checkpoint(tmp_path):
 
 def test_quantize_asks_the_target_for_its_int8_form_not_its_name(monkeypatch):
     from dlopt.targets.cpu import HostCpu
-    from dlopt.optimize.quantize import Int8Dynamic, Int8Static, QuantizeConfig, choose_recipe, quantize
+    from dlopt.optimize.quantize import Int8Dynamic, Int8Static, QuantizeConfig, choose_recipe, quantize, resolve_scheme
     from dlopt.targets import TARGETS, CudaTarget, Int8Form
 
     class StaticOnly(CudaTarget):  # a new accelerator: only its declared capabilities say what it takes
@@ -447,11 +447,11 @@ def test_quantize_asks_the_target_for_its_int8_form_not_its_name(monkeypatch):
         int8 = Int8Form(dynamic=False, activation="s8", per_channel=True, note="the NPU takes QDQ only")
 
     monkeypatch.setitem(TARGETS, "npu-test", StaticOnly())
-    scheme, reasons = QuantizeConfig(target="npu-test").resolve(mlp_model(), has_data=True)
+    scheme, reasons = resolve_scheme(QuantizeConfig(target="npu-test"), mlp_model(), has_data=True)
     assert type(scheme) is Int8Static
     assert reasons[0] == ("static QDQ: the npu-test target runs static QDQ, not dynamic quantization (the NPU takes "
                           "QDQ only)")
-    scheme, reasons = QuantizeConfig(target="npu-test").resolve(mlp_model(), has_data=False)
+    scheme, reasons = resolve_scheme(QuantizeConfig(target="npu-test"), mlp_model(), has_data=False)
     assert scheme.mode == "weight-only" and "the npu-test target runs static QDQ" in reasons[0]
     recipe = choose_recipe(mlp_model(), Int8Static(target="npu-test"), HostCpu.with_flags("x86_64", ("avx2",)))
     assert (recipe.activation_type, recipe.weight_type, recipe.reduce_range) == ("s8", "s8", False)

@@ -190,7 +190,7 @@ def test_lstm_weights_computed_from_constants_become_initializers_and_quantize()
 
 
 def test_a_state_is_an_output_named_like_another_input_with_its_shape():
-    from dlopt.optimize.quantize.heldout import recurrent_pairs
+    from dlopt.graphfacts import recurrent_pairs
 
     assert recurrent_pairs(leaky_integrator()) == [("state", "stateN")]
 

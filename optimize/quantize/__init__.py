@@ -49,7 +49,14 @@ from dlopt.optimize.quantize.heldout import (
     verdict,
 )
 from dlopt.optimize.quantize.int8 import quantize_int8, shield_float_nodes
-from dlopt.optimize.quantize.int8_recipe import Int8Recipe, choose_mode, choose_recipe, cpu_record, host_kernels_inexact
+from dlopt.optimize.quantize.int8_recipe import (
+    Int8Recipe,
+    choose_mode,
+    choose_recipe,
+    cpu_record,
+    host_kernels_inexact,
+    resolve_scheme,
+)
 from dlopt.optimize.quantize.pipeline import quantize
 from dlopt.optimize.quantize.schemes import (
     FIDELITY_FLOORS_DB,
@@ -119,6 +126,7 @@ __all__ = [
     "choose_mode",
     "choose_recipe",
     "cpu_record",
+    "resolve_scheme",
     "failed_path",
     "failure_error",
     "feed_description",

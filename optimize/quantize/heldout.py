@@ -15,7 +15,7 @@ from dlopt.data import CalibrationData, Feeds
 from dlopt.errors import StageError
 from dlopt.fidelity import compare_runs
 from dlopt.fidelity import report as fidelity_report
-from dlopt.graphfacts import op_counts
+from dlopt.graphfacts import op_counts, recurrent_pairs
 from dlopt.inputs import graph_inputs
 from dlopt.metrics import VERDICT_CONFIDENCE, MetricChoice, assess, choose_metric, group_sqnr, metric_request
 from dlopt.optimize.preprocess import check_feeds
@@ -64,38 +64,8 @@ def quantized_nodes(model) -> dict[str, int]:
 
 
 # -- held-out fidelity and the verdict ----------------------------------------------------------------
-# An output that the caller feeds back as an input on the next call (a recurrent state) is named like
-# that input plus one of these: Silero VAD's stateN -> state, h_out -> h, state_new -> state.
-STATE_SUFFIXES = ("N", "_out", "_new", "_next", "_n")
 # A stream's drift shows over its length only: 32 held-out feeds of a 32 ms VAD are 1 s of audio
 STREAM_FIDELITY_SAMPLES = 1024
-
-
-def recurrent_pairs(model) -> list[tuple[str, str]]:
-    """(input, output) pairs of a stateful model: the output named like the input + a STATE_SUFFIXES
-    suffix, with the same rank and the same fixed dimensions where both declare them, in a model with
-    other inputs too."""
-    from dlopt.inputs import graph_inputs
-
-    inputs = {spec.name: spec for spec in graph_inputs(model)}
-    if len(inputs) < 2:  # a state is fed beside the data that drives it; image -> image_out is a filter
-        return []
-    pairs: list[tuple[str, str]] = []
-    for output in model.graph.output:
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in output.type.tensor_type.shape.dim]
-        for suffix in STATE_SUFFIXES:
-            name = output.name[: -len(suffix)] if output.name.endswith(suffix) else ""
-            spec = inputs.get(name) if name else None
-            if spec is None:
-                continue
-            declared = list(spec.shape)
-            if output.type.tensor_type.HasField("shape") and len(dims) != len(declared):
-                continue
-            if any(isinstance(a, int) and a > 0 and b and a != b for a, b in zip(declared, dims)):
-                continue
-            pairs.append((name, output.name))
-            break
-    return pairs
 
 
 def fidelity_sample_count(model, config: QuantizeScheme | QuantizeConfig) -> int:

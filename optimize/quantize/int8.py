@@ -25,7 +25,7 @@ from dlopt.quiet import quiet_libraries
 def default_op_types(recipe: Int8Recipe) -> set[str]:
     from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 
-    from dlopt.optimize.weight_only import WEIGHT_INPUTS
+    from dlopt.graphfacts import WEIGHT_INPUTS
 
     if recipe.mode == "weight-only":
         return set(WEIGHT_INPUTS)
@@ -69,8 +69,9 @@ def quantize_int8(
     from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
 
+    from dlopt.graphfacts import WEIGHT_INPUTS
     from dlopt.optimize.normalize import topological_sort
-    from dlopt.optimize.weight_only import WEIGHT_INPUTS, WeightOnlyConfig, quantize_weights_int8
+    from dlopt.optimize.weight_only import WeightOnlyConfig, quantize_weights_int8
 
     op_types = sorted(default_op_types(recipe) - set(config.exclude_ops))
     excluded = sorted(set(config.exclude_nodes) | set(exclude_nodes))

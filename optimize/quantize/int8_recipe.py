@@ -3,12 +3,24 @@ formats, types, calibration and weight rounding for this model, target and CPU, 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from dlopt.graphfacts import looks_like_transformer
-from dlopt.optimize.quantize.schemes import Int8Mode, Int8Scheme, Int8Static, Method, QuantizeConfig, Scheme
+from dlopt.optimize.fp16 import Fp16
+from dlopt.optimize.int4 import Int4WeightOnly
+from dlopt.optimize.quantize.schemes import (
+    INT8_SCHEMES,
+    Int8Mode,
+    Int8Scheme,
+    Int8Static,
+    Method,
+    QuantizeConfig,
+    Scheme,
+    validate_config,
+)
 from dlopt.targets.cpu import HostCpu, host_cpu
 
 
@@ -18,6 +30,21 @@ def cpu_record(cpu: HostCpu) -> dict[str, Any]:
     """The CPU facts the INT8 recipe reads, as its report records them: the machine, whether it has an int8
     dot product (VNNI/AMX on x86, asimddp on ARM) and its ISA flags."""
     return {"machine": cpu.machine, "vnni": cpu.int8_dot, "flags": cpu.isa_flags}
+
+
+def resolve_scheme(request: QuantizeConfig, model, *, has_data: bool) -> tuple[Scheme, tuple[str, ...]]:
+    """The scheme config a `quantize` request asks for on `model`, and why (int8 mode auto: see choose_mode)."""
+    validate_config(request)
+    cls: type
+    if request.precision == "int8":
+        mode, reason = choose_mode(model, request, has_data=has_data)
+        cls, reasons = INT8_SCHEMES[mode], (reason,)
+    else:
+        cls = Int4WeightOnly if request.precision == "int4" else Fp16
+        reasons = (f"{request.precision}: asked for",)
+    # The request holds every scheme's fields under the same names: each scheme takes its own.
+    fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(cls) if hasattr(request, f.name)}
+    return cls(**fields), reasons
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,7 +104,7 @@ def choose_mode(model, config: QuantizeConfig, *, has_data: bool = True) -> tupl
     if config.mode != "auto":
         return config.mode, f"mode {config.mode}: asked for"
     form = _int8_form(config.target)
-    from dlopt.optimize.quantize.heldout import recurrent_pairs
+    from dlopt.graphfacts import recurrent_pairs
 
     state = recurrent_pairs(model)
     if state:
@@ -138,7 +165,7 @@ def choose_recipe(
     cpu = cpu or host_cpu()
     scheme: Scheme | QuantizeConfig = config
     if isinstance(config, QuantizeConfig):
-        scheme, (mode_reason,) = config.resolve(model, has_data=has_data)
+        scheme, (mode_reason,) = resolve_scheme(config, model, has_data=has_data)
     if not isinstance(scheme, Int8Scheme):
         raise TypeError(f"choose_recipe takes an INT8 scheme, not {type(scheme).__name__}")
     config = scheme

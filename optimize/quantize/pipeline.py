@@ -21,7 +21,7 @@ from dlopt.optimize.quantize.heldout import (
     warn_if_slower,
 )
 from dlopt.optimize.quantize.int8 import check_exclusions, quantize_int8
-from dlopt.optimize.quantize.int8_recipe import Int8Recipe, choose_recipe, host_kernels_inexact
+from dlopt.optimize.quantize.int8_recipe import Int8Recipe, choose_recipe, host_kernels_inexact, resolve_scheme
 from dlopt.optimize.quantize.schemes import (
     RECOVERY_MAX_FLOAT_SHARE,
     SCHEME_KINDS,
@@ -91,7 +91,7 @@ def quantize(
     request = config if isinstance(config, QuantizeConfig) else None
     reasons: tuple[str, ...] = ()
     if isinstance(config, QuantizeConfig):
-        config, reasons = config.resolve(model, has_data=data is not None)
+        config, reasons = resolve_scheme(config, model, has_data=data is not None)
     scheme = {
         "kind": SCHEME_KINDS[type(config)],
         "config": config_to_dict(config),

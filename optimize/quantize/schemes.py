@@ -3,7 +3,6 @@ beside their code) and QuantizeConfig, the `quantize` front door that resolves t
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -204,20 +203,6 @@ class QuantizeConfig:
     layernorm_form: LayerNormForm | str = "auto"  # or FILE.quantize.json: that report's decision, replayed
     node_forms: NodeForms | str = "auto"  # or FILE.quantize.json: that report's decisions, replayed
     trim_padding: TrimMode = "auto"
-
-    def resolve(self, model, *, has_data: bool) -> tuple[Scheme, tuple[str, ...]]:
-        """The scheme config this request asks for on `model`, and why (int8 mode auto: see choose_mode)."""
-        from dlopt.optimize.quantize.int8_recipe import choose_mode
-
-        validate_config(self)
-        if self.precision == "int8":
-            mode, reason = choose_mode(model, self, has_data=has_data)
-            cls, reasons = INT8_SCHEMES[mode], (reason,)
-        else:
-            cls = Int4WeightOnly if self.precision == "int4" else Fp16
-            reasons = (f"{self.precision}: asked for",)
-        # The request holds every scheme's fields under the same names: each scheme takes its own.
-        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls) if hasattr(self, f.name)}), reasons
 
 
 def validate_config(config: QuantizeConfig) -> None:

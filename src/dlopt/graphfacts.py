@@ -7,6 +7,17 @@ import numpy as np
 
 from dlopt.inputs import graph_inputs
 
+# op type -> indices of its weight inputs (what weight-only quantization and weight folding read)
+WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
+    "Conv": (1,),
+    "ConvTranspose": (1,),
+    "Gemm": (1,),
+    "MatMul": (1,),
+    "LSTM": (1, 2),
+    "GRU": (1, 2),
+    "RNN": (1, 2),
+}
+
 # ops that only ORT's transformer fusions create: seeing one means the graph is already fused
 FUSED_TRANSFORMER_OPS = {
     "Attention",
@@ -73,3 +84,33 @@ def op_counts(model) -> dict[str, int]:
 
 
 __all__ = ["FUSED_TRANSFORMER_OPS", "embeds_tokens", "looks_like_transformer", "op_counts"]
+
+
+# An output that the caller feeds back as an input on the next call (a recurrent state) is named like
+# that input plus one of these: Silero VAD's stateN -> state, h_out -> h, state_new -> state.
+STATE_SUFFIXES = ("N", "_out", "_new", "_next", "_n")
+
+
+def recurrent_pairs(model) -> list[tuple[str, str]]:
+    """(input, output) pairs of a stateful model: the output named like the input + a STATE_SUFFIXES
+    suffix, with the same rank and the same fixed dimensions where both declare them, in a model with
+    other inputs too."""
+    inputs = {spec.name: spec for spec in graph_inputs(model)}
+    if len(inputs) < 2:  # a state is fed beside the data that drives it; image -> image_out is a filter
+        return []
+    pairs: list[tuple[str, str]] = []
+    for output in model.graph.output:
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in output.type.tensor_type.shape.dim]
+        for suffix in STATE_SUFFIXES:
+            name = output.name[: -len(suffix)] if output.name.endswith(suffix) else ""
+            spec = inputs.get(name) if name else None
+            if spec is None:
+                continue
+            declared = list(spec.shape)
+            if output.type.tensor_type.HasField("shape") and len(dims) != len(declared):
+                continue
+            if any(isinstance(a, int) and a > 0 and b and a != b for a, b in zip(declared, dims)):
+                continue
+            pairs.append((name, output.name))
+            break
+    return pairs
