@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlopt.bench import BenchConfig, benchmark, format_result
+from dlopt.bench import BenchConfig, benchmark, format_bench
 from dlopt.tables import format_table
 
 OUT = Path(os.environ.get("DLOPT_BENCH_OUT", "out/bench_minilm"))
@@ -146,7 +146,7 @@ def main() -> None:
     config = BenchConfig(target="cpu", threads=args.threads, seq_len=args.seq_len, **extra)
     print(f"## MiniLM FP32 vs INT8, CPU target, {args.threads} thread(s), seq {args.seq_len}")
     result = benchmark([fp32, int8], config)
-    print(format_result(result))
+    print(format_bench(result))
     ratio = result.batches[0].models[1].ratios[result.clock]
     print(f"\nINT8/FP32 latency ratio {ratio.estimate:.3f}, 95% CI [{ratio.low:.3f}, {ratio.high:.3f}], "
           f"CI width {100 * ratio.relative_width:.1f} % of the ratio")
@@ -170,7 +170,7 @@ def main() -> None:
                               cuda_graph=graph)
             print(f"\n## MiniLM FP32, CUDA target{' with CUDA graph' if graph else ''}")
             res = benchmark([fp32], cfg)
-            print(format_result(res))
+            print(format_bench(res))
             for b in res.batches:
                 s = b.models[0].summaries["wall"]
                 rows.append([f"ORT CUDA fp32{' + graph' if graph else ''} (dlopt)", b.batch, s.median * 1e3, b.rounds])

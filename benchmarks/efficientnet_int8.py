@@ -177,7 +177,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from dlopt.bench import BenchConfig, benchmark, format_result
+    from dlopt.bench import BenchConfig, benchmark, format_bench
     from dlopt.fidelity import sqnr_db
     from dlopt.tables import format_table
     from dlopt.runtime import cpu_label
@@ -213,7 +213,7 @@ def main() -> None:
     log(f"timing {len(labels)} models interleaved, {args.rounds} rounds")
     result = benchmark([paths[k] for k in labels], BenchConfig(threads=1, clock="cpu", rounds=args.rounds),
                        data={"image": held[:8]}, data_source=f"{len(held_photos)} held-out photos")
-    print(format_result(result) + "\n")
+    print(format_bench(result) + "\n")
     batch = result.batches[0]
     rows, figures = [], {}
     for i, label in enumerate(labels):

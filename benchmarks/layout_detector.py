@@ -91,7 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from dlopt.bench import BenchConfig, benchmark, format_result
+    from dlopt.bench import BenchConfig, benchmark, format_bench
     from dlopt.metrics import detection_agreement, metric_bounds
     from dlopt.models.corpus import get_corpus_model
     from dlopt.tables import format_table
@@ -136,7 +136,7 @@ def main() -> None:
     result = benchmark([paths[k] for k in labels], BenchConfig(threads=1, clock="cpu", rounds=args.rounds),
                        data={k: np.concatenate([f[k] for f in held_feeds[:4]]) for k in held_feeds[0]},
                        data_source="picodet-layout held-out pages")
-    print(format_result(result) + "\n")
+    print(format_bench(result) + "\n")
     rows, figures = [], {}
     batch = result.batches[0]
     for i, label in enumerate(labels[1:], start=1):

@@ -87,14 +87,14 @@ def latency(paths: dict[str, Path], batches: tuple[int, ...], budget_s: float, r
             ) -> dict[str, dict[int, tuple]]:
     """{label: {batch: (median ms, speedup vs the first model, CI low, CI high)}}, on the reference model's
     real inputs (MiniLM: real sentences padded to 128 tokens; CNNs: photos, test images), one batch per call."""
-    from dlopt.bench import BenchConfig, benchmark, format_result, load_data
+    from dlopt.bench import BenchConfig, benchmark, format_bench, load_data
 
     labels = list(paths)
     data = load_data(f"model:{reference}", samples=4 * max(batches), seq_len=128)
     result = benchmark([paths[k] for k in labels], BenchConfig(batch_sizes=batches, seq_len=128, threads=1,
                                                              clock="cpu", budget_s=budget_s),
                        data=data, data_source=f"model:{reference}")
-    print(format_result(result).split("\n\n")[-1])  # CPU, session config, inputs with shapes and padding
+    print(format_bench(result).split("\n\n")[-1])  # CPU, session config, inputs with shapes and padding
     table: dict[str, dict[int, tuple]] = {k: {} for k in labels}
     for batch_run in result.batches:
         for label, run in zip(labels, batch_run.models):

@@ -97,13 +97,13 @@ def measure(paths: dict[str, Path], names: list[str], data: dict[str, np.ndarray
             source: str, figures: dict, tag: str = "") -> list[list]:
     """One interleaved dlopt.bench run at `batch`, rounds = `cycles` times the data's batches (each batch
     of a different longest length is timed equally often), and the rows of the speed-up table."""
-    from dlopt.bench import MAX_DATA_BATCHES, BenchConfig, benchmark, format_result
+    from dlopt.bench import MAX_DATA_BATCHES, BenchConfig, benchmark, format_bench
 
     batches = min(len(next(iter(data.values()))) // batch, MAX_DATA_BATCHES)
     result = benchmark([paths[k] for k in names], BenchConfig(threads=1, batch_sizes=(batch,), clock="cpu",
                                                              rounds=max(2, cycles * batches)),
                        data=data, data_source=source)
-    print(format_result(result) + "\n")
+    print(format_bench(result) + "\n")
     quality = cosines({k: paths[k] for k in names}, data, batch)
     b = result.batches[0]
     rows = []

@@ -611,3 +611,20 @@ def test_the_recipe_runner_and_the_verbs_do_not_branch_on_a_stage_kind():
 ])
 def test_kind_branch_rule_on_synthetic_sources(source, expected):
     assert len(kind_branches(source, "dlopt.recipe")) == expected
+
+
+def test_the_apis_lazy_names_are_the_names_where_they_are_defined():
+    """Rule (e) for dlopt.api's lazy table: a name the CLI reaches through dlopt.api is the defining module's
+    own name (`"format_bench": "dlopt.bench"`), never a renaming (`"format_bench": "dlopt.bench:format_result"`)."""
+    import importlib
+
+    source = (PACKAGE_DIRS["dlopt"] / "api.py").read_text()
+    table = next(
+        node.value for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_LAZY" for t in node.targets)
+    )
+    lazy = ast.literal_eval(table)
+    renamed = {name: target for name, target in lazy.items() if ":" in target}
+    assert not renamed, renamed
+    missing = [name for name, module in lazy.items() if not hasattr(importlib.import_module(module), name)]
+    assert not missing, missing

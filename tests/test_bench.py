@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from dlopt.bench import BenchConfig, InterleavedSampler, benchmark, format_result, parse_batch_sizes, parse_duration
+from dlopt.bench import BenchConfig, InterleavedSampler, benchmark, format_bench, parse_batch_sizes, parse_duration
 from dlopt.inputs import InputSpec, feeds_from_arrays, make_feeds, resolve_shapes
 from dlopt.cli import main
 from dlopt.errors import InputError
@@ -199,7 +199,7 @@ def test_real_run_ranks_three_times_the_work_correctly(chains, schema):
     data = result.to_dict()
     jsonschema.validate(data, schema)
     assert len(data["batches"][0]["results"][1]["samples_ms"]["cpu"]) == 150
-    table = format_result(result)
+    table = format_bench(result)
     assert "1 (base)" in table and "long.onnx" in table and "95% CI" in table
 
 
@@ -217,7 +217,7 @@ def test_profile_attributes_the_time_to_the_op_types_that_ran(chains, schema):
     data = result.to_dict()
     jsonschema.validate(data, schema)
     assert data["batches"][0]["results"][0]["profile"][0]["op_type"] in ("MatMul", "Tanh")
-    assert "where the time goes: long.onnx, batch 4" in format_result(result)
+    assert "where the time goes: long.onnx, batch 4" in format_bench(result)
     plain = benchmark([short], BenchConfig(rounds=5, n_boot=50)).to_dict()
     assert "profile" not in plain["batches"][0]["results"][0]
 
@@ -282,7 +282,7 @@ def test_a_sub_millisecond_model_keeps_the_budget_and_gets_a_ci_of_real_width(ch
     entry = data["batches"][0]
     assert entry["runs_per_sample"] == b.runs_per_sample and entry["samples"] == b.samples
     assert len(entry["results"][1]["samples_ms"]["cpu"]) == b.samples
-    assert f"each sample the mean of {b.runs_per_sample} runs" in format_result(result)
+    assert f"each sample the mean of {b.runs_per_sample} runs" in format_bench(result)
 
 
 def test_stored_samples_are_capped_by_merging_adjacent_rounds():
@@ -460,7 +460,7 @@ def test_ort_format_models_are_benchmarked_beside_onnx(chains, tmp_path):
 
 def test_result_text_states_the_comparison_and_machine_fingerprint(chains):
     result = benchmark([chains[0], chains[1]], BenchConfig(rounds=40, n_boot=300))
-    text = format_result(result)
+    text = format_bench(result)
     assert "batch 1: long.onnx takes" in text and "x slower" in text and "95% CI" in text
     fingerprint = result.machine
     assert fingerprint["threads"] == 1 and len(fingerprint["cpu_flags_sha256"]) == 16

@@ -296,7 +296,7 @@ def test_a_recipe_runs_a_scheme_stage_by_its_kind(tmp_path):
 
 
 def test_a_recipe_keeps_a_failed_quantize_result_beside_the_output_and_caches_nothing(tmp_path):
-    # the quantize stage's failed result (dlopt.optimize.quantize.files: failed_path, failure_error)
+    # the quantize stage's failed result (dlopt.optimize.quantize.files: failed_path, quantize_failure)
     assert _recipe(tmp_path, "int8-dynamic").exit_code == 0  # writes the model, data and recipe
     (tmp_path / "r.toml").write_text(RECIPE.format(kind="int8-dynamic") + "min_sqnr_db = 200.0\nrecover = false\n")
     from dlopt.cli import main

@@ -37,7 +37,7 @@ def encoders(tmp_path_factory):
 
 
 def test_bench_times_batches_sorted_by_length_beside_as_given(encoders):
-    from dlopt.bench import BenchConfig, benchmark, format_result, sorted_by_length
+    from dlopt.bench import BenchConfig, benchmark, format_bench, sorted_by_length
 
     data = _mixed_lengths()
     ordered = sorted_by_length(data, 8)
@@ -58,7 +58,7 @@ def test_bench_times_batches_sorted_by_length_beside_as_given(encoders):
         assert ratio["low"] <= ratio["estimate"] <= ratio["high"] and row["median_ms_sorted"] > 0
     # the first model's sorted run against the first model as given: the same pairs of samples
     assert ls["latency"][0]["ratio_sorted_to_first"] == ls["latency"][0]["ratio_sorted_to_given"]
-    text = format_result(result)
+    text = format_bench(result)
     assert "sorted by length, enc_trim.onnx takes" in text and "input_ids[8, 48]" in text
 
 
@@ -154,7 +154,7 @@ def test_optimize_tries_trimmed_candidates_with_their_equivalence(trimmed_search
 
 
 def test_optimize_reports_the_gain_per_batch_size_and_sorting(trimmed_search):
-    from dlopt.search.html_report import front_text
+    from dlopt.search.html_report import optimize_text
 
     work, result = trimmed_search
     data = json.loads(result.stdout)
@@ -171,7 +171,7 @@ def test_optimize_reports_the_gain_per_batch_size_and_sorting(trimmed_search):
     sorting = eight["length_sorting"]
     assert sorting["tokens_sorted"] < sorting["tokens_as_given"] <= 24
     assert {row["model"] for row in sorting["latency"]} == set(gain["models"])
-    text = front_text(data)
+    text = optimize_text(data)
     # the form the stage reported: this encoder's unfused attention is sliced, and the text says why not packed
     assert data["trim_padding"]["form"] == "slice" and data["trim_padding"]["check"]["pack_reason"]
     assert ("padding removal: attention_mask slices input_ids, attention_mask to each batch's longest real length "

@@ -37,7 +37,7 @@ Where each part is (one hop from here):
 from __future__ import annotations
 
 from dlopt.optimize.quantize.calibrate import calibrate
-from dlopt.optimize.quantize.files import QuantizeOutcome, failed_path, failure_error, quantize_file, stage_of
+from dlopt.optimize.quantize.files import QuantizeOutcome, failed_path, quantize_failure, quantize_file, stage_of
 from dlopt.optimize.quantize.heldout import (
     feed_description,
     fidelity_floor,
@@ -92,7 +92,7 @@ from dlopt.optimize.quantize.stages import (
     int8_weight_only_stage,
     quantize_stage,
 )
-from dlopt.optimize.quantize.summary import summary_text
+from dlopt.optimize.quantize.summary import quantize_summary
 from dlopt.optimize.quantize_scheme import HOLDOUT_FRACTION, HOLDOUT_MIN, quantize_targets
 
 __all__ = [
@@ -128,7 +128,7 @@ __all__ = [
     "cpu_record",
     "resolve_scheme",
     "failed_path",
-    "failure_error",
+    "quantize_failure",
     "feed_description",
     "fidelity_floor",
     "holdout_count",
@@ -150,7 +150,7 @@ __all__ = [
     "int8_weight_only_stage",
     "int4_weight_only_stage",
     "fp16_stage",
-    "summary_text",
+    "quantize_summary",
     "validate_config",
     "verdict",
 ]

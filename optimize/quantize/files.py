@@ -145,7 +145,7 @@ def keep_failed(outcome: QuantizeOutcome, out: Path) -> QuantizeOutcome:
 def write_quantized(given: StageInput, config: Scheme | QuantizeConfig, context: StageContext) -> Artifact:
     """The stage before's model quantized as OUTPUT/model.onnx with its report (quantize_file). A result that
     fails its verdict is kept beside `given.keep_failed` (as `dlopt quantize` keeps it; never cached) and
-    raised as failure_error's VerificationError."""
+    raised as quantize_failure's VerificationError."""
 
     outcome = quantize_file(
         given.input_path(),
@@ -157,11 +157,11 @@ def write_quantized(given: StageInput, config: Scheme | QuantizeConfig, context:
         log=context.log,
     )
     if not outcome.passed:
-        raise failure_error(keep_failed(outcome, given.keep_failed) if given.keep_failed is not None else outcome)
+        raise quantize_failure(keep_failed(outcome, given.keep_failed) if given.keep_failed is not None else outcome)
     return Artifact.of(outcome.model_path, outcome.report)
 
 
-def failure_error(outcome: QuantizeOutcome) -> VerificationError:
+def quantize_failure(outcome: QuantizeOutcome) -> VerificationError:
     """The error the CLI raises for an outcome that did not pass (exit 1)."""
     v = outcome.report["verdict"]
     checks = "; ".join(f"{f['check']} {_fmt(f['measured'])} (needs {f['required']})" for f in v["failures"])

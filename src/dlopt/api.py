@@ -746,14 +746,15 @@ def cache_prune(
     return CachePruned(cache.root, tuple(removed), tuple(cache.entries()))
 
 
-# Config classes, result types and formatters the callers of these functions need, re-exported by name and
-# imported on first use (PEP 562), so that importing dlopt.api stays as fast as the CLI's start-up needs.
+# Config classes, result types and formatters the callers of these functions need, re-exported under the name
+# they have where they are defined (name -> module; tests/test_architecture.py checks it) and imported on first
+# use (PEP 562), so that importing dlopt.api stays as fast as the CLI's start-up needs.
 _LAZY = {
     "BenchConfig": "dlopt.bench",
     "BenchResult": "dlopt.bench",
     "parse_duration": "dlopt.bench",
     "parse_batch_sizes": "dlopt.bench",
-    "format_bench": "dlopt.bench:format_result",
+    "format_bench": "dlopt.bench",
     "GenerateConfig": "dlopt.bench.generate",
     "GenerateResult": "dlopt.bench.generate",
     "format_generate": "dlopt.bench.generate",
@@ -765,12 +766,12 @@ _LAZY = {
     "GateConfig": "dlopt.gate",
     "GateResult": "dlopt.gate",
     "EvalSpec": "dlopt.gate",
-    "format_gate": "dlopt.gate:format_text",
+    "format_gate": "dlopt.gate",
     "PackageConfig": "dlopt.package",
     "PackageResult": "dlopt.package",
     "Tolerance": "dlopt.verify",
     "VerifyResult": "dlopt.verify",
-    "format_verify": "dlopt.verify:format_result",
+    "format_verify": "dlopt.verify",
     "origin_text": "dlopt.verify",
     "verification_error": "dlopt.verify",
     "verified_text": "dlopt.verify",
@@ -788,7 +789,7 @@ _LAZY = {
     "load_data": "dlopt.data",
     "OptimizeConfig": "dlopt.search.driver",
     "OptimizeResult": "dlopt.search.driver",
-    "optimize_text": "dlopt.search.html_report:front_text",
+    "optimize_text": "dlopt.search.html_report",
     "notes_to": "dlopt.sessions",  # where sessions' one-time notes go (a relaxed output declaration)
     "json_text": "dlopt.fileio",  # how the CLI prints a JSON result
     "reset_written": "dlopt.fileio",
@@ -804,13 +805,13 @@ _LAZY = {
     "Int8WeightOnly": "dlopt.optimize.quantize.schemes",
     "Int4WeightOnly": "dlopt.optimize.int4",
     "Fp16": "dlopt.optimize.fp16",
-    "quantize_summary": "dlopt.optimize.quantize.summary:summary_text",
-    "quantize_lm_summary": "dlopt.optimize.quantize_lm:summary_text",
+    "quantize_summary": "dlopt.optimize.quantize.summary",
+    "quantize_lm_summary": "dlopt.optimize.quantize_lm",
     # the parts of `dlopt package`'s text its stage and target own (dlopt.cli.results puts them together)
     "summary_table": "dlopt.package.card",
     "COVERAGE_HEADERS": "dlopt.targets.mobile",
     "coverage_table_rows": "dlopt.targets.mobile",
-    "quantize_failure": "dlopt.optimize.quantize.files:failure_error",
+    "quantize_failure": "dlopt.optimize.quantize.files",
 }
 
 if TYPE_CHECKING:
@@ -830,8 +831,7 @@ def __getattr__(name: str) -> Any:
     target = _LAZY.get(name)
     if target is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, _, attr = target.partition(":")
-    value = getattr(importlib.import_module(module), attr or name)
+    value = getattr(importlib.import_module(target), name)  # the same name as where it is defined: no aliases
     globals()[name] = value
     return value
 

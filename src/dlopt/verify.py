@@ -229,7 +229,7 @@ def _check_pte(
     return output_checks(artifact["file"], got, expected, criterion), None
 
 
-def format_result(result: VerifyResult) -> str:
+def format_verify(result: VerifyResult) -> str:
     lines = [format_table(["file", "status", "detail"], [[f["path"], f["status"], f["detail"]] for f in result.files])]
     if result.outputs:
         from dlopt.package.checks import check_failure_text
@@ -290,7 +290,7 @@ def verified_text(result: VerifyResult) -> str:
 __all__ = [
     "Tolerance",
     "VerifyResult",
-    "format_result",
+    "format_verify",
     "origin_text",
     "verification_error",
     "verified_text",

@@ -43,7 +43,7 @@ The package, by concern:
     data.py     the inputs: load_data, bound data batches, generated feeds, padding share
     results.py  LoadedModel, ModelRun, BatchRun, BenchResult (and its JSON form)
     harness.py  benchmark(): load, bind, measure under one deadline; machine_fingerprint
-    report.py   format_result: the tables `dlopt bench` prints
+    report.py   format_bench: the tables `dlopt bench` prints
 """
 
 from dlopt.bench.config import (
@@ -86,7 +86,7 @@ from dlopt.bench.harness import (
 )
 from dlopt.bench.results import BatchRun, BenchResult, LoadedModel, ModelRun
 from dlopt.bench.sampler import InterleavedSampler, Repeated, WarmupReport, median_cpu_ms, runs_per_sample
-from dlopt.bench.summary import format_result
+from dlopt.bench.summary import format_bench
 
 __all__ = [
     "BenchConfig",
@@ -99,7 +99,7 @@ __all__ = [
     "WarmupReport",
     "benchmark",
     "choose_clock",
-    "format_result",
+    "format_bench",
     "load_data",
     "measure_speedup",
     "median_cpu_ms",

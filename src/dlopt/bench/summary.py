@@ -6,7 +6,7 @@ from dlopt.bench.data import padding_note
 from dlopt.bench.results import BenchResult
 
 
-def format_result(result: BenchResult) -> str:
+def format_bench(result: BenchResult) -> str:
     """The latency table (one row per model and batch size) and the models table, as text."""
     from dlopt.tables import format_table
 

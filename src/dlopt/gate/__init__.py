@@ -68,7 +68,7 @@ from dlopt.gate.config import (
     ProgressFn,
     validate_config,
 )
-from dlopt.gate.outputs import format_markdown, format_text, junit_xml, write_outputs
+from dlopt.gate.outputs import format_gate, format_markdown, junit_xml, write_outputs
 from dlopt.gate.result import GateCheck, GateResult, overall_verdict
 from dlopt.gate.run import MIN_SAMPLE_S, is_baseline_file, run_gate
 from dlopt.gate.sequential import LatencyOutcome, Look, judge, look_confidence, look_schedule, sequential_test
@@ -91,7 +91,7 @@ __all__ = [
     "baseline_document",
     "fingerprint_differences",
     "format_markdown",
-    "format_text",
+    "format_gate",
     "is_baseline_file",
     "judge",
     "junit_xml",

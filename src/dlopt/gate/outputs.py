@@ -58,7 +58,7 @@ def _context_lines(result: GateResult) -> list[str]:
     return lines
 
 
-def format_text(result: GateResult) -> str:
+def format_gate(result: GateResult) -> str:
     """The terminal report: the checks table, what decided, and the machine."""
     from dlopt.tables import format_table
 

@@ -367,7 +367,7 @@ def _lm_front_text(result: Mapping[str, Any]) -> str:
     return "\n".join(lines + _tail_lines(result))
 
 
-def front_text(result: Mapping[str, Any]) -> str:
+def optimize_text(result: Mapping[str, Any]) -> str:
     """The table `dlopt optimize` prints: every candidate, the front, how latency was measured, the choice."""
     from dlopt.tables import format_table
 
