@@ -329,7 +329,7 @@ def _tail_lines(result: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _lm_front_text(result: Mapping[str, Any]) -> str:
+def _lm_optimize_text(result: Mapping[str, Any]) -> str:
     """An LM folder's table: held-out perplexity and its rise over FP32 (the drop), decode tokens/s, the
     decode time per token against FP32's (what the front and the choice use), prefill and size."""
     from dlopt.tables import format_table
@@ -375,7 +375,7 @@ def optimize_text(result: Mapping[str, Any]) -> str:
         return "-" if v is None else format(v, fmt)
 
     if result.get("evaluator") == "perplexity" and any("decode_tokens_per_s" in c for c in result["candidates"]):
-        return _lm_front_text(result)
+        return _lm_optimize_text(result)
     rows = []
     for c in result["candidates"]:
         ci = c.get("latency_ci")
