@@ -877,7 +877,7 @@ def quantize_lm_folder(
     return report
 
 
-def quantize_lm_summary(report: dict[str, Any]) -> str:
+def quantize_lm_text(report: dict[str, Any]) -> str:
     lines = [
         f"int4 {report['algorithm']}, asymmetric blocks of {report['block_size']}, accuracy_level "
         f"{report['accuracy_level']}: {report['bytes_before'] / 1e6:.1f} MB -> {report['bytes_after'] / 1e6:.1f} MB; "
@@ -912,5 +912,5 @@ __all__ = [
     "quantize_lm_folder",
     "quantize_lm_model",
     "read_calibration",
-    "quantize_lm_summary",
+    "quantize_lm_text",
 ]

@@ -271,7 +271,7 @@ def test_both_forms_are_really_timed_in_the_models_shapes():
 def test_quantize_reports_the_node_forms_and_keeps_the_faster_model(monkeypatch):
     import dlopt.optimize.kernel_choice as kc
     from dlopt.data import CalibrationData
-    from dlopt.optimize.quantize import QuantizeConfig, quantize, quantize_summary
+    from dlopt.optimize.quantize import QuantizeConfig, quantize, quantize_text
 
     monkeypatch.setattr(kc, "time_models", lambda models, feeds, **_: _fake_timer(
         {"small-channel conv": 4.0}, {"small-channel conv": 1.0}, 0.5)(models, feeds))
@@ -281,7 +281,7 @@ def test_quantize_reports_the_node_forms_and_keeps_the_faster_model(monkeypatch)
     assert forms["kept"] and forms["float_nodes"] == ["stem"] and result.report["nodes_excluded"] == ["stem"]
     stem = next(n for n in result.model.graph.node if n.name == "stem")
     assert stem.input[1] in {t.name for t in result.model.graph.initializer}  # float weights
-    text = quantize_summary(result.report)
+    text = quantize_text(result.report)
     assert "node forms: 1 node(s) kept in float (small-channel conv)" in text and "runs as" in text
     import json
     from importlib.resources import files

@@ -214,7 +214,7 @@ def test_a_report_that_cannot_be_replayed_is_an_input_error(files, tmp_path):
 
 def test_a_decision_missing_from_the_replayed_report_takes_the_default(tmp_path, monkeypatch):
     from dlopt.data import CalibrationData
-    from dlopt.optimize.quantize import QuantizeConfig, quantize, quantize_summary
+    from dlopt.optimize.quantize import QuantizeConfig, quantize, quantize_text
 
     report = tmp_path / "empty.quantize.json"
     report.write_text(json.dumps({"node_forms": {"decisions": []}, "kernel_choice": None}))
@@ -225,4 +225,4 @@ def test_a_decision_missing_from_the_replayed_report_takes_the_default(tmp_path,
     forms = result.report["node_forms"]
     assert {d["source"] for d in forms["decisions"]} == {"default"} and not forms["kept"]
     assert {t["choice"] for t in forms["classes"].values()} == {"int8"}
-    assert "decided" in quantize_summary(result.report)
+    assert "decided" in quantize_text(result.report)

@@ -20,7 +20,7 @@ from dlopt.data import CalibrationData
 from dlopt.optimize.normalize import NormalizeConfig, default_opset, normalize, subgraph_nodes
 from dlopt.graphfacts import looks_like_transformer
 from dlopt.fidelity import sqnr_db
-from dlopt.optimize.quantize import QuantizeConfig, choose_recipe, quantize, quantize_summary
+from dlopt.optimize.quantize import QuantizeConfig, choose_recipe, quantize, quantize_text
 from dlopt.sessions import cpu_session
 from test_quantize_int8 import cnn_model
 
@@ -568,7 +568,7 @@ def test_a_detector_head_joining_pixels_and_scores_keeps_each_its_own_scale(monk
 
     schema = json.loads(files("dlopt").joinpath("schemas/quantize.schema.json").read_text())
     jsonschema.validate(result.report["mixed_range_outputs"], schema["properties"]["mixed_range_outputs"])
-    assert "mixed-range output: head_concat joins" in quantize_summary(result.report)
+    assert "mixed-range output: head_concat joins" in quantize_text(result.report)
     graph = result.model.graph
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] in ("head", "output0") for n in graph.node)
     assert any(n.op_type == "QuantizeLinear" and n.input[0] == "cls_prob" for n in graph.node)  # its own scale

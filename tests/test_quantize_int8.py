@@ -16,7 +16,7 @@ from dlopt.errors import InputError
 from dlopt.data import CalibrationData
 from dlopt.fidelity import sqnr_from_energy
 from dlopt.optimize.quantize import (QuantizeConfig, choose_recipe, quantize, quantize_file,
-                                     quantized_nodes, quantize_summary)
+                                     quantized_nodes, quantize_text)
 from dlopt.sessions import cpu_session
 from dlopt.targets.cpu import HostCpu
 
@@ -250,7 +250,7 @@ def test_a_recipe_for_another_isa_reports_the_qdq_arithmetic_beside_this_host_s_
     assert exact["samples"] == summary["fidelity"]["samples"]
     assert exact["outputs"]["logits"]["sqnr_db"] >= SQNR_FLOOR_INT8_DB
     assert exact["outputs"]["logits"]["sqnr_db"] >= summary["fidelity"]["outputs"]["logits"]["sqnr_db"] - 0.5
-    assert "QDQ arithmetic" in quantize_summary(summary | {"precision": "int8"})
+    assert "QDQ arithmetic" in quantize_text(summary | {"precision": "int8"})
 
 
 def test_smoothquant_is_off_by_default_and_on_when_asked():
@@ -510,7 +510,7 @@ def test_no_vnni_recipe_runs_in_integer_kernels_exactly_as_its_qdq_graph_says(mo
 
 
 def test_every_run_reports_a_quick_interleaved_speed_check():
-    from dlopt.optimize.quantize import quantize_summary
+    from dlopt.optimize.quantize import quantize_text
 
     result = quantize(cnn_model(), QuantizeConfig(mode="static", node_forms="int8"), cnn_data())
     speed = result.report["speed_check"]
@@ -520,7 +520,7 @@ def test_every_run_reports_a_quick_interleaved_speed_check():
     assert low <= speed["speedup"] <= high and speed["confidence"] == 0.95
     assert speed["rough"] == (speed["rounds"] < 20)
     assert speed["input_shapes"] == {"image": [1, 3, 16, 16]} and speed["padding"] is None
-    text = quantize_summary(result.report)
+    text = quantize_text(result.report)
     assert f"rounds of dlopt bench's sampler, inputs image[1, 3, 16, 16], one thread" in text
     assert f"[{low:.2f}, {high:.2f}] (95% CI)" in text
     assert result.report["session"]["session_config"] == {"session.set_denormal_as_zero": "1"}
@@ -529,7 +529,7 @@ def test_every_run_reports_a_quick_interleaved_speed_check():
 
 
 def test_the_speed_check_times_token_inputs_padded_as_tokenizers_pad_them():
-    from dlopt.optimize.quantize import quantize_summary
+    from dlopt.optimize.quantize import quantize_text
 
     ids = np.arange(1, 13, dtype=np.int64)[None]  # one 12-token sample, as calibration sentences come
     data = CalibrationData.from_feeds([{"input_ids": ids}], source="twelve tokens")
@@ -537,7 +537,7 @@ def test_the_speed_check_times_token_inputs_padded_as_tokenizers_pad_them():
     speed = result.report["speed_check"]
     assert speed["input_shapes"] == {"input_ids": [1, 128]}
     assert speed["padding"] == {"inputs": ["input_ids"], "tokens": 12, "padded_to": 128}
-    assert "inputs input_ids[1, 128] (12 real tokens padded to 128)" in quantize_summary(result.report)
+    assert "inputs input_ids[1, 128] (12 real tokens padded to 128)" in quantize_text(result.report)
 
 
 def test_cnn_recipe_uses_percentile_gptq_and_bias_correction_only_with_data():

@@ -92,7 +92,7 @@ from dlopt.optimize.quantize.stages import (
     int8_weight_only_stage,
     quantize_stage,
 )
-from dlopt.optimize.quantize.summary import quantize_summary
+from dlopt.optimize.quantize.summary import quantize_text
 from dlopt.optimize.quantize_scheme import HOLDOUT_FRACTION, HOLDOUT_MIN, quantize_targets
 
 __all__ = [
@@ -150,7 +150,7 @@ __all__ = [
     "int8_weight_only_stage",
     "int4_weight_only_stage",
     "fp16_stage",
-    "quantize_summary",
+    "quantize_text",
     "validate_config",
     "verdict",
 ]

@@ -8,7 +8,7 @@ from typing import Any
 from dlopt.optimize.quantize.heldout import feed_description
 
 
-def quantize_summary(report: Mapping[str, Any]) -> str:
+def quantize_text(report: Mapping[str, Any]) -> str:
     """The human summary every run prints."""
     from dlopt.tables import format_table
 

@@ -805,8 +805,8 @@ _LAZY = {
     "Int8WeightOnly": "dlopt.optimize.quantize.schemes",
     "Int4WeightOnly": "dlopt.optimize.int4",
     "Fp16": "dlopt.optimize.fp16",
-    "quantize_summary": "dlopt.optimize.quantize.summary",
-    "quantize_lm_summary": "dlopt.optimize.quantize_lm",
+    "quantize_text": "dlopt.optimize.quantize.summary",
+    "quantize_lm_text": "dlopt.optimize.quantize_lm",
     # the parts of `dlopt package`'s text its stage and target own (dlopt.cli.results puts them together)
     "summary_table": "dlopt.package.card",
     "COVERAGE_HEADERS": "dlopt.targets.mobile",

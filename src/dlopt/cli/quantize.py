@@ -268,7 +268,7 @@ def command(
     the fidelity floor (and --max-accuracy-drop, if given): otherwise the best effort is kept as
     OUT.failed.onnx, a table says what failed and why, and the exit code is 1.
     """
-    from dlopt.api import QuantizeConfig, is_lm_folder, quantize_failure, quantize_model, quantize_summary
+    from dlopt.api import QuantizeConfig, is_lm_folder, quantize_failure, quantize_model, quantize_text
     from dlopt.errors import InputError
 
     if is_lm_folder(model):
@@ -316,7 +316,7 @@ def command(
     calibration, eval_data = declared.specs(calibration, eval_data)
     with heartbeat("quantize", echo_err) as log:
         outcome = quantize_model(model, output, config, calibration, eval_data=eval_data, progress=True, log=log)
-    click.echo(quantize_summary(outcome.report))
+    click.echo(quantize_text(outcome.report))
     click.echo(
         f"{'wrote' if outcome.passed else 'kept the best effort (FAILED) as'} {outcome.model_path} "
         f"({outcome.report['bytes_written'] / 1e6:.2f} MB)"
@@ -328,7 +328,7 @@ def command(
 
 def _quantize_lm_folder(model, output, precision, calibration, block_size, max_size_mb, accuracy_level) -> None:
     """An exported LM folder (genai_config.json): 4-bit GPTQ, mixed 4/8-bit under --max-size (dlopt.api.quantize_lm)."""
-    from dlopt.api import lm_quantize_config, quantize_lm, quantize_lm_summary
+    from dlopt.api import lm_quantize_config, quantize_lm, quantize_lm_text
     from dlopt.errors import InputError
 
     if precision != "int4":
@@ -340,5 +340,5 @@ def _quantize_lm_folder(model, output, precision, calibration, block_size, max_s
         block_size=block_size, max_size_mb=max_size_mb, accuracy_level=4 if accuracy_level is None else accuracy_level
     )
     report = quantize_lm(model, output, config, calibration, log=echo_err)
-    click.echo(quantize_lm_summary(report))
+    click.echo(quantize_lm_text(report))
     click.echo(f"wrote {output}/ ({report['bytes_after'] / 1e6:.1f} MB); report: {output}/quantize.json")
