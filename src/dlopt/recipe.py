@@ -406,7 +406,7 @@ def _check_order(recipe: Recipe) -> None:
         if spec.writer is None:
             raise InputError(
                 f"{where}: the {stage.kind} stage runs inside another stage, not on its own",
-                "use the key of the stage that runs it (trim-padding: quantize's trim_padding)",
+                "use the key of the stage that runs it",
             )
         made = spec.makes
         try:

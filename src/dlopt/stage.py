@@ -148,7 +148,7 @@ class Stage:
     summary: str = ""
     validate: Callable[[Any], None] | None = None  # raises InputError for a bad config, before any work
     # Writes the stage's output into context.output atomically and returns it as an Artifact (what dlopt run
-    # caches); None for a stage that runs only inside another (trim-padding, inside quantize).
+    # caches); None for a stage that runs only inside another stage.
     writer: WriteStage | None = field(default=None, compare=False)
     # What a recipe needs to know of the stage, declared here so that the recipe runner has no branch on the
     # kind. reads: the recipe's data it reads ("calibration", "eval_data", "training_data"), whose hashes key
@@ -167,7 +167,7 @@ class Stage:
         if self.writer is None:
             raise InputError(
                 f"the {self.kind} stage runs inside another stage, not on its own",
-                "use the key of the stage that runs it (trim-padding: quantize's trim_padding)",
+                "use the key of the stage that runs it",
             )
         return self.writer(given, config, context)
 
