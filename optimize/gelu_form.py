@@ -15,7 +15,7 @@ form "exact" keeps the graph, "tanh" rewrites without timing (the fidelity check
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -95,22 +95,15 @@ def _timing_models(width: int, rows: int, bias: bool) -> list[Any]:
 def time_gelu_forms(width: int, bias: bool, config: GeluFormConfig = GeluFormConfig()) -> tuple[Any, Any]:
     """Per-round microseconds of the erf and the tanh kernel on [1, rows, width] (one thread, the calling
     thread's CPU time, interleaved round by round)."""
-    from dlopt.bench import InterleavedSampler
-    from dlopt.sessions import cpu_session
+    from dlopt.optimize.kernel_choice import time_models
 
-    sessions = [cpu_session(m, threads=1) for m in _timing_models(width, config.rows, bias)]
     feeds = {"x": np.random.default_rng(1).standard_normal((1, config.rows, width)).astype(np.float32)}
-    for session in sessions:
-        for _ in range(5):
-            session.run(None, feeds)
-    runs = config.runs_per_round
-
-    def runs_of(session: Any) -> Callable[[], list[Any]]:
-        return lambda: [session.run(None, feeds) for _ in range(runs)]
-
-    sampler = InterleavedSampler([runs_of(s) for s in sessions])
-    sampler.run_rounds(config.rounds)
-    exact, tanh = (sampler.samples(i, "cpu") / runs * 1e6 for i in range(2))
+    exact, tanh = time_models(
+        _timing_models(width, config.rows, bias),
+        [feeds, feeds],
+        rounds=config.rounds,
+        runs_per_round=config.runs_per_round,
+    )
     return exact.tolist(), tanh.tolist()
 
 

@@ -87,26 +87,16 @@ def junit_xml(result: GateResult) -> str:
     failures += len(inconclusive) if policy == "fail" else 0
     skipped = len(inconclusive) if policy == "pass" else 0
     total = f"{result.seconds:.3f}"
-    suites = ET.Element(
-        "testsuites",
-        name="dlopt gate",
-        tests=str(len(result.checks)),
-        failures=str(failures),
-        errors=str(errors),
-        skipped=str(skipped),
-        time=total,
-    )
-    suite = ET.SubElement(
-        suites,
-        "testsuite",
-        name="dlopt gate",
-        tests=str(len(result.checks)),
-        failures=str(failures),
-        errors=str(errors),
-        skipped=str(skipped),
-        time=total,
-        timestamp=result.created,
-    )
+    counts = {
+        "name": "dlopt gate",
+        "tests": str(len(result.checks)),
+        "failures": str(failures),
+        "errors": str(errors),
+        "skipped": str(skipped),
+        "time": total,
+    }
+    suites = ET.Element("testsuites", counts)
+    suite = ET.SubElement(suites, "testsuite", {**counts, "timestamp": result.created})
     properties = ET.SubElement(suite, "properties")
     for name, value in (
         ("baseline", result.baseline),

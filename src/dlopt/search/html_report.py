@@ -407,12 +407,4 @@ def optimize_text(result: Mapping[str, Any]) -> str:
         )
     elif server:
         lines.append(f"serving: {server.get('skipped') or server.get('why')}")
-    overrun = overrun_text(result)
-    if overrun:
-        lines.append(overrun)
-    lines.append(
-        f"chosen: {result['chosen']} -> {result['bundle']} ({'verified' if result['verified'] else 'NOT verified'})"
-        f"; {result['seconds']:.1f} s; evaluations cached {result['cache']['evaluations_cached']}, "
-        f"run {result['cache']['evaluations_run']}" + (f"; report {result['report']}" if result["report"] else "")
-    )
-    return "\n".join(lines)
+    return "\n".join(lines + _tail_lines(result))
