@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from dlopt.errors import InputError, MissingDependencyError, StageError, VerificationError
-from dlopt.fileio import check_output_folder
+from dlopt.fileio import check_output_folder, usual_permissions
 from dlopt.genai import require_genai
 
 DECODE_STEPS = 8
@@ -384,6 +384,7 @@ def export_text_generation(
             "verification": verification,
         }
         (staged / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+        usual_permissions(staged)
         if out.exists():
             out.rmdir()  # checked empty above
         os.replace(staged, out)

@@ -206,6 +206,13 @@ def _offset_bytes(k: int, n: int, block: int, stages: int) -> int:
     return _nbits_bytes(k + stages * per, n, 4, block, True) - _nbits_bytes(k, n, 4, block, True)
 
 
+def serialized_bytes(model) -> int:
+    """What `model` takes on disk as quantize_lm_folder saves it: the proto plus, for each tensor moved to
+    model.onnx.data (raw data of 1024 bytes or more), its location entry (~54 bytes on SmolLM2; 64 counted)."""
+    external = sum(1 for t in model.graph.initializer if len(t.raw_data) >= 1024)
+    return model.ByteSize() + 64 * external
+
+
 def _tied_head(model, matmuls: list[Any]) -> tuple[Any, Any] | None:
     """(the LM-head MatMul, the embedding Gather) when the Gather reads Transpose(head weight)."""
     producers = {o: n for n in model.graph.node for o in n.output}
@@ -573,6 +580,30 @@ def quantize_lm_model(
         head = fine is not None and head_node is not None and node.name == head_node.name
         return [(block, codes)] + ([(fine, fine_codes)] if head and fine is not None else [])
 
+    # the size estimate (checked before the GPTQ pass, corrected after the build below)
+    effects: dict[str, float] = {}
+    # bytes of everything but the MatMul weights, as serialized (graph, norms, an untied table at 4 bits)
+    other_bytes = model.ByteSize() - sum(w.nbytes for w in weights.values())
+    shapes = {name: (int(w.shape[0]), int(w.shape[1])) for name, w in weights.items()}
+    size4 = {
+        n.name: _nbits_bytes(*shapes[n.name], 4, block, True)
+        + (_offset_bytes(*shapes[n.name], block, config.offset_stages) if n.name in floating else 0)
+        for n in matmuls
+    }
+    size8 = {n.name: _nbits_bytes(*shapes[n.name], 8, config.fallback_block_size, False) for n in matmuls}
+    if tied is None and config.quantize_embeddings:
+        for g in embedding_gathers(model, block)[0]:
+            rows, cols = inits[g.input[0]].dims
+            other_bytes -= rows * cols * 4 - _nbits_bytes(cols, rows, 4, block, True)
+    all_four = other_bytes + sum(size4.values())
+    measured["size_estimate_mb"] = {"all_4bit": round(all_four / 1e6, 6)}
+    budget = None if config.max_size_mb is None else int(config.max_size_mb * 1e6)
+    if budget is not None and all_four > budget:  # before the GPTQ pass: the estimate is below the built size
+        raise InputError(
+            f"the all-4-bit model is {all_four / 1e6:.1f} MB, over --max-size {config.max_size_mb:g} MB",
+            f"raise --max-size to at least {math.ceil(all_four / 1e4) / 100:g}",
+        )
+
     if algorithm == "gptq":
         log(f"GPTQ: Hessians from {len(windows[: config.calibration_windows])} windows")
         feeds = [prefill_feeds(model, w, head_size) for w in windows[: config.calibration_windows]]
@@ -607,39 +638,15 @@ def quantize_lm_model(
                 )
 
     # mixed precision: each node's measured perplexity effect at 4 bits, then 8-bit while the budget allows
-    eight: dict[str, dict[str, Any]] = {}
-    effects: dict[str, float] = {}
-    blocks: dict[str, int] = {}  # MatMuls in blocks other than `block` (the LM head's finer rung)
-    head_form: dict[str, Any] | None = None
-    # bytes of everything but the MatMul weights, as serialized (graph, norms, an untied table at 4 bits)
-    other_bytes = model.ByteSize() - sum(w.nbytes for w in weights.values())
-    shapes = {name: (int(w.shape[0]), int(w.shape[1])) for name, w in weights.items()}
-    size4 = {
-        n.name: _nbits_bytes(*shapes[n.name], 4, block, True)
-        + (_offset_bytes(*shapes[n.name], block, config.offset_stages) if n.name in floating else 0)
-        for n in matmuls
-    }
-    size8 = {n.name: _nbits_bytes(*shapes[n.name], 8, config.fallback_block_size, False) for n in matmuls}
-    if tied is None and config.quantize_embeddings:
-        for g in embedding_gathers(model, block)[0]:
-            rows, cols = inits[g.input[0]].dims
-            other_bytes -= rows * cols * 4 - _nbits_bytes(cols, rows, 4, block, True)
-    all_four = other_bytes + sum(size4.values())
-    measured["size_estimate_mb"] = {"all_4bit": round(all_four / 1e6, 6)}
-    budget = None if config.max_size_mb is None else int(config.max_size_mb * 1e6)
-    if budget is not None:
-        if all_four > budget:
-            raise InputError(
-                f"the all-4-bit model is {all_four / 1e6:.1f} MB, over --max-size {config.max_size_mb:g} MB",
-                f"raise --max-size to at least {math.ceil(all_four / 1e4) / 100:g}",
-            )
-        assert probe is not None
-        groups = _layer_groups(matmuls)
-        log(f"measuring the perplexity effect of each of {len(groups)} layers at 4 bits")
-        base = probe.nll()
-        for key, nodes in groups.items():
-            replaced = {n.input[1]: _dequantized(codes[n.name], weights[n.name].shape[0], block) for n in nodes}
-            effects[key] = probe.nll(replaced) - base
+    groups = _layer_groups(matmuls)
+    fine_effects: dict[str, float] = {}  # the head's finer rung, measured once whatever the ladder's limit
+
+    def ladder(limit: int) -> tuple[dict[str, dict[str, Any]], dict[str, int], dict[str, Any] | None, int]:
+        """The ladder under `limit` bytes of estimate: the layers at 8 bits, the MatMuls in blocks other than
+        `block` (the LM head's finer rung), the head's form and why, the estimated bytes."""
+        eight: dict[str, dict[str, Any]] = {}
+        blocks: dict[str, int] = {}
+        head_form: dict[str, Any] | None = None
         used = all_four
         ranked = sorted(effects, key=lambda g: -effects[g])
         for rank, key in enumerate(ranked, 1):
@@ -647,7 +654,7 @@ def quantize_lm_model(
             if (math.exp(effects[key]) - 1) * 100 <= MIN_EFFECT_PCT:
                 break
             if (
-                used + extra > budget
+                used + extra > limit
                 and fine is not None
                 and head_node is not None
                 and fine_codes
@@ -658,10 +665,13 @@ def quantize_lm_model(
                 fine_size = _nbits_bytes(*shapes[name], 4, fine, True) + (
                     _offset_bytes(*shapes[name], fine, config.offset_stages) if name in floating else 0
                 )
-                replaced = {head_node.input[1]: _dequantized(fine_codes[name], shapes[name][0], fine)}
-                fine_effect = probe.nll(replaced) - base
+                if name not in fine_effects:
+                    assert probe is not None
+                    replaced = {head_node.input[1]: _dequantized(fine_codes[name], shapes[name][0], fine)}
+                    fine_effects[name] = probe.nll(replaced) - base
+                fine_effect = fine_effects[name]
                 pct, fine_pct = ((math.exp(e) - 1) * 100 for e in (effects[key], fine_effect))
-                fits = used + fine_size - size4[name] <= budget
+                fits = used + fine_size - size4[name] <= limit
                 better = fine_effect < effects[key]
                 head_form = {
                     "form": f"4-bit blocks of {fine if fits and better else block}",
@@ -679,8 +689,6 @@ def quantize_lm_model(
                     )
                     used += fine_size - size4[name]
                     blocks[name] = fine
-                    codes[name] = fine_codes[name]
-                    size4[name] = fine_size
                 else:
                     head_form["why"] = (
                         f"neither 8-bit (+{extra / 1e6:.2f} MB) nor 4-bit in blocks of {fine} fits the budget"
@@ -688,7 +696,7 @@ def quantize_lm_model(
                         else f"4-bit in blocks of {fine} measures no lower ({fine_pct:.2f} % vs {pct:.2f} %)"
                     )
                 continue
-            if used + extra <= budget:
+            if used + extra <= limit:
                 used += extra
                 pct = (math.exp(effects[key]) - 1) * 100
                 eight[key] = {
@@ -698,59 +706,124 @@ def quantize_lm_model(
                     "why": f"its MatMuls alone at 4 bits raise calibration perplexity by {pct:.2f} %, "
                     f"rank {rank} of {len(ranked)} layers; fits the budget",
                 }
-        measured["size_estimate_mb"].update(chosen=round(used / 1e6, 6), budget=config.max_size_mb)
+        return eight, blocks, head_form, used
 
-    # the graph: MatMulNBits (4-bit codes as chosen; 8-bit by ORT), the tied embedding reading the head's codes
-    eight_nodes = {name for group in eight.values() for name in group["matmuls"]}
-    four = {n.name for n in matmuls if n.name not in eight_nodes}
-    table_name = None
-    if tied is not None:
-        head, gather = tied
-        table_name = f"{head.input[1]}__table"  # a float copy only until the head is quantized, then dropped
-        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weights[head.name].T), table_name))
-        transpose = gather.input[0]
-        gather.input[0] = table_name
-        if not any(transpose in n.input for n in model.graph.node):  # the float head weight's last other reader
-            model.graph.node.remove(next(n for n in model.graph.node if transpose in n.output))
-    with quiet_ort_quantizer():
-        integer = {name: _integer_zero_points(*codes[name]) for name in four}
-        offsets: dict[int, dict[str, np.ndarray]] = {}  # by block size
-        for size in sorted({blocks.get(name, block) for name in four}, reverse=True):
-            some = {name for name in four if blocks.get(name, block) == size}
-            model = write_matmul_nbits(
-                model, some, dataclasses.replace(four_config, block_size=size), lambda node, wt: integer[node.name][:3]
+    template = model  # the graph before the build (build() changes a copy of it under a budget)
+
+    def build(model):
+        """The graph for the ladder's choice, built on `model` (changed in place): MatMulNBits (4-bit codes as
+        chosen; 8-bit by ORT), the tied embedding reading the head's codes, the offset rows appended."""
+        eight_nodes = {name for group in eight.values() for name in group["matmuls"]}
+        four = {n.name for n in matmuls if n.name not in eight_nodes}
+        chosen = {name: fine_codes[name] if name in blocks else codes[name] for name in four}
+        table_name = None
+        if tied is not None:
+            head, gather = tied
+            table_name = f"{head.input[1]}__table"  # a float copy only until the head is quantized, then dropped
+            model.graph.initializer.append(
+                numpy_helper.from_array(np.ascontiguousarray(weights[head.name].T), table_name)
             )
-            for name in some:
-                offset = integer[name][3]
-                if offset is not None:
-                    offsets.setdefault(size, {})[name] = offset
-        if eight:
-            eight_config = dataclasses.replace(
-                four_config, block_size=config.fallback_block_size, symmetric=True, accuracy_level=4
-            )  # 8-bit without int8 compute is 70x slower on CPU
-            model = ort_matmul_nbits(
-                model,
-                bits=8,
-                config=eight_config,
-                include=eight_nodes,
-                all_matmuls={n.name for n in weight_matmuls(model)},
+            gather = next(n for n in model.graph.node if n.name == gather.name)  # `model` may be a copy
+            transpose = gather.input[0]
+            gather.input[0] = table_name
+            if not any(transpose in n.input for n in model.graph.node):  # the float head weight's last other reader
+                model.graph.node.remove(next(n for n in model.graph.node if transpose in n.output))
+        with quiet_ort_quantizer():
+            integer = {name: _integer_zero_points(*chosen[name]) for name in four}
+            offsets: dict[int, dict[str, np.ndarray]] = {}  # by block size
+            for size in sorted({blocks.get(name, block) for name in four}, reverse=True):
+                some = {name for name in four if blocks.get(name, block) == size}
+                model = write_matmul_nbits(
+                    model,
+                    some,
+                    dataclasses.replace(four_config, block_size=size),
+                    lambda node, wt: integer[node.name][:3],
+                )
+                for name in some:
+                    offset = integer[name][3]
+                    if offset is not None:
+                        offsets.setdefault(size, {})[name] = offset
+            if eight:
+                eight_config = dataclasses.replace(
+                    four_config, block_size=config.fallback_block_size, symmetric=True, accuracy_level=4
+                )  # 8-bit without int8 compute is 70x slower on CPU
+                model = ort_matmul_nbits(
+                    model,
+                    bits=8,
+                    config=eight_config,
+                    include=eight_nodes,
+                    all_matmuls={n.name for n in weight_matmuls(model)},
+                )
+        embeddings: list[str] = []
+        if tied is not None:
+            assert table_name is not None
+            embeddings = share_tied_tables(model, [(tied[0].name, table_name)], set())
+            if not embeddings:
+                raise StageError("the tied embedding could not share the LM head's codes", "report this model")
+        elif config.quantize_embeddings:
+            for node in embedding_gathers(model, block)[0]:
+                quantize_embedding(model, node, block, False, clip_search=False)
+                embeddings.append(node.name)
+        # after the tied embedding shares the head's codes: the head's appended offset rows reach its rows too
+        corrected = [
+            name
+            for size, some in offsets.items()
+            for name in append_offset_blocks(model, some, size, config.offset_stages)
+        ]
+        ensure_ms_opset(model)
+        drop_unused_initializers(model)
+        return model, eight_nodes, four, embeddings, corrected
+
+    def measured_build() -> tuple[Any, int]:
+        """The ladder's choice built on a copy of `template`, and its size as written (with the last-position
+        head, a few nodes more)."""
+        built = onnx.ModelProto()
+        built.CopyFrom(template)
+        built, *parts = build(built)
+        pruned = onnx.ModelProto()
+        pruned.CopyFrom(built)
+        prune_to_last_position(pruned)
+        return (built, *parts), serialized_bytes(pruned)
+
+    # The estimate leaves out the new nodes, names and the block sums' indicators (~0.24 MB on SmolLM2's 620
+    # nodes, 17 kB on the tiny test model). So under a budget the all-4-bit graph is built first and the ladder
+    # runs on the estimate corrected by what it left out; the chosen graph is measured too, and over the budget
+    # the ladder runs again under a limit lowered by the overshoot (one rung less) rather than refusing at the
+    # end, after the GPTQ pass.
+    eight: dict[str, dict[str, Any]] = {}
+    blocks: dict[str, int] = {}
+    head_form: dict[str, Any] | None = None
+    if budget is None:
+        model, eight_nodes, four, embeddings, corrected = build(model)
+    else:
+        assert probe is not None
+        built, actual = measured_build()
+        measured["size_estimate_mb"].update(all_4bit_built=round(actual / 1e6, 6), budget=config.max_size_mb)
+        if actual > budget:
+            raise InputError(
+                f"the all-4-bit model is {actual / 1e6:.3f} MB, over --max-size {config.max_size_mb:g} MB",
+                f"raise --max-size to at least {math.ceil(actual / 1e4) / 100:g}",
             )
-    embeddings: list[str] = []
-    if tied is not None:
-        assert table_name is not None
-        embeddings = share_tied_tables(model, [(tied[0].name, table_name)], set())
-        if not embeddings:
-            raise StageError("the tied embedding could not share the LM head's codes", "report this model")
-    elif config.quantize_embeddings:
-        for node in embedding_gathers(model, block)[0]:
-            quantize_embedding(model, node, block, False, clip_search=False)
-            embeddings.append(node.name)
-    # after the tied embedding shares the head's codes: the head's appended offset rows reach its rows too
-    corrected = [
-        name for size, some in offsets.items() for name in append_offset_blocks(model, some, size, config.offset_stages)
-    ]
-    ensure_ms_opset(model)
-    drop_unused_initializers(model)
+        log(f"measuring the perplexity effect of each of {len(groups)} layers at 4 bits")
+        base = probe.nll()
+        for key, nodes in groups.items():
+            replaced = {n.input[1]: _dequantized(codes[n.name], weights[n.name].shape[0], block) for n in nodes}
+            effects[key] = probe.nll(replaced) - base
+        limit = budget - (actual - all_four)
+        for attempt in range(4):
+            eight, blocks, head_form, used = ladder(limit)
+            measured["size_estimate_mb"].update(chosen=round((used + actual - all_four) / 1e6, 6))
+            if not eight and not blocks:
+                break  # the all-4-bit graph, built and measured above
+            chosen_built, chosen_actual = measured_build()
+            if chosen_actual <= budget or attempt == 3:
+                built, actual = chosen_built, chosen_actual  # past 3 rebuilds the written size's check refuses
+                break
+            limit = used - (chosen_actual - budget)
+            log(f"built {chosen_actual / 1e6:.3f} MB, over the budget: one rung less")
+            measured["size_estimate_mb"].setdefault("rebuilt_over", []).append(round(chosen_actual / 1e6, 6))
+        measured["size_estimate_mb"].update(built=round(actual / 1e6, 6))
+        model, eight_nodes, four, embeddings, corrected = built
     left = [
         n.name
         for n in model.graph.node
@@ -822,7 +895,7 @@ def quantize_lm_folder(
     `calibration`: a UTF-8 text file or token ids. Returns the report (also OUTPUT/quantize.json)."""
     import onnx
 
-    from dlopt.fileio import check_output_folder
+    from dlopt.fileio import check_output_folder, usual_permissions
     from dlopt.genai import require_genai
 
     check_config(config)
@@ -871,6 +944,7 @@ def quantize_lm_folder(
             )
         report["genai_greedy_check"] = _genai_check(staged)
         (staged / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        usual_permissions(staged)
         if out.exists():
             out.rmdir()
         os.replace(staged, out)

@@ -7,6 +7,8 @@ byte-level BPE tokenizer trained in code) keeps these fast; SmolLM2 runs only in
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 from collections import Counter
 from importlib.resources import files
@@ -310,6 +312,11 @@ def test_int4_lm_folder_is_4_bit_loads_in_genai_and_stays_close_to_fp32(exported
 
     folder, report, *_ = quantized_pair
     assert {"genai_config.json", "tokenizer.json", "model.onnx", "quantize.json"} <= {p.name for p in folder.iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    # as an ordinary write leaves them: onnx writes model.onnx.data 0600, the staging folder is 0700
+    assert {p.name: p.stat().st_mode & 0o777 for p in [folder, *folder.iterdir()]} == {
+        p.name: (0o777 if p.is_dir() else 0o666) & ~umask for p in [folder, *folder.iterdir()]}
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     ops = [n.op_type for n in graph.graph.node]
     assert ops.count("MatMulNBits") == 5 * LAYERS + 1  # qkv, o, gate, up, down; the head
@@ -623,12 +630,14 @@ def test_int4_lm_head_rung_under_a_budget_too_small_for_an_8_bit_head(calibratio
     """The LM head's rungs under --max-size: 8-bit > 4-bit in blocks of 16 > 4-bit in the model's blocks. A budget
     with room for the tied head in blocks of 16 but not at 8 bits gets the finer head, and the embedding reads
     the same codes (GatherBlockQuantized in blocks of 16); with no room for either the head stays as it was.
-    The budget is set against the ladder's own size estimate (the graph's nodes, ~17 kB here, are outside it;
-    quantize_lm_folder checks the written size), so the model is quantized in memory."""
+    The budgets are set against the all-4-bit model's written size: the ladder's estimate leaves out the new
+    graph nodes (~17 kB here), so the all-4-bit graph is built and measured first and the ladder runs on the
+    corrected estimate; the chosen graph is measured too. Below the all-4-bit size: an input error."""
     import onnx
 
     from dlopt.lm import lm_session, prefill_feeds, read_genai_config
-    from dlopt.optimize.quantize_lm import QuantizeLm, quantize_lm_model, read_calibration
+    from dlopt.errors import InputError
+    from dlopt.optimize.quantize_lm import QuantizeLm, quantize_lm_model, read_calibration, serialized_bytes
 
     hf = build_tiny_llama(tmp_path / "hf", tied=True)
     result = CliRunner().invoke(main, ["export", str(hf), "--task", "text-generation", "-o", str(tmp_path / "lm")])
@@ -639,12 +648,28 @@ def test_int4_lm_head_rung_under_a_budget_too_small_for_an_8_bit_head(calibratio
     models, reports = {}, {}
     models["four"], reports["four"] = quantize_lm_model(source, QuantizeLm(), tokens, head)
     estimate = reports["four"]["measured"]["size_estimate_mb"]["all_4bit"] * 1e6
-    # the head [64, ~300]: 4-bit b32 with its offset rows ~18.6 kB; in blocks of 16 ~0.3 kB more, 8-bit ~1.8 kB more
-    for label, room in (("fine", 1_000), ("none", 100)):
-        config = QuantizeLm(max_size_mb=(estimate + room) / 1e6)
+    built = serialized_bytes(models["four"])
+    assert estimate + 5_000 < built < estimate + 40_000  # the nodes the estimate leaves out
+    # the head [64, ~300]: 4-bit b32 with its offset rows ~18.6 kB; estimated, in blocks of 16 ~0.3 kB more and
+    # 8-bit ~1.8 kB more. Built, blocks of 16 take ~1.4 kB more (their offset rows and block sums' nodes): with
+    # 1 kB of room the ladder picks them, measures the built graph over the budget and rebuilds one rung lower
+    def under(label, room):
+        config = QuantizeLm(max_size_mb=(built + room) / 1e6)
         models[label], reports[label] = quantize_lm_model(source, config, tokens, head)
-        assert reports[label]["measured"]["size_estimate_mb"]["chosen"] * 1e6 <= estimate + room  # MB to 6 decimals: bytes
+        sizes = reports[label]["measured"]["size_estimate_mb"]
+        assert serialized_bytes(models[label]) == round(sizes["built"] * 1e6) <= built + room, sizes
+        assert sizes["all_4bit_built"] * 1e6 == built and sizes["chosen"] * 1e6 <= built + room, sizes
         assert "/lm_head/MatMul" not in reports[label]["matmuls_8bit"]
+        return sizes
+
+    rebuilt = under("rebuilt", 1_000)
+    assert len(rebuilt["rebuilt_over"]) == 1 and rebuilt["rebuilt_over"][0] * 1e6 > built + 1_000, rebuilt
+    assert reports["rebuilt"]["lm_head"]["form"] == "4-bit blocks of 32" and rebuilt["built"] * 1e6 == built
+    fine_room = round(rebuilt["rebuilt_over"][0] * 1e6) - built + 100  # what blocks of 16 take, built
+    assert "rebuilt_over" not in under("fine", fine_room) and "rebuilt_over" not in under("none", 100)
+    with pytest.raises(InputError, match="the all-4-bit model is .* over --max-size") as refused:
+        quantize_lm_model(source, QuantizeLm(max_size_mb=(built - 100) / 1e6), tokens, head)
+    assert refused.value.hint == f"raise --max-size to at least {math.ceil(built / 1e4) / 100:g}"
     four, fine, none = reports["four"], reports["fine"], reports["none"]
     assert four["lm_head"] == {} and four["block_size"] == 32
     assert fine["lm_head"]["form"] == "4-bit blocks of 16", fine["lm_head"]

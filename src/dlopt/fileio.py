@@ -417,6 +417,18 @@ def save_onnx_atomic(model, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def usual_permissions(root: Path) -> None:
+    """Give the staged folder `root` and everything in it the permissions an ordinary write would (0777 for
+    folders, 0666 for files, less the umask): mkdtemp and mkstemp create private 0700/0600 entries, and so
+    does onnx's external-data writer (model.onnx.data), which another user or a container could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def stage_onnx(model, path: str | os.PathLike, outputs: StagedOutputs) -> Path:
     """Write `model` to a temp file of `outputs` that becomes `path` on commit (models over 2 GiB:
     their weights to PATH.data, staged too). Returns the temp model file."""

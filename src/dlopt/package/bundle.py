@@ -73,14 +73,9 @@ def finalize_bundle(staging: Path, out: Path) -> None:
     """Rename the finished bundle into place; an old bundle is moved aside first and removed after.
     SIGINT/SIGTERM wait until both renames are done; a run killed between them leaves the old bundle
     at `.NAME.old-PID`, which the next run for NAME puts back (see _recover_killed_runs)."""
-    from dlopt.fileio import record_written, signals_held
+    from dlopt.fileio import record_written, signals_held, usual_permissions
 
-    umask = os.umask(0)
-    os.umask(umask)
-    # mkdtemp/mkstemp create private (0700/0600) entries: give the bundle the user's usual permissions
-    os.chmod(staging, 0o777 & ~umask)
-    for path in staging.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    usual_permissions(staging)
     old = None
     with signals_held():
         if out.exists():
