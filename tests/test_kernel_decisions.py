@@ -199,6 +199,36 @@ def test_the_rule_keeps_the_default_unless_the_alternative_is_surely_faster(defa
     assert figures["ci"][0] <= figures["speedup"] <= figures["ci"][1] and figures["rounds"] == 15
 
 
+# 1.3x in the median, but 5 of 15 rounds the other way round: the CI of one look reaches below 1x (45 such
+# rounds would clear it); 7 of 15 the other way round: no number of looks clears it
+UNCERTAIN = (np.array([130.0] * 10 + [70.0] * 5), np.full(15, 100.0))
+SPLIT = (np.array([130.0] * 8 + [70.0] * 7), np.full(15, 100.0))
+
+
+@pytest.mark.parametrize("batches, looks, choice", [
+    ([(np.full(15, 100.0), np.full(15, 100.0))], 1, "int8"),  # a tie ends at the first look
+    ([(np.full(15, 110.0), np.full(15, 100.0))], 1, "int8"),  # below the margin: no second look
+    ([UNCERTAIN, (np.full(15, 130.0), np.full(15, 100.0))], 2, "float"),  # promising, then sure: pooled, wins
+    ([SPLIT, SPLIT, SPLIT, SPLIT], 3, "int8"),  # still uncertain after 3 looks: the default
+])
+def test_a_promising_uncertain_decision_takes_more_rounds(tmp_path, batches, looks, choice):
+    from dlopt.optimize.kernel_decisions import DecisionStore
+
+    given = iter(batches)
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return next(given)
+
+    record = DecisionStore(cache_dir=tmp_path / "cache").decide(
+        "node class depthwise conv: int8 or float", {"class": "depthwise conv"}, DecisionRule(margin=1.15),
+        default="int8", alternative="float", measure=measure)
+    figures = record["figures"]
+    assert len(calls) == figures["looks"] == looks and figures["rounds"] == 15 * looks
+    assert record["choice"] == choice and figures["alternative_wins"] is (choice == "float")
+
+
 def test_a_report_that_cannot_be_replayed_is_an_input_error(files, tmp_path):
     from dlopt.cli import main
 
