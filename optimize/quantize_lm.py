@@ -772,18 +772,17 @@ def quantize_lm_model(
         ]
         ensure_ms_opset(model)
         drop_unused_initializers(model)
-        return model, eight_nodes, four, embeddings, corrected
+        # the head on the last position, as written (the held-out check reads every position's logits through
+        # lm_session, which restores them in memory)
+        last_position = prune_to_last_position(model)
+        return model, eight_nodes, four, embeddings, corrected, last_position
 
     def measured_build() -> tuple[Any, int]:
-        """The ladder's choice built on a copy of `template`, and its size as written (with the last-position
-        head, a few nodes more)."""
+        """The ladder's choice built on a copy of `template`, and its size as written."""
         built = onnx.ModelProto()
         built.CopyFrom(template)
-        built, *parts = build(built)
-        pruned = onnx.ModelProto()
-        pruned.CopyFrom(built)
-        prune_to_last_position(pruned)
-        return (built, *parts), serialized_bytes(pruned)
+        parts = build(built)
+        return parts, serialized_bytes(parts[0])
 
     # The estimate leaves out the new nodes, names and the block sums' indicators (~0.24 MB on SmolLM2's 620
     # nodes, 17 kB on the tiny test model). So under a budget the all-4-bit graph is built first and the ladder
@@ -794,7 +793,7 @@ def quantize_lm_model(
     blocks: dict[str, int] = {}
     head_form: dict[str, Any] | None = None
     if budget is None:
-        model, eight_nodes, four, embeddings, corrected = build(model)
+        model, eight_nodes, four, embeddings, corrected, last_position = build(model)
     else:
         assert probe is not None
         built, actual = measured_build()
@@ -823,7 +822,7 @@ def quantize_lm_model(
             log(f"built {chosen_actual / 1e6:.3f} MB, over the budget: one rung less")
             measured["size_estimate_mb"].setdefault("rebuilt_over", []).append(round(chosen_actual / 1e6, 6))
         measured["size_estimate_mb"].update(built=round(actual / 1e6, 6))
-        model, eight_nodes, four, embeddings, corrected = built
+        model, eight_nodes, four, embeddings, corrected, last_position = built
     left = [
         n.name
         for n in model.graph.node
@@ -861,8 +860,7 @@ def quantize_lm_model(
             **{k: round(v, 5) if isinstance(v, float) else v for k, v in fidelity.items()},
             "text": "held-out calibration text (never calibrated on)",
         }
-    # last: the held-out check above read every position's logits (lm_session would restore them anyway)
-    report["logits"] = "last position" if prune_to_last_position(model) else "every position"
+    report["logits"] = "last position" if last_position else "every position"
     report["seconds"] = round(time.perf_counter() - started, 1)
     return model, report
 
