@@ -1,5 +1,6 @@
 """Facts read off an ONNX graph that stages and the search choose by: op counts, whether it is a
-transformer, whether it embeds tokens. Reading only: nothing here changes a model."""
+transformer, whether it embeds tokens, which inputs are weights, which outputs are recurrent states.
+Reading only: nothing here changes a model."""
 
 from __future__ import annotations
 
@@ -83,9 +84,6 @@ def op_counts(model) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-__all__ = ["FUSED_TRANSFORMER_OPS", "embeds_tokens", "looks_like_transformer", "op_counts"]
-
-
 # An output that the caller feeds back as an input on the next call (a recurrent state) is named like
 # that input plus one of these: Silero VAD's stateN -> state, h_out -> h, state_new -> state.
 STATE_SUFFIXES = ("N", "_out", "_new", "_next", "_n")
@@ -114,3 +112,14 @@ def recurrent_pairs(model) -> list[tuple[str, str]]:
             pairs.append((name, output.name))
             break
     return pairs
+
+
+__all__ = [
+    "FUSED_TRANSFORMER_OPS",
+    "STATE_SUFFIXES",
+    "WEIGHT_INPUTS",
+    "embeds_tokens",
+    "looks_like_transformer",
+    "op_counts",
+    "recurrent_pairs",
+]
